@@ -1,0 +1,52 @@
+# kvstack developer entry points. Every target installs what it needs, idempotently.
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# The stamp changes whenever pyproject.toml does, so dependency edits reinstall.
+STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
+PYTEST_ARGS ?=
+
+.PHONY: help run test lint fmt unit bench venv sysdeps clean
+
+help:
+	@echo "make run    - start the local stack: simulated vLLM engines behind the router on :8000"
+	@echo "make test   - lint, type-check and run every test"
+	@echo "make lint   - ruff + mypy"
+	@echo "make bench  - run the benchmarks, write JSON + PNG under bench-results/"
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev,bench]'
+	@rm -f $(VENV)/.installed-*
+	@touch $@
+
+venv: $(STAMP)
+
+sysdeps:
+	@bash scripts/install-sysdeps.sh
+
+run: venv
+	$(BIN)/kvstack up
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+fmt: venv
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+unit: venv sysdeps
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+test: lint unit
+
+bench: venv sysdeps
+	$(BIN)/kvstack bench all --out bench-results
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

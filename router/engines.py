@@ -1,0 +1,112 @@
+"""What the router knows about each engine, and the registry that discovery keeps in sync.
+
+Discovery (static or Kubernetes) says which engines exist; probes and metric scrapes fill in
+health and load; the proxy counts in-flight requests; policies read :class:`EngineState`
+snapshots and never do I/O. Everything here runs on the router's event loop, so no locks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """One engine as discovery sees it."""
+
+    url: str  # base URL without a trailing slash, e.g. "http://127.0.0.1:8101"
+    name: str  # a stable, human-readable id: the pod name, or the URL for static discovery
+    models: frozenset[str] = frozenset()  # empty: learn them from the engine's /v1/models
+    kv_events_endpoint: str | None = None  # e.g. "tcp://127.0.0.1:5557"; None: engine publishes none
+    kv_events_replay_endpoint: str | None = None
+
+
+@dataclass(slots=True)
+class EngineState:
+    """Live state of one engine. Fields below ``endpoint`` are updated in place."""
+
+    endpoint: Endpoint
+    models: frozenset[str] = frozenset()
+    # health: a failed probe or too many consecutive request failures eject the engine
+    healthy: bool = True
+    ejected_until: float = 0.0  # monotonic time; 0 = not ejected
+    consecutive_failures: int = 0
+    # kept by the router itself: requests dispatched and not yet finished
+    in_flight: int = 0
+    # scraped from the engine's /metrics (vLLM 0.24 names); None until the first scrape
+    num_running: float | None = None
+    num_waiting: float | None = None
+    kv_cache_usage: float | None = None
+    block_size: int | None = None
+    num_gpu_blocks: int | None = None
+    last_scrape: float = 0.0  # monotonic time of the last successful scrape
+    extra: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def url(self) -> str:
+        return self.endpoint.url
+
+    @property
+    def name(self) -> str:
+        return self.endpoint.name
+
+    @property
+    def load(self) -> float:
+        """Requests the engine is busy with: the router's own count, or the engine's if larger."""
+        engine_side = (self.num_running or 0.0) + (self.num_waiting or 0.0)
+        return max(float(self.in_flight), engine_side)
+
+    def available(self, now: float) -> bool:
+        """Healthy, not ejected, and serving at least one model."""
+        return self.healthy and now >= self.ejected_until and bool(self.models)
+
+
+class EngineRegistry:
+    """The set of known engines, keyed by URL."""
+
+    def __init__(self) -> None:
+        self._engines: dict[str, EngineState] = {}
+        self.generation = 0  # bumped on every membership change
+
+    def sync(self, endpoints: Iterable[Endpoint]) -> tuple[list[EngineState], list[EngineState]]:
+        """Make the registry hold exactly ``endpoints``; returns (added, removed)."""
+        wanted: Mapping[str, Endpoint] = {ep.url: ep for ep in endpoints}
+        removed = [st for url, st in self._engines.items() if url not in wanted]
+        for st in removed:
+            del self._engines[st.url]
+        added: list[EngineState] = []
+        for url, ep in wanted.items():
+            current = self._engines.get(url)
+            if current is None:
+                st = EngineState(endpoint=ep, models=ep.models)
+                self._engines[url] = st
+                added.append(st)
+            elif current.endpoint != ep:
+                current.endpoint = ep
+                if ep.models:
+                    current.models = ep.models
+        if added or removed:
+            self.generation += 1
+        return added, removed
+
+    def get(self, url: str) -> EngineState | None:
+        return self._engines.get(url)
+
+    def all(self) -> list[EngineState]:
+        return list(self._engines.values())
+
+    def candidates(self, model: str, now: float) -> list[EngineState]:
+        """Available engines that serve ``model``."""
+        return [st for st in self._engines.values() if model in st.models and st.available(now)]
+
+    def models(self, now: float) -> set[str]:
+        """The union of models over available engines."""
+        out: set[str] = set()
+        for st in self._engines.values():
+            if st.available(now):
+                out |= st.models
+        return out
+
+    def __len__(self) -> int:
+        return len(self._engines)

@@ -1,0 +1,51 @@
+"""Block keys: the chained hash of full KV blocks, computed the same way everywhere.
+
+vLLM caches only *full* blocks of ``block_size`` tokens, each identified by a hash that covers
+its parent's hash, so a block key names the whole prefix up to and including that block. The
+router never trusts an engine's own hash numbers (they are seeded per process); it recomputes
+keys from token ids with this module, scoped by model, LoRA adapter and cache salt.
+"""
+
+from __future__ import annotations
+
+from array import array
+from collections.abc import Sequence
+
+import xxhash
+
+_U32_BYTES = 4
+
+
+def chain_root(model: str, lora_name: str | None = None, cache_salt: str | None = None) -> int:
+    """The seed of a hash chain: requests that differ in model, adapter or salt never share keys."""
+    scope = f"{model}\x00{lora_name or ''}\x00{cache_salt or ''}".encode()
+    return int(xxhash.xxh3_64_intdigest(scope))
+
+
+def block_keys(
+    tokens: Sequence[int], block_size: int, root: int, *, max_blocks: int | None = None
+) -> list[int]:
+    """Chained 64-bit keys of the full blocks of ``tokens``; a trailing partial block has none."""
+    if block_size <= 0:
+        raise ValueError("block_size must be positive")
+    n_blocks = len(tokens) // block_size
+    if max_blocks is not None:
+        n_blocks = min(n_blocks, max_blocks)
+    if n_blocks == 0:
+        return []
+    buf = array("I", tokens[: n_blocks * block_size]).tobytes()
+    step = block_size * _U32_BYTES
+    keys: list[int] = []
+    parent = root
+    digest = xxhash.xxh3_64_intdigest
+    for off in range(0, n_blocks * step, step):
+        parent = digest(buf[off : off + step], seed=parent)
+        keys.append(parent)
+    return keys
+
+
+def extend_keys(parent: int, tokens: Sequence[int], block_size: int) -> list[int]:
+    """Keys of ``tokens`` (a whole number of blocks) continuing a chain from ``parent``."""
+    if len(tokens) % block_size:
+        raise ValueError("extend_keys takes whole blocks only")
+    return block_keys(tokens, block_size, parent)

@@ -1,0 +1,47 @@
+"""Typed configuration helpers: load pydantic settings and fail with one message naming the field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class ConfigError(Exception):
+    """Configuration that cannot be used; the message names the offending field."""
+
+
+def describe_validation_error(err: ValidationError, *, prefix: str = "") -> str:
+    """One line per problem: ``field.path: message (got value)``."""
+    lines = []
+    for problem in err.errors(include_url=False):
+        loc = ".".join(str(part) for part in problem["loc"]) or "<root>"
+        got = problem.get("input")
+        shown = "" if isinstance(got, dict) or problem["type"] == "missing" else f" (got {got!r})"
+        lines.append(f"{prefix}{loc}: {problem['msg']}{shown}")
+    return "; ".join(lines)
+
+
+def build(model: type[M], source: str, /, **values: Any) -> M:
+    """Construct ``model`` (settings read the environment too), turning errors into ConfigError."""
+    try:
+        return model(**values)
+    except ValidationError as err:
+        raise ConfigError(f"invalid {source}: {describe_validation_error(err)}") from err
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """A YAML or JSON mapping from ``path`` (JSON is YAML)."""
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as err:
+        raise ConfigError(f"cannot read config file {path}: {err}") from err
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping, not {type(data).__name__}")
+    return data

@@ -1,0 +1,41 @@
+"""Shared fixtures: where the reference data lives, and free local ports."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _find_reference() -> Path:
+    # CI clones the repo with shared/ beside it; a checkout may also carry shared/ inside.
+    for candidate in (ROOT.parent / "shared" / "reference", ROOT / "shared" / "reference"):
+        if candidate.is_dir():
+            return candidate
+    raise RuntimeError("reference data not found: expected ../shared/reference next to the repo")
+
+
+@pytest.fixture(scope="session")
+def reference_dir() -> Path:
+    """The folder of ground truth read off real vLLM 0.24 (metrics, KV events, H200 timings)."""
+    return _find_reference()
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return ROOT
+
+
+def free_port() -> int:
+    """A TCP port that is free on 127.0.0.1 right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def unused_port() -> int:
+    return free_port()

@@ -1,0 +1,33 @@
+"""The repository layout: product folders import under kvstack.*, and nothing shadows the stdlib."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_operator_folder_never_shadows_stdlib_operator() -> None:
+    # -S skips site, so the stdlib operator is not preloaded; cwd is the repo root, first on sys.path.
+    out = subprocess.run(
+        [sys.executable, "-S", "-c", "import operator; print(operator.__file__)"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    assert not out.startswith(str(ROOT)), out
+    assert not (ROOT / "operator" / "__init__.py").exists()
+
+
+def test_product_folders_import_under_kvstack() -> None:
+    import kvstack.engine.cli
+    import kvstack.operator.cli
+    import kvstack.router.cli
+
+    for mod, folder in (
+        (kvstack.engine.cli, "engine"),
+        (kvstack.router.cli, "router"),
+        (kvstack.operator.cli, "operator"),
+    ):
+        assert Path(mod.__file__).resolve().parent == ROOT / folder
