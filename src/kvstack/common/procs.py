@@ -1,0 +1,115 @@
+"""Child processes that are started, waited for and always stopped: engines, routers, Prometheus.
+
+Each child runs in its own process group so that stopping it also stops anything it spawned, and
+its output goes to a log file (reading a pipe nobody drains would eventually block the child).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+
+
+class ProcessError(RuntimeError):
+    """A child failed to start or to become ready; the message ends with its last log lines."""
+
+
+class ManagedProcess:
+    """One child process with a name, a log file and a readiness URL."""
+
+    def __init__(
+        self,
+        name: str,
+        argv: Sequence[str],
+        log_dir: Path,
+        env: Mapping[str, str] | None = None,
+        ready_url: str | None = None,
+    ) -> None:
+        self.name = name
+        self.argv = list(argv)
+        self.env = {**os.environ, **(env or {})}
+        self.ready_url = ready_url
+        self.log_path = log_dir / f"{name}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> ManagedProcess:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("wb") as log:
+            self.proc = subprocess.Popen(
+                self.argv,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        return self
+
+    @property
+    def pid(self) -> int:
+        if self.proc is None:
+            raise ProcessError(f"{self.name} was never started")
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        """Poll ``ready_url`` until it answers 200; fail early if the child exits."""
+        if self.ready_url is None:
+            return
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.alive():
+                raise ProcessError(
+                    f"{self.name} exited with {self.proc and self.proc.returncode}:\n{self.tail()}"
+                )
+            with (
+                contextlib.suppress(OSError, urllib.error.URLError),
+                urllib.request.urlopen(self.ready_url, timeout=1.0) as resp,
+            ):
+                if resp.status == 200:
+                    return
+            time.sleep(0.05)
+        raise ProcessError(f"{self.name} not ready at {self.ready_url} after {timeout:.0f}s:\n{self.tail()}")
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """SIGTERM the process group, then SIGKILL whatever is left after ``timeout``."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, sig)
+            try:
+                self.proc.wait(wait)
+                return
+            except subprocess.TimeoutExpired:
+                continue
+
+
+@contextlib.contextmanager
+def running(procs: Sequence[ManagedProcess], timeout: float = 30.0) -> Iterator[list[ManagedProcess]]:
+    """Start all, wait until each is ready, and stop all on exit (in reverse order), errors or not."""
+    started: list[ManagedProcess] = []
+    try:
+        for p in procs:
+            started.append(p.start())
+        for p in started:
+            p.wait_ready(timeout)
+        yield started
+    finally:
+        for p in reversed(started):
+            p.stop()
