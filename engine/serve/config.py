@@ -1,0 +1,281 @@
+"""Configuration of one engine pod: vLLM 0.24 + the LMCache 0.5.3 connector.
+
+Sources, highest priority first: environment variables (``KVSTACK_ENGINE_<FIELD>``, nested with
+``__``: ``KVSTACK_ENGINE_LMCACHE__REMOTE_URL``), then the YAML file given with ``--config``, then
+the defaults below. Load it with :func:`load_config`, so a bad field fails at start naming it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationInfo, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+from kvstack.common.config import ConfigError, build, read_config_file
+from kvstack.engine.serve.managed import colliding_env, colliding_flags
+
+ENV_PREFIX = "KVSTACK_ENGINE_"
+# vLLM 0.24's CacheConfig.BlockSize.
+BLOCK_SIZES: tuple[int, ...] = (1, 8, 16, 32, 64, 128, 256)
+BlockSize = Literal[1, 8, 16, 32, 64, 128, 256]
+# The remote_url schemes the reference lists for LMCache 0.5.3.
+REMOTE_SCHEMES: tuple[str, ...] = ("redis", "rediss", "redis-sentinel", "valkey", "lm", "fs", "s3")
+_ZMQ_ENDPOINT = re.compile(r"^(tcp|ipc)://\S+$")
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_MAX_HASH_SEED = 4_294_967_295  # the largest PYTHONHASHSEED CPython accepts
+
+
+def _empty_is_none(value: Any) -> Any:
+    # An env var can only say "unset" as an empty string.
+    return None if value == "" else value
+
+
+class KVEventsSettings(BaseModel):
+    """vLLM's ZMQ KV-event publisher (``--kv-events-config``); the router subscribes to it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = False
+    endpoint: str = "tcp://*:5557"
+    replay_endpoint: str | None = "tcp://*:5558"
+    topic: str = "kv-events"
+
+    @field_validator("replay_endpoint", mode="before")
+    @classmethod
+    def _unset_replay(cls, value: Any) -> Any:
+        return _empty_is_none(value)
+
+    @field_validator("endpoint", "replay_endpoint")
+    @classmethod
+    def _zmq_endpoint(cls, value: str | None) -> str | None:
+        if value is not None and not _ZMQ_ENDPOINT.match(value):
+            raise ValueError("must be a ZMQ endpoint such as tcp://*:5557 or ipc:///path")
+        return value
+
+
+class LMCacheSettings(BaseModel):
+    """The LMCache connector; rendered into ``LMCACHE_*`` environment variables."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = True
+    chunk_size: int = Field(256, gt=0, description="tokens per LMCache chunk, the unit it hashes")
+    local_cpu: bool = True
+    # LMCache sizes its pinned transfer buffer from this even when local_cpu is off.
+    max_local_cpu_size: float = Field(5.0, gt=0, description="GB")
+    local_disk: str | None = None
+    max_local_disk_size: float = Field(0.0, ge=0, description="GB")
+    remote_url: str | None = None
+    remote_serde: Literal["naive", "cachegen", "kivi"] = "naive"
+    save_decode_cache: bool = False
+
+    @field_validator("local_disk", "remote_url", mode="before")
+    @classmethod
+    def _unset(cls, value: Any) -> Any:
+        return _empty_is_none(value)
+
+    @field_validator("remote_url")
+    @classmethod
+    def _remote_scheme(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        parts = urlsplit(value)
+        if parts.scheme not in REMOTE_SCHEMES:
+            raise ValueError(f"scheme must be one of {', '.join(s + '://' for s in REMOTE_SCHEMES)}")
+        if not (parts.netloc or (parts.scheme == "fs" and parts.path)):
+            raise ValueError("names no host (or, for fs://, no path)")
+        return value
+
+    @field_validator("max_local_disk_size")
+    @classmethod
+    def _disk_needs_size(cls, value: float, info: ValidationInfo) -> float:
+        if info.data.get("local_disk") and value <= 0:
+            raise ValueError("must be > 0 when local_disk is set (LMCache would store nothing)")
+        return value
+
+
+def _split_names(value: Any) -> Any:
+    if isinstance(value, str):
+        return [name.strip() for name in value.split(",") if name.strip()]
+    return value
+
+
+def _parse_args(value: Any) -> Any:
+    # From the environment: a JSON list, or a shell-quoted string.
+    if isinstance(value, str):
+        if value.lstrip().startswith("["):
+            return json.loads(value)
+        return shlex.split(value)
+    return value
+
+
+def _parse_env_map(value: Any) -> Any:
+    if isinstance(value, str):
+        return json.loads(value) if value.strip() else {}
+    if isinstance(value, Mapping):
+        # YAML reads HF_HUB_OFFLINE: 1 as an int; environment values are strings.
+        return {
+            k: str(v) if isinstance(v, int | float) and not isinstance(v, bool) else v
+            for k, v in value.items()
+        }
+    return value
+
+
+class EngineConfig(BaseSettings):
+    """One engine pod. Field names are stable: the Helm chart and operator render them."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+        validate_default=True,
+    )
+
+    model: str = Field(min_length=1, description="HF model id or a local path")
+    served_model_name: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="names clients use; default: the model"
+    )
+    host: str = "0.0.0.0"  # a pod serves on all its interfaces
+    port: int = Field(8000, ge=1, le=65535)
+    api_key: SecretStr | None = None
+    tensor_parallel_size: int = Field(1, ge=1)
+    max_model_len: int | None = Field(None, ge=1, description="default: the model's own")
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
+    block_size: BlockSize = 16
+    enable_prefix_caching: bool = True
+    kv_events: KVEventsSettings = KVEventsSettings()
+    lmcache: LMCacheSettings = LMCacheSettings()
+    python_hash_seed: str = "0"
+    vllm_bin: str = Field("vllm", min_length=1)
+    extra_args: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    extra_env: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The file's values arrive as init arguments; the environment overrides them, so one
+        # ConfigMap can serve many pods that differ only in a few env vars.
+        return env_settings, init_settings
+
+    @field_validator("api_key", "max_model_len", mode="before")
+    @classmethod
+    def _unset(cls, value: Any) -> Any:
+        return _empty_is_none(value)
+
+    @field_validator("served_model_name", mode="before")
+    @classmethod
+    def _names(cls, value: Any) -> Any:
+        return _split_names(value)
+
+    @field_validator("extra_args", mode="before")
+    @classmethod
+    def _args(cls, value: Any) -> Any:
+        return _parse_args(value)
+
+    @field_validator("extra_env", mode="before")
+    @classmethod
+    def _env_map(cls, value: Any) -> Any:
+        return _parse_env_map(value)
+
+    @field_validator("python_hash_seed", mode="before")
+    @classmethod
+    def _seed_str(cls, value: Any) -> Any:
+        return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+    @field_validator("kv_events")
+    @classmethod
+    def _events_need_prefix_cache(cls, value: KVEventsSettings, info: ValidationInfo) -> KVEventsSettings:
+        if value.enabled and info.data.get("enable_prefix_caching") is False:
+            raise ValueError("kv_events.enabled needs enable_prefix_caching: vLLM only emits events for it")
+        return value
+
+    @field_validator("lmcache")
+    @classmethod
+    def _chunk_fits_blocks(cls, value: LMCacheSettings, info: ValidationInfo) -> LMCacheSettings:
+        block = info.data.get("block_size")
+        if value.enabled and block and value.chunk_size % block:
+            raise ValueError(
+                f"lmcache.chunk_size ({value.chunk_size}) must be a multiple of block_size ({block})"
+            )
+        return value
+
+    @field_validator("python_hash_seed")
+    @classmethod
+    def _fixed_seed(cls, value: str, info: ValidationInfo) -> str:
+        if value == "random":
+            lmcache = info.data.get("lmcache")
+            if isinstance(lmcache, LMCacheSettings) and lmcache.enabled and lmcache.remote_url:
+                raise ValueError(
+                    "must be a fixed number when lmcache.remote_url is set: pods hash chunks with "
+                    "Python's hash(), so random seeds share nothing"
+                )
+            return value
+        if not value.isdigit() or int(value) > _MAX_HASH_SEED:
+            raise ValueError(f'must be "random" or an integer from 0 to {_MAX_HASH_SEED}')
+        return value
+
+    @field_validator("extra_args")
+    @classmethod
+    def _no_managed_flags(cls, value: list[str]) -> list[str]:
+        if clash := colliding_flags(value):
+            raise ValueError(f"sets flags kvstack manages: {' '.join(clash)}; use the config fields instead")
+        return value
+
+    @field_validator("extra_env")
+    @classmethod
+    def _no_managed_env(cls, value: dict[str, str]) -> dict[str, str]:
+        if bad := [name for name in value if not _ENV_NAME.match(name)]:
+            raise ValueError(f"invalid environment variable names: {', '.join(sorted(bad))}")
+        if clash := colliding_env(value):
+            raise ValueError(
+                f"sets variables kvstack manages: {', '.join(clash)}; use the config fields instead"
+            )
+        return value
+
+
+def unknown_env_vars(environ: Mapping[str, str]) -> list[str]:
+    """``KVSTACK_ENGINE_*`` variables that name no field (typos would otherwise be ignored).
+
+    The ``__`` nested form works for the sections only; ``extra_env`` takes a JSON object, since
+    environment variable names are case-sensitive and settings names are not.
+    """
+    fields = {name.upper() for name in EngineConfig.model_fields}
+    sections = {"KV_EVENTS", "LMCACHE"}
+    unknown = []
+    for key in environ:
+        upper = key.upper()
+        if not upper.startswith(ENV_PREFIX):
+            continue
+        head, nested, _ = upper[len(ENV_PREFIX) :].partition("__")
+        if head not in fields or (nested and head not in sections):
+            unknown.append(key)
+    return sorted(unknown)
+
+
+def load_config(path: Path | None = None) -> EngineConfig:
+    """Defaults, overridden by the file at ``path``, overridden by ``KVSTACK_ENGINE_*``."""
+    if unknown := unknown_env_vars(os.environ):
+        raise ConfigError(f"invalid engine config: unknown environment variables {', '.join(unknown)}")
+    values = read_config_file(path) if path is not None else {}
+    source = f"engine config ({path} + {ENV_PREFIX}* environment)" if path else "engine config"
+    return build(EngineConfig, source, **values)
