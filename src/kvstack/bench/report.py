@@ -1,0 +1,79 @@
+"""Benchmark output: a rich table on the terminal, JSON on disk, and PNG bar charts."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "-"
+        return f"{value:.3f}" if abs(value) < 100 else f"{value:.0f}"
+    return str(value)
+
+
+def print_table(
+    title: str, rows: Sequence[Mapping[str, Any]], columns: Sequence[str], console: Console | None = None
+) -> None:
+    table = Table(title=title)
+    for col in columns:
+        table.add_column(col, justify="left" if col in columns[:3] else "right")
+    for row in rows:
+        table.add_row(*(_fmt(row.get(c, "")) for c in columns))
+    (console or Console()).print(table)
+
+
+def write_json(path: Path, payload: Mapping[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=1, sort_keys=True, default=float))
+
+
+def bar_grid(
+    path: Path,
+    rows: Sequence[Mapping[str, Any]],
+    *,
+    panel_key: str,
+    bar_key: str,
+    metrics: Sequence[tuple[str, str]],
+    title: str,
+) -> None:
+    """One subplot per (panel, metric): bars per ``bar_key`` value. ``metrics``: (row key, axis label)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = list(dict.fromkeys(str(r[panel_key]) for r in rows))
+    bars = list(dict.fromkeys(str(r[bar_key]) for r in rows))
+    fig, axes = plt.subplots(
+        len(metrics), len(panels), figsize=(3.2 * len(panels), 2.6 * len(metrics)), squeeze=False
+    )
+    colors = plt.get_cmap("tab10")
+    for i, (key, label) in enumerate(metrics):
+        for j, panel in enumerate(panels):
+            ax = axes[i][j]
+            vals = []
+            for b in bars:
+                match = [r for r in rows if str(r[panel_key]) == panel and str(r[bar_key]) == b]
+                v = float(match[0].get(key, math.nan)) if match else math.nan
+                vals.append(0.0 if math.isnan(v) else v)
+            ax.bar(range(len(bars)), vals, color=[colors(k % 10) for k in range(len(bars))])
+            ax.set_xticks(range(len(bars)), bars, rotation=35, ha="right", fontsize=7)
+            ax.tick_params(axis="y", labelsize=7)
+            if i == 0:
+                ax.set_title(panel, fontsize=8)
+            if j == 0:
+                ax.set_ylabel(label, fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
