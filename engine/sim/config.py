@@ -1,0 +1,181 @@
+"""Configuration of one simulated vLLM 0.24 pod (``kvstack engine sim``).
+
+Every field mirrors a vLLM / LMCache knob where one exists. The latency defaults are fitted to
+``shared/reference/h200-measurements.json`` (see :mod:`kvstack.engine.sim.latency`).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from typing import Annotated, Self
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+# An 8B Llama-3-shaped model: 32 layers x 8 KV heads x 128 dims x (K, V) x 2 bytes per token.
+KV_BYTES_PER_TOKEN = 32 * 8 * 128 * 2 * 2
+
+# vLLM 0.24 on the reference H200 reported num_gpu_blocks=34604 at gpu-memory-utilization 0.6,
+# i.e. 69,208 MiB of KV out of 86,263 MiB (0.6 x 143,771 MiB): 17,055 MiB went to weights and
+# activations. At the default utilization 0.9 the same arithmetic leaves 112,339 MiB of KV, which
+# is 56,169 blocks of 16 tokens x 128 KiB.
+DEFAULT_NUM_GPU_BLOCKS = 56169
+
+_MAX_SEED = 2**32 - 1
+
+
+def python_hash_seed(environ: dict[str, str] | None = None) -> int | None:
+    """``PYTHONHASHSEED`` as an int, or None when unset or ``random`` (as CPython reads it)."""
+    raw = (os.environ if environ is None else environ).get("PYTHONHASHSEED", "").strip()
+    if raw in ("", "random"):
+        return None
+    try:
+        value = int(raw)
+    except ValueError:
+        return None
+    return value if 0 <= value <= _MAX_SEED else None
+
+
+def _default_hash_seed() -> int:
+    # Unset PYTHONHASHSEED means a random seed per process, exactly what makes LMCache sharing
+    # across real pods fail; the simulator reproduces that on purpose.
+    seed = python_hash_seed()
+    return secrets.randbelow(_MAX_SEED + 1) if seed is None else seed
+
+
+PositiveFloat = Annotated[float, Field(gt=0)]
+NonNegFloat = Annotated[float, Field(ge=0)]
+
+
+class LatencyParams(BaseModel):
+    """Constants of the step-time model (seconds); defaults are the H200 fit, see ``latency.py``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    step_overhead_s: NonNegFloat = Field(
+        0.0008, description="Fixed cost of every engine step (scheduling, launch, sampling)."
+    )
+    weights_read_s: NonNegFloat = Field(
+        0.0040, description="Time to stream the weights once: the floor of a memory-bound step."
+    )
+    per_token_s: NonNegFloat = Field(
+        1.6e-5, description="Compute per scheduled token when the step is compute-bound."
+    )
+    attention_s: NonNegFloat = Field(
+        1.1e-9, description="Prefill attention per (new token x context position)."
+    )
+    per_decode_seq_s: NonNegFloat = Field(2.0e-5, description="Extra cost per decoding sequence.")
+    decode_ctx_s: NonNegFloat = Field(
+        2.7e-8, description="Decode attention per context token (KV bytes / HBM bandwidth)."
+    )
+    frontend_s: NonNegFloat = Field(
+        0.0055, description="Per-request front-end delay before scheduling (processing, first output)."
+    )
+    frontend_per_token_s: NonNegFloat = Field(
+        8.4e-7, description="Front-end delay per prompt token (tokenizing, hashing the prompt)."
+    )
+    lmcache_remote_load_s: NonNegFloat = Field(
+        0.020, description="Fixed cost of loading chunks from the shared store (Redis) in a step."
+    )
+    lmcache_remote_load_per_token_s: NonNegFloat = Field(
+        6.0e-7, description="Cost per token loaded from the shared store."
+    )
+    lmcache_cpu_load_s: NonNegFloat = Field(
+        0.012, description="Fixed cost of loading chunks from the local CPU tier in a step."
+    )
+    lmcache_cpu_load_per_token_s: NonNegFloat = Field(
+        4.0e-7, description="Cost per token loaded from the local CPU tier."
+    )
+    lmcache_store_s: NonNegFloat = Field(
+        0.020, description="Fixed cost of offloading freshly computed prompt KV in a step."
+    )
+    lmcache_store_per_token_s: NonNegFloat = Field(
+        5.0e-6, description="Offload cost per freshly computed prompt token."
+    )
+
+
+class LMCacheConfig(BaseModel):
+    """The LMCache connector (LMCacheConnectorV1): a local CPU tier and a shared Redis tier."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = Field(False, description="Attach the simulated LMCache connector.")
+    chunk_size: int = Field(256, gt=0, description="Tokens per LMCache chunk (LMCACHE_CHUNK_SIZE).")
+    local_cpu_gb: NonNegFloat = Field(
+        5.0, description="Local CPU tier size in GB (LMCACHE_MAX_LOCAL_CPU_SIZE); 0 disables it."
+    )
+    remote_url: str | None = Field(
+        None, description="Shared store, ``redis://host:port[/db]`` (LMCACHE_REMOTE_URL); None: none."
+    )
+    key_prefix: str = Field("kvstack:lmcache:", description="Prefix of every chunk key in Redis.")
+    remote_ttl_s: int = Field(
+        3600, gt=0, description="Expiry of chunk markers in Redis (Redis maxmemory LRU also evicts)."
+    )
+    remote_timeout_s: PositiveFloat = Field(
+        0.25, description="Give up on a Redis lookup after this long (wall-clock) and recompute."
+    )
+    remote_retry_s: PositiveFloat = Field(
+        2.0, description="After a Redis failure, wait this long (wall-clock) before trying again."
+    )
+
+    @field_validator("remote_url")
+    @classmethod
+    def _check_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must be a redis:// or rediss:// URL")
+        return value
+
+
+class SimConfig(BaseModel):
+    """One simulated vLLM 0.24 V1 pod."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str = Field("kvstack/sim-8b", min_length=1, description="Model name (--model).")
+    served_model_names: list[str] = Field(
+        default_factory=list, description="Names the pod answers to (--served-model-name); empty: model."
+    )
+    max_model_len: int = Field(32768, gt=0, description="Prompt + output token limit (--max-model-len).")
+    block_size: int = Field(16, gt=0, description="Tokens per KV block (--block-size).")
+    num_gpu_blocks: int = Field(
+        DEFAULT_NUM_GPU_BLOCKS,
+        gt=0,
+        description="KV blocks on the GPU; the default is an 8B model on an H200 at utilization 0.9.",
+    )
+    max_num_seqs: int = Field(256, gt=0, description="Most requests running at once (--max-num-seqs).")
+    max_num_batched_tokens: int = Field(
+        8192, gt=0, description="Token budget of one step; longer prompts are prefilled in chunks."
+    )
+    enable_prefix_caching: bool = Field(True, description="Reuse KV of identical full blocks.")
+    speed: PositiveFloat = Field(1.0, description="Simulated seconds per wall-clock second; 1.0 = real time.")
+    mean_output_tokens: PositiveFloat | None = Field(
+        None,
+        description="Mean output length when ignore_eos is false (EOS sampled); None: run to max_tokens.",
+    )
+    latency: LatencyParams = Field(default_factory=LatencyParams, description="Step-time model.")
+    lmcache: LMCacheConfig = Field(default_factory=LMCacheConfig, description="LMCache connector.")
+    hash_seed: int = Field(
+        default_factory=_default_hash_seed,
+        ge=0,
+        le=_MAX_SEED,
+        description="LMCache chunk-hash seed: PYTHONHASHSEED when set, else random per process.",
+    )
+    block_hash_seed: int = Field(
+        default_factory=_default_hash_seed,
+        ge=0,
+        le=_MAX_SEED,
+        description="Seed of vLLM's own block-hash chain (NONE_HASH): PYTHONHASHSEED, else random.",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ValueError("max_num_batched_tokens must be at least max_num_seqs")
+        if self.lmcache.chunk_size % self.block_size:
+            raise ValueError("lmcache.chunk_size must be a multiple of block_size")
+        return self
+
+    @property
+    def served_names(self) -> list[str]:
+        """The names the pod answers to."""
+        return list(self.served_model_names) or [self.model]
