@@ -16,7 +16,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationInfo, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -25,7 +33,7 @@ from pydantic_settings import (
 )
 
 from kvstack.common.config import ConfigError, build, read_config_file
-from kvstack.engine.serve.managed import colliding_env, colliding_flags
+from kvstack.engine.serve.managed import SECRET_FLAGS, colliding_env, colliding_flags, secret_flags
 
 ENV_PREFIX = "KVSTACK_ENGINE_"
 # vLLM 0.24's CacheConfig.BlockSize.
@@ -87,17 +95,18 @@ class LMCacheSettings(BaseModel):
     def _unset(cls, value: Any) -> Any:
         return _empty_is_none(value)
 
-    @field_validator("remote_url")
-    @classmethod
-    def _remote_scheme(cls, value: str | None) -> str | None:
-        if value is None:
-            return None
-        parts = urlsplit(value)
+    @model_validator(mode="after")
+    def _remote_scheme(self) -> LMCacheSettings:
+        # Checked on the whole section so an error never echoes a URL that may hold a password.
+        if self.remote_url is None:
+            return self
+        parts = urlsplit(self.remote_url)
         if parts.scheme not in REMOTE_SCHEMES:
-            raise ValueError(f"scheme must be one of {', '.join(s + '://' for s in REMOTE_SCHEMES)}")
+            schemes = ", ".join(s + "://" for s in REMOTE_SCHEMES)
+            raise ValueError(f"remote_url: scheme must be one of {schemes} (got {parts.scheme or 'none'}://)")
         if not (parts.netloc or (parts.scheme == "fs" and parts.path)):
-            raise ValueError("names no host (or, for fs://, no path)")
-        return value
+            raise ValueError("remote_url: names no host (or, for fs://, no path)")
+        return self
 
     @field_validator("max_local_disk_size")
     @classmethod
@@ -182,6 +191,12 @@ class EngineConfig(BaseSettings):
     def _unset(cls, value: Any) -> Any:
         return _empty_is_none(value)
 
+    @field_validator("api_key", mode="before")
+    @classmethod
+    def _key_str(cls, value: Any) -> Any:
+        # YAML reads an all-digit key as an int; a type error would echo the key.
+        return str(value) if isinstance(value, int | float) else value
+
     @field_validator("served_model_name", mode="before")
     @classmethod
     def _names(cls, value: Any) -> Any:
@@ -240,6 +255,14 @@ class EngineConfig(BaseSettings):
         if clash := colliding_flags(value):
             raise ValueError(f"sets flags kvstack manages: {' '.join(clash)}; use the config fields instead")
         return value
+
+    @model_validator(mode="after")
+    def _no_secret_flags(self) -> EngineConfig:
+        # A model-level check, so the error never echoes the secret itself.
+        if secrets := secret_flags(self.extra_args):
+            instead = ", ".join(f"{flag} -> {SECRET_FLAGS[flag]}" for flag in secrets)
+            raise ValueError(f"extra_args puts a secret on the command line, visible in ps; use {instead}")
+        return self
 
     @field_validator("extra_env")
     @classmethod

@@ -15,7 +15,6 @@ MANAGED_FLAGS: frozenset[str] = frozenset(
         "--served-model-name",
         "--host",
         "--port",
-        "--api-key",
         "--tensor-parallel-size",
         "--max-model-len",
         "--gpu-memory-utilization",
@@ -26,6 +25,8 @@ MANAGED_FLAGS: frozenset[str] = frozenset(
         "--kv-events-config",
     }
 )
+# Flags whose value is a secret: argv is world-readable (``ps``, /proc), the environment is not.
+SECRET_FLAGS: dict[str, str] = {"--api-key": "api_key", "--hf-token": "extra_env HF_TOKEN"}
 # vLLM's short aliases of managed flags.
 MANAGED_SHORT_FLAGS: dict[str, str] = {"-tp": "--tensor-parallel-size"}
 
@@ -70,6 +71,16 @@ def colliding_flags(args: Iterable[str]) -> list[str]:
         name = flag_name(arg)
         if name in MANAGED_FLAGS and arg not in found:
             found.append(arg)
+    return found
+
+
+def secret_flags(args: Iterable[str]) -> list[str]:
+    """The secret-carrying flags that ``args`` set, as canonical names, in order, without repeats."""
+    found: list[str] = []
+    for arg in args:
+        name = flag_name(arg)
+        if name in SECRET_FLAGS and name not in found:
+            found.append(name)
     return found
 
 
