@@ -121,7 +121,7 @@ def test_longer_and_diverging_requests_match_the_shared_prefix() -> None:
     diverging = blocks(0, 3) + [t + 1 for t in blocks(3, 8)]
     assert gpu(idx, "a", TOKENS + TOKENS) == 4
     assert gpu(idx, "a", diverging) == 3
-    assert gpu(idx, "a", blocks(0, 2) + [1, 2, 3]) == 2  # a trailing partial block never counts
+    assert gpu(idx, "a", [*blocks(0, 2), 1, 2, 3]) == 2  # a trailing partial block never counts
 
 
 def test_restart_and_removal_leave_nothing_behind() -> None:
