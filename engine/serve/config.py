@@ -108,12 +108,13 @@ class LMCacheSettings(BaseModel):
             raise ValueError("remote_url: names no host (or, for fs://, no path)")
         return self
 
-    @field_validator("max_local_disk_size")
-    @classmethod
-    def _disk_needs_size(cls, value: float, info: ValidationInfo) -> float:
-        if info.data.get("local_disk") and value <= 0:
-            raise ValueError("must be > 0 when local_disk is set (LMCache would store nothing)")
-        return value
+    @model_validator(mode="after")
+    def _disk_needs_size(self) -> LMCacheSettings:
+        if self.local_disk is not None and self.max_local_disk_size <= 0:
+            raise ValueError(
+                "max_local_disk_size must be > 0 when local_disk is set (LMCache would store nothing)"
+            )
+        return self
 
 
 def _split_names(value: Any) -> Any:
@@ -196,6 +197,12 @@ class EngineConfig(BaseSettings):
     def _key_str(cls, value: Any) -> Any:
         # YAML reads an all-digit key as an int; a type error would echo the key.
         return str(value) if isinstance(value, int | float) else value
+
+    @field_validator("block_size", mode="before")
+    @classmethod
+    def _block_int(cls, value: Any) -> Any:
+        # Environment values are strings, and a Literal of ints does not coerce them.
+        return int(value) if isinstance(value, str) and value.strip().isdigit() else value
 
     @field_validator("served_model_name", mode="before")
     @classmethod
