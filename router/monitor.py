@@ -1,0 +1,336 @@
+"""Active health probes, metric scrapes and model discovery for every engine in the registry.
+
+Per engine, two loops run on the router's event loop: a probe loop (``GET /health``; N failures
+mark the engine unhealthy, M successes bring it back; a passively ejected engine is re-admitted
+after M successful probes) and a scrape loop (``GET /metrics``, parsed by
+:mod:`kvstack.router.scrape`). Endpoints that list no models learn them from ``GET /v1/models``
+after a successful probe, and again every ``models_interval`` (LoRA adapters come and go).
+Scraped figures older than ``stale_after`` are set back to None, so policies never act on them.
+
+Wiring, in the app's lifespan::
+
+    registry = EngineRegistry()
+    client = httpx.AsyncClient(transport=AiohttpTransport())
+    discovery = StaticDiscovery(registry, urls=["http://127.0.0.1:8101"])
+    monitor = EngineMonitor(registry, client, build(MonitorConfig, "monitor", probe_interval=2.0))
+    await discovery.start()
+    monitor.start()
+    try:
+        yield
+    finally:
+        await monitor.stop()
+        await discovery.stop()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+
+from kvstack.router.engines import EngineRegistry, EngineState
+from kvstack.router.scrape import EngineMetrics, parse_vllm_metrics
+
+log = logging.getLogger(__name__)
+
+_FETCH_ERRORS = (httpx.HTTPError, OSError, TimeoutError, ValueError)
+
+
+class MonitorConfig(BaseModel):
+    """Probe and scrape settings. Build with ``kvstack.common.config.build`` to fail at start."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    probe_interval: float = Field(2.0, gt=0, description="seconds between /health probes")
+    probe_timeout: float = Field(1.0, gt=0)
+    unhealthy_threshold: int = Field(3, ge=1, description="consecutive failed probes to mark unhealthy")
+    healthy_threshold: int = Field(2, ge=1, description="consecutive good probes to re-admit")
+    scrape_interval: float = Field(1.0, gt=0, description="seconds between /metrics scrapes")
+    scrape_timeout: float = Field(1.0, gt=0)
+    stale_after: float | None = Field(None, gt=0, description="drop scraped figures older than this")
+    models_interval: float = Field(30.0, gt=0, description="seconds between /v1/models refreshes")
+    api_key: SecretStr | None = Field(None, description="bearer token for the engines' /v1/models")
+
+    @model_validator(mode="after")
+    def _stale_after_covers_a_scrape(self) -> MonitorConfig:
+        if self.stale_after is not None and self.stale_after <= self.scrape_interval:
+            raise ValueError("stale_after must be longer than scrape_interval")
+        return self
+
+    @property
+    def max_scrape_age(self) -> float:
+        """How old scraped figures may get: ``stale_after``, or three scrape intervals."""
+        return self.stale_after if self.stale_after is not None else 3 * self.scrape_interval
+
+
+# ---- pure decisions ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeTrack:
+    """Probe history of one engine."""
+
+    ok_streak: int = 0
+    fail_streak: int = 0
+    probes: int = 0
+    ejected_seen: bool = False  # an ejection is under way; successes count from when it was seen
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeVerdict:
+    track: ProbeTrack
+    healthy: bool
+    readmit: bool  # clear the passive ejection and its failure counter
+
+
+def judge_probe(
+    track: ProbeTrack,
+    *,
+    ok: bool,
+    healthy: bool,
+    ejected: bool,
+    unhealthy_threshold: int,
+    healthy_threshold: int,
+) -> ProbeVerdict:
+    """Fold one probe result into an engine's health.
+
+    The first probe of an engine decides its health outright (nothing to smooth yet); later a
+    healthy engine turns unhealthy after ``unhealthy_threshold`` failures in a row and back after
+    ``healthy_threshold`` successes. A passively ejected engine is re-admitted after
+    ``healthy_threshold`` successes counted from when the ejection was first seen: probes from
+    before the ejection do not vouch for it.
+    """
+    ok_streak, fail_streak = track.ok_streak, track.fail_streak
+    if ejected and not track.ejected_seen:
+        ok_streak = 0
+    if ok:
+        ok_streak, fail_streak = ok_streak + 1, 0
+    else:
+        ok_streak, fail_streak = 0, fail_streak + 1
+    if track.probes == 0:
+        healthy = ok
+    elif healthy and fail_streak >= unhealthy_threshold:
+        healthy = False
+    elif not healthy and ok_streak >= healthy_threshold:
+        healthy = True
+    readmit = ejected and ok_streak >= healthy_threshold
+    new = ProbeTrack(ok_streak, fail_streak, track.probes + 1, ejected and not readmit)
+    return ProbeVerdict(new, healthy, readmit)
+
+
+def scrape_is_fresh(state: EngineState, now: float, max_age: float) -> bool:
+    """Whether ``state``'s scraped figures are recent enough to route on."""
+    return state.last_scrape > 0 and now - state.last_scrape <= max_age
+
+
+def apply_metrics(state: EngineState, metrics: EngineMetrics, now: float) -> None:
+    """Copy one scrape into ``state`` (per-model figures go to ``extra`` as ``field:model``)."""
+    state.num_running = metrics.num_running
+    state.num_waiting = metrics.num_waiting
+    state.kv_cache_usage = metrics.kv_cache_usage
+    if metrics.block_size is not None:
+        state.block_size = metrics.block_size
+    if metrics.num_gpu_blocks is not None:
+        state.num_gpu_blocks = metrics.num_gpu_blocks
+    extra: dict[str, float] = dict(metrics.counters)
+    if len(metrics.by_model) > 1:
+        for model, m in metrics.by_model.items():
+            extra[f"num_running:{model}"] = m.num_running
+            extra[f"num_waiting:{model}"] = m.num_waiting
+            extra[f"kv_cache_usage:{model}"] = m.kv_cache_usage
+    state.extra = extra
+    state.last_scrape = now
+
+
+def clear_metrics(state: EngineState) -> None:
+    """Forget scraped load figures (they are stale). Cache geometry is static and kept."""
+    state.num_running = None
+    state.num_waiting = None
+    state.kv_cache_usage = None
+    state.extra = {}
+
+
+def model_ids(payload: Any) -> frozenset[str]:
+    """Model ids from an OpenAI ``/v1/models`` body; ValueError if it is not one."""
+    if not isinstance(payload, dict) or not isinstance(payload.get("data"), list):
+        raise ValueError("not an OpenAI model list")
+    ids = [m.get("id") for m in payload["data"] if isinstance(m, dict)]
+    return frozenset(i for i in ids if isinstance(i, str) and i)
+
+
+# ---- I/O -----------------------------------------------------------------------------------------
+
+
+class EngineMonitor:
+    """Keeps every registered engine's health, load figures and model list up to date."""
+
+    def __init__(
+        self,
+        registry: EngineRegistry,
+        client: httpx.AsyncClient,
+        config: MonitorConfig | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.registry = registry
+        self.client = client
+        self.config = config or MonitorConfig()
+        self._clock = clock
+        self._tracks: dict[str, ProbeTrack] = {}
+        self._models_at: dict[str, float] = {}
+        self._workers: dict[str, list[asyncio.Task[None]]] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._reconcile_every = min(0.2, self.config.probe_interval, self.config.scrape_interval)
+
+    # lifecycle
+
+    def start(self) -> None:
+        """Start monitoring in the background (idempotent)."""
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self.run(), name="engine-monitor")
+
+    async def stop(self) -> None:
+        """Stop every loop and wait for them to end."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def run(self) -> None:
+        """Follow registry membership, one probe and one scrape loop per engine, until cancelled."""
+        generation = -1
+        try:
+            while True:
+                if generation != self.registry.generation:
+                    generation = self.registry.generation
+                    await self._reconcile()
+                await asyncio.sleep(self._reconcile_every)
+        finally:
+            await self._cancel(list(self._workers))
+
+    async def _reconcile(self) -> None:
+        urls = {st.url for st in self.registry.all()}
+        await self._cancel([url for url in self._workers if url not in urls])
+        for url in urls - self._workers.keys():
+            self._workers[url] = [
+                asyncio.create_task(self._probe_loop(url), name=f"probe {url}"),
+                asyncio.create_task(self._scrape_loop(url), name=f"scrape {url}"),
+            ]
+
+    async def _cancel(self, urls: list[str]) -> None:
+        tasks = [task for url in urls for task in self._workers.pop(url, [])]
+        for url in urls:
+            self._tracks.pop(url, None)
+            self._models_at.pop(url, None)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _probe_loop(self, url: str) -> None:
+        await self._every(url, self.config.probe_interval, self.probe_once)
+
+    async def _scrape_loop(self, url: str) -> None:
+        await self._every(url, self.config.scrape_interval, self.scrape_once)
+
+    async def _every(self, url: str, interval: float, step: Callable[[EngineState], Any]) -> None:
+        while (state := self.registry.get(url)) is not None:
+            started = self._clock()
+            try:
+                await step(state)
+            except Exception:  # a monitor loop must outlive any surprise from one engine
+                log.exception("monitoring %s failed", url)
+            await asyncio.sleep(max(0.0, started + interval - self._clock()))
+
+    # one-shot steps (public: the proxy may probe at once after a passive failure)
+
+    async def probe_once(self, state: EngineState) -> bool:
+        """Probe ``/health`` once and update health, ejection and (when due) the model list."""
+        cfg = self.config
+        ok = await self._health_ok(state.url)
+        now = self._clock()
+        verdict = judge_probe(
+            self._tracks.get(state.url, ProbeTrack()),
+            ok=ok,
+            healthy=state.healthy,
+            ejected=state.ejected_until > now,
+            unhealthy_threshold=cfg.unhealthy_threshold,
+            healthy_threshold=cfg.healthy_threshold,
+        )
+        self._tracks[state.url] = verdict.track
+        if verdict.healthy != state.healthy:
+            log.warning("engine %s is now %s", state.name, "healthy" if verdict.healthy else "unhealthy")
+            state.healthy = verdict.healthy
+        if verdict.readmit:
+            log.info("engine %s re-admitted after passing %d probes", state.name, cfg.healthy_threshold)
+            state.ejected_until = 0.0
+            state.consecutive_failures = 0
+        if ok and self._models_due(state, now):
+            await self.refresh_models(state)
+        return ok
+
+    async def scrape_once(self, state: EngineState) -> bool:
+        """Scrape ``/metrics`` once; on failure, drop figures that have gone stale."""
+        metrics: EngineMetrics | None = None
+        try:
+            text = await self._get_text(state.url + "/metrics", self.config.scrape_timeout)
+            metrics = parse_vllm_metrics(text)
+        except _FETCH_ERRORS as err:
+            log.debug("scrape of %s failed: %s", state.url, err)
+        now = self._clock()
+        if metrics is not None:
+            apply_metrics(state, metrics, now)
+            return True
+        if state.num_running is not None and not scrape_is_fresh(state, now, self.config.max_scrape_age):
+            log.info("metrics of %s are stale; ignoring them until the next good scrape", state.name)
+            clear_metrics(state)
+        return False
+
+    async def refresh_models(self, state: EngineState) -> bool:
+        """Learn the served models from ``/v1/models``; keep the previous list on failure."""
+        headers = {}
+        if self.config.api_key is not None:
+            headers["Authorization"] = f"Bearer {self.config.api_key.get_secret_value()}"
+        try:
+            async with asyncio.timeout(self.config.probe_timeout):
+                resp = await self.client.get(
+                    state.url + "/v1/models", headers=headers, timeout=self.config.probe_timeout
+                )
+                resp.raise_for_status()
+                models = model_ids(resp.json())
+        except _FETCH_ERRORS as err:
+            log.warning("cannot list the models of %s: %s", state.url, err)
+            return False
+        self._models_at[state.url] = self._clock()
+        if models != state.models:
+            log.info("engine %s serves %s", state.name, ", ".join(sorted(models)) or "no models")
+            state.models = models
+        return True
+
+    def _models_due(self, state: EngineState, now: float) -> bool:
+        if state.endpoint.models:
+            return False  # discovery named them
+        last = self._models_at.get(state.url)
+        return not state.models or last is None or now - last >= self.config.models_interval
+
+    async def _health_ok(self, url: str) -> bool:
+        try:
+            async with asyncio.timeout(self.config.probe_timeout):
+                resp = await self.client.get(url + "/health", timeout=self.config.probe_timeout)
+                await resp.aread()
+        except _FETCH_ERRORS:
+            return False
+        return resp.is_success
+
+    async def _get_text(self, url: str, limit: float) -> str:
+        async with asyncio.timeout(limit):
+            resp = await self.client.get(url, timeout=limit)
+            resp.raise_for_status()
+            return resp.text
