@@ -1,0 +1,360 @@
+"""vLLM 0.24's ``/metrics`` for the simulator: every ``vllm:`` family of the reference scrape.
+
+Names, types, label names and buckets follow ``shared/reference/vllm-0.24-metrics.txt``. Counters and
+histograms are fed by the core through :class:`SimMetrics` (a ``StatsListener``); gauges are read from
+the core at scrape time. Each instance owns its registry, so several simulators can share a process.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from kvstack.engine.sim.types import FinishedRequestStats
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+FINISH_REASONS = ("stop", "length", "abort", "error", "repetition")
+PROMPT_SOURCES = ("local_compute", "local_cache_hit", "external_kv_transfer")
+
+ITERATION_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
+TTFT_BUCKETS: tuple[float, ...] = (
+    0.001,
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+    160.0,
+    640.0,
+    2560.0,
+)
+ITL_BUCKETS: tuple[float, ...] = (
+    0.01,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.4,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+)
+PHASE_BUCKETS: tuple[float, ...] = (
+    0.3,
+    0.5,
+    0.8,
+    1.0,
+    1.5,
+    2.0,
+    2.5,
+    5.0,
+    10.0,
+    15.0,
+    20.0,
+    30.0,
+    40.0,
+    50.0,
+    60.0,
+    120.0,
+    240.0,
+    480.0,
+    960.0,
+    1920.0,
+    7680.0,
+)
+N_BUCKETS = (1, 2, 5, 10, 20)
+
+
+def buckets_1_2_5(limit: int) -> list[float]:
+    """1, 2, 5, 10, 20, 50, ... up to ``limit`` (vLLM's token-count buckets)."""
+    out: list[float] = []
+    exp = 1
+    while True:
+        for m in (1, 2, 5):
+            value = m * exp
+            if value > limit:
+                return out
+            out.append(float(value))
+        exp *= 10
+
+
+class EngineGauges(Protocol):
+    """What the gauges read at scrape time (``EngineCore`` satisfies it)."""
+
+    @property
+    def num_running(self) -> int: ...
+
+    @property
+    def num_waiting(self) -> int: ...
+
+    @property
+    def kv_cache_usage(self) -> float: ...
+
+
+@dataclass(frozen=True, slots=True)
+class CacheInfo:
+    """The cache configuration ``vllm:cache_config_info`` carries in its labels."""
+
+    block_size: int
+    num_gpu_blocks: int
+    max_model_len: int
+    gpu_memory_utilization: float = 0.9
+    enable_prefix_caching: bool = True
+
+    def labels(self) -> dict[str, str]:
+        tokens = self.block_size * self.num_gpu_blocks
+        return {
+            "_block_size_resolved": "True",
+            "block_size": str(self.block_size),
+            "cache_dtype": "auto",
+            "calculate_kv_scales": "False",
+            "enable_prefix_caching": str(self.enable_prefix_caching),
+            "gpu_memory_utilization": str(self.gpu_memory_utilization),
+            "hash_block_size": "None",
+            "is_attention_free": "False",
+            "kv_cache_dtype_skip_layers": "[]",
+            "kv_cache_max_concurrency": str(round(tokens / self.max_model_len, 4)),
+            "kv_cache_memory_bytes": "None",
+            "kv_cache_size_tokens": str(tokens),
+            "kv_offloading_backend": "native",
+            "kv_offloading_size": "None",
+            "kv_sharing_fast_prefill": "False",
+            "mamba_block_size": "None",
+            "mamba_cache_dtype": "auto",
+            "mamba_cache_mode": "none",
+            "mamba_page_size_padded": "None",
+            "mamba_ssm_cache_dtype": "auto",
+            "num_cpu_blocks": "None",
+            "num_gpu_blocks": str(self.num_gpu_blocks),
+            "num_gpu_blocks_override": "None",
+            "prefix_caching_hash_algo": "sha256",
+            "sliding_window": "None",
+            "user_specified_block_size": "False",
+            "user_specified_mamba_block_size": "False",
+        }
+
+
+class SimMetrics:
+    """The registry plus the ``StatsListener`` callbacks that move it."""
+
+    def __init__(self, model_name: str, cache: CacheInfo) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        base = {"model_name": model_name, "engine": "0"}
+        names = list(base)
+        reg = self.registry
+
+        def counter(name: str, doc: str) -> Counter:
+            return Counter(f"vllm:{name}", doc, names, registry=reg)
+
+        # Each histogram has one child; binding it once lets observe() skip the label lookup.
+        def histogram(name: str, doc: str, buckets: tuple[float, ...] | list[float]) -> Histogram:
+            return Histogram(f"vllm:{name}", doc, names, buckets=buckets, registry=reg).labels(**base)
+
+        def gauge(name: str, doc: str, extra: tuple[str, ...] = ()) -> Gauge:
+            return Gauge(f"vllm:{name}", doc, [*names, *extra], registry=reg, multiprocess_mode="all")
+
+        mfu = "(for Model Flops Utilization calculations)."
+        for name, doc in (
+            ("estimated_flops_per_gpu", "Estimated number of floating point operations per GPU"),
+            ("estimated_read_bytes_per_gpu", "Estimated number of bytes read from memory per GPU"),
+            ("estimated_write_bytes_per_gpu", "Estimated number of bytes written to memory per GPU"),
+        ):
+            counter(name, f"{doc} {mfu}").labels(**base)
+        self._running = gauge("num_requests_running", "Number of requests in model execution batches.")
+        self._waiting = gauge("num_requests_waiting", "Number of requests waiting to be processed.")
+        self._waiting_by_reason = gauge(
+            "num_requests_waiting_by_reason",
+            "Number of waiting requests by reason. Reason labels: 'capacity' = waiting for scheduling "
+            "capacity; 'deferred' = deferred by transient constraints (LoRA budget, KV transfer, blocked "
+            "status). Sum of all reasons equals vllm:num_requests_waiting.",
+            ("reason",),
+        )
+        sleep = gauge(
+            "engine_sleep_state",
+            "Engine sleep state; awake = 0 means engine is sleeping; awake = 1 means engine is awake; "
+            "weights_offloaded = 1 means sleep level 1; discard_all = 1 means sleep level 2.",
+            ("sleep_state",),
+        )
+        for state, value in (("awake", 1.0), ("weights_offloaded", 0.0), ("discard_all", 0.0)):
+            sleep.labels(**base, sleep_state=state).set(value)
+        self._usage = gauge("kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.")
+        q = "in terms of number of queried tokens."
+        h = "in terms of number of cached tokens."
+        ext = "External prefix cache {} from KV connector cross-instance cache sharing, {}"
+        self.prefix_queries = counter("prefix_cache_queries", f"Prefix cache queries, {q}").labels(**base)
+        self.prefix_hits = counter("prefix_cache_hits", f"Prefix cache hits, {h}").labels(**base)
+        self.ext_queries = counter("external_prefix_cache_queries", ext.format("queries", q)).labels(**base)
+        self.ext_hits = counter("external_prefix_cache_hits", ext.format("hits", h)).labels(**base)
+        counter("mm_cache_queries", "Multi-modal cache queries, in terms of number of queried items.").labels(
+            **base
+        )
+        counter("mm_cache_hits", "Multi-modal cache hits, in terms of number of cached items.").labels(**base)
+        preempt = counter("num_preemptions", "Cumulative number of preemption from the engine.")
+        self.preemptions = preempt.labels(**base)
+        self.prompt_tokens = counter("prompt_tokens", "Number of prefill tokens processed.").labels(**base)
+        by_source = Counter(
+            "vllm:prompt_tokens_by_source",
+            "Number of prompt tokens by source.",
+            [*names, "source"],
+            registry=reg,
+        )
+        self.by_source = [by_source.labels(**base, source=s) for s in PROMPT_SOURCES]
+        self.prompt_cached = counter(
+            "prompt_tokens_cached", "Number of cached prompt tokens (local + external)."
+        ).labels(**base)
+        self.generation_tokens = counter(
+            "generation_tokens", "Number of generation tokens processed."
+        ).labels(**base)
+        success = Counter(
+            "vllm:request_success",
+            "Count of successfully processed requests.",
+            [*names, "finished_reason"],
+            registry=reg,
+        )
+        self.success = {r: success.labels(**base, finished_reason=r) for r in FINISH_REASONS}
+        tok = buckets_1_2_5(cache.max_model_len)
+        self.h_prompt = histogram("request_prompt_tokens", "Number of prefill tokens processed.", tok)
+        self.h_gen = histogram("request_generation_tokens", "Number of generation tokens processed.", tok)
+        self.h_iter = histogram(
+            "iteration_tokens_total", "Histogram of number of tokens per engine_step.", ITERATION_BUCKETS
+        )
+        self.h_max_gen = histogram(
+            "request_max_num_generation_tokens",
+            "Histogram of maximum number of requested generation tokens.",
+            tok,
+        )
+        self.h_n = histogram("request_params_n", "Histogram of the n request parameter.", N_BUCKETS)
+        self.h_max_tokens = histogram(
+            "request_params_max_tokens", "Histogram of the max_tokens request parameter.", tok
+        )
+        self.h_ttft = histogram(
+            "time_to_first_token_seconds", "Histogram of time to first token in seconds.", TTFT_BUCKETS
+        )
+        self.h_itl = histogram(
+            "inter_token_latency_seconds", "Histogram of inter-token latency in seconds.", ITL_BUCKETS
+        )
+        self.h_tpot = histogram(
+            "request_time_per_output_token_seconds",
+            "Histogram of time_per_output_token_seconds per request.",
+            ITL_BUCKETS,
+        )
+        self.h_e2e = histogram(
+            "e2e_request_latency_seconds", "Histogram of e2e request latency in seconds.", PHASE_BUCKETS
+        )
+        self.h_queue = histogram(
+            "request_queue_time_seconds",
+            "Histogram of time spent in WAITING phase for request.",
+            PHASE_BUCKETS,
+        )
+        self.h_inference = histogram(
+            "request_inference_time_seconds",
+            "Histogram of time spent in RUNNING phase for request.",
+            PHASE_BUCKETS,
+        )
+        self.h_prefill = histogram(
+            "request_prefill_time_seconds",
+            "Histogram of time spent in PREFILL phase for request.",
+            PHASE_BUCKETS,
+        )
+        self.h_decode = histogram(
+            "request_decode_time_seconds",
+            "Histogram of time spent in DECODE phase for request.",
+            PHASE_BUCKETS,
+        )
+        self.h_kv_computed = histogram(
+            "request_prefill_kv_computed_tokens",
+            "Histogram of new KV tokens computed during prefill (excluding cached tokens).",
+            tok,
+        )
+        info = gauge("cache_config_info", "Information of the LLMEngine CacheConfig", tuple(cache.labels()))
+        info.labels(**base, **cache.labels()).set(1.0)
+        self._base = base
+
+    def bind_engine(self, engine: EngineGauges) -> None:
+        """Read the gauges from ``engine`` at every scrape."""
+        base = self._base
+        self._running.labels(**base).set_function(lambda: float(engine.num_running))
+        self._waiting.labels(**base).set_function(lambda: float(engine.num_waiting))
+        self._waiting_by_reason.labels(**base, reason="capacity").set_function(
+            lambda: float(engine.num_waiting)
+        )
+        self._waiting_by_reason.labels(**base, reason="deferred").set(0.0)
+        self._usage.labels(**base).set_function(lambda: float(engine.kv_cache_usage))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+    # --- StatsListener ---------------------------------------------------------------------------
+
+    def on_iteration(self, num_tokens: int) -> None:
+        self.h_iter.observe(num_tokens)
+
+    def on_prefix_cache_query(self, queried_tokens: int, hit_tokens: int) -> None:
+        self.prefix_queries.inc(queried_tokens)
+        self.prefix_hits.inc(hit_tokens)
+
+    def on_external_cache_query(self, queried_tokens: int, hit_tokens: int) -> None:
+        self.ext_queries.inc(queried_tokens)
+        self.ext_hits.inc(hit_tokens)
+
+    def on_prompt_tokens(self, local_compute: int, local_cache_hit: int, external_kv_transfer: int) -> None:
+        for child, value in zip(
+            self.by_source, (local_compute, local_cache_hit, external_kv_transfer), strict=True
+        ):
+            child.inc(value)
+        self.prompt_tokens.inc(local_compute + local_cache_hit + external_kv_transfer)
+        self.prompt_cached.inc(local_cache_hit + external_kv_transfer)
+
+    def on_preemption(self) -> None:
+        self.preemptions.inc()
+
+    def on_generated_tokens(self, count: int) -> None:
+        """Tokens streamed out (the server reports these as they leave the core)."""
+        self.generation_tokens.inc(count)
+
+    def on_request_finished(self, stats: FinishedRequestStats) -> None:
+        self.success[stats.finish_reason].inc()
+        self.h_prompt.observe(stats.prompt_tokens)
+        self.h_gen.observe(stats.generation_tokens)
+        self.h_max_gen.observe(stats.generation_tokens)  # the max over n sequences; n is 1
+        self.h_n.observe(stats.n)
+        self.h_max_tokens.observe(stats.max_tokens)
+        if stats.ttft is not None:
+            self.h_ttft.observe(stats.ttft)
+        observe_itl = self.h_itl.observe
+        for gap in stats.inter_token_latencies:
+            observe_itl(gap)
+        if stats.generation_tokens > 1:
+            self.h_tpot.observe(stats.decode_time / (stats.generation_tokens - 1))
+        self.h_e2e.observe(stats.e2e_latency)
+        self.h_queue.observe(stats.queue_time)
+        self.h_inference.observe(stats.inference_time)
+        self.h_prefill.observe(stats.prefill_time)
+        self.h_decode.observe(stats.decode_time)
+        self.h_kv_computed.observe(stats.prefill_kv_computed_tokens)
