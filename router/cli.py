@@ -1,8 +1,80 @@
-"""``kvstack router``: the OpenAI-compatible cache-aware gateway."""
+"""``kvstack router``: the OpenAI-compatible cache-aware gateway.
+
+Flags override ``KVSTACK_ROUTER_*`` variables, which override ``--config FILE``. API keys are never
+flags (they would show in ``ps``): use ``KVSTACK_ROUTER_API_KEYS`` or ``--api-keys-file``.
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
 
-def run_router() -> None:
-    """Run the router (not built yet)."""
-    raise SystemExit("kvstack router: not built yet")
+import typer
+
+from kvstack.common.cli_errors import exits_on_config_error
+
+if TYPE_CHECKING:
+    from kvstack.router.config import RouterSettings
+
+
+@exits_on_config_error
+def run_router(
+    config: Annotated[Path | None, typer.Option("--config", help="YAML/JSON file of settings.")] = None,
+    host: Annotated[str | None, typer.Option(help="Address to bind (default 127.0.0.1).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port to listen on (default 8000).")] = None,
+    engine: Annotated[
+        list[str] | None, typer.Option("--engine", help="Engine base URL; repeat for several.")
+    ] = None,
+    engines_file: Annotated[Path | None, typer.Option(help="YAML/JSON list of engines, watched.")] = None,
+    model: Annotated[
+        list[str] | None, typer.Option("--model", help="Model the --engine URLs serve (else asked).")
+    ] = None,
+    discovery: Annotated[str | None, typer.Option(help="static or kubernetes.")] = None,
+    policy: Annotated[
+        str | None, typer.Option(help="round_robin, least_loaded, session or cache_aware.")
+    ] = None,
+    upstream_backend: Annotated[str | None, typer.Option(help="aiohttp (default) or httpx.")] = None,
+    api_keys_file: Annotated[Path | None, typer.Option(help="File of accepted API keys.")] = None,
+    log_level: Annotated[str | None, typer.Option(help="debug, info, warning or error.")] = None,
+) -> None:
+    """Run the router in front of vLLM engines (or simulators)."""
+    from kvstack.router.config import load_settings
+
+    settings = load_settings(
+        config,
+        host=host,
+        port=port,
+        engines=engine or None,
+        engines_file=engines_file,
+        models=model or None,
+        discovery=discovery,
+        policy=policy,
+        upstream_backend=upstream_backend,
+        api_keys_file=api_keys_file,
+        log_level=log_level,
+    )
+    serve(settings)
+
+
+def serve(settings: RouterSettings) -> None:
+    """Serve the router with uvicorn until SIGINT/SIGTERM."""
+    import uvicorn
+
+    from kvstack.router.app import create_app
+    from kvstack.router.logs import configure_logging
+
+    configure_logging(settings.log_level)
+    app = create_app(settings)
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        loop="uvloop",
+        http="httptools",
+        lifespan="on",
+        access_log=False,  # the router logs one JSON line per request itself
+        log_config=None,
+        # longer than the clients' pools usually keep idle sockets, so they are not reused half-closed
+        timeout_keep_alive=75,
+        timeout_graceful_shutdown=30,
+    )

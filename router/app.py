@@ -1,0 +1,253 @@
+"""The router's ASGI app: proxied OpenAI routes, the model list, health, readiness and metrics.
+
+``create_app(settings)`` wires discovery (static or Kubernetes), the engine monitor, the policy and
+the shared upstream client; they start and stop with the app's lifespan. Proxied routes are plain
+ASGI endpoints (see :mod:`kvstack.router.proxy`); FastAPI serves only the small admin surface.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any, Protocol
+
+import httpx
+from fastapi import Depends, FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Route
+
+from kvstack.common.config import ConfigError
+from kvstack.common.errors import OpenAIError, error_body
+from kvstack.router.auth import KeyStore, read_keys_file
+from kvstack.router.config import RouterSettings
+from kvstack.router.context import REQUEST_ID_KEY, RouterContext
+from kvstack.router.discovery import KubernetesDiscovery, StaticDiscovery
+from kvstack.router.engines import Endpoint, EngineRegistry
+from kvstack.router.limits import KeyLimiter
+from kvstack.router.metrics import CONTENT_TYPE, RouterMetrics
+from kvstack.router.monitor import EngineMonitor
+from kvstack.router.policies import make_policy
+from kvstack.router.policies.base import Policy
+from kvstack.router.protocol import Kind
+from kvstack.router.proxy import ProxyEndpoint
+from kvstack.router.upstream import Timeouts, Upstream
+
+log = logging.getLogger(__name__)
+
+PROXIED: tuple[tuple[str, Kind], ...] = (
+    ("/v1/chat/completions", "chat"),
+    ("/v1/completions", "completion"),
+    ("/v1/embeddings", "embedding"),
+    ("/tokenize", "tokenize"),
+    ("/detokenize", "detokenize"),
+)
+_MAX_REQUEST_ID = 128
+
+ASGIApp = Callable[[dict[str, Any], Any, Any], Awaitable[None]]
+
+
+class _Lifecycle(Protocol):
+    async def stop(self) -> None: ...
+
+
+class RequestIdMiddleware:
+    """Accept ``X-Request-Id`` (or make one), keep it in the scope, and return it on the response."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        rid = ""
+        for name, value in scope["headers"]:
+            if name == b"x-request-id":
+                # only a sane id is echoed into logs and upstream headers
+                if 0 < len(value) <= _MAX_REQUEST_ID and value.isascii() and value.decode().isprintable():
+                    rid = value.decode()
+                break
+        if not rid:
+            rid = uuid.uuid4().hex
+        scope[REQUEST_ID_KEY] = rid
+        header = (b"x-request-id", rid.encode())
+
+        async def send_with_id(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", ()), header]
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
+
+
+def _static_endpoints(settings: RouterSettings) -> list[str | Endpoint]:
+    if not settings.models:
+        return list(settings.engines)  # models are learned from each engine's /v1/models
+    models = frozenset(settings.models)
+    return [Endpoint(url=url, name=url, models=models) for url in settings.engines]
+
+
+def build_context(settings: RouterSettings, registry: EngineRegistry | None = None) -> RouterContext:
+    """Everything but the I/O: fails at start (ConfigError) on a bad policy or key file."""
+    registry = registry if registry is not None else EngineRegistry()
+    try:
+        policy: Policy = make_policy(settings.policy, registry=registry, settings=settings)
+    except ValueError as err:
+        raise ConfigError(f"invalid router configuration: policy: {err}") from err
+    pairs: list[tuple[str | None, str]] = [(None, k.get_secret_value()) for k in settings.api_keys]
+    if settings.api_keys_file is not None:
+        pairs.extend(read_keys_file(settings.api_keys_file))
+    clock = time.monotonic
+    return RouterContext(
+        settings=settings,
+        registry=registry,
+        policy=policy,
+        metrics=RouterMetrics(registry, clock),
+        keys=KeyStore(pairs),
+        limiter=KeyLimiter(
+            rate=settings.rate_limit_rps,
+            burst=settings.rate_limit_burst,
+            max_concurrency=settings.max_concurrency_per_key,
+        ),
+        clock=clock,
+    )
+
+
+@asynccontextmanager
+async def _running(ctx: RouterContext) -> AsyncIterator[None]:
+    """Open the upstream client, start discovery, the monitor and the policy; stop them all after."""
+    settings = ctx.settings
+    ctx.upstream = Upstream(
+        Timeouts(settings.connect_timeout_s, settings.first_byte_timeout_s, settings.idle_timeout_s),
+        backend=settings.upstream_backend,
+        max_connections=settings.max_connections,
+        keepalive_expiry=settings.keepalive_expiry_s,
+    )
+    monitor_config = settings.monitor
+    if monitor_config.api_key is None and settings.engine_api_key is not None:
+        monitor_config = monitor_config.model_copy(update={"api_key": settings.engine_api_key})
+    monitor_client = httpx.AsyncClient(trust_env=False)
+    stops: list[_Lifecycle] = []
+    try:
+        if settings.discovery == "kubernetes":
+            kube = KubernetesDiscovery(ctx.registry, settings.kubernetes)
+            kube.start()
+            stops.append(kube)
+        elif settings.engines or settings.engines_file is not None:
+            static = StaticDiscovery(
+                ctx.registry, urls=_static_endpoints(settings), file=settings.engines_file
+            )
+            await static.start()
+            stops.append(static)
+        monitor = EngineMonitor(ctx.registry, monitor_client, monitor_config)
+        monitor.start()
+        stops.append(monitor)
+        start = getattr(ctx.policy, "start", None)
+        if start is not None:
+            await start()
+            stops.append(ctx.policy)  # type: ignore[arg-type]
+        yield
+    finally:
+        for component in reversed(stops):
+            with contextlib.suppress(Exception):
+                await component.stop()
+        await monitor_client.aclose()
+        await ctx.upstream.aclose()
+
+
+def _error(status: int, message: str, param: str | None = None) -> JSONResponse:
+    return JSONResponse(error_body(status, message, param=param), status_code=status)
+
+
+def _models_payload(ctx: RouterContext) -> dict[str, Any]:
+    created = int(time.time())
+    models = sorted(ctx.registry.models(ctx.clock()))
+    data = [
+        {"id": m, "object": "model", "created": created, "owned_by": "kvstack", "root": m} for m in models
+    ]
+    return {"object": "list", "data": data}
+
+
+def create_app(settings: RouterSettings, registry: EngineRegistry | None = None) -> Any:
+    """The router as an ASGI app (wrapped in the request-id middleware)."""
+    ctx = build_context(settings, registry)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        async with _running(ctx):
+            yield
+
+    app = FastAPI(title="kvstack router", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.ctx = ctx
+    for path, kind in PROXIED:
+        app.router.routes.append(Route(path, ProxyEndpoint(ctx, kind, path), methods=["POST"]))
+
+    @app.exception_handler(OpenAIError)
+    async def _openai_error(_: Request, err: OpenAIError) -> JSONResponse:
+        return _error(err.status, err.message, err.param)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, err: RequestValidationError) -> JSONResponse:
+        problem = err.errors()[0] if err.errors() else {}
+        loc = ".".join(str(p) for p in problem.get("loc", ()) if p not in ("body", "query", "path"))
+        return _error(400, f"{loc or 'request'}: {problem.get('msg', 'invalid request')}", loc or None)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, err: StarletteHTTPException) -> JSONResponse:
+        return _error(err.status_code, str(err.detail))
+
+    def require_key(request: Request) -> None:
+        # Proxied routes check keys themselves; this guards the admin routes that need a key.
+        auth = request.headers.get("authorization", "").encode("latin-1") or None
+        if ctx.keys.enabled and ctx.keys.identify(auth) is None:
+            ctx.metrics.rejections.labels("auth").inc()
+            raise OpenAIError(401, "invalid or missing API key")
+
+    @app.get("/v1/models", dependencies=[Depends(require_key)])
+    async def list_models() -> dict[str, Any]:
+        return _models_payload(ctx)
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready() -> JSONResponse:
+        now = ctx.clock()
+        available = sum(1 for e in ctx.registry.all() if e.available(now))
+        body = {"ready": available > 0, "available_engines": available, "engines": len(ctx.registry)}
+        return JSONResponse(body, status_code=200 if available else 503)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(ctx.metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.get("/router/engines", dependencies=[Depends(require_key)])
+    async def engines(available: bool | None = Query(None)) -> dict[str, Any]:
+        now = ctx.clock()
+        rows = [
+            {
+                "name": e.name,
+                "url": e.url,
+                "models": sorted(e.models),
+                "available": e.available(now),
+                "healthy": e.healthy,
+                "ejected_for_s": max(0.0, e.ejected_until - now),
+                "consecutive_failures": e.consecutive_failures,
+                "in_flight": e.in_flight,
+                "num_running": e.num_running,
+                "num_waiting": e.num_waiting,
+                "kv_cache_usage": e.kv_cache_usage,
+            }
+            for e in ctx.registry.all()
+            if available is None or e.available(now) == available
+        ]
+        return {"engines": rows}
+
+    return RequestIdMiddleware(app)

@@ -1,0 +1,133 @@
+"""The router's typed configuration: defaults < ``--config FILE`` < ``KVSTACK_ROUTER_*`` env < CLI flags."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    InitSettingsSource,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+from kvstack.common.config import build, read_config_file
+from kvstack.router.discovery.kubernetes import KubernetesConfig
+from kvstack.router.monitor import MonitorConfig
+
+PositiveSeconds = Annotated[float, Field(gt=0)]
+
+
+def _split_csv(value: Any) -> Any:
+    # Env vars carry lists as "a,b,c"; files and flags already give lists.
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+class RouterSettings(BaseSettings):
+    """Everything the router reads at start. A bad value fails at start, naming the field."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="KVSTACK_ROUTER_", env_nested_delimiter="__", extra="forbid", validate_default=True
+    )
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+
+    # engines (static discovery): base URLs, and the models they serve when known up front
+    engines: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    models: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    engines_file: Path | None = None  # YAML/JSON list of engines, re-read when it changes
+    discovery: Literal["static", "kubernetes"] = "static"
+    kubernetes: KubernetesConfig = Field(default_factory=KubernetesConfig)
+    # active /health probes, /metrics scrapes and model discovery (KVSTACK_ROUTER_MONITOR__PROBE_INTERVAL=1)
+    monitor: MonitorConfig = Field(default_factory=MonitorConfig)
+
+    # routing
+    policy: str = "least_loaded"
+    session_header: str = "x-session-id"
+
+    # upstream client: one shared pool; "aiohttp" is httpx's API over aiohttp's connection pool
+    upstream_backend: Literal["aiohttp", "httpx"] = "aiohttp"
+    max_connections: int = Field(2048, ge=1)
+    # below vLLM's uvicorn keep-alive (5 s) so the pool never reuses a socket the engine closed
+    keepalive_expiry_s: PositiveSeconds = 4.0
+    connect_timeout_s: PositiveSeconds = 3.0
+    # until the response headers arrive (a non-streaming response's headers come with its body)
+    first_byte_timeout_s: PositiveSeconds = 600.0
+    # between two chunks of a response body; covers queueing before the first token of a stream
+    idle_timeout_s: PositiveSeconds = 300.0
+    max_attempts: int = Field(3, ge=1, le=10)
+
+    # passive ejection: this many consecutive failures take an engine out for eject_duration_s
+    eject_after_failures: int = Field(3, ge=1)
+    eject_duration_s: PositiveSeconds = 30.0
+
+    # protection
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
+    api_keys_file: Path | None = None
+    engine_api_key: SecretStr | None = None
+    max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024)
+    rate_limit_rps: float | None = Field(None, gt=0)
+    rate_limit_burst: int | None = Field(None, ge=1)
+    max_concurrency_per_key: int | None = Field(None, ge=1)
+    # admission: at most this many requests per engine in flight; the rest wait in a bounded queue
+    max_in_flight_per_engine: int | None = Field(None, ge=1)
+    max_queue_per_model: int = Field(1024, ge=0)
+    queue_timeout_s: PositiveSeconds = 30.0
+
+    # operations
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    access_log: bool = True
+
+    _split = field_validator("engines", "models", "api_keys", mode="before")(_split_csv)
+
+    @field_validator("engines")
+    @classmethod
+    def _urls(cls, urls: list[str]) -> list[str]:
+        for url in urls:
+            if not url.startswith(("http://", "https://")):
+                raise ValueError(f"engine URL must start with http:// or https:// (got {url!r})")
+        return [url.rstrip("/") for url in urls]
+
+    @field_validator("session_header")
+    @classmethod
+    def _lower(cls, name: str) -> str:
+        return name.lower()
+
+    @field_validator("api_keys_file", "engines_file")
+    @classmethod
+    def _readable(cls, path: Path | None) -> Path | None:
+        if path is not None and not path.is_file():
+            raise ValueError(f"no such file: {path}")
+        return path
+
+    @model_validator(mode="after")
+    def _burst_needs_rate(self) -> RouterSettings:
+        if self.rate_limit_burst is not None and self.rate_limit_rps is None:
+            raise ValueError("rate_limit_burst needs rate_limit_rps")
+        return self
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> RouterSettings:
+    """Settings from defaults, an optional YAML/JSON file, the environment and ``overrides`` (flags)."""
+    file_values = read_config_file(config_file) if config_file is not None else {}
+    flags = {k: v for k, v in overrides.items() if v is not None}
+
+    class _FileBackedSettings(RouterSettings):
+        @classmethod
+        def settings_customise_sources(
+            cls,
+            settings_cls: type[BaseSettings],
+            init_settings: PydanticBaseSettingsSource,
+            env_settings: PydanticBaseSettingsSource,
+            dotenv_settings: PydanticBaseSettingsSource,
+            file_secret_settings: PydanticBaseSettingsSource,
+        ) -> tuple[PydanticBaseSettingsSource, ...]:
+            return init_settings, env_settings, InitSettingsSource(settings_cls, file_values)
+
+    return build(_FileBackedSettings, "router configuration", **flags)

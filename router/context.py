@@ -1,0 +1,36 @@
+"""Everything a request handler needs, built once per app."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from kvstack.router.auth import KeyStore
+from kvstack.router.config import RouterSettings
+from kvstack.router.engines import EngineRegistry
+from kvstack.router.limits import AdmissionQueue, KeyLimiter
+from kvstack.router.metrics import RouterMetrics
+from kvstack.router.policies.base import Policy
+from kvstack.router.upstream import Upstream
+
+REQUEST_ID_KEY = "kvstack.request_id"  # where the request-id middleware leaves the id in the ASGI scope
+
+
+@dataclass
+class RouterContext:
+    settings: RouterSettings
+    registry: EngineRegistry
+    policy: Policy
+    metrics: RouterMetrics
+    keys: KeyStore
+    limiter: KeyLimiter
+    clock: Callable[[], float] = time.monotonic
+    upstream: Upstream | None = None  # opened in the app's lifespan, inside the event loop
+    queues: dict[str, AdmissionQueue] = field(default_factory=dict)
+
+    def queue_for(self, model: str) -> AdmissionQueue:
+        queue = self.queues.get(model)
+        if queue is None:
+            queue = self.queues[model] = AdmissionQueue(self.settings.max_queue_per_model)
+        return queue

@@ -1,0 +1,145 @@
+"""The router's Prometheus series (``kvstack_router_*``) in its own CollectorRegistry.
+
+Labels stay bounded: ``model_name`` (vLLM's label, so ``on(model_name)`` joins work), ``engine``
+(the engine's stable name), HTTP status codes, and small fixed reason sets. Per-engine gauges are
+read from the registry at scrape time, so the request path never updates them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from kvstack.router.engines import EngineRegistry
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+# TTFT and e2e buckets reach from a prefix hit (~10 ms on an H200) to a long queue.
+_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+_DECISION_BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 5e-2)
+
+
+class _EngineCollector(Collector):
+    """In-flight count and availability of each engine, read when Prometheus scrapes."""
+
+    def __init__(self, engines: EngineRegistry, clock: Callable[[], float]) -> None:
+        self._engines = engines
+        self._clock = clock
+
+    def collect(self) -> Iterable[Metric]:
+        in_flight = GaugeMetricFamily(
+            "kvstack_router_engine_in_flight_requests",
+            "Requests the router has dispatched to the engine and not yet finished.",
+            labels=["engine"],
+        )
+        healthy = GaugeMetricFamily(
+            "kvstack_router_engine_available",
+            "1 when the engine is healthy, not ejected and serving a model; else 0.",
+            labels=["engine"],
+        )
+        failures = GaugeMetricFamily(
+            "kvstack_router_engine_consecutive_failures",
+            "Consecutive failed requests to the engine (passive ejection input).",
+            labels=["engine"],
+        )
+        now = self._clock()
+        for engine in self._engines.all():
+            in_flight.add_metric([engine.name], engine.in_flight)
+            healthy.add_metric([engine.name], 1.0 if engine.available(now) else 0.0)
+            failures.add_metric([engine.name], engine.consecutive_failures)
+        yield in_flight
+        yield healthy
+        yield failures
+
+
+class RouterMetrics:
+    """Every router series; create one per app (tests run several apps in one process)."""
+
+    def __init__(self, engines: EngineRegistry, clock: Callable[[], float]) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "kvstack_router_requests",
+            "Requests answered, by model, engine and HTTP status (499: the client went away).",
+            ["model_name", "engine", "status"],
+            registry=r,
+        )
+        self.ttft = Histogram(
+            "kvstack_router_time_to_first_token_seconds",
+            "Arrival at the router to the first generated token forwarded (streams only).",
+            ["model_name"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.e2e = Histogram(
+            "kvstack_router_request_duration_seconds",
+            "Arrival at the router to the last byte sent to the client.",
+            ["model_name"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.decision = Histogram(
+            "kvstack_router_routing_decision_seconds",
+            "Time spent choosing an engine (tokenizing included when the policy needs tokens).",
+            ["policy"],
+            buckets=_DECISION_BUCKETS,
+            registry=r,
+        )
+        self.decisions = Counter(
+            "kvstack_router_routing_decisions",
+            "Routing decisions by policy and reason.",
+            ["policy", "reason"],
+            registry=r,
+        )
+        self.retries = Counter(
+            "kvstack_router_retries",
+            "Requests sent again to another engine, by what went wrong first.",
+            ["model_name", "reason"],
+            registry=r,
+        )
+        self.upstream_errors = Counter(
+            "kvstack_router_upstream_errors",
+            "Failed attempts to get a response from an engine, by kind.",
+            ["engine", "kind"],
+            registry=r,
+        )
+        self.ejections = Counter(
+            "kvstack_router_engine_ejections",
+            "Times an engine was taken out of rotation after consecutive failures.",
+            ["engine"],
+            registry=r,
+        )
+        self.disconnects = Counter(
+            "kvstack_router_client_disconnects",
+            "Requests whose client went away before the response ended.",
+            ["model_name"],
+            registry=r,
+        )
+        self.rejections = Counter(
+            "kvstack_router_rejections",
+            "Requests refused by the router itself, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self.queued = Gauge(
+            "kvstack_router_queued_requests",
+            "Requests waiting in the admission queue.",
+            ["model_name"],
+            registry=r,
+        )
+        r.register(_EngineCollector(engines, clock))
+        for reason in (
+            "auth",
+            "rate_limit",
+            "key_concurrency",
+            "queue_full",
+            "queue_timeout",
+            "body_too_large",
+        ):
+            self.rejections.labels(reason)  # present at 0 from the start, so rate() works at once
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,239 @@
+"""OpenAI request parsing the router needs, the prompt's token ids, and SSE frame handling.
+
+The body is decoded once (msgspec) and forwarded as the original bytes: the router validates only
+the fields it reads (model, messages/prompt/input, stream, max_tokens, n, user) and leaves the rest
+to the engine.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any, Literal
+
+import msgspec
+
+from kvstack.common import tokenizer
+from kvstack.common.errors import OpenAIError, error_body
+
+Kind = Literal["chat", "completion", "embedding", "tokenize", "detokenize"]
+
+_decode_json = msgspec.json.Decoder().decode
+
+# which field holds the prompt, per endpoint (tokenize accepts either prompt or messages)
+_PROMPT_FIELD: dict[Kind, str] = {"chat": "messages", "completion": "prompt", "embedding": "input"}
+
+
+@dataclass(slots=True)
+class ParsedRequest:
+    """The fields the router acts on; ``body`` is the decoded JSON object, never re-encoded."""
+
+    kind: Kind
+    model: str | None
+    body: dict[str, Any]
+    stream: bool = False
+    max_tokens: int | None = None
+    user: str | None = None
+
+
+def decode_body(raw: bytes) -> dict[str, Any]:
+    """The JSON object in ``raw``; 400 for anything else."""
+    if not raw:
+        raise OpenAIError(400, "request body is empty; expected a JSON object")
+    try:
+        body = _decode_json(raw)
+    except msgspec.DecodeError as err:
+        raise OpenAIError(400, f"request body is not valid JSON: {err}") from err
+    if not isinstance(body, dict):
+        raise OpenAIError(400, f"request body must be a JSON object, not {type(body).__name__}")
+    return body
+
+
+def _opt_int(body: dict[str, Any], name: str, minimum: int) -> int | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise OpenAIError(400, f"'{name}' must be an integer >= {minimum}", param=name)
+    return value
+
+
+def _check_messages(messages: Any) -> None:
+    if not isinstance(messages, list) or not messages:
+        raise OpenAIError(400, "'messages' must be a non-empty array", param="messages")
+    for i, msg in enumerate(messages):
+        if not isinstance(msg, dict) or not isinstance(msg.get("role"), str):
+            raise OpenAIError(
+                400, f"'messages[{i}]' must be an object with a string 'role'", param="messages"
+            )
+        content = msg.get("content")
+        if content is not None and not isinstance(content, str | list):
+            raise OpenAIError(400, f"'messages[{i}].content' must be a string or an array", param="messages")
+
+
+def _is_token_list(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in value)
+
+
+def _check_prompt(prompt: Any, name: str) -> None:
+    ok = (
+        isinstance(prompt, str)
+        or (isinstance(prompt, list) and bool(prompt) and all(isinstance(p, str) for p in prompt))
+        or (_is_token_list(prompt) and bool(prompt))
+        or (isinstance(prompt, list) and bool(prompt) and all(_is_token_list(p) for p in prompt))
+    )
+    if not ok:
+        raise OpenAIError(400, f"'{name}' must be a string, an array of strings, or token ids", param=name)
+
+
+def parse_request(kind: Kind, raw: bytes) -> ParsedRequest:
+    """Decode and validate the router's fields of one request; raises 400 ``OpenAIError``."""
+    body = decode_body(raw)
+    model = body.get("model")
+    if model is not None and (not isinstance(model, str) or not model):
+        raise OpenAIError(400, "'model' must be a non-empty string", param="model")
+    if model is None and kind not in ("tokenize", "detokenize"):
+        raise OpenAIError(400, "'model' is required", param="model")
+    if kind == "chat":
+        _check_messages(body.get("messages"))
+    elif kind in ("completion", "embedding"):
+        field = _PROMPT_FIELD[kind]
+        if field not in body:
+            raise OpenAIError(400, f"'{field}' is required", param=field)
+        _check_prompt(body[field], field)
+    elif kind == "tokenize":
+        if "messages" in body:
+            _check_messages(body["messages"])
+        elif "prompt" in body:
+            _check_prompt(body["prompt"], "prompt")
+        else:
+            raise OpenAIError(400, "'prompt' or 'messages' is required", param="prompt")
+    elif kind == "detokenize" and not _is_token_list(body.get("tokens")):
+        raise OpenAIError(400, "'tokens' must be an array of token ids", param="tokens")
+    stream = body.get("stream", False)
+    if stream is None:
+        stream = False
+    if not isinstance(stream, bool):
+        raise OpenAIError(400, "'stream' must be a boolean", param="stream")
+    if kind == "embedding" and stream:
+        raise OpenAIError(400, "embeddings cannot be streamed", param="stream")
+    max_tokens = _opt_int(body, "max_tokens", 0)
+    max_completion = _opt_int(body, "max_completion_tokens", 0)
+    _opt_int(body, "n", 1)
+    user = body.get("user")
+    if user is not None and not isinstance(user, str):
+        raise OpenAIError(400, "'user' must be a string", param="user")
+    return ParsedRequest(
+        kind=kind,
+        model=model,
+        body=body,
+        stream=stream,
+        max_tokens=max_completion if max_completion is not None else max_tokens,
+        user=user,
+    )
+
+
+# ---------------------------------------------------------------- prompt tokens (cache-aware policies)
+
+
+@lru_cache(maxsize=2048)
+def _encode_text(text: str) -> tuple[int, ...]:
+    # Keyed by the text itself: a repeated system prompt or document is tokenized once.
+    return (tokenizer.BOS_ID, *tokenizer.encode(text))
+
+
+def _message_text(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):  # content parts: only text parts reach the tokenizer
+        return "".join(
+            part.get("text", "") for part in content if isinstance(part, dict) and part.get("type") == "text"
+        )
+    return ""
+
+
+def prompt_token_ids(request: ParsedRequest) -> Sequence[int] | None:
+    """The prompt as the engine tokenizes it (first prompt of a batch); None when it has none."""
+    body = request.body
+    if request.kind == "chat" or (request.kind == "tokenize" and "messages" in body):
+        pairs = [(str(m["role"]), _message_text(m.get("content"))) for m in body["messages"]]
+        return tokenizer.apply_chat_template(pairs, add_generation_prompt=True)
+    prompt = body.get("prompt", body.get("input"))
+    if isinstance(prompt, str):
+        return _encode_text(prompt)
+    if isinstance(prompt, list) and prompt:
+        first = prompt[0]
+        if isinstance(first, int):
+            return prompt
+        if isinstance(first, str):
+            return _encode_text(first)
+        if isinstance(first, list):
+            return first
+    return None
+
+
+# ---------------------------------------------------------------- SSE
+
+
+def has_content(events: bytes) -> bool:
+    """True when one of the complete SSE ``events`` carries generated content (text, delta, tools)."""
+    for line in events.split(b"\n"):
+        if not line.startswith(b"data:"):
+            continue
+        payload = line[5:].strip()
+        if not payload or payload == b"[DONE]":
+            continue
+        try:
+            chunk = _decode_json(payload)
+        except msgspec.DecodeError:
+            continue
+        if not isinstance(chunk, dict):
+            continue
+        for choice in chunk.get("choices") or ():
+            if not isinstance(choice, dict):
+                continue
+            if choice.get("text"):
+                return True
+            delta = choice.get("delta")
+            if isinstance(delta, dict) and (
+                delta.get("content") or delta.get("reasoning_content") or delta.get("tool_calls")
+            ):
+                return True
+    return False
+
+
+class SSEFramer:
+    """Splits an upstream byte stream at SSE frame boundaries, so only whole events are forwarded.
+
+    Chunks that end on a boundary (nearly all of them) pass through untouched; a frame split across
+    chunks is held until its end arrives. After a failure the held partial frame is dropped, so an
+    error event can follow cleanly.
+    """
+
+    __slots__ = ("_pending",)
+
+    def __init__(self) -> None:
+        self._pending = b""
+
+    def feed(self, chunk: bytes) -> bytes:
+        """The complete frames available after ``chunk`` (possibly empty)."""
+        if not self._pending and chunk.endswith(b"\n\n"):
+            return chunk
+        data = self._pending + chunk
+        cut = data.rfind(b"\n\n")
+        if cut < 0:
+            self._pending = data
+            return b""
+        self._pending = data[cut + 2 :]
+        return data[: cut + 2]
+
+    def flush(self) -> bytes:
+        """Whatever is held at a clean end of stream."""
+        data, self._pending = self._pending, b""
+        return data
+
+
+def error_event(status: int, message: str) -> bytes:
+    """An SSE error frame as vLLM sends mid-stream (the openai SDK raises ``APIError`` on it)."""
+    return b"data: " + msgspec.json.encode(error_body(status, message)) + b"\n\n"

@@ -1,0 +1,488 @@
+"""The proxy: one ASGI endpoint per OpenAI route, from client bytes to engine bytes and back.
+
+Per request: authenticate, rate-limit, read the body once (bounded), validate the fields the router
+needs, admit through the model's queue, choose an engine, forward the original bytes, and relay the
+answer. Streams are relayed frame by frame; a client that goes away cancels the handler, which
+closes the upstream connection, so the engine aborts the request. Connect failures and 503s are
+retried on another engine while nothing has been sent to the client; never after.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+
+from kvstack.common.errors import OpenAIError, error_body
+from kvstack.router.auth import ANONYMOUS
+from kvstack.router.context import REQUEST_ID_KEY, RouterContext
+from kvstack.router.ejection import record_failure, record_success
+from kvstack.router.engines import EngineState
+from kvstack.router.limits import QueueFull, QueueTimeout
+from kvstack.router.logs import ACCESS_LOGGER
+from kvstack.router.policies.base import Decision, RequestFeatures
+from kvstack.router.protocol import Kind, ParsedRequest, SSEFramer, error_event, has_content, parse_request
+from kvstack.router.protocol import prompt_token_ids as _prompt_token_ids
+from kvstack.router.upstream import UpstreamError, UpstreamResponse
+
+Scope = dict[str, Any]
+Receive = Any
+Send = Any
+
+access_log = logging.getLogger(ACCESS_LOGGER)
+log = logging.getLogger(__name__)
+
+# never forwarded upstream: hop-by-hop, recomputed, or replaced by the router
+_DROP = frozenset(
+    {
+        b"host",
+        b"content-length",
+        b"connection",
+        b"keep-alive",
+        b"transfer-encoding",
+        b"te",
+        b"trailer",
+        b"upgrade",
+        b"proxy-authorization",
+        b"proxy-connection",
+        b"expect",
+        b"accept-encoding",  # identity only: the body is relayed as is
+        b"x-request-id",
+        b"authorization",
+    }
+)
+_SSE = "text/event-stream"
+_JSON_HEADERS = [(b"content-type", b"application/json")]
+_SSE_HEADERS = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),  # tell nginx-style ingresses not to buffer the stream
+]
+
+
+class ClientGone(Exception):
+    """The client disconnected before its request body was read."""
+
+
+@dataclass(slots=True)
+class Exchange:
+    """What happened to one request; becomes its log line and metric labels."""
+
+    request_id: str
+    start: float
+    model: str = ""
+    engine: str = ""
+    status: int = 0
+    attempts: int = 0
+    stream: bool = False
+    key: str = ANONYMOUS
+    reason: str = ""
+    error: str = ""
+    ttft: float | None = None
+    started: bool = False  # response headers sent: from here on nothing can be retried
+    finished: bool = False
+    disconnected: bool = False
+
+
+async def send_json(send: Send, status: int, body: bytes) -> None:
+    await send({"type": "http.response.start", "status": status, "headers": _JSON_HEADERS})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def read_body(receive: Receive, limit: int, declared: int | None) -> bytes:
+    """The request body, refusing more than ``limit`` bytes (before reading, when declared)."""
+    if declared is not None and declared > limit:
+        raise OpenAIError(413, f"request body is larger than {limit} bytes")
+    parts: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientGone
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise OpenAIError(413, f"request body is larger than {limit} bytes")
+        parts.append(chunk)
+        if not message.get("more_body", False):
+            return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+class ProxyEndpoint:
+    """The ASGI app behind one proxied route (``kind`` tells how to read its body)."""
+
+    def __init__(self, ctx: RouterContext, kind: Kind, path: str) -> None:
+        self.ctx = ctx
+        self.kind: Kind = kind
+        self.path = path
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        ctx = self.ctx
+        ex = Exchange(request_id=scope.get(REQUEST_ID_KEY) or "", start=time.perf_counter())
+        admitted_key: str | None = None
+        try:
+            auth, declared, session_header = self._scan_headers(scope["headers"])
+            key = ctx.keys.identify(auth)
+            if key is None:
+                raise self._reject("auth", OpenAIError(401, "invalid or missing API key"))
+            ex.key = key
+            if ctx.limiter.enabled:
+                refused = ctx.limiter.admit(key, ctx.clock())
+                if refused is not None:
+                    reason, wait = refused
+                    raise self._reject(reason, _Retry(429, _LIMIT_MESSAGES[reason], wait))
+                admitted_key = key
+            try:
+                raw = await read_body(receive, ctx.settings.max_body_bytes, declared)
+            except OpenAIError as err:
+                raise self._reject("body_too_large", err) from None
+            request = parse_request(self.kind, raw)
+            ex.model = request.model or ""
+            ex.stream = request.stream
+            await self._guarded(scope, receive, send, ex, request, raw, session_header)
+        except ClientGone:
+            ex.disconnected, ex.status = True, 499
+        except OpenAIError as err:
+            ex.status, ex.error = err.status, err.message
+            if not ex.started:
+                await self._send_error(send, err)
+        finally:
+            if admitted_key is not None:
+                ctx.limiter.release(admitted_key)
+            self._account(ex)
+
+    # ------------------------------------------------------------------ request path
+
+    async def _guarded(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        ex: Exchange,
+        request: ParsedRequest,
+        raw: bytes,
+        session_header: bytes | None,
+    ) -> None:
+        """Run the request while a watcher cancels it the moment the client disconnects."""
+        task = asyncio.current_task()
+        assert task is not None
+        watcher = asyncio.get_running_loop().create_task(_watch_disconnect(receive, task, ex))
+        try:
+            await self._admit_and_route(scope, send, ex, request, raw, session_header)
+        except asyncio.CancelledError:
+            if not ex.disconnected:
+                raise  # the server is shutting down
+            task.uncancel()
+            ex.status = 499
+        finally:
+            ex.finished = True
+            watcher.cancel()
+
+    async def _admit_and_route(
+        self,
+        scope: Scope,
+        send: Send,
+        ex: Exchange,
+        request: ParsedRequest,
+        raw: bytes,
+        session_header: bytes | None,
+    ) -> None:
+        ctx = self.ctx
+        model = request.model
+        candidates = self._candidates(model)
+        per_engine = ctx.settings.max_in_flight_per_engine
+        if per_engine is None or model is None:
+            await self._route(scope, send, ex, request, raw, session_header, candidates)
+            return
+        queue = ctx.queue_for(model)
+        gauge = ctx.metrics.queued.labels(model)
+        try:
+            gauge.inc()
+            try:
+                await queue.acquire(len(candidates) * per_engine, ctx.settings.queue_timeout_s)
+            finally:
+                gauge.dec()
+        except QueueFull:
+            raise self._reject(
+                "queue_full", _Retry(429, f"too many requests queued for {model}", 1.0)
+            ) from None
+        except QueueTimeout:
+            raise self._reject(
+                "queue_timeout", _Retry(429, f"timed out waiting for capacity for {model}", 1.0)
+            ) from None
+        try:
+            await self._route(scope, send, ex, request, raw, session_header, candidates)
+        finally:
+            queue.release(len(self._available(model)) * per_engine)
+
+    def _available(self, model: str | None) -> list[EngineState]:
+        registry, now = self.ctx.registry, self.ctx.clock()
+        if model is None:  # /tokenize without a model: any available engine
+            return [e for e in registry.all() if e.available(now)]
+        return registry.candidates(model, now)
+
+    def _candidates(self, model: str | None) -> list[EngineState]:
+        """Available engines for ``model``; 404 for a model nobody serves, 503 when all are down."""
+        found = self._available(model)
+        if found:
+            return found
+        registry = self.ctx.registry
+        if model is not None and not any(model in e.models for e in registry.all()):
+            raise OpenAIError(404, f"The model `{model}` does not exist.", param="model")
+        raise OpenAIError(503, f"no engine is available for model {model!r}; try again shortly")
+
+    async def _route(
+        self,
+        scope: Scope,
+        send: Send,
+        ex: Exchange,
+        request: ParsedRequest,
+        raw: bytes,
+        session_header: bytes | None,
+        candidates: list[EngineState],
+    ) -> None:
+        ctx = self.ctx
+        settings, metrics, policy = ctx.settings, ctx.metrics, ctx.policy
+        t0 = time.perf_counter()
+        session_key = session_header.decode("latin-1") if session_header else request.user
+        tokens = _prompt_token_ids(request) if policy.needs_tokens else None
+        cache_salt = request.body.get("cache_salt")
+        features = RequestFeatures(
+            model=request.model or "",
+            request_id=ex.request_id,
+            session_key=session_key,
+            prompt_token_ids=tokens,
+            cache_salt=cache_salt if isinstance(cache_salt, str) else None,
+            max_tokens=request.max_tokens,
+        )
+        headers = self._upstream_headers(scope["headers"], ex.request_id)
+        tried: set[str] = set()
+        failure: OpenAIError | None = None
+        for attempt in range(settings.max_attempts):
+            if attempt:
+                candidates = [e for e in self._available(request.model) if e.url not in tried]
+                if not candidates:
+                    break
+                t0 = time.perf_counter()
+            decision = policy.choose(features, candidates, ctx.clock())
+            metrics.decision.labels(policy.name).observe(time.perf_counter() - t0)
+            metrics.decisions.labels(policy.name, decision.reason).inc()
+            engine = decision.engine
+            tried.add(engine.url)
+            ex.engine, ex.reason, ex.attempts = engine.name, decision.reason, attempt + 1
+            retry = await self._attempt(
+                send, ex, features, decision, headers, raw, attempt + 1 < settings.max_attempts
+            )
+            if retry is None:
+                return
+            failure = retry
+            metrics.retries.labels(
+                features.model, "connect" if retry.status == 502 else str(retry.status)
+            ).inc()
+        raise failure or OpenAIError(503, f"no engine is available for model {features.model!r}")
+
+    async def _attempt(
+        self,
+        send: Send,
+        ex: Exchange,
+        features: RequestFeatures,
+        decision: Decision,
+        headers: list[tuple[bytes, bytes]],
+        raw: bytes,
+        may_retry: bool,
+    ) -> OpenAIError | None:
+        """One try on one engine; returns an error to retry with, or None when the request is done."""
+        ctx = self.ctx
+        assert ctx.upstream is not None
+        engine = decision.engine
+        engine.in_flight += 1
+        ctx.policy.on_dispatch(features, decision)
+        ok = False
+        try:
+            try:
+                resp = await ctx.upstream.send("POST", engine.url + self.path, headers, raw)
+            except UpstreamError as err:
+                self._engine_failed(engine, err.kind)
+                if err.kind == "connect":
+                    return OpenAIError(502, f"engine {engine.name} unreachable: {err}")
+                raise OpenAIError(504 if err.kind == "timeout" else 502, str(err)) from None
+            try:
+                if resp.status == 503 and may_retry:
+                    self._engine_failed(engine, "status_503")
+                    return OpenAIError(503, f"engine {engine.name} is unavailable")
+                ok = await self._relay(send, ex, engine, resp)
+            finally:
+                await resp.aclose()
+            return None
+        finally:
+            engine.in_flight -= 1
+            ctx.policy.on_finish(features, decision, ok)
+
+    async def _relay(self, send: Send, ex: Exchange, engine: EngineState, resp: UpstreamResponse) -> bool:
+        """Send the engine's answer to the client; True when the engine did its part."""
+        if resp.status != 200 or not (resp.content_type or "").startswith(_SSE):
+            try:
+                body = await resp.read()
+            except UpstreamError as err:
+                self._engine_failed(engine, err.kind)
+                raise OpenAIError(504 if err.kind == "timeout" else 502, str(err)) from None
+            ok = resp.status < 500
+            self._engine_done(engine, ok, f"status_{resp.status}")
+            ex.status, ex.started = resp.status, True
+            headers = [(b"content-type", (resp.content_type or "application/json").encode("latin-1"))]
+            await send({"type": "http.response.start", "status": resp.status, "headers": headers})
+            await send({"type": "http.response.body", "body": body})
+            return ok
+        return await self._relay_stream(send, ex, engine, resp)
+
+    async def _relay_stream(
+        self, send: Send, ex: Exchange, engine: EngineState, resp: UpstreamResponse
+    ) -> bool:
+        ex.started, ex.status = True, 200
+        await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS})
+        framer = SSEFramer()
+        waiting_first = True
+        try:
+            async for chunk in resp.chunks():
+                frames = framer.feed(chunk)
+                if not frames:
+                    continue
+                if waiting_first and has_content(frames):
+                    waiting_first = False
+                    ex.ttft = time.perf_counter() - ex.start
+                await send({"type": "http.response.body", "body": frames, "more_body": True})
+        except UpstreamError as err:
+            self._engine_failed(engine, err.kind)
+            ex.status, ex.error = (504 if err.kind == "timeout" else 502), str(err)
+            message = f"the engine stream broke off: {err}"
+            await send(
+                {"type": "http.response.body", "body": error_event(ex.status, message), "more_body": False}
+            )
+            return False
+        await send({"type": "http.response.body", "body": framer.flush(), "more_body": False})
+        record_success(engine)
+        return True
+
+    # ------------------------------------------------------------------ helpers
+
+    def _scan_headers(
+        self, headers: list[tuple[bytes, bytes]]
+    ) -> tuple[bytes | None, int | None, bytes | None]:
+        """(authorization, content-length, session header) in one pass."""
+        auth = declared = session = None
+        session_name = self.ctx.settings.session_header.encode("latin-1")
+        for name, value in headers:
+            if name == b"authorization":
+                auth = value
+            elif name == b"content-length":
+                try:
+                    declared = int(value)
+                except ValueError:
+                    raise OpenAIError(400, "invalid Content-Length header") from None
+            elif name == session_name:
+                session = value
+        return auth, declared, session
+
+    def _upstream_headers(
+        self, headers: list[tuple[bytes, bytes]], request_id: str
+    ) -> list[tuple[bytes, bytes]]:
+        out = [(k, v) for k, v in headers if k not in _DROP]
+        out.append((b"x-request-id", request_id.encode("latin-1")))
+        settings = self.ctx.settings
+        if settings.engine_api_key is not None:
+            out.append((b"authorization", b"Bearer " + settings.engine_api_key.get_secret_value().encode()))
+        elif not self.ctx.keys.enabled:
+            # the router does not check keys: let the engine's own --api-key do it
+            out.extend((k, v) for k, v in headers if k == b"authorization")
+        return out
+
+    def _engine_failed(self, engine: EngineState, kind: str) -> None:
+        ctx, settings = self.ctx, self.ctx.settings
+        ctx.metrics.upstream_errors.labels(engine.name, kind).inc()
+        if record_failure(engine, ctx.clock(), settings.eject_after_failures, settings.eject_duration_s):
+            ctx.metrics.ejections.labels(engine.name).inc()
+            log.warning(
+                "engine ejected after %d consecutive failures",
+                engine.consecutive_failures,
+                extra={"engine": engine.name, "eject_s": settings.eject_duration_s},
+            )
+
+    def _engine_done(self, engine: EngineState, ok: bool, kind: str) -> None:
+        if ok:
+            record_success(engine)
+        else:
+            self._engine_failed(engine, kind)
+
+    def _reject(self, reason: str, err: OpenAIError) -> OpenAIError:
+        self.ctx.metrics.rejections.labels(reason).inc()
+        return err
+
+    async def _send_error(self, send: Send, err: OpenAIError) -> None:
+        headers = list(_JSON_HEADERS)
+        if isinstance(err, _Retry):
+            headers.append((b"retry-after", str(max(1, round(err.retry_after))).encode()))
+        await send({"type": "http.response.start", "status": err.status, "headers": headers})
+        await send(
+            {
+                "type": "http.response.body",
+                "body": msgspec.json.encode(error_body(err.status, err.message, param=err.param)),
+            }
+        )
+
+    def _account(self, ex: Exchange) -> None:
+        metrics = self.ctx.metrics
+        elapsed = time.perf_counter() - ex.start
+        metrics.requests.labels(ex.model, ex.engine, str(ex.status)).inc()
+        if ex.engine:
+            metrics.e2e.labels(ex.model).observe(elapsed)
+        if ex.ttft is not None:
+            metrics.ttft.labels(ex.model).observe(ex.ttft)
+        if ex.disconnected:
+            metrics.disconnects.labels(ex.model).inc()
+        if self.ctx.settings.access_log:
+            access_log.info(
+                "request",
+                extra={
+                    "request_id": ex.request_id,
+                    "path": self.path,
+                    "model": ex.model,
+                    "engine": ex.engine,
+                    "status": ex.status,
+                    "attempts": ex.attempts,
+                    "route_reason": ex.reason,
+                    "stream": ex.stream,
+                    "key": ex.key,
+                    "duration_ms": round(elapsed * 1000, 3),
+                    "ttft_ms": None if ex.ttft is None else round(ex.ttft * 1000, 3),
+                    "error": ex.error or None,
+                },
+            )
+
+
+class _Retry(OpenAIError):
+    """A 429 that tells the client when to come back."""
+
+    def __init__(self, status: int, message: str, retry_after: float) -> None:
+        super().__init__(status, message)
+        self.retry_after = retry_after
+
+
+_LIMIT_MESSAGES = {
+    "rate_limit": "rate limit exceeded for this API key",
+    "key_concurrency": "too many concurrent requests for this API key",
+}
+
+
+async def _watch_disconnect(receive: Receive, task: asyncio.Task[Any], ex: Exchange) -> None:
+    """Cancel ``task`` when the client disconnects (the body was read, so only that can arrive)."""
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            if not ex.finished:
+                ex.disconnected = True
+                task.cancel()
+            return

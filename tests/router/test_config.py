@@ -1,0 +1,68 @@
+"""Router settings: precedence (flags > env > file > defaults) and errors that name the field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from kvstack.common.config import ConfigError
+from kvstack.router.app import build_context
+from kvstack.router.config import load_settings
+
+
+def test_defaults() -> None:
+    settings = load_settings()
+    assert (settings.port, settings.policy, settings.upstream_backend) == (8000, "least_loaded", "aiohttp")
+    assert settings.api_keys == []
+
+
+def test_precedence_flags_over_env_over_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = tmp_path / "router.yaml"
+    cfg.write_text("port: 9001\npolicy: session\nmax_attempts: 5\nmonitor:\n  probe_interval: 0.5\n")
+    assert load_settings(cfg).port == 9001
+    monkeypatch.setenv("KVSTACK_ROUTER_PORT", "9002")
+    monkeypatch.setenv("KVSTACK_ROUTER_ENGINES", "http://a:1, http://b:2/")
+    monkeypatch.setenv("KVSTACK_ROUTER_MONITOR__SCRAPE_INTERVAL", "0.25")
+    settings = load_settings(cfg)
+    assert settings.port == 9002 and settings.policy == "session" and settings.max_attempts == 5
+    assert settings.engines == ["http://a:1", "http://b:2"]
+    assert settings.monitor.probe_interval == 0.5 and settings.monitor.scrape_interval == 0.25
+    assert load_settings(cfg, port=9003, policy=None).port == 9003
+
+
+def test_api_keys_from_env_are_secret(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KVSTACK_ROUTER_API_KEYS", "sk-one,sk-two")
+    settings = load_settings()
+    assert [k.get_secret_value() for k in settings.api_keys] == ["sk-one", "sk-two"]
+    assert "sk-one" not in repr(settings)
+
+
+@pytest.mark.parametrize(
+    ("values", "field"),
+    [
+        ({"port": 70000}, "port"),
+        ({"engines": ["10.0.0.1:8000"]}, "engines"),
+        ({"upstream_backend": "curl"}, "upstream_backend"),
+        ({"connect_timeout_s": 0}, "connect_timeout_s"),
+        ({"max_attempts": 0}, "max_attempts"),
+        ({"rate_limit_burst": 5}, "rate_limit_burst needs rate_limit_rps"),
+        ({"api_keys_file": "/nonexistent/keys"}, "api_keys_file"),
+        ({"no_such_setting": 1}, "no_such_setting"),
+    ],
+)
+def test_bad_values_fail_naming_the_field(values: dict[str, object], field: str) -> None:
+    with pytest.raises(ConfigError, match=field):
+        load_settings(**values)
+
+
+def test_bad_field_in_file_is_named(tmp_path: Path) -> None:
+    cfg = tmp_path / "router.yaml"
+    cfg.write_text("monitor:\n  probe_interval: -1\n")
+    with pytest.raises(ConfigError, match=r"monitor\.probe_interval"):
+        load_settings(cfg)
+
+
+def test_unknown_policy_fails_at_start() -> None:
+    with pytest.raises(ConfigError, match="policy"):
+        build_context(load_settings(policy="fastest"))
