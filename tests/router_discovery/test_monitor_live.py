@@ -1,0 +1,174 @@
+"""The monitor against real HTTP engines: health, ejection, scrapes, staleness, models, membership."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+
+import httpx
+import pytest
+from tests.router_discovery.conftest import SwitchableEngine, vllm_metrics
+
+from kvstack.router.engines import Endpoint, EngineRegistry, EngineState
+from kvstack.router.monitor import EngineMonitor, MonitorConfig
+
+FAST = MonitorConfig(
+    probe_interval=0.05,
+    probe_timeout=0.5,
+    unhealthy_threshold=3,
+    healthy_threshold=2,
+    scrape_interval=0.05,
+    scrape_timeout=0.5,
+    stale_after=0.3,
+    models_interval=0.2,
+)
+
+
+async def until(check: Callable[[], bool], what: str, within: float = 10.0) -> None:
+    deadline = time.monotonic() + within
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for: {what}")
+        await asyncio.sleep(0.01)
+
+
+class Rig:
+    def __init__(self, client: httpx.AsyncClient, config: MonitorConfig) -> None:
+        self.registry = EngineRegistry()
+        self.monitor = EngineMonitor(self.registry, client, config)
+
+    def add(self, *endpoints: Endpoint) -> list[EngineState]:
+        self.registry.sync([*(st.endpoint for st in self.registry.all()), *endpoints])
+        return [st for ep in endpoints if (st := self.registry.get(ep.url)) is not None]
+
+
+@pytest.fixture
+async def rig(client: httpx.AsyncClient) -> AsyncIterator[Rig]:
+    r = Rig(client, FAST)
+    r.monitor.start()
+    try:
+        yield r
+    finally:
+        await r.monitor.stop()
+
+
+async def test_learns_models_and_follows_load(rig: Rig, engine: SwitchableEngine) -> None:
+    (st,) = rig.add(Endpoint(engine.url, "e1"))
+    assert not st.available(time.monotonic())  # no models known yet
+    await until(lambda: st.models == {"m"}, "models from /v1/models")
+    await until(lambda: st.num_running == 0 and st.block_size == 16, "first scrape")
+    assert st.available(time.monotonic())
+    assert rig.registry.candidates("m", time.monotonic()) == [st]
+    assert st.num_gpu_blocks == 1024
+
+    engine.metrics_text = vllm_metrics(running=5, waiting=2, usage=0.4)
+    await until(lambda: st.num_running == 5, "scrape follows load")
+    assert (st.num_waiting, st.kv_cache_usage, st.load) == (2, 0.4, 7)
+
+    engine.models = ["m", "m-lora"]  # an adapter loaded at run time
+    await until(lambda: st.models == {"m", "m-lora"}, "models refreshed")
+
+
+async def test_listed_models_are_not_fetched(rig: Rig, engine: SwitchableEngine) -> None:
+    (st,) = rig.add(Endpoint(engine.url, "e1", models=frozenset({"configured"})))
+    await until(lambda: engine.hits["health"] >= 3 and st.last_scrape > 0, "probes and a scrape")
+    assert st.models == {"configured"}
+    assert engine.hits["models"] == 0
+
+
+async def test_failed_probes_mark_unhealthy_and_good_ones_bring_it_back(
+    rig: Rig, engine: SwitchableEngine
+) -> None:
+    (st,) = rig.add(Endpoint(engine.url, "e1"))
+    await until(lambda: st.available(time.monotonic()), "engine available")
+    engine.health_status = 503
+    seen = engine.hits["health"]
+    await until(lambda: not st.healthy, "unhealthy after failed probes")
+    assert engine.hits["health"] - seen >= 3  # not before unhealthy_threshold failures
+    assert rig.registry.candidates("m", time.monotonic()) == []
+    engine.health_status = 200
+    seen = engine.hits["health"]
+    await until(lambda: st.healthy, "healthy again")
+    assert engine.hits["health"] - seen >= 2
+    assert rig.registry.candidates("m", time.monotonic()) == [st]
+
+
+async def test_killed_engine_goes_stale_unhealthy_and_returns_on_the_same_port(
+    rig: Rig, engine: SwitchableEngine
+) -> None:
+    (st,) = rig.add(Endpoint(engine.url, "e1"))
+    engine.metrics_text = vllm_metrics(running=4)
+    await until(lambda: st.num_running == 4 and st.available(time.monotonic()), "engine up and scraped")
+    await engine.stop()
+    await until(lambda: not st.healthy, "a dead engine is unhealthy")
+    await until(lambda: st.num_running is None and st.kv_cache_usage is None, "stale figures dropped")
+    assert st.block_size == 16
+    assert st.models == {"m"}  # kept, so it is routable as soon as it is healthy again
+
+    engine.metrics_text = vllm_metrics(running=1)
+    await engine.start()
+    await until(lambda: st.healthy and st.num_running == 1, "re-admitted after restart")
+    assert st.available(time.monotonic())
+
+
+async def test_passive_ejection_is_lifted_by_good_probes(rig: Rig, engine: SwitchableEngine) -> None:
+    (st,) = rig.add(Endpoint(engine.url, "e1"))
+    await until(lambda: st.available(time.monotonic()), "engine available")
+    engine.health_status = 503
+    st.consecutive_failures = 5  # what the proxy does after failed requests
+    st.ejected_until = time.monotonic() + 3600
+    seen = engine.hits["health"]
+    await until(lambda: engine.hits["health"] >= seen + 4, "probes while failing")
+    assert st.ejected_until > time.monotonic()  # failing probes do not lift it
+    engine.health_status = 200
+    await until(lambda: st.ejected_until == 0.0, "ejection lifted")
+    assert st.consecutive_failures == 0
+    assert st.available(time.monotonic())
+
+
+async def test_follows_registry_membership(rig: Rig, engine: SwitchableEngine) -> None:
+    (st,) = rig.add(Endpoint(engine.url, "e1"))
+    await until(lambda: st.available(time.monotonic()), "engine available")
+    rig.registry.sync([])
+    await until(lambda: not rig.monitor._workers, "loops of a removed engine end")
+    seen = sum(engine.hits.values())
+    await asyncio.sleep(0.3)  # six probe intervals: a leftover loop would have hit the engine
+    assert sum(engine.hits.values()) == seen
+
+
+async def test_unreachable_engine_added_is_unhealthy_at_once(rig: Rig) -> None:
+    from tests.conftest import free_port
+
+    (st,) = rig.add(Endpoint(f"http://127.0.0.1:{free_port()}", "nobody", models=frozenset({"m"})))
+    await until(lambda: not st.healthy, "first failed probe decides")
+    assert rig.registry.candidates("m", time.monotonic()) == []
+
+
+async def test_api_key_is_sent_for_models(client: httpx.AsyncClient, engine: SwitchableEngine) -> None:
+    engine.api_key = "sekret"
+    registry = EngineRegistry()
+    registry.sync([Endpoint(engine.url, "e1")])
+    (st,) = registry.all()
+    without = EngineMonitor(registry, client, FAST)
+    assert not await without.refresh_models(st)
+    assert st.models == frozenset()
+    keyed = EngineMonitor(registry, client, MonitorConfig(**{**FAST.model_dump(), "api_key": "sekret"}))
+    assert await keyed.refresh_models(st)
+    assert st.models == {"m"}
+
+
+async def test_bad_metrics_fail_the_scrape_and_keep_nothing_half_parsed(
+    client: httpx.AsyncClient, engine: SwitchableEngine
+) -> None:
+    registry = EngineRegistry()
+    registry.sync([Endpoint(engine.url, "e1")])
+    (st,) = registry.all()
+    monitor = EngineMonitor(registry, client, FAST)
+    engine.metrics_text = vllm_metrics(running=2)
+    assert await monitor.scrape_once(st)
+    engine.metrics_text = (
+        'vllm:num_requests_running{model_name="m"} 9\nvllm:num_requests_waiting{model_name=} 1\n'
+    )
+    assert not await monitor.scrape_once(st)
+    assert st.num_running == 2  # the last good scrape, until it goes stale
