@@ -1,8 +1,178 @@
-"""``kvstack engine sim``."""
+"""``kvstack engine sim``: serve one simulated vLLM 0.24 pod over HTTP (uvicorn, one worker)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Annotated, Any
 
-def sim() -> None:
-    """Run the CPU simulator of one vLLM 0.24 pod (being built)."""
-    raise SystemExit("kvstack engine sim: being built")
+import typer
+from pydantic import BaseModel, ConfigDict, Field
+
+from kvstack.common.cli_errors import exits_on_config_error
+from kvstack.common.config import build, read_config_file
+
+
+class ServeSettings(BaseModel):
+    """The pod's HTTP and KV-event settings (the ``server:`` section of a config file)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    api_key: str | None = None
+    kv_events_endpoint: str | None = Field(None, pattern=r"^(tcp|ipc|inproc)://")
+    kv_events_replay_endpoint: str | None = Field(None, pattern=r"^(tcp|ipc|inproc)://")
+    kv_events_topic: str = "kv-events"
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
+    log_level: str = Field("warning", pattern=r"^(critical|error|warning|info|debug|trace)$")
+
+
+def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """``override`` on top of ``base``, nested mappings merged key by key."""
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def split_settings(
+    file_values: dict[str, Any], engine_flags: dict[str, Any], server_flags: dict[str, Any]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(SimConfig values, ServeSettings values): flags that were given win over the file."""
+    file_values = dict(file_values)
+    server_file = file_values.pop("server", None) or {}
+    if not isinstance(server_file, dict):
+        server_file = {"<server>": server_file}  # build() then names the bad section
+    given = {k: v for k, v in engine_flags.items() if v is not None}
+    lmcache = {k: v for k, v in given.pop("lmcache", {}).items() if v is not None}
+    if lmcache:
+        given["lmcache"] = lmcache
+    engine = merge(file_values, given)
+    server = merge(server_file, {k: v for k, v in server_flags.items() if v is not None})
+    return engine, server
+
+
+@exits_on_config_error
+def sim(
+    config: Annotated[
+        Path | None, typer.Option("--config", help="YAML file: SimConfig fields + server:")
+    ] = None,
+    host: Annotated[str | None, typer.Option(help="Address to bind (default 127.0.0.1).")] = None,
+    port: Annotated[int | None, typer.Option(help="HTTP port (default 8000).")] = None,
+    model: Annotated[str | None, typer.Option(help="Model name (--model).")] = None,
+    served_model_name: Annotated[
+        list[str] | None, typer.Option(help="Name to answer to; repeat for several (default: model).")
+    ] = None,
+    max_model_len: Annotated[int | None, typer.Option(help="Prompt + output token limit.")] = None,
+    block_size: Annotated[int | None, typer.Option(help="Tokens per KV block.")] = None,
+    num_gpu_blocks: Annotated[int | None, typer.Option(help="KV blocks on the simulated GPU.")] = None,
+    max_num_seqs: Annotated[int | None, typer.Option(help="Most requests running at once.")] = None,
+    max_num_batched_tokens: Annotated[int | None, typer.Option(help="Token budget of one step.")] = None,
+    enable_prefix_caching: Annotated[bool | None, typer.Option(help="Reuse KV of identical blocks.")] = None,
+    speed: Annotated[float | None, typer.Option(help="Simulated seconds per wall-clock second.")] = None,
+    mean_output_tokens: Annotated[
+        float | None, typer.Option(help="Mean output length without ignore_eos.")
+    ] = None,
+    lmcache: Annotated[bool | None, typer.Option(help="Attach the simulated LMCache connector.")] = None,
+    lmcache_remote_url: Annotated[str | None, typer.Option(help="LMCache shared store, redis://...")] = None,
+    lmcache_chunk_size: Annotated[int | None, typer.Option(help="Tokens per LMCache chunk.")] = None,
+    kv_events_endpoint: Annotated[str | None, typer.Option(help="ZMQ PUB endpoint, tcp://HOST:PORT.")] = None,
+    kv_events_replay_endpoint: Annotated[str | None, typer.Option(help="ZMQ ROUTER replay endpoint.")] = None,
+    kv_events_topic: Annotated[str | None, typer.Option(help="Topic frame of each KV-event message.")] = None,
+    api_key: Annotated[str | None, typer.Option(help="Require this bearer key on /v1/*.")] = None,
+    gpu_memory_utilization: Annotated[float | None, typer.Option(help="Shown in cache_config_info.")] = None,
+    log_level: Annotated[str | None, typer.Option(help="uvicorn log level (default warning).")] = None,
+) -> None:
+    """Run the CPU simulator of one vLLM 0.24 pod (OpenAI API, /metrics, KV events)."""
+    from kvstack.engine.sim.config import SimConfig
+
+    file_values = read_config_file(config) if config is not None else {}
+    engine_values, server_values = split_settings(
+        file_values,
+        {
+            "model": model,
+            "served_model_names": served_model_name or None,
+            "max_model_len": max_model_len,
+            "block_size": block_size,
+            "num_gpu_blocks": num_gpu_blocks,
+            "max_num_seqs": max_num_seqs,
+            "max_num_batched_tokens": max_num_batched_tokens,
+            "enable_prefix_caching": enable_prefix_caching,
+            "speed": speed,
+            "mean_output_tokens": mean_output_tokens,
+            "lmcache": {
+                "enabled": lmcache,
+                "remote_url": lmcache_remote_url,
+                "chunk_size": lmcache_chunk_size,
+            },
+        },
+        {
+            "host": host,
+            "port": port,
+            "api_key": api_key,
+            "kv_events_endpoint": kv_events_endpoint,
+            "kv_events_replay_endpoint": kv_events_replay_endpoint,
+            "kv_events_topic": kv_events_topic,
+            "gpu_memory_utilization": gpu_memory_utilization,
+            "log_level": log_level,
+        },
+    )
+    sim_config = build(SimConfig, "simulator config", **engine_values)
+    settings = build(ServeSettings, "server settings", **server_values)
+    _serve(sim_config, settings)
+
+
+def _serve(config: Any, settings: ServeSettings) -> None:
+    import asyncio
+    import socket
+
+    import uvicorn
+    import uvloop
+
+    from kvstack.engine.sim.core import SimEngine
+    from kvstack.engine.sim.events import KVEventPublisher
+    from kvstack.engine.sim.server import SimServer
+
+    events = None
+    if settings.kv_events_endpoint:
+        events = KVEventPublisher(
+            settings.kv_events_endpoint,
+            replay_endpoint=settings.kv_events_replay_endpoint,
+            topic=settings.kv_events_topic,
+        )
+    app = SimServer(
+        config,
+        SimEngine,
+        api_key=settings.api_key,
+        events=events,
+        gpu_memory_utilization=settings.gpu_memory_utilization,
+    )
+
+    class _Server(uvicorn.Server):
+        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+            await super().startup(sockets)
+            if self.started:  # one line once the socket listens: scripts wait for it
+                names = ", ".join(config.served_names)
+                bound = self.servers[0].sockets[0].getsockname()[1] if self.servers else settings.port
+                typer.echo(f"kvstack engine sim: serving {names} on http://{settings.host}:{bound}")
+
+    server = _Server(
+        uvicorn.Config(
+            app,
+            host=settings.host,
+            port=settings.port,
+            loop="uvloop",
+            http="httptools",
+            lifespan="on",
+            access_log=False,
+            log_level=settings.log_level,
+            timeout_graceful_shutdown=5,
+        )
+    )
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(server.serve())
+    if not server.started:
+        raise typer.Exit(code=1)

@@ -9,14 +9,16 @@ for hundreds of streamed requests per second on one core. A disconnect watcher r
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import logging
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from kvstack.common.errors import OpenAIError
+from kvstack.common.errors import OpenAIError, error_body
 from kvstack.common.tokenizer import decode, encode, token_str
 from kvstack.engine.sim import protocol as p
 from kvstack.engine.sim.config import SimConfig
@@ -24,6 +26,7 @@ from kvstack.engine.sim.events import KVEventPublisher
 from kvstack.engine.sim.metrics import CONTENT_TYPE, CacheInfo, SimMetrics
 from kvstack.engine.sim.types import EngineCore, EventSink, RequestOutput, SimRequest, StatsListener
 
+log = logging.getLogger(__name__)
 VLLM_VERSION = "0.24.0"
 Scope = dict[str, Any]
 Message = dict[str, Any]
@@ -167,6 +170,10 @@ class SimServer:
                 await handler(scope, receive, send)
             except OpenAIError as err:
                 await send_json(send, err.status, err.body())
+            except Exception as err:
+                log.exception("simulator: %s %s failed", scope["method"], path)
+                with contextlib.suppress(RuntimeError):  # raised when the response had started
+                    await send_json(send, 500, error_body(500, f"{type(err).__name__}: {err}"))
         elif kind == "lifespan":
             await self._lifespan(receive, send)
 
@@ -302,12 +309,13 @@ class SimServer:
             gone = True
             me.cancel()
 
+        gen = self.engine.generate(job.sim)  # raises OpenAIError before anything is sent
         watcher = asyncio.create_task(watch())
         try:
             if job.request.stream:
-                await self._stream(send, job, watcher)
+                await self._stream(send, job, gen, watcher)
             else:
-                await self._complete(send, job, watcher)
+                await self._complete(send, job, gen, watcher)
         except asyncio.CancelledError:
             if not gone:
                 raise
@@ -315,7 +323,9 @@ class SimServer:
         finally:
             watcher.cancel()
 
-    async def _stream(self, send: Send, job: _Job, watcher: asyncio.Task[None]) -> None:
+    async def _stream(
+        self, send: Send, job: _Job, gen: AsyncIterator[RequestOutput], watcher: asyncio.Task[None]
+    ) -> None:
         req = job.request
         writer = p.ChunkWriter(
             chat=job.chat, request_id=job.sim.request_id, model=job.model, created=int(time.time())
@@ -329,7 +339,6 @@ class SimServer:
             await send({"type": "http.response.body", "body": writer.role_frame(), "more_body": True})
         completion_tokens = cached = 0
         finish, stop_reason = "abort", None
-        gen = self.engine.generate(job.sim)
         try:
             async for out in gen:
                 ids = out.new_token_ids
@@ -362,7 +371,9 @@ class SimServer:
         watcher.cancel()  # the response is ending: its own completion is not a disconnect
         await send({"type": "http.response.body", "body": b"".join(frames), "more_body": False})
 
-    async def _complete(self, send: Send, job: _Job, watcher: asyncio.Task[None]) -> None:
+    async def _complete(
+        self, send: Send, job: _Job, gen: AsyncIterator[RequestOutput], watcher: asyncio.Task[None]
+    ) -> None:
         req = job.request
         stops = req.stop_strings()
         matcher = p.StopMatcher(stops, req.include_stop_str_in_output) if stops else None
@@ -370,7 +381,6 @@ class SimServer:
         pieces: list[str] = []
         completion_tokens = cached = 0
         finish, stop_reason = "abort", None
-        gen = self.engine.generate(job.sim)
         try:
             async for out in gen:
                 ids = out.new_token_ids
