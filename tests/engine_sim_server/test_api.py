@@ -5,9 +5,9 @@ from __future__ import annotations
 import httpx
 import openai
 import pytest
+from tests.engine_sim_server.conftest import MODEL, Sim, run_sim
 
 from kvstack.common.tokenizer import decode, encode
-from tests.engine_sim_server.conftest import MODEL, Sim, run_sim
 
 PROMPT = "The quick brown fox jumps over the lazy dog. " * 4
 
