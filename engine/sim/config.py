@@ -53,44 +53,44 @@ class LatencyParams(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     step_overhead_s: NonNegFloat = Field(
-        0.0008, description="Fixed cost of every engine step (scheduling, launch, sampling)."
+        0.003099, description="Fixed cost of every engine step (scheduling, launch, sampling)."
     )
     weights_read_s: NonNegFloat = Field(
-        0.0040, description="Time to stream the weights once: the floor of a memory-bound step."
+        0.00185, description="Time to stream the weights once: the floor of a memory-bound step."
     )
     per_token_s: NonNegFloat = Field(
-        1.6e-5, description="Compute per scheduled token when the step is compute-bound."
+        1.765e-5, description="Compute per scheduled token when the step is compute-bound."
     )
     attention_s: NonNegFloat = Field(
-        1.1e-9, description="Prefill attention per (new token x context position)."
+        1.296e-9, description="Prefill attention per (new token x context position)."
     )
-    per_decode_seq_s: NonNegFloat = Field(2.0e-5, description="Extra cost per decoding sequence.")
+    per_decode_seq_s: NonNegFloat = Field(1.786e-5, description="Extra cost per decoding sequence.")
     decode_ctx_s: NonNegFloat = Field(
         2.7e-8, description="Decode attention per context token (KV bytes / HBM bandwidth)."
     )
     frontend_s: NonNegFloat = Field(
-        0.0055, description="Per-request front-end delay before scheduling (processing, first output)."
+        0.005361, description="Per-request front-end delay before scheduling (processing, first output)."
     )
     frontend_per_token_s: NonNegFloat = Field(
-        8.4e-7, description="Front-end delay per prompt token (tokenizing, hashing the prompt)."
+        8.572e-7, description="Front-end delay per prompt token (tokenizing, hashing the prompt)."
     )
     lmcache_remote_load_s: NonNegFloat = Field(
-        0.020, description="Fixed cost of loading chunks from the shared store (Redis) in a step."
+        0.02332, description="Fixed cost of loading chunks from the shared store (Redis) in a step."
     )
     lmcache_remote_load_per_token_s: NonNegFloat = Field(
-        6.0e-7, description="Cost per token loaded from the shared store."
+        2.417e-7, description="Cost per token loaded from the shared store."
     )
     lmcache_cpu_load_s: NonNegFloat = Field(
-        0.012, description="Fixed cost of loading chunks from the local CPU tier in a step."
+        0.01399, description="Fixed cost of loading chunks from the local CPU tier in a step."
     )
     lmcache_cpu_load_per_token_s: NonNegFloat = Field(
-        4.0e-7, description="Cost per token loaded from the local CPU tier."
+        1.450e-7, description="Cost per token loaded from the local CPU tier."
     )
     lmcache_store_s: NonNegFloat = Field(
-        0.020, description="Fixed cost of offloading freshly computed prompt KV in a step."
+        0.02821, description="Fixed cost of offloading freshly computed prompt KV in a step."
     )
     lmcache_store_per_token_s: NonNegFloat = Field(
-        5.0e-6, description="Offload cost per freshly computed prompt token."
+        2.882e-6, description="Offload cost per freshly computed prompt token."
     )
 
 
@@ -173,6 +173,13 @@ class SimConfig(BaseModel):
             raise ValueError("max_num_batched_tokens must be at least max_num_seqs")
         if self.lmcache.chunk_size % self.block_size:
             raise ValueError("lmcache.chunk_size must be a multiple of block_size")
+        capacity = self.num_gpu_blocks * self.block_size
+        if self.max_model_len > capacity:
+            # vLLM refuses to start when one max-length request cannot fit in the KV cache.
+            raise ValueError(
+                f"max_model_len ({self.max_model_len}) needs more KV cache than num_gpu_blocks holds "
+                f"({capacity} tokens); decrease max_model_len or increase num_gpu_blocks"
+            )
         return self
 
     @property

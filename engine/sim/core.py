@@ -1,0 +1,371 @@
+"""The simulated engine core: scheduler steps paced by the latency model on an asyncio loop.
+
+Each step is planned by :class:`Scheduler`, lasts ``step_time / speed`` seconds of a virtual
+clock, and is applied when the wall clock reaches its end. The loop sleeps on an event when idle;
+when steps are shorter than the timer resolution (high ``speed``) it runs several per wake-up
+and yields to the event loop about once a millisecond. Lateness of a wake-up is not carried into
+the next step (the virtual clock keeps its own time unless the engine falls behind), so long runs
+keep the modelled pace. Outputs reach each consumer through an event and a token list, so a
+consumer that lags gets several tokens in one :class:`RequestOutput`, as vLLM V1's output
+collector does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import cast
+
+from kvstack.common.errors import OpenAIError
+from kvstack.engine.sim.config import SimConfig
+from kvstack.engine.sim.generator import output_length, output_seed
+from kvstack.engine.sim.kv_cache import KVCache, engine_chain_root
+from kvstack.engine.sim.latency import frontend_delay, step_time
+from kvstack.engine.sim.lmcache import LMCacheConnector, chunk_hashes
+from kvstack.engine.sim.scheduler import Scheduler, SimSeq, StepPlan
+from kvstack.engine.sim.types import EventSink, FinishedRequestStats, RequestOutput, SimRequest, StatsListener
+
+log = logging.getLogger(__name__)
+
+# A virtual clock less than this far behind the wall clock is kept (a late wake-up is not a delay
+# of the engine: the next steps catch up); further behind, the engine really is late (CPU-bound)
+# and restarts from now.
+_CATCH_UP_S = 0.02
+_MIN_SLEEP_S = 0.0005
+_YIELD_EVERY_S = 0.001
+# asyncio timers fire late (1 ms epoll resolution, more on a busy host): sleep less by a running
+# estimate of the lateness, bounded so a stall never makes the engine run early by much.
+_MAX_LATE_S = 0.005
+
+
+@dataclass(slots=True, eq=False)
+class _Req(SimSeq):
+    """A request with what the core needs to stream it and to report its stats."""
+
+    max_tokens: int = 0
+    n: int = 1
+    arrival: float = 0.0
+    scheduled_at: float | None = None
+    first_token_at: float | None = None
+    last_token_at: float = 0.0
+    itls: list[float] = field(default_factory=list)
+    pending: list[int] = field(default_factory=list)
+    event: asyncio.Event = field(default_factory=asyncio.Event)
+    closed: bool = False
+    reported: bool = False
+
+
+class _Stream:
+    """The async iterator :meth:`SimEngine.generate` returns; closing it early aborts."""
+
+    __slots__ = ("_engine", "_req")
+
+    def __init__(self, engine: SimEngine, req: _Req) -> None:
+        self._engine = engine
+        self._req = req
+
+    def __aiter__(self) -> _Stream:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        req = self._req
+        if req.closed:
+            raise StopAsyncIteration
+        while not req.pending and not req.finished:
+            req.event.clear()
+            try:
+                await req.event.wait()
+            except BaseException:
+                self._engine.abort(req.request_id)  # the consumer went away (cancelled)
+                raise
+        tokens = req.pending
+        req.pending = []
+        if req.finished:
+            req.closed = True
+            return RequestOutput(tokens, True, req.finish_reason, req.num_cached_tokens)
+        return RequestOutput(tokens, False, None, req.num_cached_tokens)
+
+    async def aclose(self) -> None:
+        if not self._req.closed:
+            self._req.closed = True
+            self._engine.abort(self._req.request_id)
+
+
+class SimEngine:
+    """One simulated vLLM 0.24 V1 engine core (implements ``types.EngineCore``)."""
+
+    def __init__(
+        self,
+        config: SimConfig,
+        stats: StatsListener | None = None,
+        event_sink: EventSink | None = None,
+    ) -> None:
+        self.config = config
+        self.block_size = config.block_size
+        self.num_gpu_blocks = config.num_gpu_blocks
+        self.max_model_len = config.max_model_len
+        self._stats = stats
+        self._sink = event_sink
+        self.kv = KVCache(
+            config.num_gpu_blocks, config.block_size, enable_prefix_caching=config.enable_prefix_caching
+        )
+        lm = config.lmcache
+        self.lmcache = LMCacheConnector(lm, config.model, config.hash_seed) if lm.enabled else None
+        self.scheduler = Scheduler(
+            self.kv,
+            max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=config.max_num_batched_tokens,
+            lmcache_chunk_size=lm.chunk_size if lm.enabled else None,
+        )
+        self._reqs: dict[str, _Req] = {}
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._lookups: set[asyncio.Task[None]] = set()
+        self._late = 0.0005
+        self.num_steps = 0
+
+    # -- EngineCore surface ------------------------------------------------------------------
+    async def start(self) -> None:
+        if self._task is not None:
+            return
+        if self.lmcache is not None:
+            self.lmcache.start()
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="sim-engine-core")
+
+    async def stop(self) -> None:
+        tasks = [t for t in (self._task, *self._lookups) if t is not None]
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        self._task = None
+        for req in list(self._reqs.values()):
+            self.abort(req.request_id)
+        if self.lmcache is not None:
+            await self.lmcache.stop()
+
+    def generate(self, request: SimRequest) -> AsyncIterator[RequestOutput]:
+        """Validate and submit ``request`` now; raises OpenAIError(400) before scheduling anything."""
+        req = self._make_req(request)
+        self._reqs[req.request_id] = req
+        lm = self.lmcache
+        if lm is not None and req.lm_hashes:
+            n_cpu = lm.cpu.leading(req.lm_hashes)
+            if n_cpu < len(req.lm_hashes) and lm.remote is not None and lm.remote.available:
+                task = asyncio.get_running_loop().create_task(self._lookup_then_add(req))
+                self._lookups.add(task)
+                task.add_done_callback(self._lookups.discard)
+                return _Stream(self, req)
+            req.lm_tiers = [0] * n_cpu
+        self._add(req)
+        return _Stream(self, req)
+
+    def abort(self, request_id: str) -> None:
+        req = self._reqs.get(request_id)
+        if req is None:
+            return
+        if self.scheduler.abort(req):
+            req.event.set()
+            self._finish(req, time.monotonic())
+            self._wake.set()
+
+    def reset_prefix_cache(self) -> bool:
+        ok = self.kv.reset()  # like vLLM, LMCache's tiers are left alone
+        self._flush_events()
+        return ok
+
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
+    @property
+    def kv_cache_usage(self) -> float:
+        return self.kv.usage
+
+    # -- submission --------------------------------------------------------------------------
+    def _make_req(self, r: SimRequest) -> _Req:
+        n_prompt = len(r.prompt_token_ids)
+        limit = self.max_model_len
+        if n_prompt == 0:
+            raise OpenAIError(400, "The decoder prompt cannot be empty", param="prompt")
+        if r.max_tokens < 1:
+            raise OpenAIError(400, f"max_tokens must be at least 1, got {r.max_tokens}.", param="max_tokens")
+        if n_prompt >= limit:
+            raise OpenAIError(
+                400,
+                f"This model's maximum context length is {limit} tokens. However, your request has "
+                f"{n_prompt} input tokens. Please reduce the length of the input messages.",
+            )
+        if n_prompt + r.max_tokens > limit:
+            raise OpenAIError(
+                400,
+                f"'max_tokens' or 'max_completion_tokens' is too large: {r.max_tokens}. This model's "
+                f"maximum context length is {limit} tokens and your request has {n_prompt} input tokens "
+                f"({r.max_tokens} > {limit} - {n_prompt}).",
+                param="max_tokens",
+            )
+        if r.request_id in self._reqs:
+            raise OpenAIError(400, f"Request id {r.request_id} is already in use.")
+        cfg = self.config
+        seed = output_seed(r.prompt_token_ids)
+        target, stop = output_length(seed, r.max_tokens, cfg.mean_output_tokens, r.ignore_eos)
+        now = time.monotonic()
+        arrival = r.arrival_time or now
+        req = _Req(
+            request_id=r.request_id,
+            tokens=list(r.prompt_token_ids),
+            num_prompt=n_prompt,
+            target_len=target,
+            ends_with_stop=stop,
+            seed=seed,
+            root=engine_chain_root(cfg.block_hash_seed, r.lora_name, r.cache_salt),
+            lora_name=r.lora_name,
+            ready_at=arrival + frontend_delay(cfg.latency, n_prompt) / cfg.speed,
+            max_tokens=r.max_tokens,
+            n=r.n,
+            arrival=arrival,
+        )
+        lm = self.lmcache
+        if lm is not None and n_prompt >= lm.cfg.chunk_size:
+            req.lm_hashes = chunk_hashes(
+                r.prompt_token_ids, lm.cfg.chunk_size, lm.root(r.lora_name, r.cache_salt)
+            )
+        return req
+
+    async def _lookup_then_add(self, req: _Req) -> None:
+        assert self.lmcache is not None
+        req.lm_tiers = await self.lmcache.lookup(req.lm_hashes)
+        if not req.finished:
+            self._add(req)
+
+    def _add(self, req: _Req) -> None:
+        self.scheduler.add(req)
+        self._wake.set()
+
+    # -- the loop ----------------------------------------------------------------------------
+    async def _run(self) -> None:
+        sched = self.scheduler
+        speed = self.config.speed
+        params = self.config.latency
+        clock = 0.0
+        last_yield = time.monotonic()
+        while True:
+            if not sched.has_work:
+                self._wake.clear()
+                await self._wake.wait()
+                last_yield = time.monotonic()
+                continue
+            now = time.monotonic()
+            start = clock if clock >= now - _CATCH_UP_S else now
+            if not sched.running and sched.waiting:
+                # Idle until the head clears its front-end delay: start the step right then.
+                start = max(start, sched.waiting[0].ready_at)
+            plan = sched.schedule(start)
+            if not plan.scheduled:
+                self._report_preemptions(plan)
+                # Nothing fits (no free blocks) or nothing is ready: wait for a change.
+                self._wake.clear()
+                head = sched.waiting[0].ready_at if sched.waiting else now
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(max(head - now, 0.001)):
+                        await self._wake.wait()
+                last_yield = time.monotonic()
+                continue
+            self._on_scheduled(plan, start)
+            clock = start + step_time(params, plan.work) / speed
+            before = time.monotonic()
+            delay = clock - before - self._late
+            if delay >= _MIN_SLEEP_S:
+                await asyncio.sleep(delay)
+                last_yield = time.monotonic()
+                late = min(max(last_yield - before - delay, 0.0), _MAX_LATE_S)
+                self._late += 0.2 * (late - self._late)
+            elif before - last_yield >= _YIELD_EVERY_S:
+                await asyncio.sleep(0)
+                last_yield = time.monotonic()
+            self._complete(plan, clock)
+
+    def _on_scheduled(self, plan: StepPlan, start: float) -> None:
+        self.num_steps += 1
+        stats = self._stats
+        for adm in plan.admitted:
+            req = cast(_Req, adm.seq)
+            if req.scheduled_at is None:
+                req.scheduled_at = start
+            if stats is None:
+                continue
+            stats.on_prefix_cache_query(adm.queried, adm.local_hit)
+            if self.lmcache is not None:
+                stats.on_external_cache_query(adm.queried - adm.local_hit, adm.external.tokens)
+            if adm.first_time:
+                ext = adm.external.tokens
+                stats.on_prompt_tokens(req.num_prompt - adm.local_hit - ext, adm.local_hit, ext)
+        self._report_preemptions(plan)
+        if stats is not None:
+            stats.on_iteration(plan.num_tokens)
+        if self.lmcache is not None:
+            for hashes in plan.stores:
+                self.lmcache.store(hashes)
+
+    def _report_preemptions(self, plan: StepPlan) -> None:
+        if self._stats is not None:
+            for _ in plan.preempted:
+                self._stats.on_preemption()
+
+    def _complete(self, plan: StepPlan, now: float) -> None:
+        # Token times are the step's simulated end (wall-clock seconds), not the moment the loop
+        # got to run: stats then follow the model, whatever the host's timer jitter.
+        for seq in self.scheduler.update(plan):
+            req = cast(_Req, seq)
+            req.pending.append(req.tokens[-1])
+            if req.first_token_at is None:
+                req.first_token_at = now
+            else:
+                req.itls.append(now - req.last_token_at)
+            req.last_token_at = now
+            req.event.set()
+            if req.finished:
+                self._finish(req, now)
+        self._flush_events()
+
+    def _flush_events(self) -> None:
+        events = self.kv.take_events()
+        if events and self._sink is not None:
+            self._sink(events)
+
+    def _finish(self, req: _Req, now: float) -> None:
+        self._reqs.pop(req.request_id, None)
+        if req.reported:
+            return
+        req.reported = True
+        if self._stats is None:
+            return
+        reason = req.finish_reason or "abort"
+        scheduled = req.scheduled_at if req.scheduled_at is not None else now
+        first = req.first_token_at
+        self._stats.on_request_finished(
+            FinishedRequestStats(
+                finish_reason=reason,
+                prompt_tokens=req.num_prompt,
+                generation_tokens=req.num_generated,
+                max_tokens=req.max_tokens,
+                n=req.n,
+                ttft=None if first is None else first - req.arrival,
+                inter_token_latencies=req.itls,
+                queue_time=max(scheduled - req.arrival, 0.0),
+                prefill_time=0.0 if first is None else max(first - scheduled, 0.0),
+                decode_time=0.0 if first is None else req.last_token_at - first,
+                inference_time=max((req.last_token_at if first else now) - scheduled, 0.0),
+                e2e_latency=now - req.arrival,
+                prefill_kv_computed_tokens=max(req.num_prompt - req.num_cached_tokens, 0),
+            )
+        )

@@ -1,0 +1,286 @@
+"""Simulated LMCache connector: a bounded local CPU tier and a shared Redis tier.
+
+Chunks of ``chunk_size`` tokens are keyed by a hash chain seeded with the LMCache hash seed
+(``PYTHONHASHSEED``), so two pods share entries only when they share the seed, as measured.
+Redis holds a small marker per chunk, never KV bytes. Deciding what to load is pure
+(:func:`plan_external`); Redis I/O runs on the event loop and never blocks an engine step: a
+lookup that fails or times out is a miss, stores go through a bounded queue, and after a failure
+the store is left alone for ``remote_retry_s`` before the next try.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from array import array
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+import xxhash
+
+from kvstack.engine.sim.config import KV_BYTES_PER_TOKEN, LMCacheConfig
+
+log = logging.getLogger(__name__)
+
+TIER_CPU = 0
+TIER_REMOTE = 1
+_STORE_QUEUE = 4096
+
+
+def lmcache_root(seed: int, model: str, lora_name: str | None, cache_salt: str | None) -> int:
+    """The parent hash of a request's first chunk."""
+    scope = f"lmcache\x00{seed}\x00{model}\x00{lora_name or ''}\x00{cache_salt or ''}"
+    return int(xxhash.xxh3_64_intdigest(scope.encode()))
+
+
+def chunk_hashes(tokens: Sequence[int], chunk_size: int, root: int) -> list[int]:
+    """Chained hashes of the full chunks of ``tokens`` (a partial tail chunk is never stored)."""
+    n = len(tokens) // chunk_size
+    if n == 0:
+        return []
+    buf = array("I", tokens[: n * chunk_size]).tobytes()
+    step = chunk_size * 4
+    out: list[int] = []
+    parent = root
+    for off in range(0, len(buf), step):
+        parent = xxhash.xxh3_64_intdigest(buf[off : off + step], seed=parent)
+        out.append(parent)
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class ExternalPlan:
+    """Prompt tokens to load from LMCache instead of computing, by tier."""
+
+    cpu_tokens: int = 0
+    remote_tokens: int = 0
+
+    @property
+    def tokens(self) -> int:
+        return self.cpu_tokens + self.remote_tokens
+
+
+def plan_external(gpu_hit: int, tiers: Sequence[int], chunk_size: int, num_tokens: int) -> ExternalPlan:
+    """What to load after a GPU hit of ``gpu_hit`` tokens, given the tiers of the leading chunks.
+
+    Like LMCache, a hit that covers the whole prompt gives back its last token, which must be
+    computed to produce logits.
+    """
+    end = min(len(tiers) * chunk_size, num_tokens - 1)
+    if end <= gpu_hit:
+        return ExternalPlan()
+    cpu = remote = 0
+    pos = gpu_hit
+    while pos < end:
+        idx = pos // chunk_size
+        upto = min((idx + 1) * chunk_size, end)
+        if tiers[idx] == TIER_CPU:
+            cpu += upto - pos
+        else:
+            remote += upto - pos
+        pos = upto
+    return ExternalPlan(cpu_tokens=cpu, remote_tokens=remote)
+
+
+class CpuTier:
+    """LMCache's local CPU backend: an LRU set of chunk hashes bounded by bytes."""
+
+    def __init__(self, capacity_chunks: int) -> None:
+        self.capacity = capacity_chunks
+        self._lru: OrderedDict[int, None] = OrderedDict()
+        self.evictions = 0
+
+    @classmethod
+    def for_config(cls, cfg: LMCacheConfig) -> CpuTier:
+        chunk_bytes = cfg.chunk_size * KV_BYTES_PER_TOKEN
+        return cls(int(cfg.local_cpu_gb * 1e9) // chunk_bytes)
+
+    def __len__(self) -> int:
+        return len(self._lru)
+
+    def __contains__(self, key: int) -> bool:
+        return key in self._lru
+
+    def leading(self, keys: Sequence[int]) -> int:
+        """How many of ``keys``, from the first, are held (each one hit is refreshed)."""
+        n = 0
+        lru = self._lru
+        for k in keys:
+            if k not in lru:
+                break
+            lru.move_to_end(k)
+            n += 1
+        return n
+
+    def put(self, keys: Sequence[int]) -> None:
+        if self.capacity <= 0:
+            return
+        lru = self._lru
+        for k in keys:
+            lru[k] = None
+            lru.move_to_end(k)
+        while len(lru) > self.capacity:
+            lru.popitem(last=False)
+            self.evictions += 1
+
+
+class RemoteStore:
+    """The shared tier in Redis: one marker key per chunk, written asynchronously."""
+
+    def __init__(self, cfg: LMCacheConfig, model: str) -> None:
+        assert cfg.remote_url is not None
+        self._cfg = cfg
+        self._prefix = f"{cfg.key_prefix}{model}@"
+        self._client: aioredis.Redis[bytes] = aioredis.Redis.from_url(
+            cfg.remote_url,
+            socket_timeout=cfg.remote_timeout_s,
+            socket_connect_timeout=cfg.remote_timeout_s,
+        )
+        self._queue: asyncio.Queue[list[int]] = asyncio.Queue(maxsize=_STORE_QUEUE)
+        self._writer: asyncio.Task[None] | None = None
+        self._down_until = 0.0
+        self._logged_down = False
+        self.failures = 0
+        self.dropped_stores = 0
+        self.lookups = 0
+        self.stored_chunks = 0
+
+    def key(self, chunk_hash: int) -> str:
+        return f"{self._prefix}{chunk_hash:016x}"
+
+    @property
+    def available(self) -> bool:
+        return time.monotonic() >= self._down_until
+
+    def start(self) -> None:
+        if self._writer is None:
+            self._writer = asyncio.get_running_loop().create_task(self._write_loop(), name="lmcache-redis")
+
+    async def stop(self) -> None:
+        if self._writer is not None:
+            self._writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._writer
+            self._writer = None
+        # types-redis predates aclose() (redis-py >= 5), which replaced the deprecated close().
+        await self._client.aclose()  # type: ignore[attr-defined]
+
+    def _failed(self, err: BaseException) -> None:
+        self.failures += 1
+        self._down_until = time.monotonic() + self._cfg.remote_retry_s
+        if not self._logged_down:
+            self._logged_down = True
+            log.warning(
+                "LMCache remote store %s unavailable, recomputing instead: %r", self._cfg.remote_url, err
+            )
+
+    def _recovered(self) -> None:
+        if self._logged_down:
+            self._logged_down = False
+            log.info("LMCache remote store %s is back", self._cfg.remote_url)
+
+    async def leading(self, keys: Sequence[int]) -> int:
+        """How many of ``keys``, from the first, the store holds; 0 when it is unavailable."""
+        if not keys or not self.available:
+            return 0
+        self.lookups += 1
+        try:
+            async with asyncio.timeout(self._cfg.remote_timeout_s):
+                found = await self._client.mget([self.key(k) for k in keys])
+        except (aioredis.RedisError, OSError, TimeoutError) as err:
+            self._failed(err)
+            return 0
+        self._recovered()
+        n = 0
+        for v in found:
+            if v is None:
+                break
+            n += 1
+        return n
+
+    def put(self, keys: list[int]) -> None:
+        """Queue chunk markers for writing; dropped when the queue is full or the store is down."""
+        if not self.available:
+            self.dropped_stores += len(keys)
+            return
+        try:
+            self._queue.put_nowait(keys)
+        except asyncio.QueueFull:
+            self.dropped_stores += len(keys)
+
+    async def _write_loop(self) -> None:
+        ttl = self._cfg.remote_ttl_s
+        while True:
+            keys = await self._queue.get()
+            try:
+                await self._write(keys, ttl)
+            finally:
+                self._queue.task_done()
+
+    async def _write(self, keys: list[int], ttl: int) -> None:
+        if not self.available:
+            self.dropped_stores += len(keys)
+            return
+        try:
+            async with asyncio.timeout(self._cfg.remote_timeout_s * 4):
+                pipe = self._client.pipeline(transaction=False)
+                for k in keys:
+                    pipe.set(self.key(k), b"1", ex=ttl)
+                await pipe.execute()
+        except (aioredis.RedisError, OSError, TimeoutError) as err:
+            self._failed(err)
+            self.dropped_stores += len(keys)
+            return
+        self._recovered()
+        self.stored_chunks += len(keys)
+
+    async def flush(self) -> None:
+        """Wait until queued writes are done (tests, shutdown)."""
+        await self._queue.join()
+
+
+class LMCacheConnector:
+    """Both tiers behind the two calls the engine makes: look up a prompt, store its chunks."""
+
+    def __init__(self, cfg: LMCacheConfig, model: str, seed: int) -> None:
+        self.cfg = cfg
+        self.model = model
+        self.seed = seed
+        self.cpu = CpuTier.for_config(cfg)
+        self.remote = RemoteStore(cfg, model) if cfg.remote_url else None
+
+    def root(self, lora_name: str | None, cache_salt: str | None) -> int:
+        return lmcache_root(self.seed, self.model, lora_name, cache_salt)
+
+    def start(self) -> None:
+        if self.remote is not None:
+            self.remote.start()
+
+    async def stop(self) -> None:
+        if self.remote is not None:
+            await self.remote.stop()
+
+    async def lookup(self, hashes: Sequence[int]) -> list[int]:
+        """Tiers of the leading chunks found (CPU first, then Redis), contiguous from chunk 0."""
+        n_cpu = self.cpu.leading(hashes)
+        tiers = [TIER_CPU] * n_cpu
+        if self.remote is not None and n_cpu < len(hashes):
+            rest = hashes[n_cpu:]
+            n_remote = await self.remote.leading(rest)
+            if n_remote:
+                tiers.extend([TIER_REMOTE] * n_remote)
+                # LMCache keeps what it fetched from the remote in its local CPU tier.
+                self.cpu.put(rest[:n_remote])
+        return tiers
+
+    def store(self, hashes: list[int]) -> None:
+        """Offload freshly computed chunks: CPU tier now, Redis in the background."""
+        if not hashes:
+            return
+        self.cpu.put(hashes)
+        if self.remote is not None:
+            self.remote.put(hashes)
