@@ -296,8 +296,11 @@ class EngineMonitor:
     async def refresh_models(self, state: EngineState) -> bool:
         """Learn the served models from ``/v1/models``; keep the previous list on failure."""
         headers = {}
-        if self.config.api_key is not None:
-            headers["Authorization"] = f"Bearer {self.config.api_key.get_secret_value()}"
+        key = self.config.api_key
+        if key is not None:
+            # a config updated with model_copy() may hold a plain str: accept both
+            secret = key.get_secret_value() if isinstance(key, SecretStr) else str(key)
+            headers["Authorization"] = f"Bearer {secret}"
         try:
             async with asyncio.timeout(self.config.probe_timeout):
                 resp = await self.client.get(

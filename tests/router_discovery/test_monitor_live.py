@@ -156,6 +156,11 @@ async def test_api_key_is_sent_for_models(client: httpx.AsyncClient, engine: Swi
     keyed = EngineMonitor(registry, client, MonitorConfig(**{**FAST.model_dump(), "api_key": "sekret"}))
     assert await keyed.refresh_models(st)
     assert st.models == {"m"}
+    # the router's app fills the key in with model_copy(), which skips validation
+    copied = EngineMonitor(registry, client, FAST.model_copy(update={"api_key": "sekret"}))
+    engine.models = ["m2"]
+    assert await copied.refresh_models(st)
+    assert st.models == {"m2"}
 
 
 async def test_bad_metrics_fail_the_scrape_and_keep_nothing_half_parsed(
