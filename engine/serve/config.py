@@ -117,6 +117,12 @@ class LMCacheSettings(BaseModel):
         return self
 
 
+def _secret_flag_re(flag: str) -> re.Pattern[str]:
+    # --api-key, --api_key, --api-key=..., --api-key.x in a shell-quoted or JSON string
+    words = re.escape(flag[2:]).replace("\\-", "[-_]")
+    return re.compile(rf"(?<![\w-])--{words}(?![\w-])")
+
+
 def _split_names(value: Any) -> Any:
     if isinstance(value, str):
         return [name.strip() for name in value.split(",") if name.strip()]
@@ -133,15 +139,15 @@ def _parse_args(value: Any) -> Any:
 
 
 def _parse_env_map(value: Any) -> Any:
+    # From the environment: a JSON object.
     if isinstance(value, str):
-        return json.loads(value) if value.strip() else {}
-    if isinstance(value, Mapping):
-        # YAML reads HF_HUB_OFFLINE: 1 as an int; environment values are strings.
-        return {
-            k: str(v) if isinstance(v, int | float) and not isinstance(v, bool) else v
-            for k, v in value.items()
-        }
-    return value
+        value = json.loads(value) if value.strip() else {}
+    if not isinstance(value, Mapping):
+        raise ValueError("must be a mapping of NAME: value (from the environment: a JSON object)")
+    # YAML reads HF_HUB_OFFLINE: 1 as an int; environment values are strings.
+    return {
+        k: str(v) if isinstance(v, int | float) and not isinstance(v, bool) else v for k, v in value.items()
+    }
 
 
 class EngineConfig(BaseSettings):
@@ -209,16 +215,6 @@ class EngineConfig(BaseSettings):
     def _names(cls, value: Any) -> Any:
         return _split_names(value)
 
-    @field_validator("extra_args", mode="before")
-    @classmethod
-    def _args(cls, value: Any) -> Any:
-        return _parse_args(value)
-
-    @field_validator("extra_env", mode="before")
-    @classmethod
-    def _env_map(cls, value: Any) -> Any:
-        return _parse_env_map(value)
-
     @field_validator("python_hash_seed", mode="before")
     @classmethod
     def _seed_str(cls, value: Any) -> Any:
@@ -263,13 +259,30 @@ class EngineConfig(BaseSettings):
             raise ValueError(f"sets flags kvstack manages: {' '.join(clash)}; use the config fields instead")
         return value
 
-    @model_validator(mode="after")
-    def _no_secret_flags(self) -> EngineConfig:
-        # A model-level check, so the error never echoes the secret itself.
-        if secrets := secret_flags(self.extra_args):
-            instead = ", ".join(f"{flag} -> {SECRET_FLAGS[flag]}" for flag in secrets)
+    @model_validator(mode="before")
+    @classmethod
+    def _extras(cls, data: Any) -> Any:
+        # Parsed and checked at model level, before any field check, because a field error echoes
+        # its raw input, and these two may hold secrets (an HF_TOKEN, an --api-key).
+        if not isinstance(data, Mapping):
+            return data
+        data = dict(data)
+        raw = data.get("extra_args")
+        found: list[str] = []
+        if isinstance(raw, str):
+            found = [flag for flag in SECRET_FLAGS if _secret_flag_re(flag).search(raw)]
+        elif isinstance(raw, list):
+            found = secret_flags(str(arg) for arg in raw)
+        if found:
+            instead = ", ".join(f"{flag} -> {SECRET_FLAGS[flag]}" for flag in found)
             raise ValueError(f"extra_args puts a secret on the command line, visible in ps; use {instead}")
-        return self
+        for name, parse in (("extra_args", _parse_args), ("extra_env", _parse_env_map)):
+            if name in data:
+                try:
+                    data[name] = parse(data[name])
+                except ValueError as err:
+                    raise ValueError(f"{name}: cannot parse: {err}") from None
+        return data
 
     @field_validator("extra_env")
     @classmethod

@@ -104,9 +104,17 @@ def test_bad_values_fail_naming_the_field(values: dict[str, Any], names: str) ->
 
 @pytest.mark.parametrize(
     ("args", "flag"),
-    [(["--api-key", "sk-live-123"], "--api-key"), (["--hf-token=hf_live_123"], "--hf-token")],
+    [
+        (["--api-key", "sk-live-123"], "--api-key"),
+        (["--hf-token=hf_live_123"], "--hf-token"),
+        (["--port", "1", "--api_key", "sk-live-123"], "--api-key"),
+        ("--max-num-seqs 8 --api-key sk-live-123", "--api-key"),
+        ('["--hf_token", "hf_live_123"', "--hf-token"),
+    ],
 )
-def test_secrets_on_the_command_line_are_rejected_without_echoing_them(args: list[str], flag: str) -> None:
+def test_secrets_on_the_command_line_are_rejected_without_echoing_them(
+    args: list[str] | str, flag: str
+) -> None:
     with pytest.raises(ConfigError) as err:
         make(extra_args=args)
     assert flag in str(err.value)
@@ -193,3 +201,24 @@ def test_a_typo_in_an_env_var_fails_at_start(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setenv("KVSTACK_ENGINE_GPU_MEMORY_UTILISATION", "0.5")
     with pytest.raises(ConfigError, match="KVSTACK_ENGINE_GPU_MEMORY_UTILISATION"):
         load_config(None)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        '{"HF_TOKEN": "hf_live_123", "PYTHONHASHSEED": "1"}',
+        '{"HF_TOKEN": "hf_live_123",}',
+        '["HF_TOKEN", "hf_live_123"]',
+    ],
+)
+def test_bad_extra_env_errors_never_echo_its_values(monkeypatch: pytest.MonkeyPatch, raw: str) -> None:
+    monkeypatch.setenv("KVSTACK_ENGINE_MODEL", "m")
+    monkeypatch.setenv("KVSTACK_ENGINE_EXTRA_ENV", raw)
+    with pytest.raises(ConfigError, match="extra_env") as err:
+        load_config(None)
+    assert "live_123" not in str(err.value)
+
+
+def test_unbalanced_shell_quotes_in_extra_args_name_the_field() -> None:
+    with pytest.raises(ConfigError, match="extra_args: cannot parse: No closing quotation"):
+        make(extra_args="--chat-template 'unclosed")
