@@ -292,8 +292,15 @@ class SimMetrics:
             "Histogram of new KV tokens computed during prefill (excluding cached tokens).",
             tok,
         )
-        info = gauge("cache_config_info", "Information of the LLMEngine CacheConfig", tuple(cache.labels()))
-        info.labels(**base, **cache.labels()).set(1.0)
+        # vLLM labels this one with the engine alone: no model_name.
+        info_labels = {"engine": "0", **cache.labels()}
+        info = Gauge(
+            "vllm:cache_config_info",
+            "Information of the LLMEngine CacheConfig",
+            list(info_labels),
+            registry=reg,
+        )
+        info.labels(**info_labels).set(1.0)
         self._base = base
 
     def bind_engine(self, engine: EngineGauges) -> None:
