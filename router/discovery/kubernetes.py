@@ -142,15 +142,12 @@ class KubernetesDiscovery:
             self._apply(pods)
             self._synced.set()
             while rv is not None:
-                began = asyncio.get_running_loop().time()
                 rv = await self._watch(http, api, rv)
-                if rv is not None and asyncio.get_running_loop().time() - began < 1.0:
-                    # a watch the server ends at once would otherwise spin: back off and re-list
-                    raise ConnectionError("the pod watch ended as soon as it began")
         log.info("pod watch in %s needs a re-list", self.namespace)
 
     async def _watch(self, http: httpx.AsyncClient, api: ApiServer, rv: str) -> str | None:
         """Watch from ``rv``; returns where to resume, or None when a re-list is needed."""
+        began, events = asyncio.get_running_loop().time(), 0
         try:
             async for event in watch_pods(
                 http,
@@ -160,6 +157,7 @@ class KubernetesDiscovery:
                 rv,
                 timeout_seconds=self.config.watch_timeout,
             ):
+                events += 1
                 step = apply_event(self.pods, rv, event)
                 if step.resync:
                     log.info("pod watch in %s: %s", self.namespace, step.reason)
@@ -170,6 +168,9 @@ class KubernetesDiscovery:
         except WatchExpired as err:
             log.info("pod watch in %s: %s", self.namespace, err)
             return None
+        if not events and asyncio.get_running_loop().time() - began < 1.0:
+            # a watch the server ends at once, empty, would otherwise spin: back off and re-list
+            raise ConnectionError("the pod watch ended as soon as it began")
         return rv
 
     def _apply(self, pods: Mapping[str, PodInfo]) -> None:
