@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, SecretStr, ValidationError
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -19,10 +19,13 @@ def describe_validation_error(err: ValidationError, *, prefix: str = "") -> str:
     """One line per problem: ``field.path: message (got value)``."""
     lines = []
     for problem in err.errors(include_url=False):
-        loc = ".".join(str(part) for part in problem["loc"]) or "<root>"
+        loc = ".".join(str(part) for part in problem["loc"])
         got = problem.get("input")
-        shown = "" if isinstance(got, dict) or problem["type"] == "missing" else f" (got {got!r})"
-        lines.append(f"{prefix}{loc}: {problem['msg']}{shown}")
+        # Never echo a mapping (it may hold secrets) or a secret itself back to the user.
+        hidden = isinstance(got, dict | SecretStr) or problem["type"] == "missing"
+        shown = "" if hidden else f" (got {got!r})"
+        msg = problem["msg"].removeprefix("Value error, ")
+        lines.append(f"{prefix}{loc}: {msg}{shown}" if loc else f"{prefix}{msg}")
     return "; ".join(lines)
 
 
