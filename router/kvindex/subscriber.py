@@ -1,0 +1,273 @@
+"""The I/O edge of the block index: one ZMQ SUB per engine, replayed on connect and after gaps.
+
+Each engine gets a task that subscribes to its KV-event PUB socket and applies batches to the
+:class:`~kvstack.router.kvindex.index.KVIndex` strictly in sequence order. On connect, and on a
+sequence gap, it asks the engine's ROUTER replay socket for the missing batches. While it
+replays, live batches wait in the SUB socket's own receive queue (a high-water mark as large as
+vLLM's), so nothing newer is applied before older history: a replayed block can never be
+resurrected after a newer live ``BlockRemoved``. A sequence number that goes backwards means the
+engine restarted: its entries are dropped and history is replayed from 0. Malformed messages are
+counted and skipped; the loop never dies of one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+
+import msgspec
+import zmq
+import zmq.asyncio
+from pydantic import BaseModel, ConfigDict, Field
+from zmq.utils.monitor import parse_monitor_message
+
+from kvstack.common.kv_events import REPLAY_END, decode_batch, decode_seq, encode_seq
+from kvstack.router.engines import EngineState
+from kvstack.router.kvindex.index import KVIndex
+
+log = logging.getLogger(__name__)
+
+
+class SubscriberSettings(BaseModel):
+    """Timing of the per-engine event feeds."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    replay_timeout_s: float = Field(2.0, gt=0.0)  # per message of a replay
+    replay_cooldown_s: float = Field(5.0, ge=0.0)  # after a failed replay, live events only
+    model_poll_s: float = Field(0.2, gt=0.0)  # until discovery learns the engine's model
+    rcvhwm: int = Field(100_000, gt=0)  # vLLM's publisher hwm: hold live batches while replaying
+
+
+@dataclass(slots=True)
+class SubscriberCounters:
+    """Plain counters the router exports as metrics."""
+
+    batches_applied: int = 0
+    gaps: int = 0  # a live batch arrived past the next expected sequence number
+    replays: int = 0
+    replay_failures: int = 0
+    lost_batches: int = 0  # batches neither live nor replay could deliver
+    malformed: int = 0
+    resets: int = 0  # sequence went backwards: the engine restarted
+
+
+def served_model(state: EngineState) -> str | None:
+    """The model an engine's events are scoped by (its base model; None until discovery knows)."""
+    if not state.models:
+        return None
+    return min(state.models)  # with several (base + adapters) a stable pick; see the report
+
+
+@dataclass(slots=True)
+class _Feed:
+    state: EngineState
+    task: asyncio.Task[None] | None = None
+    next_seq: int | None = None  # None: nothing applied yet
+    dup_floor: int = 0  # live batches in [dup_floor, next_seq) are replay duplicates
+    cooldown_until: float = 0.0
+    resync: bool = False  # reconnected: rebuild from the full history at the next chance
+
+
+class KVEventSubscriber:
+    """Keeps ``index`` in sync with every engine's KV events."""
+
+    def __init__(
+        self,
+        index: KVIndex,
+        settings: SubscriberSettings | None = None,
+        *,
+        context: zmq.asyncio.Context | None = None,
+    ) -> None:
+        self.index = index
+        self.settings = settings or SubscriberSettings()
+        self._ctx = context or zmq.asyncio.Context.instance()
+        self._feeds: dict[str, _Feed] = {}
+        self.counters = SubscriberCounters()
+
+    @property
+    def indexed_blocks(self) -> int:
+        return self.index.indexed_blocks
+
+    def engines(self) -> list[str]:
+        return list(self._feeds)
+
+    def add_engine(self, state: EngineState) -> None:
+        """Start following ``state`` (call on the event loop when discovery adds an engine)."""
+        url = state.url
+        if url in self._feeds:
+            self.remove_engine(url)
+        ep = state.endpoint
+        self.index.ensure_engine(
+            url,
+            model=served_model(state),
+            block_size=state.block_size,
+            num_gpu_blocks=state.num_gpu_blocks,
+            events=ep.kv_events_endpoint is not None,
+        )
+        feed = _Feed(state)
+        self._feeds[url] = feed
+        if ep.kv_events_endpoint is not None:
+            feed.task = asyncio.get_running_loop().create_task(self._run(feed), name=f"kv-events {url}")
+
+    def remove_engine(self, url: str) -> None:
+        """Stop following an engine that left and forget its blocks."""
+        feed = self._feeds.pop(url, None)
+        if feed is not None and feed.task is not None:
+            feed.task.cancel()
+        self.index.remove_engine(url)
+
+    async def close(self) -> None:
+        """Stop every feed and wait for their sockets to close."""
+        tasks = [f.task for f in self._feeds.values() if f.task is not None]
+        self._feeds.clear()
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+
+    # -- one engine ----------------------------------------------------------------------------
+
+    async def _run(self, feed: _Feed) -> None:
+        state = feed.state
+        # Discovery fills `models` in place without notifying anyone, so poll (cheaply) for it.
+        while (model := served_model(state)) is None:  # noqa: ASYNC110
+            await asyncio.sleep(self.settings.model_poll_s)
+        self.index.ensure_engine(state.url, model=model, events=True)
+        sub = self._ctx.socket(zmq.SUB)
+        sub.setsockopt(zmq.LINGER, 0)
+        sub.setsockopt(zmq.RCVHWM, self.settings.rcvhwm)
+        sub.setsockopt(zmq.SUBSCRIBE, b"")
+        assert state.endpoint.kv_events_endpoint is not None
+        # A reconnect may mean a new engine process whose first batches we never saw: the
+        # monitor tells us, and a full replay then rebuilds the engine's entries from scratch.
+        mon = sub.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+        sub.connect(state.endpoint.kv_events_endpoint)
+        poller = zmq.asyncio.Poller()
+        poller.register(sub, zmq.POLLIN)
+        poller.register(mon, zmq.POLLIN)
+        try:
+            # Subscribe first, then replay: batches published meanwhile queue in `sub` and are
+            # deduplicated by sequence number.
+            await self._replay(feed, 0)
+            while True:
+                ready = dict(await poller.poll())
+                if mon in ready:
+                    event = parse_monitor_message(await mon.recv_multipart())["event"]
+                    if event == zmq.EVENT_DISCONNECTED:
+                        feed.resync = True
+                    elif event == zmq.EVENT_CONNECTED and feed.resync:
+                        await self._replay(feed, 0, rebuild=True)
+                if sub in ready:
+                    await self._on_live(feed, await sub.recv_multipart())
+        finally:
+            sub.disable_monitor()
+            mon.close(linger=0)
+            sub.close(linger=0)
+
+    async def _on_live(self, feed: _Feed, frames: list[bytes]) -> None:
+        if len(frames) != 3:
+            self.counters.malformed += 1
+            return
+        try:
+            seq = decode_seq(frames[1])
+        except ValueError:
+            self.counters.malformed += 1
+            return
+        if feed.resync:  # the new process's first batches may have gone out before we reconnected
+            await self._replay(feed, 0, rebuild=True)
+        expected = feed.next_seq
+        if expected is None or seq == expected:
+            self._apply(feed, seq, frames[2])
+        elif seq > expected:
+            self.counters.gaps += 1
+            await self._replay(feed, expected)
+            after = feed.next_seq
+            if after is None or seq >= after:  # the replay could not cover it
+                self.counters.lost_batches += seq - (expected if after is None else after)
+                self._apply(feed, seq, frames[2])
+        elif seq >= feed.dup_floor:
+            return  # already applied from a replay
+        else:
+            log.info("kv events from %s restarted at seq %d (expected %d)", feed.state.url, seq, expected)
+            self.counters.resets += 1
+            self.index.reset_engine(feed.state.url)
+            feed.next_seq = None
+            await self._replay(feed, 0)
+            replayed_to = self._next(feed)
+            if replayed_to is None or seq >= replayed_to:
+                self._apply(feed, seq, frames[2])
+        if feed.next_seq is not None and seq >= feed.next_seq - 1:
+            feed.dup_floor = feed.next_seq  # live caught up: anything older now means a restart
+
+    @staticmethod
+    def _next(feed: _Feed) -> int | None:
+        return feed.next_seq  # read through a call: a replay just moved it
+
+    def _apply(self, feed: _Feed, seq: int, payload: bytes) -> None:
+        feed.next_seq = seq + 1
+        try:
+            batch = decode_batch(payload)
+        except (msgspec.DecodeError, ValueError):
+            self.counters.malformed += 1
+            return
+        try:
+            self.index.apply(feed.state.url, batch.events)
+        except (ValueError, TypeError, OverflowError):  # e.g. token ids outside uint32
+            log.warning("skipping a malformed KV-event batch %d from %s", seq, feed.state.url, exc_info=True)
+            self.counters.malformed += 1
+            return
+        self.counters.batches_applied += 1
+
+    async def _replay(self, feed: _Feed, start: int, *, rebuild: bool = False) -> None:
+        """Apply buffered batches from ``start`` on, in order; on failure, go on with live events.
+
+        ``rebuild``: when the engine's buffer holds its whole history (it starts at 0), drop the
+        engine's entries and rebuild them from it (after a reconnect, to a possibly new process).
+        """
+        replay_ep = feed.state.endpoint.kv_events_replay_endpoint
+        if replay_ep is None or time.monotonic() < feed.cooldown_until:
+            return
+        self.counters.replays += 1
+        dealer = self._ctx.socket(zmq.DEALER)
+        dealer.setsockopt(zmq.LINGER, 0)
+        dealer.connect(replay_ep)
+        first: int | None = None
+        try:
+            await dealer.send_multipart([b"", encode_seq(start)])
+            while True:
+                frames = await asyncio.wait_for(dealer.recv_multipart(), self.settings.replay_timeout_s)
+                if len(frames) != 3:
+                    self.counters.malformed += 1
+                    continue
+                if frames[1] == REPLAY_END:
+                    break
+                try:
+                    seq = decode_seq(frames[1])
+                except ValueError:
+                    self.counters.malformed += 1
+                    continue
+                if first is None and rebuild and seq == 0:
+                    feed.resync = False
+                    if feed.next_seq is not None:
+                        self.counters.resets += 1
+                        self.index.reset_engine(feed.state.url)
+                        feed.next_seq = None
+                if feed.next_seq is not None and seq < feed.next_seq:
+                    continue
+                if first is None:
+                    first = seq
+                    if seq > start:  # the engine's buffer no longer reaches back to `start`
+                        self.counters.lost_batches += seq - start
+                self._apply(feed, seq, frames[2])
+        except TimeoutError:
+            self.counters.replay_failures += 1
+            feed.cooldown_until = time.monotonic() + self.settings.replay_cooldown_s
+            log.warning("KV-event replay from %s timed out", replay_ep)
+        finally:
+            dealer.close(linger=0)
+        feed.dup_floor = start if first is None else min(first, start)
