@@ -1,0 +1,21 @@
+"""Test harness: a real Kubernetes control plane on loopback, and simulators behind its pods.
+
+``Cluster`` starts etcd + kube-apiserver + controller-manager + scheduler + kwok with fake GPU nodes;
+``PodSimulators`` runs one ``kvstack engine sim`` per Running pod on the pod's loopback IP.
+"""
+
+from kvstack.testing.cluster import Cluster, ClusterConfig, reap_stale_clusters
+from kvstack.testing.pod_sims import PodSimulators
+from kvstack.testing.pod_targets import SimTarget
+from kvstack.testing.tools import Toolchain, build_tools, ensure_cluster_tools
+
+__all__ = [
+    "Cluster",
+    "ClusterConfig",
+    "PodSimulators",
+    "SimTarget",
+    "Toolchain",
+    "build_tools",
+    "ensure_cluster_tools",
+    "reap_stale_clusters",
+]

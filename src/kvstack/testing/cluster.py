@@ -1,0 +1,293 @@
+"""A real Kubernetes control plane on loopback, for tests and ``make cluster``.
+
+etcd, kube-apiserver, kube-controller-manager and kube-scheduler (1.34, built by ``cluster/build.sh``)
+run as local processes wired by ``kwokctl --runtime binary``; the kwok controller plays the kubelet
+for fake GPU nodes, and gives pods IPs inside 127.0.0.0/8 so that a process bound to a pod's IP
+(see :mod:`kvstack.testing.pod_sims`) is reachable exactly where clients look for that pod.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import yaml
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from kvstack.common.config import build
+from kvstack.testing.manifests import gpu_nodes, kwok_configuration, kwokctl_configuration
+from kvstack.testing.tools import Toolchain, cache_root, ensure_cluster_tools
+
+WORKDIR_PREFIX = "kvstack-cluster-"
+OWNER_FILE = "owner.pid"
+
+
+class ClusterConfig(BaseSettings):
+    """Shape of the test cluster; ``KVSTACK_CLUSTER_*`` environment variables override defaults."""
+
+    model_config = SettingsConfigDict(env_prefix="KVSTACK_CLUSTER_", extra="forbid")
+
+    name: str = Field("kvstack", pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", max_length=40)
+    gpu_nodes: int = Field(2, ge=0, le=200)
+    gpus_per_node: int = Field(8, ge=0, le=64)
+    # Linux routes all of 127.0.0.0/8 to lo: every pod IP is then a local address.
+    pod_cidr: str = "127.16.0.0/16"
+    workdir: Path | None = None  # default: a fresh directory under the system temp dir
+    start_timeout_s: float = Field(180.0, gt=0)
+
+    @field_validator("pod_cidr")
+    @classmethod
+    def _loopback_cidr(cls, value: str) -> str:
+        network = ipaddress.ip_network(value)
+        if not (
+            isinstance(network, ipaddress.IPv4Network)
+            and network.subnet_of(ipaddress.IPv4Network("127.0.0.0/8"))
+        ):
+            raise ValueError("must lie inside 127.0.0.0/8 so pod IPs are loopback addresses")
+        if network.prefixlen > 16:
+            raise ValueError("must be /16 or wider: each node takes a /24 and kwok's fallback the 256th")
+        return str(network)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def kill_recorded_processes(workdir: Path) -> list[int]:
+    """SIGKILL every process group kwokctl recorded under ``workdir`` (it starts each with setsid)."""
+    killed = []
+    for pid_file in workdir.glob("clusters/*/pids/*.pid"):
+        with contextlib.suppress(ValueError, OSError):
+            pid = int(pid_file.read_text().strip())
+            if pid > 1 and _pid_alive(pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(pid, signal.SIGKILL)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+    return killed
+
+
+def _cluster_workdirs(tmp_root: Path | None) -> list[Path]:
+    """Working directories the harness may have created: temp dirs and named ones in the cache."""
+    root = tmp_root or Path(tempfile.gettempdir())
+    return [*root.glob(WORKDIR_PREFIX + "*"), *(cache_root() / "clusters").glob("*")]
+
+
+def reap_stale_clusters(tmp_root: Path | None = None) -> list[Path]:
+    """Kill and remove clusters whose owning process died without stopping them (a killed test run)."""
+    reaped = []
+    for workdir in _cluster_workdirs(tmp_root):
+        owner = workdir / OWNER_FILE
+        try:
+            alive = _pid_alive(int(owner.read_text().strip()))
+        except (OSError, ValueError):
+            alive = False
+        if not alive:
+            kill_recorded_processes(workdir)
+            shutil.rmtree(workdir, ignore_errors=True)
+            reaped.append(workdir)
+    return reaped
+
+
+class Cluster:
+    """etcd + kube-apiserver + controller-manager + scheduler + kwok, with fake GPU nodes.
+
+    ``start()`` blocks until the API answers and every fake node is Ready; ``stop()`` kills every
+    process and removes the working directory. Both are idempotent; the object is a context manager.
+    """
+
+    def __init__(self, config: ClusterConfig | None = None, tools: Toolchain | None = None) -> None:
+        self.config = config or build(ClusterConfig, "cluster config")
+        self._tools = tools
+        self.workdir: Path | None = None
+        self._owns_workdir = False
+        self._api_client: Any = None
+        self.started = False
+
+    # ---- lifecycle -------------------------------------------------------------------------------
+    def start(self) -> Cluster:
+        if self.started:
+            return self
+        reap_stale_clusters()
+        self._tools = self._tools or ensure_cluster_tools()
+        if self.config.workdir is None:
+            self.workdir = Path(tempfile.mkdtemp(prefix=WORKDIR_PREFIX))
+            self._owns_workdir = True
+        else:
+            self.workdir = self.config.workdir
+            self.workdir.mkdir(parents=True, exist_ok=True)
+        (self.workdir / OWNER_FILE).write_text(str(os.getpid()))
+        self.started = True
+        try:
+            self._create()
+            self._add_nodes()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        if not self.started or self.workdir is None:
+            return
+        if self._api_client is not None:
+            with contextlib.suppress(Exception):
+                self._api_client.close()
+            self._api_client = None
+        with contextlib.suppress(subprocess.SubprocessError, OSError):
+            self._kwokctl(
+                "delete", "cluster", "--name", self.config.name, "--kubeconfig", str(self.kubeconfig)
+            )
+        kill_recorded_processes(self.workdir)
+        if self._owns_workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+        else:
+            (self.workdir / OWNER_FILE).unlink(missing_ok=True)
+        self.started = False
+
+    def __enter__(self) -> Cluster:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+    # ---- what users of the cluster need ----------------------------------------------------------
+    @property
+    def tools(self) -> Toolchain:
+        if self._tools is None:
+            raise RuntimeError("the cluster has not been started")
+        return self._tools
+
+    @property
+    def kubeconfig(self) -> Path:
+        """An admin kubeconfig for this cluster only (never ``~/.kube/config``)."""
+        if self.workdir is None:
+            raise RuntimeError("the cluster has not been started")
+        return self.workdir / "kubeconfig.yaml"
+
+    @property
+    def context(self) -> str:
+        return f"kwok-{self.config.name}"
+
+    @property
+    def server(self) -> str:
+        """The API server's URL (https on 127.0.0.1)."""
+        doc = yaml.safe_load(self.kubeconfig.read_text())
+        return str(next(c["cluster"]["server"] for c in doc["clusters"] if c["name"] == self.context))
+
+    def api_client(self) -> Any:
+        """A ``kubernetes.client.ApiClient`` for this cluster (shared; closed by ``stop()``)."""
+        if self._api_client is None:
+            from kubernetes import config
+
+            self._api_client = config.new_client_from_config(  # type: ignore[no-untyped-call]
+                config_file=str(self.kubeconfig), context=self.context
+            )
+        return self._api_client
+
+    def server_version(self) -> str:
+        """``gitVersion`` the API server reports, e.g. ``v1.34.10``."""
+        from kubernetes import client
+
+        return str(client.VersionApi(self.api_client()).get_code().git_version)
+
+    def kubectl(
+        self, *args: str, check: bool = True, input: str | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        """Run the matching kubectl against this cluster."""
+        return subprocess.run(
+            [str(self.tools.kubectl), "--kubeconfig", str(self.kubeconfig), "--context", self.context, *args],
+            check=check,
+            capture_output=True,
+            text=True,
+            input=input,
+            timeout=120,
+        )
+
+    def env(self) -> dict[str, str]:
+        """Environment for child processes (helm, kubectl, an operator) to target this cluster."""
+        return {**os.environ, "KUBECONFIG": str(self.kubeconfig), "PATH": self._path()}
+
+    # ---- internals -------------------------------------------------------------------------------
+    def _path(self) -> str:
+        dirs = [self.tools.kube_bin_dir, self.tools.helm.parent, self.tools.kwokctl.parent]
+        return os.pathsep.join([*(str(d) for d in dirs), os.environ.get("PATH", "")])
+
+    def _kwokctl(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        assert self.workdir is not None
+        env = {**os.environ, "KWOK_WORKDIR": str(self.workdir), "PATH": self._path()}
+        proc = subprocess.run(
+            [str(self.tools.kwokctl), *args], env=env, capture_output=True, text=True, timeout=timeout
+        )
+        if proc.returncode != 0:
+            raise RuntimeError(
+                f"kwokctl {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}{proc.stderr}"
+            )
+        return proc
+
+    def _config_file(self) -> Path:
+        assert self.workdir is not None
+        t = self.tools
+        binaries = {
+            "kubeApiserverBinary": str(t.kube_apiserver),
+            "kubeControllerManagerBinary": str(t.kube_controller_manager),
+            "kubeSchedulerBinary": str(t.kube_scheduler),
+            "kubectlBinary": str(t.kubectl),
+            "kwokControllerBinary": str(t.kwok),
+            "etcdBinary": str(t.etcd),
+        }
+        docs = [
+            kwokctl_configuration(kube_version=t.kubernetes, etcd_version=t.etcd_version, binaries=binaries),
+            *kwok_configuration(self.config.pod_cidr),
+        ]
+        path = self.workdir / "kwokctl.yaml"
+        path.write_text(yaml.safe_dump_all(docs, sort_keys=False))
+        return path
+
+    def _create(self) -> None:
+        timeout = self.config.start_timeout_s
+        self._kwokctl(
+            "create", "cluster",
+            "--name", self.config.name,
+            "--config", str(self._config_file()),
+            "--kubeconfig", str(self.kubeconfig),
+            "--wait", f"{int(timeout)}s",
+            timeout=timeout + 30,
+        )  # fmt: skip
+
+    def _add_nodes(self) -> None:
+        from kubernetes import client
+
+        core: Any = client.CoreV1Api(self.api_client())  # accepts plain dicts as bodies
+        names = []
+        for node in gpu_nodes(self.config.gpu_nodes, self.config.gpus_per_node, self.config.pod_cidr):
+            core.create_node(node)
+            names.append(node["metadata"]["name"])
+        deadline = time.monotonic() + self.config.start_timeout_s
+        while not all(_node_ready(core.read_node(name)) for name in names):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"fake nodes {names} not Ready after {self.config.start_timeout_s}s")
+            time.sleep(0.2)
+
+
+def _node_ready(node: Any) -> bool:
+    conditions = node.status.conditions or []
+    return any(c.type == "Ready" and c.status == "True" for c in conditions)

@@ -1,0 +1,240 @@
+"""One ``kvstack engine sim`` process per Running pod, listening on the pod's own (loopback) IP.
+
+kwok gives pods IPs inside 127.0.0.0/8, which Linux routes to ``lo``, so a simulator bound to a
+pod's IP and container port makes the pod answer exactly where the router's Kubernetes discovery
+and Prometheus' pod service discovery will look for it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Any
+
+from kvstack.testing.pod_targets import DEFAULT_PORT_NAME, Pod, SimTarget, apply_event, desired_targets, plan
+
+log = logging.getLogger(__name__)
+
+Command = Callable[[SimTarget], Sequence[str]]
+
+
+def kvstack_executable() -> str:
+    """The ``kvstack`` script of this interpreter's environment (falls back to PATH)."""
+    beside = Path(sys.executable).with_name("kvstack")
+    found = str(beside) if beside.exists() else shutil.which("kvstack")
+    if not found:
+        raise RuntimeError("the kvstack command is not installed in this environment")
+    return found
+
+
+def sim_command(target: SimTarget) -> list[str]:
+    """``kvstack engine sim`` for one pod, plus the pod's ``sim.kvstack.io/args``."""
+    return [
+        kvstack_executable(),
+        *("engine", "sim", "--host", target.host, "--port", str(target.port), "--model", target.model),
+        *target.extra_args,
+    ]
+
+
+def stop_process_group(proc: subprocess.Popen[bytes], grace: float = 5.0) -> None:
+    """SIGTERM the process group, SIGKILL it after ``grace`` seconds; reap the leader."""
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        try:
+            proc.wait(timeout=wait)
+            # The leader is gone; children that ignored SIGTERM still share its group.
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+class _SimProcess:
+    """A running simulator and the log file it writes to."""
+
+    def __init__(self, target: SimTarget, argv: Sequence[str], log_dir: Path) -> None:
+        self.target = target
+        self.log_path = log_dir / f"{target.namespace}_{target.name}_{target.uid[:8]}.log"
+        self._log: IO[bytes] = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            list(argv),
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+
+    def stop(self) -> None:
+        stop_process_group(self.proc)
+        self._log.close()
+
+
+def _healthy(url: str, timeout: float = 1.0) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=timeout) as resp:
+            return int(resp.status) == 200
+    except (OSError, urllib.error.URLError):
+        return False
+
+
+class PodSimulators:
+    """Watches pods matching ``label_selector`` and keeps one simulator per Running pod.
+
+    Use as a context manager, or ``start()`` / ``stop()``. ``namespace=None`` watches every namespace.
+    """
+
+    def __init__(
+        self,
+        api_client: Any,
+        label_selector: str = "app.kubernetes.io/component=engine",
+        *,
+        namespace: str | None = None,
+        port_name: str = DEFAULT_PORT_NAME,
+        command: Command = sim_command,
+        log_dir: Path | None = None,
+    ) -> None:
+        from kubernetes import client
+
+        self._api_client = api_client
+        self._core = client.CoreV1Api(api_client)
+        self.label_selector = label_selector
+        self.namespace = namespace
+        self.port_name = port_name
+        self._command = command
+        self.log_dir = log_dir or Path(tempfile.mkdtemp(prefix="kvstack-podsims-"))
+        self._pods: dict[str, Pod] = {}
+        self._sims: dict[str, _SimProcess] = {}
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # ---- lifecycle -------------------------------------------------------------------------------
+    def start(self) -> PodSimulators:
+        if self._thread is None:
+            self._stopping.clear()
+            self._thread = threading.Thread(target=self._watch_loop, name="pod-sims", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop watching, then stop every simulator. Idempotent."""
+        self._stopping.set()
+        if self._thread is not None:
+            self._thread.join(timeout=15)
+            self._thread = None
+        with self._lock:
+            sims, self._sims = list(self._sims.values()), {}
+        for sim in sims:
+            sim.stop()
+
+    def __enter__(self) -> PodSimulators:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+    # ---- what tests look at ----------------------------------------------------------------------
+    @property
+    def targets(self) -> dict[str, SimTarget]:
+        """The simulators running now, by pod uid."""
+        with self._lock:
+            return {uid: sim.target for uid, sim in self._sims.items() if sim.proc.poll() is None}
+
+    def wait_for(self, count: int, timeout: float = 60.0) -> list[SimTarget]:
+        """Block until exactly ``count`` simulators run and answer ``/health``; returns them."""
+        deadline = time.monotonic() + timeout
+        while True:
+            targets = list(self.targets.values())
+            if len(targets) == count and all(_healthy(t.url) for t in targets):
+                return sorted(targets, key=lambda t: (t.namespace, t.name))
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"wanted {count} healthy simulators, have {len(targets)} running: "
+                    f"{[t.url for t in targets]} (logs in {self.log_dir})"
+                )
+            time.sleep(0.2)
+
+    # ---- watching --------------------------------------------------------------------------------
+    def _list(self) -> tuple[dict[str, Pod], str]:
+        if self.namespace is None:
+            result: Any = self._core.list_pod_for_all_namespaces(label_selector=self.label_selector)
+        else:
+            result = self._core.list_namespaced_pod(self.namespace, label_selector=self.label_selector)
+        serialize = self._api_client.sanitize_for_serialization
+        pods = {item.metadata.uid: serialize(item) for item in result.items}
+        return pods, str(result.metadata.resource_version)
+
+    def _watch_loop(self) -> None:
+        from kubernetes import watch
+
+        while not self._stopping.is_set():
+            try:
+                self._pods, version = self._list()
+                self._reconcile()
+                while not self._stopping.is_set():
+                    version = self._watch_once(watch.Watch(), version)  # type: ignore[no-untyped-call]
+                    self._reconcile()  # every few seconds: restarts simulators that exited
+            except Exception as err:  # the API may be restarting; re-list after a short pause
+                if self._stopping.is_set():
+                    return
+                log.warning("pod watch failed (%s); re-listing", err)
+                self._stopping.wait(0.5)
+
+    def _watch_once(self, watcher: Any, version: str) -> str:
+        """One watch request (server-side timeout keeps ``stop()`` prompt); returns the last version."""
+        kwargs: dict[str, Any] = {
+            "label_selector": self.label_selector,
+            "resource_version": version,
+            "timeout_seconds": 2,
+            "allow_watch_bookmarks": True,
+        }
+        if self.namespace is None:
+            stream = watcher.stream(self._core.list_pod_for_all_namespaces, **kwargs)
+        else:
+            stream = watcher.stream(self._core.list_namespaced_pod, self.namespace, **kwargs)
+        for event in stream:
+            if event["type"] == "ERROR":  # typically 410 Gone: the version is too old, so re-list
+                raise RuntimeError(f"watch error: {event.get('raw_object')}")
+            pod = event["raw_object"]
+            version = pod.get("metadata", {}).get("resourceVersion", version)
+            self._pods = apply_event(self._pods, event["type"], pod)
+            self._reconcile()
+            if self._stopping.is_set():
+                watcher.stop()
+        return version
+
+    def _reconcile(self) -> None:
+        desired = desired_targets(self._pods, self.port_name)
+        with self._lock:
+            running = {uid: sim.target for uid, sim in self._sims.items() if sim.proc.poll() is None}
+            to_start, to_stop = plan(running, desired)
+            stopping = [self._sims.pop(uid) for uid in to_stop]
+            # A simulator that exited on its own is restarted, as a kubelet would restart a container.
+            stopping += [self._sims.pop(uid) for uid in list(self._sims) if uid not in running]
+        for sim in stopping:
+            log.info("stopping simulator for pod %s/%s", sim.target.namespace, sim.target.name)
+            sim.stop()
+        for target in to_start:
+            if self._stopping.is_set():
+                return
+            log.info("starting simulator for pod %s/%s at %s", target.namespace, target.name, target.url)
+            sim = _SimProcess(target, self._command(target), self.log_dir)
+            with self._lock:
+                self._sims[target.uid] = sim
