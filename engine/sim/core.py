@@ -94,6 +94,15 @@ class _Stream:
             self._req.closed = True
             self._engine.abort(self._req.request_id)
 
+    def __del__(self) -> None:
+        # A consumer cancelled outside __anext__ (e.g. while sending a chunk) just drops the
+        # iterator: abort then, so the blocks do not stay pinned until the request ends.
+        req = self._req
+        if not req.closed and not req.finished:
+            req.closed = True
+            with contextlib.suppress(Exception):
+                self._engine.abort(req.request_id)
+
 
 class SimEngine:
     """One simulated vLLM 0.24 V1 engine core (implements ``types.EngineCore``)."""

@@ -1,0 +1,115 @@
+"""Fixtures for the simulator core: a real redis-server on a free port, and a recording listener."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from tests.conftest import free_port
+
+from kvstack.engine.sim.types import FinishedRequestStats
+
+
+@dataclass
+class RedisServer:
+    """A redis-server process we own; ``kill`` and ``restart`` simulate an outage."""
+
+    port: int
+    workdir: Path
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        exe = shutil.which("redis-server")
+        if exe is None:
+            pytest.skip("redis-server is not installed")
+        self.proc = subprocess.Popen(
+            [
+                exe,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.workdir),
+                "--maxmemory",
+                "64mb",
+                "--maxmemory-policy",
+                "allkeys-lru",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
+                    s.sendall(b"PING\r\n")
+                    if s.recv(16).startswith(b"+PONG"):
+                        return
+            except OSError:
+                time.sleep(0.02)
+        self.kill()
+        raise RuntimeError("redis-server did not start")
+
+    def kill(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+            self.proc = None
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    server = RedisServer(free_port(), tmp_path)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.kill()
+
+
+@dataclass
+class Recorder:
+    """A StatsListener that keeps everything it is told."""
+
+    iterations: list[int] = field(default_factory=list)
+    prefix_queries: list[tuple[int, int]] = field(default_factory=list)
+    external_queries: list[tuple[int, int]] = field(default_factory=list)
+    prompt_sources: list[tuple[int, int, int]] = field(default_factory=list)
+    preemptions: int = 0
+    finished: list[FinishedRequestStats] = field(default_factory=list)
+    finished_event: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def on_iteration(self, num_tokens: int) -> None:
+        self.iterations.append(num_tokens)
+
+    def on_prefix_cache_query(self, queried_tokens: int, hit_tokens: int) -> None:
+        self.prefix_queries.append((queried_tokens, hit_tokens))
+
+    def on_external_cache_query(self, queried_tokens: int, hit_tokens: int) -> None:
+        self.external_queries.append((queried_tokens, hit_tokens))
+
+    def on_prompt_tokens(self, local_compute: int, local_cache_hit: int, external_kv_transfer: int) -> None:
+        self.prompt_sources.append((local_compute, local_cache_hit, external_kv_transfer))
+
+    def on_preemption(self) -> None:
+        self.preemptions += 1
+
+    def on_request_finished(self, stats: FinishedRequestStats) -> None:
+        self.finished.append(stats)
+        self.finished_event.set()
