@@ -139,8 +139,9 @@ def parse_request(kind: Kind, raw: bytes) -> ParsedRequest:
 
 @lru_cache(maxsize=2048)
 def _encode_text(text: str) -> tuple[int, ...]:
-    # Keyed by the text itself: a repeated system prompt or document is tokenized once.
-    return (tokenizer.BOS_ID, *tokenizer.encode(text))
+    # Keyed by the text itself: a repeated system prompt or document is tokenized once. No BOS: the
+    # simulator adds none to text prompts, and block keys must match the engine's tokens exactly.
+    return tuple(tokenizer.encode(text))
 
 
 def _message_text(content: Any) -> str:

@@ -110,8 +110,8 @@ def test_chat_prompt_tokens_follow_the_shared_chat_template() -> None:
 @pytest.mark.parametrize(
     ("prompt", "expected"),
     [
-        ("hello world", [tokenizer.BOS_ID, *tokenizer.encode("hello world")]),
-        (["first", "second"], [tokenizer.BOS_ID, *tokenizer.encode("first")]),
+        ("hello world", tokenizer.encode("hello world")),
+        (["first", "second"], tokenizer.encode("first")),
         ([5, 6, 7], [5, 6, 7]),
         ([[8, 9], [1]], [8, 9]),
     ],

@@ -1,0 +1,240 @@
+"""Router test harness: real simulator processes, the router served by uvicorn in a thread, and
+small real TCP servers that behave badly (hang, stall, fail) the way broken engines do."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+from tests.conftest import free_port
+
+from kvstack.common.procs import ManagedProcess
+from kvstack.router.app import create_app
+from kvstack.router.config import RouterSettings, load_settings
+from kvstack.router.context import RouterContext
+
+MODEL = "kvstack/sim-8b"
+KVSTACK = str(Path(sys.executable).with_name("kvstack"))
+FAST_MONITOR = {"probe_interval": 0.2, "probe_timeout": 0.5, "scrape_interval": 0.2, "models_interval": 5.0}
+
+
+@dataclass
+class Sim:
+    url: str
+    proc: ManagedProcess
+
+    def metric(self, name: str, **labels: str) -> float:
+        """Sum of the samples of ``name`` whose labels include ``labels``."""
+        text = httpx.get(f"{self.url}/metrics", timeout=5).text
+        total = 0.0
+        for line in text.splitlines():
+            if not line.startswith(name + "{") and not line.startswith(name + " "):
+                continue
+            if all(f'{k}="{v}"' in line for k, v in labels.items()):
+                total += float(line.rsplit(" ", 1)[1])
+        return total
+
+
+@contextmanager
+def run_sims(tmp: Path, count: int, *extra: str) -> Iterator[list[Sim]]:
+    sims = []
+    try:
+        for _ in range(count):
+            port = free_port()
+            argv = [KVSTACK, "engine", "sim", "--port", str(port), *extra]
+            proc = ManagedProcess(f"sim-{port}", argv, tmp, ready_url=f"http://127.0.0.1:{port}/health")
+            sims.append(Sim(f"http://127.0.0.1:{port}", proc.start()))
+        for sim in sims:
+            sim.proc.wait_ready(30)
+        yield sims
+    finally:
+        for sim in sims:
+            sim.proc.stop()
+
+
+@pytest.fixture(scope="module")
+def sims(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Sim]]:
+    """Two simulators at real-time speed, shared by a module's tests."""
+    with run_sims(tmp_path_factory.mktemp("sims"), 2) as running:
+        yield running
+
+
+@pytest.fixture
+def slow_sims(tmp_path: Path) -> Iterator[list[Sim]]:
+    """Two simulators at a tenth of real time: streams last seconds (killable, cancellable)."""
+    with run_sims(tmp_path, 2, "--speed", "0.1") as running:
+        yield running
+
+
+class RouterServer:
+    """The router app under uvicorn in a background thread, on a free loopback port."""
+
+    def __init__(self, settings: RouterSettings) -> None:
+        self.app = create_app(settings)
+        self.ctx: RouterContext = self.app.app.state.ctx
+        self.port = settings.port
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(
+            self.app, host="127.0.0.1", port=self.port, lifespan="on", log_config=None, access_log=False
+        )
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def start(self) -> RouterServer:
+        self.thread.start()
+        deadline = time.monotonic() + 10
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("router did not start")
+            time.sleep(0.01)
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(15)
+
+    def wait_available(self, count: int, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            now = self.ctx.clock()
+            if sum(e.available(now) for e in self.ctx.registry.all()) >= count:
+                return
+            time.sleep(0.05)
+        raise AssertionError(f"fewer than {count} engines available: {self.ctx.registry.all()}")
+
+    def metric(self, name: str, **labels: str) -> float:
+        value = self.ctx.metrics.registry.get_sample_value(name, labels)
+        return value or 0.0
+
+
+RouterFactory = Callable[..., RouterServer]
+
+
+@pytest.fixture
+def router() -> Iterator[RouterFactory]:
+    """``router(engines=[...], **settings)`` starts a router; all are stopped after the test."""
+    started: list[RouterServer] = []
+
+    def make(*, available: int | None = None, **values: Any) -> RouterServer:
+        values.setdefault("monitor", FAST_MONITOR)
+        values.setdefault("access_log", False)
+        server = RouterServer(load_settings(port=free_port(), **values)).start()
+        started.append(server)
+        if available is None:
+            available = len(values.get("engines", []))
+        if available:
+            server.wait_available(available)
+        return server
+
+    try:
+        yield make
+    finally:
+        for server in started:
+            server.stop()
+
+
+class BadEngine:
+    """A real HTTP/1.1 server that answers probes like an engine but misbehaves on POSTs.
+
+    ``mode``: ``hang`` (never answers), ``stall`` (starts an SSE stream, then goes silent),
+    ``status:<code>`` (answers every POST with that status and an OpenAI error body).
+    """
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.posts = 0
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._stop: asyncio.Event | None = None
+        self._handlers: set[asyncio.Task[Any]] = set()
+
+    def _run(self) -> None:
+        self._loop.run_until_complete(self._serve())
+
+    async def _serve(self) -> None:
+        self._stop = asyncio.Event()
+        server = await asyncio.start_server(self._handle, "127.0.0.1", self.port)
+        self._ready.set()
+        async with server:
+            await self._stop.wait()
+            server.close()
+            for task in self._handlers:
+                task.cancel()
+            await asyncio.gather(*self._handlers, return_exceptions=True)
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._handlers.add(task)
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                request_line, *header_lines = head.decode().split("\r\n")
+                method, path, _ = request_line.split(" ", 2)
+                length = 0
+                for line in header_lines:
+                    if line.lower().startswith("content-length:"):
+                        length = int(line.split(":", 1)[1])
+                if length:
+                    await reader.readexactly(length)
+                if method == "GET":
+                    body = b"{}"
+                    if path == "/v1/models":
+                        body = b'{"object":"list","data":[{"id":"%s","object":"model"}]}' % MODEL.encode()
+                    elif path == "/metrics":
+                        body = b""
+                    self._reply(writer, 200, body)
+                    await writer.drain()
+                    continue
+                self.posts += 1
+                if self.mode == "hang":
+                    await asyncio.Event().wait()
+                if self.mode == "stall":
+                    writer.write(
+                        b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+                        b"transfer-encoding: chunked\r\n\r\n"
+                    )
+                    frame = b'data: {"choices":[{"index":0,"delta":{"content":"x"}}]}\n\n'
+                    writer.write(b"%x\r\n%s\r\n" % (len(frame), frame))
+                    await writer.drain()
+                    await asyncio.Event().wait()
+                status = int(self.mode.split(":", 1)[1])
+                self._reply(
+                    writer, status, b'{"error":{"message":"engine failure","type":"X","code":%d}}' % status
+                )
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            self._handlers.discard(task)
+            writer.close()
+
+    @staticmethod
+    def _reply(writer: asyncio.StreamWriter, status: int, body: bytes) -> None:
+        writer.write(
+            b"HTTP/1.1 %d X\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s"
+            % (status, len(body), body)
+        )
+
+    def __enter__(self) -> BadEngine:
+        self._thread.start()
+        self._ready.wait(5)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        assert self._stop is not None
+        self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(5)

@@ -1,0 +1,184 @@
+"""Broken engines and bad clients: timeouts, retries, ejection, errors, protection."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from .conftest import MODEL, BadEngine, RouterFactory, Sim, run_sims
+
+CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+
+
+def test_hanging_engine_times_out_with_504(router: RouterFactory) -> None:
+    with BadEngine("hang") as bad:
+        r = router(engines=[bad.url], first_byte_timeout_s=0.5)
+        started = time.monotonic()
+        resp = httpx.post(f"{r.url}/v1/chat/completions", json=CHAT, timeout=10)
+        assert resp.status_code == 504
+        assert resp.json()["error"]["type"] == "GatewayTimeoutError"
+        assert time.monotonic() - started < 5
+        assert r.metric("kvstack_router_upstream_errors_total", engine=bad.url, kind="timeout") == 1
+        assert bad.posts == 1  # a timeout is never retried: the engine may still be working on it
+
+
+def test_stalled_stream_ends_with_an_error_event(router: RouterFactory) -> None:
+    with BadEngine("stall") as bad:
+        r = router(engines=[bad.url], idle_timeout_s=0.5)
+        client = openai.OpenAI(base_url=f"{r.url}/v1", api_key="x", max_retries=0, timeout=10)
+        stream = client.chat.completions.create(model=MODEL, messages=CHAT["messages"], stream=True)
+        with pytest.raises(openai.APIError, match="broke off"):
+            for _ in stream:
+                pass
+        assert r.metric("kvstack_router_requests_total", model_name=MODEL, engine=bad.url, status="504") == 1
+
+
+def test_engine_500_is_passed_through_and_counts_towards_ejection(router: RouterFactory) -> None:
+    with BadEngine("status:500") as bad:
+        r = router(engines=[bad.url], eject_after_failures=2, eject_duration_s=60)
+        for _ in range(2):
+            resp = httpx.post(f"{r.url}/v1/chat/completions", json=CHAT)
+            assert resp.status_code == 500
+            assert resp.json()["error"]["message"] == "engine failure"
+        assert r.metric("kvstack_router_engine_ejections_total", engine=bad.url) == 1
+        resp = httpx.post(f"{r.url}/v1/chat/completions", json=CHAT)
+        assert resp.status_code == 503  # ejected: no engine left for the model
+        assert bad.posts == 2
+
+
+def test_engine_503_is_retried_on_another_engine(sims: list[Sim], router: RouterFactory) -> None:
+    with BadEngine("status:503") as bad:
+        r = router(engines=[bad.url, sims[0].url], policy="round_robin")
+        for _ in range(4):
+            assert httpx.post(f"{r.url}/v1/chat/completions", json=CHAT).status_code == 200
+        assert bad.posts >= 1
+        assert r.metric("kvstack_router_retries_total", model_name=MODEL, reason="503") == bad.posts
+
+
+def test_connect_refused_is_retried_and_the_dead_engine_ejected(
+    sims: list[Sim], router: RouterFactory, tmp_path: Path
+) -> None:
+    with run_sims(tmp_path, 1) as (doomed,):
+        # slow probes: the router learns of the death from requests, not from the monitor
+        slow_monitor = {"probe_interval": 60.0, "scrape_interval": 60.0}
+        r = router(
+            engines=[doomed.url, sims[0].url],
+            policy="round_robin",
+            eject_after_failures=2,
+            monitor=slow_monitor,
+        )
+        doomed.proc.stop()
+        for _ in range(6):
+            assert httpx.post(f"{r.url}/v1/chat/completions", json=CHAT).status_code == 200
+    assert r.metric("kvstack_router_retries_total", model_name=MODEL, reason="connect") == 2
+    assert r.metric("kvstack_router_requests_total", model_name=MODEL, engine=sims[0].url, status="200") == 6
+    assert r.metric("kvstack_router_engine_ejections_total", engine=doomed.url) == 1
+    assert not r.ctx.registry.get(doomed.url).available(r.ctx.clock())  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(
+    ("path", "content", "status", "param"),
+    [
+        ("/v1/chat/completions", b"{oops", 400, None),
+        ("/v1/chat/completions", b'{"model": "m"}', 400, "messages"),
+        ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "x"}]}', 400, "model"),
+        ("/v1/completions", b'{"model": "%s", "prompt": "x", "stream": 1}' % MODEL.encode(), 400, "stream"),
+        (
+            "/v1/completions",
+            b'{"model": "%s", "prompt": "x", "max_tokens": "5"}' % MODEL.encode(),
+            400,
+            "max_tokens",
+        ),
+        ("/v1/completions", b'{"model": "no-such-model", "prompt": "x"}', 404, "model"),
+    ],
+)
+def test_malformed_input(
+    sims: list[Sim], router: RouterFactory, path: str, content: bytes, status: int, param: str | None
+) -> None:
+    r = router(engines=[sims[0].url])
+    resp = httpx.post(f"{r.url}{path}", content=content, headers={"content-type": "application/json"})
+    assert resp.status_code == status
+    assert resp.json()["error"]["param"] == param
+    assert resp.json()["error"]["code"] == status
+
+
+def test_fastapi_validation_and_routing_errors_are_openai_shaped(router: RouterFactory) -> None:
+    r = router(engines=[], available=0)
+    resp = httpx.get(f"{r.url}/router/engines", params={"available": "maybe"})
+    assert resp.status_code == 400
+    assert resp.json()["error"]["param"] == "available"
+    assert httpx.get(f"{r.url}/no/such/route").json()["error"]["code"] == 404
+    assert httpx.get(f"{r.url}/v1/chat/completions").status_code == 405
+
+
+def test_oversized_body_is_413(sims: list[Sim], router: RouterFactory) -> None:
+    r = router(engines=[sims[0].url], max_body_bytes=4096)
+    big = {**CHAT, "messages": [{"role": "user", "content": "x" * 5000}]}
+    assert httpx.post(f"{r.url}/v1/chat/completions", json=big).status_code == 413
+
+    def chunked() -> object:
+        yield b'{"model": "m", "messages": [{"role": "user", "content": "'
+        yield b"y" * 5000
+        yield b'"}]}'
+
+    resp = httpx.post(f"{r.url}/v1/chat/completions", content=chunked())  # no Content-Length
+    assert resp.status_code == 413
+    assert resp.json()["error"]["type"] == "RequestTooLargeError"
+    assert r.metric("kvstack_router_rejections_total", reason="body_too_large") == 2
+
+
+def test_api_keys(sims: list[Sim], router: RouterFactory, tmp_path: Path) -> None:
+    keys = tmp_path / "keys"
+    keys.write_text("team-a sk-good\n")
+    r = router(engines=[sims[0].url], api_keys_file=keys)
+    url = f"{r.url}/v1/chat/completions"
+    assert httpx.post(url, json=CHAT).status_code == 401
+    assert httpx.post(url, json=CHAT, headers={"authorization": "Bearer sk-bad"}).status_code == 401
+    assert httpx.get(f"{r.url}/v1/models").status_code == 401
+    good = openai.OpenAI(base_url=f"{r.url}/v1", api_key="sk-good", max_retries=0)
+    assert good.chat.completions.create(model=MODEL, messages=CHAT["messages"], max_tokens=2).choices
+    assert [m.id for m in good.models.list().data] == [MODEL]
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{r.url}/v1", api_key="sk-nope", max_retries=0).models.list()
+    for open_path in ("/health", "/ready", "/metrics"):
+        assert httpx.get(f"{r.url}{open_path}").status_code == 200
+    assert r.metric("kvstack_router_rejections_total", reason="auth") == 4
+
+
+def test_rate_limit_per_key(sims: list[Sim], router: RouterFactory) -> None:
+    r = router(engines=[sims[0].url], api_keys=["sk-a", "sk-b"], rate_limit_rps=0.1, rate_limit_burst=2)
+    url = f"{r.url}/v1/chat/completions"
+    a, b = {"authorization": "Bearer sk-a"}, {"authorization": "Bearer sk-b"}
+    assert [httpx.post(url, json=CHAT, headers=a).status_code for _ in range(3)] == [200, 200, 429]
+    limited = httpx.post(url, json=CHAT, headers=a)
+    assert limited.status_code == 429 and int(limited.headers["retry-after"]) >= 1
+    assert limited.json()["error"]["type"] == "RateLimitError"
+    assert httpx.post(url, json=CHAT, headers=b).status_code == 200  # another key has its own bucket
+
+
+def test_admission_queue_full_is_429(slow_sims: list[Sim], router: RouterFactory) -> None:
+    r = router(engines=[slow_sims[0].url], max_in_flight_per_engine=1, max_queue_per_model=1)
+    url = f"{r.url}/v1/chat/completions"
+    slow = {**CHAT, "max_tokens": 40}
+    results: list[int] = []
+
+    def send() -> None:
+        results.append(httpx.post(url, json=slow, timeout=30).status_code)
+
+    threads = [threading.Thread(target=send) for _ in range(2)]
+    for t in threads:
+        t.start()
+        time.sleep(0.3)  # the first is in flight, the second waits in the queue
+    assert r.ctx.queues[MODEL].waiting == 1
+    resp = httpx.post(url, json=slow)
+    assert resp.status_code == 429
+    assert "queued" in resp.json()["error"]["message"]
+    for t in threads:
+        t.join()
+    assert results == [200, 200]
+    assert r.metric("kvstack_router_rejections_total", reason="queue_full") == 1

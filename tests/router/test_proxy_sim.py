@@ -1,0 +1,158 @@
+"""End to end through the router to real simulator processes, with the real openai SDK."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import openai
+import pytest
+
+from .conftest import MODEL, RouterFactory, Sim
+
+
+def test_openai_sync_chat_and_stream(sims: list[Sim], router: RouterFactory) -> None:
+    r = router(engines=[s.url for s in sims])
+    client = openai.OpenAI(base_url=f"{r.url}/v1", api_key="unused", max_retries=0)
+    reply = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "hello"}], max_tokens=8
+    )
+    assert reply.choices[0].message.content
+    assert reply.usage is not None and reply.usage.completion_tokens == 8
+    pieces = [
+        chunk.choices[0].delta.content or ""
+        for chunk in client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=6, stream=True
+        )
+        if chunk.choices
+    ]
+    assert len([p for p in pieces if p]) == 6
+    assert (
+        r.metric("kvstack_router_requests_total", model_name=MODEL, engine=sims[0].url, status="200")
+        + r.metric("kvstack_router_requests_total", model_name=MODEL, engine=sims[1].url, status="200")
+        == 2
+    )
+    assert r.metric("kvstack_router_time_to_first_token_seconds_count", model_name=MODEL) == 1
+    assert r.metric("kvstack_router_request_duration_seconds_count", model_name=MODEL) == 2
+
+
+async def test_openai_async_completions_stream_and_models(sims: list[Sim], router: RouterFactory) -> None:
+    r = router(engines=[s.url for s in sims], policy="round_robin")
+    client = openai.AsyncOpenAI(base_url=f"{r.url}/v1", api_key="unused", max_retries=0)
+    try:
+        models = await client.models.list()
+        assert [m.id for m in models.data] == [MODEL]
+        for _ in range(4):
+            text = ""
+            stream = await client.completions.create(
+                model=MODEL, prompt="once upon", max_tokens=5, stream=True
+            )
+            async for chunk in stream:
+                text += chunk.choices[0].text if chunk.choices else ""
+            assert text
+    finally:
+        await client.close()
+    for sim in sims:  # round robin: two each
+        assert r.metric("kvstack_router_requests_total", model_name=MODEL, engine=sim.url, status="200") == 2
+
+
+def test_tokenize_passthrough_and_request_id_round_trip(sims: list[Sim], router: RouterFactory) -> None:
+    r = router(engines=[s.url for s in sims])
+    resp = httpx.post(
+        f"{r.url}/tokenize",
+        json={"model": MODEL, "prompt": "hello world"},
+        headers={"x-request-id": "abc-123"},
+    )
+    assert resp.status_code == 200
+    assert resp.headers["x-request-id"] == "abc-123"
+    assert resp.json()["count"] == len(resp.json()["tokens"]) > 0
+    detok = httpx.post(f"{r.url}/detokenize", json={"model": MODEL, "tokens": resp.json()["tokens"]})
+    assert detok.json()["prompt"] == "hello world"
+    generated = httpx.get(f"{r.url}/health").headers["x-request-id"]
+    assert len(generated) == 32 and generated != httpx.get(f"{r.url}/health").headers["x-request-id"]
+    bad = httpx.post(
+        f"{r.url}/v1/completions", json={"model": "nope", "prompt": "x"}, headers={"x-request-id": "r-404"}
+    )
+    assert bad.status_code == 404 and bad.headers["x-request-id"] == "r-404"
+
+
+def test_metrics_endpoint_exposes_router_series_only(sims: list[Sim], router: RouterFactory) -> None:
+    r = router(engines=[s.url for s in sims])
+    httpx.post(f"{r.url}/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 2})
+    text = httpx.get(f"{r.url}/metrics").text
+    for series in (
+        "kvstack_router_requests_total",
+        "kvstack_router_request_duration_seconds_bucket",
+        "kvstack_router_routing_decision_seconds_bucket",
+        "kvstack_router_engine_in_flight_requests",
+        "kvstack_router_engine_available",
+        "kvstack_router_rejections_total",
+    ):
+        assert series in text
+    assert "vllm:" not in text
+    assert f'kvstack_router_engine_available{{engine="{sims[0].url}"}} 1.0' in text
+
+
+def test_ready_and_health(sims: list[Sim], router: RouterFactory) -> None:
+    idle = router(engines=[], available=0)
+    assert httpx.get(f"{idle.url}/health").status_code == 200
+    assert httpx.get(f"{idle.url}/ready").status_code == 503
+    r = router(engines=[s.url for s in sims])
+    assert httpx.get(f"{r.url}/ready").json() == {"ready": True, "available_engines": 2, "engines": 2}
+
+
+def test_client_disconnect_aborts_the_engine_request(slow_sims: list[Sim], router: RouterFactory) -> None:
+    sim = slow_sims[0]
+    r = router(engines=[sim.url])
+    before = sim.metric("vllm:request_success_total", finished_reason="abort")
+    with (
+        httpx.Client(timeout=10) as client,
+        client.stream(
+            "POST",
+            f"{r.url}/v1/chat/completions",
+            json={
+                "model": MODEL,
+                "messages": [{"role": "user", "content": "tell"}],
+                "max_tokens": 500,
+                "stream": True,
+            },
+        ) as resp,
+    ):
+        assert resp.status_code == 200
+        lines = resp.iter_lines()
+        assert any(line.startswith("data:") and "content" in line for line in lines)
+    # the client hung up mid-stream: the engine must see its request aborted
+    deadline = time.monotonic() + 5
+    while sim.metric("vllm:request_success_total", finished_reason="abort") == before:
+        assert time.monotonic() < deadline, "engine never saw the abort"
+        time.sleep(0.05)
+    assert sim.metric("vllm:num_requests_running") == 0
+    deadline = time.monotonic() + 2
+    while r.metric("kvstack_router_client_disconnects_total", model_name=MODEL) != 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    assert r.ctx.registry.all()[0].in_flight == 0
+
+
+def test_engine_killed_mid_stream(slow_sims: list[Sim], router: RouterFactory) -> None:
+    r = router(engines=[s.url for s in slow_sims], eject_after_failures=1, eject_duration_s=60)
+    client = openai.OpenAI(base_url=f"{r.url}/v1", api_key="unused", max_retries=0, timeout=20)
+    stream = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "long story"}], max_tokens=500, stream=True
+    )
+    first = next(iter(stream))
+    assert first.choices
+    busy = next(e for e in r.ctx.registry.all() if e.in_flight == 1)
+    victim = next(s for s in slow_sims if s.url == busy.url)
+    victim.proc.stop(timeout=0)  # SIGTERM then SIGKILL of the engine's process group
+    started = time.monotonic()
+    with pytest.raises(openai.APIError):
+        for _ in stream:
+            pass
+    assert time.monotonic() - started < 10  # a clean error, not a hang until some timeout
+    survivor = next(s for s in slow_sims if s is not victim)
+    for _ in range(5):
+        reply = client.completions.create(model=MODEL, prompt="again", max_tokens=1)
+        assert reply.choices[0].text is not None
+    assert r.metric("kvstack_router_requests_total", model_name=MODEL, engine=survivor.url, status="200") == 5
+    assert not busy.available(r.ctx.clock())
