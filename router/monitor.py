@@ -35,7 +35,7 @@ from typing import Any
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
-from kvstack.router.engines import EngineRegistry, EngineState
+from kvstack.router.engines import Endpoint, EngineRegistry, EngineState
 from kvstack.router.scrape import EngineMetrics, parse_vllm_metrics
 
 log = logging.getLogger(__name__)
@@ -185,6 +185,7 @@ class EngineMonitor:
         self._clock = clock
         self._tracks: dict[str, ProbeTrack] = {}
         self._models_at: dict[str, float] = {}
+        self._models_of: dict[str, Endpoint] = {}  # the endpoint each model list was learnt for
         self._workers: dict[str, list[asyncio.Task[None]]] = {}
         self._task: asyncio.Task[None] | None = None
         self._reconcile_every = min(0.2, self.config.probe_interval, self.config.scrape_interval)
@@ -230,6 +231,7 @@ class EngineMonitor:
         for url in urls:
             self._tracks.pop(url, None)
             self._models_at.pop(url, None)
+            self._models_of.pop(url, None)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -312,6 +314,7 @@ class EngineMonitor:
             log.warning("cannot list the models of %s: %s", state.url, err)
             return False
         self._models_at[state.url] = self._clock()
+        self._models_of[state.url] = state.endpoint
         if models != state.models:
             log.info("engine %s serves %s", state.name, ", ".join(sorted(models)) or "no models")
             state.models = models
@@ -320,8 +323,10 @@ class EngineMonitor:
     def _models_due(self, state: EngineState, now: float) -> bool:
         if state.endpoint.models:
             return False  # discovery named them
-        last = self._models_at.get(state.url)
-        return not state.models or last is None or now - last >= self.config.models_interval
+        if self._models_of.get(state.url) != state.endpoint:
+            return True  # new, or another pod took over the address: its models may differ
+        last = self._models_at.get(state.url, 0.0)
+        return not state.models or now - last >= self.config.models_interval
 
     async def _health_ok(self, url: str) -> bool:
         try:

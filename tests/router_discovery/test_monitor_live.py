@@ -177,3 +177,18 @@ async def test_bad_metrics_fail_the_scrape_and_keep_nothing_half_parsed(
     )
     assert not await monitor.scrape_once(st)
     assert st.num_running == 2  # the last good scrape, until it goes stale
+
+
+async def test_models_relearnt_when_another_pod_takes_the_address(
+    client: httpx.AsyncClient, engine: SwitchableEngine
+) -> None:
+    r = Rig(client, MonitorConfig(**{**FAST.model_dump(), "models_interval": 3600}))
+    r.monitor.start()
+    try:
+        (st,) = r.add(Endpoint(engine.url, "pod-a"))
+        await until(lambda: st.models == {"m"}, "models of pod-a")
+        engine.models = ["n"]
+        r.registry.sync([Endpoint(engine.url, "pod-b")])  # same IP and port, another pod
+        await until(lambda: st.models == {"n"}, "models of pod-b, long before models_interval")
+    finally:
+        await r.monitor.stop()
