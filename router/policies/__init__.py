@@ -44,6 +44,9 @@ def make_policy(
         return SessionPolicy(rng=rng)
     if name in _MODULES:
         module = importlib.import_module(_MODULES[name])
-        policy: Policy = module.make_policy(registry=registry, settings=settings, rng=rng)
+        factory = getattr(module, "make_policy", None)
+        if factory is None:
+            raise ValueError(f"routing policy {name!r} cannot be built by name yet (no make_policy)")
+        policy: Policy = factory(registry=registry, settings=settings, rng=rng)
         return policy
     raise ValueError(f"unknown routing policy {name!r}; choose one of {', '.join(policy_names())}")

@@ -1,8 +1,43 @@
-"""``kvstack up``: the local stack."""
+"""``kvstack up``: simulated (or real) vLLM engines behind the router on localhost, until Ctrl-C."""
 
 from __future__ import annotations
 
+from typing import Annotated
 
-def up() -> None:
-    """Start simulated engines and the router on localhost (not built yet)."""
-    raise SystemExit("kvstack up: not built yet")
+import typer
+
+from kvstack.common.cli_errors import exits_on_config_error
+
+
+@exits_on_config_error
+def up(
+    engines: Annotated[int | None, typer.Option(help="How many engines (default 2).")] = None,
+    engine: Annotated[str | None, typer.Option(help="sim (default) or vllm (needs GPUs).")] = None,
+    model: Annotated[str | None, typer.Option(help="Model to serve (default: the simulator's).")] = None,
+    host: Annotated[str | None, typer.Option(help="Router address (default 127.0.0.1).")] = None,
+    port: Annotated[int | None, typer.Option(help="Router port (default 8000).")] = None,
+    policy: Annotated[
+        str | None, typer.Option(help="Routing policy (default: cache_aware if built).")
+    ] = None,
+    speed: Annotated[float | None, typer.Option(help="Simulator speed (simulated s per wall s).")] = None,
+    ready_timeout: Annotated[float | None, typer.Option(help="Seconds to wait for readiness.")] = None,
+) -> None:
+    """Start engines and the router on localhost, wait until ready, and stop everything on Ctrl-C."""
+    from kvstack.common.config import build
+    from kvstack.stack.plan import StackSettings
+    from kvstack.stack.runner import default_policy, run_stack
+
+    values = {
+        "engines": engines,
+        "engine": engine,
+        "model": model,
+        "host": host,
+        "port": port,
+        "policy": policy or default_policy(),
+        "speed": speed,
+        "ready_timeout_s": ready_timeout,
+    }
+    settings = build(
+        StackSettings, "kvstack up options", **{k: v for k, v in values.items() if v is not None}
+    )
+    raise typer.Exit(run_stack(settings))

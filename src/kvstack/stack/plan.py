@@ -1,0 +1,154 @@
+"""What ``kvstack up`` runs: a pure plan of processes (argv, env, readiness URL) from its settings.
+
+Adding a component (say, Prometheus scraping the router and the engines) is one more
+:class:`ProcessSpec` in :func:`plan_stack`.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+SIM_MODEL = "kvstack/sim-8b"
+
+
+class StackSettings(BaseModel):
+    """Options of ``kvstack up``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    engines: int = Field(2, ge=1, le=64)
+    engine: Literal["sim", "vllm"] = "sim"
+    model: str | None = None  # default: the simulator's model; required for vllm
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    policy: str = "least_loaded"
+    speed: float | None = Field(None, gt=0)  # simulator only: simulated seconds per wall second
+    ready_timeout_s: float = Field(0.0, ge=0)  # 0: 60 s for simulators, 600 s for vLLM
+
+    @model_validator(mode="after")
+    def _vllm_needs_model(self) -> StackSettings:
+        if self.engine == "vllm" and not self.model:
+            raise ValueError("--engine vllm needs --model (a Hugging Face id or a local path)")
+        if self.engine == "vllm" and self.speed is not None:
+            raise ValueError("--speed applies to simulated engines only")
+        return self
+
+    @property
+    def served_model(self) -> str:
+        return self.model or SIM_MODEL
+
+    @property
+    def ready_timeout(self) -> float:
+        return self.ready_timeout_s or (600.0 if self.engine == "vllm" else 60.0)
+
+
+@dataclass(frozen=True, slots=True)
+class EnginePorts:
+    http: int
+    kv_events: int
+    kv_replay: int
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessSpec:
+    name: str
+    argv: list[str]
+    ready_url: str
+    env: dict[str, str] = field(default_factory=dict)
+
+
+def kvstack_argv(*args: str) -> list[str]:
+    """Run the ``kvstack`` script of this interpreter's environment (no PATH or activation needed)."""
+    beside = Path(sys.executable).with_name("kvstack")
+    return [str(beside) if beside.exists() else "kvstack", *args]
+
+
+def engine_entries(settings: StackSettings, ports: list[EnginePorts]) -> list[dict[str, object]]:
+    """The router's engines file: URLs, names and KV-event endpoints of every engine."""
+    return [
+        {
+            "url": f"http://127.0.0.1:{p.http}",
+            "name": f"engine-{i}",
+            "models": [settings.served_model],
+            "kv_events_endpoint": f"tcp://127.0.0.1:{p.kv_events}",
+            "kv_events_replay_endpoint": f"tcp://127.0.0.1:{p.kv_replay}",
+        }
+        for i, p in enumerate(ports)
+    ]
+
+
+def _engine(settings: StackSettings, i: int, p: EnginePorts) -> ProcessSpec:
+    ready = f"http://127.0.0.1:{p.http}/health"
+    if settings.engine == "sim":
+        argv = kvstack_argv(
+            "engine",
+            "sim",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(p.http),
+            "--model",
+            settings.served_model,
+            "--kv-events-endpoint",
+            f"tcp://127.0.0.1:{p.kv_events}",
+            "--kv-events-replay-endpoint",
+            f"tcp://127.0.0.1:{p.kv_replay}",
+        )
+        if settings.speed is not None:
+            argv += ["--speed", str(settings.speed)]
+        return ProcessSpec(f"engine-{i}", argv, ready)
+    env = {
+        "KVSTACK_ENGINE_MODEL": settings.served_model,
+        "KVSTACK_ENGINE_PORT": str(p.http),
+        "KVSTACK_ENGINE_KV_EVENTS__ENABLED": "true",
+        "KVSTACK_ENGINE_KV_EVENTS__ENDPOINT": f"tcp://127.0.0.1:{p.kv_events}",
+        "KVSTACK_ENGINE_KV_EVENTS__REPLAY_ENDPOINT": f"tcp://127.0.0.1:{p.kv_replay}",
+        "CUDA_VISIBLE_DEVICES": str(i),  # one GPU per engine
+        "PYTHONHASHSEED": "0",  # LMCache shares chunks across engines only with the same seed
+    }
+    return ProcessSpec(f"engine-{i}", kvstack_argv("engine", "serve"), ready, env)
+
+
+def plan_stack(settings: StackSettings, ports: list[EnginePorts], engines_file: Path) -> list[ProcessSpec]:
+    """Engines first, then the router (reading ``engines_file``); stopped in reverse order."""
+    specs = [_engine(settings, i, p) for i, p in enumerate(ports)]
+    router = kvstack_argv(
+        "router",
+        "--host",
+        settings.host,
+        "--port",
+        str(settings.port),
+        "--engines-file",
+        str(engines_file),
+        "--policy",
+        settings.policy,
+    )
+    specs.append(ProcessSpec("router", router, f"http://127.0.0.1:{settings.port}/ready"))
+    return specs
+
+
+def banner(settings: StackSettings) -> str:
+    """What to print once the stack is ready: the URL, a curl and an openai-python example."""
+    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
+    url = f"http://{host}:{settings.port}"
+    model = settings.served_model
+    kind = "simulated" if settings.engine == "sim" else "vLLM"
+    return f"""
+kvstack is up: {settings.engines} {kind} engine(s) behind the router
+  OpenAI API:  {url}/v1        metrics: {url}/metrics
+
+  curl {url}/v1/chat/completions -H 'Content-Type: application/json' \\
+    -d '{{"model": "{model}", "messages": [{{"role": "user", "content": "Hello!"}}], "max_tokens": 32}}'
+
+  python -c 'from openai import OpenAI
+c = OpenAI(base_url="{url}/v1", api_key="unused")
+r = c.chat.completions.create(model="{model}", messages=[{{"role": "user", "content": "Hello!"}}])
+print(r.choices[0].message.content)'
+
+Press Ctrl-C to stop.
+"""
