@@ -73,6 +73,8 @@ def test_several_models_and_engine_cores_aggregate() -> None:
         ('vllm:cache_config_info{block_size="None",num_gpu_blocks="None"} 1.0', None, None, None, None, None),
         ('vllm:cache_config_info{block_size="32",num_gpu_blocks="8"} 1.0', None, None, None, 32, 8),
         ("vllm:gpu_cache_usage_perc 0.9", None, None, None, None, None),  # removed V0 name: ignored
+        ("x_vllm:num_requests_running 5\n# HELP vllm:num_requests_running x", None, None, None, None, None),
+        ("a 1\r\nvllm:num_requests_running 4\r\nb 2", 4.0, None, None, None, None),
     ],
 )
 def test_parse_table(
