@@ -1,0 +1,263 @@
+"""Cache-aware routing: the engine with the lowest estimated time to first token, with guards.
+
+Per candidate: ``est_ttft = base + (queued uncached prefill + this request's uncached tokens) /
+prefill_rate + decode interference``; the hit comes from the KV-block index (tier-weighted), the
+queue from local accounting reconciled with scrapes. The cost adds ``uncached_weight`` x the
+request's own uncached prefill time (the compute it costs the cluster). Guards: bounded load (a
+holder above ``load_factor`` x the mean load is skipped unless its cache saving outweighs its
+queueing), hot-prefix replication (every holder skipped: warm the least-loaded other engine), cold
+spreading (no hit anywhere: the least recently cold-served of the near-best engines), exploration
+(a small rate, from a seeded RNG) and a soft session bonus. Ties break by a hash of (request,
+engine), so replicas fed the same events and requests decide the same way, and never toward the
+first engine."""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import xxhash
+from pydantic import BaseModel, ConfigDict, Field
+
+from kvstack.router.engines import EngineState
+from kvstack.router.kvindex.index import KVIndex
+from kvstack.router.kvindex.keys import KeyCache, request_root
+from kvstack.router.kvindex.ledger import PrefillLedger
+from kvstack.router.policies.base import Decision, RequestFeatures
+
+
+class CacheAwareSettings(BaseModel):
+    """Cost-model constants (defaults: an 8B model on one H200, ../shared/reference) and guards."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # cold prefill: 16,384 tokens in 0.475 s, 1,024 in 0.028 s -> ~34K tokens/s
+    prefill_tokens_per_s: float = Field(34_000.0, gt=0.0)
+    base_ttft_s: float = Field(0.011, ge=0.0)  # a full prefix hit still takes ~11 ms
+    # decode ITL grows 4.9 ms -> 7.6 ms from batch 1 to 128: ~21 us per running request per step
+    decode_step_s_per_running: float = Field(2.1e-5, ge=0.0)
+    prefill_chunk_tokens: int = Field(8192, gt=0)  # max_num_batched_tokens: prefill shares steps
+    tokens_per_waiting: float = Field(1024.0, ge=0.0)  # a waiting request we did not send
+    # Weight of this request's own uncached prefill beyond its TTFT: compute the cluster spends and
+    # later requests wait for. Without it a sibling of a request still prefilling sees a tie
+    # between waiting for the holder and recomputing elsewhere, and scatters.
+    uncached_weight: float = Field(0.5, ge=0.0)
+    load_factor: float = Field(1.25, ge=1.0)
+    cold_slack_s: float = Field(0.05, ge=0.0)
+    explore_rate: float = Field(0.01, ge=0.0, le=1.0)
+    session_bonus_s: float = Field(0.02, ge=0.0)
+    prefill_deadline_factor: float = Field(2.0, ge=1.0)  # release queued tokens this late at most
+    prefill_deadline_floor_s: float = Field(1.0, gt=0.0)
+    max_sessions: int = Field(100_000, gt=0)
+    seed: int | None = None  # exploration RNG; replicas with the same seed decide identically
+
+
+@dataclass(frozen=True, slots=True)
+class CandidateView:
+    """What the decision needs to know about one engine for one request."""
+
+    hit_tokens: float  # tier-weighted tokens of this request the engine can serve from cache
+    queued_tokens: float  # uncached prefill tokens already waiting there
+    running: float  # requests decoding there
+    load: float  # requests in flight there (the bounded-load measure)
+    last_cold: int = -1  # when it last took a no-hit request (a counter); -1: never
+    session: bool = False  # the request's session was last sent here
+    tiebreak: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Choice:
+    index: int
+    reason: str  # cache_hit | load | cold | replicate | explore
+    est_ttft_s: float
+
+
+def est_ttft(prompt_tokens: int, v: CandidateView, s: CacheAwareSettings) -> float:
+    """Estimated seconds to first token on the engine of ``v``."""
+    uncached = max(0.0, prompt_tokens - v.hit_tokens)
+    work = v.queued_tokens + uncached
+    steps = max(1, math.ceil(work / s.prefill_chunk_tokens))
+    return s.base_ttft_s + work / s.prefill_tokens_per_s + v.running * s.decode_step_s_per_running * steps
+
+
+def decide(
+    prompt_tokens: int, views: Sequence[CandidateView], s: CacheAwareSettings, rng: random.Random
+) -> Choice:
+    """Pick one of ``views`` (non-empty). Pure but for the draws it takes from ``rng``."""
+    ttft = [est_ttft(prompt_tokens, v, s) for v in views]
+    mean = sum(v.load for v in views) / len(views)
+    bound = max(s.load_factor * mean, mean + 1.0)
+    rate = s.prefill_tokens_per_s
+
+    def skipped(i: int) -> bool:
+        v = views[i]
+        if v.load <= bound:
+            return False
+        queue_s = ttft[i] - s.base_ttft_s - max(0.0, prompt_tokens - v.hit_tokens) / rate
+        return v.hit_tokens / rate <= queue_s  # its saving does not outweigh its queueing
+
+    everyone = range(len(views))
+    pool = [i for i in everyone if not skipped(i)] or list(everyone)
+
+    def best(ids: Sequence[int], key: Callable[[int], tuple[float, ...]]) -> int:
+        return min(ids, key=lambda i: (*key(i), views[i].tiebreak))
+
+    if s.explore_rate > 0 and len(pool) > 1 and rng.random() < s.explore_rate:
+        i = pool[rng.randrange(len(pool))]
+        return Choice(i, "explore", ttft[i])
+    holders = [i for i in everyone if views[i].hit_tokens > 0]
+    if holders and all(skipped(i) for i in holders):
+        others = [i for i in pool if views[i].hit_tokens <= 0]
+        if others:
+            i = best(others, lambda i: (views[i].load, ttft[i]))
+            return Choice(i, "replicate", ttft[i])
+    if not holders:
+        floor = min(ttft[i] for i in pool)
+        near = [i for i in pool if ttft[i] <= floor + s.cold_slack_s]
+        i = best(near, lambda i: (views[i].last_cold, ttft[i]))
+        return Choice(i, "cold", ttft[i])
+
+    def cost(i: int) -> float:
+        v = views[i]
+        own = s.uncached_weight * max(0.0, prompt_tokens - v.hit_tokens) / rate
+        return ttft[i] + own - (s.session_bonus_s if v.session else 0.0)
+
+    i = best(pool, lambda i: (cost(i),))
+    return Choice(i, "cache_hit" if views[i].hit_tokens > 0 else "load", ttft[i])
+
+
+@dataclass(slots=True)
+class PolicyStats:
+    """What the router exports and the benchmarks read."""
+
+    decisions: int = 0
+    predicted_hit_tokens: float = 0.0  # summed over decisions
+    prompt_tokens: int = 0  # summed over decisions
+    last_predicted_hit_tokens: int = 0
+    reasons: Counter[str] | None = None
+
+
+@dataclass(slots=True)
+class _Pending:
+    url: str
+    keys: tuple[int, ...]
+    uncached: float
+    queued: float
+    cold: bool
+
+
+class CacheAwarePolicy:
+    """The ``cache_aware`` routing policy over a :class:`KVIndex`."""
+
+    name = "cache_aware"
+    needs_tokens = True
+
+    def __init__(
+        self,
+        index: KVIndex,
+        settings: CacheAwareSettings | None = None,
+        *,
+        rng: random.Random | None = None,
+        key_cache: KeyCache | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.index = index
+        self.settings = s = settings or CacheAwareSettings()
+        self.rng = rng or random.Random(s.seed)
+        self.keys = key_cache or KeyCache()
+        self.clock = clock
+        self.ledger = PrefillLedger(
+            chunk_tokens=s.prefill_chunk_tokens, tokens_per_waiting=s.tokens_per_waiting
+        )
+        self.stats = PolicyStats(reasons=Counter())
+        self._pending: OrderedDict[str, _Pending] = OrderedDict()
+        self._sessions: OrderedDict[str, str] = OrderedDict()
+        self._cold: dict[str, int] = {}
+        self._tick = 0
+
+    def choose(self, request: RequestFeatures, candidates: Sequence[EngineState], now: float) -> Decision:
+        tokens = request.prompt_token_ids or ()
+        root = request_root(request.model, request.lora_name, request.cache_salt)
+        session_url = self._sessions.get(request.session_key) if request.session_key else None
+        index, ledger = self.index, self.ledger
+        views: list[CandidateView] = []
+        keys_of: list[tuple[int, ...]] = []
+        for st in candidates:
+            url = st.url
+            index.ensure_engine(
+                url,
+                block_size=st.block_size,
+                num_gpu_blocks=st.num_gpu_blocks,
+                events=st.endpoint.kv_events_endpoint is not None,
+            )
+            keys = self.keys.keys(tokens, index.block_size(url), root)
+            keys_of.append(keys)
+            hit = index.match(url, keys, now).hit_tokens(index.settings)
+            scraped = st.last_scrape if st.num_waiting is not None and st.last_scrape > 0 else None
+            views.append(
+                CandidateView(
+                    hit_tokens=hit,
+                    queued_tokens=ledger.queued(url, now, scraped_at=scraped, num_waiting=st.num_waiting),
+                    running=st.num_running if st.num_running is not None else float(st.in_flight),
+                    load=st.load,
+                    last_cold=self._cold.get(url, -1),
+                    session=url == session_url,
+                    tiebreak=xxhash.xxh3_64_intdigest(f"{request.request_id}\x00{url}".encode()),
+                )
+            )
+        choice = decide(len(tokens), views, self.settings, self.rng)
+        v = views[choice.index]
+        chosen = candidates[choice.index]
+        self._remember(
+            request.request_id,
+            _Pending(
+                chosen.url,
+                keys_of[choice.index],
+                max(0.0, len(tokens) - v.hit_tokens),
+                v.queued_tokens,
+                choice.reason == "cold",
+            ),
+        )
+        hit = int(v.hit_tokens)
+        st_ = self.stats
+        st_.decisions += 1
+        st_.predicted_hit_tokens += v.hit_tokens
+        st_.prompt_tokens += len(tokens)
+        st_.last_predicted_hit_tokens = hit
+        assert st_.reasons is not None
+        st_.reasons[choice.reason] += 1
+        return Decision(engine=chosen, reason=choice.reason, predicted_hit_tokens=hit)
+
+    def on_dispatch(self, request: RequestFeatures, decision: Decision) -> None:
+        p = self._pending.pop(request.request_id, None)
+        if p is None or p.url != decision.engine.url:
+            return
+        now, s = self.clock(), self.settings
+        self.index.record_dispatch(p.url, p.keys, now)
+        hold = s.prefill_deadline_factor * (p.queued + p.uncached) / s.prefill_tokens_per_s
+        self.ledger.add(request.request_id, p.url, p.uncached, now, now + hold + s.prefill_deadline_floor_s)
+        if p.cold:
+            self._tick += 1
+            self._cold[p.url] = self._tick
+        if request.session_key:
+            self._sessions[request.session_key] = p.url
+            self._sessions.move_to_end(request.session_key)
+            if len(self._sessions) > s.max_sessions:
+                self._sessions.popitem(last=False)
+
+    def on_first_token(self, request: RequestFeatures, decision: Decision) -> None:
+        """The prefill is over: release its queued tokens (optional hook for the proxy)."""
+        self.ledger.done(request.request_id)
+
+    def on_finish(self, request: RequestFeatures, decision: Decision, ok: bool) -> None:
+        self._pending.pop(request.request_id, None)
+        self.ledger.done(request.request_id)
+
+    def _remember(self, request_id: str, pending: _Pending) -> None:
+        self._pending[request_id] = pending
+        while len(self._pending) > 10_000:  # chosen but never dispatched: do not grow forever
+            self._pending.popitem(last=False)

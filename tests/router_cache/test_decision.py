@@ -1,0 +1,147 @@
+"""The TTFT cost model and its guards (pure; table-driven)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from kvstack.router.kvindex.ledger import PrefillLedger, reconcile
+from kvstack.router.policies.cache_aware import CacheAwareSettings, CandidateView, decide, est_ttft
+
+S = CacheAwareSettings(explore_rate=0.0)
+N = 8192  # prompt tokens
+
+
+def v(hit: float = 0, queued: float = 0, running: float = 0, load: float = 0, **kw: object) -> CandidateView:
+    return CandidateView(hit_tokens=hit, queued_tokens=queued, running=running, load=load, **kw)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("prompt", "view", "lo", "hi"),
+    [
+        # calibrated against ../shared/reference/h200-measurements.json (single engine, idle)
+        (16384, v(), 0.45, 0.52),  # cold 16K: 0.475 s measured
+        (4096, v(), 0.09, 0.14),  # cold 4K: 0.098 s
+        (16384, v(hit=16384), 0.0, 0.03),  # full hit: 0.024 s
+        (16384, v(hit=16384 * 0.9), 0.05, 0.07),  # 90% hit: 0.086 s
+        (1024, v(queued=34_000), 1.0, 1.1),  # a second of queued prefill ahead
+        (1024, v(running=128), 0.04, 0.05),  # decode interference: 2.7 ms per step at 128
+    ],
+)
+def test_est_ttft(prompt: int, view: CandidateView, lo: float, hi: float) -> None:
+    assert lo <= est_ttft(prompt, view, S) <= hi
+
+
+@pytest.mark.parametrize(
+    ("views", "expected", "reason"),
+    [
+        pytest.param([v(), v(hit=N), v()], 1, "cache_hit", id="holder-wins"),
+        pytest.param([v(hit=4096), v(hit=N)], 1, "cache_hit", id="longer-hit-wins"),
+        pytest.param([v(hit=N, queued=200_000), v()], 1, "load", id="queued-prefill-outweighs-hit"),
+        pytest.param([v(hit=N, queued=4000), v()], 0, "cache_hit", id="small-queue-keeps-hit"),
+        # bounded load: mean 4, bound 5; a holder at 10 with a short hit is skipped
+        pytest.param(
+            [v(hit=256, load=10, running=10, queued=2000), v(load=1), v(load=1)],
+            1,
+            "replicate",
+            id="bounded-load-skips-short-hit",
+        ),
+        # ... unless its saving outweighs its queueing (long hit, little queued)
+        pytest.param(
+            [v(hit=N, load=10, running=10), v(load=1), v(load=1)],
+            0,
+            "cache_hit",
+            id="bounded-load-keeps-big-saving",
+        ),
+        # hot prefix: both holders over the bound, warm the least-loaded non-holder
+        pytest.param(
+            [v(hit=512, load=9, queued=9000), v(hit=512, load=9, queued=9000), v(load=3), v(load=1)],
+            3,
+            "replicate",
+            id="hot-prefix-replicates",
+        ),
+        # one holder still under the bound: no replication
+        pytest.param(
+            [v(hit=512, load=9, queued=9000), v(hit=512, load=2), v(load=1)],
+            1,
+            "cache_hit",
+            id="one-holder-left",
+        ),
+        # cold: least recently cold-served among near-best engines
+        pytest.param([v(last_cold=5), v(last_cold=2), v(last_cold=9)], 1, "cold", id="cold-spreads"),
+        pytest.param([v(last_cold=-1), v(last_cold=2)], 0, "cold", id="never-cold-served-first"),
+        pytest.param([v(last_cold=1, queued=60_000), v(last_cold=2)], 1, "cold", id="cold-skips-busy"),
+        # session: a soft bonus that decides near-ties only
+        pytest.param(
+            [v(hit=N, tiebreak=0), v(hit=N, session=True, tiebreak=1)],
+            1,
+            "cache_hit",
+            id="session-breaks-near-tie",
+        ),
+        pytest.param([v(hit=N), v(hit=1024, session=True)], 0, "cache_hit", id="session-is-not-a-pin"),
+        # ties break by the per-request hash, not by position
+        pytest.param([v(hit=N, tiebreak=9), v(hit=N, tiebreak=3)], 1, "cache_hit", id="tie-by-hash"),
+    ],
+)
+def test_decide(views: list[CandidateView], expected: int, reason: str) -> None:
+    choice = decide(N, views, S, random.Random(0))
+    assert (choice.index, choice.reason) == (expected, reason)
+
+
+@pytest.mark.parametrize(
+    ("rate", "seed", "explored"),
+    [(0.0, 0, 0), (1.0, 0, 200), (0.1, 1, 19)],
+)
+def test_exploration_rate_is_seeded(rate: float, seed: int, explored: int) -> None:
+    s = CacheAwareSettings(explore_rate=rate)
+    views = [v(hit=N), v(), v()]
+    rng = random.Random(seed)
+    picks = [decide(N, views, s, rng) for _ in range(200)]
+    assert sum(c.reason == "explore" for c in picks) == explored
+    again = random.Random(seed)
+    assert picks == [decide(N, views, s, again) for _ in range(200)]
+    if explored == 200:
+        assert {c.index for c in picks} == {0, 1, 2}
+
+
+def test_exploration_never_picks_a_skipped_engine() -> None:
+    s = CacheAwareSettings(explore_rate=1.0)
+    views = [v(load=20, running=20, queued=50_000), v(load=1), v(load=1)]
+    rng = random.Random(3)
+    assert {decide(N, views, s, rng).index for _ in range(100)} == {1, 2}
+
+
+@pytest.mark.parametrize(
+    ("fresh", "older", "waiting", "expected"),
+    [
+        (100, 5000, None, 5100),  # no scrape: local counts
+        (100, 5000, 0, 100 + 5000),  # empty queue: at most one chunk (8192) left of the older ones
+        (100, 50_000, 0, 100 + 8192),
+        (0, 0, 3, 3 * 1024),  # waiting requests we did not send
+        (0, 9000, 3, 9000),  # ours already account for them
+    ],
+)
+def test_reconcile(fresh: float, older: float, waiting: float | None, expected: float) -> None:
+    assert reconcile(fresh, older, waiting, chunk_tokens=8192, tokens_per_waiting=1024) == expected
+
+
+def test_ledger_releases_on_done_and_at_the_deadline() -> None:
+    led = PrefillLedger()
+    led.add("r1", "a", 1000, now=0.0, deadline=5.0)
+    led.add("r2", "a", 500, now=1.0, deadline=2.0)
+    led.add("r3", "b", 700, now=1.0, deadline=9.0)
+    assert (led.queued("a", 1.5, scraped_at=None, num_waiting=None), led.local("b")) == (1500, 700)
+    assert led.queued("a", 3.0, scraped_at=None, num_waiting=None) == 1000  # r2 expired
+    led.done("r1")
+    led.done("r1")  # idempotent
+    assert led.queued("a", 3.0, scraped_at=None, num_waiting=None) == 0
+    assert len(led) == 1
+
+
+def test_ledger_counts_dispatches_newer_than_the_scrape_in_full() -> None:
+    led = PrefillLedger(chunk_tokens=100)
+    led.add("old", "a", 5000, now=1.0, deadline=60.0)
+    led.add("new", "a", 3000, now=3.0, deadline=60.0)
+    # the scrape at t=2 saw an empty queue: `old` is prefilling, `new` it could not know
+    assert led.queued("a", 4.0, scraped_at=2.0, num_waiting=0) == 3000 + 100
