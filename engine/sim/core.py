@@ -314,7 +314,7 @@ class SimEngine:
                 continue
             stats.on_prefix_cache_query(adm.queried, adm.local_hit)
             if self.lmcache is not None:
-                stats.on_external_cache_query(adm.queried - adm.local_hit, adm.external.tokens)
+                stats.on_external_cache_query(adm.queried, adm.external.tokens)
             if adm.first_time:
                 ext = adm.external.tokens
                 stats.on_prompt_tokens(req.num_prompt - adm.local_hit - ext, adm.local_hit, ext)

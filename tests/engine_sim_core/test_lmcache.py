@@ -68,11 +68,13 @@ def test_cpu_tier_is_lru_and_sized_by_bytes() -> None:
     assert len(zero) == 0
 
 
-def lm_config(redis_url: str | None, *, seed: int, local_cpu_gb: float = 5.0, **kw: object) -> SimConfig:
+def lm_config(
+    redis_url: str | None, *, seed: int, local_cpu_gb: float = 5.0, speed: float = 50.0, **kw: object
+) -> SimConfig:
     return build(
         SimConfig,
         "test config",
-        speed=50.0,
+        speed=speed,
         hash_seed=seed,
         lmcache={
             "enabled": True,
@@ -137,8 +139,9 @@ async def test_two_pods_share_kv_through_redis_only_with_the_same_seed(
     redis_server: RedisServer, seed_a: int, seed_b: int, shared: bool
 ) -> None:
     rec_a, rec_b = Recorder(), Recorder()
-    a = SimEngine(lm_config(redis_server.url, seed=seed_a), rec_a)
-    b = SimEngine(lm_config(redis_server.url, seed=seed_b), rec_b)
+    # Real time, so the modelled TTFTs dwarf real overheads (a Redis round trip, a busy host).
+    a = SimEngine(lm_config(redis_server.url, seed=seed_a, speed=1.0), rec_a)
+    b = SimEngine(lm_config(redis_server.url, seed=seed_b, speed=1.0), rec_b)
     await a.start()
     await b.start()
     try:
