@@ -1,0 +1,136 @@
+"""Chart pieces that read files: dashboards, alert rules, the operator's CRDs, and NOTES.txt.
+
+The dashboards and CRDs land later from other parts of the project, so these tests render a
+copy of the chart with sample files dropped in where they will go.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+from tests.helm.conftest import CHART, HelmChart, Validate
+
+SAMPLE_CRD = {
+    "apiVersion": "apiextensions.k8s.io/v1",
+    "kind": "CustomResourceDefinition",
+    "metadata": {"name": "stacks.kvstack.dev"},
+    "spec": {
+        "group": "kvstack.dev",
+        "names": {"kind": "Stack", "plural": "stacks", "singular": "stack"},
+        "scope": "Namespaced",
+        "versions": [
+            {
+                "name": "v1alpha1",
+                "served": True,
+                "storage": True,
+                "schema": {
+                    "openAPIV3Schema": {"type": "object", "x-kubernetes-preserve-unknown-fields": True}
+                },
+            }
+        ],
+    },
+}
+# Renders NOTES.txt into a ConfigMap, since `helm template` prints no notes.
+NOTES_PROBE = """apiVersion: v1
+kind: ConfigMap
+metadata:
+  name: notes-probe
+data:
+  notes: {{ tpl (.Files.Get "files/NOTES.txt") . | quote }}
+"""
+
+
+@pytest.fixture
+def chart_copy(helm_bin: Path, tmp_path: Path) -> HelmChart:
+    path = tmp_path / "kvstack"
+    shutil.copytree(CHART, path)
+    return HelmChart(helm_bin, path)
+
+
+def test_each_dashboard_becomes_a_labelled_configmap(chart_copy: HelmChart, kubeconform: Validate) -> None:
+    dashboards = chart_copy.path / "files" / "dashboards"
+    (dashboards / "kvstack_overview.json").write_text(json.dumps({"title": "kvstack overview", "panels": []}))
+    (dashboards / "engines.json").write_text(json.dumps({"title": "engines", "panels": []}))
+    rendered = chart_copy.template(set_values=["monitoring.grafanaDashboards.enabled=true"])
+    maps = {
+        m["metadata"]["name"]: m
+        for m in rendered.of_kind("ConfigMap")
+        if "dashboard" in m["metadata"]["name"]
+    }
+    assert set(maps) == {"rel-kvstack-dashboard-kvstack-overview", "rel-kvstack-dashboard-engines"}
+    overview = maps["rel-kvstack-dashboard-kvstack-overview"]
+    assert overview["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert overview["metadata"]["annotations"]["grafana_folder"] == "kvstack"
+    assert json.loads(overview["data"]["kvstack_overview.json"])["title"] == "kvstack overview"
+    assert kubeconform(rendered.text).returncode == 0
+    off = chart_copy.template()
+    assert not [m for m in off.of_kind("ConfigMap") if "dashboard" in m["metadata"]["name"]]
+
+
+def test_generated_rule_files_replace_the_placeholder(chart_copy: HelmChart, kubeconform: Validate) -> None:
+    rules = chart_copy.path / "files" / "rules"
+    (rules / "placeholder.yaml").unlink()
+    group = {
+        "name": "kvstack.engines",
+        "rules": [{"record": "kvstack:ttft:p95", "expr": "histogram_quantile(0.95, x)"}],
+    }
+    (rules / "engines.yaml").write_text(yaml.safe_dump({"groups": [group]}))
+    rendered = chart_copy.template(set_values=["monitoring.prometheusRule.enabled=true"])
+    assert rendered.one("PrometheusRule")["spec"]["groups"] == [group]
+    assert kubeconform(rendered.text).returncode == 0
+
+
+def test_a_rule_file_without_groups_fails_by_name(chart_copy: HelmChart) -> None:
+    (chart_copy.path / "files" / "rules" / "broken.yaml").write_text("rules: []\n")
+    error = chart_copy.template_error(set_values=["monitoring.prometheusRule.enabled=true"])
+    assert "files/rules/broken.yaml: expected a top-level `groups:` list" in error
+
+
+@pytest.mark.parametrize(("keep", "annotated"), [("true", True), ("false", False)])
+def test_operator_crds_are_templated_and_kept_on_uninstall(
+    chart_copy: HelmChart, kubeconform: Validate, keep: str, annotated: bool
+) -> None:
+    (chart_copy.path / "files" / "crds" / "stacks.yaml").write_text(yaml.safe_dump(SAMPLE_CRD))
+    rendered = chart_copy.template(set_values=["operator.enabled=true", f"operator.crds.keep={keep}"])
+    crd = rendered.one("CustomResourceDefinition")
+    assert (crd["metadata"].get("annotations", {}).get("helm.sh/resource-policy") == "keep") is annotated
+    assert crd["metadata"]["labels"]["app.kubernetes.io/component"] == "operator"
+    assert kubeconform(rendered.text).returncode == 0
+    assert not chart_copy.template().of_kind("CustomResourceDefinition")  # operator off: no CRDs
+
+
+def test_operator_skeleton_is_off_by_default(chart: HelmChart) -> None:
+    default = chart.template()
+    assert not [
+        o for o in default.objects if o["metadata"]["labels"]["app.kubernetes.io/component"] == "operator"
+    ]
+    on = chart.template(set_values=["operator.enabled=true"])
+    assert on.one("Deployment", "-operator")["spec"]["replicas"] == 1
+    assert on.one("Role", "-operator")["metadata"]["namespace"] == "kvstack"
+
+
+def _notes(chart_copy: HelmChart, *set_values: str) -> str:
+    shutil.copy(chart_copy.path / "templates" / "NOTES.txt", chart_copy.path / "files" / "NOTES.txt")
+    (chart_copy.path / "templates" / "notes-probe.yaml").write_text(NOTES_PROBE)
+    return str(
+        chart_copy.template(set_values=list(set_values)).one("ConfigMap", "notes-probe")["data"]["notes"]
+    )
+
+
+def test_notes_say_how_to_reach_the_router(chart_copy: HelmChart) -> None:
+    notes = _notes(chart_copy)
+    assert "kubectl -n kvstack port-forward svc/rel-kvstack-router 8000:80" in notes
+    assert "http://rel-kvstack-router.kvstack.svc:80/v1" in notes
+    assert 'OpenAI(base_url="http://127.0.0.1:8000/v1")' in notes
+    assert 'model="meta-llama/Llama-3.1-8B-Instruct"' in notes
+    assert "WARNING" not in notes
+
+
+def test_notes_show_where_the_api_key_is_and_warn_about_unscaled_engines(chart_copy: HelmChart) -> None:
+    notes = _notes(chart_copy, "auth.enabled=true", "engines.autoscaling.enabled=true")
+    assert "get secret rel-kvstack-secrets -o jsonpath='{.data.api-key}'" in notes
+    assert "WARNING: engines.autoscaling.enabled is on but operator.enabled is off" in notes

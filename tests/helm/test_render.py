@@ -1,0 +1,379 @@
+"""The chart renders valid Kubernetes objects for every values file, and they say what we mean."""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from tests.helm.conftest import (
+    K8S_VERSION,
+    HelmChart,
+    Rendered,
+    Validate,
+    containers,
+    load_values,
+    pod_specs,
+    values_files,
+)
+
+VALUES = values_files()
+IDS = [p.stem for p in VALUES]
+STANDARD_LABELS = (
+    "app.kubernetes.io/name",
+    "app.kubernetes.io/instance",
+    "app.kubernetes.io/version",
+    "app.kubernetes.io/component",
+    "app.kubernetes.io/part-of",
+    "app.kubernetes.io/managed-by",
+    "helm.sh/chart",
+)
+
+
+@pytest.fixture(scope="module")
+def rendered(chart: HelmChart) -> dict[str, Rendered]:
+    return {p.stem: chart.template([p]) for p in VALUES}
+
+
+def test_the_values_matrix_covers_the_features() -> None:
+    assert {
+        "default",
+        "multi-model",
+        "autoscaling",
+        "external-redis",
+        "ingress-networkpolicy",
+        "monitoring",
+        "hardening",
+    } <= set(IDS)
+
+
+@pytest.mark.parametrize("values", VALUES, ids=IDS)
+def test_kubeconform_strict_accepts_every_object(
+    values: Path, rendered: dict[str, Rendered], kubeconform: Validate
+) -> None:
+    proc = kubeconform(rendered[values.stem].text)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    # Nothing skipped: every kind, ServiceMonitor & co included, had a schema.
+    assert "Invalid: 0, Errors: 0, Skipped: 0" in proc.stdout, proc.stdout
+
+
+def test_kubeconform_rejects_an_unknown_field(rendered: dict[str, Rendered], kubeconform: Validate) -> None:
+    # Guards the guard: the generated schemas really are strict.
+    objects = [dict(o) for o in rendered["default"].objects]
+    deployment = next(o for o in objects if o["kind"] == "Deployment")
+    deployment["spec"]["template"]["spec"]["containers"][0]["resourcez"] = {}
+    proc = kubeconform(yaml.safe_dump_all(objects))
+    assert proc.returncode != 0
+    assert "resourcez" in proc.stdout
+
+
+@pytest.mark.parametrize("values", VALUES, ids=IDS)
+def test_helm_lint_strict_is_clean(values: Path, chart: HelmChart) -> None:
+    proc = chart.run("lint", "--strict", str(chart.path), "-f", str(values), "--kube-version", K8S_VERSION)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "[WARNING]" not in proc.stdout and "[ERROR]" not in proc.stdout, proc.stdout
+
+
+@pytest.mark.parametrize("values", VALUES, ids=IDS)
+def test_every_object_carries_the_standard_labels(values: Path, rendered: dict[str, Rendered]) -> None:
+    for obj in rendered[values.stem].objects:
+        labels = obj["metadata"].get("labels", {})
+        missing = [k for k in STANDARD_LABELS if k not in labels]
+        assert not missing, f"{obj['kind']}/{obj['metadata']['name']} lacks {missing}"
+        assert labels["app.kubernetes.io/part-of"] == "kvstack"
+        assert labels["app.kubernetes.io/instance"] == "rel"
+        assert len(obj["metadata"]["name"]) <= 63
+        for spec in pod_specs(obj):
+            selector = obj["spec"]["selector"]["matchLabels"]
+            pod_labels = obj["spec"]["template"]["metadata"]["labels"]
+            assert selector.items() <= pod_labels.items()
+            # Selectors are immutable: never the version or chart labels, which change on upgrade.
+            assert "app.kubernetes.io/version" not in selector and "helm.sh/chart" not in selector
+            assert spec["containers"]
+
+
+def test_common_labels_reach_every_object(rendered: dict[str, Rendered]) -> None:
+    for obj in rendered["hardening"].objects:
+        assert obj["metadata"]["labels"]["team"] == "ml-platform"
+
+
+@pytest.mark.parametrize("values", VALUES, ids=IDS)
+def test_engine_pods_are_discoverable_by_the_router(values: Path, rendered: dict[str, Rendered]) -> None:
+    r = rendered[values.stem]
+    models = load_values(values).get("engines", {}).get("models") or [{"name": "llama-8b"}]
+    engines = r.engines()
+    assert sorted(d["metadata"]["labels"]["kvstack.dev/model"] for d in engines) == sorted(
+        m["name"] for m in models
+    )
+    router_config = yaml.safe_load(r.one("ConfigMap", "-router")["data"]["router.yaml"])
+    selector = dict(kv.split("=") for kv in router_config["discovery"]["label_selector"].split(","))
+    events_on = router_config["kv_events"]["enabled"]
+    for deployment in engines:
+        pod = deployment["spec"]["template"]
+        assert selector.items() <= pod["metadata"]["labels"].items()
+        assert pod["metadata"]["labels"]["app.kubernetes.io/component"] == "engine"
+        assert (
+            pod["metadata"]["labels"]["kvstack.dev/model"]
+            == deployment["metadata"]["labels"]["kvstack.dev/model"]
+        )
+        ports = {p["name"]: p["containerPort"] for p in pod["spec"]["containers"][0]["ports"]}
+        expected = {"http": 8000, "kv-events": 5557, "kv-replay": 5558} if events_on else {"http": 8000}
+        assert ports == expected
+        assert router_config["discovery"]["http_port_name"] in ports
+
+
+@pytest.mark.parametrize("values", VALUES, ids=IDS)
+def test_engine_probes_allow_a_ten_minute_model_load(values: Path, rendered: dict[str, Rendered]) -> None:
+    for deployment in rendered[values.stem].engines():
+        (engine,) = deployment["spec"]["template"]["spec"]["containers"]
+        startup = engine["startupProbe"]
+        budget = (
+            startup.get("initialDelaySeconds", 0) + startup["periodSeconds"] * startup["failureThreshold"]
+        )
+        assert budget >= 600
+        for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
+            assert engine[kind]["httpGet"] == {"path": "/health", "port": "http"}
+
+
+@pytest.mark.parametrize("values", VALUES, ids=IDS)
+def test_engines_get_shared_memory_and_writable_scratch(values: Path, rendered: dict[str, Rendered]) -> None:
+    for deployment in rendered[values.stem].engines():
+        spec = deployment["spec"]["template"]["spec"]
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        mounts = {m["mountPath"]: m["name"] for m in spec["containers"][0]["volumeMounts"]}
+        assert volumes[mounts["/dev/shm"]]["emptyDir"]["medium"] == "Memory"
+        for path in ("/tmp", "/cache"):
+            assert "emptyDir" in volumes[mounts[path]]
+
+
+def test_gpus_are_requested_per_model(rendered: dict[str, Rendered]) -> None:
+    by_model = {d["metadata"]["labels"]["kvstack.dev/model"]: d for d in rendered["multi-model"].engines()}
+    expect = {
+        "llama-8b": ("nvidia.com/gpu", 1),
+        "qwen-32b": ("nvidia.com/gpu", 2),
+        "tiny": ("nvidia.com/mig-1g.18gb", 1),
+    }
+    for model, (resource, count) in expect.items():
+        (engine,) = by_model[model]["spec"]["template"]["spec"]["containers"]
+        assert engine["resources"]["limits"][resource] == count
+        assert engine["resources"]["requests"][resource] == count
+    qwen = by_model["qwen-32b"]["spec"]["template"]["spec"]
+    assert qwen["containers"][0]["image"].endswith(":0.1.0-cu130")
+    assert qwen["tolerations"][0]["key"] == "nvidia.com/gpu"  # from engines.defaults
+    claims = {v["name"]: v.get("persistentVolumeClaim") for v in qwen["volumes"]}
+    assert claims["models"] == {"claimName": "rel-kvstack-engine-qwen-32b-models"}
+    tiny = {v["name"]: v for v in by_model["tiny"]["spec"]["template"]["spec"]["volumes"]}
+    assert tiny["models"]["persistentVolumeClaim"]["claimName"] == "shared-models"
+    assert [p["metadata"]["name"] for p in rendered["multi-model"].of_kind("PersistentVolumeClaim")] == [
+        "rel-kvstack-engine-qwen-32b-models"
+    ]
+
+
+def test_autoscaling_leaves_replicas_to_the_operator(rendered: dict[str, Rendered]) -> None:
+    engines = rendered["autoscaling"].engines()
+    assert len(engines) == 2
+    bounds = {}
+    for deployment in engines:
+        assert "replicas" not in deployment["spec"]
+        ann = deployment["metadata"]["annotations"]
+        assert ann["kvstack.dev/autoscaling"] == "true"
+        bounds[deployment["metadata"]["labels"]["kvstack.dev/model"]] = (
+            ann["kvstack.dev/min-replicas"],
+            ann["kvstack.dev/max-replicas"],
+        )
+    assert bounds == {"llama-8b": ("2", "8"), "mistral-7b": ("1", "3")}
+    # The PDB follows the autoscaler's minimum: only the model that always runs two pods gets one.
+    pdbs = rendered["autoscaling"].of_kind("PodDisruptionBudget")
+    assert sorted(p["metadata"]["name"] for p in pdbs if "engine" in p["metadata"]["name"]) == [
+        "rel-kvstack-engine-llama-8b"
+    ]
+
+
+@pytest.mark.parametrize("values", [v for v in VALUES if v.stem != "autoscaling"], ids=lambda p: p.stem)
+def test_without_autoscaling_every_engine_has_replicas(values: Path, rendered: dict[str, Rendered]) -> None:
+    for deployment in rendered[values.stem].engines():
+        assert deployment["spec"]["replicas"] >= 1
+        assert "kvstack.dev/autoscaling" not in deployment["metadata"].get("annotations", {})
+
+
+def test_pdbs_only_where_more_than_one_pod_runs(rendered: dict[str, Rendered]) -> None:
+    names = sorted(p["metadata"]["name"] for p in rendered["multi-model"].of_kind("PodDisruptionBudget"))
+    assert names == ["rel-kvstack-engine-llama-8b", "rel-kvstack-engine-qwen-32b", "rel-kvstack-router"]
+    assert not rendered["minimal"].of_kind("PodDisruptionBudget")
+
+
+@pytest.mark.parametrize("values", VALUES, ids=IDS)
+def test_python_hash_seed_is_fixed_and_shared(values: Path, rendered: dict[str, Rendered]) -> None:
+    r = rendered[values.stem]
+    seeds = set()
+    for deployment in r.engines():
+        (engine,) = deployment["spec"]["template"]["spec"]["containers"]
+        env = {e["name"]: e.get("value") for e in engine["env"]}
+        config = yaml.safe_load(
+            r.one("ConfigMap", f"-engine-{deployment['metadata']['labels']['kvstack.dev/model']}")["data"][
+                "engine.yaml"
+            ]
+        )
+        assert env["PYTHONHASHSEED"] == config["python_hash_seed"]
+        seeds.add(env["PYTHONHASHSEED"])
+    assert len(seeds) == 1
+    assert seeds.pop().isdigit()
+
+
+def test_router_uses_a_namespaced_read_only_role(rendered: dict[str, Rendered]) -> None:
+    r = rendered["default"]
+    assert not r.of_kind("ClusterRole") and not r.of_kind("ClusterRoleBinding")
+    role = r.one("Role", "-router")
+    assert role["metadata"]["namespace"] == "kvstack"
+    resources = {res for rule in role["rules"] for res in rule["resources"]}
+    assert resources == {"pods", "endpointslices"}
+    assert {v for rule in role["rules"] for v in rule["verbs"]} == {"get", "list", "watch"}
+    binding = r.one("RoleBinding", "-router")
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "Role",
+        "name": role["metadata"]["name"],
+    }
+    deployment = r.one("Deployment", "-router")
+    assert binding["subjects"][0]["name"] == deployment["spec"]["template"]["spec"]["serviceAccountName"]
+
+
+def _secret_refs(obj: dict[str, Any]) -> dict[str, tuple[str, str]]:
+    return {
+        e["name"]: (e["valueFrom"]["secretKeyRef"]["name"], e["valueFrom"]["secretKeyRef"]["key"])
+        for c in containers(obj)
+        for e in c.get("env", [])
+        if "secretKeyRef" in e.get("valueFrom", {})
+    }
+
+
+def test_generated_credentials_stay_inside_their_secret(rendered: dict[str, Rendered]) -> None:
+    r = rendered["ingress-networkpolicy"]  # generates a router API key and a Redis password
+    secret = r.one("Secret", "-secrets")
+    data = {k: base64.b64decode(v).decode() for k, v in secret["data"].items()}
+    assert set(data) == {"api-key", "redis-password"}
+    others = yaml.safe_dump_all([o for o in r.objects if o is not secret])
+    for value in data.values():
+        assert len(value) >= 32
+        assert value not in others
+    router = r.one("Deployment", "-router")
+    assert _secret_refs(router)["KVSTACK_ROUTER_API_KEY"] == (secret["metadata"]["name"], "api-key")
+    engine = r.engines()[0]
+    assert _secret_refs(engine)["REDIS_PASSWORD"] == (secret["metadata"]["name"], "redis-password")
+    env = {e["name"]: e.get("value") for e in engine["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert (
+        env["KVSTACK_ENGINE_LMCACHE__REMOTE_URL"]
+        == "redis://:$(REDIS_PASSWORD)@rel-kvstack-redis.kvstack.svc:6379"
+    )
+    redis = r.one("StatefulSet", "-redis")
+    assert _secret_refs(redis)["REDIS_PASSWORD"] == (secret["metadata"]["name"], "redis-password")
+
+
+def test_existing_secrets_are_referenced_never_rendered(rendered: dict[str, Rendered]) -> None:
+    hardening = rendered["hardening"]
+    assert not hardening.of_kind("Secret")
+    assert _secret_refs(hardening.one("Deployment", "-router"))["KVSTACK_ROUTER_API_KEY"] == (
+        "router-keys",
+        "key",
+    )
+    assert _secret_refs(hardening.engines()[0])["REDIS_PASSWORD"] == ("redis-creds", "password")
+    assert _secret_refs(hardening.one("StatefulSet", "-redis"))["REDISCLI_AUTH"] == (
+        "redis-creds",
+        "password",
+    )
+
+    external = rendered["external-redis"]
+    assert not external.of_kind("Secret") and not external.of_kind("StatefulSet")
+    for engine in external.engines():
+        refs = _secret_refs(engine)
+        assert refs["KVSTACK_ENGINE_LMCACHE__REMOTE_URL"] == ("lmcache-remote", "url")
+        assert refs["KVSTACK_ENGINE_API_KEY"] == ("engine-api-key", "key")
+    assert _secret_refs(external.one("Deployment", "-router"))["KVSTACK_ROUTER_ENGINE_API_KEY"] == (
+        "engine-api-key",
+        "key",
+    )
+
+    multi = rendered["multi-model"]
+    qwen = next(d for d in multi.engines() if d["metadata"]["name"].endswith("qwen-32b"))
+    assert _secret_refs(qwen)["HF_TOKEN"] == ("hf-token", "token")
+
+
+def test_redis_is_an_lru_cache(rendered: dict[str, Rendered]) -> None:
+    conf = rendered["default"].one("ConfigMap", "-redis")["data"]["redis.conf"].splitlines()
+    assert "maxmemory 6gb" in conf
+    assert "maxmemory-policy allkeys-lru" in conf
+    assert 'save ""' in conf
+    statefulset = rendered["default"].one("StatefulSet", "-redis")
+    assert (
+        statefulset["spec"]["serviceName"] == rendered["default"].one("Service", "-redis")["metadata"]["name"]
+    )
+    # The password reaches redis-server through a file, never through its command line.
+    assert "requirepass" in statefulset["spec"]["template"]["spec"]["containers"][0]["args"][0]
+    persisted = rendered["hardening"].one("StatefulSet", "-redis")
+    assert persisted["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"] == "50Gi"
+
+
+def test_plain_external_url_goes_into_the_engine_config(rendered: dict[str, Rendered]) -> None:
+    r = rendered["external-redis-url"]
+    config = yaml.safe_load(r.one("ConfigMap", "-engine-llama-8b")["data"]["engine.yaml"])
+    assert config["lmcache"]["remote_url"] == "redis://kv-cache.shared.svc:6379"
+    assert not r.of_kind("StatefulSet")
+
+
+def test_ingress_and_network_policies(rendered: dict[str, Rendered]) -> None:
+    r = rendered["ingress-networkpolicy"]
+    ingress = r.one("Ingress", "-router")
+    assert ingress["spec"]["ingressClassName"] == "nginx"
+    rule = ingress["spec"]["rules"][0]
+    assert rule["host"] == "llm.example.com"
+    assert (
+        rule["http"]["paths"][0]["backend"]["service"]["name"]
+        == r.one("Service", "-router")["metadata"]["name"]
+    )
+    policies = {p["metadata"]["name"]: p["spec"] for p in r.of_kind("NetworkPolicy")}
+    assert set(policies) == {"rel-kvstack-router", "rel-kvstack-engine", "rel-kvstack-redis"}
+    router_sel = r.one("Deployment", "-router")["spec"]["selector"]["matchLabels"]
+    engine_sel = {
+        k: v for k, v in r.engines()[0]["spec"]["selector"]["matchLabels"].items() if k != "kvstack.dev/model"
+    }
+    # Engines: API and KV events only from the router; metrics from the monitoring namespace.
+    api_rule, metrics_rule = policies["rel-kvstack-engine"]["ingress"]
+    assert api_rule["from"] == [{"podSelector": {"matchLabels": router_sel}}]
+    assert {p["port"] for p in api_rule["ports"]} == {"http", "kv-events", "kv-replay"}
+    assert metrics_rule["from"][0]["namespaceSelector"]["matchLabels"] == {
+        "kubernetes.io/metadata.name": "monitoring"
+    }
+    # Redis: only engines.
+    (redis_rule,) = policies["rel-kvstack-redis"]["ingress"]
+    assert redis_rule["from"] == [{"podSelector": {"matchLabels": engine_sel}}]
+    assert not rendered["default"].of_kind("NetworkPolicy") and not rendered["default"].of_kind("Ingress")
+
+
+def test_monitoring_objects_carry_the_prometheus_selector_labels(rendered: dict[str, Rendered]) -> None:
+    r = rendered["monitoring"]
+    for kind in ("ServiceMonitor", "PodMonitor", "PrometheusRule"):
+        (obj,) = r.of_kind(kind)
+        assert obj["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    assert r.one("PodMonitor")["spec"]["podMetricsEndpoints"][0]["interval"] == "10s"
+    groups = r.one("PrometheusRule")["spec"]["groups"]
+    assert [g["name"] for g in groups] == ["kvstack.placeholder"]
+    for kind in ("ServiceMonitor", "PodMonitor", "PrometheusRule"):
+        assert not rendered["default"].of_kind(kind)
+
+
+def test_engine_extra_settings_reach_the_engine_config(rendered: dict[str, Rendered]) -> None:
+    r = rendered["multi-model"]
+    llama = yaml.safe_load(r.one("ConfigMap", "-engine-llama-8b")["data"]["engine.yaml"])
+    assert llama["served_model_name"] == ["llama-8b", "llama"]
+    assert llama["max_model_len"] == 32768
+    assert llama["extra_args"] == ["--enable-chunked-prefill"]
+    assert llama["extra_env"] == {"VLLM_USE_FLASHINFER_SAMPLER": "0"}
+    qwen = yaml.safe_load(r.one("ConfigMap", "-engine-qwen-32b")["data"]["engine.yaml"])
+    assert qwen["tensor_parallel_size"] == 2
+    assert qwen["gpu_memory_utilization"] == 0.92
+    assert qwen["lmcache"]["max_local_cpu_size"] == 40
+    assert qwen["lmcache"]["chunk_size"] == 256  # untouched defaults survive the per-model merge
+    tiny = yaml.safe_load(r.one("ConfigMap", "-engine-tiny")["data"]["engine.yaml"])
+    assert tiny["lmcache"]["enabled"] is False  # a model can turn a default off
