@@ -66,3 +66,15 @@ def test_bad_field_in_file_is_named(tmp_path: Path) -> None:
 def test_unknown_policy_fails_at_start() -> None:
     with pytest.raises(ConfigError, match="policy"):
         build_context(load_settings(policy="fastest"))
+
+
+def test_cli_exits_2_naming_the_bad_field() -> None:
+    import subprocess
+    import sys
+
+    kvstack = str(Path(sys.executable).with_name("kvstack"))
+    done = subprocess.run(
+        [kvstack, "router", "--port", "70000"], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 2
+    assert "port" in done.stderr and "70000" in done.stderr
