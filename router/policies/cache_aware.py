@@ -13,20 +13,25 @@ first engine."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import math
 import random
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import xxhash
 from pydantic import BaseModel, ConfigDict, Field
 
-from kvstack.router.engines import EngineState
-from kvstack.router.kvindex.index import KVIndex
+from kvstack.router.engines import EngineRegistry, EngineState
+from kvstack.router.kvindex.follow import follow_registry
+from kvstack.router.kvindex.index import IndexSettings, KVIndex
 from kvstack.router.kvindex.keys import KeyCache, request_root
 from kvstack.router.kvindex.ledger import PrefillLedger
+from kvstack.router.kvindex.subscriber import KVEventSubscriber, SubscriberSettings
 from kvstack.router.policies.base import Decision, RequestFeatures
 
 
@@ -261,3 +266,48 @@ class CacheAwarePolicy:
         self._pending[request_id] = pending
         while len(self._pending) > 10_000:  # chosen but never dispatched: do not grow forever
             self._pending.popitem(last=False)
+
+
+class CacheAwareConfig(BaseModel):
+    """Everything ``cache_aware`` takes from the router's configuration (``cache_aware:``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    decision: CacheAwareSettings = CacheAwareSettings()
+    index: IndexSettings = IndexSettings()
+    events: SubscriberSettings = SubscriberSettings()
+
+
+class CacheAwareRouting(CacheAwarePolicy):
+    """The policy plus its lifecycle: KV-event subscribers that follow the engine registry."""
+
+    def __init__(self, registry: EngineRegistry, config: CacheAwareConfig, rng: random.Random | None) -> None:
+        super().__init__(KVIndex(config.index), config.decision, rng=rng)
+        self.registry = registry
+        self.subscriber = KVEventSubscriber(self.index, config.events)
+        self._follow: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        if self._follow is None:
+            self._follow = asyncio.create_task(
+                follow_registry(self.registry, self.subscriber), name="kv-index"
+            )
+
+    async def stop(self) -> None:
+        if self._follow is not None:
+            self._follow.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._follow
+            self._follow = None
+        await self.subscriber.close()
+
+
+def make_policy(
+    *, registry: EngineRegistry | None = None, settings: Any = None, rng: random.Random | None = None
+) -> CacheAwareRouting:
+    """Factory for the router's policy registry; ``settings.cache_aware`` configures it when present."""
+    config = getattr(settings, "cache_aware", None)
+    if not isinstance(config, CacheAwareConfig):
+        config = CacheAwareConfig()
+    seeded = rng if config.decision.seed is None else None  # an explicit seed wins
+    return CacheAwareRouting(registry or EngineRegistry(), config, seeded)
