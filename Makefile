@@ -50,3 +50,14 @@ bench: venv sysdeps
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
+
+# A real Kubernetes 1.34 control plane on loopback (etcd, kube-apiserver, controller-manager, scheduler,
+# kwok with fake GPU nodes), plus a simulator behind every engine pod; Ctrl-C stops it. Tools are built
+# once into ~/.cache/kvstack/bin (see cluster/README.md).
+.PHONY: cluster cluster-clean
+cluster: venv
+	$(BIN)/python -m kvstack.testing cluster
+
+# Kills and removes clusters whose owner is gone (a killed test run, a closed terminal).
+cluster-clean: venv
+	$(BIN)/python -m kvstack.testing clean

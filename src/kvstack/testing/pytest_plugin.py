@@ -1,0 +1,56 @@
+"""pytest fixtures for a session-wide test cluster: ``cluster``, ``namespace``, ``cluster_tools``.
+
+Enable with ``pytest_plugins = ["kvstack.testing.pytest_plugin"]`` in the root ``conftest.py``.
+Missing binaries are built right after collection (outside any test's timeout), and only when a
+selected test is marked ``cluster``.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from kvstack.testing.cluster import Cluster
+from kvstack.testing.tools import Toolchain, ensure_cluster_tools
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    if session.config.option.collectonly or not any(i.get_closest_marker("cluster") for i in session.items):
+        return
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+
+    def echo(line: str) -> None:
+        if reporter is not None:
+            reporter.write_line(line)
+
+    ensure_cluster_tools(echo=echo)
+
+
+@pytest.fixture(scope="session")
+def cluster_tools() -> Toolchain:
+    """Paths of kubectl, helm, kubeconform, ... (built if missing)."""
+    return ensure_cluster_tools()
+
+
+@pytest.fixture(scope="session")
+def cluster(cluster_tools: Toolchain) -> Iterator[Cluster]:
+    """A running cluster: 2 fake GPU nodes x 8 nvidia.com/gpu, pod IPs in 127.16.0.0/16."""
+    with Cluster(tools=cluster_tools) as running:
+        yield running
+
+
+@pytest.fixture
+def namespace(cluster: Cluster) -> Iterator[str]:
+    """A fresh namespace, deleted (with everything in it) after the test."""
+    from kubernetes import client
+
+    core: Any = client.CoreV1Api(cluster.api_client())
+    name = f"t-{uuid.uuid4().hex[:8]}"
+    core.create_namespace({"metadata": {"name": name}})
+    try:
+        yield name
+    finally:
+        core.delete_namespace(name)
