@@ -82,7 +82,9 @@ def sim(
     kv_events_endpoint: Annotated[str | None, typer.Option(help="ZMQ PUB endpoint, tcp://HOST:PORT.")] = None,
     kv_events_replay_endpoint: Annotated[str | None, typer.Option(help="ZMQ ROUTER replay endpoint.")] = None,
     kv_events_topic: Annotated[str | None, typer.Option(help="Topic frame of each KV-event message.")] = None,
-    api_key: Annotated[str | None, typer.Option(help="Require this bearer key on /v1/*.")] = None,
+    api_key: Annotated[
+        str | None, typer.Option(envvar="VLLM_API_KEY", help="Require this bearer key on /v1/*.")
+    ] = None,
     gpu_memory_utilization: Annotated[float | None, typer.Option(help="Shown in cache_config_info.")] = None,
     log_level: Annotated[str | None, typer.Option(help="uvicorn log level (default warning).")] = None,
 ) -> None:

@@ -15,10 +15,11 @@ from typing import Any, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from kvstack.common.errors import OpenAIError
-from kvstack.common.tokenizer import VOCAB_SIZE, apply_chat_template, encode
+from kvstack.common.tokenizer import VOCAB_SIZE, apply_chat_template, decode, encode
 
 _dumps = json.dumps
 _M = TypeVar("_M", bound=BaseModel)
+_BYTE_IDS = 256  # ids below this are byte-fallback tokens
 
 
 class StreamOptions(BaseModel):
@@ -212,6 +213,34 @@ class StopMatcher:
     def flush(self) -> str:
         out = self._text[self.sent :]
         self.sent = len(self._text)
+        return out
+
+
+class Detokenizer:
+    """Incremental decode that never splits a UTF-8 character across two stream chunks."""
+
+    __slots__ = ("_pending",)
+
+    def __init__(self) -> None:
+        self._pending: list[int] = []
+
+    def __call__(self, ids: list[int]) -> str:
+        if self._pending:
+            ids, self._pending = self._pending + ids, []
+        if ids and ids[-1] < _BYTE_IDS:  # trailing byte-fallback ids may be half a character
+            start = len(ids)
+            while start > 0 and ids[start - 1] < _BYTE_IDS:
+                start -= 1
+            try:
+                bytes(ids[start:]).decode()
+            except UnicodeDecodeError:
+                if len(ids) - start < 4:
+                    self._pending = ids[start:]
+                    ids = ids[:start]
+        return decode(ids)
+
+    def flush(self) -> str:
+        out, self._pending = decode(self._pending), []
         return out
 
 

@@ -40,7 +40,6 @@ _SSE_START = {
     "status": 200,
     "headers": [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache")],
 }
-_BYTE_IDS = 256
 
 
 def _dumps(obj: Any) -> bytes:
@@ -72,34 +71,6 @@ async def _close(stream: AsyncIterator[RequestOutput]) -> None:
     close = getattr(stream, "aclose", None)
     if close is not None:
         await close()
-
-
-class Detokenizer:
-    """Incremental decode that never splits a UTF-8 character across two stream chunks."""
-
-    __slots__ = ("_pending",)
-
-    def __init__(self) -> None:
-        self._pending: list[int] = []
-
-    def __call__(self, ids: list[int]) -> str:
-        if self._pending:
-            ids, self._pending = self._pending + ids, []
-        if ids and ids[-1] < _BYTE_IDS:  # trailing byte-fallback ids may be half a character
-            start = len(ids)
-            while start > 0 and ids[start - 1] < _BYTE_IDS:
-                start -= 1
-            try:
-                bytes(ids[start:]).decode()
-            except UnicodeDecodeError:
-                if len(ids) - start < 4:
-                    self._pending = ids[start:]
-                    ids = ids[:start]
-        return decode(ids)
-
-    def flush(self) -> str:
-        out, self._pending = decode(self._pending), []
-        return out
 
 
 @dataclass(slots=True)
@@ -332,7 +303,7 @@ class SimServer:
         )
         stops = req.stop_strings()
         matcher = p.StopMatcher(stops, req.include_stop_str_in_output) if stops else None
-        detok = Detokenizer()
+        detok = p.Detokenizer()
         count_generated = self.metrics.on_generated_tokens
         await send(_SSE_START)
         if job.chat:
@@ -377,7 +348,7 @@ class SimServer:
         req = job.request
         stops = req.stop_strings()
         matcher = p.StopMatcher(stops, req.include_stop_str_in_output) if stops else None
-        detok = Detokenizer()
+        detok = p.Detokenizer()
         pieces: list[str] = []
         completion_tokens = cached = 0
         finish, stop_reason = "abort", None

@@ -13,7 +13,6 @@ from kvstack.engine.sim import protocol as p
 from kvstack.engine.sim.cli import split_settings
 from kvstack.engine.sim.events import replay_slice
 from kvstack.engine.sim.metrics import buckets_1_2_5
-from kvstack.engine.sim.server import Detokenizer
 
 
 @pytest.mark.parametrize(
@@ -137,7 +136,7 @@ def test_chunk_frames_are_json(chat: bool) -> None:
 
 def test_detokenizer_keeps_split_characters_whole() -> None:
     ids = list("é!".encode())  # byte-fallback ids: 0xC3 0xA9 0x21
-    detok = Detokenizer()
+    detok = p.Detokenizer()
     assert detok(ids[:1]) == ""
     assert detok(ids[1:]) == "é!"
     assert detok.flush() == ""
