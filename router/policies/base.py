@@ -21,6 +21,9 @@ class RequestFeatures:
     cache_salt: str | None = None
     max_tokens: int | None = None
     extra: dict[str, str] = field(default_factory=dict)
+    # The prompt as text, for text-based policies (prefix_trie): a completion's prompt, or a chat's
+    # message contents joined with "\n", as vLLM production-stack hashes them. None when not asked.
+    prompt_text: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
