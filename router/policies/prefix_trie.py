@@ -85,6 +85,7 @@ class PrefixTriePolicy:
 
     name = "prefix_trie"
     needs_tokens = False
+    needs_text = True  # the proxy fills RequestFeatures.prompt_text for policies that ask
 
     def __init__(
         self, settings: PrefixTrieSettings | None = None, *, rng: random.Random | None = None
