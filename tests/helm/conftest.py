@@ -133,10 +133,12 @@ class Rendered:
     def of_kind(self, kind: str) -> list[dict[str, Any]]:
         return [o for o in self.objects if o["kind"] == kind]
 
-    def one(self, kind: str, name_suffix: str = "") -> dict[str, Any]:
-        found = [o for o in self.of_kind(kind) if o["metadata"]["name"].endswith(name_suffix)]
+    def one(self, kind: str, name: str = "") -> dict[str, Any]:
+        """The one object of ``kind`` named ``name``; ``-x`` means the release's ``rel-kvstack-x``."""
+        full = f"rel-kvstack{name}" if name.startswith("-") else name
+        found = [o for o in self.of_kind(kind) if not name or o["metadata"]["name"] == full]
         assert len(found) == 1, (
-            f"expected one {kind} named *{name_suffix}, got {[o['metadata']['name'] for o in found]}"
+            f"expected one {kind} named {full or '*'}, got {[o['metadata']['name'] for o in found]}"
         )
         return found[0]
 

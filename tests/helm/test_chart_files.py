@@ -9,12 +9,13 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
 from tests.helm.conftest import CHART, HelmChart, Validate
 
-SAMPLE_CRD = {
+SAMPLE_CRD: dict[str, Any] = {
     "apiVersion": "apiextensions.k8s.io/v1",
     "kind": "CustomResourceDefinition",
     "metadata": {"name": "stacks.kvstack.dev"},
@@ -48,6 +49,13 @@ data:
 def chart_copy(helm_bin: Path, tmp_path: Path) -> HelmChart:
     path = tmp_path / "kvstack"
     shutil.copytree(CHART, path)
+    # Start from no generated files, whatever the dashboards package has put in the real chart.
+    for generated in [
+        *(path / "files" / "dashboards").glob("*.json"),
+        *(path / "files" / "rules").glob("*.yaml"),
+    ]:
+        if generated.name != "placeholder.yaml":
+            generated.unlink()
     return HelmChart(helm_bin, path)
 
 
@@ -71,9 +79,13 @@ def test_each_dashboard_becomes_a_labelled_configmap(chart_copy: HelmChart, kube
     assert not [m for m in off.of_kind("ConfigMap") if "dashboard" in m["metadata"]["name"]]
 
 
+def test_the_placeholder_rule_stands_in_until_rules_are_generated(chart_copy: HelmChart) -> None:
+    rendered = chart_copy.template(set_values=["monitoring.prometheusRule.enabled=true"])
+    assert [g["name"] for g in rendered.one("PrometheusRule")["spec"]["groups"]] == ["kvstack.placeholder"]
+
+
 def test_generated_rule_files_replace_the_placeholder(chart_copy: HelmChart, kubeconform: Validate) -> None:
     rules = chart_copy.path / "files" / "rules"
-    (rules / "placeholder.yaml").unlink()
     group = {
         "name": "kvstack.engines",
         "rules": [{"record": "kvstack:ttft:p95", "expr": "histogram_quantile(0.95, x)"}],

@@ -1,0 +1,85 @@
+"""The real `kvstack router` settings loader accepts the router config the chart renders."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from tests.helm.conftest import CHART, HelmChart, Rendered, values_files
+
+from kvstack.common.config import ConfigError
+from kvstack.router.config import RouterSettings, load_settings
+from kvstack.router.policies import policy_names
+
+VALUES = values_files()
+SECRET_SAMPLES = {
+    "KVSTACK_ROUTER_API_KEYS": "sk-one,sk-two",
+    "KVSTACK_ROUTER_ENGINE_API_KEY": "engine-key",
+    "KVSTACK_ROUTER_MONITOR__API_KEY": "engine-key",
+}
+
+
+def load_router(rendered: Rendered, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> RouterSettings:
+    deployment = rendered.one("Deployment", "-router")
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    assert container["args"] == ["--config", "/etc/kvstack/router.yaml"]
+    config_file = tmp_path / "router.yaml"
+    config_file.write_text(rendered.one("ConfigMap", "-router")["data"]["router.yaml"])
+    for name in list(os.environ):
+        if name.upper().startswith("KVSTACK_ROUTER_"):
+            monkeypatch.delenv(name)
+    for item in container.get("env", []):
+        monkeypatch.setenv(item["name"], item.get("value") or SECRET_SAMPLES[item["name"]])
+    return load_settings(config_file)
+
+
+@pytest.mark.parametrize("values", VALUES, ids=[p.stem for p in VALUES])
+def test_router_accepts_every_rendered_config(
+    values: Path, chart: HelmChart, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rendered = chart.template([values])
+    settings = load_router(rendered, tmp_path, monkeypatch)
+    (container,) = rendered.one("Deployment", "-router")["spec"]["template"]["spec"]["containers"]
+    assert settings.host == "0.0.0.0"
+    assert settings.port == container["ports"][0]["containerPort"]
+    assert settings.discovery == "kubernetes"
+    assert settings.kubernetes.namespace == "kvstack"
+    assert settings.policy in policy_names()
+    auth_on = any(e["name"] == "KVSTACK_ROUTER_API_KEYS" for e in container.get("env", []))
+    assert [k.get_secret_value() for k in settings.api_keys] == (["sk-one", "sk-two"] if auth_on else [])
+
+
+def test_engine_api_key_reaches_proxy_and_monitor(
+    chart: HelmChart, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = load_router(
+        chart.template([p for p in VALUES if p.stem == "external-redis"]), tmp_path, monkeypatch
+    )
+    assert settings.engine_api_key is not None and settings.engine_api_key.get_secret_value() == "engine-key"
+    assert (
+        settings.monitor.api_key is not None and settings.monitor.api_key.get_secret_value() == "engine-key"
+    )
+
+
+def test_extra_config_reaches_the_router_and_is_checked(
+    chart: HelmChart, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rendered = chart.template(
+        set_values=["router.extraConfig.rate_limit_rps=50", "router.extraConfig.kubernetes.watch_timeout=60"]
+    )
+    settings = load_router(rendered, tmp_path, monkeypatch)
+    assert settings.rate_limit_rps == 50
+    assert settings.kubernetes.watch_timeout == 60
+    assert settings.kubernetes.port_name == "http"  # merged, not replaced
+    typo = chart.template(set_values=["router.extraConfig.rate_limit_rsp=50"])
+    with pytest.raises(ConfigError, match="rate_limit_rsp"):
+        load_router(typo, tmp_path, monkeypatch)
+
+
+def test_the_schema_offers_exactly_the_routers_policies() -> None:
+    import json
+
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    offered = schema["properties"]["router"]["properties"]["routing"]["properties"]["policy"]["enum"]
+    assert sorted(offered) == sorted(policy_names())
