@@ -1,0 +1,1 @@
+"""Grafana dashboards and Prometheus rules for kvstack, generated from Python (``kvstack dashboards``)."""

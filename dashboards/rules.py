@@ -1,0 +1,296 @@
+"""Recording and alert rules for kvstack, as data; rendered to a Prometheus rule file.
+
+Recording rules precompute the expensive queries (quantiles and ratios over every engine); alerts
+are written against them where possible so that rule evaluation stays cheap. Each alert names its
+``inputs``: queries that must return data on a live stack, so a renamed metric or label is caught
+even while the alert itself (rightly) stays silent.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from kvstack.dashboards import autoscaler as op
+from kvstack.dashboards.promql import divide, quantile, ratio, sum_rate
+
+W = "5m"
+BY_MODEL = "model_name, namespace"
+ENGINE_JOB = 'job=~".*kvstack-engine.*"'
+ROUTER_JOB = 'job=~".*kvstack-router.*"'
+REDIS_JOB = 'job=~".*kvstack-redis.*"'
+# The TTFT SLO: 99% of requests see their first token within 1 s (1.0 is a vLLM bucket boundary).
+TTFT_SLO_SECONDS = "1.0"
+TTFT_SLO_OBJECTIVE = 0.99
+BUDGET = round(1 - TTFT_SLO_OBJECTIVE, 6)
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    record: str
+    expr: str
+
+
+@dataclass(frozen=True, slots=True)
+class Alert:
+    alert: str
+    expr: str
+    for_: str
+    severity: str
+    summary: str
+    description: str
+    inputs: tuple[str, ...]
+    # Alerts on series the operator does not export yet are verified by promtool only.
+    needs_operator: bool = False
+    labels: dict[str, str] = field(default_factory=dict)
+
+
+def _slo_errors(window: str) -> str:
+    bucket = f'vllm:time_to_first_token_seconds_bucket{{le="{TTFT_SLO_SECONDS}"}}'
+    good = f"sum by ({BY_MODEL}) (rate({bucket}[{window}]))"
+    total = f"sum by ({BY_MODEL}) (rate(vllm:time_to_first_token_seconds_count[{window}]))"
+    return f"1 - {divide(good, total)}"
+
+
+RECORDS: list[Record] = [
+    Record(
+        "kvstack:vllm_ttft_seconds:p90_5m", quantile(0.9, "vllm:time_to_first_token_seconds", BY_MODEL, "", W)
+    ),
+    Record(
+        "kvstack:vllm_ttft_seconds:p99_5m",
+        quantile(0.99, "vllm:time_to_first_token_seconds", BY_MODEL, "", W),
+    ),
+    Record(
+        "kvstack:vllm_itl_seconds:p90_5m", quantile(0.9, "vllm:inter_token_latency_seconds", BY_MODEL, "", W)
+    ),
+    Record(
+        "kvstack:vllm_prefix_cache_hit:ratio_rate5m",
+        ratio("vllm:prefix_cache_hits_total", "vllm:prefix_cache_queries_total", BY_MODEL, "", W),
+    ),
+    Record(
+        "kvstack:vllm_external_prefix_cache_hit:ratio_rate5m",
+        ratio(
+            "vllm:external_prefix_cache_hits_total",
+            "vllm:external_prefix_cache_queries_total",
+            BY_MODEL,
+            "",
+            W,
+        ),
+    ),
+    Record(
+        "kvstack:vllm_generation_tokens:rate5m", sum_rate("vllm:generation_tokens_total", BY_MODEL, "", W)
+    ),
+    Record(
+        "kvstack:vllm_request_errors:ratio_rate5m",
+        divide(
+            sum_rate("vllm:request_success_total", BY_MODEL, 'finished_reason="error"', W),
+            sum_rate("vllm:request_success_total", BY_MODEL, "", W),
+        ),
+    ),
+    Record("kvstack:vllm_num_requests_waiting:sum", f"sum by ({BY_MODEL}) (vllm:num_requests_waiting)"),
+    Record("kvstack:vllm_kv_cache_usage:max", f"max by ({BY_MODEL}) (vllm:kv_cache_usage_perc)"),
+    # Share of requests whose TTFT exceeded the SLO, over the windows of the burn-rate alerts.
+    *(
+        Record(f"kvstack:vllm_ttft_slo_errors:ratio_rate{w}", _slo_errors(w))
+        for w in ("5m", "30m", "1h", "6h")
+    ),
+    Record(
+        "kvstack:router_requests:rate5m",
+        sum_rate("kvstack_router_requests_total", f"{BY_MODEL}, status", "", W),
+    ),
+    Record(
+        "kvstack:router_errors:ratio_rate5m",
+        divide(
+            sum_rate("kvstack_router_requests_total", BY_MODEL, 'status=~"5.."', W),
+            sum_rate("kvstack_router_requests_total", BY_MODEL, "", W),
+        ),
+    ),
+    Record(
+        "kvstack:router_ttft_seconds:p99_5m",
+        quantile(0.99, "kvstack_router_time_to_first_token_seconds", BY_MODEL, "", W),
+    ),
+]
+
+_MODEL_SEEN = f"group by ({BY_MODEL}) (max_over_time(vllm:num_requests_running[1h]))"
+_MODEL_NOW = f"group by ({BY_MODEL}) (vllm:num_requests_running)"
+
+ALERTS: list[Alert] = [
+    Alert(
+        "KvstackEngineDown",
+        f"up{{{ENGINE_JOB}}} == 0",
+        "2m",
+        "critical",
+        "Engine {{ $labels.pod }} cannot be scraped",
+        "Prometheus has not scraped the vLLM engine {{ $labels.namespace }}/{{ $labels.pod }} for 2 "
+        "minutes: it crashed, hangs or is still loading the model.",
+        (f"up{{{ENGINE_JOB}}}",),
+    ),
+    Alert(
+        "KvstackModelHasNoEngine",
+        f"{_MODEL_SEEN} unless on ({BY_MODEL}) {_MODEL_NOW}",
+        "2m",
+        "critical",
+        "No engine serves model {{ $labels.model_name }}",
+        "Engines of {{ $labels.namespace }}/{{ $labels.model_name }} reported in the last hour, but none "
+        "does now: every request for this model fails.",
+        (_MODEL_SEEN, _MODEL_NOW),
+    ),
+    Alert(
+        "KvstackRouterNoAvailableEngine",
+        "sum by (namespace, pod) (kvstack_router_engine_available) == 0",
+        "1m",
+        "critical",
+        "Router {{ $labels.pod }} has no available engine",
+        "Every engine the router knows is unhealthy or ejected, so it answers 503: check the engines "
+        "and the router's upstream errors.",
+        ("sum by (namespace, pod) (kvstack_router_engine_available)",),
+    ),
+    Alert(
+        "KvstackRouterDown",
+        f"up{{{ROUTER_JOB}}} == 0",
+        "2m",
+        "critical",
+        "Router {{ $labels.pod }} cannot be scraped",
+        "Prometheus has not scraped the router {{ $labels.namespace }}/{{ $labels.pod }} for 2 minutes.",
+        (f"up{{{ROUTER_JOB}}}",),
+    ),
+    Alert(
+        "KvstackEngineQueueGrowing",
+        "kvstack:vllm_num_requests_waiting:sum > 10 and "
+        "deriv(kvstack:vllm_num_requests_waiting:sum[10m]) > 0",
+        "10m",
+        "warning",
+        "Requests pile up for model {{ $labels.model_name }}",
+        "More than 10 requests wait in the engines of {{ $labels.model_name }} and the queue keeps "
+        "growing: add replicas or check the autoscaler.",
+        ("kvstack:vllm_num_requests_waiting:sum", "deriv(kvstack:vllm_num_requests_waiting:sum[10m])"),
+    ),
+    Alert(
+        "KvstackKVCacheNearlyFull",
+        "kvstack:vllm_kv_cache_usage:max > 0.9",
+        "10m",
+        "warning",
+        "KV cache above 90% for model {{ $labels.model_name }}",
+        "An engine of {{ $labels.model_name }} has used more than 90% of its KV cache for 10 minutes; "
+        "expect preemptions and lower prefix-cache hit rates.",
+        ("kvstack:vllm_kv_cache_usage:max",),
+    ),
+    Alert(
+        "KvstackTTFTBudgetBurnFast",
+        f"kvstack:vllm_ttft_slo_errors:ratio_rate1h > (14.4 * {BUDGET}) and "
+        f"kvstack:vllm_ttft_slo_errors:ratio_rate5m > (14.4 * {BUDGET})",
+        "2m",
+        "critical",
+        "TTFT SLO budget burning fast for {{ $labels.model_name }}",
+        f"More than 14.4x the error budget of the TTFT SLO ({round(TTFT_SLO_OBJECTIVE * 100)}% under "
+        f"{TTFT_SLO_SECONDS}s) is being spent: at this rate a 30-day budget lasts 2 days.",
+        ("kvstack:vllm_ttft_slo_errors:ratio_rate1h", "kvstack:vllm_ttft_slo_errors:ratio_rate5m"),
+    ),
+    Alert(
+        "KvstackTTFTBudgetBurnSlow",
+        f"kvstack:vllm_ttft_slo_errors:ratio_rate6h > (6 * {BUDGET}) and "
+        f"kvstack:vllm_ttft_slo_errors:ratio_rate30m > (6 * {BUDGET})",
+        "15m",
+        "warning",
+        "TTFT SLO budget burning for {{ $labels.model_name }}",
+        "More than 6x the TTFT error budget is being spent, over 6 hours and still now: at this rate a "
+        "30-day budget lasts 5 days.",
+        ("kvstack:vllm_ttft_slo_errors:ratio_rate6h", "kvstack:vllm_ttft_slo_errors:ratio_rate30m"),
+    ),
+    Alert(
+        "KvstackEngineErrors",
+        "kvstack:vllm_request_errors:ratio_rate5m > 0.05",
+        "5m",
+        "warning",
+        "Engine errors above 5% for {{ $labels.model_name }}",
+        "More than 5% of the requests finished by the engines of {{ $labels.model_name }} ended in error.",
+        ("kvstack:vllm_request_errors:ratio_rate5m",),
+    ),
+    Alert(
+        "KvstackRouterErrors",
+        "kvstack:router_errors:ratio_rate5m > 0.05",
+        "5m",
+        "critical",
+        "Router 5xx above 5% for {{ $labels.model_name }}",
+        "More than 5% of the router's answers for {{ $labels.model_name }} are 5xx: engines fail, time "
+        "out or none is available.",
+        ("kvstack:router_errors:ratio_rate5m",),
+    ),
+    Alert(
+        "KvstackRedisDown",
+        f"up{{{REDIS_JOB}}} == 0 or redis_up{{{REDIS_JOB}}} == 0",
+        "2m",
+        "warning",
+        "The shared LMCache store (Redis) is down",
+        "Engines keep serving by recomputing, but cross-pod KV sharing through LMCache is lost until "
+        "Redis is back.",
+        (f"redis_up{{{REDIS_JOB}}}",),
+    ),
+    Alert(
+        "KvstackAutoscalerStalled",
+        f"time() - {op.LAST_EVAL} > 300",
+        "5m",
+        "critical",
+        "The autoscaler stopped evaluating {{ $labels.model_name }}",
+        "The operator has not evaluated {{ $labels.namespace }}/{{ $labels.model_name }} for over 5 "
+        "minutes: replicas no longer follow load.",
+        (op.LAST_EVAL,),
+        needs_operator=True,
+    ),
+    Alert(
+        "KvstackScaleUpStalled",
+        f"{op.DESIRED} > {op.READY}",
+        "15m",
+        "warning",
+        "{{ $labels.model_name }} has fewer ready replicas than desired",
+        "The autoscaler wants more replicas of {{ $labels.namespace }}/{{ $labels.model_name }} than "
+        "are ready, for 15 minutes: pods are pending (no GPU) or fail to start.",
+        (op.DESIRED, op.READY),
+        needs_operator=True,
+    ),
+    Alert(
+        "KvstackAutoscalerBlind",
+        f"max({op.PROM_UP}) == 0",
+        "5m",
+        "warning",
+        "The autoscaler cannot query Prometheus",
+        "The operator's Prometheus queries fail, so it holds every model at its current size.",
+        (op.PROM_UP,),
+        needs_operator=True,
+    ),
+    Alert(
+        "KvstackAutoscalerThrashing",
+        f'sum by ({BY_MODEL}) (increase({op.DECISIONS}{{direction="up"}}[30m])) >= 2 and '
+        f'sum by ({BY_MODEL}) (increase({op.DECISIONS}{{direction="down"}}[30m])) >= 2',
+        "10m",
+        "warning",
+        "The autoscaler is thrashing {{ $labels.model_name }}",
+        "{{ $labels.model_name }} was scaled both up and down at least twice in 30 minutes: widen the "
+        "thresholds' gap or lengthen the cooldown.",
+        (op.DECISIONS,),
+        needs_operator=True,
+    ),
+]
+
+
+def rule_groups() -> list[dict[str, Any]]:
+    """Rule groups in Prometheus' rule-file structure (also the PrometheusRule ``spec.groups``)."""
+    return [
+        {"name": "kvstack.recording", "rules": [{"record": r.record, "expr": r.expr} for r in RECORDS]},
+        {
+            "name": "kvstack.alerts",
+            "rules": [
+                {
+                    "alert": a.alert,
+                    "expr": a.expr,
+                    "for": a.for_,
+                    "labels": {"severity": a.severity, **a.labels},
+                    "annotations": {
+                        "summary": a.summary,
+                        "description": a.description,
+                    },
+                }
+                for a in ALERTS
+            ],
+        },
+    ]

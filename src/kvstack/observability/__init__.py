@@ -1,0 +1,1 @@
+"""Local observability: a Prometheus process and its scrape config (``kvstack up --prometheus``)."""
