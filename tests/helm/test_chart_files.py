@@ -146,3 +146,23 @@ def test_notes_show_where_the_api_key_is_and_warn_about_unscaled_engines(chart_c
     notes = _notes(chart_copy, "auth.enabled=true", "engines.autoscaling.enabled=true")
     assert "get secret rel-kvstack-secrets -o jsonpath='{.data.api-key}'" in notes
     assert "WARNING: engines.autoscaling.enabled is on but operator.enabled is off" in notes
+
+
+def test_extra_objects_are_rendered_through_tpl(
+    chart: HelmChart, tmp_path: Path, kubeconform: Validate
+) -> None:
+    values = tmp_path / "values.yaml"
+    extra = [
+        {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {"name": "{{ .Release.Name }}-extra"},
+            "data": {},
+        },
+        "apiVersion: v1\nkind: ServiceAccount\nmetadata:\n  name: {{ .Release.Name }}-bot\n",
+    ]
+    values.write_text(yaml.safe_dump({"extraObjects": extra}))
+    rendered = chart.template([values])
+    assert rendered.one("ConfigMap", "rel-extra")["data"] == {}
+    assert rendered.one("ServiceAccount", "rel-bot")
+    assert kubeconform(rendered.text).returncode == 0
