@@ -183,8 +183,10 @@ class HelmChart:
             args += ["--set", item]
         return args
 
-    def template(self, values: Sequence[Path] = (), set_values: Sequence[str] = ()) -> Rendered:
-        proc = self.run(*self.template_args(values, set_values))
+    def template(
+        self, values: Sequence[Path] = (), set_values: Sequence[str] = (), release: str = "rel"
+    ) -> Rendered:
+        proc = self.run(*self.template_args(values, set_values, release))
         assert proc.returncode == 0, f"helm template failed:\n{proc.stderr}"
         objects = [doc for doc in yaml.safe_load_all(proc.stdout) if doc]
         return Rendered(proc.stdout, objects)

@@ -391,3 +391,16 @@ def test_engine_extra_settings_reach_the_engine_config(rendered: dict[str, Rende
     assert qwen["lmcache"]["chunk_size"] == 256  # untouched defaults survive the per-model merge
     tiny = yaml.safe_load(r.one("ConfigMap", "-engine-tiny")["data"]["engine.yaml"])
     assert tiny["lmcache"]["enabled"] is False  # a model can turn a default off
+
+
+def test_longest_names_stay_valid_and_distinct(chart: HelmChart, kubeconform: Validate) -> None:
+    release = "r" * 53  # Helm's longest release name
+    models = [{"name": "m" * 40, "model": "a"}, {"name": "m" * 39 + "n", "model": "b"}]
+    rendered = chart.template(
+        set_values=[f"engines.models[{i}].{k}={v}" for i, m in enumerate(models) for k, v in m.items()],
+        release=release,
+    )
+    names = [(o["kind"], o["metadata"]["name"]) for o in rendered.objects]
+    assert all(len(name) <= 63 for _, name in names)
+    assert len(set(names)) == len(names)
+    assert kubeconform(rendered.text).returncode == 0
