@@ -244,3 +244,15 @@ def values_files() -> list[Path]:
 def load_values(path: Path) -> dict[str, Any]:
     data = yaml.safe_load(path.read_text())
     return data if isinstance(data, dict) else {}
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Build the control plane's binaries before any ``cluster`` test runs, outside test timeouts."""
+    if session.config.option.collectonly:
+        return
+    if not any(i.get_closest_marker("cluster") and "tests/helm/" in i.nodeid for i in session.items):
+        return
+    from kvstack.testing import ensure_cluster_tools
+
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    ensure_cluster_tools(echo=reporter.write_line if reporter is not None else None)

@@ -108,6 +108,14 @@ def test_invalid_values_are_rejected_by_name(
         assert fragment in error, error
 
 
+def test_autoscaling_bounds_must_be_ordered(chart: HelmChart, tmp_path: Path) -> None:
+    path = tmp_path / "values.yaml"
+    path.write_text(yaml.safe_dump(model(autoscaling={"minReplicas": 5, "maxReplicas": 2})))
+    assert "engines.models[m].autoscaling: minReplicas (5) is above maxReplicas (2)" in chart.template_error(
+        [path]
+    )
+
+
 def test_external_mode_needs_a_url(chart: HelmChart, tmp_path: Path) -> None:
     path = tmp_path / "values.yaml"
     path.write_text(yaml.safe_dump({"lmcache": {"remote": {"mode": "external"}}}))
