@@ -135,7 +135,7 @@ class RemoteStore:
         assert cfg.remote_url is not None
         self._cfg = cfg
         self._prefix = f"{cfg.key_prefix}{model}@"
-        self._client: aioredis.Redis[bytes] = aioredis.Redis.from_url(
+        self._client: aioredis.Redis = aioredis.Redis.from_url(
             cfg.remote_url,
             socket_timeout=cfg.remote_timeout_s,
             socket_connect_timeout=cfg.remote_timeout_s,
@@ -167,7 +167,7 @@ class RemoteStore:
                 await self._writer
             self._writer = None
         # types-redis predates aclose() (redis-py >= 5), which replaced the deprecated close().
-        await self._client.aclose()  # type: ignore[attr-defined]
+        await self._client.aclose()
 
     def _failed(self, err: BaseException) -> None:
         self.failures += 1

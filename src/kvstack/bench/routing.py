@@ -1,0 +1,263 @@
+"""The routing benchmark: the same workload trace through the router under each policy.
+
+For every (workload, regime, policy) case it starts fresh simulated engines (calibrated speed, KV
+events on) and a router, replays the trace open-loop, and measures what users see (TTFT, ITL,
+throughput), what the engines saw (their own prefix-cache counters, requests per engine) and what
+the router cost (decision time, CPU, RSS). An oracle bound on the hit rate comes from the trace.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from kvstack.bench import promtext, stats, workloads
+from kvstack.bench.driver import DriverConfig, RequestResult, run_workload
+from kvstack.common import tokenizer
+from kvstack.common.procs import ManagedProcess, running
+
+POLICIES = ("round_robin", "least_loaded", "session", "prefix_trie", "cache_aware")
+MODEL = "kvstack/sim-8b"
+
+
+@dataclass(slots=True)
+class RoutingSetup:
+    engines: int = 4
+    num_gpu_blocks: int = 2048  # 32K tokens per engine: working sets stay small enough to run here
+    block_size: int = 16
+    speed: float = 1.0  # calibrated to the H200 reference
+    scale: float = 1.0  # < 1 shrinks prompts for a quick run
+    log_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="kvstack-bench-")))
+
+    @property
+    def capacity_tokens(self) -> int:
+        return self.engines * self.num_gpu_blocks * self.block_size
+
+
+def _free_ports(n: int) -> list[int]:
+    import socket
+
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _kvstack() -> list[str]:
+    return [sys.executable, "-m", "kvstack.cli"] if not _script().exists() else [str(_script())]
+
+
+def _script() -> Path:
+    return Path(sys.executable).with_name("kvstack")
+
+
+def _proc_usage(pid: int) -> tuple[float, float]:
+    """(CPU seconds, peak RSS bytes) of a live process, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    rss = 0.0
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            rss = float(line.split()[1]) * 1024
+    return cpu, rss
+
+
+def _stack(setup: RoutingSetup, policy: str, case: str) -> tuple[list[ManagedProcess], str, list[str]]:
+    ports = _free_ports(3 * setup.engines + 1)
+    log_dir = setup.log_dir / case
+    sims: list[ManagedProcess] = []
+    engines: list[dict[str, Any]] = []
+    for i in range(setup.engines):
+        http, pub, replay = ports[3 * i : 3 * i + 3]
+        url = f"http://127.0.0.1:{http}"
+        sims.append(
+            ManagedProcess(
+                f"sim{i}",
+                [
+                    *_kvstack(),
+                    "engine",
+                    "sim",
+                    "--port",
+                    str(http),
+                    "--model",
+                    MODEL,
+                    "--num-gpu-blocks",
+                    str(setup.num_gpu_blocks),
+                    "--block-size",
+                    str(setup.block_size),
+                    "--speed",
+                    str(setup.speed),
+                    "--kv-events-endpoint",
+                    f"tcp://127.0.0.1:{pub}",
+                    "--kv-events-replay-endpoint",
+                    f"tcp://127.0.0.1:{replay}",
+                ],
+                log_dir,
+                ready_url=f"{url}/health",
+            )
+        )
+        engines.append(
+            {
+                "url": url,
+                "name": f"sim{i}",
+                "models": [MODEL],
+                "kv_events_endpoint": f"tcp://127.0.0.1:{pub}",
+                "kv_events_replay_endpoint": f"tcp://127.0.0.1:{replay}",
+            }
+        )
+    log_dir.mkdir(parents=True, exist_ok=True)
+    engines_file = log_dir / "engines.yaml"
+    engines_file.write_text(yaml.safe_dump(engines))
+    router_url = f"http://127.0.0.1:{ports[-1]}"
+    router = ManagedProcess(
+        "router",
+        [
+            *_kvstack(),
+            "router",
+            "--port",
+            str(ports[-1]),
+            "--engines-file",
+            str(engines_file),
+            "--policy",
+            policy,
+            "--log-level",
+            "warning",
+        ],
+        log_dir,
+        env={"KVSTACK_ROUTER_ACCESS_LOG": "false"},
+        ready_url=f"{router_url}/ready",
+    )
+    return [*sims, router], router_url, [e["url"] for e in engines]
+
+
+def oracle_hit_rate(results: Sequence[RequestResult], block_size: int) -> float:
+    """Hit-token share for one engine with an unlimited cache, over the requests as sent."""
+    done = sorted((r for r in results if r.ok), key=lambda r: r.sent_at)
+    prompts = [tokenizer.apply_chat_template([(m["role"], m["content"]) for m in r.messages]) for r in done]
+    outputs = [tokenizer.encode(r.answer) for r in done]
+    hits = workloads.oracle_hit_tokens(prompts, outputs, block_size)
+    total = sum(len(p) for p in prompts)
+    return sum(hits) / total if total else 0.0
+
+
+def run_case(
+    setup: RoutingSetup, workload: workloads.Workload, policy: str, progress: Callable[[str], None] = print
+) -> dict[str, Any]:
+    case = f"{workload.name}-{workload.regime}-{policy}"
+    procs, router_url, engine_urls = _stack(setup, policy, case)
+    done = 0
+
+    def on_done(_r: RequestResult) -> None:
+        nonlocal done
+        done += 1
+        if done % 50 == 0:
+            progress(f"  {case}: {done}/{workload.num_requests} requests")
+
+    with running(procs, timeout=60):
+        router = procs[-1]
+        before = [promtext.scrape(f"{u}/metrics") for u in engine_urls]
+        r_before = promtext.scrape(f"{router_url}/metrics")
+        cpu0, _ = _proc_usage(router.pid)
+        results, wall = asyncio.run(run_workload(DriverConfig(router_url, MODEL), workload, on_done))
+        cpu1, rss = _proc_usage(router.pid)
+        after = [promtext.scrape(f"{u}/metrics") for u in engine_urls]
+        r_after = promtext.scrape(f"{router_url}/metrics")
+
+    ok = [r for r in results if r.ok]
+    hits = sum(
+        promtext.delta(b, a, "vllm:prefix_cache_hits_total") for b, a in zip(before, after, strict=True)
+    )
+    queries = sum(
+        promtext.delta(b, a, "vllm:prefix_cache_queries_total") for b, a in zip(before, after, strict=True)
+    )
+    per_engine = [
+        promtext.delta(b, a, "vllm:request_success_total") for b, a in zip(before, after, strict=True)
+    ]
+    ttft = stats.summarize([r.ttft for r in ok if r.ttft is not None])
+    itl = stats.summarize([x for r in ok for x in r.itl])
+    oracle = oracle_hit_rate(ok, setup.block_size)
+    hit_rate = hits / queries if queries else 0.0
+    return {
+        "workload": workload.name,
+        "regime": workload.regime,
+        "policy": policy,
+        "fill": round(workload.fill, 3),
+        "requests": len(results),
+        "errors": len(results) - len(ok),
+        "wall_s": wall,
+        "ttft_p50": ttft["p50"],
+        "ttft_p90": ttft["p90"],
+        "ttft_p99": ttft["p99"],
+        "itl_p50": itl["p50"],
+        "itl_p90": itl["p90"],
+        "output_tok_s": sum(r.completion_tokens for r in ok) / wall if wall else 0.0,
+        "hit_rate": hit_rate,
+        "oracle_hit_rate": oracle,
+        "hit_vs_oracle": hit_rate / oracle if oracle else float("nan"),
+        "load_cv": stats.coefficient_of_variation(per_engine),
+        "decision_p99_ms": 1000
+        * promtext.histogram_quantile(r_after, "kvstack_router_routing_decision_seconds", 0.99, r_before),
+        "router_cpu_s": cpu1 - cpu0,
+        "router_rss_mb": rss / 2**20,
+        "requests_per_engine": per_engine,
+    }
+
+
+def run(
+    setup: RoutingSetup,
+    names: Sequence[str],
+    regimes: Sequence[workloads.Regime],
+    policies: Sequence[str],
+    progress: Callable[[str], None] = print,
+) -> list[dict[str, Any]]:
+    rows = []
+    for name in names:
+        for regime in regimes:
+            workload = workloads.build(name, setup.capacity_tokens, regime, scale=setup.scale)
+            progress(
+                f"{name} / {regime}: {workload.num_requests} requests, working set "
+                f"{workload.fill:.0%} of {setup.capacity_tokens} KV tokens"
+            )
+            for policy in policies:
+                row = run_case(setup, workload, policy, progress)
+                progress(
+                    f"  {policy:>13}: TTFT p90 {row['ttft_p90'] * 1000:7.1f} ms, hit rate "
+                    f"{row['hit_rate']:.1%} (oracle {row['oracle_hit_rate']:.1%}), "
+                    f"load CV {row['load_cv']:.2f}, errors {row['errors']}"
+                )
+                rows.append(row)
+    return rows
+
+
+def goals(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The issue's goals, checked per (workload, regime) against the measured rows."""
+    out = []
+    for key in sorted({(r["workload"], r["regime"]) for r in rows}):
+        case = {r["policy"]: r for r in rows if (r["workload"], r["regime"]) == key}
+        ours = case.get("cache_aware")
+        if ours is None:
+            continue
+        entry: dict[str, Any] = {"workload": key[0], "regime": key[1]}
+        if "round_robin" in case:
+            entry["ttft_p90_vs_round_robin"] = ours["ttft_p90"] / case["round_robin"]["ttft_p90"]
+        if "prefix_trie" in case:
+            entry["ttft_p90_vs_prefix_trie"] = ours["ttft_p90"] / case["prefix_trie"]["ttft_p90"]
+        baselines = [r["ttft_p90"] for p, r in case.items() if p != "cache_aware"]
+        if baselines:
+            entry["ttft_p90_vs_best_baseline"] = ours["ttft_p90"] / min(baselines)
+        entry["hit_vs_oracle"] = ours["hit_vs_oracle"]
+        entry["load_cv"] = ours["load_cv"]
+        out.append(entry)
+    return out
