@@ -31,7 +31,7 @@ def run_router(
     ] = None,
     discovery: Annotated[str | None, typer.Option(help="static or kubernetes.")] = None,
     policy: Annotated[
-        str | None, typer.Option(help="round_robin, least_loaded, session or cache_aware.")
+        str | None, typer.Option(help="cache_aware, least_loaded, round_robin, session or prefix_trie.")
     ] = None,
     upstream_backend: Annotated[str | None, typer.Option(help="aiohttp (default) or httpx.")] = None,
     api_keys_file: Annotated[Path | None, typer.Option(help="File of accepted API keys.")] = None,

@@ -17,6 +17,8 @@ from pydantic_settings import (
 from kvstack.common.config import build, read_config_file
 from kvstack.router.discovery.kubernetes import KubernetesConfig
 from kvstack.router.monitor import MonitorConfig
+from kvstack.router.policies.cache_aware import CacheAwareConfig
+from kvstack.router.policies.prefix_trie import PrefixTrieSettings
 
 PositiveSeconds = Annotated[float, Field(gt=0)]
 
@@ -50,6 +52,9 @@ class RouterSettings(BaseSettings):
     # routing
     policy: str = "least_loaded"
     session_header: str = "x-session-id"
+    # per-policy settings (KVSTACK_ROUTER_CACHE_AWARE__DECISION__LOAD_FACTOR=1.5); read by that policy only
+    cache_aware: CacheAwareConfig = CacheAwareConfig()
+    prefix_trie: PrefixTrieSettings = PrefixTrieSettings()
 
     # upstream client: one shared pool; "aiohttp" is httpx's API over aiohttp's connection pool
     upstream_backend: Literal["aiohttp", "httpx"] = "aiohttp"
@@ -83,6 +88,8 @@ class RouterSettings(BaseSettings):
     # operations
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     access_log: bool = True
+    # answer with `x-kvstack-engine: <engine name>` (benchmarks and debugging; reveals topology)
+    expose_engine_header: bool = False
 
     _split = field_validator("engines", "models", "api_keys", mode="before")(_split_csv)
 

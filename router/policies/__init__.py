@@ -1,7 +1,7 @@
 """Routing policies by name: ``make_policy("least_loaded")``.
 
 Built-in policies are pure and take only a random source. Policies that live in their own
-modules (``cache_aware``) are imported on demand; such a module exposes
+modules (``cache_aware``, ``prefix_trie``) are imported on demand; such a module exposes
 ``make_policy(registry=..., settings=..., rng=...) -> Policy``. A policy that needs a lifecycle
 (say, KV-event subscribers) may also define ``async start()`` and ``async stop()``; the router
 calls them at start-up and shutdown.
@@ -19,7 +19,10 @@ from kvstack.router.policies.least_loaded import LeastLoadedPolicy
 from kvstack.router.policies.round_robin import RoundRobinPolicy
 from kvstack.router.policies.session import SessionPolicy
 
-_MODULES: dict[str, str] = {"cache_aware": "kvstack.router.policies.cache_aware"}
+_MODULES: dict[str, str] = {
+    "cache_aware": "kvstack.router.policies.cache_aware",
+    "prefix_trie": "kvstack.router.policies.prefix_trie",
+}
 
 
 def policy_names() -> list[str]:

@@ -78,3 +78,47 @@ def test_cli_exits_2_naming_the_bad_field() -> None:
     )
     assert done.returncode == 2
     assert "port" in done.stderr and "70000" in done.stderr
+
+
+def test_policy_settings_from_file_and_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = tmp_path / "router.yaml"
+    cfg.write_text(
+        "policy: cache_aware\ncache_aware:\n  decision:\n    load_factor: 1.5\n"
+        "  index:\n    cpu_weight: 0.5\nprefix_trie:\n  chunk_chars: 64\n"
+    )
+    monkeypatch.setenv("KVSTACK_ROUTER_CACHE_AWARE__DECISION__EXPLORE_RATE", "0")
+    monkeypatch.setenv("KVSTACK_ROUTER_PREFIX_TRIE__MAX_NODES", "1000")
+    settings = load_settings(cfg)
+    assert settings.cache_aware.decision.load_factor == 1.5
+    assert settings.cache_aware.decision.explore_rate == 0.0
+    assert settings.cache_aware.index.cpu_weight == 0.5
+    assert (settings.prefix_trie.chunk_chars, settings.prefix_trie.max_nodes) == (64, 1000)
+    # the built policies take their settings from the router's configuration
+    ctx = build_context(settings)
+    assert ctx.policy.settings.load_factor == 1.5  # type: ignore[attr-defined]
+    assert ctx.policy.index.settings.cpu_weight == 0.5  # type: ignore[attr-defined]
+    trie = build_context(load_settings(cfg, policy="prefix_trie")).policy
+    assert (trie.name, trie.trie.chunk, trie.trie.max_nodes) == ("prefix_trie", 64, 1000)  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    ("values", "field"),
+    [
+        ({"cache_aware": {"decision": {"load_factor": 0.5}}}, r"cache_aware\.decision\.load_factor"),
+        ({"cache_aware": {"index": {"no_such": 1}}}, r"cache_aware\.index\.no_such"),
+        ({"cache_aware": {"events": {"replay_timeout_s": 0}}}, r"cache_aware\.events\.replay_timeout_s"),
+        ({"prefix_trie": {"chunk_chars": 0}}, r"prefix_trie\.chunk_chars"),
+        ({"expose_engine_header": "maybe"}, "expose_engine_header"),
+    ],
+)
+def test_bad_policy_settings_are_named(values: dict[str, object], field: str) -> None:
+    with pytest.raises(ConfigError, match=field):
+        load_settings(**values)
+
+
+def test_every_policy_name_builds() -> None:
+    from kvstack.router.policies import policy_names
+
+    assert {"cache_aware", "prefix_trie", "least_loaded"} <= set(policy_names())
+    for name in policy_names():
+        assert build_context(load_settings(policy=name)).policy.name == name
