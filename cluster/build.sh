@@ -18,6 +18,8 @@ logs=$cache/logs
 mkdir -p "$bin" "$logs"
 log=$logs/build-$(date +%Y%m%d-%H%M%S).log
 export CGO_ENABLED=0 GOFLAGS=-trimpath GOTOOLCHAIN=${GOTOOLCHAIN:-auto}
+# The official tarball's place, for shells (make, IDEs) that did not add it to PATH.
+command -v go >/dev/null || PATH=$PATH:/usr/local/go/bin
 command -v go >/dev/null || { echo "build.sh: 'go' is not on PATH (Go >= 1.24 needed)" >&2; exit 1; }
 
 started=$SECONDS
