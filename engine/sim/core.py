@@ -27,7 +27,14 @@ from kvstack.engine.sim.kv_cache import KVCache, engine_chain_root
 from kvstack.engine.sim.latency import frontend_delay, step_time
 from kvstack.engine.sim.lmcache import LMCacheConnector, chunk_hashes
 from kvstack.engine.sim.scheduler import Scheduler, SimSeq, StepPlan
-from kvstack.engine.sim.types import EventSink, FinishedRequestStats, RequestOutput, SimRequest, StatsListener
+from kvstack.engine.sim.types import (
+    EventSink,
+    FinishedRequestStats,
+    FinishReason,
+    RequestOutput,
+    SimRequest,
+    StatsListener,
+)
 
 log = logging.getLogger(__name__)
 
@@ -174,11 +181,11 @@ class SimEngine:
         self._add(req)
         return _Stream(self, req)
 
-    def abort(self, request_id: str) -> None:
+    def abort(self, request_id: str, reason: FinishReason = "abort") -> None:
         req = self._reqs.get(request_id)
         if req is None:
             return
-        if self.scheduler.abort(req):
+        if self.scheduler.abort(req, reason):
             req.event.set()
             self._finish(req, time.monotonic())
             self._wake.set()

@@ -255,12 +255,12 @@ class Scheduler:
             self.running = [s for s in self.running if not s.finished]
         return out
 
-    def abort(self, seq: SimSeq) -> bool:
-        """Remove ``seq`` wherever it is and free its blocks; False if it already finished."""
+    def abort(self, seq: SimSeq, reason: FinishReason = "abort") -> bool:
+        """End ``seq`` with ``reason`` wherever it is and free its blocks; False if it already finished."""
         if seq.finished:
             return False
         seq.finished = True
-        seq.finish_reason = "abort"
+        seq.finish_reason = reason
         if seq in self.running:
             self.running.remove(seq)
         else:

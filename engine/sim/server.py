@@ -321,6 +321,7 @@ class SimServer:
                     text = matcher.feed(text)
                     if matcher.stop_reason is not None:
                         finish, stop_reason = "stop", matcher.stop_reason
+                        self.engine.abort(job.sim.request_id, "stop")  # counted as stop, as vLLM does
                         break
                 if out.finished:
                     finish = out.finish_reason or "length"
@@ -332,7 +333,7 @@ class SimServer:
                         {"type": "http.response.body", "body": writer.text_frame(text), "more_body": True}
                     )
         finally:
-            await _close(gen)  # closing early (a stop string) aborts the request in the core
+            await _close(gen)  # closing early (a disconnect) aborts the request in the core
         frames = [writer.final_frame(text, finish, stop_reason)]
         opts = req.stream_options
         if opts is not None and opts.include_usage:
@@ -366,6 +367,7 @@ class SimServer:
                     if matcher.stop_reason is not None:
                         pieces.append(text)
                         finish, stop_reason = "stop", matcher.stop_reason
+                        self.engine.abort(job.sim.request_id, "stop")  # counted as stop, as vLLM does
                         break
                     if out.finished:
                         text += matcher.flush()

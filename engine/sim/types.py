@@ -98,11 +98,13 @@ class EngineCore(Protocol):
         """Submit and stream outputs. Closing the iterator early aborts the request (frees blocks)."""
         ...
 
-    def abort(self, request_id: str) -> None:
-        """Abort a request (client disconnected, or a stop string matched)."""
+    def abort(self, request_id: str, reason: FinishReason = "abort") -> None:
+        """End a request now, counted with ``reason``: "abort" when the client went away, "stop"
+        when the server matched a stop string. A no-op for an unknown or finished request."""
 
     def reset_prefix_cache(self) -> bool:
-        """Drop every cached block that no running request holds; emits AllBlocksCleared."""
+        """Drop every cached block; returns False (and does nothing) while any block is held by a
+        request, as vLLM 0.24 does; emits AllBlocksCleared."""
         ...
 
     @property

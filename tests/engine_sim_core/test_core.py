@@ -15,7 +15,7 @@ from kvstack.common.tokenizer import apply_chat_template, decode
 from kvstack.engine.sim.config import SimConfig
 from kvstack.engine.sim.core import SimEngine
 from kvstack.engine.sim.generator import STOP_TOKEN_ID
-from kvstack.engine.sim.types import EngineCore, RequestOutput, SimRequest
+from kvstack.engine.sim.types import EngineCore, FinishReason, RequestOutput, SimRequest
 
 from .conftest import Recorder
 
@@ -149,14 +149,21 @@ async def test_a_cancelled_consumer_aborts(sim: tuple[SimEngine, Recorder, Sink]
     assert [s.finish_reason for s in rec.finished] == ["abort"]
 
 
-async def test_abort_by_id_ends_the_stream_with_abort(sim: tuple[SimEngine, Recorder, Sink]) -> None:
-    engine, _, _ = sim
-    stream = engine.generate(SimRequest("stop-string", prompt(10), 3000, ignore_eos=True))
+@pytest.mark.parametrize("reason", ["abort", "stop"])
+async def test_abort_by_id_ends_the_stream_with_its_reason(
+    sim: tuple[SimEngine, Recorder, Sink], reason: FinishReason
+) -> None:
+    engine, rec, _ = sim
+    stream = engine.generate(SimRequest("r", prompt(10), 3000, ignore_eos=True))
     await anext(stream)
-    engine.abort("stop-string")
+    engine.abort("r", reason)
     outs = await collect(stream)
-    assert outs[-1].finished and outs[-1].finish_reason == "abort"
-    engine.abort("unknown-id")  # a no-op
+    assert outs[-1].finished and outs[-1].finish_reason == reason
+    assert [s.finish_reason for s in rec.finished] == [reason]
+    assert engine.num_running == 0 and engine.kv_cache_usage == 0.0
+    engine.abort("r", "abort")  # already finished: nothing changes
+    engine.abort("unknown-id")
+    assert [s.finish_reason for s in rec.finished] == [reason]
 
 
 async def test_kv_events_once_per_step_and_prefix_reuse(sim: tuple[SimEngine, Recorder, Sink]) -> None:

@@ -178,8 +178,9 @@ def test_abort_frees_blocks_wherever_the_request_is() -> None:
     assert s.kv.num_used == 2  # 8 prompt tokens; the sampled 9th gets its block next step
     assert s.abort(a) and a.finish_reason == "abort"
     assert s.running == [] and s.kv.num_used == 0
-    assert s.abort(b) and list(s.waiting) == []
+    assert s.abort(b, "stop") and list(s.waiting) == [] and b.finish_reason == "stop"
     assert not s.abort(b)  # already gone
+    assert b.finish_reason == "stop"
 
 
 def test_abort_during_a_step_drops_its_result() -> None:

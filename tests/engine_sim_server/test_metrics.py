@@ -94,17 +94,25 @@ def test_values_follow_requests() -> None:
         assert r.status_code == 200
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="EngineCore.abort has no finish reason yet: a stop-string match is counted as abort "
-    "(vLLM counts it as stop); needs abort(request_id, reason) in types.py/core.py",
-)
-def test_stop_string_counts_as_stop(sim: Sim) -> None:
+@pytest.mark.parametrize("stream", [False, True])
+def test_stop_string_counts_as_stop(sim: Sim, stream: bool) -> None:
     url = f"{sim.base_url}/completions"
-    body = {"model": MODEL, "prompt": "Count the stop strings.", "max_tokens": 20, "ignore_eos": True}
+    body = {
+        "model": MODEL,
+        "prompt": f"Count the stop strings {stream}.",
+        "max_tokens": 20,
+        "ignore_eos": True,
+    }
     text = httpx.post(url, json=body, timeout=10).json()["choices"][0]["text"]
-    before = sample(sim.metrics(), "vllm:request_success_total", finished_reason="stop")
-    r = httpx.post(url, json={**body, "stop": text[8:14]}, timeout=10)
-    assert r.json()["choices"][0]["finish_reason"] == "stop"
-    after = sample(sim.metrics(), "vllm:request_success_total", finished_reason="stop")
-    assert after == before + 1
+    before = {
+        r: sample(sim.metrics(), "vllm:request_success_total", finished_reason=r) for r in ("stop", "abort")
+    }
+    r = httpx.post(url, json={**body, "stop": text[8:14], "stream": stream}, timeout=10)
+    assert r.status_code == 200
+    assert (
+        ('"finish_reason":"stop"' in r.text) if stream else r.json()["choices"][0]["finish_reason"] == "stop"
+    )
+    after = {
+        r: sample(sim.metrics(), "vllm:request_success_total", finished_reason=r) for r in ("stop", "abort")
+    }
+    assert after == {"stop": before["stop"] + 1, "abort": before["abort"]}
