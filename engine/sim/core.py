@@ -137,6 +137,7 @@ class SimEngine:
             max_num_batched_tokens=config.max_num_batched_tokens,
             lmcache_chunk_size=lm.chunk_size if lm.enabled else None,
         )
+        self._none_hash = engine_chain_root(config.block_hash_seed)
         self._reqs: dict[str, _Req] = {}
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -243,8 +244,9 @@ class SimEngine:
             target_len=target,
             ends_with_stop=stop,
             seed=seed,
-            root=engine_chain_root(cfg.block_hash_seed, r.lora_name, r.cache_salt),
+            root=self._none_hash,
             lora_name=r.lora_name,
+            cache_salt=r.cache_salt,
             ready_at=arrival + frontend_delay(cfg.latency, n_prompt) / cfg.speed,
             max_tokens=r.max_tokens,
             n=r.n,

@@ -7,8 +7,9 @@
 * Reusing a cached block for new content evicts it: one ``BlockRemoved`` event.
 * Full blocks are committed with one ``BlockStored`` event per request and step.
 
-Block hashes chain over the parent hash and the block's tokens, seeded per process (vLLM's
-NONE_HASH), so they never equal the router's keys (:mod:`kvstack.common.blocks`).
+Block hashes chain over the parent hash, the block's tokens and its extra keys (the LoRA name on
+every block, the cache salt on the first), seeded per process (vLLM's NONE_HASH), so they never
+equal the router's keys (:mod:`kvstack.common.blocks`). The events carry the same extra keys.
 """
 
 from __future__ import annotations
@@ -17,19 +18,41 @@ from array import array
 from collections import OrderedDict
 from collections.abc import Sequence
 
+import msgspec
 import xxhash
 
 from kvstack.common.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
 
+_encode_keys = msgspec.msgpack.Encoder().encode
 
-def engine_chain_root(seed: int, lora_name: str | None, cache_salt: str | None) -> int:
-    """The parent of a request's first block: the per-process seed plus LoRA/salt scope."""
-    scope = f"vllm-none-hash\x00{seed}\x00{lora_name or ''}\x00{cache_salt or ''}"
-    return int(xxhash.xxh3_64_intdigest(scope.encode()))
+
+def engine_chain_root(seed: int) -> int:
+    """NONE_HASH, the parent of every request's first block: per process unless the seed is shared."""
+    return int(xxhash.xxh3_64_intdigest(f"vllm-none-hash\x00{seed}".encode()))
+
+
+def block_extra_keys(index: int, lora_name: str | None, cache_salt: str | None) -> list[str] | None:
+    """vLLM's extra keys of block ``index``: LoRA name, then cache salt on block 0; None if neither."""
+    keys = [lora_name] if lora_name else []
+    if index == 0 and cache_salt:
+        keys.append(cache_salt)
+    return keys or None
+
+
+def _extra_bytes(keys: list[str] | None) -> bytes:
+    # Token bytes have a fixed length per block, so any non-empty suffix keeps blocks with and
+    # without extra keys apart; msgpack keeps ("a", "b") apart from ("a\x00b",).
+    return _encode_keys(keys) if keys else b""
 
 
 def extend_hashes(
-    hashes: list[int], tokens: Sequence[int], num_tokens: int, block_size: int, root: int
+    hashes: list[int],
+    tokens: Sequence[int],
+    num_tokens: int,
+    block_size: int,
+    root: int,
+    lora_name: str | None = None,
+    cache_salt: str | None = None,
 ) -> None:
     """Append the hashes of the full blocks of ``tokens[:num_tokens]`` not in ``hashes`` yet."""
     start = len(hashes)
@@ -40,8 +63,15 @@ def extend_hashes(
     buf = array("I", tokens[start * block_size : end * block_size]).tobytes()
     step = block_size * 4
     digest = xxhash.xxh3_64_intdigest
-    for off in range(0, len(buf), step):
-        parent = digest(buf[off : off + step], seed=parent)
+    begin = 0
+    if start == 0:  # the first block alone carries the cache salt
+        first = _extra_bytes(block_extra_keys(0, lora_name, cache_salt))
+        parent = digest(buf[:step] + first, seed=parent)
+        hashes.append(parent)
+        begin = step
+    rest = _extra_bytes(block_extra_keys(1, lora_name, cache_salt))
+    for off in range(begin, len(buf), step):
+        parent = digest(buf[off : off + step] + rest, seed=parent)
         hashes.append(parent)
 
 
@@ -158,8 +188,9 @@ class KVCache:
         end: int,
         tokens: Sequence[int],
         lora_name: str | None,
+        cache_salt: str | None = None,
     ) -> None:
-        """Cache the request's full blocks ``start..end-1`` and emit one BlockStored for them."""
+        """Cache the request's full blocks ``start..end-1`` and emit one BlockStored per run of them."""
         if not self.enable_prefix_caching or end <= start:
             return
         cached = self._cached
@@ -172,17 +203,23 @@ class KVCache:
             # Skipped: a block already cached (a prefix hit), or identical content another request
             # committed first (vLLM would keep both under one key; one copy is enough here).
             if block_hash[b] is not None or h in cached:
-                self._emit_stored(run, run_start, hashes, tokens, lora_name)
+                self._emit_stored(run, run_start, hashes, tokens, lora_name, cache_salt)
                 run = []
                 run_start = i + 1
                 continue
             block_hash[b] = h
             cached[h] = b
             run.append(h)
-        self._emit_stored(run, run_start, hashes, tokens, lora_name)
+        self._emit_stored(run, run_start, hashes, tokens, lora_name, cache_salt)
 
     def _emit_stored(
-        self, run: list[int], first: int, hashes: Sequence[int], tokens: Sequence[int], lora_name: str | None
+        self,
+        run: list[int],
+        first: int,
+        hashes: Sequence[int],
+        tokens: Sequence[int],
+        lora_name: str | None,
+        cache_salt: str | None,
     ) -> None:
         if not run:
             return
@@ -196,7 +233,9 @@ class KVCache:
                 lora_id=None,
                 medium="GPU",
                 lora_name=lora_name,
-                extra_keys=[None] * len(run),
+                extra_keys=[
+                    block_extra_keys(i, lora_name, cache_salt) for i in range(first, first + len(run))
+                ],
                 group_idx=0,
                 kv_cache_spec_kind="full_attention",
             )

@@ -32,8 +32,9 @@ class SimSeq:
     target_len: int  # output tokens this request will generate
     ends_with_stop: bool  # the last generated token is EOS ("stop"), else "length"
     seed: int  # output seed (generator)
-    root: int  # parent hash of the first block (per-process seed + LoRA/salt scope)
-    lora_name: str | None = None
+    root: int  # parent hash of the first block (the per-process NONE_HASH)
+    lora_name: str | None = None  # an extra key of every block
+    cache_salt: str | None = None  # an extra key of the first block
     block_hashes: list[int] = field(default_factory=list)
     blocks: list[int] = field(default_factory=list)
     num_computed: int = 0
@@ -163,8 +164,12 @@ class Scheduler:
         full = upto_tokens // kv.block_size
         if full <= seq.num_committed:
             return
-        extend_hashes(seq.block_hashes, seq.tokens, upto_tokens, kv.block_size, seq.root)
-        kv.commit(seq.blocks, seq.block_hashes, seq.num_committed, full, seq.tokens, seq.lora_name)
+        extend_hashes(
+            seq.block_hashes, seq.tokens, upto_tokens, kv.block_size, seq.root, seq.lora_name, seq.cache_salt
+        )
+        kv.commit(
+            seq.blocks, seq.block_hashes, seq.num_committed, full, seq.tokens, seq.lora_name, seq.cache_salt
+        )
         seq.num_committed = full
 
     def _admit(self, seq: SimSeq, budget: int, plan: StepPlan) -> Admission | None:
@@ -173,7 +178,9 @@ class Scheduler:
         num_tokens = len(seq.tokens)
         hit: list[int] = []
         if kv.enable_prefix_caching:
-            extend_hashes(seq.block_hashes, seq.tokens, num_tokens, bs, seq.root)
+            extend_hashes(
+                seq.block_hashes, seq.tokens, num_tokens, bs, seq.root, seq.lora_name, seq.cache_salt
+            )
             hit = kv.find_prefix(seq.block_hashes, (num_tokens - 1) // bs)
         local = len(hit) * bs
         ext = ExternalPlan()

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from kvstack.common.blocks import block_keys, chain_root
 from kvstack.common.config import ConfigError, build
 from kvstack.common.errors import OpenAIError
 from kvstack.common.kv_events import BlockStored, KVEvent
@@ -16,6 +17,7 @@ from kvstack.engine.sim.config import SimConfig
 from kvstack.engine.sim.core import SimEngine
 from kvstack.engine.sim.generator import STOP_TOKEN_ID
 from kvstack.engine.sim.types import EngineCore, FinishReason, RequestOutput, SimRequest
+from kvstack.router.kvindex.index import KVIndex
 
 from .conftest import Recorder
 
@@ -186,6 +188,29 @@ async def test_kv_events_once_per_step_and_prefix_reuse(sim: tuple[SimEngine, Re
     assert rec.prompt_sources[-1] == (4, 96, 0)
     assert sink.stored() == stored
     assert rec.finished[-1].prefill_kv_computed_tokens == 4
+
+
+async def test_lora_and_salt_reach_the_events_and_the_router_index(
+    sim: tuple[SimEngine, Recorder, Sink],
+) -> None:
+    engine, rec, sink = sim
+    p = prompt(64)  # 4 full blocks
+    await collect(engine.generate(SimRequest("a", p, 1, lora_name="sql-lora", cache_salt="tenant-a")))
+    (stored,) = sink.stored()
+    assert stored.lora_name == "sql-lora"
+    assert stored.extra_keys == [["sql-lora", "tenant-a"], ["sql-lora"], ["sql-lora"], ["sql-lora"]]
+    # the engine's own hash covers the same keys: only the same LoRA and salt hit
+    for i, (lora, salt) in enumerate([("sql-lora", "tenant-b"), (None, "tenant-a"), ("sql-lora", None)]):
+        await collect(engine.generate(SimRequest(f"miss-{i}", p, 1, lora_name=lora, cache_salt=salt)))
+        assert rec.prefix_queries[-1] == (64, 0)
+    await collect(engine.generate(SimRequest("hit", p, 1, lora_name="sql-lora", cache_salt="tenant-a")))
+    assert rec.prefix_queries[-1] == (64, 48)  # the hit stops short of the last prompt token
+    # the router's index recovers the scope from lora_name and extra_keys[0]
+    index = KVIndex()
+    index.ensure_engine("e", model="m", block_size=16)
+    index.apply("e", sink.stored()[:1])
+    for lora, salt, blocks in [("sql-lora", "tenant-a", 4), ("sql-lora", None, 0), (None, "tenant-a", 0)]:
+        assert index.match("e", block_keys(p, 16, chain_root("m", lora, salt)), 0.0).gpu_blocks == blocks
 
 
 async def test_reset_prefix_cache_emits_all_blocks_cleared(sim: tuple[SimEngine, Recorder, Sink]) -> None:

@@ -6,22 +6,26 @@ import pytest
 
 from kvstack.common.blocks import block_keys, chain_root
 from kvstack.common.kv_events import AllBlocksCleared, BlockRemoved, BlockStored
-from kvstack.engine.sim.kv_cache import KVCache, engine_chain_root, extend_hashes
+from kvstack.engine.sim.kv_cache import KVCache, block_extra_keys, engine_chain_root, extend_hashes
 
 BS = 4
 
 
-def hashes_of(tokens: list[int], root: int = 7) -> list[int]:
+def hashes_of(
+    tokens: list[int], root: int = 7, lora: str | None = None, salt: str | None = None
+) -> list[int]:
     out: list[int] = []
-    extend_hashes(out, tokens, len(tokens), BS, root)
+    extend_hashes(out, tokens, len(tokens), BS, root, lora, salt)
     return out
 
 
-def store(kv: KVCache, tokens: list[int], root: int = 7, lora: str | None = None) -> list[int]:
+def store(
+    kv: KVCache, tokens: list[int], root: int = 7, lora: str | None = None, salt: str | None = None
+) -> list[int]:
     """Allocate and commit all full blocks of ``tokens`` as one request; returns its block ids."""
-    hs = hashes_of(tokens, root)
+    hs = hashes_of(tokens, root, lora, salt)
     blocks = kv.allocate(-(-len(tokens) // BS))
-    kv.commit(blocks, hs, 0, len(hs), tokens, lora)
+    kv.commit(blocks, hs, 0, len(hs), tokens, lora, salt)
     return blocks
 
 
@@ -53,20 +57,60 @@ def test_find_prefix_respects_max_blocks_and_disabled_caching() -> None:
 
 
 @pytest.mark.parametrize(
-    ("a_root", "b_root", "shares"),
+    ("index", "lora", "salt", "expected"),
     [
-        (engine_chain_root(1, None, None), engine_chain_root(1, None, None), True),
-        (engine_chain_root(1, None, None), engine_chain_root(1, "sql-lora", None), False),
-        (engine_chain_root(1, None, None), engine_chain_root(1, None, "salt-a"), False),
-        (engine_chain_root(1, None, "salt-a"), engine_chain_root(1, None, "salt-b"), False),
-        (engine_chain_root(1, None, None), engine_chain_root(2, None, None), False),  # another process
+        (0, None, None, None),
+        (3, None, None, None),
+        (0, "sql-lora", None, ["sql-lora"]),
+        (5, "sql-lora", None, ["sql-lora"]),
+        (0, None, "tenant-a", ["tenant-a"]),
+        (1, None, "tenant-a", None),  # the salt is on the first block only
+        (0, "sql-lora", "tenant-a", ["sql-lora", "tenant-a"]),  # LoRA name first
+        (2, "sql-lora", "tenant-a", ["sql-lora"]),
     ],
 )
-def test_lora_salt_and_seed_scope_hits(a_root: int, b_root: int, shares: bool) -> None:
+def test_block_extra_keys(index: int, lora: str | None, salt: str | None, expected: list[str] | None) -> None:
+    assert block_extra_keys(index, lora, salt) == expected
+
+
+# (seed, lora, salt) of the request that stored, then of the one that looks up
+_A = (1, None, None)
+
+
+@pytest.mark.parametrize(
+    ("stored", "lookup", "shares"),
+    [
+        (_A, _A, True),
+        (_A, (1, "sql-lora", None), False),
+        ((1, "sql-lora", None), (1, "sql-lora", None), True),
+        ((1, "sql-lora", None), (1, "other-lora", None), False),
+        (_A, (1, None, "salt-a"), False),
+        ((1, None, "salt-a"), (1, None, "salt-a"), True),
+        ((1, None, "salt-a"), (1, None, "salt-b"), False),
+        ((1, "sql-lora", "salt-a"), (1, "sql-lora", "salt-a"), True),
+        ((1, "sql-lora", "salt-a"), (1, "sql-lora", None), False),
+        (_A, (2, None, None), False),  # another process
+    ],
+)
+def test_lora_salt_and_seed_scope_hits(
+    stored: tuple[int, str | None, str | None], lookup: tuple[int, str | None, str | None], shares: bool
+) -> None:
     kv = KVCache(16, BS)
     tokens = list(range(8))
-    store(kv, tokens, root=a_root)
-    assert bool(kv.find_prefix(hashes_of(tokens, b_root), 100)) is shares
+    seed, lora, salt = stored
+    store(kv, tokens, engine_chain_root(seed), lora, salt)
+    seed, lora, salt = lookup
+    hit = kv.find_prefix(hashes_of(tokens, engine_chain_root(seed), lora, salt), 100)
+    assert len(hit) == (2 if shares else 0)
+
+
+def test_extra_keys_change_every_block_hash() -> None:
+    tokens = list(range(12))
+    plain = hashes_of(tokens)
+    for lora, salt in (("sql-lora", None), (None, "s"), ("sql-lora", "s")):
+        assert not set(hashes_of(tokens, lora=lora, salt=salt)) & set(plain)
+    # extra keys are encoded unambiguously: two keys never read as one that contains a separator
+    assert hashes_of(tokens, lora="a", salt="b") != hashes_of(tokens, lora="a\x00b")
 
 
 def test_hash_chain_covers_the_parent() -> None:
@@ -78,19 +122,20 @@ def test_hash_chain_covers_the_parent() -> None:
     assert all(0 <= h < 2**64 for h in a + b)
 
 
-def test_extend_hashes_is_incremental() -> None:
+@pytest.mark.parametrize(("lora", "salt"), [(None, None), ("sql-lora", None), (None, "s"), ("sql-lora", "s")])
+def test_extend_hashes_is_incremental(lora: str | None, salt: str | None) -> None:
     tokens = list(range(20))
     grown: list[int] = []
     for n in range(len(tokens) + 1):
-        extend_hashes(grown, tokens, n, BS, 7)
-    assert grown == hashes_of(tokens)
+        extend_hashes(grown, tokens, n, BS, 7, lora, salt)
+    assert grown == hashes_of(tokens, 7, lora, salt)
 
 
 def test_engine_hashes_are_not_the_router_keys() -> None:
     tokens = list(range(64))
     router = block_keys(tokens, 16, chain_root("m"))
     engine: list[int] = []
-    extend_hashes(engine, tokens, 64, 16, engine_chain_root(0, None, None))
+    extend_hashes(engine, tokens, 64, 16, engine_chain_root(0))
     assert len(engine) == len(router) == 4
     assert not set(engine) & set(router)
 
@@ -149,13 +194,24 @@ def test_a_cached_free_block_can_be_hit_and_leaves_the_free_queue() -> None:
     assert kv.num_used == 2
 
 
-def test_block_stored_event_fields() -> None:
+@pytest.mark.parametrize(
+    ("lora", "salt", "extra_keys"),
+    [
+        (None, None, [None, None, None]),
+        ("sql-lora", None, [["sql-lora"], ["sql-lora"], ["sql-lora"]]),
+        (None, "tenant-a", [["tenant-a"], None, None]),
+        ("sql-lora", "tenant-a", [["sql-lora", "tenant-a"], ["sql-lora"], ["sql-lora"]]),
+    ],
+)
+def test_block_stored_event_fields(
+    lora: str | None, salt: str | None, extra_keys: list[list[str] | None]
+) -> None:
     kv = KVCache(8, BS)
     tokens = list(range(100, 112))
-    hs = hashes_of(tokens)
+    hs = hashes_of(tokens, 7, lora, salt)
     blocks = kv.allocate(3)
-    kv.commit(blocks, hs, 0, 2, tokens, "sql-lora")
-    kv.commit(blocks, hs, 2, 3, tokens, "sql-lora")
+    kv.commit(blocks, hs, 0, 2, tokens, lora, salt)
+    kv.commit(blocks, hs, 2, 3, tokens, lora, salt)
     first, second = kv.take_events()
     assert first == BlockStored(
         block_hashes=hs[:2],
@@ -164,14 +220,23 @@ def test_block_stored_event_fields() -> None:
         block_size=BS,
         lora_id=None,
         medium="GPU",
-        lora_name="sql-lora",
-        extra_keys=[None, None],
+        lora_name=lora,
+        extra_keys=extra_keys[:2],
         group_idx=0,
         kv_cache_spec_kind="full_attention",
     )
-    assert second.block_hashes == hs[2:]  # type: ignore[union-attr]
-    assert second.parent_block_hash == hs[1]  # type: ignore[union-attr]
-    assert second.token_ids == tokens[8:]  # type: ignore[union-attr]
+    assert second == BlockStored(
+        block_hashes=hs[2:],
+        parent_block_hash=hs[1],
+        token_ids=tokens[8:],
+        block_size=BS,
+        lora_id=None,
+        medium="GPU",
+        lora_name=lora,
+        extra_keys=extra_keys[2:],
+        group_idx=0,
+        kv_cache_spec_kind="full_attention",
+    )
     assert kv.take_events() == []
 
 

@@ -136,6 +136,24 @@ def test_events_sequence_and_replay_after_a_gap(
         assert any(isinstance(ev, AllBlocksCleared) for ev in decode_batch(payload).events)
 
 
+def test_cache_salt_goes_into_the_first_blocks_extra_keys(
+    events_sim: Sim, ports: tuple[int, int], ctx: zmq.Context[zmq.Socket[bytes]]
+) -> None:
+    sub = subscriber(ctx, ports[0])
+    prompt = list(range(8000, 8048))  # 3 full blocks
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": 1, "cache_salt": "tenant-a"}
+    assert httpx.post(f"{events_sim.base_url}/completions", json=body, timeout=10).status_code == 200
+    while True:
+        _, _, payload = sub.recv_multipart()
+        stored = [e for e in decode_batch(payload).events if isinstance(e, BlockStored)]
+        if stored:
+            break
+    assert stored[0].token_ids == prompt
+    assert stored[0].parent_block_hash is None
+    assert stored[0].lora_name is None
+    assert stored[0].extra_keys == [["tenant-a"], None, None]
+
+
 def test_bad_kv_events_endpoint_fails_at_start() -> None:
     with pytest.raises(RuntimeError, match="exited"), run_sim("--kv-events-endpoint", "tcp://256.0.0.1:1"):
         pass
