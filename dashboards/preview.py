@@ -18,6 +18,8 @@ from kvstack.dashboards.promql import expand
 from kvstack.observability.prometheus import PrometheusAPI
 
 COLUMNS = 3
+STATS_PER_ROW = 6
+STAT_HEIGHT, SERIES_HEIGHT = 1.6, 3.4
 MAX_SERIES = 8
 _LEGEND = re.compile(r"\{\{\s*(\w+)\s*\}\}")
 
@@ -45,6 +47,15 @@ def fmt_value(value: float, unit: str) -> str:
     shown = value * factor
     text = f"{shown:.0f}" if abs(shown) >= 100 else f"{shown:.3g}"
     return f"{text} {label}".strip()
+
+
+def threshold_color(panel: Panel, value: float) -> str:
+    """The color Grafana would give ``value``: the last threshold step it reaches (green below all)."""
+    color = "green"
+    for limit, step_color in panel.thresholds:
+        if value >= limit:
+            color = step_color
+    return {"green": "#2e7d32", "orange": "#ef6c00", "red": "#c62828"}.get(color, color)
 
 
 Series = list[tuple[str, list[float], list[float]]]  # (legend, times, values)
@@ -82,11 +93,12 @@ def draw(ax: Any, panel: Panel, series: Series) -> None:
         last = [vs[-1] for _, _, vs in series if vs]
         ax.text(
             0.5,
-            0.5,
+            0.45,
             fmt_value(last[0], panel.unit) if last else panel.no_value,
             ha="center",
             va="center",
-            fontsize=26,
+            fontsize=20,
+            color=threshold_color(panel, last[0]) if last else "grey",
             transform=ax.transAxes,
         )
         ax.set_xticks([])
@@ -101,7 +113,20 @@ def draw(ax: Any, panel: Panel, series: Series) -> None:
     ax.grid(True, alpha=0.3)
     if panel.min is not None and panel.min == 0:
         ax.set_ylim(bottom=0)
-    ax.legend(fontsize=6, loc="upper left", framealpha=0.6)
+    ax.legend(fontsize=6, loc="best", framealpha=0.6)
+
+
+def layout(panels: list[Panel]) -> list[list[Panel]]:
+    """Figure rows: runs of stat panels six to a row, time series three to a row."""
+    rows: list[list[Panel]] = []
+    for p in panels:
+        per_row = STATS_PER_ROW if p.kind == "stat" else COLUMNS
+        last = rows[-1] if rows else None
+        if last and last[0].kind == p.kind and len(last) < per_row:
+            last.append(p)
+        else:
+            rows.append([p])
+    return rows
 
 
 def render_dashboard(
@@ -120,16 +145,17 @@ def render_dashboard(
     import matplotlib.pyplot as plt
 
     end = clock()
-    panels = list(dashboard.panels())
-    rows = math.ceil(len(panels) / COLUMNS)
-    fig, axes = plt.subplots(rows, COLUMNS, figsize=(6 * COLUMNS, 3.4 * rows), squeeze=False)
-    for i, panel in enumerate(panels):
-        ax = axes[i // COLUMNS][i % COLUMNS]
-        draw(ax, panel, fetch(api, panel, end - seconds, end, step, rate_interval))
-    for j in range(len(panels), rows * COLUMNS):
-        axes[j // COLUMNS][j % COLUMNS].axis("off")
+    rows = layout(list(dashboard.panels()))
+    heights = [STAT_HEIGHT if r[0].kind == "stat" else SERIES_HEIGHT for r in rows]
+    fig = plt.figure(figsize=(18, sum(heights) + 0.6))
+    grid = fig.add_gridspec(len(rows), STATS_PER_ROW, height_ratios=heights)
+    for i, row in enumerate(rows):
+        span = 1 if row[0].kind == "stat" else STATS_PER_ROW // COLUMNS
+        for j, panel in enumerate(row):
+            ax = fig.add_subplot(grid[i, j * span : (j + 1) * span])
+            draw(ax, panel, fetch(api, panel, end - seconds, end, step, rate_interval))
     fig.suptitle(dashboard.title, fontsize=14, x=0.01, ha="left")
-    fig.tight_layout(rect=(0, 0, 1, 0.98))
+    fig.tight_layout(rect=(0, 0, 1, 0.99))
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=80)
     plt.close(fig)

@@ -75,9 +75,17 @@ def expand(expr: str, rate_interval: str = "15s", values: dict[str, str] | None 
     return _VARIABLE.sub(sub, expr)
 
 
-_METRIC = re.compile(r"\b([a-zA-Z_][a-zA-Z0-9_]*:[a-zA-Z0-9_:]*|[a-zA-Z_][a-zA-Z0-9_]*)\s*(?=\{|\[)")
+_STRIP = re.compile(
+    r'"(?:[^"\\]|\\.)*"'  # string literals
+    r"|\{[^}]*\}"  # label matchers
+    r"|\[[^\]]*\]"  # range and subquery windows
+    r"|\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)"  # label lists
+)
+_IDENT = re.compile(r"(?<![\w:$])([a-zA-Z_:][a-zA-Z0-9_:]*)(?![\w:])(?!\s*\()")
+_KEYWORDS = {"and", "or", "unless", "bool", "offset", "inf", "nan"}
 
 
 def metric_names(expr: str) -> set[str]:
-    """Metric names selected in ``expr`` (names written with a ``{...}`` matcher or a ``[...]`` range)."""
-    return {m.group(1) for m in _METRIC.finditer(expr)} - {"by", "without", "on", "ignoring"}
+    """Metric names selected in ``expr``: identifiers that are not functions, keywords or labels."""
+    bare = _STRIP.sub(" ", expr)
+    return {m.group(1) for m in _IDENT.finditer(bare)} - _KEYWORDS

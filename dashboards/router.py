@@ -110,7 +110,8 @@ def router_rows() -> list[Row]:
                 error_ratio(),
                 Panel(
                     "Requests/s per engine",
-                    [Query(sum_rate(REQUESTS, "engine", ROUTER_SEL), "{{engine}}")],
+                    # engine="" marks answers no engine gave (e.g. 503 with none available).
+                    [Query(sum_rate(REQUESTS, "engine", ROUTER_SEL + ', engine!=""'), "{{engine}}")],
                     unit="reqps",
                     stack=True,
                     description="Where the router sent requests (kvstack_router_requests_total by engine): "

@@ -1,0 +1,240 @@
+"""A live stack for the dashboard tests: Redis, simulators, the router and Prometheus, under load.
+
+Two models: ``sim-a`` on two simulators and ``sim-b`` on one, which the harness kills once the load
+is flowing, so that failure paths (retries, ejections, 5xx, engine down) have series too.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import openai
+import redis
+from tests.conftest import free_port
+
+from kvstack.common.procs import ManagedProcess, running
+from kvstack.observability.prometheus import PrometheusAPI, Target, prometheus_process
+
+KVSTACK = str(Path(sys.executable).with_name("kvstack"))
+MODEL_A, MODEL_B = "sim-a", "sim-b"
+SYSTEM = "You are a careful assistant for a platform team. " * 40  # a prefix shared across requests
+
+
+def redis_exporter_binary() -> str | None:
+    """The redis_exporter, if installed (Debian: prometheus-redis-exporter)."""
+    return (
+        os.environ.get("KVSTACK_REDIS_EXPORTER")
+        or shutil.which("prometheus-redis-exporter")
+        or shutil.which("redis_exporter")
+    )
+
+
+@dataclass
+class Stack:
+    prom: PrometheusAPI
+    router_url: str
+    killed_pod: str
+    has_redis_exporter: bool
+    procs: dict[str, ManagedProcess] = field(default_factory=dict)
+
+
+class Load:
+    """Streaming chat requests through the router from a few threads, until stopped."""
+
+    def __init__(self, router_url: str, threads: int = 3) -> None:
+        self.client = openai.OpenAI(base_url=f"{router_url}/v1", api_key="unused", max_retries=0, timeout=30)
+        self.stop = threading.Event()
+        self.threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(threads)]
+        self.sent = 0
+
+    def _run(self, worker: int) -> None:
+        n = 0
+        while not self.stop.is_set():
+            n += 1
+            model = MODEL_B if n % 4 == 0 else MODEL_A
+            try:
+                stream = self.client.chat.completions.create(
+                    model=model,
+                    messages=[
+                        {"role": "system", "content": SYSTEM},
+                        {"role": "user", "content": f"question {worker}-{n % 7}"},
+                    ],
+                    max_tokens=24,
+                    stream=True,
+                )
+                for _ in stream:
+                    pass
+                self.sent += 1
+            except openai.APIError:
+                time.sleep(0.05)  # sim-b is gone: the router answers 5xx, which the dashboards show
+
+    def __enter__(self) -> Load:
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(35)
+
+
+def disconnect_mid_stream(router_url: str) -> None:
+    """Read the first chunk of a long stream, then hang up (the router counts a disconnect)."""
+    body = {
+        "model": MODEL_A,
+        "messages": [{"role": "user", "content": "long"}],
+        "max_tokens": 2000,
+        "stream": True,
+        "ignore_eos": True,
+    }
+    with httpx.stream("POST", f"{router_url}/v1/chat/completions", json=body, timeout=30) as resp:
+        for _ in resp.iter_raw():
+            break
+
+
+def _wait_engines(router_url: str, count: int, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ready = httpx.get(f"{router_url}/ready", timeout=2).json()
+        models = {m["id"] for m in httpx.get(f"{router_url}/v1/models", timeout=2).json()["data"]}
+        if ready["available_engines"] == count and {MODEL_A, MODEL_B} <= models:
+            return
+        time.sleep(0.1)
+    raise RuntimeError(f"router never saw {count} engines: {ready}, {models}")
+
+
+@contextmanager
+def live_stack(tmp: Path, repo_root: Path) -> Iterator[Stack]:
+    redis_port = free_port()
+    redis_proc = ManagedProcess(
+        "redis",
+        [
+            "redis-server",
+            "--port",
+            str(redis_port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ],
+        tmp,
+    )
+    sims: list[tuple[str, str, ManagedProcess]] = []
+    for pod, model in (("sim-a-0", MODEL_A), ("sim-a-1", MODEL_A), ("sim-b-0", MODEL_B)):
+        port = free_port()
+        argv = [
+            KVSTACK,
+            "engine",
+            "sim",
+            "--port",
+            str(port),
+            "--model",
+            model,
+            "--lmcache",
+            "--lmcache-remote-url",
+            f"redis://127.0.0.1:{redis_port}",
+        ]
+        url = f"http://127.0.0.1:{port}"
+        sims.append((pod, url, ManagedProcess(pod, argv, tmp, ready_url=f"{url}/health")))
+    router_port = free_port()
+    router_url = f"http://127.0.0.1:{router_port}"
+    router_argv = [
+        KVSTACK,
+        "router",
+        "--port",
+        str(router_port),
+        *(a for _, u, _ in sims for a in ("--engine", u)),
+    ]
+    router_env = {
+        "KVSTACK_ROUTER_MAX_IN_FLIGHT_PER_ENGINE": "32",  # the admission queue gauge exists
+        "KVSTACK_ROUTER_EJECT_AFTER_FAILURES": "1",
+        # slow probes: the killed engine is found by the request path (retry, ejection), not a probe
+        "KVSTACK_ROUTER_MONITOR__PROBE_INTERVAL": "20",
+        "KVSTACK_ROUTER_MONITOR__MODELS_INTERVAL": "1",
+        "KVSTACK_ROUTER_LOG_LEVEL": "warning",
+    }
+    router = ManagedProcess("router", router_argv, tmp, env=router_env, ready_url=f"{router_url}/ready")
+    targets = [Target("kvstack-engine", url, pod) for pod, url, _ in sims]
+    targets.append(Target("kvstack-router", router_url, "router-0"))
+    exporter_bin = redis_exporter_binary()
+    extra: list[ManagedProcess] = []
+    if exporter_bin:
+        exp_port = free_port()
+        extra.append(
+            ManagedProcess(
+                "redis-exporter",
+                [
+                    exporter_bin,
+                    "-redis.addr",
+                    f"redis://127.0.0.1:{redis_port}",
+                    "-web.listen-address",
+                    f"127.0.0.1:{exp_port}",
+                ],
+                tmp,
+                ready_url=f"http://127.0.0.1:{exp_port}/metrics",
+            )
+        )
+        targets.append(Target("kvstack-redis", f"http://127.0.0.1:{exp_port}", "redis-0"))
+    prom_port = free_port()
+    prom = prometheus_process(
+        tmp / "prometheus",
+        targets,
+        prom_port,
+        rule_files=[repo_root / "dashboards/rules/kvstack.rules.yaml"],
+        scrape_interval="1s",
+    )
+    with ExitStack() as stack:
+        stack.enter_context(running([redis_proc]))
+        _wait_redis(redis_port)
+        stack.enter_context(running([p for _, _, p in sims], timeout=60))
+        stack.enter_context(running([router, *extra, prom], timeout=60))
+        _wait_engines(router_url, 3)
+        api = PrometheusAPI(f"http://127.0.0.1:{prom_port}")
+        stack.enter_context(Load(router_url))
+        api.wait_for(
+            f'sum(rate(kvstack_router_time_to_first_token_seconds_count{{model_name="{MODEL_A}"}}[15s])) > 0'
+        )
+        for _ in range(2):
+            disconnect_mid_stream(router_url)
+        # Kill sim-b while load flows: its next requests fail, are retried, eject it and end in 5xx.
+        killed, _, killed_proc = sims[2]
+        killed_proc.stop()
+        _requests_to_dead_engine(router_url)
+        api.wait_for(f'up{{pod="{killed}"}} == 0')
+        yield Stack(
+            api,
+            router_url,
+            killed,
+            exporter_bin is not None,
+            {"router": router, **{pod: p for pod, _, p in sims}},
+        )
+
+
+def _requests_to_dead_engine(router_url: str) -> None:
+    body = {"model": MODEL_B, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    for _ in range(3):
+        httpx.post(f"{router_url}/v1/chat/completions", json=body, timeout=10)
+
+
+def _wait_redis(port: int, timeout: float = 10.0) -> None:
+    client = redis.Redis(host="127.0.0.1", port=port)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if client.ping():
+                return
+        except redis.ConnectionError:
+            time.sleep(0.05)
+    raise RuntimeError("redis did not start")
