@@ -361,10 +361,30 @@ def test_ingress_and_network_policies(rendered: dict[str, Rendered]) -> None:
 
 def test_monitoring_objects_carry_the_prometheus_selector_labels(rendered: dict[str, Rendered]) -> None:
     r = rendered["monitoring"]
-    for kind in ("ServiceMonitor", "PodMonitor", "PrometheusRule"):
-        (obj,) = r.of_kind(kind)
+    monitors = {(o["kind"], o["metadata"]["name"]) for o in r.objects if o["kind"].endswith("Monitor")}
+    assert monitors == {
+        ("ServiceMonitor", "rel-kvstack-router"),
+        ("PodMonitor", "rel-kvstack-engine"),
+        ("PodMonitor", "rel-kvstack-redis"),
+    }
+    for obj in [*r.of_kind("ServiceMonitor"), *r.of_kind("PodMonitor"), *r.of_kind("PrometheusRule")]:
         assert obj["metadata"]["labels"]["release"] == "kube-prometheus-stack"
-    assert r.one("PodMonitor")["spec"]["podMetricsEndpoints"][0]["interval"] == "10s"
+    assert r.one("PodMonitor", "-engine")["spec"]["podMetricsEndpoints"][0]["interval"] == "10s"
+    # Each monitor's selector finds its pods, on a port they name.
+    for monitor, workload in (("-engine", r.engines()[0]), ("-redis", r.one("StatefulSet", "-redis"))):
+        spec = r.one("PodMonitor", monitor)["spec"]
+        pod = workload["spec"]["template"]
+        assert spec["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+        port_names = {p["name"] for c in pod["spec"]["containers"] for p in c["ports"]}
+        assert spec["podMetricsEndpoints"][0]["port"] in port_names
+    # The rule files find the jobs these monitors create (Prometheus names a PodMonitor's job
+    # <namespace>/<name>, a ServiceMonitor's after the Service).
+    rules = yaml.safe_dump(r.one("PrometheusRule")["spec"])
+    for job in ("kvstack-engine", "kvstack-router"):
+        assert job in rules or "kvstack.placeholder" in rules
+    # Scrapers reach the exporter through the NetworkPolicy.
+    redis_policy = r.one("NetworkPolicy", "-redis")["spec"]["ingress"]
+    assert [p["port"] for rule in redis_policy for p in rule["ports"]] == ["redis", "metrics"]
     groups = [g["name"] for g in r.one("PrometheusRule")["spec"]["groups"]]
     generated = [p for p in (CHART / "files" / "rules").glob("*.yaml") if p.name != "placeholder.yaml"]
     if generated:  # the placeholder steps aside once the dashboards package has generated rules
