@@ -34,6 +34,8 @@ from kvstack.router.metrics import CONTENT_TYPE, RouterMetrics
 from kvstack.router.monitor import EngineMonitor
 from kvstack.router.policies import make_policy
 from kvstack.router.policies.base import Policy
+from kvstack.router.policy_metrics import PolicyCollector
+from kvstack.router.prompts import TokenCache
 from kvstack.router.protocol import Kind
 from kvstack.router.proxy import ProxyEndpoint
 from kvstack.router.upstream import Timeouts, Upstream
@@ -104,11 +106,15 @@ def build_context(settings: RouterSettings, registry: EngineRegistry | None = No
     if settings.api_keys_file is not None:
         pairs.extend(read_keys_file(settings.api_keys_file))
     clock = time.monotonic
+    metrics = RouterMetrics(registry, clock)
+    token_cache = TokenCache()
+    metrics.registry.register(PolicyCollector(policy, token_cache))
     return RouterContext(
         settings=settings,
         registry=registry,
         policy=policy,
-        metrics=RouterMetrics(registry, clock),
+        metrics=metrics,
+        token_cache=token_cache,
         keys=KeyStore(pairs),
         limiter=KeyLimiter(
             rate=settings.rate_limit_rps,

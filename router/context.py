@@ -12,6 +12,7 @@ from kvstack.router.engines import EngineRegistry
 from kvstack.router.limits import AdmissionQueue, KeyLimiter
 from kvstack.router.metrics import RouterMetrics
 from kvstack.router.policies.base import Policy
+from kvstack.router.prompts import TokenCache
 from kvstack.router.upstream import Upstream
 
 REQUEST_ID_KEY = "kvstack.request_id"  # where the request-id middleware leaves the id in the ASGI scope
@@ -28,6 +29,7 @@ class RouterContext:
     clock: Callable[[], float] = time.monotonic
     upstream: Upstream | None = None  # opened in the app's lifespan, inside the event loop
     queues: dict[str, AdmissionQueue] = field(default_factory=dict)
+    token_cache: TokenCache = field(default_factory=TokenCache)  # prompt tokens for policies that ask
 
     def queue_for(self, model: str) -> AdmissionQueue:
         queue = self.queues.get(model)

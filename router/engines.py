@@ -110,3 +110,8 @@ class EngineRegistry:
 
     def __len__(self) -> int:
         return len(self._engines)
+
+    def __bool__(self) -> bool:
+        # A registry is a shared object, not a value: an empty one must not read as "none given"
+        # (``registry or EngineRegistry()`` would silently detach a policy from discovery).
+        return True

@@ -1,4 +1,4 @@
-"""OpenAI request parsing the router needs, the prompt's token ids, and SSE frame handling.
+"""OpenAI request parsing the router needs, and SSE frame handling (prompts: :mod:`.prompts`).
 
 The body is decoded once (msgspec) and forwarded as the original bytes: the router validates only
 the fields it reads (model, messages/prompt/input, stream, max_tokens, n, user) and leaves the rest
@@ -7,14 +7,11 @@ to the engine.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Any, Literal
 
 import msgspec
 
-from kvstack.common import tokenizer
 from kvstack.common.errors import OpenAIError, error_body
 
 Kind = Literal["chat", "completion", "embedding", "tokenize", "detokenize"]
@@ -132,46 +129,6 @@ def parse_request(kind: Kind, raw: bytes) -> ParsedRequest:
         max_tokens=max_completion if max_completion is not None else max_tokens,
         user=user,
     )
-
-
-# ---------------------------------------------------------------- prompt tokens (cache-aware policies)
-
-
-@lru_cache(maxsize=2048)
-def _encode_text(text: str) -> tuple[int, ...]:
-    # Keyed by the text itself: a repeated system prompt or document is tokenized once. No BOS: the
-    # simulator adds none to text prompts, and block keys must match the engine's tokens exactly.
-    return tuple(tokenizer.encode(text))
-
-
-def _message_text(content: Any) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):  # content parts: only text parts reach the tokenizer
-        return "".join(
-            part.get("text", "") for part in content if isinstance(part, dict) and part.get("type") == "text"
-        )
-    return ""
-
-
-def prompt_token_ids(request: ParsedRequest) -> Sequence[int] | None:
-    """The prompt as the engine tokenizes it (first prompt of a batch); None when it has none."""
-    body = request.body
-    if request.kind == "chat" or (request.kind == "tokenize" and "messages" in body):
-        pairs = [(str(m["role"]), _message_text(m.get("content"))) for m in body["messages"]]
-        return tokenizer.apply_chat_template(pairs, add_generation_prompt=True)
-    prompt = body.get("prompt", body.get("input"))
-    if isinstance(prompt, str):
-        return _encode_text(prompt)
-    if isinstance(prompt, list) and prompt:
-        first = prompt[0]
-        if isinstance(first, int):
-            return prompt
-        if isinstance(first, str):
-            return _encode_text(first)
-        if isinstance(first, list):
-            return first
-    return None
 
 
 # ---------------------------------------------------------------- SSE

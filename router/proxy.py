@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,8 +26,8 @@ from kvstack.router.engines import EngineState
 from kvstack.router.limits import QueueFull, QueueTimeout
 from kvstack.router.logs import ACCESS_LOGGER
 from kvstack.router.policies.base import Decision, RequestFeatures
+from kvstack.router.prompts import prompt_text, prompt_token_ids
 from kvstack.router.protocol import Kind, ParsedRequest, SSEFramer, error_event, has_content, parse_request
-from kvstack.router.protocol import prompt_token_ids as _prompt_token_ids
 from kvstack.router.upstream import UpstreamError, UpstreamResponse
 
 Scope = dict[str, Any]
@@ -119,6 +120,12 @@ class ProxyEndpoint:
         self.ctx = ctx
         self.kind: Kind = kind
         self.path = path
+        # optional parts of the policy interface, looked up once
+        self._needs_text = bool(getattr(ctx.policy, "needs_text", False))
+        self._first_token: Callable[[RequestFeatures, Decision], None] | None = getattr(
+            ctx.policy, "on_first_token", None
+        )
+        self._expose_engine = ctx.settings.expose_engine_header
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         ctx = self.ctx
@@ -249,7 +256,7 @@ class ProxyEndpoint:
         settings, metrics, policy = ctx.settings, ctx.metrics, ctx.policy
         t0 = time.perf_counter()
         session_key = session_header.decode("latin-1") if session_header else request.user
-        tokens = _prompt_token_ids(request) if policy.needs_tokens else None
+        tokens = prompt_token_ids(request, ctx.token_cache) if policy.needs_tokens else None
         cache_salt = request.body.get("cache_salt")
         features = RequestFeatures(
             model=request.model or "",
@@ -258,6 +265,7 @@ class ProxyEndpoint:
             prompt_token_ids=tokens,
             cache_salt=cache_salt if isinstance(cache_salt, str) else None,
             max_tokens=request.max_tokens,
+            prompt_text=prompt_text(request) if self._needs_text else None,
         )
         headers = self._upstream_headers(scope["headers"], ex.request_id)
         tried: set[str] = set()
@@ -314,7 +322,7 @@ class ProxyEndpoint:
                 if resp.status == 503 and may_retry:
                     self._engine_failed(engine, "status_503")
                     return OpenAIError(503, f"engine {engine.name} is unavailable")
-                ok = await self._relay(send, ex, engine, resp)
+                ok = await self._relay(send, ex, features, decision, resp)
             finally:
                 await resp.aclose()
             return None
@@ -322,8 +330,11 @@ class ProxyEndpoint:
             engine.in_flight -= 1
             ctx.policy.on_finish(features, decision, ok)
 
-    async def _relay(self, send: Send, ex: Exchange, engine: EngineState, resp: UpstreamResponse) -> bool:
+    async def _relay(
+        self, send: Send, ex: Exchange, features: RequestFeatures, decision: Decision, resp: UpstreamResponse
+    ) -> bool:
         """Send the engine's answer to the client; True when the engine did its part."""
+        engine = decision.engine
         if resp.status != 200 or not (resp.content_type or "").startswith(_SSE):
             try:
                 body = await resp.read()
@@ -334,16 +345,22 @@ class ProxyEndpoint:
             self._engine_done(engine, ok, f"status_{resp.status}")
             ex.status, ex.started = resp.status, True
             headers = [(b"content-type", (resp.content_type or "application/json").encode("latin-1"))]
+            if self._expose_engine:
+                headers.append((b"x-kvstack-engine", engine.name.encode("latin-1", "replace")))
             await send({"type": "http.response.start", "status": resp.status, "headers": headers})
             await send({"type": "http.response.body", "body": body})
             return ok
-        return await self._relay_stream(send, ex, engine, resp)
+        return await self._relay_stream(send, ex, features, decision, resp)
 
     async def _relay_stream(
-        self, send: Send, ex: Exchange, engine: EngineState, resp: UpstreamResponse
+        self, send: Send, ex: Exchange, features: RequestFeatures, decision: Decision, resp: UpstreamResponse
     ) -> bool:
+        engine = decision.engine
         ex.started, ex.status = True, 200
-        await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS})
+        headers = _SSE_HEADERS
+        if self._expose_engine:
+            headers = [*_SSE_HEADERS, (b"x-kvstack-engine", engine.name.encode("latin-1", "replace"))]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
         framer = SSEFramer()
         waiting_first = True
         try:
@@ -354,6 +371,8 @@ class ProxyEndpoint:
                 if waiting_first and has_content(frames):
                     waiting_first = False
                     ex.ttft = time.perf_counter() - ex.start
+                    if self._first_token is not None:
+                        self._first_token(features, decision)  # the prefill is over
                 await send({"type": "http.response.body", "body": frames, "more_body": True})
         except UpstreamError as err:
             self._engine_failed(engine, err.kind)

@@ -122,3 +122,11 @@ def test_every_policy_name_builds() -> None:
     assert {"cache_aware", "prefix_trie", "least_loaded"} <= set(policy_names())
     for name in policy_names():
         assert build_context(load_settings(policy=name)).policy.name == name
+
+
+def test_cache_aware_follows_the_routers_own_registry() -> None:
+    # An empty registry once read as "none given" and the policy followed a private one: it never
+    # subscribed to any engine's KV events.
+    ctx = build_context(load_settings(policy="cache_aware"))
+    assert len(ctx.registry) == 0
+    assert ctx.policy.registry is ctx.registry  # type: ignore[attr-defined]

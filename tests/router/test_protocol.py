@@ -1,4 +1,4 @@
-"""Request parsing, prompt tokens and SSE framing: pure functions, table-driven."""
+"""Request parsing and SSE framing: pure functions, table-driven."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ from typing import Any
 import msgspec
 import pytest
 
-from kvstack.common import tokenizer
 from kvstack.common.errors import OpenAIError
 from kvstack.router.protocol import (
     Kind,
@@ -15,7 +14,6 @@ from kvstack.router.protocol import (
     error_event,
     has_content,
     parse_request,
-    prompt_token_ids,
 )
 
 
@@ -95,30 +93,6 @@ def test_valid_requests_keep_the_body_and_expose_the_routers_fields(
     assert (parsed.stream, parsed.max_tokens, parsed.user) == (stream, max_tokens, user)
     assert parsed.model == body.get("model")
     assert parsed.body["unknown_field"] == {"kept": True}
-
-
-def test_chat_prompt_tokens_follow_the_shared_chat_template() -> None:
-    messages = [
-        {"role": "system", "content": "be brief"},
-        {"role": "user", "content": [{"type": "text", "text": "hi"}]},
-    ]
-    parsed = parse_request("chat", enc({"model": "m", "messages": messages}))
-    expected = tokenizer.apply_chat_template([("system", "be brief"), ("user", "hi")])
-    assert list(prompt_token_ids(parsed) or []) == expected
-
-
-@pytest.mark.parametrize(
-    ("prompt", "expected"),
-    [
-        ("hello world", tokenizer.encode("hello world")),
-        (["first", "second"], tokenizer.encode("first")),
-        ([5, 6, 7], [5, 6, 7]),
-        ([[8, 9], [1]], [8, 9]),
-    ],
-)
-def test_completion_prompt_tokens(prompt: Any, expected: list[int]) -> None:
-    parsed = parse_request("completion", enc({"model": "m", "prompt": prompt}))
-    assert list(prompt_token_ids(parsed) or []) == expected
 
 
 def chunk(**delta: Any) -> bytes:

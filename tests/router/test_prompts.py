@@ -1,0 +1,122 @@
+"""Prompt tokens and text for policies, and the bounded token cache: pure, table-driven."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+import pytest
+
+from kvstack.common import tokenizer
+from kvstack.router.prompts import TokenCache, prompt_text, prompt_token_ids
+from kvstack.router.protocol import Kind, parse_request
+
+
+def parse(kind: Kind, body: dict[str, Any]) -> Any:
+    return parse_request(kind, msgspec.json.encode({"model": "m", **body}))
+
+
+SYSTEM = {"role": "system", "content": "be brief"}
+PARTS = {"role": "user", "content": [{"type": "text", "text": "hi"}, {"type": "image_url", "image_url": {}}]}
+
+
+def test_chat_prompt_tokens_follow_the_shared_chat_template() -> None:
+    parsed = parse("chat", {"messages": [SYSTEM, PARTS]})
+    expected = tokenizer.apply_chat_template([("system", "be brief"), ("user", "hi")])
+    assert list(prompt_token_ids(parsed, TokenCache()) or []) == expected
+
+
+@pytest.mark.parametrize(
+    ("prompt", "expected"),
+    [
+        ("hello world", tokenizer.encode("hello world")),
+        (["first", "second"], tokenizer.encode("first")),
+        ([5, 6, 7], [5, 6, 7]),
+        ([[8, 9], [1]], [8, 9]),
+    ],
+)
+def test_completion_prompt_tokens(prompt: Any, expected: list[int]) -> None:
+    parsed = parse("completion", {"prompt": prompt})
+    assert list(prompt_token_ids(parsed, TokenCache()) or []) == expected
+
+
+@pytest.mark.parametrize(
+    ("kind", "body", "expected"),
+    [
+        ("completion", {"prompt": "once upon"}, "once upon"),
+        ("completion", {"prompt": ["a", "b"]}, "a"),
+        ("completion", {"prompt": [1, 2]}, None),
+        ("completion", {"prompt": [[1, 2]]}, None),
+        ("embedding", {"input": "embed me"}, "embed me"),
+        ("chat", {"messages": [SYSTEM, PARTS]}, "be brief\nhi"),
+        ("chat", {"messages": [{"role": "assistant", "content": None}]}, ""),
+        ("tokenize", {"messages": [SYSTEM]}, "be brief"),
+        ("detokenize", {"tokens": [1]}, None),
+    ],
+)
+def test_prompt_text(kind: Kind, body: dict[str, Any], expected: str | None) -> None:
+    assert prompt_text(parse(kind, body)) == expected
+
+
+def test_equal_prompts_return_the_same_tuple_object() -> None:
+    # The key cache finds block keys by object identity: equal prompts in new request bodies must
+    # come back as the very same object, for chats and completions alike.
+    cache = TokenCache()
+    chat = {"messages": [SYSTEM, {"role": "user", "content": "tell me more"}]}
+    first = prompt_token_ids(parse("chat", chat), cache)
+    again = prompt_token_ids(parse("chat", chat), cache)
+    assert isinstance(first, tuple) and first is again
+    text = prompt_token_ids(parse("completion", {"prompt": "a document"}), cache)
+    assert text is prompt_token_ids(parse("completion", {"prompt": "a document"}), cache)
+    assert (cache.hits, cache.misses) == (2, 2)
+
+
+@pytest.mark.parametrize(
+    ("a", "b"),
+    [
+        # the role/content boundary moves: same characters, different messages
+        ([{"role": "user", "content": "ab"}], [{"role": "usera", "content": "b"}]),
+        ([{"role": "user", "content": "a"}], [{"role": "user", "content": "a"}] * 2),
+        ([{"role": "user", "content": "x"}], [{"role": "system", "content": "x"}]),
+    ],
+)
+def test_different_chats_never_share_cached_tokens(a: list[Any], b: list[Any]) -> None:
+    cache = TokenCache()
+    ta = prompt_token_ids(parse("chat", {"messages": a}), cache)
+    tb = prompt_token_ids(parse("chat", {"messages": b}), cache)
+    assert ta != tb and cache.misses == 2
+
+
+def test_a_chat_and_a_completion_with_the_same_text_differ() -> None:
+    cache = TokenCache()
+    chat = prompt_token_ids(parse("chat", {"messages": [{"role": "user", "content": "same"}]}), cache)
+    text = prompt_token_ids(parse("completion", {"prompt": "same"}), cache)
+    assert chat != text and cache.misses == 2
+
+
+@pytest.mark.parametrize(
+    ("max_entries", "max_tokens", "sizes", "kept"),
+    [
+        (2, 1000, [10, 10, 10], [1, 2]),  # entry bound: the least recently used goes
+        (10, 25, [10, 10, 10], [1, 2]),  # token bound
+        (10, 25, [10, 30, 10], [0, 2]),  # larger than the whole budget: returned, never stored
+        (10, 100, [40, 40, 40], [1, 2]),
+    ],
+)
+def test_token_cache_is_bounded(max_entries: int, max_tokens: int, sizes: list[int], kept: list[int]) -> None:
+    cache = TokenCache(max_entries=max_entries, max_tokens=max_tokens)
+    for digest, n in enumerate(sizes):
+        assert cache.get(digest, lambda n=n: [7] * n) == (7,) * n
+    assert cache.tokens <= max_tokens and len(cache) <= max_entries
+    held = [d for d in range(len(sizes)) if d in cache]
+    assert held == kept
+
+
+def test_token_cache_refreshes_recency_on_a_hit() -> None:
+    cache = TokenCache(max_entries=2)
+    cache.get(1, lambda: [1])
+    cache.get(2, lambda: [2])
+    cache.get(1, lambda: [9])  # a hit: 1 becomes the most recent
+    cache.get(3, lambda: [3])  # evicts 2
+    assert cache.get(1, lambda: [9]) == (1,)
+    assert cache.get(2, lambda: [9]) == (9,)
