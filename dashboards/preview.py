@@ -111,8 +111,11 @@ def draw(ax: Any, panel: Panel, series: Series) -> None:
     ax.set_ylabel(label, fontsize=8)
     ax.tick_params(labelsize=7)
     ax.grid(True, alpha=0.3)
-    if panel.min is not None and panel.min == 0:
-        ax.set_ylim(bottom=0)
+    shown = [v * factor for _, _, vs in series for v in vs if math.isfinite(v)]
+    if panel.min == 0 and shown and min(shown) >= 0:
+        # Leave room at both ends: lines at exactly 0 or 100% would hide under the frame.
+        top = max(shown) * 1.1 or 1.0
+        ax.set_ylim(bottom=-0.03 * top, top=top)
     ax.legend(fontsize=6, loc="best", framealpha=0.6)
 
 
