@@ -12,6 +12,37 @@ app = typer.Typer(help="Benchmarks: write JSON results and PNG plots.", no_args_
 OutOption = Annotated[Path, typer.Option("--out", help="Results folder.")]
 
 
+_COLUMNS = {
+    "workload": "workload",
+    "regime": "regime",
+    "policy": "policy",
+    "ttft_p50": "TTFT p50",
+    "ttft_p90": "TTFT p90",
+    "ttft_p99": "TTFT p99",
+    "itl_p50": "ITL p50",
+    "output_tok_s": "tok/s",
+    "hit_rate": "hit %",
+    "oracle_hit_rate": "oracle %",
+    "load_cv": "load CV",
+    "decision_p99_ms": "route p99",
+    "errors": "errors",
+}
+_MS = {"ttft_p50", "ttft_p90", "ttft_p99", "itl_p50"}
+_PCT = {"hit_rate", "oracle_hit_rate"}
+
+
+def _display(row: dict[str, object]) -> dict[str, object]:
+    out: dict[str, object] = {}
+    for key, title in _COLUMNS.items():
+        value = row.get(key, "")
+        if key in _MS and isinstance(value, float):
+            value = 1000 * value
+        elif key in _PCT and isinstance(value, float):
+            value = 100 * value
+        out[title] = value
+    return out
+
+
 @app.command("routing")
 def routing(
     out: OutOption = Path("bench-results"),
@@ -59,26 +90,7 @@ def routing(
             "goals": goal_rows,
         },
     )
-    report.print_table(
-        "Routing policies",
-        rows,
-        [
-            "workload",
-            "regime",
-            "policy",
-            "ttft_p50",
-            "ttft_p90",
-            "ttft_p99",
-            "itl_p50",
-            "output_tok_s",
-            "hit_rate",
-            "oracle_hit_rate",
-            "load_cv",
-            "decision_p99_ms",
-            "router_cpu_s",
-            "errors",
-        ],
-    )
+    report.print_table("Routing policies (times in ms)", [_display(r) for r in rows], list(_COLUMNS.values()))
     if goal_rows:
         report.print_table("Goals (cache_aware)", goal_rows, list(goal_rows[0].keys()))
     for r in rows:

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from prometheus_client.parser import text_string_to_metric_families
 
 SampleKey = tuple[str, tuple[tuple[str, str], ...]]
+Samples = Mapping[SampleKey, float]
 
 
 def parse(text: str) -> dict[SampleKey, float]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,8 @@ def print_table(
         table.add_column(col, justify="left" if col in columns[:3] else "right")
     for row in rows:
         table.add_row(*(_fmt(row.get(c, "")) for c in columns))
-    (console or Console()).print(table)
+    # Piped output (CI logs, files) has no terminal width: do not squeeze the columns.
+    (console or Console(width=None if sys.stdout.isatty() else 200)).print(table)
 
 
 def write_json(path: Path, payload: Mapping[str, Any]) -> None:

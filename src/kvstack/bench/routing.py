@@ -212,7 +212,18 @@ def run_case(
         "router_cpu_s": cpu1 - cpu0,
         "router_rss_mb": rss / 2**20,
         "requests_per_engine": per_engine,
+        "route_reasons": _reasons(r_before, r_after),
     }
+
+
+def _reasons(before: promtext.Samples, after: promtext.Samples) -> dict[str, float]:
+    """Routing decisions by reason during the run (why the policy chose what it chose)."""
+    out: dict[str, float] = {}
+    for (name, labels), value in after.items():
+        if name == "kvstack_router_routing_decisions_total":
+            reason = dict(labels).get("reason", "")
+            out[reason] = out.get(reason, 0.0) + value - before.get((name, labels), 0.0)
+    return out
 
 
 def run(
