@@ -424,3 +424,11 @@ def test_longest_names_stay_valid_and_distinct(chart: HelmChart, kubeconform: Va
     assert all(len(name) <= 63 for _, name in names)
     assert len(set(names)) == len(names)
     assert kubeconform(rendered.text).returncode == 0
+
+
+def test_router_replicas_spread_across_nodes(rendered: dict[str, Rendered]) -> None:
+    spec = rendered["default"].one("Deployment", "-router")["spec"]
+    (constraint,) = spec["template"]["spec"]["topologySpreadConstraints"]
+    assert constraint["topologyKey"] == "kubernetes.io/hostname"
+    assert constraint["whenUnsatisfiable"] == "ScheduleAnyway"
+    assert constraint["labelSelector"]["matchLabels"] == spec["selector"]["matchLabels"]
