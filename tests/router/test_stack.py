@@ -59,6 +59,7 @@ def test_plan_for_vllm_sets_one_gpu_and_kv_events_per_engine() -> None:
         ({"engine": "vllm", "model": "m", "speed": 2.0}, "--speed"),
         ({"engines": 0}, "engines"),
         ({"engine": "trt"}, "engine"),
+        ({"policy": "fastest"}, "policy"),
     ],
 )
 def test_bad_options_are_named(values: dict[str, object], field: str) -> None:
@@ -74,12 +75,18 @@ def _listening(url: str) -> bool:
         return False
 
 
-@pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT])
-def test_kvstack_up_serves_and_stops_cleanly(stop_signal: signal.Signals) -> None:
+def test_cache_aware_is_the_default_policy() -> None:
+    specs = plan_stack(StackSettings(), PORTS, Path("/e.yaml"))
+    assert specs[-1].argv[specs[-1].argv.index("--policy") + 1] == "cache_aware"
+
+
+@pytest.mark.parametrize(("stop_signal", "policy"), [(signal.SIGTERM, None), (signal.SIGINT, "least_loaded")])
+def test_kvstack_up_serves_and_stops_cleanly(stop_signal: signal.Signals, policy: str | None) -> None:
     port = free_port()
     kvstack = str(Path(sys.executable).with_name("kvstack"))
+    flags = [] if policy is None else ["--policy", policy]
     proc = subprocess.Popen(
-        [kvstack, "up", "--port", str(port), "--policy", "least_loaded"],
+        [kvstack, "up", "--port", str(port), *flags],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -89,18 +96,33 @@ def test_kvstack_up_serves_and_stops_cleanly(stop_signal: signal.Signals) -> Non
     try:
         assert proc.stdout is not None
         deadline = time.monotonic() + 60
+        banner_lines: list[str] = []
         for line in proc.stdout:
             if "logs in" in line:
                 run_dir = Path(line.rsplit("logs in ", 1)[1].strip().rstrip(")"))
-            if "kvstack is up" in line:
+            if "kvstack is up" in line or banner_lines:
+                banner_lines.append(line)
+            if "Press Ctrl-C" in line:
                 break
             assert time.monotonic() < deadline
         assert run_dir is not None
+        shown = "".join(banner_lines)
+        assert f"curl http://127.0.0.1:{port}/v1/chat/completions" in shown
+        assert f'OpenAI(base_url="http://127.0.0.1:{port}/v1"' in shown
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
         reply = client.chat.completions.create(
             model="kvstack/sim-8b", messages=[{"role": "user", "content": "hi"}], max_tokens=4
         )
         assert reply.choices[0].message.content
+        used = policy or "cache_aware"
+        metrics = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+        assert f'kvstack_router_routing_decisions_total{{policy="{used}"' in metrics
+        if used == "cache_aware":  # the engines' KV events reach the router's index
+            deadline = time.monotonic() + 10
+            while "kvstack_router_kv_event_batches_applied_total 0.0" in metrics:
+                assert time.monotonic() < deadline, "no KV events from the engines"
+                time.sleep(0.2)
+                metrics = httpx.get(f"http://127.0.0.1:{port}/metrics").text
         engines = [e["url"] for e in yaml.safe_load((run_dir / "engines.yaml").read_text())]
         assert len(engines) == 2 and all(_listening(u) for u in engines)
         proc.send_signal(stop_signal)

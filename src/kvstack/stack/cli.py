@@ -17,7 +17,10 @@ def up(
     host: Annotated[str | None, typer.Option(help="Router address (default 127.0.0.1).")] = None,
     port: Annotated[int | None, typer.Option(help="Router port (default 8000).")] = None,
     policy: Annotated[
-        str | None, typer.Option(help="Routing policy (default: cache_aware if built).")
+        str | None,
+        typer.Option(
+            help="Routing policy: cache_aware (default), least_loaded, round_robin, session, prefix_trie."
+        ),
     ] = None,
     speed: Annotated[float | None, typer.Option(help="Simulator speed (simulated s per wall s).")] = None,
     ready_timeout: Annotated[float | None, typer.Option(help="Seconds to wait for readiness.")] = None,
@@ -25,7 +28,7 @@ def up(
     """Start engines and the router on localhost, wait until ready, and stop everything on Ctrl-C."""
     from kvstack.common.config import build
     from kvstack.stack.plan import StackSettings
-    from kvstack.stack.runner import default_policy, run_stack
+    from kvstack.stack.runner import run_stack
 
     values = {
         "engines": engines,
@@ -33,7 +36,7 @@ def up(
         "model": model,
         "host": host,
         "port": port,
-        "policy": policy or default_policy(),
+        "policy": policy,
         "speed": speed,
         "ready_timeout_s": ready_timeout,
     }

@@ -11,7 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from kvstack.router.policies import policy_names
 
 SIM_MODEL = "kvstack/sim-8b"
 
@@ -26,9 +28,17 @@ class StackSettings(BaseModel):
     model: str | None = None  # default: the simulator's model; required for vllm
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
-    policy: str = "least_loaded"
+    policy: str = "cache_aware"  # the router's routing policy
     speed: float | None = Field(None, gt=0)  # simulator only: simulated seconds per wall second
     ready_timeout_s: float = Field(0.0, ge=0)  # 0: 60 s for simulators, 600 s for vLLM
+
+    @field_validator("policy")
+    @classmethod
+    def _known_policy(cls, name: str) -> str:
+        known = policy_names()
+        if name not in known:
+            raise ValueError(f"unknown routing policy {name!r}; choose one of {', '.join(known)}")
+        return name
 
     @model_validator(mode="after")
     def _vllm_needs_model(self) -> StackSettings:
@@ -139,7 +149,7 @@ def banner(settings: StackSettings) -> str:
     model = settings.served_model
     kind = "simulated" if settings.engine == "sim" else "vLLM"
     return f"""
-kvstack is up: {settings.engines} {kind} engine(s) behind the router
+kvstack is up: {settings.engines} {kind} engine(s) behind the router (policy: {settings.policy})
   OpenAI API:  {url}/v1        metrics: {url}/metrics
 
   curl {url}/v1/chat/completions -H 'Content-Type: application/json' \\

@@ -6,8 +6,6 @@ Ctrl-C, SIGTERM, SIGHUP, a failed start, or the death of any child, so nothing i
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import signal
 import socket
 import sys
@@ -26,14 +24,6 @@ from kvstack.stack.plan import EnginePorts, StackSettings, banner, engine_entrie
 
 class _Stop(Exception):
     """A signal asked the stack to stop."""
-
-
-def default_policy() -> str:
-    """The cache-aware policy once it can be built by name, least-loaded until then."""
-    if importlib.util.find_spec("kvstack.router.policies.cache_aware") is None:
-        return "least_loaded"
-    module = importlib.import_module("kvstack.router.policies.cache_aware")
-    return "cache_aware" if hasattr(module, "make_policy") else "least_loaded"
 
 
 @contextmanager
