@@ -101,6 +101,96 @@ def in_flight() -> Panel:
     )
 
 
+def _kv_event_rate(series: str, legend: str) -> Query:
+    return Query(sum_rate(f"kvstack_router_kv_event_{series}_total", "pod", NS_SEL), f"{legend} {{{{pod}}}}")
+
+
+def cache_aware_row() -> Row:
+    """The cache-aware policy's own view: predicted hits, KV-event stream health, index size."""
+    return Row(
+        "Cache-aware routing",
+        [
+            Panel(
+                "Predicted vs actual cache hits",
+                [
+                    Query(
+                        divide(
+                            sum_rate("kvstack_router_predicted_hit_tokens_total", "policy", NS_SEL),
+                            sum_rate("kvstack_router_prompt_tokens_total", "policy", NS_SEL),
+                        ),
+                        "predicted by {{policy}}",
+                    ),
+                    Query(
+                        divide(
+                            sum_rate("vllm:prompt_tokens_cached_total", "", ROUTER_SEL),
+                            sum_rate("vllm:prompt_tokens_total", "", ROUTER_SEL),
+                        ),
+                        "cached at the engines",
+                    ),
+                ],
+                unit="percentunit",
+                max=1,
+                description="Share of prompt tokens the policy expected the chosen engine to hold "
+                "(kvstack_router_predicted_hit_tokens_total / kvstack_router_prompt_tokens_total) against "
+                "the share the engines really served from cache: a gap means a stale block index.",
+            ),
+            Panel(
+                "KV-event stream problems/s",
+                [
+                    _kv_event_rate("gaps", "gaps"),
+                    _kv_event_rate("batches_lost", "lost"),
+                    _kv_event_rate("replay_failures", "replay failures"),
+                    _kv_event_rate("batches_malformed", "malformed"),
+                    _kv_event_rate("engine_resets", "engine resets"),
+                ],
+                unit="short",
+                description="Sequence gaps, batches lost for good, failed replays, undecodable messages and "
+                "engine restarts on the routers' KV-event subscriptions (kvstack_router_kv_event_*).",
+            ),
+            Panel(
+                "KV index size",
+                [
+                    Query(
+                        f"sum by (pod) ({selector('kvstack_router_kv_index_blocks', NS_SEL)})",
+                        "blocks {{pod}}",
+                    ),
+                    Query(
+                        f"sum by (pod) ({selector('kvstack_router_kv_index_speculative_blocks', NS_SEL)})",
+                        "speculative {{pod}}",
+                    ),
+                    Query(
+                        f"max by (pod) ({selector('kvstack_router_kv_index_capacity_blocks', NS_SEL)})",
+                        "capacity {{pod}}",
+                    ),
+                ],
+                unit="short",
+                description="Block entries the router's index holds, those assumed from its own dispatches, "
+                "and the bound (kvstack_router_kv_index_*).",
+            ),
+            Panel(
+                "Prompt tokenization cache hit rate",
+                [
+                    Query(
+                        divide(
+                            sum_rate(
+                                "kvstack_router_prompt_token_cache_lookups_total",
+                                "pod",
+                                NS_SEL + ', result="hit"',
+                            ),
+                            sum_rate("kvstack_router_prompt_token_cache_lookups_total", "pod", NS_SEL),
+                        ),
+                        "{{pod}}",
+                    )
+                ],
+                unit="percentunit",
+                max=1,
+                description="Prompts whose tokens came from the router's cache instead of the tokenizer "
+                "(kvstack_router_prompt_token_cache_lookups_total).",
+            ),
+        ],
+    )
+
+
 def router_rows() -> list[Row]:
     return [
         Row(
@@ -257,4 +347,5 @@ def router_rows() -> list[Row]:
                 ),
             ],
         ),
+        cache_aware_row(),
     ]

@@ -155,6 +155,17 @@ ALERTS: list[Alert] = [
         (f"up{{{ROUTER_JOB}}}",),
     ),
     Alert(
+        "KvstackRouterKVEventsLost",
+        "sum by (namespace, pod) (rate(kvstack_router_kv_event_batches_lost_total[5m])) > 0",
+        "10m",
+        "warning",
+        "Router {{ $labels.pod }} keeps losing KV events",
+        "For 10 minutes the router has lost KV-event batches that neither the live stream nor a replay "
+        "delivered: its block index drifts from the engines and cache-aware routing degrades. Check the "
+        "engines' replay endpoints and the network between router and engines.",
+        ("sum by (namespace, pod) (rate(kvstack_router_kv_event_batches_lost_total[5m]))",),
+    ),
+    Alert(
         "KvstackEngineQueueGrowing",
         "kvstack:vllm_num_requests_waiting:sum > 10 and "
         "deriv(kvstack:vllm_num_requests_waiting:sum[10m]) > 0",

@@ -19,10 +19,13 @@ SUFFIXES = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), 
 
 
 def router_series() -> set[str]:
-    """Every sample name the router's registry can expose (read off the real RouterMetrics)."""
-    metrics = RouterMetrics(EngineRegistry(), time.monotonic)
+    """Every sample name a cache-aware router exposes (read off the real app's registry)."""
+    from kvstack.router.app import create_app
+    from kvstack.router.config import RouterSettings
+
+    app = create_app(RouterSettings(policy="cache_aware"))
     names: set[str] = set()
-    for family in metrics.registry.collect():
+    for family in app.app.state.ctx.metrics.registry.collect():
         names.update(family.name + s for s in SUFFIXES.get(family.type, ("",)))
     return names
 

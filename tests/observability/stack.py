@@ -19,6 +19,7 @@ from pathlib import Path
 import httpx
 import openai
 import redis
+import yaml
 from tests.conftest import free_port
 
 from kvstack.common.procs import ManagedProcess, running
@@ -132,31 +133,27 @@ def live_stack(tmp: Path, repo_root: Path) -> Iterator[Stack]:
         tmp,
     )
     sims: list[tuple[str, str, ManagedProcess]] = []
+    engines: list[dict[str, str]] = []
     for pod, model in (("sim-a-0", MODEL_A), ("sim-a-1", MODEL_A), ("sim-b-0", MODEL_B)):
-        port = free_port()
-        argv = [
-            KVSTACK,
-            "engine",
-            "sim",
-            "--port",
-            str(port),
-            "--model",
-            model,
-            "--lmcache",
-            "--lmcache-remote-url",
-            f"redis://127.0.0.1:{redis_port}",
-        ]
+        port, pub, replay = free_port(), free_port(), free_port()
         url = f"http://127.0.0.1:{port}"
+        events = {
+            "kv_events_endpoint": f"tcp://127.0.0.1:{pub}",
+            "kv_events_replay_endpoint": f"tcp://127.0.0.1:{replay}",
+        }
+        argv = [KVSTACK, "engine", "sim", "--port", str(port), "--model", model, "--lmcache",
+                "--lmcache-remote-url", f"redis://127.0.0.1:{redis_port}",
+                "--kv-events-endpoint", events["kv_events_endpoint"],
+                "--kv-events-replay-endpoint", events["kv_events_replay_endpoint"]]  # fmt: skip
         sims.append((pod, url, ManagedProcess(pod, argv, tmp, ready_url=f"{url}/health")))
+        engines.append({"url": url, "name": pod, **events})
+    engines_file = tmp / "engines.yaml"
+    engines_file.write_text(yaml.safe_dump(engines))
     router_port = free_port()
     router_url = f"http://127.0.0.1:{router_port}"
-    router_argv = [
-        KVSTACK,
-        "router",
-        "--port",
-        str(router_port),
-        *(a for _, u, _ in sims for a in ("--engine", u)),
-    ]
+    # cache_aware: its KV-event and index series exist, and the engine label is the pod name.
+    router_argv = [KVSTACK, "router", "--port", str(router_port), "--engines-file", str(engines_file),
+                   "--policy", "cache_aware"]  # fmt: skip
     router_env = {
         "KVSTACK_ROUTER_MAX_IN_FLIGHT_PER_ENGINE": "32",  # the admission queue gauge exists
         "KVSTACK_ROUTER_EJECT_AFTER_FAILURES": "1",
