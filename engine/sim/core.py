@@ -17,7 +17,6 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from typing import cast
 
 from kvstack.common.errors import OpenAIError
@@ -26,15 +25,9 @@ from kvstack.engine.sim.generator import output_length, output_seed
 from kvstack.engine.sim.kv_cache import KVCache, engine_chain_root
 from kvstack.engine.sim.latency import frontend_delay, step_time
 from kvstack.engine.sim.lmcache import LMCacheConnector, chunk_hashes
-from kvstack.engine.sim.scheduler import Scheduler, SimSeq, StepPlan
-from kvstack.engine.sim.types import (
-    EventSink,
-    FinishedRequestStats,
-    FinishReason,
-    RequestOutput,
-    SimRequest,
-    StatsListener,
-)
+from kvstack.engine.sim.scheduler import Scheduler, StepPlan
+from kvstack.engine.sim.stream import Req, RequestStream, finished_stats
+from kvstack.engine.sim.types import EventSink, FinishReason, RequestOutput, SimRequest, StatsListener
 
 log = logging.getLogger(__name__)
 
@@ -47,68 +40,6 @@ _YIELD_EVERY_S = 0.001
 # asyncio timers fire late (1 ms epoll resolution, more on a busy host): sleep less by a running
 # estimate of the lateness, bounded so a stall never makes the engine run early by much.
 _MAX_LATE_S = 0.005
-
-
-@dataclass(slots=True, eq=False)
-class _Req(SimSeq):
-    """A request with what the core needs to stream it and to report its stats."""
-
-    max_tokens: int = 0
-    n: int = 1
-    arrival: float = 0.0
-    scheduled_at: float | None = None
-    first_token_at: float | None = None
-    last_token_at: float = 0.0
-    itls: list[float] = field(default_factory=list)
-    pending: list[int] = field(default_factory=list)
-    event: asyncio.Event = field(default_factory=asyncio.Event)
-    closed: bool = False
-    reported: bool = False
-
-
-class _Stream:
-    """The async iterator :meth:`SimEngine.generate` returns; closing it early aborts."""
-
-    __slots__ = ("_engine", "_req")
-
-    def __init__(self, engine: SimEngine, req: _Req) -> None:
-        self._engine = engine
-        self._req = req
-
-    def __aiter__(self) -> _Stream:
-        return self
-
-    async def __anext__(self) -> RequestOutput:
-        req = self._req
-        if req.closed:
-            raise StopAsyncIteration
-        while not req.pending and not req.finished:
-            req.event.clear()
-            try:
-                await req.event.wait()
-            except BaseException:
-                self._engine.abort(req.request_id)  # the consumer went away (cancelled)
-                raise
-        tokens = req.pending
-        req.pending = []
-        if req.finished:
-            req.closed = True
-            return RequestOutput(tokens, True, req.finish_reason, req.num_cached_tokens)
-        return RequestOutput(tokens, False, None, req.num_cached_tokens)
-
-    async def aclose(self) -> None:
-        if not self._req.closed:
-            self._req.closed = True
-            self._engine.abort(self._req.request_id)
-
-    def __del__(self) -> None:
-        # A consumer cancelled outside __anext__ (e.g. while sending a chunk) just drops the
-        # iterator: abort then, so the blocks do not stay pinned until the request ends.
-        req = self._req
-        if not req.closed and not req.finished:
-            req.closed = True
-            with contextlib.suppress(Exception):
-                self._engine.abort(req.request_id)
 
 
 class SimEngine:
@@ -138,7 +69,7 @@ class SimEngine:
             lmcache_chunk_size=lm.chunk_size if lm.enabled else None,
         )
         self._none_hash = engine_chain_root(config.block_hash_seed)
-        self._reqs: dict[str, _Req] = {}
+        self._reqs: dict[str, Req] = {}
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._lookups: set[asyncio.Task[None]] = set()
@@ -163,6 +94,7 @@ class SimEngine:
         self._task = None
         for req in list(self._reqs.values()):
             self.abort(req.request_id)
+            self.release(req)
         if self.lmcache is not None:
             await self.lmcache.stop()
 
@@ -177,10 +109,10 @@ class SimEngine:
                 task = asyncio.get_running_loop().create_task(self._lookup_then_add(req))
                 self._lookups.add(task)
                 task.add_done_callback(self._lookups.discard)
-                return _Stream(self, req)
+                return RequestStream(self, req)
             req.lm_tiers = [0] * n_cpu
         self._add(req)
-        return _Stream(self, req)
+        return RequestStream(self, req)
 
     def abort(self, request_id: str, reason: FinishReason = "abort") -> None:
         req = self._reqs.get(request_id)
@@ -189,7 +121,23 @@ class SimEngine:
         if self.scheduler.abort(req, reason):
             req.event.set()
             self._finish(req, time.monotonic())
+            self.release(req)  # ended from outside: nothing more for the consumer to decide
             self._wake.set()
+        elif reason == "stop" and req.final is not None:
+            # It ended in the core (length or EOS) and the server found a stop string in its final
+            # output: vLLM's output processor then reports "stop" too.
+            req.final.finish_reason = "stop"
+            self.release(req)
+
+    def release(self, req: Req) -> None:
+        """The consumer is done with ``req``: report its stats once it has ended."""
+        req.released = True
+        if req.final is None or req.reported:
+            return
+        req.reported = True
+        self._reqs.pop(req.request_id, None)
+        if self._stats is not None:
+            self._stats.on_request_finished(req.final)
 
     def reset_prefix_cache(self) -> bool:
         ok = self.kv.reset()  # like vLLM, LMCache's tiers are left alone
@@ -209,7 +157,7 @@ class SimEngine:
         return self.kv.usage
 
     # -- submission --------------------------------------------------------------------------
-    def _make_req(self, r: SimRequest) -> _Req:
+    def _make_req(self, r: SimRequest) -> Req:
         n_prompt = len(r.prompt_token_ids)
         limit = self.max_model_len
         if n_prompt == 0:
@@ -237,7 +185,7 @@ class SimEngine:
         target, stop = output_length(seed, r.max_tokens, cfg.mean_output_tokens, r.ignore_eos)
         now = time.monotonic()
         arrival = r.arrival_time or now
-        req = _Req(
+        req = Req(
             request_id=r.request_id,
             tokens=list(r.prompt_token_ids),
             num_prompt=n_prompt,
@@ -259,13 +207,13 @@ class SimEngine:
             )
         return req
 
-    async def _lookup_then_add(self, req: _Req) -> None:
+    async def _lookup_then_add(self, req: Req) -> None:
         assert self.lmcache is not None
         req.lm_tiers = await self.lmcache.lookup(req.lm_hashes)
         if not req.finished:
             self._add(req)
 
-    def _add(self, req: _Req) -> None:
+    def _add(self, req: Req) -> None:
         self.scheduler.add(req)
         self._wake.set()
 
@@ -316,7 +264,7 @@ class SimEngine:
         self.num_steps += 1
         stats = self._stats
         for adm in plan.admitted:
-            req = cast(_Req, adm.seq)
+            req = cast(Req, adm.seq)
             if req.scheduled_at is None:
                 req.scheduled_at = start
             if stats is None:
@@ -324,12 +272,7 @@ class SimEngine:
             stats.on_prefix_cache_query(adm.queried, adm.local_hit)
             if self.lmcache is not None:
                 stats.on_external_cache_query(adm.queried, adm.external.tokens)
-            if adm.first_time:
-                ext = adm.external.tokens
-                stats.on_prompt_tokens(req.num_prompt - adm.local_hit - ext, adm.local_hit, ext)
         self._report_preemptions(plan)
-        if stats is not None:
-            stats.on_iteration(plan.num_tokens)
         if self.lmcache is not None:
             for hashes in plan.stores:
                 self.lmcache.store(hashes)
@@ -342,17 +285,28 @@ class SimEngine:
     def _complete(self, plan: StepPlan, now: float) -> None:
         # Token times are the step's simulated end (wall-clock seconds), not the moment the loop
         # got to run: stats then follow the model, whatever the host's timer jitter.
-        for seq in self.scheduler.update(plan):
-            req = cast(_Req, seq)
+        stats = self._stats
+        outputs = self.scheduler.update(plan)
+        prompt_tokens = 0
+        for seq in outputs:
+            req = cast(Req, seq)
             req.pending.append(req.tokens[-1])
             if req.first_token_at is None:
                 req.first_token_at = now
+                prompt_tokens += req.num_prompt
+                if stats is not None:
+                    # vLLM counts a prompt, by source, with its first token (IterationStats).
+                    cached, ext = req.num_cached_tokens, req.num_external_tokens
+                    stats.on_prompt_tokens(req.num_prompt - cached, cached - ext, ext)
             else:
                 req.itls.append(now - req.last_token_at)
             req.last_token_at = now
             req.event.set()
             if req.finished:
                 self._finish(req, now)
+        if outputs and stats is not None:
+            # One token per request that produced output; a step of prefill chunks alone has none.
+            stats.on_iteration(prompt_tokens, len(outputs))
         self._flush_events()
 
     def _flush_events(self) -> None:
@@ -360,30 +314,9 @@ class SimEngine:
         if events and self._sink is not None:
             self._sink(events)
 
-    def _finish(self, req: _Req, now: float) -> None:
-        self._reqs.pop(req.request_id, None)
-        if req.reported:
-            return
-        req.reported = True
-        if self._stats is None:
-            return
-        reason = req.finish_reason or "abort"
-        scheduled = req.scheduled_at if req.scheduled_at is not None else now
-        first = req.first_token_at
-        self._stats.on_request_finished(
-            FinishedRequestStats(
-                finish_reason=reason,
-                prompt_tokens=req.num_prompt,
-                generation_tokens=req.num_generated,
-                max_tokens=req.max_tokens,
-                n=req.n,
-                ttft=None if first is None else first - req.arrival,
-                inter_token_latencies=req.itls,
-                queue_time=max(scheduled - req.arrival, 0.0),
-                prefill_time=0.0 if first is None else max(first - scheduled, 0.0),
-                decode_time=0.0 if first is None else req.last_token_at - first,
-                inference_time=max((req.last_token_at if first else now) - scheduled, 0.0),
-                e2e_latency=now - req.arrival,
-                prefill_kv_computed_tokens=max(req.num_prompt - req.num_cached_tokens, 0),
-            )
-        )
+    def _finish(self, req: Req, now: float) -> None:
+        """Freeze the stats of a request that just ended; reported when its stream is released."""
+        if req.final is None:
+            req.final = finished_stats(req, now)
+            if req.released:
+                self.release(req)

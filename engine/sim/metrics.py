@@ -319,8 +319,9 @@ class SimMetrics:
 
     # --- StatsListener ---------------------------------------------------------------------------
 
-    def on_iteration(self, num_tokens: int) -> None:
-        self.h_iter.observe(num_tokens)
+    def on_iteration(self, num_prompt_tokens: int, num_generation_tokens: int) -> None:
+        self.generation_tokens.inc(num_generation_tokens)
+        self.h_iter.observe(num_prompt_tokens + num_generation_tokens)
 
     def on_prefix_cache_query(self, queried_tokens: int, hit_tokens: int) -> None:
         self.prefix_queries.inc(queried_tokens)
@@ -340,10 +341,6 @@ class SimMetrics:
 
     def on_preemption(self) -> None:
         self.preemptions.inc()
-
-    def on_generated_tokens(self, count: int) -> None:
-        """Tokens streamed out (the server reports these as they leave the core)."""
-        self.generation_tokens.inc(count)
 
     def on_request_finished(self, stats: FinishedRequestStats) -> None:
         self.success[stats.finish_reason].inc()

@@ -304,7 +304,6 @@ class SimServer:
         stops = req.stop_strings()
         matcher = p.StopMatcher(stops, req.include_stop_str_in_output) if stops else None
         detok = p.Detokenizer()
-        count_generated = self.metrics.on_generated_tokens
         await send(_SSE_START)
         if job.chat:
             await send({"type": "http.response.body", "body": writer.role_frame(), "more_body": True})
@@ -314,7 +313,6 @@ class SimServer:
             async for out in gen:
                 ids = out.new_token_ids
                 completion_tokens += len(ids)
-                count_generated(len(ids))
                 cached = out.num_cached_tokens or cached
                 text = detok(ids)
                 if matcher is not None:
@@ -357,7 +355,6 @@ class SimServer:
             async for out in gen:
                 ids = out.new_token_ids
                 completion_tokens += len(ids)
-                self.metrics.on_generated_tokens(len(ids))
                 cached = out.num_cached_tokens or cached
                 text = detok(ids)
                 if out.finished:

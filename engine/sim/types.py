@@ -63,8 +63,9 @@ class FinishedRequestStats:
 class StatsListener(Protocol):
     """What the core reports as it runs; the metrics module implements it with prometheus_client."""
 
-    def on_iteration(self, num_tokens: int) -> None:
-        """One engine step scheduled ``num_tokens`` tokens (prefill + decode)."""
+    def on_iteration(self, num_prompt_tokens: int, num_generation_tokens: int) -> None:
+        """One engine step produced output, as vLLM's IterationStats: ``num_generation_tokens``
+        new tokens, and ``num_prompt_tokens`` from the requests that got their first token in it."""
 
     def on_prefix_cache_query(self, queried_tokens: int, hit_tokens: int) -> None:
         """Local (GPU) prefix-cache lookup for a newly scheduled request."""
@@ -73,7 +74,7 @@ class StatsListener(Protocol):
         """LMCache lookup (CPU tier + shared remote store) for a newly scheduled request."""
 
     def on_prompt_tokens(self, local_compute: int, local_cache_hit: int, external_kv_transfer: int) -> None:
-        """Where a request's prompt tokens came from, reported once when its prefill starts."""
+        """Where a request's prompt tokens came from, reported once, with its first token."""
 
     def on_preemption(self) -> None: ...
 

@@ -87,7 +87,7 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
 class Recorder:
     """A StatsListener that keeps everything it is told."""
 
-    iterations: list[int] = field(default_factory=list)
+    iterations: list[tuple[int, int]] = field(default_factory=list)  # (prompt, generation) tokens
     prefix_queries: list[tuple[int, int]] = field(default_factory=list)
     external_queries: list[tuple[int, int]] = field(default_factory=list)
     prompt_sources: list[tuple[int, int, int]] = field(default_factory=list)
@@ -95,8 +95,8 @@ class Recorder:
     finished: list[FinishedRequestStats] = field(default_factory=list)
     finished_event: asyncio.Event = field(default_factory=asyncio.Event)
 
-    def on_iteration(self, num_tokens: int) -> None:
-        self.iterations.append(num_tokens)
+    def on_iteration(self, num_prompt_tokens: int, num_generation_tokens: int) -> None:
+        self.iterations.append((num_prompt_tokens, num_generation_tokens))
 
     def on_prefix_cache_query(self, queried_tokens: int, hit_tokens: int) -> None:
         self.prefix_queries.append((queried_tokens, hit_tokens))

@@ -109,7 +109,30 @@ async def test_stream_delivers_every_token_then_finishes(sim: tuple[SimEngine, R
     assert st.e2e_latency >= st.ttft
     assert st.prefill_kv_computed_tokens == 100
     assert rec.prompt_sources == [(100, 0, 0)]
+    # one iteration per output step: the prompt with the first token, then one token a step
+    assert rec.iterations == [(100, 1)] + [(0, 1)] * 19
     assert engine.kv_cache_usage == 0.0 and engine.num_running == 0
+
+
+async def test_iterations_count_steps_with_output_as_vllm_does() -> None:
+    engine, rec, _ = await engine_with(num_gpu_blocks=4096, max_model_len=20000, max_num_batched_tokens=4096)
+    try:
+        long = engine.generate(SimRequest("long", prompt(10000, salt=1), 2, ignore_eos=True))
+        short = engine.generate(SimRequest("short", prompt(100, salt=2), 3, ignore_eos=True))
+        await asyncio.gather(collect(long), collect(short))
+        # steps that only prefilled a chunk of the long prompt produced no output: no iteration
+        assert engine.num_steps > len(rec.iterations)
+        assert sum(p for p, _ in rec.iterations) == 10100  # each prompt once, with its first token
+        assert sum(g for _, g in rec.iterations) == 5
+        assert sorted(rec.prompt_sources) == [(100, 0, 0), (10000, 0, 0)]
+        # a request aborted before its first token never counts its prompt
+        stream = engine.generate(SimRequest("gone", prompt(10000, salt=3), 2, ignore_eos=True))
+        await stream.aclose()  # type: ignore[attr-defined]
+        await asyncio.sleep(0.01)
+        assert len(rec.prompt_sources) == 2 and sum(p for p, _ in rec.iterations) == 10100
+        assert [s.finish_reason for s in rec.finished][-1] == "abort"
+    finally:
+        await engine.stop()
 
 
 async def test_a_lagging_consumer_gets_tokens_coalesced(sim: tuple[SimEngine, Recorder, Sink]) -> None:
@@ -166,6 +189,24 @@ async def test_abort_by_id_ends_the_stream_with_its_reason(
     engine.abort("r", "abort")  # already finished: nothing changes
     engine.abort("unknown-id")
     assert [s.finish_reason for s in rec.finished] == [reason]
+
+
+@pytest.mark.parametrize(("then", "reported"), [("stop", "stop"), ("abort", "length"), ("close", "length")])
+async def test_stats_wait_for_the_consumer_who_may_still_find_a_stop_string(
+    sim: tuple[SimEngine, Recorder, Sink], then: str, reported: FinishReason
+) -> None:
+    engine, rec, _ = sim
+    stream = engine.generate(SimRequest("a", prompt(10), 3, ignore_eos=True))
+    while not (out := await anext(stream)).finished:
+        pass
+    assert out.finish_reason == "length"
+    assert rec.finished == []  # the consumer has not released the stream yet
+    if then != "close":
+        # a stop string in the final output makes it "stop", as in vLLM; a late disconnect does not count
+        engine.abort("a", "stop" if then == "stop" else "abort")
+    await stream.aclose()  # type: ignore[attr-defined]
+    assert [s.finish_reason for s in rec.finished] == [reported]
+    assert rec.finished[0].generation_tokens == 3
 
 
 async def test_kv_events_once_per_step_and_prefix_reuse(sim: tuple[SimEngine, Recorder, Sink]) -> None:

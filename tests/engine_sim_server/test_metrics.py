@@ -85,7 +85,10 @@ def test_values_follow_requests() -> None:
         assert sample(text, "vllm:time_to_first_token_seconds_count") == 2
         assert sample(text, "vllm:inter_token_latency_seconds_count") == 14
         assert sample(text, "vllm:request_params_max_tokens_sum") == 16
-        assert sample(text, "vllm:iteration_tokens_total_count") > 0
+        # one observation per output step (8 per request, run one after the other), counted as vLLM
+        # does: a prompt with its first token, then one token per step
+        assert sample(text, "vllm:iteration_tokens_total_count") == 16
+        assert sample(text, "vllm:iteration_tokens_total_sum") == 320 + 16
         usage = sample(text, "vllm:kv_cache_usage_perc")
         assert 0 <= usage <= 1
         assert sample(text, "vllm:num_requests_running") == 0
