@@ -25,6 +25,7 @@ from kvstack.engine.sim.generator import output_length, output_seed
 from kvstack.engine.sim.kv_cache import KVCache, engine_chain_root
 from kvstack.engine.sim.latency import frontend_delay, step_time
 from kvstack.engine.sim.lmcache import LMCacheConnector, chunk_hashes
+from kvstack.engine.sim.protocol import check_length
 from kvstack.engine.sim.scheduler import Scheduler, StepPlan
 from kvstack.engine.sim.stream import Req, RequestStream, finished_stats
 from kvstack.engine.sim.types import EventSink, FinishReason, RequestOutput, SimRequest, StatsListener
@@ -159,25 +160,12 @@ class SimEngine:
     # -- submission --------------------------------------------------------------------------
     def _make_req(self, r: SimRequest) -> Req:
         n_prompt = len(r.prompt_token_ids)
-        limit = self.max_model_len
         if n_prompt == 0:
             raise OpenAIError(400, "The decoder prompt cannot be empty", param="prompt")
         if r.max_tokens < 1:
             raise OpenAIError(400, f"max_tokens must be at least 1, got {r.max_tokens}.", param="max_tokens")
-        if n_prompt >= limit:
-            raise OpenAIError(
-                400,
-                f"This model's maximum context length is {limit} tokens. However, your request has "
-                f"{n_prompt} input tokens. Please reduce the length of the input messages.",
-            )
-        if n_prompt + r.max_tokens > limit:
-            raise OpenAIError(
-                400,
-                f"'max_tokens' or 'max_completion_tokens' is too large: {r.max_tokens}. This model's "
-                f"maximum context length is {limit} tokens and your request has {n_prompt} input tokens "
-                f"({r.max_tokens} > {limit} - {n_prompt}).",
-                param="max_tokens",
-            )
+        # The server checks the same before it calls generate; one wording, vLLM 0.24's.
+        check_length(n_prompt, r.max_tokens, self.max_model_len, is_text=False)
         if r.request_id in self._reqs:
             raise OpenAIError(400, f"Request id {r.request_id} is already in use.")
         cfg = self.config

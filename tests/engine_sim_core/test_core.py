@@ -16,6 +16,7 @@ from kvstack.common.tokenizer import apply_chat_template, decode
 from kvstack.engine.sim.config import SimConfig
 from kvstack.engine.sim.core import SimEngine
 from kvstack.engine.sim.generator import STOP_TOKEN_ID
+from kvstack.engine.sim.protocol import check_length
 from kvstack.engine.sim.types import EngineCore, FinishReason, RequestOutput, SimRequest
 from kvstack.router.kvindex.index import KVIndex
 
@@ -74,8 +75,8 @@ def test_config_refuses_a_max_model_len_the_cache_cannot_hold() -> None:
     [
         (0, 4, "cannot be empty"),
         (10, 0, "max_tokens must be at least 1"),
-        (4096, 1, "maximum context length is 4096 tokens. However, your request has 4096 input tokens"),
-        (4000, 100, "'max_tokens' or 'max_completion_tokens' is too large: 100"),
+        (4096, 1, "your prompt contains 4096 input tokens, for a total of 4097 tokens"),
+        (4000, 100, "you requested 100 output tokens and your prompt contains 4000 input tokens"),
     ],
 )
 async def test_invalid_requests_fail_before_scheduling(
@@ -88,6 +89,23 @@ async def test_invalid_requests_fail_before_scheduling(
     assert engine.num_waiting == engine.num_running == 0
     await asyncio.sleep(0.01)
     assert rec.iterations == [] and engine.num_steps == 0
+
+
+@pytest.mark.parametrize(("n_prompt", "max_tokens"), [(4096, 1), (4000, 100), (5000, 1)])
+async def test_too_long_requests_fail_with_the_servers_wording(
+    sim: tuple[SimEngine, Recorder, Sink], n_prompt: int, max_tokens: int
+) -> None:
+    engine, _, _ = sim
+    with pytest.raises(OpenAIError) as core:
+        engine.generate(SimRequest("long", prompt(n_prompt), max_tokens))
+    with pytest.raises(OpenAIError) as server:
+        check_length(n_prompt, max_tokens, 4096, is_text=False)
+    assert (core.value.status, core.value.message, core.value.param) == (
+        400,
+        server.value.message,
+        "input_tokens",
+    )
+    assert core.value.message.startswith("This model's maximum context length is 4096 tokens.")
 
 
 async def test_stream_delivers_every_token_then_finishes(sim: tuple[SimEngine, Recorder, Sink]) -> None:
