@@ -10,6 +10,7 @@ import typer
 
 from kvstack import __version__
 from kvstack.bench.cli import app as bench_app
+from kvstack.dashboards.cli import app as dashboards_app
 from kvstack.engine.cli import app as engine_app
 from kvstack.operator.cli import run_operator
 from kvstack.router.cli import run_router
@@ -24,6 +25,7 @@ app = typer.Typer(
 )
 app.add_typer(engine_app, name="engine")
 app.add_typer(bench_app, name="bench")
+app.add_typer(dashboards_app, name="dashboards")
 app.command("router")(run_router)
 app.command("operator")(run_operator)
 app.command("up")(up)
