@@ -35,6 +35,7 @@ lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/kvstack dashboards generate --check
 
 fmt: venv
 	$(BIN)/ruff format .
