@@ -118,6 +118,23 @@ class LMCacheConfig(BaseModel):
         2.0, description="After a Redis failure, wait this long (wall-clock) before trying again."
     )
 
+    kv_events: bool = Field(
+        False,
+        description="Publish chunks the CPU tier stores as BlockStored(medium='cpu') on the engine's "
+        "KV-event stream (LMCACHE_ENABLE_KV_EVENTS; off by default, as in LMCache 0.5.3).",
+    )
+    kv_events_removed: bool = Field(
+        False,
+        description="Also publish BlockRemoved(medium='cpu') when the CPU tier evicts a chunk; "
+        "LMCache 0.5.3 never does (its events cover stores only).",
+    )
+
+    @model_validator(mode="after")
+    def _removed_needs_events(self) -> Self:
+        if self.kv_events_removed and not self.kv_events:
+            raise ValueError("kv_events_removed needs kv_events")
+        return self
+
     @field_validator("remote_url")
     @classmethod
     def _check_url(cls, value: str | None) -> str | None:

@@ -262,8 +262,8 @@ class SimEngine:
                 stats.on_external_cache_query(adm.queried, adm.external.tokens)
         self._report_preemptions(plan)
         if self.lmcache is not None:
-            for hashes in plan.stores:
-                self.lmcache.store(hashes)
+            for run in plan.stores:
+                self.lmcache.store(run)
 
     def _report_preemptions(self, plan: StepPlan) -> None:
         if self._stats is not None:
@@ -299,6 +299,9 @@ class SimEngine:
 
     def _flush_events(self) -> None:
         events = self.kv.take_events()
+        if self.lmcache is not None:
+            # vLLM publishes the connector's events in the same batch as the step's own.
+            events.extend(self.lmcache.take_events())
         if events and self._sink is not None:
             self._sink(events)
 

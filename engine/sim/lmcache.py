@@ -6,6 +6,17 @@ Redis holds a small marker per chunk, never KV bytes. Deciding what to load is p
 (:func:`plan_external`); Redis I/O runs on the event loop and never blocks an engine step: a
 lookup that fails or times out is a miss, stores go through a bounded queue, and after a failure
 the store is left alone for ``remote_retry_s`` before the next try.
+
+KV events (``kv_events``), as LMCache's in-process connector makes them (``LMCacheEngine.store``,
+forwarded by vLLM's ``LMCacheConnectorV1.get_kv_connector_kv_cache_events``): one ``BlockStored``
+per stored chunk with ``block_hashes=[chunk hash]``, ``parent_block_hash`` the previous chunk's
+hash (None for the prompt's first chunk), ``token_ids`` the chunk's tokens, ``block_size`` the
+chunk size, ``medium="cpu"`` (lower case, as LMCache writes it), and ``lora_name``/``extra_keys``
+None (LMCache sets neither, so a router cannot tell a salted or LoRA chunk apart). LMCache 0.5.3
+publishes no removals (its KV-event RFC dropped eviction); ``kv_events_removed`` adds
+``BlockRemoved(medium="cpu")`` on CPU-tier eviction for routers that want it. Events cover the
+chunks the CPU tier takes in from a store; chunks copied in from Redis on a hit get none (LMCache's
+retrieve path makes none), but their evictions are reported like any other.
 """
 
 from __future__ import annotations
@@ -22,6 +33,7 @@ from dataclasses import dataclass
 import redis.asyncio as aioredis
 import xxhash
 
+from kvstack.common.kv_events import BlockRemoved, BlockStored, KVEvent
 from kvstack.engine.sim.config import KV_BYTES_PER_TOKEN, LMCacheConfig
 
 log = logging.getLogger(__name__)
@@ -50,6 +62,19 @@ def chunk_hashes(tokens: Sequence[int], chunk_size: int, root: int) -> list[int]
         parent = xxhash.xxh3_64_intdigest(buf[off : off + step], seed=parent)
         out.append(parent)
     return out
+
+
+CPU_MEDIUM = "cpu"  # LMCache's spelling (vLLM's own tier is "GPU")
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkRun:
+    """Chunks ``first..end-1`` of one request's prompt, computed and ready to offload."""
+
+    hashes: Sequence[int]  # every chunk hash of the request
+    tokens: Sequence[int]
+    first: int
+    end: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,16 +141,19 @@ class CpuTier:
             n += 1
         return n
 
-    def put(self, keys: Sequence[int]) -> None:
+    def put(self, keys: Sequence[int]) -> list[int]:
+        """Hold ``keys`` (most recent last); returns the keys evicted to make room."""
         if self.capacity <= 0:
-            return
+            return []
         lru = self._lru
         for k in keys:
             lru[k] = None
             lru.move_to_end(k)
+        evicted: list[int] = []
         while len(lru) > self.capacity:
-            lru.popitem(last=False)
-            self.evictions += 1
+            evicted.append(lru.popitem(last=False)[0])
+        self.evictions += len(evicted)
+        return evicted
 
 
 class RemoteStore:
@@ -252,6 +280,7 @@ class LMCacheConnector:
         self.seed = seed
         self.cpu = CpuTier.for_config(cfg)
         self.remote = RemoteStore(cfg, model) if cfg.remote_url else None
+        self._events: list[KVEvent] = []
 
     def root(self, lora_name: str | None, cache_salt: str | None) -> int:
         return lmcache_root(self.seed, self.model, lora_name, cache_salt)
@@ -274,13 +303,44 @@ class LMCacheConnector:
             if n_remote:
                 tiers.extend([TIER_REMOTE] * n_remote)
                 # LMCache keeps what it fetched from the remote in its local CPU tier.
-                self.cpu.put(rest[:n_remote])
+                self._removed(self.cpu.put(rest[:n_remote]))
         return tiers
 
-    def store(self, hashes: list[int]) -> None:
+    def store(self, run: ChunkRun) -> None:
         """Offload freshly computed chunks: CPU tier now, Redis in the background."""
+        hashes = list(run.hashes[run.first : run.end])
         if not hashes:
             return
-        self.cpu.put(hashes)
+        cpu = self.cpu
+        events = self.cfg.kv_events and cpu.capacity > 0
+        # LMCache skips chunks it already holds, and so do its events.
+        new = [i for i, h in enumerate(hashes, run.first) if h not in cpu] if events else []
+        evicted = cpu.put(hashes)
+        self._stored(run, new)
+        self._removed(evicted)
         if self.remote is not None:
             self.remote.put(hashes)
+
+    def take_events(self) -> list[KVEvent]:
+        """KV events since the previous call, oldest first (always empty without ``kv_events``)."""
+        events, self._events = self._events, []
+        return events
+
+    def _stored(self, run: ChunkRun, indexes: list[int]) -> None:
+        size = self.cfg.chunk_size
+        for i in indexes:
+            self._events.append(
+                BlockStored(
+                    block_hashes=[run.hashes[i]],
+                    parent_block_hash=run.hashes[i - 1] if i > 0 else None,
+                    token_ids=list(run.tokens[i * size : (i + 1) * size]),
+                    block_size=size,
+                    lora_id=None,
+                    medium=CPU_MEDIUM,
+                    lora_name=None,
+                )
+            )
+
+    def _removed(self, evicted: list[int]) -> None:
+        if evicted and self.cfg.kv_events_removed:
+            self._events.append(BlockRemoved(block_hashes=evicted, medium=CPU_MEDIUM))

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from kvstack.engine.sim.generator import STOP_TOKEN_ID, token_at
 from kvstack.engine.sim.kv_cache import KVCache, extend_hashes
 from kvstack.engine.sim.latency import StepWork
-from kvstack.engine.sim.lmcache import ExternalPlan, plan_external
+from kvstack.engine.sim.lmcache import ChunkRun, ExternalPlan, plan_external
 from kvstack.engine.sim.types import FinishReason
 
 
@@ -76,7 +76,7 @@ class StepPlan:
     work: StepWork = field(default_factory=StepWork)
     admitted: list[Admission] = field(default_factory=list)
     preempted: list[SimSeq] = field(default_factory=list)
-    stores: list[list[int]] = field(default_factory=list)  # LMCache chunk hashes to offload
+    stores: list[ChunkRun] = field(default_factory=list)  # LMCache chunks to offload
 
     @property
     def num_tokens(self) -> int:
@@ -221,7 +221,7 @@ class Scheduler:
             done = min(start + n, seq.num_prompt) // chunk
             first = max(seq.lm_stored, len(seq.lm_tiers))
             if done > first and seq.lm_hashes:
-                plan.stores.append(seq.lm_hashes[first:done])
+                plan.stores.append(ChunkRun(seq.lm_hashes, seq.tokens, first, done))
                 plan.work.store_tokens += (done - first) * chunk
                 seq.lm_stored = done
 

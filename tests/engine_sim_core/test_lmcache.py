@@ -8,12 +8,15 @@ import logging
 import pytest
 import redis.asyncio as aioredis
 
-from kvstack.common.config import build
+from kvstack.common.blocks import block_keys, chain_root
+from kvstack.common.config import ConfigError, build
+from kvstack.common.kv_events import BlockRemoved, BlockStored, KVEvent
 from kvstack.engine.sim.config import LMCacheConfig, SimConfig
 from kvstack.engine.sim.core import SimEngine
 from kvstack.engine.sim.lmcache import (
     TIER_CPU,
     TIER_REMOTE,
+    ChunkRun,
     CpuTier,
     ExternalPlan,
     LMCacheConnector,
@@ -22,6 +25,7 @@ from kvstack.engine.sim.lmcache import (
     plan_external,
 )
 from kvstack.engine.sim.types import SimRequest
+from kvstack.router.kvindex.index import IndexSettings, KVIndex, PrefixMatch
 
 from .conftest import Recorder, RedisServer
 
@@ -61,10 +65,11 @@ def test_cpu_tier_is_lru_and_sized_by_bytes() -> None:
     tier = CpuTier(3)
     tier.put([1, 2, 3])
     assert tier.leading([1, 2, 9, 3]) == 2  # refreshes 1 and 2
-    tier.put([4])  # evicts 3, the least recently used
+    assert tier.put([4]) == [3]  # evicts 3, the least recently used
     assert 3 not in tier and len(tier) == 3 and tier.evictions == 1
+    assert tier.put([5, 6]) == [1, 2]
     zero = CpuTier(0)
-    zero.put([1])
+    assert zero.put([1]) == []
     assert len(zero) == 0
 
 
@@ -103,7 +108,7 @@ async def test_remote_store_round_trip(redis_server: RedisServer) -> None:
     try:
         hashes = chunk_hashes(PROMPT, 256, conn.root(None, None))
         assert await conn.lookup(hashes) == []
-        conn.store(hashes[:5])
+        conn.store(ChunkRun(hashes, PROMPT, 0, 5))
         assert conn.remote is not None
         await conn.remote.flush()
         assert conn.remote.stored_chunks == 5
@@ -217,5 +222,104 @@ async def test_unreachable_redis_at_start_is_not_fatal() -> None:
         assert await run(engine, "b", [*PROMPT[:-1], 5]) == 2
         assert engine.lmcache is not None and engine.lmcache.remote is not None
         assert engine.lmcache.remote.failures >= 1
+    finally:
+        await engine.stop()
+
+
+# --- KV events of the CPU tier --------------------------------------------------------------------
+
+CS = 4  # a tiny chunk size keeps the event fields readable
+
+
+def events_connector(capacity: int, *, events: bool = True, removed: bool = False) -> LMCacheConnector:
+    cfg = LMCacheConfig(enabled=True, chunk_size=CS, kv_events=events, kv_events_removed=removed)
+    conn = LMCacheConnector(cfg, "m", seed=0)
+    conn.cpu.capacity = capacity
+    return conn
+
+
+TOKENS = list(range(100, 116))  # 4 chunks
+HASHES = chunk_hashes(TOKENS, CS, lmcache_root(0, "m", None, None))
+
+
+def stored(i: int) -> BlockStored:
+    """The event LMCache makes for chunk ``i`` of TOKENS."""
+    return BlockStored(
+        block_hashes=[HASHES[i]],
+        parent_block_hash=HASHES[i - 1] if i else None,
+        token_ids=TOKENS[i * CS : (i + 1) * CS],
+        block_size=CS,
+        lora_id=None,
+        medium="cpu",
+        lora_name=None,
+        extra_keys=None,
+        group_idx=0,
+        kv_cache_spec_kind="full_attention",
+    )
+
+
+def test_each_stored_chunk_is_one_cpu_block_stored_event() -> None:
+    conn = events_connector(8)
+    conn.store(ChunkRun(HASHES, TOKENS, 0, 2))
+    conn.store(ChunkRun(HASHES, TOKENS, 2, 4))
+    assert conn.take_events() == [stored(0), stored(1), stored(2), stored(3)]
+    assert conn.take_events() == []
+    assert all(0 <= h < 2**64 for h in HASHES)
+    conn.store(ChunkRun(HASHES, TOKENS, 0, 4))  # held already: LMCache skips them, events too
+    assert conn.take_events() == []
+
+
+@pytest.mark.parametrize(
+    ("removed", "expected"),
+    [
+        (False, [stored(2), stored(3)]),  # LMCache 0.5.3: stores only
+        (True, [stored(2), stored(3), BlockRemoved(block_hashes=HASHES[:2], medium="cpu")]),
+    ],
+)
+def test_cpu_evictions_are_reported_only_when_asked(removed: bool, expected: list[KVEvent]) -> None:
+    conn = events_connector(2, removed=removed)
+    conn.store(ChunkRun(HASHES, TOKENS, 0, 2))
+    conn.take_events()
+    conn.store(ChunkRun(HASHES, TOKENS, 2, 4))  # a full tier: chunks 0 and 1 go
+    assert conn.take_events() == expected
+
+
+def test_no_events_by_default_or_without_a_cpu_tier() -> None:
+    for conn in (events_connector(8, events=False), events_connector(0)):
+        conn.store(ChunkRun(HASHES, TOKENS, 0, 4))
+        assert conn.take_events() == []
+
+
+def test_removed_events_need_stored_events() -> None:
+    with pytest.raises(ConfigError, match="kv_events_removed"):
+        build(SimConfig, "test config", lmcache={"enabled": True, "kv_events_removed": True})
+
+
+async def test_engine_publishes_cpu_chunks_with_its_own_blocks_and_the_router_indexes_them() -> None:
+    batches: list[list[KVEvent]] = []
+    engine = SimEngine(
+        lm_config(None, seed=0, kv_events=True), Recorder(), lambda evs: batches.append(list(evs))
+    )
+    await engine.start()
+    try:
+        await run(engine, "a", PROMPT)
+        cpu = [e for b in batches for e in b if isinstance(e, BlockStored) and e.medium == "cpu"]
+        gpu = [e for b in batches for e in b if isinstance(e, BlockStored) and e.medium == "GPU"]
+        assert [e.token_ids for e in cpu] == [PROMPT[i : i + 256] for i in range(0, 2048, 256)]
+        assert [e.parent_block_hash for e in cpu] == [None, *(e.block_hashes[0] for e in cpu[:-1])]
+        assert {e.block_size for e in cpu} == {256} and {e.block_size for e in gpu} == {16}
+        # a chunk is published in the same batch as the GPU blocks of the step that computed it
+        first = next(b for b in batches if any(e in cpu for e in b))
+        assert any(isinstance(e, BlockStored) and e.medium == "GPU" for e in first)
+        # the router: after a GPU reset the engine still serves the prompt from its CPU tier
+        index = KVIndex(IndexSettings(shared_store=False))
+        index.ensure_engine("e", model=engine.config.model, block_size=16)
+        for b in batches:
+            index.apply("e", b)
+        keys = block_keys(PROMPT, 16, chain_root(engine.config.model))
+        assert index.match("e", keys, 0.0) == PrefixMatch(16, 128, 128, 128)
+        assert engine.reset_prefix_cache()
+        index.apply("e", batches[-1])
+        assert index.match("e", keys, 0.0) == PrefixMatch(16, 0, 128, 128)
     finally:
         await engine.stop()

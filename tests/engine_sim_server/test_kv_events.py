@@ -51,11 +51,11 @@ def ctx() -> Iterator[zmq.Context[zmq.Socket[bytes]]]:
         c.destroy(linger=0)
 
 
-def subscriber(ctx: zmq.Context[zmq.Socket[bytes]], port: int) -> zmq.Socket[bytes]:
+def subscriber(ctx: zmq.Context[zmq.Socket[bytes]], port: int, topic: bytes = TOPIC) -> zmq.Socket[bytes]:
     sub = ctx.socket(zmq.SUB)
     sub.setsockopt(zmq.RCVTIMEO, 5000)
     sub.connect(f"tcp://127.0.0.1:{port}")
-    sub.subscribe(TOPIC)
+    sub.subscribe(topic)
     time.sleep(0.3)  # ZMQ's slow joiner: let the subscription reach the publisher
     return sub
 
@@ -152,6 +152,33 @@ def test_cache_salt_goes_into_the_first_blocks_extra_keys(
     assert stored[0].parent_block_hash is None
     assert stored[0].lora_name is None
     assert stored[0].extra_keys == [["tenant-a"], None, None]
+
+
+def test_lmcache_cpu_chunks_on_the_stream(ctx: zmq.Context[zmq.Socket[bytes]]) -> None:
+    pub = free_port()
+    with run_sim(
+        "--speed", "50",
+        "--max-model-len", "2048",
+        "--num-gpu-blocks", "1000",
+        "--lmcache", "--lmcache-chunk-size", "64", "--lmcache-kv-events",
+        "--kv-events-endpoint", f"tcp://127.0.0.1:{pub}",
+    ) as s:  # fmt: skip
+        sub = subscriber(ctx, pub, b"kv-events")  # the default topic
+        prompt = list(range(9000, 9130))  # two full chunks of 64 and a partial one
+        body = {"model": MODEL, "prompt": prompt, "max_tokens": 1}
+        assert httpx.post(f"{s.base_url}/completions", json=body, timeout=10).status_code == 200
+        cpu: list[BlockStored] = []
+        while len(cpu) < 2:
+            _, _, payload = sub.recv_multipart()
+            events = decode_batch(payload).events
+            cpu += [e for e in events if isinstance(e, BlockStored) and e.medium == "cpu"]
+            if cpu:  # LMCache's chunks travel in the batch of the step that computed them
+                assert any(isinstance(e, BlockStored) and e.medium == "GPU" for e in events)
+        assert [e.token_ids for e in cpu] == [prompt[:64], prompt[64:128]]
+        assert [e.block_size for e in cpu] == [64, 64]
+        assert cpu[0].parent_block_hash is None
+        assert cpu[1].parent_block_hash == cpu[0].block_hashes[0]
+        assert all(len(e.block_hashes) == 1 and e.extra_keys is None and e.lora_name is None for e in cpu)
 
 
 def test_bad_kv_events_endpoint_fails_at_start() -> None:
