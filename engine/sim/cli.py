@@ -55,40 +55,132 @@ def split_settings(
     return engine, server
 
 
+_SERVER = "Server"
+_ENGINE = "Engine (vLLM flags)"
+_LMCACHE = "LMCache connector"
+_EVENTS = "KV events"
+
+
 @exits_on_config_error
 def sim(
     config: Annotated[
-        Path | None, typer.Option("--config", help="YAML file: SimConfig fields + server:")
+        Path | None,
+        typer.Option(
+            "--config",
+            help="YAML file: SimConfig fields and a server: section of the flags below; flags win.",
+        ),
     ] = None,
-    host: Annotated[str | None, typer.Option(help="Address to bind (default 127.0.0.1).")] = None,
-    port: Annotated[int | None, typer.Option(help="HTTP port (default 8000).")] = None,
-    model: Annotated[str | None, typer.Option(help="Model name (--model).")] = None,
-    served_model_name: Annotated[
-        list[str] | None, typer.Option(help="Name to answer to; repeat for several (default: model).")
+    host: Annotated[
+        str | None,
+        typer.Option(help="Address to bind (default 127.0.0.1; 0.0.0.0 in a pod).", rich_help_panel=_SERVER),
     ] = None,
-    max_model_len: Annotated[int | None, typer.Option(help="Prompt + output token limit.")] = None,
-    block_size: Annotated[int | None, typer.Option(help="Tokens per KV block.")] = None,
-    num_gpu_blocks: Annotated[int | None, typer.Option(help="KV blocks on the simulated GPU.")] = None,
-    max_num_seqs: Annotated[int | None, typer.Option(help="Most requests running at once.")] = None,
-    max_num_batched_tokens: Annotated[int | None, typer.Option(help="Token budget of one step.")] = None,
-    enable_prefix_caching: Annotated[bool | None, typer.Option(help="Reuse KV of identical blocks.")] = None,
-    speed: Annotated[float | None, typer.Option(help="Simulated seconds per wall-clock second.")] = None,
-    mean_output_tokens: Annotated[
-        float | None, typer.Option(help="Mean output length without ignore_eos.")
+    port: Annotated[
+        int | None,
+        typer.Option(help="HTTP port (default 8000; 0 picks a free one).", rich_help_panel=_SERVER),
     ] = None,
-    lmcache: Annotated[bool | None, typer.Option(help="Attach the simulated LMCache connector.")] = None,
-    lmcache_remote_url: Annotated[str | None, typer.Option(help="LMCache shared store, redis://...")] = None,
-    lmcache_chunk_size: Annotated[int | None, typer.Option(help="Tokens per LMCache chunk.")] = None,
-    kv_events_endpoint: Annotated[str | None, typer.Option(help="ZMQ PUB endpoint, tcp://HOST:PORT.")] = None,
-    kv_events_replay_endpoint: Annotated[str | None, typer.Option(help="ZMQ ROUTER replay endpoint.")] = None,
-    kv_events_topic: Annotated[str | None, typer.Option(help="Topic frame of each KV-event message.")] = None,
     api_key: Annotated[
-        str | None, typer.Option(envvar="VLLM_API_KEY", help="Require this bearer key on /v1/*.")
+        str | None,
+        typer.Option(
+            envvar="VLLM_API_KEY", help="Require this bearer key on /v1/*.", rich_help_panel=_SERVER
+        ),
     ] = None,
-    gpu_memory_utilization: Annotated[float | None, typer.Option(help="Shown in cache_config_info.")] = None,
-    log_level: Annotated[str | None, typer.Option(help="uvicorn log level (default warning).")] = None,
+    gpu_memory_utilization: Annotated[
+        float | None,
+        typer.Option(help="Reported in vllm:cache_config_info (default 0.9).", rich_help_panel=_SERVER),
+    ] = None,
+    log_level: Annotated[
+        str | None,
+        typer.Option(
+            help="uvicorn log level: critical, error, warning (default), info, debug, trace.",
+            rich_help_panel=_SERVER,
+        ),
+    ] = None,
+    model: Annotated[
+        str | None, typer.Option(help="Model name (default kvstack/sim-8b).", rich_help_panel=_ENGINE)
+    ] = None,
+    served_model_name: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Name to answer to; repeat for several (default: the model).", rich_help_panel=_ENGINE
+        ),
+    ] = None,
+    max_model_len: Annotated[
+        int | None, typer.Option(help="Prompt + output token limit (default 32768).", rich_help_panel=_ENGINE)
+    ] = None,
+    block_size: Annotated[
+        int | None, typer.Option(help="Tokens per KV block (default 16).", rich_help_panel=_ENGINE)
+    ] = None,
+    num_gpu_blocks: Annotated[
+        int | None,
+        typer.Option(
+            help="KV blocks on the simulated GPU (default: an 8B model on an H200).", rich_help_panel=_ENGINE
+        ),
+    ] = None,
+    max_num_seqs: Annotated[
+        int | None, typer.Option(help="Most requests running at once (default 256).", rich_help_panel=_ENGINE)
+    ] = None,
+    max_num_batched_tokens: Annotated[
+        int | None,
+        typer.Option(
+            help="Token budget of one step; longer prefills are chunked (default 8192).",
+            rich_help_panel=_ENGINE,
+        ),
+    ] = None,
+    enable_prefix_caching: Annotated[
+        bool | None, typer.Option(help="Reuse KV of identical blocks (default on).", rich_help_panel=_ENGINE)
+    ] = None,
+    speed: Annotated[
+        float | None,
+        typer.Option(
+            help="Simulated seconds per wall-clock second (default 1 = real time).", rich_help_panel=_ENGINE
+        ),
+    ] = None,
+    mean_output_tokens: Annotated[
+        float | None,
+        typer.Option(
+            help="Mean output length when ignore_eos is off (default: run to max_tokens).",
+            rich_help_panel=_ENGINE,
+        ),
+    ] = None,
+    lmcache: Annotated[
+        bool | None, typer.Option(help="Attach the simulated LMCache connector.", rich_help_panel=_LMCACHE)
+    ] = None,
+    lmcache_remote_url: Annotated[
+        str | None,
+        typer.Option(help="Shared store, redis://HOST:PORT (default none).", rich_help_panel=_LMCACHE),
+    ] = None,
+    lmcache_chunk_size: Annotated[
+        int | None, typer.Option(help="Tokens per LMCache chunk (default 256).", rich_help_panel=_LMCACHE)
+    ] = None,
+    lmcache_kv_events: Annotated[
+        bool | None,
+        typer.Option(
+            help="Publish CPU-tier chunk stores as KV events (default off, as in LMCache).",
+            rich_help_panel=_LMCACHE,
+        ),
+    ] = None,
+    kv_events_endpoint: Annotated[
+        str | None,
+        typer.Option(
+            help="ZMQ PUB endpoint to bind, e.g. tcp://*:5557 (default: no events).", rich_help_panel=_EVENTS
+        ),
+    ] = None,
+    kv_events_replay_endpoint: Annotated[
+        str | None,
+        typer.Option(
+            help="ZMQ ROUTER endpoint answering replays, e.g. tcp://*:5558.", rich_help_panel=_EVENTS
+        ),
+    ] = None,
+    kv_events_topic: Annotated[
+        str | None,
+        typer.Option(help="Topic frame of each message (default kv-events).", rich_help_panel=_EVENTS),
+    ] = None,
 ) -> None:
-    """Run the CPU simulator of one vLLM 0.24 pod (OpenAI API, /metrics, KV events)."""
+    """Run the CPU simulator of one vLLM 0.24 pod (OpenAI API, /metrics, KV events).
+
+    It answers like vLLM (routes, errors, metric families, KV-event wire format) with step times fitted
+    to an H200. In a pod: --host 0.0.0.0 --kv-events-endpoint tcp://*:5557.
+    """
     from kvstack.engine.sim.config import SimConfig
 
     file_values = read_config_file(config) if config is not None else {}
@@ -109,6 +201,7 @@ def sim(
                 "enabled": lmcache,
                 "remote_url": lmcache_remote_url,
                 "chunk_size": lmcache_chunk_size,
+                "kv_events": lmcache_kv_events,
             },
         },
         {
@@ -159,7 +252,8 @@ def _serve(config: Any, settings: ServeSettings) -> None:
             if self.started:  # one line once the socket listens: scripts wait for it
                 names = ", ".join(config.served_names)
                 bound = self.servers[0].sockets[0].getsockname()[1] if self.servers else settings.port
-                typer.echo(f"kvstack engine sim: serving {names} on http://{settings.host}:{bound}")
+                host = f"[{settings.host}]" if ":" in settings.host else settings.host
+                typer.echo(f"kvstack engine sim: serving {names} on http://{host}:{bound}")
 
     server = _Server(
         uvicorn.Config(

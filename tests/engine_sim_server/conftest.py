@@ -36,14 +36,15 @@ class Sim:
 
 
 @contextmanager
-def run_sim(*args: str, ready_timeout: float = 30.0) -> Iterator[Sim]:
-    """Start ``kvstack engine sim`` with ``args``, wait for /health, always stop it."""
+def run_sim(*args: str, host: str = "127.0.0.1", ready_timeout: float = 30.0) -> Iterator[Sim]:
+    """Start ``kvstack engine sim`` on ``host`` with ``args``, wait for /health, always stop it."""
     port = free_port()
-    cmd = [str(KVSTACK), "engine", "sim", "--port", str(port), "--served-model-name", MODEL, *args]
+    cmd = [str(KVSTACK), "engine", "sim", "--host", host, "--port", str(port), "--served-model-name", MODEL]
+    cmd.extend(args)
     with tempfile.TemporaryFile() as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
         try:
-            url = f"http://127.0.0.1:{port}"
+            url = f"http://{host}:{port}"
             deadline = time.monotonic() + ready_timeout
             while True:
                 if proc.poll() is not None:
