@@ -4,6 +4,8 @@ with kwok playing the kubelet and ``kvstack engine sim`` processes answering on 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -14,6 +16,7 @@ import pytest
 from tests.router_discovery.test_monitor_live import until
 
 from kvstack.router.discovery import KubernetesConfig, KubernetesDiscovery
+from kvstack.router.discovery.kubeapi import load_api_server
 from kvstack.router.engines import EngineRegistry
 from kvstack.router.monitor import EngineMonitor, MonitorConfig
 
@@ -38,25 +41,90 @@ def cluster() -> Iterator[Any]:
         pytest.skip(
             f"cluster binaries absent (build them with `make cluster`): {', '.join(map(str, missing))}"
         )
-    c = Cluster(ClusterConfig(gpu_nodes=1, gpus_per_node=8), tools)
+    # nodes go in through the raw API below: the generated client validates bodies too strictly
+    c = Cluster(ClusterConfig(gpu_nodes=0), tools)
     try:
         c.start()
+        from kvstack.testing.manifests import gpu_node, node_pod_cidr
+
+        node = gpu_node("gpu-node-0", pod_cidr=node_pod_cidr(c.config.pod_cidr, 0))
+        with raw_api(c) as (http, headers):
+            http.post("/api/v1/nodes", json=node, headers=headers).raise_for_status()
+            c.kwok_node_ready = _wait_node_ready(http, headers, "gpu-node-0", 30.0)
         yield c
     finally:
         c.stop()
 
 
-@pytest.fixture
-def namespace(cluster: Any) -> Iterator[str]:
-    from kubernetes import client
+def _wait_node_ready(http: httpx.Client, headers: dict[str, str], name: str, within: float) -> bool:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        conditions = (
+            http.get(f"/api/v1/nodes/{name}", headers=headers).json()["status"].get("conditions") or []
+        )
+        if any(c["type"] == "Ready" and c["status"] == "True" for c in conditions):
+            return True
+        time.sleep(0.5)
+    return False
 
-    core = client.CoreV1Api(cluster.api_client())
+
+def needs_kwok_node(cluster: Any) -> None:
+    if not getattr(cluster, "kwok_node_ready", False):
+        pytest.skip("kwok did not take over the fake node (no Ready condition): pods cannot run")
+
+
+@contextlib.contextmanager
+def raw_api(cluster: Any) -> Iterator[tuple[httpx.Client, dict[str, str]]]:
+    api = load_api_server(cluster.kubeconfig, cluster.context)
+    with httpx.Client(base_url=api.host, verify=api.ssl_context, timeout=30) as http:
+        yield http, api.headers()
+
+
+@pytest.fixture
+def kube(cluster: Any) -> Iterator[Kube]:
+    with raw_api(cluster) as (http, headers):
+        yield Kube(http, headers)
+
+
+class Kube:
+    """The few writes the tests make, as plain API calls."""
+
+    def __init__(self, http: httpx.Client, headers: dict[str, str]) -> None:
+        self.http, self.headers = http, headers
+
+    def _do(self, method: str, path: str, body: Any = None, content_type: str = "application/json") -> Any:
+        data = None if body is None else json.dumps(body)
+        resp = self.http.request(
+            method, path, content=data, headers={**self.headers, "Content-Type": content_type}
+        )
+        resp.raise_for_status()
+        return resp.json()
+
+    async def create_pod(self, ns: str, pod: dict[str, Any]) -> None:
+        await asyncio.to_thread(self._do, "POST", f"/api/v1/namespaces/{ns}/pods", pod)
+
+    async def set_status(self, ns: str, name: str, status: dict[str, Any]) -> None:
+        path = f"/api/v1/namespaces/{ns}/pods/{name}/status"
+        await asyncio.to_thread(self._do, "PATCH", path, status, "application/merge-patch+json")
+
+    async def pod_ip(self, ns: str, name: str) -> str:
+        pod = await asyncio.to_thread(self._do, "GET", f"/api/v1/namespaces/{ns}/pods/{name}")
+        return str(pod["status"]["podIP"])
+
+    async def delete_pod(self, ns: str, name: str) -> None:
+        await asyncio.to_thread(self._do, "DELETE", f"/api/v1/namespaces/{ns}/pods/{name}")
+
+
+@pytest.fixture
+def namespace(kube: Kube) -> Iterator[str]:
     name = f"disc-{uuid.uuid4().hex[:8]}"
-    core.create_namespace({"metadata": {"name": name}})
+    kube._do(
+        "POST", "/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}}
+    )
     try:
         yield name
     finally:
-        core.delete_namespace(name)
+        kube._do("DELETE", f"/api/v1/namespaces/{name}")
 
 
 def engine_pod(name: str, *, labels: dict[str, str] = LABELS, schedulable: bool = True) -> dict[str, Any]:
@@ -112,51 +180,58 @@ def pod_names(d: KubernetesDiscovery) -> set[str]:
     return {st.name for st in d.registry.all()}
 
 
-async def test_registry_follows_pods(cluster: Any, namespace: str, discovery: KubernetesDiscovery) -> None:
-    from kubernetes import client
+async def test_registry_follows_pod_status(
+    kube: Kube, namespace: str, discovery: KubernetesDiscovery
+) -> None:
+    # pods no node will take: the test writes their status as a kubelet would
+    await kube.create_pod(namespace, engine_pod("engine-b", schedulable=False))
+    await kube.create_pod(namespace, engine_pod("other", labels={"app": "x"}, schedulable=False))
+    await asyncio.sleep(0.5)
+    assert pod_names(discovery) == set()  # Pending is not routable
+    await kube.set_status(namespace, "other", ready_status("127.99.0.9", True))
+    await kube.set_status(namespace, "engine-b", ready_status("127.99.0.2", True))
+    await until(lambda: pod_names(discovery) == {"engine-b"}, "engine-b ready", 30)
+    assert discovery.registry.get("http://127.99.0.2:8000") is not None
+    await kube.set_status(namespace, "engine-b", ready_status("127.99.0.3", True))
+    await until(lambda: discovery.registry.get("http://127.99.0.3:8000") is not None, "IP change", 30)
+    assert len(discovery.registry) == 1
+    await kube.set_status(namespace, "engine-b", ready_status("127.99.0.3", False))
+    await until(lambda: pod_names(discovery) == set(), "engine-b not ready", 30)
+    await kube.set_status(namespace, "engine-b", ready_status("127.99.0.3", True))
+    await until(lambda: pod_names(discovery) == {"engine-b"}, "engine-b ready again", 30)
+    await kube.delete_pod(namespace, "engine-b")  # no kubelet: deletion is immediate
+    await until(lambda: pod_names(discovery) == set(), "engine-b deleted", 30)
 
-    core = client.CoreV1Api(cluster.api_client())
 
-    def call(fn: Any, *args: Any) -> Any:
-        return asyncio.to_thread(fn, *args)
-
-    await call(core.create_namespaced_pod, namespace, engine_pod("engine-a"))
-    await call(core.create_namespaced_pod, namespace, engine_pod("other", labels={"app": "x"}))
+async def test_registry_follows_kwok_pods(
+    cluster: Any, kube: Kube, namespace: str, discovery: KubernetesDiscovery
+) -> None:
+    needs_kwok_node(cluster)
+    await kube.create_pod(namespace, engine_pod("engine-a"))
+    await kube.create_pod(namespace, engine_pod("other", labels={"app": "x"}))
     await until(lambda: pod_names(discovery) == {"engine-a"}, "kwok runs engine-a", 60)
     (st,) = discovery.registry.all()
-    pod = await call(core.read_namespaced_pod, "engine-a", namespace)
-    assert st.url == f"http://{pod.status.pod_ip}:8000"
-    assert st.endpoint.kv_events_endpoint == f"tcp://{pod.status.pod_ip}:5557"
+    ip = await kube.pod_ip(namespace, "engine-a")
+    assert st.url == f"http://{ip}:8000"
+    assert st.endpoint.kv_events_endpoint == f"tcp://{ip}:5557"
 
-    # a pod whose status the test sets by hand (no node will take it)
-    await call(core.create_namespaced_pod, namespace, engine_pod("engine-b", schedulable=False))
-    await asyncio.sleep(0.5)
-    assert pod_names(discovery) == {"engine-a"}  # Pending is not routable
-    await call(core.patch_namespaced_pod_status, "engine-b", namespace, ready_status("127.99.0.2", True))
-    await until(lambda: pod_names(discovery) == {"engine-a", "engine-b"}, "engine-b ready", 30)
-    assert discovery.registry.get("http://127.99.0.2:8000") is not None
-    await call(core.patch_namespaced_pod_status, "engine-b", namespace, ready_status("127.99.0.2", False))
-    await until(lambda: pod_names(discovery) == {"engine-a"}, "engine-b not ready", 30)
-
-    await call(core.delete_namespaced_pod, "engine-a", namespace)
+    await kube.delete_pod(namespace, "engine-a")
     await until(lambda: pod_names(discovery) == set(), "engine-a deleted", 60)
 
 
 async def test_monitor_learns_models_of_discovered_pods(
-    cluster: Any, namespace: str, discovery: KubernetesDiscovery
+    cluster: Any, kube: Kube, namespace: str, discovery: KubernetesDiscovery
 ) -> None:
-    from kubernetes import client
-
     from kvstack.testing.pod_sims import PodSimulators
 
-    core = client.CoreV1Api(cluster.api_client())
+    needs_kwok_node(cluster)
+
     with PodSimulators(cluster.api_client(), SELECTOR, namespace=namespace):
         for name in ("engine-0", "engine-1"):
-            await asyncio.to_thread(core.create_namespaced_pod, namespace, engine_pod(name))
+            await kube.create_pod(namespace, engine_pod(name))
         async with httpx.AsyncClient(trust_env=False) as http:
-            monitor = EngineMonitor(
-                discovery.registry, http, MonitorConfig(probe_interval=0.2, scrape_interval=0.2)
-            )
+            config = MonitorConfig(probe_interval=0.2, scrape_interval=0.2)
+            monitor = EngineMonitor(discovery.registry, http, config)
             monitor.start()
             try:
                 await until(
