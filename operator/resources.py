@@ -1,0 +1,406 @@
+"""Pure builders of the objects a ``KVStack`` owns: engines per model, the router, the shared cache.
+
+Every object carries the ``app.kubernetes.io/*`` labels the Helm chart uses and an ownerReference
+to its stack, so deleting the stack deletes them (the garbage collector follows owners). The
+operator applies them with server-side apply, so building the same object twice changes nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+
+from kvstack.common.config import build
+from kvstack.engine.serve.config import EngineConfig
+from kvstack.operator.crd import GROUP, KIND, VERSION
+from kvstack.operator.spec import KVStackSpec, Model
+
+MANAGER = "kvstack-operator"
+MODEL_LABEL = "kvstack.dev/model"
+HTTP_PORT, EVENTS_PORT, REPLAY_PORT, REDIS_PORT = 8000, 5557, 5558, 6379
+CONFIG_DIR = "/etc/kvstack"
+Obj = dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Owner:
+    """The stack that owns the objects."""
+
+    name: str
+    namespace: str
+    uid: str
+
+    def reference(self) -> Obj:
+        return {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": KIND,
+            "name": self.name,
+            "uid": self.uid,
+            "controller": True,
+            "blockOwnerDeletion": True,
+        }
+
+
+def selector_labels(owner: Owner, component: str, model: str | None = None) -> dict[str, str]:
+    labels = {
+        "app.kubernetes.io/name": "kvstack",
+        "app.kubernetes.io/instance": owner.name,
+        "app.kubernetes.io/component": component,
+    }
+    if model is not None:
+        labels[MODEL_LABEL] = model
+    return labels
+
+
+def labels(owner: Owner, component: str, model: str | None = None) -> dict[str, str]:
+    return {
+        **selector_labels(owner, component, model),
+        "app.kubernetes.io/part-of": "kvstack",
+        "app.kubernetes.io/managed-by": MANAGER,
+    }
+
+
+def managed_selector(owner: Owner) -> str:
+    """Label selector of everything the operator made for ``owner`` (used to prune)."""
+    return f"app.kubernetes.io/instance={owner.name},app.kubernetes.io/managed-by={MANAGER}"
+
+
+def _meta(owner: Owner, name: str, component: str, model: str | None = None) -> Obj:
+    return {
+        "name": name,
+        "namespace": owner.namespace,
+        "labels": labels(owner, component, model),
+        "ownerReferences": [owner.reference()],
+    }
+
+
+def engine_name(owner: Owner, model: Model) -> str:
+    return f"{owner.name}-{model.name}"
+
+
+def router_name(owner: Owner) -> str:
+    return f"{owner.name}-router"
+
+
+def cache_name(owner: Owner) -> str:
+    return f"{owner.name}-redis"
+
+
+def _remote_url(owner: Owner, spec: KVStackSpec) -> str | None:
+    cache = spec.cache
+    if cache.mode == "internal":
+        return f"redis://{cache_name(owner)}.{owner.namespace}.svc:{REDIS_PORT}"
+    if cache.mode == "external":
+        return cache.url  # None when it comes from a Secret (an env var then)
+    return None
+
+
+def engine_config(owner: Owner, spec: KVStackSpec, model: Model) -> EngineConfig:
+    """The model's ``kvstack engine serve`` config; raises ConfigError naming a bad field."""
+    lm = model.lmcache
+    lmcache: Obj = {
+        "enabled": lm.enabled,
+        "chunk_size": lm.chunk_size,
+        "local_cpu": lm.local_cpu,
+        "max_local_cpu_size": lm.max_local_cpu_size_gb,
+    }
+    remote = _remote_url(owner, spec)
+    if lm.enabled and lm.share_remote and remote:
+        lmcache["remote_url"] = remote
+    values: Obj = {
+        "model": model.model,
+        "served_model_name": model.served_names,
+        "port": HTTP_PORT,
+        "tensor_parallel_size": model.tensor_parallel_size or max(1, model.gpus),
+        "gpu_memory_utilization": model.gpu_memory_utilization,
+        "block_size": model.block_size,
+        "kv_events": {
+            "enabled": True,
+            "endpoint": f"tcp://*:{EVENTS_PORT}",
+            "replay_endpoint": f"tcp://*:{REPLAY_PORT}",
+        },
+        "lmcache": lmcache,
+        "extra_args": model.args,
+        "extra_env": model.vllm_env,
+    }
+    if model.max_model_len is not None:
+        values["max_model_len"] = model.max_model_len
+    return build(EngineConfig, f"engine config of model {model.name}", **values)
+
+
+def engine_configmap(owner: Owner, spec: KVStackSpec, model: Model) -> Obj:
+    config = engine_config(owner, spec, model)
+    text = yaml.safe_dump(config.model_dump(mode="json", exclude={"api_key"}, exclude_none=True))
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _meta(owner, engine_name(owner, model), "engine", model.name),
+        "data": {"engine.yaml": text},
+    }
+
+
+def _checksum(obj: Obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _engine_env(spec: KVStackSpec, model: Model) -> list[Obj]:
+    env: list[Obj] = [{"name": "PYTHONHASHSEED", "value": "0"}, {"name": "HOME", "value": "/cache"}]
+    ref = spec.cache.url_secret_ref
+    if spec.cache.mode == "external" and ref and model.lmcache.enabled and model.lmcache.share_remote:
+        env.append(
+            {
+                "name": "KVSTACK_ENGINE_LMCACHE__REMOTE_URL",
+                "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}},
+            }
+        )
+    return [*env, *model.env]
+
+
+def _resources(model: Model) -> Obj:
+    resources = {k: dict(v) for k, v in model.resources.items() if isinstance(v, dict)}
+    if model.gpus > 0:
+        for part in ("requests", "limits"):
+            resources.setdefault(part, {}).setdefault("nvidia.com/gpu", model.gpus)
+    return resources
+
+
+def engine_deployment(owner: Owner, spec: KVStackSpec, model: Model, configmap: Obj) -> Obj:
+    """One model's engines. Autoscaled: no ``replicas`` (the autoscaler owns it via ``/scale``)."""
+    name = engine_name(owner, model)
+    probe = {"httpGet": {"path": "/health", "port": "http"}, "periodSeconds": 5, "timeoutSeconds": 3}
+    container: Obj = {
+        "name": "engine",
+        "image": model.image,
+        "imagePullPolicy": model.image_pull_policy,
+        "command": ["kvstack", "engine", "serve"],
+        "args": ["--config", f"{CONFIG_DIR}/engine.yaml"],
+        "ports": [
+            {"name": "http", "containerPort": HTTP_PORT, "protocol": "TCP"},
+            {"name": "kv-events", "containerPort": EVENTS_PORT, "protocol": "TCP"},
+            {"name": "kv-replay", "containerPort": REPLAY_PORT, "protocol": "TCP"},
+        ],
+        "env": _engine_env(spec, model),
+        "resources": _resources(model),
+        # Model loads take minutes (45-75 s for an 8B model on an H200, more when downloading).
+        "startupProbe": {**probe, "periodSeconds": 10, "failureThreshold": 120},
+        "readinessProbe": {**probe, "failureThreshold": 2},
+        "livenessProbe": {**probe, "periodSeconds": 10, "failureThreshold": 3},
+        "volumeMounts": [
+            {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
+            {"name": "dshm", "mountPath": "/dev/shm"},
+            {"name": "cache", "mountPath": "/cache"},
+        ],
+    }
+    pod_spec: Obj = {
+        "automountServiceAccountToken": False,
+        "terminationGracePeriodSeconds": 60,
+        "containers": [container],
+        "volumes": [
+            {"name": "config", "configMap": {"name": name}},
+            {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "8Gi"}},
+            {"name": "cache", "emptyDir": {}},
+        ],
+    }
+    if model.node_selector:
+        pod_spec["nodeSelector"] = dict(model.node_selector)
+    if model.tolerations:
+        pod_spec["tolerations"] = list(model.tolerations)
+    deploy_spec: Obj = {
+        "selector": {"matchLabels": selector_labels(owner, "engine", model.name)},
+        "progressDeadlineSeconds": 1200,
+        "template": {
+            "metadata": {
+                "labels": {**model.pod_labels, **labels(owner, "engine", model.name)},
+                "annotations": {
+                    **model.pod_annotations,
+                    "checksum/config": _checksum(configmap["data"]),
+                    "kvstack.dev/served-model-names": ",".join(model.served_names),
+                },
+            },
+            "spec": pod_spec,
+        },
+    }
+    if not spec.autoscaling.enabled:
+        deploy_spec["replicas"] = model.replicas
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": _meta(owner, name, "engine", model.name),
+        "spec": deploy_spec,
+    }
+
+
+def engine_service(owner: Owner, model: Model) -> Obj:
+    """Headless: one DNS record per engine pod, for monitors and debugging; the router watches pods."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _meta(owner, engine_name(owner, model), "engine", model.name),
+        "spec": {
+            "clusterIP": "None",
+            "selector": selector_labels(owner, "engine", model.name),
+            "ports": [
+                {"name": "http", "port": HTTP_PORT, "targetPort": "http"},
+                {"name": "kv-events", "port": EVENTS_PORT, "targetPort": "kv-events"},
+                {"name": "kv-replay", "port": REPLAY_PORT, "targetPort": "kv-replay"},
+            ],
+        },
+    }
+
+
+def router_settings(owner: Owner, spec: KVStackSpec) -> Obj:
+    """The router's config file: kvstack.router.config.RouterSettings keys."""
+    config: Obj = {
+        "host": "0.0.0.0",
+        "port": spec.router.port,
+        "policy": spec.router.policy,
+        "discovery": "kubernetes",
+        "kubernetes": {
+            "namespace": owner.namespace,
+            "label_selector": f"app.kubernetes.io/instance={owner.name},app.kubernetes.io/component=engine",
+            "port_name": "http",
+            "kv_events_port_name": "kv-events",
+            "kv_replay_port_name": "kv-replay",
+        },
+    }
+    return {**config, **spec.router.extra_config}
+
+
+def router_objects(owner: Owner, spec: KVStackSpec) -> list[Obj]:
+    """ServiceAccount, Role, RoleBinding, ConfigMap, Deployment and Service of the router."""
+    name = router_name(owner)
+    config_text = yaml.safe_dump(router_settings(owner, spec), sort_keys=True)
+    r = spec.router
+    container: Obj = {
+        "name": "router",
+        "image": r.image,
+        "imagePullPolicy": r.image_pull_policy,
+        "command": ["kvstack", "router"],
+        "args": ["--config", f"{CONFIG_DIR}/router.yaml"],
+        "ports": [{"name": "http", "containerPort": r.port, "protocol": "TCP"}],
+        "resources": {k: dict(v) for k, v in r.resources.items() if isinstance(v, dict)},
+        "readinessProbe": {"httpGet": {"path": "/health", "port": "http"}, "periodSeconds": 5},
+        "livenessProbe": {"httpGet": {"path": "/health", "port": "http"}, "periodSeconds": 10},
+        "volumeMounts": [{"name": "config", "mountPath": CONFIG_DIR, "readOnly": True}],
+    }
+    meta = _meta(owner, name, "router")
+    return [
+        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": meta},
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "Role",
+            "metadata": meta,
+            "rules": [
+                {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
+                {
+                    "apiGroups": ["discovery.k8s.io"],
+                    "resources": ["endpointslices"],
+                    "verbs": ["get", "list", "watch"],
+                },
+            ],
+        },
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "RoleBinding",
+            "metadata": meta,
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
+            "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": owner.namespace}],
+        },
+        {"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta, "data": {"router.yaml": config_text}},
+        {
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": meta,
+            "spec": {
+                "replicas": r.replicas,
+                "selector": {"matchLabels": selector_labels(owner, "router")},
+                "template": {
+                    "metadata": {
+                        "labels": labels(owner, "router"),
+                        "annotations": {"checksum/config": _checksum({"router.yaml": config_text})},
+                    },
+                    "spec": {
+                        "serviceAccountName": name,
+                        "containers": [container],
+                        "volumes": [{"name": "config", "configMap": {"name": name}}],
+                    },
+                },
+            },
+        },
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": meta,
+            "spec": {
+                "selector": selector_labels(owner, "router"),
+                "ports": [{"name": "http", "port": r.port, "targetPort": "http"}],
+            },
+        },
+    ]
+
+
+def cache_objects(owner: Owner, spec: KVStackSpec) -> list[Obj]:
+    """The internal Redis (LRU, no persistence): LMCache's shared tier."""
+    name, c = cache_name(owner), spec.cache.internal
+    container: Obj = {
+        "name": "redis",
+        "image": c.image,
+        "args": ["--maxmemory", c.max_memory, "--maxmemory-policy", "allkeys-lru", "--save", ""],
+        "ports": [{"name": "redis", "containerPort": REDIS_PORT, "protocol": "TCP"}],
+        "resources": {k: dict(v) for k, v in c.resources.items() if isinstance(v, dict)},
+        "readinessProbe": {"tcpSocket": {"port": "redis"}, "periodSeconds": 5},
+    }
+    meta = _meta(owner, name, "cache")
+    return [
+        {
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": meta,
+            "spec": {
+                "replicas": 1,
+                "strategy": {"type": "Recreate"},
+                "selector": {"matchLabels": selector_labels(owner, "cache")},
+                "template": {
+                    "metadata": {"labels": labels(owner, "cache")},
+                    "spec": {"automountServiceAccountToken": False, "containers": [container]},
+                },
+            },
+        },
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": meta,
+            "spec": {
+                "selector": selector_labels(owner, "cache"),
+                "ports": [{"name": "redis", "port": REDIS_PORT, "targetPort": "redis"}],
+            },
+        },
+    ]
+
+
+def desired_objects(owner: Owner, spec: KVStackSpec) -> list[Obj]:
+    """Everything the stack should own, in apply order. Raises ConfigError for a bad model."""
+    out: list[Obj] = []
+    if spec.cache.mode == "internal":
+        out += cache_objects(owner, spec)
+    for model in spec.models:
+        configmap = engine_configmap(owner, spec, model)
+        out += [configmap, engine_service(owner, model), engine_deployment(owner, spec, model, configmap)]
+    if spec.router.enabled:
+        out += router_objects(owner, spec)
+    return out
+
+
+def key(obj: Obj) -> tuple[str, str, str]:
+    """(apiVersion, kind, name): what identifies an object within the stack's namespace."""
+    return obj["apiVersion"], obj["kind"], obj["metadata"]["name"]
+
+
+def to_prune(existing: list[tuple[str, str, str]], desired: list[Obj]) -> list[tuple[str, str, str]]:
+    """Objects the operator made earlier that the spec no longer asks for (a removed model)."""
+    wanted = {key(o) for o in desired}
+    return sorted(k for k in existing if k not in wanted)

@@ -1,0 +1,184 @@
+"""The ``KVStack`` custom resource's spec as typed models: the one source of the CRD schema.
+
+Field names are camelCase in the resource (aliases) and snake_case in Python. ``crd.py`` turns
+these models into the CRD's structural OpenAPI schema, defaults and CEL rules included, so the API
+server rejects a bad resource before the operator sees it; handlers parse ``spec`` with
+:func:`parse_spec`, which applies the same defaults.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
+
+from kvstack.common.config import build
+
+DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+Metric = Literal["waitingPerReplica", "kvCacheUsage", "ttftP90"]
+# What a target means per metric when the resource sets none: waiting requests per replica
+# (production-stack and llm-d use 5), KV-cache usage 0..1 (llm-d's saturation threshold), seconds.
+DEFAULT_TARGETS: dict[str, float] = {"waitingPerReplica": 5.0, "kvCacheUsage": 0.8, "ttftP90": 1.0}
+# Kubernetes objects passed through untouched (resources, tolerations, env): the API server checks
+# them where they land, in the Deployment.
+K8S_OBJECT: dict[str, Any] = {"x-kubernetes-preserve-unknown-fields": True}
+
+
+def _rules(*rules: tuple[str, str]) -> dict[str, Any]:
+    return {"x-kubernetes-validations": [{"rule": rule, "message": msg} for rule, msg in rules]}
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True)
+
+
+class LMCache(_Spec):
+    """The LMCache connector of one model's engines."""
+
+    enabled: bool = True
+    chunk_size: int = Field(256, gt=0, description="tokens per chunk; a multiple of blockSize")
+    local_cpu: bool = True
+    max_local_cpu_size_gb: float = Field(5.0, gt=0)
+    share_remote: bool = Field(True, description="use the stack's shared cache (spec.cache)")
+
+
+class Model(_Spec):
+    """One served model: an engine Deployment, its ConfigMap and its Service."""
+
+    model_config = ConfigDict(
+        json_schema_extra=_rules(
+            ("self.minReplicas <= self.maxReplicas", "minReplicas must not exceed maxReplicas"),
+            (
+                "!self.lmcache.enabled || self.lmcache.chunkSize % self.blockSize == 0",
+                "lmcache.chunkSize must be a multiple of blockSize",
+            ),
+        )
+    )
+
+    name: str = Field(max_length=40, pattern=DNS_LABEL, description="short name; objects are <stack>-<name>")
+    model: str = Field(min_length=1, description="HF model id or local path (vllm serve MODEL)")
+    served_model_names: list[str] = Field(default_factory=list, description="default: [model]")
+    image: str = "ghcr.io/kvstack/engine:0.1.0"
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
+    args: list[str] = Field(default_factory=list, description="extra vllm serve flags")
+    env: list[dict[str, Any]] = Field(
+        default_factory=list, description="extra container env (Kubernetes EnvVar, secrets by valueFrom)"
+    )
+    vllm_env: dict[str, str] = Field(default_factory=dict, description="extra environment for vLLM")
+    gpus: int = Field(1, ge=0, le=64, description="nvidia.com/gpu per pod")
+    tensor_parallel_size: int | None = Field(None, ge=1, description="default: gpus (at least 1)")
+    max_model_len: int | None = Field(None, ge=1)
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
+    block_size: Literal[1, 8, 16, 32, 64, 128, 256] = 16
+    lmcache: LMCache = Field(default_factory=LMCache)
+    resources: dict[str, Any] = Field(default_factory=dict, json_schema_extra=K8S_OBJECT)
+    replicas: int = Field(1, ge=0, le=1000, description="used when autoscaling is off")
+    min_replicas: int = Field(1, ge=0, le=1000, description="0 allows scale to zero")
+    max_replicas: int = Field(4, ge=1, le=1000)
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    tolerations: list[dict[str, Any]] = Field(default_factory=list)
+    pod_annotations: dict[str, str] = Field(default_factory=dict)
+    pod_labels: dict[str, str] = Field(default_factory=dict)
+
+    @property
+    def served_names(self) -> list[str]:
+        return self.served_model_names or [self.model]
+
+
+class Router(_Spec):
+    """The cache-aware router Deployment and its Service. The scale subresource scales it."""
+
+    enabled: bool = True
+    replicas: int = Field(1, ge=0, le=100)
+    image: str = "ghcr.io/kvstack/router:0.1.0"
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
+    policy: Literal["cache_aware", "least_loaded", "round_robin", "session", "prefix_trie"] = "cache_aware"
+    port: int = Field(8000, ge=1, le=65535)
+    resources: dict[str, Any] = Field(default_factory=dict, json_schema_extra=K8S_OBJECT)
+    extra_config: dict[str, Any] = Field(
+        default_factory=dict, json_schema_extra=K8S_OBJECT, description="more RouterSettings keys"
+    )
+
+
+class SecretKeyRef(_Spec):
+    name: str = Field(min_length=1)
+    key: str = Field("url", min_length=1)
+
+
+class InternalCache(_Spec):
+    image: str = "redis:7.4-alpine"
+    max_memory: str = Field("1gb", pattern=r"^[0-9]+(b|kb|mb|gb)$", description="Redis maxmemory (LRU)")
+    resources: dict[str, Any] = Field(default_factory=dict, json_schema_extra=K8S_OBJECT)
+
+
+class Cache(_Spec):
+    """The shared KV tier: an internal Redis, an external URL, or none."""
+
+    model_config = ConfigDict(
+        json_schema_extra=_rules(
+            (
+                "self.mode != 'external' || has(self.url) || has(self.urlSecretRef)",
+                "cache.mode external needs url or urlSecretRef",
+            ),
+        )
+    )
+
+    mode: Literal["internal", "external", "none"] = "internal"
+    url: str | None = Field(
+        None, pattern=r"^(redis|rediss|redis-sentinel|valkey|lm|fs|s3)://", description="no password here"
+    )
+    url_secret_ref: SecretKeyRef | None = None
+    internal: InternalCache = Field(default_factory=InternalCache)
+
+
+class ScaleUp(_Spec):
+    stabilization_seconds: int = Field(0, ge=0, le=3600)
+    max_percent: int = Field(100, ge=1, le=1000, description="per evaluation")
+    max_pods: int = Field(4, ge=1, le=1000, description="per evaluation; the larger of the two wins")
+
+
+class ScaleDown(_Spec):
+    stabilization_seconds: int = Field(300, ge=0, le=3600)
+    max_pods: int = Field(1, ge=1, le=1000, description="per evaluation")
+
+
+class ScaleToZero(_Spec):
+    enabled: bool = False
+    idle_seconds: int = Field(600, ge=30, le=86400, description="no request this long: scale to 0")
+
+
+class Autoscaling(_Spec):
+    """Engine autoscaling from Prometheus, the HPA algorithm on LLM signals."""
+
+    enabled: bool = True
+    metric: Metric = "waitingPerReplica"
+    target: float | None = Field(None, gt=0, description="default: 5 waiting, 0.8 usage, 1.0 s TTFT")
+    tolerance: float = Field(0.1, ge=0, le=1)
+    prometheus_url: str | None = Field(None, pattern=r"^https?://", description="default: the operator's")
+    interval_seconds: int = Field(15, ge=1, le=600)
+    stale_after_seconds: int = Field(60, ge=1, le=3600, description="older samples count as missing")
+    scale_up: ScaleUp = Field(default_factory=ScaleUp)
+    scale_down: ScaleDown = Field(default_factory=ScaleDown)
+    scale_to_zero: ScaleToZero = Field(default_factory=ScaleToZero)
+
+    @property
+    def effective_target(self) -> float:
+        return self.target if self.target is not None else DEFAULT_TARGETS[self.metric]
+
+
+class KVStackSpec(_Spec):
+    # A map-typed list: the API server itself rejects two models with one name.
+    models: list[Model] = Field(
+        min_length=1,
+        max_length=32,
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
+    )
+    router: Router = Field(default_factory=Router)
+    cache: Cache = Field(default_factory=Cache)
+    autoscaling: Autoscaling = Field(default_factory=Autoscaling)
+
+
+def parse_spec(spec: dict[str, Any], name: str = "KVStack") -> KVStackSpec:
+    """The typed spec (defaults applied); raises ConfigError naming a bad field."""
+    return build(KVStackSpec, f"{name} spec", **spec)
