@@ -14,7 +14,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,8 +28,9 @@ from kvstack.engine.sim.types import EngineCore, EventSink, RequestOutput, SimRe
 
 log = logging.getLogger(__name__)
 VLLM_VERSION = "0.24.0"
-Scope = dict[str, Any]
-Message = dict[str, Any]
+# The ASGI spec's aliases (as asgiref and Starlette type them): any ASGI server or client takes the app.
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 EngineFactory = Callable[[SimConfig, StatsListener, EventSink], EngineCore]

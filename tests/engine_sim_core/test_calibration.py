@@ -27,7 +27,7 @@ REL = 0.15
 
 
 def reference(reference_dir: Path) -> dict[str, Any]:
-    data: dict[str, Any] = json.loads((reference_dir / "h200-measurements.json").read_text())
+    data: dict[str, dict[str, Any]] = json.loads((reference_dir / "h200-measurements.json").read_text())
     return data["single_engine"]
 
 

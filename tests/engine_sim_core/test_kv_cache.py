@@ -204,7 +204,7 @@ def test_a_cached_free_block_can_be_hit_and_leaves_the_free_queue() -> None:
     ],
 )
 def test_block_stored_event_fields(
-    lora: str | None, salt: str | None, extra_keys: list[list[str] | None]
+    lora: str | None, salt: str | None, extra_keys: list[object | None]
 ) -> None:
     kv = KVCache(8, BS)
     tokens = list(range(100, 112))
