@@ -1,0 +1,260 @@
+"""Thin kopf handlers: parse the spec, call the controller, write status, events and metrics.
+
+:func:`build_registry` makes a fresh ``kopf.OperatorRegistry`` bound to one :class:`Runtime`, so a
+test can run an operator in-process with its own metrics registry and settings.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import kopf
+
+from kvstack.common.config import ConfigError
+from kvstack.operator.autoscale import History
+from kvstack.operator.controller import evaluate, reconcile
+from kvstack.operator.crd import GROUP, PLURAL, VERSION
+from kvstack.operator.kube import Kube, KubeError
+from kvstack.operator.metrics import OperatorMetrics
+from kvstack.operator.prom import Prometheus
+from kvstack.operator.resources import Owner
+from kvstack.operator.settings import OperatorSettings
+from kvstack.operator.spec import KVStackSpec, parse_spec
+from kvstack.operator.status import all_ready, engines_summary, set_condition
+
+RESOURCE = (GROUP, VERSION, PLURAL)
+
+
+@dataclass
+class Runtime:
+    """What every handler shares: clients, metrics, settings."""
+
+    settings: OperatorSettings
+    metrics: OperatorMetrics = field(default_factory=OperatorMetrics)
+    kube: Kube | None = None
+    proms: dict[str, Prometheus] = field(default_factory=dict)
+
+    def prometheus(self, url: str | None) -> Prometheus:
+        base = url or self.settings.prometheus_url
+        if base not in self.proms:
+            self.proms[base] = Prometheus(base, timeout=self.settings.prometheus_timeout_s)
+        return self.proms[base]
+
+    async def close(self) -> None:
+        for prom in self.proms.values():
+            await prom.aclose()
+        self.proms.clear()
+        if self.kube is not None:
+            await self.kube.aclose()
+            self.kube = None
+
+
+def _owner(name: str, namespace: str | None, uid: str) -> Owner:
+    assert name and namespace and uid
+    return Owner(name=name, namespace=namespace, uid=uid)
+
+
+def build_registry(runtime: Runtime) -> kopf.OperatorRegistry:
+    """Every handler of the operator, registered on a new registry."""
+    registry = kopf.OperatorRegistry()
+    s = runtime.settings
+
+    @kopf.on.startup(registry=registry)
+    async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
+        # Progress and the last-handled spec live in annotations: status stays ours and schema-clean.
+        settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
+        settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=GROUP)
+        settings.posting.level = logging.WARNING  # only warnings become Events; decisions post their own
+        runtime.kube = Kube.from_environment(s.kubeconfig, s.context)
+        if s.metrics_port:
+            runtime.metrics.serve(s.metrics_port, s.metrics_host)
+
+    @kopf.on.login(registry=registry)
+    def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+        if s.kubeconfig is not None:
+            return kopf.login_with_kubeconfig(**kwargs)
+        return kopf.login_via_client(**kwargs)
+
+    @kopf.on.cleanup(registry=registry)
+    async def cleanup(**_: Any) -> None:
+        await runtime.close()
+
+    @kopf.on.resume(*RESOURCE, registry=registry)
+    @kopf.on.create(*RESOURCE, registry=registry)
+    @kopf.on.update(*RESOURCE, field="spec", registry=registry)
+    async def apply_spec(
+        *,
+        body: kopf.Body,
+        spec: kopf.Spec,
+        name: str,
+        namespace: str | None,
+        uid: str,
+        meta: kopf.Meta,
+        status: kopf.Status,
+        patch: kopf.Patch,
+        memo: Any,
+        logger: logging.Logger | logging.LoggerAdapter[Any],
+        **_: Any,
+    ) -> None:
+        owner = _owner(name, namespace, uid)
+        generation = meta.get("generation")
+        conditions = list(status.get("conditions") or [])
+        now = time.time()
+        try:
+            parsed = parse_spec(dict(spec), f"KVStack {namespace}/{name}")
+            assert runtime.kube is not None
+            pruned = await reconcile(runtime.kube, owner, parsed)
+        except ConfigError as err:
+            # A spec the engine loader refuses: nothing to retry until someone edits it.
+            logger.error("%s", err)
+            kopf.warn(body, reason="InvalidSpec", message=str(err)[:1000])
+            memo["invalid"] = True
+            conditions = set_condition(
+                conditions, "Reconciled", False, "InvalidSpec", str(err), now, generation
+            )
+            conditions = set_condition(conditions, "Ready", False, "InvalidSpec", str(err), now, generation)
+            patch.status["conditions"] = conditions
+            patch.status["observedGeneration"] = generation
+            return
+        except KubeError as err:
+            conditions = set_condition(
+                conditions, "Reconciled", False, "ApplyFailed", str(err), now, generation
+            )
+            patch.status["conditions"] = conditions
+            raise kopf.TemporaryError(f"applying the stack's objects failed: {err}", delay=10) from err
+        memo["invalid"] = False
+        memo["next_resync"] = now + s.resync_seconds
+        memo["next_evaluation"] = now  # observe at once
+        if pruned:
+            logger.info("pruned %s", ", ".join(f"{kind}/{n}" for _, kind, n in pruned))
+        message = f"{len(parsed.models)} models applied"
+        conditions = set_condition(conditions, "Reconciled", True, "Applied", message, now, generation)
+        patch.status["conditions"] = conditions
+        patch.status["observedGeneration"] = generation
+
+    @kopf.on.delete(*RESOURCE, registry=registry, optional=True)
+    async def forget(spec: Any, namespace: str | None, **_: Any) -> None:
+        # Owned objects go with the stack through their ownerReferences; only our series stay behind.
+        try:
+            parsed = parse_spec(dict(spec))
+        except ConfigError:
+            return
+        for model in parsed.models:
+            runtime.metrics.forget(namespace or "", model.served_names[0])
+
+    @kopf.timer(*RESOURCE, interval=s.tick_seconds, registry=registry)
+    async def tick(
+        *,
+        body: kopf.Body,
+        spec: kopf.Spec,
+        name: str,
+        namespace: str | None,
+        uid: str,
+        meta: kopf.Meta,
+        status: kopf.Status,
+        patch: kopf.Patch,
+        memo: Any,
+        logger: logging.Logger | logging.LoggerAdapter[Any],
+        **_: Any,
+    ) -> None:
+        now = time.time()
+        try:
+            parsed = parse_spec(dict(spec))
+        except ConfigError:
+            return  # apply_spec reported it
+        if memo.get("invalid"):
+            return
+        owner = _owner(name, namespace, uid)
+        assert runtime.kube is not None
+        if now >= memo.get("next_resync", now + s.resync_seconds):
+            memo["next_resync"] = now + s.resync_seconds
+            try:
+                await reconcile(runtime.kube, owner, parsed)
+            except (KubeError, ConfigError) as err:
+                logger.warning("resync failed: %s", err)
+        if now < memo.get("next_evaluation", 0.0):
+            return
+        memo["next_evaluation"] = now + parsed.autoscaling.interval_seconds
+        await _evaluate(runtime, owner, parsed, body, status, meta, patch, memo, now)
+
+    return registry
+
+
+async def _evaluate(
+    runtime: Runtime,
+    owner: Owner,
+    spec: KVStackSpec,
+    body: Any,
+    status: Any,
+    meta: Any,
+    patch: kopf.Patch,
+    memo: kopf.Memo,
+    now: float,
+) -> None:
+    assert runtime.kube is not None
+    auto = spec.autoscaling
+    histories: dict[str, History] = memo.setdefault("histories", {})
+    previous = {str(m.get("name")): m for m in (status.get("models") or []) if isinstance(m, dict)}
+    prom = runtime.prometheus(auto.prometheus_url) if auto.enabled else None
+    result = await evaluate(runtime.kube, prom, runtime.metrics, owner, spec, histories, previous, scale=True)
+    if result.prometheus_ok is not None:
+        runtime.metrics.prometheus_up.set(1 if result.prometheus_ok else 0)
+
+    entries = [m.entry for m in result.models]
+    conditions = list(status.get("conditions") or [])
+    generation = meta.get("generation")
+    for outcome in result.models:
+        d = outcome.decision
+        if d is not None and d.changed:
+            kind = "ScaledUp" if d.direction == "up" else "ScaledDown"
+            e = outcome.entry
+            text = f"{e['name']}: {e['currentReplicas']} -> {d.replicas} ({d.reason}): {d.message}"
+            kopf.info(body, reason=kind, message=text[:1000])
+    if result.prometheus_ok is False:
+        was = [c for c in conditions if c.get("type") == "PrometheusReachable"]
+        if not was or was[0].get("status") != "False":
+            kopf.warn(body, reason="PrometheusUnreachable", message=result.prometheus_error[:1000])
+        conditions = set_condition(
+            conditions, "PrometheusReachable", False, "QueryFailed", result.prometheus_error, now
+        )
+        conditions = set_condition(
+            conditions,
+            "ScalingActive",
+            False,
+            "MetricsUnavailable",
+            "holding replicas: Prometheus unreachable",
+            now,
+        )
+    elif result.prometheus_ok:
+        conditions = set_condition(conditions, "PrometheusReachable", True, "QuerySucceeded", "", now)
+        reasons = sorted({m.decision.reason for m in result.models if m.decision is not None})
+        active = reasons != ["metrics_unavailable"]
+        message = "; ".join(f"{m.entry['name']}: {m.decision.message}" for m in result.models if m.decision)
+        conditions = set_condition(
+            conditions, "ScalingActive", active, ",".join(reasons) or "NoModels", message[:2000], now
+        )
+    elif not auto.enabled:
+        conditions = set_condition(
+            conditions, "ScalingActive", False, "Disabled", "spec.autoscaling.enabled is false", now
+        )
+    ready = all_ready(entries) and bool(entries) and len(entries) == len(spec.models)
+    router = result.router
+    if spec.router.enabled:
+        ready = ready and int(router.get("readyReplicas", 0)) >= int(router.get("replicas", 1))
+    conditions = set_condition(
+        conditions,
+        "Ready",
+        ready,
+        "AllReady" if ready else "Progressing",
+        engines_summary(entries),
+        now,
+        generation,
+    )
+    patch.status["models"] = entries
+    patch.status["engines"] = engines_summary(entries)
+    patch.status["conditions"] = conditions
+    if router:
+        patch.status["router"] = router

@@ -1,0 +1,139 @@
+"""A small async Kubernetes REST client for the objects a stack owns (server-side apply, scale).
+
+kopf watches the ``KVStack`` resources itself; this client writes what they own. Credentials come
+from the ``kubernetes`` package's loaders (in-cluster service account, else ``$KUBECONFIG``), so
+they match what kopf logs in with.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+FIELD_MANAGER = "kvstack-operator"
+SCALE_MANAGER = "kvstack-autoscaler"
+PLURALS: dict[str, str] = {
+    "ConfigMap": "configmaps",
+    "Service": "services",
+    "ServiceAccount": "serviceaccounts",
+    "Deployment": "deployments",
+    "Role": "roles",
+    "RoleBinding": "rolebindings",
+}
+# Everything the operator may own, for pruning (apiVersion, kind).
+OWNED_KINDS: tuple[tuple[str, str], ...] = (
+    ("apps/v1", "Deployment"),
+    ("v1", "Service"),
+    ("v1", "ConfigMap"),
+    ("v1", "ServiceAccount"),
+    ("rbac.authorization.k8s.io/v1", "Role"),
+    ("rbac.authorization.k8s.io/v1", "RoleBinding"),
+)
+Obj = dict[str, Any]
+
+
+class KubeError(RuntimeError):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(f"HTTP {status}: {message}")
+        self.status = status
+
+
+def collection_path(api_version: str, kind: str, namespace: str) -> str:
+    base = "/api/v1" if api_version == "v1" else f"/apis/{api_version}"
+    return f"{base}/namespaces/{namespace}/{PLURALS[kind]}"
+
+
+class Kube:
+    """Namespaced reads and writes with one pooled HTTP client."""
+
+    def __init__(
+        self,
+        server: str,
+        *,
+        verify: Any = True,
+        cert: Any = None,
+        auth: Callable[[], str | None] | None = None,
+    ) -> None:
+        self._auth = auth or (lambda: None)
+        self._client = httpx.AsyncClient(base_url=server, verify=verify, cert=cert, timeout=30.0)
+
+    @classmethod
+    def from_environment(cls, kubeconfig: Path | None = None, context: str | None = None) -> Kube:
+        """In-cluster credentials, else the kubeconfig (``$KUBECONFIG`` or ``~/.kube/config``)."""
+        from kubernetes import client, config
+
+        cfg = client.Configuration()
+        try:
+            if kubeconfig is not None:
+                raise config.ConfigException("a kubeconfig was given")
+            config.load_incluster_config(client_configuration=cfg)  # type: ignore[no-untyped-call]
+        except config.ConfigException:
+            config.load_kube_config(  # type: ignore[no-untyped-call]
+                config_file=str(kubeconfig) if kubeconfig else None, context=context, client_configuration=cfg
+            )
+        verify: Any = (cfg.ssl_ca_cert or True) if cfg.verify_ssl else False
+        cert = (cfg.cert_file, cfg.key_file) if cfg.cert_file else None
+        # Service-account tokens rotate: ask the loader's refresh hook for the current one each time.
+        return cls(
+            str(cfg.host), verify=verify, cert=cert, auth=lambda: cfg.get_api_key_with_prefix("authorization")
+        )
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    async def _request(self, method: str, path: str, **kw: Any) -> Obj | None:
+        headers = dict(kw.pop("headers", {}))
+        if token := self._auth():
+            headers["Authorization"] = token
+        resp = await self._client.request(method, path, headers=headers, **kw)
+        if resp.status_code == 404 and method in ("GET", "DELETE"):
+            return None
+        if resp.status_code >= 400:
+            try:
+                message = resp.json().get("message", resp.text)
+            except ValueError:
+                message = resp.text
+            raise KubeError(resp.status_code, f"{method} {path}: {message}")
+        result: Obj = resp.json()
+        return result
+
+    async def apply(self, obj: Obj, manager: str = FIELD_MANAGER) -> Obj:
+        """Server-side apply (forced: the operator owns these fields)."""
+        meta = obj["metadata"]
+        path = f"{collection_path(obj['apiVersion'], obj['kind'], meta['namespace'])}/{meta['name']}"
+        result = await self._request(
+            "PATCH",
+            path,
+            params={"fieldManager": manager, "force": "true"},
+            headers={"Content-Type": "application/apply-patch+yaml"},
+            content=json.dumps(obj),
+        )
+        assert result is not None
+        return result
+
+    async def get(self, api_version: str, kind: str, namespace: str, name: str) -> Obj | None:
+        return await self._request("GET", f"{collection_path(api_version, kind, namespace)}/{name}")
+
+    async def list(self, api_version: str, kind: str, namespace: str, label_selector: str) -> list[Obj]:
+        path = collection_path(api_version, kind, namespace)
+        result = await self._request("GET", path, params={"labelSelector": label_selector})
+        return list((result or {}).get("items", []))
+
+    async def delete(self, api_version: str, kind: str, namespace: str, name: str) -> None:
+        body = {"propagationPolicy": "Background"}
+        await self._request("DELETE", f"{collection_path(api_version, kind, namespace)}/{name}", json=body)
+
+    async def scale(self, namespace: str, deployment: str, replicas: int) -> None:
+        """Set replicas through the Deployment's ``/scale`` subresource."""
+        path = f"{collection_path('apps/v1', 'Deployment', namespace)}/{deployment}/scale"
+        await self._request(
+            "PATCH",
+            path,
+            params={"fieldManager": SCALE_MANAGER},
+            headers={"Content-Type": "application/merge-patch+json"},
+            content=json.dumps({"spec": {"replicas": replicas}}),
+        )

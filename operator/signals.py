@@ -1,0 +1,101 @@
+"""PromQL for the autoscaling signals, and turning query results into an Observation. Pure.
+
+Engine series carry ``model_name`` (the first served name, as vLLM labels them) and the
+``namespace`` of their pod; per-pod signals are grouped by ``pod`` and ``instance`` so that the
+number of reporting pods can be compared with the Deployment's replicas (partial data).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from kvstack.operator.autoscale import Observation, Signal
+from kvstack.operator.spec import Metric
+
+SIGNALS: dict[Metric, Signal] = {
+    "waitingPerReplica": "waiting",
+    "kvCacheUsage": "kv_usage",
+    "ttftP90": "ttft",
+}
+# The contract's `signal` label of kvstack_operator_scaling_signal, per metric.
+SIGNAL_LABELS: dict[Signal, str] = {
+    "waiting": "waiting_per_replica",
+    "kv_usage": "kv_usage",
+    "ttft": "ttft_p90_seconds",
+}
+_BY_POD = "sum by (pod, instance)"
+
+
+def _quote(value: str) -> str:
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def selector(namespace: str, model_name: str) -> str:
+    return f"{{namespace={_quote(namespace)},model_name={_quote(model_name)}}}"
+
+
+@dataclass(frozen=True, slots=True)
+class Queries:
+    """The instant queries of one evaluation of one model."""
+
+    value: str  # per pod (waiting, kv) or one series (ttft)
+    stamps: str  # per pod: the time of the newest sample, to tell stale data
+    rate: str | None  # ttft only: requests per second; 0 means idle, not unknown
+    pending: str  # requests the router holds for the model
+    activity: str | None  # scale to zero: requests over the idle window, plus in flight
+
+
+def queries(metric: Metric, namespace: str, model_name: str, window_s: int, idle_s: int | None) -> Queries:
+    sel = selector(namespace, model_name)
+    gauge = "vllm:kv_cache_usage_perc" if metric == "kvCacheUsage" else "vllm:num_requests_waiting"
+    stamps = f"max by (pod, instance) (timestamp(vllm:num_requests_running{sel}))"
+    if metric == "ttftP90":
+        hist = "vllm:time_to_first_token_seconds"
+        value = f"histogram_quantile(0.9, sum by (le) (rate({hist}_bucket{sel}[{window_s}s])))"
+        rate: str | None = f"sum(rate({hist}_count{sel}[{window_s}s]))"
+    else:
+        value, rate = f"{_BY_POD} ({gauge}{sel})", None
+    router_sel = selector(namespace, model_name)
+    pending = f"sum(kvstack_router_queued_requests{router_sel})"
+    activity = None
+    if idle_s is not None:
+        activity = (
+            f"sum(increase(vllm:request_success_total{sel}[{idle_s}s]))"
+            f" + sum(vllm:num_requests_running{sel}) + sum(vllm:num_requests_waiting{sel})"
+        )
+    return Queries(value, stamps, rate, pending, activity)
+
+
+PodKey = tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Results:
+    """What the queries returned; ``None`` for a query with no series."""
+
+    values: Mapping[PodKey, float]
+    stamps: Mapping[PodKey, float]
+    rate: float | None = None
+    pending: float | None = None
+    activity: float | None = None
+
+
+def observation(metric: Metric, now: float, current: int, results: Results) -> Observation:
+    """The Observation for :func:`kvstack.operator.autoscale.decide`."""
+    values = {k: v for k, v in results.values.items() if not math.isnan(v)}
+    age = now - min(results.stamps.values()) if results.stamps else 0.0
+    idle = None if results.activity is None or math.isnan(results.activity) else results.activity == 0
+    pending = results.pending
+    if metric == "ttftP90":
+        if results.rate == 0.0:
+            value: float | None = 0.0  # no requests: no latency to speak of, and idle
+        else:
+            value = next(iter(values.values()), None)
+        reporting = current if value is not None and results.stamps else 0
+        return Observation(now, current, value, reporting, max(age, 0.0), pending, idle)
+    if not values:
+        return Observation(now, current, None, 0, 0.0, pending, idle)
+    mean = sum(values.values()) / len(values)
+    return Observation(now, current, mean, len(values), max(age, 0.0), pending, idle)

@@ -1,0 +1,127 @@
+"""Pure helpers for the ``KVStack`` status: conditions, per-model entries, the printer summary."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from kvstack.operator.autoscale import Decision, Policy
+from kvstack.operator.signals import SIGNALS
+from kvstack.operator.spec import Autoscaling, Model
+
+Obj = dict[str, Any]
+
+
+def iso(ts: float) -> str:
+    return dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def set_condition(
+    conditions: Sequence[Mapping[str, Any]],
+    type_: str,
+    status: bool,
+    reason: str,
+    message: str,
+    now: float,
+    generation: int | None = None,
+) -> list[Obj]:
+    """``conditions`` with ``type_`` set; its transition time moves only when its status does."""
+    value = "True" if status else "False"
+    out: list[Obj] = []
+    found = False
+    for cond in conditions:
+        if cond.get("type") != type_:
+            out.append(dict(cond))
+            continue
+        found = True
+        moved = cond.get("status") != value
+        out.append(
+            {
+                "type": type_,
+                "status": value,
+                "reason": reason,
+                "message": message,
+                "lastTransitionTime": iso(now) if moved else cond.get("lastTransitionTime", iso(now)),
+                **({"observedGeneration": generation} if generation is not None else {}),
+            }
+        )
+    if not found:
+        cond_new: Obj = {
+            "type": type_,
+            "status": value,
+            "reason": reason,
+            "message": message,
+            "lastTransitionTime": iso(now),
+        }
+        if generation is not None:
+            cond_new["observedGeneration"] = generation
+        out.append(cond_new)
+    return out
+
+
+def policy_for(autoscaling: Autoscaling, model: Model) -> Policy:
+    """The decision function's policy of one model."""
+    return Policy(
+        signal=SIGNALS[autoscaling.metric],
+        target=autoscaling.effective_target,
+        min_replicas=model.min_replicas,
+        max_replicas=model.max_replicas,
+        tolerance=autoscaling.tolerance,
+        up_window_s=autoscaling.scale_up.stabilization_seconds,
+        down_window_s=autoscaling.scale_down.stabilization_seconds,
+        up_max_percent=autoscaling.scale_up.max_percent,
+        up_max_pods=autoscaling.scale_up.max_pods,
+        down_max_pods=autoscaling.scale_down.max_pods,
+        stale_after_s=autoscaling.stale_after_seconds,
+        scale_to_zero=autoscaling.scale_to_zero.enabled and model.min_replicas == 0,
+    )
+
+
+def model_entry(
+    name: str,
+    deployment: str,
+    current: int,
+    ready: int,
+    desired: int,
+    decision: Decision | None,
+    previous: Mapping[str, Any] | None,
+    now: float,
+) -> Obj:
+    """One ``status.models[]`` entry; the last decision that changed replicas is kept until the next."""
+    entry: Obj = {
+        "name": name,
+        "deployment": deployment,
+        "desiredReplicas": desired,
+        "currentReplicas": current,
+        "readyReplicas": ready,
+    }
+    previous = previous or {}
+    if decision is not None:
+        entry["lastDecision"] = {
+            "time": iso(now),
+            "direction": decision.direction,
+            "reason": decision.reason,
+            "message": decision.message[:1000],
+            "fromReplicas": current,
+            "toReplicas": decision.replicas,
+        }
+    elif "lastDecision" in previous:
+        entry["lastDecision"] = previous["lastDecision"]
+    if decision is not None and decision.changed:
+        entry["lastScaleTime"] = iso(now)
+    elif "lastScaleTime" in previous:
+        entry["lastScaleTime"] = previous["lastScaleTime"]
+    return entry
+
+
+def engines_summary(entries: Sequence[Mapping[str, Any]]) -> str:
+    """``ready/desired`` over all models, for the printer column."""
+    ready = sum(int(e.get("readyReplicas", 0)) for e in entries)
+    desired = sum(int(e.get("desiredReplicas", 0)) for e in entries)
+    return f"{ready}/{desired}"
+
+
+def all_ready(entries: Sequence[Mapping[str, Any]]) -> bool:
+    """Every model has as many ready engines as it wants (0 wanted counts as ready: scaled to zero)."""
+    return all(int(e.get("readyReplicas", 0)) >= int(e.get("desiredReplicas", 0)) for e in entries)
