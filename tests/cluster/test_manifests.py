@@ -11,7 +11,6 @@ from kvstack.testing.cluster import ClusterConfig
 from kvstack.testing.manifests import (
     gpu_node,
     gpu_nodes,
-    kwok_configuration,
     kwokctl_configuration,
     node_pod_cidr,
 )
@@ -56,14 +55,22 @@ def test_gpu_nodes_get_disjoint_loopback_cidrs() -> None:
     assert len({str(c) for c in cidrs}) == 3
 
 
-def test_kwok_fallback_cidr_is_loopback_and_apart_from_nodes() -> None:
-    (doc,) = kwok_configuration("127.16.0.0/16")
-    assert doc["options"]["cidr"] == "127.16.255.0/24"
+@pytest.mark.parametrize(
+    ("cidr", "fallback"), [("127.16.0.0/16", "127.16.255.0/24"), ("127.0.0.0/8", "127.255.255.0/24")]
+)
+def test_kwok_fallback_cidr_is_loopback_and_apart_from_nodes(cidr: str, fallback: str) -> None:
+    doc = kwokctl_configuration(kube_version="1.34.10", etcd_version="3.6.16", binaries={}, pod_cidr=cidr)
+    (patch,) = doc["componentsPatches"]
+    assert patch["name"] == "kwok-controller"
+    assert {"key": "cidr", "value": fallback} in patch["extraArgs"]
 
 
 def test_kwokctl_configuration_only_local_binaries() -> None:
     doc = kwokctl_configuration(
-        kube_version="1.34.10", etcd_version="v3.6.16", binaries={"etcdBinary": "/x/etcd"}
+        kube_version="1.34.10",
+        etcd_version="v3.6.16",
+        binaries={"etcdBinary": "/x/etcd"},
+        pod_cidr="127.16.0.0/16",
     )
     assert doc["options"]["kubeVersion"] == "v1.34.10"
     assert doc["options"]["etcdVersion"] == "3.6.16"

@@ -25,7 +25,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from kvstack.common.config import build
-from kvstack.testing.manifests import gpu_nodes, kwok_configuration, kwokctl_configuration
+from kvstack.testing.manifests import gpu_nodes, kwokctl_configuration
 from kvstack.testing.tools import Toolchain, cache_root, ensure_cluster_tools
 
 WORKDIR_PREFIX = "kvstack-cluster-"
@@ -59,29 +59,51 @@ class ClusterConfig(BaseSettings):
         return str(network)
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """True while ``pid`` runs; a zombie (exited, not yet reaped by its parent) counts as gone."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True  # no procfs: trust kill(0)
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
-def kill_recorded_processes(workdir: Path) -> list[int]:
-    """SIGKILL every process group kwokctl recorded under ``workdir`` (it starts each with setsid)."""
-    killed = []
+def recorded_pids(workdir: Path) -> list[int]:
+    """Pids of the processes kwokctl started for clusters under ``workdir`` (one session each)."""
+    pids = []
     for pid_file in workdir.glob("clusters/*/pids/*.pid"):
         with contextlib.suppress(ValueError, OSError):
             pid = int(pid_file.read_text().strip())
-            if pid > 1 and _pid_alive(pid):
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(pid, signal.SIGKILL)
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-                killed.append(pid)
-    return killed
+            if pid > 1:
+                pids.append(pid)
+    return pids
+
+
+def end_processes(pids: list[int], grace: float = 10.0) -> None:
+    """Wait up to ``grace`` seconds for ``pids`` to exit, then SIGKILL their process groups."""
+    deadline = time.monotonic() + grace
+    while any(pid_alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for pid in pids:
+        if pid_alive(pid):
+            # kwokctl starts each component with setsid, so its pid is also its process group.
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def kill_recorded_processes(workdir: Path) -> list[int]:
+    """SIGKILL every process group kwokctl recorded under ``workdir``; returns the pids."""
+    pids = recorded_pids(workdir)
+    end_processes(pids, grace=0)
+    return pids
 
 
 def _cluster_workdirs(tmp_root: Path | None) -> list[Path]:
@@ -96,7 +118,7 @@ def reap_stale_clusters(tmp_root: Path | None = None) -> list[Path]:
     for workdir in _cluster_workdirs(tmp_root):
         owner = workdir / OWNER_FILE
         try:
-            alive = _pid_alive(int(owner.read_text().strip()))
+            alive = pid_alive(int(owner.read_text().strip()))
         except (OSError, ValueError):
             alive = False
         if not alive:
@@ -254,12 +276,14 @@ class Cluster:
             "kwokControllerBinary": str(t.kwok),
             "etcdBinary": str(t.etcd),
         }
-        docs = [
-            kwokctl_configuration(kube_version=t.kubernetes, etcd_version=t.etcd_version, binaries=binaries),
-            *kwok_configuration(self.config.pod_cidr),
-        ]
+        doc = kwokctl_configuration(
+            kube_version=t.kubernetes,
+            etcd_version=t.etcd_version,
+            binaries=binaries,
+            pod_cidr=self.config.pod_cidr,
+        )
         path = self.workdir / "kwokctl.yaml"
-        path.write_text(yaml.safe_dump_all(docs, sort_keys=False))
+        path.write_text(yaml.safe_dump(doc, sort_keys=False))
         return path
 
     def _create(self) -> None:

@@ -59,7 +59,6 @@ def gpu_node(
         "status": {
             "allocatable": dict(resources),
             "capacity": dict(resources),
-            "nodeInfo": {"architecture": "amd64", "operatingSystem": "linux", "kubeletVersion": "fake"},
         },
     }
 
@@ -74,27 +73,20 @@ def gpu_nodes(
     ]
 
 
-def kwok_configuration(pod_cidr: str, node_ip: str = "127.0.0.1") -> list[dict[str, Any]]:
-    """kwok's config documents: pods on nodes without a podCIDR still get loopback IPs."""
-    return [
-        {
-            "apiVersion": "config.kwok.x-k8s.io/v1alpha1",
-            "kind": "KwokConfiguration",
-            "options": {"cidr": node_pod_cidr(pod_cidr, 255), "nodeIP": node_ip},
-        }
-    ]
-
-
 def kwokctl_configuration(
     *,
     kube_version: str,
     etcd_version: str,
     binaries: dict[str, str],
+    pod_cidr: str,
     bind_address: str = "127.0.0.1",
 ) -> dict[str, Any]:
     """kwokctl's options for the binary runtime with local binaries only: it must never download.
 
     ``binaries`` maps kwokctl's option names (``kubeApiserverBinary``, ``etcdBinary``, ...) to paths.
+    Pods on nodes without a podCIDR get IPs from the last /24 of ``pod_cidr``, so they stay on
+    loopback too. (Flags, not a KwokConfiguration document: such a document replaces kwok's
+    defaults wholesale and the controller then refuses to start.)
     """
     return {
         "apiVersion": "config.kwok.x-k8s.io/v1alpha1",
@@ -110,4 +102,17 @@ def kwokctl_configuration(
             "disableQPSLimits": True,
             **binaries,
         },
+        "componentsPatches": [
+            {
+                "name": "kwok-controller",
+                "extraArgs": [
+                    {"key": "cidr", "value": node_pod_cidr(pod_cidr, _last_subnet(pod_cidr))},
+                    {"key": "node-ip", "value": bind_address, "override": True},
+                ],
+            }
+        ],
     }
+
+
+def _last_subnet(pod_cidr: str, prefix: int = 24) -> int:
+    return int(2 ** (prefix - ipaddress.ip_network(pod_cidr).prefixlen)) - 1

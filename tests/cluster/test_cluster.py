@@ -1,0 +1,238 @@
+"""The real control plane: version, fake GPU nodes, scheduling by GPU, loopback pod IPs, simulators."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kvstack.testing import Cluster, ClusterConfig, PodSimulators
+from kvstack.testing.cluster import pid_alive
+
+pytestmark = pytest.mark.cluster
+
+ENGINE_LABELS = {"app.kubernetes.io/name": "kvstack", "app.kubernetes.io/component": "engine"}
+
+
+def gpu_deployment(name: str, replicas: int, model: str, gpus: int = 1) -> dict[str, Any]:
+    """An engine-shaped Deployment: one container asking for ``gpus`` GPUs, model in its args."""
+    labels = {**ENGINE_LABELS, "app.kubernetes.io/instance": name}
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": name, "labels": labels},
+        "spec": {
+            "replicas": replicas,
+            "selector": {"matchLabels": labels},
+            "template": {
+                "metadata": {"labels": labels},
+                "spec": {
+                    "containers": [
+                        {
+                            "name": "engine",
+                            "image": "vllm/vllm-openai:v0.24.0",
+                            "args": ["--model", model],
+                            "ports": [{"name": "http", "containerPort": 8000}],
+                            "resources": {"limits": {"nvidia.com/gpu": str(gpus)}},
+                        }
+                    ]
+                },
+            },
+        },
+    }
+
+
+def wait_until(predicate: Callable[[], Any], what: str, timeout: float = 60.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.2)
+
+
+def pods(cluster: Cluster, namespace: str, selector: str) -> list[Any]:
+    from kubernetes import client
+
+    items: list[Any] = (
+        client.CoreV1Api(cluster.api_client()).list_namespaced_pod(namespace, label_selector=selector).items
+    )
+    return items
+
+
+def running(cluster: Cluster, namespace: str, selector: str, count: int) -> list[Any]:
+    found = [p for p in pods(cluster, namespace, selector) if p.status.phase == "Running" and p.status.pod_ip]
+    return found if len(found) == count else []
+
+
+def http_get(url: str) -> tuple[int, bytes]:
+    with urllib.request.urlopen(url, timeout=5) as resp:
+        return int(resp.status), resp.read()
+
+
+def test_api_server_reports_pinned_version(cluster: Cluster) -> None:
+    expected = f"v{cluster.tools.kubernetes}"
+    assert cluster.server_version() == expected
+    binary = subprocess.run(
+        [cluster.tools.kube_apiserver, "--version"], capture_output=True, text=True, check=True
+    )
+    assert binary.stdout.strip() == f"Kubernetes {expected}"
+    client_version = json.loads(cluster.kubectl("version", "-o", "json").stdout)
+    assert client_version["clientVersion"]["gitVersion"] == expected
+    assert client_version["serverVersion"]["gitVersion"] == expected
+
+
+def listening_addresses(pid: int) -> set[str]:
+    """IPv4/IPv6 addresses that process ``pid`` has listening TCP sockets on (from /proc)."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            link = str(fd.readlink())
+        except OSError:
+            continue
+        if link.startswith("socket:["):
+            inodes.add(link[8:-1])
+    found = set()
+    for table, size in (("tcp", 4), ("tcp6", 16)):
+        for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in inodes:  # 0A = LISTEN
+                raw = bytes.fromhex(fields[1].split(":")[0])
+                # /proc prints each 32-bit word in host (little-endian) order
+                words = b"".join(raw[i : i + 4][::-1] for i in range(0, size, 4))
+                found.add(str(ipaddress.ip_address(words)))
+    return found
+
+
+def test_every_component_listens_on_loopback_only(cluster: Cluster) -> None:
+    assert cluster.server.startswith("https://127.0.0.1:")
+    assert cluster.workdir is not None
+    pid_files = sorted(cluster.workdir.glob("clusters/*/pids/*.pid"))
+    assert {p.stem for p in pid_files} >= {
+        "etcd",
+        "kube-apiserver",
+        "kube-controller-manager",
+        "kube-scheduler",
+    }
+    for pid_file in pid_files:
+        addresses = listening_addresses(int(pid_file.read_text()))
+        assert addresses, f"{pid_file.stem} listens nowhere"
+        assert all(ipaddress.ip_address(a).is_loopback for a in addresses), (pid_file.stem, addresses)
+
+
+def test_fake_gpu_nodes_are_ready_with_gpus(cluster: Cluster) -> None:
+    from kubernetes import client
+
+    nodes = client.CoreV1Api(cluster.api_client()).list_node().items
+    assert sorted(n.metadata.name for n in nodes) == ["gpu-node-0", "gpu-node-1"]
+    for node in nodes:
+        assert node.status.capacity["nvidia.com/gpu"] == "8"
+        assert node.status.allocatable["nvidia.com/gpu"] == "8"
+        assert any(c.type == "Ready" and c.status == "True" for c in node.status.conditions)
+        assert ipaddress.ip_network(node.spec.pod_cidr).subnet_of(ipaddress.IPv4Network("127.16.0.0/16"))
+
+
+def test_gpu_deployment_gets_running_pods_on_loopback_ips(cluster: Cluster, namespace: str) -> None:
+    from kubernetes import client
+
+    apps: Any = client.AppsV1Api(cluster.api_client())
+    apps.create_namespaced_deployment(namespace, gpu_deployment("engine", 2, "m"))
+    found = wait_until(lambda: running(cluster, namespace, "app.kubernetes.io/instance=engine", 2), "2 pods")
+    for pod in found:
+        ip = ipaddress.ip_address(pod.status.pod_ip)
+        assert ip in ipaddress.IPv4Network("127.16.0.0/16")
+        assert pod.spec.node_name in {"gpu-node-0", "gpu-node-1"}
+        with socket.socket() as s:  # the pod IP is a local address: a process can serve on it
+            s.bind((str(ip), 0))
+
+
+def test_scheduler_honours_gpu_capacity(cluster: Cluster, namespace: str) -> None:
+    from kubernetes import client
+
+    apps: Any = client.AppsV1Api(cluster.api_client())
+    # 2 nodes x 8 GPUs: three pods of 4 GPUs fit, the fifth and sixth cannot be placed.
+    apps.create_namespaced_deployment(namespace, gpu_deployment("big", 6, "m", gpus=4))
+    selector = "app.kubernetes.io/instance=big"
+    wait_until(lambda: running(cluster, namespace, selector, 4), "4 running pods")
+
+    def unschedulable() -> list[Any]:
+        pending = [p for p in pods(cluster, namespace, selector) if p.status.phase == "Pending"]
+        return [
+            p
+            for p in pending
+            if any(
+                c.type == "PodScheduled" and c.reason == "Unschedulable" for c in p.status.conditions or []
+            )
+        ]
+
+    stuck = wait_until(lambda: len(unschedulable()) == 2 and unschedulable(), "2 unschedulable pods")
+    message = stuck[0].status.conditions[0].message
+    assert "nvidia.com/gpu" in message
+
+
+def test_pod_simulators_follow_pods(cluster: Cluster, namespace: str) -> None:
+    from kubernetes import client
+
+    apps: Any = client.AppsV1Api(cluster.api_client())
+    model = "Qwen/Qwen3-0.6B"
+    with PodSimulators(
+        cluster.api_client(), "app.kubernetes.io/component=engine", namespace=namespace
+    ) as sims:
+        apps.create_namespaced_deployment(namespace, gpu_deployment("sim", 2, model))
+        targets = sims.wait_for(2, timeout=90)
+        ips = {p.status.pod_ip for p in running(cluster, namespace, "app.kubernetes.io/instance=sim", 2)}
+        assert {t.host for t in targets} == ips
+        for target in targets:
+            assert http_get(f"{target.url}/health")[0] == 200
+            status, body = http_get(f"{target.url}/v1/models")
+            assert status == 200
+            assert [m["id"] for m in json.loads(body)["data"]] == [model]
+
+        apps.patch_namespaced_deployment_scale("sim", namespace, {"spec": {"replicas": 3}})
+        assert len(sims.wait_for(3, timeout=90)) == 3
+
+        apps.delete_namespaced_deployment("sim", namespace)
+        sims.wait_for(0, timeout=90)
+        for target in targets:
+            with pytest.raises((urllib.error.URLError, ConnectionError)):
+                http_get(f"{target.url}/health")
+
+
+def test_stop_kills_every_process_and_is_idempotent(cluster: Cluster) -> None:
+    other = Cluster(ClusterConfig(name="second", gpu_nodes=1, gpus_per_node=1), tools=cluster.tools)
+    with other:
+        workdir = other.workdir
+        assert workdir is not None
+        assert other.server_version() == f"v{cluster.tools.kubernetes}"
+        pids = [int(p.read_text()) for p in workdir.glob("clusters/*/pids/*.pid")]
+        assert len(pids) >= 5  # etcd, apiserver, controller-manager, scheduler, kwok
+    assert not workdir.exists()
+    assert [pid for pid in pids if pid_alive(pid)] == []
+    other.stop()  # a second stop is a no-op
+    assert cluster.server_version()  # the session's cluster is untouched
+
+
+def test_build_script_skips_cached_tools(cluster: Cluster) -> None:
+    from kvstack.testing.tools import CLUSTER_DIR
+
+    out = subprocess.run(
+        ["bash", str(CLUSTER_DIR / "build.sh"), "k8s", "etcd", "kwok"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    ).stdout
+    steps = [line for line in out.splitlines() if ": cached in " in line]
+    assert len(steps) == 3, out
+    assert "building" not in out
