@@ -21,6 +21,11 @@ from typing import Any
 import pytest
 import yaml
 
+# The cluster fixtures for ``@pytest.mark.cluster`` tests (and their up-front build of the control
+# plane's binaries). Once the root conftest lists kvstack.testing.pytest_plugin in pytest_plugins,
+# delete this import: two registrations would start two session clusters.
+from kvstack.testing.pytest_plugin import cluster, cluster_tools, namespace, pytest_collection_finish
+
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "helm" / "kvstack"
 VALUES_DIR = Path(__file__).resolve().parent / "values"
@@ -241,18 +246,9 @@ def values_files() -> list[Path]:
     return sorted(VALUES_DIR.glob("*.yaml"))
 
 
+__all__ = ["cluster", "cluster_tools", "namespace", "pytest_collection_finish"]
+
+
 def load_values(path: Path) -> dict[str, Any]:
     data = yaml.safe_load(path.read_text())
     return data if isinstance(data, dict) else {}
-
-
-def pytest_collection_finish(session: pytest.Session) -> None:
-    """Build the control plane's binaries before any ``cluster`` test runs, outside test timeouts."""
-    if session.config.option.collectonly:
-        return
-    if not any(i.get_closest_marker("cluster") and "tests/helm/" in i.nodeid for i in session.items):
-        return
-    from kvstack.testing import ensure_cluster_tools
-
-    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
-    ensure_cluster_tools(echo=reporter.write_line if reporter is not None else None)

@@ -6,8 +6,7 @@ import base64
 import shutil
 import subprocess
 import time
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +15,7 @@ import yaml
 from tests.helm.conftest import CHART
 from tests.helm.test_chart_files import SAMPLE_CRD
 
-from kvstack.common.config import build
-from kvstack.testing import Cluster, ClusterConfig, ensure_cluster_tools
+from kvstack.testing import Cluster
 
 pytestmark = pytest.mark.cluster
 INSTANCE = "app.kubernetes.io/instance"
@@ -26,23 +24,6 @@ RELEASE_KINDS = [
     *("deployments", "statefulsets", "services", "configmaps", "secrets", "serviceaccounts", "roles"),
     *("rolebindings", "poddisruptionbudgets", "persistentvolumeclaims", "networkpolicies", "ingresses"),
 ]
-
-
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[Cluster]:
-    ensure_cluster_tools()
-    with Cluster(build(ClusterConfig, "cluster config", name="kvstack-helm")) as running:
-        yield running
-
-
-@pytest.fixture
-def namespace(cluster: Cluster) -> Iterator[str]:
-    name = f"helm-{uuid.uuid4().hex[:8]}"
-    cluster.kubectl("create", "namespace", name)
-    try:
-        yield name
-    finally:
-        cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
 
 
 def helm(cluster: Cluster, *args: str) -> subprocess.CompletedProcess[str]:
