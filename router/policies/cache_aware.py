@@ -6,8 +6,8 @@ queue from local accounting reconciled with scrapes. The cost adds ``uncached_we
 request's own uncached prefill time (the compute it costs the cluster). Guards: bounded load (a
 holder above ``load_factor`` x the mean load is skipped unless its cache saving outweighs its
 queueing), hot-prefix replication (every holder skipped: warm the least-loaded other engine), cold
-spreading (no hit anywhere: the least recently cold-served of the near-best engines), exploration
-(a small rate, from a seeded RNG) and a soft session bonus. Ties break by a hash of (request,
+spreading (no hit anywhere: the least recently cold-served of the near-best engines), optional
+exploration (off by default; a seeded RNG) and a soft session bonus. Ties break by a hash of (request,
 engine), so replicas fed the same events and requests decide the same way, and never toward the
 first engine."""
 
@@ -53,7 +53,9 @@ class CacheAwareSettings(BaseModel):
     uncached_weight: float = Field(0.5, ge=0.0)
     load_factor: float = Field(1.25, ge=1.0)
     cold_slack_s: float = Field(0.05, ge=0.0)
-    explore_rate: float = Field(0.01, ge=0.0, le=1.0)
+    # An exact, event-fed index learns nothing from a random pick, and each one costs a cold
+    # prefill; hot-prefix replication warms other engines when load asks for it.
+    explore_rate: float = Field(0.0, ge=0.0, le=1.0)
     session_bonus_s: float = Field(0.02, ge=0.0)
     prefill_deadline_factor: float = Field(2.0, ge=1.0)  # release queued tokens this late at most
     prefill_deadline_floor_s: float = Field(1.0, gt=0.0)

@@ -73,3 +73,74 @@ def test_percentile_empty_and_cv() -> None:
     assert stats.coefficient_of_variation([5, 5, 5]) == 0
     assert stats.coefficient_of_variation([0, 10]) == pytest.approx(1.0)
     assert stats.coefficient_of_variation([]) == 0
+
+
+@pytest.mark.parametrize(
+    ("load", "prefill", "prompt", "expected"),
+    [
+        (0.75, 136_000, 4000, 25.5),  # 75% of four H200s' cold prefill in 4K-token prompts
+        (1.0, 34_000, 34_000, 1.0),
+        (0.5, 34_000, 0, 17_000),  # an empty prompt still counts as one token
+    ],
+)
+def test_request_rate(load: float, prefill: float, prompt: float, expected: float) -> None:
+    assert workloads.request_rate(load, prefill, prompt) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("name", workloads.WORKLOADS)
+def test_rate_offers_the_load_and_quick_runs_keep_it(name: str) -> None:
+    full = workloads.build(name, 262_144, "pressured", prefill_tokens_per_s=136_000, load=0.75)
+    quick = workloads.build(name, 262_144, "pressured", prefill_tokens_per_s=136_000, load=0.75, scale=0.3)
+    prompts = []
+    for s in full.sessions:
+        history = len(tokenizer.encode(s.system))
+        for t in s.turns:
+            history += len(tokenizer.encode(t.user))
+            prompts.append(history)
+            history += t.max_tokens
+    offered = full.notes["request_rate"] * sum(prompts) / len(prompts)
+    assert offered == pytest.approx(0.75 * 136_000, rel=0.1)
+    assert quick.notes["request_rate"] == pytest.approx(full.notes["request_rate"], rel=0.05)
+    assert workloads.build(name, 262_144, "pressured", load=1.5).notes["request_rate"] == pytest.approx(
+        2 * full.notes["request_rate"]
+    )
+
+
+@pytest.mark.parametrize(
+    ("name", "per_prefix"),
+    [("shared_prefix", 16), ("long_doc_qa", 8)],
+)
+def test_first_reads_are_under_a_tenth_of_requests(name: str, per_prefix: int) -> None:
+    # p90 TTFT must be able to look past the necessarily cold first read of each prefix
+    w = workloads.build(name, 262_144, "pressured")
+    systems = [s.system for s in w.sessions]
+    assert len(systems) == per_prefix * len(set(systems))
+    assert len(set(systems)) / len(systems) <= 0.125
+
+
+def test_multi_round_users_share_the_system_prompt_then_diverge() -> None:
+    w = workloads.build("multi_round_qa", 262_144, "under")
+    a, b = w.sessions[0].system, w.sessions[1].system
+    shared = next(i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y)
+    assert 4000 <= shared < 4004  # the 1000-token shared prompt (4 characters a word), then a new word
+    assert len(tokenizer.encode(a)) == 3000
+
+
+def _session(sid: str, system: str, start: float, turns: int = 1) -> workloads.Session:
+    return workloads.Session(sid, system, [workloads.Turn("q", 4)] * turns, start)
+
+
+@pytest.mark.parametrize(
+    ("sessions", "expected"),
+    [
+        # the earliest session with a system text is its first read, whatever the list order
+        ([_session("b", "X", 2.0), _session("a", "X", 1.0)], {("a", 0)}),
+        ([_session("a", "X", 1.0), _session("b", "Y", 2.0)], {("a", 0), ("b", 0)}),
+        # later turns of a conversation extend a prefix it already sent
+        ([_session("a", "X", 1.0, turns=3)], {("a", 0)}),
+        ([], set()),
+    ],
+)
+def test_first_reads(sessions: list[workloads.Session], expected: set[tuple[str, int]]) -> None:
+    w = workloads.Workload("t", "under", sessions, 1, 1)
+    assert workloads.first_reads(w) == expected

@@ -145,3 +145,10 @@ def test_ledger_counts_dispatches_newer_than_the_scrape_in_full() -> None:
     led.add("new", "a", 3000, now=3.0, deadline=60.0)
     # the scrape at t=2 saw an empty queue: `old` is prefilling, `new` it could not know
     assert led.queued("a", 4.0, scraped_at=2.0, num_waiting=0) == 3000 + 100
+
+
+def test_exploration_is_off_by_default() -> None:
+    # the index is exact: a random pick learns nothing and costs a cold prefill
+    views = [v(hit=N), v(), v()]
+    rng = random.Random(0)
+    assert {decide(N, views, CacheAwareSettings(), rng).reason for _ in range(1000)} == {"cache_hit"}

@@ -46,8 +46,13 @@ def bar_grid(
     bar_key: str,
     metrics: Sequence[tuple[str, str]],
     title: str,
+    refs: Mapping[str, tuple[str, str]] | None = None,
 ) -> None:
-    """One subplot per (panel, metric): bars per ``bar_key`` value. ``metrics``: (row key, axis label)."""
+    """One subplot per (panel, metric): bars per ``bar_key`` value. ``metrics``: (row key, axis label).
+
+    ``refs`` maps a metric to (row key, legend label) of a per-panel reference drawn as a dashed line
+    (say, the oracle's hit rate over the hit-rate bars).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -68,6 +73,12 @@ def bar_grid(
                 v = float(match[0].get(key, math.nan)) if match else math.nan
                 vals.append(0.0 if math.isnan(v) else v)
             ax.bar(range(len(bars)), vals, color=[colors(k % 10) for k in range(len(bars))])
+            for r in rows:
+                if refs and key in refs and str(r[panel_key]) == panel:
+                    ref_key, ref_label = refs[key]
+                    ax.axhline(float(r[ref_key]), color="black", linestyle="--", linewidth=1, label=ref_label)
+                    ax.legend(fontsize=6, loc="lower right")
+                    break
             ax.set_xticks(range(len(bars)), bars, rotation=35, ha="right", fontsize=7)
             ax.tick_params(axis="y", labelsize=7)
             if i == 0:

@@ -2,14 +2,34 @@
 
 Three families, as the field benchmarks them (see shared/research/routing-peers.md §6):
 
-* multi-round QA: users x rounds sharing one system prompt, each turn re-sending the growing history;
-* shared-prefix groups: groups of prompts sharing a long system prompt, with short or long questions;
-* long-document QA: documents queried repeatedly, in random or interleaved order.
+* multi-round QA (production-stack ``multi-round-qa``): users x rounds sharing one system prompt,
+  each user with a long user-specific context, each turn re-sending the growing history;
+* shared-prefix groups (SGLang ``generated-shared-prefix``): groups of prompts sharing a long
+  system prompt, each with its own short question;
+* long-document QA (LMCache / vLLM ``long_doc_qa``): documents queried repeatedly, in random or
+  interleaved order.
 
 Each is sized against the cluster's KV capacity (tokens): the *working set* is the number of distinct
 prompt tokens a perfect cache would keep, and a regime fixes it as a fraction of that capacity
 (``under`` <= 60%, ``pressured`` >= 70%). Text is made of one-token words (" abc"), so token counts are
 exact under ``kvstack.common.tokenizer``.
+
+Request rates are set by *load*: the prompt tokens offered per second as a fraction of the cluster's
+cold prefill throughput (engines x ``prefill_tokens_per_s``). At ``load`` 0.75 a cluster that
+caches nothing would be 75% busy prefilling, so a policy that loses its hits queues, as the field
+benchmarks' QPS sweeps show past their knee, while one that keeps them stays light. Quick runs
+(``scale`` < 1) keep the full run's request rate rather than raising it as prompts shrink.
+
+Changes from the first version, and why (TTFT p90 could not tell policies apart):
+
+* request rates were fixed (2-16 req/s) and engines were ~25% busy even with no cache hits, so every
+  policy's p90 was one cold prefill and queueing never showed; rates now follow ``load``;
+* shared-prefix groups had 8 prompts, so 12.5% of requests were their group's first and cold for any
+  policy, which puts p90 on a cold prefill; groups now have 16 prompts, SGLang's default;
+* long-document QA asked 4 questions per document (25% necessarily cold); now 8, between LMCache's
+  repeat count of 2 and vLLM's 5 x ... variants, so p90 looks past the first read of each document;
+* multi-round QA had no user-specific context, so a miss cost only a short history; production-stack
+  gives each user a long context (20,000 tokens there, 2,000 here to fit the simulated KV).
 """
 
 from __future__ import annotations
@@ -68,6 +88,13 @@ class Workload:
         return self.working_set_tokens / self.capacity_tokens
 
 
+# One engine's cold prefill throughput on the reference H200 (16,384 tokens in 0.475 s): the
+# unit in which ``load`` sets request rates.
+PREFILL_TOKENS_PER_S = 34_000.0
+DEFAULT_LOAD = 0.75
+TEMPLATE_TOKENS = 6  # chat-template tokens around each message (header + end of turn)
+
+
 def _poisson_starts(rng: random.Random, n: int, rate: float) -> list[float]:
     t, out = 0.0, []
     for _ in range(n):
@@ -76,30 +103,41 @@ def _poisson_starts(rng: random.Random, n: int, rate: float) -> list[float]:
     return out
 
 
+def request_rate(load: float, prefill_tokens_per_s: float, mean_prompt_tokens: float) -> float:
+    """Requests per second that offer ``load`` x the cluster's cold prefill throughput."""
+    return load * prefill_tokens_per_s / max(mean_prompt_tokens, 1.0)
+
+
 def multi_round_qa(
     capacity_tokens: int,
     regime: Regime,
     *,
     rounds: int = 5,
     system_tokens: int = 1000,
+    user_tokens: int = 2000,
     question_tokens: int = 100,
     answer_tokens: int = 100,
-    session_rate: float = 2.0,
     think_time: float = 0.5,
+    prefill_tokens_per_s: float = 4 * PREFILL_TOKENS_PER_S,
+    load: float = DEFAULT_LOAD,
+    rate_scale: float = 1.0,
     seed: int = 0,
 ) -> Workload:
-    """Users each hold a conversation; the number of users sets the working set."""
+    """Users each hold a conversation over a shared system prompt and their own long context."""
     rng = random.Random(seed)
-    # The system prompt is shared, so only each user's history adds to the working set.
-    history = rounds * (question_tokens + answer_tokens + 12)  # + template tokens per turn
+    turn = question_tokens + answer_tokens + 2 * TEMPLATE_TOKENS
+    history = user_tokens + rounds * turn
     users = max(2, round((REGIME_FILL[regime] * capacity_tokens - system_tokens) / history))
-    # One shared system prompt, as a product would: the per-user history is what grows.
     system = words(rng, system_tokens)
-    starts = _poisson_starts(rng, users, session_rate)
+    # Mean prompt over a user's rounds: round k carries k earlier turns plus its question.
+    mean_prompt = system_tokens + user_tokens + question_tokens + turn * (rounds - 1) / 2
+    rate = request_rate(load, prefill_tokens_per_s, mean_prompt * rate_scale)
+    starts = _poisson_starts(rng, users, rate / rounds)
     sessions = [
         Session(
             session_id=f"user-{u}",
-            system=system,
+            # The user's context follows the shared system prompt: one prefix, then a private one.
+            system=system + words(rng, user_tokens),
             turns=[Turn(words(rng, question_tokens), answer_tokens) for _ in range(rounds)],
             start=starts[u],
             think_time=think_time,
@@ -107,18 +145,21 @@ def multi_round_qa(
         for u in range(users)
     ]
     working = system_tokens + users * history
-    return Workload("multi_round_qa", regime, sessions, working, capacity_tokens, {"users": users})
+    notes = {"users": users, "request_rate": rate}
+    return Workload("multi_round_qa", regime, sessions, working, capacity_tokens, notes)
 
 
 def shared_prefix(
     capacity_tokens: int,
     regime: Regime,
     *,
-    prompts_per_group: int = 8,
-    system_tokens: int = 2000,
-    question_tokens: int = 64,
+    prompts_per_group: int = 16,
+    system_tokens: int = 4000,
+    question_tokens: int = 128,
     answer_tokens: int = 64,
-    request_rate: float = 16.0,
+    prefill_tokens_per_s: float = 4 * PREFILL_TOKENS_PER_S,
+    load: float = DEFAULT_LOAD,
+    rate_scale: float = 1.0,
     seed: int = 1,
 ) -> Workload:
     """Groups share a long system prompt; each request is a one-turn session with its own question."""
@@ -126,16 +167,18 @@ def shared_prefix(
     groups = max(2, round(REGIME_FILL[regime] * capacity_tokens / system_tokens))
     systems = [words(rng, system_tokens) for _ in range(groups)]
     n = groups * prompts_per_group
-    starts = _poisson_starts(rng, n, request_rate)
+    rate = request_rate(
+        load, prefill_tokens_per_s, (system_tokens + question_tokens + 2 * TEMPLATE_TOKENS) * rate_scale
+    )
+    starts = _poisson_starts(rng, n, rate)
     order = [g for g in range(groups) for _ in range(prompts_per_group)]
     rng.shuffle(order)
     sessions = [
         Session(f"req-{i}", systems[g], [Turn(words(rng, question_tokens), answer_tokens)], starts[i])
         for i, g in enumerate(order)
     ]
-    return Workload(
-        "shared_prefix", regime, sessions, groups * system_tokens, capacity_tokens, {"groups": groups}
-    )
+    notes = {"groups": groups, "request_rate": rate}
+    return Workload("shared_prefix", regime, sessions, groups * system_tokens, capacity_tokens, notes)
 
 
 def long_doc_qa(
@@ -143,10 +186,12 @@ def long_doc_qa(
     regime: Regime,
     *,
     doc_tokens: int = 6000,
-    queries_per_doc: int = 4,
+    queries_per_doc: int = 8,
     question_tokens: int = 32,
     answer_tokens: int = 32,
-    request_rate: float = 6.0,
+    prefill_tokens_per_s: float = 4 * PREFILL_TOKENS_PER_S,
+    load: float = DEFAULT_LOAD,
+    rate_scale: float = 1.0,
     order: Literal["random", "interleave"] = "random",
     seed: int = 2,
 ) -> Workload:
@@ -159,32 +204,81 @@ def long_doc_qa(
     else:
         sequence = [d for d in range(docs) for _ in range(queries_per_doc)]
         rng.shuffle(sequence)
-    starts = _poisson_starts(rng, len(sequence), request_rate)
+    rate = request_rate(
+        load, prefill_tokens_per_s, (doc_tokens + question_tokens + 2 * TEMPLATE_TOKENS) * rate_scale
+    )
+    starts = _poisson_starts(rng, len(sequence), rate)
     sessions = [
         Session(f"q-{i}", texts[d], [Turn(words(rng, question_tokens), answer_tokens)], starts[i])
         for i, d in enumerate(sequence)
     ]
-    return Workload("long_doc_qa", regime, sessions, docs * doc_tokens, capacity_tokens, {"docs": docs})
+    notes = {"docs": docs, "request_rate": rate}
+    return Workload("long_doc_qa", regime, sessions, docs * doc_tokens, capacity_tokens, notes)
 
 
-def build(name: str, capacity_tokens: int, regime: Regime, *, scale: float = 1.0) -> Workload:
-    """A named workload; ``scale`` < 1 shrinks prompt sizes for quick runs."""
+def build(
+    name: str,
+    capacity_tokens: int,
+    regime: Regime,
+    *,
+    scale: float = 1.0,
+    prefill_tokens_per_s: float = 4 * PREFILL_TOKENS_PER_S,
+    load: float = DEFAULT_LOAD,
+) -> Workload:
+    """A named workload; ``scale`` < 1 shrinks prompt sizes (not the request rate) for quick runs.
+
+    ``prefill_tokens_per_s`` is the whole cluster's cold prefill throughput.
+    """
     s = max(scale, 0.05)
+    pf, rs = prefill_tokens_per_s, 1 / s
     if name == "multi_round_qa":
         return multi_round_qa(
             capacity_tokens,
             regime,
             system_tokens=int(1000 * s),
+            user_tokens=int(2000 * s),
             question_tokens=int(100 * s),
             answer_tokens=max(8, int(100 * s)),
+            prefill_tokens_per_s=pf,
+            load=load,
+            rate_scale=rs,
         )
     if name == "shared_prefix":
         return shared_prefix(
-            capacity_tokens, regime, system_tokens=int(2000 * s), question_tokens=max(8, int(64 * s))
+            capacity_tokens,
+            regime,
+            system_tokens=int(4000 * s),
+            question_tokens=max(8, int(128 * s)),
+            prefill_tokens_per_s=pf,
+            load=load,
+            rate_scale=rs,
         )
     if name == "long_doc_qa":
-        return long_doc_qa(capacity_tokens, regime, doc_tokens=int(6000 * s))
+        return long_doc_qa(
+            capacity_tokens,
+            regime,
+            doc_tokens=int(6000 * s),
+            prefill_tokens_per_s=pf,
+            load=load,
+            rate_scale=rs,
+        )
     raise ValueError(f"unknown workload {name!r}; choose from {', '.join(WORKLOADS)}")
+
+
+def first_reads(workload: Workload) -> set[tuple[str, int]]:
+    """(session id, turn) of each request that is the first, by start time, to carry its system text.
+
+    A first read is cold under every policy (no engine can hold a prefix never sent), so it measures
+    the engine's prefill, not the router: the benchmark reports TTFT over the other requests, as the
+    field benchmarks measure after a warm-up stage, and over all requests alongside.
+    """
+    seen: set[str] = set()
+    out: set[tuple[str, int]] = set()
+    for session in sorted(workload.sessions, key=lambda s: s.start):
+        if session.system not in seen:
+            seen.add(session.system)
+            out.add((session.session_id, 0))
+    return out
 
 
 def oracle_hit_tokens(
