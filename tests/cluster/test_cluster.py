@@ -140,7 +140,7 @@ def test_fake_gpu_nodes_are_ready_with_gpus(cluster: Cluster) -> None:
         assert node.status.capacity["nvidia.com/gpu"] == "8"
         assert node.status.allocatable["nvidia.com/gpu"] == "8"
         assert any(c.type == "Ready" and c.status == "True" for c in node.status.conditions)
-        assert ipaddress.ip_network(node.spec.pod_cidr).subnet_of(ipaddress.IPv4Network("127.16.0.0/16"))
+        assert ipaddress.ip_network(node.spec.pod_cidr).subnet_of(ipaddress.ip_network(cluster.pod_cidr))
 
 
 def test_gpu_deployment_gets_running_pods_on_loopback_ips(cluster: Cluster, namespace: str) -> None:
@@ -151,7 +151,8 @@ def test_gpu_deployment_gets_running_pods_on_loopback_ips(cluster: Cluster, name
     found = wait_until(lambda: running(cluster, namespace, "app.kubernetes.io/instance=engine", 2), "2 pods")
     for pod in found:
         ip = ipaddress.ip_address(pod.status.pod_ip)
-        assert ip in ipaddress.IPv4Network("127.16.0.0/16")
+        assert ip in ipaddress.ip_network(cluster.pod_cidr)
+        assert ip.is_loopback
         assert pod.spec.node_name in {"gpu-node-0", "gpu-node-1"}
         with socket.socket() as s:  # the pod IP is a local address: a process can serve on it
             s.bind((str(ip), 0))
@@ -212,6 +213,7 @@ def test_pod_simulators_follow_pods(cluster: Cluster, namespace: str) -> None:
 def test_stop_kills_every_process_and_is_idempotent(cluster: Cluster) -> None:
     other = Cluster(ClusterConfig(name="second", gpu_nodes=1, gpus_per_node=1), tools=cluster.tools)
     with other:
+        assert other.pod_cidr != cluster.pod_cidr  # pods of concurrent clusters never share an address
         workdir = other.workdir
         assert workdir is not None
         assert other.server_version() == f"v{cluster.tools.kubernetes}"

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import ipaddress
+import random
 
 import pytest
 
 from kvstack.common.config import ConfigError, build
-from kvstack.testing.cluster import ClusterConfig
+from kvstack.testing.cluster import ClusterConfig, choose_pod_cidr
 from kvstack.testing.manifests import (
     gpu_node,
     gpu_nodes,
@@ -118,3 +119,26 @@ def test_wrapper_module_replaces_every_staging_module() -> None:
     assert len(replaces) >= 25
     assert all(parts[-1] == staging for parts in replaces)
     assert f"k8s.io/kubernetes v{version}" in go_mod
+
+
+ALL_CIDRS = {f"127.{x}.0.0/16" for x in range(16, 255)}
+
+
+@pytest.mark.parametrize(
+    ("taken", "expected"),
+    [
+        (ALL_CIDRS - {"127.200.0.0/16"}, "127.200.0.0/16"),
+        (ALL_CIDRS - {"127.16.0.0/16"}, "127.16.0.0/16"),
+        (ALL_CIDRS - {"127.254.0.0/16"}, "127.254.0.0/16"),
+    ],
+)
+def test_choose_pod_cidr_takes_a_free_one(taken: set[str], expected: str) -> None:
+    assert choose_pod_cidr(taken) == expected
+
+
+def test_choose_pod_cidr_avoids_taken_and_fails_when_full() -> None:
+    taken = {f"127.{x}.0.0/16" for x in range(16, 250)}
+    picks = {choose_pod_cidr(taken, random.Random(seed)) for seed in range(50)}
+    assert picks <= ALL_CIDRS - taken
+    with pytest.raises(RuntimeError, match="taken"):
+        choose_pod_cidr(ALL_CIDRS)

@@ -48,6 +48,7 @@ def cluster(
             if pods is not None:
                 pods.start()
             typer.echo(f"cluster ready: {running.server} (Kubernetes {running.server_version()})")
+            typer.echo(f"pod IPs in {running.pod_cidr} (loopback)")
             typer.echo(f"export KUBECONFIG={running.kubeconfig}")
             typer.echo(f"export PATH={running.tools.kube_bin_dir}:{running.tools.helm.parent}:$PATH")
             if pods is not None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -30,6 +31,7 @@ from kvstack.testing.tools import Toolchain, cache_root, ensure_cluster_tools
 
 WORKDIR_PREFIX = "kvstack-cluster-"
 OWNER_FILE = "owner.pid"
+POD_CIDR_FILE = "pod-cidr"
 
 
 class ClusterConfig(BaseSettings):
@@ -40,14 +42,17 @@ class ClusterConfig(BaseSettings):
     name: str = Field("kvstack", pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", max_length=40)
     gpu_nodes: int = Field(2, ge=0, le=200)
     gpus_per_node: int = Field(8, ge=0, le=64)
-    # Linux routes all of 127.0.0.0/8 to lo: every pod IP is then a local address.
-    pod_cidr: str = "127.16.0.0/16"
+    # Linux routes all of 127.0.0.0/8 to lo: every pod IP is then a local address. None: a free
+    # 127.X.0.0/16 not used by another cluster on this machine, so their pods' addresses never clash.
+    pod_cidr: str | None = None
     workdir: Path | None = None  # default: a fresh directory under the system temp dir
     start_timeout_s: float = Field(180.0, gt=0)
 
     @field_validator("pod_cidr")
     @classmethod
-    def _loopback_cidr(cls, value: str) -> str:
+    def _loopback_cidr(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
         network = ipaddress.ip_network(value)
         if not (
             isinstance(network, ipaddress.IPv4Network)
@@ -106,6 +111,24 @@ def kill_recorded_processes(workdir: Path) -> list[int]:
     return pids
 
 
+def choose_pod_cidr(taken: set[str], rng: random.Random | None = None) -> str:
+    """A 127.X.0.0/16 (X in 16..254) not in ``taken``; random, so clusters starting together differ."""
+    free = [f"127.{x}.0.0/16" for x in range(16, 255) if f"127.{x}.0.0/16" not in taken]
+    if not free:
+        raise RuntimeError("every 127.X.0.0/16 pod CIDR is taken by a running cluster")
+    return (rng or random.Random()).choice(free)
+
+
+def pod_cidrs_in_use(tmp_root: Path | None = None) -> set[str]:
+    """Pod CIDRs of the clusters on this machine whose owner still runs."""
+    used = set()
+    for workdir in _cluster_workdirs(tmp_root):
+        with contextlib.suppress(OSError, ValueError):
+            if pid_alive(int((workdir / OWNER_FILE).read_text().strip())):
+                used.add((workdir / POD_CIDR_FILE).read_text().strip())
+    return used
+
+
 def _cluster_workdirs(tmp_root: Path | None) -> list[Path]:
     """Working directories the harness may have created: temp dirs and named ones in the cache."""
     root = tmp_root or Path(tempfile.gettempdir())
@@ -139,6 +162,7 @@ class Cluster:
         self.config = config or build(ClusterConfig, "cluster config")
         self._tools = tools
         self.workdir: Path | None = None
+        self.pod_cidr = self.config.pod_cidr or ""
         self._owns_workdir = False
         self._api_client: Any = None
         self.started = False
@@ -155,6 +179,8 @@ class Cluster:
         else:
             self.workdir = self.config.workdir
             self.workdir.mkdir(parents=True, exist_ok=True)
+        self.pod_cidr = self.config.pod_cidr or choose_pod_cidr(pod_cidrs_in_use())
+        (self.workdir / POD_CIDR_FILE).write_text(self.pod_cidr)
         (self.workdir / OWNER_FILE).write_text(str(os.getpid()))
         self.started = True
         try:
@@ -280,7 +306,7 @@ class Cluster:
             kube_version=t.kubernetes,
             etcd_version=t.etcd_version,
             binaries=binaries,
-            pod_cidr=self.config.pod_cidr,
+            pod_cidr=self.pod_cidr,
         )
         path = self.workdir / "kwokctl.yaml"
         path.write_text(yaml.safe_dump(doc, sort_keys=False))
@@ -302,7 +328,7 @@ class Cluster:
 
         core: Any = client.CoreV1Api(self.api_client())  # accepts plain dicts as bodies
         names = []
-        for node in gpu_nodes(self.config.gpu_nodes, self.config.gpus_per_node, self.config.pod_cidr):
+        for node in gpu_nodes(self.config.gpu_nodes, self.config.gpus_per_node, self.pod_cidr):
             core.create_node(node)
             names.append(node["metadata"]["name"])
         deadline = time.monotonic() + self.config.start_timeout_s

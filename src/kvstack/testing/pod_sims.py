@@ -225,12 +225,14 @@ class PodSimulators:
         with self._lock:
             running = {uid: sim.target for uid, sim in self._sims.items() if sim.proc.poll() is None}
             to_start, to_stop = plan(running, desired)
-            stopping = [self._sims.pop(uid) for uid in to_stop]
             # A simulator that exited on its own is restarted, as a kubelet would restart a container.
-            stopping += [self._sims.pop(uid) for uid in list(self._sims) if uid not in running]
-        for sim in stopping:
+            stopping = [(uid, sim) for uid, sim in self._sims.items() if uid in to_stop or uid not in running]
+        for uid, sim in stopping:
             log.info("stopping simulator for pod %s/%s", sim.target.namespace, sim.target.name)
-            sim.stop()
+            sim.stop()  # still listed until it is down, so wait_for() never sees a half-stopped pod
+            with self._lock:
+                if self._sims.get(uid) is sim:
+                    del self._sims[uid]
         for target in to_start:
             if self._stopping.is_set():
                 return

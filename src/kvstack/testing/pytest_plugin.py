@@ -37,7 +37,7 @@ def cluster_tools() -> Toolchain:
 
 @pytest.fixture(scope="session")
 def cluster(cluster_tools: Toolchain) -> Iterator[Cluster]:
-    """A running cluster: 2 fake GPU nodes x 8 nvidia.com/gpu, pod IPs in 127.16.0.0/16."""
+    """A running cluster: 2 fake GPU nodes x 8 nvidia.com/gpu, pod IPs in ``cluster.pod_cidr`` (127.X/16)."""
     with Cluster(tools=cluster_tools) as running:
         yield running
 
