@@ -49,10 +49,12 @@ data:
 def chart_copy(helm_bin: Path, tmp_path: Path) -> HelmChart:
     path = tmp_path / "kvstack"
     shutil.copytree(CHART, path)
-    # Start from no generated files, whatever the dashboards package has put in the real chart.
+    # Start from no generated files (dashboards, rules, the operator's CRD), whatever the real chart holds.
+    files = path / "files"
     for generated in [
-        *(path / "files" / "dashboards").glob("*.json"),
-        *(path / "files" / "rules").glob("*.yaml"),
+        *files.glob("dashboards/*.json"),
+        *files.glob("rules/*.yaml"),
+        *files.glob("crds/*.yaml"),
     ]:
         if generated.name != "placeholder.yaml":
             generated.unlink()
@@ -115,7 +117,20 @@ def test_operator_crds_are_templated_and_kept_on_uninstall(
     assert not chart_copy.template().of_kind("CustomResourceDefinition")  # operator off: no CRDs
 
 
-def test_operator_skeleton_is_off_by_default(chart: HelmChart) -> None:
+def test_the_real_kvstack_crd_comes_from_the_operator(chart: HelmChart, kubeconform: Validate) -> None:
+    # A link, not a copy: the chart always ships the CRD the operator generates from its models.
+    link = CHART / "files" / "crds" / "kvstack.dev_kvstacks.yaml"
+    assert link.is_symlink()
+    assert link.resolve() == (CHART.parents[1] / "operator" / "crds" / "kvstack.dev_kvstacks.yaml").resolve()
+    rendered = chart.template(set_values=["operator.enabled=true"])
+    crd = rendered.one("CustomResourceDefinition", "kvstacks.kvstack.dev")
+    assert crd["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    assert crd["spec"] == yaml.safe_load(link.read_text())["spec"]
+    proc = kubeconform(rendered.text)
+    assert proc.returncode == 0, proc.stdout
+
+
+def test_operator_is_off_by_default(chart: HelmChart) -> None:
     default = chart.template()
     assert not [
         o for o in default.objects if o["metadata"]["labels"]["app.kubernetes.io/component"] == "operator"

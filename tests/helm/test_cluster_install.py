@@ -179,6 +179,9 @@ def test_upgrade_applies_changed_values_and_keeps_generated_secrets(
 def test_uninstall_leaves_nothing_but_kept_crds(cluster: Cluster, namespace: str, tmp_path: Path) -> None:
     chart = tmp_path / "kvstack"
     shutil.copytree(CHART, chart)
+    # Only a CRD of this test's own: the real KVStack CRD belongs to the operator's tests.
+    for crd_file in (chart / "files" / "crds").glob("*.yaml"):
+        crd_file.unlink()
     crd: dict[str, Any] = {**SAMPLE_CRD, "metadata": {"name": f"stacks{namespace[5:]}.kvstack.dev"}}
     crd["spec"] = {
         **SAMPLE_CRD["spec"],

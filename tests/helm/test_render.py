@@ -366,12 +366,20 @@ def test_monitoring_objects_carry_the_prometheus_selector_labels(rendered: dict[
         ("ServiceMonitor", "rel-kvstack-router"),
         ("PodMonitor", "rel-kvstack-engine"),
         ("PodMonitor", "rel-kvstack-redis"),
+        ("PodMonitor", "rel-kvstack-operator"),
     }
+    # Operator series carry the namespace of the model they describe: Prometheus must keep it.
+    assert r.one("PodMonitor", "-operator")["spec"]["podMetricsEndpoints"][0]["honorLabels"] is True
     for obj in [*r.of_kind("ServiceMonitor"), *r.of_kind("PodMonitor"), *r.of_kind("PrometheusRule")]:
         assert obj["metadata"]["labels"]["release"] == "kube-prometheus-stack"
     assert r.one("PodMonitor", "-engine")["spec"]["podMetricsEndpoints"][0]["interval"] == "10s"
     # Each monitor's selector finds its pods, on a port they name.
-    for monitor, workload in (("-engine", r.engines()[0]), ("-redis", r.one("StatefulSet", "-redis"))):
+    workloads = {
+        "-engine": r.engines()[0],
+        "-redis": r.one("StatefulSet", "-redis"),
+        "-operator": r.one("Deployment", "-operator"),
+    }
+    for monitor, workload in workloads.items():
         spec = r.one("PodMonitor", monitor)["spec"]
         pod = workload["spec"]["template"]
         assert spec["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
