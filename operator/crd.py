@@ -63,12 +63,27 @@ def _structural(node: Any, defs: dict[str, Any]) -> Any:
                 # A nested object with defaults needs a default itself, or the API server never
                 # creates it and its fields' defaults never apply.
                 if "$ref" in prop and "default" not in prop:
-                    out[key][name]["default"] = {}
+                    out[key][name]["default"] = _default_of(prop["$ref"].rsplit("/", 1)[-1])
             continue
         out[key] = _structural(value, defs)
     if out.get("x-kubernetes-preserve-unknown-fields") and "type" not in out:
         out["type"] = "object"
     return out
+
+
+def _default_of(model_name: str) -> dict[str, Any]:
+    """A section's full default (the API server checks defaults against CEL rules as they are)."""
+    from pydantic import BaseModel, ValidationError
+
+    from kvstack.operator import spec
+
+    cls = getattr(spec, model_name, None)
+    if not (isinstance(cls, type) and issubclass(cls, BaseModel)):
+        return {}
+    try:
+        return cls().model_dump(mode="json", by_alias=True, exclude_none=True)
+    except ValidationError:
+        return {}
 
 
 def spec_schema() -> dict[str, Any]:

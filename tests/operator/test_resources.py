@@ -61,7 +61,9 @@ def test_crd_defaults_are_the_models_defaults() -> None:
     assert auto["intervalSeconds"]["default"] == 15
     assert auto["scaleDown"]["properties"]["stabilizationSeconds"]["default"] == 300
     assert auto["scaleUp"]["properties"]["maxPods"]["default"] == 4
-    assert props["autoscaling"]["default"] == {}  # so nested defaults apply to an empty resource
+    # A whole section's default, so nested defaults apply to an empty resource (and pass CEL rules).
+    assert props["autoscaling"]["default"]["scaleDown"] == {"stabilizationSeconds": 300, "maxPods": 1}
+    assert props["cache"]["default"]["mode"] == "internal"
     model = props["models"]["items"]
     assert model["properties"]["minReplicas"]["default"] == 1
     rules = [r["rule"] for r in model["x-kubernetes-validations"]]
