@@ -1,13 +1,15 @@
 """The one shared upstream HTTP client, behind a small interface so backends can be swapped.
 
-Both backends speak httpx's API. ``aiohttp`` (the default) runs it over aiohttp's connection pool
-through ``httpx_aiohttp.AiohttpTransport``, which measured 5x plain httpx's throughput under
-concurrency on this machine (../shared/reference/http-clients.md); ``httpx`` is plain httpx.
+``aiohttp`` (the default) drives aiohttp's client directly: on the router's hot path it costs about
+half of what httpx's request and response models add on top of the same pool (profiled with
+py-spy; ``kvstack bench router``). ``httpx`` is plain httpx, whose pool is 5x slower under
+concurrency (../shared/reference/http-clients.md), kept as the reference implementation.
 
-Timeouts are enforced here rather than by the backend, so both behave the same: ``connect`` to
-open a connection, ``first_byte`` until the response headers arrive, ``idle`` between two body
-chunks. Errors come out as :class:`UpstreamError` with a kind the proxy decides on:
-``connect`` (nothing was received: safe to retry elsewhere), ``timeout`` and ``read``.
+Both behave the same: timeouts are enforced here, ``connect`` to open a connection, ``first_byte``
+until the response headers arrive, ``idle`` between two body chunks; bodies are relayed as the
+engine sent them (no compression asked, none undone); errors come out as :class:`UpstreamError`
+with a kind the proxy decides on: ``connect`` (nothing was received: safe to retry elsewhere),
+``timeout`` and ``read``.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+import aiohttp
 import httpx
 
 Backend = Literal["aiohttp", "httpx"]
@@ -43,16 +46,39 @@ class Timeouts:
 class UpstreamResponse:
     """An open response: read it whole or chunk by chunk, and always :meth:`aclose` it."""
 
-    __slots__ = ("_idle", "_resp", "content_type", "status")
+    __slots__ = ("content_type", "status")
+
+    def __init__(self, status: int, content_type: str | None) -> None:
+        self.status = status
+        self.content_type = content_type
+
+    def chunks(self) -> AsyncIterator[bytes]:
+        """Body chunks as they arrive; ``UpstreamError`` on a broken or stalled body."""
+        raise NotImplementedError
+
+    async def read(self) -> bytes:
+        """The whole body."""
+        parts = [chunk async for chunk in self.chunks()]
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    async def aclose(self) -> None:
+        """Release the connection; closing before the end drops it, which aborts the engine's request."""
+        raise NotImplementedError
+
+
+def _stalled(idle: float) -> UpstreamError:
+    return UpstreamError("timeout", f"no data from the engine for {idle:g} s")
+
+
+class _HttpxResponse(UpstreamResponse):
+    __slots__ = ("_idle", "_resp")
 
     def __init__(self, resp: httpx.Response, idle: float) -> None:
+        super().__init__(resp.status_code, resp.headers.get("content-type"))
         self._resp = resp
         self._idle = idle
-        self.status: int = resp.status_code
-        self.content_type: str | None = resp.headers.get("content-type")
 
     async def chunks(self) -> AsyncIterator[bytes]:
-        """Body chunks as they arrive; ``UpstreamError`` on a broken or stalled body."""
         it = self._resp.aiter_raw().__aiter__()
         idle = self._idle
         while True:
@@ -62,7 +88,7 @@ class UpstreamResponse:
             except StopAsyncIteration:
                 return
             except TimeoutError:
-                raise UpstreamError("timeout", f"no data from the engine for {idle:g} s") from None
+                raise _stalled(idle) from None
             except httpx.HTTPError as err:
                 raise UpstreamError(
                     "read", f"engine response broke off: {err or type(err).__name__}"
@@ -70,25 +96,52 @@ class UpstreamResponse:
             if chunk:
                 yield chunk
 
-    async def read(self) -> bytes:
-        """The whole body."""
-        parts = [chunk async for chunk in self.chunks()]
-        return b"".join(parts)
-
     async def aclose(self) -> None:
-        """Release the connection; closing before the end drops it, which aborts the engine's request."""
         # closing a broken connection may raise; it is closed either way
         with contextlib.suppress(Exception):
             await self._resp.aclose()
 
 
-def _transport(backend: Backend, limits: httpx.Limits) -> httpx.AsyncBaseTransport:
-    if backend == "aiohttp":
-        from httpx_aiohttp import AiohttpTransport
+class _AiohttpResponse(UpstreamResponse):
+    __slots__ = ("_done", "_idle", "_resp")
 
-        transport: httpx.AsyncBaseTransport = AiohttpTransport(limits=limits, trust_env=False)
-        return transport
-    return httpx.AsyncHTTPTransport(limits=limits, trust_env=False)
+    def __init__(self, resp: aiohttp.ClientResponse, idle: float) -> None:
+        super().__init__(resp.status, resp.headers.get("Content-Type"))
+        self._resp = resp
+        self._idle = idle
+        self._done = False
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        content, idle = self._resp.content, self._idle
+        while True:
+            try:
+                async with asyncio.timeout(idle):
+                    chunk = await content.readany()
+            except TimeoutError:
+                raise _stalled(idle) from None
+            except aiohttp.ClientError as err:
+                raise UpstreamError(
+                    "read", f"engine response broke off: {err or type(err).__name__}"
+                ) from err
+            if not chunk:  # the end of a complete body; a broken one raises above
+                self._done = True
+                return
+            yield chunk
+
+    async def aclose(self) -> None:
+        with contextlib.suppress(Exception):
+            if self._done:
+                self._resp.release()  # back to the pool
+            else:
+                self._resp.close()  # drop the connection: the engine sees the disconnect
+
+
+def _limits(max_connections: int, keepalive_expiry: float) -> httpx.Limits:
+    return httpx.Limits(
+        max_connections=max_connections,
+        max_keepalive_connections=max_connections,
+        keepalive_expiry=keepalive_expiry,
+    )
 
 
 class Upstream:
@@ -105,34 +158,67 @@ class Upstream:
         self.backend = backend
         self.timeouts = timeouts
         # Streams hold a connection for their whole generation: size the pool for peak concurrency.
-        limits = httpx.Limits(
-            max_connections=max_connections,
-            max_keepalive_connections=max_connections,
-            keepalive_expiry=keepalive_expiry,
-        )
-        self._client = httpx.AsyncClient(
-            transport=_transport(backend, limits),
-            timeout=httpx.Timeout(connect=timeouts.connect, read=None, write=None, pool=None),
-            trust_env=False,
-            follow_redirects=False,
-        )
+        self._httpx: httpx.AsyncClient | None = None
+        self._aiohttp: aiohttp.ClientSession | None = None
+        if backend == "aiohttp":
+            self._aiohttp = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=max_connections, keepalive_timeout=keepalive_expiry),
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=timeouts.connect),
+                auto_decompress=False,
+                trust_env=False,
+                # relay the engine's bytes as they are: never ask for compression
+                skip_auto_headers=("Accept-Encoding",),
+            )
+        else:
+            self._httpx = httpx.AsyncClient(
+                transport=httpx.AsyncHTTPTransport(
+                    limits=_limits(max_connections, keepalive_expiry), trust_env=False
+                ),
+                timeout=httpx.Timeout(connect=timeouts.connect, read=None, write=None, pool=None),
+                trust_env=False,
+                follow_redirects=False,
+                headers={"accept-encoding": "identity"},
+            )
 
     async def send(self, method: str, url: str, headers: Headers, body: bytes | None) -> UpstreamResponse:
         """Send a request and return once the response headers are in."""
-        request = self._client.build_request(method, url, headers=list(headers), content=body)
+        first_byte = self.timeouts.first_byte
         try:
-            async with asyncio.timeout(self.timeouts.first_byte):
-                resp = await self._client.send(request, stream=True)
+            async with asyncio.timeout(first_byte):
+                if self._aiohttp is not None:
+                    return await self._send_aiohttp(self._aiohttp, method, url, headers, body)
+                assert self._httpx is not None
+                return await self._send_httpx(self._httpx, method, url, headers, body)
         except TimeoutError:
-            raise UpstreamError(
-                "timeout", f"engine sent no response within {self.timeouts.first_byte:g} s"
-            ) from None
+            raise UpstreamError("timeout", f"engine sent no response within {first_byte:g} s") from None
+
+    async def _send_aiohttp(
+        self, session: aiohttp.ClientSession, method: str, url: str, headers: Headers, body: bytes | None
+    ) -> UpstreamResponse:
+        hdrs = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in headers]
+        try:
+            resp = await session.request(method, url, headers=hdrs, data=body, allow_redirects=False)
+        except aiohttp.ConnectionTimeoutError as err:
+            raise UpstreamError("connect", f"cannot connect to {url}: timed out") from err
+        except aiohttp.ClientError as err:
+            raise UpstreamError("connect", f"cannot reach {url}: {err or type(err).__name__}") from err
+        return _AiohttpResponse(resp, self.timeouts.idle)
+
+    async def _send_httpx(
+        self, client: httpx.AsyncClient, method: str, url: str, headers: Headers, body: bytes | None
+    ) -> UpstreamResponse:
+        request = client.build_request(method, url, headers=list(headers), content=body)
+        try:
+            resp = await client.send(request, stream=True)
         except httpx.TimeoutException as err:
             # the backend's connect timeout: nothing was sent, so this is a connect failure
             raise UpstreamError("connect", f"cannot connect to {url}: timed out") from err
         except httpx.HTTPError as err:
             raise UpstreamError("connect", f"cannot reach {url}: {err or type(err).__name__}") from err
-        return UpstreamResponse(resp, self.timeouts.idle)
+        return _HttpxResponse(resp, self.timeouts.idle)
 
     async def aclose(self) -> None:
-        await self._client.aclose()
+        if self._aiohttp is not None:
+            await self._aiohttp.close()
+        if self._httpx is not None:
+            await self._httpx.aclose()

@@ -120,6 +120,12 @@ class RouterServer:
 RouterFactory = Callable[..., RouterServer]
 
 
+@pytest.fixture(params=["aiohttp", "httpx"])
+def backend(request: pytest.FixtureRequest) -> str:
+    """Each upstream backend in turn: they must behave the same."""
+    return str(request.param)
+
+
 @pytest.fixture
 def router() -> Iterator[RouterFactory]:
     """``router(engines=[...], **settings)`` starts a router; all are stopped after the test."""

@@ -15,9 +15,9 @@ from .conftest import MODEL, BadEngine, RouterFactory, Sim, run_sims
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
 
 
-def test_hanging_engine_times_out_with_504(router: RouterFactory) -> None:
+def test_hanging_engine_times_out_with_504(router: RouterFactory, backend: str) -> None:
     with BadEngine("hang") as bad:
-        r = router(engines=[bad.url], first_byte_timeout_s=0.5)
+        r = router(engines=[bad.url], first_byte_timeout_s=0.5, upstream_backend=backend)
         started = time.monotonic()
         resp = httpx.post(f"{r.url}/v1/chat/completions", json=CHAT, timeout=10)
         assert resp.status_code == 504
@@ -27,9 +27,9 @@ def test_hanging_engine_times_out_with_504(router: RouterFactory) -> None:
         assert bad.posts == 1  # a timeout is never retried: the engine may still be working on it
 
 
-def test_stalled_stream_ends_with_an_error_event(router: RouterFactory) -> None:
+def test_stalled_stream_ends_with_an_error_event(router: RouterFactory, backend: str) -> None:
     with BadEngine("stall") as bad:
-        r = router(engines=[bad.url], idle_timeout_s=0.5)
+        r = router(engines=[bad.url], idle_timeout_s=0.5, upstream_backend=backend)
         client = openai.OpenAI(base_url=f"{r.url}/v1", api_key="x", max_retries=0, timeout=10)
         stream = client.chat.completions.create(model=MODEL, messages=CHAT["messages"], stream=True)
         with pytest.raises(openai.APIError, match="broke off"):
@@ -38,9 +38,11 @@ def test_stalled_stream_ends_with_an_error_event(router: RouterFactory) -> None:
         assert r.metric("kvstack_router_requests_total", model_name=MODEL, engine=bad.url, status="504") == 1
 
 
-def test_engine_500_is_passed_through_and_counts_towards_ejection(router: RouterFactory) -> None:
+def test_engine_500_is_passed_through_and_counts_towards_ejection(
+    router: RouterFactory, backend: str
+) -> None:
     with BadEngine("status:500") as bad:
-        r = router(engines=[bad.url], eject_after_failures=2, eject_duration_s=60)
+        r = router(engines=[bad.url], eject_after_failures=2, eject_duration_s=60, upstream_backend=backend)
         for _ in range(2):
             resp = httpx.post(f"{r.url}/v1/chat/completions", json=CHAT)
             assert resp.status_code == 500
@@ -51,9 +53,11 @@ def test_engine_500_is_passed_through_and_counts_towards_ejection(router: Router
         assert bad.posts == 2
 
 
-def test_engine_503_is_retried_on_another_engine(sims: list[Sim], router: RouterFactory) -> None:
+def test_engine_503_is_retried_on_another_engine(
+    sims: list[Sim], router: RouterFactory, backend: str
+) -> None:
     with BadEngine("status:503") as bad:
-        r = router(engines=[bad.url, sims[0].url], policy="round_robin")
+        r = router(engines=[bad.url, sims[0].url], policy="round_robin", upstream_backend=backend)
         for _ in range(4):
             assert httpx.post(f"{r.url}/v1/chat/completions", json=CHAT).status_code == 200
         assert bad.posts >= 1
@@ -61,7 +65,7 @@ def test_engine_503_is_retried_on_another_engine(sims: list[Sim], router: Router
 
 
 def test_connect_refused_is_retried_and_the_dead_engine_ejected(
-    sims: list[Sim], router: RouterFactory, tmp_path: Path
+    sims: list[Sim], router: RouterFactory, tmp_path: Path, backend: str
 ) -> None:
     with run_sims(tmp_path, 1) as (doomed,):
         # slow probes: the router learns of the death from requests, not from the monitor
@@ -71,6 +75,7 @@ def test_connect_refused_is_retried_and_the_dead_engine_ejected(
             policy="round_robin",
             eject_after_failures=2,
             monitor=slow_monitor,
+            upstream_backend=backend,
         )
         doomed.proc.stop()
         for _ in range(6):

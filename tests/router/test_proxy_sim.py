@@ -11,8 +11,8 @@ import pytest
 from .conftest import MODEL, RouterFactory, Sim
 
 
-def test_openai_sync_chat_and_stream(sims: list[Sim], router: RouterFactory) -> None:
-    r = router(engines=[s.url for s in sims])
+def test_openai_sync_chat_and_stream(sims: list[Sim], router: RouterFactory, backend: str) -> None:
+    r = router(engines=[s.url for s in sims], upstream_backend=backend)
     client = openai.OpenAI(base_url=f"{r.url}/v1", api_key="unused", max_retries=0)
     reply = client.chat.completions.create(
         model=MODEL, messages=[{"role": "user", "content": "hello"}], max_tokens=8
@@ -101,9 +101,11 @@ def test_ready_and_health(sims: list[Sim], router: RouterFactory) -> None:
     assert httpx.get(f"{r.url}/ready").json() == {"ready": True, "available_engines": 2, "engines": 2}
 
 
-def test_client_disconnect_aborts_the_engine_request(slow_sims: list[Sim], router: RouterFactory) -> None:
+def test_client_disconnect_aborts_the_engine_request(
+    slow_sims: list[Sim], router: RouterFactory, backend: str
+) -> None:
     sim = slow_sims[0]
-    r = router(engines=[sim.url])
+    r = router(engines=[sim.url], upstream_backend=backend)
     before = sim.metric("vllm:request_success_total", finished_reason="abort")
     with (
         httpx.Client(timeout=10) as client,
@@ -134,8 +136,13 @@ def test_client_disconnect_aborts_the_engine_request(slow_sims: list[Sim], route
     assert r.ctx.registry.all()[0].in_flight == 0
 
 
-def test_engine_killed_mid_stream(slow_sims: list[Sim], router: RouterFactory) -> None:
-    r = router(engines=[s.url for s in slow_sims], eject_after_failures=1, eject_duration_s=60)
+def test_engine_killed_mid_stream(slow_sims: list[Sim], router: RouterFactory, backend: str) -> None:
+    r = router(
+        engines=[s.url for s in slow_sims],
+        eject_after_failures=1,
+        eject_duration_s=60,
+        upstream_backend=backend,
+    )
     client = openai.OpenAI(base_url=f"{r.url}/v1", api_key="unused", max_retries=0, timeout=20)
     stream = client.chat.completions.create(
         model=MODEL, messages=[{"role": "user", "content": "long story"}], max_tokens=500, stream=True
