@@ -214,6 +214,7 @@ def test_stop_kills_every_process_and_is_idempotent(cluster: Cluster) -> None:
     other = Cluster(ClusterConfig(name="second", gpu_nodes=1, gpus_per_node=1), tools=cluster.tools)
     with other:
         assert other.pod_cidr != cluster.pod_cidr  # pods of concurrent clusters never share an address
+        assert other.server != cluster.server
         workdir = other.workdir
         assert workdir is not None
         assert other.server_version() == f"v{cluster.tools.kubernetes}"

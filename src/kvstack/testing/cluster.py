@@ -14,6 +14,7 @@ import os
 import random
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import time
@@ -109,6 +110,29 @@ def kill_recorded_processes(workdir: Path) -> list[int]:
     pids = recorded_pids(workdir)
     end_processes(pids, grace=0)
     return pids
+
+
+PORT_OPTIONS = (
+    "etcdPort",
+    "etcdPeerPort",
+    "kubeApiserverPort",
+    "kubeControllerManagerPort",
+    "kubeSchedulerPort",
+    "kwokControllerPort",
+)
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct free loopback ports, chosen by the kernel.
+
+    kwokctl's own choice counts down from 32767 in every process, so clusters created at the same
+    time (parallel test sessions) would pick the same ports; kernel-assigned ones do not collide.
+    """
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for sock in socks:
+            sock.bind(("127.0.0.1", 0))
+        return [int(sock.getsockname()[1]) for sock in socks]
 
 
 def choose_pod_cidr(taken: set[str], rng: random.Random | None = None) -> str:
@@ -308,6 +332,7 @@ class Cluster:
             binaries=binaries,
             pod_cidr=self.pod_cidr,
         )
+        doc["options"].update(zip(PORT_OPTIONS, free_ports(len(PORT_OPTIONS)), strict=True))
         path = self.workdir / "kwokctl.yaml"
         path.write_text(yaml.safe_dump(doc, sort_keys=False))
         return path
