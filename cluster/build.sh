@@ -118,6 +118,12 @@ step() {
 }
 
 check_modules
+# One build at a time per cache: a second caller (another test session) waits, then finds it cached.
+exec 9>"$cache/build.lock"
+if ! flock -n 9; then
+    say "another build holds $cache/build.lock; waiting"
+    flock 9
+fi
 say "go $(go env GOVERSION), cache $bin"
 for s in "${@:-all}"; do step "$s"; done
 say "all requested tools ready"
