@@ -6,6 +6,7 @@ import ipaddress
 import json
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -154,6 +155,7 @@ def test_gpu_deployment_gets_running_pods_on_loopback_ips(cluster: Cluster, name
         assert ip in ipaddress.ip_network(cluster.pod_cidr)
         assert ip.is_loopback
         assert pod.spec.node_name in {"gpu-node-0", "gpu-node-1"}
+        assert any(c.type == "Ready" and c.status == "True" for c in pod.status.conditions)  # routers need it
         with socket.socket() as s:  # the pod IP is a local address: a process can serve on it
             s.bind((str(ip), 0))
 
@@ -239,3 +241,20 @@ def test_build_script_skips_cached_tools(cluster: Cluster) -> None:
     steps = [line for line in out.splitlines() if ": cached in " in line]
     assert len(steps) == 3, out
     assert "building" not in out
+
+
+def test_a_script_that_forgets_stop_leaves_nothing_behind(cluster: Cluster, tmp_path: Path) -> None:
+    script = (
+        "import sys\n"
+        "from kvstack.testing import Cluster, ClusterConfig\n"
+        "c = Cluster(ClusterConfig(name='forgot', gpu_nodes=0)).start()\n"
+        "pids = [p.read_text() for p in c.workdir.glob('clusters/*/pids/*.pid')]\n"
+        "print(c.workdir, *pids)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=120
+    ).stdout.split()
+    workdir, pids = Path(out[0]), [int(p) for p in out[1:]]
+    assert len(pids) >= 5
+    assert not workdir.exists()
+    assert [pid for pid in pids if pid_alive(pid)] == []

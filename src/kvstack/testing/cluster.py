@@ -8,6 +8,7 @@ for fake GPU nodes, and gives pods IPs inside 127.0.0.0/8 so that a process boun
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import ipaddress
 import os
@@ -207,6 +208,7 @@ class Cluster:
         (self.workdir / POD_CIDR_FILE).write_text(self.pod_cidr)
         (self.workdir / OWNER_FILE).write_text(str(os.getpid()))
         self.started = True
+        atexit.register(self.stop)  # the components run in their own sessions: never leave them behind
         try:
             self._create()
             self._add_nodes()
@@ -216,6 +218,7 @@ class Cluster:
         return self
 
     def stop(self) -> None:
+        atexit.unregister(self.stop)
         if not self.started or self.workdir is None:
             return
         if self._api_client is not None:

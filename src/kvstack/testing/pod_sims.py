@@ -7,6 +7,7 @@ and Prometheus' pod service discovery will look for it.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import os
@@ -126,6 +127,7 @@ class PodSimulators:
     # ---- lifecycle -------------------------------------------------------------------------------
     def start(self) -> PodSimulators:
         if self._thread is None:
+            atexit.register(self.stop)  # simulators run in their own sessions: never leave them behind
             self._stopping.clear()
             self._thread = threading.Thread(target=self._watch_loop, name="pod-sims", daemon=True)
             self._thread.start()
@@ -133,6 +135,7 @@ class PodSimulators:
 
     def stop(self) -> None:
         """Stop watching, then stop every simulator. Idempotent."""
+        atexit.unregister(self.stop)
         self._stopping.set()
         if self._thread is not None:
             self._thread.join(timeout=15)
