@@ -8,14 +8,18 @@ read from the registry at scrape time, so the request path never updates them.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from typing import TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.registry import Collector
 
 from kvstack.router.engines import EngineRegistry
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+M = TypeVar("M", bound=MetricWrapperBase)
+_MAX_CHILDREN = 10_000  # label sets remembered by `labelled`; engines come and go over months
 
 # TTFT and e2e buckets reach from a prefix hit (~10 ms on an H200) to a long queue.
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
@@ -60,6 +64,7 @@ class RouterMetrics:
 
     def __init__(self, engines: EngineRegistry, clock: Callable[[], float]) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        self._children: dict[tuple[int, tuple[str, ...]], MetricWrapperBase] = {}
         r = self.registry
         self.requests = Counter(
             "kvstack_router_requests",
@@ -140,6 +145,16 @@ class RouterMetrics:
             "body_too_large",
         ):
             self.rejections.labels(reason)  # present at 0 from the start, so rate() works at once
+
+    def labelled(self, metric: M, *values: str) -> M:
+        """``metric.labels(*values)``, remembered: the request path skips the label checks and lock."""
+        key = (id(metric), values)
+        child = self._children.get(key)
+        if child is None:
+            if len(self._children) >= _MAX_CHILDREN:
+                self._children.clear()
+            child = self._children[key] = metric.labels(*values)
+        return child  # type: ignore[return-value]
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

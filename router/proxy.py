@@ -277,8 +277,8 @@ class ProxyEndpoint:
                     break
                 t0 = time.perf_counter()
             decision = policy.choose(features, candidates, ctx.clock())
-            metrics.decision.labels(policy.name).observe(time.perf_counter() - t0)
-            metrics.decisions.labels(policy.name, decision.reason).inc()
+            metrics.labelled(metrics.decision, policy.name).observe(time.perf_counter() - t0)
+            metrics.labelled(metrics.decisions, policy.name, decision.reason).inc()
             engine = decision.engine
             tried.add(engine.url)
             ex.engine, ex.reason, ex.attempts = engine.name, decision.reason, attempt + 1
@@ -455,11 +455,11 @@ class ProxyEndpoint:
     def _account(self, ex: Exchange) -> None:
         metrics = self.ctx.metrics
         elapsed = time.perf_counter() - ex.start
-        metrics.requests.labels(ex.model, ex.engine, str(ex.status)).inc()
+        metrics.labelled(metrics.requests, ex.model, ex.engine, str(ex.status)).inc()
         if ex.engine:
-            metrics.e2e.labels(ex.model).observe(elapsed)
+            metrics.labelled(metrics.e2e, ex.model).observe(elapsed)
         if ex.ttft is not None:
-            metrics.ttft.labels(ex.model).observe(ex.ttft)
+            metrics.labelled(metrics.ttft, ex.model).observe(ex.ttft)
         if ex.disconnected:
             metrics.disconnects.labels(ex.model).inc()
         if self.ctx.settings.access_log:
