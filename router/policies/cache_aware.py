@@ -3,13 +3,17 @@
 Per candidate: ``est_ttft = base + (queued uncached prefill + this request's uncached tokens) /
 prefill_rate + decode interference``; the hit comes from the KV-block index (tier-weighted), the
 queue from local accounting reconciled with scrapes. The cost adds ``uncached_weight`` x the
-request's own uncached prefill time (the compute it costs the cluster). Guards: bounded load (a
-holder above ``load_factor`` x the mean load is skipped unless its cache saving outweighs its
-queueing), hot-prefix replication (every holder skipped: warm the least-loaded other engine), cold
-spreading (no hit anywhere: the least recently cold-served of the near-best engines), optional
-exploration (off by default; a seeded RNG) and a soft session bonus. Ties break by a hash of (request,
-engine), so replicas fed the same events and requests decide the same way, and never toward the
-first engine."""
+request's own uncached prefill time (the compute it costs the cluster). Guards:
+
+* bounded load: a holder above ``load_factor`` x the mean load is skipped unless its cache saving
+  outweighs its queueing and covers ``replicate_below`` of the prompt;
+* hot-prefix replication: every holder skipped, so warm the least-loaded other engine;
+* cold spreading: no hit anywhere, so the least recently cold-served of the near-best engines;
+* balance among near-equals: the least loaded of the engines within a slack of the best cost;
+* optional exploration (off by default; a seeded RNG) and a soft session bonus.
+
+Ties break by a hash of (request, engine), so replicas fed the same events and requests decide the
+same way, and never toward the first engine."""
 
 from __future__ import annotations
 
@@ -52,7 +56,16 @@ class CacheAwareSettings(BaseModel):
     # between waiting for the holder and recomputing elsewhere, and scatters.
     uncached_weight: float = Field(0.5, ge=0.0)
     load_factor: float = Field(1.25, ge=1.0)
+    # A holder above the load bound whose hit is under this fraction of the prompt is skipped even
+    # when the hit would outweigh its queue: the request recomputes most of its prompt anyway, so
+    # a shared prefix (a product's system prompt) spreads to other engines instead of pulling every
+    # new session onto its first holder, where sticky follow-ups then keep the imbalance.
+    replicate_below: float = Field(0.5, ge=0.0, le=1.0)
     cold_slack_s: float = Field(0.05, ge=0.0)
+    # Engines whose cost is within this of the best are equally good for this request: the least
+    # loaded of them wins. Without it a prefix every engine holds (a product's system prompt)
+    # leaves new sessions to the tie-break hash, and sticky follow-ups keep the imbalance.
+    balance_slack_s: float = Field(0.01, ge=0.0)
     # An exact, event-fed index learns nothing from a random pick, and each one costs a cold
     # prefill; hot-prefix replication warms other engines when load asks for it.
     explore_rate: float = Field(0.0, ge=0.0, le=1.0)
@@ -104,6 +117,8 @@ def decide(
         v = views[i]
         if v.load <= bound:
             return False
+        if v.hit_tokens < s.replicate_below * prompt_tokens:
+            return True  # mostly recomputed anyway: warming another engine costs little
         queue_s = ttft[i] - s.base_ttft_s - max(0.0, prompt_tokens - v.hit_tokens) / rate
         return v.hit_tokens / rate <= queue_s  # its saving does not outweigh its queueing
 
@@ -133,7 +148,10 @@ def decide(
         own = s.uncached_weight * max(0.0, prompt_tokens - v.hit_tokens) / rate
         return ttft[i] + own - (s.session_bonus_s if v.session else 0.0)
 
-    i = best(pool, lambda i: (cost(i),))
+    costs = {i: cost(i) for i in pool}
+    floor = min(costs.values())
+    near = [i for i in pool if costs[i] <= floor + s.balance_slack_s]
+    i = best(near, lambda i: (views[i].load, costs[i]))
     return Choice(i, "cache_hit" if views[i].hit_tokens > 0 else "load", ttft[i])
 
 

@@ -54,6 +54,21 @@ def test_est_ttft(prompt: int, view: CandidateView, lo: float, hi: float) -> Non
             "cache_hit",
             id="bounded-load-keeps-big-saving",
         ),
+        # a short shared prefix (a system prompt) on an engine over the bound: its saving beats the
+        # queue, but most of the prompt is recomputed anyway, so warm another engine
+        pytest.param(
+            [v(hit=2048, load=10, running=10), v(load=1), v(load=3)],
+            1,
+            "replicate",
+            id="bounded-load-spreads-a-short-shared-prefix",
+        ),
+        # the same hit under the bound keeps it
+        pytest.param(
+            [v(hit=2048, load=4, running=4), v(load=3), v(load=3)],
+            0,
+            "cache_hit",
+            id="short-prefix-under-the-bound-stays",
+        ),
         # hot prefix: both holders over the bound, warm the least-loaded non-holder
         pytest.param(
             [v(hit=512, load=9, queued=9000), v(hit=512, load=9, queued=9000), v(load=3), v(load=1)],
@@ -82,6 +97,27 @@ def test_est_ttft(prompt: int, view: CandidateView, lo: float, hi: float) -> Non
         pytest.param([v(hit=N), v(hit=1024, session=True)], 0, "cache_hit", id="session-is-not-a-pin"),
         # ties break by the per-request hash, not by position
         pytest.param([v(hit=N, tiebreak=9), v(hit=N, tiebreak=3)], 1, "cache_hit", id="tie-by-hash"),
+        # a prefix every engine holds: the least loaded of the near-equal engines takes it
+        pytest.param(
+            [v(hit=1024, load=6, tiebreak=0), v(hit=1024, load=2, tiebreak=9), v(hit=1024, load=4)],
+            1,
+            "cache_hit",
+            id="near-equals-balance-by-load",
+        ),
+        # ... but load never buys out a real difference in cached prefix (1024 tokens ~ 45 ms)
+        pytest.param(
+            [v(hit=2048, load=3, running=3), v(hit=1024, load=1, running=1)],
+            0,
+            "cache_hit",
+            id="balance-stays-inside-the-slack",
+        ),
+        # a session engine is more than the slack ahead of its peers: it stays, though busier
+        pytest.param(
+            [v(hit=N, load=3, session=True), v(hit=N, load=1)],
+            0,
+            "cache_hit",
+            id="session-beats-balance",
+        ),
     ],
 )
 def test_decide(views: list[CandidateView], expected: int, reason: str) -> None:

@@ -118,16 +118,23 @@ def routing(
     report.print_table("Routing policies (times in ms)", [_display(r) for r in rows], list(_COLUMNS.values()))
     if goal_rows:
         report.print_table("Goals (cache_aware)", goal_rows, list(goal_rows[0].keys()))
-    for r in rows:
-        r["panel"] = f"{r['workload']}\n{r['regime']}"
+    plotted = [
+        {
+            **r,
+            "panel": f"{r['workload']}\n{r['regime']}",
+            "ttft_p90_ms": 1000 * r["ttft_p90"],
+            "ttft_all_p90_ms": 1000 * r["ttft_all_p90"],
+        }
+        for r in rows
+    ]
     report.bar_grid(
         folder / "routing.png",
-        rows,
+        plotted,
         panel_key="panel",
         bar_key="policy",
         metrics=[
-            ("ttft_p90", "TTFT p90, repeats (s)"),
-            ("ttft_all_p90", "TTFT p90, all (s)"),
+            ("ttft_p90_ms", "TTFT p90, repeats (ms)"),
+            ("ttft_all_p90_ms", "TTFT p90, all (ms)"),
             ("hit_rate", "engine hit rate"),
             ("load_cv", "load CV"),
         ],
