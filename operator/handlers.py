@@ -68,6 +68,7 @@ def build_registry(runtime: Runtime) -> kopf.OperatorRegistry:
         settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
         settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=GROUP)
         settings.posting.level = logging.WARNING  # only warnings become Events; decisions post their own
+        logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per API call is noise
         runtime.kube = Kube.from_environment(s.kubeconfig, s.context)
         if s.metrics_port:
             runtime.metrics.serve(s.metrics_port, s.metrics_host)

@@ -8,6 +8,7 @@ they match what kopf logs in with.
 from __future__ import annotations
 
 import json
+import ssl
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -54,12 +55,11 @@ class Kube:
         self,
         server: str,
         *,
-        verify: Any = True,
-        cert: Any = None,
+        verify: ssl.SSLContext | bool = True,
         auth: Callable[[], str | None] | None = None,
     ) -> None:
         self._auth = auth or (lambda: None)
-        self._client = httpx.AsyncClient(base_url=server, verify=verify, cert=cert, timeout=30.0)
+        self._client = httpx.AsyncClient(base_url=server, verify=verify, timeout=30.0)
 
     @classmethod
     def from_environment(cls, kubeconfig: Path | None = None, context: str | None = None) -> Kube:
@@ -75,12 +75,13 @@ class Kube:
             config.load_kube_config(  # type: ignore[no-untyped-call]
                 config_file=str(kubeconfig) if kubeconfig else None, context=context, client_configuration=cfg
             )
-        verify: Any = (cfg.ssl_ca_cert or True) if cfg.verify_ssl else False
-        cert = (cfg.cert_file, cfg.key_file) if cfg.cert_file else None
+        verify: ssl.SSLContext | bool = False
+        if cfg.verify_ssl:
+            verify = ssl.create_default_context(cafile=cfg.ssl_ca_cert)
+            if cfg.cert_file:
+                verify.load_cert_chain(cfg.cert_file, cfg.key_file)
         # Service-account tokens rotate: ask the loader's refresh hook for the current one each time.
-        return cls(
-            str(cfg.host), verify=verify, cert=cert, auth=lambda: cfg.get_api_key_with_prefix("authorization")
-        )
+        return cls(str(cfg.host), verify=verify, auth=lambda: cfg.get_api_key_with_prefix("authorization"))
 
     async def aclose(self) -> None:
         await self._client.aclose()

@@ -40,7 +40,17 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
     sims = [
         ManagedProcess(
             f"sim-{i}",
-            [kvstack_executable(), "engine", "sim", "--port", str(p), "--model", MODEL, "--max-num-seqs", "1"],
+            [
+                kvstack_executable(),
+                "engine",
+                "sim",
+                "--port",
+                str(p),
+                "--model",
+                MODEL,
+                "--max-num-seqs",
+                "1",
+            ],
             workdir,
             ready_url=f"http://127.0.0.1:{p}/health",
         )
@@ -73,9 +83,9 @@ async def load(url: str, concurrent: int) -> AsyncIterator[None]:
             await asyncio.gather(*tasks, return_exceptions=True)
 
 
-async def observe_until(prom: Prometheus, current: int, want: float, timeout: float = 30.0) -> Observation:
+async def observe_until(prom: Prometheus, current: int, want: float, wait_s: float = 30.0) -> Observation:
     q = queries("waitingPerReplica", NAMESPACE, MODEL, window_s=60, idle_s=None)
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + wait_s
     obs = observation("waitingPerReplica", time.time(), current, Results({}, {}))
     while time.monotonic() < deadline:
         obs = observation("waitingPerReplica", time.time(), current, await prom.results(q))

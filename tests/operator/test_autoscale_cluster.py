@@ -1,0 +1,262 @@
+"""End to end: the operator scales engine pods on a real Prometheus scraping the simulators behind them.
+
+Real API server + controller-manager + kwok pods, a ``kvstack engine sim`` per Running engine pod on
+the pod's IP (PodSimulators), Prometheus discovering those pods through the API server (as a
+PodMonitor would), and the operator under KopfRunner. Intervals are shortened by the spec.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+from kopf.testing import KopfRunner
+
+from kvstack.common.procs import ManagedProcess
+from kvstack.operator.handlers import Runtime, build_registry
+from kvstack.operator.settings import OperatorSettings
+from kvstack.testing import Cluster, PodSimulators, SimTarget
+
+from ..conftest import free_port
+from .conftest import Api, wait_until
+
+pytestmark = [pytest.mark.cluster, pytest.mark.slow, pytest.mark.timeout(600)]
+
+MODEL = "sim-llama"
+INTERVAL = 2  # seconds between evaluations
+DOWN_WINDOW = 20  # scale-down stabilization
+
+
+def prometheus(workdir: Path, cluster: Cluster, namespace: str) -> ManagedProcess:
+    """Prometheus discovering engine pods through the API server, labelled as a PodMonitor does."""
+    config = {
+        "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
+        "scrape_configs": [
+            {
+                "job_name": "kvstack-engine",
+                "kubernetes_sd_configs": [
+                    {
+                        "role": "pod",
+                        "kubeconfig_file": str(cluster.kubeconfig),
+                        "namespaces": {"names": [namespace]},
+                    }
+                ],
+                "relabel_configs": [
+                    {
+                        "source_labels": ["__meta_kubernetes_pod_label_app_kubernetes_io_component"],
+                        "regex": "engine",
+                        "action": "keep",
+                    },
+                    {
+                        "source_labels": ["__meta_kubernetes_pod_container_port_name"],
+                        "regex": "http",
+                        "action": "keep",
+                    },
+                    {"source_labels": ["__meta_kubernetes_pod_phase"], "regex": "Running", "action": "keep"},
+                    {"source_labels": ["__meta_kubernetes_namespace"], "target_label": "namespace"},
+                    {"source_labels": ["__meta_kubernetes_pod_name"], "target_label": "pod"},
+                ],
+            }
+        ],
+    }
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "prometheus.yml").write_text(yaml.safe_dump(config))
+    port = free_port()
+    argv = [
+        "prometheus",
+        f"--config.file={workdir / 'prometheus.yml'}",
+        f"--storage.tsdb.path={workdir / 'data'}",
+        f"--web.listen-address=127.0.0.1:{port}",
+        "--log.level=warn",
+    ]
+    return ManagedProcess("prometheus", argv, workdir, ready_url=f"http://127.0.0.1:{port}/-/ready")
+
+
+class Load:
+    """``concurrent`` completions kept in flight, each sent to the simulator with the fewest of ours."""
+
+    def __init__(self, sims: PodSimulators, concurrent: int) -> None:
+        self._sims = sims
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._in_flight: dict[str, int] = {}
+        self._threads = [threading.Thread(target=self._worker, daemon=True) for _ in range(concurrent)]
+
+    def _pick(self) -> SimTarget | None:
+        targets = list(self._sims.targets.values())
+        if not targets:
+            return None
+        with self._lock:
+            target = min(targets, key=lambda t: self._in_flight.get(t.url, 0))
+            self._in_flight[target.url] = self._in_flight.get(target.url, 0) + 1
+        return target
+
+    def _worker(self) -> None:
+        body = {"model": MODEL, "prompt": "hello " * 20, "max_tokens": 200, "ignore_eos": True}
+        with httpx.Client(timeout=60) as client:
+            while not self._stop.is_set():
+                target = self._pick()
+                if target is None:
+                    self._stop.wait(0.2)
+                    continue
+                try:
+                    client.post(f"{target.url}/v1/completions", json=body)
+                except httpx.HTTPError:
+                    self._stop.wait(0.2)  # a simulator still starting, or one being stopped
+                finally:
+                    with self._lock:
+                        self._in_flight[target.url] -= 1
+
+    def __enter__(self) -> Load:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=70)
+
+
+def evaluations(runtime: Runtime) -> float:
+    """How many evaluations the operator has finished (all models, all outcomes)."""
+    return sum(
+        s.value for m in runtime.metrics.decisions.collect() for s in m.samples if s.name.endswith("_total")
+    )
+
+
+@contextlib.contextmanager
+def recording(api: Api, name: str) -> Iterator[list[tuple[float, int]]]:
+    """(time, spec.replicas) of a Deployment every 0.25 s, while the block runs."""
+    samples: list[tuple[float, int]] = []
+    stop = threading.Event()
+
+    def poll() -> None:
+        while not stop.is_set():
+            dep = api.deployment(name)
+            if dep is not None:
+                samples.append((time.monotonic(), int(dep.spec.replicas)))
+            stop.wait(0.25)
+
+    thread = threading.Thread(target=poll, daemon=True)
+    thread.start()
+    try:
+        yield samples
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+
+
+def changes(samples: list[tuple[float, int]]) -> list[tuple[float, int, int]]:
+    return [(t, a, b) for (_, a), (t, b) in itertools.pairwise(samples) if a != b]
+
+
+@pytest.mark.usefixtures("kubeconfig_env")
+def test_load_scales_engines_up_then_down_and_a_blind_operator_holds(
+    cluster: Cluster, namespace: str, api: Api, tmp_path: Path
+) -> None:
+    prom = prometheus(tmp_path / "prometheus", cluster, namespace)
+    spec: dict[str, Any] = {
+        "models": [
+            {
+                "name": "llama",
+                "model": MODEL,
+                "gpus": 1,
+                "minReplicas": 1,
+                "maxReplicas": 4,
+                "podAnnotations": {"sim.kvstack.io/model": MODEL, "sim.kvstack.io/args": "--max-num-seqs 1"},
+            }
+        ],
+        "router": {"enabled": False},
+        "cache": {"mode": "none"},
+        "autoscaling": {
+            "metric": "waitingPerReplica",
+            "target": 2,
+            "intervalSeconds": INTERVAL,
+            "staleAfterSeconds": 30,
+            "scaleDown": {"stabilizationSeconds": DOWN_WINDOW},
+        },
+    }
+    settings = OperatorSettings(
+        namespace=namespace,
+        kubeconfig=cluster.kubeconfig,
+        context=cluster.context,
+        metrics_port=0,
+        liveness_port=0,
+        tick_seconds=0.5,
+        resync_seconds=30,
+        prometheus_url=prom.ready_url.removesuffix("/-/ready") if prom.ready_url else "",
+    )
+    runtime = Runtime(settings)
+    sims = PodSimulators(cluster.api_client(), "app.kubernetes.io/component=engine", namespace=namespace)
+    args = ["run", "--standalone", "--namespace", namespace]
+    prom.start()
+    try:
+        prom.wait_ready(60)
+        with sims, KopfRunner(args, registry=build_registry(runtime), timeout=30) as runner:
+            api.create("demo", spec)
+            sims.wait_for(1, timeout=90)
+            wait_until(
+                lambda: (api.condition("demo", "PrometheusReachable") or {}).get("status") == "True",
+                "the first successful query",
+            )
+            # Prometheus must see the pod before a load step can show.
+            wait_until(lambda: evaluations(runtime) >= 2, "two evaluations")
+            with recording(api, "demo-llama") as samples:
+                # 1. Load step: 8 requests in flight on a 1-seq engine = 7 waiting vs target 2.
+                with Load(sims, concurrent=8):
+                    before = evaluations(runtime)
+                    wait_until(
+                        lambda: api.deployment("demo-llama").spec.replicas > 1, "a scale up", timeout=60
+                    )
+                    # Within two evaluation periods of Prometheus seeing the load (one more for the scrape).
+                    assert evaluations(runtime) - before <= 3
+                    status = api.get("demo")["status"]["models"][0]
+                    assert status["lastDecision"]["direction"] == "up"
+                    assert status["lastDecision"]["reason"] in ("queue", "max_replicas")
+                    # 2. Steady load: settle, then no reversal over three windows.
+                    time.sleep(3 * DOWN_WINDOW)
+                    steady_from = samples[-1][0] - 2 * DOWN_WINDOW
+                load_stopped = time.monotonic()
+                # 3. Load gone: replicas fall to minReplicas, the first step only after the window.
+                wait_until(
+                    lambda: api.deployment("demo-llama").spec.replicas == 1,
+                    "back to minReplicas",
+                    timeout=120,
+                )
+            steady = [c for c in changes(samples) if steady_from <= c[0] < load_stopped]
+            assert all(b < a for _, a, b in steady), f"flapped under steady load: {steady}"
+            assert len(steady) <= 1, steady
+            first_down = next(t for t, a, b in changes(samples) if t >= load_stopped and b < a)
+            assert first_down - load_stopped >= DOWN_WINDOW - INTERVAL
+            assert all(a - b <= 1 for _, a, b in changes(samples) if b < a)  # one pod per period
+
+            # 4. Prometheus gone: replicas held, the condition says why.
+            prom.stop()
+            cond = wait_until(
+                lambda: (c := api.condition("demo", "PrometheusReachable")) and c["status"] == "False" and c,
+                "PrometheusReachable=False",
+            )
+            assert cond["reason"] == "QueryFailed"
+            scaling = api.condition("demo", "ScalingActive")
+            assert scaling is not None and scaling["reason"] == "MetricsUnavailable"
+            held = evaluations(runtime)
+            wait_until(lambda: evaluations(runtime) >= held + 3, "three blind evaluations")
+            assert api.deployment("demo-llama").spec.replicas == 1
+            assert runtime.metrics.registry.get_sample_value("kvstack_operator_prometheus_up") == 0.0
+            events = api.core.list_namespaced_event(
+                namespace, field_selector="involvedObject.name=demo"
+            ).items
+            reasons = {e.reason for e in events}
+            assert {"ScaledUp", "ScaledDown", "PrometheusUnreachable"} <= reasons, reasons
+        assert runner.exception is None, runner.output
+    finally:
+        prom.stop()
