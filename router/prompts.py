@@ -22,9 +22,13 @@ _TEXT, _CHAT = b"t", b"c"  # digest domains: a completion prompt never matches a
 
 
 class TokenCache:
-    """LRU of ``digest -> token tuple``, at most ``max_entries`` entries and ``max_tokens`` tokens."""
+    """LRU of ``digest -> token tuple``, at most ``max_entries`` entries and ``max_tokens`` tokens.
 
-    def __init__(self, max_entries: int = 4096, max_tokens: int = 4_000_000) -> None:
+    A held token costs one 8-byte pointer (ids are the tokenizer's shared int objects), so the
+    default budget bounds the cache near 16 MB: sixty 32K-token documents, or 4096 short chats.
+    """
+
+    def __init__(self, max_entries: int = 4096, max_tokens: int = 2_000_000) -> None:
         if max_entries <= 0 or max_tokens <= 0:
             raise ValueError("max_entries and max_tokens must be positive")
         self.max_entries = max_entries

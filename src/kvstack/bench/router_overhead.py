@@ -1,0 +1,436 @@
+"""``kvstack bench router``: what one router process costs and sustains, per upstream backend.
+
+Simulators run at a high speed factor (the engine model nearly free) behind one router process. A
+separate load process (aiohttp on uvloop, cheaper per request than the router) measures:
+
+* added latency: p50/p99 through the router minus straight to the engines, open loop at ``--rate``;
+* the highest sustained rate, closed loop over ``--concurrency`` levels, non-streaming and streaming;
+* the router's RSS over an open-loop soak of unique prompts (``--soak-seconds``), which fills every
+  bounded cache (prompt tokens, block keys, index, ledger) so growth past them would show.
+
+Router, load generator and simulators share this machine's cores, so each phase records the load
+average and the CPU each process used. Results: JSON + PNG under ``bench-results/router/``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing as mp
+import os
+import signal
+import socket
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+import yaml
+
+from kvstack.bench.report import print_table, write_json
+from kvstack.bench.stats import percentile
+
+MODEL = "sim"
+GOALS = {"added_p50_ms": 1.0, "added_p99_ms": 5.0, "rps_nonstream": 1000.0, "rps_stream": 500.0}
+_SYSTEM = "You are a concise assistant for a platform team that runs LLM inference on Kubernetes. " * 4
+_TOPICS = ["caches", "routers", "autoscaling", "KV blocks", "prefill", "decode", "Redis", "GPUs"]
+
+
+@dataclass(frozen=True, slots=True)
+class Load:
+    """One phase of load: open loop at ``rate`` req/s, or closed loop with ``concurrency`` workers."""
+
+    urls: tuple[str, ...]  # base URLs, used round-robin (the engines themselves, or one router)
+    seconds: float
+    warmup: float
+    rate: float = 0.0
+    concurrency: int = 0
+    stream: bool = False
+    max_tokens: int = 16
+    unique: bool = False  # a new prompt every request (soak); else 64 prompts repeat
+
+
+def body(i: int, load: Load) -> dict[str, Any]:
+    """The chat request number ``i`` of a phase (a shared system prompt, a varying question)."""
+    k = i if load.unique else i % 64
+    question = f"Question {k}: what should we know about {_TOPICS[k % len(_TOPICS)]} today?"
+    return {
+        "model": MODEL,
+        "messages": [{"role": "system", "content": _SYSTEM}, {"role": "user", "content": question}],
+        "max_tokens": load.max_tokens,
+        "ignore_eos": True,
+        "stream": load.stream,
+    }
+
+
+# -------------------------------------------------------------------- load process
+
+
+async def _drive(load: Load) -> list[tuple[float, float, bool, int]]:
+    """(start, latency, ok, chunks) per request, times relative to the phase start."""
+    import aiohttp
+
+    samples: list[tuple[float, float, bool, int]] = []
+    t0 = time.perf_counter()
+    stop_at = t0 + load.warmup + load.seconds
+    paths = [f"{u}/v1/chat/completions" for u in load.urls]
+    counter = iter(range(1 << 62))
+
+    async def one(session: aiohttp.ClientSession, i: int) -> None:
+        start = time.perf_counter()
+        ok, chunks = False, 0
+        try:
+            async with session.post(paths[i % len(paths)], json=body(i, load)) as resp:
+                if load.stream:
+                    async for line in resp.content:
+                        chunks += line.startswith(b"data: {")
+                else:
+                    await resp.read()
+                ok = resp.status == 200
+        except (aiohttp.ClientError, TimeoutError):
+            ok = False
+        samples.append((start - t0, time.perf_counter() - start, ok, chunks))
+
+    connector = aiohttp.TCPConnector(limit=0, force_close=False)
+    timeout = aiohttp.ClientTimeout(total=60)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        if load.concurrency:
+
+            async def worker() -> None:
+                while time.perf_counter() < stop_at:
+                    await one(session, next(counter))
+
+            await asyncio.gather(*(worker() for _ in range(load.concurrency)))
+        else:
+            tasks: set[asyncio.Task[None]] = set()
+            interval, i = 1.0 / load.rate, 0
+            while (due := t0 + i * interval) < stop_at:
+                delay = due - time.perf_counter()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                task = asyncio.create_task(one(session, i))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+                i += 1
+            await asyncio.gather(*tasks)
+    return samples
+
+
+def _load_main(load: Load, out: Any) -> None:
+    import uvloop
+
+    out.send(uvloop.run(_drive(load)))
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def run_load(load: Load, router_pid: int | None, rss_every: float = 0.0) -> dict[str, Any]:
+    """Run ``load`` in its own process; summarize the window after the warm-up."""
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_load_main, args=(load, child))
+    load_avg = os.getloadavg()[0]
+    proc.start()
+    rss: list[tuple[float, float]] = []
+    try:
+        time.sleep(load.warmup)
+        assert proc.pid is not None
+        t0 = time.monotonic()
+        cpu_r = _cpu_seconds(router_pid) if router_pid else 0.0
+        cpu_l = _cpu_seconds(proc.pid)
+        while (elapsed := time.monotonic() - t0) < load.seconds:
+            if router_pid and rss_every:
+                rss.append((round(elapsed, 1), rss_mb(router_pid)))
+            time.sleep(min(rss_every or load.seconds, max(0.01, load.seconds - elapsed)))
+        wall = time.monotonic() - t0
+        router_cpu = (_cpu_seconds(router_pid) - cpu_r) / wall if router_pid else 0.0
+        load_cpu = (_cpu_seconds(proc.pid) - cpu_l) / wall
+        if router_pid and rss_every:
+            rss.append((round(wall, 1), rss_mb(router_pid)))
+        samples: list[tuple[float, float, bool, int]] = parent.recv()
+        proc.join(30)
+    finally:
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+    return summarize(samples, load, router_cpu, load_cpu, load_avg, rss)
+
+
+def summarize(
+    samples: list[tuple[float, float, bool, int]],
+    load: Load,
+    router_cpu: float,
+    load_cpu: float,
+    load_avg: float,
+    rss: list[tuple[float, float]],
+) -> dict[str, Any]:
+    """Requests started inside the measured window (after the warm-up) make the result."""
+    lo, hi = load.warmup, load.warmup + load.seconds
+    window = [s for s in samples if lo <= s[0] < hi]
+    good = [s for s in window if s[2]]
+    lat = [s[1] * 1000 for s in good]
+    return {
+        "requests": len(good),
+        "errors": len(window) - len(good),
+        "rps": len(good) / load.seconds,
+        "p50_ms": percentile(lat, 50),
+        "p99_ms": percentile(lat, 99),
+        "chunks_per_request": sum(s[3] for s in good) / max(1, len(good)),
+        "router_cpu": router_cpu,
+        "load_cpu": load_cpu,
+        "load_avg_1m": load_avg,
+        "rss_mb": rss,
+    }
+
+
+# -------------------------------------------------------------------- processes
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _kvstack() -> str:
+    return str(Path(sys.executable).parent / "kvstack")
+
+
+def _sims(n: int, speed: float, logs: Path) -> tuple[list[Any], list[dict[str, Any]]]:
+    from kvstack.common.procs import ManagedProcess
+
+    procs, entries = [], []
+    for i in range(n):
+        port, pub, replay = _free_port(), _free_port(), _free_port()
+        url = f"http://127.0.0.1:{port}"
+        argv = [
+            _kvstack(), "engine", "sim", "--port", str(port), "--served-model-name", MODEL,
+            "--speed", str(speed), "--max-num-seqs", "1024", "--max-num-batched-tokens", "16384",
+            "--max-model-len", "4096",
+            "--kv-events-endpoint", f"tcp://127.0.0.1:{pub}",
+            "--kv-events-replay-endpoint", f"tcp://127.0.0.1:{replay}",
+        ]  # fmt: skip
+        procs.append(ManagedProcess(f"sim-{i}", argv, logs, ready_url=f"{url}/health"))
+        entries.append(
+            {
+                "url": url,
+                "name": f"engine-{i}",
+                "models": [MODEL],
+                "kv_events_endpoint": f"tcp://127.0.0.1:{pub}",
+                "kv_events_replay_endpoint": f"tcp://127.0.0.1:{replay}",
+            }
+        )
+    return procs, entries
+
+
+def _router(backend: str, policy: str, engines_file: Path, logs: Path, profile: Path | None) -> Any:
+    from kvstack.common.procs import ManagedProcess
+
+    port = _free_port()
+    argv = [_kvstack(), "router", "--port", str(port), "--engines-file", str(engines_file)]
+    argv += ["--policy", policy, "--upstream-backend", backend, "--log-level", "warning"]
+    if profile is not None:
+        argv = [sys.executable, "-m", "cProfile", "-o", str(profile.resolve()), *argv]
+    env = {"KVSTACK_ROUTER_ACCESS_LOG": "false"}
+    return ManagedProcess(
+        f"router-{backend}", argv, logs, env=env, ready_url=f"http://127.0.0.1:{port}/ready"
+    )
+
+
+def _router_url(router: Any) -> str:
+    return str(router.ready_url).removesuffix("/ready")
+
+
+# -------------------------------------------------------------------- the benchmark
+
+
+def measure_backend(
+    backend: str, policy: str, engines_file: Path, cfg: dict[str, Any], logs: Path, profile: Path | None
+) -> dict[str, Any]:
+    from kvstack.common.procs import running
+
+    router = _router(backend, policy, engines_file, logs, profile)
+    seconds, warmup = cfg["seconds"], cfg["warmup"]
+    out: dict[str, Any] = {"backend": backend}
+    with running([router]):
+        time.sleep(1.0)  # engines discovered and scraped, KV-event feeds connected
+        url, pid = (_router_url(router),), router.pid
+        out["open"] = run_load(Load(url, seconds, warmup, rate=cfg["rate"]), pid)
+        for stream, key, tokens in ((False, "closed_nonstream", 16), (True, "closed_stream", 32)):
+            out[key] = [
+                {"concurrency": c, **run_load(Load(url, seconds, warmup, concurrency=c, stream=stream,
+                                                   max_tokens=tokens), pid)}
+                for c in cfg["concurrency"]
+            ]  # fmt: skip
+        if cfg["soak_seconds"] > 0:
+            soak = Load(url, cfg["soak_seconds"], warmup, rate=cfg["rate"], unique=True)
+            out["soak"] = run_load(soak, pid, rss_every=max(1.0, cfg["soak_seconds"] / 60))
+        if profile is not None and router.proc is not None:
+            os.kill(router.pid, signal.SIGINT)  # cProfile writes its stats on KeyboardInterrupt
+            router.proc.wait(60)
+    return out
+
+
+def verdict(direct: dict[str, Any], row: dict[str, Any]) -> dict[str, Any]:
+    """The headline numbers of one backend against the goals (pure)."""
+    best_ns = max((lv["rps"] for lv in row["closed_nonstream"]), default=0.0)
+    best_s = max((lv["rps"] for lv in row["closed_stream"]), default=0.0)
+    added50 = row["open"]["p50_ms"] - direct["p50_ms"]
+    added99 = row["open"]["p99_ms"] - direct["p99_ms"]
+    out: dict[str, Any] = {
+        "backend": row["backend"],
+        "added_p50_ms": added50,
+        "added_p99_ms": added99,
+        "rps_nonstream": best_ns,
+        "rps_stream": best_s,
+        "meets_latency": added50 <= GOALS["added_p50_ms"] and added99 <= GOALS["added_p99_ms"],
+        "meets_rps": best_ns >= GOALS["rps_nonstream"] and best_s >= GOALS["rps_stream"],
+    }
+    rss = row.get("soak", {}).get("rss_mb", [])
+    if len(rss) >= 4:
+        half = rss[len(rss) // 2 :]
+        minutes = max(1e-9, (half[-1][0] - half[0][0]) / 60)
+        out["rss_start_mb"], out["rss_end_mb"] = rss[0][1], rss[-1][1]
+        out["rss_growth_mb_per_min_2nd_half"] = (half[-1][1] - half[0][1]) / minutes
+    return out
+
+
+def plot(
+    path: Path, direct: dict[str, Any], rows: list[dict[str, Any]], verdicts: list[dict[str, Any]]
+) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [v["backend"] for v in verdicts]
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(12, 3.6))
+    xs = range(len(names))
+    ax1.bar([x - 0.2 for x in xs], [v["added_p50_ms"] for v in verdicts], 0.4, label="added p50")
+    ax1.bar([x + 0.2 for x in xs], [v["added_p99_ms"] for v in verdicts], 0.4, label="added p99")
+    ax1.axhline(GOALS["added_p50_ms"], color="tab:blue", linestyle="--", linewidth=1)
+    ax1.axhline(GOALS["added_p99_ms"], color="tab:orange", linestyle="--", linewidth=1)
+    ax1.set_xticks(list(xs), names)
+    ax1.set_yscale("symlog", linthresh=1.0)  # a saturated backend adds seconds, a good one < 1 ms
+    ax1.set_ylabel("ms over direct (open loop)")
+    ax1.legend(fontsize=7)
+    ax2.bar([x - 0.2 for x in xs], [v["rps_nonstream"] for v in verdicts], 0.4, label="non-streaming")
+    ax2.bar([x + 0.2 for x in xs], [v["rps_stream"] for v in verdicts], 0.4, label="streaming, 32 tokens")
+    ax2.axhline(GOALS["rps_nonstream"], color="tab:blue", linestyle="--", linewidth=1)
+    ax2.axhline(GOALS["rps_stream"], color="tab:orange", linestyle="--", linewidth=1)
+    for key, style in (("closed_nonstream", ":"), ("closed_stream", "-.")):
+        if direct.get(key):
+            ax2.axhline(direct[key]["rps"], color="grey", linestyle=style, linewidth=1)
+    ax2.set_xticks(list(xs), names)
+    ax2.set_ylabel("req/s, closed loop (grey: direct)")
+    ax2.legend(fontsize=7)
+    for row in rows:
+        rss = row.get("soak", {}).get("rss_mb", [])
+        if rss:
+            ax3.plot([t for t, _ in rss], [m for _, m in rss], marker=".", label=row["backend"])
+    ax3.set_xlabel("soak seconds")
+    ax3.set_ylabel("router RSS (MB)")
+    ax3.set_ylim(bottom=0)
+    ax3.legend(fontsize=7)
+    fig.suptitle("One router process in front of simulators (2 shared cores)", fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def router_overhead(
+    backend: Annotated[
+        list[str] | None, typer.Option(help="Upstream backend: aiohttp, httpx; repeat (default both).")
+    ] = None,
+    policy: Annotated[str, typer.Option(help="Routing policy of the router.")] = "cache_aware",
+    engines: Annotated[int, typer.Option(help="Simulators behind the router.")] = 2,
+    speed: Annotated[float, typer.Option(help="Simulator speed factor.")] = 1000.0,
+    rate: Annotated[float, typer.Option(help="Open-loop rate for added latency and the soak.")] = 200.0,
+    concurrency: Annotated[
+        list[int] | None, typer.Option(help="Closed-loop concurrency; repeat (default 32, 128).")
+    ] = None,
+    seconds: Annotated[float, typer.Option(help="Measured window per phase.")] = 10.0,
+    warmup: Annotated[float, typer.Option(help="Warm-up before each window.")] = 2.0,
+    soak_seconds: Annotated[float, typer.Option(help="RSS soak length (0: skip).")] = 600.0,
+    out_dir: Annotated[Path, typer.Option(help="Where JSON and PNG go.")] = Path("bench-results/router"),
+    profile: Annotated[
+        Path | None, typer.Option(help="Run the router under cProfile; stats to DIR/<backend>.prof.")
+    ] = None,
+) -> None:
+    """Router overhead: added latency, highest sustained rate and RSS over a soak, per backend."""
+    from kvstack.common.procs import running
+
+    backends = backend or ["aiohttp", "httpx"]
+    for b in backends:
+        if b not in ("aiohttp", "httpx"):
+            raise typer.BadParameter(f"unknown backend {b!r}", param_hint="--backend")
+    levels = concurrency or [32, 128]
+    cfg: dict[str, Any] = {
+        "rate": rate,
+        "concurrency": levels,
+        "seconds": seconds,
+        "warmup": warmup,
+        "soak_seconds": soak_seconds,
+    }
+    logs = out_dir / "logs"
+    sims, entries = _sims(engines, speed, logs)
+    engines_file = logs / "engines.yaml"
+    engines_file.parent.mkdir(parents=True, exist_ok=True)
+    engines_file.write_text(yaml.safe_dump(entries, sort_keys=False))
+    if profile is not None:
+        profile.mkdir(parents=True, exist_ok=True)
+    with running(sims):
+        urls = tuple(e["url"] for e in entries)
+        top = max(levels)
+        direct = {
+            "open": run_load(Load(urls, seconds, warmup, rate=rate), None),
+            "closed_nonstream": run_load(Load(urls, seconds, warmup, concurrency=top), None),
+            "closed_stream": run_load(
+                Load(urls, seconds, warmup, concurrency=top, stream=True, max_tokens=32), None
+            ),
+        }
+        rows = [
+            measure_backend(
+                b, policy, engines_file, cfg, logs, None if profile is None else profile / f"{b}.prof"
+            )
+            for b in backends
+        ]
+    verdicts = [verdict(direct["open"], r) for r in rows]
+    payload = {
+        "benchmark": "router_overhead",
+        "goals": GOALS,
+        "params": {**cfg, "policy": policy, "engines": engines, "speed": speed},
+        "cpu_count": os.cpu_count(),
+        "direct": direct,
+        "backends": rows,
+        "verdicts": verdicts,
+    }
+    write_json(out_dir / "router_overhead.json", payload)
+    plot(out_dir / "router_overhead.png", direct, rows, verdicts)
+    phases = [{"backend": "direct", "phase": k, **{**v, "rss_mb": ""}} for k, v in direct.items()]
+    for r in rows:
+        phases.append({"backend": r["backend"], "phase": f"open {rate:g}/s", **{**r["open"], "rss_mb": ""}})
+        for key in ("closed_nonstream", "closed_stream"):
+            for lv in r[key]:
+                phases.append({"backend": r["backend"], "phase": f"{key} c={lv['concurrency']}", **lv})
+        if "soak" in r:
+            phases.append({"backend": r["backend"], "phase": "soak", **{**r["soak"], "rss_mb": ""}})
+    cols = ["backend", "phase", "requests", "errors", "rps", "p50_ms", "p99_ms", "chunks_per_request"]
+    cols += ["router_cpu", "load_cpu", "load_avg_1m"]
+    print_table(f"kvstack bench router: policy {policy}, {engines} sims at x{speed:g}", phases, cols)
+    vcols = ["backend", "added_p50_ms", "added_p99_ms", "rps_nonstream", "rps_stream"]
+    vcols += ["rss_start_mb", "rss_end_mb", "rss_growth_mb_per_min_2nd_half", "meets_latency", "meets_rps"]
+    print_table("Goals: added p50 <= 1 ms, p99 <= 5 ms; >= 1000 req/s, >= 500 streamed", verdicts, vcols)
+    typer.echo(f"wrote {out_dir}/router_overhead.json + .png")

@@ -1,0 +1,86 @@
+"""``kvstack bench router``: the pure parts (request bodies, window summaries, verdicts), and short
+real runs of its load process against a simulator."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kvstack.bench.router_overhead import Load, body, run_load, summarize, verdict
+
+from .conftest import run_sims
+
+LOAD = Load(("http://x",), seconds=10.0, warmup=2.0, rate=100.0)
+
+
+def test_bodies_repeat_64_prompts_unless_unique() -> None:
+    repeat = {body(i, LOAD)["messages"][1]["content"] for i in range(200)}
+    unique = {body(i, Load(("u",), 1, 0, unique=True))["messages"][1]["content"] for i in range(200)}
+    assert (len(repeat), len(unique)) == (64, 200)
+    b = body(0, Load(("u",), 1, 0, stream=True, max_tokens=32))
+    assert (b["stream"], b["max_tokens"], b["ignore_eos"]) == (True, 32, True)
+
+
+@pytest.mark.parametrize(
+    ("samples", "requests", "errors", "p50"),
+    [
+        ([], 0, 0, math.nan),
+        ([(1.0, 0.5, True, 0)], 0, 0, math.nan),  # in the warm-up: not counted
+        ([(2.0, 0.010, True, 0), (3.0, 0.020, True, 0), (4.0, 0.5, False, 0)], 2, 1, 15.0),
+        ([(11.9, 0.001, True, 0), (12.0, 0.001, True, 0)], 1, 0, 1.0),  # started after the window
+    ],
+)
+def test_summarize_counts_the_window_only(
+    samples: list[tuple[float, float, bool, int]], requests: int, errors: int, p50: float
+) -> None:
+    row = summarize(samples, LOAD, 0.5, 0.1, 3.0, [])
+    assert (row["requests"], row["errors"]) == (requests, errors)
+    assert row["rps"] == requests / LOAD.seconds
+    assert (math.isnan(p50) and math.isnan(row["p50_ms"])) or row["p50_ms"] == pytest.approx(p50)
+
+
+def _row(open_p50: float, open_p99: float, ns: list[float], s: list[float], rss: list[Any]) -> dict[str, Any]:
+    return {
+        "backend": "b",
+        "open": {"p50_ms": open_p50, "p99_ms": open_p99},
+        "closed_nonstream": [{"rps": x} for x in ns],
+        "closed_stream": [{"rps": x} for x in s],
+        "soak": {"rss_mb": rss},
+    }
+
+
+@pytest.mark.parametrize(
+    ("row", "latency_ok", "rps_ok"),
+    [
+        (_row(1.5, 6.0, [900, 1200], [600], []), True, True),
+        (_row(1.7, 6.0, [1200], [600], []), False, True),  # p50 adds 1.2 ms
+        (_row(1.5, 12.0, [1200], [600], []), False, True),  # p99 adds 7 ms
+        (_row(1.5, 6.0, [999], [600], []), True, False),
+        (_row(1.5, 6.0, [1200], [499], []), True, False),
+    ],
+)
+def test_verdict_against_the_goals(row: dict[str, Any], latency_ok: bool, rps_ok: bool) -> None:
+    v = verdict({"p50_ms": 0.5, "p99_ms": 5.0}, row)
+    assert (v["meets_latency"], v["meets_rps"]) == (latency_ok, rps_ok)
+    assert v["added_p50_ms"] == pytest.approx(row["open"]["p50_ms"] - 0.5)
+
+
+def test_rss_growth_is_measured_over_the_second_half() -> None:
+    rss = [(0.0, 100.0), (60.0, 140.0), (120.0, 150.0), (180.0, 150.0), (240.0, 150.0)]
+    v = verdict({"p50_ms": 0.0, "p99_ms": 0.0}, _row(0, 0, [1], [1], rss))
+    assert (v["rss_start_mb"], v["rss_end_mb"]) == (100.0, 150.0)
+    assert v["rss_growth_mb_per_min_2nd_half"] == 0.0  # warmed up, then flat
+
+
+def test_load_process_measures_a_real_simulator(tmp_path: Path) -> None:
+    with run_sims(tmp_path, 1, "--served-model-name", "sim", "--speed", "100") as (sim,):
+        plain = run_load(Load((sim.url,), seconds=1.0, warmup=0.2, concurrency=2), None)
+        streamed = run_load(Load((sim.url,), seconds=1.0, warmup=0.2, rate=20, stream=True), None)
+        wrong = run_load(Load((sim.url + "/nowhere",), seconds=0.5, warmup=0.1, concurrency=1), None)
+    assert plain["requests"] > 0 and plain["errors"] == 0 and plain["load_cpu"] > 0
+    assert streamed["errors"] == 0 and streamed["chunks_per_request"] >= 1
+    assert 15 <= streamed["requests"] <= 25  # open loop: the rate, whatever the server does
+    assert wrong["requests"] == 0 and wrong["errors"] > 0  # failures are counted, never hidden
