@@ -7,7 +7,7 @@ recommendation history into a :class:`Decision`:
 2. no data, stale data: hold (never scale on what we cannot see);
 3. raw recommendation: ``ceil(current * value / target)``, no change within the tolerance; pods that
    did not report count as 0 when scaling up (loading pods are pending capacity) and forbid a
-   scale down (partial data);
+   scale down (partial data); a queue-based scale down keeps the pods the current demand needs;
 4. bounds ``[min, max]`` (``0`` only after the scale-to-zero idle window);
 5. stabilization: up to the *lowest* recommendation of the up window, down to the *highest* of the
    down window (so a brief dip never removes a pod);
@@ -93,6 +93,7 @@ class Observation:
     age_s: float = 0.0  # age of the oldest sample used
     pending: float | None = None  # requests the router holds for the model (scale from zero)
     idle: bool | None = None  # no request during the scale-to-zero window; None: unknown
+    running: float | None = None  # waiting signal: running requests per reporting pod
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,6 +139,12 @@ def _raw(policy: Policy, obs: Observation) -> tuple[int, Reason, str] | None:
     if obs.reporting < current:
         return None
     wanted = math.ceil(current * ratio - 1e-9)
+    if policy.signal == "waiting" and obs.running is not None:
+        # A queue is not proportional to 1/replicas (fewer pods turn running slots into waiting
+        # ones), so the HPA ratio overshoots a scale down and the next evaluation scales back up.
+        # Keep enough pods that the same demand, spread over them, waits at most the target each.
+        demand = obs.reporting * (obs.running + value)
+        wanted = max(wanted, min(current, math.ceil(demand / (obs.running + policy.target) - 1e-9)))
     if wanted == 0 and policy.min_replicas == 0 and not (policy.scale_to_zero and obs.idle):
         wanted = 1  # 0 replicas only after the idle window
     return wanted, "idle", shown

@@ -57,12 +57,13 @@ class Prometheus:
 
     async def results(self, q: Queries) -> Results:
         """Run one evaluation's queries concurrently."""
-        values, stamps, rate, pending, activity = await asyncio.gather(
+        values, stamps, rate, pending, activity, running = await asyncio.gather(
             self.query(q.value),
             self.query(q.stamps),
             self._one(q.rate),
             self._one(q.pending),
             self._one(q.activity),
+            self.query(q.running) if q.running else _nothing(),
         )
         return Results(
             values=_by_pod(values),
@@ -70,7 +71,12 @@ class Prometheus:
             rate=None if rate is None or math.isnan(rate) else rate,
             pending=pending,
             activity=activity,
+            running=_by_pod(running) if q.running else None,
         )
+
+
+async def _nothing() -> list[tuple[dict[str, str], float]]:
+    return []
 
 
 def _by_pod(series: list[tuple[dict[str, str], float]]) -> dict[PodKey, float]:

@@ -45,6 +45,7 @@ class Queries:
     rate: str | None  # ttft only: requests per second; 0 means idle, not unknown
     pending: str  # requests the router holds for the model
     activity: str | None  # scale to zero: requests over the idle window, plus in flight
+    running: str | None = None  # waiting signal: running requests per pod (the demand floor)
 
 
 def queries(metric: Metric, namespace: str, model_name: str, window_s: int, idle_s: int | None) -> Queries:
@@ -65,7 +66,8 @@ def queries(metric: Metric, namespace: str, model_name: str, window_s: int, idle
             f"sum(increase(vllm:request_success_total{sel}[{idle_s}s]))"
             f" + sum(vllm:num_requests_running{sel}) + sum(vllm:num_requests_waiting{sel})"
         )
-    return Queries(value, stamps, rate, pending, activity)
+    running = f"{_BY_POD} (vllm:num_requests_running{sel})" if metric == "waitingPerReplica" else None
+    return Queries(value, stamps, rate, pending, activity, running)
 
 
 PodKey = tuple[str, ...]
@@ -80,6 +82,7 @@ class Results:
     rate: float | None = None
     pending: float | None = None
     activity: float | None = None
+    running: Mapping[PodKey, float] | None = None
 
 
 def observation(metric: Metric, now: float, current: int, results: Results) -> Observation:
@@ -98,4 +101,7 @@ def observation(metric: Metric, now: float, current: int, results: Results) -> O
     if not values:
         return Observation(now, current, None, 0, 0.0, pending, idle)
     mean = sum(values.values()) / len(values)
-    return Observation(now, current, mean, len(values), max(age, 0.0), pending, idle)
+    running = None
+    if results.running is not None and all(k in results.running for k in values):
+        running = sum(results.running[k] for k in values) / len(values)
+    return Observation(now, current, mean, len(values), max(age, 0.0), pending, idle, running)

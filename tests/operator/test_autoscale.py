@@ -47,6 +47,19 @@ CASES = [
     ("down two per period", replace(WAITING, down_max_pods=2), obs(4, 1.0), ago((200, 1)), 2, "down", "idle"),
     ("down window 0", replace(WAITING, down_window_s=0), obs(4, 1.0), (), 3, "down", "idle"),
     ("up window holds", replace(WAITING, up_window_s=60), obs(2, 10.0), ago((30, 3)), 3, "up", "queue"),
+    # a queue is not proportional to 1/replicas: a scale down keeps what the demand needs
+    ("queue floor holds", WAITING, obs(4, 2.0, running=10.0), ago((200, 1)), 4, "none", "steady"),
+    ("queue floor steps", WAITING, obs(4, 2.0, running=4.0), ago((200, 1)), 3, "down", "idle"),
+    ("queue floor at zero", WAITING, obs(4, 0.0, running=0.0), ago((200, 1)), 3, "down", "idle"),
+    (
+        "floor: kv ignores",
+        Policy("kv_usage", 0.8, 1, 10),
+        obs(4, 0.2, running=9.0),
+        ago((200, 1)),
+        3,
+        "down",
+        "idle",
+    ),
     # missing, stale, partial data never scale down
     ("no data holds", WAITING, obs(3, None), (), 3, "none", "metrics_unavailable"),
     ("nobody reported", WAITING, obs(3, 0.0, reporting=0), (), 3, "none", "metrics_unavailable"),
@@ -151,6 +164,25 @@ def test_load_step_up_is_immediate_and_down_waits_the_window() -> None:
     assert first_down * 15.0 - 4 * 15.0 >= 300.0
     assert all(b - a >= -1 for a, b in itertools.pairwise(sizes))  # one pod per period
     assert sizes[-1] == 1
+
+
+def test_steady_queue_load_settles_without_reversal() -> None:
+    # 8 requests in flight on 1-seq engines (target 2 waiting each): HPA's ratio alone would go
+    # 4 -> 2 -> 3; with the demand floor the size settles and never turns back.
+    policy = replace(WAITING, target=2.0, down_window_s=30)
+    history: History = ()
+    current, sizes = 1, [1]
+    for i in range(60):
+        running = min(8, current) / current
+        waiting = max(0, 8 - current) / current
+        o = Observation(now=i * 15.0, current=current, value=waiting, reporting=current, running=running)
+        d = decide(policy, o, history)
+        history, current = d.history, d.replicas
+        sizes.append(current)
+    downs = [i for i, (a, b) in enumerate(itertools.pairwise(sizes)) if b < a]
+    ups = [i for i, (a, b) in enumerate(itertools.pairwise(sizes)) if b > a]
+    assert not downs or max(ups) < min(downs), sizes
+    assert sizes[-1] == 3  # 8 in flight on 3 pods: 5 waiting, 1.7 each, below the target of 2
 
 
 def test_partial_data_during_scale_up_does_not_overshoot() -> None:

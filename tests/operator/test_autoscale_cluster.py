@@ -1,14 +1,15 @@
 """End to end: the operator scales engine pods on a real Prometheus scraping the simulators behind them.
 
 Real API server + controller-manager + kwok pods, a ``kvstack engine sim`` per Running engine pod on
-the pod's IP (PodSimulators), Prometheus discovering those pods through the API server (as a
-PodMonitor would), and the operator under KopfRunner. Intervals are shortened by the spec.
+the pod's IP (PodSimulators), Prometheus scraping those pods with the labels a PodMonitor gives
+them, and the operator under KopfRunner. Intervals are shortened by the spec.
 """
 
 from __future__ import annotations
 
 import contextlib
 import itertools
+import json
 import threading
 import time
 from collections.abc import Iterator
@@ -35,35 +36,15 @@ INTERVAL = 2  # seconds between evaluations
 DOWN_WINDOW = 20  # scale-down stabilization
 
 
-def prometheus(workdir: Path, cluster: Cluster, namespace: str) -> ManagedProcess:
-    """Prometheus discovering engine pods through the API server, labelled as a PodMonitor does."""
+def prometheus(workdir: Path, targets_file: Path) -> ManagedProcess:
+    """Prometheus scraping the engine pods listed in ``targets_file`` (Debian's build has no
+    kubernetes_sd; :class:`PodDiscovery` writes the same targets a PodMonitor would find)."""
     config = {
         "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
         "scrape_configs": [
             {
                 "job_name": "kvstack-engine",
-                "kubernetes_sd_configs": [
-                    {
-                        "role": "pod",
-                        "kubeconfig_file": str(cluster.kubeconfig),
-                        "namespaces": {"names": [namespace]},
-                    }
-                ],
-                "relabel_configs": [
-                    {
-                        "source_labels": ["__meta_kubernetes_pod_label_app_kubernetes_io_component"],
-                        "regex": "engine",
-                        "action": "keep",
-                    },
-                    {
-                        "source_labels": ["__meta_kubernetes_pod_container_port_name"],
-                        "regex": "http",
-                        "action": "keep",
-                    },
-                    {"source_labels": ["__meta_kubernetes_pod_phase"], "regex": "Running", "action": "keep"},
-                    {"source_labels": ["__meta_kubernetes_namespace"], "target_label": "namespace"},
-                    {"source_labels": ["__meta_kubernetes_pod_name"], "target_label": "pod"},
-                ],
+                "file_sd_configs": [{"files": [str(targets_file)], "refresh_interval": "1s"}],
             }
         ],
     }
@@ -78,6 +59,40 @@ def prometheus(workdir: Path, cluster: Cluster, namespace: str) -> ManagedProces
         "--log.level=warn",
     ]
     return ManagedProcess("prometheus", argv, workdir, ready_url=f"http://127.0.0.1:{port}/-/ready")
+
+
+class PodDiscovery:
+    """Writes the simulators behind Running engine pods as file_sd targets, labelled namespace/pod."""
+
+    def __init__(self, sims: PodSimulators, path: Path) -> None:
+        self._sims, self.path = sims, path
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._write([])
+
+    def _write(self, groups: list[dict[str, Any]]) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(groups))
+        tmp.replace(self.path)  # atomic: Prometheus never reads half a file
+
+    def _loop(self) -> None:
+        last: list[dict[str, Any]] = []
+        while not self._stop.wait(0.5):
+            groups = [
+                {"targets": [f"{t.host}:{t.port}"], "labels": {"namespace": t.namespace, "pod": t.name}}
+                for t in sorted(self._sims.targets.values(), key=lambda t: t.name)
+            ]
+            if groups != last:
+                self._write(groups)
+                last = groups
+
+    def __enter__(self) -> PodDiscovery:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
 
 
 class Load:
@@ -163,7 +178,8 @@ def changes(samples: list[tuple[float, int]]) -> list[tuple[float, int, int]]:
 def test_load_scales_engines_up_then_down_and_a_blind_operator_holds(
     cluster: Cluster, namespace: str, api: Api, tmp_path: Path
 ) -> None:
-    prom = prometheus(tmp_path / "prometheus", cluster, namespace)
+    targets_file = tmp_path / "targets.json"
+    prom = prometheus(tmp_path / "prometheus", targets_file)
     spec: dict[str, Any] = {
         "models": [
             {
@@ -201,7 +217,11 @@ def test_load_scales_engines_up_then_down_and_a_blind_operator_holds(
     prom.start()
     try:
         prom.wait_ready(60)
-        with sims, KopfRunner(args, registry=build_registry(runtime), timeout=30) as runner:
+        with (
+            sims,
+            PodDiscovery(sims, targets_file),
+            KopfRunner(args, registry=build_registry(runtime), timeout=30) as runner,
+        ):
             api.create("demo", spec)
             sims.wait_for(1, timeout=90)
             wait_until(

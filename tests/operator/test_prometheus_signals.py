@@ -101,6 +101,7 @@ async def test_waiting_per_replica_from_live_prometheus_drives_a_scale_up(live: 
         async with load(live.urls[0], concurrent=5):
             obs = await observe_until(prom, current=2, want=2.0)  # 4 waiting on one pod, 0 on the other
         assert obs.reporting == 2
+        assert obs.running == 0.5  # the loaded pod runs its one sequence, the other none
         assert 0 <= obs.age_s < 10
         assert obs.pending is None  # no router scraped: unknown, not zero
         decision = decide(Policy("waiting", 1.0, 1, 10), obs)
