@@ -115,8 +115,12 @@ class _AiohttpResponse(UpstreamResponse):
         content, idle = self._resp.content, self._idle
         while True:
             try:
-                async with asyncio.timeout(idle):
-                    chunk = await content.readany()
+                # Bytes already buffered need no timer (a non-streamed body usually is whole by now):
+                # only waiting for the engine does.
+                chunk = content.read_nowait()
+                if not chunk and not content.at_eof():
+                    async with asyncio.timeout(idle):
+                        chunk = await content.readany()
             except TimeoutError:
                 raise _stalled(idle) from None
             except aiohttp.ClientError as err:
