@@ -5,7 +5,7 @@
 # kwokctl and kubeconform are `go install`ed. A step whose binaries exist is skipped, so running
 # this again costs nothing. Everything is fetched from the Go module proxy; nothing else is reached.
 #
-# Usage: cluster/build.sh [all|k8s|etcd|helm|kwok|kubeconform]...   (default: all)
+# Usage: cluster/build.sh [all|k8s|etcd|helm|kwok|kubeconform|prometheus]...   (default: all)
 # Env:   KVSTACK_CACHE (default ~/.cache/kvstack)
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -86,6 +86,20 @@ build_helm() {
     GOBIN=$OUT go install -ldflags "$flags" "helm.sh/helm/v3/cmd/helm@v$HELM_VERSION"
 }
 
+# Prometheus 3.M.P is published as Go module version v0.3MM.P (3.15.0 -> v0.315.0).
+prometheus_module_version() {
+    local major minor patch
+    IFS=. read -r major minor patch <<<"$PROMETHEUS_VERSION"
+    echo "v0.$((major * 100 + minor)).$patch"
+}
+
+build_prometheus() {
+    local pkg=github.com/prometheus/common/version
+    local flags="-s -w -X $pkg.Version=$PROMETHEUS_VERSION -X $pkg.Branch=HEAD -X $pkg.Revision=$(prometheus_module_version)"
+    go -C "$here/prometheus" build -tags "$PROMETHEUS_TAGS" -ldflags "$flags" -o "$OUT/prometheus" \
+        github.com/prometheus/prometheus/cmd/prometheus
+}
+
 build_kwok() {
     GOBIN=$OUT go install -ldflags "-s -w" \
         "sigs.k8s.io/kwok/cmd/kwok@v$KWOK_VERSION" "sigs.k8s.io/kwok/cmd/kwokctl@v$KWOK_VERSION"
@@ -97,8 +111,9 @@ build_kubeconform() {
 
 check_modules() {
     grep -q "k8s.io/kubernetes v$K8S_VERSION\$" "$here/k8s/go.mod" &&
-        grep -q "go.etcd.io/etcd/server/v3 v$ETCD_VERSION\$" "$here/etcd/go.mod" || {
-        echo "build.sh: cluster/k8s or cluster/etcd does not match versions.env; run cluster/gen-modules.sh" >&2
+        grep -q "go.etcd.io/etcd/server/v3 v$ETCD_VERSION\$" "$here/etcd/go.mod" &&
+        grep -q "github.com/prometheus/prometheus $(prometheus_module_version)\b" "$here/prometheus/go.mod" || {
+        echo "build.sh: cluster/{k8s,etcd,prometheus} do not match versions.env; run cluster/gen-modules.sh" >&2
         exit 1
     }
 }
@@ -110,10 +125,12 @@ step() {
     etcd) run_step "etcd v$ETCD_VERSION" "$bin/etcd-v$ETCD_VERSION" etcd -- build_etcd ;;
     helm) run_step "helm v$HELM_VERSION" "$bin/helm-v$HELM_VERSION" helm -- build_helm ;;
     kwok) run_step "kwok v$KWOK_VERSION" "$bin/kwok-v$KWOK_VERSION" kwok kwokctl -- build_kwok ;;
+    prometheus) run_step "prometheus v$PROMETHEUS_VERSION" "$bin/prometheus-v$PROMETHEUS_VERSION" prometheus -- \
+        build_prometheus ;;
     kubeconform) run_step "kubeconform v$KUBECONFORM_VERSION" "$bin/kubeconform-v$KUBECONFORM_VERSION" \
         kubeconform -- build_kubeconform ;;
-    all) for s in etcd kwok k8s kubeconform helm; do step "$s"; done ;;
-    *) echo "build.sh: unknown step '$1' (all|k8s|etcd|helm|kwok|kubeconform)" >&2; exit 2 ;;
+    all) for s in etcd kwok k8s prometheus kubeconform helm; do step "$s"; done ;;
+    *) echo "build.sh: unknown step '$1' (all|k8s|etcd|helm|kwok|kubeconform|prometheus)" >&2; exit 2 ;;
     esac
 }
 

@@ -44,5 +44,30 @@ gen_etcd() {
     echo "etcd wrapper: go.etcd.io/etcd/server/v3 v$ETCD_VERSION"
 }
 
-gen_k8s
-gen_etcd
+gen_prometheus() {
+    # Debian's prometheus is built without Kubernetes service discovery. This one keeps only the
+    # kubernetes SD plugin (static and file SD are always in): far fewer modules to build.
+    # Prometheus 3.M.P is published as module version v0.3MM.P (3.15.0 -> v0.315.0).
+    local dir=$here/prometheus module=github.com/prometheus/prometheus
+    local major minor patch
+    IFS=. read -r major minor patch <<<"$PROMETHEUS_VERSION"
+    local version=v0.$((major * 100 + minor)).$patch upstream_mod
+    upstream_mod=$(go mod download -json "$module@$version" | sed -n 's/^[[:space:]]*"GoMod": "\(.*\)",$/\1/p')
+    rm -f "$dir/go.mod" "$dir/go.sum"
+    (cd "$dir" && go mod init kvstack.local/cluster/prometheus >/dev/null 2>&1)
+    go -C "$dir" mod edit -go="$(go_directive "$upstream_mod")"
+    # Its go.mod pins some modules with module-to-module replaces, which only a main module honours.
+    awk '$1 == "replace" && $3 == "=>" && NF == 5 { print "-replace=" $2 "=" $4 "@" $5 }' "$upstream_mod" |
+        xargs -r go -C "$dir" mod edit
+    if grep -q '^replace ($' "$upstream_mod"; then
+        echo "gen-modules.sh: $module $version has a replace block; extend gen_prometheus" >&2
+        exit 1
+    fi
+    # `go get` with the build tags records only what this trimmed build needs (tidy would pull every SD).
+    GOFLAGS="-mod=mod -tags=$PROMETHEUS_TAGS" go -C "$dir" get "$module/cmd/prometheus@$version"
+    echo "prometheus wrapper: $module $version (tags $PROMETHEUS_TAGS)"
+}
+
+for what in "${@:-k8s etcd prometheus}"; do
+    for w in $what; do "gen_$w"; done
+done

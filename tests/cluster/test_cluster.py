@@ -258,3 +258,86 @@ def test_a_script_that_forgets_stop_leaves_nothing_behind(cluster: Cluster, tmp_
     assert len(pids) >= 5
     assert not workdir.exists()
     assert [pid for pid in pids if pid_alive(pid)] == []
+
+
+def prometheus_targets(url: str) -> list[dict[str, Any]]:
+    try:
+        _, body = http_get(f"{url}/api/v1/targets")
+    except OSError:
+        return []
+    targets: list[dict[str, Any]] = json.loads(body)["data"]["activeTargets"]
+    return targets
+
+
+def test_prometheus_pod_discovery_scrapes_simulators(
+    cluster: Cluster, namespace: str, tmp_path: Path
+) -> None:
+    from kubernetes import client
+
+    config = {
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "scrape_configs": [
+            {
+                "job_name": "engines",
+                "kubernetes_sd_configs": [
+                    {
+                        "role": "pod",
+                        "kubeconfig_file": str(cluster.kubeconfig),
+                        "namespaces": {"names": [namespace]},
+                    }
+                ],
+                "relabel_configs": [
+                    {
+                        "source_labels": ["__meta_kubernetes_pod_label_app_kubernetes_io_component"],
+                        "regex": "engine",
+                        "action": "keep",
+                    },
+                    {
+                        "source_labels": ["__meta_kubernetes_pod_container_port_name"],
+                        "regex": "http",
+                        "action": "keep",
+                    },
+                    {"source_labels": ["__meta_kubernetes_pod_name"], "target_label": "pod"},
+                ],
+            }
+        ],
+    }
+    (tmp_path / "prometheus.yml").write_text(json.dumps(config))
+    version = subprocess.run(
+        [cluster.tools.prometheus, "--version"], capture_output=True, text=True, check=True
+    )
+    assert f"version {cluster.tools.prometheus_version} " in version.stdout
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    prometheus = subprocess.Popen(
+        [
+            str(cluster.tools.prometheus),
+            f"--config.file={tmp_path / 'prometheus.yml'}",
+            f"--storage.tsdb.path={tmp_path / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=(tmp_path / "prometheus.log").open("wb"),
+    )
+    apps: Any = client.AppsV1Api(cluster.api_client())
+    try:
+        with PodSimulators(cluster.api_client(), namespace=namespace) as sims:
+            apps.create_namespaced_deployment(namespace, gpu_deployment("prom", 2, "m"))
+            targets = sims.wait_for(2, timeout=90)
+
+            def scraped() -> list[dict[str, Any]]:
+                found = [t for t in prometheus_targets(url) if t["health"] == "up"]
+                return found if len(found) == 2 else []
+
+            up = wait_until(scraped, "Prometheus scraping both pods", timeout=90)
+            assert {t["scrapeUrl"] for t in up} == {f"{t.url}/metrics" for t in targets}
+            assert {t["labels"]["pod"] for t in up} == {t.name for t in targets}
+    finally:
+        prometheus.terminate()
+        try:
+            prometheus.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            prometheus.kill()
+            prometheus.wait()

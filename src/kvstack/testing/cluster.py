@@ -187,7 +187,6 @@ class Cluster:
         self.config = config or build(ClusterConfig, "cluster config")
         self._tools = tools
         self.workdir: Path | None = None
-        self.pod_cidr = self.config.pod_cidr or ""
         self._owns_workdir = False
         self._api_client: Any = None
         self.started = False
@@ -204,7 +203,8 @@ class Cluster:
         else:
             self.workdir = self.config.workdir
             self.workdir.mkdir(parents=True, exist_ok=True)
-        self.pod_cidr = self.config.pod_cidr or choose_pod_cidr(pod_cidrs_in_use())
+        if self.config.pod_cidr is None:  # resolved once, so config.pod_cidr is set while running
+            self.config = self.config.model_copy(update={"pod_cidr": choose_pod_cidr(pod_cidrs_in_use())})
         (self.workdir / POD_CIDR_FILE).write_text(self.pod_cidr)
         (self.workdir / OWNER_FILE).write_text(str(os.getpid()))
         self.started = True
@@ -250,6 +250,13 @@ class Cluster:
         if self._tools is None:
             raise RuntimeError("the cluster has not been started")
         return self._tools
+
+    @property
+    def pod_cidr(self) -> str:
+        """The loopback /16 this cluster's pod IPs come from (chosen at start unless configured)."""
+        if self.config.pod_cidr is None:
+            raise RuntimeError("the cluster has not been started")
+        return self.config.pod_cidr
 
     @property
     def kubeconfig(self) -> Path:

@@ -40,6 +40,7 @@ class Toolchain:
     helm_version: str
     kwok_version: str
     kubeconform_version: str
+    prometheus_version: str
 
     @classmethod
     def load(
@@ -53,6 +54,7 @@ class Toolchain:
             helm_version=v["HELM_VERSION"],
             kwok_version=v["KWOK_VERSION"],
             kubeconform_version=v["KUBECONFORM_VERSION"],
+            prometheus_version=v["PROMETHEUS_VERSION"],
         )
 
     def _path(self, tool: str, version: str, binary: str) -> Path:
@@ -98,8 +100,13 @@ class Toolchain:
     def kubeconform(self) -> Path:
         return self._path("kubeconform", self.kubeconform_version, "kubeconform")
 
+    @property
+    def prometheus(self) -> Path:
+        """Prometheus with Kubernetes service discovery (Debian's package has none)."""
+        return self._path("prometheus", self.prometheus_version, "prometheus")
+
     def cluster_binaries(self) -> list[Path]:
-        """What a running cluster needs."""
+        """What a running cluster and the tests around it need."""
         return [
             self.kube_apiserver,
             self.kube_controller_manager,
@@ -108,6 +115,7 @@ class Toolchain:
             self.etcd,
             self.kwok,
             self.kwokctl,
+            self.prometheus,
         ]
 
     def missing(self, paths: Sequence[Path] | None = None) -> list[Path]:
@@ -135,5 +143,5 @@ def ensure_cluster_tools(*, echo: Callable[[str], None] | None = None) -> Toolch
     """The toolchain, building whatever the cluster needs that is not cached yet."""
     tools = Toolchain.load()
     if tools.missing():
-        tools = build_tools(("etcd", "kwok", "k8s"), echo=echo)
+        tools = build_tools(("etcd", "kwok", "k8s", "prometheus"), echo=echo)
     return tools
