@@ -129,7 +129,8 @@ def status_schema() -> dict[str, Any]:
             "currentReplicas": {"type": "integer"},
             "readyReplicas": {"type": "integer"},
             "lastScaleTime": {"type": "string", "format": "date-time"},
-            "lastDecision": decision,
+            "lastDecision": {**decision, "description": "the last evaluation"},
+            "lastScale": {**decision, "description": "the last decision that changed replicas"},
         },
     }
     return {

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,6 +37,7 @@ class Runtime:
     metrics: OperatorMetrics = field(default_factory=OperatorMetrics)
     kube: Kube | None = None
     proms: dict[str, Prometheus] = field(default_factory=dict)
+    stop_metrics: Callable[[], None] | None = None
 
     def prometheus(self, url: str | None) -> Prometheus:
         base = url or self.settings.prometheus_url
@@ -50,6 +52,9 @@ class Runtime:
         if self.kube is not None:
             await self.kube.aclose()
             self.kube = None
+        if self.stop_metrics is not None:
+            self.stop_metrics()
+            self.stop_metrics = None
 
 
 def _owner(name: str, namespace: str | None, uid: str) -> Owner:
@@ -67,11 +72,11 @@ def build_registry(runtime: Runtime) -> kopf.OperatorRegistry:
         # Progress and the last-handled spec live in annotations: status stays ours and schema-clean.
         settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
         settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=GROUP)
-        settings.posting.level = logging.WARNING  # only warnings become Events; decisions post their own
+        settings.posting.loggers = False  # log lines stay logs; decisions and problems post their own Events
         logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per API call is noise
         runtime.kube = Kube.from_environment(s.kubeconfig, s.context)
         if s.metrics_port:
-            runtime.metrics.serve(s.metrics_port, s.metrics_host)
+            runtime.stop_metrics = runtime.metrics.serve(s.metrics_port, s.metrics_host)
 
     @kopf.on.login(registry=registry)
     def login(**kwargs: Any) -> kopf.ConnectionInfo | None:

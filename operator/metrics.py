@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
@@ -104,9 +105,16 @@ class OperatorMetrics:
         for name in self._signals.pop((namespace, model), set()):
             _remove(self.signal, namespace, model, name)
 
-    def serve(self, port: int, host: str = "0.0.0.0") -> None:
-        """Serve ``/metrics`` on a background thread."""
-        start_http_server(port, addr=host, registry=self.registry)
+    def serve(self, port: int, host: str = "0.0.0.0") -> Callable[[], None]:
+        """Serve ``/metrics`` on a background thread; returns the function that stops it."""
+        server, thread = start_http_server(port, addr=host, registry=self.registry)
+
+        def stop() -> None:
+            server.shutdown()
+            server.server_close()
+            thread.join(timeout=5)
+
+        return stop
 
 
 def _remove(metric: Gauge | Counter, *values: str) -> None:

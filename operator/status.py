@@ -88,7 +88,7 @@ def model_entry(
     previous: Mapping[str, Any] | None,
     now: float,
 ) -> Obj:
-    """One ``status.models[]`` entry; the last decision that changed replicas is kept until the next."""
+    """One ``status.models[]`` entry: the last evaluation's decision, and the last one that scaled."""
     entry: Obj = {
         "name": name,
         "deployment": deployment,
@@ -110,8 +110,11 @@ def model_entry(
         entry["lastDecision"] = previous["lastDecision"]
     if decision is not None and decision.changed:
         entry["lastScaleTime"] = iso(now)
-    elif "lastScaleTime" in previous:
-        entry["lastScaleTime"] = previous["lastScaleTime"]
+        entry["lastScale"] = entry["lastDecision"]
+    else:
+        for kept in ("lastScaleTime", "lastScale"):
+            if kept in previous:
+                entry[kept] = previous[kept]
     return entry
 
 
