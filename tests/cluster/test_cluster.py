@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import json
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -202,6 +205,14 @@ def test_pod_simulators_follow_pods(cluster: Cluster, namespace: str) -> None:
             assert status == 200
             assert [m["id"] for m in json.loads(body)["data"]] == [model]
 
+        # A simulator that dies is restarted on the same address, as the kubelet restarts a container.
+        victim = targets[0]
+        old_pid = sims.pids[victim.uid]
+        os.killpg(old_pid, signal.SIGKILL)
+        wait_until(lambda: sims.pids.get(victim.uid, old_pid) != old_pid, "a restarted simulator")
+        sims.wait_for(2, timeout=30)
+        assert http_get(f"{victim.url}/health")[0] == 200
+
         apps.patch_namespaced_deployment_scale("sim", namespace, {"spec": {"replicas": 3}})
         assert len(sims.wait_for(3, timeout=90)) == 3
 
@@ -241,6 +252,15 @@ def test_build_script_skips_cached_tools(cluster: Cluster) -> None:
     steps = [line for line in out.splitlines() if ": cached in " in line]
     assert len(steps) == 3, out
     assert "building" not in out
+
+
+def test_a_failed_start_cleans_up(cluster: Cluster, tmp_path: Path) -> None:
+    broken = dataclasses.replace(cluster.tools, bin_root=tmp_path / "no-binaries")
+    failing = Cluster(ClusterConfig(name="broken", workdir=tmp_path / "work"), tools=broken)
+    with pytest.raises(OSError):
+        failing.start()
+    assert not failing.started
+    assert not (tmp_path / "work" / "owner.pid").exists()
 
 
 def test_a_script_that_forgets_stop_leaves_nothing_behind(cluster: Cluster, tmp_path: Path) -> None:

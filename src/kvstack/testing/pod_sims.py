@@ -160,6 +160,12 @@ class PodSimulators:
         with self._lock:
             return {uid: sim.target for uid, sim in self._sims.items() if sim.proc.poll() is None}
 
+    @property
+    def pids(self) -> dict[str, int]:
+        """Process ids of the simulators running now, by pod uid (each leads its own process group)."""
+        with self._lock:
+            return {uid: sim.proc.pid for uid, sim in self._sims.items() if sim.proc.poll() is None}
+
     def wait_for(self, count: int, timeout: float = 60.0) -> list[SimTarget]:
         """Block until exactly ``count`` simulators run and answer ``/health``; returns them."""
         deadline = time.monotonic() + timeout
