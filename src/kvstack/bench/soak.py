@@ -1,0 +1,357 @@
+"""``kvstack bench soak``: hours-long behaviour in minutes: errors, router RSS and added latency.
+
+Simulators (nearly free at a high speed factor) sit behind one router process. A separate load
+process (aiohttp on uvloop) sends an open-loop mix at ``--rate``: half streaming, half not; half
+repeated prompts, half unique ones (so every bounded cache in the router fills and must stay
+bounded). A small share of requests goes straight to the engines: the same minute's direct
+latency, subtracted from the routed one, is the router's added latency. Each minute records the
+router's RSS, p50/p99 (routed, direct, added), errors and the load average; the verdict asks for
+zero errors, RSS growth under 10 % after the warm-up, and a stable added p99.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing as mp
+import os
+import socket
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+import yaml
+
+from kvstack.bench.report import print_table, write_json
+from kvstack.bench.stats import percentile
+
+MODEL = "sim"
+RSS_GROWTH_LIMIT = 0.10
+# the added p99 of any minute may be at most this many times the median minute's (and 5 ms over)
+P99_STABILITY = 2.0
+P99_SLACK_MS = 5.0
+_SYSTEM = "You answer questions from platform teams that run LLM inference on Kubernetes. " * 3
+
+# (start s, latency ms, ok, routed, streamed, error); the error is "" when ok
+Sample = tuple[float, float, bool, bool, bool, str]
+
+
+@dataclass(frozen=True, slots=True)
+class SoakLoad:
+    router_url: str
+    engine_urls: tuple[str, ...]
+    seconds: float
+    rate: float
+    direct_every: int = 10  # every n-th request goes to an engine directly (the baseline)
+    max_tokens: int = 16
+
+
+def request_plan(i: int, load: SoakLoad) -> tuple[str, dict[str, Any], bool]:
+    """(base URL, body, routed) of request ``i``: streaming and unique prompts alternate in pairs."""
+    stream = i % 2 == 0
+    unique = (i // 2) % 2 == 0
+    k = i if unique else i % 64
+    routed = i % load.direct_every != load.direct_every - 1
+    url = load.router_url if routed else load.engine_urls[i % len(load.engine_urls)]
+    body = {
+        "model": MODEL,
+        "messages": [
+            {"role": "system", "content": _SYSTEM},
+            {"role": "user", "content": f"Question {k}: how do caches, routers and GPUs interact?"},
+        ],
+        "max_tokens": load.max_tokens,
+        "ignore_eos": True,
+        "stream": stream,
+    }
+    return url, body, routed
+
+
+# -------------------------------------------------------------------- load process
+
+
+async def _drive(load: SoakLoad, out: Any) -> None:
+    """Open loop for ``load.seconds``; sends batches of samples through ``out`` about once a second."""
+    import aiohttp
+
+    batch: list[Sample] = []
+    t0 = time.perf_counter()
+
+    async def one(session: aiohttp.ClientSession, i: int) -> None:
+        url, body, routed = request_plan(i, load)
+        start = time.perf_counter()
+        error = ""
+        try:
+            async with session.post(f"{url}/v1/chat/completions", json=body) as resp:
+                data = await resp.read()
+                if resp.status != 200:
+                    error = f"status {resp.status}"
+                elif body["stream"] and not data.rstrip().endswith(b"data: [DONE]"):
+                    error = "stream without [DONE]"
+                elif b'"error"' in data:
+                    error = "error event"
+        except (aiohttp.ClientError, TimeoutError) as err:
+            error = type(err).__name__
+        batch.append(
+            (start - t0, (time.perf_counter() - start) * 1000, not error, routed, body["stream"], error)
+        )
+
+    connector = aiohttp.TCPConnector(limit=0)
+    timeout = aiohttp.ClientTimeout(total=60)
+    tasks: set[asyncio.Task[None]] = set()
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        interval, i, flushed = 1.0 / load.rate, 0, t0
+        while (due := t0 + i * interval) < t0 + load.seconds:
+            delay = due - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            task = asyncio.create_task(one(session, i))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+            i += 1
+            if time.perf_counter() - flushed >= 1.0:
+                out.send(batch)
+                batch, flushed = [], time.perf_counter()
+        await asyncio.gather(*tasks)
+    out.send(batch)
+    out.send(None)
+
+
+def _load_main(load: SoakLoad, out: Any) -> None:
+    import uvloop
+
+    uvloop.run(_drive(load, out))
+
+
+# -------------------------------------------------------------------- pure summaries
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def minute_rows(
+    samples: list[Sample], rss: list[tuple[float, float]], loads: list[tuple[float, float]], minutes: int
+) -> list[dict[str, Any]]:
+    """One row per minute of the run: requests, errors, latency percentiles, RSS and load average."""
+    rows = []
+    for m in range(minutes):
+        lo, hi = 60.0 * m, 60.0 * (m + 1)
+        window = [s for s in samples if lo <= s[0] < hi]
+        routed = [s[1] for s in window if s[3] and s[2]]
+        direct = [s[1] for s in window if not s[3] and s[2]]
+        rss_in = [mb for t, mb in rss if lo <= t < hi]
+        load_in = [la for t, la in loads if lo <= t < hi]
+        row: dict[str, Any] = {
+            "minute": m + 1,
+            "requests": len(window),
+            "errors": sum(1 for s in window if not s[2]),
+            "routed_p50_ms": percentile(routed, 50),
+            "routed_p99_ms": percentile(routed, 99),
+            "direct_p50_ms": percentile(direct, 50),
+            "direct_p99_ms": percentile(direct, 99),
+            "rss_mb": rss_in[-1] if rss_in else float("nan"),
+            "load_avg_1m": max(load_in) if load_in else float("nan"),
+        }
+        row["added_p50_ms"] = row["routed_p50_ms"] - row["direct_p50_ms"]
+        row["added_p99_ms"] = row["routed_p99_ms"] - row["direct_p99_ms"]
+        rows.append(row)
+    return rows
+
+
+def verdict(rows: list[dict[str, Any]], rss_after_warmup: float, errors: dict[str, int]) -> dict[str, Any]:
+    """Zero errors, RSS growth under 10 %, and no minute's added p99 far above the typical minute's."""
+    added = sorted(r["added_p99_ms"] for r in rows)
+    typical = percentile(added, 50)
+    worst = added[-1] if added else float("nan")
+    rss_end = rows[-1]["rss_mb"] if rows else float("nan")
+    growth = (rss_end - rss_after_warmup) / rss_after_warmup if rss_after_warmup else float("nan")
+    return {
+        "errors": sum(errors.values()),
+        "error_kinds": errors,
+        "rss_after_warmup_mb": rss_after_warmup,
+        "rss_end_mb": rss_end,
+        "rss_growth": growth,
+        "added_p99_median_ms": typical,
+        "added_p99_worst_ms": worst,
+        "zero_errors": not errors,
+        "rss_growth_ok": growth < RSS_GROWTH_LIMIT,
+        "p99_stable": worst <= max(P99_STABILITY * typical, typical + P99_SLACK_MS),
+    }
+
+
+# -------------------------------------------------------------------- processes and plot
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _processes(engines: int, speed: float, logs: Path) -> tuple[list[Any], Any, tuple[str, ...], str]:
+    from kvstack.common.procs import ManagedProcess
+
+    kvstack = str(Path(sys.executable).parent / "kvstack")
+    procs: list[Any] = []
+    entries: list[dict[str, Any]] = []
+    for i in range(engines):
+        port, pub, replay = _free_port(), _free_port(), _free_port()
+        argv = [
+            kvstack, "engine", "sim", "--port", str(port), "--served-model-name", MODEL,
+            "--speed", str(speed), "--max-num-seqs", "1024", "--max-model-len", "4096",
+            "--kv-events-endpoint", f"tcp://127.0.0.1:{pub}",
+            "--kv-events-replay-endpoint", f"tcp://127.0.0.1:{replay}",
+        ]  # fmt: skip
+        url = f"http://127.0.0.1:{port}"
+        procs.append(ManagedProcess(f"soak-sim-{i}", argv, logs, ready_url=f"{url}/health"))
+        entries.append(
+            {
+                "url": url,
+                "name": f"engine-{i}",
+                "models": [MODEL],
+                "kv_events_endpoint": f"tcp://127.0.0.1:{pub}",
+                "kv_events_replay_endpoint": f"tcp://127.0.0.1:{replay}",
+            }
+        )
+    engines_file = logs / "engines.yaml"
+    engines_file.parent.mkdir(parents=True, exist_ok=True)
+    engines_file.write_text(yaml.safe_dump(entries, sort_keys=False))
+    port = _free_port()
+    argv = [kvstack, "router", "--port", str(port), "--engines-file", str(engines_file)]
+    argv += ["--policy", "cache_aware", "--log-level", "warning"]
+    router = ManagedProcess(
+        "soak-router",
+        argv,
+        logs,
+        env={"KVSTACK_ROUTER_ACCESS_LOG": "false"},
+        ready_url=f"http://127.0.0.1:{port}/ready",
+    )
+    return procs, router, tuple(str(e["url"]) for e in entries), f"http://127.0.0.1:{port}"
+
+
+def plot(path: Path, rows: list[dict[str, Any]], title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    xs = [r["minute"] for r in rows]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.8))
+    ax1.plot(xs, [r["rss_mb"] for r in rows], marker=".")
+    ax1.set_xlabel("minute")
+    ax1.set_ylabel("router RSS (MB)")
+    ax1.set_ylim(bottom=0)
+    for key, style in (("routed_p50_ms", "-"), ("routed_p99_ms", "-"), ("added_p50_ms", "--")):
+        ax2.plot(xs, [r[key] for r in rows], style, marker=".", label=key.removesuffix("_ms"))
+    ax2.plot(xs, [r["added_p99_ms"] for r in rows], "--", marker=".", label="added_p99")
+    ax2.set_xlabel("minute")
+    ax2.set_ylabel("ms")
+    ax2.set_yscale("symlog", linthresh=1.0)
+    ax2.legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _run(load: SoakLoad, router_pid: int) -> tuple[list[Sample], list[tuple[float, float]], list[Any]]:
+    """Run the load process; sample the router's RSS and the load average every 10 s meanwhile."""
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_load_main, args=(load, child))
+    samples: list[Sample] = []
+    rss: list[tuple[float, float]] = []
+    loads: list[tuple[float, float]] = []
+    t0 = time.monotonic()
+    proc.start()
+    next_sample = 0.0
+    try:
+        while True:
+            elapsed = time.monotonic() - t0
+            if elapsed >= next_sample:
+                rss.append((elapsed, rss_mb(router_pid)))
+                loads.append((elapsed, os.getloadavg()[0]))
+                next_sample += 10.0
+            if parent.poll(0.5):
+                batch = parent.recv()
+                if batch is None:
+                    break
+                samples.extend(batch)
+            elif not proc.is_alive():
+                raise RuntimeError(f"the load process died (exit code {proc.exitcode})")
+        rss.append((min(time.monotonic() - t0, load.seconds - 0.01), rss_mb(router_pid)))
+        proc.join(30)
+    finally:
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+    return samples, rss, loads
+
+
+def soak(
+    minutes: Annotated[float, typer.Option(help="Length of the run in minutes (the goal: 30).")] = 30.0,
+    rate: Annotated[float, typer.Option(help="Open-loop requests per second.")] = 200.0,
+    engines: Annotated[int, typer.Option(help="Simulators behind the router.")] = 2,
+    speed: Annotated[
+        float, typer.Option(help="Simulator speed factor (high: engines nearly free).")
+    ] = 1000.0,
+    warmup_minutes: Annotated[float, typer.Option(help="Minutes before the RSS baseline.")] = 1.0,
+    out_dir: Annotated[Path, typer.Option("--out", help="Where JSON and PNG go.")] = Path(
+        "bench-results/soak"
+    ),
+) -> None:
+    """Soak the router: zero errors, RSS growth under 10 %, stable added p99, minute by minute."""
+    from kvstack.common.procs import running
+
+    if minutes <= warmup_minutes:
+        raise typer.BadParameter("must be longer than --warmup-minutes", param_hint="--minutes")
+    if rate <= 0:
+        raise typer.BadParameter("must be positive", param_hint="--rate")
+    label = f"{minutes:g}min"
+    logs = out_dir / f"logs-{label}"
+    sims, router, engine_urls, router_url = _processes(engines, speed, logs)
+    load_start = os.getloadavg()
+    with running([*sims, router]):
+        time.sleep(2.0)  # engines discovered and scraped, KV-event feeds connected
+        load = SoakLoad(router_url, engine_urls, minutes * 60, rate)
+        samples, rss, loads = _run(load, router.pid)
+        router_alive = router.alive()
+    rows = minute_rows(samples, rss, loads, int(minutes + 0.999))
+    warm = [mb for t, mb in rss if t >= warmup_minutes * 60]
+    errors: dict[str, int] = {}
+    for s in samples:
+        if not s[2]:
+            errors[s[5]] = errors.get(s[5], 0) + 1
+    result = verdict(rows, warm[0] if warm else float("nan"), errors)
+    result["router_alive_at_end"] = router_alive
+    payload = {
+        "benchmark": "soak",
+        "run": label if minutes >= 30 else f"short check: {label} (the goal run is 30 min)",
+        "params": {"minutes": minutes, "rate": rate, "engines": engines, "speed": speed,
+                   "warmup_minutes": warmup_minutes, "direct_every": load.direct_every,
+                   "mix": "1/2 streaming, 1/2 unique prompts, 16 tokens"},
+        "machine": {"cpu_count": os.cpu_count(), "loadavg_start": list(load_start),
+                    "loadavg_end": list(os.getloadavg())},
+        "requests": len(samples),
+        "verdict": result,
+        "minutes": rows,
+        "rss_samples": rss,
+    }  # fmt: skip
+    write_json(out_dir / f"soak-{label}.json", payload)
+    plot(
+        out_dir / f"soak-{label}.png",
+        rows,
+        f"kvstack router soak, {label} at {rate:g} req/s ({payload['run']})",
+    )
+    cols = ["minute", "requests", "errors", "routed_p50_ms", "routed_p99_ms", "added_p50_ms", "added_p99_ms"]
+    print_table(f"kvstack bench soak: {label} at {rate:g} req/s", rows, [*cols, "rss_mb", "load_avg_1m"])
+    typer.echo(f"verdict: {result}")
+    typer.echo(f"wrote {out_dir}/soak-{label}.json + .png")
+    if not (result["zero_errors"] and result["rss_growth_ok"] and result["p99_stable"]):
+        raise typer.Exit(1)
