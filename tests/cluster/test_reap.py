@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 
-from kvstack.testing.cluster import OWNER_FILE, WORKDIR_PREFIX, reap_stale_clusters
+from kvstack.testing.workdirs import OWNER_FILE, WORKDIR_PREFIX, end_processes, pid_alive, reap_stale_clusters
 
 
 def dead_pid() -> int:
@@ -48,3 +49,21 @@ def test_named_workdirs_in_the_cache_are_reaped_too(tmp_path: Path, monkeypatch:
     (named / OWNER_FILE).write_text(str(dead_pid()))
     assert reap_stale_clusters(tmp_path / "empty-tmp") == [named]
     assert not named.exists()
+
+
+def test_end_processes_kills_what_outlives_the_grace_period() -> None:
+    # A shell that ignores SIGTERM and has a child in its process group: both must go.
+    proc = subprocess.Popen(["bash", "-c", "trap '' TERM; sleep 60 & wait"], start_new_session=True)
+    try:
+        time.sleep(0.2)
+        child = int(Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()[0])
+        end_processes([proc.pid], grace=0.3)
+        assert proc.wait(timeout=10) == -9
+        deadline = time.monotonic() + 10
+        while pid_alive(child) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not pid_alive(child)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

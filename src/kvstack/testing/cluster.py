@@ -12,10 +12,7 @@ import atexit
 import contextlib
 import ipaddress
 import os
-import random
 import shutil
-import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -29,11 +26,31 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from kvstack.common.config import build
 from kvstack.testing.manifests import gpu_nodes, kwokctl_configuration
-from kvstack.testing.tools import Toolchain, cache_root, ensure_cluster_tools
+from kvstack.testing.tools import Toolchain, ensure_cluster_tools
+from kvstack.testing.workdirs import (
+    OWNER_FILE,
+    POD_CIDR_FILE,
+    WORKDIR_PREFIX,
+    choose_pod_cidr,
+    end_processes,
+    free_ports,
+    kill_recorded_processes,
+    pid_alive,
+    pod_cidrs_in_use,
+    reap_stale_clusters,
+    recorded_pids,
+)
 
-WORKDIR_PREFIX = "kvstack-cluster-"
-OWNER_FILE = "owner.pid"
-POD_CIDR_FILE = "pod-cidr"
+__all__ = [  # the bookkeeping helpers are re-exported: tests import them from here
+    "OWNER_FILE",
+    "WORKDIR_PREFIX",
+    "Cluster",
+    "ClusterConfig",
+    "choose_pod_cidr",
+    "kill_recorded_processes",
+    "pid_alive",
+    "reap_stale_clusters",
+]
 
 
 class ClusterConfig(BaseSettings):
@@ -66,53 +83,6 @@ class ClusterConfig(BaseSettings):
         return str(network)
 
 
-def pid_alive(pid: int) -> bool:
-    """True while ``pid`` runs; a zombie (exited, not yet reaped by its parent) counts as gone."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return True  # no procfs: trust kill(0)
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
-
-
-def recorded_pids(workdir: Path) -> list[int]:
-    """Pids of the processes kwokctl started for clusters under ``workdir`` (one session each)."""
-    pids = []
-    for pid_file in workdir.glob("clusters/*/pids/*.pid"):
-        with contextlib.suppress(ValueError, OSError):
-            pid = int(pid_file.read_text().strip())
-            if pid > 1:
-                pids.append(pid)
-    return pids
-
-
-def end_processes(pids: list[int], grace: float = 10.0) -> None:
-    """Wait up to ``grace`` seconds for ``pids`` to exit, then SIGKILL their process groups."""
-    deadline = time.monotonic() + grace
-    while any(pid_alive(pid) for pid in pids) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    for pid in pids:
-        if pid_alive(pid):
-            # kwokctl starts each component with setsid, so its pid is also its process group.
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(pid, signal.SIGKILL)
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-
-
-def kill_recorded_processes(workdir: Path) -> list[int]:
-    """SIGKILL every process group kwokctl recorded under ``workdir``; returns the pids."""
-    pids = recorded_pids(workdir)
-    end_processes(pids, grace=0)
-    return pids
-
-
 PORT_OPTIONS = (
     "etcdPort",
     "etcdPeerPort",
@@ -121,59 +91,6 @@ PORT_OPTIONS = (
     "kubeSchedulerPort",
     "kwokControllerPort",
 )
-
-
-def free_ports(count: int) -> list[int]:
-    """``count`` distinct free loopback ports, chosen by the kernel.
-
-    kwokctl's own choice counts down from 32767 in every process, so clusters created at the same
-    time (parallel test sessions) would pick the same ports; kernel-assigned ones do not collide.
-    """
-    with contextlib.ExitStack() as stack:
-        socks = [stack.enter_context(socket.socket()) for _ in range(count)]
-        for sock in socks:
-            sock.bind(("127.0.0.1", 0))
-        return [int(sock.getsockname()[1]) for sock in socks]
-
-
-def choose_pod_cidr(taken: set[str], rng: random.Random | None = None) -> str:
-    """A 127.X.0.0/16 (X in 16..254) not in ``taken``; random, so clusters starting together differ."""
-    free = [f"127.{x}.0.0/16" for x in range(16, 255) if f"127.{x}.0.0/16" not in taken]
-    if not free:
-        raise RuntimeError("every 127.X.0.0/16 pod CIDR is taken by a running cluster")
-    return (rng or random.Random()).choice(free)
-
-
-def pod_cidrs_in_use(tmp_root: Path | None = None) -> set[str]:
-    """Pod CIDRs of the clusters on this machine whose owner still runs."""
-    used = set()
-    for workdir in _cluster_workdirs(tmp_root):
-        with contextlib.suppress(OSError, ValueError):
-            if pid_alive(int((workdir / OWNER_FILE).read_text().strip())):
-                used.add((workdir / POD_CIDR_FILE).read_text().strip())
-    return used
-
-
-def _cluster_workdirs(tmp_root: Path | None) -> list[Path]:
-    """Working directories the harness may have created: temp dirs and named ones in the cache."""
-    root = tmp_root or Path(tempfile.gettempdir())
-    return [*root.glob(WORKDIR_PREFIX + "*"), *(cache_root() / "clusters").glob("*")]
-
-
-def reap_stale_clusters(tmp_root: Path | None = None) -> list[Path]:
-    """Kill and remove clusters whose owning process died without stopping them (a killed test run)."""
-    reaped = []
-    for workdir in _cluster_workdirs(tmp_root):
-        owner = workdir / OWNER_FILE
-        try:
-            alive = pid_alive(int(owner.read_text().strip()))
-        except (OSError, ValueError):
-            alive = False
-        if not alive:
-            kill_recorded_processes(workdir)
-            shutil.rmtree(workdir, ignore_errors=True)
-            reaped.append(workdir)
-    return reaped
 
 
 class Cluster:
@@ -225,11 +142,12 @@ class Cluster:
             with contextlib.suppress(Exception):
                 self._api_client.close()
             self._api_client = None
-        with contextlib.suppress(subprocess.SubprocessError, OSError):
+        pids = recorded_pids(self.workdir)  # kwokctl deletes the pid files, maybe before the exits
+        with contextlib.suppress(subprocess.SubprocessError, OSError, RuntimeError):
             self._kwokctl(
                 "delete", "cluster", "--name", self.config.name, "--kubeconfig", str(self.kubeconfig)
             )
-        kill_recorded_processes(self.workdir)
+        end_processes(pids)
         if self._owns_workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
         else:
