@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from kvstack.testing import Cluster, ClusterConfig, PodSimulators
+from kvstack.testing import Cluster, ClusterConfig, PodSimulators, SimTarget
 from kvstack.testing.cluster import pid_alive
 
 pytestmark = pytest.mark.cluster
@@ -221,6 +221,21 @@ def test_pod_simulators_follow_pods(cluster: Cluster, namespace: str) -> None:
         for target in targets:
             with pytest.raises((urllib.error.URLError, ConnectionError)):
                 http_get(f"{target.url}/health")
+
+
+def test_a_simulator_that_cannot_start_is_reported_with_its_log(cluster: Cluster, namespace: str) -> None:
+    from kubernetes import client
+
+    def broken(target: SimTarget) -> list[str]:  # e.g. a bad flag in sim.kvstack.io/args
+        return [sys.executable, "-c", f"print('cannot serve {target.model}'); raise SystemExit(2)"]
+
+    apps: Any = client.AppsV1Api(cluster.api_client())
+    with PodSimulators(cluster.api_client(), namespace=namespace, command=broken) as sims:
+        apps.create_namespaced_deployment(namespace, gpu_deployment("broken", 1, "m-broken"))
+        with pytest.raises(TimeoutError, match="cannot serve m-broken"):
+            sims.wait_for(1, timeout=8)
+        log_dir = sims.log_dir
+    assert not log_dir.exists()  # its own temp dir goes with stop()
 
 
 def test_stop_kills_every_process_and_is_idempotent(cluster: Cluster) -> None:

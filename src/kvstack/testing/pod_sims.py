@@ -117,6 +117,7 @@ class PodSimulators:
         self.namespace = namespace
         self.port_name = port_name
         self._command = command
+        self._owns_log_dir = log_dir is None
         self.log_dir = log_dir or Path(tempfile.mkdtemp(prefix="kvstack-podsims-"))
         self._pods: dict[str, Pod] = {}
         self._sims: dict[str, _SimProcess] = {}
@@ -128,6 +129,7 @@ class PodSimulators:
     def start(self) -> PodSimulators:
         if self._thread is None:
             atexit.register(self.stop)  # simulators run in their own sessions: never leave them behind
+            self.log_dir.mkdir(parents=True, exist_ok=True)
             self._stopping.clear()
             self._thread = threading.Thread(target=self._watch_loop, name="pod-sims", daemon=True)
             self._thread.start()
@@ -144,6 +146,8 @@ class PodSimulators:
             sims, self._sims = list(self._sims.values()), {}
         for sim in sims:
             sim.stop()
+        if self._owns_log_dir:
+            shutil.rmtree(self.log_dir, ignore_errors=True)
 
     def __enter__(self) -> PodSimulators:
         return self.start()
@@ -176,9 +180,17 @@ class PodSimulators:
             if time.monotonic() > deadline:
                 raise TimeoutError(
                     f"wanted {count} healthy simulators, have {len(targets)} running: "
-                    f"{[t.url for t in targets]} (logs in {self.log_dir})"
+                    f"{[t.url for t in targets]}\n{self._log_tails()}"
                 )
             time.sleep(0.2)
+
+    def _log_tails(self, lines: int = 5) -> str:
+        """The last lines of every simulator log, for error messages (the logs go with ``stop()``)."""
+        tails = []
+        for path in sorted(self.log_dir.glob("*.log")):
+            text = path.read_text(errors="replace").splitlines()[-lines:]
+            tails.append(f"--- {path.name}\n" + "\n".join(text))
+        return "\n".join(tails)
 
     # ---- watching --------------------------------------------------------------------------------
     def _list(self) -> tuple[dict[str, Pod], str]:
