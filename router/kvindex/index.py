@@ -309,7 +309,10 @@ class KVIndex:
             spec, expiry = eng.spec, now + self.settings.speculative_ttl_s
             while spec and next(iter(spec.values())) <= now:
                 spec.popitem(last=False)
-            for k in keys:
+            # The confirmed prefix needs no speculation: write only the tail (a repeat of a long
+            # cached prompt then costs a few entries, not one per block of it).
+            gpu = eng.held[GPU]
+            for k in keys[longest_prefix(keys, gpu.__contains__) :]:
                 spec[k] = expiry
                 spec.move_to_end(k)
             while len(spec) > eng.cap:

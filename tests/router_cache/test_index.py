@@ -207,6 +207,24 @@ def test_speculative_entries(confirm: bool, at: float, expected: int) -> None:
     assert gpu(idx, "a", now=at) == expected
 
 
+@pytest.mark.parametrize(
+    ("confirmed", "dispatched", "speculative"),
+    [
+        (0, 8, 8),  # nothing confirmed: every block is speculative
+        (5, 8, 3),  # a confirmed prefix of 5: only the tail is written
+        (8, 8, 0),  # a full repeat writes nothing
+        (8, 4, 0),
+    ],
+)
+def test_speculation_skips_the_confirmed_prefix(confirmed: int, dispatched: int, speculative: int) -> None:
+    idx = index_with("a")
+    if confirmed:
+        idx.apply("a", [stored(TOKENS[: confirmed * BS], ehashes(confirmed))])
+    idx.record_dispatch("a", keys_of(TOKENS[: dispatched * BS]), now=0.0)
+    assert idx.speculative_blocks == speculative
+    assert gpu(idx, "a", TOKENS[: dispatched * BS], now=1.0) == dispatched
+
+
 def test_speculative_entries_are_bounded() -> None:
     idx = index_with("a", num_gpu_blocks=40, settings=IndexSettings(capacity_slack=1.0))
     for i in range(100):
