@@ -120,7 +120,10 @@ def decide(
         if v.hit_tokens < s.replicate_below * prompt_tokens:
             return True  # mostly recomputed anyway: warming another engine costs little
         queue_s = ttft[i] - s.base_ttft_s - max(0.0, prompt_tokens - v.hit_tokens) / rate
-        return v.hit_tokens / rate <= queue_s  # its saving does not outweigh its queueing
+        # The saving counts the recompute's cost to the cluster as ``cost`` does: weighing the
+        # user's wait alone sent a long document elsewhere to skip one prefill ahead of it.
+        saving_s = (1.0 + s.uncached_weight) * v.hit_tokens / rate
+        return saving_s <= queue_s  # its saving does not outweigh its queueing
 
     everyone = range(len(views))
     pool = [i for i in everyone if not skipped(i)] or list(everyone)

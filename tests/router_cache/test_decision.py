@@ -69,6 +69,21 @@ def test_est_ttft(prompt: int, view: CandidateView, lo: float, hi: float) -> Non
             "cache_hit",
             id="short-prefix-under-the-bound-stays",
         ),
+        # a long hit over the bound with one like-sized prefill queued ahead: waiting costs the user
+        # about what recomputing would, but recomputing also costs the cluster, so it stays
+        pytest.param(
+            [v(hit=N, load=10, running=10, queued=N + 1000), v(load=1), v(load=1)],
+            0,
+            "cache_hit",
+            id="bounded-load-keeps-a-long-hit-behind-one-prefill",
+        ),
+        # ... but a queue of several prefills ahead outweighs it
+        pytest.param(
+            [v(hit=N, load=10, running=10, queued=3 * N), v(load=1), v(load=1)],
+            1,
+            "replicate",
+            id="bounded-load-skips-a-long-hit-behind-a-long-queue",
+        ),
         # hot prefix: both holders over the bound, warm the least-loaded non-holder
         pytest.param(
             [v(hit=512, load=9, queued=9000), v(hit=512, load=9, queued=9000), v(load=3), v(load=1)],
