@@ -1,0 +1,60 @@
+"""Slow clients: a client that trickles or stalls its request body cannot hold the router's resources.
+
+The key's concurrency slot (taken before the body is read) is the resource a client can observe: a
+slow-loris client holding it forever would lock every other client of that key out with 429s.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+from tests.router.conftest import MODEL, RouterFactory, Sim
+
+_NO_BODY_TIMEOUT = (
+    "the router reads a request body without any deadline (router/proxy.py:94 read_body; uvicorn has "
+    "none either), so a stalled upload keeps its task, socket and per-key slot forever. Fix: a "
+    "`body_timeout_s: PositiveSeconds = 30.0` field in RouterSettings (router/config.py) and, in "
+    "ProxyEndpoint.__call__, `async with asyncio.timeout(settings.body_timeout_s): raw = await "
+    "read_body(...)` turning TimeoutError into `self._reject('body_timeout', OpenAIError(408, 'request "
+    "body not received in time'))`"
+)
+KEY = "sk-slow-client-test"
+
+
+def _stalled_upload(port: int, trickle: float, results: list[bytes]) -> None:
+    """Declare 200 bytes, send 20 (one every ``trickle`` s after the first 10), then go silent."""
+    head = (
+        b"POST /v1/completions HTTP/1.1\r\nhost: r\r\ncontent-type: application/json\r\n"
+        b"authorization: Bearer %s\r\ncontent-length: 200\r\n\r\n" % KEY.encode()
+    )
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as s:
+        s.sendall(head + b'{"model": ')
+        for byte in b'"m", "pro':
+            time.sleep(trickle)
+            s.sendall(bytes([byte]))
+        try:
+            results.append(s.recv(65536))  # the router's answer, or b"" when it just closes
+        except OSError as err:
+            results.append(repr(err).encode())
+
+
+@pytest.mark.xfail(strict=True, reason=_NO_BODY_TIMEOUT)
+def test_a_stalled_upload_is_cut_off_and_frees_its_key_slot(sims: list[Sim], router: RouterFactory) -> None:
+    """The stalled client gets a 408 within the body timeout; its key can send requests again."""
+    r = router(engines=[sims[0].url], api_keys=[KEY], max_concurrency_per_key=1, body_timeout_s=1.0)
+    results: list[bytes] = []
+    slow = threading.Thread(target=_stalled_upload, args=(r.port, 0.05, results))
+    slow.start()
+    time.sleep(0.3)
+    headers = {"authorization": f"Bearer {KEY}"}
+    body = {"model": MODEL, "prompt": "x", "max_tokens": 1}
+    # while the upload is in progress it holds the key's only slot
+    assert httpx.post(f"{r.url}/v1/completions", json=body, headers=headers).status_code == 429
+    slow.join(15)
+    assert not slow.is_alive(), "the router never cut the stalled client off"
+    assert results and results[0].startswith(b"HTTP/1.1 408"), results
+    assert httpx.post(f"{r.url}/v1/completions", json=body, headers=headers).status_code == 200
