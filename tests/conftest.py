@@ -7,6 +7,10 @@ from pathlib import Path
 
 import pytest
 
+# The session-wide Kubernetes test cluster (fixtures ``cluster``, ``namespace``, ``cluster_tools``):
+# registered once here, so every folder shares one cluster per test session.
+pytest_plugins = ["kvstack.testing.pytest_plugin"]
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -21,11 +21,6 @@ from typing import Any
 import pytest
 import yaml
 
-# The cluster fixtures for ``@pytest.mark.cluster`` tests (and their up-front build of the control
-# plane's binaries). Once the root conftest lists kvstack.testing.pytest_plugin in pytest_plugins,
-# delete this import: two registrations would start two session clusters.
-from kvstack.testing.pytest_plugin import cluster, cluster_tools, namespace, pytest_collection_finish
-
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "helm" / "kvstack"
 VALUES_DIR = Path(__file__).resolve().parent / "values"
@@ -244,9 +239,6 @@ def kubeconform(tmp_path_factory: pytest.TempPathFactory) -> Validate:
 
 def values_files() -> list[Path]:
     return sorted(VALUES_DIR.glob("*.yaml"))
-
-
-__all__ = ["cluster", "cluster_tools", "namespace", "pytest_collection_finish"]
 
 
 def load_values(path: Path) -> dict[str, Any]:

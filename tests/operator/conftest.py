@@ -1,7 +1,6 @@
 """Fixtures for the operator's cluster tests: the CRD installed, and the operator under KopfRunner.
 
-The cluster fixtures come from :mod:`kvstack.testing.pytest_plugin` (imported here as
-``tests/cluster/conftest.py`` does, until the root conftest lists the plugin).
+The cluster fixtures come from :mod:`kvstack.testing.pytest_plugin`, registered in tests/conftest.py.
 """
 
 from __future__ import annotations
@@ -14,9 +13,6 @@ import pytest
 
 from kvstack.operator.crd import CRD_FILE, GROUP, PLURAL, VERSION
 from kvstack.testing import Cluster
-from kvstack.testing.pytest_plugin import cluster, cluster_tools, namespace, pytest_collection_finish
-
-__all__ = ["cluster", "cluster_tools", "namespace", "pytest_collection_finish"]
 
 
 def wait_until(predicate: Callable[[], Any], what: str, timeout: float = 60.0, interval: float = 0.25) -> Any:

@@ -26,53 +26,6 @@ LABELS = {"app.kubernetes.io/component": "engine", "test": "discovery"}
 SELECTOR = ",".join(f"{k}={v}" for k, v in LABELS.items())
 
 
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[Any]:
-    try:
-        from kvstack.testing.cluster import Cluster, ClusterConfig
-        from kvstack.testing.tools import Toolchain
-    except ImportError as err:
-        pytest.skip(f"the local control plane harness is not available: {err}")
-    try:
-        tools = Toolchain.load()
-    except OSError as err:
-        pytest.skip(f"cluster toolchain versions not found: {err}")
-    if missing := tools.missing():
-        pytest.skip(
-            f"cluster binaries absent (build them with `make cluster`): {', '.join(map(str, missing))}"
-        )
-    # nodes go in through the raw API below: the generated client validates bodies too strictly
-    c = Cluster(ClusterConfig(gpu_nodes=0), tools)
-    try:
-        c.start()
-        from kvstack.testing.manifests import gpu_node, node_pod_cidr
-
-        node = gpu_node("gpu-node-0", pod_cidr=node_pod_cidr(c.config.pod_cidr, 0))
-        with raw_api(c) as (http, headers):
-            http.post("/api/v1/nodes", json=node, headers=headers).raise_for_status()
-            c.kwok_node_ready = _wait_node_ready(http, headers, "gpu-node-0", 30.0)
-        yield c
-    finally:
-        c.stop()
-
-
-def _wait_node_ready(http: httpx.Client, headers: dict[str, str], name: str, within: float) -> bool:
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        conditions = (
-            http.get(f"/api/v1/nodes/{name}", headers=headers).json()["status"].get("conditions") or []
-        )
-        if any(c["type"] == "Ready" and c["status"] == "True" for c in conditions):
-            return True
-        time.sleep(0.5)
-    return False
-
-
-def needs_kwok_node(cluster: Any) -> None:
-    if not getattr(cluster, "kwok_node_ready", False):
-        pytest.skip("kwok did not take over the fake node (no Ready condition): pods cannot run")
-
-
 @contextlib.contextmanager
 def raw_api(cluster: Any) -> Iterator[tuple[httpx.Client, dict[str, str]]]:
     api = load_api_server(cluster.kubeconfig, cluster.context)
@@ -206,7 +159,6 @@ async def test_registry_follows_pod_status(
 async def test_registry_follows_kwok_pods(
     cluster: Any, kube: Kube, namespace: str, discovery: KubernetesDiscovery
 ) -> None:
-    needs_kwok_node(cluster)
     await kube.create_pod(namespace, engine_pod("engine-a"))
     await kube.create_pod(namespace, engine_pod("other", labels={"app": "x"}))
     await until(lambda: pod_names(discovery) == {"engine-a"}, "kwok runs engine-a", 60)
@@ -223,8 +175,6 @@ async def test_monitor_learns_models_of_discovered_pods(
     cluster: Any, kube: Kube, namespace: str, discovery: KubernetesDiscovery
 ) -> None:
     from kvstack.testing.pod_sims import PodSimulators
-
-    needs_kwok_node(cluster)
 
     with PodSimulators(cluster.api_client(), SELECTOR, namespace=namespace):
         for name in ("engine-0", "engine-1"):
