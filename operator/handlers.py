@@ -27,6 +27,8 @@ from kvstack.operator.spec import KVStackSpec, parse_spec
 from kvstack.operator.status import all_ready, engines_summary, set_condition
 
 RESOURCE = (GROUP, VERSION, PLURAL)
+# (status, reason, message, observedGeneration) of one condition.
+Condition = tuple[bool, str, str, "int | None"]
 
 
 @dataclass
@@ -107,7 +109,6 @@ def build_registry(runtime: Runtime) -> kopf.OperatorRegistry:
     ) -> None:
         owner = _owner(name, namespace, uid)
         generation = meta.get("generation")
-        conditions = list(status.get("conditions") or [])
         now = time.time()
         try:
             parsed = parse_spec(dict(spec), f"KVStack {namespace}/{name}")
@@ -118,27 +119,21 @@ def build_registry(runtime: Runtime) -> kopf.OperatorRegistry:
             logger.error("%s", err)
             kopf.warn(body, reason="InvalidSpec", message=str(err)[:1000])
             memo["invalid"] = True
-            conditions = set_condition(
-                conditions, "Reconciled", False, "InvalidSpec", str(err), now, generation
-            )
-            conditions = set_condition(conditions, "Ready", False, "InvalidSpec", str(err), now, generation)
-            patch.status["conditions"] = conditions
+            bad = (False, "InvalidSpec", str(err), generation)
+            write_conditions(patch, status, memo, now, {"Reconciled": bad, "Ready": bad})
             patch.status["observedGeneration"] = generation
             return
         except KubeError as err:
-            conditions = set_condition(
-                conditions, "Reconciled", False, "ApplyFailed", str(err), now, generation
-            )
-            patch.status["conditions"] = conditions
+            failed = (False, "ApplyFailed", str(err), generation)
+            write_conditions(patch, status, memo, now, {"Reconciled": failed})
             raise kopf.TemporaryError(f"applying the stack's objects failed: {err}", delay=10) from err
         memo["invalid"] = False
         memo["next_resync"] = now + s.resync_seconds
         memo["next_evaluation"] = now  # observe at once
         if pruned:
             logger.info("pruned %s", ", ".join(f"{kind}/{n}" for _, kind, n in pruned))
-        message = f"{len(parsed.models)} models applied"
-        conditions = set_condition(conditions, "Reconciled", True, "Applied", message, now, generation)
-        patch.status["conditions"] = conditions
+        applied = (True, "Applied", f"{len(parsed.models)} models applied", generation)
+        write_conditions(patch, status, memo, now, {"Reconciled": applied})
         patch.status["observedGeneration"] = generation
 
     @kopf.on.delete(*RESOURCE, registry=registry, optional=True)
@@ -210,7 +205,6 @@ async def _evaluate(
         runtime.metrics.prometheus_up.set(1 if result.prometheus_ok else 0)
 
     entries = [m.entry for m in result.models]
-    conditions = list(status.get("conditions") or [])
     generation = meta.get("generation")
     for outcome in result.models:
         d = outcome.decision
@@ -219,48 +213,47 @@ async def _evaluate(
             e = outcome.entry
             text = f"{e['name']}: {e['currentReplicas']} -> {d.replicas} ({d.reason}): {d.message}"
             kopf.info(body, reason=kind, message=text[:1000])
+    updates: dict[str, Condition] = {}
     if result.prometheus_ok is False:
-        was = [c for c in conditions if c.get("type") == "PrometheusReachable"]
-        if not was or was[0].get("status") != "False":
+        was = memo.get("conditions", {}).get("PrometheusReachable")
+        if was is None or was[0]:
             kopf.warn(body, reason="PrometheusUnreachable", message=result.prometheus_error[:1000])
-        conditions = set_condition(
-            conditions, "PrometheusReachable", False, "QueryFailed", result.prometheus_error, now
-        )
-        conditions = set_condition(
-            conditions,
-            "ScalingActive",
-            False,
-            "MetricsUnavailable",
-            "holding replicas: Prometheus unreachable",
-            now,
-        )
+        updates["PrometheusReachable"] = (False, "QueryFailed", result.prometheus_error, None)
+        held = "holding replicas: Prometheus unreachable"
+        updates["ScalingActive"] = (False, "MetricsUnavailable", held, None)
     elif result.prometheus_ok:
-        conditions = set_condition(conditions, "PrometheusReachable", True, "QuerySucceeded", "", now)
+        updates["PrometheusReachable"] = (True, "QuerySucceeded", "", None)
         reasons = sorted({m.decision.reason for m in result.models if m.decision is not None})
         active = reasons != ["metrics_unavailable"]
         message = "; ".join(f"{m.entry['name']}: {m.decision.message}" for m in result.models if m.decision)
-        conditions = set_condition(
-            conditions, "ScalingActive", active, ",".join(reasons) or "NoModels", message[:2000], now
-        )
+        updates["ScalingActive"] = (active, ",".join(reasons) or "NoModels", message[:2000], None)
     elif not auto.enabled:
-        conditions = set_condition(
-            conditions, "ScalingActive", False, "Disabled", "spec.autoscaling.enabled is false", now
-        )
+        updates["ScalingActive"] = (False, "Disabled", "spec.autoscaling.enabled is false", None)
     ready = all_ready(entries) and bool(entries) and len(entries) == len(spec.models)
     router = result.router
     if spec.router.enabled:
         ready = ready and int(router.get("readyReplicas", 0)) >= int(router.get("replicas", 1))
-    conditions = set_condition(
-        conditions,
-        "Ready",
-        ready,
-        "AllReady" if ready else "Progressing",
-        engines_summary(entries),
-        now,
-        generation,
-    )
+    summary = engines_summary(entries)
+    updates["Ready"] = (ready, "AllReady" if ready else "Progressing", summary, generation)
+    write_conditions(patch, status, memo, now, updates)
     patch.status["models"] = entries
-    patch.status["engines"] = engines_summary(entries)
-    patch.status["conditions"] = conditions
+    patch.status["engines"] = summary
     if router:
         patch.status["router"] = router
+
+
+def write_conditions(
+    patch: kopf.Patch, status: kopf.Status, memo: Any, now: float, updates: dict[str, Condition]
+) -> None:
+    """Write every condition this process knows, not only ``updates``.
+
+    Handlers and the timer patch status separately and a merge patch replaces the whole list, so
+    each writer sends all conditions from the per-object memo (always current), never only its own
+    on top of a ``status`` that may be a moment old.
+    """
+    mine: dict[str, Condition] = memo.setdefault("conditions", {})
+    mine.update(updates)
+    conditions = list(status.get("conditions") or [])
+    for type_, (ok, reason, message, generation) in mine.items():
+        conditions = set_condition(conditions, type_, ok, reason, message, now, generation)
+    patch.status["conditions"] = conditions

@@ -104,6 +104,7 @@ class Load:
         self._lock = threading.Lock()
         self._in_flight: dict[str, int] = {}
         self._threads = [threading.Thread(target=self._worker, daemon=True) for _ in range(concurrent)]
+        self.stopped_at = 0.0
 
     def _pick(self) -> SimTarget | None:
         targets = list(self._sims.targets.values())
@@ -136,6 +137,7 @@ class Load:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self.stopped_at = time.monotonic()  # no new requests from here; queued ones still finish
         self._stop.set()
         for t in self._threads:
             t.join(timeout=70)
@@ -232,14 +234,21 @@ def test_load_scales_engines_up_then_down_and_a_blind_operator_holds(
             wait_until(lambda: evaluations(runtime) >= 2, "two evaluations")
             with recording(api, "demo-llama") as samples:
                 # 1. Load step: 8 requests in flight on a 1-seq engine = 7 waiting vs target 2.
-                with Load(sims, concurrent=8):
+                with Load(sims, concurrent=8) as load:
                     before = evaluations(runtime)
                     wait_until(
                         lambda: api.deployment("demo-llama").spec.replicas > 1, "a scale up", timeout=60
                     )
                     # Within two evaluation periods of Prometheus seeing the load (one more for the scrape).
                     assert evaluations(runtime) - before <= 3
-                    status = api.get("demo")["status"]["models"][0]
+                    # The status patch follows the /scale write of the same evaluation.
+                    status = wait_until(
+                        lambda: (
+                            api.get("demo")["status"]["models"][0].get("lastScale") is not None
+                            and api.get("demo")["status"]["models"][0]
+                        ),
+                        "lastScale in status",
+                    )
                     assert status["lastScale"]["direction"] == "up"
                     assert status["lastScale"]["reason"] in ("queue", "max_replicas")
                     assert status["lastDecision"]["time"] >= status["lastScale"]["time"]
@@ -247,14 +256,15 @@ def test_load_scales_engines_up_then_down_and_a_blind_operator_holds(
                     # scale up overshoots by design, as the HPA's does).
                     steady_from = time.monotonic()
                     time.sleep(2 * DOWN_WINDOW)
-                load_stopped = time.monotonic()
+                load_stopped = load.stopped_at
                 # 3. Load gone: replicas fall to minReplicas, the first step only after the window.
                 wait_until(
                     lambda: api.deployment("demo-llama").spec.replicas == 1,
                     "back to minReplicas",
                     timeout=120,
                 )
-            steady = [c for c in changes(samples) if steady_from <= c[0] < load_stopped]
+            first_up = next(t for t, a, b in changes(samples) if b > a)
+            steady = [c for c in changes(samples) if max(steady_from, first_up) < c[0] < load_stopped]
             assert all(b < a for _, a, b in steady), f"flapped under steady load: {steady}"
             assert len(steady) <= 1, steady
             first_down = next(t for t, a, b in changes(samples) if t >= load_stopped and b < a)
