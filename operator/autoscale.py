@@ -7,7 +7,8 @@ recommendation history into a :class:`Decision`:
 2. no data, stale data: hold (never scale on what we cannot see);
 3. raw recommendation: ``ceil(current * value / target)``, no change within the tolerance; pods that
    did not report count as 0 when scaling up (loading pods are pending capacity) and forbid a
-   scale down (partial data); a queue-based scale down keeps the pods the current demand needs;
+   scale down (partial data); the queue signal, with running counts known, sizes from demand:
+   ``ceil((running + waiting) / (running_per_pod + target))`` up, and never below that down;
 4. bounds ``[min, max]`` (``0`` only after the scale-to-zero idle window);
 5. stabilization: up to the *lowest* recommendation of the up window, down to the *highest* of the
    down window (so a brief dip never removes a pod);
@@ -130,21 +131,28 @@ def _raw(policy: Policy, obs: Observation) -> tuple[int, Reason, str] | None:
     shown = f"{policy.signal} {value:.3g} per replica vs target {policy.target:g}"
     if abs(ratio - 1.0) <= policy.tolerance + 1e-9:
         return current, "steady", f"{shown}: within tolerance"
+    # A queue is not proportional to 1/replicas (more pods turn waiting requests into running
+    # ones, fewer pods the reverse), so with the running count known the queue signal sizes the
+    # fleet from demand instead: enough pods that the requests in flight wait at most the target.
+    demand_need: int | None = None
+    if policy.signal == "waiting" and obs.running is not None:
+        demand = obs.reporting * (obs.running + value)
+        demand_need = math.ceil(demand / (obs.running + policy.target) - 1e-9)
     if ratio > 1.0:
         # Pods that did not report count as 0: a loading pod is capacity on its way.
         wanted = math.ceil(obs.reporting * value / policy.target - 1e-9)
+        if demand_need is not None:
+            wanted = demand_need
         if wanted <= current:
             return current, "steady", f"{shown}, {obs.reporting}/{current} pods reporting: capacity pending"
         return wanted, _UP_REASON[policy.signal], shown
     if obs.reporting < current:
         return None
     wanted = math.ceil(current * ratio - 1e-9)
-    if policy.signal == "waiting" and obs.running is not None:
-        # A queue is not proportional to 1/replicas (fewer pods turn running slots into waiting
-        # ones), so the HPA ratio overshoots a scale down and the next evaluation scales back up.
-        # Keep enough pods that the same demand, spread over them, waits at most the target each.
-        demand = obs.reporting * (obs.running + value)
-        wanted = max(wanted, min(current, math.ceil(demand / (obs.running + policy.target) - 1e-9)))
+    if demand_need is not None:
+        # Below target the pods may not be saturated, so running + target underestimates a pod's
+        # capacity: the demand size is only a floor under the HPA ratio, never a reason to grow.
+        wanted = max(wanted, min(current, demand_need))
     if wanted == 0 and policy.min_replicas == 0 and not (policy.scale_to_zero and obs.idle):
         wanted = 1  # 0 replicas only after the idle window
     return wanted, "idle", shown

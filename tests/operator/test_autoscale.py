@@ -35,6 +35,8 @@ CASES = [
     ("tolerance lower edge", WAITING, obs(2, 4.5), (), 2, "none", "steady"),
     ("just above tolerance", WAITING, obs(2, 5.6), (), 3, "up", "queue"),
     ("queue doubles", WAITING, obs(2, 10.0), (), 4, "up", "queue"),
+    ("queue sized by demand", WAITING, obs(2, 10.0, running=16.0), (), 3, "up", "queue"),
+    ("demand: partial", WAITING, obs(4, 30.0, reporting=1, running=16.0), (), 4, "none", "steady"),
     ("up limited to +4 pods", WAITING, obs(1, 100.0), (), 5, "up", "queue"),
     ("up limited to +100%", replace(WAITING, max_replicas=100), obs(10, 15.0), (), 20, "up", "queue"),
     ("up clamped to max", WAITING, obs(8, 10.0), (), 10, "up", "max_replicas"),
@@ -168,7 +170,7 @@ def test_load_step_up_is_immediate_and_down_waits_the_window() -> None:
 
 def test_steady_queue_load_settles_without_reversal() -> None:
     # 8 requests in flight on 1-seq engines (target 2 waiting each): HPA's ratio alone would go
-    # 4 -> 2 -> 3; with the demand floor the size settles and never turns back.
+    # 1 -> 4 -> 2 -> 3; sized by demand it goes to 3 and stays.
     policy = replace(WAITING, target=2.0, down_window_s=30)
     history: History = ()
     current, sizes = 1, [1]
