@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from kvstack.bench.soak import Sample, SoakLoad, minute_rows, request_plan, verdict
+from kvstack.bench.soak import Sample, SoakLoad, gauges, minute_rows, request_plan, verdict
 
 LOAD = SoakLoad("http://router", ("http://e0", "http://e1"), seconds=60, rate=10)
 
@@ -74,3 +74,19 @@ def test_verdict(
 ) -> None:
     got = verdict(_rows(rss, added), 100.0, errors)
     assert (got["zero_errors"], got["rss_growth_ok"], got["p99_stable"]) == expected
+
+
+def test_gauges_sum_the_bounded_structures_over_labels() -> None:
+    text = "\n".join(
+        [
+            "# HELP kvstack_router_kv_index_blocks Block entries held.",
+            'kvstack_router_kv_index_blocks{engine="a"} 10.0',
+            'kvstack_router_kv_index_blocks{engine="b"} 5.0',
+            "kvstack_router_kv_index_blocks_stored_total 99.0",
+            "kvstack_router_kv_index_capacity_blocks 1000.0",
+        ]
+    )
+    assert gauges(text) == {
+        "kvstack_router_kv_index_blocks": 15.0,
+        "kvstack_router_kv_index_capacity_blocks": 1000.0,
+    }

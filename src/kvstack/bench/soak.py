@@ -170,12 +170,15 @@ def verdict(rows: list[dict[str, Any]], rss_after_warmup: float, errors: dict[st
     worst = added[-1] if added else float("nan")
     rss_end = rows[-1]["rss_mb"] if rows else float("nan")
     growth = (rss_end - rss_after_warmup) / rss_after_warmup if rss_after_warmup else float("nan")
+    half = rows[len(rows) // 2 :]
+    slope = (half[-1]["rss_mb"] - half[0]["rss_mb"]) / max(1, len(half) - 1) if half else float("nan")
     return {
         "errors": sum(errors.values()),
         "error_kinds": errors,
         "rss_after_warmup_mb": rss_after_warmup,
         "rss_end_mb": rss_end,
         "rss_growth": growth,
+        "rss_mb_per_minute_second_half": slope,
         "added_p99_median_ms": typical,
         "added_p99_worst_ms": worst,
         "zero_errors": not errors,
@@ -260,14 +263,41 @@ def plot(path: Path, rows: list[dict[str, Any]], title: str) -> None:
     plt.close(fig)
 
 
-def _run(load: SoakLoad, router_pid: int) -> tuple[list[Sample], list[tuple[float, float]], list[Any]]:
-    """Run the load process; sample the router's RSS and the load average every 10 s meanwhile."""
+# the router's bounded structures: growth past their caps would be a leak, growth up to them is not
+GAUGES = ("kvstack_router_kv_index_blocks", "kvstack_router_kv_index_capacity_blocks")
+
+
+def gauges(metrics_text: str) -> dict[str, float]:
+    """The sum over labels of each of ``GAUGES`` in a Prometheus text exposition."""
+    out = dict.fromkeys(GAUGES, 0.0)
+    for line in metrics_text.splitlines():
+        name = line.split("{", 1)[0].split(" ", 1)[0]
+        if name in out:
+            out[name] += float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def _scrape(url: str) -> dict[str, float]:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{url}/metrics", timeout=5) as resp:
+            return gauges(resp.read().decode())
+    except OSError:
+        return {}
+
+
+def _run(
+    load: SoakLoad, router_pid: int
+) -> tuple[list[Sample], list[tuple[float, float]], list[Any], list[tuple[float, dict[str, float]]]]:
+    """Run the load process; sample the router's RSS, gauges and the load average every 10 s."""
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe(duplex=False)
     proc = ctx.Process(target=_load_main, args=(load, child))
     samples: list[Sample] = []
     rss: list[tuple[float, float]] = []
     loads: list[tuple[float, float]] = []
+    scraped: list[tuple[float, dict[str, float]]] = []
     t0 = time.monotonic()
     proc.start()
     next_sample = 0.0
@@ -277,6 +307,7 @@ def _run(load: SoakLoad, router_pid: int) -> tuple[list[Sample], list[tuple[floa
             if elapsed >= next_sample:
                 rss.append((elapsed, rss_mb(router_pid)))
                 loads.append((elapsed, os.getloadavg()[0]))
+                scraped.append((elapsed, _scrape(load.router_url)))
                 next_sample += 10.0
             if parent.poll(0.5):
                 batch = parent.recv()
@@ -291,7 +322,7 @@ def _run(load: SoakLoad, router_pid: int) -> tuple[list[Sample], list[tuple[floa
         if proc.is_alive():
             proc.kill()
             proc.join()
-    return samples, rss, loads
+    return samples, rss, loads, scraped
 
 
 def soak(
@@ -301,7 +332,9 @@ def soak(
     speed: Annotated[
         float, typer.Option(help="Simulator speed factor (high: engines nearly free).")
     ] = 1000.0,
-    warmup_minutes: Annotated[float, typer.Option(help="Minutes before the RSS baseline.")] = 1.0,
+    warmup_minutes: Annotated[
+        float, typer.Option(help="Minutes before the RSS baseline (the router's bounded caches fill).")
+    ] = 5.0,
     out_dir: Annotated[Path, typer.Option("--out", help="Where JSON and PNG go.")] = Path(
         "bench-results/soak"
     ),
@@ -314,13 +347,13 @@ def soak(
     if rate <= 0:
         raise typer.BadParameter("must be positive", param_hint="--rate")
     label = f"{minutes:g}min"
-    logs = out_dir / f"logs-{label}"
+    logs = out_dir / "logs"
     sims, router, engine_urls, router_url = _processes(engines, speed, logs)
     load_start = os.getloadavg()
     with running([*sims, router]):
         time.sleep(2.0)  # engines discovered and scraped, KV-event feeds connected
         load = SoakLoad(router_url, engine_urls, minutes * 60, rate)
-        samples, rss, loads = _run(load, router.pid)
+        samples, rss, loads, scraped = _run(load, router.pid)
         router_alive = router.alive()
     rows = minute_rows(samples, rss, loads, int(minutes + 0.999))
     warm = [mb for t, mb in rss if t >= warmup_minutes * 60]
@@ -342,6 +375,7 @@ def soak(
         "verdict": result,
         "minutes": rows,
         "rss_samples": rss,
+        "router_gauges": scraped,
     }  # fmt: skip
     write_json(out_dir / f"soak-{label}.json", payload)
     plot(
