@@ -21,7 +21,7 @@ M = MODEL.encode()
 DEEP = 100_000
 _DEEP_BUG = (
     "msgspec raises RecursionError, not DecodeError, past its depth limit, and nothing catches it: "
-    "500 + a traceback (router/protocol.py:44 decode_body). Fix: `except (msgspec.DecodeError, "
+    "500 + a traceback (router/protocol.py decode_body). Fix: `except (msgspec.DecodeError, "
     "RecursionError) as err: raise OpenAIError(400, ...)`"
 )
 

@@ -119,11 +119,11 @@ def full_schema(r: RouterServer) -> dict[str, Any]:
 
 @pytest.mark.xfail(
     strict=True,
-    reason="router/app.py:182 creates FastAPI with openapi_url=None, and the proxied routes are plain "
-    "Starlette Routes (router/app.py:188), absent from FastAPI's schema. Fix: openapi_url='/openapi.json' "
+    reason="router/app.py create_app builds FastAPI with openapi_url=None, and the proxied routes are plain "
+    "Starlette Routes, absent from FastAPI's schema. Fix: openapi_url='/openapi.json' "
     "and add the proxied operations (request bodies and error responses, as PROXIED in this file) "
     "through `app.openapi_schema` or FastAPI's `openapi_extra`; and document 400 with the OpenAI "
-    "error body where FastAPI's schema says 422 (router/app.py:200 answers validation errors with 400)",
+    "error body where FastAPI's schema says 422 (router/app.py _validation_error answers with 400)",
 )
 def test_the_router_publishes_its_openapi_schema(served: RouterServer) -> None:
     """A client (or schemathesis) can fetch the router's schema, and it describes the OpenAI routes."""
@@ -136,7 +136,7 @@ def test_the_router_publishes_its_openapi_schema(served: RouterServer) -> None:
 
 @pytest.mark.xfail(
     strict=True,
-    reason="the router relays an engine's error body as is (router/proxy.py:330 _relay), and an "
+    reason="the router relays an engine's error body as is (router/proxy.py ProxyEndpoint._relay), and an "
     "engine's FastAPI answers routes it does not serve with {'detail': 'Not Found'} (the simulator "
     "and vLLM for /v1/embeddings on a generative model). Fix: in _relay, when resp.status >= 400 and "
     "the body is not an object with an 'error' object, send error_body(resp.status, <detail or "

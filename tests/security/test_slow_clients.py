@@ -15,7 +15,7 @@ import pytest
 from tests.router.conftest import MODEL, RouterFactory, Sim
 
 _NO_BODY_TIMEOUT = (
-    "the router reads a request body without any deadline (router/proxy.py:94 read_body; uvicorn has "
+    "the router reads a request body without any deadline (router/proxy.py read_body; uvicorn has "
     "none either), so a stalled upload keeps its task, socket and per-key slot forever. Fix: a "
     "`body_timeout_s: PositiveSeconds = 30.0` field in RouterSettings (router/config.py) and, in "
     "ProxyEndpoint.__call__, `async with asyncio.timeout(settings.body_timeout_s): raw = await "
