@@ -249,6 +249,10 @@ def plot(path: Path, rows: list[dict[str, Any]], title: str) -> None:
     ax1.set_xlabel("minute")
     ax1.set_ylabel("router RSS (MB)")
     ax1.set_ylim(bottom=0)
+    load_axis = ax1.twinx()  # shared cores: latency spikes line up with the machine's load
+    load_axis.plot(xs, [r["load_avg_1m"] for r in rows], color="grey", linestyle=":", label="load avg")
+    load_axis.set_ylabel("load average, 1 min (grey)")
+    load_axis.set_ylim(bottom=0)
     for key, style in (("routed_p50_ms", "-"), ("routed_p99_ms", "-"), ("added_p50_ms", "--")):
         ax2.plot(xs, [r[key] for r in rows], style, marker=".", label=key.removesuffix("_ms"))
     ax2.plot(xs, [r["added_p99_ms"] for r in rows], "--", marker=".", label="added_p99")
