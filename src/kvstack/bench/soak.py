@@ -196,7 +196,9 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _processes(engines: int, speed: float, logs: Path) -> tuple[list[Any], Any, tuple[str, ...], str]:
+def _processes(
+    engines: int, speed: float, gpu_blocks: int, logs: Path
+) -> tuple[list[Any], Any, tuple[str, ...], str]:
     from kvstack.common.procs import ManagedProcess
 
     kvstack = str(Path(sys.executable).parent / "kvstack")
@@ -207,6 +209,7 @@ def _processes(engines: int, speed: float, logs: Path) -> tuple[list[Any], Any, 
         argv = [
             kvstack, "engine", "sim", "--port", str(port), "--served-model-name", MODEL,
             "--speed", str(speed), "--max-num-seqs", "1024", "--max-model-len", "4096",
+            "--num-gpu-blocks", str(gpu_blocks),
             "--kv-events-endpoint", f"tcp://127.0.0.1:{pub}",
             "--kv-events-replay-endpoint", f"tcp://127.0.0.1:{replay}",
         ]  # fmt: skip
@@ -336,6 +339,13 @@ def soak(
     speed: Annotated[
         float, typer.Option(help="Simulator speed factor (high: engines nearly free).")
     ] = 1000.0,
+    gpu_blocks: Annotated[
+        int,
+        typer.Option(
+            help="KV blocks per simulator: small, so the engines' caches (and the router's index of "
+            "them) are full and evicting within the warm-up; RSS growth after it is then no cache filling."
+        ),
+    ] = 8192,
     warmup_minutes: Annotated[
         float, typer.Option(help="Minutes before the RSS baseline (the router's bounded caches fill).")
     ] = 5.0,
@@ -352,7 +362,7 @@ def soak(
         raise typer.BadParameter("must be positive", param_hint="--rate")
     label = f"{minutes:g}min"
     logs = out_dir / "logs"
-    sims, router, engine_urls, router_url = _processes(engines, speed, logs)
+    sims, router, engine_urls, router_url = _processes(engines, speed, gpu_blocks, logs)
     load_start = os.getloadavg()
     with running([*sims, router]):
         time.sleep(2.0)  # engines discovered and scraped, KV-event feeds connected
@@ -371,7 +381,8 @@ def soak(
         "benchmark": "soak",
         "run": label if minutes >= 30 else f"short check: {label} (the goal run is 30 min)",
         "params": {"minutes": minutes, "rate": rate, "engines": engines, "speed": speed,
-                   "warmup_minutes": warmup_minutes, "direct_every": load.direct_every,
+                   "gpu_blocks": gpu_blocks, "warmup_minutes": warmup_minutes,
+                   "direct_every": load.direct_every,
                    "mix": "1/2 streaming, 1/2 unique prompts, 16 tokens"},
         "machine": {"cpu_count": os.cpu_count(), "loadavg_start": list(load_start),
                     "loadavg_end": list(os.getloadavg())},
