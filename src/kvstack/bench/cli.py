@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -107,6 +107,7 @@ def routing(
                 "load": load,
                 "prefill_tokens_per_s": setup.prefill_tokens_per_s,
                 "cpu_count": os.cpu_count(),
+                "niceness": os.nice(0),  # a run under `nice -n -10` keeps other work from skewing it
                 "loadavg_start": list(load_start),
                 "loadavg_end": list(os.getloadavg()),
             },
@@ -118,6 +119,14 @@ def routing(
     report.print_table("Routing policies (times in ms)", [_display(r) for r in rows], list(_COLUMNS.values()))
     if goal_rows:
         report.print_table("Goals (cache_aware)", goal_rows, list(goal_rows[0].keys()))
+    plot_routing(rows, folder / "routing.png", engines=engines, load=load)
+    typer.echo(f"results: {folder / 'results.json'}, plot: {folder / 'routing.png'}")
+
+
+def plot_routing(rows: list[dict[str, Any]], path: Path, *, engines: int, load: float) -> None:
+    """The routing PNG: per case, bars per policy for TTFT p90 (repeats, all), hit rate, load CV."""
+    from kvstack.bench import report
+
     plotted = [
         {
             **r,
@@ -128,7 +137,7 @@ def routing(
         for r in rows
     ]
     report.bar_grid(
-        folder / "routing.png",
+        path,
         plotted,
         panel_key="panel",
         bar_key="policy",
@@ -139,9 +148,9 @@ def routing(
             ("load_cv", "load CV"),
         ],
         title=f"Routing policies on the same traces ({engines} simulated H200 engines, load {load})",
+        clip_keys=("ttft_p90_ms", "ttft_all_p90_ms"),
         refs={"hit_rate": ("oracle_hit_rate", "oracle")},
     )
-    typer.echo(f"results: {folder / 'results.json'}, plot: {folder / 'routing.png'}")
 
 
 def _register_benchmarks() -> None:

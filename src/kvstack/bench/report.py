@@ -47,11 +47,14 @@ def bar_grid(
     metrics: Sequence[tuple[str, str]],
     title: str,
     refs: Mapping[str, tuple[str, str]] | None = None,
+    clip_keys: Sequence[str] = (),
 ) -> None:
     """One subplot per (panel, metric): bars per ``bar_key`` value. ``metrics``: (row key, axis label).
 
     ``refs`` maps a metric to (row key, legend label) of a per-panel reference drawn as a dashed line
-    (say, the oracle's hit rate over the hit-rate bars).
+    (say, the oracle's hit rate over the hit-rate bars). Metrics in ``clip_keys`` cut the y axis at 3x
+    the panel's median bar, so one policy far off the others does not flatten the rest; every bar is
+    labelled with its value.
     """
     import matplotlib
 
@@ -72,12 +75,18 @@ def bar_grid(
                 match = [r for r in rows if str(r[panel_key]) == panel and str(r[bar_key]) == b]
                 v = float(match[0].get(key, math.nan)) if match else math.nan
                 vals.append(0.0 if math.isnan(v) else v)
-            ax.bar(range(len(bars)), vals, color=[colors(k % 10) for k in range(len(bars))])
+            drawn = ax.bar(range(len(bars)), vals, color=[colors(k % 10) for k in range(len(bars))])
+            top = 3 * sorted(vals)[len(vals) // 2]
+            clipped = key in clip_keys and top > 0 and max(vals) > top
+            if clipped:
+                ax.set_ylim(0, top)
+            labels = [f"{x:.3g}" for x in vals]
+            ax.bar_label(drawn, labels=labels, fontsize=6, label_type="center" if clipped else "edge")
             for r in rows:
                 if refs and key in refs and str(r[panel_key]) == panel:
                     ref_key, ref_label = refs[key]
                     ax.axhline(float(r[ref_key]), color="black", linestyle="--", linewidth=1, label=ref_label)
-                    ax.legend(fontsize=6, loc="lower right")
+                    ax.legend(fontsize=6, loc="upper left")
                     break
             ax.set_xticks(range(len(bars)), bars, rotation=35, ha="right", fontsize=7)
             ax.tick_params(axis="y", labelsize=7)
