@@ -1,0 +1,89 @@
+#!/bin/bash
+# On the GPU machine, after ../shared/gpu/setup.sh: Redis, two real vLLM 0.24 + LMCache engines started
+# through `kvstack engine serve`, then the proof (src/kvstack/bench/gpu.py) with the router in front.
+#   bash scripts/gpu/device.sh start            Redis + both engines (setsid: they outlive the call)
+#   bash scripts/gpu/device.sh proof ARGS...    the proof over the running engines, results in $OUT
+#   bash scripts/gpu/device.sh logs             engine log tails into $OUT
+set -u
+export PYTHONPATH=/tmp/site:$PWD/src VLLM_USE_FLASHINFER_SAMPLER=0 HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+export PATH=/tmp/bin:$PATH
+LOGS=/tmp/gpulogs
+REDIS_PORT=6390
+mkdir -p "$LOGS" /tmp/bin "${OUT:-/tmp/out}"
+python3 scripts/gpu/wire_tokenizer.py || exit 1
+
+engine_yaml() {  # $1 index
+  local i=$1
+  cat <<YAML
+model: /tmp/model
+served_model_name: [kvstack-8b]
+host: 127.0.0.1
+port: $((8100 + i))
+max_model_len: 16384
+gpu_memory_utilization: 0.3
+kv_events: {enabled: true, endpoint: "tcp://*:$((5557 + 2 * i))", replay_endpoint: "tcp://*:$((5558 + 2 * i))", topic: kv-events}
+lmcache: {remote_url: "redis://127.0.0.1:$REDIS_PORT", max_local_cpu_size: 5}
+python_hash_seed: "0"
+extra_args: [--load-format, dummy]
+extra_env: {VLLM_USE_FLASHINFER_SAMPLER: "0", HF_HUB_OFFLINE: "1"}
+YAML
+}
+
+wait_health() {  # $1 url, $2 seconds, $3 log
+  local deadline=$((SECONDS + $2))
+  until python3 -c "import urllib.request as u; u.urlopen('$1/health', timeout=2)" >/dev/null 2>&1; do
+    if [ $SECONDS -ge $deadline ]; then echo "NOT READY: $1"; tail -40 "$3"; return 1; fi
+    sleep 2
+  done
+  echo "ready: $1 after ${SECONDS}s"
+}
+
+start() {
+  cat > /tmp/bin/vllm <<'SH'
+#!/bin/bash
+exec python3 -c 'import sys; from vllm.entrypoints.cli.main import main; sys.argv[0] = "vllm"; sys.exit(main())' "$@"
+SH
+  chmod +x /tmp/bin/vllm
+  LD_LIBRARY_PATH=/tmp/redisroot/usr/lib/x86_64-linux-gnu /tmp/redisroot/usr/bin/redis-server \
+    --port $REDIS_PORT --bind 127.0.0.1 --save '' --appendonly no --maxmemory 16gb \
+    --maxmemory-policy allkeys-lru --daemonize yes --logfile $LOGS/redis.log
+  cat > $LOGS/engines.yaml <<YAML
+- {url: "http://127.0.0.1:8100", name: gpu0, models: [kvstack-8b], kv_events_endpoint: "tcp://127.0.0.1:5557", kv_events_replay_endpoint: "tcp://127.0.0.1:5558"}
+- {url: "http://127.0.0.1:8101", name: gpu1, models: [kvstack-8b], kv_events_endpoint: "tcp://127.0.0.1:5559", kv_events_replay_endpoint: "tcp://127.0.0.1:5560"}
+YAML
+  for i in 0 1; do
+    engine_yaml $i > $LOGS/engine$i.yaml
+    setsid nohup python3 -m kvstack engine serve --config $LOGS/engine$i.yaml > $LOGS/engine$i.log 2>&1 < /dev/null &
+    if [ $i = 0 ]; then
+      # the second engine starts once the first has sized its KV cache, so neither profiles the other
+      for _ in $(seq 150); do grep -q "KV cache size\|Available KV cache memory" $LOGS/engine0.log && break; sleep 1; done
+      grep -m2 "KV cache" $LOGS/engine0.log
+    fi
+  done
+  wait_health http://127.0.0.1:8100 240 $LOGS/engine0.log || return 1
+  wait_health http://127.0.0.1:8101 240 $LOGS/engine1.log || return 1
+  nvidia-smi --query-gpu=memory.used,memory.total --format=csv
+}
+
+proof() {
+  timeout "${PROOF_TIMEOUT:-420}" python3 scripts/gpu/proof.py --engines-file $LOGS/engines.yaml --model kvstack-8b \
+    --out "$OUT" "$@" 2>&1 | tee -a "$OUT/proof.log"
+}
+
+calib() {  # the same traces on two simulators sized like the real engines
+  local blocks
+  blocks=$(python3 -c "
+from kvstack.bench import promtext
+from kvstack.bench.gpu import _num_gpu_blocks
+print(_num_gpu_blocks(promtext.scrape('http://127.0.0.1:8100/metrics')) or 0)")
+  echo "simulators with $blocks KV blocks each"
+  PROOF_TIMEOUT=${PROOF_TIMEOUT:-420} timeout "${PROOF_TIMEOUT:-420}" python3 scripts/gpu/proof.py --sims 2 \
+    --sim-blocks "$blocks" --model kvstack-8b --label sim --out "$OUT" "$@" 2>&1 | tee -a "$OUT/calib.log"
+}
+
+logs() {
+  for f in $LOGS/engine0.log $LOGS/engine1.log; do tail -c 200000 "$f" > "$OUT/$(basename $f)"; done
+}
+
+cmd=${1:-start}; shift || true
+"$cmd" "$@"
