@@ -19,7 +19,7 @@ model: /tmp/model
 served_model_name: [kvstack-8b]
 host: 127.0.0.1
 port: $((8100 + i))
-max_model_len: 16384
+max_model_len: 32768
 gpu_memory_utilization: 0.3
 kv_events: {enabled: true, endpoint: "tcp://*:$((5557 + 2 * i))", replay_endpoint: "tcp://*:$((5558 + 2 * i))", topic: kv-events}
 lmcache: {remote_url: "redis://127.0.0.1:$REDIS_PORT", max_local_cpu_size: 5}

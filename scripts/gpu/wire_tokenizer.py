@@ -56,8 +56,7 @@ EDITS: list[tuple[str, str, str]] = [
         "            return await request_tokens(self._engine_tokenizer, request)\n"
         "        except TokenizeError as err:\n"
         '            log.warning("engine tokenizer failed, using the built-in one: %s", err)\n'
-        "            return prompt_token_ids(request, ctx.token_cache)\n"
-        "\n",
+        "            return prompt_token_ids(request, ctx.token_cache)\n",
     ),
 ]
 
