@@ -42,7 +42,15 @@ def test_engine_500_is_passed_through_and_counts_towards_ejection(
     router: RouterFactory, backend: str
 ) -> None:
     with BadEngine("status:500") as bad:
-        r = router(engines=[bad.url], eject_after_failures=2, eject_duration_s=60, upstream_backend=backend)
+        # Slow probes once the engine is known: its /health passes, and passing probes re-admit an
+        # ejected engine (the monitor's rule), which would race the third request on a busy machine.
+        r = router(
+            engines=[bad.url],
+            eject_after_failures=2,
+            eject_duration_s=60,
+            upstream_backend=backend,
+            monitor={"probe_interval": 60.0, "scrape_interval": 60.0},
+        )
         for _ in range(2):
             resp = httpx.post(f"{r.url}/v1/chat/completions", json=CHAT)
             assert resp.status_code == 500

@@ -20,14 +20,20 @@ def test_openai_sync_chat_and_stream(sims: list[Sim], router: RouterFactory, bac
     )
     assert reply.choices[0].message.content
     assert reply.usage is not None and reply.usage.completion_tokens == 8
-    pieces = [
-        chunk.choices[0].delta.content or ""
-        for chunk in client.chat.completions.create(
-            model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=6, stream=True
+    chunks = list(
+        client.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": "hi"}],
+            max_tokens=6,
+            stream=True,
+            stream_options={"include_usage": True},
         )
-        if chunk.choices
-    ]
-    assert len([p for p in pieces if p]) == 6
+    )
+    pieces = [c.choices[0].delta.content or "" for c in chunks if c.choices]
+    # a client that lags gets tokens coalesced into fewer deltas (as from vLLM): count tokens by usage
+    assert 1 <= len([p for p in pieces if p]) <= 6
+    usage = chunks[-1].usage
+    assert usage is not None and usage.completion_tokens == 6
 
     def counted() -> tuple[float, float, float]:
         answered = sum(
