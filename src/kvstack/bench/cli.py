@@ -155,9 +155,11 @@ def plot_routing(rows: list[dict[str, Any]], path: Path, *, engines: int, load: 
 
 def _register_benchmarks() -> None:
     # Benchmarks owned by other modules register here so `kvstack bench --help` lists them all.
+    from kvstack.bench.router_overhead import router_overhead
     from kvstack.bench.sim_throughput import sim_throughput
 
     app.command("sim")(sim_throughput)
+    app.command("router")(router_overhead)
 
 
 _register_benchmarks()

@@ -111,11 +111,24 @@ def token_str(tid: int) -> str:
     return _ID_TO_TEXT[tid]
 
 
-@lru_cache(maxsize=4096)
-def _encode_message(role: str, content: str) -> tuple[int, ...]:
+# Messages up to this many characters are cached (system prompts and short turns repeat);
+# longer ones are encoded each time, so the cache holds at most ~4096 x 8K characters.
+_CACHED_MESSAGE_CHARS = 8192
+
+
+def _render_message(role: str, content: str) -> tuple[int, ...]:
     # Each message is tokenized on its own, so a conversation that grows by appending messages
     # keeps an identical token prefix: exactly the property prefix caching relies on.
     return (START_HEADER_ID, *encode(role), END_HEADER_ID, *encode("\n\n" + content), EOT_ID)
+
+
+_render_cached = lru_cache(maxsize=4096)(_render_message)
+
+
+def _encode_message(role: str, content: str) -> tuple[int, ...]:
+    if len(content) <= _CACHED_MESSAGE_CHARS:
+        return _render_cached(role, content)
+    return _render_message(role, content)
 
 
 _GENERATION_PROMPT: tuple[int, ...] = (START_HEADER_ID, *encode("assistant"), END_HEADER_ID, *encode("\n\n"))
