@@ -133,3 +133,43 @@ def test_kvstack_up_serves_and_stops_cleanly(stop_signal: signal.Signals, policy
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+def test_kvstack_up_with_prometheus_scrapes_router_and_engines() -> None:
+    """`kvstack up --prometheus`: the user gets a Prometheus that already scrapes every component."""
+    port, prom_port = free_port(), free_port()
+    kvstack = str(Path(sys.executable).with_name("kvstack"))
+    proc = subprocess.Popen(
+        [kvstack, "up", "--port", str(port), "--prometheus", "--prometheus-port", str(prom_port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        assert proc.stdout is not None
+        shown = ""
+        for line in proc.stdout:
+            shown += line
+            if "Press Ctrl-C" in line:
+                break
+        assert f"Prometheus:  http://127.0.0.1:{prom_port}" in shown, shown
+        deadline = time.monotonic() + 60
+        while True:
+            targets = httpx.get(f"http://127.0.0.1:{prom_port}/api/v1/targets").json()["data"][
+                "activeTargets"
+            ]
+            healthy = sorted(t["labels"]["job"] for t in targets if t["health"] == "up")
+            if healthy == ["kvstack-engine", "kvstack-engine", "kvstack-router"]:
+                break
+            assert time.monotonic() < deadline, f"targets never all up: {targets}"
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+        assert not _listening(f"http://127.0.0.1:{prom_port}"), (
+            "Prometheus still running after kvstack up stopped"
+        )
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()

@@ -24,6 +24,10 @@ def up(
     ] = None,
     speed: Annotated[float | None, typer.Option(help="Simulator speed (simulated s per wall s).")] = None,
     ready_timeout: Annotated[float | None, typer.Option(help="Seconds to wait for readiness.")] = None,
+    prometheus: Annotated[
+        bool, typer.Option("--prometheus", help="Also run Prometheus (scrapes everything, kvstack's rules).")
+    ] = False,
+    prometheus_port: Annotated[int | None, typer.Option(help="Prometheus port (default 9090).")] = None,
 ) -> None:
     """Start engines and the router on localhost, wait until ready, and stop everything on Ctrl-C."""
     from kvstack.common.config import build
@@ -39,6 +43,8 @@ def up(
         "policy": policy,
         "speed": speed,
         "ready_timeout_s": ready_timeout,
+        "prometheus": prometheus or None,
+        "prometheus_port": prometheus_port,
     }
     settings = build(
         StackSettings, "kvstack up options", **{k: v for k, v in values.items() if v is not None}

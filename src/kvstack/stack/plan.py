@@ -31,6 +31,8 @@ class StackSettings(BaseModel):
     policy: str = "cache_aware"  # the router's routing policy
     speed: float | None = Field(None, gt=0)  # simulator only: simulated seconds per wall second
     ready_timeout_s: float = Field(0.0, ge=0)  # 0: 60 s for simulators, 600 s for vLLM
+    prometheus: bool = False  # also run Prometheus scraping everything, with kvstack's rules
+    prometheus_port: int = Field(9090, ge=1, le=65535)
 
     @field_validator("policy")
     @classmethod
@@ -148,6 +150,12 @@ def banner(settings: StackSettings) -> str:
     url = f"http://{host}:{settings.port}"
     model = settings.served_model
     kind = "simulated" if settings.engine == "sim" else "vLLM"
+    prometheus = (
+        f"  Prometheus:  http://127.0.0.1:{settings.prometheus_port} (kvstack's rules loaded; "
+        "`kvstack dashboards preview --prometheus URL` renders the dashboards)\n\n"
+        if settings.prometheus
+        else ""
+    )
     return f"""
 kvstack is up: {settings.engines} {kind} engine(s) behind the router (policy: {settings.policy})
   OpenAI API:  {url}/v1        metrics: {url}/metrics
@@ -160,5 +168,5 @@ c = OpenAI(base_url="{url}/v1", api_key="unused")
 r = c.chat.completions.create(model="{model}", messages=[{{"role": "user", "content": "Hello!"}}])
 print(r.choices[0].message.content)'
 
-Press Ctrl-C to stop.
+{prometheus}Press Ctrl-C to stop.
 """

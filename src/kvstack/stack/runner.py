@@ -63,6 +63,8 @@ def run_stack(settings: StackSettings, run_dir: Path | None = None) -> int:
     engines_file.write_text(yaml.safe_dump(engine_entries(settings, ports), sort_keys=False))
     specs = plan_stack(settings, ports, engines_file)
     procs = [ManagedProcess(s.name, s.argv, run_dir, env=s.env, ready_url=s.ready_url) for s in specs]
+    if settings.prometheus:
+        procs.append(_prometheus(settings, ports, run_dir))
     started: list[ManagedProcess] = []
     say = print
     try:
@@ -90,6 +92,17 @@ def run_stack(settings: StackSettings, run_dir: Path | None = None) -> int:
         with _ignoring_signals():
             for proc in reversed(started):
                 proc.stop()
+
+
+def _prometheus(settings: StackSettings, ports: list[EnginePorts], run_dir: Path) -> ManagedProcess:
+    """Prometheus scraping the router and every engine, with the labels and jobs the rules expect."""
+    from kvstack.observability.prometheus import Target, prometheus_process
+
+    targets = [
+        Target("kvstack-engine", f"http://127.0.0.1:{p.http}", f"engine-{i}") for i, p in enumerate(ports)
+    ]
+    targets.append(Target("kvstack-router", f"http://127.0.0.1:{settings.port}", "router"))
+    return prometheus_process(run_dir / "prometheus", targets, settings.prometheus_port)
 
 
 @contextmanager
