@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from kvstack.operator.autoscale import Decision, History, Observation, decide
@@ -16,7 +16,7 @@ from kvstack.operator.kube import OWNED_KINDS, Kube, KubeError
 from kvstack.operator.metrics import OperatorMetrics
 from kvstack.operator.prom import Prometheus, PrometheusError
 from kvstack.operator.resources import Owner, desired_objects, engine_name, key, managed_selector, to_prune
-from kvstack.operator.signals import SIGNAL_LABELS, SIGNALS, observation, queries
+from kvstack.operator.signals import SIGNAL_LABELS, SIGNALS, observation, queries, sustained_idle
 from kvstack.operator.spec import KVStackSpec
 from kvstack.operator.status import model_entry, policy_for
 
@@ -50,6 +50,14 @@ class ModelOutcome:
 
 
 @dataclass
+class ScalingState:
+    """What the autoscaler remembers per model between evaluations (in kopf's per-object memo)."""
+
+    histories: dict[str, History] = field(default_factory=dict)
+    idle_since: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
 class Evaluation:
     models: list[ModelOutcome] = field(default_factory=list)
     prometheus_ok: bool | None = None  # None: autoscaling off, nothing asked
@@ -69,7 +77,7 @@ async def evaluate(
     metrics: OperatorMetrics,
     owner: Owner,
     spec: KVStackSpec,
-    histories: dict[str, History],
+    state: ScalingState,
     previous: dict[str, Obj],
     scale: bool,
 ) -> Evaluation:
@@ -108,8 +116,15 @@ async def evaluate(
             obs = Observation(now, current, None)
             out.prometheus_ok, out.prometheus_error = False, str(err)
             metrics.error(owner.namespace, served, "query", now)
-        decision = decide(policy_for(auto, model), obs, histories.get(model.name, ()))
-        histories[model.name] = decision.history
+        idle, since = sustained_idle(
+            obs.idle, state.idle_since.get(model.name), now, auto.scale_to_zero.idle_seconds
+        )
+        state.idle_since.pop(model.name, None)
+        if since is not None:
+            state.idle_since[model.name] = since
+        obs = replace(obs, idle=idle)
+        decision = decide(policy_for(auto, model), obs, state.histories.get(model.name, ()))
+        state.histories[model.name] = decision.history
         if decision.replicas != current:
             try:
                 await kube.scale(owner.namespace, name, decision.replicas)
@@ -141,4 +156,4 @@ async def evaluate(
     return out
 
 
-__all__ = ["Evaluation", "ModelOutcome", "evaluate", "key", "reconcile"]
+__all__ = ["Evaluation", "ModelOutcome", "ScalingState", "evaluate", "key", "reconcile"]

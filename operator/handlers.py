@@ -6,6 +6,7 @@ test can run an operator in-process with its own metrics registry and settings.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable
@@ -15,8 +16,7 @@ from typing import Any
 import kopf
 
 from kvstack.common.config import ConfigError
-from kvstack.operator.autoscale import History
-from kvstack.operator.controller import evaluate, reconcile
+from kvstack.operator.controller import ScalingState, evaluate, reconcile
 from kvstack.operator.crd import GROUP, PLURAL, VERSION
 from kvstack.operator.kube import Kube, KubeError
 from kvstack.operator.metrics import OperatorMetrics
@@ -57,6 +57,12 @@ class Runtime:
         if self.stop_metrics is not None:
             self.stop_metrics()
             self.stop_metrics = None
+
+
+def _lock(memo: Any) -> asyncio.Lock:
+    """One reconcile at a time per stack (the change handlers and the timer run concurrently)."""
+    lock: asyncio.Lock = memo.setdefault("lock", asyncio.Lock())
+    return lock
 
 
 def _owner(name: str, namespace: str | None, uid: str) -> Owner:
@@ -113,7 +119,9 @@ def build_registry(runtime: Runtime) -> kopf.OperatorRegistry:
         try:
             parsed = parse_spec(dict(spec), f"KVStack {namespace}/{name}")
             assert runtime.kube is not None
-            pruned = await reconcile(runtime.kube, owner, parsed)
+            async with _lock(memo):
+                pruned = await reconcile(runtime.kube, owner, parsed)
+                memo["applied_generation"] = generation
         except ConfigError as err:
             # A spec the engine loader refuses: nothing to retry until someone edits it.
             logger.error("%s", err)
@@ -146,7 +154,8 @@ def build_registry(runtime: Runtime) -> kopf.OperatorRegistry:
         for model in parsed.models:
             runtime.metrics.forget(namespace or "", model.served_names[0])
 
-    @kopf.timer(*RESOURCE, interval=s.tick_seconds, registry=registry)
+    # A failure the tick does not handle retries soon (kopf's default backoff is 60 s).
+    @kopf.timer(*RESOURCE, interval=s.tick_seconds, backoff=5 * s.tick_seconds, registry=registry)
     async def tick(
         *,
         body: kopf.Body,
@@ -166,20 +175,31 @@ def build_registry(runtime: Runtime) -> kopf.OperatorRegistry:
             parsed = parse_spec(dict(spec))
         except ConfigError:
             return  # apply_spec reported it
+        if _conditions_lost(status, memo):
+            # Another writer's older list replaced ours (a merge patch replaces lists): resend.
+            write_conditions(patch, status, memo, now, {})
         if memo.get("invalid"):
             return
         owner = _owner(name, namespace, uid)
-        assert runtime.kube is not None
+        if runtime.kube is None:
+            return  # shutting down: cleanup closed the client
         if now >= memo.get("next_resync", now + s.resync_seconds):
             memo["next_resync"] = now + s.resync_seconds
             try:
-                await reconcile(runtime.kube, owner, parsed)
+                async with _lock(memo):
+                    # A timer may hold a body older than the one the change handler just applied:
+                    # re-applying it would bring back what that handler pruned.
+                    if (meta.get("generation") or 0) >= (memo.get("applied_generation") or 0):
+                        await reconcile(runtime.kube, owner, parsed)
             except (KubeError, ConfigError) as err:
                 logger.warning("resync failed: %s", err)
         if now < memo.get("next_evaluation", 0.0):
             return
         memo["next_evaluation"] = now + parsed.autoscaling.interval_seconds
-        await _evaluate(runtime, owner, parsed, body, status, meta, patch, memo, now)
+        try:
+            await _evaluate(runtime, owner, parsed, body, status, meta, patch, memo, now)
+        except KubeError as err:
+            logger.warning("evaluation failed, retrying at the next interval: %s", err)
 
     return registry
 
@@ -197,10 +217,10 @@ async def _evaluate(
 ) -> None:
     assert runtime.kube is not None
     auto = spec.autoscaling
-    histories: dict[str, History] = memo.setdefault("histories", {})
+    state: ScalingState = memo.setdefault("scaling", ScalingState())
     previous = {str(m.get("name")): m for m in (status.get("models") or []) if isinstance(m, dict)}
     prom = runtime.prometheus(auto.prometheus_url) if auto.enabled else None
-    result = await evaluate(runtime.kube, prom, runtime.metrics, owner, spec, histories, previous, scale=True)
+    result = await evaluate(runtime.kube, prom, runtime.metrics, owner, spec, state, previous, scale=True)
     if result.prometheus_ok is not None:
         runtime.metrics.prometheus_up.set(1 if result.prometheus_ok else 0)
 
@@ -240,6 +260,13 @@ async def _evaluate(
     patch.status["engines"] = summary
     if router:
         patch.status["router"] = router
+
+
+def _conditions_lost(status: kopf.Status, memo: Any) -> bool:
+    """Whether status lacks (or contradicts) a condition this process has set."""
+    seen = {c.get("type"): (c.get("status"), c.get("reason")) for c in status.get("conditions") or []}
+    mine: dict[str, Condition] = memo.get("conditions", {})
+    return any(seen.get(t) != ("True" if ok else "False", reason) for t, (ok, reason, _, _) in mine.items())
 
 
 def write_conditions(

@@ -90,7 +90,15 @@ class Kube:
         headers = dict(kw.pop("headers", {}))
         if token := self._auth():
             headers["Authorization"] = token
-        resp = await self._client.request(method, path, headers=headers, **kw)
+        for attempt in (1, 2):
+            try:
+                resp = await self._client.request(method, path, headers=headers, **kw)
+                break
+            except httpx.TransportError as err:
+                # A pooled keep-alive connection the server already closed fails on reuse; every
+                # call here is idempotent (GET, apply, merge patch, delete), so one retry is safe.
+                if attempt == 2:
+                    raise KubeError(0, f"{method} {path}: {err!r}") from err
         if resp.status_code == 404 and method in ("GET", "DELETE"):
             return None
         if resp.status_code >= 400:

@@ -105,3 +105,15 @@ def observation(metric: Metric, now: float, current: int, results: Results) -> O
     if results.running is not None and all(k in results.running for k in values):
         running = sum(results.running[k] for k in values) / len(values)
     return Observation(now, current, mean, len(values), max(age, 0.0), pending, idle, running)
+
+
+def sustained_idle(
+    idle: bool | None, since: float | None, now: float, window_s: float
+) -> tuple[bool | None, float | None]:
+    """``(idle for the whole window, new idle-since)``: the query only sees the data it has (a
+    series younger than the window looks idle), so the operator must also have seen it idle that long.
+    """
+    if idle is not True:
+        return idle, None
+    start = now if since is None else since
+    return now - start >= window_s, start

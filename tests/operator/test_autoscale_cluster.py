@@ -20,6 +20,7 @@ import httpx
 import pytest
 import yaml
 from kopf.testing import KopfRunner
+from prometheus_client import CollectorRegistry, Gauge, start_http_server
 
 from kvstack.common.procs import ManagedProcess
 from kvstack.operator.handlers import Runtime, build_registry
@@ -64,8 +65,8 @@ def prometheus(workdir: Path, targets_file: Path) -> ManagedProcess:
 class PodDiscovery:
     """Writes the simulators behind Running engine pods as file_sd targets, labelled namespace/pod."""
 
-    def __init__(self, sims: PodSimulators, path: Path) -> None:
-        self._sims, self.path = sims, path
+    def __init__(self, sims: PodSimulators, path: Path, extra: list[dict[str, Any]] | None = None) -> None:
+        self._sims, self.path, self._extra = sims, path, extra or []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
         self._write([])
@@ -81,7 +82,7 @@ class PodDiscovery:
             groups = [
                 {"targets": [f"{t.host}:{t.port}"], "labels": {"namespace": t.namespace, "pod": t.name}}
                 for t in sorted(self._sims.targets.values(), key=lambda t: t.name)
-            ]
+            ] + self._extra
             if groups != last:
                 self._write(groups)
                 last = groups
@@ -292,3 +293,88 @@ def test_load_scales_engines_up_then_down_and_a_blind_operator_holds(
         assert runner.exception is None, runner.output
     finally:
         prom.stop()
+
+
+@pytest.mark.usefixtures("kubeconfig_env")
+def test_an_idle_model_scales_to_zero_and_wakes_on_router_pending(
+    cluster: Cluster, namespace: str, api: Api, tmp_path: Path
+) -> None:
+    # The router's admission-queue gauge, as the router exports it (a stand-in until the router
+    # holds requests for a model with no engine; the operator only reads the series).
+    registry = CollectorRegistry()
+    pending = Gauge("kvstack_router_queued_requests", "queued", ["model_name"], registry=registry)
+    pending.labels(MODEL).set(0)
+    router_port = free_port()
+    server, thread = start_http_server(router_port, addr="127.0.0.1", registry=registry)
+    router = {"targets": [f"127.0.0.1:{router_port}"], "labels": {"namespace": namespace, "pod": "router-0"}}
+    targets_file = tmp_path / "targets.json"
+    prom = prometheus(tmp_path / "prometheus", targets_file)
+    spec: dict[str, Any] = {
+        "models": [
+            {
+                "name": "llama",
+                "model": MODEL,
+                "minReplicas": 0,
+                "maxReplicas": 2,
+                "podAnnotations": {"sim.kvstack.io/model": MODEL},
+            }
+        ],
+        "router": {"enabled": False},
+        "cache": {"mode": "none"},
+        "autoscaling": {
+            "intervalSeconds": INTERVAL,
+            "scaleDown": {"stabilizationSeconds": 4},
+            "scaleToZero": {"enabled": True, "idleSeconds": 30},
+        },
+    }
+    sims = PodSimulators(cluster.api_client(), "app.kubernetes.io/component=engine", namespace=namespace)
+    prom.start()
+    try:
+        prom.wait_ready(60)
+        url = (prom.ready_url or "").removesuffix("/-/ready")
+        runtime = Runtime(
+            OperatorSettings(
+                namespace=namespace,
+                kubeconfig=cluster.kubeconfig,
+                context=cluster.context,
+                metrics_port=0,
+                liveness_port=0,
+                tick_seconds=0.5,
+                prometheus_url=url,
+            )
+        )
+        args = ["run", "--standalone", "--namespace", namespace]
+        with (
+            sims,
+            PodDiscovery(sims, targets_file, extra=[router]),
+            KopfRunner(args, registry=build_registry(runtime), timeout=30) as runner,
+        ):
+            api.create("demo", spec)
+            sims.wait_for(1, timeout=90)
+            # No request at all: once the idle window's data says so, the model goes to zero.
+            wait_until(lambda: api.deployment("demo-llama").spec.replicas == 0, "scale to zero", timeout=120)
+            entry = api.get("demo")["status"]["models"][0]
+            assert entry["lastScale"]["reason"] == "idle"
+            sims.wait_for(0, timeout=60)
+            # Held while nothing is pending.
+            held = evaluations(runtime)
+            wait_until(lambda: evaluations(runtime) >= held + 2, "two evaluations at zero")
+            assert api.deployment("demo-llama").spec.replicas == 0
+            # The router holds requests for the model: wake it.
+            pending.labels(MODEL).set(3)
+            wait_until(
+                lambda: api.deployment("demo-llama").spec.replicas == 1, "a wake from zero", timeout=60
+            )
+            woke = wait_until(
+                lambda: (m := api.get("demo")["status"]["models"][0])["lastScale"]["reason"] == "wake" and m,
+                "lastScale wake",
+            )
+            assert woke["lastScale"]["toReplicas"] == 1
+            api.delete("demo")
+            wait_until(lambda: not api.list(), "the stack gone")
+        assert runner.exception is None, runner.output
+    finally:
+        prom.stop()
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)

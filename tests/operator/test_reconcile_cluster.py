@@ -49,8 +49,8 @@ def test_create_edit_drift_delete(cluster: Cluster, namespace: str, api: Api) ->
         api.create("demo", SPEC)
         want = {"demo-llama", "demo-router", "demo-redis"}
         wait_until(lambda: api.names("Deployment") >= want, "the stack's Deployments")
-        assert api.names("Service") >= want
-        assert api.names("ConfigMap") >= {"demo-llama", "demo-router"}
+        wait_until(lambda: api.names("Service") >= want, "the stack's Services")
+        wait_until(lambda: api.names("ConfigMap") >= {"demo-llama", "demo-router"}, "the stack's ConfigMaps")
         stack = api.get("demo")
         engine = api.deployment("demo-llama")
         (ref,) = engine.metadata.owner_references
@@ -87,7 +87,7 @@ def test_create_edit_drift_delete(cluster: Cluster, namespace: str, api: Api) ->
         wait_until(
             lambda: "demo-qwen" not in api.names("Deployment"), "the dropped model's Deployment pruned"
         )
-        assert "demo-qwen" not in api.names("ConfigMap")
+        wait_until(lambda: "demo-qwen" not in api.names("ConfigMap"), "the dropped model's ConfigMap pruned")
 
         # The scale subresource sizes the router.
         cluster.kubectl("scale", "-n", namespace, "kvstack/demo", "--replicas=2")
