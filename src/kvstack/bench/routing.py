@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import sys
 import tempfile
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -249,6 +251,13 @@ def _reasons(before: promtext.Samples, after: promtext.Samples) -> dict[str, flo
     return out
 
 
+def _exit_on_sigterm() -> None:
+    """SIGTERM ends the run like Ctrl-C: ``running()`` then stops the case's engines and router,
+    which live in their own sessions and would otherwise outlive a killed benchmark."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda _sig, _frame: sys.exit(143))
+
+
 def run(
     setup: RoutingSetup,
     names: Sequence[str],
@@ -256,6 +265,7 @@ def run(
     policies: Sequence[str],
     progress: Callable[[str], None] = print,
 ) -> list[dict[str, Any]]:
+    _exit_on_sigterm()
     rows = []
     for name in names:
         for regime in regimes:
