@@ -71,16 +71,18 @@ _PIECE_RE = re.compile(
 
 def encode(text: str) -> list[int]:
     """Token ids for ``text``; no special tokens are added."""
-    ids: list[int] = []
-    lookup = _PIECE_TO_ID.get
-    append = ids.append
-    for piece in _PIECE_RE.findall(text):
-        tid = lookup(piece)
-        if tid is not None:
-            append(tid)
+    pieces = _PIECE_RE.findall(text)
+    # One C-level pass over the pieces; only text with out-of-vocabulary pieces takes the slow path.
+    ids: list[int | None] = list(map(_PIECE_TO_ID.get, pieces))
+    if None not in ids:
+        return ids  # type: ignore[return-value]  # no None left: every piece was in the vocabulary
+    out: list[int] = []
+    for piece, tid in zip(pieces, ids, strict=True):
+        if tid is None:
+            out.extend(piece.encode("utf-8"))
         else:
-            ids.extend(piece.encode("utf-8"))
-    return ids
+            out.append(tid)
+    return out
 
 
 def decode(ids: Iterable[int], *, skip_special_tokens: bool = True) -> str:
