@@ -163,3 +163,33 @@ def _register_benchmarks() -> None:
 
 
 _register_benchmarks()
+
+# What `kvstack bench all` (and `make bench`) runs, in order: the cheap component benchmarks first.
+ALL_BENCHMARKS = ("sim", "router", "routing", "soak")
+
+
+@app.command("all")
+def run_all(
+    skip: Annotated[list[str] | None, typer.Option(help="Benchmarks to leave out; repeat.")] = None,
+) -> None:
+    """Every benchmark with its defaults, one process each; results under bench-results/."""
+    import subprocess
+    import sys
+    import time
+
+    unknown = set(skip or ()) - set(ALL_BENCHMARKS)
+    if unknown:
+        raise typer.BadParameter(f"unknown benchmark(s): {', '.join(sorted(unknown))}", param_hint="--skip")
+    failed = []
+    for name in ALL_BENCHMARKS:
+        if name in (skip or ()):
+            continue
+        typer.echo(f"== kvstack bench {name}", err=True)
+        t0 = time.monotonic()
+        code = subprocess.call([sys.executable, "-m", "kvstack", "bench", name])
+        typer.echo(f"== kvstack bench {name}: exit {code} after {time.monotonic() - t0:.0f} s", err=True)
+        if code:
+            failed.append(name)
+    if failed:
+        typer.echo(f"failed: {', '.join(failed)}", err=True)
+        raise typer.Exit(1)
