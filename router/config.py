@@ -51,6 +51,9 @@ class RouterSettings(BaseSettings):
 
     # routing
     policy: str = "least_loaded"
+    # where prompt tokens come from: kvstack's tokenizer (simulators) or the engine's /tokenize
+    # (real vLLM: the model's HF tokenizer and chat template, which its KV events carry)
+    tokenizer: Literal["builtin", "engine"] = "builtin"
     session_header: str = "x-session-id"
     # per-policy settings (KVSTACK_ROUTER_CACHE_AWARE__DECISION__LOAD_FACTOR=1.5); read by that policy only
     cache_aware: CacheAwareConfig = CacheAwareConfig()

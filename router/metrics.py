@@ -24,6 +24,8 @@ _MAX_CHILDREN = 10_000  # label sets remembered by `labelled`; engines come and 
 # TTFT and e2e buckets reach from a prefix hit (~10 ms on an H200) to a long queue.
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 _DECISION_BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 5e-2)
+# a cached prompt (~µs) to an uncached 32K-token document or an engine /tokenize round trip
+_TOKENIZE_BUCKETS = (1e-5, 1e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 1.0)
 
 
 class _EngineCollector(Collector):
@@ -88,9 +90,16 @@ class RouterMetrics:
         )
         self.decision = Histogram(
             "kvstack_router_routing_decision_seconds",
-            "Time spent choosing an engine (tokenizing included when the policy needs tokens).",
+            "Time the policy spent choosing an engine (tokenizing excluded: see tokenize_seconds).",
             ["policy"],
             buckets=_DECISION_BUCKETS,
+            registry=r,
+        )
+        self.tokenize = Histogram(
+            "kvstack_router_tokenize_seconds",
+            "Time spent getting a prompt's tokens for the policy, by where they came from.",
+            ["policy", "source"],
+            buckets=_TOKENIZE_BUCKETS,
             registry=r,
         )
         self.decisions = Counter(

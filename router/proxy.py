@@ -28,6 +28,7 @@ from kvstack.router.logs import ACCESS_LOGGER
 from kvstack.router.policies.base import Decision, RequestFeatures
 from kvstack.router.prompts import prompt_text, prompt_token_ids
 from kvstack.router.protocol import Kind, ParsedRequest, SSEFramer, error_event, has_content, parse_request
+from kvstack.router.tokenizers import EngineTokenizer, TokenizeError, request_tokens
 from kvstack.router.upstream import UpstreamError, UpstreamResponse
 
 Scope = dict[str, Any]
@@ -126,6 +127,7 @@ class ProxyEndpoint:
             ctx.policy, "on_first_token", None
         )
         self._expose_engine = ctx.settings.expose_engine_header
+        self._engine_tokenizer: EngineTokenizer | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         ctx = self.ctx
@@ -254,9 +256,11 @@ class ProxyEndpoint:
     ) -> None:
         ctx = self.ctx
         settings, metrics, policy = ctx.settings, ctx.metrics, ctx.policy
-        t0 = time.perf_counter()
         session_key = session_header.decode("latin-1") if session_header else request.user
-        tokens = prompt_token_ids(request, ctx.token_cache) if policy.needs_tokens else None
+        t0, builtin_runs = time.perf_counter(), self._builtin_runs()
+        tokens = await self._prompt_tokens(request) if policy.needs_tokens else None
+        if policy.needs_tokens:
+            self._observe_tokenize(policy.name, t0, builtin_runs)
         cache_salt = request.body.get("cache_salt")
         features = RequestFeatures(
             model=request.model or "",
@@ -275,7 +279,7 @@ class ProxyEndpoint:
                 candidates = [e for e in self._available(request.model) if e.url not in tried]
                 if not candidates:
                     break
-                t0 = time.perf_counter()
+            t0 = time.perf_counter()
             decision = policy.choose(features, candidates, ctx.clock())
             metrics.labelled(metrics.decision, policy.name).observe(time.perf_counter() - t0)
             metrics.labelled(metrics.decisions, policy.name, decision.reason).inc()
@@ -387,6 +391,32 @@ class ProxyEndpoint:
         return True
 
     # ------------------------------------------------------------------ helpers
+
+    async def _prompt_tokens(self, request: ParsedRequest) -> Any:
+        """Prompt tokens as the engine prefills them (its /tokenize when so configured)."""
+        ctx = self.ctx
+        if ctx.settings.tokenizer == "builtin" or ctx.upstream is None:
+            return prompt_token_ids(request, ctx.token_cache)
+        if self._engine_tokenizer is None:
+            self._engine_tokenizer = EngineTokenizer(
+                ctx.upstream, lambda model: [e.url for e in self._available(model or None)]
+            )
+        try:
+            return await request_tokens(self._engine_tokenizer, request)
+        except TokenizeError as err:
+            log.warning("engine tokenizer failed, using the built-in one: %s", err)
+            return prompt_token_ids(request, ctx.token_cache)
+
+    def _builtin_runs(self) -> int:
+        cache = self.ctx.token_cache
+        return cache.hits + cache.misses
+
+    def _observe_tokenize(self, policy: str, t0: float, builtin_runs: int) -> None:
+        """Time the prompt's tokens took; "engine" only when the built-in tokenizer did not run."""
+        engine = self.ctx.settings.tokenizer == "engine" and self._builtin_runs() == builtin_runs
+        metrics = self.ctx.metrics
+        source = "engine" if engine else "builtin"
+        metrics.labelled(metrics.tokenize, policy, source).observe(time.perf_counter() - t0)
 
     def _scan_headers(
         self, headers: list[tuple[bytes, bytes]]

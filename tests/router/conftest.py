@@ -149,11 +149,19 @@ def router() -> Iterator[RouterFactory]:
             server.stop()
 
 
+_COMPLETION = (
+    b'{"id":"chatcmpl-1","object":"chat.completion","created":0,"model":"%s","choices":[{"index":0,'
+    b'"message":{"role":"assistant","content":"x"},"finish_reason":"length"}],'
+    b'"usage":{"prompt_tokens":1,"completion_tokens":1,"total_tokens":2}}' % MODEL.encode()
+)
+
+
 class BadEngine:
     """A real HTTP/1.1 server that answers probes like an engine but misbehaves on POSTs.
 
     ``mode``: ``hang`` (never answers), ``stall`` (starts an SSE stream, then goes silent),
-    ``status:<code>`` (answers every POST with that status and an OpenAI error body).
+    ``status:<code>`` (answers every POST with that status and an OpenAI error body),
+    ``no_tokenize`` (``/tokenize`` answers 500; other POSTs a one-token chat completion).
     """
 
     def __init__(self, mode: str) -> None:
@@ -206,6 +214,13 @@ class BadEngine:
                     await writer.drain()
                     continue
                 self.posts += 1
+                if self.mode == "no_tokenize":
+                    if path == "/tokenize":
+                        self._reply(writer, 500, b'{"error":{"message":"no tokenizer","code":500}}')
+                    else:
+                        self._reply(writer, 200, _COMPLETION)
+                    await writer.drain()
+                    continue
                 if self.mode == "hang":
                     await asyncio.Event().wait()
                 if self.mode == "stall":
