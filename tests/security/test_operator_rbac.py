@@ -25,6 +25,8 @@ WRITE = {"create", "update", "patch", "delete", "deletecollection"}
 # writes that are not owned objects: its resource and status, events, the engines' scale
 EXTRA_WRITES = {("kvstack.dev", "kvstacks"), ("kvstack.dev", "kvstacks/status"), ("", "events")}
 EXTRA_WRITES |= {("apps", "deployments/scale")}
+# blockOwnerDeletion on owned objects needs update on the owner's finalizers (admission plugin)
+EXTRA_WRITES |= {("kvstack.dev", "kvstacks/finalizers")}
 FULL_SPEC = {
     "models": [
         {"name": "llama", "model": "sim-llama", "gpus": 1},

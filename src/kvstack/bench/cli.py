@@ -164,8 +164,27 @@ def _register_benchmarks() -> None:
 
 _register_benchmarks()
 
-# What `kvstack bench all` (and `make bench`) runs, in order: the cheap component benchmarks first.
-ALL_BENCHMARKS = ("sim", "router", "routing", "soak")
+
+@app.command("autoscale")
+def autoscale(out: OutOption = Path("bench-results")) -> None:
+    """Autoscaler reaction to load steps: our defaults vs the plain HPA formula vs one pod per minute.
+
+    A fluid model of a fleet (pod start-up delay, per-pod service rate) driven through the operator's
+    real decision function; replicas over time as a PNG.
+    """
+    from kvstack.bench import report
+    from kvstack.operator.bench import summary, write
+
+    runs = write(out / "autoscale")
+    rows = [summary(r) for r in runs]
+    report.print_table("Autoscaler reaction to load steps", rows, list(rows[0].keys()))
+    typer.echo(
+        f"results: {out / 'autoscale' / 'autoscale.json'}, plot: {out / 'autoscale' / 'autoscale.png'}"
+    )
+
+
+# What `kvstack bench all` (and `make bench`) runs, in order: the cheap benchmarks first.
+ALL_BENCHMARKS = ("sim", "autoscale", "router", "routing", "soak")
 
 
 @app.command("all")
