@@ -29,6 +29,7 @@ from kvstack.router.config import RouterSettings
 from kvstack.router.context import REQUEST_ID_KEY, RouterContext
 from kvstack.router.discovery import KubernetesDiscovery, StaticDiscovery
 from kvstack.router.engines import Endpoint, EngineRegistry
+from kvstack.router.hold import Holds
 from kvstack.router.limits import KeyLimiter
 from kvstack.router.metrics import CONTENT_TYPE, RouterMetrics
 from kvstack.router.monitor import EngineMonitor
@@ -129,6 +130,7 @@ def build_context(settings: RouterSettings, registry: EngineRegistry | None = No
             max_concurrency=settings.max_concurrency_per_key,
         ),
         clock=clock,
+        holds=Holds(settings.hold_models, settings.max_held_per_model),
     )
 
 
@@ -180,7 +182,8 @@ def _error(status: int, message: str, param: str | None = None) -> JSONResponse:
 
 def _models_payload(ctx: RouterContext) -> dict[str, Any]:
     created = int(time.time())
-    models = sorted(ctx.registry.models(ctx.clock()))
+    # held models too: a client discovers a model scaled to zero, and its request wakes it
+    models = sorted(ctx.registry.models(ctx.clock()) | ctx.holds.models())
     data = [
         {"id": m, "object": "model", "created": created, "owned_by": "kvstack", "root": m} for m in models
     ]

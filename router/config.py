@@ -87,6 +87,11 @@ class RouterSettings(BaseSettings):
     max_in_flight_per_engine: int | None = Field(None, ge=1)
     max_queue_per_model: int = Field(1024, ge=0)
     queue_timeout_s: PositiveSeconds = 30.0
+    # scale from zero: requests for these models wait while no engine serves them ("*": any model
+    # an engine has served), shown as kvstack_router_queued_requests, which wakes the autoscaler
+    hold_models: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    hold_timeout_s: PositiveSeconds = 600.0  # at least a cold start: pod scheduled, model loaded
+    max_held_per_model: int = Field(1024, ge=0)  # beyond it: 429
 
     # operations
     log_level: Literal["debug", "info", "warning", "error"] = "info"
@@ -94,7 +99,7 @@ class RouterSettings(BaseSettings):
     # answer with `x-kvstack-engine: <engine name>` (benchmarks and debugging; reveals topology)
     expose_engine_header: bool = False
 
-    _split = field_validator("engines", "models", "api_keys", mode="before")(_split_csv)
+    _split = field_validator("engines", "models", "api_keys", "hold_models", mode="before")(_split_csv)
 
     @field_validator("engines")
     @classmethod

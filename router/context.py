@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from kvstack.router.auth import KeyStore
 from kvstack.router.config import RouterSettings
 from kvstack.router.engines import EngineRegistry
+from kvstack.router.hold import Holds
 from kvstack.router.limits import AdmissionQueue, KeyLimiter
 from kvstack.router.metrics import RouterMetrics
 from kvstack.router.policies.base import Policy
@@ -30,6 +31,27 @@ class RouterContext:
     upstream: Upstream | None = None  # opened in the app's lifespan, inside the event loop
     queues: dict[str, AdmissionQueue] = field(default_factory=dict)
     token_cache: TokenCache = field(default_factory=TokenCache)  # prompt tokens for policies that ask
+    holds: Holds = field(default_factory=lambda: Holds((), 0))  # scale-from-zero waiters
+
+    def __post_init__(self) -> None:
+        self.registry.listeners.append(self.engines_changed)
+        for model in {*self.settings.models, *self.holds.named}:
+            self.metrics.queued.labels(model)  # at 0 from the start: the autoscaler reads it
+
+    def engines_changed(self) -> None:
+        """An engine may have come up or gone: release held requests and grown admission queues."""
+        registry, now = self.registry, self.clock()
+        served = {m for e in registry.all() for m in e.models}
+        for model in self.holds.see(served):
+            self.metrics.queued.labels(model)
+        for model in self.holds.waiting_models():
+            if registry.candidates(model, now):
+                self.holds.wake(model)
+        per_engine = self.settings.max_in_flight_per_engine
+        if per_engine is not None:
+            for model, queue in self.queues.items():
+                if queue.waiting:
+                    queue.grow(len(registry.candidates(model, now)) * per_engine)
 
     def queue_for(self, model: str) -> AdmissionQueue:
         queue = self.queues.get(model)

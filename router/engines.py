@@ -7,7 +7,7 @@ snapshots and never do I/O. Everything here runs on the router's event loop, so 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 
@@ -68,6 +68,14 @@ class EngineRegistry:
     def __init__(self) -> None:
         self._engines: dict[str, EngineState] = {}
         self.generation = 0  # bumped on every membership change
+        # called (on the event loop) when an engine may have become available or unavailable:
+        # held requests and admission-queue waiters are woken by this, not by polling
+        self.listeners: list[Callable[[], None]] = []
+
+    def changed(self) -> None:
+        """Tell the listeners that membership, health or served models changed."""
+        for listener in self.listeners:
+            listener()
 
     def sync(self, endpoints: Iterable[Endpoint]) -> tuple[list[EngineState], list[EngineState]]:
         """Make the registry hold exactly ``endpoints``; returns (added, removed)."""
@@ -76,6 +84,7 @@ class EngineRegistry:
         for st in removed:
             del self._engines[st.url]
         added: list[EngineState] = []
+        updated = False
         for url, ep in wanted.items():
             current = self._engines.get(url)
             if current is None:
@@ -86,8 +95,11 @@ class EngineRegistry:
                 current.endpoint = ep
                 if ep.models:
                     current.models = ep.models
+                    updated = True
         if added or removed:
             self.generation += 1
+        if added or removed or updated:
+            self.changed()
         return added, removed
 
     def get(self, url: str) -> EngineState | None:

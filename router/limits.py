@@ -127,7 +127,13 @@ class AdmissionQueue:
     def release(self, capacity: int | None) -> None:
         """Free a slot and wake waiters while there is room (``capacity`` None: hand over 1:1)."""
         self.active -= 1
-        room = 1 if capacity is None else capacity - self.active
+        self._admit(1 if capacity is None else capacity - self.active)
+
+    def grow(self, capacity: int) -> None:
+        """Capacity may have grown (an engine came up): admit waiters while there is room."""
+        self._admit(capacity - self.active)
+
+    def _admit(self, room: int) -> None:
         while self._waiters and room > 0:
             fut = self._waiters.popleft()
             if fut.done():

@@ -140,7 +140,8 @@ class RouterMetrics:
         )
         self.queued = Gauge(
             "kvstack_router_queued_requests",
-            "Requests waiting in the admission queue.",
+            "Requests the router holds for the model: in its admission queue, or waiting for an engine "
+            "while it has none (scale from zero).",
             ["model_name"],
             registry=r,
         )
@@ -152,6 +153,8 @@ class RouterMetrics:
             "queue_full",
             "queue_timeout",
             "body_too_large",
+            "hold_full",
+            "hold_timeout",
         ):
             self.rejections.labels(reason)  # present at 0 from the start, so rate() works at once
 

@@ -267,13 +267,17 @@ class EngineMonitor:
             healthy_threshold=cfg.healthy_threshold,
         )
         self._tracks[state.url] = verdict.track
+        changed = verdict.readmit
         if verdict.healthy != state.healthy:
             log.warning("engine %s is now %s", state.name, "healthy" if verdict.healthy else "unhealthy")
             state.healthy = verdict.healthy
+            changed = True
         if verdict.readmit:
             log.info("engine %s re-admitted after passing %d probes", state.name, cfg.healthy_threshold)
             state.ejected_until = 0.0
             state.consecutive_failures = 0
+        if changed:
+            self.registry.changed()
         if ok and self._models_due(state, now):
             await self.refresh_models(state)
         return ok
@@ -318,6 +322,7 @@ class EngineMonitor:
         if models != state.models:
             log.info("engine %s serves %s", state.name, ", ".join(sorted(models)) or "no models")
             state.models = models
+            self.registry.changed()
         return True
 
     def _models_due(self, state: EngineState, now: float) -> bool:

@@ -23,6 +23,7 @@ from kvstack.router.auth import ANONYMOUS
 from kvstack.router.context import REQUEST_ID_KEY, RouterContext
 from kvstack.router.ejection import record_failure, record_success
 from kvstack.router.engines import EngineState
+from kvstack.router.hold import HoldFull, HoldTimeout
 from kvstack.router.limits import QueueFull, QueueTimeout
 from kvstack.router.logs import ACCESS_LOGGER
 from kvstack.router.policies.base import Decision, RequestFeatures
@@ -202,6 +203,8 @@ class ProxyEndpoint:
     ) -> None:
         ctx = self.ctx
         model = request.model
+        if model is not None and ctx.holds.holds(model) and not self._available(model):
+            await self._hold(model)
         candidates = self._candidates(model)
         per_engine = ctx.settings.max_in_flight_per_engine
         if per_engine is None or model is None:
@@ -224,9 +227,31 @@ class ProxyEndpoint:
                 "queue_timeout", _Retry(429, f"timed out waiting for capacity for {model}", 1.0)
             ) from None
         try:
+            # engines may have come or gone while this request waited (a new one may have admitted it)
+            candidates = self._candidates(model)
             await self._route(scope, send, ex, request, raw, session_header, candidates)
         finally:
             queue.release(len(self._available(model)) * per_engine)
+
+    async def _hold(self, model: str) -> None:
+        """Wait for the model's first available engine (scale from zero), counted as queued."""
+        ctx = self.ctx
+        timeout = ctx.settings.hold_timeout_s
+        deadline = ctx.clock() + timeout
+        gauge = ctx.metrics.queued.labels(model)
+        gauge.inc()
+        try:
+            while not self._available(model):  # woken, but the engine may be gone again
+                await ctx.holds.wait(model, deadline - ctx.clock())
+        except HoldFull:
+            raise self._reject(
+                "hold_full", _Retry(429, f"too many requests waiting for {model} to start", 1.0)
+            ) from None
+        except HoldTimeout:
+            message = f"no engine for {model} became available within {timeout:g} s; try again"
+            raise self._reject("hold_timeout", _Retry(503, message, _HOLD_RETRY_AFTER_S)) from None
+        finally:
+            gauge.dec()
 
     def _available(self, model: str | None) -> list[EngineState]:
         registry, now = self.ctx.registry, self.ctx.clock()
@@ -513,12 +538,14 @@ class ProxyEndpoint:
 
 
 class _Retry(OpenAIError):
-    """A 429 that tells the client when to come back."""
+    """A 429 or 503 that tells the client when to come back."""
 
     def __init__(self, status: int, message: str, retry_after: float) -> None:
         super().__init__(status, message)
         self.retry_after = retry_after
 
+
+_HOLD_RETRY_AFTER_S = 30.0  # a model still starting after hold_timeout_s: come back in a while
 
 _LIMIT_MESSAGES = {
     "rate_limit": "rate limit exceeded for this API key",
