@@ -14,6 +14,7 @@ REQUESTS = "kvstack_router_requests_total"
 TTFT = "kvstack_router_time_to_first_token_seconds"
 E2E = "kvstack_router_request_duration_seconds"
 DECISION = "kvstack_router_routing_decision_seconds"
+TOKENIZE = "kvstack_router_tokenize_seconds"
 ERRORS_SEL = ROUTER_SEL + ', status=~"5.."'
 
 
@@ -224,12 +225,25 @@ def router_rows() -> list[Row]:
                 Panel(
                     "Routing decision time",
                     [
-                        Query(quantile(q, DECISION, "policy", NS_SEL), f"p{round(q * 100)} {{{{policy}}}}")
-                        for q in (0.5, 0.99)
+                        *(
+                            Query(
+                                quantile(q, DECISION, "policy", NS_SEL), f"p{round(q * 100)} {{{{policy}}}}"
+                            )
+                            for q in (0.5, 0.99)
+                        ),
+                        *(
+                            Query(
+                                quantile(q, TOKENIZE, "policy, source", NS_SEL),
+                                f"p{round(q * 100)} tokenize {{{{policy}}}} {{{{source}}}}",
+                            )
+                            for q in (0.5, 0.99)
+                        ),
                     ],
                     unit="s",
-                    description="Time spent choosing an engine, tokenizing included "
-                    "(kvstack_router_routing_decision_seconds).",
+                    description="Time the policy spends choosing an engine "
+                    "(kvstack_router_routing_decision_seconds), and before that getting the prompt's "
+                    "tokens, by source: the built-in tokenizer or the engine's /tokenize "
+                    "(kvstack_router_tokenize_seconds).",
                 ),
                 router_overhead(),
             ],
@@ -342,8 +356,8 @@ def router_rows() -> list[Row]:
                         )
                     ],
                     unit="short",
-                    description="Requests waiting in the router's admission queue "
-                    "(kvstack_router_queued_requests).",
+                    description="Requests the router holds: waiting in its admission queue, or for "
+                    "the first engine of a model scaled to zero (kvstack_router_queued_requests).",
                 ),
             ],
         ),
