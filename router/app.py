@@ -33,6 +33,7 @@ from kvstack.router.hold import Holds
 from kvstack.router.limits import KeyLimiter
 from kvstack.router.metrics import CONTENT_TYPE, RouterMetrics
 from kvstack.router.monitor import EngineMonitor
+from kvstack.router.offload import TokenizerPool
 from kvstack.router.policies import make_policy
 from kvstack.router.policies.base import Policy
 from kvstack.router.policy_metrics import PolicyCollector
@@ -163,6 +164,13 @@ async def _running(ctx: RouterContext) -> AsyncIterator[None]:
         monitor = EngineMonitor(ctx.registry, monitor_client, monitor_config)
         monitor.start()
         stops.append(monitor)
+        if (
+            ctx.policy.needs_tokens
+            and settings.tokenizer == "builtin"
+            and settings.tokenize_offload_min_chars
+        ):
+            ctx.offload = TokenizerPool(settings.tokenize_offload_min_chars)
+            await ctx.offload.start()
         start = getattr(ctx.policy, "start", None)
         if start is not None:
             await start()
@@ -174,6 +182,9 @@ async def _running(ctx: RouterContext) -> AsyncIterator[None]:
                 await component.stop()
         await monitor_client.aclose()
         await ctx.upstream.aclose()
+        if ctx.offload is not None:
+            ctx.offload.close()
+            ctx.offload = None
 
 
 def _error(status: int, message: str, param: str | None = None) -> JSONResponse:

@@ -55,6 +55,9 @@ class RouterSettings(BaseSettings):
     # (real vLLM: the model's HF tokenizer and chat template, which its KV events carry)
     tokenizer: Literal["builtin", "engine"] = "builtin"
     session_header: str = "x-session-id"
+    # built-in tokenizer: prompts this long (characters; ~5K tokens) are tokenized in a worker
+    # process, so the event loop keeps relaying streams meanwhile (router/offload.py); 0: never
+    tokenize_offload_min_chars: int = Field(16_000, ge=0)
     # per-policy settings (KVSTACK_ROUTER_CACHE_AWARE__DECISION__LOAD_FACTOR=1.5); read by that policy only
     cache_aware: CacheAwareConfig = CacheAwareConfig()
     prefix_trie: PrefixTrieSettings = PrefixTrieSettings()

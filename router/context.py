@@ -12,6 +12,7 @@ from kvstack.router.engines import EngineRegistry
 from kvstack.router.hold import Holds
 from kvstack.router.limits import AdmissionQueue, KeyLimiter
 from kvstack.router.metrics import RouterMetrics
+from kvstack.router.offload import TokenizerPool
 from kvstack.router.policies.base import Policy
 from kvstack.router.prompts import TokenCache
 from kvstack.router.upstream import Upstream
@@ -32,6 +33,7 @@ class RouterContext:
     queues: dict[str, AdmissionQueue] = field(default_factory=dict)
     token_cache: TokenCache = field(default_factory=TokenCache)  # prompt tokens for policies that ask
     holds: Holds = field(default_factory=lambda: Holds((), 0))  # scale-from-zero waiters
+    offload: TokenizerPool | None = None  # long prompts tokenized off the event loop (app lifespan)
 
     def __post_init__(self) -> None:
         self.registry.listeners.append(self.engines_changed)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import xxhash
@@ -37,16 +38,37 @@ class TokenCache:
         self.tokens = 0  # held, summed over entries
         self.hits = 0
         self.misses = 0
+        self._fresh: tuple[int, tuple[int, ...]] | None = None  # the last put(), for the get() after it
 
     def get(self, digest: int, make: Callable[[], Sequence[int]]) -> tuple[int, ...]:
         """The cached tokens for ``digest``, or ``make()``'s, remembered when they fit."""
+        fresh = self._fresh
+        if fresh is not None:
+            self._fresh = None
+            if fresh[0] == digest:
+                return fresh[1]  # just put(): that lookup was counted there
         found = self._entries.get(digest)
         if found is not None:
             self._entries.move_to_end(digest)
             self.hits += 1
             return found
         self.misses += 1
-        made = tuple(make())
+        return self._remember(digest, tuple(make()))
+
+    def put(self, digest: int, tokens: tuple[int, ...]) -> tuple[int, ...]:
+        """Remember tokens made elsewhere (a worker process); counts as the miss it was.
+
+        The next :meth:`get` of ``digest`` returns them uncounted, even when they were too large to
+        keep. A concurrent twin that was put first wins, so identical prompts share one tuple.
+        """
+        found = self._entries.get(digest)
+        if found is None:
+            self.misses += 1
+            found = self._remember(digest, tokens)
+        self._fresh = (digest, found)
+        return found
+
+    def _remember(self, digest: int, made: tuple[int, ...]) -> tuple[int, ...]:
         if len(made) > self.max_tokens:
             return made  # larger than the whole budget: never evict everything for one prompt
         self._entries[digest] = made
@@ -100,21 +122,44 @@ def _first_prompt(request: ParsedRequest) -> Any:
     return prompt
 
 
-def prompt_token_ids(request: ParsedRequest, cache: TokenCache) -> Sequence[int] | None:
-    """The prompt as the engine tokenizes it (first prompt of a batch); None when it has none."""
+@dataclass(frozen=True, slots=True)
+class PromptWork:
+    """A prompt to tokenize: its cache digest, its size in characters, and the tokenizer's input."""
+
+    digest: int
+    chars: int
+    chat: list[tuple[str, str]] | None = None
+    text: str | None = None
+
+
+def prompt_work(request: ParsedRequest) -> PromptWork | Sequence[int] | None:
+    """What tokenizing the request's (first) prompt takes; token ids as sent; None without a prompt."""
     if _has_messages(request):
         pairs = _chat_pairs(request.body["messages"])
         flat = [s for pair in pairs for s in pair]
-        return cache.get(
-            _digest(_CHAT, flat), lambda: tokenizer.apply_chat_template(pairs, add_generation_prompt=True)
-        )
+        return PromptWork(_digest(_CHAT, flat), sum(map(len, flat)), chat=pairs)
     prompt = _first_prompt(request)
     if isinstance(prompt, str):
-        # No BOS: the simulator adds none to text prompts, and block keys must match its tokens.
-        return cache.get(_digest(_TEXT, (prompt,)), lambda: tokenizer.encode(prompt))
+        return PromptWork(_digest(_TEXT, (prompt,)), len(prompt), text=prompt)
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
         return prompt  # token ids as sent
     return None
+
+
+def tokenize(work: PromptWork) -> tuple[int, ...]:
+    """The tokens of ``work``, as the simulator makes them (a plain function: it runs in a worker too)."""
+    if work.chat is not None:
+        return tuple(tokenizer.apply_chat_template(work.chat, add_generation_prompt=True))
+    # No BOS: the simulator adds none to text prompts, and block keys must match its tokens.
+    return tuple(tokenizer.encode(work.text or ""))
+
+
+def prompt_token_ids(request: ParsedRequest, cache: TokenCache) -> Sequence[int] | None:
+    """The prompt as the engine tokenizes it (first prompt of a batch); None when it has none."""
+    work = prompt_work(request)
+    if not isinstance(work, PromptWork):
+        return work
+    return cache.get(work.digest, lambda: tokenize(work))
 
 
 def prompt_text(request: ParsedRequest) -> str | None:

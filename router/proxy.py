@@ -283,6 +283,8 @@ class ProxyEndpoint:
         settings, metrics, policy = ctx.settings, ctx.metrics, ctx.policy
         session_key = session_header.decode("latin-1") if session_header else request.user
         t0, builtin_runs = time.perf_counter(), self._builtin_runs()
+        if ctx.offload is not None and policy.needs_tokens:
+            await ctx.offload.prefetch(request, ctx.token_cache)  # a long prompt: off the event loop
         tokens = await self._prompt_tokens(request) if policy.needs_tokens else None
         if policy.needs_tokens:
             self._observe_tokenize(policy.name, t0, builtin_runs)

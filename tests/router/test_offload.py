@@ -1,0 +1,97 @@
+"""Long prompts tokenized in a worker process: same tokens, same shared tuple, same cache counts."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import msgspec
+import pytest
+
+from kvstack.common import tokenizer
+from kvstack.router.offload import TokenizerPool
+from kvstack.router.prompts import PromptWork, TokenCache, prompt_token_ids, prompt_work, tokenize
+from kvstack.router.protocol import parse_request
+
+from .conftest import MODEL, RouterFactory, Sim
+
+LONG = "Every engine keeps the blocks of the prompts it has seen. " * 100  # ~5.9K characters
+SHORT = "Hello there."
+
+
+def chat(text: str) -> dict[str, object]:
+    return {"model": MODEL, "messages": [{"role": "user", "content": text}], "max_tokens": 2}
+
+
+def chat_tokens(text: str) -> int:
+    return len(tokenizer.apply_chat_template([("user", text)]))
+
+
+def test_router_tokenizes_long_prompts_in_the_worker(sims: list[Sim], router: RouterFactory) -> None:
+    r = router(engines=[sims[0].url], policy="cache_aware", tokenize_offload_min_chars=1000)
+    assert r.ctx.offload is not None
+    for text in (LONG, LONG, SHORT):
+        resp = httpx.post(f"{r.url}/v1/chat/completions", json=chat(text), timeout=30)
+        assert resp.status_code == 200, resp.text
+    assert r.ctx.offload.offloaded == 1  # the repeat came from the cache, the short one inline
+    cache = r.ctx.token_cache
+    assert (cache.misses, cache.hits) == (2, 1)
+    expected = 2 * chat_tokens(LONG) + chat_tokens(SHORT)
+    assert r.metric("kvstack_router_prompt_tokens_total", policy="cache_aware") == expected
+
+
+@pytest.mark.parametrize(
+    ("settings", "offloads"),
+    [
+        ({"policy": "cache_aware"}, True),
+        ({"policy": "cache_aware", "tokenize_offload_min_chars": 0}, False),
+        ({"policy": "cache_aware", "tokenizer": "engine"}, False),
+        ({"policy": "least_loaded"}, False),  # needs no tokens
+    ],
+)
+def test_the_worker_runs_only_where_it_can_help(
+    sims: list[Sim], router: RouterFactory, settings: dict[str, object], offloads: bool
+) -> None:
+    r = router(engines=[sims[0].url], **settings)
+    assert (r.ctx.offload is not None) is offloads
+
+
+def test_worker_tokens_are_the_inline_tokens_and_one_shared_tuple() -> None:
+    async def scenario() -> None:
+        pool = TokenizerPool(min_chars=1000)
+        await pool.start()
+        try:
+            cache = TokenCache()
+            for body in (chat(LONG), {"model": MODEL, "prompt": LONG}):
+                request = parse_request("chat" if "messages" in body else "completion", _json(body))
+                await pool.prefetch(request, cache)
+                first = prompt_token_ids(request, cache)
+                again = prompt_token_ids(request, cache)
+                work = prompt_work(request)
+                assert isinstance(work, PromptWork)
+                assert first == tokenize(work)
+                assert again is first
+            assert pool.offloaded == 2
+            assert (cache.misses, cache.hits) == (2, 2)
+            await pool.prefetch(parse_request("chat", _json(chat(SHORT))), cache)
+            assert pool.offloaded == 2  # below the threshold: left to the inline path
+        finally:
+            pool.close()
+
+    asyncio.run(scenario())
+
+
+def test_put_keeps_the_first_tuple_and_hands_oversized_tokens_over_once() -> None:
+    cache = TokenCache(max_entries=4, max_tokens=5)
+    first = cache.put(1, (1, 2, 3))
+    assert cache.get(1, lambda: (9,)) is first  # uncounted: put() counted the miss
+    assert cache.put(1, (1, 2, 3)) is first  # a concurrent twin: the cached tuple wins
+    assert (cache.misses, cache.hits) == (1, 0)
+    big = cache.put(2, tuple(range(10)))
+    assert 2 not in cache
+    assert cache.get(2, lambda: (9,)) is big
+    assert cache.get(2, lambda: (9,)) == (9,)  # not kept: made again next time
+
+
+def _json(body: dict[str, object]) -> bytes:
+    return msgspec.json.encode(body)
