@@ -13,19 +13,24 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
-import msgspec
-
-from kvstack.common.errors import OpenAIError, error_body
-from kvstack.router.auth import ANONYMOUS
+from kvstack.common.errors import OpenAIError
 from kvstack.router.context import REQUEST_ID_KEY, RouterContext
 from kvstack.router.ejection import record_failure, record_success
 from kvstack.router.engines import EngineState
+from kvstack.router.exchange import (
+    ClientGone,
+    Exchange,
+    RetryLater,
+    account,
+    read_body,
+    send_error,
+    watch_disconnect,
+)
+from kvstack.router.headers import scan_headers, upstream_headers
 from kvstack.router.hold import HoldFull, HoldTimeout
 from kvstack.router.limits import QueueFull, QueueTimeout
-from kvstack.router.logs import ACCESS_LOGGER
 from kvstack.router.policies.base import Decision, RequestFeatures
 from kvstack.router.prompts import prompt_text, prompt_token_ids
 from kvstack.router.protocol import Kind, ParsedRequest, SSEFramer, error_event, has_content, parse_request
@@ -36,83 +41,14 @@ Scope = dict[str, Any]
 Receive = Any
 Send = Any
 
-access_log = logging.getLogger(ACCESS_LOGGER)
 log = logging.getLogger(__name__)
 
-# never forwarded upstream: hop-by-hop, recomputed, or replaced by the router
-_DROP = frozenset(
-    {
-        b"host",
-        b"content-length",
-        b"connection",
-        b"keep-alive",
-        b"transfer-encoding",
-        b"te",
-        b"trailer",
-        b"upgrade",
-        b"proxy-authorization",
-        b"proxy-connection",
-        b"expect",
-        b"accept-encoding",  # identity only: the body is relayed as is
-        b"x-request-id",
-        b"authorization",
-    }
-)
 _SSE = "text/event-stream"
-_JSON_HEADERS = [(b"content-type", b"application/json")]
 _SSE_HEADERS = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
     (b"cache-control", b"no-cache"),
     (b"x-accel-buffering", b"no"),  # tell nginx-style ingresses not to buffer the stream
 ]
-
-
-class ClientGone(Exception):
-    """The client disconnected before its request body was read."""
-
-
-@dataclass(slots=True)
-class Exchange:
-    """What happened to one request; becomes its log line and metric labels."""
-
-    request_id: str
-    start: float
-    model: str = ""
-    engine: str = ""
-    status: int = 0
-    attempts: int = 0
-    stream: bool = False
-    key: str = ANONYMOUS
-    reason: str = ""
-    error: str = ""
-    ttft: float | None = None
-    started: bool = False  # response headers sent: from here on nothing can be retried
-    finished: bool = False
-    disconnected: bool = False
-
-
-async def send_json(send: Send, status: int, body: bytes) -> None:
-    await send({"type": "http.response.start", "status": status, "headers": _JSON_HEADERS})
-    await send({"type": "http.response.body", "body": body})
-
-
-async def read_body(receive: Receive, limit: int, declared: int | None) -> bytes:
-    """The request body, refusing more than ``limit`` bytes (before reading, when declared)."""
-    if declared is not None and declared > limit:
-        raise OpenAIError(413, f"request body is larger than {limit} bytes")
-    parts: list[bytes] = []
-    size = 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise ClientGone
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            raise OpenAIError(413, f"request body is larger than {limit} bytes")
-        parts.append(chunk)
-        if not message.get("more_body", False):
-            return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 class ProxyEndpoint:
@@ -127,6 +63,7 @@ class ProxyEndpoint:
         self._first_token: Callable[[RequestFeatures, Decision], None] | None = getattr(
             ctx.policy, "on_first_token", None
         )
+        self._session_name = ctx.settings.session_header.encode("latin-1")
         self._expose_engine = ctx.settings.expose_engine_header
         self._engine_tokenizer: EngineTokenizer | None = None
 
@@ -135,7 +72,7 @@ class ProxyEndpoint:
         ex = Exchange(request_id=scope.get(REQUEST_ID_KEY) or "", start=time.perf_counter())
         admitted_key: str | None = None
         try:
-            auth, declared, session_header = self._scan_headers(scope["headers"])
+            auth, declared, session_header = scan_headers(scope["headers"], self._session_name)
             key = ctx.keys.identify(auth)
             if key is None:
                 raise self._reject("auth", OpenAIError(401, "invalid or missing API key"))
@@ -144,7 +81,7 @@ class ProxyEndpoint:
                 refused = ctx.limiter.admit(key, ctx.clock())
                 if refused is not None:
                     reason, wait = refused
-                    raise self._reject(reason, _Retry(429, _LIMIT_MESSAGES[reason], wait))
+                    raise self._reject(reason, RetryLater(429, _LIMIT_MESSAGES[reason], wait))
                 admitted_key = key
             try:
                 raw = await read_body(receive, ctx.settings.max_body_bytes, declared)
@@ -159,11 +96,11 @@ class ProxyEndpoint:
         except OpenAIError as err:
             ex.status, ex.error = err.status, err.message
             if not ex.started:
-                await self._send_error(send, err)
+                await send_error(send, err)
         finally:
             if admitted_key is not None:
                 ctx.limiter.release(admitted_key)
-            self._account(ex)
+            account(ctx.metrics, ex, self.path, ctx.settings.access_log)
 
     # ------------------------------------------------------------------ request path
 
@@ -180,7 +117,7 @@ class ProxyEndpoint:
         """Run the request while a watcher cancels it the moment the client disconnects."""
         task = asyncio.current_task()
         assert task is not None
-        watcher = asyncio.get_running_loop().create_task(_watch_disconnect(receive, task, ex))
+        watcher = asyncio.get_running_loop().create_task(watch_disconnect(receive, task, ex))
         try:
             await self._admit_and_route(scope, send, ex, request, raw, session_header)
         except asyncio.CancelledError:
@@ -220,11 +157,11 @@ class ProxyEndpoint:
                 gauge.dec()
         except QueueFull:
             raise self._reject(
-                "queue_full", _Retry(429, f"too many requests queued for {model}", 1.0)
+                "queue_full", RetryLater(429, f"too many requests queued for {model}", 1.0)
             ) from None
         except QueueTimeout:
             raise self._reject(
-                "queue_timeout", _Retry(429, f"timed out waiting for capacity for {model}", 1.0)
+                "queue_timeout", RetryLater(429, f"timed out waiting for capacity for {model}", 1.0)
             ) from None
         try:
             # engines may have come or gone while this request waited (a new one may have admitted it)
@@ -245,11 +182,11 @@ class ProxyEndpoint:
                 await ctx.holds.wait(model, deadline - ctx.clock())
         except HoldFull:
             raise self._reject(
-                "hold_full", _Retry(429, f"too many requests waiting for {model} to start", 1.0)
+                "hold_full", RetryLater(429, f"too many requests waiting for {model} to start", 1.0)
             ) from None
         except HoldTimeout:
             message = f"no engine for {model} became available within {timeout:g} s; try again"
-            raise self._reject("hold_timeout", _Retry(503, message, _HOLD_RETRY_AFTER_S)) from None
+            raise self._reject("hold_timeout", RetryLater(503, message, _HOLD_RETRY_AFTER_S)) from None
         finally:
             gauge.dec()
 
@@ -445,36 +382,13 @@ class ProxyEndpoint:
         source = "engine" if engine else "builtin"
         metrics.labelled(metrics.tokenize, policy, source).observe(time.perf_counter() - t0)
 
-    def _scan_headers(
-        self, headers: list[tuple[bytes, bytes]]
-    ) -> tuple[bytes | None, int | None, bytes | None]:
-        """(authorization, content-length, session header) in one pass."""
-        auth = declared = session = None
-        session_name = self.ctx.settings.session_header.encode("latin-1")
-        for name, value in headers:
-            if name == b"authorization":
-                auth = value
-            elif name == b"content-length":
-                try:
-                    declared = int(value)
-                except ValueError:
-                    raise OpenAIError(400, "invalid Content-Length header") from None
-            elif name == session_name:
-                session = value
-        return auth, declared, session
-
     def _upstream_headers(
         self, headers: list[tuple[bytes, bytes]], request_id: str
     ) -> list[tuple[bytes, bytes]]:
-        out = [(k, v) for k, v in headers if k not in _DROP]
-        out.append((b"x-request-id", request_id.encode("latin-1")))
-        settings = self.ctx.settings
-        if settings.engine_api_key is not None:
-            out.append((b"authorization", b"Bearer " + settings.engine_api_key.get_secret_value().encode()))
-        elif not self.ctx.keys.enabled:
-            # the router does not check keys: let the engine's own --api-key do it
-            out.extend((k, v) for k, v in headers if k == b"authorization")
-        return out
+        key = self.ctx.settings.engine_api_key
+        engine_key = None if key is None else key.get_secret_value().encode()
+        # when the router does not check keys, the engine's own --api-key does
+        return upstream_headers(headers, request_id, engine_key, not self.ctx.keys.enabled)
 
     def _engine_failed(self, engine: EngineState, kind: str) -> None:
         ctx, settings = self.ctx, self.ctx.settings
@@ -497,55 +411,6 @@ class ProxyEndpoint:
         self.ctx.metrics.rejections.labels(reason).inc()
         return err
 
-    async def _send_error(self, send: Send, err: OpenAIError) -> None:
-        headers = list(_JSON_HEADERS)
-        if isinstance(err, _Retry):
-            headers.append((b"retry-after", str(max(1, round(err.retry_after))).encode()))
-        await send({"type": "http.response.start", "status": err.status, "headers": headers})
-        await send(
-            {
-                "type": "http.response.body",
-                "body": msgspec.json.encode(error_body(err.status, err.message, param=err.param)),
-            }
-        )
-
-    def _account(self, ex: Exchange) -> None:
-        metrics = self.ctx.metrics
-        elapsed = time.perf_counter() - ex.start
-        metrics.labelled(metrics.requests, ex.model, ex.engine, str(ex.status)).inc()
-        if ex.engine:
-            metrics.labelled(metrics.e2e, ex.model).observe(elapsed)
-        if ex.ttft is not None:
-            metrics.labelled(metrics.ttft, ex.model).observe(ex.ttft)
-        if ex.disconnected:
-            metrics.disconnects.labels(ex.model).inc()
-        if self.ctx.settings.access_log:
-            access_log.info(
-                "request",
-                extra={
-                    "request_id": ex.request_id,
-                    "path": self.path,
-                    "model": ex.model,
-                    "engine": ex.engine,
-                    "status": ex.status,
-                    "attempts": ex.attempts,
-                    "route_reason": ex.reason,
-                    "stream": ex.stream,
-                    "key": ex.key,
-                    "duration_ms": round(elapsed * 1000, 3),
-                    "ttft_ms": None if ex.ttft is None else round(ex.ttft * 1000, 3),
-                    "error": ex.error or None,
-                },
-            )
-
-
-class _Retry(OpenAIError):
-    """A 429 or 503 that tells the client when to come back."""
-
-    def __init__(self, status: int, message: str, retry_after: float) -> None:
-        super().__init__(status, message)
-        self.retry_after = retry_after
-
 
 _HOLD_RETRY_AFTER_S = 30.0  # a model still starting after hold_timeout_s: come back in a while
 
@@ -553,14 +418,3 @@ _LIMIT_MESSAGES = {
     "rate_limit": "rate limit exceeded for this API key",
     "key_concurrency": "too many concurrent requests for this API key",
 }
-
-
-async def _watch_disconnect(receive: Receive, task: asyncio.Task[Any], ex: Exchange) -> None:
-    """Cancel ``task`` when the client disconnects (the body was read, so only that can arrive)."""
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            if not ex.finished:
-                ex.disconnected = True
-                task.cancel()
-            return

@@ -1,0 +1,134 @@
+"""The client's side of one proxied request: its body, its record, its error answer, its log line.
+
+Everything here is independent of engines and policies: :mod:`kvstack.router.proxy` reads the body
+with :func:`read_body`, fills an :class:`Exchange` as the request goes, answers failures with
+:func:`send_error`, and ends with :func:`account` (metrics and the access log line).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+
+from kvstack.common.errors import OpenAIError, error_body
+from kvstack.router.auth import ANONYMOUS
+from kvstack.router.logs import ACCESS_LOGGER
+from kvstack.router.metrics import RouterMetrics
+
+Receive = Any
+Send = Any
+
+access_log = logging.getLogger(ACCESS_LOGGER)
+
+JSON_HEADERS = [(b"content-type", b"application/json")]
+
+
+class ClientGone(Exception):
+    """The client disconnected before its request body was read."""
+
+
+class RetryLater(OpenAIError):
+    """A 429 or 503 that tells the client when to come back (``Retry-After``)."""
+
+    def __init__(self, status: int, message: str, retry_after: float) -> None:
+        super().__init__(status, message)
+        self.retry_after = retry_after
+
+
+@dataclass(slots=True)
+class Exchange:
+    """What happened to one request; becomes its log line and metric labels."""
+
+    request_id: str
+    start: float
+    model: str = ""
+    engine: str = ""
+    status: int = 0
+    attempts: int = 0
+    stream: bool = False
+    key: str = ANONYMOUS
+    reason: str = ""
+    error: str = ""
+    ttft: float | None = None
+    started: bool = False  # response headers sent: from here on nothing can be retried
+    finished: bool = False
+    disconnected: bool = False
+
+
+async def read_body(receive: Receive, limit: int, declared: int | None) -> bytes:
+    """The request body, refusing more than ``limit`` bytes (before reading, when declared)."""
+    if declared is not None and declared > limit:
+        raise OpenAIError(413, f"request body is larger than {limit} bytes")
+    parts: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientGone
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise OpenAIError(413, f"request body is larger than {limit} bytes")
+        parts.append(chunk)
+        if not message.get("more_body", False):
+            return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+async def send_error(send: Send, err: OpenAIError) -> None:
+    """Answer with ``err`` in the OpenAI error shape (and ``Retry-After`` when it says when)."""
+    headers = list(JSON_HEADERS)
+    if isinstance(err, RetryLater):
+        headers.append((b"retry-after", str(max(1, round(err.retry_after))).encode()))
+    await send({"type": "http.response.start", "status": err.status, "headers": headers})
+    await send(
+        {
+            "type": "http.response.body",
+            "body": msgspec.json.encode(error_body(err.status, err.message, param=err.param)),
+        }
+    )
+
+
+async def watch_disconnect(receive: Receive, task: asyncio.Task[Any], ex: Exchange) -> None:
+    """Cancel ``task`` when the client disconnects (the body was read, so only that can arrive)."""
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            if not ex.finished:
+                ex.disconnected = True
+                task.cancel()
+            return
+
+
+def account(metrics: RouterMetrics, ex: Exchange, path: str, log_it: bool) -> None:
+    """Count the finished request in the router's metrics and, when ``log_it``, log its line."""
+    elapsed = time.perf_counter() - ex.start
+    metrics.labelled(metrics.requests, ex.model, ex.engine, str(ex.status)).inc()
+    if ex.engine:
+        metrics.labelled(metrics.e2e, ex.model).observe(elapsed)
+    if ex.ttft is not None:
+        metrics.labelled(metrics.ttft, ex.model).observe(ex.ttft)
+    if ex.disconnected:
+        metrics.disconnects.labels(ex.model).inc()
+    if log_it:
+        access_log.info(
+            "request",
+            extra={
+                "request_id": ex.request_id,
+                "path": path,
+                "model": ex.model,
+                "engine": ex.engine,
+                "status": ex.status,
+                "attempts": ex.attempts,
+                "route_reason": ex.reason,
+                "stream": ex.stream,
+                "key": ex.key,
+                "duration_ms": round(elapsed * 1000, 3),
+                "ttft_ms": None if ex.ttft is None else round(ex.ttft * 1000, 3),
+                "error": ex.error or None,
+            },
+        )
