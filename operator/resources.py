@@ -266,7 +266,14 @@ def router_settings(owner: Owner, spec: KVStackSpec) -> Obj:
             "kv_events_port_name": "kv-events",
             "kv_replay_port_name": "kv-replay",
         },
+        # Engine pods run real vLLM, whose tokenizer and chat template are the model's own: block
+        # keys must come from the engines' /tokenize (the simulator serves it identically).
+        "tokenizer": "engine",
     }
+    if spec.autoscaling.enabled and spec.autoscaling.scale_to_zero.enabled:
+        # Requests for a model scaled to zero wait in the router (counted, which wakes the model)
+        # instead of failing; the names are listed so a restarted router still knows them.
+        config["hold_models"] = [n for m in spec.models if m.min_replicas == 0 for n in m.served_names]
     return {**config, **spec.router.extra_config}
 
 
