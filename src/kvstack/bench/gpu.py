@@ -89,9 +89,9 @@ def sized_workload(
     raise ValueError(f"unknown workload {name!r}; choose multi_round_qa or shared_prefix")
 
 
-def case_seed(workload: str, policy: str) -> int:
-    """A seed per (workload, policy): distinct prompts per case, the same trace on any machine."""
-    return zlib.crc32(f"{workload}/{policy}".encode())
+def case_seed(workload: str, policy: str, trace: str = "") -> int:
+    """A seed per (workload, policy, trace): distinct prompts per case, the same trace on any machine."""
+    return zlib.crc32(f"{workload}/{policy}{'/' + trace if trace else ''}".encode())
 
 
 def deltas(before: Sequence[Samples], after: Sequence[Samples], names: Mapping[str, str]) -> dict[str, float]:
@@ -227,6 +227,7 @@ def run_case(
     urls: Sequence[str],
     engines_file: Path,
     workload: workloads.Workload,
+    load: float,
     model: str,
     policy: str,
     tokenizer: str,
@@ -256,6 +257,7 @@ def run_case(
         "workload": workload.name,
         "policy": policy,
         "tokenizer": tokenizer,
+        "load": load,
         "sessions": len(workload.sessions),
         "planned_requests": workload.num_requests,
         "request_rate": workload.notes.get("request_rate"),
@@ -284,6 +286,7 @@ def gpu_proof(
     prefill_tokens_per_s: Annotated[float, typer.Option(help="The cluster's cold prefill rate.")] = 34_000.0,
     tokenizer: Annotated[str, typer.Option(help="Router tokenizer: builtin or engine.")] = "engine",
     label: Annotated[str, typer.Option(help="Result file name (LABEL.json).")] = "h200",
+    trace: Annotated[str, typer.Option(help="Seed salt: a new trace that no earlier run cached.")] = "",
     out: Annotated[Path, typer.Option(help="Results folder.")] = Path("bench-results/gpu"),
 ) -> None:
     """The router over real engines (or simulators): TTFT, ITL, hits, and the KV index's predictions."""
@@ -305,9 +308,11 @@ def gpu_proof(
     with running(procs, timeout=60):
         for name in names:
             for pol in policies:
-                wl = sized_workload(name, duration_s, load, prefill_tokens_per_s, seed=case_seed(name, pol))
+                wl = sized_workload(
+                    name, duration_s, load, prefill_tokens_per_s, seed=case_seed(name, pol, trace)
+                )
                 typer.echo(f"[{label}] {name} / {pol}: {wl.num_requests} requests ...")
-                row = run_case(urls, engines_file, wl, model, pol, tokenizer, log_dir)
+                row = run_case(urls, engines_file, wl, load, model, pol, tokenizer, log_dir)
                 rows.append(row)
                 typer.echo(
                     f"  ttft p50 {row['ttft_p50'] * 1000:.1f} ms p90 {row['ttft_p90'] * 1000:.1f} ms, "
@@ -349,14 +354,15 @@ def plot_rows(runs: Mapping[str, Sequence[Mapping[str, Any]]]) -> list[dict[str,
     ]
 
 
-def plot(out: Path, png: Path | None = None) -> Path:
-    """One PNG of every LABEL.json under ``out``: TTFT, hit rates, predicted vs counted hits."""
+def plot(out: Path, png: Path | None = None, labels: Sequence[str] = ()) -> Path:
+    """One PNG of the runs ``labels`` (default: every LABEL.json under ``out``): TTFT, hits, predictions."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = {p.stem: json.loads(p.read_text())["cases"] for p in sorted(out.glob("*.json"))}
+    files = [out / f"{label}.json" for label in labels] if labels else sorted(out.glob("*.json"))
+    runs = {p.stem: json.loads(p.read_text())["cases"] for p in files}
     bars = plot_rows(runs)
     xs = list(range(len(bars)))
     names = [b["name"] for b in bars]
@@ -371,6 +377,8 @@ def plot(out: Path, png: Path | None = None) -> Path:
         for k, key in enumerate(keys):
             ax.bar([x + (k - (len(keys) - 1) / 2) * w for x in xs], [b[key] for b in bars], w, label=key)
         ax.set_title(title)
+        if unit == "ms":
+            ax.set_yscale("log")  # a queued round-robin p90 would flatten every other bar
         ax.set_ylabel(unit)
         ax.set_xticks(xs, names, fontsize=7)
         ax.legend(fontsize=8)
