@@ -238,7 +238,11 @@ class KVEventSubscriber:
         dealer.connect(replay_ep)
         first: int | None = None
         try:
-            await dealer.send_multipart([b"", encode_seq(start)])
+            # A DEALER's send waits for a connected peer: bound it too, or an engine whose replay
+            # socket is gone would stall this feed (and its live events) forever.
+            await asyncio.wait_for(
+                dealer.send_multipart([b"", encode_seq(start)]), self.settings.replay_timeout_s
+            )
             while True:
                 frames = await asyncio.wait_for(dealer.recv_multipart(), self.settings.replay_timeout_s)
                 if len(frames) != 3:

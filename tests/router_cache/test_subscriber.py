@@ -181,3 +181,26 @@ async def test_engines_come_and_go(
     assert subscriber.index.engines() == ["http://b"]
     subscriber.index.record_dispatch("http://b", keys(prompt(2)), now=0.0)
     assert held(subscriber.index, prompt(2), "http://b") == 4
+
+
+async def test_a_replay_endpoint_nobody_serves_times_out_and_live_events_go_on(
+    subscriber: KVEventSubscriber, event_source: MakeSource, until: Until
+) -> None:
+    """An engine whose replay socket is gone costs one bounded wait, not a stalled feed."""
+    src = await event_source()
+    dead = EngineState(
+        endpoint=Endpoint(
+            url="http://a",
+            name="dead-replay",
+            models=frozenset({MODEL}),
+            kv_events_endpoint=src.endpoint,
+            kv_events_replay_endpoint="tcp://127.0.0.1:1",  # nothing listens: the DEALER never connects
+        ),
+        models=frozenset({MODEL}),
+    )
+    subscriber.add_engine(dead)
+    await until(lambda: subscriber.counters.replay_failures >= 1)
+    probe, _ = store(prompt(9))
+    while held(subscriber.index, prompt(9)) == 0:  # live events flow once the replay gave up
+        await src.publish([probe])
+        await asyncio.sleep(0.02)
