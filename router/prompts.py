@@ -89,8 +89,8 @@ def message_text(content: Any) -> str:
     """The text of a chat message's content (a string, or the text parts of a content array)."""
     if isinstance(content, str):
         return content
-    if isinstance(content, list):  # content parts: only text parts reach the tokenizer
-        return "".join(
+    if isinstance(content, list):  # content parts: only text parts, joined by newlines as vLLM does
+        return "\n".join(
             part.get("text", "") for part in content if isinstance(part, dict) and part.get("type") == "text"
         )
     return ""

@@ -120,3 +120,16 @@ def test_token_cache_refreshes_recency_on_a_hit() -> None:
     cache.get(3, lambda: [3])  # evicts 2
     assert cache.get(1, lambda: [9]) == (1,)
     assert cache.get(2, lambda: [9]) == (9,)
+
+
+def test_content_parts_join_with_newlines_as_the_engine_renders_them() -> None:
+    # vLLM (and the simulator) join the text parts of a content array with "\n"; block keys built
+    # from any other rendering never match the engine's KV events.
+    from kvstack.router.prompts import message_text
+
+    parts = [
+        {"type": "text", "text": "a"},
+        {"type": "image_url", "image_url": {}},
+        {"type": "text", "text": "b"},
+    ]
+    assert message_text(parts) == "a\nb"

@@ -155,11 +155,13 @@ def plot_routing(rows: list[dict[str, Any]], path: Path, *, engines: int, load: 
 
 def _register_benchmarks() -> None:
     # Benchmarks owned by other modules register here so `kvstack bench --help` lists them all.
+    from kvstack.bench.gpu import gpu_proof
     from kvstack.bench.router_overhead import router_overhead
     from kvstack.bench.sim_throughput import sim_throughput
 
     app.command("sim")(sim_throughput)
     app.command("router")(router_overhead)
+    app.command("gpu")(gpu_proof)
 
 
 _register_benchmarks()
