@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import httpx
 import kopf
 
 from kvstack.common.config import ConfigError
@@ -40,6 +41,7 @@ class Runtime:
     kube: Kube | None = None
     proms: dict[str, Prometheus] = field(default_factory=dict)
     stop_metrics: Callable[[], None] | None = None
+    closing: bool = False  # set first by close(): a timer mid-request then ends quietly
 
     def prometheus(self, url: str | None) -> Prometheus:
         base = url or self.settings.prometheus_url
@@ -48,6 +50,7 @@ class Runtime:
         return self.proms[base]
 
     async def close(self) -> None:
+        self.closing = True
         for prom in self.proms.values():
             await prom.aclose()
         self.proms.clear()
@@ -200,6 +203,10 @@ def build_registry(runtime: Runtime) -> kopf.OperatorRegistry:
             await _evaluate(runtime, owner, parsed, body, status, meta, patch, memo, now)
         except KubeError as err:
             logger.warning("evaluation failed, retrying at the next interval: %s", err)
+        except httpx.TransportError:
+            if runtime.closing:
+                return  # cleanup closed the clients under this request: the operator is stopping
+            raise
 
     return registry
 

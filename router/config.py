@@ -83,6 +83,9 @@ class RouterSettings(BaseSettings):
     api_keys_file: Path | None = None
     engine_api_key: SecretStr | None = None
     max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024)
+    # a client must deliver its whole request body within this; a stalled upload would otherwise
+    # hold its task, socket and per-key concurrency slot forever (answered 408)
+    body_timeout_s: PositiveSeconds = 30.0
     rate_limit_rps: float | None = Field(None, gt=0)
     rate_limit_burst: int | None = Field(None, ge=1)
     max_concurrency_per_key: int | None = Field(None, ge=1)

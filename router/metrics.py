@@ -153,6 +153,7 @@ class RouterMetrics:
             "queue_full",
             "queue_timeout",
             "body_too_large",
+            "body_timeout",
             "hold_full",
             "hold_timeout",
         ):

@@ -42,6 +42,8 @@ def decode_body(raw: bytes) -> dict[str, Any]:
         body = _decode_json(raw)
     except msgspec.DecodeError as err:
         raise OpenAIError(400, f"request body is not valid JSON: {err}") from err
+    except RecursionError as err:  # msgspec past its nesting limit
+        raise OpenAIError(400, "request body is not valid JSON: nested too deeply") from err
     if not isinstance(body, dict):
         raise OpenAIError(400, f"request body must be a JSON object, not {type(body).__name__}")
     return body

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from kvstack.common.errors import OpenAIError
+from kvstack.common.errors import OpenAIError, is_openai_error, openai_error_bytes
 from kvstack.router.context import REQUEST_ID_KEY, RouterContext
 from kvstack.router.ejection import record_failure, record_success
 from kvstack.router.engines import EngineState
@@ -84,7 +84,12 @@ class ProxyEndpoint:
                     raise self._reject(reason, RetryLater(429, _LIMIT_MESSAGES[reason], wait))
                 admitted_key = key
             try:
-                raw = await read_body(receive, ctx.settings.max_body_bytes, declared)
+                async with asyncio.timeout(ctx.settings.body_timeout_s):
+                    raw = await read_body(receive, ctx.settings.max_body_bytes, declared)
+            except TimeoutError:
+                raise self._reject(
+                    "body_timeout", OpenAIError(408, "request body not received in time")
+                ) from None
             except OpenAIError as err:
                 raise self._reject("body_too_large", err) from None
             request = parse_request(self.kind, raw)
@@ -312,7 +317,11 @@ class ProxyEndpoint:
             ok = resp.status < 500
             self._engine_done(engine, ok, f"status_{resp.status}")
             ex.status, ex.started = resp.status, True
-            headers = [(b"content-type", (resp.content_type or "application/json").encode("latin-1"))]
+            content_type = resp.content_type or "application/json"
+            if resp.status >= 400 and not is_openai_error(body):
+                # e.g. an engine's framework answering {"detail": "Not Found"}: clients get one shape
+                body, content_type = openai_error_bytes(resp.status, body), "application/json"
+            headers = [(b"content-type", content_type.encode("latin-1"))]
             if self._expose_engine:
                 headers.append((b"x-kvstack-engine", engine.name.encode("latin-1", "replace")))
             await send({"type": "http.response.start", "status": resp.status, "headers": headers})

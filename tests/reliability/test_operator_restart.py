@@ -20,9 +20,8 @@ from tests.operator.test_reconcile_cluster import SPEC
 from kvstack.operator.handlers import Runtime, build_registry
 from kvstack.operator.settings import OperatorSettings
 from kvstack.testing import Cluster
-from kvstack.testing.pytest_plugin import cluster, cluster_tools, namespace
 
-__all__ = ["api", "cluster", "cluster_tools", "crd_installed", "kubeconfig_env", "namespace"]
+__all__ = ["api", "crd_installed", "kubeconfig_env"]
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 

@@ -18,14 +18,6 @@ __all__ = ["chart", "helm_bin"]
 SECRET = "sk-plain-values-secret-5f4e3d2c1b"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="router.extraConfig accepts any object (helm/kvstack/values.schema.json, router.extraConfig) "
-    "and is written into the router's ConfigMap, so api_keys / engine_api_key put there are stored in "
-    "plain text. Fix: in values.schema.json, router.extraConfig gets "
-    '`"propertyNames": {"not": {"enum": ["api_keys", "api_keys_file", "engine_api_key"]}}` '
-    "(keys belong in apiKeys.existingSecret / engines.apiKey.existingSecret)",
-)
 @pytest.mark.parametrize("field", ["api_keys", "engine_api_key"])
 def test_a_secret_in_extra_config_is_refused_or_kept_in_a_secret(
     chart: HelmChart, tmp_path: Path, field: str

@@ -134,14 +134,6 @@ def test_the_router_publishes_its_openapi_schema(served: RouterServer) -> None:
     assert "400" in paths["/router/engines"]["get"]["responses"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the router relays an engine's error body as is (router/proxy.py ProxyEndpoint._relay), and an "
-    "engine's FastAPI answers routes it does not serve with {'detail': 'Not Found'} (the simulator "
-    "and vLLM for /v1/embeddings on a generative model). Fix: in _relay, when resp.status >= 400 and "
-    "the body is not an object with an 'error' object, send error_body(resp.status, <detail or "
-    "reason phrase>) instead (kvstack.common.errors)",
-)
 def test_an_engine_error_reaches_the_client_in_the_openai_shape(served: RouterServer) -> None:
     """The simulator serves no embeddings: the client still gets an OpenAI-shaped 404."""
     resp = httpx.post(f"{served.url}/v1/embeddings", json={"model": MODEL, "input": "x"})

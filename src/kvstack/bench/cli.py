@@ -158,10 +158,12 @@ def _register_benchmarks() -> None:
     from kvstack.bench.gpu import gpu_proof
     from kvstack.bench.router_overhead import router_overhead
     from kvstack.bench.sim_throughput import sim_throughput
+    from kvstack.bench.soak import soak
 
     app.command("sim")(sim_throughput)
     app.command("router")(router_overhead)
     app.command("gpu")(gpu_proof)
+    app.command("soak")(soak)
 
 
 _register_benchmarks()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from http import HTTPStatus
 from typing import Any
 
@@ -48,3 +49,28 @@ class OpenAIError(Exception):
 
     def __repr__(self) -> str:
         return f"OpenAIError({self.status} {HTTPStatus(self.status).phrase}: {self.message})"
+
+
+def is_openai_error(body: bytes) -> bool:
+    """Whether ``body`` is JSON of the form ``{"error": {...}}``."""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return False
+    return isinstance(data, dict) and isinstance(data.get("error"), dict)
+
+
+def openai_error_bytes(status: int, body: bytes) -> bytes:
+    """An upstream error body rewritten into the OpenAI shape, keeping its message when it has one."""
+    message = ""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        data = None
+    if isinstance(data, dict):
+        detail = data.get("detail", data.get("message", data.get("error")))
+        message = detail if isinstance(detail, str) else json.dumps(detail) if detail is not None else ""
+    elif body:
+        message = body.decode("utf-8", "replace")[:500]
+    phrase = HTTPStatus(status).phrase if status in HTTPStatus._value2member_map_ else "error"
+    return json.dumps(error_body(status, message or phrase)).encode()
