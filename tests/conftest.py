@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import pytest
+
+from kvstack.common.procs import free_port  # re-exported: test modules import it from here
 
 # The session-wide Kubernetes test cluster (fixtures ``cluster``, ``namespace``, ``cluster_tools``):
 # registered once here, so every folder shares one cluster per test session.
@@ -31,13 +32,6 @@ def reference_dir() -> Path:
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return ROOT
-
-
-def free_port() -> int:
-    """A TCP port that is free on 127.0.0.1 right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture

@@ -28,7 +28,7 @@ import yaml
 
 from kvstack.bench import promtext, stats, workloads
 from kvstack.bench.driver import DriverConfig, RequestResult, run_workload
-from kvstack.common.procs import ManagedProcess, running
+from kvstack.common.procs import ManagedProcess, free_ports, running
 
 Samples = Mapping[promtext.SampleKey, float]
 
@@ -162,23 +162,10 @@ def _kvstack() -> list[str]:
     return [sys.executable, "-m", "kvstack"]
 
 
-def _free_ports(n: int) -> list[int]:
-    import socket
-
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [int(s.getsockname()[1]) for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
 def _sim_procs(
     n: int, model: str, blocks: int | None, log_dir: Path
 ) -> tuple[list[ManagedProcess], list[dict[str, Any]]]:
-    ports = _free_ports(3 * n)
+    ports = free_ports(3 * n)
     procs, entries = [], []
     for i in range(n):
         http, pub, replay = ports[3 * i : 3 * i + 3]
@@ -204,7 +191,7 @@ def _sim_procs(
 def _router_proc(
     engines_file: Path, policy: str, tokenizer: str, log_dir: Path
 ) -> tuple[ManagedProcess, str]:
-    port = _free_ports(1)[0]
+    port = free_ports(1)[0]
     argv = [*_kvstack(), "router", "--port", str(port), "--engines-file", str(engines_file)]
     argv += ["--policy", policy, "--log-level", "warning"]
     env = {"KVSTACK_ROUTER_ACCESS_LOG": "false", "KVSTACK_ROUTER_EXPOSE_ENGINE_HEADER": "true"}

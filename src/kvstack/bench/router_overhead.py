@@ -18,7 +18,6 @@ import asyncio
 import multiprocessing as mp
 import os
 import signal
-import socket
 import sys
 import time
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ import yaml
 
 from kvstack.bench.report import print_table, write_json
 from kvstack.bench.stats import percentile
+from kvstack.common.procs import free_port
 
 MODEL = "sim"
 GOALS = {"added_p50_ms": 1.0, "added_p99_ms": 5.0, "rps_nonstream": 1000.0, "rps_stream": 500.0}
@@ -197,22 +197,16 @@ def summarize(
 # -------------------------------------------------------------------- processes
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _kvstack() -> str:
     return str(Path(sys.executable).parent / "kvstack")
 
 
 def _sims(n: int, speed: float, logs: Path) -> tuple[list[Any], list[dict[str, Any]]]:
-    from kvstack.common.procs import ManagedProcess
+    from kvstack.common.procs import ManagedProcess, free_port
 
     procs, entries = [], []
     for i in range(n):
-        port, pub, replay = _free_port(), _free_port(), _free_port()
+        port, pub, replay = free_port(), free_port(), free_port()
         url = f"http://127.0.0.1:{port}"
         argv = [
             _kvstack(), "engine", "sim", "--port", str(port), "--served-model-name", MODEL,
@@ -237,7 +231,7 @@ def _sims(n: int, speed: float, logs: Path) -> tuple[list[Any], list[dict[str, A
 def _router(backend: str, policy: str, engines_file: Path, logs: Path, profile: Path | None) -> Any:
     from kvstack.common.procs import ManagedProcess
 
-    port = _free_port()
+    port = free_port()
     argv = [_kvstack(), "router", "--port", str(port), "--engines-file", str(engines_file)]
     argv += ["--policy", policy, "--upstream-backend", backend, "--log-level", "warning"]
     if profile is not None:

@@ -24,7 +24,7 @@ import yaml
 from kvstack.bench import promtext, stats, workloads
 from kvstack.bench.driver import DriverConfig, RequestResult, run_workload
 from kvstack.common import tokenizer
-from kvstack.common.procs import ManagedProcess, running
+from kvstack.common.procs import ManagedProcess, free_ports, running
 
 POLICIES = ("round_robin", "least_loaded", "session", "prefix_trie", "cache_aware")
 MODEL = "kvstack/sim-8b"
@@ -51,19 +51,6 @@ class RoutingSetup:
         return self.engines * workloads.PREFILL_TOKENS_PER_S * self.speed
 
 
-def _free_ports(n: int) -> list[int]:
-    import socket
-
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [int(s.getsockname()[1]) for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
 def _kvstack() -> list[str]:
     return [sys.executable, "-m", "kvstack.cli"] if not _script().exists() else [str(_script())]
 
@@ -84,7 +71,7 @@ def _proc_usage(pid: int) -> tuple[float, float]:
 
 
 def _stack(setup: RoutingSetup, policy: str, case: str) -> tuple[list[ManagedProcess], str, list[str]]:
-    ports = _free_ports(3 * setup.engines + 1)
+    ports = free_ports(3 * setup.engines + 1)
     log_dir = setup.log_dir / case
     sims: list[ManagedProcess] = []
     engines: list[dict[str, Any]] = []

@@ -13,7 +13,6 @@ import asyncio
 import multiprocessing as mp
 import os
 import signal
-import socket
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -54,12 +53,6 @@ class Level:
     chunks_per_request: float  # below output_tokens when tokens coalesce (the client lags the engine)
     sim_cpu: float  # simulator CPU seconds per wall second over the window (1.0 = one core)
     load_cpu: float  # the same for the load generator
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -200,10 +193,10 @@ def sim_throughput(
     ] = None,
 ) -> None:
     """Streamed requests/s and TTFT of one simulator process under closed-loop load."""
-    from kvstack.common.procs import ManagedProcess, running
+    from kvstack.common.procs import ManagedProcess, free_port, running
 
     levels_in = concurrency or [32, 128]
-    port = _free_port()
+    port = free_port()
     kvstack = str(Path(sys.executable).parent / "kvstack")
     argv = [
         kvstack,

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import multiprocessing as mp
 import os
-import socket
 import sys
 import time
 from dataclasses import dataclass
@@ -190,22 +189,16 @@ def verdict(rows: list[dict[str, Any]], rss_after_warmup: float, errors: dict[st
 # -------------------------------------------------------------------- processes and plot
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _processes(
     engines: int, speed: float, gpu_blocks: int, logs: Path
 ) -> tuple[list[Any], Any, tuple[str, ...], str]:
-    from kvstack.common.procs import ManagedProcess
+    from kvstack.common.procs import ManagedProcess, free_port
 
     kvstack = str(Path(sys.executable).parent / "kvstack")
     procs: list[Any] = []
     entries: list[dict[str, Any]] = []
     for i in range(engines):
-        port, pub, replay = _free_port(), _free_port(), _free_port()
+        port, pub, replay = free_port(), free_port(), free_port()
         argv = [
             kvstack, "engine", "sim", "--port", str(port), "--served-model-name", MODEL,
             "--speed", str(speed), "--max-num-seqs", "1024", "--max-model-len", "4096",
@@ -227,7 +220,7 @@ def _processes(
     engines_file = logs / "engines.yaml"
     engines_file.parent.mkdir(parents=True, exist_ok=True)
     engines_file.write_text(yaml.safe_dump(entries, sort_keys=False))
-    port = _free_port()
+    port = free_port()
     argv = [kvstack, "router", "--port", str(port), "--engines-file", str(engines_file)]
     argv += ["--policy", "cache_aware", "--log-level", "warning"]
     router = ManagedProcess(

@@ -9,12 +9,31 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct loopback ports that are free now, chosen by the kernel.
+
+    All sockets stay bound while choosing, so the ports are distinct; they are released on return,
+    so a child can bind them (a small race with other programs remains, as with any such choice).
+    """
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for sock in socks:
+            sock.bind(("127.0.0.1", 0))
+        return [int(sock.getsockname()[1]) for sock in socks]
+
+
+def free_port() -> int:
+    """One free loopback port (see :func:`free_ports`)."""
+    return free_ports(1)[0]
 
 
 class ProcessError(RuntimeError):

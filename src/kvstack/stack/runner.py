@@ -7,7 +7,6 @@ Ctrl-C, SIGTERM, SIGHUP, a failed start, or the death of any child, so nothing i
 from __future__ import annotations
 
 import signal
-import socket
 import sys
 import tempfile
 import time
@@ -18,27 +17,12 @@ from types import FrameType
 
 import yaml
 
-from kvstack.common.procs import ManagedProcess, ProcessError
+from kvstack.common.procs import ManagedProcess, ProcessError, free_ports
 from kvstack.stack.plan import EnginePorts, StackSettings, banner, engine_entries, plan_stack
 
 
 class _Stop(Exception):
     """A signal asked the stack to stop."""
-
-
-@contextmanager
-def _free_ports(count: int) -> Iterator[list[int]]:
-    # Hold all sockets open while choosing, so the ports are distinct; released before use.
-    socks = []
-    try:
-        for _ in range(count):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        yield [int(s.getsockname()[1]) for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 @contextmanager
@@ -57,8 +41,8 @@ def _signals_stop() -> Iterator[None]:
 def run_stack(settings: StackSettings, run_dir: Path | None = None) -> int:
     """Run until a signal (exit 0) or a failure (exit 1)."""
     run_dir = run_dir or Path(tempfile.mkdtemp(prefix="kvstack-up-"))
-    with _free_ports(3 * settings.engines) as free:
-        ports = [EnginePorts(*free[3 * i : 3 * i + 3]) for i in range(settings.engines)]
+    free = free_ports(3 * settings.engines)
+    ports = [EnginePorts(*free[3 * i : 3 * i + 3]) for i in range(settings.engines)]
     engines_file = run_dir / "engines.yaml"
     engines_file.write_text(yaml.safe_dump(engine_entries(settings, ports), sort_keys=False))
     specs = plan_stack(settings, ports, engines_file)

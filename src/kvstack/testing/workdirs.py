@@ -11,11 +11,13 @@ import os
 import random
 import shutil
 import signal
-import socket
 import tempfile
 import time
 from pathlib import Path
 
+# kwokctl's own port choice counts down from 32767 in every process, so clusters created at the same
+# time would collide; kernel-assigned ports (kvstack.common.procs.free_ports) do not.
+from kvstack.common.procs import free_ports as free_ports
 from kvstack.testing.tools import cache_root
 
 WORKDIR_PREFIX = "kvstack-cluster-"
@@ -68,19 +70,6 @@ def kill_recorded_processes(workdir: Path) -> list[int]:
     pids = recorded_pids(workdir)
     end_processes(pids, grace=0)
     return pids
-
-
-def free_ports(count: int) -> list[int]:
-    """``count`` distinct free loopback ports, chosen by the kernel.
-
-    kwokctl's own choice counts down from 32767 in every process, so clusters created at the same
-    time (parallel test sessions) would pick the same ports; kernel-assigned ones do not collide.
-    """
-    with contextlib.ExitStack() as stack:
-        socks = [stack.enter_context(socket.socket()) for _ in range(count)]
-        for sock in socks:
-            sock.bind(("127.0.0.1", 0))
-        return [int(sock.getsockname()[1]) for sock in socks]
 
 
 def choose_pod_cidr(taken: set[str], rng: random.Random | None = None) -> str:
