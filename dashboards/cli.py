@@ -52,9 +52,8 @@ def preview(
     rate_interval: Annotated[str, typer.Option(help="What $__rate_interval becomes.")] = "1m",
 ) -> None:
     """Render every dashboard's panels from a live Prometheus into a PNG grid (no Grafana needed)."""
-    from kvstack.dashboards.preview import render_dashboard
-
     from kvstack.dashboards.catalog import dashboards
+    from kvstack.dashboards.preview import render_dashboard
     from kvstack.observability.prometheus import PrometheusAPI, PrometheusError
 
     api = PrometheusAPI(prometheus)
