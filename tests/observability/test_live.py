@@ -29,11 +29,12 @@ from .stack import MODEL_B, Stack, live_stack
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
 NO_OPERATOR = (
-    "kvstack_operator_* series come from the operator, which does not exist yet; these queries follow "
-    "dashboards/CONTRACT.md and the alerts on them are covered by the promtool unit tests"
+    "kvstack_operator_* series need a running operator (and a cluster): "
+    "tests/operator/test_dashboards_live.py runs these queries and the operator alerts' inputs"
 )
 QUERIES = [(stem, p.title, q.expr) for stem, d in dashboards().items() for p in d.panels() for q in p.queries]
 VARIABLES = [(stem, v.query) for stem, d in dashboards().items() for v in d.variables]
+# The operator alerts' inputs: tests/operator/test_dashboards_live.py.
 LIVE_ALERTS = [a for a in ALERTS if not a.needs_operator]
 
 
