@@ -13,8 +13,9 @@ An engine pod is routable when it is ``Running``, its ``Ready`` condition is ``T
 - ``kv-events``: vLLM's KV-event ZMQ publisher, ``tcp://<podIP>:<port>``;
 - ``kv-replay``: its replay socket.
 
-Annotations override them: ``kvstack.io/port``, ``kvstack.io/kv-events-port``,
-``kvstack.io/kv-replay-port`` (numbers), and ``kvstack.io/models`` (comma-separated model names;
+Annotations override them: ``kvstack.dev/port``, ``kvstack.dev/kv-events-port``,
+``kvstack.dev/kv-replay-port`` (numbers), and ``kvstack.dev/served-model-names`` (comma-separated model
+names, as the Helm chart and the operator set them;
 without it the monitor learns them from ``/v1/models``).
 """
 
@@ -26,10 +27,10 @@ from typing import Any
 
 from kvstack.router.engines import Endpoint
 
-ANNOTATION_PORT = "kvstack.io/port"
-ANNOTATION_KV_EVENTS_PORT = "kvstack.io/kv-events-port"
-ANNOTATION_KV_REPLAY_PORT = "kvstack.io/kv-replay-port"
-ANNOTATION_MODELS = "kvstack.io/models"
+ANNOTATION_PORT = "kvstack.dev/port"
+ANNOTATION_KV_EVENTS_PORT = "kvstack.dev/kv-events-port"
+ANNOTATION_KV_REPLAY_PORT = "kvstack.dev/kv-replay-port"
+ANNOTATION_MODELS = "kvstack.dev/served-model-names"
 
 
 @dataclass(frozen=True, slots=True)

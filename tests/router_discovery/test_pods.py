@@ -169,10 +169,10 @@ def test_event_for_a_nameless_pod_raises() -> None:
         pytest.param(
             pod(
                 annotations={
-                    "kvstack.io/port": "9001",
-                    "kvstack.io/kv-events-port": "6000",
-                    "kvstack.io/kv-replay-port": "junk",
-                    "kvstack.io/models": "llama, llama-lora-1,",
+                    "kvstack.dev/port": "9001",
+                    "kvstack.dev/kv-events-port": "6000",
+                    "kvstack.dev/kv-replay-port": "junk",
+                    "kvstack.dev/served-model-names": "llama, llama-lora-1,",
                 }
             ),
             Endpoint(
