@@ -40,7 +40,8 @@ class Alert:
     summary: str
     description: str
     inputs: tuple[str, ...]
-    # Alerts on series the operator does not export yet are verified by promtool only.
+    # Alerts on operator series: verified live by tests/operator/test_dashboards_live.py (needs a
+    # cluster) and by promtool unit tests; the simulator-only live test skips them.
     needs_operator: bool = False
     labels: dict[str, str] = field(default_factory=dict)
 

@@ -27,7 +27,7 @@ from kvstack.operator.handlers import Runtime, build_registry
 from kvstack.operator.settings import OperatorSettings
 from kvstack.testing import Cluster, PodSimulators, SimTarget
 
-from ..conftest import free_port
+from kvstack.common.procs import free_port
 from .conftest import Api, wait_until
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow, pytest.mark.timeout(600)]
