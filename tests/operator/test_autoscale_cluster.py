@@ -22,12 +22,11 @@ import yaml
 from kopf.testing import KopfRunner
 from prometheus_client import CollectorRegistry, Gauge, start_http_server
 
-from kvstack.common.procs import ManagedProcess
+from kvstack.common.procs import ManagedProcess, free_port
 from kvstack.operator.handlers import Runtime, build_registry
 from kvstack.operator.settings import OperatorSettings
 from kvstack.testing import Cluster, PodSimulators, SimTarget
 
-from kvstack.common.procs import free_port
 from .conftest import Api, wait_until
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow, pytest.mark.timeout(600)]
