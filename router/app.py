@@ -2,7 +2,8 @@
 
 ``create_app(settings)`` wires discovery (static or Kubernetes), the engine monitor, the policy and
 the shared upstream client; they start and stop with the app's lifespan. Proxied routes are plain
-ASGI endpoints (see :mod:`kvstack.router.proxy`); FastAPI serves only the small admin surface.
+ASGI endpoints (see :mod:`kvstack.router.proxy`); FastAPI serves only the small admin surface and
+``/openapi.json``, which describes both (see :mod:`kvstack.router.openapi`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any, Protocol
 import httpx
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Route
 
@@ -34,6 +35,7 @@ from kvstack.router.limits import KeyLimiter
 from kvstack.router.metrics import CONTENT_TYPE, RouterMetrics
 from kvstack.router.monitor import EngineMonitor
 from kvstack.router.offload import TokenizerPool
+from kvstack.router.openapi import METRICS_RESPONSES, READY_RESPONSES, error_responses, install
 from kvstack.router.policies import make_policy
 from kvstack.router.policies.base import Policy
 from kvstack.router.policy_metrics import PolicyCollector
@@ -210,7 +212,14 @@ def create_app(settings: RouterSettings, registry: EngineRegistry | None = None)
         async with _running(ctx):
             yield
 
-    app = FastAPI(title="kvstack router", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(
+        title="kvstack router",
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url="/openapi.json",
+    )
+    install(app, PROXIED)
     app.state.ctx = ctx
     direct: dict[str, ASGIApp] = {}
     for path, kind in PROXIED:
@@ -240,7 +249,7 @@ def create_app(settings: RouterSettings, registry: EngineRegistry | None = None)
             ctx.metrics.rejections.labels("auth").inc()
             raise OpenAIError(401, "invalid or missing API key")
 
-    @app.get("/v1/models", dependencies=[Depends(require_key)])
+    @app.get("/v1/models", dependencies=[Depends(require_key)], responses=error_responses(401))
     async def list_models() -> dict[str, Any]:
         return _models_payload(ctx)
 
@@ -248,18 +257,18 @@ def create_app(settings: RouterSettings, registry: EngineRegistry | None = None)
     async def health() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/ready")
+    @app.get("/ready", responses=READY_RESPONSES)
     async def ready() -> JSONResponse:
         now = ctx.clock()
         available = sum(1 for e in ctx.registry.all() if e.available(now))
         body = {"ready": available > 0, "available_engines": available, "engines": len(ctx.registry)}
         return JSONResponse(body, status_code=200 if available else 503)
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse, responses=METRICS_RESPONSES)
     async def metrics() -> Response:
         return Response(ctx.metrics.render(), media_type=CONTENT_TYPE)
 
-    @app.get("/router/engines", dependencies=[Depends(require_key)])
+    @app.get("/router/engines", dependencies=[Depends(require_key)], responses=error_responses(401))
     async def engines(available: bool | None = Query(None)) -> dict[str, Any]:
         now = ctx.clock()
         rows = [
