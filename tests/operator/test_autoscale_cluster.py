@@ -18,11 +18,11 @@ from typing import Any
 
 import httpx
 import pytest
-import yaml
 from kopf.testing import KopfRunner
 from prometheus_client import CollectorRegistry, Gauge, start_http_server
 
 from kvstack.common.procs import ManagedProcess, free_port
+from kvstack.observability.prometheus import prometheus_process
 from kvstack.operator.handlers import Runtime, build_registry
 from kvstack.operator.settings import OperatorSettings
 from kvstack.testing import Cluster, PodSimulators, SimTarget
@@ -39,26 +39,14 @@ DOWN_WINDOW = 20  # scale-down stabilization
 def prometheus(workdir: Path, targets_file: Path) -> ManagedProcess:
     """Prometheus scraping the engine pods listed in ``targets_file`` (Debian's build has no
     kubernetes_sd; :class:`PodDiscovery` writes the same targets a PodMonitor would find)."""
-    config = {
-        "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
-        "scrape_configs": [
-            {
-                "job_name": "kvstack-engine",
-                "file_sd_configs": [{"files": [str(targets_file)], "refresh_interval": "1s"}],
-            }
-        ],
-    }
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "prometheus.yml").write_text(yaml.safe_dump(config))
-    port = free_port()
-    argv = [
-        "prometheus",
-        f"--config.file={workdir / 'prometheus.yml'}",
-        f"--storage.tsdb.path={workdir / 'data'}",
-        f"--web.listen-address=127.0.0.1:{port}",
-        "--log.level=warn",
-    ]
-    return ManagedProcess("prometheus", argv, workdir, ready_url=f"http://127.0.0.1:{port}/-/ready")
+    return prometheus_process(
+        workdir,
+        [],
+        free_port(),
+        rule_files=[],
+        scrape_interval="1s",
+        file_sd={"kvstack-engine": targets_file},
+    )
 
 
 class PodDiscovery:

@@ -16,14 +16,13 @@ from typing import Any
 
 import httpx
 import pytest
-import yaml
 from kopf.testing import KopfRunner
 
 from kvstack.common.procs import ManagedProcess, free_port, running
 from kvstack.dashboards.catalog import dashboards
 from kvstack.dashboards.promql import expand, metric_names
 from kvstack.dashboards.rules import ALERTS, RECORDS
-from kvstack.observability.prometheus import PrometheusAPI, Target, packaged_rules_file, render_config
+from kvstack.observability.prometheus import PrometheusAPI, Target, prometheus_process
 from kvstack.operator.handlers import Runtime, build_registry
 from kvstack.operator.settings import OperatorSettings
 from kvstack.testing import Cluster, PodSimulators
@@ -91,24 +90,9 @@ def prometheus(workdir: Path, operator_port: int, engines_file: Path) -> Managed
     """Prometheus as ``kvstack up --prometheus`` configures it for the operator, plus the engine pods
     as file_sd targets (their IPs come and go with the autoscaler), evaluating the packaged rules."""
     operator = Target("kvstack-operator", f"http://127.0.0.1:{operator_port}", "kvstack-operator")
-    config = render_config([operator], [packaged_rules_file()], scrape_interval="1s")
-    config["scrape_configs"].append(
-        {
-            "job_name": "kvstack-engine",
-            "file_sd_configs": [{"files": [str(engines_file)], "refresh_interval": "1s"}],
-        }
+    return prometheus_process(
+        workdir, [operator], free_port(), scrape_interval="1s", file_sd={"kvstack-engine": engines_file}
     )
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "prometheus.yml").write_text(yaml.safe_dump(config))
-    port = free_port()
-    argv = [
-        "prometheus",
-        f"--config.file={workdir / 'prometheus.yml'}",
-        f"--storage.tsdb.path={workdir / 'data'}",
-        f"--web.listen-address=127.0.0.1:{port}",
-        "--log.level=warn",
-    ]
-    return ManagedProcess("prometheus", argv, workdir, ready_url=f"http://127.0.0.1:{port}/-/ready")
 
 
 def finite(prom: PrometheusAPI, expr: str) -> bool:

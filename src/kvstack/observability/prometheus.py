@@ -8,7 +8,7 @@ ServiceMonitor give the same series on Kubernetes, so the rules work unchanged i
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -54,8 +54,13 @@ def render_config(
     scrape_interval: str = "5s",
     evaluation_interval: str | None = None,
     namespace: str = LOCAL_NAMESPACE,
+    file_sd: Mapping[Job, Path] | None = None,
 ) -> dict[str, Any]:
-    """prometheus.yml as a mapping: one job per component kind, one static group per target."""
+    """prometheus.yml as a mapping: one job per component kind, one static group per target.
+
+    ``file_sd`` adds jobs whose targets come from a file (re-read every second), for targets that come
+    and go, such as engine pods under an autoscaler, where no Kubernetes service discovery is at hand.
+    """
     jobs: dict[str, list[dict[str, Any]]] = {}
     for t in targets:
         labels = {"pod": t.pod, "namespace": namespace, **t.labels}
@@ -67,6 +72,10 @@ def render_config(
             # Operator series carry the namespace of the model they describe (CONTRACT.md).
             cfg["honor_labels"] = True
         scrape_configs.append(cfg)
+    for job, path in sorted((file_sd or {}).items()):
+        scrape_configs.append(
+            {"job_name": job, "file_sd_configs": [{"files": [str(path)], "refresh_interval": "1s"}]}
+        )
     return {
         "global": {
             "scrape_interval": scrape_interval,
@@ -87,6 +96,7 @@ def prometheus_process(
     host: str = "127.0.0.1",
     binary: str = PROMETHEUS_BINARY,
     name: str = "prometheus",
+    file_sd: Mapping[Job, Path] | None = None,
 ) -> ManagedProcess:
     """Write ``workdir/prometheus.yml`` and return the (unstarted) Prometheus process scraping ``targets``.
 
@@ -96,7 +106,9 @@ def prometheus_process(
     rules = [packaged_rules_file()] if rule_files is None else list(rule_files)
     workdir.mkdir(parents=True, exist_ok=True)
     config = workdir / "prometheus.yml"
-    config.write_text(yaml.safe_dump(render_config(targets, rules, scrape_interval), sort_keys=False))
+    config.write_text(
+        yaml.safe_dump(render_config(targets, rules, scrape_interval, file_sd=file_sd), sort_keys=False)
+    )
     argv = [
         binary,
         f"--config.file={config}",
