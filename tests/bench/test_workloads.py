@@ -144,3 +144,23 @@ def _session(sid: str, system: str, start: float, turns: int = 1) -> workloads.S
 def test_first_reads(sessions: list[workloads.Session], expected: set[tuple[str, int]]) -> None:
     w = workloads.Workload("t", "under", sessions, 1, 1)
     assert workloads.first_reads(w) == expected
+
+
+@pytest.mark.parametrize(
+    ("finish_reason", "completion_tokens", "error", "ok"),
+    [
+        ("length", 32, "", True),
+        ("length", 0, "", True),  # no usage chunk: the finish reason decides
+        ("error", 5, "", False),  # vLLM failing a request whose LMCache KV load failed
+        ("abort", 5, "", False),
+        (None, 0, "", False),  # the stream ended without a finish reason
+        ("length", 10, "", False),  # fewer tokens than asked for under ignore_eos
+        ("length", 32, '{"message": "engine gone"}', False),  # the router's error event
+    ],
+)
+def test_a_stream_counts_as_success_only_when_it_really_finished(
+    finish_reason: str | None, completion_tokens: int, error: str, ok: bool
+) -> None:
+    from kvstack.bench.driver import stream_succeeded
+
+    assert stream_succeeded(finish_reason, completion_tokens, 32, error)[0] is ok

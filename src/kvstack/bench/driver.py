@@ -35,6 +35,24 @@ class RequestResult:
     engine: str = ""
     messages: list[dict[str, str]] = field(default_factory=list)
     answer: str = ""
+    finish_reason: str | None = None
+
+
+def stream_succeeded(
+    finish_reason: str | None, completion_tokens: int, max_tokens: int, error: str
+) -> tuple[bool, str]:
+    """Whether a streamed request (sent with ``ignore_eos``) really finished, and if not, why.
+
+    An engine can end a stream early without an HTTP error (vLLM fails requests whose KV load from
+    LMCache fails: ``finish_reason`` "error", or "abort"); a benchmark must count those as failures.
+    """
+    if error:
+        return False, error
+    if finish_reason != "length":
+        return False, f"stream ended with finish_reason {finish_reason!r}, expected 'length'"
+    if completion_tokens and completion_tokens < max_tokens:
+        return False, f"stream ended after {completion_tokens} of {max_tokens} tokens"
+    return True, ""
 
 
 @dataclass(slots=True)
@@ -92,7 +110,10 @@ async def _one_request(
                     res.completion_tokens = usage.get("completion_tokens", 0)
                     details = usage.get("prompt_tokens_details") or {}
                     res.cached_tokens = details.get("cached_tokens") or 0
+                if "error" in chunk:  # the router's error event on a stream that broke
+                    res.error = json.dumps(chunk["error"])[:300]
                 for choice in chunk.get("choices", ()):
+                    res.finish_reason = choice.get("finish_reason") or res.finish_reason
                     text = (choice.get("delta") or {}).get("content")
                     if not text:
                         continue
@@ -103,7 +124,9 @@ async def _one_request(
                         res.itl.append(now - last)
                     last = now
                     parts.append(text)
-        res.ok = True
+        res.ok, why = stream_succeeded(res.finish_reason, res.completion_tokens, max_tokens, res.error)
+        if not res.ok and not res.error:
+            res.error = why
     except (TimeoutError, aiohttp.ClientError, ValueError) as err:
         res.error = f"{type(err).__name__}: {err}"
     res.e2e = time.perf_counter() - start
