@@ -89,6 +89,9 @@ class LMCacheSettings(BaseModel):
     remote_url: str | None = None
     remote_serde: Literal["naive", "cachegen", "kivi"] = "naive"
     save_decode_cache: bool = False
+    # vLLM's default ("fail") fails a request whose KV load from LMCache fails (a full CPU buffer,
+    # a dead Redis); "recompute" prefills it instead: a shared cache must never fail requests.
+    kv_load_failure_policy: Literal["recompute", "fail"] = "recompute"
 
     @field_validator("local_disk", "remote_url", mode="before")
     @classmethod

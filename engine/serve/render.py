@@ -35,7 +35,8 @@ def render(config: EngineConfig) -> LaunchSpec:
     argv += ["--block-size", str(config.block_size)]
     argv.append("--enable-prefix-caching" if config.enable_prefix_caching else "--no-enable-prefix-caching")
     if config.lmcache.enabled:
-        argv += ["--kv-transfer-config", _json(KV_TRANSFER_CONFIG)]
+        transfer = {**KV_TRANSFER_CONFIG, "kv_load_failure_policy": config.lmcache.kv_load_failure_policy}
+        argv += ["--kv-transfer-config", _json(transfer)]
     if config.kv_events.enabled:
         argv += ["--kv-events-config", _json(kv_events_config(config.kv_events))]
     argv += config.extra_args

@@ -11,7 +11,7 @@ from kvstack.common.config import build
 from kvstack.engine.serve.config import EngineConfig
 from kvstack.engine.serve.render import LaunchSpec, child_env, render
 
-KV_TRANSFER = '{"kv_connector":"LMCacheConnectorV1","kv_role":"kv_both"}'
+KV_TRANSFER = '{"kv_connector":"LMCacheConnectorV1","kv_role":"kv_both","kv_load_failure_policy":"recompute"}'
 
 
 def spec(**values: Any) -> LaunchSpec:
@@ -217,3 +217,14 @@ def test_child_env_drops_our_settings_and_overrides_the_pod() -> None:
     assert env["PYTHONHASHSEED"] == "0"
     assert env["VLLM_API_KEY"] == "k"
     assert not any(k.upper().startswith("KVSTACK_ENGINE_") for k in env)
+
+
+@pytest.mark.parametrize("policy", ["recompute", "fail"])
+def test_kv_load_failure_policy_goes_into_the_transfer_config(policy: str) -> None:
+    argv = spec(lmcache={"kv_load_failure_policy": policy}).argv
+    transfer = json.loads(flag_value(argv, "--kv-transfer-config") or "{}")
+    assert transfer == {
+        "kv_connector": "LMCacheConnectorV1",
+        "kv_role": "kv_both",
+        "kv_load_failure_policy": policy,
+    }
