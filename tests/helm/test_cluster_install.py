@@ -45,6 +45,13 @@ def helm(cluster: Cluster, *args: str) -> subprocess.CompletedProcess[str]:
     return proc
 
 
+def release(
+    cluster: Cluster, action: str, namespace: str, *values: str, chart: Path = CHART
+) -> subprocess.CompletedProcess[str]:
+    """``helm install|upgrade rel CHART -n NAMESPACE VALUES... --wait``: the release every test uses."""
+    return helm(cluster, action, "rel", str(chart), "-n", namespace, *values, "--wait", "--timeout", "180s")
+
+
 def get(cluster: Cluster, namespace: str, kinds: str, selector: str = "") -> list[dict[str, Any]]:
     args = ["get", kinds, "-n", namespace, "-o", "yaml", *(["-l", selector] if selector else [])]
     return list(yaml.safe_load(cluster.kubectl(*args).stdout)["items"])
@@ -75,19 +82,7 @@ def secret_value(cluster: Cluster, namespace: str, name: str, key: str) -> str:
 
 
 def test_install_is_accepted_and_every_pod_runs(cluster: Cluster, namespace: str) -> None:
-    helm(
-        cluster,
-        "install",
-        "rel",
-        str(CHART),
-        "-n",
-        namespace,
-        "--set",
-        "auth.enabled=true",
-        "--wait",
-        "--timeout",
-        "180s",
-    )
+    release(cluster, "install", namespace, "--set", "auth.enabled=true")
     # Every object of the release exists as rendered.
     manifest = [
         d for d in yaml.safe_load_all(helm(cluster, "get", "manifest", "rel", "-n", namespace).stdout) if d
@@ -114,19 +109,7 @@ def test_install_is_accepted_and_every_pod_runs(cluster: Cluster, namespace: str
 def test_upgrade_applies_changed_values_and_keeps_generated_secrets(
     cluster: Cluster, namespace: str, tmp_path: Path
 ) -> None:
-    helm(
-        cluster,
-        "install",
-        "rel",
-        str(CHART),
-        "-n",
-        namespace,
-        "--set",
-        "auth.enabled=true",
-        "--wait",
-        "--timeout",
-        "180s",
-    )
+    release(cluster, "install", namespace, "--set", "auth.enabled=true")
     password = secret_value(cluster, namespace, "rel-kvstack-secrets", "redis-password")
     api_key = secret_value(cluster, namespace, "rel-kvstack-secrets", "api-key")
     (redis_before,) = get(cluster, namespace, "statefulsets")
@@ -144,19 +127,7 @@ def test_upgrade_applies_changed_values_and_keeps_generated_secrets(
     }
     values = tmp_path / "upgrade.yaml"
     values.write_text(yaml.safe_dump(changed))
-    helm(
-        cluster,
-        "upgrade",
-        "rel",
-        str(CHART),
-        "-n",
-        namespace,
-        "-f",
-        str(values),
-        "--wait",
-        "--timeout",
-        "180s",
-    )
+    release(cluster, "upgrade", namespace, "-f", str(values))
 
     running_pods(cluster, namespace, "router", 3)
     engines = running_pods(cluster, namespace, "engine", 3)
@@ -189,19 +160,7 @@ def test_uninstall_leaves_nothing_but_kept_crds(cluster: Cluster, namespace: str
     }
     (chart / "files" / "crds" / "stacks.yaml").write_text(yaml.safe_dump(crd))
     try:
-        helm(
-            cluster,
-            "install",
-            "rel",
-            str(chart),
-            "-n",
-            namespace,
-            "--set",
-            "operator.enabled=true",
-            "--wait",
-            "--timeout",
-            "180s",
-        )
+        release(cluster, "install", namespace, "--set", "operator.enabled=true", chart=chart)
         running_pods(cluster, namespace, "operator", 1)
         helm(cluster, "uninstall", "rel", "-n", namespace, "--wait", "--timeout", "120s")
 

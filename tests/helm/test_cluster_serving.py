@@ -16,8 +16,7 @@ from typing import Any
 import openai
 import pytest
 import yaml
-from tests.helm.conftest import CHART
-from tests.helm.test_cluster_install import get, helm, running_pods, wait_until
+from tests.helm.test_cluster_install import get, release, running_pods, wait_until
 
 from kvstack.common.procs import ManagedProcess
 from kvstack.testing import Cluster, PodSimulators
@@ -67,19 +66,7 @@ def test_router_answers_through_its_service_endpoint(
 ) -> None:
     values = tmp_path / "values.yaml"
     values.write_text(yaml.safe_dump(VALUES))
-    helm(
-        cluster,
-        "install",
-        "rel",
-        str(CHART),
-        "-n",
-        namespace,
-        "-f",
-        str(values),
-        "--wait",
-        "--timeout",
-        "180s",
-    )
+    release(cluster, "install", namespace, "-f", str(values))
     running_pods(cluster, namespace, "engine", 2)
     running_pods(cluster, namespace, "router", 1)
     ip, port = service_endpoint(cluster, namespace, "rel-kvstack-router")
