@@ -9,6 +9,7 @@ export PYTHONPATH=/tmp/site:$PWD/src VLLM_USE_FLASHINFER_SAMPLER=0 HF_HUB_OFFLIN
 export PATH=/tmp/bin:$PATH
 LOGS=/tmp/gpulogs
 REDIS_PORT=6390
+# LMCache CPU buffer per engine (GB): 5 filled within minutes on the first long run and stalled stores
 mkdir -p "$LOGS" /tmp/bin "${OUT:-/tmp/out}"
 python3 scripts/gpu/wire_tokenizer.py || exit 1
 
@@ -22,7 +23,7 @@ port: $((8100 + i))
 max_model_len: 32768
 gpu_memory_utilization: 0.3
 kv_events: {enabled: true, endpoint: "tcp://*:$((5557 + 2 * i))", replay_endpoint: "tcp://*:$((5558 + 2 * i))", topic: kv-events}
-lmcache: {remote_url: "redis://127.0.0.1:$REDIS_PORT", max_local_cpu_size: 5}
+lmcache: {remote_url: "redis://127.0.0.1:$REDIS_PORT", max_local_cpu_size: ${LMCACHE_CPU_GB:-20}}
 python_hash_seed: "0"
 extra_args: [--load-format, dummy]
 extra_env: {VLLM_USE_FLASHINFER_SAMPLER: "0", HF_HUB_OFFLINE: "1"}
