@@ -142,8 +142,39 @@ def sim(
             rich_help_panel=_ENGINE,
         ),
     ] = None,
+    gpu_share: Annotated[
+        float | None,
+        typer.Option(
+            help="Fraction of one GPU this engine gets: steps last step_time / share (default 1; "
+            "0.26 fits two busy engines sharing the H200 run's GPU).",
+            rich_help_panel=_ENGINE,
+        ),
+    ] = None,
+    token_cost_scale: Annotated[
+        float | None,
+        typer.Option(
+            help="Model tokens per simulated token in the cost model (default 1; 2.1 for the H200 "
+            "run's BPE tokenizer).",
+            rich_help_panel=_ENGINE,
+        ),
+    ] = None,
     lmcache: Annotated[
         bool | None, typer.Option(help="Attach the simulated LMCache connector.", rich_help_panel=_LMCACHE)
+    ] = None,
+    lmcache_store_us_per_token: Annotated[
+        float | None,
+        typer.Option(
+            help="Synchronous offload cost per computed prompt token, charged when a prefill ends, "
+            "tiers on or off (default 0; 4.49 fits the H200 logs).",
+            rich_help_panel=_LMCACHE,
+        ),
+    ] = None,
+    lmcache_store_us_per_request: Annotated[
+        float | None,
+        typer.Option(
+            help="Fixed part of that offload per request (default 0; 790 fits the H200 logs).",
+            rich_help_panel=_LMCACHE,
+        ),
     ] = None,
     lmcache_remote_url: Annotated[
         str | None,
@@ -197,8 +228,12 @@ def sim(
             "enable_prefix_caching": enable_prefix_caching,
             "speed": speed,
             "mean_output_tokens": mean_output_tokens,
+            "gpu_share": gpu_share,
+            "token_cost_scale": token_cost_scale,
             "lmcache": {
                 "enabled": lmcache,
+                "store_us_per_token": lmcache_store_us_per_token,
+                "store_us_per_request": lmcache_store_us_per_request,
                 "remote_url": lmcache_remote_url,
                 "chunk_size": lmcache_chunk_size,
                 "kv_events": lmcache_kv_events,

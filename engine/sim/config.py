@@ -118,6 +118,17 @@ class LMCacheConfig(BaseModel):
         2.0, description="After a Redis failure, wait this long (wall-clock) before trying again."
     )
 
+    store_us_per_token: NonNegFloat = Field(
+        0.0,
+        description="Synchronous offload per prompt token a request computed, charged to the step that "
+        "finishes its prefill (LMCache 0.5.3's 'Stored N tokens ... offload_time'); applies whether or "
+        "not the simulated tiers are enabled; 0: none (4.49 fits the H200 run's logs, see latency.py).",
+    )
+    store_us_per_request: NonNegFloat = Field(
+        0.0,
+        description="Fixed part of that offload, per request (790 fits the H200 run's logs).",
+    )
+
     kv_events: bool = Field(
         False,
         description="Publish chunks the CPU tier stores as BlockStored(medium='cpu') on the engine's "
@@ -170,6 +181,22 @@ class SimConfig(BaseModel):
         description="Mean output length when ignore_eos is false (EOS sampled); None: run to max_tokens.",
     )
     latency: LatencyParams = Field(default_factory=LatencyParams, description="Step-time model.")
+    gpu_share: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="Fraction of one GPU's step throughput this engine gets: every step lasts "
+        "step_time / gpu_share. 1: a whole GPU (the reference calibration); engines time-slicing one GPU "
+        "get less (0.26 fits two busy engines on the H200 run, see latency.py).",
+    )
+    token_cost_scale: float = Field(
+        1.0,
+        gt=0,
+        description="Model tokens per simulated token in the cost model: prompt and context work is "
+        "charged this many times over (the H200 run's BPE tokenizer made 2.05-2.16x the built-in "
+        "tokenizer's tokens). Capacity and budgets stay in simulated tokens: divide num_gpu_blocks and "
+        "max_num_batched_tokens by it to keep the real ones.",
+    )
     lmcache: LMCacheConfig = Field(default_factory=LMCacheConfig, description="LMCache connector.")
     hash_seed: int = Field(
         default_factory=_default_hash_seed,

@@ -23,7 +23,7 @@ from kvstack.common.errors import OpenAIError
 from kvstack.engine.sim.config import SimConfig
 from kvstack.engine.sim.generator import output_length, output_seed
 from kvstack.engine.sim.kv_cache import KVCache, engine_chain_root
-from kvstack.engine.sim.latency import frontend_delay, step_time
+from kvstack.engine.sim.latency import engine_frontend_delay, engine_step_time
 from kvstack.engine.sim.lmcache import LMCacheConnector, chunk_hashes
 from kvstack.engine.sim.protocol import check_length
 from kvstack.engine.sim.scheduler import Scheduler, StepPlan
@@ -183,7 +183,7 @@ class SimEngine:
             root=self._none_hash,
             lora_name=r.lora_name,
             cache_salt=r.cache_salt,
-            ready_at=arrival + frontend_delay(cfg.latency, n_prompt) / cfg.speed,
+            ready_at=arrival + engine_frontend_delay(cfg, n_prompt) / cfg.speed,
             max_tokens=r.max_tokens,
             n=r.n,
             arrival=arrival,
@@ -209,7 +209,7 @@ class SimEngine:
     async def _run(self) -> None:
         sched = self.scheduler
         speed = self.config.speed
-        params = self.config.latency
+        config = self.config
         clock = 0.0
         last_yield = time.monotonic()
         while True:
@@ -235,7 +235,7 @@ class SimEngine:
                 last_yield = time.monotonic()
                 continue
             self._on_scheduled(plan, start)
-            clock = start + step_time(params, plan.work) / speed
+            clock = start + engine_step_time(config, plan.work) / speed
             before = time.monotonic()
             delay = clock - before - self._late
             if delay >= _MIN_SLEEP_S:

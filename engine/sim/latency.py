@@ -19,13 +19,34 @@ point is 5.7% off. The LMCache constants were then fitted by least squares to th
 store terms to the first engine's cold TTFT with the connector (83/261/577 ms), remote load terms
 to the second engine's remote-hit TTFT (38/38/56 ms); the CPU tier is taken as 0.6x the remote
 cost (not measured: LMCache's local tier skips the network hop).
+
+Deployments other than the reference (:func:`engine_step_time`, :func:`engine_frontend_delay`) add
+three things, each 1 / 0 by default so the reference fit is untouched:
+
+- ``token_cost_scale``: prompt work is charged as ``s`` model tokens per simulated token (new tokens
+  and loads x s, prefill attention x s^2, decode context x s; a decode is still one token). The
+  built-in tokenizer makes 2.05-2.16x fewer tokens of the H200 run's prompts than its model's BPE.
+- ``gpu_share``: the step lasts ``t / gpu_share``. Engines sharing one GPU without MPS time-slice
+  it, so a busy neighbour stretches every step; an engine cannot see its neighbour, so the factor
+  is fixed (the busy case). Two engines at utilization 0.3 on one H200 measured ITL p50 22.7-24.7 ms
+  (cache-aware, load 0.35) where this model gives 6.0-6.4 ms for the same batches and contexts
+  with a whole GPU: a share of 0.26, not the 0.5 of ideal time-slicing. The rest is context
+  switching and the LMCache connector's per-step hooks, which the run cannot separate. A fixed
+  factor overstates steps when the neighbour idles (light load measured ITL p50 15 ms, ~0.4).
+- LMCache's synchronous offload (``lmcache.store_us_per_request`` + ``store_us_per_token`` x the
+  prompt tokens a request computed), charged to the step that finishes the prefill and not divided
+  by the share: the logged ``offload_time`` was measured on the shared GPU. Theil-Sen over the 1,384
+  ``Stored N ... offload_time`` lines of bench-results/gpu/h200-{r2,long}-engine*.log.gz gives
+  0.79 ms + 4.49 us/token (256 tokens: 1.9 ms median, 8,960: 45 ms);
+  :func:`kvstack.engine.sim.fit.offload_fit` redoes it. It adds to the ``lmcache_store_*`` terms above,
+  which charge the connector's whole cold-TTFT overhead when the simulated tiers are on.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kvstack.engine.sim.config import LatencyParams
+from kvstack.engine.sim.config import LatencyParams, SimConfig
 
 
 @dataclass(slots=True)
@@ -39,6 +60,8 @@ class StepWork:
     cpu_load_tokens: int = 0
     remote_load_tokens: int = 0
     store_tokens: int = 0
+    offloads: int = 0  # requests whose prefill finished in this step (LMCache's synchronous store)
+    offload_tokens: int = 0  # prompt tokens those requests computed
 
     def add_prefill(self, num_new: int, ctx_start: int) -> None:
         self.prefill_tokens += num_new
@@ -69,3 +92,43 @@ def step_time(p: LatencyParams, w: StepWork) -> float:
 def frontend_delay(p: LatencyParams, prompt_tokens: int) -> float:
     """Simulated seconds between a request's arrival and the moment the scheduler can see it."""
     return p.frontend_s + p.frontend_per_token_s * prompt_tokens
+
+
+def scale_work(w: StepWork, s: float) -> StepWork:
+    """``w`` in model tokens, when each simulated token stands for ``s`` of them (decodes stay one)."""
+    if s == 1.0:
+        return w
+    return StepWork(
+        prefill_tokens=round(w.prefill_tokens * s),
+        prefill_attention=w.prefill_attention * s * s,
+        decodes=w.decodes,
+        decode_context=round(w.decode_context * s),
+        cpu_load_tokens=round(w.cpu_load_tokens * s),
+        remote_load_tokens=round(w.remote_load_tokens * s),
+        store_tokens=round(w.store_tokens * s),
+        offloads=w.offloads,
+        offload_tokens=round(w.offload_tokens * s),
+    )
+
+
+def offload_time(store_us_per_request: float, store_us_per_token: float, w: StepWork) -> float:
+    """Seconds of LMCache's synchronous store of the prefills that finished in this step."""
+    if not w.offloads:
+        return 0.0
+    return 1e-6 * (store_us_per_request * w.offloads + store_us_per_token * w.offload_tokens)
+
+
+def engine_step_time(cfg: SimConfig, w: StepWork) -> float:
+    """Simulated seconds of one step of an engine configured by ``cfg`` (see the module docstring)."""
+    w = scale_work(w, cfg.token_cost_scale)
+    t = step_time(cfg.latency, w)
+    if t == 0.0:
+        return 0.0
+    lm = cfg.lmcache
+    return t / cfg.gpu_share + offload_time(lm.store_us_per_request, lm.store_us_per_token, w)
+
+
+def engine_frontend_delay(cfg: SimConfig, prompt_tokens: int) -> float:
+    """:func:`frontend_delay` of a prompt of ``prompt_tokens`` simulated tokens (the API server's CPU
+    work: not slowed by a shared GPU)."""
+    return frontend_delay(cfg.latency, round(prompt_tokens * cfg.token_cost_scale))

@@ -215,6 +215,11 @@ class Scheduler:
             plan.work.add_decode(start)
         else:
             plan.work.add_prefill(n, start)
+            if start < seq.num_prompt <= start + n and not seq.num_preemptions:
+                # The prefill ends in this step: a real LMCache connector stores what it computed
+                # now, synchronously (a recompute after preemption finds it stored already).
+                plan.work.offloads += 1
+                plan.work.offload_tokens += seq.num_prompt - seq.num_cached_tokens
         chunk = self.lmcache_chunk_size
         if chunk:
             # LMCache offloads the prompt's full chunks it does not hold yet, as they are computed.

@@ -16,6 +16,8 @@ from tests.engine_sim_server.conftest import KVSTACK, run_sim
     [
         (["--block-size", "0"], "block_size"),
         (["--speed", "-1"], "speed"),
+        (["--gpu-share", "2"], "gpu_share"),
+        (["--lmcache-store-us-per-token", "-1"], "lmcache.store_us_per_token"),
         (["--lmcache-remote-url", "http://nope"], "lmcache.remote_url"),
         (["--kv-events-endpoint", "127.0.0.1:5557"], "kv_events_endpoint"),
         (["--log-level", "loud"], "log_level"),
@@ -78,3 +80,5 @@ def test_help_groups_the_flags() -> None:
     for panel in ("Server", "Engine (vLLM flags)", "LMCache connector", "KV events"):
         assert panel in r.stdout
     assert "0.0.0.0 in a pod" in r.stdout and "--lmcache-kv-events" in r.stdout
+    for flag in ("--gpu-share", "--token-cost-scale", "--lmcache-store-us-per-token"):
+        assert flag in r.stdout

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import os
 import sys
 import tempfile
 import time
@@ -163,7 +164,7 @@ def _kvstack() -> list[str]:
 
 
 def _sim_procs(
-    n: int, model: str, blocks: int | None, log_dir: Path
+    n: int, model: str, blocks: int | None, log_dir: Path, config: Path | None = None
 ) -> tuple[list[ManagedProcess], list[dict[str, Any]]]:
     ports = free_ports(3 * n)
     procs, entries = [], []
@@ -175,6 +176,8 @@ def _sim_procs(
         argv += ["--kv-events-replay-endpoint", f"tcp://127.0.0.1:{replay}"]
         if blocks:
             argv += ["--num-gpu-blocks", str(blocks)]
+        if config is not None:
+            argv += ["--config", str(config)]
         procs.append(ManagedProcess(f"sim{i}", argv, log_dir, ready_url=f"{url}/health"))
         entries.append(
             {
@@ -263,8 +266,15 @@ def gpu_proof(
     ] = None,
     sims: Annotated[int, typer.Option(help="Start this many simulators instead (calibration).")] = 0,
     sim_blocks: Annotated[
-        int, typer.Option(help="KV blocks per simulator (0: the simulator's default).")
+        int, typer.Option(help="KV blocks per simulator (0: the simulator's default or --sim-config's).")
     ] = 0,
+    sim_config: Annotated[
+        Path | None,
+        typer.Option(
+            help="`kvstack engine sim --config` YAML for every simulator (e.g. the shared-GPU calibration "
+            "bench-results/gpu/sim-h200-shared.yaml); the flags above win over it."
+        ),
+    ] = None,
     model: Annotated[str, typer.Option(help="Served model name.")] = "kvstack/sim-8b",
     policy: Annotated[list[str] | None, typer.Option(help="Policies to compare (repeat).")] = None,
     workload: Annotated[list[str] | None, typer.Option(help="multi_round_qa and/or shared_prefix.")] = None,
@@ -283,7 +293,7 @@ def gpu_proof(
     out.mkdir(parents=True, exist_ok=True)
     procs: list[ManagedProcess] = []
     if sims:
-        procs, entries = _sim_procs(sims, model, sim_blocks or None, log_dir)
+        procs, entries = _sim_procs(sims, model, sim_blocks or None, log_dir, sim_config)
         engines_file = log_dir / "engines.yaml"
         engines_file.write_text(yaml.safe_dump(entries))
     elif engines_file is None:
@@ -308,12 +318,20 @@ def gpu_proof(
                     f"predicted {row['router']['predicted_hit_tokens']:.0f}, "
                     f"index {row['index_blocks_before']:.0f}->{row['index_blocks_after']:.0f}"
                 )
-                (out / f"{label}.json").write_text(json.dumps(_document(label, rows, _meta()), indent=2))
+                meta = _meta(sim_config if sims else None)
+                (out / f"{label}.json").write_text(json.dumps(_document(label, rows, meta), indent=2))
     typer.echo(f"wrote {out / (label + '.json')} and {plot(out)} (logs in {log_dir})")
 
 
-def _meta() -> dict[str, Any]:
-    return {"python": sys.version.split()[0], "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+def _meta(sim_config: Path | None = None) -> dict[str, Any]:
+    meta: dict[str, Any] = {
+        "python": sys.version.split()[0],
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "loadavg": list(os.getloadavg()),  # simulators pace themselves on a shared CPU
+    }
+    if sim_config is not None:  # the settings themselves: the file may change after the run
+        meta["sim_config"] = yaml.safe_load(sim_config.read_text())
+    return meta
 
 
 def _document(label: str, rows: list[dict[str, Any]], meta: dict[str, Any]) -> dict[str, Any]:
