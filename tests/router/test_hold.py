@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
+import openai
 import pytest
 import yaml
 
@@ -97,6 +98,27 @@ def test_hold_timeout_answers_503_with_retry_after(hold_router: Callable[..., Ro
     assert resp.json()["error"]["code"] == 503
     assert r.metric("kvstack_router_rejections_total", reason="hold_timeout") == 1
     assert queued(r) == 0.0
+
+
+def test_an_sdk_client_sees_a_service_unavailable_error_after_the_hold(
+    hold_router: Callable[..., RouterServer],
+) -> None:
+    r = hold_router(hold_timeout_s=0.3)
+    client = openai.OpenAI(base_url=f"{r.url}/v1", api_key="unused", max_retries=0, timeout=10)
+    with pytest.raises(openai.InternalServerError) as caught:
+        client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2
+        )
+    err = caught.value
+    assert err.status_code == 503
+    assert err.body == {
+        "message": f"no engine for {MODEL} became available within 0.3 s; try again",
+        "type": "ServiceUnavailableError",
+        "param": None,
+        "code": 503,
+    }
+    # The SDK's own retries would honour this (its default is two retries, capped at 60 s).
+    assert float(err.response.headers["retry-after"]) >= 1
 
 
 def test_over_the_bound_answers_429(hold_router: Callable[..., RouterServer]) -> None:
