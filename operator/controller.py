@@ -11,13 +11,13 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from kvstack.operator.autoscale import Decision, History, Observation, decide
+from kvstack.operator.autoscale import Decision, History, Observation, Policy, decide
 from kvstack.operator.kube import OWNED_KINDS, Kube, KubeError
 from kvstack.operator.metrics import OperatorMetrics
 from kvstack.operator.prom import Prometheus, PrometheusError
 from kvstack.operator.resources import Owner, desired_objects, engine_name, key, managed_selector, to_prune
 from kvstack.operator.signals import SIGNAL_LABELS, SIGNALS, observation, queries, sustained_idle
-from kvstack.operator.spec import KVStackSpec
+from kvstack.operator.spec import Autoscaling, KVStackSpec
 from kvstack.operator.status import model_entry, policy_for
 
 log = logging.getLogger(__name__)
@@ -65,10 +65,88 @@ class Evaluation:
     router: Obj = field(default_factory=dict)
 
 
-def _replicas(dep: Obj) -> tuple[int, int]:
+@dataclass(frozen=True, slots=True)
+class Target:
+    """One autoscaled engine Deployment: where it is, what its engines serve, how it scales."""
+
+    namespace: str
+    deployment: str
+    model_name: str  # the first served name: vLLM's ``model_name`` label
+    autoscaling: Autoscaling
+    policy: Policy
+
+
+@dataclass(frozen=True, slots=True)
+class Scaled:
+    """One evaluation of one Target: the decision (already written) and what to remember."""
+
+    decision: Decision
+    observation: Observation
+    idle_since: float | None
+    prometheus_error: str | None  # None: Prometheus answered
+
+
+def replicas_of(dep: Obj) -> tuple[int | None, int]:
+    """``(spec.replicas or None when unset, status.readyReplicas)`` of a Deployment."""
     spec_replicas = dep.get("spec", {}).get("replicas")
-    current = 1 if spec_replicas is None else int(spec_replicas)
-    return current, int(dep.get("status", {}).get("readyReplicas") or 0)
+    return (None if spec_replicas is None else int(spec_replicas)), int(
+        dep.get("status", {}).get("readyReplicas") or 0
+    )
+
+
+def _replicas(dep: Obj) -> tuple[int, int]:
+    spec_replicas, ready = replicas_of(dep)
+    return (1 if spec_replicas is None else spec_replicas), ready
+
+
+async def scale_model(
+    kube: Kube,
+    prom: Prometheus,
+    metrics: OperatorMetrics,
+    target: Target,
+    current: int,
+    ready: int,
+    history: History,
+    idle_since: float | None,
+    *,
+    write_unchanged: bool = False,
+) -> Scaled:
+    """Ask Prometheus, decide, write replicas through ``/scale``, record the metrics.
+
+    The one evaluation of a model, shared by ``KVStack`` models and annotated Deployments.
+    ``write_unchanged`` writes the replicas even when they do not change (a Deployment without
+    ``spec.replicas``).
+    """
+    auto, served, ns = target.autoscaling, target.model_name, target.namespace
+    now = time.time()
+    q = queries(
+        auto.metric,
+        ns,
+        served,
+        window_s=max(60, 4 * auto.interval_seconds),
+        idle_s=auto.scale_to_zero.idle_seconds if auto.scale_to_zero.enabled else None,
+    )
+    error: str | None = None
+    try:
+        obs = observation(auto.metric, now, current, await prom.results(q))
+    except PrometheusError as err:
+        obs, error = Observation(now, current, None), str(err)
+        metrics.error(ns, served, "query", now)
+    idle, since = sustained_idle(obs.idle, idle_since, now, auto.scale_to_zero.idle_seconds)
+    obs = replace(obs, idle=idle)
+    decision = decide(target.policy, obs, history)
+    if decision.replicas != current or write_unchanged:
+        try:
+            await kube.scale(ns, target.deployment, decision.replicas)
+        except KubeError as err:
+            log.warning("scaling %s/%s to %d failed: %s", ns, target.deployment, decision.replicas, err)
+            metrics.error(ns, served, "apply", now)
+            decision = Decision(
+                current, "none", decision.reason, f"{decision.message}; apply failed: {err}", decision.history
+            )
+    signal = (SIGNAL_LABELS[SIGNALS[auto.metric]], obs.value) if obs.value is not None else None
+    metrics.record(ns, served, decision, current, ready, signal, now)
+    return Scaled(decision, obs, since, error)
 
 
 async def evaluate(
@@ -100,48 +178,35 @@ async def evaluate(
                 )
             )
             continue
-        now = time.time()
-        served = model.served_names[0]
-        q = queries(
-            auto.metric,
-            owner.namespace,
-            served,
-            window_s=max(60, 4 * auto.interval_seconds),
-            idle_s=auto.scale_to_zero.idle_seconds if auto.scale_to_zero.enabled else None,
+        target = Target(owner.namespace, name, model.served_names[0], auto, policy_for(auto, model))
+        scaled = await scale_model(
+            kube,
+            prom,
+            metrics,
+            target,
+            current,
+            ready,
+            state.histories.get(model.name, ()),
+            state.idle_since.get(model.name),
         )
-        try:
-            obs = observation(auto.metric, now, current, await prom.results(q))
+        if scaled.prometheus_error is None:
             out.prometheus_ok = out.prometheus_ok is not False
-        except PrometheusError as err:
-            obs = Observation(now, current, None)
-            out.prometheus_ok, out.prometheus_error = False, str(err)
-            metrics.error(owner.namespace, served, "query", now)
-        idle, since = sustained_idle(
-            obs.idle, state.idle_since.get(model.name), now, auto.scale_to_zero.idle_seconds
-        )
+        else:
+            out.prometheus_ok, out.prometheus_error = False, scaled.prometheus_error
         state.idle_since.pop(model.name, None)
-        if since is not None:
-            state.idle_since[model.name] = since
-        obs = replace(obs, idle=idle)
-        decision = decide(policy_for(auto, model), obs, state.histories.get(model.name, ()))
+        if scaled.idle_since is not None:
+            state.idle_since[model.name] = scaled.idle_since
+        decision = scaled.decision
         state.histories[model.name] = decision.history
-        if decision.replicas != current:
-            try:
-                await kube.scale(owner.namespace, name, decision.replicas)
-            except KubeError as err:
-                log.warning("scaling %s/%s to %d failed: %s", owner.namespace, name, decision.replicas, err)
-                metrics.error(owner.namespace, served, "apply", now)
-                decision = Decision(
-                    current,
-                    "none",
-                    decision.reason,
-                    f"{decision.message}; apply failed: {err}",
-                    decision.history,
-                )
-        signal = (SIGNAL_LABELS[SIGNALS[auto.metric]], obs.value) if obs.value is not None else None
-        metrics.record(owner.namespace, served, decision, current, ready, signal, now)
         entry = model_entry(
-            model.name, name, current, ready, decision.replicas, decision, previous.get(model.name), now
+            model.name,
+            name,
+            current,
+            ready,
+            decision.replicas,
+            decision,
+            previous.get(model.name),
+            scaled.observation.now,
         )
         out.models.append(ModelOutcome(entry, decision))
     router = await kube.get("apps/v1", "Deployment", owner.namespace, f"{owner.name}-router")
@@ -156,4 +221,15 @@ async def evaluate(
     return out
 
 
-__all__ = ["Evaluation", "ModelOutcome", "ScalingState", "evaluate", "key", "reconcile"]
+__all__ = [
+    "Evaluation",
+    "ModelOutcome",
+    "Scaled",
+    "ScalingState",
+    "Target",
+    "evaluate",
+    "key",
+    "reconcile",
+    "replicas_of",
+    "scale_model",
+]

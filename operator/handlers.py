@@ -17,6 +17,8 @@ import httpx
 import kopf
 
 from kvstack.common.config import ConfigError
+from kvstack.operator.annotated_scaler import AnnotatedScaler
+from kvstack.operator.annotated_scaler import stop as stop_scaling
 from kvstack.operator.controller import ScalingState, evaluate, reconcile
 from kvstack.operator.crd import GROUP, PLURAL, VERSION
 from kvstack.operator.kube import Kube, KubeError
@@ -41,6 +43,7 @@ class Runtime:
     kube: Kube | None = None
     proms: dict[str, Prometheus] = field(default_factory=dict)
     stop_metrics: Callable[[], None] | None = None
+    scaling_task: asyncio.Task[None] | None = None  # the annotated Deployments' evaluation loop
     closing: bool = False  # set first by close(): a timer mid-request then ends quietly
 
     def prometheus(self, url: str | None) -> Prometheus:
@@ -51,6 +54,8 @@ class Runtime:
 
     async def close(self) -> None:
         self.closing = True
+        await stop_scaling(self.scaling_task)
+        self.scaling_task = None
         for prom in self.proms.values():
             await prom.aclose()
         self.proms.clear()
@@ -77,6 +82,7 @@ def build_registry(runtime: Runtime) -> kopf.OperatorRegistry:
     """Every handler of the operator, registered on a new registry."""
     registry = kopf.OperatorRegistry()
     s = runtime.settings
+    scaler = AnnotatedScaler(runtime)
 
     @kopf.on.startup(registry=registry)
     async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
@@ -88,6 +94,7 @@ def build_registry(runtime: Runtime) -> kopf.OperatorRegistry:
         runtime.kube = Kube.from_environment(s.kubeconfig, s.context)
         if s.metrics_port:
             runtime.stop_metrics = runtime.metrics.serve(s.metrics_port, s.metrics_host)
+        runtime.scaling_task = asyncio.create_task(scaler.run(), name="kvstack-annotated-autoscaling")
 
     @kopf.on.login(registry=registry)
     def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
@@ -98,6 +105,12 @@ def build_registry(runtime: Runtime) -> kopf.OperatorRegistry:
     @kopf.on.cleanup(registry=registry)
     async def cleanup(**_: Any) -> None:
         await runtime.close()
+
+    # Every Deployment in the watched namespaces: the chart's engines ask for autoscaling by
+    # annotation. A watch handler adds no finalizer to objects Helm owns (a timer would).
+    @kopf.on.event("apps", "v1", "deployments", registry=registry)
+    async def track(*, type: str | None, body: kopf.Body, **_: Any) -> None:
+        scaler.observe(type, body)  # async: on the loop's thread, as the evaluation loop is
 
     @kopf.on.resume(*RESOURCE, registry=registry)
     @kopf.on.create(*RESOURCE, registry=registry)

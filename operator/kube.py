@@ -7,6 +7,7 @@ they match what kopf logs in with.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import ssl
 from collections.abc import Callable
@@ -96,7 +97,8 @@ class Kube:
                 break
             except httpx.TransportError as err:
                 # A pooled keep-alive connection the server already closed fails on reuse; every
-                # call here is idempotent (GET, apply, merge patch, delete), so one retry is safe.
+                # call here is idempotent (GET, apply, merge patch, delete), so one retry is safe (an
+                # Event posted twice at worst).
                 if attempt == 2:
                     raise KubeError(0, f"{method} {path}: {err!r}") from err
         if resp.status_code == 404 and method in ("GET", "DELETE"):
@@ -146,3 +148,41 @@ class Kube:
             headers={"Content-Type": "application/merge-patch+json"},
             content=json.dumps({"spec": {"replicas": replicas}}),
         )
+
+    async def annotate(self, namespace: str, deployment: str, annotations: dict[str, str]) -> None:
+        """Merge ``annotations`` into a Deployment's metadata (a merge patch: nothing else changes)."""
+        path = f"{collection_path('apps/v1', 'Deployment', namespace)}/{deployment}"
+        await self._request(
+            "PATCH",
+            path,
+            params={"fieldManager": SCALE_MANAGER},
+            headers={"Content-Type": "application/merge-patch+json"},
+            content=json.dumps({"metadata": {"annotations": annotations}}),
+        )
+
+    async def event(self, involved: Obj, type_: str, reason: str, message: str) -> None:
+        """Post a core/v1 Event about ``involved`` (an object as the API returned it)."""
+        meta = involved["metadata"]
+        now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        body = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
+            "involvedObject": {
+                "apiVersion": involved.get("apiVersion", "apps/v1"),
+                "kind": involved.get("kind", "Deployment"),
+                "name": meta["name"],
+                "namespace": meta["namespace"],
+                "uid": meta.get("uid", ""),
+                "resourceVersion": meta.get("resourceVersion", ""),
+            },
+            "type": type_,
+            "reason": reason,
+            "message": message[:1024],
+            "source": {"component": FIELD_MANAGER},
+            "reportingComponent": FIELD_MANAGER,
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "count": 1,
+        }
+        await self._request("POST", f"/api/v1/namespaces/{meta['namespace']}/events", json=body)

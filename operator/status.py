@@ -62,11 +62,16 @@ def set_condition(
 
 def policy_for(autoscaling: Autoscaling, model: Model) -> Policy:
     """The decision function's policy of one model."""
+    return policy_from(autoscaling, model.min_replicas, model.max_replicas)
+
+
+def policy_from(autoscaling: Autoscaling, min_replicas: int, max_replicas: int) -> Policy:
+    """The decision function's policy for an autoscaling spec and replica bounds."""
     return Policy(
         signal=SIGNALS[autoscaling.metric],
         target=autoscaling.effective_target,
-        min_replicas=model.min_replicas,
-        max_replicas=model.max_replicas,
+        min_replicas=min_replicas,
+        max_replicas=max_replicas,
         tolerance=autoscaling.tolerance,
         up_window_s=autoscaling.scale_up.stabilization_seconds,
         down_window_s=autoscaling.scale_down.stabilization_seconds,
@@ -74,7 +79,7 @@ def policy_for(autoscaling: Autoscaling, model: Model) -> Policy:
         up_max_pods=autoscaling.scale_up.max_pods,
         down_max_pods=autoscaling.scale_down.max_pods,
         stale_after_s=autoscaling.stale_after_seconds,
-        scale_to_zero=autoscaling.scale_to_zero.enabled and model.min_replicas == 0,
+        scale_to_zero=autoscaling.scale_to_zero.enabled and min_replicas == 0,
     )
 
 

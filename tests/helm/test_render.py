@@ -20,6 +20,8 @@ from tests.helm.conftest import (
     values_files,
 )
 
+from kvstack.operator import annotated
+
 VALUES = values_files()
 IDS = [p.stem for p in VALUES]
 STANDARD_LABELS = (
@@ -191,6 +193,15 @@ def test_autoscaling_leaves_replicas_to_the_operator(rendered: dict[str, Rendere
             ann["kvstack.dev/min-replicas"],
             ann["kvstack.dev/max-replicas"],
         )
+        # The operator reads the rendered policy with the KVStack's own model: the values arrive.
+        parsed = annotated.parse(deployment)
+        assert (parsed.autoscaling.metric, parsed.autoscaling.effective_target) == ("kvCacheUsage", 0.7)
+        assert parsed.autoscaling.scale_down.stabilization_seconds == 120
+        assert parsed.model_name == ann["kvstack.dev/served-model-names"].split(",")[0]
+        assert (str(parsed.bounds.min_replicas), str(parsed.bounds.max_replicas)) == (
+            ann["kvstack.dev/min-replicas"],
+            ann["kvstack.dev/max-replicas"],
+        )
     assert bounds == {"llama-8b": ("2", "8"), "mistral-7b": ("1", "3")}
     # The PDB follows the autoscaler's minimum: only the model that always runs two pods gets one.
     pdbs = rendered["autoscaling"].of_kind("PodDisruptionBudget")
@@ -199,11 +210,97 @@ def test_autoscaling_leaves_replicas_to_the_operator(rendered: dict[str, Rendere
     ]
 
 
+@pytest.mark.parametrize(
+    ("autoscaling", "expected"),
+    [
+        # Defaults: the operator's own target and Prometheus (neither is rendered).
+        ({}, {"metric": "waitingPerReplica", "target": 5.0, "url": None, "interval": 15, "up": (0, 100, 4)}),
+        (
+            {"metric": "ttftP90", "target": 0.5, "prometheusUrl": "http://prom.monitoring:9090"},
+            {"metric": "ttftP90", "target": 0.5, "url": "http://prom.monitoring:9090", "interval": 15},
+        ),
+        (
+            {"intervalSeconds": 5, "scaleUp": {"stabilizationSeconds": 30, "maxPercent": 50, "maxPods": 2}},
+            {"interval": 5, "up": (30, 50, 2)},
+        ),
+        (
+            {"scaleToZero": {"enabled": True, "idleSeconds": 120}, "tolerance": 0.2, "staleAfterSeconds": 30},
+            {"zero": (True, 120), "tolerance": 0.2, "stale": 30},
+        ),
+    ],
+)
+def test_autoscaling_values_render_into_the_operators_policy(
+    chart: HelmChart, tmp_path: Path, autoscaling: dict[str, Any], expected: dict[str, Any]
+) -> None:
+    values = tmp_path / "values.yaml"
+    values.write_text(yaml.safe_dump({"engines": {"autoscaling": {"enabled": True, **autoscaling}}}))
+    (deployment,) = chart.template([values]).engines()
+    a = annotated.parse(deployment).autoscaling
+    got = {
+        "metric": a.metric,
+        "target": a.effective_target,
+        "url": a.prometheus_url,
+        "interval": a.interval_seconds,
+        "up": (a.scale_up.stabilization_seconds, a.scale_up.max_percent, a.scale_up.max_pods),
+        "zero": (a.scale_to_zero.enabled, a.scale_to_zero.idle_seconds),
+        "tolerance": a.tolerance,
+        "stale": a.stale_after_seconds,
+    }
+    assert {k: got[k] for k in expected} == expected
+
+
+@pytest.mark.parametrize(
+    "autoscaling",
+    [
+        {"metric": "queue"},
+        {"target": -1},
+        {"prometheusUrl": "prom:9090"},
+        {"intervalSeconds": 0},
+        {"scaleDown": {"maxPods": 0}},
+        {"scaleToZero": {"idleSeconds": 5}},
+        {"scaleUp": {"maxPercent": 100, "window": 3}},
+    ],
+)
+def test_bad_autoscaling_values_are_refused_before_rendering(
+    chart: HelmChart, tmp_path: Path, autoscaling: dict[str, Any]
+) -> None:
+    values = tmp_path / "values.yaml"
+    values.write_text(yaml.safe_dump({"engines": {"autoscaling": {"enabled": True, **autoscaling}}}))
+    assert "/engines/autoscaling" in chart.template_error([values])
+
+
+def test_the_operator_may_watch_scale_and_annotate_engines_and_post_events(
+    rendered: dict[str, Rendered],
+) -> None:
+    role = rendered["autoscaling"].one("Role", "-operator")
+
+    def allowed(group: str, resource: str) -> set[str]:
+        return {
+            verb
+            for rule in role["rules"]
+            if group in rule["apiGroups"] and resource in rule["resources"]
+            for verb in rule["verbs"]
+        }
+
+    assert {"get", "list", "watch", "patch"} <= allowed("apps", "deployments")
+    assert {"get", "patch"} <= allowed("apps", "deployments/scale")
+    assert "create" in allowed("", "events")
+    binding = rendered["autoscaling"].one("RoleBinding", "-operator")
+    operator = rendered["autoscaling"].one("Deployment", "-operator")
+    assert binding["subjects"][0]["name"] == operator["spec"]["template"]["spec"]["serviceAccountName"]
+    # It watches the release's own namespace, where the engines are.
+    (container,) = operator["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["KVSTACK_OPERATOR_NAMESPACE"] == role["metadata"]["namespace"] == "kvstack"
+
+
 @pytest.mark.parametrize("values", [v for v in VALUES if v.stem != "autoscaling"], ids=lambda p: p.stem)
 def test_without_autoscaling_every_engine_has_replicas(values: Path, rendered: dict[str, Rendered]) -> None:
     for deployment in rendered[values.stem].engines():
         assert deployment["spec"]["replicas"] >= 1
-        assert "kvstack.dev/autoscaling" not in deployment["metadata"].get("annotations", {})
+        annotations = deployment["metadata"].get("annotations", {})
+        assert "kvstack.dev/autoscaling" not in annotations
+        assert "kvstack.dev/autoscaling-policy" not in annotations
 
 
 def test_pdbs_only_where_more_than_one_pod_runs(rendered: dict[str, Rendered]) -> None:

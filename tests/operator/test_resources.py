@@ -11,6 +11,7 @@ import yaml
 from kvstack.common.config import ConfigError
 from kvstack.engine.serve.config import load_config
 from kvstack.operator import crd
+from kvstack.operator.annotated import AUTOSCALING, wants_autoscaling
 from kvstack.operator.resources import (
     Owner,
     desired_objects,
@@ -112,6 +113,15 @@ def test_engine_pods_carry_the_chart_labels_and_named_ports() -> None:
     assert container["command"] == ["kvstack", "engine", "serve"]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 2
     assert "replicas" not in deploy["spec"]  # autoscaled: the autoscaler owns it
+
+
+def test_a_stacks_engines_scale_with_the_stack_not_by_annotation() -> None:
+    # Even annotated by hand (pod annotations, a mutating webhook), the owner reference keeps a
+    # stack's engines out of the annotated-Deployment path: one autoscaler per Deployment.
+    spec = {**SPEC, "models": [{**SPEC["models"][0], "podAnnotations": {AUTOSCALING: "true"}}]}
+    deploy = objects(spec)[("Deployment", "demo-llama")]
+    assert not wants_autoscaling(deploy["metadata"])
+    assert not wants_autoscaling({**deploy["metadata"], "annotations": {AUTOSCALING: "true"}})
 
 
 def test_fixed_replicas_without_autoscaling() -> None:

@@ -215,3 +215,28 @@ Call with (list $ $settings).
 {{- end }}
 {{- toYaml $config }}
 {{- end }}
+
+{{/*
+The operator's autoscaling policy of the engine Deployments: a KVStack's spec.autoscaling as JSON
+(kvstack.operator.annotated parses it with the same model). target 0 and an empty prometheusUrl
+are left out, so the operator's defaults apply.
+*/}}
+{{- define "kvstack.engine.autoscalingPolicy" -}}
+{{- $a := .Values.engines.autoscaling }}
+{{- $policy := dict
+  "metric" $a.metric
+  "tolerance" (float64 $a.tolerance)
+  "intervalSeconds" (int $a.intervalSeconds)
+  "staleAfterSeconds" (int $a.staleAfterSeconds)
+  "scaleUp" (dict "stabilizationSeconds" (int $a.scaleUp.stabilizationSeconds) "maxPercent" (int $a.scaleUp.maxPercent) "maxPods" (int $a.scaleUp.maxPods))
+  "scaleDown" (dict "stabilizationSeconds" (int $a.scaleDown.stabilizationSeconds) "maxPods" (int $a.scaleDown.maxPods))
+  "scaleToZero" (dict "enabled" $a.scaleToZero.enabled "idleSeconds" (int $a.scaleToZero.idleSeconds))
+}}
+{{- if gt (float64 $a.target) 0.0 }}
+{{- $_ := set $policy "target" (float64 $a.target) }}
+{{- end }}
+{{- with $a.prometheusUrl }}
+{{- $_ := set $policy "prometheusUrl" . }}
+{{- end }}
+{{- toJson $policy }}
+{{- end }}
