@@ -11,8 +11,10 @@ from typing import Any
 
 import pytest
 
+from kvstack.observability.prometheus import KubeAccess
 from kvstack.operator.crd import CRD_FILE, GROUP, PLURAL, VERSION
 from kvstack.testing import Cluster
+from kvstack.testing.kube_access import prometheus_access
 
 
 def wait_until(predicate: Callable[[], Any], what: str, timeout: float = 60.0, interval: float = 0.25) -> Any:
@@ -116,3 +118,9 @@ def kubeconfig_env(cluster: Cluster, monkeypatch: pytest.MonkeyPatch) -> Iterato
     """kopf's login reads $KUBECONFIG; point it at the test cluster only."""
     monkeypatch.setenv("KUBECONFIG", str(cluster.kubeconfig))
     yield
+
+
+@pytest.fixture(scope="session")
+def prom_access(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> KubeAccess:
+    """A pod-reader ServiceAccount's token and the cluster CA in files, for Prometheus' pod discovery."""
+    return prometheus_access(cluster, tmp_path_factory.mktemp("prometheus-credentials"))

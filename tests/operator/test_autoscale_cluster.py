@@ -1,15 +1,17 @@
 """End to end: the operator scales engine pods on a real Prometheus scraping the simulators behind them.
 
 Real API server + controller-manager + kwok pods, a ``kvstack engine sim`` per Running engine pod on
-the pod's IP (PodSimulators), Prometheus scraping those pods with the labels a PodMonitor gives
-them, and the operator under KopfRunner. Intervals are shortened by the spec.
+the pod's IP (PodSimulators), a Prometheus 3.15 that finds the pods through the API server
+(Kubernetes pod discovery, a pod-reader ServiceAccount's token, relabelled as the chart's
+PodMonitor does), and the operator under KopfRunner. Scale from zero runs a real ``kvstack router``
+from the operator's own router ConfigMap, on the router pod's IP, discovering engine pods through
+the API. Intervals are shortened by the spec.
 """
 
 from __future__ import annotations
 
 import contextlib
 import itertools
-import json
 import threading
 import time
 from collections.abc import Iterator
@@ -17,15 +19,18 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import openai
 import pytest
+import yaml
 from kopf.testing import KopfRunner
-from prometheus_client import CollectorRegistry, Gauge, start_http_server
+from openai.types.chat import ChatCompletion
 
 from kvstack.common.procs import ManagedProcess, free_port
-from kvstack.observability.prometheus import prometheus_process
+from kvstack.observability.prometheus import KubeAccess, PodJob, PrometheusAPI, prometheus_process
 from kvstack.operator.handlers import Runtime, build_registry
 from kvstack.operator.settings import OperatorSettings
 from kvstack.testing import Cluster, PodSimulators, SimTarget
+from kvstack.testing.pod_sims import kvstack_executable
 
 from .conftest import Api, wait_until
 
@@ -36,51 +41,25 @@ INTERVAL = 2  # seconds between evaluations
 DOWN_WINDOW = 20  # scale-down stabilization
 
 
-def prometheus(workdir: Path, targets_file: Path) -> ManagedProcess:
-    """Prometheus scraping the engine pods listed in ``targets_file`` (Debian's build has no
-    kubernetes_sd; :class:`PodDiscovery` writes the same targets a PodMonitor would find)."""
+# kwok marks pods Ready before their simulator listens; the harness labels them once it answers.
+READY_LABEL = "sim.kvstack.io/ready"
+
+
+def prometheus(workdir: Path, cluster: Cluster, namespace: str, access: KubeAccess) -> ManagedProcess:
+    """Prometheus discovering the namespace's engine and router pods through the API server."""
     return prometheus_process(
         workdir,
         [],
         free_port(),
         rule_files=[],
         scrape_interval="1s",
-        file_sd={"kvstack-engine": targets_file},
+        binary=str(cluster.tools.prometheus),
+        pod_jobs=[
+            PodJob("kvstack-engine", "engine", namespaces=(namespace,)),
+            PodJob("kvstack-router", "router", namespaces=(namespace,)),
+        ],
+        kube=access,
     )
-
-
-class PodDiscovery:
-    """Writes the simulators behind Running engine pods as file_sd targets, labelled namespace/pod."""
-
-    def __init__(self, sims: PodSimulators, path: Path, extra: list[dict[str, Any]] | None = None) -> None:
-        self._sims, self.path, self._extra = sims, path, extra or []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-        self._write([])
-
-    def _write(self, groups: list[dict[str, Any]]) -> None:
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(groups))
-        tmp.replace(self.path)  # atomic: Prometheus never reads half a file
-
-    def _loop(self) -> None:
-        last: list[dict[str, Any]] = []
-        while not self._stop.wait(0.5):
-            groups = [
-                {"targets": [f"{t.host}:{t.port}"], "labels": {"namespace": t.namespace, "pod": t.name}}
-                for t in sorted(self._sims.targets.values(), key=lambda t: t.name)
-            ] + self._extra
-            if groups != last:
-                self._write(groups)
-                last = groups
-
-    def __enter__(self) -> PodDiscovery:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
 
 
 class Load:
@@ -166,10 +145,9 @@ def changes(samples: list[tuple[float, int]]) -> list[tuple[float, int, int]]:
 
 @pytest.mark.usefixtures("kubeconfig_env")
 def test_load_scales_engines_up_then_down_and_a_blind_operator_holds(
-    cluster: Cluster, namespace: str, api: Api, tmp_path: Path
+    cluster: Cluster, namespace: str, api: Api, prom_access: KubeAccess, tmp_path: Path
 ) -> None:
-    targets_file = tmp_path / "targets.json"
-    prom = prometheus(tmp_path / "prometheus", targets_file)
+    prom = prometheus(tmp_path / "prometheus", cluster, namespace, prom_access)
     spec: dict[str, Any] = {
         "models": [
             {
@@ -207,11 +185,7 @@ def test_load_scales_engines_up_then_down_and_a_blind_operator_holds(
     prom.start()
     try:
         prom.wait_ready(60)
-        with (
-            sims,
-            PodDiscovery(sims, targets_file),
-            KopfRunner(args, registry=build_registry(runtime), timeout=30) as runner,
-        ):
+        with sims, KopfRunner(args, registry=build_registry(runtime), timeout=30) as runner:
             api.create("demo", spec)
             sims.wait_for(1, timeout=90)
             wait_until(
@@ -282,20 +256,73 @@ def test_load_scales_engines_up_then_down_and_a_blind_operator_holds(
         prom.stop()
 
 
+def router_pod_ip(api: Api) -> str:
+    """The IP kwok gave the router pod the operator's Deployment made."""
+    pods = api.core.list_namespaced_pod(api.namespace, label_selector="app.kubernetes.io/component=router")
+    running = [p for p in pods.items if p.status.phase == "Running" and p.status.pod_ip]
+    return str(running[0].status.pod_ip) if running else ""
+
+
+def operator_router(api: Api, cluster: Cluster, workdir: Path) -> ManagedProcess:
+    """A ``kvstack router`` run with the operator's router ConfigMap, as the router pod would run it.
+
+    Three keys differ from the pod: it binds the pod's IP (not 0.0.0.0), reaches the API server with
+    the test cluster's kubeconfig (not a service-account token), and selects engine pods that carry
+    the harness's readiness label too (kwok's Ready comes before the simulator listens).
+    """
+    ip = wait_until(lambda: router_pod_ip(api), "the router pod's IP", timeout=90)
+    conf = api.core.read_namespaced_config_map("demo-router", api.namespace)
+    config: dict[str, Any] = yaml.safe_load(conf.data["router.yaml"])
+    # The operator renders the hold for the scale-to-zero model: the router must not refuse it.
+    assert config["hold_models"] == [MODEL]
+    assert config["discovery"] == "kubernetes"
+    config["host"] = ip
+    kube = config["kubernetes"]
+    kube |= {"kubeconfig": str(cluster.kubeconfig), "context": cluster.context}
+    kube["label_selector"] += f",{READY_LABEL}=true"
+    workdir.mkdir(parents=True, exist_ok=True)
+    config_file = workdir / "router.yaml"
+    config_file.write_text(yaml.safe_dump(config))
+    argv = [kvstack_executable(), "router", "--config", str(config_file)]
+    # /health, not /ready: with its only model at zero replicas the router has no engine yet.
+    return ManagedProcess("router", argv, workdir, ready_url=f"http://{ip}:{config['port']}/health")
+
+
+class Completion:
+    """One chat completion through the openai SDK in a thread; ``result`` is the reply or the error."""
+
+    def __init__(self, base_url: str) -> None:
+        self.result: Any = None
+        self._client = openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=300)
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self.result = self._client.chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": "Wake up."}], max_tokens=8
+            )
+        except Exception as err:
+            self.result = err
+
+    def join(self, timeout: float) -> Any:
+        self._thread.join(timeout)
+        assert not self._thread.is_alive(), f"no answer within {timeout:.0f}s"
+        return self.result
+
+
+def queued_series(namespace: str) -> str:
+    """The router's held count for the model, as the operator reads it, through the router job."""
+    return (
+        f'kvstack_router_queued_requests{{job="kvstack-router",namespace="{namespace}",model_name="{MODEL}"}}'
+    )
+
+
 @pytest.mark.usefixtures("kubeconfig_env")
-def test_an_idle_model_scales_to_zero_and_wakes_on_router_pending(
-    cluster: Cluster, namespace: str, api: Api, tmp_path: Path
+def test_an_idle_model_scales_to_zero_and_a_held_request_wakes_it(
+    cluster: Cluster, namespace: str, api: Api, prom_access: KubeAccess, tmp_path: Path
 ) -> None:
-    # The router's admission-queue gauge, as the router exports it (a stand-in until the router
-    # holds requests for a model with no engine; the operator only reads the series).
-    registry = CollectorRegistry()
-    pending = Gauge("kvstack_router_queued_requests", "queued", ["model_name"], registry=registry)
-    pending.labels(MODEL).set(0)
-    router_port = free_port()
-    server, thread = start_http_server(router_port, addr="127.0.0.1", registry=registry)
-    router = {"targets": [f"127.0.0.1:{router_port}"], "labels": {"namespace": namespace, "pod": "router-0"}}
-    targets_file = tmp_path / "targets.json"
-    prom = prometheus(tmp_path / "prometheus", targets_file)
+    prom = prometheus(tmp_path / "prometheus", cluster, namespace, prom_access)
     spec: dict[str, Any] = {
         "models": [
             {
@@ -306,7 +333,7 @@ def test_an_idle_model_scales_to_zero_and_wakes_on_router_pending(
                 "podAnnotations": {"sim.kvstack.io/model": MODEL},
             }
         ],
-        "router": {"enabled": False},
+        "router": {"enabled": True},
         "cache": {"mode": "none"},
         "autoscaling": {
             "intervalSeconds": INTERVAL,
@@ -314,11 +341,19 @@ def test_an_idle_model_scales_to_zero_and_wakes_on_router_pending(
             "scaleToZero": {"enabled": True, "idleSeconds": 30},
         },
     }
-    sims = PodSimulators(cluster.api_client(), "app.kubernetes.io/component=engine", namespace=namespace)
+    sims = PodSimulators(
+        cluster.api_client(),
+        "app.kubernetes.io/component=engine",
+        namespace=namespace,
+        ready_label=READY_LABEL,
+        log_dir=tmp_path / "sims",
+    )
     prom.start()
+    router: ManagedProcess | None = None
     try:
         prom.wait_ready(60)
         url = (prom.ready_url or "").removesuffix("/-/ready")
+        prom_api = PrometheusAPI(url)
         runtime = Runtime(
             OperatorSettings(
                 namespace=namespace,
@@ -331,37 +366,59 @@ def test_an_idle_model_scales_to_zero_and_wakes_on_router_pending(
             )
         )
         args = ["run", "--standalone", "--namespace", namespace]
-        with (
-            sims,
-            PodDiscovery(sims, targets_file, extra=[router]),
-            KopfRunner(args, registry=build_registry(runtime), timeout=30) as runner,
-        ):
+        with sims, KopfRunner(args, registry=build_registry(runtime), timeout=30) as runner:
             api.create("demo", spec)
             sims.wait_for(1, timeout=90)
+            router = operator_router(api, cluster, tmp_path / "router")
+            router.start().wait_ready(60)
+            base_url = (router.ready_url or "").removesuffix("/health") + "/v1"
+            # Prometheus found both through the API server, labelled as a PodMonitor labels them.
+            prom_api.wait_for(f'up{{job="kvstack-engine",namespace="{namespace}"}} == 1', timeout=60)
+            prom_api.wait_for(f'up{{job="kvstack-router",namespace="{namespace}"}} == 1', timeout=60)
+
             # No request at all: once the idle window's data says so, the model goes to zero.
             wait_until(lambda: api.deployment("demo-llama").spec.replicas == 0, "scale to zero", timeout=120)
-            entry = api.get("demo")["status"]["models"][0]
-            assert entry["lastScale"]["reason"] == "idle"
+            assert api.get("demo")["status"]["models"][0]["lastScale"]["reason"] == "idle"
             sims.wait_for(0, timeout=60)
-            # Held while nothing is pending.
+            # Held at zero while the router holds nothing (and Prometheus sees it say so).
+            prom_api.wait_for(f"{queued_series(namespace)} == 0", timeout=30)
             held = evaluations(runtime)
             wait_until(lambda: evaluations(runtime) >= held + 2, "two evaluations at zero")
             assert api.deployment("demo-llama").spec.replicas == 0
-            # The router holds requests for the model: wake it.
-            pending.labels(MODEL).set(3)
+
+            # A user's request: the router holds it, Prometheus sees it held, the operator wakes the model.
+            request = Completion(base_url)
+            # (over a range: the wake must not end the hold before a poll here sees it)
+            prom_api.wait_for(f"max_over_time({queued_series(namespace)}[10m]) >= 1", timeout=60)
             wait_until(
-                lambda: api.deployment("demo-llama").spec.replicas == 1, "a wake from zero", timeout=60
+                lambda: api.deployment("demo-llama").spec.replicas >= 1, "a wake from zero", timeout=60
             )
             woke = wait_until(
                 lambda: (m := api.get("demo")["status"]["models"][0])["lastScale"]["reason"] == "wake" and m,
                 "lastScale wake",
             )
-            assert woke["lastScale"]["toReplicas"] == 1
+            assert woke["lastScale"]["direction"] == "up"
+            assert woke["lastScale"]["toReplicas"] >= 1
+
+            def wake_events() -> list[str]:
+                events = api.core.list_namespaced_event(namespace, field_selector="involvedObject.name=demo")
+                return [e.message for e in events.items if e.reason == "ScaledUp" and "(wake)" in e.message]
+
+            wait_until(wake_events, "a ScaledUp event that says wake")
+
+            # The pod's simulator comes up; the held request completes: slow, but a real answer.
+            sims.wait_for(1, timeout=90)
+            reply = request.join(timeout=120)
+            assert isinstance(reply, ChatCompletion), reply
+            assert reply.model == MODEL
+            assert reply.choices[0].message.content
+            assert reply.usage is not None and reply.usage.completion_tokens > 0
+            prom_api.wait_for(f"{queued_series(namespace)} == 0", timeout=30)
+
             api.delete("demo")
             wait_until(lambda: not api.list(), "the stack gone")
         assert runner.exception is None, runner.output
     finally:
+        if router is not None:
+            router.stop()
         prom.stop()
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)

@@ -3,6 +3,11 @@
 kwok gives pods IPs inside 127.0.0.0/8, which Linux routes to ``lo``, so a simulator bound to a
 pod's IP and container port makes the pod answer exactly where the router's Kubernetes discovery
 and Prometheus' pod service discovery will look for it.
+
+kwok marks a pod Ready the moment it runs, before its simulator listens, where a kubelet would wait
+for the readiness probe. With ``ready_label``, the harness plays that probe: it labels the pod
+``<ready_label>=true`` once its simulator answers ``/health``, and a client that must not see an
+engine before it serves (the router) selects on that label as well.
 """
 
 from __future__ import annotations
@@ -108,6 +113,7 @@ class PodSimulators:
         port_name: str = DEFAULT_PORT_NAME,
         command: Command = sim_command,
         log_dir: Path | None = None,
+        ready_label: str | None = None,
     ) -> None:
         from kubernetes import client
 
@@ -124,6 +130,9 @@ class PodSimulators:
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
+        self.ready_label = ready_label
+        self._labelled: set[str] = set()  # pod uids that carry the ready label
+        self._prober: threading.Thread | None = None
 
     # ---- lifecycle -------------------------------------------------------------------------------
     def start(self) -> PodSimulators:
@@ -133,15 +142,19 @@ class PodSimulators:
             self._stopping.clear()
             self._thread = threading.Thread(target=self._watch_loop, name="pod-sims", daemon=True)
             self._thread.start()
+            if self.ready_label is not None:
+                self._prober = threading.Thread(target=self._probe_loop, name="pod-sims-ready", daemon=True)
+                self._prober.start()
         return self
 
     def stop(self) -> None:
         """Stop watching, then stop every simulator. Idempotent."""
         atexit.unregister(self.stop)
         self._stopping.set()
-        if self._thread is not None:
-            self._thread.join(timeout=15)
-            self._thread = None
+        for thread in (self._thread, self._prober):
+            if thread is not None:
+                thread.join(timeout=15)
+        self._thread = self._prober = None
         with self._lock:
             sims, self._sims = list(self._sims.values()), {}
         for sim in sims:
@@ -191,6 +204,32 @@ class PodSimulators:
             text = path.read_text(errors="replace").splitlines()[-lines:]
             tails.append(f"--- {path.name}\n" + "\n".join(text))
         return "\n".join(tails)
+
+    # ---- readiness -------------------------------------------------------------------------------
+    def _probe_loop(self) -> None:
+        """Label each pod whose simulator answers ``/health``, as a kubelet would mark it Ready."""
+        while not self._stopping.wait(0.2):
+            targets = self.targets
+            self._labelled &= set(targets)
+            for uid, target in targets.items():
+                if uid not in self._labelled and _healthy(target.url, timeout=0.5):
+                    try:
+                        self._mark_ready(target)
+                    except Exception as err:  # the pod may be going; the next round tries again
+                        log.warning("cannot label pod %s/%s ready: %s", target.namespace, target.name, err)
+                        continue
+                    self._labelled.add(uid)
+
+    def _mark_ready(self, target: SimTarget) -> None:
+        from kubernetes.client.exceptions import ApiException
+
+        assert self.ready_label is not None
+        patch = {"metadata": {"labels": {self.ready_label: "true"}}}
+        try:
+            self._core.patch_namespaced_pod(target.name, target.namespace, patch)
+        except ApiException as err:
+            if err.status != 404:  # a pod already gone needs no label
+                raise
 
     # ---- watching --------------------------------------------------------------------------------
     def _list(self) -> tuple[dict[str, Pod], str]:
