@@ -49,6 +49,16 @@ def collection_path(api_version: str, kind: str, namespace: str) -> str:
     return f"{base}/namespaces/{namespace}/{PLURALS[kind]}"
 
 
+def bearer(cfg: Any) -> str | None:
+    """The ``Authorization`` header value of a ``kubernetes.client.Configuration``, or None.
+
+    The loaders store tokens (in-cluster service accounts, kubeconfig tokens) under ``BearerToken``;
+    asking for it each time runs their refresh hook, so rotated service-account tokens are picked up.
+    """
+    value = cfg.get_api_key_with_prefix("BearerToken", alias="authorization")
+    return str(value) if value else None
+
+
 class Kube:
     """Namespaced reads and writes with one pooled HTTP client."""
 
@@ -81,8 +91,7 @@ class Kube:
             verify = ssl.create_default_context(cafile=cfg.ssl_ca_cert)
             if cfg.cert_file:
                 verify.load_cert_chain(cfg.cert_file, cfg.key_file)
-        # Service-account tokens rotate: ask the loader's refresh hook for the current one each time.
-        return cls(str(cfg.host), verify=verify, auth=lambda: cfg.get_api_key_with_prefix("authorization"))
+        return cls(str(cfg.host), verify=verify, auth=lambda: bearer(cfg))
 
     async def aclose(self) -> None:
         await self._client.aclose()

@@ -1,0 +1,260 @@
+"""End to end: ``helm install`` with ``engines.autoscaling.enabled``, and the operator scales the chart's
+engine Deployment on a real Prometheus scraping the simulators behind its pods.
+
+The operator runs under KopfRunner with the chart's own operator ServiceAccount (a TokenRequest
+token in a kubeconfig), so the chart's Role is what it may do. kwok plays the kubelet;
+``PodSimulators`` serves each engine pod on its IP; Prometheus finds them through file discovery,
+labelled ``namespace`` and ``pod`` as the chart's PodMonitor labels them.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+from kopf.testing import KopfRunner
+from tests.helm.test_cluster_install import release
+
+from kvstack.common.procs import free_port
+from kvstack.observability.prometheus import prometheus_process
+from kvstack.operator.annotated import POLICY, STATUS
+from kvstack.operator.handlers import Runtime, build_registry
+from kvstack.operator.settings import OperatorSettings
+from kvstack.testing import Cluster, PodSimulators
+
+from .conftest import Api, wait_until
+
+pytestmark = [pytest.mark.cluster, pytest.mark.slow, pytest.mark.timeout(600)]
+
+MODEL = "sim-llama"
+ENGINE = "rel-kvstack-engine-llama"
+VALUES: dict[str, Any] = {
+    "router": {"enabled": False},
+    "lmcache": {"remote": {"mode": "none"}},
+    # The chart's operator pod is a kwok pod that runs nothing; the test runs the operator itself.
+    "operator": {"enabled": True, "crds": {"enabled": False}},
+    "engines": {
+        "autoscaling": {
+            "enabled": True,
+            "target": 2,
+            "intervalSeconds": 2,
+            "staleAfterSeconds": 30,
+            "scaleDown": {"stabilizationSeconds": 600},
+        },
+        "models": [
+            {
+                "name": "llama",
+                "model": MODEL,
+                "autoscaling": {"minReplicas": 1, "maxReplicas": 3},
+                # One sequence at a time: concurrent requests queue, which is the signal.
+                "podAnnotations": {"sim.kvstack.io/model": MODEL, "sim.kvstack.io/args": "--max-num-seqs 1"},
+            }
+        ],
+    },
+}
+
+
+class FileDiscovery(threading.Thread):
+    """Writes the running simulators as Prometheus file_sd targets, labelled namespace and pod."""
+
+    def __init__(self, sims: PodSimulators, path: Path) -> None:
+        super().__init__(daemon=True)
+        self.sims, self.path, self.done = sims, path, threading.Event()
+        path.write_text("[]")
+
+    def run(self) -> None:
+        last = ""
+        while not self.done.wait(0.5):
+            groups = [
+                {"targets": [f"{t.host}:{t.port}"], "labels": {"namespace": t.namespace, "pod": t.name}}
+                for t in sorted(self.sims.targets.values(), key=lambda t: t.name)
+            ]
+            text = json.dumps(groups)
+            if text != last:
+                tmp = self.path.with_suffix(".tmp")
+                tmp.write_text(text)
+                tmp.replace(self.path)  # atomic: Prometheus never reads half a file
+                last = text
+
+
+class Load(threading.Thread):
+    """Keeps ``concurrent`` completions in flight against the running simulators."""
+
+    def __init__(self, sims: PodSimulators, concurrent: int) -> None:
+        super().__init__(daemon=True)
+        self.sims, self.concurrent, self.done = sims, concurrent, threading.Event()
+
+    def run(self) -> None:
+        workers = [
+            threading.Thread(target=self._worker, args=(i,), daemon=True) for i in range(self.concurrent)
+        ]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join(timeout=70)
+
+    def _worker(self, i: int) -> None:
+        body = {"model": MODEL, "prompt": "hello " * 20, "max_tokens": 200, "ignore_eos": True}
+        with httpx.Client(timeout=60) as client:
+            while not self.done.is_set():
+                targets = sorted(self.sims.targets.values(), key=lambda t: t.name)
+                if not targets:
+                    self.done.wait(0.2)
+                    continue
+                try:
+                    client.post(f"{targets[i % len(targets)].url}/v1/completions", json=body)
+                except httpx.HTTPError:
+                    self.done.wait(0.2)  # a simulator starting or stopping
+
+
+def service_account_kubeconfig(cluster: Cluster, namespace: str, account: str, out: Path) -> Path:
+    """A kubeconfig that authenticates as ``account`` (a TokenRequest token), nothing more."""
+    token = cluster.kubectl("create", "token", account, "-n", namespace, "--duration=3600s").stdout.strip()
+    doc = yaml.safe_load(cluster.kubeconfig.read_text())
+    context = next(c["context"] for c in doc["contexts"] if c["name"] == cluster.context)
+    entry = next(c for c in doc["clusters"] if c["name"] == context["cluster"])
+    ca = entry["cluster"].get("certificate-authority")
+    if ca and not Path(ca).is_absolute():
+        entry["cluster"]["certificate-authority"] = str(cluster.kubeconfig.parent / ca)
+    out.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "clusters": [entry],
+                "users": [{"name": account, "user": {"token": token}}],
+                "contexts": [{"name": account, "context": {"cluster": entry["name"], "user": account}}],
+                "current-context": account,
+            }
+        )
+    )
+    return out
+
+
+def annotations(api: Api) -> dict[str, str]:
+    return dict(api.deployment(ENGINE).metadata.annotations or {})
+
+
+def memory(api: Api) -> dict[str, Any]:
+    raw = annotations(api).get(STATUS)
+    return dict(json.loads(raw)) if raw else {}
+
+
+def events(api: Api, reason: str) -> list[Any]:
+    found = api.core.list_namespaced_event(
+        api.namespace, field_selector=f"involvedObject.name={ENGINE}"
+    ).items
+    return [e for e in found if e.reason == reason]
+
+
+def test_the_operator_scales_the_charts_engines_and_survives_a_bad_policy(
+    cluster: Cluster, namespace: str, api: Api, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    targets = tmp_path / "targets.json"
+    prom = prometheus_process(
+        tmp_path / "prometheus",
+        [],
+        free_port(),
+        rule_files=[],
+        scrape_interval="1s",
+        file_sd={"kvstack-engine": targets},
+    )
+    values = tmp_path / "values.yaml"
+    values.write_text(yaml.safe_dump(VALUES))
+    release(cluster, "install", namespace, "-f", str(values))
+    dep = api.deployment(ENGINE)
+    assert dep.metadata.annotations["kvstack.dev/autoscaling"] == "true"
+    assert POLICY in dep.metadata.annotations
+
+    kubeconfig = service_account_kubeconfig(cluster, namespace, "rel-kvstack-operator", tmp_path / "sa.yaml")
+    monkeypatch.setenv("KUBECONFIG", str(kubeconfig))  # kopf logs in from $KUBECONFIG
+    sims = PodSimulators(
+        cluster.api_client(),
+        "app.kubernetes.io/instance=rel,app.kubernetes.io/component=engine",
+        namespace=namespace,
+        log_dir=tmp_path / "sims",
+    )
+    discovery = FileDiscovery(sims, targets)
+    prom.start()
+    try:
+        prom.wait_ready(60)
+        url = (prom.ready_url or "").removesuffix("/-/ready")
+        runtime = Runtime(
+            OperatorSettings(
+                namespace=namespace,
+                kubeconfig=kubeconfig,
+                context="rel-kvstack-operator",
+                metrics_port=0,
+                liveness_port=0,
+                tick_seconds=0.5,
+                prometheus_url=url,
+            )
+        )
+        args = ["run", "--standalone", "--namespace", namespace]
+        discovery.start()
+        with sims, KopfRunner(args, registry=build_registry(runtime), timeout=30) as runner:
+            sims.wait_for(1, timeout=90)
+            # 1. Evaluations start: the state annotation appears, Prometheus answers.
+            wait_until(
+                lambda: memory(api).get("prometheusReachable") is True, "a first evaluation", timeout=90
+            )
+            wait_until(
+                lambda: (
+                    runtime.metrics.registry.get_sample_value(
+                        "kvstack_operator_scaling_signal",
+                        {"namespace": namespace, "model_name": MODEL, "signal": "waiting_per_replica"},
+                    )
+                    is not None
+                ),
+                "the waiting signal seen",
+            )
+            assert api.deployment(ENGINE).spec.replicas == 1
+
+            # 2. Load: 6 requests on a one-sequence engine, 5 waiting vs target 2: replicas rise.
+            load = Load(sims, concurrent=6)
+            load.start()
+            try:
+                wait_until(lambda: api.deployment(ENGINE).spec.replicas > 1, "a scale up", timeout=90)
+                up = wait_until(lambda: events(api, "ScaledUp"), "a ScaledUp Event on the Deployment")
+                assert "(queue)" in up[0].message or "(max_replicas)" in up[0].message
+                last = wait_until(lambda: memory(api).get("lastScale"), "lastScale in the state annotation")
+                assert last["direction"] == "up" and last["fromReplicas"] == 1
+                assert memory(api)["history"], "the recommendation history is kept for the windows"
+                desired = runtime.metrics.registry.get_sample_value(
+                    "kvstack_operator_desired_replicas", {"namespace": namespace, "model_name": MODEL}
+                )
+                assert desired is not None and desired > 1
+            finally:
+                load.done.set()
+                load.join(timeout=90)
+            # The operator wrote replicas through /scale as its own field manager; Helm owns the rest.
+            managers = {f.manager for f in api.deployment(ENGINE).metadata.managed_fields or []}
+            assert "kvstack-autoscaler" in managers
+            # No finalizer: `helm uninstall` and namespace deletion never wait for the operator.
+            assert not api.deployment(ENGINE).metadata.finalizers
+
+            # 3. A bad policy: a Warning Event naming the field, replicas held, the operator alive.
+            before = api.deployment(ENGINE).spec.replicas
+            annotate = ("annotate", "deployment", ENGINE, "-n", namespace, "--overwrite")
+            cluster.kubectl(*annotate, f'{POLICY}={{"metric": "queueDepth"}}')
+            bad = wait_until(
+                lambda: events(api, "InvalidAutoscalingPolicy"), "an InvalidAutoscalingPolicy Event"
+            )
+            assert bad[0].type == "Warning" and "metric" in bad[0].message and POLICY in bad[0].message
+            assert api.deployment(ENGINE).spec.replicas == before
+            # Fixed again: scaling resumes (a fresh evaluation stamps the state annotation).
+            stamp = memory(api)["lastDecision"]["time"]
+            fixed = {"target": 2, "intervalSeconds": 2, "scaleDown": {"stabilizationSeconds": 600}}
+            cluster.kubectl(*annotate, f"{POLICY}={json.dumps(fixed)}")
+            wait_until(lambda: memory(api)["lastDecision"]["time"] > stamp, "evaluations again", timeout=30)
+            assert len(events(api, "InvalidAutoscalingPolicy")) == 1  # once per problem, not per tick
+        assert runner.exception is None, runner.output
+    finally:
+        discovery.done.set()
+        discovery.join(timeout=5)
+        prom.stop()
