@@ -14,10 +14,11 @@ import openai
 import pytest
 import yaml
 
+from kvstack.common.procs import ManagedProcess, free_port
 from kvstack.router.hold import HoldFull, Holds, HoldTimeout
 from kvstack.router.limits import AdmissionQueue
 
-from .conftest import MODEL, RouterFactory, RouterServer, run_sims
+from .conftest import KVSTACK, MODEL, RouterFactory, RouterServer, run_sims
 
 QUEUED = "kvstack_router_queued_requests"
 BODY = {"model": MODEL, "messages": [{"role": "user", "content": "wake up"}], "max_tokens": 2}
@@ -98,6 +99,32 @@ def test_hold_timeout_answers_503_with_retry_after(hold_router: Callable[..., Ro
     assert resp.json()["error"]["code"] == 503
     assert r.metric("kvstack_router_rejections_total", reason="hold_timeout") == 1
     assert queued(r) == 0.0
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a held request released onto an engine that refuses connections answers 502 instead of "
+    "waiting again (router/proxy.py; found by the operator's scale-from-zero e2e on kwok)",
+)
+def test_a_held_request_waits_out_an_engine_that_is_announced_before_it_listens(
+    hold_router: Callable[..., RouterServer], engines_file: Path, tmp_path: Path
+) -> None:
+    # A pod whose readiness came before its server (a missing or too-early readiness probe): the
+    # user asked for a slow start, not an error, and there is hold time left.
+    r = hold_router(hold_timeout_s=60, monitor={"probe_interval": 0.2, "probe_timeout": 2.0})
+    held = Background(f"{r.url}/v1/chat/completions", BODY)
+    wait_for(lambda: queued(r) == 1.0, what="the request to be held")
+    port = free_port()
+    engines_file.write_text(yaml.safe_dump([{"url": f"http://127.0.0.1:{port}", "models": [MODEL]}]))
+    wait_for(lambda: len(r.ctx.registry) == 1, what="the engine to be announced")
+    argv = [KVSTACK, "engine", "sim", "--port", str(port)]
+    sim = ManagedProcess(f"sim-{port}", argv, tmp_path, ready_url=f"http://127.0.0.1:{port}/health")
+    try:
+        sim.start().wait_ready(30)
+        resp = held.join()
+        assert resp.status_code == 200, resp.text
+    finally:
+        sim.stop()
 
 
 def test_an_sdk_client_sees_a_service_unavailable_error_after_the_hold(
