@@ -32,7 +32,8 @@ from kvstack.operator.settings import OperatorSettings
 from kvstack.testing import Cluster, PodSimulators, SimTarget
 from kvstack.testing.pod_sims import kvstack_executable
 
-from .conftest import Api, wait_until
+from .conftest import Api, evaluations, wait_until
+from .conftest import PodDiscovery as PodDiscovery  # test_dashboards_live imports it from here
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -108,13 +109,6 @@ class Load:
         self._stop.set()
         for t in self._threads:
             t.join(timeout=70)
-
-
-def evaluations(runtime: Runtime) -> float:
-    """How many evaluations the operator has finished (all models, all outcomes)."""
-    return sum(
-        s.value for m in runtime.metrics.decisions.collect() for s in m.samples if s.name.endswith("_total")
-    )
 
 
 @contextlib.contextmanager
