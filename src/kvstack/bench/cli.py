@@ -170,21 +170,69 @@ _register_benchmarks()
 
 
 @app.command("autoscale")
-def autoscale(out: OutOption = Path("bench-results")) -> None:
-    """Autoscaler reaction to load steps: our defaults vs the plain HPA formula vs one pod per minute.
+def autoscale(
+    out: OutOption = Path("bench-results"),
+    cluster: Annotated[
+        bool,
+        typer.Option(
+            "--cluster/--model",
+            help="Real pods: a kwok test cluster, the operator, Prometheus and a router (minutes); "
+            "default: the fleet model (seconds).",
+        ),
+    ] = False,
+    scale: Annotated[
+        int, typer.Option(min=1, help="--cluster: divide every autoscaling period by this.")
+    ] = 5,
+    base_rate: Annotated[float, typer.Option(min=0.01, help="--cluster: requests/s before and after.")] = 0.5,
+    step_rate: Annotated[float, typer.Option(min=0.01, help="--cluster: requests/s during the step.")] = 4.5,
+    warm: Annotated[float, typer.Option(min=0, help="--cluster: seconds of base load before the step.")] = 20,
+    step: Annotated[float, typer.Option(min=1, help="--cluster: seconds the step lasts.")] = 100,
+    after: Annotated[float, typer.Option(min=0, help="--cluster: seconds of base load after it.")] = 80,
+    model_load: Annotated[
+        float, typer.Option(min=0, help="--cluster: a pod's model load in seconds, before scaling.")
+    ] = 60,
+    variant: Annotated[
+        list[str] | None,
+        typer.Option(help="--cluster: 'kvstack defaults' and/or 'HPA-style' (default both)."),
+    ] = None,
+) -> None:
+    """Autoscaler reaction to a load step.
 
-    A fluid model of a fleet (pod start-up delay, per-pod service rate) driven through the operator's
-    real decision function; replicas over time as a PNG.
+    Default (model mode): a fluid model of a fleet (pod start-up delay, per-pod service rate) driven
+    through the operator's real decision function: our defaults vs the plain HPA formula vs one pod
+    per minute; writes autoscale.json/png. With --cluster: real (kwok) pods, each served by a
+    simulator, the real operator on a real Prometheus, a real router, an open-loop load step; our
+    defaults vs HPA-style settings; writes cluster.json/png.
     """
     from kvstack.bench import report
+
+    folder = out / "autoscale"
+    if cluster:
+        from kvstack.bench.autoscale_cluster import ClusterBench, main_run
+        from kvstack.bench.autoscale_plan import Phases, variants
+
+        known = [v.name for v in variants(scale, 1)]
+        for name in variant or ():
+            if name not in known:
+                raise typer.BadParameter(f"unknown variant {name!r}; known: {known}", param_hint="--variant")
+        phases = Phases(warm_s=warm, step_s=step, after_s=after, base_rate=base_rate, step_rate=step_rate)
+        bench = ClusterBench(scale=scale, phases=phases, only=tuple(variant or ()), model_load_s=model_load)
+        result = main_run(folder, bench, lambda line: typer.echo(line, err=True))
+        rows = [{"variant": r["name"], **r["summary"]} for r in result["runs"]]
+        report.print_table(
+            f"Autoscaling on a kwok cluster (seconds after the load step; periods / {scale})",
+            rows,
+            list(rows[0].keys()),
+        )
+        typer.echo(f"results: {folder / 'cluster.json'}, plot: {folder / 'cluster.png'}")
+        return
+
     from kvstack.operator.bench import summary, write
 
-    runs = write(out / "autoscale")
+    runs = write(folder)
     rows = [summary(r) for r in runs]
-    report.print_table("Autoscaler reaction to load steps", rows, list(rows[0].keys()))
-    typer.echo(
-        f"results: {out / 'autoscale' / 'autoscale.json'}, plot: {out / 'autoscale' / 'autoscale.png'}"
-    )
+    report.print_table("Autoscaler reaction to load steps (fleet model)", rows, list(rows[0].keys()))
+    typer.echo(f"results: {folder / 'autoscale.json'}, plot: {folder / 'autoscale.png'}")
 
 
 # What `kvstack bench all` (and `make bench`) runs, in order: the cheap benchmarks first.
