@@ -90,6 +90,9 @@ def build_registry(runtime: Runtime) -> kopf.OperatorRegistry:
         settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
         settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=GROUP)
         settings.posting.loggers = False  # log lines stay logs; decisions and problems post their own Events
+        # Watching named namespaces, the operator holds only namespaced RBAC (the chart's Role): kopf's
+        # cluster-wide scan of CRDs and namespaces would fail nine times per start, then do without.
+        settings.scanning.disabled = bool(s.watched_namespaces())
         logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per API call is noise
         runtime.kube = Kube.from_environment(s.kubeconfig, s.context)
         if s.metrics_port:
