@@ -258,6 +258,18 @@ def test_the_operator_scales_the_charts_engines_and_survives_a_bad_policy(
             cluster.kubectl(*annotate, f"{POLICY}={json.dumps(fixed)}")
             wait_until(lambda: memory(api)["lastDecision"]["time"] > stamp, "evaluations again", timeout=30)
             assert len(events(api, "InvalidAutoscalingPolicy")) == 1  # once per problem, not per tick
+
+            # 4. Prometheus gone: replicas held, a Warning Event, the state and the gauge say so.
+            held = api.deployment(ENGINE).spec.replicas
+            prom.stop()
+            wait_until(lambda: events(api, "PrometheusUnreachable"), "a PrometheusUnreachable Event")
+            wait_until(lambda: memory(api).get("prometheusReachable") is False, "the blind state recorded")
+            stamp = memory(api)["lastDecision"]["time"]
+            wait_until(lambda: memory(api)["lastDecision"]["time"] > stamp, "a blind evaluation", timeout=30)
+            assert memory(api)["lastDecision"]["reason"] == "metrics_unavailable"
+            assert api.deployment(ENGINE).spec.replicas == held
+            assert runtime.metrics.registry.get_sample_value("kvstack_operator_prometheus_up") == 0.0
+            assert len(events(api, "PrometheusUnreachable")) == 1  # on the change, not per evaluation
         assert runner.exception is None, runner.output
         # The chart's Role is enough: nothing the operator (or kopf under it) asked for was refused.
         refused = [r.getMessage() for r in caplog.records if "forbidden" in r.getMessage().lower()]
