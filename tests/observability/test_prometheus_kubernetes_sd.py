@@ -25,7 +25,8 @@ from kvstack.observability.prometheus import (
     prometheus_process,
     render_config,
 )
-from kvstack.testing.kube_access import kubeconfig_ca, pod_reader_objects
+from kvstack.testing import Cluster
+from kvstack.testing.kube_access import kubeconfig_ca, pod_reader_objects, prometheus_access
 from kvstack.testing.tools import Toolchain
 
 CA, TOKEN, CERT, KEY, KUBECONFIG = (Path(f"/creds/{n}") for n in ("ca.crt", "token", "c.crt", "c.key", "kc"))
@@ -245,3 +246,18 @@ def test_prometheus_with_kubernetes_sd_loads_the_rendered_jobs(tmp_path: Path) -
     assert sd["api_server"] == "https://127.0.0.1:1"
     assert sd["namespaces"]["names"] == ["demo"]
     assert sd["selectors"] == [{"role": "pod", "label": "app.kubernetes.io/component=engine"}]
+
+
+@pytest.mark.cluster
+def test_the_test_clusters_prometheus_token_reads_pods_and_nothing_else(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    access = prometheus_access(cluster, tmp_path)
+    assert access.bearer_token_file is not None and access.ca_file is not None
+    assert access.bearer_token_file.stat().st_mode & 0o077 == 0  # a credential: owner only
+    token = access.bearer_token_file.read_text()
+    headers = {"Authorization": f"Bearer {token}"}
+    with httpx.Client(base_url=cluster.server, headers=headers, verify=str(access.ca_file)) as api:
+        assert api.get("/api/v1/pods", params={"limit": 1}).status_code == 200
+        assert api.get("/api/v1/namespaces/kube-system/secrets").status_code == 403
+        assert api.get("/api/v1/services").status_code == 403

@@ -1,7 +1,7 @@
 """Credentials for a Prometheus outside the test cluster that discovers its pods, as files.
 
-A Prometheus in a real cluster reads its ServiceAccount's token and the cluster CA from files and
-is allowed only to get, list and watch pods (the Prometheus Operator's ClusterRole). The harness
+A Prometheus in a real cluster reads its ServiceAccount's token and the cluster CA from files, and
+RBAC allows it what its discovery needs (for pod discovery: get, list and watch pods). The harness
 gives a local Prometheus the same: a ServiceAccount bound to such a ClusterRole, a token from the
 TokenRequest API, and the API server's CA, written beside each other, so RBAC is enforced on it.
 """
@@ -55,8 +55,11 @@ def pod_reader_objects(namespace: str = SA_NAMESPACE, name: str = SA_NAME) -> li
     ]
 
 
-def prometheus_access(cluster: Cluster, directory: Path, expiration_s: int = 3600) -> KubeAccess:
-    """A pod-reader ServiceAccount's token and the cluster CA, written under ``directory``."""
+def prometheus_access(cluster: Cluster, directory: Path, expiration_s: int = 86_400) -> KubeAccess:
+    """A pod-reader ServiceAccount's token and the cluster CA, written under ``directory``.
+
+    The token outlives a whole test session (Prometheus re-reads the file, but nothing renews it).
+    """
     from kubernetes import client
 
     api = cluster.api_client()
