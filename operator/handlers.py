@@ -67,6 +67,14 @@ class Runtime:
             self.stop_metrics = None
 
 
+TRACK_ID = "track-deployments"
+
+
+class _QuietTracking(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.getMessage() != f"Handler '{TRACK_ID}' succeeded."
+
+
 def _lock(memo: Any) -> asyncio.Lock:
     """One reconcile at a time per stack (the change handlers and the timer run concurrently)."""
     lock: asyncio.Lock = memo.setdefault("lock", asyncio.Lock())
@@ -94,6 +102,11 @@ def build_registry(runtime: Runtime) -> kopf.OperatorRegistry:
         # cluster-wide scan of CRDs and namespaces would fail nine times per start, then do without.
         settings.scanning.disabled = bool(s.watched_namespaces())
         logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per API call is noise
+        # kopf logs each handled watch event; every Deployment change (our own state writes too)
+        # would add a line. The scaler logs what matters: start, stop, decisions, problems.
+        kopf_objects = logging.getLogger("kopf.objects")
+        if not any(isinstance(f, _QuietTracking) for f in kopf_objects.filters):
+            kopf_objects.addFilter(_QuietTracking())
         runtime.kube = Kube.from_environment(s.kubeconfig, s.context)
         if s.metrics_port:
             runtime.stop_metrics = runtime.metrics.serve(s.metrics_port, s.metrics_host)
@@ -111,7 +124,7 @@ def build_registry(runtime: Runtime) -> kopf.OperatorRegistry:
 
     # Every Deployment in the watched namespaces: the chart's engines ask for autoscaling by
     # annotation. A watch handler adds no finalizer to objects Helm owns (a timer would).
-    @kopf.on.event("apps", "v1", "deployments", registry=registry)
+    @kopf.on.event("apps", "v1", "deployments", id=TRACK_ID, registry=registry)
     async def track(*, type: str | None, body: kopf.Body, **_: Any) -> None:
         scaler.observe(type, body)  # async: on the loop's thread, as the evaluation loop is
 
