@@ -90,6 +90,14 @@ class AnnotatedScaler:
         except Exception:  # one Deployment's bug must not stop the others' scaling
             log.exception("evaluating Deployment %s/%s failed", *key)
 
+    async def _tell(self, dep: dict[str, Any], type_: str, reason: str, message: str) -> None:
+        """Post an Event; best effort: a refused Event never stops a scaling decision."""
+        assert self._runtime.kube is not None
+        try:
+            await self._runtime.kube.event(dep, type_, reason, message)
+        except KubeError as err:
+            log.warning("cannot post a %s Event: %s", reason, err)
+
     async def evaluate(self, key: Key) -> None:
         """One evaluation of one annotated Deployment: decide, scale, remember, tell."""
         kube = self._runtime.kube
@@ -106,7 +114,7 @@ class AnnotatedScaler:
             if self._reported.get(key) != message:
                 # Once per distinct problem: the Event says what to fix; replicas stay as they are.
                 log.error("not scaling %s/%s: %s", namespace, name, message)
-                await kube.event(dep, "Warning", "InvalidAutoscalingPolicy", message)
+                await self._tell(dep, "Warning", "InvalidAutoscalingPolicy", message)
                 self._reported[key] = message
             return
         self._reported.pop(key, None)
@@ -137,7 +145,7 @@ class AnnotatedScaler:
         self._runtime.metrics.prometheus_up.set(1 if reachable else 0)
         if not reachable and memory.prometheus_reachable is not False:
             log.warning("holding %s/%s at %d: %s", namespace, name, current, scaled.prometheus_error)
-            await kube.event(
+            await self._tell(
                 dep, "Warning", "PrometheusUnreachable", f"holding replicas: {scaled.prometheus_error}"
             )
         elif reachable and memory.prometheus_reachable is False:
@@ -146,7 +154,7 @@ class AnnotatedScaler:
         if d.changed:
             text = f"{current} -> {d.replicas} ({d.reason}): {d.message}"
             log.info("scaled %s/%s %s", namespace, name, text)
-            await kube.event(dep, "Normal", "ScaledUp" if d.direction == "up" else "ScaledDown", text)
+            await self._tell(dep, "Normal", "ScaledUp" if d.direction == "up" else "ScaledDown", text)
         now = scaled.observation.now
         entry = model_entry(annotated.model_name, name, current, ready, d.replicas, d, memory.entry, now)
         remembered = Memory(d.history, scaled.idle_since, reachable, entry)
