@@ -7,9 +7,11 @@ median of 15, inline vs worker): 2K tokens 0.52 vs 0.45 ms (no gain: the picklin
 8K tokens 3.2 vs 0.6 ms, 34K tokens 6.3 vs 1.9 ms; the worker adds ~0.5-2 ms to that request's
 own latency. Hence a threshold in characters (``tokenize_offload_min_chars``, default ~5K tokens).
 
-The worker's tokens go into the router's :class:`TokenCache` (:meth:`TokenCache.put`), so the
-policy still gets one shared tuple per distinct prompt; any failure of the worker falls back to
-tokenizing inline.
+A chat sends the worker only the messages the shared message cache
+(:data:`kvstack.common.tokenizer.MESSAGES`) lacks, and their tokens go into that cache, so a long
+system prompt or document is tokenized once and then costs every later request a lookup. A text
+prompt's tokens go into the router's :class:`TokenCache` (:meth:`TokenCache.put`). Any failure of
+the worker falls back to tokenizing inline.
 """
 
 from __future__ import annotations
@@ -17,13 +19,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import multiprocessing
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from typing import TypeVar
 
+from kvstack.common import tokenizer
 from kvstack.router.prompts import PromptWork, TokenCache, prompt_work, tokenize
 from kvstack.router.protocol import ParsedRequest
 
 log = logging.getLogger(__name__)
+_In = TypeVar("_In")
+_Out = TypeVar("_Out")
 
 
 def _ready() -> bool:
@@ -53,16 +60,38 @@ class TokenizerPool:
     async def prefetch(self, request: ParsedRequest, cache: TokenCache) -> None:
         """Tokenize a long, uncached prompt in the worker and leave its tokens in ``cache``."""
         work = prompt_work(request)
-        if not isinstance(work, PromptWork) or work.chars < self.min_chars or work.digest in cache:
+        if not isinstance(work, PromptWork) or work.digest in cache or self._pool is None:
             return
+        if work.chat is None:
+            if work.chars >= self.min_chars:
+                tokens = await self._run(tokenize, work)
+                if tokens is not None:
+                    cache.put(work.digest, tokens)
+            return
+        # A chat: only messages the shared message cache lacks cost anything (a long system
+        # prompt or document is tokenized once, then every request reuses it), so only they go.
+        missing = [(r, c) for r, c in work.chat if tokenizer.MESSAGES.get(r, c) is None]
+        if sum(len(c) for _, c in missing) < self.min_chars:
+            return
+        rendered = await self._run(render_messages, missing)
+        if rendered is not None:
+            for (role, content), tokens in zip(missing, rendered, strict=True):
+                tokenizer.MESSAGES.put(role, content, tokens)
+
+    async def _run(self, fn: Callable[[_In], _Out], arg: _In) -> _Out | None:
         pool = self._pool
         if pool is None:
-            return
+            return None
         try:
-            tokens = await asyncio.get_running_loop().run_in_executor(pool, tokenize, work)
+            out = await asyncio.get_running_loop().run_in_executor(pool, fn, arg)
         except BrokenProcessPool:
             log.warning("the tokenizer worker died; tokenizing inline from now on")
             self._pool = None
-            return
+            return None
         self.offloaded += 1
-        cache.put(work.digest, tokens)
+        return out
+
+
+def render_messages(messages: list[tuple[str, str]]) -> list[tuple[int, ...]]:
+    """Each message rendered under the chat template (runs in the worker)."""
+    return [tokenizer.render_message(role, content) for role, content in messages]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
+from collections.abc import Mapping
 
 import httpx
 import msgspec
@@ -15,8 +17,12 @@ from kvstack.router.protocol import parse_request
 
 from .conftest import MODEL, RouterFactory, Sim
 
-LONG = "Every engine keeps the blocks of the prompts it has seen. " * 100  # ~5.9K characters
 SHORT = "Hello there."
+
+
+def long_text() -> str:
+    """~5.9K characters no earlier test has tokenized (the message cache is process-wide)."""
+    return f"{uuid.uuid4()} " + "Every engine keeps the blocks of the prompts it has seen. " * 100
 
 
 def chat(text: str) -> dict[str, object]:
@@ -30,13 +36,14 @@ def chat_tokens(text: str) -> int:
 def test_router_tokenizes_long_prompts_in_the_worker(sims: list[Sim], router: RouterFactory) -> None:
     r = router(engines=[sims[0].url], policy="cache_aware", tokenize_offload_min_chars=1000)
     assert r.ctx.offload is not None
-    for text in (LONG, LONG, SHORT):
+    long = long_text()
+    for text in (long, long, SHORT):
         resp = httpx.post(f"{r.url}/v1/chat/completions", json=chat(text), timeout=30)
         assert resp.status_code == 200, resp.text
     assert r.ctx.offload.offloaded == 1  # the repeat came from the cache, the short one inline
     cache = r.ctx.token_cache
     assert (cache.misses, cache.hits) == (2, 1)
-    expected = 2 * chat_tokens(LONG) + chat_tokens(SHORT)
+    expected = 2 * chat_tokens(long) + chat_tokens(SHORT)
     assert r.metric("kvstack_router_prompt_tokens_total", policy="cache_aware") == expected
 
 
@@ -62,7 +69,8 @@ def test_worker_tokens_are_the_inline_tokens_and_one_shared_tuple() -> None:
         await pool.start()
         try:
             cache = TokenCache()
-            for body in (chat(LONG), {"model": MODEL, "prompt": LONG}):
+            long = long_text()
+            for body in (chat(long), {"model": MODEL, "prompt": long}):
                 request = parse_request("chat" if "messages" in body else "completion", _json(body))
                 await pool.prefetch(request, cache)
                 first = prompt_token_ids(request, cache)
@@ -75,6 +83,13 @@ def test_worker_tokens_are_the_inline_tokens_and_one_shared_tuple() -> None:
             assert (cache.misses, cache.hits) == (2, 2)
             await pool.prefetch(parse_request("chat", _json(chat(SHORT))), cache)
             assert pool.offloaded == 2  # below the threshold: left to the inline path
+            # a new chat whose long message is already known costs no worker round trip
+            known = {
+                "model": MODEL,
+                "messages": [{"role": "user", "content": long}, {"role": "user", "content": SHORT}],
+            }
+            await pool.prefetch(parse_request("chat", _json(known)), cache)
+            assert pool.offloaded == 2
         finally:
             pool.close()
 
@@ -93,5 +108,27 @@ def test_put_keeps_the_first_tuple_and_hands_oversized_tokens_over_once() -> Non
     assert cache.get(2, lambda: (9,)) == (9,)  # not kept: made again next time
 
 
-def _json(body: dict[str, object]) -> bytes:
+def _json(body: Mapping[str, object]) -> bytes:
     return msgspec.json.encode(body)
+
+
+def test_a_chat_sends_only_its_unknown_messages_and_they_are_remembered() -> None:
+    async def scenario() -> None:
+        pool = TokenizerPool(min_chars=1000)
+        await pool.start()
+        try:
+            system, document = long_text(), long_text()
+            msgs = [("system", system), ("user", document)]
+            body = {"model": MODEL, "messages": [{"role": r, "content": c} for r, c in msgs]}
+            assert tokenizer.MESSAGES.get("system", system) is None
+            await pool.prefetch(parse_request("chat", _json(body)), TokenCache())
+            assert pool.offloaded == 1
+            for role, content in msgs:
+                assert tokenizer.MESSAGES.get(role, content) == tokenizer.render_message(role, content)
+            assert tokenizer.apply_chat_template(msgs) == tokenizer.assemble_chat(
+                [tokenizer.render_message(r, c) for r, c in msgs]
+            )
+        finally:
+            pool.close()
+
+    asyncio.run(scenario())

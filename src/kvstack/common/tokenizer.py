@@ -19,8 +19,9 @@ from __future__ import annotations
 import itertools
 import re
 import string
+import threading
+from collections import OrderedDict
 from collections.abc import Iterable, Sequence
-from functools import lru_cache
 
 _LOWER = string.ascii_lowercase
 _UPPER = string.ascii_uppercase
@@ -113,39 +114,87 @@ def token_str(tid: int) -> str:
     return _ID_TO_TEXT[tid]
 
 
-# Messages up to this many characters are cached (system prompts and short turns repeat);
-# longer ones are encoded each time, so the cache holds at most ~4096 x 8K characters.
-_CACHED_MESSAGE_CHARS = 8192
+class MessageCache:
+    """Rendered chat messages, least recently used first out, bounded by their total characters.
+
+    System prompts and documents repeat across requests and are long: a long system prompt is
+    exactly what prefix caching serves, so caching only short messages (as an entry-count bound
+    forces) re-tokenizes the very text that repeats most. The bound is on characters, so a few
+    huge messages cannot hold memory that many small ones would have.
+    """
+
+    def __init__(self, max_chars: int = 8_000_000, max_entries: int = 8192) -> None:
+        self.max_chars = max_chars
+        self.max_entries = max_entries
+        self.chars = 0
+        self._entries: OrderedDict[tuple[str, str], tuple[int, ...]] = OrderedDict()
+        self._lock = threading.Lock()  # the simulator tokenizes from worker threads too
+
+    def get(self, role: str, content: str) -> tuple[int, ...] | None:
+        key = (role, content)
+        with self._lock:
+            found = self._entries.get(key)
+            if found is not None:
+                self._entries.move_to_end(key)
+            return found
+
+    def put(self, role: str, content: str, tokens: tuple[int, ...]) -> None:
+        size = len(content)
+        if size > self.max_chars // 4:  # would evict most of the cache for one message
+            return
+        key = (role, content)
+        with self._lock:
+            if key in self._entries:
+                return
+            self._entries[key] = tokens
+            self.chars += size
+            while self.chars > self.max_chars or len(self._entries) > self.max_entries:
+                (_, old), _ = self._entries.popitem(last=False)
+                self.chars -= len(old)
+
+    def __len__(self) -> int:
+        return len(self._entries)
 
 
-def _render_message(role: str, content: str) -> tuple[int, ...]:
+MESSAGES = MessageCache()
+
+
+def render_message(role: str, content: str) -> tuple[int, ...]:
+    """One message's tokens under the template, uncached (a plain function: it runs in workers)."""
     # Each message is tokenized on its own, so a conversation that grows by appending messages
     # keeps an identical token prefix: exactly the property prefix caching relies on.
     return (START_HEADER_ID, *encode(role), END_HEADER_ID, *encode("\n\n" + content), EOT_ID)
 
 
-_render_cached = lru_cache(maxsize=4096)(_render_message)
-
-
 def _encode_message(role: str, content: str) -> tuple[int, ...]:
-    if len(content) <= _CACHED_MESSAGE_CHARS:
-        return _render_cached(role, content)
-    return _render_message(role, content)
+    found = MESSAGES.get(role, content)
+    if found is None:
+        found = render_message(role, content)
+        MESSAGES.put(role, content, found)
+    return found
 
 
 _GENERATION_PROMPT: tuple[int, ...] = (START_HEADER_ID, *encode("assistant"), END_HEADER_ID, *encode("\n\n"))
+
+
+def assemble_chat(rendered: Iterable[Sequence[int]], *, add_generation_prompt: bool = True) -> list[int]:
+    """The prompt's ids from its messages' rendered tokens (:func:`render_message` of each)."""
+    ids: list[int] = [BOS_ID]
+    for part in rendered:
+        ids.extend(part)
+    if add_generation_prompt:
+        ids.extend(_GENERATION_PROMPT)
+    return ids
 
 
 def apply_chat_template(
     messages: Sequence[tuple[str, str]], *, add_generation_prompt: bool = True
 ) -> list[int]:
     """Render ``(role, content)`` pairs with a fixed Llama-3-style template into token ids."""
-    ids: list[int] = [BOS_ID]
-    for role, content in messages:
-        ids.extend(_encode_message(role, content))
-    if add_generation_prompt:
-        ids.extend(_GENERATION_PROMPT)
-    return ids
+    return assemble_chat(
+        (_encode_message(role, content) for role, content in messages),
+        add_generation_prompt=add_generation_prompt,
+    )
 
 
 def render_chat_text(messages: Sequence[tuple[str, str]], *, add_generation_prompt: bool = True) -> str:
