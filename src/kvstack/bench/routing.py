@@ -192,6 +192,18 @@ def run_case(
     itl = stats.summarize([x for r in ok for x in r.itl])
     oracle = oracle_hit_rate(ok, setup.block_size)
     hit_rate = hits / queries if queries else 0.0
+    # the engines' own TTFT (queue + prefill + first step) beside the client's: the rest is the
+    # router, the network and the client, so a policy's own cost shows apart from its choices
+    engine_ttft = [
+        sum(
+            promtext.delta(b, a, f"vllm:time_to_first_token_seconds_{part}")
+            for b, a in zip(before, after, strict=True)
+        )
+        for part in ("sum", "count")
+    ]
+    client_ttft = [r.ttft for r in ok if r.ttft is not None]
+    engine_mean = engine_ttft[0] / engine_ttft[1] if engine_ttft[1] else 0.0
+    client_mean = sum(client_ttft) / len(client_ttft) if client_ttft else 0.0
     return {
         "workload": workload.name,
         "regime": workload.regime,
@@ -211,6 +223,8 @@ def run_case(
         "first_reads": len(first),
         "itl_p50": itl["p50"],
         "itl_p90": itl["p90"],
+        "engine_ttft_mean": engine_mean,
+        "outside_engine_ttft_mean": client_mean - engine_mean,
         "output_tok_s": sum(r.completion_tokens for r in ok) / wall if wall else 0.0,
         "hit_rate": hit_rate,
         "oracle_hit_rate": oracle,
