@@ -145,12 +145,29 @@ class ProxyEndpoint:
     ) -> None:
         ctx = self.ctx
         model = request.model
+        held_until: float | None = None
         if model is not None and ctx.holds.holds(model) and not self._available(model):
+            held_until = ctx.clock() + ctx.settings.hold_timeout_s
             await self._hold(model)
+
+        async def route() -> None:
+            while True:
+                try:
+                    await self._route(scope, send, ex, request, raw, session_header, self._candidates(model))
+                    return
+                except OpenAIError as err:
+                    # A woken engine may be announced before it listens (a readiness probe that is
+                    # missing or too early): the user asked to wait, so wait out the hold's time.
+                    if held_until is None or model is None or err.status not in (502, 503) or ex.started:
+                        raise
+                    if ctx.clock() >= held_until:
+                        raise
+                    await self._wait_held(model, held_until)
+
         candidates = self._candidates(model)
         per_engine = ctx.settings.max_in_flight_per_engine
         if per_engine is None or model is None:
-            await self._route(scope, send, ex, request, raw, session_header, candidates)
+            await route()
             return
         queue = ctx.queue_for(model)
         gauge = ctx.metrics.queued.labels(model)
@@ -170,8 +187,7 @@ class ProxyEndpoint:
             ) from None
         try:
             # engines may have come or gone while this request waited (a new one may have admitted it)
-            candidates = self._candidates(model)
-            await self._route(scope, send, ex, request, raw, session_header, candidates)
+            await route()
         finally:
             queue.release(len(self._available(model)) * per_engine)
 
@@ -192,6 +208,15 @@ class ProxyEndpoint:
         except HoldTimeout:
             message = f"no engine for {model} became available within {timeout:g} s; try again"
             raise self._reject("hold_timeout", RetryLater(503, message, _HOLD_RETRY_AFTER_S)) from None
+        finally:
+            gauge.dec()
+
+    async def _wait_held(self, model: str, until: float) -> None:
+        """A pause before a held request tries its woken engine again, still counted as queued."""
+        gauge = self.ctx.metrics.queued.labels(model)
+        gauge.inc()
+        try:
+            await asyncio.sleep(min(_HELD_RETRY_S, max(0.0, until - self.ctx.clock())))
         finally:
             gauge.dec()
 
@@ -421,6 +446,7 @@ class ProxyEndpoint:
         return err
 
 
+_HELD_RETRY_S = 0.5  # a held request's pause between tries of an engine that is not listening yet
 _HOLD_RETRY_AFTER_S = 30.0  # a model still starting after hold_timeout_s: come back in a while
 
 _LIMIT_MESSAGES = {

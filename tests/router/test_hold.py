@@ -101,11 +101,6 @@ def test_hold_timeout_answers_503_with_retry_after(hold_router: Callable[..., Ro
     assert queued(r) == 0.0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a held request released onto an engine that refuses connections answers 502 instead of "
-    "waiting again (router/proxy.py; found by the operator's scale-from-zero e2e on kwok)",
-)
 def test_a_held_request_waits_out_an_engine_that_is_announced_before_it_listens(
     hold_router: Callable[..., RouterServer], engines_file: Path, tmp_path: Path
 ) -> None:
