@@ -33,7 +33,6 @@ from kvstack.testing import Cluster, PodSimulators, SimTarget
 from kvstack.testing.pod_sims import kvstack_executable
 
 from .conftest import Api, evaluations, wait_until
-from .conftest import PodDiscovery as PodDiscovery  # test_dashboards_live imports it from here
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow, pytest.mark.timeout(600)]
 

@@ -27,10 +27,8 @@ from kvstack.operator.handlers import Runtime, build_registry
 from kvstack.operator.settings import OperatorSettings
 from kvstack.testing import Cluster, PodSimulators
 
-from .conftest import Api, wait_until
-
-# PodDiscovery and evaluations() belong in tests/operator/conftest.py; until then, from the e2e.
-from .test_autoscale_cluster import MODEL, PodDiscovery, evaluations
+from .conftest import Api, PodDiscovery, evaluations, wait_until
+from .test_autoscale_cluster import MODEL
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow, pytest.mark.timeout(300)]
 
