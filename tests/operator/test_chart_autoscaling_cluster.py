@@ -27,7 +27,7 @@ from kvstack.operator.handlers import Runtime, build_registry
 from kvstack.operator.settings import OperatorSettings
 from kvstack.testing import Cluster, PodSimulators
 
-from .conftest import Api, wait_until
+from .conftest import Api, PodDiscovery, wait_until
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -57,29 +57,6 @@ VALUES: dict[str, Any] = {
         ],
     },
 }
-
-
-class FileDiscovery(threading.Thread):
-    """Writes the running simulators as Prometheus file_sd targets, labelled namespace and pod."""
-
-    def __init__(self, sims: PodSimulators, path: Path) -> None:
-        super().__init__(daemon=True)
-        self.sims, self.path, self.done = sims, path, threading.Event()
-        path.write_text("[]")
-
-    def run(self) -> None:
-        last = ""
-        while not self.done.wait(0.5):
-            groups = [
-                {"targets": [f"{t.host}:{t.port}"], "labels": {"namespace": t.namespace, "pod": t.name}}
-                for t in sorted(self.sims.targets.values(), key=lambda t: t.name)
-            ]
-            text = json.dumps(groups)
-            if text != last:
-                tmp = self.path.with_suffix(".tmp")
-                tmp.write_text(text)
-                tmp.replace(self.path)  # atomic: Prometheus never reads half a file
-                last = text
 
 
 class Load(threading.Thread):
@@ -184,7 +161,6 @@ def test_the_operator_scales_the_charts_engines_and_survives_a_bad_policy(
         namespace=namespace,
         log_dir=tmp_path / "sims",
     )
-    discovery = FileDiscovery(sims, targets)
     prom.start()
     try:
         prom.wait_ready(60)
@@ -201,8 +177,11 @@ def test_the_operator_scales_the_charts_engines_and_survives_a_bad_policy(
             )
         )
         args = ["run", "--standalone", "--namespace", namespace]
-        discovery.start()
-        with sims, KopfRunner(args, registry=build_registry(runtime), timeout=30) as runner:
+        with (
+            sims,
+            PodDiscovery(sims, targets),
+            KopfRunner(args, registry=build_registry(runtime), timeout=30) as runner,
+        ):
             sims.wait_for(1, timeout=90)
             # 1. Evaluations start: the state annotation appears, Prometheus answers.
             wait_until(
@@ -275,6 +254,4 @@ def test_the_operator_scales_the_charts_engines_and_survives_a_bad_policy(
         refused = [r.getMessage() for r in caplog.records if "forbidden" in r.getMessage().lower()]
         assert not refused, refused[:3]
     finally:
-        discovery.done.set()
-        discovery.join(timeout=5)
         prom.stop()
