@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 from kvstack.common.errors import OpenAIError, is_openai_error, openai_error_bytes
+from kvstack.router.admission import Admission, reject
 from kvstack.router.context import REQUEST_ID_KEY, RouterContext
 from kvstack.router.ejection import record_failure, record_success
 from kvstack.router.engines import EngineState
@@ -29,8 +30,6 @@ from kvstack.router.exchange import (
     watch_disconnect,
 )
 from kvstack.router.headers import scan_headers, upstream_headers
-from kvstack.router.hold import HoldFull, HoldTimeout
-from kvstack.router.limits import QueueFull, QueueTimeout
 from kvstack.router.policies.base import Decision, RequestFeatures
 from kvstack.router.prompts import prompt_text, prompt_token_ids
 from kvstack.router.protocol import Kind, ParsedRequest, SSEFramer, error_event, has_content, parse_request
@@ -66,6 +65,7 @@ class ProxyEndpoint:
         self._session_name = ctx.settings.session_header.encode("latin-1")
         self._expose_engine = ctx.settings.expose_engine_header
         self._engine_tokenizer: EngineTokenizer | None = None
+        self.admission = Admission(ctx)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         ctx = self.ctx
@@ -75,23 +75,23 @@ class ProxyEndpoint:
             auth, declared, session_header = scan_headers(scope["headers"], self._session_name)
             key = ctx.keys.identify(auth)
             if key is None:
-                raise self._reject("auth", OpenAIError(401, "invalid or missing API key"))
+                raise reject(ctx, "auth", OpenAIError(401, "invalid or missing API key"))
             ex.key = key
             if ctx.limiter.enabled:
                 refused = ctx.limiter.admit(key, ctx.clock())
                 if refused is not None:
                     reason, wait = refused
-                    raise self._reject(reason, RetryLater(429, _LIMIT_MESSAGES[reason], wait))
+                    raise reject(ctx, reason, RetryLater(429, _LIMIT_MESSAGES[reason], wait))
                 admitted_key = key
             try:
                 async with asyncio.timeout(ctx.settings.body_timeout_s):
                     raw = await read_body(receive, ctx.settings.max_body_bytes, declared)
             except TimeoutError:
-                raise self._reject(
-                    "body_timeout", OpenAIError(408, "request body not received in time")
+                raise reject(
+                    ctx, "body_timeout", OpenAIError(408, "request body not received in time")
                 ) from None
             except OpenAIError as err:
-                raise self._reject("body_too_large", err) from None
+                raise reject(ctx, "body_too_large", err) from None
             request = parse_request(self.kind, raw)
             ex.model = request.model or ""
             ex.stream = request.stream
@@ -143,98 +143,25 @@ class ProxyEndpoint:
         raw: bytes,
         session_header: bytes | None,
     ) -> None:
-        ctx = self.ctx
-        model = request.model
-        held_until: float | None = None
-        if model is not None and ctx.holds.holds(model) and not self._available(model):
-            held_until = ctx.clock() + ctx.settings.hold_timeout_s
-            await self._hold(model)
+        admission, model = self.admission, request.model
+        held_until = None if model is None else await admission.hold(model)
 
         async def route() -> None:
             while True:
                 try:
-                    await self._route(scope, send, ex, request, raw, session_header, self._candidates(model))
+                    candidates = admission.candidates(model)
+                    await self._route(scope, send, ex, request, raw, session_header, candidates)
                     return
                 except OpenAIError as err:
                     # A woken engine may be announced before it listens (a readiness probe that is
                     # missing or too early): the user asked to wait, so wait out the hold's time.
                     if held_until is None or model is None or err.status not in (502, 503) or ex.started:
                         raise
-                    if ctx.clock() >= held_until:
+                    if self.ctx.clock() >= held_until:
                         raise
-                    await self._wait_held(model, held_until)
+                    await admission.wait_held(model, held_until)
 
-        candidates = self._candidates(model)
-        per_engine = ctx.settings.max_in_flight_per_engine
-        if per_engine is None or model is None:
-            await route()
-            return
-        queue = ctx.queue_for(model)
-        gauge = ctx.metrics.queued.labels(model)
-        try:
-            gauge.inc()
-            try:
-                await queue.acquire(len(candidates) * per_engine, ctx.settings.queue_timeout_s)
-            finally:
-                gauge.dec()
-        except QueueFull:
-            raise self._reject(
-                "queue_full", RetryLater(429, f"too many requests queued for {model}", 1.0)
-            ) from None
-        except QueueTimeout:
-            raise self._reject(
-                "queue_timeout", RetryLater(429, f"timed out waiting for capacity for {model}", 1.0)
-            ) from None
-        try:
-            # engines may have come or gone while this request waited (a new one may have admitted it)
-            await route()
-        finally:
-            queue.release(len(self._available(model)) * per_engine)
-
-    async def _hold(self, model: str) -> None:
-        """Wait for the model's first available engine (scale from zero), counted as queued."""
-        ctx = self.ctx
-        timeout = ctx.settings.hold_timeout_s
-        deadline = ctx.clock() + timeout
-        gauge = ctx.metrics.queued.labels(model)
-        gauge.inc()
-        try:
-            while not self._available(model):  # woken, but the engine may be gone again
-                await ctx.holds.wait(model, deadline - ctx.clock())
-        except HoldFull:
-            raise self._reject(
-                "hold_full", RetryLater(429, f"too many requests waiting for {model} to start", 1.0)
-            ) from None
-        except HoldTimeout:
-            message = f"no engine for {model} became available within {timeout:g} s; try again"
-            raise self._reject("hold_timeout", RetryLater(503, message, _HOLD_RETRY_AFTER_S)) from None
-        finally:
-            gauge.dec()
-
-    async def _wait_held(self, model: str, until: float) -> None:
-        """A pause before a held request tries its woken engine again, still counted as queued."""
-        gauge = self.ctx.metrics.queued.labels(model)
-        gauge.inc()
-        try:
-            await asyncio.sleep(min(_HELD_RETRY_S, max(0.0, until - self.ctx.clock())))
-        finally:
-            gauge.dec()
-
-    def _available(self, model: str | None) -> list[EngineState]:
-        registry, now = self.ctx.registry, self.ctx.clock()
-        if model is None:  # /tokenize without a model: any available engine
-            return [e for e in registry.all() if e.available(now)]
-        return registry.candidates(model, now)
-
-    def _candidates(self, model: str | None) -> list[EngineState]:
-        """Available engines for ``model``; 404 for a model nobody serves, 503 when all are down."""
-        found = self._available(model)
-        if found:
-            return found
-        registry = self.ctx.registry
-        if model is not None and not any(model in e.models for e in registry.all()):
-            raise OpenAIError(404, f"The model `{model}` does not exist.", param="model")
-        raise OpenAIError(503, f"no engine is available for model {model!r}; try again shortly")
+        await admission.queued(model, route)
 
     async def _route(
         self,
@@ -270,7 +197,7 @@ class ProxyEndpoint:
         failure: OpenAIError | None = None
         for attempt in range(settings.max_attempts):
             if attempt:
-                candidates = [e for e in self._available(request.model) if e.url not in tried]
+                candidates = [e for e in self.admission.available(request.model) if e.url not in tried]
                 if not candidates:
                     break
             t0 = time.perf_counter()
@@ -397,7 +324,7 @@ class ProxyEndpoint:
             return prompt_token_ids(request, ctx.token_cache)
         if self._engine_tokenizer is None:
             self._engine_tokenizer = EngineTokenizer(
-                ctx.upstream, lambda model: [e.url for e in self._available(model or None)]
+                ctx.upstream, lambda model: [e.url for e in self.admission.available(model or None)]
             )
         try:
             return await request_tokens(self._engine_tokenizer, request)
@@ -441,13 +368,6 @@ class ProxyEndpoint:
         else:
             self._engine_failed(engine, kind)
 
-    def _reject(self, reason: str, err: OpenAIError) -> OpenAIError:
-        self.ctx.metrics.rejections.labels(reason).inc()
-        return err
-
-
-_HELD_RETRY_S = 0.5  # a held request's pause between tries of an engine that is not listening yet
-_HOLD_RETRY_AFTER_S = 30.0  # a model still starting after hold_timeout_s: come back in a while
 
 _LIMIT_MESSAGES = {
     "rate_limit": "rate limit exceeded for this API key",

@@ -1,0 +1,115 @@
+"""Admission: which engines may take a request, the per-model queue, and the scale-from-zero hold.
+
+The proxy asks here before it routes: a request for a model at zero replicas waits (bounded, with a
+deadline) for an engine to appear, counted in ``kvstack_router_queued_requests``; a request over the
+model's in-flight capacity waits in its queue or is refused with a 429. Refusals are counted by
+reason in ``kvstack_router_rejections_total``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+from kvstack.common.errors import OpenAIError
+from kvstack.router.context import RouterContext
+from kvstack.router.engines import EngineState
+from kvstack.router.exchange import RetryLater
+from kvstack.router.hold import HoldFull, HoldTimeout
+from kvstack.router.limits import QueueFull, QueueTimeout
+
+HELD_RETRY_S = 0.5  # a held request's pause between tries of an engine that is not listening yet
+HOLD_RETRY_AFTER_S = 30.0  # a model still starting after hold_timeout_s: come back in a while
+
+
+def reject(ctx: RouterContext, reason: str, err: OpenAIError) -> OpenAIError:
+    """``err``, counted as a rejection for ``reason``."""
+    ctx.metrics.rejections.labels(reason).inc()
+    return err
+
+
+class Admission:
+    """The admission steps of one router, shared by every proxied route."""
+
+    def __init__(self, ctx: RouterContext) -> None:
+        self.ctx = ctx
+
+    def available(self, model: str | None) -> list[EngineState]:
+        registry, now = self.ctx.registry, self.ctx.clock()
+        if model is None:  # /tokenize without a model: any available engine
+            return [e for e in registry.all() if e.available(now)]
+        return registry.candidates(model, now)
+
+    def candidates(self, model: str | None) -> list[EngineState]:
+        """Available engines for ``model``; 404 for a model nobody serves, 503 when all are down."""
+        found = self.available(model)
+        if found:
+            return found
+        registry = self.ctx.registry
+        if model is not None and not any(model in e.models for e in registry.all()):
+            raise OpenAIError(404, f"The model `{model}` does not exist.", param="model")
+        raise OpenAIError(503, f"no engine is available for model {model!r}; try again shortly")
+
+    async def hold(self, model: str) -> float | None:
+        """Wait while ``model`` has no engine and the router holds it; returns the hold's deadline.
+
+        None when the request was not held. Counted as queued while it waits.
+        """
+        ctx = self.ctx
+        if not ctx.holds.holds(model) or self.available(model):
+            return None
+        timeout = ctx.settings.hold_timeout_s
+        deadline = ctx.clock() + timeout
+        gauge = ctx.metrics.queued.labels(model)
+        gauge.inc()
+        try:
+            while not self.available(model):  # woken, but the engine may be gone again
+                await ctx.holds.wait(model, deadline - ctx.clock())
+        except HoldFull:
+            raise reject(
+                ctx, "hold_full", RetryLater(429, f"too many requests waiting for {model} to start", 1.0)
+            ) from None
+        except HoldTimeout:
+            message = f"no engine for {model} became available within {timeout:g} s; try again"
+            raise reject(ctx, "hold_timeout", RetryLater(503, message, HOLD_RETRY_AFTER_S)) from None
+        finally:
+            gauge.dec()
+        return deadline
+
+    async def wait_held(self, model: str, until: float) -> None:
+        """A pause before a held request tries its woken engine again, still counted as queued."""
+        gauge = self.ctx.metrics.queued.labels(model)
+        gauge.inc()
+        try:
+            await asyncio.sleep(min(HELD_RETRY_S, max(0.0, until - self.ctx.clock())))
+        finally:
+            gauge.dec()
+
+    async def queued(self, model: str | None, route: Callable[[], Awaitable[None]]) -> None:
+        """Run ``route`` once the model's queue admits the request (no queue: at once)."""
+        ctx = self.ctx
+        candidates = self.candidates(model)
+        per_engine = ctx.settings.max_in_flight_per_engine
+        if per_engine is None or model is None:
+            await route()
+            return
+        queue = ctx.queue_for(model)
+        gauge = ctx.metrics.queued.labels(model)
+        try:
+            gauge.inc()
+            try:
+                await queue.acquire(len(candidates) * per_engine, ctx.settings.queue_timeout_s)
+            finally:
+                gauge.dec()
+        except QueueFull:
+            raise reject(
+                ctx, "queue_full", RetryLater(429, f"too many requests queued for {model}", 1.0)
+            ) from None
+        except QueueTimeout:
+            raise reject(
+                ctx, "queue_timeout", RetryLater(429, f"timed out waiting for capacity for {model}", 1.0)
+            ) from None
+        try:
+            await route()  # engines may have come or gone while it waited: route() looks again
+        finally:
+            queue.release(len(self.available(model)) * per_engine)
