@@ -28,11 +28,13 @@ three things, each 1 / 0 by default so the reference fit is untouched:
   built-in tokenizer makes 2.05-2.16x fewer tokens of the H200 run's prompts than its model's BPE.
 - ``gpu_share``: the step lasts ``t / gpu_share``. Engines sharing one GPU without MPS time-slice
   it, so a busy neighbour stretches every step; an engine cannot see its neighbour, so the factor
-  is fixed (the busy case). Two engines at utilization 0.3 on one H200 measured ITL p50 22.7-24.7 ms
-  (cache-aware, load 0.35) where this model gives 6.0-6.4 ms for the same batches and contexts
-  with a whole GPU: a share of 0.26, not the 0.5 of ideal time-slicing. The rest is context
-  switching and the LMCache connector's per-step hooks, which the run cannot separate. A fixed
-  factor overstates steps when the neighbour idles (light load measured ITL p50 15 ms, ~0.4).
+  is fixed (the busy case). Two engines at utilization 0.3 on one H200 measured ITL p50 22.7 and
+  24.7 ms (cache-aware, load 0.35) where the unshared simulator gave 5.25 ms on the same traces
+  (about 6 ms with the 2.1x token scale's longer decode contexts): a share of about 0.25, not the
+  0.5 of ideal time-slicing. The rest is context switching and the LMCache connector's per-step
+  hooks, which the run cannot separate. 0.26 was set before the check run, which then gave ITL p50
+  22.4 / 23.1 ms. A fixed factor overstates steps when the neighbour idles (at load 0.12 the GPU
+  measured ITL p50 15 ms, a share of about 0.4).
 - LMCache's synchronous offload (``lmcache.store_us_per_request`` + ``store_us_per_token`` x the
   prompt tokens a request computed), charged to the step that finishes the prefill and not divided
   by the share: the logged ``offload_time`` was measured on the shared GPU. Theil-Sen over the 1,384
