@@ -340,7 +340,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
     runs = report["runs"]
     phases = report["phases"]
     fig, axes = plt.subplots(
-        len(runs) + 1, 1, figsize=(10, 3.2 * (len(runs) + 1)), sharex=True, squeeze=False
+        len(runs) + 1, 1, figsize=(12, 3.2 * (len(runs) + 1)), sharex=True, squeeze=False
     )
     for ax, run in zip(axes[:, 0], runs, strict=False):
         tl = run["timeline"]
@@ -358,13 +358,14 @@ def plot(report: dict[str, Any], path: Path) -> None:
         load.plot(tl["t"], tl["rate"], color="gray", alpha=0.5, label="offered req/s")
         load.set_ylabel("req/s", color="gray")
         lines = ax.get_legend_handles_labels()[0] + load.get_legend_handles_labels()[0]
-        ax.legend(lines, [str(h.get_label()) for h in lines], fontsize=7, loc="upper right")
+        labels = [str(h.get_label()) for h in lines]
+        ax.legend(lines, labels, fontsize=7, loc="upper left", bbox_to_anchor=(1.07, 1.0))
     queue = axes[-1, 0]
     for run in runs:
         tl = run["timeline"]
         queue.plot(tl["t"], [w if w is not None else float("nan") for w in tl["waiting"]], label=run["name"])
     queue.set_ylabel("waiting requests (all pods)")
-    queue.legend(fontsize=7)
+    queue.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.07, 1.0))
     queue.set_xlabel(f"seconds since the load step (step ends at {phases['step_s']:g} s)")
     for ax in axes[:, 0]:
         ax.axvline(0, color="black", linewidth=0.8)

@@ -26,9 +26,11 @@ class Phases:
     """The offered load over time, in seconds relative to the step (warm-up is negative)."""
 
     warm_s: float = 20.0
-    step_s: float = 100.0
-    after_s: float = 80.0
-    base_rate: float = 0.5  # requests per second before and after the step
+    step_s: float = 140.0  # longer than the scale-down window: steady state under the step shows
+    after_s: float = 80.0  # the scale-down window and the steps down
+    # Requests per second before and after the step: low enough that a burst seldom fills a pod's
+    # 4 slots (which a utilization scaler answers with a pod), so both variants start from one.
+    base_rate: float = 0.2
     step_rate: float = 4.5
 
     def rate(self, t: float) -> float:

@@ -183,10 +183,10 @@ def autoscale(
     scale: Annotated[
         int, typer.Option(min=1, help="--cluster: divide every autoscaling period by this.")
     ] = 5,
-    base_rate: Annotated[float, typer.Option(min=0.01, help="--cluster: requests/s before and after.")] = 0.5,
+    base_rate: Annotated[float, typer.Option(min=0.01, help="--cluster: requests/s before and after.")] = 0.2,
     step_rate: Annotated[float, typer.Option(min=0.01, help="--cluster: requests/s during the step.")] = 4.5,
     warm: Annotated[float, typer.Option(min=0, help="--cluster: seconds of base load before the step.")] = 20,
-    step: Annotated[float, typer.Option(min=1, help="--cluster: seconds the step lasts.")] = 100,
+    step: Annotated[float, typer.Option(min=1, help="--cluster: seconds the step lasts.")] = 140,
     after: Annotated[float, typer.Option(min=0, help="--cluster: seconds of base load after it.")] = 80,
     model_load: Annotated[
         float, typer.Option(min=0, help="--cluster: a pod's model load in seconds, before scaling.")
@@ -217,12 +217,34 @@ def autoscale(
                 raise typer.BadParameter(f"unknown variant {name!r}; known: {known}", param_hint="--variant")
         phases = Phases(warm_s=warm, step_s=step, after_s=after, base_rate=base_rate, step_rate=step_rate)
         bench = ClusterBench(scale=scale, phases=phases, only=tuple(variant or ()), model_load_s=model_load)
-        result = main_run(folder, bench, lambda line: typer.echo(line, err=True))
-        rows = [{"variant": r["name"], **r["summary"]} for r in result["runs"]]
+        import sys
+
+        # Bound now: kopf's runner swaps sys.stderr for a capture while the operator runs.
+        stderr = sys.stderr
+        result = main_run(folder, bench, lambda line: print(line, file=stderr, flush=True))
+        columns = {
+            "replicas_before": "before",
+            "peak_replicas": "peak",
+            "decision_s": "decision s",
+            "ready_s": "Ready s",
+            "serving_s": "serving s",
+            "all_ready_s": "all Ready s",
+            "all_serving_s": "all serving s",
+            "scale_down_s": "down s",
+            "reversals": "reversals",
+            "replica_seconds": "replica-s",
+            "step_ttft_p50_s": "TTFT p50",
+            "step_ttft_p90_s": "TTFT p90",
+            "errors": "errors",
+        }
+        rows = [
+            {"variant": r["name"], **{title: r["summary"][key] for key, title in columns.items()}}
+            for r in result["runs"]
+        ]
         report.print_table(
             f"Autoscaling on a kwok cluster (seconds after the load step; periods / {scale})",
             rows,
-            list(rows[0].keys()),
+            ["variant", *columns.values()],
         )
         typer.echo(f"results: {folder / 'cluster.json'}, plot: {folder / 'cluster.png'}")
         return
