@@ -5,7 +5,8 @@ load of ``startup_s`` before a new pod serves) fed by a piecewise-constant arriv
 every ``interval_s`` with the real :func:`kvstack.operator.autoscale.decide`. Deterministic, so it
 compares policies exactly: reaction time to the step, replica-minutes, time above the queue target,
 and direction reversals (flapping). ``python -m kvstack.operator.bench --out DIR`` writes
-``autoscale.json`` and ``autoscale.png``.
+``autoscale.json`` and ``autoscale.png``. This is the model mode of ``kvstack bench autoscale``;
+``--cluster`` measures real (kwok) pods instead (:mod:`kvstack.bench.autoscale_cluster`).
 """
 
 from __future__ import annotations
