@@ -13,7 +13,6 @@ counted and skipped; the loop never dies of one.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from kvstack.router.engines import EngineState
 from kvstack.router.kvindex.index import KVIndex
 
 log = logging.getLogger(__name__)
+_CLOSE_TIMEOUT_S = 5.0
 
 
 class SubscriberSettings(BaseModel):
@@ -121,14 +121,19 @@ class KVEventSubscriber:
         self.index.remove_engine(url)
 
     async def close(self) -> None:
-        """Stop every feed and wait for their sockets to close."""
+        """Stop every feed and wait (boundedly) for their sockets to close."""
         tasks = [f.task for f in self._feeds.values() if f.task is not None]
         self._feeds.clear()
         for t in tasks:
             t.cancel()
-        for t in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await t
+        if tasks:
+            done, pending = await asyncio.wait(tasks, timeout=_CLOSE_TIMEOUT_S)
+            for t in done:
+                if not t.cancelled() and t.exception() is not None:
+                    log.warning("KV-event feed %s had failed", t.get_name(), exc_info=t.exception())
+            for t in pending:  # a feed that ignored its cancellation: never hang the caller
+                log.warning("KV-event feed %s did not stop within %g s", t.get_name(), _CLOSE_TIMEOUT_S)
+                t.cancel()
 
     # -- one engine ----------------------------------------------------------------------------
 
@@ -239,12 +244,15 @@ class KVEventSubscriber:
         first: int | None = None
         try:
             # A DEALER's send waits for a connected peer: bound it too, or an engine whose replay
-            # socket is gone would stall this feed (and its live events) forever.
-            await asyncio.wait_for(
-                dealer.send_multipart([b"", encode_seq(start)]), self.settings.replay_timeout_s
-            )
+            # socket is gone would stall this feed (and its live events) forever. asyncio.timeout,
+            # not wait_for: Python 3.11's wait_for can swallow a cancellation that arrives as the
+            # receive completes, and the feed then outlives close() (a test hung on exactly that).
+            timeout = self.settings.replay_timeout_s
+            async with asyncio.timeout(timeout):
+                await dealer.send_multipart([b"", encode_seq(start)])
             while True:
-                frames = await asyncio.wait_for(dealer.recv_multipart(), self.settings.replay_timeout_s)
+                async with asyncio.timeout(timeout):
+                    frames = await dealer.recv_multipart()
                 if len(frames) != 3:
                     self.counters.malformed += 1
                     continue
