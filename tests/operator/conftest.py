@@ -5,11 +5,8 @@ The cluster fixtures come from :mod:`kvstack.testing.pytest_plugin`, registered 
 
 from __future__ import annotations
 
-import json
-import threading
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,7 +14,7 @@ import pytest
 from kvstack.observability.prometheus import KubeAccess
 from kvstack.operator.crd import CRD_FILE, GROUP, PLURAL, VERSION
 from kvstack.operator.handlers import Runtime
-from kvstack.testing import Cluster, PodSimulators
+from kvstack.testing import Cluster
 from kvstack.testing.kube_access import prometheus_access
 
 
@@ -135,41 +132,3 @@ def evaluations(runtime: Runtime) -> float:
     return sum(
         s.value for m in runtime.metrics.decisions.collect() for s in m.samples if s.name.endswith("_total")
     )
-
-
-class PodDiscovery:
-    """Writes the simulators behind Running engine pods as file_sd targets, labelled namespace/pod.
-
-    For a Prometheus without Kubernetes discovery; the autoscaling e2e discovers pods through the
-    API server instead (``prom_access`` and :class:`kvstack.observability.prometheus.PodJob`).
-    """
-
-    def __init__(self, sims: PodSimulators, path: Path, extra: list[dict[str, Any]] | None = None) -> None:
-        self._sims, self.path, self._extra = sims, path, extra or []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-        self._write([])
-
-    def _write(self, groups: list[dict[str, Any]]) -> None:
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(groups))
-        tmp.replace(self.path)  # atomic: Prometheus never reads half a file
-
-    def _loop(self) -> None:
-        last: list[dict[str, Any]] = []
-        while not self._stop.wait(0.5):
-            groups = [
-                {"targets": [f"{t.host}:{t.port}"], "labels": {"namespace": t.namespace, "pod": t.name}}
-                for t in sorted(self._sims.targets.values(), key=lambda t: t.name)
-            ] + self._extra
-            if groups != last:
-                self._write(groups)
-                last = groups
-
-    def __enter__(self) -> PodDiscovery:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)

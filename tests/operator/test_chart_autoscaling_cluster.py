@@ -25,9 +25,9 @@ from kvstack.observability.prometheus import prometheus_process
 from kvstack.operator.annotated import POLICY, STATUS
 from kvstack.operator.handlers import Runtime, build_registry
 from kvstack.operator.settings import OperatorSettings
-from kvstack.testing import Cluster, PodSimulators
+from kvstack.testing import Cluster, PodSimulators, SimulatorTargets
 
-from .conftest import Api, PodDiscovery, wait_until
+from .conftest import Api, wait_until
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -179,7 +179,7 @@ def test_the_operator_scales_the_charts_engines_and_survives_a_bad_policy(
         args = ["run", "--standalone", "--namespace", namespace]
         with (
             sims,
-            PodDiscovery(sims, targets),
+            SimulatorTargets(sims, targets),
             KopfRunner(args, registry=build_registry(runtime), timeout=30) as runner,
         ):
             sims.wait_for(1, timeout=90)

@@ -25,9 +25,9 @@ from kvstack.dashboards.rules import ALERTS, RECORDS
 from kvstack.observability.prometheus import PrometheusAPI, Target, prometheus_process
 from kvstack.operator.handlers import Runtime, build_registry
 from kvstack.operator.settings import OperatorSettings
-from kvstack.testing import Cluster, PodSimulators
+from kvstack.testing import Cluster, PodSimulators, SimulatorTargets
 
-from .conftest import Api, PodDiscovery, evaluations, wait_until
+from .conftest import Api, evaluations, wait_until
 from .test_autoscale_cluster import MODEL
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow, pytest.mark.timeout(300)]
@@ -155,7 +155,7 @@ def test_autoscaler_queries_and_operator_rules_return_data(
     with (
         running([proc], timeout=60),
         sims,
-        PodDiscovery(sims, engines_file),
+        SimulatorTargets(sims, engines_file),
         KopfRunner(args, registry=build_registry(runtime), timeout=30) as runner,
     ):
         api.create("demo", spec)

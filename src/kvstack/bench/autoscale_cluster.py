@@ -25,11 +25,11 @@ from typing import Any
 import httpx
 import yaml
 
-from kvstack.bench.autoscale_live import OpenLoopLoad, Recorder, ScrapeTargets
+from kvstack.bench.autoscale_live import OpenLoopLoad, Recorder
 from kvstack.bench.autoscale_plan import MODEL, Phases, PodShape, Sample, Variant, summarize, variants
 from kvstack.common.procs import ManagedProcess, free_port
 from kvstack.observability.prometheus import prometheus_process
-from kvstack.testing import Cluster, PodSimulators, SimTarget
+from kvstack.testing import Cluster, PodSimulators, SimTarget, SimulatorTargets
 from kvstack.testing.pod_sims import Command, kvstack_executable, sim_command
 
 Echo = Callable[[str], None]
@@ -216,7 +216,7 @@ def run_variant(cluster: Cluster, bench: ClusterBench, variant: Variant, echo: E
                 prom.wait_ready(60)
                 with (
                     sims,
-                    ScrapeTargets(sims, targets),
+                    SimulatorTargets(sims, targets),
                     KopfRunner(args, registry=build_registry(runtime), timeout=30) as runner,
                 ):
                     body = {

@@ -1,28 +1,25 @@
-"""What the real-cluster autoscaling benchmark runs beside the stack: load, a recorder, scrape targets.
+"""What the real-cluster autoscaling benchmark runs beside the stack: load and a recorder.
 
 * :class:`OpenLoopLoad` sends streamed completions through the router at the planned rate (Poisson
   arrivals from a fixed seed), whatever the fleet does, and notes which pod answered each one;
-* :class:`Recorder` samples the Deployment, the pods and Prometheus every half second;
-* :class:`ScrapeTargets` keeps Prometheus' file_sd list equal to the running simulators, labelled
-  as a PodMonitor would label them (no Kubernetes service discovery in Debian's Prometheus).
+* :class:`Recorder` samples the Deployment, the pods and Prometheus every half second.
+
+Prometheus finds the simulators through :class:`kvstack.testing.SimulatorTargets` (file_sd).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import random
 import string
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 import httpx
 
 from kvstack.bench.autoscale_plan import MODEL, Phases, PodShape, Request, Sample, with_serving
-from kvstack.testing import PodSimulators
 
 ENGINE_HEADER = "x-kvstack-engine"
 
@@ -235,37 +232,3 @@ class Recorder:
         except (httpx.HTTPError, ValueError, KeyError):
             return None
         return float(result[0]["value"][1]) if result else None
-
-
-class ScrapeTargets:
-    """Writes the running simulators as Prometheus file_sd targets, labelled namespace and pod."""
-
-    def __init__(self, sims: PodSimulators, path: Path) -> None:
-        self._sims, self.path = sims, path
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-        self._write([])
-
-    def _write(self, groups: list[dict[str, Any]]) -> None:
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(groups))
-        tmp.replace(self.path)  # atomic: Prometheus never reads half a file
-
-    def _loop(self) -> None:
-        last: list[dict[str, Any]] = []
-        while not self._stop.wait(0.5):
-            groups = [
-                {"targets": [f"{t.host}:{t.port}"], "labels": {"namespace": t.namespace, "pod": t.name}}
-                for t in sorted(self._sims.targets.values(), key=lambda t: t.name)
-            ]
-            if groups != last:
-                self._write(groups)
-                last = groups
-
-    def __enter__(self) -> ScrapeTargets:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)

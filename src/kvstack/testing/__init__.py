@@ -5,6 +5,7 @@
 """
 
 from kvstack.testing.cluster import Cluster, ClusterConfig, reap_stale_clusters
+from kvstack.testing.file_sd import SimulatorTargets
 from kvstack.testing.pod_sims import PodSimulators
 from kvstack.testing.pod_targets import SimTarget
 from kvstack.testing.tools import Toolchain, build_tools, ensure_cluster_tools
@@ -14,6 +15,7 @@ __all__ = [
     "ClusterConfig",
     "PodSimulators",
     "SimTarget",
+    "SimulatorTargets",
     "Toolchain",
     "build_tools",
     "ensure_cluster_tools",
