@@ -232,6 +232,9 @@ def run_case(
         "load_cv": stats.coefficient_of_variation(per_engine),
         "decision_p99_ms": 1000
         * promtext.histogram_quantile(r_after, "kvstack_router_routing_decision_seconds", 0.99, r_before),
+        # the policy's own share of each request's path: its decision and its prompt's tokens
+        "decision_mean_ms": _mean_ms(r_before, r_after, "kvstack_router_routing_decision_seconds"),
+        "tokenize_mean_ms": _mean_ms(r_before, r_after, "kvstack_router_tokenize_seconds"),
         "router_cpu_s": cpu1 - cpu0,
         "router_rss_mb": rss / 2**20,
         "sims_cpu_s": sims1 - sims0,
@@ -240,6 +243,11 @@ def run_case(
         "requests_per_engine": per_engine,
         "route_reasons": _reasons(r_before, r_after),
     }
+
+
+def _mean_ms(before: promtext.Samples, after: promtext.Samples, histogram: str) -> float:
+    count = promtext.delta(before, after, f"{histogram}_count")
+    return 1000 * promtext.delta(before, after, f"{histogram}_sum") / count if count else 0.0
 
 
 def _reasons(before: promtext.Samples, after: promtext.Samples) -> dict[str, float]:
