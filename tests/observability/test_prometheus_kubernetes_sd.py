@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import re
+import ssl
 from pathlib import Path
 from typing import Any
 
@@ -257,7 +258,8 @@ def test_the_test_clusters_prometheus_token_reads_pods_and_nothing_else(
     assert access.bearer_token_file.stat().st_mode & 0o077 == 0  # a credential: owner only
     token = access.bearer_token_file.read_text()
     headers = {"Authorization": f"Bearer {token}"}
-    with httpx.Client(base_url=cluster.server, headers=headers, verify=str(access.ca_file)) as api:
+    tls = ssl.create_default_context(cafile=str(access.ca_file))
+    with httpx.Client(base_url=cluster.server, headers=headers, verify=tls) as api:
         assert api.get("/api/v1/pods", params={"limit": 1}).status_code == 200
         assert api.get("/api/v1/namespaces/kube-system/secrets").status_code == 403
         assert api.get("/api/v1/services").status_code == 403
