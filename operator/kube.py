@@ -149,24 +149,20 @@ class Kube:
 
     async def scale(self, namespace: str, deployment: str, replicas: int) -> None:
         """Set replicas through the Deployment's ``/scale`` subresource."""
-        path = f"{collection_path('apps/v1', 'Deployment', namespace)}/{deployment}/scale"
-        await self._request(
-            "PATCH",
-            path,
-            params={"fieldManager": SCALE_MANAGER},
-            headers={"Content-Type": "application/merge-patch+json"},
-            content=json.dumps({"spec": {"replicas": replicas}}),
-        )
+        await self._merge_patch(namespace, f"{deployment}/scale", {"spec": {"replicas": replicas}})
 
     async def annotate(self, namespace: str, deployment: str, annotations: dict[str, str]) -> None:
         """Merge ``annotations`` into a Deployment's metadata (a merge patch: nothing else changes)."""
-        path = f"{collection_path('apps/v1', 'Deployment', namespace)}/{deployment}"
+        await self._merge_patch(namespace, deployment, {"metadata": {"annotations": annotations}})
+
+    async def _merge_patch(self, namespace: str, deployment_path: str, body: dict[str, Any]) -> None:
+        """A JSON merge patch of a Deployment (or its subresource), as the scaler's field manager."""
         await self._request(
             "PATCH",
-            path,
+            f"{collection_path('apps/v1', 'Deployment', namespace)}/{deployment_path}",
             params={"fieldManager": SCALE_MANAGER},
             headers={"Content-Type": "application/merge-patch+json"},
-            content=json.dumps({"metadata": {"annotations": annotations}}),
+            content=json.dumps(body),
         )
 
     async def event(self, involved: Obj, type_: str, reason: str, message: str) -> None:
