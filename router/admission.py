@@ -85,13 +85,16 @@ class Admission:
         finally:
             gauge.dec()
 
-    async def queued(self, model: str | None, route: Callable[[], Awaitable[None]]) -> None:
-        """Run ``route`` once the model's queue admits the request (no queue: at once)."""
+    async def queued(self, model: str | None, route: Callable[[list[EngineState]], Awaitable[None]]) -> None:
+        """Run ``route`` on the available engines once the model's queue admits the request.
+
+        Without a queue that is at once; 404 or 503 (from :meth:`candidates`) when none can serve.
+        """
         ctx = self.ctx
         candidates = self.candidates(model)
         per_engine = ctx.settings.max_in_flight_per_engine
         if per_engine is None or model is None:
-            await route()
+            await route(candidates)
             return
         queue = ctx.queue_for(model)
         gauge = ctx.metrics.queued.labels(model)
@@ -110,6 +113,7 @@ class Admission:
                 ctx, "queue_timeout", RetryLater(429, f"timed out waiting for capacity for {model}", 1.0)
             ) from None
         try:
-            await route()  # engines may have come or gone while it waited: route() looks again
+            # engines may have come or gone while it waited: look again
+            await route(self.candidates(model))
         finally:
             queue.release(len(self.available(model)) * per_engine)

@@ -146,10 +146,10 @@ class ProxyEndpoint:
         admission, model = self.admission, request.model
         held_until = None if model is None else await admission.hold(model)
 
-        async def route() -> None:
+        async def route(candidates: list[EngineState] | None) -> None:
             while True:
                 try:
-                    candidates = admission.candidates(model)
+                    candidates = candidates or admission.candidates(model)
                     await self._route(scope, send, ex, request, raw, session_header, candidates)
                     return
                 except OpenAIError as err:
@@ -160,6 +160,7 @@ class ProxyEndpoint:
                     if self.ctx.clock() >= held_until:
                         raise
                     await admission.wait_held(model, held_until)
+                    candidates = None  # look again: the engine may have been ejected meanwhile
 
         await admission.queued(model, route)
 
