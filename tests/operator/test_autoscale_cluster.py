@@ -26,10 +26,15 @@ from kopf.testing import KopfRunner
 from openai.types.chat import ChatCompletion
 
 from kvstack.common.procs import ManagedProcess, free_port
-from kvstack.observability.prometheus import KubeAccess, PodJob, PrometheusAPI, prometheus_process
+from kvstack.observability.prometheus import (
+    KubeAccess,
+    PodJob,
+    PrometheusAPI,
+    prometheus_process,
+    prometheus_url,
+)
 from kvstack.operator.handlers import Runtime, build_registry
-from kvstack.operator.settings import OperatorSettings
-from kvstack.testing import Cluster, PodSimulators, SimTarget
+from kvstack.testing import Cluster, PodSimulators, SimTarget, operator_settings
 from kvstack.testing.pod_sims import kvstack_executable
 
 from .conftest import Api, evaluations, wait_until
@@ -162,16 +167,7 @@ def test_load_scales_engines_up_then_down_and_a_blind_operator_holds(
             "scaleDown": {"stabilizationSeconds": DOWN_WINDOW},
         },
     }
-    settings = OperatorSettings(
-        namespace=namespace,
-        kubeconfig=cluster.kubeconfig,
-        context=cluster.context,
-        metrics_port=0,
-        liveness_port=0,
-        tick_seconds=0.5,
-        resync_seconds=30,
-        prometheus_url=prom.ready_url.removesuffix("/-/ready") if prom.ready_url else "",
-    )
+    settings = operator_settings(cluster, namespace, resync_seconds=30, prometheus_url=prometheus_url(prom))
     runtime = Runtime(settings)
     sims = PodSimulators(cluster.api_client(), "app.kubernetes.io/component=engine", namespace=namespace)
     args = ["run", "--standalone", "--namespace", namespace]
@@ -345,19 +341,9 @@ def test_an_idle_model_scales_to_zero_and_a_held_request_wakes_it(
     router: ManagedProcess | None = None
     try:
         prom.wait_ready(60)
-        url = (prom.ready_url or "").removesuffix("/-/ready")
+        url = prometheus_url(prom)
         prom_api = PrometheusAPI(url)
-        runtime = Runtime(
-            OperatorSettings(
-                namespace=namespace,
-                kubeconfig=cluster.kubeconfig,
-                context=cluster.context,
-                metrics_port=0,
-                liveness_port=0,
-                tick_seconds=0.5,
-                prometheus_url=url,
-            )
-        )
+        runtime = Runtime(operator_settings(cluster, namespace, prometheus_url=url))
         args = ["run", "--standalone", "--namespace", namespace]
         with sims, KopfRunner(args, registry=build_registry(runtime), timeout=30) as runner:
             api.create("demo", spec)

@@ -21,7 +21,7 @@ from kopf.testing import KopfRunner
 from tests.helm.test_cluster_install import release
 
 from kvstack.common.procs import free_port
-from kvstack.observability.prometheus import prometheus_process
+from kvstack.observability.prometheus import prometheus_process, prometheus_url
 from kvstack.operator.annotated import POLICY, STATUS
 from kvstack.operator.handlers import Runtime, build_registry
 from kvstack.operator.settings import OperatorSettings
@@ -164,7 +164,7 @@ def test_the_operator_scales_the_charts_engines_and_survives_a_bad_policy(
     prom.start()
     try:
         prom.wait_ready(60)
-        url = (prom.ready_url or "").removesuffix("/-/ready")
+        url = prometheus_url(prom)
         runtime = Runtime(
             OperatorSettings(
                 namespace=namespace,

@@ -22,10 +22,9 @@ from kvstack.common.procs import ManagedProcess, free_port, running
 from kvstack.dashboards.catalog import dashboards
 from kvstack.dashboards.promql import expand, metric_names
 from kvstack.dashboards.rules import ALERTS, RECORDS
-from kvstack.observability.prometheus import PrometheusAPI, Target, prometheus_process
+from kvstack.observability.prometheus import PrometheusAPI, Target, prometheus_process, prometheus_url
 from kvstack.operator.handlers import Runtime, build_registry
-from kvstack.operator.settings import OperatorSettings
-from kvstack.testing import Cluster, PodSimulators, SimulatorTargets
+from kvstack.testing import Cluster, PodSimulators, SimulatorTargets, operator_settings
 
 from .conftest import Api, evaluations, wait_until
 from .test_autoscale_cluster import MODEL
@@ -122,18 +121,11 @@ def test_autoscaler_queries_and_operator_rules_return_data(
     engines_file = tmp_path / "engines.json"
     metrics_port = free_port()
     proc = prometheus(tmp_path / "prometheus", metrics_port, engines_file)
-    url = (proc.ready_url or "").removesuffix("/-/ready")
+    url = prometheus_url(proc)
     prom = PrometheusAPI(url)
     runtime = Runtime(
-        OperatorSettings(
-            namespace=namespace,
-            kubeconfig=cluster.kubeconfig,
-            context=cluster.context,
-            metrics_host="127.0.0.1",
-            metrics_port=metrics_port,
-            liveness_port=0,
-            tick_seconds=0.5,
-            prometheus_url=url,
+        operator_settings(
+            cluster, namespace, metrics_host="127.0.0.1", metrics_port=metrics_port, prometheus_url=url
         )
     )
     spec: dict[str, Any] = {

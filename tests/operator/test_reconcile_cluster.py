@@ -10,8 +10,7 @@ import pytest
 from kopf.testing import KopfRunner
 
 from kvstack.operator.handlers import Runtime, build_registry
-from kvstack.operator.settings import OperatorSettings
-from kvstack.testing import Cluster
+from kvstack.testing import Cluster, operator_settings
 
 from .conftest import Api, wait_until
 
@@ -25,16 +24,7 @@ SPEC: dict[str, Any] = {
 
 @contextlib.contextmanager
 def operator(cluster: Cluster, namespace: str, **overrides: Any) -> Iterator[Runtime]:
-    settings = OperatorSettings(
-        namespace=namespace,
-        kubeconfig=cluster.kubeconfig,
-        context=cluster.context,
-        metrics_port=0,
-        liveness_port=0,
-        resync_seconds=overrides.pop("resync_seconds", 2.0),
-        tick_seconds=0.5,
-        **overrides,
-    )
+    settings = operator_settings(cluster, namespace, **{"resync_seconds": 2.0, **overrides})
     runtime = Runtime(settings)
     args = ["run", "--standalone", "--namespace", namespace]
     with KopfRunner(args, registry=build_registry(runtime), timeout=30) as runner:

@@ -18,8 +18,7 @@ from tests.operator.conftest import Api, api, crd_installed, kubeconfig_env, wai
 from tests.operator.test_reconcile_cluster import SPEC
 
 from kvstack.operator.handlers import Runtime, build_registry
-from kvstack.operator.settings import OperatorSettings
-from kvstack.testing import Cluster
+from kvstack.testing import Cluster, operator_settings
 
 __all__ = ["api", "crd_installed", "kubeconfig_env"]
 
@@ -35,15 +34,7 @@ def operator(cluster: Cluster, namespace: str) -> Iterator[None]:
     (At a stop, the cleanup closes the shared API client under a running timer, which then logs a
     ReadError traceback: a known operator bug, see tests/reliability/README.md.)
     """
-    settings = OperatorSettings(
-        namespace=namespace,
-        kubeconfig=cluster.kubeconfig,
-        context=cluster.context,
-        metrics_port=0,
-        liveness_port=0,
-        resync_seconds=2.0,
-        tick_seconds=0.5,
-    )
+    settings = operator_settings(cluster, namespace, resync_seconds=2.0)
     args = ["run", "--standalone", "--namespace", namespace]
     with KopfRunner(args, registry=build_registry(Runtime(settings)), timeout=30) as runner:
         yield

@@ -16,7 +16,6 @@ import os
 import shutil
 import tempfile
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,8 +27,8 @@ import yaml
 from kvstack.bench.autoscale_live import OpenLoopLoad, Recorder
 from kvstack.bench.autoscale_plan import MODEL, Phases, PodShape, Sample, Variant, summarize, variants
 from kvstack.common.procs import ManagedProcess, free_port
-from kvstack.observability.prometheus import prometheus_process
-from kvstack.testing import Cluster, PodSimulators, SimTarget, SimulatorTargets
+from kvstack.observability.prometheus import prometheus_process, prometheus_url
+from kvstack.testing import Cluster, PodSimulators, SimTarget, SimulatorTargets, operator_settings
 from kvstack.testing.pod_sims import Command, kvstack_executable, sim_command
 
 Echo = Callable[[str], None]
@@ -65,19 +64,6 @@ def install_crd(cluster: Cluster) -> None:
     if applied.returncode != 0:
         raise RuntimeError(f"cannot apply the KVStack CRD: {applied.stderr}")
     cluster.kubectl("wait", "--for=condition=Established", f"crd/{PLURAL}.{GROUP}", "--timeout=60s")
-
-
-@contextlib.contextmanager
-def _namespace(cluster: Cluster) -> Iterator[str]:
-    from kubernetes import client
-
-    core: Any = client.CoreV1Api(cluster.api_client())
-    name = f"bench-{uuid.uuid4().hex[:6]}"
-    core.create_namespace({"metadata": {"name": name}})
-    try:
-        yield name
-    finally:
-        core.delete_namespace(name)
 
 
 @contextlib.contextmanager
@@ -176,7 +162,6 @@ def run_variant(cluster: Cluster, bench: ClusterBench, variant: Variant, echo: E
     from kvstack.bench.autoscale_plan import stack_spec
     from kvstack.operator.crd import GROUP, PLURAL, VERSION
     from kvstack.operator.handlers import Runtime, build_registry
-    from kvstack.operator.settings import OperatorSettings
 
     workdir = Path(tempfile.mkdtemp(prefix="kvstack-bench-autoscale-"))
     targets = workdir / "targets.json"
@@ -188,19 +173,10 @@ def run_variant(cluster: Cluster, bench: ClusterBench, variant: Variant, echo: E
         scrape_interval="1s",
         file_sd={"kvstack-engine": targets},
     )
-    prom_url = (prom.ready_url or "").removesuffix("/-/ready")
+    prom_url = prometheus_url(prom)
     try:
-        with _namespace(cluster) as namespace, _kubeconfig_env(cluster):
-            settings = OperatorSettings(
-                namespace=namespace,
-                kubeconfig=cluster.kubeconfig,
-                context=cluster.context,
-                metrics_port=0,
-                liveness_port=0,
-                tick_seconds=0.5,
-                resync_seconds=30,
-                prometheus_url=prom_url,
-            )
+        with cluster.temporary_namespace("bench-") as namespace, _kubeconfig_env(cluster):
+            settings = operator_settings(cluster, namespace, resync_seconds=30, prometheus_url=prom_url)
             runtime = Runtime(settings)
             sims = PodSimulators(
                 cluster.api_client(),

@@ -204,6 +204,9 @@ def render_config(
     }
 
 
+_READY_PATH = "/-/ready"
+
+
 def prometheus_process(
     workdir: Path,
     targets: Sequence[Target],
@@ -240,7 +243,7 @@ def prometheus_process(
         f"--web.listen-address={host}:{port}",
         "--log.level=warn",
     ]
-    return ManagedProcess(name, argv, workdir, ready_url=f"http://{host}:{port}/-/ready")
+    return ManagedProcess(name, argv, workdir, ready_url=f"http://{host}:{port}{_READY_PATH}")
 
 
 class PrometheusError(RuntimeError):
@@ -301,3 +304,8 @@ class PrometheusAPI:
                 return last
             time.sleep(interval)
         raise PrometheusError(f"no data for {expr} after {timeout:.0f}s")
+
+
+def prometheus_url(proc: ManagedProcess) -> str:
+    """The HTTP API base of a process from :func:`prometheus_process` (its ready URL, less the path)."""
+    return (proc.ready_url or "").removesuffix(_READY_PATH)

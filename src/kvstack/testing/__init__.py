@@ -6,6 +6,7 @@
 
 from kvstack.testing.cluster import Cluster, ClusterConfig, reap_stale_clusters
 from kvstack.testing.file_sd import SimulatorTargets
+from kvstack.testing.operator_settings import operator_settings
 from kvstack.testing.pod_sims import PodSimulators
 from kvstack.testing.pod_targets import SimTarget
 from kvstack.testing.tools import Toolchain, build_tools, ensure_cluster_tools
@@ -19,5 +20,6 @@ __all__ = [
     "Toolchain",
     "build_tools",
     "ensure_cluster_tools",
+    "operator_settings",
     "reap_stale_clusters",
 ]

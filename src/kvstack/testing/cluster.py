@@ -16,6 +16,8 @@ import shutil
 import subprocess
 import tempfile
 import time
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -202,6 +204,19 @@ class Cluster:
                 config_file=str(self.kubeconfig), context=self.context
             )
         return self._api_client
+
+    @contextlib.contextmanager
+    def temporary_namespace(self, prefix: str) -> Iterator[str]:
+        """A fresh namespace ``prefix`` + 8 hex digits, deleted (with everything in it) afterwards."""
+        from kubernetes import client
+
+        core: Any = client.CoreV1Api(self.api_client())
+        name = f"{prefix}{uuid.uuid4().hex[:8]}"
+        core.create_namespace({"metadata": {"name": name}})
+        try:
+            yield name
+        finally:
+            core.delete_namespace(name)
 
     def server_version(self) -> str:
         """``gitVersion`` the API server reports, e.g. ``v1.34.10``."""

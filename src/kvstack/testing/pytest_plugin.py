@@ -7,9 +7,7 @@ selected test is marked ``cluster``.
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
 
@@ -45,12 +43,5 @@ def cluster(cluster_tools: Toolchain) -> Iterator[Cluster]:
 @pytest.fixture
 def namespace(cluster: Cluster) -> Iterator[str]:
     """A fresh namespace, deleted (with everything in it) after the test."""
-    from kubernetes import client
-
-    core: Any = client.CoreV1Api(cluster.api_client())
-    name = f"t-{uuid.uuid4().hex[:8]}"
-    core.create_namespace({"metadata": {"name": name}})
-    try:
+    with cluster.temporary_namespace("t-") as name:
         yield name
-    finally:
-        core.delete_namespace(name)
