@@ -7,13 +7,14 @@ import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 from tests.conftest import free_port
 
+from kvstack.engine.sim.latency import StepWork
 from kvstack.engine.sim.types import FinishedRequestStats
 
 
@@ -113,3 +114,13 @@ class Recorder:
     def on_request_finished(self, stats: FinishedRequestStats) -> None:
         self.finished.append(stats)
         self.finished_event.set()
+
+
+def work(prefill: Sequence[tuple[int, int]] = (), decodes: Sequence[int] = (), **extra: int) -> StepWork:
+    """One engine step's work: prefill chunks as (tokens, context) and decodes by context."""
+    w = StepWork(**extra)
+    for n, ctx in prefill:
+        w.add_prefill(n, ctx)
+    for ctx in decodes:
+        w.add_decode(ctx)
+    return w

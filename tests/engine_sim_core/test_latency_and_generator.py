@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import statistics
-from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -14,17 +13,10 @@ from kvstack.engine.sim.config import LatencyParams
 from kvstack.engine.sim.generator import STOP_TOKEN_ID, WORD_IDS, output_length, output_seed, token_at
 from kvstack.engine.sim.latency import StepWork, frontend_delay, step_time
 
+from .conftest import work
+
 P = LatencyParams()
 BUDGET = 8192
-
-
-def work(prefill: Sequence[tuple[int, int]] = (), decodes: Sequence[int] = (), **extra: int) -> StepWork:
-    w = StepWork(**extra)
-    for n, ctx in prefill:
-        w.add_prefill(n, ctx)
-    for ctx in decodes:
-        w.add_decode(ctx)
-    return w
 
 
 def model_ttft(n: int, hit: int) -> float:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import gzip
 import statistics
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,22 +31,13 @@ from kvstack.engine.sim.latency import (
 from kvstack.engine.sim.scheduler import Scheduler, SimSeq
 from kvstack.engine.sim.types import SimRequest
 
-from .conftest import Recorder
+from .conftest import Recorder, work
 
 DEFAULT = build(SimConfig, "test config")
 
 
 def cfg(**values: Any) -> SimConfig:
     return build(SimConfig, "test config", **values)
-
-
-def work(prefill: Sequence[tuple[int, int]] = (), decodes: Sequence[int] = (), **extra: int) -> StepWork:
-    w = StepWork(**extra)
-    for n, ctx in prefill:
-        w.add_prefill(n, ctx)
-    for ctx in decodes:
-        w.add_decode(ctx)
-    return w
 
 
 WORKS = [
