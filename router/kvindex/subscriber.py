@@ -16,6 +16,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
+from typing import cast
 
 import msgspec
 import zmq
@@ -29,6 +30,7 @@ from kvstack.router.kvindex.index import KVIndex
 
 log = logging.getLogger(__name__)
 _CLOSE_TIMEOUT_S = 5.0
+_DRAIN_ROUND = 64  # live batches applied before the feed yields to requests
 
 
 class SubscriberSettings(BaseModel):
@@ -62,6 +64,19 @@ def served_model(state: EngineState) -> str | None:
     return min(state.models)  # with several (base + adapters) a stable pick; see the report
 
 
+def _readable(sock: zmq.Socket[bytes]) -> bool:
+    """A message is queued (reading EVENTS also re-arms the socket's FD)."""
+    return bool(cast(int, sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN)
+
+
+def _receive(sock: zmq.Socket[bytes]) -> list[bytes] | None:
+    """The next queued message, or None (per message cheaper than asking EVENTS first)."""
+    try:
+        return sock.recv_multipart(zmq.NOBLOCK)
+    except zmq.Again:
+        return None
+
+
 @dataclass(slots=True)
 class _Feed:
     state: EngineState
@@ -85,6 +100,8 @@ class KVEventSubscriber:
         self.index = index
         self.settings = settings or SubscriberSettings()
         self._ctx = context or zmq.asyncio.Context.instance()
+        # the same context, for plain sockets
+        self._sync_ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.shadow(self._ctx.underlying)
         self._feeds: dict[str, _Feed] = {}
         self.counters = SubscriberCounters()
 
@@ -143,7 +160,10 @@ class KVEventSubscriber:
         while (model := served_model(state)) is None:  # noqa: ASYNC110
             await asyncio.sleep(self.settings.model_poll_s)
         self.index.ensure_engine(state.url, model=model, events=True)
-        sub = self._ctx.socket(zmq.SUB)
+        # Plain (not asyncio) sockets, drained on readiness: engines publish a batch per scheduler
+        # step, and pyzmq's asyncio poller costs more per message than decoding and applying it
+        # (profiled: three quarters of the feed's time on a busy router).
+        sub = self._sync_ctx.socket(zmq.SUB)
         sub.setsockopt(zmq.LINGER, 0)
         sub.setsockopt(zmq.RCVHWM, self.settings.rcvhwm)
         sub.setsockopt(zmq.SUBSCRIBE, b"")
@@ -152,27 +172,49 @@ class KVEventSubscriber:
         # monitor tells us, and a full replay then rebuilds the engine's entries from scratch.
         mon = sub.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
         sub.connect(state.endpoint.kv_events_endpoint)
-        poller = zmq.asyncio.Poller()
-        poller.register(sub, zmq.POLLIN)
-        poller.register(mon, zmq.POLLIN)
+        wake = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        fds = [sub.fileno(), mon.fileno()]
+        for fd in fds:
+            loop.add_reader(fd, wake.set)
         try:
             # Subscribe first, then replay: batches published meanwhile queue in `sub` and are
             # deduplicated by sequence number.
             await self._replay(feed, 0)
             while True:
-                ready = dict(await poller.poll())
-                if mon in ready:
-                    event = parse_monitor_message(await mon.recv_multipart())["event"]
-                    if event == zmq.EVENT_DISCONNECTED:
-                        feed.resync = True
-                    elif event == zmq.EVENT_CONNECTED and feed.resync:
-                        await self._replay(feed, 0, rebuild=True)
-                if sub in ready:
-                    await self._on_live(feed, await sub.recv_multipart())
+                if await self._drain(feed, sub, mon):
+                    await asyncio.sleep(0)  # let requests run between rounds
+                    continue
+                # ZMQ's FD is edge-like: it signals new activity, not pending messages. Both
+                # sockets just read empty; reading EVENTS re-arms their FDs, and nothing can slip
+                # in unseen between here and the wait (no await in between).
+                if _readable(sub) or _readable(mon):
+                    continue
+                wake.clear()
+                await wake.wait()
         finally:
+            for fd in fds:
+                loop.remove_reader(fd)
             sub.disable_monitor()
             mon.close(linger=0)
             sub.close(linger=0)
+
+    async def _drain(self, feed: _Feed, sub: zmq.Socket[bytes], mon: zmq.Socket[bytes]) -> bool:
+        """Handle what is queued (a bounded round); False when both sockets were empty."""
+        handled = False
+        while (frames := _receive(mon)) is not None:  # rare: connects and disconnects
+            event = parse_monitor_message(frames)["event"]
+            handled = True
+            if event == zmq.EVENT_DISCONNECTED:
+                feed.resync = True
+            elif event == zmq.EVENT_CONNECTED and feed.resync:
+                await self._replay(feed, 0, rebuild=True)
+        for _ in range(_DRAIN_ROUND):
+            if (frames := _receive(sub)) is None:
+                break
+            await self._on_live(feed, frames)
+            handled = True
+        return handled
 
     async def _on_live(self, feed: _Feed, frames: list[bytes]) -> None:
         if len(frames) != 3:
