@@ -33,12 +33,20 @@ def block_keys(
         n_blocks = min(n_blocks, max_blocks)
     if n_blocks == 0:
         return []
-    buf = array("I", tokens[: n_blocks * block_size]).tobytes()
-    step = block_size * _U32_BYTES
+    buf = token_bytes(tokens[: n_blocks * block_size])
+    return chain_bytes(buf, block_size * _U32_BYTES, root)
+
+
+def token_bytes(tokens: Sequence[int]) -> bytes:
+    """Token ids as the (native-order) uint32 bytes that keys are hashed over."""
+    return array("I", tokens).tobytes()
+
+
+def chain_bytes(buf: bytes | memoryview, step: int, parent: int) -> list[int]:
+    """Chained keys of ``buf`` cut into ``step``-byte blocks (whole blocks only), from ``parent``."""
     keys: list[int] = []
-    parent = root
     digest = xxhash.xxh3_64_intdigest
-    for off in range(0, n_blocks * step, step):
+    for off in range(0, len(buf) - step + 1, step):
         parent = digest(buf[off : off + step], seed=parent)
         keys.append(parent)
     return keys
