@@ -19,14 +19,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import multiprocessing
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import TypeVar
 
 from kvstack.common import tokenizer
-from kvstack.router.prompts import PromptWork, TokenCache, prompt_work, tokenize
-from kvstack.router.protocol import ParsedRequest
+from kvstack.router.prompts import PromptWork, TokenCache, tokenize
 
 log = logging.getLogger(__name__)
 _In = TypeVar("_In")
@@ -57,9 +56,9 @@ class TokenizerPool:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
 
-    async def prefetch(self, request: ParsedRequest, cache: TokenCache) -> None:
-        """Tokenize a long, uncached prompt in the worker and leave its tokens in ``cache``."""
-        work = prompt_work(request)
+    async def prefetch(self, work: PromptWork | Sequence[int] | None, cache: TokenCache) -> None:
+        """Tokenize a long, uncached prompt (:func:`prompt_work`'s answer) in the worker and leave
+        its tokens in ``cache``."""
         if not isinstance(work, PromptWork) or work.digest in cache or self._pool is None:
             return
         if work.chat is None:

@@ -156,7 +156,11 @@ def tokenize(work: PromptWork) -> tuple[int, ...]:
 
 def prompt_token_ids(request: ParsedRequest, cache: TokenCache) -> Sequence[int] | None:
     """The prompt as the engine tokenizes it (first prompt of a batch); None when it has none."""
-    work = prompt_work(request)
+    return work_tokens(prompt_work(request), cache)
+
+
+def work_tokens(work: PromptWork | Sequence[int] | None, cache: TokenCache) -> Sequence[int] | None:
+    """The tokens of :func:`prompt_work`'s answer (for a caller that already has it)."""
     if not isinstance(work, PromptWork):
         return work
     return cache.get(work.digest, lambda: tokenize(work))

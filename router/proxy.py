@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from kvstack.common.errors import OpenAIError, is_openai_error, openai_error_bytes
@@ -31,7 +31,7 @@ from kvstack.router.exchange import (
 )
 from kvstack.router.headers import scan_headers, upstream_headers
 from kvstack.router.policies.base import Decision, RequestFeatures
-from kvstack.router.prompts import prompt_text, prompt_token_ids
+from kvstack.router.prompts import PromptWork, prompt_text, prompt_token_ids, prompt_work, work_tokens
 from kvstack.router.protocol import Kind, ParsedRequest, SSEFramer, error_event, has_content, parse_request
 from kvstack.router.tokenizers import EngineTokenizer, TokenizeError, request_tokens
 from kvstack.router.upstream import UpstreamError, UpstreamResponse
@@ -178,10 +178,12 @@ class ProxyEndpoint:
         settings, metrics, policy = ctx.settings, ctx.metrics, ctx.policy
         session_key = session_header.decode("latin-1") if session_header else request.user
         t0, builtin_runs = time.perf_counter(), self._builtin_runs()
-        if ctx.offload is not None and policy.needs_tokens:
-            await ctx.offload.prefetch(request, ctx.token_cache)  # a long prompt: off the event loop
-        tokens = await self._prompt_tokens(request) if policy.needs_tokens else None
+        tokens = None
         if policy.needs_tokens:
+            work = prompt_work(request)  # its digest is the token cache's key: compute it once
+            if ctx.offload is not None:
+                await ctx.offload.prefetch(work, ctx.token_cache)  # a long prompt: off the event loop
+            tokens = await self._prompt_tokens(request, work)
             self._observe_tokenize(policy.name, t0, builtin_runs)
         cache_salt = request.body.get("cache_salt")
         features = RequestFeatures(
@@ -238,6 +240,7 @@ class ProxyEndpoint:
         ok = False
         try:
             try:
+                ex.routed = time.perf_counter() - ex.start
                 resp = await ctx.upstream.send("POST", engine.url + self.path, headers, raw)
             except UpstreamError as err:
                 self._engine_failed(engine, err.kind)
@@ -318,11 +321,11 @@ class ProxyEndpoint:
 
     # ------------------------------------------------------------------ helpers
 
-    async def _prompt_tokens(self, request: ParsedRequest) -> Any:
+    async def _prompt_tokens(self, request: ParsedRequest, work: PromptWork | Sequence[int] | None) -> Any:
         """Prompt tokens as the engine prefills them (its /tokenize when so configured)."""
         ctx = self.ctx
         if ctx.settings.tokenizer == "builtin" or ctx.upstream is None:
-            return prompt_token_ids(request, ctx.token_cache)
+            return work_tokens(work, ctx.token_cache)
         if self._engine_tokenizer is None:
             self._engine_tokenizer = EngineTokenizer(
                 ctx.upstream, lambda model: [e.url for e in self.admission.available(model or None)]

@@ -72,7 +72,7 @@ def test_worker_tokens_are_the_inline_tokens_and_one_shared_tuple() -> None:
             long = long_text()
             for body in (chat(long), {"model": MODEL, "prompt": long}):
                 request = parse_request("chat" if "messages" in body else "completion", _json(body))
-                await pool.prefetch(request, cache)
+                await pool.prefetch(prompt_work(request), cache)
                 first = prompt_token_ids(request, cache)
                 again = prompt_token_ids(request, cache)
                 work = prompt_work(request)
@@ -81,14 +81,14 @@ def test_worker_tokens_are_the_inline_tokens_and_one_shared_tuple() -> None:
                 assert again is first
             assert pool.offloaded == 2
             assert (cache.misses, cache.hits) == (2, 2)
-            await pool.prefetch(parse_request("chat", _json(chat(SHORT))), cache)
+            await pool.prefetch(prompt_work(parse_request("chat", _json(chat(SHORT)))), cache)
             assert pool.offloaded == 2  # below the threshold: left to the inline path
             # a new chat whose long message is already known costs no worker round trip
             known = {
                 "model": MODEL,
                 "messages": [{"role": "user", "content": long}, {"role": "user", "content": SHORT}],
             }
-            await pool.prefetch(parse_request("chat", _json(known)), cache)
+            await pool.prefetch(prompt_work(parse_request("chat", _json(known))), cache)
             assert pool.offloaded == 2
         finally:
             pool.close()
@@ -121,7 +121,7 @@ def test_a_chat_sends_only_its_unknown_messages_and_they_are_remembered() -> Non
             msgs = [("system", system), ("user", document)]
             body = {"model": MODEL, "messages": [{"role": r, "content": c} for r, c in msgs]}
             assert tokenizer.MESSAGES.get("system", system) is None
-            await pool.prefetch(parse_request("chat", _json(body)), TokenCache())
+            await pool.prefetch(prompt_work(parse_request("chat", _json(body))), TokenCache())
             assert pool.offloaded == 1
             for role, content in msgs:
                 assert tokenizer.MESSAGES.get(role, content) == tokenizer.render_message(role, content)
