@@ -212,6 +212,8 @@ class CacheAwarePolicy:
         root = request_root(request.model, request.lora_name, request.cache_salt)
         session_url = self._sessions.get(request.session_key) if request.session_key else None
         index, ledger = self.index, self.ledger
+        # ties break by a hash of (request, engine): seeded by the request, hashed per engine URL
+        tie_seed = xxhash.xxh3_64_intdigest(request.request_id.encode())
         views: list[CandidateView] = []
         keys_of: list[tuple[int, ...]] = []
         for st in candidates:
@@ -234,7 +236,7 @@ class CacheAwarePolicy:
                     load=st.load,
                     last_cold=self._cold.get(url, -1),
                     session=url == session_url,
-                    tiebreak=xxhash.xxh3_64_intdigest(f"{request.request_id}\x00{url}".encode()),
+                    tiebreak=xxhash.xxh3_64_intdigest(url.encode(), seed=tie_seed),
                 )
             )
         choice = decide(len(tokens), views, self.settings, self.rng)
