@@ -15,6 +15,7 @@ TTFT = "kvstack_router_time_to_first_token_seconds"
 E2E = "kvstack_router_request_duration_seconds"
 DECISION = "kvstack_router_routing_decision_seconds"
 TOKENIZE = "kvstack_router_tokenize_seconds"
+DISPATCH = "kvstack_router_dispatch_seconds"
 ERRORS_SEL = ROUTER_SEL + ', status=~"5.."'
 
 
@@ -80,11 +81,16 @@ def router_overhead() -> Panel:
                 "p50 TTFT router - engine {{model_name}}",
             ),
             Query(quantile(0.99, DECISION, "policy", NS_SEL), "p99 routing decision {{policy}}"),
+            *(
+                Query(quantile(q, DISPATCH, "policy", NS_SEL), f"p{round(q * 100)} dispatch {{{{policy}}}}")
+                for q in (0.5, 0.99)
+            ),
         ],
         unit="s",
         min=None,
         description="Median TTFT seen at the router minus the engines' own median TTFT (network, "
-        "proxy and queueing in the router), and the p99 time spent choosing an engine.",
+        "proxy and queueing in the router), the p99 time spent choosing an engine, and the time from "
+        "arrival to the request sent to an engine (kvstack_router_dispatch_seconds).",
     )
 
 

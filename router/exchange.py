@@ -55,6 +55,7 @@ class Exchange:
     reason: str = ""
     error: str = ""
     ttft: float | None = None
+    routed: float | None = None  # arrival to the engine request: the router's own share of the TTFT
     started: bool = False  # response headers sent: from here on nothing can be retried
     finished: bool = False
     disconnected: bool = False
@@ -129,6 +130,7 @@ def account(metrics: RouterMetrics, ex: Exchange, path: str, log_it: bool) -> No
                 "key": ex.key,
                 "duration_ms": round(elapsed * 1000, 3),
                 "ttft_ms": None if ex.ttft is None else round(ex.ttft * 1000, 3),
+                "route_ms": None if ex.routed is None else round(ex.routed * 1000, 3),
                 "error": ex.error or None,
             },
         )

@@ -95,6 +95,14 @@ class RouterMetrics:
             buckets=_DECISION_BUCKETS,
             registry=r,
         )
+        self.dispatch = Histogram(
+            "kvstack_router_dispatch_seconds",
+            "Arrival at the router to the request sent to an engine (body, parsing, admission, "
+            "tokens, decision): the router's own share of the time to first token.",
+            ["policy"],
+            buckets=_TOKENIZE_BUCKETS,
+            registry=r,
+        )
         self.tokenize = Histogram(
             "kvstack_router_tokenize_seconds",
             "Time spent getting a prompt's tokens for the policy, by where they came from.",

@@ -241,6 +241,7 @@ class ProxyEndpoint:
         try:
             try:
                 ex.routed = time.perf_counter() - ex.start
+                ctx.metrics.labelled(ctx.metrics.dispatch, ctx.policy.name).observe(ex.routed)
                 resp = await ctx.upstream.send("POST", engine.url + self.path, headers, raw)
             except UpstreamError as err:
                 self._engine_failed(engine, err.kind)

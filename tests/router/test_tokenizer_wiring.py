@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import httpx
+import pytest
 
 from kvstack.common import tokenizer
 from kvstack.router.proxy import ProxyEndpoint
@@ -49,6 +51,7 @@ def test_builtin_tokenizer_is_the_default(sims: list[Sim], router: RouterFactory
     assert r.ctx.token_cache.misses == 1
     assert r.metric("kvstack_router_prompt_tokens_total", policy="cache_aware") == CHAT_TOKENS
     assert r.metric("kvstack_router_tokenize_seconds_count", policy="cache_aware", source="builtin") == 1
+    assert r.metric("kvstack_router_dispatch_seconds_count", policy="cache_aware") == 1
 
 
 def test_failing_engine_tokenize_falls_back_to_the_builtin_tokenizer(router: RouterFactory) -> None:
@@ -61,3 +64,19 @@ def test_failing_engine_tokenize_falls_back_to_the_builtin_tokenizer(router: Rou
         assert r.ctx.token_cache.misses == 1  # the built-in tokenizer stood in
         assert r.metric("kvstack_router_prompt_tokens_total", policy="cache_aware") == CHAT_TOKENS
         assert r.metric("kvstack_router_tokenize_seconds_count", policy="cache_aware", source="builtin") == 1
+
+
+def test_access_log_gives_the_routers_share_of_the_ttft(
+    sims: list[Sim], router: RouterFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    r = router(engines=[sims[0].url], policy="cache_aware", access_log=True)
+    with caplog.at_level(logging.INFO, logger="kvstack.router.access"):
+        body = {"model": MODEL, "messages": CHAT, "max_tokens": 2, "stream": True}
+        with httpx.stream("POST", f"{r.url}/v1/chat/completions", json=body, timeout=30) as resp:
+            assert resp.status_code == 200
+            resp.read()
+    lines = [rec for rec in caplog.records if rec.name == "kvstack.router.access"]
+    assert len(lines) == 1
+    line: Any = lines[0]
+    # the router's share (tokens, decision) comes before the engine's prefill in the TTFT
+    assert 0 < line.route_ms < line.ttft_ms

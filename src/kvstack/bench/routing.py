@@ -235,6 +235,8 @@ def run_case(
         # the policy's own share of each request's path: its decision and its prompt's tokens
         "decision_mean_ms": _mean_ms(r_before, r_after, "kvstack_router_routing_decision_seconds"),
         "tokenize_mean_ms": _mean_ms(r_before, r_after, "kvstack_router_tokenize_seconds"),
+        # arrival to the engine request: the router's whole share of the TTFT (all requests)
+        "dispatch_mean_ms": _mean_ms(r_before, r_after, "kvstack_router_dispatch_seconds"),
         "router_cpu_s": cpu1 - cpu0,
         "router_rss_mb": rss / 2**20,
         "sims_cpu_s": sims1 - sims0,
