@@ -36,3 +36,4 @@ def test_a_cache_aware_case_hits_near_the_oracle(tmp_path: Path) -> None:
     assert row["route_reasons"].get("cold", 0) >= 2  # the groups' first reads, spread cold
     assert row["ttft_p90"] <= row["ttft_all_p99"]
     assert len(row["loadavg"]) == 2
+    assert row["dispatch_mean_ms"] > 0  # the router's own share of the TTFT, from its histogram

@@ -62,6 +62,9 @@ def routing(
     load: Annotated[
         float, typer.Option(help="Offered prompt tokens over the cluster's cold prefill throughput.")
     ] = 0.75,
+    repeat: Annotated[
+        int, typer.Option(help="Runs per case; goals and the plot use the median over runs.")
+    ] = 1,
 ) -> None:
     """Compare routing policies on the same traces: TTFT, hit rate vs an oracle, load balance, overhead."""
     import os
@@ -72,6 +75,8 @@ def routing(
 
     if load <= 0:
         raise typer.BadParameter("must be positive", param_hint="--load")
+    if repeat < 1:
+        raise typer.BadParameter("must be at least 1", param_hint="--repeat")
     setup = bench.RoutingSetup(
         engines=engines, num_gpu_blocks=num_gpu_blocks, speed=speed, scale=scale, load=load
     )
@@ -92,6 +97,7 @@ def routing(
         workload or list(WORKLOADS),
         regimes,  # type: ignore[arg-type]
         policy or list(bench.POLICIES),
+        repeat=repeat,
     )
     folder = out / "routing"
     goal_rows = bench.goals(rows)
@@ -105,6 +111,7 @@ def routing(
                 "scale": scale,
                 "capacity_tokens": setup.capacity_tokens,
                 "load": load,
+                "repeat": repeat,
                 "prefill_tokens_per_s": setup.prefill_tokens_per_s,
                 "cpu_count": os.cpu_count(),
                 "niceness": os.nice(0),  # a run under `nice -n -10` keeps other work from skewing it
@@ -116,10 +123,13 @@ def routing(
             "decision_microbenchmark": micro,
         },
     )
-    report.print_table("Routing policies (times in ms)", [_display(r) for r in rows], list(_COLUMNS.values()))
+    summary = bench.medians(rows)
+    title = "Routing policies (times in ms)" + (f", medians of {repeat} runs" if repeat > 1 else "")
+    report.print_table(title, [_display(r) for r in summary], list(_COLUMNS.values()))
     if goal_rows:
-        report.print_table("Goals (cache_aware)", goal_rows, list(goal_rows[0].keys()))
-    plot_routing(rows, folder / "routing.png", engines=engines, load=load)
+        columns = list(dict.fromkeys(k for entry in goal_rows for k in entry))
+        report.print_table("Goals (cache_aware)", goal_rows, columns)
+    plot_routing(summary, folder / "routing.png", engines=engines, load=load)
     typer.echo(f"results: {folder / 'results.json'}, plot: {folder / 'routing.png'}")
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import statistics
 import sys
 import tempfile
 import threading
@@ -275,7 +276,13 @@ def run(
     regimes: Sequence[workloads.Regime],
     policies: Sequence[str],
     progress: Callable[[str], None] = print,
+    *,
+    repeat: int = 1,
 ) -> list[dict[str, Any]]:
+    """Every (workload, regime) trace through every policy, ``repeat`` times (rows carry ``run``).
+
+    Runs interleave (all policies, then all again), so a drift of the machine meets every policy.
+    """
     _exit_on_sigterm()
     rows = []
     for name in names:
@@ -293,15 +300,33 @@ def run(
                 f"{workload.notes.get('request_rate', 0.0):.1f}/s, working set "
                 f"{workload.fill:.0%} of {setup.capacity_tokens} KV tokens"
             )
-            for policy in policies:
-                row = run_case(setup, workload, policy, progress)
-                progress(
-                    f"  {policy:>13}: TTFT p90 {row['ttft_p90'] * 1000:7.1f} ms, hit rate "
-                    f"{row['hit_rate']:.1%} (oracle {row['oracle_hit_rate']:.1%}), "
-                    f"load CV {row['load_cv']:.2f}, errors {row['errors']}, loadavg {row['loadavg']}"
-                )
-                rows.append(row)
+            for run_index in range(repeat):
+                for policy in policies:
+                    row = {**run_case(setup, workload, policy, progress), "run": run_index}
+                    progress(
+                        f"  {policy:>13}{f' (run {run_index + 1}/{repeat})' if repeat > 1 else ''}: "
+                        f"TTFT p90 {row['ttft_p90'] * 1000:7.1f} ms, hit rate "
+                        f"{row['hit_rate']:.1%} (oracle {row['oracle_hit_rate']:.1%}), "
+                        f"load CV {row['load_cv']:.2f}, errors {row['errors']}, loadavg {row['loadavg']}"
+                    )
+                    rows.append(row)
     return rows
+
+
+def medians(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (workload, regime, policy): the median over its runs of every number, ``runs``."""
+    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault((r["workload"], r["regime"], r["policy"]), []).append(r)
+    out = []
+    for runs in groups.values():
+        merged: dict[str, Any] = {**runs[0], "runs": len(runs)}
+        for key, value in runs[0].items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "run":
+                merged[key] = statistics.median(r[key] for r in runs)
+        merged.pop("run", None)
+        out.append(merged)
+    return out
 
 
 # The issue's goals: (entry key, bound, "max" if the value must stay at or below the bound, regimes)
@@ -317,20 +342,26 @@ GOALS: tuple[tuple[str, float, str, tuple[str, ...]], ...] = (
 def goals(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """The issue's goals, checked per (workload, regime) against the measured rows.
 
-    Each entry holds the ratios and ``missed``: the goals that apply to its regime and were not met
-    (a goal whose baseline was not run is neither met nor missed).
+    With repeated runs every value is the median over runs (ratios of medians), and each ratio's
+    paired per-run values (run i against run i) show its spread as ``<ratio>_runs``. Each entry
+    holds ``missed``: the goals that apply to its regime and were not met (a goal whose baseline
+    was not run is neither met nor missed).
     """
     out = []
-    for key in sorted({(r["workload"], r["regime"]) for r in rows}):
-        case = {r["policy"]: r for r in rows if (r["workload"], r["regime"]) == key}
+    summary = medians(rows)
+    for key in sorted({(r["workload"], r["regime"]) for r in summary}):
+        case = {r["policy"]: r for r in summary if (r["workload"], r["regime"]) == key}
         ours = case.get("cache_aware")
         if ours is None:
             continue
-        entry: dict[str, Any] = {"workload": key[0], "regime": key[1]}
-        if "round_robin" in case:
-            entry["ttft_p90_vs_round_robin"] = ours["ttft_p90"] / case["round_robin"]["ttft_p90"]
-        if "prefix_trie" in case:
-            entry["ttft_p90_vs_prefix_trie"] = ours["ttft_p90"] / case["prefix_trie"]["ttft_p90"]
+        entry: dict[str, Any] = {"workload": key[0], "regime": key[1], "runs": ours["runs"]}
+        for baseline in ("round_robin", "prefix_trie"):
+            if baseline in case:
+                name = f"ttft_p90_vs_{baseline}"
+                entry[name] = ours["ttft_p90"] / case[baseline]["ttft_p90"]
+                paired = _paired_ratios(rows, key, baseline)
+                if len(paired) > 1:
+                    entry[f"{name}_runs"] = paired
         baselines = [r["ttft_p90"] for p, r in case.items() if p != "cache_aware"]
         if baselines:
             entry["ttft_p90_vs_best_baseline"] = ours["ttft_p90"] / min(baselines)
@@ -339,6 +370,20 @@ def goals(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         entry["missed"] = missed(entry)
         out.append(entry)
     return out
+
+
+def _paired_ratios(rows: Sequence[dict[str, Any]], case: tuple[str, str], baseline: str) -> list[float]:
+    """Our TTFT p90 over ``baseline``'s, run by run (runs present for both)."""
+
+    def by_run(policy: str) -> dict[int, float]:
+        return {
+            int(r.get("run", 0)): r["ttft_p90"]
+            for r in rows
+            if (r["workload"], r["regime"]) == case and r["policy"] == policy
+        }
+
+    ours, theirs = by_run("cache_aware"), by_run(baseline)
+    return [round(ours[i] / theirs[i], 3) for i in sorted(ours) if i in theirs]
 
 
 def missed(entry: dict[str, Any]) -> list[str]:
