@@ -63,8 +63,9 @@ def routing(
         float, typer.Option(help="Offered prompt tokens over the cluster's cold prefill throughput.")
     ] = 0.75,
     repeat: Annotated[
-        int, typer.Option(help="Runs per case; goals and the plot use the median over runs.")
-    ] = 1,
+        int,
+        typer.Option(help="Runs per case; goals and plot use medians (a random baseline needs several)."),
+    ] = 3,
 ) -> None:
     """Compare routing policies on the same traces: TTFT, hit rate vs an oracle, load balance, overhead."""
     import os
