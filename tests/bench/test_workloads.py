@@ -19,6 +19,14 @@ def test_regimes_size_the_working_set(name: str, regime: workloads.Regime) -> No
     assert starts == sorted(starts) or name != "multi_round_qa"
 
 
+@pytest.mark.parametrize("name", workloads.WORKLOADS)
+@pytest.mark.parametrize("fill", [0.9, 0.95])
+def test_fill_overrides_the_regimes_working_set(name: str, fill: float) -> None:
+    w = workloads.build(name, 262_144, "pressured", fill=fill)
+    assert w.fill == pytest.approx(fill, abs=0.03)  # whole users, groups or documents
+    assert w.fill > workloads.build(name, 262_144, "pressured").fill
+
+
 def test_words_are_one_token_each() -> None:
     import random
 

@@ -66,6 +66,12 @@ def routing(
         int,
         typer.Option(help="Runs per case; goals and plot use medians (a random baseline needs several)."),
     ] = 3,
+    fill_under: Annotated[
+        float | None, typer.Option(help="Working set of the under regime, a fraction of KV (<= 0.6).")
+    ] = None,
+    fill_pressured: Annotated[
+        float | None, typer.Option(help="Working set of the pressured regime, a fraction of KV (0.7-1.0).")
+    ] = None,
 ) -> None:
     """Compare routing policies on the same traces: TTFT, hit rate vs an oracle, load balance, overhead."""
     import os
@@ -78,8 +84,19 @@ def routing(
         raise typer.BadParameter("must be positive", param_hint="--load")
     if repeat < 1:
         raise typer.BadParameter("must be at least 1", param_hint="--repeat")
+    # the issue's regimes: a working set <= 60% of the cluster's KV, and >= 70%
+    if fill_under is not None and not 0 < fill_under <= 0.6:
+        raise typer.BadParameter("must be in (0, 0.6]", param_hint="--fill-under")
+    if fill_pressured is not None and not 0.7 <= fill_pressured <= 1.0:
+        raise typer.BadParameter("must be in [0.7, 1.0]", param_hint="--fill-pressured")
+    fills = {"under": fill_under, "pressured": fill_pressured}
     setup = bench.RoutingSetup(
-        engines=engines, num_gpu_blocks=num_gpu_blocks, speed=speed, scale=scale, load=load
+        engines=engines,
+        num_gpu_blocks=num_gpu_blocks,
+        speed=speed,
+        scale=scale,
+        load=load,
+        fill={regime: f for regime, f in fills.items() if f is not None},
     )
     load_start = os.getloadavg()
     # In-process, before any stack starts: the decision's own cost on a populated index.
@@ -113,6 +130,7 @@ def routing(
                 "capacity_tokens": setup.capacity_tokens,
                 "load": load,
                 "repeat": repeat,
+                "fill": setup.fill,
                 "prefill_tokens_per_s": setup.prefill_tokens_per_s,
                 "cpu_count": os.cpu_count(),
                 "niceness": os.nice(0),  # a run under `nice -n -10` keeps other work from skewing it

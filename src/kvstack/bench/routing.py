@@ -41,6 +41,7 @@ class RoutingSetup:
     log_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="kvstack-bench-")))
 
     load: float = workloads.DEFAULT_LOAD  # offered prompt tokens / the cluster's cold prefill rate
+    fill: dict[str, float] = field(default_factory=dict)  # regime -> working set / KV (default: its own)
 
     @property
     def capacity_tokens(self) -> int:
@@ -294,6 +295,7 @@ def run(
                 scale=setup.scale,
                 prefill_tokens_per_s=setup.prefill_tokens_per_s,
                 load=setup.load,
+                fill=setup.fill.get(regime),
             )
             progress(
                 f"{name} / {regime}: {workload.num_requests} requests at "

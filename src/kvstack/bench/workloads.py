@@ -46,6 +46,10 @@ WORKLOADS = ("multi_round_qa", "shared_prefix", "long_doc_qa")
 _LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
 
+def _fill(regime: Regime, fill: float | None) -> float:
+    return REGIME_FILL[regime] if fill is None else fill
+
+
 def words(rng: random.Random, n_tokens: int) -> str:
     """``n_tokens`` one-token words (each " " + three lowercase letters)."""
     return "".join(" " + "".join(rng.choices(_LETTERS, k=3)) for _ in range(n_tokens))
@@ -121,13 +125,14 @@ def multi_round_qa(
     prefill_tokens_per_s: float = 4 * PREFILL_TOKENS_PER_S,
     load: float = DEFAULT_LOAD,
     rate_scale: float = 1.0,
+    fill: float | None = None,  # working set / KV capacity; default: the regime's
     seed: int = 0,
 ) -> Workload:
     """Users each hold a conversation over a shared system prompt and their own long context."""
     rng = random.Random(seed)
     turn = question_tokens + answer_tokens + 2 * TEMPLATE_TOKENS
     history = user_tokens + rounds * turn
-    users = max(2, round((REGIME_FILL[regime] * capacity_tokens - system_tokens) / history))
+    users = max(2, round((_fill(regime, fill) * capacity_tokens - system_tokens) / history))
     system = words(rng, system_tokens)
     # Mean prompt over a user's rounds: round k carries k earlier turns plus its question.
     mean_prompt = system_tokens + user_tokens + question_tokens + turn * (rounds - 1) / 2
@@ -160,11 +165,12 @@ def shared_prefix(
     prefill_tokens_per_s: float = 4 * PREFILL_TOKENS_PER_S,
     load: float = DEFAULT_LOAD,
     rate_scale: float = 1.0,
+    fill: float | None = None,  # working set / KV capacity; default: the regime's
     seed: int = 1,
 ) -> Workload:
     """Groups share a long system prompt; each request is a one-turn session with its own question."""
     rng = random.Random(seed)
-    groups = max(2, round(REGIME_FILL[regime] * capacity_tokens / system_tokens))
+    groups = max(2, round(_fill(regime, fill) * capacity_tokens / system_tokens))
     systems = [words(rng, system_tokens) for _ in range(groups)]
     n = groups * prompts_per_group
     rate = request_rate(
@@ -193,11 +199,12 @@ def long_doc_qa(
     load: float = DEFAULT_LOAD,
     rate_scale: float = 1.0,
     order: Literal["random", "interleave"] = "random",
+    fill: float | None = None,  # working set / KV capacity; default: the regime's
     seed: int = 2,
 ) -> Workload:
     """Documents queried repeatedly; ``interleave`` cycles through all documents each pass."""
     rng = random.Random(seed)
-    docs = max(2, round(REGIME_FILL[regime] * capacity_tokens / doc_tokens))
+    docs = max(2, round(_fill(regime, fill) * capacity_tokens / doc_tokens))
     texts = [words(rng, doc_tokens) for _ in range(docs)]
     if order == "interleave":
         sequence = [d for _ in range(queries_per_doc) for d in range(docs)]
@@ -224,10 +231,12 @@ def build(
     scale: float = 1.0,
     prefill_tokens_per_s: float = 4 * PREFILL_TOKENS_PER_S,
     load: float = DEFAULT_LOAD,
+    fill: float | None = None,
 ) -> Workload:
     """A named workload; ``scale`` < 1 shrinks prompt sizes (not the request rate) for quick runs.
 
-    ``prefill_tokens_per_s`` is the whole cluster's cold prefill throughput.
+    ``prefill_tokens_per_s`` is the whole cluster's cold prefill throughput; ``fill`` overrides the
+    regime's working set (a fraction of ``capacity_tokens``).
     """
     s = max(scale, 0.05)
     pf, rs = prefill_tokens_per_s, 1 / s
@@ -241,6 +250,7 @@ def build(
             answer_tokens=max(8, int(100 * s)),
             prefill_tokens_per_s=pf,
             load=load,
+            fill=fill,
             rate_scale=rs,
         )
     if name == "shared_prefix":
@@ -251,6 +261,7 @@ def build(
             question_tokens=max(8, int(128 * s)),
             prefill_tokens_per_s=pf,
             load=load,
+            fill=fill,
             rate_scale=rs,
         )
     if name == "long_doc_qa":
@@ -260,6 +271,7 @@ def build(
             doc_tokens=int(6000 * s),
             prefill_tokens_per_s=pf,
             load=load,
+            fill=fill,
             rate_scale=rs,
         )
     raise ValueError(f"unknown workload {name!r}; choose from {', '.join(WORKLOADS)}")
