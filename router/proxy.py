@@ -31,7 +31,7 @@ from kvstack.router.exchange import (
 )
 from kvstack.router.headers import scan_headers, upstream_headers
 from kvstack.router.policies.base import Decision, RequestFeatures
-from kvstack.router.prompts import PromptWork, prompt_text, prompt_token_ids, prompt_work, work_tokens
+from kvstack.router.prompts import PromptWork, prompt_text, prompt_work, work_tokens
 from kvstack.router.protocol import Kind, ParsedRequest, SSEFramer, error_event, has_content, parse_request
 from kvstack.router.tokenizers import EngineTokenizer, TokenizeError, request_tokens
 from kvstack.router.upstream import UpstreamError, UpstreamResponse
@@ -335,7 +335,7 @@ class ProxyEndpoint:
             return await request_tokens(self._engine_tokenizer, request)
         except TokenizeError as err:
             log.warning("engine tokenizer failed, using the built-in one: %s", err)
-            return prompt_token_ids(request, ctx.token_cache)
+            return work_tokens(work, ctx.token_cache)
 
     def _builtin_runs(self) -> int:
         cache = self.ctx.token_cache
