@@ -21,9 +21,7 @@ from functools import lru_cache
 
 import xxhash
 
-from kvstack.common.blocks import chain_bytes, chain_root, token_bytes
-
-_U32_BYTES = 4
+from kvstack.common.blocks import TOKEN_ID_BYTES, chain_bytes, chain_root, token_bytes
 
 
 @lru_cache(maxsize=4096)
@@ -71,7 +69,7 @@ class KeyCache:
 
     def _from_checkpoints(self, tokens: Sequence[int], block_size: int, root: int) -> tuple[int, ...]:
         n = len(tokens) // block_size
-        step = block_size * _U32_BYTES
+        step = block_size * TOKEN_ID_BYTES
         buf = memoryview(token_bytes(tokens))[: n * step]  # whole blocks only
         every = self.checkpoint_blocks
         marks = [*range(every, n, every), n] if n else []

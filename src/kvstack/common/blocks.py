@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import xxhash
 
-_U32_BYTES = 4
+TOKEN_ID_BYTES = 4  # each token id hashes as one uint32
 
 
 def chain_root(model: str, lora_name: str | None = None, cache_salt: str | None = None) -> int:
@@ -34,7 +34,7 @@ def block_keys(
     if n_blocks == 0:
         return []
     buf = token_bytes(tokens[: n_blocks * block_size])
-    return chain_bytes(buf, block_size * _U32_BYTES, root)
+    return chain_bytes(buf, block_size * TOKEN_ID_BYTES, root)
 
 
 def token_bytes(tokens: Sequence[int]) -> bytes:
