@@ -20,12 +20,11 @@ import yaml
 from kopf.testing import KopfRunner
 from tests.helm.test_cluster_install import release
 
-from kvstack.common.procs import free_port
-from kvstack.observability.prometheus import prometheus_process, prometheus_url
+from kvstack.observability.prometheus import prometheus_url
 from kvstack.operator.annotated import POLICY, STATUS
 from kvstack.operator.handlers import Runtime, build_registry
 from kvstack.operator.settings import OperatorSettings
-from kvstack.testing import Cluster, PodSimulators, SimulatorTargets
+from kvstack.testing import Cluster, PodSimulators, SimulatorTargets, file_sd_prometheus
 
 from .conftest import Api, wait_until
 
@@ -138,14 +137,7 @@ def test_the_operator_scales_the_charts_engines_and_survives_a_bad_policy(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     targets = tmp_path / "targets.json"
-    prom = prometheus_process(
-        tmp_path / "prometheus",
-        [],
-        free_port(),
-        rule_files=[],
-        scrape_interval="1s",
-        file_sd={"kvstack-engine": targets},
-    )
+    prom = file_sd_prometheus(tmp_path / "prometheus", targets)
     values = tmp_path / "values.yaml"
     values.write_text(yaml.safe_dump(VALUES))
     release(cluster, "install", namespace, "-f", str(values))

@@ -27,8 +27,15 @@ import yaml
 from kvstack.bench.autoscale_live import OpenLoopLoad, Recorder
 from kvstack.bench.autoscale_plan import MODEL, Phases, PodShape, Sample, Variant, summarize, variants
 from kvstack.common.procs import ManagedProcess, free_port
-from kvstack.observability.prometheus import prometheus_process, prometheus_url
-from kvstack.testing import Cluster, PodSimulators, SimTarget, SimulatorTargets, operator_settings
+from kvstack.observability.prometheus import prometheus_url
+from kvstack.testing import (
+    Cluster,
+    PodSimulators,
+    SimTarget,
+    SimulatorTargets,
+    file_sd_prometheus,
+    operator_settings,
+)
 from kvstack.testing.pod_sims import Command, kvstack_executable, sim_command
 
 Echo = Callable[[str], None]
@@ -165,14 +172,7 @@ def run_variant(cluster: Cluster, bench: ClusterBench, variant: Variant, echo: E
 
     workdir = Path(tempfile.mkdtemp(prefix="kvstack-bench-autoscale-"))
     targets = workdir / "targets.json"
-    prom = prometheus_process(
-        workdir / "prometheus",
-        [],
-        free_port(),
-        rule_files=[],
-        scrape_interval="1s",
-        file_sd={"kvstack-engine": targets},
-    )
+    prom = file_sd_prometheus(workdir / "prometheus", targets)
     prom_url = prometheus_url(prom)
     try:
         with cluster.temporary_namespace("bench-") as namespace, _kubeconfig_env(cluster):

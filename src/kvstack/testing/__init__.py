@@ -5,7 +5,7 @@
 """
 
 from kvstack.testing.cluster import Cluster, ClusterConfig, reap_stale_clusters
-from kvstack.testing.file_sd import SimulatorTargets
+from kvstack.testing.file_sd import SimulatorTargets, file_sd_prometheus
 from kvstack.testing.operator_settings import operator_settings
 from kvstack.testing.pod_sims import PodSimulators
 from kvstack.testing.pod_targets import SimTarget
@@ -20,6 +20,7 @@ __all__ = [
     "Toolchain",
     "build_tools",
     "ensure_cluster_tools",
+    "file_sd_prometheus",
     "operator_settings",
     "reap_stale_clusters",
 ]

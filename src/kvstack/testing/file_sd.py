@@ -13,7 +13,19 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from kvstack.common.procs import ManagedProcess, free_port
+from kvstack.observability.prometheus import Job, prometheus_process
 from kvstack.testing.pod_sims import PodSimulators
+
+ENGINE_JOB: Job = "kvstack-engine"  # the job the operator's engine queries select
+
+
+def file_sd_prometheus(workdir: Path, targets: Path) -> ManagedProcess:
+    """A Prometheus (not started) scraping ``targets``, a :class:`SimulatorTargets` file, every second
+    as the engine job, without alert rules."""
+    return prometheus_process(
+        workdir, [], free_port(), rule_files=[], scrape_interval="1s", file_sd={ENGINE_JOB: targets}
+    )
 
 
 class SimulatorTargets:
