@@ -69,6 +69,18 @@ def _check_messages(messages: Any) -> None:
         content = msg.get("content")
         if content is not None and not isinstance(content, str | list):
             raise OpenAIError(400, f"'messages[{i}].content' must be a string or an array", param="messages")
+        if isinstance(content, list):
+            _check_content_parts(content, i)
+
+
+def _check_content_parts(parts: list[Any], i: int) -> None:
+    # Text parts are what the router reads (prompt text, tokens); other part types pass through.
+    for j, part in enumerate(parts):
+        where = f"messages[{i}].content[{j}]"
+        if not isinstance(part, dict) or not isinstance(part.get("type"), str):
+            raise OpenAIError(400, f"'{where}' must be an object with a string 'type'", param="messages")
+        if part["type"] == "text" and not isinstance(part.get("text"), str):
+            raise OpenAIError(400, f"'{where}.text' must be a string", param="messages")
 
 
 def _is_token_list(value: Any) -> bool:

@@ -37,6 +37,26 @@ CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
         ("chat", enc({"model": "m", "messages": []}), 400, "messages"),
         ("chat", enc({"model": "m", "messages": [{"content": "x"}]}), 400, "messages"),
         ("chat", enc({"model": "m", "messages": [{"role": "user", "content": 5}]}), 400, "messages"),
+        # content parts: the router reads text parts, so a text part's text must be a string
+        ("chat", enc({"model": "m", "messages": [{"role": "user", "content": ["hi"]}]}), 400, "messages"),
+        (
+            "chat",
+            enc({"model": "m", "messages": [{"role": "user", "content": [{"text": "a"}]}]}),
+            400,
+            "messages",
+        ),
+        (
+            "chat",
+            enc({"model": "m", "messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}),
+            400,
+            "messages",
+        ),
+        (
+            "chat",
+            enc({"model": "m", "messages": [{"role": "user", "content": [{"type": "text"}]}]}),
+            400,
+            "messages",
+        ),
         ("chat", enc({**CHAT, "stream": "yes"}), 400, "stream"),
         ("chat", enc({**CHAT, "max_tokens": "10"}), 400, "max_tokens"),
         ("chat", enc({**CHAT, "max_tokens": -1}), 400, "max_tokens"),

@@ -120,6 +120,20 @@ def test_malformed_input(
     assert resp.json()["error"]["code"] == status
 
 
+@pytest.mark.parametrize("policy", ["cache_aware", "prefix_trie"])
+def test_a_text_part_that_is_not_text_is_400_for_the_policies_that_read_it(
+    sims: list[Sim], router: RouterFactory, policy: str
+) -> None:
+    # These policies read the prompt (tokens, text) before routing: a malformed part must be the
+    # client's 400, never a failure inside the router.
+    r = router(engines=[sims[0].url], policy=policy)
+    body = {"model": MODEL, "messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}
+    resp = httpx.post(f"{r.url}/v1/chat/completions", json=body)
+    assert resp.status_code == 400
+    assert resp.json()["error"]["param"] == "messages"
+    assert "content[0].text" in resp.json()["error"]["message"]
+
+
 def test_fastapi_validation_and_routing_errors_are_openai_shaped(router: RouterFactory) -> None:
     r = router(engines=[], available=0)
     resp = httpx.get(f"{r.url}/router/engines", params={"available": "maybe"})
