@@ -85,6 +85,7 @@ class _Feed:
     dup_floor: int = 0  # live batches in [dup_floor, next_seq) are replay duplicates
     cooldown_until: float = 0.0
     resync: bool = False  # reconnected: rebuild from the full history at the next chance
+    monitor_ready: bool = False  # the monitor socket signalled: read it at the next drain
 
 
 class KVEventSubscriber:
@@ -174,47 +175,66 @@ class KVEventSubscriber:
         sub.connect(state.endpoint.kv_events_endpoint)
         wake = asyncio.Event()
         loop = asyncio.get_running_loop()
-        fds = [sub.fileno(), mon.fileno()]
-        for fd in fds:
-            loop.add_reader(fd, wake.set)
+
+        def monitor_ready() -> None:
+            feed.monitor_ready = True
+            wake.set()
+
+        loop.add_reader(sub.fileno(), wake.set)
+        loop.add_reader(mon.fileno(), monitor_ready)
         try:
             # Subscribe first, then replay: batches published meanwhile queue in `sub` and are
             # deduplicated by sequence number.
+            feed.monitor_ready = True  # a connect may already be queued
             await self._replay(feed, 0)
             while True:
                 if await self._drain(feed, sub, mon):
-                    await asyncio.sleep(0)  # let requests run between rounds
+                    await asyncio.sleep(0)  # a full round: let requests run before the next
                     continue
-                # ZMQ's FD is edge-like: it signals new activity, not pending messages. Both
-                # sockets just read empty; reading EVENTS re-arms their FDs, and nothing can slip
-                # in unseen between here and the wait (no await in between).
-                if _readable(sub) or _readable(mon):
+                # ZMQ's FD is edge-like: it signals new activity, not pending messages. `sub` just
+                # read empty; reading EVENTS re-arms its FD, and nothing can slip in unseen between
+                # here and the wait (no await in between). `mon` re-arms in its own drain.
+                if _readable(sub) or feed.monitor_ready:
                     continue
                 wake.clear()
                 await wake.wait()
         finally:
-            for fd in fds:
-                loop.remove_reader(fd)
+            loop.remove_reader(sub.fileno())
+            loop.remove_reader(mon.fileno())
             sub.disable_monitor()
             mon.close(linger=0)
             sub.close(linger=0)
 
     async def _drain(self, feed: _Feed, sub: zmq.Socket[bytes], mon: zmq.Socket[bytes]) -> bool:
-        """Handle what is queued (a bounded round); False when both sockets were empty."""
-        handled = False
-        while (frames := _receive(mon)) is not None:  # rare: connects and disconnects
-            event = parse_monitor_message(frames)["event"]
-            handled = True
-            if event == zmq.EVENT_DISCONNECTED:
-                feed.resync = True
-            elif event == zmq.EVENT_CONNECTED and feed.resync:
-                await self._replay(feed, 0, rebuild=True)
+        """Handle what is queued; True when a full round was handled (more may be waiting)."""
+        if feed.monitor_ready:  # rare: connects and disconnects
+            feed.monitor_ready = False
+            while (frames := _receive(mon)) is not None:
+                event = parse_monitor_message(frames)["event"]
+                if event == zmq.EVENT_DISCONNECTED:
+                    feed.resync = True
+                elif event == zmq.EVENT_CONNECTED and feed.resync:
+                    await self._replay(feed, 0, rebuild=True)
+            feed.monitor_ready = _readable(mon)  # re-arms its FD
         for _ in range(_DRAIN_ROUND):
             if (frames := _receive(sub)) is None:
-                break
-            await self._on_live(feed, frames)
-            handled = True
-        return handled
+                return False
+            # Nearly every batch is the next in sequence: apply it without a coroutine per batch.
+            if not self._apply_next(feed, frames):
+                await self._on_live(feed, frames)
+        return True
+
+    def _apply_next(self, feed: _Feed, frames: list[bytes]) -> bool:
+        """Apply ``frames`` when it is simply the next live batch; False leaves it to :meth:`_on_live`."""
+        if len(frames) != 3 or len(frames[1]) != 8 or feed.resync:
+            return False
+        seq = decode_seq(frames[1])
+        expected = feed.next_seq
+        if expected is not None and seq != expected:
+            return False
+        self._apply(feed, seq, frames[2])
+        feed.dup_floor = seq + 1  # live caught up: anything older now means a restart
+        return True
 
     async def _on_live(self, feed: _Feed, frames: list[bytes]) -> None:
         if len(frames) != 3:
