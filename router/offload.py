@@ -7,9 +7,9 @@ median of 15, inline vs worker): 2K tokens 0.52 vs 0.45 ms (no gain: the picklin
 8K tokens 3.2 vs 0.6 ms, 34K tokens 6.3 vs 1.9 ms; the worker adds ~0.5-2 ms to that request's
 own latency. Hence a threshold in characters (``tokenize_offload_min_chars``, default ~5K tokens).
 
-A chat sends the worker only the messages the shared message cache
-(:data:`kvstack.common.tokenizer.MESSAGES`) lacks, and their tokens go into that cache, so a long
-system prompt or document is tokenized once and then costs every later request a lookup. A text
+A chat sends the worker only the messages the message cache (:attr:`TokenCache.messages`) lacks,
+and their tokens go into that cache, so a long system prompt or document is tokenized once and then
+costs every later request a lookup. A text
 prompt's tokens go into the router's :class:`TokenCache` (:meth:`TokenCache.put`). Any failure of
 the worker falls back to tokenizing inline.
 """
@@ -24,8 +24,7 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import TypeVar
 
-from kvstack.common import tokenizer
-from kvstack.router.prompts import PromptWork, TokenCache, tokenize
+from kvstack.router.prompts import PromptWork, TokenCache, Tokens, render_message, tokenize
 
 log = logging.getLogger(__name__)
 _In = TypeVar("_In")
@@ -67,15 +66,18 @@ class TokenizerPool:
                 if tokens is not None:
                     cache.put(work.digest, tokens)
             return
-        # A chat: only messages the shared message cache lacks cost anything (a long system
-        # prompt or document is tokenized once, then every request reuses it), so only they go.
-        missing = [(r, c) for r, c in work.chat if tokenizer.MESSAGES.get(r, c) is None]
-        if sum(len(c) for _, c in missing) < self.min_chars:
+        # A chat: only messages the message cache lacks cost anything (a long system prompt or
+        # document is tokenized once, then every request reuses it), so only they go.
+        messages = cache.messages
+        if messages is None:
             return
-        rendered = await self._run(render_messages, missing)
+        missing = [(d, m) for d, m in zip(work.parts, work.chat, strict=True) if d not in messages]
+        if sum(len(c) for _, (_, c) in missing) < self.min_chars:
+            return
+        rendered = await self._run(render_messages, [m for _, m in missing])
         if rendered is not None:
-            for (role, content), tokens in zip(missing, rendered, strict=True):
-                tokenizer.MESSAGES.put(role, content, tokens)
+            for (digest, _), tokens in zip(missing, rendered, strict=True):
+                messages.put(digest, tokens)
 
     async def _run(self, fn: Callable[[_In], _Out], arg: _In) -> _Out | None:
         pool = self._pool
@@ -91,6 +93,6 @@ class TokenizerPool:
         return out
 
 
-def render_messages(messages: list[tuple[str, str]]) -> list[tuple[int, ...]]:
-    """Each message rendered under the chat template (runs in the worker)."""
-    return [tokenizer.render_message(role, content) for role, content in messages]
+def render_messages(messages: list[tuple[str, str]]) -> list[Tokens]:
+    """Each message rendered under the chat template (runs in the worker; arrays pickle compactly)."""
+    return [render_message(m) for m in messages]

@@ -1,46 +1,73 @@
 """A request's prompt as policies see it: token ids (cache-aware) or text (prefix_trie).
 
-Token ids are cached by a 128-bit digest of the prompt, so a repeated prompt (a shared system prompt,
-a multi-turn chat resent with one more message, a document asked about again) is tokenized once and,
-more importantly, comes back as the *same* tuple object: the policy's block-key cache then finds its
-keys by identity in O(1) instead of hashing the whole prompt again. The cache is bounded by entries
-and by the tokens it holds, so a stream of long unique prompts cannot grow it without limit.
+Token ids are uint32 arrays (``array("I")``): block keys hash their bytes in place, and a chat's
+prompt is its messages' arrays joined by ``memcpy``, with no int objects made per token. Two
+caches, both keyed by 128-bit digests computed once per request (:func:`prompt_work`):
+
+* whole prompts: a repeated prompt comes back as the *same* array object, so the policy's block-key
+  cache finds its keys by identity in O(1) instead of hashing the whole prompt again;
+* chat messages: a shared system prompt, a document or the earlier turns of a chat are rendered
+  once; a new request tokenizes only its new messages.
+
+Both are bounded by entries and by the tokens they hold, so long unique prompts cannot grow them
+without limit.
 """
 
 from __future__ import annotations
 
+from array import array
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import xxhash
 
 from kvstack.common import tokenizer
 from kvstack.router.protocol import ParsedRequest
 
-_TEXT, _CHAT = b"t", b"c"  # digest domains: a completion prompt never matches a chat
+_TEXT, _CHAT, _MESSAGE = b"t", b"c", b"m"  # digest domains: a completion prompt never matches a chat
+_BOS = array("I", [tokenizer.BOS_ID])
+_GENERATION = array("I", tokenizer.GENERATION_PROMPT)
+
+if TYPE_CHECKING:
+    Tokens = array[int]  # array("I"): one uint32 per token id
+else:
+    Tokens = array
+
+
+def as_tokens(ids: Sequence[int]) -> Tokens:
+    """``ids`` as a uint32 array (the same object when it already is one)."""
+    if isinstance(ids, array) and ids.typecode == "I":
+        return ids
+    return array("I", ids)
 
 
 class TokenCache:
-    """LRU of ``digest -> token tuple``, at most ``max_entries`` entries and ``max_tokens`` tokens.
+    """LRU of ``digest -> token array``, at most ``max_entries`` entries and ``max_tokens`` tokens.
 
-    A held token costs one 8-byte pointer (ids are the tokenizer's shared int objects), so the
-    default budget bounds the cache near 16 MB: sixty 32K-token documents, or 4096 short chats.
+    A held token costs 4 bytes, so the default budget bounds the cache near 8 MB: sixty 32K-token
+    documents, or 4096 short chats. :attr:`messages` holds rendered chat messages the same way.
     """
 
-    def __init__(self, max_entries: int = 4096, max_tokens: int = 2_000_000) -> None:
+    def __init__(
+        self, max_entries: int = 4096, max_tokens: int = 2_000_000, *, messages: bool = True
+    ) -> None:
         if max_entries <= 0 or max_tokens <= 0:
             raise ValueError("max_entries and max_tokens must be positive")
         self.max_entries = max_entries
         self.max_tokens = max_tokens
-        self._entries: OrderedDict[int, tuple[int, ...]] = OrderedDict()
+        self._entries: OrderedDict[int, Tokens] = OrderedDict()
         self.tokens = 0  # held, summed over entries
         self.hits = 0
         self.misses = 0
-        self._fresh: tuple[int, tuple[int, ...]] | None = None  # the last put(), for the get() after it
+        self._fresh: tuple[int, Tokens] | None = None  # the last put(), for the get() after it
+        # rendered messages: a system prompt or a document repeats far more than whole prompts do
+        self.messages: TokenCache | None = (
+            TokenCache(2 * max_entries, 2 * max_tokens, messages=False) if messages else None
+        )
 
-    def get(self, digest: int, make: Callable[[], Sequence[int]]) -> tuple[int, ...]:
+    def get(self, digest: int, make: Callable[[], Sequence[int]]) -> Tokens:
         """The cached tokens for ``digest``, or ``make()``'s, remembered when they fit."""
         fresh = self._fresh
         if fresh is not None:
@@ -53,22 +80,22 @@ class TokenCache:
             self.hits += 1
             return found
         self.misses += 1
-        return self._remember(digest, tuple(make()))
+        return self._remember(digest, as_tokens(make()))
 
-    def put(self, digest: int, tokens: tuple[int, ...]) -> tuple[int, ...]:
+    def put(self, digest: int, tokens: Sequence[int]) -> Tokens:
         """Remember tokens made elsewhere (a worker process); counts as the miss it was.
 
         The next :meth:`get` of ``digest`` returns them uncounted, even when they were too large to
-        keep. A concurrent twin that was put first wins, so identical prompts share one tuple.
+        keep. A concurrent twin that was put first wins, so identical prompts share one array.
         """
         found = self._entries.get(digest)
         if found is None:
             self.misses += 1
-            found = self._remember(digest, tokens)
+            found = self._remember(digest, as_tokens(tokens))
         self._fresh = (digest, found)
         return found
 
-    def _remember(self, digest: int, made: tuple[int, ...]) -> tuple[int, ...]:
+    def _remember(self, digest: int, made: Tokens) -> Tokens:
         if len(made) > self.max_tokens:
             return made  # larger than the whole budget: never evict everything for one prompt
         self._entries[digest] = made
@@ -124,20 +151,27 @@ def _first_prompt(request: ParsedRequest) -> Any:
 
 @dataclass(frozen=True, slots=True)
 class PromptWork:
-    """A prompt to tokenize: its cache digest, its size in characters, and the tokenizer's input."""
+    """A prompt to tokenize: its cache digest, its size in characters, and the tokenizer's input.
+
+    A chat also carries each message's digest (``parts``, aligned with ``chat``): the message cache's keys.
+    """
 
     digest: int
     chars: int
     chat: list[tuple[str, str]] | None = None
     text: str | None = None
+    parts: tuple[int, ...] = ()
 
 
 def prompt_work(request: ParsedRequest) -> PromptWork | Sequence[int] | None:
     """What tokenizing the request's (first) prompt takes; token ids as sent; None without a prompt."""
     if _has_messages(request):
         pairs = _chat_pairs(request.body["messages"])
-        flat = [s for pair in pairs for s in pair]
-        return PromptWork(_digest(_CHAT, flat), sum(map(len, flat)), chat=pairs)
+        parts = tuple(_digest(_MESSAGE, pair) for pair in pairs)
+        h = xxhash.xxh3_128(_CHAT)
+        for part in parts:
+            h.update(part.to_bytes(16, "little"))
+        return PromptWork(int(h.intdigest()), sum(len(r) + len(c) for r, c in pairs), chat=pairs, parts=parts)
     prompt = _first_prompt(request)
     if isinstance(prompt, str):
         return PromptWork(_digest(_TEXT, (prompt,)), len(prompt), text=prompt)
@@ -146,12 +180,31 @@ def prompt_work(request: ParsedRequest) -> PromptWork | Sequence[int] | None:
     return None
 
 
-def tokenize(work: PromptWork) -> tuple[int, ...]:
+def tokenize(work: PromptWork) -> Tokens:
     """The tokens of ``work``, as the simulator makes them (a plain function: it runs in a worker too)."""
     if work.chat is not None:
-        return tuple(tokenizer.apply_chat_template(work.chat, add_generation_prompt=True))
+        return as_tokens(tokenizer.apply_chat_template(work.chat, add_generation_prompt=True))
     # No BOS: the simulator adds none to text prompts, and block keys must match its tokens.
-    return tuple(tokenizer.encode(work.text or ""))
+    return as_tokens(tokenizer.encode(work.text or ""))
+
+
+def render_message(message: tuple[str, str]) -> Tokens:
+    """One chat message's tokens under the template (a plain function: it runs in a worker too)."""
+    return as_tokens(tokenizer.render_message(*message))
+
+
+def _renderer(message: tuple[str, str]) -> Callable[[], Tokens]:
+    return lambda: render_message(message)
+
+
+def chat_tokens(work: PromptWork, messages: TokenCache | None) -> Tokens:
+    """A chat's tokens, its messages' arrays joined; only messages ``messages`` lacks are rendered."""
+    assert work.chat is not None
+    out = array("I", _BOS)
+    for digest, message in zip(work.parts, work.chat, strict=True):
+        out += render_message(message) if messages is None else messages.get(digest, _renderer(message))
+    out += _GENERATION
+    return out
 
 
 def prompt_token_ids(request: ParsedRequest, cache: TokenCache) -> Sequence[int] | None:
@@ -163,6 +216,8 @@ def work_tokens(work: PromptWork | Sequence[int] | None, cache: TokenCache) -> S
     """The tokens of :func:`prompt_work`'s answer (for a caller that already has it)."""
     if not isinstance(work, PromptWork):
         return work
+    if work.chat is not None:
+        return cache.get(work.digest, lambda: chat_tokens(work, cache.messages))
     return cache.get(work.digest, lambda: tokenize(work))
 
 

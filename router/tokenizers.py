@@ -25,6 +25,7 @@ import msgspec
 import xxhash
 
 from kvstack.common import tokenizer as builtin
+from kvstack.router.prompts import message_text
 from kvstack.router.protocol import ParsedRequest
 from kvstack.router.upstream import Upstream, UpstreamError
 
@@ -46,19 +47,6 @@ class Tokenizer(Protocol):
     async def chat(self, model: str, messages: Messages) -> Sequence[int]: ...
 
     async def completion(self, model: str, prompt: str) -> Sequence[int]: ...
-
-
-def message_text(content: Any) -> str:
-    """A message's text as vLLM renders it: a string, or its text parts joined by newlines."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "\n".join(
-            str(part.get("text", ""))
-            for part in content
-            if isinstance(part, dict) and part.get("type") == "text"
-        )
-    return ""
 
 
 class BuiltinTokenizer:

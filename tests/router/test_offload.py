@@ -1,4 +1,4 @@
-"""Long prompts tokenized in a worker process: same tokens, same shared tuple, same cache counts."""
+"""Long prompts tokenized in a worker process: same tokens, same shared array, same cache counts."""
 
 from __future__ import annotations
 
@@ -12,7 +12,14 @@ import pytest
 
 from kvstack.common import tokenizer
 from kvstack.router.offload import TokenizerPool
-from kvstack.router.prompts import PromptWork, TokenCache, prompt_token_ids, prompt_work, tokenize
+from kvstack.router.prompts import (
+    PromptWork,
+    TokenCache,
+    prompt_token_ids,
+    prompt_work,
+    tokenize,
+    work_tokens,
+)
 from kvstack.router.protocol import parse_request
 
 from .conftest import MODEL, RouterFactory, Sim
@@ -63,7 +70,7 @@ def test_the_worker_runs_only_where_it_can_help(
     assert (r.ctx.offload is not None) is offloads
 
 
-def test_worker_tokens_are_the_inline_tokens_and_one_shared_tuple() -> None:
+def test_worker_tokens_are_the_inline_tokens_and_one_shared_array() -> None:
     async def scenario() -> None:
         pool = TokenizerPool(min_chars=1000)
         await pool.start()
@@ -96,16 +103,16 @@ def test_worker_tokens_are_the_inline_tokens_and_one_shared_tuple() -> None:
     asyncio.run(scenario())
 
 
-def test_put_keeps_the_first_tuple_and_hands_oversized_tokens_over_once() -> None:
+def test_put_keeps_the_first_array_and_hands_oversized_tokens_over_once() -> None:
     cache = TokenCache(max_entries=4, max_tokens=5)
     first = cache.put(1, (1, 2, 3))
     assert cache.get(1, lambda: (9,)) is first  # uncounted: put() counted the miss
-    assert cache.put(1, (1, 2, 3)) is first  # a concurrent twin: the cached tuple wins
+    assert cache.put(1, (1, 2, 3)) is first  # a concurrent twin: the cached array wins
     assert (cache.misses, cache.hits) == (1, 0)
     big = cache.put(2, tuple(range(10)))
     assert 2 not in cache
     assert cache.get(2, lambda: (9,)) is big
-    assert cache.get(2, lambda: (9,)) == (9,)  # not kept: made again next time
+    assert list(cache.get(2, lambda: (9,))) == [9]  # not kept: made again next time
 
 
 def _json(body: Mapping[str, object]) -> bytes:
@@ -120,14 +127,21 @@ def test_a_chat_sends_only_its_unknown_messages_and_they_are_remembered() -> Non
             system, document = long_text(), long_text()
             msgs = [("system", system), ("user", document)]
             body = {"model": MODEL, "messages": [{"role": r, "content": c} for r, c in msgs]}
-            assert tokenizer.MESSAGES.get("system", system) is None
-            await pool.prefetch(prompt_work(parse_request("chat", _json(body))), TokenCache())
+            cache = TokenCache()
+            assert cache.messages is not None
+            work = prompt_work(parse_request("chat", _json(body)))
+            assert isinstance(work, PromptWork)
+            await pool.prefetch(work, cache)
             assert pool.offloaded == 1
-            for role, content in msgs:
-                assert tokenizer.MESSAGES.get(role, content) == tokenizer.render_message(role, content)
-            assert tokenizer.apply_chat_template(msgs) == tokenizer.assemble_chat(
-                [tokenizer.render_message(r, c) for r, c in msgs]
-            )
+            for digest, (role, content) in zip(work.parts, msgs, strict=True):
+                assert digest in cache.messages
+                assert list(cache.messages.get(digest, lambda: ())) == list(
+                    tokenizer.render_message(role, content)
+                )
+            # the prompt is then those arrays joined: nothing left to tokenize inline
+            made = cache.messages.misses
+            assert list(work_tokens(work, cache) or []) == tokenizer.apply_chat_template(msgs)
+            assert cache.messages.misses == made
         finally:
             pool.close()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from array import array
 from typing import Any
 
 import msgspec
@@ -58,14 +59,14 @@ def test_prompt_text(kind: Kind, body: dict[str, Any], expected: str | None) -> 
     assert prompt_text(parse(kind, body)) == expected
 
 
-def test_equal_prompts_return_the_same_tuple_object() -> None:
+def test_equal_prompts_return_the_same_array_object() -> None:
     # The key cache finds block keys by object identity: equal prompts in new request bodies must
     # come back as the very same object, for chats and completions alike.
     cache = TokenCache()
     chat = {"messages": [SYSTEM, {"role": "user", "content": "tell me more"}]}
     first = prompt_token_ids(parse("chat", chat), cache)
     again = prompt_token_ids(parse("chat", chat), cache)
-    assert isinstance(first, tuple) and first is again
+    assert isinstance(first, array) and first.typecode == "I" and first is again
     text = prompt_token_ids(parse("completion", {"prompt": "a document"}), cache)
     assert text is prompt_token_ids(parse("completion", {"prompt": "a document"}), cache)
     assert (cache.hits, cache.misses) == (2, 2)
@@ -106,7 +107,7 @@ def test_a_chat_and_a_completion_with_the_same_text_differ() -> None:
 def test_token_cache_is_bounded(max_entries: int, max_tokens: int, sizes: list[int], kept: list[int]) -> None:
     cache = TokenCache(max_entries=max_entries, max_tokens=max_tokens)
     for digest, n in enumerate(sizes):
-        assert cache.get(digest, lambda n=n: [7] * n) == (7,) * n
+        assert list(cache.get(digest, lambda n=n: [7] * n)) == [7] * n
     assert cache.tokens <= max_tokens and len(cache) <= max_entries
     held = [d for d in range(len(sizes)) if d in cache]
     assert held == kept
@@ -118,8 +119,8 @@ def test_token_cache_refreshes_recency_on_a_hit() -> None:
     cache.get(2, lambda: [2])
     cache.get(1, lambda: [9])  # a hit: 1 becomes the most recent
     cache.get(3, lambda: [3])  # evicts 2
-    assert cache.get(1, lambda: [9]) == (1,)
-    assert cache.get(2, lambda: [9]) == (9,)
+    assert list(cache.get(1, lambda: [9])) == [1]
+    assert list(cache.get(2, lambda: [9])) == [9]
 
 
 def test_content_parts_join_with_newlines_as_the_engine_renders_them() -> None:
@@ -133,3 +134,29 @@ def test_content_parts_join_with_newlines_as_the_engine_renders_them() -> None:
         {"type": "text", "text": "b"},
     ]
     assert message_text(parts) == "a\nb"
+
+
+def test_a_chat_renders_only_the_messages_the_cache_lacks() -> None:
+    # A shared system prompt is rendered once; a new question under it renders only the question,
+    # and the joined arrays are exactly the template's tokens.
+    cache = TokenCache()
+    assert cache.messages is not None
+    system = {"role": "system", "content": "you answer questions about the document"}
+    asked: list[list[int]] = []
+    for question in ("what is it about?", "who wrote it?", "what is it about?"):
+        chat = {"messages": [system, {"role": "user", "content": question}]}
+        tokens = prompt_token_ids(parse("chat", chat), cache)
+        expected = tokenizer.apply_chat_template([("system", system["content"]), ("user", question)])
+        assert list(tokens or []) == expected
+        asked.append(expected)
+    # prompts: two made, the repeat a hit; messages: system + two questions made, system reused once
+    assert (cache.hits, cache.misses) == (1, 2)
+    assert (cache.messages.hits, cache.messages.misses) == (1, 3)
+    assert len(cache.messages) == 3
+
+
+def test_a_message_is_keyed_by_role_and_content_together() -> None:
+    cache = TokenCache()
+    a = prompt_token_ids(parse("chat", {"messages": [{"role": "user", "content": "x"}]}), cache)
+    b = prompt_token_ids(parse("chat", {"messages": [{"role": "system", "content": "x"}]}), cache)
+    assert cache.messages is not None and len(cache.messages) == 2 and a != b

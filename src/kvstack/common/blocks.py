@@ -37,8 +37,13 @@ def block_keys(
     return chain_bytes(buf, block_size * TOKEN_ID_BYTES, root)
 
 
-def token_bytes(tokens: Sequence[int]) -> bytes:
-    """Token ids as the (native-order) uint32 bytes that keys are hashed over."""
+def token_bytes(tokens: Sequence[int]) -> bytes | memoryview:
+    """Token ids as the (native-order) uint32 bytes that keys are hashed over.
+
+    A uint32 array is viewed in place (the router keeps prompts as such); anything else is copied.
+    """
+    if isinstance(tokens, array) and tokens.typecode == "I":
+        return memoryview(tokens).cast("B")
     return array("I", tokens).tobytes()
 
 

@@ -174,7 +174,7 @@ def _encode_message(role: str, content: str) -> tuple[int, ...]:
     return found
 
 
-_GENERATION_PROMPT: tuple[int, ...] = (START_HEADER_ID, *encode("assistant"), END_HEADER_ID, *encode("\n\n"))
+GENERATION_PROMPT: tuple[int, ...] = (START_HEADER_ID, *encode("assistant"), END_HEADER_ID, *encode("\n\n"))
 
 
 def assemble_chat(rendered: Iterable[Sequence[int]], *, add_generation_prompt: bool = True) -> list[int]:
@@ -183,7 +183,7 @@ def assemble_chat(rendered: Iterable[Sequence[int]], *, add_generation_prompt: b
     for part in rendered:
         ids.extend(part)
     if add_generation_prompt:
-        ids.extend(_GENERATION_PROMPT)
+        ids.extend(GENERATION_PROMPT)
     return ids
 
 
