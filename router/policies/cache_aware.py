@@ -25,7 +25,7 @@ import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import xxhash
 from pydantic import BaseModel, ConfigDict, Field
@@ -76,9 +76,9 @@ class CacheAwareSettings(BaseModel):
     seed: int | None = None  # exploration RNG; replicas with the same seed decide identically
 
 
-@dataclass(frozen=True, slots=True)
-class CandidateView:
-    """What the decision needs to know about one engine for one request."""
+class CandidateView(NamedTuple):
+    """What the decision needs to know about one engine for one request (a tuple: one is built per
+    engine per request, and a frozen dataclass costs several times more to build)."""
 
     hit_tokens: float  # tier-weighted tokens of this request the engine can serve from cache
     queued_tokens: float  # uncached prefill tokens already waiting there
@@ -216,6 +216,7 @@ class CacheAwarePolicy:
         tie_seed = xxhash.xxh3_64_intdigest(request.request_id.encode())
         views: list[CandidateView] = []
         keys_of: list[tuple[int, ...]] = []
+        keys_at: dict[int, tuple[int, ...]] = {}  # by block size: engines of a model share one
         for st in candidates:
             url = st.url
             index.ensure_engine(
@@ -224,7 +225,10 @@ class CacheAwarePolicy:
                 num_gpu_blocks=st.num_gpu_blocks,
                 events=st.endpoint.kv_events_endpoint is not None,
             )
-            keys = self.keys.keys(tokens, index.block_size(url), root)
+            size = index.block_size(url)
+            keys = keys_at.get(size)
+            if keys is None:
+                keys = keys_at[size] = self.keys.keys(tokens, size, root)
             keys_of.append(keys)
             hit = index.match(url, keys, now).hit_tokens(index.settings)
             scraped = st.last_scrape if st.num_waiting is not None and st.last_scrape > 0 else None
