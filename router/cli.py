@@ -61,10 +61,12 @@ def serve(settings: RouterSettings) -> None:
     import uvicorn
 
     from kvstack.router.app import create_app
+    from kvstack.router.gc_tuning import tune_gc
     from kvstack.router.logs import configure_logging
 
     configure_logging(settings.log_level)
     app = create_app(settings)
+    tune_gc(settings.gc_gen0_threshold)  # process-wide, so here and not in the app factory
     uvicorn.run(
         app,
         host=settings.host,

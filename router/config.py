@@ -74,6 +74,11 @@ class RouterSettings(BaseSettings):
     idle_timeout_s: PositiveSeconds = 300.0
     max_attempts: int = Field(3, ge=1, le=10)
 
+    # the cyclic GC's young-generation pass runs every this many container allocations (Python's
+    # default: 700, a stall every dozen requests on a busy router; router/gc_tuning.py); 0 keeps
+    # Python's defaults
+    gc_gen0_threshold: int = Field(50_000, ge=0)
+
     # passive ejection: this many consecutive failures take an engine out for eject_duration_s
     eject_after_failures: int = Field(3, ge=1)
     eject_duration_s: PositiveSeconds = 30.0
