@@ -14,8 +14,9 @@ from typing import Any
 from kvstack.operator.autoscale import Decision, History, Observation, Policy, decide
 from kvstack.operator.kube import OWNED_KINDS, Kube, KubeError
 from kvstack.operator.metrics import OperatorMetrics
+from kvstack.operator.ownership import Owner, engine_name, key, managed_selector, to_prune
 from kvstack.operator.prom import Prometheus, PrometheusError
-from kvstack.operator.resources import Owner, desired_objects, engine_name, key, managed_selector, to_prune
+from kvstack.operator.resources import desired_objects
 from kvstack.operator.signals import SIGNAL_LABELS, SIGNALS, observation, queries, sustained_idle
 from kvstack.operator.spec import Autoscaling, KVStackSpec
 from kvstack.operator.status import model_entry, policy_for

@@ -23,8 +23,8 @@ from kvstack.operator.controller import ScalingState, evaluate, reconcile
 from kvstack.operator.crd import GROUP, PLURAL, VERSION
 from kvstack.operator.kube import Kube, KubeError
 from kvstack.operator.metrics import OperatorMetrics
+from kvstack.operator.ownership import Owner
 from kvstack.operator.prom import Prometheus
-from kvstack.operator.resources import Owner
 from kvstack.operator.settings import OperatorSettings
 from kvstack.operator.spec import KVStackSpec, parse_spec
 from kvstack.operator.status import all_ready, engines_summary, set_condition

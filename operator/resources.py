@@ -1,93 +1,33 @@
 """Pure builders of the objects a ``KVStack`` owns: engines per model, the router, the shared cache.
 
-Every object carries the ``app.kubernetes.io/*`` labels the Helm chart uses and an ownerReference
-to its stack, so deleting the stack deletes them (the garbage collector follows owners). The
-operator applies them with server-side apply, so building the same object twice changes nothing.
+Every object is labelled and owned as :mod:`kvstack.operator.ownership` says, so deleting the stack
+deletes them. The operator applies them with server-side apply, so building the same object twice
+changes nothing.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
-from typing import Any
 
 import yaml
 
 from kvstack.common.config import build
 from kvstack.engine.serve.config import EngineConfig
-from kvstack.operator.crd import GROUP, KIND, VERSION
+from kvstack.operator.ownership import (
+    Obj,
+    Owner,
+    cache_name,
+    engine_name,
+    labels,
+    object_meta,
+    router_name,
+    selector_labels,
+)
 from kvstack.operator.spec import KVStackSpec, Model
 
-MANAGER = "kvstack-operator"
-MODEL_LABEL = "kvstack.dev/model"
 HTTP_PORT, EVENTS_PORT, REPLAY_PORT, REDIS_PORT = 8000, 5557, 5558, 6379
 CONFIG_DIR = "/etc/kvstack"
-Obj = dict[str, Any]
-
-
-@dataclass(frozen=True, slots=True)
-class Owner:
-    """The stack that owns the objects."""
-
-    name: str
-    namespace: str
-    uid: str
-
-    def reference(self) -> Obj:
-        return {
-            "apiVersion": f"{GROUP}/{VERSION}",
-            "kind": KIND,
-            "name": self.name,
-            "uid": self.uid,
-            "controller": True,
-            "blockOwnerDeletion": True,
-        }
-
-
-def selector_labels(owner: Owner, component: str, model: str | None = None) -> dict[str, str]:
-    labels = {
-        "app.kubernetes.io/name": "kvstack",
-        "app.kubernetes.io/instance": owner.name,
-        "app.kubernetes.io/component": component,
-    }
-    if model is not None:
-        labels[MODEL_LABEL] = model
-    return labels
-
-
-def labels(owner: Owner, component: str, model: str | None = None) -> dict[str, str]:
-    return {
-        **selector_labels(owner, component, model),
-        "app.kubernetes.io/part-of": "kvstack",
-        "app.kubernetes.io/managed-by": MANAGER,
-    }
-
-
-def managed_selector(owner: Owner) -> str:
-    """Label selector of everything the operator made for ``owner`` (used to prune)."""
-    return f"app.kubernetes.io/instance={owner.name},app.kubernetes.io/managed-by={MANAGER}"
-
-
-def _meta(owner: Owner, name: str, component: str, model: str | None = None) -> Obj:
-    return {
-        "name": name,
-        "namespace": owner.namespace,
-        "labels": labels(owner, component, model),
-        "ownerReferences": [owner.reference()],
-    }
-
-
-def engine_name(owner: Owner, model: Model) -> str:
-    return f"{owner.name}-{model.name}"
-
-
-def router_name(owner: Owner) -> str:
-    return f"{owner.name}-router"
-
-
-def cache_name(owner: Owner) -> str:
-    return f"{owner.name}-redis"
 
 
 def _remote_url(owner: Owner, spec: KVStackSpec) -> str | None:
@@ -138,7 +78,7 @@ def engine_configmap(owner: Owner, spec: KVStackSpec, model: Model) -> Obj:
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
-        "metadata": _meta(owner, engine_name(owner, model), "engine", model.name),
+        "metadata": object_meta(owner, engine_name(owner, model), "engine", model.name),
         "data": {"engine.yaml": text},
     }
 
@@ -229,7 +169,7 @@ def engine_deployment(owner: Owner, spec: KVStackSpec, model: Model, configmap: 
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
-        "metadata": _meta(owner, name, "engine", model.name),
+        "metadata": object_meta(owner, name, "engine", model.name),
         "spec": deploy_spec,
     }
 
@@ -239,7 +179,7 @@ def engine_service(owner: Owner, model: Model) -> Obj:
     return {
         "apiVersion": "v1",
         "kind": "Service",
-        "metadata": _meta(owner, engine_name(owner, model), "engine", model.name),
+        "metadata": object_meta(owner, engine_name(owner, model), "engine", model.name),
         "spec": {
             "clusterIP": "None",
             "selector": selector_labels(owner, "engine", model.name),
@@ -294,7 +234,7 @@ def router_objects(owner: Owner, spec: KVStackSpec) -> list[Obj]:
         "livenessProbe": {"httpGet": {"path": "/health", "port": "http"}, "periodSeconds": 10},
         "volumeMounts": [{"name": "config", "mountPath": CONFIG_DIR, "readOnly": True}],
     }
-    meta = _meta(owner, name, "router")
+    meta = object_meta(owner, name, "router")
     return [
         {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": meta},
         {
@@ -361,7 +301,7 @@ def cache_objects(owner: Owner, spec: KVStackSpec) -> list[Obj]:
         "resources": {k: dict(v) for k, v in c.resources.items() if isinstance(v, dict)},
         "readinessProbe": {"tcpSocket": {"port": "redis"}, "periodSeconds": 5},
     }
-    meta = _meta(owner, name, "cache")
+    meta = object_meta(owner, name, "cache")
     return [
         {
             "apiVersion": "apps/v1",
@@ -400,14 +340,3 @@ def desired_objects(owner: Owner, spec: KVStackSpec) -> list[Obj]:
     if spec.router.enabled:
         out += router_objects(owner, spec)
     return out
-
-
-def key(obj: Obj) -> tuple[str, str, str]:
-    """(apiVersion, kind, name): what identifies an object within the stack's namespace."""
-    return obj["apiVersion"], obj["kind"], obj["metadata"]["name"]
-
-
-def to_prune(existing: list[tuple[str, str, str]], desired: list[Obj]) -> list[tuple[str, str, str]]:
-    """Objects the operator made earlier that the spec no longer asks for (a removed model)."""
-    wanted = {key(o) for o in desired}
-    return sorted(k for k in existing if k not in wanted)

@@ -12,15 +12,8 @@ from kvstack.common.config import ConfigError
 from kvstack.engine.serve.config import load_config
 from kvstack.operator import crd
 from kvstack.operator.annotated import AUTOSCALING, wants_autoscaling
-from kvstack.operator.resources import (
-    Owner,
-    desired_objects,
-    engine_config,
-    key,
-    managed_selector,
-    router_settings,
-    to_prune,
-)
+from kvstack.operator.ownership import Owner, key, managed_selector, to_prune
+from kvstack.operator.resources import desired_objects, engine_config, router_settings
 from kvstack.operator.spec import parse_spec
 from kvstack.router.config import RouterSettings
 

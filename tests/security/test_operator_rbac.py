@@ -15,7 +15,8 @@ import pytest
 from tests.helm.conftest import VALUES_DIR, HelmChart, chart, helm_bin
 
 from kvstack.operator.kube import OWNED_KINDS
-from kvstack.operator.resources import Owner, desired_objects
+from kvstack.operator.ownership import Owner
+from kvstack.operator.resources import desired_objects
 from kvstack.operator.spec import parse_spec
 
 __all__ = ["chart", "helm_bin"]
