@@ -29,7 +29,7 @@ import yaml
 
 from kvstack.bench import promtext, stats, workloads
 from kvstack.bench.driver import DriverConfig, RequestResult, run_workload
-from kvstack.common.procs import ManagedProcess, free_ports, running
+from kvstack.common.procs import ManagedProcess, free_ports, kvstack_argv, running
 
 Samples = Mapping[promtext.SampleKey, float]
 
@@ -159,10 +159,6 @@ def summarize_case(
 # ------------------------------------------------------------------ processes
 
 
-def _kvstack() -> list[str]:
-    return [sys.executable, "-m", "kvstack"]
-
-
 def _sim_procs(
     n: int, model: str, blocks: int | None, log_dir: Path, config: Path | None = None
 ) -> tuple[list[ManagedProcess], list[dict[str, Any]]]:
@@ -171,7 +167,7 @@ def _sim_procs(
     for i in range(n):
         http, pub, replay = ports[3 * i : 3 * i + 3]
         url = f"http://127.0.0.1:{http}"
-        argv = [*_kvstack(), "engine", "sim", "--port", str(http), "--model", model, "--speed", "1.0"]
+        argv = [*kvstack_argv(), "engine", "sim", "--port", str(http), "--model", model, "--speed", "1.0"]
         argv += ["--kv-events-endpoint", f"tcp://127.0.0.1:{pub}"]
         argv += ["--kv-events-replay-endpoint", f"tcp://127.0.0.1:{replay}"]
         if blocks:
@@ -195,7 +191,7 @@ def _router_proc(
     engines_file: Path, policy: str, tokenizer: str, log_dir: Path
 ) -> tuple[ManagedProcess, str]:
     port = free_ports(1)[0]
-    argv = [*_kvstack(), "router", "--port", str(port), "--engines-file", str(engines_file)]
+    argv = [*kvstack_argv(), "router", "--port", str(port), "--engines-file", str(engines_file)]
     argv += ["--policy", policy, "--log-level", "warning"]
     env = {"KVSTACK_ROUTER_ACCESS_LOG": "false", "KVSTACK_ROUTER_EXPOSE_ENGINE_HEADER": "true"}
     if tokenizer != "builtin":

@@ -28,8 +28,9 @@ import typer
 import yaml
 
 from kvstack.bench.report import print_table, write_json
+from kvstack.bench.router_overhead_plot import plot_overhead
 from kvstack.bench.stats import percentile
-from kvstack.common.procs import free_port
+from kvstack.common.procs import cpu_seconds, free_port, kvstack_argv, memory_mb
 
 MODEL = "sim"
 GOALS = {"added_p50_ms": 1.0, "added_p99_ms": 5.0, "rps_nonstream": 1000.0, "rps_stream": 500.0}
@@ -123,18 +124,6 @@ def _load_main(load: Load, out: Any) -> None:
     out.send(uvloop.run(_drive(load)))
 
 
-def _cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
-
-
 def run_load(load: Load, router_pid: int | None, rss_every: float = 0.0) -> dict[str, Any]:
     """Run ``load`` in its own process; summarize the window after the warm-up."""
     ctx = mp.get_context("spawn")
@@ -147,17 +136,17 @@ def run_load(load: Load, router_pid: int | None, rss_every: float = 0.0) -> dict
         time.sleep(load.warmup)
         assert proc.pid is not None
         t0 = time.monotonic()
-        cpu_r = _cpu_seconds(router_pid) if router_pid else 0.0
-        cpu_l = _cpu_seconds(proc.pid)
+        cpu_r = cpu_seconds(router_pid) if router_pid else 0.0
+        cpu_l = cpu_seconds(proc.pid)
         while (elapsed := time.monotonic() - t0) < load.seconds:
             if router_pid and rss_every:
-                rss.append((round(elapsed, 1), rss_mb(router_pid)))
+                rss.append((round(elapsed, 1), memory_mb(router_pid)))
             time.sleep(min(rss_every or load.seconds, max(0.01, load.seconds - elapsed)))
         wall = time.monotonic() - t0
-        router_cpu = (_cpu_seconds(router_pid) - cpu_r) / wall if router_pid else 0.0
-        load_cpu = (_cpu_seconds(proc.pid) - cpu_l) / wall
+        router_cpu = (cpu_seconds(router_pid) - cpu_r) / wall if router_pid else 0.0
+        load_cpu = (cpu_seconds(proc.pid) - cpu_l) / wall
         if router_pid and rss_every:
-            rss.append((round(wall, 1), rss_mb(router_pid)))
+            rss.append((round(wall, 1), memory_mb(router_pid)))
         samples: list[tuple[float, float, bool, int]] = parent.recv()
         proc.join(30)
     finally:
@@ -197,10 +186,6 @@ def summarize(
 # -------------------------------------------------------------------- processes
 
 
-def _kvstack() -> str:
-    return str(Path(sys.executable).parent / "kvstack")
-
-
 def _sims(n: int, speed: float, logs: Path) -> tuple[list[Any], list[dict[str, Any]]]:
     from kvstack.common.procs import ManagedProcess, free_port
 
@@ -209,7 +194,7 @@ def _sims(n: int, speed: float, logs: Path) -> tuple[list[Any], list[dict[str, A
         port, pub, replay = free_port(), free_port(), free_port()
         url = f"http://127.0.0.1:{port}"
         argv = [
-            _kvstack(), "engine", "sim", "--port", str(port), "--served-model-name", MODEL,
+            *kvstack_argv(), "engine", "sim", "--port", str(port), "--served-model-name", MODEL,
             "--speed", str(speed), "--max-num-seqs", "1024", "--max-num-batched-tokens", "16384",
             "--max-model-len", "4096",
             "--kv-events-endpoint", f"tcp://127.0.0.1:{pub}",
@@ -232,7 +217,7 @@ def _router(backend: str, policy: str, engines_file: Path, logs: Path, profile: 
     from kvstack.common.procs import ManagedProcess
 
     port = free_port()
-    argv = [_kvstack(), "router", "--port", str(port), "--engines-file", str(engines_file)]
+    argv = [*kvstack_argv(), "router", "--port", str(port), "--engines-file", str(engines_file)]
     argv += ["--policy", policy, "--upstream-backend", backend, "--log-level", "warning"]
     if profile is not None:
         argv = [sys.executable, "-m", "cProfile", "-o", str(profile.resolve()), *argv]
@@ -298,50 +283,6 @@ def verdict(direct: dict[str, Any], row: dict[str, Any]) -> dict[str, Any]:
         out["rss_start_mb"], out["rss_end_mb"] = rss[0][1], rss[-1][1]
         out["rss_growth_mb_per_min_2nd_half"] = (half[-1][1] - half[0][1]) / minutes
     return out
-
-
-def plot(
-    path: Path, direct: dict[str, Any], rows: list[dict[str, Any]], verdicts: list[dict[str, Any]]
-) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = [v["backend"] for v in verdicts]
-    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(12, 3.6))
-    xs = range(len(names))
-    ax1.bar([x - 0.2 for x in xs], [v["added_p50_ms"] for v in verdicts], 0.4, label="added p50")
-    ax1.bar([x + 0.2 for x in xs], [v["added_p99_ms"] for v in verdicts], 0.4, label="added p99")
-    ax1.axhline(GOALS["added_p50_ms"], color="tab:blue", linestyle="--", linewidth=1)
-    ax1.axhline(GOALS["added_p99_ms"], color="tab:orange", linestyle="--", linewidth=1)
-    ax1.set_xticks(list(xs), names)
-    ax1.set_yscale("symlog", linthresh=1.0)  # a saturated backend adds seconds, a good one < 1 ms
-    ax1.set_ylabel("ms over direct (open loop)")
-    ax1.legend(fontsize=7)
-    ax2.bar([x - 0.2 for x in xs], [v["rps_nonstream"] for v in verdicts], 0.4, label="non-streaming")
-    ax2.bar([x + 0.2 for x in xs], [v["rps_stream"] for v in verdicts], 0.4, label="streaming, 32 tokens")
-    ax2.axhline(GOALS["rps_nonstream"], color="tab:blue", linestyle="--", linewidth=1)
-    ax2.axhline(GOALS["rps_stream"], color="tab:orange", linestyle="--", linewidth=1)
-    for key, style in (("closed_nonstream", ":"), ("closed_stream", "-.")):
-        if direct.get(key):
-            ax2.axhline(direct[key]["rps"], color="grey", linestyle=style, linewidth=1)
-    ax2.set_xticks(list(xs), names)
-    ax2.set_ylabel("req/s, closed loop (grey: direct)")
-    ax2.legend(fontsize=7)
-    for row in rows:
-        rss = row.get("soak", {}).get("rss_mb", [])
-        if rss:
-            ax3.plot([t for t, _ in rss], [m for _, m in rss], marker=".", label=row["backend"])
-    ax3.set_xlabel("soak seconds")
-    ax3.set_ylabel("router RSS (MB)")
-    ax3.set_ylim(bottom=0)
-    ax3.legend(fontsize=7)
-    fig.suptitle("One router process in front of simulators (2 shared cores)", fontsize=10)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def router_overhead(
@@ -412,7 +353,7 @@ def router_overhead(
         "verdicts": verdicts,
     }
     write_json(out_dir / "router_overhead.json", payload)
-    plot(out_dir / "router_overhead.png", direct, rows, verdicts)
+    plot_overhead(out_dir / "router_overhead.png", direct, rows, verdicts, GOALS)
     phases = [{"backend": "direct", "phase": k, **{**v, "rss_mb": ""}} for k, v in direct.items()]
     for r in rows:
         phases.append({"backend": r["backend"], "phase": f"open {rate:g}/s", **{**r["open"], "rss_mb": ""}})

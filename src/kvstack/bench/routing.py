@@ -25,7 +25,7 @@ import yaml
 from kvstack.bench import promtext, stats, workloads
 from kvstack.bench.driver import DriverConfig, RequestResult, run_workload
 from kvstack.common import tokenizer
-from kvstack.common.procs import ManagedProcess, free_ports, running
+from kvstack.common.procs import ManagedProcess, cpu_seconds, free_ports, kvstack_argv, memory_mb, running
 
 POLICIES = ("round_robin", "least_loaded", "session", "prefix_trie", "cache_aware")
 MODEL = "kvstack/sim-8b"
@@ -53,25 +53,6 @@ class RoutingSetup:
         return self.engines * workloads.PREFILL_TOKENS_PER_S * self.speed
 
 
-def _kvstack() -> list[str]:
-    return [sys.executable, "-m", "kvstack.cli"] if not _script().exists() else [str(_script())]
-
-
-def _script() -> Path:
-    return Path(sys.executable).with_name("kvstack")
-
-
-def _proc_usage(pid: int) -> tuple[float, float]:
-    """(CPU seconds, peak RSS bytes) of a live process, from /proc."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    rss = 0.0
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            rss = float(line.split()[1]) * 1024
-    return cpu, rss
-
-
 def _stack(setup: RoutingSetup, policy: str, case: str) -> tuple[list[ManagedProcess], str, list[str]]:
     ports = free_ports(3 * setup.engines + 1)
     log_dir = setup.log_dir / case
@@ -84,7 +65,7 @@ def _stack(setup: RoutingSetup, policy: str, case: str) -> tuple[list[ManagedPro
             ManagedProcess(
                 f"sim{i}",
                 [
-                    *_kvstack(),
+                    *kvstack_argv(),
                     "engine",
                     "sim",
                     "--port",
@@ -122,7 +103,7 @@ def _stack(setup: RoutingSetup, policy: str, case: str) -> tuple[list[ManagedPro
     router = ManagedProcess(
         "router",
         [
-            *_kvstack(),
+            *kvstack_argv(),
             "router",
             "--port",
             str(ports[-1]),
@@ -167,13 +148,13 @@ def run_case(
         router = procs[-1]
         before = [promtext.scrape(f"{u}/metrics") for u in engine_urls]
         r_before = promtext.scrape(f"{router_url}/metrics")
-        cpu0, _ = _proc_usage(router.pid)
-        sims0 = sum(_proc_usage(p.pid)[0] for p in procs[:-1])
+        cpu0 = cpu_seconds(router.pid)
+        sims0 = sum(cpu_seconds(p.pid) for p in procs[:-1])
         load0 = os.getloadavg()[0]
         results, wall = asyncio.run(run_workload(DriverConfig(router_url, MODEL), workload, on_done))
         load1 = os.getloadavg()[0]
-        cpu1, rss = _proc_usage(router.pid)
-        sims1 = sum(_proc_usage(p.pid)[0] for p in procs[:-1])
+        cpu1, rss_mb = cpu_seconds(router.pid), memory_mb(router.pid, "VmHWM")
+        sims1 = sum(cpu_seconds(p.pid) for p in procs[:-1])
         after = [promtext.scrape(f"{u}/metrics") for u in engine_urls]
         r_after = promtext.scrape(f"{router_url}/metrics")
 
@@ -240,7 +221,7 @@ def run_case(
         # arrival to the engine request: the router's whole share of the TTFT (all requests)
         "dispatch_mean_ms": _mean_ms(r_before, r_after, "kvstack_router_dispatch_seconds"),
         "router_cpu_s": cpu1 - cpu0,
-        "router_rss_mb": rss / 2**20,
+        "router_rss_mb": rss_mb,
         "sims_cpu_s": sims1 - sims0,
         # the machine's 1-minute load average before and after the case: contention check
         "loadavg": [round(load0, 2), round(load1, 2)],

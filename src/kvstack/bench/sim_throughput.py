@@ -23,6 +23,7 @@ import typer
 
 from kvstack.bench.report import print_table, write_json
 from kvstack.bench.stats import percentile
+from kvstack.common.procs import cpu_seconds
 
 GOAL_RPS = 300.0
 
@@ -53,12 +54,6 @@ class Level:
     chunks_per_request: float  # below output_tokens when tokens coalesce (the client lags the engine)
     sim_cpu: float  # simulator CPU seconds per wall second over the window (1.0 = one core)
     load_cpu: float  # the same for the load generator
-
-
-def _cpu_seconds(pid: int) -> float:
-    """utime + stime of ``pid`` (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def _drive(url: str, concurrency: int, seconds: float, output_tokens: int) -> list[Sample]:
@@ -140,11 +135,11 @@ def run_level(
     try:
         time.sleep(warmup)
         assert proc.pid is not None
-        cpu0, load0, t0 = _cpu_seconds(pid), _cpu_seconds(proc.pid), time.monotonic()
+        cpu0, load0, t0 = cpu_seconds(pid), cpu_seconds(proc.pid), time.monotonic()
         time.sleep(seconds)
         elapsed = time.monotonic() - t0
-        sim_cpu = (_cpu_seconds(pid) - cpu0) / elapsed
-        load_cpu = (_cpu_seconds(proc.pid) - load0) / elapsed
+        sim_cpu = (cpu_seconds(pid) - cpu0) / elapsed
+        load_cpu = (cpu_seconds(proc.pid) - load0) / elapsed
         samples: list[Sample] = parent.recv()
         proc.join(30)
     finally:
@@ -193,13 +188,12 @@ def sim_throughput(
     ] = None,
 ) -> None:
     """Streamed requests/s and TTFT of one simulator process under closed-loop load."""
-    from kvstack.common.procs import ManagedProcess, free_port, running
+    from kvstack.common.procs import ManagedProcess, free_port, kvstack_argv, running
 
     levels_in = concurrency or [32, 128]
     port = free_port()
-    kvstack = str(Path(sys.executable).parent / "kvstack")
     argv = [
-        kvstack,
+        *kvstack_argv(),
         "engine",
         "sim",
         "--port",

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import multiprocessing as mp
 import os
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ import yaml
 
 from kvstack.bench.report import print_table, write_json
 from kvstack.bench.stats import percentile
+from kvstack.common.procs import memory_mb
 
 MODEL = "sim"
 RSS_GROWTH_LIMIT = 0.10
@@ -126,13 +126,6 @@ def _load_main(load: SoakLoad, out: Any) -> None:
 # -------------------------------------------------------------------- pure summaries
 
 
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
-
-
 def minute_rows(
     samples: list[Sample], rss: list[tuple[float, float]], loads: list[tuple[float, float]], minutes: int
 ) -> list[dict[str, Any]]:
@@ -192,15 +185,14 @@ def verdict(rows: list[dict[str, Any]], rss_after_warmup: float, errors: dict[st
 def _processes(
     engines: int, speed: float, gpu_blocks: int, logs: Path
 ) -> tuple[list[Any], Any, tuple[str, ...], str]:
-    from kvstack.common.procs import ManagedProcess, free_port
+    from kvstack.common.procs import ManagedProcess, free_port, kvstack_argv
 
-    kvstack = str(Path(sys.executable).parent / "kvstack")
     procs: list[Any] = []
     entries: list[dict[str, Any]] = []
     for i in range(engines):
         port, pub, replay = free_port(), free_port(), free_port()
         argv = [
-            kvstack, "engine", "sim", "--port", str(port), "--served-model-name", MODEL,
+            *kvstack_argv(), "engine", "sim", "--port", str(port), "--served-model-name", MODEL,
             "--speed", str(speed), "--max-num-seqs", "1024", "--max-model-len", "4096",
             "--num-gpu-blocks", str(gpu_blocks),
             "--kv-events-endpoint", f"tcp://127.0.0.1:{pub}",
@@ -221,7 +213,7 @@ def _processes(
     engines_file.parent.mkdir(parents=True, exist_ok=True)
     engines_file.write_text(yaml.safe_dump(entries, sort_keys=False))
     port = free_port()
-    argv = [kvstack, "router", "--port", str(port), "--engines-file", str(engines_file)]
+    argv = [*kvstack_argv(), "router", "--port", str(port), "--engines-file", str(engines_file)]
     argv += ["--policy", "cache_aware", "--log-level", "warning"]
     router = ManagedProcess(
         "soak-router",
@@ -305,7 +297,7 @@ def _run(
         while True:
             elapsed = time.monotonic() - t0
             if elapsed >= next_sample:
-                rss.append((elapsed, rss_mb(router_pid)))
+                rss.append((elapsed, memory_mb(router_pid)))
                 loads.append((elapsed, os.getloadavg()[0]))
                 scraped.append((elapsed, _scrape(load.router_url)))
                 next_sample += 10.0
@@ -316,7 +308,7 @@ def _run(
                 samples.extend(batch)
             elif not proc.is_alive():
                 raise RuntimeError(f"the load process died (exit code {proc.exitcode})")
-        rss.append((min(time.monotonic() - t0, load.seconds - 0.01), rss_mb(router_pid)))
+        rss.append((min(time.monotonic() - t0, load.seconds - 0.01), memory_mb(router_pid)))
         proc.join(30)
     finally:
         if proc.is_alive():

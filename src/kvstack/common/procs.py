@@ -11,6 +11,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -132,3 +133,23 @@ def running(procs: Sequence[ManagedProcess], timeout: float = 30.0) -> Iterator[
     finally:
         for p in reversed(started):
             p.stop()
+
+
+def kvstack_argv(*args: str) -> list[str]:
+    """Run this environment's ``kvstack`` (the script beside the interpreter; else ``python -m kvstack``)."""
+    beside = Path(sys.executable).with_name("kvstack")
+    return [str(beside), *args] if beside.exists() else [sys.executable, "-m", "kvstack", *args]
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a live process so far (Linux ``/proc``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def memory_mb(pid: int, field: str = "VmRSS") -> float:
+    """A memory field of ``/proc/PID/status`` in MiB: ``VmRSS`` now, ``VmHWM`` its peak; 0 if absent."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    return 0.0

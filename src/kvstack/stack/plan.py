@@ -6,13 +6,13 @@ Adding a component (say, Prometheus scraping the router and the engines) is one 
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from kvstack.common.procs import kvstack_argv
 from kvstack.router.policies import policy_names
 
 SIM_MODEL = "kvstack/sim-8b"
@@ -72,12 +72,6 @@ class ProcessSpec:
     argv: list[str]
     ready_url: str
     env: dict[str, str] = field(default_factory=dict)
-
-
-def kvstack_argv(*args: str) -> list[str]:
-    """Run the ``kvstack`` script of this interpreter's environment (no PATH or activation needed)."""
-    beside = Path(sys.executable).with_name("kvstack")
-    return [str(beside) if beside.exists() else "kvstack", *args]
 
 
 def engine_entries(settings: StackSettings, ports: list[EnginePorts]) -> list[dict[str, object]]:
