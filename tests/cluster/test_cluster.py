@@ -10,10 +10,8 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +19,7 @@ import pytest
 
 from kvstack.testing import Cluster, ClusterConfig, PodSimulators, SimTarget
 from kvstack.testing.cluster import pid_alive
+from kvstack.testing.waits import wait_until
 
 pytestmark = pytest.mark.cluster
 
@@ -53,17 +52,6 @@ def gpu_deployment(name: str, replicas: int, model: str, gpus: int = 1) -> dict[
             },
         },
     }
-
-
-def wait_until(predicate: Callable[[], Any], what: str, timeout: float = 60.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.2)
 
 
 def pods(cluster: Cluster, namespace: str, selector: str) -> list[Any]:

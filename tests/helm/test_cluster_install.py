@@ -5,8 +5,6 @@ from __future__ import annotations
 import base64
 import shutil
 import subprocess
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +14,7 @@ from tests.helm.conftest import CHART
 from tests.helm.test_chart_files import SAMPLE_CRD
 
 from kvstack.testing import Cluster
+from kvstack.testing.waits import wait_until
 
 pytestmark = pytest.mark.cluster
 INSTANCE = "app.kubernetes.io/instance"
@@ -57,15 +56,6 @@ def get(cluster: Cluster, namespace: str, kinds: str, selector: str = "") -> lis
     return list(yaml.safe_load(cluster.kubectl(*args).stdout)["items"])
 
 
-def wait_until(predicate: Callable[[], Any], what: str, timeout: float = 120.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while not (result := predicate()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.5)
-    return result
-
-
 def running_pods(cluster: Cluster, namespace: str, component: str, count: int) -> list[dict[str, Any]]:
     def check() -> list[dict[str, Any]]:
         pods = get(cluster, namespace, "pods", f"app.kubernetes.io/component={component}")
@@ -73,7 +63,7 @@ def running_pods(cluster: Cluster, namespace: str, component: str, count: int) -
         ok = len(live) == count and all(p["status"].get("phase") == "Running" for p in live)
         return live if ok else []
 
-    return list(wait_until(check, f"{count} running {component} pods in {namespace}"))
+    return list(wait_until(check, f"{count} running {component} pods in {namespace}", timeout=120))
 
 
 def secret_value(cluster: Cluster, namespace: str, name: str, key: str) -> str:
@@ -169,7 +159,7 @@ def test_uninstall_leaves_nothing_but_kept_crds(cluster: Cluster, namespace: str
             f"{o['kind']}/{o['metadata']['name']}" for o in get(cluster, namespace, kinds, f"{INSTANCE}=rel")
         ]
         assert left == []
-        wait_until(lambda: not get(cluster, namespace, "pods", f"{INSTANCE}=rel"), "pods to go")
+        wait_until(lambda: not get(cluster, namespace, "pods", f"{INSTANCE}=rel"), "pods to go", timeout=120)
         kept = cluster.kubectl("get", "crd", crd["metadata"]["name"], "-o", "yaml", check=False)
         assert kept.returncode == 0, "the CRD was deleted with the release"
         assert yaml.safe_load(kept.stdout)["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"

@@ -16,11 +16,12 @@ from typing import Any
 import openai
 import pytest
 import yaml
-from tests.helm.test_cluster_install import get, release, running_pods, wait_until
+from tests.helm.test_cluster_install import get, release, running_pods
 
 from kvstack.common.procs import ManagedProcess
 from kvstack.testing import Cluster, PodSimulators
 from kvstack.testing.pod_sims import kvstack_executable
+from kvstack.testing.waits import wait_until
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 MODEL = "meta-llama/Llama-3.1-8B-Instruct"
@@ -56,7 +57,9 @@ def service_endpoint(cluster: Cluster, namespace: str, name: str) -> tuple[str, 
             c["type"] == "Ready" and c["status"] == "True" for c in pod["status"].get("conditions", [])
         )
 
-    (pod,) = wait_until(lambda: [p for p in get(cluster, namespace, "pods", selector) if ready(p)], name)
+    (pod,) = wait_until(
+        lambda: [p for p in get(cluster, namespace, "pods", selector) if ready(p)], name, timeout=120
+    )
     ports = [p for c in pod["spec"]["containers"] for p in c.get("ports", []) if p.get("name") == target]
     return str(pod["status"]["podIP"]), int(ports[0]["containerPort"])
 

@@ -5,8 +5,7 @@ The cluster fixtures come from :mod:`kvstack.testing.pytest_plugin`, registered 
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -16,18 +15,6 @@ from kvstack.operator.crd import CRD_FILE, GROUP, PLURAL, VERSION
 from kvstack.operator.handlers import Runtime
 from kvstack.testing import Cluster
 from kvstack.testing.kube_access import prometheus_access
-
-
-def wait_until(predicate: Callable[[], Any], what: str, timeout: float = 60.0, interval: float = 0.25) -> Any:
-    """Poll ``predicate`` until it returns something truthy; fail naming ``what`` after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = predicate()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what} (last: {last!r})")
 
 
 @pytest.fixture(scope="session")

@@ -36,8 +36,9 @@ from kvstack.observability.prometheus import (
 from kvstack.operator.handlers import Runtime, build_registry
 from kvstack.testing import Cluster, PodSimulators, SimTarget, operator_settings
 from kvstack.testing.pod_sims import kvstack_executable
+from kvstack.testing.waits import wait_until
 
-from .conftest import Api, evaluations, wait_until
+from .conftest import Api, evaluations
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow, pytest.mark.timeout(600)]
 

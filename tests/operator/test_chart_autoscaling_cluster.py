@@ -25,8 +25,9 @@ from kvstack.operator.annotated import POLICY, STATUS
 from kvstack.operator.handlers import Runtime, build_registry
 from kvstack.operator.settings import OperatorSettings
 from kvstack.testing import Cluster, PodSimulators, SimulatorTargets, file_sd_prometheus
+from kvstack.testing.waits import wait_until
 
-from .conftest import Api, wait_until
+from .conftest import Api
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow, pytest.mark.timeout(600)]
 

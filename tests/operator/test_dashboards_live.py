@@ -25,8 +25,9 @@ from kvstack.dashboards.rules import ALERTS, RECORDS
 from kvstack.observability.prometheus import PrometheusAPI, Target, prometheus_process, prometheus_url
 from kvstack.operator.handlers import Runtime, build_registry
 from kvstack.testing import Cluster, PodSimulators, SimulatorTargets, operator_settings
+from kvstack.testing.waits import wait_until
 
-from .conftest import Api, evaluations, wait_until
+from .conftest import Api, evaluations
 from .test_autoscale_cluster import MODEL
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow, pytest.mark.timeout(300)]

@@ -11,8 +11,9 @@ from kopf.testing import KopfRunner
 
 from kvstack.operator.handlers import Runtime, build_registry
 from kvstack.testing import Cluster, operator_settings
+from kvstack.testing.waits import wait_until
 
-from .conftest import Api, wait_until
+from .conftest import Api
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 

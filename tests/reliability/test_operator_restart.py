@@ -14,11 +14,12 @@ from collections.abc import Iterator
 
 import pytest
 from kopf.testing import KopfRunner
-from tests.operator.conftest import Api, api, crd_installed, kubeconfig_env, wait_until
+from tests.operator.conftest import Api, api, crd_installed, kubeconfig_env
 from tests.operator.test_reconcile_cluster import SPEC
 
 from kvstack.operator.handlers import Runtime, build_registry
 from kvstack.testing import Cluster, operator_settings
+from kvstack.testing.waits import wait_until
 
 __all__ = ["api", "crd_installed", "kubeconfig_env"]
 

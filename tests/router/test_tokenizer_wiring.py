@@ -11,6 +11,7 @@ import pytest
 
 from kvstack.common import tokenizer
 from kvstack.router.proxy import ProxyEndpoint
+from kvstack.testing.waits import wait_until
 
 from .conftest import MODEL, BadEngine, RouterFactory, RouterServer, Sim
 
@@ -75,7 +76,11 @@ def test_access_log_gives_the_routers_share_of_the_ttft(
         with httpx.stream("POST", f"{r.url}/v1/chat/completions", json=body, timeout=30) as resp:
             assert resp.status_code == 200
             resp.read()
-    lines = [rec for rec in caplog.records if rec.name == "kvstack.router.access"]
+    # The access line is written as the handler finishes, which can be just after the client has
+    # read the end of the stream.
+    lines = wait_until(
+        lambda: [rec for rec in caplog.records if rec.name == "kvstack.router.access"], "the access line", 10
+    )
     assert len(lines) == 1
     line: Any = lines[0]
     # the router's share (tokens, decision) comes before the engine's prefill in the TTFT
