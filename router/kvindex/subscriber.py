@@ -195,6 +195,7 @@ class KVEventSubscriber:
                 # read empty; reading EVENTS re-arms its FD, and nothing can slip in unseen between
                 # here and the wait (no await in between). `mon` re-arms in its own drain.
                 if _readable(sub) or feed.monitor_ready:
+                    await asyncio.sleep(0)  # more arrived meanwhile: a steady stream never starves requests
                     continue
                 wake.clear()
                 await wake.wait()
