@@ -183,7 +183,7 @@ def prompt_work(request: ParsedRequest) -> PromptWork | Sequence[int] | None:
 def tokenize(work: PromptWork) -> Tokens:
     """The tokens of ``work``, as the simulator makes them (a plain function: it runs in a worker too)."""
     if work.chat is not None:
-        return as_tokens(tokenizer.apply_chat_template(work.chat, add_generation_prompt=True))
+        return chat_tokens(work, None)
     # No BOS: the simulator adds none to text prompts, and block keys must match its tokens.
     return as_tokens(tokenizer.encode(work.text or ""))
 

@@ -31,7 +31,7 @@ from kvstack.router.exchange import (
 )
 from kvstack.router.headers import scan_headers, upstream_headers
 from kvstack.router.policies.base import Decision, RequestFeatures
-from kvstack.router.prompts import PromptWork, prompt_text, prompt_work, work_tokens
+from kvstack.router.prompts import prompt_text, prompt_work, work_tokens
 from kvstack.router.protocol import Kind, ParsedRequest, SSEFramer, error_event, has_content, parse_request
 from kvstack.router.tokenizers import EngineTokenizer, TokenizeError, request_tokens
 from kvstack.router.upstream import UpstreamError, UpstreamResponse
@@ -180,10 +180,7 @@ class ProxyEndpoint:
         t0, builtin_runs = time.perf_counter(), self._builtin_runs()
         tokens = None
         if policy.needs_tokens:
-            work = prompt_work(request)  # its digest is the token cache's key: compute it once
-            if ctx.offload is not None:
-                await ctx.offload.prefetch(work, ctx.token_cache)  # a long prompt: off the event loop
-            tokens = await self._prompt_tokens(request, work)
+            tokens = await self._prompt_tokens(request)
             self._observe_tokenize(policy.name, t0, builtin_runs)
         cache_salt = request.body.get("cache_salt")
         features = RequestFeatures(
@@ -322,11 +319,11 @@ class ProxyEndpoint:
 
     # ------------------------------------------------------------------ helpers
 
-    async def _prompt_tokens(self, request: ParsedRequest, work: PromptWork | Sequence[int] | None) -> Any:
+    async def _prompt_tokens(self, request: ParsedRequest) -> Any:
         """Prompt tokens as the engine prefills them (its /tokenize when so configured)."""
         ctx = self.ctx
         if ctx.settings.tokenizer == "builtin" or ctx.upstream is None:
-            return work_tokens(work, ctx.token_cache)
+            return await self._builtin_tokens(request)
         if self._engine_tokenizer is None:
             self._engine_tokenizer = EngineTokenizer(
                 ctx.upstream, lambda model: [e.url for e in self.admission.available(model or None)]
@@ -335,7 +332,15 @@ class ProxyEndpoint:
             return await request_tokens(self._engine_tokenizer, request)
         except TokenizeError as err:
             log.warning("engine tokenizer failed, using the built-in one: %s", err)
-            return work_tokens(work, ctx.token_cache)
+            return await self._builtin_tokens(request)
+
+    async def _builtin_tokens(self, request: ParsedRequest) -> Sequence[int] | None:
+        """The built-in tokenizer's tokens; the prompt's digest (the caches' key) is computed once."""
+        ctx = self.ctx
+        work = prompt_work(request)
+        if ctx.offload is not None:
+            await ctx.offload.prefetch(work, ctx.token_cache)  # a long prompt: off the event loop
+        return work_tokens(work, ctx.token_cache)
 
     def _builtin_runs(self) -> int:
         cache = self.ctx.token_cache
