@@ -26,6 +26,7 @@ import yaml
 
 from kvstack.bench.autoscale_live import OpenLoopLoad, Recorder
 from kvstack.bench.autoscale_plan import MODEL, Phases, PodShape, Sample, Variant, summarize, variants
+from kvstack.bench.report import save_figure
 from kvstack.common.procs import ManagedProcess, free_port
 from kvstack.observability.prometheus import prometheus_url
 from kvstack.testing import (
@@ -351,10 +352,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
         f"(periods / {report['scale']})",
         fontsize=10,
     )
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)
 
 
 def main_run(out: Path, bench: ClusterBench, echo: Echo) -> dict[str, Any]:

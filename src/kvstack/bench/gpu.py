@@ -29,6 +29,7 @@ import yaml
 
 from kvstack.bench import promtext, stats, workloads
 from kvstack.bench.driver import DriverConfig, RequestResult, run_workload
+from kvstack.bench.report import save_figure
 from kvstack.common.procs import ManagedProcess, free_ports, kvstack_argv, running
 
 Samples = Mapping[promtext.SampleKey, float]
@@ -383,8 +384,6 @@ def plot(out: Path, png: Path | None = None, labels: Sequence[str] = ()) -> Path
         ax.set_ylabel(unit)
         ax.set_xticks(xs, names, fontsize=7)
         ax.legend(fontsize=8)
-    fig.tight_layout()
     target = png or out / "gpu.png"
-    fig.savefig(target, dpi=110)
-    plt.close(fig)
+    save_figure(fig, target)
     return target

@@ -38,6 +38,16 @@ def write_json(path: Path, payload: Mapping[str, Any]) -> None:
     path.write_text(json.dumps(payload, indent=1, sort_keys=True, default=float))
 
 
+def save_figure(fig: Any, path: Path, dpi: int = 110) -> None:
+    """Lay out a matplotlib figure, write it to ``path`` (creating its folder) and free it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+
+
 def bar_grid(
     path: Path,
     rows: Sequence[Mapping[str, Any]],
@@ -95,7 +105,4 @@ def bar_grid(
             if j == 0:
                 ax.set_ylabel(label, fontsize=8)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from kvstack.bench.report import save_figure
+
 
 def plot_overhead(
     path: Path,
@@ -49,7 +51,4 @@ def plot_overhead(
     ax3.set_ylim(bottom=0)
     ax3.legend(fontsize=7)
     fig.suptitle("One router process in front of simulators (2 shared cores)", fontsize=10)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)

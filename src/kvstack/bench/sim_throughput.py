@@ -21,7 +21,7 @@ from typing import Annotated, Any
 
 import typer
 
-from kvstack.bench.report import print_table, write_json
+from kvstack.bench.report import print_table, save_figure, write_json
 from kvstack.bench.stats import percentile
 from kvstack.common.procs import cpu_seconds
 
@@ -168,10 +168,7 @@ def plot(path: Path, levels: list[Level]) -> None:
     ax2.set_ylabel("TTFT (ms)")
     ax2.legend(fontsize=8)
     fig.suptitle("One simulator process: streamed throughput", fontsize=10)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def sim_throughput(

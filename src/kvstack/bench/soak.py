@@ -22,7 +22,7 @@ from typing import Annotated, Any
 import typer
 import yaml
 
-from kvstack.bench.report import print_table, write_json
+from kvstack.bench.report import print_table, save_figure, write_json
 from kvstack.bench.stats import percentile
 from kvstack.common.procs import memory_mb
 
@@ -249,10 +249,7 @@ def plot(path: Path, rows: list[dict[str, Any]], title: str) -> None:
     ax2.set_yscale("symlog", linthresh=1.0)
     ax2.legend(fontsize=7)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 # the router's bounded structures: growth past their caps would be a leak, growth up to them is not
