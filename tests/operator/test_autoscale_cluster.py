@@ -358,7 +358,11 @@ def test_an_idle_model_scales_to_zero_and_a_held_request_wakes_it(
 
             # No request at all: once the idle window's data says so, the model goes to zero.
             wait_until(lambda: api.deployment("demo-llama").spec.replicas == 0, "scale to zero", timeout=120)
-            assert api.get("demo")["status"]["models"][0]["lastScale"]["reason"] == "idle"
+            # The status is patched after the Deployment is scaled (and retried when the API server drops it).
+            scaled = wait_until(
+                lambda: api.get("demo")["status"]["models"][0].get("lastScale"), "lastScale in status"
+            )
+            assert scaled["reason"] == "idle"
             sims.wait_for(0, timeout=60)
             # Held at zero while the router holds nothing (and Prometheus sees it say so).
             prom_api.wait_for(f"{queued_series(namespace)} == 0", timeout=30)
