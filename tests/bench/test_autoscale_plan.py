@@ -92,6 +92,15 @@ def test_summary_measures_decision_ready_and_serving_from_the_step() -> None:
     assert s["step_ttft_p50_s"] == pytest.approx(3.5)  # of the two step requests that succeeded: 1 and 6
 
 
+def test_serving_counts_new_pods_only_when_the_old_one_had_not_answered_by_the_step() -> None:
+    # A light warm-up can leave the pre-step pod without an answer at t=0: its first answer after the
+    # step is not a new pod serving.
+    phases = Phases(warm_s=5, step_s=20, after_s=0)
+    timeline = _samples([(0, 1, 1, 0), (1, 1, 1, 1), (3, 3, 1, 1), (5, 3, 2, 1), (8, 3, 2, 2), (20, 3, 2, 2)])
+    s = summarize(timeline, [], phases)
+    assert (s["decision_s"], s["ready_s"], s["serving_s"]) == (3, 5, 8)
+
+
 def test_summary_of_a_fleet_that_never_scaled_says_so() -> None:
     phases = Phases(warm_s=5, step_s=10, after_s=5)
     s = summarize(_samples([(-5, 1, 1, 1), (0, 1, 1, 1), (15, 1, 1, 1)]), [], phases)

@@ -253,7 +253,9 @@ def summarize(samples: Sequence[Sample], requests: Sequence[Request], phases: Ph
         # (c) a new pod answered a request sent through the router
         "decision_s": first_after(samples, 0.0, "desired", before.desired),
         "ready_s": first_after(samples, 0.0, "ready", before.ready),
-        "serving_s": first_after(samples, 0.0, "serving", before.serving),
+        # More pods have served than existed before the step, so a new one has. Counting from
+        # `before.serving` took a pre-step pod that had not answered yet by the step for a new one.
+        "serving_s": first_after(samples, 0.0, "serving", before.ready),
         # every pod of the peak Ready, and serving
         "all_ready_s": first_after(samples, 0.0, "ready", peak - 1) if peak > before.desired else None,
         "all_serving_s": first_after(samples, 0.0, "serving", peak - 1) if peak > before.desired else None,
