@@ -58,6 +58,10 @@ class RouterSettings(BaseSettings):
     # built-in tokenizer: prompts this long (characters; ~5K tokens) are tokenized in a worker
     # process, so the event loop keeps relaying streams meanwhile (router/offload.py); 0: never
     tokenize_offload_min_chars: int = Field(16_000, ge=0)
+    # built-in tokenizer: a chat whose messages from the first unrendered one on are at most this
+    # long (characters) is routed on the messages before them, and the new ones are tokenized after
+    # the request is sent (router/prompts.py, known_prefix); 0: always tokenize before routing
+    tokenize_defer_max_chars: int = Field(2048, ge=0)
     # per-policy settings (KVSTACK_ROUTER_CACHE_AWARE__DECISION__LOAD_FACTOR=1.5); read by that policy only
     cache_aware: CacheAwareConfig = CacheAwareConfig()
     prefix_trie: PrefixTrieSettings = PrefixTrieSettings()

@@ -207,6 +207,60 @@ def chat_tokens(work: PromptWork, messages: TokenCache | None) -> Tokens:
     return out
 
 
+# Estimating a message's tokens before it is rendered: the built-in tokenizer's density on English
+# text, and the template's tokens around each message (header, role, blank line, end of turn).
+CHARS_PER_TOKEN = 3
+_TEMPLATE_TOKENS_PER_MESSAGE = 6
+
+
+@dataclass(frozen=True, slots=True)
+class KnownPrefix:
+    """A chat's tokens up to the first message not yet rendered, with the rest left for later.
+
+    ``tokens`` is an exact prefix of the prompt's tokens (its block keys are the prompt's);
+    ``total`` estimates the whole prompt's length; ``missing`` (digest, message) are the messages
+    from the first unrendered one on, which :func:`render_missing` renders after routing.
+    """
+
+    tokens: Tokens
+    total: int
+    missing: tuple[tuple[int, tuple[str, str]], ...]
+
+
+def known_prefix(work: PromptWork, messages: TokenCache, max_tail_chars: int) -> KnownPrefix | None:
+    """Route a new turn on what is already rendered: the prefix before its first unrendered message.
+
+    None when every message is rendered (the whole prompt is then a cheap join) or when the messages
+    from the first unrendered one on exceed ``max_tail_chars`` (a new document, or a history the
+    router has not seen: those blocks may well be cached somewhere, so they are worth their tokens).
+    A short new turn's own blocks are cached nowhere yet, so its tokens cannot change the decision,
+    only delay it.
+    """
+    assert work.chat is not None
+    known = 0
+    for digest in work.parts:
+        if digest not in messages:
+            break
+        known += 1
+    if known == len(work.parts):
+        return None
+    tail = work.chat[known:]
+    chars = sum(len(role) + len(content) for role, content in tail)
+    if chars > max_tail_chars:
+        return None
+    out = array("I", _BOS)
+    for digest, message in zip(work.parts[:known], work.chat[:known], strict=True):
+        out += messages.get(digest, _renderer(message))
+    estimate = chars // CHARS_PER_TOKEN + _TEMPLATE_TOKENS_PER_MESSAGE * len(tail) + len(_GENERATION)
+    return KnownPrefix(out, len(out) + estimate, tuple(zip(work.parts[known:], tail, strict=True)))
+
+
+def render_missing(prefix: KnownPrefix, messages: TokenCache) -> None:
+    """Render the messages :func:`known_prefix` left out, so the next turn finds them cached."""
+    for digest, message in prefix.missing:
+        messages.get(digest, _renderer(message))
+
+
 def prompt_token_ids(request: ParsedRequest, cache: TokenCache) -> Sequence[int] | None:
     """The prompt as the engine tokenizes it (first prompt of a batch); None when it has none."""
     return work_tokens(prompt_work(request), cache)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 from kvstack.common.errors import OpenAIError, is_openai_error, openai_error_bytes
@@ -31,9 +31,9 @@ from kvstack.router.exchange import (
 )
 from kvstack.router.headers import scan_headers, upstream_headers
 from kvstack.router.policies.base import Decision, RequestFeatures
-from kvstack.router.prompts import prompt_text, prompt_work, work_tokens
+from kvstack.router.prompt_source import PromptSource
+from kvstack.router.prompts import prompt_text
 from kvstack.router.protocol import Kind, ParsedRequest, SSEFramer, error_event, has_content, parse_request
-from kvstack.router.tokenizers import EngineTokenizer, TokenizeError, request_tokens
 from kvstack.router.upstream import UpstreamError, UpstreamResponse
 
 Scope = dict[str, Any]
@@ -64,8 +64,9 @@ class ProxyEndpoint:
         )
         self._session_name = ctx.settings.session_header.encode("latin-1")
         self._expose_engine = ctx.settings.expose_engine_header
-        self._engine_tokenizer: EngineTokenizer | None = None
         self.admission = Admission(ctx)
+        admission = self.admission
+        self.prompts = PromptSource(ctx, lambda model: [e.url for e in admission.available(model or None)])
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         ctx = self.ctx
@@ -177,17 +178,16 @@ class ProxyEndpoint:
         ctx = self.ctx
         settings, metrics, policy = ctx.settings, ctx.metrics, ctx.policy
         session_key = session_header.decode("latin-1") if session_header else request.user
-        t0, builtin_runs = time.perf_counter(), self._builtin_runs()
-        tokens = None
+        tokens, prompt_len = None, None
         if policy.needs_tokens:
-            tokens = await self._prompt_tokens(request)
-            self._observe_tokenize(policy.name, t0, builtin_runs)
+            tokens, prompt_len = await self.prompts.tokens(request, policy.name)
         cache_salt = request.body.get("cache_salt")
         features = RequestFeatures(
             model=request.model or "",
             request_id=ex.request_id,
             session_key=session_key,
             prompt_token_ids=tokens,
+            prompt_len=prompt_len,
             cache_salt=cache_salt if isinstance(cache_salt, str) else None,
             max_tokens=request.max_tokens,
             prompt_text=prompt_text(request) if self._needs_text else None,
@@ -318,40 +318,6 @@ class ProxyEndpoint:
         return True
 
     # ------------------------------------------------------------------ helpers
-
-    async def _prompt_tokens(self, request: ParsedRequest) -> Any:
-        """Prompt tokens as the engine prefills them (its /tokenize when so configured)."""
-        ctx = self.ctx
-        if ctx.settings.tokenizer == "builtin" or ctx.upstream is None:
-            return await self._builtin_tokens(request)
-        if self._engine_tokenizer is None:
-            self._engine_tokenizer = EngineTokenizer(
-                ctx.upstream, lambda model: [e.url for e in self.admission.available(model or None)]
-            )
-        try:
-            return await request_tokens(self._engine_tokenizer, request)
-        except TokenizeError as err:
-            log.warning("engine tokenizer failed, using the built-in one: %s", err)
-            return await self._builtin_tokens(request)
-
-    async def _builtin_tokens(self, request: ParsedRequest) -> Sequence[int] | None:
-        """The built-in tokenizer's tokens; the prompt's digest (the caches' key) is computed once."""
-        ctx = self.ctx
-        work = prompt_work(request)
-        if ctx.offload is not None:
-            await ctx.offload.prefetch(work, ctx.token_cache)  # a long prompt: off the event loop
-        return work_tokens(work, ctx.token_cache)
-
-    def _builtin_runs(self) -> int:
-        cache = self.ctx.token_cache
-        return cache.hits + cache.misses
-
-    def _observe_tokenize(self, policy: str, t0: float, builtin_runs: int) -> None:
-        """Time the prompt's tokens took; "engine" only when the built-in tokenizer did not run."""
-        engine = self.ctx.settings.tokenizer == "engine" and self._builtin_runs() == builtin_runs
-        metrics = self.ctx.metrics
-        source = "engine" if engine else "builtin"
-        metrics.labelled(metrics.tokenize, policy, source).observe(time.perf_counter() - t0)
 
     def _upstream_headers(
         self, headers: list[tuple[bytes, bytes]], request_id: str

@@ -17,6 +17,9 @@ class RequestFeatures:
     request_id: str
     session_key: str | None = None  # from the session header or the OpenAI `user` field
     prompt_token_ids: Sequence[int] | None = None  # set when the policy asks for tokens (cache-aware)
+    # The prompt's length in tokens when ``prompt_token_ids`` holds only its start (a new chat turn
+    # whose last messages are tokenized after routing); None: ``prompt_token_ids`` is the whole prompt.
+    prompt_len: int | None = None
     lora_name: str | None = None
     cache_salt: str | None = None
     max_tokens: int | None = None

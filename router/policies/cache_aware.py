@@ -209,6 +209,7 @@ class CacheAwarePolicy:
 
     def choose(self, request: RequestFeatures, candidates: Sequence[EngineState], now: float) -> Decision:
         tokens = request.prompt_token_ids or ()
+        n_tokens = len(tokens) if request.prompt_len is None else request.prompt_len
         root = request_root(request.model, request.lora_name, request.cache_salt)
         session_url = self._sessions.get(request.session_key) if request.session_key else None
         index, ledger = self.index, self.ledger
@@ -243,7 +244,7 @@ class CacheAwarePolicy:
                     tiebreak=xxhash.xxh3_64_intdigest(url.encode(), seed=tie_seed),
                 )
             )
-        choice = decide(len(tokens), views, self.settings, self.rng)
+        choice = decide(n_tokens, views, self.settings, self.rng)
         v = views[choice.index]
         chosen = candidates[choice.index]
         self._remember(
@@ -251,7 +252,7 @@ class CacheAwarePolicy:
             _Pending(
                 chosen.url,
                 keys_of[choice.index],
-                max(0.0, len(tokens) - v.hit_tokens),
+                max(0.0, n_tokens - v.hit_tokens),
                 v.queued_tokens,
                 choice.reason == "cold",
             ),
@@ -260,7 +261,7 @@ class CacheAwarePolicy:
         st_ = self.stats
         st_.decisions += 1
         st_.predicted_hit_tokens += v.hit_tokens
-        st_.prompt_tokens += len(tokens)
+        st_.prompt_tokens += n_tokens
         st_.last_predicted_hit_tokens = hit
         assert st_.reasons is not None
         st_.reasons[choice.reason] += 1

@@ -4,18 +4,24 @@ the policy's counters on /metrics and the optional engine header, against simula
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
+import msgspec
 import openai
 import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from tests.conftest import free_port
 
+from kvstack.common import tokenizer
 from kvstack.common.procs import ManagedProcess
+from kvstack.router.prompts import PromptWork, prompt_work
+from kvstack.router.protocol import parse_request
+from kvstack.testing.waits import wait_until
 
 from .conftest import KVSTACK, MODEL, RouterFactory, Sim
 
@@ -75,7 +81,14 @@ def test_cache_aware_routes_a_growing_chat_to_its_cache_and_exports_its_counters
     event_sims: tuple[list[Sim], Path], router: RouterFactory
 ) -> None:
     sims, engines_file = event_sims
-    r = router(engines_file=engines_file, policy="cache_aware", expose_engine_header=True, available=2)
+    # every prompt tokenized whole before routing (no known-prefix routing): exact counts below
+    r = router(
+        engines_file=engines_file,
+        policy="cache_aware",
+        expose_engine_header=True,
+        available=2,
+        tokenize_defer_max_chars=0,
+    )
     first = [{"role": "system", "content": DOC}, {"role": "user", "content": "What does it keep?"}]
 
     def chat(messages: list[dict[str, str]]) -> httpx.Response:
@@ -112,6 +125,47 @@ def test_cache_aware_routes_a_growing_chat_to_its_cache_and_exports_its_counters
     engine = next(s for s, name in zip(sims, ("engine-0", "engine-1"), strict=True) if name == home)
     engine_hits = engine.metric("vllm:prefix_cache_hits_total")
     assert abs(engine_hits - predicted) <= 3 * BS, (engine_hits, predicted)
+
+
+def message_digests(messages: list[dict[str, str]]) -> tuple[int, ...]:
+    """The router's message-cache keys of a chat's messages."""
+    work = prompt_work(parse_request("chat", msgspec.json.encode({"model": MODEL, "messages": messages})))
+    assert isinstance(work, PromptWork)
+    return work.parts
+
+
+def test_a_new_question_routes_on_its_rendered_system_prompt_and_is_rendered_after(
+    event_sims: tuple[list[Sim], Path], router: RouterFactory
+) -> None:
+    _, engines_file = event_sims
+    r = router(engines_file=engines_file, policy="cache_aware", expose_engine_header=True, available=2)
+    system = {"role": "system", "content": f"{uuid.uuid4()} " + DOC * 2}  # over the 2,048-character limit
+    policy = {"policy": "cache_aware"}
+
+    def ask(question: str) -> str:
+        body = {"model": MODEL, "messages": [system, {"role": "user", "content": question}], "max_tokens": 4}
+        resp = httpx.post(f"{r.url}/v1/chat/completions", json=body, timeout=30)
+        assert resp.status_code == 200, resp.text
+        return resp.headers["x-kvstack-engine"]
+
+    home = ask("What does it keep?")  # nothing rendered yet: the whole prompt is tokenized first
+    wait_until(lambda: sample(scrape(r.url), "kvstack_router_kv_index_blocks") >= 60, "the engine's events")
+    time.sleep(2.5)  # past the speculative TTL: only the engine's events speak
+    before = sample(scrape(r.url), "kvstack_router_predicted_hit_tokens_total", **policy)
+    question = {"role": "user", "content": "Which engine holds it?"}
+    assert ask(question["content"]) == home
+    m = scrape(r.url)
+    assert sample(m, "kvstack_router_routing_decisions_total", reason="cache_hit", **policy) == 1
+    # routed on the system prompt's blocks (the new question's own are cached nowhere yet)
+    system_tokens = 1 + len(tokenizer.render_message("system", system["content"]))  # and the BOS
+    predicted = sample(m, "kvstack_router_predicted_hit_tokens_total", **policy) - before
+    assert system_tokens - BS < predicted <= system_tokens
+    # the whole prompt was never tokenized before routing (only the first one was) ...
+    assert r.ctx.token_cache.misses == 1
+    # ... its question is rendered after the send, so the next turn finds every message cached
+    messages = r.ctx.token_cache.messages
+    assert messages is not None
+    wait_until(lambda: message_digests([system, question])[1] in messages, "the question rendered")
 
 
 def test_first_token_releases_the_queued_prefill(slow_sims: list[Sim], router: RouterFactory) -> None:

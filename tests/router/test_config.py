@@ -46,6 +46,7 @@ def test_api_keys_from_env_are_secret(monkeypatch: pytest.MonkeyPatch) -> None:
         ({"upstream_backend": "curl"}, "upstream_backend"),
         ({"connect_timeout_s": 0}, "connect_timeout_s"),
         ({"max_attempts": 0}, "max_attempts"),
+        ({"tokenize_defer_max_chars": -1}, "tokenize_defer_max_chars"),
         ({"rate_limit_burst": 5}, "rate_limit_burst needs rate_limit_rps"),
         ({"api_keys_file": "/nonexistent/keys"}, "api_keys_file"),
         ({"no_such_setting": 1}, "no_such_setting"),

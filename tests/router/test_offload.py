@@ -41,7 +41,12 @@ def chat_tokens(text: str) -> int:
 
 
 def test_router_tokenizes_long_prompts_in_the_worker(sims: list[Sim], router: RouterFactory) -> None:
-    r = router(engines=[sims[0].url], policy="cache_aware", tokenize_offload_min_chars=1000)
+    r = router(
+        engines=[sims[0].url],
+        policy="cache_aware",
+        tokenize_offload_min_chars=1000,
+        tokenize_defer_max_chars=0,
+    )
     assert r.ctx.offload is not None
     long = long_text()
     for text in (long, long, SHORT):

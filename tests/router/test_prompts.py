@@ -9,7 +9,16 @@ import msgspec
 import pytest
 
 from kvstack.common import tokenizer
-from kvstack.router.prompts import TokenCache, prompt_text, prompt_token_ids
+from kvstack.router.prompts import (
+    PromptWork,
+    TokenCache,
+    known_prefix,
+    prompt_text,
+    prompt_token_ids,
+    prompt_work,
+    render_missing,
+    work_tokens,
+)
 from kvstack.router.protocol import Kind, parse_request
 
 
@@ -160,3 +169,78 @@ def test_a_message_is_keyed_by_role_and_content_together() -> None:
     a = prompt_token_ids(parse("chat", {"messages": [{"role": "user", "content": "x"}]}), cache)
     b = prompt_token_ids(parse("chat", {"messages": [{"role": "system", "content": "x"}]}), cache)
     assert cache.messages is not None and len(cache.messages) == 2 and a != b
+
+
+LONG = {"role": "system", "content": "Answer from the handbook only. " * 80}  # 2,480 characters
+QUESTION = {"role": "user", "content": "Which page covers refunds?"}
+ANSWER = {"role": "assistant", "content": "Page twelve."}
+Chat = list[dict[str, Any]]
+
+
+def chat_work(messages: list[dict[str, Any]]) -> PromptWork:
+    work = prompt_work(parse("chat", {"messages": messages}))
+    assert isinstance(work, PromptWork)
+    return work
+
+
+def full_tokens(messages: list[dict[str, Any]]) -> list[int]:
+    return tokenizer.apply_chat_template([(m["role"], m["content"]) for m in messages])
+
+
+@pytest.mark.parametrize(
+    ("rendered", "messages", "limit", "known"),
+    [
+        # a new question after a rendered system prompt: route on the system prompt
+        ([LONG], [LONG, QUESTION], 2048, [LONG]),
+        # a new turn of a rendered conversation: the answer and the question come later
+        ([LONG, QUESTION], [LONG, QUESTION, ANSWER, QUESTION], 2048, [LONG, QUESTION]),
+        # nothing rendered, all short: only the BOS is known
+        ([], [SYSTEM, QUESTION], 2048, []),
+        # a rendered message after an unrendered one does not count: the prefix stops at the gap
+        ([QUESTION], [SYSTEM, QUESTION], 2048, []),
+        # the unrendered rest is longer than the limit: tokenize it all before routing
+        ([], [LONG, QUESTION], 2048, None),
+        ([SYSTEM], [SYSTEM, QUESTION], len("user") + len(QUESTION["content"]) - 1, None),
+        # everything rendered: the whole prompt is a cheap join
+        ([SYSTEM, QUESTION], [SYSTEM, QUESTION], 2048, None),
+    ],
+)
+def test_known_prefix_is_an_exact_prefix_of_the_prompt(
+    rendered: list[dict[str, Any]],
+    messages: list[dict[str, Any]],
+    limit: int,
+    known: list[dict[str, Any]] | None,
+) -> None:
+    cache = TokenCache()
+    assert cache.messages is not None
+    for m in rendered:
+        work = chat_work([m])
+        cache.messages.get(work.parts[0], lambda m=m: tokenizer.render_message(m["role"], m["content"]))
+    prefix = known_prefix(chat_work(messages), cache.messages, limit)
+    if known is None:
+        assert prefix is None
+        return
+    assert prefix is not None
+    full = full_tokens(messages)
+    expected = [
+        tokenizer.BOS_ID,
+        *(t for m in known for t in tokenizer.render_message(m["role"], m["content"])),
+    ]
+    assert list(prefix.tokens) == expected == full[: len(expected)]
+    assert len(prefix.missing) == len(messages) - len(known)
+    # the length is estimated from characters: near the real one, never below what is known
+    assert len(expected) < prefix.total
+    assert abs(prefix.total - len(full)) <= 0.35 * (len(full) - len(expected))
+
+
+def test_rendering_the_missing_messages_completes_the_next_prompt() -> None:
+    cache = TokenCache()
+    assert cache.messages is not None
+    messages = [SYSTEM, QUESTION]
+    prefix = known_prefix(chat_work(messages), cache.messages, 2048)
+    assert prefix is not None
+    render_missing(prefix, cache.messages)
+    assert known_prefix(chat_work(messages), cache.messages, 2048) is None  # all rendered now
+    before = cache.messages.misses
+    assert list(work_tokens(chat_work(messages), cache) or []) == full_tokens(messages)
+    assert cache.messages.misses == before  # the join rendered nothing

@@ -35,7 +35,7 @@ def test_engine_tokenizer_feeds_the_policy_the_engines_tokens(sims: list[Sim], r
     r = router(engines=[sims[0].url], policy="cache_aware", tokenizer="engine")
     for _ in range(3):
         post_chat(r)
-    engine_tokenizer = chat_endpoint(r)._engine_tokenizer
+    engine_tokenizer = chat_endpoint(r).prompts.engine_tokenizer
     assert engine_tokenizer is not None
     assert (engine_tokenizer.requests, engine_tokenizer.failures) == (1, 0)  # asked once, then cached
     assert engine_tokenizer.cache.hits == 2
@@ -46,9 +46,11 @@ def test_engine_tokenizer_feeds_the_policy_the_engines_tokens(sims: list[Sim], r
 
 
 def test_builtin_tokenizer_is_the_default(sims: list[Sim], router: RouterFactory) -> None:
-    r = router(engines=[sims[0].url], policy="cache_aware")
+    # the whole prompt tokenized before routing (not a new turn's known prefix): exact counts
+    r = router(engines=[sims[0].url], policy="cache_aware", tokenize_defer_max_chars=0)
     post_chat(r)
-    assert chat_endpoint(r)._engine_tokenizer is None
+    assert chat_endpoint(r).prompts.engine_tokenizer is None
+    assert chat_endpoint(r).prompts.builtin_runs == 1
     assert r.ctx.token_cache.misses == 1
     assert r.metric("kvstack_router_prompt_tokens_total", policy="cache_aware") == CHAT_TOKENS
     assert r.metric("kvstack_router_tokenize_seconds_count", policy="cache_aware", source="builtin") == 1
@@ -57,11 +59,12 @@ def test_builtin_tokenizer_is_the_default(sims: list[Sim], router: RouterFactory
 
 def test_failing_engine_tokenize_falls_back_to_the_builtin_tokenizer(router: RouterFactory) -> None:
     with BadEngine("no_tokenize") as engine:
-        r = router(engines=[engine.url], policy="cache_aware", tokenizer="engine")
+        r = router(engines=[engine.url], policy="cache_aware", tokenizer="engine", tokenize_defer_max_chars=0)
         post_chat(r)
-        engine_tokenizer = chat_endpoint(r)._engine_tokenizer
+        engine_tokenizer = chat_endpoint(r).prompts.engine_tokenizer
         assert engine_tokenizer is not None
         assert engine_tokenizer.failures == 1
+        assert chat_endpoint(r).prompts.builtin_runs == 1
         assert r.ctx.token_cache.misses == 1  # the built-in tokenizer stood in
         assert r.metric("kvstack_router_prompt_tokens_total", policy="cache_aware") == CHAT_TOKENS
         assert r.metric("kvstack_router_tokenize_seconds_count", policy="cache_aware", source="builtin") == 1

@@ -1,0 +1,104 @@
+"""Where a request's prompt tokens come from, for policies that route on them.
+
+The built-in tokenizer (its caches, its worker process for long prompts, and the known prefix of a
+new chat turn) or the engine's ``/tokenize`` (falling back to the built-in one when no engine can
+answer). Each lookup is timed into ``kvstack_router_tokenize_seconds{policy,source}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from kvstack.router.context import RouterContext
+from kvstack.router.prompts import (
+    KnownPrefix,
+    PromptWork,
+    known_prefix,
+    prompt_work,
+    render_missing,
+    work_tokens,
+)
+from kvstack.router.protocol import ParsedRequest
+from kvstack.router.tokenizers import EngineTokenizer, TokenizeError, request_tokens
+
+log = logging.getLogger(__name__)
+
+
+def after_send(fn: Callable[..., object], *args: Any) -> None:
+    """Run ``fn(*args)`` once the request about to be sent is on its way.
+
+    Two turns of the event loop: aiohttp writes the request body from a task it creates during the
+    send, after anything scheduled before it, so one turn would run ``fn`` ahead of the write.
+    """
+    loop = asyncio.get_running_loop()
+    loop.call_soon(loop.call_soon, fn, *args)
+
+
+class PromptSource:
+    """The prompt tokens of requests for one proxied route."""
+
+    def __init__(self, ctx: RouterContext, engines: Callable[[str | None], list[str]]) -> None:
+        self.ctx = ctx
+        self._engines = engines  # URLs that may answer /tokenize for a model
+        self.engine_tokenizer: EngineTokenizer | None = None  # made on first use
+        self.builtin_runs = 0  # prompts the built-in tokenizer answered (the rest: an engine)
+
+    async def tokens(self, request: ParsedRequest, policy: str) -> tuple[Sequence[int] | None, int | None]:
+        """``(tokens, prompt_len)``: the prompt's tokens, or its known start and estimated length.
+
+        A known start comes with its remaining messages scheduled for rendering after the send.
+        """
+        t0, builtin_runs = time.perf_counter(), self.builtin_runs
+        found = await self._tokens(request)
+        self._observe(policy, t0, builtin_runs)
+        if isinstance(found, KnownPrefix):
+            assert self.ctx.token_cache.messages is not None
+            after_send(render_missing, found, self.ctx.token_cache.messages)
+            return found.tokens, found.total
+        return found, None
+
+    async def _tokens(self, request: ParsedRequest) -> Sequence[int] | KnownPrefix | None:
+        """Prompt tokens as the engine prefills them (its /tokenize when so configured)."""
+        ctx = self.ctx
+        if ctx.settings.tokenizer == "builtin" or ctx.upstream is None:
+            return await self._builtin(request)
+        if self.engine_tokenizer is None:
+            self.engine_tokenizer = EngineTokenizer(ctx.upstream, self._engines)
+        try:
+            return await request_tokens(self.engine_tokenizer, request)
+        except TokenizeError as err:
+            log.warning("engine tokenizer failed, using the built-in one: %s", err)
+            return await self._builtin(request)
+
+    async def _builtin(self, request: ParsedRequest) -> Sequence[int] | KnownPrefix | None:
+        """The built-in tokenizer's tokens, or a new chat turn's known prefix; the prompt's digest
+        (the caches' key) is computed once."""
+        ctx = self.ctx
+        cache = ctx.token_cache
+        self.builtin_runs += 1
+        work = prompt_work(request)
+        if ctx.offload is not None:
+            await ctx.offload.prefetch(work, cache)  # a long prompt: off the event loop
+        limit = ctx.settings.tokenize_defer_max_chars
+        if (
+            limit
+            and isinstance(work, PromptWork)
+            and work.chat is not None
+            and cache.messages is not None
+            and work.digest not in cache
+        ):
+            prefix = known_prefix(work, cache.messages, limit)
+            if prefix is not None:
+                return prefix
+        return work_tokens(work, cache)
+
+    def _observe(self, policy: str, t0: float, builtin_runs: int) -> None:
+        """Time the prompt's tokens took; "engine" only when the built-in tokenizer did not run."""
+        engine = self.ctx.settings.tokenizer == "engine" and self.builtin_runs == builtin_runs
+        metrics = self.ctx.metrics
+        source = "engine" if engine else "builtin"
+        metrics.labelled(metrics.tokenize, policy, source).observe(time.perf_counter() - t0)
