@@ -89,6 +89,9 @@ class TokenizerPool:
             log.warning("the tokenizer worker died; tokenizing inline from now on")
             self._pool = None
             return None
+        except Exception:  # e.g. a result that cannot be pickled: this prompt is tokenized inline
+            log.warning("the tokenizer worker failed on one prompt; tokenizing it inline", exc_info=True)
+            return None
         self.offloaded += 1
         return out
 

@@ -151,3 +151,16 @@ def test_a_chat_sends_only_its_unknown_messages_and_they_are_remembered() -> Non
             pool.close()
 
     asyncio.run(scenario())
+
+
+def test_a_worker_error_leaves_the_prompt_to_the_inline_path_and_keeps_the_worker() -> None:
+    async def scenario() -> None:
+        pool = TokenizerPool(min_chars=1000)
+        await pool.start()
+        try:
+            assert await pool._run(int, "not a number") is None  # raised ValueError in the worker
+            assert await pool._run(len, "still there") == len("still there")
+        finally:
+            pool.close()
+
+    asyncio.run(scenario())
