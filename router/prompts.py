@@ -197,12 +197,18 @@ def _renderer(message: tuple[str, str]) -> Callable[[], Tokens]:
     return lambda: render_message(message)
 
 
+def _joined(parts: Sequence[int], chat: Sequence[tuple[str, str]], messages: TokenCache | None) -> Tokens:
+    """The BOS and these messages' arrays joined; only messages ``messages`` lacks are rendered."""
+    out = array("I", _BOS)
+    for digest, message in zip(parts, chat, strict=True):
+        out += render_message(message) if messages is None else messages.get(digest, _renderer(message))
+    return out
+
+
 def chat_tokens(work: PromptWork, messages: TokenCache | None) -> Tokens:
     """A chat's tokens, its messages' arrays joined; only messages ``messages`` lacks are rendered."""
     assert work.chat is not None
-    out = array("I", _BOS)
-    for digest, message in zip(work.parts, work.chat, strict=True):
-        out += render_message(message) if messages is None else messages.get(digest, _renderer(message))
+    out = _joined(work.parts, work.chat, messages)
     out += _GENERATION
     return out
 
@@ -248,9 +254,7 @@ def known_prefix(work: PromptWork, messages: TokenCache, max_tail_chars: int) ->
     chars = sum(len(role) + len(content) for role, content in tail)
     if chars > max_tail_chars:
         return None
-    out = array("I", _BOS)
-    for digest, message in zip(work.parts[:known], work.chat[:known], strict=True):
-        out += messages.get(digest, _renderer(message))
+    out = _joined(work.parts[:known], work.chat[:known], messages)
     estimate = chars // CHARS_PER_TOKEN + _TEMPLATE_TOKENS_PER_MESSAGE * len(tail) + len(_GENERATION)
     return KnownPrefix(out, len(out) + estimate, tuple(zip(work.parts[known:], tail, strict=True)))
 
