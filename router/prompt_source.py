@@ -91,7 +91,7 @@ class PromptSource:
             and cache.messages is not None
             and work.digest not in cache
         ):
-            prefix = known_prefix(work, cache.messages, limit)
+            prefix = known_prefix(work, cache, limit)
             if prefix is not None:
                 return prefix
         return work_tokens(work, cache)

@@ -26,7 +26,9 @@ import xxhash
 from kvstack.common import tokenizer
 from kvstack.router.protocol import ParsedRequest
 
-_TEXT, _CHAT, _MESSAGE = b"t", b"c", b"m"  # digest domains: a completion prompt never matches a chat
+# Digest domains: a completion prompt never matches a chat, nor a whole chat (it ends with the
+# generation prompt) the known start of one (:func:`known_prefix`: BOS and whole messages only).
+_TEXT, _CHAT, _MESSAGE, _START = b"t", b"c", b"m", b"s"
 _BOS = array("I", [tokenizer.BOS_ID])
 _GENERATION = array("I", tokenizer.GENERATION_PROMPT)
 
@@ -137,6 +139,14 @@ def _digest(domain: bytes, parts: Sequence[str]) -> int:
     return int(h.intdigest())
 
 
+def _parts_digest(domain: bytes, parts: Sequence[int]) -> int:
+    """One digest over message digests (fixed 16 bytes each, so no framing is needed)."""
+    h = xxhash.xxh3_128(domain)
+    for part in parts:
+        h.update(part.to_bytes(16, "little"))
+    return int(h.intdigest())
+
+
 def _has_messages(request: ParsedRequest) -> bool:
     return request.kind == "chat" or (request.kind == "tokenize" and "messages" in request.body)
 
@@ -168,10 +178,8 @@ def prompt_work(request: ParsedRequest) -> PromptWork | Sequence[int] | None:
     if _has_messages(request):
         pairs = _chat_pairs(request.body["messages"])
         parts = tuple(_digest(_MESSAGE, pair) for pair in pairs)
-        h = xxhash.xxh3_128(_CHAT)
-        for part in parts:
-            h.update(part.to_bytes(16, "little"))
-        return PromptWork(int(h.intdigest()), sum(len(r) + len(c) for r, c in pairs), chat=pairs, parts=parts)
+        chars = sum(len(r) + len(c) for r, c in pairs)
+        return PromptWork(_parts_digest(_CHAT, parts), chars, chat=pairs, parts=parts)
     prompt = _first_prompt(request)
     if isinstance(prompt, str):
         return PromptWork(_digest(_TEXT, (prompt,)), len(prompt), text=prompt)
@@ -233,7 +241,7 @@ class KnownPrefix:
     missing: tuple[tuple[int, tuple[str, str]], ...]
 
 
-def known_prefix(work: PromptWork, messages: TokenCache, max_tail_chars: int) -> KnownPrefix | None:
+def known_prefix(work: PromptWork, cache: TokenCache, max_tail_chars: int) -> KnownPrefix | None:
     """Route a new turn on what is already rendered: the prefix before its first unrendered message.
 
     None when every message is rendered (the whole prompt is then a cheap join) or when the messages
@@ -241,8 +249,13 @@ def known_prefix(work: PromptWork, messages: TokenCache, max_tail_chars: int) ->
     router has not seen: those blocks may well be cached somewhere, so they are worth their tokens).
     A short new turn's own blocks are cached nowhere yet, so its tokens cannot change the decision,
     only delay it.
+
+    The joined prefix is kept in ``cache``: requests on the same known start (a group's system
+    prompt, a document) get the same array, so their block keys are found by identity.
     """
     assert work.chat is not None
+    messages = cache.messages
+    assert messages is not None
     known = 0
     for digest in work.parts:
         if digest not in messages:
@@ -254,7 +267,8 @@ def known_prefix(work: PromptWork, messages: TokenCache, max_tail_chars: int) ->
     chars = sum(len(role) + len(content) for role, content in tail)
     if chars > max_tail_chars:
         return None
-    out = _joined(work.parts[:known], work.chat[:known], messages)
+    parts, chat = work.parts[:known], work.chat[:known]
+    out = cache.get(_parts_digest(_START, parts), lambda: _joined(parts, chat, messages))
     estimate = chars // CHARS_PER_TOKEN + _TEMPLATE_TOKENS_PER_MESSAGE * len(tail) + len(_GENERATION)
     return KnownPrefix(out, len(out) + estimate, tuple(zip(work.parts[known:], tail, strict=True)))
 

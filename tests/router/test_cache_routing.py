@@ -127,11 +127,11 @@ def test_cache_aware_routes_a_growing_chat_to_its_cache_and_exports_its_counters
     assert abs(engine_hits - predicted) <= 3 * BS, (engine_hits, predicted)
 
 
-def message_digests(messages: list[dict[str, str]]) -> tuple[int, ...]:
-    """The router's message-cache keys of a chat's messages."""
+def chat_work(messages: list[dict[str, str]]) -> PromptWork:
+    """The router's cache keys of a chat: the whole prompt's digest and its messages' (``parts``)."""
     work = prompt_work(parse_request("chat", msgspec.json.encode({"model": MODEL, "messages": messages})))
     assert isinstance(work, PromptWork)
-    return work.parts
+    return work
 
 
 def test_a_new_question_routes_on_its_rendered_system_prompt_and_is_rendered_after(
@@ -160,12 +160,12 @@ def test_a_new_question_routes_on_its_rendered_system_prompt_and_is_rendered_aft
     system_tokens = 1 + len(tokenizer.render_message("system", system["content"]))  # and the BOS
     predicted = sample(m, "kvstack_router_predicted_hit_tokens_total", **policy) - before
     assert system_tokens - BS < predicted <= system_tokens
-    # the whole prompt was never tokenized before routing (only the first one was) ...
-    assert r.ctx.token_cache.misses == 1
+    # the whole prompt was never tokenized before routing ...
+    assert chat_work([system, question]).digest not in r.ctx.token_cache
     # ... its question is rendered after the send, so the next turn finds every message cached
     messages = r.ctx.token_cache.messages
     assert messages is not None
-    wait_until(lambda: message_digests([system, question])[1] in messages, "the question rendered")
+    wait_until(lambda: chat_work([system, question]).parts[1] in messages, "the question rendered")
 
 
 def test_first_token_releases_the_queued_prefill(slow_sims: list[Sim], router: RouterFactory) -> None:

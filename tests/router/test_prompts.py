@@ -216,7 +216,7 @@ def test_known_prefix_is_an_exact_prefix_of_the_prompt(
     for m in rendered:
         work = chat_work([m])
         cache.messages.get(work.parts[0], lambda m=m: tokenizer.render_message(m["role"], m["content"]))
-    prefix = known_prefix(chat_work(messages), cache.messages, limit)
+    prefix = known_prefix(chat_work(messages), cache, limit)
     if known is None:
         assert prefix is None
         return
@@ -233,14 +233,30 @@ def test_known_prefix_is_an_exact_prefix_of_the_prompt(
     assert abs(prefix.total - len(full)) <= 0.35 * (len(full) - len(expected))
 
 
+def test_requests_on_the_same_known_start_share_one_array() -> None:
+    """The policy's key cache then finds their block keys by identity instead of hashing again."""
+    cache = TokenCache()
+    assert cache.messages is not None
+    rendered = tokenizer.render_message(LONG["role"], LONG["content"])
+    cache.messages.get(chat_work([LONG]).parts[0], lambda: rendered)
+    other = {"role": "user", "content": "And which one covers returns?"}
+    first = known_prefix(chat_work([LONG, QUESTION]), cache, 2048)
+    second = known_prefix(chat_work([LONG, other]), cache, 2048)
+    assert first is not None and second is not None
+    assert second.tokens is first.tokens
+    # the whole chat of that one message ends with the generation prompt: a different entry
+    whole = work_tokens(chat_work([LONG]), cache)
+    assert whole is not None and list(whole) == full_tokens([LONG]) != list(first.tokens)
+
+
 def test_rendering_the_missing_messages_completes_the_next_prompt() -> None:
     cache = TokenCache()
     assert cache.messages is not None
     messages = [SYSTEM, QUESTION]
-    prefix = known_prefix(chat_work(messages), cache.messages, 2048)
+    prefix = known_prefix(chat_work(messages), cache, 2048)
     assert prefix is not None
     render_missing(prefix, cache.messages)
-    assert known_prefix(chat_work(messages), cache.messages, 2048) is None  # all rendered now
+    assert known_prefix(chat_work(messages), cache, 2048) is None  # all rendered now
     before = cache.messages.misses
     assert list(work_tokens(chat_work(messages), cache) or []) == full_tokens(messages)
     assert cache.messages.misses == before  # the join rendered nothing
