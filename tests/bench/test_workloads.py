@@ -116,7 +116,7 @@ def test_rate_offers_the_load_and_quick_runs_keep_it(name: str) -> None:
 
 @pytest.mark.parametrize(
     ("name", "per_prefix"),
-    [("shared_prefix", 16), ("long_doc_qa", 8)],
+    [("shared_prefix", 16), ("long_doc_qa", 8), ("long_doc_qa_interleave", 8)],
 )
 def test_first_reads_are_under_a_tenth_of_requests(name: str, per_prefix: int) -> None:
     # p90 TTFT must be able to look past the necessarily cold first read of each prefix
@@ -124,6 +124,17 @@ def test_first_reads_are_under_a_tenth_of_requests(name: str, per_prefix: int) -
     systems = [s.system for s in w.sessions]
     assert len(systems) == per_prefix * len(set(systems))
     assert len(set(systems)) / len(systems) <= 0.125
+
+
+def test_interleaved_documents_are_each_asked_once_per_pass() -> None:
+    w = workloads.build("long_doc_qa_interleave", 262_144, "pressured")
+    docs = [s.system for s in sorted(w.sessions, key=lambda s: s.start)]
+    n = len(set(docs))
+    passes = [docs[i : i + n] for i in range(0, len(docs), n)]
+    assert len(passes) == 8
+    assert all(p == passes[0] and len(set(p)) == n for p in passes)  # the same cycle, every document
+    random_order = workloads.build("long_doc_qa", 262_144, "pressured")
+    assert sorted(docs) == sorted(s.system for s in random_order.sessions)  # the same documents
 
 
 def test_multi_round_users_share_the_system_prompt_then_diverge() -> None:

@@ -49,7 +49,8 @@ def _display(row: dict[str, object]) -> dict[str, object]:
 def routing(
     out: OutOption = Path("bench-results"),
     workload: Annotated[
-        list[str] | None, typer.Option(help="multi_round_qa, shared_prefix, long_doc_qa.")
+        list[str] | None,
+        typer.Option(help="multi_round_qa, shared_prefix, long_doc_qa, long_doc_qa_interleave."),
     ] = None,
     regime: Annotated[
         list[str] | None, typer.Option(help="under (<=60% of KV) or pressured (>=70%).")

@@ -6,8 +6,9 @@ Three families, as the field benchmarks them (see shared/research/routing-peers.
   each user with a long user-specific context, each turn re-sending the growing history;
 * shared-prefix groups (SGLang ``generated-shared-prefix``): groups of prompts sharing a long
   system prompt, each with its own short question;
-* long-document QA (LMCache / vLLM ``long_doc_qa``): documents queried repeatedly, in random or
-  interleaved order.
+* long-document QA (LMCache / vLLM ``long_doc_qa``): documents queried repeatedly, in random order
+  (``long_doc_qa``) or interleaved (``long_doc_qa_interleave``: every document once per pass, the
+  order in which an LRU cache that cannot hold them all loses every one).
 
 Each is sized against the cluster's KV capacity (tokens): the *working set* is the number of distinct
 prompt tokens a perfect cache would keep, and a regime fixes it as a fraction of that capacity
@@ -41,7 +42,7 @@ from typing import Literal
 
 Regime = Literal["under", "pressured"]
 REGIME_FILL: dict[Regime, float] = {"under": 0.5, "pressured": 0.8}
-WORKLOADS = ("multi_round_qa", "shared_prefix", "long_doc_qa")
+WORKLOADS = ("multi_round_qa", "shared_prefix", "long_doc_qa", "long_doc_qa_interleave")
 
 _LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
@@ -220,7 +221,8 @@ def long_doc_qa(
         for i, d in enumerate(sequence)
     ]
     notes = {"docs": docs, "request_rate": rate}
-    return Workload("long_doc_qa", regime, sessions, docs * doc_tokens, capacity_tokens, notes)
+    name = "long_doc_qa" if order == "random" else "long_doc_qa_interleave"
+    return Workload(name, regime, sessions, docs * doc_tokens, capacity_tokens, notes)
 
 
 def build(
@@ -264,11 +266,12 @@ def build(
             fill=fill,
             rate_scale=rs,
         )
-    if name == "long_doc_qa":
+    if name in ("long_doc_qa", "long_doc_qa_interleave"):
         return long_doc_qa(
             capacity_tokens,
             regime,
             doc_tokens=int(6000 * s),
+            order="interleave" if name == "long_doc_qa_interleave" else "random",
             prefill_tokens_per_s=pf,
             load=load,
             fill=fill,
