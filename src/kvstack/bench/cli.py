@@ -77,7 +77,7 @@ def routing(
     """Compare routing policies on the same traces: TTFT, hit rate vs an oracle, load balance, overhead."""
     import os
 
-    from kvstack.bench import decision, report
+    from kvstack.bench import decision, report, routing_goals
     from kvstack.bench import routing as bench
     from kvstack.bench.workloads import WORKLOADS
 
@@ -119,7 +119,7 @@ def routing(
         repeat=repeat,
     )
     folder = out / "routing"
-    goal_rows = bench.goals(rows)
+    goal_rows = routing_goals.goals(rows)
     report.write_json(
         folder / "results.json",
         {
@@ -143,7 +143,7 @@ def routing(
             "decision_microbenchmark": micro,
         },
     )
-    summary = bench.medians(rows)
+    summary = routing_goals.medians(rows)
     title = "Routing policies (times in ms)" + (f", medians of {repeat} runs" if repeat > 1 else "")
     report.print_table(title, [_display(r) for r in summary], list(_COLUMNS.values()))
     if goal_rows:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import statistics
 import sys
 import tempfile
 import threading
@@ -24,6 +23,7 @@ import yaml
 
 from kvstack.bench import promtext, stats, workloads
 from kvstack.bench.driver import DriverConfig, RequestResult, run_workload
+from kvstack.bench.routing_goals import SAMPLES
 from kvstack.common import tokenizer
 from kvstack.common.procs import ManagedProcess, cpu_seconds, free_ports, kvstack_argv, memory_mb, running
 
@@ -53,7 +53,9 @@ class RoutingSetup:
         return self.engines * workloads.PREFILL_TOKENS_PER_S * self.speed
 
 
-def _stack(setup: RoutingSetup, policy: str, case: str) -> tuple[list[ManagedProcess], str, list[str]]:
+def _stack(
+    setup: RoutingSetup, policy: str, case: str, seed: int
+) -> tuple[list[ManagedProcess], str, list[str]]:
     ports = free_ports(3 * setup.engines + 1)
     log_dir = setup.log_dir / case
     sims: list[ManagedProcess] = []
@@ -115,7 +117,12 @@ def _stack(setup: RoutingSetup, policy: str, case: str) -> tuple[list[ManagedPro
             "warning",
         ],
         log_dir,
-        env={"KVSTACK_ROUTER_ACCESS_LOG": "false", "KVSTACK_ROUTER_EXPOSE_ENGINE_HEADER": "true"},
+        env={
+            "KVSTACK_ROUTER_ACCESS_LOG": "false",
+            "KVSTACK_ROUTER_EXPOSE_ENGINE_HEADER": "true",
+            # the trie places unmatched prompts at random: a seed per run makes its draws repeatable
+            "KVSTACK_ROUTER_PREFIX_TRIE__SEED": str(seed),
+        },
         ready_url=f"{router_url}/ready",
     )
     return [*sims, router], router_url, [e["url"] for e in engines]
@@ -132,10 +139,16 @@ def oracle_hit_rate(results: Sequence[RequestResult], block_size: int) -> float:
 
 
 def run_case(
-    setup: RoutingSetup, workload: workloads.Workload, policy: str, progress: Callable[[str], None] = print
+    setup: RoutingSetup,
+    workload: workloads.Workload,
+    policy: str,
+    progress: Callable[[str], None] = print,
+    *,
+    seed: int = 0,
 ) -> dict[str, Any]:
-    case = f"{workload.name}-{workload.regime}-{policy}"
-    procs, router_url, engine_urls = _stack(setup, policy, case)
+    """One trace through a fresh stack under ``policy``; ``seed`` seeds the policy's random draws."""
+    case = f"{workload.name}-{workload.regime}-{policy}-{seed}"
+    procs, router_url, engine_urls = _stack(setup, policy, case, seed)
     done = 0
 
     def on_done(_r: RequestResult) -> None:
@@ -170,7 +183,8 @@ def run_case(
     per_engine = [
         promtext.delta(b, a, "vllm:request_success_total") for b, a in zip(before, after, strict=True)
     ]
-    ttft = stats.summarize([r.ttft for r in repeats if r.ttft is not None])
+    repeat_ttft = [r.ttft for r in repeats if r.ttft is not None]
+    ttft = stats.summarize(repeat_ttft)
     ttft_all = stats.summarize([r.ttft for r in ok if r.ttft is not None])
     itl = stats.summarize([x for r in ok for x in r.itl])
     oracle = oracle_hit_rate(ok, setup.block_size)
@@ -191,6 +205,7 @@ def run_case(
         "workload": workload.name,
         "regime": workload.regime,
         "policy": policy,
+        "seed": seed,
         "fill": round(workload.fill, 3),
         "requests": len(results),
         "request_rate": round(workload.notes.get("request_rate", 0.0), 2),
@@ -227,6 +242,8 @@ def run_case(
         "loadavg": [round(load0, 2), round(load1, 2)],
         "requests_per_engine": per_engine,
         "route_reasons": _reasons(r_before, r_after),
+        # every repeat's TTFT, for the noise interval of the under-filled goal (see goals())
+        SAMPLES: [round(1000 * t, 3) for t in repeat_ttft],
     }
 
 
@@ -285,7 +302,7 @@ def run(
             )
             for run_index in range(repeat):
                 for policy in policies:
-                    row = {**run_case(setup, workload, policy, progress), "run": run_index}
+                    row = {**run_case(setup, workload, policy, progress, seed=run_index), "run": run_index}
                     progress(
                         f"  {policy:>13}{f' (run {run_index + 1}/{repeat})' if repeat > 1 else ''}: "
                         f"TTFT p90 {row['ttft_p90'] * 1000:7.1f} ms, hit rate "
@@ -294,89 +311,3 @@ def run(
                     )
                     rows.append(row)
     return rows
-
-
-def medians(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per (workload, regime, policy): the median over its runs of every number, ``runs``."""
-    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
-    for r in rows:
-        groups.setdefault((r["workload"], r["regime"], r["policy"]), []).append(r)
-    out = []
-    for runs in groups.values():
-        merged: dict[str, Any] = {**runs[0], "runs": len(runs)}
-        for key, value in runs[0].items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "run":
-                merged[key] = statistics.median(r[key] for r in runs)
-        merged.pop("run", None)
-        out.append(merged)
-    return out
-
-
-# The issue's goals: (entry key, bound, "max" if the value must stay at or below the bound, regimes)
-GOALS: tuple[tuple[str, float, str, tuple[str, ...]], ...] = (
-    ("ttft_p90_vs_round_robin", 0.5, "max", ("pressured",)),
-    ("ttft_p90_vs_prefix_trie", 0.8, "max", ("pressured",)),
-    ("ttft_p90_vs_best_baseline", 1.0, "max", ("under",)),
-    ("hit_vs_oracle", 0.9, "min", ("under", "pressured")),
-    ("load_cv", 0.2, "max", ("under", "pressured")),
-)
-
-
-def goals(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The issue's goals, checked per (workload, regime) against the measured rows.
-
-    With repeated runs every value is the median over runs (ratios of medians), and each ratio's
-    paired per-run values (run i against run i) show its spread as ``<ratio>_runs``. Each entry
-    holds ``missed``: the goals that apply to its regime and were not met (a goal whose baseline
-    was not run is neither met nor missed).
-    """
-    out = []
-    summary = medians(rows)
-    for key in sorted({(r["workload"], r["regime"]) for r in summary}):
-        case = {r["policy"]: r for r in summary if (r["workload"], r["regime"]) == key}
-        ours = case.get("cache_aware")
-        if ours is None:
-            continue
-        entry: dict[str, Any] = {"workload": key[0], "regime": key[1], "runs": ours["runs"]}
-        for baseline in ("round_robin", "prefix_trie"):
-            if baseline in case:
-                name = f"ttft_p90_vs_{baseline}"
-                entry[name] = ours["ttft_p90"] / case[baseline]["ttft_p90"]
-                paired = _paired_ratios(rows, key, baseline)
-                if len(paired) > 1:
-                    entry[f"{name}_runs"] = paired
-        baselines = [r["ttft_p90"] for p, r in case.items() if p != "cache_aware"]
-        if baselines:
-            entry["ttft_p90_vs_best_baseline"] = ours["ttft_p90"] / min(baselines)
-        entry["hit_vs_oracle"] = ours["hit_vs_oracle"]
-        entry["load_cv"] = ours["load_cv"]
-        entry["missed"] = missed(entry)
-        out.append(entry)
-    return out
-
-
-def _paired_ratios(rows: Sequence[dict[str, Any]], case: tuple[str, str], baseline: str) -> list[float]:
-    """Our TTFT p90 over ``baseline``'s, run by run (runs present for both)."""
-
-    def by_run(policy: str) -> dict[int, float]:
-        return {
-            int(r.get("run", 0)): r["ttft_p90"]
-            for r in rows
-            if (r["workload"], r["regime"]) == case and r["policy"] == policy
-        }
-
-    ours, theirs = by_run("cache_aware"), by_run(baseline)
-    return [round(ours[i] / theirs[i], 3) for i in sorted(ours) if i in theirs]
-
-
-def missed(entry: dict[str, Any]) -> list[str]:
-    """Names of the goals in :data:`GOALS` that apply to ``entry``'s regime and are not met."""
-    out = []
-    for name, bound, kind, regimes in GOALS:
-        if entry["regime"] not in regimes or name not in entry:
-            continue
-        value = float(entry[name])
-        ok = value <= bound if kind == "max" else value >= bound
-        if not ok:  # NaN fails both comparisons: a goal that could not be measured is missed
-            out.append(name)
-    return out
