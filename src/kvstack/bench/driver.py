@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import aiohttp
+import httpx
 
 from kvstack.bench.workloads import Session, Workload
 
@@ -176,3 +177,20 @@ async def run_workload(
         )
         wall = time.perf_counter() - t0
     return results, wall
+
+
+def wait_for_engines(router_url: str, engines: int, timeout: float = 30.0) -> None:
+    """Wait until the router routes to all ``engines``.
+
+    Its ``/ready`` answers 200 once one engine is up (right for a pod's readiness), but a case that
+    started then would place its first prompts on the engines admitted so far, and a policy that
+    keeps a prefix where it first went (the trie) would leave a late engine idle all run.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        body = httpx.get(f"{router_url}/ready", timeout=2.0).json()
+        if body.get("available_engines") == engines:
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the router routes to {body.get('available_engines')} of {engines} engines")
+        time.sleep(0.05)

@@ -28,7 +28,7 @@ import typer
 import yaml
 
 from kvstack.bench import promtext, stats, workloads
-from kvstack.bench.driver import DriverConfig, RequestResult, run_workload
+from kvstack.bench.driver import DriverConfig, RequestResult, run_workload, wait_for_engines
 from kvstack.bench.report import save_figure
 from kvstack.common.procs import ManagedProcess, free_ports, kvstack_argv, running
 
@@ -223,6 +223,7 @@ def run_case(
     """One workload through a fresh router with ``policy``; the engines keep running."""
     router, router_url = _router_proc(engines_file, policy, tokenizer, log_dir)
     with running([router], timeout=60):
+        wait_for_engines(router_url, len(urls))
         time.sleep(2.0)  # the KV-event subscriptions connect (ZMQ joins are asynchronous)
         e0 = [promtext.scrape(f"{u}/metrics") for u in urls]
         r0 = promtext.scrape(f"{router_url}/metrics")

@@ -22,7 +22,7 @@ from typing import Any
 import yaml
 
 from kvstack.bench import promtext, stats, workloads
-from kvstack.bench.driver import DriverConfig, RequestResult, run_workload
+from kvstack.bench.driver import DriverConfig, RequestResult, run_workload, wait_for_engines
 from kvstack.bench.routing_goals import SAMPLES
 from kvstack.common import tokenizer
 from kvstack.common.procs import ManagedProcess, cpu_seconds, free_ports, kvstack_argv, memory_mb, running
@@ -158,6 +158,7 @@ def run_case(
             progress(f"  {case}: {done}/{workload.num_requests} requests")
 
     with running(procs, timeout=60):
+        wait_for_engines(router_url, setup.engines)
         router = procs[-1]
         before = [promtext.scrape(f"{u}/metrics") for u in engine_urls]
         r_before = promtext.scrape(f"{router_url}/metrics")
