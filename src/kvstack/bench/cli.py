@@ -53,7 +53,8 @@ def routing(
         typer.Option(help="multi_round_qa, shared_prefix, long_doc_qa, long_doc_qa_interleave."),
     ] = None,
     regime: Annotated[
-        list[str] | None, typer.Option(help="under (<=60% of KV) or pressured (>=70%).")
+        list[str] | None,
+        typer.Option(help="under (<=60% of KV; 50% by default) or pressured (>=70%; 90% by default)."),
     ] = None,
     policy: Annotated[list[str] | None, typer.Option(help="Policies to compare (default: all).")] = None,
     engines: Annotated[int, typer.Option(help="Simulated engines.")] = 4,
