@@ -27,6 +27,8 @@ _COLUMNS = {
     "oracle_hit_rate": "oracle %",
     "load_cv": "load CV",
     "decision_p99_ms": "route p99",
+    "router_cpu_s": "router CPU s",
+    "router_rss_mb": "router RSS MB",
     "errors": "errors",
 }
 _MS = {"ttft_p50", "ttft_p90", "ttft_p99", "ttft_all_p90", "itl_p50"}
