@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import msgspec
 import pytest
 import uvicorn
 from tests.conftest import free_port
@@ -22,8 +23,19 @@ from kvstack.common.procs import ManagedProcess
 from kvstack.router.app import create_app
 from kvstack.router.config import RouterSettings, load_settings
 from kvstack.router.context import RouterContext
+from kvstack.router.prompts import PromptWork, prompt_work
+from kvstack.router.protocol import parse_request
 
 MODEL = "kvstack/sim-8b"
+
+
+def chat_work(messages: list[dict[str, Any]], model: str = MODEL) -> PromptWork:
+    """The router's cache keys of a chat: the whole prompt's digest and its messages' (``parts``)."""
+    work = prompt_work(parse_request("chat", msgspec.json.encode({"model": model, "messages": messages})))
+    assert isinstance(work, PromptWork)
+    return work
+
+
 KVSTACK = str(Path(sys.executable).with_name("kvstack"))
 FAST_MONITOR = {"probe_interval": 0.2, "probe_timeout": 0.5, "scrape_interval": 0.2, "models_interval": 5.0}
 

@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import msgspec
 import openai
 import pytest
 import yaml
@@ -19,11 +18,9 @@ from tests.conftest import free_port
 
 from kvstack.common import tokenizer
 from kvstack.common.procs import ManagedProcess
-from kvstack.router.prompts import PromptWork, prompt_work
-from kvstack.router.protocol import parse_request
 from kvstack.testing.waits import wait_until
 
-from .conftest import KVSTACK, MODEL, RouterFactory, Sim
+from .conftest import KVSTACK, MODEL, RouterFactory, Sim, chat_work
 
 BS = 16
 DOC = "The router keeps an index of every block each engine holds. " * 30  # ~40 blocks of tokens
@@ -125,13 +122,6 @@ def test_cache_aware_routes_a_growing_chat_to_its_cache_and_exports_its_counters
     engine = next(s for s, name in zip(sims, ("engine-0", "engine-1"), strict=True) if name == home)
     engine_hits = engine.metric("vllm:prefix_cache_hits_total")
     assert abs(engine_hits - predicted) <= 3 * BS, (engine_hits, predicted)
-
-
-def chat_work(messages: list[dict[str, str]]) -> PromptWork:
-    """The router's cache keys of a chat: the whole prompt's digest and its messages' (``parts``)."""
-    work = prompt_work(parse_request("chat", msgspec.json.encode({"model": MODEL, "messages": messages})))
-    assert isinstance(work, PromptWork)
-    return work
 
 
 def test_a_new_question_routes_on_its_rendered_system_prompt_and_is_rendered_after(

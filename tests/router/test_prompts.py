@@ -10,16 +10,16 @@ import pytest
 
 from kvstack.common import tokenizer
 from kvstack.router.prompts import (
-    PromptWork,
     TokenCache,
     known_prefix,
     prompt_text,
     prompt_token_ids,
-    prompt_work,
     render_missing,
     work_tokens,
 )
 from kvstack.router.protocol import Kind, parse_request
+
+from .conftest import chat_work
 
 
 def parse(kind: Kind, body: dict[str, Any]) -> Any:
@@ -175,12 +175,6 @@ LONG = {"role": "system", "content": "Answer from the handbook only. " * 80}  # 
 QUESTION = {"role": "user", "content": "Which page covers refunds?"}
 ANSWER = {"role": "assistant", "content": "Page twelve."}
 Chat = list[dict[str, Any]]
-
-
-def chat_work(messages: list[dict[str, Any]]) -> PromptWork:
-    work = prompt_work(parse("chat", {"messages": messages}))
-    assert isinstance(work, PromptWork)
-    return work
 
 
 def full_tokens(messages: list[dict[str, Any]]) -> list[int]:
