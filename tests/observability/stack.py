@@ -24,6 +24,7 @@ from tests.conftest import free_port
 
 from kvstack.common.procs import ManagedProcess, running
 from kvstack.observability.prometheus import PrometheusAPI, Target, prometheus_process
+from kvstack.testing.waits import wait_until
 
 KVSTACK = str(Path(sys.executable).with_name("kvstack"))
 MODEL_A, MODEL_B = "sim-a", "sim-b"
@@ -104,14 +105,12 @@ def disconnect_mid_stream(router_url: str) -> None:
 
 
 def _wait_engines(router_url: str, count: int, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        ready = httpx.get(f"{router_url}/ready", timeout=2).json()
+    def ready() -> bool:
+        engines = httpx.get(f"{router_url}/ready", timeout=2).json()["available_engines"]
         models = {m["id"] for m in httpx.get(f"{router_url}/v1/models", timeout=2).json()["data"]}
-        if ready["available_engines"] == count and {MODEL_A, MODEL_B} <= models:
-            return
-        time.sleep(0.1)
-    raise RuntimeError(f"router never saw {count} engines: {ready}, {models}")
+        return bool(engines == count and {MODEL_A, MODEL_B} <= models)
+
+    wait_until(ready, f"the router to see {count} engines serving {MODEL_A} and {MODEL_B}", timeout, 0.1)
 
 
 @contextmanager

@@ -27,6 +27,8 @@ from kvstack.router.prompts import PromptWork, prompt_work
 from kvstack.router.protocol import parse_request
 
 MODEL = "kvstack/sim-8b"
+KVSTACK = str(Path(sys.executable).with_name("kvstack"))
+FAST_MONITOR = {"probe_interval": 0.2, "probe_timeout": 0.5, "scrape_interval": 0.2, "models_interval": 5.0}
 
 
 def chat_work(messages: list[dict[str, Any]], model: str = MODEL) -> PromptWork:
@@ -34,10 +36,6 @@ def chat_work(messages: list[dict[str, Any]], model: str = MODEL) -> PromptWork:
     work = prompt_work(parse_request("chat", msgspec.json.encode({"model": model, "messages": messages})))
     assert isinstance(work, PromptWork)
     return work
-
-
-KVSTACK = str(Path(sys.executable).with_name("kvstack"))
-FAST_MONITOR = {"probe_interval": 0.2, "probe_timeout": 0.5, "scrape_interval": 0.2, "models_interval": 5.0}
 
 
 @dataclass

@@ -17,6 +17,7 @@ import aiohttp
 import httpx
 
 from kvstack.bench.workloads import Session, Workload
+from kvstack.testing.waits import wait_until
 
 
 @dataclass(slots=True)
@@ -186,11 +187,8 @@ def wait_for_engines(router_url: str, engines: int, timeout: float = 30.0) -> No
     started then would place its first prompts on the engines admitted so far, and a policy that
     keeps a prefix where it first went (the trie) would leave a late engine idle all run.
     """
-    deadline = time.monotonic() + timeout
-    while True:
-        body = httpx.get(f"{router_url}/ready", timeout=2.0).json()
-        if body.get("available_engines") == engines:
-            return
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"the router routes to {body.get('available_engines')} of {engines} engines")
-        time.sleep(0.05)
+
+    def all_routable() -> bool:
+        return bool(httpx.get(f"{router_url}/ready", timeout=2.0).json().get("available_engines") == engines)
+
+    wait_until(all_routable, f"the router to route to all {engines} engines", timeout, interval=0.05)
