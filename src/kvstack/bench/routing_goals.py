@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from kvstack.bench import stats
@@ -92,25 +92,21 @@ def goals(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def _runs_of(rows: Sequence[dict[str, Any]], case: tuple[str, str], policy: str) -> Iterator[dict[str, Any]]:
+    """The rows of ``policy`` in ``case`` (one per run)."""
+    return (r for r in rows if (r["workload"], r["regime"]) == case and r["policy"] == policy)
+
+
 def _pooled(rows: Sequence[dict[str, Any]], case: tuple[str, str], policy: str) -> list[float]:
     """Every repeat TTFT (ms) of ``policy`` in ``case``, all runs together."""
-    return [
-        t
-        for r in rows
-        if (r["workload"], r["regime"]) == case and r["policy"] == policy
-        for t in r.get(SAMPLES, ())
-    ]
+    return [t for r in _runs_of(rows, case, policy) for t in r.get(SAMPLES, ())]
 
 
 def _paired_ratios(rows: Sequence[dict[str, Any]], case: tuple[str, str], baseline: str) -> list[float]:
     """Our TTFT p90 over ``baseline``'s, run by run (runs present for both)."""
 
     def by_run(policy: str) -> dict[int, float]:
-        return {
-            int(r.get("run", 0)): r["ttft_p90"]
-            for r in rows
-            if (r["workload"], r["regime"]) == case and r["policy"] == policy
-        }
+        return {int(r.get("run", 0)): r["ttft_p90"] for r in _runs_of(rows, case, policy)}
 
     ours, theirs = by_run("cache_aware"), by_run(baseline)
     return [round(ours[i] / theirs[i], 3) for i in sorted(ours) if i in theirs]
