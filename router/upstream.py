@@ -3,7 +3,7 @@
 ``aiohttp`` (the default) drives aiohttp's client directly: on the router's hot path it costs about
 half of what httpx's request and response models add on top of the same pool (profiled with
 py-spy; ``kvstack bench router``). ``httpx`` is plain httpx, whose pool is 5x slower under
-concurrency (../shared/reference/http-clients.md), kept as the reference implementation.
+concurrency (tests/reference/http-clients.md), kept as the reference implementation.
 
 Both behave the same: timeouts are enforced here, ``connect`` to open a connection, ``first_byte``
 until the response headers arrive, ``idle`` between two body chunks; bodies are relayed as the

@@ -1,4 +1,4 @@
-"""Shared fixtures: where the reference data lives, and free local ports."""
+"""Shared fixtures: where the reference data lives (``tests/reference``), and free local ports."""
 
 from __future__ import annotations
 
@@ -15,18 +15,10 @@ pytest_plugins = ["kvstack.testing.pytest_plugin"]
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _find_reference() -> Path:
-    # CI clones the repo with shared/ beside it; a checkout may also carry shared/ inside.
-    for candidate in (ROOT.parent / "shared" / "reference", ROOT / "shared" / "reference"):
-        if candidate.is_dir():
-            return candidate
-    raise RuntimeError("reference data not found: expected ../shared/reference next to the repo")
-
-
 @pytest.fixture(scope="session")
 def reference_dir() -> Path:
     """The folder of ground truth read off real vLLM 0.24 (metrics, KV events, H200 timings)."""
-    return _find_reference()
+    return ROOT / "tests" / "reference"
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,7 @@
 """Configuration of one simulated vLLM 0.24 pod (``kvstack engine sim``).
 
 Every field mirrors a vLLM / LMCache knob where one exists. The latency defaults are fitted to
-``shared/reference/h200-measurements.json`` (see :mod:`kvstack.engine.sim.latency`).
+``tests/reference/h200-measurements.json`` (see :mod:`kvstack.engine.sim.latency`).
 """
 
 from __future__ import annotations

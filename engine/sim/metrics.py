@@ -1,6 +1,6 @@
 """vLLM 0.24's ``/metrics`` for the simulator: every ``vllm:`` family of the reference scrape.
 
-Names, types, label names and buckets follow ``shared/reference/vllm-0.24-metrics.txt``. Counters and
+Names, types, label names and buckets follow ``tests/reference/vllm-0.24-metrics.txt``. Counters and
 histograms are fed by the core through :class:`SimMetrics` (a ``StatsListener``); gauges are read from
 the core at scrape time. Each instance owns its registry, so several simulators can share a process.
 """

@@ -40,7 +40,7 @@ from kvstack.router.policies.base import Decision, RequestFeatures
 
 
 class CacheAwareSettings(BaseModel):
-    """Cost-model constants (defaults: an 8B model on one H200, ../shared/reference) and guards."""
+    """Cost-model constants (defaults: an 8B model on one H200, tests/reference) and guards."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 

@@ -1,5 +1,5 @@
 #!/bin/bash
-# On the GPU machine, after ../shared/gpu/setup.sh: Redis, two real vLLM 0.24 + LMCache engines started
+# On the GPU machine, after scripts/gpu/setup.sh: Redis, two real vLLM 0.24 + LMCache engines started
 # through `kvstack engine serve`, then the proof (src/kvstack/bench/gpu.py) with the router in front.
 #   bash scripts/gpu/device.sh start            Redis + both engines (setsid: they outlive the call)
 #   bash scripts/gpu/device.sh proof ARGS...    the proof over the running engines, results in $OUT

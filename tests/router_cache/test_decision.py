@@ -20,7 +20,7 @@ def v(hit: float = 0, queued: float = 0, running: float = 0, load: float = 0, **
 @pytest.mark.parametrize(
     ("prompt", "view", "lo", "hi"),
     [
-        # calibrated against ../shared/reference/h200-measurements.json (single engine, idle)
+        # calibrated against tests/reference/h200-measurements.json (single engine, idle)
         (16384, v(), 0.45, 0.52),  # cold 16K: 0.475 s measured
         (4096, v(), 0.09, 0.14),  # cold 4K: 0.098 s
         (16384, v(hit=16384), 0.0, 0.03),  # full hit: 0.024 s

@@ -52,7 +52,7 @@ class ClusterBench:
     min_replicas: int = 1
     max_replicas: int = 8
     only: tuple[str, ...] = ()  # variant names to run (default: all)
-    # An 8B model's vLLM start-up on the H200 took 45-75 s (shared/reference): a simulator starts
+    # An 8B model's vLLM start-up on the H200 took 45-75 s (tests/reference/README.md): a simulator starts
     # this long after its pod runs, shortened by the same scale as the periods.
     model_load_s: float = 60.0
 

@@ -1,6 +1,7 @@
 """Benchmark workloads as data: sessions of chat turns with arrival times, built deterministically.
 
-Three families, as the field benchmarks them (see shared/research/routing-peers.md §6):
+Three families, as the field benchmarks them (vLLM production-stack, the SGLang router and llm-d
+publish results on these):
 
 * multi-round QA (production-stack ``multi-round-qa``): users x rounds sharing one system prompt,
   each user with a long user-specific context, each turn re-sending the growing history;
