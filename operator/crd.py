@@ -1,7 +1,9 @@
 """The ``KVStack`` CustomResourceDefinition, generated from :mod:`kvstack.operator.spec`.
 
-``python -m kvstack.operator.crd`` rewrites ``operator/crds/kvstack.dev_kvstacks.yaml``; ``--check``
-exits 1 when the file differs from what the models say (a test runs the same comparison).
+``python -m kvstack.operator.crd`` rewrites ``operator/crds/kvstack.dev_kvstacks.yaml`` and, in a source
+checkout, the chart's copy ``helm/kvstack/files/crds/kvstack.dev_kvstacks.yaml`` (a file, not a link:
+Helm warns on links and some checkouts have none); ``--check`` exits 1 when either differs from what
+the models say (``make lint`` and a test run the same comparison).
 
 Why the scale subresource scales the router: a resource has one scale subresource and a stack has
 many models. Engine replicas belong to the autoscaler (or to ``models[].replicas`` when it is off),
@@ -24,6 +26,8 @@ KIND = "KVStack"
 PLURAL = "kvstacks"
 SINGULAR = "kvstack"
 CRD_FILE = Path(__file__).resolve().parent / "crds" / f"{GROUP}_{PLURAL}.yaml"
+# Only a source checkout has the chart beside the operator; an installed package writes its own copy.
+CHART_CRD_FILE = Path(__file__).resolve().parents[1] / "helm" / "kvstack" / "files" / "crds" / CRD_FILE.name
 
 _DROP = {"title", "$defs"}
 
@@ -237,17 +241,22 @@ def render() -> str:
     return header + yaml.safe_dump(crd(), sort_keys=False, width=110)
 
 
+def targets() -> list[Path]:
+    """The files that hold the CRD: the operator's, and the chart's when the chart is there."""
+    return [CRD_FILE, *([CHART_CRD_FILE] if CHART_CRD_FILE.parent.is_dir() else [])]
+
+
 def main(argv: list[str]) -> int:
     text = render()
     if "--check" in argv:
-        current = CRD_FILE.read_text() if CRD_FILE.exists() else ""
-        if current != text:
-            print(f"{CRD_FILE} is out of date: run python -m kvstack.operator.crd", file=sys.stderr)
-            return 1
-        return 0
-    CRD_FILE.parent.mkdir(parents=True, exist_ok=True)
-    CRD_FILE.write_text(text)
-    print(f"wrote {CRD_FILE}")
+        stale = [path for path in targets() if not path.exists() or path.read_text() != text]
+        for path in stale:
+            print(f"{path} is out of date: run python -m kvstack.operator.crd", file=sys.stderr)
+        return 1 if stale else 0
+    for path in targets():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        print(f"wrote {path}")
     return 0
 
 

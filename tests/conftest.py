@@ -10,7 +10,7 @@ from kvstack.common.procs import free_port  # re-exported: test modules import i
 
 # The session-wide Kubernetes test cluster (fixtures ``cluster``, ``namespace``, ``cluster_tools``):
 # registered once here, so every folder shares one cluster per test session.
-pytest_plugins = ["kvstack.testing.pytest_plugin"]
+pytest_plugins = ["kvstack_testing.pytest_plugin"]
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -13,7 +13,7 @@ import pytest
 
 from kvstack.bench.autoscale_cluster import ClusterBench, run, write
 from kvstack.bench.autoscale_plan import Phases, Sample
-from kvstack.testing import Cluster
+from kvstack_testing import Cluster
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow, pytest.mark.timeout(600)]
 

@@ -1,1 +1,1 @@
-"""Cluster tests use the session fixtures registered in tests/conftest.py (kvstack.testing.pytest_plugin)."""
+"""Cluster tests use the session fixtures registered in tests/conftest.py (kvstack_testing.pytest_plugin)."""

@@ -1,4 +1,4 @@
-"""``make cluster`` / ``make cluster-clean`` (``python -m kvstack.testing``): foreground cluster, cleanup."""
+"""``make cluster`` / ``make cluster-clean`` (``python -m kvstack_testing``): foreground cluster, cleanup."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from kvstack.testing import Toolchain
-from kvstack.testing.cluster import pid_alive
+from kvstack_testing import Toolchain
+from kvstack_testing.cluster import pid_alive
 
 pytestmark = pytest.mark.cluster
 
@@ -26,7 +26,7 @@ def test_foreground_cluster_stops_on_ctrl_c(cluster_tools: Toolchain, tmp_path: 
     # The binaries stay where they are; only the cluster's work dir moves under tmp_path.
     (tmp_path / "bin").symlink_to(cluster_tools.bin_root)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "kvstack.testing", "cluster", "--sims", ""],
+        [sys.executable, "-m", "kvstack_testing", "cluster", "--sims", ""],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -62,7 +62,7 @@ def test_clean_removes_clusters_of_dead_owners(tmp_path: Path) -> None:
     (stale / "owner.pid").write_text(str(dead.pid))
     env = {**os.environ, "KVSTACK_CACHE": str(tmp_path / "cache"), "TMPDIR": str(tmp_path)}
     out = subprocess.run(
-        [sys.executable, "-m", "kvstack.testing", "clean"],
+        [sys.executable, "-m", "kvstack_testing", "clean"],
         env=env,
         capture_output=True,
         text=True,

@@ -17,9 +17,9 @@ from typing import Any
 
 import pytest
 
-from kvstack.testing import Cluster, ClusterConfig, PodSimulators, SimTarget
-from kvstack.testing.cluster import pid_alive
-from kvstack.testing.waits import wait_until
+from kvstack.common.waits import wait_until
+from kvstack_testing import Cluster, ClusterConfig, PodSimulators, SimTarget
+from kvstack_testing.cluster import pid_alive
 
 pytestmark = pytest.mark.cluster
 
@@ -243,7 +243,7 @@ def test_stop_kills_every_process_and_is_idempotent(cluster: Cluster) -> None:
 
 
 def test_build_script_skips_cached_tools(cluster: Cluster) -> None:
-    from kvstack.testing.tools import CLUSTER_DIR
+    from kvstack_testing.tools import CLUSTER_DIR
 
     out = subprocess.run(
         ["bash", str(CLUSTER_DIR / "build.sh"), "k8s", "etcd", "kwok"],
@@ -269,7 +269,7 @@ def test_a_failed_start_cleans_up(cluster: Cluster, tmp_path: Path) -> None:
 def test_a_script_that_forgets_stop_leaves_nothing_behind(cluster: Cluster, tmp_path: Path) -> None:
     script = (
         "import sys\n"
-        "from kvstack.testing import Cluster, ClusterConfig\n"
+        "from kvstack_testing import Cluster, ClusterConfig\n"
         "c = Cluster(ClusterConfig(name='forgot', gpu_nodes=0)).start()\n"
         "pids = [p.read_text() for p in c.workdir.glob('clusters/*/pids/*.pid')]\n"
         "print(c.workdir, *pids)\n"

@@ -8,14 +8,14 @@ import random
 import pytest
 
 from kvstack.common.config import ConfigError, build
-from kvstack.testing.cluster import ClusterConfig, choose_pod_cidr
-from kvstack.testing.manifests import (
+from kvstack_testing.cluster import ClusterConfig, choose_pod_cidr
+from kvstack_testing.manifests import (
     gpu_node,
     gpu_nodes,
     kwokctl_configuration,
     node_pod_cidr,
 )
-from kvstack.testing.tools import CLUSTER_DIR, Toolchain, parse_versions
+from kvstack_testing.tools import CLUSTER_DIR, Toolchain, parse_versions
 
 
 @pytest.mark.parametrize(

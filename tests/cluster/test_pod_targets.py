@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from kvstack.testing.pod_targets import (
+from kvstack_testing.pod_targets import (
     DEFAULT_MODEL,
     SimTarget,
     apply_event,

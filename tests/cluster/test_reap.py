@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from kvstack.testing.workdirs import OWNER_FILE, WORKDIR_PREFIX, end_processes, pid_alive, reap_stale_clusters
+from kvstack_testing.workdirs import OWNER_FILE, WORKDIR_PREFIX, end_processes, pid_alive, reap_stale_clusters
 
 
 def dead_pid() -> int:

@@ -13,8 +13,8 @@ import yaml
 from tests.helm.conftest import CHART
 from tests.helm.test_chart_files import SAMPLE_CRD
 
-from kvstack.testing import Cluster
-from kvstack.testing.waits import wait_until
+from kvstack.common.waits import wait_until
+from kvstack_testing import Cluster
 
 pytestmark = pytest.mark.cluster
 INSTANCE = "app.kubernetes.io/instance"

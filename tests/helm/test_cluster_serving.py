@@ -19,9 +19,9 @@ import yaml
 from tests.helm.test_cluster_install import get, release, running_pods
 
 from kvstack.common.procs import ManagedProcess
-from kvstack.testing import Cluster, PodSimulators
-from kvstack.testing.pod_sims import kvstack_executable
-from kvstack.testing.waits import wait_until
+from kvstack.common.waits import wait_until
+from kvstack_testing import Cluster, PodSimulators
+from kvstack_testing.pod_sims import kvstack_executable
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 MODEL = "meta-llama/Llama-3.1-8B-Instruct"

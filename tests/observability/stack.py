@@ -23,8 +23,8 @@ import yaml
 from tests.conftest import free_port
 
 from kvstack.common.procs import ManagedProcess, running
+from kvstack.common.waits import wait_until
 from kvstack.observability.prometheus import PrometheusAPI, Target, prometheus_process
-from kvstack.testing.waits import wait_until
 
 KVSTACK = str(Path(sys.executable).with_name("kvstack"))
 MODEL_A, MODEL_B = "sim-a", "sim-b"

@@ -26,9 +26,9 @@ from kvstack.observability.prometheus import (
     prometheus_process,
     render_config,
 )
-from kvstack.testing import Cluster
-from kvstack.testing.kube_access import kubeconfig_ca, pod_reader_objects, prometheus_access
-from kvstack.testing.tools import Toolchain
+from kvstack_testing import Cluster
+from kvstack_testing.kube_access import kubeconfig_ca, pod_reader_objects, prometheus_access
+from kvstack_testing.tools import Toolchain
 
 CA, TOKEN, CERT, KEY, KUBECONFIG = (Path(f"/creds/{n}") for n in ("ca.crt", "token", "c.crt", "c.key", "kc"))
 SERVER = "https://127.0.0.1:6443"

@@ -1,6 +1,6 @@
 """Fixtures for the operator's cluster tests: the CRD installed, and the operator under KopfRunner.
 
-The cluster fixtures come from :mod:`kvstack.testing.pytest_plugin`, registered in tests/conftest.py.
+The cluster fixtures come from :mod:`kvstack_testing.pytest_plugin`, registered in tests/conftest.py.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import pytest
 from kvstack.observability.prometheus import KubeAccess
 from kvstack.operator.crd import CRD_FILE, GROUP, PLURAL, VERSION
 from kvstack.operator.handlers import Runtime
-from kvstack.testing import Cluster
-from kvstack.testing.kube_access import prometheus_access
+from kvstack_testing import Cluster
+from kvstack_testing.kube_access import prometheus_access
 
 
 @pytest.fixture(scope="session")

@@ -26,6 +26,7 @@ from kopf.testing import KopfRunner
 from openai.types.chat import ChatCompletion
 
 from kvstack.common.procs import ManagedProcess, free_port
+from kvstack.common.waits import wait_until
 from kvstack.observability.prometheus import (
     KubeAccess,
     PodJob,
@@ -34,9 +35,8 @@ from kvstack.observability.prometheus import (
     prometheus_url,
 )
 from kvstack.operator.handlers import Runtime, build_registry
-from kvstack.testing import Cluster, PodSimulators, SimTarget, operator_settings
-from kvstack.testing.pod_sims import kvstack_executable
-from kvstack.testing.waits import wait_until
+from kvstack_testing import Cluster, PodSimulators, SimTarget, operator_settings
+from kvstack_testing.pod_sims import kvstack_executable
 
 from .conftest import Api, evaluations
 

@@ -20,12 +20,12 @@ import yaml
 from kopf.testing import KopfRunner
 from tests.helm.test_cluster_install import release
 
+from kvstack.common.waits import wait_until
 from kvstack.observability.prometheus import prometheus_url
 from kvstack.operator.annotated import POLICY, STATUS
 from kvstack.operator.handlers import Runtime, build_registry
 from kvstack.operator.settings import OperatorSettings
-from kvstack.testing import Cluster, PodSimulators, SimulatorTargets, file_sd_prometheus
-from kvstack.testing.waits import wait_until
+from kvstack_testing import Cluster, PodSimulators, SimulatorTargets, file_sd_prometheus
 
 from .conftest import Api
 

@@ -19,13 +19,13 @@ import pytest
 from kopf.testing import KopfRunner
 
 from kvstack.common.procs import ManagedProcess, free_port, running
+from kvstack.common.waits import wait_until
 from kvstack.dashboards.catalog import dashboards
 from kvstack.dashboards.promql import expand, metric_names
 from kvstack.dashboards.rules import ALERTS, RECORDS
 from kvstack.observability.prometheus import PrometheusAPI, Target, prometheus_process, prometheus_url
 from kvstack.operator.handlers import Runtime, build_registry
-from kvstack.testing import Cluster, PodSimulators, SimulatorTargets, operator_settings
-from kvstack.testing.waits import wait_until
+from kvstack_testing import Cluster, PodSimulators, SimulatorTargets, operator_settings
 
 from .conftest import Api, evaluations
 from .test_autoscale_cluster import MODEL

@@ -17,7 +17,7 @@ from kvstack.observability.prometheus import Target, prometheus_process
 from kvstack.operator.autoscale import Observation, Policy, decide
 from kvstack.operator.prom import Prometheus, PrometheusError
 from kvstack.operator.signals import Results, observation, queries
-from kvstack.testing.pod_sims import kvstack_executable
+from kvstack_testing.pod_sims import kvstack_executable
 
 from ..conftest import free_port
 

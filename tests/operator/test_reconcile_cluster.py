@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 from kopf.testing import KopfRunner
 
+from kvstack.common.waits import wait_until
 from kvstack.operator.handlers import Runtime, build_registry
-from kvstack.testing import Cluster, operator_settings
-from kvstack.testing.waits import wait_until
+from kvstack_testing import Cluster, operator_settings
 
 from .conftest import Api
 

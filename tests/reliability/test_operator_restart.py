@@ -17,9 +17,9 @@ from kopf.testing import KopfRunner
 from tests.operator.conftest import Api, api, crd_installed, kubeconfig_env
 from tests.operator.test_reconcile_cluster import SPEC
 
+from kvstack.common.waits import wait_until
 from kvstack.operator.handlers import Runtime, build_registry
-from kvstack.testing import Cluster, operator_settings
-from kvstack.testing.waits import wait_until
+from kvstack_testing import Cluster, operator_settings
 
 __all__ = ["api", "crd_installed", "kubeconfig_env"]
 

@@ -18,7 +18,7 @@ from tests.conftest import free_port
 
 from kvstack.common import tokenizer
 from kvstack.common.procs import ManagedProcess
-from kvstack.testing.waits import wait_until
+from kvstack.common.waits import wait_until
 
 from .conftest import KVSTACK, MODEL, RouterFactory, Sim, chat_work
 

@@ -10,8 +10,8 @@ import httpx
 import pytest
 
 from kvstack.common import tokenizer
+from kvstack.common.waits import wait_until
 from kvstack.router.proxy import ProxyEndpoint
-from kvstack.testing.waits import wait_until
 
 from .conftest import MODEL, BadEngine, RouterFactory, RouterServer, Sim
 

@@ -174,7 +174,7 @@ async def test_registry_follows_kwok_pods(
 async def test_monitor_learns_models_of_discovered_pods(
     cluster: Any, kube: Kube, namespace: str, discovery: KubernetesDiscovery
 ) -> None:
-    from kvstack.testing.pod_sims import PodSimulators
+    from kvstack_testing.pod_sims import PodSimulators
 
     with PodSimulators(cluster.api_client(), SELECTOR, namespace=namespace):
         for name in ("engine-0", "engine-1"):

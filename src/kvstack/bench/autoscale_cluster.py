@@ -1,6 +1,6 @@
 """``kvstack bench autoscale --cluster``: a load step against real (kwok) pods and the real operator.
 
-One test cluster (:mod:`kvstack.testing`: kube-apiserver, controller-manager, scheduler, kwok with
+One test cluster (:mod:`kvstack_testing`: kube-apiserver, controller-manager, scheduler, kwok with
 fake GPU nodes, a ``kvstack engine sim`` behind every engine pod), then per variant, in a fresh
 namespace: a real Prometheus scraping the simulators, the operator in-process (kopf's
 ``KopfRunner``) reconciling a KVStack, a real ``kvstack router`` finding the pods through the
@@ -29,7 +29,7 @@ from kvstack.bench.autoscale_plan import MODEL, Phases, PodShape, Sample, Varian
 from kvstack.bench.report import save_figure
 from kvstack.common.procs import ManagedProcess, free_port
 from kvstack.observability.prometheus import prometheus_url
-from kvstack.testing import (
+from kvstack_testing import (
     Cluster,
     PodSimulators,
     SimTarget,
@@ -37,7 +37,7 @@ from kvstack.testing import (
     file_sd_prometheus,
     operator_settings,
 )
-from kvstack.testing.pod_sims import Command, kvstack_executable, sim_command
+from kvstack_testing.pod_sims import Command, kvstack_executable, sim_command
 
 Echo = Callable[[str], None]
 ENGINE_SELECTOR = "app.kubernetes.io/component=engine"
@@ -357,7 +357,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
 
 def main_run(out: Path, bench: ClusterBench, echo: Echo) -> dict[str, Any]:
     """Start a test cluster, run every variant, write the results; the cluster always stops."""
-    from kvstack.testing import ensure_cluster_tools
+    from kvstack_testing import ensure_cluster_tools
 
     echo("starting the test cluster (kwok) ...")
     with Cluster(tools=ensure_cluster_tools(echo=echo)) as cluster:

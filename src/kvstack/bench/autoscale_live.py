@@ -4,7 +4,7 @@
   arrivals from a fixed seed), whatever the fleet does, and notes which pod answered each one;
 * :class:`Recorder` samples the Deployment, the pods and Prometheus every half second.
 
-Prometheus finds the simulators through :class:`kvstack.testing.SimulatorTargets` (file_sd).
+Prometheus finds the simulators through :class:`kvstack_testing.SimulatorTargets` (file_sd).
 """
 
 from __future__ import annotations

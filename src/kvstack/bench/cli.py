@@ -2,12 +2,26 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
 app = typer.Typer(help="Benchmarks: write JSON results and PNG plots.", no_args_is_help=True)
+
+# What `pip install 'kvstack[bench]'` adds; the runtime wheel and the images do without it.
+_BENCH_EXTRA = ("matplotlib",)
+
+
+@app.callback()
+def _needs_the_bench_extra() -> None:
+    """Benchmarks plot with matplotlib, which only the ``bench`` extra installs."""
+    missing = [name for name in _BENCH_EXTRA if importlib.util.find_spec(name) is None]
+    if missing:
+        typer.echo(f"kvstack bench needs {', '.join(missing)}: pip install 'kvstack[bench]'", err=True)
+        raise typer.Exit(2)
+
 
 OutOption = Annotated[Path, typer.Option("--out", help="Results folder.")]
 
@@ -241,6 +255,13 @@ def autoscale(
 
     folder = out / "autoscale"
     if cluster:
+        if importlib.util.find_spec("kvstack_testing") is None:
+            typer.echo(
+                "--cluster runs the from-source test cluster: run it from a kvstack checkout after "
+                "`make venv` (it installs the kvstack_testing harness)",
+                err=True,
+            )
+            raise typer.Exit(2)
         from kvstack.bench.autoscale_cluster import ClusterBench, main_run
         from kvstack.bench.autoscale_plan import Phases, variants
 

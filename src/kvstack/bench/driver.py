@@ -17,7 +17,7 @@ import aiohttp
 import httpx
 
 from kvstack.bench.workloads import Session, Workload
-from kvstack.testing.waits import wait_until
+from kvstack.common.waits import wait_until
 
 
 @dataclass(slots=True)

@@ -15,7 +15,7 @@ from typing import Any
 
 from kvstack.common.procs import ManagedProcess, free_port
 from kvstack.observability.prometheus import Job, prometheus_process
-from kvstack.testing.pod_sims import PodSimulators
+from kvstack_testing.pod_sims import PodSimulators
 
 ENGINE_JOB: Job = "kvstack-engine"  # the job the operator's engine queries select
 

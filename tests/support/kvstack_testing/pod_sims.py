@@ -30,7 +30,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
 
-from kvstack.testing.pod_targets import DEFAULT_PORT_NAME, Pod, SimTarget, apply_event, desired_targets, plan
+from kvstack_testing.pod_targets import DEFAULT_PORT_NAME, Pod, SimTarget, apply_event, desired_targets, plan
 
 log = logging.getLogger(__name__)
 

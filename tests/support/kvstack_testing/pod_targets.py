@@ -1,4 +1,4 @@
-"""Pure decisions for :mod:`kvstack.testing.pod_sims`: which pods get a simulator, and with what.
+"""Pure decisions for :mod:`kvstack_testing.pod_sims`: which pods get a simulator, and with what.
 
 Pods are the API's JSON form (camelCase dicts), as a watch event or ``sanitize_for_serialization``
 gives them, so these functions need neither a cluster nor the ``kubernetes`` package.

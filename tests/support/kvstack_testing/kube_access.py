@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 from kvstack.observability.prometheus import KubeAccess
-from kvstack.testing.cluster import Cluster
+from kvstack_testing.cluster import Cluster
 
 SA_NAMESPACE = "kube-system"
 SA_NAME = "kvstack-prometheus"

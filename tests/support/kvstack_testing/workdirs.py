@@ -18,7 +18,7 @@ from pathlib import Path
 # kwokctl's own port choice counts down from 32767 in every process, so clusters created at the same
 # time would collide; kernel-assigned ports (kvstack.common.procs.free_ports) do not.
 from kvstack.common.procs import free_ports as free_ports
-from kvstack.testing.tools import cache_root
+from kvstack_testing.tools import cache_root
 
 WORKDIR_PREFIX = "kvstack-cluster-"
 OWNER_FILE = "owner.pid"

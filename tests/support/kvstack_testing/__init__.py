@@ -4,12 +4,12 @@
 ``PodSimulators`` runs one ``kvstack engine sim`` per Running pod on the pod's loopback IP.
 """
 
-from kvstack.testing.cluster import Cluster, ClusterConfig, reap_stale_clusters
-from kvstack.testing.file_sd import SimulatorTargets, file_sd_prometheus
-from kvstack.testing.operator_settings import operator_settings
-from kvstack.testing.pod_sims import PodSimulators
-from kvstack.testing.pod_targets import SimTarget
-from kvstack.testing.tools import Toolchain, build_tools, ensure_cluster_tools
+from kvstack_testing.cluster import Cluster, ClusterConfig, reap_stale_clusters
+from kvstack_testing.file_sd import SimulatorTargets, file_sd_prometheus
+from kvstack_testing.operator_settings import operator_settings
+from kvstack_testing.pod_sims import PodSimulators
+from kvstack_testing.pod_targets import SimTarget
+from kvstack_testing.tools import Toolchain, build_tools, ensure_cluster_tools
 
 __all__ = [
     "Cluster",

@@ -1,4 +1,4 @@
-"""``python -m kvstack.testing``: build the tools, run a cluster in the foreground, clean up."""
+"""``python -m kvstack_testing``: build the tools, run a cluster in the foreground, clean up."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 @app.command()
 def tools() -> None:
     """Build (once) every binary into ~/.cache/kvstack/bin."""
-    from kvstack.testing.tools import build_tools
+    from kvstack_testing.tools import build_tools
 
     build_tools(("all",))
 
@@ -30,9 +30,9 @@ def cluster(
     ] = "app.kubernetes.io/component=engine",
 ) -> None:
     """Start a cluster and keep it until Ctrl-C; KVSTACK_CLUSTER_* variables shape it."""
-    from kvstack.testing.cluster import Cluster, ClusterConfig
-    from kvstack.testing.pod_sims import PodSimulators
-    from kvstack.testing.tools import build_tools, cache_root
+    from kvstack_testing.cluster import Cluster, ClusterConfig
+    from kvstack_testing.pod_sims import PodSimulators
+    from kvstack_testing.tools import build_tools, cache_root
 
     build_tools(("all",))
     config = build(ClusterConfig, "cluster config")
@@ -64,7 +64,7 @@ def cluster(
 @app.command()
 def clean() -> None:
     """Kill and remove clusters whose owner is gone (e.g. a killed test run)."""
-    from kvstack.testing.cluster import reap_stale_clusters
+    from kvstack_testing.cluster import reap_stale_clusters
 
     for path in reap_stale_clusters():
         typer.echo(f"removed {path}")

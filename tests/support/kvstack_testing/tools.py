@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 # src/kvstack/testing/tools.py -> the repository root (the package is installed in editable mode).
-REPO_ROOT = Path(__file__).resolve().parents[3]
+REPO_ROOT = Path(__file__).resolve().parents[3]  # tests/support/kvstack_testing/tools.py
 CLUSTER_DIR = REPO_ROOT / "cluster"
 
 

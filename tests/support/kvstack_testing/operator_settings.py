@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from kvstack.operator.settings import OperatorSettings
-from kvstack.testing.cluster import Cluster
+from kvstack_testing.cluster import Cluster
 
 
 def operator_settings(cluster: Cluster, namespace: str, **overrides: Any) -> OperatorSettings:

@@ -1,6 +1,6 @@
 """pytest fixtures for a session-wide test cluster: ``cluster``, ``namespace``, ``cluster_tools``.
 
-Enable with ``pytest_plugins = ["kvstack.testing.pytest_plugin"]`` in the root ``conftest.py``.
+Enable with ``pytest_plugins = ["kvstack_testing.pytest_plugin"]`` in the root ``conftest.py``.
 Missing binaries are built right after collection (outside any test's timeout), and only when a
 selected test is marked ``cluster``.
 """
@@ -11,8 +11,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from kvstack.testing.cluster import Cluster
-from kvstack.testing.tools import Toolchain, ensure_cluster_tools
+from kvstack_testing.cluster import Cluster
+from kvstack_testing.tools import Toolchain, ensure_cluster_tools
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:

@@ -3,7 +3,7 @@
 etcd, kube-apiserver, kube-controller-manager and kube-scheduler (1.34, built by ``cluster/build.sh``)
 run as local processes wired by ``kwokctl --runtime binary``; the kwok controller plays the kubelet
 for fake GPU nodes, and gives pods IPs inside 127.0.0.0/8 so that a process bound to a pod's IP
-(see :mod:`kvstack.testing.pod_sims`) is reachable exactly where clients look for that pod.
+(see :mod:`kvstack_testing.pod_sims`) is reachable exactly where clients look for that pod.
 """
 
 from __future__ import annotations
@@ -27,9 +27,9 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from kvstack.common.config import build
-from kvstack.testing.manifests import gpu_nodes, kwokctl_configuration
-from kvstack.testing.tools import Toolchain, ensure_cluster_tools
-from kvstack.testing.workdirs import (
+from kvstack_testing.manifests import gpu_nodes, kwokctl_configuration
+from kvstack_testing.tools import Toolchain, ensure_cluster_tools
+from kvstack_testing.workdirs import (
     OWNER_FILE,
     POD_CIDR_FILE,
     WORKDIR_PREFIX,
