@@ -60,7 +60,18 @@ def test_every_folder_with_python_is_a_listed_package() -> None:
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("wheel")
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(out), str(ROOT)],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(out),
+            str(ROOT),
+        ],
         check=True,
         cwd=out,
     )
@@ -87,12 +98,14 @@ def test_the_wheel_holds_the_product_and_no_test_harness(wheel: Path) -> None:
     assert not [n for n in names if "testing" in n.split("/")[0:2] or n.startswith("kvstack_testing")]
     assert not [n for n in names if n.startswith(("tests/", "router/", "operator/"))]
     metadata = next(n for n in names if n.endswith(".dist-info/METADATA"))
-    requires = email.parser.Parser().parsestr(zipfile.ZipFile(wheel).read(metadata).decode()).get_all(
-        "Requires-Dist"
+    requires = (
+        email.parser.Parser()
+        .parsestr(zipfile.ZipFile(wheel).read(metadata).decode())
+        .get_all("Requires-Dist")
     )
     assert requires is not None
     plotting = [r for r in requires if r.startswith("matplotlib")]
-    assert plotting and all("extra == \"bench\"" in r for r in plotting)  # only behind kvstack[bench]
+    assert plotting and all('extra == "bench"' in r for r in plotting)  # only behind kvstack[bench]
 
 
 @pytest.mark.slow
@@ -117,7 +130,11 @@ def test_the_installed_wheel_runs_the_router_and_the_operator(wheel: Path, tmp_p
     assert not out[1].startswith(str(target))  # the stdlib's operator, not ours
     for command in (["router", "--help"], ["operator", "--help"]):
         proc = subprocess.run(
-            [sys.executable, "-S", "-m", "kvstack", *command], env=env, cwd=tmp_path, capture_output=True, text=True
+            [sys.executable, "-S", "-m", "kvstack", *command],
+            env=env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
         )
         assert proc.returncode == 0, proc.stderr
         assert "Usage" in proc.stdout

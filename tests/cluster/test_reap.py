@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from kvstack.common.waits import wait_until
 from kvstack_testing.workdirs import OWNER_FILE, WORKDIR_PREFIX, end_processes, pid_alive, reap_stale_clusters
 
 
@@ -59,10 +60,7 @@ def test_end_processes_kills_what_outlives_the_grace_period() -> None:
         child = int(Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()[0])
         end_processes([proc.pid], grace=0.3)
         assert proc.wait(timeout=10) == -9
-        deadline = time.monotonic() + 10
-        while pid_alive(child) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert not pid_alive(child)
+        wait_until(lambda: not pid_alive(child), "the child to be reaped", timeout=10, interval=0.05)
     finally:
         if proc.poll() is None:
             proc.kill()

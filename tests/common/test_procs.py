@@ -1,10 +1,10 @@
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from kvstack.common.procs import ManagedProcess, ProcessError, running
+from kvstack.common.waits import wait_until
 
 
 def _http_server(tmp_path: Path, port: int) -> ManagedProcess:
@@ -37,8 +37,6 @@ def test_child_that_exits_fails_fast_with_its_log(tmp_path: Path) -> None:
 def test_stop_kills_a_child_that_ignores_sigterm(tmp_path: Path) -> None:
     code = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('up', flush=True); "
     proc = ManagedProcess("stubborn", [sys.executable, "-c", code + "time.sleep(60)"], tmp_path).start()
-    deadline = time.monotonic() + 10
-    while "up" not in proc.tail() and time.monotonic() < deadline:
-        time.sleep(0.02)  # the handler is installed once it printed
+    wait_until(lambda: "up" in proc.tail(), "the SIGTERM handler", timeout=10, interval=0.02)
     proc.stop(timeout=0.5)
     assert not proc.alive()

@@ -6,7 +6,6 @@ import asyncio
 import shutil
 import socket
 import subprocess
-import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +13,7 @@ from pathlib import Path
 import pytest
 from tests.conftest import free_port
 
+from kvstack.common.waits import wait_until
 from kvstack.engine.sim.latency import StepWork
 from kvstack.engine.sim.types import FinishedRequestStats
 
@@ -55,17 +55,19 @@ class RedisServer:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
-                    s.sendall(b"PING\r\n")
-                    if s.recv(16).startswith(b"+PONG"):
-                        return
-            except OSError:
-                time.sleep(0.02)
-        self.kill()
-        raise RuntimeError("redis-server did not start")
+        try:
+            wait_until(self._pongs, "redis-server to answer PING", timeout=10, interval=0.02)
+        except AssertionError:
+            self.kill()
+            raise
+
+    def _pongs(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
+                s.sendall(b"PING\r\n")
+                return s.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
 
     def kill(self) -> None:
         if self.proc is not None:

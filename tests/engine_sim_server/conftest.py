@@ -5,7 +5,6 @@ from __future__ import annotations
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
@@ -14,6 +13,8 @@ from pathlib import Path
 import httpx
 import pytest
 from tests.conftest import free_port
+
+from kvstack.common.waits import wait_until
 
 KVSTACK = Path(sys.executable).parent / "kvstack"
 MODEL = "sim-model"
@@ -45,19 +46,17 @@ def run_sim(*args: str, host: str = "127.0.0.1", ready_timeout: float = 30.0) ->
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
         try:
             url = f"http://{host}:{port}"
-            deadline = time.monotonic() + ready_timeout
-            while True:
+
+            def healthy() -> bool:
                 if proc.poll() is not None:
                     log.seek(0)
                     raise RuntimeError(f"simulator exited {proc.returncode}: {log.read().decode()[-2000:]}")
                 try:
-                    if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                        break
+                    return httpx.get(f"{url}/health", timeout=1).status_code == 200
                 except httpx.TransportError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise RuntimeError("simulator did not become healthy")
-                time.sleep(0.05)
+                    return False
+
+            wait_until(healthy, "the simulator's /health", timeout=ready_timeout, interval=0.05)
             yield Sim(url, port, proc)
         finally:
             proc.terminate()

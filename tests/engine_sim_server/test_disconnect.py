@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import socket
-import time
 from collections.abc import Callable, Iterator
 
 import httpx
 import pytest
 from tests.engine_sim_server.conftest import MODEL, Sim, run_sim
 from tests.engine_sim_server.promtext import sample
+
+from kvstack.common.waits import wait_until
 
 LONG = {"model": MODEL, "prompt": "A long answer, please. " * 20, "max_tokens": 1500, "ignore_eos": True}
 
@@ -22,11 +23,7 @@ def slow_sim() -> Iterator[Sim]:
 
 
 def wait_for(check: Callable[[], bool], timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached")
-        time.sleep(0.05)
+    wait_until(check, "the simulator to notice", timeout=timeout, interval=0.05)
 
 
 def value(sim: Sim, name: str, **labels: str) -> float:

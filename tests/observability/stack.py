@@ -226,11 +226,11 @@ def _requests_to_dead_engine(router_url: str) -> None:
 
 def _wait_redis(port: int, timeout: float = 10.0) -> None:
     client = redis.Redis(host="127.0.0.1", port=port)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+
+    def pongs() -> bool:
         try:
-            if client.ping():
-                return
+            return bool(client.ping())
         except redis.ConnectionError:
-            time.sleep(0.05)
-    raise RuntimeError("redis did not start")
+            return False
+
+    wait_until(pongs, "redis to answer PING", timeout=timeout, interval=0.05)

@@ -10,13 +10,13 @@ import math
 import os
 import re
 import shutil
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
+from kvstack.common.waits import wait_until
 from kvstack.dashboards.catalog import dashboards
 from kvstack.dashboards.cli import app
 from kvstack.dashboards.preview import render_dashboard
@@ -53,14 +53,14 @@ def _finite(result: list[dict[str, object]]) -> bool:
 
 
 def _wait_finite(stack: Stack, expr: str, timeout: float = 40.0) -> list[dict[str, object]]:
-    deadline = time.monotonic() + timeout
-    result: list[dict[str, object]] = []
-    while time.monotonic() < deadline:
-        result = stack.prom.query(expr)  # type: ignore[assignment]
-        if _finite(result):
-            return result
-        time.sleep(0.5)
-    raise AssertionError(f"no finite data for {expr}: {result}")
+    def finite() -> list[dict[str, object]] | None:
+        result: list[dict[str, object]] = stack.prom.query(expr)  # type: ignore[assignment]
+        return result if _finite(result) else None
+
+    found: list[dict[str, object]] = wait_until(
+        finite, f"finite data for {expr}", timeout=timeout, interval=0.5
+    )
+    return found
 
 
 @pytest.mark.parametrize(("stem", "title", "expr"), QUERIES, ids=[f"{s}:{t}" for s, t, _ in QUERIES])

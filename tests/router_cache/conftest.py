@@ -12,6 +12,7 @@ import zmq
 import zmq.asyncio
 
 from kvstack.common.kv_events import REPLAY_END, EventBatch, KVEvent, decode_seq, encode_batch, encode_seq
+from kvstack.common.waits import wait_until_async
 
 
 class EventSource:
@@ -124,10 +125,6 @@ def until() -> Until:
     """Wait for a condition; fails the test (a bound, not a speed claim) if it never holds."""
 
     async def wait(pred: Callable[[], bool]) -> None:
-        deadline = time.monotonic() + 10.0
-        while not pred():
-            if time.monotonic() > deadline:
-                raise AssertionError("condition not reached")
-            await asyncio.sleep(0.01)
+        await wait_until_async(pred, "the condition", timeout=10.0, interval=0.01)
 
     return wait

@@ -28,6 +28,7 @@ from kvstack.bench.autoscale_live import OpenLoopLoad, Recorder
 from kvstack.bench.autoscale_plan import MODEL, Phases, PodShape, Sample, Variant, summarize, variants
 from kvstack.bench.report import save_figure
 from kvstack.common.procs import ManagedProcess, free_port
+from kvstack.common.waits import wait_until
 from kvstack.observability.prometheus import prometheus_url
 from kvstack_testing import (
     Cluster,
@@ -89,14 +90,12 @@ def _kubeconfig_env(cluster: Cluster) -> Iterator[None]:
 
 
 def _wait(predicate: Callable[[], Any], what: str, timeout: float) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    def attempt() -> Any:
         with contextlib.suppress(Exception):  # not there yet (404, connection refused)
-            found = predicate()
-            if found:
-                return found
-        time.sleep(0.25)
-    raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
+            return predicate()
+        return None
+
+    return wait_until(attempt, what, timeout=timeout)
 
 
 def _loading(delay_s: float) -> Command:

@@ -22,7 +22,6 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Sequence
@@ -30,6 +29,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
 
+from kvstack.common.waits import wait_until
 from kvstack_testing.pod_targets import DEFAULT_PORT_NAME, Pod, SimTarget, apply_event, desired_targets, plan
 
 log = logging.getLogger(__name__)
@@ -185,17 +185,19 @@ class PodSimulators:
 
     def wait_for(self, count: int, timeout: float = 60.0) -> list[SimTarget]:
         """Block until exactly ``count`` simulators run and answer ``/health``; returns them."""
-        deadline = time.monotonic() + timeout
-        while True:
+
+        def ready() -> list[SimTarget] | None:
             targets = list(self.targets.values())
             if len(targets) == count and all(_healthy(t.url) for t in targets):
                 return sorted(targets, key=lambda t: (t.namespace, t.name))
-            if time.monotonic() > deadline:
-                raise TimeoutError(
-                    f"wanted {count} healthy simulators, have {len(targets)} running: "
-                    f"{[t.url for t in targets]}\n{self._log_tails()}"
-                )
-            time.sleep(0.2)
+            return None
+
+        try:
+            found: list[SimTarget] = wait_until(ready, f"{count} healthy simulators", timeout, interval=0.2)
+        except AssertionError as exc:
+            running = [t.url for t in self.targets.values()]
+            raise TimeoutError(f"{exc}: running {running}\n{self._log_tails()}") from None
+        return found
 
     def _log_tails(self, lines: int = 5) -> str:
         """The last lines of every simulator log, for error messages (the logs go with ``stop()``)."""

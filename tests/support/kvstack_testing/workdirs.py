@@ -12,12 +12,12 @@ import random
 import shutil
 import signal
 import tempfile
-import time
 from pathlib import Path
 
 # kwokctl's own port choice counts down from 32767 in every process, so clusters created at the same
 # time would collide; kernel-assigned ports (kvstack.common.procs.free_ports) do not.
 from kvstack.common.procs import free_ports as free_ports
+from kvstack.common.waits import wait_until
 from kvstack_testing.tools import cache_root
 
 WORKDIR_PREFIX = "kvstack-cluster-"
@@ -53,9 +53,8 @@ def recorded_pids(workdir: Path) -> list[int]:
 
 def end_processes(pids: list[int], grace: float = 10.0) -> None:
     """Wait up to ``grace`` seconds for ``pids`` to exit, then SIGKILL their process groups."""
-    deadline = time.monotonic() + grace
-    while any(pid_alive(pid) for pid in pids) and time.monotonic() < deadline:
-        time.sleep(0.1)
+    with contextlib.suppress(AssertionError):  # past the grace period: killed below
+        wait_until(lambda: not any(pid_alive(pid) for pid in pids), "processes to exit", grace, interval=0.1)
     for pid in pids:
         if pid_alive(pid):
             # kwokctl starts each component with setsid, so its pid is also its process group.
