@@ -179,6 +179,8 @@ class BadEngine:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.posts = 0
+        self.post_times: list[float] = []  # time.monotonic() of each POST's arrival
+        self.probes = 0  # GET /health answered
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -216,6 +218,8 @@ class BadEngine:
                     await reader.readexactly(length)
                 if method == "GET":
                     body = b"{}"
+                    if path == "/health":
+                        self.probes += 1
                     if path == "/v1/models":
                         body = b'{"object":"list","data":[{"id":"%s","object":"model"}]}' % MODEL.encode()
                     elif path == "/metrics":
@@ -224,6 +228,7 @@ class BadEngine:
                     await writer.drain()
                     continue
                 self.posts += 1
+                self.post_times.append(time.monotonic())
                 if self.mode == "no_tokenize":
                     if path == "/tokenize":
                         self._reply(writer, 500, b'{"error":{"message":"no tokenizer","code":500}}')
