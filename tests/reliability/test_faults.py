@@ -114,6 +114,41 @@ def test_a_stopped_engine_ends_its_requests_and_those_without_a_token_go_elsewhe
     assert all(e.in_flight == 0 for e in r.ctx.registry.all())
 
 
+def test_a_stopped_engine_with_no_other_answers_504_in_the_openai_shape(
+    tmp_path: Path, router: RouterFactory
+) -> None:
+    """The only engine is frozen (SIGSTOP): once the monitor declares it down, its stream under way
+    ends with an error event and a request it had not answered gets a 504 in the OpenAI shape."""
+    with run_sims(tmp_path, 1, "--speed", "0.1", "--max-num-seqs", "1") as (frozen,):
+        r = router(engines=[frozen.url], expose_engine_header=True)
+        client = openai.OpenAI(base_url=f"{r.url}/v1", api_key="x", max_retries=0, timeout=120)
+        stream = _Outcome(stream=True)
+        threads = [threading.Thread(target=_call, args=(client, True, stream))]
+        threads[0].start()
+        wait_until(lambda: stream.engine, "the stream under way", 60, 0.05)
+        plain: list[httpx.Response] = []
+        body = {**CHAT, "max_tokens": 150}
+
+        def post() -> None:
+            plain.append(httpx.post(f"{r.url}/v1/chat/completions", json=body, timeout=120))
+
+        threads.append(threading.Thread(target=post))
+        threads[1].start()
+        wait_until(lambda: frozen.metric("vllm:num_requests_waiting") >= 1, "the request queued", 60, 0.05)
+        os.killpg(frozen.proc.pid, signal.SIGSTOP)
+        try:
+            for t in threads:
+                t.join(110)
+        finally:
+            os.killpg(frozen.proc.pid, signal.SIGCONT)
+    assert not any(t.is_alive() for t in threads), "a request hung"
+    assert stream.result == "error: APIError"
+    (resp,) = plain
+    assert resp.status_code == 504
+    assert resp.json()["error"]["type"] == "GatewayTimeoutError"
+    assert "stopped responding" in resp.json()["error"]["message"]
+
+
 def test_an_engine_that_passes_health_checks_but_fails_every_request_is_ejected(
     sims: list[Sim], router: RouterFactory
 ) -> None:
