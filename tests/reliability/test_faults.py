@@ -189,6 +189,27 @@ def test_an_engine_that_passes_health_checks_but_fails_every_request_is_ejected(
     assert r.metric("kvstack_router_retries_total", model_name=MODEL, reason="500") == 4
 
 
+def test_an_engine_that_fails_every_other_request_is_ejected_on_its_failure_rate(
+    sims: list[Sim], router: RouterFactory
+) -> None:
+    """Half its answers are 500, so it never fails three in a row: its failure rate over the window
+    ejects it. Users see no failure meanwhile (each 500 is retried on another engine)."""
+    with BadEngine("flaky:500") as bad:
+        r = router(engines=[bad.url, sims[0].url], policy="round_robin", eject_min_requests=6)
+        client = openai.OpenAI(base_url=f"{r.url}/v1", api_key="x", max_retries=0, timeout=30)
+        state = r.ctx.registry.get(bad.url)
+        assert state is not None
+
+        def ask() -> None:
+            reply = client.chat.completions.create(model=MODEL, messages=CHAT["messages"], max_tokens=3)
+            assert reply.choices[0].message.content
+
+        wait_until(lambda: ask() or state.outlier.ejections, "an ejection", timeout=60, interval=0)
+        # failed, answered, ... failed: 4 of 7 (at least 6 seen, half failed), never 2 in a row
+        assert bad.posts == 7 and state.outlier.consecutive == 1
+    assert r.metric("kvstack_router_retries_total", model_name=MODEL, reason="500") == 4
+
+
 def _attempt(client: openai.OpenAI, stream: bool) -> str:
     """One try: ``ok``, ``timeout`` (a silent drop: the client waited for nothing) or ``error: ...``."""
     try:

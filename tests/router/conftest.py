@@ -171,6 +171,7 @@ class BadEngine:
 
     ``mode``: ``hang`` (never answers), ``stall`` (starts an SSE stream, then goes silent),
     ``status:<code>`` (answers every POST with that status and an OpenAI error body),
+    ``flaky:<code>`` (every other POST, from the first: that status; the others a chat completion),
     ``no_tokenize`` (``/tokenize`` answers 500; other POSTs a one-token chat completion).
     """
 
@@ -248,6 +249,10 @@ class BadEngine:
                     await writer.drain()
                     await asyncio.Event().wait()
                 status = int(self.mode.split(":", 1)[1])
+                if self.mode.startswith("flaky:") and self.posts % 2 == 0:
+                    self._reply(writer, 200, _COMPLETION)
+                    await writer.drain()
+                    continue
                 self._reply(
                     writer, status, b'{"error":{"message":"engine failure","type":"X","code":%d}}' % status
                 )
