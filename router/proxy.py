@@ -78,6 +78,7 @@ class Attempt:
     decision: Decision
     cutoff: asyncio.Timeout
     lost: bool = False
+    answered: bool = False  # the whole answer went to the client (what is left is closing up)
 
     def abort(self) -> None:
         if not self.lost:
@@ -256,8 +257,9 @@ class ProxyEndpoint:
         except TimeoutError:
             if not attempt.lost:
                 raise
-            message = f"engine {engine.name} stopped responding (it failed its health checks)"
-            failure = AttemptFailure("engine_lost", 504, message, sent=call.ex.started)
+            if not attempt.answered:  # else it went down while the finished answer was closed
+                message = f"engine {engine.name} stopped responding (it failed its health checks)"
+                failure = AttemptFailure("engine_lost", 504, message, sent=call.ex.started)
             ended = True
         finally:
             engine.in_flight -= 1
@@ -280,13 +282,14 @@ class ProxyEndpoint:
         try:
             if resp.status == 200 and (resp.content_type or "").startswith(_SSE):
                 return await self._relay_stream(call, attempt, resp)
-            return await self._relay_whole(call, engine, resp)
+            return await self._relay_whole(call, attempt, resp)
         finally:
             await resp.aclose()
 
     async def _relay_whole(
-        self, call: Call, engine: EngineState, resp: UpstreamResponse
+        self, call: Call, attempt: Attempt, resp: UpstreamResponse
     ) -> AttemptFailure | None:
+        engine = attempt.decision.engine
         try:
             body = await resp.read()
         except UpstreamError as err:
@@ -303,6 +306,7 @@ class ProxyEndpoint:
         headers = [(b"content-type", content_type.encode("latin-1")), *self._engine_header(engine)]
         await call.send({"type": "http.response.start", "status": resp.status, "headers": headers})
         await call.send({"type": "http.response.body", "body": body})
+        attempt.answered = True
         return None
 
     async def _relay_stream(
@@ -337,6 +341,7 @@ class ProxyEndpoint:
         await send(
             {"type": "http.response.body", "body": b"".join([*held, framer.flush()]), "more_body": False}
         )
+        attempt.answered = True
         return None
 
     async def _start_stream(self, call: Call, engine: EngineState) -> None:
