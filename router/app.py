@@ -173,10 +173,8 @@ async def _running(ctx: RouterContext) -> AsyncIterator[None]:
         ):
             ctx.offload = TokenizerPool(settings.tokenize_offload_min_chars)
             await ctx.offload.start()
-        start = getattr(ctx.policy, "start", None)
-        if start is not None:
-            await start()
-            stops.append(ctx.policy)  # type: ignore[arg-type]
+        await ctx.policy.start()
+        stops.append(ctx.policy)
         yield
     finally:
         for component in reversed(stops):

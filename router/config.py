@@ -83,9 +83,17 @@ class RouterSettings(BaseSettings):
     # Python's defaults
     gc_gen0_threshold: int = Field(50_000, ge=0)
 
-    # passive ejection: this many consecutive failures take an engine out for eject_duration_s
+    # outlier detection (router/ejection.py): this many consecutive failed requests, or a failure
+    # rate of eject_failure_rate over at least eject_min_requests in a window of eject_interval_s,
+    # take an engine out for eject_duration_s x its ejections in a row (at most eject_max_duration_s);
+    # never more than max_ejected_percent of the engines (but always one)
     eject_after_failures: int = Field(3, ge=1)
     eject_duration_s: PositiveSeconds = 30.0
+    eject_max_duration_s: PositiveSeconds = 300.0
+    eject_failure_rate: float = Field(0.5, gt=0.0, le=1.0)
+    eject_min_requests: int = Field(10, ge=1)
+    eject_interval_s: PositiveSeconds = 10.0
+    max_ejected_percent: float = Field(50.0, ge=0.0, le=100.0)
 
     # protection
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
@@ -135,6 +143,12 @@ class RouterSettings(BaseSettings):
         if path is not None and not path.is_file():
             raise ValueError(f"no such file: {path}")
         return path
+
+    @model_validator(mode="after")
+    def _ejection_cap_covers_its_base(self) -> RouterSettings:
+        if self.eject_max_duration_s < self.eject_duration_s:
+            raise ValueError("eject_max_duration_s must be at least eject_duration_s")
+        return self
 
     @model_validator(mode="after")
     def _burst_needs_rate(self) -> RouterSettings:

@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
+from kvstack.router.ejection import OutlierTrack
+
 
 @dataclass(frozen=True, slots=True)
 class Endpoint:
@@ -28,10 +30,9 @@ class EngineState:
 
     endpoint: Endpoint
     models: frozenset[str] = frozenset()
-    # health: a failed probe or too many consecutive request failures eject the engine
+    # health: failed probes mark it unhealthy (the monitor), failed requests eject it (the proxy)
     healthy: bool = True
-    ejected_until: float = 0.0  # monotonic time; 0 = not ejected
-    consecutive_failures: int = 0
+    outlier: OutlierTrack = field(default_factory=OutlierTrack)
     # kept by the router itself: requests dispatched and not yet finished
     in_flight: int = 0
     # scraped from the engine's /metrics (vLLM 0.24 names); None until the first scrape
@@ -42,6 +43,8 @@ class EngineState:
     num_gpu_blocks: int | None = None
     last_scrape: float = 0.0  # monotonic time of the last successful scrape
     extra: dict[str, float] = field(default_factory=dict)
+    # called when the router declares the engine down: each ends one request in flight there
+    on_down: set[Callable[[], None]] = field(default_factory=set)
 
     @property
     def url(self) -> str:
@@ -52,6 +55,15 @@ class EngineState:
         return self.endpoint.name
 
     @property
+    def ejected_until(self) -> float:
+        """Monotonic time the engine's ejection ends; 0: never ejected."""
+        return self.outlier.ejected_until
+
+    @property
+    def consecutive_failures(self) -> int:
+        return self.outlier.consecutive
+
+    @property
     def load(self) -> float:
         """Requests the engine is busy with: the router's own count, or the engine's if larger."""
         engine_side = (self.num_running or 0.0) + (self.num_waiting or 0.0)
@@ -59,7 +71,13 @@ class EngineState:
 
     def available(self, now: float) -> bool:
         """Healthy, not ejected, and serving at least one model."""
-        return self.healthy and now >= self.ejected_until and bool(self.models)
+        return self.healthy and now >= self.outlier.ejected_until and bool(self.models)
+
+    def declare_down(self) -> None:
+        """Unhealthy: no new requests, and those in flight end now (the engine will not answer them)."""
+        self.healthy = False
+        for end in list(self.on_down):
+            end()
 
 
 class EngineRegistry:

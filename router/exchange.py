@@ -15,7 +15,7 @@ from typing import Any
 
 import msgspec
 
-from kvstack.common.errors import OpenAIError, error_body
+from kvstack.common.errors import OpenAIError, error_body, is_openai_error, openai_error_bytes
 from kvstack.router.auth import ANONYMOUS
 from kvstack.router.logs import ACCESS_LOGGER
 from kvstack.router.metrics import RouterMetrics
@@ -38,6 +38,15 @@ class RetryLater(OpenAIError):
     def __init__(self, status: int, message: str, retry_after: float) -> None:
         super().__init__(status, message)
         self.retry_after = retry_after
+
+
+class EngineAnswer(OpenAIError):
+    """An engine's own error answer, relayed as the last word (rewritten into the OpenAI shape)."""
+
+    def __init__(self, status: int, message: str, body: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+        super().__init__(status, message)
+        self.answer = body if is_openai_error(body) else openai_error_bytes(status, body)
+        self.headers = headers
 
 
 @dataclass(slots=True)
@@ -85,13 +94,13 @@ async def send_error(send: Send, err: OpenAIError) -> None:
     headers = list(JSON_HEADERS)
     if isinstance(err, RetryLater):
         headers.append((b"retry-after", str(max(1, round(err.retry_after))).encode()))
+    if isinstance(err, EngineAnswer):
+        headers.extend(err.headers)
+        body = err.answer
+    else:
+        body = msgspec.json.encode(error_body(err.status, err.message, param=err.param))
     await send({"type": "http.response.start", "status": err.status, "headers": headers})
-    await send(
-        {
-            "type": "http.response.body",
-            "body": msgspec.json.encode(error_body(err.status, err.message, param=err.param)),
-        }
-    )
+    await send({"type": "http.response.body", "body": body})
 
 
 async def watch_disconnect(receive: Receive, task: asyncio.Task[Any], ex: Exchange) -> None:

@@ -1,10 +1,11 @@
 """Active health probes, metric scrapes and model discovery for every engine in the registry.
 
 Per engine, two loops run on the router's event loop: a probe loop (``GET /health``; N failures
-mark the engine unhealthy, M successes bring it back; a passively ejected engine is re-admitted
-after M successful probes) and a scrape loop (``GET /metrics``, parsed by
-:mod:`kvstack.router.scrape`). Endpoints that list no models learn them from ``GET /v1/models``
-after a successful probe, and again every ``models_interval`` (LoRA adapters come and go).
+mark the engine unhealthy and end the requests in flight there, M successes bring it back; probes
+never end a passive ejection, see :mod:`kvstack.router.ejection`) and a scrape loop
+(``GET /metrics``, parsed by :mod:`kvstack.router.scrape`). Endpoints that list no models learn
+them from ``GET /v1/models`` after a successful probe, and again every ``models_interval`` (LoRA
+adapters come and go).
 Scraped figures older than ``stale_after`` are set back to None, so policies never act on them.
 
 Wiring, in the app's lifespan::
@@ -80,14 +81,12 @@ class ProbeTrack:
     ok_streak: int = 0
     fail_streak: int = 0
     probes: int = 0
-    ejected_seen: bool = False  # an ejection is under way; successes count from when it was seen
 
 
 @dataclass(frozen=True, slots=True)
 class ProbeVerdict:
     track: ProbeTrack
     healthy: bool
-    readmit: bool  # clear the passive ejection and its failure counter
 
 
 def judge_probe(
@@ -95,7 +94,6 @@ def judge_probe(
     *,
     ok: bool,
     healthy: bool,
-    ejected: bool,
     unhealthy_threshold: int,
     healthy_threshold: int,
 ) -> ProbeVerdict:
@@ -103,13 +101,9 @@ def judge_probe(
 
     The first probe of an engine decides its health outright (nothing to smooth yet); later a
     healthy engine turns unhealthy after ``unhealthy_threshold`` failures in a row and back after
-    ``healthy_threshold`` successes. A passively ejected engine is re-admitted after
-    ``healthy_threshold`` successes counted from when the ejection was first seen: probes from
-    before the ejection do not vouch for it.
+    ``healthy_threshold`` successes.
     """
     ok_streak, fail_streak = track.ok_streak, track.fail_streak
-    if ejected and not track.ejected_seen:
-        ok_streak = 0
     if ok:
         ok_streak, fail_streak = ok_streak + 1, 0
     else:
@@ -120,9 +114,7 @@ def judge_probe(
         healthy = False
     elif not healthy and ok_streak >= healthy_threshold:
         healthy = True
-    readmit = ejected and ok_streak >= healthy_threshold
-    new = ProbeTrack(ok_streak, fail_streak, track.probes + 1, ejected and not readmit)
-    return ProbeVerdict(new, healthy, readmit)
+    return ProbeVerdict(ProbeTrack(ok_streak, fail_streak, track.probes + 1), healthy)
 
 
 def scrape_is_fresh(state: EngineState, now: float, max_age: float) -> bool:
@@ -254,7 +246,7 @@ class EngineMonitor:
     # one-shot steps (public: the proxy may probe at once after a passive failure)
 
     async def probe_once(self, state: EngineState) -> bool:
-        """Probe ``/health`` once and update health, ejection and (when due) the model list."""
+        """Probe ``/health`` once and update health and (when due) the model list."""
         cfg = self.config
         ok = await self._health_ok(state.url)
         now = self._clock()
@@ -262,21 +254,19 @@ class EngineMonitor:
             self._tracks.get(state.url, ProbeTrack()),
             ok=ok,
             healthy=state.healthy,
-            ejected=state.ejected_until > now,
             unhealthy_threshold=cfg.unhealthy_threshold,
             healthy_threshold=cfg.healthy_threshold,
         )
         self._tracks[state.url] = verdict.track
-        changed = verdict.readmit
         if verdict.healthy != state.healthy:
             log.warning("engine %s is now %s", state.name, "healthy" if verdict.healthy else "unhealthy")
-            state.healthy = verdict.healthy
-            changed = True
-        if verdict.readmit:
-            log.info("engine %s re-admitted after passing %d probes", state.name, cfg.healthy_threshold)
-            state.ejected_until = 0.0
-            state.consecutive_failures = 0
-        if changed:
+            if verdict.healthy:
+                state.healthy = True
+            else:
+                # requests waiting on it would wait for the idle timeout (minutes): end them now
+                if state.on_down:
+                    log.warning("ending %d requests in flight on %s", len(state.on_down), state.name)
+                state.declare_down()
             self.registry.changed()
         if ok and self._models_due(state, now):
             await self.refresh_models(state)

@@ -2,9 +2,12 @@
 
 Per request: authenticate, rate-limit, read the body once (bounded), validate the fields the router
 needs, admit through the model's queue, choose an engine, forward the original bytes, and relay the
-answer. Streams are relayed frame by frame; a client that goes away cancels the handler, which
-closes the upstream connection, so the engine aborts the request. Connect failures and 503s are
-retried on another engine while nothing has been sent to the client; never after.
+answer. Each request becomes one :class:`Call`, carried down every step. Streams are relayed frame
+by frame, and their head goes to the client with the first generated token: until then a failed try
+can be retried on another engine (:mod:`kvstack.router.retry` decides), after it never. A client that goes
+away cancels the handler, which closes the upstream connection, so the engine aborts the request.
+An engine the monitor declares down ends the tries waiting on it at once. Every try's outcome feeds
+outlier detection (:mod:`kvstack.router.ejection`).
 """
 
 from __future__ import annotations
@@ -12,16 +15,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from kvstack.common.errors import OpenAIError, is_openai_error, openai_error_bytes
 from kvstack.router.admission import Admission, reject
 from kvstack.router.context import REQUEST_ID_KEY, RouterContext
-from kvstack.router.ejection import record_failure, record_success
+from kvstack.router.ejection import OutlierRules, judge_outcome
 from kvstack.router.engines import EngineState
 from kvstack.router.exchange import (
     ClientGone,
+    EngineAnswer,
     Exchange,
     RetryLater,
     account,
@@ -34,11 +38,13 @@ from kvstack.router.policies.base import Decision, RequestFeatures
 from kvstack.router.prompt_source import PromptSource
 from kvstack.router.prompts import prompt_text
 from kvstack.router.protocol import Kind, ParsedRequest, SSEFramer, error_event, has_content, parse_request
+from kvstack.router.retry import AttemptFailure, next_step, untried
 from kvstack.router.upstream import UpstreamError, UpstreamResponse
 
 Scope = dict[str, Any]
 Receive = Any
 Send = Any
+Headers = list[tuple[bytes, bytes]]
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +56,36 @@ _SSE_HEADERS = [
 ]
 
 
+@dataclass(slots=True, eq=False)
+class Call:
+    """One proxied request on its way through the proxy: what the client sent, what became of it."""
+
+    ex: Exchange  # its record: timings, status, engine; becomes the log line and metric labels
+    request: ParsedRequest
+    raw: bytes  # the body as the client sent it, forwarded unchanged
+    send: Send
+    client_headers: Headers
+    session_key: str | None
+    features: RequestFeatures | None = None  # built once, when routing starts
+    upstream_headers: Headers = field(default_factory=list)
+    tried: list[str] = field(default_factory=list)  # engine URLs, in the order tried
+
+
+@dataclass(slots=True, eq=False)
+class Attempt:
+    """One try of a call on one engine; :meth:`abort` ends it when the engine is declared down."""
+
+    decision: Decision
+    cutoff: asyncio.Timeout
+    lost: bool = False
+    answered: bool = False  # the whole answer went to the client (what is left is closing up)
+
+    def abort(self) -> None:
+        if not self.lost:
+            self.lost = True
+            self.cutoff.reschedule(0.0)  # in the past: the try is cancelled at its next await
+
+
 class ProxyEndpoint:
     """The ASGI app behind one proxied route (``kind`` tells how to read its body)."""
 
@@ -57,13 +93,18 @@ class ProxyEndpoint:
         self.ctx = ctx
         self.kind: Kind = kind
         self.path = path
-        # optional parts of the policy interface, looked up once
-        self._needs_text = bool(getattr(ctx.policy, "needs_text", False))
-        self._first_token: Callable[[RequestFeatures, Decision], None] | None = getattr(
-            ctx.policy, "on_first_token", None
+        settings = ctx.settings
+        self._session_name = settings.session_header.encode("latin-1")
+        self._expose_engine = settings.expose_engine_header
+        self.rules = OutlierRules(
+            consecutive_failures=settings.eject_after_failures,
+            failure_rate=settings.eject_failure_rate,
+            min_requests=settings.eject_min_requests,
+            interval_s=settings.eject_interval_s,
+            base_ejection_s=settings.eject_duration_s,
+            max_ejection_s=settings.eject_max_duration_s,
+            max_ejected_percent=settings.max_ejected_percent,
         )
-        self._session_name = ctx.settings.session_header.encode("latin-1")
-        self._expose_engine = ctx.settings.expose_engine_header
         self.admission = Admission(ctx)
         admission = self.admission
         self.prompts = PromptSource(ctx, lambda model: [e.url for e in admission.available(model or None)])
@@ -96,7 +137,8 @@ class ProxyEndpoint:
             request = parse_request(self.kind, raw)
             ex.model = request.model or ""
             ex.stream = request.stream
-            await self._guarded(scope, receive, send, ex, request, raw, session_header)
+            session_key = session_header.decode("latin-1") if session_header else request.user
+            await self._guarded(Call(ex, request, raw, send, scope["headers"], session_key), receive)
         except ClientGone:
             ex.disconnected, ex.status = True, 499
         except OpenAIError as err:
@@ -110,22 +152,14 @@ class ProxyEndpoint:
 
     # ------------------------------------------------------------------ request path
 
-    async def _guarded(
-        self,
-        scope: Scope,
-        receive: Receive,
-        send: Send,
-        ex: Exchange,
-        request: ParsedRequest,
-        raw: bytes,
-        session_header: bytes | None,
-    ) -> None:
-        """Run the request while a watcher cancels it the moment the client disconnects."""
+    async def _guarded(self, call: Call, receive: Receive) -> None:
+        """Run the call while a watcher cancels it the moment the client disconnects."""
+        ex = call.ex
         task = asyncio.current_task()
         assert task is not None
         watcher = asyncio.get_running_loop().create_task(watch_disconnect(receive, task, ex))
         try:
-            await self._admit_and_route(scope, send, ex, request, raw, session_header)
+            await self._admit_and_route(call)
         except asyncio.CancelledError:
             if not ex.disconnected:
                 raise  # the server is shutting down
@@ -135,28 +169,19 @@ class ProxyEndpoint:
             ex.finished = True
             watcher.cancel()
 
-    async def _admit_and_route(
-        self,
-        scope: Scope,
-        send: Send,
-        ex: Exchange,
-        request: ParsedRequest,
-        raw: bytes,
-        session_header: bytes | None,
-    ) -> None:
-        admission, model = self.admission, request.model
+    async def _admit_and_route(self, call: Call) -> None:
+        admission, model = self.admission, call.request.model
         held_until = None if model is None else await admission.hold(model)
 
         async def route(candidates: list[EngineState] | None) -> None:
             while True:
                 try:
-                    candidates = candidates or admission.candidates(model)
-                    await self._route(scope, send, ex, request, raw, session_header, candidates)
+                    await self._route(call, candidates or admission.candidates(model))
                     return
                 except OpenAIError as err:
                     # A woken engine may be announced before it listens (a readiness probe that is
                     # missing or too early): the user asked to wait, so wait out the hold's time.
-                    if held_until is None or model is None or err.status not in (502, 503) or ex.started:
+                    if held_until is None or model is None or err.status not in (502, 503) or call.ex.started:
                         raise
                     if self.ctx.clock() >= held_until:
                         raise
@@ -165,184 +190,228 @@ class ProxyEndpoint:
 
         await admission.queued(model, route)
 
-    async def _route(
-        self,
-        scope: Scope,
-        send: Send,
-        ex: Exchange,
-        request: ParsedRequest,
-        raw: bytes,
-        session_header: bytes | None,
-        candidates: list[EngineState],
-    ) -> None:
-        ctx = self.ctx
+    async def _route(self, call: Call, candidates: list[EngineState]) -> None:
+        """Try engines the policy picks until one answers or :func:`next_step` says stop."""
+        ctx, ex = self.ctx, call.ex
         settings, metrics, policy = ctx.settings, ctx.metrics, ctx.policy
-        session_key = session_header.decode("latin-1") if session_header else request.user
-        tokens, prompt_len = None, None
-        if policy.needs_tokens:
-            tokens, prompt_len = await self.prompts.tokens(request, policy.name)
-        cache_salt = request.body.get("cache_salt")
-        features = RequestFeatures(
-            model=request.model or "",
-            request_id=ex.request_id,
-            session_key=session_key,
-            prompt_token_ids=tokens,
-            prompt_len=prompt_len,
-            cache_salt=cache_salt if isinstance(cache_salt, str) else None,
-            max_tokens=request.max_tokens,
-            prompt_text=prompt_text(request) if self._needs_text else None,
-        )
-        headers = self._upstream_headers(scope["headers"], ex.request_id)
-        tried: set[str] = set()
-        failure: OpenAIError | None = None
-        for attempt in range(settings.max_attempts):
-            if attempt:
-                candidates = [e for e in self.admission.available(request.model) if e.url not in tried]
-                if not candidates:
-                    break
+        if call.features is None:
+            call.features = await self._features(call)
+            call.upstream_headers = self._upstream_headers(call)
+        features = call.features
+        attempts = 0
+        while True:
+            attempts += 1
             t0 = time.perf_counter()
             decision = policy.choose(features, candidates, ctx.clock())
             metrics.labelled(metrics.decision, policy.name).observe(time.perf_counter() - t0)
             metrics.labelled(metrics.decisions, policy.name, decision.reason).inc()
-            engine = decision.engine
-            tried.add(engine.url)
-            ex.engine, ex.reason, ex.attempts = engine.name, decision.reason, attempt + 1
-            retry = await self._attempt(
-                send, ex, features, decision, headers, raw, attempt + 1 < settings.max_attempts
-            )
-            if retry is None:
+            call.tried.append(decision.engine.url)
+            ex.engine, ex.reason, ex.attempts = decision.engine.name, decision.reason, len(call.tried)
+            failure = await self._attempt(call, decision)
+            if failure is None:
                 return
-            failure = retry
-            metrics.retries.labels(
-                features.model, "connect" if retry.status == 502 else str(retry.status)
-            ).inc()
-        raise failure or OpenAIError(503, f"no engine is available for model {features.model!r}")
+            candidates = untried(self.admission.available(call.request.model), call.tried)
+            verdict = next_step(
+                failure, attempts=attempts, max_attempts=settings.max_attempts, untried=len(candidates)
+            )
+            if not verdict.retry:
+                await self._give_up(call, failure, decision.engine)
+                return
+            metrics.retries.labels(features.model, failure.label).inc()
 
-    async def _attempt(
-        self,
-        send: Send,
-        ex: Exchange,
-        features: RequestFeatures,
-        decision: Decision,
-        headers: list[tuple[bytes, bytes]],
-        raw: bytes,
-        may_retry: bool,
-    ) -> OpenAIError | None:
-        """One try on one engine; returns an error to retry with, or None when the request is done."""
-        ctx = self.ctx
-        assert ctx.upstream is not None
-        engine = decision.engine
+    async def _features(self, call: Call) -> RequestFeatures:
+        policy, request = self.ctx.policy, call.request
+        tokens, prompt_len = None, None
+        if policy.needs_tokens:
+            tokens, prompt_len = await self.prompts.tokens(request, policy.name)
+        cache_salt = request.body.get("cache_salt")
+        return RequestFeatures(
+            model=request.model or "",
+            request_id=call.ex.request_id,
+            session_key=call.session_key,
+            prompt_token_ids=tokens,
+            prompt_len=prompt_len,
+            cache_salt=cache_salt if isinstance(cache_salt, str) else None,
+            max_tokens=request.max_tokens,
+            prompt_text=prompt_text(request) if policy.needs_text else None,
+        )
+
+    async def _attempt(self, call: Call, decision: Decision) -> AttemptFailure | None:
+        """One try on one engine; the failure to decide on, or None when the call is answered."""
+        ctx, engine = self.ctx, decision.engine
+        features = call.features
+        assert features is not None
         engine.in_flight += 1
         ctx.policy.on_dispatch(features, decision)
-        ok = False
+        failure: AttemptFailure | None = None
+        ended = False  # the try ran to an outcome (not cancelled by the client or a shutdown)
         try:
-            try:
-                ex.routed = time.perf_counter() - ex.start
-                ctx.metrics.labelled(ctx.metrics.dispatch, ctx.policy.name).observe(ex.routed)
-                resp = await ctx.upstream.send("POST", engine.url + self.path, headers, raw)
-            except UpstreamError as err:
-                self._engine_failed(engine, err.kind)
-                if err.kind == "connect":
-                    return OpenAIError(502, f"engine {engine.name} unreachable: {err}")
-                raise OpenAIError(504 if err.kind == "timeout" else 502, str(err)) from None
-            try:
-                if resp.status == 503 and may_retry:
-                    self._engine_failed(engine, "status_503")
-                    return OpenAIError(503, f"engine {engine.name} is unavailable")
-                ok = await self._relay(send, ex, features, decision, resp)
-            finally:
-                await resp.aclose()
-            return None
+            async with asyncio.timeout(None) as cutoff:
+                attempt = Attempt(decision, cutoff)
+                engine.on_down.add(attempt.abort)
+                try:
+                    failure = await self._exchange(call, attempt)
+                finally:
+                    engine.on_down.discard(attempt.abort)
+            ended = True
+        except TimeoutError:
+            if not attempt.lost:
+                raise
+            if not attempt.answered:  # else it went down while the finished answer was closed
+                message = f"engine {engine.name} stopped responding (it failed its health checks)"
+                failure = AttemptFailure("engine_lost", 504, message, sent=call.ex.started)
+            ended = True
         finally:
             engine.in_flight -= 1
-            ctx.policy.on_finish(features, decision, ok)
+            ctx.policy.on_finish(features, decision, ended and failure is None)
+        self._record_outcome(engine, failure)
+        return failure
 
-    async def _relay(
-        self, send: Send, ex: Exchange, features: RequestFeatures, decision: Decision, resp: UpstreamResponse
-    ) -> bool:
-        """Send the engine's answer to the client; True when the engine did its part."""
-        engine = decision.engine
-        if resp.status != 200 or not (resp.content_type or "").startswith(_SSE):
-            try:
-                body = await resp.read()
-            except UpstreamError as err:
-                self._engine_failed(engine, err.kind)
-                raise OpenAIError(504 if err.kind == "timeout" else 502, str(err)) from None
-            ok = resp.status < 500
-            self._engine_done(engine, ok, f"status_{resp.status}")
-            ex.status, ex.started = resp.status, True
-            content_type = resp.content_type or "application/json"
-            if resp.status >= 400 and not is_openai_error(body):
-                # e.g. an engine's framework answering {"detail": "Not Found"}: clients get one shape
-                body, content_type = openai_error_bytes(resp.status, body), "application/json"
-            headers = [(b"content-type", content_type.encode("latin-1"))]
-            if self._expose_engine:
-                headers.append((b"x-kvstack-engine", engine.name.encode("latin-1", "replace")))
-            await send({"type": "http.response.start", "status": resp.status, "headers": headers})
-            await send({"type": "http.response.body", "body": body})
-            return ok
-        return await self._relay_stream(send, ex, features, decision, resp)
+    async def _exchange(self, call: Call, attempt: Attempt) -> AttemptFailure | None:
+        """Send the call to the attempt's engine and relay its answer."""
+        ctx, ex, engine = self.ctx, call.ex, attempt.decision.engine
+        assert ctx.upstream is not None
+        ex.routed = time.perf_counter() - ex.start
+        ctx.metrics.labelled(ctx.metrics.dispatch, ctx.policy.name).observe(ex.routed)
+        try:
+            resp = await ctx.upstream.send("POST", engine.url + self.path, call.upstream_headers, call.raw)
+        except UpstreamError as err:
+            if err.kind == "connect":
+                return AttemptFailure("connect", 502, f"engine {engine.name} unreachable: {err}")
+            return _broken(err, str(err), sent=False)
+        try:
+            if resp.status == 200 and (resp.content_type or "").startswith(_SSE):
+                return await self._relay_stream(call, attempt, resp)
+            return await self._relay_whole(call, attempt, resp)
+        finally:
+            await resp.aclose()
+
+    async def _relay_whole(
+        self, call: Call, attempt: Attempt, resp: UpstreamResponse
+    ) -> AttemptFailure | None:
+        engine = attempt.decision.engine
+        try:
+            body = await resp.read()
+        except UpstreamError as err:
+            return _broken(err, str(err), sent=False)
+        if resp.status >= 500:
+            message = f"engine {engine.name} answered {resp.status}"
+            return AttemptFailure("status", resp.status, message, answer=body)
+        ex = call.ex
+        ex.status, ex.started = resp.status, True
+        content_type = resp.content_type or "application/json"
+        if resp.status >= 400 and not is_openai_error(body):
+            # e.g. an engine's framework answering {"detail": "Not Found"}: clients get one shape
+            body, content_type = openai_error_bytes(resp.status, body), "application/json"
+        headers = [(b"content-type", content_type.encode("latin-1")), *self._engine_header(engine)]
+        await call.send({"type": "http.response.start", "status": resp.status, "headers": headers})
+        await call.send({"type": "http.response.body", "body": body})
+        attempt.answered = True
+        return None
 
     async def _relay_stream(
-        self, send: Send, ex: Exchange, features: RequestFeatures, decision: Decision, resp: UpstreamResponse
-    ) -> bool:
-        engine = decision.engine
-        ex.started, ex.status = True, 200
-        headers = _SSE_HEADERS
-        if self._expose_engine:
-            headers = [*_SSE_HEADERS, (b"x-kvstack-engine", engine.name.encode("latin-1", "replace"))]
-        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        self, call: Call, attempt: Attempt, resp: UpstreamResponse
+    ) -> AttemptFailure | None:
+        """Relay SSE frames; frames before the first generated token (a chat's role chunk) are held
+        back with the head, so a try that produced nothing can still be retried elsewhere."""
+        ex, send, decision = call.ex, call.send, attempt.decision
+        features = call.features
+        assert features is not None
         framer = SSEFramer()
-        waiting_first = True
+        held: list[bytes] = []
         try:
             async for chunk in resp.chunks():
                 frames = framer.feed(chunk)
                 if not frames:
                     continue
-                if waiting_first and has_content(frames):
-                    waiting_first = False
+                if not ex.started:
+                    if not has_content(frames):
+                        held.append(frames)
+                        continue
                     ex.ttft = time.perf_counter() - ex.start
-                    if self._first_token is not None:
-                        self._first_token(features, decision)  # the prefill is over
+                    self.ctx.policy.on_first_token(features, decision)  # the prefill is over
+                    await self._start_stream(call, decision.engine)
+                    frames = b"".join([*held, frames])
+                    held.clear()
                 await send({"type": "http.response.body", "body": frames, "more_body": True})
         except UpstreamError as err:
-            self._engine_failed(engine, err.kind)
-            ex.status, ex.error = (504 if err.kind == "timeout" else 502), str(err)
-            message = f"the engine stream broke off: {err}"
-            await send(
-                {"type": "http.response.body", "body": error_event(ex.status, message), "more_body": False}
-            )
-            return False
-        await send({"type": "http.response.body", "body": framer.flush(), "more_body": False})
-        record_success(engine)
-        return True
+            return _broken(err, f"the engine stream broke off: {err}", sent=ex.started)
+        if not ex.started:  # a stream without generated text
+            await self._start_stream(call, decision.engine)
+        await send(
+            {"type": "http.response.body", "body": b"".join([*held, framer.flush()]), "more_body": False}
+        )
+        attempt.answered = True
+        return None
+
+    async def _start_stream(self, call: Call, engine: EngineState) -> None:
+        """Send the stream's head: from here on the call is the client's and cannot be retried."""
+        call.ex.started, call.ex.status = True, 200
+        headers = [*_SSE_HEADERS, *self._engine_header(engine)]
+        await call.send({"type": "http.response.start", "status": 200, "headers": headers})
+
+    async def _give_up(self, call: Call, failure: AttemptFailure, engine: EngineState) -> None:
+        """Answer with the last failure: an error event ends a stream under way, else an error."""
+        ex = call.ex
+        if failure.sent:
+            ex.status, ex.error = failure.status, failure.message
+            event = error_event(failure.status, failure.message)
+            await call.send({"type": "http.response.body", "body": event, "more_body": False})
+            return
+        if failure.answer is not None:
+            raise EngineAnswer(failure.status, failure.message, failure.answer, self._engine_header(engine))
+        raise OpenAIError(failure.status, failure.message)
 
     # ------------------------------------------------------------------ helpers
 
-    def _upstream_headers(
-        self, headers: list[tuple[bytes, bytes]], request_id: str
-    ) -> list[tuple[bytes, bytes]]:
+    def _record_outcome(self, engine: EngineState, failure: AttemptFailure | None) -> None:
+        """Feed one try's outcome to outlier detection; eject the engine when it says so."""
+        ctx = self.ctx
+        now = ctx.clock()
+        others = 0
+        if failure is not None:
+            kind = f"status_{failure.status}" if failure.kind == "status" else failure.kind
+            ctx.metrics.upstream_errors.labels(engine.name, kind).inc()
+            others = sum(1 for e in ctx.registry.all() if e is not engine and e.ejected_until > now)
+        verdict = judge_outcome(
+            engine.outlier,
+            failed=failure is not None,
+            now=now,
+            ejected_others=others,
+            engines=len(ctx.registry),
+            rules=self.rules,
+        )
+        engine.outlier = verdict.track
+        if verdict.ejected:
+            ctx.metrics.ejections.labels(engine.name).inc()
+            log.warning(
+                "engine ejected for %.1f s (%s)",
+                verdict.ejected_for,
+                verdict.reason,
+                extra={"engine": engine.name, "eject_s": verdict.ejected_for},
+            )
+        elif verdict.reason == "over_cap":
+            log.warning(
+                "engine not ejected: too many engines are ejected already", extra={"engine": engine.name}
+            )
+
+    def _upstream_headers(self, call: Call) -> Headers:
         key = self.ctx.settings.engine_api_key
         engine_key = None if key is None else key.get_secret_value().encode()
         # when the router does not check keys, the engine's own --api-key does
-        return upstream_headers(headers, request_id, engine_key, not self.ctx.keys.enabled)
+        return upstream_headers(
+            call.client_headers, call.ex.request_id, engine_key, not self.ctx.keys.enabled
+        )
 
-    def _engine_failed(self, engine: EngineState, kind: str) -> None:
-        ctx, settings = self.ctx, self.ctx.settings
-        ctx.metrics.upstream_errors.labels(engine.name, kind).inc()
-        if record_failure(engine, ctx.clock(), settings.eject_after_failures, settings.eject_duration_s):
-            ctx.metrics.ejections.labels(engine.name).inc()
-            log.warning(
-                "engine ejected after %d consecutive failures",
-                engine.consecutive_failures,
-                extra={"engine": engine.name, "eject_s": settings.eject_duration_s},
-            )
+    def _engine_header(self, engine: EngineState) -> Headers:
+        if not self._expose_engine:
+            return []
+        return [(b"x-kvstack-engine", engine.name.encode("latin-1", "replace"))]
 
-    def _engine_done(self, engine: EngineState, ok: bool, kind: str) -> None:
-        if ok:
-            record_success(engine)
-        else:
-            self._engine_failed(engine, kind)
+
+def _broken(err: UpstreamError, message: str, *, sent: bool) -> AttemptFailure:
+    """A timeout (504) or a response that broke off (502)."""
+    return AttemptFailure(err.kind, 504 if err.kind == "timeout" else 502, message, sent=sent)
 
 
 _LIMIT_MESSAGES = {

@@ -2,9 +2,8 @@
 
 Built-in policies are pure and take only a random source. Policies that live in their own
 modules (``cache_aware``, ``prefix_trie``) are imported on demand; such a module exposes
-``make_policy(registry=..., settings=..., rng=...) -> Policy``. A policy that needs a lifecycle
-(say, KV-event subscribers) may also define ``async start()`` and ``async stop()``; the router
-calls them at start-up and shutdown.
+``make_policy(registry=..., settings=..., rng=...) -> Policy``. Every policy subclasses
+:class:`~kvstack.router.policies.base.Policy`, which declares its hooks and lifecycle.
 """
 
 from __future__ import annotations

@@ -1,10 +1,21 @@
-"""The routing-policy interface: a decision from request features and engine states, no I/O."""
+"""The routing-policy interface: a decision from request features and engine states, no I/O.
+
+Every policy subclasses :class:`Policy`. It must define ``name`` and :meth:`Policy.choose`; every
+other hook is declared here with a default that does nothing, so the proxy and the app call each
+one unconditionally and a policy overrides only what it uses:
+
+* per request, in order: ``choose``, ``on_dispatch`` (sent), ``on_first_token`` (a stream's prefill
+  is over), ``on_finish`` (ended in any way, always called once after ``on_dispatch``);
+* lifecycle, once per router: ``start`` before the first request, ``stop`` at shutdown (background
+  work such as KV-event subscribers lives there, never in ``__init__``).
+"""
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Protocol
+from dataclasses import dataclass
+from typing import ClassVar
 
 from kvstack.router.engines import EngineState
 
@@ -20,10 +31,8 @@ class RequestFeatures:
     # The prompt's length in tokens when ``prompt_token_ids`` holds only its start (a new chat turn
     # whose last messages are tokenized after routing); None: ``prompt_token_ids`` is the whole prompt.
     prompt_len: int | None = None
-    lora_name: str | None = None
     cache_salt: str | None = None
     max_tokens: int | None = None
-    extra: dict[str, str] = field(default_factory=dict)
     # The prompt as text, for text-based policies (prefix_trie): a completion's prompt, or a chat's
     # message contents joined with "\n", as vLLM production-stack hashes them. None when not asked.
     prompt_text: str | None = None
@@ -38,18 +47,35 @@ class Decision:
     predicted_hit_tokens: int = 0
 
 
-class Policy(Protocol):
-    """Routing policy. ``candidates`` is non-empty: available engines serving the model."""
+class Policy(ABC):
+    """A routing policy. ``candidates`` is non-empty: available engines serving the model.
 
-    name: str
-    needs_tokens: bool  # the proxy tokenizes the prompt only for policies that ask
+    The hooks below are empty on purpose (defaults a policy may override), hence ``noqa: B027``.
+    """
 
+    name: ClassVar[str]
+    needs_tokens: ClassVar[bool] = False  # the proxy tokenizes the prompt only for policies that ask
+    needs_text: ClassVar[bool] = False  # ... and fills ``prompt_text`` only for those that ask
+
+    @abstractmethod
     def choose(self, request: RequestFeatures, candidates: Sequence[EngineState], now: float) -> Decision:
         """Pick one of ``candidates``. Must be fast (microseconds) and must not block."""
-        ...
 
-    def on_dispatch(self, request: RequestFeatures, decision: Decision) -> None:
-        """Called after the request was sent to ``decision.engine``."""
+    # ---- per-request hooks
 
-    def on_finish(self, request: RequestFeatures, decision: Decision, ok: bool) -> None:
-        """Called when the request ended (completed, failed or aborted)."""
+    def on_dispatch(self, request: RequestFeatures, decision: Decision) -> None:  # noqa: B027
+        """The request was sent to ``decision.engine``."""
+
+    def on_first_token(self, request: RequestFeatures, decision: Decision) -> None:  # noqa: B027
+        """The first generated token of a stream reached the router: the engine's prefill is over."""
+
+    def on_finish(self, request: RequestFeatures, decision: Decision, ok: bool) -> None:  # noqa: B027
+        """The request ended (completed, failed or aborted); ``ok`` when the engine did its part."""
+
+    # ---- lifecycle
+
+    async def start(self) -> None:  # noqa: B027
+        """Start background work (called once, inside the event loop, before the first request)."""
+
+    async def stop(self) -> None:  # noqa: B027
+        """Stop what :meth:`start` started (called once at shutdown)."""

@@ -36,7 +36,7 @@ from kvstack.router.kvindex.index import IndexSettings, KVIndex
 from kvstack.router.kvindex.keys import KeyCache, request_root
 from kvstack.router.kvindex.ledger import PrefillLedger
 from kvstack.router.kvindex.subscriber import KVEventSubscriber, SubscriberSettings
-from kvstack.router.policies.base import Decision, RequestFeatures
+from kvstack.router.policies.base import Decision, Policy, RequestFeatures
 
 
 class CacheAwareSettings(BaseModel):
@@ -178,7 +178,7 @@ class _Pending:
     cold: bool
 
 
-class CacheAwarePolicy:
+class CacheAwarePolicy(Policy):
     """The ``cache_aware`` routing policy over a :class:`KVIndex`."""
 
     name = "cache_aware"
@@ -210,7 +210,7 @@ class CacheAwarePolicy:
     def choose(self, request: RequestFeatures, candidates: Sequence[EngineState], now: float) -> Decision:
         tokens = request.prompt_token_ids or ()
         n_tokens = len(tokens) if request.prompt_len is None else request.prompt_len
-        root = request_root(request.model, request.lora_name, request.cache_salt)
+        root = request_root(request.model, None, request.cache_salt)
         session_url = self._sessions.get(request.session_key) if request.session_key else None
         index, ledger = self.index, self.ledger
         # ties break by a hash of (request, engine): seeded by the request, hashed per engine URL
@@ -285,7 +285,7 @@ class CacheAwarePolicy:
                 self._sessions.popitem(last=False)
 
     def on_first_token(self, request: RequestFeatures, decision: Decision) -> None:
-        """The prefill is over: release its queued tokens (optional hook for the proxy)."""
+        """The prefill is over: release its queued tokens."""
         self.ledger.done(request.request_id)
 
     def on_finish(self, request: RequestFeatures, decision: Decision, ok: bool) -> None:

@@ -6,7 +6,7 @@ import random
 from collections.abc import Sequence
 
 from kvstack.router.engines import EngineState
-from kvstack.router.policies.base import Decision, RequestFeatures
+from kvstack.router.policies.base import Decision, Policy, RequestFeatures
 
 
 def engine_score(engine: EngineState) -> float:
@@ -26,20 +26,13 @@ def least_loaded(candidates: Sequence[EngineState], rng: random.Random) -> Engin
     return tied[0] if len(tied) == 1 else rng.choice(tied)
 
 
-class LeastLoadedPolicy:
+class LeastLoadedPolicy(Policy):
     """Sends each request to the least busy engine."""
 
     name = "least_loaded"
-    needs_tokens = False
 
     def __init__(self, rng: random.Random | None = None) -> None:
         self._rng = rng or random.Random()
 
     def choose(self, request: RequestFeatures, candidates: Sequence[EngineState], now: float) -> Decision:
         return Decision(engine=least_loaded(candidates, self._rng), reason="least_loaded")
-
-    def on_dispatch(self, request: RequestFeatures, decision: Decision) -> None:
-        pass
-
-    def on_finish(self, request: RequestFeatures, decision: Decision, ok: bool) -> None:
-        pass

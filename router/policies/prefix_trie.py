@@ -19,7 +19,7 @@ import xxhash
 from pydantic import BaseModel, ConfigDict, Field
 
 from kvstack.router.engines import EngineRegistry, EngineState
-from kvstack.router.policies.base import Decision, RequestFeatures
+from kvstack.router.policies.base import Decision, Policy, RequestFeatures
 
 
 class PrefixTrieSettings(BaseModel):
@@ -80,12 +80,11 @@ class HashTrie:
             node = child
 
 
-class PrefixTriePolicy:
+class PrefixTriePolicy(Policy):
     """The ``prefix_trie`` routing policy (text-based, load-blind)."""
 
     name = "prefix_trie"
-    needs_tokens = False
-    needs_text = True  # the proxy fills RequestFeatures.prompt_text for policies that ask
+    needs_text = True
 
     def __init__(
         self, settings: PrefixTrieSettings | None = None, *, rng: random.Random | None = None
@@ -105,15 +104,10 @@ class PrefixTriePolicy:
             engine, reason = self.rng.choice([c for c in candidates if c.load == low]), "below_min_match"
         else:
             engine, reason = by_url[self.rng.choice(sorted(holders))], "prefix"
+        # inserted when chosen, as the original does; never removed (it has no eviction either)
         self.trie.insert(text, engine.url)
         hit = int(matched / self.settings.chars_per_token) if engine.url in holders else 0
         return Decision(engine=engine, reason=reason, predicted_hit_tokens=hit)
-
-    def on_dispatch(self, request: RequestFeatures, decision: Decision) -> None:
-        """Nothing: the text was inserted when the engine was chosen, as the original does."""
-
-    def on_finish(self, request: RequestFeatures, decision: Decision, ok: bool) -> None:
-        """Nothing: the trie never forgets a request (the original has no eviction either)."""
 
 
 def make_policy(

@@ -5,14 +5,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from kvstack.router.engines import EngineState
-from kvstack.router.policies.base import Decision, RequestFeatures
+from kvstack.router.policies.base import Decision, Policy, RequestFeatures
 
 
-class RoundRobinPolicy:
+class RoundRobinPolicy(Policy):
     """Rotates over the candidates; the rotation survives engines joining and leaving."""
 
     name = "round_robin"
-    needs_tokens = False
 
     def __init__(self) -> None:
         self._next = 0
@@ -21,9 +20,3 @@ class RoundRobinPolicy:
         engine = candidates[self._next % len(candidates)]
         self._next += 1
         return Decision(engine=engine, reason="round_robin")
-
-    def on_dispatch(self, request: RequestFeatures, decision: Decision) -> None:
-        pass
-
-    def on_finish(self, request: RequestFeatures, decision: Decision, ok: bool) -> None:
-        pass

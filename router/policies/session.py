@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import xxhash
 
 from kvstack.router.engines import EngineState
-from kvstack.router.policies.base import Decision, RequestFeatures
+from kvstack.router.policies.base import Decision, Policy, RequestFeatures
 from kvstack.router.policies.least_loaded import least_loaded
 
 DEFAULT_LOAD_FACTOR = 1.25
@@ -63,11 +63,10 @@ def choose_bounded(
     return order[0], False  # unreachable in practice: the bound always leaves one engine room
 
 
-class SessionPolicy:
+class SessionPolicy(Policy):
     """Sticky routing on the session key (header or OpenAI ``user``), with bounded loads."""
 
     name = "session"
-    needs_tokens = False
 
     def __init__(
         self,
@@ -97,9 +96,3 @@ class SessionPolicy:
             self._ring_for(candidates), request.session_key, candidates, self._load_factor
         )
         return Decision(engine=engine, reason="session_overflow" if overflowed else "session")
-
-    def on_dispatch(self, request: RequestFeatures, decision: Decision) -> None:
-        pass
-
-    def on_finish(self, request: RequestFeatures, decision: Decision, ok: bool) -> None:
-        pass

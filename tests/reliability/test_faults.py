@@ -6,6 +6,7 @@ import os
 import signal
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -15,6 +16,7 @@ from tests.conftest import free_port
 from tests.router.conftest import MODEL, BadEngine, RouterFactory, Sim, run_sims
 
 from kvstack.common.procs import running
+from kvstack.testing.waits import wait_until
 
 from .conftest import Redis, router_process
 
@@ -43,6 +45,169 @@ def test_a_hanging_engine_gets_504_and_gives_its_admission_slot_back(router: Rou
         assert r.ctx.queues[MODEL].active == 0
         assert r.metric("kvstack_router_rejections_total", reason="queue_full") == 0
         assert bad.posts == 3
+
+
+@dataclass
+class _Outcome:
+    stream: bool
+    engine: str = ""  # from the answer's head (x-kvstack-engine)
+    result: str = "pending"  # ok | error: <type> | timeout
+
+
+def _call(client: openai.OpenAI, stream: bool, out: _Outcome) -> None:
+    """One chat request, recording which engine answered and how it ended."""
+    try:
+        raw = client.chat.completions.with_raw_response.create(
+            model=MODEL, messages=CHAT["messages"], max_tokens=150, stream=stream
+        )
+        out.engine = raw.headers.get("x-kvstack-engine", "")
+        answer = raw.parse()
+        if stream:
+            text = "".join(c.choices[0].delta.content or "" for c in answer if c.choices)  # type: ignore[union-attr]
+        else:
+            text = answer.choices[0].message.content or ""  # type: ignore[union-attr]
+        out.result = "ok" if text else "error: empty answer"
+    except (openai.APITimeoutError, httpx.TimeoutException):
+        out.result = "timeout"
+    except (openai.APIError, httpx.TransportError) as err:
+        out.result = f"error: {type(err).__name__}"
+
+
+def test_a_stopped_engine_ends_its_requests_and_those_without_a_token_go_elsewhere(
+    tmp_path: Path, router: RouterFactory
+) -> None:
+    """An engine frozen by SIGSTOP keeps its connections open and sends nothing. Once the monitor
+    declares it down, its streams that had sent tokens end with an error event, and its requests
+    that had none (streams still queued there, plain requests) are answered by the other engine.
+    Nobody waits for the idle (300 s) or first-byte (600 s) timeouts, left at their defaults."""
+    with (
+        run_sims(tmp_path / "a", 1, "--speed", "0.1", "--max-num-seqs", "2") as (frozen,),
+        run_sims(tmp_path / "b", 1, "--speed", "0.1") as (other,),
+    ):
+        r = router(engines=[frozen.url, other.url], policy="round_robin", expose_engine_header=True)
+        client = openai.OpenAI(base_url=f"{r.url}/v1", api_key="x", max_retries=0, timeout=120)
+        streams = [_Outcome(stream=True) for _ in range(10)]
+        plain = [_Outcome(stream=False) for _ in range(2)]
+        threads = [threading.Thread(target=_call, args=(client, o.stream, o)) for o in streams]
+        for t in threads:
+            t.start()
+        # two streams under way on it (their tokens reached the client), three queued behind them
+        wait_until(lambda: sum(o.engine == frozen.url for o in streams) == 2, "streams under way", 60, 0.05)
+        # the two plain requests: round robin sends one to each engine, there queued behind the streams
+        threads += [threading.Thread(target=_call, args=(client, o.stream, o)) for o in plain]
+        for t in threads[-2:]:
+            t.start()
+        wait_until(lambda: frozen.metric("vllm:num_requests_waiting") >= 4, "requests queued", 60, 0.05)
+        os.killpg(frozen.proc.pid, signal.SIGSTOP)
+        try:
+            for t in threads:
+                t.join(110)
+        finally:
+            os.killpg(frozen.proc.pid, signal.SIGCONT)
+    assert not any(t.is_alive() for t in threads), "a request hung"
+    outcomes = streams + plain
+    started_there = [o for o in outcomes if o.engine == frozen.url]
+    assert len(started_there) == 2 and all(o.result == "error: APIError" for o in started_there), outcomes
+    rest = [o for o in outcomes if o.engine != frozen.url]
+    assert all(o.result == "ok" and o.engine == other.url for o in rest), outcomes
+    assert r.metric("kvstack_router_retries_total", model_name=MODEL, reason="engine_lost") >= 1
+    assert all(e.in_flight == 0 for e in r.ctx.registry.all())
+
+
+def test_a_stopped_engine_with_no_other_answers_504_in_the_openai_shape(
+    tmp_path: Path, router: RouterFactory
+) -> None:
+    """The only engine is frozen (SIGSTOP): once the monitor declares it down, its stream under way
+    ends with an error event and a request it had not answered gets a 504 in the OpenAI shape."""
+    with run_sims(tmp_path, 1, "--speed", "0.1", "--max-num-seqs", "1") as (frozen,):
+        r = router(engines=[frozen.url], expose_engine_header=True)
+        client = openai.OpenAI(base_url=f"{r.url}/v1", api_key="x", max_retries=0, timeout=120)
+        stream = _Outcome(stream=True)
+        threads = [threading.Thread(target=_call, args=(client, True, stream))]
+        threads[0].start()
+        wait_until(lambda: stream.engine, "the stream under way", 60, 0.05)
+        plain: list[httpx.Response] = []
+        body = {**CHAT, "max_tokens": 150}
+
+        def post() -> None:
+            plain.append(httpx.post(f"{r.url}/v1/chat/completions", json=body, timeout=120))
+
+        threads.append(threading.Thread(target=post))
+        threads[1].start()
+        wait_until(lambda: frozen.metric("vllm:num_requests_waiting") >= 1, "the request queued", 60, 0.05)
+        os.killpg(frozen.proc.pid, signal.SIGSTOP)
+        try:
+            for t in threads:
+                t.join(110)
+        finally:
+            os.killpg(frozen.proc.pid, signal.SIGCONT)
+    assert not any(t.is_alive() for t in threads), "a request hung"
+    assert stream.result == "error: APIError"
+    (resp,) = plain
+    assert resp.status_code == 504
+    assert resp.json()["error"]["type"] == "GatewayTimeoutError"
+    assert "stopped responding" in resp.json()["error"]["message"]
+
+
+def test_an_engine_that_passes_health_checks_but_fails_every_request_is_ejected(
+    sims: list[Sim], router: RouterFactory
+) -> None:
+    """``/health`` answers 200, every request 500. Users see no failure: a 500 with nothing sent yet
+    is retried on another engine. Three in a row eject the engine; its good probes do not bring it
+    back; back after its ejection, its first failure ejects it again, for twice as long."""
+    with BadEngine("status:500") as bad:
+        r = router(engines=[bad.url, sims[0].url, sims[1].url], policy="round_robin", eject_duration_s=2.0)
+        client = openai.OpenAI(base_url=f"{r.url}/v1", api_key="x", max_retries=0, timeout=30)
+        state = r.ctx.registry.get(bad.url)
+        assert state is not None
+        answers = 0
+
+        def ask() -> None:
+            """One request (plain and streamed in turn); it must succeed."""
+            nonlocal answers
+            stream = answers % 2 == 1
+            reply = client.chat.completions.create(
+                model=MODEL, messages=CHAT["messages"], max_tokens=3, stream=stream
+            )
+            answers += 1
+            if stream:
+                assert "".join(c.choices[0].delta.content or "" for c in reply if c.choices)  # type: ignore[union-attr]
+            else:
+                assert reply.choices[0].message.content  # type: ignore[union-attr]
+
+        wait_until(lambda: ask() or state.outlier.ejections, "the first ejection", timeout=60, interval=0)
+        assert bad.posts == 3
+        first_until = state.ejected_until
+        probes = bad.probes
+        wait_until(
+            lambda: bad.probes >= probes + 3, "good probes during the ejection", timeout=30, interval=0.05
+        )
+        wait_until(lambda: ask() or bad.posts > 3, "a request on it again", timeout=60, interval=0)
+        assert bad.post_times[3] >= first_until  # it got requests again only once its time was over
+        assert bad.posts == 4 and state.outlier.ejections == 2  # one failure: out again, for longer
+    assert r.metric("kvstack_router_engine_ejections_total", engine=bad.url) == 2
+    assert r.metric("kvstack_router_retries_total", model_name=MODEL, reason="500") == 4
+
+
+def test_an_engine_that_fails_every_other_request_is_ejected_on_its_failure_rate(
+    sims: list[Sim], router: RouterFactory
+) -> None:
+    """Half its answers are 500, so it never fails three in a row: its failure rate over the window
+    ejects it. Users see no failure meanwhile (each 500 is retried on another engine)."""
+    with BadEngine("flaky:500") as bad:
+        r = router(engines=[bad.url, sims[0].url], policy="round_robin", eject_min_requests=6)
+        client = openai.OpenAI(base_url=f"{r.url}/v1", api_key="x", max_retries=0, timeout=30)
+        state = r.ctx.registry.get(bad.url)
+        assert state is not None
+
+        def ask() -> None:
+            reply = client.chat.completions.create(model=MODEL, messages=CHAT["messages"], max_tokens=3)
+            assert reply.choices[0].message.content
+
+        wait_until(lambda: ask() or state.outlier.ejections, "an ejection", timeout=60, interval=0)
+        # failed, answered, ... failed: 4 of 7 (at least 6 seen, half failed), never 2 in a row
+        assert bad.posts == 7 and state.outlier.consecutive == 1
+    assert r.metric("kvstack_router_retries_total", model_name=MODEL, reason="500") == 4
 
 
 def _attempt(client: openai.OpenAI, stream: bool) -> str:

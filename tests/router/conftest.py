@@ -171,6 +171,7 @@ class BadEngine:
 
     ``mode``: ``hang`` (never answers), ``stall`` (starts an SSE stream, then goes silent),
     ``status:<code>`` (answers every POST with that status and an OpenAI error body),
+    ``flaky:<code>`` (every other POST, from the first: that status; the others a chat completion),
     ``no_tokenize`` (``/tokenize`` answers 500; other POSTs a one-token chat completion).
     """
 
@@ -179,6 +180,8 @@ class BadEngine:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.posts = 0
+        self.post_times: list[float] = []  # time.monotonic() of each POST's arrival
+        self.probes = 0  # GET /health answered
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -216,6 +219,8 @@ class BadEngine:
                     await reader.readexactly(length)
                 if method == "GET":
                     body = b"{}"
+                    if path == "/health":
+                        self.probes += 1
                     if path == "/v1/models":
                         body = b'{"object":"list","data":[{"id":"%s","object":"model"}]}' % MODEL.encode()
                     elif path == "/metrics":
@@ -224,6 +229,7 @@ class BadEngine:
                     await writer.drain()
                     continue
                 self.posts += 1
+                self.post_times.append(time.monotonic())
                 if self.mode == "no_tokenize":
                     if path == "/tokenize":
                         self._reply(writer, 500, b'{"error":{"message":"no tokenizer","code":500}}')
@@ -243,6 +249,10 @@ class BadEngine:
                     await writer.drain()
                     await asyncio.Event().wait()
                 status = int(self.mode.split(":", 1)[1])
+                if self.mode.startswith("flaky:") and self.posts % 2 == 0:
+                    self._reply(writer, 200, _COMPLETION)
+                    await writer.drain()
+                    continue
                 self._reply(
                     writer, status, b'{"error":{"message":"engine failure","type":"X","code":%d}}' % status
                 )

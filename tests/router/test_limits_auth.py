@@ -1,4 +1,4 @@
-"""Token buckets, per-key limits, the admission queue, API keys and passive ejection."""
+"""Token buckets, per-key limits, the admission queue and API keys."""
 
 from __future__ import annotations
 
@@ -9,8 +9,6 @@ import pytest
 
 from kvstack.common.config import ConfigError
 from kvstack.router.auth import ANONYMOUS, KeyStore, read_keys_file
-from kvstack.router.ejection import record_failure, record_success
-from kvstack.router.engines import Endpoint, EngineState
 from kvstack.router.limits import AdmissionQueue, KeyLimiter, QueueFull, QueueTimeout, TokenBucket
 
 
@@ -121,29 +119,3 @@ def test_keys_file(tmp_path: Path) -> None:
     path.write_text("a b c\n")
     with pytest.raises(ConfigError, match=":1"):
         read_keys_file(path)
-
-
-@pytest.mark.parametrize(
-    ("failures", "threshold", "ejected_at"),
-    [
-        (1, 1, [True]),
-        (3, 3, [False, False, True]),
-        (4, 3, [False, False, True, False]),
-        (2, 5, [False, False]),
-    ],
-)
-def test_ejection_after_consecutive_failures(failures: int, threshold: int, ejected_at: list[bool]) -> None:
-    engine = EngineState(endpoint=Endpoint(url="http://e", name="e"), models=frozenset({"m"}))
-    got = [record_failure(engine, now=10.0, threshold=threshold, duration=5.0) for _ in range(failures)]
-    assert got == ejected_at
-    assert engine.available(12.0) is not any(ejected_at)
-    assert engine.available(15.0)
-
-
-def test_success_resets_the_streak_and_a_failure_after_expiry_ejects_again() -> None:
-    engine = EngineState(endpoint=Endpoint(url="http://e", name="e"), models=frozenset({"m"}))
-    record_failure(engine, 0.0, 2, 5.0)
-    record_success(engine)
-    assert not record_failure(engine, 0.0, 2, 5.0)
-    assert record_failure(engine, 0.0, 2, 5.0)
-    assert record_failure(engine, 6.0, 2, 5.0)  # back after 5 s, fails once: out again

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 from collections import Counter
+from collections.abc import Sequence
 
 import pytest
 
 from kvstack.router.engines import Endpoint, EngineState
 from kvstack.router.policies import make_policy, policy_names
-from kvstack.router.policies.base import RequestFeatures
+from kvstack.router.policies.base import Decision, Policy, RequestFeatures
 from kvstack.router.policies.least_loaded import LeastLoadedPolicy, engine_score
 from kvstack.router.policies.round_robin import RoundRobinPolicy
 from kvstack.router.policies.session import HashRing, SessionPolicy, bounded_capacity
@@ -142,3 +144,27 @@ def test_make_policy_builds_each_builtin(name: str) -> None:
 def test_make_policy_rejects_unknown_names_listing_the_known_ones() -> None:
     with pytest.raises(ValueError, match="least_loaded"):
         make_policy("fastest")
+
+
+def test_a_policy_that_defines_only_choose_has_every_hook_and_the_lifecycle() -> None:
+    class First(Policy):
+        name = "first"
+
+        def choose(self, request: RequestFeatures, candidates: Sequence[EngineState], now: float) -> Decision:
+            return Decision(engine=candidates[0], reason="first")
+
+    policy, request = First(), req()
+    decision = policy.choose(request, engines((0, None)), 0.0)
+    policy.on_dispatch(request, decision)
+    policy.on_first_token(request, decision)
+    policy.on_finish(request, decision, True)
+    asyncio.run(policy.start())
+    asyncio.run(policy.stop())
+    assert (policy.needs_tokens, policy.needs_text) == (False, False)
+    with pytest.raises(TypeError, match="choose"):
+        Policy()  # type: ignore[abstract]
+
+
+@pytest.mark.parametrize("name", policy_names())
+def test_every_policy_is_built_on_the_base(name: str) -> None:
+    assert isinstance(make_policy(name), Policy)

@@ -10,6 +10,8 @@ import httpx
 import openai
 import pytest
 
+from kvstack.testing.waits import wait_until
+
 from .conftest import MODEL, BadEngine, RouterFactory, Sim, run_sims
 
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
@@ -38,24 +40,19 @@ def test_stalled_stream_ends_with_an_error_event(router: RouterFactory, backend:
         assert r.metric("kvstack_router_requests_total", model_name=MODEL, engine=bad.url, status="504") == 1
 
 
-def test_engine_500_is_passed_through_and_counts_towards_ejection(
+def test_engine_500_is_passed_through_when_no_other_engine_and_ejects(
     router: RouterFactory, backend: str
 ) -> None:
     with BadEngine("status:500") as bad:
-        # Slow probes once the engine is known: its /health passes, and passing probes re-admit an
-        # ejected engine (the monitor's rule), which would race the third request on a busy machine.
-        r = router(
-            engines=[bad.url],
-            eject_after_failures=2,
-            eject_duration_s=60,
-            upstream_backend=backend,
-            monitor={"probe_interval": 60.0, "scrape_interval": 60.0},
-        )
+        # its /health passes all along (fast probes): that must not bring it back early
+        r = router(engines=[bad.url], eject_after_failures=2, eject_duration_s=60, upstream_backend=backend)
         for _ in range(2):
             resp = httpx.post(f"{r.url}/v1/chat/completions", json=CHAT)
             assert resp.status_code == 500
             assert resp.json()["error"]["message"] == "engine failure"
         assert r.metric("kvstack_router_engine_ejections_total", engine=bad.url) == 1
+        probes = bad.probes
+        wait_until(lambda: bad.probes >= probes + 3, "good probes during the ejection", timeout=30)
         resp = httpx.post(f"{r.url}/v1/chat/completions", json=CHAT)
         assert resp.status_code == 503  # ejected: no engine left for the model
         assert bad.posts == 2
@@ -191,17 +188,18 @@ def test_rate_limit_per_key(sims: list[Sim], router: RouterFactory) -> None:
 def test_admission_queue_full_is_429(slow_sims: list[Sim], router: RouterFactory) -> None:
     r = router(engines=[slow_sims[0].url], max_in_flight_per_engine=1, max_queue_per_model=1)
     url = f"{r.url}/v1/chat/completions"
-    slow = {**CHAT, "max_tokens": 40}
+    slow = {**CHAT, "max_tokens": 100}  # long enough to still be running while the test looks
     results: list[int] = []
 
     def send() -> None:
         results.append(httpx.post(url, json=slow, timeout=30).status_code)
 
     threads = [threading.Thread(target=send) for _ in range(2)]
-    for t in threads:
-        t.start()
-        time.sleep(0.3)  # the first is in flight, the second waits in the queue
-    assert r.ctx.queues[MODEL].waiting == 1
+    threads[0].start()
+    wait_until(lambda: r.ctx.registry.all()[0].in_flight == 1, "the first in flight", 10, 0.01)
+    threads[1].start()
+    queues = r.ctx.queues
+    wait_until(lambda: MODEL in queues and queues[MODEL].waiting == 1, "the second queued", 10, 0.01)
     resp = httpx.post(url, json=slow)
     assert resp.status_code == 429
     assert "queued" in resp.json()["error"]["message"]

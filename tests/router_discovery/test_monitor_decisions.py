@@ -1,4 +1,4 @@
-"""The monitor's pure decisions: probe hysteresis, re-admission, staleness, model lists, config."""
+"""The monitor's pure decisions: probe hysteresis, staleness, model lists, config."""
 
 from __future__ import annotations
 
@@ -20,26 +20,14 @@ from kvstack.router.monitor import (
 from kvstack.router.scrape import EngineMetrics, ModelMetrics
 
 
-def run(results: str, *, healthy: bool = True, ejected: str = "", n: int = 3, m: int = 2) -> str:
-    """Feed probe results ('+' ok, '-' failed) and return the health after each: 'H'/'U', 'R' = re-admitted.
-
-    ``ejected`` marks, per probe, whether a passive ejection is in force ('e') or not ('.'); after an
-    'R' the monitor has cleared it, so the table marks the next probes '.'.
-    """
+def run(results: str, *, healthy: bool = True, n: int = 3, m: int = 2) -> str:
+    """Feed probe results ('+' ok, '-' failed) and return the health after each: 'H' or 'U'."""
     track = ProbeTrack()
     out = []
-    for i, r in enumerate(results):
-        is_ejected = i < len(ejected) and ejected[i] == "e"
-        v = judge_probe(
-            track,
-            ok=r == "+",
-            healthy=healthy,
-            ejected=is_ejected,
-            unhealthy_threshold=n,
-            healthy_threshold=m,
-        )
+    for r in results:
+        v = judge_probe(track, ok=r == "+", healthy=healthy, unhealthy_threshold=n, healthy_threshold=m)
         track, healthy = v.track, v.healthy
-        out.append("R" if v.readmit else ("H" if healthy else "U"))
+        out.append("H" if healthy else "U")
     return "".join(out)
 
 
@@ -49,26 +37,17 @@ def run(results: str, *, healthy: bool = True, ejected: str = "", n: int = 3, m:
         pytest.param("+++", {}, "HHH", id="stays-healthy"),
         pytest.param("-", {}, "U", id="first-probe-decides"),
         pytest.param("-+", {}, "UU", id="one-success-not-enough"),
-        pytest.param("-++", {}, "UUH", id="m-successes-readmit"),
+        pytest.param("-++", {}, "UUH", id="m-successes-bring-it-back"),
         pytest.param("+--", {}, "HHH", id="below-n-failures"),
         pytest.param("+---", {}, "HHHU", id="n-failures-mark-unhealthy"),
         pytest.param("+--+--", {}, "HHHHHH", id="failures-must-be-consecutive"),
         pytest.param("+---+-++", {}, "HHHUUUUH", id="successes-must-be-consecutive"),
         pytest.param("+-", {"n": 1}, "HU", id="n-is-1"),
         pytest.param("-+", {"m": 1}, "UH", id="m-is-1"),
-        pytest.param("++++", {"ejected": ".eee"}, "HHRH", id="ejection-needs-m-fresh-successes"),
-        pytest.param("+++", {"ejected": "e..", "m": 1}, "RHH", id="ejection-m-is-1"),
-        pytest.param("+-++", {"ejected": ".eee"}, "HHHR", id="failure-restarts-the-count"),
-        pytest.param("+++", {"ejected": ".e."}, "HHH", id="ejection-that-expired-on-its-own"),
-        pytest.param("++++", {"ejected": ".e.e"}, "HHHH", id="second-ejection-counts-afresh"),
     ],
 )
 def test_judge_probe(results: str, kwargs: dict[str, Any], expected: str) -> None:
     assert run(results, **kwargs) == expected
-
-
-def test_readmission_also_heals_an_unhealthy_engine() -> None:
-    assert run("+---++", ejected="....ee") == "HHHUUR"
 
 
 def engine() -> EngineState:

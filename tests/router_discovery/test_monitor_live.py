@@ -10,6 +10,7 @@ import httpx
 import pytest
 from tests.router_discovery.conftest import SwitchableEngine, vllm_metrics
 
+from kvstack.router.ejection import OutlierTrack
 from kvstack.router.engines import Endpoint, EngineRegistry, EngineState
 from kvstack.router.monitor import EngineMonitor, MonitorConfig
 
@@ -112,19 +113,25 @@ async def test_killed_engine_goes_stale_unhealthy_and_returns_on_the_same_port(
     assert st.available(time.monotonic())
 
 
-async def test_passive_ejection_is_lifted_by_good_probes(rig: Rig, engine: SwitchableEngine) -> None:
+async def test_good_probes_never_lift_a_passive_ejection(rig: Rig, engine: SwitchableEngine) -> None:
+    # an engine can answer /health and fail every request: only the ejection's time ends it
     (st,) = rig.add(Endpoint(engine.url, "e1"))
     await until(lambda: st.available(time.monotonic()), "engine available")
-    engine.health_status = 503
-    st.consecutive_failures = 5  # what the proxy does after failed requests
-    st.ejected_until = time.monotonic() + 3600
+    st.outlier = OutlierTrack(consecutive=3, ejections=1, ejected_until=time.monotonic() + 3600)
     seen = engine.hits["health"]
-    await until(lambda: engine.hits["health"] >= seen + 4, "probes while failing")
-    assert st.ejected_until > time.monotonic()  # failing probes do not lift it
-    engine.health_status = 200
-    await until(lambda: st.ejected_until == 0.0, "ejection lifted")
-    assert st.consecutive_failures == 0
-    assert st.available(time.monotonic())
+    await until(lambda: engine.hits["health"] >= seen + 4, "good probes during the ejection")
+    assert st.healthy and not st.available(time.monotonic())
+    assert st.outlier.consecutive == 3
+
+
+async def test_declaring_an_engine_down_ends_its_requests(rig: Rig, engine: SwitchableEngine) -> None:
+    (st,) = rig.add(Endpoint(engine.url, "e1"))
+    await until(lambda: st.available(time.monotonic()), "engine available")
+    ended: list[str] = []
+    st.on_down.add(lambda: ended.append("request"))
+    engine.health_status = 503
+    await until(lambda: not st.healthy, "marked unhealthy")
+    assert ended == ["request"]  # once, on the way down
 
 
 async def test_follows_registry_membership(rig: Rig, engine: SwitchableEngine) -> None:

@@ -1,0 +1,49 @@
+"""The retry decision (router/retry.py): every outcome of ``next_step`` from one table."""
+
+from __future__ import annotations
+
+import pytest
+
+from kvstack.router.engines import Endpoint, EngineState
+from kvstack.router.retry import AttemptFailure, FailureKind, next_step, untried
+
+
+def failure(kind: FailureKind, status: int = 502, *, sent: bool = False) -> AttemptFailure:
+    return AttemptFailure(kind, status, "x", sent=sent)
+
+
+@pytest.mark.parametrize(
+    ("fail", "attempts", "untried_left", "retry", "reason"),
+    [
+        (failure("connect"), 1, 1, True, "retry"),
+        (failure("status", 503), 1, 2, True, "retry"),
+        (failure("status", 500), 2, 1, True, "retry"),  # a healthy-looking engine that fails
+        (failure("status", 502), 1, 1, True, "retry"),
+        (failure("status", 504), 1, 1, True, "retry"),
+        (failure("read"), 1, 1, True, "retry"),  # broke off before any byte reached the client
+        (failure("engine_lost", 504), 1, 1, True, "retry"),  # declared down before the first byte
+        (failure("engine_lost", 504, sent=True), 1, 1, False, "sent"),
+        (failure("read", sent=True), 1, 1, False, "sent"),
+        (failure("timeout", 504), 1, 1, False, "timeout"),  # alive and maybe still working on it
+        (failure("status", 501), 1, 1, False, "status"),
+        (failure("connect"), 3, 1, False, "attempts"),
+        (failure("status", 503), 1, 0, False, "no_engine"),
+        (failure("timeout", 504, sent=True), 3, 0, False, "sent"),  # the first rule that stops wins
+    ],
+)
+def test_next_step(fail: AttemptFailure, attempts: int, untried_left: int, retry: bool, reason: str) -> None:
+    verdict = next_step(fail, attempts=attempts, max_attempts=3, untried=untried_left)
+    assert (verdict.retry, verdict.reason) == (retry, reason)
+
+
+@pytest.mark.parametrize(
+    ("fail", "label"), [(failure("connect"), "connect"), (failure("status", 503), "503")]
+)
+def test_failure_label(fail: AttemptFailure, label: str) -> None:
+    assert fail.label == label
+
+
+def test_untried_keeps_the_order_of_the_candidates() -> None:
+    engines = [EngineState(endpoint=Endpoint(url=f"http://e{i}", name=f"e{i}")) for i in range(4)]
+    assert [e.name for e in untried(engines, ["http://e2", "http://e0"])] == ["e1", "e3"]
+    assert untried(engines, [e.url for e in engines]) == []
