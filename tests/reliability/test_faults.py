@@ -16,7 +16,7 @@ from tests.conftest import free_port
 from tests.router.conftest import MODEL, BadEngine, RouterFactory, Sim, run_sims
 
 from kvstack.common.procs import running
-from kvstack.testing.waits import wait_until
+from kvstack.common.waits import wait_until
 
 from .conftest import Redis, router_process
 

@@ -10,7 +10,7 @@ import httpx
 import openai
 import pytest
 
-from kvstack.testing.waits import wait_until
+from kvstack.common.waits import wait_until
 
 from .conftest import MODEL, BadEngine, RouterFactory, Sim, run_sims
 
