@@ -8,7 +8,7 @@ from typing import Annotated, Any
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from kvstack.common.config import build
+from kvstack.common.config import build, split_comma_list
 
 
 class OperatorSettings(BaseSettings):
@@ -36,12 +36,7 @@ class OperatorSettings(BaseSettings):
     # The Helm chart passes the release name; the operator serves KVStack resources of any release.
     release: str | None = None
 
-    @field_validator("namespaces", mode="before")
-    @classmethod
-    def _split(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            return [part.strip() for part in value.split(",") if part.strip()]
-        return value
+    _split = field_validator("namespaces", mode="before")(split_comma_list)
 
     def watched_namespaces(self) -> list[str]:
         """Namespaces to watch; empty means every namespace."""

@@ -14,20 +14,13 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
-from kvstack.common.config import build, read_config_file
+from kvstack.common.config import build, read_config_file, split_comma_list
 from kvstack.router.discovery.kubernetes import KubernetesConfig
 from kvstack.router.monitor import MonitorConfig
 from kvstack.router.policies.cache_aware import CacheAwareConfig
 from kvstack.router.policies.prefix_trie import PrefixTrieSettings
 
 PositiveSeconds = Annotated[float, Field(gt=0)]
-
-
-def _split_csv(value: Any) -> Any:
-    # Env vars carry lists as "a,b,c"; files and flags already give lists.
-    if isinstance(value, str):
-        return [part.strip() for part in value.split(",") if part.strip()]
-    return value
 
 
 class RouterSettings(BaseSettings):
@@ -66,7 +59,7 @@ class RouterSettings(BaseSettings):
     cache_aware: CacheAwareConfig = CacheAwareConfig()
     prefix_trie: PrefixTrieSettings = PrefixTrieSettings()
 
-    # upstream client: one shared pool; "aiohttp" is httpx's API over aiohttp's connection pool
+    # upstream client, one shared pool: "aiohttp", or plain "httpx" as the reference (router/upstream.py)
     upstream_backend: Literal["aiohttp", "httpx"] = "aiohttp"
     max_connections: int = Field(2048, ge=1)
     # below vLLM's uvicorn keep-alive (5 s) so the pool never reuses a socket the engine closed
@@ -114,7 +107,7 @@ class RouterSettings(BaseSettings):
     # answer with `x-kvstack-engine: <engine name>` (benchmarks and debugging; reveals topology)
     expose_engine_header: bool = False
 
-    _split = field_validator("engines", "models", "api_keys", "hold_models", mode="before")(_split_csv)
+    _split = field_validator("engines", "models", "api_keys", "hold_models", mode="before")(split_comma_list)
 
     @field_validator("engines")
     @classmethod

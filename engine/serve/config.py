@@ -32,7 +32,7 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
-from kvstack.common.config import ConfigError, build, read_config_file
+from kvstack.common.config import ConfigError, build, read_config_file, split_comma_list
 from kvstack.engine.serve.managed import SECRET_FLAGS, colliding_env, colliding_flags, secret_flags
 
 ENV_PREFIX = "KVSTACK_ENGINE_"
@@ -126,12 +126,6 @@ def _secret_flag_re(flag: str) -> re.Pattern[str]:
     return re.compile(rf"(?<![\w-])--{words}(?![\w-])")
 
 
-def _split_names(value: Any) -> Any:
-    if isinstance(value, str):
-        return [name.strip() for name in value.split(",") if name.strip()]
-    return value
-
-
 def _parse_args(value: Any) -> Any:
     # From the environment: a JSON list, or a shell-quoted string.
     if isinstance(value, str):
@@ -213,10 +207,7 @@ class EngineConfig(BaseSettings):
         # Environment values are strings, and a Literal of ints does not coerce them.
         return int(value) if isinstance(value, str) and value.strip().isdigit() else value
 
-    @field_validator("served_model_name", mode="before")
-    @classmethod
-    def _names(cls, value: Any) -> Any:
-        return _split_names(value)
+    _names = field_validator("served_model_name", mode="before")(split_comma_list)
 
     @field_validator("python_hash_seed", mode="before")
     @classmethod

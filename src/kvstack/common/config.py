@@ -37,6 +37,19 @@ def build(model: type[M], source: str, /, **values: Any) -> M:
         raise ConfigError(f"invalid {source}: {describe_validation_error(err)}") from err
 
 
+def comma_list(text: str) -> list[str]:
+    """The items of a comma-separated list, stripped, empty ones dropped: ``" a, b,,c"`` -> a, b, c."""
+    return [item for part in text.split(",") if (item := part.strip())]
+
+
+def split_comma_list(value: Any) -> Any:
+    """For a list field's ``mode="before"`` validator: the environment's ``"a,b"`` becomes a list.
+
+    Anything else (a list from a file or flags) is left for the field's own validation.
+    """
+    return comma_list(value) if isinstance(value, str) else value
+
+
 def read_config_file(path: Path) -> dict[str, Any]:
     """A YAML or JSON mapping from ``path`` (JSON is YAML)."""
     try:
