@@ -36,6 +36,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from kvstack.common.config import ConfigError, describe_validation_error
+from kvstack.common.tasks import BackgroundTask
 from kvstack.router.engines import Endpoint, EngineRegistry
 
 log = logging.getLogger(__name__)
@@ -152,7 +153,7 @@ class StaticDiscovery:
         )
         self._signature: tuple[int, int, int] | None = None
         self._file_endpoints: list[Endpoint] = []
-        self._task: asyncio.Task[None] | None = None
+        self._watcher = BackgroundTask("static-discovery", self._watch, logger=log)
         self._sighup_installed = False
         self.reloads = 0  # successful loads of the file, for tests and logs
 
@@ -163,9 +164,9 @@ class StaticDiscovery:
             self._file_endpoints = load_endpoints_file(self.file)
             self.reloads += 1
         self._publish()
-        if self.file is None or self._task is not None:
+        if self.file is None or self._watcher.running:
             return
-        self._task = asyncio.create_task(self._watch(), name="static-discovery")
+        self._watcher.start()
         if self.reload_on_sighup:
             loop = asyncio.get_running_loop()
             with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
@@ -177,11 +178,7 @@ class StaticDiscovery:
         if self._sighup_installed:
             asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
             self._sighup_installed = False
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await self._watcher.stop()
 
     async def run(self) -> None:
         """``start()`` and watch until cancelled."""

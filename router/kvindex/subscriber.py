@@ -13,6 +13,7 @@ counted and skipped; the loop never dies of one.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from zmq.utils.monitor import parse_monitor_message
 
 from kvstack.common.kv_events import REPLAY_END, decode_batch, decode_seq, encode_seq
+from kvstack.common.tasks import BackgroundTask
 from kvstack.router.engines import EngineState
 from kvstack.router.kvindex.index import KVIndex
 
@@ -80,7 +82,7 @@ def _receive(sock: zmq.Socket[bytes]) -> list[bytes] | None:
 @dataclass(slots=True)
 class _Feed:
     state: EngineState
-    task: asyncio.Task[None] | None = None
+    task: BackgroundTask | None = None  # None: the engine publishes no KV events
     next_seq: int | None = None  # None: nothing applied yet
     dup_floor: int = 0  # live batches in [dup_floor, next_seq) are replay duplicates
     cooldown_until: float = 0.0
@@ -129,7 +131,8 @@ class KVEventSubscriber:
         feed = _Feed(state)
         self._feeds[url] = feed
         if ep.kv_events_endpoint is not None:
-            feed.task = asyncio.get_running_loop().create_task(self._run(feed), name=f"kv-events {url}")
+            feed.task = BackgroundTask(f"kv-events {url}", functools.partial(self._run, feed), logger=log)
+            feed.task.start()
 
     def remove_engine(self, url: str) -> None:
         """Stop following an engine that left and forget its blocks."""
@@ -142,16 +145,7 @@ class KVEventSubscriber:
         """Stop every feed and wait (boundedly) for their sockets to close."""
         tasks = [f.task for f in self._feeds.values() if f.task is not None]
         self._feeds.clear()
-        for t in tasks:
-            t.cancel()
-        if tasks:
-            done, pending = await asyncio.wait(tasks, timeout=_CLOSE_TIMEOUT_S)
-            for t in done:
-                if not t.cancelled() and t.exception() is not None:
-                    log.warning("KV-event feed %s had failed", t.get_name(), exc_info=t.exception())
-            for t in pending:  # a feed that ignored its cancellation: never hang the caller
-                log.warning("KV-event feed %s did not stop within %g s", t.get_name(), _CLOSE_TIMEOUT_S)
-                t.cancel()
+        await asyncio.gather(*(t.stop(grace=_CLOSE_TIMEOUT_S) for t in tasks))
 
     # -- one engine ----------------------------------------------------------------------------
 
