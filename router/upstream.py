@@ -1,9 +1,20 @@
 """The one shared upstream HTTP client, behind a small interface so backends can be swapped.
 
-``aiohttp`` (the default) drives aiohttp's client directly: on the router's hot path it costs about
-half of what httpx's request and response models add on top of the same pool (profiled with
-py-spy; ``kvstack bench router``). ``httpx`` is plain httpx, whose pool is 5x slower under
-concurrency (../shared/reference/http-clients.md), kept as the reference implementation.
+Which HTTP client runs where, and why (the one place this is written down):
+
+- Engine requests, the router's hot path, go through aiohttp's client, driven directly here
+  (``upstream_backend: aiohttp``, the default). Plain httpx's connection pool is the bottleneck
+  under concurrency: in the reference measurement (``tests/reference/http-clients.md``, a thin
+  proxy on this machine kind) httpx 0.28 served 539 req/s closed loop at 32 concurrent where
+  aiohttp served 3,565 (6.6x), and 385 streams/s where aiohttp served 1,442 (3.7x). httpx's API
+  over aiohttp's pool recovers most of that, but in the router httpx's request and response
+  models then still took about 20% of its CPU (py-spy under ``kvstack bench router``), so this
+  module calls aiohttp itself.
+- ``upstream_backend: httpx`` is plain httpx, kept selectable as the reference implementation.
+- The control paths (health probes, metric scrapes, the Kubernetes and Prometheus APIs) use plain
+  httpx: a few requests a second each, where its pool costs nothing that matters.
+- The benchmarks' load generators (``kvstack.bench``) use aiohttp, so the load costs less CPU
+  than the router it measures.
 
 Both behave the same: timeouts are enforced here, ``connect`` to open a connection, ``first_byte``
 until the response headers arrive, ``idle`` between two body chunks; bodies are relayed as the
