@@ -8,7 +8,7 @@ from typing import Annotated, Any
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from kvstack.common.config import build, split_comma_list
+from kvstack.common.config import build_layered, split_comma_list
 
 
 class OperatorSettings(BaseSettings):
@@ -48,5 +48,4 @@ class OperatorSettings(BaseSettings):
 
 def load_settings(**overrides: Any) -> OperatorSettings:
     """Environment, then the non-None ``overrides`` (CLI flags); raises ConfigError naming a field."""
-    values = {k: v for k, v in overrides.items() if v is not None}
-    return build(OperatorSettings, "operator settings", **values)
+    return build_layered(OperatorSettings, "operator settings", file_values={}, flags=overrides)

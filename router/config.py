@@ -8,13 +8,11 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
-    InitSettingsSource,
     NoDecode,
-    PydanticBaseSettingsSource,
     SettingsConfigDict,
 )
 
-from kvstack.common.config import build, read_config_file, split_comma_list
+from kvstack.common.config import build_layered, read_config_file, split_comma_list
 from kvstack.router.discovery.kubernetes import KubernetesConfig
 from kvstack.router.monitor import MonitorConfig
 from kvstack.router.policies.cache_aware import CacheAwareConfig
@@ -139,18 +137,4 @@ class RouterSettings(BaseSettings):
 def load_settings(config_file: Path | None = None, **overrides: Any) -> RouterSettings:
     """Settings from defaults, an optional YAML/JSON file, the environment and ``overrides`` (flags)."""
     file_values = read_config_file(config_file) if config_file is not None else {}
-    flags = {k: v for k, v in overrides.items() if v is not None}
-
-    class _FileBackedSettings(RouterSettings):
-        @classmethod
-        def settings_customise_sources(
-            cls,
-            settings_cls: type[BaseSettings],
-            init_settings: PydanticBaseSettingsSource,
-            env_settings: PydanticBaseSettingsSource,
-            dotenv_settings: PydanticBaseSettingsSource,
-            file_secret_settings: PydanticBaseSettingsSource,
-        ) -> tuple[PydanticBaseSettingsSource, ...]:
-            return init_settings, env_settings, InitSettingsSource(settings_cls, file_values)
-
-    return build(_FileBackedSettings, "router configuration", **flags)
+    return build_layered(RouterSettings, "router configuration", file_values=file_values, flags=overrides)

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import types
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import yaml
 from pydantic import BaseModel, SecretStr, ValidationError
+from pydantic_settings import BaseSettings, InitSettingsSource, PydanticBaseSettingsSource
 
 M = TypeVar("M", bound=BaseModel)
+S = TypeVar("S", bound=BaseSettings)
 
 
 class ConfigError(Exception):
@@ -35,6 +39,36 @@ def build(model: type[M], source: str, /, **values: Any) -> M:
         return model(**values)
     except ValidationError as err:
         raise ConfigError(f"invalid {source}: {describe_validation_error(err)}") from err
+
+
+def build_layered(
+    model: type[S], source: str, *, file_values: Mapping[str, Any], flags: Mapping[str, Any]
+) -> S:
+    """``model`` from its defaults < ``file_values`` < its environment variables < ``flags``.
+
+    Flags left None were not given and are dropped. Nested sections merge key by key, so one
+    environment variable replaces one key of a file's section. ConfigError names a bad field.
+    """
+    values = dict(file_values)
+    given = {k: v for k, v in flags.items() if v is not None}
+
+    def sources(
+        cls: type[BaseSettings],
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The flags arrive as init arguments; the file is a source of its own, below the environment.
+        return init_settings, env_settings, InitSettingsSource(settings_cls, values)
+
+    hook = {"settings_customise_sources": classmethod(sources)}
+    layered = types.new_class(model.__name__, (model,), exec_body=lambda ns: ns.update(hook))
+    read = build(cast(type[S], layered), source, **given)
+    # Hand back the model's own class (equal to one built directly), with the values just validated.
+    fields = {name: getattr(read, name) for name in type(read).model_fields}
+    return cast(S, model.model_construct(_fields_set=read.model_fields_set, **fields))
 
 
 def comma_list(text: str) -> list[str]:
