@@ -81,6 +81,16 @@ def _stalled(idle: float) -> UpstreamError:
     return UpstreamError("timeout", f"no data from the engine for {idle:g} s")
 
 
+def _broke_off(err: Exception) -> UpstreamError:
+    return UpstreamError("read", f"engine response broke off: {str(err) or type(err).__name__}")
+
+
+def _unreachable(url: str, err: Exception, *, timed_out: bool) -> UpstreamError:
+    # nothing was sent: a connect failure, safe to retry on another engine
+    why = "timed out" if timed_out else str(err) or type(err).__name__
+    return UpstreamError("connect", f"cannot {'connect to' if timed_out else 'reach'} {url}: {why}")
+
+
 class _HttpxResponse(UpstreamResponse):
     __slots__ = ("_idle", "_resp")
 
@@ -101,9 +111,7 @@ class _HttpxResponse(UpstreamResponse):
             except TimeoutError:
                 raise _stalled(idle) from None
             except httpx.HTTPError as err:
-                raise UpstreamError(
-                    "read", f"engine response broke off: {err or type(err).__name__}"
-                ) from err
+                raise _broke_off(err) from err
             if chunk:
                 yield chunk
 
@@ -135,9 +143,7 @@ class _AiohttpResponse(UpstreamResponse):
             except TimeoutError:
                 raise _stalled(idle) from None
             except aiohttp.ClientError as err:
-                raise UpstreamError(
-                    "read", f"engine response broke off: {err or type(err).__name__}"
-                ) from err
+                raise _broke_off(err) from err
             if not chunk:  # the end of a complete body; a broken one raises above
                 self._done = True
                 return
@@ -213,10 +219,8 @@ class Upstream:
         hdrs = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in headers]
         try:
             resp = await session.request(method, url, headers=hdrs, data=body, allow_redirects=False)
-        except aiohttp.ConnectionTimeoutError as err:
-            raise UpstreamError("connect", f"cannot connect to {url}: timed out") from err
         except aiohttp.ClientError as err:
-            raise UpstreamError("connect", f"cannot reach {url}: {err or type(err).__name__}") from err
+            raise _unreachable(url, err, timed_out=isinstance(err, aiohttp.ConnectionTimeoutError)) from err
         return _AiohttpResponse(resp, self.timeouts.idle)
 
     async def _send_httpx(
@@ -225,11 +229,9 @@ class Upstream:
         request = client.build_request(method, url, headers=list(headers), content=body)
         try:
             resp = await client.send(request, stream=True)
-        except httpx.TimeoutException as err:
-            # the backend's connect timeout: nothing was sent, so this is a connect failure
-            raise UpstreamError("connect", f"cannot connect to {url}: timed out") from err
         except httpx.HTTPError as err:
-            raise UpstreamError("connect", f"cannot reach {url}: {err or type(err).__name__}") from err
+            # a timeout here is the connect timeout (no read or write timeout is set)
+            raise _unreachable(url, err, timed_out=isinstance(err, httpx.TimeoutException)) from err
         return _HttpxResponse(resp, self.timeouts.idle)
 
     async def aclose(self) -> None:
