@@ -231,14 +231,18 @@ class KVEventSubscriber:
         feed.dup_floor = seq + 1  # live caught up: anything older now means a restart
         return True
 
+    def _seq(self, frames: list[bytes]) -> int | None:
+        """The sequence number of a ``[topic, seq, batch]`` message; None, counted, if malformed."""
+        if len(frames) == 3:
+            try:
+                return decode_seq(frames[1])
+            except ValueError:
+                pass
+        self.counters.malformed += 1
+        return None
+
     async def _on_live(self, feed: _Feed, frames: list[bytes]) -> None:
-        if len(frames) != 3:
-            self.counters.malformed += 1
-            return
-        try:
-            seq = decode_seq(frames[1])
-        except ValueError:
-            self.counters.malformed += 1
+        if (seq := self._seq(frames)) is None:
             return
         if feed.resync:  # the new process's first batches may have gone out before we reconnected
             await self._replay(feed, 0, rebuild=True)
@@ -310,15 +314,9 @@ class KVEventSubscriber:
             while True:
                 async with asyncio.timeout(timeout):
                     frames = await dealer.recv_multipart()
-                if len(frames) != 3:
-                    self.counters.malformed += 1
-                    continue
-                if frames[1] == REPLAY_END:
+                if len(frames) == 3 and frames[1] == REPLAY_END:
                     break
-                try:
-                    seq = decode_seq(frames[1])
-                except ValueError:
-                    self.counters.malformed += 1
+                if (seq := self._seq(frames)) is None:
                     continue
                 if first is None and rebuild and seq == 0:
                     feed.resync = False
