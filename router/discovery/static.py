@@ -32,10 +32,9 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from kvstack.common.config import ConfigError, describe_validation_error
+from kvstack.common.config import ConfigError, describe_validation_error, read_yaml_file
 from kvstack.common.tasks import BackgroundTask
 from kvstack.router.engines import Endpoint, EngineRegistry
 
@@ -106,11 +105,7 @@ def parse_endpoints(data: Any, *, source: str) -> list[Endpoint]:
 
 def load_endpoints_file(path: Path) -> list[Endpoint]:
     """Read and validate an engines file; ConfigError if unreadable or invalid."""
-    try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
-        raise ConfigError(f"cannot read engines file {path}: {err}") from err
-    return parse_endpoints(data, source=str(path))
+    return parse_endpoints(read_yaml_file(path, "engines file"), source=str(path))
 
 
 def merge_endpoints(*groups: Iterable[Endpoint]) -> list[Endpoint]:

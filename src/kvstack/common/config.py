@@ -84,12 +84,17 @@ def split_comma_list(value: Any) -> Any:
     return comma_list(value) if isinstance(value, str) else value
 
 
-def read_config_file(path: Path) -> dict[str, Any]:
-    """A YAML or JSON mapping from ``path`` (JSON is YAML)."""
+def read_yaml_file(path: Path, what: str) -> Any:
+    """The YAML (or JSON: JSON is YAML) document in ``path``; ConfigError naming ``what`` it is."""
     try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as err:
-        raise ConfigError(f"cannot read config file {path}: {err}") from err
+        return yaml.safe_load(path.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+        raise ConfigError(f"cannot read {what} {path}: {err}") from err
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """A YAML or JSON mapping from ``path``."""
+    data = read_yaml_file(path, "config file")
     if data is None:
         return {}
     if not isinstance(data, dict):
