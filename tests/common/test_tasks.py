@@ -49,8 +49,23 @@ async def ended(body: Loop) -> None:
     await asyncio.wait({body.tasks[-1]})
 
 
-def crash_records(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
-    return [r for r in caplog.records if "background task loop crashed" in r.getMessage()]
+async def started(body: Loop, name: str = "loop", logger: logging.Logger | None = None) -> BackgroundTask:
+    """A BackgroundTask of ``body``, started, once the body runs."""
+    task = BackgroundTask(name, body, logger=logger)
+    task.start()
+    await body.started.wait()
+    return task
+
+
+@pytest.fixture
+def logs(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
+    """Warnings and errors of kvstack's loggers (the helper's own and an owner's)."""
+    caplog.set_level(logging.WARNING, logger="kvstack")
+    return caplog
+
+
+def crash_records(logs: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [r for r in logs.records if "background task loop crashed" in r.getMessage()]
 
 
 async def test_start_runs_the_body_once_however_often_it_is_called() -> None:
@@ -66,20 +81,15 @@ async def test_start_runs_the_body_once_however_often_it_is_called() -> None:
 
 
 async def test_the_task_carries_its_name() -> None:
-    body = Loop()
-    task = BackgroundTask("kv-events http://e1", body)
-    task.start()
-    await body.started.wait()
+    task = await started(Loop(), "kv-events http://e1")
     assert "kv-events http://e1" in {t.get_name() for t in asyncio.all_tasks()}
     await task.stop()
 
 
 async def test_stop_cancels_and_waits_and_is_idempotent() -> None:
     body = Loop()
-    task = BackgroundTask("loop", body)
-    await task.stop()  # never started: nothing to do
-    task.start()
-    await body.started.wait()
+    await BackgroundTask("loop", body).stop()  # never started: nothing to do
+    task = await started(body)
     await task.stop()
     assert body.cancelled == 1  # the body saw its cancellation before stop returned
     assert not task.running
@@ -90,38 +100,32 @@ async def test_stop_cancels_and_waits_and_is_idempotent() -> None:
 
 
 async def test_a_crashing_body_is_logged_with_its_traceback_when_it_crashes(
-    caplog: pytest.LogCaptureFixture,
+    logs: pytest.LogCaptureFixture,
 ) -> None:
     body = Loop(crash=True)
-    task = BackgroundTask("loop", body)
-    with caplog.at_level(logging.ERROR, logger="kvstack.common.tasks"):
-        task.start()
-        await body.started.wait()
-        await ended(body)  # nobody stops or awaits it: the crash must be logged anyway
-    [crash] = crash_records(caplog)
+    task = await started(body)
+    await ended(body)  # nobody stops or awaits it: the crash must be logged anyway
+    [crash] = crash_records(logs)
+    assert crash.name == "kvstack.common.tasks"
     assert crash.exc_info is not None
     assert isinstance(crash.exc_info[1], RuntimeError)
     assert str(crash.exc_info[1]) == "the loop broke"
     assert isinstance(task.failure, RuntimeError)
     assert not task.running
     await task.stop()  # stopping a crashed task neither raises nor logs again
-    assert len(crash_records(caplog)) == 1
+    assert len(crash_records(logs)) == 1
 
 
-async def test_a_crash_goes_to_the_owners_logger(caplog: pytest.LogCaptureFixture) -> None:
-    owner = logging.getLogger("kvstack.tests.owner")
+async def test_a_crash_goes_to_the_owners_logger(logs: pytest.LogCaptureFixture) -> None:
     body = Loop(crash=True)
-    task = BackgroundTask("loop", body, logger=owner)
-    with caplog.at_level(logging.ERROR, logger="kvstack.tests.owner"):
-        task.start()
-        await ended(body)
-    assert [r.name for r in crash_records(caplog)] == ["kvstack.tests.owner"]
+    await started(body, logger=logging.getLogger("kvstack.tests.owner"))
+    await ended(body)
+    assert [r.name for r in crash_records(logs)] == ["kvstack.tests.owner"]
 
 
 async def test_start_after_a_crash_runs_the_body_again() -> None:
     body = Loop(crash=True)
-    task = BackgroundTask("loop", body)
-    task.start()
+    task = await started(body)
     await ended(body)
     assert task.failure is not None
     body.crash = False
@@ -135,42 +139,35 @@ async def test_start_after_a_crash_runs_the_body_again() -> None:
 
 
 async def test_stop_after_the_body_finished_does_nothing_and_start_runs_it_again(
-    caplog: pytest.LogCaptureFixture,
+    logs: pytest.LogCaptureFixture,
 ) -> None:
     body = Loop(finish=True)
-    task = BackgroundTask("loop", body)
-    with caplog.at_level(logging.WARNING, logger="kvstack.common.tasks"):
-        task.start()
-        await ended(body)
-        await task.stop()
-        assert body.cancelled == 0
-        body.started.clear()
-        task.start()  # the ended task is replaced by a fresh run
-        await ended(body)
-        await task.stop()
+    task = await started(body)
+    await ended(body)
+    await task.stop()
+    assert body.cancelled == 0
+    body.started.clear()
+    task.start()  # the ended task is replaced by a fresh run
+    await ended(body)
+    await task.stop()
     assert body.runs == 2
-    assert caplog.records == []
+    assert logs.records == []
     assert task.failure is None
 
 
-async def test_a_body_that_ignores_cancellation_does_not_hang_stop(caplog: pytest.LogCaptureFixture) -> None:
+async def test_a_body_that_ignores_cancellation_does_not_hang_stop(logs: pytest.LogCaptureFixture) -> None:
     body = Loop(stubborn=True)
-    task = BackgroundTask("loop", body)
-    task.start()
-    await body.started.wait()
-    with caplog.at_level(logging.WARNING, logger="kvstack.common.tasks"):
-        await task.stop(grace=0.01)
+    task = await started(body)
+    await task.stop(grace=0.01)
     assert body.cancelled == 1
-    assert any("background task loop did not stop" in r.getMessage() for r in caplog.records)
+    assert any("background task loop did not stop" in r.getMessage() for r in logs.records)
     body.release.set()  # let it end, so the test leaves no task behind
     await ended(body)
 
 
 async def test_a_caller_cancelled_while_stopping_is_cancelled() -> None:
     body = Loop(stubborn=True)
-    task = BackgroundTask("loop", body)
-    task.start()
-    await body.started.wait()
+    task = await started(body)
     stopper = asyncio.create_task(task.stop(grace=3600))
     await body.saw_cancel.wait()  # the stopper now waits for the stubborn body
     stopper.cancel()
@@ -182,9 +179,7 @@ async def test_a_caller_cancelled_while_stopping_is_cancelled() -> None:
 
 async def test_cancel_asks_the_task_to_end_without_waiting() -> None:
     body = Loop()
-    task = BackgroundTask("loop", body)
-    task.start()
-    await body.started.wait()
+    task = await started(body)
     task.cancel()
     assert not task.running
     assert body.cancelled == 0  # not waited for: the body has not run since
