@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from kvstack.common.config import ConfigError, build
+from kvstack.common.config import ConfigError, build, comma_list
 from kvstack.operator.autoscale import History, Policy
 from kvstack.operator.crd import GROUP, KIND
 from kvstack.operator.spec import Autoscaling
@@ -91,7 +91,7 @@ def _model_name(deployment: Mapping[str, Any]) -> str | None:
     template = (deployment.get("spec", {}).get("template", {}).get("metadata") or {}).get("annotations") or {}
     own = deployment.get("metadata", {}).get("annotations") or {}
     for source in (template, own):
-        names = [n.strip() for n in str(source.get(SERVED_NAMES, "")).split(",") if n.strip()]
+        names = comma_list(str(source.get(SERVED_NAMES, "")))
         if names:
             return names[0]  # vLLM labels its series with the first served name
     return None

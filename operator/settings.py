@@ -8,7 +8,7 @@ from typing import Annotated, Any
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from kvstack.common.config import build
+from kvstack.common.config import build_layered, split_comma_list
 
 
 class OperatorSettings(BaseSettings):
@@ -36,12 +36,7 @@ class OperatorSettings(BaseSettings):
     # The Helm chart passes the release name; the operator serves KVStack resources of any release.
     release: str | None = None
 
-    @field_validator("namespaces", mode="before")
-    @classmethod
-    def _split(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            return [part.strip() for part in value.split(",") if part.strip()]
-        return value
+    _split = field_validator("namespaces", mode="before")(split_comma_list)
 
     def watched_namespaces(self) -> list[str]:
         """Namespaces to watch; empty means every namespace."""
@@ -53,5 +48,4 @@ class OperatorSettings(BaseSettings):
 
 def load_settings(**overrides: Any) -> OperatorSettings:
     """Environment, then the non-None ``overrides`` (CLI flags); raises ConfigError naming a field."""
-    values = {k: v for k, v in overrides.items() if v is not None}
-    return build(OperatorSettings, "operator settings", **values)
+    return build_layered(OperatorSettings, "operator settings", file_values={}, flags=overrides)

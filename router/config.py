@@ -8,26 +8,17 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
-    InitSettingsSource,
     NoDecode,
-    PydanticBaseSettingsSource,
     SettingsConfigDict,
 )
 
-from kvstack.common.config import build, read_config_file
+from kvstack.common.config import build_layered, read_config_file, split_comma_list
 from kvstack.router.discovery.kubernetes import KubernetesConfig
 from kvstack.router.monitor import MonitorConfig
 from kvstack.router.policies.cache_aware import CacheAwareConfig
 from kvstack.router.policies.prefix_trie import PrefixTrieSettings
 
 PositiveSeconds = Annotated[float, Field(gt=0)]
-
-
-def _split_csv(value: Any) -> Any:
-    # Env vars carry lists as "a,b,c"; files and flags already give lists.
-    if isinstance(value, str):
-        return [part.strip() for part in value.split(",") if part.strip()]
-    return value
 
 
 class RouterSettings(BaseSettings):
@@ -66,7 +57,7 @@ class RouterSettings(BaseSettings):
     cache_aware: CacheAwareConfig = CacheAwareConfig()
     prefix_trie: PrefixTrieSettings = PrefixTrieSettings()
 
-    # upstream client: one shared pool; "aiohttp" is httpx's API over aiohttp's connection pool
+    # upstream client, one shared pool: "aiohttp", or plain "httpx" as the reference (router/upstream.py)
     upstream_backend: Literal["aiohttp", "httpx"] = "aiohttp"
     max_connections: int = Field(2048, ge=1)
     # below vLLM's uvicorn keep-alive (5 s) so the pool never reuses a socket the engine closed
@@ -122,7 +113,7 @@ class RouterSettings(BaseSettings):
     # answer with `x-kvstack-engine: <engine name>` (benchmarks and debugging; reveals topology)
     expose_engine_header: bool = False
 
-    _split = field_validator("engines", "models", "api_keys", "hold_models", mode="before")(_split_csv)
+    _split = field_validator("engines", "models", "api_keys", "hold_models", mode="before")(split_comma_list)
 
     @field_validator("engines")
     @classmethod
@@ -160,18 +151,4 @@ class RouterSettings(BaseSettings):
 def load_settings(config_file: Path | None = None, **overrides: Any) -> RouterSettings:
     """Settings from defaults, an optional YAML/JSON file, the environment and ``overrides`` (flags)."""
     file_values = read_config_file(config_file) if config_file is not None else {}
-    flags = {k: v for k, v in overrides.items() if v is not None}
-
-    class _FileBackedSettings(RouterSettings):
-        @classmethod
-        def settings_customise_sources(
-            cls,
-            settings_cls: type[BaseSettings],
-            init_settings: PydanticBaseSettingsSource,
-            env_settings: PydanticBaseSettingsSource,
-            dotenv_settings: PydanticBaseSettingsSource,
-            file_secret_settings: PydanticBaseSettingsSource,
-        ) -> tuple[PydanticBaseSettingsSource, ...]:
-            return init_settings, env_settings, InitSettingsSource(settings_cls, file_values)
-
-    return build(_FileBackedSettings, "router configuration", **flags)
+    return build_layered(RouterSettings, "router configuration", file_values=file_values, flags=overrides)

@@ -1,9 +1,20 @@
 """The one shared upstream HTTP client, behind a small interface so backends can be swapped.
 
-``aiohttp`` (the default) drives aiohttp's client directly: on the router's hot path it costs about
-half of what httpx's request and response models add on top of the same pool (profiled with
-py-spy; ``kvstack bench router``). ``httpx`` is plain httpx, whose pool is 5x slower under
-concurrency (tests/reference/http-clients.md), kept as the reference implementation.
+Which HTTP client runs where, and why (the one place this is written down):
+
+- Engine requests, the router's hot path, go through aiohttp's client, driven directly here
+  (``upstream_backend: aiohttp``, the default). Plain httpx's connection pool is the bottleneck
+  under concurrency: in the reference measurement (``tests/reference/http-clients.md``, a thin
+  proxy on this machine kind) httpx 0.28 served 539 req/s closed loop at 32 concurrent where
+  aiohttp served 3,565 (6.6x), and 385 streams/s where aiohttp served 1,442 (3.7x). httpx's API
+  over aiohttp's pool recovers most of that, but in the router httpx's request and response
+  models then still took about 20% of its CPU (py-spy under ``kvstack bench router``), so this
+  module calls aiohttp itself.
+- ``upstream_backend: httpx`` is plain httpx, kept selectable as the reference implementation.
+- The control paths (health probes, metric scrapes, the Kubernetes and Prometheus APIs) use plain
+  httpx: a few requests a second each, where its pool costs nothing that matters.
+- The benchmarks' load generators (``kvstack.bench``) use aiohttp, so the load costs less CPU
+  than the router it measures.
 
 Both behave the same: timeouts are enforced here, ``connect`` to open a connection, ``first_byte``
 until the response headers arrive, ``idle`` between two body chunks; bodies are relayed as the
@@ -70,6 +81,16 @@ def _stalled(idle: float) -> UpstreamError:
     return UpstreamError("timeout", f"no data from the engine for {idle:g} s")
 
 
+def _broke_off(err: Exception) -> UpstreamError:
+    return UpstreamError("read", f"engine response broke off: {str(err) or type(err).__name__}")
+
+
+def _unreachable(url: str, err: Exception, *, timed_out: bool) -> UpstreamError:
+    # nothing was sent: a connect failure, safe to retry on another engine
+    why = "timed out" if timed_out else str(err) or type(err).__name__
+    return UpstreamError("connect", f"cannot {'connect to' if timed_out else 'reach'} {url}: {why}")
+
+
 class _HttpxResponse(UpstreamResponse):
     __slots__ = ("_idle", "_resp")
 
@@ -90,9 +111,7 @@ class _HttpxResponse(UpstreamResponse):
             except TimeoutError:
                 raise _stalled(idle) from None
             except httpx.HTTPError as err:
-                raise UpstreamError(
-                    "read", f"engine response broke off: {err or type(err).__name__}"
-                ) from err
+                raise _broke_off(err) from err
             if chunk:
                 yield chunk
 
@@ -124,9 +143,7 @@ class _AiohttpResponse(UpstreamResponse):
             except TimeoutError:
                 raise _stalled(idle) from None
             except aiohttp.ClientError as err:
-                raise UpstreamError(
-                    "read", f"engine response broke off: {err or type(err).__name__}"
-                ) from err
+                raise _broke_off(err) from err
             if not chunk:  # the end of a complete body; a broken one raises above
                 self._done = True
                 return
@@ -202,10 +219,8 @@ class Upstream:
         hdrs = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in headers]
         try:
             resp = await session.request(method, url, headers=hdrs, data=body, allow_redirects=False)
-        except aiohttp.ConnectionTimeoutError as err:
-            raise UpstreamError("connect", f"cannot connect to {url}: timed out") from err
         except aiohttp.ClientError as err:
-            raise UpstreamError("connect", f"cannot reach {url}: {err or type(err).__name__}") from err
+            raise _unreachable(url, err, timed_out=isinstance(err, aiohttp.ConnectionTimeoutError)) from err
         return _AiohttpResponse(resp, self.timeouts.idle)
 
     async def _send_httpx(
@@ -214,11 +229,9 @@ class Upstream:
         request = client.build_request(method, url, headers=list(headers), content=body)
         try:
             resp = await client.send(request, stream=True)
-        except httpx.TimeoutException as err:
-            # the backend's connect timeout: nothing was sent, so this is a connect failure
-            raise UpstreamError("connect", f"cannot connect to {url}: timed out") from err
         except httpx.HTTPError as err:
-            raise UpstreamError("connect", f"cannot reach {url}: {err or type(err).__name__}") from err
+            # a timeout here is the connect timeout (no read or write timeout is set)
+            raise _unreachable(url, err, timed_out=isinstance(err, httpx.TimeoutException)) from err
         return _HttpxResponse(resp, self.timeouts.idle)
 
     async def aclose(self) -> None:

@@ -28,11 +28,10 @@ from pydantic import (
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
-    PydanticBaseSettingsSource,
     SettingsConfigDict,
 )
 
-from kvstack.common.config import ConfigError, build, read_config_file
+from kvstack.common.config import ConfigError, build_layered, read_config_file, split_comma_list
 from kvstack.engine.serve.managed import SECRET_FLAGS, colliding_env, colliding_flags, secret_flags
 
 ENV_PREFIX = "KVSTACK_ENGINE_"
@@ -126,12 +125,6 @@ def _secret_flag_re(flag: str) -> re.Pattern[str]:
     return re.compile(rf"(?<![\w-])--{words}(?![\w-])")
 
 
-def _split_names(value: Any) -> Any:
-    if isinstance(value, str):
-        return [name.strip() for name in value.split(",") if name.strip()]
-    return value
-
-
 def _parse_args(value: Any) -> Any:
     # From the environment: a JSON list, or a shell-quoted string.
     if isinstance(value, str):
@@ -183,19 +176,6 @@ class EngineConfig(BaseSettings):
     extra_args: Annotated[list[str], NoDecode] = Field(default_factory=list)
     extra_env: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict)
 
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        # The file's values arrive as init arguments; the environment overrides them, so one
-        # ConfigMap can serve many pods that differ only in a few env vars.
-        return env_settings, init_settings
-
     @field_validator("api_key", "max_model_len", mode="before")
     @classmethod
     def _unset(cls, value: Any) -> Any:
@@ -213,10 +193,7 @@ class EngineConfig(BaseSettings):
         # Environment values are strings, and a Literal of ints does not coerce them.
         return int(value) if isinstance(value, str) and value.strip().isdigit() else value
 
-    @field_validator("served_model_name", mode="before")
-    @classmethod
-    def _names(cls, value: Any) -> Any:
-        return _split_names(value)
+    _names = field_validator("served_model_name", mode="before")(split_comma_list)
 
     @field_validator("python_hash_seed", mode="before")
     @classmethod
@@ -324,4 +301,6 @@ def load_config(path: Path | None = None) -> EngineConfig:
         raise ConfigError(f"invalid engine config: unknown environment variables {', '.join(unknown)}")
     values = read_config_file(path) if path is not None else {}
     source = f"engine config ({path} + {ENV_PREFIX}* environment)" if path else "engine config"
-    return build(EngineConfig, source, **values)
+    # The environment overrides the file, so one ConfigMap can serve many pods that differ only in
+    # a few env vars.
+    return build_layered(EngineConfig, source, file_values=values, flags={})

@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator
 from typing import cast
 
 from kvstack.common.errors import OpenAIError
+from kvstack.common.tasks import BackgroundTask
 from kvstack.engine.sim.config import SimConfig
 from kvstack.engine.sim.generator import output_length, output_seed
 from kvstack.engine.sim.kv_cache import KVCache, engine_chain_root
@@ -72,27 +73,27 @@ class SimEngine:
         self._none_hash = engine_chain_root(config.block_hash_seed)
         self._reqs: dict[str, Req] = {}
         self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        self._step_loop = BackgroundTask("sim-engine-core", self._run, logger=log)
         self._lookups: set[asyncio.Task[None]] = set()
         self._late = 0.0005
         self.num_steps = 0
 
     # -- EngineCore surface ------------------------------------------------------------------
     async def start(self) -> None:
-        if self._task is not None:
+        if self._step_loop.running:
             return
         if self.lmcache is not None:
             self.lmcache.start()
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="sim-engine-core")
+        self._step_loop.start()
 
     async def stop(self) -> None:
-        tasks = [t for t in (self._task, *self._lookups) if t is not None]
-        for t in tasks:
+        lookups = list(self._lookups)
+        for t in lookups:
             t.cancel()
-        for t in tasks:
+        await self._step_loop.stop()
+        for t in lookups:
             with contextlib.suppress(asyncio.CancelledError):
                 await t
-        self._task = None
         for req in list(self._reqs.values()):
             self.abort(req.request_id)
             self.release(req)

@@ -25,6 +25,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from kvstack.common.config import comma_list
 from kvstack.router.engines import Endpoint
 
 ANNOTATION_PORT = "kvstack.dev/port"
@@ -150,7 +151,7 @@ def pod_endpoint(pod: PodInfo, names: PortNames) -> Endpoint | None:
     http = _port(notes.get(ANNOTATION_PORT)) or ports.get(names.http) or names.default_port
     events = _port(notes.get(ANNOTATION_KV_EVENTS_PORT)) or ports.get(names.kv_events)
     replay = _port(notes.get(ANNOTATION_KV_REPLAY_PORT)) or ports.get(names.kv_replay)
-    models = frozenset(m.strip() for m in notes.get(ANNOTATION_MODELS, "").split(",") if m.strip())
+    models = frozenset(comma_list(notes.get(ANNOTATION_MODELS, "")))
     return Endpoint(
         url=f"http://{host}:{http}",
         name=pod.name,

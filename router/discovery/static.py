@@ -32,10 +32,10 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from kvstack.common.config import ConfigError, describe_validation_error
+from kvstack.common.config import ConfigError, describe_validation_error, read_yaml_file
+from kvstack.common.tasks import BackgroundTask
 from kvstack.router.engines import Endpoint, EngineRegistry
 
 log = logging.getLogger(__name__)
@@ -105,11 +105,7 @@ def parse_endpoints(data: Any, *, source: str) -> list[Endpoint]:
 
 def load_endpoints_file(path: Path) -> list[Endpoint]:
     """Read and validate an engines file; ConfigError if unreadable or invalid."""
-    try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
-        raise ConfigError(f"cannot read engines file {path}: {err}") from err
-    return parse_endpoints(data, source=str(path))
+    return parse_endpoints(read_yaml_file(path, "engines file"), source=str(path))
 
 
 def merge_endpoints(*groups: Iterable[Endpoint]) -> list[Endpoint]:
@@ -152,7 +148,7 @@ class StaticDiscovery:
         )
         self._signature: tuple[int, int, int] | None = None
         self._file_endpoints: list[Endpoint] = []
-        self._task: asyncio.Task[None] | None = None
+        self._watcher = BackgroundTask("static-discovery", self._watch, logger=log)
         self._sighup_installed = False
         self.reloads = 0  # successful loads of the file, for tests and logs
 
@@ -163,9 +159,9 @@ class StaticDiscovery:
             self._file_endpoints = load_endpoints_file(self.file)
             self.reloads += 1
         self._publish()
-        if self.file is None or self._task is not None:
+        if self.file is None or self._watcher.running:
             return
-        self._task = asyncio.create_task(self._watch(), name="static-discovery")
+        self._watcher.start()
         if self.reload_on_sighup:
             loop = asyncio.get_running_loop()
             with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
@@ -177,11 +173,7 @@ class StaticDiscovery:
         if self._sighup_installed:
             asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
             self._sighup_installed = False
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await self._watcher.stop()
 
     async def run(self) -> None:
         """``start()`` and watch until cancelled."""

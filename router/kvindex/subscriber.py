@@ -13,6 +13,7 @@ counted and skipped; the loop never dies of one.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from zmq.utils.monitor import parse_monitor_message
 
 from kvstack.common.kv_events import REPLAY_END, decode_batch, decode_seq, encode_seq
+from kvstack.common.tasks import BackgroundTask
 from kvstack.router.engines import EngineState
 from kvstack.router.kvindex.index import KVIndex
 
@@ -80,7 +82,7 @@ def _receive(sock: zmq.Socket[bytes]) -> list[bytes] | None:
 @dataclass(slots=True)
 class _Feed:
     state: EngineState
-    task: asyncio.Task[None] | None = None
+    task: BackgroundTask | None = None  # None: the engine publishes no KV events
     next_seq: int | None = None  # None: nothing applied yet
     dup_floor: int = 0  # live batches in [dup_floor, next_seq) are replay duplicates
     cooldown_until: float = 0.0
@@ -129,7 +131,8 @@ class KVEventSubscriber:
         feed = _Feed(state)
         self._feeds[url] = feed
         if ep.kv_events_endpoint is not None:
-            feed.task = asyncio.get_running_loop().create_task(self._run(feed), name=f"kv-events {url}")
+            feed.task = BackgroundTask(f"kv-events {url}", functools.partial(self._run, feed), logger=log)
+            feed.task.start()
 
     def remove_engine(self, url: str) -> None:
         """Stop following an engine that left and forget its blocks."""
@@ -142,16 +145,7 @@ class KVEventSubscriber:
         """Stop every feed and wait (boundedly) for their sockets to close."""
         tasks = [f.task for f in self._feeds.values() if f.task is not None]
         self._feeds.clear()
-        for t in tasks:
-            t.cancel()
-        if tasks:
-            done, pending = await asyncio.wait(tasks, timeout=_CLOSE_TIMEOUT_S)
-            for t in done:
-                if not t.cancelled() and t.exception() is not None:
-                    log.warning("KV-event feed %s had failed", t.get_name(), exc_info=t.exception())
-            for t in pending:  # a feed that ignored its cancellation: never hang the caller
-                log.warning("KV-event feed %s did not stop within %g s", t.get_name(), _CLOSE_TIMEOUT_S)
-                t.cancel()
+        await asyncio.gather(*(t.stop(grace=_CLOSE_TIMEOUT_S) for t in tasks))
 
     # -- one engine ----------------------------------------------------------------------------
 
@@ -237,14 +231,18 @@ class KVEventSubscriber:
         feed.dup_floor = seq + 1  # live caught up: anything older now means a restart
         return True
 
+    def _seq(self, frames: list[bytes]) -> int | None:
+        """The sequence number of a ``[topic, seq, batch]`` message; None, counted, if malformed."""
+        if len(frames) == 3:
+            try:
+                return decode_seq(frames[1])
+            except ValueError:
+                pass
+        self.counters.malformed += 1
+        return None
+
     async def _on_live(self, feed: _Feed, frames: list[bytes]) -> None:
-        if len(frames) != 3:
-            self.counters.malformed += 1
-            return
-        try:
-            seq = decode_seq(frames[1])
-        except ValueError:
-            self.counters.malformed += 1
+        if (seq := self._seq(frames)) is None:
             return
         if feed.resync:  # the new process's first batches may have gone out before we reconnected
             await self._replay(feed, 0, rebuild=True)
@@ -316,15 +314,9 @@ class KVEventSubscriber:
             while True:
                 async with asyncio.timeout(timeout):
                     frames = await dealer.recv_multipart()
-                if len(frames) != 3:
-                    self.counters.malformed += 1
-                    continue
-                if frames[1] == REPLAY_END:
+                if len(frames) == 3 and frames[1] == REPLAY_END:
                     break
-                try:
-                    seq = decode_seq(frames[1])
-                except ValueError:
-                    self.counters.malformed += 1
+                if (seq := self._seq(frames)) is None:
                     continue
                 if first is None and rebuild and seq == 0:
                     feed.resync = False

@@ -1,8 +1,10 @@
 #!/bin/bash
-# On the GPU machine, after scripts/gpu/setup.sh: Redis, two real vLLM 0.24 + LMCache engines started
-# through `kvstack engine serve`, then the proof (src/kvstack/bench/gpu.py) with the router in front.
+# On the GPU machine, once vLLM 0.24 + LMCache are installed in /tmp/site, redis-server unpacked under
+# /tmp/redisroot and the model written to /tmp/model: Redis, two real engines started through
+# `kvstack engine serve`, then the proof (`kvstack bench gpu`, src/kvstack/bench/gpu.py) with the router in front.
 #   bash scripts/gpu/device.sh start            Redis + both engines (setsid: they outlive the call)
 #   bash scripts/gpu/device.sh proof ARGS...    the proof over the running engines, results in $OUT
+#   bash scripts/gpu/device.sh calib ARGS...    the same traces on two simulators sized like the engines
 #   bash scripts/gpu/device.sh logs             engine log tails into $OUT
 set -u
 export PYTHONPATH=/tmp/site:$PWD/src VLLM_USE_FLASHINFER_SAMPLER=0 HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
@@ -10,8 +12,8 @@ export PATH=/tmp/bin:$PATH
 LOGS=/tmp/gpulogs
 REDIS_PORT=6390
 # LMCache CPU buffer per engine (GB): 5 filled within minutes on the first long run and stalled stores
+LMCACHE_CPU_GB=${LMCACHE_CPU_GB:-20}
 mkdir -p "$LOGS" /tmp/bin "${OUT:-/tmp/out}"
-python3 scripts/gpu/wire_tokenizer.py || exit 1
 
 engine_yaml() {  # $1 index
   local i=$1
@@ -23,7 +25,7 @@ port: $((8100 + i))
 max_model_len: 32768
 gpu_memory_utilization: 0.3
 kv_events: {enabled: true, endpoint: "tcp://*:$((5557 + 2 * i))", replay_endpoint: "tcp://*:$((5558 + 2 * i))", topic: kv-events}
-lmcache: {remote_url: "redis://127.0.0.1:$REDIS_PORT", max_local_cpu_size: ${LMCACHE_CPU_GB:-20}}
+lmcache: {remote_url: "redis://127.0.0.1:$REDIS_PORT", max_local_cpu_size: $LMCACHE_CPU_GB}
 python_hash_seed: "0"
 extra_args: [--load-format, dummy]
 extra_env: {VLLM_USE_FLASHINFER_SAMPLER: "0", HF_HUB_OFFLINE: "1"}
@@ -67,7 +69,7 @@ YAML
 }
 
 proof() {
-  timeout "${PROOF_TIMEOUT:-420}" python3 scripts/gpu/proof.py --engines-file $LOGS/engines.yaml --model kvstack-8b \
+  timeout "${PROOF_TIMEOUT:-420}" python3 -m kvstack bench gpu --engines-file $LOGS/engines.yaml --model kvstack-8b \
     --out "$OUT" "$@" 2>&1 | tee -a "$OUT/proof.log"
 }
 
@@ -78,7 +80,7 @@ from kvstack.bench import promtext
 from kvstack.bench.gpu import _num_gpu_blocks
 print(_num_gpu_blocks(promtext.scrape('http://127.0.0.1:8100/metrics')) or 0)")
   echo "simulators with $blocks KV blocks each"
-  PROOF_TIMEOUT=${PROOF_TIMEOUT:-420} timeout "${PROOF_TIMEOUT:-420}" python3 scripts/gpu/proof.py --sims 2 \
+  PROOF_TIMEOUT=${PROOF_TIMEOUT:-420} timeout "${PROOF_TIMEOUT:-420}" python3 -m kvstack bench gpu --sims 2 \
     --sim-blocks "$blocks" --model kvstack-8b --label sim --out "$OUT" "$@" 2>&1 | tee -a "$OUT/calib.log"
 }
 
