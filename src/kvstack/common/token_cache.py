@@ -49,11 +49,12 @@ def digest(domain: bytes, parts: Sequence[str | bytes]) -> int:
     and the domain keeps inputs of different kinds (a completion's text, a chat message) apart.
     """
     h = xxhash.xxh3_128(domain)
+    update = h.update
     for part in parts:
         data = part.encode("utf-8", "surrogatepass") if isinstance(part, str) else part
-        h.update(len(data).to_bytes(8, "little"))
-        h.update(data)
-    return int(h.intdigest())
+        update(len(data).to_bytes(8, "little"))
+        update(data)
+    return h.intdigest()
 
 
 def digest_of_digests(domain: bytes, parts: Sequence[int]) -> int:
@@ -61,7 +62,7 @@ def digest_of_digests(domain: bytes, parts: Sequence[int]) -> int:
     h = xxhash.xxh3_128(domain)
     for part in parts:
         h.update(part.to_bytes(16, "little"))
-    return int(h.intdigest())
+    return h.intdigest()
 
 
 def _cost(tokens: Tokens) -> int:

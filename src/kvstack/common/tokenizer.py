@@ -118,12 +118,12 @@ def token_str(tid: int) -> str:
 # Rendered chat messages: a system prompt or a document repeats across requests and is long, and
 # exactly what prefix caching serves. The simulator renders on its event loop only.
 MESSAGES = TokenCache(16 * MB)
-_MESSAGE = b"m"  # the digest domain of one (role, content) message
+MESSAGE_DOMAIN = b"m"  # the digest domain of one (role, content) message
 
 
 def message_digest(role: str, content: str) -> int:
     """The cache key of one rendered message (the router keys its message cache the same way)."""
-    return digest(_MESSAGE, (role, content))
+    return digest(MESSAGE_DOMAIN, (role, content))
 
 
 def render_message(role: str, content: str) -> Tokens:
