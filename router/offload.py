@@ -24,7 +24,8 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import TypeVar
 
-from kvstack.router.prompts import PromptCache, PromptWork, Tokens, render_message, tokenize
+from kvstack.common.token_cache import Tokens
+from kvstack.router.prompts import PromptCache, PromptWork, render_message, tokenize
 
 log = logging.getLogger(__name__)
 _In = TypeVar("_In")

@@ -15,11 +15,11 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from kvstack.common.token_cache import Tokens
 from kvstack.router.context import RouterContext
 from kvstack.router.prompts import (
     KnownPrefix,
     PromptWork,
-    Tokens,
     known_prefix,
     prompt_work,
     render_missing,

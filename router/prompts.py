@@ -34,8 +34,6 @@ from kvstack.common.token_cache import MB, TokenCache, Tokens, as_tokens, digest
 if TYPE_CHECKING:
     from kvstack.router.protocol import Kind, ParsedRequest
 
-__all__ = ["TokenCache", "Tokens", "as_tokens"]
-
 # Digest domains: a completion prompt never matches a chat, nor a whole chat (it ends with the
 # generation prompt) the known start of one (:func:`known_prefix`: BOS and whole messages only). A
 # plain message is keyed as the simulator keys it (:func:`tokenizer.message_digest`); one with more

@@ -11,7 +11,6 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import httpx
 import openai
 import pytest
 from tests.conftest import free_port
@@ -50,15 +49,11 @@ class Client(openai.OpenAI):
 
     def __init__(self, r: RouterServer) -> None:
         self.sent = 0
-        http = httpx.Client(timeout=30, event_hooks={"request": [self._count]})
+        http = openai.DefaultHttpxClient(timeout=30, event_hooks={"request": [self._count]})
         super().__init__(base_url=f"{r.url}/v1", api_key="unused", max_retries=2, http_client=http)
 
-    def _count(self, request: httpx.Request) -> None:
+    def _count(self, request: object) -> None:
         self.sent += 1
-
-
-def client(r: RouterServer) -> Client:
-    return Client(r)
 
 
 def answered(r: RouterServer, status: int) -> float:
@@ -87,7 +82,7 @@ def assert_refused(r: RouterServer, c: Client, send: Callable[[], object], field
 
 @pytest.mark.parametrize("prompt", HOSTILE, ids=IDS)
 def test_completions(server: RouterServer, prompt: Any) -> None:
-    c = client(server)
+    c = Client(server)
     assert_refused(
         server, c, lambda: c.completions.create(model=MODEL, prompt=prompt, max_tokens=1), "prompt"
     )
@@ -95,21 +90,19 @@ def test_completions(server: RouterServer, prompt: Any) -> None:
 
 @pytest.mark.parametrize("prompt", HOSTILE, ids=IDS)
 def test_embeddings(server: RouterServer, prompt: Any) -> None:
-    c = client(server)
+    c = Client(server)
     assert_refused(server, c, lambda: c.embeddings.create(model=MODEL, input=prompt), "input")
 
 
 @pytest.mark.parametrize("prompt", HOSTILE, ids=IDS)
 def test_tokenize(server: RouterServer, prompt: Any) -> None:
-    c, body = client(server), {"model": MODEL, "prompt": prompt}
-    assert_refused(
-        server, c, lambda: c.post(f"{server.url}/tokenize", cast_to=httpx.Response, body=body), "prompt"
-    )
+    c, body = Client(server), {"model": MODEL, "prompt": prompt}
+    assert_refused(server, c, lambda: c.post(f"{server.url}/tokenize", cast_to=object, body=body), "prompt")
 
 
 def test_the_largest_token_id_is_left_to_the_engine(server: RouterServer) -> None:
     """2**32-1 fits the router's arrays: the engine, which knows its vocabulary, refuses it."""
-    c = client(server)
+    c = Client(server)
     with pytest.raises(openai.BadRequestError) as caught:
         c.completions.create(model=MODEL, prompt=[1, 4294967295], max_tokens=1)
     assert "out of vocabulary" in str(caught.value)
