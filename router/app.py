@@ -39,7 +39,7 @@ from kvstack.router.openapi import METRICS_RESPONSES, READY_RESPONSES, error_res
 from kvstack.router.policies import make_policy
 from kvstack.router.policies.base import Policy
 from kvstack.router.policy_metrics import PolicyCollector
-from kvstack.router.prompts import TokenCache
+from kvstack.router.prompts import PromptCache
 from kvstack.router.protocol import Kind
 from kvstack.router.proxy import ProxyEndpoint
 from kvstack.router.upstream import Timeouts, Upstream
@@ -118,7 +118,7 @@ def build_context(settings: RouterSettings, registry: EngineRegistry | None = No
         pairs.extend(read_keys_file(settings.api_keys_file))
     clock = time.monotonic
     metrics = RouterMetrics(registry, clock)
-    token_cache = TokenCache()
+    token_cache = PromptCache()
     metrics.registry.register(PolicyCollector(policy, token_cache))
     return RouterContext(
         settings=settings,

@@ -14,7 +14,7 @@ from kvstack.router.limits import AdmissionQueue, KeyLimiter
 from kvstack.router.metrics import RouterMetrics
 from kvstack.router.offload import TokenizerPool
 from kvstack.router.policies.base import Policy
-from kvstack.router.prompts import TokenCache
+from kvstack.router.prompts import PromptCache
 from kvstack.router.upstream import Upstream
 
 REQUEST_ID_KEY = "kvstack.request_id"  # where the request-id middleware leaves the id in the ASGI scope
@@ -31,7 +31,7 @@ class RouterContext:
     clock: Callable[[], float] = time.monotonic
     upstream: Upstream | None = None  # opened in the app's lifespan, inside the event loop
     queues: dict[str, AdmissionQueue] = field(default_factory=dict)
-    token_cache: TokenCache = field(default_factory=TokenCache)  # prompt tokens for policies that ask
+    token_cache: PromptCache = field(default_factory=PromptCache)  # prompt tokens for policies that ask
     holds: Holds = field(default_factory=lambda: Holds((), 0))  # scale-from-zero waiters
     offload: TokenizerPool | None = None  # long prompts tokenized off the event loop (app lifespan)
 

@@ -7,10 +7,10 @@ median of 15, inline vs worker): 2K tokens 0.52 vs 0.45 ms (no gain: the picklin
 8K tokens 3.2 vs 0.6 ms, 34K tokens 6.3 vs 1.9 ms; the worker adds ~0.5-2 ms to that request's
 own latency. Hence a threshold in characters (``tokenize_offload_min_chars``, default ~5K tokens).
 
-A chat sends the worker only the messages the message cache (:attr:`TokenCache.messages`) lacks,
+A chat sends the worker only the messages the message cache (:attr:`PromptCache.messages`) lacks,
 and their tokens go into that cache, so a long system prompt or document is tokenized once and then
 costs every later request a lookup. A text
-prompt's tokens go into the router's :class:`TokenCache` (:meth:`TokenCache.put`). Any failure of
+prompt's tokens go into the router's :class:`PromptCache` (:meth:`TokenCache.put`). Any failure of
 the worker falls back to tokenizing inline.
 """
 
@@ -19,12 +19,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import multiprocessing
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import TypeVar
 
-from kvstack.router.prompts import PromptWork, TokenCache, Tokens, render_message, tokenize
+from kvstack.common.token_cache import Tokens
+from kvstack.router.prompts import PromptCache, PromptWork, render_message, tokenize
 
 log = logging.getLogger(__name__)
 _In = TypeVar("_In")
@@ -55,7 +56,7 @@ class TokenizerPool:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
 
-    async def prefetch(self, work: PromptWork | Sequence[int] | None, cache: TokenCache) -> None:
+    async def prefetch(self, work: PromptWork | Tokens | None, cache: PromptCache) -> None:
         """Tokenize a long, uncached prompt (:func:`prompt_work`'s answer) in the worker and leave
         its tokens in ``cache``."""
         if not isinstance(work, PromptWork) or work.digest in cache or self._pool is None:
@@ -69,8 +70,6 @@ class TokenizerPool:
         # A chat: only messages the message cache lacks cost anything (a long system prompt or
         # document is tokenized once, then every request reuses it), so only they go.
         messages = cache.messages
-        if messages is None:
-            return
         missing = [(d, m) for d, m in zip(work.parts, work.chat, strict=True) if d not in messages]
         if sum(len(c) for _, (_, c) in missing) < self.min_chars:
             return

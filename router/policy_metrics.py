@@ -14,8 +14,8 @@ from typing import Any
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from kvstack.common.token_cache import TokenCache
 from kvstack.router.policies.base import Policy
-from kvstack.router.prompts import TokenCache
 
 # attribute of the counters object -> (series name without _total, help)
 _SUBSCRIBER: tuple[tuple[str, str, str], ...] = (

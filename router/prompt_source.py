@@ -1,8 +1,10 @@
 """Where a request's prompt tokens come from, for policies that route on them.
 
-The built-in tokenizer (its caches, its worker process for long prompts, and the known prefix of a
-new chat turn) or the engine's ``/tokenize`` (falling back to the built-in one when no engine can
-answer). Each lookup is timed into ``kvstack_router_tokenize_seconds{policy,source}``.
+The prompt is selected once (:func:`~kvstack.router.prompts.prompt_work`); token ids sent as such
+are used as they are. Text and chats go to the built-in tokenizer (its caches, its worker process
+for long prompts, and the known prefix of a new chat turn) or the engine's ``/tokenize`` (falling
+back to the built-in one when no engine can answer). Each lookup is timed into
+``kvstack_router_tokenize_seconds{policy,source}``.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from kvstack.common.token_cache import Tokens
 from kvstack.router.context import RouterContext
 from kvstack.router.prompts import (
     KnownPrefix,
@@ -23,7 +26,7 @@ from kvstack.router.prompts import (
     work_tokens,
 )
 from kvstack.router.protocol import ParsedRequest
-from kvstack.router.tokenizers import EngineTokenizer, TokenizeError, request_tokens
+from kvstack.router.tokenizers import EngineTokenizer, TokenizeError
 
 log = logging.getLogger(__name__)
 
@@ -56,41 +59,35 @@ class PromptSource:
         found = await self._tokens(request)
         self._observe(policy, t0, builtin_runs)
         if isinstance(found, KnownPrefix):
-            assert self.ctx.token_cache.messages is not None
             after_send(render_missing, found, self.ctx.token_cache.messages)
             return found.tokens, found.total
         return found, None
 
-    async def _tokens(self, request: ParsedRequest) -> Sequence[int] | KnownPrefix | None:
+    async def _tokens(self, request: ParsedRequest) -> Tokens | KnownPrefix | None:
         """Prompt tokens as the engine prefills them (its /tokenize when so configured)."""
+        work = prompt_work(request)
+        if not isinstance(work, PromptWork):
+            return work  # token ids as sent, or no prompt: nothing to tokenize
         ctx = self.ctx
         if ctx.settings.tokenizer == "builtin" or ctx.upstream is None:
-            return await self._builtin(request)
+            return await self._builtin(work)
         if self.engine_tokenizer is None:
             self.engine_tokenizer = EngineTokenizer(ctx.upstream, self._engines)
         try:
-            return await request_tokens(self.engine_tokenizer, request)
+            return await self.engine_tokenizer.tokens(request.model or "", work)
         except TokenizeError as err:
             log.warning("engine tokenizer failed, using the built-in one: %s", err)
-            return await self._builtin(request)
+            return await self._builtin(work)
 
-    async def _builtin(self, request: ParsedRequest) -> Sequence[int] | KnownPrefix | None:
-        """The built-in tokenizer's tokens, or a new chat turn's known prefix; the prompt's digest
-        (the caches' key) is computed once."""
+    async def _builtin(self, work: PromptWork) -> Tokens | KnownPrefix:
+        """The built-in tokenizer's tokens, or a new chat turn's known prefix."""
         ctx = self.ctx
         cache = ctx.token_cache
         self.builtin_runs += 1
-        work = prompt_work(request)
         if ctx.offload is not None:
             await ctx.offload.prefetch(work, cache)  # a long prompt: off the event loop
         limit = ctx.settings.tokenize_defer_max_chars
-        if (
-            limit
-            and isinstance(work, PromptWork)
-            and work.chat is not None
-            and cache.messages is not None
-            and work.digest not in cache
-        ):
+        if limit and work.chat is not None and work.digest not in cache:
             prefix = known_prefix(work, cache, limit)
             if prefix is not None:
                 return prefix

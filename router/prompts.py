@@ -1,117 +1,123 @@
-"""A request's prompt as policies see it: token ids (cache-aware) or text (prefix_trie).
+"""A request's prompt, selected once: what in a request is the prompt, its digest, and its tokens.
 
-Token ids are uint32 arrays (``array("I")``): block keys hash their bytes in place, and a chat's
-prompt is its messages' arrays joined by ``memcpy``, with no int objects made per token. Two
-caches, both keyed by 128-bit digests computed once per request (:func:`prompt_work`):
+:func:`prompt_work` is the one place that reads the prompt out of a request (a chat's messages, a
+completion's or an embedding's first prompt, or token ids as sent). :func:`check_prompt`, which
+request parsing runs on every request, is where a prompt's shape and token ids are checked, so a bad
+one is a 400 naming its field before any routing work. Policies see token ids (cache-aware) or text
+(prefix_trie).
 
-* whole prompts: a repeated prompt comes back as the *same* array object, so the policy's block-key
-  cache finds its keys by identity in O(1) instead of hashing the whole prompt again;
-* chat messages: a shared system prompt, a document or the earlier turns of a chat are rendered
-  once; a new request tokenizes only its new messages.
+Tokens are uint32 arrays (:mod:`kvstack.common.token_cache`). Two caches, both keyed by 128-bit
+digests computed once per request:
 
-Both are bounded by entries and by the tokens they hold, so long unique prompts cannot grow them
-without limit.
+* whole prompts (:class:`PromptCache`): a repeated prompt comes back as the *same* array object, so
+  the policy's block-key cache finds its keys by identity in O(1) instead of hashing it again;
+* chat messages (:attr:`PromptCache.messages`): a shared system prompt, a document or the earlier
+  turns of a chat are rendered once; a new request tokenizes only its new messages.
+
+An engine's ``/tokenize`` answers are cached under :func:`engine_key`, the same digest scoped by
+model (:mod:`.tokenizers`).
 """
 
 from __future__ import annotations
 
 from array import array
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import xxhash
+import msgspec
 
 from kvstack.common import tokenizer
-from kvstack.router.protocol import ParsedRequest
-
-# Digest domains: a completion prompt never matches a chat, nor a whole chat (it ends with the
-# generation prompt) the known start of one (:func:`known_prefix`: BOS and whole messages only).
-_TEXT, _CHAT, _MESSAGE, _START = b"t", b"c", b"m", b"s"
-_BOS = array("I", [tokenizer.BOS_ID])
-_GENERATION = array("I", tokenizer.GENERATION_PROMPT)
+from kvstack.common.errors import OpenAIError
+from kvstack.common.token_cache import MB, TokenCache, Tokens, as_tokens, digest, digest_of_digests
 
 if TYPE_CHECKING:
-    Tokens = array[int]  # array("I"): one uint32 per token id
-else:
-    Tokens = array
+    from kvstack.router.protocol import Kind, ParsedRequest
+
+# Digest domains: a completion prompt never matches a chat, nor a whole chat (it ends with the
+# generation prompt) the known start of one (:func:`known_prefix`: BOS and whole messages only). A
+# plain message is keyed as the simulator keys it (:func:`tokenizer.message_digest`); one with more
+# than a role and a text content by its JSON, which an engine's chat template may read all of.
+_TEXT, _CHAT, _MESSAGE_JSON, _START, _ENGINE, _MODEL = b"t", b"c", b"j", b"s", b"e", b"M"
+_MESSAGE = tokenizer.MESSAGE_DOMAIN
+_BOS = array("I", [tokenizer.BOS_ID])
+_GENERATION = array("I", tokenizer.GENERATION_PROMPT)
+_encode = msgspec.json.encode
+
+# which field holds the prompt, per endpoint (tokenize accepts either prompt or messages)
+PROMPT_FIELD: dict[Kind, str] = {"chat": "messages", "completion": "prompt", "embedding": "input"}
+MAX_TOKEN_ID = 2**32 - 1  # block keys hash each id as a uint32
+_convert = msgspec.convert
 
 
-def as_tokens(ids: Sequence[int]) -> Tokens:
-    """``ids`` as a uint32 array (the same object when it already is one)."""
-    if isinstance(ids, array) and ids.typecode == "I":
-        return ids
-    return array("I", ids)
+class PromptCache(TokenCache):
+    """Whole prompts' tokens (a :class:`TokenCache`), with the rendered chat messages they are
+    joined from in :attr:`messages` (twice the budget: a system prompt or a document repeats far
+    more than whole prompts do).
 
-
-class TokenCache:
-    """LRU of ``digest -> token array``, at most ``max_entries`` entries and ``max_tokens`` tokens.
-
-    A held token costs 4 bytes, so the default budget bounds the cache near 8 MB: sixty 32K-token
-    documents, or 4096 short chats. :attr:`messages` holds rendered chat messages the same way.
+    The default budget holds sixty 32K-token documents, or about 4,000 short chats.
     """
 
-    def __init__(
-        self, max_entries: int = 4096, max_tokens: int = 2_000_000, *, messages: bool = True
-    ) -> None:
-        if max_entries <= 0 or max_tokens <= 0:
-            raise ValueError("max_entries and max_tokens must be positive")
-        self.max_entries = max_entries
-        self.max_tokens = max_tokens
-        self._entries: OrderedDict[int, Tokens] = OrderedDict()
-        self.tokens = 0  # held, summed over entries
-        self.hits = 0
-        self.misses = 0
-        self._fresh: tuple[int, Tokens] | None = None  # the last put(), for the get() after it
-        # rendered messages: a system prompt or a document repeats far more than whole prompts do
-        self.messages: TokenCache | None = (
-            TokenCache(2 * max_entries, 2 * max_tokens, messages=False) if messages else None
-        )
+    def __init__(self, max_bytes: int = 10 * MB) -> None:
+        super().__init__(max_bytes)
+        self.messages = TokenCache(2 * max_bytes)
 
-    def get(self, digest: int, make: Callable[[], Sequence[int]]) -> Tokens:
-        """The cached tokens for ``digest``, or ``make()``'s, remembered when they fit."""
-        fresh = self._fresh
-        if fresh is not None:
-            self._fresh = None
-            if fresh[0] == digest:
-                return fresh[1]  # just put(): that lookup was counted there
-        found = self._entries.get(digest)
-        if found is not None:
-            self._entries.move_to_end(digest)
-            self.hits += 1
-            return found
-        self.misses += 1
-        return self._remember(digest, as_tokens(make()))
 
-    def put(self, digest: int, tokens: Sequence[int]) -> Tokens:
-        """Remember tokens made elsewhere (a worker process); counts as the miss it was.
+# ---------------------------------------------------------------- what in a request is the prompt
 
-        The next :meth:`get` of ``digest`` returns them uncounted, even when they were too large to
-        keep. A concurrent twin that was put first wins, so identical prompts share one array.
-        """
-        found = self._entries.get(digest)
-        if found is None:
-            self.misses += 1
-            found = self._remember(digest, as_tokens(tokens))
-        self._fresh = (digest, found)
-        return found
 
-    def _remember(self, digest: int, made: Tokens) -> Tokens:
-        if len(made) > self.max_tokens:
-            return made  # larger than the whole budget: never evict everything for one prompt
-        self._entries[digest] = made
-        self.tokens += len(made)
-        while len(self._entries) > self.max_entries or self.tokens > self.max_tokens:
-            _, dropped = self._entries.popitem(last=False)
-            self.tokens -= len(dropped)
-        return made
+def token_ids(value: Any, field: str, where: str | None = None) -> Tokens | None:
+    """``value`` as token ids when it is a list of integers (None otherwise); a 400 naming
+    ``field`` when one of them cannot be a token id (below 0, above 2**32-1). ``where`` is the
+    list's place in the request, for the message (the field itself by default)."""
+    if not isinstance(value, list):
+        return None
+    try:
+        # msgspec refuses booleans, floats and the rest in C; the array, ids beyond uint32
+        return array("I", _convert(value, list[int]))
+    except msgspec.ValidationError:
+        return None
+    except OverflowError:
+        pass
+    for i, tid in enumerate(value):
+        if not 0 <= tid <= MAX_TOKEN_ID:
+            # a hostile id may have thousands of digits: never echo them all
+            shown = str(tid) if abs(tid) < 10**40 else f"an integer of {tid.bit_length()} bits"
+            raise OpenAIError(
+                400,
+                f"'{where or field}[{i}]' is {shown}: token ids are integers in 0..{MAX_TOKEN_ID}",
+                param=field,
+            )
+    raise AssertionError("unreachable: the array refused an id in range")
 
-    def __contains__(self, digest: object) -> bool:
-        return digest in self._entries
 
-    def __len__(self) -> int:
-        return len(self._entries)
+def check_prompt(prompt: Any, field: str) -> None:
+    """A completion's or an embedding's prompt: a string, strings, token ids, or lists of them;
+    a 400 naming ``field`` otherwise."""
+    if isinstance(prompt, str):
+        return
+    if isinstance(prompt, list) and prompt:
+        if all(isinstance(p, str) for p in prompt):
+            return
+        if isinstance(prompt[0], list):  # a batch of token id lists, none of them empty
+            if all(p and token_ids(p, field, f"{field}[{j}]") is not None for j, p in enumerate(prompt)):
+                return
+        elif token_ids(prompt, field) is not None:
+            return
+    raise OpenAIError(400, f"'{field}' must be a string, an array of strings, or token ids", param=field)
+
+
+def _has_messages(request: ParsedRequest) -> bool:
+    return request.kind == "chat" or (request.kind == "tokenize" and "messages" in request.body)
+
+
+def _first_prompt(request: ParsedRequest) -> tuple[str, Any]:
+    """The prompt's field and its (first) prompt: a batch's first prompt stands for the request."""
+    field = PROMPT_FIELD.get(request.kind, "prompt")  # tokenize: its prompt (messages: a chat)
+    prompt = request.body.get(field)
+    if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
+        return field, prompt[0]
+    return field, prompt
 
 
 def message_text(content: Any) -> str:
@@ -125,45 +131,12 @@ def message_text(content: Any) -> str:
     return ""
 
 
-def _chat_pairs(messages: list[dict[str, Any]]) -> list[tuple[str, str]]:
-    return [(str(m["role"]), message_text(m.get("content"))) for m in messages]
-
-
-def _digest(domain: bytes, parts: Sequence[str]) -> int:
-    # Length-prefixed parts: no choice of separator inside the texts can make two prompts collide.
-    h = xxhash.xxh3_128(domain)
-    for part in parts:
-        data = part.encode("utf-8", "surrogatepass")
-        h.update(len(data).to_bytes(8, "little"))
-        h.update(data)
-    return int(h.intdigest())
-
-
-def _parts_digest(domain: bytes, parts: Sequence[int]) -> int:
-    """One digest over message digests (fixed 16 bytes each, so no framing is needed)."""
-    h = xxhash.xxh3_128(domain)
-    for part in parts:
-        h.update(part.to_bytes(16, "little"))
-    return int(h.intdigest())
-
-
-def _has_messages(request: ParsedRequest) -> bool:
-    return request.kind == "chat" or (request.kind == "tokenize" and "messages" in request.body)
-
-
-def _first_prompt(request: ParsedRequest) -> Any:
-    body = request.body
-    prompt = body.get("prompt", body.get("input"))
-    if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
-        return prompt[0]  # a batch: the first prompt stands for the request
-    return prompt
-
-
 @dataclass(frozen=True, slots=True)
 class PromptWork:
     """A prompt to tokenize: its cache digest, its size in characters, and the tokenizer's input.
 
-    A chat also carries each message's digest (``parts``, aligned with ``chat``): the message cache's keys.
+    A chat carries its messages as sent (for an engine's chat template), their ``(role, text)``
+    pairs (for the built-in one) and each message's digest (``parts``, the message cache's keys).
     """
 
     digest: int
@@ -171,21 +144,43 @@ class PromptWork:
     chat: list[tuple[str, str]] | None = None
     text: str | None = None
     parts: tuple[int, ...] = ()
+    messages: list[dict[str, Any]] | None = None
 
 
-def prompt_work(request: ParsedRequest) -> PromptWork | Sequence[int] | None:
-    """What tokenizing the request's (first) prompt takes; token ids as sent; None without a prompt."""
+def prompt_work(request: ParsedRequest) -> PromptWork | Tokens | None:
+    """The request's (first) prompt: what tokenizing it takes, or its token ids as sent; None
+    without a prompt. Token ids come back as a uint32 array; ids no array can hold are a 400."""
     if _has_messages(request):
-        pairs = _chat_pairs(request.body["messages"])
-        parts = tuple(_digest(_MESSAGE, pair) for pair in pairs)
-        chars = sum(len(r) + len(c) for r, c in pairs)
-        return PromptWork(_parts_digest(_CHAT, parts), chars, chat=pairs, parts=parts)
-    prompt = _first_prompt(request)
+        messages: list[dict[str, Any]] = request.body["messages"]
+        chat: list[tuple[str, str]] = []
+        parts: list[int] = []
+        chars = 0
+        for m in messages:
+            role, content = str(m["role"]), m.get("content")
+            if content.__class__ is str and len(m) == 2:  # {"role", "content": text}: the usual
+                pair = (role, content)
+                parts.append(digest(_MESSAGE, pair))  # as the simulator keys it
+            else:
+                pair = (role, message_text(content))
+                parts.append(digest(_MESSAGE_JSON, (_encode(m),)))
+            chat.append(pair)
+            chars += len(role) + len(pair[1])
+        return PromptWork(digest_of_digests(_CHAT, parts), chars, chat, None, tuple(parts), messages)
+    field, prompt = _first_prompt(request)
     if isinstance(prompt, str):
-        return PromptWork(_digest(_TEXT, (prompt,)), len(prompt), text=prompt)
-    if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
-        return prompt  # token ids as sent
+        return PromptWork(digest(_TEXT, (prompt,)), len(prompt), text=prompt)
+    if isinstance(prompt, list) and prompt:
+        try:
+            return array("I", prompt)  # checked when the request was parsed (check_prompt)
+        except (OverflowError, TypeError):
+            return token_ids(prompt, field)  # a request not parsed: the 400 (or None) it deserves
     return None
+
+
+def engine_key(model: str, work: PromptWork) -> int:
+    """The cache key of an engine's tokens for ``work``: the prompt's digest, scoped by model (each
+    model has its own tokenizer and template)."""
+    return digest_of_digests(_ENGINE, (digest(_MODEL, (model,)), work.digest))
 
 
 def tokenize(work: PromptWork) -> Tokens:
@@ -198,7 +193,7 @@ def tokenize(work: PromptWork) -> Tokens:
 
 def render_message(message: tuple[str, str]) -> Tokens:
     """One chat message's tokens under the template (a plain function: it runs in a worker too)."""
-    return as_tokens(tokenizer.render_message(*message))
+    return tokenizer.render_message(*message)
 
 
 def _renderer(message: tuple[str, str]) -> Callable[[], Tokens]:
@@ -208,8 +203,8 @@ def _renderer(message: tuple[str, str]) -> Callable[[], Tokens]:
 def _joined(parts: Sequence[int], chat: Sequence[tuple[str, str]], messages: TokenCache | None) -> Tokens:
     """The BOS and these messages' arrays joined; only messages ``messages`` lacks are rendered."""
     out = array("I", _BOS)
-    for digest, message in zip(parts, chat, strict=True):
-        out += render_message(message) if messages is None else messages.get(digest, _renderer(message))
+    for key, message in zip(parts, chat, strict=True):
+        out += render_message(message) if messages is None else messages.get(key, _renderer(message))
     return out
 
 
@@ -241,7 +236,7 @@ class KnownPrefix:
     missing: tuple[tuple[int, tuple[str, str]], ...]
 
 
-def known_prefix(work: PromptWork, cache: TokenCache, max_tail_chars: int) -> KnownPrefix | None:
+def known_prefix(work: PromptWork, cache: PromptCache, max_tail_chars: int) -> KnownPrefix | None:
     """Route a new turn on what is already rendered: the prefix before its first unrendered message.
 
     None when every message is rendered (the whole prompt is then a cheap join) or when the messages
@@ -255,10 +250,9 @@ def known_prefix(work: PromptWork, cache: TokenCache, max_tail_chars: int) -> Kn
     """
     assert work.chat is not None
     messages = cache.messages
-    assert messages is not None
     known = 0
-    for digest in work.parts:
-        if digest not in messages:
+    for key in work.parts:
+        if key not in messages:
             break
         known += 1
     if known == len(work.parts):
@@ -268,26 +262,25 @@ def known_prefix(work: PromptWork, cache: TokenCache, max_tail_chars: int) -> Kn
     if chars > max_tail_chars:
         return None
     parts, chat = work.parts[:known], work.chat[:known]
-    out = cache.get(_parts_digest(_START, parts), lambda: _joined(parts, chat, messages))
+    out = cache.get(digest_of_digests(_START, parts), lambda: _joined(parts, chat, messages))
     estimate = chars // CHARS_PER_TOKEN + _TEMPLATE_TOKENS_PER_MESSAGE * len(tail) + len(_GENERATION)
     return KnownPrefix(out, len(out) + estimate, tuple(zip(work.parts[known:], tail, strict=True)))
 
 
 def render_missing(prefix: KnownPrefix, messages: TokenCache) -> None:
     """Render the messages :func:`known_prefix` left out, so the next turn finds them cached."""
-    for digest, message in prefix.missing:
-        messages.get(digest, _renderer(message))
+    for key, message in prefix.missing:
+        messages.get(key, _renderer(message))
 
 
-def prompt_token_ids(request: ParsedRequest, cache: TokenCache) -> Sequence[int] | None:
+def prompt_token_ids(request: ParsedRequest, cache: PromptCache) -> Tokens | None:
     """The prompt as the engine tokenizes it (first prompt of a batch); None when it has none."""
-    return work_tokens(prompt_work(request), cache)
+    work = prompt_work(request)
+    return work_tokens(work, cache) if isinstance(work, PromptWork) else work
 
 
-def work_tokens(work: PromptWork | Sequence[int] | None, cache: TokenCache) -> Sequence[int] | None:
-    """The tokens of :func:`prompt_work`'s answer (for a caller that already has it)."""
-    if not isinstance(work, PromptWork):
-        return work
+def work_tokens(work: PromptWork, cache: PromptCache) -> Tokens:
+    """The built-in tokenizer's tokens of ``work``, through ``cache``."""
     if work.chat is not None:
         return cache.get(work.digest, lambda: chat_tokens(work, cache.messages))
     return cache.get(work.digest, lambda: tokenize(work))
@@ -297,5 +290,5 @@ def prompt_text(request: ParsedRequest) -> str | None:
     """The prompt as text: a completion's (first) prompt, or a chat's message texts joined by newlines."""
     if _has_messages(request):
         return "\n".join(message_text(m.get("content")) for m in request.body["messages"])
-    prompt = _first_prompt(request)
+    _, prompt = _first_prompt(request)
     return prompt if isinstance(prompt, str) else None

@@ -13,13 +13,11 @@ from typing import Any, Literal
 import msgspec
 
 from kvstack.common.errors import OpenAIError, error_body
+from kvstack.router.prompts import PROMPT_FIELD, check_prompt, token_ids
 
 Kind = Literal["chat", "completion", "embedding", "tokenize", "detokenize"]
 
 _decode_json = msgspec.json.Decoder().decode
-
-# which field holds the prompt, per endpoint (tokenize accepts either prompt or messages)
-_PROMPT_FIELD: dict[Kind, str] = {"chat": "messages", "completion": "prompt", "embedding": "input"}
 
 
 @dataclass(slots=True)
@@ -83,21 +81,6 @@ def _check_content_parts(parts: list[Any], i: int) -> None:
             raise OpenAIError(400, f"'{where}.text' must be a string", param="messages")
 
 
-def _is_token_list(value: Any) -> bool:
-    return isinstance(value, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in value)
-
-
-def _check_prompt(prompt: Any, name: str) -> None:
-    ok = (
-        isinstance(prompt, str)
-        or (isinstance(prompt, list) and bool(prompt) and all(isinstance(p, str) for p in prompt))
-        or (_is_token_list(prompt) and bool(prompt))
-        or (isinstance(prompt, list) and bool(prompt) and all(_is_token_list(p) for p in prompt))
-    )
-    if not ok:
-        raise OpenAIError(400, f"'{name}' must be a string, an array of strings, or token ids", param=name)
-
-
 def parse_request(kind: Kind, raw: bytes) -> ParsedRequest:
     """Decode and validate the router's fields of one request; raises 400 ``OpenAIError``."""
     body = decode_body(raw)
@@ -109,18 +92,18 @@ def parse_request(kind: Kind, raw: bytes) -> ParsedRequest:
     if kind == "chat":
         _check_messages(body.get("messages"))
     elif kind in ("completion", "embedding"):
-        field = _PROMPT_FIELD[kind]
+        field = PROMPT_FIELD[kind]
         if field not in body:
             raise OpenAIError(400, f"'{field}' is required", param=field)
-        _check_prompt(body[field], field)
+        check_prompt(body[field], field)
     elif kind == "tokenize":
         if "messages" in body:
             _check_messages(body["messages"])
         elif "prompt" in body:
-            _check_prompt(body["prompt"], "prompt")
+            check_prompt(body["prompt"], "prompt")
         else:
             raise OpenAIError(400, "'prompt' or 'messages' is required", param="prompt")
-    elif kind == "detokenize" and not _is_token_list(body.get("tokens")):
+    elif kind == "detokenize" and token_ids(body.get("tokens"), "tokens") is None:
         raise OpenAIError(400, "'tokens' must be an array of token ids", param="tokens")
     stream = body.get("stream", False)
     if stream is None:

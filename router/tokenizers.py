@@ -1,11 +1,13 @@
-"""Prompt token ids for the cache-aware policy: kvstack's built-in tokenizer, or the engine's own.
+"""Prompt token ids from the engine's own tokenizer, for the cache-aware policy (``tokenizer: engine``).
 
 Block keys are hashed from token ids, and the KV events an engine publishes carry *its* token ids.
 The simulator tokenizes with :mod:`kvstack.common.tokenizer`, so the built-in tokenizer agrees with
 it token for token. Real vLLM uses the model's HF tokenizer and chat template: the router must then
 ask an engine (``POST /tokenize``), or its block keys never match the engines' and it predicts no
-hits. :class:`EngineTokenizer` does that through the router's shared upstream client, remembering
-answers in a bounded LRU keyed by a digest of the input, so a repeated prompt costs no round trip.
+hits. :class:`EngineTokenizer` does that through the router's shared upstream client, for the prompt
+:func:`~kvstack.router.prompts.prompt_work` selected, remembering answers in a
+:class:`~kvstack.common.token_cache.TokenCache` under :func:`~kvstack.router.prompts.engine_key`
+(the prompt's digest, scoped by model), so a repeated prompt costs no round trip.
 
 The ``/tokenize`` fields are set explicitly to what vLLM 0.24's generation endpoints render:
 ``/v1/chat/completions`` applies the chat template with ``add_generation_prompt=True`` and adds no
@@ -16,17 +18,15 @@ special tokens of its own (the template holds the BOS); ``/v1/completions`` adds
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict
+from array import array
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from typing import Any
 
 import httpx
 import msgspec
-import xxhash
 
-from kvstack.common import tokenizer as builtin
-from kvstack.router.prompts import message_text
-from kvstack.router.protocol import ParsedRequest
+from kvstack.common.token_cache import TokenCache, Tokens
+from kvstack.router.prompts import PromptWork, engine_key
 from kvstack.router.upstream import Upstream, UpstreamError
 
 log = logging.getLogger(__name__)
@@ -39,64 +39,6 @@ _decode = msgspec.json.Decoder().decode
 
 class TokenizeError(Exception):
     """No engine could tokenize the prompt (all unreachable, or all answered with an error)."""
-
-
-class Tokenizer(Protocol):
-    """Turns a chat or a completion prompt into the token ids the engine will prefill."""
-
-    async def chat(self, model: str, messages: Messages) -> Sequence[int]: ...
-
-    async def completion(self, model: str, prompt: str) -> Sequence[int]: ...
-
-
-class BuiltinTokenizer:
-    """kvstack's own tokenizer and Llama-3-style template: what the simulator uses."""
-
-    async def chat(self, model: str, messages: Messages) -> Sequence[int]:
-        pairs = [(str(m.get("role", "")), message_text(m.get("content"))) for m in messages]
-        return builtin.apply_chat_template(pairs, add_generation_prompt=True)
-
-    async def completion(self, model: str, prompt: str) -> Sequence[int]:
-        return builtin.encode(prompt)  # the simulator adds no BOS to text prompts
-
-
-class LRU:
-    """``digest -> token tuple``, at most ``max_entries`` entries and ``max_tokens`` tokens held."""
-
-    def __init__(self, max_entries: int = 4096, max_tokens: int = 2_000_000) -> None:
-        if max_entries <= 0 or max_tokens <= 0:
-            raise ValueError("max_entries and max_tokens must be positive")
-        self.max_entries, self.max_tokens = max_entries, max_tokens
-        self._items: OrderedDict[int, tuple[int, ...]] = OrderedDict()
-        self.tokens = self.hits = self.misses = 0
-
-    def get(self, key: int) -> tuple[int, ...] | None:
-        found = self._items.get(key)
-        if found is None:
-            self.misses += 1
-            return None
-        self._items.move_to_end(key)
-        self.hits += 1
-        return found
-
-    def put(self, key: int, tokens: tuple[int, ...]) -> None:
-        if len(tokens) > self.max_tokens or key in self._items:
-            return  # never evict everything for one prompt
-        self._items[key] = tokens
-        self.tokens += len(tokens)
-        while len(self._items) > self.max_entries or self.tokens > self.max_tokens:
-            _, dropped = self._items.popitem(last=False)
-            self.tokens -= len(dropped)
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-
-def input_digest(kind: str, model: str, payload: Any) -> int:
-    """A 128-bit digest of one tokenizer input; the kind and model are part of it."""
-    h = xxhash.xxh3_128(kind.encode())
-    h.update(_encode([model, payload]))
-    return int(h.intdigest())
 
 
 def tokenize_body(model: str, *, messages: Messages | None = None, prompt: str | None = None) -> bytes:
@@ -113,13 +55,14 @@ def tokenize_body(model: str, *, messages: Messages | None = None, prompt: str |
     return _encode(body)
 
 
-def parse_tokens(raw: bytes) -> tuple[int, ...]:
+def parse_tokens(raw: bytes) -> Tokens:
     """The ``tokens`` of a ``/tokenize`` answer; ``ValueError`` when there are none."""
     data = _decode(raw)
     tokens = data.get("tokens") if isinstance(data, dict) else None
-    if not isinstance(tokens, list) or not all(isinstance(t, int) for t in tokens):
-        raise ValueError("the /tokenize answer has no 'tokens' list")
-    return tuple(tokens)
+    try:
+        return array("I", msgspec.convert(tokens, list[int]))
+    except (msgspec.ValidationError, OverflowError):
+        raise ValueError("the /tokenize answer has no 'tokens' list of token ids") from None
 
 
 Client = Upstream | httpx.AsyncClient
@@ -148,33 +91,29 @@ class EngineTokenizer:
         self,
         client: Client,
         endpoints: Callable[[str], Sequence[str]],
-        cache: LRU | None = None,
+        cache: TokenCache | None = None,
         max_tries: int = 2,
     ) -> None:
         self._client = client
         self._endpoints = endpoints
-        self.cache = cache if cache is not None else LRU()
+        self.cache = cache if cache is not None else TokenCache()
         self._max_tries = max_tries
         self.requests = 0  # round trips made (cache misses that reached an engine)
         self.failures = 0
 
-    async def chat(self, model: str, messages: Messages) -> Sequence[int]:
-        key = input_digest("chat", model, list(messages))
-        return await self._cached(key, model, tokenize_body(model, messages=messages))
-
-    async def completion(self, model: str, prompt: str) -> Sequence[int]:
-        key = input_digest("completion", model, prompt)
-        return await self._cached(key, model, tokenize_body(model, prompt=prompt))
-
-    async def _cached(self, key: int, model: str, body: bytes) -> tuple[int, ...]:
-        found = self.cache.get(key)
+    async def tokens(self, model: str, work: PromptWork) -> Tokens:
+        """The tokens the engine prefills for ``work`` (a chat, or a text prompt), cached."""
+        key = engine_key(model, work)
+        found = self.cache.find(key)
         if found is not None:
             return found
-        tokens = await self._ask(model, body)
-        self.cache.put(key, tokens)
-        return tokens
+        if work.messages is not None:
+            body = tokenize_body(model, messages=work.messages)
+        else:
+            body = tokenize_body(model, prompt=work.text or "")
+        return self.cache.put(key, await self._ask(model, body))
 
-    async def _ask(self, model: str, body: bytes) -> tuple[int, ...]:
+    async def _ask(self, model: str, body: bytes) -> Tokens:
         last = "no engine serves the model"
         for url in list(self._endpoints(model))[: self._max_tries]:
             self.requests += 1
@@ -187,18 +126,3 @@ class EngineTokenizer:
                 last = f"{url}: {type(err).__name__}: {err}"
             self.failures += 1
         raise TokenizeError(f"could not tokenize for model {model!r}: {last}")
-
-
-async def request_tokens(tokenizer: Tokenizer, request: ParsedRequest) -> Sequence[int] | None:
-    """The request's prompt tokens (the first prompt of a batch); None when it has none."""
-    body, model = request.body, request.model or ""
-    if request.kind == "chat" or (request.kind == "tokenize" and "messages" in body):
-        return await tokenizer.chat(model, body["messages"])
-    prompt = body.get("prompt", body.get("input"))
-    if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
-        prompt = prompt[0]  # a batch: the first prompt stands for the request
-    if isinstance(prompt, str):
-        return await tokenizer.completion(model, prompt)
-    if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
-        return prompt  # token ids as sent
-    return None

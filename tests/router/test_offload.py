@@ -13,8 +13,8 @@ import pytest
 from kvstack.common import tokenizer
 from kvstack.router.offload import TokenizerPool
 from kvstack.router.prompts import (
+    PromptCache,
     PromptWork,
-    TokenCache,
     prompt_token_ids,
     prompt_work,
     tokenize,
@@ -80,7 +80,7 @@ def test_worker_tokens_are_the_inline_tokens_and_one_shared_array() -> None:
         pool = TokenizerPool(min_chars=1000)
         await pool.start()
         try:
-            cache = TokenCache()
+            cache = PromptCache()
             long = long_text()
             for body in (chat(long), {"model": MODEL, "prompt": long}):
                 request = parse_request("chat" if "messages" in body else "completion", _json(body))
@@ -108,18 +108,6 @@ def test_worker_tokens_are_the_inline_tokens_and_one_shared_array() -> None:
     asyncio.run(scenario())
 
 
-def test_put_keeps_the_first_array_and_hands_oversized_tokens_over_once() -> None:
-    cache = TokenCache(max_entries=4, max_tokens=5)
-    first = cache.put(1, (1, 2, 3))
-    assert cache.get(1, lambda: (9,)) is first  # uncounted: put() counted the miss
-    assert cache.put(1, (1, 2, 3)) is first  # a concurrent twin: the cached array wins
-    assert (cache.misses, cache.hits) == (1, 0)
-    big = cache.put(2, tuple(range(10)))
-    assert 2 not in cache
-    assert cache.get(2, lambda: (9,)) is big
-    assert list(cache.get(2, lambda: (9,))) == [9]  # not kept: made again next time
-
-
 def _json(body: Mapping[str, object]) -> bytes:
     return msgspec.json.encode(body)
 
@@ -132,8 +120,7 @@ def test_a_chat_sends_only_its_unknown_messages_and_they_are_remembered() -> Non
             system, document = long_text(), long_text()
             msgs = [("system", system), ("user", document)]
             body = {"model": MODEL, "messages": [{"role": r, "content": c} for r, c in msgs]}
-            cache = TokenCache()
-            assert cache.messages is not None
+            cache = PromptCache()
             work = prompt_work(parse_request("chat", _json(body)))
             assert isinstance(work, PromptWork)
             await pool.prefetch(work, cache)
@@ -145,7 +132,7 @@ def test_a_chat_sends_only_its_unknown_messages_and_they_are_remembered() -> Non
                 )
             # the prompt is then those arrays joined: nothing left to tokenize inline
             made = cache.messages.misses
-            assert list(work_tokens(work, cache) or []) == tokenizer.apply_chat_template(msgs)
+            assert list(work_tokens(work, cache)) == tokenizer.apply_chat_template(msgs)
             assert cache.messages.misses == made
         finally:
             pool.close()

@@ -1,4 +1,4 @@
-"""Prompt tokens and text for policies, and the bounded token cache: pure, table-driven."""
+"""What in a request is the prompt, its digests, its tokens and text for policies: pure, table-driven."""
 
 from __future__ import annotations
 
@@ -9,11 +9,15 @@ import msgspec
 import pytest
 
 from kvstack.common import tokenizer
+from kvstack.common.errors import OpenAIError
 from kvstack.router.prompts import (
-    TokenCache,
+    PromptCache,
+    PromptWork,
+    engine_key,
     known_prefix,
     prompt_text,
     prompt_token_ids,
+    prompt_work,
     render_missing,
     work_tokens,
 )
@@ -33,7 +37,7 @@ PARTS = {"role": "user", "content": [{"type": "text", "text": "hi"}, {"type": "i
 def test_chat_prompt_tokens_follow_the_shared_chat_template() -> None:
     parsed = parse("chat", {"messages": [SYSTEM, PARTS]})
     expected = tokenizer.apply_chat_template([("system", "be brief"), ("user", "hi")])
-    assert list(prompt_token_ids(parsed, TokenCache()) or []) == expected
+    assert list(prompt_token_ids(parsed, PromptCache()) or []) == expected
 
 
 @pytest.mark.parametrize(
@@ -43,11 +47,12 @@ def test_chat_prompt_tokens_follow_the_shared_chat_template() -> None:
         (["first", "second"], tokenizer.encode("first")),
         ([5, 6, 7], [5, 6, 7]),
         ([[8, 9], [1]], [8, 9]),
+        ([0, 2**32 - 1], [0, 2**32 - 1]),  # the whole uint32 range: the engine judges its vocabulary
     ],
 )
 def test_completion_prompt_tokens(prompt: Any, expected: list[int]) -> None:
     parsed = parse("completion", {"prompt": prompt})
-    assert list(prompt_token_ids(parsed, TokenCache()) or []) == expected
+    assert list(prompt_token_ids(parsed, PromptCache()) or []) == expected
 
 
 @pytest.mark.parametrize(
@@ -71,7 +76,7 @@ def test_prompt_text(kind: Kind, body: dict[str, Any], expected: str | None) -> 
 def test_equal_prompts_return_the_same_array_object() -> None:
     # The key cache finds block keys by object identity: equal prompts in new request bodies must
     # come back as the very same object, for chats and completions alike.
-    cache = TokenCache()
+    cache = PromptCache()
     chat = {"messages": [SYSTEM, {"role": "user", "content": "tell me more"}]}
     first = prompt_token_ids(parse("chat", chat), cache)
     again = prompt_token_ids(parse("chat", chat), cache)
@@ -91,45 +96,17 @@ def test_equal_prompts_return_the_same_array_object() -> None:
     ],
 )
 def test_different_chats_never_share_cached_tokens(a: list[Any], b: list[Any]) -> None:
-    cache = TokenCache()
+    cache = PromptCache()
     ta = prompt_token_ids(parse("chat", {"messages": a}), cache)
     tb = prompt_token_ids(parse("chat", {"messages": b}), cache)
     assert ta != tb and cache.misses == 2
 
 
 def test_a_chat_and_a_completion_with_the_same_text_differ() -> None:
-    cache = TokenCache()
+    cache = PromptCache()
     chat = prompt_token_ids(parse("chat", {"messages": [{"role": "user", "content": "same"}]}), cache)
     text = prompt_token_ids(parse("completion", {"prompt": "same"}), cache)
     assert chat != text and cache.misses == 2
-
-
-@pytest.mark.parametrize(
-    ("max_entries", "max_tokens", "sizes", "kept"),
-    [
-        (2, 1000, [10, 10, 10], [1, 2]),  # entry bound: the least recently used goes
-        (10, 25, [10, 10, 10], [1, 2]),  # token bound
-        (10, 25, [10, 30, 10], [0, 2]),  # larger than the whole budget: returned, never stored
-        (10, 100, [40, 40, 40], [1, 2]),
-    ],
-)
-def test_token_cache_is_bounded(max_entries: int, max_tokens: int, sizes: list[int], kept: list[int]) -> None:
-    cache = TokenCache(max_entries=max_entries, max_tokens=max_tokens)
-    for digest, n in enumerate(sizes):
-        assert list(cache.get(digest, lambda n=n: [7] * n)) == [7] * n
-    assert cache.tokens <= max_tokens and len(cache) <= max_entries
-    held = [d for d in range(len(sizes)) if d in cache]
-    assert held == kept
-
-
-def test_token_cache_refreshes_recency_on_a_hit() -> None:
-    cache = TokenCache(max_entries=2)
-    cache.get(1, lambda: [1])
-    cache.get(2, lambda: [2])
-    cache.get(1, lambda: [9])  # a hit: 1 becomes the most recent
-    cache.get(3, lambda: [3])  # evicts 2
-    assert list(cache.get(1, lambda: [9])) == [1]
-    assert list(cache.get(2, lambda: [9])) == [9]
 
 
 def test_content_parts_join_with_newlines_as_the_engine_renders_them() -> None:
@@ -148,7 +125,7 @@ def test_content_parts_join_with_newlines_as_the_engine_renders_them() -> None:
 def test_a_chat_renders_only_the_messages_the_cache_lacks() -> None:
     # A shared system prompt is rendered once; a new question under it renders only the question,
     # and the joined arrays are exactly the template's tokens.
-    cache = TokenCache()
+    cache = PromptCache()
     assert cache.messages is not None
     system = {"role": "system", "content": "you answer questions about the document"}
     asked: list[list[int]] = []
@@ -165,7 +142,7 @@ def test_a_chat_renders_only_the_messages_the_cache_lacks() -> None:
 
 
 def test_a_message_is_keyed_by_role_and_content_together() -> None:
-    cache = TokenCache()
+    cache = PromptCache()
     a = prompt_token_ids(parse("chat", {"messages": [{"role": "user", "content": "x"}]}), cache)
     b = prompt_token_ids(parse("chat", {"messages": [{"role": "system", "content": "x"}]}), cache)
     assert cache.messages is not None and len(cache.messages) == 2 and a != b
@@ -205,7 +182,7 @@ def test_known_prefix_is_an_exact_prefix_of_the_prompt(
     limit: int,
     known: list[dict[str, Any]] | None,
 ) -> None:
-    cache = TokenCache()
+    cache = PromptCache()
     assert cache.messages is not None
     for m in rendered:
         work = chat_work([m])
@@ -229,7 +206,7 @@ def test_known_prefix_is_an_exact_prefix_of_the_prompt(
 
 def test_requests_on_the_same_known_start_share_one_array() -> None:
     """The policy's key cache then finds their block keys by identity instead of hashing again."""
-    cache = TokenCache()
+    cache = PromptCache()
     assert cache.messages is not None
     rendered = tokenizer.render_message(LONG["role"], LONG["content"])
     cache.messages.get(chat_work([LONG]).parts[0], lambda: rendered)
@@ -244,7 +221,7 @@ def test_requests_on_the_same_known_start_share_one_array() -> None:
 
 
 def test_rendering_the_missing_messages_completes_the_next_prompt() -> None:
-    cache = TokenCache()
+    cache = PromptCache()
     assert cache.messages is not None
     messages = [SYSTEM, QUESTION]
     prefix = known_prefix(chat_work(messages), cache, 2048)
@@ -254,3 +231,96 @@ def test_rendering_the_missing_messages_completes_the_next_prompt() -> None:
     before = cache.messages.misses
     assert list(work_tokens(chat_work(messages), cache) or []) == full_tokens(messages)
     assert cache.messages.misses == before  # the join rendered nothing
+
+
+@pytest.mark.parametrize(
+    ("kind", "body", "param", "where"),
+    [
+        ("completion", {"prompt": [-1]}, "prompt", "'prompt[0]' is -1"),
+        ("completion", {"prompt": [1, 2**32]}, "prompt", "'prompt[1]' is 4294967296"),
+        ("completion", {"prompt": [10**30]}, "prompt", f"is {10**30}"),
+        ("completion", {"prompt": [10**400]}, "prompt", "is an integer of 1329 bits"),
+        ("completion", {"prompt": [-(10**400)]}, "prompt", "is an integer of 1329 bits"),
+        ("completion", {"prompt": [[-5]]}, "prompt", "'prompt[0][0]' is -5"),
+        ("completion", {"prompt": [[1], [2, -5]]}, "prompt", "'prompt[1][1]' is -5"),
+        ("embedding", {"input": [-1]}, "input", "'input[0]' is -1"),
+        ("embedding", {"input": [[7], [2**32]]}, "input", "'input[1][0]' is 4294967296"),
+        ("tokenize", {"prompt": [-1]}, "prompt", "'prompt[0]' is -1"),
+        ("detokenize", {"tokens": [3, -1]}, "tokens", "'tokens[1]' is -1"),
+    ],
+)
+def test_token_ids_out_of_uint32_are_a_400_naming_the_field(
+    kind: Kind, body: dict[str, Any], param: str, where: str
+) -> None:
+    with pytest.raises(OpenAIError) as caught:
+        parse(kind, body)
+    err = caught.value
+    assert (err.status, err.param) == (400, param)
+    assert where in err.message and "token ids are integers in 0..4294967295" in err.message
+    assert len(err.message) < 200
+
+
+@pytest.mark.parametrize(
+    ("prompt", "valid"),
+    [
+        ([True], False),  # a boolean is not a token id
+        ([1, 2.0], False),
+        ([1, [2]], False),
+        ([[1], []], False),  # an empty prompt in a batch
+        ([[1], "a"], False),
+        (["a", 1], False),
+        ([[1], [2, 3]], True),
+        (["a", "b"], True),
+        ([0], True),
+    ],
+)
+def test_prompt_shapes(prompt: Any, valid: bool) -> None:
+    if valid:
+        assert parse("completion", {"prompt": prompt}).body["prompt"] == prompt
+        return
+    with pytest.raises(OpenAIError) as caught:
+        parse("completion", {"prompt": prompt})
+    assert (caught.value.status, caught.value.param) == (400, "prompt")
+    assert "must be a string, an array of strings, or token ids" in caught.value.message
+
+
+def test_token_ids_come_back_as_one_uint32_array() -> None:
+    work = prompt_work(parse("completion", {"prompt": [1, 2, 3]}))
+    assert isinstance(work, array) and work.typecode == "I" and list(work) == [1, 2, 3]
+    batch = prompt_work(parse("tokenize", {"prompt": [[4, 5], [6]]}))  # a batch: its first prompt
+    assert isinstance(batch, array) and list(batch) == [4, 5]
+
+
+NAMED = {"role": "user", "content": "hi", "name": "ann"}
+PLAIN = {"role": "user", "content": "hi"}
+AS_PARTS = {"role": "user", "content": [{"type": "text", "text": "hi"}]}
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "same_digest"),
+    [
+        (PLAIN, dict(PLAIN), True),
+        # what an engine's chat template may read besides the text keeps messages apart...
+        (PLAIN, NAMED, False),
+        (PLAIN, AS_PARTS, False),
+        (AS_PARTS, PARTS | {"role": "user"}, False),
+    ],
+)
+def test_a_message_digest_covers_what_an_engine_template_reads(
+    a: dict[str, Any], b: dict[str, Any], same_digest: bool
+) -> None:
+    wa, wb = chat_work([a]), chat_work([b])
+    assert (wa.digest == wb.digest) is same_digest
+    assert (engine_key("m", wa) == engine_key("m", wb)) is same_digest
+    # ...while the built-in template renders only the role and text, as the simulator does
+    cache = PromptCache()
+    ta, tb = work_tokens(wa, cache), work_tokens(wb, cache)
+    assert (list(ta) == list(tb)) is (wa.chat == wb.chat)
+
+
+def test_engine_keys_are_scoped_by_model_and_kind() -> None:
+    chat, text = chat_work([PLAIN]), prompt_work(parse("completion", {"prompt": "hi"}))
+    assert isinstance(text, PromptWork)
+    keys = {engine_key("m", chat), engine_key("m2", chat), engine_key("m", text), engine_key("m2", text)}
+    assert len(keys) == 4 and chat.digest not in keys and text.digest not in keys
+    assert chat.messages == [PLAIN] and text.messages is None

@@ -19,9 +19,10 @@ from __future__ import annotations
 import itertools
 import re
 import string
-import threading
-from collections import OrderedDict
+from array import array
 from collections.abc import Iterable, Sequence
+
+from kvstack.common.token_cache import MB, TokenCache, Tokens, digest
 
 _LOWER = string.ascii_lowercase
 _UPPER = string.ascii_uppercase
@@ -114,64 +115,31 @@ def token_str(tid: int) -> str:
     return _ID_TO_TEXT[tid]
 
 
-class MessageCache:
-    """Rendered chat messages, least recently used first out, bounded by their total characters.
-
-    System prompts and documents repeat across requests and are long: a long system prompt is
-    exactly what prefix caching serves, so caching only short messages (as an entry-count bound
-    forces) re-tokenizes the very text that repeats most. The bound is on characters, so a few
-    huge messages cannot hold memory that many small ones would have.
-    """
-
-    def __init__(self, max_chars: int = 8_000_000, max_entries: int = 8192) -> None:
-        self.max_chars = max_chars
-        self.max_entries = max_entries
-        self.chars = 0
-        self._entries: OrderedDict[tuple[str, str], tuple[int, ...]] = OrderedDict()
-        self._lock = threading.Lock()  # the simulator tokenizes from worker threads too
-
-    def get(self, role: str, content: str) -> tuple[int, ...] | None:
-        key = (role, content)
-        with self._lock:
-            found = self._entries.get(key)
-            if found is not None:
-                self._entries.move_to_end(key)
-            return found
-
-    def put(self, role: str, content: str, tokens: tuple[int, ...]) -> None:
-        size = len(content)
-        if size > self.max_chars // 4:  # would evict most of the cache for one message
-            return
-        key = (role, content)
-        with self._lock:
-            if key in self._entries:
-                return
-            self._entries[key] = tokens
-            self.chars += size
-            while self.chars > self.max_chars or len(self._entries) > self.max_entries:
-                (_, old), _ = self._entries.popitem(last=False)
-                self.chars -= len(old)
-
-    def __len__(self) -> int:
-        return len(self._entries)
+# Rendered chat messages: a system prompt or a document repeats across requests and is long, and
+# exactly what prefix caching serves. The simulator renders on its event loop only.
+MESSAGES = TokenCache(16 * MB)
+MESSAGE_DOMAIN = b"m"  # the digest domain of one (role, content) message
 
 
-MESSAGES = MessageCache()
+def message_digest(role: str, content: str) -> int:
+    """The cache key of one rendered message (the router keys its message cache the same way)."""
+    return digest(MESSAGE_DOMAIN, (role, content))
 
 
-def render_message(role: str, content: str) -> tuple[int, ...]:
+def render_message(role: str, content: str) -> Tokens:
     """One message's tokens under the template, uncached (a plain function: it runs in workers)."""
     # Each message is tokenized on its own, so a conversation that grows by appending messages
     # keeps an identical token prefix: exactly the property prefix caching relies on.
-    return (START_HEADER_ID, *encode(role), END_HEADER_ID, *encode("\n\n" + content), EOT_ID)
+    out = array("I", (START_HEADER_ID,))
+    out.extend(encode(role))
+    out.append(END_HEADER_ID)
+    out.extend(encode("\n\n" + content))
+    out.append(EOT_ID)
+    return out
 
 
-def _encode_message(role: str, content: str) -> tuple[int, ...]:
-    found = MESSAGES.get(role, content)
-    if found is None:
-        found = render_message(role, content)
-        MESSAGES.put(role, content, found)
-    return found
+def _encode_message(role: str, content: str) -> Tokens:
+    return MESSAGES.get(message_digest(role, content), lambda: render_message(role, content))
 
 
 GENERATION_PROMPT: tuple[int, ...] = (START_HEADER_ID, *encode("assistant"), END_HEADER_ID, *encode("\n\n"))
