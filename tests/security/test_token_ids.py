@@ -16,9 +16,9 @@ import pytest
 from tests.conftest import free_port
 from tests.router.conftest import FAST_MONITOR, MODEL, RouterServer, Sim
 
+from kvstack.common.waits import wait_until
 from kvstack.router.config import load_settings
 from kvstack.router.policies import policy_names
-from kvstack.testing.waits import wait_until
 
 HOSTILE: list[Any] = [[-1], [4294967296], [10**30], [[-5]], [[1, 2], [3, -7]], [5, 10**400]]
 IDS = ["negative", "2**32", "10**30", "nested", "second-of-batch", "400-digits"]
