@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import logging
 from pathlib import Path
@@ -142,6 +143,9 @@ def test_rows_and_summary(tmp_path: Path) -> None:
     path = tmp_path / "t.trace.jsonl"
     write_jsonl(path, rows)
     assert read_jsonl(path) == rows
+    packed = tmp_path / "t.trace.jsonl.gz"
+    packed.write_bytes(gzip.compress(path.read_bytes()))
+    assert read_jsonl(packed) == rows
 
     s = summarize(rows)
     assert (s["requests"], s["ok"], s["traced"]) == (4, 3, 3)

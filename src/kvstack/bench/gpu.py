@@ -51,6 +51,8 @@ ROUTER_COUNTERS = {
     "event_batches": "kvstack_router_kv_event_batches_applied_total",
 }
 INDEX_GAUGE = "kvstack_router_kv_index_blocks"
+# Peer routers run as baselines: bench policy name -> the SGLang router's (`pip install sglang-router`)
+PEER_POLICIES = {"sglang_cache_aware": "cache_aware", "sglang_round_robin": "round_robin"}
 AGREEMENT_TOLERANCE = 0.10
 
 
@@ -217,6 +219,17 @@ def _router_proc(
     return ManagedProcess(f"router-{policy}", argv, log_dir, env=env, ready_url=f"{url}/ready"), url
 
 
+def _peer_router_proc(urls: Sequence[str], policy: str, log_dir: Path) -> tuple[ManagedProcess, str]:
+    """The SGLang router over the same engines: it routes on the request's text (no tokenizing,
+    no KV events) and sends no engine header or decision lines, so its trace rows are the client's."""
+    port, prom = free_ports(2)
+    argv = [sys.executable, "-m", "sglang_router.launch_router", "--host", "127.0.0.1"]
+    argv += ["--port", str(port), "--prometheus-port", str(prom), "--worker-urls", *urls]
+    argv += ["--policy", PEER_POLICIES[policy], "--log-level", "warn"]
+    url = f"http://127.0.0.1:{port}"
+    return ManagedProcess(f"router-{policy}", argv, log_dir, ready_url=f"{url}/health"), url
+
+
 def _num_gpu_blocks(samples: Samples) -> int | None:
     for (name, labels), _ in samples.items():
         if name == "vllm:cache_config_info":
@@ -239,18 +252,23 @@ def run_case(
 ) -> dict[str, Any]:
     """One workload through a fresh router with ``policy``; the engines keep running. With
     ``trace_path``, every request's trace row is written there (JSON lines) and summarized."""
-    router, router_url = _router_proc(engines_file, policy, tokenizer, log_dir, trace_path is not None)
+    peer = policy in PEER_POLICIES
+    if peer:
+        router, router_url = _peer_router_proc(urls, policy, log_dir)
+    else:
+        router, router_url = _router_proc(engines_file, policy, tokenizer, log_dir, trace_path is not None)
     with running([router], timeout=60):
-        wait_for_engines(router_url, len(urls))
-        time.sleep(2.0)  # the KV-event subscriptions connect (ZMQ joins are asynchronous)
+        if not peer:
+            wait_for_engines(router_url, len(urls))
+        time.sleep(2.0)  # the KV-event subscriptions (or the peer's health checks) connect
         e0 = [promtext.scrape(f"{u}/metrics") for u in urls]
-        r0 = promtext.scrape(f"{router_url}/metrics")
+        r0 = {} if peer else promtext.scrape(f"{router_url}/metrics")
         results, wall = asyncio.run(
             run_workload(DriverConfig(router_url, model, request_timeout=300), workload)
         )
         time.sleep(1.0)  # the last KV events land in the index
         e1 = [promtext.scrape(f"{u}/metrics") for u in urls]
-        r1 = promtext.scrape(f"{router_url}/metrics")
+        r1 = {} if peer else promtext.scrape(f"{router_url}/metrics")
     row = summarize_case(
         results,
         wall,
@@ -304,7 +322,13 @@ def gpu_proof(
         ),
     ] = None,
     model: Annotated[str, typer.Option(help="Served model name.")] = "kvstack/sim-8b",
-    policy: Annotated[list[str] | None, typer.Option(help="Policies to compare (repeat).")] = None,
+    policy: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Policies to compare (repeat): the router's, or sglang_cache_aware / sglang_round_robin "
+            "for the SGLang router as the baseline (pip install sglang-router)."
+        ),
+    ] = None,
     workload: Annotated[list[str] | None, typer.Option(help="multi_round_qa and/or shared_prefix.")] = None,
     duration_s: Annotated[float, typer.Option(help="Arrival span of each case's sessions.")] = 60.0,
     load: Annotated[float, typer.Option(help="Offered prompt tokens / the cold prefill rate.")] = 0.5,
@@ -312,6 +336,13 @@ def gpu_proof(
     tokenizer: Annotated[str, typer.Option(help="Router tokenizer: builtin or engine.")] = "engine",
     label: Annotated[str, typer.Option(help="Result file name (LABEL.json).")] = "h200",
     trace: Annotated[str, typer.Option(help="Seed salt: a new trace that no earlier run cached.")] = "",
+    trace_as: Annotated[
+        str | None,
+        typer.Option(
+            help="Draw every case's trace as this policy's (routers compared on one trace; only on "
+            "fresh engines and a flushed Redis, or a later case finds an earlier one's prompts cached)."
+        ),
+    ] = None,
     out: Annotated[Path, typer.Option(help="Results folder.")] = Path("bench-results/gpu"),
     traced: Annotated[
         bool,
@@ -341,7 +372,7 @@ def gpu_proof(
         for name in names:
             for pol in policies:
                 wl = sized_workload(
-                    name, duration_s, load, prefill_tokens_per_s, seed=case_seed(name, pol, trace)
+                    name, duration_s, load, prefill_tokens_per_s, seed=case_seed(name, trace_as or pol, trace)
                 )
                 typer.echo(f"[{label}] {name} / {pol}: {wl.num_requests} requests ...")
                 trace_path = out / f"{label}-{name}-{pol}.trace.jsonl" if traced else None

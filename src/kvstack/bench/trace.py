@@ -14,11 +14,12 @@ A trace row joins three views of one request by the router's ``x-request-id``:
 hit another engine held (and for what), and where the time to first token went (routing vs the
 engine, by the tier the chosen engine was predicted to serve from).
 
-``python -m kvstack.bench.trace TRACE.jsonl`` prints the summary of a trace file.
+``python -m kvstack.bench.trace TRACE.jsonl[.gz]`` prints the summary of a trace file.
 """
 
 from __future__ import annotations
 
+import gzip
 import json
 import statistics
 import sys
@@ -100,7 +101,9 @@ def write_jsonl(path: Path, rows: Iterable[Mapping[str, Any]]) -> None:
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """A trace file's rows (``.jsonl``, or ``.jsonl.gz`` as committed under bench-results)."""
+    text = gzip.decompress(path.read_bytes()).decode() if path.suffix == ".gz" else path.read_text()
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 def chosen_tier(row: Mapping[str, Any]) -> str:
