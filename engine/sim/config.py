@@ -129,6 +129,29 @@ class LMCacheConfig(BaseModel):
         description="Fixed part of that offload, per request (790 fits the H200 run's logs).",
     )
 
+    cpu_load_us_per_token: NonNegFloat = Field(
+        0.0,
+        description="Synchronous load from the local CPU tier per token, charged to the step that loads "
+        "(not divided by gpu_share: measured on the shared GPU); adds to the latency.lmcache_cpu_load_* "
+        "terms; 0: none (4.0 fits the H200 run's 'Retrieved N ... cost' lines, see fit.retrieve_fit).",
+    )
+    remote_load_us_per_token: NonNegFloat = Field(
+        0.0,
+        description="The same per token asked of the shared store (Redis), whether or not it came back "
+        "(330 fits the H200 run: LMCache fetches one 32 MB chunk per Redis round trip).",
+    )
+    remote_load_failure: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="Chance that a remote chunk a lookup found cannot be read back (Redis evicted the "
+        "value and kept the key: LMCache's 'Key exists but KV cache does not exist'). The engine pays "
+        "the whole load, then recomputes from the first failed chunk (kv_load_failure_policy: "
+        "recompute). Drawn per chunk from its hash: the same chunks fail on every engine, every time "
+        "(LMCache skips storing a chunk whose key exists). 0.061 per 256-token chunk fits the H200 "
+        "run (fit.retrieve_fit).",
+    )
+
     kv_events: bool = Field(
         False,
         description="Publish chunks the CPU tier stores as BlockStored(medium='cpu') on the engine's "

@@ -51,3 +51,75 @@ def offload_fit(lines: Iterable[str]) -> OffloadFit:
     points = offloads(lines)
     fixed, per_token = theil_sen(points)
     return OffloadFit(fixed_us=fixed, per_token_us=per_token, points=len(points))
+
+
+# ``[req_id=...] Retrieved 4608 out of 4608 required tokens (from 6656 total tokens). size: 0.5625 gb,
+# cost 1531.2 ms, throughput: 0.3672 GB/s``: one line per request LMCache loaded KV for.
+_RETRIEVED = re.compile(
+    r"Retrieved (\d+) out of (\d+) required tokens .*?cost ([\d.]+) ms, throughput: ([\d.]+) GB/s"
+)
+# LMCache's local CPU tier copies at 10-40 GB/s; its Redis connector at 0.02-0.5 GB/s (one chunk of
+# 32 MB per round trip) and 0 when nothing came back: the two tiers never overlap in between.
+REMOTE_BELOW_GB_S = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class Retrieve:
+    """One logged LMCache load: tokens loaded of those asked for, and how long it took."""
+
+    retrieved: int
+    required: int
+    cost_us: float
+    gb_per_s: float
+
+    @property
+    def remote(self) -> bool:
+        return self.gb_per_s < REMOTE_BELOW_GB_S
+
+
+@dataclass(frozen=True, slots=True)
+class RetrieveFit:
+    """LMCache load costs per tier, per token asked for (a failed load costs its attempt too)."""
+
+    cpu_us_per_token: float
+    remote_us_per_token: float
+    remote_failure: float  # tokens asked of the remote tier that did not come back / tokens asked
+    remote_chunk_failure: float  # per chunk read in order: the chance that it fails (geometric MLE)
+    cpu_points: int
+    remote_points: int
+
+
+def retrieves(lines: Iterable[str]) -> list[Retrieve]:
+    """Every LMCache ``Retrieved N out of M required tokens`` line among ``lines``."""
+    out: list[Retrieve] = []
+    for line in lines:
+        m = _RETRIEVED.search(line)
+        if m:
+            out.append(
+                Retrieve(int(m.group(1)), int(m.group(2)), 1000.0 * float(m.group(3)), float(m.group(4)))
+            )
+    return out
+
+
+def retrieve_fit(lines: Iterable[str], chunk_size: int = 256) -> RetrieveFit:
+    """Median microseconds per asked-for token of each tier, and the remote tier's failures.
+
+    LMCache reads a request's chunks in order and stops at the first it cannot read back, so each
+    remote load is a run of successes ended by one failure or by the end of the request: the chance
+    that a chunk fails is failures / (chunks read + failures).
+    """
+    points = [p for p in retrieves(lines) if p.required > 0]
+    cpu = [p for p in points if not p.remote]
+    remote = [p for p in points if p.remote]
+    if not cpu or not remote:
+        raise ValueError("need loads from both the CPU tier and the remote tier")
+    asked = sum(p.required for p in remote)
+    failed = sum(p.retrieved < p.required for p in remote)
+    return RetrieveFit(
+        cpu_us_per_token=statistics.median(p.cost_us / p.required for p in cpu),
+        remote_us_per_token=statistics.median(p.cost_us / p.required for p in remote),
+        remote_failure=sum(p.required - p.retrieved for p in remote) / asked,
+        remote_chunk_failure=failed / (sum(p.retrieved // chunk_size for p in remote) + failed),
+        cpu_points=len(cpu),
+        remote_points=len(remote),
+    )

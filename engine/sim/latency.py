@@ -42,6 +42,16 @@ three things, each 1 / 0 by default so the reference fit is untouched:
   0.79 ms + 4.49 us/token (256 tokens: 1.9 ms median, 8,960: 45 ms);
   :func:`kvstack.engine.sim.fit.offload_fit` redoes it. It adds to the ``lmcache_store_*`` terms above,
   which charge the connector's whole cold-TTFT overhead when the simulated tiers are on.
+- LMCache's synchronous loads (``lmcache.cpu_load_us_per_token`` and ``remote_load_us_per_token``
+  x the tokens loaded, a remote load counting every token asked for even when it fails), charged to
+  the step that loads and, like the store, not divided by the share. From the 90 ``Retrieved N out
+  of M required tokens ... cost`` lines of the same logs (:func:`kvstack.engine.sim.fit.retrieve_fit`):
+  the CPU tier copies at 10-40 GB/s, a median 4.0 us/token (8 loads); Redis at 0-0.5 GB/s, a median
+  330 us per token asked for (82 loads), 5x the shared GPU's ~70 us to compute a token, and 43% of
+  the remote tokens asked for never came back: LMCache stops at the first chunk it cannot read, a
+  chance of 0.061 per 256-token chunk (``lmcache.remote_load_failure``). Set with the
+  ``latency.lmcache_*_load_*`` terms at 0, these replace the reference fit's load terms (a 38 ms
+  remote-hit TTFT on an idle, unshared engine).
 """
 
 from __future__ import annotations
@@ -120,6 +130,11 @@ def offload_time(store_us_per_request: float, store_us_per_token: float, w: Step
     return 1e-6 * (store_us_per_request * w.offloads + store_us_per_token * w.offload_tokens)
 
 
+def load_time(cpu_us_per_token: float, remote_us_per_token: float, w: StepWork) -> float:
+    """Seconds of LMCache's synchronous loads in this step (remote: every token asked for)."""
+    return 1e-6 * (cpu_us_per_token * w.cpu_load_tokens + remote_us_per_token * w.remote_load_tokens)
+
+
 def engine_step_time(cfg: SimConfig, w: StepWork) -> float:
     """Simulated seconds of one step of an engine configured by ``cfg`` (see the module docstring)."""
     w = scale_work(w, cfg.token_cost_scale)
@@ -127,7 +142,11 @@ def engine_step_time(cfg: SimConfig, w: StepWork) -> float:
     if t == 0.0:
         return 0.0
     lm = cfg.lmcache
-    return t / cfg.gpu_share + offload_time(lm.store_us_per_request, lm.store_us_per_token, w)
+    return (
+        t / cfg.gpu_share
+        + offload_time(lm.store_us_per_request, lm.store_us_per_token, w)
+        + load_time(lm.cpu_load_us_per_token, lm.remote_load_us_per_token, w)
+    )
 
 
 def engine_frontend_delay(cfg: SimConfig, prompt_tokens: int) -> float:

@@ -40,6 +40,11 @@ log = logging.getLogger(__name__)
 
 TIER_CPU = 0
 TIER_REMOTE = 1
+# In Redis by its key, but its KV is gone (evicted by Redis's LRU while the key stayed): the load is
+# paid and comes back short, and the engine recomputes from this chunk on. LMCache keeps skipping
+# the store of a chunk whose key exists, so the same chunk keeps failing.
+TIER_FAILED = 2
+_FAILURE_SCALE = 1 << 32
 _STORE_QUEUE = 4096
 
 
@@ -83,17 +88,25 @@ class ExternalPlan:
 
     cpu_tokens: int = 0
     remote_tokens: int = 0
+    failed_tokens: int = 0  # asked of the remote tier and not read back: loaded in vain, then computed
 
     @property
     def tokens(self) -> int:
+        """Tokens that come back (the engine skips computing them)."""
         return self.cpu_tokens + self.remote_tokens
+
+    @property
+    def remote_load_tokens(self) -> int:
+        """Tokens the remote load asks for, whether or not they come back (what it costs)."""
+        return self.remote_tokens + self.failed_tokens
 
 
 def plan_external(gpu_hit: int, tiers: Sequence[int], chunk_size: int, num_tokens: int) -> ExternalPlan:
     """What to load after a GPU hit of ``gpu_hit`` tokens, given the tiers of the leading chunks.
 
     Like LMCache, a hit that covers the whole prompt gives back its last token, which must be
-    computed to produce logits.
+    computed to produce logits. From a failed chunk on, every token asked for is loaded in vain
+    (``failed_tokens``) and computed (vLLM's ``kv_load_failure_policy: recompute``).
     """
     end = min(len(tiers) * chunk_size, num_tokens - 1)
     if end <= gpu_hit:
@@ -103,12 +116,31 @@ def plan_external(gpu_hit: int, tiers: Sequence[int], chunk_size: int, num_token
     while pos < end:
         idx = pos // chunk_size
         upto = min((idx + 1) * chunk_size, end)
+        if tiers[idx] == TIER_FAILED:
+            return ExternalPlan(cpu_tokens=cpu, remote_tokens=remote, failed_tokens=end - pos)
         if tiers[idx] == TIER_CPU:
             cpu += upto - pos
         else:
             remote += upto - pos
         pos = upto
     return ExternalPlan(cpu_tokens=cpu, remote_tokens=remote)
+
+
+def lost_in_store(chunk_hash: int, failure: float) -> bool:
+    """Whether the store lost ``chunk_hash``'s KV (keeping its key): a fixed draw per chunk."""
+    if failure <= 0.0:
+        return False
+    draw = xxhash.xxh3_64_intdigest(chunk_hash.to_bytes(8, "little")) % _FAILURE_SCALE
+    return draw < failure * _FAILURE_SCALE
+
+
+def remote_tiers(found: Sequence[int], failure: float) -> list[int]:
+    """Tiers of the leading remote chunks ``found``: TIER_REMOTE up to the first lost one, then
+    TIER_FAILED (LMCache asked for all of them; it reads back the leading ones only)."""
+    for i, h in enumerate(found):
+        if lost_in_store(h, failure):
+            return [TIER_REMOTE] * i + [TIER_FAILED] * (len(found) - i)
+    return [TIER_REMOTE] * len(found)
 
 
 class CpuTier:
@@ -294,16 +326,19 @@ class LMCacheConnector:
             await self.remote.stop()
 
     async def lookup(self, hashes: Sequence[int]) -> list[int]:
-        """Tiers of the leading chunks found (CPU first, then Redis), contiguous from chunk 0."""
+        """Tiers of the leading chunks found (CPU first, then Redis), contiguous from chunk 0; remote
+        chunks from the first lost one on are TIER_FAILED."""
         n_cpu = self.cpu.leading(hashes)
         tiers = [TIER_CPU] * n_cpu
         if self.remote is not None and n_cpu < len(hashes):
             rest = hashes[n_cpu:]
             n_remote = await self.remote.leading(rest)
             if n_remote:
-                tiers.extend([TIER_REMOTE] * n_remote)
+                found = remote_tiers(rest[:n_remote], self.cfg.remote_load_failure)
+                tiers.extend(found)
+                fetched = found.count(TIER_REMOTE)
                 # LMCache keeps what it fetched from the remote in its local CPU tier.
-                self._removed(self.cpu.put(rest[:n_remote]))
+                self._removed(self.cpu.put(rest[:fetched]))
         return tiers
 
     def store(self, run: ChunkRun) -> None:

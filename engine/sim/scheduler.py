@@ -202,7 +202,7 @@ class Scheduler:
             seq.num_external_tokens = ext.tokens
         self._commit(seq, computed + n)
         plan.work.cpu_load_tokens += ext.cpu_tokens
-        plan.work.remote_load_tokens += ext.remote_tokens
+        plan.work.remote_load_tokens += ext.remote_load_tokens  # a failed load costs its attempt
         admission = Admission(seq, num_tokens, local, ext, first_time)
         plan.admitted.append(admission)
         self._account(seq, n, plan)

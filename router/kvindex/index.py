@@ -10,7 +10,8 @@ Three sources mark a block as on an engine's GPU: confirmed events, speculative 
 dispatch (expire after a TTL unless an event confirms them), and, for engines that publish no
 events, an approximate LRU of what was dispatched there. Non-GPU events (LMCache's CPU tier)
 count for their engine at the CPU weight and, with a shared remote store, for every engine at the
-shared weight.
+shared weight. A tier's weight is what a token loaded from it saves against computing it
+(:func:`tier_weight`), from load costs measured on the engines (bench-results/lmcache/README.md).
 """
 
 from __future__ import annotations
@@ -29,14 +30,40 @@ from kvstack.router.kvindex.prefix import longest_prefix
 GPU, CPU = 0, 1  # the tiers an engine's own events land in
 
 
+def tier_weight(load_us_per_token: float, compute_us_per_token: float, failure: float = 0.0) -> float:
+    """What a prompt token an engine loads from a tier is worth, as a fraction of a GPU hit.
+
+    A GPU hit saves computing the token. A load saves it too, less the load's own time, and only
+    when the token comes back: a load that fails (``failure``: the share of tokens asked for that
+    do not) is paid and then computed anyway. So ``(1 - failure) - load / compute``, floored at 0: a
+    tier slower than computing is worth nothing (vLLM loads what LMCache announces, so the router
+    can only avoid counting on it).
+    """
+    if compute_us_per_token <= 0:
+        raise ValueError("compute_us_per_token must be positive")
+    return max(0.0, (1.0 - failure) - load_us_per_token / compute_us_per_token)
+
+
+# Measured on the H200 run of two vLLM 0.24 + LMCache 0.5.3 engines sharing one GPU (the engines'
+# "Retrieved N out of M required tokens ... cost" log lines, kvstack.engine.sim.fit.retrieve_fit):
+# LMCache's CPU tier loads 4.0 us/token; Redis 330 us per token asked for, and 43% of those never
+# came back. Computing a token took ~70 us on that shared GPU (17.7 us at full GPU / share 0.26).
+H200_COMPUTE_US_PER_TOKEN = 68.0
+H200_CPU_WEIGHT = tier_weight(4.0, H200_COMPUTE_US_PER_TOKEN)  # 0.94
+H200_SHARED_WEIGHT = tier_weight(330.0, H200_COMPUTE_US_PER_TOKEN, failure=0.43)  # 0.0
+
+
 class IndexSettings(BaseModel):
-    """Tunables of the block index (weights are fractions of a GPU hit's value)."""
+    """Tunables of the block index (weights are fractions of a GPU hit's value, see tier_weight)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     gpu_weight: float = Field(1.0, ge=0.0, le=1.0)
-    cpu_weight: float = Field(0.8, ge=0.0, le=1.0)
-    shared_weight: float = Field(0.6, ge=0.0, le=1.0)
+    # Were 0.8 and 0.6, guesses: a Redis "hit" then pulled 60% of a GPU hit's weight onto every
+    # engine, so the engine holding the prefix on its GPU led by 40% of the prompt where it really
+    # leads by the whole compute and a Redis load that is 5x slower than computing.
+    cpu_weight: float = Field(round(H200_CPU_WEIGHT, 2), ge=0.0, le=1.0)
+    shared_weight: float = Field(round(H200_SHARED_WEIGHT, 2), ge=0.0, le=1.0)
     # LMCache writes its CPU chunks through to the shared remote store (Redis), so every engine
     # can load them; turn off when engines run LMCache without a remote store.
     shared_store: bool = True

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import math
 import random
 import time
@@ -32,11 +33,16 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from kvstack.router.engines import EngineRegistry, EngineState
 from kvstack.router.kvindex.follow import follow_registry
-from kvstack.router.kvindex.index import IndexSettings, KVIndex
+from kvstack.router.kvindex.index import IndexSettings, KVIndex, PrefixMatch
 from kvstack.router.kvindex.keys import KeyCache, request_root
 from kvstack.router.kvindex.ledger import PrefillLedger
 from kvstack.router.kvindex.subscriber import KVEventSubscriber, SubscriberSettings
 from kvstack.router.policies.base import Decision, Policy, RequestFeatures
+
+# One JSON line per decision at DEBUG (``--log-level debug``): what each engine was predicted to
+# serve from which tier, and why the chosen one won. Off at any other level: the benchmark's
+# per-request trace (kvstack.bench.trace) reads these lines.
+decision_log = logging.getLogger("kvstack.router.decision")
 
 
 class CacheAwareSettings(BaseModel):
@@ -218,6 +224,8 @@ class CacheAwarePolicy(Policy):
         views: list[CandidateView] = []
         keys_of: list[tuple[int, ...]] = []
         keys_at: dict[int, tuple[int, ...]] = {}  # by block size: engines of a model share one
+        tracing = decision_log.isEnabledFor(logging.DEBUG)
+        matches: list[PrefixMatch] = []
         for st in candidates:
             url = st.url
             index.ensure_engine(
@@ -231,7 +239,10 @@ class CacheAwarePolicy(Policy):
             if keys is None:
                 keys = keys_at[size] = self.keys.keys(tokens, size, root)
             keys_of.append(keys)
-            hit = index.match(url, keys, now).hit_tokens(index.settings)
+            match = index.match(url, keys, now)
+            if tracing:
+                matches.append(match)
+            hit = match.hit_tokens(index.settings)
             scraped = st.last_scrape if st.num_waiting is not None and st.last_scrape > 0 else None
             views.append(
                 CandidateView(
@@ -245,6 +256,8 @@ class CacheAwarePolicy(Policy):
                 )
             )
         choice = decide(n_tokens, views, self.settings, self.rng)
+        if tracing:
+            _log_decision(request.request_id, n_tokens, candidates, views, matches, choice, self.settings)
         v = views[choice.index]
         chosen = candidates[choice.index]
         self._remember(
@@ -296,6 +309,41 @@ class CacheAwarePolicy(Policy):
         self._pending[request_id] = pending
         while len(self._pending) > 10_000:  # chosen but never dispatched: do not grow forever
             self._pending.popitem(last=False)
+
+
+def _log_decision(
+    request_id: str,
+    prompt_tokens: int,
+    candidates: Sequence[EngineState],
+    views: Sequence[CandidateView],
+    matches: Sequence[PrefixMatch],
+    choice: Choice,
+    s: CacheAwareSettings,
+) -> None:
+    engines = [
+        {
+            "engine": st.name,
+            "gpu_tokens": m.gpu_blocks * m.block_size,
+            "cpu_tokens": (m.local_blocks - m.gpu_blocks) * m.block_size,
+            "shared_tokens": (m.reachable_blocks - m.local_blocks) * m.block_size,
+            "hit_tokens": round(v.hit_tokens, 1),
+            "queued_tokens": round(v.queued_tokens, 1),
+            "running": v.running,
+            "load": v.load,
+            "est_ttft_s": round(est_ttft(prompt_tokens, v, s), 6),
+        }
+        for st, v, m in zip(candidates, views, matches, strict=True)
+    ]
+    decision_log.debug(
+        "decision",
+        extra={
+            "request_id": request_id,
+            "prompt_tokens": prompt_tokens,
+            "chosen": candidates[choice.index].name,
+            "route_reason": choice.reason,
+            "engines": engines,
+        },
+    )
 
 
 class CacheAwareConfig(BaseModel):

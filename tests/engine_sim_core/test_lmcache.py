@@ -3,18 +3,24 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
 import logging
+from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
+import yaml
 
 from kvstack.common.blocks import block_keys, chain_root
 from kvstack.common.config import ConfigError, build
 from kvstack.common.kv_events import BlockRemoved, BlockStored, KVEvent
 from kvstack.engine.sim.config import LMCacheConfig, SimConfig
 from kvstack.engine.sim.core import SimEngine
+from kvstack.engine.sim.fit import retrieve_fit
+from kvstack.engine.sim.latency import StepWork, engine_step_time, load_time
 from kvstack.engine.sim.lmcache import (
     TIER_CPU,
+    TIER_FAILED,
     TIER_REMOTE,
     ChunkRun,
     CpuTier,
@@ -22,14 +28,17 @@ from kvstack.engine.sim.lmcache import (
     LMCacheConnector,
     chunk_hashes,
     lmcache_root,
+    lost_in_store,
     plan_external,
+    remote_tiers,
 )
 from kvstack.engine.sim.types import SimRequest
 from kvstack.router.kvindex.index import IndexSettings, KVIndex, PrefixMatch
 
 from .conftest import Recorder, RedisServer
 
-C, R = TIER_CPU, TIER_REMOTE
+C, R, F = TIER_CPU, TIER_REMOTE, TIER_FAILED
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize(
@@ -43,10 +52,37 @@ C, R = TIER_CPU, TIER_REMOTE
         (320, [C, R], 1024, ExternalPlan(remote_tokens=192)),  # starts inside a chunk
         (0, [R, R, R, R], 1024, ExternalPlan(remote_tokens=1023)),  # full hit gives back the last token
         (0, [C], 300, ExternalPlan(cpu_tokens=256)),  # the partial tail chunk is computed
+        # a chunk whose KV is gone: loaded in vain from there on, then computed
+        (0, [C, R, F, F], 1024, ExternalPlan(cpu_tokens=256, remote_tokens=256, failed_tokens=511)),
+        (0, [F, F], 1024, ExternalPlan(failed_tokens=512)),
+        (512, [C, R, F], 1024, ExternalPlan(failed_tokens=256)),  # the GPU holds what came before
+        (768, [C, R, F], 1024, ExternalPlan()),  # ... or everything: nothing is asked of Redis
     ],
 )
 def test_plan_external(gpu_hit: int, tiers: list[int], num_tokens: int, expected: ExternalPlan) -> None:
     assert plan_external(gpu_hit, tiers, 256, num_tokens) == expected
+
+
+def test_a_failed_load_costs_every_token_asked_for() -> None:
+    plan = ExternalPlan(cpu_tokens=256, remote_tokens=256, failed_tokens=511)
+    assert plan.tokens == 512  # what the engine skips computing
+    assert plan.remote_load_tokens == 767  # what the remote load costs
+
+
+def test_lost_chunks_are_a_fixed_draw_at_the_configured_rate() -> None:
+    hashes = chunk_hashes([7 + i % 5000 for i in range(256 * 4000)], 256, 11)
+    lost = [h for h in hashes if lost_in_store(h, 0.124)]
+    assert 0.10 < len(lost) / len(hashes) < 0.15
+    assert lost == [h for h in hashes if lost_in_store(h, 0.124)]  # the same chunks every time
+    assert not any(lost_in_store(h, 0.0) for h in hashes)
+    assert all(lost_in_store(h, 1.0) for h in hashes)
+
+
+def test_remote_tiers_fail_from_the_first_lost_chunk_on() -> None:
+    hashes = chunk_hashes([3 + i % 4000 for i in range(256 * 200)], 256, 5)
+    first = next(i for i, h in enumerate(hashes) if lost_in_store(h, 0.2))
+    assert remote_tiers(hashes, 0.2) == [R] * first + [F] * (len(hashes) - first)
+    assert remote_tiers(hashes, 0.0) == [R] * len(hashes)
 
 
 def test_chunk_hashes_chain_and_depend_on_the_seed() -> None:
@@ -164,6 +200,33 @@ async def test_two_pods_share_kv_through_redis_only_with_the_same_seed(
     finally:
         await a.stop()
         await b.stop()
+
+
+async def test_a_lost_remote_chunk_is_loaded_in_vain_then_recomputed(redis_server: RedisServer) -> None:
+    """Redis lost every chunk's KV but kept the keys: the second pod's lookup finds them, its load
+    comes back empty, and it recomputes the whole prompt after paying the load
+    (kv_load_failure_policy: recompute); the request still finishes with all its tokens."""
+    loads = {"remote_load_us_per_token": 300.0, "remote_load_failure": 1.0}
+    rec_a, rec_b, rec_c = Recorder(), Recorder(), Recorder()
+    a = SimEngine(lm_config(redis_server.url, seed=0, speed=1.0, **loads), rec_a)
+    b = SimEngine(lm_config(redis_server.url, seed=0, speed=1.0, **loads), rec_b)
+    cold = SimEngine(lm_config(None, seed=0, speed=1.0), rec_c)
+    for engine in (a, b, cold):
+        await engine.start()
+    try:
+        await run(a, "a", PROMPT)
+        assert a.lmcache is not None and a.lmcache.remote is not None
+        await a.lmcache.remote.flush()
+        assert await run(b, "b", PROMPT, max_tokens=4) == 4
+        assert await run(cold, "c", PROMPT) == 2
+        assert rec_b.prompt_sources == [(2048, 0, 0)]  # nothing came back: all computed
+        ttft_b, ttft_cold = rec_b.finished[0].ttft, rec_c.finished[0].ttft
+        assert ttft_b is not None and ttft_cold is not None
+        # 2,047 tokens asked of Redis at 300 us each: ~0.6 s on top of the cold prefill
+        assert ttft_b > ttft_cold + 0.5
+    finally:
+        for engine in (a, b, cold):
+            await engine.stop()
 
 
 async def test_cpu_tier_serves_after_the_gpu_cache_is_reset() -> None:
@@ -323,3 +386,57 @@ async def test_engine_publishes_cpu_chunks_with_its_own_blocks_and_the_router_in
         assert index.match("e", keys, 0.0) == PrefixMatch(16, 0, 128, 128)
     finally:
         await engine.stop()
+
+
+RETRIEVED = (
+    "[req_id=chatcmpl-x] Retrieved {got} out of {asked} required tokens (from 9000 total tokens). "
+    "size: 0.1 gb, cost {ms} ms, throughput: {gbs} GB/s; (cache_engine.py:958:lmcache.v1.cache_engine)"
+)
+
+
+def test_retrieve_fit_splits_the_tiers_by_throughput_and_counts_failed_chunks() -> None:
+    lines = [
+        RETRIEVED.format(got=256, asked=256, ms=1.0, gbs=30.0),  # CPU: 3.9 us/token
+        RETRIEVED.format(got=512, asked=512, ms=3.0, gbs=20.0),  # CPU: 5.9 us/token
+        RETRIEVED.format(got=1024, asked=1024, ms=307.2, gbs=0.4),  # Redis: 300 us/token, 4 chunks read
+        RETRIEVED.format(got=256, asked=1024, ms=409.6, gbs=0.08),  # Redis: 400 us/token, 1 read, 1 failed
+        RETRIEVED.format(got=0, asked=512, ms=256.0, gbs=0.0),  # Redis: nothing read, 1 failed
+        "Stored 512 out of total 512 tokens. size: 0.0625 GB, cost 3.6 ms; offload_time: 3.5 ms",
+    ]
+    fit = retrieve_fit(lines)
+    assert (fit.cpu_points, fit.remote_points) == (2, 3)
+    assert fit.cpu_us_per_token == pytest.approx((1000 / 256 + 3000 / 512) / 2)
+    assert fit.remote_us_per_token == pytest.approx(400.0)  # the median of 300, 400, 500
+    assert fit.remote_failure == pytest.approx((768 + 512) / 2560)
+    assert fit.remote_chunk_failure == pytest.approx(2 / (4 + 1 + 0 + 2))
+
+
+def test_the_shared_gpu_yaml_carries_the_load_fit_of_the_committed_logs() -> None:
+    logs = sorted((ROOT / "bench-results" / "gpu").glob("h200-*-engine*.log.gz"))
+    assert logs
+    lines: list[str] = []
+    for path in logs:
+        with gzip.open(path, "rt", errors="replace") as f:
+            lines.extend(f)
+    fit = retrieve_fit(lines)
+    cfg = SimConfig(**yaml.safe_load((ROOT / "bench-results" / "gpu" / "sim-h200-shared.yaml").read_text()))
+    lm = cfg.lmcache
+    assert lm.cpu_load_us_per_token == pytest.approx(fit.cpu_us_per_token, rel=0.05)
+    assert lm.remote_load_us_per_token == pytest.approx(fit.remote_us_per_token, rel=0.05)
+    # one simulated chunk stands for token_cost_scale real ones: it fails if any of them does
+    per_sim_chunk = 1 - (1 - fit.remote_chunk_failure) ** cfg.token_cost_scale
+    assert lm.remote_load_failure == pytest.approx(per_sim_chunk, abs=0.005)
+    # the connector's load terms of the reference fit are replaced, not added to
+    assert cfg.latency.lmcache_remote_load_s == cfg.latency.lmcache_remote_load_per_token_s == 0
+
+
+def test_loads_are_charged_to_their_step_at_real_tokens_outside_the_gpu_share() -> None:
+    base = {"token_cost_scale": 2.0, "gpu_share": 0.5}
+    lm = {"cpu_load_us_per_token": 4.0, "remote_load_us_per_token": 300.0}
+    plain = SimConfig(**base)
+    loaded = SimConfig(**base, lmcache=lm)
+    work = StepWork(prefill_tokens=100, cpu_load_tokens=1000, remote_load_tokens=500)
+    extra = engine_step_time(loaded, work) - engine_step_time(plain, work)
+    # plain still charges the reference load terms; the new ones add 2x tokens x us, undivided
+    assert extra == pytest.approx(1e-6 * (4.0 * 2000 + 300.0 * 1000))
+    assert load_time(4.0, 300.0, StepWork()) == 0.0

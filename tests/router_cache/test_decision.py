@@ -6,6 +6,13 @@ import random
 
 import pytest
 
+from kvstack.router.kvindex.index import (
+    H200_CPU_WEIGHT,
+    H200_SHARED_WEIGHT,
+    IndexSettings,
+    PrefixMatch,
+    tier_weight,
+)
 from kvstack.router.kvindex.ledger import PrefillLedger, reconcile
 from kvstack.router.policies.cache_aware import CacheAwareSettings, CandidateView, decide, est_ttft
 
@@ -203,3 +210,58 @@ def test_exploration_is_off_by_default() -> None:
     views = [v(hit=N), v(), v()]
     rng = random.Random(0)
     assert {decide(N, views, CacheAwareSettings(), rng).reason for _ in range(1000)} == {"cache_hit"}
+
+
+@pytest.mark.parametrize(
+    ("load_us", "compute_us", "failure", "expected"),
+    [
+        (0.0, 70.0, 0.0, 1.0),  # free and certain: as good as a GPU hit
+        (7.0, 70.0, 0.0, 0.9),  # a tenth of the compute time
+        (35.0, 70.0, 0.0, 0.5),
+        (0.0, 70.0, 0.25, 0.75),  # a quarter never comes back: paid, then computed
+        (70.0, 70.0, 0.0, 0.0),  # as slow as computing: saves nothing
+        (330.0, 68.0, 0.43, 0.0),  # Redis on the H200 run: slower than computing, floored
+        (4.0, 68.0, 0.0, pytest.approx(0.941, abs=1e-3)),  # LMCache's CPU tier on the H200 run
+    ],
+)
+def test_tier_weight(load_us: float, compute_us: float, failure: float, expected: float) -> None:
+    assert tier_weight(load_us, compute_us, failure) == expected
+
+
+def test_tier_weight_needs_a_compute_cost() -> None:
+    with pytest.raises(ValueError, match="compute_us_per_token"):
+        tier_weight(1.0, 0.0)
+
+
+def test_default_weights_are_the_measured_ones() -> None:
+    s = IndexSettings()
+    assert (s.cpu_weight, s.shared_weight) == (round(H200_CPU_WEIGHT, 2), round(H200_SHARED_WEIGHT, 2))
+    assert s.shared_weight == 0.0
+
+
+def shared_and_gpu(settings: IndexSettings) -> tuple[CandidateView, CandidateView]:
+    """A 8,192-token prompt whose first 6,144 tokens sit in Redis (LMCache wrote them through from
+    some engine); engine 0 also holds them on its GPU and is a little busier than engine 1."""
+    bs = 16
+    holder = PrefixMatch(bs, gpu_blocks=384, local_blocks=384, reachable_blocks=384)
+    other = PrefixMatch(bs, gpu_blocks=0, local_blocks=0, reachable_blocks=384)
+    return (
+        v(hit=holder.hit_tokens(settings), queued=4096, running=8, load=9),
+        v(hit=other.hit_tokens(settings), queued=0, running=4, load=5),
+    )
+
+
+@pytest.mark.parametrize(
+    ("weights", "expected"),
+    [
+        # the old guess: a Redis hit worth 0.6 of a GPU hit left the GPU holder 40% of 6,144
+        # tokens ahead, less than its queue: the request went where Redis had to be read
+        ({"cpu_weight": 0.8, "shared_weight": 0.6}, 1),
+        # measured: Redis is slower than computing, so only the GPU copy counts, and wins
+        ({}, 0),
+    ],
+)
+def test_a_redis_copy_no_longer_outweighs_a_gpu_hit(weights: dict[str, float], expected: int) -> None:
+    settings = IndexSettings(**weights)  # type: ignore[arg-type]
+    choice = decide(N, shared_and_gpu(settings), S, random.Random(0))
+    assert choice.index == expected

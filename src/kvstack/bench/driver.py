@@ -35,6 +35,7 @@ class RequestResult:
     completion_tokens: int = 0
     cached_tokens: int = 0
     engine: str = ""
+    request_id: str = ""  # the router's x-request-id: joins the result to the router's log lines
     messages: list[dict[str, str]] = field(default_factory=list)
     answer: str = ""
     finish_reason: str | None = None
@@ -95,6 +96,7 @@ async def _one_request(
         async with http.post(f"{cfg.base_url}/v1/chat/completions", json=body, headers=headers) as resp:
             res.status = resp.status
             res.engine = resp.headers.get("x-kvstack-engine", "")
+            res.request_id = resp.headers.get("x-request-id", "")
             if resp.status != 200:
                 res.error = (await resp.text())[:300]
                 return res

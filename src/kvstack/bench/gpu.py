@@ -27,7 +27,7 @@ from typing import Annotated, Any
 import typer
 import yaml
 
-from kvstack.bench import promtext, stats, workloads
+from kvstack.bench import promtext, stats, trace, workloads
 from kvstack.bench.driver import DriverConfig, RequestResult, run_workload, wait_for_engines
 from kvstack.bench.report import save_figure
 from kvstack.common.procs import ManagedProcess, free_ports, kvstack_argv, running
@@ -51,6 +51,8 @@ ROUTER_COUNTERS = {
     "event_batches": "kvstack_router_kv_event_batches_applied_total",
 }
 INDEX_GAUGE = "kvstack_router_kv_index_blocks"
+# Peer routers run as baselines: bench policy name -> the SGLang router's (`pip install sglang-router`)
+PEER_POLICIES = {"sglang_cache_aware": "cache_aware", "sglang_round_robin": "round_robin"}
 AGREEMENT_TOLERANCE = 0.10
 
 
@@ -161,7 +163,12 @@ def summarize_case(
 
 
 def _sim_procs(
-    n: int, model: str, blocks: int | None, log_dir: Path, config: Path | None = None
+    n: int,
+    model: str,
+    blocks: int | None,
+    log_dir: Path,
+    config: Path | None = None,
+    redis_url: str | None = None,
 ) -> tuple[list[ManagedProcess], list[dict[str, Any]]]:
     ports = free_ports(3 * n)
     procs, entries = [], []
@@ -175,7 +182,13 @@ def _sim_procs(
             argv += ["--num-gpu-blocks", str(blocks)]
         if config is not None:
             argv += ["--config", str(config)]
-        procs.append(ManagedProcess(f"sim{i}", argv, log_dir, ready_url=f"{url}/health"))
+        env: dict[str, str] = {}
+        if redis_url is not None:
+            # the deployment's connector: LMCache tiers, KV events of the CPU tier, Redis shared by
+            # engines with one hash seed (PYTHONHASHSEED=0, as the GPU run's engines)
+            argv += ["--lmcache", "--lmcache-remote-url", redis_url, "--lmcache-kv-events"]
+            env["PYTHONHASHSEED"] = "0"
+        procs.append(ManagedProcess(f"sim{i}", argv, log_dir, env=env, ready_url=f"{url}/health"))
         entries.append(
             {
                 "url": url,
@@ -189,16 +202,32 @@ def _sim_procs(
 
 
 def _router_proc(
-    engines_file: Path, policy: str, tokenizer: str, log_dir: Path
+    engines_file: Path, policy: str, tokenizer: str, log_dir: Path, traced: bool = False
 ) -> tuple[ManagedProcess, str]:
     port = free_ports(1)[0]
     argv = [*kvstack_argv(), "router", "--port", str(port), "--engines-file", str(engines_file)]
-    argv += ["--policy", policy, "--log-level", "warning"]
-    env = {"KVSTACK_ROUTER_ACCESS_LOG": "false", "KVSTACK_ROUTER_EXPOSE_ENGINE_HEADER": "true"}
+    # traced: the access line (route reason, time to dispatch) and the policy's decision line
+    # (DEBUG) of every request, for kvstack.bench.trace
+    argv += ["--policy", policy, "--log-level", "debug" if traced else "warning"]
+    env = {
+        "KVSTACK_ROUTER_ACCESS_LOG": "true" if traced else "false",
+        "KVSTACK_ROUTER_EXPOSE_ENGINE_HEADER": "true",
+    }
     if tokenizer != "builtin":
         env["KVSTACK_ROUTER_TOKENIZER"] = tokenizer
     url = f"http://127.0.0.1:{port}"
     return ManagedProcess(f"router-{policy}", argv, log_dir, env=env, ready_url=f"{url}/ready"), url
+
+
+def _peer_router_proc(urls: Sequence[str], policy: str, log_dir: Path) -> tuple[ManagedProcess, str]:
+    """The SGLang router over the same engines: it routes on the request's text (no tokenizing,
+    no KV events) and sends no engine header or decision lines, so its trace rows are the client's."""
+    port, prom = free_ports(2)
+    argv = [sys.executable, "-m", "sglang_router.launch_router", "--host", "127.0.0.1"]
+    argv += ["--port", str(port), "--prometheus-port", str(prom), "--worker-urls", *urls]
+    argv += ["--policy", PEER_POLICIES[policy], "--log-level", "warn"]
+    url = f"http://127.0.0.1:{port}"
+    return ManagedProcess(f"router-{policy}", argv, log_dir, ready_url=f"{url}/health"), url
 
 
 def _num_gpu_blocks(samples: Samples) -> int | None:
@@ -219,20 +248,27 @@ def run_case(
     policy: str,
     tokenizer: str,
     log_dir: Path,
+    trace_path: Path | None = None,
 ) -> dict[str, Any]:
-    """One workload through a fresh router with ``policy``; the engines keep running."""
-    router, router_url = _router_proc(engines_file, policy, tokenizer, log_dir)
+    """One workload through a fresh router with ``policy``; the engines keep running. With
+    ``trace_path``, every request's trace row is written there (JSON lines) and summarized."""
+    peer = policy in PEER_POLICIES
+    if peer:
+        router, router_url = _peer_router_proc(urls, policy, log_dir)
+    else:
+        router, router_url = _router_proc(engines_file, policy, tokenizer, log_dir, trace_path is not None)
     with running([router], timeout=60):
-        wait_for_engines(router_url, len(urls))
-        time.sleep(2.0)  # the KV-event subscriptions connect (ZMQ joins are asynchronous)
+        if not peer:
+            wait_for_engines(router_url, len(urls))
+        time.sleep(2.0)  # the KV-event subscriptions (or the peer's health checks) connect
         e0 = [promtext.scrape(f"{u}/metrics") for u in urls]
-        r0 = promtext.scrape(f"{router_url}/metrics")
+        r0 = {} if peer else promtext.scrape(f"{router_url}/metrics")
         results, wall = asyncio.run(
             run_workload(DriverConfig(router_url, model, request_timeout=300), workload)
         )
         time.sleep(1.0)  # the last KV events land in the index
         e1 = [promtext.scrape(f"{u}/metrics") for u in urls]
-        r1 = promtext.scrape(f"{router_url}/metrics")
+        r1 = {} if peer else promtext.scrape(f"{router_url}/metrics")
     row = summarize_case(
         results,
         wall,
@@ -241,6 +277,11 @@ def run_case(
         (promtext.total(r0, INDEX_GAUGE), promtext.total(r1, INDEX_GAUGE)),
     )
     per_engine = [promtext.delta(b, a, ENGINE_COUNTERS["requests"]) for b, a in zip(e0, e1, strict=True)]
+    if trace_path is not None:
+        with router.log_path.open(errors="replace") as f:
+            rows = trace.trace_rows(results, trace.router_lines(f))
+        trace.write_jsonl(trace_path, rows)
+        row["trace"] = {"file": trace_path.name, **trace.summarize(rows)}
     return {
         "workload": workload.name,
         "policy": policy,
@@ -273,8 +314,21 @@ def gpu_proof(
             "bench-results/gpu/sim-h200-shared.yaml); the flags above win over it."
         ),
     ] = None,
+    sim_redis: Annotated[
+        str | None,
+        typer.Option(
+            help="redis://HOST:PORT: the simulators run the LMCache connector (CPU tier, KV events) "
+            "sharing this Redis, as the GPU run's engines did. Flush it between runs."
+        ),
+    ] = None,
     model: Annotated[str, typer.Option(help="Served model name.")] = "kvstack/sim-8b",
-    policy: Annotated[list[str] | None, typer.Option(help="Policies to compare (repeat).")] = None,
+    policy: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Policies to compare (repeat): the router's, or sglang_cache_aware / sglang_round_robin "
+            "for the SGLang router as the baseline (pip install sglang-router)."
+        ),
+    ] = None,
     workload: Annotated[list[str] | None, typer.Option(help="multi_round_qa and/or shared_prefix.")] = None,
     duration_s: Annotated[float, typer.Option(help="Arrival span of each case's sessions.")] = 60.0,
     load: Annotated[float, typer.Option(help="Offered prompt tokens / the cold prefill rate.")] = 0.5,
@@ -282,7 +336,21 @@ def gpu_proof(
     tokenizer: Annotated[str, typer.Option(help="Router tokenizer: builtin or engine.")] = "engine",
     label: Annotated[str, typer.Option(help="Result file name (LABEL.json).")] = "h200",
     trace: Annotated[str, typer.Option(help="Seed salt: a new trace that no earlier run cached.")] = "",
+    trace_as: Annotated[
+        str | None,
+        typer.Option(
+            help="Draw every case's trace as this policy's (routers compared on one trace; only on "
+            "fresh engines and a flushed Redis, or a later case finds an earlier one's prompts cached)."
+        ),
+    ] = None,
     out: Annotated[Path, typer.Option(help="Results folder.")] = Path("bench-results/gpu"),
+    traced: Annotated[
+        bool,
+        typer.Option(
+            "--trace-requests/--no-trace-requests",
+            help="Write every request's trace (LABEL-WORKLOAD-POLICY.trace.jsonl, kvstack.bench.trace).",
+        ),
+    ] = True,
 ) -> None:
     """The router over real engines (or simulators): TTFT, ITL, hits, and the KV index's predictions."""
     policies = policy or ["cache_aware", "round_robin"]
@@ -291,7 +359,7 @@ def gpu_proof(
     out.mkdir(parents=True, exist_ok=True)
     procs: list[ManagedProcess] = []
     if sims:
-        procs, entries = _sim_procs(sims, model, sim_blocks or None, log_dir, sim_config)
+        procs, entries = _sim_procs(sims, model, sim_blocks or None, log_dir, sim_config, sim_redis)
         engines_file = log_dir / "engines.yaml"
         engines_file.write_text(yaml.safe_dump(entries))
     elif engines_file is None:
@@ -304,10 +372,11 @@ def gpu_proof(
         for name in names:
             for pol in policies:
                 wl = sized_workload(
-                    name, duration_s, load, prefill_tokens_per_s, seed=case_seed(name, pol, trace)
+                    name, duration_s, load, prefill_tokens_per_s, seed=case_seed(name, trace_as or pol, trace)
                 )
                 typer.echo(f"[{label}] {name} / {pol}: {wl.num_requests} requests ...")
-                row = run_case(urls, engines_file, wl, load, model, pol, tokenizer, log_dir)
+                trace_path = out / f"{label}-{name}-{pol}.trace.jsonl" if traced else None
+                row = run_case(urls, engines_file, wl, load, model, pol, tokenizer, log_dir, trace_path)
                 rows.append(row)
                 typer.echo(
                     f"  ttft p50 {row['ttft_p50'] * 1000:.1f} ms p90 {row['ttft_p90'] * 1000:.1f} ms, "
@@ -317,6 +386,8 @@ def gpu_proof(
                     f"index {row['index_blocks_before']:.0f}->{row['index_blocks_after']:.0f}"
                 )
                 meta = _meta(sim_config if sims else None)
+                if sims:
+                    meta["sim_redis"] = sim_redis is not None
                 (out / f"{label}.json").write_text(json.dumps(_document(label, rows, meta), indent=2))
     typer.echo(f"wrote {out / (label + '.json')} and {plot(out)} (logs in {log_dir})")
 

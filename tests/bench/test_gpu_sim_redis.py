@@ -1,0 +1,51 @@
+"""`kvstack bench gpu --sim-redis`: the simulators it starts share KV through a real Redis."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+import redis
+from tests.conftest import free_port
+from tests.engine_sim_core.conftest import RedisServer
+
+from kvstack.bench import promtext
+from kvstack.bench.gpu import ENGINE_COUNTERS, _sim_procs
+from kvstack.common.procs import running
+from kvstack.testing.waits import wait_until
+
+MODEL = "kvstack-8b"
+DOCUMENT = " ".join(f"clause {i} of the shared contract binds party {i % 7}." for i in range(300))
+
+
+def ask(url: str) -> None:
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "system", "content": DOCUMENT}, {"role": "user", "content": "Summarize."}],
+        "max_tokens": 2,
+        "ignore_eos": True,
+    }
+    r = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+
+
+def test_the_simulators_share_lmcache_chunks_through_redis(tmp_path: Path) -> None:
+    server = RedisServer(free_port(), tmp_path)
+    server.start()
+    try:
+        procs, entries = _sim_procs(2, MODEL, None, tmp_path, None, server.url)
+        urls = [e["url"] for e in entries]
+        with running(procs, timeout=60):
+            ask(urls[0])
+            client = redis.Redis.from_url(server.url)
+            try:
+                wait_until(lambda: client.dbsize() > 0, "sim0's chunks in Redis", 10.0)
+            finally:
+                client.close()
+            before = promtext.scrape(f"{urls[1]}/metrics")
+            ask(urls[1])
+            after = promtext.scrape(f"{urls[1]}/metrics")
+        # the second simulator loaded the first one's prompt from Redis: one hash seed, one store
+        assert promtext.delta(before, after, ENGINE_COUNTERS["external_hits"]) > 0
+    finally:
+        server.kill()
