@@ -12,7 +12,7 @@ from tests.engine_sim_core.conftest import RedisServer
 from kvstack.bench import promtext
 from kvstack.bench.gpu import ENGINE_COUNTERS, _sim_procs
 from kvstack.common.procs import running
-from kvstack.testing.waits import wait_until
+from kvstack.common.waits import wait_until
 
 MODEL = "kvstack-8b"
 DOCUMENT = " ".join(f"clause {i} of the shared contract binds party {i % 7}." for i in range(300))
