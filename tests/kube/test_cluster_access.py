@@ -256,7 +256,7 @@ def pod(name: str) -> dict[str, Any]:
 @contextlib.contextmanager
 def following(kube: KubeClient, path: str, seen: list[Listed | WatchEvent]) -> Iterator[None]:
     async def run() -> None:
-        async for item in reflect(kube, path, label_selector="w=1", timeout_s=1):
+        async for item in reflect(kube, path, label_selector="w=1", timeout_s=2):
             seen.append(item)
 
     task = asyncio.get_running_loop().create_task(run())

@@ -275,6 +275,8 @@ class PodSimulators:
                     await asyncio.sleep(0.5)
         finally:
             resync.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await resync  # done before the loop closes
 
     async def _resync(self) -> None:
         """Every few seconds: restart simulators that exited, as a kubelet restarts containers."""
