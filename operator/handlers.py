@@ -21,7 +21,7 @@ from kvstack.operator.annotated_scaler import AnnotatedScaler
 from kvstack.operator.annotated_scaler import stop as stop_scaling
 from kvstack.operator.controller import ScalingState, evaluate, reconcile
 from kvstack.operator.crd import GROUP, PLURAL, VERSION
-from kvstack.operator.kube import Kube, KubeError
+from kvstack.operator.kube import Kube, KubeError, kopf_login
 from kvstack.operator.metrics import OperatorMetrics
 from kvstack.operator.ownership import Owner
 from kvstack.operator.prom import Prometheus
@@ -113,10 +113,8 @@ def build_registry(runtime: Runtime) -> kopf.OperatorRegistry:
         runtime.scaling_task = asyncio.create_task(scaler.run(), name="kvstack-annotated-autoscaling")
 
     @kopf.on.login(registry=registry)
-    def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
-        if s.kubeconfig is not None:
-            return kopf.login_with_kubeconfig(**kwargs)
-        return kopf.login_via_client(**kwargs)
+    async def login(**_: Any) -> kopf.ConnectionInfo:
+        return await kopf_login(s.kubeconfig, s.context)  # the credentials runtime.kube uses
 
     @kopf.on.cleanup(registry=registry)
     async def cleanup(**_: Any) -> None:

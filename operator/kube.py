@@ -1,20 +1,20 @@
-"""A small async Kubernetes REST client for the objects a stack owns (server-side apply, scale).
+"""The operator's writes to the objects a stack owns (server-side apply, scale, prune, Events).
 
-kopf watches the ``KVStack`` resources itself; this client writes what they own. Credentials come
-from the ``kubernetes`` package's loaders (in-cluster service account, else ``$KUBECONFIG``), so
-they match what kopf logs in with.
+kopf watches the ``KVStack`` resources itself; this writes what they own, through the shared
+client (:mod:`kvstack.common.kube`). kopf logs in with :func:`kopf_login`, from the very same
+credentials, so both act as one identity and follow the same token rotation.
 """
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
-import json
-import ssl
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import httpx
+import kopf
+
+from kvstack.common.kube import Credentials, KubeClient, KubeError, load_credentials, resource_path
 
 FIELD_MANAGER = "kvstack-operator"
 SCALE_MANAGER = "kvstack-autoscaler"
@@ -38,132 +38,54 @@ OWNED_KINDS: tuple[tuple[str, str], ...] = (
 Obj = dict[str, Any]
 
 
-class KubeError(RuntimeError):
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(f"HTTP {status}: {message}")
-        self.status = status
+__all__ = ["FIELD_MANAGER", "OWNED_KINDS", "SCALE_MANAGER", "Kube", "KubeError", "kopf_login"]
 
 
 def collection_path(api_version: str, kind: str, namespace: str) -> str:
-    base = "/api/v1" if api_version == "v1" else f"/apis/{api_version}"
-    return f"{base}/namespaces/{namespace}/{PLURALS[kind]}"
-
-
-def bearer(cfg: Any) -> str | None:
-    """The ``Authorization`` header value of a ``kubernetes.client.Configuration``, or None.
-
-    The loaders store tokens (in-cluster service accounts, kubeconfig tokens) under ``BearerToken``;
-    asking for it each time runs their refresh hook, so rotated service-account tokens are picked up.
-    """
-    value = cfg.get_api_key_with_prefix("BearerToken", alias="authorization")
-    return str(value) if value else None
+    return resource_path(api_version, PLURALS[kind], namespace)
 
 
 class Kube:
-    """Namespaced reads and writes with one pooled HTTP client."""
+    """Namespaced reads and writes of owned objects, by apiVersion and kind."""
 
-    def __init__(
-        self,
-        server: str,
-        *,
-        verify: ssl.SSLContext | bool = True,
-        auth: Callable[[], str | None] | None = None,
-    ) -> None:
-        self._auth = auth or (lambda: None)
-        self._client = httpx.AsyncClient(base_url=server, verify=verify, timeout=30.0)
+    def __init__(self, client: KubeClient) -> None:
+        self.client = client
 
     @classmethod
     def from_environment(cls, kubeconfig: Path | None = None, context: str | None = None) -> Kube:
-        """In-cluster credentials, else the kubeconfig (``$KUBECONFIG`` or ``~/.kube/config``)."""
-        from kubernetes import client, config
-
-        cfg = client.Configuration()
-        try:
-            if kubeconfig is not None:
-                raise config.ConfigException("a kubeconfig was given")
-            config.load_incluster_config(client_configuration=cfg)  # type: ignore[no-untyped-call]
-        except config.ConfigException:
-            config.load_kube_config(  # type: ignore[no-untyped-call]
-                config_file=str(kubeconfig) if kubeconfig else None, context=context, client_configuration=cfg
-            )
-        verify: ssl.SSLContext | bool = False
-        if cfg.verify_ssl:
-            verify = ssl.create_default_context(cafile=cfg.ssl_ca_cert)
-            if cfg.cert_file:
-                verify.load_cert_chain(cfg.cert_file, cfg.key_file)
-        return cls(str(cfg.host), verify=verify, auth=lambda: bearer(cfg))
+        """In-cluster credentials, else the kubeconfig (see :func:`kvstack.common.kube.load_credentials`)."""
+        return cls(KubeClient(load_credentials(kubeconfig, context)))
 
     async def aclose(self) -> None:
-        await self._client.aclose()
-
-    async def _request(self, method: str, path: str, **kw: Any) -> Obj | None:
-        headers = dict(kw.pop("headers", {}))
-        if token := self._auth():
-            headers["Authorization"] = token
-        for attempt in (1, 2):
-            try:
-                resp = await self._client.request(method, path, headers=headers, **kw)
-                break
-            except httpx.TransportError as err:
-                # A pooled keep-alive connection the server already closed fails on reuse; every
-                # call here is idempotent (GET, apply, merge patch, delete), so one retry is safe (an
-                # Event posted twice at worst).
-                if attempt == 2:
-                    raise KubeError(0, f"{method} {path}: {err!r}") from err
-        if resp.status_code == 404 and method in ("GET", "DELETE"):
-            return None
-        if resp.status_code >= 400:
-            try:
-                message = resp.json().get("message", resp.text)
-            except ValueError:
-                message = resp.text
-            raise KubeError(resp.status_code, f"{method} {path}: {message}")
-        result: Obj = resp.json()
-        return result
+        await self.client.aclose()
 
     async def apply(self, obj: Obj, manager: str = FIELD_MANAGER) -> Obj:
         """Server-side apply (forced: the operator owns these fields)."""
         meta = obj["metadata"]
         path = f"{collection_path(obj['apiVersion'], obj['kind'], meta['namespace'])}/{meta['name']}"
-        result = await self._request(
-            "PATCH",
-            path,
-            params={"fieldManager": manager, "force": "true"},
-            headers={"Content-Type": "application/apply-patch+yaml"},
-            content=json.dumps(obj),
-        )
-        assert result is not None
-        return result
+        return await self.client.apply(path, obj, manager=manager)
 
     async def get(self, api_version: str, kind: str, namespace: str, name: str) -> Obj | None:
-        return await self._request("GET", f"{collection_path(api_version, kind, namespace)}/{name}")
+        return await self.client.get(f"{collection_path(api_version, kind, namespace)}/{name}")
 
     async def list(self, api_version: str, kind: str, namespace: str, label_selector: str) -> list[Obj]:
-        path = collection_path(api_version, kind, namespace)
-        result = await self._request("GET", path, params={"labelSelector": label_selector})
-        return list((result or {}).get("items", []))
+        listed = await self.client.list(
+            collection_path(api_version, kind, namespace), label_selector=label_selector
+        )
+        return listed.items
 
     async def delete(self, api_version: str, kind: str, namespace: str, name: str) -> None:
-        body = {"propagationPolicy": "Background"}
-        await self._request("DELETE", f"{collection_path(api_version, kind, namespace)}/{name}", json=body)
+        await self.client.delete(f"{collection_path(api_version, kind, namespace)}/{name}")
 
     async def scale(self, namespace: str, deployment: str, replicas: int) -> None:
         """Set replicas through the Deployment's ``/scale`` subresource."""
-        await self._merge_patch(namespace, f"{deployment}/scale", {"spec": {"replicas": replicas}})
+        path = f"{collection_path('apps/v1', 'Deployment', namespace)}/{deployment}"
+        await self.client.scale(path, replicas, manager=SCALE_MANAGER)
 
     async def annotate(self, namespace: str, deployment: str, annotations: dict[str, str]) -> None:
         """Merge ``annotations`` into a Deployment's metadata (a merge patch: nothing else changes)."""
-        await self._merge_patch(namespace, deployment, {"metadata": {"annotations": annotations}})
-
-    async def _merge_patch(self, namespace: str, deployment_path: str, body: dict[str, Any]) -> None:
-        """A JSON merge patch of a Deployment (or its subresource), as the scaler's field manager."""
-        await self._request(
-            "PATCH",
-            f"{collection_path('apps/v1', 'Deployment', namespace)}/{deployment_path}",
-            params={"fieldManager": SCALE_MANAGER},
-            headers={"Content-Type": "application/merge-patch+json"},
-            content=json.dumps(body),
-        )
+        path = f"{collection_path('apps/v1', 'Deployment', namespace)}/{deployment}"
+        await self.client.merge_patch(path, {"metadata": {"annotations": annotations}}, manager=SCALE_MANAGER)
 
     async def event(self, involved: Obj, type_: str, reason: str, message: str) -> None:
         """Post a core/v1 Event about ``involved`` (an object as the API returned it)."""
@@ -190,4 +112,31 @@ class Kube:
             "lastTimestamp": now,
             "count": 1,
         }
-        await self._request("POST", f"/api/v1/namespaces/{meta['namespace']}/events", json=body)
+        await self.client.create(resource_path("v1", "events", meta["namespace"]), body)
+
+
+async def kopf_login(kubeconfig: Path | None = None, context: str | None = None) -> kopf.ConnectionInfo:
+    """kopf's connection, from the credentials :meth:`Kube.from_environment` loads.
+
+    kopf calls its login handler again when the API answers 401, which re-reads a rotated token
+    file or re-runs an exec plugin, as the shared client does on a 401.
+    """
+    creds: Credentials = await asyncio.to_thread(load_credentials, kubeconfig, context)
+    token = await creds.token.token()  # a fresh source each login: the token file or plugin is read anew
+    return kopf.ConnectionInfo(
+        server=creds.server,
+        ca_path=str(creds.ca.path) if creds.ca and creds.ca.path else None,
+        ca_data=creds.ca.data if creds.ca else None,
+        insecure=creds.insecure,
+        username=creds.username,
+        password=creds.password,
+        token=token,
+        certificate_path=str(creds.client_cert.path)
+        if creds.client_cert and creds.client_cert.path
+        else None,
+        certificate_data=creds.client_cert.data if creds.client_cert else None,
+        private_key_path=str(creds.client_key.path) if creds.client_key and creds.client_key.path else None,
+        private_key_data=creds.client_key.data if creds.client_key else None,
+        default_namespace=creds.namespace,
+        expiration=None,
+    )

@@ -6,7 +6,8 @@ from the last resourceVersion seen; a 410 Gone (the version was compacted away) 
 event re-lists at once; any other failure (API server down, bad credentials, broken stream)
 re-lists after an exponential backoff with jitter. Until a list succeeds again the registry keeps
 the last known engines: an API-server outage must not take the engines out of rotation.
-Credentials are re-read on every re-list (service-account tokens rotate).
+Credentials are loaded again on every re-list, and a rotated token is picked up on the next request
+(:mod:`kvstack.common.kube`, which also does the list, the watch and their resumption).
 
 Which pods count and which ports they use: see :mod:`kvstack.router.discovery.pods`. Models are
 learnt by :class:`kvstack.router.monitor.EngineMonitor` from each ready pod's ``/v1/models``.
@@ -32,23 +33,15 @@ import random
 from collections.abc import Mapping
 from pathlib import Path
 
-import httpx
 from pydantic import BaseModel, ConfigDict, Field
 
-from kvstack.router.discovery.kubeapi import (
-    ApiServer,
-    WatchExpired,
-    default_namespace,
-    list_pods,
-    load_api_server,
-    watch_pods,
-)
+from kvstack.common.kube import KubeClient, Listed, load_credentials, reflect, resource_path
 from kvstack.router.discovery.pods import (
     PodInfo,
     PortNames,
     apply_event,
     endpoints_from_pods,
-    pods_from_list,
+    pod_info,
 )
 from kvstack.router.engines import Endpoint, EngineRegistry
 
@@ -60,7 +53,7 @@ class KubernetesConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    namespace: str | None = Field(None, description="default: the router pod's own namespace")
+    namespace: str | None = Field(None, description="default: the pod's own, else the kubeconfig context's")
     label_selector: str = Field("", description="e.g. app.kubernetes.io/component=engine")
     port_name: str = Field("http", min_length=1, description="container port name of the OpenAI server")
     default_port: int = Field(8000, gt=0, lt=65536, description="used when no port has port_name")
@@ -90,7 +83,8 @@ class KubernetesDiscovery:
     def __init__(self, registry: EngineRegistry, config: KubernetesConfig | None = None) -> None:
         self.registry = registry
         self.config = config or KubernetesConfig()
-        self.namespace = self.config.namespace or default_namespace()
+        # the configured one, else the credentials' (the pod's own, or the kubeconfig context's)
+        self.namespace = self.config.namespace or "default"
         self.pods: Mapping[str, PodInfo] = {}
         self.lists = 0  # successful (re-)lists, for tests and logs
         self._names = self.config.port_names()
@@ -132,46 +126,29 @@ class KubernetesDiscovery:
                 await asyncio.sleep(delay)
 
     async def _list_and_watch(self) -> None:
+        """One connection: list, then follow the watch until something fails (then the caller backs off)."""
         cfg = self.config
-        api: ApiServer = await asyncio.to_thread(load_api_server, cfg.kubeconfig, cfg.context)
+        creds = await asyncio.to_thread(load_credentials, cfg.kubeconfig, cfg.context)
+        self.namespace = cfg.namespace or creds.namespace
+        path = resource_path("v1", "pods", self.namespace)
         read_timeout = cfg.watch_timeout + cfg.request_timeout
-        async with api.client(read_timeout=read_timeout, timeout=cfg.request_timeout) as http:
-            body = await list_pods(http, api, self.namespace, cfg.label_selector)
-            pods, rv = pods_from_list(body)
-            self.lists += 1
-            self._apply(pods)
-            self._synced.set()
-            while rv is not None:
-                rv = await self._watch(http, api, rv)
-        log.info("pod watch in %s needs a re-list", self.namespace)
-
-    async def _watch(self, http: httpx.AsyncClient, api: ApiServer, rv: str) -> str | None:
-        """Watch from ``rv``; returns where to resume, or None when a re-list is needed."""
-        began, events = asyncio.get_running_loop().time(), 0
-        try:
-            async for event in watch_pods(
-                http,
-                api,
-                self.namespace,
-                self.config.label_selector,
-                rv,
-                timeout_seconds=self.config.watch_timeout,
+        rv: str | None = None
+        async with KubeClient(creds, timeout=cfg.request_timeout, read_timeout=read_timeout) as kube:
+            async for item in reflect(
+                kube, path, label_selector=cfg.label_selector, timeout_s=cfg.watch_timeout
             ):
-                events += 1
-                step = apply_event(self.pods, rv, event)
-                if step.resync:
-                    log.info("pod watch in %s: %s", self.namespace, step.reason)
-                    return None
+                if isinstance(item, Listed):
+                    if self.lists:
+                        log.info("pod watch in %s re-listed", self.namespace)
+                    pods, rv = {p.name: p for p in map(pod_info, item.items)}, item.resource_version
+                    self.lists += 1
+                    self._apply(pods)
+                    self._synced.set()
+                    continue
+                step = apply_event(self.pods, rv, {"type": item.type, "object": item.object})
                 rv = step.resource_version or rv
                 if step.pods is not self.pods:
                     self._apply(step.pods)
-        except WatchExpired as err:
-            log.info("pod watch in %s: %s", self.namespace, err)
-            return None
-        if not events and asyncio.get_running_loop().time() - began < 1.0:
-            # a watch the server ends at once, empty, would otherwise spin: back off and re-list
-            raise ConnectionError("the pod watch ended as soon as it began")
-        return rv
 
     def _apply(self, pods: Mapping[str, PodInfo]) -> None:
         self.pods = pods

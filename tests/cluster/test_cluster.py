@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from kvstack.common.kube import resource_path
 from kvstack.common.waits import wait_until
 from kvstack_testing import Cluster, ClusterConfig, PodSimulators, SimTarget
 from kvstack_testing.cluster import pid_alive
@@ -54,18 +55,27 @@ def gpu_deployment(name: str, replicas: int, model: str, gpus: int = 1) -> dict[
     }
 
 
-def pods(cluster: Cluster, namespace: str, selector: str) -> list[Any]:
-    from kubernetes import client
-
-    items: list[Any] = (
-        client.CoreV1Api(cluster.api_client()).list_namespaced_pod(namespace, label_selector=selector).items
-    )
-    return items
+def pods(cluster: Cluster, namespace: str, selector: str) -> list[dict[str, Any]]:
+    return cluster.kube().list(resource_path("v1", "pods", namespace), label_selector=selector).items
 
 
-def running(cluster: Cluster, namespace: str, selector: str, count: int) -> list[Any]:
-    found = [p for p in pods(cluster, namespace, selector) if p.status.phase == "Running" and p.status.pod_ip]
+def running(cluster: Cluster, namespace: str, selector: str, count: int) -> list[dict[str, Any]]:
+    found = [
+        p
+        for p in pods(cluster, namespace, selector)
+        if p["status"].get("phase") == "Running" and p["status"].get("podIP")
+    ]
     return found if len(found) == count else []
+
+
+def create_deployment(cluster: Cluster, namespace: str, body: dict[str, Any]) -> None:
+    cluster.kube().create(resource_path("apps/v1", "deployments", namespace), body)
+
+
+def is_true(obj: dict[str, Any], condition: str) -> bool:
+    return any(
+        c["type"] == condition and c["status"] == "True" for c in obj["status"].get("conditions") or []
+    )
 
 
 def http_get(url: str) -> tuple[int, bytes]:
@@ -124,68 +134,58 @@ def test_every_component_listens_on_loopback_only(cluster: Cluster) -> None:
 
 
 def test_fake_gpu_nodes_are_ready_with_gpus(cluster: Cluster) -> None:
-    from kubernetes import client
-
-    nodes = client.CoreV1Api(cluster.api_client()).list_node().items
-    assert sorted(n.metadata.name for n in nodes) == ["gpu-node-0", "gpu-node-1"]
+    nodes = cluster.kube().list(resource_path("v1", "nodes")).items
+    assert sorted(n["metadata"]["name"] for n in nodes) == ["gpu-node-0", "gpu-node-1"]
     for node in nodes:
-        assert node.status.capacity["nvidia.com/gpu"] == "8"
-        assert node.status.allocatable["nvidia.com/gpu"] == "8"
-        assert any(c.type == "Ready" and c.status == "True" for c in node.status.conditions)
-        assert ipaddress.ip_network(node.spec.pod_cidr).subnet_of(ipaddress.ip_network(cluster.pod_cidr))
+        assert node["status"]["capacity"]["nvidia.com/gpu"] == "8"
+        assert node["status"]["allocatable"]["nvidia.com/gpu"] == "8"
+        assert is_true(node, "Ready")
+        assert ipaddress.ip_network(node["spec"]["podCIDR"]).subnet_of(ipaddress.ip_network(cluster.pod_cidr))
 
 
 def test_gpu_deployment_gets_running_pods_on_loopback_ips(cluster: Cluster, namespace: str) -> None:
-    from kubernetes import client
-
-    apps: Any = client.AppsV1Api(cluster.api_client())
-    apps.create_namespaced_deployment(namespace, gpu_deployment("engine", 2, "m"))
+    create_deployment(cluster, namespace, gpu_deployment("engine", 2, "m"))
     found = wait_until(lambda: running(cluster, namespace, "app.kubernetes.io/instance=engine", 2), "2 pods")
     for pod in found:
-        ip = ipaddress.ip_address(pod.status.pod_ip)
+        ip = ipaddress.ip_address(pod["status"]["podIP"])
         assert ip in ipaddress.ip_network(cluster.pod_cidr)
         assert ip.is_loopback
-        assert pod.spec.node_name in {"gpu-node-0", "gpu-node-1"}
-        assert any(c.type == "Ready" and c.status == "True" for c in pod.status.conditions)  # routers need it
+        assert pod["spec"]["nodeName"] in {"gpu-node-0", "gpu-node-1"}
+        assert is_true(pod, "Ready")  # routers need it
         with socket.socket() as s:  # the pod IP is a local address: a process can serve on it
             s.bind((str(ip), 0))
 
 
 def test_scheduler_honours_gpu_capacity(cluster: Cluster, namespace: str) -> None:
-    from kubernetes import client
-
-    apps: Any = client.AppsV1Api(cluster.api_client())
     # 2 nodes x 8 GPUs: three pods of 4 GPUs fit, the fifth and sixth cannot be placed.
-    apps.create_namespaced_deployment(namespace, gpu_deployment("big", 6, "m", gpus=4))
+    create_deployment(cluster, namespace, gpu_deployment("big", 6, "m", gpus=4))
     selector = "app.kubernetes.io/instance=big"
     wait_until(lambda: running(cluster, namespace, selector, 4), "4 running pods")
 
-    def unschedulable() -> list[Any]:
-        pending = [p for p in pods(cluster, namespace, selector) if p.status.phase == "Pending"]
+    def unschedulable() -> list[dict[str, Any]]:
+        pending = [p for p in pods(cluster, namespace, selector) if p["status"].get("phase") == "Pending"]
         return [
             p
             for p in pending
             if any(
-                c.type == "PodScheduled" and c.reason == "Unschedulable" for c in p.status.conditions or []
+                c["type"] == "PodScheduled" and c.get("reason") == "Unschedulable"
+                for c in p["status"].get("conditions") or []
             )
         ]
 
     stuck = wait_until(lambda: len(unschedulable()) == 2 and unschedulable(), "2 unschedulable pods")
-    message = stuck[0].status.conditions[0].message
+    message = stuck[0]["status"]["conditions"][0]["message"]
     assert "nvidia.com/gpu" in message
 
 
 def test_pod_simulators_follow_pods(cluster: Cluster, namespace: str) -> None:
-    from kubernetes import client
-
-    apps: Any = client.AppsV1Api(cluster.api_client())
     model = "Qwen/Qwen3-0.6B"
     with PodSimulators(
-        cluster.api_client(), "app.kubernetes.io/component=engine", namespace=namespace
+        cluster.credentials(), "app.kubernetes.io/component=engine", namespace=namespace
     ) as sims:
-        apps.create_namespaced_deployment(namespace, gpu_deployment("sim", 2, model))
+        create_deployment(cluster, namespace, gpu_deployment("sim", 2, model))
         targets = sims.wait_for(2, timeout=90)
-        ips = {p.status.pod_ip for p in running(cluster, namespace, "app.kubernetes.io/instance=sim", 2)}
+        ips = {p["status"]["podIP"] for p in running(cluster, namespace, "app.kubernetes.io/instance=sim", 2)}
         assert {t.host for t in targets} == ips
         for target in targets:
             assert http_get(f"{target.url}/health")[0] == 200
@@ -201,10 +201,10 @@ def test_pod_simulators_follow_pods(cluster: Cluster, namespace: str) -> None:
         sims.wait_for(2, timeout=30)
         assert http_get(f"{victim.url}/health")[0] == 200
 
-        apps.patch_namespaced_deployment_scale("sim", namespace, {"spec": {"replicas": 3}})
+        cluster.kube().scale(resource_path("apps/v1", "deployments", namespace, "sim"), 3)
         assert len(sims.wait_for(3, timeout=90)) == 3
 
-        apps.delete_namespaced_deployment("sim", namespace)
+        cluster.kube().delete(resource_path("apps/v1", "deployments", namespace, "sim"))
         sims.wait_for(0, timeout=90)
         for target in targets:
             with pytest.raises((urllib.error.URLError, ConnectionError)):
@@ -212,14 +212,11 @@ def test_pod_simulators_follow_pods(cluster: Cluster, namespace: str) -> None:
 
 
 def test_a_simulator_that_cannot_start_is_reported_with_its_log(cluster: Cluster, namespace: str) -> None:
-    from kubernetes import client
-
     def broken(target: SimTarget) -> list[str]:  # e.g. a bad flag in sim.kvstack.io/args
         return [sys.executable, "-c", f"print('cannot serve {target.model}'); raise SystemExit(2)"]
 
-    apps: Any = client.AppsV1Api(cluster.api_client())
-    with PodSimulators(cluster.api_client(), namespace=namespace, command=broken) as sims:
-        apps.create_namespaced_deployment(namespace, gpu_deployment("broken", 1, "m-broken"))
+    with PodSimulators(cluster.credentials(), namespace=namespace, command=broken) as sims:
+        create_deployment(cluster, namespace, gpu_deployment("broken", 1, "m-broken"))
         with pytest.raises(TimeoutError, match="cannot serve m-broken"):
             sims.wait_for(1, timeout=8)
         log_dir = sims.log_dir
@@ -295,8 +292,6 @@ def prometheus_targets(url: str) -> list[dict[str, Any]]:
 def test_prometheus_pod_discovery_scrapes_simulators(
     cluster: Cluster, namespace: str, tmp_path: Path
 ) -> None:
-    from kubernetes import client
-
     config = {
         "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
         "scrape_configs": [
@@ -344,10 +339,9 @@ def test_prometheus_pod_discovery_scrapes_simulators(
         stdout=subprocess.DEVNULL,
         stderr=(tmp_path / "prometheus.log").open("wb"),
     )
-    apps: Any = client.AppsV1Api(cluster.api_client())
     try:
-        with PodSimulators(cluster.api_client(), namespace=namespace) as sims:
-            apps.create_namespaced_deployment(namespace, gpu_deployment("prom", 2, "m"))
+        with PodSimulators(cluster.credentials(), namespace=namespace) as sims:
+            create_deployment(cluster, namespace, gpu_deployment("prom", 2, "m"))
             targets = sims.wait_for(2, timeout=90)
 
             def scraped() -> list[dict[str, Any]]:

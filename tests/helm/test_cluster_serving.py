@@ -86,7 +86,7 @@ def test_router_answers_through_its_service_endpoint(
     config_file.write_text(yaml.safe_dump(config))
 
     selector = "app.kubernetes.io/instance=rel,app.kubernetes.io/component=engine"
-    sims = PodSimulators(cluster.api_client(), selector, namespace=namespace, log_dir=tmp_path / "sims")
+    sims = PodSimulators(cluster.credentials(), selector, namespace=namespace, log_dir=tmp_path / "sims")
     argv = [kvstack_executable(), "router", "--config", str(config_file)]
     router = ManagedProcess("router", argv, tmp_path, ready_url=f"http://{ip}:{port}/ready")
     try:

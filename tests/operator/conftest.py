@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from kvstack.common.kube import resource_path
 from kvstack.observability.prometheus import KubeAccess
 from kvstack.operator.crd import CRD_FILE, GROUP, PLURAL, VERSION
 from kvstack.operator.handlers import Runtime
@@ -28,17 +29,15 @@ def crd_installed(cluster: Cluster) -> str:
 
 
 class Api:
-    """The calls the tests make, through the cluster's kubernetes client."""
+    """The calls the tests make, through the shared client (:mod:`kvstack.common.kube`)."""
 
     def __init__(self, cluster: Cluster, namespace: str) -> None:
-        from kubernetes import client
-
         self.cluster = cluster
         self.namespace = namespace
-        api = cluster.api_client()
-        self.custom: Any = client.CustomObjectsApi(api)
-        self.apps: Any = client.AppsV1Api(api)
-        self.core: Any = client.CoreV1Api(api)
+        self.kube = cluster.kube()
+
+    def _stacks(self, name: str | None = None) -> str:
+        return resource_path(f"{GROUP}/{VERSION}", PLURAL, self.namespace, name)
 
     def create(self, name: str, spec: dict[str, Any]) -> dict[str, Any]:
         body = {
@@ -47,47 +46,46 @@ class Api:
             "metadata": {"name": name},
             "spec": spec,
         }
-        result: dict[str, Any] = self.custom.create_namespaced_custom_object(
-            GROUP, VERSION, self.namespace, PLURAL, body
-        )
-        return result
+        return self.kube.create(self._stacks(), body)
 
     def get(self, name: str) -> dict[str, Any]:
-        result: dict[str, Any] = self.custom.get_namespaced_custom_object(
-            GROUP, VERSION, self.namespace, PLURAL, name
-        )
-        return result
+        found = self.kube.get(self._stacks(name))
+        assert found is not None, f"no KVStack {name}"
+        return found
 
     def list(self) -> list[dict[str, Any]]:
-        result = self.custom.list_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL)
-        return list(result["items"])
+        return self.kube.list(self._stacks()).items
 
     def patch_spec(self, name: str, spec: dict[str, Any]) -> None:
-        self.custom.patch_namespaced_custom_object(
-            GROUP, VERSION, self.namespace, PLURAL, name, {"spec": spec}
-        )
+        self.kube.merge_patch(self._stacks(name), {"spec": spec})
 
     def delete(self, name: str) -> None:
-        self.custom.delete_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, name)
+        self.kube.delete(self._stacks(name))
 
-    def deployment(self, name: str) -> Any:
-        from kubernetes.client.exceptions import ApiException
+    def deployment(self, name: str) -> dict[str, Any] | None:
+        return self.kube.get(resource_path("apps/v1", "deployments", self.namespace, name))
 
-        try:
-            return self.apps.read_namespaced_deployment(name, self.namespace)
-        except ApiException as err:
-            if err.status == 404:
-                return None
-            raise
+    def replicas(self, name: str) -> int:
+        """``spec.replicas`` of Deployment ``name`` (which must exist)."""
+        dep = self.deployment(name)
+        assert dep is not None, f"no Deployment {name}"
+        return int(dep["spec"]["replicas"])
+
+    def events(self, involved: str) -> list[dict[str, Any]]:
+        """The Events about the object called ``involved``."""
+        path = resource_path("v1", "events", self.namespace)
+        found = self.kube.request("GET", path, params={"fieldSelector": f"involvedObject.name={involved}"})
+        return list((found or {}).get("items") or [])
 
     def names(self, kind: str) -> set[str]:
-        lister = {
-            "Deployment": self.apps.list_namespaced_deployment,
-            "Service": self.core.list_namespaced_service,
-            "ConfigMap": self.core.list_namespaced_config_map,
+        api_version, plural = {
+            "Deployment": ("apps/v1", "deployments"),
+            "Service": ("v1", "services"),
+            "ConfigMap": ("v1", "configmaps"),
         }[kind]
-        items = lister(self.namespace, label_selector="app.kubernetes.io/managed-by=kvstack-operator").items
-        return {i.metadata.name for i in items}
+        path = resource_path(api_version, plural, self.namespace)
+        items = self.kube.list(path, label_selector="app.kubernetes.io/managed-by=kvstack-operator").items
+        return {i["metadata"]["name"] for i in items}
 
     def condition(self, name: str, type_: str) -> dict[str, Any] | None:
         for cond in self.get(name).get("status", {}).get("conditions", []):
@@ -103,7 +101,7 @@ def api(cluster: Cluster, namespace: str, crd_installed: str) -> Api:
 
 @pytest.fixture
 def kubeconfig_env(cluster: Cluster, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """kopf's login reads $KUBECONFIG; point it at the test cluster only."""
+    """The operator (kopf's login and its client alike) reads $KUBECONFIG: the test cluster only."""
     monkeypatch.setenv("KUBECONFIG", str(cluster.kubeconfig))
     yield
 

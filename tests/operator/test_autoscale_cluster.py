@@ -25,6 +25,7 @@ import yaml
 from kopf.testing import KopfRunner
 from openai.types.chat import ChatCompletion
 
+from kvstack.common.kube import resource_path
 from kvstack.common.procs import ManagedProcess, free_port
 from kvstack.common.waits import wait_until
 from kvstack.observability.prometheus import (
@@ -126,7 +127,7 @@ def recording(api: Api, name: str) -> Iterator[list[tuple[float, int]]]:
         while not stop.is_set():
             dep = api.deployment(name)
             if dep is not None:
-                samples.append((time.monotonic(), int(dep.spec.replicas)))
+                samples.append((time.monotonic(), int(dep["spec"]["replicas"])))
             stop.wait(0.25)
 
     thread = threading.Thread(target=poll, daemon=True)
@@ -170,7 +171,7 @@ def test_load_scales_engines_up_then_down_and_a_blind_operator_holds(
     }
     settings = operator_settings(cluster, namespace, resync_seconds=30, prometheus_url=prometheus_url(prom))
     runtime = Runtime(settings)
-    sims = PodSimulators(cluster.api_client(), "app.kubernetes.io/component=engine", namespace=namespace)
+    sims = PodSimulators(cluster.credentials(), "app.kubernetes.io/component=engine", namespace=namespace)
     args = ["run", "--standalone", "--namespace", namespace]
     prom.start()
     try:
@@ -188,9 +189,7 @@ def test_load_scales_engines_up_then_down_and_a_blind_operator_holds(
                 # 1. Load step: 8 requests in flight on a 1-seq engine = 7 waiting vs target 2.
                 with Load(sims, concurrent=8) as load:
                     before = evaluations(runtime)
-                    wait_until(
-                        lambda: api.deployment("demo-llama").spec.replicas > 1, "a scale up", timeout=60
-                    )
+                    wait_until(lambda: api.replicas("demo-llama") > 1, "a scale up", timeout=60)
                     # Within two evaluation periods of Prometheus seeing the load (one more for the scrape).
                     assert evaluations(runtime) - before <= 3
                     # The status patch follows the /scale write of the same evaluation.
@@ -211,7 +210,7 @@ def test_load_scales_engines_up_then_down_and_a_blind_operator_holds(
                 load_stopped = load.stopped_at
                 # 3. Load gone: replicas fall to minReplicas, the first step only after the window.
                 wait_until(
-                    lambda: api.deployment("demo-llama").spec.replicas == 1,
+                    lambda: api.replicas("demo-llama") == 1,
                     "back to minReplicas",
                     timeout=120,
                 )
@@ -234,12 +233,9 @@ def test_load_scales_engines_up_then_down_and_a_blind_operator_holds(
             assert scaling is not None and scaling["reason"] == "MetricsUnavailable"
             held = evaluations(runtime)
             wait_until(lambda: evaluations(runtime) >= held + 3, "three blind evaluations")
-            assert api.deployment("demo-llama").spec.replicas == 1
+            assert api.replicas("demo-llama") == 1
             assert runtime.metrics.registry.get_sample_value("kvstack_operator_prometheus_up") == 0.0
-            events = api.core.list_namespaced_event(
-                namespace, field_selector="involvedObject.name=demo"
-            ).items
-            reasons = {e.reason for e in events}
+            reasons = {e["reason"] for e in api.events("demo")}
             assert {"ScaledUp", "ScaledDown", "PrometheusUnreachable"} <= reasons, reasons
         assert runner.exception is None, runner.output
     finally:
@@ -248,9 +244,12 @@ def test_load_scales_engines_up_then_down_and_a_blind_operator_holds(
 
 def router_pod_ip(api: Api) -> str:
     """The IP kwok gave the router pod the operator's Deployment made."""
-    pods = api.core.list_namespaced_pod(api.namespace, label_selector="app.kubernetes.io/component=router")
-    running = [p for p in pods.items if p.status.phase == "Running" and p.status.pod_ip]
-    return str(running[0].status.pod_ip) if running else ""
+    path = resource_path("v1", "pods", api.namespace)
+    pods = api.kube.list(path, label_selector="app.kubernetes.io/component=router").items
+    running = [
+        p["status"] for p in pods if p["status"].get("phase") == "Running" and p["status"].get("podIP")
+    ]
+    return str(running[0]["podIP"]) if running else ""
 
 
 def operator_router(api: Api, cluster: Cluster, workdir: Path) -> ManagedProcess:
@@ -261,8 +260,9 @@ def operator_router(api: Api, cluster: Cluster, workdir: Path) -> ManagedProcess
     the harness's readiness label too (kwok's Ready comes before the simulator listens).
     """
     ip = wait_until(lambda: router_pod_ip(api), "the router pod's IP", timeout=90)
-    conf = api.core.read_namespaced_config_map("demo-router", api.namespace)
-    config: dict[str, Any] = yaml.safe_load(conf.data["router.yaml"])
+    conf = api.kube.get(resource_path("v1", "configmaps", api.namespace, "demo-router"))
+    assert conf is not None
+    config: dict[str, Any] = yaml.safe_load(conf["data"]["router.yaml"])
     # The operator renders the hold for the scale-to-zero model: the router must not refuse it.
     assert config["hold_models"] == [MODEL]
     assert config["discovery"] == "kubernetes"
@@ -332,7 +332,7 @@ def test_an_idle_model_scales_to_zero_and_a_held_request_wakes_it(
         },
     }
     sims = PodSimulators(
-        cluster.api_client(),
+        cluster.credentials(),
         "app.kubernetes.io/component=engine",
         namespace=namespace,
         ready_label=READY_LABEL,
@@ -357,7 +357,7 @@ def test_an_idle_model_scales_to_zero_and_a_held_request_wakes_it(
             prom_api.wait_for(f'up{{job="kvstack-router",namespace="{namespace}"}} == 1', timeout=60)
 
             # No request at all: once the idle window's data says so, the model goes to zero.
-            wait_until(lambda: api.deployment("demo-llama").spec.replicas == 0, "scale to zero", timeout=120)
+            wait_until(lambda: api.replicas("demo-llama") == 0, "scale to zero", timeout=120)
             # The status is patched after the Deployment is scaled (and retried when the API server drops it).
             scaled = wait_until(
                 lambda: api.get("demo")["status"]["models"][0].get("lastScale"), "lastScale in status"
@@ -368,15 +368,13 @@ def test_an_idle_model_scales_to_zero_and_a_held_request_wakes_it(
             prom_api.wait_for(f"{queued_series(namespace)} == 0", timeout=30)
             held = evaluations(runtime)
             wait_until(lambda: evaluations(runtime) >= held + 2, "two evaluations at zero")
-            assert api.deployment("demo-llama").spec.replicas == 0
+            assert api.replicas("demo-llama") == 0
 
             # A user's request: the router holds it, Prometheus sees it held, the operator wakes the model.
             request = Completion(base_url)
             # (over a range: the wake must not end the hold before a poll here sees it)
             prom_api.wait_for(f"max_over_time({queued_series(namespace)}[10m]) >= 1", timeout=60)
-            wait_until(
-                lambda: api.deployment("demo-llama").spec.replicas >= 1, "a wake from zero", timeout=60
-            )
+            wait_until(lambda: api.replicas("demo-llama") >= 1, "a wake from zero", timeout=60)
             woke = wait_until(
                 lambda: (m := api.get("demo")["status"]["models"][0])["lastScale"]["reason"] == "wake" and m,
                 "lastScale wake",
@@ -385,8 +383,10 @@ def test_an_idle_model_scales_to_zero_and_a_held_request_wakes_it(
             assert woke["lastScale"]["toReplicas"] >= 1
 
             def wake_events() -> list[str]:
-                events = api.core.list_namespaced_event(namespace, field_selector="involvedObject.name=demo")
-                return [e.message for e in events.items if e.reason == "ScaledUp" and "(wake)" in e.message]
+                events = api.events("demo")
+                return [
+                    e["message"] for e in events if e["reason"] == "ScaledUp" and "(wake)" in e["message"]
+                ]
 
             wait_until(wake_events, "a ScaledUp event that says wake")
 

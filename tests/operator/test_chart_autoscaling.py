@@ -231,29 +231,3 @@ def test_the_scaler_tracks_annotated_deployments_as_watch_events_arrive() -> Non
     assert scaler.tracked == [key]
     scaler.observe("DELETED", deployment(chart()))
     assert scaler.tracked == []
-
-
-def test_a_kubeconfig_token_reaches_the_operators_client(tmp_path: Any) -> None:
-    # Service-account and kubeconfig tokens are stored under BearerToken by the kubernetes loaders;
-    # reading another key sent every call anonymously (403 in a real cluster).
-    from kubernetes import client, config
-
-    from kvstack.operator.kube import bearer
-
-    path = tmp_path / "kubeconfig.yaml"
-    path.write_text(
-        json.dumps(
-            {
-                "apiVersion": "v1",
-                "kind": "Config",
-                "clusters": [{"name": "c", "cluster": {"server": "https://127.0.0.1:1"}}],
-                "users": [{"name": "u", "user": {"token": "s3cret"}}],
-                "contexts": [{"name": "x", "context": {"cluster": "c", "user": "u"}}],
-                "current-context": "x",
-            }
-        )
-    )
-    cfg = client.Configuration()
-    config.load_kube_config(config_file=str(path), client_configuration=cfg)  # type: ignore[no-untyped-call]
-    assert bearer(cfg) == "Bearer s3cret"
-    assert bearer(client.Configuration()) is None

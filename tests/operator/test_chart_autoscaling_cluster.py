@@ -114,7 +114,9 @@ def service_account_kubeconfig(cluster: Cluster, namespace: str, account: str, o
 
 
 def annotations(api: Api) -> dict[str, str]:
-    return dict(api.deployment(ENGINE).metadata.annotations or {})
+    dep = api.deployment(ENGINE)
+    assert dep is not None
+    return dict(dep["metadata"].get("annotations") or {})
 
 
 def memory(api: Api) -> dict[str, Any]:
@@ -122,11 +124,8 @@ def memory(api: Api) -> dict[str, Any]:
     return dict(json.loads(raw)) if raw else {}
 
 
-def events(api: Api, reason: str) -> list[Any]:
-    found = api.core.list_namespaced_event(
-        api.namespace, field_selector=f"involvedObject.name={ENGINE}"
-    ).items
-    return [e for e in found if e.reason == reason]
+def events(api: Api, reason: str) -> list[dict[str, Any]]:
+    return [e for e in api.events(ENGINE) if e["reason"] == reason]
 
 
 def test_the_operator_scales_the_charts_engines_and_survives_a_bad_policy(
@@ -142,14 +141,13 @@ def test_the_operator_scales_the_charts_engines_and_survives_a_bad_policy(
     values = tmp_path / "values.yaml"
     values.write_text(yaml.safe_dump(VALUES))
     release(cluster, "install", namespace, "-f", str(values))
-    dep = api.deployment(ENGINE)
-    assert dep.metadata.annotations["kvstack.dev/autoscaling"] == "true"
-    assert POLICY in dep.metadata.annotations
+    assert annotations(api)["kvstack.dev/autoscaling"] == "true"
+    assert POLICY in annotations(api)
 
     kubeconfig = service_account_kubeconfig(cluster, namespace, "rel-kvstack-operator", tmp_path / "sa.yaml")
     monkeypatch.setenv("KUBECONFIG", str(kubeconfig))  # kopf logs in from $KUBECONFIG
     sims = PodSimulators(
-        cluster.api_client(),
+        cluster.credentials(),
         "app.kubernetes.io/instance=rel,app.kubernetes.io/component=engine",
         namespace=namespace,
         log_dir=tmp_path / "sims",
@@ -190,13 +188,13 @@ def test_the_operator_scales_the_charts_engines_and_survives_a_bad_policy(
                 ),
                 "the waiting signal seen",
             )
-            assert api.deployment(ENGINE).spec.replicas == 1
+            assert api.replicas(ENGINE) == 1
 
             # 2. Load: 6 requests on a one-sequence engine, 5 waiting vs target 2: replicas rise.
             load = Load(sims, concurrent=6)
             load.start()
             try:
-                wait_until(lambda: api.deployment(ENGINE).spec.replicas > 1, "a scale up", timeout=90)
+                wait_until(lambda: api.replicas(ENGINE) > 1, "a scale up", timeout=90)
                 up = wait_until(lambda: events(api, "ScaledUp"), "a ScaledUp Event on the Deployment")
                 assert "(queue)" in up[0].message or "(max_replicas)" in up[0].message
                 last = wait_until(lambda: memory(api).get("lastScale"), "lastScale in the state annotation")
@@ -210,20 +208,22 @@ def test_the_operator_scales_the_charts_engines_and_survives_a_bad_policy(
                 load.done.set()
                 load.join(timeout=90)
             # The operator wrote replicas through /scale as its own field manager; Helm owns the rest.
-            managers = {f.manager for f in api.deployment(ENGINE).metadata.managed_fields or []}
+            dep = api.deployment(ENGINE)
+            assert dep is not None
+            managers = {f["manager"] for f in dep["metadata"].get("managedFields") or []}
             assert "kvstack-autoscaler" in managers
             # No finalizer: `helm uninstall` and namespace deletion never wait for the operator.
-            assert not api.deployment(ENGINE).metadata.finalizers
+            assert not dep["metadata"].get("finalizers")
 
             # 3. A bad policy: a Warning Event naming the field, replicas held, the operator alive.
-            before = api.deployment(ENGINE).spec.replicas
+            before = api.replicas(ENGINE)
             annotate = ("annotate", "deployment", ENGINE, "-n", namespace, "--overwrite")
             cluster.kubectl(*annotate, f'{POLICY}={{"metric": "queueDepth"}}')
             bad = wait_until(
                 lambda: events(api, "InvalidAutoscalingPolicy"), "an InvalidAutoscalingPolicy Event"
             )
             assert bad[0].type == "Warning" and "metric" in bad[0].message and POLICY in bad[0].message
-            assert api.deployment(ENGINE).spec.replicas == before
+            assert api.replicas(ENGINE) == before
             # Fixed again: scaling resumes (a fresh evaluation stamps the state annotation).
             stamp = memory(api)["lastDecision"]["time"]
             fixed = {"target": 2, "intervalSeconds": 2, "scaleDown": {"stabilizationSeconds": 600}}
@@ -232,14 +232,14 @@ def test_the_operator_scales_the_charts_engines_and_survives_a_bad_policy(
             assert len(events(api, "InvalidAutoscalingPolicy")) == 1  # once per problem, not per tick
 
             # 4. Prometheus gone: replicas held, a Warning Event, the state and the gauge say so.
-            held = api.deployment(ENGINE).spec.replicas
+            held = api.replicas(ENGINE)
             prom.stop()
             wait_until(lambda: events(api, "PrometheusUnreachable"), "a PrometheusUnreachable Event")
             wait_until(lambda: memory(api).get("prometheusReachable") is False, "the blind state recorded")
             stamp = memory(api)["lastDecision"]["time"]
             wait_until(lambda: memory(api)["lastDecision"]["time"] > stamp, "a blind evaluation", timeout=30)
             assert memory(api)["lastDecision"]["reason"] == "metrics_unavailable"
-            assert api.deployment(ENGINE).spec.replicas == held
+            assert api.replicas(ENGINE) == held
             assert runtime.metrics.registry.get_sample_value("kvstack_operator_prometheus_up") == 0.0
             assert len(events(api, "PrometheusUnreachable")) == 1  # on the change, not per evaluation
         assert runner.exception is None, runner.output

@@ -143,7 +143,7 @@ def test_autoscaler_queries_and_operator_rules_return_data(
         "cache": {"mode": "none"},
         "autoscaling": {"intervalSeconds": 2},
     }
-    sims = PodSimulators(cluster.api_client(), "app.kubernetes.io/component=engine", namespace=namespace)
+    sims = PodSimulators(cluster.credentials(), "app.kubernetes.io/component=engine", namespace=namespace)
     args = ["run", "--standalone", "--namespace", namespace]
     with (
         running([proc], timeout=60),

@@ -4,19 +4,16 @@ with kwok playing the kubelet and ``kvstack engine sim`` processes answering on 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
 import time
-import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
 import pytest
 from tests.router_discovery.test_monitor_live import until
 
+from kvstack.common.kube import KubeClient, resource_path
 from kvstack.router.discovery import KubernetesConfig, KubernetesDiscovery
-from kvstack.router.discovery.kubeapi import load_api_server
 from kvstack.router.engines import EngineRegistry
 from kvstack.router.monitor import EngineMonitor, MonitorConfig
 
@@ -26,58 +23,31 @@ LABELS = {"app.kubernetes.io/component": "engine", "test": "discovery"}
 SELECTOR = ",".join(f"{k}={v}" for k, v in LABELS.items())
 
 
-@contextlib.contextmanager
-def raw_api(cluster: Any) -> Iterator[tuple[httpx.Client, dict[str, str]]]:
-    api = load_api_server(cluster.kubeconfig, cluster.context)
-    with httpx.Client(base_url=api.host, verify=api.ssl_context, timeout=30) as http:
-        yield http, api.headers()
-
-
 @pytest.fixture
-def kube(cluster: Any) -> Iterator[Kube]:
-    with raw_api(cluster) as (http, headers):
-        yield Kube(http, headers)
+async def kube(cluster: Any) -> AsyncIterator[Kube]:
+    async with KubeClient(cluster.credentials()) as client:
+        yield Kube(client)
 
 
 class Kube:
-    """The few writes the tests make, as plain API calls."""
+    """The few writes the tests make, through the shared client."""
 
-    def __init__(self, http: httpx.Client, headers: dict[str, str]) -> None:
-        self.http, self.headers = http, headers
-
-    def _do(self, method: str, path: str, body: Any = None, content_type: str = "application/json") -> Any:
-        data = None if body is None else json.dumps(body)
-        resp = self.http.request(
-            method, path, content=data, headers={**self.headers, "Content-Type": content_type}
-        )
-        resp.raise_for_status()
-        return resp.json()
+    def __init__(self, client: KubeClient) -> None:
+        self.client = client
 
     async def create_pod(self, ns: str, pod: dict[str, Any]) -> None:
-        await asyncio.to_thread(self._do, "POST", f"/api/v1/namespaces/{ns}/pods", pod)
+        await self.client.create(resource_path("v1", "pods", ns), pod)
 
     async def set_status(self, ns: str, name: str, status: dict[str, Any]) -> None:
-        path = f"/api/v1/namespaces/{ns}/pods/{name}/status"
-        await asyncio.to_thread(self._do, "PATCH", path, status, "application/merge-patch+json")
+        await self.client.merge_patch(resource_path("v1", "pods", ns, name, "status"), status)
 
     async def pod_ip(self, ns: str, name: str) -> str:
-        pod = await asyncio.to_thread(self._do, "GET", f"/api/v1/namespaces/{ns}/pods/{name}")
+        pod = await self.client.get(resource_path("v1", "pods", ns, name))
+        assert pod is not None
         return str(pod["status"]["podIP"])
 
     async def delete_pod(self, ns: str, name: str) -> None:
-        await asyncio.to_thread(self._do, "DELETE", f"/api/v1/namespaces/{ns}/pods/{name}")
-
-
-@pytest.fixture
-def namespace(kube: Kube) -> Iterator[str]:
-    name = f"disc-{uuid.uuid4().hex[:8]}"
-    kube._do(
-        "POST", "/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}}
-    )
-    try:
-        yield name
-    finally:
-        kube._do("DELETE", f"/api/v1/namespaces/{name}")
+        await self.client.delete(resource_path("v1", "pods", ns, name))
 
 
 def engine_pod(name: str, *, labels: dict[str, str] = LABELS, schedulable: bool = True) -> dict[str, Any]:
@@ -176,7 +146,7 @@ async def test_monitor_learns_models_of_discovered_pods(
 ) -> None:
     from kvstack_testing.pod_sims import PodSimulators
 
-    with PodSimulators(cluster.api_client(), SELECTOR, namespace=namespace):
+    with PodSimulators(cluster.credentials(), SELECTOR, namespace=namespace):
         for name in ("engine-0", "engine-1"):
             await kube.create_pod(namespace, engine_pod(name))
         async with httpx.AsyncClient(trust_env=False) as http:

@@ -3,7 +3,7 @@
 The scripted endpoint speaks the pod list/watch wire protocol (paged list, JSON-lines watch) and
 lets a test produce what a real API server does only at its own moment: a 410 Gone on watch, an
 ``ERROR`` event in the stream, a watch the server ends, an outage. Credentials come from a real
-kubeconfig file through the ``kubernetes`` package's loader. The same loop against a real
+kubeconfig file through :mod:`kvstack.common.kube`. The same loop against a real
 kube-apiserver is in ``test_kubernetes_cluster.py``.
 """
 

@@ -27,6 +27,7 @@ import yaml
 from kvstack.bench.autoscale_live import OpenLoopLoad, Recorder
 from kvstack.bench.autoscale_plan import MODEL, Phases, PodShape, Sample, Variant, summarize, variants
 from kvstack.bench.report import save_figure
+from kvstack.common.kube import resource_path
 from kvstack.common.procs import ManagedProcess, free_port
 from kvstack.common.waits import wait_until
 from kvstack.observability.prometheus import prometheus_url
@@ -140,16 +141,14 @@ def _router(cluster: Cluster, namespace: str, workdir: Path) -> ManagedProcess:
     return ManagedProcess("router", argv, workdir, ready_url=f"http://127.0.0.1:{port}/ready")
 
 
-def _custom(cluster: Cluster) -> Any:
-    from kubernetes import client
+def _stacks(namespace: str, name: str | None = None) -> str:
+    from kvstack.operator.crd import GROUP, PLURAL, VERSION
 
-    return client.CustomObjectsApi(cluster.api_client())
+    return resource_path(f"{GROUP}/{VERSION}", PLURAL, namespace, name)
 
 
 def _condition(cluster: Cluster, namespace: str, type_: str) -> bool:
-    from kvstack.operator.crd import GROUP, PLURAL, VERSION
-
-    body = _custom(cluster).get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, STACK)
+    body = cluster.kube().get(_stacks(namespace, STACK)) or {}
     conditions = body.get("status", {}).get("conditions", [])
     return any(c["type"] == type_ and c["status"] == "True" for c in conditions)
 
@@ -167,7 +166,7 @@ def run_variant(cluster: Cluster, bench: ClusterBench, variant: Variant, echo: E
     from kopf.testing import KopfRunner
 
     from kvstack.bench.autoscale_plan import stack_spec
-    from kvstack.operator.crd import GROUP, PLURAL, VERSION
+    from kvstack.operator.crd import GROUP, VERSION
     from kvstack.operator.handlers import Runtime, build_registry
 
     workdir = Path(tempfile.mkdtemp(prefix="kvstack-bench-autoscale-"))
@@ -179,7 +178,7 @@ def run_variant(cluster: Cluster, bench: ClusterBench, variant: Variant, echo: E
             settings = operator_settings(cluster, namespace, resync_seconds=30, prometheus_url=prom_url)
             runtime = Runtime(settings)
             sims = PodSimulators(
-                cluster.api_client(),
+                cluster.credentials(),
                 ENGINE_SELECTOR,
                 namespace=namespace,
                 command=_loading(bench.load_delay_s),
@@ -201,7 +200,7 @@ def run_variant(cluster: Cluster, bench: ClusterBench, variant: Variant, echo: E
                         "metadata": {"name": STACK},
                         "spec": stack_spec(variant, bench.pod, bench.min_replicas, bench.max_replicas),
                     }
-                    _custom(cluster).create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, body)
+                    cluster.kube().create(_stacks(namespace), body)
                     sims.wait_for(bench.min_replicas, timeout=120)
                     router.start().wait_ready(60)
                     router_url = (router.ready_url or "").removesuffix("/ready")
@@ -237,7 +236,7 @@ def _drive(
     step_at = time.monotonic() + phases.warm_s
     load = OpenLoopLoad(router_url, phases, bench.pod, step_at)
     deployment = f"{STACK}-llm"
-    with Recorder(cluster.api_client(), namespace, deployment, load, prom_url) as recorder:
+    with Recorder(cluster.kube(), namespace, deployment, load, prom_url) as recorder:
         load.start()
         try:
             next_line = -phases.warm_s

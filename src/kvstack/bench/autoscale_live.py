@@ -20,6 +20,8 @@ from typing import Any
 import httpx
 
 from kvstack.bench.autoscale_plan import MODEL, Phases, PodShape, Request, Sample, with_serving
+from kvstack.common.kube import resource_path
+from kvstack.common.kube.blocking import BlockingKube
 
 ENGINE_HEADER = "x-kvstack-engine"
 
@@ -150,9 +152,9 @@ class OpenLoopLoad:
         self.requests.append(Request(sent=sent, ok=ok, first_token=first, done=done, engine=engine))
 
 
-def _ready(pod: Any) -> bool:
-    conditions = pod.status.conditions or []
-    return any(c.type == "Ready" and c.status == "True" for c in conditions)
+def _ready(pod: dict[str, Any]) -> bool:
+    conditions = (pod.get("status") or {}).get("conditions") or []
+    return any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
 
 
 class Recorder:
@@ -160,17 +162,14 @@ class Recorder:
 
     def __init__(
         self,
-        api_client: Any,
+        kube: BlockingKube,
         namespace: str,
         deployment: str,
         load: OpenLoopLoad,
         prometheus_url: str,
         period_s: float = 0.5,
     ) -> None:
-        from kubernetes import client
-
-        self._apps: Any = client.AppsV1Api(api_client)
-        self._core: Any = client.CoreV1Api(api_client)
+        self._kube = kube
         self.namespace, self.deployment, self.load = namespace, deployment, load
         self._prom = prometheus_url.rstrip("/")
         self.period_s = period_s
@@ -202,21 +201,29 @@ class Recorder:
 
     def _sample(self, http: httpx.Client) -> tuple[Sample, tuple[str, ...]]:
         t = self.load.now()
-        dep = self._apps.read_namespaced_deployment(self.deployment, self.namespace)
-        selector = ",".join(f"{k}={v}" for k, v in dep.spec.selector.match_labels.items())
-        pods = self._core.list_namespaced_pod(self.namespace, label_selector=selector).items
+        dep = self._kube.get(resource_path("apps/v1", "deployments", self.namespace, self.deployment))
+        assert dep is not None, f"deployment {self.deployment} is gone"
+        selector = ",".join(f"{k}={v}" for k, v in dep["spec"]["selector"]["matchLabels"].items())
+        pods = self._kube.list(resource_path("v1", "pods", self.namespace), label_selector=selector).items
         ready = []
         for pod in pods:
-            if pod.metadata.deletion_timestamp or not pod.status.pod_ip or not _ready(pod):
+            ip = (pod.get("status") or {}).get("podIP")
+            if pod["metadata"].get("deletionTimestamp") or not ip or not _ready(pod):
                 continue
-            ports = [p.container_port for c in pod.spec.containers for p in c.ports or [] if p.name == "http"]
+            containers = pod["spec"]["containers"]
+            ports = [
+                p["containerPort"]
+                for c in containers
+                for p in c.get("ports") or []
+                if p.get("name") == "http"
+            ]
             with contextlib.suppress(httpx.HTTPError):
-                if http.get(f"http://{pod.status.pod_ip}:{ports[0]}/health", timeout=0.5).status_code == 200:
-                    ready.append(pod.metadata.name)
+                if http.get(f"http://{ip}:{ports[0]}/health", timeout=0.5).status_code == 200:
+                    ready.append(pod["metadata"]["name"])
         served = self.load.served
         sample = Sample(
             t=round(t, 2),
-            desired=int(dep.spec.replicas or 0),
+            desired=int(dep["spec"].get("replicas") or 0),
             ready=len(ready),
             serving=sum(1 for name in ready if name in served and served[name] <= t),
             rate=self.load.phases.rate(t),

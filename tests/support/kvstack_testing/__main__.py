@@ -43,7 +43,7 @@ def cluster(
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     typer.echo(f"starting cluster {config.name!r} ...", err=True)
     with Cluster(config) as running:
-        pods = PodSimulators(running.api_client(), sims, log_dir=running.workdir) if sims else None
+        pods = PodSimulators(running.credentials(), sims, log_dir=running.workdir) if sims else None
         try:
             if pods is not None:
                 pods.start()

@@ -27,6 +27,8 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from kvstack.common.config import build
+from kvstack.common.kube import Credentials, load_credentials, resource_path
+from kvstack.common.kube.blocking import BlockingKube
 from kvstack_testing.manifests import gpu_nodes, kwokctl_configuration
 from kvstack_testing.tools import Toolchain, ensure_cluster_tools
 from kvstack_testing.workdirs import (
@@ -107,7 +109,7 @@ class Cluster:
         self._tools = tools
         self.workdir: Path | None = None
         self._owns_workdir = False
-        self._api_client: Any = None
+        self._kube: BlockingKube | None = None
         self.started = False
 
     # ---- lifecycle -------------------------------------------------------------------------------
@@ -140,10 +142,10 @@ class Cluster:
         atexit.unregister(self.stop)
         if not self.started or self.workdir is None:
             return
-        if self._api_client is not None:
+        if self._kube is not None:
             with contextlib.suppress(Exception):
-                self._api_client.close()
-            self._api_client = None
+                self._kube.close()
+            self._kube = None
         pids = recorded_pids(self.workdir)  # kwokctl deletes the pid files, maybe before the exits
         with contextlib.suppress(subprocess.SubprocessError, OSError, RuntimeError):
             self._kwokctl(
@@ -195,34 +197,31 @@ class Cluster:
         doc = yaml.safe_load(self.kubeconfig.read_text())
         return str(next(c["cluster"]["server"] for c in doc["clusters"] if c["name"] == self.context))
 
-    def api_client(self) -> Any:
-        """A ``kubernetes.client.ApiClient`` for this cluster (shared; closed by ``stop()``)."""
-        if self._api_client is None:
-            from kubernetes import config
+    def credentials(self) -> Credentials:
+        """The admin credentials of this cluster (from its own kubeconfig), for a :class:`KubeClient`."""
+        return load_credentials(self.kubeconfig, self.context)
 
-            self._api_client = config.new_client_from_config(  # type: ignore[no-untyped-call]
-                config_file=str(self.kubeconfig), context=self.context
-            )
-        return self._api_client
+    def kube(self) -> BlockingKube:
+        """A blocking client for this cluster (shared; closed by ``stop()``)."""
+        if self._kube is None:
+            self._kube = BlockingKube(self.credentials())
+        return self._kube
 
     @contextlib.contextmanager
     def temporary_namespace(self, prefix: str) -> Iterator[str]:
         """A fresh namespace ``prefix`` + 8 hex digits, deleted (with everything in it) afterwards."""
-        from kubernetes import client
-
-        core: Any = client.CoreV1Api(self.api_client())
         name = f"{prefix}{uuid.uuid4().hex[:8]}"
-        core.create_namespace({"metadata": {"name": name}})
+        self.kube().create(resource_path("v1", "namespaces"), {"metadata": {"name": name}})
         try:
             yield name
         finally:
-            core.delete_namespace(name)
+            self.kube().delete(resource_path("v1", "namespaces", name=name))
 
     def server_version(self) -> str:
         """``gitVersion`` the API server reports, e.g. ``v1.34.10``."""
-        from kubernetes import client
-
-        return str(client.VersionApi(self.api_client()).get_code().git_version)
+        version = self.kube().get("/version")
+        assert version is not None
+        return str(version["gitVersion"])
 
     def kubectl(
         self, *args: str, check: bool = True, input: str | None = None
@@ -292,20 +291,18 @@ class Cluster:
         )  # fmt: skip
 
     def _add_nodes(self) -> None:
-        from kubernetes import client
-
-        core: Any = client.CoreV1Api(self.api_client())  # accepts plain dicts as bodies
+        kube = self.kube()
         names = []
         for node in gpu_nodes(self.config.gpu_nodes, self.config.gpus_per_node, self.pod_cidr):
-            core.create_node(node)
+            kube.create(resource_path("v1", "nodes"), node)
             names.append(node["metadata"]["name"])
         deadline = time.monotonic() + self.config.start_timeout_s
-        while not all(_node_ready(core.read_node(name)) for name in names):
+        while not all(_node_ready(kube.get(resource_path("v1", "nodes", name=name))) for name in names):
             if time.monotonic() > deadline:
                 raise TimeoutError(f"fake nodes {names} not Ready after {self.config.start_timeout_s}s")
             time.sleep(0.2)
 
 
-def _node_ready(node: Any) -> bool:
-    conditions = node.status.conditions or []
-    return any(c.type == "Ready" and c.status == "True" for c in conditions)
+def _node_ready(node: dict[str, Any] | None) -> bool:
+    conditions = ((node or {}).get("status") or {}).get("conditions") or []
+    return any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)

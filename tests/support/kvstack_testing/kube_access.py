@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from kvstack.common.kube import resource_path
 from kvstack.observability.prometheus import KubeAccess
 from kvstack_testing.cluster import Cluster
 
@@ -55,26 +56,45 @@ def pod_reader_objects(namespace: str = SA_NAMESPACE, name: str = SA_NAME) -> li
     ]
 
 
+def service_account_token(cluster: Cluster, namespace: str, name: str, expiration_s: int = 3600) -> str:
+    """A token for ServiceAccount ``namespace/name`` from the TokenRequest API."""
+    path = resource_path("v1", "serviceaccounts", namespace, name, "token")
+    body = {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest"}
+    answer = cluster.kube().create(path, {**body, "spec": {"expirationSeconds": expiration_s}})
+    return str(answer["status"]["token"])
+
+
+def cluster_ca(cluster: Cluster) -> bytes:
+    """The PEM the cluster's API server certificate is verified with."""
+    doc = yaml.safe_load(cluster.kubeconfig.read_text())
+    return kubeconfig_ca(doc, cluster.context, cluster.kubeconfig.parent)
+
+
+def write_service_account_files(
+    cluster: Cluster, directory: Path, namespace: str, name: str, expiration_s: int = 3600
+) -> Path:
+    """``token``, ``ca.crt`` and ``namespace`` of a ServiceAccount, laid out as in a pod's
+    ``/var/run/secrets/kubernetes.io/serviceaccount``; returns ``directory``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    token_file = directory / "token"
+    token_file.write_text(service_account_token(cluster, namespace, name, expiration_s))
+    token_file.chmod(0o600)
+    (directory / "ca.crt").write_bytes(cluster_ca(cluster))
+    (directory / "namespace").write_text(namespace)
+    return directory
+
+
 def prometheus_access(cluster: Cluster, directory: Path, expiration_s: int = 86_400) -> KubeAccess:
     """A pod-reader ServiceAccount's token and the cluster CA, written under ``directory``.
 
     The token outlives a whole test session (Prometheus re-reads the file, but nothing renews it).
     """
-    from kubernetes import client
-
-    api = cluster.api_client()
     applied = cluster.kubectl(
         "apply", "--server-side", "-f", "-", input=yaml.safe_dump_all(pod_reader_objects()), check=False
     )
     if applied.returncode != 0:
         raise RuntimeError(f"cannot create Prometheus' ServiceAccount: {applied.stderr}")
-    core: Any = client.CoreV1Api(api)
-    request = {"spec": {"expirationSeconds": expiration_s}}
-    token = core.create_namespaced_service_account_token(SA_NAME, SA_NAMESPACE, request).status.token
-    directory.mkdir(parents=True, exist_ok=True)
-    token_file, ca_file = directory / "token", directory / "ca.crt"
-    token_file.write_text(token)
-    token_file.chmod(0o600)
-    doc = yaml.safe_load(cluster.kubeconfig.read_text())
-    ca_file.write_bytes(kubeconfig_ca(doc, cluster.context, cluster.kubeconfig.parent))
-    return KubeAccess(api_server=cluster.server, ca_file=ca_file, bearer_token_file=token_file)
+    write_service_account_files(cluster, directory, SA_NAMESPACE, SA_NAME, expiration_s)
+    return KubeAccess(
+        api_server=cluster.server, ca_file=directory / "ca.crt", bearer_token_file=directory / "token"
+    )

@@ -12,6 +12,7 @@ engine before it serves (the router) selects on that label as well.
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import contextlib
 import logging
@@ -27,8 +28,10 @@ import urllib.request
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Any
+from typing import IO
 
+from kvstack.common.kube import Credentials, KubeClient, KubeError, Listed, reflect, resource_path
+from kvstack.common.kube.blocking import BlockingKube
 from kvstack.common.waits import wait_until
 from kvstack_testing.pod_targets import DEFAULT_PORT_NAME, Pod, SimTarget, apply_event, desired_targets, plan
 
@@ -106,7 +109,7 @@ class PodSimulators:
 
     def __init__(
         self,
-        api_client: Any,
+        credentials: Credentials,
         label_selector: str = "app.kubernetes.io/component=engine",
         *,
         namespace: str | None = None,
@@ -115,10 +118,7 @@ class PodSimulators:
         log_dir: Path | None = None,
         ready_label: str | None = None,
     ) -> None:
-        from kubernetes import client
-
-        self._api_client = api_client
-        self._core = client.CoreV1Api(api_client)
+        self.credentials = credentials
         self.label_selector = label_selector
         self.namespace = namespace
         self.port_name = port_name
@@ -133,6 +133,8 @@ class PodSimulators:
         self.ready_label = ready_label
         self._labelled: set[str] = set()  # pod uids that carry the ready label
         self._prober: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None  # the watch thread's, while it runs
+        self._watch_task: asyncio.Task[None] | None = None
 
     # ---- lifecycle -------------------------------------------------------------------------------
     def start(self) -> PodSimulators:
@@ -151,6 +153,10 @@ class PodSimulators:
         """Stop watching, then stop every simulator. Idempotent."""
         atexit.unregister(self.stop)
         self._stopping.set()
+        loop, task = self._loop, self._watch_task
+        if loop is not None and task is not None:
+            with contextlib.suppress(RuntimeError):  # the loop may have ended already
+                loop.call_soon_threadsafe(task.cancel)
         for thread in (self._thread, self._prober):
             if thread is not None:
                 thread.join(timeout=15)
@@ -210,77 +216,75 @@ class PodSimulators:
     # ---- readiness -------------------------------------------------------------------------------
     def _probe_loop(self) -> None:
         """Label each pod whose simulator answers ``/health``, as a kubelet would mark it Ready."""
+        with BlockingKube(self.credentials) as kube:
+            self._probe_with(kube)
+
+    def _probe_with(self, kube: BlockingKube) -> None:
         while not self._stopping.wait(0.2):
             targets = self.targets
             self._labelled &= set(targets)
             for uid, target in targets.items():
                 if uid not in self._labelled and _healthy(target.url, timeout=0.5):
                     try:
-                        self._mark_ready(target)
+                        self._mark_ready(kube, target)
                     except Exception as err:  # the pod may be going; the next round tries again
                         log.warning("cannot label pod %s/%s ready: %s", target.namespace, target.name, err)
                         continue
                     self._labelled.add(uid)
 
-    def _mark_ready(self, target: SimTarget) -> None:
-        from kubernetes.client.exceptions import ApiException
-
+    def _mark_ready(self, kube: BlockingKube, target: SimTarget) -> None:
         assert self.ready_label is not None
         patch = {"metadata": {"labels": {self.ready_label: "true"}}}
         try:
-            self._core.patch_namespaced_pod(target.name, target.namespace, patch)
-        except ApiException as err:
+            kube.merge_patch(resource_path("v1", "pods", target.namespace, target.name), patch)
+        except KubeError as err:
             if err.status != 404:  # a pod already gone needs no label
                 raise
 
     # ---- watching --------------------------------------------------------------------------------
-    def _list(self) -> tuple[dict[str, Pod], str]:
-        if self.namespace is None:
-            result: Any = self._core.list_pod_for_all_namespaces(label_selector=self.label_selector)
-        else:
-            result = self._core.list_namespaced_pod(self.namespace, label_selector=self.label_selector)
-        serialize = self._api_client.sanitize_for_serialization
-        pods = {item.metadata.uid: serialize(item) for item in result.items}
-        return pods, str(result.metadata.resource_version)
-
     def _watch_loop(self) -> None:
-        from kubernetes import watch
+        """The watch thread: its own event loop, until ``stop()`` cancels the watch."""
+        loop = asyncio.new_event_loop()
+        try:
+            self._loop = loop
+            self._watch_task = task = loop.create_task(self._follow())
+            if self._stopping.is_set():  # stop() came before the task existed
+                task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                loop.run_until_complete(task)
+        finally:
+            self._loop = self._watch_task = None
+            loop.close()
 
-        while not self._stopping.is_set():
-            try:
-                self._pods, version = self._list()
-                self._reconcile()
-                while not self._stopping.is_set():
-                    version = self._watch_once(watch.Watch(), version)  # type: ignore[no-untyped-call]
-                    self._reconcile()  # every few seconds: restarts simulators that exited
-            except Exception as err:  # the API may be restarting; re-list after a short pause
-                if self._stopping.is_set():
-                    return
-                log.warning("pod watch failed (%s); re-listing", err)
-                self._stopping.wait(0.5)
+    async def _follow(self) -> None:
+        """List and watch the pods (resumed and re-listed by the shared client), re-listing on failure."""
+        path = resource_path("v1", "pods", self.namespace)
+        resync = asyncio.create_task(self._resync())
+        try:
+            while not self._stopping.is_set():
+                try:
+                    async with KubeClient(self.credentials) as kube:
+                        async for item in reflect(
+                            kube, path, label_selector=self.label_selector, timeout_s=60
+                        ):
+                            if isinstance(item, Listed):
+                                self._pods = {p["metadata"]["uid"]: p for p in item.items}
+                            else:
+                                self._pods = apply_event(self._pods, item.type, item.object)
+                            self._reconcile()
+                except Exception as err:  # the API may be restarting; re-list after a short pause
+                    log.warning("pod watch failed (%s); re-listing", err)
+                    await asyncio.sleep(0.5)
+        finally:
+            resync.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await resync  # done before the loop closes
 
-    def _watch_once(self, watcher: Any, version: str) -> str:
-        """One watch request (server-side timeout keeps ``stop()`` prompt); returns the last version."""
-        kwargs: dict[str, Any] = {
-            "label_selector": self.label_selector,
-            "resource_version": version,
-            "timeout_seconds": 2,
-            "allow_watch_bookmarks": True,
-        }
-        if self.namespace is None:
-            stream = watcher.stream(self._core.list_pod_for_all_namespaces, **kwargs)
-        else:
-            stream = watcher.stream(self._core.list_namespaced_pod, self.namespace, **kwargs)
-        for event in stream:
-            if event["type"] == "ERROR":  # typically 410 Gone: the version is too old, so re-list
-                raise RuntimeError(f"watch error: {event.get('raw_object')}")
-            pod = event["raw_object"]
-            version = pod.get("metadata", {}).get("resourceVersion", version)
-            self._pods = apply_event(self._pods, event["type"], pod)
-            self._reconcile()
-            if self._stopping.is_set():
-                watcher.stop()
-        return version
+    async def _resync(self) -> None:
+        """Every few seconds: restart simulators that exited, as a kubelet restarts containers."""
+        while True:
+            await asyncio.sleep(2)
+            self._reconcile()  # on the watch's own thread: never concurrent with the watch's calls
 
     def _reconcile(self) -> None:
         desired = desired_targets(self._pods, self.port_name)
