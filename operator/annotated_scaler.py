@@ -14,10 +14,9 @@ time) and the namespace's deletion forever.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import httpx
 
@@ -25,10 +24,8 @@ from kvstack.common.config import ConfigError
 from kvstack.operator.annotated import STATUS, Memory, dump_memory, load_memory, parse, wants_autoscaling
 from kvstack.operator.controller import Target, replicas_of, scale_model
 from kvstack.operator.kube import KubeError
+from kvstack.operator.runtime import Runtime
 from kvstack.operator.status import model_entry
-
-if TYPE_CHECKING:
-    from kvstack.operator.handlers import Runtime
 
 log = logging.getLogger(__name__)
 Key = tuple[str, str]  # (namespace, name)
@@ -159,12 +156,3 @@ class AnnotatedScaler:
         entry = model_entry(annotated.model_name, name, current, ready, d.replicas, d, memory.entry, now)
         remembered = Memory(d.history, scaled.idle_since, reachable, entry)
         await kube.annotate(namespace, name, {STATUS: dump_memory(remembered)})
-
-
-async def stop(task: asyncio.Task[None] | None) -> None:
-    """Cancel the loop and wait for it."""
-    if task is None:
-        return
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task

@@ -158,9 +158,12 @@ async def evaluate(
     spec: KVStackSpec,
     state: ScalingState,
     previous: dict[str, Obj],
-    scale: bool,
 ) -> Evaluation:
-    """Observe every model; when ``scale``, decide and write replicas through ``/scale``."""
+    """Observe every model; with autoscaling on (``prom`` given), decide and scale it through ``/scale``.
+
+    ``state`` carries each model's recommendation history and idle start from one evaluation to the
+    next; ``previous`` is each model's last status entry (its last decision and scale are kept).
+    """
     out = Evaluation()
     auto = spec.autoscaling
     for model in spec.models:
@@ -169,7 +172,7 @@ async def evaluate(
         if dep is None:
             continue  # not created yet: the next reconcile makes it
         current, ready = _replicas(dep)
-        if not (scale and auto.enabled and prom is not None):
+        if not (auto.enabled and prom is not None):
             desired = current
             out.models.append(
                 ModelOutcome(

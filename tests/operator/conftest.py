@@ -12,7 +12,7 @@ import pytest
 
 from kvstack.observability.prometheus import KubeAccess
 from kvstack.operator.crd import CRD_FILE, GROUP, PLURAL, VERSION
-from kvstack.operator.handlers import Runtime
+from kvstack.operator.runtime import Runtime
 from kvstack.testing import Cluster
 from kvstack.testing.kube_access import prometheus_access
 

@@ -33,7 +33,8 @@ from kvstack.observability.prometheus import (
     prometheus_process,
     prometheus_url,
 )
-from kvstack.operator.handlers import Runtime, build_registry
+from kvstack.operator.handlers import build_registry
+from kvstack.operator.runtime import Runtime
 from kvstack.testing import Cluster, PodSimulators, SimTarget, operator_settings
 from kvstack.testing.pod_sims import kvstack_executable
 from kvstack.testing.waits import wait_until

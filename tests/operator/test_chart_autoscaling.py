@@ -28,7 +28,7 @@ from kvstack.operator.annotated import (
 )
 from kvstack.operator.annotated_scaler import AnnotatedScaler
 from kvstack.operator.autoscale import Observation, Policy, decide
-from kvstack.operator.handlers import Runtime
+from kvstack.operator.runtime import Runtime
 from kvstack.operator.settings import OperatorSettings
 
 KVSTACK_OWNER = {"apiVersion": "kvstack.dev/v1alpha1", "kind": "KVStack", "name": "demo", "uid": "u"}

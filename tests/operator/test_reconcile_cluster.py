@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 from kopf.testing import KopfRunner
 
-from kvstack.operator.handlers import Runtime, build_registry
+from kvstack.operator.handlers import build_registry
+from kvstack.operator.runtime import Runtime
 from kvstack.testing import Cluster, operator_settings
 from kvstack.testing.waits import wait_until
 

@@ -17,7 +17,8 @@ from kopf.testing import KopfRunner
 from tests.operator.conftest import Api, api, crd_installed, kubeconfig_env
 from tests.operator.test_reconcile_cluster import SPEC
 
-from kvstack.operator.handlers import Runtime, build_registry
+from kvstack.operator.handlers import build_registry
+from kvstack.operator.runtime import Runtime
 from kvstack.testing import Cluster, operator_settings
 from kvstack.testing.waits import wait_until
 
