@@ -1,7 +1,8 @@
 """The operator's I/O: apply what a stack owns, prune what it no longer asks for, evaluate scaling.
 
 Decisions come from pure modules (``resources``, ``autoscale``, ``signals``, ``status``); this module
-only reads and writes the API and Prometheus, and returns what the kopf handlers put in status.
+only reads and writes the API and Prometheus, and returns what :mod:`kvstack.operator.stack` turns
+into status (and the annotated Deployments' scaler into its annotation).
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ class ModelOutcome:
 
 @dataclass
 class ScalingState:
-    """What the autoscaler remembers per model between evaluations (in kopf's per-object memo)."""
+    """What the autoscaler remembers per model between evaluations (in the stack's ``StackMemory``)."""
 
     histories: dict[str, History] = field(default_factory=dict)
     idle_since: dict[str, float] = field(default_factory=dict)
