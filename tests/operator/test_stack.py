@@ -48,10 +48,8 @@ READY = {"type": "Ready", "status": "True", "reason": "AllReady"}
 
 
 def memory(**fields: Any) -> StackMemory:
-    m = StackMemory(conditions={"Ready": Condition(True, "AllReady", "1/1")})
-    for name, value in fields.items():
-        setattr(m, name, value)
-    return m
+    """A stack this process has set ``Ready=True`` on, with ``fields`` as given."""
+    return StackMemory(conditions={"Ready": Condition(True, "AllReady", "1/1")}, **fields)
 
 
 @pytest.mark.parametrize(
