@@ -18,8 +18,6 @@ import logging
 import time
 from typing import Any
 
-import httpx
-
 from kvstack.common.config import ConfigError
 from kvstack.operator.annotated import STATUS, Memory, dump_memory, load_memory, parse, wants_autoscaling
 from kvstack.operator.controller import Target, replicas_of, scale_model
@@ -79,13 +77,15 @@ class AnnotatedScaler:
         self._due[key] = time.time() + RETRY_S  # unless the evaluation sets its own interval
         try:
             await self.evaluate(key)
-        except KubeError as err:
-            log.warning("evaluating Deployment %s/%s failed, retrying: %s", *key, err)
-        except httpx.TransportError:
-            if not self._runtime.closing:
+        except Exception as err:
+            if self._runtime.closing:
+                # cleanup closed the clients under this evaluation (a transport error, or httpx's
+                # RuntimeError for a closed client): the operator is stopping, nothing to report.
+                return
+            if isinstance(err, KubeError):
+                log.warning("evaluating Deployment %s/%s failed, retrying: %s", *key, err)
+            else:  # one Deployment's bug must not stop the others' scaling
                 log.exception("evaluating Deployment %s/%s failed", *key)
-        except Exception:  # one Deployment's bug must not stop the others' scaling
-            log.exception("evaluating Deployment %s/%s failed", *key)
 
     async def _tell(self, dep: dict[str, Any], type_: str, reason: str, message: str) -> None:
         """Post an Event; best effort: a refused Event never stops a scaling decision."""

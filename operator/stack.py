@@ -15,8 +15,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-import httpx
-
 from kvstack.common.config import ConfigError
 from kvstack.operator.conditions import Condition, Conditions, evaluated, lost, reconciled
 from kvstack.operator.controller import Evaluation, ScalingState, evaluate, reconcile
@@ -180,28 +178,37 @@ async def tick(
     kube = runtime.kube
     if kube is None:
         return resent  # shutting down: cleanup closed the client
-    if plan.resync:
-        memory.next_resync = now + runtime.settings.resync_seconds
-        try:
-            async with memory.lock:
-                if body_is_current(generation, memory.applied_generation):
-                    await reconcile(kube, owner, spec)
-        except (KubeError, ConfigError) as err:
-            logger.warning("resync failed: %s", err)
-    # Checked after the resync: a change handler that applied meanwhile asks for its own evaluation.
-    if not evaluation_due(memory, now):
-        return resent
-    memory.next_evaluation = now + spec.autoscaling.interval_seconds
-    previous = {str(m.get("name")): m for m in status.get("models") or [] if isinstance(m, dict)}
     try:
+        if plan.resync:
+            memory.next_resync = now + runtime.settings.resync_seconds
+            await _resync(kube, owner, spec, generation, memory, logger)
+        # Checked after the resync: a change handler that applied meanwhile asks for its own evaluation.
+        if not evaluation_due(memory, now):
+            return resent
+        memory.next_evaluation = now + spec.autoscaling.interval_seconds
+        previous = {str(m.get("name")): m for m in status.get("models") or [] if isinstance(m, dict)}
         return await evaluate_stack(runtime, kube, owner, spec, generation, previous, memory)
-    except KubeError as err:
-        logger.warning("evaluation failed, retrying at the next interval: %s", err)
-    except httpx.TransportError:
-        if not runtime.closing:
+    except Exception as err:
+        if runtime.closing:
+            # cleanup closed the clients under this request (a transport error, or httpx's
+            # RuntimeError for a closed client): the operator is stopping, nothing to report.
+            return resent
+        if not isinstance(err, KubeError):
             raise
-        # cleanup closed the clients under this request: the operator is stopping
+        logger.warning("evaluation failed, retrying at the next interval: %s", err)
     return resent
+
+
+async def _resync(
+    kube: Kube, owner: Owner, spec: KVStackSpec, generation: int | None, memory: StackMemory, logger: Logger
+) -> None:
+    """Re-apply every owned object (undoes hand edits); a refusal waits for the next resync."""
+    try:
+        async with memory.lock:
+            if body_is_current(generation, memory.applied_generation):
+                await reconcile(kube, owner, spec)
+    except (KubeError, ConfigError) as err:
+        logger.warning("resync failed: %s", err)
 
 
 async def evaluate_stack(

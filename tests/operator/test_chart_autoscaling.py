@@ -233,6 +233,25 @@ def test_the_scaler_tracks_annotated_deployments_as_watch_events_arrive() -> Non
     assert scaler.tracked == []
 
 
+async def test_an_evaluation_cut_short_by_cleanup_logs_no_traceback(caplog: pytest.LogCaptureFixture) -> None:
+    # The race at a stop: cleanup closes the shared client while the loop evaluates a Deployment.
+    # _guarded is the loop's per-Deployment step; the loop itself skips everything once closing.
+    from kvstack.common.procs import free_port
+    from kvstack.operator.kube import Kube
+
+    runtime = Runtime(OperatorSettings(metrics_port=0, liveness_port=0))
+    runtime.kube = Kube(f"http://127.0.0.1:{free_port()}")
+    await runtime.kube.aclose()
+    scaler = AnnotatedScaler(runtime)
+    key = ("llm", "rel-kvstack-engine-llama")
+    await scaler._guarded(key)
+    assert [r.levelname for r in caplog.records] == ["ERROR"]  # not stopping: a bug worth a traceback
+    caplog.clear()
+    runtime.closing = True
+    await scaler._guarded(key)
+    assert caplog.records == []
+
+
 def test_a_kubeconfig_token_reaches_the_operators_client(tmp_path: Any) -> None:
     # Service-account and kubeconfig tokens are stored under BearerToken by the kubernetes loaders;
     # reading another key sent every call anonymously (403 in a real cluster).

@@ -210,3 +210,16 @@ def test_forget_drops_a_deleted_stacks_series() -> None:
     forget(metrics, "ns", {"models": [{"name": "llama", "model": "m"}]})
     assert metrics.registry.get_sample_value("kvstack_operator_desired_replicas", labels) is None
     forget(metrics, "ns", {"models": "not a list"})  # an unparsable spec: nothing to forget, no error
+
+
+async def test_a_tick_ends_quietly_when_cleanup_closed_the_client_under_it() -> None:
+    # The race at a stop: cleanup closes the shared client while a tick is between two requests.
+    kube = Kube(f"http://127.0.0.1:{free_port()}")
+    await kube.aclose()
+    runtime = runtime_with(kube)
+    with pytest.raises(RuntimeError, match="closed"):  # not stopping: a real failure, kopf retries
+        await tick(runtime, OWNER, SPEC, 1, {"conditions": [READY]}, memory(), now=100.0, logger=log)
+    runtime.closing = True
+    mem = memory(next_resync=50.0)
+    assert await tick(runtime, OWNER, SPEC, 1, {"conditions": [READY]}, mem, now=100.0, logger=log) is None
+    assert (mem.next_resync, mem.next_evaluation) == (130.0, 0.0)  # the resync had started
