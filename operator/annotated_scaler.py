@@ -14,21 +14,16 @@ time) and the namespace's deletion forever.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
-from typing import TYPE_CHECKING, Any
-
-import httpx
+from typing import Any
 
 from kvstack.common.config import ConfigError
 from kvstack.operator.annotated import STATUS, Memory, dump_memory, load_memory, parse, wants_autoscaling
 from kvstack.operator.controller import Target, replicas_of, scale_model
 from kvstack.operator.kube import KubeError
+from kvstack.operator.runtime import Runtime
 from kvstack.operator.status import model_entry
-
-if TYPE_CHECKING:
-    from kvstack.operator.handlers import Runtime
 
 log = logging.getLogger(__name__)
 Key = tuple[str, str]  # (namespace, name)
@@ -82,13 +77,15 @@ class AnnotatedScaler:
         self._due[key] = time.time() + RETRY_S  # unless the evaluation sets its own interval
         try:
             await self.evaluate(key)
-        except KubeError as err:
-            log.warning("evaluating Deployment %s/%s failed, retrying: %s", *key, err)
-        except httpx.TransportError:
-            if not self._runtime.closing:
+        except Exception as err:
+            if self._runtime.closing:
+                # cleanup closed the clients under this evaluation (a transport error, or httpx's
+                # RuntimeError for a closed client): the operator is stopping, nothing to report.
+                return
+            if isinstance(err, KubeError):
+                log.warning("evaluating Deployment %s/%s failed, retrying: %s", *key, err)
+            else:  # one Deployment's bug must not stop the others' scaling
                 log.exception("evaluating Deployment %s/%s failed", *key)
-        except Exception:  # one Deployment's bug must not stop the others' scaling
-            log.exception("evaluating Deployment %s/%s failed", *key)
 
     async def _tell(self, dep: dict[str, Any], type_: str, reason: str, message: str) -> None:
         """Post an Event; best effort: a refused Event never stops a scaling decision."""
@@ -159,12 +156,3 @@ class AnnotatedScaler:
         entry = model_entry(annotated.model_name, name, current, ready, d.replicas, d, memory.entry, now)
         remembered = Memory(d.history, scaled.idle_since, reachable, entry)
         await kube.annotate(namespace, name, {STATUS: dump_memory(remembered)})
-
-
-async def stop(task: asyncio.Task[None] | None) -> None:
-    """Cancel the loop and wait for it."""
-    if task is None:
-        return
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task

@@ -16,7 +16,7 @@ from kvstack.common.cli_errors import exits_on_config_error
 if TYPE_CHECKING:
     import threading
 
-    from kvstack.operator.handlers import Runtime
+    from kvstack.operator.runtime import Runtime
 
 
 @exits_on_config_error
@@ -41,7 +41,7 @@ def run_operator(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
 ) -> None:
     """Run the operator: reconcile KVStack resources and autoscale their engines from Prometheus."""
-    from kvstack.operator.handlers import Runtime
+    from kvstack.operator.runtime import Runtime
     from kvstack.operator.settings import load_settings
 
     settings = load_settings(

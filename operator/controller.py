@@ -1,7 +1,8 @@
 """The operator's I/O: apply what a stack owns, prune what it no longer asks for, evaluate scaling.
 
 Decisions come from pure modules (``resources``, ``autoscale``, ``signals``, ``status``); this module
-only reads and writes the API and Prometheus, and returns what the kopf handlers put in status.
+only reads and writes the API and Prometheus, and returns what :mod:`kvstack.operator.stack` turns
+into status (and the annotated Deployments' scaler into its annotation).
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ class ModelOutcome:
 
 @dataclass
 class ScalingState:
-    """What the autoscaler remembers per model between evaluations (in kopf's per-object memo)."""
+    """What the autoscaler remembers per model between evaluations (in the stack's ``StackMemory``)."""
 
     histories: dict[str, History] = field(default_factory=dict)
     idle_since: dict[str, float] = field(default_factory=dict)
@@ -158,9 +159,12 @@ async def evaluate(
     spec: KVStackSpec,
     state: ScalingState,
     previous: dict[str, Obj],
-    scale: bool,
 ) -> Evaluation:
-    """Observe every model; when ``scale``, decide and write replicas through ``/scale``."""
+    """Observe every model; with autoscaling on (``prom`` given), decide and scale it through ``/scale``.
+
+    ``state`` carries each model's recommendation history and idle start from one evaluation to the
+    next; ``previous`` is each model's last status entry (its last decision and scale are kept).
+    """
     out = Evaluation()
     auto = spec.autoscaling
     for model in spec.models:
@@ -169,7 +173,7 @@ async def evaluate(
         if dep is None:
             continue  # not created yet: the next reconcile makes it
         current, ready = _replicas(dep)
-        if not (scale and auto.enabled and prom is not None):
+        if not (auto.enabled and prom is not None):
             desired = current
             out.models.append(
                 ModelOutcome(

@@ -1,320 +1,186 @@
-"""Thin kopf handlers: parse the spec, call the controller, write status, events and metrics.
+"""The kopf handlers: module-level functions that unpack kopf's arguments, call :mod:`stack` and write.
 
-:func:`build_registry` makes a fresh ``kopf.OperatorRegistry`` bound to one :class:`Runtime`, so a
-test can run an operator in-process with its own metrics registry and settings.
+Each handler is a few lines: what a ``KVStack`` needs is decided and done in
+:mod:`kvstack.operator.stack` (and the annotated Deployments' in
+:mod:`kvstack.operator.annotated_scaler`); a handler only writes the :class:`~stack.StatusChange`
+it gets back into the resource's status and Events.
+
+:func:`build_registry` registers them on a fresh ``kopf.OperatorRegistry`` with one
+:class:`~kvstack.operator.runtime.Runtime` bound as their first argument (kopf accepts partials and
+names each handler after its function), so a test can run an operator in-process with its own
+metrics registry and settings, and the timer's interval comes from those settings.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
-import httpx
 import kopf
 
-from kvstack.common.config import ConfigError
+from kvstack.operator import stack
 from kvstack.operator.annotated_scaler import AnnotatedScaler
-from kvstack.operator.annotated_scaler import stop as stop_scaling
-from kvstack.operator.controller import ScalingState, evaluate, reconcile
+from kvstack.operator.conditions import render
 from kvstack.operator.crd import GROUP, PLURAL, VERSION
-from kvstack.operator.kube import Kube, KubeError, kopf_login
-from kvstack.operator.metrics import OperatorMetrics
+from kvstack.operator.kube import kopf_login
 from kvstack.operator.ownership import Owner
-from kvstack.operator.prom import Prometheus
-from kvstack.operator.settings import OperatorSettings
-from kvstack.operator.spec import KVStackSpec, parse_spec
-from kvstack.operator.status import all_ready, engines_summary, set_condition
+from kvstack.operator.runtime import Runtime
+from kvstack.operator.stack import StackMemory, StatusChange
 
 RESOURCE = (GROUP, VERSION, PLURAL)
-# (status, reason, message, observedGeneration) of one condition.
-Condition = tuple[bool, str, str, "int | None"]
-
-
-@dataclass
-class Runtime:
-    """What every handler shares: clients, metrics, settings."""
-
-    settings: OperatorSettings
-    metrics: OperatorMetrics = field(default_factory=OperatorMetrics)
-    kube: Kube | None = None
-    proms: dict[str, Prometheus] = field(default_factory=dict)
-    stop_metrics: Callable[[], None] | None = None
-    scaling_task: asyncio.Task[None] | None = None  # the annotated Deployments' evaluation loop
-    closing: bool = False  # set first by close(): a timer mid-request then ends quietly
-
-    def prometheus(self, url: str | None) -> Prometheus:
-        base = url or self.settings.prometheus_url
-        if base not in self.proms:
-            self.proms[base] = Prometheus(base, timeout=self.settings.prometheus_timeout_s)
-        return self.proms[base]
-
-    async def close(self) -> None:
-        self.closing = True
-        await stop_scaling(self.scaling_task)
-        self.scaling_task = None
-        for prom in self.proms.values():
-            await prom.aclose()
-        self.proms.clear()
-        if self.kube is not None:
-            await self.kube.aclose()
-            self.kube = None
-        if self.stop_metrics is not None:
-            self.stop_metrics()
-            self.stop_metrics = None
-
-
 TRACK_ID = "track-deployments"
+MEMORY_KEY = "kvstack"  # the StackMemory's key in kopf's per-object memo
 
 
 class _QuietTracking(logging.Filter):
+    """Drops kopf's line per handled Deployment watch event (our own state writes are events too)."""
+
     def filter(self, record: logging.LogRecord) -> bool:
         return record.getMessage() != f"Handler '{TRACK_ID}' succeeded."
 
 
-def _lock(memo: Any) -> asyncio.Lock:
-    """One reconcile at a time per stack (the change handlers and the timer run concurrently)."""
-    lock: asyncio.Lock = memo.setdefault("lock", asyncio.Lock())
-    return lock
+def _memory(memo: kopf.Memo) -> StackMemory:
+    if MEMORY_KEY not in memo:
+        memo[MEMORY_KEY] = StackMemory()
+    memory: StackMemory = memo[MEMORY_KEY]
+    return memory
 
 
 def _owner(name: str, namespace: str | None, uid: str) -> Owner:
-    assert name and namespace and uid
+    assert name and namespace and uid  # a namespaced resource kopf delivered
     return Owner(name=name, namespace=namespace, uid=uid)
 
 
-def build_registry(runtime: Runtime) -> kopf.OperatorRegistry:
-    """Every handler of the operator, registered on a new registry."""
-    registry = kopf.OperatorRegistry()
-    s = runtime.settings
-    scaler = AnnotatedScaler(runtime)
-
-    @kopf.on.startup(registry=registry)
-    async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
-        # Progress and the last-handled spec live in annotations: status stays ours and schema-clean.
-        settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
-        settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=GROUP)
-        settings.posting.loggers = False  # log lines stay logs; decisions and problems post their own Events
-        # Watching named namespaces, the operator holds only namespaced RBAC (the chart's Role): kopf's
-        # cluster-wide scan of CRDs and namespaces would fail nine times per start, then do without.
-        settings.scanning.disabled = bool(s.watched_namespaces())
-        logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per API call is noise
-        # kopf logs each handled watch event; every Deployment change (our own state writes too)
-        # would add a line. The scaler logs what matters: start, stop, decisions, problems.
-        kopf_objects = logging.getLogger("kopf.objects")
-        if not any(isinstance(f, _QuietTracking) for f in kopf_objects.filters):
-            kopf_objects.addFilter(_QuietTracking())
-        runtime.kube = Kube.from_environment(s.kubeconfig, s.context)
-        if s.metrics_port:
-            runtime.stop_metrics = runtime.metrics.serve(s.metrics_port, s.metrics_host)
-        runtime.scaling_task = asyncio.create_task(scaler.run(), name="kvstack-annotated-autoscaling")
-
-    @kopf.on.login(registry=registry)
-    async def login(**_: Any) -> kopf.ConnectionInfo:
-        return await kopf_login(s.kubeconfig, s.context)  # the credentials runtime.kube uses
-
-    @kopf.on.cleanup(registry=registry)
-    async def cleanup(**_: Any) -> None:
-        await runtime.close()
-
-    # Every Deployment in the watched namespaces: the chart's engines ask for autoscaling by
-    # annotation. A watch handler adds no finalizer to objects Helm owns (a timer would).
-    @kopf.on.event("apps", "v1", "deployments", id=TRACK_ID, registry=registry)
-    async def track(*, type: str | None, body: kopf.Body, **_: Any) -> None:
-        scaler.observe(type, body)  # async: on the loop's thread, as the evaluation loop is
-
-    @kopf.on.resume(*RESOURCE, registry=registry)
-    @kopf.on.create(*RESOURCE, registry=registry)
-    @kopf.on.update(*RESOURCE, field="spec", registry=registry)
-    async def apply_spec(
-        *,
-        body: kopf.Body,
-        spec: kopf.Spec,
-        name: str,
-        namespace: str | None,
-        uid: str,
-        meta: kopf.Meta,
-        status: kopf.Status,
-        patch: kopf.Patch,
-        memo: Any,
-        logger: logging.Logger | logging.LoggerAdapter[Any],
-        **_: Any,
-    ) -> None:
-        owner = _owner(name, namespace, uid)
-        generation = meta.get("generation")
-        now = time.time()
-        try:
-            parsed = parse_spec(dict(spec), f"KVStack {namespace}/{name}")
-            assert runtime.kube is not None
-            async with _lock(memo):
-                pruned = await reconcile(runtime.kube, owner, parsed)
-                memo["applied_generation"] = generation
-        except ConfigError as err:
-            # A spec the engine loader refuses: nothing to retry until someone edits it.
-            logger.error("%s", err)
-            kopf.warn(body, reason="InvalidSpec", message=str(err)[:1000])
-            memo["invalid"] = True
-            bad = (False, "InvalidSpec", str(err), generation)
-            write_conditions(patch, status, memo, now, {"Reconciled": bad, "Ready": bad})
-            patch.status["observedGeneration"] = generation
-            return
-        except KubeError as err:
-            failed = (False, "ApplyFailed", str(err), generation)
-            write_conditions(patch, status, memo, now, {"Reconciled": failed})
-            raise kopf.TemporaryError(f"applying the stack's objects failed: {err}", delay=10) from err
-        memo["invalid"] = False
-        memo["next_resync"] = now + s.resync_seconds
-        memo["next_evaluation"] = now  # observe at once
-        if pruned:
-            logger.info("pruned %s", ", ".join(f"{kind}/{n}" for _, kind, n in pruned))
-        applied = (True, "Applied", f"{len(parsed.models)} models applied", generation)
-        write_conditions(patch, status, memo, now, {"Reconciled": applied})
-        patch.status["observedGeneration"] = generation
-
-    @kopf.on.delete(*RESOURCE, registry=registry, optional=True)
-    async def forget(spec: Any, namespace: str | None, **_: Any) -> None:
-        # Owned objects go with the stack through their ownerReferences; only our series stay behind.
-        try:
-            parsed = parse_spec(dict(spec))
-        except ConfigError:
-            return
-        for model in parsed.models:
-            runtime.metrics.forget(namespace or "", model.served_names[0])
-
-    # A failure the tick does not handle retries soon (kopf's default backoff is 60 s).
-    @kopf.timer(*RESOURCE, interval=s.tick_seconds, backoff=5 * s.tick_seconds, registry=registry)
-    async def tick(
-        *,
-        body: kopf.Body,
-        spec: kopf.Spec,
-        name: str,
-        namespace: str | None,
-        uid: str,
-        meta: kopf.Meta,
-        status: kopf.Status,
-        patch: kopf.Patch,
-        memo: Any,
-        logger: logging.Logger | logging.LoggerAdapter[Any],
-        **_: Any,
-    ) -> None:
-        now = time.time()
-        try:
-            parsed = parse_spec(dict(spec))
-        except ConfigError:
-            return  # apply_spec reported it
-        if _conditions_lost(status, memo):
-            # Another writer's older list replaced ours (a merge patch replaces lists): resend.
-            write_conditions(patch, status, memo, now, {})
-        if memo.get("invalid"):
-            return
-        owner = _owner(name, namespace, uid)
-        if runtime.kube is None:
-            return  # shutting down: cleanup closed the client
-        if now >= memo.get("next_resync", now + s.resync_seconds):
-            memo["next_resync"] = now + s.resync_seconds
-            try:
-                async with _lock(memo):
-                    # A timer may hold a body older than the one the change handler just applied:
-                    # re-applying it would bring back what that handler pruned.
-                    if (meta.get("generation") or 0) >= (memo.get("applied_generation") or 0):
-                        await reconcile(runtime.kube, owner, parsed)
-            except (KubeError, ConfigError) as err:
-                logger.warning("resync failed: %s", err)
-        if now < memo.get("next_evaluation", 0.0):
-            return
-        memo["next_evaluation"] = now + parsed.autoscaling.interval_seconds
-        try:
-            await _evaluate(runtime, owner, parsed, body, status, meta, patch, memo, now)
-        except KubeError as err:
-            logger.warning("evaluation failed, retrying at the next interval: %s", err)
-        except httpx.TransportError:
-            if runtime.closing:
-                return  # cleanup closed the clients under this request: the operator is stopping
-            raise
-
-    return registry
-
-
-async def _evaluate(
-    runtime: Runtime,
-    owner: Owner,
-    spec: KVStackSpec,
-    body: Any,
-    status: Any,
-    meta: Any,
+def _write(
+    body: kopf.Body,
+    status: kopf.Status,
     patch: kopf.Patch,
-    memo: kopf.Memo,
+    memory: StackMemory,
+    change: StatusChange,
     now: float,
 ) -> None:
-    assert runtime.kube is not None
-    auto = spec.autoscaling
-    state: ScalingState = memo.setdefault("scaling", ScalingState())
-    previous = {str(m.get("name")): m for m in (status.get("models") or []) if isinstance(m, dict)}
-    prom = runtime.prometheus(auto.prometheus_url) if auto.enabled else None
-    result = await evaluate(runtime.kube, prom, runtime.metrics, owner, spec, state, previous, scale=True)
-    if result.prometheus_ok is not None:
-        runtime.metrics.prometheus_up.set(1 if result.prometheus_ok else 0)
-
-    entries = [m.entry for m in result.models]
-    generation = meta.get("generation")
-    for outcome in result.models:
-        d = outcome.decision
-        if d is not None and d.changed:
-            kind = "ScaledUp" if d.direction == "up" else "ScaledDown"
-            e = outcome.entry
-            text = f"{e['name']}: {e['currentReplicas']} -> {d.replicas} ({d.reason}): {d.message}"
-            kopf.info(body, reason=kind, message=text[:1000])
-    updates: dict[str, Condition] = {}
-    if result.prometheus_ok is False:
-        was = memo.get("conditions", {}).get("PrometheusReachable")
-        if was is None or was[0]:
-            kopf.warn(body, reason="PrometheusUnreachable", message=result.prometheus_error[:1000])
-        updates["PrometheusReachable"] = (False, "QueryFailed", result.prometheus_error, None)
-        held = "holding replicas: Prometheus unreachable"
-        updates["ScalingActive"] = (False, "MetricsUnavailable", held, None)
-    elif result.prometheus_ok:
-        updates["PrometheusReachable"] = (True, "QuerySucceeded", "", None)
-        reasons = sorted({m.decision.reason for m in result.models if m.decision is not None})
-        active = reasons != ["metrics_unavailable"]
-        message = "; ".join(f"{m.entry['name']}: {m.decision.message}" for m in result.models if m.decision)
-        updates["ScalingActive"] = (active, ",".join(reasons) or "NoModels", message[:2000], None)
-    elif not auto.enabled:
-        updates["ScalingActive"] = (False, "Disabled", "spec.autoscaling.enabled is false", None)
-    ready = all_ready(entries) and bool(entries) and len(entries) == len(spec.models)
-    router = result.router
-    if spec.router.enabled:
-        ready = ready and int(router.get("readyReplicas", 0)) >= int(router.get("replicas", 1))
-    summary = engines_summary(entries)
-    updates["Ready"] = (ready, "AllReady" if ready else "Progressing", summary, generation)
-    write_conditions(patch, status, memo, now, updates)
-    patch.status["models"] = entries
-    patch.status["engines"] = summary
-    if router:
-        patch.status["router"] = router
+    """Post the change's Events; patch its fields and every condition this process has set."""
+    for notice in change.notices:
+        message = notice.message[: stack.EVENT_MESSAGE_LIMIT]
+        (kopf.warn if notice.warning else kopf.info)(body, reason=notice.reason, message=message)
+    memory.conditions.update(change.conditions)
+    patch.status["conditions"] = render(status.get("conditions") or [], memory.conditions, now)
+    for key, value in change.fields.items():
+        patch.status[key] = value
 
 
-def _conditions_lost(status: kopf.Status, memo: Any) -> bool:
-    """Whether status lacks (or contradicts) a condition this process has set."""
-    seen = {c.get("type"): (c.get("status"), c.get("reason")) for c in status.get("conditions") or []}
-    mine: dict[str, Condition] = memo.get("conditions", {})
-    return any(seen.get(t) != ("True" if ok else "False", reason) for t, (ok, reason, _, _) in mine.items())
-
-
-def write_conditions(
-    patch: kopf.Patch, status: kopf.Status, memo: Any, now: float, updates: dict[str, Condition]
+async def startup(
+    runtime: Runtime, scaler: AnnotatedScaler, *, settings: kopf.OperatorSettings, **_: Any
 ) -> None:
-    """Write every condition this process knows, not only ``updates``.
+    s = runtime.settings
+    # Progress and the last-handled spec live in annotations: status stays ours and schema-clean.
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=GROUP)
+    settings.posting.loggers = False  # log lines stay logs; decisions and problems post their own Events
+    # Watching named namespaces, the operator holds only namespaced RBAC (the chart's Role): kopf's
+    # cluster-wide scan of CRDs and namespaces would fail nine times per start, then do without.
+    settings.scanning.disabled = bool(s.watched_namespaces())
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per API call is noise
+    # kopf logs each handled watch event; every Deployment change (our own state writes too)
+    # would add a line. The scaler logs what matters: start, stop, decisions, problems.
+    kopf_objects = logging.getLogger("kopf.objects")
+    if not any(isinstance(f, _QuietTracking) for f in kopf_objects.filters):
+        kopf_objects.addFilter(_QuietTracking())
+    runtime.start(scaler.run())
 
-    Handlers and the timer patch status separately and a merge patch replaces the whole list, so
-    each writer sends all conditions from the per-object memo (always current), never only its own
-    on top of a ``status`` that may be a moment old.
-    """
-    mine: dict[str, Condition] = memo.setdefault("conditions", {})
-    mine.update(updates)
-    conditions = list(status.get("conditions") or [])
-    for type_, (ok, reason, message, generation) in mine.items():
-        conditions = set_condition(conditions, type_, ok, reason, message, now, generation)
-    patch.status["conditions"] = conditions
+
+async def login(runtime: Runtime, **_: Any) -> kopf.ConnectionInfo:
+    # the very credentials runtime.kube uses (kvstack.common.kube), so both act as one identity
+    return await kopf_login(runtime.settings.kubeconfig, runtime.settings.context)
+
+
+async def cleanup(runtime: Runtime, **_: Any) -> None:
+    await runtime.close()
+
+
+async def track(scaler: AnnotatedScaler, *, type: str | None, body: kopf.Body, **_: Any) -> None:
+    scaler.observe(type, body)  # async: on the loop's thread, as the evaluation loop is
+
+
+async def apply_spec(
+    runtime: Runtime,
+    *,
+    body: kopf.Body,
+    spec: kopf.Spec,
+    name: str,
+    namespace: str | None,
+    uid: str,
+    meta: kopf.Meta,
+    status: kopf.Status,
+    patch: kopf.Patch,
+    memo: kopf.Memo,
+    logger: stack.Logger,
+    **_: Any,
+) -> None:
+    memory, now = _memory(memo), time.time()
+    assert runtime.kube is not None  # startup opened it before any resource handler runs
+    applied = await stack.apply(
+        runtime.kube,
+        _owner(name, namespace, uid),
+        spec,
+        meta.get("generation"),
+        memory,
+        now=now,
+        resync_seconds=runtime.settings.resync_seconds,
+        logger=logger,
+    )
+    _write(body, status, patch, memory, applied.change, now)
+    if applied.failed is not None:
+        err = applied.failed
+        raise kopf.TemporaryError(f"applying the stack's objects failed: {err}", delay=10) from err
+
+
+async def forget(runtime: Runtime, *, spec: kopf.Spec, namespace: str | None, **_: Any) -> None:
+    stack.forget(runtime.metrics, namespace or "", spec)
+
+
+async def tick(
+    runtime: Runtime,
+    *,
+    body: kopf.Body,
+    spec: kopf.Spec,
+    name: str,
+    namespace: str | None,
+    uid: str,
+    meta: kopf.Meta,
+    status: kopf.Status,
+    patch: kopf.Patch,
+    memo: kopf.Memo,
+    logger: stack.Logger,
+    **_: Any,
+) -> None:
+    memory, now = _memory(memo), time.time()
+    owner = _owner(name, namespace, uid)
+    change = await stack.tick(
+        runtime, owner, spec, meta.get("generation"), status, memory, now=now, logger=logger
+    )
+    if change is not None:
+        _write(body, status, patch, memory, change, now)
+
+
+def build_registry(runtime: Runtime) -> kopf.OperatorRegistry:
+    """Every handler of the operator, registered on a new registry, bound to ``runtime``."""
+    registry = kopf.OperatorRegistry()
+    scaler = AnnotatedScaler(runtime)
+    tick_s = runtime.settings.tick_seconds
+    kopf.on.startup(registry=registry)(partial(startup, runtime, scaler))
+    kopf.on.login(registry=registry)(partial(login, runtime))
+    kopf.on.cleanup(registry=registry)(partial(cleanup, runtime))
+    # Every Deployment in the watched namespaces: the chart's engines ask for autoscaling by
+    # annotation. A watch handler adds no finalizer to objects Helm owns (a timer would).
+    kopf.on.event("apps", "v1", "deployments", id=TRACK_ID, registry=registry)(partial(track, scaler))
+    applying = partial(apply_spec, runtime)
+    kopf.on.resume(*RESOURCE, registry=registry)(applying)
+    kopf.on.create(*RESOURCE, registry=registry)(applying)
+    kopf.on.update(*RESOURCE, field="spec", registry=registry)(applying)
+    kopf.on.delete(*RESOURCE, registry=registry, optional=True)(partial(forget, runtime))
+    # A failure the tick does not handle retries soon (kopf's default backoff is 60 s).
+    kopf.timer(*RESOURCE, interval=tick_s, backoff=5 * tick_s, registry=registry)(partial(tick, runtime))
+    return registry

@@ -1,4 +1,4 @@
-"""A small async client of the Prometheus HTTP API (``/api/v1/query``), and one model's evaluation.
+"""A small async client of the Prometheus HTTP API (``/api/v1/query``): one evaluation's queries.
 
 Any failure (unreachable, timeout, HTTP error, an error status, a malformed body) raises
 :class:`PrometheusError`; the autoscaler then holds replicas and reports it.

@@ -2,7 +2,7 @@
 
 Field names are camelCase in the resource (aliases) and snake_case in Python. ``crd.py`` turns
 these models into the CRD's structural OpenAPI schema, defaults and CEL rules included, so the API
-server rejects a bad resource before the operator sees it; handlers parse ``spec`` with
+server rejects a bad resource before the operator sees it; the operator parses ``spec`` with
 :func:`parse_spec`, which applies the same defaults.
 """
 

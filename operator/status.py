@@ -1,4 +1,7 @@
-"""Pure helpers for the ``KVStack`` status: conditions, per-model entries, the printer summary."""
+"""Pure helpers for the ``KVStack`` status: per-model entries, the printer summary, each model's policy.
+
+The conditions are decided in :mod:`kvstack.operator.conditions`.
+"""
 
 from __future__ import annotations
 
@@ -15,49 +18,6 @@ Obj = dict[str, Any]
 
 def iso(ts: float) -> str:
     return dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def set_condition(
-    conditions: Sequence[Mapping[str, Any]],
-    type_: str,
-    status: bool,
-    reason: str,
-    message: str,
-    now: float,
-    generation: int | None = None,
-) -> list[Obj]:
-    """``conditions`` with ``type_`` set; its transition time moves only when its status does."""
-    value = "True" if status else "False"
-    out: list[Obj] = []
-    found = False
-    for cond in conditions:
-        if cond.get("type") != type_:
-            out.append(dict(cond))
-            continue
-        found = True
-        moved = cond.get("status") != value
-        out.append(
-            {
-                "type": type_,
-                "status": value,
-                "reason": reason,
-                "message": message,
-                "lastTransitionTime": iso(now) if moved else cond.get("lastTransitionTime", iso(now)),
-                **({"observedGeneration": generation} if generation is not None else {}),
-            }
-        )
-    if not found:
-        cond_new: Obj = {
-            "type": type_,
-            "status": value,
-            "reason": reason,
-            "message": message,
-            "lastTransitionTime": iso(now),
-        }
-        if generation is not None:
-            cond_new["observedGeneration"] = generation
-        out.append(cond_new)
-    return out
 
 
 def policy_for(autoscaling: Autoscaling, model: Model) -> Policy:

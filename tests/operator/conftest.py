@@ -13,7 +13,7 @@ import pytest
 from kvstack.common.kube import resource_path
 from kvstack.observability.prometheus import KubeAccess
 from kvstack.operator.crd import CRD_FILE, GROUP, PLURAL, VERSION
-from kvstack.operator.handlers import Runtime
+from kvstack.operator.runtime import Runtime
 from kvstack_testing import Cluster
 from kvstack_testing.kube_access import prometheus_access
 

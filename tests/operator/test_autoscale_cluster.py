@@ -35,7 +35,8 @@ from kvstack.observability.prometheus import (
     prometheus_process,
     prometheus_url,
 )
-from kvstack.operator.handlers import Runtime, build_registry
+from kvstack.operator.handlers import build_registry
+from kvstack.operator.runtime import Runtime
 from kvstack_testing import Cluster, PodSimulators, SimTarget, operator_settings
 from kvstack_testing.pod_sims import kvstack_executable
 

@@ -28,7 +28,7 @@ from kvstack.operator.annotated import (
 )
 from kvstack.operator.annotated_scaler import AnnotatedScaler
 from kvstack.operator.autoscale import Observation, Policy, decide
-from kvstack.operator.handlers import Runtime
+from kvstack.operator.runtime import Runtime
 from kvstack.operator.settings import OperatorSettings
 
 KVSTACK_OWNER = {"apiVersion": "kvstack.dev/v1alpha1", "kind": "KVStack", "name": "demo", "uid": "u"}
@@ -231,3 +231,49 @@ def test_the_scaler_tracks_annotated_deployments_as_watch_events_arrive() -> Non
     assert scaler.tracked == [key]
     scaler.observe("DELETED", deployment(chart()))
     assert scaler.tracked == []
+
+
+async def test_an_evaluation_cut_short_by_cleanup_logs_no_traceback(caplog: pytest.LogCaptureFixture) -> None:
+    # The race at a stop: cleanup closes the shared client while the loop evaluates a Deployment.
+    # _guarded is the loop's per-Deployment step; the loop itself skips everything once closing.
+    from kvstack.common.kube import Credentials, KubeClient, StaticToken
+    from kvstack.common.procs import free_port
+    from kvstack.operator.kube import Kube
+
+    runtime = Runtime(OperatorSettings(metrics_port=0, liveness_port=0))
+    runtime.kube = Kube(KubeClient(Credentials(f"http://127.0.0.1:{free_port()}", StaticToken(None))))
+    await runtime.kube.aclose()
+    scaler = AnnotatedScaler(runtime)
+    key = ("llm", "rel-kvstack-engine-llama")
+    await scaler._guarded(key)
+    assert [r.levelname for r in caplog.records] == ["ERROR"]  # not stopping: a bug worth a traceback
+    caplog.clear()
+    runtime.closing = True
+    await scaler._guarded(key)
+    assert caplog.records == []
+
+
+def test_a_kubeconfig_token_reaches_the_operators_client(tmp_path: Any) -> None:
+    # Service-account and kubeconfig tokens are stored under BearerToken by the kubernetes loaders;
+    # reading another key sent every call anonymously (403 in a real cluster).
+    from kubernetes import client, config
+
+    from kvstack.operator.kube import bearer
+
+    path = tmp_path / "kubeconfig.yaml"
+    path.write_text(
+        json.dumps(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "clusters": [{"name": "c", "cluster": {"server": "https://127.0.0.1:1"}}],
+                "users": [{"name": "u", "user": {"token": "s3cret"}}],
+                "contexts": [{"name": "x", "context": {"cluster": "c", "user": "u"}}],
+                "current-context": "x",
+            }
+        )
+    )
+    cfg = client.Configuration()
+    config.load_kube_config(config_file=str(path), client_configuration=cfg)  # type: ignore[no-untyped-call]
+    assert bearer(cfg) == "Bearer s3cret"
+    assert bearer(client.Configuration()) is None

@@ -23,7 +23,8 @@ from tests.helm.test_cluster_install import release
 from kvstack.common.waits import wait_until
 from kvstack.observability.prometheus import prometheus_url
 from kvstack.operator.annotated import POLICY, STATUS
-from kvstack.operator.handlers import Runtime, build_registry
+from kvstack.operator.handlers import build_registry
+from kvstack.operator.runtime import Runtime
 from kvstack.operator.settings import OperatorSettings
 from kvstack_testing import Cluster, PodSimulators, SimulatorTargets, file_sd_prometheus
 

@@ -24,7 +24,8 @@ from kvstack.dashboards.catalog import dashboards
 from kvstack.dashboards.promql import expand, metric_names
 from kvstack.dashboards.rules import ALERTS, RECORDS
 from kvstack.observability.prometheus import PrometheusAPI, Target, prometheus_process, prometheus_url
-from kvstack.operator.handlers import Runtime, build_registry
+from kvstack.operator.handlers import build_registry
+from kvstack.operator.runtime import Runtime
 from kvstack_testing import Cluster, PodSimulators, SimulatorTargets, operator_settings
 
 from .conftest import Api, evaluations

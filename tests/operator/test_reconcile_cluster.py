@@ -11,7 +11,8 @@ from kopf.testing import KopfRunner
 
 from kvstack.common.kube import KubeError, resource_path
 from kvstack.common.waits import wait_until
-from kvstack.operator.handlers import Runtime, build_registry
+from kvstack.operator.handlers import build_registry
+from kvstack.operator.runtime import Runtime
 from kvstack_testing import Cluster, operator_settings
 
 from .conftest import Api

@@ -1,4 +1,4 @@
-"""Status helpers: condition transitions, per-model entries, the printer summary."""
+"""Status helpers: per-model entries, the printer summary, each model's policy."""
 
 from __future__ import annotations
 
@@ -6,18 +6,7 @@ import pytest
 
 from kvstack.operator.autoscale import Decision
 from kvstack.operator.spec import parse_spec
-from kvstack.operator.status import all_ready, engines_summary, iso, model_entry, policy_for, set_condition
-
-
-def test_condition_transition_time_moves_only_with_its_status() -> None:
-    first = set_condition([], "Ready", False, "Progressing", "0/1", now=100.0, generation=1)
-    same = set_condition(first, "Ready", False, "Progressing", "0/2", now=200.0, generation=2)
-    moved = set_condition(same, "Ready", True, "AllReady", "2/2", now=300.0)
-    assert first[0]["lastTransitionTime"] == same[0]["lastTransitionTime"] == iso(100.0)
-    assert same[0]["message"] == "0/2" and same[0]["observedGeneration"] == 2
-    assert moved[0]["lastTransitionTime"] == iso(300.0) and moved[0]["status"] == "True"
-    other = set_condition(moved, "PrometheusReachable", True, "QuerySucceeded", "", now=400.0)
-    assert [c["type"] for c in other] == ["Ready", "PrometheusReachable"]
+from kvstack.operator.status import all_ready, engines_summary, iso, model_entry, policy_for
 
 
 def test_model_entry_keeps_the_last_scale_until_the_next() -> None:

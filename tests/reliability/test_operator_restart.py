@@ -18,7 +18,8 @@ from tests.operator.conftest import Api, api, crd_installed, kubeconfig_env
 from tests.operator.test_reconcile_cluster import SPEC
 
 from kvstack.common.waits import wait_until
-from kvstack.operator.handlers import Runtime, build_registry
+from kvstack.operator.handlers import build_registry
+from kvstack.operator.runtime import Runtime
 from kvstack_testing import Cluster, operator_settings
 
 __all__ = ["api", "crd_installed", "kubeconfig_env"]

@@ -167,7 +167,8 @@ def run_variant(cluster: Cluster, bench: ClusterBench, variant: Variant, echo: E
 
     from kvstack.bench.autoscale_plan import stack_spec
     from kvstack.operator.crd import GROUP, VERSION
-    from kvstack.operator.handlers import Runtime, build_registry
+    from kvstack.operator.handlers import build_registry
+    from kvstack.operator.runtime import Runtime
 
     workdir = Path(tempfile.mkdtemp(prefix="kvstack-bench-autoscale-"))
     targets = workdir / "targets.json"

@@ -1,0 +1,64 @@
+"""What every handler of one operator process shares: settings, clients, metrics, the scaling loop.
+
+Its own module so that the handlers and the annotated Deployments' scaler both depend on it and not
+on each other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import Any
+
+from kvstack.operator.kube import Kube
+from kvstack.operator.metrics import OperatorMetrics
+from kvstack.operator.prom import Prometheus
+from kvstack.operator.settings import OperatorSettings
+
+
+@dataclass
+class Runtime:
+    """Clients, metrics and settings of one operator process; :meth:`start` and :meth:`close` bracket it."""
+
+    settings: OperatorSettings
+    metrics: OperatorMetrics = field(default_factory=OperatorMetrics)
+    kube: Kube | None = None  # from start() until close()
+    proms: dict[str, Prometheus] = field(default_factory=dict)  # one client per base URL
+    stop_metrics: Callable[[], None] | None = None
+    scaling_task: asyncio.Task[None] | None = None  # the annotated Deployments' evaluation loop
+    closing: bool = False  # set first by close(): a handler mid-request then ends quietly
+
+    def prometheus(self, url: str | None) -> Prometheus:
+        """The client of ``url``, or of the operator's default Prometheus when it is None."""
+        base = url or self.settings.prometheus_url
+        if base not in self.proms:
+            self.proms[base] = Prometheus(base, timeout=self.settings.prometheus_timeout_s)
+        return self.proms[base]
+
+    def start(self, scaling: Coroutine[Any, Any, None]) -> None:
+        """Open the API client, serve ``/metrics`` when a port is set, and run ``scaling`` as a task."""
+        s = self.settings
+        self.kube = Kube.from_environment(s.kubeconfig, s.context)
+        if s.metrics_port:
+            self.stop_metrics = self.metrics.serve(s.metrics_port, s.metrics_host)
+        self.scaling_task = asyncio.create_task(scaling, name="kvstack-annotated-autoscaling")
+
+    async def close(self) -> None:
+        """Stop the scaling loop, close every client and the ``/metrics`` server."""
+        self.closing = True
+        if self.scaling_task is not None:
+            self.scaling_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.scaling_task
+            self.scaling_task = None
+        for prom in self.proms.values():
+            await prom.aclose()
+        self.proms.clear()
+        if self.kube is not None:
+            await self.kube.aclose()
+            self.kube = None
+        if self.stop_metrics is not None:
+            self.stop_metrics()
+            self.stop_metrics = None
