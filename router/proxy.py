@@ -29,7 +29,7 @@ from kvstack.router.exchange import (
     send_error,
     watch_disconnect,
 )
-from kvstack.router.headers import scan_headers, upstream_headers
+from kvstack.router.headers import answer_headers, scan_headers, upstream_headers
 from kvstack.router.policies.base import Decision, RequestFeatures
 from kvstack.router.prompt_source import PromptSource
 from kvstack.router.prompts import prompt_text
@@ -72,6 +72,7 @@ class ProxyEndpoint:
         ctx = self.ctx
         ex = Exchange(request_id=scope.get(REQUEST_ID_KEY) or "", start=time.perf_counter())
         admitted_key: str | None = None
+        held = 0  # request-body bytes taken from the router's budget, given back at the end
         try:
             auth, declared, session_header = scan_headers(scope["headers"], self._session_name)
             key = ctx.keys.identify(auth)
@@ -86,13 +87,14 @@ class ProxyEndpoint:
                 admitted_key = key
             try:
                 async with asyncio.timeout(ctx.settings.body_timeout_s):
-                    raw = await read_body(receive, ctx.settings.max_body_bytes, declared)
+                    raw = await read_body(receive, ctx.settings.max_body_bytes, declared, ctx.bodies)
+                    held = len(raw)
             except TimeoutError:
                 raise reject(
                     ctx, "body_timeout", OpenAIError(408, "request body not received in time")
                 ) from None
             except OpenAIError as err:
-                raise reject(ctx, "body_too_large", err) from None
+                raise reject(ctx, "body_budget" if err.status == 503 else "body_too_large", err) from None
             request = parse_request(self.kind, raw)
             ex.model = request.model or ""
             ex.stream = request.stream
@@ -104,6 +106,7 @@ class ProxyEndpoint:
             if not ex.started:
                 await send_error(send, err)
         finally:
+            ctx.bodies.give(held)
             if admitted_key is not None:
                 ctx.limiter.release(admitted_key)
             account(ctx.metrics, ex, self.path, ctx.settings.access_log)
@@ -192,7 +195,7 @@ class ProxyEndpoint:
             max_tokens=request.max_tokens,
             prompt_text=prompt_text(request) if self._needs_text else None,
         )
-        headers = self._upstream_headers(scope["headers"], ex.request_id)
+        headers = self._upstream_headers(scope, ex.request_id)
         tried: set[str] = set()
         failure: OpenAIError | None = None
         for attempt in range(settings.max_attempts):
@@ -243,12 +246,12 @@ class ProxyEndpoint:
             except UpstreamError as err:
                 self._engine_failed(engine, err.kind)
                 if err.kind == "connect":
-                    return OpenAIError(502, f"engine {engine.name} unreachable: {err}")
+                    return OpenAIError(502, str(err))  # never the engine's address: clients read it
                 raise OpenAIError(504 if err.kind == "timeout" else 502, str(err)) from None
             try:
                 if resp.status == 503 and may_retry:
                     self._engine_failed(engine, "status_503")
-                    return OpenAIError(503, f"engine {engine.name} is unavailable")
+                    return OpenAIError(503, "the engine is unavailable")
                 ok = await self._relay(send, ex, features, decision, resp)
             finally:
                 await resp.aclose()
@@ -275,7 +278,7 @@ class ProxyEndpoint:
             if resp.status >= 400 and not is_openai_error(body):
                 # e.g. an engine's framework answering {"detail": "Not Found"}: clients get one shape
                 body, content_type = openai_error_bytes(resp.status, body), "application/json"
-            headers = [(b"content-type", content_type.encode("latin-1"))]
+            headers = answer_headers(resp.status, content_type, resp.retry_after)
             if self._expose_engine:
                 headers.append((b"x-kvstack-engine", engine.name.encode("latin-1", "replace")))
             await send({"type": "http.response.start", "status": resp.status, "headers": headers})
@@ -292,7 +295,7 @@ class ProxyEndpoint:
         if self._expose_engine:
             headers = [*_SSE_HEADERS, (b"x-kvstack-engine", engine.name.encode("latin-1", "replace"))]
         await send({"type": "http.response.start", "status": 200, "headers": headers})
-        framer = SSEFramer()
+        framer = SSEFramer(self.ctx.settings.max_response_bytes)
         waiting_first = True
         try:
             async for chunk in resp.chunks():
@@ -319,13 +322,14 @@ class ProxyEndpoint:
 
     # ------------------------------------------------------------------ helpers
 
-    def _upstream_headers(
-        self, headers: list[tuple[bytes, bytes]], request_id: str
-    ) -> list[tuple[bytes, bytes]]:
+    def _upstream_headers(self, scope: Scope, request_id: str) -> list[tuple[bytes, bytes]]:
         key = self.ctx.settings.engine_api_key
         engine_key = None if key is None else key.get_secret_value().encode()
+        client = scope.get("client")
         # when the router does not check keys, the engine's own --api-key does
-        return upstream_headers(headers, request_id, engine_key, not self.ctx.keys.enabled)
+        return upstream_headers(
+            scope["headers"], request_id, engine_key, not self.ctx.keys.enabled, client[0] if client else None
+        )
 
     def _engine_failed(self, engine: EngineState, kind: str) -> None:
         ctx, settings = self.ctx, self.ctx.settings

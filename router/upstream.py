@@ -9,7 +9,8 @@ Both behave the same: timeouts are enforced here, ``connect`` to open a connecti
 until the response headers arrive, ``idle`` between two body chunks; bodies are relayed as the
 engine sent them (no compression asked, none undone); errors come out as :class:`UpstreamError`
 with a kind the proxy decides on: ``connect`` (nothing was received: safe to retry elsewhere),
-``timeout`` and ``read``.
+``timeout``, ``read`` and ``too_large``. An error's message is what a client may read: it never
+names the engine's address (``detail``, for the router's own logs, does).
 """
 
 from __future__ import annotations
@@ -24,16 +25,17 @@ import aiohttp
 import httpx
 
 Backend = Literal["aiohttp", "httpx"]
-ErrorKind = Literal["connect", "timeout", "read"]
+ErrorKind = Literal["connect", "timeout", "read", "too_large"]
 Headers = Sequence[tuple[bytes, bytes]]
 
 
 class UpstreamError(Exception):
     """The engine could not be reached, did not answer in time, or broke off its response."""
 
-    def __init__(self, kind: ErrorKind, message: str) -> None:
+    def __init__(self, kind: ErrorKind, message: str, detail: str = "") -> None:
         super().__init__(message)
         self.kind: ErrorKind = kind
+        self.detail = detail or message  # may name the engine's URL: logs only
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,24 +48,37 @@ class Timeouts:
 class UpstreamResponse:
     """An open response: read it whole or chunk by chunk, and always :meth:`aclose` it."""
 
-    __slots__ = ("content_type", "status")
+    __slots__ = ("content_type", "max_bytes", "retry_after", "status")
 
-    def __init__(self, status: int, content_type: str | None) -> None:
+    def __init__(
+        self, status: int, content_type: str | None, retry_after: str | None, max_bytes: int
+    ) -> None:
         self.status = status
         self.content_type = content_type
+        self.retry_after = retry_after  # the engine's Retry-After, passed on with its 429/503
+        self.max_bytes = max_bytes  # the most :meth:`read` holds
 
     def chunks(self) -> AsyncIterator[bytes]:
         """Body chunks as they arrive; ``UpstreamError`` on a broken or stalled body."""
         raise NotImplementedError
 
     async def read(self) -> bytes:
-        """The whole body."""
-        parts = [chunk async for chunk in self.chunks()]
+        """The whole body; ``UpstreamError("too_large")`` as soon as it passes ``max_bytes``."""
+        parts: list[bytes] = []
+        size, limit = 0, self.max_bytes
+        async for chunk in self.chunks():
+            size += len(chunk)
+            if size > limit:
+                raise UpstreamError("too_large", f"the engine's response is larger than {limit} bytes")
+            parts.append(chunk)
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
     async def aclose(self) -> None:
         """Release the connection; closing before the end drops it, which aborts the engine's request."""
         raise NotImplementedError
+
+
+_UNREACHABLE = "the engine could not be reached"
 
 
 def _stalled(idle: float) -> UpstreamError:
@@ -73,8 +88,9 @@ def _stalled(idle: float) -> UpstreamError:
 class _HttpxResponse(UpstreamResponse):
     __slots__ = ("_idle", "_resp")
 
-    def __init__(self, resp: httpx.Response, idle: float) -> None:
-        super().__init__(resp.status_code, resp.headers.get("content-type"))
+    def __init__(self, resp: httpx.Response, idle: float, max_bytes: int) -> None:
+        headers = resp.headers
+        super().__init__(resp.status_code, headers.get("content-type"), headers.get("retry-after"), max_bytes)
         self._resp = resp
         self._idle = idle
 
@@ -91,7 +107,7 @@ class _HttpxResponse(UpstreamResponse):
                 raise _stalled(idle) from None
             except httpx.HTTPError as err:
                 raise UpstreamError(
-                    "read", f"engine response broke off: {err or type(err).__name__}"
+                    "read", "the engine's response broke off", f"{err or type(err).__name__}"
                 ) from err
             if chunk:
                 yield chunk
@@ -105,8 +121,9 @@ class _HttpxResponse(UpstreamResponse):
 class _AiohttpResponse(UpstreamResponse):
     __slots__ = ("_done", "_idle", "_resp")
 
-    def __init__(self, resp: aiohttp.ClientResponse, idle: float) -> None:
-        super().__init__(resp.status, resp.headers.get("Content-Type"))
+    def __init__(self, resp: aiohttp.ClientResponse, idle: float, max_bytes: int) -> None:
+        headers = resp.headers
+        super().__init__(resp.status, headers.get("Content-Type"), headers.get("Retry-After"), max_bytes)
         self._resp = resp
         self._idle = idle
         self._done = False
@@ -125,7 +142,7 @@ class _AiohttpResponse(UpstreamResponse):
                 raise _stalled(idle) from None
             except aiohttp.ClientError as err:
                 raise UpstreamError(
-                    "read", f"engine response broke off: {err or type(err).__name__}"
+                    "read", "the engine's response broke off", f"{err or type(err).__name__}"
                 ) from err
             if not chunk:  # the end of a complete body; a broken one raises above
                 self._done = True
@@ -158,8 +175,10 @@ class Upstream:
         backend: Backend = "aiohttp",
         max_connections: int = 2048,
         keepalive_expiry: float = 4.0,
+        max_response_bytes: int = 64 * 1024 * 1024,
     ) -> None:
         self.backend = backend
+        self.max_response_bytes = max_response_bytes  # a response read whole; streams are relayed
         self.timeouts = timeouts
         # Streams hold a connection for their whole generation: size the pool for peak concurrency.
         self._httpx: httpx.AsyncClient | None = None
@@ -203,10 +222,12 @@ class Upstream:
         try:
             resp = await session.request(method, url, headers=hdrs, data=body, allow_redirects=False)
         except aiohttp.ConnectionTimeoutError as err:
-            raise UpstreamError("connect", f"cannot connect to {url}: timed out") from err
+            raise UpstreamError("connect", _UNREACHABLE, f"cannot connect to {url}: timed out") from err
         except aiohttp.ClientError as err:
-            raise UpstreamError("connect", f"cannot reach {url}: {err or type(err).__name__}") from err
-        return _AiohttpResponse(resp, self.timeouts.idle)
+            raise UpstreamError(
+                "connect", _UNREACHABLE, f"cannot reach {url}: {err or type(err).__name__}"
+            ) from err
+        return _AiohttpResponse(resp, self.timeouts.idle, self.max_response_bytes)
 
     async def _send_httpx(
         self, client: httpx.AsyncClient, method: str, url: str, headers: Headers, body: bytes | None
@@ -216,10 +237,12 @@ class Upstream:
             resp = await client.send(request, stream=True)
         except httpx.TimeoutException as err:
             # the backend's connect timeout: nothing was sent, so this is a connect failure
-            raise UpstreamError("connect", f"cannot connect to {url}: timed out") from err
+            raise UpstreamError("connect", _UNREACHABLE, f"cannot connect to {url}: timed out") from err
         except httpx.HTTPError as err:
-            raise UpstreamError("connect", f"cannot reach {url}: {err or type(err).__name__}") from err
-        return _HttpxResponse(resp, self.timeouts.idle)
+            raise UpstreamError(
+                "connect", _UNREACHABLE, f"cannot reach {url}: {err or type(err).__name__}"
+            ) from err
+        return _HttpxResponse(resp, self.timeouts.idle, self.max_response_bytes)
 
     async def aclose(self) -> None:
         if self._aiohttp is not None:
