@@ -189,8 +189,9 @@ class RouterMetrics:
         self._known = self._known | {m for e in self._engines.all() for m in e.models}
 
     def model_label(self, model: str) -> str:
-        """``model`` when it is configured or an engine has served it, else ``"other"``."""
-        return model if model in self._known else OTHER_MODEL
+        """``model`` when it is configured or an engine has served it (or "" for none), else
+        ``"other"``."""
+        return model if not model or model in self._known else OTHER_MODEL
 
     def reject(self, reason: str) -> None:
         """Count a refusal (one of :data:`REJECTION_REASONS`)."""

@@ -227,6 +227,8 @@ def make_server(
         loop="uvloop",
         http=protocol_for(EdgeLimits.of(settings, count_refusal)),
         lifespan="on",
+        # the client address is the peer's: X-Forwarded-For gets it appended, never replaced by it
+        proxy_headers=False,
         access_log=False,  # the router logs one JSON line per request itself
         log_config=None,
         # idle keep-alive connections; longer than clients' pools usually keep idle sockets, so they
