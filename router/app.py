@@ -85,7 +85,7 @@ class RequestIdMiddleware:
             scope["path"] == "/metrics"
         ):
             # /metrics only on its own port (which the Ingress does not expose), nothing else there
-            await _send_error(send, OpenAIError(404, f"no route {scope['path']} on this port"))
+            await _send_error(send, OpenAIError(404, "not found on this port"))
             return
         rid = ""
         for name, value in scope["headers"]:
@@ -104,24 +104,18 @@ class RequestIdMiddleware:
                 message["headers"] = [*message.get("headers", ()), header]
             await send(message)
 
-        started = False
-
-        async def send_tracked(message: dict[str, Any]) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send_with_id(message)
-
         endpoint = self.direct.get(scope["path"]) if scope["method"] == "POST" else None
         if endpoint is None:
             await self.app(scope, receive, send_with_id)
             return
         try:
-            await endpoint(scope, receive, send_tracked)
+            await endpoint(scope, receive, send_with_id)
         except Exception:
             # a bug, not the client's doing: log it, and answer in the OpenAI shape (uvicorn's own
-            # 500 is plain text); counted as 500 by the endpoint's accounting
+            # 500 is plain text); counted as 500 by the endpoint's accounting. When the response
+            # had started, the server refuses a second start (RuntimeError) and drops the connection.
             log.exception("unhandled error in %s", scope["path"], extra={"request_id": rid})
-            if not started:
+            with contextlib.suppress(RuntimeError):
                 await _send_error(send_with_id, OpenAIError(500, "internal error in the router"))
 
 

@@ -195,6 +195,9 @@ class GuardedProtocol(HttpToolsProtocol):
         self._unset_keepalive_if_required()
         self.limits.count_refusal(reason)
         transport = self.transport
+        if self.cycle is not None and not self.cycle.response_complete:
+            transport.close()  # a pipelined request behind a response still being sent: no room for ours
+            return
         transport.write(response)
         if transport.can_write_eof():
             transport.write_eof()
