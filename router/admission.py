@@ -119,14 +119,14 @@ class Admission:
 def no_engine(model: str | None, engines: list[EngineState]) -> OpenAIError:
     """Why no engine can take a request for ``model`` now, given every known engine.
 
-    - 404 only when the answer is certain: engines are known, each has told its models, and none
-      serves ``model``.
-    - 503 + Retry-After while it may change soon: no engine known yet, or some engine's models
-      not learnt yet (a router just started asks each engine's ``/v1/models``), or every engine
-      serving the model is down or ejected.
+    - 404 when no known engine serves ``model`` and each has told its models (with no engine at
+      all, e.g. an empty engines file, nothing serves it: 404 too, as before).
+    - 503 + Retry-After while it may change soon: some engine's models not learnt yet (a router
+      just started asks each engine's ``/v1/models``), or every engine serving the model is down
+      or ejected.
     """
     if model is not None and not any(model in e.models for e in engines):
-        if engines and all(e.models for e in engines):
+        if all(e.models for e in engines):
             return OpenAIError(404, f"The model `{model}` does not exist.", param="model")
         return RetryLater(503, "the router is still learning which models its engines serve; try again", 1.0)
     return RetryLater(503, f"no engine is available for model {model!r}; try again shortly", 1.0)

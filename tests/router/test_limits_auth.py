@@ -230,7 +230,7 @@ def _engine(models: set[str]) -> EngineState:
 @pytest.mark.parametrize(
     ("model", "engines", "status"),
     [
-        ("m", [], 503),  # no engine discovered yet
+        ("m", [], 404),  # no engine at all (an empty engines file): nothing serves it
         ("m", [_engine({"other"}), _engine(set())], 503),  # one engine's models not learnt yet
         ("m", [_engine({"other"})], 404),  # every engine known, none serves it
         ("m", [_engine({"m"})], 503),  # served, but no engine available now
