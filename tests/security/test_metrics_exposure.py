@@ -17,6 +17,7 @@ from tests.router.conftest import MODEL, Sim
 from tests.security.conftest import EdgeFactory, assert_openai_error
 
 from kvstack.router.engines import Endpoint, EngineRegistry
+from kvstack.router.exchange import Exchange, account
 from kvstack.router.metrics import OTHER_MODEL, RouterMetrics
 
 
@@ -75,3 +76,21 @@ def test_model_label_is_configured_or_served() -> None:
     assert metrics.model_label("served") == "served"
     registry.sync([])  # a model once served keeps its label (its series exist already)
     assert metrics.model_label("served") == "served"
+
+
+def test_a_request_whose_handler_failed_is_counted_as_the_500_it_was_answered() -> None:
+    """No response is counted with status "0": a handler that raised (answered 500) counts as 500."""
+    metrics = RouterMetrics(EngineRegistry(), lambda: 0.0, [MODEL])
+    account(metrics, Exchange(request_id="r", start=0.0, model=MODEL), "/v1/completions", log_it=False)
+    assert (
+        metrics.registry.get_sample_value(
+            "kvstack_router_requests_total", {"model_name": MODEL, "engine": "", "status": "500"}
+        )
+        == 1
+    )
+    assert (
+        metrics.registry.get_sample_value(
+            "kvstack_router_requests_total", {"model_name": MODEL, "engine": "", "status": "0"}
+        )
+        is None
+    )
