@@ -88,7 +88,7 @@ _REASONS = {
 
 
 class _TooManyHeaders(Exception):
-    """Raised from the parser's header callback; the parser hands it back wrapped."""
+    """Raised from the parser's headers-complete callback; the parser hands it back wrapped."""
 
 
 class GuardedProtocol(HttpToolsProtocol):
@@ -100,7 +100,6 @@ class GuardedProtocol(HttpToolsProtocol):
         super().__init__(*args, **kwargs)
         self._in_head = True  # the next bytes belong to a request line or header block
         self._head_bytes = 0
-        self._header_count = 0
         self._head_timer: asyncio.TimerHandle | None = None
         self._refused = False
 
@@ -126,23 +125,20 @@ class GuardedProtocol(HttpToolsProtocol):
         if self._refused:
             return  # a refused client's request is read and dropped until it closes
         self._unset_keepalive_if_required()
-        view = memoryview(data)
         try:
-            while view:
-                if not self._in_head:
-                    self.parser.feed_data(view)
-                    return
-                if self._head_timer is None:
-                    self._head_timer = self.loop.call_later(self.limits.header_timeout_s, self._head_late)
-                room = self.limits.max_header_bytes - self._head_bytes
-                if room <= 0:
-                    self._refuse_header(
-                        f"the request line and headers exceed {self.limits.max_header_bytes} bytes"
-                    )
-                    return
-                piece, view = view[:room], view[room:]
-                self._head_bytes += len(piece)
-                self.parser.feed_data(piece)  # may end the head (on_headers_complete) mid-piece
+            if not self._in_head:
+                self.parser.feed_data(data)
+            elif len(data) <= self.limits.max_header_bytes - self._head_bytes:
+                # nearly every request: the chunk cannot take the head past its limit, so it is fed
+                # whole (what follows the head in it, a body or the next request, is not counted)
+                self._head_bytes += len(data)
+                self.parser.feed_data(data)
+            else:
+                self._feed_head_piecewise(memoryview(data))
+            if self._in_head and self._head_bytes and self._head_timer is None:
+                # a head still incomplete after its first chunk (only then: a timer per request
+                # would cost every request); measured from that chunk, i.e. the request's first byte
+                self._head_timer = self.loop.call_later(self.limits.header_timeout_s, self._head_late)
         except httptools.HttpParserCallbackError as err:
             if isinstance(err.__context__, _TooManyHeaders):
                 self._refuse_header(f"the request has more than {self.limits.max_header_count} header fields")
@@ -153,22 +149,35 @@ class GuardedProtocol(HttpToolsProtocol):
         except httptools.HttpParserError:
             self._bad_request()
 
+    def _feed_head_piecewise(self, view: memoryview) -> None:
+        """Feed at most the head's remaining room; past it, 431 without parsing another byte."""
+        while view and not self._refused:
+            if not self._in_head:
+                self.parser.feed_data(view)
+                return
+            room = self.limits.max_header_bytes - self._head_bytes
+            if room <= 0:
+                self._refuse_header(
+                    f"the request line and headers exceed {self.limits.max_header_bytes} bytes"
+                )
+                return
+            piece, view = view[:room], view[room:]
+            self._head_bytes += len(piece)
+            self.parser.feed_data(piece)  # may end the head (on_headers_complete) mid-piece
+
     # ------------------------------------------------------------------ parser callbacks
 
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self._header_count += 1
-        if self._header_count > self.limits.max_header_count:
-            raise _TooManyHeaders
-        super().on_header(name, value)
-
     def on_headers_complete(self) -> None:
+        # the count is checked once the head is parsed: the byte limit already bounds the work
+        if len(self.headers) > self.limits.max_header_count:
+            raise _TooManyHeaders
         self._in_head = False
         self._stop_head_timer()
         super().on_headers_complete()
 
     def on_message_complete(self) -> None:
         # whatever follows is the next request's head: count it from zero
-        self._in_head, self._head_bytes, self._header_count = True, 0, 0
+        self._in_head, self._head_bytes = True, 0
         super().on_message_complete()
 
     # ------------------------------------------------------------------ refusals
