@@ -38,6 +38,7 @@ REJECTION_REASONS: Final = (
     "connection_limit",
     "header_too_large",
     "header_timeout",
+    "bad_request",  # not HTTP (the server's parser refused it)
 )
 
 # TTFT and e2e buckets reach from a prefix hit (~10 ms on an H200) to a long queue.

@@ -37,7 +37,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from kvstack.common.errors import error_body
 from kvstack.router.config import RouterSettings
 
-Refusal = Literal["connection_limit", "header_too_large", "header_timeout"]
+Refusal = Literal["connection_limit", "header_too_large", "header_timeout", "bad_request"]
 LINGER_S = 2.0  # a refused connection's wait for the client to read the answer and close
 CONNECTION_RETRY_AFTER_S = 1
 
@@ -81,6 +81,7 @@ def refusal_response(status: int, message: str, retry_after: int | None = None) 
 
 
 _REASONS = {
+    400: b"Bad Request",
     408: b"Request Timeout",
     431: b"Request Header Fields Too Large",
     503: b"Service Unavailable",
@@ -194,8 +195,8 @@ class GuardedProtocol(HttpToolsProtocol):
         self._refuse("header_too_large", refusal_response(431, message))
 
     def _bad_request(self) -> None:
-        self._stop_head_timer()
-        self.send_400_response("Invalid HTTP request received.")
+        # uvicorn's own 400 is plain text; clients of an OpenAI API get its error shape
+        self._refuse("bad_request", refusal_response(400, "invalid HTTP request"))
 
     def _refuse(self, reason: Refusal, response: bytes) -> None:
         """Answer, stop reading requests, and close once the client has read it (or after a linger)."""

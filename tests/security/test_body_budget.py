@@ -94,3 +94,14 @@ async def test_read_body_takes_and_gives_back(
             await read_body(receive, 100, declared, budget)
         assert getattr(err.value, "status", None) == outcome and getattr(err.value, "retry_after", 0) >= 1
     assert budget.held == held_after
+
+
+def test_an_oversized_body_is_a_413_declared_or_not(sims: list[Sim], edge: EdgeFactory) -> None:
+    """Over max_body_bytes: 413 in the OpenAI shape whether Content-Length says so or the body is
+    chunked; nothing stays held."""
+    r = edge(engines=[sims[0].url], max_body_bytes=MIB)
+    big = b'{"model": "%s", "prompt": "%s"}' % (MODEL.encode(), b"x" * (2 * MIB))
+    assert_openai_error(httpx.post(f"{r.url}/v1/completions", content=big), 413)
+    chunked = httpx.post(f"{r.url}/v1/completions", content=iter([big[:MIB], big[MIB:]]))
+    assert_openai_error(chunked, 413)
+    assert r.ctx.bodies.held == 0

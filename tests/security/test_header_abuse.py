@@ -82,3 +82,13 @@ def test_headers_within_the_limits_are_served(sims: list[Sim], edge: EdgeFactory
     too_big = {"x-big": "v" * (17 * 1024)}
     resp = httpx.post(f"{r.url}/v1/completions", json=body, headers=too_big)
     assert resp.status_code == 431 and resp.json()["error"]["type"] == "BadRequestError"
+
+
+def test_a_request_that_is_not_http_gets_400_in_the_openai_shape(sims: list[Sim], edge: EdgeFactory) -> None:
+    r = edge(engines=[sims[0].url])
+    tls_hello = b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\x00" * 64
+    for garbage in (tls_hello, b"GET / HTTP/1.1\r\nbad header\r\n\r\n"):
+        status, headers, body = parse_raw_response(_send_raw(r.port, garbage))
+        assert status == 400 and headers["connection"] == "close"
+        assert httpx.Response(400, content=body).json()["error"]["type"] == "BadRequestError"
+    assert r.metric("kvstack_router_rejections_total", reason="bad_request") == 2
