@@ -92,6 +92,17 @@ class _TooManyHeaders(Exception):
     """Raised from the parser's headers-complete callback; the parser hands it back wrapped."""
 
 
+class _UpgradeWithBody(Exception):
+    """An Upgrade offer (``h2c``) on a request with a body, which httptools would not hand over."""
+
+
+def _has_body(headers: list[tuple[bytes, bytes]]) -> bool:
+    for name, value in headers:
+        if (name == b"content-length" and value.strip() != b"0") or name == b"transfer-encoding":
+            return True
+    return False
+
+
 class GuardedProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol with the guards above. Made per server by :func:`protocol_for`."""
 
@@ -144,9 +155,14 @@ class GuardedProtocol(HttpToolsProtocol):
             if isinstance(err.__context__, _TooManyHeaders):
                 self._refuse_header(f"the request has more than {self.limits.max_header_count} header fields")
                 return
+            if isinstance(err.__context__, _UpgradeWithBody):
+                self._bad_request("a request with a body cannot offer Upgrade (e.g. h2c); send it without")
+                return
             self._bad_request()
         except httptools.HttpParserUpgrade:
-            self._bad_request()  # no upgrades (websockets) on the router
+            # uvicorn's handling: with websockets off (ws="none") the request is served as plain
+            # HTTP/1.1 (e.g. curl's `Upgrade: h2c`), only a warning is logged
+            self._unsupported_upgrade_warning()
         except httptools.HttpParserError:
             self._bad_request()
 
@@ -172,6 +188,8 @@ class GuardedProtocol(HttpToolsProtocol):
         # the count is checked once the head is parsed: the byte limit already bounds the work
         if len(self.headers) > self.limits.max_header_count:
             raise _TooManyHeaders
+        if self.parser.should_upgrade() and _has_body(self.headers):
+            raise _UpgradeWithBody  # the parser stops at an Upgrade offer: its body would be lost
         self._in_head = False
         self._stop_head_timer()
         super().on_headers_complete()
@@ -194,9 +212,9 @@ class GuardedProtocol(HttpToolsProtocol):
     def _refuse_header(self, message: str) -> None:
         self._refuse("header_too_large", refusal_response(431, message))
 
-    def _bad_request(self) -> None:
+    def _bad_request(self, message: str = "invalid HTTP request") -> None:
         # uvicorn's own 400 is plain text; clients of an OpenAI API get its error shape
-        self._refuse("bad_request", refusal_response(400, "invalid HTTP request"))
+        self._refuse("bad_request", refusal_response(400, message))
 
     def _refuse(self, reason: Refusal, response: bytes) -> None:
         """Answer, stop reading requests, and close once the client has read it (or after a linger)."""
@@ -240,6 +258,7 @@ def make_server(
         loop="uvloop",
         http=protocol_for(EdgeLimits.of(settings, count_refusal)),
         lifespan="on",
+        ws="none",  # the router serves no websockets
         # the client address is the peer's: X-Forwarded-For gets it appended, never replaced by it
         proxy_headers=False,
         access_log=False,  # the router logs one JSON line per request itself

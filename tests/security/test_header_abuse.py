@@ -92,3 +92,20 @@ def test_a_request_that_is_not_http_gets_400_in_the_openai_shape(sims: list[Sim]
         assert status == 400 and headers["connection"] == "close"
         assert httpx.Response(400, content=body).json()["error"]["type"] == "BadRequestError"
     assert r.metric("kvstack_router_rejections_total", reason="bad_request") == 2
+
+
+def test_an_h2c_upgrade_offer(sims: list[Sim], edge: EdgeFactory) -> None:
+    """curl --http2 on http:// offers `Upgrade: h2c`: a GET is served in HTTP/1.1; a POST gets a
+    400 that says why (the HTTP parser stops at the offer, so its body would silently be lost)."""
+    r = edge(engines=[sims[0].url])
+    h2c = (
+        b"connection: Upgrade, HTTP2-Settings\r\nupgrade: h2c\r\nhttp2-settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n"
+    )
+    status, _, answer = parse_raw_response(
+        _send_raw(r.port, b"GET /v1/models HTTP/1.1\r\nhost: r\r\n" + h2c + b"\r\n")
+    )
+    assert status == 200 and MODEL in answer.decode(), answer[:300]
+    body = b'{"model": "%s", "prompt": "x", "max_tokens": 1}' % MODEL.encode()
+    post = HEAD + h2c + b"content-length: %d\r\n\r\n%s" % (len(body), body)
+    status, _, answer = parse_raw_response(_send_raw(r.port, post))
+    assert status == 400 and "Upgrade" in httpx.Response(400, content=answer).json()["error"]["message"]
