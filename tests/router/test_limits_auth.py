@@ -12,6 +12,7 @@ from kvstack.common.config import ConfigError
 from kvstack.common.errors import OpenAIError
 from kvstack.router.admission import no_engine
 from kvstack.router.auth import ANONYMOUS, KeyStore, read_keys_file
+from kvstack.router.config import load_settings
 from kvstack.router.ejection import record_failure, record_success
 from kvstack.router.engines import Endpoint, EngineState
 from kvstack.router.exchange import RetryLater
@@ -273,3 +274,21 @@ def test_sse_framer_refuses_an_event_over_its_cap() -> None:
         framer.feed(b"5")
     assert err.value.kind == "too_large"
     assert framer.flush() == b""
+
+
+@pytest.mark.parametrize(
+    ("values", "named"),
+    [
+        ({"max_header_bytes": 10}, "max_header_bytes"),
+        ({"max_header_count": 0}, "max_header_count"),
+        ({"header_timeout_s": 0}, "header_timeout_s"),
+        ({"client_idle_timeout_s": -1}, "client_idle_timeout_s"),
+        ({"max_client_connections": 0}, "max_client_connections"),
+        ({"max_response_bytes": 10}, "max_response_bytes"),
+        ({"max_body_bytes": 64 << 20, "max_buffered_body_bytes": 32 << 20}, "max_buffered_body_bytes"),
+        ({"port": 8000, "metrics_port": 8000}, "metrics_port"),
+    ],
+)
+def test_edge_limits_are_validated_at_start(values: dict[str, object], named: str) -> None:
+    with pytest.raises(ConfigError, match=named):
+        load_settings(**values)
