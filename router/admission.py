@@ -41,14 +41,11 @@ class Admission:
         return registry.candidates(model, now)
 
     def candidates(self, model: str | None) -> list[EngineState]:
-        """Available engines for ``model``; 404 for a model nobody serves, 503 when all are down."""
+        """Available engines for ``model``, else the error :func:`no_engine` decides."""
         found = self.available(model)
         if found:
             return found
-        registry = self.ctx.registry
-        if model is not None and not any(model in e.models for e in registry.all()):
-            raise OpenAIError(404, f"The model `{model}` does not exist.", param="model")
-        raise OpenAIError(503, f"no engine is available for model {model!r}; try again shortly")
+        raise no_engine(model, self.ctx.registry.all())
 
     async def hold(self, model: str) -> float | None:
         """Wait while ``model`` has no engine and the router holds it; returns the hold's deadline.
@@ -117,3 +114,19 @@ class Admission:
             await route(self.candidates(model))
         finally:
             queue.release(len(self.available(model)) * per_engine)
+
+
+def no_engine(model: str | None, engines: list[EngineState]) -> OpenAIError:
+    """Why no engine can take a request for ``model`` now, given every known engine.
+
+    - 404 when no known engine serves ``model`` and each has told its models (with no engine at
+      all, e.g. an empty engines file, nothing serves it: 404 too, as before).
+    - 503 + Retry-After while it may change soon: some engine's models not learnt yet (a router
+      just started asks each engine's ``/v1/models``), or every engine serving the model is down
+      or ejected.
+    """
+    if model is not None and not any(model in e.models for e in engines):
+        if all(e.models for e in engines):
+            return OpenAIError(404, f"The model `{model}` does not exist.", param="model")
+        return RetryLater(503, "the router is still learning which models its engines serve; try again", 1.0)
+    return RetryLater(503, f"no engine is available for model {model!r}; try again shortly", 1.0)

@@ -31,7 +31,7 @@ from kvstack.router.context import REQUEST_ID_KEY, RouterContext
 from kvstack.router.discovery import KubernetesDiscovery, StaticDiscovery
 from kvstack.router.engines import Endpoint, EngineRegistry
 from kvstack.router.hold import Holds
-from kvstack.router.limits import KeyLimiter
+from kvstack.router.limits import BodyBudget, KeyLimiter
 from kvstack.router.metrics import CONTENT_TYPE, RouterMetrics
 from kvstack.router.monitor import EngineMonitor
 from kvstack.router.offload import TokenizerPool
@@ -70,13 +70,22 @@ class RequestIdMiddleware:
     router's CPU per request for nothing (py-spy, ``kvstack bench router``).
     """
 
-    def __init__(self, app: ASGIApp, direct: dict[str, ASGIApp] | None = None) -> None:
+    def __init__(
+        self, app: ASGIApp, direct: dict[str, ASGIApp] | None = None, metrics_port: int | None = None
+    ) -> None:
         self.app = app
         self.direct = direct or {}
+        self.metrics_port = metrics_port
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
+            return
+        if self.metrics_port is not None and _on_metrics_port(scope, self.metrics_port) != (
+            scope["path"] == "/metrics"
+        ):
+            # /metrics only on its own port (which the Ingress does not expose), nothing else there
+            await _send_error(send, OpenAIError(404, "not found on this port"))
             return
         rid = ""
         for name, value in scope["headers"]:
@@ -96,7 +105,31 @@ class RequestIdMiddleware:
             await send(message)
 
         endpoint = self.direct.get(scope["path"]) if scope["method"] == "POST" else None
-        await (endpoint or self.app)(scope, receive, send_with_id)
+        if endpoint is None:
+            await self.app(scope, receive, send_with_id)
+            return
+        try:
+            await endpoint(scope, receive, send_with_id)
+        except Exception:
+            # a bug, not the client's doing: log it, and answer in the OpenAI shape (uvicorn's own
+            # 500 is plain text); counted as 500 by the endpoint's accounting. When the response
+            # had started, the server refuses a second start (RuntimeError) and drops the connection.
+            log.exception("unhandled error in %s", scope["path"], extra={"request_id": rid})
+            with contextlib.suppress(RuntimeError):
+                await _send_error(send_with_id, OpenAIError(500, "internal error in the router"))
+
+
+def _on_metrics_port(scope: dict[str, Any], metrics_port: int) -> bool:
+    server = scope.get("server")
+    return server is not None and server[1] == metrics_port
+
+
+async def _send_error(send: Any, err: OpenAIError) -> None:
+    response = _error(err.status, err.message, err.param)
+    await send(
+        {"type": "http.response.start", "status": response.status_code, "headers": response.raw_headers}
+    )
+    await send({"type": "http.response.body", "body": response.body})
 
 
 def _static_endpoints(settings: RouterSettings) -> list[str | Endpoint]:
@@ -117,7 +150,7 @@ def build_context(settings: RouterSettings, registry: EngineRegistry | None = No
     if settings.api_keys_file is not None:
         pairs.extend(read_keys_file(settings.api_keys_file))
     clock = time.monotonic
-    metrics = RouterMetrics(registry, clock)
+    metrics = RouterMetrics(registry, clock, [*settings.models, *settings.hold_models])
     token_cache = PromptCache()
     metrics.registry.register(PolicyCollector(policy, token_cache))
     return RouterContext(
@@ -134,6 +167,7 @@ def build_context(settings: RouterSettings, registry: EngineRegistry | None = No
         ),
         clock=clock,
         holds=Holds(settings.hold_models, settings.max_held_per_model),
+        bodies=BodyBudget(settings.max_buffered_body_bytes),
     )
 
 
@@ -146,6 +180,7 @@ async def _running(ctx: RouterContext) -> AsyncIterator[None]:
         backend=settings.upstream_backend,
         max_connections=settings.max_connections,
         keepalive_expiry=settings.keepalive_expiry_s,
+        max_response_bytes=settings.max_response_bytes,
     )
     monitor_config = settings.monitor
     if monitor_config.api_key is None and settings.engine_api_key is not None:
@@ -188,7 +223,9 @@ async def _running(ctx: RouterContext) -> AsyncIterator[None]:
 
 
 def _error(status: int, message: str, param: str | None = None) -> JSONResponse:
-    return JSONResponse(error_body(status, message, param=param), status_code=status)
+    # every 429/503 says when to come back (the proxied routes' own carry their computed wait)
+    headers = {"retry-after": "1"} if status in (429, 503) else None
+    return JSONResponse(error_body(status, message, param=param), status_code=status, headers=headers)
 
 
 def _models_payload(ctx: RouterContext) -> dict[str, Any]:
@@ -216,6 +253,8 @@ def create_app(settings: RouterSettings, registry: EngineRegistry | None = None)
         docs_url=None,
         redoc_url=None,
         openapi_url="/openapi.json",
+        # a 307 to the path without the slash would be built from the client's Host header
+        redirect_slashes=False,
     )
     install(app, PROXIED)
     app.state.ctx = ctx
@@ -260,9 +299,19 @@ def create_app(settings: RouterSettings, registry: EngineRegistry | None = None)
         now = ctx.clock()
         available = sum(1 for e in ctx.registry.all() if e.available(now))
         body = {"ready": available > 0, "available_engines": available, "engines": len(ctx.registry)}
-        return JSONResponse(body, status_code=200 if available else 503)
+        if available:
+            return JSONResponse(body)
+        return JSONResponse(body, status_code=503, headers={"retry-after": "1"})
 
-    @app.get("/metrics", response_class=PlainTextResponse, responses=METRICS_RESPONSES)
+    # on its own port nothing but the scraper reaches it; on the API port it takes an API key
+    metrics_guard = [] if settings.metrics_port is not None else [Depends(require_key)]
+
+    @app.get(
+        "/metrics",
+        response_class=PlainTextResponse,
+        responses=METRICS_RESPONSES,
+        dependencies=metrics_guard,
+    )
     async def metrics() -> Response:
         return Response(ctx.metrics.render(), media_type=CONTENT_TYPE)
 
@@ -288,4 +337,4 @@ def create_app(settings: RouterSettings, registry: EngineRegistry | None = None)
         ]
         return {"engines": rows}
 
-    return RequestIdMiddleware(app, direct)
+    return RequestIdMiddleware(app, direct, settings.metrics_port)

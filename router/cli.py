@@ -57,26 +57,14 @@ def run_router(
 
 
 def serve(settings: RouterSettings) -> None:
-    """Serve the router with uvicorn until SIGINT/SIGTERM."""
-    import uvicorn
-
+    """Serve the router until SIGINT/SIGTERM, with the socket-level guards of router/server.py."""
     from kvstack.router.app import create_app
     from kvstack.router.gc_tuning import tune_gc
     from kvstack.router.logs import configure_logging
+    from kvstack.router.server import listen_sockets, make_server
 
     configure_logging(settings.log_level)
     app = create_app(settings)
     tune_gc(settings.gc_gen0_threshold)  # process-wide, so here and not in the app factory
-    uvicorn.run(
-        app,
-        host=settings.host,
-        port=settings.port,
-        loop="uvloop",
-        http="httptools",
-        lifespan="on",
-        access_log=False,  # the router logs one JSON line per request itself
-        log_config=None,
-        # longer than the clients' pools usually keep idle sockets, so they are not reused half-closed
-        timeout_keep_alive=75,
-        timeout_graceful_shutdown=30,
-    )
+    server = make_server(settings, app, app.app.state.ctx.metrics.reject)
+    server.run(sockets=listen_sockets(settings))

@@ -94,6 +94,25 @@ class RouterSettings(BaseSettings):
     # a client must deliver its whole request body within this; a stalled upload would otherwise
     # hold its task, socket and per-key concurrency slot forever (answered 408)
     body_timeout_s: PositiveSeconds = 30.0
+    # the client-facing edge (router/server.py enforces these on the socket, before any request work)
+    # request line + header block, in bytes; beyond it: 431 and the connection is closed
+    max_header_bytes: int = Field(32 * 1024, ge=1024, le=1024 * 1024)
+    # header fields in one request; beyond it: 431
+    max_header_count: int = Field(100, ge=8, le=10_000)
+    # from a request's first byte to its last header byte; a client slower than this gets a 408
+    header_timeout_s: PositiveSeconds = 15.0
+    # a connection with no request in progress (new, or between keep-alive requests) is closed after
+    client_idle_timeout_s: PositiveSeconds = 75.0
+    # open client connections (every port); beyond it a new one gets a 503 + Retry-After and is closed
+    max_client_connections: int = Field(4096, ge=1)
+    # request bodies all in-flight requests may hold in memory together (each one is kept until its
+    # response ends, for retries); beyond it: 503 + Retry-After. Bounds the router's memory
+    max_buffered_body_bytes: int = Field(256 * 1024 * 1024, ge=1024 * 1024)
+    # an engine's non-streamed response, and one SSE event of a stream; beyond it: 502
+    max_response_bytes: int = Field(64 * 1024 * 1024, ge=64 * 1024)
+    # serve /metrics on this port only (not the API port an Ingress exposes); None: on the API port,
+    # behind the API keys when they are on
+    metrics_port: int | None = Field(None, ge=1, le=65535)
     rate_limit_rps: float | None = Field(None, gt=0)
     rate_limit_burst: int | None = Field(None, ge=1)
     max_concurrency_per_key: int | None = Field(None, ge=1)
@@ -145,6 +164,17 @@ class RouterSettings(BaseSettings):
     def _burst_needs_rate(self) -> RouterSettings:
         if self.rate_limit_burst is not None and self.rate_limit_rps is None:
             raise ValueError("rate_limit_burst needs rate_limit_rps")
+        return self
+
+    @model_validator(mode="after")
+    def _edge_limits_agree(self) -> RouterSettings:
+        if self.max_buffered_body_bytes < self.max_body_bytes:
+            raise ValueError(
+                f"max_buffered_body_bytes ({self.max_buffered_body_bytes}) must be at least "
+                f"max_body_bytes ({self.max_body_bytes}), or no request of the largest size is ever admitted"
+            )
+        if self.metrics_port is not None and self.metrics_port == self.port:
+            raise ValueError(f"metrics_port must differ from port ({self.port})")
         return self
 
 

@@ -10,7 +10,7 @@ from kvstack.router.auth import KeyStore
 from kvstack.router.config import RouterSettings
 from kvstack.router.engines import EngineRegistry
 from kvstack.router.hold import Holds
-from kvstack.router.limits import AdmissionQueue, KeyLimiter
+from kvstack.router.limits import AdmissionQueue, BodyBudget, KeyLimiter
 from kvstack.router.metrics import RouterMetrics
 from kvstack.router.offload import TokenizerPool
 from kvstack.router.policies.base import Policy
@@ -34,6 +34,7 @@ class RouterContext:
     token_cache: PromptCache = field(default_factory=PromptCache)  # prompt tokens for policies that ask
     holds: Holds = field(default_factory=lambda: Holds((), 0))  # scale-from-zero waiters
     offload: TokenizerPool | None = None  # long prompts tokenized off the event loop (app lifespan)
+    bodies: BodyBudget = field(default_factory=lambda: BodyBudget(None))  # request bodies held in memory
 
     def __post_init__(self) -> None:
         self.registry.listeners.append(self.engines_changed)

@@ -17,6 +17,7 @@ import msgspec
 
 from kvstack.common.errors import OpenAIError, error_body, is_openai_error, openai_error_bytes
 from kvstack.router.auth import ANONYMOUS
+from kvstack.router.limits import BodyBudget
 from kvstack.router.logs import ACCESS_LOGGER
 from kvstack.router.metrics import RouterMetrics
 
@@ -70,32 +71,58 @@ class Exchange:
     disconnected: bool = False
 
 
-async def read_body(receive: Receive, limit: int, declared: int | None) -> bytes:
-    """The request body, refusing more than ``limit`` bytes (before reading, when declared)."""
+async def read_body(receive: Receive, limit: int, declared: int | None, budget: BodyBudget) -> bytes:
+    """The request body, refusing more than ``limit`` bytes (before reading, when declared).
+
+    Its bytes are taken from ``budget`` (all of a declared length up front, else as they arrive);
+    the caller gives back ``len(body)`` when the request ends. When the budget is spent: 503 with
+    Retry-After, and whatever this body had taken is given back.
+    """
     if declared is not None and declared > limit:
         raise OpenAIError(413, f"request body is larger than {limit} bytes")
+    held = declared or 0
+    if held and not budget.take(held):
+        raise _budget_spent()
     parts: list[bytes] = []
     size = 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise ClientGone
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            raise OpenAIError(413, f"request body is larger than {limit} bytes")
-        parts.append(chunk)
-        if not message.get("more_body", False):
-            return parts[0] if len(parts) == 1 else b"".join(parts)
+    try:
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise ClientGone
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise OpenAIError(413, f"request body is larger than {limit} bytes")
+            if size > held:  # no (or a wrong) declared length: hold what arrives
+                if not budget.take(size - held):
+                    raise _budget_spent()
+                held = size
+            parts.append(chunk)
+            if not message.get("more_body", False):
+                break
+    except BaseException:
+        budget.give(held)
+        raise
+    budget.give(held - size)  # a body shorter than declared (the server would have refused it)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+def _budget_spent() -> RetryLater:
+    return RetryLater(503, "the router is holding too many request bodies; try again shortly", 1.0)
 
 
 async def send_error(send: Send, err: OpenAIError) -> None:
-    """Answer with ``err`` in the OpenAI error shape (and ``Retry-After`` when it says when)."""
+    """Answer with ``err`` in the OpenAI error shape; a 429 or 503 always says when to come back
+    (``Retry-After``: its own wait, else 1 s)."""
     headers = list(JSON_HEADERS)
     if isinstance(err, RetryLater):
         headers.append((b"retry-after", str(max(1, round(err.retry_after))).encode()))
+    elif isinstance(err, EngineAnswer):
+        headers.extend(err.headers)  # the engine's own Retry-After among them, when it sent one
+    if err.status in (429, 503) and not any(name == b"retry-after" for name, _ in headers):
+        headers.append((b"retry-after", b"1"))
     if isinstance(err, EngineAnswer):
-        headers.extend(err.headers)
         body = err.answer
     else:
         body = msgspec.json.encode(error_body(err.status, err.message, param=err.param))
@@ -117,13 +144,16 @@ async def watch_disconnect(receive: Receive, task: asyncio.Task[Any], ex: Exchan
 def account(metrics: RouterMetrics, ex: Exchange, path: str, log_it: bool) -> None:
     """Count the finished request in the router's metrics and, when ``log_it``, log its line."""
     elapsed = time.perf_counter() - ex.start
-    metrics.labelled(metrics.requests, ex.model, ex.engine, str(ex.status)).inc()
+    model = metrics.model_label(ex.model)  # the client's string: a label only if it is a real model
+    # 0: the handler raised (a bug, answered 500) or was cancelled at shutdown (uvicorn answers 500)
+    status = str(ex.status or 500)
+    metrics.labelled(metrics.requests, model, ex.engine, status).inc()
     if ex.engine:
-        metrics.labelled(metrics.e2e, ex.model).observe(elapsed)
+        metrics.labelled(metrics.e2e, model).observe(elapsed)
     if ex.ttft is not None:
-        metrics.labelled(metrics.ttft, ex.model).observe(ex.ttft)
+        metrics.labelled(metrics.ttft, model).observe(ex.ttft)
     if ex.disconnected:
-        metrics.disconnects.labels(ex.model).inc()
+        metrics.disconnects.labels(model).inc()
     if log_it:
         access_log.info(
             "request",

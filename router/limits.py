@@ -1,4 +1,5 @@
-"""Admission control: per-key token buckets and concurrency caps, and a bounded queue per model.
+"""Admission control: per-key token buckets and concurrency caps, a bounded queue per model, and
+the budget of request-body bytes held in memory.
 
 Decisions are pure given ``now``; the queue's waiting uses asyncio futures but no timers of its own.
 """
@@ -71,6 +72,31 @@ class KeyLimiter:
             self._active[key] = left
         else:
             self._active.pop(key, None)
+
+
+class BodyBudget:
+    """Request-body bytes all in-flight requests hold in memory together, at most ``capacity``.
+
+    A body is held from its first byte until its response ends (retries resend it), so
+    :meth:`take` is called as bytes arrive (or once for a declared Content-Length) and
+    :meth:`give` with the same total when the request is done. ``capacity`` None: unbounded.
+    """
+
+    __slots__ = ("capacity", "held")
+
+    def __init__(self, capacity: int | None) -> None:
+        self.capacity = capacity
+        self.held = 0
+
+    def take(self, size: int) -> bool:
+        """Hold ``size`` more bytes; False (nothing held) when that would pass the capacity."""
+        if self.capacity is not None and self.held + size > self.capacity:
+            return False
+        self.held += size
+        return True
+
+    def give(self, size: int) -> None:
+        self.held -= size
 
 
 class QueueFull(Exception):

@@ -1,14 +1,16 @@
 """The router's Prometheus series (``kvstack_router_*``) in its own CollectorRegistry.
 
 Labels stay bounded: ``model_name`` (vLLM's label, so ``on(model_name)`` joins work), ``engine``
-(the engine's stable name), HTTP status codes, and small fixed reason sets. Per-engine gauges are
-read from the registry at scrape time, so the request path never updates them.
+(the engine's stable name), HTTP status codes, and small fixed reason sets. A model name comes from
+the client, so it is a label only when it is configured or some engine serves it; any other is
+counted as ``model_name="other"`` (:meth:`RouterMetrics.model_label`). Per-engine gauges are read
+from the registry at scrape time, so the request path never updates them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import TypeVar
+from typing import Final, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -20,6 +22,24 @@ from kvstack.router.engines import EngineRegistry
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 M = TypeVar("M", bound=MetricWrapperBase)
 _MAX_CHILDREN = 10_000  # label sets remembered by `labelled`; engines come and go over months
+OTHER_MODEL: Final = "other"  # the label of every model name no engine serves and none configured
+# every reason the router refuses a request for; each series exists at 0 from the start
+REJECTION_REASONS: Final = (
+    "auth",
+    "rate_limit",
+    "key_concurrency",
+    "queue_full",
+    "queue_timeout",
+    "body_too_large",
+    "body_timeout",
+    "body_budget",
+    "hold_full",
+    "hold_timeout",
+    "connection_limit",
+    "header_too_large",
+    "header_timeout",
+    "bad_request",  # not HTTP (the server's parser refused it)
+)
 
 # TTFT and e2e buckets reach from a prefix hit (~10 ms on an H200) to a long queue.
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
@@ -64,9 +84,16 @@ class _EngineCollector(Collector):
 class RouterMetrics:
     """Every router series; create one per app (tests run several apps in one process)."""
 
-    def __init__(self, engines: EngineRegistry, clock: Callable[[], float]) -> None:
+    def __init__(
+        self, engines: EngineRegistry, clock: Callable[[], float], configured_models: Iterable[str] = ()
+    ) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self._children: dict[tuple[int, tuple[str, ...]], MetricWrapperBase] = {}
+        self._engines = engines
+        self._configured = frozenset(configured_models) - {"*"}
+        self._known: frozenset[str] = self._configured
+        engines.listeners.append(self._engines_changed)
+        self._engines_changed()
         r = self.registry
         self.requests = Counter(
             "kvstack_router_requests",
@@ -154,18 +181,22 @@ class RouterMetrics:
             registry=r,
         )
         r.register(_EngineCollector(engines, clock))
-        for reason in (
-            "auth",
-            "rate_limit",
-            "key_concurrency",
-            "queue_full",
-            "queue_timeout",
-            "body_too_large",
-            "body_timeout",
-            "hold_full",
-            "hold_timeout",
-        ):
+        for reason in REJECTION_REASONS:
             self.rejections.labels(reason)  # present at 0 from the start, so rate() works at once
+
+    def _engines_changed(self) -> None:
+        # models once served stay labels (a model scaled to zero keeps its series): bounded by
+        # what operators deploy, never by what clients send
+        self._known = self._known | {m for e in self._engines.all() for m in e.models}
+
+    def model_label(self, model: str) -> str:
+        """``model`` when it is configured or an engine has served it (or "" for none), else
+        ``"other"``."""
+        return model if not model or model in self._known else OTHER_MODEL
+
+    def reject(self, reason: str) -> None:
+        """Count a refusal (one of :data:`REJECTION_REASONS`)."""
+        self.rejections.labels(reason).inc()
 
     def labelled(self, metric: M, *values: str) -> M:
         """``metric.labels(*values)``, remembered: the request path skips the label checks and lock."""

@@ -14,6 +14,7 @@ import msgspec
 
 from kvstack.common.errors import OpenAIError, error_body
 from kvstack.router.prompts import PROMPT_FIELD, check_prompt, token_ids
+from kvstack.router.upstream import UpstreamError
 
 Kind = Literal["chat", "completion", "embedding", "tokenize", "detokenize"]
 
@@ -162,30 +163,53 @@ class SSEFramer:
     """Splits an upstream byte stream at SSE frame boundaries, so only whole events are forwarded.
 
     Chunks that end on a boundary (nearly all of them) pass through untouched; a frame split across
-    chunks is held until its end arrives. After a failure the held partial frame is dropped, so an
-    error event can follow cleanly.
+    chunks is held (as a list of its chunks, joined once: linear in its size) until its end
+    arrives, up to ``max_frame`` bytes: an engine sending a larger event is cut off with
+    ``UpstreamError("too_large")``. After a failure the held partial frame is dropped, so an error
+    event can follow cleanly.
     """
 
-    __slots__ = ("_pending",)
+    __slots__ = ("_held", "_max", "_pending")
 
-    def __init__(self) -> None:
-        self._pending = b""
+    def __init__(self, max_frame: int = 64 * 1024 * 1024) -> None:
+        self._pending: list[bytes] = []
+        self._held = 0
+        self._max = max_frame
 
     def feed(self, chunk: bytes) -> bytes:
         """The complete frames available after ``chunk`` (possibly empty)."""
-        if not self._pending and chunk.endswith(b"\n\n"):
-            return chunk
-        data = self._pending + chunk
+        if not self._pending:
+            if chunk.endswith(b"\n\n"):
+                return chunk
+            data = chunk
+        else:
+            ends_frame = b"\n\n" in chunk or (chunk[:1] == b"\n" and self._pending[-1].endswith(b"\n"))
+            if not ends_frame:
+                self._hold(chunk)
+                return b""
+            data = b"".join(self._pending) + chunk
+            self._pending, self._held = [], 0
         cut = data.rfind(b"\n\n")
         if cut < 0:
-            self._pending = data
+            self._hold(data)
             return b""
-        self._pending = data[cut + 2 :]
+        if cut + 2 < len(data):
+            self._hold(data[cut + 2 :])
         return data[: cut + 2]
+
+    def _hold(self, part: bytes) -> None:
+        self._held += len(part)
+        if self._held > self._max:
+            self._pending, self._held = [], 0
+            raise UpstreamError(
+                "too_large", f"an event of the engine's stream is larger than {self._max} bytes"
+            )
+        self._pending.append(part)
 
     def flush(self) -> bytes:
         """Whatever is held at a clean end of stream."""
-        data, self._pending = self._pending, b""
+        data = b"".join(self._pending)
+        self._pending, self._held = [], 0
         return data
 
 

@@ -33,7 +33,7 @@ from kvstack.router.exchange import (
     send_error,
     watch_disconnect,
 )
-from kvstack.router.headers import scan_headers, upstream_headers
+from kvstack.router.headers import answer_headers, scan_headers, upstream_headers
 from kvstack.router.policies.base import Decision, RequestFeatures
 from kvstack.router.prompt_source import PromptSource
 from kvstack.router.prompts import prompt_text
@@ -65,6 +65,7 @@ class Call:
     raw: bytes  # the body as the client sent it, forwarded unchanged
     send: Send
     client_headers: Headers
+    client_host: str | None  # the peer's address, appended to X-Forwarded-For
     session_key: str | None
     features: RequestFeatures | None = None  # built once, when routing starts
     upstream_headers: Headers = field(default_factory=list)
@@ -113,6 +114,7 @@ class ProxyEndpoint:
         ctx = self.ctx
         ex = Exchange(request_id=scope.get(REQUEST_ID_KEY) or "", start=time.perf_counter())
         admitted_key: str | None = None
+        held = 0  # request-body bytes taken from the router's budget, given back at the end
         try:
             auth, declared, session_header = scan_headers(scope["headers"], self._session_name)
             key = ctx.keys.identify(auth)
@@ -127,18 +129,21 @@ class ProxyEndpoint:
                 admitted_key = key
             try:
                 async with asyncio.timeout(ctx.settings.body_timeout_s):
-                    raw = await read_body(receive, ctx.settings.max_body_bytes, declared)
+                    raw = await read_body(receive, ctx.settings.max_body_bytes, declared, ctx.bodies)
+                    held = len(raw)
             except TimeoutError:
                 raise reject(
                     ctx, "body_timeout", OpenAIError(408, "request body not received in time")
                 ) from None
             except OpenAIError as err:
-                raise reject(ctx, "body_too_large", err) from None
+                raise reject(ctx, "body_budget" if err.status == 503 else "body_too_large", err) from None
             request = parse_request(self.kind, raw)
             ex.model = request.model or ""
             ex.stream = request.stream
             session_key = session_header.decode("latin-1") if session_header else request.user
-            await self._guarded(Call(ex, request, raw, send, scope["headers"], session_key), receive)
+            peer = scope.get("client")
+            call = Call(ex, request, raw, send, scope["headers"], peer[0] if peer else None, session_key)
+            await self._guarded(call, receive)
         except ClientGone:
             ex.disconnected, ex.status = True, 499
         except OpenAIError as err:
@@ -146,6 +151,7 @@ class ProxyEndpoint:
             if not ex.started:
                 await send_error(send, err)
         finally:
+            ctx.bodies.give(held)
             if admitted_key is not None:
                 ctx.limiter.release(admitted_key)
             account(ctx.metrics, ex, self.path, ctx.settings.access_log)
@@ -258,7 +264,7 @@ class ProxyEndpoint:
             if not attempt.lost:
                 raise
             if not attempt.answered:  # else it went down while the finished answer was closed
-                message = f"engine {engine.name} stopped responding (it failed its health checks)"
+                message = "the engine stopped responding (it failed its health checks)"
                 failure = AttemptFailure("engine_lost", 504, message, sent=call.ex.started)
             ended = True
         finally:
@@ -277,7 +283,7 @@ class ProxyEndpoint:
             resp = await ctx.upstream.send("POST", engine.url + self.path, call.upstream_headers, call.raw)
         except UpstreamError as err:
             if err.kind == "connect":
-                return AttemptFailure("connect", 502, f"engine {engine.name} unreachable: {err}")
+                return AttemptFailure("connect", 502, str(err))  # never the engine's address
             return _broken(err, str(err), sent=False)
         try:
             if resp.status == 200 and (resp.content_type or "").startswith(_SSE):
@@ -295,7 +301,7 @@ class ProxyEndpoint:
         except UpstreamError as err:
             return _broken(err, str(err), sent=False)
         if resp.status >= 500:
-            message = f"engine {engine.name} answered {resp.status}"
+            message = f"the engine answered {resp.status}"
             return AttemptFailure("status", resp.status, message, answer=body)
         ex = call.ex
         ex.status, ex.started = resp.status, True
@@ -303,7 +309,7 @@ class ProxyEndpoint:
         if resp.status >= 400 and not is_openai_error(body):
             # e.g. an engine's framework answering {"detail": "Not Found"}: clients get one shape
             body, content_type = openai_error_bytes(resp.status, body), "application/json"
-        headers = [(b"content-type", content_type.encode("latin-1")), *self._engine_header(engine)]
+        headers = [*answer_headers(resp.status, content_type, resp.retry_after), *self._engine_header(engine)]
         await call.send({"type": "http.response.start", "status": resp.status, "headers": headers})
         await call.send({"type": "http.response.body", "body": body})
         attempt.answered = True
@@ -317,7 +323,7 @@ class ProxyEndpoint:
         ex, send, decision = call.ex, call.send, attempt.decision
         features = call.features
         assert features is not None
-        framer = SSEFramer()
+        framer = SSEFramer(self.ctx.settings.max_response_bytes)
         held: list[bytes] = []
         try:
             async for chunk in resp.chunks():
@@ -375,7 +381,7 @@ class ProxyEndpoint:
             others = sum(1 for e in ctx.registry.all() if e is not engine and e.ejected_until > now)
         verdict = judge_outcome(
             engine.outlier,
-            failed=failure is not None,
+            failed=failure is not None and failure.kind != "too_large",  # the answer's size, not the engine
             now=now,
             ejected_others=others,
             engines=len(ctx.registry),
@@ -400,7 +406,7 @@ class ProxyEndpoint:
         engine_key = None if key is None else key.get_secret_value().encode()
         # when the router does not check keys, the engine's own --api-key does
         return upstream_headers(
-            call.client_headers, call.ex.request_id, engine_key, not self.ctx.keys.enabled
+            call.client_headers, call.ex.request_id, engine_key, not self.ctx.keys.enabled, call.client_host
         )
 
     def _engine_header(self, engine: EngineState) -> Headers:

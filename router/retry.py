@@ -5,7 +5,8 @@ The proxy describes each failed try as an :class:`AttemptFailure` and asks :func
 1. bytes of the answer already reached the client: stop (``sent``); a stream ends with an error
    event, nothing can be taken back;
 2. the engine did not answer within the first-byte timeout: stop (``timeout``); it is alive and may
-   still be working on the request, and a second engine would likely be as slow;
+   still be working on the request, and a second engine would likely be as slow; the answer was
+   over the router's size cap: stop (``too_large``), another engine would answer the same;
 3. the engine answered a status that says nothing about another engine (say 501): stop
    (``status``) and relay it;
 4. the request had its ``max_attempts`` tries: stop (``attempts``);
@@ -24,8 +25,8 @@ from typing import Literal
 
 from kvstack.router.engines import EngineState
 
-FailureKind = Literal["connect", "timeout", "read", "status", "engine_lost"]
-RetryReason = Literal["retry", "sent", "timeout", "status", "attempts", "no_engine"]
+FailureKind = Literal["connect", "timeout", "read", "too_large", "status", "engine_lost"]
+RetryReason = Literal["retry", "sent", "timeout", "too_large", "status", "attempts", "no_engine"]
 
 RETRIED_STATUSES = frozenset({500, 502, 503, 504})
 
@@ -56,8 +57,8 @@ def next_step(failure: AttemptFailure, *, attempts: int, max_attempts: int, untr
     """Whether to try again after ``failure``, the ``attempts``-th try; ``untried`` engines are left."""
     if failure.sent:
         return RetryVerdict(False, "sent")
-    if failure.kind == "timeout":
-        return RetryVerdict(False, "timeout")
+    if failure.kind in ("timeout", "too_large"):
+        return RetryVerdict(False, failure.kind)
     if failure.kind == "status" and failure.status not in RETRIED_STATUSES:
         return RetryVerdict(False, "status")
     if attempts >= max_attempts:

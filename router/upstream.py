@@ -20,7 +20,8 @@ Both behave the same: timeouts are enforced here, ``connect`` to open a connecti
 until the response headers arrive, ``idle`` between two body chunks; bodies are relayed as the
 engine sent them (no compression asked, none undone); errors come out as :class:`UpstreamError`
 with a kind the proxy decides on: ``connect`` (nothing was received: safe to retry elsewhere),
-``timeout`` and ``read``.
+``timeout``, ``read`` and ``too_large``. An error's message is what a client may read: it never
+names the engine's address (``detail``, for the router's own logs, does).
 """
 
 from __future__ import annotations
@@ -35,16 +36,17 @@ import aiohttp
 import httpx
 
 Backend = Literal["aiohttp", "httpx"]
-ErrorKind = Literal["connect", "timeout", "read"]
+ErrorKind = Literal["connect", "timeout", "read", "too_large"]
 Headers = Sequence[tuple[bytes, bytes]]
 
 
 class UpstreamError(Exception):
     """The engine could not be reached, did not answer in time, or broke off its response."""
 
-    def __init__(self, kind: ErrorKind, message: str) -> None:
+    def __init__(self, kind: ErrorKind, message: str, detail: str = "") -> None:
         super().__init__(message)
         self.kind: ErrorKind = kind
+        self.detail = detail or message  # may name the engine's URL: logs only
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,19 +59,29 @@ class Timeouts:
 class UpstreamResponse:
     """An open response: read it whole or chunk by chunk, and always :meth:`aclose` it."""
 
-    __slots__ = ("content_type", "status")
+    __slots__ = ("content_type", "max_bytes", "retry_after", "status")
 
-    def __init__(self, status: int, content_type: str | None) -> None:
+    def __init__(
+        self, status: int, content_type: str | None, retry_after: str | None, max_bytes: int
+    ) -> None:
         self.status = status
         self.content_type = content_type
+        self.retry_after = retry_after  # the engine's Retry-After, passed on with its 429/503
+        self.max_bytes = max_bytes  # the most :meth:`read` holds
 
     def chunks(self) -> AsyncIterator[bytes]:
         """Body chunks as they arrive; ``UpstreamError`` on a broken or stalled body."""
         raise NotImplementedError
 
     async def read(self) -> bytes:
-        """The whole body."""
-        parts = [chunk async for chunk in self.chunks()]
+        """The whole body; ``UpstreamError("too_large")`` as soon as it passes ``max_bytes``."""
+        parts: list[bytes] = []
+        size, limit = 0, self.max_bytes
+        async for chunk in self.chunks():
+            size += len(chunk)
+            if size > limit:
+                raise UpstreamError("too_large", f"the engine's response is larger than {limit} bytes")
+            parts.append(chunk)
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
     async def aclose(self) -> None:
@@ -77,25 +89,32 @@ class UpstreamResponse:
         raise NotImplementedError
 
 
+_UNREACHABLE = "the engine could not be reached"
+
+
 def _stalled(idle: float) -> UpstreamError:
     return UpstreamError("timeout", f"no data from the engine for {idle:g} s")
 
 
 def _broke_off(err: Exception) -> UpstreamError:
-    return UpstreamError("read", f"engine response broke off: {str(err) or type(err).__name__}")
+    return UpstreamError("read", "the engine's response broke off", str(err) or type(err).__name__)
 
 
 def _unreachable(url: str, err: Exception, *, timed_out: bool) -> UpstreamError:
-    # nothing was sent: a connect failure, safe to retry on another engine
+    # nothing was sent: a connect failure, safe to retry on another engine. The client's message
+    # never names the engine (a pod IP); the detail, for logs, does.
     why = "timed out" if timed_out else str(err) or type(err).__name__
-    return UpstreamError("connect", f"cannot {'connect to' if timed_out else 'reach'} {url}: {why}")
+    return UpstreamError(
+        "connect", _UNREACHABLE, f"cannot {'connect to' if timed_out else 'reach'} {url}: {why}"
+    )
 
 
 class _HttpxResponse(UpstreamResponse):
     __slots__ = ("_idle", "_resp")
 
-    def __init__(self, resp: httpx.Response, idle: float) -> None:
-        super().__init__(resp.status_code, resp.headers.get("content-type"))
+    def __init__(self, resp: httpx.Response, idle: float, max_bytes: int) -> None:
+        headers = resp.headers
+        super().__init__(resp.status_code, headers.get("content-type"), headers.get("retry-after"), max_bytes)
         self._resp = resp
         self._idle = idle
 
@@ -124,8 +143,9 @@ class _HttpxResponse(UpstreamResponse):
 class _AiohttpResponse(UpstreamResponse):
     __slots__ = ("_done", "_idle", "_resp")
 
-    def __init__(self, resp: aiohttp.ClientResponse, idle: float) -> None:
-        super().__init__(resp.status, resp.headers.get("Content-Type"))
+    def __init__(self, resp: aiohttp.ClientResponse, idle: float, max_bytes: int) -> None:
+        headers = resp.headers
+        super().__init__(resp.status, headers.get("Content-Type"), headers.get("Retry-After"), max_bytes)
         self._resp = resp
         self._idle = idle
         self._done = False
@@ -175,8 +195,10 @@ class Upstream:
         backend: Backend = "aiohttp",
         max_connections: int = 2048,
         keepalive_expiry: float = 4.0,
+        max_response_bytes: int = 64 * 1024 * 1024,
     ) -> None:
         self.backend = backend
+        self.max_response_bytes = max_response_bytes  # a response read whole; streams are relayed
         self.timeouts = timeouts
         # Streams hold a connection for their whole generation: size the pool for peak concurrency.
         self._httpx: httpx.AsyncClient | None = None
@@ -221,7 +243,7 @@ class Upstream:
             resp = await session.request(method, url, headers=hdrs, data=body, allow_redirects=False)
         except aiohttp.ClientError as err:
             raise _unreachable(url, err, timed_out=isinstance(err, aiohttp.ConnectionTimeoutError)) from err
-        return _AiohttpResponse(resp, self.timeouts.idle)
+        return _AiohttpResponse(resp, self.timeouts.idle, self.max_response_bytes)
 
     async def _send_httpx(
         self, client: httpx.AsyncClient, method: str, url: str, headers: Headers, body: bytes | None
@@ -232,7 +254,7 @@ class Upstream:
         except httpx.HTTPError as err:
             # a timeout here is the connect timeout (no read or write timeout is set)
             raise _unreachable(url, err, timed_out=isinstance(err, httpx.TimeoutException)) from err
-        return _HttpxResponse(resp, self.timeouts.idle)
+        return _HttpxResponse(resp, self.timeouts.idle, self.max_response_bytes)
 
     async def aclose(self) -> None:
         if self._aiohttp is not None:

@@ -13,12 +13,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import httpx
 import openai
 import pytest
 import yaml
 from tests.helm.test_cluster_install import get, release, running_pods
 
-from kvstack.common.procs import ManagedProcess
+from kvstack.common.procs import ManagedProcess, free_port
 from kvstack.common.waits import wait_until
 from kvstack_testing import Cluster, PodSimulators
 from kvstack_testing.pod_sims import kvstack_executable
@@ -81,6 +82,8 @@ def test_router_answers_through_its_service_endpoint(
     assert config["port"] == port  # the chart's Service targets the port the router listens on
     # Bind the pod's own IP rather than 0.0.0.0; reach the API server with the test cluster's kubeconfig.
     config["host"] = ip
+    assert config["metrics_port"] == 9464  # the chart's; a free one here, beside other tests' servers
+    config["metrics_port"] = free_port()
     config["kubernetes"] |= {"kubeconfig": str(cluster.kubeconfig), "context": cluster.context}
     config_file = tmp_path / "router.yaml"
     config_file.write_text(yaml.safe_dump(config))
@@ -98,6 +101,10 @@ def test_router_answers_through_its_service_endpoint(
             model=MODEL, messages=[{"role": "user", "content": "Say hello."}], max_tokens=16
         )
         assert reply.choices[0].message.content
+        # /metrics only on its own port, which the Service names `metrics` (the Ingress uses `http`)
+        assert httpx.get(f"http://{ip}:{port}/metrics").status_code == 404
+        scraped = httpx.get(f"http://{ip}:{config['metrics_port']}/metrics")
+        assert scraped.status_code == 200 and "kvstack_router_requests_total" in scraped.text
     finally:
         router.stop()
         sims.stop()

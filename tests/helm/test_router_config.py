@@ -83,3 +83,53 @@ def test_the_schema_offers_exactly_the_routers_policies() -> None:
     schema = json.loads((CHART / "values.schema.json").read_text())
     offered = schema["properties"]["router"]["properties"]["routing"]["properties"]["policy"]["enum"]
     assert sorted(offered) == sorted(policy_names())
+
+
+def test_edge_limits_and_metrics_port_reach_the_router(
+    chart: HelmChart, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """router.limits and router.metricsPort become the router's settings; /metrics has its own
+    container, Service and ServiceMonitor port, which the Ingress (the API port) does not reach."""
+    rendered = chart.template(
+        set_values=[
+            "router.limits.maxHeaderBytes=16384",
+            "router.limits.headerTimeoutSeconds=5",
+            "router.limits.maxBufferedBodyBytes=1073741824",
+            "router.metricsPort=9191",
+            "monitoring.serviceMonitor.enabled=true",
+        ]
+    )
+    settings = load_router(rendered, tmp_path, monkeypatch)
+    assert settings.max_header_bytes == 16384 and settings.header_timeout_s == 5
+    assert settings.max_buffered_body_bytes == 1 << 30
+    assert settings.max_client_connections == 4096 and settings.max_response_bytes == 64 << 20  # defaults
+    assert settings.metrics_port == 9191
+    (container,) = rendered.one("Deployment", "-router")["spec"]["template"]["spec"]["containers"]
+    assert {p["name"]: p["containerPort"] for p in container["ports"]} == {"http": 8000, "metrics": 9191}
+    service_ports = {p["name"]: p["targetPort"] for p in rendered.one("Service", "-router")["spec"]["ports"]}
+    assert service_ports == {"http": "http", "metrics": "metrics"}
+    assert rendered.one("ServiceMonitor", "-router")["spec"]["endpoints"][0]["port"] == "metrics"
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "router.limits.maxHeaderBytes=100",
+        "router.limits.headerTimeoutSeconds=0",
+        "router.limits.maxConnectoins=5",
+        "router.metricsPort=70000",
+        "router.extraConfig.max_header_bytes=1",
+    ],
+)
+def test_bad_edge_limits_are_refused_by_the_schema(chart: HelmChart, bad: str) -> None:
+    assert "values don't meet the specifications" in chart.template_error(set_values=[bad])
+
+
+def test_buffered_bodies_below_one_body_fail_at_start(
+    chart: HelmChart, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rendered = chart.template(
+        set_values=["router.limits.maxBodyBytes=8388608", "router.limits.maxBufferedBodyBytes=4194304"]
+    )
+    with pytest.raises(ConfigError, match="max_buffered_body_bytes"):
+        load_router(rendered, tmp_path, monkeypatch)

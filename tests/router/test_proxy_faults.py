@@ -169,9 +169,12 @@ def test_api_keys(sims: list[Sim], router: RouterFactory, tmp_path: Path) -> Non
     assert [m.id for m in good.models.list().data] == [MODEL]
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=f"{r.url}/v1", api_key="sk-nope", max_retries=0).models.list()
-    for open_path in ("/health", "/ready", "/metrics"):
+    for open_path in ("/health", "/ready"):
         assert httpx.get(f"{r.url}{open_path}").status_code == 200
-    assert r.metric("kvstack_router_rejections_total", reason="auth") == 4
+    # without a metrics_port, /metrics is on the API port and as protected as the API
+    assert httpx.get(f"{r.url}/metrics").status_code == 401
+    assert httpx.get(f"{r.url}/metrics", headers={"authorization": "Bearer sk-good"}).status_code == 200
+    assert r.metric("kvstack_router_rejections_total", reason="auth") == 5
 
 
 def test_rate_limit_per_key(sims: list[Sim], router: RouterFactory) -> None:

@@ -25,6 +25,7 @@ def failure(kind: FailureKind, status: int = 502, *, sent: bool = False) -> Atte
         (failure("engine_lost", 504, sent=True), 1, 1, False, "sent"),
         (failure("read", sent=True), 1, 1, False, "sent"),
         (failure("timeout", 504), 1, 1, False, "timeout"),  # alive and maybe still working on it
+        (failure("too_large"), 1, 1, False, "too_large"),  # another engine would answer the same
         (failure("status", 501), 1, 1, False, "status"),
         (failure("connect"), 3, 1, False, "attempts"),
         (failure("status", 503), 1, 0, False, "no_engine"),

@@ -13,6 +13,8 @@ import time
 import httpx
 from tests.router.conftest import MODEL, RouterFactory, Sim
 
+from kvstack.testing.waits import wait_until
+
 KEY = "sk-slow-client-test"
 
 
@@ -39,7 +41,8 @@ def test_a_stalled_upload_is_cut_off_and_frees_its_key_slot(sims: list[Sim], rou
     results: list[bytes] = []
     slow = threading.Thread(target=_stalled_upload, args=(r.port, 0.05, results))
     slow.start()
-    time.sleep(0.3)
+    # its declared 200 bytes are taken from the body budget once it holds the key's slot
+    wait_until(lambda: r.ctx.bodies.held == 200, "the slow upload to start", timeout=15, interval=0.02)
     headers = {"authorization": f"Bearer {KEY}"}
     body = {"model": MODEL, "prompt": "x", "max_tokens": 1}
     # while the upload is in progress it holds the key's only slot
