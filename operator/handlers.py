@@ -88,7 +88,7 @@ async def startup(
     kopf_objects = logging.getLogger("kopf.objects")
     if not any(isinstance(f, _QuietTracking) for f in kopf_objects.filters):
         kopf_objects.addFilter(_QuietTracking())
-    runtime.start(scaler.run())
+    runtime.start(scaler.run)
 
 
 async def login(runtime: Runtime, **_: Any) -> kopf.ConnectionInfo:

@@ -6,16 +6,17 @@ on each other.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-from collections.abc import Callable, Coroutine
+import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
+from kvstack.common.tasks import BackgroundTask, Body
 from kvstack.operator.kube import Kube
 from kvstack.operator.metrics import OperatorMetrics
 from kvstack.operator.prom import Prometheus
 from kvstack.operator.settings import OperatorSettings
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -27,7 +28,7 @@ class Runtime:
     kube: Kube | None = None  # from start() until close()
     proms: dict[str, Prometheus] = field(default_factory=dict)  # one client per base URL
     stop_metrics: Callable[[], None] | None = None
-    scaling_task: asyncio.Task[None] | None = None  # the annotated Deployments' evaluation loop
+    scaling: BackgroundTask | None = None  # the annotated Deployments' evaluation loop
     closing: bool = False  # set first by close(): a handler mid-request then ends quietly
 
     def prometheus(self, url: str | None) -> Prometheus:
@@ -37,22 +38,21 @@ class Runtime:
             self.proms[base] = Prometheus(base, timeout=self.settings.prometheus_timeout_s)
         return self.proms[base]
 
-    def start(self, scaling: Coroutine[Any, Any, None]) -> None:
+    def start(self, scaling: Body) -> None:
         """Open the API client, serve ``/metrics`` when a port is set, and run ``scaling`` as a task."""
         s = self.settings
         self.kube = Kube.from_environment(s.kubeconfig, s.context)
         if s.metrics_port:
             self.stop_metrics = self.metrics.serve(s.metrics_port, s.metrics_host)
-        self.scaling_task = asyncio.create_task(scaling, name="kvstack-annotated-autoscaling")
+        self.scaling = BackgroundTask("kvstack-annotated-autoscaling", scaling, logger=log)
+        self.scaling.start()
 
     async def close(self) -> None:
         """Stop the scaling loop, close every client and the ``/metrics`` server."""
         self.closing = True
-        if self.scaling_task is not None:
-            self.scaling_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self.scaling_task
-            self.scaling_task = None
+        if self.scaling is not None:
+            await self.scaling.stop()
+            self.scaling = None
         for prom in self.proms.values():
             await prom.aclose()
         self.proms.clear()

@@ -26,7 +26,6 @@ Wiring, in the app's lifespan::
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -36,6 +35,7 @@ from typing import Any
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
+from kvstack.common.tasks import BackgroundTask
 from kvstack.router.engines import Endpoint, EngineRegistry, EngineState
 from kvstack.router.scrape import EngineMetrics, parse_vllm_metrics
 
@@ -179,23 +179,18 @@ class EngineMonitor:
         self._models_at: dict[str, float] = {}
         self._models_of: dict[str, Endpoint] = {}  # the endpoint each model list was learnt for
         self._workers: dict[str, list[asyncio.Task[None]]] = {}
-        self._task: asyncio.Task[None] | None = None
+        self._loop = BackgroundTask("engine-monitor", self.run, logger=log)
         self._reconcile_every = min(0.2, self.config.probe_interval, self.config.scrape_interval)
 
     # lifecycle
 
     def start(self) -> None:
         """Start monitoring in the background (idempotent)."""
-        if self._task is None or self._task.done():
-            self._task = asyncio.create_task(self.run(), name="engine-monitor")
+        self._loop.start()
 
     async def stop(self) -> None:
         """Stop every loop and wait for them to end."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await self._loop.stop()
 
     async def run(self) -> None:
         """Follow registry membership, one probe and one scrape loop per engine, until cancelled."""

@@ -22,7 +22,6 @@ retrieve path makes none), but their evictions are reported like any other.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from array import array
@@ -34,6 +33,7 @@ import redis.asyncio as aioredis
 import xxhash
 
 from kvstack.common.kv_events import BlockRemoved, BlockStored, KVEvent
+from kvstack.common.tasks import BackgroundTask
 from kvstack.engine.sim.config import KV_BYTES_PER_TOKEN, LMCacheConfig
 
 log = logging.getLogger(__name__)
@@ -201,7 +201,7 @@ class RemoteStore:
             socket_connect_timeout=cfg.remote_timeout_s,
         )
         self._queue: asyncio.Queue[list[int]] = asyncio.Queue(maxsize=_STORE_QUEUE)
-        self._writer: asyncio.Task[None] | None = None
+        self._writer = BackgroundTask("lmcache-redis", self._write_loop, logger=log)
         self._down_until = 0.0
         self._logged_down = False
         self.failures = 0
@@ -217,15 +217,10 @@ class RemoteStore:
         return time.monotonic() >= self._down_until
 
     def start(self) -> None:
-        if self._writer is None:
-            self._writer = asyncio.get_running_loop().create_task(self._write_loop(), name="lmcache-redis")
+        self._writer.start()
 
     async def stop(self) -> None:
-        if self._writer is not None:
-            self._writer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._writer
-            self._writer = None
+        await self._writer.stop()
         # types-redis predates aclose() (redis-py >= 5), which replaced the deprecated close().
         await self._client.aclose()
 

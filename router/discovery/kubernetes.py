@@ -27,7 +27,6 @@ RBAC: ``get``, ``list``, ``watch`` on ``pods`` in the namespace.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 from collections.abc import Mapping
@@ -36,6 +35,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field
 
 from kvstack.common.kube import KubeClient, Listed, load_credentials, reflect, resource_path
+from kvstack.common.tasks import BackgroundTask
 from kvstack.router.discovery.pods import (
     PodInfo,
     PortNames,
@@ -90,18 +90,13 @@ class KubernetesDiscovery:
         self._names = self.config.port_names()
         self._published: list[Endpoint] | None = None
         self._synced = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        self._loop = BackgroundTask("kubernetes-discovery", self.run, logger=log)
 
     def start(self) -> None:
-        if self._task is None or self._task.done():
-            self._task = asyncio.create_task(self.run(), name="kubernetes-discovery")
+        self._loop.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await self._loop.stop()
 
     async def wait_synced(self) -> None:
         """Wait until the first list has reached the registry (wrap in ``asyncio.timeout``)."""

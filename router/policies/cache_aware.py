@@ -17,8 +17,7 @@ same way, and never toward the first engine."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
+import functools
 import logging
 import math
 import random
@@ -31,6 +30,7 @@ from typing import Any, NamedTuple
 import xxhash
 from pydantic import BaseModel, ConfigDict, Field
 
+from kvstack.common.tasks import BackgroundTask
 from kvstack.router.engines import EngineRegistry, EngineState
 from kvstack.router.kvindex.follow import follow_registry
 from kvstack.router.kvindex.index import IndexSettings, KVIndex, PrefixMatch
@@ -42,6 +42,7 @@ from kvstack.router.policies.base import Decision, Policy, RequestFeatures
 # One JSON line per decision at DEBUG (``--log-level debug``): what each engine was predicted to
 # serve from which tier, and why the chosen one won. Off at any other level: the benchmark's
 # per-request trace (kvstack.bench.trace) reads these lines.
+log = logging.getLogger(__name__)
 decision_log = logging.getLogger("kvstack.router.decision")
 
 
@@ -363,20 +364,15 @@ class CacheAwareRouting(CacheAwarePolicy):
         super().__init__(KVIndex(config.index), config.decision, rng=rng)
         self.registry = registry
         self.subscriber = KVEventSubscriber(self.index, config.events)
-        self._follow: asyncio.Task[None] | None = None
+        self._follow = BackgroundTask(
+            "kv-index", functools.partial(follow_registry, self.registry, self.subscriber), logger=log
+        )
 
     async def start(self) -> None:
-        if self._follow is None:
-            self._follow = asyncio.create_task(
-                follow_registry(self.registry, self.subscriber), name="kv-index"
-            )
+        self._follow.start()
 
     async def stop(self) -> None:
-        if self._follow is not None:
-            self._follow.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._follow
-            self._follow = None
+        await self._follow.stop()
         await self.subscriber.close()
 
 

@@ -251,29 +251,3 @@ async def test_an_evaluation_cut_short_by_cleanup_logs_no_traceback(caplog: pyte
     runtime.closing = True
     await scaler._guarded(key)
     assert caplog.records == []
-
-
-def test_a_kubeconfig_token_reaches_the_operators_client(tmp_path: Any) -> None:
-    # Service-account and kubeconfig tokens are stored under BearerToken by the kubernetes loaders;
-    # reading another key sent every call anonymously (403 in a real cluster).
-    from kubernetes import client, config
-
-    from kvstack.operator.kube import bearer
-
-    path = tmp_path / "kubeconfig.yaml"
-    path.write_text(
-        json.dumps(
-            {
-                "apiVersion": "v1",
-                "kind": "Config",
-                "clusters": [{"name": "c", "cluster": {"server": "https://127.0.0.1:1"}}],
-                "users": [{"name": "u", "user": {"token": "s3cret"}}],
-                "contexts": [{"name": "x", "context": {"cluster": "c", "user": "u"}}],
-                "current-context": "x",
-            }
-        )
-    )
-    cfg = client.Configuration()
-    config.load_kube_config(config_file=str(path), client_configuration=cfg)  # type: ignore[no-untyped-call]
-    assert bearer(cfg) == "Bearer s3cret"
-    assert bearer(client.Configuration()) is None

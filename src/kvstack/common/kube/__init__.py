@@ -22,7 +22,7 @@ stack already ships.
 """
 
 from kvstack.common.kube.client import KubeClient, KubeError, Obj, ObjectList, resource_path
-from kvstack.common.kube.credentials import Credentials, KubeConfigError, load_credentials
+from kvstack.common.kube.credentials import Credentials, KubeConfigError, StaticToken, load_credentials
 from kvstack.common.kube.watch import Listed, WatchEvent, WatchExpired, reflect, watch
 
 __all__ = [
@@ -33,6 +33,7 @@ __all__ = [
     "Listed",
     "Obj",
     "ObjectList",
+    "StaticToken",
     "WatchEvent",
     "WatchExpired",
     "load_credentials",
