@@ -15,9 +15,9 @@ import pytest
 from tests.router.conftest import MODEL, Sim
 from tests.security.conftest import EdgeFactory, assert_openai_error
 
+from kvstack.common.waits import wait_until
 from kvstack.router.exchange import ClientGone, read_body
 from kvstack.router.limits import BodyBudget
-from kvstack.testing.waits import wait_until
 
 MIB = 1024 * 1024
 

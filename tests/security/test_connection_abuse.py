@@ -16,7 +16,7 @@ import httpx
 from tests.router.conftest import MODEL, Sim
 from tests.security.conftest import EdgeFactory, GoodClient, parse_raw_response
 
-from kvstack.testing.waits import wait_until
+from kvstack.common.waits import wait_until
 
 PORTION = b"POST /v1/completions HTTP/1.1\r\nhost: r\r\n"
 

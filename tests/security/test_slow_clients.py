@@ -13,7 +13,7 @@ import time
 import httpx
 from tests.router.conftest import MODEL, RouterFactory, Sim
 
-from kvstack.testing.waits import wait_until
+from kvstack.common.waits import wait_until
 
 KEY = "sk-slow-client-test"
 
