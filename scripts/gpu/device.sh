@@ -6,8 +6,12 @@
 #   bash scripts/gpu/device.sh proof ARGS...    the proof over the running engines, results in $OUT
 #   bash scripts/gpu/device.sh calib ARGS...    the same traces on two simulators sized like the engines
 #   bash scripts/gpu/device.sh logs             engine log tails into $OUT
+#   kvstack itself travels as a wheel: build it here with `pip wheel --no-deps -w .whl .` and carry
+#   .whl; every call installs it afresh into /tmp/kvsite (the package maps folders, so no PYTHONPATH
+#   to the checkout would import it).
 set -u
-export PYTHONPATH=/tmp/site:$PWD/src VLLM_USE_FLASHINFER_SAMPLER=0 HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+export PYTHONPATH=/tmp/site:/tmp/kvsite VLLM_USE_FLASHINFER_SAMPLER=0 HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+rm -rf /tmp/kvsite && python3 -m pip install -q --no-deps --no-index --target /tmp/kvsite .whl/kvstack-*.whl || exit 1
 export PATH=/tmp/bin:$PATH
 LOGS=/tmp/gpulogs
 REDIS_PORT=6390
