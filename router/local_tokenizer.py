@@ -183,21 +183,27 @@ class ModelTokenizer:
         except jinja2.TemplateError as err:
             raise LocalTokenizerError(f"the chat template refused the messages: {err}") from None
 
-    def encode(self, text: str, *, add_special_tokens: bool) -> Tokens:
-        return array("I", self._tokenizer.encode(text, add_special_tokens=add_special_tokens).ids)
+    def encode(self, text: str, *, add_special_tokens: bool, release_gil: bool = False) -> Tokens:
+        """Token ids of ``text``. ``release_gil``: through ``encode_batch``, which lets other threads
+        run while Rust encodes (plain ``encode`` holds the GIL throughout)."""
+        if release_gil:
+            (encoding,) = self._tokenizer.encode_batch([text], add_special_tokens=add_special_tokens)
+        else:
+            encoding = self._tokenizer.encode(text, add_special_tokens=add_special_tokens)
+        return array("I", encoding.ids)
 
-    def chat(self, messages: Sequence[Mapping[str, Any]]) -> Tokens:
+    def chat(self, messages: Sequence[Mapping[str, Any]], *, release_gil: bool = False) -> Tokens:
         """What vLLM's /v1/chat/completions prefills: the rendered chat, no special tokens added."""
-        return self.encode(self.render_chat(messages), add_special_tokens=False)
+        return self.encode(self.render_chat(messages), add_special_tokens=False, release_gil=release_gil)
 
-    def text(self, prompt: str) -> Tokens:
+    def text(self, prompt: str, *, release_gil: bool = False) -> Tokens:
         """What vLLM's /v1/completions prefills: the text with the special tokens (the BOS)."""
-        return self.encode(prompt, add_special_tokens=True)
+        return self.encode(prompt, add_special_tokens=True, release_gil=release_gil)
 
-    def tokens(self, work: PromptWork) -> Tokens:
+    def tokens(self, work: PromptWork, *, release_gil: bool = False) -> Tokens:
         if work.messages is not None:
-            return self.chat(work.messages)
-        return self.text(work.text or "")
+            return self.chat(work.messages, release_gil=release_gil)
+        return self.text(work.text or "", release_gil=release_gil)
 
 
 class LocalTokenizers:

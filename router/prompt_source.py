@@ -94,15 +94,17 @@ class PromptSource:
             return await self._builtin(work), "builtin"
 
     async def _local(self, local: LocalTokenizers, model: str, work: PromptWork) -> Tokens:
-        """The model's own tokenizer's tokens; a long prompt is tokenized in a thread (the Rust
-        encoder releases the GIL), so the event loop keeps relaying streams meanwhile."""
+        """The model's own tokenizer's tokens; a long prompt is encoded in a thread that releases
+        the GIL, so the event loop keeps relaying streams meanwhile."""
         found = local.cached(model, work)
         if found is not None:
             return found
         tokenizer = local.for_model(model)  # loaded here, on the event loop: never in two threads
         limit = self.ctx.settings.tokenize_offload_min_chars
         if limit and work.chars >= limit:
-            return local.remember(model, work, await asyncio.to_thread(tokenizer.tokens, work))
+            return local.remember(
+                model, work, await asyncio.to_thread(tokenizer.tokens, work, release_gil=True)
+            )
         return local.remember(model, work, tokenizer.tokens(work))
 
     async def _builtin(self, work: PromptWork) -> Tokens | KnownPrefix:

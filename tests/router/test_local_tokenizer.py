@@ -124,7 +124,23 @@ def test_chat_ids_equal_transformers_apply_chat_template(model_dir: Path, chat: 
 
 @pytest.mark.parametrize("text", PROMPTS)
 def test_text_ids_equal_transformers_encode(model_dir: Path, text: str) -> None:
-    assert list(ModelTokenizer(model_dir).text(text)) == reference_ids(model_dir, text=text)
+    ours = ModelTokenizer(model_dir)
+    assert list(ours.text(text)) == reference_ids(model_dir, text=text)
+    assert ours.text(text, release_gil=True) == ours.text(text)  # the threaded path's encoder
+
+
+def test_long_prompts_are_encoded_off_the_event_loop_with_the_same_ids(
+    sims: list[Sim], router: RouterFactory, tmp_path: Path
+) -> None:
+    write_model(tmp_path / MODEL)
+    r = router(
+        engines=[sims[0].url], policy="cache_aware", tokenizer="local", tokenizer_path=tmp_path,
+        tokenize_offload_min_chars=100,
+    )  # fmt: skip
+    chat = [{"role": "user", "content": CORPUS[0] * 3}]
+    post_chat(r.url, chat)
+    expected = len(ModelTokenizer(tmp_path / MODEL).chat(chat))
+    assert r.metric("kvstack_router_prompt_tokens_total", policy="cache_aware") == expected
 
 
 def test_template_errors_are_local_tokenizer_errors(model_dir: Path) -> None:
