@@ -220,18 +220,17 @@ class CacheAwarePolicy(Policy):
         keys_at: dict[int, tuple[int, ...]] = {}  # by block size: engines of a model share one
         for st in candidates:
             url = st.url
-            index.ensure_engine(
+            size = index.ensure_engine(
                 url,
                 block_size=st.block_size,
                 num_gpu_blocks=st.num_gpu_blocks,
                 events=st.endpoint.kv_events_endpoint is not None,
             )
-            size = index.block_size(url)
             keys = keys_at.get(size)
             if keys is None:
                 keys = keys_at[size] = self.keys.keys(tokens, size, root)
             keys_of.append(keys)
-            hit = index.match(url, keys, now).hit_tokens(index.settings)
+            hit = index.hit_tokens(url, keys, now)
             scraped = st.last_scrape if st.num_waiting is not None and st.last_scrape > 0 else None
             views.append(
                 CandidateView(
