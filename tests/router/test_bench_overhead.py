@@ -9,16 +9,8 @@ from typing import Any
 
 import pytest
 
-from kvstack.bench.router_overhead import (
-    Load,
-    _sglang_router,
-    _wait_sglang_workers,
-    body,
-    run_load,
-    sglang_workers_healthy,
-    summarize,
-    verdict,
-)
+from kvstack.bench.router_overhead import Load, body, run_load, summarize, verdict
+from kvstack.bench.sglang_router import sglang_router, sglang_workers_healthy, wait_sglang_workers
 from kvstack.common.procs import running
 
 from .conftest import run_sims
@@ -127,11 +119,12 @@ def test_sglang_router_is_ready_when_every_worker_is_healthy(answer: Any, health
 def test_the_sglang_baseline_routes_to_real_simulators(tmp_path: Path) -> None:
     with run_sims(tmp_path, 2, "--served-model-name", "sim", "--speed", "100") as sims:
         urls = [s.url for s in sims]
-        router = _sglang_router("cache_aware", urls, tmp_path / "logs")
+        router = sglang_router("cache_aware", urls, tmp_path / "logs")
         with running([router]):
-            _wait_sglang_workers(router, len(urls))
+            wait_sglang_workers(router, len(urls))
             base = str(router.ready_url).rsplit("/", 1)[0]
             out = run_load(Load((base,), seconds=1.0, warmup=0.2, concurrency=2), router.pid)
         served = [s.metric("vllm:request_success_total") for s in sims]
-    assert out["requests"] > 0 and out["errors"] == 0 and out["router_cpu"] > 0
+    # (no CPU check: a second of this light load can land between the kernel's accounting ticks)
+    assert out["requests"] > 0 and out["errors"] == 0
     assert sum(served) >= out["requests"]  # the simulators answered what went through it

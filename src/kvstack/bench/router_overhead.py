@@ -26,7 +26,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -37,6 +37,7 @@ import yaml
 
 from kvstack.bench.report import print_table, write_json
 from kvstack.bench.router_overhead_plot import plot_overhead
+from kvstack.bench.sglang_router import SGLANG_POLICIES, sglang_router, wait_sglang_workers
 from kvstack.bench.stats import percentile
 from kvstack.common.procs import cpu_seconds, free_port, kvstack_argv, memory_mb
 
@@ -237,49 +238,6 @@ def _router(backend: str, policy: str, engines_file: Path, logs: Path, profile: 
     )
 
 
-SGLANG_POLICIES = ("cache_aware", "round_robin")
-
-
-def sglang_argv(policy: str, urls: Sequence[str], port: int, metrics_port: int) -> list[str]:
-    """The SGLang router in front of ``urls`` (its own Prometheus port: its default is shared)."""
-    return [
-        sys.executable, "-m", "sglang_router.launch_router", "--host", "127.0.0.1", "--port", str(port),
-        "--worker-urls", *urls, "--policy", policy, "--prometheus-port", str(metrics_port),
-        "--log-level", "warn",
-    ]  # fmt: skip
-
-
-def _sglang_router(policy: str, urls: Sequence[str], logs: Path) -> Any:
-    from kvstack.common.procs import ManagedProcess
-
-    port = free_port()
-    argv = sglang_argv(policy, urls, port, free_port())
-    return ManagedProcess(f"sglang-{policy}", argv, logs, ready_url=f"http://127.0.0.1:{port}/readiness")
-
-
-def sglang_workers_healthy(answer: Any, expected: int) -> bool:
-    """Whether the SGLang router's ``GET /workers`` lists ``expected`` healthy workers (pure). Its
-    /readiness answers before the workers are registered, which takes it a few seconds."""
-    workers = answer.get("workers") if isinstance(answer, dict) else None
-    return isinstance(workers, list) and sum(bool(w.get("is_healthy")) for w in workers) >= expected
-
-
-def _wait_sglang_workers(router: Any, expected: int) -> None:
-    import httpx
-
-    from kvstack.common.waits import wait_until
-
-    url = _router_url(router) + "/workers"
-
-    def healthy() -> bool:
-        try:
-            return sglang_workers_healthy(httpx.get(url, timeout=5).json(), expected)
-        except (httpx.HTTPError, ValueError):
-            return False
-
-    wait_until(healthy, f"the SGLang router to register {expected} workers", timeout=120)
-
-
 def _router_url(router: Any) -> str:
     return str(router.ready_url).rsplit("/", 1)[0]  # its base URL: /ready (kvstack), /readiness (SGLang)
 
@@ -428,9 +386,9 @@ def router_overhead(
             )
             for b in backends
         ]
-        wait = partial(_wait_sglang_workers, expected=len(urls))
+        wait = partial(wait_sglang_workers, expected=len(urls))
         rows += [
-            measure_router(f"sglang-{p}", _sglang_router(p, urls, logs), cfg, ready=wait) for p in baselines
+            measure_router(f"sglang-{p}", sglang_router(p, urls, logs), cfg, ready=wait) for p in baselines
         ]
     verdicts = [verdict(direct["open"], r) for r in rows]
     payload = {
