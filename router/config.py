@@ -42,9 +42,12 @@ class RouterSettings(BaseSettings):
 
     # routing
     policy: str = "least_loaded"
-    # where prompt tokens come from: kvstack's tokenizer (simulators) or the engine's /tokenize
-    # (real vLLM: the model's HF tokenizer and chat template, which its KV events carry)
-    tokenizer: Literal["builtin", "engine"] = "builtin"
+    # where prompt tokens come from: kvstack's tokenizer (simulators), the engine's /tokenize, or
+    # local: the model's own tokenizer.json and chat template read from tokenizer_path (real vLLM's
+    # ids without a round trip; router/local_tokenizer.py), the engine's /tokenize as the fallback
+    tokenizer: Literal["builtin", "engine", "local"] = "builtin"
+    # tokenizer: local: a model folder, folders per model name, or an HF Hub cache (models--org--name)
+    tokenizer_path: Path | None = None
     session_header: str = "x-session-id"
     # built-in tokenizer: prompts this long (characters; ~5K tokens) are tokenized in a worker
     # process, so the event loop keeps relaying streams meanwhile (router/offload.py); 0: never
@@ -158,6 +161,24 @@ class RouterSettings(BaseSettings):
     def _ejection_cap_covers_its_base(self) -> RouterSettings:
         if self.eject_max_duration_s < self.eject_duration_s:
             raise ValueError("eject_max_duration_s must be at least eject_duration_s")
+        return self
+
+    @model_validator(mode="after")
+    def _local_tokenizer_files(self) -> RouterSettings:
+        if self.tokenizer != "local":
+            return self
+        if self.tokenizer_path is None or not self.tokenizer_path.is_dir():
+            raise ValueError(
+                f"tokenizer_path must be a folder of model files for tokenizer: local "
+                f"(got {self.tokenizer_path})"
+            )
+        from kvstack.router.local_tokenizer import LocalTokenizerError, find_model_dir
+
+        for model in self.models:  # models known up front must have their files now, not at a request
+            try:
+                find_model_dir(self.tokenizer_path, model)
+            except LocalTokenizerError as err:
+                raise ValueError(f"tokenizer_path: {err}") from None
         return self
 
     @model_validator(mode="after")

@@ -3,8 +3,9 @@
 The prompt is selected once (:func:`~kvstack.router.prompts.prompt_work`); token ids sent as such
 are used as they are. Text and chats go to the built-in tokenizer (its caches, its worker process
 for long prompts, and the known prefix of a new chat turn) or the engine's ``/tokenize`` (falling
-back to the built-in one when no engine can answer). Each lookup is timed into
-``kvstack_router_tokenize_seconds{policy,source}``.
+back to the built-in one when no engine can answer), or the model's own tokenizer files in the
+router (``tokenizer: local``, :mod:`.local_tokenizer`; the engine's ``/tokenize`` when they fail).
+Each lookup is timed into ``kvstack_router_tokenize_seconds{policy,source}``.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 
 from kvstack.common.token_cache import Tokens
 from kvstack.router.context import RouterContext
+from kvstack.router.local_tokenizer import LocalTokenizerError, LocalTokenizers
 from kvstack.router.prompts import (
     KnownPrefix,
     PromptWork,
@@ -49,35 +51,61 @@ class PromptSource:
         self._engines = engines  # URLs that may answer /tokenize for a model
         self.engine_tokenizer: EngineTokenizer | None = None  # made on first use
         self.builtin_runs = 0  # prompts the built-in tokenizer answered (the rest: an engine)
+        path = ctx.settings.tokenizer_path
+        self.local = (
+            LocalTokenizers(path, ctx.token_cache)
+            if ctx.settings.tokenizer == "local" and path is not None
+            else None
+        )
 
     async def tokens(self, request: ParsedRequest, policy: str) -> tuple[Sequence[int] | None, int | None]:
         """``(tokens, prompt_len)``: the prompt's tokens, or its known start and estimated length.
 
         A known start comes with its remaining messages scheduled for rendering after the send.
         """
-        t0, builtin_runs = time.perf_counter(), self.builtin_runs
-        found = await self._tokens(request)
-        self._observe(policy, t0, builtin_runs)
+        t0 = time.perf_counter()
+        found, source = await self._tokens(request)
+        self._observe(policy, t0, source)
         if isinstance(found, KnownPrefix):
             after_send(render_missing, found, self.ctx.token_cache.messages)
             return found.tokens, found.total
         return found, None
 
-    async def _tokens(self, request: ParsedRequest) -> Tokens | KnownPrefix | None:
-        """Prompt tokens as the engine prefills them (its /tokenize when so configured)."""
+    async def _tokens(self, request: ParsedRequest) -> tuple[Tokens | KnownPrefix | None, str]:
+        """Prompt tokens as the engine prefills them, and which tokenizer made them."""
         work = prompt_work(request)
         if not isinstance(work, PromptWork):
-            return work  # token ids as sent, or no prompt: nothing to tokenize
+            return work, "builtin"  # token ids as sent, or no prompt: nothing to tokenize
         ctx = self.ctx
+        model = request.model or ""
+        if self.local is not None:
+            try:
+                return await self._local(self.local, model, work), "local"
+            except LocalTokenizerError as err:
+                log.warning("local tokenizer failed, asking an engine: %s", err)
         if ctx.settings.tokenizer == "builtin" or ctx.upstream is None:
-            return await self._builtin(work)
+            return await self._builtin(work), "builtin"
         if self.engine_tokenizer is None:
             self.engine_tokenizer = EngineTokenizer(ctx.upstream, self._engines)
         try:
-            return await self.engine_tokenizer.tokens(request.model or "", work)
+            return await self.engine_tokenizer.tokens(model, work), "engine"
         except TokenizeError as err:
             log.warning("engine tokenizer failed, using the built-in one: %s", err)
-            return await self._builtin(work)
+            return await self._builtin(work), "builtin"
+
+    async def _local(self, local: LocalTokenizers, model: str, work: PromptWork) -> Tokens:
+        """The model's own tokenizer's tokens; a long prompt is encoded in a thread that releases
+        the GIL, so the event loop keeps relaying streams meanwhile."""
+        found = local.cached(model, work)
+        if found is not None:
+            return found
+        tokenizer = local.for_model(model)  # loaded here, on the event loop: never in two threads
+        limit = self.ctx.settings.tokenize_offload_min_chars
+        if limit and work.chars >= limit:
+            return local.remember(
+                model, work, await asyncio.to_thread(tokenizer.tokens, work, release_gil=True)
+            )
+        return local.remember(model, work, tokenizer.tokens(work))
 
     async def _builtin(self, work: PromptWork) -> Tokens | KnownPrefix:
         """The built-in tokenizer's tokens, or a new chat turn's known prefix."""
@@ -93,9 +121,7 @@ class PromptSource:
                 return prefix
         return work_tokens(work, cache)
 
-    def _observe(self, policy: str, t0: float, builtin_runs: int) -> None:
-        """Time the prompt's tokens took; "engine" only when the built-in tokenizer did not run."""
-        engine = self.ctx.settings.tokenizer == "engine" and self.builtin_runs == builtin_runs
+    def _observe(self, policy: str, t0: float, source: str) -> None:
+        """Time the prompt's tokens took, by the tokenizer that made them."""
         metrics = self.ctx.metrics
-        source = "engine" if engine else "builtin"
         metrics.labelled(metrics.tokenize, policy, source).observe(time.perf_counter() - t0)

@@ -170,15 +170,18 @@ class KVIndex:
         block_size: int | None = None,
         num_gpu_blocks: int | None = None,
         events: bool = True,
-    ) -> None:
-        """Register ``engine_id`` or refresh what discovery learned about it (cheap; idempotent)."""
+    ) -> int:
+        """Register ``engine_id`` or refresh what discovery learned about it (cheap; idempotent).
+
+        Returns the block size its keys are cut at (the policy needs it next, for every candidate).
+        """
         eng = self._engines.get(engine_id)
         cap = int((num_gpu_blocks or self.settings.default_engine_blocks) * self.settings.capacity_slack)
         if eng is None:
-            self._engines[engine_id] = _Engine(
+            eng = self._engines[engine_id] = _Engine(
                 model, block_size or self.settings.default_block_size, cap, events
             )
-            return
+            return eng.block_size
         if model is not None:
             eng.model = model
         if num_gpu_blocks is not None:
@@ -187,6 +190,7 @@ class KVIndex:
         if block_size is not None and block_size != eng.block_size and not eng.sized_by_events:
             eng.block_size = block_size
             eng.reset(keep_cpu=True)  # keys at the old size can never match again
+        return eng.block_size
 
     def remove_engine(self, engine_id: str) -> None:
         """Forget an engine that left; nothing of it can win a later decision."""
@@ -361,21 +365,45 @@ class KVIndex:
         eng = self._engines.get(engine_id)
         if eng is None:
             return PrefixMatch(self.settings.default_block_size)
+        return PrefixMatch(eng.block_size, *self._tiers(eng, keys, now))
+
+    def hit_tokens(self, engine_id: str, keys: Sequence[int], now: float) -> float:
+        """``match(...).hit_tokens(settings)`` without building the match: once per candidate per
+        request, the policy's hot path."""
+        eng = self._engines.get(engine_id)
+        if eng is None or not keys:
+            return 0.0
+        g, loc, reach = self._tiers(eng, keys, now)
+        st = self.settings
+        return (
+            g * st.gpu_weight + (loc - g) * st.cpu_weight + (reach - loc) * st.shared_weight
+        ) * eng.block_size
+
+    def _tiers(self, eng: _Engine, keys: Sequence[int], now: float) -> tuple[int, int, int]:
+        """Blocks of ``keys`` matched on the GPU, locally (GPU or CPU), and reachable (or shared)."""
+        if not keys:
+            return 0, 0, 0
         gpu, spec, approx, cpu, shared = eng.held[GPU], eng.spec, eng.approx, eng.held[CPU], self._shared
 
         def on_gpu(k: int) -> bool:
             return k in gpu or k in approx or spec.get(k, 0.0) > now
 
-        def local(k: int) -> bool:
-            return k in cpu or on_gpu(k)
+        g = longest_prefix(keys, on_gpu, 0)
+        loc = g
+        if cpu:
+
+            def local(k: int) -> bool:
+                return k in cpu or on_gpu(k)
+
+            loc = longest_prefix(keys, local, g)
+        if not shared:
+            return g, loc, loc
+        cpu_ = cpu
 
         def reachable(k: int) -> bool:
-            return k in shared or local(k)
+            return k in shared or k in cpu_ or on_gpu(k)
 
-        g = longest_prefix(keys, on_gpu, 0)
-        loc = longest_prefix(keys, local, g) if cpu else g
-        reach = longest_prefix(keys, reachable, loc) if shared else loc
-        return PrefixMatch(eng.block_size, g, loc, reach)
+        return g, loc, longest_prefix(keys, reachable, loc)
 
     # -- stats ---------------------------------------------------------------------------------
 

@@ -229,21 +229,22 @@ class CacheAwarePolicy(Policy):
         matches: list[PrefixMatch] = []
         for st in candidates:
             url = st.url
-            index.ensure_engine(
+            size = index.ensure_engine(
                 url,
                 block_size=st.block_size,
                 num_gpu_blocks=st.num_gpu_blocks,
                 events=st.endpoint.kv_events_endpoint is not None,
             )
-            size = index.block_size(url)
             keys = keys_at.get(size)
             if keys is None:
                 keys = keys_at[size] = self.keys.keys(tokens, size, root)
             keys_of.append(keys)
-            match = index.match(url, keys, now)
-            if tracing:
+            if tracing:  # the decision log wants every tier's blocks: build the whole match
+                match = index.match(url, keys, now)
                 matches.append(match)
-            hit = match.hit_tokens(index.settings)
+                hit = match.hit_tokens(index.settings)
+            else:
+                hit = index.hit_tokens(url, keys, now)
             scraped = st.last_scrape if st.num_waiting is not None and st.last_scrape > 0 else None
             views.append(
                 CandidateView(

@@ -133,3 +133,27 @@ def test_buffered_bodies_below_one_body_fail_at_start(
     )
     with pytest.raises(ConfigError, match="max_buffered_body_bytes"):
         load_router(rendered, tmp_path, monkeypatch)
+
+
+def test_local_tokenizer_mounts_the_model_files_it_reads(
+    chart: HelmChart, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    local = ["router.routing.tokenizer=local"]
+    claim = ["router.routing.tokenizerFiles.volume.persistentVolumeClaim.claimName=models"]
+    assert "needs router.routing.tokenizerFiles.volume" in chart.template_error(set_values=local)
+    rendered = chart.template(set_values=[*local, *claim])
+    pod = rendered.one("Deployment", "-router")["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    mount = next(m for m in container["volumeMounts"] if m["name"] == "tokenizers")
+    volume = next(v for v in pod["volumes"] if v["name"] == "tokenizers")
+    assert (mount["mountPath"], mount["readOnly"]) == ("/tokenizers", True)
+    assert volume["persistentVolumeClaim"] == {"claimName": "models"}
+    # the loader checks the folder exists: stand one in where the pod mounts it
+    config = rendered.one("ConfigMap", "-router")["data"]["router.yaml"]
+    assert "tokenizer_path: /tokenizers/huggingface/hub" in config
+    here = tmp_path / "hub"
+    here.mkdir()
+    cm = rendered.one("ConfigMap", "-router")
+    cm["data"]["router.yaml"] = config.replace("/tokenizers/huggingface/hub", str(here))
+    settings = load_router(rendered, tmp_path, monkeypatch)
+    assert (settings.tokenizer, settings.tokenizer_path) == ("local", here)

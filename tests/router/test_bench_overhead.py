@@ -10,6 +10,8 @@ from typing import Any
 import pytest
 
 from kvstack.bench.router_overhead import Load, body, run_load, summarize, verdict
+from kvstack.bench.sglang_router import sglang_router, sglang_workers_healthy, wait_sglang_workers
+from kvstack.common.procs import running
 
 from .conftest import run_sims
 
@@ -84,3 +86,45 @@ def test_load_process_measures_a_real_simulator(tmp_path: Path) -> None:
     assert streamed["errors"] == 0 and streamed["chunks_per_request"] >= 1
     assert 15 <= streamed["requests"] <= 25  # open loop: the rate, whatever the server does
     assert wrong["requests"] == 0 and wrong["errors"] > 0  # failures are counted, never hidden
+
+
+def test_cpu_per_request_is_the_routers_cpu_over_its_rate() -> None:
+    row = summarize([(2.0 + i / 100, 0.001, True, 0) for i in range(500)], LOAD, 0.5, 0.1, 3.0, [])
+    assert row["rps"] == 50.0
+    assert row["router_cpu_ms_per_request"] == pytest.approx(10.0)  # half a core over 50 req/s
+    assert summarize([], LOAD, 0.5, 0.1, 3.0, [])["router_cpu_ms_per_request"] == 0.0
+    levels = [
+        {"rps": 900.0, "router_cpu_ms_per_request": 0.4},
+        {"rps": 1200.0, "router_cpu_ms_per_request": 0.3},
+    ]
+    v = verdict({"p50_ms": 0.0, "p99_ms": 0.0}, {**_row(1, 1, [], [1], []), "closed_nonstream": levels})
+    assert v["cpu_ms_per_request"] == 0.3  # at the highest sustained rate
+
+
+@pytest.mark.parametrize(
+    ("answer", "healthy"),
+    [
+        ({"workers": [{"is_healthy": True}, {"is_healthy": True}]}, True),
+        ({"workers": [{"is_healthy": True}, {"is_healthy": False}]}, False),
+        ({"workers": [{"is_healthy": True}]}, False),  # the second not registered yet
+        ({"workers": []}, False),
+        ({"error": "nope"}, False),
+        ([], False),
+    ],
+)
+def test_sglang_router_is_ready_when_every_worker_is_healthy(answer: Any, healthy: bool) -> None:
+    assert sglang_workers_healthy(answer, 2) is healthy
+
+
+def test_the_sglang_baseline_routes_to_real_simulators(tmp_path: Path) -> None:
+    with run_sims(tmp_path, 2, "--served-model-name", "sim", "--speed", "100") as sims:
+        urls = [s.url for s in sims]
+        router = sglang_router("cache_aware", urls, tmp_path / "logs")
+        with running([router]):
+            wait_sglang_workers(router, len(urls))
+            base = str(router.ready_url).rsplit("/", 1)[0]
+            out = run_load(Load((base,), seconds=1.0, warmup=0.2, concurrency=2), router.pid)
+        served = [s.metric("vllm:request_success_total") for s in sims]
+    # (no CPU check: a second of this light load can land between the kernel's accounting ticks)
+    assert out["requests"] > 0 and out["errors"] == 0
+    assert sum(served) >= out["requests"]  # the simulators answered what went through it

@@ -160,6 +160,11 @@ def test_tier_weights(weights: dict[str, float], expected_hit_tokens: float) -> 
     m = idx.match("a", keys_of(TOKENS), 0)
     assert (m.gpu_blocks, m.local_blocks, m.reachable_blocks) == (4, 6, 8)
     assert m.hit_tokens(settings) == pytest.approx(expected_hit_tokens)
+    # the policy's allocation-free path agrees with the match, on every engine and prefix length
+    for engine in ("a", "b", "unknown"):
+        for n in range(0, 9, 3):
+            keys = keys_of(TOKENS)[:n]
+            assert idx.hit_tokens(engine, keys, 0) == idx.match(engine, keys, 0).hit_tokens(settings)
 
 
 def test_without_a_shared_store_cpu_blocks_stay_local() -> None:

@@ -8,19 +8,27 @@ separate load process (aiohttp on uvloop, cheaper per request than the router) m
 * the router's RSS over an open-loop soak of unique prompts (``--soak-seconds``), which fills every
   bounded cache (prompt tokens, block keys, index, ledger) so growth past them would show.
 
+The SGLang router (PyPI ``sglang-router``, its Rust gateway) runs in front of the same simulators in
+the same run as a baseline, for its ``cache_aware`` and ``round_robin`` policies (``--sglang``).
+
 Router, load generator and simulators share this machine's cores, so each phase records the load
-average and the CPU each process used. Results: JSON + PNG under ``bench-results/router/``.
+average and the CPU each process used (per request: ``router_cpu_ms_per_request``). Results: JSON +
+PNG under ``bench-results/router/``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import importlib.util
+import math
 import multiprocessing as mp
 import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -29,6 +37,7 @@ import yaml
 
 from kvstack.bench.report import print_table, write_json
 from kvstack.bench.router_overhead_plot import plot_overhead
+from kvstack.bench.sglang_router import SGLANG_POLICIES, sglang_router, wait_sglang_workers
 from kvstack.bench.stats import percentile
 from kvstack.common.procs import cpu_seconds, free_port, kvstack_argv, memory_mb
 
@@ -169,14 +178,16 @@ def summarize(
     window = [s for s in samples if lo <= s[0] < hi]
     good = [s for s in window if s[2]]
     lat = [s[1] * 1000 for s in good]
+    rps = len(good) / load.seconds
     return {
         "requests": len(good),
         "errors": len(window) - len(good),
-        "rps": len(good) / load.seconds,
+        "rps": rps,
         "p50_ms": percentile(lat, 50),
         "p99_ms": percentile(lat, 99),
         "chunks_per_request": sum(s[3] for s in good) / max(1, len(good)),
         "router_cpu": router_cpu,
+        "router_cpu_ms_per_request": router_cpu * 1000 / rps if rps else 0.0,
         "load_cpu": load_cpu,
         "load_avg_1m": load_avg,
         "rss_mb": rss,
@@ -228,7 +239,7 @@ def _router(backend: str, policy: str, engines_file: Path, logs: Path, profile: 
 
 
 def _router_url(router: Any) -> str:
-    return str(router.ready_url).removesuffix("/ready")
+    return str(router.ready_url).rsplit("/", 1)[0]  # its base URL: /ready (kvstack), /readiness (SGLang)
 
 
 # -------------------------------------------------------------------- the benchmark
@@ -237,12 +248,27 @@ def _router_url(router: Any) -> str:
 def measure_backend(
     backend: str, policy: str, engines_file: Path, cfg: dict[str, Any], logs: Path, profile: Path | None
 ) -> dict[str, Any]:
-    from kvstack.common.procs import running
 
     router = _router(backend, policy, engines_file, logs, profile)
+    return measure_router(backend, router, cfg, profile)
+
+
+def measure_router(
+    label: str,
+    router: Any,
+    cfg: dict[str, Any],
+    profile: Path | None = None,
+    ready: Callable[[Any], None] | None = None,
+) -> dict[str, Any]:
+    """Every phase through ``router`` (a kvstack router or a baseline), as row ``label``; ``ready``
+    waits for what the router's ready URL does not cover."""
+    from kvstack.common.procs import running
+
     seconds, warmup = cfg["seconds"], cfg["warmup"]
-    out: dict[str, Any] = {"backend": backend}
+    out: dict[str, Any] = {"backend": label}
     with running([router]):
+        if ready is not None:
+            ready(router)
         time.sleep(1.0)  # engines discovered and scraped, KV-event feeds connected
         url, pid = (_router_url(router),), router.pid
         out["open"] = run_load(Load(url, seconds, warmup, rate=cfg["rate"]), pid)
@@ -265,6 +291,7 @@ def verdict(direct: dict[str, Any], row: dict[str, Any]) -> dict[str, Any]:
     """The headline numbers of one backend against the goals (pure)."""
     best_ns = max((lv["rps"] for lv in row["closed_nonstream"]), default=0.0)
     best_s = max((lv["rps"] for lv in row["closed_stream"]), default=0.0)
+    top: dict[str, Any] | None = max(row["closed_nonstream"], key=lambda lv: lv["rps"], default=None)
     added50 = row["open"]["p50_ms"] - direct["p50_ms"]
     added99 = row["open"]["p99_ms"] - direct["p99_ms"]
     out: dict[str, Any] = {
@@ -273,6 +300,8 @@ def verdict(direct: dict[str, Any], row: dict[str, Any]) -> dict[str, Any]:
         "added_p99_ms": added99,
         "rps_nonstream": best_ns,
         "rps_stream": best_s,
+        # at the highest sustained rate: the router's CPU per request there (its fixed costs amortized)
+        "cpu_ms_per_request": top.get("router_cpu_ms_per_request", math.nan) if top else math.nan,
         "meets_latency": added50 <= GOALS["added_p50_ms"] and added99 <= GOALS["added_p99_ms"],
         "meets_rps": best_ns >= GOALS["rps_nonstream"] and best_s >= GOALS["rps_stream"],
     }
@@ -303,6 +332,13 @@ def router_overhead(
     profile: Annotated[
         Path | None, typer.Option(help="Run the router under cProfile; stats to DIR/<backend>.prof.")
     ] = None,
+    sglang: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="SGLang router policies run as baselines; repeat (default cache_aware, round_robin; "
+            "'none': skip). Needs the bench extra's sglang-router."
+        ),
+    ] = None,
 ) -> None:
     """Router overhead: added latency, highest sustained rate and RSS over a soak, per backend."""
     from kvstack.common.procs import running
@@ -311,6 +347,14 @@ def router_overhead(
     for b in backends:
         if b not in ("aiohttp", "httpx"):
             raise typer.BadParameter(f"unknown backend {b!r}", param_hint="--backend")
+    baselines = [p for p in (sglang or list(SGLANG_POLICIES)) if p != "none"]
+    for p in baselines:
+        if p not in SGLANG_POLICIES:
+            raise typer.BadParameter(f"unknown SGLang policy {p!r}", param_hint="--sglang")
+    if baselines and importlib.util.find_spec("sglang_router") is None:
+        raise typer.BadParameter(
+            "sglang-router is not installed (pip install -e '.[bench]')", param_hint="--sglang"
+        )
     levels = concurrency or [32, 128]
     cfg: dict[str, Any] = {
         "rate": rate,
@@ -342,6 +386,10 @@ def router_overhead(
             )
             for b in backends
         ]
+        wait = partial(wait_sglang_workers, expected=len(urls))
+        rows += [
+            measure_router(f"sglang-{p}", sglang_router(p, urls, logs), cfg, ready=wait) for p in baselines
+        ]
     verdicts = [verdict(direct["open"], r) for r in rows]
     payload = {
         "benchmark": "router_overhead",
@@ -363,9 +411,9 @@ def router_overhead(
         if "soak" in r:
             phases.append({"backend": r["backend"], "phase": "soak", **{**r["soak"], "rss_mb": ""}})
     cols = ["backend", "phase", "requests", "errors", "rps", "p50_ms", "p99_ms", "chunks_per_request"]
-    cols += ["router_cpu", "load_cpu", "load_avg_1m"]
+    cols += ["router_cpu", "router_cpu_ms_per_request", "load_cpu", "load_avg_1m"]
     print_table(f"kvstack bench router: policy {policy}, {engines} sims at x{speed:g}", phases, cols)
-    vcols = ["backend", "added_p50_ms", "added_p99_ms", "rps_nonstream", "rps_stream"]
+    vcols = ["backend", "added_p50_ms", "added_p99_ms", "rps_nonstream", "rps_stream", "cpu_ms_per_request"]
     vcols += ["rss_start_mb", "rss_end_mb", "rss_growth_mb_per_min_2nd_half", "meets_latency", "meets_rps"]
     print_table("Goals: added p50 <= 1 ms, p99 <= 5 ms; >= 1000 req/s, >= 500 streamed", verdicts, vcols)
     typer.echo(f"wrote {out_dir}/router_overhead.json + .png")
