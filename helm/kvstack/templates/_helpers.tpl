@@ -53,6 +53,18 @@ app.kubernetes.io/managed-by: {{ $ctx.Release.Service }}
 {{- end }}
 {{- end }}
 
+{{/* Monitoring ---------------------------------------------------------------------------- */}}
+
+{{/*
+The `kvstack_component` target label the alert rules select by (engine, router, redis, operator),
+copied from the pod's app.kubernetes.io/component label. Job names follow the release name and
+nameOverride/fullnameOverride, so rules that matched on `job` would silently never fire.
+*/}}
+{{- define "kvstack.monitor.componentRelabeling" -}}
+- sourceLabels: [__meta_kubernetes_pod_label_app_kubernetes_io_component]
+  targetLabel: kvstack_component
+{{- end }}
+
 {{/* Images ------------------------------------------------------------------------------ */}}
 
 {{/* repository:tag, the tag defaulting to the chart's appVersion. Call with (list $ .image). */}}
