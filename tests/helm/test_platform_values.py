@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 import yaml
-from tests.helm.conftest import VALUES_DIR, HelmChart, Rendered
+from tests.helm.conftest import VALUES_DIR, HelmChart, Rendered, Validate
 
 PLATFORM = VALUES_DIR / "platform.yaml"
 
@@ -129,3 +129,37 @@ def test_operator_scheduling(platform: Rendered) -> None:
     assert spec["nodeSelector"] == {"node-role.kubernetes.io/control-plane-tools": "true"}
     assert spec["tolerations"][0]["key"] == "dedicated"
     assert "nodeAffinity" in spec["affinity"]
+
+
+def test_simulator_mode_runs_kvstack_engine_sim_without_gpus(chart: HelmChart, kubeconform: Validate) -> None:
+    rendered = chart.template(
+        set_values=[
+            "engines.simulator.enabled=true",
+            "engines.apiKey.existingSecret=engine-key",
+            "engines.defaults.runtimeClassName=nvidia",
+            "engines.models[0].name=llama-8b",
+            "engines.models[0].model=meta-llama/Llama-3.1-8B-Instruct",
+            "engines.models[0].servedModelNames={llama}",
+        ]
+    )
+    proc = kubeconform(rendered.text)
+    assert proc.returncode == 0, proc.stdout
+    spec = _engine(rendered, "llama-8b")
+    (engine,) = spec["containers"]
+    assert engine["image"] == "ghcr.io/kvstack/router:0.1.0"
+    assert engine["command"] == ["kvstack", "engine", "sim"]
+    args = engine["args"]
+    assert args[args.index("--host") + 1] == "0.0.0.0"
+    assert args[args.index("--model") + 1] == "meta-llama/Llama-3.1-8B-Instruct"
+    assert args[args.index("--served-model-name") + 1] == "llama"
+    # Secrets reach the simulator through env the API server expands, never in the spec.
+    assert args[args.index("--api-key") + 1] == "$(KVSTACK_ENGINE_API_KEY)"
+    assert args[args.index("--lmcache-remote-url") + 1] == "$(KVSTACK_ENGINE_LMCACHE__REMOTE_URL)"
+    assert "nvidia.com/gpu" not in yaml.safe_dump(engine["resources"])
+    assert "runtimeClassName" not in spec
+
+
+def test_without_simulator_mode_engines_run_vllm(platform: Rendered) -> None:
+    (engine,) = _engine(platform, "llama-8b")["containers"]
+    assert engine["command"] == ["kvstack", "engine", "serve"]
+    assert engine["resources"]["limits"]["nvidia.com/gpu"] == 1
