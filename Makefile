@@ -41,6 +41,7 @@ lint: venv
 	$(BIN)/mypy
 	$(BIN)/kvstack dashboards generate --check
 	$(BIN)/python -m kvstack.operator.crd --check
+	$(BIN)/python -m kvstack.values_reference --check
 
 fmt: venv
 	$(BIN)/ruff format .

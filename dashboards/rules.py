@@ -16,9 +16,16 @@ from kvstack.dashboards.promql import divide, quantile, ratio, sum_rate
 
 W = "5m"
 BY_MODEL = "model_name, namespace"
-ENGINE_JOB = 'job=~".*kvstack-engine.*"'
-ROUTER_JOB = 'job=~".*kvstack-router.*"'
-REDIS_JOB = 'job=~".*kvstack-redis.*"'
+# Targets are selected by the `kvstack_component` target label, which the chart's PodMonitors and
+# ServiceMonitor relabel from the pods' app.kubernetes.io/component label (and the local scrape config
+# sets alike). Job names follow the release and nameOverride/fullnameOverride, so a `job` regex would
+# silently stop matching on a renamed release.
+COMPONENT_LABEL = "kvstack_component"
+ENGINE = f'{COMPONENT_LABEL}="engine"'
+ROUTER = f'{COMPONENT_LABEL}="router"'
+REDIS = f'{COMPONENT_LABEL}="redis"'
+# Every alert links its page in docs/runbooks/ (tests/observability/test_runbooks.py keeps them paired).
+RUNBOOK_BASE = "https://github.com/kvstack/kvstack/blob/main/docs/runbooks/"
 # The TTFT SLO: 99% of requests see their first token within 1 s (1.0 is a vLLM bucket boundary).
 TTFT_SLO_SECONDS = "1.0"
 TTFT_SLO_OBJECTIVE = 0.99
@@ -44,6 +51,10 @@ class Alert:
     # cluster) and by promtool unit tests; the simulator-only live test skips them.
     needs_operator: bool = False
     labels: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def runbook_url(self) -> str:
+        return f"{RUNBOOK_BASE}{self.alert}.md"
 
 
 def _slo_errors(window: str) -> str:
@@ -118,13 +129,13 @@ _MODEL_NOW = f"group by ({BY_MODEL}) (vllm:num_requests_running)"
 ALERTS: list[Alert] = [
     Alert(
         "KvstackEngineDown",
-        f"up{{{ENGINE_JOB}}} == 0",
+        f"up{{{ENGINE}}} == 0",
         "2m",
         "critical",
         "Engine {{ $labels.pod }} cannot be scraped",
         "Prometheus has not scraped the vLLM engine {{ $labels.namespace }}/{{ $labels.pod }} for 2 "
         "minutes: it crashed, hangs or is still loading the model.",
-        (f"up{{{ENGINE_JOB}}}",),
+        (f"up{{{ENGINE}}}",),
     ),
     Alert(
         "KvstackModelHasNoEngine",
@@ -148,12 +159,12 @@ ALERTS: list[Alert] = [
     ),
     Alert(
         "KvstackRouterDown",
-        f"up{{{ROUTER_JOB}}} == 0",
+        f"up{{{ROUTER}}} == 0",
         "2m",
         "critical",
         "Router {{ $labels.pod }} cannot be scraped",
         "Prometheus has not scraped the router {{ $labels.namespace }}/{{ $labels.pod }} for 2 minutes.",
-        (f"up{{{ROUTER_JOB}}}",),
+        (f"up{{{ROUTER}}}",),
     ),
     Alert(
         "KvstackRouterKVEventsLost",
@@ -230,13 +241,13 @@ ALERTS: list[Alert] = [
     ),
     Alert(
         "KvstackRedisDown",
-        f"up{{{REDIS_JOB}}} == 0 or redis_up{{{REDIS_JOB}}} == 0",
+        f"up{{{REDIS}}} == 0 or redis_up{{{REDIS}}} == 0",
         "2m",
         "warning",
         "The shared LMCache store (Redis) is down",
         "Engines keep serving by recomputing, but cross-pod KV sharing through LMCache is lost until "
         "Redis is back.",
-        (f"redis_up{{{REDIS_JOB}}}",),
+        (f"redis_up{{{REDIS}}}",),
     ),
     Alert(
         "KvstackAutoscalerStalled",
@@ -300,6 +311,7 @@ def rule_groups() -> list[dict[str, Any]]:
                     "annotations": {
                         "summary": a.summary,
                         "description": a.description,
+                        "runbook_url": a.runbook_url,
                     },
                 }
                 for a in ALERTS

@@ -19,6 +19,7 @@ SECRET_SAMPLES = {
     "KVSTACK_ENGINE_API_KEY": "engine-key",
     "REDIS_PASSWORD": "generatedpassword",
     "HF_TOKEN": "hf_token",
+    "WANDB_API_KEY": "wandb-key",  # values/platform.yaml's env from a Secret
 }
 
 

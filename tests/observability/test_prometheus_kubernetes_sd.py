@@ -143,6 +143,10 @@ def test_pod_job_selects_labels_and_relabels_like_a_pod_monitor(
     } in rules
     assert _relabel(job, "namespace")["source_labels"] == ["__meta_kubernetes_namespace"]
     assert _relabel(job, "pod")["source_labels"] == ["__meta_kubernetes_pod_name"]
+    # The alert rules select targets by kvstack_component, as the chart's monitors set it.
+    assert _relabel(job, "kvstack_component")["source_labels"] == [
+        "__meta_kubernetes_pod_label_app_kubernetes_io_component"
+    ]
     address = _relabel(job, "__address__")
     assert address["source_labels"] == [
         "__meta_kubernetes_pod_ip",

@@ -31,12 +31,23 @@ def test_render_groups_targets_by_job_with_pod_and_namespace() -> None:
     jobs = {j["job_name"]: j for j in cfg["scrape_configs"]}
     assert list(jobs) == ["kvstack-engine", "kvstack-operator", "kvstack-router"]
     assert jobs["kvstack-engine"]["static_configs"] == [
-        {"targets": ["127.0.0.1:8001"], "labels": {"pod": "engine-0", "namespace": "local"}},
-        {"targets": ["127.0.0.1:8002"], "labels": {"pod": "engine-1", "namespace": "local"}},
+        {
+            "targets": ["127.0.0.1:8001"],
+            "labels": {"pod": "engine-0", "namespace": "local", "kvstack_component": "engine"},
+        },
+        {
+            "targets": ["127.0.0.1:8002"],
+            "labels": {"pod": "engine-1", "namespace": "local", "kvstack_component": "engine"},
+        },
     ]
     assert jobs["kvstack-operator"]["static_configs"][0] == {
         "targets": ["localhost:9100"],
-        "labels": {"pod": "operator", "namespace": "local", "component": "operator"},
+        "labels": {
+            "pod": "operator",
+            "namespace": "local",
+            "kvstack_component": "operator",
+            "component": "operator",
+        },
     }
     # The operator's series carry the model's namespace: honour it (CONTRACT.md).
     assert jobs["kvstack-operator"]["honor_labels"] is True

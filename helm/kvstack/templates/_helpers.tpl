@@ -53,6 +53,18 @@ app.kubernetes.io/managed-by: {{ $ctx.Release.Service }}
 {{- end }}
 {{- end }}
 
+{{/* Monitoring ---------------------------------------------------------------------------- */}}
+
+{{/*
+The `kvstack_component` target label the alert rules select by (engine, router, redis, operator),
+copied from the pod's app.kubernetes.io/component label. Job names follow the release name and
+nameOverride/fullnameOverride, so rules that matched on `job` would silently never fire.
+*/}}
+{{- define "kvstack.monitor.componentRelabeling" -}}
+- sourceLabels: [__meta_kubernetes_pod_label_app_kubernetes_io_component]
+  targetLabel: kvstack_component
+{{- end }}
+
 {{/* Images ------------------------------------------------------------------------------ */}}
 
 {{/* repository:tag, the tag defaulting to the chart's appVersion. Call with (list $ .image). */}}
@@ -214,6 +226,41 @@ Call with (list $ $settings).
 {{- $_ := set $config "max_model_len" (int $m.maxModelLen) }}
 {{- end }}
 {{- toYaml $config }}
+{{- end }}
+
+{{/*
+Arguments of `kvstack engine sim` for one model in simulator mode (engines.simulator.enabled), as
+YAML list: the model's names, block size and context length, the KV-event sockets, and LMCache with
+the shared store. Secrets stay out of the spec: $(VAR) is expanded by Kubernetes from the env.
+Call with (list $ $settings $remote).
+*/}}
+{{- define "kvstack.engine.simArgs" -}}
+{{- $ctx := index . 0 }}{{- $m := index . 1 }}{{- $remote := index . 2 }}
+{{- $events := $ctx.Values.engines.kvEvents }}
+{{- $args := list "--host" "0.0.0.0" "--port" "8000" "--model" $m.model "--block-size" (toString (int $m.blockSize)) }}
+{{- range $m.servedModelNames }}
+{{- $args = concat $args (list "--served-model-name" .) }}
+{{- end }}
+{{- if $m.maxModelLen }}
+{{- $args = concat $args (list "--max-model-len" (toString (int $m.maxModelLen))) }}
+{{- end }}
+{{- if $events.enabled }}
+{{- $args = concat $args (list "--kv-events-endpoint" (printf "tcp://*:%d" (int $events.port)) "--kv-events-replay-endpoint" (printf "tcp://*:%d" (int $events.replayPort)) "--kv-events-topic" $events.topic) }}
+{{- end }}
+{{- if $m.lmcache.enabled }}
+{{- $args = concat $args (list "--lmcache" "--lmcache-chunk-size" (toString (int $m.lmcache.chunkSize))) }}
+{{- if and $m.lmcache.shareRemote $remote.url }}
+{{- $args = concat $args (list "--lmcache-remote-url" $remote.url) }}
+{{- else if and $m.lmcache.shareRemote (or $remote.envUrl $remote.secretName) }}
+{{- $args = concat $args (list "--lmcache-remote-url" "$(KVSTACK_ENGINE_LMCACHE__REMOTE_URL)") }}
+{{- end }}
+{{- else }}
+{{- $args = append $args "--no-lmcache" }}
+{{- end }}
+{{- if $ctx.Values.engines.apiKey.existingSecret }}
+{{- $args = concat $args (list "--api-key" "$(KVSTACK_ENGINE_API_KEY)") }}
+{{- end }}
+{{- toYaml $args }}
 {{- end }}
 
 {{/*

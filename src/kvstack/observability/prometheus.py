@@ -55,6 +55,12 @@ _META = "__meta_kubernetes_pod_"
 COMPONENT_LABEL = "app.kubernetes.io/component"
 MODEL_LABEL = "kvstack.dev/model"
 PORT_ANNOTATION = "kvstack.dev/port"
+# The target label the alert rules select components by (dashboards/rules.py), never the job name.
+COMPONENT_TARGET_LABEL = "kvstack_component"
+
+
+def _component(job: Job) -> str:
+    return job.removeprefix("kvstack-")
 
 
 def _meta_name(kind: Literal["label", "annotation"], key: str) -> str:
@@ -127,7 +133,7 @@ def pod_sd_job(pod_job: PodJob, access: KubeAccess) -> dict[str, Any]:
     Pods are selected by component label on the API server; one target per pod, on the container
     port named ``port_name`` (the ``kvstack.dev/port`` annotation, as the router's discovery reads it,
     overrides the port). Pods that finished are dropped. Targets get ``namespace`` and ``pod``, and
-    engines ``kvstack_model``, as under the Prometheus Operator.
+    engines ``kvstack_model``, and ``kvstack_component``, as under the Prometheus Operator.
     """
     sd: dict[str, Any] = {
         "role": "pod",
@@ -147,6 +153,7 @@ def pod_sd_job(pod_job: PodJob, access: KubeAccess) -> dict[str, Any]:
         },
         {"source_labels": ["__meta_kubernetes_namespace"], "target_label": "namespace"},
         {"source_labels": [_META + "name"], "target_label": "pod"},
+        {"source_labels": [_meta_name("label", COMPONENT_LABEL)], "target_label": COMPONENT_TARGET_LABEL},
     ]
     if pod_job.component == "engine":
         relabel.append({"source_labels": [_meta_name("label", MODEL_LABEL)], "target_label": "kvstack_model"})
@@ -179,7 +186,8 @@ def render_config(
     """
     jobs: dict[str, list[dict[str, Any]]] = {}
     for t in targets:
-        labels = {"pod": t.pod, "namespace": namespace, **t.labels}
+        # kvstack_component: the label the alert rules select by, as the chart's monitors set it.
+        labels = {"pod": t.pod, "namespace": namespace, COMPONENT_TARGET_LABEL: _component(t.job), **t.labels}
         jobs.setdefault(t.job, []).append({"targets": [t.address], "labels": labels})
     scrape_configs: list[dict[str, Any]] = []
     for job, groups in sorted(jobs.items()):
