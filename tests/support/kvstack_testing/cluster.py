@@ -211,11 +211,16 @@ class Cluster:
     def temporary_namespace(self, prefix: str) -> Iterator[str]:
         """A fresh namespace ``prefix`` + 8 hex digits, deleted (with everything in it) afterwards."""
         name = f"{prefix}{uuid.uuid4().hex[:8]}"
-        self.kube().create(resource_path("v1", "namespaces"), {"metadata": {"name": name}})
+        kube = self.kube()
+        kube.create(resource_path("v1", "namespaces"), {"metadata": {"name": name}})
         try:
+            # the controller-manager adds the default ServiceAccount a moment later; a pod created
+            # before it is refused (403), so the namespace is handed out only once it is there
+            default = resource_path("v1", "serviceaccounts", name, "default")
+            wait_until(lambda: kube.get(default), f"the default ServiceAccount of {name}", 30, 0.05)
             yield name
         finally:
-            self.kube().delete(resource_path("v1", "namespaces", name=name))
+            kube.delete(resource_path("v1", "namespaces", name=name))
 
     def server_version(self) -> str:
         """``gitVersion`` the API server reports, e.g. ``v1.34.10``."""
