@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,10 +13,11 @@ import httpx
 import pytest
 
 from kvstack.common.procs import ManagedProcess, running
+from kvstack.common.waits import wait_until
 from kvstack.observability.prometheus import Target, prometheus_process
 from kvstack.operator.autoscale import Observation, Policy, decide
 from kvstack.operator.prom import Prometheus, PrometheusError
-from kvstack.operator.signals import Results, observation, queries
+from kvstack.operator.signals import observation, queries
 from kvstack_testing.pod_sims import kvstack_executable
 
 from ..conftest import free_port
@@ -83,30 +84,43 @@ async def load(url: str, concurrent: int) -> AsyncIterator[None]:
             await asyncio.gather(*tasks, return_exceptions=True)
 
 
-async def observe_until(prom: Prometheus, current: int, want: float, wait_s: float = 30.0) -> Observation:
+async def observe_until(
+    prom: Prometheus, current: int, done: Callable[[Observation], bool], what: str, wait_s: float = 30.0
+) -> Observation:
+    """The first waiting-per-replica Observation that is ``done``.
+
+    ``wait_until`` polls from a worker thread, each query running on this loop (the Prometheus
+    client belongs to it), because a predicate cannot await.
+    """
     q = queries("waitingPerReplica", NAMESPACE, MODEL, window_s=60, idle_s=None)
-    deadline = time.monotonic() + wait_s
-    obs = observation("waitingPerReplica", time.time(), current, Results({}, {}))
-    while time.monotonic() < deadline:
-        obs = observation("waitingPerReplica", time.time(), current, await prom.results(q))
-        if obs.value == want:
-            return obs
-        await asyncio.sleep(0.5)
-    raise AssertionError(f"waiting per replica never reached {want}: {obs}")
+    loop = asyncio.get_running_loop()
+    seen: list[Observation] = []
+
+    def poll() -> Observation | None:
+        results = asyncio.run_coroutine_threadsafe(prom.results(q), loop).result()
+        seen.append(observation("waitingPerReplica", time.time(), current, results))
+        return seen[-1] if done(seen[-1]) else None
+
+    try:
+        found: Observation = await asyncio.to_thread(wait_until, poll, what, wait_s, 0.5)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}: {seen[-1:]}") from None
+    return found
 
 
 async def test_waiting_per_replica_from_live_prometheus_drives_a_scale_up(live: Live) -> None:
     prom = Prometheus(live.prom_url)
     try:
         async with load(live.urls[0], concurrent=5):
-            obs = await observe_until(prom, current=2, want=2.0)  # 4 waiting on one pod, 0 on the other
+            # 4 waiting on one pod, 0 on the other
+            obs = await observe_until(prom, 2, lambda o: o.value == 2.0, "waiting per replica of 2")
         assert obs.reporting == 2
         assert obs.running == 0.5  # the loaded pod runs its one sequence, the other none
         assert 0 <= obs.age_s < 10
         assert obs.pending is None  # no router scraped: unknown, not zero
         decision = decide(Policy("waiting", 1.0, 1, 10), obs)
         assert (decision.replicas, decision.reason) == (4, "queue")
-        idle = await observe_until(prom, current=2, want=0.0)
+        idle = await observe_until(prom, 2, lambda o: o.value == 0.0, "waiting per replica of 0")
         assert decide(Policy("waiting", 1.0, 1, 10), idle).reason == "cooldown"  # window holds it
     finally:
         await prom.aclose()
@@ -128,15 +142,9 @@ async def test_kv_usage_and_idle_ttft_signals(live: Live) -> None:
 
 async def test_a_stopped_pod_makes_the_data_partial(live: Live) -> None:
     prom = Prometheus(live.prom_url)
-    q = queries("waitingPerReplica", NAMESPACE, MODEL, 60, None)
     try:
         live.sims[1].stop()
-        deadline = time.monotonic() + 30
-        obs = observation("waitingPerReplica", time.time(), 2, await prom.results(q))
-        while obs.reporting != 1 and time.monotonic() < deadline:
-            await asyncio.sleep(0.5)
-            obs = observation("waitingPerReplica", time.time(), 2, await prom.results(q))
-        assert obs.reporting == 1
+        obs = await observe_until(prom, 2, lambda o: o.reporting == 1, "one pod reporting")
         decision = decide(Policy("waiting", 5.0, 1, 10, down_window_s=0), obs)
         assert (decision.replicas, decision.reason) == (2, "metrics_unavailable")
     finally:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import shutil
 import socket
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from tests.conftest import free_port
 from tests.router.conftest import router, sims, slow_sims
 
 from kvstack.common.procs import ManagedProcess
+from kvstack.common.waits import wait_until
 
 __all__ = ["router", "sims", "slow_sims"]
 
@@ -24,14 +24,14 @@ KVSTACK = str(Path(sys.executable).with_name("kvstack"))
 
 
 def wait_port(port: int, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    def listening() -> bool:
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
+                return True
         except OSError:
-            time.sleep(0.05)
-    raise AssertionError(f"nothing listens on 127.0.0.1:{port} after {timeout:g} s")
+            return False
+
+    wait_until(listening, f"a listener on 127.0.0.1:{port}", timeout, 0.05)
 
 
 def router_process(

@@ -289,13 +289,6 @@ def _external_hits(sim: Sim) -> float:
     return sim.metric("vllm:external_prefix_cache_hits_total")
 
 
-def _wait(predicate: object, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():  # type: ignore[operator]
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.1)
-
-
 @pytest.mark.slow
 def test_shared_cache_outage_recomputes_then_sharing_resumes(
     tmp_path: Path, redis: Redis, router: RouterFactory, monkeypatch: pytest.MonkeyPatch
@@ -324,5 +317,5 @@ def test_shared_cache_outage_recomputes_then_sharing_resumes(
         for i in range(3):
             assert share(f"down {i}") == 0
         redis.start()  # empty, same port
-        _wait(lambda: share(f"back {time.monotonic()}") > 0, timeout=20)
+        wait_until(lambda: share(f"back {time.monotonic()}") > 0, "sharing through Redis again", 20, 0.1)
         assert r.metric("kvstack_router_upstream_errors_total", engine=a.url, kind="connect") == 0

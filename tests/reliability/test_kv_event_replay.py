@@ -10,6 +10,7 @@ tests/router_cache/test_subscriber.py::test_a_gap_is_replayed_and_converges_to_t
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -19,6 +20,7 @@ from tests.conftest import free_port
 from tests.router.conftest import FAST_MONITOR, RouterFactory
 
 from kvstack.common.procs import ManagedProcess, running
+from kvstack.common.waits import wait_until
 
 from .conftest import KVSTACK
 
@@ -32,18 +34,19 @@ def _index(r: object) -> float:
     return r.metric(BLOCKS)  # type: ignore[attr-defined, no-any-return]
 
 
-def _settle(read: object, timeout: float = 15.0) -> float:
+def _settle(read: Callable[[], float], timeout: float = 15.0) -> float:
     """The value once it stopped changing for half a second."""
-    deadline = time.monotonic() + timeout
-    last, since = read(), time.monotonic()  # type: ignore[operator]
-    while time.monotonic() < deadline:
-        time.sleep(0.1)
-        now = read()  # type: ignore[operator]
+    last, since = read(), time.monotonic()
+
+    def held_still() -> tuple[float] | None:
+        nonlocal last, since
+        now = read()
         if now != last:
             last, since = now, time.monotonic()
-        elif time.monotonic() - since >= 0.5:
-            return float(last)
-    raise AssertionError(f"never settled (last {last})")
+        return (now,) if time.monotonic() - since >= 0.5 else None  # in a tuple: 0 is a value too
+
+    (value,) = wait_until(held_still, "the value to hold still for 0.5 s", timeout, 0.1)
+    return float(value)
 
 
 def test_a_late_router_replays_what_it_missed_and_matches_the_live_one(

@@ -20,6 +20,7 @@ import uvicorn
 from tests.conftest import free_port
 
 from kvstack.common.procs import ManagedProcess
+from kvstack.common.waits import wait_until
 from kvstack.router.app import create_app
 from kvstack.router.config import RouterSettings, load_settings
 from kvstack.router.context import RouterContext
@@ -102,11 +103,16 @@ class RouterServer:
 
     def start(self) -> RouterServer:
         self.thread.start()
-        deadline = time.monotonic() + 10
-        while not self.server.started:
-            if not self.thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("router did not start")
-            time.sleep(0.01)
+
+        def started() -> bool:
+            if not self.server.started and not self.thread.is_alive():
+                raise RuntimeError("router did not start: its thread ended")
+            return self.server.started
+
+        try:
+            wait_until(started, "the router to start", 10, 0.01)
+        except AssertionError as exc:
+            raise RuntimeError(f"router did not start: {exc}") from None
         return self
 
     def stop(self) -> None:
@@ -114,13 +120,14 @@ class RouterServer:
         self.thread.join(15)
 
     def wait_available(self, count: int, timeout: float = 10.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        def enough() -> bool:
             now = self.ctx.clock()
-            if sum(e.available(now) for e in self.ctx.registry.all()) >= count:
-                return
-            time.sleep(0.05)
-        raise AssertionError(f"fewer than {count} engines available: {self.ctx.registry.all()}")
+            return sum(e.available(now) for e in self.ctx.registry.all()) >= count
+
+        try:
+            wait_until(enough, f"{count} engines available", timeout, 0.05)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}: {self.ctx.registry.all()}") from None
 
     def metric(self, name: str, **labels: str) -> float:
         value = self.ctx.metrics.registry.get_sample_value(name, labels)

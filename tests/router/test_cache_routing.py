@@ -96,10 +96,8 @@ def test_cache_aware_routes_a_growing_chat_to_its_cache_and_exports_its_counters
 
     home = chat(first).headers["x-kvstack-engine"]
     assert home in ("engine-0", "engine-1")
-    deadline = time.monotonic() + 10
-    while sample(scrape(r.url), "kvstack_router_kv_index_blocks") < 30:  # the engine's events arrived
-        assert time.monotonic() < deadline, "no KV events reached the router's index"
-        time.sleep(0.1)
+    blocks = "kvstack_router_kv_index_blocks"  # the engine's events arrived
+    wait_until(lambda: sample(scrape(r.url), blocks) >= 30, "KV events in the router's index", 10, 0.1)
     time.sleep(2.5)  # past the speculative TTL: from here on only the engine's events speak
     grown = [*first, {"role": "assistant", "content": "blocks"}, {"role": "user", "content": "Which?"}]
     for messages in (grown, grown, grown):  # the same conversation resent: tokenized once

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import pytest
 import yaml
 
 from kvstack.common.procs import ManagedProcess, free_port
+from kvstack.common.waits import wait_until
 from kvstack.router.hold import HoldFull, Holds, HoldTimeout
 from kvstack.router.limits import AdmissionQueue
 
@@ -22,13 +22,6 @@ from .conftest import KVSTACK, MODEL, RouterFactory, RouterServer, run_sims
 
 QUEUED = "kvstack_router_queued_requests"
 BODY = {"model": MODEL, "messages": [{"role": "user", "content": "wake up"}], "max_tokens": 2}
-
-
-def wait_for(check: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
 
 
 class Background:
@@ -79,7 +72,7 @@ def test_held_request_completes_once_an_engine_comes_up(
     listed = httpx.get(f"{r.url}/v1/models", timeout=5).json()
     assert [m["id"] for m in listed["data"]] == [MODEL]
     held = Background(f"{r.url}/v1/chat/completions", BODY)
-    wait_for(lambda: queued(r) == 1.0, what="the request to be held")
+    wait_until(lambda: queued(r) == 1.0, "the request to be held", 10, 0.02)
     with run_sims(tmp_path, 1) as sims:
         engines_file.write_text(yaml.safe_dump([{"url": sims[0].url}]))  # models learnt from the engine
         resp = held.join()
@@ -108,10 +101,10 @@ def test_a_held_request_waits_out_an_engine_that_is_announced_before_it_listens(
     # user asked for a slow start, not an error, and there is hold time left.
     r = hold_router(hold_timeout_s=60, monitor={"probe_interval": 0.2, "probe_timeout": 2.0})
     held = Background(f"{r.url}/v1/chat/completions", BODY)
-    wait_for(lambda: queued(r) == 1.0, what="the request to be held")
+    wait_until(lambda: queued(r) == 1.0, "the request to be held", 10, 0.02)
     port = free_port()
     engines_file.write_text(yaml.safe_dump([{"url": f"http://127.0.0.1:{port}", "models": [MODEL]}]))
-    wait_for(lambda: len(r.ctx.registry) == 1, what="the engine to be announced")
+    wait_until(lambda: len(r.ctx.registry) == 1, "the engine to be announced", 10, 0.02)
     argv = [KVSTACK, "engine", "sim", "--port", str(port)]
     sim = ManagedProcess(f"sim-{port}", argv, tmp_path, ready_url=f"http://127.0.0.1:{port}/health")
     try:
@@ -146,7 +139,7 @@ def test_an_sdk_client_sees_a_service_unavailable_error_after_the_hold(
 def test_over_the_bound_answers_429(hold_router: Callable[..., RouterServer]) -> None:
     r = hold_router(max_held_per_model=1, hold_timeout_s=3)
     first = Background(f"{r.url}/v1/chat/completions", BODY)
-    wait_for(lambda: queued(r) == 1.0, what="the first request to be held")
+    wait_until(lambda: queued(r) == 1.0, "the first request to be held", 10, 0.02)
     resp = httpx.post(f"{r.url}/v1/chat/completions", json=BODY, timeout=10)
     assert resp.status_code == 429
     assert "retry-after" in resp.headers
@@ -161,7 +154,9 @@ def test_client_that_disconnects_while_held_leaves_the_queue(
     r = hold_router()
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{r.url}/v1/chat/completions", json=BODY, timeout=httpx.Timeout(5, read=0.5))
-    wait_for(lambda: queued(r) == 0.0 and r.ctx.holds.held(MODEL) == 0, what="the held request to leave")
+    wait_until(
+        lambda: queued(r) == 0.0 and r.ctx.holds.held(MODEL) == 0, "the held request to leave", 10, 0.02
+    )
     assert r.metric("kvstack_router_client_disconnects_total", model_name=MODEL) == 1
 
 
@@ -193,9 +188,9 @@ def test_admission_waiters_start_when_an_engine_is_added(
             },
         )
         long = Background(f"{r.url}/v1/chat/completions", {**BODY, "max_tokens": 150})
-        wait_for(lambda: r.ctx.registry.all()[0].in_flight == 1, what="the first request to start")
+        wait_until(lambda: r.ctx.registry.all()[0].in_flight == 1, "the first request to start", 10, 0.02)
         waiting = Background(f"{r.url}/v1/chat/completions", BODY)
-        wait_for(lambda: queued(r) == 1.0, what="the second request to queue")
+        wait_until(lambda: queued(r) == 1.0, "the second request to queue", 10, 0.02)
         engines_file.write_text(
             yaml.safe_dump([{"url": sims[0].url, "name": "a"}, {"url": sims[1].url, "name": "b"}])
         )
@@ -267,4 +262,4 @@ def test_admission_queue_grow_admits_waiters_up_to_the_new_capacity() -> None:
 def _no_leaked_threads() -> Iterator[None]:
     before = threading.active_count()
     yield
-    wait_for(lambda: threading.active_count() <= before, timeout=20, what="request threads to end")
+    wait_until(lambda: threading.active_count() <= before, "request threads to end", 20, 0.02)

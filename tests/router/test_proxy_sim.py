@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 
 import httpx
 import openai
 import pytest
+
+from kvstack.common.waits import wait_until, wait_until_async
 
 from .conftest import MODEL, RouterFactory, Sim
 
@@ -44,10 +45,7 @@ def test_openai_sync_chat_and_stream(sims: list[Sim], router: RouterFactory, bac
         return answered, ttft, r.metric("kvstack_router_request_duration_seconds_count", model_name=MODEL)
 
     # the client may see the stream's last byte before the router's handler returns and counts it
-    deadline = time.monotonic() + 5
-    while counted() != (2, 1, 2) and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert counted() == (2, 1, 2)
+    wait_until(lambda: counted() == (2, 1, 2), "two answers, one first token, two durations", 5, 0.01)
 
 
 async def test_openai_async_completions_stream_and_models(sims: list[Sim], router: RouterFactory) -> None:
@@ -73,10 +71,8 @@ async def test_openai_async_completions_stream_and_models(sims: list[Sim], route
             for s in sims
         ]
 
-    deadline = time.monotonic() + 5  # the last stream may be counted just after the client saw its end
-    while per_engine() != [2, 2] and time.monotonic() < deadline:  # noqa: ASYNC110 (another thread counts)
-        await asyncio.sleep(0.01)
-    assert per_engine() == [2, 2]  # round robin: two each
+    # the last stream may be counted just after the client saw its end; round robin: two each
+    await wait_until_async(lambda: per_engine() == [2, 2], "two answers from each engine", 5, 0.01)
 
 
 def test_tokenize_passthrough_and_request_id_round_trip(sims: list[Sim], router: RouterFactory) -> None:
@@ -147,15 +143,11 @@ def test_client_disconnect_aborts_the_engine_request(
         lines = resp.iter_lines()
         assert any(line.startswith("data:") and "content" in line for line in lines)
     # the client hung up mid-stream: the engine must see its request aborted
-    deadline = time.monotonic() + 5
-    while sim.metric("vllm:request_success_total", finished_reason="abort") == before:
-        assert time.monotonic() < deadline, "engine never saw the abort"
-        time.sleep(0.05)
+    aborted = "vllm:request_success_total"
+    wait_until(lambda: sim.metric(aborted, finished_reason="abort") > before, "the engine's abort", 5, 0.05)
     assert sim.metric("vllm:num_requests_running") == 0
-    deadline = time.monotonic() + 2
-    while r.metric("kvstack_router_client_disconnects_total", model_name=MODEL) != 1:
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
+    disconnects = "kvstack_router_client_disconnects_total"
+    wait_until(lambda: r.metric(disconnects, model_name=MODEL) == 1, "one client disconnect counted", 2, 0.02)
     assert r.ctx.registry.all()[0].in_flight == 0
 
 

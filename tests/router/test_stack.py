@@ -6,8 +6,8 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
+from typing import IO
 
 import httpx
 import openai
@@ -16,6 +16,7 @@ import yaml
 from tests.conftest import free_port
 
 from kvstack.common.config import ConfigError, build
+from kvstack.common.waits import wait_until
 from kvstack.stack.plan import EnginePorts, StackSettings, banner, engine_entries, plan_stack
 
 PORTS = [EnginePorts(9101, 9102, 9103), EnginePorts(9201, 9202, 9203)]
@@ -67,6 +68,20 @@ def test_bad_options_are_named(values: dict[str, object], field: str) -> None:
         build(StackSettings, "kvstack up options", **values)
 
 
+def _read_banner(stdout: IO[str]) -> str:
+    """``kvstack up``'s output up to and with its "Press Ctrl-C" line, read within 60 s."""
+    lines: list[str] = []
+
+    def next_line() -> bool:
+        line = stdout.readline()
+        assert line, f"kvstack up ended before its banner: {''.join(lines)}"
+        lines.append(line)
+        return "Press Ctrl-C" in line
+
+    wait_until(next_line, "kvstack up's banner", 60, 0)  # each readline blocks: no pause between
+    return "".join(lines)
+
+
 def _listening(url: str) -> bool:
     try:
         httpx.get(f"{url}/health", timeout=1)
@@ -92,21 +107,12 @@ def test_kvstack_up_serves_and_stops_cleanly(stop_signal: signal.Signals, policy
         text=True,
         start_new_session=True,
     )
-    run_dir: Path | None = None
     try:
         assert proc.stdout is not None
-        deadline = time.monotonic() + 60
-        banner_lines: list[str] = []
-        for line in proc.stdout:
-            if "logs in" in line:
-                run_dir = Path(line.rsplit("logs in ", 1)[1].strip().rstrip(")"))
-            if "kvstack is up" in line or banner_lines:
-                banner_lines.append(line)
-            if "Press Ctrl-C" in line:
-                break
-            assert time.monotonic() < deadline
-        assert run_dir is not None
-        shown = "".join(banner_lines)
+        output = _read_banner(proc.stdout)
+        assert "(logs in " in output and "kvstack is up" in output, output
+        run_dir = Path(output.split("(logs in ", 1)[1].split(")\n", 1)[0])
+        shown = output[output.index("kvstack is up") :]
         assert f"curl http://127.0.0.1:{port}/v1/chat/completions" in shown
         assert f'OpenAI(base_url="http://127.0.0.1:{port}/v1"' in shown
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
@@ -118,11 +124,9 @@ def test_kvstack_up_serves_and_stops_cleanly(stop_signal: signal.Signals, policy
         metrics = httpx.get(f"http://127.0.0.1:{port}/metrics").text
         assert f'kvstack_router_routing_decisions_total{{policy="{used}"' in metrics
         if used == "cache_aware":  # the engines' KV events reach the router's index
-            deadline = time.monotonic() + 10
-            while "kvstack_router_kv_event_batches_applied_total 0.0" in metrics:
-                assert time.monotonic() < deadline, "no KV events from the engines"
-                time.sleep(0.2)
-                metrics = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+            none = "kvstack_router_kv_event_batches_applied_total 0.0"
+            scrape = f"http://127.0.0.1:{port}/metrics"
+            wait_until(lambda: none not in httpx.get(scrape).text, "KV events from the engines", 10, 0.2)
         engines = [e["url"] for e in yaml.safe_load((run_dir / "engines.yaml").read_text())]
         assert len(engines) == 2 and all(_listening(u) for u in engines)
         proc.send_signal(stop_signal)
@@ -148,22 +152,17 @@ def test_kvstack_up_with_prometheus_scrapes_router_and_engines() -> None:
     )
     try:
         assert proc.stdout is not None
-        shown = ""
-        for line in proc.stdout:
-            shown += line
-            if "Press Ctrl-C" in line:
-                break
+        shown = _read_banner(proc.stdout)
         assert f"Prometheus:  http://127.0.0.1:{prom_port}" in shown, shown
-        deadline = time.monotonic() + 60
-        while True:
+
+        def jobs_up() -> list[str]:
             targets = httpx.get(f"http://127.0.0.1:{prom_port}/api/v1/targets").json()["data"][
                 "activeTargets"
             ]
-            healthy = sorted(t["labels"]["job"] for t in targets if t["health"] == "up")
-            if healthy == ["kvstack-engine", "kvstack-engine", "kvstack-router"]:
-                break
-            assert time.monotonic() < deadline, f"targets never all up: {targets}"
-            time.sleep(0.5)
+            return sorted(t["labels"]["job"] for t in targets if t["health"] == "up")
+
+        want = ["kvstack-engine", "kvstack-engine", "kvstack-router"]
+        wait_until(lambda: jobs_up() == want, f"Prometheus targets {want} all up", 60, 0.5)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
         assert not _listening(f"http://127.0.0.1:{prom_port}"), (

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import httpx
 import pytest
@@ -16,6 +16,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 from tests.conftest import free_port
+
+from kvstack.common.waits import wait_until_async
 
 
 def vllm_metrics(running: float = 0, waiting: float = 0, usage: float = 0.0, model: str = "m") -> str:
@@ -30,6 +32,11 @@ def vllm_metrics(running: float = 0, waiting: float = 0, usage: float = 0.0, mod
             "",
         ]
     )
+
+
+async def until(check: Callable[[], object], what: str, within: float = 10.0) -> None:
+    """Poll ``check`` every 10 ms on the test's loop, where the monitor and discovery loops run too."""
+    await wait_until_async(check, what, within, 0.01)
 
 
 class SwitchableEngine:

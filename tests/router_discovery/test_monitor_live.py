@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 import httpx
 import pytest
-from tests.router_discovery.conftest import SwitchableEngine, vllm_metrics
+from tests.router_discovery.conftest import SwitchableEngine, until, vllm_metrics  # until: re-exported
 
 from kvstack.router.ejection import OutlierTrack
 from kvstack.router.engines import Endpoint, EngineRegistry, EngineState
@@ -24,14 +24,6 @@ FAST = MonitorConfig(
     stale_after=0.3,
     models_interval=0.2,
 )
-
-
-async def until(check: Callable[[], bool], what: str, within: float = 10.0) -> None:
-    deadline = time.monotonic() + within
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for: {what}")
-        await asyncio.sleep(0.01)
 
 
 class Rig:

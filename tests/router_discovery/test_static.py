@@ -5,12 +5,11 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+from tests.router_discovery.conftest import until
 
 from kvstack.common.config import ConfigError
 from kvstack.router.discovery import StaticDiscovery, parse_endpoints
@@ -88,14 +87,6 @@ def write(path: Path, text: str) -> None:
 
 def urls(registry: EngineRegistry) -> set[str]:
     return {st.url for st in registry.all()}
-
-
-async def until(check: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + 10
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for: {what}")
-        await asyncio.sleep(0.01)
 
 
 async def test_urls_only() -> None:

@@ -15,7 +15,6 @@ import os
 import shutil
 import subprocess
 import tempfile
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,6 +28,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from kvstack.common.config import build
 from kvstack.common.kube import Credentials, load_credentials, resource_path
 from kvstack.common.kube.blocking import BlockingKube
+from kvstack.common.waits import wait_until
 from kvstack_testing.manifests import gpu_nodes, kwokctl_configuration
 from kvstack_testing.tools import Toolchain, ensure_cluster_tools
 from kvstack_testing.workdirs import (
@@ -211,11 +211,16 @@ class Cluster:
     def temporary_namespace(self, prefix: str) -> Iterator[str]:
         """A fresh namespace ``prefix`` + 8 hex digits, deleted (with everything in it) afterwards."""
         name = f"{prefix}{uuid.uuid4().hex[:8]}"
-        self.kube().create(resource_path("v1", "namespaces"), {"metadata": {"name": name}})
+        kube = self.kube()
+        kube.create(resource_path("v1", "namespaces"), {"metadata": {"name": name}})
         try:
+            # the controller-manager adds the default ServiceAccount a moment later; a pod created
+            # before it is refused (403), so the namespace is handed out only once it is there
+            default = resource_path("v1", "serviceaccounts", name, "default")
+            wait_until(lambda: kube.get(default), f"the default ServiceAccount of {name}", 30, 0.05)
             yield name
         finally:
-            self.kube().delete(resource_path("v1", "namespaces", name=name))
+            kube.delete(resource_path("v1", "namespaces", name=name))
 
     def server_version(self) -> str:
         """``gitVersion`` the API server reports, e.g. ``v1.34.10``."""
@@ -296,11 +301,14 @@ class Cluster:
         for node in gpu_nodes(self.config.gpu_nodes, self.config.gpus_per_node, self.pod_cidr):
             kube.create(resource_path("v1", "nodes"), node)
             names.append(node["metadata"]["name"])
-        deadline = time.monotonic() + self.config.start_timeout_s
-        while not all(_node_ready(kube.get(resource_path("v1", "nodes", name=name))) for name in names):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"fake nodes {names} not Ready after {self.config.start_timeout_s}s")
-            time.sleep(0.2)
+
+        def ready() -> bool:
+            return all(_node_ready(kube.get(resource_path("v1", "nodes", name=name))) for name in names)
+
+        try:
+            wait_until(ready, f"fake nodes {names} Ready", self.config.start_timeout_s, 0.2)
+        except AssertionError as exc:
+            raise TimeoutError(str(exc)) from None
 
 
 def _node_ready(node: dict[str, Any] | None) -> bool:
