@@ -6,9 +6,11 @@ Each handler is a few lines: what a ``KVStack`` needs is decided and done in
 it gets back into the resource's status and Events.
 
 :func:`build_registry` registers them on a fresh ``kopf.OperatorRegistry`` with one
-:class:`~kvstack.operator.runtime.Runtime` bound as their first argument (kopf accepts partials and
-names each handler after its function), so a test can run an operator in-process with its own
-metrics registry and settings, and the timer's interval comes from those settings.
+:class:`~kvstack.operator.runtime.Runtime` bound as their first argument, ``shared`` (kopf accepts
+partials and names each handler after its function), so a test can run an operator in-process with
+its own metrics registry and settings, and the timer's interval comes from those settings. The
+argument is not called ``runtime``: kopf passes every handler a ``runtime`` of its own (how long
+the handler has been running), which would collide with it.
 """
 
 from __future__ import annotations
@@ -72,9 +74,9 @@ def _write(
 
 
 async def startup(
-    runtime: Runtime, scaler: AnnotatedScaler, *, settings: kopf.OperatorSettings, **_: Any
+    shared: Runtime, scaler: AnnotatedScaler, *, settings: kopf.OperatorSettings, **_: Any
 ) -> None:
-    s = runtime.settings
+    s = shared.settings
     # Progress and the last-handled spec live in annotations: status stays ours and schema-clean.
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=GROUP)
@@ -88,16 +90,16 @@ async def startup(
     kopf_objects = logging.getLogger("kopf.objects")
     if not any(isinstance(f, _QuietTracking) for f in kopf_objects.filters):
         kopf_objects.addFilter(_QuietTracking())
-    runtime.start(scaler.run)
+    shared.start(scaler.run)
 
 
-async def login(runtime: Runtime, **_: Any) -> kopf.ConnectionInfo:
-    # the very credentials runtime.kube uses (kvstack.common.kube), so both act as one identity
-    return await kopf_login(runtime.settings.kubeconfig, runtime.settings.context)
+async def login(shared: Runtime, **_: Any) -> kopf.ConnectionInfo:
+    # the very credentials shared.kube uses (kvstack.common.kube), so both act as one identity
+    return await kopf_login(shared.settings.kubeconfig, shared.settings.context)
 
 
-async def cleanup(runtime: Runtime, **_: Any) -> None:
-    await runtime.close()
+async def cleanup(shared: Runtime, **_: Any) -> None:
+    await shared.close()
 
 
 async def track(scaler: AnnotatedScaler, *, type: str | None, body: kopf.Body, **_: Any) -> None:
@@ -105,7 +107,7 @@ async def track(scaler: AnnotatedScaler, *, type: str | None, body: kopf.Body, *
 
 
 async def apply_spec(
-    runtime: Runtime,
+    shared: Runtime,
     *,
     body: kopf.Body,
     spec: kopf.Spec,
@@ -120,15 +122,15 @@ async def apply_spec(
     **_: Any,
 ) -> None:
     memory, now = _memory(memo), time.time()
-    assert runtime.kube is not None  # startup opened it before any resource handler runs
+    assert shared.kube is not None  # startup opened it before any resource handler runs
     applied = await stack.apply(
-        runtime.kube,
+        shared.kube,
         _owner(name, namespace, uid),
         spec,
         meta.get("generation"),
         memory,
         now=now,
-        resync_seconds=runtime.settings.resync_seconds,
+        resync_seconds=shared.settings.resync_seconds,
         logger=logger,
     )
     _write(body, status, patch, memory, applied.change, now)
@@ -137,12 +139,12 @@ async def apply_spec(
         raise kopf.TemporaryError(f"applying the stack's objects failed: {err}", delay=10) from err
 
 
-async def forget(runtime: Runtime, *, spec: kopf.Spec, namespace: str | None, **_: Any) -> None:
-    stack.forget(runtime.metrics, namespace or "", spec)
+async def forget(shared: Runtime, *, spec: kopf.Spec, namespace: str | None, **_: Any) -> None:
+    stack.forget(shared.metrics, namespace or "", spec)
 
 
 async def tick(
-    runtime: Runtime,
+    shared: Runtime,
     *,
     body: kopf.Body,
     spec: kopf.Spec,
@@ -159,7 +161,7 @@ async def tick(
     memory, now = _memory(memo), time.time()
     owner = _owner(name, namespace, uid)
     change = await stack.tick(
-        runtime, owner, spec, meta.get("generation"), status, memory, now=now, logger=logger
+        shared, owner, spec, meta.get("generation"), status, memory, now=now, logger=logger
     )
     if change is not None:
         _write(body, status, patch, memory, change, now)
