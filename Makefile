@@ -32,7 +32,7 @@ venv: $(STAMP)
 sysdeps:
 	@bash scripts/install-sysdeps.sh
 
-run: venv
+run: venv sysdeps
 	$(BIN)/kvstack up
 
 lint: venv
