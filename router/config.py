@@ -53,6 +53,10 @@ class RouterSettings(BaseSettings):
     # long (characters) is routed on the messages before them, and the new ones are tokenized after
     # the request is sent (router/prompts.py, known_prefix); 0: always tokenize before routing
     tokenize_defer_max_chars: int = Field(2048, ge=0)
+    # memory budgets in bytes (router/README.md, "Memory over time"): whole prompts' tokens (and
+    # twice this for rendered chat messages), and, apart, an engine's /tokenize answers
+    token_cache_bytes: int = Field(10 * 2**20, ge=64 * 1024)
+    engine_token_cache_bytes: int = Field(16 * 2**20, ge=64 * 1024)
     # per-policy settings (KVSTACK_ROUTER_CACHE_AWARE__DECISION__LOAD_FACTOR=1.5); read by that policy only
     cache_aware: CacheAwareConfig = CacheAwareConfig()
     prefix_trie: PrefixTrieSettings = PrefixTrieSettings()

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from kvstack.common.token_cache import Tokens
+from kvstack.common.token_cache import TokenCache, Tokens
 from kvstack.router.context import RouterContext
 from kvstack.router.prompts import (
     KnownPrefix,
@@ -72,7 +72,8 @@ class PromptSource:
         if ctx.settings.tokenizer == "builtin" or ctx.upstream is None:
             return await self._builtin(work)
         if self.engine_tokenizer is None:
-            self.engine_tokenizer = EngineTokenizer(ctx.upstream, self._engines)
+            cache = TokenCache(ctx.settings.engine_token_cache_bytes)
+            self.engine_tokenizer = EngineTokenizer(ctx.upstream, self._engines, cache)
         try:
             return await self.engine_tokenizer.tokens(request.model or "", work)
         except TokenizeError as err:

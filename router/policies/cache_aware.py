@@ -306,13 +306,16 @@ class CacheAwareConfig(BaseModel):
     decision: CacheAwareSettings = CacheAwareSettings()
     index: IndexSettings = IndexSettings()
     events: SubscriberSettings = SubscriberSettings()
+    # the block-key caches' memory (router/kvindex/keys.py): identity entries, checkpoints, keys
+    key_cache_bytes: int = Field(32 * 2**20, ge=64 * 1024)
 
 
 class CacheAwareRouting(CacheAwarePolicy):
     """The policy plus its lifecycle: KV-event subscribers that follow the engine registry."""
 
     def __init__(self, registry: EngineRegistry, config: CacheAwareConfig, rng: random.Random | None) -> None:
-        super().__init__(KVIndex(config.index), config.decision, rng=rng)
+        keys = KeyCache(max_bytes=config.key_cache_bytes)
+        super().__init__(KVIndex(config.index), config.decision, rng=rng, key_cache=keys)
         self.registry = registry
         self.subscriber = KVEventSubscriber(self.index, config.events)
         self._follow: asyncio.Task[None] | None = None
