@@ -34,7 +34,9 @@ def test_tune_gc(threshold: int, gen0: int | None, frozen: bool) -> None:
     )
     before, after, freeze_count = json.loads(out.stdout)
     assert after[0] == (before[0] if gen0 is None else gen0)
-    assert after[1:] == before[1:]  # the older generations keep their ratios
+    # rarer young passes must not make older garbage wait longer: each older generation is
+    # collected every second pass of the younger one (Python's defaults untouched at 0)
+    assert after[1:] == (before[1:] if gen0 is None else [1, 1])
     assert (freeze_count > 0) is frozen  # startup's objects are out of every later pass
 
 
