@@ -73,10 +73,10 @@ class RouterSettings(BaseSettings):
     idle_timeout_s: PositiveSeconds = 300.0
     max_attempts: int = Field(3, ge=1, le=10)
 
-    # the cyclic GC's young-generation pass runs every this many container allocations (Python's
-    # default: 700, a stall every dozen requests on a busy router; router/gc_tuning.py); 0 keeps
-    # Python's defaults
-    gc_gen0_threshold: int = Field(50_000, ge=0)
+    # the cyclic GC's young-generation pass runs once this many tracked objects survived (Python's
+    # default: 700, a stall every dozen requests on a busy router; higher: more garbage held, up to
+    # this many objects and all they reference; router/gc_tuning.py); 0 keeps Python's defaults
+    gc_gen0_threshold: int = Field(7_000, ge=0)
 
     # outlier detection (router/ejection.py): this many consecutive failed requests, or a failure
     # rate of eject_failure_rate over at least eject_min_requests in a window of eject_interval_s,

@@ -8,30 +8,29 @@ allocates is freed by reference counting, so young passes can be rare. What star
 (imports, the app) is collected, then frozen: it lives for the whole process and no pass needs to
 look at it again.
 
-The older generations must not become rarer with it. Python collects the middle generation every
-10 young passes and the oldest every 10 middle ones: with young passes 70x rarer, cyclic garbage
-that lived through one pass (a cancelled task's frame and traceback, a client's response cycle,
-holding a 4K-token prompt's body and token lists) waited 100 young passes, 5M allocations, for a
-full pass. Measured on the engine-tokenizer path with real-size chats (router/README.md, "Memory
-over time"): RSS climbed 0.65 MB/s under load and 11.6 MB/min idle, and levelled only minutes later.
-So each older generation is collected every second pass of the one below it (``threshold`` 1): a
-full pass every four young ones at most, fewer as the heap grows (CPython runs a full pass only when
-the objects new to the oldest generation are a quarter of it), and garbage lives no longer than
-under Python's defaults.
+How rare is the catch. The young generation's count is allocations *minus deallocations* of
+tracked objects: what reference counting frees never counts. So a threshold is not "a pass every N
+allocations" but "a pass once N objects have survived", and on a router what survives is almost only
+cyclic garbage (an HTTP client's response cycles, a cancelled task's frame and traceback), each
+holding what it references (bodies, buffers, a 4K-token prompt's token lists). Found with
+``gc.get_count()`` and a census of ``gc.garbage`` under ``DEBUG_SAVEALL`` (router/README.md,
+"Memory over time"): at 50,000 the router held up to 50,000 garbage objects and everything they
+referenced, RSS climbing 0.65 MB/s with real-size chats until a pass. The default, 7,000, keeps
+young passes 10x rarer than Python's and garbage to a few MB; the older generations keep
+Python's ratios.
 """
 
 from __future__ import annotations
 
 import gc
 
-OLDER_THRESHOLD = 1  # each older generation: collected every second pass of the one below
-
 
 def tune_gc(gen0_threshold: int) -> None:
-    """Collect and freeze what exists now; run young passes every ``gen0_threshold`` allocations and
-    each older generation every second pass of the younger; 0: leave Python's defaults untouched."""
+    """Collect and freeze what exists now, and run young passes once ``gen0_threshold`` objects have
+    survived; 0: leave Python's defaults untouched."""
     if gen0_threshold <= 0:
         return
     gc.collect()
     gc.freeze()
-    gc.set_threshold(gen0_threshold, OLDER_THRESHOLD, OLDER_THRESHOLD)
+    _, gen1, gen2 = gc.get_threshold()
+    gc.set_threshold(gen0_threshold, gen1, gen2)
