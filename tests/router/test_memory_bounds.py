@@ -20,8 +20,11 @@ from kvstack.bench.soak_chats import ChatWorkload, chat_messages
 from kvstack.common.blocks import chain_root
 from kvstack.common.token_cache import TokenCache
 from kvstack.router.config import RouterSettings
+from kvstack.router.engines import Endpoint, EngineState
+from kvstack.router.kvindex.index import KVIndex
 from kvstack.router.kvindex.keys import KeyCache
-from kvstack.router.policies.cache_aware import CacheAwareConfig
+from kvstack.router.policies.base import RequestFeatures
+from kvstack.router.policies.cache_aware import CacheAwareConfig, CacheAwarePolicy, CacheAwareSettings
 from kvstack.router.prompts import PromptCache, PromptWork, chat_tokens, digest, digest_of_digests
 
 WORKLOAD = ChatWorkload(users=40)
@@ -104,6 +107,7 @@ def test_key_cache_holds_what_it_counts_for_real_size_chats() -> None:
         (lambda: RouterSettings(token_cache_bytes=1000), "token_cache_bytes"),
         (lambda: RouterSettings(engine_token_cache_bytes=0), "engine_token_cache_bytes"),
         (lambda: CacheAwareConfig(key_cache_bytes=10), "key_cache_bytes"),
+        (lambda: CacheAwareSettings(max_session_bytes=-1), "max_session_bytes"),
     ],
 )
 def test_a_budget_too_small_is_refused_naming_its_field(make: Callable[[], object], field: str) -> None:
@@ -117,3 +121,30 @@ def test_engine_tokenizer_cache_is_bounded_by_its_own_budget() -> None:
         cache.put(work.digest, chat_tokens(work, None))
         assert cache.bytes <= MB
     assert 0 < len(cache) < 200
+
+
+def test_session_map_is_bounded_by_the_bytes_of_client_chosen_keys() -> None:
+    index = KVIndex()
+    cands = []
+    for i in range(2):
+        ep = Endpoint(url=f"http://e{i}", name=f"e{i}", models=frozenset({"m"}))
+        cands.append(EngineState(endpoint=ep, models=ep.models, block_size=16, num_gpu_blocks=1000))
+        index.ensure_engine(ep.url, model="m", block_size=16)
+    settings = CacheAwareSettings(seed=0, max_session_bytes=MB)
+    now = [0.0]  # time passes: the prefill ledger's deadlines expire as they would
+    policy = CacheAwarePolicy(index, settings, clock=lambda: now[0])
+
+    def fill() -> None:
+        for i in range(1000):  # 8 KB keys (a header's worth): 8 MB sent, 8x the budget
+            request = RequestFeatures(model="m", request_id=f"r{i}",
+                                      session_key=f"{i:08d}" + "s" * 8184)  # fmt: skip
+            now[0] += 10.0
+            decision = policy.choose(request, cands, now[0])
+            policy.on_dispatch(request, decision)
+            policy.on_finish(request, decision, True)
+            assert policy.session_bytes <= settings.max_session_bytes
+
+    _, held = held_bytes(fill)
+    assert 100 < len(policy._sessions) < 1000  # evicted by bytes, long before max_sessions
+    assert held <= settings.max_session_bytes + 64 * 1024  # the count is honest
+    assert policy.session_bytes >= held * 0.9
