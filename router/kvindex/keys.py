@@ -11,6 +11,9 @@ one more turn, a document asked about again. So:
 * otherwise one streaming digest over the token bytes marks a checkpoint every
   ``checkpoint_blocks`` blocks; the deepest checkpoint seen before supplies the keys up to it, and
   only the blocks after it are hashed (a few dozen, not the whole prompt).
+
+Both are bounded together by bytes, not entries: a real-size prompt's array and keys weigh ~30 KB,
+so a bound by count (once 2,048 prompts and 65,536 checkpoints) let them take ~60 MB.
 """
 
 from __future__ import annotations
