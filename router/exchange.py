@@ -114,16 +114,29 @@ async def watch_disconnect(receive: Receive, task: asyncio.Task[Any], ex: Exchan
             return
 
 
+UNKNOWN_MODEL = "unknown"
+
+
+def metric_model(ex: Exchange) -> str:
+    """The ``model`` label of a finished request: the model as sent only when some engine serves it.
+
+    A 404 no engine answered is a model nobody serves; labelling it as sent would let clients mint
+    a label set (and its memory, kept for the process's life) per random name.
+    """
+    return UNKNOWN_MODEL if ex.status == 404 and not ex.engine else ex.model
+
+
 def account(metrics: RouterMetrics, ex: Exchange, path: str, log_it: bool) -> None:
     """Count the finished request in the router's metrics and, when ``log_it``, log its line."""
     elapsed = time.perf_counter() - ex.start
-    metrics.labelled(metrics.requests, ex.model, ex.engine, str(ex.status)).inc()
+    model = metric_model(ex)
+    metrics.labelled(metrics.requests, model, ex.engine, str(ex.status)).inc()
     if ex.engine:
-        metrics.labelled(metrics.e2e, ex.model).observe(elapsed)
+        metrics.labelled(metrics.e2e, model).observe(elapsed)
     if ex.ttft is not None:
-        metrics.labelled(metrics.ttft, ex.model).observe(ex.ttft)
+        metrics.labelled(metrics.ttft, model).observe(ex.ttft)
     if ex.disconnected:
-        metrics.disconnects.labels(ex.model).inc()
+        metrics.disconnects.labels(model).inc()
     if log_it:
         access_log.info(
             "request",

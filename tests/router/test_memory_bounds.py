@@ -10,6 +10,7 @@ count is honest.
 from __future__ import annotations
 
 import gc
+import time
 import tracemalloc
 from collections.abc import Callable, Iterator
 
@@ -20,9 +21,11 @@ from kvstack.bench.soak_chats import ChatWorkload, chat_messages
 from kvstack.common.blocks import chain_root
 from kvstack.common.token_cache import TokenCache
 from kvstack.router.config import RouterSettings
-from kvstack.router.engines import Endpoint, EngineState
+from kvstack.router.engines import Endpoint, EngineRegistry, EngineState
+from kvstack.router.exchange import UNKNOWN_MODEL, Exchange, account
 from kvstack.router.kvindex.index import KVIndex
 from kvstack.router.kvindex.keys import KeyCache
+from kvstack.router.metrics import RouterMetrics
 from kvstack.router.policies.base import RequestFeatures
 from kvstack.router.policies.cache_aware import CacheAwareConfig, CacheAwarePolicy, CacheAwareSettings
 from kvstack.router.prompts import PromptCache, PromptWork, chat_tokens, digest, digest_of_digests
@@ -148,3 +151,25 @@ def test_session_map_is_bounded_by_the_bytes_of_client_chosen_keys() -> None:
     assert 100 < len(policy._sessions) < 1000  # evicted by bytes, long before max_sessions
     assert held <= settings.max_session_bytes + 64 * 1024  # the count is honest
     assert policy.session_bytes >= held * 0.9
+
+
+def test_models_nobody_serves_share_one_label_set() -> None:
+    metrics = RouterMetrics(EngineRegistry(), time.monotonic)
+    for i in range(500):  # random model names a client made up: each answered 404 by the router
+        account(
+            metrics, Exchange(f"r{i}", time.perf_counter(), model=f"made-up-{i}", status=404), "/x", False
+        )
+    account(
+        metrics, Exchange("s", time.perf_counter(), model="m", engine="http://e0", status=200), "/x", False
+    )
+    account(
+        metrics, Exchange("t", time.perf_counter(), model="m", engine="http://e0", status=404), "/x", False
+    )
+    sets = {
+        (s.labels["model_name"], s.labels["status"])
+        for family in metrics.registry.collect()
+        if family.name == "kvstack_router_requests"
+        for s in family.samples
+        if s.name.endswith("_total")
+    }
+    assert sets == {(UNKNOWN_MODEL, "404"), ("m", "200"), ("m", "404")}  # an engine's 404 keeps its model
