@@ -151,7 +151,7 @@ def build_context(settings: RouterSettings, registry: EngineRegistry | None = No
         pairs.extend(read_keys_file(settings.api_keys_file))
     clock = time.monotonic
     metrics = RouterMetrics(registry, clock, [*settings.models, *settings.hold_models])
-    token_cache = PromptCache()
+    token_cache = PromptCache(settings.token_cache_bytes)
     metrics.registry.register(PolicyCollector(policy, token_cache))
     return RouterContext(
         settings=settings,

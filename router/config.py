@@ -56,6 +56,10 @@ class RouterSettings(BaseSettings):
     # long (characters) is routed on the messages before them, and the new ones are tokenized after
     # the request is sent (router/prompts.py, known_prefix); 0: always tokenize before routing
     tokenize_defer_max_chars: int = Field(2048, ge=0)
+    # memory budgets in bytes (router/README.md, "Memory over time"): whole prompts' tokens (and
+    # twice this for rendered chat messages), and, apart, an engine's /tokenize answers
+    token_cache_bytes: int = Field(10 * 2**20, ge=64 * 1024)
+    engine_token_cache_bytes: int = Field(16 * 2**20, ge=64 * 1024)
     # per-policy settings (KVSTACK_ROUTER_CACHE_AWARE__DECISION__LOAD_FACTOR=1.5); read by that policy only
     cache_aware: CacheAwareConfig = CacheAwareConfig()
     prefix_trie: PrefixTrieSettings = PrefixTrieSettings()
@@ -72,10 +76,10 @@ class RouterSettings(BaseSettings):
     idle_timeout_s: PositiveSeconds = 300.0
     max_attempts: int = Field(3, ge=1, le=10)
 
-    # the cyclic GC's young-generation pass runs every this many container allocations (Python's
-    # default: 700, a stall every dozen requests on a busy router; router/gc_tuning.py); 0 keeps
-    # Python's defaults
-    gc_gen0_threshold: int = Field(50_000, ge=0)
+    # the cyclic GC's young-generation pass runs once this many tracked objects survived (Python's
+    # default: 700, a stall every dozen requests on a busy router; higher: more garbage held, up to
+    # this many objects and all they reference; router/gc_tuning.py); 0 keeps Python's defaults
+    gc_gen0_threshold: int = Field(7_000, ge=0)
 
     # outlier detection (router/ejection.py): this many consecutive failed requests, or a failure
     # rate of eject_failure_rate over at least eject_min_requests in a window of eject_interval_s,

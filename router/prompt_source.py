@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from kvstack.common.token_cache import Tokens
+from kvstack.common.token_cache import TokenCache, Tokens
 from kvstack.router.context import RouterContext
 from kvstack.router.local_tokenizer import LocalTokenizerError, LocalTokenizers
 from kvstack.router.prompts import (
@@ -86,7 +86,8 @@ class PromptSource:
         if ctx.settings.tokenizer == "builtin" or ctx.upstream is None:
             return await self._builtin(work), "builtin"
         if self.engine_tokenizer is None:
-            self.engine_tokenizer = EngineTokenizer(ctx.upstream, self._engines)
+            cache = TokenCache(ctx.settings.engine_token_cache_bytes)
+            self.engine_tokenizer = EngineTokenizer(ctx.upstream, self._engines, cache)
         try:
             return await self.engine_tokenizer.tokens(model, work), "engine"
         except TokenizeError as err:

@@ -21,6 +21,7 @@ import functools
 import logging
 import math
 import random
+import sys
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
@@ -80,7 +81,15 @@ class CacheAwareSettings(BaseModel):
     prefill_deadline_factor: float = Field(2.0, ge=1.0)  # release queued tokens this late at most
     prefill_deadline_floor_s: float = Field(1.0, gt=0.0)
     max_sessions: int = Field(100_000, gt=0)
+    # session keys come from clients (a header, the OpenAI ``user`` field): up to this many bytes of
+    # them are remembered (sys.getsizeof of each key plus SESSION_ENTRY_BYTES), the oldest go first
+    max_session_bytes: int = Field(16 * 2**20, ge=64 * 1024)
     seed: int | None = None  # exploration RNG; replicas with the same seed decide identically
+
+
+# a session entry besides its key string: the ordered dict's slot and link (CPython 3.11, measured
+# in tests/router/test_memory_bounds.py; the engine URL it maps to is shared)
+SESSION_ENTRY_BYTES = 120
 
 
 class CandidateView(NamedTuple):
@@ -211,6 +220,7 @@ class CacheAwarePolicy(Policy):
         self.stats = PolicyStats(reasons=Counter())
         self._pending: OrderedDict[str, _Pending] = OrderedDict()
         self._sessions: OrderedDict[str, str] = OrderedDict()
+        self.session_bytes = 0  # what _sessions holds, as max_session_bytes counts it
         self._cold: dict[str, int] = {}
         self._tick = 0
 
@@ -294,10 +304,7 @@ class CacheAwarePolicy(Policy):
             self._tick += 1
             self._cold[p.url] = self._tick
         if request.session_key:
-            self._sessions[request.session_key] = p.url
-            self._sessions.move_to_end(request.session_key)
-            if len(self._sessions) > s.max_sessions:
-                self._sessions.popitem(last=False)
+            self._remember_session(request.session_key, p.url)
 
     def on_first_token(self, request: RequestFeatures, decision: Decision) -> None:
         """The prefill is over: release its queued tokens."""
@@ -306,6 +313,16 @@ class CacheAwarePolicy(Policy):
     def on_finish(self, request: RequestFeatures, decision: Decision, ok: bool) -> None:
         self._pending.pop(request.request_id, None)
         self.ledger.done(request.request_id)
+
+    def _remember_session(self, key: str, url: str) -> None:
+        sessions, s = self._sessions, self.settings
+        if key not in sessions:
+            self.session_bytes += sys.getsizeof(key) + SESSION_ENTRY_BYTES
+        sessions[key] = url
+        sessions.move_to_end(key)
+        while len(sessions) > s.max_sessions or self.session_bytes > s.max_session_bytes:
+            old, _ = sessions.popitem(last=False)
+            self.session_bytes -= sys.getsizeof(old) + SESSION_ENTRY_BYTES
 
     def _remember(self, request_id: str, pending: _Pending) -> None:
         self._pending[request_id] = pending
@@ -356,13 +373,16 @@ class CacheAwareConfig(BaseModel):
     decision: CacheAwareSettings = CacheAwareSettings()
     index: IndexSettings = IndexSettings()
     events: SubscriberSettings = SubscriberSettings()
+    # the block-key caches' memory (router/kvindex/keys.py): identity entries, checkpoints, keys
+    key_cache_bytes: int = Field(32 * 2**20, ge=64 * 1024)
 
 
 class CacheAwareRouting(CacheAwarePolicy):
     """The policy plus its lifecycle: KV-event subscribers that follow the engine registry."""
 
     def __init__(self, registry: EngineRegistry, config: CacheAwareConfig, rng: random.Random | None) -> None:
-        super().__init__(KVIndex(config.index), config.decision, rng=rng)
+        keys = KeyCache(max_bytes=config.key_cache_bytes)
+        super().__init__(KVIndex(config.index), config.decision, rng=rng, key_cache=keys)
         self.registry = registry
         self.subscriber = KVEventSubscriber(self.index, config.events)
         self._follow = BackgroundTask(

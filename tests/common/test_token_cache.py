@@ -3,6 +3,7 @@ message cache built on it: pure, table-driven."""
 
 from __future__ import annotations
 
+import sys
 from array import array
 
 import pytest
@@ -11,7 +12,7 @@ from kvstack.common import tokenizer
 from kvstack.common.token_cache import ENTRY_BYTES, TokenCache, as_tokens, digest, digest_of_digests
 from kvstack.common.tokenizer import apply_chat_template, assemble_chat, render_message
 
-B = ENTRY_BYTES  # what an entry costs besides its 4 bytes per token
+B = ENTRY_BYTES + sys.getsizeof(array("I"))  # what an entry costs besides its 4 bytes per token
 
 
 @pytest.mark.parametrize(

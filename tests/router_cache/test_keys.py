@@ -64,17 +64,17 @@ def test_identity_hits_and_scope() -> None:
     assert cache.misses == 3  # nor does another block size
 
 
-def test_memory_is_bounded_by_capacity() -> None:
-    cache = KeyCache(capacity=4, checkpoint_blocks=1)
-    for seed in range(50):
+def test_memory_is_bounded_by_bytes() -> None:
+    cache = KeyCache(max_bytes=64 * 1024, checkpoint_blocks=1)
+    for seed in range(200):
         tokens = tail(160, seed)
         assert list(cache.keys(tokens, 16, ROOT)) == block_keys(tokens, 16, ROOT)
-    assert len(cache) <= cache.max_checkpoints == 4 * 32
-    assert len(cache._by_id) <= 4
+        assert cache.bytes <= cache.max_bytes
+    assert 0 < cache.identity_entries() < 200 and len(cache) > 0  # both halves keep something
 
 
 def test_bad_settings_are_refused() -> None:
-    with pytest.raises(ValueError, match="positive"):
-        KeyCache(capacity=0)
+    with pytest.raises(ValueError, match="64 KiB"):
+        KeyCache(max_bytes=1000)
     with pytest.raises(ValueError, match="positive"):
         KeyCache(checkpoint_blocks=0)

@@ -7,6 +7,11 @@ bounded). A small share of requests goes straight to the engines: the same minut
 latency, subtracted from the routed one, is the router's added latency. Each minute records the
 router's RSS, p50/p99 (routed, direct, added), errors and the load average; the verdict asks for
 zero errors, RSS growth under 10 % after the warm-up, and a stable added p99.
+
+``--workload chat`` sends real-size chats instead (3-5K tokens, histories that grow a turn per
+request, many users: :mod:`.soak_chats`), and ``--tokenizer engine`` makes the router ask the
+simulators' ``/tokenize`` for every new prompt, as it asks real vLLM engines: the path on which the
+router's memory once climbed (router/README.md, "Memory over time").
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import typer
 import yaml
 
 from kvstack.bench.report import print_table, save_figure, write_json
+from kvstack.bench.soak_chats import ChatWorkload, chat_body
 from kvstack.bench.stats import percentile
 from kvstack.common.procs import memory_mb
 
@@ -45,15 +51,19 @@ class SoakLoad:
     rate: float
     direct_every: int = 10  # every n-th request goes to an engine directly (the baseline)
     max_tokens: int = 16
+    chats: ChatWorkload | None = None  # real-size growing chats; None: the short mix
 
 
 def request_plan(i: int, load: SoakLoad) -> tuple[str, dict[str, Any], bool]:
-    """(base URL, body, routed) of request ``i``: streaming and unique prompts alternate in pairs."""
+    """(base URL, body, routed) of request ``i``: streaming and unique prompts alternate in pairs
+    (with ``load.chats``: streaming alternates, every prompt is its user's next turn)."""
     stream = i % 2 == 0
-    unique = (i // 2) % 2 == 0
-    k = i if unique else i % 64
     routed = i % load.direct_every != load.direct_every - 1
     url = load.router_url if routed else load.engine_urls[i % len(load.engine_urls)]
+    if load.chats is not None:
+        return url, chat_body(i, load.chats, load.max_tokens, stream), routed
+    unique = (i // 2) % 2 == 0
+    k = i if unique else i % 64
     body = {
         "model": MODEL,
         "messages": [
@@ -183,7 +193,7 @@ def verdict(rows: list[dict[str, Any]], rss_after_warmup: float, errors: dict[st
 
 
 def _processes(
-    engines: int, speed: float, gpu_blocks: int, logs: Path
+    engines: int, speed: float, gpu_blocks: int, logs: Path, tokenizer: str
 ) -> tuple[list[Any], Any, tuple[str, ...], str]:
     from kvstack.common.procs import ManagedProcess, free_port, kvstack_argv
 
@@ -193,7 +203,7 @@ def _processes(
         port, pub, replay = free_port(), free_port(), free_port()
         argv = [
             *kvstack_argv(), "engine", "sim", "--port", str(port), "--served-model-name", MODEL,
-            "--speed", str(speed), "--max-num-seqs", "1024", "--max-model-len", "4096",
+            "--speed", str(speed), "--max-num-seqs", "1024", "--max-model-len", "8192",
             "--num-gpu-blocks", str(gpu_blocks),
             "--kv-events-endpoint", f"tcp://127.0.0.1:{pub}",
             "--kv-events-replay-endpoint", f"tcp://127.0.0.1:{replay}",
@@ -219,7 +229,7 @@ def _processes(
         "soak-router",
         argv,
         logs,
-        env={"KVSTACK_ROUTER_ACCESS_LOG": "false"},
+        env={"KVSTACK_ROUTER_ACCESS_LOG": "false", "KVSTACK_ROUTER_TOKENIZER": tokenizer},
         ready_url=f"http://127.0.0.1:{port}/ready",
     )
     return procs, router, tuple(str(e["url"]) for e in entries), f"http://127.0.0.1:{port}"
@@ -236,11 +246,12 @@ def plot(path: Path, rows: list[dict[str, Any]], title: str) -> None:
     ax1.plot(xs, [r["rss_mb"] for r in rows], marker=".")
     ax1.set_xlabel("minute")
     ax1.set_ylabel("router RSS (MB)")
-    ax1.set_ylim(bottom=0)
+    top = max((r["rss_mb"] for r in rows if r["rss_mb"] == r["rss_mb"]), default=1.0)
+    ax1.set_ylim(0, top * 1.3)  # headroom: a flat line must not sit on the frame
     load_axis = ax1.twinx()  # shared cores: latency spikes line up with the machine's load
     load_axis.plot(xs, [r["load_avg_1m"] for r in rows], color="grey", linestyle=":", label="load avg")
     load_axis.set_ylabel("load average, 1 min (grey)")
-    load_axis.set_ylim(bottom=0)
+    load_axis.set_ylim(0, max((r["load_avg_1m"] for r in rows), default=1.0) * 1.3)
     for key, style in (("routed_p50_ms", "-"), ("routed_p99_ms", "-"), ("added_p50_ms", "--")):
         ax2.plot(xs, [r[key] for r in rows], style, marker=".", label=key.removesuffix("_ms"))
     ax2.plot(xs, [r["added_p99_ms"] for r in rows], "--", marker=".", label="added_p99")
@@ -331,6 +342,17 @@ def soak(
     warmup_minutes: Annotated[
         float, typer.Option(help="Minutes before the RSS baseline (the router's bounded caches fill).")
     ] = 5.0,
+    workload: Annotated[
+        str,
+        typer.Option(
+            help="short: the two-message mix; chat: real-size chats (3-5K tokens) whose histories "
+            "grow a turn per request, many users."
+        ),
+    ] = "short",
+    tokenizer: Annotated[
+        str,
+        typer.Option(help="The router's tokenizer: builtin, or engine (asks the simulators' /tokenize)."),
+    ] = "builtin",
     out_dir: Annotated[Path, typer.Option("--out", help="Where JSON and PNG go.")] = Path(
         "bench-results/soak"
     ),
@@ -342,13 +364,18 @@ def soak(
         raise typer.BadParameter("must be longer than --warmup-minutes", param_hint="--minutes")
     if rate <= 0:
         raise typer.BadParameter("must be positive", param_hint="--rate")
-    label = f"{minutes:g}min"
+    if workload not in ("short", "chat"):
+        raise typer.BadParameter("must be short or chat", param_hint="--workload")
+    if tokenizer not in ("builtin", "engine"):
+        raise typer.BadParameter("must be builtin or engine", param_hint="--tokenizer")
+    chats = ChatWorkload() if workload == "chat" else None
+    label = f"{minutes:g}min" + ("" if chats is None else f"-chat-{tokenizer}")
     logs = out_dir / "logs"
-    sims, router, engine_urls, router_url = _processes(engines, speed, gpu_blocks, logs)
+    sims, router, engine_urls, router_url = _processes(engines, speed, gpu_blocks, logs, tokenizer)
     load_start = os.getloadavg()
     with running([*sims, router]):
         time.sleep(2.0)  # engines discovered and scraped, KV-event feeds connected
-        load = SoakLoad(router_url, engine_urls, minutes * 60, rate)
+        load = SoakLoad(router_url, engine_urls, minutes * 60, rate, chats=chats)
         samples, rss, loads, scraped = _run(load, router.pid)
         router_alive = router.alive()
     rows = minute_rows(samples, rss, loads, int(minutes + 0.999))
@@ -367,7 +394,10 @@ def soak(
         "params": {"minutes": minutes, "rate": rate, "engines": engines, "speed": speed,
                    "gpu_blocks": gpu_blocks, "warmup_minutes": warmup_minutes,
                    "direct_every": load.direct_every,
-                   "mix": "1/2 streaming, 1/2 unique prompts, 16 tokens"},
+                   "tokenizer": tokenizer,
+                   "mix": "1/2 streaming, 1/2 unique prompts, 16 tokens" if chats is None else
+                   f"1/2 streaming, growing chats of {chats.prompt_tokens(0)}-"
+                   f"{chats.prompt_tokens(chats.turns - 1)} tokens, {chats.users} users, 16 tokens"},
         "machine": {"cpu_count": os.cpu_count(), "loadavg_start": list(load_start),
                     "loadavg_end": list(os.getloadavg())},
         "requests": len(samples),

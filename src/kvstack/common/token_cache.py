@@ -12,6 +12,7 @@ texts themselves are never kept as keys (a cached 100 KB document costs its toke
 
 from __future__ import annotations
 
+import sys
 from array import array
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -26,9 +27,11 @@ else:
 
 assert array("I").itemsize == 4, "token ids are hashed as uint32"
 
-# What one entry costs besides its token bytes: the array's header (64 bytes), the 128-bit int key
-# (44) and the ordered dict's slot and link (~90), measured with tracemalloc on CPython 3.11.
-ENTRY_BYTES = 200
+# What one entry costs besides its array (``sys.getsizeof``: header and allocated buffer, including
+# the spare room an array built by ``+=`` over-allocates): the 128-bit int key (44 bytes) and the
+# ordered dict's slot and link (~90), measured with tracemalloc on CPython 3.11 (tests/router/
+# test_memory_bounds.py checks the sum against tracemalloc for real-size prompts).
+ENTRY_BYTES = 150
 MB = 1 << 20
 
 
@@ -65,21 +68,24 @@ def digest_of_digests(domain: bytes, parts: Sequence[int]) -> int:
     return h.intdigest()
 
 
+_EMPTY = sys.getsizeof(array("I")) + ENTRY_BYTES  # what an empty entry costs
+
+
 def _cost(tokens: Tokens) -> int:
-    return tokens.itemsize * len(tokens) + ENTRY_BYTES
+    return sys.getsizeof(tokens) + ENTRY_BYTES
 
 
 class TokenCache:
-    """LRU of ``digest -> token array`` holding at most ``max_bytes`` (token bytes plus
-    :data:`ENTRY_BYTES` per entry).
+    """LRU of ``digest -> token array`` holding at most ``max_bytes`` (each array's size as
+    ``sys.getsizeof`` has it, plus :data:`ENTRY_BYTES` per entry).
 
     Tokens that would take more than a quarter of the budget are handed back but never kept: one
     huge prompt must not flush everything the cache holds. Not thread-safe: one event loop uses it.
     """
 
     def __init__(self, max_bytes: int = 10 * MB) -> None:
-        if max_bytes < 4 * ENTRY_BYTES:
-            raise ValueError(f"max_bytes must be at least {4 * ENTRY_BYTES}")
+        if max_bytes < 4 * _EMPTY:
+            raise ValueError(f"max_bytes must be at least {4 * _EMPTY}")
         self.max_bytes = max_bytes
         self.bytes = 0  # held, summed over entries
         self.hits = 0
