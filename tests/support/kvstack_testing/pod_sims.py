@@ -192,18 +192,18 @@ class PodSimulators:
     def wait_for(self, count: int, timeout: float = 60.0) -> list[SimTarget]:
         """Block until exactly ``count`` simulators run and answer ``/health``; returns them."""
 
-        def ready() -> list[SimTarget] | None:
+        def ready() -> tuple[list[SimTarget]] | None:  # a tuple: zero simulators is an answer too
             targets = list(self.targets.values())
             if len(targets) == count and all(_healthy(t.url) for t in targets):
-                return sorted(targets, key=lambda t: (t.namespace, t.name))
+                return (sorted(targets, key=lambda t: (t.namespace, t.name)),)
             return None
 
         try:
-            found: list[SimTarget] = wait_until(ready, f"{count} healthy simulators", timeout, interval=0.2)
+            (found,) = wait_until(ready, f"{count} healthy simulators", timeout, interval=0.2)
         except AssertionError as exc:
             running = [t.url for t in self.targets.values()]
             raise TimeoutError(f"{exc}: running {running}\n{self._log_tails()}") from None
-        return found
+        return list(found)
 
     def _log_tails(self, lines: int = 5) -> str:
         """The last lines of every simulator log, for error messages (the logs go with ``stop()``)."""
@@ -273,7 +273,7 @@ class PodSimulators:
                                 self._pods = apply_event(self._pods, item.type, item.object)
                             self._reconcile()
                 except Exception as err:  # the API may be restarting; re-list after a short pause
-                    log.warning("pod watch failed (%s); re-listing", err)
+                    log.warning("pod watch failed (%r); re-listing", err)
                     await asyncio.sleep(0.5)
         finally:
             resync.cancel()
