@@ -75,7 +75,7 @@ def test_simulator_mode_serves_the_openai_sdk(cluster: Cluster, namespace: str, 
     config_file.write_text(yaml.safe_dump(config))
 
     sims = PodSimulators(
-        cluster.api_client(),
+        cluster.credentials(),
         "app.kubernetes.io/instance=rel,app.kubernetes.io/component=engine",
         namespace=namespace,
         command=lambda target: as_pod(commands[target.name], target),
