@@ -197,7 +197,7 @@ def test_the_operator_scales_the_charts_engines_and_survives_a_bad_policy(
             try:
                 wait_until(lambda: api.replicas(ENGINE) > 1, "a scale up", timeout=90)
                 up = wait_until(lambda: events(api, "ScaledUp"), "a ScaledUp Event on the Deployment")
-                assert "(queue)" in up[0].message or "(max_replicas)" in up[0].message
+                assert "(queue)" in up[0]["message"] or "(max_replicas)" in up[0]["message"]
                 last = wait_until(lambda: memory(api).get("lastScale"), "lastScale in the state annotation")
                 assert last["direction"] == "up" and last["fromReplicas"] == 1
                 assert memory(api)["history"], "the recommendation history is kept for the windows"
@@ -223,7 +223,9 @@ def test_the_operator_scales_the_charts_engines_and_survives_a_bad_policy(
             bad = wait_until(
                 lambda: events(api, "InvalidAutoscalingPolicy"), "an InvalidAutoscalingPolicy Event"
             )
-            assert bad[0].type == "Warning" and "metric" in bad[0].message and POLICY in bad[0].message
+            assert (
+                bad[0]["type"] == "Warning" and "metric" in bad[0]["message"] and POLICY in bad[0]["message"]
+            )
             assert api.replicas(ENGINE) == before
             # Fixed again: scaling resumes (a fresh evaluation stamps the state annotation).
             stamp = memory(api)["lastDecision"]["time"]

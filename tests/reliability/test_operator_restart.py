@@ -17,6 +17,7 @@ from kopf.testing import KopfRunner
 from tests.operator.conftest import Api, api, crd_installed, kubeconfig_env
 from tests.operator.test_reconcile_cluster import SPEC
 
+from kvstack.common.kube import resource_path
 from kvstack.common.waits import wait_until
 from kvstack.operator.handlers import build_registry
 from kvstack.operator.runtime import Runtime
@@ -49,16 +50,20 @@ def _owned(api_: Api, stack_uid: str) -> Counter[tuple[str, str]]:
     """(kind, name) of every object in the namespace owned by the stack, counted."""
     found: Counter[tuple[str, str]] = Counter()
     listings = {
-        "Deployment": api_.apps.list_namespaced_deployment(api_.namespace).items,
-        "Service": api_.core.list_namespaced_service(api_.namespace).items,
-        "ConfigMap": api_.core.list_namespaced_config_map(api_.namespace).items,
+        kind: api_.kube.list(resource_path(api_version, plural, api_.namespace)).items
+        for kind, api_version, plural in (
+            ("Deployment", "apps/v1", "deployments"),
+            ("Service", "v1", "services"),
+            ("ConfigMap", "v1", "configmaps"),
+        )
     }
     for kind, items in listings.items():
         for item in items:
-            refs = item.metadata.owner_references or []
-            if any(ref.uid == stack_uid for ref in refs):
-                found[(kind, item.metadata.name)] += 1
-                assert len(refs) == 1, f"{kind}/{item.metadata.name} has owners {refs}"
+            name = item["metadata"]["name"]
+            refs = item["metadata"].get("ownerReferences") or []
+            if any(ref["uid"] == stack_uid for ref in refs):
+                found[(kind, name)] += 1
+                assert len(refs) == 1, f"{kind}/{name} has owners {refs}"
     return found
 
 
