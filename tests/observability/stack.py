@@ -140,7 +140,14 @@ def live_stack(tmp: Path, repo_root: Path) -> Iterator[Stack]:
             "kv_events_endpoint": f"tcp://127.0.0.1:{pub}",
             "kv_events_replay_endpoint": f"tcp://127.0.0.1:{replay}",
         }
-        argv = [KVSTACK, "engine", "sim", "--port", str(port), "--model", model, "--lmcache",
+        # sim-b also answers to sim-a: after the kill, sim-a requests routed to it are retried on the
+        # two sim-a engines (a real retry), while sim-b's own model is left with no engine
+        names = [
+            "--served-model-name",
+            model,
+            *(["--served-model-name", MODEL_A] if model == MODEL_B else []),
+        ]
+        argv = [KVSTACK, "engine", "sim", "--port", str(port), "--model", model, *names, "--lmcache",
                 "--lmcache-remote-url", f"redis://127.0.0.1:{redis_port}",
                 "--kv-events-endpoint", events["kv_events_endpoint"],
                 "--kv-events-replay-endpoint", events["kv_events_replay_endpoint"]]  # fmt: skip
@@ -219,6 +226,13 @@ def live_stack(tmp: Path, repo_root: Path) -> Iterator[Stack]:
 
 
 def _requests_to_dead_engine(router_url: str) -> None:
+    """New sim-a prompts until one lands on the dead engine and is retried (the router spreads new
+    prompts by load, and the dead engine holds none), then sim-b's, which fail: no engine is left."""
+    for i in range(40):
+        body = {"model": MODEL_A, "messages": [{"role": "user", "content": f"retry me {i}"}], "max_tokens": 4}
+        httpx.post(f"{router_url}/v1/chat/completions", json=body, timeout=10)
+        if "kvstack_router_retries_total{" in httpx.get(f"{router_url}/metrics", timeout=10).text:
+            break
     body = {"model": MODEL_B, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
     for _ in range(3):
         httpx.post(f"{router_url}/v1/chat/completions", json=body, timeout=10)
