@@ -98,12 +98,7 @@ def test_a_stopped_engine_ends_its_requests_and_those_without_a_token_go_elsewhe
         for t in threads[-2:]:
             t.start()
         wait_until(lambda: frozen.metric("vllm:num_requests_waiting") >= 4, "requests queued", 60, 0.05)
-        os.killpg(frozen.proc.pid, signal.SIGSTOP)
-        try:
-            for t in threads:
-                t.join(110)
-        finally:
-            os.killpg(frozen.proc.pid, signal.SIGCONT)
+        _join_while_stopped(frozen.proc.pid, threads)
     assert not any(t.is_alive() for t in threads), "a request hung"
     outcomes = streams + plain
     started_there = [o for o in outcomes if o.engine == frozen.url]
@@ -135,12 +130,7 @@ def test_a_stopped_engine_with_no_other_answers_504_in_the_openai_shape(
         threads.append(threading.Thread(target=post))
         threads[1].start()
         wait_until(lambda: frozen.metric("vllm:num_requests_waiting") >= 1, "the request queued", 60, 0.05)
-        os.killpg(frozen.proc.pid, signal.SIGSTOP)
-        try:
-            for t in threads:
-                t.join(110)
-        finally:
-            os.killpg(frozen.proc.pid, signal.SIGCONT)
+        _join_while_stopped(frozen.proc.pid, threads)
     assert not any(t.is_alive() for t in threads), "a request hung"
     assert stream.result == "error: APIError"
     (resp,) = plain
@@ -319,3 +309,13 @@ def test_shared_cache_outage_recomputes_then_sharing_resumes(
         redis.start()  # empty, same port
         wait_until(lambda: share(f"back {time.monotonic()}") > 0, "sharing through Redis again", 20, 0.1)
         assert r.metric("kvstack_router_upstream_errors_total", engine=a.url, kind="connect") == 0
+
+
+def _join_while_stopped(pid: int, threads: list[threading.Thread]) -> None:
+    """SIGSTOP the engine's process group, wait for the clients' threads, and always SIGCONT it."""
+    os.killpg(pid, signal.SIGSTOP)
+    try:
+        for t in threads:
+            t.join(110)
+    finally:
+        os.killpg(pid, signal.SIGCONT)
