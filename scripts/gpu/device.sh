@@ -17,6 +17,12 @@ LOGS=/tmp/gpulogs
 REDIS_PORT=6390
 # LMCache CPU buffer per engine (GB): 5 filled within minutes on the first long run and stalled stores
 LMCACHE_CPU_GB=${LMCACHE_CPU_GB:-20}
+# ENGINES: how many engines `start` runs (2 fit at 0.3 of the GPU each, 4 at 0.2); LMCACHE=0 runs them
+# without the connector; ENGINE_ARGS: extra vLLM flags as a YAML list body, e.g. '--enable-lora, --max-loras, "4"'
+ENGINES=${ENGINES:-2}
+LMCACHE=${LMCACHE:-1}
+GPU_UTIL=${GPU_UTIL:-$( [ "$ENGINES" -gt 2 ] && echo 0.2 || echo 0.3 )}
+ENGINE_ARGS=${ENGINE_ARGS:-}
 mkdir -p "$LOGS" /tmp/bin "${OUT:-/tmp/out}"
 
 engine_yaml() {  # $1 index
@@ -27,13 +33,14 @@ served_model_name: [kvstack-8b]
 host: 127.0.0.1
 port: $((8100 + i))
 max_model_len: 32768
-gpu_memory_utilization: 0.3
+gpu_memory_utilization: $GPU_UTIL
 kv_events: {enabled: true, endpoint: "tcp://*:$((5557 + 2 * i))", replay_endpoint: "tcp://*:$((5558 + 2 * i))", topic: kv-events}
-lmcache: {remote_url: "redis://127.0.0.1:$REDIS_PORT", max_local_cpu_size: $LMCACHE_CPU_GB}
 python_hash_seed: "0"
-extra_args: [--load-format, dummy]
-extra_env: {VLLM_USE_FLASHINFER_SAMPLER: "0", HF_HUB_OFFLINE: "1"}
+extra_args: [--load-format, dummy${ENGINE_ARGS:+, $ENGINE_ARGS}]
+extra_env: {VLLM_USE_FLASHINFER_SAMPLER: "0", HF_HUB_OFFLINE: "1", VLLM_ALLOW_RUNTIME_LORA_UPDATING: "True"}
 YAML
+  [ "$LMCACHE" = 1 ] && echo "lmcache: {remote_url: \"redis://127.0.0.1:$REDIS_PORT\", max_local_cpu_size: $LMCACHE_CPU_GB}"
+  return 0
 }
 
 wait_health() {  # $1 url, $2 seconds, $3 log
@@ -54,21 +61,20 @@ SH
   LD_LIBRARY_PATH=/tmp/redisroot/usr/lib/x86_64-linux-gnu /tmp/redisroot/usr/bin/redis-server \
     --port $REDIS_PORT --bind 127.0.0.1 --save '' --appendonly no --maxmemory 16gb \
     --maxmemory-policy allkeys-lru --daemonize yes --logfile $LOGS/redis.log
-  cat > $LOGS/engines.yaml <<YAML
-- {url: "http://127.0.0.1:8100", name: gpu0, models: [kvstack-8b], kv_events_endpoint: "tcp://127.0.0.1:5557", kv_events_replay_endpoint: "tcp://127.0.0.1:5558"}
-- {url: "http://127.0.0.1:8101", name: gpu1, models: [kvstack-8b], kv_events_endpoint: "tcp://127.0.0.1:5559", kv_events_replay_endpoint: "tcp://127.0.0.1:5560"}
-YAML
-  for i in 0 1; do
+  : > $LOGS/engines.yaml
+  for i in $(seq 0 $((ENGINES - 1))); do
+    echo "- {url: \"http://127.0.0.1:$((8100 + i))\", name: gpu$i, models: [kvstack-8b], kv_events_endpoint: \"tcp://127.0.0.1:$((5557 + 2 * i))\", kv_events_replay_endpoint: \"tcp://127.0.0.1:$((5558 + 2 * i))\"}" >> $LOGS/engines.yaml
+  done
+  for i in $(seq 0 $((ENGINES - 1))); do
     engine_yaml $i > $LOGS/engine$i.yaml
     setsid nohup python3 -m kvstack engine serve --config $LOGS/engine$i.yaml > $LOGS/engine$i.log 2>&1 < /dev/null &
-    if [ $i = 0 ]; then
-      # the second engine starts once the first has sized its KV cache, so neither profiles the other
-      for _ in $(seq 150); do grep -q "KV cache size\|Available KV cache memory" $LOGS/engine0.log && break; sleep 1; done
-      grep -m2 "KV cache" $LOGS/engine0.log
-    fi
+    # each engine starts once the one before has sized its KV cache, so none profiles another's memory
+    for _ in $(seq 150); do grep -q "KV cache size\|Available KV cache memory" $LOGS/engine$i.log && break; sleep 1; done
+    grep -m2 "KV cache" $LOGS/engine$i.log
   done
-  wait_health http://127.0.0.1:8100 240 $LOGS/engine0.log || return 1
-  wait_health http://127.0.0.1:8101 240 $LOGS/engine1.log || return 1
+  for i in $(seq 0 $((ENGINES - 1))); do
+    wait_health http://127.0.0.1:$((8100 + i)) 240 $LOGS/engine$i.log || return 1
+  done
   nvidia-smi --query-gpu=memory.used,memory.total --format=csv
 }
 
@@ -89,7 +95,7 @@ print(_num_gpu_blocks(promtext.scrape('http://127.0.0.1:8100/metrics')) or 0)")
 }
 
 logs() {
-  for f in $LOGS/engine0.log $LOGS/engine1.log; do tail -c 200000 "$f" > "$OUT/$(basename $f)"; done
+  for f in $LOGS/engine*.log; do tail -c 200000 "$f" > "$OUT/$(basename $f)"; done
 }
 
 cmd=${1:-start}; shift || true
