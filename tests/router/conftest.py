@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import msgspec
@@ -135,6 +135,7 @@ class RouterServer:
 
 
 RouterFactory = Callable[..., RouterServer]
+R = TypeVar("R", bound=RouterServer)
 
 
 @pytest.fixture(params=["aiohttp", "httpx"])
@@ -143,15 +144,17 @@ def backend(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
-@pytest.fixture
-def router() -> Iterator[RouterFactory]:
-    """``router(engines=[...], **settings)`` starts a router; all are stopped after the test."""
-    started: list[RouterServer] = []
+@contextmanager
+def router_factory(kind: type[R]) -> Iterator[Callable[..., R]]:
+    """``make(engines=[...], **settings)`` starts a ``kind`` router and waits for its engines; all
+    are stopped on exit. One factory for the plain router and the guarded one (tests/security)."""
+    started: list[R] = []
 
-    def make(*, available: int | None = None, **values: Any) -> RouterServer:
+    def make(*, available: int | None = None, **values: Any) -> R:
         values.setdefault("monitor", FAST_MONITOR)
         values.setdefault("access_log", False)
-        server = RouterServer(load_settings(port=free_port(), **values)).start()
+        server = kind(load_settings(port=free_port(), **values))
+        server.start()
         started.append(server)
         if available is None:
             available = len(values.get("engines", []))
@@ -164,6 +167,13 @@ def router() -> Iterator[RouterFactory]:
     finally:
         for server in started:
             server.stop()
+
+
+@pytest.fixture
+def router() -> Iterator[RouterFactory]:
+    """``router(engines=[...], **settings)`` starts a router; all are stopped after the test."""
+    with router_factory(RouterServer) as make:
+        yield make
 
 
 _COMPLETION = (

@@ -12,9 +12,8 @@ from typing import Any
 import httpx
 import pytest
 from tests.conftest import free_port
-from tests.router.conftest import FAST_MONITOR, MODEL, RouterServer, router, sims
+from tests.router.conftest import MODEL, RouterServer, router, router_factory, sims
 
-from kvstack.router.config import load_settings
 from kvstack.router.server import listen_sockets, make_server
 
 __all__ = ["router", "sims"]
@@ -38,23 +37,8 @@ EdgeFactory = Callable[..., EdgeRouter]
 @pytest.fixture
 def edge() -> Iterator[EdgeFactory]:
     """``edge(engines=[...], **settings)`` starts a guarded router; all are stopped after the test."""
-    started: list[EdgeRouter] = []
-
-    def make(*, available: int | None = None, **values: Any) -> EdgeRouter:
-        values.setdefault("monitor", FAST_MONITOR)
-        values.setdefault("access_log", False)
-        server = EdgeRouter(load_settings(port=free_port(), **values)).start()
-        started.append(server)
-        wanted = len(values.get("engines", [])) if available is None else available
-        if wanted:
-            server.wait_available(wanted)
-        return server
-
-    try:
+    with router_factory(EdgeRouter) as make:
         yield make
-    finally:
-        for server in started:
-            server.stop()
 
 
 def assert_openai_error(resp: httpx.Response, status: int) -> dict[str, Any]:
