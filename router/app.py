@@ -210,6 +210,10 @@ async def _running(ctx: RouterContext) -> AsyncIterator[None]:
             await ctx.offload.start()
         await ctx.policy.start()
         stops.append(ctx.policy)
+        if settings.tracing.enabled:
+            from kvstack.router.tracing import RouterTracing  # the SDK is loaded only when tracing is on
+
+            ctx.tracing = RouterTracing(settings.tracing)
         yield
     finally:
         for component in reversed(stops):
@@ -220,6 +224,9 @@ async def _running(ctx: RouterContext) -> AsyncIterator[None]:
         if ctx.offload is not None:
             ctx.offload.close()
             ctx.offload = None
+        if ctx.tracing is not None:
+            ctx.tracing.shutdown()  # exports the spans still queued
+            ctx.tracing = None
 
 
 def _error(status: int, message: str, param: str | None = None) -> JSONResponse:
