@@ -86,3 +86,12 @@ def test_engine_config_treats_an_empty_endpoint_as_none() -> None:
     config = EngineConfig(model="m", otlp_traces_endpoint="")  # an environment variable's "unset"
     assert config.otlp_traces_endpoint is None
     assert "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL" not in render(config).env
+
+
+def test_engine_extras_cannot_set_tracing_behind_the_fields() -> None:
+    with pytest.raises(ValueError, match="--otlp-traces-endpoint"):
+        EngineConfig(model="m", extra_args=["--otlp-traces-endpoint", ENGINE_URL])
+    with pytest.raises(ValueError, match="OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"):
+        EngineConfig(model="m", extra_env={"OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "grpc"})
+    with pytest.raises(ValueError, match="otlp_traces_endpoint"):
+        EngineConfig(model="m", otlp_traces_endpoint="collector:4317")
