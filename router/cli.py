@@ -45,16 +45,16 @@ def run_router(
     tracing_endpoint: Annotated[
         str | None,
         typer.Option(
-            metavar="URL", help="OTLP/HTTP receiver, e.g. http://collector:4318 (turns tracing on)."
+            metavar="<url>", help="OTLP/HTTP receiver, e.g. http://collector:4318 (turns tracing on)."
         ),
     ] = None,
     tracing_service_name: Annotated[
-        str | None, typer.Option(metavar="NAME", help="service.name of the spans (default kvstack-router).")
+        str | None, typer.Option(metavar="<name>", help="service.name of the spans (default kvstack-router).")
     ] = None,
     tracing_sample_ratio: Annotated[
         float | None,
         typer.Option(
-            metavar="RATIO", help="Share of the traces the router starts that are kept (default 1)."
+            metavar="<ratio>", help="Share of the traces the router starts that are kept (default 1)."
         ),
     ] = None,
 ) -> None:

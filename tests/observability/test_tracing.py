@@ -7,14 +7,19 @@ processes with ``--otlp-traces-endpoint``, as vLLM runs with it.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import Iterator
 
+import httpx
 import openai
 import pytest
 from tests.conftest import free_port
 from tests.router.conftest import FAST_MONITOR, MODEL, BadEngine, RouterServer, Sim, run_sims
+from typer.testing import CliRunner
 
-from kvstack.common.waits import wait_until
+from kvstack.cli import app as kvstack_cli
+from kvstack.common.waits import wait_until, wait_until_async
 from kvstack.router.config import load_settings
 from kvstack_testing.otlp import (
     SPAN_KIND_CLIENT,
@@ -219,3 +224,42 @@ def test_export_headers_reach_the_receiver(
     server = one(spans_of(receiver, trace_id, len(ROUTER_STEPS) + 2), "POST /v1/completions")
     assert server.service == "edge"
     assert any(h.get("x-api-key") == "k1" for h in receiver.export_headers)
+
+
+async def test_a_request_refused_at_admission_has_its_queue_span(
+    receiver: OTLPReceiver, traced_router: list[RouterServer]
+) -> None:
+    """One slot, no queue: the second request is refused (429) and its trace says where: queue."""
+    with BadEngine("hang") as engine:
+        router = start_router(
+            traced_router,
+            [engine.url],
+            max_in_flight_per_engine=1,
+            max_queue_per_model=0,
+            tracing={"enabled": True, "endpoint": receiver.url},
+        )
+        body = {"model": MODEL, "prompt": "x", "max_tokens": 1}
+        async with httpx.AsyncClient(base_url=router.url, timeout=30) as client:
+            holding = asyncio.create_task(client.post("/v1/completions", json=body))
+            await wait_until_async(lambda: engine.posts == 1, "the first request at the engine", 10, 0.02)
+            refused_trace = "12" * 16
+            resp = await client.post(
+                "/v1/completions",
+                json=body,
+                headers={"traceparent": f"00-{refused_trace}-{CLIENT_SPAN}-01"},
+            )
+            assert resp.status_code == 429
+            holding.cancel()  # the client goes away: the router abandons the hung engine request
+            with contextlib.suppress(asyncio.CancelledError):
+                await holding
+        spans = spans_of(receiver, refused_trace, 2)
+    server = one(spans, "POST /v1/completions")
+    assert server.attributes["http.response.status_code"] == 429
+    assert one(spans, "queue").parent_span_id == server.span_id
+    assert {s.name for s in spans} == {"POST /v1/completions", "queue"}  # never routed
+
+
+def test_simulator_names_a_bad_otlp_endpoint() -> None:
+    result = CliRunner().invoke(kvstack_cli, ["engine", "sim", "--otlp-traces-endpoint", "collector:4318"])
+    assert result.exit_code != 0
+    assert "otlp_traces_endpoint" in result.output
