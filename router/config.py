@@ -13,7 +13,7 @@ from pydantic_settings import (
 )
 
 from kvstack.common.config import build_layered, read_config_file, split_comma_list
-from kvstack.common.otlp import traces_url
+from kvstack.common.otlp import sdk_missing, traces_url
 from kvstack.router.discovery.kubernetes import KubernetesConfig
 from kvstack.router.monitor import MonitorConfig
 from kvstack.router.policies.cache_aware import CacheAwareConfig
@@ -42,6 +42,13 @@ class TracingConfig(BaseModel):
     def _otlp_url(cls, endpoint: str) -> str:
         traces_url(endpoint)  # raises ValueError naming what is wrong
         return endpoint
+
+    @field_validator("enabled")
+    @classmethod
+    def _sdk_installed(cls, enabled: bool) -> bool:
+        if enabled and (missing := sdk_missing()) is not None:
+            raise ValueError(missing)
+        return enabled
 
 
 # ---- end tracing

@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from kvstack.common.cli_errors import exits_on_config_error
 from kvstack.common.config import build, read_config_file
-from kvstack.common.otlp import traces_url
+from kvstack.common.otlp import sdk_missing, traces_url
 
 
 class ServeSettings(BaseModel):
@@ -34,6 +34,8 @@ class ServeSettings(BaseModel):
     def _otlp_url(cls, endpoint: str | None) -> str | None:
         if endpoint is not None:
             traces_url(endpoint)  # raises ValueError naming what is wrong
+            if (missing := sdk_missing()) is not None:
+                raise ValueError(missing)
         return endpoint
 
 

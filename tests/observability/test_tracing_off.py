@@ -3,6 +3,7 @@ router's own ``traceparent``; a bad tracing configuration fails at start naming 
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -134,6 +135,14 @@ def test_sampled_out_requests_still_carry_context_to_the_engine(
 def test_bad_tracing_config_names_the_field(tracing: dict[str, Any], named: str) -> None:
     with pytest.raises(ConfigError, match=named):
         load_settings(tracing=tracing)
+
+
+def test_tracing_without_the_sdk_fails_at_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    # None in sys.modules makes an import fail, as when the tracing extra is not installed
+    monkeypatch.setitem(sys.modules, "opentelemetry.exporter.otlp.proto.http.trace_exporter", None)
+    with pytest.raises(ConfigError, match=r"tracing\.enabled: .*pip install 'kvstack\[tracing\]'"):
+        load_settings(tracing={"enabled": True})
+    assert load_settings(tracing={"enabled": False}).tracing.enabled is False  # off needs nothing
 
 
 def test_tracing_from_environment_merges_with_the_file(

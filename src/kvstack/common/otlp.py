@@ -37,6 +37,16 @@ def traces_url(endpoint: str) -> str:
     return endpoint
 
 
+def sdk_missing() -> str | None:
+    """Why the SDK cannot be used (what to install), or None when it can: checked at configuration."""
+    try:
+        import opentelemetry.exporter.otlp.proto.http.trace_exporter
+        import opentelemetry.sdk.trace  # noqa: F401
+    except ImportError as err:
+        return f"needs the OpenTelemetry SDK: pip install 'kvstack[tracing]' ({err.name} is missing)"
+    return None
+
+
 def tracer_provider(
     endpoint: str,
     service_name: str,
@@ -48,18 +58,17 @@ def tracer_provider(
 
     Sampling is parent-based: a caller's ``traceparent`` decides for the traces it started (as vLLM
     and every OpenTelemetry SDK do), ``sample_ratio`` for the traces this process starts.
-    Shut it down to flush what is still queued.
+    Shut it down to flush what is still queued. RuntimeError when the SDK is not installed.
     """
-    try:
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-        from opentelemetry.sdk.resources import Resource
-        from opentelemetry.sdk.trace import TracerProvider
-        from opentelemetry.sdk.trace.export import BatchSpanProcessor
-        from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
-    except ImportError as err:
-        raise RuntimeError(
-            f"tracing needs the OpenTelemetry SDK: pip install 'kvstack[tracing]' ({err.name} is missing)"
-        ) from err
+    missing = sdk_missing()
+    if missing is not None:
+        raise RuntimeError(f"tracing {missing}")
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+    from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+
     provider = TracerProvider(
         sampler=ParentBased(TraceIdRatioBased(sample_ratio)),
         resource=Resource.create({"service.name": service_name}),
