@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 
 from kvstack.cli import app as kvstack_cli
 from kvstack.common.config import ConfigError
+from kvstack.common.waits import wait_until
 from kvstack.router.cli import tracing_flags
 from kvstack.router.config import load_settings
 from kvstack_testing.otlp import OTLPReceiver, otlp_receiver
@@ -53,8 +54,9 @@ def receiver() -> Iterator[OTLPReceiver]:
 
 
 @pytest.fixture
-def start(receiver: OTLPReceiver) -> Iterator[Callable[..., RouterServer]]:
+def start(receiver: OTLPReceiver, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., RouterServer]]:
     """Starts routers; they stop before the receiver, so their last export finds it."""
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "200")  # the SDK's batch delay, in ms
     started: list[RouterServer] = []
 
     def make(engine: BadEngine, **values: Any) -> RouterServer:
@@ -103,8 +105,13 @@ def test_tracing_on_sends_the_router_span_as_the_engine_parent(
     sent = engine.post_headers[-1]
     version, trace_id, parent, flags = sent["traceparent"].split("-")
     assert (version, trace_id, flags) == ("00", CLIENT_TRACE, "01")
-    assert parent != CLIENT_SPAN  # the router's upstream span, not the client's
     assert sent["tracestate"] == "vendor=abc"
+    # the parent the engine was given is the router's upstream span, as exported
+    wait_until(
+        lambda: any(x.name == "upstream" for x in receiver.spans(CLIENT_TRACE)), "the upstream span", 20
+    )
+    (upstream,) = [x for x in receiver.spans(CLIENT_TRACE) if x.name == "upstream"]
+    assert parent == upstream.span_id != CLIENT_SPAN
     # without a client context the router starts a trace and still tells the engine
     complete(router)
     started = engine.post_headers[-1]["traceparent"].split("-")
