@@ -8,6 +8,7 @@ ASGI endpoints (see :mod:`kvstack.router.proxy`); FastAPI serves only the small 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
@@ -225,7 +226,8 @@ async def _running(ctx: RouterContext) -> AsyncIterator[None]:
             ctx.offload.close()
             ctx.offload = None
         if ctx.tracing is not None:
-            ctx.tracing.shutdown()  # exports the spans still queued
+            # exports the spans still queued; in a thread, as a collector that is down makes it retry
+            await asyncio.to_thread(ctx.tracing.shutdown)
             ctx.tracing = None
 
 

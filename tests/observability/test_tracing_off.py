@@ -128,6 +128,18 @@ def test_sampled_out_requests_still_carry_context_to_the_engine(
     assert int(flags, 16) & 1 == 0  # the sampled bit is off
 
 
+def test_a_collector_that_is_down_costs_no_request(
+    engine: BadEngine, start: Callable[..., RouterServer], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "1")  # seconds the exporter keeps retrying
+    router = start(engine, tracing={"enabled": True, "endpoint": f"http://127.0.0.1:{free_port()}"})
+    for _ in range(5):
+        complete(router)
+    assert engine.posts == 5
+    router.stop()  # its last export fails, and the router still stops
+    assert not router.thread.is_alive()
+
+
 @pytest.mark.parametrize(
     ("tracing", "named"),
     [
