@@ -50,8 +50,8 @@ _PROPAGATOR = TraceContextTextMapPropagator()
 class RouterTracing:
     """The router's tracer: one per app, started with it, shut down (flushing spans) with it."""
 
-    def __init__(self, config: TracingConfig, provider: TracerProvider | None = None) -> None:
-        self.provider = provider or tracer_provider(
+    def __init__(self, config: TracingConfig) -> None:
+        self.provider: TracerProvider = tracer_provider(
             config.endpoint, config.service_name, sample_ratio=config.sample_ratio, headers=config.headers
         )
         self.tracer = self.provider.get_tracer("kvstack.router")
@@ -59,10 +59,9 @@ class RouterTracing:
     def begin(self, method: str, path: str, headers: Headers, request_id: str) -> RequestTrace:
         """The trace of one request, its server span started now as a child of the client's context."""
         carrier = {k.decode("latin-1"): v.decode("latin-1") for k, v in headers if k in TRACE_HEADERS}
-        parent = _PROPAGATOR.extract(carrier) if carrier else None
         span = self.tracer.start_span(
             f"{method} {path}",
-            context=parent,
+            context=_PROPAGATOR.extract(carrier),  # without a valid traceparent: empty, so a new trace
             kind=SpanKind.SERVER,
             attributes={"http.request.method": method, "url.path": path, "kvstack.request_id": request_id},
         )

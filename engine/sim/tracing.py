@@ -51,7 +51,7 @@ class TracedApp:
                 request_id = value.decode("latin-1")
         span = self.tracer.start_span(
             "llm_request",
-            context=_PROPAGATOR.extract(carrier) if carrier else None,
+            context=_PROPAGATOR.extract(carrier),  # without a valid traceparent: a new trace
             kind=SpanKind.SERVER,
             attributes={"gen_ai.request.id": request_id, "url.path": scope["path"]},
         )

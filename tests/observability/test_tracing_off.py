@@ -118,6 +118,18 @@ def test_tracing_on_sends_the_router_span_as_the_engine_parent(
     assert started[1] != CLIENT_TRACE and int(started[3], 16) & 1  # sampled (its other bits: level 2)
 
 
+@pytest.mark.parametrize(
+    "bad", ["garbage", f"00-{'0' * 32}-{CLIENT_SPAN}-01", f"00-{CLIENT_TRACE}-{CLIENT_SPAN}"]
+)
+def test_a_malformed_client_traceparent_starts_a_new_trace(
+    engine: BadEngine, start: Callable[..., RouterServer], receiver: OTLPReceiver, bad: str
+) -> None:
+    router = start(engine, tracing={"enabled": True, "endpoint": receiver.url})
+    complete(router, {"traceparent": bad})
+    version, trace_id, _, _ = engine.post_headers[-1]["traceparent"].split("-")
+    assert version == "00" and len(trace_id) == 32 and trace_id not in (CLIENT_TRACE, "0" * 32)
+
+
 def test_sampled_out_requests_still_carry_context_to_the_engine(
     engine: BadEngine, start: Callable[..., RouterServer], receiver: OTLPReceiver
 ) -> None:
