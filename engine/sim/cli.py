@@ -221,6 +221,7 @@ def sim(
     otlp_traces_endpoint: Annotated[
         str | None,
         typer.Option(
+            metavar="<url>",
             help="OTLP/HTTP receiver for a span per request, as vLLM's flag (default: none).",
             rich_help_panel=_SERVER,
         ),
