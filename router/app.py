@@ -8,6 +8,7 @@ ASGI endpoints (see :mod:`kvstack.router.proxy`); FastAPI serves only the small 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
@@ -210,6 +211,10 @@ async def _running(ctx: RouterContext) -> AsyncIterator[None]:
             await ctx.offload.start()
         await ctx.policy.start()
         stops.append(ctx.policy)
+        if settings.tracing.enabled:
+            from kvstack.router.tracing import RouterTracing  # the SDK is loaded only when tracing is on
+
+            ctx.tracing = RouterTracing(settings.tracing)
         yield
     finally:
         for component in reversed(stops):
@@ -220,6 +225,10 @@ async def _running(ctx: RouterContext) -> AsyncIterator[None]:
         if ctx.offload is not None:
             ctx.offload.close()
             ctx.offload = None
+        if ctx.tracing is not None:
+            # exports the spans still queued; in a thread, as a collector that is down makes it retry
+            await asyncio.to_thread(ctx.tracing.shutdown)
+            ctx.tracing = None
 
 
 def _error(status: int, message: str, param: str | None = None) -> JSONResponse:

@@ -36,6 +36,27 @@ def run_router(
     upstream_backend: Annotated[str | None, typer.Option(help="aiohttp (default) or httpx.")] = None,
     api_keys_file: Annotated[Path | None, typer.Option(help="File of accepted API keys.")] = None,
     log_level: Annotated[str | None, typer.Option(help="debug, info, warning or error.")] = None,
+    tracing: Annotated[
+        bool | None,
+        typer.Option(
+            "--tracing/--no-tracing", help="OTLP spans of each request (default off).", show_default=False
+        ),
+    ] = None,
+    tracing_endpoint: Annotated[
+        str | None,
+        typer.Option(
+            metavar="<url>", help="OTLP/HTTP receiver, e.g. http://collector:4318 (turns tracing on)."
+        ),
+    ] = None,
+    tracing_service_name: Annotated[
+        str | None, typer.Option(metavar="<name>", help="service.name of the spans (default kvstack-router).")
+    ] = None,
+    tracing_sample_ratio: Annotated[
+        float | None,
+        typer.Option(
+            metavar="<ratio>", help="Share of the traces the router starts that are kept (default 1)."
+        ),
+    ] = None,
 ) -> None:
     """Run the router in front of vLLM engines (or simulators)."""
     from kvstack.router.config import load_settings
@@ -52,8 +73,28 @@ def run_router(
         upstream_backend=upstream_backend,
         api_keys_file=api_keys_file,
         log_level=log_level,
+        tracing=tracing_flags(tracing, tracing_endpoint, tracing_service_name, tracing_sample_ratio),
     )
     serve(settings)
+
+
+def tracing_flags(
+    enabled: bool | None, endpoint: str | None, service_name: str | None, sample_ratio: float | None
+) -> dict[str, bool | str | float] | None:
+    """The ``tracing`` keys the flags set (None: no flag given); an endpoint alone turns tracing on.
+
+    Export headers are never flags (they often carry a vendor's key): ``KVSTACK_ROUTER_TRACING__HEADERS``.
+    """
+    if enabled is None and endpoint is not None:
+        enabled = True
+    given = {
+        "enabled": enabled,
+        "endpoint": endpoint,
+        "service_name": service_name,
+        "sample_ratio": sample_ratio,
+    }
+    flags = {k: v for k, v in given.items() if v is not None}
+    return flags or None
 
 
 def serve(settings: RouterSettings) -> None:

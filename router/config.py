@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -13,12 +13,45 @@ from pydantic_settings import (
 )
 
 from kvstack.common.config import build_layered, read_config_file, split_comma_list
+from kvstack.common.otlp import sdk_missing, traces_url
 from kvstack.router.discovery.kubernetes import KubernetesConfig
 from kvstack.router.monitor import MonitorConfig
 from kvstack.router.policies.cache_aware import CacheAwareConfig
 from kvstack.router.policies.prefix_trie import PrefixTrieSettings
 
 PositiveSeconds = Annotated[float, Field(gt=0)]
+
+
+# ---- tracing (router/tracing.py, docs/tracing.md)
+class TracingConfig(BaseModel):
+    """OTLP tracing of proxied requests: off by default, and then nothing of it runs."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = False
+    # an OTLP/HTTP receiver: a collector's base URL gets /v1/traces appended, a URL with a path is kept
+    endpoint: str = "http://localhost:4318"
+    service_name: str = Field("kvstack-router", min_length=1)
+    # the share of the traces the router starts that are recorded; a client's traceparent decides
+    # for its own traces (its sampled flag), as in every OpenTelemetry SDK
+    sample_ratio: float = Field(1.0, ge=0.0, le=1.0)
+    headers: dict[str, str] = Field(default_factory=dict)  # sent with every export (a vendor's API key)
+
+    @field_validator("endpoint")
+    @classmethod
+    def _otlp_url(cls, endpoint: str) -> str:
+        traces_url(endpoint)  # raises ValueError naming what is wrong
+        return endpoint
+
+    @field_validator("enabled")
+    @classmethod
+    def _sdk_installed(cls, enabled: bool) -> bool:
+        if enabled and (missing := sdk_missing()) is not None:
+            raise ValueError(missing)
+        return enabled
+
+
+# ---- end tracing
 
 
 class RouterSettings(BaseSettings):
@@ -138,6 +171,8 @@ class RouterSettings(BaseSettings):
     access_log: bool = True
     # answer with `x-kvstack-engine: <engine name>` (benchmarks and debugging; reveals topology)
     expose_engine_header: bool = False
+    # OTLP spans of each proxied request (KVSTACK_ROUTER_TRACING__ENDPOINT=http://collector:4318)
+    tracing: TracingConfig = Field(default_factory=TracingConfig)
 
     _split = field_validator("engines", "models", "api_keys", "hold_models", mode="before")(split_comma_list)
 

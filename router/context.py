@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from kvstack.router.auth import KeyStore
 from kvstack.router.config import RouterSettings
@@ -16,6 +17,9 @@ from kvstack.router.offload import TokenizerPool
 from kvstack.router.policies.base import Policy
 from kvstack.router.prompts import PromptCache
 from kvstack.router.upstream import Upstream
+
+if TYPE_CHECKING:
+    from kvstack.router.tracing import RouterTracing
 
 REQUEST_ID_KEY = "kvstack.request_id"  # where the request-id middleware leaves the id in the ASGI scope
 
@@ -35,6 +39,7 @@ class RouterContext:
     holds: Holds = field(default_factory=lambda: Holds((), 0))  # scale-from-zero waiters
     offload: TokenizerPool | None = None  # long prompts tokenized off the event loop (app lifespan)
     bodies: BodyBudget = field(default_factory=lambda: BodyBudget(None))  # request bodies held in memory
+    tracing: RouterTracing | None = None  # OTLP spans, when settings.tracing.enabled (app lifespan)
 
     def __post_init__(self) -> None:
         self.registry.listeners.append(self.engines_changed)

@@ -16,7 +16,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kvstack.common.errors import OpenAIError, is_openai_error, openai_error_bytes
 from kvstack.router.admission import Admission, reject
@@ -40,6 +40,9 @@ from kvstack.router.prompts import prompt_text
 from kvstack.router.protocol import Kind, ParsedRequest, SSEFramer, error_event, has_content, parse_request
 from kvstack.router.retry import AttemptFailure, next_step, untried
 from kvstack.router.upstream import UpstreamError, UpstreamResponse
+
+if TYPE_CHECKING:
+    from kvstack.router.tracing import RequestTrace
 
 Scope = dict[str, Any]
 Receive = Any
@@ -70,6 +73,7 @@ class Call:
     features: RequestFeatures | None = None  # built once, when routing starts
     upstream_headers: Headers = field(default_factory=list)
     tried: list[str] = field(default_factory=list)  # engine URLs, in the order tried
+    trace: RequestTrace | None = None  # its spans, when tracing is on (router/tracing.py)
 
 
 @dataclass(slots=True, eq=False)
@@ -115,6 +119,8 @@ class ProxyEndpoint:
         ex = Exchange(request_id=scope.get(REQUEST_ID_KEY) or "", start=time.perf_counter())
         admitted_key: str | None = None
         held = 0  # request-body bytes taken from the router's budget, given back at the end
+        tracing = ctx.tracing
+        trace = None if tracing is None else tracing.begin("POST", self.path, scope["headers"], ex.request_id)
         try:
             auth, declared, session_header = scan_headers(scope["headers"], self._session_name)
             key = ctx.keys.identify(auth)
@@ -143,6 +149,7 @@ class ProxyEndpoint:
             session_key = session_header.decode("latin-1") if session_header else request.user
             peer = scope.get("client")
             call = Call(ex, request, raw, send, scope["headers"], peer[0] if peer else None, session_key)
+            call.trace = trace
             await self._guarded(call, receive)
         except ClientGone:
             ex.disconnected, ex.status = True, 499
@@ -155,6 +162,8 @@ class ProxyEndpoint:
             if admitted_key is not None:
                 ctx.limiter.release(admitted_key)
             account(ctx.metrics, ex, self.path, ctx.settings.access_log)
+            if trace is not None:
+                trace.finish(ex)
 
     # ------------------------------------------------------------------ request path
 
@@ -176,10 +185,12 @@ class ProxyEndpoint:
             watcher.cancel()
 
     async def _admit_and_route(self, call: Call) -> None:
-        admission, model = self.admission, call.request.model
-        held_until = None if model is None else await admission.hold(model)
+        admission, model, trace = self.admission, call.request.model, call.trace
+        arrived = time.perf_counter()  # the queue span: from here until routing starts
 
         async def route(candidates: list[EngineState] | None) -> None:
+            if trace is not None:
+                trace.queued(time.perf_counter() - arrived)
             while True:
                 try:
                     await self._route(call, candidates or admission.candidates(model))
@@ -194,14 +205,22 @@ class ProxyEndpoint:
                     await admission.wait_held(model, held_until)
                     candidates = None  # look again: the engine may have been ejected meanwhile
 
-        await admission.queued(model, route)
+        try:
+            held_until = None if model is None else await admission.hold(model)
+            await admission.queued(model, route)
+        finally:
+            if trace is not None:  # refused or cancelled while it waited (else recorded already)
+                trace.queued(time.perf_counter() - arrived)
 
     async def _route(self, call: Call, candidates: list[EngineState]) -> None:
         """Try engines the policy picks until one answers or :func:`next_step` says stop."""
         ctx, ex = self.ctx, call.ex
         settings, metrics, policy = ctx.settings, ctx.metrics, ctx.policy
         if call.features is None:
+            t0 = time.perf_counter()
             call.features = await self._features(call)
+            if call.trace is not None:
+                call.trace.tokenized(time.perf_counter() - t0, call.features.prompt_len)
             call.upstream_headers = self._upstream_headers(call)
         features = call.features
         attempts = 0
@@ -209,7 +228,10 @@ class ProxyEndpoint:
             attempts += 1
             t0 = time.perf_counter()
             decision = policy.choose(features, candidates, ctx.clock())
-            metrics.labelled(metrics.decision, policy.name).observe(time.perf_counter() - t0)
+            took = time.perf_counter() - t0
+            metrics.labelled(metrics.decision, policy.name).observe(took)
+            if call.trace is not None:
+                call.trace.decided(took, decision, policy.name)
             metrics.labelled(metrics.decisions, policy.name, decision.reason).inc()
             call.tried.append(decision.engine.url)
             ex.engine, ex.reason, ex.attempts = decision.engine.name, decision.reason, len(call.tried)
@@ -249,6 +271,8 @@ class ProxyEndpoint:
         assert features is not None
         engine.in_flight += 1
         ctx.policy.on_dispatch(features, decision)
+        if call.trace is not None:
+            call.trace.upstream_started(decision, engine.url + self.path, len(call.tried))
         failure: AttemptFailure | None = None
         ended = False  # the try ran to an outcome (not cancelled by the client or a shutdown)
         try:
@@ -270,6 +294,8 @@ class ProxyEndpoint:
         finally:
             engine.in_flight -= 1
             ctx.policy.on_finish(features, decision, ended and failure is None)
+            if call.trace is not None:
+                call.trace.upstream_ended(failure, ended)
         self._record_outcome(engine, failure)
         return failure
 
@@ -279,8 +305,13 @@ class ProxyEndpoint:
         assert ctx.upstream is not None
         ex.routed = time.perf_counter() - ex.start
         ctx.metrics.labelled(ctx.metrics.dispatch, ctx.policy.name).observe(ex.routed)
+        headers = (
+            call.upstream_headers
+            if call.trace is None
+            else call.trace.upstream_headers(call.upstream_headers)
+        )
         try:
-            resp = await ctx.upstream.send("POST", engine.url + self.path, call.upstream_headers, call.raw)
+            resp = await ctx.upstream.send("POST", engine.url + self.path, headers, call.raw)
         except UpstreamError as err:
             if err.kind == "connect":
                 return AttemptFailure("connect", 502, str(err))  # never the engine's address
@@ -310,6 +341,8 @@ class ProxyEndpoint:
             # e.g. an engine's framework answering {"detail": "Not Found"}: clients get one shape
             body, content_type = openai_error_bytes(resp.status, body), "application/json"
         headers = [*answer_headers(resp.status, content_type, resp.retry_after), *self._engine_header(engine)]
+        if call.trace is not None:
+            call.trace.first_byte(resp.status)
         await call.send({"type": "http.response.start", "status": resp.status, "headers": headers})
         await call.send({"type": "http.response.body", "body": body})
         attempt.answered = True
@@ -353,6 +386,8 @@ class ProxyEndpoint:
     async def _start_stream(self, call: Call, engine: EngineState) -> None:
         """Send the stream's head: from here on the call is the client's and cannot be retried."""
         call.ex.started, call.ex.status = True, 200
+        if call.trace is not None:
+            call.trace.first_byte(200)
         headers = [*_SSE_HEADERS, *self._engine_header(engine)]
         await call.send({"type": "http.response.start", "status": 200, "headers": headers})
 

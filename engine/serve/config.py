@@ -32,6 +32,7 @@ from pydantic_settings import (
 )
 
 from kvstack.common.config import ConfigError, build_layered, read_config_file, split_comma_list
+from kvstack.common.otlp import traces_url
 from kvstack.engine.serve.managed import SECRET_FLAGS, colliding_env, colliding_flags, secret_flags
 
 ENV_PREFIX = "KVSTACK_ENGINE_"
@@ -175,6 +176,21 @@ class EngineConfig(BaseSettings):
     vllm_bin: str = Field("vllm", min_length=1)
     extra_args: Annotated[list[str], NoDecode] = Field(default_factory=list)
     extra_env: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict)
+    # vLLM's OTLP spans (--otlp-traces-endpoint), under the router's traceparent; None: none
+    otlp_traces_endpoint: str | None = None
+    otlp_traces_protocol: Literal["http/protobuf", "grpc"] = "http/protobuf"
+
+    @field_validator("otlp_traces_endpoint", mode="before")
+    @classmethod
+    def _otlp_unset(cls, value: Any) -> Any:
+        return _empty_is_none(value)
+
+    @field_validator("otlp_traces_endpoint")
+    @classmethod
+    def _otlp_url(cls, endpoint: str | None) -> str | None:
+        if endpoint is not None:
+            traces_url(endpoint)  # raises ValueError naming what is wrong
+        return endpoint
 
     @field_validator("api_key", "max_model_len", mode="before")
     @classmethod

@@ -23,6 +23,7 @@ MANAGED_FLAGS: frozenset[str] = frozenset(
         "--no-enable-prefix-caching",
         "--kv-transfer-config",
         "--kv-events-config",
+        "--otlp-traces-endpoint",
     }
 )
 # Flags whose value is a secret: argv is world-readable (``ps``, /proc), the environment is not.
@@ -46,6 +47,7 @@ MANAGED_ENV: frozenset[str] = frozenset(
         "LMCACHE_SAVE_DECODE_CACHE",
         # would override every LMCACHE_* variable above with a file we did not render
         "LMCACHE_CONFIG_FILE",
+        "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",  # otlp_traces_protocol
     }
 )
 

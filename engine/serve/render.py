@@ -39,6 +39,8 @@ def render(config: EngineConfig) -> LaunchSpec:
         argv += ["--kv-transfer-config", _json(transfer)]
     if config.kv_events.enabled:
         argv += ["--kv-events-config", _json(kv_events_config(config.kv_events))]
+    if config.otlp_traces_endpoint is not None:
+        argv += ["--otlp-traces-endpoint", config.otlp_traces_endpoint]
     argv += config.extra_args
 
     env: dict[str, str] = {
@@ -51,6 +53,9 @@ def render(config: EngineConfig) -> LaunchSpec:
     }
     if config.lmcache.enabled:
         env.update(lmcache_env(config.lmcache))
+    if config.otlp_traces_endpoint is not None:
+        # vLLM's exporter reads it (its default, grpc, needs the gRPC exporter in the image)
+        env["OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"] = config.otlp_traces_protocol
     secret: set[str] = set()
     if config.api_key is not None:
         env["VLLM_API_KEY"] = config.api_key.get_secret_value()

@@ -6,10 +6,11 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from kvstack.common.cli_errors import exits_on_config_error
 from kvstack.common.config import build, read_config_file
+from kvstack.common.otlp import sdk_missing, traces_url
 
 
 class ServeSettings(BaseModel):
@@ -25,6 +26,17 @@ class ServeSettings(BaseModel):
     kv_events_topic: str = "kv-events"
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
     log_level: str = Field("warning", pattern=r"^(critical|error|warning|info|debug|trace)$")
+    # vLLM's flag: an llm_request span per generation request, under the request's traceparent
+    otlp_traces_endpoint: str | None = None
+
+    @field_validator("otlp_traces_endpoint")
+    @classmethod
+    def _otlp_url(cls, endpoint: str | None) -> str | None:
+        if endpoint is not None:
+            traces_url(endpoint)  # raises ValueError naming what is wrong
+            if (missing := sdk_missing()) is not None:
+                raise ValueError(missing)
+        return endpoint
 
 
 def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
@@ -206,6 +218,14 @@ def sim(
         str | None,
         typer.Option(help="Topic frame of each message (default kv-events).", rich_help_panel=_EVENTS),
     ] = None,
+    otlp_traces_endpoint: Annotated[
+        str | None,
+        typer.Option(
+            metavar="<url>",
+            help="OTLP/HTTP receiver for a span per request, as vLLM's flag (default: none).",
+            rich_help_panel=_SERVER,
+        ),
+    ] = None,
 ) -> None:
     """Run the CPU simulator of one vLLM 0.24 pod (OpenAI API, /metrics, KV events).
 
@@ -248,6 +268,7 @@ def sim(
             "kv_events_topic": kv_events_topic,
             "gpu_memory_utilization": gpu_memory_utilization,
             "log_level": log_level,
+            "otlp_traces_endpoint": otlp_traces_endpoint,
         },
     )
     sim_config = build(SimConfig, "simulator config", **engine_values)
@@ -273,13 +294,19 @@ def _serve(config: Any, settings: ServeSettings) -> None:
             replay_endpoint=settings.kv_events_replay_endpoint,
             topic=settings.kv_events_topic,
         )
-    app = SimServer(
+    app: Any = SimServer(
         config,
         SimEngine,
         api_key=settings.api_key,
         events=events,
         gpu_memory_utilization=settings.gpu_memory_utilization,
     )
+    provider = None
+    if settings.otlp_traces_endpoint:
+        from kvstack.engine.sim.tracing import TracedApp, sim_tracer_provider
+
+        provider = sim_tracer_provider(settings.otlp_traces_endpoint)
+        app = TracedApp(app, provider)
 
     class _Server(uvicorn.Server):
         async def startup(self, sockets: list[socket.socket] | None = None) -> None:
@@ -303,7 +330,11 @@ def _serve(config: Any, settings: ServeSettings) -> None:
             timeout_graceful_shutdown=5,
         )
     )
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        runner.run(server.serve())
+    try:
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            runner.run(server.serve())
+    finally:
+        if provider is not None:
+            provider.shutdown()  # exports the spans still queued
     if not server.started:
         raise typer.Exit(code=1)

@@ -198,6 +198,7 @@ class BadEngine:
         self.url = f"http://127.0.0.1:{self.port}"
         self.posts = 0
         self.post_times: list[float] = []  # time.monotonic() of each POST's arrival
+        self.post_headers: list[dict[str, str]] = []  # each POST's headers, names in lowercase
         self.probes = 0  # GET /health answered
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
@@ -247,6 +248,8 @@ class BadEngine:
                     continue
                 self.posts += 1
                 self.post_times.append(time.monotonic())
+                pairs = (line.split(":", 1) for line in header_lines if ":" in line)
+                self.post_headers.append({k.strip().lower(): v.strip() for k, v in pairs})
                 if self.mode == "no_tokenize":
                     if path == "/tokenize":
                         self._reply(writer, 500, b'{"error":{"message":"no tokenizer","code":500}}')

@@ -225,6 +225,10 @@ Call with (list $ $settings).
 {{- if $m.maxModelLen }}
 {{- $_ := set $config "max_model_len" (int $m.maxModelLen) }}
 {{- end }}
+{{- with $ctx.Values.engines.tracing.endpoint }}
+{{- $_ := set $config "otlp_traces_endpoint" . }}
+{{- $_ := set $config "otlp_traces_protocol" $ctx.Values.engines.tracing.protocol }}
+{{- end }}
 {{- toYaml $config }}
 {{- end }}
 
@@ -259,6 +263,9 @@ Call with (list $ $settings $remote).
 {{- end }}
 {{- if $ctx.Values.engines.apiKey.existingSecret }}
 {{- $args = concat $args (list "--api-key" "$(KVSTACK_ENGINE_API_KEY)") }}
+{{- end }}
+{{- with $ctx.Values.engines.tracing.endpoint }}
+{{- $args = concat $args (list "--otlp-traces-endpoint" .) }}
 {{- end }}
 {{- toYaml $args }}
 {{- end }}
