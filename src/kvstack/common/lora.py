@@ -47,6 +47,8 @@ RUNTIME_UPDATING_ENV = "VLLM_ALLOW_RUNTIME_LORA_UPDATING"
 
 _URL = re.compile(r"^https?://[^\s/]+(/\S*)?$")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
+# The three forms, for schemas (the API server checks it too); source_kind() adds the ``..`` check.
+SOURCE_PATTERN = r"^(https?://\S+|/\S*|[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*)$"
 _SOURCE_HELP = (
     "source must be a Hugging Face Hub repo id (org/name), an absolute path on the model volume "
     "(/models/...), or an http(s) URL"
@@ -74,6 +76,7 @@ class Adapter(_Model):
     name: str = Field(pattern=ADAPTER_NAME, description="the name clients send as model")
     source: str = Field(
         min_length=1,
+        json_schema_extra={"pattern": SOURCE_PATTERN},
         max_length=2048,
         description="Hub repo id (org/name), absolute path on the model volume, or http(s) URL",
     )
