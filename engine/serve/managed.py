@@ -23,6 +23,11 @@ MANAGED_FLAGS: frozenset[str] = frozenset(
         "--no-enable-prefix-caching",
         "--kv-transfer-config",
         "--kv-events-config",
+        "--enable-lora",
+        "--no-enable-lora",
+        "--max-loras",
+        "--max-lora-rank",
+        "--max-cpu-loras",
     }
 )
 # Flags whose value is a secret: argv is world-readable (``ps``, /proc), the environment is not.
@@ -46,6 +51,7 @@ MANAGED_ENV: frozenset[str] = frozenset(
         "LMCACHE_SAVE_DECODE_CACHE",
         # would override every LMCACHE_* variable above with a file we did not render
         "LMCACHE_CONFIG_FILE",
+        "VLLM_ALLOW_RUNTIME_LORA_UPDATING",
     }
 )
 
