@@ -81,6 +81,7 @@ class SimEngine:
         self._lookups: set[asyncio.Task[None]] = set()
         self._late = 0.0005
         self.num_steps = 0
+        self.num_deferred = 0  # waiting requests the last step skipped for max_loras
 
     # -- EngineCore surface ------------------------------------------------------------------
     async def start(self) -> None:
@@ -264,6 +265,7 @@ class SimEngine:
 
     def _on_scheduled(self, plan: StepPlan, start: float) -> None:
         self.num_steps += 1
+        self.num_deferred = plan.deferred
         stats = self._stats
         for adm in plan.admitted:
             req = cast(Req, adm.seq)

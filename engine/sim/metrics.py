@@ -117,6 +117,11 @@ class EngineGauges(Protocol):
     @property
     def kv_cache_usage(self) -> float: ...
 
+    @property
+    def num_deferred(self) -> int:
+        """Waiting requests held back by a transient constraint (the LoRA budget: max_loras)."""
+        ...
+
 
 @dataclass(frozen=True, slots=True)
 class CacheInfo:
@@ -333,10 +338,14 @@ class SimMetrics:
         base = self._base
         self._running.labels(**base).set_function(lambda: float(engine.num_running))
         self._waiting.labels(**base).set_function(lambda: float(engine.num_waiting))
+
+        def deferred() -> float:
+            return float(min(engine.num_deferred, engine.num_waiting))
+
         self._waiting_by_reason.labels(**base, reason="capacity").set_function(
-            lambda: float(engine.num_waiting)
+            lambda: float(engine.num_waiting) - deferred()
         )
-        self._waiting_by_reason.labels(**base, reason="deferred").set(0.0)
+        self._waiting_by_reason.labels(**base, reason="deferred").set_function(deferred)
         self._usage.labels(**base).set_function(lambda: float(engine.kv_cache_usage))
 
     def render(self) -> bytes:

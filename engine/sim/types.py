@@ -126,6 +126,11 @@ class EngineCore(Protocol):
     def num_waiting(self) -> int: ...
 
     @property
+    def num_deferred(self) -> int:
+        """Waiting requests the last step skipped because their adapter exceeded max_loras."""
+        ...
+
+    @property
     def kv_cache_usage(self) -> float:
         """Used blocks over total blocks (0..1), as vllm:kv_cache_usage_perc."""
         ...
