@@ -184,6 +184,7 @@ def test_a_declared_adapter_nobody_holds_is_loaded_while_its_request_waits(
         if "on-demand" in {m["id"] for m in httpx.get(f"{sim.url}/v1/models").json()["data"]}
     }
     assert loaded_on == {engine}  # loaded once, on one engine, and served there
+    assert r.metric("kvstack_router_queued_requests", model_name="on-demand") == 0  # none held now
     assert {_complete(client, "on-demand", f"again {i}") for i in range(3)} == {engine}
     listed = {m.id for m in client.models.list()}
     assert "on-demand" in listed
