@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from kvstack.common.errors import OpenAIError
 from kvstack.common.lora import ADAPTER_NAME, LoraClient, LoraError, source_kind
 from kvstack.router.engines import EngineRegistry, EngineState
 
@@ -106,7 +107,8 @@ class AdapterLoader:
 
     ``refresh`` re-reads an engine's ``/v1/models`` (the monitor's ``refresh_models``); the
     registry's change then wakes the held requests. A failed load tries the next engine of the
-    base model; when every engine refused, the requests stay held until their hold times out.
+    base model; when every available engine of it refused, ``fail`` ends the held requests with a
+    502 naming the engines' answer (a wrong source, a rank over the limit: waiting cannot help).
     """
 
     def __init__(
@@ -116,6 +118,7 @@ class AdapterLoader:
         client: LoraClient,
         refresh: Callable[[EngineState], Awaitable[bool]],
         *,
+        fail: Callable[[str, Exception], int],
         clock: Callable[[], float],
         retry_s: float = 1.0,
         max_wait_s: float = 600.0,
@@ -124,6 +127,7 @@ class AdapterLoader:
         self.registry = registry
         self.client = client
         self.refresh = refresh
+        self.fail = fail
         self.clock = clock
         self.retry_s = retry_s
         self.max_wait_s = max_wait_s
@@ -159,10 +163,16 @@ class AdapterLoader:
             if self.registry.candidates(adapter.name, now):
                 return  # another engine (or the operator) has it now
             engine = pick_engine(adapter.model, adapter.name, engines, now, refused)
+            if engine is None and refused:
+                error = self.outcomes[adapter.name].error
+                message = (
+                    f"adapter {adapter.name!r} could not be loaded by any engine of {adapter.model}: {error}"
+                )
+                self.fail(adapter.name, OpenAIError(502, message, param="model"))
+                return
             if engine is None:
-                # no engine of the base model yet (scaling from zero), or all refused: wait for a change
+                # no engine of the base model yet (scaling from zero): wait for a change
                 self._changed.clear()
-                refused.clear()
                 try:
                     async with asyncio.timeout(self.retry_s):
                         await self._changed.wait()

@@ -75,6 +75,15 @@ class Holds:
             if not waiters:
                 self._waiters.pop(model, None)
 
+    def fail(self, model: str, error: Exception) -> int:
+        """End every request held for ``model`` with ``error`` (e.g. its adapter cannot be loaded)."""
+        failed = 0
+        for fut in list(self._waiters.get(model, ())):
+            if not fut.done():
+                fut.set_exception(error)
+                failed += 1
+        return failed
+
     def wake(self, model: str) -> int:
         """Release every request held for ``model``; returns how many."""
         woken = 0

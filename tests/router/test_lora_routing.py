@@ -227,3 +227,33 @@ def test_adapters_of_engines_whose_models_discovery_names_are_learnt(
     r = _make_router(router, named_file, adapters=declared, hold_timeout_s=30)
     wait_until(lambda: _served_by(r, "named-too") == {"engine-0"}, "the adapter learnt", 10, 0.05)
     assert _complete(_client(r), "named-too", "hello") == "engine-0"
+
+
+def test_a_declared_adapter_no_engine_can_load_fails_its_held_request_with_the_reason(
+    router: RouterFactory, tmp_path: Path
+) -> None:
+    config = tmp_path / "sim.yaml"  # engines that read adapter paths: a missing folder is vLLM's 404
+    config.write_text(
+        yaml.safe_dump({"lora": {"enabled": True, "check_paths": True, "runtime_updating": True}})
+    )
+    sims: list[Sim] = []
+    try:
+        for i in range(2):
+            port = free_port()
+            argv = [KVSTACK, "engine", "sim", "--port", str(port), "--config", str(config)]
+            url = f"http://127.0.0.1:{port}"
+            sims.append(
+                Sim(url, ManagedProcess(f"strict-{i}", argv, tmp_path, ready_url=f"{url}/health").start())
+            )
+        for sim in sims:
+            sim.proc.wait_ready(30)
+        declared = [{"name": "missing", "model": MODEL, "source": "/no/such/adapter"}]
+        r = router(engines=[s.url for s in sims], adapters=declared, hold_timeout_s=60)
+        with pytest.raises(openai.APIStatusError) as err:
+            _client(r).completions.create(model="missing", prompt="hi", max_tokens=1)
+        assert err.value.status_code == 502
+        assert "No adapter found for /no/such/adapter" in err.value.message
+        assert r.metric("kvstack_router_queued_requests", model_name="missing") == 0
+    finally:
+        for sim in sims:
+            sim.proc.stop()
