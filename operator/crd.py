@@ -162,7 +162,31 @@ def status_schema() -> dict[str, Any]:
                     "selector": {"type": "string"},
                 },
             },
+            "adapters": _adapters_status(),
         },
+    }
+
+
+def _adapters_status() -> dict[str, Any]:
+    """``status.adapters``: each declared LoRA adapter's placement, written by the operator."""
+    adapter = {
+        "type": "object",
+        "required": ["name"],
+        "properties": {
+            "name": {"type": "string"},
+            "model": {"type": "string", "description": "the models[].name it belongs to"},
+            "desired": {"type": "integer", "description": "engines it should be loaded on"},
+            "loaded": {"type": "integer", "description": "engines that list it as loaded"},
+            "engines": {"type": "integer", "description": "ready engines of its model"},
+            "reason": {"type": "string", "description": "why it is placed so (lora_placement.Reason)"},
+            "lastError": {"type": "string", "description": "the last failed load or unload"},
+        },
+    }
+    return {
+        "type": "array",
+        "items": adapter,
+        "x-kubernetes-list-type": "map",
+        "x-kubernetes-list-map-keys": ["name"],
     }
 
 

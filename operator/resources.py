@@ -69,6 +69,9 @@ def engine_config(owner: Owner, spec: KVStackSpec, model: Model) -> EngineConfig
     }
     if model.max_model_len is not None:
         values["max_model_len"] = model.max_model_len
+    if model.lora is not None:
+        # the limits only: the engine starts without adapters, the operator loads them at runtime
+        values["lora"] = model.lora.model_dump(include={"max_loras", "max_lora_rank", "max_cpu_loras"})
     return build(EngineConfig, f"engine config of model {model.name}", **values)
 
 
@@ -214,7 +217,19 @@ def router_settings(owner: Owner, spec: KVStackSpec) -> Obj:
         # Requests for a model scaled to zero wait in the router (counted, which wakes the model)
         # instead of failing; the names are listed so a restarted router still knows them.
         config["hold_models"] = [n for m in spec.models if m.min_replicas == 0 for n in m.served_names]
+    if adapters := router_adapters(spec):
+        config["adapters"] = adapters
     return {**config, **spec.router.extra_config}
+
+
+def router_adapters(spec: KVStackSpec) -> list[Obj]:
+    """The declared adapters as the router knows them: a name, its base model's name, its source."""
+    return [
+        {"name": a.name, "model": m.served_names[0], "source": a.source}
+        for m in spec.models
+        if m.lora is not None
+        for a in m.lora.adapters
+    ]
 
 
 def router_objects(owner: Owner, spec: KVStackSpec) -> list[Obj]:

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.alias_generators import to_camel
 
 from kvstack.common.config import build
+from kvstack.common.lora import Adapter, LoraSpec, check_adapters
 
 DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 Metric = Literal["waitingPerReplica", "kvCacheUsage", "ttftP90"]
@@ -43,6 +44,30 @@ class LMCache(_Spec):
     share_remote: bool = Field(True, description="use the stack's shared cache (spec.cache)")
 
 
+class Lora(LoraSpec):
+    """A model's LoRA adapters and engine limits; the operator places and loads the adapters."""
+
+    model_config = ConfigDict(
+        json_schema_extra=_rules(
+            (
+                "!has(self.maxCpuLoras) || self.maxCpuLoras >= self.maxLoras",
+                "lora.maxCpuLoras must be at least lora.maxLoras",
+            ),
+            (
+                "self.adapters.all(a, !has(a.rank) || a.rank <= self.maxLoraRank)",
+                "an adapter's rank is over lora.maxLoraRank",
+            ),
+        )
+    )
+
+    # A map-typed list: the API server itself rejects two adapters with one name.
+    adapters: list[Adapter] = Field(
+        default_factory=list,
+        max_length=256,
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
+    )
+
+
 class Model(_Spec):
     """One served model: an engine Deployment, its ConfigMap and its Service."""
 
@@ -52,6 +77,11 @@ class Model(_Spec):
             (
                 "!self.lmcache.enabled || self.lmcache.chunkSize % self.blockSize == 0",
                 "lmcache.chunkSize must be a multiple of blockSize",
+            ),
+            (
+                "!has(self.lora) || self.lora.adapters.all(a, a.name != self.model && "
+                "!(has(self.servedModelNames) && a.name in self.servedModelNames))",
+                "a LoRA adapter may not be named like its model",
             ),
         )
     )
@@ -80,6 +110,7 @@ class Model(_Spec):
     tolerations: list[dict[str, Any]] = Field(default_factory=list)
     pod_annotations: dict[str, str] = Field(default_factory=dict)
     pod_labels: dict[str, str] = Field(default_factory=dict)
+    lora: Lora | None = Field(None, description="LoRA: engine limits and the adapters to load")
 
     @property
     def served_names(self) -> list[str]:
@@ -177,6 +208,20 @@ class KVStackSpec(_Spec):
     router: Router = Field(default_factory=Router)
     cache: Cache = Field(default_factory=Cache)
     autoscaling: Autoscaling = Field(default_factory=Autoscaling)
+
+    @model_validator(mode="after")
+    def _adapter_names_unique(self) -> KVStackSpec:
+        # Clients pick an adapter by its name as the model: it must name one thing in the stack.
+        taken = {name: f"a name of model {m.name!r}" for m in self.models for name in m.served_names}
+        for i, model in enumerate(self.models):
+            if model.lora is None:
+                continue
+            try:
+                check_adapters(model.lora, model.served_names, taken)
+            except ValueError as err:
+                raise ValueError(f"models[{i}].lora.{err}") from None
+            taken.update({a.name: f"an adapter of model {model.name!r}" for a in model.lora.adapters})
+        return self
 
 
 def parse_spec(spec: dict[str, Any], name: str = "KVStack") -> KVStackSpec:

@@ -26,6 +26,8 @@ from starlette.routing import Route
 
 from kvstack.common.config import ConfigError
 from kvstack.common.errors import OpenAIError, error_body
+from kvstack.common.lora import LoraClient
+from kvstack.router.adapters import AdapterLoader
 from kvstack.router.auth import KeyStore, read_keys_file
 from kvstack.router.config import RouterSettings
 from kvstack.router.context import REQUEST_ID_KEY, RouterContext
@@ -151,7 +153,8 @@ def build_context(settings: RouterSettings, registry: EngineRegistry | None = No
     if settings.api_keys_file is not None:
         pairs.extend(read_keys_file(settings.api_keys_file))
     clock = time.monotonic
-    metrics = RouterMetrics(registry, clock, [*settings.models, *settings.hold_models])
+    adapters = [a.name for a in settings.adapters]  # declared LoRA adapters: held and labelled as models
+    metrics = RouterMetrics(registry, clock, [*settings.models, *settings.hold_models, *adapters])
     token_cache = PromptCache(settings.token_cache_bytes)
     metrics.registry.register(PolicyCollector(policy, token_cache))
     return RouterContext(
@@ -167,7 +170,7 @@ def build_context(settings: RouterSettings, registry: EngineRegistry | None = No
             max_concurrency=settings.max_concurrency_per_key,
         ),
         clock=clock,
-        holds=Holds(settings.hold_models, settings.max_held_per_model),
+        holds=Holds([*settings.hold_models, *adapters], settings.max_held_per_model),
         bodies=BodyBudget(settings.max_buffered_body_bytes),
     )
 
@@ -186,6 +189,8 @@ async def _running(ctx: RouterContext) -> AsyncIterator[None]:
     monitor_config = settings.monitor
     if monitor_config.api_key is None and settings.engine_api_key is not None:
         monitor_config = monitor_config.model_copy(update={"api_key": settings.engine_api_key})
+    if settings.adapters and not monitor_config.learn_adapters:  # LoRA: adapters of named engines too
+        monitor_config = monitor_config.model_copy(update={"learn_adapters": True})
     monitor_client = httpx.AsyncClient(trust_env=False)
     stops: list[_Lifecycle] = []
     try:
@@ -202,6 +207,19 @@ async def _running(ctx: RouterContext) -> AsyncIterator[None]:
         monitor = EngineMonitor(ctx.registry, monitor_client, monitor_config)
         monitor.start()
         stops.append(monitor)
+        if settings.adapters and settings.load_adapters:  # LoRA: load a held request's adapter
+            key = settings.engine_api_key.get_secret_value() if settings.engine_api_key else None
+            loader = AdapterLoader(
+                settings.adapters,
+                ctx.registry,
+                LoraClient(api_key=key),
+                monitor.refresh_models,
+                fail=ctx.holds.fail,
+                clock=ctx.clock,
+                max_wait_s=settings.hold_timeout_s,
+            )
+            ctx.holds.on_wait.append(loader.on_hold)
+            stops.append(loader)
         if (
             ctx.policy.needs_tokens
             and settings.tokenizer == "builtin"

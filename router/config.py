@@ -14,6 +14,7 @@ from pydantic_settings import (
 
 from kvstack.common.config import build_layered, read_config_file, split_comma_list
 from kvstack.common.otlp import sdk_missing, traces_url
+from kvstack.router.adapters import DeclaredAdapter, check_declared
 from kvstack.router.discovery.kubernetes import KubernetesConfig
 from kvstack.router.monitor import MonitorConfig
 from kvstack.router.policies.cache_aware import CacheAwareConfig
@@ -166,6 +167,11 @@ class RouterSettings(BaseSettings):
     hold_timeout_s: PositiveSeconds = 600.0  # at least a cold start: pod scheduled, model loaded
     max_held_per_model: int = Field(1024, ge=0)  # beyond it: 429
 
+    # LoRA (router/adapters.py): declared adapters [{name, model, source}]; a request for one that no
+    # engine holds is held while the router loads it on the least-loaded engine of its model
+    adapters: list[DeclaredAdapter] = Field(default_factory=list)
+    load_adapters: bool = True  # False: only the operator loads them; held requests wait for it
+
     # operations
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     access_log: bool = True
@@ -218,6 +224,11 @@ class RouterSettings(BaseSettings):
                 find_model_dir(self.tokenizer_path, model)
             except LocalTokenizerError as err:
                 raise ValueError(f"tokenizer_path: {err}") from None
+        return self
+
+    @model_validator(mode="after")
+    def _adapters_are_distinct(self) -> RouterSettings:
+        check_declared(self.adapters)
         return self
 
     @model_validator(mode="after")

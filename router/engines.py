@@ -29,7 +29,8 @@ class EngineState:
     """Live state of one engine. Fields below ``endpoint`` are updated in place."""
 
     endpoint: Endpoint
-    models: frozenset[str] = frozenset()
+    models: frozenset[str] = frozenset()  # base models and loaded LoRA adapters alike
+    adapters: dict[str, str] = field(default_factory=dict)  # adapter -> its base model (/v1/models parent)
     # health: failed probes mark it unhealthy (the monitor), failed requests eject it (the proxy)
     healthy: bool = True
     outlier: OutlierTrack = field(default_factory=OutlierTrack)
@@ -53,6 +54,11 @@ class EngineState:
     @property
     def name(self) -> str:
         return self.endpoint.name
+
+    @property
+    def base_models(self) -> frozenset[str]:
+        """The models that are not LoRA adapters."""
+        return self.models - self.adapters.keys()
 
     @property
     def ejected_until(self) -> float:

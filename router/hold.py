@@ -9,7 +9,7 @@ of the model becomes available, so a held request starts without polling delay.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 
 class HoldFull(Exception):
@@ -30,6 +30,8 @@ class Holds:
         self.max_held = max_held
         self.seen: set[str] = set()
         self._waiters: dict[str, set[asyncio.Future[None]]] = {}
+        # told the model of each request that starts waiting (the adapter loader loads a held adapter)
+        self.on_wait: list[Callable[[str], None]] = []
 
     def holds(self, model: str) -> bool:
         """Whether requests for ``model`` wait for an engine instead of failing."""
@@ -61,6 +63,8 @@ class Holds:
             raise HoldFull
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         waiters.add(fut)
+        for listener in self.on_wait:
+            listener(model)
         try:
             async with asyncio.timeout(max_wait):
                 await fut
@@ -70,6 +74,15 @@ class Holds:
             waiters.discard(fut)
             if not waiters:
                 self._waiters.pop(model, None)
+
+    def fail(self, model: str, error: Exception) -> int:
+        """End every request held for ``model`` with ``error`` (e.g. its adapter cannot be loaded)."""
+        failed = 0
+        for fut in list(self._waiters.get(model, ())):
+            if not fut.done():
+                fut.set_exception(error)
+                failed += 1
+        return failed
 
     def wake(self, model: str) -> int:
         """Release every request held for ``model``; returns how many."""

@@ -58,6 +58,11 @@ class MonitorConfig(BaseModel):
     stale_after: float | None = Field(None, gt=0, description="drop scraped figures older than this")
     models_interval: float = Field(30.0, gt=0, description="seconds between /v1/models refreshes")
     api_key: SecretStr | None = Field(None, description="bearer token for the engines' /v1/models")
+    learn_adapters: bool = Field(
+        False,
+        description="also read /v1/models of engines whose models discovery names, for their LoRA adapters "
+        "(on when the router has declared adapters)",
+    )
 
     @model_validator(mode="after")
     def _stale_after_covers_a_scrape(self) -> MonitorConfig:
@@ -151,10 +156,29 @@ def clear_metrics(state: EngineState) -> None:
 
 def model_ids(payload: Any) -> frozenset[str]:
     """Model ids from an OpenAI ``/v1/models`` body; ValueError if it is not one."""
+    return model_cards(payload)[0]
+
+
+def model_cards(payload: Any) -> tuple[frozenset[str], dict[str, str]]:
+    """(every model id, LoRA adapter -> parent) from an OpenAI ``/v1/models`` body.
+
+    vLLM lists a loaded adapter as a card whose ``parent`` is its base model; ValueError if the body
+    is not a model list.
+    """
     if not isinstance(payload, dict) or not isinstance(payload.get("data"), list):
         raise ValueError("not an OpenAI model list")
-    ids = [m.get("id") for m in payload["data"] if isinstance(m, dict)]
-    return frozenset(i for i in ids if isinstance(i, str) and i)
+    ids: set[str] = set()
+    parents: dict[str, str] = {}
+    for card in payload["data"]:
+        if not isinstance(card, dict):
+            continue
+        name, parent = card.get("id"), card.get("parent")
+        if not isinstance(name, str) or not name:
+            continue
+        ids.add(name)
+        if isinstance(parent, str) and parent and parent != name:
+            parents[name] = parent
+    return frozenset(ids), parents
 
 
 # ---- I/O -----------------------------------------------------------------------------------------
@@ -298,24 +322,29 @@ class EngineMonitor:
                     state.url + "/v1/models", headers=headers, timeout=self.config.probe_timeout
                 )
                 resp.raise_for_status()
-                models = model_ids(resp.json())
+                models, adapters = model_cards(resp.json())
         except _FETCH_ERRORS as err:
             log.warning("cannot list the models of %s: %s", state.url, err)
             return False
         self._models_at[state.url] = self._clock()
         self._models_of[state.url] = state.endpoint
-        if models != state.models:
+        if state.endpoint.models:  # discovery named the base models: learn only the adapters
+            models = state.endpoint.models | adapters.keys()
+        if models != state.models or adapters != state.adapters:
             log.info("engine %s serves %s", state.name, ", ".join(sorted(models)) or "no models")
             state.models = models
+            state.adapters = adapters
             self.registry.changed()
         return True
 
     def _models_due(self, state: EngineState, now: float) -> bool:
-        if state.endpoint.models:
+        if state.endpoint.models and not self.config.learn_adapters:
             return False  # discovery named them
         if self._models_of.get(state.url) != state.endpoint:
             return True  # new, or another pod took over the address: its models may differ
         last = self._models_at.get(state.url, 0.0)
+        if state.endpoint.models:  # named by discovery: only adapters can change
+            return now - last >= self.config.models_interval
         return not state.models or now - last >= self.config.models_interval
 
     async def _health_ok(self, url: str) -> bool:

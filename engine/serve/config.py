@@ -33,6 +33,7 @@ from pydantic_settings import (
 
 from kvstack.common.config import ConfigError, build_layered, read_config_file, split_comma_list
 from kvstack.common.otlp import traces_url
+from kvstack.common.lora import LoraLimits
 from kvstack.engine.serve.managed import SECRET_FLAGS, colliding_env, colliding_flags, secret_flags
 
 ENV_PREFIX = "KVSTACK_ENGINE_"
@@ -172,6 +173,8 @@ class EngineConfig(BaseSettings):
     enable_prefix_caching: bool = True
     kv_events: KVEventsSettings = KVEventsSettings()
     lmcache: LMCacheSettings = LMCacheSettings()
+    # LoRA: set, the engine serves adapters and loads them at runtime (the operator places them)
+    lora: LoraLimits | None = None
     python_hash_seed: str = "0"
     vllm_bin: str = Field("vllm", min_length=1)
     extra_args: Annotated[list[str], NoDecode] = Field(default_factory=list)
@@ -299,7 +302,7 @@ def unknown_env_vars(environ: Mapping[str, str]) -> list[str]:
     environment variable names are case-sensitive and settings names are not.
     """
     fields = {name.upper() for name in EngineConfig.model_fields}
-    sections = {"KV_EVENTS", "LMCACHE"}
+    sections = {"KV_EVENTS", "LMCACHE", "LORA"}
     unknown = []
     for key in environ:
         upper = key.upper()

@@ -24,6 +24,11 @@ MANAGED_FLAGS: frozenset[str] = frozenset(
         "--kv-transfer-config",
         "--kv-events-config",
         "--otlp-traces-endpoint",
+        "--enable-lora",
+        "--no-enable-lora",
+        "--max-loras",
+        "--max-lora-rank",
+        "--max-cpu-loras",
     }
 )
 # Flags whose value is a secret: argv is world-readable (``ps``, /proc), the environment is not.
@@ -48,6 +53,7 @@ MANAGED_ENV: frozenset[str] = frozenset(
         # would override every LMCACHE_* variable above with a file we did not render
         "LMCACHE_CONFIG_FILE",
         "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",  # otlp_traces_protocol
+        "VLLM_ALLOW_RUNTIME_LORA_UPDATING",
     }
 )
 

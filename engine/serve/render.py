@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from kvstack.common.lora import RUNTIME_UPDATING_ENV
 from kvstack.engine.serve.config import ENV_PREFIX, EngineConfig, KVEventsSettings, LMCacheSettings
 
 # The connector ships with vLLM and loads the installed lmcache package's implementation.
@@ -41,6 +42,8 @@ def render(config: EngineConfig) -> LaunchSpec:
         argv += ["--kv-events-config", _json(kv_events_config(config.kv_events))]
     if config.otlp_traces_endpoint is not None:
         argv += ["--otlp-traces-endpoint", config.otlp_traces_endpoint]
+    if config.lora is not None:
+        argv += config.lora.engine_args()
     argv += config.extra_args
 
     env: dict[str, str] = {
@@ -56,6 +59,9 @@ def render(config: EngineConfig) -> LaunchSpec:
     if config.otlp_traces_endpoint is not None:
         # vLLM's exporter reads it (its default, grpc, needs the gRPC exporter in the image)
         env["OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"] = config.otlp_traces_protocol
+    if config.lora is not None:
+        # the operator loads and unloads the declared adapters through the runtime endpoints
+        env[RUNTIME_UPDATING_ENV] = "True"
     secret: set[str] = set()
     if config.api_key is not None:
         env["VLLM_API_KEY"] = config.api_key.get_secret_value()

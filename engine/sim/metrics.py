@@ -7,6 +7,7 @@ the core at scrape time. Each instance owns its registry, so several simulators 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -115,6 +116,11 @@ class EngineGauges(Protocol):
 
     @property
     def kv_cache_usage(self) -> float: ...
+
+    @property
+    def num_deferred(self) -> int:
+        """Waiting requests held back by a transient constraint (the LoRA budget: max_loras)."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -302,16 +308,44 @@ class SimMetrics:
         )
         info.labels(**info_labels).set(1.0)
         self._base = base
+        self._lora_info: Gauge | None = None
+        self._lora_swaps: Counter | None = None
+        self._max_lora = ""
+
+    def enable_lora(self, max_loras: int) -> None:
+        """Export ``vllm:lora_requests_info`` (vLLM 0.24 does only with --enable-lora) and the
+        simulator's own count of adapter swaps (vLLM exports none)."""
+        self._max_lora = str(max_loras)
+        # vLLM labels it with these three alone (no model_name, no engine); every step sets the
+        # series of its adapter sets to the current time, and earlier series stay: read the newest.
+        self._lora_info = Gauge(
+            "vllm:lora_requests_info",
+            "Running stats on lora requests.",
+            ["max_lora", "waiting_lora_adapters", "running_lora_adapters"],
+            registry=self.registry,
+            multiprocess_mode="sum",
+        )
+        self._lora_swaps = Counter(
+            "kvstack_sim_lora_swaps",
+            "Simulator only: LoRA adapters copied from CPU into a GPU slot (max_loras slots) for a step.",
+            list(self._base),
+            registry=self.registry,
+        )
+        self._lora_swaps.labels(**self._base)
 
     def bind_engine(self, engine: EngineGauges) -> None:
         """Read the gauges from ``engine`` at every scrape."""
         base = self._base
         self._running.labels(**base).set_function(lambda: float(engine.num_running))
         self._waiting.labels(**base).set_function(lambda: float(engine.num_waiting))
+
+        def deferred() -> float:
+            return float(min(engine.num_deferred, engine.num_waiting))
+
         self._waiting_by_reason.labels(**base, reason="capacity").set_function(
-            lambda: float(engine.num_waiting)
+            lambda: float(engine.num_waiting) - deferred()
         )
-        self._waiting_by_reason.labels(**base, reason="deferred").set(0.0)
+        self._waiting_by_reason.labels(**base, reason="deferred").set_function(deferred)
         self._usage.labels(**base).set_function(lambda: float(engine.kv_cache_usage))
 
     def render(self) -> bytes:
@@ -341,6 +375,17 @@ class SimMetrics:
 
     def on_preemption(self) -> None:
         self.preemptions.inc()
+
+    def on_lora_step(self, running: Sequence[str], waiting: Sequence[str], swaps: int) -> None:
+        if self._lora_info is None or self._lora_swaps is None:
+            return
+        self._lora_info.labels(
+            max_lora=self._max_lora,
+            waiting_lora_adapters=",".join(waiting),
+            running_lora_adapters=",".join(running),
+        ).set_to_current_time()
+        if swaps:
+            self._lora_swaps.labels(**self._base).inc(swaps)
 
     def on_request_finished(self, stats: FinishedRequestStats) -> None:
         self.success[stats.finish_reason].inc()

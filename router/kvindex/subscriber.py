@@ -61,9 +61,10 @@ class SubscriberCounters:
 
 def served_model(state: EngineState) -> str | None:
     """The model an engine's events are scoped by (its base model; None until discovery knows)."""
-    if not state.models:
+    bases = state.base_models  # an adapter's events carry its lora_name over the base model's scope
+    if not bases:
         return None
-    return min(state.models)  # with several (base + adapters) a stable pick; see the report
+    return min(bases)  # with several base models a stable pick
 
 
 def _readable(sock: zmq.Socket[bytes]) -> bool:

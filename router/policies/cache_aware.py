@@ -32,6 +32,7 @@ import xxhash
 from pydantic import BaseModel, ConfigDict, Field
 
 from kvstack.common.tasks import BackgroundTask
+from kvstack.router.adapters import kv_scope
 from kvstack.router.engines import EngineRegistry, EngineState
 from kvstack.router.kvindex.follow import follow_registry
 from kvstack.router.kvindex.index import IndexSettings, KVIndex, PrefixMatch
@@ -227,7 +228,8 @@ class CacheAwarePolicy(Policy):
     def choose(self, request: RequestFeatures, candidates: Sequence[EngineState], now: float) -> Decision:
         tokens = request.prompt_token_ids or ()
         n_tokens = len(tokens) if request.prompt_len is None else request.prompt_len
-        root = request_root(request.model, None, request.cache_salt)
+        base, lora = kv_scope(request.model, candidates)  # an adapter's keys: its own scope
+        root = request_root(base, lora, request.cache_salt)
         session_url = self._sessions.get(request.session_key) if request.session_key else None
         index, ledger = self.index, self.ledger
         # ties break by a hash of (request, engine): seeded by the request, hashed per engine URL

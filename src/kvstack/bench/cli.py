@@ -203,6 +203,7 @@ def plot_routing(rows: list[dict[str, Any]], path: Path, *, engines: int, load: 
 def _register_benchmarks() -> None:
     # Benchmarks owned by other modules register here so `kvstack bench --help` lists them all.
     from kvstack.bench.gpu import gpu_proof
+    from kvstack.bench.lora import lora_bench
     from kvstack.bench.router_overhead import router_overhead
     from kvstack.bench.sim_throughput import sim_throughput
     from kvstack.bench.soak import soak
@@ -211,6 +212,7 @@ def _register_benchmarks() -> None:
     app.command("router")(router_overhead)
     app.command("gpu")(gpu_proof)
     app.command("soak")(soak)
+    app.command("lora")(lora_bench)
 
 
 _register_benchmarks()
