@@ -32,8 +32,8 @@ from pydantic_settings import (
 )
 
 from kvstack.common.config import ConfigError, build_layered, read_config_file, split_comma_list
-from kvstack.common.otlp import traces_url
 from kvstack.common.lora import LoraLimits
+from kvstack.common.otlp import traces_url
 from kvstack.engine.serve.managed import SECRET_FLAGS, colliding_env, colliding_flags, secret_flags
 
 ENV_PREFIX = "KVSTACK_ENGINE_"
