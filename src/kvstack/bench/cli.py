@@ -107,6 +107,16 @@ def routing(
         raise typer.BadParameter("must be in (0, 0.6]", param_hint="--fill-under")
     if fill_pressured is not None and not 0.7 <= fill_pressured <= 1.0:
         raise typer.BadParameter("must be in [0.7, 1.0]", param_hint="--fill-pressured")
+    for name in workload or ():
+        if name not in WORKLOADS:
+            raise typer.BadParameter(
+                f"unknown workload {name!r}; known: {', '.join(WORKLOADS)}", param_hint="--workload"
+            )
+    for name in policy or ():
+        if name not in bench.POLICIES:
+            raise typer.BadParameter(
+                f"unknown policy {name!r}; known: {', '.join(bench.POLICIES)}", param_hint="--policy"
+            )
     fills = {"under": fill_under, "pressured": fill_pressured}
     setup = bench.RoutingSetup(
         engines=engines,

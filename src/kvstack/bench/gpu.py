@@ -301,7 +301,10 @@ def run_case(
 
 def gpu_proof(
     engines_file: Annotated[
-        Path | None, typer.Option(help="Running engines (static discovery YAML); omit with --sims.")
+        Path | None,
+        typer.Option(
+            exists=True, dir_okay=False, help="Running engines (static discovery YAML); omit with --sims."
+        ),
     ] = None,
     sims: Annotated[int, typer.Option(help="Start this many simulators instead (calibration).")] = 0,
     sim_blocks: Annotated[
