@@ -83,3 +83,9 @@ def test_the_bar_draws_on_a_terminal(capsys: pytest.CaptureFixture[str]) -> None
             bar.advance()
     assert bar.done == 4
     assert "bench gpu" in capsys.readouterr().err
+
+
+def test_the_benchmarks_own_lines_go_to_stdout_at_once(capsys: pytest.CaptureFixture[str]) -> None:
+    with BenchProgress("bench gpu", 2, "requests", show_bar=False, say=lambda _line: None) as bar:
+        bar.log("[h200] multi_round_qa / cache_aware: 2 requests ...")
+    assert capsys.readouterr().out == "[h200] multi_round_qa / cache_aware: 2 requests ...\n"

@@ -390,13 +390,13 @@ def gpu_proof(
     total = sum(wl.num_requests for _, _, wl in cases)
     with running(procs, timeout=60), BenchProgress("bench gpu", total, "requests") as bar:
         for name, pol, wl in cases:
-            typer.echo(f"[{label}] {name} / {pol}: {wl.num_requests} requests ...")
+            bar.log(f"[{label}] {name} / {pol}: {wl.num_requests} requests ...")
             trace_path = out / f"{label}-{name}-{pol}.trace.jsonl" if traced else None
             row = run_case(
                 urls, engines_file, wl, load, model, pol, tokenizer, log_dir, trace_path, bar.advance
             )
             rows.append(row)
-            typer.echo(
+            bar.log(
                 f"  ttft p50 {row['ttft_p50'] * 1000:.1f} ms p90 {row['ttft_p90'] * 1000:.1f} ms, "
                 f"itl p50 {row['itl_p50'] * 1000:.2f} ms, errors {row['errors']}, "
                 f"prefix hits {row['engine']['prefix_hits']:.0f}, "

@@ -27,6 +27,11 @@ from rich.progress import (
 PLAIN_STEPS = 10  # plain lines per run: one at every tenth of the way
 
 
+def print_now(line: str) -> None:
+    """A line on stdout at once (a pipe buffers, and a CI log should show progress as it happens)."""
+    print(line, flush=True)
+
+
 def interactive(stream: TextIO | None = None, environ: Mapping[str, str] = os.environ) -> bool:
     """A person watches ``stream`` (stderr by default): a terminal, not CI, not a dumb terminal."""
     stream = stream if stream is not None else sys.stderr
@@ -72,7 +77,7 @@ class BenchProgress:
         unit: str,
         *,
         show_bar: bool | None = None,
-        say: Callable[[str], None] = lambda line: print(line, flush=True),
+        say: Callable[[str], None] = print_now,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.description, self.total, self.unit = description, max(total, 1e-9), unit
@@ -106,6 +111,14 @@ class BenchProgress:
         if self._bar is not None:
             self._bar.stop()
             self._bar = None
+
+    def log(self, line: str) -> None:
+        """Print one of the benchmark's own lines: above the bar while it draws (a plain write to
+        stdout would land on the bar's line), else to stdout."""
+        if self._bar is not None:
+            self._bar.console.print(line, highlight=False, markup=False, soft_wrap=True)
+        else:
+            print_now(line)
 
     def advance(self, amount: float = 1.0) -> None:
         self.update(self.done + amount)

@@ -23,7 +23,7 @@ import yaml
 
 from kvstack.bench import promtext, stats, workloads
 from kvstack.bench.driver import DriverConfig, RequestResult, run_workload, wait_for_engines
-from kvstack.bench.progress import BenchProgress
+from kvstack.bench.progress import BenchProgress, print_now
 from kvstack.bench.routing_goals import SAMPLES
 from kvstack.bench.routing_plan import POLICIES as POLICIES
 from kvstack.common import tokenizer
@@ -273,7 +273,7 @@ def run(
     names: Sequence[str],
     regimes: Sequence[workloads.Regime],
     policies: Sequence[str],
-    progress: Callable[[str], None] = print,
+    progress: Callable[[str], None] | None = None,
     *,
     repeat: int = 1,
     show_bar: bool | None = None,
@@ -281,7 +281,8 @@ def run(
     """Every (workload, regime) trace through every policy, ``repeat`` times (rows carry ``run``).
 
     Runs interleave (all policies, then all again), so a drift of the machine meets every policy.
-    Progress counts requests over the whole run (``show_bar``: see :class:`BenchProgress`).
+    Progress counts requests over the whole run (``show_bar``: see :class:`BenchProgress`); the
+    run's lines go to ``progress`` (default: printed, above the bar when there is one).
     """
     _exit_on_sigterm()
     traces = [
@@ -299,9 +300,11 @@ def run(
     ]
     total = sum(w.num_requests for w in traces) * repeat * len(policies)
     rows = []
-    with BenchProgress("bench routing", total, "requests", show_bar=show_bar, say=progress) as bar:
+    bar = BenchProgress("bench routing", total, "requests", show_bar=show_bar, say=progress or print_now)
+    with bar:
+        say = progress or bar.log
         for workload in traces:
-            progress(
+            say(
                 f"{workload.name} / {workload.regime}: {workload.num_requests} requests at "
                 f"{workload.notes.get('request_rate', 0.0):.1f}/s, working set "
                 f"{workload.fill:.0%} of {setup.capacity_tokens} KV tokens"
@@ -310,7 +313,7 @@ def run(
                 for policy in policies:
                     case = run_case(setup, workload, policy, bar.advance, seed=run_index)
                     row = {**case, "run": run_index}
-                    progress(
+                    say(
                         f"  {policy:>13}{f' (run {run_index + 1}/{repeat})' if repeat > 1 else ''}: "
                         f"TTFT p90 {row['ttft_p90'] * 1000:7.1f} ms, hit rate "
                         f"{row['hit_rate']:.1%} (oracle {row['oracle_hit_rate']:.1%}), "
