@@ -165,3 +165,19 @@ def test_operator_with_an_unreachable_cluster(tmp_path: Path, unused_port: int) 
 def test_operator_with_a_missing_kubeconfig(tmp_path: Path) -> None:
     out = _run(["operator", "--kubeconfig", str(tmp_path / "none")])
     _one_line_failure(out, 2, "kubeconfig", "No such file or directory")
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["router", "--engine", "http://127.0.0.1:9"], ["engine", "sim"]],
+    ids=["router", "engine sim"],
+)
+def test_a_server_on_a_port_in_use(command: list[str]) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        out = _run([*command, "--port", str(port)])
+    assert out.returncode != 0
+    line = _one_line_failure(out, out.returncode)
+    assert "address already in use" in line.lower()
