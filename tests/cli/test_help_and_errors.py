@@ -181,3 +181,15 @@ def test_a_server_on_a_port_in_use(command: list[str]) -> None:
     assert out.returncode != 0
     line = _one_line_failure(out, out.returncode)
     assert "address already in use" in line.lower()
+
+
+def test_a_child_that_fails_to_start_is_reported_without_a_traceback(tmp_path: Path) -> None:
+    """A benchmark's simulator refuses its settings: the command says so (with the child's own
+    last log lines) and exits 1."""
+    args = ["bench", "routing", "--quick", "--workload", "multi_round_qa", "--policy", "cache_aware"]
+    out = _run([*args, "--num-gpu-blocks", "64", "--out", str(tmp_path)], timeout=120)
+    assert out.returncode == 1, (out.stdout, out.stderr)
+    assert "Traceback" not in out.stdout + out.stderr
+    first = out.stderr.splitlines()[0]
+    assert first.startswith("error: sim0 exited with 2"), out.stderr
+    assert "num_gpu_blocks" in out.stderr  # the simulator's own reason follows
