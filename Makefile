@@ -32,8 +32,11 @@ venv: $(STAMP)
 sysdeps:
 	@bash scripts/install-sysdeps.sh
 
+# sysdeps installs redis-server (LMCache's shared tier in `kvstack up`) and prometheus when missing;
+# options go through UP_ARGS: make run UP_ARGS='--engines 4 --prometheus'.
+UP_ARGS ?=
 run: venv sysdeps
-	$(BIN)/kvstack up
+	$(BIN)/kvstack up $(UP_ARGS)
 
 lint: venv
 	$(BIN)/ruff check .

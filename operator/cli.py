@@ -53,7 +53,34 @@ def run_operator(
         kubeconfig=kubeconfig,
         context=context,
     )
+    _check_cluster(settings.kubeconfig, settings.context)
     run(Runtime(settings), verbose=verbose)
+
+
+def _check_cluster(kubeconfig: Path | None, context: str | None) -> None:
+    """Fail in one line, before kopf starts, on credentials that do not load or an API server that
+    does not answer: kopf itself would log a traceback and keep retrying the login."""
+    from kvstack.common.config import ConfigError
+    from kvstack.common.kube.blocking import BlockingKube
+    from kvstack.common.kube.client import KubeError
+    from kvstack.common.kube.credentials import KubeConfigError, load_credentials
+
+    try:
+        credentials = load_credentials(kubeconfig, context)
+    except KubeConfigError as err:
+        raise ConfigError(str(err)) from err
+    with BlockingKube(credentials, timeout=10.0) as kube:
+        try:
+            kube.request("GET", "/version")
+        except KubeError as err:
+            api = f"the Kubernetes API at {credentials.server}"
+            if credentials.source:
+                api += f" ({credentials.source})"
+            if err.status == 0:  # no answer at all
+                raise ConfigError(f"cannot reach {api}: {err.__cause__ or err}") from err
+            if err.status == 401:
+                raise ConfigError(f"{api} refused the credentials") from err
+            # any other answer means a live server: kopf reports what it cannot do there
 
 
 def run(runtime: Runtime, *, verbose: bool = False, stop_flag: threading.Event | None = None) -> None:

@@ -29,7 +29,7 @@ def small_case(tmp_path: Path, engines: int = 2) -> tuple[routing.RoutingSetup, 
 @pytest.mark.slow
 def test_a_cache_aware_case_hits_near_the_oracle(tmp_path: Path) -> None:
     setup, w = small_case(tmp_path)
-    row = routing.run_case(setup, w, "cache_aware", progress=lambda _m: None)
+    row = routing.run_case(setup, w, "cache_aware")
     assert (row["requests"], row["errors"], row["first_reads"]) == (64, 0, 16)
     assert sum(row["requests_per_engine"]) == 64  # the engines' own counters saw every request
     # every repeat can hit its group's system prompt; the first read of each group cannot
@@ -53,8 +53,7 @@ def test_a_seed_repeats_the_tries_random_placement(tmp_path: Path) -> None:
     """The trie places each group's first prompt on a random engine; a run's seed fixes the draw."""
     setup, w = small_case(tmp_path, engines=4)
     placements = [
-        routing.run_case(setup, w, "prefix_trie", progress=lambda _m: None, seed=seed)["requests_per_engine"]
-        for seed in (7, 7, 8)
+        routing.run_case(setup, w, "prefix_trie", seed=seed)["requests_per_engine"] for seed in (7, 7, 8)
     ]
     assert placements[0] == placements[1]
     assert placements[0] != placements[2]  # 32 groups over 4 engines: seeds 7 and 8 draw apart

@@ -4,11 +4,14 @@ real runs of its load process against a simulator."""
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from kvstack.bench import router_overhead as ro
 from kvstack.bench.router_overhead import Load, body, run_load, summarize, verdict
 from kvstack.bench.sglang_router import sglang_router, sglang_workers_healthy, wait_sglang_workers
 from kvstack.common.procs import running
@@ -128,3 +131,24 @@ def test_the_sglang_baseline_routes_to_real_simulators(tmp_path: Path) -> None:
     # (no CPU check: a second of this light load can land between the kernel's accounting ticks)
     assert out["requests"] > 0 and out["errors"] == 0
     assert sum(served) >= out["requests"]  # the simulators answered what went through it
+
+
+def test_planned_seconds_cover_every_phase() -> None:
+    cfg = {"warmup": 2.0, "seconds": 10.0, "concurrency": [32, 128], "soak_seconds": 600.0}
+    # direct: open + two closed phases; per router: open, 2 x 2 closed, then the soak
+    assert ro.planned_seconds(cfg, routers=4) == 3 * 12 + 4 * (5 * 12 + 602)
+    assert ro.planned_seconds({**cfg, "soak_seconds": 0.0}, routers=1) == 3 * 12 + 5 * 12
+
+
+@pytest.mark.slow
+def test_a_short_run_reports_progress_to_the_end_in_plain_lines(tmp_path: Path) -> None:
+    """Piped (as in CI): no bar and no control characters, a plain line per tenth up to 100%."""
+    args = ["bench", "router", "--backend", "aiohttp", "--sglang", "none", "--concurrency", "4"]
+    args += ["--seconds", "1", "--warmup", "0.5", "--soak-seconds", "0", "--out-dir", str(tmp_path)]
+    kvstack = str(Path(sys.executable).with_name("kvstack"))
+    out = subprocess.run([kvstack, *args], capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0, out.stderr[-2000:]
+    progress = [line for line in out.stdout.splitlines() if line.startswith("bench router: ")]
+    assert progress[-1].startswith("bench router: 100% (9/9 s planned)"), progress
+    assert len(progress) == 6  # 6 phases of 1.5 s, each past a new tenth: one line per phase
+    assert "\x1b" not in out.stdout + out.stderr and "\r" not in out.stdout + out.stderr

@@ -12,26 +12,39 @@ from typing import IO
 import httpx
 import openai
 import pytest
+import redis
 import yaml
+from openai.types.chat import ChatCompletionMessageParam
 from tests.conftest import free_port
 
+from kvstack.bench import promtext
 from kvstack.common.config import ConfigError, build
 from kvstack.common.waits import wait_until
-from kvstack.stack.plan import EnginePorts, StackSettings, banner, engine_entries, plan_stack
+from kvstack.stack.plan import EnginePorts, StackSettings, banner, engine_entries, plan_stack, preflight
 
 PORTS = [EnginePorts(9101, 9102, 9103), EnginePorts(9201, 9202, 9203)]
+REDIS = 9300
 
 
 def test_plan_for_simulators() -> None:
     settings = StackSettings(port=8123, policy="session", speed=0.5)
-    specs = plan_stack(settings, PORTS, Path("/run/engines.yaml"))
-    assert [s.name for s in specs] == ["engine-0", "engine-1", "router"]
-    sim = specs[0].argv
+    specs = plan_stack(settings, PORTS, Path("/run/engines.yaml"), REDIS)
+    assert [s.name for s in specs] == ["redis", "engine-0", "engine-1", "router"]
+    redis = specs[0]
+    assert redis.argv[0] == "redis-server" and redis.argv[redis.argv.index("--port") + 1] == "9300"
+    assert redis.ready_redis_port == REDIS and redis.ready_url is None
+    assert redis.argv[redis.argv.index("--dir") + 1] == "/run"
+    sim = specs[1].argv
     assert sim[1:3] == ["engine", "sim"]
     assert sim[sim.index("--port") + 1] == "9101"
     assert sim[sim.index("--kv-events-endpoint") + 1] == "tcp://127.0.0.1:9102"
     assert sim[sim.index("--kv-events-replay-endpoint") + 1] == "tcp://127.0.0.1:9103"
     assert sim[sim.index("--speed") + 1] == "0.5"
+    # every engine's LMCache connector shares one Redis tier and one hash seed, or nothing is shared
+    for engine in specs[1:3]:
+        assert "--lmcache" in engine.argv
+        assert engine.argv[engine.argv.index("--lmcache-remote-url") + 1] == "redis://127.0.0.1:9300"
+        assert engine.env["PYTHONHASHSEED"] == specs[1].env["PYTHONHASHSEED"]
     router = specs[-1].argv
     assert router[router.index("--engines-file") + 1] == "/run/engines.yaml"
     assert router[router.index("--policy") + 1] == "session"
@@ -41,16 +54,77 @@ def test_plan_for_simulators() -> None:
     assert entries[1]["kv_events_endpoint"] == "tcp://127.0.0.1:9202"
 
 
+def test_plan_without_lmcache_starts_no_redis() -> None:
+    specs = plan_stack(StackSettings(lmcache=False), PORTS, Path("/e.yaml"))
+    assert [s.name for s in specs] == ["engine-0", "engine-1", "router"]
+    assert not any(a.startswith("--lmcache") for a in specs[0].argv)
+    assert "LMCache:     off" in banner(StackSettings(lmcache=False), PORTS)
+
+
+def test_plan_with_lmcache_needs_a_redis_port() -> None:
+    with pytest.raises(ValueError, match="Redis port"):
+        plan_stack(StackSettings(), PORTS, Path("/e.yaml"))
+
+
 def test_plan_for_vllm_sets_one_gpu_and_kv_events_per_engine() -> None:
     settings = StackSettings(engine="vllm", model="meta-llama/Llama-3.1-8B-Instruct")
-    specs = plan_stack(settings, PORTS, Path("/e.yaml"))
+    specs = plan_stack(settings, PORTS, Path("/e.yaml"), REDIS)[1:]
     assert specs[1].argv[1:] == ["engine", "serve"]
     assert specs[1].env["CUDA_VISIBLE_DEVICES"] == "1"
     assert specs[1].env["KVSTACK_ENGINE_PORT"] == "9201"
     assert specs[1].env["KVSTACK_ENGINE_KV_EVENTS__ENABLED"] == "true"
+    assert specs[1].env["KVSTACK_ENGINE_LMCACHE__REMOTE_URL"] == "redis://127.0.0.1:9300"
     assert specs[0].env["PYTHONHASHSEED"] == specs[1].env["PYTHONHASHSEED"]
     assert settings.ready_timeout == 600.0
-    assert "meta-llama/Llama-3.1-8B-Instruct" in banner(settings)
+    shown = banner(settings, PORTS, REDIS)
+    assert "meta-llama/Llama-3.1-8B-Instruct" in shown
+    assert "http://127.0.0.1:9101 http://127.0.0.1:9201" in shown
+    assert "redis://127.0.0.1:9300" in shown
+
+
+@pytest.mark.parametrize(
+    ("settings", "missing", "busy", "problems"),
+    [
+        (StackSettings(), set(), set(), []),
+        (
+            StackSettings(),
+            {"redis-server"},
+            set(),
+            [
+                "redis-server not found on PATH (LMCache's shared tier; install it with `make sysdeps` "
+                "or run with --no-lmcache)"
+            ],
+        ),
+        (
+            StackSettings(prometheus=True, prometheus_port=9999),
+            {"prometheus"},
+            {9999},
+            [
+                "prometheus not found on PATH (install it with `make sysdeps` or run without --prometheus)",
+                "port 9999 on 127.0.0.1 is in use (--prometheus-port picks another)",
+            ],
+        ),
+        (
+            StackSettings(port=8123),
+            set(),
+            {8123},
+            ["port 8123 on 127.0.0.1 is in use (--port picks another)"],
+        ),
+        (StackSettings(), {"vllm-thing"}, set(), ["vllm-thing not found on PATH (is it installed?)"]),
+        (StackSettings(prometheus_port=9999), set(), {9999}, []),  # not ours to bind without --prometheus
+    ],
+)
+def test_preflight_names_each_problem_in_one_line(
+    settings: StackSettings, missing: set[str], busy: set[int], problems: list[str]
+) -> None:
+    programs = ["redis-server", "/venv/bin/kvstack", "/venv/bin/kvstack", "prometheus", "vllm-thing"]
+    found = preflight(
+        settings,
+        programs,
+        lambda name: None if name in missing else f"/usr/bin/{name}",
+        lambda _host, port: port not in busy,
+    )
+    assert found == problems
 
 
 @pytest.mark.parametrize(
@@ -91,7 +165,7 @@ def _listening(url: str) -> bool:
 
 
 def test_cache_aware_is_the_default_policy() -> None:
-    specs = plan_stack(StackSettings(), PORTS, Path("/e.yaml"))
+    specs = plan_stack(StackSettings(), PORTS, Path("/e.yaml"), REDIS)
     assert specs[-1].argv[specs[-1].argv.index("--policy") + 1] == "cache_aware"
 
 
@@ -168,6 +242,49 @@ def test_kvstack_up_with_prometheus_scrapes_router_and_engines() -> None:
         assert not _listening(f"http://127.0.0.1:{prom_port}"), (
             "Prometheus still running after kvstack up stopped"
         )
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def _external_hits(engine_url: str) -> float:
+    return promtext.total(promtext.scrape(f"{engine_url}/metrics"), "vllm:external_prefix_cache_hits_total")
+
+
+def test_kvstack_up_shares_kv_between_simulators_through_its_redis() -> None:
+    """A prefix one simulator computed is loaded from the stack's Redis by the other one."""
+    port = free_port()
+    kvstack = str(Path(sys.executable).with_name("kvstack"))
+    proc = subprocess.Popen(
+        [kvstack, "up", "--port", str(port), "--engines", "2"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        assert proc.stdout is not None
+        shown = _read_banner(proc.stdout)
+        engines = shown.split("Engines:", 1)[1].splitlines()[0].split()
+        url = shown.split("LMCache:     shared tier ", 1)[1].split()[0]
+        assert len(engines) == 2 and url.startswith("redis://127.0.0.1:"), shown
+        store = redis.Redis.from_url(url)
+        # ~2,000 tokens: several 256-token LMCache chunks
+        prompt = " ".join(f"section {i} of the shared system prompt says hello" for i in range(250))
+        first, second = (openai.OpenAI(base_url=f"{e}/v1", api_key="unused", max_retries=0) for e in engines)
+        messages: list[ChatCompletionMessageParam] = [{"role": "user", "content": prompt}]
+        first.chat.completions.create(model="kvstack/sim-8b", messages=messages, max_tokens=2)
+        # the first engine offloads its chunks to Redis in the background
+        wait_until(lambda: store.dbsize() > 0, "chunks of the first engine in Redis", 20, 0.1)
+        assert _external_hits(engines[1]) == 0
+        second.chat.completions.create(model="kvstack/sim-8b", messages=messages, max_tokens=2)
+        assert _external_hits(engines[1]) >= 256  # at least one chunk from the shared tier
+        assert _external_hits(engines[0]) == 0  # it computed the prompt itself
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+        with pytest.raises(redis.ConnectionError):
+            store.ping()  # the stack's Redis stopped with it
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)

@@ -26,6 +26,7 @@ import yaml
 
 from kvstack.bench.autoscale_live import OpenLoopLoad, Recorder
 from kvstack.bench.autoscale_plan import MODEL, Phases, PodShape, Sample, Variant, summarize, variants
+from kvstack.bench.progress import BenchProgress
 from kvstack.bench.report import save_figure
 from kvstack.common.kube import resource_path
 from kvstack.common.procs import ManagedProcess, free_port
@@ -161,8 +162,15 @@ def _progress(name: str, s: Sample) -> str:
     )
 
 
-def run_variant(cluster: Cluster, bench: ClusterBench, variant: Variant, echo: Echo) -> dict[str, Any]:
-    """One variant in its own namespace; every process it starts is stopped before it returns."""
+def run_variant(
+    cluster: Cluster,
+    bench: ClusterBench,
+    variant: Variant,
+    echo: Echo,
+    progress: Callable[[float], None] = lambda _s: None,
+) -> dict[str, Any]:
+    """One variant in its own namespace; every process it starts is stopped before it returns.
+    ``progress`` is told the seconds of load sent so far."""
     from kopf.testing import KopfRunner
 
     from kvstack.bench.autoscale_plan import stack_spec
@@ -214,7 +222,7 @@ def run_variant(cluster: Cluster, bench: ClusterBench, variant: Variant, echo: E
                         60,
                     )
                     echo(f"[{variant.name}] stack up in {namespace}: {variant.description}")
-                    result = _drive(cluster, namespace, bench, variant, router_url, prom_url, echo)
+                    result = _drive(cluster, namespace, bench, variant, router_url, prom_url, echo, progress)
                 result["operator_exception"] = repr(runner.exception) if runner.exception else None
                 return result
             finally:
@@ -232,6 +240,7 @@ def _drive(
     router_url: str,
     prom_url: str,
     echo: Echo,
+    progress: Callable[[float], None],
 ) -> dict[str, Any]:
     phases = bench.phases
     step_at = time.monotonic() + phases.warm_s
@@ -242,6 +251,7 @@ def _drive(
         try:
             next_line = -phases.warm_s
             while load.now() < phases.end_s:
+                progress(load.now() + phases.warm_s)
                 if recorder.samples and load.now() >= next_line:
                     echo(_progress(variant.name, recorder.samples[-1]))
                     next_line += 10.0
@@ -272,7 +282,19 @@ def run(cluster: Cluster, bench: ClusterBench, echo: Echo) -> dict[str, Any]:
     """Every variant on a started cluster; the report ``write`` saves."""
     install_crd(cluster)
     load_start = os.getloadavg()
-    runs = [run_variant(cluster, bench, v, echo) for v in bench.variants()]
+    variants = bench.variants()
+    per_variant = bench.phases.warm_s + bench.phases.end_s  # seconds of load, from -warm_s to end_s
+    runs = []
+    # Plain lines only: kopf's runner captures stderr while the operator runs, so no bar can draw.
+    with BenchProgress(
+        "bench autoscale --cluster", len(variants) * per_variant, "s of load", show_bar=False, say=echo
+    ) as bar:
+        for i, variant in enumerate(variants):
+
+            def progress(seconds: float, offset: float = i * per_variant) -> None:
+                bar.update(offset + seconds)
+
+            runs.append(run_variant(cluster, bench, variant, echo, progress))
     return {
         "mode": "cluster",
         "what": (

@@ -64,6 +64,14 @@ def _display(row: dict[str, object]) -> dict[str, object]:
 @app.command("routing")
 def routing(
     out: OutOption = Path("bench-results"),
+    quick: Annotated[
+        bool,
+        typer.Option(
+            "--quick",
+            help="A small run in under 2 minutes: 2 engines, 2 workloads (under-filled), round_robin "
+            "vs cache_aware, once; results-quick.json and routing-quick.png.",
+        ),
+    ] = False,
     workload: Annotated[
         list[str] | None,
         typer.Option(help="multi_round_qa, shared_prefix, long_doc_qa, long_doc_qa_interleave."),
@@ -73,17 +81,23 @@ def routing(
         typer.Option(help="under (<=60% of KV; 50% by default) or pressured (>=70%; 90% by default)."),
     ] = None,
     policy: Annotated[list[str] | None, typer.Option(help="Policies to compare (default: all).")] = None,
-    engines: Annotated[int, typer.Option(help="Simulated engines.")] = 4,
-    num_gpu_blocks: Annotated[int, typer.Option(help="KV blocks per engine.")] = 4096,
-    speed: Annotated[float, typer.Option(help="Simulator speed (1.0 = H200-calibrated real time).")] = 1.0,
-    scale: Annotated[float, typer.Option(help="Prompt-size scale (<1 for a quick run).")] = 1.0,
+    engines: Annotated[int | None, typer.Option(min=1, help="Simulated engines (default 4).")] = None,
+    num_gpu_blocks: Annotated[
+        int | None, typer.Option(min=1, help="KV blocks per engine (default 4096).")
+    ] = None,
+    speed: Annotated[
+        float | None, typer.Option(help="Simulator speed (default 1.0 = H200-calibrated real time).")
+    ] = None,
+    scale: Annotated[float | None, typer.Option(help="Prompt-size scale (default 1; <1 is quicker).")] = None,
     load: Annotated[
         float, typer.Option(help="Offered prompt tokens over the cluster's cold prefill throughput.")
     ] = 0.75,
     repeat: Annotated[
-        int,
-        typer.Option(help="Runs per case; goals and plot use medians (a random baseline needs several)."),
-    ] = 3,
+        int | None,
+        typer.Option(
+            help="Runs per case (default 3); goals and plot use medians (a random baseline needs several)."
+        ),
+    ] = None,
     fill_under: Annotated[
         float | None, typer.Option(help="Working set of the under regime, a fraction of KV (<= 0.6).")
     ] = None,
@@ -94,60 +108,63 @@ def routing(
     """Compare routing policies on the same traces: TTFT, hit rate vs an oracle, load balance, overhead."""
     import os
 
-    from kvstack.bench import decision, report, routing_goals
+    from kvstack.bench import decision, report, routing_goals, routing_plan
     from kvstack.bench import routing as bench
-    from kvstack.bench.workloads import WORKLOADS
 
     if load <= 0:
         raise typer.BadParameter("must be positive", param_hint="--load")
-    if repeat < 1:
-        raise typer.BadParameter("must be at least 1", param_hint="--repeat")
     # the issue's regimes: a working set <= 60% of the cluster's KV, and >= 70%
     if fill_under is not None and not 0 < fill_under <= 0.6:
         raise typer.BadParameter("must be in (0, 0.6]", param_hint="--fill-under")
     if fill_pressured is not None and not 0.7 <= fill_pressured <= 1.0:
         raise typer.BadParameter("must be in [0.7, 1.0]", param_hint="--fill-pressured")
+    try:
+        plan = routing_plan.plan(
+            quick,
+            workloads=workload,
+            regimes=regime,
+            policies=policy,
+            repeat=repeat,
+            engines=engines,
+            num_gpu_blocks=num_gpu_blocks,
+            speed=speed,
+            scale=scale,
+        )
+    except routing_plan.PlanError as err:
+        raise typer.BadParameter(str(err), param_hint=err.option) from err
     fills = {"under": fill_under, "pressured": fill_pressured}
     setup = bench.RoutingSetup(
-        engines=engines,
-        num_gpu_blocks=num_gpu_blocks,
-        speed=speed,
-        scale=scale,
+        engines=plan.engines,
+        num_gpu_blocks=plan.num_gpu_blocks,
+        speed=plan.speed,
+        scale=plan.scale,
         load=load,
         fill={regime: f for regime, f in fills.items() if f is not None},
     )
     load_start = os.getloadavg()
     # In-process, before any stack starts: the decision's own cost on a populated index.
-    micro = decision.run(engines=engines)
+    micro = decision.run(engines=plan.engines)
     typer.echo(
         f"decision microbenchmark (8K-token prompts, {micro['indexed_blocks']} indexed blocks): "
         f"p99 {micro['cached_tokens_ms']['p99']:.3f} ms with cached tokens, "
         f"{micro['uncached_tokens_ms']['p99']:.3f} ms hashing new ones"
     )
-    regimes = list(regime or ["under", "pressured"])
-    for name in regimes:
-        if name not in ("under", "pressured"):
-            raise typer.BadParameter(f"unknown regime {name!r}", param_hint="--regime")
-    rows = bench.run(
-        setup,
-        workload or list(WORKLOADS),
-        regimes,  # type: ignore[arg-type]
-        policy or list(bench.POLICIES),
-        repeat=repeat,
-    )
+    rows = bench.run(setup, plan.workloads, plan.regimes, plan.policies, repeat=plan.repeat)
     folder = out / "routing"
+    suffix = "-quick" if plan.quick else ""
     goal_rows = routing_goals.goals(rows)
     report.write_json(
-        folder / "results.json",
+        folder / f"results{suffix}.json",
         {
             "setup": {
-                "engines": engines,
-                "num_gpu_blocks": num_gpu_blocks,
-                "speed": speed,
-                "scale": scale,
+                "quick": plan.quick,
+                "engines": plan.engines,
+                "num_gpu_blocks": plan.num_gpu_blocks,
+                "speed": plan.speed,
+                "scale": plan.scale,
                 "capacity_tokens": setup.capacity_tokens,
                 "load": load,
-                "repeat": repeat,
+                "repeat": plan.repeat,
                 "fill": setup.fill,
                 "prefill_tokens_per_s": setup.prefill_tokens_per_s,
                 "cpu_count": os.cpu_count(),
@@ -161,16 +178,22 @@ def routing(
         },
     )
     summary = routing_goals.medians(rows)
-    title = "Routing policies (times in ms)" + (f", medians of {repeat} runs" if repeat > 1 else "")
+    label = "quick run: " if plan.quick else ""
+    title = f"Routing policies ({label}times in ms)" + (
+        f", medians of {plan.repeat} runs" if plan.repeat > 1 else ""
+    )
     report.print_table(title, [_display(r) for r in summary], list(_COLUMNS.values()))
     if goal_rows:
         columns = list(dict.fromkeys(k for entry in goal_rows for k in entry))
-        report.print_table("Goals (cache_aware)", goal_rows, columns)
-    plot_routing(summary, folder / "routing.png", engines=engines, load=load)
-    typer.echo(f"results: {folder / 'results.json'}, plot: {folder / 'routing.png'}")
+        report.print_table(f"Goals (cache_aware{', quick run' if plan.quick else ''})", goal_rows, columns)
+    png = folder / f"routing{suffix}.png"
+    plot_routing(summary, png, engines=plan.engines, load=load, quick=plan.quick)
+    typer.echo(f"results: {folder / f'results{suffix}.json'}, plot: {png}")
 
 
-def plot_routing(rows: list[dict[str, Any]], path: Path, *, engines: int, load: float) -> None:
+def plot_routing(
+    rows: list[dict[str, Any]], path: Path, *, engines: int, load: float, quick: bool = False
+) -> None:
     """The routing PNG: per case, bars per policy for TTFT p90 (repeats, all), hit rate, load CV."""
     from kvstack.bench import report
 
@@ -194,7 +217,8 @@ def plot_routing(rows: list[dict[str, Any]], path: Path, *, engines: int, load: 
             ("hit_rate", "engine hit rate"),
             ("load_cv", "load CV"),
         ],
-        title=f"Routing policies on the same traces ({engines} simulated H200 engines, load {load})",
+        title=f"Routing policies on the same traces ({engines} simulated H200 engines, load {load}"
+        + (", quick run)" if quick else ")"),
         clip_keys=("ttft_p90_ms", "ttft_all_p90_ms"),
         refs={"hit_rate": ("oracle_hit_rate", "oracle")},
     )

@@ -20,7 +20,7 @@ import sys
 import tempfile
 import time
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -29,6 +29,7 @@ import yaml
 
 from kvstack.bench import promtext, stats, trace, workloads
 from kvstack.bench.driver import DriverConfig, RequestResult, run_workload, wait_for_engines
+from kvstack.bench.progress import BenchProgress
 from kvstack.bench.report import save_figure
 from kvstack.common.procs import ManagedProcess, free_ports, kvstack_argv, running
 
@@ -249,9 +250,11 @@ def run_case(
     tokenizer: str,
     log_dir: Path,
     trace_path: Path | None = None,
+    on_request: Callable[[], None] = lambda: None,
 ) -> dict[str, Any]:
     """One workload through a fresh router with ``policy``; the engines keep running. With
-    ``trace_path``, every request's trace row is written there (JSON lines) and summarized."""
+    ``trace_path``, every request's trace row is written there (JSON lines) and summarized;
+    ``on_request`` is called as each request completes."""
     peer = policy in PEER_POLICIES
     if peer:
         router, router_url = _peer_router_proc(urls, policy, log_dir)
@@ -264,7 +267,9 @@ def run_case(
         e0 = [promtext.scrape(f"{u}/metrics") for u in urls]
         r0 = {} if peer else promtext.scrape(f"{router_url}/metrics")
         results, wall = asyncio.run(
-            run_workload(DriverConfig(router_url, model, request_timeout=300), workload)
+            run_workload(
+                DriverConfig(router_url, model, request_timeout=300), workload, lambda _r: on_request()
+            )
         )
         time.sleep(1.0)  # the last KV events land in the index
         e1 = [promtext.scrape(f"{u}/metrics") for u in urls]
@@ -301,7 +306,10 @@ def run_case(
 
 def gpu_proof(
     engines_file: Annotated[
-        Path | None, typer.Option(help="Running engines (static discovery YAML); omit with --sims.")
+        Path | None,
+        typer.Option(
+            exists=True, dir_okay=False, help="Running engines (static discovery YAML); omit with --sims."
+        ),
     ] = None,
     sims: Annotated[int, typer.Option(help="Start this many simulators instead (calibration).")] = 0,
     sim_blocks: Annotated[
@@ -368,27 +376,37 @@ def gpu_proof(
         entries = yaml.safe_load(engines_file.read_text())
     urls = [e["url"] if isinstance(e, dict) else str(e) for e in entries]
     rows: list[dict[str, Any]] = []
-    with running(procs, timeout=60):
-        for name in names:
-            for pol in policies:
-                wl = sized_workload(
-                    name, duration_s, load, prefill_tokens_per_s, seed=case_seed(name, trace_as or pol, trace)
-                )
-                typer.echo(f"[{label}] {name} / {pol}: {wl.num_requests} requests ...")
-                trace_path = out / f"{label}-{name}-{pol}.trace.jsonl" if traced else None
-                row = run_case(urls, engines_file, wl, load, model, pol, tokenizer, log_dir, trace_path)
-                rows.append(row)
-                typer.echo(
-                    f"  ttft p50 {row['ttft_p50'] * 1000:.1f} ms p90 {row['ttft_p90'] * 1000:.1f} ms, "
-                    f"itl p50 {row['itl_p50'] * 1000:.2f} ms, errors {row['errors']}, "
-                    f"prefix hits {row['engine']['prefix_hits']:.0f}, "
-                    f"predicted {row['router']['predicted_hit_tokens']:.0f}, "
-                    f"index {row['index_blocks_before']:.0f}->{row['index_blocks_after']:.0f}"
-                )
-                meta = _meta(sim_config if sims else None)
-                if sims:
-                    meta["sim_redis"] = sim_redis is not None
-                (out / f"{label}.json").write_text(json.dumps(_document(label, rows, meta), indent=2))
+    cases = [
+        (
+            name,
+            pol,
+            sized_workload(
+                name, duration_s, load, prefill_tokens_per_s, seed=case_seed(name, trace_as or pol, trace)
+            ),
+        )
+        for name in names
+        for pol in policies
+    ]
+    total = sum(wl.num_requests for _, _, wl in cases)
+    with running(procs, timeout=60), BenchProgress("bench gpu", total, "requests") as bar:
+        for name, pol, wl in cases:
+            bar.log(f"[{label}] {name} / {pol}: {wl.num_requests} requests ...")
+            trace_path = out / f"{label}-{name}-{pol}.trace.jsonl" if traced else None
+            row = run_case(
+                urls, engines_file, wl, load, model, pol, tokenizer, log_dir, trace_path, bar.advance
+            )
+            rows.append(row)
+            bar.log(
+                f"  ttft p50 {row['ttft_p50'] * 1000:.1f} ms p90 {row['ttft_p90'] * 1000:.1f} ms, "
+                f"itl p50 {row['itl_p50'] * 1000:.2f} ms, errors {row['errors']}, "
+                f"prefix hits {row['engine']['prefix_hits']:.0f}, "
+                f"predicted {row['router']['predicted_hit_tokens']:.0f}, "
+                f"index {row['index_blocks_before']:.0f}->{row['index_blocks_after']:.0f}"
+            )
+            meta = _meta(sim_config if sims else None)
+            if sims:
+                meta["sim_redis"] = sim_redis is not None
+            (out / f"{label}.json").write_text(json.dumps(_document(label, rows, meta), indent=2))
     typer.echo(f"wrote {out / (label + '.json')} and {plot(out)} (logs in {log_dir})")
 
 

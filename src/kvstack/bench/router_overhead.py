@@ -35,6 +35,7 @@ from typing import Annotated, Any
 import typer
 import yaml
 
+from kvstack.bench.progress import BenchProgress
 from kvstack.bench.report import print_table, write_json
 from kvstack.bench.router_overhead_plot import plot_overhead
 from kvstack.bench.sglang_router import SGLANG_POLICIES, sglang_router, wait_sglang_workers
@@ -133,8 +134,14 @@ def _load_main(load: Load, out: Any) -> None:
     out.send(uvloop.run(_drive(load)))
 
 
-def run_load(load: Load, router_pid: int | None, rss_every: float = 0.0) -> dict[str, Any]:
-    """Run ``load`` in its own process; summarize the window after the warm-up."""
+def run_load(
+    load: Load,
+    router_pid: int | None,
+    rss_every: float = 0.0,
+    tick: Callable[[float], None] = lambda _s: None,
+) -> dict[str, Any]:
+    """Run ``load`` in its own process; summarize the window after the warm-up; then ``tick`` the
+    seconds it was planned to take (the benchmark's progress)."""
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe(duplex=False)
     proc = ctx.Process(target=_load_main, args=(load, child))
@@ -162,6 +169,7 @@ def run_load(load: Load, router_pid: int | None, rss_every: float = 0.0) -> dict
         if proc.is_alive():
             proc.kill()
             proc.join()
+    tick(load.warmup + load.seconds)
     return summarize(samples, load, router_cpu, load_cpu, load_avg, rss)
 
 
@@ -246,11 +254,16 @@ def _router_url(router: Any) -> str:
 
 
 def measure_backend(
-    backend: str, policy: str, engines_file: Path, cfg: dict[str, Any], logs: Path, profile: Path | None
+    backend: str,
+    policy: str,
+    engines_file: Path,
+    cfg: dict[str, Any],
+    logs: Path,
+    profile: Path | None,
+    tick: Callable[[float], None] = lambda _s: None,
 ) -> dict[str, Any]:
-
     router = _router(backend, policy, engines_file, logs, profile)
-    return measure_router(backend, router, cfg, profile)
+    return measure_router(backend, router, cfg, profile, tick=tick)
 
 
 def measure_router(
@@ -259,6 +272,7 @@ def measure_router(
     cfg: dict[str, Any],
     profile: Path | None = None,
     ready: Callable[[Any], None] | None = None,
+    tick: Callable[[float], None] = lambda _s: None,
 ) -> dict[str, Any]:
     """Every phase through ``router`` (a kvstack router or a baseline), as row ``label``; ``ready``
     waits for what the router's ready URL does not cover."""
@@ -271,20 +285,29 @@ def measure_router(
             ready(router)
         time.sleep(1.0)  # engines discovered and scraped, KV-event feeds connected
         url, pid = (_router_url(router),), router.pid
-        out["open"] = run_load(Load(url, seconds, warmup, rate=cfg["rate"]), pid)
+        out["open"] = run_load(Load(url, seconds, warmup, rate=cfg["rate"]), pid, tick=tick)
         for stream, key, tokens in ((False, "closed_nonstream", 16), (True, "closed_stream", 32)):
             out[key] = [
                 {"concurrency": c, **run_load(Load(url, seconds, warmup, concurrency=c, stream=stream,
-                                                   max_tokens=tokens), pid)}
+                                                   max_tokens=tokens), pid, tick=tick)}
                 for c in cfg["concurrency"]
             ]  # fmt: skip
         if cfg["soak_seconds"] > 0:
             soak = Load(url, cfg["soak_seconds"], warmup, rate=cfg["rate"], unique=True)
-            out["soak"] = run_load(soak, pid, rss_every=max(1.0, cfg["soak_seconds"] / 60))
+            out["soak"] = run_load(soak, pid, rss_every=max(1.0, cfg["soak_seconds"] / 60), tick=tick)
         if profile is not None and router.proc is not None:
             os.kill(router.pid, signal.SIGINT)  # cProfile writes its stats on KeyboardInterrupt
             router.proc.wait(60)
     return out
+
+
+def planned_seconds(cfg: dict[str, Any], routers: int) -> float:
+    """Seconds of load the run is planned to send: three direct phases, then per router the open
+    phase, both closed phases at each concurrency and the soak (each with its warm-up)."""
+    phase = cfg["warmup"] + cfg["seconds"]
+    soak = cfg["warmup"] + cfg["soak_seconds"] if cfg["soak_seconds"] > 0 else 0.0
+    per_router = phase * (1 + 2 * len(cfg["concurrency"])) + soak
+    return float(3 * phase + routers * per_router)
 
 
 def verdict(direct: dict[str, Any], row: dict[str, Any]) -> dict[str, Any]:
@@ -370,25 +393,29 @@ def router_overhead(
     engines_file.write_text(yaml.safe_dump(entries, sort_keys=False))
     if profile is not None:
         profile.mkdir(parents=True, exist_ok=True)
-    with running(sims):
+    routers = len(backends) + len(baselines)
+    planned = planned_seconds(cfg, routers)
+    with running(sims), BenchProgress("bench router", planned, "s planned") as bar:
         urls = tuple(e["url"] for e in entries)
         top = max(levels)
+        tick = bar.advance
         direct = {
-            "open": run_load(Load(urls, seconds, warmup, rate=rate), None),
-            "closed_nonstream": run_load(Load(urls, seconds, warmup, concurrency=top), None),
+            "open": run_load(Load(urls, seconds, warmup, rate=rate), None, tick=tick),
+            "closed_nonstream": run_load(Load(urls, seconds, warmup, concurrency=top), None, tick=tick),
             "closed_stream": run_load(
-                Load(urls, seconds, warmup, concurrency=top, stream=True, max_tokens=32), None
+                Load(urls, seconds, warmup, concurrency=top, stream=True, max_tokens=32), None, tick=tick
             ),
         }
         rows = [
             measure_backend(
-                b, policy, engines_file, cfg, logs, None if profile is None else profile / f"{b}.prof"
+                b, policy, engines_file, cfg, logs, None if profile is None else profile / f"{b}.prof", tick
             )
             for b in backends
         ]
         wait = partial(wait_sglang_workers, expected=len(urls))
         rows += [
-            measure_router(f"sglang-{p}", sglang_router(p, urls, logs), cfg, ready=wait) for p in baselines
+            measure_router(f"sglang-{p}", sglang_router(p, urls, logs), cfg, ready=wait, tick=tick)
+            for p in baselines
         ]
     verdicts = [verdict(direct["open"], r) for r in rows]
     payload = {

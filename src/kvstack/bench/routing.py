@@ -23,11 +23,12 @@ import yaml
 
 from kvstack.bench import promtext, stats, workloads
 from kvstack.bench.driver import DriverConfig, RequestResult, run_workload, wait_for_engines
+from kvstack.bench.progress import BenchProgress, print_now
 from kvstack.bench.routing_goals import SAMPLES
+from kvstack.bench.routing_plan import POLICIES as POLICIES
 from kvstack.common import tokenizer
 from kvstack.common.procs import ManagedProcess, cpu_seconds, free_ports, kvstack_argv, memory_mb, running
 
-POLICIES = ("round_robin", "least_loaded", "session", "prefix_trie", "cache_aware")
 MODEL = "kvstack/sim-8b"
 
 
@@ -142,20 +143,17 @@ def run_case(
     setup: RoutingSetup,
     workload: workloads.Workload,
     policy: str,
-    progress: Callable[[str], None] = print,
+    on_request: Callable[[], None] = lambda: None,
     *,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """One trace through a fresh stack under ``policy``; ``seed`` seeds the policy's random draws."""
+    """One trace through a fresh stack under ``policy``; ``seed`` seeds the policy's random draws;
+    ``on_request`` is called as each request completes."""
     case = f"{workload.name}-{workload.regime}-{policy}-{seed}"
     procs, router_url, engine_urls = _stack(setup, policy, case, seed)
-    done = 0
 
     def on_done(_r: RequestResult) -> None:
-        nonlocal done
-        done += 1
-        if done % 50 == 0:
-            progress(f"  {case}: {done}/{workload.num_requests} requests")
+        on_request()
 
     with running(procs, timeout=60):
         wait_for_engines(router_url, setup.engines)
@@ -275,36 +273,47 @@ def run(
     names: Sequence[str],
     regimes: Sequence[workloads.Regime],
     policies: Sequence[str],
-    progress: Callable[[str], None] = print,
+    progress: Callable[[str], None] | None = None,
     *,
     repeat: int = 1,
+    show_bar: bool | None = None,
 ) -> list[dict[str, Any]]:
     """Every (workload, regime) trace through every policy, ``repeat`` times (rows carry ``run``).
 
     Runs interleave (all policies, then all again), so a drift of the machine meets every policy.
+    Progress counts requests over the whole run (``show_bar``: see :class:`BenchProgress`); the
+    run's lines go to ``progress`` (default: printed, above the bar when there is one).
     """
     _exit_on_sigterm()
+    traces = [
+        workloads.build(
+            name,
+            setup.capacity_tokens,
+            regime,
+            scale=setup.scale,
+            prefill_tokens_per_s=setup.prefill_tokens_per_s,
+            load=setup.load,
+            fill=setup.fill.get(regime),
+        )
+        for name in names
+        for regime in regimes
+    ]
+    total = sum(w.num_requests for w in traces) * repeat * len(policies)
     rows = []
-    for name in names:
-        for regime in regimes:
-            workload = workloads.build(
-                name,
-                setup.capacity_tokens,
-                regime,
-                scale=setup.scale,
-                prefill_tokens_per_s=setup.prefill_tokens_per_s,
-                load=setup.load,
-                fill=setup.fill.get(regime),
-            )
-            progress(
-                f"{name} / {regime}: {workload.num_requests} requests at "
+    bar = BenchProgress("bench routing", total, "requests", show_bar=show_bar, say=progress or print_now)
+    with bar:
+        say = progress or bar.log
+        for workload in traces:
+            say(
+                f"{workload.name} / {workload.regime}: {workload.num_requests} requests at "
                 f"{workload.notes.get('request_rate', 0.0):.1f}/s, working set "
                 f"{workload.fill:.0%} of {setup.capacity_tokens} KV tokens"
             )
             for run_index in range(repeat):
                 for policy in policies:
-                    row = {**run_case(setup, workload, policy, progress, seed=run_index), "run": run_index}
-                    progress(
+                    case = run_case(setup, workload, policy, bar.advance, seed=run_index)
+                    row = {**case, "run": run_index}
+                    say(
                         f"  {policy:>13}{f' (run {run_index + 1}/{repeat})' if repeat > 1 else ''}: "
                         f"TTFT p90 {row['ttft_p90'] * 1000:7.1f} ms, hit rate "
                         f"{row['hit_rate']:.1%} (oracle {row['oracle_hit_rate']:.1%}), "

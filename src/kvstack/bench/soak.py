@@ -27,6 +27,7 @@ from typing import Annotated, Any
 import typer
 import yaml
 
+from kvstack.bench.progress import BenchProgress
 from kvstack.bench.report import print_table, save_figure, write_json
 from kvstack.bench.soak_chats import ChatWorkload, chat_body
 from kvstack.bench.stats import percentile
@@ -302,20 +303,22 @@ def _run(
     proc.start()
     next_sample = 0.0
     try:
-        while True:
-            elapsed = time.monotonic() - t0
-            if elapsed >= next_sample:
-                rss.append((elapsed, memory_mb(router_pid)))
-                loads.append((elapsed, os.getloadavg()[0]))
-                scraped.append((elapsed, _scrape(load.router_url)))
-                next_sample += 10.0
-            if parent.poll(0.5):
-                batch = parent.recv()
-                if batch is None:
-                    break
-                samples.extend(batch)
-            elif not proc.is_alive():
-                raise RuntimeError(f"the load process died (exit code {proc.exitcode})")
+        with BenchProgress("bench soak", load.seconds, "s") as bar:
+            while True:
+                elapsed = time.monotonic() - t0
+                bar.update(elapsed)
+                if elapsed >= next_sample:
+                    rss.append((elapsed, memory_mb(router_pid)))
+                    loads.append((elapsed, os.getloadavg()[0]))
+                    scraped.append((elapsed, _scrape(load.router_url)))
+                    next_sample += 10.0
+                if parent.poll(0.5):
+                    batch = parent.recv()
+                    if batch is None:
+                        break
+                    samples.extend(batch)
+                elif not proc.is_alive():
+                    raise RuntimeError(f"the load process died (exit code {proc.exitcode})")
         rss.append((min(time.monotonic() - t0, load.seconds - 0.01), memory_mb(router_pid)))
         proc.join(30)
     finally:

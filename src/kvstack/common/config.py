@@ -89,7 +89,18 @@ def read_yaml_file(path: Path, what: str) -> Any:
     try:
         return yaml.safe_load(path.read_text())
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
-        raise ConfigError(f"cannot read {what} {path}: {err}") from err
+        raise ConfigError(f"cannot read {what} {path}: {_one_line(err)}") from err
+
+
+def _one_line(err: Exception) -> str:
+    """The reason alone: an OSError's text without its errno, a YAML error's problem and position
+    (PyYAML's own message spans lines, quoting the document's context)."""
+    if isinstance(err, OSError) and err.strerror:
+        return err.strerror
+    if isinstance(err, yaml.MarkedYAMLError) and err.problem_mark is not None:
+        mark = err.problem_mark
+        return f"{err.problem} (line {mark.line + 1}, column {mark.column + 1})"
+    return " ".join(str(err).split())
 
 
 def read_config_file(path: Path) -> dict[str, Any]:

@@ -28,6 +28,14 @@ def up(
         bool, typer.Option("--prometheus", help="Also run Prometheus (scrapes everything, kvstack's rules).")
     ] = False,
     prometheus_port: Annotated[int | None, typer.Option(help="Prometheus port (default 9090).")] = None,
+    lmcache: Annotated[
+        bool,
+        typer.Option(
+            "--lmcache/--no-lmcache",
+            help="Engines share KV through LMCache and a redis-server started here (default on).",
+            show_default=False,
+        ),
+    ] = True,
 ) -> None:
     """Start engines and the router on localhost, wait until ready, and stop everything on Ctrl-C."""
     from kvstack.common.config import build
@@ -45,6 +53,7 @@ def up(
         "ready_timeout_s": ready_timeout,
         "prometheus": prometheus or None,
         "prometheus_port": prometheus_port,
+        "lmcache": lmcache,
     }
     settings = build(
         StackSettings, "kvstack up options", **{k: v for k, v in values.items() if v is not None}

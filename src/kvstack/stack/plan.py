@@ -1,11 +1,14 @@
-"""What ``kvstack up`` runs: a pure plan of processes (argv, env, readiness URL) from its settings.
+"""What ``kvstack up`` runs: a pure plan of processes (argv, env, readiness) from its settings.
 
-Adding a component (say, Prometheus scraping the router and the engines) is one more
-:class:`ProcessSpec` in :func:`plan_stack`.
+Adding a component is one more :class:`ProcessSpec` in :func:`plan_stack`. With LMCache on (the
+default), a ``redis-server`` of our own is LMCache's shared tier: every engine's connector points at
+it, and all engines hash chunks with the same ``PYTHONHASHSEED``, so a prefix one engine computed is
+loaded from Redis by the others, as pods share KV in the cluster.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -33,6 +36,7 @@ class StackSettings(BaseModel):
     ready_timeout_s: float = Field(0.0, ge=0)  # 0: 60 s for simulators, 600 s for vLLM
     prometheus: bool = False  # also run Prometheus scraping everything, with kvstack's rules
     prometheus_port: int = Field(9090, ge=1, le=65535)
+    lmcache: bool = True  # engines run the LMCache connector, sharing KV through a redis-server we start
 
     @field_validator("policy")
     @classmethod
@@ -68,10 +72,44 @@ class EnginePorts:
 
 @dataclass(frozen=True, slots=True)
 class ProcessSpec:
+    """One child: its argv, extra environment, and how to tell it is ready."""
+
     name: str
     argv: list[str]
-    ready_url: str
+    ready_url: str | None  # an HTTP URL that answers 200 once ready
     env: dict[str, str] = field(default_factory=dict)
+    ready_redis_port: int | None = None  # a loopback Redis port that answers PING once ready
+
+
+# LMCache hashes chunks with PYTHONHASHSEED: engines share chunks only when they share the seed.
+SHARED_HASH_SEED = "0"
+REDIS_BINARY = "redis-server"
+
+
+def redis_url(port: int) -> str:
+    return f"redis://127.0.0.1:{port}"
+
+
+def redis_spec(port: int, workdir: Path, binary: str = REDIS_BINARY) -> ProcessSpec:
+    """A throwaway redis-server on loopback: no persistence, bounded memory, LRU like the chart's."""
+    argv = [
+        binary,
+        "--port",
+        str(port),
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--dir",
+        str(workdir),
+        "--maxmemory",
+        "256mb",
+        "--maxmemory-policy",
+        "allkeys-lru",
+    ]
+    return ProcessSpec("redis", argv, None, ready_redis_port=port)
 
 
 def engine_entries(settings: StackSettings, ports: list[EnginePorts]) -> list[dict[str, object]]:
@@ -88,7 +126,7 @@ def engine_entries(settings: StackSettings, ports: list[EnginePorts]) -> list[di
     ]
 
 
-def _engine(settings: StackSettings, i: int, p: EnginePorts) -> ProcessSpec:
+def _engine(settings: StackSettings, i: int, p: EnginePorts, redis_port: int | None) -> ProcessSpec:
     ready = f"http://127.0.0.1:{p.http}/health"
     if settings.engine == "sim":
         argv = kvstack_argv(
@@ -107,7 +145,12 @@ def _engine(settings: StackSettings, i: int, p: EnginePorts) -> ProcessSpec:
         )
         if settings.speed is not None:
             argv += ["--speed", str(settings.speed)]
-        return ProcessSpec(f"engine-{i}", argv, ready)
+        if not settings.lmcache:
+            return ProcessSpec(f"engine-{i}", argv, ready)
+        argv += ["--lmcache"]
+        if redis_port is not None:
+            argv += ["--lmcache-remote-url", redis_url(redis_port)]
+        return ProcessSpec(f"engine-{i}", argv, ready, {"PYTHONHASHSEED": SHARED_HASH_SEED})
     env = {
         "KVSTACK_ENGINE_MODEL": settings.served_model,
         "KVSTACK_ENGINE_PORT": str(p.http),
@@ -115,14 +158,30 @@ def _engine(settings: StackSettings, i: int, p: EnginePorts) -> ProcessSpec:
         "KVSTACK_ENGINE_KV_EVENTS__ENDPOINT": f"tcp://127.0.0.1:{p.kv_events}",
         "KVSTACK_ENGINE_KV_EVENTS__REPLAY_ENDPOINT": f"tcp://127.0.0.1:{p.kv_replay}",
         "CUDA_VISIBLE_DEVICES": str(i),  # one GPU per engine
-        "PYTHONHASHSEED": "0",  # LMCache shares chunks across engines only with the same seed
+        "PYTHONHASHSEED": SHARED_HASH_SEED,
+        "KVSTACK_ENGINE_LMCACHE__ENABLED": "true" if settings.lmcache else "false",
     }
+    if settings.lmcache and redis_port is not None:
+        env["KVSTACK_ENGINE_LMCACHE__REMOTE_URL"] = redis_url(redis_port)
     return ProcessSpec(f"engine-{i}", kvstack_argv("engine", "serve"), ready, env)
 
 
-def plan_stack(settings: StackSettings, ports: list[EnginePorts], engines_file: Path) -> list[ProcessSpec]:
-    """Engines first, then the router (reading ``engines_file``); stopped in reverse order."""
-    specs = [_engine(settings, i, p) for i, p in enumerate(ports)]
+def plan_stack(
+    settings: StackSettings,
+    ports: list[EnginePorts],
+    engines_file: Path,
+    redis_port: int | None = None,
+) -> list[ProcessSpec]:
+    """Redis (with LMCache, on ``redis_port``), the engines, then the router (reading ``engines_file``).
+
+    Started and waited for in this order, stopped in reverse.
+    """
+    specs: list[ProcessSpec] = []
+    if settings.lmcache:
+        if redis_port is None:
+            raise ValueError("LMCache's shared tier needs a Redis port")
+        specs.append(redis_spec(redis_port, engines_file.parent))
+    specs += [_engine(settings, i, p, redis_port) for i, p in enumerate(ports)]
     router = kvstack_argv(
         "router",
         "--host",
@@ -138,12 +197,18 @@ def plan_stack(settings: StackSettings, ports: list[EnginePorts], engines_file: 
     return specs
 
 
-def banner(settings: StackSettings) -> str:
-    """What to print once the stack is ready: the URL, a curl and an openai-python example."""
+def banner(settings: StackSettings, ports: list[EnginePorts], redis_port: int | None = None) -> str:
+    """What to print once the stack is ready: the URLs, a curl and an openai-python example."""
     host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
     url = f"http://{host}:{settings.port}"
     model = settings.served_model
     kind = "simulated" if settings.engine == "sim" else "vLLM"
+    engines = " ".join(f"http://127.0.0.1:{p.http}" for p in ports)
+    lmcache = (
+        f"  LMCache:     shared tier {redis_url(redis_port)} (engines load prefixes others computed)\n"
+        if settings.lmcache and redis_port is not None
+        else "  LMCache:     off\n"
+    )
     prometheus = (
         f"  Prometheus:  http://127.0.0.1:{settings.prometheus_port} (kvstack's rules loaded; "
         "`kvstack dashboards preview --prometheus URL` renders the dashboards)\n\n"
@@ -153,7 +218,8 @@ def banner(settings: StackSettings) -> str:
     return f"""
 kvstack is up: {settings.engines} {kind} engine(s) behind the router (policy: {settings.policy})
   OpenAI API:  {url}/v1        metrics: {url}/metrics
-
+  Engines:     {engines}
+{lmcache}
   curl {url}/v1/chat/completions -H 'Content-Type: application/json' \\
     -d '{{"model": "{model}", "messages": [{{"role": "user", "content": "Hello!"}}], "max_tokens": 32}}'
 
@@ -164,3 +230,35 @@ print(r.choices[0].message.content)'
 
 {prometheus}Press Ctrl-C to stop.
 """
+
+
+# What to do about a program that is not installed, by its name on PATH.
+_INSTALL_HINTS = {
+    REDIS_BINARY: "LMCache's shared tier; install it with `make sysdeps` or run with --no-lmcache",
+    "prometheus": "install it with `make sysdeps` or run without --prometheus",
+}
+
+
+def preflight(
+    settings: StackSettings,
+    programs: list[str],
+    which: Callable[[str], str | None],
+    port_free: Callable[[str, int], bool],
+) -> list[str]:
+    """Problems that would stop the stack, found before anything starts (one line each).
+
+    ``programs`` are the argv[0] of every process to start; ``which`` and ``port_free`` look at
+    the machine (``shutil.which`` and a bind attempt), so this stays a pure function.
+    """
+    problems = []
+    for program in dict.fromkeys(programs):
+        if which(program) is None:
+            hint = _INSTALL_HINTS.get(program, "is it installed?")
+            problems.append(f"{program} not found on PATH ({hint})")
+    listens = [(settings.host, settings.port, "--port")]
+    if settings.prometheus:
+        listens.append(("127.0.0.1", settings.prometheus_port, "--prometheus-port"))
+    for host, port, flag in listens:
+        if not port_free(host, port):
+            problems.append(f"port {port} on {host} is in use ({flag} picks another)")
+    return problems
