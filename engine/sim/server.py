@@ -24,6 +24,7 @@ from kvstack.engine.sim import protocol as p
 from kvstack.engine.sim.config import SimConfig
 from kvstack.engine.sim.events import KVEventPublisher
 from kvstack.engine.sim.metrics import CONTENT_TYPE, CacheInfo, SimMetrics
+from kvstack.engine.sim.task_routes import GENERATE_ROUTES, task_routes
 from kvstack.engine.sim.types import EngineCore, EventSink, RequestOutput, SimRequest, StatsListener
 
 log = logging.getLogger(__name__)
@@ -123,6 +124,12 @@ class SimServer:
             ("GET", "/metrics"): self._metrics,
             ("POST", "/reset_prefix_cache"): self._reset_prefix_cache,
         }
+        # --- the routes of the model's tasks (vLLM registers only those; the others are 404)
+        if "generate" not in config.tasks:
+            for key in GENERATE_ROUTES:
+                del self._routes[key]
+        self._routes.update(task_routes(self, config.tasks))
+        # ---
         self._paths = {path for _, path in self._routes}
 
     # --- ASGI ------------------------------------------------------------------------------------
