@@ -37,7 +37,15 @@ from kvstack.router.headers import answer_headers, scan_headers, upstream_header
 from kvstack.router.policies.base import Decision, RequestFeatures
 from kvstack.router.prompt_source import PromptSource
 from kvstack.router.prompts import prompt_text
-from kvstack.router.protocol import Kind, ParsedRequest, SSEFramer, error_event, has_content, parse_request
+from kvstack.router.protocol import (
+    MULTIPART,
+    Kind,
+    ParsedRequest,
+    SSEFramer,
+    error_event,
+    has_content,
+    parse_request,
+)
 from kvstack.router.retry import AttemptFailure, next_step, untried
 from kvstack.router.upstream import UpstreamError, UpstreamResponse
 
@@ -94,6 +102,7 @@ class ProxyEndpoint:
         self.ctx = ctx
         self.kind: Kind = kind
         self.path = path
+        self.multipart = kind in MULTIPART  # its fields are read from the form, by Content-Type
         settings = ctx.settings
         self._session_name = settings.session_header.encode("latin-1")
         self._expose_engine = settings.expose_engine_header
@@ -137,7 +146,7 @@ class ProxyEndpoint:
                 ) from None
             except OpenAIError as err:
                 raise reject(ctx, "body_budget" if err.status == 503 else "body_too_large", err) from None
-            request = parse_request(self.kind, raw)
+            request = parse_request(self.kind, raw, self._content_type(scope) if self.multipart else None)
             ex.model = request.model or ""
             ex.stream = request.stream
             session_key = session_header.decode("latin-1") if session_header else request.user
@@ -408,6 +417,13 @@ class ProxyEndpoint:
         return upstream_headers(
             call.client_headers, call.ex.request_id, engine_key, not self.ctx.keys.enabled, call.client_host
         )
+
+    @staticmethod
+    def _content_type(scope: Scope) -> str | None:
+        for name, value in scope["headers"]:
+            if name == b"content-type":
+                return str(value.decode("latin-1"))
+        return None
 
     def _engine_header(self, engine: EngineState) -> Headers:
         if not self._expose_engine:
