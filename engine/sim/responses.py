@@ -151,7 +151,8 @@ class ResponsesRoutes:
             raise OpenAIError(400, "the simulator takes input messages of text only", param="input")
         ids = apply_chat_template([(m["role"], m["content"]) for m in messages])
         limit = self.server.config.max_model_len
-        max_tokens = p.check_length(len(ids), req.max_output_tokens, limit, is_text=True)
+        room = p.check_length(len(ids), None, limit, is_text=True)  # 400 when the prompt fills the context
+        max_tokens = min(req.max_output_tokens or room, room)  # vLLM clamps max_output_tokens to the room
         rid = request_id("resp_")
         sim = SimRequest(
             request_id=rid,

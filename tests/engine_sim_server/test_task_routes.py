@@ -238,3 +238,20 @@ async def test_embeddings_pooling_and_classify_shapes() -> None:
         for item in classified["data"]:
             assert item["num_classes"] == 2 and abs(sum(item["probs"]) - 1.0) < 1e-9
             assert item["label"] in ("negative", "positive")
+
+
+async def test_responses_clamp_max_output_tokens_to_the_context_as_vllm() -> None:
+    async with sim_client("generate") as http:
+        prompt = apply_chat_template([("user", "hi")])
+        body = {"model": "m", "input": "hi", "max_output_tokens": 5000, "stream": True}
+        r = await http.post("/v1/responses", json=body)
+        created = json.loads(r.text.split("\n")[1][6:])
+        assert created["response"]["max_output_tokens"] == 1024 - len(prompt)
+        long = await http.post("/v1/responses", json={"model": "m", "input": "word " * 2000})
+        assert long.status_code == 400 and "maximum context length is 1024" in long.json()["error"]["message"]
+
+
+async def test_pooling_input_longer_than_the_context_is_a_400() -> None:
+    async with sim_client("embed") as http:
+        r = await http.post("/v1/embeddings", json={"model": "m", "input": "word " * 2000})
+        assert r.status_code == 400 and "you requested 0 output tokens" in r.json()["error"]["message"]
