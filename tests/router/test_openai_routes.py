@@ -21,6 +21,9 @@ from kvstack.router.prompts import prompt_work
 from kvstack.router.protocol import parse_request
 
 from .conftest import MODEL, BadEngine, RouterFactory, RouterServer, Sim, run_sims
+from .test_cache_routing import DOC, event_sims, sample, scrape
+
+__all__ = ["event_sims"]  # the KV-event simulators' fixture, shared with the chat's cache tests
 
 RERANK = {"query": "capital of france", "documents": ["the cat sat", "paris is the capital of france"]}
 
@@ -298,3 +301,53 @@ def test_the_openapi_schema_lists_every_route(engines: Engines, router: RouterFa
         assert "multipart/form-data" in paths[path]["post"]["requestBody"]["content"], path
     ids = [item["post"]["operationId"] for item in paths.values() if "post" in item]
     assert len(ids) == len(set(ids))
+
+
+@pytest.mark.parametrize("policy", ["cache_aware", "prefix_trie", "session", "round_robin"])
+def test_every_policy_routes_every_route(engines: Engines, router: RouterFactory, policy: str) -> None:
+    """Routes without a prompt to key (rerank, score, audio) fall back to load under every policy."""
+    r = router(engines=engines.urls, policy=policy)
+    client = openai.OpenAI(base_url=f"{r.url}/v1", api_key="x", max_retries=0)
+    assert client.responses.create(model="gen", input="hi", max_output_tokens=2).output_text
+    assert httpx.post(f"{r.url}/rerank", json={"model": "rank", **RERANK}).status_code == 200
+    score = {"model": "rank", "text_1": "a", "text_2": "b"}
+    assert httpx.post(f"{r.url}/score", json=score).status_code == 200
+    assert client.audio.transcriptions.create(model="asr", file=("a.wav", wav(0.5), "audio/wav")).text
+
+
+def test_a_response_goes_where_its_conversation_is_cached(
+    event_sims: tuple[list[Sim], Path], router: RouterFactory
+) -> None:
+    """A chat, then the same conversation continued through /v1/responses: routed to the engine
+    that holds its blocks, which finds them cached (the simulator prefills the same tokens)."""
+    sims, engines_file = event_sims
+    r = router(engines_file=engines_file, policy="cache_aware", expose_engine_header=True, available=2)
+    first = [{"role": "system", "content": DOC}, {"role": "user", "content": "What does it keep?"}]
+    chat = httpx.post(
+        f"{r.url}/v1/chat/completions", json={"model": MODEL, "messages": first, "max_tokens": 4}
+    )
+    home = chat.headers["x-kvstack-engine"]
+    engine = sims[int(home.rsplit("-", 1)[1])]
+    wait_until(
+        lambda: sample(scrape(r.url), "kvstack_router_kv_index_blocks") >= 30, "the KV events", 10, 0.1
+    )
+    hits = engine.metric("vllm:prefix_cache_hits_total")
+    body = {
+        "model": MODEL,
+        "instructions": DOC,
+        "input": [
+            {"role": "user", "content": "What does it keep?"},
+            {"role": "assistant", "content": [{"type": "output_text", "text": "blocks"}]},
+            {"role": "user", "content": [{"type": "input_text", "text": "Which?"}]},
+        ],
+        "max_output_tokens": 4,
+    }
+    resp = httpx.post(f"{r.url}/v1/responses", json=body, timeout=30)
+    assert resp.status_code == 200 and resp.headers["x-kvstack-engine"] == home
+    assert (
+        sample(
+            scrape(r.url), "kvstack_router_routing_decisions_total", policy="cache_aware", reason="cache_hit"
+        )
+        == 1
+    )
+    assert engine.metric("vllm:prefix_cache_hits_total") - hits >= 30 * 16  # the document's blocks
