@@ -255,3 +255,35 @@ async def test_pooling_input_longer_than_the_context_is_a_400() -> None:
     async with sim_client("embed") as http:
         r = await http.post("/v1/embeddings", json={"model": "m", "input": "word " * 2000})
         assert r.status_code == 400 and "you requested 0 output tokens" in r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("route", ["responses", "transcription"])
+def test_a_client_that_leaves_mid_stream_aborts_its_request(route: str) -> None:
+    from tests.engine_sim_server.conftest import MODEL, run_sim
+    from tests.engine_sim_server.promtext import sample
+
+    from kvstack.common.waits import wait_until
+
+    with run_sim(
+        "--speed", "1", "--task", "generate", "--task", "transcription", "--max-model-len", "4096"
+    ) as sim:
+
+        def aborted() -> float:
+            return sample(sim.metrics(), "vllm:request_success_total", finished_reason="abort")
+
+        if route == "responses":
+            body = {"model": MODEL, "input": "a long answer", "max_output_tokens": 1500, "ignore_eos": True}
+            request = httpx.Request("POST", f"{sim.base_url}/responses", json={**body, "stream": True})
+        else:
+            form = {"model": MODEL, "stream": "true", "max_completion_tokens": "1500"}
+            files = {"file": ("a.wav", wav_bytes(1.0))}
+            request = httpx.Request("POST", f"{sim.base_url}/audio/transcriptions", data=form, files=files)
+        with httpx.Client(timeout=30) as http:
+            response = http.send(request, stream=True)
+            lines = response.iter_lines()  # kept: a dropped line iterator closes the response
+            next(line for line in lines if line.startswith("data: ") and '"delta"' in line)
+            running = lambda: sample(sim.metrics(), "vllm:num_requests_running") == 1  # noqa: E731
+            wait_until(running, "the request running", 15, 0.02)
+            response.close()  # most of the answer unsent
+        wait_until(lambda: aborted() == 1, "the request aborted", 15, 0.05)
+        assert sample(sim.metrics(), "vllm:num_requests_running") == 0
