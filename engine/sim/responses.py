@@ -44,6 +44,7 @@ class ResponsesRequest(BaseModel):
     temperature: float | None = Field(default=None, ge=0.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     metadata: dict[str, str] | None = None
+    previous_response_id: str | None = None
     user: str | None = None
     ignore_eos: bool = False
     cache_salt: str | None = None
@@ -145,6 +146,9 @@ class ResponsesRoutes:
     async def create(self, scope: Scope, receive: Receive, send: Send) -> None:
         req = p.parse(ResponsesRequest, await read_body(receive))
         model = self.server._model(req.model)
+        if req.previous_response_id is not None:
+            # the simulator stores no responses: every earlier one is unknown, as vLLM answers then
+            raise OpenAIError(404, f"Response with id '{req.previous_response_id}' not found.")
         check_input(req.input)
         messages = input_messages(req.input, req.instructions)
         if messages is None:

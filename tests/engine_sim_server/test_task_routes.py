@@ -132,6 +132,10 @@ async def test_responses_bad_input_is_vllms_400() -> None:
             assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
         r = await http.post("/v1/responses", json={"model": "nope", "input": "x"})
         assert r.status_code == 404 and "does not exist" in r.json()["error"]["message"]
+        r = await http.post(
+            "/v1/responses", json={"model": "m", "input": "x", "previous_response_id": "resp_1"}
+        )
+        assert r.status_code == 404 and r.json()["error"]["message"] == "Response with id 'resp_1' not found."
 
 
 async def test_transcription_and_translation_with_the_openai_sdk() -> None:
