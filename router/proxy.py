@@ -33,7 +33,7 @@ from kvstack.router.exchange import (
     send_error,
     watch_disconnect,
 )
-from kvstack.router.headers import answer_headers, scan_headers, upstream_headers
+from kvstack.router.headers import answer_headers, content_type, scan_headers, upstream_headers
 from kvstack.router.policies.base import Decision, RequestFeatures
 from kvstack.router.prompt_source import PromptSource
 from kvstack.router.prompts import prompt_text
@@ -146,7 +146,9 @@ class ProxyEndpoint:
                 ) from None
             except OpenAIError as err:
                 raise reject(ctx, "body_budget" if err.status == 503 else "body_too_large", err) from None
-            request = parse_request(self.kind, raw, self._content_type(scope) if self.multipart else None)
+            request = parse_request(
+                self.kind, raw, content_type(scope["headers"]) if self.multipart else None
+            )
             ex.model = request.model or ""
             ex.stream = request.stream
             session_key = session_header.decode("latin-1") if session_header else request.user
@@ -417,13 +419,6 @@ class ProxyEndpoint:
         return upstream_headers(
             call.client_headers, call.ex.request_id, engine_key, not self.ctx.keys.enabled, call.client_host
         )
-
-    @staticmethod
-    def _content_type(scope: Scope) -> str | None:
-        for name, value in scope["headers"]:
-            if name == b"content-type":
-                return str(value.decode("latin-1"))
-        return None
 
     def _engine_header(self, engine: EngineState) -> Headers:
         if not self._expose_engine:
