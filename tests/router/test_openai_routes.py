@@ -72,8 +72,10 @@ def by_route(r: RouterServer, route: str, status: str) -> float:
     return r.metric("kvstack_router_route_requests_total", route=route, status=status)
 
 
-def test_responses_with_the_openai_sdk_streamed_and_whole(engines: Engines, router: RouterFactory) -> None:
-    r = router(engines=engines.urls)
+def test_responses_with_the_openai_sdk_streamed_and_whole(
+    engines: Engines, router: RouterFactory, backend: str
+) -> None:
+    r = router(engines=engines.urls, upstream_backend=backend)
     client = openai.OpenAI(base_url=f"{r.url}/v1", api_key="x", max_retries=0)
     reply = client.responses.create(model="gen", input="hello there", max_output_tokens=5)
     assert reply.object == "response" and reply.model == "gen" and reply.output_text
@@ -124,8 +126,8 @@ def test_rerank_and_score_reach_the_reranker(engines: Engines, router: RouterFac
     assert answered(r, "rank", engines.rank) == 1
 
 
-def test_transcription_with_the_openai_sdk(engines: Engines, router: RouterFactory) -> None:
-    r = router(engines=engines.urls)
+def test_transcription_with_the_openai_sdk(engines: Engines, router: RouterFactory, backend: str) -> None:
+    r = router(engines=engines.urls, upstream_backend=backend)  # the form's bytes, untouched by either
     client = openai.OpenAI(base_url=f"{r.url}/v1", api_key="x", max_retries=0)
     text = client.audio.transcriptions.create(model="asr", file=("a.wav", wav(1.0), "audio/wav"))
     assert text.text
