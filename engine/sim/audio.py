@@ -43,7 +43,7 @@ _SSE_START = {
 }
 
 
-def duration_s(data: bytes) -> float:
+def duration_s(data: bytes | memoryview) -> float:
     """Seconds of audio in ``data``: from the WAV header, else by size; 400 for a broken WAV."""
     if data[:4] == b"RIFF":
         try:
@@ -55,7 +55,7 @@ def duration_s(data: bytes) -> float:
     return len(data) / RAW_BYTES_PER_S
 
 
-def audio_ids(data: bytes, seconds: float) -> list[int]:
+def audio_ids(data: bytes | memoryview, seconds: float) -> list[int]:
     """Encoder tokens of the audio: ``AUDIO_TOKENS_PER_S`` a second, drawn from its bytes."""
     count = max(1, math.ceil(seconds * AUDIO_TOKENS_PER_S))
     seed = hashlib.blake2b(data, digest_size=16).digest()

@@ -110,3 +110,13 @@ def test_bad_input(value: Any) -> None:
     with pytest.raises(OpenAIError) as err:
         check_input(value)
     assert (err.value.status, err.value.param) == (400, "input")
+
+
+def test_an_empty_part_and_data_that_is_a_view_of_the_body() -> None:
+    body = (
+        b'--b\r\nContent-Disposition: form-data; name="e"\r\n\r\n\r\n'
+        b'--b\r\nContent-Disposition: form-data; name="f"; filename="x"\r\n\r\n123\r\n--b--'
+    )
+    empty, file = multipart.parse(body, b"b")
+    assert (empty.name, bytes(empty.data)) == ("e", b"")
+    assert file.data.obj is body and bytes(file.data) == b"123"

@@ -2,9 +2,9 @@
 
 The router reads the ``model`` (and ``stream``) fields of an audio request to route it, then forwards
 the body untouched; the simulator reads the ``file`` too. Both parse a body already read whole, under
-the router's body limit, so this is a plain scan with ``bytes.find`` (parts are slices, not copies of
-copies). Anything that is not well-formed multipart raises :class:`MultipartError`, which callers turn
-into a 400.
+the router's body limit, so this is a plain scan with ``bytes.find``; a part's data is a view of the
+body, never a copy (an audio file is most of it). Anything that is not well-formed multipart raises
+:class:`MultipartError`, which callers turn into a 400.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ class Part:
     name: str
     filename: str | None
     content_type: str | None
-    data: bytes
+    data: memoryview  # of the body
 
 
 def _params(value: str) -> tuple[str, dict[str, str]]:
@@ -76,13 +76,13 @@ def boundary_of(content_type: str | None) -> bytes:
     return boundary.encode("ascii")
 
 
-def _part(block: bytes) -> Part:
-    """One part: headers, a blank line, the data."""
-    end = block.find(_CRLF + _CRLF)
-    if end < 0 or end > _MAX_HEADERS:
+def _part(body: bytes, view: memoryview, start: int, end: int) -> Part:
+    """The part in ``body[start:end]``: headers, a blank line, the data."""
+    split = body.find(_CRLF + _CRLF, start, min(end, start + _MAX_HEADERS))
+    if split < 0:
         raise MultipartError("a part has no header block")
     name = filename = content_type = None
-    for line in block[:end].split(_CRLF):
+    for line in body[start:split].split(_CRLF):
         key, sep, value = line.partition(b":")
         if not sep:
             raise MultipartError("a part has a malformed header line")
@@ -97,7 +97,7 @@ def _part(block: bytes) -> Part:
             content_type = text
     if name is None:
         raise MultipartError("a part has no Content-Disposition")
-    return Part(name=name, filename=filename, content_type=content_type, data=block[end + 4 :])
+    return Part(name=name, filename=filename, content_type=content_type, data=view[split + 4 : end])
 
 
 def parse(body: bytes, boundary: bytes) -> list[Part]:
@@ -108,6 +108,7 @@ def parse(body: bytes, boundary: bytes) -> list[Part]:
         raise MultipartError("the body does not contain its multipart boundary")
     pos = start + (0 if start == 0 else 2) + len(delimiter)
     separator = _CRLF + delimiter
+    view = memoryview(body)
     parts: list[Part] = []
     while True:
         if body.startswith(b"--", pos):
@@ -118,7 +119,7 @@ def parse(body: bytes, boundary: bytes) -> list[Part]:
         end = body.find(separator, pos)
         if end < 0:
             raise MultipartError("the multipart body ends before its closing boundary")
-        parts.append(_part(body[pos:end]))
+        parts.append(_part(body, view, pos, end))
         pos = end + len(separator)
 
 
@@ -128,7 +129,7 @@ def text_fields(parts: list[Part], names: tuple[str, ...]) -> dict[str, str]:
     for part in parts:
         if part.name in names and part.name not in found and part.filename is None:
             try:
-                found[part.name] = part.data.decode("utf-8")
+                found[part.name] = str(part.data, "utf-8")
             except UnicodeDecodeError:
                 raise MultipartError(f"the form field {part.name!r} is not UTF-8 text") from None
     return found
