@@ -54,6 +54,7 @@ PROXIED: tuple[tuple[str, Kind], ...] = (
     ("/detokenize", "detokenize"),
     # the other routes vLLM 0.24 serves (a model answers those of its tasks; the others are 404)
     ("/v1/responses", "responses"),
+    ("/v1/messages", "messages"),  # Anthropic's Messages API, which vLLM serves too
     ("/rerank", "rerank"),
     ("/v1/rerank", "rerank"),
     ("/v2/rerank", "rerank"),

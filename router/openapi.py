@@ -121,6 +121,33 @@ _REQUESTS: dict[Kind, tuple[str, dict[str, Any], bool]] = {
         ),
         True,
     ),
+    "messages": (
+        "A message (Anthropic's Messages API); its messages are routed like a chat",
+        {
+            "type": "object",
+            "required": ["model", "messages", "max_tokens"],
+            "properties": {
+                "model": {"type": "string", "minLength": 1},
+                "messages": {
+                    "type": "array",
+                    "minItems": 1,
+                    "items": {
+                        "type": "object",
+                        "required": ["role", "content"],
+                        "properties": {
+                            "role": {"enum": ["user", "assistant"]},
+                            "content": {"type": ["string", "array"], "items": {"type": "object"}},
+                        },
+                    },
+                },
+                "system": {"type": ["string", "array", "null"], "items": {"type": "object"}},
+                "max_tokens": {"type": "integer", "minimum": 1},
+                "stream": _STREAM,
+            },
+            "additionalProperties": True,
+        },
+        True,
+    ),
     "rerank": (
         "Documents ranked by relevance to a query (a score model)",
         _body(

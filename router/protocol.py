@@ -14,7 +14,12 @@ import msgspec
 
 from kvstack.common import multipart
 from kvstack.common.errors import OpenAIError, error_body
-from kvstack.common.responses_input import check_input, input_messages
+from kvstack.common.prompt_messages import (
+    anthropic_messages,
+    check_anthropic_messages,
+    check_responses_input,
+    responses_messages,
+)
 from kvstack.router.prompts import PROMPT_FIELD, check_prompt, token_ids
 from kvstack.router.upstream import UpstreamError
 
@@ -25,6 +30,7 @@ Kind = Literal[
     "tokenize",
     "detokenize",
     "responses",
+    "messages",
     "rerank",
     "score",
     "classify",
@@ -32,7 +38,7 @@ Kind = Literal[
     "audio",
 ]
 # kinds whose answer may be an SSE stream (``stream: true``)
-STREAMING: frozenset[Kind] = frozenset({"chat", "completion", "responses", "audio"})
+STREAMING: frozenset[Kind] = frozenset({"chat", "completion", "responses", "messages", "audio"})
 # kinds whose body is multipart/form-data, not JSON
 MULTIPART: frozenset[Kind] = frozenset({"audio"})
 # the pairs of fields a score request may compare (vLLM 0.24 accepts each of these forms)
@@ -168,11 +174,16 @@ def _check_inputs(kind: Kind, body: dict[str, Any]) -> list[dict[str, Any]] | No
     elif kind == "responses":
         if "input" not in body:
             raise OpenAIError(400, "'input' is required", param="input")
-        check_input(body["input"])
+        check_responses_input(body["input"])
         instructions = body.get("instructions")
         if instructions is not None and not isinstance(instructions, str):
             raise OpenAIError(400, "'instructions' must be a string", param="instructions")
-        return input_messages(body["input"], instructions)
+        return responses_messages(body["input"], instructions)
+    elif kind == "messages":  # Anthropic's Messages API
+        check_anthropic_messages(body.get("messages"), body.get("system"))
+        if _opt_int(body, "max_tokens", 1) is None:
+            raise OpenAIError(400, "'max_tokens' is required", param="max_tokens")
+        return anthropic_messages(body["messages"], body.get("system"))
     elif kind == "rerank":
         _check_rerank(body)
     elif kind == "score":
@@ -246,6 +257,13 @@ def has_content(events: bytes) -> bool:
         # the Responses API's events: output text, reasoning or a tool call's arguments
         if chunk.get("type") in _RESPONSE_DELTAS and chunk.get("delta"):
             return True
+        # the Messages API's: a content block's text, thinking or tool input
+        if chunk.get("type") == "content_block_delta":
+            delta = chunk.get("delta")
+            if isinstance(delta, dict) and (
+                delta.get("text") or delta.get("thinking") or delta.get("partial_json")
+            ):
+                return True
     return False
 
 

@@ -1,6 +1,6 @@
 """``POST /v1/responses`` of a simulated vLLM 0.24 pod (a model without reasoning or tool parsers).
 
-The input becomes chat messages (:func:`kvstack.common.responses_input.input_messages`, the router
+The input becomes chat messages (:func:`kvstack.common.prompt_messages.responses_messages`, the router
 keys the same ones) prefilled under the chat template. The answer is vLLM's ``ResponsesResponse``; a
 stream is vLLM's simple event sequence, each frame ``event: <type>`` + ``data: <json>``: created,
 in_progress, the message item and its text part added, the text deltas, then text done, part done,
@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from kvstack.common.errors import OpenAIError
-from kvstack.common.responses_input import check_input, input_messages
+from kvstack.common.prompt_messages import check_responses_input, responses_messages
 from kvstack.common.tokenizer import apply_chat_template
 from kvstack.engine.sim import protocol as p
 from kvstack.engine.sim.server import Receive, Scope, Send, read_body, send_json
@@ -149,8 +149,8 @@ class ResponsesRoutes:
         if req.previous_response_id is not None:
             # the simulator stores no responses: every earlier one is unknown, as vLLM answers then
             raise OpenAIError(404, f"Response with id '{req.previous_response_id}' not found.")
-        check_input(req.input)
-        messages = input_messages(req.input, req.instructions)
+        check_responses_input(req.input)
+        messages = responses_messages(req.input, req.instructions)
         if messages is None:
             raise OpenAIError(400, "the simulator takes input messages of text only", param="input")
         ids = apply_chat_template([(m["role"], m["content"]) for m in messages])

@@ -4,9 +4,9 @@ vLLM 0.24 registers only the routes of its model's supported tasks (``build_app`
 routers when "generate" is supported, speech-to-text for "transcription", the pooling routers for
 the pooling tasks), so a route of another task is FastAPI's plain ``404 {"detail": "Not Found"}``;
 the simulator answers the same (its unknown-route answer). The handlers live by family:
-:mod:`.responses`, :mod:`.pooling`, :mod:`.audio`. Each request goes through the engine core like
-vLLM's (a pooling request is a one-step prefill), so these routes load the engine, show in its
-metrics and are aborted when the client goes away.
+:mod:`.responses`, :mod:`.messages`, :mod:`.pooling`, :mod:`.audio`. Each request goes through the
+engine core like vLLM's (a pooling request is a one-step prefill), so these routes load the engine,
+show in its metrics and are aborted when the client goes away.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ Routes = dict[tuple[str, str], Handler]
 GENERATE_ROUTES = (("POST", "/v1/completions"), ("POST", "/v1/chat/completions"))
 # every route of each task beyond those, as vLLM 0.24 mounts them
 TASK_PATHS: dict[Task, tuple[str, ...]] = {
-    "generate": ("/v1/responses",),
+    "generate": ("/v1/responses", "/v1/messages"),
     "transcription": ("/v1/audio/transcriptions", "/v1/audio/translations"),
     "embed": ("/v1/embeddings", "/pooling"),
     "classify": ("/classify", "/pooling"),
@@ -40,12 +40,14 @@ TASK_PATHS: dict[Task, tuple[str, ...]] = {
 def task_routes(server: SimServer, tasks: Collection[Task]) -> Routes:
     """The routes of ``tasks`` beyond completions and chat, bound to ``server``."""
     from kvstack.engine.sim.audio import AudioRoutes
+    from kvstack.engine.sim.messages import MessagesRoutes
     from kvstack.engine.sim.pooling import PoolingRoutes
     from kvstack.engine.sim.responses import ResponsesRoutes
 
     handlers: dict[str, Handler] = {}
     responses, pooling, audio = ResponsesRoutes(server), PoolingRoutes(server), AudioRoutes(server)
     handlers["/v1/responses"] = responses.create
+    handlers["/v1/messages"] = MessagesRoutes(server).create
     handlers["/v1/audio/transcriptions"] = audio.transcribe
     handlers["/v1/audio/translations"] = audio.translate
     handlers["/v1/embeddings"] = pooling.embeddings

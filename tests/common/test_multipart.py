@@ -1,5 +1,5 @@
-"""multipart/form-data parsing (the router's and the simulator's audio routes) and the Responses
-API's input as chat messages: table-driven, against bodies built by httpx, as the openai SDK sends."""
+"""multipart/form-data parsing (the router's and the simulator's audio routes): table-driven, against
+bodies built by httpx, as the openai SDK sends them."""
 
 from __future__ import annotations
 
@@ -9,8 +9,6 @@ import httpx
 import pytest
 
 from kvstack.common import multipart
-from kvstack.common.errors import OpenAIError
-from kvstack.common.responses_input import check_input, input_messages
 
 
 def form(data: dict[str, str], files: dict[str, Any]) -> tuple[bytes, str]:
@@ -76,40 +74,6 @@ def test_a_text_field_that_is_not_utf8() -> None:
     parts = multipart.parse(b'--b\r\nContent-Disposition: form-data; name="model"\r\n\r\n\xff\r\n--b--', b"b")
     with pytest.raises(multipart.MultipartError, match="UTF-8"):
         multipart.text_fields(parts, ("model",))
-
-
-@pytest.mark.parametrize(
-    ("value", "instructions", "messages"),
-    [
-        ("hi", None, [{"role": "user", "content": "hi"}]),
-        ("hi", "be brief", [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]),
-        (
-            [
-                {
-                    "role": "user",
-                    "content": [{"type": "input_text", "text": "a"}, {"type": "input_text", "text": "b"}],
-                },
-                {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "c"}]},
-            ],
-            "",
-            [{"role": "user", "content": "a\nb"}, {"role": "assistant", "content": "c"}],
-        ),
-        ([{"type": "function_call_output", "call_id": "1", "output": "x"}], None, None),
-        ([{"role": "user", "content": [{"type": "input_image", "image_url": "u"}]}], None, None),
-    ],
-)
-def test_input_messages(value: Any, instructions: str | None, messages: list[dict[str, str]] | None) -> None:
-    check_input(value)
-    assert input_messages(value, instructions) == messages
-
-
-@pytest.mark.parametrize(
-    "value", [None, 3, [], ["x"], [{"content": "no role or type"}], [{"role": "user", "content": 5}]]
-)
-def test_bad_input(value: Any) -> None:
-    with pytest.raises(OpenAIError) as err:
-        check_input(value)
-    assert (err.value.status, err.value.param) == (400, "input")
 
 
 def test_an_empty_part_and_data_that_is_a_view_of_the_body() -> None:

@@ -291,3 +291,29 @@ def test_a_client_that_leaves_mid_stream_aborts_its_request(route: str) -> None:
             response.close()  # most of the answer unsent
         wait_until(lambda: aborted() == 1, "the request aborted", 15, 0.05)
         assert sample(sim.metrics(), "vllm:num_requests_running") == 0
+
+
+async def test_anthropic_messages_whole_and_streamed() -> None:
+    async with sim_client("generate") as http:
+        body = {
+            "model": "m",
+            "system": "be brief",
+            "messages": [{"role": "user", "content": [{"type": "text", "text": "say hi"}]}],
+            "max_tokens": 6,
+            "ignore_eos": True,
+        }
+        whole = (await http.post("/v1/messages", json=body)).json()
+        assert whole["type"] == "message" and whole["role"] == "assistant" and whole["model"] == "m"
+        assert whole["stop_reason"] == "max_tokens" and whole["content"][0]["type"] == "text"
+        prompt = apply_chat_template([("system", "be brief"), ("user", "say hi")])
+        assert whole["usage"] == {"input_tokens": len(prompt), "output_tokens": 6}
+        stream = await http.post("/v1/messages", json={**body, "stream": True})
+        frames = [f.split("\n") for f in stream.text.split("\n\n") if f]
+        kinds = [f[0].removeprefix("event: ") for f in frames]
+        assert kinds[:2] == ["message_start", "content_block_start"]
+        assert kinds[-3:] == ["content_block_stop", "message_delta", "message_stop"]
+        data = [json.loads(f[1].removeprefix("data: ")) for f in frames]
+        text = "".join(d["delta"]["text"] for d in data if d["type"] == "content_block_delta")
+        assert text and data[-2]["usage"]["output_tokens"] == 6
+        bad = await http.post("/v1/messages", json={**body, "max_tokens": 0})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "max_tokens"

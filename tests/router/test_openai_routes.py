@@ -92,20 +92,46 @@ def test_responses_with_the_openai_sdk_streamed_and_whole(
     wait_until(lambda: counted() == (2, 2, 1), "two responses from gen, one first token", 5, 0.01)
 
 
-def test_a_response_is_keyed_like_the_same_chat() -> None:
-    """Cache-aware routing: a response's input messages are the chat's (same digest, same parts)."""
+def test_a_response_and_a_message_are_keyed_like_the_same_chat() -> None:
+    """Cache-aware routing: their messages are the chat's (same digest, same parts)."""
     chat = {
         "model": "m",
         "messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}],
     }
     response = {"model": "m", "instructions": "be brief", "input": [{"role": "user", "content": "hi"}]}
+    message = {
+        "model": "m",
+        "system": "be brief",
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 1,
+    }
     a = prompt_work(parse_request("chat", msgspec.json.encode(chat)))
     b = prompt_work(parse_request("responses", msgspec.json.encode(response)))
-    assert a is not None and a == b
+    c = prompt_work(parse_request("messages", msgspec.json.encode(message)))
+    assert a is not None and a == b == c
     other = prompt_work(
         parse_request("responses", msgspec.json.encode({**response, "instructions": "be long"}))
     )
     assert other != a
+
+
+def test_anthropic_messages_whole_and_streamed(engines: Engines, router: RouterFactory) -> None:
+    r = router(engines=engines.urls)
+    body = {"model": "gen", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    whole = httpx.post(f"{r.url}/v1/messages", json=body, timeout=10)
+    assert (
+        whole.status_code == 200 and whole.json()["type"] == "message" and whole.json()["content"][0]["text"]
+    )
+    with httpx.stream("POST", f"{r.url}/v1/messages", json={**body, "stream": True}, timeout=10) as resp:
+        assert resp.headers["content-type"].startswith("text/event-stream")
+        events = [line.removeprefix("event: ") for line in resp.iter_lines() if line.startswith("event: ")]
+    assert events[0] == "message_start" and events[-1] == "message_stop" and "content_block_delta" in events
+
+    def counted() -> tuple[float, float]:
+        ttft = r.metric("kvstack_router_time_to_first_token_seconds_count", model_name="gen")
+        return ttft, by_route(r, "/v1/messages", "200")
+
+    wait_until(lambda: counted() == (1, 2), "two messages answered, one first token", 5, 0.01)
 
 
 @pytest.mark.parametrize("path", ["/rerank", "/v1/rerank", "/v2/rerank", "/score", "/v1/score"])
@@ -265,6 +291,12 @@ def test_malformed_audio_forms_are_400(
         ("/score", {"model": "rank", "text_1": "a"}, "text_1"),
         ("/classify", {"model": "rank"}, "input"),
         ("/v2/rerank", {"query": "q", "documents": ["a"]}, "model"),
+        ("/v1/messages", {"model": "gen", "messages": [{"role": "user", "content": "x"}]}, "max_tokens"),
+        (
+            "/v1/messages",
+            {"model": "gen", "messages": [{"role": "tool", "content": "x"}], "max_tokens": 1},
+            "messages",
+        ),
     ],
 )
 def test_bad_bodies_are_the_routers_400(
@@ -290,6 +322,7 @@ def test_the_openapi_schema_lists_every_route(engines: Engines, router: RouterFa
     paths = httpx.get(f"{r.url}/openapi.json").json()["paths"]
     for path in (
         "/v1/responses",
+        "/v1/messages",
         "/rerank",
         "/v1/rerank",
         "/v2/rerank",
