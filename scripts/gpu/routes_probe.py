@@ -2,11 +2,12 @@
 
     python3 routes_probe.py URL MODEL OUT.json
 
-Sends one request per route (the Responses API whole and streamed, rerank, score, classify, pooling,
-embeddings, the audio routes with a generated WAV) and writes, per route, the status, the content
-type and the body (JSON, or the stream's first and last frames). Routes the model's tasks do not
-include show what vLLM answers for them (a plain FastAPI 404 when it does not mount the route). The
-simulator's shapes (engine/sim/{responses,pooling,audio}.py) are compared against this file.
+Sends one request per route (the Responses and Messages APIs whole and streamed, rerank, score,
+classify, pooling, embeddings, the audio routes with a generated WAV) and writes, per route, the
+status, the content type and the body (JSON, or the stream's first and last frames). Routes the
+model's tasks do not include show what vLLM answers for them (a plain FastAPI 404 when it does not
+mount the route). The simulator's shapes (engine/sim/{responses,messages,pooling,audio}.py) are
+compared against this file.
 Standard library only, plus httpx (a dependency of vLLM's openai package).
 """
 
@@ -48,6 +49,7 @@ def record(resp: httpx.Response) -> dict[str, Any]:
 
 
 def main(url: str, model: str, path_out: str) -> None:
+    chat = [{"role": "user", "content": "hi"}]
     rerank = {
         "model": model,
         "query": "capital of france",
@@ -64,6 +66,12 @@ def main(url: str, model: str, path_out: str) -> None:
             "responses_unknown_previous",
             "/v1/responses",
             {"json": {"model": model, "input": "hi", "previous_response_id": "resp_x"}},
+        ),
+        ("messages", "/v1/messages", {"json": {"model": model, "messages": chat, "max_tokens": 8}}),
+        (
+            "messages_stream",
+            "/v1/messages",
+            {"json": {"model": model, "messages": chat, "max_tokens": 8, "stream": True}},
         ),
         ("rerank", "/rerank", {"json": {**rerank, "top_n": 1}}),
         ("v1_rerank", "/v1/rerank", {"json": rerank}),
