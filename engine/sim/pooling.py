@@ -141,8 +141,12 @@ class PoolingRoutes:
         guard = Guard(receive)
 
         async def work() -> None:
-            tasks = [prefill(self.server, one, request_id(f"pool-{i}-")) for i, one in enumerate(ids)]
-            await asyncio.gather(*tasks)
+            try:
+                async with asyncio.TaskGroup() as group:  # one failing cancels (aborts) the others
+                    for i, one in enumerate(ids):
+                        group.create_task(prefill(self.server, one, request_id(f"pool-{i}-")))
+            except ExceptionGroup as failed:
+                raise failed.exceptions[0] from None  # the engine's OpenAIError, answered as such
             guard.finishing()
             await send_json(send, 200, render(model))
 
