@@ -55,6 +55,18 @@ PROXIED: tuple[tuple[str, Kind], ...] = (
     ("/v1/embeddings", "embedding"),
     ("/tokenize", "tokenize"),
     ("/detokenize", "detokenize"),
+    # the other routes vLLM 0.24 serves (a model answers those of its tasks; the others are 404)
+    ("/v1/responses", "responses"),
+    ("/v1/messages", "messages"),  # Anthropic's Messages API, which vLLM serves too
+    ("/rerank", "rerank"),
+    ("/v1/rerank", "rerank"),
+    ("/v2/rerank", "rerank"),
+    ("/score", "score"),
+    ("/v1/score", "score"),
+    ("/classify", "classify"),
+    ("/pooling", "pooling"),
+    ("/v1/audio/transcriptions", "audio"),
+    ("/v1/audio/translations", "audio"),
 )
 _MAX_REQUEST_ID = 128
 

@@ -148,6 +148,7 @@ def account(metrics: RouterMetrics, ex: Exchange, path: str, log_it: bool) -> No
     # 0: the handler raised (a bug, answered 500) or was cancelled at shutdown (uvicorn answers 500)
     status = str(ex.status or 500)
     metrics.labelled(metrics.requests, model, ex.engine, status).inc()
+    metrics.labelled(metrics.route_requests, path, status).inc()
     if ex.engine:
         metrics.labelled(metrics.e2e, model).observe(elapsed)
     if ex.ttft is not None:

@@ -54,6 +54,14 @@ def scan_headers(headers: Headers, session_name: bytes) -> tuple[bytes | None, i
     return auth, declared, session
 
 
+def content_type(headers: Headers) -> str | None:
+    """The request's Content-Type (read only where the body's form depends on it: multipart)."""
+    for name, value in headers:
+        if name == b"content-type":
+            return value.decode("latin-1")
+    return None
+
+
 def upstream_headers(
     headers: Headers,
     request_id: str,

@@ -180,6 +180,14 @@ class RouterMetrics:
             ["model_name"],
             registry=r,
         )
+        # --- requests by route (the proxied API path: a fixed set, so a bounded label)
+        self.route_requests = Counter(
+            "kvstack_router_route_requests",
+            "Requests answered, by route (the API path, e.g. /v1/responses) and HTTP status.",
+            ["route", "status"],
+            registry=r,
+        )
+        # ---
         r.register(_EngineCollector(engines, clock))
         for reason in REJECTION_REASONS:
             self.rejections.labels(reason)  # present at 0 from the start, so rate() works at once

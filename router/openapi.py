@@ -15,9 +15,11 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from kvstack.router.protocol import Kind
+from kvstack.router.protocol import MULTIPART, SCORE_PAIRS, Kind
 
 ERROR_REF = "#/components/schemas/OpenAIError"
+# kinds served on several paths: each path's operation is named after the path
+_SHARED_KINDS = frozenset({"rerank", "score", "audio"})
 # every status the proxied routes answer with besides 200 (from the router or the engine)
 PROXY_ERRORS = (400, 401, 404, 408, 413, 429, 502, 503, 504)
 
@@ -70,6 +72,9 @@ _COMMON: dict[str, Any] = {
 _STREAM: dict[str, Any] = {"type": ["boolean", "null"]}
 
 
+_SCORE_INPUT: dict[str, Any] = {"type": ["string", "array", "object"]}
+
+
 def _body(required: list[str], **fields: Any) -> dict[str, Any]:
     # additionalProperties: the engine reads the rest (temperature, tools, ...)
     return {
@@ -79,6 +84,11 @@ def _body(required: list[str], **fields: Any) -> dict[str, Any]:
         "additionalProperties": True,
     }
 
+
+_POOLING: dict[str, Any] = {
+    **_body([], input=_PROMPT, messages=_MESSAGES),
+    "anyOf": [{"required": ["model", "input"]}, {"required": ["model", "messages"]}],
+}
 
 # request body and whether the route streams, per kind
 _REQUESTS: dict[Kind, tuple[str, dict[str, Any], bool]] = {
@@ -98,6 +108,80 @@ _REQUESTS: dict[Kind, tuple[str, dict[str, Any], bool]] = {
         False,
     ),
     "detokenize": ("The text of token ids", _body(["tokens"], tokens=_TOKENS), False),
+    "responses": (
+        "A response (Responses API); input messages are routed like a chat",
+        _body(
+            ["model", "input"],
+            input={
+                "anyOf": [{"type": "string"}, {"type": "array", "minItems": 1, "items": {"type": "object"}}]
+            },
+            instructions={"type": ["string", "null"]},
+            max_output_tokens={"type": ["integer", "null"], "minimum": 1},
+            stream=_STREAM,
+        ),
+        True,
+    ),
+    "messages": (
+        "A message (Anthropic's Messages API); its messages are routed like a chat",
+        {
+            "type": "object",
+            "required": ["model", "messages", "max_tokens"],
+            "properties": {
+                "model": {"type": "string", "minLength": 1},
+                "messages": {
+                    "type": "array",
+                    "minItems": 1,
+                    "items": {
+                        "type": "object",
+                        "required": ["role", "content"],
+                        "properties": {
+                            "role": {"enum": ["user", "assistant"]},
+                            "content": {"type": ["string", "array"], "items": {"type": "object"}},
+                        },
+                    },
+                },
+                "system": {"type": ["string", "array", "null"], "items": {"type": "object"}},
+                "max_tokens": {"type": "integer", "minimum": 1},
+                "stream": _STREAM,
+            },
+            "additionalProperties": True,
+        },
+        True,
+    ),
+    "rerank": (
+        "Documents ranked by relevance to a query (a score model)",
+        _body(
+            ["model", "query", "documents"],
+            query={"type": ["string", "object"]},
+            documents={"type": ["array", "string", "object"], "minItems": 1},
+            top_n={"type": ["integer", "null"], "minimum": 0},
+        ),
+        False,
+    ),
+    "score": (
+        "Scores of text pairs (a score model)",
+        {
+            **_body(["model"], text_1=_SCORE_INPUT, text_2=_SCORE_INPUT),
+            "anyOf": [{"required": list(pair)} for pair in SCORE_PAIRS],
+        },
+        False,
+    ),
+    "classify": ("Class probabilities (a classify model)", _POOLING, False),
+    "pooling": ("Pooled hidden states (a pooling model)", _POOLING, False),
+    "audio": (
+        "Text of an audio file (a transcription model): multipart/form-data with file and model",
+        {
+            "type": "object",
+            "required": ["file", "model"],
+            "properties": {
+                "file": {"type": "string", "format": "binary"},
+                "model": {"type": "string", "minLength": 1},
+                "stream": {"type": "boolean"},
+            },
+            "additionalProperties": True,
+        },
+        True,
+    ),
 }
 
 
@@ -139,9 +223,14 @@ METRICS_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
-def proxied_operation(kind: Kind) -> dict[str, Any]:
-    """The OpenAPI path item of one proxied route (POST only)."""
+def proxied_operation(kind: Kind, path: str | None = None) -> dict[str, Any]:
+    """The OpenAPI path item of one proxied route (POST only); ``path`` names its operation when
+    several routes share a kind (rerank, score, audio)."""
     summary, body, streams = _REQUESTS[kind]
+    media = "multipart/form-data" if kind in MULTIPART else "application/json"
+    operation_id = f"proxy_{kind}"
+    if path is not None and kind in _SHARED_KINDS:
+        operation_id = "proxy_" + "_".join(p for p in path.strip("/").split("/") if p)
     ok: dict[str, Any] = {"application/json": {"schema": {"type": "object"}}}
     if streams:
         # schemathesis and most validators see the stream as text; each event is a JSON chunk
@@ -153,9 +242,9 @@ def proxied_operation(kind: Kind) -> dict[str, Any]:
     return {
         "post": {
             "summary": summary,
-            "operationId": f"proxy_{kind}",
+            "operationId": operation_id,
             "tags": ["OpenAI"],
-            "requestBody": {"required": True, "content": {"application/json": {"schema": body}}},
+            "requestBody": {"required": True, "content": {media: {"schema": body}}},
             "responses": responses,
         }
     }
@@ -169,7 +258,7 @@ def with_proxied(generated: dict[str, Any], routes: Iterable[tuple[str, Kind]]) 
             responses = operation.get("responses", {})
             if responses.pop("422", None) is not None:
                 responses.setdefault("400", error_response(400))
-    schema["paths"] = {**schema.get("paths", {}), **{p: proxied_operation(k) for p, k in routes}}
+    schema["paths"] = {**schema.get("paths", {}), **{p: proxied_operation(k, p) for p, k in routes}}
     schemas = schema.setdefault("components", {}).setdefault("schemas", {})
     # nothing answers with FastAPI's validation error shape
     schemas.pop("HTTPValidationError", None)

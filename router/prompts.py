@@ -107,10 +107,6 @@ def check_prompt(prompt: Any, field: str) -> None:
     raise OpenAIError(400, f"'{field}' must be a string, an array of strings, or token ids", param=field)
 
 
-def _has_messages(request: ParsedRequest) -> bool:
-    return request.kind == "chat" or (request.kind == "tokenize" and "messages" in request.body)
-
-
 def _first_prompt(request: ParsedRequest) -> tuple[str, Any]:
     """The prompt's field and its (first) prompt: a batch's first prompt stands for the request."""
     field = PROMPT_FIELD.get(request.kind, "prompt")  # tokenize: its prompt (messages: a chat)
@@ -150,8 +146,8 @@ class PromptWork:
 def prompt_work(request: ParsedRequest) -> PromptWork | Tokens | None:
     """The request's (first) prompt: what tokenizing it takes, or its token ids as sent; None
     without a prompt. Token ids come back as a uint32 array; ids no array can hold are a 400."""
-    if _has_messages(request):
-        messages: list[dict[str, Any]] = request.body["messages"]
+    messages = request.messages  # a chat's, or a response's input as messages
+    if messages is not None:
         chat: list[tuple[str, str]] = []
         parts: list[int] = []
         chars = 0
@@ -166,6 +162,10 @@ def prompt_work(request: ParsedRequest) -> PromptWork | Tokens | None:
             chat.append(pair)
             chars += len(role) + len(pair[1])
         return PromptWork(digest_of_digests(_CHAT, parts), chars, chat, None, tuple(parts), messages)
+    if request.kind not in PROMPT_FIELD and request.kind != "tokenize":
+        # rerank, score, classify, pooling, audio: no prefix an engine would reuse across requests
+        # worth keying (a response without text-only messages too): routed by model and load
+        return None
     field, prompt = _first_prompt(request)
     if isinstance(prompt, str):
         return PromptWork(digest(_TEXT, (prompt,)), len(prompt), text=prompt)
@@ -288,7 +288,7 @@ def work_tokens(work: PromptWork, cache: PromptCache) -> Tokens:
 
 def prompt_text(request: ParsedRequest) -> str | None:
     """The prompt as text: a completion's (first) prompt, or a chat's message texts joined by newlines."""
-    if _has_messages(request):
-        return "\n".join(message_text(m.get("content")) for m in request.body["messages"])
+    if request.messages is not None:
+        return "\n".join(message_text(m.get("content")) for m in request.messages)
     _, prompt = _first_prompt(request)
     return prompt if isinstance(prompt, str) else None

@@ -1,8 +1,8 @@
 """OpenAI request parsing the router needs, and SSE frame handling (prompts: :mod:`.prompts`).
 
-The body is decoded once (msgspec) and forwarded as the original bytes: the router validates only
-the fields it reads (model, messages/prompt/input, stream, max_tokens, n, user) and leaves the rest
-to the engine.
+The body is decoded once (msgspec; the audio routes' multipart form is scanned for its fields) and
+forwarded as the original bytes: the router validates only the fields it reads (model, the prompt or
+the route's inputs, stream, max_tokens, n, user) and leaves the rest to the engine.
 """
 
 from __future__ import annotations
@@ -12,11 +12,39 @@ from typing import Any, Literal
 
 import msgspec
 
+from kvstack.common import multipart
 from kvstack.common.errors import OpenAIError, error_body
+from kvstack.common.prompt_messages import (
+    anthropic_messages,
+    check_anthropic_messages,
+    check_responses_input,
+    responses_messages,
+)
 from kvstack.router.prompts import PROMPT_FIELD, check_prompt, token_ids
 from kvstack.router.upstream import UpstreamError
 
-Kind = Literal["chat", "completion", "embedding", "tokenize", "detokenize"]
+Kind = Literal[
+    "chat",
+    "completion",
+    "embedding",
+    "tokenize",
+    "detokenize",
+    "responses",
+    "messages",
+    "rerank",
+    "score",
+    "classify",
+    "pooling",
+    "audio",
+]
+# kinds whose answer may be an SSE stream (``stream: true``)
+STREAMING: frozenset[Kind] = frozenset({"chat", "completion", "responses", "messages", "audio"})
+# kinds whose body is multipart/form-data, not JSON
+MULTIPART: frozenset[Kind] = frozenset({"audio"})
+# the pairs of fields a score request may compare (vLLM 0.24 accepts each of these forms)
+SCORE_PAIRS = (("text_1", "text_2"), ("queries", "documents"), ("queries", "items"), ("data_1", "data_2"))
+_FORM_TRUE = frozenset({"true", "1", "yes", "on"})
+_FORM_FALSE = frozenset({"false", "0", "no", "off", ""})
 
 _decode_json = msgspec.json.Decoder().decode
 
@@ -31,6 +59,8 @@ class ParsedRequest:
     stream: bool = False
     max_tokens: int | None = None
     user: str | None = None
+    # the prompt as chat messages: a chat's, a tokenize request's, or a response's input as messages
+    messages: list[dict[str, Any]] | None = None
 
 
 def decode_body(raw: bytes) -> dict[str, Any]:
@@ -82,30 +112,20 @@ def _check_content_parts(parts: list[Any], i: int) -> None:
             raise OpenAIError(400, f"'{where}.text' must be a string", param="messages")
 
 
-def parse_request(kind: Kind, raw: bytes) -> ParsedRequest:
-    """Decode and validate the router's fields of one request; raises 400 ``OpenAIError``."""
+def parse_request(kind: Kind, raw: bytes, content_type: str | None = None) -> ParsedRequest:
+    """Decode and validate the router's fields of one request; raises 400 ``OpenAIError``.
+
+    ``content_type`` is the request's Content-Type, read only for the multipart (audio) routes.
+    """
+    if kind in MULTIPART:
+        return _parse_form(kind, raw, content_type)
     body = decode_body(raw)
     model = body.get("model")
     if model is not None and (not isinstance(model, str) or not model):
         raise OpenAIError(400, "'model' must be a non-empty string", param="model")
     if model is None and kind not in ("tokenize", "detokenize"):
         raise OpenAIError(400, "'model' is required", param="model")
-    if kind == "chat":
-        _check_messages(body.get("messages"))
-    elif kind in ("completion", "embedding"):
-        field = PROMPT_FIELD[kind]
-        if field not in body:
-            raise OpenAIError(400, f"'{field}' is required", param=field)
-        check_prompt(body[field], field)
-    elif kind == "tokenize":
-        if "messages" in body:
-            _check_messages(body["messages"])
-        elif "prompt" in body:
-            check_prompt(body["prompt"], "prompt")
-        else:
-            raise OpenAIError(400, "'prompt' or 'messages' is required", param="prompt")
-    elif kind == "detokenize" and token_ids(body.get("tokens"), "tokens") is None:
-        raise OpenAIError(400, "'tokens' must be an array of token ids", param="tokens")
+    messages = _check_inputs(kind, body)
     stream = body.get("stream", False)
     if stream is None:
         stream = False
@@ -115,6 +135,8 @@ def parse_request(kind: Kind, raw: bytes) -> ParsedRequest:
         raise OpenAIError(400, "embeddings cannot be streamed", param="stream")
     max_tokens = _opt_int(body, "max_tokens", 0)
     max_completion = _opt_int(body, "max_completion_tokens", 0)
+    if kind == "responses":
+        max_tokens, max_completion = None, _opt_int(body, "max_output_tokens", 1)
     _opt_int(body, "n", 1)
     user = body.get("user")
     if user is not None and not isinstance(user, str):
@@ -123,9 +145,85 @@ def parse_request(kind: Kind, raw: bytes) -> ParsedRequest:
         kind=kind,
         model=model,
         body=body,
-        stream=stream,
+        stream=stream and kind in STREAMING,
         max_tokens=max_completion if max_completion is not None else max_tokens,
         user=user,
+        messages=messages,
+    )
+
+
+def _check_inputs(kind: Kind, body: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """Check the fields that carry the request's input; the prompt as messages when it is a chat."""
+    if kind == "chat":
+        _check_messages(body.get("messages"))
+        return body["messages"]  # type: ignore[no-any-return]
+    if kind in ("completion", "embedding"):
+        field = PROMPT_FIELD[kind]
+        if field not in body:
+            raise OpenAIError(400, f"'{field}' is required", param=field)
+        check_prompt(body[field], field)
+    elif kind == "tokenize":
+        if "messages" in body:
+            _check_messages(body["messages"])
+            return body["messages"]  # type: ignore[no-any-return]
+        if "prompt" not in body:
+            raise OpenAIError(400, "'prompt' or 'messages' is required", param="prompt")
+        check_prompt(body["prompt"], "prompt")
+    elif kind == "detokenize" and token_ids(body.get("tokens"), "tokens") is None:
+        raise OpenAIError(400, "'tokens' must be an array of token ids", param="tokens")
+    elif kind == "responses":
+        if "input" not in body:
+            raise OpenAIError(400, "'input' is required", param="input")
+        check_responses_input(body["input"])
+        instructions = body.get("instructions")
+        if instructions is not None and not isinstance(instructions, str):
+            raise OpenAIError(400, "'instructions' must be a string", param="instructions")
+        return responses_messages(body["input"], instructions)
+    elif kind == "messages":  # Anthropic's Messages API
+        check_anthropic_messages(body.get("messages"), body.get("system"))
+        if _opt_int(body, "max_tokens", 1) is None:
+            raise OpenAIError(400, "'max_tokens' is required", param="max_tokens")
+        return anthropic_messages(body["messages"], body.get("system"))
+    elif kind == "rerank":
+        _check_rerank(body)
+    elif kind == "score":
+        if not any(a in body and b in body for a, b in SCORE_PAIRS):
+            raise OpenAIError(400, "'text_1' and 'text_2' are required", param="text_1")
+    elif kind in ("classify", "pooling"):
+        if "input" not in body and "messages" not in body:
+            raise OpenAIError(400, "'input' or 'messages' is required", param="input")
+        if "messages" in body:
+            _check_messages(body["messages"])
+    return None
+
+
+def _check_rerank(body: dict[str, Any]) -> None:
+    query = body.get("query")
+    if not isinstance(query, str | dict):
+        raise OpenAIError(400, "'query' is required: a string", param="query")
+    documents = body.get("documents")
+    if not isinstance(documents, str | dict) and not (isinstance(documents, list) and documents):
+        raise OpenAIError(400, "'documents' must be a non-empty array of strings", param="documents")
+    _opt_int(body, "top_n", 0)
+
+
+def _parse_form(kind: Kind, raw: bytes, content_type: str | None) -> ParsedRequest:
+    """An audio request: its ``model`` and ``stream`` form fields (the file stays in ``raw``)."""
+    try:
+        parts = multipart.parse(raw, multipart.boundary_of(content_type))
+        fields = multipart.text_fields(parts, ("model", "stream", "user"))
+    except multipart.MultipartError as err:
+        raise OpenAIError(400, f"invalid multipart/form-data body: {err}") from None
+    if not any(p.name == "file" and p.filename is not None for p in parts):
+        raise OpenAIError(400, "'file' is required: an audio file", param="file")
+    model = fields.get("model")
+    if not model:
+        raise OpenAIError(400, "'model' is required", param="model")
+    stream = fields.get("stream", "").strip().lower()
+    if stream not in _FORM_TRUE and stream not in _FORM_FALSE:
+        raise OpenAIError(400, "'stream' must be a boolean", param="stream")
+    return ParsedRequest(
+        kind=kind, model=model, body={}, stream=stream in _FORM_TRUE, user=fields.get("user")
     )
 
 
@@ -156,7 +254,26 @@ def has_content(events: bytes) -> bool:
                 delta.get("content") or delta.get("reasoning_content") or delta.get("tool_calls")
             ):
                 return True
+        # the Responses API's events: output text, reasoning or a tool call's arguments
+        if chunk.get("type") in _RESPONSE_DELTAS and chunk.get("delta"):
+            return True
+        # the Messages API's: a content block's text, thinking or tool input
+        if chunk.get("type") == "content_block_delta":
+            delta = chunk.get("delta")
+            if isinstance(delta, dict) and (
+                delta.get("text") or delta.get("thinking") or delta.get("partial_json")
+            ):
+                return True
     return False
+
+
+_RESPONSE_DELTAS = frozenset(
+    {
+        "response.output_text.delta",
+        "response.reasoning_text.delta",
+        "response.function_call_arguments.delta",
+    }
+)
 
 
 class SSEFramer:

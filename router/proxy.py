@@ -33,11 +33,19 @@ from kvstack.router.exchange import (
     send_error,
     watch_disconnect,
 )
-from kvstack.router.headers import answer_headers, scan_headers, upstream_headers
+from kvstack.router.headers import answer_headers, content_type, scan_headers, upstream_headers
 from kvstack.router.policies.base import Decision, RequestFeatures
 from kvstack.router.prompt_source import PromptSource
 from kvstack.router.prompts import prompt_text
-from kvstack.router.protocol import Kind, ParsedRequest, SSEFramer, error_event, has_content, parse_request
+from kvstack.router.protocol import (
+    MULTIPART,
+    Kind,
+    ParsedRequest,
+    SSEFramer,
+    error_event,
+    has_content,
+    parse_request,
+)
 from kvstack.router.retry import AttemptFailure, next_step, untried
 from kvstack.router.upstream import UpstreamError, UpstreamResponse
 
@@ -98,6 +106,7 @@ class ProxyEndpoint:
         self.ctx = ctx
         self.kind: Kind = kind
         self.path = path
+        self.multipart = kind in MULTIPART  # its fields are read from the form, by Content-Type
         settings = ctx.settings
         self._session_name = settings.session_header.encode("latin-1")
         self._expose_engine = settings.expose_engine_header
@@ -143,7 +152,9 @@ class ProxyEndpoint:
                 ) from None
             except OpenAIError as err:
                 raise reject(ctx, "body_budget" if err.status == 503 else "body_too_large", err) from None
-            request = parse_request(self.kind, raw)
+            request = parse_request(
+                self.kind, raw, content_type(scope["headers"]) if self.multipart else None
+            )
             ex.model = request.model or ""
             ex.stream = request.stream
             session_key = session_header.decode("latin-1") if session_header else request.user

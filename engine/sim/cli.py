@@ -118,6 +118,15 @@ def sim(
             help="Name to answer to; repeat for several (default: the model).", rich_help_panel=_ENGINE
         ),
     ] = None,
+    task: Annotated[
+        list[str] | None,
+        typer.Option(
+            metavar="TASK",
+            help="What the model does: generate (default), transcription, embed, classify, score; "
+            "repeat for several. Other tasks' routes are 404.",
+            rich_help_panel=_ENGINE,
+        ),
+    ] = None,
     max_model_len: Annotated[
         int | None, typer.Option(help="Prompt + output token limit (default 32768).", rich_help_panel=_ENGINE)
     ] = None,
@@ -273,6 +282,7 @@ def sim(
         {
             "model": model,
             "served_model_names": served_model_name or None,
+            "tasks": task or None,
             "max_model_len": max_model_len,
             "block_size": block_size,
             "num_gpu_blocks": num_gpu_blocks,

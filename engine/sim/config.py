@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import secrets
-from typing import Annotated, Self
+from typing import Annotated, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -44,6 +44,9 @@ def _default_hash_seed() -> int:
     seed = python_hash_seed()
     return secrets.randbelow(_MAX_SEED + 1) if seed is None else seed
 
+
+# What the simulated model does, as vLLM's supported tasks: each brings its routes (engine/sim/task_routes.py)
+Task = Literal["generate", "transcription", "embed", "classify", "score"]
 
 PositiveFloat = Annotated[float, Field(gt=0)]
 NonNegFloat = Annotated[float, Field(ge=0)]
@@ -199,6 +202,13 @@ class SimConfig(BaseModel):
     model: str = Field("kvstack/sim-8b", min_length=1, description="Model name (--model).")
     served_model_names: list[str] = Field(
         default_factory=list, description="Names the pod answers to (--served-model-name); empty: model."
+    )
+    tasks: list[Task] = Field(
+        default_factory=lambda: list[Task](["generate"]),
+        min_length=1,
+        description="What the model does (vLLM's supported tasks; --runner/--convert there): generate "
+        "(completions, chat, responses), transcription (audio), embed (embeddings, pooling), classify "
+        "(classify, pooling), score (score, rerank). Routes of other tasks answer 404, as in vLLM.",
     )
     max_model_len: int = Field(32768, gt=0, description="Prompt + output token limit (--max-model-len).")
     block_size: int = Field(16, gt=0, description="Tokens per KV block (--block-size).")

@@ -25,6 +25,7 @@ from kvstack.engine.sim.config import SimConfig
 from kvstack.engine.sim.events import KVEventPublisher
 from kvstack.engine.sim.lora_api import LoRAService
 from kvstack.engine.sim.metrics import CONTENT_TYPE, CacheInfo, SimMetrics
+from kvstack.engine.sim.task_routes import GENERATE_ROUTES, task_routes
 from kvstack.engine.sim.types import EngineCore, EventSink, RequestOutput, SimRequest, StatsListener
 
 log = logging.getLogger(__name__)
@@ -131,6 +132,12 @@ class SimServer:
         if config.lora.runtime_updating:
             self._routes[("POST", "/v1/load_lora_adapter")] = self._load_lora_adapter
             self._routes[("POST", "/v1/unload_lora_adapter")] = self._unload_lora_adapter
+        # --- the routes of the model's tasks (vLLM registers only those; the others are 404)
+        if "generate" not in config.tasks:
+            for key in GENERATE_ROUTES:
+                del self._routes[key]
+        self._routes.update(task_routes(self, config.tasks))
+        # ---
         self._paths = {path for _, path in self._routes}
 
     # --- ASGI ------------------------------------------------------------------------------------

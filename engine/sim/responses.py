@@ -1,0 +1,265 @@
+"""``POST /v1/responses`` of a simulated vLLM 0.24 pod (a model without reasoning or tool parsers).
+
+The input becomes chat messages (:func:`kvstack.common.prompt_messages.responses_messages`, the router
+keys the same ones) prefilled under the chat template. The answer is vLLM's ``ResponsesResponse``; a
+stream is vLLM's simple event sequence, each frame ``event: <type>`` + ``data: <json>``: created,
+in_progress, the message item and its text part added, the text deltas, then text done, part done,
+item done and completed (no ``[DONE]``).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from kvstack.common.errors import OpenAIError
+from kvstack.common.prompt_messages import check_responses_input, responses_messages
+from kvstack.common.tokenizer import apply_chat_template
+from kvstack.engine.sim import protocol as p
+from kvstack.engine.sim.server import Receive, Scope, Send, read_body, send_json
+from kvstack.engine.sim.task_routes import Guard, outputs, request_id
+from kvstack.engine.sim.types import SimRequest
+
+if TYPE_CHECKING:
+    from kvstack.engine.sim.server import SimServer
+
+_SSE_START = {
+    "type": "http.response.start",
+    "status": 200,
+    "headers": [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache")],
+}
+
+
+class ResponsesRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    model: str | None = None
+    input: str | list[dict[str, Any]]
+    instructions: str | None = None
+    max_output_tokens: int | None = Field(default=None, ge=1)
+    stream: bool = False
+    temperature: float | None = Field(default=None, ge=0.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    metadata: dict[str, str] | None = None
+    previous_response_id: str | None = None
+    user: str | None = None
+    ignore_eos: bool = False
+    cache_salt: str | None = None
+
+
+def usage(prompt: int, output: int, cached: int) -> dict[str, Any]:
+    """vLLM's ``ResponseUsage``."""
+    return {
+        "input_tokens": prompt,
+        "input_tokens_details": {
+            "cached_tokens": cached,
+            "input_tokens_per_turn": [],
+            "cached_tokens_per_turn": [],
+        },
+        "output_tokens": output,
+        "output_tokens_details": {
+            "reasoning_tokens": 0,
+            "tool_output_tokens": 0,
+            "output_tokens_per_turn": [],
+            "tool_output_tokens_per_turn": [],
+        },
+        "total_tokens": prompt + output,
+    }
+
+
+def message_item(item_id: str, text: str | None) -> dict[str, Any]:
+    """The assistant's output message; ``text`` None: just added, no content yet."""
+    content: list[dict[str, Any]] = (
+        [] if text is None else [{"type": "output_text", "text": text, "annotations": [], "logprobs": None}]
+    )
+    status = "in_progress" if text is None else "completed"
+    return {"id": item_id, "type": "message", "role": "assistant", "status": status, "content": content}
+
+
+def response_body(
+    req: ResponsesRequest,
+    *,
+    rid: str,
+    model: str,
+    created: int,
+    max_tokens: int,
+    status: str,
+    output: list[dict[str, Any]],
+    usage_: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """``ResponsesResponse.from_request`` as vLLM fills it."""
+    return {
+        "id": rid,
+        "created_at": created,
+        "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
+        "instructions": req.instructions,
+        "metadata": req.metadata,
+        "model": model,
+        "object": "response",
+        "output": output,
+        "parallel_tool_calls": True,
+        "temperature": req.temperature if req.temperature is not None else 1.0,
+        "tool_choice": "auto",
+        "tools": [],
+        "top_p": req.top_p if req.top_p is not None else 1.0,
+        "background": False,
+        "max_output_tokens": max_tokens,
+        "max_tool_calls": None,
+        "previous_response_id": None,
+        "prompt": None,
+        "reasoning": None,
+        "service_tier": "auto",
+        "status": status,
+        "text": None,
+        "top_logprobs": None,
+        "truncation": "disabled",
+        "usage": usage_,
+        "user": req.user,
+        "input_messages": None,
+        "output_messages": None,
+    }
+
+
+class _Events:
+    """Numbered SSE frames of one streamed response."""
+
+    def __init__(self) -> None:
+        self.sequence = 0
+
+    def frame(self, kind: str, **fields: Any) -> bytes:
+        data = {"type": kind, "sequence_number": self.sequence, **fields}
+        self.sequence += 1
+        return (
+            b"event: " + kind.encode() + b"\ndata: " + json.dumps(data, ensure_ascii=False).encode() + b"\n\n"
+        )
+
+
+class ResponsesRoutes:
+    """The Responses API handler of one simulated pod."""
+
+    def __init__(self, server: SimServer) -> None:
+        self.server = server
+
+    async def create(self, scope: Scope, receive: Receive, send: Send) -> None:
+        req = p.parse(ResponsesRequest, await read_body(receive))
+        model = self.server._model(req.model)
+        if req.previous_response_id is not None:
+            # the simulator stores no responses: every earlier one is unknown, as vLLM answers then
+            raise OpenAIError(404, f"Response with id '{req.previous_response_id}' not found.")
+        check_responses_input(req.input)
+        messages = responses_messages(req.input, req.instructions)
+        if messages is None:
+            raise OpenAIError(400, "the simulator takes input messages of text only", param="input")
+        ids = apply_chat_template([(m["role"], m["content"]) for m in messages])
+        limit = self.server.config.max_model_len
+        room = p.check_length(len(ids), None, limit, is_text=True)  # 400 when the prompt fills the context
+        max_tokens = min(req.max_output_tokens or room, room)  # vLLM clamps max_output_tokens to the room
+        rid = request_id("resp_")
+        sim = SimRequest(
+            request_id=rid,
+            prompt_token_ids=ids,
+            max_tokens=max_tokens,
+            ignore_eos=req.ignore_eos,
+            cache_salt=req.cache_salt,
+            arrival_time=time.monotonic(),
+        )
+        guard = Guard(receive)
+        answer = self._stream if req.stream else self._whole
+        await guard.run(lambda: answer(send, guard, req, sim, model))
+
+    async def _whole(
+        self, send: Send, guard: Guard, req: ResponsesRequest, sim: SimRequest, model: str
+    ) -> None:
+        detok = p.Detokenizer()
+        pieces: list[str] = []
+        generated = cached = 0
+        finish = "abort"
+        async for out in outputs(self.server, sim):
+            generated += len(out.new_token_ids)
+            cached = out.num_cached_tokens or cached
+            pieces.append(detok(out.new_token_ids))
+            if out.finished:
+                pieces.append(detok.flush())
+                finish = out.finish_reason or "length"
+        status = "incomplete" if finish == "length" else "completed"
+        body = response_body(
+            req,
+            rid=sim.request_id,
+            model=model,
+            created=int(time.time()),
+            max_tokens=sim.max_tokens,
+            status=status,
+            output=[message_item(request_id("msg_"), "".join(pieces))],
+            usage_=usage(len(sim.prompt_token_ids), generated, cached),
+        )
+        guard.finishing()
+        await send_json(send, 200, body)
+
+    async def _stream(
+        self, send: Send, guard: Guard, req: ResponsesRequest, sim: SimRequest, model: str
+    ) -> None:
+        events, created, item_id = _Events(), int(time.time()), request_id("msg_")
+
+        def response(
+            status: str, output: list[dict[str, Any]], usage_: dict[str, Any] | None
+        ) -> dict[str, Any]:
+            return response_body(
+                req,
+                rid=sim.request_id,
+                model=model,
+                created=created,
+                max_tokens=sim.max_tokens,
+                status=status,
+                output=output,
+                usage_=usage_,
+            )
+
+        where = {"item_id": item_id, "output_index": 0, "content_index": 0}
+        await send(_SSE_START)
+        head = [
+            events.frame("response.created", response=response("in_progress", [], None)),
+            events.frame("response.in_progress", response=response("in_progress", [], None)),
+            events.frame("response.output_item.added", output_index=0, item=message_item(item_id, None)),
+            events.frame(
+                "response.content_part.added",
+                **where,
+                part={"type": "output_text", "text": "", "annotations": [], "logprobs": []},
+            ),
+        ]
+        await send({"type": "http.response.body", "body": b"".join(head), "more_body": True})
+        detok = p.Detokenizer()
+        pieces: list[str] = []
+        generated = cached = 0
+        finish = "abort"
+        async for out in outputs(self.server, sim):
+            generated += len(out.new_token_ids)
+            cached = out.num_cached_tokens or cached
+            text = detok(out.new_token_ids)
+            if out.finished:
+                text += detok.flush()
+                finish = out.finish_reason or "length"
+            if text:
+                pieces.append(text)
+                frame = events.frame("response.output_text.delta", **where, delta=text, logprobs=[])
+                await send({"type": "http.response.body", "body": frame, "more_body": True})
+        text = "".join(pieces)
+        item = message_item(item_id, text)
+        status = "incomplete" if finish == "length" else "completed"
+        tail = [
+            events.frame("response.output_text.done", **where, text=text, logprobs=[]),
+            events.frame(
+                "response.content_part.done",
+                **where,
+                part={"type": "output_text", "text": text, "annotations": []},
+            ),
+            events.frame("response.output_item.done", output_index=0, item=item),
+            events.frame(
+                "response.completed",
+                response=response(status, [item], usage(len(sim.prompt_token_ids), generated, cached)),
+            ),
+        ]
+        guard.finishing()
+        await send({"type": "http.response.body", "body": b"".join(tail), "more_body": False})
