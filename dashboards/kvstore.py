@@ -89,12 +89,21 @@ def redis_row() -> Row:
         "Redis (LMCache's shared store)",
         [
             Panel(
-                "Redis memory used vs max",
-                [Query(used, "used {{pod}}"), Query(f"({limit} > 0)", "maxmemory {{pod}}")],
+                "Redis memory used",
+                [Query(used, "{{pod}}")],
                 unit="bytes",
-                description="Memory Redis uses and its maxmemory (redis_memory_used_bytes, "
-                "redis_memory_max_bytes; no max line when maxmemory is 0, i.e. unbounded): at the max, "
-                "Redis evicts KV chunks and cross-engine hits drop.",
+                description="Memory Redis uses for LMCache's KV chunks (redis_memory_used_bytes); how close "
+                "that is to the bound is on the next panel, so a small store stays readable.",
+            ),
+            Panel(
+                "Redis memory used of maxmemory",
+                [Query(divide(used, limit), "{{pod}}")],
+                unit="percentunit",
+                max=1,
+                thresholds=((0.9, "orange"),),
+                description="Memory used over maxmemory (redis_memory_used_bytes / redis_memory_max_bytes; "
+                "empty when maxmemory is 0, i.e. unbounded): near 100% Redis evicts KV chunks and "
+                "cross-engine hits drop.",
             ),
             Panel(
                 "Redis evictions/s",
