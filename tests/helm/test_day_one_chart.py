@@ -136,3 +136,13 @@ def test_notes_warn_about_a_read_write_once_cache_shared_by_replicas(
     if warned:
         assert "rel-kvstack-engine-llama-8b-models" in notes
         assert "ReadWriteMany" in notes
+
+
+def test_notes_in_simulator_mode_point_to_the_walkthrough(notes_chart: HelmChart) -> None:
+    gpu = _notes(notes_chart)
+    sim = _notes(notes_chart, "engines.simulator.enabled=true")
+    assert "take minutes to download and load weights" in gpu and "helm/kvstack/README.md" not in gpu
+    assert "run the CPU simulator" in sim and "helm/kvstack/README.md" in sim
+    assert "download and load weights" not in sim
+    # the layout stays: a blank line between the release line and the engines paragraph
+    assert sim.splitlines()[1] == "" and sim.splitlines()[2].startswith("Engines (1 model(s)) run")
