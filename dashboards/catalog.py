@@ -5,8 +5,9 @@ from __future__ import annotations
 from kvstack.dashboards import router
 from kvstack.dashboards.autoscaler import DESIRED, autoscaler_rows, replicas_panel
 from kvstack.dashboards.engines import ITL, PER_MODEL, PER_POD, TTFT, cache_row, engine_rows, latency
+from kvstack.dashboards.kvstore import lmcache_row, redis_row
 from kvstack.dashboards.panels import Dashboard, Panel, Query, Row, Variable
-from kvstack.dashboards.promql import ENGINE_SEL, ROUTER_SEL, divide, quantile, ratio, selector, sum_rate
+from kvstack.dashboards.promql import ENGINE_SEL, ROUTER_SEL, quantile, ratio, selector, share, sum_rate
 
 NAMESPACE = Variable("namespace", "Namespace", "label_values(vllm:num_requests_running, namespace)")
 MODEL = Variable(
@@ -58,12 +59,13 @@ def _tiles() -> Row:
             ),
             _stat(
                 "Router 5xx ratio",
-                divide(
+                share(
                     sum_rate(router.REQUESTS, sel=router.ERRORS_SEL),
                     sum_rate(router.REQUESTS, sel=ROUTER_SEL),
                 ),
                 "percentunit",
-                "Share of router answers with a 5xx status.",
+                "Share of router answers with a 5xx status: 0 under traffic without errors, "
+                "No traffic only when the router answered nothing in the window.",
                 thresholds=((0.01, "orange"), (0.05, "red")),
                 no_value="No traffic",
             ),
@@ -202,8 +204,9 @@ def engines() -> Dashboard:
     return Dashboard(
         "kvstack-engines",
         "kvstack / Engines",
-        "vLLM 0.24 engine pods one by one: latency, queues, KV cache, prefix cache and LMCache.",
-        engine_rows(PER_POD),
+        "vLLM 0.24 engine pods one by one: latency, queues, KV cache, prefix cache, LMCache and the "
+        "Redis store the engines share.",
+        [*engine_rows(PER_POD), lmcache_row(), redis_row()],
         variables=(NAMESPACE, MODEL, POD),
     )
 

@@ -42,6 +42,16 @@ def divide(numerator: str, denominator: str) -> str:
     return f"({numerator} / ({denominator} > 0))"
 
 
+def share(numerator: str, denominator: str) -> str:
+    """``num / (den > 0)`` where a missing numerator counts as 0 while the denominator exists.
+
+    For error ratios: with traffic but no errors the numerator has no series at all (no 5xx label
+    value was ever seen), and a plain :func:`divide` would show "No data" under full load. ``or
+    (den * 0)`` fills in 0 with the denominator's labels; with no traffic the result stays empty.
+    """
+    return f"(({numerator} or ({denominator} * 0)) / ({denominator} > 0))"
+
+
 def ratio(
     numerator: str, denominator: str, by: str = "", sel: str = ENGINE_SEL, window: str = RATE_WINDOW
 ) -> str:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from kvstack.dashboards.engines import TTFT as ENGINE_TTFT
 from kvstack.dashboards.panels import Panel, Query, Row
-from kvstack.dashboards.promql import NS_SEL, ROUTER_SEL, divide, quantile, selector, sum_rate
+from kvstack.dashboards.promql import NS_SEL, ROUTER_SEL, divide, quantile, selector, share, sum_rate
 
 REQUESTS = "kvstack_router_requests_total"
 TTFT = "kvstack_router_time_to_first_token_seconds"
@@ -35,13 +35,13 @@ def error_ratio() -> Panel:
         "Error ratio (router 5xx, engine errors)",
         [
             Query(
-                divide(
+                share(
                     sum_rate(REQUESTS, "model_name", ERRORS_SEL), sum_rate(REQUESTS, "model_name", ROUTER_SEL)
                 ),
                 "router 5xx {{model_name}}",
             ),
             Query(
-                divide(
+                share(
                     sum_rate(
                         "vllm:request_success_total",
                         "model_name",
@@ -55,7 +55,8 @@ def error_ratio() -> Panel:
         unit="percentunit",
         thresholds=((0.01, "orange"), (0.05, "red")),
         description="Share of router answers with a 5xx status, and of engine requests that finished "
-        "with an error (errors after streaming started never show as 5xx).",
+        "with an error (errors after streaming started never show as 5xx); 0 under traffic without "
+        "errors, empty without traffic.",
     )
 
 
@@ -165,14 +166,30 @@ def cache_aware_row() -> Row:
                         f"sum by (pod) ({selector('kvstack_router_kv_index_speculative_blocks', NS_SEL)})",
                         "speculative {{pod}}",
                     ),
-                    Query(
-                        f"max by (pod) ({selector('kvstack_router_kv_index_capacity_blocks', NS_SEL)})",
-                        "capacity {{pod}}",
-                    ),
                 ],
                 unit="short",
-                description="Block entries the router's index holds, those assumed from its own dispatches, "
-                "and the bound (kvstack_router_kv_index_*).",
+                description="Block entries each router's index holds, and those it assumed from its own "
+                "dispatches before the engine's KV event confirmed them (kvstack_router_kv_index_blocks, "
+                "kvstack_router_kv_index_speculative_blocks). The bound is on the next panel, so a small "
+                "index stays readable next to a large capacity.",
+            ),
+            Panel(
+                "KV index fill",
+                [
+                    Query(
+                        divide(
+                            f"sum by (pod) ({selector('kvstack_router_kv_index_blocks', NS_SEL)})",
+                            f"max by (pod) ({selector('kvstack_router_kv_index_capacity_blocks', NS_SEL)})",
+                        ),
+                        "{{pod}}",
+                    ),
+                ],
+                unit="percentunit",
+                max=1,
+                thresholds=((0.9, "orange"),),
+                description="Index entries over the index's bound (kvstack_router_kv_index_blocks / "
+                "kvstack_router_kv_index_capacity_blocks): near 100% the router evicts entries and its "
+                "predicted hits go stale.",
             ),
             Panel(
                 "Prompt tokenization cache hit rate",

@@ -48,6 +48,12 @@ def vllm_series(reference_dir: Path) -> set[str]:
     return set(re.findall(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)[{ ]", text, flags=re.M))
 
 
+def exporter_series(reference_dir: Path) -> set[str]:
+    """LMCache's and redis_exporter's sample names (the reference file lists them, one a line)."""
+    lines = (reference_dir / "exporter-metric-names.txt").read_text().splitlines()
+    return {line.strip() for line in lines if line.strip() and not line.startswith("#")}
+
+
 def operator_series() -> set[str]:
     return {name for name in CONTRACT}
 
@@ -61,8 +67,9 @@ def known_series(reference_dir: Path) -> set[str]:
         | router_series()
         | operator_series()
         | {r.record for r in RECORDS}
-        # scrape health and the redis_exporter's view of Redis
-        | {"up", "redis_up"}
+        | exporter_series(reference_dir)
+        # scrape health
+        | {"up"}
     )
 
 

@@ -128,6 +128,11 @@ def live_stack(tmp: Path, repo_root: Path) -> Iterator[Stack]:
             "",
             "--appendonly",
             "no",
+            # bounded and evicting, as the chart's Redis is (the Redis panels plot used vs max)
+            "--maxmemory",
+            "256mb",
+            "--maxmemory-policy",
+            "allkeys-lru",
         ],
         tmp,
     )

@@ -124,3 +124,81 @@ def test_contract_document_lists_every_operator_series(repo_root: Path) -> None:
             assert f"`{label}`" in row
     used = {n for expr in RULE_EXPRS + [q for _, _, q in QUERIES] for n in metric_names(expr)}
     assert {n for n in used if n.startswith("kvstack_operator_")} <= set(CONTRACT)
+
+
+def _committed_panels(repo_root: Path) -> list[tuple[str, dict[str, object]]]:
+    """Every non-row panel of every dashboard JSON file the repository and the chart ship."""
+    import json
+
+    out = []
+    for folder in ("dashboards/json", "helm/kvstack/files/dashboards"):
+        for path in sorted((repo_root / folder).glob("*.json")):
+            for panel in json.loads(path.read_text())["panels"]:
+                if panel["type"] != "row":
+                    out.append((f"{folder}/{path.name}:{panel['title']}", panel))
+    return out
+
+
+def test_every_shipped_panel_has_a_description_and_parsing_queries(
+    repo_root: Path, promtool: str, tmp_path: Path
+) -> None:
+    """What Grafana loads (the committed JSON, not the Python): descriptions and promtool-valid PromQL."""
+    panels = _committed_panels(repo_root)
+    assert len({where.split(":")[0] for where, _ in panels}) >= len(DASHBOARDS)
+    missing = [where for where, p in panels if not str(p.get("description", "")).strip()]
+    assert not missing, f"panels without a description: {missing}"
+    exprs = [t["expr"] for _, p in panels for t in p["targets"]]  # type: ignore[attr-defined]
+    assert all(exprs), "a target without an expression"
+    rules = [{"record": f"check:json{i}", "expr": expand(e)} for i, e in enumerate(exprs)]
+    path = tmp_path / "json-queries.yaml"
+    path.write_text(yaml.safe_dump({"groups": [{"name": "json", "rules": rules}]}))
+    result = run_promtool(promtool, "check", "rules", str(path))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def _tile(title: str) -> str:
+    return next(q.expr for p in DASHBOARDS["overview"].panels() if p.title == title for q in p.queries)
+
+
+@pytest.mark.parametrize(
+    ("series", "expected"),
+    [
+        # traffic, never a 5xx (no status="503" series exists at all): 0, not "No traffic"
+        ({'status="200"': "0+60x10"}, [0.0]),
+        # one answer in eleven fails
+        ({'status="200"': "0+60x10", 'status="503"': "0+6x10"}, [6 / 66]),
+        # no traffic in the window: empty, which the tile shows as "No traffic"
+        ({'status="200"': "5x10"}, []),
+    ],
+    ids=["traffic-without-errors", "some-errors", "idle"],
+)
+def test_router_5xx_ratio_tile_under_prometheus(
+    promtool: str, tmp_path: Path, series: dict[str, str], expected: list[float]
+) -> None:
+    """The tile's real expression evaluated by Prometheus' rule engine (promtool test rules)."""
+    rule = {"record": "tile", "expr": expand(_tile("Router 5xx ratio"), "2m")}
+    (tmp_path / "rules.yaml").write_text(yaml.safe_dump({"groups": [{"name": "t", "rules": [rule]}]}))
+    labels = 'model_name="m", namespace="ns", engine="e"'
+    test = {
+        "rule_files": ["rules.yaml"],
+        "evaluation_interval": "1m",
+        "tests": [
+            {
+                "interval": "1m",
+                "input_series": [
+                    {"series": f"kvstack_router_requests_total{{{labels}, {status}}}", "values": values}
+                    for status, values in series.items()
+                ],
+                "promql_expr_test": [
+                    {
+                        "expr": "tile",
+                        "eval_time": "8m",
+                        "exp_samples": [{"labels": "tile", "value": v} for v in expected],
+                    }
+                ],
+            }
+        ],
+    }
+    (tmp_path / "test.yaml").write_text(yaml.safe_dump(test))
+    result = run_promtool(promtool, "test", "rules", str(tmp_path / "test.yaml"))
+    assert result.returncode == 0, result.stdout + result.stderr

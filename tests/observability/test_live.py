@@ -24,7 +24,7 @@ from kvstack.dashboards.promql import expand, metric_names
 from kvstack.dashboards.rules import ALERTS, RECORDS
 from kvstack.observability.prometheus import PrometheusError
 
-from .stack import MODEL_B, Stack, live_stack
+from .stack import MODEL_A, MODEL_B, Stack, live_stack
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
@@ -34,6 +34,10 @@ NO_OPERATOR = (
 )
 QUERIES = [(stem, p.title, q.expr) for stem, d in dashboards().items() for p in d.panels() for q in p.queries]
 VARIABLES = [(stem, v.query) for stem, d in dashboards().items() for v in d.variables]
+NO_LMCACHE = (
+    "lmcache:* series come from LMCache inside a real vLLM process (the simulator has none); "
+    "tests/reference/exporter-metric-names.txt holds their names, promtool parses the queries"
+)
 # The operator alerts' inputs: tests/operator/test_dashboards_live.py.
 LIVE_ALERTS = [a for a in ALERTS if not a.needs_operator]
 
@@ -52,8 +56,22 @@ def _finite(result: list[dict[str, object]]) -> bool:
     return any(math.isfinite(float(s["value"][1])) for s in result)  # type: ignore[index]
 
 
+def _remote_lookup(stack: Stack) -> None:
+    """One prompt no engine has seen, a few LMCache chunks long: its engine misses its CPU tier and
+    looks the chunks up in Redis (the steady load's shared prefix never leaves the CPU tiers)."""
+    import uuid
+
+    import httpx
+
+    text = f"{uuid.uuid4()} " + "an unseen document about KV caches " * 150
+    body = {"model": MODEL_A, "messages": [{"role": "user", "content": text}], "max_tokens": 2}
+    httpx.post(f"{stack.router_url}/v1/chat/completions", json=body, timeout=30)
+
+
 def _wait_finite(stack: Stack, expr: str, timeout: float = 40.0) -> list[dict[str, object]]:
     def finite() -> list[dict[str, object]] | None:
+        if "redis_keyspace" in expr:
+            _remote_lookup(stack)  # the keyspace ratio exists only while lookups reach Redis
         result: list[dict[str, object]] = stack.prom.query(expr)  # type: ignore[assignment]
         return result if _finite(result) else None
 
@@ -67,6 +85,10 @@ def _wait_finite(stack: Stack, expr: str, timeout: float = 40.0) -> list[dict[st
 def test_dashboard_query_returns_data(stack: Stack, stem: str, title: str, expr: str) -> None:
     if _needs_operator(expr):
         pytest.skip(NO_OPERATOR)
+    if any(n.startswith("lmcache:") for n in metric_names(expr)):
+        pytest.skip(NO_LMCACHE)
+    if "redis_" in expr and not stack.has_redis_exporter:
+        pytest.skip("no redis_exporter here (Debian: prometheus-redis-exporter); promtool parses the query")
     _wait_finite(stack, expand(expr, "15s"))
 
 

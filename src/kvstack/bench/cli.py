@@ -219,7 +219,7 @@ def plot_routing(
         ],
         title=f"Routing policies on the same traces ({engines} simulated H200 engines, load {load}"
         + (", quick run)" if quick else ")"),
-        clip_keys=("ttft_p90_ms", "ttft_all_p90_ms"),
+        log_keys=("ttft_p90_ms", "ttft_all_p90_ms"),
         refs={"hit_rate": ("oracle_hit_rate", "oracle")},
     )
 
@@ -240,6 +240,31 @@ def _register_benchmarks() -> None:
 
 
 _register_benchmarks()
+
+
+@app.command("replot")
+def replot_command(
+    files: Annotated[
+        list[Path],
+        typer.Argument(
+            help="Results JSON: routing results.json, soak-LABEL.json, router_overhead.json, or "
+            "GPU runs (LABEL.json, several for one figure).",
+            exists=True,
+            dir_okay=False,
+        ),
+    ],
+    png: Annotated[
+        Path | None, typer.Option("--png", help="Figure to write; default: where the benchmark writes it.")
+    ] = None,
+) -> None:
+    """Draw a benchmark's PNG again from its committed JSON (no re-run)."""
+    from kvstack.bench.replot import ReplotError, replot
+
+    try:
+        typer.echo(f"wrote {replot(files, png)}")
+    except ReplotError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from err
 
 
 @app.command("autoscale")

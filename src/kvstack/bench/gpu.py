@@ -458,7 +458,7 @@ def plot(out: Path, png: Path | None = None, labels: Sequence[str] = ()) -> Path
     bars = plot_rows(runs)
     xs = list(range(len(bars)))
     names = [b["name"] for b in bars]
-    fig, axes = plt.subplots(3, 1, figsize=(max(8, 1.3 * len(bars)), 12))
+    fig, axes = plt.subplots(3, 1, figsize=(max(8, 1.5 * len(bars)), 12))
     w = 0.27
     panels = [
         (axes[0], ("ttft_p50", "ttft_p90", "itl_p50"), "ms", "TTFT p50 / p90 and ITL p50 (client side)"),
@@ -473,7 +473,8 @@ def plot(out: Path, png: Path | None = None, labels: Sequence[str] = ()) -> Path
             ax.set_yscale("log")  # a queued round-robin p90 would flatten every other bar
         ax.set_ylabel(unit)
         ax.set_xticks(xs, names, fontsize=7)
-        ax.legend(fontsize=8)
+        # Beside the axes, never over them: inside, it covered the last case's bars.
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.005, 1.0), borderaxespad=0.0)
     target = png or out / "gpu.png"
     save_figure(fig, target)
     return target

@@ -28,8 +28,9 @@ import typer
 import yaml
 
 from kvstack.bench.progress import BenchProgress
-from kvstack.bench.report import print_table, save_figure, write_json
+from kvstack.bench.report import print_table, write_json
 from kvstack.bench.soak_chats import ChatWorkload, chat_body
+from kvstack.bench.soak_plot import plot
 from kvstack.bench.stats import percentile
 from kvstack.common.procs import memory_mb
 
@@ -234,34 +235,6 @@ def _processes(
         ready_url=f"http://127.0.0.1:{port}/ready",
     )
     return procs, router, tuple(str(e["url"]) for e in entries), f"http://127.0.0.1:{port}"
-
-
-def plot(path: Path, rows: list[dict[str, Any]], title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    xs = [r["minute"] for r in rows]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.8))
-    ax1.plot(xs, [r["rss_mb"] for r in rows], marker=".")
-    ax1.set_xlabel("minute")
-    ax1.set_ylabel("router RSS (MB)")
-    top = max((r["rss_mb"] for r in rows if r["rss_mb"] == r["rss_mb"]), default=1.0)
-    ax1.set_ylim(0, top * 1.3)  # headroom: a flat line must not sit on the frame
-    load_axis = ax1.twinx()  # shared cores: latency spikes line up with the machine's load
-    load_axis.plot(xs, [r["load_avg_1m"] for r in rows], color="grey", linestyle=":", label="load avg")
-    load_axis.set_ylabel("load average, 1 min (grey)")
-    load_axis.set_ylim(0, max((r["load_avg_1m"] for r in rows), default=1.0) * 1.3)
-    for key, style in (("routed_p50_ms", "-"), ("routed_p99_ms", "-"), ("added_p50_ms", "--")):
-        ax2.plot(xs, [r[key] for r in rows], style, marker=".", label=key.removesuffix("_ms"))
-    ax2.plot(xs, [r["added_p99_ms"] for r in rows], "--", marker=".", label="added_p99")
-    ax2.set_xlabel("minute")
-    ax2.set_ylabel("ms")
-    ax2.set_yscale("symlog", linthresh=1.0)
-    ax2.legend(fontsize=7)
-    fig.suptitle(title, fontsize=10)
-    save_figure(fig, path)
 
 
 # the router's bounded structures: growth past their caps would be a leak, growth up to them is not
