@@ -57,10 +57,28 @@ class Load:
         self.stop = threading.Event()
         self.threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(threads)]
         self.sent = 0
+        self.running = threading.Event()  # cleared: the threads finish their request and wait
+        self.running.set()
+        self.idle = threading.Semaphore(0)  # one release per thread that stopped at a pause
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """No request of the load is in flight inside the block."""
+        self.running.clear()
+        for _ in self.threads:
+            if not self.idle.acquire(timeout=35):
+                raise AssertionError("a load thread did not pause")
+        try:
+            yield
+        finally:
+            self.running.set()
 
     def _run(self, worker: int) -> None:
         n = 0
         while not self.stop.is_set():
+            if not self.running.is_set():
+                self.idle.release()
+                self.running.wait()
             n += 1
             model = MODEL_B if n % 4 == 0 else MODEL_A
             try:
@@ -210,16 +228,19 @@ def live_stack(tmp: Path, repo_root: Path) -> Iterator[Stack]:
         stack.enter_context(running([router, *extra, prom], timeout=60))
         _wait_engines(router_url, 3)
         api = PrometheusAPI(f"http://127.0.0.1:{prom_port}")
-        stack.enter_context(Load(router_url))
+        load = stack.enter_context(Load(router_url))
         api.wait_for(
             f'sum(rate(kvstack_router_time_to_first_token_seconds_count{{model_name="{MODEL_A}"}}[15s])) > 0'
         )
         for _ in range(2):
             disconnect_mid_stream(router_url)
-        # Kill sim-b while load flows: its next requests fail, are retried, eject it and end in 5xx.
+        # Kill sim-b: its next requests fail, are retried, eject it and end in 5xx. The load pauses
+        # meanwhile: one of its sim-b requests (no other engine to retry on) would eject sim-b
+        # before any sim-a request reached it, and no retry would ever happen.
         killed, _, killed_proc = sims[2]
-        killed_proc.stop()
-        _requests_to_dead_engine(router_url)
+        with load.paused():
+            killed_proc.stop()
+            _requests_to_dead_engine(router_url)
         api.wait_for(f'up{{pod="{killed}"}} == 0')
         yield Stack(
             api,
@@ -238,6 +259,8 @@ def _requests_to_dead_engine(router_url: str) -> None:
         httpx.post(f"{router_url}/v1/chat/completions", json=body, timeout=10)
         if "kvstack_router_retries_total{" in httpx.get(f"{router_url}/metrics", timeout=10).text:
             break
+    else:
+        raise AssertionError("40 new sim-a prompts and none was retried off the dead engine")
     body = {"model": MODEL_B, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
     for _ in range(3):
         httpx.post(f"{router_url}/v1/chat/completions", json=body, timeout=10)
