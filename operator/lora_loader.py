@@ -1,0 +1,183 @@
+"""The operator's LoRA round for one stack: observe the engines, place, load and unload, report.
+
+Called from each evaluation of a stack (:func:`kvstack.operator.stack.evaluate_stack`), for every
+model with a ``lora`` section. The decisions are pure (:mod:`kvstack.operator.lora_placement`,
+:mod:`kvstack.operator.lora_report`); this module does the I/O in between:
+
+1. the model's engine pods (ready: Running, Ready, with an IP, not being deleted), and what each
+   lists in ``/v1/models``; an engine that does not answer counts as not ready this round;
+2. each adapter's request rate: the router's ``kvstack_router_requests_total`` by ``model_name``
+   over :data:`RATE_WINDOW_S`; Prometheus failing, the rates are unknown (placements hold);
+3. the placement's unloads, then its loads, per engine, engines concurrently, through the shared
+   client (:class:`kvstack.common.lora.LoraClient`);
+4. the status entries, Events and ``kvstack_operator_lora_operations_total``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from kvstack.common.kube import KubeError, resource_path
+from kvstack.common.lora import LoraClient, LoraError
+from kvstack.operator.kube import Kube
+from kvstack.operator.lora_placement import Declared, EngineState, Placement, place
+from kvstack.operator.lora_report import OpResult, Told, entries, loaded_after, notices
+from kvstack.operator.metrics import OperatorMetrics
+from kvstack.operator.ownership import Owner, selector_labels
+from kvstack.operator.prom import Prometheus, PrometheusError
+from kvstack.operator.resources import HTTP_PORT
+from kvstack.operator.spec import KVStackSpec, Model
+
+log = logging.getLogger(__name__)
+Obj = dict[str, Any]
+RATE_WINDOW_S = 120  # the request rate placement sees: long enough to smooth bursts
+
+
+@dataclass(frozen=True, slots=True)
+class Round:
+    """What one stack's LoRA round writes: ``status.adapters`` and Events."""
+
+    adapters: list[Obj] = field(default_factory=list)
+    told: list[Told] = field(default_factory=list)
+
+
+def engine_url(ip: str) -> str:
+    return f"http://[{ip}]:{HTTP_PORT}" if ":" in ip else f"http://{ip}:{HTTP_PORT}"
+
+
+def _pod_ready(pod: Obj) -> bool:
+    status = pod.get("status") or {}
+    if pod.get("metadata", {}).get("deletionTimestamp") or status.get("phase") != "Running":
+        return False
+    if not status.get("podIP"):
+        return False
+    return any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or [])
+
+
+async def engine_pods(kube: Kube, owner: Owner, model: Model) -> dict[str, str | None]:
+    """The model's engine pods: name -> base URL when ready, else None."""
+    selector = ",".join(f"{k}={v}" for k, v in sorted(selector_labels(owner, "engine", model.name).items()))
+    listed = await kube.client.list(resource_path("v1", "pods", owner.namespace), label_selector=selector)
+    return {
+        pod["metadata"]["name"]: engine_url(pod["status"]["podIP"]) if _pod_ready(pod) else None
+        for pod in listed.items
+    }
+
+
+async def observe(client: LoraClient, pods: Mapping[str, str | None]) -> list[EngineState]:
+    """Each pod's state; a ready pod whose engine does not answer counts as not ready."""
+
+    async def one(name: str, url: str | None) -> EngineState:
+        if url is None:
+            return EngineState(name, False)
+        try:
+            listed = await client.loaded(url)
+        except LoraError as err:
+            log.info("engine %s does not list its adapters, skipped this round: %s", name, err)
+            return EngineState(name, False)
+        return EngineState(name, True, frozenset(a.name for a in listed))
+
+    return list(await asyncio.gather(*(one(n, u) for n, u in sorted(pods.items()))))
+
+
+async def request_rates(prom: Prometheus, namespace: str, names: Sequence[str]) -> dict[str, float] | None:
+    """Requests per second the routers answered per adapter; None when Prometheus cannot say."""
+    ns = namespace.replace("\\", "\\\\").replace('"', '\\"')
+    expr = f'sum by (model_name) (rate(kvstack_router_requests_total{{namespace="{ns}"}}[{RATE_WINDOW_S}s]))'
+    try:
+        series = await prom.query(expr)
+    except PrometheusError as err:
+        log.warning("adapter request rates unknown, placements hold: %s", err)
+        return None
+    rates = {labels.get("model_name", ""): value for labels, value in series}
+    return {n: rates.get(n, 0.0) for n in names}
+
+
+async def execute(
+    client: LoraClient, placement: Placement, urls: Mapping[str, str | None], paths: Mapping[str, str]
+) -> list[OpResult]:
+    """The placement's unloads, then its loads, engine by engine (engines concurrently)."""
+
+    async def on(engine: str, unload: Sequence[str], load: Sequence[str]) -> list[OpResult]:
+        url = urls.get(engine)
+        assert url is not None  # placement only changes ready engines
+        out: list[OpResult] = []
+        for name in unload:
+            try:
+                await client.ensure_unloaded(url, name)
+                out.append(OpResult(engine, name, "unload"))
+            except LoraError as err:
+                out.append(OpResult(engine, name, "unload", err))
+        for name in load:
+            try:
+                await client.ensure_loaded(url, name, paths[name])
+                out.append(OpResult(engine, name, "load"))
+            except LoraError as err:
+                out.append(OpResult(engine, name, "load", err))
+        return out
+
+    done = await asyncio.gather(*(on(c.engine, c.unload, c.load) for c in placement.changes))
+    return [r for results in done for r in results]
+
+
+async def run_model(
+    kube: Kube,
+    client: LoraClient,
+    prom: Prometheus | None,
+    metrics: OperatorMetrics,
+    owner: Owner,
+    model: Model,
+    previous: Mapping[str, Mapping[str, Any]],
+) -> Round:
+    """One model's round."""
+    lora = model.lora
+    assert lora is not None
+    pods = await engine_pods(kube, owner, model)
+    states = await observe(client, pods)
+    names = [a.name for a in lora.adapters]
+    rates = await request_rates(prom, owner.namespace, names) if prom is not None else None
+    declared = [Declared(a.name, a.pinned) for a in lora.adapters]
+    placement = place(declared, states, lora.max_loras, rates)
+    results = await execute(client, placement, pods, {a.name: a.lora_path for a in lora.adapters})
+    served = model.served_names[0]
+    for r in results:
+        metrics.lora_operation(owner.namespace, served, r.op, r.ok)
+        if not r.ok:
+            log.warning("%s of adapter %s on %s failed: %s", r.op, r.adapter, r.engine, r.error)
+    before = {s.name: s.loaded for s in states if s.ready}
+    loaded = loaded_after(before, results)
+    return Round(entries(model.name, placement, loaded, results, previous), notices(model.name, results))
+
+
+async def run_stack(
+    kube: Kube,
+    client: LoraClient,
+    prom: Prometheus | None,
+    metrics: OperatorMetrics,
+    owner: Owner,
+    spec: KVStackSpec,
+    previous: Sequence[Mapping[str, Any]],
+) -> Round | None:
+    """Every LoRA model's round; None when no model has a ``lora`` section, nor had one."""
+    models = [m for m in spec.models if m.lora is not None]
+    if not models:
+        return Round() if previous else None  # an empty list clears what a removed section left
+    before = {str(e.get("name")): e for e in previous if isinstance(e, Mapping)}
+    out = Round()
+    for model in models:
+        try:
+            got = await run_model(kube, client, prom, metrics, owner, model, before)
+        except KubeError as err:
+            log.warning("cannot list the engine pods of %s: %s", model.name, err)
+            # keep what the status said about this model's adapters until the next round
+            out.adapters.extend(
+                dict(e) for e in previous if isinstance(e, Mapping) and e.get("model") == model.name
+            )
+            continue
+        out.adapters.extend(got.adapters)
+        out.told.extend(got.told)
+    return out

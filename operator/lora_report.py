@@ -1,0 +1,109 @@
+"""What one LoRA round tells: ``status.adapters`` entries and the Events. Pure.
+
+An entry per declared adapter: ``desired`` (engines the placement wants it on), ``loaded``
+(ready engines that list it once the round's loads and unloads are done), ``engines`` (ready
+engines of its model), the placement's ``reason``, and ``lastError``: the round's failure, else
+the previous one until the adapter is loaded everywhere it is wanted.
+
+The Events: one ``AdapterLoaded`` / ``AdapterUnloaded`` per adapter and round naming the engines,
+and an ``AdapterLoadFailed`` / ``AdapterUnloadFailed`` warning per failed call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from kvstack.common.lora import LoraError
+from kvstack.operator.lora_placement import Placement
+
+Op = Literal["load", "unload"]
+AdapterNotice = Literal["AdapterLoaded", "AdapterUnloaded", "AdapterLoadFailed", "AdapterUnloadFailed"]
+Obj = dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class OpResult:
+    """One load or unload call on one engine."""
+
+    engine: str
+    adapter: str
+    op: Op
+    error: LoraError | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+@dataclass(frozen=True, slots=True)
+class Told:
+    warning: bool
+    reason: AdapterNotice
+    message: str
+
+
+def loaded_after(
+    before: Mapping[str, frozenset[str]], results: Sequence[OpResult]
+) -> dict[str, frozenset[str]]:
+    """Each ready engine's adapters once the successful calls are done."""
+    after = {engine: set(names) for engine, names in before.items()}
+    for r in results:
+        if r.ok and r.engine in after:
+            (after[r.engine].add if r.op == "load" else after[r.engine].discard)(r.adapter)
+    return {engine: frozenset(names) for engine, names in after.items()}
+
+
+def entries(
+    model: str,
+    placement: Placement,
+    loaded: Mapping[str, frozenset[str]],
+    results: Sequence[OpResult],
+    previous: Mapping[str, Mapping[str, Any]],
+) -> list[Obj]:
+    """``status.adapters`` entries of one model's declared adapters (``loaded``: ready engines only)."""
+    out: list[Obj] = []
+    for plan in placement.adapters:
+        count = sum(plan.name in names for names in loaded.values())
+        entry: Obj = {
+            "name": plan.name,
+            "model": model,
+            "desired": plan.wanted,
+            "loaded": count,
+            "engines": len(loaded),
+            "reason": plan.reason,
+        }
+        failed = [r for r in results if r.adapter == plan.name and r.error is not None]
+        if failed:
+            r = failed[-1]
+            assert r.error is not None
+            entry["lastError"] = f"{r.op} on {r.engine}: {r.error.message}"[:1000]
+        elif count < plan.wanted and "lastError" in previous.get(plan.name, {}):
+            entry["lastError"] = previous[plan.name]["lastError"]
+        out.append(entry)
+    return out
+
+
+def notices(model: str, results: Sequence[OpResult]) -> list[Told]:
+    """The Events of one round: successes grouped per adapter, each failure on its own."""
+    out: list[Told] = []
+    done_reasons: tuple[tuple[Op, AdapterNotice], ...] = (
+        ("load", "AdapterLoaded"),
+        ("unload", "AdapterUnloaded"),
+    )
+    for op, reason in done_reasons:
+        done: dict[str, list[str]] = {}
+        for r in results:
+            if r.op == op and r.ok:
+                done.setdefault(r.adapter, []).append(r.engine)
+        for adapter, engines in done.items():
+            verb = "loaded on" if op == "load" else "unloaded from"
+            message = f"{model}: adapter {adapter} {verb} {', '.join(sorted(engines))}"
+            out.append(Told(False, reason, message))
+    for r in results:
+        if r.error is not None:
+            failed: AdapterNotice = "AdapterLoadFailed" if r.op == "load" else "AdapterUnloadFailed"
+            what = f"{model}: {r.op} of adapter {r.adapter} on {r.engine} failed"
+            out.append(Told(True, failed, f"{what} ({r.error.kind}): {r.error.message}"))
+    return out
