@@ -47,9 +47,10 @@ def split_settings(
     if not isinstance(server_file, dict):
         server_file = {"<server>": server_file}  # build() then names the bad section
     given = {k: v for k, v in engine_flags.items() if v is not None}
-    lmcache = {k: v for k, v in given.pop("lmcache", {}).items() if v is not None}
-    if lmcache:
-        given["lmcache"] = lmcache
+    for section in ("lmcache", "lora"):
+        values = {k: v for k, v in given.pop(section, {}).items() if v is not None}
+        if values:
+            given[section] = values
     engine = merge(file_values, given)
     server = merge(server_file, {k: v for k, v in server_flags.items() if v is not None})
     return engine, server
@@ -59,6 +60,7 @@ _SERVER = "Server"
 _ENGINE = "Engine (vLLM flags)"
 _LMCACHE = "LMCache connector"
 _EVENTS = "KV events"
+_LORA = "LoRA adapters"
 
 
 @exits_on_config_error
@@ -190,6 +192,32 @@ def sim(
             rich_help_panel=_LMCACHE,
         ),
     ] = None,
+    enable_lora: Annotated[
+        bool | None,
+        typer.Option(
+            "--enable-lora", help="Serve LoRA adapters on the base model (as vLLM).", rich_help_panel=_LORA
+        ),
+    ] = None,
+    max_loras: Annotated[
+        int | None,
+        typer.Option(help="Distinct adapters in one step, the GPU slots (default 1).", rich_help_panel=_LORA),
+    ] = None,
+    max_lora_rank: Annotated[
+        int | None,
+        typer.Option(help="Largest adapter rank: 1, 8, 16 (default), 32 ... 512.", rich_help_panel=_LORA),
+    ] = None,
+    max_cpu_loras: Annotated[
+        int | None,
+        typer.Option(help="Adapters kept in CPU memory (default: max-loras).", rich_help_panel=_LORA),
+    ] = None,
+    lora_modules: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Adapter to load at start, name=path or JSON; repeat for several. Runtime loading needs "
+            "VLLM_ALLOW_RUNTIME_LORA_UPDATING=true.",
+            rich_help_panel=_LORA,
+        ),
+    ] = None,
     kv_events_endpoint: Annotated[
         str | None,
         typer.Option(
@@ -213,7 +241,12 @@ def sim(
     to an H200. In a pod: --host 0.0.0.0 --kv-events-endpoint tcp://*:5557.
     """
     from kvstack.engine.sim.config import SimConfig
+    from kvstack.engine.sim.lora import LoRAModule
 
+    try:
+        modules = [LoRAModule.parse(m).model_dump() for m in lora_modules] if lora_modules else None
+    except ValueError as err:
+        raise typer.BadParameter(str(err), param_hint="--lora-modules") from None
     file_values = read_config_file(config) if config is not None else {}
     engine_values, server_values = split_settings(
         file_values,
@@ -237,6 +270,13 @@ def sim(
                 "remote_url": lmcache_remote_url,
                 "chunk_size": lmcache_chunk_size,
                 "kv_events": lmcache_kv_events,
+            },
+            "lora": {
+                "enabled": enable_lora,
+                "max_loras": max_loras,
+                "max_lora_rank": max_lora_rank,
+                "max_cpu_loras": max_cpu_loras,
+                "modules": modules,
             },
         },
         {

@@ -12,6 +12,8 @@ from typing import Annotated, Self
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from kvstack.engine.sim.lora import LoRAConfig
+
 # An 8B Llama-3-shaped model: 32 layers x 8 KV heads x 128 dims x (K, V) x 2 bytes per token.
 KV_BYTES_PER_TOKEN = 32 * 8 * 128 * 2 * 2
 
@@ -91,6 +93,18 @@ class LatencyParams(BaseModel):
     )
     lmcache_store_per_token_s: NonNegFloat = Field(
         2.882e-6, description="Offload cost per freshly computed prompt token."
+    )
+    # LoRA (not measured yet: assumptions, see latency.py; scripts/gpu/lora_proof.py measures the swap)
+    lora_swap_s: NonNegFloat = Field(
+        0.0035,
+        description="Copying one adapter from CPU into a GPU slot when a step needs it and it is not "
+        "resident (assumed: vLLM's activate_adapter sets ~224 LoRA-wrapped modules of an 8B Llama, "
+        "~15 us each).",
+    )
+    lora_disk_load_s: NonNegFloat = Field(
+        0.03,
+        description="Reading an adapter the CPU cache (max_cpu_loras) had dropped back from disk before "
+        "the swap (assumed: a rank-8 q/v adapter is ~7 MB of safetensors plus PEFT checks).",
     )
 
 
@@ -221,6 +235,7 @@ class SimConfig(BaseModel):
         "max_num_batched_tokens by it to keep the real ones.",
     )
     lmcache: LMCacheConfig = Field(default_factory=LMCacheConfig, description="LMCache connector.")
+    lora: LoRAConfig = Field(default_factory=LoRAConfig, description="LoRA adapters (--enable-lora ...).")
     hash_seed: int = Field(
         default_factory=_default_hash_seed,
         ge=0,

@@ -26,6 +26,7 @@ from kvstack.engine.sim.generator import output_length, output_seed
 from kvstack.engine.sim.kv_cache import KVCache, engine_chain_root
 from kvstack.engine.sim.latency import engine_frontend_delay, engine_step_time
 from kvstack.engine.sim.lmcache import LMCacheConnector, chunk_hashes
+from kvstack.engine.sim.lora import AdapterSlots
 from kvstack.engine.sim.protocol import check_length
 from kvstack.engine.sim.scheduler import Scheduler, StepPlan
 from kvstack.engine.sim.stream import Req, RequestStream, finished_stats
@@ -64,11 +65,14 @@ class SimEngine:
         )
         lm = config.lmcache
         self.lmcache = LMCacheConnector(lm, config.model, config.hash_seed) if lm.enabled else None
+        lora = config.lora
+        self.lora_slots = AdapterSlots(lora.max_loras, lora.cpu_capacity) if lora.enabled else None
         self.scheduler = Scheduler(
             self.kv,
             max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens,
             lmcache_chunk_size=lm.chunk_size if lm.enabled else None,
+            lora_slots=self.lora_slots,
         )
         self._none_hash = engine_chain_root(config.block_hash_seed)
         self._reqs: dict[str, Req] = {}
@@ -141,6 +145,14 @@ class SimEngine:
         if self._stats is not None:
             self._stats.on_request_finished(req.final)
 
+    def add_lora(self, name: str) -> None:
+        if self.lora_slots is not None:
+            self.lora_slots.add(name)
+
+    def remove_lora(self, name: str) -> None:
+        if self.lora_slots is not None:
+            self.lora_slots.remove(name)
+
     def reset_prefix_cache(self) -> bool:
         ok = self.kv.reset()  # like vLLM, LMCache's tiers are left alone
         self._flush_events()
@@ -183,6 +195,7 @@ class SimEngine:
             seed=seed,
             root=self._none_hash,
             lora_name=r.lora_name,
+            lora_id=r.lora_id,
             cache_salt=r.cache_salt,
             ready_at=arrival + engine_frontend_delay(cfg, n_prompt) / cfg.speed,
             max_tokens=r.max_tokens,
@@ -262,6 +275,13 @@ class SimEngine:
             if self.lmcache is not None:
                 stats.on_external_cache_query(adm.queried, adm.external.tokens)
         self._report_preemptions(plan)
+        if stats is not None and self.lora_slots is not None:
+            sched = self.scheduler
+            running = [s.lora_name for s in sched.running if s.lora_name]
+            waiting = [s.lora_name for s in sched.waiting if s.lora_name]
+            stats.on_lora_step(
+                list(dict.fromkeys(running)), list(dict.fromkeys(waiting)), plan.work.lora_swaps
+            )
         if self.lmcache is not None:
             for run in plan.stores:
                 self.lmcache.store(run)

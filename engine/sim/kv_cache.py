@@ -189,6 +189,8 @@ class KVCache:
         tokens: Sequence[int],
         lora_name: str | None,
         cache_salt: str | None = None,
+        *,
+        lora_id: int | None = None,
     ) -> None:
         """Cache the request's full blocks ``start..end-1`` and emit one BlockStored per run of them."""
         if not self.enable_prefix_caching or end <= start:
@@ -203,14 +205,14 @@ class KVCache:
             # Skipped: a block already cached (a prefix hit), or identical content another request
             # committed first (vLLM would keep both under one key; one copy is enough here).
             if block_hash[b] is not None or h in cached:
-                self._emit_stored(run, run_start, hashes, tokens, lora_name, cache_salt)
+                self._emit_stored(run, run_start, hashes, tokens, lora_name, cache_salt, lora_id)
                 run = []
                 run_start = i + 1
                 continue
             block_hash[b] = h
             cached[h] = b
             run.append(h)
-        self._emit_stored(run, run_start, hashes, tokens, lora_name, cache_salt)
+        self._emit_stored(run, run_start, hashes, tokens, lora_name, cache_salt, lora_id)
 
     def _emit_stored(
         self,
@@ -220,6 +222,7 @@ class KVCache:
         tokens: Sequence[int],
         lora_name: str | None,
         cache_salt: str | None,
+        lora_id: int | None,
     ) -> None:
         if not run:
             return
@@ -230,7 +233,7 @@ class KVCache:
                 parent_block_hash=hashes[first - 1] if first > 0 else None,
                 token_ids=list(tokens[first * bs : (first + len(run)) * bs]),
                 block_size=bs,
-                lora_id=None,
+                lora_id=lora_id,  # vLLM 0.24 fills both from the request's LoRARequest
                 medium="GPU",
                 lora_name=lora_name,
                 extra_keys=[

@@ -52,6 +52,16 @@ three things, each 1 / 0 by default so the reference fit is untouched:
   chance of 0.061 per 256-token chunk (``lmcache.remote_load_failure``). Set with the
   ``latency.lmcache_*_load_*`` terms at 0, these replace the reference fit's load terms (a 38 ms
   remote-hit TTFT on an idle, unshared engine).
+
+
+LoRA adapters (``latency.lora_*``, assumptions until measured): a step that needs an adapter not in
+a GPU slot first copies it in (``lora_swap_s`` each: vLLM 0.24's ``activate_adapter`` calls
+``set_lora`` on every LoRA-wrapped module, 7 per layer x 32 layers of an 8B Llama, a few small
+copies at ~15 us of launch overhead each, about 3.5 ms), and one the CPU cache (``max_cpu_loras``)
+had dropped is read from disk before that (``lora_disk_load_s``: ~7 MB of rank-8 q/v safetensors
+plus PEFT's checks, 30 ms assumed). Both are charged to the step and divided by ``gpu_share``.
+The Punica kernels' per-step cost with adapters active is not modelled. ``scripts/gpu/lora_proof.py``
+measures the swap on the H200 (TTFT of alternating adapters at ``--max-loras 1`` against one adapter).
 """
 
 from __future__ import annotations
@@ -74,6 +84,8 @@ class StepWork:
     store_tokens: int = 0
     offloads: int = 0  # requests whose prefill finished in this step (LMCache's synchronous store)
     offload_tokens: int = 0  # prompt tokens those requests computed
+    lora_swaps: int = 0  # adapters copied into a GPU slot before this step (AdapterSlots.activate)
+    lora_disk_loads: int = 0  # of those, adapters read back from disk first (CPU cache miss)
 
     def add_prefill(self, num_new: int, ctx_start: int) -> None:
         self.prefill_tokens += num_new
@@ -98,6 +110,7 @@ def step_time(p: LatencyParams, w: StepWork) -> float:
         t += p.lmcache_remote_load_s + p.lmcache_remote_load_per_token_s * w.remote_load_tokens
     if w.store_tokens:
         t += p.lmcache_store_s + p.lmcache_store_per_token_s * w.store_tokens
+    t += p.lora_swap_s * w.lora_swaps + p.lora_disk_load_s * w.lora_disk_loads
     return t
 
 
@@ -120,6 +133,8 @@ def scale_work(w: StepWork, s: float) -> StepWork:
         store_tokens=round(w.store_tokens * s),
         offloads=w.offloads,
         offload_tokens=round(w.offload_tokens * s),
+        lora_swaps=w.lora_swaps,
+        lora_disk_loads=w.lora_disk_loads,
     )
 
 

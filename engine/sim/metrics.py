@@ -7,6 +7,7 @@ the core at scrape time. Each instance owns its registry, so several simulators 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -302,6 +303,30 @@ class SimMetrics:
         )
         info.labels(**info_labels).set(1.0)
         self._base = base
+        self._lora_info: Gauge | None = None
+        self._lora_swaps: Counter | None = None
+        self._max_lora = ""
+
+    def enable_lora(self, max_loras: int) -> None:
+        """Export ``vllm:lora_requests_info`` (vLLM 0.24 does only with --enable-lora) and the
+        simulator's own count of adapter swaps (vLLM exports none)."""
+        self._max_lora = str(max_loras)
+        # vLLM labels it with these three alone (no model_name, no engine); every step sets the
+        # series of its adapter sets to the current time, and earlier series stay: read the newest.
+        self._lora_info = Gauge(
+            "vllm:lora_requests_info",
+            "Running stats on lora requests.",
+            ["max_lora", "waiting_lora_adapters", "running_lora_adapters"],
+            registry=self.registry,
+            multiprocess_mode="sum",
+        )
+        self._lora_swaps = Counter(
+            "kvstack_sim_lora_swaps",
+            "Simulator only: LoRA adapters copied from CPU into a GPU slot (max_loras slots) for a step.",
+            list(self._base),
+            registry=self.registry,
+        )
+        self._lora_swaps.labels(**self._base)
 
     def bind_engine(self, engine: EngineGauges) -> None:
         """Read the gauges from ``engine`` at every scrape."""
@@ -341,6 +366,17 @@ class SimMetrics:
 
     def on_preemption(self) -> None:
         self.preemptions.inc()
+
+    def on_lora_step(self, running: Sequence[str], waiting: Sequence[str], swaps: int) -> None:
+        if self._lora_info is None or self._lora_swaps is None:
+            return
+        self._lora_info.labels(
+            max_lora=self._max_lora,
+            waiting_lora_adapters=",".join(waiting),
+            running_lora_adapters=",".join(running),
+        ).set_to_current_time()
+        if swaps:
+            self._lora_swaps.labels(**self._base).inc(swaps)
 
     def on_request_finished(self, stats: FinishedRequestStats) -> None:
         self.success[stats.finish_reason].inc()

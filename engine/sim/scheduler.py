@@ -7,6 +7,11 @@ is scheduled from the waiting queue; like vLLM, the hit stops short of the last 
 at least that token (in practice its whole block) is computed. When blocks run out the most
 recently added running request is preempted: its blocks are freed and it goes back to the front
 of the waiting queue, to be recomputed later. :meth:`Scheduler.update` then applies the step.
+
+LoRA (``max_loras`` set): a step holds at most ``max_loras`` distinct adapters. A waiting request
+whose adapter would be one too many is skipped (it keeps its place; later ones may go first), as
+vLLM V1 defers it; the step's adapters are then made resident in the GPU slots, and any copy that
+takes is charged to the step (:class:`kvstack.engine.sim.lora.AdapterSlots`).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from kvstack.engine.sim.generator import STOP_TOKEN_ID, token_at
 from kvstack.engine.sim.kv_cache import KVCache, extend_hashes
 from kvstack.engine.sim.latency import StepWork
 from kvstack.engine.sim.lmcache import ChunkRun, ExternalPlan, plan_external
+from kvstack.engine.sim.lora import AdapterSlots
 from kvstack.engine.sim.types import FinishReason
 
 
@@ -34,6 +40,7 @@ class SimSeq:
     seed: int  # output seed (generator)
     root: int  # parent hash of the first block (the per-process NONE_HASH)
     lora_name: str | None = None  # an extra key of every block
+    lora_id: int | None = None  # the adapter's int id, carried by its KV events
     cache_salt: str | None = None  # an extra key of the first block
     block_hashes: list[int] = field(default_factory=list)
     blocks: list[int] = field(default_factory=list)
@@ -77,6 +84,8 @@ class StepPlan:
     admitted: list[Admission] = field(default_factory=list)
     preempted: list[SimSeq] = field(default_factory=list)
     stores: list[ChunkRun] = field(default_factory=list)  # LMCache chunks to offload
+    loras: set[str] = field(default_factory=set)  # adapters of the scheduled requests
+    deferred: int = 0  # waiting requests skipped because their adapter exceeded max_loras
 
     @property
     def num_tokens(self) -> int:
@@ -93,8 +102,10 @@ class Scheduler:
         max_num_seqs: int,
         max_num_batched_tokens: int,
         lmcache_chunk_size: int | None = None,
+        lora_slots: AdapterSlots | None = None,
     ) -> None:
         self.kv = kv
+        self.lora_slots = lora_slots
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.lmcache_chunk_size = lmcache_chunk_size
@@ -129,22 +140,40 @@ class Scheduler:
                 if victim is seq:
                     break
             self._account(seq, n, plan)
+            if seq.lora_name:
+                plan.loras.add(seq.lora_name)
             budget -= n
             i += 1
-        if plan.preempted:
-            return plan  # vLLM schedules no new request in a step that had to preempt
-        waiting = self.waiting
+        if not plan.preempted:  # vLLM schedules no new request in a step that had to preempt
+            self._schedule_waiting(now, budget, plan)
+        if self.lora_slots is not None and plan.loras:
+            act = self.lora_slots.activate(sorted(plan.loras))
+            plan.work.lora_swaps += act.swaps
+            plan.work.lora_disk_loads += act.disk_loads
+        return plan
+
+    def _schedule_waiting(self, now: float, budget: int, plan: StepPlan) -> None:
+        waiting, running, loras = self.waiting, self.running, plan.loras
+        max_loras = self.lora_slots.max_loras if self.lora_slots is not None else None
+        skipped: list[SimSeq] = []
         while waiting and budget > 0 and len(running) < self.max_num_seqs:
             seq = waiting[0]
             if seq.ready_at > now:
                 break
+            lora = seq.lora_name
+            if max_loras is not None and lora and lora not in loras and len(loras) >= max_loras:
+                skipped.append(waiting.popleft())  # one adapter too many for this step
+                continue
             admission = self._admit(seq, budget, plan)
             if admission is None:
                 break
             waiting.popleft()
             running.append(seq)
+            if lora:
+                loras.add(lora)
             budget -= plan.scheduled[-1][1]
-        return plan
+        plan.deferred = len(skipped)
+        waiting.extendleft(reversed(skipped))
 
     def _grow(self, seq: SimSeq, n: int) -> bool:
         """Allocate blocks so ``seq`` can compute ``n`` more tokens; commit the full ones."""
@@ -168,7 +197,14 @@ class Scheduler:
             seq.block_hashes, seq.tokens, upto_tokens, kv.block_size, seq.root, seq.lora_name, seq.cache_salt
         )
         kv.commit(
-            seq.blocks, seq.block_hashes, seq.num_committed, full, seq.tokens, seq.lora_name, seq.cache_salt
+            seq.blocks,
+            seq.block_hashes,
+            seq.num_committed,
+            full,
+            seq.tokens,
+            seq.lora_name,
+            seq.cache_salt,
+            lora_id=seq.lora_id,
         )
         seq.num_committed = full
 

@@ -23,6 +23,7 @@ from kvstack.common.tokenizer import decode, encode, token_str
 from kvstack.engine.sim import protocol as p
 from kvstack.engine.sim.config import SimConfig
 from kvstack.engine.sim.events import KVEventPublisher
+from kvstack.engine.sim.lora_api import LoRAService
 from kvstack.engine.sim.metrics import CONTENT_TYPE, CacheInfo, SimMetrics
 from kvstack.engine.sim.types import EngineCore, EventSink, RequestOutput, SimRequest, StatsListener
 
@@ -123,6 +124,13 @@ class SimServer:
             ("GET", "/metrics"): self._metrics,
             ("POST", "/reset_prefix_cache"): self._reset_prefix_cache,
         }
+        # LoRA (engine/sim/lora_api.py): adapters answer as models; the runtime routes need the env switch
+        self.lora = LoRAService(config.lora, self.names[0], self.engine)
+        if config.lora.enabled:
+            self.metrics.enable_lora(config.lora.max_loras)
+        if config.lora.runtime_updating:
+            self._routes[("POST", "/v1/load_lora_adapter")] = self._load_lora_adapter
+            self._routes[("POST", "/v1/unload_lora_adapter")] = self._unload_lora_adapter
         self._paths = {path for _, path in self._routes}
 
     # --- ASGI ------------------------------------------------------------------------------------
@@ -171,6 +179,7 @@ class SimServer:
                 return
 
     async def start(self) -> None:
+        self.lora.load_static()
         if self.events is not None:
             self.events.start()
         await self.engine.start()
@@ -185,13 +194,20 @@ class SimServer:
     def _model(self, requested: str | None) -> str:
         if requested is None:
             return self.names[0]
-        if requested not in self.names:
+        if requested not in self.names and self.lora.resolve(requested) is None:
             raise OpenAIError(404, f"The model `{requested}` does not exist.", param="model")
         return requested
 
     async def _models(self, scope: Scope, receive: Receive, send: Send) -> None:
         body = p.models_body(self.names, self.config.model, self.config.max_model_len, self.created)
+        body["data"].extend(self.lora.model_cards(self.created))
         await send_json(send, 200, body)
+
+    async def _load_lora_adapter(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send_bytes(send, 200, self.lora.load(await read_body(receive)).encode(), [])
+
+    async def _unload_lora_adapter(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send_bytes(send, 200, self.lora.unload(await read_body(receive)).encode(), [])
 
     async def _health(self, scope: Scope, receive: Receive, send: Send) -> None:
         await send_bytes(send, 200, b"", [])
@@ -258,11 +274,14 @@ class SimServer:
             raise OpenAIError(400, "n > 1 is not supported by the simulator", param="n")
         max_tokens = p.check_length(len(ids), max_tokens, self.config.max_model_len, is_text=is_text)
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{os.urandom(16).hex()}"
+        adapter = self.lora.resolve(model)
         sim = SimRequest(
             request_id=rid,
             prompt_token_ids=ids,
             max_tokens=max_tokens,
             ignore_eos=req.ignore_eos,
+            lora_name=adapter.name if adapter is not None else None,
+            lora_id=adapter.lora_id if adapter is not None else None,
             cache_salt=req.cache_salt,
             arrival_time=time.monotonic(),
         )

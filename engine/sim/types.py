@@ -26,6 +26,7 @@ class SimRequest:
     max_tokens: int
     ignore_eos: bool = False
     lora_name: str | None = None
+    lora_id: int | None = None  # the adapter's int id (vLLM's lora_int_id), carried by KV events
     cache_salt: str | None = None
     n: int = 1
     arrival_time: float = 0.0  # time.monotonic() when the server accepted it; 0 = now
@@ -78,6 +79,10 @@ class StatsListener(Protocol):
 
     def on_preemption(self) -> None: ...
 
+    def on_lora_step(self, running: Sequence[str], waiting: Sequence[str], swaps: int) -> None:
+        """A step of an engine with LoRA enabled: the adapters of running and of waiting requests
+        (vLLM's scheduler stats behind ``vllm:lora_requests_info``), and the GPU-slot copies it took."""
+
     def on_request_finished(self, stats: FinishedRequestStats) -> None: ...
 
 
@@ -102,6 +107,12 @@ class EngineCore(Protocol):
     def abort(self, request_id: str, reason: FinishReason = "abort") -> None:
         """End a request now, counted with ``reason``: "abort" when the client went away, "stop"
         when the server matched a stop string. A no-op for an unknown or finished request."""
+
+    def add_lora(self, name: str) -> None:
+        """An adapter was loaded (/v1/load_lora_adapter or --lora-modules): into the CPU cache."""
+
+    def remove_lora(self, name: str) -> None:
+        """An adapter was unloaded: out of the GPU slots and the CPU cache."""
 
     def reset_prefix_cache(self) -> bool:
         """Drop every cached block; returns False (and does nothing) while any block is held by a

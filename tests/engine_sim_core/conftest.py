@@ -95,6 +95,7 @@ class Recorder:
     external_queries: list[tuple[int, int]] = field(default_factory=list)
     prompt_sources: list[tuple[int, int, int]] = field(default_factory=list)
     preemptions: int = 0
+    lora_steps: list[tuple[list[str], list[str], int]] = field(default_factory=list)
     finished: list[FinishedRequestStats] = field(default_factory=list)
     finished_event: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -112,6 +113,9 @@ class Recorder:
 
     def on_preemption(self) -> None:
         self.preemptions += 1
+
+    def on_lora_step(self, running: Sequence[str], waiting: Sequence[str], swaps: int) -> None:
+        self.lora_steps.append((list(running), list(waiting), swaps))
 
     def on_request_finished(self, stats: FinishedRequestStats) -> None:
         self.finished.append(stats)
