@@ -225,6 +225,9 @@ Call with (list $ $settings).
 {{- if $m.maxModelLen }}
 {{- $_ := set $config "max_model_len" (int $m.maxModelLen) }}
 {{- end }}
+{{- with include "kvstack.lora.limits" (list $ctx $m) | fromYaml }}
+{{- $_ := set $config "lora" . }}
+{{- end }}
 {{- toYaml $config }}
 {{- end }}
 
@@ -259,6 +262,12 @@ Call with (list $ $settings $remote).
 {{- end }}
 {{- if $ctx.Values.engines.apiKey.existingSecret }}
 {{- $args = concat $args (list "--api-key" "$(KVSTACK_ENGINE_API_KEY)") }}
+{{- end }}
+{{- with include "kvstack.lora.limits" (list $ctx $m) | fromYaml }}
+{{- $args = concat $args (list "--enable-lora" "--max-loras" (toString .max_loras) "--max-lora-rank" (toString .max_lora_rank)) }}
+{{- if .max_cpu_loras }}
+{{- $args = concat $args (list "--max-cpu-loras" (toString .max_cpu_loras)) }}
+{{- end }}
 {{- end }}
 {{- toYaml $args }}
 {{- end }}
