@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kvstack.common.kube import KubeError, resource_path
-from kvstack.common.lora import LoraClient, LoraError
+from kvstack.common.lora import LoraClient, LoraError, LoraSpec
 from kvstack.operator.kube import Kube
 from kvstack.operator.lora_placement import Declared, EngineState, Placement, place
 from kvstack.operator.lora_report import OpResult, Told, entries, loaded_after, notices
@@ -58,10 +58,10 @@ def _pod_ready(pod: Obj) -> bool:
     return any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or [])
 
 
-async def engine_pods(kube: Kube, owner: Owner, model: Model) -> dict[str, str | None]:
-    """The model's engine pods: name -> base URL when ready, else None."""
-    selector = ",".join(f"{k}={v}" for k, v in sorted(selector_labels(owner, "engine", model.name).items()))
-    listed = await kube.client.list(resource_path("v1", "pods", owner.namespace), label_selector=selector)
+async def engine_pods(kube: Kube, namespace: str, labels: Mapping[str, str]) -> dict[str, str | None]:
+    """The engine pods matching ``labels``: name -> base URL when ready, else None."""
+    selector = ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
+    listed = await kube.client.list(resource_path("v1", "pods", namespace), label_selector=selector)
     return {
         pod["metadata"]["name"]: engine_url(pod["status"]["podIP"]) if _pod_ready(pod) else None
         for pod in listed.items
@@ -124,6 +124,33 @@ async def execute(
     return [r for results in done for r in results]
 
 
+async def run_round(
+    client: LoraClient,
+    prom: Prometheus | None,
+    metrics: OperatorMetrics,
+    namespace: str,
+    served: str,
+    lora: LoraSpec,
+    pods: Mapping[str, str | None],
+    previous: Mapping[str, Mapping[str, Any]],
+    model: str,
+) -> Round:
+    """One model's round over its engine ``pods``; ``served``: its first served name (metric label)."""
+    states = await observe(client, pods)
+    names = [a.name for a in lora.adapters]
+    rates = await request_rates(prom, namespace, names) if prom is not None else None
+    declared = [Declared(a.name, a.pinned) for a in lora.adapters]
+    placement = place(declared, states, lora.max_loras, rates)
+    results = await execute(client, placement, pods, {a.name: a.lora_path for a in lora.adapters})
+    for r in results:
+        metrics.lora_operation(namespace, served, r.op, r.ok)
+        if not r.ok:
+            log.warning("%s of adapter %s on %s failed: %s", r.op, r.adapter, r.engine, r.error)
+    before = {s.name: s.loaded for s in states if s.ready}
+    loaded = loaded_after(before, results)
+    return Round(entries(model, placement, loaded, results, previous), notices(model, results))
+
+
 async def run_model(
     kube: Kube,
     client: LoraClient,
@@ -133,24 +160,13 @@ async def run_model(
     model: Model,
     previous: Mapping[str, Mapping[str, Any]],
 ) -> Round:
-    """One model's round."""
-    lora = model.lora
-    assert lora is not None
-    pods = await engine_pods(kube, owner, model)
-    states = await observe(client, pods)
-    names = [a.name for a in lora.adapters]
-    rates = await request_rates(prom, owner.namespace, names) if prom is not None else None
-    declared = [Declared(a.name, a.pinned) for a in lora.adapters]
-    placement = place(declared, states, lora.max_loras, rates)
-    results = await execute(client, placement, pods, {a.name: a.lora_path for a in lora.adapters})
+    """One model's round of a ``KVStack``."""
+    assert model.lora is not None
+    pods = await engine_pods(kube, owner.namespace, selector_labels(owner, "engine", model.name))
     served = model.served_names[0]
-    for r in results:
-        metrics.lora_operation(owner.namespace, served, r.op, r.ok)
-        if not r.ok:
-            log.warning("%s of adapter %s on %s failed: %s", r.op, r.adapter, r.engine, r.error)
-    before = {s.name: s.loaded for s in states if s.ready}
-    loaded = loaded_after(before, results)
-    return Round(entries(model.name, placement, loaded, results, previous), notices(model.name, results))
+    return await run_round(
+        client, prom, metrics, owner.namespace, served, model.lora, pods, previous, model.name
+    )
 
 
 async def run_stack(

@@ -16,6 +16,8 @@ from kvstack.common.lora import LoraClient
 from kvstack.common.procs import ManagedProcess, free_ports
 from kvstack.engine.serve.config import load_config
 from kvstack.engine.serve.render import render
+from kvstack.operator.lora_annotated import LORA as LORA_ANNOTATION
+from kvstack.operator.lora_annotated import parse_lora
 from kvstack_testing.pod_sims import kvstack_executable
 
 MODEL = "meta-llama/Llama-3.1-8B-Instruct"
@@ -152,3 +154,21 @@ def test_rendered_simulator_loads_an_adapter_and_serves_it(chart: HelmChart, tmp
         assert reply.model == "sql" and reply.choices[0].text
     finally:
         sim.stop()
+
+
+def test_the_engine_deployment_carries_the_lora_annotation(chart: HelmChart, tmp_path: Path) -> None:
+    rendered = chart.template([values(tmp_path)])
+    dep = rendered.one("Deployment", "-engine-llama-8b")
+    parsed = parse_lora(dep)  # the operator's own parser
+    assert (parsed.max_loras, parsed.max_lora_rank, parsed.max_cpu_loras, parsed.interval_seconds) == (
+        4,
+        32,
+        8,
+        15,
+    )
+    assert [(a.name, a.source, a.pinned, a.rank) for a in parsed.adapters] == [
+        ("sql", "org/sql-lora", True, None),
+        ("chat", "/models/adapters/chat", False, 16),
+    ]
+    off = chart.template([values(tmp_path, None)]).one("Deployment", "-engine-llama-8b")
+    assert LORA_ANNOTATION not in (off["metadata"].get("annotations") or {})

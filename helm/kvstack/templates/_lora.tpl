@@ -66,3 +66,29 @@ name or another adapter's: clients pick one by its name. Call with $.
 {{- end }}
 {{- toYaml $out }}
 {{- end }}
+
+{{/*
+The `kvstack.dev/lora` annotation of one model's engine Deployment (JSON, a KVStack model's `lora`
+section plus the round interval): the operator places and loads the adapters on its pods and
+reports in `kvstack.dev/lora-status`. Empty when the model serves no adapters.
+Call with (list $ $settings).
+*/}}
+{{- define "kvstack.lora.annotation" -}}
+{{- $ctx := index . 0 }}{{- $m := index . 1 }}
+{{- with include "kvstack.lora.limits" (list $ctx $m) | fromYaml }}
+{{- $spec := dict "maxLoras" .max_loras "maxLoraRank" .max_lora_rank "intervalSeconds" (int $ctx.Values.engines.autoscaling.intervalSeconds) }}
+{{- if .max_cpu_loras }}
+{{- $_ := set $spec "maxCpuLoras" .max_cpu_loras }}
+{{- end }}
+{{- $adapters := list }}
+{{- range $m.lora.adapters }}
+{{- $a := dict "name" .name "source" .source "pinned" (default false .pinned) }}
+{{- if .rank }}
+{{- $_ := set $a "rank" (int .rank) }}
+{{- end }}
+{{- $adapters = append $adapters $a }}
+{{- end }}
+{{- $_ := set $spec "adapters" $adapters }}
+{{- toJson $spec }}
+{{- end }}
+{{- end }}
