@@ -91,7 +91,7 @@ async def request_rates(prom: Prometheus, namespace: str, names: Sequence[str]) 
     try:
         series = await prom.query(expr)
     except PrometheusError as err:
-        log.warning("adapter request rates unknown, placements hold: %s", err)
+        log.info("adapter request rates unknown, placements hold: %s", err)
         return None
     rates = {labels.get("model_name", ""): value for labels, value in series}
     return {n: rates.get(n, 0.0) for n in names}
@@ -148,7 +148,7 @@ async def run_round(
             log.warning("%s of adapter %s on %s failed: %s", r.op, r.adapter, r.engine, r.error)
     before = {s.name: s.loaded for s in states if s.ready}
     loaded = loaded_after(before, results)
-    return Round(entries(model, placement, loaded, results, previous), notices(model, results))
+    return Round(entries(model, placement, loaded, results, previous), notices(model, results, previous))
 
 
 async def run_model(

@@ -6,7 +6,7 @@ engines of its model), the placement's ``reason``, and ``lastError``: the round'
 the previous one until the adapter is loaded everywhere it is wanted.
 
 The Events: one ``AdapterLoaded`` / ``AdapterUnloaded`` per adapter and round naming the engines,
-and an ``AdapterLoadFailed`` / ``AdapterUnloadFailed`` warning per failed call.
+and an ``AdapterLoadFailed`` / ``AdapterUnloadFailed`` warning per failed call that says something new.
 """
 
 from __future__ import annotations
@@ -76,17 +76,26 @@ def entries(
         }
         failed = [r for r in results if r.adapter == plan.name and r.error is not None]
         if failed:
-            r = failed[-1]
-            assert r.error is not None
-            entry["lastError"] = f"{r.op} on {r.engine}: {r.error.message}"[:1000]
+            entry["lastError"] = _error_text(failed[-1])
         elif count < plan.wanted and "lastError" in previous.get(plan.name, {}):
             entry["lastError"] = previous[plan.name]["lastError"]
         out.append(entry)
     return out
 
 
-def notices(model: str, results: Sequence[OpResult]) -> list[Told]:
-    """The Events of one round: successes grouped per adapter, each failure on its own."""
+def _error_text(r: OpResult) -> str:
+    assert r.error is not None
+    return f"{r.op} on {r.engine}: {r.error.message}"[:1000]
+
+
+def notices(
+    model: str, results: Sequence[OpResult], previous: Mapping[str, Mapping[str, Any]] | None = None
+) -> list[Told]:
+    """The Events of one round: successes grouped per adapter, each failure on its own.
+
+    A failure that repeats the adapter's previous ``lastError`` is not posted again: the operator
+    retries every round, and one Event per problem says it (the counter counts every retry).
+    """
     out: list[Told] = []
     done_reasons: tuple[tuple[Op, AdapterNotice], ...] = (
         ("load", "AdapterLoaded"),
@@ -101,8 +110,9 @@ def notices(model: str, results: Sequence[OpResult]) -> list[Told]:
             verb = "loaded on" if op == "load" else "unloaded from"
             message = f"{model}: adapter {adapter} {verb} {', '.join(sorted(engines))}"
             out.append(Told(False, reason, message))
+    previous = previous or {}
     for r in results:
-        if r.error is not None:
+        if r.error is not None and previous.get(r.adapter, {}).get("lastError") != _error_text(r):
             failed: AdapterNotice = "AdapterLoadFailed" if r.op == "load" else "AdapterUnloadFailed"
             what = f"{model}: {r.op} of adapter {r.adapter} on {r.engine} failed"
             out.append(Told(True, failed, f"{what} ({r.error.kind}): {r.error.message}"))

@@ -67,3 +67,17 @@ def test_notices_group_successes_and_warn_per_failure() -> None:
         ),
     ]
     assert notices("llama", []) == []
+
+
+def test_a_failure_that_repeats_the_last_error_posts_no_second_event() -> None:
+    failed = [OpResult("e1", "chat", "load", FAILED)]
+    first = notices("llama", failed)
+    previous = {
+        e["name"]: e for e in entries("llama", PLACEMENT, {"e0": frozenset(), "e1": frozenset()}, failed, {})
+    }
+    assert [t.reason for t in first] == ["AdapterLoadFailed"]
+    assert notices("llama", failed, previous) == []
+    other = LoraError("engine", "LoRA rank 64 is greater than max_lora_rank 16.", status=500)
+    assert [t.reason for t in notices("llama", [OpResult("e1", "chat", "load", other)], previous)] == [
+        "AdapterLoadFailed"
+    ]
