@@ -1,7 +1,8 @@
-"""The operator's LoRA round for one stack: observe the engines, place, load and unload, report.
+"""The operator's LoRA round for one model: observe the engines, place, load and unload, report.
 
-Called from each evaluation of a stack (:func:`kvstack.operator.stack.evaluate_stack`), for every
-model with a ``lora`` section. The decisions are pure (:mod:`kvstack.operator.lora_placement`,
+Run after each evaluation of a stack (:func:`kvstack.operator.stack.with_adapters`), for every
+model with a ``lora`` section, and for each annotated chart Deployment
+(:mod:`kvstack.operator.lora_annotated`). The decisions are pure (:mod:`kvstack.operator.lora_placement`,
 :mod:`kvstack.operator.lora_report`); this module does the I/O in between:
 
 1. the model's engine pods (ready: Running, Ready, with an IP, not being deleted), and what each

@@ -11,7 +11,8 @@ adapters every engine should hold, and the loads and unloads that get it there:
 3. the other adapters share what the pinned ones leave (``E * (slots - pinned)``), in turn:
 
    a. first engines: with the request rates known, every adapter with demand gets one engine,
-      busiest first, while slots remain (``demand``; the rest ``no_capacity``); with the rates
+      busiest first (one loaded somewhere counts its rate raised by ``margin``, as in c.), while
+      slots remain (``demand``; the rest ``no_capacity``); with the rates
       unknown (Prometheus unreachable), every adapter keeps the engines it has (``held``): never
       move adapters on what we cannot see;
    b. coverage: adapters on no engine get one while slots remain (``spare_capacity``: every
@@ -131,7 +132,9 @@ def place(
     free = count * (slots - len(pinned_fit))
     rate = {n: max(0.0, demand.get(n, 0.0)) for n in others} if demand is not None else None
     if rate is not None:
-        busy = sorted((n for n in others if rate[n] > 0), key=lambda n: (-rate[n], -current[n], n))
+        # an adapter loaded somewhere claims its first engine with the margin too (hysteresis)
+        first = {n: rate[n] * (1 + margin if current[n] else 1.0) for n in others}
+        busy = sorted((n for n in others if rate[n] > 0), key=lambda n: (-first[n], -current[n], n))
         for name in busy:
             wanted[name], reasons[name] = (1, "demand") if free else (0, "no_capacity")
             free -= wanted[name]

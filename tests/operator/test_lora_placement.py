@@ -174,3 +174,9 @@ def test_a_newcomer_never_displaces_a_loaded_adapter_with_equal_claim() -> None:
 def test_zero_slots_is_refused() -> None:
     with pytest.raises(ValueError, match="slots"):
         place([A], engines(""), 0, {})
+
+
+@pytest.mark.parametrize(("rate_b", "holder"), [(1.1, "a"), (1.5, "b")])
+def test_the_only_slot_changes_hands_only_beyond_the_margin(rate_b: float, holder: str) -> None:
+    p = place([A, B], engines("a"), 1, {"a": 1.0, "b": rate_b})
+    assert hosts(p) == {"a": ("e0",) if holder == "a" else (), "b": ("e0",) if holder == "b" else ()}
