@@ -7,8 +7,9 @@ model with a ``lora`` section, and for each annotated chart Deployment
 
 1. the model's engine pods (ready: Running, Ready, with an IP, not being deleted), and what each
    lists in ``/v1/models``; an engine that does not answer counts as not ready this round;
-2. each adapter's request rate: the router's ``kvstack_router_requests_total`` by ``model_name``
-   over :data:`RATE_WINDOW_S`; Prometheus failing, the rates are unknown (placements hold);
+2. each adapter's demand: the router's ``kvstack_router_requests_total`` rate by ``model_name``
+   over :data:`RATE_WINDOW_S`, plus the requests it holds for the adapter; Prometheus failing, the
+   rates are unknown (placements hold);
 3. the placement's unloads, then its loads, per engine, engines concurrently, through the shared
    client (:class:`kvstack.common.lora.LoraClient`);
 4. the status entries, Events and ``kvstack_operator_lora_operations_total``.
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -86,16 +88,27 @@ async def observe(client: LoraClient, pods: Mapping[str, str | None]) -> list[En
 
 
 async def request_rates(prom: Prometheus, namespace: str, names: Sequence[str]) -> dict[str, float] | None:
-    """Requests per second the routers answered per adapter; None when Prometheus cannot say."""
+    """Each adapter's demand; None when Prometheus cannot say.
+
+    The requests per second the routers answered, plus the requests they hold for it right now
+    (``kvstack_router_queued_requests``, one per second each): a request held for an adapter no
+    engine has is not answered yet, so without it an idle adapter would never get a slot back.
+    """
     ns = namespace.replace("\\", "\\\\").replace('"', '\\"')
-    expr = f'sum by (model_name) (rate(kvstack_router_requests_total{{namespace="{ns}"}}[{RATE_WINDOW_S}s]))'
+    sel = f'{{namespace="{ns}"}}'
+    answered = f"sum by (model_name) (rate(kvstack_router_requests_total{sel}[{RATE_WINDOW_S}s]))"
+    held = f"sum by (model_name) (kvstack_router_queued_requests{sel})"
     try:
-        series = await prom.query(expr)
+        rates, queued = await asyncio.gather(prom.query(answered), prom.query(held))
     except PrometheusError as err:
         log.info("adapter request rates unknown, placements hold: %s", err)
         return None
-    rates = {labels.get("model_name", ""): value for labels, value in series}
-    return {n: rates.get(n, 0.0) for n in names}
+    demand: dict[str, float] = {}
+    for labels, value in [*rates, *queued]:
+        name = labels.get("model_name", "")
+        if not math.isnan(value):
+            demand[name] = demand.get(name, 0.0) + value
+    return {n: demand.get(n, 0.0) for n in names}
 
 
 async def execute(
