@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from kvstack.common.lora import LoraError
+from kvstack.operator.conditions import Condition
 from kvstack.operator.lora_placement import Placement
 
 Op = Literal["load", "unload"]
@@ -117,3 +118,16 @@ def notices(
             what = f"{model}: {r.op} of adapter {r.adapter} on {r.engine} failed"
             out.append(Told(True, failed, f"{what} ({r.error.kind}): {r.error.message}"))
     return out
+
+
+def adapters_ready(adapters: Sequence[Mapping[str, Any]], generation: int | None) -> Condition:
+    """The ``AdaptersReady`` condition from the round's ``status.adapters`` entries."""
+    failing = [a for a in adapters if a.get("lastError")]
+    if failing:
+        text = "; ".join(f"{a['name']}: {a['lastError']}" for a in failing)
+        return Condition(False, "AdapterLoadFailed", text[:1000], generation)
+    short = [a for a in adapters if int(a.get("loaded", 0)) < int(a.get("desired", 0))]
+    if short:
+        text = ", ".join(f"{a['name']} {a.get('loaded', 0)}/{a.get('desired', 0)}" for a in short)
+        return Condition(False, "AdaptersLoading", f"loaded/wanted: {text}"[:1000], generation)
+    return Condition(True, "AdaptersLoaded", f"{len(adapters)} adapters loaded where wanted", generation)

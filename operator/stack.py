@@ -20,6 +20,7 @@ from kvstack.operator.conditions import Condition, Conditions, evaluated, lost, 
 from kvstack.operator.controller import Evaluation, ScalingState, evaluate, reconcile
 from kvstack.operator.kube import Kube, KubeError
 from kvstack.operator.lora_loader import run_stack as run_lora
+from kvstack.operator.lora_report import adapters_ready
 from kvstack.operator.metrics import OperatorMetrics
 from kvstack.operator.ownership import Owner
 from kvstack.operator.runtime import Runtime
@@ -199,7 +200,9 @@ async def tick(
         memory.next_evaluation = now + spec.autoscaling.interval_seconds
         previous = {str(m.get("name")): m for m in status.get("models") or [] if isinstance(m, dict)}
         change = await evaluate_stack(runtime, kube, owner, spec, generation, previous, memory)
-        return await with_adapters(runtime, kube, owner, spec, status.get("adapters") or [], change)
+        return await with_adapters(
+            runtime, kube, owner, spec, generation, status.get("adapters") or [], change
+        )
     except Exception as err:
         if runtime.closing:
             # cleanup closed the clients under this request (a transport error, or httpx's
@@ -247,6 +250,7 @@ async def with_adapters(
     kube: Kube,
     owner: Owner,
     spec: KVStackSpec,
+    generation: int | None,
     previous: Sequence[Mapping[str, Any]],
     change: StatusChange,
 ) -> StatusChange:
@@ -259,7 +263,9 @@ async def with_adapters(
         return change
     told = tuple(Notice(t.warning, t.reason, t.message) for t in lora.told)
     fields = {**change.fields, "adapters": lora.adapters}
-    return StatusChange(change.conditions, fields, change.notices + told)
+    # set while a model declares adapters, and once more when the last section goes (none left)
+    conditions = {**change.conditions, "AdaptersReady": adapters_ready(lora.adapters, generation)}
+    return StatusChange(conditions, fields, change.notices + told)
 
 
 def forget(metrics: OperatorMetrics, namespace: str, raw_spec: Mapping[str, Any]) -> None:

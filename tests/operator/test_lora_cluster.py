@@ -114,6 +114,11 @@ def test_adapters_are_loaded_unloaded_and_reloaded_after_a_restart(
         assert all("sql" in names for names in on.values()), on
         assert sum("chat" in names for names in on.values()) == 1, on
         wait_until(lambda: "AdapterLoaded" in reasons(api), "an AdapterLoaded Event")
+        ready = wait_until(
+            lambda: (c := api.condition("demo", "AdaptersReady")) and c["status"] == "True" and c,
+            "AdaptersReady=True",
+        )
+        assert ready["reason"] == "AdaptersLoaded"
         loads = runtime.metrics.registry.get_sample_value(
             "kvstack_operator_lora_operations_total",
             {"namespace": namespace, "model_name": MODEL, "operation": "load", "result": "success"},
@@ -154,6 +159,11 @@ def test_adapters_are_loaded_unloaded_and_reloaded_after_a_restart(
         )
         assert failed["loaded"] == 0 and "greater than max_lora_rank" in failed["lastError"]
         wait_until(lambda: "AdapterLoadFailed" in reasons(api), "an AdapterLoadFailed Event")
+        failing = wait_until(
+            lambda: (c := api.condition("demo", "AdaptersReady")) and c["status"] == "False" and c,
+            "AdaptersReady=False",
+        )
+        assert failing["reason"] == "AdapterLoadFailed" and "big:" in failing["message"]
         assert (
             runtime.metrics.registry.get_sample_value(
                 "kvstack_operator_lora_operations_total",

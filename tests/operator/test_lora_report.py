@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
+
 from kvstack.common.lora import LoraError
 from kvstack.operator.lora_placement import AdapterPlan, Placement
-from kvstack.operator.lora_report import OpResult, Told, entries, loaded_after, notices
+from kvstack.operator.lora_report import OpResult, Told, adapters_ready, entries, loaded_after, notices
 
 PLACEMENT = Placement(
     (AdapterPlan("sql", ("e0", "e1"), 2, "pinned"), AdapterPlan("chat", ("e1",), 1, "demand")),
@@ -81,3 +83,32 @@ def test_a_failure_that_repeats_the_last_error_posts_no_second_event() -> None:
     assert [t.reason for t in notices("llama", [OpResult("e1", "chat", "load", other)], previous)] == [
         "AdapterLoadFailed"
     ]
+
+
+@pytest.mark.parametrize(
+    ("adapters", "status", "reason", "says"),
+    [
+        ([], True, "AdaptersLoaded", "0 adapters loaded where wanted"),
+        (
+            [{"name": "sql", "desired": 2, "loaded": 2}, {"name": "chat", "desired": 0, "loaded": 0}],
+            True,
+            "AdaptersLoaded",
+            "2 adapters loaded where wanted",
+        ),
+        ([{"name": "sql", "desired": 2, "loaded": 1}], False, "AdaptersLoading", "loaded/wanted: sql 1/2"),
+        (
+            [
+                {"name": "sql", "desired": 2, "loaded": 1},
+                {"name": "chat", "desired": 1, "loaded": 0, "lastError": "x"},
+            ],
+            False,
+            "AdapterLoadFailed",
+            "chat: x",
+        ),
+    ],
+)
+def test_adapters_ready_condition(
+    adapters: list[dict[str, object]], status: bool, reason: str, says: str
+) -> None:
+    cond = adapters_ready(adapters, 3)
+    assert (cond.status, cond.reason, cond.message, cond.generation) == (status, reason, says, 3)
