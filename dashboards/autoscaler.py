@@ -27,6 +27,8 @@ CONTRACT: dict[str, tuple[str, tuple[str, ...]]] = {
     EVAL_ERRORS: ("counter", (*MODEL_LABELS, "stage")),
     SIGNAL: ("gauge", (*MODEL_LABELS, "signal")),
     PROM_UP: ("gauge", ()),
+    # LoRA (dashboards/adapters.py): the operator's adapter loads and unloads
+    "kvstack_operator_lora_operations_total": ("counter", (*MODEL_LABELS, "operation", "result")),
 }
 
 

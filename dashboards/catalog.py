@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from kvstack.dashboards import router
+from kvstack.dashboards.adapters import adapters_row
 from kvstack.dashboards.autoscaler import DESIRED, autoscaler_rows, replicas_panel
 from kvstack.dashboards.engines import ITL, PER_MODEL, PER_POD, TTFT, cache_row, engine_rows, latency
 from kvstack.dashboards.kvstore import lmcache_row, redis_row
@@ -217,7 +218,7 @@ def router_dashboard() -> Dashboard:
         "kvstack / Router",
         "The cache-aware router: traffic per engine, latency it adds, decisions, retries, ejections, "
         "disconnects and rejections.",
-        router.router_rows(),
+        [*router.router_rows(), adapters_row()],
         variables=(NAMESPACE, ROUTER_MODEL),
     )
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kvstack.dashboards import autoscaler as op
+from kvstack.dashboards.adapters import LORA_OPS
 from kvstack.dashboards.promql import divide, quantile, ratio, sum_rate
 
 W = "5m"
@@ -291,6 +292,19 @@ ALERTS: list[Alert] = [
         "{{ $labels.model_name }} was scaled both up and down at least twice in 30 minutes: widen the "
         "thresholds' gap or lengthen the cooldown.",
         (op.DECISIONS,),
+        needs_operator=True,
+    ),
+    # LoRA (dashboards/adapters.py). The operator retries a wanted load every evaluation: failures
+    # in every 5-minute window for 10 minutes are a load that keeps failing, not a blip.
+    Alert(
+        "KvstackLoraAdapterLoadFailing",
+        f'sum by ({BY_MODEL}) (increase({LORA_OPS}{{operation="load", result="failure"}}[5m])) > 0',
+        "10m",
+        "warning",
+        "LoRA adapters of {{ $labels.model_name }} keep failing to load",
+        "The operator's loads of adapters onto {{ $labels.model_name }} engines have failed for 10 minutes: "
+        "requests for those adapters wait or fail. status.adapters[].lastError says why.",
+        (LORA_OPS,),
         needs_operator=True,
     ),
 ]

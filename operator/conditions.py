@@ -1,6 +1,6 @@
 """The ``KVStack`` status conditions: what each says, decided from what was observed. Pure.
 
-Four conditions, each with a typed reason:
+Five conditions, each with a typed reason:
 
 - ``Reconciled``: the last apply of the spec. ``Applied``; ``ApplyFailed`` (the API refused a write:
   retried); ``InvalidSpec`` (the engine loader refuses the spec: nothing applied until it changes).
@@ -13,6 +13,8 @@ Four conditions, each with a typed reason:
   ``steady``, ...), False only when every decision held for missing data; ``MetricsUnavailable``
   while Prometheus does not answer (replicas held); ``Disabled`` when autoscaling is off.
   Unchanged while autoscaling is on but nothing was asked (no engine Deployment yet).
+- ``AdaptersReady`` (stacks that declare LoRA adapters): ``AdaptersLoaded``, ``AdaptersLoading`` or
+  ``AdapterLoadFailed``, decided by :func:`kvstack.operator.lora_report.adapters_ready`.
 
 Handlers and the timer patch status separately and a JSON merge patch replaces the whole list, so
 each writer sends every condition this process has set (:func:`render`), never only its own; a
@@ -31,7 +33,7 @@ from kvstack.operator.spec import KVStackSpec
 from kvstack.operator.status import all_ready, engines_summary, iso
 
 Obj = dict[str, Any]
-ConditionType = Literal["Reconciled", "Ready", "PrometheusReachable", "ScalingActive"]
+ConditionType = Literal["Reconciled", "Ready", "PrometheusReachable", "ScalingActive", "AdaptersReady"]
 Reason = Literal[
     "Applied",  # Reconciled: every object applied, the dropped ones pruned
     "ApplyFailed",  # Reconciled: the API refused a write; the handler retries
@@ -43,6 +45,10 @@ Reason = Literal[
     "MetricsUnavailable",  # ScalingActive: Prometheus unreachable, replicas held
     "Disabled",  # ScalingActive: spec.autoscaling.enabled is false
     "NoModels",  # ScalingActive: Prometheus answered, yet no model has a decision to show
+    # AdaptersReady (kvstack.operator.lora_report.adapters_ready): models with a lora section only
+    "AdaptersLoaded",  # every declared adapter is loaded on the engines placement wants it on
+    "AdaptersLoading",  # some are not yet (engines starting, loads in flight, no free slot)
+    "AdapterLoadFailed",  # a load or unload failed; the message names the adapters and the errors
 ]
 # ScalingActive while Prometheus answers: the distinct reasons of the last decisions, sorted.
 DecisionReasons = tuple[autoscale.Reason, ...]

@@ -15,6 +15,7 @@ the handler has been running), which would collide with it.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from functools import partial
@@ -27,6 +28,7 @@ from kvstack.operator.annotated_scaler import AnnotatedScaler
 from kvstack.operator.conditions import render
 from kvstack.operator.crd import GROUP, PLURAL, VERSION
 from kvstack.operator.kube import kopf_login
+from kvstack.operator.lora_annotated import AnnotatedLora
 from kvstack.operator.ownership import Owner
 from kvstack.operator.runtime import Runtime
 from kvstack.operator.stack import StackMemory, StatusChange
@@ -73,8 +75,18 @@ def _write(
         patch.status[key] = value
 
 
+async def _annotated_loops(scaler: AnnotatedScaler, lora: AnnotatedLora) -> None:
+    """The chart's Deployments: autoscaling and LoRA adapters, each its own loop."""
+    await asyncio.gather(scaler.run(), lora.run())
+
+
 async def startup(
-    shared: Runtime, scaler: AnnotatedScaler, *, settings: kopf.OperatorSettings, **_: Any
+    shared: Runtime,
+    scaler: AnnotatedScaler,
+    lora: AnnotatedLora,
+    *,
+    settings: kopf.OperatorSettings,
+    **_: Any,
 ) -> None:
     s = shared.settings
     # Progress and the last-handled spec live in annotations: status stays ours and schema-clean.
@@ -90,7 +102,7 @@ async def startup(
     kopf_objects = logging.getLogger("kopf.objects")
     if not any(isinstance(f, _QuietTracking) for f in kopf_objects.filters):
         kopf_objects.addFilter(_QuietTracking())
-    shared.start(scaler.run)
+    shared.start(partial(_annotated_loops, scaler, lora))
 
 
 async def login(shared: Runtime, **_: Any) -> kopf.ConnectionInfo:
@@ -102,8 +114,11 @@ async def cleanup(shared: Runtime, **_: Any) -> None:
     await shared.close()
 
 
-async def track(scaler: AnnotatedScaler, *, type: str | None, body: kopf.Body, **_: Any) -> None:
+async def track(
+    scaler: AnnotatedScaler, lora: AnnotatedLora, *, type: str | None, body: kopf.Body, **_: Any
+) -> None:
     scaler.observe(type, body)  # async: on the loop's thread, as the evaluation loop is
+    lora.observe(type, body)
 
 
 async def apply_spec(
@@ -171,13 +186,14 @@ def build_registry(runtime: Runtime) -> kopf.OperatorRegistry:
     """Every handler of the operator, registered on a new registry, bound to ``runtime``."""
     registry = kopf.OperatorRegistry()
     scaler = AnnotatedScaler(runtime)
+    lora = AnnotatedLora(runtime)  # the chart's Deployments' LoRA adapters (kvstack.dev/lora)
     tick_s = runtime.settings.tick_seconds
-    kopf.on.startup(registry=registry)(partial(startup, runtime, scaler))
+    kopf.on.startup(registry=registry)(partial(startup, runtime, scaler, lora))
     kopf.on.login(registry=registry)(partial(login, runtime))
     kopf.on.cleanup(registry=registry)(partial(cleanup, runtime))
     # Every Deployment in the watched namespaces: the chart's engines ask for autoscaling by
     # annotation. A watch handler adds no finalizer to objects Helm owns (a timer would).
-    kopf.on.event("apps", "v1", "deployments", id=TRACK_ID, registry=registry)(partial(track, scaler))
+    kopf.on.event("apps", "v1", "deployments", id=TRACK_ID, registry=registry)(partial(track, scaler, lora))
     applying = partial(apply_spec, runtime)
     kopf.on.resume(*RESOURCE, registry=registry)(applying)
     kopf.on.create(*RESOURCE, registry=registry)(applying)

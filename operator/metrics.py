@@ -10,6 +10,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_serv
 from kvstack.operator.autoscale import DIRECTIONS, REASONS, Decision
 
 MODEL_LABELS = ("namespace", "model_name")
+LORA_OPERATIONS = ("load", "unload")
+LORA_RESULTS = ("success", "failure")
 
 
 class OperatorMetrics:
@@ -53,8 +55,15 @@ class OperatorMetrics:
         self.prometheus_up = Gauge(
             "kvstack_operator_prometheus_up", "1 if the last Prometheus query succeeded.", registry=r
         )
+        self.lora_operations = Counter(
+            "kvstack_operator_lora_operations",
+            "LoRA adapter loads and unloads on engines, by result (success, failure).",
+            (*MODEL_LABELS, "operation", "result"),
+            registry=r,
+        )
         self._known: set[tuple[str, str]] = set()
         self._signals: dict[tuple[str, str], set[str]] = {}
+        self._lora_known: set[tuple[str, str, str]] = set()
 
     def _init_model(self, namespace: str, model: str) -> None:
         # Every pair exists at 0 from the start, so rate() and increase() work at once.
@@ -92,6 +101,15 @@ class OperatorMetrics:
         self.errors.labels(namespace, model, stage).inc()
         self.last_evaluation.labels(namespace, model).set(now)
 
+    def lora_operation(self, namespace: str, model: str, operation: str, ok: bool) -> None:
+        if (namespace, model, "lora") not in self._lora_known:
+            # every series at 0 from the first round, so increase() sees the first failure
+            self._lora_known.add((namespace, model, "lora"))
+            for op in LORA_OPERATIONS:
+                for result in LORA_RESULTS:
+                    self.lora_operations.labels(namespace, model, op, result)
+        self.lora_operations.labels(namespace, model, operation, "success" if ok else "failure").inc()
+
     def forget(self, namespace: str, model: str) -> None:
         """Drop a deleted model's series, so dashboards stop showing it."""
         self._known.discard((namespace, model))
@@ -104,6 +122,11 @@ class OperatorMetrics:
             _remove(self.errors, namespace, model, stage)
         for name in self._signals.pop((namespace, model), set()):
             _remove(self.signal, namespace, model, name)
+        if (namespace, model, "lora") in self._lora_known:
+            self._lora_known.discard((namespace, model, "lora"))
+            for op in LORA_OPERATIONS:
+                for result in LORA_RESULTS:
+                    _remove(self.lora_operations, namespace, model, op, result)
 
     def serve(self, port: int, host: str = "0.0.0.0") -> Callable[[], None]:
         """Serve ``/metrics`` on a background thread; returns the function that stops it."""

@@ -10,6 +10,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from kvstack.common.lora import LoraClient
 from kvstack.common.tasks import BackgroundTask, Body
 from kvstack.operator.kube import Kube
 from kvstack.operator.metrics import OperatorMetrics
@@ -27,6 +28,7 @@ class Runtime:
     metrics: OperatorMetrics = field(default_factory=OperatorMetrics)
     kube: Kube | None = None  # from start() until close()
     proms: dict[str, Prometheus] = field(default_factory=dict)  # one client per base URL
+    lora: LoraClient | None = None  # from start() until close(): engines' runtime LoRA endpoints
     stop_metrics: Callable[[], None] | None = None
     scaling: BackgroundTask | None = None  # the annotated Deployments' evaluation loop
     closing: bool = False  # set first by close(): a handler mid-request then ends quietly
@@ -42,6 +44,7 @@ class Runtime:
         """Open the API client, serve ``/metrics`` when a port is set, and run ``scaling`` as a task."""
         s = self.settings
         self.kube = Kube.from_environment(s.kubeconfig, s.context)
+        self.lora = LoraClient()
         if s.metrics_port:
             self.stop_metrics = self.metrics.serve(s.metrics_port, s.metrics_host)
         self.scaling = BackgroundTask("kvstack-annotated-autoscaling", scaling, logger=log)
@@ -59,6 +62,9 @@ class Runtime:
         if self.kube is not None:
             await self.kube.aclose()
             self.kube = None
+        if self.lora is not None:
+            await self.lora.aclose()
+            self.lora = None
         if self.stop_metrics is not None:
             self.stop_metrics()
             self.stop_metrics = None

@@ -19,6 +19,8 @@ from kvstack.common.config import ConfigError
 from kvstack.operator.conditions import Condition, Conditions, evaluated, lost, reconciled
 from kvstack.operator.controller import Evaluation, ScalingState, evaluate, reconcile
 from kvstack.operator.kube import Kube, KubeError
+from kvstack.operator.lora_loader import run_stack as run_lora
+from kvstack.operator.lora_report import adapters_ready
 from kvstack.operator.metrics import OperatorMetrics
 from kvstack.operator.ownership import Owner
 from kvstack.operator.runtime import Runtime
@@ -27,7 +29,17 @@ from kvstack.operator.status import engines_summary
 
 Obj = dict[str, Any]
 Logger = logging.Logger | logging.LoggerAdapter[Any]
-NoticeReason = Literal["InvalidSpec", "ScaledUp", "ScaledDown", "PrometheusUnreachable"]
+NoticeReason = Literal[
+    "InvalidSpec",
+    "ScaledUp",
+    "ScaledDown",
+    "PrometheusUnreachable",
+    # LoRA adapters (kvstack.operator.lora_report)
+    "AdapterLoaded",
+    "AdapterUnloaded",
+    "AdapterLoadFailed",
+    "AdapterUnloadFailed",
+]
 EVENT_MESSAGE_LIMIT = 1000
 
 
@@ -187,7 +199,10 @@ async def tick(
             return resent
         memory.next_evaluation = now + spec.autoscaling.interval_seconds
         previous = {str(m.get("name")): m for m in status.get("models") or [] if isinstance(m, dict)}
-        return await evaluate_stack(runtime, kube, owner, spec, generation, previous, memory)
+        change = await evaluate_stack(runtime, kube, owner, spec, generation, previous, memory)
+        return await with_adapters(
+            runtime, kube, owner, spec, generation, status.get("adapters") or [], change
+        )
     except Exception as err:
         if runtime.closing:
             # cleanup closed the clients under this request (a transport error, or httpx's
@@ -228,6 +243,29 @@ async def evaluate_stack(
         runtime.metrics.prometheus_up.set(1 if seen.prometheus_ok else 0)
     told = notices(seen, memory.conditions.get("PrometheusReachable"))
     return StatusChange(evaluated(seen, spec, generation), status_fields(seen), told)
+
+
+async def with_adapters(
+    runtime: Runtime,
+    kube: Kube,
+    owner: Owner,
+    spec: KVStackSpec,
+    generation: int | None,
+    previous: Sequence[Mapping[str, Any]],
+    change: StatusChange,
+) -> StatusChange:
+    """The evaluation's change plus the LoRA round's ``status.adapters`` and Events."""
+    if runtime.lora is None:
+        return change
+    prom = runtime.prometheus(spec.autoscaling.prometheus_url)
+    lora = await run_lora(kube, runtime.lora, prom, runtime.metrics, owner, spec, previous)
+    if lora is None:
+        return change
+    told = tuple(Notice(t.warning, t.reason, t.message) for t in lora.told)
+    fields = {**change.fields, "adapters": lora.adapters}
+    # set while a model declares adapters, and once more when the last section goes (none left)
+    conditions = {**change.conditions, "AdaptersReady": adapters_ready(lora.adapters, generation)}
+    return StatusChange(conditions, fields, change.notices + told)
 
 
 def forget(metrics: OperatorMetrics, namespace: str, raw_spec: Mapping[str, Any]) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from kvstack.dashboards.adapters import VLLM_LORA_SERIES
 from kvstack.dashboards.autoscaler import CONTRACT
 from kvstack.router.engines import EngineRegistry
 from kvstack.router.metrics import RouterMetrics
@@ -64,6 +65,7 @@ def known_series(reference_dir: Path) -> set[str]:
 
     return (
         vllm_series(reference_dir)
+        | VLLM_LORA_SERIES
         | router_series()
         | operator_series()
         | {r.record for r in RECORDS}

@@ -174,6 +174,8 @@ def live_stack(tmp: Path, repo_root: Path) -> Iterator[Stack]:
                 "--lmcache-remote-url", f"redis://127.0.0.1:{redis_port}",
                 "--kv-events-endpoint", events["kv_events_endpoint"],
                 "--kv-events-replay-endpoint", events["kv_events_replay_endpoint"]]  # fmt: skip
+        if pod == "sim-a-0":
+            argv.append("--enable-lora")  # exports vllm:lora_requests_info (the LoRA adapters panel)
         sims.append((pod, url, ManagedProcess(pod, argv, tmp, ready_url=f"{url}/health")))
         engines.append({"url": url, "name": pod, **events})
     engines_file = tmp / "engines.yaml"

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from kvstack.dashboards.adapters import NO_MODEL_LABEL
 from kvstack.dashboards.autoscaler import CONTRACT
 from kvstack.dashboards.catalog import dashboards
 from kvstack.dashboards.panels import Dashboard, Panel
@@ -72,7 +73,7 @@ def test_query_conventions(stem: str, title: str, expr: str) -> None:
     for sel in re.findall(r"([a-zA-Z_:][a-zA-Z0-9_:]*)\{([^}]*)\}", expr):
         name, matchers = sel
         assert 'namespace=~"$namespace"' in matchers, f"{name} ignores $namespace"
-        if name.startswith("vllm:") or name in MODEL_SERIES:
+        if (name.startswith("vllm:") and name not in NO_MODEL_LABEL) or name in MODEL_SERIES:
             assert 'model_name=~"$model"' in matchers, f"{name} ignores $model"
 
 

@@ -117,7 +117,7 @@ def rule_health(base_url: str) -> dict[str, tuple[str, str]]:
 
 @pytest.mark.usefixtures("kubeconfig_env")
 def test_autoscaler_queries_and_operator_rules_return_data(
-    cluster: Cluster, namespace: str, api: Api, tmp_path: Path
+    cluster: Cluster, namespace: str, api: Api, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     assert len(OPERATOR_ALERTS) >= 4 and QUERIES  # the selection itself must not silently shrink to nothing
     engines_file = tmp_path / "engines.json"
@@ -137,13 +137,16 @@ def test_autoscaler_queries_and_operator_rules_return_data(
                 "model": MODEL,
                 "minReplicas": 1,
                 "maxReplicas": 2,
-                "podAnnotations": {"sim.kvstack.io/model": MODEL},
+                # one LoRA adapter: the operator's kvstack_operator_lora_* series and their alert
+                "podAnnotations": {"sim.kvstack.io/model": MODEL, "sim.kvstack.io/args": "--enable-lora"},
+                "lora": {"adapters": [{"name": "sql", "source": "kvstack/sql-lora"}]},
             }
         ],
         "router": {"enabled": False},
         "cache": {"mode": "none"},
         "autoscaling": {"intervalSeconds": 2},
     }
+    monkeypatch.setenv("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "True")  # the simulators inherit it
     sims = PodSimulators(cluster.credentials(), "app.kubernetes.io/component=engine", namespace=namespace)
     args = ["run", "--standalone", "--namespace", namespace]
     with (

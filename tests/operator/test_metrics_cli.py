@@ -33,6 +33,7 @@ def test_series_match_the_contract(repo_root: Path) -> None:
     metrics.record("ns", "llama", decision, current=2, ready=2, signal=("waiting_per_replica", 4.0), now=1.0)
     metrics.error("ns", "llama", "query", now=2.0)
     metrics.prometheus_up.set(1)
+    metrics.lora_operation("ns", "llama", "load", ok=False)
     exported = {
         m.name: (m.type, {k for s in m.samples for k in s.labels}) for m in metrics.registry.collect()
     }
@@ -112,3 +113,31 @@ def test_cli_exits_2_naming_the_bad_setting(
     result = CliRunner().invoke(app, ["operator", *args])
     assert result.exit_code == 2
     assert f"invalid operator settings: {field}" in result.output
+
+
+def test_lora_operations_exist_at_zero_from_the_first_round() -> None:
+    metrics = OperatorMetrics()
+    metrics.lora_operation("ns", "m", "load", ok=True)
+    get = metrics.registry.get_sample_value
+    counts = {
+        (op, result): get(
+            "kvstack_operator_lora_operations_total",
+            {"namespace": "ns", "model_name": "m", "operation": op, "result": result},
+        )
+        for op in ("load", "unload")
+        for result in ("success", "failure")
+    }
+    assert counts == {
+        ("load", "success"): 1.0,
+        ("load", "failure"): 0.0,
+        ("unload", "success"): 0.0,
+        ("unload", "failure"): 0.0,
+    }
+    metrics.forget("ns", "m")
+    assert (
+        get(
+            "kvstack_operator_lora_operations_total",
+            {"namespace": "ns", "model_name": "m", "operation": "load", "result": "success"},
+        )
+        is None
+    )

@@ -229,6 +229,9 @@ Call with (list $ $settings).
 {{- $_ := set $config "otlp_traces_endpoint" . }}
 {{- $_ := set $config "otlp_traces_protocol" $ctx.Values.engines.tracing.protocol }}
 {{- end }}
+{{- with include "kvstack.lora.limits" (list $ctx $m) | fromYaml }}
+{{- $_ := set $config "lora" . }}
+{{- end }}
 {{- toYaml $config }}
 {{- end }}
 
@@ -266,6 +269,12 @@ Call with (list $ $settings $remote).
 {{- end }}
 {{- with $ctx.Values.engines.tracing.endpoint }}
 {{- $args = concat $args (list "--otlp-traces-endpoint" .) }}
+{{- end }}
+{{- with include "kvstack.lora.limits" (list $ctx $m) | fromYaml }}
+{{- $args = concat $args (list "--enable-lora" "--max-loras" (toString .max_loras) "--max-lora-rank" (toString .max_lora_rank)) }}
+{{- if .max_cpu_loras }}
+{{- $args = concat $args (list "--max-cpu-loras" (toString .max_cpu_loras)) }}
+{{- end }}
 {{- end }}
 {{- toYaml $args }}
 {{- end }}

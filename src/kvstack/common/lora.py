@@ -100,7 +100,10 @@ class Adapter(_Model):
 
     @property
     def lora_path(self) -> str:
-        """What the engine's load endpoint gets: vLLM resolves a path, or downloads a Hub repo id."""
+        """What the engine's load endpoint gets: vLLM resolves a path, or downloads a Hub repo id.
+
+        A URL goes as it is: vLLM 0.24 itself cannot load one (a LoRA resolver plugin can).
+        """
         return self.source
 
 
