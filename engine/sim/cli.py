@@ -121,7 +121,7 @@ def sim(
     task: Annotated[
         list[str] | None,
         typer.Option(
-            metavar="TASK",
+            metavar="<task>",
             help="What the model does: generate (default), transcription, embed, classify, score; "
             "repeat for several. Other tasks' routes are 404.",
             rich_help_panel=_ENGINE,
