@@ -127,7 +127,6 @@ class RouterSettings(BaseSettings):
     # admission (router/flow/): an optional hard ceiling of requests per engine in flight, on top of
     # flow control's measured saturation; a request waits in its model's flow queue at most this long
     max_in_flight_per_engine: int | None = Field(None, ge=1)
-    max_queue_per_model: int = Field(1024, ge=0)  # replaced by flow_control.models[].max_queue
     queue_timeout_s: PositiveSeconds = 30.0
     # flow control: priority classes, per-model ordering and queue bounds, tenant shares (router/flow/)
     flow_control: FlowControlConfig = Field(default_factory=FlowControlConfig)
