@@ -333,7 +333,11 @@ class FlowControl:
             self.pump(model)
 
     def pump_all(self) -> None:
-        """The engine set changed (or a scrape interval passed): room may have appeared anywhere."""
+        """The engine set changed (or a scrape interval passed): room may have appeared anywhere.
+
+        Ledgers of engines that left go too (pods come and go for months)."""
+        for url in [u for u in self.engines if self.registry.get(u) is None]:
+            del self.engines[url]
         self.pump_models(list(self.queues))
 
     def _start_ticker(self) -> None:

@@ -9,12 +9,14 @@ served before whom, what each client got, and what reached an engine.
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
+import openai
 import pytest
 
 from kvstack.common.waits import wait_until, wait_until_async
@@ -184,3 +186,41 @@ def test_a_burst_above_capacity_gets_a_200_or_a_429_with_retry_after_each(
     for call in first:
         assert call.join().status_code == 200
     assert flow_queued(r) == 0 and r.ctx.flow.reserved[MODEL] == 0
+
+
+def test_a_streamed_request_counts_toward_goodput_and_logs_its_class_tenant_and_wait(
+    one_at_a_time: list[Sim], router: RouterFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    r = router(
+        engines=[one_at_a_time[0].url],
+        access_log=True,
+        flow_control={
+            "classes": [
+                {"name": "interactive", "priority": 1, "ttft_objective_s": 60.0},
+                {"name": "default"},
+            ],
+            "tenants": [{"name": "team-a", "default_class": "interactive"}],
+        },
+    )
+    client = openai.OpenAI(
+        base_url=f"{r.url}/v1", api_key="none", default_headers={"x-kvstack-tenant": "team-a"}
+    )
+    with caplog.at_level(logging.INFO, logger="kvstack.router.access"):
+        raw = client.chat.completions.with_raw_response.create(
+            model=MODEL, messages=[{"role": "user", "content": "hello"}], max_tokens=5, stream=True
+        )
+        text = "".join(chunk.choices[0].delta.content or "" for chunk in raw.parse() if chunk.choices)
+        assert text
+        assert raw.headers["x-kvstack-priority-class"] == "interactive"  # the tenant's default class
+        lines = wait_until(
+            lambda: [rec for rec in caplog.records if rec.name == "kvstack.router.access"],
+            "the access line",
+            10,
+        )
+    line = lines[0]
+    fields = tuple(getattr(line, name) for name in ("priority_class", "tenant", "queue_wait_ms"))
+    assert fields == ("interactive", "team-a", 0.0)  # sent at once: an engine had room
+    labels = {"model_name": MODEL, "class": "interactive"}
+    assert r.metric("kvstack_router_flow_goodput_total", **labels) == 1
+    assert r.metric("kvstack_router_flow_objective_misses_total", **labels) == 0
+    assert r.metric("kvstack_router_flow_ttft_prediction_ratio_count", **{"class": "interactive"}) == 1
