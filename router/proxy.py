@@ -179,7 +179,7 @@ class ProxyEndpoint:
     async def _admit_and_route(self, call: Call) -> None:
         admission, model = self.admission, call.request.model
         held_until = None if model is None else await admission.hold(model)
-        if model is not None and self.ctx.settings.flow_control.enabled:
+        if model is not None and self.kind in _FLOW_KINDS and self.ctx.settings.flow_control.enabled:
             call.demand = await self._demand(call)
 
         async def route(candidates: list[EngineState] | None) -> None:
@@ -471,6 +471,9 @@ def _broken(err: UpstreamError, message: str, *, sent: bool) -> AttemptFailure:
     """A timeout (504) or a response that broke off (502)."""
     return AttemptFailure(err.kind, 504 if err.kind == "timeout" else 502, message, sent=sent)
 
+
+# requests that make an engine prefill go through flow control; /tokenize and /detokenize never wait
+_FLOW_KINDS: frozenset[Kind] = frozenset({"chat", "completion", "embedding"})
 
 _LIMIT_MESSAGES = {
     "rate_limit": "rate limit exceeded for this API key",

@@ -204,3 +204,28 @@ def test_unknown_class_is_a_400_naming_the_header() -> None:
     with pytest.raises(Exception, match="x-kvstack-priority") as err:
         control.classify(None, "gold", "k")
     assert getattr(err.value, "status", None) == 400
+
+
+async def test_a_full_queue_sheds_the_tenant_over_its_share_and_makes_way_for_one_under_it() -> None:
+    control, registry, metrics = make(models=[{"max_queue": 2}], tenants=[{"name": "a"}, {"name": "b"}])
+    engine = registry.all()[0]
+    running = await control.admit(M, "a", cls(control), 100, registry.all())
+    await start(control, engine, running)
+    flood = [asyncio.create_task(control.admit(M, "a", cls(control), 100, registry.all())) for _ in range(2)]
+    await settle()
+    newcomer = asyncio.create_task(control.admit(M, "b", cls(control), 100, registry.all()))
+    await settle()
+    with pytest.raises(RetryLater) as made_way:  # a held the whole queue: its newest makes way for b
+        await flood[1]
+    assert "made way" in made_way.value.message
+    with pytest.raises(RetryLater) as over:  # a again, holding its half already: refused
+        await control.admit(M, "a", cls(control), 100, registry.all())
+    assert over.value.status == 429 and "share" in over.value.message
+    shed = {"reason": "over_share", "class": "default"}
+    assert metrics.registry.get_sample_value("kvstack_router_flow_shed_total", shed) == 1
+    assert queued(metrics, tenant="a") == 1 and queued(metrics, tenant="b") == 1
+    await end(control, engine, running)
+    first = await flood[0]
+    await start(control, engine, first)
+    await end(control, engine, first)
+    assert (await newcomer).tenant == "b"
