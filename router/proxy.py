@@ -275,7 +275,8 @@ class ProxyEndpoint:
         grant = call.demand.grant if call.demand is not None else None
         if grant is not None:
             prompt = _prompt_len(features) or grant.cost
-            ctx.flow.dispatched(grant, engine, max(0.0, prompt - decision.predicted_hit_tokens))
+            uncached = max(0.0, prompt - decision.predicted_hit_tokens)
+            ctx.flow.dispatched(grant, engine, uncached, streamed=call.request.stream)
             call.ex.queue_wait = grant.queue_wait_s
         failure: AttemptFailure | None = None
         ended = False  # the try ran to an outcome (not cancelled by the client or a shutdown)

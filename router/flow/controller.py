@@ -46,18 +46,36 @@ _MESSAGES = {
 }
 
 
+@dataclass(frozen=True, slots=True)
+class Prefill:
+    """One request's prefill at an engine, as the router expects it."""
+
+    tokens: float  # uncached prompt tokens
+    due: float  # when its first token should have come (expected prefill + the target), at the latest
+    streamed: bool  # a stream's first token is seen; a whole answer's is not, so it counts until ``due``
+
+
 @dataclass(slots=True)
 class EngineFlow:
     """The router's ledger of one engine: prefill work sent and not yet done, its prefill rate."""
 
     rate: float
-    prefill: dict[int, tuple[float, float]] = field(default_factory=dict)  # grant id -> (tokens, expiry)
+    prefill: dict[int, Prefill] = field(default_factory=dict)  # by grant id
 
     def backlog(self, now: float) -> float:
-        expired = [k for k, (_, until) in self.prefill.items() if until <= now]
-        for k in expired:  # a non-streamed request's prefill is over by then, though unseen
+        """Uncached tokens sent and not yet prefilled (a whole answer's: until it is due)."""
+        done = [k for k, p in self.prefill.items() if not p.streamed and p.due <= now]
+        for k in done:
             del self.prefill[k]
-        return sum(tokens for tokens, _ in self.prefill.values())
+        return sum(p.tokens for p in self.prefill.values())
+
+    def queueing(self, now: float) -> bool | None:
+        """Whether the engine is queueing this router's requests: a stream sent there is past due
+        without its first token (True), every one is on time (False), or none to tell by (None)."""
+        streams = [p for p in self.prefill.values() if p.streamed]
+        if not streams:
+            return None
+        return any(p.due <= now for p in streams)
 
 
 @dataclass(eq=False, slots=True)
@@ -153,6 +171,7 @@ class FlowControl:
             prefill_tokens_per_s=flow.rate,
             num_waiting=engine.num_waiting,
             kv_usage=engine.kv_cache_usage,
+            queueing=flow.queueing(now),
         )
 
     def with_room(self, candidates: list[EngineState]) -> list[EngineState]:
@@ -161,7 +180,8 @@ class FlowControl:
         free = [e for e in candidates if not saturation(self.load(e, now), self.limits).saturated]
         return free or candidates
 
-    def _free(self, model: str, candidates: list[EngineState], now: float) -> int:
+    def room_for(self, model: str, candidates: list[EngineState], now: float) -> int:
+        """Engines of ``candidates`` that can take one more request, less the turns already given."""
         unsaturated = sum(1 for e in candidates if not saturation(self.load(e, now), self.limits).saturated)
         return unsaturated - self.reserved.get(model, 0)
 
@@ -189,7 +209,7 @@ class FlowControl:
         rates = [self.ledger(e).rate for e in candidates]
         cap = Capacity(
             engines=len(candidates),
-            room=self._free(model, candidates, now) > 0,
+            room=self.room_for(model, candidates, now) > 0,
             prefill_tokens_per_s=sum(rates),
             prefill_in_flight=sum(self.ledger(e).backlog(now) for e in candidates),
             base_ttft_s=BASE_TTFT_S,
@@ -259,7 +279,7 @@ class FlowControl:
 
     # ------------------------------------------------------------------ a request's life at its engine
 
-    def dispatched(self, grant: Grant, engine: EngineState, uncached: float) -> None:
+    def dispatched(self, grant: Grant, engine: EngineState, uncached: float, streamed: bool) -> None:
         """Sent to ``engine``, with ``uncached`` prompt tokens to prefill there."""
         now = self.clock()
         self._unreserve(grant)
@@ -267,7 +287,8 @@ class FlowControl:
         grant.engine, grant.dispatched_at, grant.uncached = engine.url, now, uncached
         grant.backlog_at_dispatch = flow.backlog(now)
         expected = (grant.backlog_at_dispatch + uncached) / flow.rate
-        flow.prefill[grant.id] = (uncached, now + max(1.0, 2 * expected))
+        due = now + expected + self.limits.prefill_target_s
+        flow.prefill[grant.id] = Prefill(uncached, due, streamed)
 
     def first_token(self, grant: Grant, ttft_s: float) -> None:
         """The first token came back (``ttft_s`` from arrival at the router): the prefill is over."""
@@ -318,7 +339,7 @@ class FlowControl:
             return
         now = self.clock()
         candidates = self.registry.candidates(model, now)
-        while len(queue) and candidates and self._free(model, candidates, now) > 0:
+        while len(queue) and candidates and self.room_for(model, candidates, now) > 0:
             ticket = queue.pop_next()
             if ticket is None:
                 return

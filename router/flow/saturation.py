@@ -8,7 +8,11 @@ when the first of these holds, checked in this order:
 2. ``in_flight_cap``: the router's own in-flight count reached ``max_in_flight_per_engine`` (an
    optional hard ceiling; off by default);
 3. ``waiting``: the engine's scraped waiting queue is longer than ``max_waiting`` (0: any request
-   waiting there means it is out of batch slots or KV, so one more only waits longer there);
+   waiting there means it is out of batch slots or KV, so one more only waits longer there), and
+   this router's own requests confirm it: a stream sent there is past due (its expected prefill plus
+   ``prefill_target_s``) without a first token, or no stream is there to tell. Below saturation a
+   scrape often catches a request that arrived between two engine steps; one whose streams all get
+   their first tokens on time is not queueing, whatever the scrape caught;
 4. ``kv_usage``: its scraped KV-cache usage reached ``max_kv_usage`` (vLLM preempts beyond it);
 5. ``prefill_backlog``: the uncached prompt tokens the router sent it and not yet seen prefilled
    would take more than ``prefill_target_s`` at its prefill rate. This is the signal that needs no
@@ -37,6 +41,9 @@ class EngineLoad:
     prefill_tokens_per_s: float  # its measured (or default) prefill rate
     num_waiting: float | None = None  # scraped; None: unknown or stale
     kv_usage: float | None = None  # scraped, 0..1
+    # this router's streams there: one past due without a first token (True), all on time (False),
+    # none there (None)
+    queueing: bool | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,7 +66,7 @@ def saturation(load: EngineLoad, limits: Limits) -> Verdict:
         return Verdict(False, "idle")
     if limits.max_in_flight is not None and load.in_flight >= limits.max_in_flight:
         return Verdict(True, "in_flight_cap")
-    if load.num_waiting is not None and load.num_waiting > limits.max_waiting:
+    if load.num_waiting is not None and load.num_waiting > limits.max_waiting and load.queueing is not False:
         return Verdict(True, "waiting")
     if load.kv_usage is not None and load.kv_usage >= limits.max_kv_usage:
         return Verdict(True, "kv_usage")

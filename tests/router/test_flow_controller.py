@@ -4,7 +4,9 @@ order, bounds, timeouts, cancellation, displacement, fair shares and late bindin
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -19,14 +21,14 @@ M = "m"
 
 
 def make(
-    n_engines: int = 1, timeout: float = 5.0, **flow: Any
+    n_engines: int = 1, timeout: float = 5.0, clock: Callable[[], float] = time.monotonic, **flow: Any
 ) -> tuple[FlowControl, EngineRegistry, RouterMetrics]:
     registry = EngineRegistry()
     registry.sync([Endpoint(f"http://e{i}", f"e{i}", frozenset({M})) for i in range(n_engines)])
     metrics = RouterMetrics(registry, time.monotonic, [M])
     config = FlowControlConfig(**flow)
     control = FlowControl(
-        config, registry, metrics, time.monotonic, max_in_flight=1, queue_timeout_s=timeout, tick_s=60.0
+        config, registry, metrics, clock, max_in_flight=1, queue_timeout_s=timeout, tick_s=60.0
     )
     return control, registry, metrics
 
@@ -40,7 +42,7 @@ def cls(control: FlowControl, name: str = "default") -> Any:
 async def start(control: FlowControl, engine: EngineState, grant: Grant) -> None:
     """The proxy's part: the request reaches ``engine``."""
     engine.in_flight += 1
-    control.dispatched(grant, engine, grant.cost)
+    control.dispatched(grant, engine, grant.cost, streamed=False)
 
 
 async def end(control: FlowControl, engine: EngineState, grant: Grant) -> None:
@@ -229,3 +231,19 @@ async def test_a_full_queue_sheds_the_tenant_over_its_share_and_makes_way_for_on
     await start(control, engine, first)
     await end(control, engine, first)
     assert (await newcomer).tenant == "b"
+
+
+async def test_the_engines_waiting_queue_counts_when_our_streams_confirm_it() -> None:
+    now = [100.0]
+    control, registry, _ = make(clock=lambda: now[0])
+    control.limits = dataclasses.replace(control.limits, max_in_flight=None)
+    engine = registry.all()[0]
+    first = await control.admit(M, "t", cls(control), 3400, registry.all())
+    engine.in_flight += 1
+    control.dispatched(first, engine, 3400, streamed=True)  # 0.1 s of prefill: due 0.35 s later
+    engine.num_waiting = 1  # a scrape caught a request between two steps
+    assert control.room_for(M, [engine], now[0]) == 1  # our stream is on time: not queueing
+    now[0] += 0.36  # still no first token: the engine is queueing ours
+    assert control.room_for(M, [engine], now[0]) == 0
+    control.first_token(first, 0.37)
+    assert control.room_for(M, [engine], now[0]) == 0  # no stream of ours to tell by: the scrape decides

@@ -24,7 +24,10 @@ LIMITS = Limits(prefill_target_s=0.25, max_kv_usage=0.95, max_waiting=0, max_in_
         (EngineLoad(0, 0, RATE, num_waiting=9, kv_usage=1.0), LIMITS, False, "idle"),
         (EngineLoad(3, 1000, RATE, num_waiting=0, kv_usage=0.5), LIMITS, False, "room"),
         (EngineLoad(3, 1000, RATE), LIMITS, False, "room"),  # not scraped yet: our own ledger decides
-        (EngineLoad(3, 1000, RATE, num_waiting=1), LIMITS, True, "waiting"),
+        (EngineLoad(3, 1000, RATE, num_waiting=1), LIMITS, True, "waiting"),  # no stream to tell by
+        (EngineLoad(3, 1000, RATE, num_waiting=1, queueing=True), LIMITS, True, "waiting"),
+        # a scrape caught a request between two steps, but our streams get their tokens on time
+        (EngineLoad(3, 1000, RATE, num_waiting=1, queueing=False), LIMITS, False, "room"),
         (EngineLoad(3, 1000, RATE, num_waiting=2), Limits(0.25, max_waiting=2), False, "room"),
         (EngineLoad(3, 1000, RATE, kv_usage=0.95), LIMITS, True, "kv_usage"),
         (EngineLoad(3, 1000, RATE, kv_usage=0.94), LIMITS, False, "room"),
