@@ -36,6 +36,13 @@ def run_router(
     upstream_backend: Annotated[str | None, typer.Option(help="aiohttp (default) or httpx.")] = None,
     api_keys_file: Annotated[Path | None, typer.Option(help="File of accepted API keys.")] = None,
     log_level: Annotated[str | None, typer.Option(help="debug, info, warning or error.")] = None,
+    flow_control: Annotated[
+        bool | None,
+        typer.Option(
+            "--flow-control/--no-flow-control",
+            help="Queue requests in the router while every engine is saturated (default on).",
+        ),
+    ] = None,
 ) -> None:
     """Run the router in front of vLLM engines (or simulators)."""
     from kvstack.router.config import load_settings
@@ -52,6 +59,7 @@ def run_router(
         upstream_backend=upstream_backend,
         api_keys_file=api_keys_file,
         log_level=log_level,
+        flow_control=None if flow_control is None else {"enabled": flow_control},
     )
     serve(settings)
 

@@ -72,3 +72,11 @@ def test_bad_blocks_fail_naming_the_field(block: dict[str, Any], field: str) -> 
         block = {**block, "default_class": block["classes"][0]["name"]}
     with pytest.raises(ConfigError, match=field):
         load_settings(flow_control=block)
+
+
+def test_a_flag_turns_it_off_and_keeps_the_files_classes(tmp_path: Path) -> None:
+    cfg = tmp_path / "router.yaml"
+    cfg.write_text("flow_control:\n  default_class: batch\n  classes: [{name: batch}]\n")
+    flow = load_settings(cfg, flow_control={"enabled": False}).flow_control  # --no-flow-control
+    assert not flow.enabled and flow.default_class == "batch"
+    assert load_settings(cfg, flow_control=None).flow_control.enabled  # flag not given
