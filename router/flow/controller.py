@@ -61,6 +61,19 @@ class EngineFlow:
 
     rate: float
     prefill: dict[int, Prefill] = field(default_factory=dict)  # by grant id
+    # requests of this router that ended there since its last scrape: each freed a slot that a
+    # waiting request took, so its queue as scraped less these is its queue now (those sent since
+    # are the prefill backlog's to weigh: counting them as waiting would allow one per scrape)
+    scrape_stamp: float = 0.0
+    ended: int = 0
+
+    def waiting(self, engine: EngineState) -> float | None:
+        """The engine's waiting queue now: its last scrape corrected by what happened since."""
+        if engine.last_scrape != self.scrape_stamp:
+            self.scrape_stamp, self.ended = engine.last_scrape, 0
+        if engine.num_waiting is None:
+            return None
+        return max(0.0, engine.num_waiting - self.ended)
 
     def backlog(self, now: float) -> float:
         """Uncached tokens sent and not yet prefilled (a whole answer's: until it is due)."""
@@ -169,7 +182,7 @@ class FlowControl:
             in_flight=engine.in_flight,
             prefill_tokens=flow.backlog(now),
             prefill_tokens_per_s=flow.rate,
-            num_waiting=engine.num_waiting,
+            num_waiting=flow.waiting(engine),
             kv_usage=engine.kv_cache_usage,
             queueing=flow.queueing(now),
         )
@@ -321,7 +334,10 @@ class FlowControl:
 
     def finished(self, grant: Grant, engine: EngineState) -> None:
         """One try at ``engine`` ended (its in-flight count is already down)."""
-        self.ledger(engine).prefill.pop(grant.id, None)
+        flow = self.ledger(engine)
+        flow.prefill.pop(grant.id, None)
+        flow.waiting(engine)
+        flow.ended += 1
         self.pump_models(engine.models)
 
     def release(self, grant: Grant) -> None:

@@ -7,7 +7,8 @@ when the first of these holds, checked in this order:
    drains: each engine keeps at least one request, whatever stale or foreign load it reports);
 2. ``in_flight_cap``: the router's own in-flight count reached ``max_in_flight_per_engine`` (an
    optional hard ceiling; off by default);
-3. ``waiting``: the engine's scraped waiting queue is longer than ``max_waiting`` (0: any request
+3. ``waiting``: the engine's waiting queue (its last scrape, less this router's requests that ended
+   there since: each freed a slot a waiting request took) is longer than ``max_waiting`` (0: any request
    waiting there means it is out of batch slots or KV, so one more only waits longer there), and
    this router's own requests confirm it: a stream sent there is past due (its expected prefill plus
    ``prefill_target_s``) without a first token, or no stream is there to tell. Below saturation a
@@ -39,7 +40,7 @@ class EngineLoad:
     in_flight: int  # the router's own requests there
     prefill_tokens: float  # uncached prompt tokens the router sent there, not yet prefilled
     prefill_tokens_per_s: float  # its measured (or default) prefill rate
-    num_waiting: float | None = None  # scraped; None: unknown or stale
+    num_waiting: float | None = None  # scraped, less ours ended since; None: unknown or stale
     kv_usage: float | None = None  # scraped, 0..1
     # this router's streams there: one past due without a first token (True), all on time (False),
     # none there (None)

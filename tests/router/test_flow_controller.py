@@ -247,3 +247,22 @@ async def test_the_engines_waiting_queue_counts_when_our_streams_confirm_it() ->
     assert control.room_for(M, [engine], now[0]) == 0
     control.first_token(first, 0.37)
     assert control.room_for(M, [engine], now[0]) == 0  # no stream of ours to tell by: the scrape decides
+
+
+async def test_requests_ended_since_the_last_scrape_free_the_engines_waiting_queue_at_once() -> None:
+    control, registry, _ = make()
+    control.limits = dataclasses.replace(control.limits, max_in_flight=None)
+    engine = registry.all()[0]
+    engine.num_waiting, engine.last_scrape = 0.0, 1.0
+    grants = []
+    for _ in range(2):
+        grant = await control.admit(M, "t", cls(control), 100, registry.all())
+        await start(control, engine, grant)
+        grants.append(grant)
+    assert control.room_for(M, [engine], time.monotonic()) == 1  # the scrape saw no queue
+    engine.num_waiting, engine.last_scrape = 1.0, 2.0  # the next scrape: one of them waits there
+    assert control.room_for(M, [engine], time.monotonic()) == 0
+    await end(control, engine, grants[0])  # it ended: the waiting one runs in its place
+    assert control.room_for(M, [engine], time.monotonic()) == 1
+    engine.num_waiting, engine.last_scrape = 2.0, 3.0  # a fresh scrape counts afresh
+    assert control.room_for(M, [engine], time.monotonic()) == 0
