@@ -5,9 +5,10 @@ In this order:
 1. ``room``: an engine of the model has room and nobody of its class or a higher one waits:
    dispatch now (below saturation flow control costs nothing);
 2. ``slo``: its class has a TTFT objective and its predicted TTFT misses it: 429. The prediction is
-   the prefill work ahead of it (what the engines have been sent and not prefilled, plus what waits
-   in its class or above) at the cluster's prefill rate, plus its own prefill at one engine's rate,
-   plus the base TTFT (:func:`predict_ttft`);
+   the wait for its turn (the prefill work ahead of it, sent and not prefilled plus waiting in its
+   class or above, at the cluster's prefill rate; or, when longer, the requests ahead at the rate the
+   queue has been giving turns), plus its own prefill at one engine's rate, plus the base TTFT
+   (:func:`predict_ttft`);
 3. the queue is full (by count, or by prompt tokens when something waits already):
 
    a. ``displace_lower``: someone of a lower class waits: queue it, and the newest request of the
@@ -70,6 +71,9 @@ class Capacity:
     prefill_tokens_per_s: float  # summed over the engines
     prefill_in_flight: float  # uncached tokens sent to them and not yet prefilled
     base_ttft_s: float = 0.011
+    # turns the queue has been giving per second while it was not empty (measured); None: unknown.
+    # Engines full of long decodes free slots slower than their prefill rate says
+    turns_per_s: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,16 +86,18 @@ class Decision:
     victim_tenant: str | None = None  # ... (and of this tenant, when set) is shed instead
 
 
-def predict_ttft(cost: float, tokens_ahead: float, cap: Capacity) -> float | None:
-    """Seconds to first token if it is queued now; None with no engine to predict from."""
+def predict_ttft(cost: float, tokens_ahead: float, cap: Capacity, waiting_ahead: int = 0) -> float | None:
+    """Seconds to first token if it is queued now; None with no engine to predict from.
+
+    The wait for its turn is the longer of two: the prefill work ahead at the cluster's prefill
+    rate, and the requests ahead at the rate the queue has been giving turns (when measured).
+    """
     if cap.engines <= 0 or cap.prefill_tokens_per_s <= 0:
         return None
     per_engine = cap.prefill_tokens_per_s / cap.engines
-    return (
-        cap.base_ttft_s
-        + (cap.prefill_in_flight + tokens_ahead) / cap.prefill_tokens_per_s
-        + cost / per_engine
-    )
+    by_tokens = (cap.prefill_in_flight + tokens_ahead) / cap.prefill_tokens_per_s
+    by_turns = waiting_ahead / cap.turns_per_s if cap.turns_per_s else 0.0
+    return cap.base_ttft_s + max(by_tokens, by_turns) + cost / per_engine
 
 
 def retry_after(queue: QueueState, cap: Capacity) -> float:
@@ -121,7 +127,7 @@ def decide(new: Newcomer, queue: QueueState, cap: Capacity) -> Decision:
     """The rules of the module docstring."""
     if cap.room and queue.waiting_ahead == 0:
         return Decision("dispatch", "room", predict_ttft(new.cost, 0.0, cap))
-    predicted = predict_ttft(new.cost, queue.tokens_ahead, cap)
+    predicted = predict_ttft(new.cost, queue.tokens_ahead, cap, queue.waiting_ahead)
     wait = retry_after(queue, cap)
     if new.objective_s is not None and predicted is not None and predicted > new.objective_s:
         return Decision("shed", "slo", predicted, wait)

@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import itertools
 import math
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -34,6 +35,7 @@ from kvstack.router.flow.queue import FlowQueue, Shed, Ticket
 from kvstack.router.flow.saturation import EngineLoad, Limits, learn_rate, saturation
 from kvstack.router.metrics import RouterMetrics
 
+TURNS_KEPT, MIN_TURNS = 64, 8  # the queue's turn rate: over its last 64 turns, from 8 on
 OTHER_TENANT = "other"  # the metric label of every tenant not configured
 BASE_TTFT_S = 0.011  # a full prefix hit on an H200 still takes ~11 ms (tests/reference)
 _MESSAGES = {
@@ -146,6 +148,8 @@ class FlowControl:
         self.queues: dict[str, FlowQueue] = {}
         self.engines: dict[str, EngineFlow] = {}
         self.reserved: dict[str, int] = {}
+        # per model, the times of the last turns given from a non-empty queue (forgotten when it empties)
+        self.turns: dict[str, deque[float]] = {}
         self._ids = itertools.count(1)
         self._ticker: asyncio.Task[None] | None = None
         for cls in config.classes:
@@ -226,6 +230,7 @@ class FlowControl:
             prefill_tokens_per_s=sum(rates),
             prefill_in_flight=sum(self.ledger(e).backlog(now) for e in candidates),
             base_ttft_s=BASE_TTFT_S,
+            turns_per_s=self.turns_per_s(model),
         )
         decision = decide(
             Newcomer(tenant, cls.priority, cost, cls.ttft_objective_s), queue.state_for(cls.priority), cap
@@ -364,6 +369,16 @@ class FlowControl:
                 continue
             ticket.future.set_result(None)
             self.reserved[model] = self.reserved.get(model, 0) + 1  # the grant's, set by its waiter
+            self.turns.setdefault(model, deque(maxlen=TURNS_KEPT)).append(now)
+        if not queue:
+            self.turns.pop(model, None)  # a later backlog is measured afresh
+
+    def turns_per_s(self, model: str) -> float | None:
+        """The rate the model's queue has been giving turns; None before enough were given."""
+        times = self.turns.get(model)
+        if times is None or len(times) < MIN_TURNS or times[-1] <= times[0]:
+            return None
+        return (len(times) - 1) / (times[-1] - times[0])
 
     def pump_models(self, models: Iterable[str]) -> None:
         for model in models:

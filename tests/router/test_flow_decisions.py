@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -326,6 +327,12 @@ def test_admission(
 def test_predictions_and_retry_after() -> None:
     assert predict_ttft(3400, 0, NONE) is None
     assert predict_ttft(3400, 34_000, FULL) == pytest.approx(0.01 + 1.5 + 0.1)
+    # engines full of long decodes: 30 requests ahead at 10 turns/s outweigh their 1.5 s of prefill
+    slow = dataclasses.replace(FULL, turns_per_s=10.0)
+    assert predict_ttft(3400, 34_000, slow, waiting_ahead=30) == pytest.approx(0.01 + 3.0 + 0.1)
+    assert predict_ttft(3400, 34_000, slow, waiting_ahead=5) == pytest.approx(0.01 + 1.5 + 0.1)
+    assert decide(new(objective=2.0), queue_state(30, tokens=34_000, max_count=100), slow).reason == "slo"
+    assert decide(new(objective=2.0), queue_state(30, tokens=34_000, max_count=100), FULL).reason == "queued"
     shed: Decision = decide(new(), queue_state(10, tokens=136_000, max_tokens=10**6), FULL)
     assert shed.reason == "queue_full" and shed.retry_after_s == 3.0  # (68K + 136K) / 68K tokens/s
     huge = decide(new(), queue_state(10, tokens=10**8, max_tokens=10**9), FULL)
