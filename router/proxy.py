@@ -276,7 +276,9 @@ class ProxyEndpoint:
         if grant is not None:
             prompt = _prompt_len(features) or grant.cost
             uncached = max(0.0, prompt - decision.predicted_hit_tokens)
-            ctx.flow.dispatched(grant, engine, uncached, streamed=call.request.stream)
+            ctx.flow.dispatched(
+                grant, engine, uncached, streamed=call.request.stream, max_tokens=call.request.max_tokens
+            )
             call.ex.queue_wait = grant.queue_wait_s
         failure: AttemptFailure | None = None
         ended = False  # the try ran to an outcome (not cancelled by the client or a shutdown)

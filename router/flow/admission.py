@@ -6,8 +6,8 @@ In this order:
    dispatch now (below saturation flow control costs nothing);
 2. ``slo``: its class has a TTFT objective and its predicted TTFT misses it: 429. The prediction is
    the wait for its turn (the prefill work ahead of it, sent and not prefilled plus waiting in its
-   class or above, at the cluster's prefill rate; or, when longer, the requests ahead at the rate the
-   queue has been giving turns), plus its own prefill at one engine's rate, plus the base TTFT
+   class or above, at the cluster's prefill rate; or, when longer, the requests ahead and its own
+   turn at the rate the queue gives turns), plus its own prefill at one engine's rate, plus the base TTFT
    (:func:`predict_ttft`);
 3. the queue is full (by count, or by prompt tokens when something waits already):
 
@@ -96,7 +96,8 @@ def predict_ttft(cost: float, tokens_ahead: float, cap: Capacity, waiting_ahead:
         return None
     per_engine = cap.prefill_tokens_per_s / cap.engines
     by_tokens = (cap.prefill_in_flight + tokens_ahead) / cap.prefill_tokens_per_s
-    by_turns = waiting_ahead / cap.turns_per_s if cap.turns_per_s else 0.0
+    # its own turn too: with every engine busy, even the head of the queue waits for a slot to free
+    by_turns = (waiting_ahead + 1) / cap.turns_per_s if cap.turns_per_s and not cap.room else 0.0
     return cap.base_ttft_s + max(by_tokens, by_turns) + cost / per_engine
 
 

@@ -32,9 +32,10 @@ from kvstack.router.flow.config import FlowControlConfig, PriorityClass
 from kvstack.router.flow.fairness import FairShare
 from kvstack.router.flow.ordering import Waiting
 from kvstack.router.flow.queue import FlowQueue, Shed, Ticket
-from kvstack.router.flow.saturation import EngineLoad, Limits, learn_rate, saturation
+from kvstack.router.flow.saturation import EngineLoad, Limits, learn_rate, learn_slots, saturation
 from kvstack.router.metrics import RouterMetrics
 
+SERVICE_WEIGHT = 0.1  # of each request in the EWMA of the time at an engine
 TURNS_KEPT, MIN_TURNS = 64, 8  # the queue's turn rate: over its last 64 turns, from 8 on
 OTHER_TENANT = "other"  # the metric label of every tenant not configured
 BASE_TTFT_S = 0.011  # a full prefix hit on an H200 still takes ~11 ms (tests/reference)
@@ -68,11 +69,13 @@ class EngineFlow:
     # are the prefill backlog's to weigh: counting them as waiting would allow one per scrape)
     scrape_stamp: float = 0.0
     ended: int = 0
+    slots: float | None = None  # learnt batch capacity (saturation.learn_slots)
 
     def waiting(self, engine: EngineState) -> float | None:
         """The engine's waiting queue now: its last scrape corrected by what happened since."""
         if engine.last_scrape != self.scrape_stamp:
             self.scrape_stamp, self.ended = engine.last_scrape, 0
+            self.slots = learn_slots(self.slots, engine.num_running, engine.num_waiting)
         if engine.num_waiting is None:
             return None
         return max(0.0, engine.num_waiting - self.ended)
@@ -150,6 +153,9 @@ class FlowControl:
         self.reserved: dict[str, int] = {}
         # per model, the times of the last turns given from a non-empty queue (forgotten when it empties)
         self.turns: dict[str, deque[float]] = {}
+        # per model, a request's time at its engine (an EWMA): with the requests in flight there, the
+        # rate slots free up (Little's law), known before the queue has given any turn
+        self.service_s: dict[str, float] = {}
         self._ids = itertools.count(1)
         self._ticker: asyncio.Task[None] | None = None
         for cls in config.classes:
@@ -189,6 +195,7 @@ class FlowControl:
             num_waiting=flow.waiting(engine),
             kv_usage=engine.kv_cache_usage,
             queueing=flow.queueing(now),
+            slots=flow.slots,
         )
 
     def with_room(self, candidates: list[EngineState]) -> list[EngineState]:
@@ -219,6 +226,7 @@ class FlowControl:
         self, model: str, tenant: str, cls: PriorityClass, cost: float, candidates: list[EngineState]
     ) -> Grant:
         """Wait for the request's turn; raises :class:`RetryLater` (429) when it is refused."""
+        self.pump(model)  # room a fresh scrape shows is the waiting requests' before a newcomer's
         now = self.clock()
         label = tenant if tenant in self.weights else OTHER_TENANT
         grant = Grant(next(self._ids), model, cls.name, tenant, label, cls.ttft_objective_s, cost)
@@ -230,7 +238,7 @@ class FlowControl:
             prefill_tokens_per_s=sum(rates),
             prefill_in_flight=sum(self.ledger(e).backlog(now) for e in candidates),
             base_ttft_s=BASE_TTFT_S,
-            turns_per_s=self.turns_per_s(model),
+            turns_per_s=self.turns_per_s(model, candidates),
         )
         decision = decide(
             Newcomer(tenant, cls.priority, cost, cls.ttft_objective_s), queue.state_for(cls.priority), cap
@@ -297,9 +305,19 @@ class FlowControl:
 
     # ------------------------------------------------------------------ a request's life at its engine
 
-    def dispatched(self, grant: Grant, engine: EngineState, uncached: float, streamed: bool) -> None:
-        """Sent to ``engine``, with ``uncached`` prompt tokens to prefill there."""
+    def dispatched(
+        self,
+        grant: Grant,
+        engine: EngineState,
+        uncached: float,
+        streamed: bool,
+        max_tokens: int | None = None,
+    ) -> None:
+        """Sent to ``engine``, with ``uncached`` prompt tokens to prefill there (and up to
+        ``max_tokens`` to generate: the first such request seeds the model's time at an engine)."""
         now = self.clock()
+        if grant.model not in self.service_s and max_tokens:
+            self.service_s[grant.model] = max_tokens * self.config.saturation.decode_step_s
         self._unreserve(grant)
         flow = self.ledger(engine)
         grant.engine, grant.dispatched_at, grant.uncached = engine.url, now, uncached
@@ -343,6 +361,9 @@ class FlowControl:
         flow.prefill.pop(grant.id, None)
         flow.waiting(engine)
         flow.ended += 1
+        took = self.clock() - grant.dispatched_at
+        known = self.service_s.get(grant.model)
+        self.service_s[grant.model] = took if known is None else known + SERVICE_WEIGHT * (took - known)
         self.pump_models(engine.models)
 
     def release(self, grant: Grant) -> None:
@@ -373,12 +394,19 @@ class FlowControl:
         if not queue:
             self.turns.pop(model, None)  # a later backlog is measured afresh
 
-    def turns_per_s(self, model: str) -> float | None:
-        """The rate the model's queue has been giving turns; None before enough were given."""
+    def turns_per_s(self, model: str, candidates: list[EngineState]) -> float | None:
+        """The rate the model's queue gives turns: the slower of what it has been giving (over its
+        last turns while not empty) and the requests in flight over their time at an engine."""
+        rates: list[float] = []
         times = self.turns.get(model)
-        if times is None or len(times) < MIN_TURNS or times[-1] <= times[0]:
-            return None
-        return (len(times) - 1) / (times[-1] - times[0])
+        if times is not None and len(times) >= MIN_TURNS and times[-1] > times[0]:
+            rates.append((len(times) - 1) / (times[-1] - times[0]))
+        # requests running at the engines: as scraped (waiting ones free no slot), else our count
+        running = sum(e.in_flight if e.num_running is None else e.num_running for e in candidates)
+        service = self.service_s.get(model)
+        if service and running:
+            rates.append(running / service)
+        return min(rates, default=None)
 
     def pump_models(self, models: Iterable[str]) -> None:
         for model in models:

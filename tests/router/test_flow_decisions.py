@@ -10,7 +10,7 @@ import pytest
 from kvstack.router.flow.admission import Capacity, Decision, Newcomer, QueueState, decide, predict_ttft
 from kvstack.router.flow.fairness import FairShare, over_share
 from kvstack.router.flow.ordering import Waiting, next_waiting, order_key
-from kvstack.router.flow.saturation import EngineLoad, Limits, learn_rate, saturation
+from kvstack.router.flow.saturation import EngineLoad, Limits, learn_rate, learn_slots, saturation
 
 RATE = 34_000.0
 LIMITS = Limits(prefill_target_s=0.25, max_kv_usage=0.95, max_waiting=0, max_in_flight=None)
@@ -26,7 +26,8 @@ LIMITS = Limits(prefill_target_s=0.25, max_kv_usage=0.95, max_waiting=0, max_in_
         (EngineLoad(3, 1000, RATE, num_waiting=0, kv_usage=0.5), LIMITS, False, "room"),
         (EngineLoad(3, 1000, RATE), LIMITS, False, "room"),  # not scraped yet: our own ledger decides
         (EngineLoad(3, 1000, RATE, num_waiting=1), LIMITS, True, "waiting"),  # no stream to tell by
-        (EngineLoad(3, 1000, RATE, num_waiting=1, queueing=True), LIMITS, True, "waiting"),
+        (EngineLoad(3, 1000, RATE, num_waiting=1, queueing=True), LIMITS, True, "overdue"),
+        (EngineLoad(3, 1000, RATE, num_waiting=0, queueing=True), LIMITS, True, "overdue"),  # before a scrape
         # a scrape caught a request between two steps, but our streams get their tokens on time
         (EngineLoad(3, 1000, RATE, num_waiting=1, queueing=False), LIMITS, False, "room"),
         (EngineLoad(3, 1000, RATE, num_waiting=2), Limits(0.25, max_waiting=2), False, "room"),
@@ -37,6 +38,9 @@ LIMITS = Limits(prefill_target_s=0.25, max_kv_usage=0.95, max_waiting=0, max_in_
         (EngineLoad(3, 8_500, RATE), LIMITS, True, "prefill_backlog"),
         (EngineLoad(3, 8_500, 2 * RATE), LIMITS, False, "room"),  # a faster engine takes more
         (EngineLoad(2, 0, RATE), Limits(0.25, max_in_flight=2), True, "in_flight_cap"),
+        (EngineLoad(8, 0, RATE, slots=8), LIMITS, True, "full"),  # its learnt batch is full
+        (EngineLoad(7, 0, RATE, slots=8), LIMITS, False, "room"),
+        (EngineLoad(8, 0, RATE, slots=8), Limits(0.25, max_waiting=1), False, "room"),
         (EngineLoad(1, 0, RATE), Limits(0.25, max_in_flight=2), False, "room"),
         # the hard cap first, then the engine's queue, then KV, then the backlog
         (EngineLoad(2, 9e9, RATE, 5, 1.0), Limits(0.25, max_in_flight=2), True, "in_flight_cap"),
@@ -47,6 +51,24 @@ LIMITS = Limits(prefill_target_s=0.25, max_kv_usage=0.95, max_waiting=0, max_in_
 def test_saturation(load: EngineLoad, limits: Limits, saturated: bool, reason: str) -> None:
     verdict = saturation(load, limits)
     assert (verdict.saturated, verdict.reason) == (saturated, reason)
+
+
+@pytest.mark.parametrize(
+    ("slots", "running", "waiting", "expected"),
+    [
+        (None, 8, 2, 8),  # requests wait while it runs 8: its batch holds 8
+        (12, 8, 2, 8),  # fewer than thought (KV pressure)
+        (None, 0, 3, 1),  # never below one
+        (8, 8, 0, 9),  # it ran 8 with nobody waiting: it may hold more
+        (8, 5, 0, 8),
+        (None, 5, 0, None),  # never seen full: unknown
+        (8, None, None, 8),  # no scrape: as it was
+    ],
+)
+def test_learn_slots(
+    slots: float | None, running: float | None, waiting: float | None, expected: float | None
+) -> None:
+    assert learn_slots(slots, running, waiting) == expected
 
 
 @pytest.mark.parametrize(
@@ -327,10 +349,12 @@ def test_admission(
 def test_predictions_and_retry_after() -> None:
     assert predict_ttft(3400, 0, NONE) is None
     assert predict_ttft(3400, 34_000, FULL) == pytest.approx(0.01 + 1.5 + 0.1)
-    # engines full of long decodes: 30 requests ahead at 10 turns/s outweigh their 1.5 s of prefill
+    # engines full of long decodes: 30 requests ahead (and its own turn) at 10 turns/s outweigh
+    # their 1.5 s of prefill
     slow = dataclasses.replace(FULL, turns_per_s=10.0)
-    assert predict_ttft(3400, 34_000, slow, waiting_ahead=30) == pytest.approx(0.01 + 3.0 + 0.1)
+    assert predict_ttft(3400, 34_000, slow, waiting_ahead=30) == pytest.approx(0.01 + 3.1 + 0.1)
     assert predict_ttft(3400, 34_000, slow, waiting_ahead=5) == pytest.approx(0.01 + 1.5 + 0.1)
+    assert predict_ttft(3400, 0, dataclasses.replace(slow, prefill_in_flight=0), 0) == pytest.approx(0.21)
     assert decide(new(objective=2.0), queue_state(30, tokens=34_000, max_count=100), slow).reason == "slo"
     assert decide(new(objective=2.0), queue_state(30, tokens=34_000, max_count=100), FULL).reason == "queued"
     shed: Decision = decide(new(), queue_state(10, tokens=136_000, max_tokens=10**6), FULL)
