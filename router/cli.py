@@ -57,6 +57,13 @@ def run_router(
             metavar="<ratio>", help="Share of the traces the router starts that are kept (default 1)."
         ),
     ] = None,
+    flow_control: Annotated[
+        bool | None,
+        typer.Option(
+            "--flow-control/--no-flow-control",
+            help="Queue requests in the router while every engine is saturated (default on).",
+        ),
+    ] = None,
 ) -> None:
     """Run the router in front of vLLM engines (or simulators)."""
     from kvstack.router.config import load_settings
@@ -74,6 +81,7 @@ def run_router(
         api_keys_file=api_keys_file,
         log_level=log_level,
         tracing=tracing_flags(tracing, tracing_endpoint, tracing_service_name, tracing_sample_ratio),
+        flow_control=None if flow_control is None else {"enabled": flow_control},
     )
     serve(settings)
 

@@ -123,6 +123,8 @@ def _stack(
             "KVSTACK_ROUTER_EXPOSE_ENGINE_HEADER": "true",
             # the trie places unmatched prompts at random: a seed per run makes its draws repeatable
             "KVSTACK_ROUTER_PREFIX_TRIE__SEED": str(seed),
+            # the policies alone: flow control's late binding would make placement depend on timing
+            "KVSTACK_ROUTER_FLOW_CONTROL__ENABLED": "false",
         },
         ready_url=f"{router_url}/ready",
     )

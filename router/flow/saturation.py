@@ -1,0 +1,123 @@
+"""Whether an engine can take one more request now, from its own signals. Pure.
+
+An engine is *saturated* (the request waits in the router instead of in the engine's FCFS queue)
+when the first of these holds, checked in this order:
+
+1. ``idle`` never: with nothing of this router's in flight there, it takes one (so the queue always
+   drains: each engine keeps at least one request, whatever stale or foreign load it reports);
+2. ``in_flight_cap``: the router's own in-flight count reached ``max_in_flight_per_engine`` (an
+   optional hard ceiling; off by default);
+3. ``full``: the router's in-flight count there reached the engine's learnt batch capacity (the
+   number it was running when a scrape last found requests waiting: :func:`learn_slots`);
+4. ``overdue``: a stream this router sent there is past due (its expected prefill plus
+   ``prefill_target_s``) without a first token: the engine is queueing, seen without a scrape;
+5. ``waiting``: the engine's waiting queue (its last scrape, less this router's requests that ended
+   there since: each freed a slot a waiting request took) is longer than ``max_waiting`` (0: any request
+   waiting there means it is out of batch slots or KV, so one more only waits longer there), and
+   this router's own requests confirm it: a stream sent there is past due (its expected prefill plus
+   ``prefill_target_s``) without a first token, or no stream is there to tell. Below saturation a
+   scrape often catches a request that arrived between two engine steps; one whose streams all get
+   their first tokens on time is not queueing, whatever the scrape caught;
+6. ``kv_usage``: its scraped KV-cache usage reached ``max_kv_usage`` (vLLM preempts beyond it);
+7. ``prefill_backlog``: the uncached prompt tokens the router sent it and not yet seen prefilled
+   would take more than ``prefill_target_s`` at its prefill rate. This is the signal that needs no
+   scrape: it reacts to a burst at once, where the scraped queue lags by a scrape interval.
+
+Otherwise it has ``room``. The prefill rate is the engines' measured one: the configured default
+comes from the H200 reference run (tests/reference), and each engine's own is learnt from the TTFTs
+it delivers (:func:`learn_rate`), so a slower or faster engine gets its own threshold.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+Reason = Literal["idle", "room", "in_flight_cap", "full", "overdue", "waiting", "kv_usage", "prefill_backlog"]
+REASONS: tuple[Reason, ...] = (
+    "idle",
+    "room",
+    "in_flight_cap",
+    "full",
+    "overdue",
+    "waiting",
+    "kv_usage",
+    "prefill_backlog",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class EngineLoad:
+    """One engine as the saturation rule sees it."""
+
+    in_flight: int  # the router's own requests there
+    prefill_tokens: float  # uncached prompt tokens the router sent there, not yet prefilled
+    prefill_tokens_per_s: float  # its measured (or default) prefill rate
+    num_waiting: float | None = None  # scraped, less ours ended since; None: unknown or stale
+    kv_usage: float | None = None  # scraped, 0..1
+    # this router's streams there: one past due without a first token (True), all on time (False),
+    # none there (None)
+    queueing: bool | None = None
+    slots: float | None = None  # its learnt batch capacity (requests it runs at once); None: not yet
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    prefill_target_s: float
+    max_kv_usage: float = 0.95
+    max_waiting: int = 0
+    max_in_flight: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    saturated: bool
+    reason: Reason
+
+
+def saturation(load: EngineLoad, limits: Limits) -> Verdict:
+    """The rule of the module docstring."""
+    if load.in_flight <= 0:
+        return Verdict(False, "idle")
+    if limits.max_in_flight is not None and load.in_flight >= limits.max_in_flight:
+        return Verdict(True, "in_flight_cap")
+    if load.slots is not None and load.in_flight >= load.slots + limits.max_waiting:
+        return Verdict(True, "full")
+    if load.queueing:
+        return Verdict(True, "overdue")
+    if load.num_waiting is not None and load.num_waiting > limits.max_waiting and load.queueing is not False:
+        return Verdict(True, "waiting")
+    if load.kv_usage is not None and load.kv_usage >= limits.max_kv_usage:
+        return Verdict(True, "kv_usage")
+    if load.prefill_tokens >= load.prefill_tokens_per_s * limits.prefill_target_s:
+        return Verdict(True, "prefill_backlog")
+    return Verdict(False, "room")
+
+
+def learn_slots(slots: float | None, running: float | None, waiting: float | None) -> float | None:
+    """The engine's batch capacity after a fresh scrape: what it runs while requests wait there
+    (slots or KV are out), raised past what it ran without a queue (KV freed up, or never full)."""
+    if running is None or waiting is None:
+        return slots
+    if waiting > 0:
+        return max(1.0, running)
+    if slots is not None and running >= slots:
+        return running + 1
+    return slots
+
+
+MIN_SAMPLE_S = 0.005  # a TTFT shorter than this says nothing about the prefill rate
+
+
+def learn_rate(current: float, default: float, tokens: float, ttft_s: float, weight: float) -> float:
+    """The engine's prefill rate after one observed TTFT (an EWMA of ``weight``).
+
+    ``tokens`` is what the engine had to prefill before this request's first token: the router's
+    backlog there when it was sent plus its own uncached tokens. A sample is clipped to a quarter
+    to four times ``default``, so one stalled or lucky request cannot swing the threshold, and too
+    small a sample (a full cache hit, a tiny prompt) leaves the rate as it is.
+    """
+    if weight <= 0 or tokens <= 0 or ttft_s < MIN_SAMPLE_S:
+        return current
+    sample = min(4 * default, max(default / 4, tokens / ttft_s))
+    return (1 - weight) * current + weight * sample
