@@ -16,10 +16,16 @@ from pydantic.alias_generators import to_camel
 from kvstack.common.config import build
 
 DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
-Metric = Literal["waitingPerReplica", "kvCacheUsage", "ttftP90"]
+Metric = Literal["waitingPerReplica", "kvCacheUsage", "ttftP90", "queueWaitP90"]
 # What a target means per metric when the resource sets none: waiting requests per replica
-# (production-stack and llm-d use 5), KV-cache usage 0..1 (llm-d's saturation threshold), seconds.
-DEFAULT_TARGETS: dict[str, float] = {"waitingPerReplica": 5.0, "kvCacheUsage": 0.8, "ttftP90": 1.0}
+# (production-stack and llm-d use 5), KV-cache usage 0..1 (llm-d's saturation threshold), seconds
+# (TTFT p90; the router's flow-queue wait p90, queueWaitP90).
+DEFAULT_TARGETS: dict[str, float] = {
+    "waitingPerReplica": 5.0,
+    "kvCacheUsage": 0.8,
+    "ttftP90": 1.0,
+    "queueWaitP90": 0.5,
+}
 # Kubernetes objects passed through untouched (resources, tolerations, env): the API server checks
 # them where they land, in the Deployment.
 K8S_OBJECT: dict[str, Any] = {"x-kubernetes-preserve-unknown-fields": True}
@@ -153,7 +159,9 @@ class Autoscaling(_Spec):
 
     enabled: bool = True
     metric: Metric = "waitingPerReplica"
-    target: float | None = Field(None, gt=0, description="default: 5 waiting, 0.8 usage, 1.0 s TTFT")
+    target: float | None = Field(
+        None, gt=0, description="default: 5 waiting, 0.8 usage, 1.0 s TTFT, 0.5 s queue wait"
+    )
     tolerance: float = Field(0.1, ge=0, le=1)
     prometheus_url: str | None = Field(None, pattern=r"^https?://", description="default: the operator's")
     interval_seconds: int = Field(15, ge=1, le=600)
