@@ -65,6 +65,7 @@ def queries(
     window_s: int,
     idle_s: int | None,
     capacity_s: int = CAPACITY_LOOKBACK_S,
+    resolution_s: int = 15,
 ) -> Queries:
     sel = selector(namespace, model_name)
     gauge = "vllm:kv_cache_usage_perc" if metric == "kvCacheUsage" else "vllm:num_requests_waiting"
@@ -87,9 +88,11 @@ def queries(
         )
     running = f"{_BY_POD} (vllm:num_requests_running{sel})"
     # A pod is saturated while requests wait behind it: its running count then is what it holds
-    # (max_num_seqs or its KV cache, whichever binds). The max over pods and the look-back window.
+    # (max_num_seqs or its KV cache, whichever binds). The max over pods and the look-back window,
+    # sampled every evaluation interval (a subquery's default step, the global evaluation interval,
+    # may be a minute and miss a short saturation).
     saturated = f"(vllm:num_requests_running{sel} and vllm:num_requests_waiting{sel} > 0)"
-    capacity = f"max(max_over_time({saturated}[{capacity_s}s:]))"
+    capacity = f"max(max_over_time({saturated}[{capacity_s}s:{resolution_s}s]))"
     return Queries(value, stamps, rate, pending, activity, running, capacity)
 
 

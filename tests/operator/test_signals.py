@@ -91,10 +91,11 @@ def test_queue_wait_reads_the_routers_flow_queue_histogram() -> None:
 
 
 def test_capacity_is_the_most_a_pod_ran_while_requests_waited() -> None:
-    q = queries("waitingPerReplica", "ns", "m", 60, None, capacity_s=900)
+    q = queries("waitingPerReplica", "ns", "m", 60, None, capacity_s=900, resolution_s=5)
     sel = '{namespace="ns",model_name="m"}'
     assert q.capacity == (
-        f"max(max_over_time((vllm:num_requests_running{sel} and vllm:num_requests_waiting{sel} > 0)[900s:]))"
+        f"max(max_over_time((vllm:num_requests_running{sel} and "
+        f"vllm:num_requests_waiting{sel} > 0)[900s:5s]))"
     )
 
 
