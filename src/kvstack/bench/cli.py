@@ -202,6 +202,7 @@ def plot_routing(rows: list[dict[str, Any]], path: Path, *, engines: int, load: 
 
 def _register_benchmarks() -> None:
     # Benchmarks owned by other modules register here so `kvstack bench --help` lists them all.
+    from kvstack.bench.flow import flow_bench
     from kvstack.bench.gpu import gpu_proof
     from kvstack.bench.router_overhead import router_overhead
     from kvstack.bench.sim_throughput import sim_throughput
@@ -211,6 +212,7 @@ def _register_benchmarks() -> None:
     app.command("router")(router_overhead)
     app.command("gpu")(gpu_proof)
     app.command("soak")(soak)
+    app.command("flow")(flow_bench)
 
 
 _register_benchmarks()

@@ -1,0 +1,275 @@
+"""``kvstack bench flow``: flow control under overload, against the same traces without it.
+
+Four simulated engines (``--sim-config``: by default four vLLM 0.24 engines sharing one H200, the
+GPU run of the flow-control issue) behind a router per policy (:data:`flow_plan.POLICIES`), fed
+multi-round QA from :func:`flow_plan.build_trace`. Three scenarios:
+
+1. **ramp**: one tenant at 0.5x .. 2x the cluster's capacity (``--capacity-rps``, measured: the
+   completion rate of the cluster under overload): goodput, 429 rate, admitted TTFT per policy;
+2. **fairness**: tenant A at 10x tenant B's rate, together above capacity, against B alone;
+3. **priority**: an ``interactive`` class beside a ``batch`` flood.
+
+The simulators run at ``--speed`` < 1 (a saturated cluster then takes few requests per wall
+second); every time is reported in simulated seconds. Writes ``flow.json`` and ``flow.png``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import json
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+import yaml
+
+from kvstack.bench import flow_plan
+from kvstack.bench.driver import wait_for_engines
+from kvstack.bench.flow_driver import Client, run_trace
+from kvstack.bench.flow_plan import Policy, Results, Shape, Stream
+from kvstack.common.procs import ManagedProcess, free_ports, kvstack_argv, running
+
+MODEL = "kvstack/sim-8b"
+DEFAULT_SIM_CONFIG = Path("bench-results/flow/sim-h200-x4.yaml")
+
+
+@dataclass(slots=True)
+class FlowSetup:
+    engines: int = 4
+    speed: float = 0.5
+    sim_config: Path | None = DEFAULT_SIM_CONFIG
+    capacity_rps: float = 16.0  # the cluster's capacity, simulated requests/s (1x of the ramp)
+    duration_s: float = 8.0  # arrival window of a case, simulated seconds
+    shape: Shape = field(default_factory=Shape)
+    # the router's saturation model, in simulated time: the engines' cold prefill rate
+    prefill_tokens_per_s: float = 2_100.0
+    log_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="kvstack-flow-")))
+
+
+def flow_available() -> bool:
+    """Whether this router has flow control (the ``flow_control`` config section)."""
+    return importlib.util.find_spec("kvstack.router.flow.config") is not None
+
+
+def router_config(setup: FlowSetup, policy: Policy) -> dict[str, Any]:
+    """The router's config file: the policy, and flow control on or off.
+
+    With flow control, objectives and the saturation model are in wall time (the router's clock):
+    a simulated second lasts ``1 / speed`` wall seconds.
+    """
+    config: dict[str, Any] = {"policy": policy.routing, "log_level": "warning"}
+    if not flow_available():
+        return config
+    if not policy.flow:
+        config["flow_control"] = {"enabled": False}
+        return config
+    objective = flow_plan.OBJECTIVE_S / setup.speed
+    config["flow_control"] = {
+        "enabled": True,
+        "default_class": "default",
+        "classes": [
+            {"name": "interactive", "priority": 10, "ttft_objective_s": objective},
+            {"name": "default", "priority": 5, "ttft_objective_s": objective},
+            {"name": "batch", "priority": 0},
+        ],
+        "tenants": [{"name": "A", "weight": 1.0}, {"name": "B", "weight": 1.0}],
+        "saturation": {"prefill_tokens_per_s": setup.prefill_tokens_per_s * setup.speed},
+    }
+    return config
+
+
+def _stack(setup: FlowSetup, policy: Policy, case: str) -> tuple[list[ManagedProcess], str]:
+    ports = free_ports(3 * setup.engines + 1)
+    log_dir = setup.log_dir / case
+    log_dir.mkdir(parents=True, exist_ok=True)
+    sims: list[ManagedProcess] = []
+    engines: list[dict[str, Any]] = []
+    for i in range(setup.engines):
+        http, pub, replay = ports[3 * i : 3 * i + 3]
+        url = f"http://127.0.0.1:{http}"
+        argv = [*kvstack_argv(), "engine", "sim", "--port", str(http), "--model", MODEL]
+        if setup.sim_config is not None:
+            argv += ["--config", str(setup.sim_config)]
+        argv += [
+            "--speed",
+            str(setup.speed),
+            "--kv-events-endpoint",
+            f"tcp://127.0.0.1:{pub}",
+            "--kv-events-replay-endpoint",
+            f"tcp://127.0.0.1:{replay}",
+        ]
+        sims.append(ManagedProcess(f"sim{i}", argv, log_dir, ready_url=f"{url}/health"))
+        engines.append(
+            {
+                "url": url,
+                "name": f"sim{i}",
+                "models": [MODEL],
+                "kv_events_endpoint": f"tcp://127.0.0.1:{pub}",
+                "kv_events_replay_endpoint": f"tcp://127.0.0.1:{replay}",
+            }
+        )
+    (log_dir / "engines.yaml").write_text(yaml.safe_dump(engines))
+    (log_dir / "router.yaml").write_text(yaml.safe_dump(router_config(setup, policy)))
+    url = f"http://127.0.0.1:{ports[-1]}"
+    router = ManagedProcess(
+        "router",
+        [
+            *kvstack_argv(),
+            "router",
+            "--config",
+            str(log_dir / "router.yaml"),
+            "--port",
+            str(ports[-1]),
+            "--engines-file",
+            str(log_dir / "engines.yaml"),
+        ],
+        log_dir,
+        env={"KVSTACK_ROUTER_ACCESS_LOG": "false"},
+        ready_url=f"{url}/ready",
+    )
+    return [*sims, router], url
+
+
+def _case(
+    setup: FlowSetup, url: str, streams: Sequence[Stream], seed: int
+) -> tuple[list[flow_plan.Outcome], float]:
+    trace = flow_plan.build_trace(streams, setup.shape, seed)
+    client = Client(url, MODEL, setup.speed)
+    return asyncio.run(run_trace(client, trace))
+
+
+def _scenarios(setup: FlowSetup) -> dict[str, list[tuple[str, list[Stream]]]]:
+    cap, d = setup.capacity_rps, setup.duration_s
+    over = 1.5 * cap  # fairness and priority: together above capacity
+    return {
+        "ramp": [(f"{load:g}x", [Stream("A", load * cap, d)]) for load in flow_plan.RAMP],
+        "fairness": [
+            ("B alone", [Stream("B", over / 11, d)]),
+            ("A 10x + B", [Stream("A", over * 10 / 11, d), Stream("B", over / 11, d)]),
+        ],
+        "priority": [
+            ("interactive alone", [Stream("A", 0.3 * cap, d, "interactive")]),
+            (
+                "interactive + batch flood",
+                [Stream("A", 0.3 * cap, d, "interactive"), Stream("B", 1.5 * cap, d, "batch")],
+            ),
+        ],
+    }
+
+
+def run(
+    setup: FlowSetup,
+    policies: Sequence[Policy],
+    scenarios: Sequence[str],
+    progress: Callable[[str], None] = print,
+) -> Results:
+    """Every scenario's cases through one stack per policy (cases in turn, each its own trace)."""
+    results = Results()
+    plan = _scenarios(setup)
+    for policy in policies:
+        if policy.flow and not flow_available():
+            progress(f"{policy.name}: this router has no flow control; skipped")
+            continue
+        procs, url = _stack(setup, policy, policy.name.replace("+", "-"))
+        with running(procs, timeout=90):
+            wait_for_engines(url, setup.engines)
+            for scenario in scenarios:
+                for seed, (case, streams) in enumerate(plan[scenario]):
+                    load0 = os.getloadavg()[0]
+                    outcomes, length = _case(setup, url, streams, seed=hash((scenario, case)) % 10_000)
+                    row: dict[str, Any] = {
+                        "scenario": scenario,
+                        "case": case,
+                        "policy": policy.name,
+                        "offered_rps": round(sum(s.rate for s in streams), 3),
+                        **flow_plan.summarize(outcomes, setup.duration_s),
+                        "tenants": flow_plan.by_group(outcomes, "tenant", setup.duration_s),
+                        "classes": flow_plan.by_group(outcomes, "klass", setup.duration_s),
+                        "run_s": round(length, 2),
+                        "loadavg": [round(load0, 2), round(os.getloadavg()[0], 2)],
+                    }
+                    if scenario == "ramp":
+                        row["load"] = flow_plan.RAMP[seed]
+                    getattr(results, scenario).append(row)
+                    progress(
+                        f"{policy.name:>16} {scenario:>8} {case:>26}: goodput {row['goodput_rps']:.2f}/s, "
+                        f"429 {row['shed_rate']:.0%}, TTFT p50/p90/p99 {row['ttft_p50_s']}/"
+                        f"{row['ttft_p90_s']}/{row['ttft_p99_s']} s, errors {row['errors']}, "
+                        f"loadavg {row['loadavg']}"
+                    )
+    return results
+
+
+def plot(results: Results, path: Path) -> None:
+    """Goodput and admitted TTFT p90/p99 against offered load, one line per policy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for name in sorted({r["policy"] for r in results.ramp}):
+        rows = sorted((r for r in results.ramp if r["policy"] == name), key=lambda r: r["load"])
+        loads = [r["load"] for r in rows]
+        left.plot(loads, [r["goodput_rps"] for r in rows], marker="o", label=name)
+        right.plot(loads, [r["ttft_p90_s"] for r in rows], marker="o", label=f"{name} p90")
+        right.plot(loads, [r["ttft_p99_s"] for r in rows], marker="x", linestyle=":", label=f"{name} p99")
+    left.set_xlabel("offered load (x capacity)")
+    left.set_ylabel("goodput: requests/s with TTFT <= 1 s")
+    right.set_xlabel("offered load (x capacity)")
+    right.set_ylabel("admitted TTFT (s, simulated)")
+    right.set_yscale("log")
+    right.axhline(flow_plan.OBJECTIVE_S, color="grey", linewidth=0.8)
+    left.legend(fontsize=8)
+    right.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def flow_bench(
+    out: Annotated[Path, typer.Option("--out", help="Results folder.")] = Path("bench-results"),
+    policy: Annotated[
+        list[str] | None, typer.Option(help="Policies (default all): see flow_plan.POLICIES.")
+    ] = None,
+    scenario: Annotated[
+        list[str] | None, typer.Option(help="ramp, fairness, priority (default all).")
+    ] = None,
+    speed: Annotated[float, typer.Option(min=0.01, help="Simulator speed (simulated s per wall s).")] = 0.5,
+    capacity_rps: Annotated[
+        float, typer.Option(min=0.1, help="The cluster's capacity, simulated req/s.")
+    ] = 16.0,
+    duration_s: Annotated[float, typer.Option(min=1, help="Arrival window per case, simulated s.")] = 8.0,
+    sim_config: Annotated[Path | None, typer.Option(help="Simulator config (YAML).")] = DEFAULT_SIM_CONFIG,
+    label: Annotated[str, typer.Option(help="Result names: LABEL.json, LABEL.png.")] = "flow",
+) -> None:
+    """Flow control under overload: goodput, 429s and admitted TTFT per policy (simulators)."""
+    known = {p.name: p for p in flow_plan.POLICIES}
+    for name in policy or ():
+        if name not in known:
+            raise typer.BadParameter(
+                f"unknown policy {name!r}; known: {sorted(known)}", param_hint="--policy"
+            )
+    for name in scenario or ():
+        if name not in ("ramp", "fairness", "priority"):
+            raise typer.BadParameter(f"unknown scenario {name!r}", param_hint="--scenario")
+    setup = FlowSetup(speed=speed, capacity_rps=capacity_rps, duration_s=duration_s, sim_config=sim_config)
+    chosen = [known[n] for n in policy] if policy else list(flow_plan.POLICIES)
+    results = run(setup, chosen, scenario or ["ramp", "fairness", "priority"])
+    folder = out / "flow"
+    folder.mkdir(parents=True, exist_ok=True)
+    goals = flow_plan.goals(results)
+    meta = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(setup).items() if k != "log_dir"}
+    body = {"meta": meta, **asdict(results), "goals": [asdict(g) for g in goals]}
+    (folder / f"{label}.json").write_text(json.dumps(body, indent=1))
+    if results.ramp:
+        plot(results, folder / f"{label}.png")
+    for g in goals:
+        mark = "met" if g.met else "not met" if g.met is not None else "not run"
+        typer.echo(f"{mark:>8}: {g.name} ({g.detail})")
+    typer.echo(f"results: {folder / f'{label}.json'}")
