@@ -30,6 +30,7 @@ SIGNAL_LABELS: dict[Signal, str] = {
 # The router's flow-control queue wait, a histogram by model_name and class (the flow branch's
 # router/metrics.py exports it); the queueWaitP90 signal is its p90 over all classes.
 FLOW_QUEUE_WAIT = "kvstack_router_flow_queue_wait_seconds"
+FLOW_QUEUE = "kvstack_router_flow_queue_length"  # by model_name, class, tenant
 # How far back a saturated pod's running count is remembered (the capacity the scale-down floor
 # divides demand by): longer than the default scale-down window, so the peak that grew the fleet
 # is still known when it steps down.
@@ -91,8 +92,14 @@ def queries(
     # (max_num_seqs or its KV cache, whichever binds). The max over pods and the look-back window,
     # sampled every evaluation interval (a subquery's default step, the global evaluation interval,
     # may be a minute and miss a short saturation).
-    saturated = f"(vllm:num_requests_running{sel} and vllm:num_requests_waiting{sel} > 0)"
-    capacity = f"max(max_over_time({saturated}[{capacity_s}s:{resolution_s}s]))"
+    # With the router's flow control the queue forms in the router instead (the engines' own stays
+    # empty): its flow queue for the model counts as requests waiting behind every pod.
+    running_now = f"vllm:num_requests_running{sel}"
+    saturated = (
+        f"({running_now} and vllm:num_requests_waiting{sel} > 0)"
+        f" or ({running_now} and on () (sum({FLOW_QUEUE}{sel}) > 0))"
+    )
+    capacity = f"max(max_over_time(({saturated})[{capacity_s}s:{resolution_s}s]))"
     return Queries(value, stamps, rate, pending, activity, running, capacity)
 
 
@@ -132,6 +139,10 @@ def observation(metric: Metric, now: float, current: int, results: Results) -> O
     if not values:
         return Observation(now, current, None, 0, 0.0, pending, idle)
     mean = sum(values.values()) / len(values)
+    if metric == "waitingPerReplica" and pending is not None and not math.isnan(pending):
+        # Requests the router holds for the model (its flow queue, or a scale-from-zero hold) wait
+        # for these pods as much as their own queues' do: with flow control on, they are the queue.
+        mean += pending / len(values)
     running = None
     if results.running is not None and all(k in results.running for k in values):
         running = sum(results.running[k] for k in values) / len(values)

@@ -93,10 +93,21 @@ def test_queue_wait_reads_the_routers_flow_queue_histogram() -> None:
 def test_capacity_is_the_most_a_pod_ran_while_requests_waited() -> None:
     q = queries("waitingPerReplica", "ns", "m", 60, None, capacity_s=900, resolution_s=5)
     sel = '{namespace="ns",model_name="m"}'
+    running = f"vllm:num_requests_running{sel}"
     assert q.capacity == (
-        f"max(max_over_time((vllm:num_requests_running{sel} and "
-        f"vllm:num_requests_waiting{sel} > 0)[900s:5s]))"
+        f"max(max_over_time((({running} and vllm:num_requests_waiting{sel} > 0) or "
+        f"({running} and on () (sum(kvstack_router_flow_queue_length{sel}) > 0)))[900s:5s]))"
     )
+
+
+@pytest.mark.parametrize(
+    ("pending", "value"),
+    [(None, 2.0), (0.0, 2.0), (6.0, 5.0), (math.nan, 2.0)],
+)
+def test_the_routers_queue_counts_as_waiting(pending: float | None, value: float) -> None:
+    """With flow control the queue forms in the router: its requests wait for these pods too."""
+    results = Results({POD_A: 4.0, POD_B: 0.0}, {POD_A: 99.0}, pending=pending)
+    assert observation("waitingPerReplica", 100.0, 2, results).value == value
 
 
 @pytest.mark.parametrize(
