@@ -20,6 +20,7 @@ import importlib.util
 import json
 import os
 import tempfile
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,7 +29,7 @@ from typing import Annotated, Any
 import typer
 import yaml
 
-from kvstack.bench import flow_plan
+from kvstack.bench import flow_plan, promtext
 from kvstack.bench.driver import wait_for_engines
 from kvstack.bench.flow_driver import Client, run_trace
 from kvstack.bench.flow_plan import Policy, Results, Shape, Stream
@@ -53,7 +54,10 @@ class FlowSetup:
 
 def flow_available() -> bool:
     """Whether this router has flow control (the ``flow_control`` config section)."""
-    return importlib.util.find_spec("kvstack.router.flow.config") is not None
+    try:
+        return importlib.util.find_spec("kvstack.router.flow.config") is not None
+    except ModuleNotFoundError:  # no kvstack.router.flow package at all
+        return False
 
 
 def router_config(setup: FlowSetup, policy: Policy) -> dict[str, Any]:
@@ -176,12 +180,17 @@ def run(
             progress(f"{policy.name}: this router has no flow control; skipped")
             continue
         procs, url = _stack(setup, policy, policy.name.replace("+", "-"))
+        engine_urls = [p.ready_url.removesuffix("/health") for p in procs[:-1] if p.ready_url]
         with running(procs, timeout=90):
             wait_for_engines(url, setup.engines)
             for scenario in scenarios:
                 for seed, (case, streams) in enumerate(plan[scenario]):
                     load0 = os.getloadavg()[0]
-                    outcomes, length = _case(setup, url, streams, seed=hash((scenario, case)) % 10_000)
+                    before = [promtext.scrape(f"{u}/metrics") for u in engine_urls]
+                    outcomes, length = _case(
+                        setup, url, streams, seed=zlib.crc32(f"{scenario}/{case}".encode())
+                    )
+                    after = [promtext.scrape(f"{u}/metrics") for u in engine_urls]
                     row: dict[str, Any] = {
                         "scenario": scenario,
                         "case": case,
@@ -191,6 +200,7 @@ def run(
                         "tenants": flow_plan.by_group(outcomes, "tenant", setup.duration_s),
                         "classes": flow_plan.by_group(outcomes, "klass", setup.duration_s),
                         "run_s": round(length, 2),
+                        **_engine_counters(before, after),
                         "loadavg": [round(load0, 2), round(os.getloadavg()[0], 2)],
                     }
                     if scenario == "ramp":
@@ -203,6 +213,22 @@ def run(
                         f"loadavg {row['loadavg']}"
                     )
     return results
+
+
+def _engine_counters(
+    before: Sequence[promtext.Samples], after: Sequence[promtext.Samples]
+) -> dict[str, float]:
+    """The engines' own view of a case: prefix-cache hit rate and preemptions (recomputes)."""
+
+    def d(name: str) -> float:
+        return sum(promtext.delta(b, a, name) for b, a in zip(before, after, strict=True))
+
+    queries = d("vllm:prefix_cache_queries_total")
+    return {
+        "hit_rate": round(d("vllm:prefix_cache_hits_total") / queries, 4) if queries else 0.0,
+        "preemptions": d("vllm:num_preemptions_total"),
+        "prompt_tokens": d("vllm:prompt_tokens_total"),
+    }
 
 
 def plot(results: Results, path: Path) -> None:

@@ -43,10 +43,10 @@ class Shape:
     """One multi-round QA user (``workloads.multi_round_qa``'s shape, smaller for a quick run)."""
 
     rounds: int = 4
-    system_tokens: int = 500
-    user_tokens: int = 1000
-    question_tokens: int = 50
-    answer_tokens: int = 24
+    system_tokens: int = 1000  # as the GPU runs' multi-round QA (workloads.multi_round_qa)
+    user_tokens: int = 2000
+    question_tokens: int = 100
+    answer_tokens: int = 24  # short answers: fewer streamed chunks for a small machine to carry
     think_s: float = 0.5  # simulated seconds between an answer and the next question
 
     @property
