@@ -1,22 +1,25 @@
-"""Admission: which engines may take a request, the per-model queue, and the scale-from-zero hold.
+"""Admission: which engines may take a request, flow control's queue, and the scale-from-zero hold.
 
 The proxy asks here before it routes: a request for a model at zero replicas waits (bounded, with a
-deadline) for an engine to appear, counted in ``kvstack_router_queued_requests``; a request over the
-model's in-flight capacity waits in its queue or is refused with a 429. Refusals are counted by
-reason in ``kvstack_router_rejections_total``.
+deadline) for an engine to appear, counted in ``kvstack_router_queued_requests``; then flow control
+(:mod:`kvstack.router.flow`) sends it on at once, queues it while every engine of the model is
+saturated, or refuses it with a 429. Refusals are counted by reason in
+``kvstack_router_rejections_total``.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 from kvstack.common.errors import OpenAIError
 from kvstack.router.context import RouterContext
 from kvstack.router.engines import EngineState
 from kvstack.router.exchange import RetryLater
+from kvstack.router.flow.config import PriorityClass
+from kvstack.router.flow.controller import Grant
 from kvstack.router.hold import HoldFull, HoldTimeout
-from kvstack.router.limits import QueueFull, QueueTimeout
 
 HELD_RETRY_S = 0.5  # a held request's pause between tries of an engine that is not listening yet
 HOLD_RETRY_AFTER_S = 30.0  # a model still starting after hold_timeout_s: come back in a while
@@ -82,38 +85,46 @@ class Admission:
         finally:
             gauge.dec()
 
-    async def queued(self, model: str | None, route: Callable[[list[EngineState]], Awaitable[None]]) -> None:
-        """Run ``route`` on the available engines once the model's queue admits the request.
+    async def queued(
+        self,
+        model: str | None,
+        demand: Demand | None,
+        route: Callable[[list[EngineState]], Awaitable[None]],
+    ) -> None:
+        """Run ``route`` once flow control gives the request its turn (:mod:`kvstack.router.flow`).
 
-        Without a queue that is at once; 404 or 503 (from :meth:`candidates`) when none can serve.
+        ``route`` gets the engines with room at that moment (late binding: the policy decides then,
+        with the index as it is then). Without flow control (``demand`` None: it is off, or the
+        request names no model) that is at once. 404 or 503 (from :meth:`candidates`) when no
+        engine can serve; 429 with Retry-After when flow control refuses the request. While it
+        waits it is counted in ``kvstack_router_queued_requests``.
         """
         ctx = self.ctx
         candidates = self.candidates(model)
-        per_engine = ctx.settings.max_in_flight_per_engine
-        if per_engine is None or model is None:
+        if model is None or demand is None:
             await route(candidates)
             return
-        queue = ctx.queue_for(model)
         gauge = ctx.metrics.queued.labels(model)
+        gauge.inc()
         try:
-            gauge.inc()
-            try:
-                await queue.acquire(len(candidates) * per_engine, ctx.settings.queue_timeout_s)
-            finally:
-                gauge.dec()
-        except QueueFull:
-            raise reject(
-                ctx, "queue_full", RetryLater(429, f"too many requests queued for {model}", 1.0)
-            ) from None
-        except QueueTimeout:
-            raise reject(
-                ctx, "queue_timeout", RetryLater(429, f"timed out waiting for capacity for {model}", 1.0)
-            ) from None
+            demand.grant = await ctx.flow.admit(model, demand.tenant, demand.cls, demand.cost, candidates)
+        finally:
+            gauge.dec()
         try:
             # engines may have come or gone while it waited: look again
-            await route(self.candidates(model))
+            await route(ctx.flow.with_room(self.candidates(model)))
         finally:
-            queue.release(len(self.available(model)) * per_engine)
+            ctx.flow.release(demand.grant)
+
+
+@dataclass(slots=True)
+class Demand:
+    """What flow control needs to know about a request, and the turn it was given."""
+
+    tenant: str
+    cls: PriorityClass
+    cost: float  # prompt tokens (its uncached share is not known before routing: an upper bound)
+    grant: Grant | None = None
 
 
 def no_engine(model: str | None, engines: list[EngineState]) -> OpenAIError:

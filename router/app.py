@@ -215,6 +215,7 @@ async def _running(ctx: RouterContext) -> AsyncIterator[None]:
         for component in reversed(stops):
             with contextlib.suppress(Exception):
                 await component.stop()
+        await ctx.flow.stop()
         await monitor_client.aclose()
         await ctx.upstream.aclose()
         if ctx.offload is not None:

@@ -14,6 +14,7 @@ from pydantic_settings import (
 
 from kvstack.common.config import build_layered, read_config_file, split_comma_list
 from kvstack.router.discovery.kubernetes import KubernetesConfig
+from kvstack.router.flow.config import FlowControlConfig
 from kvstack.router.monitor import MonitorConfig
 from kvstack.router.policies.cache_aware import CacheAwareConfig
 from kvstack.router.policies.prefix_trie import PrefixTrieSettings
@@ -123,10 +124,12 @@ class RouterSettings(BaseSettings):
     rate_limit_rps: float | None = Field(None, gt=0)
     rate_limit_burst: int | None = Field(None, ge=1)
     max_concurrency_per_key: int | None = Field(None, ge=1)
-    # admission: at most this many requests per engine in flight; the rest wait in a bounded queue
+    # admission (router/flow/): an optional hard ceiling of requests per engine in flight, on top of
+    # flow control's measured saturation; a request waits in its model's flow queue at most this long
     max_in_flight_per_engine: int | None = Field(None, ge=1)
-    max_queue_per_model: int = Field(1024, ge=0)
     queue_timeout_s: PositiveSeconds = 30.0
+    # flow control: priority classes, per-model ordering and queue bounds, tenant shares (router/flow/)
+    flow_control: FlowControlConfig = Field(default_factory=FlowControlConfig)
     # scale from zero: requests for these models wait while no engine serves them ("*": any model
     # an engine has served), shown as kvstack_router_queued_requests, which wakes the autoscaler
     hold_models: Annotated[list[str], NoDecode] = Field(default_factory=list)

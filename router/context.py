@@ -9,8 +9,9 @@ from dataclasses import dataclass, field
 from kvstack.router.auth import KeyStore
 from kvstack.router.config import RouterSettings
 from kvstack.router.engines import EngineRegistry
+from kvstack.router.flow.controller import FlowControl
 from kvstack.router.hold import Holds
-from kvstack.router.limits import AdmissionQueue, BodyBudget, KeyLimiter
+from kvstack.router.limits import BodyBudget, KeyLimiter
 from kvstack.router.metrics import RouterMetrics
 from kvstack.router.offload import TokenizerPool
 from kvstack.router.policies.base import Policy
@@ -30,19 +31,29 @@ class RouterContext:
     limiter: KeyLimiter
     clock: Callable[[], float] = time.monotonic
     upstream: Upstream | None = None  # opened in the app's lifespan, inside the event loop
-    queues: dict[str, AdmissionQueue] = field(default_factory=dict)
     token_cache: PromptCache = field(default_factory=PromptCache)  # prompt tokens for policies that ask
     holds: Holds = field(default_factory=lambda: Holds((), 0))  # scale-from-zero waiters
     offload: TokenizerPool | None = None  # long prompts tokenized off the event loop (app lifespan)
     bodies: BodyBudget = field(default_factory=lambda: BodyBudget(None))  # request bodies held in memory
+    flow: FlowControl = field(init=False)  # flow control: the per-model queues and engine ledgers
 
     def __post_init__(self) -> None:
+        settings = self.settings
+        self.flow = FlowControl(
+            settings.flow_control,
+            self.registry,
+            self.metrics,
+            self.clock,
+            max_in_flight=settings.max_in_flight_per_engine,
+            queue_timeout_s=settings.queue_timeout_s,
+            tick_s=settings.monitor.scrape_interval,
+        )
         self.registry.listeners.append(self.engines_changed)
         for model in {*self.settings.models, *self.holds.named}:
             self.metrics.queued.labels(model)  # at 0 from the start: the autoscaler reads it
 
     def engines_changed(self) -> None:
-        """An engine may have come up or gone: release held requests and grown admission queues."""
+        """An engine may have come up or gone: release held requests, and queued ones where there is room."""
         registry, now = self.registry, self.clock()
         served = {m for e in registry.all() for m in e.models}
         for model in self.holds.see(served):
@@ -50,14 +61,4 @@ class RouterContext:
         for model in self.holds.waiting_models():
             if registry.candidates(model, now):
                 self.holds.wake(model)
-        per_engine = self.settings.max_in_flight_per_engine
-        if per_engine is not None:
-            for model, queue in self.queues.items():
-                if queue.waiting:
-                    queue.grow(len(registry.candidates(model, now)) * per_engine)
-
-    def queue_for(self, model: str) -> AdmissionQueue:
-        queue = self.queues.get(model)
-        if queue is None:
-            queue = self.queues[model] = AdmissionQueue(self.settings.max_queue_per_model)
-        return queue
+        self.flow.pump_all()

@@ -69,6 +69,10 @@ class Exchange:
     started: bool = False  # response headers sent: from here on nothing can be retried
     finished: bool = False
     disconnected: bool = False
+    # flow control (router/flow/): the request's class and tenant, and its wait in the router's queue
+    priority_class: str = ""
+    tenant: str = ""
+    queue_wait: float | None = None
 
 
 async def read_body(receive: Receive, limit: int, declared: int | None, budget: BodyBudget) -> bytes:
@@ -171,5 +175,8 @@ def account(metrics: RouterMetrics, ex: Exchange, path: str, log_it: bool) -> No
                 "ttft_ms": None if ex.ttft is None else round(ex.ttft * 1000, 3),
                 "route_ms": None if ex.routed is None else round(ex.routed * 1000, 3),
                 "error": ex.error or None,
+                "priority_class": ex.priority_class or None,
+                "tenant": ex.tenant or None,
+                "queue_wait_ms": None if ex.queue_wait is None else round(ex.queue_wait * 1000, 3),
             },
         )

@@ -54,6 +54,18 @@ def scan_headers(headers: Headers, session_name: bytes) -> tuple[bytes | None, i
     return auth, declared, session
 
 
+def header_value(headers: Headers, name: bytes, limit: int = 128) -> str | None:
+    """The first ``name`` header's value (``name`` lower-case) as text, stripped; None when absent,
+    empty, longer than ``limit`` or not printable ASCII (it ends up in logs)."""
+    for key, value in headers:
+        if key == name:
+            text = value.strip()
+            if 0 < len(text) <= limit and text.isascii() and text.decode("ascii").isprintable():
+                return text.decode("ascii")
+            return None
+    return None
+
+
 def upstream_headers(
     headers: Headers,
     request_id: str,

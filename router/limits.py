@@ -1,14 +1,11 @@
-"""Admission control: per-key token buckets and concurrency caps, a bounded queue per model, and
-the budget of request-body bytes held in memory.
+"""Admission control: per-key token buckets and concurrency caps, and the budget of request-body
+bytes held in memory. (Queueing per model is flow control's: :mod:`kvstack.router.flow`.)
 
-Decisions are pure given ``now``; the queue's waiting uses asyncio futures but no timers of its own.
+Decisions are pure given ``now``.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-from collections import deque
 from dataclasses import dataclass, field
 
 
@@ -97,73 +94,3 @@ class BodyBudget:
 
     def give(self, size: int) -> None:
         self.held -= size
-
-
-class QueueFull(Exception):
-    """The model's admission queue is full."""
-
-
-class QueueTimeout(Exception):
-    """A request waited in the admission queue for too long."""
-
-
-class AdmissionQueue:
-    """At most ``capacity`` requests of one model in flight; up to ``max_waiting`` more wait, FIFO.
-
-    Capacity is passed on each call (engines come and go); :meth:`release` hands the freed slot to
-    the oldest waiter, so a waiter never loses its turn to a newcomer.
-    """
-
-    def __init__(self, max_waiting: int) -> None:
-        self.max_waiting = max_waiting
-        self.active = 0
-        self._waiters: deque[asyncio.Future[None]] = deque()
-
-    @property
-    def waiting(self) -> int:
-        return len(self._waiters)
-
-    async def acquire(self, capacity: int, max_wait: float) -> None:
-        """Take a slot, waiting up to ``max_wait`` s; raises QueueFull or QueueTimeout."""
-        if self.active < capacity and not self._waiters:
-            self.active += 1
-            return
-        if len(self._waiters) >= self.max_waiting:
-            raise QueueFull
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.append(fut)
-        try:
-            async with asyncio.timeout(max_wait):
-                await fut  # release() counted us in before waking us
-        except TimeoutError:
-            self._abandon(fut)
-            raise QueueTimeout from None
-        except BaseException:
-            self._abandon(fut)
-            raise
-
-    def _abandon(self, fut: asyncio.Future[None]) -> None:
-        if fut.done() and not fut.cancelled():
-            self.release(capacity=None)  # we were handed a slot after all: pass it on
-        else:
-            fut.cancel()
-            with contextlib.suppress(ValueError):
-                self._waiters.remove(fut)
-
-    def release(self, capacity: int | None) -> None:
-        """Free a slot and wake waiters while there is room (``capacity`` None: hand over 1:1)."""
-        self.active -= 1
-        self._admit(1 if capacity is None else capacity - self.active)
-
-    def grow(self, capacity: int) -> None:
-        """Capacity may have grown (an engine came up): admit waiters while there is room."""
-        self._admit(capacity - self.active)
-
-    def _admit(self, room: int) -> None:
-        while self._waiters and room > 0:
-            fut = self._waiters.popleft()
-            if fut.done():
-                continue
-            self.active += 1
-            room -= 1
-            fut.set_result(None)

@@ -39,6 +39,11 @@ REJECTION_REASONS: Final = (
     "header_too_large",
     "header_timeout",
     "bad_request",  # not HTTP (the server's parser refused it)
+    # flow control (router/flow/admission.py): a predicted TTFT miss, a tenant over its share, a
+    # waiting request that made way for a higher class or a tenant under its share
+    "slo",
+    "over_share",
+    "displaced",
 )
 
 # TTFT and e2e buckets reach from a prefix hit (~10 ms on an H200) to a long queue.
@@ -178,6 +183,45 @@ class RouterMetrics:
             "Requests the router holds for the model: in its admission queue, or waiting for an engine "
             "while it has none (scale from zero).",
             ["model_name"],
+            registry=r,
+        )
+        # ---- flow control (router/flow/): tenant labels are configured names or "other"
+        self.flow_queue_length = Gauge(
+            "kvstack_router_flow_queue_length",
+            "Requests waiting in the router's flow queue, by model, priority class and tenant.",
+            ["model_name", "class", "tenant"],
+            registry=r,
+        )
+        self.flow_queue_wait = Histogram(
+            "kvstack_router_flow_queue_wait_seconds",
+            "Time a dispatched request waited in the flow queue (0 when an engine had room).",
+            ["class"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.flow_shed = Counter(
+            "kvstack_router_flow_shed",
+            "Requests flow control refused (429), by reason and priority class.",
+            ["reason", "class"],
+            registry=r,
+        )
+        self.flow_goodput = Counter(
+            "kvstack_router_flow_goodput",
+            "Streamed requests whose TTFT met their class's objective (classes with one).",
+            ["model_name", "class"],
+            registry=r,
+        )
+        self.flow_objective_misses = Counter(
+            "kvstack_router_flow_objective_misses",
+            "Streamed requests whose TTFT missed their class's objective.",
+            ["model_name", "class"],
+            registry=r,
+        )
+        self.flow_ttft_ratio = Histogram(
+            "kvstack_router_flow_ttft_prediction_ratio",
+            "Actual over predicted TTFT of streamed requests (1: exact; above: later than predicted).",
+            ["class"],
+            buckets=(0.1, 0.25, 0.5, 0.75, 0.9, 1.1, 1.5, 2.0, 4.0, 10.0),
             registry=r,
         )
         r.register(_EngineCollector(engines, clock))

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kvstack.common.errors import OpenAIError, is_openai_error, openai_error_bytes
-from kvstack.router.admission import Admission, reject
+from kvstack.router.admission import Admission, Demand, reject
 from kvstack.router.context import REQUEST_ID_KEY, RouterContext
 from kvstack.router.ejection import OutlierRules, judge_outcome
 from kvstack.router.engines import EngineState
@@ -33,7 +33,7 @@ from kvstack.router.exchange import (
     send_error,
     watch_disconnect,
 )
-from kvstack.router.headers import answer_headers, scan_headers, upstream_headers
+from kvstack.router.headers import answer_headers, header_value, scan_headers, upstream_headers
 from kvstack.router.policies.base import Decision, RequestFeatures
 from kvstack.router.prompt_source import PromptSource
 from kvstack.router.prompts import prompt_text
@@ -70,6 +70,7 @@ class Call:
     features: RequestFeatures | None = None  # built once, when routing starts
     upstream_headers: Headers = field(default_factory=list)
     tried: list[str] = field(default_factory=list)  # engine URLs, in the order tried
+    demand: Demand | None = None  # its passage through flow control (None: flow control is off)
 
 
 @dataclass(slots=True, eq=False)
@@ -178,6 +179,8 @@ class ProxyEndpoint:
     async def _admit_and_route(self, call: Call) -> None:
         admission, model = self.admission, call.request.model
         held_until = None if model is None else await admission.hold(model)
+        if model is not None and self.ctx.settings.flow_control.enabled:
+            call.demand = await self._demand(call)
 
         async def route(candidates: list[EngineState] | None) -> None:
             while True:
@@ -194,7 +197,27 @@ class ProxyEndpoint:
                     await admission.wait_held(model, held_until)
                     candidates = None  # look again: the engine may have been ejected meanwhile
 
-        await admission.queued(model, route)
+        await admission.queued(model, call.demand, route)
+
+    async def _demand(self, call: Call) -> Demand:
+        """The request's tenant, class and prefill cost for flow control (400: an unknown class).
+
+        The cost is the prompt's length in tokens when the policy tokenizes it (tokenized here,
+        once, before it may wait), else its body's bytes / 4: roughly a token per 4 bytes of text.
+        """
+        flow, ex = self.ctx.settings.flow_control, call.ex
+        tenant, cls = self.ctx.flow.classify(
+            header_value(call.client_headers, flow.tenant_header.encode()),
+            header_value(call.client_headers, flow.priority_header.encode()),
+            ex.key,
+        )
+        ex.tenant, ex.priority_class = tenant, cls.name
+        cost: float = len(call.raw) / 4
+        if self.ctx.policy.needs_tokens and self.admission.available(call.request.model):
+            call.features = await self._features(call)
+            call.upstream_headers = self._upstream_headers(call)
+            cost = float(_prompt_len(call.features) or cost)
+        return Demand(tenant, cls, cost)
 
     async def _route(self, call: Call, candidates: list[EngineState]) -> None:
         """Try engines the policy picks until one answers or :func:`next_step` says stop."""
@@ -249,6 +272,11 @@ class ProxyEndpoint:
         assert features is not None
         engine.in_flight += 1
         ctx.policy.on_dispatch(features, decision)
+        grant = call.demand.grant if call.demand is not None else None
+        if grant is not None:
+            prompt = _prompt_len(features) or grant.cost
+            ctx.flow.dispatched(grant, engine, max(0.0, prompt - decision.predicted_hit_tokens))
+            call.ex.queue_wait = grant.queue_wait_s
         failure: AttemptFailure | None = None
         ended = False  # the try ran to an outcome (not cancelled by the client or a shutdown)
         try:
@@ -270,6 +298,8 @@ class ProxyEndpoint:
         finally:
             engine.in_flight -= 1
             ctx.policy.on_finish(features, decision, ended and failure is None)
+            if grant is not None:
+                ctx.flow.finished(grant, engine)
         self._record_outcome(engine, failure)
         return failure
 
@@ -309,7 +339,11 @@ class ProxyEndpoint:
         if resp.status >= 400 and not is_openai_error(body):
             # e.g. an engine's framework answering {"detail": "Not Found"}: clients get one shape
             body, content_type = openai_error_bytes(resp.status, body), "application/json"
-        headers = [*answer_headers(resp.status, content_type, resp.retry_after), *self._engine_header(engine)]
+        headers = [
+            *answer_headers(resp.status, content_type, resp.retry_after),
+            *self._engine_header(engine),
+            *_flow_headers(call),
+        ]
         await call.send({"type": "http.response.start", "status": resp.status, "headers": headers})
         await call.send({"type": "http.response.body", "body": body})
         attempt.answered = True
@@ -336,6 +370,8 @@ class ProxyEndpoint:
                         continue
                     ex.ttft = time.perf_counter() - ex.start
                     self.ctx.policy.on_first_token(features, decision)  # the prefill is over
+                    if call.demand is not None and call.demand.grant is not None:
+                        self.ctx.flow.first_token(call.demand.grant, ex.ttft)
                     await self._start_stream(call, decision.engine)
                     frames = b"".join([*held, frames])
                     held.clear()
@@ -353,7 +389,7 @@ class ProxyEndpoint:
     async def _start_stream(self, call: Call, engine: EngineState) -> None:
         """Send the stream's head: from here on the call is the client's and cannot be retried."""
         call.ex.started, call.ex.status = True, 200
-        headers = [*_SSE_HEADERS, *self._engine_header(engine)]
+        headers = [*_SSE_HEADERS, *self._engine_header(engine), *_flow_headers(call)]
         await call.send({"type": "http.response.start", "status": 200, "headers": headers})
 
     async def _give_up(self, call: Call, failure: AttemptFailure, engine: EngineState) -> None:
@@ -413,6 +449,22 @@ class ProxyEndpoint:
         if not self._expose_engine:
             return []
         return [(b"x-kvstack-engine", engine.name.encode("latin-1", "replace"))]
+
+
+def _prompt_len(features: RequestFeatures | None) -> int | None:
+    """The prompt's length in tokens, when the policy tokenized it."""
+    if features is None:
+        return None
+    if features.prompt_len is not None:
+        return features.prompt_len
+    return None if features.prompt_token_ids is None else len(features.prompt_token_ids)
+
+
+def _flow_headers(call: Call) -> Headers:
+    """``x-kvstack-priority-class``, ``-queue-position`` (at admission) and ``-queue-wait-ms``."""
+    if call.demand is None or call.demand.grant is None:
+        return []
+    return call.demand.grant.headers()
 
 
 def _broken(err: UpstreamError, message: str, *, sent: bool) -> AttemptFailure:

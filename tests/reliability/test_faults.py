@@ -34,7 +34,7 @@ def test_a_hanging_engine_gets_504_and_gives_its_admission_slot_back(router: Rou
             engines=[bad.url],
             first_byte_timeout_s=0.3,
             max_in_flight_per_engine=1,
-            max_queue_per_model=0,
+            flow_control={"models": [{"max_queue": 0}]},
             eject_after_failures=10,
         )
         for _ in range(3):
@@ -42,7 +42,7 @@ def test_a_hanging_engine_gets_504_and_gives_its_admission_slot_back(router: Rou
             assert resp.status_code == 504, resp.text
             assert resp.json()["error"]["type"] == "GatewayTimeoutError"
         assert r.ctx.registry.all()[0].in_flight == 0
-        assert r.ctx.queues[MODEL].active == 0
+        assert r.ctx.flow.reserved.get(MODEL, 0) == 0 and not r.ctx.flow.queues[MODEL]
         assert r.metric("kvstack_router_rejections_total", reason="queue_full") == 0
         assert bad.posts == 3
 

@@ -16,7 +16,6 @@ import yaml
 from kvstack.common.procs import ManagedProcess, free_port
 from kvstack.common.waits import wait_until
 from kvstack.router.hold import HoldFull, Holds, HoldTimeout
-from kvstack.router.limits import AdmissionQueue
 
 from .conftest import KVSTACK, MODEL, RouterFactory, RouterServer, run_sims
 
@@ -235,25 +234,6 @@ def test_holds_bound_timeout_and_wake() -> None:
         assert holds.wake("m") == 1
         await waiter
         assert holds.held("m") == 0
-
-    asyncio.run(scenario())
-
-
-def test_admission_queue_grow_admits_waiters_up_to_the_new_capacity() -> None:
-    async def scenario() -> None:
-        queue = AdmissionQueue(max_waiting=10)
-        await queue.acquire(1, 1)
-        waiters = [asyncio.create_task(queue.acquire(1, 5)) for _ in range(3)]
-        await asyncio.sleep(0)
-        assert queue.waiting == 3
-        queue.grow(3)
-        await asyncio.sleep(0)
-        assert (queue.active, queue.waiting) == (3, 1)
-        queue.grow(1)  # capacity fell back: nobody else starts
-        assert queue.waiting == 1
-        for task in waiters:
-            task.cancel()
-        await asyncio.gather(*waiters, return_exceptions=True)
 
     asyncio.run(scenario())
 

@@ -3,7 +3,6 @@ pure decisions: forwarded headers, Retry-After, 404 versus 503, the body budget,
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,7 @@ from kvstack.router.config import load_settings
 from kvstack.router.engines import Endpoint, EngineState
 from kvstack.router.exchange import RetryLater
 from kvstack.router.headers import answer_headers, scan_headers, upstream_headers
-from kvstack.router.limits import AdmissionQueue, BodyBudget, KeyLimiter, QueueFull, QueueTimeout, TokenBucket
+from kvstack.router.limits import BodyBudget, KeyLimiter, TokenBucket
 from kvstack.router.protocol import SSEFramer
 from kvstack.router.upstream import UpstreamError
 
@@ -65,46 +64,6 @@ def test_key_limiter_concurrency_cap_and_release() -> None:
 
 def test_key_limiter_off() -> None:
     assert not KeyLimiter(rate=None, burst=None, max_concurrency=None).enabled
-
-
-async def test_admission_queue_is_fifo_bounded_and_times_out() -> None:
-    queue = AdmissionQueue(max_waiting=2)
-    await queue.acquire(capacity=1, max_wait=1.0)
-    order: list[str] = []
-
-    async def waiter(name: str) -> None:
-        await queue.acquire(capacity=1, max_wait=5.0)
-        order.append(name)
-
-    first = asyncio.create_task(waiter("first"))
-    await asyncio.sleep(0)
-    second = asyncio.create_task(waiter("second"))
-    await asyncio.sleep(0)
-    assert queue.waiting == 2
-    with pytest.raises(QueueFull):
-        await queue.acquire(capacity=1, max_wait=1.0)
-    queue.release(capacity=1)
-    await first
-    assert order == ["first"] and queue.active == 1
-    queue.release(capacity=1)
-    await second
-    assert order == ["first", "second"]
-    with pytest.raises(QueueTimeout):
-        await queue.acquire(capacity=1, max_wait=0.01)
-    assert queue.waiting == 0
-
-
-async def test_admission_queue_cancelled_waiter_leaves_no_trace() -> None:
-    queue = AdmissionQueue(max_waiting=4)
-    await queue.acquire(capacity=1, max_wait=1.0)
-    task = asyncio.create_task(queue.acquire(capacity=1, max_wait=5.0))
-    await asyncio.sleep(0)
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
-    assert queue.waiting == 0
-    queue.release(capacity=1)
-    assert queue.active == 0
 
 
 def test_keystore_identifies_keys_by_name_only() -> None:

@@ -189,7 +189,9 @@ def test_rate_limit_per_key(sims: list[Sim], router: RouterFactory) -> None:
 
 
 def test_admission_queue_full_is_429(slow_sims: list[Sim], router: RouterFactory) -> None:
-    r = router(engines=[slow_sims[0].url], max_in_flight_per_engine=1, max_queue_per_model=1)
+    r = router(
+        engines=[slow_sims[0].url], max_in_flight_per_engine=1, flow_control={"models": [{"max_queue": 1}]}
+    )
     url = f"{r.url}/v1/chat/completions"
     slow = {**CHAT, "max_tokens": 100}  # long enough to still be running while the test looks
     results: list[int] = []
@@ -201,8 +203,8 @@ def test_admission_queue_full_is_429(slow_sims: list[Sim], router: RouterFactory
     threads[0].start()
     wait_until(lambda: r.ctx.registry.all()[0].in_flight == 1, "the first in flight", 10, 0.01)
     threads[1].start()
-    queues = r.ctx.queues
-    wait_until(lambda: MODEL in queues and queues[MODEL].waiting == 1, "the second queued", 10, 0.01)
+    queues = r.ctx.flow.queues
+    wait_until(lambda: MODEL in queues and len(queues[MODEL]) == 1, "the second queued", 10, 0.01)
     resp = httpx.post(url, json=slow)
     assert resp.status_code == 429
     assert "queued" in resp.json()["error"]["message"]

@@ -1,0 +1,143 @@
+"""Admit, queue or shed one request for a model. Pure: every outcome has a typed reason.
+
+In this order:
+
+1. ``room``: an engine of the model has room and nobody of its class or a higher one waits:
+   dispatch now (below saturation flow control costs nothing);
+2. ``slo``: its class has a TTFT objective and its predicted TTFT misses it: 429. The prediction is
+   the prefill work ahead of it (what the engines have been sent and not prefilled, plus what waits
+   in its class or above) at the cluster's prefill rate, plus its own prefill at one engine's rate,
+   plus the base TTFT (:func:`predict_ttft`);
+3. the queue is full (by count, or by prompt tokens when something waits already):
+
+   a. ``displace_lower``: someone of a lower class waits: queue it, and the newest request of the
+      lowest class gets the 429 instead (a flood of batch work never locks interactive work out);
+   b. ``over_share``: its tenant would hold more than its weighted share of the queue: 429;
+   c. ``displace_over_share``: another tenant holds more than its share: queue it, and that tenant's
+      newest request of the newcomer's class (the lowest waiting) gets the 429;
+   d. ``queue_full``: 429;
+4. ``queued``: it waits for an engine with room.
+
+A 429 carries ``Retry-After``: the time the cluster needs to prefill what is ahead (at least 1 s,
+at most :data:`MAX_RETRY_AFTER_S`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+from kvstack.router.flow.fairness import over_share
+
+Outcome = Literal["dispatch", "queue", "shed"]
+Reason = Literal["room", "queued", "slo", "displace_lower", "over_share", "displace_over_share", "queue_full"]
+SHED_REASONS: tuple[Reason, ...] = ("slo", "over_share", "queue_full")
+MAX_RETRY_AFTER_S = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class Newcomer:
+    tenant: str
+    priority: int
+    cost: float  # uncached prompt tokens (an upper bound: the prompt's length)
+    objective_s: float | None  # the class's TTFT objective
+
+
+@dataclass(frozen=True, slots=True)
+class QueueState:
+    """The model's queue as the newcomer finds it."""
+
+    count: int
+    tokens: float  # sum of the waiting requests' costs
+    max_count: int
+    max_tokens: int
+    tokens_ahead: float  # costs of the waiting requests of the newcomer's class or above
+    waiting_ahead: int  # how many of them
+    lowest_priority: int | None  # of the waiting requests; None: nobody waits
+    work: Mapping[str, float]  # per waiting tenant: its costs + request_tokens per request
+    weights: Mapping[str, float]
+    request_tokens: float = 256.0
+
+
+@dataclass(frozen=True, slots=True)
+class Capacity:
+    """The model's engines together."""
+
+    engines: int
+    room: bool  # some engine has room now
+    prefill_tokens_per_s: float  # summed over the engines
+    prefill_in_flight: float  # uncached tokens sent to them and not yet prefilled
+    base_ttft_s: float = 0.011
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    outcome: Outcome
+    reason: Reason
+    predicted_ttft_s: float | None
+    retry_after_s: float = 1.0
+    victim_priority: int | None = None  # displace: the newest waiting request of this class ...
+    victim_tenant: str | None = None  # ... (and of this tenant, when set) is shed instead
+
+
+def predict_ttft(cost: float, tokens_ahead: float, cap: Capacity) -> float | None:
+    """Seconds to first token if it is queued now; None with no engine to predict from."""
+    if cap.engines <= 0 or cap.prefill_tokens_per_s <= 0:
+        return None
+    per_engine = cap.prefill_tokens_per_s / cap.engines
+    return (
+        cap.base_ttft_s
+        + (cap.prefill_in_flight + tokens_ahead) / cap.prefill_tokens_per_s
+        + cost / per_engine
+    )
+
+
+def retry_after(queue: QueueState, cap: Capacity) -> float:
+    if cap.prefill_tokens_per_s <= 0:
+        return 1.0
+    drain = (cap.prefill_in_flight + queue.tokens) / cap.prefill_tokens_per_s
+    return min(MAX_RETRY_AFTER_S, max(1.0, float(math.ceil(drain))))
+
+
+def most_over_share(queue: QueueState, new: Newcomer) -> str | None:
+    """The tenant (not the newcomer's) furthest over its weighted share of the queue with the
+    newcomer in it, if any is."""
+    total = sum(queue.work.values()) + new.cost + queue.request_tokens
+    weight_sum = sum(queue.weights.get(t, 1.0) for t in {*queue.work, new.tenant})
+    if total <= 0 or weight_sum <= 0:
+        return None
+    excess = {
+        t: w - total * queue.weights.get(t, 1.0) / weight_sum
+        for t, w in queue.work.items()
+        if t != new.tenant
+    }
+    worst = max(sorted(excess), key=lambda t: excess[t], default=None)
+    return worst if worst is not None and excess[worst] > 1e-9 else None
+
+
+def decide(new: Newcomer, queue: QueueState, cap: Capacity) -> Decision:
+    """The rules of the module docstring."""
+    if cap.room and queue.waiting_ahead == 0:
+        return Decision("dispatch", "room", predict_ttft(new.cost, 0.0, cap))
+    predicted = predict_ttft(new.cost, queue.tokens_ahead, cap)
+    wait = retry_after(queue, cap)
+    if new.objective_s is not None and predicted is not None and predicted > new.objective_s:
+        return Decision("shed", "slo", predicted, wait)
+    full = queue.count + 1 > queue.max_count or (
+        queue.count > 0 and queue.tokens + new.cost > queue.max_tokens
+    )
+    if not full:
+        return Decision("queue", "queued", predicted)
+    if queue.lowest_priority is not None and queue.lowest_priority < new.priority:
+        return Decision("queue", "displace_lower", predicted, victim_priority=queue.lowest_priority)
+    if over_share(new.tenant, new.cost, queue.work, queue.weights, queue.request_tokens):
+        return Decision("shed", "over_share", predicted, wait)
+    # only a request of the newcomer's own class may make way for it (a lower class went in a.)
+    other = most_over_share(queue, new) if queue.lowest_priority == new.priority else None
+    if other is not None:
+        return Decision(
+            "queue", "displace_over_share", predicted, victim_priority=new.priority, victim_tenant=other
+        )
+    return Decision("shed", "queue_full", predicted, wait)

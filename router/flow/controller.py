@@ -1,0 +1,353 @@
+"""Flow control at run time: admission, the per-model queues, late binding and the engines' ledgers.
+
+Per request the proxy calls :meth:`FlowControl.admit` (it returns a :class:`Grant` when the request
+may go to an engine, after waiting in its model's queue if every engine was saturated), routes it
+among :meth:`FlowControl.with_room` with the policy's decision of that moment, and reports the
+request's life there: :meth:`dispatched`, :meth:`first_token`, :meth:`finished`, :meth:`release`.
+
+Late binding: a queued request is given its turn by :meth:`pump`, which runs whenever capacity may
+have appeared: a request finished, the engine set changed, or (while anything waits) every scrape
+interval, when scraped queue lengths and KV usage are fresh. A turn counts as *reserved* until the
+request reaches its engine, so one free slot is never handed to two requests. The decisions are the
+pure functions of :mod:`.saturation`, :mod:`.admission`, :mod:`.ordering` and :mod:`.fairness`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from prometheus_client import Gauge
+
+from kvstack.common.errors import OpenAIError
+from kvstack.router.engines import EngineRegistry, EngineState
+from kvstack.router.exchange import RetryLater
+from kvstack.router.flow.admission import Capacity, Newcomer, decide
+from kvstack.router.flow.config import FlowControlConfig, PriorityClass
+from kvstack.router.flow.fairness import FairShare
+from kvstack.router.flow.ordering import Waiting
+from kvstack.router.flow.queue import FlowQueue, Shed, Ticket
+from kvstack.router.flow.saturation import EngineLoad, Limits, learn_rate, saturation
+from kvstack.router.metrics import RouterMetrics
+
+OTHER_TENANT = "other"  # the metric label of every tenant not configured
+BASE_TTFT_S = 0.011  # a full prefix hit on an H200 still takes ~11 ms (tests/reference)
+_MESSAGES = {
+    "slo": "the {cls} class's time-to-first-token objective cannot be met now; try again later",
+    "over_share": "the queue for {model} is full and this tenant holds more than its share of it",
+    "queue_full": "too many requests queued for {model}",
+    "displaced": "this request made way for a higher class or a tenant under its share in the full "
+    "queue for {model}",
+    "queue_timeout": "timed out waiting for capacity for {model}",
+}
+
+
+@dataclass(slots=True)
+class EngineFlow:
+    """The router's ledger of one engine: prefill work sent and not yet done, its prefill rate."""
+
+    rate: float
+    prefill: dict[int, tuple[float, float]] = field(default_factory=dict)  # grant id -> (tokens, expiry)
+
+    def backlog(self, now: float) -> float:
+        expired = [k for k, (_, until) in self.prefill.items() if until <= now]
+        for k in expired:  # a non-streamed request's prefill is over by then, though unseen
+            del self.prefill[k]
+        return sum(tokens for tokens, _ in self.prefill.values())
+
+
+@dataclass(eq=False, slots=True)
+class Grant:
+    """One request's passage through flow control; the proxy carries it on the call."""
+
+    id: int
+    model: str
+    class_name: str
+    tenant: str
+    tenant_label: str
+    objective_s: float | None
+    cost: float
+    predicted_ttft_s: float | None = None
+    position: int = 0  # in the queue at admission; 0: an engine had room
+    queue_wait_s: float = 0.0
+    reserved: bool = False  # given its turn, not yet at an engine
+    engine: str | None = None  # the URL of the engine it was last sent to
+    dispatched_at: float = 0.0
+    backlog_at_dispatch: float = 0.0
+    uncached: float = 0.0
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        return [
+            (b"x-kvstack-priority-class", self.class_name.encode()),
+            (b"x-kvstack-queue-position", str(self.position).encode()),
+            (b"x-kvstack-queue-wait-ms", str(round(self.queue_wait_s * 1000)).encode()),
+        ]
+
+
+class FlowControl:
+    """Flow control of one router (:mod:`kvstack.router.flow` for the rules)."""
+
+    def __init__(
+        self,
+        config: FlowControlConfig,
+        registry: EngineRegistry,
+        metrics: RouterMetrics,
+        clock: Callable[[], float],
+        *,
+        max_in_flight: int | None,
+        queue_timeout_s: float,
+        tick_s: float,
+    ) -> None:
+        self.config = config
+        self.registry = registry
+        self.metrics = metrics
+        self.clock = clock
+        self.queue_timeout_s = queue_timeout_s
+        self.tick_s = tick_s
+        sat = config.saturation
+        self.limits = Limits(sat.prefill_target_s, sat.max_kv_usage, sat.max_waiting, max_in_flight)
+        self.weights = {t.name: t.weight for t in config.tenants}
+        self.tenant_class = {t.name: t.default_class for t in config.tenants if t.default_class}
+        self.queues: dict[str, FlowQueue] = {}
+        self.engines: dict[str, EngineFlow] = {}
+        self.reserved: dict[str, int] = {}
+        self._ids = itertools.count(1)
+        self._ticker: asyncio.Task[None] | None = None
+        for cls in config.classes:
+            for reason in ("slo", "over_share", "queue_full", "displaced", "queue_timeout"):
+                metrics.flow_shed.labels(reason, cls.name)
+
+    # ------------------------------------------------------------------ classification
+
+    def classify(
+        self, tenant_header: str | None, priority_header: str | None, key: str
+    ) -> tuple[str, PriorityClass]:
+        """(tenant, class) of a request: 400 naming the header for a class that does not exist."""
+        tenant = tenant_header or key
+        name = priority_header or self.tenant_class.get(tenant) or self.config.default_class
+        cls = self.config.class_named(name)
+        if cls is None:
+            known = ", ".join(c.name for c in self.config.classes)
+            raise OpenAIError(
+                400, f"unknown priority class {name!r} in {self.config.priority_header}; one of: {known}"
+            )
+        return tenant, cls
+
+    # ------------------------------------------------------------------ engines
+
+    def ledger(self, engine: EngineState) -> EngineFlow:
+        flow = self.engines.get(engine.url)
+        if flow is None:
+            flow = self.engines[engine.url] = EngineFlow(self.config.saturation.prefill_tokens_per_s)
+        return flow
+
+    def load(self, engine: EngineState, now: float) -> EngineLoad:
+        flow = self.ledger(engine)
+        return EngineLoad(
+            in_flight=engine.in_flight,
+            prefill_tokens=flow.backlog(now),
+            prefill_tokens_per_s=flow.rate,
+            num_waiting=engine.num_waiting,
+            kv_usage=engine.kv_cache_usage,
+        )
+
+    def with_room(self, candidates: list[EngineState]) -> list[EngineState]:
+        """The candidates that can take one more request now (all of them when none can)."""
+        now = self.clock()
+        free = [e for e in candidates if not saturation(self.load(e, now), self.limits).saturated]
+        return free or candidates
+
+    def _free(self, model: str, candidates: list[EngineState], now: float) -> int:
+        unsaturated = sum(1 for e in candidates if not saturation(self.load(e, now), self.limits).saturated)
+        return unsaturated - self.reserved.get(model, 0)
+
+    # ------------------------------------------------------------------ admission
+
+    def queue_for(self, model: str) -> FlowQueue:
+        queue = self.queues.get(model)
+        if queue is None:
+            flow = self.config.for_model(model)
+            fair = FairShare(self.weights)
+            aging = self.config.saturation.prefill_tokens_per_s
+            queue = self.queues[model] = FlowQueue(
+                flow.ordering, flow.max_queue, flow.max_queue_tokens, fair, aging
+            )
+        return queue
+
+    async def admit(
+        self, model: str, tenant: str, cls: PriorityClass, cost: float, candidates: list[EngineState]
+    ) -> Grant:
+        """Wait for the request's turn; raises :class:`RetryLater` (429) when it is refused."""
+        now = self.clock()
+        label = tenant if tenant in self.weights else OTHER_TENANT
+        grant = Grant(next(self._ids), model, cls.name, tenant, label, cls.ttft_objective_s, cost)
+        queue = self.queue_for(model)
+        rates = [self.ledger(e).rate for e in candidates]
+        cap = Capacity(
+            engines=len(candidates),
+            room=self._free(model, candidates, now) > 0,
+            prefill_tokens_per_s=sum(rates),
+            prefill_in_flight=sum(self.ledger(e).backlog(now) for e in candidates),
+            base_ttft_s=BASE_TTFT_S,
+        )
+        decision = decide(
+            Newcomer(tenant, cls.priority, cost, cls.ttft_objective_s), queue.state_for(cls.priority), cap
+        )
+        grant.predicted_ttft_s = decision.predicted_ttft_s
+        if decision.outcome == "dispatch":
+            self._reserve(grant)
+            self.metrics.flow_queue_wait.labels(cls.name).observe(0.0)
+            return grant
+        if decision.outcome == "shed":
+            raise self._shed(decision.reason, grant, decision.retry_after_s)
+        if decision.victim_priority is not None:
+            victim = queue.victim(decision.victim_priority, decision.victim_tenant)
+            if victim is not None and self._dequeue(model, victim) and not victim.future.done():
+                victim.future.set_exception(Shed("displaced"))
+        waiting = Waiting(grant.id, now, cls.priority, tenant, cost, now + (cls.ttft_objective_s or math.inf))
+        ticket = Ticket(waiting, cls.name, label)
+        grant.position = queue.add(ticket)
+        self._gauge(model, ticket).inc()
+        self._start_ticker()
+        try:
+            async with asyncio.timeout(self.queue_timeout_s):
+                await ticket.future
+        except TimeoutError:
+            self._dequeue(model, ticket)
+            raise self._shed("queue_timeout", grant, 1.0) from None
+        except Shed as shed:
+            raise self._shed(shed.reason, grant, 1.0) from None
+        except BaseException:
+            if not self._dequeue(model, ticket) and ticket.future.done() and not ticket.future.cancelled():
+                grant.reserved = True  # its turn came (pump reserved it) as its client left: pass it on
+                self.release(grant)
+            raise
+        grant.reserved = True  # pump reserved the turn when it woke us
+        grant.queue_wait_s = self.clock() - now
+        self.metrics.flow_queue_wait.labels(cls.name).observe(grant.queue_wait_s)
+        return grant
+
+    def _shed(self, reason: str, grant: Grant, retry_after_s: float) -> RetryLater:
+        self.metrics.flow_shed.labels(reason, grant.class_name).inc()
+        self.metrics.reject("displaced" if reason == "displaced" else reason)
+        message = _MESSAGES[reason].format(cls=grant.class_name, model=grant.model)
+        return RetryLater(429, message, retry_after_s)
+
+    def _gauge(self, model: str, ticket: Ticket) -> Gauge:
+        return self.metrics.flow_queue_length.labels(
+            self.metrics.model_label(model), ticket.class_name, ticket.tenant_label
+        )
+
+    def _dequeue(self, model: str, ticket: Ticket) -> bool:
+        if not self.queue_for(model).remove(ticket):
+            return False
+        self._gauge(model, ticket).dec()
+        return True
+
+    def _reserve(self, grant: Grant) -> None:
+        grant.reserved = True
+        self.reserved[grant.model] = self.reserved.get(grant.model, 0) + 1
+
+    def _unreserve(self, grant: Grant) -> None:
+        if grant.reserved:
+            grant.reserved = False
+            self.reserved[grant.model] -= 1
+
+    # ------------------------------------------------------------------ a request's life at its engine
+
+    def dispatched(self, grant: Grant, engine: EngineState, uncached: float) -> None:
+        """Sent to ``engine``, with ``uncached`` prompt tokens to prefill there."""
+        now = self.clock()
+        self._unreserve(grant)
+        flow = self.ledger(engine)
+        grant.engine, grant.dispatched_at, grant.uncached = engine.url, now, uncached
+        grant.backlog_at_dispatch = flow.backlog(now)
+        expected = (grant.backlog_at_dispatch + uncached) / flow.rate
+        flow.prefill[grant.id] = (uncached, now + max(1.0, 2 * expected))
+
+    def first_token(self, grant: Grant, ttft_s: float) -> None:
+        """The first token came back (``ttft_s`` from arrival at the router): the prefill is over."""
+        now = self.clock()
+        cls = grant.class_name
+        model = self.metrics.model_label(grant.model)
+        if grant.predicted_ttft_s:
+            self.metrics.flow_ttft_ratio.labels(cls).observe(ttft_s / grant.predicted_ttft_s)
+        if grant.objective_s is not None:
+            counter = (
+                self.metrics.flow_goodput
+                if ttft_s <= grant.objective_s
+                else self.metrics.flow_objective_misses
+            )
+            counter.labels(model, cls).inc()
+        engine = self.registry.get(grant.engine or "")
+        if engine is None:
+            return
+        flow = self.ledger(engine)
+        if flow.prefill.pop(grant.id, None) is not None:
+            sat = self.config.saturation
+            flow.rate = learn_rate(
+                flow.rate,
+                sat.prefill_tokens_per_s,
+                grant.backlog_at_dispatch + grant.uncached,
+                now - grant.dispatched_at - BASE_TTFT_S,
+                sat.learn_weight,
+            )
+        self.pump(grant.model)
+
+    def finished(self, grant: Grant, engine: EngineState) -> None:
+        """One try at ``engine`` ended (its in-flight count is already down)."""
+        self.ledger(engine).prefill.pop(grant.id, None)
+        self.pump_models(engine.models)
+
+    def release(self, grant: Grant) -> None:
+        """The request is done with flow control: a turn it never used goes to the next in line."""
+        if grant.reserved:
+            self._unreserve(grant)
+            self.pump(grant.model)
+
+    # ------------------------------------------------------------------ late binding
+
+    def pump(self, model: str) -> None:
+        """Give turns to waiting requests of ``model`` while its engines have room."""
+        queue = self.queues.get(model)
+        if not queue:
+            return
+        now = self.clock()
+        candidates = self.registry.candidates(model, now)
+        while len(queue) and candidates and self._free(model, candidates, now) > 0:
+            ticket = queue.pop_next()
+            if ticket is None:
+                return
+            self._gauge(model, ticket).dec()
+            if ticket.future.done():
+                continue
+            ticket.future.set_result(None)
+            self.reserved[model] = self.reserved.get(model, 0) + 1  # the grant's, set by its waiter
+
+    def pump_models(self, models: Iterable[str]) -> None:
+        for model in models:
+            self.pump(model)
+
+    def pump_all(self) -> None:
+        """The engine set changed (or a scrape interval passed): room may have appeared anywhere."""
+        self.pump_models(list(self.queues))
+
+    def _start_ticker(self) -> None:
+        if self._ticker is None or self._ticker.done():
+            self._ticker = asyncio.get_running_loop().create_task(self._tick())
+
+    async def _tick(self) -> None:
+        """While anything waits: look again every scrape interval (scraped signals change there)."""
+        while any(len(q) for q in self.queues.values()):
+            await asyncio.sleep(self.tick_s)
+            self.pump_all()
+
+    async def stop(self) -> None:
+        if self._ticker is not None:
+            self._ticker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._ticker

@@ -1,0 +1,62 @@
+"""Weighted, work-conserving fair shares between tenants: start-time fair queuing. No clock, no I/O.
+
+Each tenant with requests waiting has a virtual time: the work it was given while waiting, divided
+by its weight. Work is a request's uncached prompt tokens plus ``request_tokens`` per request, so
+many small requests and a few large ones are both counted. The next request goes to the waiting
+tenant with the least virtual time; the system's virtual time is that of the tenant last served.
+
+A tenant that starts waiting enters at the system's virtual time (or keeps its own, when larger): an
+idle tenant banks no credit for its idle time, and its share is used by the others meanwhile (work
+conserving). A tenant that stops waiting is forgotten, so the state is bounded by the tenants
+waiting, whatever the tenant names clients send.
+
+:func:`over_share` says whether a tenant holds more of a queue than its weight entitles it to.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+
+class FairShare:
+    """Virtual times of the tenants waiting in one queue."""
+
+    def __init__(self, weights: Mapping[str, float], request_tokens: float = 256.0) -> None:
+        self.weights = dict(weights)
+        self.request_tokens = request_tokens
+        self.now = 0.0  # system virtual time
+        self.vtime: dict[str, float] = {}
+
+    def weight(self, tenant: str) -> float:
+        return self.weights.get(tenant, 1.0)
+
+    def waiting(self, tenant: str) -> None:
+        """``tenant`` has a request waiting (again)."""
+        self.vtime[tenant] = max(self.now, self.vtime.get(tenant, self.now))
+
+    def idle(self, tenant: str) -> None:
+        """``tenant`` has nothing waiting any more."""
+        self.vtime.pop(tenant, None)
+
+    def pick(self, tenants: set[str]) -> str:
+        """The one of ``tenants`` (waiting) to serve next: least virtual time, then name."""
+        return min(tenants, key=lambda t: (self.vtime.get(t, self.now), t))
+
+    def charge(self, tenant: str, tokens: float) -> None:
+        """``tenant`` was given a request of ``tokens`` uncached prompt tokens."""
+        start = max(self.now, self.vtime.get(tenant, self.now))
+        self.now = start
+        self.vtime[tenant] = start + (tokens + self.request_tokens) / self.weight(tenant)
+
+
+def over_share(
+    tenant: str, cost: float, queued: Mapping[str, float], weights: Mapping[str, float], request_tokens: float
+) -> bool:
+    """Whether ``tenant`` would hold more than its weighted share of a queue with one more request
+    of ``cost`` tokens from it. ``queued``: each waiting tenant's queued work (tokens + request_tokens
+    per request); the shares are among the tenants waiting, newcomer included."""
+    work = dict(queued)
+    work[tenant] = work.get(tenant, 0.0) + cost + request_tokens
+    total = sum(work.values())
+    weight_sum = sum(weights.get(t, 1.0) for t in work)
+    return work[tenant] > total * weights.get(tenant, 1.0) / weight_sum + 1e-9

@@ -1,0 +1,206 @@
+"""Flow control's run-time part on the event loop, with a real engine registry and metrics: turns in
+order, bounds, timeouts, cancellation, displacement, fair shares and late binding on new engines."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import pytest
+
+from kvstack.router.engines import Endpoint, EngineRegistry, EngineState
+from kvstack.router.exchange import RetryLater
+from kvstack.router.flow.config import FlowControlConfig
+from kvstack.router.flow.controller import FlowControl, Grant
+from kvstack.router.metrics import RouterMetrics
+
+M = "m"
+
+
+def make(
+    n_engines: int = 1, timeout: float = 5.0, **flow: Any
+) -> tuple[FlowControl, EngineRegistry, RouterMetrics]:
+    registry = EngineRegistry()
+    registry.sync([Endpoint(f"http://e{i}", f"e{i}", frozenset({M})) for i in range(n_engines)])
+    metrics = RouterMetrics(registry, time.monotonic, [M])
+    config = FlowControlConfig(**flow)
+    control = FlowControl(
+        config, registry, metrics, time.monotonic, max_in_flight=1, queue_timeout_s=timeout, tick_s=60.0
+    )
+    return control, registry, metrics
+
+
+def cls(control: FlowControl, name: str = "default") -> Any:
+    found = control.config.class_named(name)
+    assert found is not None
+    return found
+
+
+async def start(control: FlowControl, engine: EngineState, grant: Grant) -> None:
+    """The proxy's part: the request reaches ``engine``."""
+    engine.in_flight += 1
+    control.dispatched(grant, engine, grant.cost)
+
+
+async def end(control: FlowControl, engine: EngineState, grant: Grant) -> None:
+    engine.in_flight -= 1
+    control.finished(grant, engine)
+    control.release(grant)
+
+
+async def settle() -> None:
+    for _ in range(3):
+        await asyncio.sleep(0)
+
+
+def queued(metrics: RouterMetrics, klass: str = "default", tenant: str = "other") -> float:
+    value = metrics.registry.get_sample_value(
+        "kvstack_router_flow_queue_length", {"model_name": M, "class": klass, "tenant": tenant}
+    )
+    return value or 0.0
+
+
+async def test_turns_in_arrival_order_bounded_and_timed_out() -> None:
+    control, registry, metrics = make(models=[{"max_queue": 2}], timeout=0.2)
+    engine = registry.all()[0]
+    first = await control.admit(M, "t", cls(control), 100, registry.all())
+    assert first.position == 0 and first.reserved
+    await start(control, engine, first)
+    order: list[int] = []
+
+    async def wait(seq: int) -> Grant:
+        grant = await control.admit(M, "t", cls(control), 100, registry.all())
+        order.append(seq)
+        return grant
+
+    a = asyncio.create_task(wait(1))
+    await settle()
+    b = asyncio.create_task(wait(2))
+    await settle()
+    assert len(control.queues[M]) == 2 and queued(metrics) == 2
+    with pytest.raises(RetryLater) as full:
+        await control.admit(M, "t", cls(control), 100, registry.all())
+    assert full.value.status == 429 and "queued" in full.value.message
+    await end(control, engine, first)
+    ga = await a
+    assert order == [1] and ga.position == 1
+    await start(control, engine, ga)
+    await end(control, engine, ga)
+    gb = await b
+    assert order == [1, 2]
+    await start(control, engine, gb)
+    with pytest.raises(RetryLater) as late:  # nobody frees the engine: the wait times out
+        await control.admit(M, "t", cls(control), 100, registry.all())
+    assert "timed out" in late.value.message
+    assert queued(metrics) == 0 and not control.queues[M]
+
+
+async def test_a_cancelled_waiter_leaves_at_once_and_a_turn_it_was_given_passes_on() -> None:
+    control, registry, metrics = make()
+    engine = registry.all()[0]
+    first = await control.admit(M, "t", cls(control), 100, registry.all())
+    await start(control, engine, first)
+    task = asyncio.create_task(control.admit(M, "t", cls(control), 100, registry.all()))
+    await settle()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert not control.queues[M] and queued(metrics) == 0
+    # given its turn and cancelled before it could use it: the next in line gets the turn
+    doomed = asyncio.create_task(control.admit(M, "t", cls(control), 100, registry.all()))
+    await settle()
+    heir = asyncio.create_task(control.admit(M, "t", cls(control), 100, registry.all()))
+    await settle()
+    await end(control, engine, first)  # pump: doomed's future is set, it has not run yet
+    doomed.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await doomed
+    grant = await asyncio.wait_for(heir, 2)
+    assert grant.reserved and control.reserved[M] == 1
+
+
+CLASSES = [
+    {"name": "interactive", "priority": 10, "ttft_objective_s": 30.0},
+    {"name": "batch", "priority": 0},
+]
+
+
+async def test_a_higher_class_goes_first_and_displaces_the_newest_lower_one_from_a_full_queue() -> None:
+    control, registry, metrics = make(classes=CLASSES, default_class="batch", models=[{"max_queue": 2}])
+    engine = registry.all()[0]
+    running = await control.admit(M, "t", cls(control, "batch"), 100, registry.all())
+    await start(control, engine, running)
+    batch = [
+        asyncio.create_task(control.admit(M, "t", cls(control, "batch"), 100, registry.all()))
+        for _ in range(2)
+    ]
+    await settle()
+    urgent = asyncio.create_task(control.admit(M, "t", cls(control, "interactive"), 100, registry.all()))
+    await settle()
+    with pytest.raises(RetryLater) as shed:
+        await batch[1]  # the newest batch request made way
+    assert shed.value.status == 429 and "made way" in shed.value.message
+    assert (
+        metrics.registry.get_sample_value(
+            "kvstack_router_flow_shed_total", {"reason": "displaced", "class": "batch"}
+        )
+        == 1
+    )
+    await end(control, engine, running)
+    grant = await urgent
+    assert grant.class_name == "interactive" and grant.position == 1 and not batch[0].done()
+    await start(control, engine, grant)
+    await end(control, engine, grant)
+    assert (await batch[0]).class_name == "batch"  # the batch class still progresses
+
+
+async def test_fair_shares_between_tenants_when_one_floods() -> None:
+    control, registry, _ = make(tenants=[{"name": "a"}, {"name": "b"}])
+    engine = registry.all()[0]
+    running = await control.admit(M, "a", cls(control), 100, registry.all())
+    await start(control, engine, running)
+    served: list[str] = []
+
+    async def ask(tenant: str) -> None:
+        grant = await control.admit(M, tenant, cls(control), 100, registry.all())
+        served.append(tenant)
+        await start(control, engine, grant)
+        await asyncio.sleep(0)
+        await end(control, engine, grant)
+
+    tasks = [asyncio.create_task(ask("a")) for _ in range(8)]
+    await settle()
+    tasks += [asyncio.create_task(ask("b")) for _ in range(2)]
+    await settle()
+    await end(control, engine, running)
+    await asyncio.wait_for(asyncio.gather(*tasks), 5)
+    # b arrived behind eight of a's, and is served alternately with a, not after all of them
+    assert served.index("b") <= 1 and served[:4].count("b") == 2
+
+
+async def test_an_engine_added_takes_the_waiting_requests_at_once() -> None:
+    control, registry, _ = make()
+    engine = registry.all()[0]
+    running = await control.admit(M, "t", cls(control), 100, registry.all())
+    await start(control, engine, running)
+    waiting = asyncio.create_task(control.admit(M, "t", cls(control), 100, registry.all()))
+    await settle()
+    assert not waiting.done()
+    registry.sync([engine.endpoint, Endpoint("http://e9", "e9", frozenset({M}))])
+    control.pump_all()  # the router's context calls this on every registry change
+    grant = await asyncio.wait_for(waiting, 2)
+    assert [e.name for e in control.with_room(registry.candidates(M, time.monotonic()))] == ["e9"]
+    assert grant.position == 1
+
+
+def test_unknown_class_is_a_400_naming_the_header() -> None:
+    control, _, _ = make(
+        classes=CLASSES, default_class="batch", tenants=[{"name": "vip", "default_class": "interactive"}]
+    )
+    assert control.classify(None, None, "anonymous")[1].name == "batch"
+    assert control.classify("vip", None, "k")[1].name == "interactive"  # the tenant's default
+    assert control.classify(None, "interactive", "k") == ("k", cls(control, "interactive"))
+    with pytest.raises(Exception, match="x-kvstack-priority") as err:
+        control.classify(None, "gold", "k")
+    assert getattr(err.value, "status", None) == 400

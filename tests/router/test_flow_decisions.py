@@ -1,0 +1,332 @@
+"""The pure decisions of flow control, table by table: saturation, ordering, fair shares, admission."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from kvstack.router.flow.admission import Capacity, Decision, Newcomer, QueueState, decide, predict_ttft
+from kvstack.router.flow.fairness import FairShare, over_share
+from kvstack.router.flow.ordering import Waiting, next_waiting, order_key
+from kvstack.router.flow.saturation import EngineLoad, Limits, learn_rate, saturation
+
+RATE = 34_000.0
+LIMITS = Limits(prefill_target_s=0.25, max_kv_usage=0.95, max_waiting=0, max_in_flight=None)
+
+# ---------------------------------------------------------------- saturation
+
+
+@pytest.mark.parametrize(
+    ("load", "limits", "saturated", "reason"),
+    [
+        # nothing of ours there: it always takes one, whatever it reports (the queue drains)
+        (EngineLoad(0, 0, RATE, num_waiting=9, kv_usage=1.0), LIMITS, False, "idle"),
+        (EngineLoad(3, 1000, RATE, num_waiting=0, kv_usage=0.5), LIMITS, False, "room"),
+        (EngineLoad(3, 1000, RATE), LIMITS, False, "room"),  # not scraped yet: our own ledger decides
+        (EngineLoad(3, 1000, RATE, num_waiting=1), LIMITS, True, "waiting"),
+        (EngineLoad(3, 1000, RATE, num_waiting=2), Limits(0.25, max_waiting=2), False, "room"),
+        (EngineLoad(3, 1000, RATE, kv_usage=0.95), LIMITS, True, "kv_usage"),
+        (EngineLoad(3, 1000, RATE, kv_usage=0.94), LIMITS, False, "room"),
+        # 0.25 s of prefill at 34K tokens/s is 8,500 tokens
+        (EngineLoad(3, 8_499, RATE), LIMITS, False, "room"),
+        (EngineLoad(3, 8_500, RATE), LIMITS, True, "prefill_backlog"),
+        (EngineLoad(3, 8_500, 2 * RATE), LIMITS, False, "room"),  # a faster engine takes more
+        (EngineLoad(2, 0, RATE), Limits(0.25, max_in_flight=2), True, "in_flight_cap"),
+        (EngineLoad(1, 0, RATE), Limits(0.25, max_in_flight=2), False, "room"),
+        # the hard cap first, then the engine's queue, then KV, then the backlog
+        (EngineLoad(2, 9e9, RATE, 5, 1.0), Limits(0.25, max_in_flight=2), True, "in_flight_cap"),
+        (EngineLoad(1, 9e9, RATE, 5, 1.0), LIMITS, True, "waiting"),
+        (EngineLoad(1, 9e9, RATE, 0, 1.0), LIMITS, True, "kv_usage"),
+    ],
+)
+def test_saturation(load: EngineLoad, limits: Limits, saturated: bool, reason: str) -> None:
+    verdict = saturation(load, limits)
+    assert (verdict.saturated, verdict.reason) == (saturated, reason)
+
+
+@pytest.mark.parametrize(
+    ("current", "tokens", "ttft", "weight", "expected"),
+    [
+        (RATE, 17_000, 0.25, 0.5, 0.5 * RATE + 0.5 * 68_000),  # twice as fast as thought
+        (RATE, 17_000, 10.0, 1.0, RATE / 4),  # a stalled request: clipped to a quarter
+        (RATE, 17_000, 0.01, 1.0, 4 * RATE),  # a lucky one: clipped to four times
+        (RATE, 17_000, 0.001, 1.0, RATE),  # too short to say anything
+        (RATE, 0, 0.5, 1.0, RATE),  # nothing to prefill (a full hit)
+        (RATE, 17_000, 0.25, 0.0, RATE),  # learning off
+    ],
+)
+def test_learn_rate(current: float, tokens: float, ttft: float, weight: float, expected: float) -> None:
+    assert learn_rate(current, RATE, tokens, ttft, weight) == pytest.approx(expected)
+
+
+# ---------------------------------------------------------------- ordering
+
+
+def w(
+    seq: int,
+    arrival: float,
+    *,
+    priority: int = 0,
+    tenant: str = "t",
+    cost: float = 100,
+    deadline: float = math.inf,
+) -> Waiting:
+    return Waiting(seq, arrival, priority, tenant, cost, deadline)
+
+
+def first_tenant(tenants: set[str]) -> str:
+    return min(tenants)
+
+
+@pytest.mark.parametrize(
+    ("ordering", "items", "expected"),
+    [
+        ("fcfs", [w(2, 2.0), w(1, 1.0), w(3, 3.0)], 1),
+        ("fcfs", [w(1, 1.0), w(2, 2.0, priority=5)], 2),  # the class before anything else
+        ("edf", [w(1, 1.0, deadline=9.0), w(2, 2.0, deadline=3.0)], 2),
+        ("edf", [w(1, 1.0), w(2, 2.0, deadline=50.0)], 2),  # no objective: after every deadline
+        ("edf", [w(1, 1.0), w(2, 2.0)], 1),  # no deadlines: arrival order
+        ("cheapest", [w(1, 1.0, cost=5000), w(2, 1.05, cost=100)], 2),
+        # aging: waited 1 s, worth RATE tokens, so the long prompt goes before a newer short one
+        ("cheapest", [w(1, 0.0, cost=20_000), w(2, 1.0, cost=100)], 1),
+        ("cheapest", [w(1, 0.0, cost=100), w(2, 0.0, cost=100)], 1),  # a tie: the lower sequence
+        ("cheapest", [w(1, 0.0, cost=9e9), w(2, 1.0, cost=1, priority=1)], 2),
+    ],
+)
+def test_next_waiting(ordering: str, items: list[Waiting], expected: int) -> None:
+    chosen = next_waiting(items, ordering, RATE, first_tenant)  # type: ignore[arg-type]
+    assert chosen is not None and chosen.seq == expected
+
+
+def test_nobody_waiting_and_tenants_picked_only_among_the_top_class() -> None:
+    assert next_waiting([], "fcfs", RATE, first_tenant) is None
+    asked: list[set[str]] = []
+
+    def pick(tenants: set[str]) -> str:
+        asked.append(tenants)
+        return "b"
+
+    items = [w(1, 1.0, tenant="a"), w(2, 2.0, tenant="b"), w(3, 0.5, tenant="c", priority=-1)]
+    chosen = next_waiting(items, "fcfs", RATE, pick)
+    assert chosen is not None and chosen.seq == 2
+    assert asked == [{"a", "b"}]
+
+
+def test_cheapest_keys_never_change_while_waiting() -> None:
+    a, b = w(1, 0.0, cost=20_000), w(2, 0.4, cost=100)
+    assert order_key(b, "cheapest", RATE) < order_key(a, "cheapest", RATE)  # b jumps a: it is cheap
+    c = w(3, 0.6, cost=100)  # 0.6 s later a has aged past c's cost
+    assert order_key(a, "cheapest", RATE) < order_key(c, "cheapest", RATE)
+
+
+# ---------------------------------------------------------------- fair shares
+
+
+def serve(fair: FairShare, backlog: dict[str, int], cost: float, rounds: int) -> dict[str, int]:
+    """Serve ``rounds`` requests of ``cost`` tokens from tenants always waiting; counts per tenant."""
+    for tenant in backlog:
+        fair.waiting(tenant)
+    served = dict.fromkeys(backlog, 0)
+    for _ in range(rounds):
+        tenant = fair.pick(set(backlog))
+        fair.charge(tenant, cost)
+        served[tenant] += 1
+    return served
+
+
+@pytest.mark.parametrize(
+    ("weights", "expected"),
+    [
+        ({}, {"a": 50, "b": 50}),
+        ({"a": 3.0}, {"a": 75, "b": 25}),
+        ({"a": 1.0, "b": 4.0}, {"a": 20, "b": 80}),
+    ],
+)
+def test_weighted_shares_of_backlogged_tenants(weights: dict[str, float], expected: dict[str, int]) -> None:
+    assert serve(FairShare(weights), {"a": 1, "b": 1}, 1000, 100) == expected
+
+
+def test_cost_counts_tokens_as_well_as_requests() -> None:
+    fair = FairShare({}, request_tokens=0)
+    for tenant in ("big", "small"):
+        fair.waiting(tenant)
+    served = {"big": 0, "small": 0}
+    for _ in range(110):
+        tenant = fair.pick({"big", "small"})
+        fair.charge(tenant, 10_000 if tenant == "big" else 1_000)
+        served[tenant] += 1
+    assert served == {"big": 10, "small": 100}  # equal tokens, not equal requests
+
+
+def test_an_idle_tenant_banks_no_credit_and_its_state_is_forgotten() -> None:
+    fair = FairShare({})
+    serve(fair, {"a": 1}, 1000, 50)  # a alone takes everything: work conserving
+    fair.waiting("b")  # b arrives late: it starts level with a, not 50 requests ahead
+    assert serve(fair, {"a": 1, "b": 1}, 1000, 10) == {"a": 5, "b": 5}
+    fair.idle("a")
+    fair.idle("b")
+    assert fair.vtime == {}
+
+
+@pytest.mark.parametrize(
+    ("tenant", "queued", "weights", "over"),
+    [
+        ("a", {}, {}, False),  # alone: the whole queue is its share
+        ("a", {"a": 1000}, {}, False),
+        ("a", {"a": 1000, "b": 2000}, {}, False),
+        ("a", {"a": 3000, "b": 1000}, {}, True),
+        ("a", {"a": 2000, "b": 1000}, {"a": 3.0}, False),
+        ("b", {"a": 3000, "b": 900}, {"a": 3.0}, False),  # exactly its quarter with the newcomer
+        ("b", {"a": 3000, "b": 1500}, {"a": 3.0}, True),
+    ],
+)
+def test_over_share(tenant: str, queued: dict[str, float], weights: dict[str, float], over: bool) -> None:
+    assert over_share(tenant, 100, queued, weights, 0) is over
+
+
+# ---------------------------------------------------------------- admission
+
+
+def queue_state(
+    count: int = 0,
+    *,
+    tokens: float = 0,
+    max_count: int = 10,
+    max_tokens: int = 100_000,
+    ahead: float | None = None,
+    waiting_ahead: int | None = None,
+    lowest: int | None = None,
+    work: dict[str, float] | None = None,
+) -> QueueState:
+    return QueueState(
+        count=count,
+        tokens=tokens,
+        max_count=max_count,
+        max_tokens=max_tokens,
+        tokens_ahead=tokens if ahead is None else ahead,
+        waiting_ahead=count if waiting_ahead is None else waiting_ahead,
+        lowest_priority=lowest if lowest is not None or not count else 0,
+        work=work or ({"t": tokens} if count else {}),
+        weights={},
+        request_tokens=0,
+    )
+
+
+ROOM = Capacity(engines=2, room=True, prefill_tokens_per_s=2 * RATE, prefill_in_flight=0, base_ttft_s=0.01)
+FULL = Capacity(
+    engines=2, room=False, prefill_tokens_per_s=2 * RATE, prefill_in_flight=68_000, base_ttft_s=0.01
+)
+NONE = Capacity(engines=0, room=False, prefill_tokens_per_s=0, prefill_in_flight=0)
+
+
+def new(tenant: str = "t", priority: int = 0, cost: float = 3400, objective: float | None = None) -> Newcomer:
+    return Newcomer(tenant, priority, cost, objective)
+
+
+@pytest.mark.parametrize(
+    ("newcomer", "queue", "cap", "outcome", "reason", "victim"),
+    [
+        (new(), queue_state(), ROOM, "dispatch", "room", (None, None)),
+        # room, but someone of its class waits already: no overtaking
+        (new(), queue_state(1, tokens=100), ROOM, "queue", "queued", (None, None)),
+        # room and only lower classes wait: it goes first
+        (
+            new(priority=1),
+            queue_state(1, tokens=100, ahead=0, waiting_ahead=0),
+            ROOM,
+            "dispatch",
+            "room",
+            (None, None),
+        ),
+        (new(), queue_state(), FULL, "queue", "queued", (None, None)),
+        # predicted: 0.01 + 68,000/68,000 + 3,400/34,000 = 1.11 s
+        (new(objective=1.0), queue_state(), FULL, "shed", "slo", (None, None)),
+        (new(objective=1.2), queue_state(), FULL, "queue", "queued", (None, None)),
+        # the batch backlog behind it does not count against an interactive request
+        (
+            new(priority=1, objective=1.2),
+            queue_state(5, tokens=90_000, ahead=0, waiting_ahead=0),
+            FULL,
+            "queue",
+            "queued",
+            (None, None),
+        ),
+        (
+            new(objective=0.001),
+            queue_state(),
+            NONE,
+            "queue",
+            "queued",
+            (None, None),
+        ),  # no engine: no prediction
+        (new(), queue_state(10, tokens=1000), FULL, "shed", "queue_full", (None, None)),
+        (new(), queue_state(1, tokens=99_000), FULL, "shed", "queue_full", (None, None)),  # by tokens
+        (
+            new(cost=200_000),
+            queue_state(),
+            FULL,
+            "queue",
+            "queued",
+            (None, None),
+        ),  # alone: a long prompt fits
+        (new(), queue_state(0, max_count=0), FULL, "shed", "queue_full", (None, None)),  # no queue at all
+        (new(priority=1), queue_state(10, tokens=1000, lowest=0), FULL, "queue", "displace_lower", (0, None)),
+        (
+            new("a", cost=100),
+            queue_state(10, tokens=1000, work={"a": 800, "b": 200}),
+            FULL,
+            "shed",
+            "over_share",
+            (None, None),
+        ),
+        (
+            new("b", cost=100),
+            queue_state(10, tokens=1000, work={"a": 800, "b": 200}),
+            FULL,
+            "queue",
+            "displace_over_share",
+            (0, "a"),
+        ),
+        (
+            new("c", cost=100),
+            queue_state(10, tokens=1000, work={"a": 500, "b": 500}),
+            FULL,
+            "queue",
+            "displace_over_share",
+            (0, "a"),
+        ),
+        # a lower class never makes a higher one make way
+        (
+            new("c", priority=-1, cost=100),
+            queue_state(10, tokens=1000, lowest=0, work={"a": 900, "b": 100}),
+            FULL,
+            "shed",
+            "queue_full",
+            (None, None),
+        ),
+    ],
+)
+def test_admission(
+    newcomer: Newcomer,
+    queue: QueueState,
+    cap: Capacity,
+    outcome: str,
+    reason: str,
+    victim: tuple[int | None, str | None],
+) -> None:
+    decision = decide(newcomer, queue, cap)
+    assert (decision.outcome, decision.reason) == (outcome, reason)
+    assert (decision.victim_priority, decision.victim_tenant) == victim
+
+
+def test_predictions_and_retry_after() -> None:
+    assert predict_ttft(3400, 0, NONE) is None
+    assert predict_ttft(3400, 34_000, FULL) == pytest.approx(0.01 + 1.5 + 0.1)
+    shed: Decision = decide(new(), queue_state(10, tokens=136_000, max_tokens=10**6), FULL)
+    assert shed.reason == "queue_full" and shed.retry_after_s == 3.0  # (68K + 136K) / 68K tokens/s
+    huge = decide(new(), queue_state(10, tokens=10**8, max_tokens=10**9), FULL)
+    assert huge.retry_after_s == 60.0  # capped
+    idle = Capacity(engines=2, room=False, prefill_tokens_per_s=2 * RATE, prefill_in_flight=0)
+    quick = decide(new(), queue_state(10, tokens=10), idle)
+    assert quick.retry_after_s == 1.0
