@@ -6,6 +6,8 @@
 #   bash scripts/gpu/device.sh proof ARGS...    the proof over the running engines, results in $OUT
 #   bash scripts/gpu/device.sh calib ARGS...    the same traces on two simulators sized like the engines
 #   bash scripts/gpu/device.sh logs             engine log tails into $OUT
+#   ENGINES=4 GPU_UTIL=0.15 bash scripts/gpu/device.sh start   four engines (~97K tokens of KV each)
+#   bash scripts/gpu/device.sh flow ARGS...     kvstack bench flow over the running engines, results in $OUT
 #   kvstack itself travels as a wheel: build it here with `pip wheel --no-deps -w .whl .` and carry
 #   .whl; every call installs it afresh into /tmp/kvsite (the package maps folders, so no PYTHONPATH
 #   to the checkout would import it).
@@ -17,6 +19,8 @@ LOGS=/tmp/gpulogs
 REDIS_PORT=6390
 # LMCache CPU buffer per engine (GB): 5 filled within minutes on the first long run and stalled stores
 LMCACHE_CPU_GB=${LMCACHE_CPU_GB:-20}
+ENGINES=${ENGINES:-2}
+GPU_UTIL=${GPU_UTIL:-0.3}
 mkdir -p "$LOGS" /tmp/bin "${OUT:-/tmp/out}"
 
 engine_yaml() {  # $1 index
@@ -27,7 +31,7 @@ served_model_name: [kvstack-8b]
 host: 127.0.0.1
 port: $((8100 + i))
 max_model_len: 32768
-gpu_memory_utilization: 0.3
+gpu_memory_utilization: $GPU_UTIL
 kv_events: {enabled: true, endpoint: "tcp://*:$((5557 + 2 * i))", replay_endpoint: "tcp://*:$((5558 + 2 * i))", topic: kv-events}
 lmcache: {remote_url: "redis://127.0.0.1:$REDIS_PORT", max_local_cpu_size: $LMCACHE_CPU_GB}
 python_hash_seed: "0"
@@ -54,27 +58,33 @@ SH
   LD_LIBRARY_PATH=/tmp/redisroot/usr/lib/x86_64-linux-gnu /tmp/redisroot/usr/bin/redis-server \
     --port $REDIS_PORT --bind 127.0.0.1 --save '' --appendonly no --maxmemory 16gb \
     --maxmemory-policy allkeys-lru --daemonize yes --logfile $LOGS/redis.log
-  cat > $LOGS/engines.yaml <<YAML
-- {url: "http://127.0.0.1:8100", name: gpu0, models: [kvstack-8b], kv_events_endpoint: "tcp://127.0.0.1:5557", kv_events_replay_endpoint: "tcp://127.0.0.1:5558"}
-- {url: "http://127.0.0.1:8101", name: gpu1, models: [kvstack-8b], kv_events_endpoint: "tcp://127.0.0.1:5559", kv_events_replay_endpoint: "tcp://127.0.0.1:5560"}
-YAML
-  for i in 0 1; do
+  : > $LOGS/engines.yaml
+  for i in $(seq 0 $((ENGINES - 1))); do
+    echo "- {url: \"http://127.0.0.1:$((8100 + i))\", name: gpu$i, models: [kvstack-8b], kv_events_endpoint: \"tcp://127.0.0.1:$((5557 + 2 * i))\", kv_events_replay_endpoint: \"tcp://127.0.0.1:$((5558 + 2 * i))\"}" >> $LOGS/engines.yaml
+  done
+  for i in $(seq 0 $((ENGINES - 1))); do
     engine_yaml $i > $LOGS/engine$i.yaml
     setsid nohup python3 -m kvstack engine serve --config $LOGS/engine$i.yaml > $LOGS/engine$i.log 2>&1 < /dev/null &
-    if [ $i = 0 ]; then
-      # the second engine starts once the first has sized its KV cache, so neither profiles the other
-      for _ in $(seq 150); do grep -q "KV cache size\|Available KV cache memory" $LOGS/engine0.log && break; sleep 1; done
-      grep -m2 "KV cache" $LOGS/engine0.log
+    if [ $i -lt $((ENGINES - 1)) ]; then
+      # the next engine starts once this one has sized its KV cache, so none profiles another
+      for _ in $(seq 150); do grep -q "KV cache size\|Available KV cache memory" $LOGS/engine$i.log && break; sleep 1; done
+      grep -m2 "KV cache" $LOGS/engine$i.log
     fi
   done
-  wait_health http://127.0.0.1:8100 240 $LOGS/engine0.log || return 1
-  wait_health http://127.0.0.1:8101 240 $LOGS/engine1.log || return 1
+  for i in $(seq 0 $((ENGINES - 1))); do
+    wait_health http://127.0.0.1:$((8100 + i)) 240 $LOGS/engine$i.log || return 1
+  done
   nvidia-smi --query-gpu=memory.used,memory.total --format=csv
 }
 
 proof() {
   timeout "${PROOF_TIMEOUT:-420}" python3 -m kvstack bench gpu --engines-file $LOGS/engines.yaml --model kvstack-8b \
     --out "$OUT" "$@" 2>&1 | tee -a "$OUT/proof.log"
+}
+
+flow() {  # flow control under overload over the running engines (kvstack bench flow)
+  timeout "${PROOF_TIMEOUT:-580}" python3 -m kvstack bench flow --engines-file $LOGS/engines.yaml --model kvstack-8b \
+    --tokenizer engine --speed 1 --out "$OUT" "$@" 2>&1 | tee -a "$OUT/flow.log"
 }
 
 calib() {  # the same traces on two simulators sized like the real engines
@@ -89,7 +99,7 @@ print(_num_gpu_blocks(promtext.scrape('http://127.0.0.1:8100/metrics')) or 0)")
 }
 
 logs() {
-  for f in $LOGS/engine0.log $LOGS/engine1.log; do tail -c 200000 "$f" > "$OUT/$(basename $f)"; done
+  for f in $LOGS/engine[0-9].log; do tail -c 200000 "$f" > "$OUT/$(basename $f)"; done
 }
 
 cmd=${1:-start}; shift || true

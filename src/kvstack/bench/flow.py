@@ -32,7 +32,9 @@ import yaml
 from kvstack.bench import flow_plan, promtext
 from kvstack.bench.driver import wait_for_engines
 from kvstack.bench.flow_driver import Client, run_trace
-from kvstack.bench.flow_plan import Policy, Results, Shape, Stream
+from kvstack.bench.flow_plan import PEER, Policy, Results, Shape, Stream
+from kvstack.bench.gpu import PEER_POLICIES
+from kvstack.bench.gpu import _peer_router_proc as peer_router
 from kvstack.common.procs import ManagedProcess, free_ports, kvstack_argv, running
 
 MODEL = "kvstack/sim-8b"
@@ -49,6 +51,11 @@ class FlowSetup:
     shape: Shape = field(default_factory=Shape)
     # the router's saturation model, in simulated time: the engines' cold prefill rate
     prefill_tokens_per_s: float = 2_100.0
+    # real engines instead of simulators (speed 1): their discovery file, served name, and where the
+    # router gets prompt tokens (their /tokenize: the model's own tokenizer)
+    engines_file: Path | None = None
+    model: str = MODEL
+    tokenizer: str = "builtin"
     log_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="kvstack-flow-")))
 
 
@@ -66,7 +73,7 @@ def router_config(setup: FlowSetup, policy: Policy) -> dict[str, Any]:
     With flow control, objectives and the saturation model are in wall time (the router's clock):
     a simulated second lasts ``1 / speed`` wall seconds.
     """
-    config: dict[str, Any] = {"policy": policy.routing, "log_level": "warning"}
+    config: dict[str, Any] = {"policy": policy.routing, "log_level": "warning", "tokenizer": setup.tokenizer}
     if not flow_available():
         return config
     if not policy.flow:
@@ -87,10 +94,28 @@ def router_config(setup: FlowSetup, policy: Policy) -> dict[str, Any]:
     return config
 
 
+def _router(
+    setup: FlowSetup, policy: Policy, engines_file: Path, log_dir: Path
+) -> tuple[ManagedProcess, str]:
+    if policy.routing in PEER_POLICIES:
+        urls = [e["url"] for e in yaml.safe_load(engines_file.read_text())]
+        return peer_router(urls, policy.routing, log_dir)
+    (log_dir / "router.yaml").write_text(yaml.safe_dump(router_config(setup, policy)))
+    port = free_ports(1)[0]
+    url = f"http://127.0.0.1:{port}"
+    argv = [*kvstack_argv(), "router", "--config", str(log_dir / "router.yaml"), "--port", str(port)]
+    argv += ["--engines-file", str(engines_file)]
+    env = {"KVSTACK_ROUTER_ACCESS_LOG": "false"}
+    return ManagedProcess("router", argv, log_dir, env=env, ready_url=f"{url}/ready"), url
+
+
 def _stack(setup: FlowSetup, policy: Policy, case: str) -> tuple[list[ManagedProcess], str]:
-    ports = free_ports(3 * setup.engines + 1)
     log_dir = setup.log_dir / case
     log_dir.mkdir(parents=True, exist_ok=True)
+    if setup.engines_file is not None:  # real engines, already running
+        router, url = _router(setup, policy, setup.engines_file, log_dir)
+        return [router], url
+    ports = free_ports(3 * setup.engines)
     sims: list[ManagedProcess] = []
     engines: list[dict[str, Any]] = []
     for i in range(setup.engines):
@@ -118,24 +143,7 @@ def _stack(setup: FlowSetup, policy: Policy, case: str) -> tuple[list[ManagedPro
             }
         )
     (log_dir / "engines.yaml").write_text(yaml.safe_dump(engines))
-    (log_dir / "router.yaml").write_text(yaml.safe_dump(router_config(setup, policy)))
-    url = f"http://127.0.0.1:{ports[-1]}"
-    router = ManagedProcess(
-        "router",
-        [
-            *kvstack_argv(),
-            "router",
-            "--config",
-            str(log_dir / "router.yaml"),
-            "--port",
-            str(ports[-1]),
-            "--engines-file",
-            str(log_dir / "engines.yaml"),
-        ],
-        log_dir,
-        env={"KVSTACK_ROUTER_ACCESS_LOG": "false"},
-        ready_url=f"{url}/ready",
-    )
+    router, url = _router(setup, policy, log_dir / "engines.yaml", log_dir)
     return [*sims, router], url
 
 
@@ -143,7 +151,7 @@ def _case(
     setup: FlowSetup, url: str, streams: Sequence[Stream], seed: int
 ) -> tuple[list[flow_plan.Outcome], float]:
     trace = flow_plan.build_trace(streams, setup.shape, seed)
-    client = Client(url, MODEL, setup.speed)
+    client = Client(url, setup.model, setup.speed)
     return asyncio.run(run_trace(client, trace))
 
 
@@ -180,9 +188,13 @@ def run(
             progress(f"{policy.name}: this router has no flow control; skipped")
             continue
         procs, url = _stack(setup, policy, policy.name.replace("+", "-"))
-        engine_urls = [p.ready_url.removesuffix("/health") for p in procs[:-1] if p.ready_url]
+        if setup.engines_file is not None:
+            engine_urls = [e["url"] for e in yaml.safe_load(setup.engines_file.read_text())]
+        else:
+            engine_urls = [p.ready_url.removesuffix("/health") for p in procs[:-1] if p.ready_url]
         with running(procs, timeout=90):
-            wait_for_engines(url, setup.engines)
+            if policy.routing not in PEER_POLICIES:
+                wait_for_engines(url, len(engine_urls))
             for scenario in scenarios:
                 for seed, (case, streams) in enumerate(plan[scenario]):
                     load0 = os.getloadavg()[0]
@@ -273,9 +285,17 @@ def flow_bench(
     duration_s: Annotated[float, typer.Option(min=1, help="Arrival window per case, simulated s.")] = 8.0,
     sim_config: Annotated[Path | None, typer.Option(help="Simulator config (YAML).")] = DEFAULT_SIM_CONFIG,
     label: Annotated[str, typer.Option(help="Result names: LABEL.json, LABEL.png.")] = "flow",
+    engines_file: Annotated[
+        Path | None, typer.Option(help="Running engines (static discovery YAML) instead of simulators.")
+    ] = None,
+    model: Annotated[str, typer.Option(help="Served model name.")] = MODEL,
+    tokenizer: Annotated[str, typer.Option(help="Router tokenizer: builtin or engine.")] = "builtin",
+    prefill_tokens_per_s: Annotated[
+        float, typer.Option(help="An engine's cold prefill rate (tokens/s, simulated time) for the router.")
+    ] = 2_100.0,
 ) -> None:
     """Flow control under overload: goodput, 429s and admitted TTFT per policy (simulators)."""
-    known = {p.name: p for p in flow_plan.POLICIES}
+    known = {p.name: p for p in (*flow_plan.POLICIES, PEER)}
     for name in policy or ():
         if name not in known:
             raise typer.BadParameter(
@@ -284,13 +304,26 @@ def flow_bench(
     for name in scenario or ():
         if name not in ("ramp", "fairness", "priority"):
             raise typer.BadParameter(f"unknown scenario {name!r}", param_hint="--scenario")
-    setup = FlowSetup(speed=speed, capacity_rps=capacity_rps, duration_s=duration_s, sim_config=sim_config)
+    if engines_file is not None and speed != 1.0:
+        raise typer.BadParameter("real engines run at speed 1", param_hint="--speed")
+    setup = FlowSetup(
+        speed=speed,
+        capacity_rps=capacity_rps,
+        duration_s=duration_s,
+        sim_config=sim_config,
+        engines_file=engines_file,
+        model=model,
+        tokenizer=tokenizer,
+        prefill_tokens_per_s=prefill_tokens_per_s,
+    )
     chosen = [known[n] for n in policy] if policy else list(flow_plan.POLICIES)
     results = run(setup, chosen, scenario or ["ramp", "fairness", "priority"])
     folder = out / "flow"
     folder.mkdir(parents=True, exist_ok=True)
     goals = flow_plan.goals(results)
     meta = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(setup).items() if k != "log_dir"}
+    meta["loadavg_end"] = list(os.getloadavg())
+    meta["cpu_count"] = os.cpu_count()
     body = {"meta": meta, **asdict(results), "goals": [asdict(g) for g in goals]}
     (folder / f"{label}.json").write_text(json.dumps(body, indent=1))
     if results.ramp:

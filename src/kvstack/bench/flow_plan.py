@@ -36,6 +36,8 @@ POLICIES = (
     Policy("cache_aware", "cache_aware", flow=False),
     Policy("cache_aware+flow", "cache_aware", flow=True),
 )
+# The SGLang router's cache_aware policy (`pip install sglang-router`), on real engines.
+PEER = Policy("sglang_cache_aware", "sglang_cache_aware", flow=False)
 
 
 @dataclass(frozen=True, slots=True)
