@@ -22,5 +22,5 @@ def test_every_policy_config_loads(policy: object) -> None:
             "default": 2.0,
             "batch": None,
         }
-        assert fc.saturation.prefill_tokens_per_s == 1050.0
+        assert (fc.saturation.prefill_tokens_per_s, fc.saturation.prefill_target_s) == (1050.0, 1.0)
         assert [t.name for t in fc.tenants] == ["A", "B"]

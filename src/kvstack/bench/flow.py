@@ -51,6 +51,9 @@ class FlowSetup:
     shape: Shape = field(default_factory=Shape)
     # the router's saturation model, in simulated time: the engines' cold prefill rate
     prefill_tokens_per_s: float = 2_100.0
+    # an engine takes more while the uncached prompt work the router sent it would prefill within
+    # this (simulated) time: half the 1 s objective, the rest for the queue and the first step
+    prefill_target_s: float = 0.5
     # real engines instead of simulators (speed 1): their discovery file, served name, and where the
     # router gets prompt tokens (their /tokenize: the model's own tokenizer)
     engines_file: Path | None = None
@@ -89,7 +92,10 @@ def router_config(setup: FlowSetup, policy: Policy) -> dict[str, Any]:
             {"name": "batch", "priority": 0},
         ],
         "tenants": [{"name": "A", "weight": 1.0}, {"name": "B", "weight": 1.0}],
-        "saturation": {"prefill_tokens_per_s": setup.prefill_tokens_per_s * setup.speed},
+        "saturation": {
+            "prefill_tokens_per_s": setup.prefill_tokens_per_s * setup.speed,
+            "prefill_target_s": setup.prefill_target_s / setup.speed,
+        },
     }
     return config
 
@@ -293,6 +299,9 @@ def flow_bench(
     prefill_tokens_per_s: Annotated[
         float, typer.Option(help="An engine's cold prefill rate (tokens/s, simulated time) for the router.")
     ] = 2_100.0,
+    prefill_target_s: Annotated[
+        float, typer.Option(help="Flow control: prefill work an engine may hold (simulated s).")
+    ] = 0.5,
 ) -> None:
     """Flow control under overload: goodput, 429s and admitted TTFT per policy (simulators)."""
     known = {p.name: p for p in (*flow_plan.POLICIES, PEER)}
@@ -315,6 +324,7 @@ def flow_bench(
         model=model,
         tokenizer=tokenizer,
         prefill_tokens_per_s=prefill_tokens_per_s,
+        prefill_target_s=prefill_target_s,
     )
     chosen = [known[n] for n in policy] if policy else list(flow_plan.POLICIES)
     results = run(setup, chosen, scenario or ["ramp", "fairness", "priority"])
