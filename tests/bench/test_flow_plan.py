@@ -86,13 +86,23 @@ def test_goals_met_and_not_met() -> None:
             _ramp("cache_aware", 2.0, 1.0, 9.0, 12.0),
         ],
         fairness=[
-            {"case": "B alone", "tenants": {"B": {"ttft_p90_s": 0.4}}},
-            {"case": "A 10x + B", "tenants": {"A": {"ttft_p90_s": 0.9}, "B": {"ttft_p90_s": 0.6}}},
+            # another policy's rows never count
+            {"policy": "cache_aware", "case": "B alone", "tenants": {"B": {"ttft_p90_s": 9.0}}},
+            {"policy": "cache_aware+flow", "case": "B alone", "tenants": {"B": {"ttft_p90_s": 0.4}}},
+            {
+                "policy": "cache_aware+flow",
+                "case": "A 10x + B",
+                "tenants": {
+                    "A": {"ttft_p90_s": 0.9, "shed_rate": 0.5},
+                    "B": {"ttft_p90_s": 0.6, "shed_rate": 0.1},
+                },
+            },
         ],
         priority=[
             {
+                "policy": "cache_aware+flow",
                 "case": "interactive + batch flood",
-                "classes": {"interactive": {"ttft_p99_s": 0.7}, "batch": {"completed": 0}},
+                "classes": {"interactive": {"ttft_p99_s": 0.7, "shed_rate": 0.5}, "batch": {"completed": 0}},
             }
         ],
     )
@@ -103,7 +113,9 @@ def test_goals_met_and_not_met() -> None:
         "ramp: without flow control goodput falls at 2x (the problem shown)": True,
         "ramp: below capacity TTFT p90 within 5% of cache_aware": True,  # 0.30 / 0.29 = 1.034
         "fairness: B's TTFT p90 within 1.25x of B alone": False,  # 1.5x
+        "fairness: B refused no more than A": True,
         "priority: interactive TTFT p99 <= 1 s under a batch flood": True,
+        "priority: interactive served (>= 90% admitted) under the flood": False,
         "priority: the batch class still progresses": False,
     }
 
