@@ -205,10 +205,12 @@ def run(
                 for seed, (case, streams) in enumerate(plan[scenario]):
                     load0 = os.getloadavg()[0]
                     before = [promtext.scrape(f"{u}/metrics") for u in engine_urls]
+                    r_before = _router_scrape(url, policy)
                     outcomes, length = _case(
                         setup, url, streams, seed=zlib.crc32(f"{scenario}/{case}".encode())
                     )
                     after = [promtext.scrape(f"{u}/metrics") for u in engine_urls]
+                    r_after = _router_scrape(url, policy)
                     row: dict[str, Any] = {
                         "scenario": scenario,
                         "case": case,
@@ -219,6 +221,7 @@ def run(
                         "classes": flow_plan.by_group(outcomes, "klass", setup.duration_s),
                         "run_s": round(length, 2),
                         **_engine_counters(before, after),
+                        **_flow_counters(r_before, r_after),
                         "loadavg": [round(load0, 2), round(os.getloadavg()[0], 2)],
                     }
                     if scenario == "ramp":
@@ -249,6 +252,27 @@ def _engine_counters(
     }
 
 
+def _router_scrape(url: str, policy: Policy) -> promtext.Samples:
+    return {} if policy.routing in PEER_POLICIES else promtext.scrape(f"{url}/metrics")
+
+
+def _flow_counters(before: promtext.Samples, after: promtext.Samples) -> dict[str, Any]:
+    """What flow control did in a case: refusals by reason, and how its TTFT predictions fared."""
+    shed: dict[str, float] = {}
+    for (name, labels), value in after.items():
+        if name == "kvstack_router_flow_shed_total":
+            reason = dict(labels).get("reason", "")
+            shed[reason] = shed.get(reason, 0.0) + value - before.get((name, labels), 0.0)
+    ratio = "kvstack_router_flow_ttft_prediction_ratio"
+    if not promtext.delta(before, after, f"{ratio}_count"):
+        return {"shed_by_reason": {k: v for k, v in shed.items() if v}}
+    return {
+        "shed_by_reason": {k: v for k, v in shed.items() if v},
+        "ttft_actual_over_predicted_p50": promtext.histogram_quantile(after, ratio, 0.5, before),
+        "ttft_actual_over_predicted_p90": promtext.histogram_quantile(after, ratio, 0.9, before),
+    }
+
+
 def plot(results: Results, path: Path) -> None:
     """Goodput and admitted TTFT p90/p99 against offered load, one line per policy."""
     import matplotlib
@@ -257,12 +281,13 @@ def plot(results: Results, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    for name in sorted({r["policy"] for r in results.ramp}):
+    for i, name in enumerate(sorted({r["policy"] for r in results.ramp})):
         rows = sorted((r for r in results.ramp if r["policy"] == name), key=lambda r: r["load"])
-        loads = [r["load"] for r in rows]
-        left.plot(loads, [r["goodput_rps"] for r in rows], marker="o", label=name)
-        right.plot(loads, [r["ttft_p90_s"] for r in rows], marker="o", label=f"{name} p90")
-        right.plot(loads, [r["ttft_p99_s"] for r in rows], marker="x", linestyle=":", label=f"{name} p99")
+        loads, color = [r["load"] for r in rows], f"C{i}"
+        left.plot(loads, [r["goodput_rps"] for r in rows], marker="o", color=color, label=name)
+        right.plot(loads, [r["ttft_p90_s"] for r in rows], marker="o", color=color, label=f"{name} p90")
+        p99 = [r["ttft_p99_s"] for r in rows]
+        right.plot(loads, p99, marker="x", linestyle=":", color=color, label=f"{name} p99")
     left.set_xlabel("offered load (x capacity)")
     left.set_ylabel("goodput: requests/s with TTFT <= 1 s")
     right.set_xlabel("offered load (x capacity)")
