@@ -282,6 +282,43 @@ ALERTS: list[Alert] = [
         (op.PROM_UP,),
         needs_operator=True,
     ),
+    # Flow control (router/flow/): refusals and objective misses, each for 15 minutes.
+    Alert(
+        "KvstackFlowSheddingSustained",
+        divide(
+            "sum by (namespace) (rate(kvstack_router_flow_shed_total[5m]))",
+            "sum by (namespace) (rate(kvstack_router_requests_total[5m]))",
+        )
+        + " > 0.05",
+        "15m",
+        "warning",
+        "The router refuses more than 5% of requests in {{ $labels.namespace }}",
+        "Flow control has answered 429 to more than 5% of requests for 15 minutes: the engines are "
+        "saturated and demand exceeds capacity; add replicas or check the autoscaler.",
+        (
+            "sum by (namespace) (rate(kvstack_router_flow_shed_total[5m]))",
+            "sum by (namespace) (rate(kvstack_router_requests_total[5m]))",
+        ),
+    ),
+    Alert(
+        "KvstackFlowObjectiveMisses",
+        divide(
+            f"sum by ({BY_MODEL}, class) (rate(kvstack_router_flow_objective_misses_total[5m]))",
+            f"sum by ({BY_MODEL}, class) (rate(kvstack_router_flow_goodput_total[5m]))"
+            f" + sum by ({BY_MODEL}, class) (rate(kvstack_router_flow_objective_misses_total[5m]))",
+        )
+        + " > 0.1",
+        "15m",
+        "warning",
+        "Class {{ $labels.class }} of {{ $labels.model_name }} misses its TTFT objective",
+        "More than 10% of admitted {{ $labels.class }} requests for {{ $labels.model_name }} got their "
+        "first token later than their class's objective for 15 minutes: admission predicts too "
+        "optimistically or the engines slowed down.",
+        (
+            f"sum by ({BY_MODEL}, class) (rate(kvstack_router_flow_objective_misses_total[5m]))",
+            f"sum by ({BY_MODEL}, class) (rate(kvstack_router_flow_goodput_total[5m]))",
+        ),
+    ),
     Alert(
         "KvstackAutoscalerThrashing",
         f'sum by ({BY_MODEL}) (increase({op.DECISIONS}{{direction="up"}}[30m])) >= 2 and '

@@ -8,7 +8,10 @@ recommendation history into a :class:`Decision`:
 3. raw recommendation: ``ceil(current * value / target)``, no change within the tolerance; pods that
    did not report count as 0 when scaling up (loading pods are pending capacity) and forbid a
    scale down (partial data); the queue signal, with running counts known, sizes from demand:
-   ``ceil((running + waiting) / (running_per_pod + target))`` up, and never below that down;
+   ``ceil((running + waiting) / (running_per_pod + target))`` up;
+   the scale-down floor: with a saturated pod's capacity known (the most requests one pod ran
+   while requests waited behind it), never below ``ceil(demand / (capacity * floor_utilization))``
+   for any signal; without it, the queue signal keeps the demand size above as its floor;
 4. bounds ``[min, max]`` (``0`` only after the scale-to-zero idle window);
 5. stabilization: up to the *lowest* recommendation of the up window, down to the *highest* of the
    down window (so a brief dip never removes a pod);
@@ -22,12 +25,13 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
-Signal = Literal["waiting", "kv_usage", "ttft"]
+Signal = Literal["waiting", "kv_usage", "ttft", "queue_wait"]
 Direction = Literal["up", "down", "none"]
 Reason = Literal[
     "queue",  # waiting requests above target
     "kv_usage",  # KV-cache usage above target
     "ttft",  # TTFT p90 above the SLO
+    "queue_wait",  # the router's flow-queue wait p90 above its target
     "idle",  # below target: fewer replicas do
     "wake",  # scale from zero: the router holds requests for the model
     "min_replicas",  # clamped to the lower bound
@@ -41,6 +45,7 @@ REASONS: tuple[Reason, ...] = (
     "queue",
     "kv_usage",
     "ttft",
+    "queue_wait",
     "idle",
     "wake",
     "min_replicas",
@@ -49,7 +54,12 @@ REASONS: tuple[Reason, ...] = (
     "metrics_unavailable",
     "steady",
 )
-_UP_REASON: dict[Signal, Reason] = {"waiting": "queue", "kv_usage": "kv_usage", "ttft": "ttft"}
+_UP_REASON: dict[Signal, Reason] = {
+    "waiting": "queue",
+    "kv_usage": "kv_usage",
+    "ttft": "ttft",
+    "queue_wait": "queue_wait",
+}
 
 # (unix time, recommended replicas), oldest first.
 History = tuple[tuple[float, int], ...]
@@ -71,10 +81,15 @@ class Policy:
     down_max_pods: int = 1
     stale_after_s: float = 60.0
     scale_to_zero: bool = False  # needs min_replicas == 0
+    # The scale-down floor plans each pod at this fraction of its saturated capacity: a pod at full
+    # batch runs slower steps than at half, so demand measured on a larger fleet grows when it shrinks.
+    floor_utilization: float = 0.8
 
     def __post_init__(self) -> None:
         if not self.target > 0:
             raise ValueError("target must be positive")
+        if not 0 < self.floor_utilization <= 1:
+            raise ValueError("floor_utilization must be in (0, 1]")
         if not 0 <= self.min_replicas <= self.max_replicas:
             raise ValueError("need 0 <= min_replicas <= max_replicas")
 
@@ -94,7 +109,10 @@ class Observation:
     age_s: float = 0.0  # age of the oldest sample used
     pending: float | None = None  # requests the router holds for the model (scale from zero)
     idle: bool | None = None  # no request during the scale-to-zero window; None: unknown
-    running: float | None = None  # waiting signal: running requests per reporting pod
+    running: float | None = None  # running requests per reporting pod
+    # Requests one pod ran while requests waited behind it (saturated), the most seen lately:
+    # what a pod really holds, which the scale-down floor divides the demand by.
+    capacity: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,13 +167,35 @@ def _raw(policy: Policy, obs: Observation) -> tuple[int, Reason, str] | None:
     if obs.reporting < current:
         return None
     wanted = math.ceil(current * ratio - 1e-9)
-    if demand_need is not None:
-        # Below target the pods may not be saturated, so running + target underestimates a pod's
-        # capacity: the demand size is only a floor under the HPA ratio, never a reason to grow.
-        wanted = max(wanted, min(current, demand_need))
+    floor = _floor(policy, obs, demand_need)
+    if floor is not None:
+        # Below target, a floor under the HPA ratio, never a reason to grow.
+        wanted = max(wanted, min(current, floor[0]))
+        shown = f"{shown}; {floor[1]}"
     if wanted == 0 and policy.min_replicas == 0 and not (policy.scale_to_zero and obs.idle):
         wanted = 1  # 0 replicas only after the idle window
     return wanted, "idle", shown
+
+
+def _floor(policy: Policy, obs: Observation, demand_need: int | None) -> tuple[int, str] | None:
+    """The fewest pods that carry today's demand, when the data tell (scale down only).
+
+    With a saturated pod's capacity known, a pod is planned at ``floor_utilization`` of it: unlike
+    ``running + target`` per pod, this does not take a half-busy pod's running count for its limit,
+    so a fleet that grew under a backlog steps down to what the load needs, not below it.
+    """
+    if obs.running is None:
+        return None
+    if obs.capacity is not None and obs.capacity > 0 and not math.isnan(obs.capacity):
+        queued = obs.value if policy.signal == "waiting" and obs.value is not None else 0.0
+        demand = obs.reporting * (obs.running + queued)
+        per_pod = obs.capacity * policy.floor_utilization
+        need = math.ceil(demand / per_pod - 1e-9)
+        per = f"{obs.capacity:g} per saturated pod x {policy.floor_utilization:g}"
+        return need, f"floor {need}: {demand:.3g} in flight / ({per})"
+    if demand_need is not None:
+        return demand_need, f"floor {demand_need}: demand / (running + target) per pod"
+    return None
 
 
 def _why_none(policy: Policy, obs: Observation) -> str:

@@ -49,8 +49,14 @@ def _rate(trace: tuple[tuple[float, float], ...], t: float) -> float:
     return next(r for start, r in reversed(trace) if t >= start)
 
 
-def simulate(name: str, fleet: Fleet, policy: Policy, demand_floor: bool = True) -> Run:
-    """Drive ``decide`` over the fleet's trace in 1-second steps."""
+def simulate(
+    name: str, fleet: Fleet, policy: Policy, demand_floor: bool = True, capacity_floor: bool = True
+) -> Run:
+    """Drive ``decide`` over the fleet's trace in 1-second steps.
+
+    ``capacity_floor``: the observation carries a saturated pod's capacity (the most running
+    requests per pod seen while requests waited), as the operator's capacity query reads it.
+    """
     run = Run(name)
     in_flight, replicas = 0.0, policy.min_replicas
     starting: list[float] = []  # ready times of pods still loading
@@ -59,6 +65,7 @@ def simulate(name: str, fleet: Fleet, policy: Policy, demand_floor: bool = True)
     step_at = fleet.trace[1][0]
     needed_after_step = math.ceil(fleet.trace[1][1] * fleet.service_s / fleet.slots)
     last_direction = "none"
+    capacity: float | None = None
     for second in range(int(fleet.duration_s)):
         t = float(second)
         ready += sum(1 for r in starting if r <= t)
@@ -67,6 +74,8 @@ def simulate(name: str, fleet: Fleet, policy: Policy, demand_floor: bool = True)
         running = min(in_flight, ready * fleet.slots)
         in_flight -= running / fleet.service_s
         waiting = (in_flight - running) / max(ready, 1)
+        if capacity_floor and waiting > 0 and ready:
+            capacity = max(capacity or 0.0, running / ready)
         if second % int(fleet.interval_s) == 0:
             obs = Observation(
                 now=t,
@@ -74,6 +83,7 @@ def simulate(name: str, fleet: Fleet, policy: Policy, demand_floor: bool = True)
                 value=max(waiting, 0.0),
                 reporting=ready,
                 running=running / max(ready, 1) if demand_floor else None,
+                capacity=capacity,
             )
             d = decide(policy, obs, history)
             history = d.history
@@ -109,6 +119,7 @@ def variants(fleet: Fleet) -> list[Run]:
     slow = replace(fleet, interval_s=60.0)
     return [
         simulate("kvstack defaults", fleet, ours),
+        simulate("running + target floor (before the capacity floor)", fleet, ours, capacity_floor=False),
         simulate("HPA formula only (no demand floor)", fleet, ours, demand_floor=False),
         simulate("one pod per minute (KEDA-operator style)", slow, cautious),
     ]

@@ -127,6 +127,7 @@ async def scale_model(
         served,
         window_s=max(60, 4 * auto.interval_seconds),
         idle_s=auto.scale_to_zero.idle_seconds if auto.scale_to_zero.enabled else None,
+        resolution_s=auto.interval_seconds,
     )
     error: str | None = None
     try:

@@ -57,13 +57,16 @@ class Prometheus:
 
     async def results(self, q: Queries) -> Results:
         """Run one evaluation's queries concurrently."""
-        values, stamps, rate, pending, activity, running = await asyncio.gather(
-            self.query(q.value),
-            self.query(q.stamps),
-            self._one(q.rate),
-            self._one(q.pending),
-            self._one(q.activity),
-            self.query(q.running) if q.running else _nothing(),
+        (values, stamps, rate, pending, activity, running), capacity = await asyncio.gather(
+            asyncio.gather(
+                self.query(q.value),
+                self.query(q.stamps),
+                self._one(q.rate),
+                self._one(q.pending),
+                self._one(q.activity),
+                self.query(q.running) if q.running else _nothing(),
+            ),
+            self._one(q.capacity),
         )
         return Results(
             values=_by_pod(values),
@@ -72,6 +75,7 @@ class Prometheus:
             pending=pending,
             activity=activity,
             running=_by_pod(running) if q.running else None,
+            capacity=None if capacity is None or math.isnan(capacity) else capacity,
         )
 
 

@@ -212,6 +212,7 @@ def router_settings(owner: Owner, spec: KVStackSpec) -> Obj:
         # Engine pods run real vLLM, whose tokenizer and chat template are the model's own: block
         # keys must come from the engines' /tokenize (the simulator serves it identically).
         "tokenizer": "engine",
+        "flow_control": spec.router.flow_control.router_config(),
     }
     if spec.autoscaling.enabled and spec.autoscaling.scale_to_zero.enabled:
         # Requests for a model scaled to zero wait in the router (counted, which wakes the model)

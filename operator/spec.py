@@ -8,19 +8,25 @@ server rejects a bad resource before the operator sees it; the operator parses `
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic.alias_generators import to_camel
 
 from kvstack.common.config import build
 from kvstack.common.lora import Adapter, LoraSpec, check_adapters
 
 DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
-Metric = Literal["waitingPerReplica", "kvCacheUsage", "ttftP90"]
+Metric = Literal["waitingPerReplica", "kvCacheUsage", "ttftP90", "queueWaitP90"]
 # What a target means per metric when the resource sets none: waiting requests per replica
-# (production-stack and llm-d use 5), KV-cache usage 0..1 (llm-d's saturation threshold), seconds.
-DEFAULT_TARGETS: dict[str, float] = {"waitingPerReplica": 5.0, "kvCacheUsage": 0.8, "ttftP90": 1.0}
+# (production-stack and llm-d use 5), KV-cache usage 0..1 (llm-d's saturation threshold), seconds
+# (TTFT p90; the router's flow-queue wait p90, queueWaitP90).
+DEFAULT_TARGETS: dict[str, float] = {
+    "waitingPerReplica": 5.0,
+    "kvCacheUsage": 0.8,
+    "ttftP90": 1.0,
+    "queueWaitP90": 0.5,
+}
 # Kubernetes objects passed through untouched (resources, tolerations, env): the API server checks
 # them where they land, in the Deployment.
 K8S_OBJECT: dict[str, Any] = {"x-kubernetes-preserve-unknown-fields": True}
@@ -114,6 +120,130 @@ class Model(_Spec):
         return self.served_model_names or [self.model]
 
 
+# -- flow control (the router's flow_control config section, camelCase here) -----------------------
+FlowName = Annotated[str, Field(min_length=1, max_length=63, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
+
+
+class FlowClass(_Spec):
+    """A priority class: higher ``priority`` is dispatched first; ``ttftObjectiveSeconds`` its promise."""
+
+    name: FlowName
+    priority: int = 0
+    ttft_objective_seconds: float | None = Field(None, gt=0, description="none: never shed for a miss")
+
+
+class FlowModel(_Spec):
+    """Queueing of one served model (``*``: every model not named)."""
+
+    model: str = Field("*", min_length=1)
+    ordering: Literal["fcfs", "edf", "cheapest"] = "fcfs"
+    max_queue: int = Field(1024, ge=0, description="requests waiting; 0: 429 at once when saturated")
+    max_queue_tokens: int = Field(4_000_000, ge=0, description="their prompt tokens together")
+
+
+class FlowTenant(_Spec):
+    name: FlowName
+    weight: float = Field(1.0, gt=0)
+    default_class: str | None = None
+
+
+class FlowSaturation(_Spec):
+    """When an engine can take one more request."""
+
+    prefill_tokens_per_second: float = Field(34_000.0, gt=0)
+    prefill_target_seconds: float = Field(0.25, gt=0)
+    max_kv_usage: float = Field(0.95, gt=0, le=1)
+    max_waiting: int = Field(0, ge=0)
+    learn_weight: float = Field(0.1, ge=0, le=1)
+
+
+class FlowControl(_Spec):
+    """The router's flow control: priority classes, per-model queueing, tenant shares, saturation."""
+
+    model_config = ConfigDict(
+        json_schema_extra=_rules(
+            (
+                "self.classes.exists(c, c.name == self.defaultClass)",
+                "flowControl.defaultClass must name one of flowControl.classes",
+            ),
+            (
+                "self.tenants.all(t, !has(t.defaultClass) || "
+                "self.classes.exists(c, c.name == t.defaultClass))",
+                "a tenant's defaultClass must name one of flowControl.classes",
+            ),
+        )
+    )
+
+    enabled: bool = True
+    tenant_header: str = Field("x-kvstack-tenant", pattern=r"^[A-Za-z0-9_-]+$")
+    priority_header: str = Field("x-kvstack-priority", pattern=r"^[A-Za-z0-9_-]+$")
+    default_class: str = "default"
+    classes: list[FlowClass] = Field(
+        default_factory=lambda: [FlowClass(name="default")],
+        min_length=1,
+        max_length=32,
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
+    )
+    models: list[FlowModel] = Field(
+        default_factory=lambda: [FlowModel()],
+        max_length=64,
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["model"]},
+    )
+    tenants: list[FlowTenant] = Field(
+        default_factory=list,
+        max_length=256,
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
+    )
+    saturation: FlowSaturation = Field(default_factory=FlowSaturation)
+
+    def router_config(self) -> dict[str, Any]:
+        """The router config's ``flow_control`` section (``kvstack.router.flow.config``)."""
+        sat = self.saturation
+        return {
+            "enabled": self.enabled,
+            "tenant_header": self.tenant_header,
+            "priority_header": self.priority_header,
+            "default_class": self.default_class,
+            "classes": [
+                {"name": c.name, "priority": c.priority, "ttft_objective_s": c.ttft_objective_seconds}
+                for c in self.classes
+            ],
+            "models": [
+                {
+                    "model": m.model,
+                    "ordering": m.ordering,
+                    "max_queue": m.max_queue,
+                    "max_queue_tokens": m.max_queue_tokens,
+                }
+                for m in self.models
+            ],
+            "tenants": [
+                {"name": t.name, "weight": t.weight, "default_class": t.default_class} for t in self.tenants
+            ],
+            "saturation": {
+                "prefill_tokens_per_s": sat.prefill_tokens_per_second,
+                "prefill_target_s": sat.prefill_target_seconds,
+                "max_kv_usage": sat.max_kv_usage,
+                "max_waiting": sat.max_waiting,
+                "learn_weight": sat.learn_weight,
+            },
+        }
+
+    @model_validator(mode="after")
+    def _router_accepts_it(self) -> FlowControl:
+        # The router's own validation (duplicate names, unknown default classes, header clashes), so
+        # the operator refuses what the router would; its message names the router's field path.
+        from kvstack.router.flow.config import FlowControlConfig
+
+        try:
+            FlowControlConfig.model_validate(self.router_config())
+        except ValidationError as err:
+            first = err.errors()[0]
+            where = ".".join(str(p) for p in first["loc"]) or "flowControl"
+            raise ValueError(f"{where}: {first['msg']}") from None
+        return self
+
+
 class Router(_Spec):
     """The cache-aware router Deployment and its Service. The scale subresource scales it."""
 
@@ -124,6 +254,7 @@ class Router(_Spec):
     policy: Literal["cache_aware", "least_loaded", "round_robin", "session", "prefix_trie"] = "cache_aware"
     port: int = Field(8000, ge=1, le=65535)
     resources: dict[str, Any] = Field(default_factory=dict, json_schema_extra=K8S_OBJECT)
+    flow_control: FlowControl = Field(default_factory=FlowControl)
     extra_config: dict[str, Any] = Field(
         default_factory=dict, json_schema_extra=K8S_OBJECT, description="more RouterSettings keys"
     )
@@ -181,7 +312,9 @@ class Autoscaling(_Spec):
 
     enabled: bool = True
     metric: Metric = "waitingPerReplica"
-    target: float | None = Field(None, gt=0, description="default: 5 waiting, 0.8 usage, 1.0 s TTFT")
+    target: float | None = Field(
+        None, gt=0, description="default: 5 waiting, 0.8 usage, 1.0 s TTFT, 0.5 s queue wait"
+    )
     tolerance: float = Field(0.1, ge=0, le=1)
     prometheus_url: str | None = Field(None, pattern=r"^https?://", description="default: the operator's")
     interval_seconds: int = Field(15, ge=1, le=600)

@@ -165,7 +165,9 @@ class SimEngine:
 
     @property
     def num_waiting(self) -> int:
-        return len(self.scheduler.waiting)
+        # vLLM asks the LMCache connector for a waiting request's external hits from inside its
+        # scheduler, so a request whose lookup is in flight is in vLLM's waiting queue already.
+        return len(self.scheduler.waiting) + len(self._lookups)
 
     @property
     def kv_cache_usage(self) -> float:

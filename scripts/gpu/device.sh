@@ -6,6 +6,8 @@
 #   bash scripts/gpu/device.sh proof ARGS...    the proof over the running engines, results in $OUT
 #   bash scripts/gpu/device.sh calib ARGS...    the same traces on two simulators sized like the engines
 #   bash scripts/gpu/device.sh logs             engine log tails into $OUT
+#   ENGINES=4 GPU_UTIL=0.15 bash scripts/gpu/device.sh start   four engines (~97K tokens of KV each)
+#   bash scripts/gpu/device.sh flow ARGS...     kvstack bench flow over the running engines, results in $OUT
 #   kvstack itself travels as a wheel: build it here with `pip wheel --no-deps -w .whl .` and carry
 #   .whl; every call installs it afresh into /tmp/kvsite (the package maps folders, so no PYTHONPATH
 #   to the checkout would import it).
@@ -68,9 +70,11 @@ SH
   for i in $(seq 0 $((ENGINES - 1))); do
     engine_yaml $i > $LOGS/engine$i.yaml
     setsid nohup python3 -m kvstack engine serve --config $LOGS/engine$i.yaml > $LOGS/engine$i.log 2>&1 < /dev/null &
-    # each engine starts once the one before has sized its KV cache, so none profiles another's memory
-    for _ in $(seq 150); do grep -q "KV cache size\|Available KV cache memory" $LOGS/engine$i.log && break; sleep 1; done
-    grep -m2 "KV cache" $LOGS/engine$i.log
+    if [ $i -lt $((ENGINES - 1)) ]; then
+      # the next engine starts once this one has sized its KV cache, so none profiles another
+      for _ in $(seq 150); do grep -q "KV cache size\|Available KV cache memory" $LOGS/engine$i.log && break; sleep 1; done
+      grep -m2 "KV cache" $LOGS/engine$i.log
+    fi
   done
   for i in $(seq 0 $((ENGINES - 1))); do
     wait_health http://127.0.0.1:$((8100 + i)) 240 $LOGS/engine$i.log || return 1
@@ -81,6 +85,11 @@ SH
 proof() {
   timeout "${PROOF_TIMEOUT:-420}" python3 -m kvstack bench gpu --engines-file $LOGS/engines.yaml --model kvstack-8b \
     --out "$OUT" "$@" 2>&1 | tee -a "$OUT/proof.log"
+}
+
+flow() {  # flow control under overload over the running engines (kvstack bench flow)
+  timeout "${PROOF_TIMEOUT:-580}" python3 -m kvstack bench flow --engines-file $LOGS/engines.yaml --model kvstack-8b \
+    --tokenizer engine --speed 1 --out "$OUT" "$@" 2>&1 | tee -a "$OUT/flow.log"
 }
 
 calib() {  # the same traces on two simulators sized like the real engines
@@ -95,7 +104,7 @@ print(_num_gpu_blocks(promtext.scrape('http://127.0.0.1:8100/metrics')) or 0)")
 }
 
 logs() {
-  for f in $LOGS/engine*.log; do tail -c 200000 "$f" > "$OUT/$(basename $f)"; done
+  for f in $LOGS/engine[0-9].log; do tail -c 200000 "$f" > "$OUT/$(basename $f)"; done
 }
 
 cmd=${1:-start}; shift || true

@@ -83,6 +83,9 @@ class Load:
             model = MODEL_B if n % 4 == 0 else MODEL_A
             try:
                 stream = self.client.chat.completions.create(
+                    # flow control: "strict" (an objective nothing meets) beside "default" (one
+                    # everything meets), so goodput and objective misses both have series
+                    extra_headers={"x-kvstack-priority": "strict" if n % 2 else "default"},
                     model=model,
                     messages=[
                         {"role": "system", "content": SYSTEM},
@@ -106,6 +109,30 @@ class Load:
         self.stop.set()
         for t in self.threads:
             t.join(35)
+
+
+def flow_queue_burst(router_url: str, n: int = 24) -> None:
+    """More requests at once than the engines' in-flight ceiling holds, until some waited in the
+    router's flow queue (its gauge then exists)."""
+    body = {
+        "model": MODEL_A,
+        "messages": [{"role": "user", "content": "burst"}],
+        "max_tokens": 200,
+        "ignore_eos": True,
+    }
+
+    def one() -> None:
+        httpx.post(f"{router_url}/v1/chat/completions", json=body, timeout=30)
+
+    def queued() -> bool:
+        threads = [threading.Thread(target=one, daemon=True) for _ in range(n)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(35)
+        return "kvstack_router_flow_queue_length{" in httpx.get(f"{router_url}/metrics", timeout=10).text
+
+    wait_until(queued, "a burst to wait in the router's flow queue", 60, 0.1)
 
 
 def disconnect_mid_stream(router_url: str) -> None:
@@ -186,7 +213,10 @@ def live_stack(tmp: Path, repo_root: Path) -> Iterator[Stack]:
     router_argv = [KVSTACK, "router", "--port", str(router_port), "--engines-file", str(engines_file),
                    "--policy", "cache_aware"]  # fmt: skip
     router_env = {
-        "KVSTACK_ROUTER_MAX_IN_FLIGHT_PER_ENGINE": "32",  # the admission queue gauge exists
+        # a low ceiling: the burst below queues in the router's flow queue (its gauges exist)
+        "KVSTACK_ROUTER_MAX_IN_FLIGHT_PER_ENGINE": "4",
+        "KVSTACK_ROUTER_FLOW_CONTROL__CLASSES": '[{"name": "default", "ttft_objective_s": 60},'
+        ' {"name": "strict", "ttft_objective_s": 0.000001}]',
         "KVSTACK_ROUTER_EJECT_AFTER_FAILURES": "1",
         # slow probes: the killed engine is found by the request path (retry, ejection), not a probe
         "KVSTACK_ROUTER_MONITOR__PROBE_INTERVAL": "20",
@@ -236,6 +266,7 @@ def live_stack(tmp: Path, repo_root: Path) -> Iterator[Stack]:
         )
         for _ in range(2):
             disconnect_mid_stream(router_url)
+        flow_queue_burst(router_url)
         # Kill sim-b: its next requests fail, are retried, eject it and end in 5xx. The load pauses
         # meanwhile: one of its sim-b requests (no other engine to retry on) would eject sim-b
         # before any sim-a request reached it, and no retry would ever happen.

@@ -62,6 +62,93 @@ CASES = [
         "down",
         "idle",
     ),
+    # the capacity floor: demand over a saturated pod's capacity (x 0.8), not running + target
+    (
+        "capacity floor steps to need",
+        WAITING,
+        obs(8, 0.0, running=2.2, capacity=4.0),
+        ago((200, 1)),
+        7,
+        "down",
+        "idle",
+    ),
+    (
+        "capacity floor holds",
+        WAITING,
+        obs(6, 0.0, running=17.6 / 6, capacity=4.0),
+        ago((200, 1)),
+        6,
+        "none",
+        "steady",
+    ),
+    ("old floor goes below", WAITING, obs(6, 0.0, running=17.6 / 6), ago((200, 1)), 5, "down", "idle"),
+    (
+        "capacity floor half busy",
+        WAITING,
+        obs(4, 0.0, running=1.0, capacity=4.0),
+        ago((200, 1)),
+        3,
+        "down",
+        "idle",
+    ),
+    (
+        "capacity counts the queue",
+        WAITING,
+        obs(4, 2.0, running=2.0, capacity=4.0),
+        ago((200, 1)),
+        4,
+        "none",
+        "steady",
+    ),
+    (
+        "capacity 0 falls back",
+        WAITING,
+        obs(6, 0.0, running=17.6 / 6, capacity=0.0),
+        ago((200, 1)),
+        5,
+        "down",
+        "idle",
+    ),
+    (
+        "capacity nan falls back",
+        WAITING,
+        obs(6, 0.0, running=17.6 / 6, capacity=float("nan")),
+        ago((200, 1)),
+        5,
+        "down",
+        "idle",
+    ),
+    (
+        "capacity floor: kv",
+        Policy("kv_usage", 0.8, 1, 10),
+        obs(4, 0.2, running=3.0, capacity=4.0),
+        ago((200, 1)),
+        4,
+        "none",
+        "steady",
+    ),
+    (
+        "capacity never grows",
+        WAITING,
+        obs(2, 0.0, running=4.0, capacity=4.0),
+        ago((200, 1)),
+        2,
+        "none",
+        "steady",
+    ),
+    # the router's flow-queue wait p90 against its target
+    ("queue wait up", Policy("queue_wait", 0.5, 1, 10), obs(2, 1.0), (), 4, "up", "queue_wait"),
+    ("queue wait steady", Policy("queue_wait", 0.5, 1, 10), obs(2, 0.52), (), 2, "none", "steady"),
+    ("queue wait down", Policy("queue_wait", 0.5, 1, 10), obs(4, 0.0), ago((200, 1)), 3, "down", "idle"),
+    (
+        "queue wait floor",
+        Policy("queue_wait", 0.5, 1, 10),
+        obs(6, 0.0, running=3.0, capacity=4.0),
+        ago((200, 1)),
+        6,
+        "none",
+        "steady",
+    ),
     # missing, stale, partial data never scale down
     ("no data holds", WAITING, obs(3, None), (), 3, "none", "metrics_unavailable"),
     ("nobody reported", WAITING, obs(3, 0.0, reporting=0), (), 3, "none", "metrics_unavailable"),
@@ -191,3 +278,10 @@ def test_partial_data_during_scale_up_does_not_overshoot() -> None:
     # 10 replicas wanted; only the 2 ready pods report the same backlog while 8 load: no new step.
     d = decide(WAITING, obs(10, 25.0, reporting=2), ago((15, 10)))
     assert (d.replicas, d.reason) == (10, "steady")
+
+
+def test_floor_utilization_is_a_fraction() -> None:
+    with pytest.raises(ValueError, match="floor_utilization"):
+        Policy("waiting", 5.0, 1, 10, floor_utilization=0.0)
+    with pytest.raises(ValueError, match="floor_utilization"):
+        Policy("waiting", 5.0, 1, 10, floor_utilization=1.5)

@@ -113,9 +113,12 @@ async def test_waiting_per_replica_from_live_prometheus_drives_a_scale_up(live: 
     try:
         async with load(live.urls[0], concurrent=5):
             # 4 waiting on one pod, 0 on the other
-            obs = await observe_until(prom, 2, lambda o: o.value == 2.0, "waiting per replica of 2")
+            obs = await observe_until(
+                prom, 2, lambda o: o.value == 2.0 and o.capacity is not None, "waiting per replica of 2"
+            )
         assert obs.reporting == 2
         assert obs.running == 0.5  # the loaded pod runs its one sequence, the other none
+        assert obs.capacity == 1.0  # what the saturated pod ran while requests waited: its max_num_seqs
         assert 0 <= obs.age_s < 10
         assert obs.pending is None  # no router scraped: unknown, not zero
         decision = decide(Policy("waiting", 1.0, 1, 10), obs)

@@ -135,6 +135,9 @@ def _router(cluster: Cluster, namespace: str, workdir: Path) -> ManagedProcess:
         "eject_duration_s": 1.0,
         "access_log": False,
         "log_level": "warning",
+        # The engines' own queues are what both variants scale on (this Prometheus does not scrape
+        # the router): the router's flow control would hold the queue itself instead.
+        "flow_control": {"enabled": False},
     }
     path = workdir / "router.yaml"
     path.write_text(yaml.safe_dump(config))

@@ -226,6 +226,7 @@ def plot_routing(
 
 def _register_benchmarks() -> None:
     # Benchmarks owned by other modules register here so `kvstack bench --help` lists them all.
+    from kvstack.bench.flow import flow_bench
     from kvstack.bench.gpu import gpu_proof
     from kvstack.bench.lora import lora_bench
     from kvstack.bench.router_overhead import router_overhead
@@ -237,6 +238,7 @@ def _register_benchmarks() -> None:
     app.command("gpu")(gpu_proof)
     app.command("soak")(soak)
     app.command("lora")(lora_bench)
+    app.command("flow")(flow_bench)
 
 
 _register_benchmarks()

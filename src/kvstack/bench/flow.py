@@ -1,0 +1,369 @@
+"""``kvstack bench flow``: flow control under overload, against the same traces without it.
+
+Four simulated engines (``--sim-config``: by default four vLLM 0.24 engines sharing one H200, the
+GPU run of the flow-control issue) behind a router per policy (:data:`flow_plan.POLICIES`), fed
+multi-round QA from :func:`flow_plan.build_trace`. Three scenarios:
+
+1. **ramp**: one tenant at 0.5x .. 2x the cluster's capacity (``--capacity-rps``, measured: the
+   completion rate of the cluster under overload): goodput, 429 rate, admitted TTFT per policy;
+2. **fairness**: tenant A at 10x tenant B's rate, together above capacity, against B alone;
+3. **priority**: an ``interactive`` class beside a ``batch`` flood.
+
+The simulators run at ``--speed`` < 1 (a saturated cluster then takes few requests per wall
+second); every time is reported in simulated seconds. Writes ``flow.json`` and ``flow.png``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import json
+import os
+import tempfile
+import zlib
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+import yaml
+
+from kvstack.bench import flow_plan, promtext
+from kvstack.bench.driver import wait_for_engines
+from kvstack.bench.flow_driver import Client, run_trace
+from kvstack.bench.flow_plan import PEER, Policy, Results, Shape, Stream
+from kvstack.bench.gpu import PEER_POLICIES
+from kvstack.bench.gpu import _peer_router_proc as peer_router
+from kvstack.common.procs import ManagedProcess, free_ports, kvstack_argv, running
+
+MODEL = "kvstack/sim-8b"
+DEFAULT_SIM_CONFIG = Path("bench-results/flow/sim-h200-x4.yaml")
+
+
+@dataclass(slots=True)
+class FlowSetup:
+    engines: int = 4
+    speed: float = 0.5
+    sim_config: Path | None = DEFAULT_SIM_CONFIG
+    capacity_rps: float = 16.0  # the cluster's capacity, simulated requests/s (1x of the ramp)
+    duration_s: float = 8.0  # arrival window of a case, simulated seconds
+    shape: Shape = field(default_factory=Shape)
+    # the router's saturation model, in simulated time: the engines' cold prefill rate
+    prefill_tokens_per_s: float = 2_100.0
+    # an engine takes more while the uncached prompt work the router sent it would prefill within
+    # this (simulated) time: half the 1 s objective, the rest for the queue and the first step
+    prefill_target_s: float = 0.5
+    # real engines instead of simulators (speed 1): their discovery file, served name, and where the
+    # router gets prompt tokens (their /tokenize: the model's own tokenizer)
+    engines_file: Path | None = None
+    model: str = MODEL
+    tokenizer: str = "builtin"
+    log_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="kvstack-flow-")))
+
+
+def flow_available() -> bool:
+    """Whether this router has flow control (the ``flow_control`` config section)."""
+    try:
+        return importlib.util.find_spec("kvstack.router.flow.config") is not None
+    except ModuleNotFoundError:  # no kvstack.router.flow package at all
+        return False
+
+
+def router_config(setup: FlowSetup, policy: Policy) -> dict[str, Any]:
+    """The router's config file: the policy, and flow control on or off.
+
+    With flow control, objectives and the saturation model are in wall time (the router's clock):
+    a simulated second lasts ``1 / speed`` wall seconds.
+    """
+    config: dict[str, Any] = {"policy": policy.routing, "log_level": "warning", "tokenizer": setup.tokenizer}
+    if not flow_available():
+        return config
+    if not policy.flow:
+        config["flow_control"] = {"enabled": False}
+        return config
+    objective = flow_plan.OBJECTIVE_S / setup.speed
+    config["flow_control"] = {
+        "enabled": True,
+        "default_class": "default",
+        "classes": [
+            {"name": "interactive", "priority": 10, "ttft_objective_s": objective},
+            {"name": "default", "priority": 5, "ttft_objective_s": objective},
+            {"name": "batch", "priority": 0},
+        ],
+        "tenants": [{"name": "A", "weight": 1.0}, {"name": "B", "weight": 1.0}],
+        "saturation": {
+            "prefill_tokens_per_s": setup.prefill_tokens_per_s * setup.speed,
+            "prefill_target_s": setup.prefill_target_s / setup.speed,
+        },
+    }
+    return config
+
+
+def _router(
+    setup: FlowSetup, policy: Policy, engines_file: Path, log_dir: Path
+) -> tuple[ManagedProcess, str]:
+    if policy.routing in PEER_POLICIES:
+        urls = [e["url"] for e in yaml.safe_load(engines_file.read_text())]
+        return peer_router(urls, policy.routing, log_dir)
+    (log_dir / "router.yaml").write_text(yaml.safe_dump(router_config(setup, policy)))
+    port = free_ports(1)[0]
+    url = f"http://127.0.0.1:{port}"
+    argv = [*kvstack_argv(), "router", "--config", str(log_dir / "router.yaml"), "--port", str(port)]
+    argv += ["--engines-file", str(engines_file)]
+    env = {"KVSTACK_ROUTER_ACCESS_LOG": "false"}
+    return ManagedProcess("router", argv, log_dir, env=env, ready_url=f"{url}/ready"), url
+
+
+def _stack(setup: FlowSetup, policy: Policy, case: str) -> tuple[list[ManagedProcess], str]:
+    log_dir = setup.log_dir / case
+    log_dir.mkdir(parents=True, exist_ok=True)
+    if setup.engines_file is not None:  # real engines, already running
+        router, url = _router(setup, policy, setup.engines_file, log_dir)
+        return [router], url
+    ports = free_ports(3 * setup.engines)
+    sims: list[ManagedProcess] = []
+    engines: list[dict[str, Any]] = []
+    for i in range(setup.engines):
+        http, pub, replay = ports[3 * i : 3 * i + 3]
+        url = f"http://127.0.0.1:{http}"
+        argv = [*kvstack_argv(), "engine", "sim", "--port", str(http), "--model", MODEL]
+        if setup.sim_config is not None:
+            argv += ["--config", str(setup.sim_config)]
+        argv += [
+            "--speed",
+            str(setup.speed),
+            "--kv-events-endpoint",
+            f"tcp://127.0.0.1:{pub}",
+            "--kv-events-replay-endpoint",
+            f"tcp://127.0.0.1:{replay}",
+        ]
+        sims.append(ManagedProcess(f"sim{i}", argv, log_dir, ready_url=f"{url}/health"))
+        engines.append(
+            {
+                "url": url,
+                "name": f"sim{i}",
+                "models": [MODEL],
+                "kv_events_endpoint": f"tcp://127.0.0.1:{pub}",
+                "kv_events_replay_endpoint": f"tcp://127.0.0.1:{replay}",
+            }
+        )
+    (log_dir / "engines.yaml").write_text(yaml.safe_dump(engines))
+    router, url = _router(setup, policy, log_dir / "engines.yaml", log_dir)
+    return [*sims, router], url
+
+
+def _case(
+    setup: FlowSetup, url: str, streams: Sequence[Stream], seed: int
+) -> tuple[list[flow_plan.Outcome], float]:
+    trace = flow_plan.build_trace(streams, setup.shape, seed)
+    client = Client(url, setup.model, setup.speed)
+    return asyncio.run(run_trace(client, trace))
+
+
+def _scenarios(setup: FlowSetup) -> dict[str, list[tuple[str, list[Stream]]]]:
+    cap, d = setup.capacity_rps, setup.duration_s
+    over = 1.5 * cap  # fairness and priority: together above capacity
+    return {
+        "ramp": [(f"{load:g}x", [Stream("A", load * cap, d)]) for load in flow_plan.RAMP],
+        "fairness": [
+            ("B alone", [Stream("B", over / 11, d)]),
+            ("A 10x + B", [Stream("A", over * 10 / 11, d), Stream("B", over / 11, d)]),
+        ],
+        "priority": [
+            ("interactive alone", [Stream("A", 0.3 * cap, d, "interactive")]),
+            (
+                "interactive + batch flood",
+                [Stream("A", 0.3 * cap, d, "interactive"), Stream("B", 1.5 * cap, d, "batch")],
+            ),
+        ],
+    }
+
+
+def run(
+    setup: FlowSetup,
+    policies: Sequence[Policy],
+    scenarios: Sequence[str],
+    progress: Callable[[str], None] = print,
+) -> Results:
+    """Every scenario's cases through one stack per policy (cases in turn, each its own trace)."""
+    results = Results()
+    plan = _scenarios(setup)
+    for policy in policies:
+        if policy.flow and not flow_available():
+            progress(f"{policy.name}: this router has no flow control; skipped")
+            continue
+        procs, url = _stack(setup, policy, policy.name.replace("+", "-"))
+        if setup.engines_file is not None:
+            engine_urls = [e["url"] for e in yaml.safe_load(setup.engines_file.read_text())]
+        else:
+            engine_urls = [p.ready_url.removesuffix("/health") for p in procs[:-1] if p.ready_url]
+        with running(procs, timeout=90):
+            if policy.routing not in PEER_POLICIES:
+                wait_for_engines(url, len(engine_urls))
+            for scenario in scenarios:
+                for seed, (case, streams) in enumerate(plan[scenario]):
+                    load0 = os.getloadavg()[0]
+                    before = [promtext.scrape(f"{u}/metrics") for u in engine_urls]
+                    r_before = _router_scrape(url, policy)
+                    outcomes, length = _case(
+                        setup, url, streams, seed=zlib.crc32(f"{scenario}/{case}".encode())
+                    )
+                    after = [promtext.scrape(f"{u}/metrics") for u in engine_urls]
+                    r_after = _router_scrape(url, policy)
+                    row: dict[str, Any] = {
+                        "scenario": scenario,
+                        "case": case,
+                        "policy": policy.name,
+                        "offered_rps": round(sum(s.rate for s in streams), 3),
+                        **flow_plan.summarize(outcomes, setup.duration_s),
+                        "tenants": flow_plan.by_group(outcomes, "tenant", setup.duration_s),
+                        "classes": flow_plan.by_group(outcomes, "klass", setup.duration_s),
+                        "run_s": round(length, 2),
+                        **_engine_counters(before, after),
+                        **_flow_counters(r_before, r_after),
+                        "loadavg": [round(load0, 2), round(os.getloadavg()[0], 2)],
+                    }
+                    if scenario == "ramp":
+                        row["load"] = flow_plan.RAMP[seed]
+                    getattr(results, scenario).append(row)
+                    progress(
+                        f"{policy.name:>16} {scenario:>8} {case:>26}: goodput {row['goodput_rps']:.2f}/s, "
+                        f"429 {row['shed_rate']:.0%}, TTFT p50/p90/p99 {row['ttft_p50_s']}/"
+                        f"{row['ttft_p90_s']}/{row['ttft_p99_s']} s, errors {row['errors']}, "
+                        f"loadavg {row['loadavg']}"
+                    )
+    return results
+
+
+def _engine_counters(
+    before: Sequence[promtext.Samples], after: Sequence[promtext.Samples]
+) -> dict[str, float]:
+    """The engines' own view of a case: prefix-cache hit rate and preemptions (recomputes)."""
+
+    def d(name: str) -> float:
+        return sum(promtext.delta(b, a, name) for b, a in zip(before, after, strict=True))
+
+    queries = d("vllm:prefix_cache_queries_total")
+    return {
+        "hit_rate": round(d("vllm:prefix_cache_hits_total") / queries, 4) if queries else 0.0,
+        "preemptions": d("vllm:num_preemptions_total"),
+        "prompt_tokens": d("vllm:prompt_tokens_total"),
+    }
+
+
+def _router_scrape(url: str, policy: Policy) -> promtext.Samples:
+    return {} if policy.routing in PEER_POLICIES else promtext.scrape(f"{url}/metrics")
+
+
+def _flow_counters(before: promtext.Samples, after: promtext.Samples) -> dict[str, Any]:
+    """What flow control did in a case: refusals by reason, and how its TTFT predictions fared."""
+    shed: dict[str, float] = {}
+    for (name, labels), value in after.items():
+        if name == "kvstack_router_flow_shed_total":
+            reason = dict(labels).get("reason", "")
+            shed[reason] = shed.get(reason, 0.0) + value - before.get((name, labels), 0.0)
+    ratio = "kvstack_router_flow_ttft_prediction_ratio"
+    if not promtext.delta(before, after, f"{ratio}_count"):
+        return {"shed_by_reason": {k: v for k, v in shed.items() if v}}
+    return {
+        "shed_by_reason": {k: v for k, v in shed.items() if v},
+        "ttft_actual_over_predicted_p50": promtext.histogram_quantile(after, ratio, 0.5, before),
+        "ttft_actual_over_predicted_p90": promtext.histogram_quantile(after, ratio, 0.9, before),
+    }
+
+
+def plot(results: Results, path: Path) -> None:
+    """Goodput and admitted TTFT p90/p99 against offered load, one line per policy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for i, name in enumerate(sorted({r["policy"] for r in results.ramp})):
+        rows = sorted((r for r in results.ramp if r["policy"] == name), key=lambda r: r["load"])
+        loads, color = [r["load"] for r in rows], f"C{i}"
+        left.plot(loads, [r["goodput_rps"] for r in rows], marker="o", color=color, label=name)
+        right.plot(loads, [r["ttft_p90_s"] for r in rows], marker="o", color=color, label=f"{name} p90")
+        p99 = [r["ttft_p99_s"] for r in rows]
+        right.plot(loads, p99, marker="x", linestyle=":", color=color, label=f"{name} p99")
+    left.set_xlabel("offered load (x capacity)")
+    left.set_ylabel("goodput: requests/s with TTFT <= 1 s")
+    right.set_xlabel("offered load (x capacity)")
+    right.set_ylabel("admitted TTFT (s, simulated)")
+    right.set_yscale("log")
+    right.axhline(flow_plan.OBJECTIVE_S, color="grey", linewidth=0.8)
+    left.legend(fontsize=8)
+    right.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def flow_bench(
+    out: Annotated[Path, typer.Option("--out", help="Results folder.")] = Path("bench-results"),
+    policy: Annotated[
+        list[str] | None, typer.Option(help="Policies (default all): see flow_plan.POLICIES.")
+    ] = None,
+    scenario: Annotated[
+        list[str] | None, typer.Option(help="ramp, fairness, priority (default all).")
+    ] = None,
+    speed: Annotated[float, typer.Option(min=0.01, help="Simulator speed (simulated s per wall s).")] = 0.5,
+    capacity_rps: Annotated[
+        float, typer.Option(min=0.1, help="The cluster's capacity, simulated req/s.")
+    ] = 16.0,
+    duration_s: Annotated[float, typer.Option(min=1, help="Arrival window per case, simulated s.")] = 8.0,
+    sim_config: Annotated[Path | None, typer.Option(help="Simulator config (YAML).")] = DEFAULT_SIM_CONFIG,
+    label: Annotated[str, typer.Option(help="Result names: LABEL.json, LABEL.png.")] = "flow",
+    engines_file: Annotated[
+        Path | None, typer.Option(help="Running engines (static discovery YAML) instead of simulators.")
+    ] = None,
+    model: Annotated[str, typer.Option(help="Served model name.")] = MODEL,
+    tokenizer: Annotated[str, typer.Option(help="Router tokenizer: builtin or engine.")] = "builtin",
+    prefill_tokens_per_s: Annotated[
+        float, typer.Option(help="An engine's cold prefill rate (tokens/s, simulated time) for the router.")
+    ] = 2_100.0,
+    prefill_target_s: Annotated[
+        float, typer.Option(help="Flow control: prefill work an engine may hold (simulated s).")
+    ] = 0.5,
+) -> None:
+    """Flow control under overload: goodput, 429s and admitted TTFT per policy (simulators)."""
+    known = {p.name: p for p in (*flow_plan.POLICIES, PEER)}
+    for name in policy or ():
+        if name not in known:
+            raise typer.BadParameter(
+                f"unknown policy {name!r}; known: {sorted(known)}", param_hint="--policy"
+            )
+    for name in scenario or ():
+        if name not in ("ramp", "fairness", "priority"):
+            raise typer.BadParameter(f"unknown scenario {name!r}", param_hint="--scenario")
+    if engines_file is not None and speed != 1.0:
+        raise typer.BadParameter("real engines run at speed 1", param_hint="--speed")
+    setup = FlowSetup(
+        speed=speed,
+        capacity_rps=capacity_rps,
+        duration_s=duration_s,
+        sim_config=sim_config,
+        engines_file=engines_file,
+        model=model,
+        tokenizer=tokenizer,
+        prefill_tokens_per_s=prefill_tokens_per_s,
+        prefill_target_s=prefill_target_s,
+    )
+    chosen = [known[n] for n in policy] if policy else list(flow_plan.POLICIES)
+    results = run(setup, chosen, scenario or ["ramp", "fairness", "priority"])
+    folder = out / "flow"
+    folder.mkdir(parents=True, exist_ok=True)
+    goals = flow_plan.goals(results)
+    meta = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(setup).items() if k != "log_dir"}
+    meta["loadavg_end"] = list(os.getloadavg())
+    meta["cpu_count"] = os.cpu_count()
+    body = {"meta": meta, **asdict(results), "goals": [asdict(g) for g in goals]}
+    (folder / f"{label}.json").write_text(json.dumps(body, indent=1))
+    if results.ramp:
+        plot(results, folder / f"{label}.png")
+    for g in goals:
+        mark = "met" if g.met else "not met" if g.met is not None else "not run"
+        typer.echo(f"{mark:>8}: {g.name} ({g.detail})")
+    typer.echo(f"results: {folder / f'{label}.json'}")

@@ -1,0 +1,261 @@
+"""The flow-control benchmark's plan and arithmetic. Pure.
+
+What a run is made of (the policies compared, the scenarios, the multi-round QA traces sized by a
+rate and a duration rather than by the KV cache) and what its results mean: goodput (requests done
+within the TTFT objective per second of arrivals), the 429 rate, the admitted requests' TTFT, and
+the issue's goals as met / not met. Times are in *simulated* seconds: the simulators run at
+``speed`` < 1 so that a saturated cluster needs only a few requests per wall second on a small
+machine, and every wall-clock time is multiplied by ``speed`` before it is reported. The I/O lives
+in :mod:`kvstack.bench.flow` and :mod:`kvstack.bench.flow_driver`.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from kvstack.bench import stats, workloads
+
+OBJECTIVE_S = 1.0  # the issue's goodput threshold: TTFT <= 1 s (simulated time)
+RAMP = (0.5, 1.0, 1.5, 2.0)  # offered load, in multiples of the cluster's capacity
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """One router setup compared: a routing policy, with or without flow control."""
+
+    name: str
+    routing: str  # the router's --policy
+    flow: bool  # flow control on (its config section) or off
+
+
+POLICIES = (
+    Policy("round_robin", "round_robin", flow=False),
+    Policy("cache_aware", "cache_aware", flow=False),
+    Policy("cache_aware+flow", "cache_aware", flow=True),
+)
+# The SGLang router's cache_aware policy (`pip install sglang-router`), on real engines.
+PEER = Policy("sglang_cache_aware", "sglang_cache_aware", flow=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Shape:
+    """One multi-round QA user (``workloads.multi_round_qa``'s shape, smaller for a quick run)."""
+
+    rounds: int = 4
+    system_tokens: int = 1000  # as the GPU runs' multi-round QA (workloads.multi_round_qa)
+    user_tokens: int = 2000
+    question_tokens: int = 100
+    answer_tokens: int = 24  # short answers: fewer streamed chunks for a small machine to carry
+    think_s: float = 0.5  # simulated seconds between an answer and the next question
+
+    @property
+    def mean_prompt_tokens(self) -> float:
+        turn = self.question_tokens + self.answer_tokens + 2 * workloads.TEMPLATE_TOKENS
+        return self.system_tokens + self.user_tokens + self.question_tokens + turn * (self.rounds - 1) / 2
+
+
+@dataclass(frozen=True, slots=True)
+class Stream:
+    """Users of one tenant and class arriving at ``rate`` requests/s (simulated) for ``duration_s``."""
+
+    tenant: str
+    rate: float
+    duration_s: float
+    klass: str | None = None  # the priority header; None: the tenant's default
+
+
+def build_trace(streams: Sequence[Stream], shape: Shape, seed: int) -> list[tuple[Stream, workloads.Session]]:
+    """Sessions of every stream, each user with the shared system prompt and a private context.
+
+    A stream of ``rate`` requests/s over ``duration_s`` has ``rate * duration_s / rounds`` users
+    arriving as a Poisson process (so its request rate is ``rate`` while users overlap). Times are
+    simulated seconds; the driver divides them by the simulators' speed.
+    """
+    rng = random.Random(seed)
+    system = workloads.words(rng, shape.system_tokens)
+    out: list[tuple[Stream, workloads.Session]] = []
+    for s_index, stream in enumerate(streams):
+        users = max(1, round(stream.rate * stream.duration_s / shape.rounds))
+        user_rate = users / stream.duration_s
+        t = 0.0
+        for u in range(users):
+            t += rng.expovariate(user_rate)
+            session = workloads.Session(
+                session_id=f"{stream.tenant}-{s_index}-{u}",
+                system=system + workloads.words(rng, shape.user_tokens),
+                turns=[
+                    workloads.Turn(workloads.words(rng, shape.question_tokens), shape.answer_tokens)
+                    for _ in range(shape.rounds)
+                ],
+                start=t,
+                think_time=shape.think_s,
+            )
+            out.append((stream, session))
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What one request got, in simulated seconds since the run started."""
+
+    tenant: str
+    klass: str
+    sent_s: float
+    status: int  # HTTP status; 0 when no response came (a lost request)
+    ok: bool  # streamed to its last token
+    ttft_s: float | None = None
+    retry_after_s: float | None = None  # the 429's Retry-After header
+
+
+def _pct(values: Sequence[float], q: float) -> float | None:
+    return round(stats.percentile(values, q), 4) if values else None
+
+
+def summarize(
+    outcomes: Sequence[Outcome], duration_s: float, objective_s: float = OBJECTIVE_S
+) -> dict[str, Any]:
+    """Goodput, shed and error rates, and the admitted requests' TTFT of one group of requests.
+
+    Goodput counts requests that completed with TTFT within the objective, per second of the
+    arrival window (``duration_s``), so it compares across policies fed the same trace.
+    """
+    n = len(outcomes)
+    ok = [o for o in outcomes if o.ok]
+    shed = [o for o in outcomes if o.status == 429]
+    ttfts = [o.ttft_s for o in ok if o.ttft_s is not None]
+    good = [t for t in ttfts if t <= objective_s]
+    return {
+        "requests": n,
+        "completed": len(ok),
+        "shed": len(shed),
+        "shed_rate": round(len(shed) / n, 4) if n else 0.0,
+        "shed_with_retry_after": sum(1 for o in shed if o.retry_after_s is not None),
+        # neither completed nor refused with 429: a failure (or, with status 0, a lost request)
+        "errors": n - len(ok) - len(shed),
+        "lost": sum(1 for o in outcomes if o.status == 0),
+        "goodput_rps": round(len(good) / duration_s, 4) if duration_s > 0 else 0.0,
+        "good_share": round(len(good) / n, 4) if n else 0.0,
+        "ttft_p50_s": _pct(ttfts, 50),
+        "ttft_p90_s": _pct(ttfts, 90),
+        "ttft_p99_s": _pct(ttfts, 99),
+    }
+
+
+def by_group(outcomes: Sequence[Outcome], key: str, duration_s: float) -> dict[str, dict[str, Any]]:
+    """:func:`summarize` per tenant (``key="tenant"``) or per class (``key="klass"``)."""
+    groups: dict[str, list[Outcome]] = {}
+    for o in outcomes:
+        groups.setdefault(getattr(o, key), []).append(o)
+    return {name: summarize(group, duration_s) for name, group in sorted(groups.items())}
+
+
+@dataclass(frozen=True, slots=True)
+class Goal:
+    name: str
+    met: bool | None  # None: not measured in this run
+    detail: str
+
+
+@dataclass(slots=True)
+class Results:
+    """Rows of one run: ``ramp`` (policy, load, summary), and the fairness and priority cases."""
+
+    ramp: list[dict[str, Any]] = field(default_factory=list)
+    fairness: list[dict[str, Any]] = field(default_factory=list)
+    priority: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _row(rows: Sequence[Mapping[str, Any]], **match: Any) -> Mapping[str, Any] | None:
+    return next((r for r in rows if all(r.get(k) == v for k, v in match.items())), None)
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None or b == 0 else round(a / b, 3)
+
+
+def goals(results: Results) -> list[Goal]:
+    """The issue's goals for the simulated benchmarks, from a run's rows."""
+    out: list[Goal] = []
+    flow = "cache_aware+flow"
+    at1, at2 = _row(results.ramp, policy=flow, load=1.0), _row(results.ramp, policy=flow, load=2.0)
+    if at1 and at2:
+        r = _ratio(at2["goodput_rps"], at1["goodput_rps"])
+        out.append(
+            Goal(
+                "ramp: goodput at 2x >= 0.9x goodput at 1x (flow control)",
+                r is not None and r >= 0.9,
+                f"{r}x",
+            )
+        )
+        p99 = at2["ttft_p99_s"]
+        out.append(
+            Goal(
+                "ramp: admitted TTFT p99 <= 1 s at 2x (flow control)",
+                p99 is not None and p99 <= 1.0,
+                f"{p99} s",
+            )
+        )
+    else:
+        out.append(Goal("ramp: goodput and p99 at 2x with flow control", None, "flow control not run"))
+    nf1, nf2 = (
+        _row(results.ramp, policy="cache_aware", load=1.0),
+        _row(results.ramp, policy="cache_aware", load=2.0),
+    )
+    if nf1 and nf2:
+        r = _ratio(nf2["goodput_rps"], nf1["goodput_rps"])
+        out.append(
+            Goal(
+                "ramp: without flow control goodput falls at 2x (the problem shown)",
+                r is not None and r < 0.9,
+                f"{r}x",
+            )
+        )
+    low_flow, low = (
+        _row(results.ramp, policy=flow, load=0.5),
+        _row(results.ramp, policy="cache_aware", load=0.5),
+    )
+    if low_flow and low:
+        r = _ratio(low_flow["ttft_p90_s"], low["ttft_p90_s"])
+        out.append(
+            Goal(
+                "ramp: below capacity TTFT p90 within 5% of cache_aware", r is not None and r <= 1.05, f"{r}x"
+            )
+        )
+    alone = _row(results.fairness, case="B alone", policy=flow)
+    together = _row(results.fairness, case="A 10x + B", policy=flow)
+    if alone and together and "B" in together["tenants"]:
+        b, a = together["tenants"]["B"], together["tenants"].get("A", {})
+        r = _ratio(b["ttft_p90_s"], alone["tenants"]["B"]["ttft_p90_s"])
+        out.append(
+            Goal("fairness: B's TTFT p90 within 1.25x of B alone", r is not None and r <= 1.25, f"{r}x")
+        )
+        # a tenant at a tenth of the other's rate is under its share: it should not be refused more
+        fair = b["shed_rate"] <= a.get("shed_rate", 0.0)
+        shed = f"429 B {b['shed_rate']:.0%}, A {a.get('shed_rate', 0.0):.0%}"
+        out.append(Goal("fairness: B refused no more than A", fair, shed))
+    else:
+        out.append(Goal("fairness: B's TTFT p90 within 1.25x of B alone", None, "not run"))
+    flood = _row(results.priority, case="interactive + batch flood", policy=flow)
+    if flood and "interactive" in flood["classes"]:
+        inter, batch = flood["classes"]["interactive"], flood["classes"].get("batch", {})
+        p99 = inter["ttft_p99_s"]
+        met = p99 is not None and p99 <= 1.0
+        out.append(Goal("priority: interactive TTFT p99 <= 1 s under a batch flood", met, f"{p99} s"))
+        served = 1 - inter["shed_rate"]
+        out.append(
+            Goal(
+                "priority: interactive served (>= 90% admitted) under the flood",
+                served >= 0.9,
+                f"{served:.0%}",
+            )
+        )
+        done = batch.get("completed", 0)
+        out.append(
+            Goal("priority: the batch class still progresses", done > 0, f"{done} batch requests completed")
+        )
+    else:
+        out.append(Goal("priority: interactive TTFT p99 <= 1 s under a batch flood", None, "not run"))
+    return out

@@ -1,0 +1,124 @@
+"""The flow benchmark's pure parts: traces sized by rate and duration, the summary, the goals."""
+
+from __future__ import annotations
+
+import pytest
+
+from kvstack.bench import flow_plan
+from kvstack.bench.flow_plan import Outcome, Results, Shape, Stream, build_trace, goals, summarize
+
+
+def test_trace_rate_duration_and_streams() -> None:
+    shape = Shape(rounds=4)
+    trace = build_trace([Stream("A", 10.0, 8.0), Stream("B", 1.0, 8.0, "batch")], shape, seed=3)
+    a = [s for stream, s in trace if stream.tenant == "A"]
+    b = [s for stream, s in trace if stream.tenant == "B"]
+    assert (len(a), len(b)) == (20, 2)  # rate x duration / rounds users each
+    assert len({s.session_id for _, s in trace}) == len(trace)
+    assert all(len(s.turns) == 4 and s.think_time == shape.think_s for _, s in trace)
+    # one shared system prompt, then a private context per user
+    system = a[0].system[: len(a[1].system) // 3]
+    assert all(s.system.startswith(system) for _, s in trace)
+    assert build_trace([Stream("A", 10.0, 8.0)], shape, seed=3)[0][1].system == a[0].system
+
+
+def o(status: int, ttft: float | None = None, ok: bool | None = None, **kw: object) -> Outcome:
+    return Outcome(
+        tenant=str(kw.get("tenant", "A")),
+        klass=str(kw.get("klass", "default")),
+        sent_s=0.0,
+        status=status,
+        ok=status == 200 if ok is None else ok,
+        ttft_s=ttft,
+        retry_after_s=kw.get("retry_after"),  # type: ignore[arg-type]
+    )
+
+
+SUMMARY_CASES = [
+    # id, outcomes, duration, expected subset
+    ("empty", [], 10.0, {"requests": 0, "goodput_rps": 0.0, "ttft_p99_s": None}),
+    (
+        "goodput counts only in-objective completions",
+        [o(200, 0.5), o(200, 1.0), o(200, 1.5), o(429, retry_after=2.0)],
+        2.0,
+        {"completed": 3, "goodput_rps": 1.0, "shed": 1, "shed_rate": 0.25, "shed_with_retry_after": 1},
+    ),
+    (
+        "errors and lost are neither done nor shed",
+        [o(200, 0.2), o(0), o(503), o(200, 0.3, ok=False)],
+        1.0,
+        {"errors": 3, "lost": 1, "completed": 1, "good_share": 0.25},
+    ),
+    (
+        "ttft of admitted only",
+        [o(200, 0.1), o(200, 0.3), o(429)],
+        1.0,
+        {"ttft_p50_s": 0.2, "ttft_p99_s": 0.298},
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("outcomes", "duration", "expected"), [pytest.param(*c[1:], id=c[0]) for c in SUMMARY_CASES]
+)
+def test_summary(outcomes: list[Outcome], duration: float, expected: dict[str, object]) -> None:
+    row = summarize(outcomes, duration)
+    assert {k: row[k] for k in expected} == expected
+
+
+def test_by_group_splits_tenants() -> None:
+    groups = flow_plan.by_group([o(200, 0.1, tenant="A"), o(429, tenant="B")], "tenant", 1.0)
+    assert (groups["A"]["completed"], groups["B"]["shed"]) == (1, 1)
+
+
+def _ramp(policy: str, load: float, goodput: float, p90: float, p99: float) -> dict[str, object]:
+    return {"policy": policy, "load": load, "goodput_rps": goodput, "ttft_p90_s": p90, "ttft_p99_s": p99}
+
+
+def test_goals_met_and_not_met() -> None:
+    r = Results(
+        ramp=[
+            _ramp("cache_aware+flow", 0.5, 8.0, 0.30, 0.5),
+            _ramp("cache_aware+flow", 1.0, 15.0, 0.40, 0.8),
+            _ramp("cache_aware+flow", 2.0, 14.0, 0.50, 0.9),
+            _ramp("cache_aware", 0.5, 8.0, 0.29, 0.5),
+            _ramp("cache_aware", 1.0, 14.0, 0.50, 2.0),
+            _ramp("cache_aware", 2.0, 1.0, 9.0, 12.0),
+        ],
+        fairness=[
+            # another policy's rows never count
+            {"policy": "cache_aware", "case": "B alone", "tenants": {"B": {"ttft_p90_s": 9.0}}},
+            {"policy": "cache_aware+flow", "case": "B alone", "tenants": {"B": {"ttft_p90_s": 0.4}}},
+            {
+                "policy": "cache_aware+flow",
+                "case": "A 10x + B",
+                "tenants": {
+                    "A": {"ttft_p90_s": 0.9, "shed_rate": 0.5},
+                    "B": {"ttft_p90_s": 0.6, "shed_rate": 0.1},
+                },
+            },
+        ],
+        priority=[
+            {
+                "policy": "cache_aware+flow",
+                "case": "interactive + batch flood",
+                "classes": {"interactive": {"ttft_p99_s": 0.7, "shed_rate": 0.5}, "batch": {"completed": 0}},
+            }
+        ],
+    )
+    met = {g.name: g.met for g in goals(r)}
+    assert met == {
+        "ramp: goodput at 2x >= 0.9x goodput at 1x (flow control)": True,  # 14 / 15
+        "ramp: admitted TTFT p99 <= 1 s at 2x (flow control)": True,
+        "ramp: without flow control goodput falls at 2x (the problem shown)": True,
+        "ramp: below capacity TTFT p90 within 5% of cache_aware": True,  # 0.30 / 0.29 = 1.034
+        "fairness: B's TTFT p90 within 1.25x of B alone": False,  # 1.5x
+        "fairness: B refused no more than A": True,
+        "priority: interactive TTFT p99 <= 1 s under a batch flood": True,
+        "priority: interactive served (>= 90% admitted) under the flood": False,
+        "priority: the batch class still progresses": False,
+    }
+
+
+def test_goals_not_run() -> None:
+    assert {g.met for g in goals(Results())} == {None}

@@ -1,0 +1,105 @@
+"""The KVStack resource's router.flowControl: parsed, validated as the router would, rendered into the
+router's config file, and refused by the API server's own schema when a class reference is wrong."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from kvstack.common.config import ConfigError
+from kvstack.operator import crd
+from kvstack.operator.ownership import Owner
+from kvstack.operator.resources import router_settings
+from kvstack.operator.spec import FlowControl, parse_spec
+from kvstack.router.config import RouterSettings
+from kvstack.router.flow.config import FlowControlConfig
+
+OWNER = Owner(name="demo", namespace="serving", uid="1234-5678")
+MODELS = [{"name": "llama", "model": "meta-llama/Llama-3.1-8B-Instruct"}]
+
+
+def spec(flow: dict[str, Any]) -> dict[str, Any]:
+    return {"models": MODELS, "router": {"flowControl": flow}}
+
+
+def test_defaults_are_the_routers() -> None:
+    assert FlowControlConfig.model_validate(FlowControl().router_config()) == FlowControlConfig()
+
+
+def test_a_full_section_reaches_the_router() -> None:
+    flow = {
+        "enabled": True,
+        "tenantHeader": "x-team",
+        "defaultClass": "standard",
+        "classes": [
+            {"name": "interactive", "priority": 10, "ttftObjectiveSeconds": 1.0},
+            {"name": "standard", "priority": 5, "ttftObjectiveSeconds": 3},
+            {"name": "batch"},
+        ],
+        "models": [{"model": "*", "ordering": "edf", "maxQueue": 64}],
+        "tenants": [{"name": "search", "weight": 3, "defaultClass": "interactive"}, {"name": "etl"}],
+        "saturation": {"prefillTokensPerSecond": 20000, "maxKvUsage": 0.9, "maxWaiting": 2},
+    }
+    settings = RouterSettings(**router_settings(OWNER, parse_spec(spec(flow))))
+    fc = settings.flow_control
+    assert (fc.tenant_header, fc.default_class) == ("x-team", "standard")
+    assert [(c.name, c.priority, c.ttft_objective_s) for c in fc.classes] == [
+        ("interactive", 10, 1.0),
+        ("standard", 5, 3.0),
+        ("batch", 0, None),
+    ]
+    assert (fc.models[0].ordering, fc.models[0].max_queue, fc.models[0].max_queue_tokens) == (
+        "edf",
+        64,
+        4_000_000,
+    )
+    assert [(t.name, t.weight, t.default_class) for t in fc.tenants] == [
+        ("search", 3.0, "interactive"),
+        ("etl", 1.0, None),
+    ]
+    assert (fc.saturation.prefill_tokens_per_s, fc.saturation.max_kv_usage, fc.saturation.max_waiting) == (
+        20000.0,
+        0.9,
+        2,
+    )
+
+
+def test_disabled_renders_disabled() -> None:
+    config = router_settings(OWNER, parse_spec(spec({"enabled": False})))
+    assert RouterSettings(**config).flow_control.enabled is False
+
+
+@pytest.mark.parametrize(
+    ("flow", "message"),
+    [
+        ({"defaultClass": "gold"}, r"router\.flowControl.*default_class: 'gold' is not one of classes"),
+        (
+            {"tenants": [{"name": "a", "defaultClass": "gold"}]},
+            r"router\.flowControl.*tenants\.0\.default_class: 'gold'",
+        ),
+        ({"classes": [{"name": "default"}, {"name": "default"}]}, r"classes: duplicate names \['default'\]"),
+        ({"tenantHeader": "x-a", "priorityHeader": "x-a"}, "tenant_header and priority_header must differ"),
+        ({"classes": []}, r"router\.flowControl\.classes"),
+        ({"models": [{"ordering": "lifo"}]}, r"router\.flowControl\.models\.0\.ordering"),
+        ({"saturation": {"maxKvUsage": 1.5}}, r"router\.flowControl\.saturation\.maxKvUsage"),
+        ({"classes": [{"name": "a b"}], "defaultClass": "a b"}, r"router\.flowControl\.classes\.0\.name"),
+        ({"clases": []}, r"router\.flowControl\.clases"),
+    ],
+)
+def test_bad_sections_are_refused_naming_the_field(flow: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        parse_spec(spec(flow))
+
+
+def test_the_crd_checks_class_references_itself() -> None:
+    schema = crd.crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    flow = schema["properties"]["spec"]["properties"]["router"]["properties"]["flowControl"]
+    rules = {r["rule"] for r in flow["x-kubernetes-validations"]}
+    assert "self.classes.exists(c, c.name == self.defaultClass)" in rules
+    assert flow["properties"]["classes"]["x-kubernetes-list-map-keys"] == ["name"]
+    assert flow["properties"]["models"]["items"]["properties"]["ordering"]["enum"] == [
+        "fcfs",
+        "edf",
+        "cheapest",
+    ]
