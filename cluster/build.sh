@@ -2,10 +2,12 @@
 # Builds (once) every binary of the local test control plane into a cache keyed by version:
 #   ~/.cache/kvstack/bin/<tool>-v<version>/<binary>
 # Kubernetes and etcd come from the wrapper modules in cluster/k8s and cluster/etcd; Helm, kwok,
-# kwokctl and kubeconform are `go install`ed. A step whose binaries exist is skipped, so running
-# this again costs nothing. Everything is fetched from the Go module proxy; nothing else is reached.
+# kwokctl and kubeconform are `go install`ed; the OpenTelemetry Collector of the tracing tests is
+# made by the Collector Builder from cluster/otelcol/manifest.yaml. A step whose binaries exist is
+# skipped, so running this again costs nothing. Everything is fetched from the Go module proxy;
+# nothing else is reached.
 #
-# Usage: cluster/build.sh [all|k8s|etcd|helm|kwok|kubeconform|prometheus]...   (default: all)
+# Usage: cluster/build.sh [all|k8s|etcd|helm|kwok|kubeconform|prometheus|otelcol]...   (default: all)
 # Env:   KVSTACK_CACHE (default ~/.cache/kvstack)
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -109,6 +111,16 @@ build_kubeconform() {
     GOBIN=$OUT go install -ldflags "-s -w" "github.com/yannh/kubeconform/cmd/kubeconform@v$KUBECONFORM_VERSION"
 }
 
+# The core collector distribution is not a published Go module, so the builder (itself one) writes a
+# main package of just the manifest's components and compiles it. Builder and sources stay in OUT's
+# scratch folders, which run_step removes; only the binary is kept.
+build_otelcol() {
+    GOBIN=$OUT/.builder go install "go.opentelemetry.io/collector/cmd/builder@v$OTELCOL_VERSION"
+    mkdir -p "$OUT/.src"
+    (cd "$OUT/.src" && "$OUT/.builder/builder" --config "$here/otelcol/manifest.yaml" --ldflags "-s -w")
+    mv "$OUT/.src/dist/otelcol" "$OUT/otelcol"
+}
+
 check_modules() {
     grep -q "k8s.io/kubernetes v$K8S_VERSION\$" "$here/k8s/go.mod" &&
         grep -q "go.etcd.io/etcd/server/v3 v$ETCD_VERSION\$" "$here/etcd/go.mod" &&
@@ -116,6 +128,11 @@ check_modules() {
         echo "build.sh: cluster/{k8s,etcd,prometheus} do not match versions.env; run cluster/gen-modules.sh" >&2
         exit 1
     }
+    # Collector modules of other releases do not build together: every one is at OTELCOL_VERSION.
+    if grep -E '^\s*- gomod:' "$here/otelcol/manifest.yaml" | grep -vq " v$OTELCOL_VERSION\$"; then
+        echo "build.sh: a module of cluster/otelcol/manifest.yaml is not at OTELCOL_VERSION=$OTELCOL_VERSION" >&2
+        exit 1
+    fi
 }
 
 step() {
@@ -129,8 +146,9 @@ step() {
         build_prometheus ;;
     kubeconform) run_step "kubeconform v$KUBECONFORM_VERSION" "$bin/kubeconform-v$KUBECONFORM_VERSION" \
         kubeconform -- build_kubeconform ;;
-    all) for s in etcd kwok k8s prometheus kubeconform helm; do step "$s"; done ;;
-    *) echo "build.sh: unknown step '$1' (all|k8s|etcd|helm|kwok|kubeconform|prometheus)" >&2; exit 2 ;;
+    otelcol) run_step "otelcol v$OTELCOL_VERSION" "$bin/otelcol-v$OTELCOL_VERSION" otelcol -- build_otelcol ;;
+    all) for s in etcd kwok k8s prometheus kubeconform helm otelcol; do step "$s"; done ;;
+    *) echo "build.sh: unknown step '$1' (all|k8s|etcd|helm|kwok|kubeconform|prometheus|otelcol)" >&2; exit 2 ;;
     esac
 }
 

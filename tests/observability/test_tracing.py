@@ -1,6 +1,5 @@
-"""OTLP tracing end to end: client -> router -> simulator processes, exported to a real OTLP receiver.
-
-The receiver decodes each export with the official OTLP protobuf classes (kvstack_testing.otlp).
+"""OTLP tracing end to end: client -> router -> simulator processes, exported to a real OpenTelemetry
+Collector (the ``otel_collector`` fixture); every span asserted on is read back from its file exporter.
 The router runs in this process (uvicorn in a thread), the simulators as ``kvstack engine sim``
 processes with ``--otlp-traces-endpoint``, as vLLM runs with it.
 """
@@ -21,13 +20,13 @@ from typer.testing import CliRunner
 from kvstack.cli import app as kvstack_cli
 from kvstack.common.waits import wait_until, wait_until_async
 from kvstack.router.config import load_settings
-from kvstack_testing.otlp import (
+from kvstack_testing.otelcol import (
+    HEADER_ATTRIBUTE,
     SPAN_KIND_CLIENT,
     SPAN_KIND_SERVER,
     STATUS_ERROR,
-    OTLPReceiver,
+    OtelCollector,
     ReceivedSpan,
-    otlp_receiver,
 )
 
 CLIENT_TRACE, CLIENT_SPAN = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
@@ -35,24 +34,22 @@ ROUTER_STEPS = ("queue", "tokenize", "decide", "upstream")
 
 
 @pytest.fixture(scope="module")
-def receiver() -> Iterator[OTLPReceiver]:
-    with otlp_receiver() as running:
-        yield running
-
-
-@pytest.fixture(scope="module")
-def traced_sims(tmp_path_factory: pytest.TempPathFactory, receiver: OTLPReceiver) -> Iterator[list[Sim]]:
+def traced_sims(
+    tmp_path_factory: pytest.TempPathFactory, otel_collector: OtelCollector
+) -> Iterator[list[Sim]]:
     """Two simulators exporting their spans, batched for 0.2 s (the SDK's variable) so tests are quick."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("OTEL_BSP_SCHEDULE_DELAY", "200")
         mp.setenv("OTEL_SERVICE_NAME", "vllm")
         tmp = tmp_path_factory.mktemp("traced-sims")
-        with run_sims(tmp, 2, "--otlp-traces-endpoint", receiver.url) as sims:
+        with run_sims(tmp, 2, "--otlp-traces-endpoint", otel_collector.url) as sims:
             yield sims
 
 
 @pytest.fixture
-def traced_router(receiver: OTLPReceiver, monkeypatch: pytest.MonkeyPatch) -> Iterator[list[RouterServer]]:
+def traced_router(
+    otel_collector: OtelCollector, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[list[RouterServer]]:
     monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "200")
     started: list[RouterServer] = []
     yield started
@@ -70,12 +67,12 @@ def start_router(started: list[RouterServer], engines: list[str], **values: obje
     return server
 
 
-def spans_of(receiver: OTLPReceiver, trace_id: str, count: int) -> list[ReceivedSpan]:
+def spans_of(otel_collector: OtelCollector, trace_id: str, count: int) -> list[ReceivedSpan]:
     """The trace's spans, once ``count`` of them have arrived."""
     found: list[ReceivedSpan] = []
 
     def arrived() -> bool:
-        found[:] = receiver.spans(trace_id)
+        found[:] = otel_collector.spans(trace_id)
         return len(found) >= count
 
     wait_until(arrived, f"{count} spans of trace {trace_id}", 20, 0.05)
@@ -89,13 +86,13 @@ def one(spans: list[ReceivedSpan], name: str) -> ReceivedSpan:
 
 
 def test_client_trace_runs_through_router_into_engine(
-    receiver: OTLPReceiver, traced_sims: list[Sim], traced_router: list[RouterServer]
+    otel_collector: OtelCollector, traced_sims: list[Sim], traced_router: list[RouterServer]
 ) -> None:
     router = start_router(
         traced_router,
         [s.url for s in traced_sims],
         policy="cache_aware",
-        tracing={"enabled": True, "endpoint": receiver.url},
+        tracing={"enabled": True, "endpoint": otel_collector.url},
     )
     client = openai.OpenAI(base_url=f"{router.url}/v1", api_key="unused", max_retries=0)
     stream = client.chat.completions.with_raw_response.create(
@@ -108,7 +105,7 @@ def test_client_trace_runs_through_router_into_engine(
     request_id = stream.headers["x-request-id"]
     assert "".join(c.choices[0].delta.content or "" for c in stream.parse() if c.choices)
 
-    spans = spans_of(receiver, CLIENT_TRACE, len(ROUTER_STEPS) + 2)
+    spans = spans_of(otel_collector, CLIENT_TRACE, len(ROUTER_STEPS) + 2)
     server = one(spans, "POST /v1/chat/completions")
     assert (server.service, server.kind, server.parent_span_id) == (
         "kvstack-router",
@@ -138,7 +135,7 @@ def test_client_trace_runs_through_router_into_engine(
 
 
 def test_each_try_has_its_upstream_span(
-    receiver: OTLPReceiver, traced_sims: list[Sim], traced_router: list[RouterServer]
+    otel_collector: OtelCollector, traced_sims: list[Sim], traced_router: list[RouterServer]
 ) -> None:
     """A try answered 500, retried on a simulator: two upstream spans, the engine under the second."""
     with BadEngine("status:500") as bad:
@@ -146,7 +143,7 @@ def test_each_try_has_its_upstream_span(
             traced_router,
             [bad.url, traced_sims[0].url],
             policy="round_robin",
-            tracing={"enabled": True, "endpoint": receiver.url},
+            tracing={"enabled": True, "endpoint": otel_collector.url},
         )
         client = openai.OpenAI(base_url=f"{router.url}/v1", api_key="unused", max_retries=0)
         retried = None
@@ -162,7 +159,7 @@ def test_each_try_has_its_upstream_span(
                 retried = trace_id
                 break
         assert retried is not None
-        spans = spans_of(receiver, retried, 8)  # 4 steps, 2 tries more, engine
+        spans = spans_of(otel_collector, retried, 8)  # 4 steps, 2 tries more, engine
     server = one(spans, "POST /v1/completions")
     tries = sorted((s for s in spans if s.name == "upstream"), key=lambda s: s.attributes["kvstack.attempt"])
     assert [t.attributes["kvstack.attempt"] for t in tries] == [1, 2]
@@ -177,14 +174,14 @@ def test_each_try_has_its_upstream_span(
 
 
 def test_sample_ratio_zero_exports_nothing_but_follows_a_sampled_client(
-    receiver: OTLPReceiver, traced_sims: list[Sim], traced_router: list[RouterServer]
+    otel_collector: OtelCollector, traced_sims: list[Sim], traced_router: list[RouterServer]
 ) -> None:
     router = start_router(
         traced_router,
         [traced_sims[1].url],
-        tracing={"enabled": True, "endpoint": receiver.url, "sample_ratio": 0.0},
+        tracing={"enabled": True, "endpoint": otel_collector.url, "sample_ratio": 0.0},
     )
-    before = {s.trace_id for s in receiver.spans()}
+    before = {s.trace_id for s in otel_collector.spans()}
     client = openai.OpenAI(base_url=f"{router.url}/v1", api_key="unused", max_retries=0)
     unsampled = f"00-{'ab' * 16}-{CLIENT_SPAN}-00"  # the client's own decision: not sampled
     for headers in ({}, {}, {"traceparent": unsampled}):
@@ -197,19 +194,19 @@ def test_sample_ratio_zero_exports_nothing_but_follows_a_sampled_client(
         max_tokens=2,
         extra_headers={"traceparent": f"00-{sampled}-{CLIENT_SPAN}-01"},
     )
-    spans_of(receiver, sampled, len(ROUTER_STEPS) + 2)
-    assert {s.trace_id for s in receiver.spans()} - before == {sampled}
+    spans_of(otel_collector, sampled, len(ROUTER_STEPS) + 2)
+    assert {s.trace_id for s in otel_collector.spans()} - before == {sampled}
 
 
-def test_export_headers_reach_the_receiver(
-    receiver: OTLPReceiver, traced_sims: list[Sim], traced_router: list[RouterServer]
+def test_export_headers_reach_the_collector(
+    otel_collector: OtelCollector, traced_sims: list[Sim], traced_router: list[RouterServer]
 ) -> None:
     router = start_router(
         traced_router,
         [traced_sims[0].url],
         tracing={
             "enabled": True,
-            "endpoint": receiver.url,
+            "endpoint": otel_collector.url,
             "headers": {"x-api-key": "k1"},
             "service_name": "edge",
         },
@@ -221,13 +218,14 @@ def test_export_headers_reach_the_receiver(
         max_tokens=1,
         extra_headers={"traceparent": f"00-{trace_id}-{CLIENT_SPAN}-01"},
     )
-    server = one(spans_of(receiver, trace_id, len(ROUTER_STEPS) + 2), "POST /v1/completions")
+    server = one(spans_of(otel_collector, trace_id, len(ROUTER_STEPS) + 2), "POST /v1/completions")
     assert server.service == "edge"
-    assert any(h.get("x-api-key") == "k1" for h in receiver.export_headers)
+    # the collector kept the export request's header and copied it onto the spans it carried
+    assert server.attributes[HEADER_ATTRIBUTE.format("x-api-key")] == "k1"
 
 
 async def test_a_request_refused_at_admission_has_its_queue_span(
-    receiver: OTLPReceiver, traced_router: list[RouterServer]
+    otel_collector: OtelCollector, traced_router: list[RouterServer]
 ) -> None:
     """One slot, no queue: the second request is refused (429) and its trace says where: queue."""
     with BadEngine("hang") as engine:
@@ -236,7 +234,7 @@ async def test_a_request_refused_at_admission_has_its_queue_span(
             [engine.url],
             max_in_flight_per_engine=1,
             max_queue_per_model=0,
-            tracing={"enabled": True, "endpoint": receiver.url},
+            tracing={"enabled": True, "endpoint": otel_collector.url},
         )
         body = {"model": MODEL, "prompt": "x", "max_tokens": 1}
         async with httpx.AsyncClient(base_url=router.url, timeout=30) as client:
@@ -252,7 +250,7 @@ async def test_a_request_refused_at_admission_has_its_queue_span(
             holding.cancel()  # the client goes away: the router abandons the hung engine request
             with contextlib.suppress(asyncio.CancelledError):
                 await holding
-        spans = spans_of(receiver, refused_trace, 2)
+        spans = spans_of(otel_collector, refused_trace, 2)
     server = one(spans, "POST /v1/completions")
     assert server.attributes["http.response.status_code"] == 429
     assert one(spans, "queue").parent_span_id == server.span_id

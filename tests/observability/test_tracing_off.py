@@ -20,7 +20,7 @@ from kvstack.common.config import ConfigError
 from kvstack.common.waits import wait_until
 from kvstack.router.cli import tracing_flags
 from kvstack.router.config import load_settings
-from kvstack_testing.otlp import OTLPReceiver, otlp_receiver
+from kvstack_testing.otelcol import OtelCollector
 
 CLIENT_TRACE, CLIENT_SPAN = "0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331"
 
@@ -48,14 +48,10 @@ def engine() -> Iterator[BadEngine]:
 
 
 @pytest.fixture
-def receiver() -> Iterator[OTLPReceiver]:
-    with otlp_receiver() as running:
-        yield running
-
-
-@pytest.fixture
-def start(receiver: OTLPReceiver, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., RouterServer]]:
-    """Starts routers; they stop before the receiver, so their last export finds it."""
+def start(
+    otel_collector: OtelCollector, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Callable[..., RouterServer]]:
+    """Starts routers; they stop before the (module's) collector, so their last export finds it."""
     monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "200")  # the SDK's batch delay, in ms
     started: list[RouterServer] = []
 
@@ -97,9 +93,9 @@ def test_tracing_on_sends_the_router_span_as_the_engine_parent(
     engine: BadEngine,
     start: Callable[..., RouterServer],
     spans_made: list[int],
-    receiver: OTLPReceiver,
+    otel_collector: OtelCollector,
 ) -> None:
-    router = start(engine, tracing={"enabled": True, "endpoint": receiver.url})
+    router = start(engine, tracing={"enabled": True, "endpoint": otel_collector.url})
     complete(router, {"traceparent": f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-01", "tracestate": "vendor=abc"})
     assert spans_made[0] >= 5  # server, queue, tokenize, decide, upstream: the counter sees them
     sent = engine.post_headers[-1]
@@ -108,9 +104,9 @@ def test_tracing_on_sends_the_router_span_as_the_engine_parent(
     assert sent["tracestate"] == "vendor=abc"
     # the parent the engine was given is the router's upstream span, as exported
     wait_until(
-        lambda: any(x.name == "upstream" for x in receiver.spans(CLIENT_TRACE)), "the upstream span", 20
+        lambda: any(x.name == "upstream" for x in otel_collector.spans(CLIENT_TRACE)), "the upstream span", 20
     )
-    (upstream,) = [x for x in receiver.spans(CLIENT_TRACE) if x.name == "upstream"]
+    (upstream,) = [x for x in otel_collector.spans(CLIENT_TRACE) if x.name == "upstream"]
     assert parent == upstream.span_id != CLIENT_SPAN
     # without a client context the router starts a trace and still tells the engine
     complete(router)
@@ -122,19 +118,19 @@ def test_tracing_on_sends_the_router_span_as_the_engine_parent(
     "bad", ["garbage", f"00-{'0' * 32}-{CLIENT_SPAN}-01", f"00-{CLIENT_TRACE}-{CLIENT_SPAN}"]
 )
 def test_a_malformed_client_traceparent_starts_a_new_trace(
-    engine: BadEngine, start: Callable[..., RouterServer], receiver: OTLPReceiver, bad: str
+    engine: BadEngine, start: Callable[..., RouterServer], otel_collector: OtelCollector, bad: str
 ) -> None:
-    router = start(engine, tracing={"enabled": True, "endpoint": receiver.url})
+    router = start(engine, tracing={"enabled": True, "endpoint": otel_collector.url})
     complete(router, {"traceparent": bad})
     version, trace_id, _, _ = engine.post_headers[-1]["traceparent"].split("-")
     assert version == "00" and len(trace_id) == 32 and trace_id not in (CLIENT_TRACE, "0" * 32)
 
 
 def test_sampled_out_requests_still_carry_context_to_the_engine(
-    engine: BadEngine, start: Callable[..., RouterServer], receiver: OTLPReceiver
+    engine: BadEngine, start: Callable[..., RouterServer], otel_collector: OtelCollector
 ) -> None:
     """With sample_ratio 0 the engine is told "not sampled", so it records nothing either."""
-    router = start(engine, tracing={"enabled": True, "endpoint": receiver.url, "sample_ratio": 0})
+    router = start(engine, tracing={"enabled": True, "endpoint": otel_collector.url, "sample_ratio": 0})
     complete(router)
     flags = engine.post_headers[-1]["traceparent"].rsplit("-", 1)[1]
     assert int(flags, 16) & 1 == 0  # the sampled bit is off

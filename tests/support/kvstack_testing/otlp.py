@@ -1,10 +1,10 @@
-"""A real OTLP/HTTP trace receiver on loopback, for tests of what the router and simulator export.
+"""A small OTLP/HTTP trace receiver on loopback, kept for ``scripts/gpu/trace_proof.py`` only.
 
-It speaks the collector's protocol (``POST /v1/traces``, protobuf, optionally gzip) and decodes
-each export with the official generated classes of ``opentelemetry-proto``, the same schema an
-OpenTelemetry Collector reads. Not the Collector itself: its core distribution is not published as
-an installable Go module, and building one from its packages takes far longer than a test run
-here (docs/tracing.md, "How it is tested").
+The tests export to a real OpenTelemetry Collector (``kvstack_testing.otelcol``). The GPU proof runs
+on the device machine, which has no Go toolchain and reaches no module proxy, so the collector
+cannot be built there; this receiver is pure Python. It speaks the collector's protocol
+(``POST /v1/traces``, protobuf, optionally gzip) and decodes each export with the official generated
+classes of ``opentelemetry-proto``.
 """
 
 from __future__ import annotations

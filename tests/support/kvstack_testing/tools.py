@@ -41,6 +41,7 @@ class Toolchain:
     kwok_version: str
     kubeconform_version: str
     prometheus_version: str
+    otelcol_version: str
 
     @classmethod
     def load(
@@ -55,6 +56,7 @@ class Toolchain:
             kwok_version=v["KWOK_VERSION"],
             kubeconform_version=v["KUBECONFORM_VERSION"],
             prometheus_version=v["PROMETHEUS_VERSION"],
+            otelcol_version=v["OTELCOL_VERSION"],
         )
 
     def _path(self, tool: str, version: str, binary: str) -> Path:
@@ -105,6 +107,11 @@ class Toolchain:
         """Prometheus with Kubernetes service discovery (Debian's package has none)."""
         return self._path("prometheus", self.prometheus_version, "prometheus")
 
+    @property
+    def otelcol(self) -> Path:
+        """The OpenTelemetry Collector of the tracing tests (cluster/otelcol/manifest.yaml)."""
+        return self._path("otelcol", self.otelcol_version, "otelcol")
+
     def cluster_binaries(self) -> list[Path]:
         """What a running cluster and the tests around it need."""
         return [
@@ -144,4 +151,12 @@ def ensure_cluster_tools(*, echo: Callable[[str], None] | None = None) -> Toolch
     tools = Toolchain.load()
     if tools.missing():
         tools = build_tools(("etcd", "kwok", "k8s", "prometheus"), echo=echo)
+    return tools
+
+
+def ensure_otelcol(*, echo: Callable[[str], None] | None = None) -> Toolchain:
+    """The toolchain, building the OpenTelemetry Collector first if it is not cached yet."""
+    tools = Toolchain.load()
+    if tools.missing([tools.otelcol]):
+        tools = build_tools(("otelcol",), echo=echo)
     return tools
