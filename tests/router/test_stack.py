@@ -127,9 +127,31 @@ def test_preflight_names_each_problem_in_one_line(
     assert found == problems
 
 
+@pytest.mark.parametrize("engine", ["sim", "vllm"])
+def test_plan_with_a_tracing_endpoint_traces_the_router_and_every_engine(engine: str) -> None:
+    endpoint = "http://127.0.0.1:4318"
+    settings = StackSettings(engine=engine, model="m", tracing_endpoint=endpoint)
+    specs = plan_stack(settings, PORTS, Path("/e.yaml"), REDIS)
+    router = specs[-1].argv
+    assert router[router.index("--tracing-endpoint") + 1] == endpoint
+    for spec in specs[1:3]:
+        if engine == "sim":
+            assert spec.argv[spec.argv.index("--otlp-traces-endpoint") + 1] == endpoint
+        else:
+            assert spec.env["KVSTACK_ENGINE_OTLP_TRACES_ENDPOINT"] == endpoint
+
+
+def test_plan_without_a_tracing_endpoint_traces_nothing() -> None:
+    specs = plan_stack(StackSettings(), PORTS, Path("/e.yaml"), REDIS)
+    assert not any("--tracing-endpoint" in s.argv or "--otlp-traces-endpoint" in s.argv for s in specs)
+    vllm = plan_stack(StackSettings(engine="vllm", model="m"), PORTS, Path("/e.yaml"), REDIS)
+    assert not any("KVSTACK_ENGINE_OTLP_TRACES_ENDPOINT" in s.env for s in vllm)
+
+
 @pytest.mark.parametrize(
     ("values", "field"),
     [
+        ({"tracing_endpoint": "localhost:4318"}, "tracing_endpoint"),
         ({"engine": "vllm"}, "--model"),
         ({"engine": "vllm", "model": "m", "speed": 2.0}, "--speed"),
         ({"engines": 0}, "engines"),
