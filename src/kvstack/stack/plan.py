@@ -227,6 +227,11 @@ def banner(settings: StackSettings, ports: list[EnginePorts], redis_port: int | 
         if settings.lmcache and redis_port is not None
         else "  LMCache:     off\n"
     )
+    tracing = (
+        f"  Tracing:     spans of the router and the engines to {settings.tracing_endpoint}\n"
+        if settings.tracing_endpoint is not None
+        else ""
+    )
     prometheus = (
         f"  Prometheus:  http://127.0.0.1:{settings.prometheus_port} (kvstack's rules loaded; "
         "`kvstack dashboards preview --prometheus URL` renders the dashboards)\n\n"
@@ -237,7 +242,7 @@ def banner(settings: StackSettings, ports: list[EnginePorts], redis_port: int | 
 kvstack is up: {settings.engines} {kind} engine(s) behind the router (policy: {settings.policy})
   OpenAI API:  {url}/v1        metrics: {url}/metrics
   Engines:     {engines}
-{lmcache}
+{lmcache}{tracing}
   curl {url}/v1/chat/completions -H 'Content-Type: application/json' \\
     -d '{{"model": "{model}", "messages": [{{"role": "user", "content": "Hello!"}}], "max_tokens": 32}}'
 
