@@ -139,7 +139,8 @@ def test_plan_with_a_tracing_endpoint_traces_the_router_and_every_engine(engine:
         if engine == "sim":
             assert spec.argv[spec.argv.index("--otlp-traces-endpoint") + 1] == endpoint
         else:
-            assert spec.env["KVSTACK_ENGINE_OTLP_TRACES_ENDPOINT"] == endpoint
+            # vLLM posts to the URL as given: the collector's base URL gets the traces path
+            assert spec.env["KVSTACK_ENGINE_OTLP_TRACES_ENDPOINT"] == f"{endpoint}/v1/traces"
 
 
 def test_kvstack_up_with_a_tracing_endpoint_exports_router_and_engine_spans_of_one_trace() -> None:

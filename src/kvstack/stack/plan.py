@@ -178,7 +178,8 @@ def _engine(settings: StackSettings, i: int, p: EnginePorts, redis_port: int | N
     if settings.lmcache and redis_port is not None:
         env["KVSTACK_ENGINE_LMCACHE__REMOTE_URL"] = redis_url(redis_port)
     if settings.tracing_endpoint is not None:
-        env["KVSTACK_ENGINE_OTLP_TRACES_ENDPOINT"] = settings.tracing_endpoint
+        # vLLM's http/protobuf exporter posts to the URL as given: a collector's base URL needs the path
+        env["KVSTACK_ENGINE_OTLP_TRACES_ENDPOINT"] = traces_url(settings.tracing_endpoint)
     return ProcessSpec(f"engine-{i}", kvstack_argv("engine", "serve"), ready, env)
 
 
