@@ -24,7 +24,7 @@ from kvstack.common.tasks import BackgroundTask
 from kvstack.engine.sim.config import SimConfig
 from kvstack.engine.sim.generator import output_length, output_seed
 from kvstack.engine.sim.kv_cache import KVCache, engine_chain_root
-from kvstack.engine.sim.latency import engine_frontend_delay, engine_step_time
+from kvstack.engine.sim.latency import engine_frontend_delay, engine_step_time, retrieve_time, store_time
 from kvstack.engine.sim.lmcache import LMCacheConnector, chunk_hashes
 from kvstack.engine.sim.lora import AdapterSlots
 from kvstack.engine.sim.protocol import check_length
@@ -289,6 +289,22 @@ class SimEngine:
         if self.lmcache is not None:
             for run in plan.stores:
                 self.lmcache.store(run)
+            if stats is not None:
+                self._report_lmcache(plan, stats, self.lmcache)
+
+    def _report_lmcache(self, plan: StepPlan, stats: StatsListener, lm: LMCacheConnector) -> None:
+        """LMCache's own stats of the step: each request's load, each run's store, the CPU tier."""
+        config = self.config
+        for adm in plan.admitted:
+            ext = adm.external
+            if ext.asked_tokens:
+                seconds = retrieve_time(config, ext.cpu_tokens, ext.remote_load_tokens) / config.speed
+                stats.on_lmcache_retrieve(ext.asked_tokens, ext.tokens, seconds)
+        for run in plan.stores:
+            tokens = (run.end - run.first) * lm.cfg.chunk_size
+            stats.on_lmcache_store(tokens, store_time(config, tokens) / config.speed)
+        if plan.stores or plan.admitted:
+            stats.on_lmcache_usage(lm.local_cpu_bytes)
 
     def _report_preemptions(self, plan: StepPlan) -> None:
         if self._stats is not None:

@@ -104,14 +104,24 @@ def step_time(p: LatencyParams, w: StepWork) -> float:
     t = p.step_overhead_s + max(p.weights_read_s, p.per_token_s * tokens)
     t += p.attention_s * w.prefill_attention
     t += p.per_decode_seq_s * w.decodes + p.decode_ctx_s * w.decode_context
+    t += _load_terms(p, w) + _store_terms(p, w)
+    t += p.lora_swap_s * w.lora_swaps + p.lora_disk_load_s * w.lora_disk_loads
+    return t
+
+
+def _load_terms(p: LatencyParams, w: StepWork) -> float:
+    t = 0.0
     if w.cpu_load_tokens:
         t += p.lmcache_cpu_load_s + p.lmcache_cpu_load_per_token_s * w.cpu_load_tokens
     if w.remote_load_tokens:
         t += p.lmcache_remote_load_s + p.lmcache_remote_load_per_token_s * w.remote_load_tokens
-    if w.store_tokens:
-        t += p.lmcache_store_s + p.lmcache_store_per_token_s * w.store_tokens
-    t += p.lora_swap_s * w.lora_swaps + p.lora_disk_load_s * w.lora_disk_loads
     return t
+
+
+def _store_terms(p: LatencyParams, w: StepWork) -> float:
+    if not w.store_tokens:
+        return 0.0
+    return p.lmcache_store_s + p.lmcache_store_per_token_s * w.store_tokens
 
 
 def frontend_delay(p: LatencyParams, prompt_tokens: int) -> float:
@@ -168,3 +178,27 @@ def engine_frontend_delay(cfg: SimConfig, prompt_tokens: int) -> float:
     """:func:`frontend_delay` of a prompt of ``prompt_tokens`` simulated tokens (the API server's CPU
     work: not slowed by a shared GPU)."""
     return frontend_delay(cfg.latency, round(prompt_tokens * cfg.token_cost_scale))
+
+
+def retrieve_time(cfg: SimConfig, cpu_tokens: int, remote_load_tokens: int) -> float:
+    """Simulated seconds of LMCache's load of one request (``lmcache:time_to_retrieve``): the load
+    terms :func:`engine_step_time` charges for these tokens, alone in their step."""
+    w = scale_work(
+        StepWork(cpu_load_tokens=cpu_tokens, remote_load_tokens=remote_load_tokens), cfg.token_cost_scale
+    )
+    lm = cfg.lmcache
+    return _load_terms(cfg.latency, w) / cfg.gpu_share + load_time(
+        lm.cpu_load_us_per_token, lm.remote_load_us_per_token, w
+    )
+
+
+def store_time(cfg: SimConfig, stored_tokens: int) -> float:
+    """Simulated seconds of LMCache's store of one run of freshly computed chunks
+    (``lmcache:time_to_store``): the store terms :func:`engine_step_time` charges, with the run taken
+    as one synchronous offload of its tokens."""
+    w = StepWork(store_tokens=stored_tokens, offloads=1, offload_tokens=stored_tokens)
+    w = scale_work(w, cfg.token_cost_scale)
+    lm = cfg.lmcache
+    return _store_terms(cfg.latency, w) / cfg.gpu_share + offload_time(
+        lm.store_us_per_request, lm.store_us_per_token, w
+    )

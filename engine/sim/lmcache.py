@@ -100,6 +100,12 @@ class ExternalPlan:
         """Tokens the remote load asks for, whether or not they come back (what it costs)."""
         return self.remote_tokens + self.failed_tokens
 
+    @property
+    def asked_tokens(self) -> int:
+        """Tokens asked of both tiers: what LMCache's retrieve requests (``num_requested_tokens``);
+        ``tokens`` is what it retrieved (``num_hit_tokens``)."""
+        return self.cpu_tokens + self.remote_load_tokens
+
 
 def plan_external(gpu_hit: int, tiers: Sequence[int], chunk_size: int, num_tokens: int) -> ExternalPlan:
     """What to load after a GPU hit of ``gpu_hit`` tokens, given the tiers of the leading chunks.
@@ -350,6 +356,11 @@ class LMCacheConnector:
         self._removed(evicted)
         if self.remote is not None:
             self.remote.put(hashes)
+
+    @property
+    def local_cpu_bytes(self) -> int:
+        """Bytes of KV the CPU tier holds (``lmcache:local_cache_usage``), as it sizes its capacity."""
+        return len(self.cpu) * self.cfg.chunk_size * KV_BYTES_PER_TOKEN
 
     def take_events(self) -> list[KVEvent]:
         """KV events since the previous call, oldest first (always empty without ``kv_events``)."""

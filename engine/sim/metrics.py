@@ -14,6 +14,7 @@ from typing import Protocol
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from kvstack.engine.sim.lmcache_metrics import LMCacheMetrics
 from kvstack.engine.sim.types import FinishedRequestStats
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
@@ -311,6 +312,7 @@ class SimMetrics:
         self._lora_info: Gauge | None = None
         self._lora_swaps: Counter | None = None
         self._max_lora = ""
+        self._lmcache: LMCacheMetrics | None = None
 
     def enable_lora(self, max_loras: int) -> None:
         """Export ``vllm:lora_requests_info`` (vLLM 0.24 does only with --enable-lora) and the
@@ -332,6 +334,10 @@ class SimMetrics:
             registry=self.registry,
         )
         self._lora_swaps.labels(**self._base)
+
+    def enable_lmcache(self, model: str) -> None:
+        """Export LMCache's own ``lmcache:*`` families, as a vLLM process with the connector does."""
+        self._lmcache = LMCacheMetrics(self.registry, model, self._base["model_name"])
 
     def bind_engine(self, engine: EngineGauges) -> None:
         """Read the gauges from ``engine`` at every scrape."""
@@ -386,6 +392,18 @@ class SimMetrics:
         ).set_to_current_time()
         if swaps:
             self._lora_swaps.labels(**self._base).inc(swaps)
+
+    def on_lmcache_retrieve(self, requested_tokens: int, hit_tokens: int, seconds: float) -> None:
+        if self._lmcache is not None:
+            self._lmcache.on_retrieve(requested_tokens, hit_tokens, seconds)
+
+    def on_lmcache_store(self, stored_tokens: int, seconds: float) -> None:
+        if self._lmcache is not None:
+            self._lmcache.on_store(stored_tokens, seconds)
+
+    def on_lmcache_usage(self, local_cpu_bytes: int) -> None:
+        if self._lmcache is not None:
+            self._lmcache.on_usage(local_cpu_bytes)
 
     def on_request_finished(self, stats: FinishedRequestStats) -> None:
         self.success[stats.finish_reason].inc()

@@ -129,6 +129,8 @@ class SimServer:
         self.lora = LoRAService(config.lora, self.names[0], self.engine)
         if config.lora.enabled:
             self.metrics.enable_lora(config.lora.max_loras)
+        if config.lmcache.enabled:
+            self.metrics.enable_lmcache(config.model)
         if config.lora.runtime_updating:
             self._routes[("POST", "/v1/load_lora_adapter")] = self._load_lora_adapter
             self._routes[("POST", "/v1/unload_lora_adapter")] = self._unload_lora_adapter

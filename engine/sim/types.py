@@ -83,6 +83,16 @@ class StatsListener(Protocol):
         """A step of an engine with LoRA enabled: the adapters of running and of waiting requests
         (vLLM's scheduler stats behind ``vllm:lora_requests_info``), and the GPU-slot copies it took."""
 
+    def on_lmcache_retrieve(self, requested_tokens: int, hit_tokens: int, seconds: float) -> None:
+        """LMCache loaded a newly scheduled request's tokens: ``requested_tokens`` asked of its
+        tiers, ``hit_tokens`` of them came back, in ``seconds`` (wall clock at the engine's speed)."""
+
+    def on_lmcache_store(self, stored_tokens: int, seconds: float) -> None:
+        """LMCache offloaded a run of freshly computed full chunks."""
+
+    def on_lmcache_usage(self, local_cpu_bytes: int) -> None:
+        """Bytes of KV in LMCache's CPU tier after a step that touched it."""
+
     def on_request_finished(self, stats: FinishedRequestStats) -> None: ...
 
 

@@ -96,6 +96,9 @@ class Recorder:
     prompt_sources: list[tuple[int, int, int]] = field(default_factory=list)
     preemptions: int = 0
     lora_steps: list[tuple[list[str], list[str], int]] = field(default_factory=list)
+    lmcache_retrieves: list[tuple[int, int, float]] = field(default_factory=list)
+    lmcache_stores: list[tuple[int, float]] = field(default_factory=list)
+    lmcache_cpu_bytes: list[int] = field(default_factory=list)
     finished: list[FinishedRequestStats] = field(default_factory=list)
     finished_event: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -116,6 +119,15 @@ class Recorder:
 
     def on_lora_step(self, running: Sequence[str], waiting: Sequence[str], swaps: int) -> None:
         self.lora_steps.append((list(running), list(waiting), swaps))
+
+    def on_lmcache_retrieve(self, requested_tokens: int, hit_tokens: int, seconds: float) -> None:
+        self.lmcache_retrieves.append((requested_tokens, hit_tokens, seconds))
+
+    def on_lmcache_store(self, stored_tokens: int, seconds: float) -> None:
+        self.lmcache_stores.append((stored_tokens, seconds))
+
+    def on_lmcache_usage(self, local_cpu_bytes: int) -> None:
+        self.lmcache_cpu_bytes.append(local_cpu_bytes)
 
     def on_request_finished(self, stats: FinishedRequestStats) -> None:
         self.finished.append(stats)

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from tests.helm.conftest import HelmChart, Rendered, values_files
+from tests.helm.conftest import HelmChart, Rendered, load_values, values_files
 
 from kvstack.engine.serve.config import ENV_PREFIX, EngineConfig, load_config
 
@@ -21,6 +21,16 @@ SECRET_SAMPLES = {
     "HF_TOKEN": "hf_token",
     "WANDB_API_KEY": "wandb-key",  # values/platform.yaml's env from a Secret
 }
+
+
+def declared_lora(values: dict[str, Any], name: str) -> dict[str, Any]:
+    """The ``lora`` block the values give model ``name``, over engines.defaults' (empty when none)."""
+    engines = values.get("engines", {})
+    defaults = engines.get("defaults", {}).get("lora") or {}
+    for model in engines.get("models", []):
+        if model["name"] == name:
+            return {**defaults, **(model.get("lora") or {})}
+    return {}
 
 
 def pod_environment(container: dict[str, Any]) -> dict[str, str]:
@@ -71,6 +81,15 @@ def test_engine_serve_accepts_every_rendered_config(
             assert "kv-events" not in ports
         gpus = sum(int(v) for k, v in container["resources"]["limits"].items() if "gpu" in k)
         assert config.tensor_parallel_size == max(gpus, 1)
+        # LoRA limits reach the engine as its lora section (values/lora.yaml has some); none without
+        lora = declared_lora(load_values(values), deployment["metadata"]["labels"]["kvstack.dev/model"])
+        if lora.get("enabled"):
+            assert config.lora is not None
+            assert config.lora.max_loras == lora.get("maxLoras", 1)
+            assert config.lora.max_lora_rank == lora.get("maxLoraRank", 16)
+            assert config.lora.max_cpu_loras == (lora.get("maxCpuLoras") or None)
+        else:
+            assert config.lora is None
 
 
 def test_the_engine_reaches_the_charts_redis_with_its_password(

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
-from tests.helm.conftest import CHART, HelmChart, Rendered, values_files
+from tests.helm.conftest import CHART, HelmChart, Rendered, load_values, values_files
 
 from kvstack.common.config import ConfigError
 from kvstack.router.config import RouterSettings, load_settings
@@ -18,6 +19,19 @@ SECRET_SAMPLES = {
     "KVSTACK_ROUTER_ENGINE_API_KEY": "engine-key",
     "KVSTACK_ROUTER_MONITOR__API_KEY": "engine-key",
 }
+
+
+def declared_adapters(values: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """(name, model, source) of every adapter the values declare, with its model's first served name."""
+    engines = values.get("engines", {})
+    defaults = engines.get("defaults", {}).get("lora") or {}
+    out = []
+    for model in engines.get("models", []):
+        lora = {**defaults, **(model.get("lora") or {})}
+        served = (model.get("servedModelNames") or [model["model"]])[0]
+        if lora.get("enabled"):
+            out += [(a["name"], served, a["source"]) for a in lora.get("adapters", [])]
+    return out
 
 
 def load_router(rendered: Rendered, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> RouterSettings:
@@ -48,6 +62,9 @@ def test_router_accepts_every_rendered_config(
     assert settings.policy in policy_names()
     auth_on = any(e["name"] == "KVSTACK_ROUTER_API_KEYS" for e in container.get("env", []))
     assert [k.get_secret_value() for k in settings.api_keys] == (["sk-one", "sk-two"] if auth_on else [])
+    # the declared LoRA adapters reach the router as its adapters block (values/lora.yaml has some)
+    adapters = [(a.name, a.model, a.source) for a in settings.adapters]
+    assert adapters == declared_adapters(load_values(values))
 
 
 def test_engine_api_key_reaches_proxy_and_monitor(

@@ -47,6 +47,7 @@ class Stack:
     killed_pod: str
     has_redis_exporter: bool
     procs: dict[str, ManagedProcess] = field(default_factory=dict)
+    engine_urls: dict[str, str] = field(default_factory=dict)  # by pod name
 
 
 class Load:
@@ -203,7 +204,9 @@ def live_stack(tmp: Path, repo_root: Path) -> Iterator[Stack]:
                 "--kv-events-replay-endpoint", events["kv_events_replay_endpoint"]]  # fmt: skip
         if pod == "sim-a-0":
             argv.append("--enable-lora")  # exports vllm:lora_requests_info (the LoRA adapters panel)
-        sims.append((pod, url, ManagedProcess(pod, argv, tmp, ready_url=f"{url}/health")))
+        # one hash seed for every engine, as the chart sets: LMCache shares chunks between them
+        env = {"PYTHONHASHSEED": "0"}
+        sims.append((pod, url, ManagedProcess(pod, argv, tmp, env=env, ready_url=f"{url}/health")))
         engines.append({"url": url, "name": pod, **events})
     engines_file = tmp / "engines.yaml"
     engines_file.write_text(yaml.safe_dump(engines))
@@ -281,6 +284,7 @@ def live_stack(tmp: Path, repo_root: Path) -> Iterator[Stack]:
             killed,
             exporter_bin is not None,
             {"router": router, **{pod: p for pod, _, p in sims}},
+            {pod: url for pod, url, _ in sims},
         )
 
 

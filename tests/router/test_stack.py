@@ -21,6 +21,7 @@ from kvstack.bench import promtext
 from kvstack.common.config import ConfigError, build
 from kvstack.common.waits import wait_until
 from kvstack.stack.plan import EnginePorts, StackSettings, banner, engine_entries, plan_stack, preflight
+from kvstack_testing.otlp import otlp_receiver
 
 PORTS = [EnginePorts(9101, 9102, 9103), EnginePorts(9201, 9202, 9203)]
 REDIS = 9300
@@ -127,9 +128,65 @@ def test_preflight_names_each_problem_in_one_line(
     assert found == problems
 
 
+@pytest.mark.parametrize("engine", ["sim", "vllm"])
+def test_plan_with_a_tracing_endpoint_traces_the_router_and_every_engine(engine: str) -> None:
+    endpoint = "http://127.0.0.1:4318"
+    settings = StackSettings(engine=engine, model="m", tracing_endpoint=endpoint)
+    specs = plan_stack(settings, PORTS, Path("/e.yaml"), REDIS)
+    router = specs[-1].argv
+    assert router[router.index("--tracing-endpoint") + 1] == endpoint
+    for spec in specs[1:3]:
+        if engine == "sim":
+            assert spec.argv[spec.argv.index("--otlp-traces-endpoint") + 1] == endpoint
+        else:
+            # vLLM posts to the URL as given: the collector's base URL gets the traces path
+            assert spec.env["KVSTACK_ENGINE_OTLP_TRACES_ENDPOINT"] == f"{endpoint}/v1/traces"
+
+
+def test_kvstack_up_with_a_tracing_endpoint_exports_router_and_engine_spans_of_one_trace() -> None:
+    port = free_port()
+    kvstack = str(Path(sys.executable).with_name("kvstack"))
+    with otlp_receiver() as receiver:
+        argv = [kvstack, "up", "--port", str(port), "--no-lmcache", "--tracing-endpoint", receiver.url]
+        proc = subprocess.Popen(
+            argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+        )
+        try:
+            assert proc.stdout is not None
+            assert f"Tracing:     spans of the router and the engines to {receiver.url}" in _read_banner(
+                proc.stdout
+            )
+            client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+            client.chat.completions.create(
+                model="kvstack/sim-8b", messages=[{"role": "user", "content": "hi"}], max_tokens=4
+            )
+
+            def services_of_one_trace() -> bool:
+                by_trace: dict[str, set[str]] = {}
+                for span in receiver.spans():
+                    by_trace.setdefault(span.trace_id, set()).add(span.service)
+                return any({"kvstack-router", "vllm"} <= services for services in by_trace.values())
+
+            wait_until(services_of_one_trace, "router and engine spans of one trace", 30, 0.2)
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(30) == 0
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+def test_plan_without_a_tracing_endpoint_traces_nothing() -> None:
+    specs = plan_stack(StackSettings(), PORTS, Path("/e.yaml"), REDIS)
+    assert not any("--tracing-endpoint" in s.argv or "--otlp-traces-endpoint" in s.argv for s in specs)
+    vllm = plan_stack(StackSettings(engine="vllm", model="m"), PORTS, Path("/e.yaml"), REDIS)
+    assert not any("KVSTACK_ENGINE_OTLP_TRACES_ENDPOINT" in s.env for s in vllm)
+
+
 @pytest.mark.parametrize(
     ("values", "field"),
     [
+        ({"tracing_endpoint": "localhost:4318"}, "tracing_endpoint"),
         ({"engine": "vllm"}, "--model"),
         ({"engine": "vllm", "model": "m", "speed": 2.0}, "--speed"),
         ({"engines": 0}, "engines"),

@@ -36,6 +36,14 @@ def up(
             show_default=False,
         ),
     ] = True,
+    tracing_endpoint: Annotated[
+        str | None,
+        typer.Option(
+            metavar="URL",
+            help="OTLP/HTTP receiver (e.g. http://localhost:4318) for the router's and the engines' "
+            "spans (default: no tracing).",
+        ),
+    ] = None,
 ) -> None:
     """Start engines and the router on localhost, wait until ready, and stop everything on Ctrl-C."""
     from kvstack.common.config import build
@@ -54,6 +62,7 @@ def up(
         "prometheus": prometheus or None,
         "prometheus_port": prometheus_port,
         "lmcache": lmcache,
+        "tracing_endpoint": tracing_endpoint,
     }
     settings = build(
         StackSettings, "kvstack up options", **{k: v for k, v in values.items() if v is not None}

@@ -15,6 +15,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from kvstack.common.otlp import sdk_missing, traces_url
 from kvstack.common.procs import kvstack_argv
 from kvstack.router.policies import policy_names
 
@@ -37,6 +38,8 @@ class StackSettings(BaseModel):
     prometheus: bool = False  # also run Prometheus scraping everything, with kvstack's rules
     prometheus_port: int = Field(9090, ge=1, le=65535)
     lmcache: bool = True  # engines run the LMCache connector, sharing KV through a redis-server we start
+    # an OTLP/HTTP receiver for the router's spans and the engines' (--otlp-traces-endpoint); None: off
+    tracing_endpoint: str | None = None
 
     @field_validator("policy")
     @classmethod
@@ -45,6 +48,15 @@ class StackSettings(BaseModel):
         if name not in known:
             raise ValueError(f"unknown routing policy {name!r}; choose one of {', '.join(known)}")
         return name
+
+    @field_validator("tracing_endpoint")
+    @classmethod
+    def _otlp_url(cls, endpoint: str | None) -> str | None:
+        if endpoint is not None:
+            traces_url(endpoint)  # raises ValueError naming what is wrong
+            if (missing := sdk_missing()) is not None:  # the router and the simulators would fail on it
+                raise ValueError(missing)
+        return endpoint
 
     @model_validator(mode="after")
     def _vllm_needs_model(self) -> StackSettings:
@@ -145,6 +157,8 @@ def _engine(settings: StackSettings, i: int, p: EnginePorts, redis_port: int | N
         )
         if settings.speed is not None:
             argv += ["--speed", str(settings.speed)]
+        if settings.tracing_endpoint is not None:
+            argv += ["--otlp-traces-endpoint", settings.tracing_endpoint]
         if not settings.lmcache:
             return ProcessSpec(f"engine-{i}", argv, ready)
         argv += ["--lmcache"]
@@ -163,6 +177,9 @@ def _engine(settings: StackSettings, i: int, p: EnginePorts, redis_port: int | N
     }
     if settings.lmcache and redis_port is not None:
         env["KVSTACK_ENGINE_LMCACHE__REMOTE_URL"] = redis_url(redis_port)
+    if settings.tracing_endpoint is not None:
+        # vLLM's http/protobuf exporter posts to the URL as given: a collector's base URL needs the path
+        env["KVSTACK_ENGINE_OTLP_TRACES_ENDPOINT"] = traces_url(settings.tracing_endpoint)
     return ProcessSpec(f"engine-{i}", kvstack_argv("engine", "serve"), ready, env)
 
 
@@ -193,6 +210,8 @@ def plan_stack(
         "--policy",
         settings.policy,
     )
+    if settings.tracing_endpoint is not None:
+        router += ["--tracing-endpoint", settings.tracing_endpoint]  # an endpoint turns tracing on
     specs.append(ProcessSpec("router", router, f"http://127.0.0.1:{settings.port}/ready"))
     return specs
 
@@ -209,6 +228,11 @@ def banner(settings: StackSettings, ports: list[EnginePorts], redis_port: int | 
         if settings.lmcache and redis_port is not None
         else "  LMCache:     off\n"
     )
+    tracing = (
+        f"  Tracing:     spans of the router and the engines to {settings.tracing_endpoint}\n"
+        if settings.tracing_endpoint is not None
+        else ""
+    )
     prometheus = (
         f"  Prometheus:  http://127.0.0.1:{settings.prometheus_port} (kvstack's rules loaded; "
         "`kvstack dashboards preview --prometheus URL` renders the dashboards)\n\n"
@@ -219,7 +243,7 @@ def banner(settings: StackSettings, ports: list[EnginePorts], redis_port: int | 
 kvstack is up: {settings.engines} {kind} engine(s) behind the router (policy: {settings.policy})
   OpenAI API:  {url}/v1        metrics: {url}/metrics
   Engines:     {engines}
-{lmcache}
+{lmcache}{tracing}
   curl {url}/v1/chat/completions -H 'Content-Type: application/json' \\
     -d '{{"model": "{model}", "messages": [{{"role": "user", "content": "Hello!"}}], "max_tokens": 32}}'
 
