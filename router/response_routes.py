@@ -31,7 +31,9 @@ _MAX_BODY = 64 * 1024  # a cancel carries no body worth more
 
 def stored_operations() -> dict[str, Any]:
     """The OpenAPI path items of :data:`STORED_ROUTES` (``/openapi.json``)."""
-    param = {"name": "response_id", "in": "path", "required": True, "schema": {"type": "string"}}
+    # vLLM's ids are resp_ + hex; anything else is simply unknown (404)
+    id_schema = {"type": "string", "pattern": "^resp_[A-Za-z0-9_-]{1,128}$"}
+    param = {"name": "response_id", "in": "path", "required": True, "schema": id_schema}
     ok = {
         "description": "The stored response, from the engine that holds it",
         "content": {"application/json": {"schema": {"type": "object"}}},
