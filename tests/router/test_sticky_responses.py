@@ -115,3 +115,19 @@ def test_with_no_room_to_remember_follow_ups_are_not_routed(
     made = client.responses.create(model=MODEL, input="forgotten", max_output_tokens=2)
     with pytest.raises(openai.NotFoundError):
         client.responses.retrieve(made.id)
+
+
+def test_the_routes_take_the_api_key_and_are_counted(store_sims: list[Sim], router: RouterFactory) -> None:
+    r = _router(router, store_sims, api_keys=["sk-good"])
+    good = openai.OpenAI(base_url=f"{r.url}/v1", api_key="sk-good", max_retries=0, timeout=60)
+    bad = openai.OpenAI(base_url=f"{r.url}/v1", api_key="sk-bad", max_retries=0, timeout=60)
+    made = good.responses.create(model=MODEL, input="keyed", max_output_tokens=2)
+    with pytest.raises(openai.AuthenticationError):
+        bad.responses.retrieve(made.id)
+    with pytest.raises(openai.AuthenticationError):
+        bad.responses.cancel(made.id)
+    assert good.responses.retrieve(made.id).id == made.id
+    route = "/v1/responses/{response_id}"
+    assert r.metric("kvstack_router_route_requests_total", route=route, status="401") == 1
+    assert r.metric("kvstack_router_route_requests_total", route=route, status="200") == 1
+    assert r.metric("kvstack_router_route_requests_total", route=route + "/cancel", status="401") == 1
