@@ -24,6 +24,12 @@ log = logging.getLogger(__name__)
 _refreshes: set[asyncio.Task[bool]] = set()  # running re-reads (a task needs a reference to live)
 
 
+def _refreshed(task: asyncio.Task[bool]) -> None:
+    _refreshes.discard(task)
+    if not task.cancelled() and task.exception() is not None:  # e.g. its client closed at shutdown
+        log.debug("re-reading an engine's models failed: %s", task.exception())
+
+
 class HoldAgain(Exception):
     """No engine is left for the request's model, which the router holds: wait for one, then route."""
 
@@ -49,5 +55,5 @@ def forget_model(ctx: RouterContext, engine: EngineState, model: str, answer: by
     if ctx.refresh_models is not None:
         task = asyncio.ensure_future(ctx.refresh_models(engine))
         _refreshes.add(task)
-        task.add_done_callback(_refreshes.discard)
+        task.add_done_callback(_refreshed)
     return AttemptFailure("model_gone", 404, f"the engine no longer serves {model}", answer=answer)

@@ -461,7 +461,8 @@ class ProxyEndpoint:
             others = sum(1 for e in ctx.registry.all() if e is not engine and e.ejected_until > now)
         verdict = judge_outcome(
             engine.outlier,
-            failed=failure is not None and failure.kind != "too_large",  # the answer's size, not the engine
+            # the answer size, or a model it no longer serves (router/model_gone.py): not its health
+            failed=failure is not None and failure.kind not in ("too_large", "model_gone"),
             now=now,
             ejected_others=others,
             engines=len(ctx.registry),

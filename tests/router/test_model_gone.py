@@ -42,7 +42,7 @@ def test_an_adapter_unloaded_on_one_engine_is_served_by_the_other(
     sims, engines_file = lora_sims
     for sim in sims:
         _lora("load", sim, "vanishing")
-    r = _router(router, engines_file)
+    r = _router(router, engines_file, eject_after_failures=1)  # a failure would eject at once
     wait_until(lambda: _served_by(r, "vanishing") == set(NAMES), "the adapter on both engines", 10, 0.05)
     _lora("unload", sims[0], "vanishing")
     client = _client(r)
@@ -50,6 +50,8 @@ def test_an_adapter_unloaded_on_one_engine_is_served_by_the_other(
     assert served == {"engine-1"}  # every request answered 200, by the engine that still has it
     assert r.metric("kvstack_router_retries_total", model_name="vanishing", reason="model_gone") == 1
     assert _served_by(r, "vanishing") == {"engine-1"}  # forgotten on engine-0 after its one 404
+    lost = r.ctx.registry.get(sims[0].url)
+    assert lost is not None and lost.ejected_until == 0  # healthy: it serves its other models
 
 
 def test_a_declared_adapter_unloaded_everywhere_is_held_and_loaded_again(
