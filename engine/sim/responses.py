@@ -185,7 +185,7 @@ class ResponsesRoutes:
             self.stored.popitem(last=False)
 
     def _lookup(self, response_id: str) -> Stored:
-        if not response_id.startswith("resp"):
+        if not response_id.startswith("resp_"):  # vLLM checks the prefix first (its message says 'resp')
             raise OpenAIError(
                 400, f"Invalid 'response_id': '{response_id}'. Expected an ID that begins with 'resp'."
             )
@@ -212,10 +212,8 @@ class ResponsesRoutes:
         model = self.server._model(req.model)
         history: list[tuple[str, str]] = []
         if req.previous_response_id is not None:
-            previous = self.stored.get(req.previous_response_id)
-            if previous is None:  # never stored, evicted, or the store is off: vLLM's 404
-                raise not_found(req.previous_response_id)
-            history = previous.messages
+            # never stored, evicted, or the store is off: vLLM's 404 (a malformed id: its 400)
+            history = self._lookup(req.previous_response_id).messages
         check_responses_input(req.input)
         messages = responses_messages(req.input, req.instructions)
         if messages is None:

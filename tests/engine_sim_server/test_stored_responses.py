@@ -59,6 +59,10 @@ async def test_a_stored_response_is_retrieved_and_cannot_be_cancelled(
         with pytest.raises(openai.BadRequestError) as malformed:
             await client.responses.retrieve("chatcmpl-1")
         assert "Expected an ID that begins with 'resp'" in malformed.value.body["message"]  # type: ignore[index]
+        with pytest.raises(openai.BadRequestError):
+            await client.responses.cancel("resp")  # the prefix is resp_
+        with pytest.raises(openai.BadRequestError):
+            await client.responses.create(model="m", input="x", previous_response_id="msg_1")
 
 
 async def test_a_streamed_response_is_stored_once_complete(monkeypatch: pytest.MonkeyPatch) -> None:
