@@ -45,6 +45,8 @@ from kvstack.router.policy_metrics import PolicyCollector
 from kvstack.router.prompts import PromptCache
 from kvstack.router.protocol import Kind
 from kvstack.router.proxy import ProxyEndpoint
+from kvstack.router.response_routes import STORED_ROUTES, StoredResponseEndpoint, stored_operations
+from kvstack.router.sticky import ResponseOwners
 from kvstack.router.upstream import Timeouts, Upstream
 
 log = logging.getLogger(__name__)
@@ -184,6 +186,7 @@ def build_context(settings: RouterSettings, registry: EngineRegistry | None = No
         clock=clock,
         holds=Holds([*settings.hold_models, *adapters], settings.max_held_per_model),
         bodies=BodyBudget(settings.max_buffered_body_bytes),
+        owners=ResponseOwners(settings.sticky_responses),
     )
 
 
@@ -219,6 +222,7 @@ async def _running(ctx: RouterContext) -> AsyncIterator[None]:
         monitor = EngineMonitor(ctx.registry, monitor_client, monitor_config)
         monitor.start()
         stops.append(monitor)
+        ctx.refresh_models = monitor.refresh_models  # an engine that lost a model (router/model_gone.py)
         if settings.adapters and settings.load_adapters:  # LoRA: load a held request's adapter
             key = settings.engine_api_key.get_secret_value() if settings.engine_api_key else None
             loader = AdapterLoader(
@@ -296,7 +300,7 @@ def create_app(settings: RouterSettings, registry: EngineRegistry | None = None)
         # a 307 to the path without the slash would be built from the client's Host header
         redirect_slashes=False,
     )
-    install(app, PROXIED)
+    install(app, PROXIED, stored_operations())
     app.state.ctx = ctx
     direct: dict[str, ASGIApp] = {}
     for path, kind in PROXIED:
@@ -304,6 +308,8 @@ def create_app(settings: RouterSettings, registry: EngineRegistry | None = None)
         direct[path] = endpoint
         # also routed by FastAPI, which answers other methods with an OpenAI-shaped 405
         app.router.routes.append(Route(path, endpoint, methods=["POST"]))
+    for path, method in STORED_ROUTES:  # /v1/responses/{response_id}[/cancel]: to the engine holding it
+        app.router.routes.append(Route(path, StoredResponseEndpoint(ctx, path), methods=[method]))
 
     @app.exception_handler(OpenAIError)
     async def _openai_error(_: Request, err: OpenAIError) -> JSONResponse:

@@ -20,6 +20,7 @@ from kvstack.router.flow.config import FlowControlConfig
 from kvstack.router.monitor import MonitorConfig
 from kvstack.router.policies.cache_aware import CacheAwareConfig
 from kvstack.router.policies.prefix_trie import PrefixTrieSettings
+from kvstack.router.sticky import StickyResponsesConfig
 
 PositiveSeconds = Annotated[float, Field(gt=0)]
 
@@ -174,6 +175,10 @@ class RouterSettings(BaseSettings):
     # engine holds is held while the router loads it on the least-loaded engine of its model
     adapters: list[DeclaredAdapter] = Field(default_factory=list)
     load_adapters: bool = True  # False: only the operator loads them; held requests wait for it
+
+    # stored responses (router/sticky.py): response id -> engine, so GET/cancel of /v1/responses/{id}
+    # and previous_response_id reach the engine that stored it (bounded: LRU by count, with a TTL)
+    sticky_responses: StickyResponsesConfig = Field(default_factory=StickyResponsesConfig)
 
     # operations
     log_level: Literal["debug", "info", "warning", "error"] = "info"

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from kvstack.router.auth import KeyStore
 from kvstack.router.config import RouterSettings
-from kvstack.router.engines import EngineRegistry
+from kvstack.router.engines import EngineRegistry, EngineState
 from kvstack.router.flow.controller import FlowControl
 from kvstack.router.hold import Holds
 from kvstack.router.limits import BodyBudget, KeyLimiter
@@ -17,6 +17,7 @@ from kvstack.router.metrics import RouterMetrics
 from kvstack.router.offload import TokenizerPool
 from kvstack.router.policies.base import Policy
 from kvstack.router.prompts import PromptCache
+from kvstack.router.sticky import ResponseOwners, StickyResponsesConfig
 from kvstack.router.upstream import Upstream
 
 if TYPE_CHECKING:
@@ -41,6 +42,10 @@ class RouterContext:
     bodies: BodyBudget = field(default_factory=lambda: BodyBudget(None))  # request bodies held in memory
     tracing: RouterTracing | None = None  # OTLP spans, when settings.tracing.enabled (app lifespan)
     flow: FlowControl = field(init=False)  # flow control: the per-model queues and engine ledgers
+    # stored /v1/responses: which engine holds each (router/sticky.py)
+    owners: ResponseOwners = field(default_factory=lambda: ResponseOwners(StickyResponsesConfig()))
+    # re-reads one engine's /v1/models (the monitor's, set in the app lifespan; router/model_gone.py)
+    refresh_models: Callable[[EngineState], Awaitable[bool]] | None = None
 
     def __post_init__(self) -> None:
         settings = self.settings

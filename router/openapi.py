@@ -250,15 +250,19 @@ def proxied_operation(kind: Kind, path: str | None = None) -> dict[str, Any]:
     }
 
 
-def with_proxied(generated: dict[str, Any], routes: Iterable[tuple[str, Kind]]) -> dict[str, Any]:
-    """A copy of FastAPI's ``generated`` schema with the proxied ``routes`` and 400 for 422."""
+def with_proxied(
+    generated: dict[str, Any], routes: Iterable[tuple[str, Kind]], extra: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """A copy of FastAPI's ``generated`` schema with the proxied ``routes``, the ``extra`` path
+    items (routes that are plain ASGI apps), and 400 for 422."""
     schema = copy.deepcopy(generated)
     for item in schema.get("paths", {}).values():
         for operation in item.values():
             responses = operation.get("responses", {})
             if responses.pop("422", None) is not None:
                 responses.setdefault("400", error_response(400))
-    schema["paths"] = {**schema.get("paths", {}), **{p: proxied_operation(k, p) for p, k in routes}}
+    proxied = {p: proxied_operation(k, p) for p, k in routes}
+    schema["paths"] = {**schema.get("paths", {}), **proxied, **copy.deepcopy(extra or {})}
     schemas = schema.setdefault("components", {}).setdefault("schemas", {})
     # nothing answers with FastAPI's validation error shape
     schemas.pop("HTTPValidationError", None)
@@ -267,7 +271,7 @@ def with_proxied(generated: dict[str, Any], routes: Iterable[tuple[str, Kind]]) 
     return schema
 
 
-def install(app: FastAPI, routes: Iterable[tuple[str, Kind]]) -> None:
+def install(app: FastAPI, routes: Iterable[tuple[str, Kind]], extra: dict[str, Any] | None = None) -> None:
     """Make ``app.openapi()`` (served at ``app.openapi_url``) return the full schema, built once."""
     routes = tuple(routes)
     generate: Callable[[], dict[str, Any]] = app.openapi
@@ -275,7 +279,7 @@ def install(app: FastAPI, routes: Iterable[tuple[str, Kind]]) -> None:
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
             # generate() caches FastAPI's own schema there; it is replaced by the full one
-            app.openapi_schema = with_proxied(generate(), routes)
+            app.openapi_schema = with_proxied(generate(), routes, extra)
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]

@@ -34,6 +34,7 @@ from kvstack.router.exchange import (
     watch_disconnect,
 )
 from kvstack.router.headers import answer_headers, content_type, header_value, scan_headers, upstream_headers
+from kvstack.router.model_gone import HoldAgain, forget_model, is_model_gone
 from kvstack.router.policies.base import Decision, RequestFeatures
 from kvstack.router.prompt_source import PromptSource
 from kvstack.router.prompts import prompt_text
@@ -47,6 +48,7 @@ from kvstack.router.protocol import (
     parse_request,
 )
 from kvstack.router.retry import AttemptFailure, next_step, untried
+from kvstack.router.sticky import id_from_body, id_from_frames, prefer_owner, previous_owner
 from kvstack.router.upstream import UpstreamError, UpstreamResponse
 
 if TYPE_CHECKING:
@@ -108,6 +110,7 @@ class ProxyEndpoint:
         self.kind: Kind = kind
         self.path = path
         self.multipart = kind in MULTIPART  # its fields are read from the form, by Content-Type
+        self.sticky = kind == "responses"  # stored responses: learn their engine (router/sticky.py)
         settings = ctx.settings
         self._session_name = settings.session_header.encode("latin-1")
         self._expose_engine = settings.expose_engine_header
@@ -199,14 +202,24 @@ class ProxyEndpoint:
     async def _admit_and_route(self, call: Call) -> None:
         admission, model, trace = self.admission, call.request.model, call.trace
         arrived = time.perf_counter()  # the queue span: from here until routing starts
+        held_until: float | None = None  # the hold's deadline, when the request was held
 
         async def route(candidates: list[EngineState] | None) -> None:
+            nonlocal held_until
             if trace is not None:
                 trace.queued(time.perf_counter() - arrived)
+            holds_left = self.ctx.settings.max_attempts  # bounds re-holds of a model that vanishes again
             while True:
                 try:
                     await self._route(call, candidates or admission.candidates(model))
                     return
+                except HoldAgain as again:  # router/model_gone.py: no engine serves it any more
+                    holds_left -= 1
+                    if model is None or holds_left < 0:
+                        await self._give_up(call, again.failure, None)
+                        return
+                    held_until = await admission.hold(model) or held_until
+                    candidates = None
                 except OpenAIError as err:
                     # A woken engine may be announced before it listens (a readiness probe that is
                     # missing or too early): the user asked to wait, so wait out the hold's time.
@@ -257,6 +270,9 @@ class ProxyEndpoint:
                 call.trace.tokenized(time.perf_counter() - t0, call.features.prompt_len)
             call.upstream_headers = self._upstream_headers(call)
         features = call.features
+        if self.sticky:  # previous_response_id: the engine that stored it, when known
+            owner = previous_owner(ctx.owners, call.request.body, ctx.clock())
+            candidates = prefer_owner(owner, candidates)
         attempts = 0
         while True:
             attempts += 1
@@ -273,9 +289,16 @@ class ProxyEndpoint:
             if failure is None:
                 return
             candidates = untried(self.admission.available(call.request.model), call.tried)
+            model = call.request.model
             verdict = next_step(
-                failure, attempts=attempts, max_attempts=settings.max_attempts, untried=len(candidates)
+                failure,
+                attempts=attempts,
+                max_attempts=settings.max_attempts,
+                untried=len(candidates),
+                held=model is not None and ctx.holds.holds(model),
             )
+            if verdict.reason == "hold":
+                raise HoldAgain(failure)
             if not verdict.retry:
                 await self._give_up(call, failure, decision.engine)
                 return
@@ -378,6 +401,11 @@ class ProxyEndpoint:
         if resp.status >= 500:
             message = f"the engine answered {resp.status}"
             return AttemptFailure("status", resp.status, message, answer=body)
+        if is_model_gone(resp.status, body, call.request.model):
+            assert call.request.model is not None
+            return forget_model(self.ctx, engine, call.request.model, body)
+        if self.sticky and resp.status == 200 and (rid := id_from_body(body)) is not None:
+            self.ctx.owners.remember(rid, engine.url, self.ctx.clock())
         ex = call.ex
         ex.status, ex.started = resp.status, True
         content_type = resp.content_type or "application/json"
@@ -406,11 +434,16 @@ class ProxyEndpoint:
         assert features is not None
         framer = SSEFramer(self.ctx.settings.max_response_bytes)
         held: list[bytes] = []
+        learning = self.sticky  # the stream's first event names its response (router/sticky.py)
         try:
             async for chunk in resp.chunks():
                 frames = framer.feed(chunk)
                 if not frames:
                     continue
+                if learning:
+                    learning = False
+                    if (rid := id_from_frames(frames)) is not None:
+                        self.ctx.owners.remember(rid, decision.engine.url, self.ctx.clock())
                 if not ex.started:
                     if not has_content(frames):
                         held.append(frames)
@@ -442,7 +475,7 @@ class ProxyEndpoint:
         headers = [*_SSE_HEADERS, *self._engine_header(engine), *_flow_headers(call)]
         await call.send({"type": "http.response.start", "status": 200, "headers": headers})
 
-    async def _give_up(self, call: Call, failure: AttemptFailure, engine: EngineState) -> None:
+    async def _give_up(self, call: Call, failure: AttemptFailure, engine: EngineState | None) -> None:
         """Answer with the last failure: an error event ends a stream under way, else an error."""
         ex = call.ex
         if failure.sent:
@@ -451,7 +484,8 @@ class ProxyEndpoint:
             await call.send({"type": "http.response.body", "body": event, "more_body": False})
             return
         if failure.answer is not None:
-            raise EngineAnswer(failure.status, failure.message, failure.answer, self._engine_header(engine))
+            headers = [] if engine is None else self._engine_header(engine)
+            raise EngineAnswer(failure.status, failure.message, failure.answer, headers)
         raise OpenAIError(failure.status, failure.message)
 
     # ------------------------------------------------------------------ helpers
@@ -467,7 +501,8 @@ class ProxyEndpoint:
             others = sum(1 for e in ctx.registry.all() if e is not engine and e.ejected_until > now)
         verdict = judge_outcome(
             engine.outlier,
-            failed=failure is not None and failure.kind != "too_large",  # the answer's size, not the engine
+            # the answer size, or a model it no longer serves (router/model_gone.py): not its health
+            failed=failure is not None and failure.kind not in ("too_large", "model_gone"),
             now=now,
             ejected_others=others,
             engines=len(ctx.registry),

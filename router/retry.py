@@ -9,12 +9,16 @@ The proxy describes each failed try as an :class:`AttemptFailure` and asks :func
    over the router's size cap: stop (``too_large``), another engine would answer the same;
 3. the engine answered a status that says nothing about another engine (say 501): stop
    (``status``) and relay it;
-4. the request had its ``max_attempts`` tries: stop (``attempts``);
-5. no available engine of the model is left untried: stop (``no_engine``);
-6. otherwise try again (``retry``) on one of :func:`untried`, chosen by the routing policy.
+4. the engine said it does not serve the model (``model_gone``: an adapter unloaded there, see
+   :mod:`kvstack.router.model_gone`) and no try is left here (tries spent or no engine untried),
+   but the router holds the model: wait for an engine to serve it again (``hold``);
+5. the request had its ``max_attempts`` tries: stop (``attempts``);
+6. no available engine of the model is left untried: stop (``no_engine``);
+7. otherwise try again (``retry``) on one of :func:`untried`, chosen by the routing policy.
 
 Retried, while nothing was sent: connection failures, answers 500/502/503/504, a response that broke
-off, and an engine the router declared down while the request waited on it (``engine_lost``).
+off, an engine the router declared down while the request waited on it (``engine_lost``), and an
+engine that no longer serves the model (``model_gone``, its 404).
 """
 
 from __future__ import annotations
@@ -25,8 +29,8 @@ from typing import Literal
 
 from kvstack.router.engines import EngineState
 
-FailureKind = Literal["connect", "timeout", "read", "too_large", "status", "engine_lost"]
-RetryReason = Literal["retry", "sent", "timeout", "too_large", "status", "attempts", "no_engine"]
+FailureKind = Literal["connect", "timeout", "read", "too_large", "status", "engine_lost", "model_gone"]
+RetryReason = Literal["retry", "sent", "timeout", "too_large", "status", "hold", "attempts", "no_engine"]
 
 RETRIED_STATUSES = frozenset({500, 502, 503, 504})
 
@@ -53,14 +57,20 @@ class RetryVerdict:
     reason: RetryReason
 
 
-def next_step(failure: AttemptFailure, *, attempts: int, max_attempts: int, untried: int) -> RetryVerdict:
-    """Whether to try again after ``failure``, the ``attempts``-th try; ``untried`` engines are left."""
+def next_step(
+    failure: AttemptFailure, *, attempts: int, max_attempts: int, untried: int, held: bool = False
+) -> RetryVerdict:
+    """Whether to try again after ``failure``, the ``attempts``-th try; ``untried`` engines are left;
+    ``held``: the router holds the request's model while no engine serves it."""
     if failure.sent:
         return RetryVerdict(False, "sent")
     if failure.kind in ("timeout", "too_large"):
         return RetryVerdict(False, failure.kind)
     if failure.kind == "status" and failure.status not in RETRIED_STATUSES:
         return RetryVerdict(False, "status")
+    spent = attempts >= max_attempts or untried <= 0
+    if failure.kind == "model_gone" and held and spent:
+        return RetryVerdict(False, "hold")
     if attempts >= max_attempts:
         return RetryVerdict(False, "attempts")
     if untried <= 0:

@@ -5,12 +5,21 @@ keys the same ones) prefilled under the chat template. The answer is vLLM's ``Re
 stream is vLLM's simple event sequence, each frame ``event: <type>`` + ``data: <json>``: created,
 in_progress, the message item and its text part added, the text deltas, then text done, part done,
 item done and completed (no ``[DONE]``).
+
+With ``VLLM_ENABLE_RESPONSES_API_STORE`` on (vLLM's switch; off, ``store`` is ignored), a response
+asked with ``store`` (the default) is kept once complete, in memory, the newest
+:data:`MAX_STORED`: ``GET /v1/responses/{id}`` returns it, ``POST /v1/responses/{id}/cancel`` refuses
+(400: only a background response can be cancelled, and the simulator runs none), and a new
+request's ``previous_response_id`` continues its conversation. An unknown id is vLLM's 404.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
+from collections import OrderedDict
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -45,6 +54,7 @@ class ResponsesRequest(BaseModel):
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     metadata: dict[str, str] | None = None
     previous_response_id: str | None = None
+    store: bool = True
     user: str | None = None
     ignore_eos: bool = False
     cache_salt: str | None = None
@@ -108,7 +118,7 @@ def response_body(
         "background": False,
         "max_output_tokens": max_tokens,
         "max_tool_calls": None,
-        "previous_response_id": None,
+        "previous_response_id": req.previous_response_id,
         "prompt": None,
         "reasoning": None,
         "service_tier": "auto",
@@ -137,23 +147,79 @@ class _Events:
         )
 
 
+MAX_STORED = 4096  # vLLM keeps every stored response (and warns of the leak); the simulator is bounded
+STORE_ENV = "VLLM_ENABLE_RESPONSES_API_STORE"
+
+
+def store_enabled(environ: dict[str, str] | None = None) -> bool:
+    """``VLLM_ENABLE_RESPONSES_API_STORE`` as vLLM 0.24 reads it (an integer, "1" on)."""
+    raw = (os.environ if environ is None else environ).get(STORE_ENV, "0").strip()
+    return raw.isdigit() and int(raw) != 0
+
+
+def not_found(response_id: str) -> OpenAIError:
+    return OpenAIError(404, f"Response with id '{response_id}' not found.")
+
+
+@dataclass(slots=True)
+class Stored:
+    """A finished response kept for retrieval, and its conversation for a follow-up."""
+
+    body: dict[str, Any]
+    messages: list[tuple[str, str]]  # the prompt's messages and the answer, as the chat template takes
+
+
 class ResponsesRoutes:
     """The Responses API handler of one simulated pod."""
 
-    def __init__(self, server: SimServer) -> None:
+    def __init__(self, server: SimServer, environ: dict[str, str] | None = None) -> None:
         self.server = server
+        self.store_on = store_enabled(environ)
+        self.stored: OrderedDict[str, Stored] = OrderedDict()
+
+    def _keep(self, req: ResponsesRequest, body: dict[str, Any], messages: list[tuple[str, str]]) -> None:
+        if not (self.store_on and req.store):
+            return
+        self.stored[body["id"]] = Stored(body, messages)
+        while len(self.stored) > MAX_STORED:
+            self.stored.popitem(last=False)
+
+    def _lookup(self, response_id: str) -> Stored:
+        if not response_id.startswith("resp_"):  # vLLM checks the prefix first (its message says 'resp')
+            raise OpenAIError(
+                400, f"Invalid 'response_id': '{response_id}'. Expected an ID that begins with 'resp'."
+            )
+        found = self.stored.get(response_id)
+        if found is None:
+            raise not_found(response_id)
+        return found
+
+    async def retrieve(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """``GET /v1/responses/{response_id}``."""
+        await send_json(send, 200, self._lookup(_path_id(scope["path"])).body)
+
+    async def cancel(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """``POST /v1/responses/{response_id}/cancel``: only a queued or running background response
+        can be cancelled; a stored one is finished."""
+        found = self._lookup(_path_id(scope["path"].removesuffix("/cancel")))
+        if found.body["status"] not in ("queued", "in_progress"):
+            raise OpenAIError(400, "Cannot cancel a synchronous response.")
+        found.body["status"] = "cancelled"
+        await send_json(send, 200, found.body)
 
     async def create(self, scope: Scope, receive: Receive, send: Send) -> None:
         req = p.parse(ResponsesRequest, await read_body(receive))
         model = self.server._model(req.model)
+        history: list[tuple[str, str]] = []
         if req.previous_response_id is not None:
-            # the simulator stores no responses: every earlier one is unknown, as vLLM answers then
-            raise OpenAIError(404, f"Response with id '{req.previous_response_id}' not found.")
+            # never stored, evicted, or the store is off: vLLM's 404 (a malformed id: its 400)
+            history = self._lookup(req.previous_response_id).messages
         check_responses_input(req.input)
         messages = responses_messages(req.input, req.instructions)
         if messages is None:
             raise OpenAIError(400, "the simulator takes input messages of text only", param="input")
-        ids = apply_chat_template([(m["role"], m["content"]) for m in messages])
+        conversation = [*history, *((m["role"], m["content"]) for m in messages)]
+        ids = apply_chat_template(conversation)
         limit = self.server.config.max_model_len
         room = p.check_length(len(ids), None, limit, is_text=True)  # 400 when the prompt fills the context
         max_tokens = min(req.max_output_tokens or room, room)  # vLLM clamps max_output_tokens to the room
@@ -168,10 +234,16 @@ class ResponsesRoutes:
         )
         guard = Guard(receive)
         answer = self._stream if req.stream else self._whole
-        await guard.run(lambda: answer(send, guard, req, sim, model))
+        await guard.run(lambda: answer(send, guard, req, sim, model, conversation))
 
     async def _whole(
-        self, send: Send, guard: Guard, req: ResponsesRequest, sim: SimRequest, model: str
+        self,
+        send: Send,
+        guard: Guard,
+        req: ResponsesRequest,
+        sim: SimRequest,
+        model: str,
+        conversation: list[tuple[str, str]],
     ) -> None:
         detok = p.Detokenizer()
         pieces: list[str] = []
@@ -195,11 +267,18 @@ class ResponsesRoutes:
             output=[message_item(request_id("msg_"), "".join(pieces))],
             usage_=usage(len(sim.prompt_token_ids), generated, cached),
         )
+        self._keep(req, body, [*conversation, ("assistant", "".join(pieces))])
         guard.finishing()
         await send_json(send, 200, body)
 
     async def _stream(
-        self, send: Send, guard: Guard, req: ResponsesRequest, sim: SimRequest, model: str
+        self,
+        send: Send,
+        guard: Guard,
+        req: ResponsesRequest,
+        sim: SimRequest,
+        model: str,
+        conversation: list[tuple[str, str]],
     ) -> None:
         events, created, item_id = _Events(), int(time.time()), request_id("msg_")
 
@@ -248,6 +327,8 @@ class ResponsesRoutes:
         text = "".join(pieces)
         item = message_item(item_id, text)
         status = "incomplete" if finish == "length" else "completed"
+        final = response(status, [item], usage(len(sim.prompt_token_ids), generated, cached))
+        self._keep(req, final, [*conversation, ("assistant", text)])
         tail = [
             events.frame("response.output_text.done", **where, text=text, logprobs=[]),
             events.frame(
@@ -256,10 +337,12 @@ class ResponsesRoutes:
                 part={"type": "output_text", "text": text, "annotations": []},
             ),
             events.frame("response.output_item.done", output_index=0, item=item),
-            events.frame(
-                "response.completed",
-                response=response(status, [item], usage(len(sim.prompt_token_ids), generated, cached)),
-            ),
+            events.frame("response.completed", response=final),
         ]
         guard.finishing()
         await send({"type": "http.response.body", "body": b"".join(tail), "more_body": False})
+
+
+def _path_id(path: str) -> str:
+    """The ``{response_id}`` of ``/v1/responses/{response_id}``."""
+    return path.removeprefix("/v1/responses/")

@@ -149,6 +149,10 @@ class SimServer:
         if kind == "http":
             path: str = scope["path"]
             handler = self._routes.get((scope["method"], path))
+            if handler is None and path.startswith("/v1/responses/") and path.count("/") <= 4:
+                # vLLM's /v1/responses/{response_id}[/cancel] (engine/sim/responses.py)
+                template = "/v1/responses/{id}/cancel" if path.endswith("/cancel") else "/v1/responses/{id}"
+                handler = self._routes.get((scope["method"], template))
             if handler is None:
                 status = 405 if path in self._paths else 404
                 detail = "Method Not Allowed" if status == 405 else "Not Found"

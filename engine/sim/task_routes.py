@@ -57,7 +57,11 @@ def task_routes(server: SimServer, tasks: Collection[Task]) -> Routes:
         handlers[path] = pooling.score
     for path in ("/rerank", "/v1/rerank", "/v2/rerank"):
         handlers[path] = pooling.rerank
-    return {("POST", path): handlers[path] for task in tasks for path in TASK_PATHS[task]}
+    routes: Routes = {("POST", path): handlers[path] for task in tasks for path in TASK_PATHS[task]}
+    if "generate" in tasks:  # stored responses (the server matches these templates by prefix)
+        routes[("GET", "/v1/responses/{id}")] = responses.retrieve
+        routes[("POST", "/v1/responses/{id}/cancel")] = responses.cancel
+    return routes
 
 
 def request_id(prefix: str) -> str:

@@ -48,3 +48,27 @@ def test_untried_keeps_the_order_of_the_candidates() -> None:
     engines = [EngineState(endpoint=Endpoint(url=f"http://e{i}", name=f"e{i}")) for i in range(4)]
     assert [e.name for e in untried(engines, ["http://e2", "http://e0"])] == ["e1", "e3"]
     assert untried(engines, [e.url for e in engines]) == []
+
+
+@pytest.mark.parametrize(
+    ("attempts", "untried_left", "held", "retry", "reason"),
+    [
+        (1, 1, False, True, "retry"),  # another engine still serves the model
+        (1, 1, True, True, "retry"),  # another engine first, even when the model is held
+        (1, 0, True, False, "hold"),  # none left: wait for one (a declared adapter is reloaded)
+        (3, 1, True, False, "hold"),  # tries spent: still better to wait than to answer 404
+        (1, 0, False, False, "no_engine"),  # not held: the engine's 404 is the answer
+        (3, 1, False, False, "attempts"),
+    ],
+)
+def test_next_step_after_an_engine_lost_the_model(
+    attempts: int, untried_left: int, held: bool, retry: bool, reason: str
+) -> None:
+    gone = AttemptFailure("model_gone", 404, "the engine no longer serves lora-a")
+    verdict = next_step(gone, attempts=attempts, max_attempts=3, untried=untried_left, held=held)
+    assert (verdict.retry, verdict.reason) == (retry, reason)
+
+
+def test_held_changes_nothing_for_other_failures() -> None:
+    verdict = next_step(failure("status", 503), attempts=1, max_attempts=3, untried=0, held=True)
+    assert (verdict.retry, verdict.reason) == (False, "no_engine")
