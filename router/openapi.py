@@ -223,6 +223,22 @@ METRICS_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
+_SSE_EVENT: dict[str, Any] = {
+    "anyOf": [
+        {"type": "string"},
+        {
+            "type": "object",
+            "properties": {
+                "data": {"type": "string"},
+                "event": {"type": "string"},
+                "id": {"type": "string"},
+                "retry": {"type": "integer"},
+            },
+        },
+    ]
+}
+
+
 def proxied_operation(kind: Kind, path: str | None = None) -> dict[str, Any]:
     """The OpenAPI path item of one proxied route (POST only); ``path`` names its operation when
     several routes share a kind (rerank, score, audio)."""
@@ -233,8 +249,9 @@ def proxied_operation(kind: Kind, path: str | None = None) -> dict[str, Any]:
         operation_id = "proxy_" + "_".join(p for p in path.strip("/").split("/") if p)
     ok: dict[str, Any] = {"application/json": {"schema": {"type": "object"}}}
     if streams:
-        # schemathesis and most validators see the stream as text; each event is a JSON chunk
-        ok["text/event-stream"] = {"schema": {"type": "string"}}
+        # the stream as text, or (OpenAPI 3.2-aware validators such as schemathesis) each event:
+        # its data a JSON chunk, named by `event:` on the Messages API's stream
+        ok["text/event-stream"] = {"schema": _SSE_EVENT}
     responses: dict[str, Any] = {
         "200": {"description": "The engine's answer, relayed unchanged", "content": ok},
         **{str(s): error_response(s) for s in PROXY_ERRORS},

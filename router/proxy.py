@@ -15,11 +15,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from kvstack.common.errors import OpenAIError, is_openai_error, openai_error_bytes
+from kvstack.common.errors import OpenAIError
 from kvstack.router.admission import Admission, Demand, reject
+from kvstack.router.call import Attempt, Call, Headers, Send
 from kvstack.router.context import REQUEST_ID_KEY, RouterContext
 from kvstack.router.ejection import OutlierRules, judge_outcome
 from kvstack.router.engines import EngineState
@@ -33,73 +33,28 @@ from kvstack.router.exchange import (
     send_error,
     watch_disconnect,
 )
-from kvstack.router.headers import answer_headers, content_type, header_value, scan_headers, upstream_headers
-from kvstack.router.model_gone import HoldAgain, forget_model, is_model_gone
+from kvstack.router.headers import content_type, header_value, scan_headers, upstream_headers
+from kvstack.router.model_gone import HoldAgain
 from kvstack.router.policies.base import Decision, RequestFeatures
 from kvstack.router.prompt_source import PromptSource
 from kvstack.router.prompts import prompt_text
 from kvstack.router.protocol import (
     MULTIPART,
     Kind,
-    ParsedRequest,
-    SSEFramer,
     error_event,
-    has_content,
     parse_request,
 )
+from kvstack.router.relay import Relay
 from kvstack.router.retry import AttemptFailure, next_step, untried
-from kvstack.router.sticky import id_from_body, id_from_frames, prefer_owner, previous_owner
-from kvstack.router.upstream import UpstreamError, UpstreamResponse
+from kvstack.router.sticky import prefer_owner, previous_owner
 
 if TYPE_CHECKING:
-    from kvstack.router.tracing import RequestTrace
+    pass
 
 Scope = dict[str, Any]
 Receive = Any
-Send = Any
-Headers = list[tuple[bytes, bytes]]
 
 log = logging.getLogger(__name__)
-
-_SSE = "text/event-stream"
-_SSE_HEADERS = [
-    (b"content-type", b"text/event-stream; charset=utf-8"),
-    (b"cache-control", b"no-cache"),
-    (b"x-accel-buffering", b"no"),  # tell nginx-style ingresses not to buffer the stream
-]
-
-
-@dataclass(slots=True, eq=False)
-class Call:
-    """One proxied request on its way through the proxy: what the client sent, what became of it."""
-
-    ex: Exchange  # its record: timings, status, engine; becomes the log line and metric labels
-    request: ParsedRequest
-    raw: bytes  # the body as the client sent it, forwarded unchanged
-    send: Send
-    client_headers: Headers
-    client_host: str | None  # the peer's address, appended to X-Forwarded-For
-    session_key: str | None
-    features: RequestFeatures | None = None  # built once, when routing starts
-    upstream_headers: Headers = field(default_factory=list)
-    tried: list[str] = field(default_factory=list)  # engine URLs, in the order tried
-    trace: RequestTrace | None = None  # its spans, when tracing is on (router/tracing.py)
-    demand: Demand | None = None  # its passage through flow control (None: flow control is off)
-
-
-@dataclass(slots=True, eq=False)
-class Attempt:
-    """One try of a call on one engine; :meth:`abort` ends it when the engine is declared down."""
-
-    decision: Decision
-    cutoff: asyncio.Timeout
-    lost: bool = False
-    answered: bool = False  # the whole answer went to the client (what is left is closing up)
-
-    def abort(self) -> None:
-        if not self.lost:
-            self.lost = True
-            self.cutoff.reschedule(0.0)  # in the past: the try is cancelled at its next await
 
 
 class ProxyEndpoint:
@@ -112,8 +67,8 @@ class ProxyEndpoint:
         self.multipart = kind in MULTIPART  # its fields are read from the form, by Content-Type
         self.sticky = kind == "responses"  # stored responses: learn their engine (router/sticky.py)
         settings = ctx.settings
+        self.relay = Relay(ctx, path, sticky=self.sticky, expose_engine=settings.expose_engine_header)
         self._session_name = settings.session_header.encode("latin-1")
-        self._expose_engine = settings.expose_engine_header
         self.rules = OutlierRules(
             consecutive_failures=settings.eject_after_failures,
             failure_rate=settings.eject_failure_rate,
@@ -345,7 +300,7 @@ class ProxyEndpoint:
                 attempt = Attempt(decision, cutoff)
                 engine.on_down.add(attempt.abort)
                 try:
-                    failure = await self._exchange(call, attempt)
+                    failure = await self.relay.exchange(call, attempt)
                 finally:
                     engine.on_down.discard(attempt.abort)
             ended = True
@@ -366,115 +321,6 @@ class ProxyEndpoint:
         self._record_outcome(engine, failure)
         return failure
 
-    async def _exchange(self, call: Call, attempt: Attempt) -> AttemptFailure | None:
-        """Send the call to the attempt's engine and relay its answer."""
-        ctx, ex, engine = self.ctx, call.ex, attempt.decision.engine
-        assert ctx.upstream is not None
-        ex.routed = time.perf_counter() - ex.start
-        ctx.metrics.labelled(ctx.metrics.dispatch, ctx.policy.name).observe(ex.routed)
-        headers = (
-            call.upstream_headers
-            if call.trace is None
-            else call.trace.upstream_headers(call.upstream_headers)
-        )
-        try:
-            resp = await ctx.upstream.send("POST", engine.url + self.path, headers, call.raw)
-        except UpstreamError as err:
-            if err.kind == "connect":
-                return AttemptFailure("connect", 502, str(err))  # never the engine's address
-            return _broken(err, str(err), sent=False)
-        try:
-            if resp.status == 200 and (resp.content_type or "").startswith(_SSE):
-                return await self._relay_stream(call, attempt, resp)
-            return await self._relay_whole(call, attempt, resp)
-        finally:
-            await resp.aclose()
-
-    async def _relay_whole(
-        self, call: Call, attempt: Attempt, resp: UpstreamResponse
-    ) -> AttemptFailure | None:
-        engine = attempt.decision.engine
-        try:
-            body = await resp.read()
-        except UpstreamError as err:
-            return _broken(err, str(err), sent=False)
-        if resp.status >= 500:
-            message = f"the engine answered {resp.status}"
-            return AttemptFailure("status", resp.status, message, answer=body)
-        if is_model_gone(resp.status, body, call.request.model):
-            assert call.request.model is not None
-            return forget_model(self.ctx, engine, call.request.model, body)
-        if self.sticky and resp.status == 200 and (rid := id_from_body(body)) is not None:
-            self.ctx.owners.remember(rid, engine.url, self.ctx.clock())
-        ex = call.ex
-        ex.status, ex.started = resp.status, True
-        content_type = resp.content_type or "application/json"
-        if resp.status >= 400 and not is_openai_error(body):
-            # e.g. an engine's framework answering {"detail": "Not Found"}: clients get one shape
-            body, content_type = openai_error_bytes(resp.status, body), "application/json"
-        headers = [
-            *answer_headers(resp.status, content_type, resp.retry_after),
-            *self._engine_header(engine),
-            *_flow_headers(call),
-        ]
-        if call.trace is not None:
-            call.trace.first_byte(resp.status)
-        await call.send({"type": "http.response.start", "status": resp.status, "headers": headers})
-        await call.send({"type": "http.response.body", "body": body})
-        attempt.answered = True
-        return None
-
-    async def _relay_stream(
-        self, call: Call, attempt: Attempt, resp: UpstreamResponse
-    ) -> AttemptFailure | None:
-        """Relay SSE frames; frames before the first generated token (a chat's role chunk) are held
-        back with the head, so a try that produced nothing can still be retried elsewhere."""
-        ex, send, decision = call.ex, call.send, attempt.decision
-        features = call.features
-        assert features is not None
-        framer = SSEFramer(self.ctx.settings.max_response_bytes)
-        held: list[bytes] = []
-        learning = self.sticky  # the stream's first event names its response (router/sticky.py)
-        try:
-            async for chunk in resp.chunks():
-                frames = framer.feed(chunk)
-                if not frames:
-                    continue
-                if learning:
-                    learning = False
-                    if (rid := id_from_frames(frames)) is not None:
-                        self.ctx.owners.remember(rid, decision.engine.url, self.ctx.clock())
-                if not ex.started:
-                    if not has_content(frames):
-                        held.append(frames)
-                        continue
-                    ex.ttft = time.perf_counter() - ex.start
-                    self.ctx.policy.on_first_token(features, decision)  # the prefill is over
-                    if call.demand is not None and call.demand.grant is not None:
-                        self.ctx.flow.first_token(call.demand.grant, ex.ttft)
-                    await self._start_stream(call, decision.engine)
-                    frames = b"".join([*held, frames])
-                    held.clear()
-                await send({"type": "http.response.body", "body": frames, "more_body": True})
-        except UpstreamError as err:
-            return _broken(err, f"the engine stream broke off: {err}", sent=ex.started)
-        if not ex.started:  # a stream without generated text
-            await self._start_stream(call, decision.engine)
-        await send(
-            {"type": "http.response.body", "body": b"".join([*held, framer.flush()]), "more_body": False}
-        )
-        attempt.answered = True
-        return None
-
-    async def _start_stream(self, call: Call, engine: EngineState) -> None:
-        """Send the stream's head: from here on the call is the client's and cannot be retried."""
-        call.ex.started, call.ex.status = True, 200
-        if call.trace is not None:
-            call.trace.first_byte(200)
-        headers = [*_SSE_HEADERS, *self._engine_header(engine)]
-        headers = [*_SSE_HEADERS, *self._engine_header(engine), *_flow_headers(call)]
-        await call.send({"type": "http.response.start", "status": 200, "headers": headers})
-
     async def _give_up(self, call: Call, failure: AttemptFailure, engine: EngineState | None) -> None:
         """Answer with the last failure: an error event ends a stream under way, else an error."""
         ex = call.ex
@@ -484,7 +330,7 @@ class ProxyEndpoint:
             await call.send({"type": "http.response.body", "body": event, "more_body": False})
             return
         if failure.answer is not None:
-            headers = [] if engine is None else self._engine_header(engine)
+            headers = [] if engine is None else self.relay.engine_header(engine)
             raise EngineAnswer(failure.status, failure.message, failure.answer, headers)
         raise OpenAIError(failure.status, failure.message)
 
@@ -530,11 +376,6 @@ class ProxyEndpoint:
             call.client_headers, call.ex.request_id, engine_key, not self.ctx.keys.enabled, call.client_host
         )
 
-    def _engine_header(self, engine: EngineState) -> Headers:
-        if not self._expose_engine:
-            return []
-        return [(b"x-kvstack-engine", engine.name.encode("latin-1", "replace"))]
-
 
 def _prompt_len(features: RequestFeatures | None) -> int | None:
     """The prompt's length in tokens, when the policy tokenized it."""
@@ -543,18 +384,6 @@ def _prompt_len(features: RequestFeatures | None) -> int | None:
     if features.prompt_len is not None:
         return features.prompt_len
     return None if features.prompt_token_ids is None else len(features.prompt_token_ids)
-
-
-def _flow_headers(call: Call) -> Headers:
-    """``x-kvstack-priority-class``, ``-queue-position`` (at admission) and ``-queue-wait-ms``."""
-    if call.demand is None or call.demand.grant is None:
-        return []
-    return call.demand.grant.headers()
-
-
-def _broken(err: UpstreamError, message: str, *, sent: bool) -> AttemptFailure:
-    """A timeout (504) or a response that broke off (502)."""
-    return AttemptFailure(err.kind, 504 if err.kind == "timeout" else 502, message, sent=sent)
 
 
 # requests that make an engine prefill go through flow control; /tokenize and /detokenize never wait

@@ -1,0 +1,165 @@
+"""One try's exchange with its engine: send the call's bytes, relay the whole answer or the stream.
+
+A stream's frames before the first generated token (a chat's role chunk) are held back with its head,
+so a try that produced nothing can still be retried on another engine; once the head is sent the
+call is the client's. Answers of ``/v1/responses`` teach the router which engine stored each response
+(:mod:`kvstack.router.sticky`); an engine's 404 for a model it no longer serves becomes a
+``model_gone`` failure (:mod:`kvstack.router.model_gone`).
+"""
+
+from __future__ import annotations
+
+import time
+
+from kvstack.common.errors import is_openai_error, openai_error_bytes
+from kvstack.router.call import Attempt, Call, Headers
+from kvstack.router.context import RouterContext
+from kvstack.router.engines import EngineState
+from kvstack.router.headers import answer_headers
+from kvstack.router.model_gone import forget_model, is_model_gone
+from kvstack.router.protocol import SSEFramer, has_content
+from kvstack.router.retry import AttemptFailure
+from kvstack.router.sticky import id_from_body, id_from_frames
+from kvstack.router.upstream import UpstreamError, UpstreamResponse
+
+_SSE = "text/event-stream"
+_SSE_HEADERS = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),  # tell nginx-style ingresses not to buffer the stream
+]
+
+
+class Relay:
+    """The exchange of one proxied route (``path``) with the engine a try was sent to."""
+
+    def __init__(self, ctx: RouterContext, path: str, *, sticky: bool, expose_engine: bool) -> None:
+        self.ctx = ctx
+        self.path = path
+        self.sticky = sticky
+        self.expose_engine = expose_engine
+
+    async def exchange(self, call: Call, attempt: Attempt) -> AttemptFailure | None:
+        """Send the call to the attempt's engine and relay its answer."""
+        ctx, ex, engine = self.ctx, call.ex, attempt.decision.engine
+        assert ctx.upstream is not None
+        ex.routed = time.perf_counter() - ex.start
+        ctx.metrics.labelled(ctx.metrics.dispatch, ctx.policy.name).observe(ex.routed)
+        headers = (
+            call.upstream_headers
+            if call.trace is None
+            else call.trace.upstream_headers(call.upstream_headers)
+        )
+        try:
+            resp = await ctx.upstream.send("POST", engine.url + self.path, headers, call.raw)
+        except UpstreamError as err:
+            if err.kind == "connect":
+                return AttemptFailure("connect", 502, str(err))  # never the engine's address
+            return broken(err, str(err), sent=False)
+        try:
+            if resp.status == 200 and (resp.content_type or "").startswith(_SSE):
+                return await self._relay_stream(call, attempt, resp)
+            return await self._relay_whole(call, attempt, resp)
+        finally:
+            await resp.aclose()
+
+    async def _relay_whole(
+        self, call: Call, attempt: Attempt, resp: UpstreamResponse
+    ) -> AttemptFailure | None:
+        engine = attempt.decision.engine
+        try:
+            body = await resp.read()
+        except UpstreamError as err:
+            return broken(err, str(err), sent=False)
+        if resp.status >= 500:
+            message = f"the engine answered {resp.status}"
+            return AttemptFailure("status", resp.status, message, answer=body)
+        if is_model_gone(resp.status, body, call.request.model):
+            assert call.request.model is not None
+            return forget_model(self.ctx, engine, call.request.model, body)
+        if self.sticky and resp.status == 200 and (rid := id_from_body(body)) is not None:
+            self.ctx.owners.remember(rid, engine.url, self.ctx.clock())
+        ex = call.ex
+        ex.status, ex.started = resp.status, True
+        content_type = resp.content_type or "application/json"
+        if resp.status >= 400 and not is_openai_error(body):
+            # e.g. an engine's framework answering {"detail": "Not Found"}: clients get one shape
+            body, content_type = openai_error_bytes(resp.status, body), "application/json"
+        headers = [
+            *answer_headers(resp.status, content_type, resp.retry_after),
+            *self.engine_header(engine),
+            *_flow_headers(call),
+        ]
+        if call.trace is not None:
+            call.trace.first_byte(resp.status)
+        await call.send({"type": "http.response.start", "status": resp.status, "headers": headers})
+        await call.send({"type": "http.response.body", "body": body})
+        attempt.answered = True
+        return None
+
+    async def _relay_stream(
+        self, call: Call, attempt: Attempt, resp: UpstreamResponse
+    ) -> AttemptFailure | None:
+        """Relay SSE frames; frames before the first generated token (a chat's role chunk) are held
+        back with the head, so a try that produced nothing can still be retried elsewhere."""
+        ex, send, decision = call.ex, call.send, attempt.decision
+        features = call.features
+        assert features is not None
+        framer = SSEFramer(self.ctx.settings.max_response_bytes)
+        held: list[bytes] = []
+        learning = self.sticky  # the stream's first event names its response (router/sticky.py)
+        try:
+            async for chunk in resp.chunks():
+                frames = framer.feed(chunk)
+                if not frames:
+                    continue
+                if learning:
+                    learning = False
+                    if (rid := id_from_frames(frames)) is not None:
+                        self.ctx.owners.remember(rid, decision.engine.url, self.ctx.clock())
+                if not ex.started:
+                    if not has_content(frames):
+                        held.append(frames)
+                        continue
+                    ex.ttft = time.perf_counter() - ex.start
+                    self.ctx.policy.on_first_token(features, decision)  # the prefill is over
+                    if call.demand is not None and call.demand.grant is not None:
+                        self.ctx.flow.first_token(call.demand.grant, ex.ttft)
+                    await self.start_stream(call, decision.engine)
+                    frames = b"".join([*held, frames])
+                    held.clear()
+                await send({"type": "http.response.body", "body": frames, "more_body": True})
+        except UpstreamError as err:
+            return broken(err, f"the engine stream broke off: {err}", sent=ex.started)
+        if not ex.started:  # a stream without generated text
+            await self.start_stream(call, decision.engine)
+        await send(
+            {"type": "http.response.body", "body": b"".join([*held, framer.flush()]), "more_body": False}
+        )
+        attempt.answered = True
+        return None
+
+    async def start_stream(self, call: Call, engine: EngineState) -> None:
+        """Send the stream's head: from here on the call is the client's and cannot be retried."""
+        call.ex.started, call.ex.status = True, 200
+        if call.trace is not None:
+            call.trace.first_byte(200)
+        headers = [*_SSE_HEADERS, *self.engine_header(engine), *_flow_headers(call)]
+        await call.send({"type": "http.response.start", "status": 200, "headers": headers})
+
+    def engine_header(self, engine: EngineState) -> Headers:
+        if not self.expose_engine:
+            return []
+        return [(b"x-kvstack-engine", engine.name.encode("latin-1", "replace"))]
+
+
+def _flow_headers(call: Call) -> Headers:
+    """``x-kvstack-priority-class``, ``-queue-position`` (at admission) and ``-queue-wait-ms``."""
+    if call.demand is None or call.demand.grant is None:
+        return []
+    return call.demand.grant.headers()
+
+
+def broken(err: UpstreamError, message: str, *, sent: bool) -> AttemptFailure:
+    """A timeout (504) or a response that broke off (502)."""
+    return AttemptFailure(err.kind, 504 if err.kind == "timeout" else 502, message, sent=sent)
