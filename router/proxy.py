@@ -209,8 +209,7 @@ class ProxyEndpoint:
         ex.tenant, ex.priority_class = tenant, cls.name
         cost: float = len(call.raw) / 4
         if self.ctx.policy.needs_tokens and self.admission.available(call.request.model):
-            call.features = await self._features(call)
-            call.upstream_headers = self._upstream_headers(call)
+            await self._prepare(call)
             cost = float(_prompt_len(call.features) or cost)
         return Demand(tenant, cls, cost)
 
@@ -218,13 +217,7 @@ class ProxyEndpoint:
         """Try engines the policy picks until one answers or :func:`next_step` says stop."""
         ctx, ex = self.ctx, call.ex
         settings, metrics, policy = ctx.settings, ctx.metrics, ctx.policy
-        if call.features is None:
-            t0 = time.perf_counter()
-            call.features = await self._features(call)
-            if call.trace is not None:
-                call.trace.tokenized(time.perf_counter() - t0, call.features.prompt_len)
-            call.upstream_headers = self._upstream_headers(call)
-        features = call.features
+        features = call.features or await self._prepare(call)
         if self.sticky:  # previous_response_id: the engine that stored it, when known
             owner = previous_owner(ctx.owners, call.request.body, ctx.clock())
             candidates = prefer_owner(owner, candidates)
@@ -258,6 +251,15 @@ class ProxyEndpoint:
                 await self._give_up(call, failure, decision.engine)
                 return
             metrics.retries.labels(features.model, failure.label).inc()
+
+    async def _prepare(self, call: Call) -> RequestFeatures:
+        """The call's features (tokenized once, traced as ``tokenize``) and its upstream headers."""
+        t0 = time.perf_counter()
+        call.features = features = await self._features(call)
+        if call.trace is not None:
+            call.trace.tokenized(time.perf_counter() - t0, features.prompt_len)
+        call.upstream_headers = self._upstream_headers(call)
+        return features
 
     async def _features(self, call: Call) -> RequestFeatures:
         policy, request = self.ctx.policy, call.request

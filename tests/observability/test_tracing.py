@@ -233,7 +233,7 @@ async def test_a_request_refused_at_admission_has_its_queue_span(
             traced_router,
             [engine.url],
             max_in_flight_per_engine=1,
-            max_queue_per_model=0,
+            flow_control={"models": [{"model": "*", "max_queue": 0}]},
             tracing={"enabled": True, "endpoint": otel_collector.url},
         )
         body = {"model": MODEL, "prompt": "x", "max_tokens": 1}
