@@ -202,8 +202,9 @@ class RouterMetrics:
         )
         self.flow_queue_wait = Histogram(
             "kvstack_router_flow_queue_wait_seconds",
-            "Time a dispatched request waited in the flow queue (0 when an engine had room).",
-            ["class"],
+            "Time a dispatched request waited in the flow queue (0 when an engine had room), by model "
+            "(known models or other: the operator's queueWaitP90 reads it by model) and class.",
+            ["model_name", "class"],
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )

@@ -200,7 +200,7 @@ class FlowControl:
         grant.predicted_ttft_s = decision.predicted_ttft_s
         if decision.outcome == "dispatch":
             self._reserve(grant)
-            self.metrics.flow_queue_wait.labels(cls.name).observe(0.0)
+            self.metrics.flow_queue_wait.labels(self.metrics.model_label(model), cls.name).observe(0.0)
             return grant
         if decision.outcome == "shed":
             raise self._shed(decision.reason, grant, decision.retry_after_s)
@@ -228,7 +228,9 @@ class FlowControl:
             raise
         grant.reserved = True  # pump reserved the turn when it woke us
         grant.queue_wait_s = self.clock() - now
-        self.metrics.flow_queue_wait.labels(cls.name).observe(grant.queue_wait_s)
+        self.metrics.flow_queue_wait.labels(self.metrics.model_label(model), cls.name).observe(
+            grant.queue_wait_s
+        )
         return grant
 
     def _shed(self, reason: str, grant: Grant, retry_after_s: float) -> RetryLater:
