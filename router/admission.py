@@ -112,7 +112,7 @@ class Admission:
             gauge.dec()
         try:
             # engines may have come or gone while it waited: look again
-            await route(ctx.flow.with_room(self.candidates(model)))
+            await route(ctx.flow.with_room(self.candidates(model), demand.grant))
         finally:
             ctx.flow.release(demand.grant)
 

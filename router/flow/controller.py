@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import math
 from collections import deque
@@ -33,7 +34,7 @@ from kvstack.router.flow.fairness import FairShare
 from kvstack.router.flow.ledger import EngineFlow, Prefill
 from kvstack.router.flow.ordering import Waiting
 from kvstack.router.flow.queue import FlowQueue, Shed, Ticket
-from kvstack.router.flow.saturation import EngineLoad, Limits, learn_rate, saturation
+from kvstack.router.flow.saturation import EngineLoad, Limits, class_share, learn_rate, saturation
 from kvstack.router.metrics import RouterMetrics
 
 SERVICE_WEIGHT = 0.1  # of each request in the EWMA of the time at an engine
@@ -57,6 +58,7 @@ class Grant:
     id: int
     model: str
     class_name: str
+    priority: int
     tenant: str
     tenant_label: str
     objective_s: float | None
@@ -110,6 +112,8 @@ class FlowControl:
         # per model, a request's time at its engine (an EWMA): with the requests in flight there, the
         # rate slots free up (Little's law), known before the queue has given any turn
         self.service_s: dict[str, float] = {}
+        # when a request of each priority was last admitted: the headroom for higher classes
+        self.seen: dict[int, float] = {}
         self._ids = itertools.count(1)
         self._ticker: asyncio.Task[None] | None = None
         for cls in config.classes:
@@ -152,15 +156,27 @@ class FlowControl:
             slots=flow.slots,
         )
 
-    def with_room(self, candidates: list[EngineState]) -> list[EngineState]:
-        """The candidates that can take one more request now (all of them when none can)."""
+    def limits_for(self, priority: int, now: float) -> Limits:
+        """The saturation limits for a request of ``priority``: a lower class than one seen within
+        the headroom window fills only its share of each engine (:func:`class_share`)."""
+        sat = self.config.saturation
+        recent = [p for p, t in self.seen.items() if now - t <= sat.headroom_window_s]
+        share = class_share(priority, max(recent, default=None), sat.lower_class_share)
+        return self.limits if share == 1.0 else dataclasses.replace(self.limits, share=share)
+
+    def with_room(self, candidates: list[EngineState], grant: Grant | None = None) -> list[EngineState]:
+        """The candidates that can take one more request (of ``grant``'s class) now (all of them
+        when none can)."""
         now = self.clock()
-        free = [e for e in candidates if not saturation(self.load(e, now), self.limits).saturated]
+        limits = self.limits if grant is None else self.limits_for(grant.priority, now)
+        free = [e for e in candidates if not saturation(self.load(e, now), limits).saturated]
         return free or candidates
 
-    def room_for(self, model: str, candidates: list[EngineState], now: float) -> int:
-        """Engines of ``candidates`` that can take one more request, less the turns already given."""
-        unsaturated = sum(1 for e in candidates if not saturation(self.load(e, now), self.limits).saturated)
+    def room_for(self, model: str, candidates: list[EngineState], now: float, priority: int) -> int:
+        """Engines of ``candidates`` that can take one more request of ``priority``, less the turns
+        already given."""
+        limits = self.limits_for(priority, now)
+        unsaturated = sum(1 for e in candidates if not saturation(self.load(e, now), limits).saturated)
         return unsaturated - self.reserved.get(model, 0)
 
     # ------------------------------------------------------------------ admission
@@ -182,13 +198,16 @@ class FlowControl:
         """Wait for the request's turn; raises :class:`RetryLater` (429) when it is refused."""
         self.pump(model)  # room a fresh scrape shows is the waiting requests' before a newcomer's
         now = self.clock()
+        self.seen[cls.priority] = now
         label = tenant if tenant in self.weights else OTHER_TENANT
-        grant = Grant(next(self._ids), model, cls.name, tenant, label, cls.ttft_objective_s, cost)
+        grant = Grant(
+            next(self._ids), model, cls.name, cls.priority, tenant, label, cls.ttft_objective_s, cost
+        )
         queue = self.queue_for(model)
         rates = [self.ledger(e).rate for e in candidates]
         cap = Capacity(
             engines=len(candidates),
-            room=self.room_for(model, candidates, now) > 0,
+            room=self.room_for(model, candidates, now, cls.priority) > 0,
             prefill_tokens_per_s=sum(rates),
             prefill_in_flight=sum(self.ledger(e).backlog(now) for e in candidates),
             base_ttft_s=BASE_TTFT_S,
@@ -337,7 +356,10 @@ class FlowControl:
             return
         now = self.clock()
         candidates = self.registry.candidates(model, now)
-        while len(queue) and candidates and self.room_for(model, candidates, now) > 0:
+        while candidates:
+            head = queue.peek_next()  # its class decides how much of an engine it may fill
+            if head is None or self.room_for(model, candidates, now, head.waiting.priority) <= 0:
+                break
             ticket = queue.pop_next()
             if ticket is None:
                 return

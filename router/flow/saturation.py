@@ -23,7 +23,16 @@ when the first of these holds, checked in this order:
    would take more than ``prefill_target_s`` at its prefill rate. This is the signal that needs no
    scrape: it reacts to a burst at once, where the scraped queue lags by a scrape interval.
 
-Otherwise it has ``room``. The prefill rate is the engines' measured one: the configured default
+Otherwise it has ``room``.
+
+**Headroom for higher classes**: a request of a class below the highest class seen lately may fill
+only ``share`` of an engine's learnt batch capacity (rule 3) and of its prefill target (rule 7)
+(:func:`class_share`), so a request of the higher class finds room when it arrives instead of
+queueing behind the lower class's work inside the engine. Rule 1 holds for every class (each engine
+keeps one request of any class: the lower class always progresses), and with no higher class seen
+within the window the share is 1 (work-conserving).
+
+The prefill rate is the engines' measured one: the configured default
 comes from the H200 reference run (tests/reference), and each engine's own is learnt from the TTFTs
 it delivers (:func:`learn_rate`), so a slower or faster engine gets its own threshold.
 """
@@ -67,6 +76,13 @@ class Limits:
     max_kv_usage: float = 0.95
     max_waiting: int = 0
     max_in_flight: int | None = None
+    share: float = 1.0  # of the batch capacity and prefill target this request's class may fill
+
+
+def class_share(priority: int, top_active: int | None, lower_share: float) -> float:
+    """The share of an engine a request of ``priority`` may fill: all of it when no class above it
+    was seen lately (``top_active``: the highest priority seen within the window), else ``lower_share``."""
+    return 1.0 if top_active is None or priority >= top_active else lower_share
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,7 +97,7 @@ def saturation(load: EngineLoad, limits: Limits) -> Verdict:
         return Verdict(False, "idle")
     if limits.max_in_flight is not None and load.in_flight >= limits.max_in_flight:
         return Verdict(True, "in_flight_cap")
-    if load.slots is not None and load.in_flight >= load.slots + limits.max_waiting:
+    if load.slots is not None and load.in_flight >= load.slots * limits.share + limits.max_waiting:
         return Verdict(True, "full")
     if load.queueing:
         return Verdict(True, "overdue")
@@ -89,7 +105,7 @@ def saturation(load: EngineLoad, limits: Limits) -> Verdict:
         return Verdict(True, "waiting")
     if load.kv_usage is not None and load.kv_usage >= limits.max_kv_usage:
         return Verdict(True, "kv_usage")
-    if load.prefill_tokens >= load.prefill_tokens_per_s * limits.prefill_target_s:
+    if load.prefill_tokens >= load.prefill_tokens_per_s * limits.prefill_target_s * limits.share:
         return Verdict(True, "prefill_backlog")
     return Verdict(False, "room")
 
