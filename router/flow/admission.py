@@ -8,7 +8,9 @@ In this order:
    the wait for its turn (the prefill work ahead of it, sent and not prefilled plus waiting in its
    class or above, at the cluster's prefill rate; or, when longer, the requests ahead and its own
    turn at the rate the queue gives turns), plus its own prefill at one engine's rate, plus the base TTFT
-   (:func:`predict_ttft`);
+   (:func:`predict_ttft`). The queued part ahead is what the fair shares put before it
+   (:func:`kvstack.router.flow.fairness.fair_work_ahead`): a tenant under its share is served
+   before most of the backlog of a tenant over it, so the tenant over its share is the one refused;
 3. the queue is full (by count, or by prompt tokens when something waits already):
 
    a. ``displace_lower``: someone of a lower class waits: queue it, and the newest request of the
@@ -30,7 +32,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
-from kvstack.router.flow.fairness import over_share
+from kvstack.router.flow.fairness import fair_work_ahead, over_share
 
 Outcome = Literal["dispatch", "queue", "shed"]
 Reason = Literal["room", "queued", "slo", "displace_lower", "over_share", "displace_over_share", "queue_full"]
@@ -124,11 +126,22 @@ def most_over_share(queue: QueueState, new: Newcomer) -> str | None:
     return worst if worst is not None and excess[worst] > 1e-9 else None
 
 
+def fair_fraction(new: Newcomer, queue: QueueState) -> float:
+    """The share of the queued work ahead that the fair shares serve before ``new`` (1: all)."""
+    total = sum(queue.work.values())
+    if total <= 0:
+        return 1.0
+    ahead = fair_work_ahead(new.tenant, new.cost, queue.work, queue.weights, queue.request_tokens)
+    return min(1.0, ahead / total)
+
+
 def decide(new: Newcomer, queue: QueueState, cap: Capacity) -> Decision:
     """The rules of the module docstring."""
     if cap.room and queue.waiting_ahead == 0:
         return Decision("dispatch", "room", predict_ttft(new.cost, 0.0, cap))
-    predicted = predict_ttft(new.cost, queue.tokens_ahead, cap, queue.waiting_ahead)
+    share = fair_fraction(new, queue)
+    ahead = math.ceil(queue.waiting_ahead * share - 1e-9)
+    predicted = predict_ttft(new.cost, queue.tokens_ahead * share, cap, ahead)
     wait = retry_after(queue, cap)
     if new.objective_s is not None and predicted is not None and predicted > new.objective_s:
         return Decision("shed", "slo", predicted, wait)

@@ -8,9 +8,16 @@ import math
 import pytest
 
 from kvstack.router.flow.admission import Capacity, Decision, Newcomer, QueueState, decide, predict_ttft
-from kvstack.router.flow.fairness import FairShare, over_share
+from kvstack.router.flow.fairness import FairShare, fair_work_ahead, over_share
 from kvstack.router.flow.ordering import Waiting, next_waiting, order_key
-from kvstack.router.flow.saturation import EngineLoad, Limits, learn_rate, learn_slots, saturation
+from kvstack.router.flow.saturation import (
+    EngineLoad,
+    Limits,
+    class_share,
+    learn_rate,
+    learn_slots,
+    saturation,
+)
 
 RATE = 34_000.0
 LIMITS = Limits(prefill_target_s=0.25, max_kv_usage=0.95, max_waiting=0, max_in_flight=None)
@@ -46,11 +53,51 @@ LIMITS = Limits(prefill_target_s=0.25, max_kv_usage=0.95, max_waiting=0, max_in_
         (EngineLoad(2, 9e9, RATE, 5, 1.0), Limits(0.25, max_in_flight=2), True, "in_flight_cap"),
         (EngineLoad(1, 9e9, RATE, 5, 1.0), LIMITS, True, "waiting"),
         (EngineLoad(1, 9e9, RATE, 0, 1.0), LIMITS, True, "kv_usage"),
+        # a lower class's share (headroom for a higher class): half the batch and half the backlog
+        (EngineLoad(4, 0, RATE, slots=8), Limits(0.25, share=0.5), True, "full"),
+        (EngineLoad(3, 0, RATE, slots=8), Limits(0.25, share=0.5), False, "room"),
+        (EngineLoad(3, 4_250, RATE), Limits(0.25, share=0.5), True, "prefill_backlog"),
+        (EngineLoad(3, 4_249, RATE), Limits(0.25, share=0.5), False, "room"),
+        (EngineLoad(0, 9e9, RATE, slots=8), Limits(0.25, share=0.5), False, "idle"),  # it always progresses
     ],
 )
 def test_saturation(load: EngineLoad, limits: Limits, saturated: bool, reason: str) -> None:
     verdict = saturation(load, limits)
     assert (verdict.saturated, verdict.reason) == (saturated, reason)
+
+
+@pytest.mark.parametrize(
+    ("tenant", "cost", "queued", "weights", "ahead"),
+    [
+        ("a", 100, {}, {}, 0),  # nobody waits
+        ("a", 100, {"a": 500}, {}, 500),  # its own queue is all ahead
+        ("b", 100, {"a": 5000}, {}, 100),  # A is served as much as B's newcomer: 100 of A's 5,000
+        ("a", 100, {"a": 5000, "b": 300}, {}, 5300),  # A's newcomer is behind all of it
+        ("b", 100, {"a": 5000, "b": 300}, {}, 300 + 400),
+        ("b", 100, {"a": 5000}, {"a": 3.0}, 300),  # A's weight 3: thrice B's work goes first
+        ("b", 100, {"a": 5000}, {"b": 2.0}, 50),
+        ("b", 100, {"a": 50}, {}, 50),  # A holds less than B's turn: all of it
+    ],
+)
+def test_fair_work_ahead(
+    tenant: str, cost: float, queued: dict[str, float], weights: dict[str, float], ahead: float
+) -> None:
+    assert fair_work_ahead(tenant, cost, queued, weights, 0.0) == pytest.approx(ahead)
+
+
+@pytest.mark.parametrize(
+    ("priority", "top_active", "share"),
+    [
+        (0, None, 1.0),  # no class seen lately: the whole engine (work-conserving)
+        (0, 0, 1.0),  # only its own class about
+        (10, 0, 1.0),  # a higher class than any seen
+        (10, 10, 1.0),
+        (0, 10, 0.5),  # a higher class about: the lower one leaves it headroom
+        (5, 10, 0.5),
+    ],
+)
+def test_class_share(priority: int, top_active: int | None, share: float) -> None:
+    assert class_share(priority, top_active, 0.5) == share
 
 
 @pytest.mark.parametrize(
@@ -321,6 +368,24 @@ def new(tenant: str = "t", priority: int = 0, cost: float = 3400, objective: flo
             "queue",
             "displace_over_share",
             (0, "a"),
+        ),
+        # a predicted miss is the tenant's over its share: A's 68,000 queued tokens are all ahead of
+        # A's newcomer (0.01 + 1.0 + 0.1 s), only 3,400 of them ahead of B's (0.01 + 0.05 + 0.1 s)
+        (
+            new("A", objective=1.0),
+            queue_state(10, tokens=68_000, max_count=100, work={"A": 68_000}),
+            dataclasses.replace(FULL, prefill_in_flight=0),
+            "shed",
+            "slo",
+            (None, None),
+        ),
+        (
+            new("B", objective=1.0),
+            queue_state(10, tokens=68_000, max_count=100, work={"A": 68_000}),
+            dataclasses.replace(FULL, prefill_in_flight=0),
+            "queue",
+            "queued",
+            (None, None),
         ),
         # a lower class never makes a higher one make way
         (
