@@ -230,7 +230,8 @@ class ProxyEndpoint:
         """The request's tenant, class and prefill cost for flow control (400: an unknown class).
 
         The cost is the prompt's length in tokens when the policy tokenizes it (tokenized here,
-        once, before it may wait), else its body's bytes / 4: roughly a token per 4 bytes of text.
+        once, before it may wait) less what the best engine is expected to hold in its cache (the
+        policy's index), else its body's bytes / 4: roughly a token per 4 bytes of text.
         """
         flow, ex = self.ctx.settings.flow_control, call.ex
         tenant, cls = self.ctx.flow.classify(
@@ -240,10 +241,12 @@ class ProxyEndpoint:
         )
         ex.tenant, ex.priority_class = tenant, cls.name
         cost: float = len(call.raw) / 4
-        if self.ctx.policy.needs_tokens and self.admission.available(call.request.model):
+        candidates = self.admission.available(call.request.model)
+        if self.ctx.policy.needs_tokens and candidates:
             call.features = await self._features(call)
             call.upstream_headers = self._upstream_headers(call)
-            cost = float(_prompt_len(call.features) or cost)
+            hit = self.ctx.policy.expected_hit_tokens(call.features, candidates, self.ctx.clock())
+            cost = max(0.0, float(_prompt_len(call.features) or cost) - hit)
         return Demand(tenant, cls, cost)
 
     async def _route(self, call: Call, candidates: list[EngineState]) -> None:
