@@ -76,6 +76,9 @@ class Capacity:
     # turns the queue has been giving per second while it was not empty (measured); None: unknown.
     # Engines full of long decodes free slots slower than their prefill rate says
     turns_per_s: float | None = None
+    # actual over predicted TTFT of queued requests, learnt (:func:`learn_correction`): what the
+    # model above misses (decode steps between prefill chunks, a shared GPU) scales its wait and prefill
+    correction: float = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,7 +103,25 @@ def predict_ttft(cost: float, tokens_ahead: float, cap: Capacity, waiting_ahead:
     by_tokens = (cap.prefill_in_flight + tokens_ahead) / cap.prefill_tokens_per_s
     # its own turn too: with every engine busy, even the head of the queue waits for a slot to free
     by_turns = (waiting_ahead + 1) / cap.turns_per_s if cap.turns_per_s and not cap.room else 0.0
-    return cap.base_ttft_s + max(by_tokens, by_turns) + cost / per_engine
+    return cap.base_ttft_s + cap.correction * (max(by_tokens, by_turns) + cost / per_engine)
+
+
+MIN_CORRECTION, MAX_CORRECTION = 0.25, 4.0
+
+
+def learn_correction(
+    current: float, actual_s: float, predicted_s: float, base_s: float, weight: float
+) -> float:
+    """The prediction's correction factor after one queued request's first token (an EWMA of ``weight``).
+
+    ``predicted_s`` is the uncorrected prediction it was admitted on; the sample is the part above
+    the base TTFT, actual over predicted, clipped to a quarter to four times (one stalled or lucky
+    request cannot swing admission), and a prediction of no wait and no prefill teaches nothing.
+    """
+    if weight <= 0 or predicted_s - base_s <= 1e-6:
+        return current
+    sample = min(MAX_CORRECTION, max(MIN_CORRECTION, (actual_s - base_s) / (predicted_s - base_s)))
+    return (1 - weight) * current + weight * sample
 
 
 def retry_after(queue: QueueState, cap: Capacity) -> float:

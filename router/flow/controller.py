@@ -28,7 +28,7 @@ from prometheus_client import Gauge
 from kvstack.common.errors import OpenAIError
 from kvstack.router.engines import EngineRegistry, EngineState
 from kvstack.router.exchange import RetryLater
-from kvstack.router.flow.admission import Capacity, Newcomer, decide
+from kvstack.router.flow.admission import Capacity, Newcomer, decide, learn_correction
 from kvstack.router.flow.config import FlowControlConfig, PriorityClass
 from kvstack.router.flow.fairness import FairShare
 from kvstack.router.flow.ledger import EngineFlow, Prefill
@@ -64,6 +64,7 @@ class Grant:
     objective_s: float | None
     cost: float
     predicted_ttft_s: float | None = None
+    correction: float = 1.0  # the model's prediction correction it was predicted with
     position: int = 0  # in the queue at admission; 0: an engine had room
     queue_wait_s: float = 0.0
     reserved: bool = False  # given its turn, not yet at an engine
@@ -114,6 +115,8 @@ class FlowControl:
         self.service_s: dict[str, float] = {}
         # when a request of each priority was last admitted: the headroom for higher classes
         self.seen: dict[int, float] = {}
+        # per model, actual over predicted TTFT of queued requests (admission.learn_correction)
+        self.correction: dict[str, float] = {}
         self._ids = itertools.count(1)
         self._ticker: asyncio.Task[None] | None = None
         for cls in config.classes:
@@ -212,7 +215,9 @@ class FlowControl:
             prefill_in_flight=sum(self.ledger(e).backlog(now) for e in candidates),
             base_ttft_s=BASE_TTFT_S,
             turns_per_s=self.turns_per_s(model, candidates),
+            correction=self.correction.get(model, 1.0),
         )
+        grant.correction = cap.correction
         decision = decide(
             Newcomer(tenant, cls.priority, cost, cls.ttft_objective_s), queue.state_for(cls.priority), cap
         )
@@ -308,6 +313,15 @@ class FlowControl:
         model = self.metrics.model_label(grant.model)
         if grant.predicted_ttft_s:
             self.metrics.flow_ttft_ratio.labels(cls).observe(ttft_s / grant.predicted_ttft_s)
+            if grant.position > 0:  # it waited: the predictions that admit or shed are of such requests
+                raw = BASE_TTFT_S + (grant.predicted_ttft_s - BASE_TTFT_S) / grant.correction
+                self.correction[grant.model] = learn_correction(
+                    self.correction.get(grant.model, 1.0),
+                    ttft_s,
+                    raw,
+                    BASE_TTFT_S,
+                    self.config.saturation.learn_weight,
+                )
         if grant.objective_s is not None:
             counter = (
                 self.metrics.flow_goodput

@@ -315,3 +315,20 @@ async def test_a_lower_class_leaves_headroom_for_a_higher_class_seen_lately(
             await third
     else:
         assert (await third).position == 0
+
+
+async def test_a_queued_requests_first_token_teaches_the_models_prediction_correction() -> None:
+    control, registry, _ = make()
+    engine = registry.all()[0]
+    first = await control.admit(M, "t", cls(control), 3400, registry.all())
+    await start(control, engine, first)
+    control.first_token(first, 5.0)  # it did not wait: its prediction decided nothing
+    assert M not in control.correction
+    waiter = asyncio.create_task(control.admit(M, "t", cls(control), 3400, registry.all()))
+    await settle()
+    await end(control, engine, first)
+    second = await waiter
+    assert second.position == 1 and second.predicted_ttft_s is not None
+    await start(control, engine, second)
+    control.first_token(second, 4 * second.predicted_ttft_s)  # far later than predicted
+    assert control.correction[M] > 1.0  # the next prediction is scaled up (by the EWMA's weight)

@@ -7,7 +7,15 @@ import math
 
 import pytest
 
-from kvstack.router.flow.admission import Capacity, Decision, Newcomer, QueueState, decide, predict_ttft
+from kvstack.router.flow.admission import (
+    Capacity,
+    Decision,
+    Newcomer,
+    QueueState,
+    decide,
+    learn_correction,
+    predict_ttft,
+)
 from kvstack.router.flow.fairness import FairShare, fair_work_ahead, over_share
 from kvstack.router.flow.ordering import Waiting, next_waiting, order_key
 from kvstack.router.flow.saturation import (
@@ -429,3 +437,28 @@ def test_predictions_and_retry_after() -> None:
     idle = Capacity(engines=2, room=False, prefill_tokens_per_s=2 * RATE, prefill_in_flight=0)
     quick = decide(new(), queue_state(10, tokens=10), idle)
     assert quick.retry_after_s == 1.0
+
+
+@pytest.mark.parametrize(
+    ("current", "actual", "predicted", "weight", "expected"),
+    [
+        (1.0, 2.01, 1.01, 0.5, 1.5),  # twice as late as predicted (above the base): halfway to 2
+        (1.0, 0.51, 1.01, 1.0, 0.5),  # twice as early, full weight
+        (1.0, 100.0, 1.01, 1.0, 4.0),  # one stalled request: clipped
+        (1.0, 0.01, 1.01, 1.0, 0.25),  # one lucky one: clipped
+        (2.0, 5.0, 0.01, 0.5, 2.0),  # predicted nothing but the base: nothing to learn
+        (2.0, 5.0, 1.01, 0.0, 2.0),  # learning off
+    ],
+)
+def test_learn_correction(
+    current: float, actual: float, predicted: float, weight: float, expected: float
+) -> None:
+    assert learn_correction(current, actual, predicted, 0.01, weight) == pytest.approx(expected)
+
+
+def test_the_correction_scales_the_wait_and_the_prefill_not_the_base() -> None:
+    cap = dataclasses.replace(FULL, correction=0.5)
+    # 0.01 + 0.5 x (68,000/68,000 + 3,400/34,000)
+    assert predict_ttft(3400, 0, cap) == pytest.approx(0.01 + 0.5 * 1.1)
+    # the request FULL sheds for a 1 s objective is queued once predictions are learnt 2x early
+    assert decide(new(objective=1.0), queue_state(), cap).outcome == "queue"
