@@ -226,6 +226,13 @@ class RouterMetrics:
             ["model_name", "class"],
             registry=r,
         )
+        self.flow_hit_waits = Counter(
+            "kvstack_router_flow_hit_waits",
+            "Requests sent to the saturated engine holding their prefix, its backlog expected to end "
+            "sooner than a colder prefill on an engine with room (router/flow/placement.py).",
+            ["model_name"],
+            registry=r,
+        )
         self.flow_ttft_ratio = Histogram(
             "kvstack_router_flow_ttft_prediction_ratio",
             "Actual over predicted TTFT of streamed requests (1: exact; above: later than predicted).",

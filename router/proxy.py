@@ -245,8 +245,16 @@ class ProxyEndpoint:
         if self.ctx.policy.needs_tokens and candidates:
             call.features = await self._features(call)
             call.upstream_headers = self._upstream_headers(call)
-            hit = self.ctx.policy.expected_hit_tokens(call.features, candidates, self.ctx.clock())
-            cost = max(0.0, float(_prompt_len(call.features) or cost) - hit)
+            features, policy, clock = call.features, self.ctx.policy, self.ctx.clock
+            prompt = float(_prompt_len(features) or cost)
+            hit = policy.expected_hit_tokens(features, candidates, clock())
+            return Demand(
+                tenant,
+                cls,
+                max(0.0, prompt - hit),
+                prompt_tokens=prompt,
+                hits=lambda e: policy.expected_hit_tokens(features, [e], clock()),
+            )
         return Demand(tenant, cls, cost)
 
     async def _route(self, call: Call, candidates: list[EngineState]) -> None:

@@ -33,6 +33,7 @@ from kvstack.router.flow.config import FlowControlConfig, PriorityClass
 from kvstack.router.flow.fairness import FairShare
 from kvstack.router.flow.ledger import EngineFlow, Prefill
 from kvstack.router.flow.ordering import Waiting
+from kvstack.router.flow.placement import Option, prefer_hit_engine
 from kvstack.router.flow.queue import FlowQueue, Shed, Ticket
 from kvstack.router.flow.saturation import EngineLoad, Limits, class_share, learn_rate, saturation
 from kvstack.router.metrics import RouterMetrics
@@ -167,13 +168,36 @@ class FlowControl:
         share = class_share(priority, max(recent, default=None), sat.lower_class_share)
         return self.limits if share == 1.0 else dataclasses.replace(self.limits, share=share)
 
-    def with_room(self, candidates: list[EngineState], grant: Grant | None = None) -> list[EngineState]:
+    def with_room(
+        self,
+        candidates: list[EngineState],
+        grant: Grant | None = None,
+        hits: Callable[[EngineState], float] | None = None,
+        prompt_tokens: float = 0.0,
+    ) -> list[EngineState]:
         """The candidates that can take one more request (of ``grant``'s class) now (all of them
-        when none can)."""
+        when none can). With ``hits`` (an engine's cached prefix of the prompt): only the saturated
+        engine holding the most of it, when waiting there beats the best engine with room
+        (:func:`prefer_hit_engine`)."""
         now = self.clock()
         limits = self.limits if grant is None else self.limits_for(grant.priority, now)
-        free = [e for e in candidates if not saturation(self.load(e, now), limits).saturated]
-        return free or candidates
+        verdicts = {e.url: saturation(self.load(e, now), limits) for e in candidates}
+        free = [e for e in candidates if not verdicts[e.url].saturated]
+        if not free or hits is None or len(free) == len(candidates):
+            return free or candidates
+        hit_of = {e.url: hits(e) for e in candidates}
+        best = max(candidates, key=lambda e: hit_of[e.url])
+        alt = max(free, key=lambda e: hit_of[e.url])
+        if best in free:
+            return free
+        options = [
+            Option(hit_of[e.url], self.ledger(e).backlog(now), self.ledger(e).rate) for e in (best, alt)
+        ]
+        only_backlog = verdicts[best.url].reason == "prefill_backlog" and limits.share == 1.0
+        if prefer_hit_engine(prompt_tokens, options[0], options[1], only_backlog):
+            self.metrics.flow_hit_waits.labels(self.metrics.model_label(grant.model if grant else "")).inc()
+            return [best]
+        return free
 
     def room_for(self, model: str, candidates: list[EngineState], now: float, priority: int) -> int:
         """Engines of ``candidates`` that can take one more request of ``priority``, less the turns

@@ -332,3 +332,20 @@ async def test_a_queued_requests_first_token_teaches_the_models_prediction_corre
     await start(control, engine, second)
     control.first_token(second, 4 * second.predicted_ttft_s)  # far later than predicted
     assert control.correction[M] > 1.0  # the next prediction is scaled up (by the EWMA's weight)
+
+
+@pytest.mark.parametrize(("held", "engines"), [(30_000, ["http://e0"]), (1_000, ["http://e1"])])
+async def test_a_request_goes_to_its_briefly_saturated_hit_engine_when_that_is_sooner(
+    held: float, engines: list[str]
+) -> None:
+    control, registry, metrics = make(n_engines=2, max_in_flight=None)
+    e0, e1 = registry.all()
+    busy = await control.admit(M, "t", cls(control), 9_000, registry.all())
+    await start(control, e0, busy)  # 9,000 tokens of backlog: over its 8,500 (0.25 s at 34K/s)
+    assert control.with_room(registry.all()) == [e1]
+    grant = await control.admit(M, "t", cls(control), 0, registry.all())
+    # e0 holds ``held`` of a 30,000-token prompt: 0.26 s behind its backlog against 0.88 s cold on e1
+    chosen = control.with_room(registry.all(), grant, lambda e: held if e is e0 else 0.0, 30_000)
+    assert [e.url for e in chosen] == engines
+    waits = metrics.registry.get_sample_value("kvstack_router_flow_hit_waits_total", {"model_name": M})
+    assert (waits or 0.0) == (1.0 if engines == ["http://e0"] else 0.0)
