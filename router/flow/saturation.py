@@ -110,10 +110,22 @@ def saturation(load: EngineLoad, limits: Limits) -> Verdict:
     return Verdict(False, "room")
 
 
-def learn_slots(slots: float | None, running: float | None, waiting: float | None) -> float | None:
+KV_BOUND = 0.9  # KV usage from which requests waiting in an engine are waiting for KV
+
+
+def learn_slots(
+    slots: float | None, running: float | None, waiting: float | None, kv_usage: float | None = None
+) -> float | None:
     """The engine's batch capacity after a fresh scrape: what it runs while requests wait there
-    (slots or KV are out), raised past what it ran without a queue (KV freed up, or never full)."""
+    (slots or KV are out), raised past what it ran without a queue (KV freed up, or never full).
+
+    With its KV usage scraped and below :data:`KV_BOUND`, a waiting request is not a full batch: it
+    waits a step for the step's token budget (another prompt's chunked prefill takes it), which says
+    nothing about how many requests the engine runs, so nothing is learnt from it (rule 5 still
+    holds such an engine while our streams there are late)."""
     if running is None or waiting is None:
+        return slots
+    if waiting > 0 and kv_usage is not None and kv_usage < KV_BOUND:
         return slots
     if waiting > 0:
         return max(1.0, running)
@@ -123,6 +135,10 @@ def learn_slots(slots: float | None, running: float | None, waiting: float | Non
 
 
 MIN_SAMPLE_S = 0.005  # a TTFT shorter than this says nothing about the prefill rate
+# a sample of less prefill work than this (seconds at the default rate) says little about the rate:
+# its TTFT is mostly the engine's step time (a busy batch's decode step), so it would drag the
+# learnt rate down and with it every engine's backlog threshold
+MIN_SAMPLE_WORK_S = 0.25
 
 
 def learn_rate(current: float, default: float, tokens: float, ttft_s: float, weight: float) -> float:
@@ -131,9 +147,10 @@ def learn_rate(current: float, default: float, tokens: float, ttft_s: float, wei
     ``tokens`` is what the engine had to prefill before this request's first token: the router's
     backlog there when it was sent plus its own uncached tokens. A sample is clipped to a quarter
     to four times ``default``, so one stalled or lucky request cannot swing the threshold, and too
-    small a sample (a full cache hit, a tiny prompt) leaves the rate as it is.
+    small a sample (a full cache hit, a short uncached tail: less than :data:`MIN_SAMPLE_WORK_S` of
+    work at ``default``) leaves the rate as it is.
     """
-    if weight <= 0 or tokens <= 0 or ttft_s < MIN_SAMPLE_S:
+    if weight <= 0 or tokens < default * MIN_SAMPLE_WORK_S or ttft_s < MIN_SAMPLE_S:
         return current
     sample = min(4 * default, max(default / 4, tokens / ttft_s))
     return (1 - weight) * current + weight * sample

@@ -109,21 +109,30 @@ def test_class_share(priority: int, top_active: int | None, share: float) -> Non
 
 
 @pytest.mark.parametrize(
-    ("slots", "running", "waiting", "expected"),
+    ("slots", "running", "waiting", "kv", "expected"),
     [
-        (None, 8, 2, 8),  # requests wait while it runs 8: its batch holds 8
-        (12, 8, 2, 8),  # fewer than thought (KV pressure)
-        (None, 0, 3, 1),  # never below one
-        (8, 8, 0, 9),  # it ran 8 with nobody waiting: it may hold more
-        (8, 5, 0, 8),
-        (None, 5, 0, None),  # never seen full: unknown
-        (8, None, None, 8),  # no scrape: as it was
+        (None, 8, 2, None, 8),  # requests wait while it runs 8: its batch holds 8
+        (12, 8, 2, None, 8),  # fewer than thought (KV pressure)
+        (12, 8, 2, 0.95, 8),  # waiting with its KV full: it holds 8
+        (None, 0, 3, None, 1),  # never below one
+        # waiting with KV to spare: a prompt waits a step for the token budget, the batch is not full
+        (None, 3, 1, 0.3, None),
+        (12, 3, 1, 0.3, 12),
+        (8, 8, 0, None, 9),  # it ran 8 with nobody waiting: it may hold more
+        (8, 8, 0, 0.3, 9),
+        (8, 5, 0, None, 8),
+        (None, 5, 0, None, None),  # never seen full: unknown
+        (8, None, None, None, 8),  # no scrape: as it was
     ],
 )
 def test_learn_slots(
-    slots: float | None, running: float | None, waiting: float | None, expected: float | None
+    slots: float | None,
+    running: float | None,
+    waiting: float | None,
+    kv: float | None,
+    expected: float | None,
 ) -> None:
-    assert learn_slots(slots, running, waiting) == expected
+    assert learn_slots(slots, running, waiting, kv) == expected
 
 
 @pytest.mark.parametrize(
@@ -134,6 +143,9 @@ def test_learn_slots(
         (RATE, 17_000, 0.01, 1.0, 4 * RATE),  # a lucky one: clipped to four times
         (RATE, 17_000, 0.001, 1.0, RATE),  # too short to say anything
         (RATE, 0, 0.5, 1.0, RATE),  # nothing to prefill (a full hit)
+        # a short uncached tail (under 0.25 s of work at 34K/s): its TTFT is the engine's step time
+        (RATE, 8_499, 2.0, 1.0, RATE),
+        (RATE, 8_500, 2.0, 1.0, RATE / 4),
         (RATE, 17_000, 0.25, 0.0, RATE),  # learning off
     ],
 )
