@@ -112,7 +112,9 @@ class Admission:
             gauge.dec()
         try:
             # engines may have come or gone while it waited: look again
-            await route(ctx.flow.with_room(self.candidates(model)))
+            await route(
+                ctx.flow.with_room(self.candidates(model), demand.grant, demand.hits, demand.prompt_tokens)
+            )
         finally:
             ctx.flow.release(demand.grant)
 
@@ -123,8 +125,10 @@ class Demand:
 
     tenant: str
     cls: PriorityClass
-    cost: float  # prompt tokens (its uncached share is not known before routing: an upper bound)
+    cost: float  # prompt tokens less the best engine's expected cached prefix (before routing)
     grant: Grant | None = None
+    prompt_tokens: float = 0.0
+    hits: Callable[[EngineState], float] | None = None  # an engine's cached prefix of the prompt
 
 
 def no_engine(model: str | None, engines: list[EngineState]) -> OpenAIError:

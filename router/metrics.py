@@ -202,8 +202,9 @@ class RouterMetrics:
         )
         self.flow_queue_wait = Histogram(
             "kvstack_router_flow_queue_wait_seconds",
-            "Time a dispatched request waited in the flow queue (0 when an engine had room).",
-            ["class"],
+            "Time a dispatched request waited in the flow queue (0 when an engine had room), by model "
+            "(known models or other: the operator's queueWaitP90 reads it by model) and class.",
+            ["model_name", "class"],
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
@@ -223,6 +224,13 @@ class RouterMetrics:
             "kvstack_router_flow_objective_misses",
             "Streamed requests whose TTFT missed their class's objective.",
             ["model_name", "class"],
+            registry=r,
+        )
+        self.flow_hit_waits = Counter(
+            "kvstack_router_flow_hit_waits",
+            "Requests sent to the saturated engine holding their prefix, its backlog expected to end "
+            "sooner than a colder prefill on an engine with room (router/flow/placement.py).",
+            ["model_name"],
             registry=r,
         )
         self.flow_ttft_ratio = Histogram(

@@ -198,7 +198,8 @@ class ProxyEndpoint:
         """The request's tenant, class and prefill cost for flow control (400: an unknown class).
 
         The cost is the prompt's length in tokens when the policy tokenizes it (tokenized here,
-        once, before it may wait), else its body's bytes / 4: roughly a token per 4 bytes of text.
+        once, before it may wait) less what the best engine is expected to hold in its cache (the
+        policy's index), else its body's bytes / 4: roughly a token per 4 bytes of text.
         """
         flow, ex = self.ctx.settings.flow_control, call.ex
         tenant, cls = self.ctx.flow.classify(
@@ -208,9 +209,19 @@ class ProxyEndpoint:
         )
         ex.tenant, ex.priority_class = tenant, cls.name
         cost: float = len(call.raw) / 4
-        if self.ctx.policy.needs_tokens and self.admission.available(call.request.model):
-            await self._prepare(call)
-            cost = float(_prompt_len(call.features) or cost)
+        candidates = self.admission.available(call.request.model)
+        if self.ctx.policy.needs_tokens and candidates:
+            features = await self._prepare(call)
+            policy, clock = self.ctx.policy, self.ctx.clock
+            prompt = float(_prompt_len(features) or cost)
+            hit = policy.expected_hit_tokens(features, candidates, clock())
+            return Demand(
+                tenant,
+                cls,
+                max(0.0, prompt - hit),
+                prompt_tokens=prompt,
+                hits=lambda e: policy.expected_hit_tokens(features, [e], clock()),
+            )
         return Demand(tenant, cls, cost)
 
     async def _route(self, call: Call, candidates: list[EngineState]) -> None:

@@ -8,7 +8,9 @@ In this order:
    the wait for its turn (the prefill work ahead of it, sent and not prefilled plus waiting in its
    class or above, at the cluster's prefill rate; or, when longer, the requests ahead and its own
    turn at the rate the queue gives turns), plus its own prefill at one engine's rate, plus the base TTFT
-   (:func:`predict_ttft`);
+   (:func:`predict_ttft`). The queued part ahead is what the fair shares put before it
+   (:func:`kvstack.router.flow.fairness.fair_work_ahead`): a tenant under its share is served
+   before most of the backlog of a tenant over it, so the tenant over its share is the one refused;
 3. the queue is full (by count, or by prompt tokens when something waits already):
 
    a. ``displace_lower``: someone of a lower class waits: queue it, and the newest request of the
@@ -30,7 +32,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
-from kvstack.router.flow.fairness import over_share
+from kvstack.router.flow.fairness import fair_work_ahead, over_share
 
 Outcome = Literal["dispatch", "queue", "shed"]
 Reason = Literal["room", "queued", "slo", "displace_lower", "over_share", "displace_over_share", "queue_full"]
@@ -74,6 +76,9 @@ class Capacity:
     # turns the queue has been giving per second while it was not empty (measured); None: unknown.
     # Engines full of long decodes free slots slower than their prefill rate says
     turns_per_s: float | None = None
+    # actual over predicted TTFT of queued requests, learnt (:func:`learn_correction`): what the
+    # model above misses (decode steps between prefill chunks, a shared GPU) scales its wait and prefill
+    correction: float = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,7 +103,25 @@ def predict_ttft(cost: float, tokens_ahead: float, cap: Capacity, waiting_ahead:
     by_tokens = (cap.prefill_in_flight + tokens_ahead) / cap.prefill_tokens_per_s
     # its own turn too: with every engine busy, even the head of the queue waits for a slot to free
     by_turns = (waiting_ahead + 1) / cap.turns_per_s if cap.turns_per_s and not cap.room else 0.0
-    return cap.base_ttft_s + max(by_tokens, by_turns) + cost / per_engine
+    return cap.base_ttft_s + cap.correction * (max(by_tokens, by_turns) + cost / per_engine)
+
+
+MIN_CORRECTION, MAX_CORRECTION = 0.25, 4.0
+
+
+def learn_correction(
+    current: float, actual_s: float, predicted_s: float, base_s: float, weight: float
+) -> float:
+    """The prediction's correction factor after one queued request's first token (an EWMA of ``weight``).
+
+    ``predicted_s`` is the uncorrected prediction it was admitted on; the sample is the part above
+    the base TTFT, actual over predicted, clipped to a quarter to four times (one stalled or lucky
+    request cannot swing admission), and a prediction of no wait and no prefill teaches nothing.
+    """
+    if weight <= 0 or predicted_s - base_s <= 1e-6:
+        return current
+    sample = min(MAX_CORRECTION, max(MIN_CORRECTION, (actual_s - base_s) / (predicted_s - base_s)))
+    return (1 - weight) * current + weight * sample
 
 
 def retry_after(queue: QueueState, cap: Capacity) -> float:
@@ -124,11 +147,22 @@ def most_over_share(queue: QueueState, new: Newcomer) -> str | None:
     return worst if worst is not None and excess[worst] > 1e-9 else None
 
 
+def fair_fraction(new: Newcomer, queue: QueueState) -> float:
+    """The share of the queued work ahead that the fair shares serve before ``new`` (1: all)."""
+    total = sum(queue.work.values())
+    if total <= 0:
+        return 1.0
+    ahead = fair_work_ahead(new.tenant, new.cost, queue.work, queue.weights, queue.request_tokens)
+    return min(1.0, ahead / total)
+
+
 def decide(new: Newcomer, queue: QueueState, cap: Capacity) -> Decision:
     """The rules of the module docstring."""
     if cap.room and queue.waiting_ahead == 0:
         return Decision("dispatch", "room", predict_ttft(new.cost, 0.0, cap))
-    predicted = predict_ttft(new.cost, queue.tokens_ahead, cap, queue.waiting_ahead)
+    share = fair_fraction(new, queue)
+    ahead = math.ceil(queue.waiting_ahead * share - 1e-9)
+    predicted = predict_ttft(new.cost, queue.tokens_ahead * share, cap, ahead)
     wait = retry_after(queue, cap)
     if new.objective_s is not None and predicted is not None and predicted > new.objective_s:
         return Decision("shed", "slo", predicted, wait)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import math
 from collections import deque
@@ -27,13 +28,14 @@ from prometheus_client import Gauge
 from kvstack.common.errors import OpenAIError
 from kvstack.router.engines import EngineRegistry, EngineState
 from kvstack.router.exchange import RetryLater
-from kvstack.router.flow.admission import Capacity, Newcomer, decide
+from kvstack.router.flow.admission import Capacity, Newcomer, decide, learn_correction
 from kvstack.router.flow.config import FlowControlConfig, PriorityClass
 from kvstack.router.flow.fairness import FairShare
 from kvstack.router.flow.ledger import EngineFlow, Prefill
 from kvstack.router.flow.ordering import Waiting
+from kvstack.router.flow.placement import Option, prefer_hit_engine
 from kvstack.router.flow.queue import FlowQueue, Shed, Ticket
-from kvstack.router.flow.saturation import EngineLoad, Limits, learn_rate, saturation
+from kvstack.router.flow.saturation import EngineLoad, Limits, class_share, learn_rate, saturation
 from kvstack.router.metrics import RouterMetrics
 
 SERVICE_WEIGHT = 0.1  # of each request in the EWMA of the time at an engine
@@ -57,11 +59,13 @@ class Grant:
     id: int
     model: str
     class_name: str
+    priority: int
     tenant: str
     tenant_label: str
     objective_s: float | None
     cost: float
     predicted_ttft_s: float | None = None
+    correction: float = 1.0  # the model's prediction correction it was predicted with
     position: int = 0  # in the queue at admission; 0: an engine had room
     queue_wait_s: float = 0.0
     reserved: bool = False  # given its turn, not yet at an engine
@@ -110,6 +114,10 @@ class FlowControl:
         # per model, a request's time at its engine (an EWMA): with the requests in flight there, the
         # rate slots free up (Little's law), known before the queue has given any turn
         self.service_s: dict[str, float] = {}
+        # when a request of each priority was last admitted: the headroom for higher classes
+        self.seen: dict[int, float] = {}
+        # per model, actual over predicted TTFT of queued requests (admission.learn_correction)
+        self.correction: dict[str, float] = {}
         self._ids = itertools.count(1)
         self._ticker: asyncio.Task[None] | None = None
         for cls in config.classes:
@@ -152,15 +160,50 @@ class FlowControl:
             slots=flow.slots,
         )
 
-    def with_room(self, candidates: list[EngineState]) -> list[EngineState]:
-        """The candidates that can take one more request now (all of them when none can)."""
-        now = self.clock()
-        free = [e for e in candidates if not saturation(self.load(e, now), self.limits).saturated]
-        return free or candidates
+    def limits_for(self, priority: int, now: float) -> Limits:
+        """The saturation limits for a request of ``priority``: a lower class than one seen within
+        the headroom window fills only its share of each engine (:func:`class_share`)."""
+        sat = self.config.saturation
+        recent = [p for p, t in self.seen.items() if now - t <= sat.headroom_window_s]
+        share = class_share(priority, max(recent, default=None), sat.lower_class_share)
+        return self.limits if share == 1.0 else dataclasses.replace(self.limits, share=share)
 
-    def room_for(self, model: str, candidates: list[EngineState], now: float) -> int:
-        """Engines of ``candidates`` that can take one more request, less the turns already given."""
-        unsaturated = sum(1 for e in candidates if not saturation(self.load(e, now), self.limits).saturated)
+    def with_room(
+        self,
+        candidates: list[EngineState],
+        grant: Grant | None = None,
+        hits: Callable[[EngineState], float] | None = None,
+        prompt_tokens: float = 0.0,
+    ) -> list[EngineState]:
+        """The candidates that can take one more request (of ``grant``'s class) now (all of them
+        when none can). With ``hits`` (an engine's cached prefix of the prompt): only the saturated
+        engine holding the most of it, when waiting there beats the best engine with room
+        (:func:`prefer_hit_engine`)."""
+        now = self.clock()
+        limits = self.limits if grant is None else self.limits_for(grant.priority, now)
+        verdicts = {e.url: saturation(self.load(e, now), limits) for e in candidates}
+        free = [e for e in candidates if not verdicts[e.url].saturated]
+        if not free or hits is None or len(free) == len(candidates):
+            return free or candidates
+        hit_of = {e.url: hits(e) for e in candidates}
+        best = max(candidates, key=lambda e: hit_of[e.url])
+        alt = max(free, key=lambda e: hit_of[e.url])
+        if best in free:
+            return free
+        options = [
+            Option(hit_of[e.url], self.ledger(e).backlog(now), self.ledger(e).rate) for e in (best, alt)
+        ]
+        only_backlog = verdicts[best.url].reason == "prefill_backlog" and limits.share == 1.0
+        if prefer_hit_engine(prompt_tokens, options[0], options[1], only_backlog):
+            self.metrics.flow_hit_waits.labels(self.metrics.model_label(grant.model if grant else "")).inc()
+            return [best]
+        return free
+
+    def room_for(self, model: str, candidates: list[EngineState], now: float, priority: int) -> int:
+        """Engines of ``candidates`` that can take one more request of ``priority``, less the turns
+        already given."""
+        limits = self.limits_for(priority, now)
+        unsaturated = sum(1 for e in candidates if not saturation(self.load(e, now), limits).saturated)
         return unsaturated - self.reserved.get(model, 0)
 
     # ------------------------------------------------------------------ admission
@@ -182,25 +225,30 @@ class FlowControl:
         """Wait for the request's turn; raises :class:`RetryLater` (429) when it is refused."""
         self.pump(model)  # room a fresh scrape shows is the waiting requests' before a newcomer's
         now = self.clock()
+        self.seen[cls.priority] = now
         label = tenant if tenant in self.weights else OTHER_TENANT
-        grant = Grant(next(self._ids), model, cls.name, tenant, label, cls.ttft_objective_s, cost)
+        grant = Grant(
+            next(self._ids), model, cls.name, cls.priority, tenant, label, cls.ttft_objective_s, cost
+        )
         queue = self.queue_for(model)
         rates = [self.ledger(e).rate for e in candidates]
         cap = Capacity(
             engines=len(candidates),
-            room=self.room_for(model, candidates, now) > 0,
+            room=self.room_for(model, candidates, now, cls.priority) > 0,
             prefill_tokens_per_s=sum(rates),
             prefill_in_flight=sum(self.ledger(e).backlog(now) for e in candidates),
             base_ttft_s=BASE_TTFT_S,
             turns_per_s=self.turns_per_s(model, candidates),
+            correction=self.correction.get(model, 1.0),
         )
+        grant.correction = cap.correction
         decision = decide(
             Newcomer(tenant, cls.priority, cost, cls.ttft_objective_s), queue.state_for(cls.priority), cap
         )
         grant.predicted_ttft_s = decision.predicted_ttft_s
         if decision.outcome == "dispatch":
             self._reserve(grant)
-            self.metrics.flow_queue_wait.labels(cls.name).observe(0.0)
+            self.metrics.flow_queue_wait.labels(self.metrics.model_label(model), cls.name).observe(0.0)
             return grant
         if decision.outcome == "shed":
             raise self._shed(decision.reason, grant, decision.retry_after_s)
@@ -228,7 +276,9 @@ class FlowControl:
             raise
         grant.reserved = True  # pump reserved the turn when it woke us
         grant.queue_wait_s = self.clock() - now
-        self.metrics.flow_queue_wait.labels(cls.name).observe(grant.queue_wait_s)
+        self.metrics.flow_queue_wait.labels(self.metrics.model_label(model), cls.name).observe(
+            grant.queue_wait_s
+        )
         return grant
 
     def _shed(self, reason: str, grant: Grant, retry_after_s: float) -> RetryLater:
@@ -287,6 +337,15 @@ class FlowControl:
         model = self.metrics.model_label(grant.model)
         if grant.predicted_ttft_s:
             self.metrics.flow_ttft_ratio.labels(cls).observe(ttft_s / grant.predicted_ttft_s)
+            if grant.position > 0:  # it waited: the predictions that admit or shed are of such requests
+                raw = BASE_TTFT_S + (grant.predicted_ttft_s - BASE_TTFT_S) / grant.correction
+                self.correction[grant.model] = learn_correction(
+                    self.correction.get(grant.model, 1.0),
+                    ttft_s,
+                    raw,
+                    BASE_TTFT_S,
+                    self.config.saturation.learn_weight,
+                )
         if grant.objective_s is not None:
             counter = (
                 self.metrics.flow_goodput
@@ -335,7 +394,10 @@ class FlowControl:
             return
         now = self.clock()
         candidates = self.registry.candidates(model, now)
-        while len(queue) and candidates and self.room_for(model, candidates, now) > 0:
+        while candidates:
+            head = queue.peek_next()  # its class decides how much of an engine it may fill
+            if head is None or self.room_for(model, candidates, now, head.waiting.priority) <= 0:
+                break
             ticket = queue.pop_next()
             if ticket is None:
                 return

@@ -10,7 +10,8 @@ idle tenant banks no credit for its idle time, and its share is used by the othe
 conserving). A tenant that stops waiting is forgotten, so the state is bounded by the tenants
 waiting, whatever the tenant names clients send.
 
-:func:`over_share` says whether a tenant holds more of a queue than its weight entitles it to.
+:func:`over_share` says whether a tenant holds more of a queue than its weight entitles it to;
+:func:`fair_work_ahead` how much of a queue goes before a newcomer under these shares.
 """
 
 from __future__ import annotations
@@ -60,3 +61,20 @@ def over_share(
     total = sum(work.values())
     weight_sum = sum(weights.get(t, 1.0) for t in work)
     return work[tenant] > total * weights.get(tenant, 1.0) / weight_sum + 1e-9
+
+
+def fair_work_ahead(
+    tenant: str, cost: float, queued: Mapping[str, float], weights: Mapping[str, float], request_tokens: float
+) -> float:
+    """The queued work served before a newcomer of ``tenant`` (``cost`` tokens) under fair shares.
+
+    The newcomer is served when its tenant's virtual time reaches ``V = (its queued work + cost +
+    request_tokens) / its weight``; by then each other tenant has been given at most ``V x`` its
+    weight of its own queued work. So a tenant under its share is not put behind the whole backlog
+    of one over it (the prediction that admits or sheds it must say so), while the tenant holding
+    the backlog waits behind all of it.
+    """
+    own = queued.get(tenant, 0.0)
+    v = (own + cost + request_tokens) / weights.get(tenant, 1.0)
+    others = sum(min(w, v * weights.get(t, 1.0)) for t, w in queued.items() if t != tenant)
+    return own + others

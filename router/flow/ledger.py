@@ -35,7 +35,9 @@ class EngineFlow:
         """The engine's waiting queue now: its last scrape corrected by what happened since."""
         if engine.last_scrape != self.scrape_stamp:
             self.scrape_stamp, self.ended = engine.last_scrape, 0
-            self.slots = learn_slots(self.slots, engine.num_running, engine.num_waiting)
+            self.slots = learn_slots(
+                self.slots, engine.num_running, engine.num_waiting, engine.kv_cache_usage
+            )
         if engine.num_waiting is None:
             return None
         return max(0.0, engine.num_waiting - self.ended)

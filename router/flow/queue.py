@@ -96,14 +96,19 @@ class FlowQueue:
             self.tokens = 0.0  # no float drift survives an empty queue
         return True
 
-    def pop_next(self) -> Ticket | None:
-        """The ticket whose turn it is, out of the queue and charged to its tenant."""
+    def peek_next(self) -> Ticket | None:
+        """The ticket whose turn it is, left in the queue."""
         chosen = next_waiting(
             (t.waiting for t in self.tickets.values()), self.ordering, self.aging, self.fair.pick
         )
-        if chosen is None:
+        return None if chosen is None else self.tickets[chosen.seq]
+
+    def pop_next(self) -> Ticket | None:
+        """The ticket whose turn it is, out of the queue and charged to its tenant."""
+        ticket = self.peek_next()
+        if ticket is None:
             return None
-        ticket = self.tickets[chosen.seq]
+        chosen = ticket.waiting
         self.fair.charge(chosen.tenant, chosen.cost)
         self.remove(ticket)
         return ticket

@@ -23,7 +23,16 @@ when the first of these holds, checked in this order:
    would take more than ``prefill_target_s`` at its prefill rate. This is the signal that needs no
    scrape: it reacts to a burst at once, where the scraped queue lags by a scrape interval.
 
-Otherwise it has ``room``. The prefill rate is the engines' measured one: the configured default
+Otherwise it has ``room``.
+
+**Headroom for higher classes**: a request of a class below the highest class seen lately may fill
+only ``share`` of an engine's learnt batch capacity (rule 3) and of its prefill target (rule 7)
+(:func:`class_share`), so a request of the higher class finds room when it arrives instead of
+queueing behind the lower class's work inside the engine. Rule 1 holds for every class (each engine
+keeps one request of any class: the lower class always progresses), and with no higher class seen
+within the window the share is 1 (work-conserving).
+
+The prefill rate is the engines' measured one: the configured default
 comes from the H200 reference run (tests/reference), and each engine's own is learnt from the TTFTs
 it delivers (:func:`learn_rate`), so a slower or faster engine gets its own threshold.
 """
@@ -67,6 +76,13 @@ class Limits:
     max_kv_usage: float = 0.95
     max_waiting: int = 0
     max_in_flight: int | None = None
+    share: float = 1.0  # of the batch capacity and prefill target this request's class may fill
+
+
+def class_share(priority: int, top_active: int | None, lower_share: float) -> float:
+    """The share of an engine a request of ``priority`` may fill: all of it when no class above it
+    was seen lately (``top_active``: the highest priority seen within the window), else ``lower_share``."""
+    return 1.0 if top_active is None or priority >= top_active else lower_share
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,7 +97,7 @@ def saturation(load: EngineLoad, limits: Limits) -> Verdict:
         return Verdict(False, "idle")
     if limits.max_in_flight is not None and load.in_flight >= limits.max_in_flight:
         return Verdict(True, "in_flight_cap")
-    if load.slots is not None and load.in_flight >= load.slots + limits.max_waiting:
+    if load.slots is not None and load.in_flight >= load.slots * limits.share + limits.max_waiting:
         return Verdict(True, "full")
     if load.queueing:
         return Verdict(True, "overdue")
@@ -89,15 +105,27 @@ def saturation(load: EngineLoad, limits: Limits) -> Verdict:
         return Verdict(True, "waiting")
     if load.kv_usage is not None and load.kv_usage >= limits.max_kv_usage:
         return Verdict(True, "kv_usage")
-    if load.prefill_tokens >= load.prefill_tokens_per_s * limits.prefill_target_s:
+    if load.prefill_tokens >= load.prefill_tokens_per_s * limits.prefill_target_s * limits.share:
         return Verdict(True, "prefill_backlog")
     return Verdict(False, "room")
 
 
-def learn_slots(slots: float | None, running: float | None, waiting: float | None) -> float | None:
+KV_BOUND = 0.9  # KV usage from which requests waiting in an engine are waiting for KV
+
+
+def learn_slots(
+    slots: float | None, running: float | None, waiting: float | None, kv_usage: float | None = None
+) -> float | None:
     """The engine's batch capacity after a fresh scrape: what it runs while requests wait there
-    (slots or KV are out), raised past what it ran without a queue (KV freed up, or never full)."""
+    (slots or KV are out), raised past what it ran without a queue (KV freed up, or never full).
+
+    With its KV usage scraped and below :data:`KV_BOUND`, a waiting request is not a full batch: it
+    waits a step for the step's token budget (another prompt's chunked prefill takes it), which says
+    nothing about how many requests the engine runs, so nothing is learnt from it (rule 5 still
+    holds such an engine while our streams there are late)."""
     if running is None or waiting is None:
+        return slots
+    if waiting > 0 and kv_usage is not None and kv_usage < KV_BOUND:
         return slots
     if waiting > 0:
         return max(1.0, running)
@@ -107,6 +135,10 @@ def learn_slots(slots: float | None, running: float | None, waiting: float | Non
 
 
 MIN_SAMPLE_S = 0.005  # a TTFT shorter than this says nothing about the prefill rate
+# a sample of less prefill work than this (seconds at the default rate) says little about the rate:
+# its TTFT is mostly the engine's step time (a busy batch's decode step), so it would drag the
+# learnt rate down and with it every engine's backlog threshold
+MIN_SAMPLE_WORK_S = 0.25
 
 
 def learn_rate(current: float, default: float, tokens: float, ttft_s: float, weight: float) -> float:
@@ -115,9 +147,10 @@ def learn_rate(current: float, default: float, tokens: float, ttft_s: float, wei
     ``tokens`` is what the engine had to prefill before this request's first token: the router's
     backlog there when it was sent plus its own uncached tokens. A sample is clipped to a quarter
     to four times ``default``, so one stalled or lucky request cannot swing the threshold, and too
-    small a sample (a full cache hit, a tiny prompt) leaves the rate as it is.
+    small a sample (a full cache hit, a short uncached tail: less than :data:`MIN_SAMPLE_WORK_S` of
+    work at ``default``) leaves the rate as it is.
     """
-    if weight <= 0 or tokens <= 0 or ttft_s < MIN_SAMPLE_S:
+    if weight <= 0 or tokens < default * MIN_SAMPLE_WORK_S or ttft_s < MIN_SAMPLE_S:
         return current
     sample = min(4 * default, max(default / 4, tokens / ttft_s))
     return (1 - weight) * current + weight * sample

@@ -61,6 +61,13 @@ class Policy(ABC):
     def choose(self, request: RequestFeatures, candidates: Sequence[EngineState], now: float) -> Decision:
         """Pick one of ``candidates``. Must be fast (microseconds) and must not block."""
 
+    def expected_hit_tokens(
+        self, request: RequestFeatures, candidates: Sequence[EngineState], now: float
+    ) -> float:
+        """The prompt tokens the best of ``candidates`` is expected to hold in its cache (no side
+        effects): flow control's estimate of a request's prefill cost before it is routed."""
+        return 0.0
+
     # ---- per-request hooks
 
     def on_dispatch(self, request: RequestFeatures, decision: Decision) -> None:  # noqa: B027

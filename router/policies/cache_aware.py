@@ -294,6 +294,26 @@ class CacheAwarePolicy(Policy):
         st_.reasons[choice.reason] += 1
         return Decision(engine=chosen, reason=choice.reason, predicted_hit_tokens=hit)
 
+    def expected_hit_tokens(
+        self, request: RequestFeatures, candidates: Sequence[EngineState], now: float
+    ) -> float:
+        """The best candidate's hit in the index (as :meth:`choose` weighs it), without deciding."""
+        tokens = request.prompt_token_ids or ()
+        if not tokens or not candidates:
+            return 0.0
+        base, lora = kv_scope(request.model, candidates)
+        root = request_root(base, lora, request.cache_salt)
+        best = 0.0
+        for st in candidates:
+            size = self.index.ensure_engine(
+                st.url,
+                block_size=st.block_size,
+                num_gpu_blocks=st.num_gpu_blocks,
+                events=st.endpoint.kv_events_endpoint is not None,
+            )
+            best = max(best, self.index.hit_tokens(st.url, self.keys.keys(tokens, size, root), now))
+        return best
+
     def on_dispatch(self, request: RequestFeatures, decision: Decision) -> None:
         p = self._pending.pop(request.request_id, None)
         if p is None or p.url != decision.engine.url:

@@ -21,14 +21,18 @@ M = "m"
 
 
 def make(
-    n_engines: int = 1, timeout: float = 5.0, clock: Callable[[], float] = time.monotonic, **flow: Any
+    n_engines: int = 1,
+    timeout: float = 5.0,
+    clock: Callable[[], float] = time.monotonic,
+    max_in_flight: int | None = 1,
+    **flow: Any,
 ) -> tuple[FlowControl, EngineRegistry, RouterMetrics]:
     registry = EngineRegistry()
     registry.sync([Endpoint(f"http://e{i}", f"e{i}", frozenset({M})) for i in range(n_engines)])
     metrics = RouterMetrics(registry, time.monotonic, [M])
     config = FlowControlConfig(**flow)
     control = FlowControl(
-        config, registry, metrics, clock, max_in_flight=1, queue_timeout_s=timeout, tick_s=60.0
+        config, registry, metrics, clock, max_in_flight=max_in_flight, queue_timeout_s=timeout, tick_s=60.0
     )
     return control, registry, metrics
 
@@ -242,11 +246,11 @@ async def test_the_engines_waiting_queue_counts_when_our_streams_confirm_it() ->
     engine.in_flight += 1
     control.dispatched(first, engine, 3400, streamed=True)  # 0.1 s of prefill: due 0.35 s later
     engine.num_waiting = 1  # a scrape caught a request between two steps
-    assert control.room_for(M, [engine], now[0]) == 1  # our stream is on time: not queueing
+    assert control.room_for(M, [engine], now[0], 0) == 1  # our stream is on time: not queueing
     now[0] += 0.36  # still no first token: the engine is queueing ours
-    assert control.room_for(M, [engine], now[0]) == 0
+    assert control.room_for(M, [engine], now[0], 0) == 0
     control.first_token(first, 0.37)
-    assert control.room_for(M, [engine], now[0]) == 0  # no stream of ours to tell by: the scrape decides
+    assert control.room_for(M, [engine], now[0], 0) == 0  # no stream of ours to tell by: the scrape decides
 
 
 async def test_requests_ended_since_the_last_scrape_free_the_engines_waiting_queue_at_once() -> None:
@@ -259,10 +263,89 @@ async def test_requests_ended_since_the_last_scrape_free_the_engines_waiting_que
         grant = await control.admit(M, "t", cls(control), 100, registry.all())
         await start(control, engine, grant)
         grants.append(grant)
-    assert control.room_for(M, [engine], time.monotonic()) == 1  # the scrape saw no queue
+    assert control.room_for(M, [engine], time.monotonic(), 0) == 1  # the scrape saw no queue
     engine.num_waiting, engine.last_scrape = 1.0, 2.0  # the next scrape: one of them waits there
-    assert control.room_for(M, [engine], time.monotonic()) == 0
+    assert control.room_for(M, [engine], time.monotonic(), 0) == 0
     await end(control, engine, grants[0])  # it ended: the waiting one runs in its place
-    assert control.room_for(M, [engine], time.monotonic()) == 1
+    assert control.room_for(M, [engine], time.monotonic(), 0) == 1
     engine.num_waiting, engine.last_scrape = 2.0, 3.0  # a fresh scrape counts afresh
-    assert control.room_for(M, [engine], time.monotonic()) == 0
+    assert control.room_for(M, [engine], time.monotonic(), 0) == 0
+
+
+@pytest.mark.parametrize(
+    ("interactive_seen_at", "third_batch_waits"),
+    [
+        (None, False),  # no higher class: batch may fill the whole engine (work-conserving)
+        (0.0, True),  # interactive seen a second ago: batch fills only its share, the rest is headroom
+        (-30.0, False),  # seen longer ago than the window: the headroom is given back
+    ],
+)
+async def test_a_lower_class_leaves_headroom_for_a_higher_class_seen_lately(
+    interactive_seen_at: float | None, third_batch_waits: bool
+) -> None:
+    now = [0.0]
+    classes = [
+        {"name": "interactive", "priority": 10, "ttft_objective_s": 1.0},
+        {"name": "batch", "priority": 0},
+    ]
+    # 8,500 tokens of prefill target at 34K tokens/s; batch's share of it while interactive is about: 4,250
+    control, registry, _ = make(
+        clock=lambda: now[0], max_in_flight=None, classes=classes, default_class="batch"
+    )
+    engine = registry.all()[0]
+    if interactive_seen_at is not None:
+        now[0] = interactive_seen_at
+        seen = await control.admit(M, "t", cls(control, "interactive"), 10, registry.all())
+        await start(control, engine, seen)
+        await end(control, engine, seen)
+    now[0] = 1.0
+    for _ in range(2):  # 3,000 then 6,000 tokens of backlog
+        grant = await control.admit(M, "t", cls(control, "batch"), 3000, registry.all())
+        assert grant.position == 0
+        await start(control, engine, grant)
+    third = asyncio.create_task(control.admit(M, "t", cls(control, "batch"), 3000, registry.all()))
+    await settle()
+    assert (not third.done()) == third_batch_waits
+    if third_batch_waits:
+        # the headroom is the interactive class's: it goes at once, past the waiting batch request
+        urgent = await control.admit(M, "t", cls(control, "interactive"), 1000, registry.all())
+        assert urgent.position == 0 and control.with_room(registry.all(), urgent) == [engine]
+        third.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await third
+    else:
+        assert (await third).position == 0
+
+
+async def test_a_queued_requests_first_token_teaches_the_models_prediction_correction() -> None:
+    control, registry, _ = make()
+    engine = registry.all()[0]
+    first = await control.admit(M, "t", cls(control), 3400, registry.all())
+    await start(control, engine, first)
+    control.first_token(first, 5.0)  # it did not wait: its prediction decided nothing
+    assert M not in control.correction
+    waiter = asyncio.create_task(control.admit(M, "t", cls(control), 3400, registry.all()))
+    await settle()
+    await end(control, engine, first)
+    second = await waiter
+    assert second.position == 1 and second.predicted_ttft_s is not None
+    await start(control, engine, second)
+    control.first_token(second, 4 * second.predicted_ttft_s)  # far later than predicted
+    assert control.correction[M] > 1.0  # the next prediction is scaled up (by the EWMA's weight)
+
+
+@pytest.mark.parametrize(("held", "engines"), [(30_000, ["http://e0"]), (1_000, ["http://e1"])])
+async def test_a_request_goes_to_its_briefly_saturated_hit_engine_when_that_is_sooner(
+    held: float, engines: list[str]
+) -> None:
+    control, registry, metrics = make(n_engines=2, max_in_flight=None)
+    e0, e1 = registry.all()
+    busy = await control.admit(M, "t", cls(control), 9_000, registry.all())
+    await start(control, e0, busy)  # 9,000 tokens of backlog: over its 8,500 (0.25 s at 34K/s)
+    assert control.with_room(registry.all()) == [e1]
+    grant = await control.admit(M, "t", cls(control), 0, registry.all())
+    # e0 holds ``held`` of a 30,000-token prompt: 0.26 s behind its backlog against 0.88 s cold on e1
+    chosen = control.with_room(registry.all(), grant, lambda e: held if e is e0 else 0.0, 30_000)
+    assert [e.url for e in chosen] == engines
+    waits = metrics.registry.get_sample_value("kvstack_router_flow_hit_waits_total", {"model_name": M})
+    assert (waits or 0.0) == (1.0 if engines == ["http://e0"] else 0.0)

@@ -7,10 +7,25 @@ import math
 
 import pytest
 
-from kvstack.router.flow.admission import Capacity, Decision, Newcomer, QueueState, decide, predict_ttft
-from kvstack.router.flow.fairness import FairShare, over_share
+from kvstack.router.flow.admission import (
+    Capacity,
+    Decision,
+    Newcomer,
+    QueueState,
+    decide,
+    learn_correction,
+    predict_ttft,
+)
+from kvstack.router.flow.fairness import FairShare, fair_work_ahead, over_share
 from kvstack.router.flow.ordering import Waiting, next_waiting, order_key
-from kvstack.router.flow.saturation import EngineLoad, Limits, learn_rate, learn_slots, saturation
+from kvstack.router.flow.saturation import (
+    EngineLoad,
+    Limits,
+    class_share,
+    learn_rate,
+    learn_slots,
+    saturation,
+)
 
 RATE = 34_000.0
 LIMITS = Limits(prefill_target_s=0.25, max_kv_usage=0.95, max_waiting=0, max_in_flight=None)
@@ -46,6 +61,12 @@ LIMITS = Limits(prefill_target_s=0.25, max_kv_usage=0.95, max_waiting=0, max_in_
         (EngineLoad(2, 9e9, RATE, 5, 1.0), Limits(0.25, max_in_flight=2), True, "in_flight_cap"),
         (EngineLoad(1, 9e9, RATE, 5, 1.0), LIMITS, True, "waiting"),
         (EngineLoad(1, 9e9, RATE, 0, 1.0), LIMITS, True, "kv_usage"),
+        # a lower class's share (headroom for a higher class): half the batch and half the backlog
+        (EngineLoad(4, 0, RATE, slots=8), Limits(0.25, share=0.5), True, "full"),
+        (EngineLoad(3, 0, RATE, slots=8), Limits(0.25, share=0.5), False, "room"),
+        (EngineLoad(3, 4_250, RATE), Limits(0.25, share=0.5), True, "prefill_backlog"),
+        (EngineLoad(3, 4_249, RATE), Limits(0.25, share=0.5), False, "room"),
+        (EngineLoad(0, 9e9, RATE, slots=8), Limits(0.25, share=0.5), False, "idle"),  # it always progresses
     ],
 )
 def test_saturation(load: EngineLoad, limits: Limits, saturated: bool, reason: str) -> None:
@@ -54,21 +75,64 @@ def test_saturation(load: EngineLoad, limits: Limits, saturated: bool, reason: s
 
 
 @pytest.mark.parametrize(
-    ("slots", "running", "waiting", "expected"),
+    ("tenant", "cost", "queued", "weights", "ahead"),
     [
-        (None, 8, 2, 8),  # requests wait while it runs 8: its batch holds 8
-        (12, 8, 2, 8),  # fewer than thought (KV pressure)
-        (None, 0, 3, 1),  # never below one
-        (8, 8, 0, 9),  # it ran 8 with nobody waiting: it may hold more
-        (8, 5, 0, 8),
-        (None, 5, 0, None),  # never seen full: unknown
-        (8, None, None, 8),  # no scrape: as it was
+        ("a", 100, {}, {}, 0),  # nobody waits
+        ("a", 100, {"a": 500}, {}, 500),  # its own queue is all ahead
+        ("b", 100, {"a": 5000}, {}, 100),  # A is served as much as B's newcomer: 100 of A's 5,000
+        ("a", 100, {"a": 5000, "b": 300}, {}, 5300),  # A's newcomer is behind all of it
+        ("b", 100, {"a": 5000, "b": 300}, {}, 300 + 400),
+        ("b", 100, {"a": 5000}, {"a": 3.0}, 300),  # A's weight 3: thrice B's work goes first
+        ("b", 100, {"a": 5000}, {"b": 2.0}, 50),
+        ("b", 100, {"a": 50}, {}, 50),  # A holds less than B's turn: all of it
+    ],
+)
+def test_fair_work_ahead(
+    tenant: str, cost: float, queued: dict[str, float], weights: dict[str, float], ahead: float
+) -> None:
+    assert fair_work_ahead(tenant, cost, queued, weights, 0.0) == pytest.approx(ahead)
+
+
+@pytest.mark.parametrize(
+    ("priority", "top_active", "share"),
+    [
+        (0, None, 1.0),  # no class seen lately: the whole engine (work-conserving)
+        (0, 0, 1.0),  # only its own class about
+        (10, 0, 1.0),  # a higher class than any seen
+        (10, 10, 1.0),
+        (0, 10, 0.5),  # a higher class about: the lower one leaves it headroom
+        (5, 10, 0.5),
+    ],
+)
+def test_class_share(priority: int, top_active: int | None, share: float) -> None:
+    assert class_share(priority, top_active, 0.5) == share
+
+
+@pytest.mark.parametrize(
+    ("slots", "running", "waiting", "kv", "expected"),
+    [
+        (None, 8, 2, None, 8),  # requests wait while it runs 8: its batch holds 8
+        (12, 8, 2, None, 8),  # fewer than thought (KV pressure)
+        (12, 8, 2, 0.95, 8),  # waiting with its KV full: it holds 8
+        (None, 0, 3, None, 1),  # never below one
+        # waiting with KV to spare: a prompt waits a step for the token budget, the batch is not full
+        (None, 3, 1, 0.3, None),
+        (12, 3, 1, 0.3, 12),
+        (8, 8, 0, None, 9),  # it ran 8 with nobody waiting: it may hold more
+        (8, 8, 0, 0.3, 9),
+        (8, 5, 0, None, 8),
+        (None, 5, 0, None, None),  # never seen full: unknown
+        (8, None, None, None, 8),  # no scrape: as it was
     ],
 )
 def test_learn_slots(
-    slots: float | None, running: float | None, waiting: float | None, expected: float | None
+    slots: float | None,
+    running: float | None,
+    waiting: float | None,
+    kv: float | None,
+    expected: float | None,
 ) -> None:
-    assert learn_slots(slots, running, waiting) == expected
+    assert learn_slots(slots, running, waiting, kv) == expected
 
 
 @pytest.mark.parametrize(
@@ -79,6 +143,9 @@ def test_learn_slots(
         (RATE, 17_000, 0.01, 1.0, 4 * RATE),  # a lucky one: clipped to four times
         (RATE, 17_000, 0.001, 1.0, RATE),  # too short to say anything
         (RATE, 0, 0.5, 1.0, RATE),  # nothing to prefill (a full hit)
+        # a short uncached tail (under 0.25 s of work at 34K/s): its TTFT is the engine's step time
+        (RATE, 8_499, 2.0, 1.0, RATE),
+        (RATE, 8_500, 2.0, 1.0, RATE / 4),
         (RATE, 17_000, 0.25, 0.0, RATE),  # learning off
     ],
 )
@@ -322,6 +389,24 @@ def new(tenant: str = "t", priority: int = 0, cost: float = 3400, objective: flo
             "displace_over_share",
             (0, "a"),
         ),
+        # a predicted miss is the tenant's over its share: A's 68,000 queued tokens are all ahead of
+        # A's newcomer (0.01 + 1.0 + 0.1 s), only 3,400 of them ahead of B's (0.01 + 0.05 + 0.1 s)
+        (
+            new("A", objective=1.0),
+            queue_state(10, tokens=68_000, max_count=100, work={"A": 68_000}),
+            dataclasses.replace(FULL, prefill_in_flight=0),
+            "shed",
+            "slo",
+            (None, None),
+        ),
+        (
+            new("B", objective=1.0),
+            queue_state(10, tokens=68_000, max_count=100, work={"A": 68_000}),
+            dataclasses.replace(FULL, prefill_in_flight=0),
+            "queue",
+            "queued",
+            (None, None),
+        ),
         # a lower class never makes a higher one make way
         (
             new("c", priority=-1, cost=100),
@@ -364,3 +449,28 @@ def test_predictions_and_retry_after() -> None:
     idle = Capacity(engines=2, room=False, prefill_tokens_per_s=2 * RATE, prefill_in_flight=0)
     quick = decide(new(), queue_state(10, tokens=10), idle)
     assert quick.retry_after_s == 1.0
+
+
+@pytest.mark.parametrize(
+    ("current", "actual", "predicted", "weight", "expected"),
+    [
+        (1.0, 2.01, 1.01, 0.5, 1.5),  # twice as late as predicted (above the base): halfway to 2
+        (1.0, 0.51, 1.01, 1.0, 0.5),  # twice as early, full weight
+        (1.0, 100.0, 1.01, 1.0, 4.0),  # one stalled request: clipped
+        (1.0, 0.01, 1.01, 1.0, 0.25),  # one lucky one: clipped
+        (2.0, 5.0, 0.01, 0.5, 2.0),  # predicted nothing but the base: nothing to learn
+        (2.0, 5.0, 1.01, 0.0, 2.0),  # learning off
+    ],
+)
+def test_learn_correction(
+    current: float, actual: float, predicted: float, weight: float, expected: float
+) -> None:
+    assert learn_correction(current, actual, predicted, 0.01, weight) == pytest.approx(expected)
+
+
+def test_the_correction_scales_the_wait_and_the_prefill_not_the_base() -> None:
+    cap = dataclasses.replace(FULL, correction=0.5)
+    # 0.01 + 0.5 x (68,000/68,000 + 3,400/34,000)
+    assert predict_ttft(3400, 0, cap) == pytest.approx(0.01 + 0.5 * 1.1)
+    # the request FULL sheds for a 1 s objective is queued once predictions are learnt 2x early
+    assert decide(new(objective=1.0), queue_state(), cap).outcome == "queue"

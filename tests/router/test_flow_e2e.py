@@ -116,7 +116,9 @@ def test_a_higher_class_queued_later_is_dispatched_before_batch_work_queued_earl
     assert int(got.headers["x-kvstack-queue-wait-ms"]) > 0
     assert responses[0].headers["x-kvstack-queue-position"] == "0"  # an engine had room
     assert r.metric("kvstack_router_flow_shed_total", reason="slo", **{"class": "urgent"}) == 1
-    assert r.metric("kvstack_router_flow_queue_wait_seconds_count", **{"class": "batch"}) == 5
+    assert (
+        r.metric("kvstack_router_flow_queue_wait_seconds_count", model_name=MODEL, **{"class": "batch"}) == 5
+    )
     assert flow_queued(r) == 0 and r.ctx.flow.reserved[MODEL] == 0
 
 
