@@ -39,7 +39,7 @@ def up(
     tracing_endpoint: Annotated[
         str | None,
         typer.Option(
-            metavar="URL",
+            metavar="<url>",
             help="OTLP/HTTP receiver (e.g. http://localhost:4318) for the router's and the engines' "
             "spans (default: no tracing).",
         ),
