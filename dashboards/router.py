@@ -244,8 +244,8 @@ def flow_control_row() -> Row:
             Panel(
                 "Flow queue wait p50 / p90 by class",
                 [
-                    Query(quantile(0.5, FLOW_WAIT, "class", NS_SEL), "p50 {{class}}"),
-                    Query(quantile(0.9, FLOW_WAIT, "class", NS_SEL), "p90 {{class}}"),
+                    Query(quantile(0.5, FLOW_WAIT, "class", ROUTER_SEL), "p50 {{class}}"),
+                    Query(quantile(0.9, FLOW_WAIT, "class", ROUTER_SEL), "p90 {{class}}"),
                 ],
                 unit="s",
                 description="Time a dispatched request waited in the flow queue, 0 when an engine had "
