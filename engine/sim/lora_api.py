@@ -73,31 +73,4 @@ class LoRAService:
 
     def model_cards(self, created: int) -> list[dict[str, Any]]:
         """vLLM's ModelCard of each loaded adapter, in load order."""
-        return [
-            {
-                "id": a.name,
-                "object": "model",
-                "created": created,
-                "owned_by": "vllm",
-                "root": a.path,
-                "parent": a.parent,
-                "max_model_len": None,
-                "permission": [
-                    {
-                        "id": f"modelperm-{a.name}",
-                        "object": "model_permission",
-                        "created": created,
-                        "allow_create_engine": False,
-                        "allow_sampling": True,
-                        "allow_logprobs": True,
-                        "allow_search_indices": False,
-                        "allow_view": True,
-                        "allow_fine_tuning": False,
-                        "organization": "*",
-                        "group": None,
-                        "is_blocking": False,
-                    }
-                ],
-            }
-            for a in self.registry.all()
-        ]
+        return [p.model_card(a.name, a.path, a.parent, None, created) for a in self.registry.all()]

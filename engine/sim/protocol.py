@@ -359,33 +359,35 @@ def chat_body(
     }
 
 
+def model_card(
+    name: str, root: str, parent: str | None, max_model_len: int | None, created: int
+) -> dict[str, Any]:
+    """vLLM's ModelCard: a served model (no parent) or a LoRA adapter (its base model as parent)."""
+    perm = {
+        "id": f"modelperm-{name}",
+        "object": "model_permission",
+        "created": created,
+        "allow_create_engine": False,
+        "allow_sampling": True,
+        "allow_logprobs": True,
+        "allow_search_indices": False,
+        "allow_view": True,
+        "allow_fine_tuning": False,
+        "organization": "*",
+        "group": None,
+        "is_blocking": False,
+    }
+    return {
+        "id": name,
+        "object": "model",
+        "created": created,
+        "owned_by": "vllm",
+        "root": root,
+        "parent": parent,
+        "max_model_len": max_model_len,
+        "permission": [perm],
+    }
+
+
 def models_body(names: list[str], root: str, max_model_len: int, created: int) -> dict[str, Any]:
-    cards = []
-    for name in names:
-        perm = {
-            "id": f"modelperm-{name}",
-            "object": "model_permission",
-            "created": created,
-            "allow_create_engine": False,
-            "allow_sampling": True,
-            "allow_logprobs": True,
-            "allow_search_indices": False,
-            "allow_view": True,
-            "allow_fine_tuning": False,
-            "organization": "*",
-            "group": None,
-            "is_blocking": False,
-        }
-        cards.append(
-            {
-                "id": name,
-                "object": "model",
-                "created": created,
-                "owned_by": "vllm",
-                "root": root,
-                "parent": None,
-                "max_model_len": max_model_len,
-                "permission": [perm],
-            }
-        )
-    return {"object": "list", "data": cards}
+    return {"object": "list", "data": [model_card(n, root, None, max_model_len, created) for n in names]}

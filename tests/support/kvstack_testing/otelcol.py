@@ -34,7 +34,8 @@ HEADER_ATTRIBUTE = "collector.request.header.{}"
 
 @dataclass(frozen=True)
 class ReceivedSpan:
-    """One span as the collector got it; ids in lowercase hex, as in a ``traceparent``."""
+    """One span as a receiver got it (the collector, or kvstack_testing.otlp); ids in lowercase hex,
+    as in a ``traceparent``."""
 
     service: str  # the resource's service.name
     name: str

@@ -13,7 +13,6 @@ import gzip
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -23,25 +22,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 )
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 
-SPAN_KIND_SERVER, SPAN_KIND_CLIENT = 2, 3  # opentelemetry.proto.trace.v1.Span.SpanKind
-STATUS_ERROR = 2  # opentelemetry.proto.trace.v1.Status.StatusCode
-
-
-@dataclass(frozen=True)
-class ReceivedSpan:
-    """One span as a receiver got it; ids in lowercase hex, as in a ``traceparent``."""
-
-    service: str  # the resource's service.name
-    name: str
-    trace_id: str
-    span_id: str
-    parent_span_id: str  # "" for a root span
-    kind: int
-    attributes: dict[str, Any]
-    events: tuple[str, ...]
-    status_code: int
-    start_ns: int
-    end_ns: int
+from kvstack_testing.otelcol import ReceivedSpan
 
 
 def _value(v: AnyValue) -> Any:
