@@ -31,7 +31,7 @@ from kvstack.bench import promtext, stats, trace, workloads
 from kvstack.bench.driver import DriverConfig, RequestResult, run_workload, wait_for_engines
 from kvstack.bench.progress import BenchProgress
 from kvstack.bench.report import save_figure
-from kvstack.common.procs import ManagedProcess, free_ports, kvstack_argv, running
+from kvstack.common.procs import ManagedProcess, free_ports, kvstack_argv, running, tree_cpu_seconds
 
 Samples = Mapping[promtext.SampleKey, float]
 
@@ -203,7 +203,12 @@ def _sim_procs(
 
 
 def _router_proc(
-    engines_file: Path, policy: str, tokenizer: str, log_dir: Path, traced: bool = False
+    engines_file: Path,
+    policy: str,
+    tokenizer: str,
+    log_dir: Path,
+    traced: bool = False,
+    tokenizer_path: Path | None = None,
 ) -> tuple[ManagedProcess, str]:
     port = free_ports(1)[0]
     argv = [*kvstack_argv(), "router", "--port", str(port), "--engines-file", str(engines_file)]
@@ -216,6 +221,8 @@ def _router_proc(
     }
     if tokenizer != "builtin":
         env["KVSTACK_ROUTER_TOKENIZER"] = tokenizer
+    if tokenizer_path is not None:
+        env["KVSTACK_ROUTER_TOKENIZER_PATH"] = str(tokenizer_path)
     url = f"http://127.0.0.1:{port}"
     return ManagedProcess(f"router-{policy}", argv, log_dir, env=env, ready_url=f"{url}/ready"), url
 
@@ -251,6 +258,7 @@ def run_case(
     log_dir: Path,
     trace_path: Path | None = None,
     on_request: Callable[[], None] = lambda: None,
+    tokenizer_path: Path | None = None,
 ) -> dict[str, Any]:
     """One workload through a fresh router with ``policy``; the engines keep running. With
     ``trace_path``, every request's trace row is written there (JSON lines) and summarized;
@@ -259,18 +267,22 @@ def run_case(
     if peer:
         router, router_url = _peer_router_proc(urls, policy, log_dir)
     else:
-        router, router_url = _router_proc(engines_file, policy, tokenizer, log_dir, trace_path is not None)
+        router, router_url = _router_proc(
+            engines_file, policy, tokenizer, log_dir, trace_path is not None, tokenizer_path
+        )
     with running([router], timeout=60):
         if not peer:
             wait_for_engines(router_url, len(urls))
         time.sleep(2.0)  # the KV-event subscriptions (or the peer's health checks) connect
         e0 = [promtext.scrape(f"{u}/metrics") for u in urls]
         r0 = {} if peer else promtext.scrape(f"{router_url}/metrics")
+        cpu0 = tree_cpu_seconds(router.pid)
         results, wall = asyncio.run(
             run_workload(
                 DriverConfig(router_url, model, request_timeout=300), workload, lambda _r: on_request()
             )
         )
+        router_cpu_s = tree_cpu_seconds(router.pid) - cpu0  # before the idle second below
         time.sleep(1.0)  # the last KV events land in the index
         e1 = [promtext.scrape(f"{u}/metrics") for u in urls]
         r1 = {} if peer else promtext.scrape(f"{router_url}/metrics")
@@ -297,6 +309,9 @@ def run_case(
         "request_rate": workload.notes.get("request_rate"),
         "requests_per_engine": per_engine,
         "num_gpu_blocks": _num_gpu_blocks(e1[0]),
+        # the router's own CPU (its process tree) over the run, and per request it answered
+        "router_cpu_s": router_cpu_s,
+        "router_cpu_ms_per_request": 1000 * router_cpu_s / max(1, len(results)),
         **row,
     }
 
@@ -341,7 +356,13 @@ def gpu_proof(
     duration_s: Annotated[float, typer.Option(help="Arrival span of each case's sessions.")] = 60.0,
     load: Annotated[float, typer.Option(help="Offered prompt tokens / the cold prefill rate.")] = 0.5,
     prefill_tokens_per_s: Annotated[float, typer.Option(help="The cluster's cold prefill rate.")] = 34_000.0,
-    tokenizer: Annotated[str, typer.Option(help="Router tokenizer: builtin or engine.")] = "engine",
+    tokenizer: Annotated[
+        str, typer.Option(help="Router tokenizer: builtin, engine, or local (the model's files).")
+    ] = "engine",
+    tokenizer_path: Annotated[
+        Path | None,
+        typer.Option(help="The model's tokenizer files for --tokenizer local (a folder)."),
+    ] = None,
     label: Annotated[str, typer.Option(help="Result file name (LABEL.json).")] = "h200",
     trace: Annotated[str, typer.Option(help="Seed salt: a new trace that no earlier run cached.")] = "",
     trace_as: Annotated[
@@ -393,13 +414,24 @@ def gpu_proof(
             bar.log(f"[{label}] {name} / {pol}: {wl.num_requests} requests ...")
             trace_path = out / f"{label}-{name}-{pol}.trace.jsonl" if traced else None
             row = run_case(
-                urls, engines_file, wl, load, model, pol, tokenizer, log_dir, trace_path, bar.advance
+                urls,
+                engines_file,
+                wl,
+                load,
+                model,
+                pol,
+                tokenizer,
+                log_dir,
+                trace_path,
+                bar.advance,
+                tokenizer_path,
             )
             rows.append(row)
             bar.log(
                 f"  ttft p50 {row['ttft_p50'] * 1000:.1f} ms p90 {row['ttft_p90'] * 1000:.1f} ms, "
                 f"itl p50 {row['itl_p50'] * 1000:.2f} ms, errors {row['errors']}, "
                 f"prefix hits {row['engine']['prefix_hits']:.0f}, "
+                f"router cpu {row['router_cpu_ms_per_request']:.2f} ms/req, "
                 f"predicted {row['router']['predicted_hit_tokens']:.0f}, "
                 f"index {row['index_blocks_before']:.0f}->{row['index_blocks_after']:.0f}"
             )

@@ -147,6 +147,27 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds of ``pid`` and its live descendants (a launcher that runs the real work in a child,
+    as some peers' routers do); processes that end meanwhile are skipped."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    total, todo = 0.0, [pid]
+    while todo:
+        current = todo.pop()
+        try:
+            total += cpu_seconds(current)
+        except OSError:
+            continue
+        todo.extend(children.get(current, ()))
+    return total
+
+
 def memory_mb(pid: int, field: str = "VmRSS") -> float:
     """A memory field of ``/proc/PID/status`` in MiB: ``VmRSS`` now, ``VmHWM`` its peak; 0 if absent."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
