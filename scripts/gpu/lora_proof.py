@@ -143,7 +143,7 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     logs = Path("/tmp/lora-logs")
     logs.mkdir(exist_ok=True)
-    for i, name in enumerate(("sql", "chat", "c3", "c4")):
+    for i, name in enumerate(("sql", "chat", "c3", "c4", "late")):
         write_adapter(Path(f"/tmp/adapters/{name}"), seed=i)
     # `kvstack engine serve` runs `vllm`: the image has the package in /tmp/site, not the script
     vllm = Path("/tmp/bin/vllm")
@@ -169,6 +169,13 @@ def main() -> int:
             procs.append(
                 subprocess.Popen([*kvstack, "engine", "serve", "--config", str(cfg)], stdout=log, stderr=log)
             )
+            if i == 0:  # the second engine starts once the first sized its KV cache (none profiles another)
+                sized = time.monotonic() + 240
+                while time.monotonic() < sized:
+                    text = (logs / "engine0.log").read_text(errors="replace")
+                    if "KV cache size" in text or "Available KV cache memory" in text:
+                        break
+                    time.sleep(1)
         for url in engines:
             wait_health(url, 600)
 
@@ -196,6 +203,10 @@ def main() -> int:
             **os.environ,
             "KVSTACK_ROUTER_EXPOSE_ENGINE_HEADER": "true",
             "KVSTACK_ROUTER_TOKENIZER": "engine",
+            # declared, on no engine yet: a request for it is held while the router loads it
+            "KVSTACK_ROUTER_ADAPTERS": json.dumps(
+                [{"name": "late", "model": SERVED, "source": "/tmp/adapters/late"}]
+            ),
         }
         rlog = open(logs / "router.log", "wb")  # noqa: SIM115
         procs.append(
@@ -280,7 +291,28 @@ def main() -> int:
             and rows[1]["predicted"] > 0,
         }
 
-        # 4. the swap cost: gpu1 holds chat, c3, c4 with two GPU slots
+        # 4. a declared adapter that no engine holds: the request waits while the router loads it
+        engine, ttft = complete(router, "late", "A question for the late adapter?")
+        holders = []
+
+        async def holders_of_late() -> None:
+            client = LoraClient()
+            try:
+                for url in engines:
+                    if "late" in [a.name for a in await client.loaded(url)]:
+                        holders.append(url)
+            finally:
+                await client.aclose()
+
+        asyncio.run(holders_of_late())
+        checks["held_then_loaded"] = {
+            "engine": engine,
+            "ttft_s": ttft,
+            "holders": holders,
+            "ok": bool(engine) and ttft > 0 and len(holders) >= 1,
+        }
+
+        # 5. the swap cost: gpu1 holds chat, c3, c4 with two GPU slots
         short = [f"ping {n}" for n in range(30)]
         one = [complete(engines[1], "chat", s, 1)[1] for s in short]
         cycle = [complete(engines[1], ("chat", "c3", "c4")[n % 3], s, 1)[1] for n, s in enumerate(short)]
