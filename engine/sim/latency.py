@@ -54,10 +54,10 @@ three things, each 1 / 0 by default so the reference fit is untouched:
   remote-hit TTFT on an idle, unshared engine).
 
 
-LoRA adapters (``latency.lora_*``, assumptions until measured): a step that needs an adapter not in
-a GPU slot first copies it in (``lora_swap_s`` each: vLLM 0.24's ``activate_adapter`` calls
-``set_lora`` on every LoRA-wrapped module, 7 per layer x 32 layers of an 8B Llama, a few small
-copies at ~15 us of launch overhead each, about 3.5 ms), and one the CPU cache (``max_cpu_loras``)
+LoRA adapters (``latency.lora_*``): a step that needs an adapter not in a GPU slot first copies it
+in (``lora_swap_s`` each: vLLM 0.24's ``activate_adapter`` calls ``set_lora`` on every LoRA-wrapped
+module; 12.7 ms measured on the H200 for rank-8 q/v adapters of the 8B shape, where launch overhead
+alone had suggested ~3.5 ms), and one the CPU cache (``max_cpu_loras``)
 had dropped is read from disk before that (``lora_disk_load_s``: ~7 MB of rank-8 q/v safetensors
 plus PEFT's checks, 30 ms assumed). Both are charged to the step and divided by ``gpu_share``.
 The Punica kernels' per-step cost with adapters active is not modelled. ``scripts/gpu/lora_proof.py``
