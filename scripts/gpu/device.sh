@@ -20,7 +20,8 @@ REDIS_PORT=6390
 # LMCache CPU buffer per engine (GB): 5 filled within minutes on the first long run and stalled stores
 LMCACHE_CPU_GB=${LMCACHE_CPU_GB:-20}
 # ENGINES: how many engines `start` runs (2 fit at 0.3 of the GPU each, 4 at 0.2); LMCACHE=0 runs them
-# without the connector; ENGINE_ARGS: extra vLLM flags as a YAML list body, e.g. '--enable-lora, --max-loras, "4"'
+# without the connector; ENGINE_ARGS: extra vLLM flags as a YAML list body, e.g. '--enforce-eager' (not flags
+# kvstack renders from config fields, such as LoRA's: `engine serve` refuses those; tests/gpu checks each variant)
 ENGINES=${ENGINES:-2}
 LMCACHE=${LMCACHE:-1}
 GPU_UTIL=${GPU_UTIL:-$( [ "$ENGINES" -gt 2 ] && echo 0.2 || echo 0.3 )}
@@ -39,10 +40,14 @@ gpu_memory_utilization: $GPU_UTIL
 kv_events: {enabled: true, endpoint: "tcp://*:$((5557 + 2 * i))", replay_endpoint: "tcp://*:$((5558 + 2 * i))", topic: kv-events}
 python_hash_seed: "0"
 extra_args: [--load-format, dummy${ENGINE_ARGS:+, $ENGINE_ARGS}]
-extra_env: {VLLM_USE_FLASHINFER_SAMPLER: "0", HF_HUB_OFFLINE: "1", VLLM_ALLOW_RUNTIME_LORA_UPDATING: "True"}
+extra_env: {VLLM_USE_FLASHINFER_SAMPLER: "0", HF_HUB_OFFLINE: "1"}
 YAML
-  [ "$LMCACHE" = 1 ] && echo "lmcache: {remote_url: \"redis://127.0.0.1:$REDIS_PORT\", max_local_cpu_size: $LMCACHE_CPU_GB}"
-  return 0
+  # `engine serve` turns LMCache on unless told otherwise
+  if [ "$LMCACHE" = 1 ]; then
+    echo "lmcache: {remote_url: \"redis://127.0.0.1:$REDIS_PORT\", max_local_cpu_size: $LMCACHE_CPU_GB}"
+  else
+    echo "lmcache: {enabled: false}"
+  fi
 }
 
 wait_health() {  # $1 url, $2 seconds, $3 log
