@@ -9,12 +9,15 @@ from the registry at scrape time, so the request path never updates them.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Final, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.metrics import MetricWrapperBase
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 from kvstack.router.engines import EngineRegistry
@@ -86,13 +89,52 @@ class _EngineCollector(Collector):
         yield failures
 
 
+class _Registry(CollectorRegistry):
+    """A registry that remembers its collectors that are not plain metrics (read at scrape time)."""
+
+    def __init__(self) -> None:
+        super().__init__(auto_describe=True)
+        self.custom: list[Collector] = []
+
+    def register(self, collector: Collector) -> None:
+        super().register(collector)
+        if not isinstance(collector, MetricWrapperBase):
+            self.custom.append(collector)
+
+
+class _CustomOf(Collector):
+    def __init__(self, registry: _Registry) -> None:
+        self._registry = registry
+
+    def collect(self) -> Iterable[Metric]:
+        for collector in self._registry.custom:
+            yield from collector.collect()
+
+
+def _whole_router(registry: _Registry) -> CollectorRegistry | None:
+    """With several workers (router/workers.py sets ``PROMETHEUS_MULTIPROC_DIR``; prometheus_client
+    then keeps every value in a file per process): what a scrape of any worker reports. Counters and
+    histograms are summed over every worker that ever ran, gauges over the live ones
+    (``livesum``); the collectors read at scrape time (engines' in-flight, which is already the
+    whole router's through the shared load table, availability, the policy's stats) are this
+    worker's. None with one process."""
+    folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not folder or not Path(folder).is_dir():
+        return None
+    scrape = CollectorRegistry(auto_describe=False)
+    MultiProcessCollector(scrape, folder)  # type: ignore[no-untyped-call]
+    scrape.register(_CustomOf(registry))
+    return scrape
+
+
 class RouterMetrics:
     """Every router series; create one per app (tests run several apps in one process)."""
 
     def __init__(
         self, engines: EngineRegistry, clock: Callable[[], float], configured_models: Iterable[str] = ()
     ) -> None:
-        self.registry = CollectorRegistry(auto_describe=True)
+        self.registry = _Registry()
+        self._scrape = _whole_router(self.registry)
         self._children: dict[tuple[int, tuple[str, ...]], MetricWrapperBase] = {}
         self._engines = engines
         self._configured = frozenset(configured_models) - {"*"}
@@ -184,6 +226,7 @@ class RouterMetrics:
             "while it has none (scale from zero).",
             ["model_name"],
             registry=r,
+            multiprocess_mode="livesum",  # several workers: the sum over the live ones
         )
         # --- requests by route (the proxied API path: a fixed set, so a bounded label)
         self.route_requests = Counter(
@@ -199,6 +242,7 @@ class RouterMetrics:
             "Requests waiting in the router's flow queue, by model, priority class and tenant.",
             ["model_name", "class", "tenant"],
             registry=r,
+            multiprocess_mode="livesum",
         )
         self.flow_queue_wait = Histogram(
             "kvstack_router_flow_queue_wait_seconds",
@@ -269,4 +313,4 @@ class RouterMetrics:
         return child  # type: ignore[return-value]
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        return generate_latest(self._scrape if self._scrape is not None else self.registry)

@@ -1,0 +1,337 @@
+"""``workers: N``: N router processes serving one port, under a supervisor that keeps them running.
+
+Python serves one request at a time per process; a busy router is CPU-bound on one core. With
+``workers`` above 1 the ``kvstack router`` process becomes a supervisor:
+
+1. It reserves the API port (and ``metrics_port``) with a bound, non-listening ``SO_REUSEPORT``
+   socket, so port 0 resolves once and nothing else takes the port while workers come and go.
+2. It starts N worker processes (``spawn``: each a fresh interpreter). Each binds its own listening
+   socket to the port with ``SO_REUSEPORT``; the kernel spreads new connections over them. Each
+   worker is a whole router: its own discovery, health probes, scrapes, KV-event subscriptions
+   (ZMQ PUB/SUB fans every event out to every subscriber, and replicas fed the same events and
+   requests decide the same way), policy and flow control.
+3. It owns the shared per-engine load (router/shared_load.py): the table file, and the slot map
+   each worker asks over its pipe when discovery adds an engine.
+4. It gives the workers one metrics folder (``PROMETHEUS_MULTIPROC_DIR``), so any worker's
+   ``/metrics`` answers for the whole router (router/metrics.py).
+5. A worker that exits is restarted in the same row after a backoff, its row of the load table
+   zeroed and its live gauges dropped; when workers keep dying (:func:`after_death`) the
+   supervisor stops the others and exits 1, so Kubernetes sees the crash loop.
+6. SIGTERM (or SIGINT) is forwarded to every worker, which drains as a single router does
+   (stops accepting, finishes requests in flight, up to 30 s); the supervisor exits 0 once all
+   have. A worker whose supervisor vanished (SIGKILL) drains and exits by itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import multiprocessing
+import os
+import shutil
+import signal
+import socket
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection, wait
+from multiprocessing.process import BaseProcess
+from pathlib import Path
+from typing import Final, Literal
+
+from kvstack.router.config import RouterSettings
+from kvstack.router.server import listen_sockets, reserve_ports
+from kvstack.router.shared_load import LoadTable, SlotMap, answer
+
+log = logging.getLogger(__name__)
+
+WORKER_HEADER: Final = "x-kvstack-worker"  # the worker's pid, with expose_engine_header (debugging)
+
+
+# ---------------------------------------------------------------------------- how many (pure)
+
+
+def cpu_quota(cpu_max: str | None) -> float | None:
+    """CPUs allowed by a cgroup v2 ``cpu.max`` line (``"200000 100000"``: 2); None: no quota."""
+    if cpu_max is None:
+        return None
+    parts = cpu_max.split()
+    if len(parts) != 2 or parts[0] == "max":
+        return None
+    try:
+        quota, period = int(parts[0]), int(parts[1])
+    except ValueError:
+        return None
+    return quota / period if quota > 0 and period > 0 else None
+
+
+def cpu_budget(affinity: int, quota: float | None) -> int:
+    """Cores this process may use: its CPU affinity, cut to the cgroup quota (rounded up), >= 1."""
+    cpus = max(1, affinity)
+    if quota is not None:
+        cpus = min(cpus, max(1, math.ceil(quota)))
+    return cpus
+
+
+def worker_count(setting: int, cpus: int) -> int:
+    """``workers``: N as given; 0 (``auto``): one per usable core."""
+    return setting if setting > 0 else max(1, cpus)
+
+
+def usable_cpus() -> int:
+    """:func:`cpu_budget` of this process (the I/O: affinity and ``/sys/fs/cgroup/cpu.max``)."""
+    try:
+        text: str | None = Path("/sys/fs/cgroup/cpu.max").read_text()
+    except OSError:
+        text = None
+    return cpu_budget(len(os.sched_getaffinity(0)), cpu_quota(text))
+
+
+# ---------------------------------------------------------------------------- restarts (pure)
+
+
+@dataclass(frozen=True, slots=True)
+class RestartPolicy:
+    max_deaths: int = 5  # worker exits within window_s (all workers together) before giving up
+    window_s: float = 60.0
+    first_delay_s: float = 0.1  # doubled for each recent death, up to max_delay_s
+    max_delay_s: float = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class Restart:
+    delay_s: float
+    reason: Literal["restart"] = "restart"
+
+
+@dataclass(frozen=True, slots=True)
+class GiveUp:
+    deaths: int
+    reason: Literal["crash_loop"] = "crash_loop"
+
+
+def after_death(deaths: Sequence[float], now: float, policy: RestartPolicy) -> Restart | GiveUp:
+    """What to do when a worker exits unasked. ``deaths``: the times of worker exits so far,
+    this one included. More than ``max_deaths`` in the last ``window_s``: give up (the supervisor
+    exits non-zero); else restart after a delay doubling with each recent death."""
+    recent = sum(1 for t in deaths if now - t <= policy.window_s)
+    if recent > policy.max_deaths:
+        return GiveUp(recent)
+    return Restart(min(policy.max_delay_s, policy.first_delay_s * 2 ** max(0, recent - 1)))
+
+
+# ---------------------------------------------------------------------------- the worker process
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """What a worker process is started with (pickled into it)."""
+
+    settings: RouterSettings  # its port is the reserved one (never 0)
+    index: int
+    workers: int
+    table: Path
+    supervisor_pid: int
+
+
+def _worker_main(spec: WorkerSpec, conn: Connection) -> None:
+    """One worker: a whole router, sharing its engines' load through the table."""
+    from kvstack.router.app import create_app
+    from kvstack.router.engines import EngineRegistry
+    from kvstack.router.gc_tuning import tune_gc
+    from kvstack.router.logs import configure_logging
+    from kvstack.router.server import make_server
+    from kvstack.router.shared_load import SharedLoad, SlotClient
+
+    settings = spec.settings
+    configure_logging(settings.log_level)
+    _exit_with_supervisor(spec.supervisor_pid)
+    registry = EngineRegistry()
+    table = LoadTable(spec.table, spec.workers)
+    shared = SharedLoad(registry, table, spec.index, SlotClient(conn))
+    shared.start()
+    app = create_app(settings, registry)
+    tune_gc(settings.gc_gen0_threshold)
+    headers = [(WORKER_HEADER, str(os.getpid()))] if settings.expose_engine_header else []
+    server = make_server(settings, app, app.app.state.ctx.metrics.reject, headers=headers)
+    try:
+        server.run(sockets=listen_sockets(settings, reuse_port=True))
+    finally:
+        shared.close()
+
+
+def _exit_with_supervisor(supervisor_pid: int) -> None:
+    """Drain and exit when the supervisor is gone (killed without a chance to stop the workers)."""
+
+    def watch() -> None:
+        while os.getppid() == supervisor_pid:
+            time.sleep(1.0)
+        os.kill(os.getpid(), signal.SIGTERM)  # uvicorn's handler: the same drain as a SIGTERM
+
+    threading.Thread(target=watch, name="supervisor-watch", daemon=True).start()
+
+
+# ---------------------------------------------------------------------------- the supervisor
+
+
+@dataclass
+class _Worker:
+    index: int
+    process: BaseProcess | None = None
+    conn: Connection | None = None
+    restart_at: float | None = None  # when a dead worker is due to start again
+
+
+@dataclass
+class Supervisor:
+    """Starts, watches and restarts the workers; forwards SIGTERM; see the module's docstring."""
+
+    settings: RouterSettings
+    count: int
+    policy: RestartPolicy = RestartPolicy()
+    _workers: list[_Worker] = field(default_factory=list)
+    _deaths: list[float] = field(default_factory=list)
+    _stopping: bool = False
+    _exit_code: int = 0
+
+    def run(self) -> int:
+        """Serve until SIGTERM/SIGINT (0) or until workers keep dying (1)."""
+        rundir = Path(tempfile.mkdtemp(prefix="kvstack-router-", dir=_tmpfs()))
+        metrics_dir = rundir / "metrics"
+        metrics_dir.mkdir()
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)  # inherited by every worker
+        reserved = reserve_ports(self.settings)
+        port = reserved[0].getsockname()[1]
+        settings = self.settings.model_copy(update={"port": port})
+        table = LoadTable.create(rundir / "load.table", self.count)
+        slots = SlotMap()
+        wake_r, wake_w = socket.socketpair()
+        wake_w.setblocking(False)
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+        old_fd = signal.set_wakeup_fd(wake_w.fileno())
+        ctx = multiprocessing.get_context("spawn")
+        self._workers = [_Worker(i) for i in range(self.count)]
+        log.info("router supervisor started", extra={"workers": self.count, "port": port})
+        try:
+            for worker in self._workers:
+                self._start(ctx, worker, settings, table)
+            self._loop(ctx, settings, table, slots, wake_r)
+        finally:
+            signal.set_wakeup_fd(old_fd)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            for sock in (*reserved, wake_r, wake_w):
+                sock.close()
+            table.close()
+            shutil.rmtree(rundir, ignore_errors=True)
+        return self._exit_code
+
+    def _on_signal(self, signum: int, _frame: object) -> None:
+        self._stopping = True  # the loop wakes on the wakeup fd and forwards it
+
+    def _start(
+        self,
+        ctx: multiprocessing.context.SpawnContext,
+        w: _Worker,
+        settings: RouterSettings,
+        table: LoadTable,
+    ) -> None:
+        ours, theirs = ctx.Pipe()
+        spec = WorkerSpec(settings, w.index, self.count, table.path, os.getpid())
+        process = ctx.Process(target=_worker_main, args=(spec, theirs), name=f"router-worker-{w.index}")
+        process.start()
+        theirs.close()
+        w.process, w.conn, w.restart_at = process, ours, None
+        log.info("router worker started", extra={"worker": w.index, "pid": process.pid})
+
+    def _loop(
+        self,
+        ctx: multiprocessing.context.SpawnContext,
+        settings: RouterSettings,
+        table: LoadTable,
+        slots: SlotMap,
+        wake: socket.socket,
+    ) -> None:
+        forwarded = False
+        while True:
+            if self._stopping and not forwarded:
+                forwarded = True
+                self._signal_all(signal.SIGTERM)
+            running = [w for w in self._workers if w.process is not None]
+            if self._stopping and not running:
+                return
+            due = [w.restart_at for w in self._workers if w.restart_at is not None and not self._stopping]
+            timeout = max(0.0, min(due) - time.monotonic()) if due else None
+            watched: list[object] = [wake]
+            for w in running:
+                assert w.process is not None and w.conn is not None
+                watched += [w.process.sentinel, w.conn]
+            for ready in wait(watched, timeout):  # type: ignore[arg-type]
+                if ready is wake:
+                    with contextlib.suppress(BlockingIOError):
+                        wake.recv(4096)
+                    continue
+                for w in running:
+                    if ready is w.conn:
+                        self._answer(w, slots, table)
+                    elif w.process is not None and ready == w.process.sentinel:
+                        self._died(w, slots, table)
+            now = time.monotonic()
+            for w in self._workers:
+                if w.restart_at is not None and now >= w.restart_at and not self._stopping:
+                    self._start(ctx, w, settings, table)
+
+    def _answer(self, w: _Worker, slots: SlotMap, table: LoadTable) -> None:
+        assert w.conn is not None
+        try:
+            op, url = w.conn.recv()
+            w.conn.send(answer(slots, table, w.index, op, url))
+        except (EOFError, OSError):
+            pass  # the worker is exiting; its sentinel says so next
+
+    def _died(self, w: _Worker, slots: SlotMap, table: LoadTable) -> None:
+        from prometheus_client import multiprocess
+
+        assert w.process is not None and w.conn is not None
+        w.process.join()
+        pid, code = w.process.pid, w.process.exitcode
+        w.conn.close()
+        w.process, w.conn = None, None
+        # its requests died with it: nothing of them may count as load any more
+        table.clear_row(w.index)
+        slots.release_worker(w.index)
+        if pid is not None:
+            multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]  # its live gauges go too
+        if self._stopping:
+            log.info("router worker stopped", extra={"worker": w.index, "pid": pid, "exit_code": code})
+            return
+        now = time.monotonic()
+        self._deaths = [*self._deaths, now][-(self.policy.max_deaths + 1) :]
+        outcome = after_death(self._deaths, now, self.policy)
+        if isinstance(outcome, GiveUp):
+            log.error(
+                "router workers keep dying: stopping",
+                extra={"worker": w.index, "exit_code": code, "deaths": outcome.deaths},
+            )
+            self._exit_code, self._stopping = 1, True
+            return
+        log.warning(
+            "router worker exited: restarting",
+            extra={"worker": w.index, "pid": pid, "exit_code": code, "delay_s": outcome.delay_s},
+        )
+        w.restart_at = now + outcome.delay_s
+
+    def _signal_all(self, sig: signal.Signals) -> None:
+        for w in self._workers:
+            w.restart_at = None
+            if w.process is not None and w.process.pid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(w.process.pid, sig)
+
+
+def _tmpfs() -> str | None:
+    """/dev/shm when there is one: the load table and metric files are written per request."""
+    return "/dev/shm" if Path("/dev/shm").is_dir() and os.access("/dev/shm", os.W_OK) else None
