@@ -195,6 +195,7 @@ class SharedLoad:
     def __init__(self, registry: EngineRegistry, table: LoadTable, worker: int, client: SlotClient) -> None:
         self._registry, self._table, self._worker, self._client = registry, table, worker, client
         self._attached: dict[str, EngineState] = {}
+        self._urls: dict[int, str] = {}  # slot -> URL, of the engines attached here
 
     def start(self) -> None:
         self._registry.listeners.insert(0, self.sync)  # before anything routes to a new engine
@@ -214,16 +215,29 @@ class SharedLoad:
             slot = self._client.acquire(url)
             if slot is not None:
                 st.attach_load(self._table.cell(self._worker, slot))
+                self._urls[slot] = url
             self._attached[url] = st
 
     def _detach(self, st: EngineState) -> None:
-        if st.detach_load():
+        cell = st.load_cell
+        if cell is not None and st.detach_load():
+            self._urls.pop(cell.slot, None)
             self._client.release(st.url)
+
+    def slot_of(self, url: str) -> int | None:
+        """The engine's column, shared by every worker (router/shared_owners.py names engines by it)."""
+        st = self._attached.get(url)
+        cell = st.load_cell if st is not None else None
+        return cell.slot if cell is not None else None
+
+    def url_of(self, slot: int) -> str | None:
+        return self._urls.get(slot)
 
     def close(self) -> None:
         for st in self._attached.values():
             st.detach_load()
         self._attached.clear()
+        self._urls.clear()
 
 
 def column_totals(table: LoadTable, slots: Iterable[int]) -> dict[int, int]:

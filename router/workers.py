@@ -11,7 +11,8 @@ Python serves one request at a time per process; a busy router is CPU-bound on o
    (ZMQ PUB/SUB fans every event out to every subscriber, and replicas fed the same events and
    requests decide the same way), policy and flow control.
 3. It owns the shared per-engine load (router/shared_load.py): the table file, and the slot map
-   each worker asks over its pipe when discovery adds an engine.
+   each worker asks over its pipe when discovery adds an engine; and the table of stored-response
+   owners (router/shared_owners.py), so a follow-up reaching another worker finds its engine.
 4. It gives the workers one metrics folder (``PROMETHEUS_MULTIPROC_DIR``), so any worker's
    ``/metrics`` answers for the whole router (router/metrics.py).
 5. A worker that exits is restarted in the same row after a backoff, its row of the load table
@@ -45,6 +46,7 @@ from typing import Final, Literal
 from kvstack.router.config import RouterSettings
 from kvstack.router.server import listen_sockets, reserve_ports
 from kvstack.router.shared_load import LoadTable, SlotMap, answer
+from kvstack.router.shared_owners import OwnersTable, table_cells
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +136,8 @@ class WorkerSpec:
     index: int
     workers: int
     table: Path
+    owners: Path  # the stored-response owners every worker shares (router/shared_owners.py)
+    owner_cells: int
     supervisor_pid: int
 
 
@@ -145,6 +149,7 @@ def _worker_main(spec: WorkerSpec, conn: Connection) -> None:
     from kvstack.router.logs import configure_logging
     from kvstack.router.server import make_server
     from kvstack.router.shared_load import SharedLoad, SlotClient
+    from kvstack.router.shared_owners import OwnersTable, SharedOwners
 
     settings = spec.settings
     configure_logging(settings.log_level)
@@ -154,13 +159,17 @@ def _worker_main(spec: WorkerSpec, conn: Connection) -> None:
     shared = SharedLoad(registry, table, spec.index, SlotClient(conn))
     shared.start()
     app = create_app(settings, registry)
+    ctx = app.app.state.ctx
+    owners = OwnersTable(spec.owners, spec.owner_cells)
+    ctx.owners = SharedOwners(settings.sticky_responses, owners, shared.slot_of, shared.url_of)
     tune_gc(settings.gc_gen0_threshold)
     headers = [(WORKER_HEADER, str(os.getpid()))] if settings.expose_engine_header else []
-    server = make_server(settings, app, app.app.state.ctx.metrics.reject, headers=headers)
+    server = make_server(settings, app, ctx.metrics.reject, headers=headers)
     try:
         server.run(sockets=listen_sockets(settings, reuse_port=True))
     finally:
         shared.close()
+        owners.close()
 
 
 def _exit_with_supervisor(supervisor_pid: int) -> None:
@@ -196,6 +205,8 @@ class Supervisor:
     _deaths: list[float] = field(default_factory=list)
     _stopping: bool = False
     _exit_code: int = 0
+    _owners: OwnersTable = field(init=False)
+    _owner_cells: int = 0
 
     def run(self) -> int:
         """Serve until SIGTERM/SIGINT (0) or until workers keep dying (1)."""
@@ -207,6 +218,8 @@ class Supervisor:
         port = reserved[0].getsockname()[1]
         settings = self.settings.model_copy(update={"port": port})
         table = LoadTable.create(rundir / "load.table", self.count)
+        self._owner_cells = table_cells(self.settings.sticky_responses.max_entries)
+        self._owners = OwnersTable.create(rundir / "owners.table", self._owner_cells)
         slots = SlotMap()
         wake_r, wake_w = socket.socketpair()
         wake_w.setblocking(False)
@@ -226,6 +239,7 @@ class Supervisor:
             for sock in (*reserved, wake_r, wake_w):
                 sock.close()
             table.close()
+            self._owners.close()
             shutil.rmtree(rundir, ignore_errors=True)
         return self._exit_code
 
@@ -240,7 +254,9 @@ class Supervisor:
         table: LoadTable,
     ) -> None:
         ours, theirs = ctx.Pipe()
-        spec = WorkerSpec(settings, w.index, self.count, table.path, os.getpid())
+        spec = WorkerSpec(
+            settings, w.index, self.count, table.path, self._owners.path, self._owner_cells, os.getpid()
+        )
         process = ctx.Process(target=_worker_main, args=(spec, theirs), name=f"router-worker-{w.index}")
         process.start()
         theirs.close()
