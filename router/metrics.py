@@ -10,6 +10,7 @@ from the registry at scrape time, so the request path never updates them.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Final, TypeVar
@@ -17,6 +18,7 @@ from typing import Final, TypeVar
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.metrics import MetricWrapperBase
+from prometheus_client.mmap_dict import MmapedDict, mmap_key
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
@@ -102,29 +104,60 @@ class _Registry(CollectorRegistry):
             self.custom.append(collector)
 
 
-class _CustomOf(Collector):
-    def __init__(self, registry: _Registry) -> None:
+class _Mirror:
+    """With several workers: this worker's scrape-time collectors (the engines' gauges, the
+    policy's index and cache stats) written to its own files in the shared metrics folder, so any
+    worker's scrape reports them for the whole router: counters summed over every worker that
+    ran, gauges the largest over the live workers (``livemax``: the engines' in-flight count is
+    already the router's total, and each worker's index mirrors the same engines). Each file is
+    rewritten whole and swapped in by rename, so a reader never sees half of one."""
+
+    def __init__(self, folder: Path, registry: _Registry) -> None:
+        pid = os.getpid()
         self._registry = registry
+        # a pid's live gauges are removed with it (mark_process_dead); counters stay, as totals
+        self._files = {
+            "counter": folder / f"counter_mirror-{pid}.db",
+            "gauge": folder / f"gauge_livemax_{pid}.db",
+        }
 
-    def collect(self) -> Iterable[Metric]:
+    def write(self) -> None:
+        values: dict[str, list[tuple[str, float]]] = {kind: [] for kind in self._files}
         for collector in self._registry.custom:
-            yield from collector.collect()
+            for family in collector.collect():
+                out = values.get(family.type)
+                if out is None:
+                    continue
+                for sample in family.samples:
+                    if sample.name.endswith("_created"):
+                        continue
+                    names = list(sample.labels)
+                    label_values = [sample.labels[n] for n in names]
+                    key = mmap_key(family.name, sample.name, names, label_values, family.documentation)
+                    out.append((key, sample.value))
+        now = time.time()
+        for kind, path in self._files.items():
+            staging = path.with_suffix(".tmp")  # not *.db: never read half-written
+            staging.unlink(missing_ok=True)
+            table = MmapedDict(str(staging))  # type: ignore[no-untyped-call]
+            for key, value in values[kind]:
+                table.write_value(key, value, now)  # type: ignore[no-untyped-call]
+            table.close()  # type: ignore[no-untyped-call]
+            staging.replace(path)
 
 
-def _whole_router(registry: _Registry) -> CollectorRegistry | None:
+def _whole_router(registry: _Registry) -> tuple[CollectorRegistry, _Mirror] | None:
     """With several workers (router/workers.py sets ``PROMETHEUS_MULTIPROC_DIR``; prometheus_client
-    then keeps every value in a file per process): what a scrape of any worker reports. Counters and
-    histograms are summed over every worker that ever ran, gauges over the live ones
-    (``livesum``); the collectors read at scrape time (engines' in-flight, which is already the
-    whole router's through the shared load table, availability, the policy's stats) are this
-    worker's. None with one process."""
+    then keeps every value in a file per process): what a scrape of any worker reports, read from
+    every worker's files. Counters and histograms are summed over every worker that ever ran, the
+    queue gauges over the live ones (``livesum``), the scrape-time collectors as :class:`_Mirror`
+    writes them. None with one process."""
     folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     if not folder or not Path(folder).is_dir():
         return None
     scrape = CollectorRegistry(auto_describe=False)
     MultiProcessCollector(scrape, folder)  # type: ignore[no-untyped-call]
-    scrape.register(_CustomOf(registry))
-    return scrape
+    return scrape, _Mirror(Path(folder), registry)
 
 
 class RouterMetrics:
@@ -134,7 +167,7 @@ class RouterMetrics:
         self, engines: EngineRegistry, clock: Callable[[], float], configured_models: Iterable[str] = ()
     ) -> None:
         self.registry = _Registry()
-        self._scrape = _whole_router(self.registry)
+        self._workers = _whole_router(self.registry)
         self._children: dict[tuple[int, tuple[str, ...]], MetricWrapperBase] = {}
         self._engines = engines
         self._configured = frozenset(configured_models) - {"*"}
@@ -312,5 +345,15 @@ class RouterMetrics:
             child = self._children[key] = metric.labels(*values)
         return child  # type: ignore[return-value]
 
+    def mirror(self) -> None:
+        """With several workers: publish this worker's scrape-time collectors (router/workers.py
+        calls it every second; a scrape this worker answers, first)."""
+        if self._workers is not None:
+            self._workers[1].write()
+
     def render(self) -> bytes:
-        return generate_latest(self._scrape if self._scrape is not None else self.registry)
+        if self._workers is None:
+            return generate_latest(self.registry)
+        scrape, mirror = self._workers
+        mirror.write()
+        return generate_latest(scrape)

@@ -25,6 +25,7 @@ Python serves one request at a time per process; a busy router is CPU-bound on o
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import math
@@ -41,16 +42,22 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 from pathlib import Path
-from typing import Final, Literal
+from typing import TYPE_CHECKING, Final, Literal
+
+import uvloop
 
 from kvstack.router.config import RouterSettings
 from kvstack.router.server import listen_sockets, reserve_ports
 from kvstack.router.shared_load import LoadTable, SlotMap, answer
 from kvstack.router.shared_owners import OwnersTable, table_cells
 
+if TYPE_CHECKING:
+    from kvstack.router.metrics import RouterMetrics
+
 log = logging.getLogger(__name__)
 
 WORKER_HEADER: Final = "x-kvstack-worker"  # the worker's pid, with expose_engine_header (debugging)
+MIRROR_INTERVAL_S: Final = 1.0  # how stale another worker's scrape-time series may be in a scrape
 
 
 # ---------------------------------------------------------------------------- how many (pure)
@@ -165,11 +172,28 @@ def _worker_main(spec: WorkerSpec, conn: Connection) -> None:
     tune_gc(settings.gc_gen0_threshold)
     headers = [(WORKER_HEADER, str(os.getpid()))] if settings.expose_engine_header else []
     server = make_server(settings, app, ctx.metrics.reject, headers=headers)
+    sockets = listen_sockets(settings, reuse_port=True)
+
+    async def serve() -> None:
+        mirror = asyncio.create_task(_mirror_metrics(ctx.metrics))
+        try:
+            await server.serve(sockets=sockets)
+        finally:
+            mirror.cancel()
+
     try:
-        server.run(sockets=listen_sockets(settings, reuse_port=True))
+        uvloop.run(serve())
     finally:
         shared.close()
         owners.close()
+
+
+async def _mirror_metrics(metrics: RouterMetrics) -> None:
+    """This worker's scrape-time series into the shared metrics folder, every second, so a scrape
+    answered by another worker reports them (router/metrics.py)."""
+    while True:
+        metrics.mirror()
+        await asyncio.sleep(MIRROR_INTERVAL_S)
 
 
 def _exit_with_supervisor(supervisor_pid: int) -> None:
