@@ -57,6 +57,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 WORKER_HEADER: Final = "x-kvstack-worker"  # the worker's pid, with expose_engine_header (debugging)
+STARTUP_FAILURE: Final = 3  # uvicorn's exit code when it cannot bind
 MIRROR_INTERVAL_S: Final = 1.0  # how stale another worker's scrape-time series may be in a scrape
 
 
@@ -233,12 +234,17 @@ class Supervisor:
     _owner_cells: int = 0
 
     def run(self) -> int:
-        """Serve until SIGTERM/SIGINT (0) or until workers keep dying (1)."""
+        """Serve until SIGTERM/SIGINT (0), until workers keep dying (1), or not at all when the port
+        cannot be bound (3)."""
+        try:
+            reserved = reserve_ports(self.settings)
+        except OSError as err:  # as uvicorn's own bind failure: a line, and its startup-failure code
+            log.error("cannot bind the router's port", extra={"host": self.settings.host, "error": str(err)})
+            return STARTUP_FAILURE
         rundir = Path(tempfile.mkdtemp(prefix="kvstack-router-", dir=_tmpfs()))
         metrics_dir = rundir / "metrics"
         metrics_dir.mkdir()
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)  # inherited by every worker
-        reserved = reserve_ports(self.settings)
         port = reserved[0].getsockname()[1]
         settings = self.settings.model_copy(update={"port": port})
         table = LoadTable.create(rundir / "load.table", self.count)

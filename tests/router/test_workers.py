@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import threading
 from collections import Counter
 from collections.abc import Iterator
@@ -209,6 +210,18 @@ def test_supervisor_exits_non_zero_when_workers_keep_dying(tmp_path: Path) -> No
         assert router.proc.proc is not None
         assert router.proc.proc.wait(120) == 1
         assert any(line.get("msg") == "router workers keep dying: stopping" for line in router.log_lines())
+
+
+def test_a_port_in_use_fails_the_start(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        argv = [KVSTACK, "router", "--port", str(port), "--workers", "2"]
+        proc = ManagedProcess("router", argv, tmp_path).start()
+        assert proc.proc is not None
+        assert proc.proc.wait(60) == 3
+        assert "cannot bind the router's port" in proc.tail()
 
 
 # ---------------------------------------------------------------------------- KV events
