@@ -254,6 +254,7 @@ class Supervisor:
         wake_r, wake_w = socket.socketpair()
         wake_w.setblocking(False)
         previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+        previous[signal.SIGCHLD] = signal.signal(signal.SIGCHLD, _wake_only)  # the loop reaps orphans
         old_fd = signal.set_wakeup_fd(wake_w.fileno())
         ctx = multiprocessing.get_context("spawn")
         self._workers = [_Worker(i) for i in range(self.count)]
@@ -319,6 +320,7 @@ class Supervisor:
                 if ready is wake:
                     with contextlib.suppress(BlockingIOError):
                         wake.recv(4096)
+                    self._reap_orphans()
                     continue
                 for w in running:
                     if ready is w.conn:
@@ -329,6 +331,15 @@ class Supervisor:
             for w in self._workers:
                 if w.restart_at is not None and now >= w.restart_at and not self._stopping:
                     self._start(ctx, w, settings, table)
+
+    def _reap_orphans(self) -> None:
+        """In a container the supervisor is PID 1: a dead worker's own children (its tokenizer
+        process) become ours when they exit, and would stay zombies. Workers are joined apart."""
+        known = {w.process.pid for w in self._workers if w.process is not None}
+        for pid in zombie_children(os.getpid()):
+            if pid not in known:
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(pid, os.WNOHANG)
 
     def _answer(self, w: _Worker, slots: SlotMap, table: LoadTable) -> None:
         assert w.conn is not None
@@ -376,6 +387,25 @@ class Supervisor:
             if w.process is not None and w.process.pid is not None:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(w.process.pid, sig)
+
+
+def _wake_only(signum: int, frame: object) -> None:
+    """A handler, so the signal reaches the wakeup fd; the loop does the work."""
+
+
+def zombie_children(parent: int) -> list[int]:
+    """Exited, unreaped children of ``parent`` (Linux ``/proc``)."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            state, ppid = (entry / "stat").read_text().rsplit(")", 1)[1].split()[:2]
+        except (OSError, ValueError):
+            continue
+        if state == "Z" and int(ppid) == parent:
+            out.append(int(entry.name))
+    return out
 
 
 def _tmpfs() -> str | None:

@@ -204,6 +204,21 @@ def test_a_killed_worker_is_restarted(sims: list[Sim], tmp_path: Path) -> None:
         assert any(line.get("msg") == "router worker exited: restarting" for line in router.log_lines())
 
 
+def test_workers_leave_with_a_killed_supervisor(sims: list[Sim], tmp_path: Path) -> None:
+    with run_workers(tmp_path, *engine_args(sims)) as router:
+        pids = [int(p) for p in router.pids(2)]
+        os.kill(router.proc.pid, signal.SIGKILL)  # no chance to stop them
+
+        def gone(pid: int) -> bool:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return True
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+
+        wait_until(lambda: all(gone(p) for p in pids), "the orphaned workers to exit", 60, 0.1)
+
+
 def test_supervisor_exits_non_zero_when_workers_keep_dying(tmp_path: Path) -> None:
     # a policy that does not exist passes the supervisor's settings but fails each worker's start
     with run_workers(tmp_path, "--policy", "no-such-policy") as router:

@@ -4,6 +4,9 @@ table across real processes."""
 from __future__ import annotations
 
 import multiprocessing
+import os
+import subprocess
+import sys
 from multiprocessing.connection import Connection
 from pathlib import Path
 
@@ -22,6 +25,7 @@ from kvstack.router.workers import (
     cpu_budget,
     cpu_quota,
     worker_count,
+    zombie_children,
 )
 
 # ---------------------------------------------------------------------------- config
@@ -243,3 +247,13 @@ def test_two_worker_processes_see_each_others_in_flight_load(tmp_path: Path) -> 
             if p.is_alive():
                 p.kill()
         table.close()
+
+
+def test_zombie_children_are_found() -> None:
+    """What the supervisor (PID 1 in a container) reaps: children that exited and were not waited for."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    try:
+        wait_until(lambda: child.pid in zombie_children(os.getpid()), "the child to exit unreaped", 30, 0.02)
+    finally:
+        child.wait()
+    assert child.pid not in zombie_children(os.getpid())
