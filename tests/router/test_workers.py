@@ -134,12 +134,15 @@ def test_two_workers_serve_one_port_and_one_scrape_counts_both(sims: list[Sim], 
 
 
 def test_in_flight_load_is_shared_and_sigterm_drains(slow_sims: list[Sim], tmp_path: Path) -> None:
-    """Streams held open through both workers: any worker's scrape shows all of them in flight at
-    the engines (the shared table), and SIGTERM to the supervisor lets every one of them finish."""
+    """Streams opened one after another through both workers: each goes to the engine with fewer
+    streams of the whole router (least_loaded on the shared table: two workers never pile onto one
+    engine), any worker's scrape shows all of them in flight, and SIGTERM to the supervisor lets
+    every one of them finish."""
     with run_workers(tmp_path, *engine_args(slow_sims)) as router:
         router.pids(2)
         results: list[tuple[str, int, str]] = []
         opened: list[str] = []
+        engines: list[str] = []
         lock = threading.Lock()
 
         def stream(i: int) -> None:
@@ -152,6 +155,7 @@ def test_in_flight_load_is_shared_and_sigterm_drains(slow_sims: list[Sim], tmp_p
             with httpx.stream("POST", router.url + "/v1/chat/completions", json=body, timeout=60) as r:
                 with lock:
                     opened.append(r.headers.get(WORKER_HEADER, ""))
+                    engines.append(r.headers.get("x-kvstack-engine", ""))
                 text = "".join(r.iter_text())
             with lock:
                 results.append((r.headers.get(WORKER_HEADER, ""), r.status_code, text))
@@ -161,9 +165,9 @@ def test_in_flight_load_is_shared_and_sigterm_drains(slow_sims: list[Sim], tmp_p
         def both_workers_streaming() -> bool:
             with lock:
                 workers = set(opened)
-            if len(workers) >= 2 and len(opened) == len(threads):
+            if len(workers) >= 2 and len(opened) == len(threads) >= 6:
                 return True
-            if len(threads) < 12 and len(opened) == len(threads):
+            if len(threads) < 16 and len(opened) == len(threads):  # the last one is in flight
                 t = threading.Thread(target=stream, args=(len(threads),))
                 t.start()
                 threads.append(t)
@@ -172,6 +176,8 @@ def test_in_flight_load_is_shared_and_sigterm_drains(slow_sims: list[Sim], tmp_p
         wait_until(both_workers_streaming, "streams open through both workers", 60, 0.02)
         in_flight = metric_sum(router.get("/metrics").text, "kvstack_router_engine_in_flight_requests")
         assert in_flight == len(threads)  # every worker's streams, from one worker's scrape
+        per_engine = Counter(engines)
+        assert len(per_engine) == 2 and max(per_engine.values()) - min(per_engine.values()) <= 1, engines
         os.kill(router.proc.pid, signal.SIGTERM)  # the supervisor only: it forwards to the workers
         for t in threads:
             t.join(60)
