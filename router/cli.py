@@ -117,7 +117,7 @@ def serve(settings: RouterSettings) -> None:
     """Serve the router until SIGINT/SIGTERM, with the socket-level guards of router/server.py; with
     ``workers`` other than 1, as that many processes under a supervisor (router/workers.py)."""
     if settings.workers != 1:
-        from kvstack.router.workers import usable_cpus, worker_count
+        from kvstack.router.supervision import usable_cpus, worker_count
 
         count = worker_count(settings.workers, usable_cpus())
         if count > 1:

@@ -28,7 +28,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import multiprocessing
 import os
 import shutil
@@ -37,12 +36,11 @@ import socket
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 from pathlib import Path
-from typing import TYPE_CHECKING, Final, Literal
+from typing import TYPE_CHECKING, Final
 
 import uvloop
 
@@ -50,6 +48,7 @@ from kvstack.router.config import RouterSettings
 from kvstack.router.server import listen_sockets, reserve_ports
 from kvstack.router.shared_load import LoadTable, SlotMap, answer
 from kvstack.router.shared_owners import OwnersTable, table_cells
+from kvstack.router.supervision import GiveUp, RestartPolicy, after_death, zombie_children
 
 if TYPE_CHECKING:
     from kvstack.router.metrics import RouterMetrics
@@ -59,78 +58,6 @@ log = logging.getLogger(__name__)
 WORKER_HEADER: Final = "x-kvstack-worker"  # the worker's pid, with expose_engine_header (debugging)
 STARTUP_FAILURE: Final = 3  # uvicorn's exit code when it cannot bind
 MIRROR_INTERVAL_S: Final = 1.0  # how stale another worker's scrape-time series may be in a scrape
-
-
-# ---------------------------------------------------------------------------- how many (pure)
-
-
-def cpu_quota(cpu_max: str | None) -> float | None:
-    """CPUs allowed by a cgroup v2 ``cpu.max`` line (``"200000 100000"``: 2); None: no quota."""
-    if cpu_max is None:
-        return None
-    parts = cpu_max.split()
-    if len(parts) != 2 or parts[0] == "max":
-        return None
-    try:
-        quota, period = int(parts[0]), int(parts[1])
-    except ValueError:
-        return None
-    return quota / period if quota > 0 and period > 0 else None
-
-
-def cpu_budget(affinity: int, quota: float | None) -> int:
-    """Cores this process may use: its CPU affinity, cut to the cgroup quota (rounded up), >= 1."""
-    cpus = max(1, affinity)
-    if quota is not None:
-        cpus = min(cpus, max(1, math.ceil(quota)))
-    return cpus
-
-
-def worker_count(setting: int, cpus: int) -> int:
-    """``workers``: N as given; 0 (``auto``): one per usable core."""
-    return setting if setting > 0 else max(1, cpus)
-
-
-def usable_cpus() -> int:
-    """:func:`cpu_budget` of this process (the I/O: affinity and ``/sys/fs/cgroup/cpu.max``)."""
-    try:
-        text: str | None = Path("/sys/fs/cgroup/cpu.max").read_text()
-    except OSError:
-        text = None
-    return cpu_budget(len(os.sched_getaffinity(0)), cpu_quota(text))
-
-
-# ---------------------------------------------------------------------------- restarts (pure)
-
-
-@dataclass(frozen=True, slots=True)
-class RestartPolicy:
-    max_deaths: int = 5  # worker exits within window_s (all workers together) before giving up
-    window_s: float = 60.0
-    first_delay_s: float = 0.1  # doubled for each recent death, up to max_delay_s
-    max_delay_s: float = 5.0
-
-
-@dataclass(frozen=True, slots=True)
-class Restart:
-    delay_s: float
-    reason: Literal["restart"] = "restart"
-
-
-@dataclass(frozen=True, slots=True)
-class GiveUp:
-    deaths: int
-    reason: Literal["crash_loop"] = "crash_loop"
-
-
-def after_death(deaths: Sequence[float], now: float, policy: RestartPolicy) -> Restart | GiveUp:
-    """What to do when a worker exits unasked. ``deaths``: the times of worker exits so far,
-    this one included. More than ``max_deaths`` in the last ``window_s``: give up (the supervisor
-    exits non-zero); else restart after a delay doubling with each recent death."""
-    recent = sum(1 for t in deaths if now - t <= policy.window_s)
-    if recent > policy.max_deaths:
-        return GiveUp(recent)
-    return Restart(min(policy.max_delay_s, policy.first_delay_s * 2 ** max(0, recent - 1)))
 
 
 # ---------------------------------------------------------------------------- the worker process
@@ -220,18 +147,49 @@ class _Worker:
 
 
 @dataclass
+class _Run:
+    """What one run of the supervisor made and the workers share: removed with it."""
+
+    folder: Path
+    settings: RouterSettings  # the workers': the port resolved
+    table: LoadTable
+    owners: OwnersTable
+    slots: SlotMap = field(default_factory=SlotMap)
+
+    @classmethod
+    def create(cls, settings: RouterSettings, workers: int) -> _Run:
+        folder = Path(tempfile.mkdtemp(prefix="kvstack-router-", dir=_tmpfs()))
+        (folder / "metrics").mkdir()
+        cells = table_cells(settings.sticky_responses.max_entries)
+        return cls(
+            folder,
+            settings,
+            LoadTable.create(folder / "load.table", workers),
+            OwnersTable.create(folder / "owners.table", cells),
+        )
+
+    def spec(self, index: int, workers: int) -> WorkerSpec:
+        return WorkerSpec(
+            self.settings, index, workers, self.table.path, self.owners.path, self.owners.cells, os.getpid()
+        )
+
+    def close(self) -> None:
+        self.table.close()
+        self.owners.close()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
 class Supervisor:
     """Starts, watches and restarts the workers; forwards SIGTERM; see the module's docstring."""
 
-    settings: RouterSettings
-    count: int
-    policy: RestartPolicy = RestartPolicy()
-    _workers: list[_Worker] = field(default_factory=list)
-    _deaths: list[float] = field(default_factory=list)
-    _stopping: bool = False
-    _exit_code: int = 0
-    _owners: OwnersTable = field(init=False)
-    _owner_cells: int = 0
+    def __init__(self, settings: RouterSettings, count: int, policy: RestartPolicy | None = None) -> None:
+        self.settings, self.count = settings, count
+        self.policy = policy or RestartPolicy()
+        self._workers = [_Worker(i) for i in range(count)]
+        self._deaths: list[float] = []
+        self._stopping = False
+        self._exit_code = 0
+        self._spawn = multiprocessing.get_context("spawn")
 
     def run(self) -> int:
         """Serve until SIGTERM/SIGINT (0), until workers keep dying (1), or not at all when the port
@@ -241,67 +199,42 @@ class Supervisor:
         except OSError as err:  # as uvicorn's own bind failure: a line, and its startup-failure code
             log.error("cannot bind the router's port", extra={"host": self.settings.host, "error": str(err)})
             return STARTUP_FAILURE
-        rundir = Path(tempfile.mkdtemp(prefix="kvstack-router-", dir=_tmpfs()))
-        metrics_dir = rundir / "metrics"
-        metrics_dir.mkdir()
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)  # inherited by every worker
         port = reserved[0].getsockname()[1]
-        settings = self.settings.model_copy(update={"port": port})
-        table = LoadTable.create(rundir / "load.table", self.count)
-        self._owner_cells = table_cells(self.settings.sticky_responses.max_entries)
-        self._owners = OwnersTable.create(rundir / "owners.table", self._owner_cells)
-        slots = SlotMap()
+        run = _Run.create(self.settings.model_copy(update={"port": port}), self.count)
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(run.folder / "metrics")  # inherited by each worker
         wake_r, wake_w = socket.socketpair()
         wake_w.setblocking(False)
         previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
         previous[signal.SIGCHLD] = signal.signal(signal.SIGCHLD, _wake_only)  # the loop reaps orphans
         old_fd = signal.set_wakeup_fd(wake_w.fileno())
-        ctx = multiprocessing.get_context("spawn")
-        self._workers = [_Worker(i) for i in range(self.count)]
         log.info("router supervisor started", extra={"workers": self.count, "port": port})
         try:
             for worker in self._workers:
-                self._start(ctx, worker, settings, table)
-            self._loop(ctx, settings, table, slots, wake_r)
+                self._start(run, worker)
+            self._loop(run, wake_r)
         finally:
             signal.set_wakeup_fd(old_fd)
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
             for sock in (*reserved, wake_r, wake_w):
                 sock.close()
-            table.close()
-            self._owners.close()
-            shutil.rmtree(rundir, ignore_errors=True)
+            run.close()
         return self._exit_code
 
     def _on_signal(self, signum: int, _frame: object) -> None:
         self._stopping = True  # the loop wakes on the wakeup fd and forwards it
 
-    def _start(
-        self,
-        ctx: multiprocessing.context.SpawnContext,
-        w: _Worker,
-        settings: RouterSettings,
-        table: LoadTable,
-    ) -> None:
-        ours, theirs = ctx.Pipe()
-        spec = WorkerSpec(
-            settings, w.index, self.count, table.path, self._owners.path, self._owner_cells, os.getpid()
+    def _start(self, run: _Run, w: _Worker) -> None:
+        ours, theirs = self._spawn.Pipe()
+        process = self._spawn.Process(
+            target=_worker_main, args=(run.spec(w.index, self.count), theirs), name=f"router-worker-{w.index}"
         )
-        process = ctx.Process(target=_worker_main, args=(spec, theirs), name=f"router-worker-{w.index}")
         process.start()
         theirs.close()
         w.process, w.conn, w.restart_at = process, ours, None
         log.info("router worker started", extra={"worker": w.index, "pid": process.pid})
 
-    def _loop(
-        self,
-        ctx: multiprocessing.context.SpawnContext,
-        settings: RouterSettings,
-        table: LoadTable,
-        slots: SlotMap,
-        wake: socket.socket,
-    ) -> None:
+    def _loop(self, run: _Run, wake: socket.socket) -> None:
         forwarded = False
         while True:
             if self._stopping and not forwarded:
@@ -324,13 +257,13 @@ class Supervisor:
                     continue
                 for w in running:
                     if ready is w.conn:
-                        self._answer(w, slots, table)
+                        self._answer(run, w)
                     elif w.process is not None and ready == w.process.sentinel:
-                        self._died(w, slots, table)
+                        self._died(run, w)
             now = time.monotonic()
             for w in self._workers:
                 if w.restart_at is not None and now >= w.restart_at and not self._stopping:
-                    self._start(ctx, w, settings, table)
+                    self._start(run, w)
 
     def _reap_orphans(self) -> None:
         """In a container the supervisor is PID 1: a dead worker's own children (its tokenizer
@@ -341,15 +274,16 @@ class Supervisor:
                 with contextlib.suppress(ChildProcessError):
                     os.waitpid(pid, os.WNOHANG)
 
-    def _answer(self, w: _Worker, slots: SlotMap, table: LoadTable) -> None:
+    def _answer(self, run: _Run, w: _Worker) -> None:
+        """One slot-map request of a worker (router/shared_load.py)."""
         assert w.conn is not None
         try:
             op, url = w.conn.recv()
-            w.conn.send(answer(slots, table, w.index, op, url))
+            w.conn.send(answer(run.slots, run.table, w.index, op, url))
         except (EOFError, OSError):
             pass  # the worker is exiting; its sentinel says so next
 
-    def _died(self, w: _Worker, slots: SlotMap, table: LoadTable) -> None:
+    def _died(self, run: _Run, w: _Worker) -> None:
         from prometheus_client import multiprocess
 
         assert w.process is not None and w.conn is not None
@@ -358,8 +292,8 @@ class Supervisor:
         w.conn.close()
         w.process, w.conn = None, None
         # its requests died with it: nothing of them may count as load any more
-        table.clear_row(w.index)
-        slots.release_worker(w.index)
+        run.table.clear_row(w.index)
+        run.slots.release_worker(w.index)
         if pid is not None:
             multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]  # its live gauges go too
         if self._stopping:
@@ -391,21 +325,6 @@ class Supervisor:
 
 def _wake_only(signum: int, frame: object) -> None:
     """A handler, so the signal reaches the wakeup fd; the loop does the work."""
-
-
-def zombie_children(parent: int) -> list[int]:
-    """Exited, unreaped children of ``parent`` (Linux ``/proc``)."""
-    out = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            state, ppid = (entry / "stat").read_text().rsplit(")", 1)[1].split()[:2]
-        except (OSError, ValueError):
-            continue
-        if state == "Z" and int(ppid) == parent:
-            out.append(int(entry.name))
-    return out
 
 
 def _tmpfs() -> str | None:

@@ -17,7 +17,7 @@ from kvstack.common.waits import wait_until
 from kvstack.router.config import load_settings
 from kvstack.router.engines import Endpoint, EngineRegistry, EngineState
 from kvstack.router.shared_load import LoadTable, SharedLoad, SlotClient, SlotMap, answer
-from kvstack.router.workers import (
+from kvstack.router.supervision import (
     GiveUp,
     Restart,
     RestartPolicy,
