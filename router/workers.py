@@ -16,7 +16,7 @@ Python serves one request at a time per process; a busy router is CPU-bound on o
 4. It gives the workers one metrics folder (``PROMETHEUS_MULTIPROC_DIR``), so any worker's
    ``/metrics`` answers for the whole router (router/metrics.py).
 5. A worker that exits is restarted in the same row after a backoff, its row of the load table
-   zeroed and its live gauges dropped; when workers keep dying (:func:`after_death`) the
+   zeroed and its live gauges dropped; when workers keep dying (router/supervision.py) the
    supervisor stops the others and exits 1, so Kubernetes sees the crash loop.
 6. SIGTERM (or SIGINT) is forwarded to every worker, which drains as a single router does
    (stops accepting, finishes requests in flight, up to 30 s); the supervisor exits 0 once all

@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import socket
+import subprocess
 import threading
 from collections import Counter
 from collections.abc import Iterator
@@ -231,6 +232,15 @@ def test_supervisor_exits_non_zero_when_workers_keep_dying(tmp_path: Path) -> No
         assert router.proc.proc is not None
         assert router.proc.proc.wait(120) == 1
         assert any(line.get("msg") == "router workers keep dying: stopping" for line in router.log_lines())
+
+
+@pytest.mark.parametrize(
+    ("given", "problem"), [("many", "valid integer"), ("-2", "greater than or equal to 0")]
+)
+def test_a_bad_worker_count_is_refused_naming_the_field(given: str, problem: str) -> None:
+    out = subprocess.run([KVSTACK, "router", "--workers", given], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2
+    assert "invalid router configuration: workers:" in out.stderr and problem in out.stderr
 
 
 def test_a_port_in_use_fails_the_start(tmp_path: Path) -> None:
