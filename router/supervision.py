@@ -8,7 +8,9 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Final, Literal
+
+CONFIG_ERROR: Final = 2  # a worker's exit status for configuration it refused (kvstack's CLI convention)
 
 # ---------------------------------------------------------------------------- how many (pure)
 
@@ -60,14 +62,24 @@ class Restart:
 @dataclass(frozen=True, slots=True)
 class GiveUp:
     deaths: int
-    reason: Literal["crash_loop"] = "crash_loop"
+    reason: Literal["crash_loop", "config_error"] = "crash_loop"
+
+    @property
+    def exit_code(self) -> int:
+        """The supervisor's: 2 for configuration a worker refused (as ``kvstack router`` itself), else 1."""
+        return CONFIG_ERROR if self.reason == "config_error" else 1
 
 
-def after_death(deaths: Sequence[float], now: float, policy: RestartPolicy) -> Restart | GiveUp:
+def after_death(
+    deaths: Sequence[float], now: float, policy: RestartPolicy, exit_code: int | None = None
+) -> Restart | GiveUp:
     """What to do when a worker exits unasked. ``deaths``: the times of worker exits so far,
-    this one included. More than ``max_deaths`` in the last ``window_s``: give up (the supervisor
-    exits non-zero); else restart after a delay doubling with each recent death."""
+    this one included. A worker that refused the configuration (exit status 2) would refuse it
+    again: give up at once. More than ``max_deaths`` in the last ``window_s``: give up (the
+    supervisor exits non-zero); else restart after a delay doubling with each recent death."""
     recent = sum(1 for t in deaths if now - t <= policy.window_s)
+    if exit_code == CONFIG_ERROR:
+        return GiveUp(recent, "config_error")
     if recent > policy.max_deaths:
         return GiveUp(recent)
     return Restart(min(policy.max_delay_s, policy.first_delay_s * 2 ** max(0, recent - 1)))

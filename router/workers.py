@@ -17,7 +17,8 @@ Python serves one request at a time per process; a busy router is CPU-bound on o
    ``/metrics`` answers for the whole router (router/metrics.py).
 5. A worker that exits is restarted in the same row after a backoff, its row of the load table
    zeroed and its live gauges dropped; when workers keep dying (router/supervision.py) the
-   supervisor stops the others and exits 1, so Kubernetes sees the crash loop.
+   supervisor stops the others and exits 1, so Kubernetes sees the crash loop; when one refused
+   the configuration (a policy that does not exist), at once, with 2.
 6. SIGTERM (or SIGINT) is forwarded to every worker, which drains as a single router does
    (stops accepting, finishes requests in flight, up to 30 s); the supervisor exits 0 once all
    have. A worker whose supervisor vanished (SIGKILL) drains and exits by itself.
@@ -33,6 +34,7 @@ import os
 import shutil
 import signal
 import socket
+import sys
 import tempfile
 import threading
 import time
@@ -48,7 +50,7 @@ from kvstack.router.config import RouterSettings
 from kvstack.router.server import listen_sockets, reserve_ports
 from kvstack.router.shared_load import LoadTable, SlotMap, answer
 from kvstack.router.shared_owners import OwnersTable, table_cells
-from kvstack.router.supervision import GiveUp, RestartPolicy, after_death, zombie_children
+from kvstack.router.supervision import CONFIG_ERROR, GiveUp, RestartPolicy, after_death, zombie_children
 
 if TYPE_CHECKING:
     from kvstack.router.metrics import RouterMetrics
@@ -78,6 +80,7 @@ class WorkerSpec:
 
 def _worker_main(spec: WorkerSpec, conn: Connection) -> None:
     """One worker: a whole router, sharing its engines' load through the table."""
+    from kvstack.common.config import ConfigError
     from kvstack.router.app import create_app
     from kvstack.router.engines import EngineRegistry
     from kvstack.router.gc_tuning import tune_gc
@@ -93,7 +96,11 @@ def _worker_main(spec: WorkerSpec, conn: Connection) -> None:
     table = LoadTable(spec.table, spec.workers)
     shared = SharedLoad(registry, table, spec.index, SlotClient(conn))
     shared.start()
-    app = create_app(settings, registry)
+    try:
+        app = create_app(settings, registry)
+    except ConfigError as err:  # a bad policy or key file: every worker would refuse it
+        log.error(str(err))
+        sys.exit(CONFIG_ERROR)
     ctx = app.app.state.ctx
     owners = OwnersTable(spec.owners, spec.owner_cells)
     ctx.owners = SharedOwners(settings.sticky_responses, owners, shared.slot_of, shared.url_of)
@@ -301,13 +308,14 @@ class Supervisor:
             return
         now = time.monotonic()
         self._deaths = [*self._deaths, now][-(self.policy.max_deaths + 1) :]
-        outcome = after_death(self._deaths, now, self.policy)
+        outcome = after_death(self._deaths, now, self.policy, code)
         if isinstance(outcome, GiveUp):
-            log.error(
-                "router workers keep dying: stopping",
-                extra={"worker": w.index, "exit_code": code, "deaths": outcome.deaths},
-            )
-            self._exit_code, self._stopping = 1, True
+            message = {
+                "crash_loop": "router workers keep dying: stopping",
+                "config_error": "a router worker refused the configuration: stopping",
+            }[outcome.reason]
+            log.error(message, extra={"worker": w.index, "exit_code": code, "deaths": outcome.deaths})
+            self._exit_code, self._stopping = outcome.exit_code, True
             return
         log.warning(
             "router worker exited: restarting",

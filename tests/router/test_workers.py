@@ -5,6 +5,7 @@ Every request here opens its own connection (the kernel picks a worker per conne
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -226,12 +227,38 @@ def test_workers_leave_with_a_killed_supervisor(sims: list[Sim], tmp_path: Path)
         wait_until(lambda: all(gone(p) for p in pids), "the orphaned workers to exit", 60, 0.1)
 
 
-def test_supervisor_exits_non_zero_when_workers_keep_dying(tmp_path: Path) -> None:
-    # a policy that does not exist passes the supervisor's settings but fails each worker's start
+def test_supervisor_exits_1_when_workers_keep_dying(sims: list[Sim], tmp_path: Path) -> None:
+    """Workers killed as fast as they come up: after the sixth death in a minute the supervisor
+    stops (router/supervision.py's RestartPolicy) and exits 1."""
+    with run_workers(tmp_path, *engine_args(sims)) as router:
+        router.pids(2)
+        killed: set[str] = set()
+
+        def supervisor_gave_up() -> bool:
+            if not router.proc.alive():
+                return True
+            pid = router.ready_worker()
+            if pid is not None and pid not in killed:
+                killed.add(pid)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(pid), signal.SIGKILL)
+            return False
+
+        wait_until(supervisor_gave_up, "the supervisor to give up", 120, 0.05)
+        assert router.proc.proc is not None and router.proc.proc.returncode == 1
+        assert len(killed) >= 6  # six deaths; one more may be killed while the last ones stop
+        assert any(line.get("msg") == "router workers keep dying: stopping" for line in router.log_lines())
+
+
+def test_a_configuration_the_workers_refuse_stops_the_supervisor_at_once(tmp_path: Path) -> None:
+    # a policy that does not exist passes the settings' validation but fails each worker's start
     with run_workers(tmp_path, "--policy", "no-such-policy") as router:
         assert router.proc.proc is not None
-        assert router.proc.proc.wait(120) == 1
-        assert any(line.get("msg") == "router workers keep dying: stopping" for line in router.log_lines())
+        assert router.proc.proc.wait(120) == 2
+        lines = router.log_lines()
+        assert any("no-such-policy" in line.get("msg", "") for line in lines)
+        assert any(line.get("msg") == "a router worker refused the configuration: stopping" for line in lines)
+        assert sum(line.get("msg") == "router worker started" for line in lines) == 2  # never restarted
 
 
 @pytest.mark.parametrize(

@@ -101,6 +101,14 @@ def test_after_death(deaths: list[float], now: float, outcome: Restart | GiveUp)
     assert after_death(deaths, now, POLICY) == outcome
 
 
+def test_a_refused_configuration_is_given_up_at_once() -> None:
+    outcome = after_death([100.0], 100.0, POLICY, exit_code=2)
+    assert outcome == GiveUp(1, "config_error") and outcome.exit_code == 2
+    assert after_death([100.0], 100.0, POLICY, exit_code=1) == Restart(0.1)
+    assert after_death([100.0], 100.0, POLICY, exit_code=-9) == Restart(0.1)  # killed
+    assert GiveUp(6).exit_code == 1
+
+
 def test_restart_delay_is_capped() -> None:
     policy = RestartPolicy(max_deaths=100, first_delay_s=0.5, max_delay_s=2.0)
     assert after_death([float(t) for t in range(10)], 10.0, policy) == Restart(2.0)
