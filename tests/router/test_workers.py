@@ -129,9 +129,17 @@ def test_two_workers_serve_one_port_and_one_scrape_counts_both(sims: list[Sim], 
 
         wait_until(both_served, "requests answered by both workers", 60, 0.0)
         sent = sum(by_worker.values())
-        text = router.get("/metrics").text  # one scrape, one worker
-        assert metric_sum(text, "kvstack_router_requests_total") == sent
-        assert metric_sum(text, "kvstack_router_route_requests_total", route="/v1/chat/completions") == sent
+
+        def counted(text: str) -> tuple[float, float]:
+            chats = metric_sum(text, "kvstack_router_route_requests_total", route="/v1/chat/completions")
+            return metric_sum(text, "kvstack_router_requests_total"), chats
+
+        # a request is counted as its answer ends: poll until the last one is in, one scrape at a time
+        wait_until(
+            lambda: counted(router.get("/metrics").text) == (sent, sent), "every request counted", 30, 0.05
+        )
+        text = router.get("/metrics").text
+        assert counted(text) == (sent, sent)  # whichever worker answers the scrape
         assert 'kvstack_router_queued_requests{model_name="kvstack/sim-8b"} 0.0' in text  # livesum
 
 
@@ -151,7 +159,7 @@ def test_in_flight_load_is_shared_and_sigterm_drains(slow_sims: list[Sim], tmp_p
             body = {
                 "model": MODEL,
                 "messages": [{"role": "user", "content": f"tell a long story {i}"}],
-                "max_tokens": 40,
+                "max_tokens": 200,  # ~10 s at a tenth of real time: every stream outlasts the opening
                 "stream": True,
             }
             with httpx.stream("POST", router.url + "/v1/chat/completions", json=body, timeout=60) as r:
