@@ -22,6 +22,13 @@ def run_router(
     config: Annotated[Path | None, typer.Option("--config", help="YAML/JSON file of settings.")] = None,
     host: Annotated[str | None, typer.Option(help="Address to bind (default 127.0.0.1).")] = None,
     port: Annotated[int | None, typer.Option(help="Port to listen on (default 8000).")] = None,
+    workers: Annotated[
+        str | None,
+        typer.Option(
+            metavar="<n|auto>",
+            help="Router processes serving the port together (default 1); auto or 0: one per usable core.",
+        ),
+    ] = None,
     engine: Annotated[
         list[str] | None, typer.Option("--engine", help="Engine base URL; repeat for several.")
     ] = None,
@@ -72,6 +79,7 @@ def run_router(
         config,
         host=host,
         port=port,
+        workers=workers,
         engines=engine or None,
         engines_file=engines_file,
         models=model or None,
@@ -106,7 +114,15 @@ def tracing_flags(
 
 
 def serve(settings: RouterSettings) -> None:
-    """Serve the router until SIGINT/SIGTERM, with the socket-level guards of router/server.py."""
+    """Serve the router until SIGINT/SIGTERM, with the socket-level guards of router/server.py; with
+    ``workers`` other than 1, as that many processes under a supervisor (router/workers.py)."""
+    if settings.workers != 1:
+        from kvstack.router.supervision import usable_cpus, worker_count
+
+        count = worker_count(settings.workers, usable_cpus())
+        if count > 1:
+            serve_workers(settings, count)
+            return
     from kvstack.router.app import create_app
     from kvstack.router.gc_tuning import tune_gc
     from kvstack.router.logs import configure_logging
@@ -117,3 +133,14 @@ def serve(settings: RouterSettings) -> None:
     tune_gc(settings.gc_gen0_threshold)  # process-wide, so here and not in the app factory
     server = make_server(settings, app, app.app.state.ctx.metrics.reject)
     server.run(sockets=listen_sockets(settings))
+
+
+def serve_workers(settings: RouterSettings, count: int) -> None:
+    """The supervisor of ``count`` router processes; exits 1 when they keep dying."""
+    from kvstack.router.logs import configure_logging
+    from kvstack.router.workers import Supervisor
+
+    configure_logging(settings.log_level)
+    code = Supervisor(settings, count).run()
+    if code:
+        raise typer.Exit(code)

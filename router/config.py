@@ -66,6 +66,9 @@ class RouterSettings(BaseSettings):
 
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
+    # router processes serving `port` together (SO_REUSEPORT) under a supervisor (router/workers.py);
+    # 0 or "auto": one per core this process may use (CPU affinity, cut to the cgroup quota)
+    workers: int = Field(1, ge=0, le=512)
 
     # engines (static discovery): base URLs, and the models they serve when known up front
     engines: Annotated[list[str], NoDecode] = Field(default_factory=list)
@@ -189,6 +192,13 @@ class RouterSettings(BaseSettings):
     tracing: TracingConfig = Field(default_factory=TracingConfig)
 
     _split = field_validator("engines", "models", "api_keys", "hold_models", mode="before")(split_comma_list)
+
+    @field_validator("workers", mode="before")
+    @classmethod
+    def _auto_workers(cls, value: object) -> object:
+        if isinstance(value, str) and value.strip().lower() == "auto":
+            return 0
+        return value
 
     @field_validator("engines")
     @classmethod

@@ -9,8 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from kvstack.router.ejection import OutlierTrack
+
+if TYPE_CHECKING:
+    from kvstack.router.shared_load import LoadCell
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,8 +38,9 @@ class EngineState:
     # health: failed probes mark it unhealthy (the monitor), failed requests eject it (the proxy)
     healthy: bool = True
     outlier: OutlierTrack = field(default_factory=OutlierTrack)
-    # kept by the router itself: requests dispatched and not yet finished
-    in_flight: int = 0
+    # kept by the router itself: requests this process dispatched there and not yet finished (the
+    # proxy counts them through ``in_flight``, which adds the other workers' from the shared table)
+    own_in_flight: int = 0
     # scraped from the engine's /metrics (vLLM 0.24 names); None until the first scrape
     num_running: float | None = None
     num_waiting: float | None = None
@@ -46,6 +51,41 @@ class EngineState:
     extra: dict[str, float] = field(default_factory=dict)
     # called when the router declares the engine down: each ends one request in flight there
     on_down: set[Callable[[], None]] = field(default_factory=set)
+    # with several router workers: this engine's column of the shared load table (router/shared_load.py)
+    load_cell: LoadCell | None = field(default=None, repr=False, compare=False)
+    _peers_seen: int = field(default=0, init=False, repr=False, compare=False)
+
+    @property
+    def in_flight(self) -> int:
+        """Requests the router has dispatched to the engine and not yet finished: this process's and,
+        with several workers, the others' (read from the shared table at each call)."""
+        cell = self.load_cell
+        if cell is None:
+            return self.own_in_flight
+        peers = self._peers_seen = cell.peers()
+        return self.own_in_flight + peers
+
+    @in_flight.setter
+    def in_flight(self, value: int) -> None:
+        # ``engine.in_flight += 1`` reads, then writes, with nothing in between on this event loop:
+        # the difference from what was just read is all this process's, and it is published at once
+        own = self.own_in_flight = value - self._peers_seen
+        if self.load_cell is not None:
+            self.load_cell.publish(own)
+
+    def attach_load(self, cell: LoadCell) -> None:
+        """Share this engine's in-flight count with the other workers through ``cell``."""
+        self.load_cell, self._peers_seen = cell, 0
+        cell.publish(self.own_in_flight)
+
+    def detach_load(self) -> bool:
+        """Stop sharing (the engine left discovery): the cell goes back to zero; False if none."""
+        cell = self.load_cell
+        if cell is None:
+            return False
+        cell.publish(0)
+        self.load_cell, self._peers_seen = None, 0
+        return True
 
     @property
     def url(self) -> str:

@@ -9,12 +9,17 @@ from the registry at scrape time, so the request path never updates them.
 
 from __future__ import annotations
 
+import os
+import time
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Final, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.metrics import MetricWrapperBase
+from prometheus_client.mmap_dict import MmapedDict, mmap_key
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 from kvstack.router.engines import EngineRegistry
@@ -86,13 +91,83 @@ class _EngineCollector(Collector):
         yield failures
 
 
+class _Registry(CollectorRegistry):
+    """A registry that remembers its collectors that are not plain metrics (read at scrape time)."""
+
+    def __init__(self) -> None:
+        super().__init__(auto_describe=True)
+        self.custom: list[Collector] = []
+
+    def register(self, collector: Collector) -> None:
+        super().register(collector)
+        if not isinstance(collector, MetricWrapperBase):
+            self.custom.append(collector)
+
+
+class _Mirror:
+    """With several workers: this worker's scrape-time collectors (the engines' gauges, the
+    policy's index and cache stats) written to its own files in the shared metrics folder, so any
+    worker's scrape reports them for the whole router: counters summed over every worker that
+    ran, gauges the largest over the live workers (``livemax``: the engines' in-flight count is
+    already the router's total, and each worker's index mirrors the same engines). Each file is
+    rewritten whole and swapped in by rename, so a reader never sees half of one."""
+
+    def __init__(self, folder: Path, registry: _Registry) -> None:
+        pid = os.getpid()
+        self._registry = registry
+        # a pid's live gauges are removed with it (mark_process_dead); counters stay, as totals
+        self._files = {
+            "counter": folder / f"counter_mirror-{pid}.db",
+            "gauge": folder / f"gauge_livemax_{pid}.db",
+        }
+
+    def write(self) -> None:
+        values: dict[str, list[tuple[str, float]]] = {kind: [] for kind in self._files}
+        for collector in self._registry.custom:
+            for family in collector.collect():
+                out = values.get(family.type)
+                if out is None:
+                    continue
+                for sample in family.samples:
+                    if sample.name.endswith("_created"):
+                        continue
+                    names = list(sample.labels)
+                    label_values = [sample.labels[n] for n in names]
+                    key = mmap_key(family.name, sample.name, names, label_values, family.documentation)
+                    out.append((key, sample.value))
+        now = time.time()
+        for kind, path in self._files.items():
+            staging = path.with_suffix(".tmp")  # not *.db: never read half-written
+            staging.unlink(missing_ok=True)
+            table = MmapedDict(str(staging))  # type: ignore[no-untyped-call]
+            for key, value in values[kind]:
+                table.write_value(key, value, now)  # type: ignore[no-untyped-call]
+            table.close()  # type: ignore[no-untyped-call]
+            staging.replace(path)
+
+
+def _whole_router(registry: _Registry) -> tuple[CollectorRegistry, _Mirror] | None:
+    """With several workers (router/workers.py sets ``PROMETHEUS_MULTIPROC_DIR``; prometheus_client
+    then keeps every value in a file per process): what a scrape of any worker reports, read from
+    every worker's files. Counters and histograms are summed over every worker that ever ran, the
+    queue gauges over the live ones (``livesum``), the scrape-time collectors as :class:`_Mirror`
+    writes them. None with one process."""
+    folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not folder or not Path(folder).is_dir():
+        return None
+    scrape = CollectorRegistry(auto_describe=False)
+    MultiProcessCollector(scrape, folder)  # type: ignore[no-untyped-call]
+    return scrape, _Mirror(Path(folder), registry)
+
+
 class RouterMetrics:
     """Every router series; create one per app (tests run several apps in one process)."""
 
     def __init__(
         self, engines: EngineRegistry, clock: Callable[[], float], configured_models: Iterable[str] = ()
     ) -> None:
-        self.registry = CollectorRegistry(auto_describe=True)
+        self.registry = _Registry()
+        self._workers = _whole_router(self.registry)
         self._children: dict[tuple[int, tuple[str, ...]], MetricWrapperBase] = {}
         self._engines = engines
         self._configured = frozenset(configured_models) - {"*"}
@@ -184,6 +259,7 @@ class RouterMetrics:
             "while it has none (scale from zero).",
             ["model_name"],
             registry=r,
+            multiprocess_mode="livesum",  # several workers: the sum over the live ones
         )
         # --- requests by route (the proxied API path: a fixed set, so a bounded label)
         self.route_requests = Counter(
@@ -199,6 +275,7 @@ class RouterMetrics:
             "Requests waiting in the router's flow queue, by model, priority class and tenant.",
             ["model_name", "class", "tenant"],
             registry=r,
+            multiprocess_mode="livesum",
         )
         self.flow_queue_wait = Histogram(
             "kvstack_router_flow_queue_wait_seconds",
@@ -268,5 +345,15 @@ class RouterMetrics:
             child = self._children[key] = metric.labels(*values)
         return child  # type: ignore[return-value]
 
+    def mirror(self) -> None:
+        """With several workers: publish this worker's scrape-time collectors (router/workers.py
+        calls it every second; a scrape this worker answers, first)."""
+        if self._workers is not None:
+            self._workers[1].write()
+
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        if self._workers is None:
+            return generate_latest(self.registry)
+        scrape, mirror = self._workers
+        mirror.write()
+        return generate_latest(scrape)

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -248,9 +248,13 @@ def protocol_for(limits: EdgeLimits) -> type[GuardedProtocol]:
 
 
 def make_server(
-    settings: RouterSettings, app: Any, count_refusal: Callable[[Refusal], None]
+    settings: RouterSettings,
+    app: Any,
+    count_refusal: Callable[[Refusal], None],
+    headers: Sequence[tuple[str, str]] = (),
 ) -> uvicorn.Server:
-    """The uvicorn server for ``app`` with the guarded protocol; run it on :func:`listen_sockets`."""
+    """The uvicorn server for ``app`` with the guarded protocol; run it on :func:`listen_sockets`.
+    ``headers`` go on every response (a worker's id, router/workers.py)."""
     config = uvicorn.Config(
         app,
         host=settings.host,
@@ -268,11 +272,40 @@ def make_server(
         timeout_keep_alive=int(settings.client_idle_timeout_s) or 1,
         timeout_graceful_shutdown=30,
         backlog=min(settings.max_client_connections, 4096),
+        headers=list(headers),
     )
     return uvicorn.Server(config)
 
 
-def listen_sockets(settings: RouterSettings) -> list[socket.socket]:
-    """The API socket, and the metrics one when ``metrics_port`` is set (same host)."""
-    ports = [settings.port] if settings.metrics_port is None else [settings.port, settings.metrics_port]
-    return [uvicorn.Config("", host=settings.host, port=port).bind_socket() for port in ports]
+def _ports(settings: RouterSettings) -> list[int]:
+    return [settings.port] if settings.metrics_port is None else [settings.port, settings.metrics_port]
+
+
+def listen_sockets(settings: RouterSettings, *, reuse_port: bool = False) -> list[socket.socket]:
+    """The API socket, and the metrics one when ``metrics_port`` is set (same host). ``reuse_port``:
+    bound with ``SO_REUSEPORT`` beside the other workers' (router/workers.py): the kernel spreads
+    new connections over every listening socket of the port."""
+    if not reuse_port:
+        return [uvicorn.Config("", host=settings.host, port=port).bind_socket() for port in _ports(settings)]
+    return [_reuse_port_socket(settings.host, port) for port in _ports(settings)]
+
+
+def reserve_ports(settings: RouterSettings) -> list[socket.socket]:
+    """Bound, never listening, ``SO_REUSEPORT`` sockets holding the API (and metrics) port for the
+    workers: port 0 resolves here once, and no other program takes the port while workers restart.
+    A socket that does not listen is never handed a connection."""
+    return [_reuse_port_socket(settings.host, port) for port in _ports(settings)]
+
+
+def _reuse_port_socket(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host.strip("[]"), port))
+    except OSError:
+        sock.close()
+        raise
+    sock.set_inheritable(True)
+    return sock

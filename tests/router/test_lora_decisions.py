@@ -61,12 +61,12 @@ def test_kv_scope(model: str, engines: list[EngineState], expected: tuple[str, s
 @pytest.mark.parametrize(
     ("engines", "exclude", "expected"),
     [
-        ([engine("a", {"m"}, in_flight=3), engine("b", {"m"}, in_flight=1)], (), "b"),  # least loaded
+        ([engine("a", {"m"}, own_in_flight=3), engine("b", {"m"}, own_in_flight=1)], (), "b"),  # least loaded
         ([engine("a", {"m"}), engine("b", {"m", "x"}, {"x": "m"})], (), "a"),  # tie: fewer adapters
-        ([engine("a", {"m", "sql"}, {"sql": "m"}), engine("b", {"m"}, in_flight=9)], (), "b"),  # has it
-        ([engine("a", {"m"}, healthy=False), engine("b", {"m"}, in_flight=9)], (), "b"),  # unavailable
+        ([engine("a", {"m", "sql"}, {"sql": "m"}), engine("b", {"m"}, own_in_flight=9)], (), "b"),  # has it
+        ([engine("a", {"m"}, healthy=False), engine("b", {"m"}, own_in_flight=9)], (), "b"),  # unavailable
         ([engine("a", {"other"})], (), None),  # no engine of the base model
-        ([engine("a", {"m"}), engine("b", {"m"}, in_flight=5)], ("http://a",), "b"),  # a refused
+        ([engine("a", {"m"}), engine("b", {"m"}, own_in_flight=5)], ("http://a",), "b"),  # a refused
     ],
 )
 def test_pick_engine(engines: list[EngineState], exclude: tuple[str, ...], expected: str | None) -> None:

@@ -17,7 +17,7 @@ def engines(n: int, loads: list[int] | None = None) -> list[EngineState]:
     out = []
     for i in range(n):
         ep = Endpoint(url=f"http://e{i}", name=f"e{i}", models=frozenset({"m"}))
-        out.append(EngineState(endpoint=ep, models=ep.models, in_flight=(loads or [0] * n)[i]))
+        out.append(EngineState(endpoint=ep, models=ep.models, own_in_flight=(loads or [0] * n)[i]))
     return out
 
 

@@ -38,9 +38,16 @@ import yaml
 from kvstack.bench.progress import BenchProgress
 from kvstack.bench.report import print_table, write_json
 from kvstack.bench.router_overhead_plot import plot_overhead
+from kvstack.bench.router_overhead_workers import (
+    label,
+    scaling,
+    tree_cpu_seconds,
+    tree_memory_mb,
+    wait_workers,
+)
 from kvstack.bench.sglang_router import SGLANG_POLICIES, sglang_router, wait_sglang_workers
 from kvstack.bench.stats import percentile
-from kvstack.common.procs import cpu_seconds, free_port, kvstack_argv, memory_mb
+from kvstack.common.procs import cpu_seconds, free_port, kvstack_argv
 
 MODEL = "sim"
 GOALS = {"added_p50_ms": 1.0, "added_p99_ms": 5.0, "rps_nonstream": 1000.0, "rps_stream": 500.0}
@@ -152,17 +159,17 @@ def run_load(
         time.sleep(load.warmup)
         assert proc.pid is not None
         t0 = time.monotonic()
-        cpu_r = cpu_seconds(router_pid) if router_pid else 0.0
+        cpu_r = tree_cpu_seconds(router_pid) if router_pid else 0.0
         cpu_l = cpu_seconds(proc.pid)
         while (elapsed := time.monotonic() - t0) < load.seconds:
             if router_pid and rss_every:
-                rss.append((round(elapsed, 1), memory_mb(router_pid)))
+                rss.append((round(elapsed, 1), tree_memory_mb(router_pid)))
             time.sleep(min(rss_every or load.seconds, max(0.01, load.seconds - elapsed)))
         wall = time.monotonic() - t0
-        router_cpu = (cpu_seconds(router_pid) - cpu_r) / wall if router_pid else 0.0
+        router_cpu = (tree_cpu_seconds(router_pid) - cpu_r) / wall if router_pid else 0.0
         load_cpu = (cpu_seconds(proc.pid) - cpu_l) / wall
         if router_pid and rss_every:
-            rss.append((round(wall, 1), memory_mb(router_pid)))
+            rss.append((round(wall, 1), tree_memory_mb(router_pid)))
         samples: list[tuple[float, float, bool, int]] = parent.recv()
         proc.join(30)
     finally:
@@ -232,17 +239,20 @@ def _sims(n: int, speed: float, logs: Path) -> tuple[list[Any], list[dict[str, A
     return procs, entries
 
 
-def _router(backend: str, policy: str, engines_file: Path, logs: Path, profile: Path | None) -> Any:
+def _router(
+    backend: str, policy: str, engines_file: Path, logs: Path, profile: Path | None, workers: int = 1
+) -> Any:
     from kvstack.common.procs import ManagedProcess
 
     port = free_port()
     argv = [*kvstack_argv(), "router", "--port", str(port), "--engines-file", str(engines_file)]
     argv += ["--policy", policy, "--upstream-backend", backend, "--log-level", "warning"]
+    argv += ["--workers", str(workers)]
     if profile is not None:
         argv = [sys.executable, "-m", "cProfile", "-o", str(profile.resolve()), *argv]
     env = {"KVSTACK_ROUTER_ACCESS_LOG": "false"}
     return ManagedProcess(
-        f"router-{backend}", argv, logs, env=env, ready_url=f"http://127.0.0.1:{port}/ready"
+        f"router-{label(backend, workers)}", argv, logs, env=env, ready_url=f"http://127.0.0.1:{port}/ready"
     )
 
 
@@ -261,9 +271,12 @@ def measure_backend(
     logs: Path,
     profile: Path | None,
     tick: Callable[[float], None] = lambda _s: None,
+    workers: int = 1,
 ) -> dict[str, Any]:
-    router = _router(backend, policy, engines_file, logs, profile)
-    return measure_router(backend, router, cfg, profile, tick=tick)
+    router = _router(backend, policy, engines_file, logs, profile, workers)
+    ready = partial(wait_workers, workers=workers)
+    row = measure_router(label(backend, workers), router, cfg, profile, ready=ready, tick=tick)
+    return {**row, "workers": workers}
 
 
 def measure_router(
@@ -355,6 +368,10 @@ def router_overhead(
     profile: Annotated[
         Path | None, typer.Option(help="Run the router under cProfile; stats to DIR/<backend>.prof.")
     ] = None,
+    workers: Annotated[
+        list[int] | None,
+        typer.Option(help="Router worker processes; repeat to measure the scaling (default 1)."),
+    ] = None,
     sglang: Annotated[
         list[str] | None,
         typer.Option(
@@ -378,6 +395,9 @@ def router_overhead(
         raise typer.BadParameter(
             "sglang-router is not installed (pip install -e '.[bench]')", param_hint="--sglang"
         )
+    counts = workers or [1]
+    if any(n < 1 for n in counts):
+        raise typer.BadParameter("worker counts start at 1", param_hint="--workers")
     levels = concurrency or [32, 128]
     cfg: dict[str, Any] = {
         "rate": rate,
@@ -393,7 +413,7 @@ def router_overhead(
     engines_file.write_text(yaml.safe_dump(entries, sort_keys=False))
     if profile is not None:
         profile.mkdir(parents=True, exist_ok=True)
-    routers = len(backends) + len(baselines)
+    routers = len(backends) * len(counts) + len(baselines)
     planned = planned_seconds(cfg, routers)
     with running(sims), BenchProgress("bench router", planned, "s planned") as bar:
         urls = tuple(e["url"] for e in entries)
@@ -408,9 +428,17 @@ def router_overhead(
         }
         rows = [
             measure_backend(
-                b, policy, engines_file, cfg, logs, None if profile is None else profile / f"{b}.prof", tick
+                b,
+                policy,
+                engines_file,
+                cfg,
+                logs,
+                None if profile is None else profile / f"{label(b, n)}.prof",
+                tick,
+                workers=n,
             )
             for b in backends
+            for n in counts
         ]
         wait = partial(wait_sglang_workers, expected=len(urls))
         rows += [
@@ -418,14 +446,17 @@ def router_overhead(
             for p in baselines
         ]
     verdicts = [verdict(direct["open"], r) for r in rows]
+    scaled = scaling(verdicts, backends, counts)
     payload = {
         "benchmark": "router_overhead",
         "goals": GOALS,
-        "params": {**cfg, "policy": policy, "engines": engines, "speed": speed},
+        "params": {**cfg, "policy": policy, "engines": engines, "speed": speed, "workers": counts},
         "cpu_count": os.cpu_count(),
+        "usable_cpus": len(os.sched_getaffinity(0)),
         "direct": direct,
         "backends": rows,
         "verdicts": verdicts,
+        "scaling": scaled,
     }
     write_json(out_dir / "router_overhead.json", payload)
     plot_overhead(out_dir / "router_overhead.png", direct, rows, verdicts, GOALS)
@@ -443,4 +474,8 @@ def router_overhead(
     vcols = ["backend", "added_p50_ms", "added_p99_ms", "rps_nonstream", "rps_stream", "cpu_ms_per_request"]
     vcols += ["rss_start_mb", "rss_end_mb", "rss_growth_mb_per_min_2nd_half", "meets_latency", "meets_rps"]
     print_table("Goals: added p50 <= 1 ms, p99 <= 5 ms; >= 1000 req/s, >= 500 streamed", verdicts, vcols)
+    if len(counts) > 1:
+        scols = ["backend", "workers", "rps_nonstream", "speedup_nonstream", "rps_stream", "speedup_stream"]
+        scols += ["cpu_ms_per_request", "added_p50_ms"]
+        print_table("Scaling over router workers", scaled, scols)
     typer.echo(f"wrote {out_dir}/router_overhead.json + .png")
