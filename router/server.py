@@ -275,4 +275,5 @@ def make_server(
 def listen_sockets(settings: RouterSettings) -> list[socket.socket]:
     """The API socket, and the metrics one when ``metrics_port`` is set (same host)."""
     ports = [settings.port] if settings.metrics_port is None else [settings.port, settings.metrics_port]
-    return [uvicorn.Config("", host=settings.host, port=port).bind_socket() for port in ports]
+    # log_config=None: a Config's default installs uvicorn's own plain access log, a line per request
+    return [uvicorn.Config("", host=settings.host, port=p, log_config=None).bind_socket() for p in ports]
