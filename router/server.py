@@ -286,7 +286,11 @@ def listen_sockets(settings: RouterSettings, *, reuse_port: bool = False) -> lis
     bound with ``SO_REUSEPORT`` beside the other workers' (router/workers.py): the kernel spreads
     new connections over every listening socket of the port."""
     if not reuse_port:
-        return [uvicorn.Config("", host=settings.host, port=port).bind_socket() for port in _ports(settings)]
+        # log_config=None: a Config's default installs uvicorn's own plain access log, a line per request
+        return [
+            uvicorn.Config("", host=settings.host, port=port, log_config=None).bind_socket()
+            for port in _ports(settings)
+        ]
     return [_reuse_port_socket(settings.host, port) for port in _ports(settings)]
 
 

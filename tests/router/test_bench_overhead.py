@@ -12,7 +12,8 @@ from typing import Any
 import pytest
 
 from kvstack.bench import router_overhead as ro
-from kvstack.bench.router_overhead import Load, body, run_load, summarize, verdict
+from kvstack.bench.router_load import Load, body, run_load, summarize
+from kvstack.bench.router_overhead import long_stream_load, verdict
 from kvstack.bench.sglang_router import sglang_router, sglang_workers_healthy, wait_sglang_workers
 from kvstack.common.procs import running
 
@@ -138,6 +139,29 @@ def test_planned_seconds_cover_every_phase() -> None:
     # direct: open + two closed phases; per router: open, 2 x 2 closed, then the soak
     assert ro.planned_seconds(cfg, routers=4) == 3 * 12 + 4 * (5 * 12 + 602)
     assert ro.planned_seconds({**cfg, "soak_seconds": 0.0}, routers=1) == 3 * 12 + 5 * 12
+    # the long-stream phase: direct and through each router
+    long = {**cfg, "soak_seconds": 0.0, "long_stream_tokens": 100}
+    assert ro.planned_seconds(long, routers=2) == 3 * 12 + 2 * 5 * 12 + 3 * 12
+
+
+def test_the_long_stream_phase_streams_its_tokens_open_loop() -> None:
+    cfg = {"seconds": 5.0, "warmup": 1.0, "long_stream_rate": 50.0, "long_stream_tokens": 100}
+    load = long_stream_load(("http://r",), cfg)
+    assert (load.rate, load.concurrency, load.stream, load.max_tokens) == (50.0, 0, True, 100)
+    assert body(3, load)["max_tokens"] == 100
+
+
+def test_cpu_per_long_stream_and_per_chunk() -> None:
+    long = {"rps": 100.0, "router_cpu_ms_per_request": 4.0, "chunks_per_request": 100.0}
+    v = verdict({"p50_ms": 0.0, "p99_ms": 0.0}, {**_row(1, 1, [1], [1], []), "stream_long": long})
+    assert (v["cpu_ms_per_long_stream"], v["cpu_us_per_chunk"]) == (4.0, 40.0)
+    none = verdict({"p50_ms": 0.0, "p99_ms": 0.0}, _row(1, 1, [1], [1], []))  # the phase was skipped
+    assert math.isnan(none["cpu_ms_per_long_stream"]) and math.isnan(none["cpu_us_per_chunk"])
+    failed = verdict(
+        {"p50_ms": 0.0, "p99_ms": 0.0},
+        {**_row(1, 1, [1], [1], []), "stream_long": {**long, "rps": 0.0, "chunks_per_request": 0.0}},
+    )
+    assert math.isnan(failed["cpu_us_per_chunk"])  # nothing got through: no figure, not zero
 
 
 @pytest.mark.slow
@@ -145,10 +169,11 @@ def test_a_short_run_reports_progress_to_the_end_in_plain_lines(tmp_path: Path) 
     """Piped (as in CI): no bar and no control characters, a plain line per tenth up to 100%."""
     args = ["bench", "router", "--backend", "aiohttp", "--sglang", "none", "--concurrency", "4"]
     args += ["--seconds", "1", "--warmup", "0.5", "--soak-seconds", "0", "--out-dir", str(tmp_path)]
+    args += ["--long-stream-tokens", "20", "--long-stream-rate", "10"]
     kvstack = str(Path(sys.executable).with_name("kvstack"))
     out = subprocess.run([kvstack, *args], capture_output=True, text=True, timeout=240)
     assert out.returncode == 0, out.stderr[-2000:]
     progress = [line for line in out.stdout.splitlines() if line.startswith("bench router: ")]
-    assert progress[-1].startswith("bench router: 100% (9/9 s planned)"), progress
-    assert len(progress) == 6  # 6 phases of 1.5 s, each past a new tenth: one line per phase
+    assert progress[-1].startswith("bench router: 100% (12/12 s planned)"), progress
+    assert len(progress) == 8  # 8 phases of 1.5 s, each past a new tenth: one line per phase
     assert "\x1b" not in out.stdout + out.stderr and "\r" not in out.stdout + out.stderr

@@ -6,7 +6,11 @@ separate load process (aiohttp on uvloop, cheaper per request than the router) m
 * added latency: p50/p99 through the router minus straight to the engines, open loop at ``--rate``;
 * the highest sustained rate, closed loop over ``--concurrency`` levels, non-streaming and streaming;
 * the router's RSS over an open-loop soak of unique prompts (``--soak-seconds``), which fills every
-  bounded cache (prompt tokens, block keys, index, ledger) so growth past them would show.
+  bounded cache (prompt tokens, block keys, index, ledger) so growth past them would show;
+* the router's CPU per long streamed answer (``--long-stream-tokens``, 100 by default), open loop at
+  ``--long-stream-rate``, through a second set of simulators at ``--long-stream-speed`` (3: each
+  token reaches the router as its own chunk, as from a GPU; at x1000 a whole answer arrives in a
+  few reads, and the per-chunk relay cost would not show).
 
 The SGLang router (PyPI ``sglang-router``, its Rust gateway) runs in front of the same simulators in
 the same run as a baseline, for its ``cache_aware`` and ``round_robin`` policies (``--sglang``).
@@ -18,16 +22,13 @@ PNG under ``bench-results/router/``.
 
 from __future__ import annotations
 
-import asyncio
 import importlib.util
 import math
-import multiprocessing as mp
 import os
 import signal
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Annotated, Any
@@ -37,183 +38,20 @@ import yaml
 
 from kvstack.bench.progress import BenchProgress
 from kvstack.bench.report import print_table, write_json
+from kvstack.bench.router_load import MODEL, Load, run_load
 from kvstack.bench.router_overhead_plot import plot_overhead
-from kvstack.bench.router_overhead_workers import (
-    label,
-    scaling,
-    tree_cpu_seconds,
-    tree_memory_mb,
-    wait_workers,
-)
+from kvstack.bench.router_overhead_workers import label, scaling, wait_workers
 from kvstack.bench.sglang_router import SGLANG_POLICIES, sglang_router, wait_sglang_workers
-from kvstack.bench.stats import percentile
-from kvstack.common.procs import cpu_seconds, free_port, kvstack_argv
+from kvstack.common.procs import free_port, kvstack_argv
 
-MODEL = "sim"
 GOALS = {"added_p50_ms": 1.0, "added_p99_ms": 5.0, "rps_nonstream": 1000.0, "rps_stream": 500.0}
-_SYSTEM = "You are a concise assistant for a platform team that runs LLM inference on Kubernetes. " * 4
-_TOPICS = ["caches", "routers", "autoscaling", "KV blocks", "prefill", "decode", "Redis", "GPUs"]
-
-
-@dataclass(frozen=True, slots=True)
-class Load:
-    """One phase of load: open loop at ``rate`` req/s, or closed loop with ``concurrency`` workers."""
-
-    urls: tuple[str, ...]  # base URLs, used round-robin (the engines themselves, or one router)
-    seconds: float
-    warmup: float
-    rate: float = 0.0
-    concurrency: int = 0
-    stream: bool = False
-    max_tokens: int = 16
-    unique: bool = False  # a new prompt every request (soak); else 64 prompts repeat
-
-
-def body(i: int, load: Load) -> dict[str, Any]:
-    """The chat request number ``i`` of a phase (a shared system prompt, a varying question)."""
-    k = i if load.unique else i % 64
-    question = f"Question {k}: what should we know about {_TOPICS[k % len(_TOPICS)]} today?"
-    return {
-        "model": MODEL,
-        "messages": [{"role": "system", "content": _SYSTEM}, {"role": "user", "content": question}],
-        "max_tokens": load.max_tokens,
-        "ignore_eos": True,
-        "stream": load.stream,
-    }
-
-
-# -------------------------------------------------------------------- load process
-
-
-async def _drive(load: Load) -> list[tuple[float, float, bool, int]]:
-    """(start, latency, ok, chunks) per request, times relative to the phase start."""
-    import aiohttp
-
-    samples: list[tuple[float, float, bool, int]] = []
-    t0 = time.perf_counter()
-    stop_at = t0 + load.warmup + load.seconds
-    paths = [f"{u}/v1/chat/completions" for u in load.urls]
-    counter = iter(range(1 << 62))
-
-    async def one(session: aiohttp.ClientSession, i: int) -> None:
-        start = time.perf_counter()
-        ok, chunks = False, 0
-        try:
-            async with session.post(paths[i % len(paths)], json=body(i, load)) as resp:
-                if load.stream:
-                    async for line in resp.content:
-                        chunks += line.startswith(b"data: {")
-                else:
-                    await resp.read()
-                ok = resp.status == 200
-        except (aiohttp.ClientError, TimeoutError):
-            ok = False
-        samples.append((start - t0, time.perf_counter() - start, ok, chunks))
-
-    connector = aiohttp.TCPConnector(limit=0, force_close=False)
-    timeout = aiohttp.ClientTimeout(total=60)
-    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
-        if load.concurrency:
-
-            async def worker() -> None:
-                while time.perf_counter() < stop_at:
-                    await one(session, next(counter))
-
-            await asyncio.gather(*(worker() for _ in range(load.concurrency)))
-        else:
-            tasks: set[asyncio.Task[None]] = set()
-            interval, i = 1.0 / load.rate, 0
-            while (due := t0 + i * interval) < stop_at:
-                delay = due - time.perf_counter()
-                if delay > 0:
-                    await asyncio.sleep(delay)
-                task = asyncio.create_task(one(session, i))
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
-                i += 1
-            await asyncio.gather(*tasks)
-    return samples
-
-
-def _load_main(load: Load, out: Any) -> None:
-    import uvloop
-
-    out.send(uvloop.run(_drive(load)))
-
-
-def run_load(
-    load: Load,
-    router_pid: int | None,
-    rss_every: float = 0.0,
-    tick: Callable[[float], None] = lambda _s: None,
-) -> dict[str, Any]:
-    """Run ``load`` in its own process; summarize the window after the warm-up; then ``tick`` the
-    seconds it was planned to take (the benchmark's progress)."""
-    ctx = mp.get_context("spawn")
-    parent, child = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_load_main, args=(load, child))
-    load_avg = os.getloadavg()[0]
-    proc.start()
-    rss: list[tuple[float, float]] = []
-    try:
-        time.sleep(load.warmup)
-        assert proc.pid is not None
-        t0 = time.monotonic()
-        cpu_r = tree_cpu_seconds(router_pid) if router_pid else 0.0
-        cpu_l = cpu_seconds(proc.pid)
-        while (elapsed := time.monotonic() - t0) < load.seconds:
-            if router_pid and rss_every:
-                rss.append((round(elapsed, 1), tree_memory_mb(router_pid)))
-            time.sleep(min(rss_every or load.seconds, max(0.01, load.seconds - elapsed)))
-        wall = time.monotonic() - t0
-        router_cpu = (tree_cpu_seconds(router_pid) - cpu_r) / wall if router_pid else 0.0
-        load_cpu = (cpu_seconds(proc.pid) - cpu_l) / wall
-        if router_pid and rss_every:
-            rss.append((round(wall, 1), tree_memory_mb(router_pid)))
-        samples: list[tuple[float, float, bool, int]] = parent.recv()
-        proc.join(30)
-    finally:
-        if proc.is_alive():
-            proc.kill()
-            proc.join()
-    tick(load.warmup + load.seconds)
-    return summarize(samples, load, router_cpu, load_cpu, load_avg, rss)
-
-
-def summarize(
-    samples: list[tuple[float, float, bool, int]],
-    load: Load,
-    router_cpu: float,
-    load_cpu: float,
-    load_avg: float,
-    rss: list[tuple[float, float]],
-) -> dict[str, Any]:
-    """Requests started inside the measured window (after the warm-up) make the result."""
-    lo, hi = load.warmup, load.warmup + load.seconds
-    window = [s for s in samples if lo <= s[0] < hi]
-    good = [s for s in window if s[2]]
-    lat = [s[1] * 1000 for s in good]
-    rps = len(good) / load.seconds
-    return {
-        "requests": len(good),
-        "errors": len(window) - len(good),
-        "rps": rps,
-        "p50_ms": percentile(lat, 50),
-        "p99_ms": percentile(lat, 99),
-        "chunks_per_request": sum(s[3] for s in good) / max(1, len(good)),
-        "router_cpu": router_cpu,
-        "router_cpu_ms_per_request": router_cpu * 1000 / rps if rps else 0.0,
-        "load_cpu": load_cpu,
-        "load_avg_1m": load_avg,
-        "rss_mb": rss,
-    }
 
 
 # -------------------------------------------------------------------- processes
 
 
-def _sims(n: int, speed: float, logs: Path) -> tuple[list[Any], list[dict[str, Any]]]:
-    from kvstack.common.procs import ManagedProcess, free_port
+def _sims(n: int, speed: float, logs: Path, tag: str = "sim") -> tuple[list[Any], list[dict[str, Any]]]:
+    from kvstack.common.procs import ManagedProcess
 
     procs, entries = [], []
     for i in range(n):
@@ -226,7 +64,7 @@ def _sims(n: int, speed: float, logs: Path) -> tuple[list[Any], list[dict[str, A
             "--kv-events-endpoint", f"tcp://127.0.0.1:{pub}",
             "--kv-events-replay-endpoint", f"tcp://127.0.0.1:{replay}",
         ]  # fmt: skip
-        procs.append(ManagedProcess(f"sim-{i}", argv, logs, ready_url=f"{url}/health"))
+        procs.append(ManagedProcess(f"{tag}-{i}", argv, logs, ready_url=f"{url}/health"))
         entries.append(
             {
                 "url": url,
@@ -239,8 +77,20 @@ def _sims(n: int, speed: float, logs: Path) -> tuple[list[Any], list[dict[str, A
     return procs, entries
 
 
+def _engines_file(path: Path, entries: list[dict[str, Any]]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(entries, sort_keys=False))
+    return path
+
+
 def _router(
-    backend: str, policy: str, engines_file: Path, logs: Path, profile: Path | None, workers: int = 1
+    backend: str,
+    policy: str,
+    engines_file: Path,
+    logs: Path,
+    profile: Path | None,
+    tag: str = "router",
+    workers: int = 1,
 ) -> Any:
     from kvstack.common.procs import ManagedProcess
 
@@ -251,13 +101,18 @@ def _router(
     if profile is not None:
         argv = [sys.executable, "-m", "cProfile", "-o", str(profile.resolve()), *argv]
     env = {"KVSTACK_ROUTER_ACCESS_LOG": "false"}
-    return ManagedProcess(
-        f"router-{label(backend, workers)}", argv, logs, env=env, ready_url=f"http://127.0.0.1:{port}/ready"
-    )
+    name = f"{tag}-{label(backend, workers)}"
+    return ManagedProcess(name, argv, logs, env=env, ready_url=f"http://127.0.0.1:{port}/ready")
 
 
 def _router_url(router: Any) -> str:
     return str(router.ready_url).rsplit("/", 1)[0]  # its base URL: /ready (kvstack), /readiness (SGLang)
+
+
+def _write_profile(router: Any) -> None:
+    if router.proc is not None:
+        os.kill(router.pid, signal.SIGINT)  # cProfile writes its stats on KeyboardInterrupt
+        router.proc.wait(60)
 
 
 # -------------------------------------------------------------------- the benchmark
@@ -273,7 +128,7 @@ def measure_backend(
     tick: Callable[[float], None] = lambda _s: None,
     workers: int = 1,
 ) -> dict[str, Any]:
-    router = _router(backend, policy, engines_file, logs, profile, workers)
+    router = _router(backend, policy, engines_file, logs, profile, workers=workers)
     ready = partial(wait_workers, workers=workers)
     row = measure_router(label(backend, workers), router, cfg, profile, ready=ready, tick=tick)
     return {**row, "workers": workers}
@@ -308,19 +163,83 @@ def measure_router(
         if cfg["soak_seconds"] > 0:
             soak = Load(url, cfg["soak_seconds"], warmup, rate=cfg["rate"], unique=True)
             out["soak"] = run_load(soak, pid, rss_every=max(1.0, cfg["soak_seconds"] / 60), tick=tick)
-        if profile is not None and router.proc is not None:
-            os.kill(router.pid, signal.SIGINT)  # cProfile writes its stats on KeyboardInterrupt
-            router.proc.wait(60)
+        if profile is not None:
+            _write_profile(router)
     return out
+
+
+def long_stream_load(urls: tuple[str, ...], cfg: dict[str, Any]) -> Load:
+    """The long-stream phase: open loop, ``long_stream_tokens`` streamed per answer."""
+    return Load(
+        urls,
+        cfg["seconds"],
+        cfg["warmup"],
+        rate=cfg["long_stream_rate"],
+        stream=True,
+        max_tokens=cfg["long_stream_tokens"],
+    )
+
+
+def measure_long_stream(
+    router: Any,
+    cfg: dict[str, Any],
+    profile: Path | None = None,
+    ready: Callable[[Any], None] | None = None,
+    tick: Callable[[float], None] = lambda _s: None,
+) -> dict[str, Any]:
+    """The long-stream phase through ``router`` (in front of the slow simulators)."""
+    from kvstack.common.procs import running
+
+    with running([router]):
+        if ready is not None:
+            ready(router)
+        time.sleep(1.0)  # engines discovered and scraped, KV-event feeds connected
+        out = run_load(long_stream_load((_router_url(router),), cfg), router.pid, tick=tick)
+        if profile is not None:
+            _write_profile(router)
+    return out
+
+
+def long_streams(
+    cfg: dict[str, Any],
+    engines: int,
+    policy: str,
+    backends: list[str],
+    baselines: list[str],
+    logs: Path,
+    profile: Path | None,
+    tick: Callable[[float], None],
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The long-stream phase straight to a second set of simulators (at ``long_stream_speed``),
+    then through each router in front of them: (direct, one result per backend and baseline)."""
+    from kvstack.common.procs import running
+
+    sims, entries = _sims(engines, cfg["long_stream_speed"], logs, tag="slow-sim")
+    engines_file = _engines_file(logs / "engines-slow.yaml", entries)
+    urls = tuple(e["url"] for e in entries)
+    with running(sims):
+        direct = run_load(long_stream_load(urls, cfg), None, tick=tick)
+        rows = []
+        for b in backends:
+            prof = None if profile is None else profile / f"{b}-long.prof"
+            router = _router(b, policy, engines_file, logs, prof, tag="router-slow")
+            rows.append(measure_long_stream(router, cfg, prof, tick=tick))
+        wait = partial(wait_sglang_workers, expected=len(urls))
+        rows += [
+            measure_long_stream(sglang_router(p, urls, logs), cfg, ready=wait, tick=tick) for p in baselines
+        ]
+    return direct, rows
 
 
 def planned_seconds(cfg: dict[str, Any], routers: int) -> float:
     """Seconds of load the run is planned to send: three direct phases, then per router the open
-    phase, both closed phases at each concurrency and the soak (each with its warm-up)."""
+    phase, both closed phases at each concurrency and the soak (each with its warm-up); then the
+    long-stream phase, direct and per router, when it runs."""
     phase = cfg["warmup"] + cfg["seconds"]
     soak = cfg["warmup"] + cfg["soak_seconds"] if cfg["soak_seconds"] > 0 else 0.0
     per_router = phase * (1 + 2 * len(cfg["concurrency"])) + soak
-    return float(3 * phase + routers * per_router)
+    long = phase * (1 + routers) if cfg.get("long_stream_tokens", 0) > 0 else 0.0
+    return float(3 * phase + routers * per_router + long)
 
 
 def verdict(direct: dict[str, Any], row: dict[str, Any]) -> dict[str, Any]:
@@ -330,6 +249,9 @@ def verdict(direct: dict[str, Any], row: dict[str, Any]) -> dict[str, Any]:
     top: dict[str, Any] | None = max(row["closed_nonstream"], key=lambda lv: lv["rps"], default=None)
     added50 = row["open"]["p50_ms"] - direct["p50_ms"]
     added99 = row["open"]["p99_ms"] - direct["p99_ms"]
+    long = row.get("stream_long")
+    long_ms = long["router_cpu_ms_per_request"] if long and long["rps"] else math.nan
+    chunks = long["chunks_per_request"] if long else 0.0
     out: dict[str, Any] = {
         "backend": row["backend"],
         "added_p50_ms": added50,
@@ -338,6 +260,9 @@ def verdict(direct: dict[str, Any], row: dict[str, Any]) -> dict[str, Any]:
         "rps_stream": best_s,
         # at the highest sustained rate: the router's CPU per request there (its fixed costs amortized)
         "cpu_ms_per_request": top.get("router_cpu_ms_per_request", math.nan) if top else math.nan,
+        # per long streamed answer, and per relayed event of it (the open-loop long-stream phase)
+        "cpu_ms_per_long_stream": long_ms,
+        "cpu_us_per_chunk": long_ms * 1000 / chunks if chunks else math.nan,
         "meets_latency": added50 <= GOALS["added_p50_ms"] and added99 <= GOALS["added_p99_ms"],
         "meets_rps": best_ns >= GOALS["rps_nonstream"] and best_s >= GOALS["rps_stream"],
     }
@@ -364,6 +289,16 @@ def router_overhead(
     seconds: Annotated[float, typer.Option(help="Measured window per phase.")] = 10.0,
     warmup: Annotated[float, typer.Option(help="Warm-up before each window.")] = 2.0,
     soak_seconds: Annotated[float, typer.Option(help="RSS soak length (0: skip).")] = 600.0,
+    long_stream_tokens: Annotated[
+        int, typer.Option(min=0, help="Tokens per answer of the long-stream phase (0: skip it).")
+    ] = 100,
+    long_stream_rate: Annotated[
+        float, typer.Option(min=0.1, help="Open-loop rate of the long-stream phase.")
+    ] = 100.0,
+    long_stream_speed: Annotated[
+        float,
+        typer.Option(min=0.01, help="Speed of the long-stream phase's simulators (slow: a chunk per token)."),
+    ] = 3.0,
     out_dir: Annotated[Path, typer.Option(help="Where JSON and PNG go.")] = Path("bench-results/router"),
     profile: Annotated[
         Path | None, typer.Option(help="Run the router under cProfile; stats to DIR/<backend>.prof.")
@@ -405,46 +340,56 @@ def router_overhead(
         "seconds": seconds,
         "warmup": warmup,
         "soak_seconds": soak_seconds,
+        "long_stream_tokens": long_stream_tokens,
+        "long_stream_rate": long_stream_rate,
+        "long_stream_speed": long_stream_speed,
     }
     logs = out_dir / "logs"
     sims, entries = _sims(engines, speed, logs)
-    engines_file = logs / "engines.yaml"
-    engines_file.parent.mkdir(parents=True, exist_ok=True)
-    engines_file.write_text(yaml.safe_dump(entries, sort_keys=False))
+    engines_file = _engines_file(logs / "engines.yaml", entries)
     if profile is not None:
         profile.mkdir(parents=True, exist_ok=True)
     routers = len(backends) * len(counts) + len(baselines)
     planned = planned_seconds(cfg, routers)
-    with running(sims), BenchProgress("bench router", planned, "s planned") as bar:
-        urls = tuple(e["url"] for e in entries)
-        top = max(levels)
+    with BenchProgress("bench router", planned, "s planned") as bar:
         tick = bar.advance
-        direct = {
-            "open": run_load(Load(urls, seconds, warmup, rate=rate), None, tick=tick),
-            "closed_nonstream": run_load(Load(urls, seconds, warmup, concurrency=top), None, tick=tick),
-            "closed_stream": run_load(
-                Load(urls, seconds, warmup, concurrency=top, stream=True, max_tokens=32), None, tick=tick
-            ),
-        }
-        rows = [
-            measure_backend(
-                b,
-                policy,
-                engines_file,
-                cfg,
-                logs,
-                None if profile is None else profile / f"{label(b, n)}.prof",
-                tick,
-                workers=n,
+        with running(sims):
+            urls = tuple(e["url"] for e in entries)
+            top = max(levels)
+            direct = {
+                "open": run_load(Load(urls, seconds, warmup, rate=rate), None, tick=tick),
+                "closed_nonstream": run_load(Load(urls, seconds, warmup, concurrency=top), None, tick=tick),
+                "closed_stream": run_load(
+                    Load(urls, seconds, warmup, concurrency=top, stream=True, max_tokens=32), None, tick=tick
+                ),
+            }
+            rows = [
+                measure_backend(
+                    b,
+                    policy,
+                    engines_file,
+                    cfg,
+                    logs,
+                    None if profile is None else profile / f"{label(b, n)}.prof",
+                    tick,
+                    workers=n,
+                )
+                for b in backends
+                for n in counts
+            ]
+            wait = partial(wait_sglang_workers, expected=len(urls))
+            rows += [
+                measure_router(f"sglang-{p}", sglang_router(p, urls, logs), cfg, ready=wait, tick=tick)
+                for p in baselines
+            ]
+        if long_stream_tokens > 0 and 1 in counts:  # its rows are the one-worker routers
+            direct["stream_long"], long = long_streams(
+                cfg, engines, policy, backends, baselines, logs, profile, tick
             )
-            for b in backends
-            for n in counts
-        ]
-        wait = partial(wait_sglang_workers, expected=len(urls))
-        rows += [
-            measure_router(f"sglang-{p}", sglang_router(p, urls, logs), cfg, ready=wait, tick=tick)
-            for p in baselines
-        ]
+            # the long streams run through one-worker routers: their rows are the one-worker ones
+            single = [r for r in rows if r.get("workers", 1) == 1]
+            for row, result in zip(single, long, strict=True):
+                row["stream_long"] = result
     verdicts = [verdict(direct["open"], r) for r in rows]
     scaled = scaling(verdicts, backends, counts)
     payload = {
@@ -460,22 +405,40 @@ def router_overhead(
     }
     write_json(out_dir / "router_overhead.json", payload)
     plot_overhead(out_dir / "router_overhead.png", direct, rows, verdicts, GOALS)
-    phases = [{"backend": "direct", "phase": k, **{**v, "rss_mb": ""}} for k, v in direct.items()]
-    for r in rows:
-        phases.append({"backend": r["backend"], "phase": f"open {rate:g}/s", **{**r["open"], "rss_mb": ""}})
-        for key in ("closed_nonstream", "closed_stream"):
-            for lv in r[key]:
-                phases.append({"backend": r["backend"], "phase": f"{key} c={lv['concurrency']}", **lv})
-        if "soak" in r:
-            phases.append({"backend": r["backend"], "phase": "soak", **{**r["soak"], "rss_mb": ""}})
-    cols = ["backend", "phase", "requests", "errors", "rps", "p50_ms", "p99_ms", "chunks_per_request"]
-    cols += ["router_cpu", "router_cpu_ms_per_request", "load_cpu", "load_avg_1m"]
-    print_table(f"kvstack bench router: policy {policy}, {engines} sims at x{speed:g}", phases, cols)
-    vcols = ["backend", "added_p50_ms", "added_p99_ms", "rps_nonstream", "rps_stream", "cpu_ms_per_request"]
-    vcols += ["rss_start_mb", "rss_end_mb", "rss_growth_mb_per_min_2nd_half", "meets_latency", "meets_rps"]
-    print_table("Goals: added p50 <= 1 ms, p99 <= 5 ms; >= 1000 req/s, >= 500 streamed", verdicts, vcols)
+    _print_tables(direct, rows, verdicts, cfg, policy, engines, speed)
     if len(counts) > 1:
         scols = ["backend", "workers", "rps_nonstream", "speedup_nonstream", "rps_stream", "speedup_stream"]
         scols += ["cpu_ms_per_request", "added_p50_ms"]
         print_table("Scaling over router workers", scaled, scols)
     typer.echo(f"wrote {out_dir}/router_overhead.json + .png")
+
+
+def _print_tables(
+    direct: dict[str, Any],
+    rows: list[dict[str, Any]],
+    verdicts: list[dict[str, Any]],
+    cfg: dict[str, Any],
+    policy: str,
+    engines: int,
+    speed: float,
+) -> None:
+    phases = [{"backend": "direct", "phase": k, **{**v, "rss_mb": ""}} for k, v in direct.items()]
+    for r in rows:
+        phases.append(
+            {"backend": r["backend"], "phase": f"open {cfg['rate']:g}/s", **{**r["open"], "rss_mb": ""}}
+        )
+        for key in ("closed_nonstream", "closed_stream"):
+            for lv in r[key]:
+                phases.append({"backend": r["backend"], "phase": f"{key} c={lv['concurrency']}", **lv})
+        if "soak" in r:
+            phases.append({"backend": r["backend"], "phase": "soak", **{**r["soak"], "rss_mb": ""}})
+        if "stream_long" in r:
+            phase = f"stream {cfg['long_stream_tokens']} tokens {cfg['long_stream_rate']:g}/s"
+            phases.append({"backend": r["backend"], "phase": phase, **{**r["stream_long"], "rss_mb": ""}})
+    cols = ["backend", "phase", "requests", "errors", "rps", "p50_ms", "p99_ms", "chunks_per_request"]
+    cols += ["router_cpu", "router_cpu_ms_per_request", "load_cpu", "load_avg_1m"]
+    print_table(f"kvstack bench router: policy {policy}, {engines} sims at x{speed:g}", phases, cols)
+    vcols = ["backend", "added_p50_ms", "added_p99_ms", "rps_nonstream", "rps_stream", "cpu_ms_per_request"]
+    vcols += ["cpu_ms_per_long_stream", "cpu_us_per_chunk"]
+    vcols += ["rss_start_mb", "rss_end_mb", "rss_growth_mb_per_min_2nd_half", "meets_latency", "meets_rps"]
+    print_table("Goals: added p50 <= 1 ms, p99 <= 5 ms; >= 1000 req/s, >= 500 streamed", verdicts, vcols)

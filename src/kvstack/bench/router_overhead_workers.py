@@ -6,51 +6,12 @@ The scaling table puts each backend's rows side by side (pure)."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
+from kvstack.common.procs import descendants, tree_cpu_seconds, tree_memory_mb
 
-def descendants(pid: int) -> list[int]:
-    """``pid`` and every process below it (Linux ``/proc/PID/task/*/children``)."""
-    out, todo = [], [pid]
-    while todo:
-        current = todo.pop()
-        out.append(current)
-        try:
-            tasks = list(Path(f"/proc/{current}/task").iterdir())
-        except OSError:
-            continue
-        for task in tasks:
-            try:
-                todo += [int(c) for c in (task / "children").read_text().split()]
-            except OSError:
-                continue
-    return out
-
-
-def tree_cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a process and its live descendants."""
-    total = 0.0
-    for p in descendants(pid):
-        try:
-            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue  # exited meanwhile
-        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return total
-
-
-def tree_memory_mb(pid: int) -> float:
-    """RSS of a process and its live descendants, in MiB (shared pages counted in each)."""
-    total = 0.0
-    for p in descendants(pid):
-        try:
-            lines = Path(f"/proc/{p}/status").read_text().splitlines()
-        except OSError:
-            continue
-        total += next((int(line.split()[1]) / 1024 for line in lines if line.startswith("VmRSS:")), 0.0)
-    return total
+__all__ = ["descendants", "label", "scaling", "tree_cpu_seconds", "tree_memory_mb", "wait_workers"]
 
 
 def label(backend: str, workers: int) -> str:

@@ -147,24 +147,44 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def tree_cpu_seconds(pid: int) -> float:
-    """CPU seconds of ``pid`` and its live descendants (a launcher that runs the real work in a child,
-    as some peers' routers do); processes that end meanwhile are skipped."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    total, todo = 0.0, [pid]
+def descendants(pid: int) -> list[int]:
+    """``pid`` and every process below it (Linux ``/proc/PID/task/*/children``)."""
+    out, todo = [], [pid]
     while todo:
         current = todo.pop()
+        out.append(current)
         try:
-            total += cpu_seconds(current)
+            tasks = list(Path(f"/proc/{current}/task").iterdir())
         except OSError:
             continue
-        todo.extend(children.get(current, ()))
+        for task in tasks:
+            try:
+                todo += [int(c) for c in (task / "children").read_text().split()]
+            except OSError:
+                continue
+    return out
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds of a process and its live descendants (a supervisor's workers, or a launcher that
+    runs the real work in a child); processes that end meanwhile are skipped."""
+    total = 0.0
+    for p in descendants(pid):
+        try:
+            total += cpu_seconds(p)
+        except OSError:
+            continue
+    return total
+
+
+def tree_memory_mb(pid: int) -> float:
+    """RSS of a process and its live descendants, in MiB (shared pages counted in each)."""
+    total = 0.0
+    for p in descendants(pid):
+        try:
+            total += memory_mb(p)
+        except OSError:
+            continue
     return total
 
 

@@ -1,0 +1,174 @@
+"""The load process of ``kvstack bench router``: one phase of requests from its own process, and the
+summary of its measured window (requests, latency percentiles, the router's CPU per request).
+
+A separate process (aiohttp on uvloop, cheaper per request than the router it measures) sends the
+requests; this process samples the CPU the router and the load used over the measured window.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing as mp
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from kvstack.bench.stats import percentile
+from kvstack.common.procs import cpu_seconds, tree_cpu_seconds, tree_memory_mb
+
+MODEL = "sim"
+_SYSTEM = "You are a concise assistant for a platform team that runs LLM inference on Kubernetes. " * 4
+_TOPICS = ["caches", "routers", "autoscaling", "KV blocks", "prefill", "decode", "Redis", "GPUs"]
+
+
+@dataclass(frozen=True, slots=True)
+class Load:
+    """One phase of load: open loop at ``rate`` req/s, or closed loop with ``concurrency`` workers."""
+
+    urls: tuple[str, ...]  # base URLs, used round-robin (the engines themselves, or one router)
+    seconds: float
+    warmup: float
+    rate: float = 0.0
+    concurrency: int = 0
+    stream: bool = False
+    max_tokens: int = 16
+    unique: bool = False  # a new prompt every request (soak); else 64 prompts repeat
+
+
+def body(i: int, load: Load) -> dict[str, Any]:
+    """The chat request number ``i`` of a phase (a shared system prompt, a varying question)."""
+    k = i if load.unique else i % 64
+    question = f"Question {k}: what should we know about {_TOPICS[k % len(_TOPICS)]} today?"
+    return {
+        "model": MODEL,
+        "messages": [{"role": "system", "content": _SYSTEM}, {"role": "user", "content": question}],
+        "max_tokens": load.max_tokens,
+        "ignore_eos": True,
+        "stream": load.stream,
+    }
+
+
+async def _drive(load: Load) -> list[tuple[float, float, bool, int]]:
+    """(start, latency, ok, chunks) per request, times relative to the phase start."""
+    import aiohttp
+
+    samples: list[tuple[float, float, bool, int]] = []
+    t0 = time.perf_counter()
+    stop_at = t0 + load.warmup + load.seconds
+    paths = [f"{u}/v1/chat/completions" for u in load.urls]
+    counter = iter(range(1 << 62))
+
+    async def one(session: aiohttp.ClientSession, i: int) -> None:
+        start = time.perf_counter()
+        ok, chunks = False, 0
+        try:
+            async with session.post(paths[i % len(paths)], json=body(i, load)) as resp:
+                if load.stream:
+                    async for line in resp.content:
+                        chunks += line.startswith(b"data: {")
+                else:
+                    await resp.read()
+                ok = resp.status == 200
+        except (aiohttp.ClientError, TimeoutError):
+            ok = False
+        samples.append((start - t0, time.perf_counter() - start, ok, chunks))
+
+    connector = aiohttp.TCPConnector(limit=0, force_close=False)
+    timeout = aiohttp.ClientTimeout(total=60)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        if load.concurrency:
+
+            async def worker() -> None:
+                while time.perf_counter() < stop_at:
+                    await one(session, next(counter))
+
+            await asyncio.gather(*(worker() for _ in range(load.concurrency)))
+        else:
+            tasks: set[asyncio.Task[None]] = set()
+            interval, i = 1.0 / load.rate, 0
+            while (due := t0 + i * interval) < stop_at:
+                delay = due - time.perf_counter()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                task = asyncio.create_task(one(session, i))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+                i += 1
+            await asyncio.gather(*tasks)
+    return samples
+
+
+def _load_main(load: Load, out: Any) -> None:
+    import uvloop
+
+    out.send(uvloop.run(_drive(load)))
+
+
+def run_load(
+    load: Load,
+    router_pid: int | None,
+    rss_every: float = 0.0,
+    tick: Callable[[float], None] = lambda _s: None,
+) -> dict[str, Any]:
+    """Run ``load`` in its own process; summarize the window after the warm-up; then ``tick`` the
+    seconds it was planned to take (the benchmark's progress)."""
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_load_main, args=(load, child))
+    load_avg = os.getloadavg()[0]
+    proc.start()
+    rss: list[tuple[float, float]] = []
+    try:
+        time.sleep(load.warmup)
+        assert proc.pid is not None
+        t0 = time.monotonic()
+        cpu_r = tree_cpu_seconds(router_pid) if router_pid else 0.0
+        cpu_l = cpu_seconds(proc.pid)
+        while (elapsed := time.monotonic() - t0) < load.seconds:
+            if router_pid and rss_every:
+                rss.append((round(elapsed, 1), tree_memory_mb(router_pid)))
+            time.sleep(min(rss_every or load.seconds, max(0.01, load.seconds - elapsed)))
+        wall = time.monotonic() - t0
+        router_cpu = (tree_cpu_seconds(router_pid) - cpu_r) / wall if router_pid else 0.0
+        load_cpu = (cpu_seconds(proc.pid) - cpu_l) / wall
+        if router_pid and rss_every:
+            rss.append((round(wall, 1), tree_memory_mb(router_pid)))
+        samples: list[tuple[float, float, bool, int]] = parent.recv()
+        proc.join(30)
+    finally:
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+    tick(load.warmup + load.seconds)
+    return summarize(samples, load, router_cpu, load_cpu, load_avg, rss)
+
+
+def summarize(
+    samples: list[tuple[float, float, bool, int]],
+    load: Load,
+    router_cpu: float,
+    load_cpu: float,
+    load_avg: float,
+    rss: list[tuple[float, float]],
+) -> dict[str, Any]:
+    """Requests started inside the measured window (after the warm-up) make the result."""
+    lo, hi = load.warmup, load.warmup + load.seconds
+    window = [s for s in samples if lo <= s[0] < hi]
+    good = [s for s in window if s[2]]
+    lat = [s[1] * 1000 for s in good]
+    rps = len(good) / load.seconds
+    return {
+        "requests": len(good),
+        "errors": len(window) - len(good),
+        "rps": rps,
+        "p50_ms": percentile(lat, 50),
+        "p99_ms": percentile(lat, 99),
+        "chunks_per_request": sum(s[3] for s in good) / max(1, len(good)),
+        "router_cpu": router_cpu,
+        "router_cpu_ms_per_request": router_cpu * 1000 / rps if rps else 0.0,
+        "load_cpu": load_cpu,
+        "load_avg_1m": load_avg,
+        "rss_mb": rss,
+    }
