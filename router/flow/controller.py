@@ -35,7 +35,15 @@ from kvstack.router.flow.ledger import EngineFlow, Prefill
 from kvstack.router.flow.ordering import Waiting
 from kvstack.router.flow.placement import Option, prefer_hit_engine
 from kvstack.router.flow.queue import FlowQueue, Shed, Ticket
-from kvstack.router.flow.saturation import EngineLoad, Limits, class_share, learn_rate, saturation
+from kvstack.router.flow.saturation import (
+    EngineLoad,
+    Limits,
+    Verdict,
+    class_share,
+    learn_rate,
+    reserved_engines,
+    saturation,
+)
 from kvstack.router.metrics import RouterMetrics
 
 SERVICE_WEIGHT = 0.1  # of each request in the EWMA of the time at an engine
@@ -160,13 +168,27 @@ class FlowControl:
             slots=flow.slots,
         )
 
+    def top_active(self, now: float) -> int | None:
+        """The highest priority admitted within the headroom window (None: none)."""
+        window = self.config.saturation.headroom_window_s
+        return max((p for p, t in self.seen.items() if now - t <= window), default=None)
+
     def limits_for(self, priority: int, now: float) -> Limits:
         """The saturation limits for a request of ``priority``: a lower class than one seen within
         the headroom window fills only its share of each engine (:func:`class_share`)."""
-        sat = self.config.saturation
-        recent = [p for p, t in self.seen.items() if now - t <= sat.headroom_window_s]
-        share = class_share(priority, max(recent, default=None), sat.lower_class_share)
+        share = class_share(priority, self.top_active(now), self.config.saturation.lower_class_share)
         return self.limits if share == 1.0 else dataclasses.replace(self.limits, share=share)
+
+    def verdicts(self, candidates: list[EngineState], limits: Limits, now: float) -> list[Verdict]:
+        """Each candidate's saturation under ``limits`` (:meth:`limits_for`); for a class below one
+        seen lately, the engines kept clear for that class are ``reserved`` (:func:`reserved_engines`)."""
+        loads = [self.load(e, now) for e in candidates]
+        if limits.share < 1.0:
+            top = self.top_active(now)
+            held = [top is not None and self.ledger(e).holds_below(top, now) for e in candidates]
+            clear = reserved_engines(held, limits.share)
+            loads = [dataclasses.replace(load, reserved=r) for load, r in zip(loads, clear, strict=True)]
+        return [saturation(load, limits) for load in loads]
 
     def with_room(
         self,
@@ -181,7 +203,7 @@ class FlowControl:
         (:func:`prefer_hit_engine`)."""
         now = self.clock()
         limits = self.limits if grant is None else self.limits_for(grant.priority, now)
-        verdicts = {e.url: saturation(self.load(e, now), limits) for e in candidates}
+        verdicts = dict(zip((e.url for e in candidates), self.verdicts(candidates, limits, now), strict=True))
         free = [e for e in candidates if not verdicts[e.url].saturated]
         if not free or hits is None or len(free) == len(candidates):
             return free or candidates
@@ -203,7 +225,7 @@ class FlowControl:
         """Engines of ``candidates`` that can take one more request of ``priority``, less the turns
         already given."""
         limits = self.limits_for(priority, now)
-        unsaturated = sum(1 for e in candidates if not saturation(self.load(e, now), limits).saturated)
+        unsaturated = sum(1 for v in self.verdicts(candidates, limits, now) if not v.saturated)
         return unsaturated - self.reserved.get(model, 0)
 
     # ------------------------------------------------------------------ admission
@@ -328,7 +350,7 @@ class FlowControl:
         grant.backlog_at_dispatch = flow.backlog(now)
         expected = (grant.backlog_at_dispatch + uncached) / flow.rate
         due = now + expected + self.limits.prefill_target_s
-        flow.prefill[grant.id] = Prefill(uncached, due, streamed)
+        flow.prefill[grant.id] = Prefill(uncached, due, streamed, grant.priority)
 
     def first_token(self, grant: Grant, ttft_s: float) -> None:
         """The first token came back (``ttft_s`` from arrival at the router): the prefill is over."""

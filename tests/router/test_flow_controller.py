@@ -317,6 +317,49 @@ async def test_a_lower_class_leaves_headroom_for_a_higher_class_seen_lately(
         assert (await third).position == 0
 
 
+@pytest.mark.parametrize("interactive_about", [False, True])
+async def test_a_lower_class_keeps_off_engines_cleared_for_a_higher_class(interactive_about: bool) -> None:
+    """Each batch request is a longer prefill than the target (one per engine), so a share of an
+    engine's target bounds nothing: with interactive about, batch holds at most half the engines."""
+    classes = [
+        {"name": "interactive", "priority": 10, "ttft_objective_s": 1.0},
+        {"name": "batch", "priority": 0},
+    ]
+    control, registry, _ = make(4, max_in_flight=None, classes=classes, default_class="batch")
+    engines = registry.all()
+    if interactive_about:  # seen, done: its class is within the headroom window
+        seen = await control.admit(M, "t", cls(control, "interactive"), 10, engines)
+        await start(control, engines[0], seen)
+        await end(control, engines[0], seen)
+    sent: list[tuple[Grant, EngineState]] = []
+    while True:
+        batch = asyncio.create_task(control.admit(M, "t", cls(control, "batch"), 20_000, engines))
+        await settle()
+        if not batch.done():
+            break
+        grant = batch.result()
+        engine = control.with_room(engines, grant)[0]
+        await start(control, engine, grant)
+        sent.append((grant, engine))
+    used = {e.url for _, e in sent}
+    assert len(used) == len(sent) == (2 if interactive_about else 4)
+    if interactive_about:
+        # the other two are idle and kept clear: an interactive request goes there at once
+        urgent = await control.admit(M, "t", cls(control, "interactive"), 20_000, engines)
+        assert urgent.position == 0
+        assert {e.url for e in control.with_room(engines, urgent)} == {e.url for e in engines} - used
+        control.release(urgent)
+    # batch progresses: one of its requests ends, the waiting one gets a turn, and any engine but
+    # the one it still holds (busy with its prefill) may take it: it holds one engine of its two
+    done, engine = sent[0]
+    await end(control, engine, done)
+    waited = await batch
+    assert waited.position == 1
+    busy = {e.url for _, e in sent[1:]}
+    assert {e.url for e in control.with_room(engines, waited)} == {e.url for e in engines} - busy
+    control.release(waited)
+
+
 async def test_a_queued_requests_first_token_teaches_the_models_prediction_correction() -> None:
     control, registry, _ = make()
     engine = registry.all()[0]
