@@ -33,9 +33,10 @@ from kvstack.router.flow.config import FlowControlConfig, PriorityClass
 from kvstack.router.flow.fairness import FairShare
 from kvstack.router.flow.ledger import EngineFlow, Prefill
 from kvstack.router.flow.ordering import Waiting
-from kvstack.router.flow.placement import Option, prefer_hit_engine
+from kvstack.router.flow.placement import Option, prefer_hit_engine, slot_wait_s
 from kvstack.router.flow.queue import FlowQueue, Shed, Ticket
 from kvstack.router.flow.saturation import (
+    KV_BOUND,
     EngineLoad,
     Limits,
     Verdict,
@@ -49,6 +50,7 @@ from kvstack.router.metrics import RouterMetrics
 SERVICE_WEIGHT = 0.1  # of each request in the EWMA of the time at an engine
 TURNS_KEPT, MIN_TURNS = 64, 8  # the queue's turn rate: over its last 64 turns, from 8 on
 OTHER_TENANT = "other"  # the metric label of every tenant not configured
+SLOT_WAITS = ("full", "waiting", "overdue")  # saturations a request can wait out at the engine
 BASE_TTFT_S = 0.011  # a full prefix hit on an H200 still takes ~11 ms (tests/reference)
 _MESSAGES = {
     "slo": "the {cls} class's time-to-first-token objective cannot be met now; try again later",
@@ -212,14 +214,32 @@ class FlowControl:
         alt = max(free, key=lambda e: hit_of[e.url])
         if best in free:
             return free
-        options = [
-            Option(hit_of[e.url], self.ledger(e).backlog(now), self.ledger(e).rate) for e in (best, alt)
-        ]
-        only_backlog = verdicts[best.url].reason == "prefill_backlog" and limits.share == 1.0
-        if prefer_hit_engine(prompt_tokens, options[0], options[1], only_backlog):
+        slot_wait = self._slot_wait(best, verdicts[best.url].reason, grant)
+        hit = Option(
+            hit_of[best.url], self.ledger(best).backlog(now), self.ledger(best).rate, slot_wait or 0.0
+        )
+        other = Option(hit_of[alt.url], self.ledger(alt).backlog(now), self.ledger(alt).rate)
+        waitable = slot_wait is not None and limits.share == 1.0
+        if prefer_hit_engine(prompt_tokens, hit, other, waitable):
             self.metrics.flow_hit_waits.labels(self.metrics.model_label(grant.model if grant else "")).inc()
             return [best]
         return free
+
+    def _slot_wait(self, engine: EngineState, reason: str, grant: Grant | None) -> float | None:
+        """The wait for a batch slot at a saturated ``engine`` (:func:`slot_wait_s`): 0 when only a
+        prefill backlog saturates it; None when it cannot be waited out there (KV full, the hard
+        cap, kept clear) or not estimated yet (no request of the model has finished)."""
+        kv = engine.kv_cache_usage
+        if reason == "prefill_backlog" or (
+            reason in ("waiting", "overdue") and kv is not None and kv < KV_BOUND
+        ):
+            # with KV to spare, requests waiting there wait for a step's token budget, not a slot:
+            # its prefill backlog is the wait (vLLM's chunked prefill), already weighed
+            return 0.0
+        service = self.service_s.get(grant.model) if grant is not None else None
+        if reason not in SLOT_WAITS or not service:
+            return None
+        return slot_wait_s(service, engine.in_flight, self.ledger(engine).waiting(engine) or 0.0)
 
     def room_for(self, model: str, candidates: list[EngineState], now: float, priority: int) -> int:
         """Engines of ``candidates`` that can take one more request of ``priority``, less the turns
