@@ -155,6 +155,16 @@ class FlowSaturation(_Spec):
     max_kv_usage: float = Field(0.95, gt=0, le=1)
     max_waiting: int = Field(0, ge=0)
     learn_weight: float = Field(0.1, ge=0, le=1)
+    lower_class_share: float = Field(
+        0.5,
+        gt=0,
+        le=1,
+        description="while a higher class was seen lately, the share of the engines (and of each "
+        "engine's batch and prefill target) a lower class may fill; 1: no headroom",
+    )
+    headroom_window_seconds: float = Field(
+        10.0, ge=0, description="how long after a higher class's last request its headroom is kept"
+    )
 
 
 class FlowControl(_Spec):
@@ -226,6 +236,8 @@ class FlowControl(_Spec):
                 "max_kv_usage": sat.max_kv_usage,
                 "max_waiting": sat.max_waiting,
                 "learn_weight": sat.learn_weight,
+                "lower_class_share": sat.lower_class_share,
+                "headroom_window_s": sat.headroom_window_seconds,
             },
         }
 

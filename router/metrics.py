@@ -305,8 +305,9 @@ class RouterMetrics:
         )
         self.flow_hit_waits = Counter(
             "kvstack_router_flow_hit_waits",
-            "Requests sent to the saturated engine holding their prefix, its backlog expected to end "
-            "sooner than a colder prefill on an engine with room (router/flow/placement.py).",
+            "Requests sent to the saturated engine holding their prefix, its backlog (and wait for a "
+            "batch slot) expected to end sooner than a colder prefill on an engine with room "
+            "(router/flow/placement.py).",
             ["model_name"],
             registry=r,
         )

@@ -65,8 +65,9 @@ class SaturationConfig(BaseModel):
     # a decode step with a busy batch (tests/reference: 5.7 ms at batch 32): a first guess of a
     # request's time at an engine, max_tokens x this, until finished requests have measured it
     decode_step_s: float = Field(0.0057, gt=0)
-    # headroom for higher classes: while a higher class was seen within ``headroom_window_s``, a
-    # lower class may fill only this share of an engine's batch capacity and prefill target
+    # headroom for higher classes: while a higher class was seen within ``headroom_window_s``, the
+    # lower classes may have prefill outstanding on only this share of a model's engines (at least
+    # one; the rest are kept clear) and fill only this share of each engine's batch and prefill target
     lower_class_share: float = Field(0.5, gt=0, le=1)
     headroom_window_s: float = Field(10.0, ge=0)
     # learn each engine's prefill rate from the TTFTs it delivers (an EWMA with this weight); 0: off

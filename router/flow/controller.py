@@ -33,14 +33,24 @@ from kvstack.router.flow.config import FlowControlConfig, PriorityClass
 from kvstack.router.flow.fairness import FairShare
 from kvstack.router.flow.ledger import EngineFlow, Prefill
 from kvstack.router.flow.ordering import Waiting
-from kvstack.router.flow.placement import Option, prefer_hit_engine
+from kvstack.router.flow.placement import Option, prefer_hit_engine, slot_wait_s
 from kvstack.router.flow.queue import FlowQueue, Shed, Ticket
-from kvstack.router.flow.saturation import EngineLoad, Limits, class_share, learn_rate, saturation
+from kvstack.router.flow.saturation import (
+    KV_BOUND,
+    EngineLoad,
+    Limits,
+    Verdict,
+    class_share,
+    learn_rate,
+    reserved_engines,
+    saturation,
+)
 from kvstack.router.metrics import RouterMetrics
 
 SERVICE_WEIGHT = 0.1  # of each request in the EWMA of the time at an engine
 TURNS_KEPT, MIN_TURNS = 64, 8  # the queue's turn rate: over its last 64 turns, from 8 on
 OTHER_TENANT = "other"  # the metric label of every tenant not configured
+SLOT_WAITS = ("full", "waiting", "overdue")  # saturations a request can wait out at the engine
 BASE_TTFT_S = 0.011  # a full prefix hit on an H200 still takes ~11 ms (tests/reference)
 _MESSAGES = {
     "slo": "the {cls} class's time-to-first-token objective cannot be met now; try again later",
@@ -160,13 +170,27 @@ class FlowControl:
             slots=flow.slots,
         )
 
+    def top_active(self, now: float) -> int | None:
+        """The highest priority admitted within the headroom window (None: none)."""
+        window = self.config.saturation.headroom_window_s
+        return max((p for p, t in self.seen.items() if now - t <= window), default=None)
+
     def limits_for(self, priority: int, now: float) -> Limits:
         """The saturation limits for a request of ``priority``: a lower class than one seen within
         the headroom window fills only its share of each engine (:func:`class_share`)."""
-        sat = self.config.saturation
-        recent = [p for p, t in self.seen.items() if now - t <= sat.headroom_window_s]
-        share = class_share(priority, max(recent, default=None), sat.lower_class_share)
+        share = class_share(priority, self.top_active(now), self.config.saturation.lower_class_share)
         return self.limits if share == 1.0 else dataclasses.replace(self.limits, share=share)
+
+    def verdicts(self, candidates: list[EngineState], limits: Limits, now: float) -> list[Verdict]:
+        """Each candidate's saturation under ``limits`` (:meth:`limits_for`); for a class below one
+        seen lately, the engines kept clear for that class are ``reserved`` (:func:`reserved_engines`)."""
+        loads = [self.load(e, now) for e in candidates]
+        if limits.share < 1.0:
+            top = self.top_active(now)
+            held = [top is not None and self.ledger(e).holds_below(top, now) for e in candidates]
+            clear = reserved_engines(held, limits.share)
+            loads = [dataclasses.replace(load, reserved=r) for load, r in zip(loads, clear, strict=True)]
+        return [saturation(load, limits) for load in loads]
 
     def with_room(
         self,
@@ -181,7 +205,7 @@ class FlowControl:
         (:func:`prefer_hit_engine`)."""
         now = self.clock()
         limits = self.limits if grant is None else self.limits_for(grant.priority, now)
-        verdicts = {e.url: saturation(self.load(e, now), limits) for e in candidates}
+        verdicts = dict(zip((e.url for e in candidates), self.verdicts(candidates, limits, now), strict=True))
         free = [e for e in candidates if not verdicts[e.url].saturated]
         if not free or hits is None or len(free) == len(candidates):
             return free or candidates
@@ -190,20 +214,38 @@ class FlowControl:
         alt = max(free, key=lambda e: hit_of[e.url])
         if best in free:
             return free
-        options = [
-            Option(hit_of[e.url], self.ledger(e).backlog(now), self.ledger(e).rate) for e in (best, alt)
-        ]
-        only_backlog = verdicts[best.url].reason == "prefill_backlog" and limits.share == 1.0
-        if prefer_hit_engine(prompt_tokens, options[0], options[1], only_backlog):
+        slot_wait = self._slot_wait(best, verdicts[best.url].reason, grant)
+        hit = Option(
+            hit_of[best.url], self.ledger(best).backlog(now), self.ledger(best).rate, slot_wait or 0.0
+        )
+        other = Option(hit_of[alt.url], self.ledger(alt).backlog(now), self.ledger(alt).rate)
+        waitable = slot_wait is not None and limits.share == 1.0
+        if prefer_hit_engine(prompt_tokens, hit, other, waitable):
             self.metrics.flow_hit_waits.labels(self.metrics.model_label(grant.model if grant else "")).inc()
             return [best]
         return free
+
+    def _slot_wait(self, engine: EngineState, reason: str, grant: Grant | None) -> float | None:
+        """The wait for a batch slot at a saturated ``engine`` (:func:`slot_wait_s`): 0 when only a
+        prefill backlog saturates it; None when it cannot be waited out there (KV full, the hard
+        cap, kept clear) or not estimated yet (no request of the model has finished)."""
+        kv = engine.kv_cache_usage
+        if reason == "prefill_backlog" or (
+            reason in ("waiting", "overdue") and kv is not None and kv < KV_BOUND
+        ):
+            # with KV to spare, requests waiting there wait for a step's token budget, not a slot:
+            # its prefill backlog is the wait (vLLM's chunked prefill), already weighed
+            return 0.0
+        service = self.service_s.get(grant.model) if grant is not None else None
+        if reason not in SLOT_WAITS or not service:
+            return None
+        return slot_wait_s(service, engine.in_flight, self.ledger(engine).waiting(engine) or 0.0)
 
     def room_for(self, model: str, candidates: list[EngineState], now: float, priority: int) -> int:
         """Engines of ``candidates`` that can take one more request of ``priority``, less the turns
         already given."""
         limits = self.limits_for(priority, now)
-        unsaturated = sum(1 for e in candidates if not saturation(self.load(e, now), limits).saturated)
+        unsaturated = sum(1 for v in self.verdicts(candidates, limits, now) if not v.saturated)
         return unsaturated - self.reserved.get(model, 0)
 
     # ------------------------------------------------------------------ admission
@@ -328,7 +370,7 @@ class FlowControl:
         grant.backlog_at_dispatch = flow.backlog(now)
         expected = (grant.backlog_at_dispatch + uncached) / flow.rate
         due = now + expected + self.limits.prefill_target_s
-        flow.prefill[grant.id] = Prefill(uncached, due, streamed)
+        flow.prefill[grant.id] = Prefill(uncached, due, streamed, grant.priority)
 
     def first_token(self, grant: Grant, ttft_s: float) -> None:
         """The first token came back (``ttft_s`` from arrival at the router): the prefill is over."""

@@ -16,6 +16,7 @@ class Prefill:
     tokens: float  # uncached prompt tokens
     due: float  # when its first token should have come (expected prefill + the target), at the latest
     streamed: bool  # a stream's first token is seen; a whole answer's is not, so it counts until ``due``
+    priority: int = 0  # its class's: a lower class's outstanding prefill keeps engines from a higher one
 
 
 @dataclass(slots=True)
@@ -48,6 +49,11 @@ class EngineFlow:
         for k in done:
             del self.prefill[k]
         return sum(p.tokens for p in self.prefill.values())
+
+    def holds_below(self, priority: int, now: float) -> bool:
+        """Whether prefill of a class below ``priority`` is outstanding here (a whole answer's: until due)."""
+        self.backlog(now)
+        return any(p.priority < priority for p in self.prefill.values())
 
     def queueing(self, now: float) -> bool | None:
         """Whether the engine is queueing this router's requests: a stream sent there is past due

@@ -3,6 +3,7 @@
 An engine is *saturated* (the request waits in the router instead of in the engine's FCFS queue)
 when the first of these holds, checked in this order:
 
+0. ``reserved``: it is kept clear for a higher class (:func:`reserved_engines`, below);
 1. ``idle`` never: with nothing of this router's in flight there, it takes one (so the queue always
    drains: each engine keeps at least one request, whatever stale or foreign load it reports);
 2. ``in_flight_cap``: the router's own in-flight count reached ``max_in_flight_per_engine`` (an
@@ -32,6 +33,16 @@ queueing behind the lower class's work inside the engine. Rule 1 holds for every
 keeps one request of any class: the lower class always progresses), and with no higher class seen
 within the window the share is 1 (work-conserving).
 
+**Engines kept clear for higher classes** (rule 0): a share of one engine's prefill target bounds
+nothing when one request of the lower class is longer than the target (a cold 3,000-word turn is
+~1 s of prefill against a 0.5 s target, and rule 1 lets it in anyway), and an engine's FCFS queue
+puts a higher-class request behind every prefill already there. So while a higher class was seen
+within the window, the lower classes together may have prefill outstanding on at most
+``floor(share x engines)`` (at least one) of the model's engines; the others are ``reserved``: no
+lower-class request goes there, even when idle, so a higher-class request finds an engine with no
+prefill ahead of it. The lower class keeps its engines (it always progresses), and with no higher
+class about nothing is reserved (work-conserving).
+
 The prefill rate is the engines' measured one: the configured default
 comes from the H200 reference run (tests/reference), and each engine's own is learnt from the TTFTs
 it delivers (:func:`learn_rate`), so a slower or faster engine gets its own threshold.
@@ -39,11 +50,16 @@ it delivers (:func:`learn_rate`), so a slower or faster engine gets its own thre
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-Reason = Literal["idle", "room", "in_flight_cap", "full", "overdue", "waiting", "kv_usage", "prefill_backlog"]
+Reason = Literal[
+    "reserved", "idle", "room", "in_flight_cap", "full", "overdue", "waiting", "kv_usage", "prefill_backlog"
+]
 REASONS: tuple[Reason, ...] = (
+    "reserved",
     "idle",
     "room",
     "in_flight_cap",
@@ -68,6 +84,7 @@ class EngineLoad:
     # none there (None)
     queueing: bool | None = None
     slots: float | None = None  # its learnt batch capacity (requests it runs at once); None: not yet
+    reserved: bool = False  # kept clear of this request's (lower) class: :func:`reserved_engines`
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +102,18 @@ def class_share(priority: int, top_active: int | None, lower_share: float) -> fl
     return 1.0 if top_active is None or priority >= top_active else lower_share
 
 
+def reserved_engines(held: Sequence[bool], share: float) -> list[bool]:
+    """Which engines a lower class must leave clear for a higher one seen lately (rule 0).
+
+    ``held[i]``: the lower classes have prefill outstanding on engine ``i``. They may hold at most
+    ``floor(share x engines)`` engines (at least one); once they hold that many, every engine they
+    do not hold is reserved. ``share`` 1 (no higher class about) reserves nothing."""
+    allowed = max(1, math.floor(share * len(held) + 1e-9))
+    if share >= 1.0 or sum(held) < allowed:
+        return [False] * len(held)
+    return [not h for h in held]
+
+
 @dataclass(frozen=True, slots=True)
 class Verdict:
     saturated: bool
@@ -93,6 +122,8 @@ class Verdict:
 
 def saturation(load: EngineLoad, limits: Limits) -> Verdict:
     """The rule of the module docstring."""
+    if load.reserved:
+        return Verdict(True, "reserved")
     if load.in_flight <= 0:
         return Verdict(False, "idle")
     if limits.max_in_flight is not None and load.in_flight >= limits.max_in_flight:

@@ -26,7 +26,8 @@ router:
     tenants:
       - {name: search, weight: 3, defaultClass: interactive}
       - {name: etl}
-    saturation: {prefillTokensPerSecond: 20000, maxKvUsage: 0.9, maxWaiting: 2}
+    saturation: {prefillTokensPerSecond: 20000, maxKvUsage: 0.9, maxWaiting: 2, lowerClassShare: 0.25,
+                 headroomWindowSeconds: 30}
 """
 
 
@@ -70,6 +71,30 @@ def test_a_full_section_reaches_the_router(
         2,
         0.1,
     )
+    assert (sat.lower_class_share, sat.headroom_window_s) == (0.25, 30)
+
+
+@pytest.mark.parametrize(
+    ("saturation", "share", "window"),
+    [
+        ("{}", 0.5, 10.0),  # the chart's defaults are the router's
+        ("{lowerClassShare: 1}", 1.0, 10.0),  # no headroom at all
+        ("{headroomWindowSeconds: 0}", 0.5, 0.0),
+        ("{lowerClassShare: 0.75, headroomWindowSeconds: 2.5}", 0.75, 2.5),
+    ],
+)
+def test_the_headroom_for_higher_classes_reaches_the_router(
+    chart: HelmChart,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    saturation: str,
+    share: float,
+    window: float,
+) -> None:
+    values = tmp_path / "headroom.yaml"  # a file: --set would pass 0.75 as a string
+    values.write_text(f"router:\n  flowControl:\n    saturation: {saturation}\n")
+    sat = load_router(chart.template([values]), tmp_path, monkeypatch).flow_control.saturation
+    assert (sat.lower_class_share, sat.headroom_window_s) == (share, window)
 
 
 def test_off_reaches_the_router(chart: HelmChart, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -89,6 +114,9 @@ def test_off_reaches_the_router(chart: HelmChart, tmp_path: Path, monkeypatch: p
         ),
         (["router.flowControl.models[0].ordering=lifo"], "values don't meet the specifications"),
         (["router.flowControl.saturation.maxKvUsage=1.5"], "values don't meet the specifications"),
+        (["router.flowControl.saturation.lowerClassShare=0"], "values don't meet the specifications"),
+        (["router.flowControl.saturation.lowerClassShare=1.5"], "values don't meet the specifications"),
+        (["router.flowControl.saturation.headroomWindowSeconds=-1"], "values don't meet the specifications"),
         (["router.flowControl.classes[0].ttftObjectiveSeconds=0"], "values don't meet the specifications"),
         (["router.flowControl.tenantHeader=x team"], "values don't meet the specifications"),
         (["router.flowControl.clases=x"], "values don't meet the specifications"),

@@ -65,6 +65,32 @@ def test_a_full_section_reaches_the_router() -> None:
     )
 
 
+@pytest.mark.parametrize(
+    ("saturation", "share", "window"),
+    [
+        ({}, 0.5, 10.0),  # the router's defaults
+        ({"lowerClassShare": 1}, 1.0, 10.0),  # no headroom for higher classes
+        ({"lowerClassShare": 0.25, "headroomWindowSeconds": 30}, 0.25, 30.0),
+        ({"headroomWindowSeconds": 0}, 0.5, 0.0),
+    ],
+)
+def test_the_headroom_for_higher_classes_is_rendered(
+    saturation: dict[str, float], share: float, window: float
+) -> None:
+    config = router_settings(OWNER, parse_spec(spec({"saturation": saturation})))
+    sat = RouterSettings(**config).flow_control.saturation
+    assert (sat.lower_class_share, sat.headroom_window_s) == (share, window)
+
+
+def test_the_crd_bounds_the_headroom() -> None:
+    schema = crd.crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    router = schema["properties"]["spec"]["properties"]["router"]["properties"]
+    sat = router["flowControl"]["properties"]["saturation"]["properties"]
+    share = sat["lowerClassShare"]  # OpenAPI v3: a boolean exclusiveMinimum beside the minimum
+    assert (share["minimum"], share["exclusiveMinimum"], share["maximum"]) == (0, True, 1)
+    assert sat["headroomWindowSeconds"]["minimum"] == 0
+
+
 def test_disabled_renders_disabled() -> None:
     config = router_settings(OWNER, parse_spec(spec({"enabled": False})))
     assert RouterSettings(**config).flow_control.enabled is False
@@ -83,6 +109,12 @@ def test_disabled_renders_disabled() -> None:
         ({"classes": []}, r"router\.flowControl\.classes"),
         ({"models": [{"ordering": "lifo"}]}, r"router\.flowControl\.models\.0\.ordering"),
         ({"saturation": {"maxKvUsage": 1.5}}, r"router\.flowControl\.saturation\.maxKvUsage"),
+        ({"saturation": {"lowerClassShare": 0}}, r"router\.flowControl\.saturation\.lowerClassShare"),
+        ({"saturation": {"lowerClassShare": 1.01}}, r"router\.flowControl\.saturation\.lowerClassShare"),
+        (
+            {"saturation": {"headroomWindowSeconds": -1}},
+            r"router\.flowControl\.saturation\.headroomWindowSeconds",
+        ),
         ({"classes": [{"name": "a b"}], "defaultClass": "a b"}, r"router\.flowControl\.classes\.0\.name"),
         ({"clases": []}, r"router\.flowControl\.clases"),
     ],

@@ -126,6 +126,20 @@ def test_a_spec_the_engine_refuses_is_reported_in_status(cluster: Cluster, names
             {"models": [{"name": "m", "model": "x", "blockSize": 16, "lmcache": {"chunkSize": 20}}]},
             "lmcache.chunkSize must be a multiple of blockSize",
         ),
+        (
+            {
+                "models": [{"name": "m", "model": "x"}],
+                "router": {"flowControl": {"saturation": {"lowerClassShare": 1.5}}},
+            },
+            "spec.router.flowControl.saturation.lowerClassShare",
+        ),
+        (
+            {
+                "models": [{"name": "m", "model": "x"}],
+                "router": {"flowControl": {"saturation": {"headroomWindowSeconds": -1}}},
+            },
+            "spec.router.flowControl.saturation.headroomWindowSeconds",
+        ),
     ],
 )
 def test_the_api_server_rejects_invalid_resources_readably(
@@ -144,5 +158,7 @@ def test_defaults_are_applied_by_the_api_server(api: Api) -> None:
     assert spec["autoscaling"]["metric"] == "waitingPerReplica"
     assert spec["models"][0]["lmcache"]["chunkSize"] == 256
     assert spec["router"]["policy"] == "cache_aware"
+    saturation = spec["router"]["flowControl"]["saturation"]
+    assert (saturation["lowerClassShare"], saturation["headroomWindowSeconds"]) == (0.5, 10)
     with pytest.raises(Exception, match="at most 22"):
         api.create("a-name-that-is-far-too-long-for-us", {"models": [{"name": "m", "model": "x"}]})

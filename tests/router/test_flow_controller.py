@@ -317,6 +317,49 @@ async def test_a_lower_class_leaves_headroom_for_a_higher_class_seen_lately(
         assert (await third).position == 0
 
 
+@pytest.mark.parametrize("interactive_about", [False, True])
+async def test_a_lower_class_keeps_off_engines_cleared_for_a_higher_class(interactive_about: bool) -> None:
+    """Each batch request is a longer prefill than the target (one per engine), so a share of an
+    engine's target bounds nothing: with interactive about, batch holds at most half the engines."""
+    classes = [
+        {"name": "interactive", "priority": 10, "ttft_objective_s": 1.0},
+        {"name": "batch", "priority": 0},
+    ]
+    control, registry, _ = make(4, max_in_flight=None, classes=classes, default_class="batch")
+    engines = registry.all()
+    if interactive_about:  # seen, done: its class is within the headroom window
+        seen = await control.admit(M, "t", cls(control, "interactive"), 10, engines)
+        await start(control, engines[0], seen)
+        await end(control, engines[0], seen)
+    sent: list[tuple[Grant, EngineState]] = []
+    while True:
+        batch = asyncio.create_task(control.admit(M, "t", cls(control, "batch"), 20_000, engines))
+        await settle()
+        if not batch.done():
+            break
+        grant = batch.result()
+        engine = control.with_room(engines, grant)[0]
+        await start(control, engine, grant)
+        sent.append((grant, engine))
+    used = {e.url for _, e in sent}
+    assert len(used) == len(sent) == (2 if interactive_about else 4)
+    if interactive_about:
+        # the other two are idle and kept clear: an interactive request goes there at once
+        urgent = await control.admit(M, "t", cls(control, "interactive"), 20_000, engines)
+        assert urgent.position == 0
+        assert {e.url for e in control.with_room(engines, urgent)} == {e.url for e in engines} - used
+        control.release(urgent)
+    # batch progresses: one of its requests ends, the waiting one gets a turn, and any engine but
+    # the one it still holds (busy with its prefill) may take it: it holds one engine of its two
+    done, engine = sent[0]
+    await end(control, engine, done)
+    waited = await batch
+    assert waited.position == 1
+    busy = {e.url for _, e in sent[1:]}
+    assert {e.url for e in control.with_room(engines, waited)} == {e.url for e in engines} - busy
+    control.release(waited)
+
+
 async def test_a_queued_requests_first_token_teaches_the_models_prediction_correction() -> None:
     control, registry, _ = make()
     engine = registry.all()[0]
@@ -349,3 +392,53 @@ async def test_a_request_goes_to_its_briefly_saturated_hit_engine_when_that_is_s
     assert [e.url for e in chosen] == engines
     waits = metrics.registry.get_sample_value("kvstack_router_flow_hit_waits_total", {"model_name": M})
     assert (waits or 0.0) == (1.0 if engines == ["http://e0"] else 0.0)
+
+
+@pytest.mark.parametrize(
+    ("service_s", "engines"),
+    [
+        (None, ["http://e1"]),  # no request has finished: no slot wait to weigh, cold on e1
+        (0.1, ["http://e0"]),  # a slot there in 0.1 s, then 1,000 tokens: sooner than 0.88 s cold
+        (10.0, ["http://e1"]),  # a slot only in 10 s: the cold prefill on e1 is sooner
+    ],
+)
+async def test_a_request_waits_for_a_slot_at_its_full_hit_engine_when_that_is_sooner(
+    service_s: float | None, engines: list[str]
+) -> None:
+    control, registry, _ = make(n_engines=2, max_in_flight=None)
+    e0, e1 = registry.all()
+    busy = await control.admit(M, "t", cls(control), 100, registry.all())
+    await start(control, e0, busy)
+    control.ledger(e0).slots = 1.0  # its learnt batch: one request, and it runs one
+    assert control.with_room(registry.all()) == [e1]
+    if service_s is not None:
+        control.service_s[M] = service_s
+    grant = await control.admit(M, "t", cls(control), 0, registry.all())
+    chosen = control.with_room(registry.all(), grant, lambda e: 29_000 if e is e0 else 0.0, 30_000)
+    assert [e.url for e in chosen] == engines
+
+
+@pytest.mark.parametrize(
+    ("waiting", "kv_usage", "engines"),
+    [
+        # KV to spare: the request waiting there waits for a step's token budget, so the backlog
+        # (100 tokens) is the wait: sooner than 0.88 s cold, no slot wait needed
+        (1.0, 0.2, ["http://e0"]),
+        # KV nearly full (or not scraped): a slot is the wait, unknown before a request finished
+        (1.0, 0.92, ["http://e1"]),
+        (1.0, None, ["http://e1"]),
+        (0.0, 0.96, ["http://e1"]),  # its KV full (it would preempt): never
+    ],
+)
+async def test_requests_waiting_in_an_engine_with_kv_to_spare_wait_for_its_backlog_not_a_slot(
+    waiting: float, kv_usage: float | None, engines: list[str]
+) -> None:
+    control, registry, _ = make(n_engines=2, max_in_flight=None)
+    e0, e1 = registry.all()
+    busy = await control.admit(M, "t", cls(control), 100, registry.all())
+    await start(control, e0, busy)
+    e0.num_waiting, e0.kv_cache_usage, e0.last_scrape = waiting, kv_usage, 1.0
+    assert control.with_room(registry.all()) == [e1]
+    grant = await control.admit(M, "t", cls(control), 0, registry.all())
+    chosen = control.with_room(registry.all(), grant, lambda e: 29_000 if e is e0 else 0.0, 30_000)
+    assert [e.url for e in chosen] == engines

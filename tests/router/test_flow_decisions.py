@@ -24,6 +24,7 @@ from kvstack.router.flow.saturation import (
     class_share,
     learn_rate,
     learn_slots,
+    reserved_engines,
     saturation,
 )
 
@@ -67,6 +68,9 @@ LIMITS = Limits(prefill_target_s=0.25, max_kv_usage=0.95, max_waiting=0, max_in_
         (EngineLoad(3, 4_250, RATE), Limits(0.25, share=0.5), True, "prefill_backlog"),
         (EngineLoad(3, 4_249, RATE), Limits(0.25, share=0.5), False, "room"),
         (EngineLoad(0, 9e9, RATE, slots=8), Limits(0.25, share=0.5), False, "idle"),  # it always progresses
+        # kept clear for a higher class: even idle, before every other rule
+        (EngineLoad(0, 0, RATE, reserved=True), Limits(0.25, share=0.5), True, "reserved"),
+        (EngineLoad(3, 9e9, RATE, 5, 1.0, reserved=True), LIMITS, True, "reserved"),
     ],
 )
 def test_saturation(load: EngineLoad, limits: Limits, saturated: bool, reason: str) -> None:
@@ -106,6 +110,34 @@ def test_fair_work_ahead(
 )
 def test_class_share(priority: int, top_active: int | None, share: float) -> None:
     assert class_share(priority, top_active, 0.5) == share
+
+
+@pytest.mark.parametrize(
+    ("held", "share", "reserved"),
+    [
+        # no higher class about (share 1): nothing is kept clear, whatever the lower class holds
+        ([True, True, True, True], 1.0, [False] * 4),
+        ([False] * 4, 1.0, [False] * 4),
+        # half of four engines: the lower class may take a second engine ...
+        ([True, False, False, False], 0.5, [False] * 4),
+        # ... and holding two, the other two are the higher class's
+        ([True, True, False, False], 0.5, [False, False, True, True]),
+        ([False, True, False, True], 0.5, [True, False, True, False]),
+        # it holds more than its share (it was there before the higher class came): nothing new
+        ([True, True, True, False], 0.5, [False, False, False, True]),
+        ([True, True, True, True], 0.5, [False] * 4),
+        # at least one engine, however small the share or the model: the lower class progresses
+        ([False, False, False, False], 0.1, [False] * 4),
+        ([True, False, False, False], 0.1, [False, True, True, True]),
+        ([True], 0.5, [False]),
+        ([False], 0.5, [False]),
+        ([True, False, False], 0.75, [False] * 3),  # floor(2.25): two engines
+        ([True, True, False], 0.75, [False, False, True]),
+        ([], 0.5, []),
+    ],
+)
+def test_reserved_engines(held: list[bool], share: float, reserved: list[bool]) -> None:
+    assert reserved_engines(held, share) == reserved
 
 
 @pytest.mark.parametrize(

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from kvstack.router.flow.placement import Option, prefer_hit_engine
+from kvstack.router.flow.placement import Option, prefer_hit_engine, slot_wait_s
 
 RATE = 1000.0
 PROMPT = 3000.0
 
 
 @pytest.mark.parametrize(
-    ("hit", "free", "only_backlog", "prefer"),
+    ("hit", "free", "waitable", "prefer"),
     [
         # it holds 2,900 of 3,000 tokens behind 500 of backlog (0.6 s) against a cold 3.0 s elsewhere
         (Option(2900, 500, RATE), Option(0, 0, RATE), True, True),
@@ -22,12 +22,30 @@ PROMPT = 3000.0
         # the engine with room holds most of it too: 0.1 s there beats 0.6 s
         (Option(2900, 500, RATE), Option(2900, 0, RATE), True, False),
         (Option(2900, 500, RATE), Option(2000, 0, RATE), True, True),  # 0.6 s against 1.0 s
-        # saturated for another reason (its batch full, requests waiting in it): no wait to weigh
+        # saturated for a reason not waited out there (KV full, kept clear, no slot wait known yet)
         (Option(2900, 500, RATE), Option(0, 0, RATE), False, False),
+        # its batch full: a slot in 0.5 s, then 0.6 s of prefill, against a cold 3.0 s elsewhere
+        (Option(2900, 500, RATE, slot_wait_s=0.5), Option(0, 0, RATE), True, True),
+        # a slot only in 2.5 s: 3.1 s there, the cold prefill elsewhere is sooner
+        (Option(2900, 500, RATE, slot_wait_s=2.5), Option(0, 0, RATE), True, False),
         # a faster engine with room prefills the cold prompt sooner (1.0 s against 1.1 s)
         (Option(2900, 1000, RATE), Option(0, 0, 3 * RATE), True, False),
         (Option(0, 0, RATE), Option(0, 0, RATE), True, False),  # nobody holds anything
     ],
 )
-def test_prefer_hit_engine(hit: Option, free: Option, only_backlog: bool, prefer: bool) -> None:
-    assert prefer_hit_engine(PROMPT, hit, free, only_backlog) == prefer
+def test_prefer_hit_engine(hit: Option, free: Option, waitable: bool, prefer: bool) -> None:
+    assert prefer_hit_engine(PROMPT, hit, free, waitable) == prefer
+
+
+@pytest.mark.parametrize(
+    ("service_s", "in_flight", "waiting", "wait_s"),
+    [
+        (2.0, 8, 0, 0.25),  # eight running, each 2 s: a slot frees every 0.25 s
+        (2.0, 8, 3, 1.0),  # three wait there first: the fourth slot
+        (2.0, 1, 0, 2.0),
+        (2.0, 0, 0, 2.0),  # nothing of ours counted there: at least one request's time
+        (2.0, 4, -1, 0.5),  # a stale negative queue counts as none
+    ],
+)
+def test_slot_wait(service_s: float, in_flight: int, waiting: float, wait_s: float) -> None:
+    assert slot_wait_s(service_s, in_flight, waiting) == pytest.approx(wait_s)
