@@ -379,6 +379,18 @@ class KVIndex:
             g * st.gpu_weight + (loc - g) * st.cpu_weight + (reach - loc) * st.shared_weight
         ) * eng.block_size
 
+    def cpu_backed_blocks(self, engine_id: str, keys: Sequence[int], upto: int) -> int:
+        """Leading blocks of ``keys[:upto]`` the engine's own CPU tier holds (LMCache writes its
+        GPU blocks through to it): where a GPU block evicted before its request runs reloads from.
+        Not on the lookup hot path: the policy asks only for engines with a GPU hit at risk."""
+        eng = self._engines.get(engine_id)
+        if eng is None or upto <= 0:
+            return 0
+        cpu = eng.held[CPU]
+        if not cpu:
+            return 0
+        return longest_prefix(keys[:upto], cpu.__contains__, 0)
+
     def _tiers(self, eng: _Engine, keys: Sequence[int], now: float) -> tuple[int, int, int]:
         """Blocks of ``keys`` matched on the GPU, locally (GPU or CPU), and reachable (or shared)."""
         if not keys:

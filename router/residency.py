@@ -1,0 +1,95 @@
+"""Expected residency of a GPU prefix hit, and what a hit is worth once eviction is counted (pure).
+
+The KV index says which blocks an engine holds *now*. A request sent there runs only after the
+prefill queued ahead of it, and vLLM allocates that queue's new blocks from its free-block queue:
+cached blocks no running request references sit in that queue, and the oldest go first. So a
+prefix the index counts as a GPU hit is gone by the time its request runs when the queue ahead
+needs more new blocks than the engine has free; the engine then reloads it from LMCache's CPU
+tier, from the shared store (Redis), or recomputes it. On the simulator at load 0.9 this is what
+collapsed runs (bench-results/lmcache/README.md): the router kept sending sessions to their
+holder while its queue evicted them.
+
+The model, per engine and request:
+
+* ``ahead``: KV tokens the work queued ahead will newly allocate (its uncached prefill);
+* ``free``: the engine's free KV tokens, ``(1 - kv_cache_usage) x num_gpu_blocks x block_size``
+  (cached blocks nobody references count as free: vLLM can evict them);
+* an unreferenced prefix sits somewhere in the free queue; not knowing where, take its place as
+  uniform over it, so each of its blocks survives with probability ``1 - ahead / free``, floored at
+  0. vLLM frees a request's blocks tail first, so the tail of a prefix goes before its head: the
+  surviving share is the prefix's *leading* share.
+
+A block evicted from the GPU is worth what its next tier is worth: the engine's own CPU tier when
+LMCache still holds it there, else the shared store (or nothing without one).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+def resident_fraction(ahead_tokens: float, free_tokens: float | None) -> float:
+    """Expected share of a cached, unreferenced GPU prefix still there after ``ahead_tokens`` of new
+    KV are allocated on an engine with ``free_tokens`` free. ``None`` (not scraped yet): 1."""
+    if free_tokens is None or ahead_tokens <= 0:
+        return 1.0
+    if free_tokens <= 0:
+        return 0.0
+    return max(0.0, 1.0 - ahead_tokens / free_tokens)
+
+
+def free_kv_tokens(kv_cache_usage: float | None, num_gpu_blocks: int | None, block_size: int) -> float | None:
+    """Free KV tokens from a scrape (``vllm:kv_cache_usage_perc`` as a 0-1 fraction); None if unknown."""
+    if kv_cache_usage is None or not num_gpu_blocks:
+        return None
+    return max(0.0, 1.0 - kv_cache_usage) * num_gpu_blocks * block_size
+
+
+@dataclass(frozen=True, slots=True)
+class TierWeights:
+    """What a token served from each tier is worth, as a fraction of a GPU hit (computing: 0)."""
+
+    gpu: float = 1.0
+    cpu: float = 0.94
+    shared: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class TierTokens:
+    """A request's predicted hit on one engine, in tokens, by the tier the engine will serve it from."""
+
+    gpu: float = 0.0  # expected still on its GPU when the request runs
+    cpu: float = 0.0  # from its own LMCache CPU tier (held there, or evicted from GPU to it)
+    shared: float = 0.0  # from the shared store
+
+    def weighted(self, w: TierWeights) -> float:
+        return self.gpu * w.gpu + self.cpu * w.cpu + self.shared * w.shared
+
+
+def expected_tiers(
+    gpu_blocks: int,
+    cpu_backed_blocks: int,
+    local_blocks: int,
+    reachable_blocks: int,
+    block_size: int,
+    resident: float,
+    shared_store: bool,
+) -> TierTokens:
+    """Where a request's matched prefix will come from, once the GPU prefix has lost its tail.
+
+    ``gpu_blocks`` <= ``local_blocks`` <= ``reachable_blocks`` are the index's nested prefixes (GPU;
+    GPU or own CPU tier; or the shared store); ``cpu_backed_blocks`` is the leading run the CPU tier
+    holds too (LMCache writes through, so usually all of the GPU prefix until its CPU LRU evicts).
+    ``resident`` comes from :func:`resident_fraction`. Blocks past the resident share of the GPU
+    prefix fall to the CPU tier where it backs them, else to the shared store when the engines
+    write through to one (``shared_store``), else to recomputing.
+    """
+    kept = resident * gpu_blocks
+    evicted = gpu_blocks - kept
+    to_cpu = max(0.0, min(float(cpu_backed_blocks), float(gpu_blocks)) - kept)
+    to_shared = evicted - to_cpu if shared_store else 0.0
+    return TierTokens(
+        gpu=kept * block_size,
+        cpu=(to_cpu + (local_blocks - gpu_blocks)) * block_size,
+        shared=(to_shared + (reachable_blocks - local_blocks)) * block_size,
+    )

@@ -1,0 +1,118 @@
+"""cache_aware with LMCache tiers: a GPU hit the queue ahead will evict, and tier costs learnt online."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from kvstack.common.kv_events import BlockStored
+from kvstack.router.engines import EngineState
+from kvstack.router.policies.cache_aware import CacheAwarePolicy
+from kvstack.router.tier_cost import TierLearning
+
+from .test_policy import BS, SYSTEM, chat, engines, policy, req, route
+
+PROMPT = chat(SYSTEM * 4, "Summarize the document above.")  # ~1,200 tokens
+
+
+def stored(tokens: list[int], medium: str, base: int) -> BlockStored:
+    n = len(tokens) // BS
+    return BlockStored(
+        block_hashes=[base + i for i in range(n)],
+        parent_block_hash=None,
+        token_ids=tokens[: n * BS],
+        block_size=BS,
+        medium=medium,
+    )
+
+
+def busy(cands: list[EngineState], *, holder_usage: float) -> None:
+    """Every engine scraped with 2 waiting requests (equal load); the holder e0 nearly full."""
+    for st in cands:
+        st.num_waiting, st.num_running, st.last_scrape = 2.0, 4.0, 1.0
+        st.kv_cache_usage = 0.5
+    cands[0].kv_cache_usage = holder_usage
+
+
+@pytest.mark.parametrize(
+    ("residency", "holder_usage", "cpu_backed", "shared_store", "chosen"),
+    [
+        # e0's free KV (1,600 tokens) is less than the 2,048 queued ahead: its prefix will be evicted
+        # and, without a CPU copy, reloaded from Redis, slower than computing it: go elsewhere
+        (True, 0.99, False, True, "cold"),
+        # ... the router that trusts the index sends it to e0 anyway
+        (False, 0.99, False, True, "http://e0"),
+        # ... e0's LMCache CPU tier holds the prefix: reloading it from there is cheap, stay
+        (True, 0.99, True, True, "http://e0"),
+        # e0 has room (80,000 free tokens): the prefix survives the queue
+        (True, 0.5, False, True, "http://e0"),
+        # no shared store: the evicted prefix is recomputed on e0, no worse than a cold engine's
+        # prefill, and e0 has no edge left over the others (they tie on cost: the least loaded wins)
+        (True, 0.99, False, False, "cold"),
+    ],
+)
+def test_a_gpu_hit_the_queue_will_evict(
+    residency: bool, holder_usage: float, cpu_backed: bool, shared_store: bool, chosen: str
+) -> None:
+    p = policy(explore_rate=0.0, residency=residency)
+    if not shared_store:
+        p.index.settings = p.index.settings.model_copy(update={"shared_store": False})
+    cands = engines(4)
+    busy(cands, holder_usage=holder_usage)
+    p.index.apply("http://e0", [stored(PROMPT, "GPU", 1)])
+    if cpu_backed:
+        p.index.apply("http://e0", [stored(PROMPT, "cpu", 10_000)])
+    url = route(p, cands, req(PROMPT + chat("", "again")[1:]), now=2.0)
+    if chosen == "cold":
+        assert url != "http://e0"
+    else:
+        assert url == chosen
+    assert p.stats.residency_discounted == (1 if residency and holder_usage > 0.9 else 0)
+
+
+def first_token(p: CacheAwarePolicy, cands: list[EngineState], tokens: list[int], after_s: float) -> str:
+    r = req(tokens)
+    p.test_clock[0] = 0.0  # type: ignore[attr-defined]
+    d = p.choose(r, cands, 0.0)
+    p.on_dispatch(r, d)
+    p.test_clock[0] = after_s  # type: ignore[attr-defined]
+    p.on_first_token(r, d)
+    p.on_finish(r, d, True)
+    return d.engine.url
+
+
+def test_the_cpu_tier_cost_is_learnt_from_slow_first_tokens() -> None:
+    p = policy(explore_rate=0.0, tier_learning=TierLearning(alpha=0.5, min_tokens=64))
+    cands = engines(4)
+    p.index.apply("http://e1", [stored(PROMPT, "cpu", 1)])  # e1 holds it only in its CPU tier
+    before = p.tiers.costs
+    w0 = p.tiers.weights().cpu
+    assert first_token(p, cands, PROMPT, after_s=2.0) == "http://e1"
+    learnt = p.tiers.costs
+    assert p.tiers.outcomes["cpu"] == 1
+    assert learnt.cpu_s > before.cpu_s and learnt.shared_s == before.shared_s
+    assert p.tiers.weights().cpu < w0  # a CPU-tier hit is now worth less than a GPU hit
+
+
+def test_gpu_only_requests_learn_the_baseline_not_a_tier() -> None:
+    p = policy(explore_rate=0.0)
+    cands = engines(4)
+    p.index.apply("http://e2", [stored(PROMPT, "GPU", 1)])
+    before = p.tiers.costs
+    assert first_token(p, cands, PROMPT, after_s=0.5) == "http://e2"
+    after = p.tiers.costs
+    assert p.tiers.outcomes["baseline"] == 1
+    assert after.baseline_s > 0.0
+    assert dataclasses.replace(after, baseline_s=0.0, samples_baseline=0) == before
+
+
+def test_learning_off_keeps_the_configured_weights() -> None:
+    p = policy(explore_rate=0.0, tier_learning=TierLearning(enabled=False))
+    w = p.tiers.weights()
+    assert (w.cpu, w.shared) == pytest.approx((p.index.settings.cpu_weight, p.index.settings.shared_weight))
+    cands = engines(4)
+    p.index.apply("http://e1", [stored(PROMPT, "cpu", 1)])
+    first_token(p, cands, PROMPT, after_s=5.0)
+    assert p.tiers.outcomes["disabled"] == 1
+    assert p.tiers.weights() == w

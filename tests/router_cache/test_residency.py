@@ -1,0 +1,94 @@
+"""Expected residency of a GPU prefix hit and where its evicted tail reloads from (pure; tables)."""
+
+from __future__ import annotations
+
+import pytest
+
+from kvstack.router.residency import (
+    TierTokens,
+    TierWeights,
+    expected_tiers,
+    free_kv_tokens,
+    resident_fraction,
+)
+
+
+@pytest.mark.parametrize(
+    ("ahead", "free", "expected"),
+    [
+        (0.0, 1000.0, 1.0),  # nothing queued ahead: the prefix is there when the request runs
+        (0.0, 0.0, 1.0),  # ... even on a full engine: nothing will allocate before it
+        (250.0, 1000.0, 0.75),  # a quarter of the free queue reallocated
+        (1000.0, 1000.0, 0.0),  # the queue ahead takes every free block, the prefix among them
+        (5000.0, 1000.0, 0.0),  # floored at 0
+        (100.0, 0.0, 0.0),  # no free KV at all and work ahead: evicted
+        (1e9, None, 1.0),  # not scraped yet: no discount (the index's view stands)
+    ],
+)
+def test_resident_fraction(ahead: float, free: float | None, expected: float) -> None:
+    assert resident_fraction(ahead, free) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(
+    ("usage", "blocks", "block_size", "expected"),
+    [
+        (0.25, 1000, 16, 12_000.0),
+        (1.0, 1000, 16, 0.0),
+        (1.2, 1000, 16, 0.0),  # a scrape over 1 never reads as negative free KV
+        (None, 1000, 16, None),  # not scraped
+        (0.5, None, 16, None),  # block count unknown
+        (0.5, 0, 16, None),
+    ],
+)
+def test_free_kv_tokens(
+    usage: float | None, blocks: int | None, block_size: int, expected: float | None
+) -> None:
+    assert free_kv_tokens(usage, blocks, block_size) == expected
+
+
+BS = 16
+
+
+@pytest.mark.parametrize(
+    ("gpu", "cpu_backed", "local", "reachable", "resident", "shared_store", "expected"),
+    [
+        # all resident: the index's tiers as they are
+        (10, 10, 12, 20, 1.0, True, TierTokens(gpu=160, cpu=32, shared=128)),
+        # half the GPU prefix evicted, the CPU tier backs all of it: the tail reloads from CPU
+        (10, 10, 10, 10, 0.5, True, TierTokens(gpu=80, cpu=80, shared=0)),
+        # ... the CPU tier backs only the first 6 blocks: 1 from CPU, the last 4 from the shared store
+        (10, 6, 10, 10, 0.5, True, TierTokens(gpu=80, cpu=16, shared=64)),
+        # ... and without a shared store those 4 are recomputed
+        (10, 6, 10, 10, 0.5, False, TierTokens(gpu=80, cpu=16, shared=0)),
+        # all evicted, CPU-tier blocks beyond the GPU prefix still count
+        (4, 0, 8, 8, 0.0, True, TierTokens(gpu=0, cpu=64, shared=64)),
+        # no GPU hit: residency changes nothing
+        (0, 0, 3, 5, 0.0, True, TierTokens(gpu=0, cpu=48, shared=32)),
+    ],
+)
+def test_expected_tiers(
+    gpu: int,
+    cpu_backed: int,
+    local: int,
+    reachable: int,
+    resident: float,
+    shared_store: bool,
+    expected: TierTokens,
+) -> None:
+    got = expected_tiers(gpu, cpu_backed, local, reachable, BS, resident, shared_store)
+    assert (got.gpu, got.cpu, got.shared) == pytest.approx((expected.gpu, expected.cpu, expected.shared))
+    # tokens are only moved between tiers, never made up or lost, while a shared store reaches all
+    if shared_store:
+        assert got.gpu + got.cpu + got.shared == pytest.approx(reachable * BS)
+
+
+@pytest.mark.parametrize(
+    ("tiers", "weights", "expected"),
+    [
+        (TierTokens(gpu=100, cpu=100, shared=100), TierWeights(1.0, 0.94, 0.0), 194.0),
+        (TierTokens(gpu=100), TierWeights(0.5, 0.94, 0.0), 50.0),
+        (TierTokens(), TierWeights(), 0.0),
+    ],
+)
+def test_weighted(tiers: TierTokens, weights: TierWeights, expected: float) -> None:
+    assert tiers.weighted(weights) == pytest.approx(expected)
