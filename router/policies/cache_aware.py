@@ -288,7 +288,8 @@ class CacheAwarePolicy(Policy):
         choice = decide(n_tokens, views, self.settings, self.rng)
         if tracing:
             ttfts = [est_ttft(n_tokens, v, self.settings) for v in views]
-            log_decision(request.request_id, n_tokens, candidates, views, estimates, choice, ttfts)
+            costs = self.tiers.costs
+            log_decision(request.request_id, n_tokens, candidates, views, estimates, choice, ttfts, costs)
         v = views[choice.index]
         chosen = candidates[choice.index]
         self._remember(

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from kvstack.router.engines import EngineState
 from kvstack.router.policies.cache_aware_tiers import TierEstimate
+from kvstack.router.tier_cost import TierCosts
 
 if TYPE_CHECKING:
     from kvstack.router.policies.cache_aware import CandidateView, Choice
@@ -28,6 +29,7 @@ def log_decision(
     estimates: Sequence[TierEstimate],
     choice: Choice,
     est_ttft_s: Sequence[float],
+    costs: TierCosts,
 ) -> None:
     engines = [
         {
@@ -54,5 +56,7 @@ def log_decision(
             "chosen": candidates[choice.index].name,
             "route_reason": choice.reason,
             "engines": engines,
+            # the tier costs learnt so far (router/tier_cost.py), in us per token
+            "tier_cost_us": {"cpu": round(costs.cpu_s * 1e6, 2), "shared": round(costs.shared_s * 1e6, 2)},
         },
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import pytest
 
@@ -48,7 +49,7 @@ def busy(cands: list[EngineState], *, holder_usage: float) -> None:
         # e0 has room (80,000 free tokens): the prefix survives the queue
         (True, 0.5, False, True, "http://e0"),
         # no shared store: the evicted prefix is recomputed on e0, no worse than a cold engine's
-        # prefill, and e0 has no edge left over the others (they tie on cost: the least loaded wins)
+        # prefill, and e0 has no edge left over the others (a cold placement among equals)
         (True, 0.99, False, False, "cold"),
     ],
 )
@@ -64,8 +65,9 @@ def test_a_gpu_hit_the_queue_will_evict(
     if cpu_backed:
         p.index.apply("http://e0", [stored(PROMPT, "cpu", 10_000)])
     url = route(p, cands, req(PROMPT + chat("", "again")[1:]), now=2.0)
-    if chosen == "cold":
-        assert url != "http://e0"
+    if chosen == "cold":  # nobody holds a hit that will last: a cold placement, never onto Redis loads
+        assert p.stats.reasons is not None and p.stats.reasons["cold"] == 1
+        assert url != "http://e0" or not shared_store
     else:
         assert url == chosen
     assert p.stats.residency_discounted == (1 if residency and holder_usage > 0.9 else 0)
@@ -116,3 +118,23 @@ def test_learning_off_keeps_the_configured_weights() -> None:
     first_token(p, cands, PROMPT, after_s=5.0)
     assert p.tiers.outcomes["disabled"] == 1
     assert p.tiers.weights() == w
+
+
+def test_the_decision_log_shows_residency_and_the_learnt_costs(caplog: pytest.LogCaptureFixture) -> None:
+    """The benchmark's per-request trace reads these fields (kvstack.bench.trace)."""
+    p = policy(explore_rate=0.0)
+    cands = engines(4)
+    busy(cands, holder_usage=0.99)
+    p.index.apply("http://e0", [stored(PROMPT, "GPU", 1)])
+    with caplog.at_level(logging.DEBUG, logger="kvstack.router.decision"):
+        route(p, cands, req(PROMPT), now=2.0)
+    (record,) = [r for r in caplog.records if r.name == "kvstack.router.decision"]
+    engines_ = {e["engine"]: e for e in record.engines}  # type: ignore[attr-defined]
+    assert engines_["e0"]["gpu_tokens"] == len(PROMPT) // BS * BS  # what the index holds now ...
+    assert engines_["e0"]["resident"] == 0.0  # ... and what will be left of it when the request runs
+    assert engines_["e1"]["resident"] == 1.0
+    assert engines_["e0"]["load_s"] > 0.0  # reloaded from Redis, slower than computing
+    assert record.tier_cost_us == {  # type: ignore[attr-defined]
+        "cpu": pytest.approx(p.tiers.costs.cpu_s * 1e6, abs=0.01),
+        "shared": pytest.approx(p.tiers.costs.shared_s * 1e6, abs=0.01),
+    }
