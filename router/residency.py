@@ -20,7 +20,7 @@ The model, per engine and request:
   surviving share is the prefix's *leading* share.
 
 A block evicted from the GPU is worth what its next tier is worth: the engine's own CPU tier when
-LMCache still holds it there, else the shared store (or nothing without one).
+LMCache still holds it there, else the shared store when it holds it, else nothing (recomputed).
 """
 
 from __future__ import annotations
@@ -69,25 +69,26 @@ class TierTokens:
 def expected_tiers(
     gpu_blocks: int,
     cpu_backed_blocks: int,
+    store_backed_blocks: int,
     local_blocks: int,
     reachable_blocks: int,
     block_size: int,
     resident: float,
-    shared_store: bool,
 ) -> TierTokens:
     """Where a request's matched prefix will come from, once the GPU prefix has lost its tail.
 
     ``gpu_blocks`` <= ``local_blocks`` <= ``reachable_blocks`` are the index's nested prefixes (GPU;
-    GPU or own CPU tier; or the shared store); ``cpu_backed_blocks`` is the leading run the CPU tier
-    holds too (LMCache writes through, so usually all of the GPU prefix until its CPU LRU evicts).
-    ``resident`` comes from :func:`resident_fraction`. Blocks past the resident share of the GPU
-    prefix fall to the CPU tier where it backs them, else to the shared store when the engines
-    write through to one (``shared_store``), else to recomputing.
+    GPU or own CPU tier; or the shared store). ``cpu_backed_blocks`` <= ``store_backed_blocks``: the
+    leading runs held in the engine's CPU tier, and in it or the shared store (LMCache writes whole
+    chunks through to both, so a GPU prefix's partial last chunk is in neither). ``resident`` comes
+    from :func:`resident_fraction`. Blocks past the resident share of the GPU prefix fall to the CPU
+    tier where it backs them, else to the shared store where it does, else to recomputing.
     """
     kept = resident * gpu_blocks
-    evicted = gpu_blocks - kept
-    to_cpu = max(0.0, min(float(cpu_backed_blocks), float(gpu_blocks)) - kept)
-    to_shared = evicted - to_cpu if shared_store else 0.0
+    cpu_end = min(float(cpu_backed_blocks), float(gpu_blocks))
+    store_end = max(cpu_end, min(float(store_backed_blocks), float(gpu_blocks)))
+    to_cpu = max(0.0, cpu_end - kept)
+    to_shared = max(0.0, store_end - max(kept, cpu_end))
     return TierTokens(
         gpu=kept * block_size,
         cpu=(to_cpu + (local_blocks - gpu_blocks)) * block_size,

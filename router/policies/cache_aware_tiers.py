@@ -66,17 +66,13 @@ class TierModel:
         if self.residency and m.gpu_blocks:
             free = free_kv_tokens(st.kv_cache_usage, st.num_gpu_blocks, m.block_size)
             resident = resident_fraction(queued_tokens, free)
-        cpu_backed = m.gpu_blocks
+        cpu_backed = store_backed = m.gpu_blocks
         if resident < 1.0:
-            cpu_backed = index.cpu_backed_blocks(st.url, keys, m.gpu_blocks)
+            cpu_backed, store_backed = index.backed_blocks(st.url, keys, m.gpu_blocks)
+            if not index.settings.shared_store:
+                store_backed = cpu_backed
         tiers = expected_tiers(
-            m.gpu_blocks,
-            cpu_backed,
-            m.local_blocks,
-            m.reachable_blocks,
-            m.block_size,
-            resident,
-            index.settings.shared_store,
+            m.gpu_blocks, cpu_backed, store_backed, m.local_blocks, m.reachable_blocks, m.block_size, resident
         )
         compute_s = 1.0 / self.rate
         load_s = tiers.cpu * max(0.0, self.costs.cpu_s - compute_s) + tiers.shared * max(

@@ -7,7 +7,7 @@ import logging
 
 import pytest
 
-from kvstack.common.kv_events import BlockStored
+from kvstack.common.kv_events import BlockRemoved, BlockStored
 from kvstack.router.engines import EngineState
 from kvstack.router.policies.cache_aware import CacheAwarePolicy
 from kvstack.router.tier_cost import TierLearning
@@ -37,38 +37,37 @@ def busy(cands: list[EngineState], *, holder_usage: float) -> None:
 
 
 @pytest.mark.parametrize(
-    ("residency", "holder_usage", "cpu_backed", "shared_store", "chosen"),
+    ("residency", "holder_usage", "copies", "chosen", "reason"),
     [
         # e0's free KV (1,600 tokens) is less than the 2,048 queued ahead: its prefix will be evicted
-        # and, without a CPU copy, reloaded from Redis, slower than computing it: go elsewhere
-        (True, 0.99, False, True, "cold"),
-        # ... the router that trusts the index sends it to e0 anyway
-        (False, 0.99, False, True, "http://e0"),
+        # and, stored nowhere else, recomputed there: e0 has no edge, a cold placement among equals
+        (True, 0.99, "none", None, "cold"),
+        # ... the router that trusts the index sends it to e0, to wait behind the queue for nothing
+        (False, 0.99, "none", "http://e0", "cache_hit"),
         # ... e0's LMCache CPU tier holds the prefix: reloading it from there is cheap, stay
-        (True, 0.99, True, True, "http://e0"),
+        (True, 0.99, "cpu", "http://e0", "cache_hit"),
+        # ... only Redis holds it (e0's CPU tier evicted it): every engine would load it from there,
+        # slower than computing, so no engine holds a hit worth having
+        (True, 0.99, "redis", None, "cold"),
         # e0 has room (80,000 free tokens): the prefix survives the queue
-        (True, 0.5, False, True, "http://e0"),
-        # no shared store: the evicted prefix is recomputed on e0, no worse than a cold engine's
-        # prefill, and e0 has no edge left over the others (a cold placement among equals)
-        (True, 0.99, False, False, "cold"),
+        (True, 0.5, "none", "http://e0", "cache_hit"),
     ],
 )
 def test_a_gpu_hit_the_queue_will_evict(
-    residency: bool, holder_usage: float, cpu_backed: bool, shared_store: bool, chosen: str
+    residency: bool, holder_usage: float, copies: str, chosen: str | None, reason: str
 ) -> None:
     p = policy(explore_rate=0.0, residency=residency)
-    if not shared_store:
-        p.index.settings = p.index.settings.model_copy(update={"shared_store": False})
     cands = engines(4)
     busy(cands, holder_usage=holder_usage)
     p.index.apply("http://e0", [stored(PROMPT, "GPU", 1)])
-    if cpu_backed:
-        p.index.apply("http://e0", [stored(PROMPT, "cpu", 10_000)])
+    if copies != "none":
+        chunk = stored(PROMPT, "cpu", 10_000)
+        p.index.apply("http://e0", [chunk])
+        if copies == "redis":  # evicted from e0's CPU tier; the shared store keeps its copy
+            p.index.apply("http://e0", [BlockRemoved(block_hashes=chunk.block_hashes, medium="cpu")])
     url = route(p, cands, req(PROMPT + chat("", "again")[1:]), now=2.0)
-    if chosen == "cold":  # nobody holds a hit that will last: a cold placement, never onto Redis loads
-        assert p.stats.reasons is not None and p.stats.reasons["cold"] == 1
-        assert url != "http://e0" or not shared_store
-    else:
+    assert p.stats.reasons is not None and p.stats.reasons[reason] == 1
+    if chosen is not None:
         assert url == chosen
     assert p.stats.residency_discounted == (1 if residency and holder_usage > 0.9 else 0)
 
@@ -133,7 +132,7 @@ def test_the_decision_log_shows_residency_and_the_learnt_costs(caplog: pytest.Lo
     assert engines_["e0"]["gpu_tokens"] == len(PROMPT) // BS * BS  # what the index holds now ...
     assert engines_["e0"]["resident"] == 0.0  # ... and what will be left of it when the request runs
     assert engines_["e1"]["resident"] == 1.0
-    assert engines_["e0"]["load_s"] > 0.0  # reloaded from Redis, slower than computing
+    assert engines_["e0"]["hit_tokens"] == 0.0  # stored nowhere else: recomputed
     assert record.tier_cost_us == {  # type: ignore[attr-defined]
         "cpu": pytest.approx(p.tiers.costs.cpu_s * 1e6, abs=0.01),
         "shared": pytest.approx(p.tiers.costs.shared_s * 1e6, abs=0.01),

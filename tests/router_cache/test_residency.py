@@ -50,36 +50,38 @@ BS = 16
 
 
 @pytest.mark.parametrize(
-    ("gpu", "cpu_backed", "local", "reachable", "resident", "shared_store", "expected"),
+    ("gpu", "cpu_backed", "store_backed", "local", "reachable", "resident", "expected"),
     [
         # all resident: the index's tiers as they are
-        (10, 10, 12, 20, 1.0, True, TierTokens(gpu=160, cpu=32, shared=128)),
+        (10, 10, 10, 12, 20, 1.0, TierTokens(gpu=160, cpu=32, shared=128)),
         # half the GPU prefix evicted, the CPU tier backs all of it: the tail reloads from CPU
-        (10, 10, 10, 10, 0.5, True, TierTokens(gpu=80, cpu=80, shared=0)),
-        # ... the CPU tier backs only the first 6 blocks: 1 from CPU, the last 4 from the shared store
-        (10, 6, 10, 10, 0.5, True, TierTokens(gpu=80, cpu=16, shared=64)),
-        # ... and without a shared store those 4 are recomputed
-        (10, 6, 10, 10, 0.5, False, TierTokens(gpu=80, cpu=16, shared=0)),
-        # all evicted, CPU-tier blocks beyond the GPU prefix still count
-        (4, 0, 8, 8, 0.0, True, TierTokens(gpu=0, cpu=64, shared=64)),
+        (10, 10, 10, 10, 10, 0.5, TierTokens(gpu=80, cpu=80, shared=0)),
+        # ... the CPU tier backs only the first 6 blocks, Redis all 10: 1 from CPU, the last 4 from Redis
+        (10, 6, 10, 10, 10, 0.5, TierTokens(gpu=80, cpu=16, shared=64)),
+        # ... Redis holds no more than the CPU tier (no shared store): those 4 are recomputed
+        (10, 6, 6, 10, 10, 0.5, TierTokens(gpu=80, cpu=16, shared=0)),
+        # ... a partial last chunk (blocks 8-9) is stored nowhere: recomputed
+        (10, 6, 8, 10, 10, 0.5, TierTokens(gpu=80, cpu=16, shared=32)),
+        # all of it evicted: the CPU tier serves its copy, and its blocks past the GPU prefix still count
+        (4, 4, 4, 8, 8, 0.0, TierTokens(gpu=0, cpu=128, shared=0)),
         # no GPU hit: residency changes nothing
-        (0, 0, 3, 5, 0.0, True, TierTokens(gpu=0, cpu=48, shared=32)),
+        (0, 0, 0, 3, 5, 0.0, TierTokens(gpu=0, cpu=48, shared=32)),
     ],
 )
 def test_expected_tiers(
     gpu: int,
     cpu_backed: int,
+    store_backed: int,
     local: int,
     reachable: int,
     resident: float,
-    shared_store: bool,
     expected: TierTokens,
 ) -> None:
-    got = expected_tiers(gpu, cpu_backed, local, reachable, BS, resident, shared_store)
+    got = expected_tiers(gpu, cpu_backed, store_backed, local, reachable, BS, resident)
     assert (got.gpu, got.cpu, got.shared) == pytest.approx((expected.gpu, expected.cpu, expected.shared))
-    # tokens are only moved between tiers, never made up or lost, while a shared store reaches all
-    if shared_store:
-        assert got.gpu + got.cpu + got.shared == pytest.approx(reachable * BS)
+    # tokens only move between tiers: what is lost is exactly the evicted blocks stored nowhere
+    lost = (gpu - max(resident * gpu, min(store_backed, gpu))) * BS
+    assert got.gpu + got.cpu + got.shared == pytest.approx(reachable * BS - max(0.0, lost))
 
 
 @pytest.mark.parametrize(
