@@ -248,7 +248,7 @@ class CacheAwarePolicy(Policy):
         base, lora = kv_scope(request.model, candidates)  # an adapter's keys: its own scope
         root = request_root(base, lora, request.cache_salt)
         session_url = self._sessions.get(request.session_key) if request.session_key else None
-        index, ledger = self.index, self.ledger
+        index = self.index
         # ties break by a hash of (request, engine): seeded by the request, hashed per engine URL
         tie_seed = xxhash.xxh3_64_intdigest(request.request_id.encode())
         views: list[CandidateView] = []
@@ -269,8 +269,7 @@ class CacheAwarePolicy(Policy):
             if keys is None:
                 keys = keys_at[size] = self.keys.keys(tokens, size, root)
             keys_of.append(keys)
-            scraped = st.last_scrape if st.num_waiting is not None and st.last_scrape > 0 else None
-            queued = ledger.queued(url, now, scraped_at=scraped, num_waiting=st.num_waiting)
+            queued = self._queued(st, now)
             est = self.tiers.estimate(st, keys, queued, now, weights)
             estimates.append(est)
             views.append(
@@ -319,13 +318,14 @@ class CacheAwarePolicy(Policy):
     def expected_hit_tokens(
         self, request: RequestFeatures, candidates: Sequence[EngineState], now: float
     ) -> float:
-        """The best candidate's hit in the index (as :meth:`choose` weighs it), without deciding."""
+        """The best candidate's hit (as :meth:`choose` weighs it: residency and learnt tier costs),
+        without deciding."""
         tokens = request.prompt_token_ids or ()
         if not tokens or not candidates:
             return 0.0
         base, lora = kv_scope(request.model, candidates)
         root = request_root(base, lora, request.cache_salt)
-        best = 0.0
+        best, weights = 0.0, self.tiers.weights()
         for st in candidates:
             size = self.index.ensure_engine(
                 st.url,
@@ -333,8 +333,15 @@ class CacheAwarePolicy(Policy):
                 num_gpu_blocks=st.num_gpu_blocks,
                 events=st.endpoint.kv_events_endpoint is not None,
             )
-            best = max(best, self.index.hit_tokens(st.url, self.keys.keys(tokens, size, root), now))
+            keys = self.keys.keys(tokens, size, root)
+            est = self.tiers.estimate(st, keys, self._queued(st, now), now, weights)
+            best = max(best, est.hit_tokens)
         return best
+
+    def _queued(self, st: EngineState, now: float) -> float:
+        """Uncached prefill tokens queued on ``st``: local accounting reconciled with its scrape."""
+        scraped = st.last_scrape if st.num_waiting is not None and st.last_scrape > 0 else None
+        return self.ledger.queued(st.url, now, scraped_at=scraped, num_waiting=st.num_waiting)
 
     def on_dispatch(self, request: RequestFeatures, decision: Decision) -> None:
         p = self._pending.pop(request.request_id, None)

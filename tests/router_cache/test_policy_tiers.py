@@ -137,3 +137,16 @@ def test_the_decision_log_shows_residency_and_the_learnt_costs(caplog: pytest.Lo
         "cpu": pytest.approx(p.tiers.costs.cpu_s * 1e6, abs=0.01),
         "shared": pytest.approx(p.tiers.costs.shared_s * 1e6, abs=0.01),
     }
+
+
+@pytest.mark.parametrize(("holder_usage", "expected"), [(0.5, 1.0), (0.99, 0.0)])
+def test_expected_hit_tokens_weighs_as_choose_does(holder_usage: float, expected: float) -> None:
+    """Flow control's admission cost and placement read this: the hit that will still be there."""
+    p = policy(explore_rate=0.0)
+    cands = engines(4)
+    busy(cands, holder_usage=holder_usage)
+    p.index.apply("http://e0", [stored(PROMPT, "GPU", 1)])
+    full = len(PROMPT) // BS * BS
+    # at usage 0.5, 80,000 free tokens against 2,048 queued: ~97% of the prefix stays
+    assert p.expected_hit_tokens(req(PROMPT), cands, 2.0) == pytest.approx(expected * full, rel=0.03)
+    assert p.stats.decisions == 0
