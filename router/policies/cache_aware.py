@@ -44,7 +44,7 @@ from kvstack.router.kvindex.ledger import PrefillLedger
 from kvstack.router.kvindex.subscriber import KVEventSubscriber, SubscriberSettings
 from kvstack.router.policies.base import Decision, Policy, RequestFeatures
 from kvstack.router.policies.cache_aware_log import decision_log, log_decision
-from kvstack.router.policies.cache_aware_tiers import TierEstimate, TierModel
+from kvstack.router.policies.cache_aware_tiers import TierModel
 from kvstack.router.residency import TierTokens
 from kvstack.router.tier_cost import TierLearning
 
@@ -255,8 +255,7 @@ class CacheAwarePolicy(Policy):
         keys_of: list[tuple[int, ...]] = []
         keys_at: dict[int, tuple[int, ...]] = {}  # by block size: engines of a model share one
         tracing = decision_log.isEnabledFor(logging.DEBUG)  # kvstack.bench.trace reads it
-        estimates: list[TierEstimate] = []
-        weights = self.tiers.weights()
+        queued: list[float] = []
         for st in candidates:
             url = st.url
             size = index.ensure_engine(
@@ -269,13 +268,14 @@ class CacheAwarePolicy(Policy):
             if keys is None:
                 keys = keys_at[size] = self.keys.keys(tokens, size, root)
             keys_of.append(keys)
-            queued = self._queued(st, now)
-            est = self.tiers.estimate(st, keys, queued, now, weights)
-            estimates.append(est)
+            queued.append(self._queued(st, now))
+        estimates = self.tiers.estimates(candidates, keys_of, queued, n_tokens, now, self.tiers.weights())
+        for st, est, q in zip(candidates, estimates, queued, strict=True):
+            url = st.url
             views.append(
                 CandidateView(
                     hit_tokens=est.hit_tokens,
-                    queued_tokens=queued,
+                    queued_tokens=q,
                     running=st.num_running if st.num_running is not None else float(st.in_flight),
                     load=st.load,
                     load_s=est.load_s,
@@ -325,7 +325,7 @@ class CacheAwarePolicy(Policy):
             return 0.0
         base, lora = kv_scope(request.model, candidates)
         root = request_root(base, lora, request.cache_salt)
-        best, weights = 0.0, self.tiers.weights()
+        keys_of = []
         for st in candidates:
             size = self.index.ensure_engine(
                 st.url,
@@ -333,10 +333,11 @@ class CacheAwarePolicy(Policy):
                 num_gpu_blocks=st.num_gpu_blocks,
                 events=st.endpoint.kv_events_endpoint is not None,
             )
-            keys = self.keys.keys(tokens, size, root)
-            est = self.tiers.estimate(st, keys, self._queued(st, now), now, weights)
-            best = max(best, est.hit_tokens)
-        return best
+            keys_of.append(self.keys.keys(tokens, size, root))
+        queued = [self._queued(st, now) for st in candidates]
+        weights = self.tiers.weights()
+        estimates = self.tiers.estimates(candidates, keys_of, queued, len(tokens), now, weights)
+        return max(e.hit_tokens for e in estimates)
 
     def _queued(self, st: EngineState, now: float) -> float:
         """Uncached prefill tokens queued on ``st``: local accounting reconciled with its scrape."""

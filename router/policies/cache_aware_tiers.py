@@ -20,6 +20,7 @@ from kvstack.router.residency import (
     TierWeights,
     expected_tiers,
     free_kv_tokens,
+    has_kv_room,
     resident_fraction,
 )
 from kvstack.router.tier_cost import Outcome, TierCosts, TierLearning, observe, weights
@@ -33,6 +34,7 @@ class TierEstimate(NamedTuple):
     tiers: TierTokens  # where the engine will serve the hit from
     hit_tokens: float  # tier-weighted: tokens the request saves computing
     load_s: float  # seconds of tier loads beyond what computing those tokens would take
+    room: bool  # the engine's free KV holds the queue ahead and this request's new tokens
 
 
 class TierModel:
@@ -56,16 +58,48 @@ class TierModel:
     def weights(self) -> TierWeights:
         return weights(self.costs, self.rate, gpu=self.index.settings.gpu_weight)
 
+    def estimates(
+        self,
+        candidates: Sequence[EngineState],
+        keys: Sequence[Sequence[int]],
+        queued: Sequence[float],
+        prompt_tokens: int,
+        now: float,
+        w: TierWeights,
+    ) -> list[TierEstimate]:
+        """Every candidate's expected hit; the residency discount applies only while at least one
+        of them has KV room for the request (:func:`has_kv_room`)."""
+        out = [
+            self.estimate(st, k, q, prompt_tokens, now, w)
+            for st, k, q in zip(candidates, keys, queued, strict=True)
+        ]
+        if any(e.room for e in out) or all(e.resident == 1.0 for e in out):
+            return out
+        return [
+            e if e.resident == 1.0 else self.estimate(st, k, q, prompt_tokens, now, w, discount=False)
+            for e, st, k, q in zip(out, candidates, keys, queued, strict=True)
+        ]
+
     def estimate(
-        self, st: EngineState, keys: Sequence[int], queued_tokens: float, now: float, w: TierWeights
+        self,
+        st: EngineState,
+        keys: Sequence[int],
+        queued_tokens: float,
+        prompt_tokens: int,
+        now: float,
+        w: TierWeights,
+        *,
+        discount: bool = True,
     ) -> TierEstimate:
         """``st``'s expected hit for a request with ``keys``, behind ``queued_tokens`` of prefill."""
         index = self.index
         m = index.match(st.url, keys, now)
-        resident = 1.0
-        if self.residency and m.gpu_blocks:
+        resident, free = 1.0, None
+        if self.residency:
             free = free_kv_tokens(st.kv_cache_usage, st.num_gpu_blocks, m.block_size)
-            resident = resident_fraction(queued_tokens, free)
+            if discount and m.gpu_blocks:
+                resident = resident_fraction(queued_tokens, free)
+        room = has_kv_room(free, queued_tokens, max(0.0, prompt_tokens - m.gpu_blocks * m.block_size))
         cpu_backed = store_backed = m.gpu_blocks
         if resident < 1.0:
             cpu_backed, store_backed = index.backed_blocks(st.url, keys, m.gpu_blocks)
@@ -78,7 +112,7 @@ class TierModel:
         load_s = tiers.cpu * max(0.0, self.costs.cpu_s - compute_s) + tiers.shared * max(
             0.0, self.costs.shared_s - compute_s
         )
-        return TierEstimate(m, resident, tiers, tiers.weighted(w), load_s)
+        return TierEstimate(m, resident, tiers, tiers.weighted(w), load_s, room)
 
     def observe(self, tiers: TierTokens, predicted_s: float, observed_s: float) -> Outcome:
         """Fold one request's time to first token (from dispatch) into the learnt costs."""

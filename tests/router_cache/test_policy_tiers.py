@@ -28,11 +28,11 @@ def stored(tokens: list[int], medium: str, base: int) -> BlockStored:
     )
 
 
-def busy(cands: list[EngineState], *, holder_usage: float) -> None:
-    """Every engine scraped with 2 waiting requests (equal load); the holder e0 nearly full."""
+def busy(cands: list[EngineState], *, holder_usage: float, others_usage: float = 0.5) -> None:
+    """Every engine scraped with 2 waiting requests (equal load); the holder e0 at ``holder_usage``."""
     for st in cands:
         st.num_waiting, st.num_running, st.last_scrape = 2.0, 4.0, 1.0
-        st.kv_cache_usage = 0.5
+        st.kv_cache_usage = others_usage
     cands[0].kv_cache_usage = holder_usage
 
 
@@ -70,6 +70,19 @@ def test_a_gpu_hit_the_queue_will_evict(
     if chosen is not None:
         assert url == chosen
     assert p.stats.residency_discounted == (1 if residency and holder_usage > 0.9 else 0)
+
+
+def test_when_every_engine_is_kv_bound_the_holder_keeps_its_hit() -> None:
+    """Nowhere has room for the request: it waits for blocks wherever it goes, so the discount
+    would only scatter sessions; the holder's prefix is still the best bet."""
+    p = policy(explore_rate=0.0)
+    cands = engines(4)
+    busy(cands, holder_usage=0.99, others_usage=0.99)
+    p.index.apply("http://e0", [stored(PROMPT, "GPU", 1)])
+    url = route(p, cands, req(PROMPT + chat("", "again")[1:]), now=2.0)
+    assert url == "http://e0"
+    assert p.stats.reasons is not None and p.stats.reasons["cache_hit"] == 1
+    assert p.stats.residency_discounted == 0
 
 
 def first_token(p: CacheAwarePolicy, cands: list[EngineState], tokens: list[int], after_s: float) -> str:

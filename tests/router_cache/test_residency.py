@@ -9,6 +9,7 @@ from kvstack.router.residency import (
     TierWeights,
     expected_tiers,
     free_kv_tokens,
+    has_kv_room,
     resident_fraction,
 )
 
@@ -44,6 +45,20 @@ def test_free_kv_tokens(
     usage: float | None, blocks: int | None, block_size: int, expected: float | None
 ) -> None:
     assert free_kv_tokens(usage, blocks, block_size) == expected
+
+
+@pytest.mark.parametrize(
+    ("free", "ahead", "new", "expected"),
+    [
+        (10_000.0, 2_000.0, 3_000.0, True),
+        (5_000.0, 2_000.0, 3_000.0, True),  # exactly enough
+        (4_999.0, 2_000.0, 3_000.0, False),
+        (0.0, 0.0, 0.0, True),  # a full hit behind nothing needs no new blocks
+        (None, 1e9, 1e9, True),  # not scraped: assume room (no discount is ever gated on a guess)
+    ],
+)
+def test_has_kv_room(free: float | None, ahead: float, new: float, expected: bool) -> None:
+    assert has_kv_room(free, ahead, new) is expected
 
 
 BS = 16
