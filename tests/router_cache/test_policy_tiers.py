@@ -75,7 +75,7 @@ def test_a_gpu_hit_the_queue_will_evict(
 def test_when_every_engine_is_kv_bound_the_holder_keeps_its_hit() -> None:
     """Nowhere has room for the request: it waits for blocks wherever it goes, so the discount
     would only scatter sessions; the holder's prefix is still the best bet."""
-    p = policy(explore_rate=0.0)
+    p = policy(explore_rate=0.0, residency=True)
     cands = engines(4)
     busy(cands, holder_usage=0.99, others_usage=0.99)
     p.index.apply("http://e0", [stored(PROMPT, "GPU", 1)])
@@ -134,7 +134,7 @@ def test_learning_off_keeps_the_configured_weights() -> None:
 
 def test_the_decision_log_shows_residency_and_the_learnt_costs(caplog: pytest.LogCaptureFixture) -> None:
     """The benchmark's per-request trace reads these fields (kvstack.bench.trace)."""
-    p = policy(explore_rate=0.0)
+    p = policy(explore_rate=0.0, residency=True)
     cands = engines(4)
     busy(cands, holder_usage=0.99)
     p.index.apply("http://e0", [stored(PROMPT, "GPU", 1)])
@@ -155,7 +155,7 @@ def test_the_decision_log_shows_residency_and_the_learnt_costs(caplog: pytest.Lo
 @pytest.mark.parametrize(("holder_usage", "expected"), [(0.5, 1.0), (0.99, 0.0)])
 def test_expected_hit_tokens_weighs_as_choose_does(holder_usage: float, expected: float) -> None:
     """Flow control's admission cost and placement read this: the hit that will still be there."""
-    p = policy(explore_rate=0.0)
+    p = policy(explore_rate=0.0, residency=True)
     cands = engines(4)
     busy(cands, holder_usage=holder_usage)
     p.index.apply("http://e0", [stored(PROMPT, "GPU", 1)])
