@@ -11,6 +11,8 @@ The model: the cost model predicts a request's TTFT with a per-token cost ``c[t]
 the prediction is the request's *residual*. Part of it is the queue model's own error, shared by
 every request; the rest comes from the tier costs being wrong. So:
 
+* only requests with little prefill queued ahead of them teach anything (``max_queued_tokens``):
+  behind a queue the queue model's error dwarfs a tier's load time;
 * requests served (as predicted) from the GPU alone feed ``baseline``, an EWMA of the residual;
 * a request with at least ``min_tokens`` predicted from tier ``t`` (the one with the most tokens,
   if several) gives a sample ``c[t] + (residual - baseline) / tokens[t]``, clipped to
@@ -49,6 +51,10 @@ class TierLearning(BaseModel):
     # a sample's cost per token is clipped to this: one stalled request must not zero a tier
     max_cost_us_per_token: float = Field(1000.0, gt=0.0)
     max_residual_s: float = Field(30.0, gt=0.0)  # residuals beyond this are dropped as outliers
+    # Learn only from requests that had at most this much prefill queued ahead on their engine: a
+    # queue's error dwarfs a tier's load time, and requests served from a tier are the ones sent
+    # to busy engines. Without it a run at KV pressure learnt the CPU tier at 405 us/token (4 us).
+    max_queued_tokens: float = Field(2048.0, ge=0.0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,16 +80,25 @@ class Outcome(Enum):
     SHARED = "shared"  # the shared store's cost moved
     TOO_FEW_TOKENS = "too_few_tokens"  # no tier had min_tokens predicted, and it was not GPU-only
     OUTLIER = "outlier"  # |residual| > max_residual_s
+    QUEUED = "queued"  # more than max_queued_tokens were queued ahead: the queue's error dominates
     DISABLED = "disabled"
 
 
 def observe(
-    costs: TierCosts, tiers: TierTokens, predicted_s: float, observed_s: float, s: TierLearning
+    costs: TierCosts,
+    tiers: TierTokens,
+    predicted_s: float,
+    observed_s: float,
+    s: TierLearning,
+    queued_tokens: float = 0.0,
 ) -> tuple[TierCosts, Outcome]:
     """Fold one request's observed TTFT into the costs. ``tiers``: what it was predicted to be
-    served from on its engine; ``predicted_s``: the TTFT the cost model predicted with ``costs``."""
+    served from on its engine; ``predicted_s``: the TTFT the cost model predicted with ``costs``;
+    ``queued_tokens``: the prefill queued ahead of it there when it was sent."""
     if not s.enabled:
         return costs, Outcome.DISABLED
+    if queued_tokens > s.max_queued_tokens:
+        return costs, Outcome.QUEUED
     residual = observed_s - predicted_s
     if abs(residual) > s.max_residual_s:
         return costs, Outcome.OUTLIER

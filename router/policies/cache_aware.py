@@ -371,7 +371,7 @@ class CacheAwarePolicy(Policy):
         self.ledger.done(request.request_id)
         p = self._started.pop(request.request_id, None)
         if p is not None and p.url == decision.engine.url:
-            self.tiers.observe(p.tiers, p.est_ttft_s, self.clock() - p.dispatched_at)
+            self.tiers.observe(p.tiers, p.est_ttft_s, self.clock() - p.dispatched_at, p.queued)
 
     def on_finish(self, request: RequestFeatures, decision: Decision, ok: bool) -> None:
         self._pending.pop(request.request_id, None)

@@ -114,8 +114,12 @@ class TierModel:
         )
         return TierEstimate(m, resident, tiers, tiers.weighted(w), load_s, room)
 
-    def observe(self, tiers: TierTokens, predicted_s: float, observed_s: float) -> Outcome:
+    def observe(
+        self, tiers: TierTokens, predicted_s: float, observed_s: float, queued_tokens: float
+    ) -> Outcome:
         """Fold one request's time to first token (from dispatch) into the learnt costs."""
-        self.costs, outcome = observe(self.costs, tiers, predicted_s, observed_s, self.learning)
+        self.costs, outcome = observe(
+            self.costs, tiers, predicted_s, observed_s, self.learning, queued_tokens
+        )
         self.outcomes[outcome.value] += 1
         return outcome

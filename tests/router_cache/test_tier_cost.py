@@ -62,6 +62,21 @@ def test_observe(
     assert learnt.baseline_s == pytest.approx(baseline_s)
 
 
+@pytest.mark.parametrize(
+    ("queued", "outcome", "cpu_us"),
+    [
+        (0.0, Outcome.CPU, 60),  # nothing ahead: the residual is the tier's (as in test_observe)
+        (2048.0, Outcome.CPU, 60),  # at the bound: still learnt
+        (2049.0, Outcome.QUEUED, 10),  # behind a queue: the queue's error would be learnt as the tier's
+    ],
+)
+def test_only_requests_with_little_queued_ahead_teach(queued: float, outcome: Outcome, cpu_us: float) -> None:
+    s = S.model_copy(update={"max_queued_tokens": 2048.0})
+    learnt, got = observe(C0, TierTokens(gpu=500, cpu=1000), 1.0, 1.1, s, queued)
+    assert got is outcome
+    assert learnt.cpu_s * 1e6 == pytest.approx(cpu_us)
+
+
 def test_disabled_learns_nothing() -> None:
     off = TierLearning(enabled=False)
     assert observe(C0, TierTokens(cpu=1000), 1.0, 5.0, off) == (C0, Outcome.DISABLED)
