@@ -38,6 +38,24 @@ def resident_fraction(ahead_tokens: float, free_tokens: float | None) -> float:
     return max(0.0, 1.0 - ahead_tokens / free_tokens)
 
 
+def resident_by_recency(
+    ahead_tokens: float, free_tokens: float | None, freed_since_tokens: float, prefix_tokens: float
+) -> float:
+    """Like :func:`resident_fraction`, with the prefix's place in the free queue known.
+
+    vLLM's free queue is oldest-freed first; a prefix freed when its last request ended has ahead
+    of it the free blocks freed before that: ``free - prefix - freed_since`` (``freed_since``: what
+    the engine freed after it, at most the rest of the free queue). The queue ahead allocates from
+    the head, so the prefix loses its tail blocks once the allocation passes that point.
+    """
+    if free_tokens is None or ahead_tokens <= 0 or prefix_tokens <= 0:
+        return 1.0
+    behind = min(max(0.0, free_tokens - prefix_tokens), max(0.0, freed_since_tokens))
+    head = max(0.0, free_tokens - prefix_tokens - behind)
+    evicted = min(prefix_tokens, max(0.0, ahead_tokens - head))
+    return 1.0 - evicted / prefix_tokens
+
+
 def has_kv_room(free_tokens: float | None, ahead_tokens: float, new_tokens: float) -> bool:
     """Whether an engine's free KV holds the queue ahead and the request's own new tokens (unknown
     free KV: assume so).

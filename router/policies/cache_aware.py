@@ -361,6 +361,8 @@ class CacheAwarePolicy(Policy):
         if request.session_key:
             self._remember_session(request.session_key, p.url)
         p.dispatched_at = now
+        kv_tokens = len(p.keys) * self.index.block_size(p.url) + (request.max_tokens or 0)
+        self.tiers.order.dispatched(request.request_id, p.url, p.keys, kv_tokens)
         started = self._started
         started[request.request_id] = p
         while len(started) > 10_000:  # a stream that never reports its first token: do not grow
@@ -376,6 +378,7 @@ class CacheAwarePolicy(Policy):
     def on_finish(self, request: RequestFeatures, decision: Decision, ok: bool) -> None:
         self._pending.pop(request.request_id, None)
         self._started.pop(request.request_id, None)  # not streamed: no TTFT to learn from
+        self.tiers.order.finished(request.request_id)
         self.ledger.done(request.request_id)
 
     def _remember_session(self, key: str, url: str) -> None:

@@ -9,7 +9,7 @@ at each first token.
 
 from __future__ import annotations
 
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -21,6 +21,7 @@ from kvstack.router.residency import (
     expected_tiers,
     free_kv_tokens,
     has_kv_room,
+    resident_by_recency,
     resident_fraction,
 )
 from kvstack.router.tier_cost import Outcome, TierCosts, TierLearning, observe, weights
@@ -35,6 +36,66 @@ class TierEstimate(NamedTuple):
     hit_tokens: float  # tier-weighted: tokens the request saves computing
     load_s: float  # seconds of tier loads beyond what computing those tokens would take
     room: bool  # the engine's free KV holds the queue ahead and this request's new tokens
+
+
+class FreeOrder:
+    """Where each prefix sits in its engine's free queue, from the requests the router sent there.
+
+    A request's blocks go back to the free queue when it ends; what the engine frees afterwards sits
+    behind them. Per engine, a running total of tokens freed by our requests' ends, and per prefix
+    (its last block key) the total when its request ended: the difference is what was freed since.
+    While a request holding the prefix runs, the prefix is referenced and cannot be evicted.
+    Bounded: ``max_entries`` prefixes and running requests, the oldest dropped first.
+    """
+
+    def __init__(self, max_entries: int = 100_000) -> None:
+        self.max_entries = max_entries
+        self.freed: dict[str, float] = {}
+        self.marks: OrderedDict[tuple[str, int], float] = OrderedDict()
+        self.running: OrderedDict[str, tuple[str, int, float]] = OrderedDict()
+        self.in_use: Counter[tuple[str, int]] = Counter()
+
+    def dispatched(self, request_id: str, url: str, keys: Sequence[int], tokens: float) -> None:
+        if not keys:
+            return
+        self.running[request_id] = (url, keys[-1], tokens)
+        self.in_use[(url, keys[-1])] += 1
+        while len(self.running) > self.max_entries:  # ends never reported: forget, mark nothing
+            _, (old_url, old_last, _) = self.running.popitem(last=False)
+            self._release((old_url, old_last))
+
+    def finished(self, request_id: str) -> None:
+        entry = self.running.pop(request_id, None)
+        if entry is None:
+            return
+        url, last, tokens = entry
+        slot = (url, last)
+        self._release(slot)
+        total = self.freed.get(url, 0.0) + tokens
+        self.freed[url] = total
+        self.marks[slot] = total
+        self.marks.move_to_end(slot)
+        while len(self.marks) > self.max_entries:
+            self.marks.popitem(last=False)
+
+    def _release(self, slot: tuple[str, int]) -> None:
+        self.in_use[slot] -= 1
+        if self.in_use[slot] <= 0:
+            del self.in_use[slot]
+
+    def place(self, url: str, keys: Sequence[int], upto: int, lookback: int = 64) -> float | None:
+        """Tokens freed on ``url`` since the prefix ``keys[:upto]`` was (the deepest of its last
+        ``lookback`` blocks that ended a request of ours); 0 while a request holding it runs; None
+        when none of ours did (then the uniform model applies)."""
+        freed = self.freed.get(url, 0.0)
+        for j in range(upto - 1, max(-1, upto - 1 - lookback), -1):
+            slot = (url, keys[j])
+            if slot in self.in_use:
+                return -1.0
+            mark = self.marks.get(slot)
+            if mark is not None:
+                return freed - mark
+        return None
 
 
 class TierModel:
@@ -54,6 +115,7 @@ class TierModel:
             fixed = TierWeights(st.gpu_weight, st.cpu_weight, st.shared_weight)
             self.costs = TierCosts.from_weights(fixed, rate)
         self.outcomes: Counter[str] = Counter()
+        self.order = FreeOrder()
 
     def weights(self) -> TierWeights:
         return weights(self.costs, self.rate, gpu=self.index.settings.gpu_weight)
@@ -98,7 +160,11 @@ class TierModel:
         if self.residency:
             free = free_kv_tokens(st.kv_cache_usage, st.num_gpu_blocks, m.block_size)
             if discount and m.gpu_blocks:
-                resident = resident_fraction(queued_tokens, free)
+                since = self.order.place(st.url, keys, m.gpu_blocks)
+                if since is None:
+                    resident = resident_fraction(queued_tokens, free)
+                elif since >= 0:  # (< 0: a request holding it runs there, it stays)
+                    resident = resident_by_recency(queued_tokens, free, since, m.gpu_blocks * m.block_size)
         room = has_kv_room(free, queued_tokens, max(0.0, prompt_tokens - m.gpu_blocks * m.block_size))
         cpu_backed = store_backed = m.gpu_blocks
         if resident < 1.0:

@@ -10,6 +10,7 @@ import pytest
 from kvstack.common.kv_events import BlockRemoved, BlockStored
 from kvstack.router.engines import EngineState
 from kvstack.router.policies.cache_aware import CacheAwarePolicy
+from kvstack.router.policies.cache_aware_tiers import FreeOrder
 from kvstack.router.tier_cost import TierLearning
 
 from .test_policy import BS, SYSTEM, chat, engines, policy, req, route
@@ -163,3 +164,45 @@ def test_expected_hit_tokens_weighs_as_choose_does(holder_usage: float, expected
     # at usage 0.5, 80,000 free tokens against 2,048 queued: ~97% of the prefix stays
     assert p.expected_hit_tokens(req(PROMPT), cands, 2.0) == pytest.approx(expected * full, rel=0.03)
     assert p.stats.decisions == 0
+
+
+def test_free_order_places_a_prefix_by_what_was_freed_after_it() -> None:
+    order = FreeOrder(max_entries=3)
+    a, b = (1, 2, 3), (1, 2, 9)
+    order.dispatched("r1", "e0", a, 100.0)
+    assert order.place("e0", a, 3) == -1.0  # its request runs: referenced, it stays
+    order.finished("r1")
+    assert order.place("e0", a, 3) == 0.0  # just freed: nothing behind it
+    order.dispatched("r2", "e0", b, 250.0)
+    order.finished("r2")
+    assert order.place("e0", a, 3) == 250.0  # r2's blocks were freed after it
+    assert order.place("e0", (*a, 4, 5), 5) == 250.0  # a longer prompt finds its deepest mark
+    assert order.place("e0", (7, 8), 2) is None  # never ours: the uniform model applies
+    assert order.place("e1", a, 3) is None  # per engine
+    for i in range(5):  # bounded
+        order.dispatched(f"x{i}", "e0", (100 + i,), 1.0)
+        order.finished(f"x{i}")
+    assert len(order.marks) <= 3 and len(order.running) == 0 and not order.in_use
+
+
+@pytest.mark.parametrize(("ours", "resident"), [(True, 1.0), (False, 0.104)])
+def test_a_session_freed_just_now_keeps_its_hit(ours: bool, resident: float) -> None:
+    """e0 has 16,000 free KV tokens and 14,336 queued ahead. Placed uniformly in the free queue
+    its prefix would survive 10%; its previous turn, sent by us, ended a moment ago, so the older
+    14,384 free tokens go first and it survives whole (``ours``). Not ours: the uniform model."""
+    p = policy(explore_rate=0.0, residency=True)
+    cands = engines(4)
+    busy(cands, holder_usage=0.9)
+    for st in cands:
+        st.num_waiting = 14.0  # 14 x 1,024 tokens queued everywhere: equal load
+    p.index.apply("http://e0", [stored(PROMPT, "GPU", 1)])
+    if ours:
+        first = req(PROMPT)
+        d = p.choose(first, [cands[0]], 0.0)
+        p.on_dispatch(first, d)
+        p.on_first_token(first, d)
+        p.on_finish(first, d, True)
+    p.test_clock[0] = 2.0  # type: ignore[attr-defined]
+    d = p.choose(req(PROMPT + chat("", "again")[1:]), cands, 2.0)
+    assert d.engine.url == "http://e0"  # equal queues everywhere: even a tenth of a hit wins
+    assert d.predicted_hit_tokens == pytest.approx(resident * (len(PROMPT) // BS * BS), abs=BS)

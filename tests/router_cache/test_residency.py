@@ -10,6 +10,7 @@ from kvstack.router.residency import (
     expected_tiers,
     free_kv_tokens,
     has_kv_room,
+    resident_by_recency,
     resident_fraction,
 )
 
@@ -45,6 +46,27 @@ def test_free_kv_tokens(
     usage: float | None, blocks: int | None, block_size: int, expected: float | None
 ) -> None:
     assert free_kv_tokens(usage, blocks, block_size) == expected
+
+
+@pytest.mark.parametrize(
+    ("ahead", "free", "since", "prefix", "expected"),
+    [
+        # free queue of 10,000: 6,000 older blocks, the 1,000-token prefix, 3,000 freed after it
+        (5_000.0, 10_000.0, 3_000.0, 1_000.0, 1.0),  # the queue ahead stops short of it
+        (6_500.0, 10_000.0, 3_000.0, 1_000.0, 0.5),  # ... takes the prefix's tail half
+        (8_000.0, 10_000.0, 3_000.0, 1_000.0, 0.0),  # ... takes all of it
+        # freed just now (nothing behind it yet): the 9,000 older free tokens go first
+        (8_000.0, 10_000.0, 0.0, 1_000.0, 1.0),
+        # freed long ago: everything else is behind it, the first allocation takes it
+        (500.0, 10_000.0, 1e9, 1_000.0, 0.5),
+        (0.0, 10_000.0, 1e9, 1_000.0, 1.0),  # nothing queued ahead
+        (500.0, None, 1e9, 1_000.0, 1.0),  # not scraped
+    ],
+)
+def test_resident_by_recency(
+    ahead: float, free: float | None, since: float, prefix: float, expected: float
+) -> None:
+    assert resident_by_recency(ahead, free, since, prefix) == pytest.approx(expected)
 
 
 @pytest.mark.parametrize(
