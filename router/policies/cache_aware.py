@@ -91,9 +91,9 @@ class CacheAwareSettings(BaseModel):
     seed: int | None = None  # exploration RNG; replicas with the same seed decide identically
     # Discount a GPU hit by the prefill queued ahead of it against the engine's free KV: the engine
     # evicts the prefix before the request runs when the queue needs more blocks than are free.
-    # Off by default: on the simulator at KV pressure (load 0.9 for 60 s) it lost GPU hits (75.5%
-    # -> 69%) and TTFT p90 (10.5 -> 14.1 s); its uniform-position eviction model is too pessimistic
-    # for a session whose previous turn freed its prefix moments ago (bench-results/lmcache/README.md)
+    # Off by default: on the simulator at KV pressure (load 0.9 for 60 s) the uniform eviction model
+    # lost GPU hits (75.5% -> 69%) and TTFT p90 (10.5 -> 14.1 s); placing the prefix by what was
+    # freed after it gained p90 (8.7 s) but still lost hits (72.7%) (bench-results/lmcache/README.md)
     residency: bool = False
     tier_learning: TierLearning = TierLearning()
 
