@@ -379,6 +379,25 @@ class KVIndex:
             g * st.gpu_weight + (loc - g) * st.cpu_weight + (reach - loc) * st.shared_weight
         ) * eng.block_size
 
+    def backed_blocks(self, engine_id: str, keys: Sequence[int], upto: int) -> tuple[int, int]:
+        """Leading blocks of ``keys[:upto]`` held in the engine's own CPU tier, and in that tier or
+        the shared store: where GPU blocks evicted before their request runs reload from (LMCache
+        writes chunks through to both; a partial last chunk to neither, so that tail recomputes).
+        Not on the lookup hot path: the policy asks only for engines with a GPU hit at risk."""
+        eng = self._engines.get(engine_id)
+        if eng is None or upto <= 0:
+            return 0, 0
+        head = keys[:upto]
+        cpu, shared = eng.held[CPU], self._shared
+        in_cpu = longest_prefix(head, cpu.__contains__, 0) if cpu else 0
+        if not shared:
+            return in_cpu, in_cpu
+
+        def stored(k: int) -> bool:
+            return k in cpu or k in shared
+
+        return in_cpu, longest_prefix(head, stored, in_cpu)
+
     def _tiers(self, eng: _Engine, keys: Sequence[int], now: float) -> tuple[int, int, int]:
         """Blocks of ``keys`` matched on the GPU, locally (GPU or CPU), and reachable (or shared)."""
         if not keys:

@@ -1,9 +1,12 @@
 """Cache-aware routing: the engine with the lowest estimated time to first token, with guards.
 
 Per candidate: ``est_ttft = base + (queued uncached prefill + this request's uncached tokens) /
-prefill_rate + decode interference``; the hit comes from the KV-block index (tier-weighted), the
-queue from local accounting reconciled with scrapes. The cost adds ``uncached_weight`` x the
-request's own uncached prefill time (the compute it costs the cluster). Guards:
+prefill_rate + tier loads + decode interference``; the hit comes from the KV-block index, the
+queue from local accounting reconciled with scrapes. A GPU hit counts only for the share expected
+to survive the queue ahead of it (the rest reloads from LMCache or recomputes), and each tier's
+cost per token is learnt online from observed TTFTs (``cache_aware_tiers``). The cost adds
+``uncached_weight`` x the request's own uncached prefill time (the compute it costs the cluster).
+Guards:
 
 * bounded load: a holder above ``load_factor`` x the mean load is skipped unless its cache saving
   outweighs its queueing and covers ``replicate_below`` of the prompt;
@@ -35,17 +38,17 @@ from kvstack.common.tasks import BackgroundTask
 from kvstack.router.adapters import kv_scope
 from kvstack.router.engines import EngineRegistry, EngineState
 from kvstack.router.kvindex.follow import follow_registry
-from kvstack.router.kvindex.index import IndexSettings, KVIndex, PrefixMatch
+from kvstack.router.kvindex.index import IndexSettings, KVIndex
 from kvstack.router.kvindex.keys import KeyCache, request_root
 from kvstack.router.kvindex.ledger import PrefillLedger
 from kvstack.router.kvindex.subscriber import KVEventSubscriber, SubscriberSettings
 from kvstack.router.policies.base import Decision, Policy, RequestFeatures
+from kvstack.router.policies.cache_aware_log import decision_log, log_decision
+from kvstack.router.policies.cache_aware_tiers import TierModel
+from kvstack.router.residency import TierTokens
+from kvstack.router.tier_cost import TierLearning
 
-# One JSON line per decision at DEBUG (``--log-level debug``): what each engine was predicted to
-# serve from which tier, and why the chosen one won. Off at any other level: the benchmark's
-# per-request trace (kvstack.bench.trace) reads these lines.
 log = logging.getLogger(__name__)
-decision_log = logging.getLogger("kvstack.router.decision")
 
 
 class CacheAwareSettings(BaseModel):
@@ -86,6 +89,13 @@ class CacheAwareSettings(BaseModel):
     # them are remembered (sys.getsizeof of each key plus SESSION_ENTRY_BYTES), the oldest go first
     max_session_bytes: int = Field(16 * 2**20, ge=64 * 1024)
     seed: int | None = None  # exploration RNG; replicas with the same seed decide identically
+    # Discount a GPU hit by the prefill queued ahead of it against the engine's free KV: the engine
+    # evicts the prefix before the request runs when the queue needs more blocks than are free.
+    # Off by default: on the simulator at KV pressure (load 0.9 for 60 s) the uniform eviction model
+    # lost GPU hits (75.5% -> 69%) and TTFT p90 (10.5 -> 14.1 s); placing the prefix by what was
+    # freed after it gained p90 (8.7 s) but still lost hits (72.7%) (bench-results/lmcache/README.md)
+    residency: bool = False
+    tier_learning: TierLearning = TierLearning()
 
 
 # a session entry besides its key string: the ordered dict's slot and link (CPython 3.11, measured
@@ -101,6 +111,7 @@ class CandidateView(NamedTuple):
     queued_tokens: float  # uncached prefill tokens already waiting there
     running: float  # requests decoding there
     load: float  # requests in flight there (the bounded-load measure)
+    load_s: float = 0.0  # LMCache loads slower than computing the same tokens (seconds)
     last_cold: int = -1  # when it last took a no-hit request (a counter); -1: never
     session: bool = False  # the request's session was last sent here
     tiebreak: int = 0
@@ -118,7 +129,8 @@ def est_ttft(prompt_tokens: int, v: CandidateView, s: CacheAwareSettings) -> flo
     uncached = max(0.0, prompt_tokens - v.hit_tokens)
     work = v.queued_tokens + uncached
     steps = max(1, math.ceil(work / s.prefill_chunk_tokens))
-    return s.base_ttft_s + work / s.prefill_tokens_per_s + v.running * s.decode_step_s_per_running * steps
+    decode_s = v.running * s.decode_step_s_per_running * steps
+    return s.base_ttft_s + work / s.prefill_tokens_per_s + v.load_s + decode_s
 
 
 def decide(
@@ -136,7 +148,7 @@ def decide(
             return False
         if v.hit_tokens < s.replicate_below * prompt_tokens:
             return True  # mostly recomputed anyway: warming another engine costs little
-        queue_s = ttft[i] - s.base_ttft_s - max(0.0, prompt_tokens - v.hit_tokens) / rate
+        queue_s = ttft[i] - s.base_ttft_s - v.load_s - max(0.0, prompt_tokens - v.hit_tokens) / rate
         # The saving counts the recompute's cost to the cluster as ``cost`` does: weighing the
         # user's wait alone sent a long document elsewhere to skip one prefill ahead of it.
         saving_s = (1.0 + s.uncached_weight) * v.hit_tokens / rate
@@ -184,6 +196,9 @@ class PolicyStats:
     prompt_tokens: int = 0  # summed over decisions
     last_predicted_hit_tokens: int = 0
     reasons: Counter[str] | None = None
+    # decisions where an engine holding a GPU hit was expected to lose most of it (residency < 0.5)
+    # to eviction before the request would run there
+    residency_discounted: int = 0
 
 
 @dataclass(slots=True)
@@ -193,6 +208,9 @@ class _Pending:
     uncached: float
     queued: float
     cold: bool
+    tiers: TierTokens  # where the chosen engine was expected to serve the hit from
+    est_ttft_s: float
+    dispatched_at: float = 0.0
 
 
 class CacheAwarePolicy(Policy):
@@ -224,6 +242,8 @@ class CacheAwarePolicy(Policy):
         self.session_bytes = 0  # what _sessions holds, as max_session_bytes counts it
         self._cold: dict[str, int] = {}
         self._tick = 0
+        self.tiers = TierModel(index, s.tier_learning, s.prefill_tokens_per_s, residency=s.residency)
+        self._started: OrderedDict[str, _Pending] = OrderedDict()  # dispatched, no first token yet
 
     def choose(self, request: RequestFeatures, candidates: Sequence[EngineState], now: float) -> Decision:
         tokens = request.prompt_token_ids or ()
@@ -231,14 +251,14 @@ class CacheAwarePolicy(Policy):
         base, lora = kv_scope(request.model, candidates)  # an adapter's keys: its own scope
         root = request_root(base, lora, request.cache_salt)
         session_url = self._sessions.get(request.session_key) if request.session_key else None
-        index, ledger = self.index, self.ledger
+        index = self.index
         # ties break by a hash of (request, engine): seeded by the request, hashed per engine URL
         tie_seed = xxhash.xxh3_64_intdigest(request.request_id.encode())
         views: list[CandidateView] = []
         keys_of: list[tuple[int, ...]] = []
         keys_at: dict[int, tuple[int, ...]] = {}  # by block size: engines of a model share one
-        tracing = decision_log.isEnabledFor(logging.DEBUG)
-        matches: list[PrefixMatch] = []
+        tracing = decision_log.isEnabledFor(logging.DEBUG)  # kvstack.bench.trace reads it
+        queued: list[float] = []
         for st in candidates:
             url = st.url
             size = index.ensure_engine(
@@ -251,19 +271,17 @@ class CacheAwarePolicy(Policy):
             if keys is None:
                 keys = keys_at[size] = self.keys.keys(tokens, size, root)
             keys_of.append(keys)
-            if tracing:  # the decision log wants every tier's blocks: build the whole match
-                match = index.match(url, keys, now)
-                matches.append(match)
-                hit = match.hit_tokens(index.settings)
-            else:
-                hit = index.hit_tokens(url, keys, now)
-            scraped = st.last_scrape if st.num_waiting is not None and st.last_scrape > 0 else None
+            queued.append(self._queued(st, now))
+        estimates = self.tiers.estimates(candidates, keys_of, queued, n_tokens, now, self.tiers.weights())
+        for st, est, q in zip(candidates, estimates, queued, strict=True):
+            url = st.url
             views.append(
                 CandidateView(
-                    hit_tokens=hit,
-                    queued_tokens=ledger.queued(url, now, scraped_at=scraped, num_waiting=st.num_waiting),
+                    hit_tokens=est.hit_tokens,
+                    queued_tokens=q,
                     running=st.num_running if st.num_running is not None else float(st.in_flight),
                     load=st.load,
+                    load_s=est.load_s,
                     last_cold=self._cold.get(url, -1),
                     session=url == session_url,
                     tiebreak=xxhash.xxh3_64_intdigest(url.encode(), seed=tie_seed),
@@ -271,7 +289,9 @@ class CacheAwarePolicy(Policy):
             )
         choice = decide(n_tokens, views, self.settings, self.rng)
         if tracing:
-            _log_decision(request.request_id, n_tokens, candidates, views, matches, choice, self.settings)
+            ttfts = [est_ttft(n_tokens, v, self.settings) for v in views]
+            costs = self.tiers.costs
+            log_decision(request.request_id, n_tokens, candidates, views, estimates, choice, ttfts, costs)
         v = views[choice.index]
         chosen = candidates[choice.index]
         self._remember(
@@ -282,6 +302,8 @@ class CacheAwarePolicy(Policy):
                 max(0.0, n_tokens - v.hit_tokens),
                 v.queued_tokens,
                 choice.reason == "cold",
+                estimates[choice.index].tiers,
+                choice.est_ttft_s,
             ),
         )
         hit = int(v.hit_tokens)
@@ -290,6 +312,8 @@ class CacheAwarePolicy(Policy):
         st_.predicted_hit_tokens += v.hit_tokens
         st_.prompt_tokens += n_tokens
         st_.last_predicted_hit_tokens = hit
+        if any(e.resident < 0.5 for e in estimates):
+            st_.residency_discounted += 1
         assert st_.reasons is not None
         st_.reasons[choice.reason] += 1
         return Decision(engine=chosen, reason=choice.reason, predicted_hit_tokens=hit)
@@ -297,13 +321,14 @@ class CacheAwarePolicy(Policy):
     def expected_hit_tokens(
         self, request: RequestFeatures, candidates: Sequence[EngineState], now: float
     ) -> float:
-        """The best candidate's hit in the index (as :meth:`choose` weighs it), without deciding."""
+        """The best candidate's hit (as :meth:`choose` weighs it: residency and learnt tier costs),
+        without deciding."""
         tokens = request.prompt_token_ids or ()
         if not tokens or not candidates:
             return 0.0
         base, lora = kv_scope(request.model, candidates)
         root = request_root(base, lora, request.cache_salt)
-        best = 0.0
+        keys_of = []
         for st in candidates:
             size = self.index.ensure_engine(
                 st.url,
@@ -311,8 +336,16 @@ class CacheAwarePolicy(Policy):
                 num_gpu_blocks=st.num_gpu_blocks,
                 events=st.endpoint.kv_events_endpoint is not None,
             )
-            best = max(best, self.index.hit_tokens(st.url, self.keys.keys(tokens, size, root), now))
-        return best
+            keys_of.append(self.keys.keys(tokens, size, root))
+        queued = [self._queued(st, now) for st in candidates]
+        weights = self.tiers.weights()
+        estimates = self.tiers.estimates(candidates, keys_of, queued, len(tokens), now, weights)
+        return max(e.hit_tokens for e in estimates)
+
+    def _queued(self, st: EngineState, now: float) -> float:
+        """Uncached prefill tokens queued on ``st``: local accounting reconciled with its scrape."""
+        scraped = st.last_scrape if st.num_waiting is not None and st.last_scrape > 0 else None
+        return self.ledger.queued(st.url, now, scraped_at=scraped, num_waiting=st.num_waiting)
 
     def on_dispatch(self, request: RequestFeatures, decision: Decision) -> None:
         p = self._pending.pop(request.request_id, None)
@@ -327,13 +360,25 @@ class CacheAwarePolicy(Policy):
             self._cold[p.url] = self._tick
         if request.session_key:
             self._remember_session(request.session_key, p.url)
+        p.dispatched_at = now
+        kv_tokens = len(p.keys) * self.index.block_size(p.url) + (request.max_tokens or 0)
+        self.tiers.order.dispatched(request.request_id, p.url, p.keys, kv_tokens)
+        started = self._started
+        started[request.request_id] = p
+        while len(started) > 10_000:  # a stream that never reports its first token: do not grow
+            started.popitem(last=False)
 
     def on_first_token(self, request: RequestFeatures, decision: Decision) -> None:
-        """The prefill is over: release its queued tokens."""
+        """The prefill is over: release its queued tokens, and learn the tier costs from its TTFT."""
         self.ledger.done(request.request_id)
+        p = self._started.pop(request.request_id, None)
+        if p is not None and p.url == decision.engine.url:
+            self.tiers.observe(p.tiers, p.est_ttft_s, self.clock() - p.dispatched_at, p.queued)
 
     def on_finish(self, request: RequestFeatures, decision: Decision, ok: bool) -> None:
         self._pending.pop(request.request_id, None)
+        self._started.pop(request.request_id, None)  # not streamed: no TTFT to learn from
+        self.tiers.order.finished(request.request_id)
         self.ledger.done(request.request_id)
 
     def _remember_session(self, key: str, url: str) -> None:
@@ -350,41 +395,6 @@ class CacheAwarePolicy(Policy):
         self._pending[request_id] = pending
         while len(self._pending) > 10_000:  # chosen but never dispatched: do not grow forever
             self._pending.popitem(last=False)
-
-
-def _log_decision(
-    request_id: str,
-    prompt_tokens: int,
-    candidates: Sequence[EngineState],
-    views: Sequence[CandidateView],
-    matches: Sequence[PrefixMatch],
-    choice: Choice,
-    s: CacheAwareSettings,
-) -> None:
-    engines = [
-        {
-            "engine": st.name,
-            "gpu_tokens": m.gpu_blocks * m.block_size,
-            "cpu_tokens": (m.local_blocks - m.gpu_blocks) * m.block_size,
-            "shared_tokens": (m.reachable_blocks - m.local_blocks) * m.block_size,
-            "hit_tokens": round(v.hit_tokens, 1),
-            "queued_tokens": round(v.queued_tokens, 1),
-            "running": v.running,
-            "load": v.load,
-            "est_ttft_s": round(est_ttft(prompt_tokens, v, s), 6),
-        }
-        for st, v, m in zip(candidates, views, matches, strict=True)
-    ]
-    decision_log.debug(
-        "decision",
-        extra={
-            "request_id": request_id,
-            "prompt_tokens": prompt_tokens,
-            "chosen": candidates[choice.index].name,
-            "route_reason": choice.reason,
-            "engines": engines,
-        },
-    )
 
 
 class CacheAwareConfig(BaseModel):

@@ -276,3 +276,21 @@ def test_unknown_engine_and_missing_model_are_skipped() -> None:
     idx.apply("a", [stored(TOKENS, ehashes(8))])
     assert idx.counters.skipped_events == 2
     assert idx.indexed_blocks == 0
+
+
+@pytest.mark.parametrize(
+    ("shared_store", "upto", "expected"),
+    [
+        (True, 8, (4, 6)),  # a's CPU tier holds 4 blocks; b's chunks put 6 in the shared store
+        (True, 3, (3, 3)),  # only the first ``upto`` blocks are asked about
+        (True, 0, (0, 0)),
+        (False, 8, (4, 4)),  # no shared store: only a's own CPU tier backs its GPU blocks
+    ],
+)
+def test_backed_blocks(shared_store: bool, upto: int, expected: tuple[int, int]) -> None:
+    """Where an engine's GPU blocks would reload from once evicted: its CPU tier, else the store."""
+    idx = index_with("a", "b", settings=IndexSettings(shared_store=shared_store))
+    idx.apply("a", [stored(TOKENS, ehashes(8)), stored(blocks(0, 4), ehashes(4), medium="cpu")])
+    idx.apply("b", [stored(blocks(0, 6), ehashes(6), medium="cpu")])
+    assert idx.backed_blocks("a", keys_of(TOKENS), upto) == expected
+    assert idx.backed_blocks("unknown", keys_of(TOKENS), upto) == (0, 0)
