@@ -10,7 +10,8 @@ from tests.conftest import free_port
 from tests.engine_sim_core.conftest import RedisServer
 
 from kvstack.bench import promtext
-from kvstack.bench.gpu import ENGINE_COUNTERS, _sim_procs
+from kvstack.bench.gpu import ENGINE_COUNTERS
+from kvstack.bench.gpu_procs import sim_procs
 from kvstack.common.procs import running
 from kvstack.common.waits import wait_until
 
@@ -33,7 +34,7 @@ def test_the_simulators_share_lmcache_chunks_through_redis(tmp_path: Path) -> No
     server = RedisServer(free_port(), tmp_path)
     server.start()
     try:
-        procs, entries = _sim_procs(2, MODEL, None, tmp_path, None, server.url)
+        procs, entries = sim_procs(2, MODEL, None, tmp_path, None, server.url)
         urls = [e["url"] for e in entries]
         with running(procs, timeout=60):
             ask(urls[0])

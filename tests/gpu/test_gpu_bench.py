@@ -17,10 +17,10 @@ from kvstack.bench.gpu import (
     agreement,
     case_seed,
     deltas,
-    plot_rows,
     sized_workload,
     summarize_case,
 )
+from kvstack.bench.gpu_plot import plot_rows
 
 
 @pytest.mark.parametrize("name", ["multi_round_qa", "shared_prefix"])
@@ -137,7 +137,7 @@ def test_trace_salt_gives_a_new_trace() -> None:
 
 
 def test_plot_writes_a_png_of_the_committed_results(repo_root: Path, tmp_path: Path) -> None:
-    from kvstack.bench.gpu import plot
+    from kvstack.bench.gpu_plot import plot
 
     results = repo_root / "bench-results" / "gpu"
     png = plot(results, tmp_path / "gpu.png", ["h200-mrqa", "sim"])

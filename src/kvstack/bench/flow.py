@@ -33,8 +33,8 @@ from kvstack.bench import flow_plan, promtext
 from kvstack.bench.driver import wait_for_engines
 from kvstack.bench.flow_driver import Client, run_trace
 from kvstack.bench.flow_plan import PEER, Policy, Results, Shape, Stream
-from kvstack.bench.gpu import PEER_POLICIES
-from kvstack.bench.gpu import _peer_router_proc as peer_router
+from kvstack.bench.gpu_procs import PEER_POLICIES
+from kvstack.bench.gpu_procs import peer_router_proc as peer_router
 from kvstack.common.procs import ManagedProcess, free_ports, kvstack_argv, running
 
 MODEL = "kvstack/sim-8b"

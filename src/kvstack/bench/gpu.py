@@ -29,9 +29,10 @@ import yaml
 
 from kvstack.bench import promtext, stats, trace, workloads
 from kvstack.bench.driver import DriverConfig, RequestResult, run_workload, wait_for_engines
+from kvstack.bench.gpu_plot import plot
+from kvstack.bench.gpu_procs import PEER_POLICIES, peer_router_proc, router_proc, sim_procs
 from kvstack.bench.progress import BenchProgress
-from kvstack.bench.report import save_figure
-from kvstack.common.procs import ManagedProcess, free_ports, kvstack_argv, running, tree_cpu_seconds
+from kvstack.common.procs import ManagedProcess, running, tree_cpu_seconds
 
 Samples = Mapping[promtext.SampleKey, float]
 
@@ -52,8 +53,6 @@ ROUTER_COUNTERS = {
     "event_batches": "kvstack_router_kv_event_batches_applied_total",
 }
 INDEX_GAUGE = "kvstack_router_kv_index_blocks"
-# Peer routers run as baselines: bench policy name -> the SGLang router's (`pip install sglang-router`)
-PEER_POLICIES = {"sglang_cache_aware": "cache_aware", "sglang_round_robin": "round_robin"}
 AGREEMENT_TOLERANCE = 0.10
 
 
@@ -160,84 +159,6 @@ def summarize_case(
     }
 
 
-# ------------------------------------------------------------------ processes
-
-
-def _sim_procs(
-    n: int,
-    model: str,
-    blocks: int | None,
-    log_dir: Path,
-    config: Path | None = None,
-    redis_url: str | None = None,
-) -> tuple[list[ManagedProcess], list[dict[str, Any]]]:
-    ports = free_ports(3 * n)
-    procs, entries = [], []
-    for i in range(n):
-        http, pub, replay = ports[3 * i : 3 * i + 3]
-        url = f"http://127.0.0.1:{http}"
-        argv = [*kvstack_argv(), "engine", "sim", "--port", str(http), "--model", model, "--speed", "1.0"]
-        argv += ["--kv-events-endpoint", f"tcp://127.0.0.1:{pub}"]
-        argv += ["--kv-events-replay-endpoint", f"tcp://127.0.0.1:{replay}"]
-        if blocks:
-            argv += ["--num-gpu-blocks", str(blocks)]
-        if config is not None:
-            argv += ["--config", str(config)]
-        env: dict[str, str] = {}
-        if redis_url is not None:
-            # the deployment's connector: LMCache tiers, KV events of the CPU tier, Redis shared by
-            # engines with one hash seed (PYTHONHASHSEED=0, as the GPU run's engines)
-            argv += ["--lmcache", "--lmcache-remote-url", redis_url, "--lmcache-kv-events"]
-            env["PYTHONHASHSEED"] = "0"
-        procs.append(ManagedProcess(f"sim{i}", argv, log_dir, env=env, ready_url=f"{url}/health"))
-        entries.append(
-            {
-                "url": url,
-                "name": f"sim{i}",
-                "models": [model],
-                "kv_events_endpoint": f"tcp://127.0.0.1:{pub}",
-                "kv_events_replay_endpoint": f"tcp://127.0.0.1:{replay}",
-            }
-        )
-    return procs, entries
-
-
-def _router_proc(
-    engines_file: Path,
-    policy: str,
-    tokenizer: str,
-    log_dir: Path,
-    traced: bool = False,
-    tokenizer_path: Path | None = None,
-) -> tuple[ManagedProcess, str]:
-    port = free_ports(1)[0]
-    argv = [*kvstack_argv(), "router", "--port", str(port), "--engines-file", str(engines_file)]
-    # traced: the access line (route reason, time to dispatch) and the policy's decision line
-    # (DEBUG) of every request, for kvstack.bench.trace
-    argv += ["--policy", policy, "--log-level", "debug" if traced else "warning"]
-    env = {
-        "KVSTACK_ROUTER_ACCESS_LOG": "true" if traced else "false",
-        "KVSTACK_ROUTER_EXPOSE_ENGINE_HEADER": "true",
-    }
-    if tokenizer != "builtin":
-        env["KVSTACK_ROUTER_TOKENIZER"] = tokenizer
-    if tokenizer_path is not None:
-        env["KVSTACK_ROUTER_TOKENIZER_PATH"] = str(tokenizer_path)
-    url = f"http://127.0.0.1:{port}"
-    return ManagedProcess(f"router-{policy}", argv, log_dir, env=env, ready_url=f"{url}/ready"), url
-
-
-def _peer_router_proc(urls: Sequence[str], policy: str, log_dir: Path) -> tuple[ManagedProcess, str]:
-    """The SGLang router over the same engines: it routes on the request's text (no tokenizing,
-    no KV events) and sends no engine header or decision lines, so its trace rows are the client's."""
-    port, prom = free_ports(2)
-    argv = [sys.executable, "-m", "sglang_router.launch_router", "--host", "127.0.0.1"]
-    argv += ["--port", str(port), "--prometheus-port", str(prom), "--worker-urls", *urls]
-    argv += ["--policy", PEER_POLICIES[policy], "--log-level", "warn"]
-    url = f"http://127.0.0.1:{port}"
-    return ManagedProcess(f"router-{policy}", argv, log_dir, ready_url=f"{url}/health"), url
-
-
 def _num_gpu_blocks(samples: Samples) -> int | None:
     for (name, labels), _ in samples.items():
         if name == "vllm:cache_config_info":
@@ -265,9 +186,9 @@ def run_case(
     ``on_request`` is called as each request completes."""
     peer = policy in PEER_POLICIES
     if peer:
-        router, router_url = _peer_router_proc(urls, policy, log_dir)
+        router, router_url = peer_router_proc(urls, policy, log_dir)
     else:
-        router, router_url = _router_proc(
+        router, router_url = router_proc(
             engines_file, policy, tokenizer, log_dir, trace_path is not None, tokenizer_path
         )
     with running([router], timeout=60):
@@ -388,7 +309,7 @@ def gpu_proof(
     out.mkdir(parents=True, exist_ok=True)
     procs: list[ManagedProcess] = []
     if sims:
-        procs, entries = _sim_procs(sims, model, sim_blocks or None, log_dir, sim_config, sim_redis)
+        procs, entries = sim_procs(sims, model, sim_blocks or None, log_dir, sim_config, sim_redis)
         engines_file = log_dir / "engines.yaml"
         engines_file.write_text(yaml.safe_dump(entries))
     elif engines_file is None:
@@ -455,58 +376,3 @@ def _meta(sim_config: Path | None = None) -> dict[str, Any]:
 
 def _document(label: str, rows: list[dict[str, Any]], meta: dict[str, Any]) -> dict[str, Any]:
     return {"label": label, "meta": meta, "cases": rows}
-
-
-# ------------------------------------------------------------------ the picture
-
-
-def plot_rows(runs: Mapping[str, Sequence[Mapping[str, Any]]]) -> list[dict[str, Any]]:
-    """Flat bars for the plot: one per (run label, workload, policy)."""
-    return [
-        {
-            "name": f"{label}\n{row['workload']}\n{row['policy']}",
-            "ttft_p50": 1000 * row["ttft_p50"],
-            "ttft_p90": 1000 * row["ttft_p90"],
-            "itl_p50": 1000 * row["itl_p50"],
-            "prefix_hit_rate": 100 * (row["prefix_hit_rate"] or 0.0),
-            "external_hit_rate": 100 * (row["external_hit_rate"] or 0.0),
-            "predicted": row["router"]["predicted_hit_tokens"],
-            "counted": row["engine"]["prefix_hits"],
-        }
-        for label, rows in runs.items()
-        for row in rows
-    ]
-
-
-def plot(out: Path, png: Path | None = None, labels: Sequence[str] = ()) -> Path:
-    """One PNG of the runs ``labels`` (default: every LABEL.json under ``out``): TTFT, hits, predictions."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    files = [out / f"{label}.json" for label in labels] if labels else sorted(out.glob("*.json"))
-    runs = {p.stem: json.loads(p.read_text())["cases"] for p in files}
-    bars = plot_rows(runs)
-    xs = list(range(len(bars)))
-    names = [b["name"] for b in bars]
-    fig, axes = plt.subplots(3, 1, figsize=(max(8, 1.5 * len(bars)), 12))
-    w = 0.27
-    panels = [
-        (axes[0], ("ttft_p50", "ttft_p90", "itl_p50"), "ms", "TTFT p50 / p90 and ITL p50 (client side)"),
-        (axes[1], ("prefix_hit_rate", "external_hit_rate"), "%", "engine prefix-cache and LMCache hit rates"),
-        (axes[2], ("predicted", "counted"), "tokens", "router predicted hit tokens vs engines' prefix hits"),
-    ]
-    for ax, keys, unit, title in panels:
-        for k, key in enumerate(keys):
-            ax.bar([x + (k - (len(keys) - 1) / 2) * w for x in xs], [b[key] for b in bars], w, label=key)
-        ax.set_title(title)
-        if unit == "ms":
-            ax.set_yscale("log")  # a queued round-robin p90 would flatten every other bar
-        ax.set_ylabel(unit)
-        ax.set_xticks(xs, names, fontsize=7)
-        # Beside the axes, never over them: inside, it covered the last case's bars.
-        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.005, 1.0), borderaxespad=0.0)
-    target = png or out / "gpu.png"
-    save_figure(fig, target)
-    return target

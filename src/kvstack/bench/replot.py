@@ -80,7 +80,7 @@ def replot(files: Sequence[Path], png: Path | None = None) -> Path:
 
         overhead_replot(files[0], target)
     else:
-        from kvstack.bench.gpu import plot as gpu_plot
+        from kvstack.bench.gpu_plot import plot as gpu_plot
 
         folders = {f.parent for f in files}
         if len(folders) > 1:

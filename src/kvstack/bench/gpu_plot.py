@@ -1,0 +1,63 @@
+"""The picture of ``kvstack bench gpu`` runs: client TTFT and ITL, the engines' hit rates, and the
+router's predicted hit tokens against what the engines counted, one bar group per case."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from kvstack.bench.report import save_figure
+
+
+def plot_rows(runs: Mapping[str, Sequence[Mapping[str, Any]]]) -> list[dict[str, Any]]:
+    """Flat bars for the plot: one per (run label, workload, policy)."""
+    return [
+        {
+            "name": f"{label}\n{row['workload']}\n{row['policy']}",
+            "ttft_p50": 1000 * row["ttft_p50"],
+            "ttft_p90": 1000 * row["ttft_p90"],
+            "itl_p50": 1000 * row["itl_p50"],
+            "prefix_hit_rate": 100 * (row["prefix_hit_rate"] or 0.0),
+            "external_hit_rate": 100 * (row["external_hit_rate"] or 0.0),
+            "predicted": row["router"]["predicted_hit_tokens"],
+            "counted": row["engine"]["prefix_hits"],
+        }
+        for label, rows in runs.items()
+        for row in rows
+    ]
+
+
+def plot(out: Path, png: Path | None = None, labels: Sequence[str] = ()) -> Path:
+    """One PNG of the runs ``labels`` (default: every LABEL.json under ``out``): TTFT, hits, predictions."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = [out / f"{label}.json" for label in labels] if labels else sorted(out.glob("*.json"))
+    runs = {p.stem: json.loads(p.read_text())["cases"] for p in files}
+    bars = plot_rows(runs)
+    xs = list(range(len(bars)))
+    names = [b["name"] for b in bars]
+    fig, axes = plt.subplots(3, 1, figsize=(max(8, 1.5 * len(bars)), 12))
+    w = 0.27
+    panels = [
+        (axes[0], ("ttft_p50", "ttft_p90", "itl_p50"), "ms", "TTFT p50 / p90 and ITL p50 (client side)"),
+        (axes[1], ("prefix_hit_rate", "external_hit_rate"), "%", "engine prefix-cache and LMCache hit rates"),
+        (axes[2], ("predicted", "counted"), "tokens", "router predicted hit tokens vs engines' prefix hits"),
+    ]
+    for ax, keys, unit, title in panels:
+        for k, key in enumerate(keys):
+            ax.bar([x + (k - (len(keys) - 1) / 2) * w for x in xs], [b[key] for b in bars], w, label=key)
+        ax.set_title(title)
+        if unit == "ms":
+            ax.set_yscale("log")  # a queued round-robin p90 would flatten every other bar
+        ax.set_ylabel(unit)
+        ax.set_xticks(xs, names, fontsize=7)
+        # Beside the axes, never over them: inside, it covered the last case's bars.
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.005, 1.0), borderaxespad=0.0)
+    target = png or out / "gpu.png"
+    save_figure(fig, target)
+    return target

@@ -1,0 +1,89 @@
+"""The processes of ``kvstack bench gpu``: simulators standing in for the engines, kvstack's router,
+and a peer router (the SGLang router) as the baseline over the same engines."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from kvstack.common.procs import ManagedProcess, free_ports, kvstack_argv
+
+# Peer routers run as baselines: bench policy name -> the SGLang router's (`pip install sglang-router`)
+PEER_POLICIES = {"sglang_cache_aware": "cache_aware", "sglang_round_robin": "round_robin"}
+
+
+def sim_procs(
+    n: int,
+    model: str,
+    blocks: int | None,
+    log_dir: Path,
+    config: Path | None = None,
+    redis_url: str | None = None,
+) -> tuple[list[ManagedProcess], list[dict[str, Any]]]:
+    ports = free_ports(3 * n)
+    procs, entries = [], []
+    for i in range(n):
+        http, pub, replay = ports[3 * i : 3 * i + 3]
+        url = f"http://127.0.0.1:{http}"
+        argv = [*kvstack_argv(), "engine", "sim", "--port", str(http), "--model", model, "--speed", "1.0"]
+        argv += ["--kv-events-endpoint", f"tcp://127.0.0.1:{pub}"]
+        argv += ["--kv-events-replay-endpoint", f"tcp://127.0.0.1:{replay}"]
+        if blocks:
+            argv += ["--num-gpu-blocks", str(blocks)]
+        if config is not None:
+            argv += ["--config", str(config)]
+        env: dict[str, str] = {}
+        if redis_url is not None:
+            # the deployment's connector: LMCache tiers, KV events of the CPU tier, Redis shared by
+            # engines with one hash seed (PYTHONHASHSEED=0, as the GPU run's engines)
+            argv += ["--lmcache", "--lmcache-remote-url", redis_url, "--lmcache-kv-events"]
+            env["PYTHONHASHSEED"] = "0"
+        procs.append(ManagedProcess(f"sim{i}", argv, log_dir, env=env, ready_url=f"{url}/health"))
+        entries.append(
+            {
+                "url": url,
+                "name": f"sim{i}",
+                "models": [model],
+                "kv_events_endpoint": f"tcp://127.0.0.1:{pub}",
+                "kv_events_replay_endpoint": f"tcp://127.0.0.1:{replay}",
+            }
+        )
+    return procs, entries
+
+
+def router_proc(
+    engines_file: Path,
+    policy: str,
+    tokenizer: str,
+    log_dir: Path,
+    traced: bool = False,
+    tokenizer_path: Path | None = None,
+) -> tuple[ManagedProcess, str]:
+    port = free_ports(1)[0]
+    argv = [*kvstack_argv(), "router", "--port", str(port), "--engines-file", str(engines_file)]
+    # traced: the access line (route reason, time to dispatch) and the policy's decision line
+    # (DEBUG) of every request, for kvstack.bench.trace
+    argv += ["--policy", policy, "--log-level", "debug" if traced else "warning"]
+    env = {
+        "KVSTACK_ROUTER_ACCESS_LOG": "true" if traced else "false",
+        "KVSTACK_ROUTER_EXPOSE_ENGINE_HEADER": "true",
+    }
+    if tokenizer != "builtin":
+        env["KVSTACK_ROUTER_TOKENIZER"] = tokenizer
+    if tokenizer_path is not None:
+        env["KVSTACK_ROUTER_TOKENIZER_PATH"] = str(tokenizer_path)
+    url = f"http://127.0.0.1:{port}"
+    return ManagedProcess(f"router-{policy}", argv, log_dir, env=env, ready_url=f"{url}/ready"), url
+
+
+def peer_router_proc(urls: Sequence[str], policy: str, log_dir: Path) -> tuple[ManagedProcess, str]:
+    """The SGLang router over the same engines: it routes on the request's text (no tokenizing,
+    no KV events) and sends no engine header or decision lines, so its trace rows are the client's."""
+    port, prom = free_ports(2)
+    argv = [sys.executable, "-m", "sglang_router.launch_router", "--host", "127.0.0.1"]
+    argv += ["--port", str(port), "--prometheus-port", str(prom), "--worker-urls", *urls]
+    argv += ["--policy", PEER_POLICIES[policy], "--log-level", "warn"]
+    url = f"http://127.0.0.1:{port}"
+    return ManagedProcess(f"router-{policy}", argv, log_dir, ready_url=f"{url}/health"), url
