@@ -17,6 +17,14 @@ a chat is the template with ``add_generation_prompt=True``, encoded *without* sp
 template writes the BOS itself); a text prompt is encoded *with* them (the post-processor's BOS).
 A content array's text parts are joined with newlines, as vLLM does for string-content templates.
 
+A long chat is re-sent whole every turn, and encoding ~7,000 tokens costs the router ~10 ms of
+CPU per request. HF ``tokenizers`` first cuts the text at its added (special) tokens and runs the
+normalizer, pre-tokenizer and model on each piece on its own, so the ids of a chat are the ids of
+its pieces end to end. When the tokenizer's settings guarantee that (:func:`segment_refusal`), the
+rendered chat is cut at those tokens (:func:`chat_pieces`) and each piece's ids are kept in a
+:class:`~kvstack.common.token_cache.TokenCache`: a new turn encodes only its new message. The first
+chats of each model are also encoded whole and compared; a difference turns the pieces off.
+
 Files are found under one root (:func:`find_model_dir`): a model folder itself, ``<root>/<model>``,
 or the HF Hub cache layout (``models--org--name/snapshots/<rev>``, also under ``hub/``), the one
 the chart's model volume holds. Nothing is downloaded.
@@ -25,9 +33,13 @@ the chart's model volume holds. Nothing is downloaded.
 from __future__ import annotations
 
 import json
+import logging
+import re
 from array import array
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +48,7 @@ import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
 
-from kvstack.common.token_cache import TokenCache, Tokens
+from kvstack.common.token_cache import TokenCache, Tokens, digest
 from kvstack.router.prompts import PromptWork, engine_key, message_text
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -51,6 +63,17 @@ SPECIAL_TOKEN_KEYS = (
     "cls_token",
     "mask_token",
 )
+# Settings under which HF tokenizers encodes each piece between added tokens on its own, whatever
+# comes before it: no normalizer or a Unicode one, and pre-tokenizers that ignore offsets (not
+# Metaspace, whose prefix depends on where a piece starts).
+PIECEWISE_NORMALIZERS = frozenset({"NFC", "NFD", "NFKC", "NFKD", "Sequence"})
+PIECEWISE_PRE_TOKENIZERS = frozenset(
+    {"ByteLevel", "Split", "Digits", "Punctuation", "Whitespace", "WhitespaceSplit", "Sequence"}
+)
+VERIFY_CHATS = 4  # chats per model encoded both ways before the pieces are trusted alone
+_PIECE = b"kvstack.local-piece"
+
+log = logging.getLogger(__name__)
 
 
 class LocalTokenizerError(Exception):
@@ -148,6 +171,70 @@ def template_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, A
     return out
 
 
+def _nodes(node: Any, children: str) -> list[Mapping[str, Any]]:
+    """A tokenizer.json component and those a ``Sequence`` of them holds."""
+    if not isinstance(node, Mapping):
+        return []
+    found = [node]
+    for child in node.get(children) or []:
+        found += _nodes(child, children)
+    return found
+
+
+def piece_refusal(spec: Mapping[str, Any]) -> str | None:
+    """Why ``tokenizer.json``'s ids of a text might differ from its pieces' ids end to end (cut
+    before each added token), or None when its settings make them equal by construction."""
+    for t in spec.get("added_tokens") or []:
+        if t.get("lstrip") or t.get("rstrip") or t.get("single_word"):
+            return f"added token {t.get('content')!r} strips or matches whole words"
+        if t.get("normalized") and spec.get("normalizer") is not None:
+            return f"added token {t.get('content')!r} is matched on normalized text"
+    normalizers = _nodes(spec.get("normalizer"), "normalizers")
+    odd = {str(n.get("type")) for n in normalizers} - PIECEWISE_NORMALIZERS
+    if odd:
+        return f"normalizer {sorted(odd)}"
+    pre_tokenizers = _nodes(spec.get("pre_tokenizer"), "pretokenizers")
+    odd = {str(n.get("type")) for n in pre_tokenizers} - PIECEWISE_PRE_TOKENIZERS
+    if odd:
+        return f"pre-tokenizer {sorted(odd)}"
+    if any(n.get("add_prefix_space") for n in pre_tokenizers):
+        return "a pre-tokenizer adds a prefix space"
+    return None
+
+
+def added_token_pattern(contents: Sequence[str]) -> re.Pattern[str] | None:
+    """The added tokens as HF finds them in a text: leftmost first, the longest at one place."""
+    ordered = sorted({c for c in contents if c}, key=len, reverse=True)
+    return re.compile("|".join(map(re.escape, ordered))) if ordered else None
+
+
+def chat_pieces(text: str, pattern: re.Pattern[str] | None) -> list[str]:
+    """``text`` cut before each added token: every piece but the first starts with one."""
+    if pattern is None:
+        return [text] if text else []
+    cuts = [0, *(m.start() for m in pattern.finditer(text) if m.start()), len(text)]
+    return [text[a:b] for a, b in pairwise(cuts) if b > a]
+
+
+@dataclass(slots=True)
+class ChatPlan:
+    """A rendered chat, its pieces, their cache keys and the ids the cache held (None: to encode).
+
+    ``verify``: also encode the text whole, to compare with the pieces' ids joined."""
+
+    text: str
+    pieces: list[str]
+    keys: list[int]
+    found: list[Tokens | None]
+    verify: bool
+
+    def missing(self) -> list[str]:
+        return [p for p, f in zip(self.pieces, self.found, strict=True) if f is None]
+
+    def chars_to_encode(self) -> int:
+        return sum(map(len, self.missing())) + (len(self.text) if self.verify else 0)
+
+
 class ModelTokenizer:
     """One model's tokenizer and chat template, loaded from its folder."""
 
@@ -162,6 +249,13 @@ class ModelTokenizer:
         # transformers turns off whatever truncation or padding tokenizer.json was saved with
         self._tokenizer.no_truncation()
         self._tokenizer.no_padding()
+        spec = json.loads(self._tokenizer.to_str())
+        self.piece_refusal = piece_refusal(spec)
+        self.piece_pattern = (
+            added_token_pattern([str(t.get("content", "")) for t in spec.get("added_tokens") or []])
+            if self.piece_refusal is None
+            else None
+        )
         self.special_tokens = {
             k: t for k in SPECIAL_TOKEN_KEYS if (t := _token_text(config.get(k))) is not None
         }
@@ -192,6 +286,14 @@ class ModelTokenizer:
             encoding = self._tokenizer.encode(text, add_special_tokens=add_special_tokens)
         return array("I", encoding.ids)
 
+    def encode_all(self, texts: Sequence[str], *, release_gil: bool = False) -> list[Tokens]:
+        """Ids of each of ``texts`` (pieces of a chat: no special tokens added); thread-safe."""
+        if release_gil and texts:
+            encodings = self._tokenizer.encode_batch(list(texts), add_special_tokens=False)
+        else:
+            encodings = [self._tokenizer.encode(t, add_special_tokens=False) for t in texts]
+        return [array("I", e.ids) for e in encodings]
+
     def chat(self, messages: Sequence[Mapping[str, Any]], *, release_gil: bool = False) -> Tokens:
         """What vLLM's /v1/chat/completions prefills: the rendered chat, no special tokens added."""
         return self.encode(self.render_chat(messages), add_special_tokens=False, release_gil=release_gil)
@@ -208,18 +310,29 @@ class ModelTokenizer:
 
 class LocalTokenizers:
     """The models' tokenizers under one root, loaded on first use; answers kept in ``cache``
-    under :func:`~kvstack.router.prompts.engine_key` (the same ids an engine's ``/tokenize`` gives)."""
+    under :func:`~kvstack.router.prompts.engine_key` (the same ids an engine's ``/tokenize`` gives),
+    a chat's pieces in ``pieces`` (the router passes its rendered-messages cache).
 
-    def __init__(self, root: Path, cache: TokenCache) -> None:
+    A chat goes :meth:`plan` (render, cut, look up; on the event loop), :meth:`encode` (the
+    missing pieces; thread-safe, so a long one may run in a thread), :meth:`finish` (cache, join).
+    """
+
+    def __init__(self, root: Path, cache: TokenCache, pieces: TokenCache | None = None) -> None:
         self.root = root
         self.cache = cache
+        self.pieces = pieces if pieces is not None else cache
         self._models: dict[str, ModelTokenizer] = {}
+        self._verify: dict[str, int] = {}  # chats per model still to encode whole as well
         self.runs = 0  # prompts tokenized (cache misses)
+        self.piece_runs = 0  # chat pieces encoded (piece cache misses)
 
     def for_model(self, model: str) -> ModelTokenizer:
         found = self._models.get(model)
         if found is None:
             found = self._models[model] = ModelTokenizer(find_model_dir(self.root, model))
+            self._verify[model] = VERIFY_CHATS
+            if found.piece_refusal is not None:
+                log.info("%s: chats are encoded whole (%s)", model, found.piece_refusal)
         return found
 
     def cached(self, model: str, work: PromptWork) -> Tokens | None:
@@ -231,7 +344,59 @@ class LocalTokenizers:
         self.runs += 1
         return self.cache.put(engine_key(model, work), tokens)
 
+    def plan(self, model: str, work: PromptWork) -> ChatPlan | None:
+        """A chat's pieces and the ids the cache holds for them; None for a text prompt, or when
+        the model's tokenizer cannot be cut into pieces."""
+        tokenizer = self.for_model(model)
+        if work.messages is None or tokenizer.piece_pattern is None:
+            return None
+        text = tokenizer.render_chat(work.messages)
+        pieces = chat_pieces(text, tokenizer.piece_pattern)
+        keys = [digest(_PIECE, (model, p)) for p in pieces]
+        found = [self.pieces.find(k) for k in keys]
+        return ChatPlan(text, pieces, keys, found, verify=self._verify[model] > 0)
+
+    def encode(
+        self, model: str, plan: ChatPlan, *, release_gil: bool = False
+    ) -> tuple[list[Tokens], Tokens | None]:
+        """Ids of the plan's missing pieces, and of its whole text when it is verified; touches no
+        cache (safe in a thread)."""
+        tokenizer = self._models[model]
+        made = tokenizer.encode_all(plan.missing(), release_gil=release_gil)
+        whole = (
+            tokenizer.encode(plan.text, add_special_tokens=False, release_gil=release_gil)
+            if plan.verify
+            else None
+        )
+        return made, whole
+
+    def finish(
+        self, model: str, work: PromptWork, plan: ChatPlan, made: tuple[list[Tokens], Tokens | None]
+    ) -> Tokens:
+        """The chat's ids: its pieces' joined (the new ones cached), or the whole text's when the
+        pieces' differ, which stops cutting this model's chats."""
+        new, whole = made
+        fresh = iter(new)
+        out = array("I")
+        for key, found in zip(plan.keys, plan.found, strict=True):
+            if found is None:
+                self.piece_runs += 1
+                found = self.pieces.put(key, next(fresh))
+            out += found
+        if whole is not None:
+            self._verify[model] -= 1
+            if out != whole:
+                log.warning("%s: the chat's pieces encode differently from the whole; no more pieces", model)
+                self._models[model].piece_pattern = None
+                out = whole
+        return self.remember(model, work, out)
+
     def tokens(self, model: str, work: PromptWork) -> Tokens:
         """``work``'s tokens as ``model``'s engines prefill them, cached."""
         found = self.cached(model, work)
-        return found if found is not None else self.remember(model, work, self.for_model(model).tokens(work))
+        if found is not None:
+            return found
+        plan = self.plan(model, work)
+        if plan is None:
+            return self.remember(model, work, self.for_model(model).tokens(work))
+        return self.finish(model, work, plan, self.encode(model, plan))

@@ -53,7 +53,7 @@ class PromptSource:
         self.builtin_runs = 0  # prompts the built-in tokenizer answered (the rest: an engine)
         path = ctx.settings.tokenizer_path
         self.local = (
-            LocalTokenizers(path, ctx.token_cache)
+            LocalTokenizers(path, ctx.token_cache, ctx.token_cache.messages)
             if ctx.settings.tokenizer == "local" and path is not None
             else None
         )
@@ -95,18 +95,24 @@ class PromptSource:
             return await self._builtin(work), "builtin"
 
     async def _local(self, local: LocalTokenizers, model: str, work: PromptWork) -> Tokens:
-        """The model's own tokenizer's tokens; a long prompt is encoded in a thread that releases
-        the GIL, so the event loop keeps relaying streams meanwhile."""
+        """The model's own tokenizer's tokens. A chat encodes only the pieces the cache lacks (a new
+        turn: its new message); a long text to encode goes to a thread that releases the GIL, so
+        the event loop keeps relaying streams meanwhile."""
         found = local.cached(model, work)
         if found is not None:
             return found
         tokenizer = local.for_model(model)  # loaded here, on the event loop: never in two threads
         limit = self.ctx.settings.tokenize_offload_min_chars
-        if limit and work.chars >= limit:
-            return local.remember(
-                model, work, await asyncio.to_thread(tokenizer.tokens, work, release_gil=True)
-            )
-        return local.remember(model, work, tokenizer.tokens(work))
+        plan = local.plan(model, work)
+        if plan is None:
+            if limit and work.chars >= limit:
+                made = await asyncio.to_thread(tokenizer.tokens, work, release_gil=True)
+                return local.remember(model, work, made)
+            return local.remember(model, work, tokenizer.tokens(work))
+        if limit and plan.chars_to_encode() >= limit:
+            pieces = await asyncio.to_thread(local.encode, model, plan, release_gil=True)
+            return local.finish(model, work, plan, pieces)
+        return local.finish(model, work, plan, local.encode(model, plan))
 
     async def _builtin(self, work: PromptWork) -> Tokens | KnownPrefix:
         """The built-in tokenizer's tokens, or a new chat turn's known prefix."""
