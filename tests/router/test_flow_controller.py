@@ -240,7 +240,7 @@ async def test_a_full_queue_sheds_the_tenant_over_its_share_and_makes_way_for_on
 async def test_the_engines_waiting_queue_counts_when_our_streams_confirm_it() -> None:
     now = [100.0]
     control, registry, _ = make(clock=lambda: now[0])
-    control.limits = dataclasses.replace(control.limits, max_in_flight=None)
+    control.room.limits = dataclasses.replace(control.room.limits, max_in_flight=None)
     engine = registry.all()[0]
     first = await control.admit(M, "t", cls(control), 3400, registry.all())
     engine.in_flight += 1
@@ -255,7 +255,7 @@ async def test_the_engines_waiting_queue_counts_when_our_streams_confirm_it() ->
 
 async def test_requests_ended_since_the_last_scrape_free_the_engines_waiting_queue_at_once() -> None:
     control, registry, _ = make()
-    control.limits = dataclasses.replace(control.limits, max_in_flight=None)
+    control.room.limits = dataclasses.replace(control.room.limits, max_in_flight=None)
     engine = registry.all()[0]
     engine.num_waiting, engine.last_scrape = 0.0, 1.0
     grants = []
@@ -409,10 +409,10 @@ async def test_a_request_waits_for_a_slot_at_its_full_hit_engine_when_that_is_so
     e0, e1 = registry.all()
     busy = await control.admit(M, "t", cls(control), 100, registry.all())
     await start(control, e0, busy)
-    control.ledger(e0).slots = 1.0  # its learnt batch: one request, and it runs one
+    control.room.ledger(e0).slots = 1.0  # its learnt batch: one request, and it runs one
     assert control.with_room(registry.all()) == [e1]
     if service_s is not None:
-        control.service_s[M] = service_s
+        control.room.service_s[M] = service_s
     grant = await control.admit(M, "t", cls(control), 0, registry.all())
     chosen = control.with_room(registry.all(), grant, lambda e: 29_000 if e is e0 else 0.0, 30_000)
     assert [e.url for e in chosen] == engines
