@@ -12,15 +12,19 @@ the other engine's backlog and the larger part it does not hold. The wait there 
   (Little's law, :func:`slot_wait_s`). Requests waiting in an engine with KV to spare wait for a
   step's token budget (chunked prefill), not a slot: the backlog is their wait.
 
-The request goes to the hit engine when that is expected to cost less: its expected first token
-plus the delay its own prefill adds to the next request at that engine (its uncached tokens at the
+The request goes to the hit engine when its first token is expected sooner there, except when the
+engine with room is the last one with room (``last_room``): then it goes there only when that also
+costs less counting the delay its own prefill adds to the next request (its uncached tokens at the
 engine's rate, :meth:`Option.cost_s`). Going cold puts the prefill of everything the hit engine
-holds back on the cluster: the requests queued behind it on the cold engine wait for it, and the
-session's history is now held twice. Weighing only this request's first token (until 2026-12-05)
-sent a warm turn cold whenever the hit engine's backlog was a few hundred tokens longer than the
-cold prefill: on two simulators with LMCache at load 0.9, 8 of 34 narrowed decisions moved a
-session holding ~3,300 tokens to an idle engine holding 992; those were the slowest requests (TTFT
-p90 1.25 s against 0.61 s with flow control off; bench-results/lmcache, r10-flow).
+holds back on the cluster; while other engines have room the next request goes to one of them and
+nobody waits for it, but on the last engine with room the requests after it wait behind it.
+Weighing only the first token there sent a warm turn cold whenever its hit engine's backlog was a
+few hundred tokens longer than the cold prefill: on two simulators with LMCache at load 0.9, 8 of
+34 narrowed decisions moved a session holding ~3,300 tokens to the other engine, holding 992; they
+were the slowest requests (TTFT p90 1.25 s against 0.79 s with flow control off; bench-results/
+lmcache, r10-flow). Counting that delay whenever an engine had room cost the tail below capacity
+on four engines, where an idle engine absorbs a cold prefill (bench-results/flow: ramp at 0.5x
+TTFT p90 1.18 s against 0.91 s).
 
 An engine whose KV is full (it
 would preempt), at its hard in-flight cap, or kept clear for a higher class is never chosen; nor
@@ -66,10 +70,15 @@ def slot_wait_s(service_s: float, in_flight: int, waiting: float) -> float:
     return (max(0.0, waiting) + 1.0) * service_s / max(1, in_flight)
 
 
-def prefer_hit_engine(prompt_tokens: float, hit: Option, free: Option, waitable: bool) -> bool:
+def prefer_hit_engine(
+    prompt_tokens: float, hit: Option, free: Option, waitable: bool, last_room: bool = False
+) -> bool:
     """Send to the saturated ``hit`` engine instead of the best one with room (``free``): when its
     saturation is one a request can wait out there (``waitable``: a backlog, a full batch, a
-    waiting queue), it holds more of the prompt, and sending it there costs less (:meth:`Option.cost_s`)."""
+    waiting queue), it holds more of the prompt, and its first token comes sooner there, or, when
+    ``free`` is the last engine with room, sending it there costs less (:meth:`Option.cost_s`)."""
     if not waitable or hit.hit_tokens <= free.hit_tokens or hit.tokens_per_s <= 0 or free.tokens_per_s <= 0:
         return False
-    return hit.cost_s(prompt_tokens) < free.cost_s(prompt_tokens)
+    if last_room:
+        return hit.cost_s(prompt_tokens) < free.cost_s(prompt_tokens)
+    return hit.ttft_s(prompt_tokens) < free.ttft_s(prompt_tokens)

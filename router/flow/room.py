@@ -141,7 +141,7 @@ class Room:
         )
         other = Option(hit_of[alt.url], self.ledger(alt).backlog(now), self.ledger(alt).rate)
         waitable = slot_wait is not None and limits.share == 1.0
-        prefer = prefer_hit_engine(prompt_tokens, hit, other, waitable)
+        prefer = prefer_hit_engine(prompt_tokens, hit, other, waitable, last_room=len(free) == 1)
         log.debug(
             "flow placement: hit engine %s %s (hit %.0f, backlog %.0f, slot wait %s, rate %.0f) vs %s "
             "(hit %.0f, backlog %.0f, rate %.0f), prompt %.0f: %s",

@@ -445,28 +445,32 @@ async def test_requests_waiting_in_an_engine_with_kv_to_spare_wait_for_its_backl
 
 
 @pytest.mark.parametrize(
-    ("backlog", "engines"),
+    ("n_engines", "backlog", "engines"),
     [
         # the measured case (bench-results/lmcache, r10-flow): its hit engine behind 2,480 tokens,
-        # an idle engine holding only the system prompt. The cold first token is a little sooner
-        # (2,340 tokens against 2,596) but puts 2,224 more tokens of prefill on the cluster: wait
-        (2480.0, ["http://e0"]),
+        # the other (the last with room) holding only the system prompt. The cold first token is a
+        # little sooner (2,340 tokens against 2,596) but the requests after it would wait behind
+        # 2,224 more tokens of prefill there: wait
+        (2, 2480.0, ["http://e0"]),
         # behind 6,000 tokens the cold engine costs less, even with its prefill counted twice
-        (6000.0, ["http://e1"]),
+        (2, 6000.0, ["http://e1"]),
+        # two engines with room: the next request has one even after a cold prefill, so the first
+        # token decides: cold
+        (3, 2480.0, ["http://e1", "http://e2"]),
     ],
 )
-async def test_a_warm_turn_waits_at_its_overdue_hit_engine_unless_the_cold_prefill_costs_less(
-    backlog: float, engines: list[str]
+async def test_a_warm_turn_waits_at_its_overdue_hit_engine_when_going_cold_costs_more(
+    n_engines: int, backlog: float, engines: list[str]
 ) -> None:
     now = [0.0]
-    control, registry, _ = make(n_engines=2, clock=lambda: now[0], max_in_flight=None)
-    e0, e1 = registry.all()
+    control, registry, _ = make(n_engines=n_engines, clock=lambda: now[0], max_in_flight=None)
+    e0 = registry.all()[0]
     busy = await control.admit(M, "t", cls(control), backlog, registry.all())
     e0.in_flight += 1
     control.dispatched(busy, e0, backlog, streamed=True)
     e0.num_waiting, e0.kv_cache_usage, e0.last_scrape = 0.0, 0.3, 1.0
     now[0] = 5.0  # its first token is past due: the engine is queueing (``overdue``)
-    assert control.with_room(registry.all()) == [e1]
+    assert control.with_room(registry.all()) == registry.all()[1:]
     grant = await control.admit(M, "t", cls(control), 116, registry.all())
     chosen = control.with_room(registry.all(), grant, lambda e: 3216.0 if e is e0 else 992.0, 3332.0)
     assert [e.url for e in chosen] == engines

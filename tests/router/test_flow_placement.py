@@ -13,32 +13,56 @@ PROMPT = 3000.0
 @pytest.mark.parametrize(
     ("hit", "free", "waitable", "prefer"),
     [
-        # cost = first token + the delay its own prefill adds there (uncached / rate)
-        # it holds 2,900 of 3,000 tokens behind 500 of backlog (0.6 + 0.1 s) against a cold
-        # 3.0 + 3.0 s elsewhere
+        # other engines have room too: the first token decides
+        # it holds 2,900 of 3,000 tokens behind 500 of backlog (0.6 s) against a cold 3.0 s elsewhere
         (Option(2900, 500, RATE), Option(0, 0, RATE), True, True),
-        # behind 3,000 (3.1 s): the cold first token elsewhere (3.0 s) is sooner, but it would put
-        # 2,900 more tokens of prefill ahead of the next request there: wait (3.2 s against 6.0 s)
-        (Option(2900, 3000, RATE), Option(0, 0, RATE), True, True),
-        # behind 5,900 (6.0 + 0.1 s against 6.0 s): the cold engine
-        (Option(2900, 5900, RATE), Option(0, 0, RATE), True, False),
-        # the engine with room holds most of it too: 0.2 s there beats 0.7 s
+        # behind 2,500 tokens of backlog (2.6 s): still sooner than 3.0 s cold
+        (Option(2900, 2500, RATE), Option(0, 0, RATE), True, True),
+        # behind 3,000 (3.1 s): the cold prefill elsewhere is sooner
+        (Option(2900, 3000, RATE), Option(0, 0, RATE), True, False),
+        # the engine with room holds most of it too: 0.1 s there beats 0.6 s
         (Option(2900, 500, RATE), Option(2900, 0, RATE), True, False),
-        (Option(2900, 500, RATE), Option(2000, 0, RATE), True, True),  # 0.7 s against 2.0 s
+        (Option(2900, 500, RATE), Option(2000, 0, RATE), True, True),  # 0.6 s against 1.0 s
         # saturated for a reason not waited out there (KV full, kept clear, no slot wait known yet)
         (Option(2900, 500, RATE), Option(0, 0, RATE), False, False),
-        # its batch full: a slot in 0.5 s, then 0.6 + 0.1 s, against a cold 6.0 s elsewhere
+        # its batch full: a slot in 0.5 s, then 0.6 s of prefill, against a cold 3.0 s elsewhere
         (Option(2900, 500, RATE, slot_wait_s=0.5), Option(0, 0, RATE), True, True),
-        # a slot only in 5.5 s: 6.2 s there, the cold engine costs less
-        (Option(2900, 500, RATE, slot_wait_s=5.5), Option(0, 0, RATE), True, False),
-        # a faster engine with room prefills the cold prompt at 3x (1.0 + 1.0 s against 2.0 + 0.1 s)
-        (Option(2900, 1900, RATE), Option(0, 0, 3 * RATE), True, False),
-        (Option(2900, 1700, RATE), Option(0, 0, 3 * RATE), True, True),  # 1.8 + 0.1 s against 2.0 s
+        # a slot only in 2.5 s: 3.1 s there, the cold prefill elsewhere is sooner
+        (Option(2900, 500, RATE, slot_wait_s=2.5), Option(0, 0, RATE), True, False),
+        # a faster engine with room prefills the cold prompt sooner (1.0 s against 1.1 s)
+        (Option(2900, 1000, RATE), Option(0, 0, 3 * RATE), True, False),
         (Option(0, 0, RATE), Option(0, 0, RATE), True, False),  # nobody holds anything
     ],
 )
 def test_prefer_hit_engine(hit: Option, free: Option, waitable: bool, prefer: bool) -> None:
     assert prefer_hit_engine(PROMPT, hit, free, waitable) == prefer
+
+
+@pytest.mark.parametrize(
+    ("hit", "free", "waitable", "prefer"),
+    [
+        # the engine with room is the last one: cost = first token + the delay its own prefill
+        # adds there for the next request (uncached / rate)
+        # behind 3,000 (3.1 + 0.1 s) against a cold 3.0 + 3.0 s: wait, where the first token alone
+        # would have gone cold (the table above)
+        (Option(2900, 3000, RATE), Option(0, 0, RATE), True, True),
+        # behind 5,900 (6.0 + 0.1 s against 6.0 s): the cold engine
+        (Option(2900, 5900, RATE), Option(0, 0, RATE), True, False),
+        # a slot in 2.5 s (3.2 s) against 6.0 s: wait; a slot only in 5.5 s (6.2 s): cold
+        (Option(2900, 500, RATE, slot_wait_s=2.5), Option(0, 0, RATE), True, True),
+        (Option(2900, 500, RATE, slot_wait_s=5.5), Option(0, 0, RATE), True, False),
+        # a faster engine with room, at 3x: 1.0 + 1.0 s against 2.0 + 0.1 s there (cold) or 1.9 s
+        (Option(2900, 1900, RATE), Option(0, 0, 3 * RATE), True, False),
+        (Option(2900, 1700, RATE), Option(0, 0, 3 * RATE), True, True),
+        # the engine with room holds most of it too: 0.1 + 0.1 s against 0.6 + 0.1 s
+        (Option(2900, 500, RATE), Option(2900, 0, RATE), True, False),
+        (Option(2900, 500, RATE), Option(0, 0, RATE), False, False),  # not waited out there: never
+    ],
+)
+def test_prefer_hit_engine_when_the_engine_with_room_is_the_last(
+    hit: Option, free: Option, waitable: bool, prefer: bool
+) -> None:
+    assert prefer_hit_engine(PROMPT, hit, free, waitable, last_room=True) == prefer
 
 
 @pytest.mark.parametrize(
