@@ -13,18 +13,18 @@ the other engine's backlog and the larger part it does not hold. The wait there 
   step's token budget (chunked prefill), not a slot: the backlog is their wait.
 
 The request goes to the hit engine when its first token is expected sooner there, except when the
-engine with room is the last one with room (``last_room``): then it goes there only when that also
+engine with room is the last one with room and the hit engine is queueing by its own signals
+(``last_room``: saturated as ``overdue`` or ``waiting``): then it goes there only when that also
 costs less counting the delay its own prefill adds to the next request (its uncached tokens at the
 engine's rate, :meth:`Option.cost_s`). Going cold puts the prefill of everything the hit engine
-holds back on the cluster; while other engines have room the next request goes to one of them and
-nobody waits for it, but on the last engine with room the requests after it wait behind it.
+holds back on the cluster: on the last engine with room the requests after it wait behind it.
 Weighing only the first token there sent a warm turn cold whenever its hit engine's backlog was a
 few hundred tokens longer than the cold prefill: on two simulators with LMCache at load 0.9, 8 of
 34 narrowed decisions moved a session holding ~3,300 tokens to the other engine, holding 992; they
-were the slowest requests (TTFT p90 1.25 s against 0.79 s with flow control off; bench-results/
-lmcache, r10-flow). Counting that delay whenever an engine had room cost the tail below capacity
-on four engines, where an idle engine absorbs a cold prefill (bench-results/flow: ramp at 0.5x
-TTFT p90 1.18 s against 0.91 s).
+were the slowest requests (bench-results/lmcache, r10-flow). Counting that delay on every narrowed
+decision, or on every last engine with room, cost the tail below capacity on four engines, where
+the hit engines were saturated by a cold first turn's backlog, which the router accounts exactly
+(bench-results/flow: ramp at 0.5x TTFT p90 1.18 s against 0.91 s).
 
 An engine whose KV is full (it
 would preempt), at its hard in-flight cap, or kept clear for a higher class is never chosen; nor
@@ -75,8 +75,9 @@ def prefer_hit_engine(
 ) -> bool:
     """Send to the saturated ``hit`` engine instead of the best one with room (``free``): when its
     saturation is one a request can wait out there (``waitable``: a backlog, a full batch, a
-    waiting queue), it holds more of the prompt, and its first token comes sooner there, or, when
-    ``free`` is the last engine with room, sending it there costs less (:meth:`Option.cost_s`)."""
+    waiting queue), it holds more of the prompt, and its first token comes sooner there, or, with
+    ``last_room`` (``free`` is the last engine with room and ``hit`` is queueing), sending it there
+    costs less (:meth:`Option.cost_s`)."""
     if not waitable or hit.hit_tokens <= free.hit_tokens or hit.tokens_per_s <= 0 or free.tokens_per_s <= 0:
         return False
     if last_room:

@@ -141,7 +141,11 @@ class Room:
         )
         other = Option(hit_of[alt.url], self.ledger(alt).backlog(now), self.ledger(alt).rate)
         waitable = slot_wait is not None and limits.share == 1.0
-        prefer = prefer_hit_engine(prompt_tokens, hit, other, waitable, last_room=len(free) == 1)
+        # the cold prefill's delay to the next request counts on the last engine with room, while the
+        # hit engine is queueing by its own signals (overdue streams, requests waiting in it): there
+        # the router's backlog is behind the engine and the requests after this one are late already
+        queueing = verdicts[best.url].reason in ("overdue", "waiting")
+        prefer = prefer_hit_engine(prompt_tokens, hit, other, waitable, last_room=len(free) == 1 and queueing)
         log.debug(
             "flow placement: hit engine %s %s (hit %.0f, backlog %.0f, slot wait %s, rate %.0f) vs %s "
             "(hit %.0f, backlog %.0f, rate %.0f), prompt %.0f: %s",

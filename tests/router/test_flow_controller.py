@@ -474,3 +474,19 @@ async def test_a_warm_turn_waits_at_its_overdue_hit_engine_when_going_cold_costs
     grant = await control.admit(M, "t", cls(control), 116, registry.all())
     chosen = control.with_room(registry.all(), grant, lambda e: 3216.0 if e is e0 else 992.0, 3332.0)
     assert [e.url for e in chosen] == engines
+
+
+async def test_behind_a_backlog_the_router_accounts_the_first_token_decides_even_on_the_last_engine() -> None:
+    # e0 saturated by the 9,000 tokens the router sent it (``prefill_backlog``, nothing overdue):
+    # 9,000 + 1,000 there against 8,000 cold on e1, the last engine with room. The backlog is the
+    # router's exact account, so the first token decides: cold (counting e1's prefill twice, 11,000
+    # against 16,000, would have waited)
+    now = [0.0]
+    control, registry, _ = make(n_engines=2, clock=lambda: now[0], max_in_flight=None)
+    e0, e1 = registry.all()
+    busy = await control.admit(M, "t", cls(control), 9000, registry.all())
+    e0.in_flight += 1
+    control.dispatched(busy, e0, 9000, streamed=True)
+    grant = await control.admit(M, "t", cls(control), 1000, registry.all())
+    chosen = control.with_room(registry.all(), grant, lambda e: 29_000.0 if e is e0 else 22_000.0, 30_000.0)
+    assert chosen == [e1]
