@@ -9,14 +9,15 @@ Late binding: a queued request is given its turn by :meth:`pump`, which runs whe
 have appeared: a request finished, the engine set changed, or (while anything waits) every scrape
 interval, when scraped queue lengths and KV usage are fresh. A turn counts as *reserved* until the
 request reaches its engine, so one free slot is never handed to two requests. The decisions are the
-pure functions of :mod:`.saturation`, :mod:`.admission`, :mod:`.ordering` and :mod:`.fairness`.
+pure functions of :mod:`.saturation`, :mod:`.placement`, :mod:`.admission`, :mod:`.ordering` and
+:mod:`.fairness`. This module keeps the queues and a request's passage; the engines' side (their
+ledgers, which have room, where a request given its turn may go) is :mod:`.room`'s.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import itertools
 import math
 from collections import deque
@@ -31,26 +32,15 @@ from kvstack.router.exchange import RetryLater
 from kvstack.router.flow.admission import Capacity, Newcomer, decide, learn_correction
 from kvstack.router.flow.config import FlowControlConfig, PriorityClass
 from kvstack.router.flow.fairness import FairShare
-from kvstack.router.flow.ledger import EngineFlow, Prefill
+from kvstack.router.flow.ledger import Prefill
 from kvstack.router.flow.ordering import Waiting
-from kvstack.router.flow.placement import Option, prefer_hit_engine, slot_wait_s
 from kvstack.router.flow.queue import FlowQueue, Shed, Ticket
-from kvstack.router.flow.saturation import (
-    KV_BOUND,
-    EngineLoad,
-    Limits,
-    Verdict,
-    class_share,
-    learn_rate,
-    reserved_engines,
-    saturation,
-)
+from kvstack.router.flow.room import Room
+from kvstack.router.flow.saturation import learn_rate
 from kvstack.router.metrics import RouterMetrics
 
-SERVICE_WEIGHT = 0.1  # of each request in the EWMA of the time at an engine
 TURNS_KEPT, MIN_TURNS = 64, 8  # the queue's turn rate: over its last 64 turns, from 8 on
 OTHER_TENANT = "other"  # the metric label of every tenant not configured
-SLOT_WAITS = ("full", "waiting", "overdue")  # saturations a request can wait out at the engine
 BASE_TTFT_S = 0.011  # a full prefix hit on an H200 still takes ~11 ms (tests/reference)
 _MESSAGES = {
     "slo": "the {cls} class's time-to-first-token objective cannot be met now; try again later",
@@ -112,20 +102,13 @@ class FlowControl:
         self.clock = clock
         self.queue_timeout_s = queue_timeout_s
         self.tick_s = tick_s
-        sat = config.saturation
-        self.limits = Limits(sat.prefill_target_s, sat.max_kv_usage, sat.max_waiting, max_in_flight)
+        self.room = Room(config, metrics, clock, max_in_flight)
         self.weights = {t.name: t.weight for t in config.tenants}
         self.tenant_class = {t.name: t.default_class for t in config.tenants if t.default_class}
         self.queues: dict[str, FlowQueue] = {}
-        self.engines: dict[str, EngineFlow] = {}
         self.reserved: dict[str, int] = {}
         # per model, the times of the last turns given from a non-empty queue (forgotten when it empties)
         self.turns: dict[str, deque[float]] = {}
-        # per model, a request's time at its engine (an EWMA): with the requests in flight there, the
-        # rate slots free up (Little's law), known before the queue has given any turn
-        self.service_s: dict[str, float] = {}
-        # when a request of each priority was last admitted: the headroom for higher classes
-        self.seen: dict[int, float] = {}
         # per model, actual over predicted TTFT of queued requests (admission.learn_correction)
         self.correction: dict[str, float] = {}
         self._ids = itertools.count(1)
@@ -152,46 +135,6 @@ class FlowControl:
 
     # ------------------------------------------------------------------ engines
 
-    def ledger(self, engine: EngineState) -> EngineFlow:
-        flow = self.engines.get(engine.url)
-        if flow is None:
-            flow = self.engines[engine.url] = EngineFlow(self.config.saturation.prefill_tokens_per_s)
-        return flow
-
-    def load(self, engine: EngineState, now: float) -> EngineLoad:
-        flow = self.ledger(engine)
-        return EngineLoad(
-            in_flight=engine.in_flight,
-            prefill_tokens=flow.backlog(now),
-            prefill_tokens_per_s=flow.rate,
-            num_waiting=flow.waiting(engine),
-            kv_usage=engine.kv_cache_usage,
-            queueing=flow.queueing(now),
-            slots=flow.slots,
-        )
-
-    def top_active(self, now: float) -> int | None:
-        """The highest priority admitted within the headroom window (None: none)."""
-        window = self.config.saturation.headroom_window_s
-        return max((p for p, t in self.seen.items() if now - t <= window), default=None)
-
-    def limits_for(self, priority: int, now: float) -> Limits:
-        """The saturation limits for a request of ``priority``: a lower class than one seen within
-        the headroom window fills only its share of each engine (:func:`class_share`)."""
-        share = class_share(priority, self.top_active(now), self.config.saturation.lower_class_share)
-        return self.limits if share == 1.0 else dataclasses.replace(self.limits, share=share)
-
-    def verdicts(self, candidates: list[EngineState], limits: Limits, now: float) -> list[Verdict]:
-        """Each candidate's saturation under ``limits`` (:meth:`limits_for`); for a class below one
-        seen lately, the engines kept clear for that class are ``reserved`` (:func:`reserved_engines`)."""
-        loads = [self.load(e, now) for e in candidates]
-        if limits.share < 1.0:
-            top = self.top_active(now)
-            held = [top is not None and self.ledger(e).holds_below(top, now) for e in candidates]
-            clear = reserved_engines(held, limits.share)
-            loads = [dataclasses.replace(load, reserved=r) for load, r in zip(loads, clear, strict=True)]
-        return [saturation(load, limits) for load in loads]
-
     def with_room(
         self,
         candidates: list[EngineState],
@@ -199,54 +142,14 @@ class FlowControl:
         hits: Callable[[EngineState], float] | None = None,
         prompt_tokens: float = 0.0,
     ) -> list[EngineState]:
-        """The candidates that can take one more request (of ``grant``'s class) now (all of them
-        when none can). With ``hits`` (an engine's cached prefix of the prompt): only the saturated
-        engine holding the most of it, when waiting there beats the best engine with room
-        (:func:`prefer_hit_engine`)."""
-        now = self.clock()
-        limits = self.limits if grant is None else self.limits_for(grant.priority, now)
-        verdicts = dict(zip((e.url for e in candidates), self.verdicts(candidates, limits, now), strict=True))
-        free = [e for e in candidates if not verdicts[e.url].saturated]
-        if not free or hits is None or len(free) == len(candidates):
-            return free or candidates
-        hit_of = {e.url: hits(e) for e in candidates}
-        best = max(candidates, key=lambda e: hit_of[e.url])
-        alt = max(free, key=lambda e: hit_of[e.url])
-        if best in free:
-            return free
-        slot_wait = self._slot_wait(best, verdicts[best.url].reason, grant)
-        hit = Option(
-            hit_of[best.url], self.ledger(best).backlog(now), self.ledger(best).rate, slot_wait or 0.0
-        )
-        other = Option(hit_of[alt.url], self.ledger(alt).backlog(now), self.ledger(alt).rate)
-        waitable = slot_wait is not None and limits.share == 1.0
-        if prefer_hit_engine(prompt_tokens, hit, other, waitable):
-            self.metrics.flow_hit_waits.labels(self.metrics.model_label(grant.model if grant else "")).inc()
-            return [best]
-        return free
-
-    def _slot_wait(self, engine: EngineState, reason: str, grant: Grant | None) -> float | None:
-        """The wait for a batch slot at a saturated ``engine`` (:func:`slot_wait_s`): 0 when only a
-        prefill backlog saturates it; None when it cannot be waited out there (KV full, the hard
-        cap, kept clear) or not estimated yet (no request of the model has finished)."""
-        kv = engine.kv_cache_usage
-        if reason == "prefill_backlog" or (
-            reason in ("waiting", "overdue") and kv is not None and kv < KV_BOUND
-        ):
-            # with KV to spare, requests waiting there wait for a step's token budget, not a slot:
-            # its prefill backlog is the wait (vLLM's chunked prefill), already weighed
-            return 0.0
-        service = self.service_s.get(grant.model) if grant is not None else None
-        if reason not in SLOT_WAITS or not service:
-            return None
-        return slot_wait_s(service, engine.in_flight, self.ledger(engine).waiting(engine) or 0.0)
+        """The candidates the policy may choose among for ``grant`` now (:meth:`Room.with_room`)."""
+        model, priority = ("", None) if grant is None else (grant.model, grant.priority)
+        return self.room.with_room(candidates, model, priority, hits, prompt_tokens)
 
     def room_for(self, model: str, candidates: list[EngineState], now: float, priority: int) -> int:
         """Engines of ``candidates`` that can take one more request of ``priority``, less the turns
         already given."""
-        limits = self.limits_for(priority, now)
-        unsaturated = sum(1 for v in self.verdicts(candidates, limits, now) if not v.saturated)
-        return unsaturated - self.reserved.get(model, 0)
+        return self.room.unsaturated(candidates, now, priority) - self.reserved.get(model, 0)
 
     # ------------------------------------------------------------------ admission
 
@@ -267,18 +170,18 @@ class FlowControl:
         """Wait for the request's turn; raises :class:`RetryLater` (429) when it is refused."""
         self.pump(model)  # room a fresh scrape shows is the waiting requests' before a newcomer's
         now = self.clock()
-        self.seen[cls.priority] = now
+        self.room.seen[cls.priority] = now
         label = tenant if tenant in self.weights else OTHER_TENANT
         grant = Grant(
             next(self._ids), model, cls.name, cls.priority, tenant, label, cls.ttft_objective_s, cost
         )
         queue = self.queue_for(model)
-        rates = [self.ledger(e).rate for e in candidates]
+        rates = [self.room.ledger(e).rate for e in candidates]
         cap = Capacity(
             engines=len(candidates),
             room=self.room_for(model, candidates, now, cls.priority) > 0,
             prefill_tokens_per_s=sum(rates),
-            prefill_in_flight=sum(self.ledger(e).backlog(now) for e in candidates),
+            prefill_in_flight=sum(self.room.ledger(e).backlog(now) for e in candidates),
             base_ttft_s=BASE_TTFT_S,
             turns_per_s=self.turns_per_s(model, candidates),
             correction=self.correction.get(model, 1.0),
@@ -362,14 +265,14 @@ class FlowControl:
         """Sent to ``engine``, with ``uncached`` prompt tokens to prefill there (and up to
         ``max_tokens`` to generate: the first such request seeds the model's time at an engine)."""
         now = self.clock()
-        if grant.model not in self.service_s and max_tokens:
-            self.service_s[grant.model] = max_tokens * self.config.saturation.decode_step_s
+        if grant.model not in self.room.service_s and max_tokens:
+            self.room.service_s[grant.model] = max_tokens * self.config.saturation.decode_step_s
         self._unreserve(grant)
-        flow = self.ledger(engine)
+        flow = self.room.ledger(engine)
         grant.engine, grant.dispatched_at, grant.uncached = engine.url, now, uncached
         grant.backlog_at_dispatch = flow.backlog(now)
         expected = (grant.backlog_at_dispatch + uncached) / flow.rate
-        due = now + expected + self.limits.prefill_target_s
+        due = now + expected + self.room.limits.prefill_target_s
         flow.prefill[grant.id] = Prefill(uncached, due, streamed, grant.priority)
 
     def first_token(self, grant: Grant, ttft_s: float) -> None:
@@ -398,7 +301,7 @@ class FlowControl:
         engine = self.registry.get(grant.engine or "")
         if engine is None:
             return
-        flow = self.ledger(engine)
+        flow = self.room.ledger(engine)
         if flow.prefill.pop(grant.id, None) is not None:
             sat = self.config.saturation
             flow.rate = learn_rate(
@@ -412,13 +315,11 @@ class FlowControl:
 
     def finished(self, grant: Grant, engine: EngineState) -> None:
         """One try at ``engine`` ended (its in-flight count is already down)."""
-        flow = self.ledger(engine)
+        flow = self.room.ledger(engine)
         flow.prefill.pop(grant.id, None)
         flow.waiting(engine)
         flow.ended += 1
-        took = self.clock() - grant.dispatched_at
-        known = self.service_s.get(grant.model)
-        self.service_s[grant.model] = took if known is None else known + SERVICE_WEIGHT * (took - known)
+        self.room.served(grant.model, self.clock() - grant.dispatched_at)
         self.pump_models(engine.models)
 
     def release(self, grant: Grant) -> None:
@@ -461,7 +362,7 @@ class FlowControl:
             rates.append((len(times) - 1) / (times[-1] - times[0]))
         # requests running at the engines: as scraped (waiting ones free no slot), else our count
         running = sum(e.in_flight if e.num_running is None else e.num_running for e in candidates)
-        service = self.service_s.get(model)
+        service = self.room.service_s.get(model)
         if service and running:
             rates.append(running / service)
         return min(rates, default=None)
@@ -471,11 +372,9 @@ class FlowControl:
             self.pump(model)
 
     def pump_all(self) -> None:
-        """The engine set changed (or a scrape interval passed): room may have appeared anywhere.
-
-        Ledgers of engines that left go too (pods come and go for months)."""
-        for url in [u for u in self.engines if self.registry.get(u) is None]:
-            del self.engines[url]
+        """The engine set changed (or a scrape interval passed): room may have appeared anywhere;
+        the ledgers of engines that left go."""
+        self.room.forget_gone(self.registry)
         self.pump_models(list(self.queues))
 
     def _start_ticker(self) -> None:

@@ -240,7 +240,7 @@ async def test_a_full_queue_sheds_the_tenant_over_its_share_and_makes_way_for_on
 async def test_the_engines_waiting_queue_counts_when_our_streams_confirm_it() -> None:
     now = [100.0]
     control, registry, _ = make(clock=lambda: now[0])
-    control.limits = dataclasses.replace(control.limits, max_in_flight=None)
+    control.room.limits = dataclasses.replace(control.room.limits, max_in_flight=None)
     engine = registry.all()[0]
     first = await control.admit(M, "t", cls(control), 3400, registry.all())
     engine.in_flight += 1
@@ -255,7 +255,7 @@ async def test_the_engines_waiting_queue_counts_when_our_streams_confirm_it() ->
 
 async def test_requests_ended_since_the_last_scrape_free_the_engines_waiting_queue_at_once() -> None:
     control, registry, _ = make()
-    control.limits = dataclasses.replace(control.limits, max_in_flight=None)
+    control.room.limits = dataclasses.replace(control.room.limits, max_in_flight=None)
     engine = registry.all()[0]
     engine.num_waiting, engine.last_scrape = 0.0, 1.0
     grants = []
@@ -409,10 +409,10 @@ async def test_a_request_waits_for_a_slot_at_its_full_hit_engine_when_that_is_so
     e0, e1 = registry.all()
     busy = await control.admit(M, "t", cls(control), 100, registry.all())
     await start(control, e0, busy)
-    control.ledger(e0).slots = 1.0  # its learnt batch: one request, and it runs one
+    control.room.ledger(e0).slots = 1.0  # its learnt batch: one request, and it runs one
     assert control.with_room(registry.all()) == [e1]
     if service_s is not None:
-        control.service_s[M] = service_s
+        control.room.service_s[M] = service_s
     grant = await control.admit(M, "t", cls(control), 0, registry.all())
     chosen = control.with_room(registry.all(), grant, lambda e: 29_000 if e is e0 else 0.0, 30_000)
     assert [e.url for e in chosen] == engines
@@ -442,3 +442,51 @@ async def test_requests_waiting_in_an_engine_with_kv_to_spare_wait_for_its_backl
     grant = await control.admit(M, "t", cls(control), 0, registry.all())
     chosen = control.with_room(registry.all(), grant, lambda e: 29_000 if e is e0 else 0.0, 30_000)
     assert [e.url for e in chosen] == engines
+
+
+@pytest.mark.parametrize(
+    ("n_engines", "backlog", "engines"),
+    [
+        # the measured case (bench-results/lmcache, r10-flow): its hit engine behind 2,480 tokens,
+        # the other (the last with room) holding only the system prompt. The cold first token is a
+        # little sooner (2,340 tokens against 2,596) but the requests after it would wait behind
+        # 2,224 more tokens of prefill there: wait
+        (2, 2480.0, ["http://e0"]),
+        # behind 6,000 tokens the cold engine costs less, even with its prefill counted twice
+        (2, 6000.0, ["http://e1"]),
+        # two engines with room: the next request has one even after a cold prefill, so the first
+        # token decides: cold
+        (3, 2480.0, ["http://e1", "http://e2"]),
+    ],
+)
+async def test_a_warm_turn_waits_at_its_overdue_hit_engine_when_going_cold_costs_more(
+    n_engines: int, backlog: float, engines: list[str]
+) -> None:
+    now = [0.0]
+    control, registry, _ = make(n_engines=n_engines, clock=lambda: now[0], max_in_flight=None)
+    e0 = registry.all()[0]
+    busy = await control.admit(M, "t", cls(control), backlog, registry.all())
+    e0.in_flight += 1
+    control.dispatched(busy, e0, backlog, streamed=True)
+    e0.num_waiting, e0.kv_cache_usage, e0.last_scrape = 0.0, 0.3, 1.0
+    now[0] = 5.0  # its first token is past due: the engine is queueing (``overdue``)
+    assert control.with_room(registry.all()) == registry.all()[1:]
+    grant = await control.admit(M, "t", cls(control), 116, registry.all())
+    chosen = control.with_room(registry.all(), grant, lambda e: 3216.0 if e is e0 else 992.0, 3332.0)
+    assert [e.url for e in chosen] == engines
+
+
+async def test_behind_a_backlog_the_router_accounts_the_first_token_decides_even_on_the_last_engine() -> None:
+    # e0 saturated by the 9,000 tokens the router sent it (``prefill_backlog``, nothing overdue):
+    # 9,000 + 1,000 there against 8,000 cold on e1, the last engine with room. The backlog is the
+    # router's exact account, so the first token decides: cold (counting e1's prefill twice, 11,000
+    # against 16,000, would have waited)
+    now = [0.0]
+    control, registry, _ = make(n_engines=2, clock=lambda: now[0], max_in_flight=None)
+    e0, e1 = registry.all()
+    busy = await control.admit(M, "t", cls(control), 9000, registry.all())
+    e0.in_flight += 1
+    control.dispatched(busy, e0, 9000, streamed=True)
+    grant = await control.admit(M, "t", cls(control), 1000, registry.all())
+    chosen = control.with_room(registry.all(), grant, lambda e: 29_000.0 if e is e0 else 22_000.0, 30_000.0)
+    assert chosen == [e1]

@@ -13,6 +13,7 @@ PROMPT = 3000.0
 @pytest.mark.parametrize(
     ("hit", "free", "waitable", "prefer"),
     [
+        # other engines have room too: the first token decides
         # it holds 2,900 of 3,000 tokens behind 500 of backlog (0.6 s) against a cold 3.0 s elsewhere
         (Option(2900, 500, RATE), Option(0, 0, RATE), True, True),
         # behind 2,500 tokens of backlog (2.6 s): still sooner than 3.0 s cold
@@ -35,6 +36,47 @@ PROMPT = 3000.0
 )
 def test_prefer_hit_engine(hit: Option, free: Option, waitable: bool, prefer: bool) -> None:
     assert prefer_hit_engine(PROMPT, hit, free, waitable) == prefer
+
+
+@pytest.mark.parametrize(
+    ("hit", "free", "waitable", "prefer"),
+    [
+        # the engine with room is the last one: cost = first token + the delay its own prefill
+        # adds there for the next request (uncached / rate)
+        # behind 3,000 (3.1 + 0.1 s) against a cold 3.0 + 3.0 s: wait, where the first token alone
+        # would have gone cold (the table above)
+        (Option(2900, 3000, RATE), Option(0, 0, RATE), True, True),
+        # behind 5,900 (6.0 + 0.1 s against 6.0 s): the cold engine
+        (Option(2900, 5900, RATE), Option(0, 0, RATE), True, False),
+        # a slot in 2.5 s (3.2 s) against 6.0 s: wait; a slot only in 5.5 s (6.2 s): cold
+        (Option(2900, 500, RATE, slot_wait_s=2.5), Option(0, 0, RATE), True, True),
+        (Option(2900, 500, RATE, slot_wait_s=5.5), Option(0, 0, RATE), True, False),
+        # a faster engine with room, at 3x: 1.0 + 1.0 s against 2.0 + 0.1 s there (cold) or 1.9 s
+        (Option(2900, 1900, RATE), Option(0, 0, 3 * RATE), True, False),
+        (Option(2900, 1700, RATE), Option(0, 0, 3 * RATE), True, True),
+        # the engine with room holds most of it too: 0.1 + 0.1 s against 0.6 + 0.1 s
+        (Option(2900, 500, RATE), Option(2900, 0, RATE), True, False),
+        (Option(2900, 500, RATE), Option(0, 0, RATE), False, False),  # not waited out there: never
+    ],
+)
+def test_prefer_hit_engine_when_the_engine_with_room_is_the_last(
+    hit: Option, free: Option, waitable: bool, prefer: bool
+) -> None:
+    assert prefer_hit_engine(PROMPT, hit, free, waitable, last_room=True) == prefer
+
+
+@pytest.mark.parametrize(
+    ("option", "ttft_s", "cost_s"),
+    [
+        (Option(2900, 500, RATE), 0.6, 0.7),  # 500 queued + 100 of its own; then its 100 delay the next
+        (Option(0, 0, RATE), 3.0, 6.0),  # cold: its 3,000 tokens, and 3,000 ahead of the next
+        (Option(3000, 200, RATE, slot_wait_s=0.5), 0.7, 0.7),  # a full hit adds nothing
+        (Option(4000, 0, RATE), 0.0, 0.0),  # holds more than the prompt (a stale count): nothing left
+    ],
+)
+def test_option_ttft_and_cost(option: Option, ttft_s: float, cost_s: float) -> None:
+    assert option.ttft_s(PROMPT) == pytest.approx(ttft_s)
+    assert option.cost_s(PROMPT) == pytest.approx(cost_s)
 
 
 @pytest.mark.parametrize(

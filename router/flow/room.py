@@ -1,0 +1,184 @@
+"""Which engines have room for one more request now, and where a request given its turn may go.
+
+The engine side of flow control: the router's ledger of each engine (:mod:`.ledger`), what it
+knows of the model's requests (their time at an engine, the classes seen lately), and the two
+questions the queue asks of them: how many engines can take a request of a class now
+(:meth:`Room.unsaturated`), and which engines the policy may choose among for a request given its
+turn (:meth:`Room.with_room`, late binding). The decisions are the pure functions of
+:mod:`.saturation` and :mod:`.placement`; this module gathers their inputs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable
+
+from kvstack.router.engines import EngineRegistry, EngineState
+from kvstack.router.flow.config import FlowControlConfig
+from kvstack.router.flow.ledger import EngineFlow
+from kvstack.router.flow.placement import Option, prefer_hit_engine, slot_wait_s
+from kvstack.router.flow.saturation import (
+    KV_BOUND,
+    EngineLoad,
+    Limits,
+    Verdict,
+    class_share,
+    reserved_engines,
+    saturation,
+)
+from kvstack.router.metrics import RouterMetrics
+
+log = logging.getLogger(__name__)
+
+SERVICE_WEIGHT = 0.1  # of each request in the EWMA of the time at an engine
+SLOT_WAITS = ("full", "waiting", "overdue")  # saturations a request can wait out at the engine
+
+
+class Room:
+    """The engines' side of one router's flow control."""
+
+    def __init__(
+        self,
+        config: FlowControlConfig,
+        metrics: RouterMetrics,
+        clock: Callable[[], float],
+        max_in_flight: int | None,
+    ) -> None:
+        self.config = config
+        self.metrics = metrics
+        self.clock = clock
+        sat = config.saturation
+        self.limits = Limits(sat.prefill_target_s, sat.max_kv_usage, sat.max_waiting, max_in_flight)
+        self.engines: dict[str, EngineFlow] = {}
+        # per model, a request's time at its engine (an EWMA): with the requests in flight there, the
+        # rate slots free up (Little's law), known before the queue has given any turn
+        self.service_s: dict[str, float] = {}
+        # when a request of each priority was last admitted: the headroom for higher classes
+        self.seen: dict[int, float] = {}
+
+    def ledger(self, engine: EngineState) -> EngineFlow:
+        flow = self.engines.get(engine.url)
+        if flow is None:
+            flow = self.engines[engine.url] = EngineFlow(self.config.saturation.prefill_tokens_per_s)
+        return flow
+
+    def forget_gone(self, registry: EngineRegistry) -> None:
+        """Drop the ledgers of engines that left (pods come and go for months)."""
+        for url in [u for u in self.engines if registry.get(u) is None]:
+            del self.engines[url]
+
+    def served(self, model: str, took_s: float) -> None:
+        """A request of ``model`` spent ``took_s`` at its engine."""
+        known = self.service_s.get(model)
+        self.service_s[model] = took_s if known is None else known + SERVICE_WEIGHT * (took_s - known)
+
+    def load(self, engine: EngineState, now: float) -> EngineLoad:
+        flow = self.ledger(engine)
+        return EngineLoad(
+            in_flight=engine.in_flight,
+            prefill_tokens=flow.backlog(now),
+            prefill_tokens_per_s=flow.rate,
+            num_waiting=flow.waiting(engine),
+            kv_usage=engine.kv_cache_usage,
+            queueing=flow.queueing(now),
+            slots=flow.slots,
+        )
+
+    def top_active(self, now: float) -> int | None:
+        """The highest priority admitted within the headroom window (None: none)."""
+        window = self.config.saturation.headroom_window_s
+        return max((p for p, t in self.seen.items() if now - t <= window), default=None)
+
+    def limits_for(self, priority: int, now: float) -> Limits:
+        """The saturation limits for a request of ``priority``: a lower class than one seen within
+        the headroom window fills only its share of each engine (:func:`class_share`)."""
+        share = class_share(priority, self.top_active(now), self.config.saturation.lower_class_share)
+        return self.limits if share == 1.0 else dataclasses.replace(self.limits, share=share)
+
+    def verdicts(self, candidates: list[EngineState], limits: Limits, now: float) -> list[Verdict]:
+        """Each candidate's saturation under ``limits`` (:meth:`limits_for`); for a class below one
+        seen lately, the engines kept clear for that class are ``reserved`` (:func:`reserved_engines`)."""
+        loads = [self.load(e, now) for e in candidates]
+        if limits.share < 1.0:
+            top = self.top_active(now)
+            held = [top is not None and self.ledger(e).holds_below(top, now) for e in candidates]
+            clear = reserved_engines(held, limits.share)
+            loads = [dataclasses.replace(load, reserved=r) for load, r in zip(loads, clear, strict=True)]
+        return [saturation(load, limits) for load in loads]
+
+    def unsaturated(self, candidates: list[EngineState], now: float, priority: int) -> int:
+        """How many of ``candidates`` can take one more request of ``priority``."""
+        limits = self.limits_for(priority, now)
+        return sum(1 for v in self.verdicts(candidates, limits, now) if not v.saturated)
+
+    def with_room(
+        self,
+        candidates: list[EngineState],
+        model: str,
+        priority: int | None,
+        hits: Callable[[EngineState], float] | None,
+        prompt_tokens: float,
+    ) -> list[EngineState]:
+        """The candidates that can take one more request (of ``priority``: None for the top class)
+        now (all of them when none can). With ``hits`` (an engine's cached prefix of the prompt):
+        only the saturated engine holding the most of it, when waiting there beats the best engine
+        with room (:func:`prefer_hit_engine`)."""
+        now = self.clock()
+        limits = self.limits if priority is None else self.limits_for(priority, now)
+        verdicts = dict(zip((e.url for e in candidates), self.verdicts(candidates, limits, now), strict=True))
+        free = [e for e in candidates if not verdicts[e.url].saturated]
+        if not free or hits is None or len(free) == len(candidates):
+            return free or candidates
+        hit_of = {e.url: hits(e) for e in candidates}
+        best = max(candidates, key=lambda e: hit_of[e.url])
+        alt = max(free, key=lambda e: hit_of[e.url])
+        if best in free:
+            return free
+        slot_wait = self._slot_wait(best, verdicts[best.url].reason, model)
+        hit = Option(
+            hit_of[best.url], self.ledger(best).backlog(now), self.ledger(best).rate, slot_wait or 0.0
+        )
+        other = Option(hit_of[alt.url], self.ledger(alt).backlog(now), self.ledger(alt).rate)
+        waitable = slot_wait is not None and limits.share == 1.0
+        # the cold prefill's delay to the next request counts on the last engine with room, while the
+        # hit engine is queueing by its own signals (overdue streams, requests waiting in it): there
+        # the router's backlog is behind the engine and the requests after this one are late already
+        queueing = verdicts[best.url].reason in ("overdue", "waiting")
+        prefer = prefer_hit_engine(prompt_tokens, hit, other, waitable, last_room=len(free) == 1 and queueing)
+        log.debug(
+            "flow placement: hit engine %s %s (hit %.0f, backlog %.0f, slot wait %s, rate %.0f) vs %s "
+            "(hit %.0f, backlog %.0f, rate %.0f), prompt %.0f: %s",
+            best.url,
+            verdicts[best.url].reason,
+            hit.hit_tokens,
+            hit.backlog_tokens,
+            slot_wait,
+            hit.tokens_per_s,
+            alt.url,
+            other.hit_tokens,
+            other.backlog_tokens,
+            other.tokens_per_s,
+            prompt_tokens,
+            "wait at the hit engine" if prefer else "go cold",
+        )
+        if prefer:
+            self.metrics.flow_hit_waits.labels(self.metrics.model_label(model)).inc()
+            return [best]
+        return free
+
+    def _slot_wait(self, engine: EngineState, reason: str, model: str) -> float | None:
+        """The wait for a batch slot at a saturated ``engine`` (:func:`slot_wait_s`): 0 when only a
+        prefill backlog saturates it; None when it cannot be waited out there (KV full, the hard
+        cap, kept clear) or not estimated yet (no request of the model has finished)."""
+        kv = engine.kv_cache_usage
+        if reason == "prefill_backlog" or (
+            reason in ("waiting", "overdue") and kv is not None and kv < KV_BOUND
+        ):
+            # with KV to spare, requests waiting there wait for a step's token budget, not a slot:
+            # its prefill backlog is the wait (vLLM's chunked prefill), already weighed
+            return 0.0
+        service = self.service_s.get(model)
+        if reason not in SLOT_WAITS or not service:
+            return None
+        return slot_wait_s(service, engine.in_flight, self.ledger(engine).waiting(engine) or 0.0)
