@@ -17,6 +17,7 @@ import httpx
 import msgspec
 import pytest
 import uvicorn
+import yaml
 from tests.conftest import free_port
 
 from kvstack.common.procs import ManagedProcess
@@ -68,6 +69,43 @@ def run_sims(tmp: Path, count: int, *extra: str) -> Iterator[list[Sim]]:
         for sim in sims:
             sim.proc.wait_ready(30)
         yield sims
+    finally:
+        for sim in sims:
+            sim.proc.stop()
+
+
+@contextmanager
+def run_event_sims(
+    tmp: Path, *extra: str, count: int = 2, block_size: int = 16, env: dict[str, str] | None = None
+) -> Iterator[tuple[list[Sim], Path]]:
+    """``count`` fast simulators publishing KV events, named engine-0.., and the
+    engines file that names their endpoints; ``extra`` flags and ``env`` go to every simulator."""
+    sims: list[Sim] = []
+    entries: list[dict[str, str]] = []
+    try:
+        for i in range(count):
+            port, pub, replay = free_port(), free_port(), free_port()
+            argv = [
+                KVSTACK, "engine", "sim", "--port", str(port), "--speed", "20", "--block-size",
+                str(block_size), "--kv-events-endpoint", f"tcp://127.0.0.1:{pub}",
+                "--kv-events-replay-endpoint", f"tcp://127.0.0.1:{replay}", *extra,
+            ]  # fmt: skip
+            url = f"http://127.0.0.1:{port}"
+            proc = ManagedProcess(f"sim-{i}", argv, tmp, env=env, ready_url=f"{url}/health")
+            sims.append(Sim(url, proc.start()))
+            entries.append(
+                {
+                    "url": url,
+                    "name": f"engine-{i}",
+                    "kv_events_endpoint": f"tcp://127.0.0.1:{pub}",
+                    "kv_events_replay_endpoint": f"tcp://127.0.0.1:{replay}",
+                }
+            )
+        for sim in sims:
+            sim.proc.wait_ready(30)
+        engines_file = tmp / "engines.yaml"
+        engines_file.write_text(yaml.safe_dump(entries))
+        yield sims, engines_file
     finally:
         for sim in sims:
             sim.proc.stop()

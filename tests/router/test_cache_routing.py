@@ -7,20 +7,16 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import openai
 import pytest
-import yaml
 from prometheus_client.parser import text_string_to_metric_families
-from tests.conftest import free_port
 
 from kvstack.common import tokenizer
-from kvstack.common.procs import ManagedProcess
 from kvstack.common.waits import wait_until
 
-from .conftest import KVSTACK, MODEL, RouterFactory, Sim, chat_work
+from .conftest import MODEL, RouterFactory, Sim, chat_work, run_event_sims
 
 BS = 16
 DOC = "The router keeps an index of every block each engine holds. " * 30  # ~40 blocks of tokens
@@ -42,36 +38,8 @@ def sample(values: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: s
 @pytest.fixture(scope="module")
 def event_sims(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[list[Sim], Path]]:
     """Two fast simulators publishing KV events, and the engines file that names their endpoints."""
-    tmp = tmp_path_factory.mktemp("event-sims")
-    sims: list[Sim] = []
-    entries: list[dict[str, Any]] = []
-    try:
-        for i in range(2):
-            port, pub, replay = free_port(), free_port(), free_port()
-            argv = [
-                KVSTACK, "engine", "sim", "--port", str(port), "--speed", "20", "--block-size", str(BS),
-                "--kv-events-endpoint", f"tcp://127.0.0.1:{pub}",
-                "--kv-events-replay-endpoint", f"tcp://127.0.0.1:{replay}",
-            ]  # fmt: skip
-            url = f"http://127.0.0.1:{port}"
-            proc = ManagedProcess(f"sim-{i}", argv, tmp, ready_url=f"{url}/health")
-            sims.append(Sim(url, proc.start()))
-            entries.append(
-                {
-                    "url": url,
-                    "name": f"engine-{i}",
-                    "kv_events_endpoint": f"tcp://127.0.0.1:{pub}",
-                    "kv_events_replay_endpoint": f"tcp://127.0.0.1:{replay}",
-                }
-            )
-        for sim in sims:
-            sim.proc.wait_ready(30)
-        engines_file = tmp / "engines.yaml"
-        engines_file.write_text(yaml.safe_dump(entries))
-        yield sims, engines_file
-    finally:
-        for sim in sims:
-            sim.proc.stop()
+    with run_event_sims(tmp_path_factory.mktemp("event-sims"), block_size=BS) as running:
+        yield running
 
 
 def test_cache_aware_routes_a_growing_chat_to_its_cache_and_exports_its_counters(

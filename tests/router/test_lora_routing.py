@@ -23,7 +23,7 @@ from kvstack.common.waits import wait_until
 from kvstack.router.kvindex.keys import request_root
 from kvstack.router.policies.cache_aware import CacheAwarePolicy
 
-from .conftest import FAST_MONITOR, KVSTACK, MODEL, RouterFactory, RouterServer, Sim
+from .conftest import FAST_MONITOR, KVSTACK, MODEL, RouterFactory, RouterServer, Sim, run_event_sims
 
 BS = 16
 DOC = "Adapters share the base model's weights but never its cached keys and values. " * 12
@@ -33,38 +33,10 @@ NAMES = ("engine-0", "engine-1")
 @pytest.fixture(scope="module")
 def lora_sims(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[list[Sim], Path]]:
     """Two fast simulators with LoRA and runtime loading on, publishing KV events."""
-    tmp = tmp_path_factory.mktemp("lora-sims")
-    sims: list[Sim] = []
-    entries: list[dict[str, Any]] = []
+    lora = ("--enable-lora", "--max-loras", "2", "--max-cpu-loras", "8")
     env = {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "true"}
-    try:
-        for name in NAMES:
-            port, pub, replay = free_port(), free_port(), free_port()
-            argv = [
-                KVSTACK, "engine", "sim", "--port", str(port), "--speed", "20", "--block-size", str(BS),
-                "--enable-lora", "--max-loras", "2", "--max-cpu-loras", "8",
-                "--kv-events-endpoint", f"tcp://127.0.0.1:{pub}",
-                "--kv-events-replay-endpoint", f"tcp://127.0.0.1:{replay}",
-            ]  # fmt: skip
-            url = f"http://127.0.0.1:{port}"
-            proc = ManagedProcess(name, argv, tmp, env=env, ready_url=f"{url}/health")
-            sims.append(Sim(url, proc.start()))
-            entries.append(
-                {
-                    "url": url,
-                    "name": name,
-                    "kv_events_endpoint": f"tcp://127.0.0.1:{pub}",
-                    "kv_events_replay_endpoint": f"tcp://127.0.0.1:{replay}",
-                }
-            )
-        for sim in sims:
-            sim.proc.wait_ready(30)
-        engines_file = tmp / "engines.yaml"
-        engines_file.write_text(yaml.safe_dump(entries))
-        yield sims, engines_file
-    finally:
-        for sim in sims:
-            sim.proc.stop()
+    with run_event_sims(tmp_path_factory.mktemp("lora-sims"), *lora, block_size=BS, env=env) as running:
+        yield running
 
 
 def _client(r: RouterServer) -> openai.OpenAI:

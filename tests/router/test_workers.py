@@ -22,9 +22,8 @@ from typing import Any
 import httpx
 import openai
 import pytest
-import yaml
 from tests.conftest import free_port
-from tests.router.conftest import KVSTACK, MODEL, Sim
+from tests.router.conftest import KVSTACK, MODEL, Sim, run_event_sims
 
 from kvstack.common.procs import ManagedProcess
 from kvstack.common.waits import wait_until
@@ -295,37 +294,8 @@ def test_a_port_in_use_fails_the_start(tmp_path: Path) -> None:
 
 @pytest.fixture
 def event_sims(tmp_path: Path) -> Iterator[tuple[list[Sim], Path]]:
-    """Two simulators publishing KV events, and the engines file naming their endpoints."""
-    sims: list[Sim] = []
-    entries: list[dict[str, str]] = []
-    try:
-        for i in range(2):
-            port, pub, replay = free_port(), free_port(), free_port()
-            argv = [
-                KVSTACK, "engine", "sim", "--port", str(port), "--speed", "20", "--block-size", "16",
-                "--kv-events-endpoint", f"tcp://127.0.0.1:{pub}",
-                "--kv-events-replay-endpoint", f"tcp://127.0.0.1:{replay}",
-            ]  # fmt: skip
-            url = f"http://127.0.0.1:{port}"
-            sims.append(
-                Sim(url, ManagedProcess(f"sim-{i}", argv, tmp_path, ready_url=f"{url}/health").start())
-            )
-            entries.append(
-                {
-                    "url": url,
-                    "name": f"engine-{i}",
-                    "kv_events_endpoint": f"tcp://127.0.0.1:{pub}",
-                    "kv_events_replay_endpoint": f"tcp://127.0.0.1:{replay}",
-                }
-            )
-        for sim in sims:
-            sim.proc.wait_ready(30)
-        engines_file = tmp_path / "engines.yaml"
-        engines_file.write_text(yaml.safe_dump(entries))
-        yield sims, engines_file
-    finally:
-        for sim in sims:
-            sim.proc.stop()
+    with run_event_sims(tmp_path) as running:
+        yield running
 
 
 def test_kv_events_reach_every_worker(event_sims: tuple[list[Sim], Path], tmp_path: Path) -> None:
