@@ -28,7 +28,8 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 from typing import Annotated, Any
@@ -115,6 +116,21 @@ def _write_profile(router: Any) -> None:
         router.proc.wait(60)
 
 
+@contextmanager
+def _serving(router: Any, profile: Path | None, ready: Callable[[Any], None] | None) -> Iterator[None]:
+    """``router`` started and ready for load (``ready`` waits for what its ready URL does not
+    cover); its cProfile stats written when the phases ran through."""
+    from kvstack.common.procs import running
+
+    with running([router]):
+        if ready is not None:
+            ready(router)
+        time.sleep(1.0)  # engines discovered and scraped, KV-event feeds connected
+        yield
+        if profile is not None:
+            _write_profile(router)
+
+
 # -------------------------------------------------------------------- the benchmark
 
 
@@ -144,14 +160,9 @@ def measure_router(
 ) -> dict[str, Any]:
     """Every phase through ``router`` (a kvstack router or a baseline), as row ``label``; ``ready``
     waits for what the router's ready URL does not cover."""
-    from kvstack.common.procs import running
-
     seconds, warmup = cfg["seconds"], cfg["warmup"]
     out: dict[str, Any] = {"backend": label}
-    with running([router]):
-        if ready is not None:
-            ready(router)
-        time.sleep(1.0)  # engines discovered and scraped, KV-event feeds connected
+    with _serving(router, profile, ready):
         url, pid = (_router_url(router),), router.pid
         out["open"] = run_load(Load(url, seconds, warmup, rate=cfg["rate"]), pid, tick=tick)
         for stream, key, tokens in ((False, "closed_nonstream", 16), (True, "closed_stream", 32)):
@@ -163,8 +174,6 @@ def measure_router(
         if cfg["soak_seconds"] > 0:
             soak = Load(url, cfg["soak_seconds"], warmup, rate=cfg["rate"], unique=True)
             out["soak"] = run_load(soak, pid, rss_every=max(1.0, cfg["soak_seconds"] / 60), tick=tick)
-        if profile is not None:
-            _write_profile(router)
     return out
 
 
@@ -188,16 +197,8 @@ def measure_long_stream(
     tick: Callable[[float], None] = lambda _s: None,
 ) -> dict[str, Any]:
     """The long-stream phase through ``router`` (in front of the slow simulators)."""
-    from kvstack.common.procs import running
-
-    with running([router]):
-        if ready is not None:
-            ready(router)
-        time.sleep(1.0)  # engines discovered and scraped, KV-event feeds connected
-        out = run_load(long_stream_load((_router_url(router),), cfg), router.pid, tick=tick)
-        if profile is not None:
-            _write_profile(router)
-    return out
+    with _serving(router, profile, ready):
+        return run_load(long_stream_load((_router_url(router),), cfg), router.pid, tick=tick)
 
 
 def long_streams(
