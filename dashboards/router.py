@@ -1,5 +1,8 @@
 """Router panels, on the ``kvstack_router_*`` series of ``kvstack.router.metrics``.
 
+The traffic, latency, decision and client rows live here; the cache-aware routing row is in
+``router_cache`` and the flow-control row in ``router_flow``.
+
 Per-request series carry ``model_name`` (vLLM's label); per-engine series carry only ``engine`` (the
 router's stable engine name) and per-policy series ``policy``, so those filter on namespace alone.
 """
@@ -8,7 +11,9 @@ from __future__ import annotations
 
 from kvstack.dashboards.engines import TTFT as ENGINE_TTFT
 from kvstack.dashboards.panels import Panel, Query, Row
-from kvstack.dashboards.promql import NS_SEL, ROUTER_SEL, divide, quantile, selector, share, sum_rate
+from kvstack.dashboards.promql import NS_SEL, ROUTER_SEL, quantile, selector, share, sum_rate
+from kvstack.dashboards.router_cache import cache_aware_row
+from kvstack.dashboards.router_flow import flow_control_row
 
 REQUESTS = "kvstack_router_requests_total"
 TTFT = "kvstack_router_time_to_first_token_seconds"
@@ -106,182 +111,6 @@ def in_flight() -> Panel:
         ],
         unit="short",
         description="Requests the router has dispatched to each engine and not yet finished.",
-    )
-
-
-def _kv_event_rate(series: str, legend: str) -> Query:
-    return Query(sum_rate(f"kvstack_router_kv_event_{series}_total", "pod", NS_SEL), f"{legend} {{{{pod}}}}")
-
-
-def cache_aware_row() -> Row:
-    """The cache-aware policy's own view: predicted hits, KV-event stream health, index size."""
-    return Row(
-        "Cache-aware routing",
-        [
-            Panel(
-                "Predicted vs actual cache hits",
-                [
-                    Query(
-                        divide(
-                            sum_rate("kvstack_router_predicted_hit_tokens_total", "policy", NS_SEL),
-                            sum_rate("kvstack_router_prompt_tokens_total", "policy", NS_SEL),
-                        ),
-                        "predicted by {{policy}}",
-                    ),
-                    Query(
-                        divide(
-                            sum_rate("vllm:prompt_tokens_cached_total", "", ROUTER_SEL),
-                            sum_rate("vllm:prompt_tokens_total", "", ROUTER_SEL),
-                        ),
-                        "cached at the engines",
-                    ),
-                ],
-                unit="percentunit",
-                max=1,
-                description="Share of prompt tokens the policy expected the chosen engine to hold "
-                "(kvstack_router_predicted_hit_tokens_total / kvstack_router_prompt_tokens_total) against "
-                "the share the engines really served from cache: a gap means a stale block index.",
-            ),
-            Panel(
-                "KV-event stream problems/s",
-                [
-                    _kv_event_rate("gaps", "gaps"),
-                    _kv_event_rate("batches_lost", "lost"),
-                    _kv_event_rate("replay_failures", "replay failures"),
-                    _kv_event_rate("batches_malformed", "malformed"),
-                    _kv_event_rate("engine_resets", "engine resets"),
-                ],
-                unit="short",
-                description="Sequence gaps, batches lost for good, failed replays, undecodable messages and "
-                "engine restarts on the routers' KV-event subscriptions (kvstack_router_kv_event_*).",
-            ),
-            Panel(
-                "KV index size",
-                [
-                    Query(
-                        f"sum by (pod) ({selector('kvstack_router_kv_index_blocks', NS_SEL)})",
-                        "blocks {{pod}}",
-                    ),
-                    Query(
-                        f"sum by (pod) ({selector('kvstack_router_kv_index_speculative_blocks', NS_SEL)})",
-                        "speculative {{pod}}",
-                    ),
-                ],
-                unit="short",
-                description="Block entries each router's index holds, and those it assumed from its own "
-                "dispatches before the engine's KV event confirmed them (kvstack_router_kv_index_blocks, "
-                "kvstack_router_kv_index_speculative_blocks). The bound is on the next panel, so a small "
-                "index stays readable next to a large capacity.",
-            ),
-            Panel(
-                "KV index fill",
-                [
-                    Query(
-                        divide(
-                            f"sum by (pod) ({selector('kvstack_router_kv_index_blocks', NS_SEL)})",
-                            f"max by (pod) ({selector('kvstack_router_kv_index_capacity_blocks', NS_SEL)})",
-                        ),
-                        "{{pod}}",
-                    ),
-                ],
-                unit="percentunit",
-                max=1,
-                thresholds=((0.9, "orange"),),
-                description="Index entries over the index's bound (kvstack_router_kv_index_blocks / "
-                "kvstack_router_kv_index_capacity_blocks): near 100% the router evicts entries and its "
-                "predicted hits go stale.",
-            ),
-            Panel(
-                "Prompt tokenization cache hit rate",
-                [
-                    Query(
-                        divide(
-                            sum_rate(
-                                "kvstack_router_prompt_token_cache_lookups_total",
-                                "pod",
-                                NS_SEL + ', result="hit"',
-                            ),
-                            sum_rate("kvstack_router_prompt_token_cache_lookups_total", "pod", NS_SEL),
-                        ),
-                        "{{pod}}",
-                    )
-                ],
-                unit="percentunit",
-                max=1,
-                description="Prompts whose tokens came from the router's cache instead of the tokenizer "
-                "(kvstack_router_prompt_token_cache_lookups_total).",
-            ),
-        ],
-    )
-
-
-FLOW_QUEUE = "kvstack_router_flow_queue_length"
-FLOW_WAIT = "kvstack_router_flow_queue_wait_seconds"
-FLOW_SHED = "kvstack_router_flow_shed_total"
-FLOW_GOOD = "kvstack_router_flow_goodput_total"
-FLOW_MISSES = "kvstack_router_flow_objective_misses_total"
-FLOW_TTFT_RATIO = "kvstack_router_flow_ttft_prediction_ratio"
-
-
-def flow_control_row() -> Row:
-    """Flow control (router/flow/): the router's queue, what it refused, what met its objective."""
-    return Row(
-        "Flow control",
-        [
-            Panel(
-                "Flow queue by class and tenant",
-                [
-                    Query(
-                        f"sum by (class, tenant) ({selector(FLOW_QUEUE, ROUTER_SEL)})",
-                        "{{class}} {{tenant}}",
-                    )
-                ],
-                unit="short",
-                stack=True,
-                description="Requests waiting in the router while every engine of their model is "
-                "saturated, by priority class and tenant (kvstack_router_flow_queue_length).",
-            ),
-            Panel(
-                "Flow queue wait p50 / p90 by class",
-                [
-                    Query(quantile(0.5, FLOW_WAIT, "class", ROUTER_SEL), "p50 {{class}}"),
-                    Query(quantile(0.9, FLOW_WAIT, "class", ROUTER_SEL), "p90 {{class}}"),
-                ],
-                unit="s",
-                description="Time a dispatched request waited in the flow queue, 0 when an engine had "
-                "room (kvstack_router_flow_queue_wait_seconds); the operator's queueWaitP90 signal.",
-            ),
-            Panel(
-                "Shed (429)/s by reason and class",
-                [Query(sum_rate(FLOW_SHED, "reason, class", NS_SEL), "{{reason}} {{class}}")],
-                unit="reqps",
-                stack=True,
-                description="Requests flow control refused with 429 + Retry-After: slo (predicted to "
-                "miss the class's TTFT objective), over_share, displaced, queue_full "
-                "(kvstack_router_flow_shed_total).",
-            ),
-            Panel(
-                "Goodput and objective misses/s by class",
-                [
-                    Query(sum_rate(FLOW_GOOD, "class", ROUTER_SEL), "within objective {{class}}"),
-                    Query(sum_rate(FLOW_MISSES, "class", ROUTER_SEL), "missed {{class}}"),
-                ],
-                unit="reqps",
-                description="Streamed requests whose TTFT met (kvstack_router_flow_goodput_total) or "
-                "missed (kvstack_router_flow_objective_misses_total) their class's objective.",
-            ),
-            Panel(
-                "Actual / predicted TTFT p10 / p50 / p90 by class",
-                [
-                    Query(quantile(0.1, FLOW_TTFT_RATIO, "class", NS_SEL), "p10 {{class}}"),
-                    Query(quantile(0.5, FLOW_TTFT_RATIO, "class", NS_SEL), "p50 {{class}}"),
-                    Query(quantile(0.9, FLOW_TTFT_RATIO, "class", NS_SEL), "p90 {{class}}"),
-                ],
-                unit="short",
-                description="Actual over predicted TTFT of streamed requests (1: exact; above: later "
-                "than the admission decision predicted), kvstack_router_flow_ttft_prediction_ratio.",
-            ),
-        ],
     )
 
 
