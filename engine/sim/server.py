@@ -24,7 +24,8 @@ from kvstack.engine.sim import protocol as p
 from kvstack.engine.sim.config import SimConfig
 from kvstack.engine.sim.events import KVEventPublisher
 from kvstack.engine.sim.lora_api import LoRAService
-from kvstack.engine.sim.metrics import CONTENT_TYPE, CacheInfo, SimMetrics
+from kvstack.engine.sim.metric_shapes import CacheInfo
+from kvstack.engine.sim.metrics import CONTENT_TYPE, SimMetrics
 from kvstack.engine.sim.task_routes import GENERATE_ROUTES, task_routes
 from kvstack.engine.sim.types import EngineCore, EventSink, RequestOutput, SimRequest, StatsListener
 

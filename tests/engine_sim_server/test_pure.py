@@ -12,7 +12,7 @@ from kvstack.common.tokenizer import VOCAB_SIZE, encode
 from kvstack.engine.sim import protocol as p
 from kvstack.engine.sim.cli import split_settings
 from kvstack.engine.sim.events import replay_slice
-from kvstack.engine.sim.metrics import buckets_1_2_5
+from kvstack.engine.sim.metric_shapes import buckets_1_2_5
 
 
 @pytest.mark.parametrize(
