@@ -23,7 +23,7 @@ from kvstack.common import multipart
 from kvstack.common.errors import OpenAIError
 from kvstack.common.tokenizer import VOCAB_SIZE, encode
 from kvstack.engine.sim import protocol as p
-from kvstack.engine.sim.server import Receive, Scope, Send, read_body, send_bytes, send_json
+from kvstack.engine.sim.asgi import SSE_START, Receive, Scope, Send, read_body, send_bytes, send_json
 from kvstack.engine.sim.task_routes import Guard, outputs, request_id
 from kvstack.engine.sim.types import SimRequest
 
@@ -36,11 +36,6 @@ MAX_TRANSCRIPT_TOKENS = 448  # Whisper's decoder context
 RAW_BYTES_PER_S = 32_000  # audio that is not WAV: counted as 16 kHz 16-bit mono
 _TRUE = frozenset({"true", "1", "yes", "on"})
 _FORMATS = frozenset({"json", "text"})
-_SSE_START = {
-    "type": "http.response.start",
-    "status": 200,
-    "headers": [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache")],
-}
 
 
 def duration_s(data: bytes | memoryview) -> float:
@@ -150,7 +145,7 @@ class AudioRoutes:
             }
             return b"data: " + json.dumps(data, ensure_ascii=False).encode() + b"\n\n"
 
-        await send(_SSE_START)
+        await send(SSE_START)
         detok = p.Detokenizer()
         finish = "length"
         async for out in outputs(self.server, sim):

@@ -19,18 +19,13 @@ from kvstack.common.errors import OpenAIError
 from kvstack.common.prompt_messages import anthropic_messages, check_anthropic_messages
 from kvstack.common.tokenizer import apply_chat_template
 from kvstack.engine.sim import protocol as p
-from kvstack.engine.sim.server import Receive, Scope, Send, read_body, send_json
+from kvstack.engine.sim.asgi import SSE_START, Receive, Scope, Send, read_body, send_json
 from kvstack.engine.sim.task_routes import Guard, outputs, request_id
 from kvstack.engine.sim.types import SimRequest
 
 if TYPE_CHECKING:
     from kvstack.engine.sim.server import SimServer
 
-_SSE_START = {
-    "type": "http.response.start",
-    "status": 200,
-    "headers": [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache")],
-}
 _STOP = {"length": "max_tokens", "stop": "end_turn", "abort": "end_turn"}
 
 
@@ -111,7 +106,7 @@ class MessagesRoutes:
             "stop_sequence": None,
             "usage": {"input_tokens": len(sim.prompt_token_ids), "output_tokens": 0},
         }
-        await send(_SSE_START)
+        await send(SSE_START)
         head = _frame("message_start", message=start) + _frame(
             "content_block_start", index=0, content_block={"type": "text", "text": ""}
         )

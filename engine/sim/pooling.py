@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from kvstack.common.errors import OpenAIError
 from kvstack.common.tokenizer import encode
 from kvstack.engine.sim import protocol as p
-from kvstack.engine.sim.server import Receive, Scope, Send, read_body, send_json
+from kvstack.engine.sim.asgi import Receive, Scope, Send, read_body, send_json
 from kvstack.engine.sim.task_routes import Guard, prefill, request_id, usage_info
 
 if TYPE_CHECKING:

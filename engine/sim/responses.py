@@ -28,18 +28,12 @@ from kvstack.common.errors import OpenAIError
 from kvstack.common.prompt_messages import check_responses_input, responses_messages
 from kvstack.common.tokenizer import apply_chat_template
 from kvstack.engine.sim import protocol as p
-from kvstack.engine.sim.server import Receive, Scope, Send, read_body, send_json
+from kvstack.engine.sim.asgi import SSE_START, Receive, Scope, Send, read_body, send_json
 from kvstack.engine.sim.task_routes import Guard, outputs, request_id
 from kvstack.engine.sim.types import SimRequest
 
 if TYPE_CHECKING:
     from kvstack.engine.sim.server import SimServer
-
-_SSE_START = {
-    "type": "http.response.start",
-    "status": 200,
-    "headers": [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache")],
-}
 
 
 class ResponsesRequest(BaseModel):
@@ -297,7 +291,7 @@ class ResponsesRoutes:
             )
 
         where = {"item_id": item_id, "output_index": 0, "content_index": 0}
-        await send(_SSE_START)
+        await send(SSE_START)
         head = [
             events.frame("response.created", response=response("in_progress", [], None)),
             events.frame("response.in_progress", response=response("in_progress", [], None)),

@@ -20,7 +20,8 @@ from kvstack.engine.sim.config import Task
 from kvstack.engine.sim.types import RequestOutput, SimRequest
 
 if TYPE_CHECKING:
-    from kvstack.engine.sim.server import Receive, Scope, Send, SimServer
+    from kvstack.engine.sim.asgi import Receive, Scope, Send
+    from kvstack.engine.sim.server import SimServer
 
 Handler = Callable[["Scope", "Receive", "Send"], Awaitable[None]]
 Routes = dict[tuple[str, str], Handler]

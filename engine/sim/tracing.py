@@ -18,7 +18,7 @@ from kvstack.common.otlp import tracer_provider
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider
 
-    from kvstack.engine.sim.server import Message, Receive, Scope, Send
+    from kvstack.engine.sim.asgi import Message, Receive, Scope, Send
 
 ASGIApp = Any  # the SimServer, or any ASGI app
 TRACED = frozenset({"/v1/completions", "/v1/chat/completions"})
