@@ -13,7 +13,8 @@ import pytest
 
 from kvstack.bench import router_overhead as ro
 from kvstack.bench.router_load import Load, body, run_load, summarize
-from kvstack.bench.router_overhead import long_stream_load, verdict
+from kvstack.bench.router_overhead import long_stream_load
+from kvstack.bench.router_overhead_report import verdict
 from kvstack.bench.sglang_router import sglang_router, sglang_workers_healthy, wait_sglang_workers
 from kvstack.common.procs import running
 

@@ -18,120 +18,36 @@ the same run as a baseline, for its ``cache_aware`` and ``round_robin`` policies
 Router, load generator and simulators share this machine's cores, so each phase records the load
 average and the CPU each process used (per request: ``router_cpu_ms_per_request``). Results: JSON +
 PNG under ``bench-results/router/``.
+
+This module runs the phases; the processes under test are in :mod:`.router_overhead_procs`, the
+verdicts and tables in :mod:`.router_overhead_report`, the figure in :mod:`.router_overhead_plot`.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import math
 import os
-import signal
-import sys
-import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-import yaml
 
 from kvstack.bench.progress import BenchProgress
 from kvstack.bench.report import print_table, write_json
-from kvstack.bench.router_load import MODEL, Load, run_load
+from kvstack.bench.router_load import Load, run_load
 from kvstack.bench.router_overhead_plot import plot_overhead
+from kvstack.bench.router_overhead_procs import (
+    kvstack_router,
+    router_url,
+    serving,
+    sim_processes,
+    write_engines_file,
+)
+from kvstack.bench.router_overhead_report import GOALS, print_tables, verdict
 from kvstack.bench.router_overhead_workers import label, scaling, wait_workers
 from kvstack.bench.sglang_router import SGLANG_POLICIES, sglang_router, wait_sglang_workers
-from kvstack.common.procs import free_port, kvstack_argv
-
-GOALS = {"added_p50_ms": 1.0, "added_p99_ms": 5.0, "rps_nonstream": 1000.0, "rps_stream": 500.0}
-
-
-# -------------------------------------------------------------------- processes
-
-
-def _sims(n: int, speed: float, logs: Path, tag: str = "sim") -> tuple[list[Any], list[dict[str, Any]]]:
-    from kvstack.common.procs import ManagedProcess
-
-    procs, entries = [], []
-    for i in range(n):
-        port, pub, replay = free_port(), free_port(), free_port()
-        url = f"http://127.0.0.1:{port}"
-        argv = [
-            *kvstack_argv(), "engine", "sim", "--port", str(port), "--served-model-name", MODEL,
-            "--speed", str(speed), "--max-num-seqs", "1024", "--max-num-batched-tokens", "16384",
-            "--max-model-len", "4096",
-            "--kv-events-endpoint", f"tcp://127.0.0.1:{pub}",
-            "--kv-events-replay-endpoint", f"tcp://127.0.0.1:{replay}",
-        ]  # fmt: skip
-        procs.append(ManagedProcess(f"{tag}-{i}", argv, logs, ready_url=f"{url}/health"))
-        entries.append(
-            {
-                "url": url,
-                "name": f"engine-{i}",
-                "models": [MODEL],
-                "kv_events_endpoint": f"tcp://127.0.0.1:{pub}",
-                "kv_events_replay_endpoint": f"tcp://127.0.0.1:{replay}",
-            }
-        )
-    return procs, entries
-
-
-def _engines_file(path: Path, entries: list[dict[str, Any]]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(entries, sort_keys=False))
-    return path
-
-
-def _router(
-    backend: str,
-    policy: str,
-    engines_file: Path,
-    logs: Path,
-    profile: Path | None,
-    tag: str = "router",
-    workers: int = 1,
-) -> Any:
-    from kvstack.common.procs import ManagedProcess
-
-    port = free_port()
-    argv = [*kvstack_argv(), "router", "--port", str(port), "--engines-file", str(engines_file)]
-    argv += ["--policy", policy, "--upstream-backend", backend, "--log-level", "warning"]
-    argv += ["--workers", str(workers)]
-    if profile is not None:
-        argv = [sys.executable, "-m", "cProfile", "-o", str(profile.resolve()), *argv]
-    env = {"KVSTACK_ROUTER_ACCESS_LOG": "false"}
-    name = f"{tag}-{label(backend, workers)}"
-    return ManagedProcess(name, argv, logs, env=env, ready_url=f"http://127.0.0.1:{port}/ready")
-
-
-def _router_url(router: Any) -> str:
-    return str(router.ready_url).rsplit("/", 1)[0]  # its base URL: /ready (kvstack), /readiness (SGLang)
-
-
-def _write_profile(router: Any) -> None:
-    if router.proc is not None:
-        os.kill(router.pid, signal.SIGINT)  # cProfile writes its stats on KeyboardInterrupt
-        router.proc.wait(60)
-
-
-@contextmanager
-def _serving(router: Any, profile: Path | None, ready: Callable[[Any], None] | None) -> Iterator[None]:
-    """``router`` started and ready for load (``ready`` waits for what its ready URL does not
-    cover); its cProfile stats written when the phases ran through."""
-    from kvstack.common.procs import running
-
-    with running([router]):
-        if ready is not None:
-            ready(router)
-        time.sleep(1.0)  # engines discovered and scraped, KV-event feeds connected
-        yield
-        if profile is not None:
-            _write_profile(router)
-
-
-# -------------------------------------------------------------------- the benchmark
 
 
 def measure_backend(
@@ -144,7 +60,7 @@ def measure_backend(
     tick: Callable[[float], None] = lambda _s: None,
     workers: int = 1,
 ) -> dict[str, Any]:
-    router = _router(backend, policy, engines_file, logs, profile, workers=workers)
+    router = kvstack_router(backend, policy, engines_file, logs, profile, workers=workers)
     ready = partial(wait_workers, workers=workers)
     row = measure_router(label(backend, workers), router, cfg, profile, ready=ready, tick=tick)
     return {**row, "workers": workers}
@@ -162,8 +78,8 @@ def measure_router(
     waits for what the router's ready URL does not cover."""
     seconds, warmup = cfg["seconds"], cfg["warmup"]
     out: dict[str, Any] = {"backend": label}
-    with _serving(router, profile, ready):
-        url, pid = (_router_url(router),), router.pid
+    with serving(router, profile, ready):
+        url, pid = (router_url(router),), router.pid
         out["open"] = run_load(Load(url, seconds, warmup, rate=cfg["rate"]), pid, tick=tick)
         for stream, key, tokens in ((False, "closed_nonstream", 16), (True, "closed_stream", 32)):
             out[key] = [
@@ -197,8 +113,8 @@ def measure_long_stream(
     tick: Callable[[float], None] = lambda _s: None,
 ) -> dict[str, Any]:
     """The long-stream phase through ``router`` (in front of the slow simulators)."""
-    with _serving(router, profile, ready):
-        return run_load(long_stream_load((_router_url(router),), cfg), router.pid, tick=tick)
+    with serving(router, profile, ready):
+        return run_load(long_stream_load((router_url(router),), cfg), router.pid, tick=tick)
 
 
 def long_streams(
@@ -215,15 +131,15 @@ def long_streams(
     then through each router in front of them: (direct, one result per backend and baseline)."""
     from kvstack.common.procs import running
 
-    sims, entries = _sims(engines, cfg["long_stream_speed"], logs, tag="slow-sim")
-    engines_file = _engines_file(logs / "engines-slow.yaml", entries)
+    sims, entries = sim_processes(engines, cfg["long_stream_speed"], logs, tag="slow-sim")
+    engines_file = write_engines_file(logs / "engines-slow.yaml", entries)
     urls = tuple(e["url"] for e in entries)
     with running(sims):
         direct = run_load(long_stream_load(urls, cfg), None, tick=tick)
         rows = []
         for b in backends:
             prof = None if profile is None else profile / f"{b}-long.prof"
-            router = _router(b, policy, engines_file, logs, prof, tag="router-slow")
+            router = kvstack_router(b, policy, engines_file, logs, prof, tag="router-slow")
             rows.append(measure_long_stream(router, cfg, prof, tick=tick))
         wait = partial(wait_sglang_workers, expected=len(urls))
         rows += [
@@ -241,39 +157,6 @@ def planned_seconds(cfg: dict[str, Any], routers: int) -> float:
     per_router = phase * (1 + 2 * len(cfg["concurrency"])) + soak
     long = phase * (1 + routers) if cfg.get("long_stream_tokens", 0) > 0 else 0.0
     return float(3 * phase + routers * per_router + long)
-
-
-def verdict(direct: dict[str, Any], row: dict[str, Any]) -> dict[str, Any]:
-    """The headline numbers of one backend against the goals (pure)."""
-    best_ns = max((lv["rps"] for lv in row["closed_nonstream"]), default=0.0)
-    best_s = max((lv["rps"] for lv in row["closed_stream"]), default=0.0)
-    top: dict[str, Any] | None = max(row["closed_nonstream"], key=lambda lv: lv["rps"], default=None)
-    added50 = row["open"]["p50_ms"] - direct["p50_ms"]
-    added99 = row["open"]["p99_ms"] - direct["p99_ms"]
-    long = row.get("stream_long")
-    long_ms = long["router_cpu_ms_per_request"] if long and long["rps"] else math.nan
-    chunks = long["chunks_per_request"] if long else 0.0
-    out: dict[str, Any] = {
-        "backend": row["backend"],
-        "added_p50_ms": added50,
-        "added_p99_ms": added99,
-        "rps_nonstream": best_ns,
-        "rps_stream": best_s,
-        # at the highest sustained rate: the router's CPU per request there (its fixed costs amortized)
-        "cpu_ms_per_request": top.get("router_cpu_ms_per_request", math.nan) if top else math.nan,
-        # per long streamed answer, and per relayed event of it (the open-loop long-stream phase)
-        "cpu_ms_per_long_stream": long_ms,
-        "cpu_us_per_chunk": long_ms * 1000 / chunks if chunks else math.nan,
-        "meets_latency": added50 <= GOALS["added_p50_ms"] and added99 <= GOALS["added_p99_ms"],
-        "meets_rps": best_ns >= GOALS["rps_nonstream"] and best_s >= GOALS["rps_stream"],
-    }
-    rss = row.get("soak", {}).get("rss_mb", [])
-    if len(rss) >= 4:
-        half = rss[len(rss) // 2 :]
-        minutes = max(1e-9, (half[-1][0] - half[0][0]) / 60)
-        out["rss_start_mb"], out["rss_end_mb"] = rss[0][1], rss[-1][1]
-        out["rss_growth_mb_per_min_2nd_half"] = (half[-1][1] - half[0][1]) / minutes
-    return out
 
 
 def router_overhead(
@@ -346,8 +229,8 @@ def router_overhead(
         "long_stream_speed": long_stream_speed,
     }
     logs = out_dir / "logs"
-    sims, entries = _sims(engines, speed, logs)
-    engines_file = _engines_file(logs / "engines.yaml", entries)
+    sims, entries = sim_processes(engines, speed, logs)
+    engines_file = write_engines_file(logs / "engines.yaml", entries)
     if profile is not None:
         profile.mkdir(parents=True, exist_ok=True)
     routers = len(backends) * len(counts) + len(baselines)
@@ -406,40 +289,9 @@ def router_overhead(
     }
     write_json(out_dir / "router_overhead.json", payload)
     plot_overhead(out_dir / "router_overhead.png", direct, rows, verdicts, GOALS)
-    _print_tables(direct, rows, verdicts, cfg, policy, engines, speed)
+    print_tables(direct, rows, verdicts, cfg, policy, engines, speed)
     if len(counts) > 1:
         scols = ["backend", "workers", "rps_nonstream", "speedup_nonstream", "rps_stream", "speedup_stream"]
         scols += ["cpu_ms_per_request", "added_p50_ms"]
         print_table("Scaling over router workers", scaled, scols)
     typer.echo(f"wrote {out_dir}/router_overhead.json + .png")
-
-
-def _print_tables(
-    direct: dict[str, Any],
-    rows: list[dict[str, Any]],
-    verdicts: list[dict[str, Any]],
-    cfg: dict[str, Any],
-    policy: str,
-    engines: int,
-    speed: float,
-) -> None:
-    phases = [{"backend": "direct", "phase": k, **{**v, "rss_mb": ""}} for k, v in direct.items()]
-    for r in rows:
-        phases.append(
-            {"backend": r["backend"], "phase": f"open {cfg['rate']:g}/s", **{**r["open"], "rss_mb": ""}}
-        )
-        for key in ("closed_nonstream", "closed_stream"):
-            for lv in r[key]:
-                phases.append({"backend": r["backend"], "phase": f"{key} c={lv['concurrency']}", **lv})
-        if "soak" in r:
-            phases.append({"backend": r["backend"], "phase": "soak", **{**r["soak"], "rss_mb": ""}})
-        if "stream_long" in r:
-            phase = f"stream {cfg['long_stream_tokens']} tokens {cfg['long_stream_rate']:g}/s"
-            phases.append({"backend": r["backend"], "phase": phase, **{**r["stream_long"], "rss_mb": ""}})
-    cols = ["backend", "phase", "requests", "errors", "rps", "p50_ms", "p99_ms", "chunks_per_request"]
-    cols += ["router_cpu", "router_cpu_ms_per_request", "load_cpu", "load_avg_1m"]
-    print_table(f"kvstack bench router: policy {policy}, {engines} sims at x{speed:g}", phases, cols)
-    vcols = ["backend", "added_p50_ms", "added_p99_ms", "rps_nonstream", "rps_stream", "cpu_ms_per_request"]
-    vcols += ["cpu_ms_per_long_stream", "cpu_us_per_chunk"]
-    vcols += ["rss_start_mb", "rss_end_mb", "rss_growth_mb_per_min_2nd_half", "meets_latency", "meets_rps"]
-    print_table("Goals: added p50 <= 1 ms, p99 <= 5 ms; >= 1000 req/s, >= 500 streamed", verdicts, vcols)
