@@ -8,9 +8,8 @@ vLLM itself loads:
 * ``tokenizer.json``, run by the HF ``tokenizers`` library (the Rust code behind transformers'
   fast tokenizers, so the ids are the same by construction);
 * the chat template (``tokenizer_config.json``'s ``chat_template``, a named ``default`` one, or
-  ``chat_template.jinja``), rendered with jinja2 the way transformers' ``apply_chat_template`` does:
-  a sandboxed environment with ``trim_blocks``/``lstrip_blocks``, ``raise_exception``, ``tojson``
-  and ``strftime_now``, the special tokens (``bos_token``, ...) as variables.
+  ``chat_template.jinja``), rendered with jinja2 the way transformers' ``apply_chat_template`` does
+  (:mod:`.chat_template`), the special tokens (``bos_token``, ...) as variables.
 
 What each vLLM 0.24 endpoint renders (the same fields :mod:`.tokenizers` sends to ``/tokenize``):
 a chat is the template with ``add_generation_prompt=True``, encoded *without* special tokens (the
@@ -20,8 +19,9 @@ A content array's text parts are joined with newlines, as vLLM does for string-c
 A long chat is re-sent whole every turn, and encoding ~7,000 tokens costs the router ~10 ms of
 CPU per request. HF ``tokenizers`` first cuts the text at its added (special) tokens and runs the
 normalizer, pre-tokenizer and model on each piece on its own, so the ids of a chat are the ids of
-its pieces end to end. When the tokenizer's settings guarantee that (:func:`segment_refusal`), the
-rendered chat is cut at those tokens (:func:`chat_pieces`) and each piece's ids are kept in a
+its pieces end to end. When the tokenizer's settings guarantee that
+(:func:`~kvstack.router.tokenizer_pieces.piece_refusal`), the rendered chat is cut at those tokens
+(:func:`~kvstack.router.tokenizer_pieces.chat_pieces`) and each piece's ids are kept in a
 :class:`~kvstack.common.token_cache.TokenCache`: a new turn encodes only its new message. The first
 chats of each model are also encoded whole and compared; a difference turns the pieces off.
 
@@ -34,26 +34,21 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from array import array
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-from datetime import datetime
-from itertools import pairwise
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import jinja2
-import jinja2.ext
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
 
 from kvstack.common.token_cache import TokenCache, Tokens, digest
-from kvstack.router.prompts import PromptWork, engine_key, message_text
+from kvstack.router.chat_template import chat_template_of, compile_template, template_messages
+from kvstack.router.prompts import PromptWork, engine_key
+from kvstack.router.tokenizer_pieces import ChatPlan, added_token_pattern, chat_pieces, piece_refusal
 
 TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILE = "tokenizer_config.json"
-TEMPLATE_FILE = "chat_template.jinja"
 SPECIAL_TOKEN_KEYS = (
     "bos_token",
     "eos_token",
@@ -62,13 +57,6 @@ SPECIAL_TOKEN_KEYS = (
     "pad_token",
     "cls_token",
     "mask_token",
-)
-# Settings under which HF tokenizers encodes each piece between added tokens on its own, whatever
-# comes before it: no normalizer or a Unicode one, and pre-tokenizers that ignore offsets (not
-# Metaspace, whose prefix depends on where a piece starts).
-PIECEWISE_NORMALIZERS = frozenset({"NFC", "NFD", "NFKC", "NFKD", "Sequence"})
-PIECEWISE_PRE_TOKENIZERS = frozenset(
-    {"ByteLevel", "Split", "Digits", "Punctuation", "Whitespace", "WhitespaceSplit", "Sequence"}
 )
 VERIFY_CHATS = 4  # chats per model encoded both ways before the pieces are trusted alone
 _PIECE = b"kvstack.local-piece"
@@ -118,121 +106,6 @@ def _token_text(value: Any) -> str | None:
     if isinstance(value, Mapping) and isinstance(value.get("content"), str):
         return str(value["content"])
     return None
-
-
-def chat_template_of(config: Mapping[str, Any], model_dir: Path) -> str | None:
-    """The model's chat template: the config's (the ``default`` of named ones), or the .jinja file."""
-    template = config.get("chat_template")
-    if isinstance(template, list):
-        named = {t.get("name"): t.get("template") for t in template if isinstance(t, Mapping)}
-        template = named.get("default")
-    if isinstance(template, str):
-        return template
-    path = model_dir / TEMPLATE_FILE
-    return path.read_text() if path.is_file() else None
-
-
-def _raise_exception(message: str) -> None:
-    raise jinja2.exceptions.TemplateError(message)
-
-
-def _tojson(
-    x: Any,
-    ensure_ascii: bool = False,
-    indent: int | None = None,
-    separators: tuple[str, str] | None = None,
-    sort_keys: bool = False,
-) -> str:
-    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-
-def _strftime_now(fmt: str) -> str:
-    return datetime.now().strftime(fmt)
-
-
-def compile_template(source: str) -> Callable[..., str]:
-    """The template as transformers compiles chat templates (same environment, filters, globals)."""
-    env = ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols]
-    )
-    env.filters["tojson"] = _tojson
-    env.globals["raise_exception"] = _raise_exception
-    env.globals["strftime_now"] = _strftime_now
-    template = env.from_string(source)
-    return template.render
-
-
-def template_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """Messages as vLLM hands them to a string-content template: content arrays as their joined text."""
-    out: list[dict[str, Any]] = []
-    for m in messages:
-        content = m.get("content")
-        out.append(dict(m) if not isinstance(content, list) else {**m, "content": message_text(content)})
-    return out
-
-
-def _nodes(node: Any, children: str) -> list[Mapping[str, Any]]:
-    """A tokenizer.json component and those a ``Sequence`` of them holds."""
-    if not isinstance(node, Mapping):
-        return []
-    found = [node]
-    for child in node.get(children) or []:
-        found += _nodes(child, children)
-    return found
-
-
-def piece_refusal(spec: Mapping[str, Any]) -> str | None:
-    """Why ``tokenizer.json``'s ids of a text might differ from its pieces' ids end to end (cut
-    before each added token), or None when its settings make them equal by construction."""
-    for t in spec.get("added_tokens") or []:
-        if t.get("lstrip") or t.get("rstrip") or t.get("single_word"):
-            return f"added token {t.get('content')!r} strips or matches whole words"
-        if t.get("normalized") and spec.get("normalizer") is not None:
-            return f"added token {t.get('content')!r} is matched on normalized text"
-    normalizers = _nodes(spec.get("normalizer"), "normalizers")
-    odd = {str(n.get("type")) for n in normalizers} - PIECEWISE_NORMALIZERS
-    if odd:
-        return f"normalizer {sorted(odd)}"
-    pre_tokenizers = _nodes(spec.get("pre_tokenizer"), "pretokenizers")
-    odd = {str(n.get("type")) for n in pre_tokenizers} - PIECEWISE_PRE_TOKENIZERS
-    if odd:
-        return f"pre-tokenizer {sorted(odd)}"
-    if any(n.get("add_prefix_space") for n in pre_tokenizers):
-        return "a pre-tokenizer adds a prefix space"
-    return None
-
-
-def added_token_pattern(contents: Sequence[str]) -> re.Pattern[str] | None:
-    """The added tokens as HF finds them in a text: leftmost first, the longest at one place."""
-    ordered = sorted({c for c in contents if c}, key=len, reverse=True)
-    return re.compile("|".join(map(re.escape, ordered))) if ordered else None
-
-
-def chat_pieces(text: str, pattern: re.Pattern[str] | None) -> list[str]:
-    """``text`` cut before each added token: every piece but the first starts with one."""
-    if pattern is None:
-        return [text] if text else []
-    cuts = [0, *(m.start() for m in pattern.finditer(text) if m.start()), len(text)]
-    return [text[a:b] for a, b in pairwise(cuts) if b > a]
-
-
-@dataclass(slots=True)
-class ChatPlan:
-    """A rendered chat, its pieces, their cache keys and the ids the cache held (None: to encode).
-
-    ``verify``: also encode the text whole, to compare with the pieces' ids joined."""
-
-    text: str
-    pieces: list[str]
-    keys: list[int]
-    found: list[Tokens | None]
-    verify: bool
-
-    def missing(self) -> list[str]:
-        return [p for p, f in zip(self.pieces, self.found, strict=True) if f is None]
-
-    def chars_to_encode(self) -> int:
-        return sum(map(len, self.missing())) + (len(self.text) if self.verify else 0)
 
 
 class ModelTokenizer:

@@ -16,14 +16,8 @@ from hypothesis import strategies as st
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from kvstack.common.token_cache import TokenCache
-from kvstack.router.local_tokenizer import (
-    VERIFY_CHATS,
-    LocalTokenizers,
-    ModelTokenizer,
-    added_token_pattern,
-    chat_pieces,
-    piece_refusal,
-)
+from kvstack.router.local_tokenizer import VERIFY_CHATS, LocalTokenizers, ModelTokenizer
+from kvstack.router.tokenizer_pieces import added_token_pattern, chat_pieces, piece_refusal
 
 from .conftest import MODEL, RouterFactory, Sim, chat_work
 from .test_local_tokenizer import CORPUS, EOS, SPECIALS, reference_ids, write_model
