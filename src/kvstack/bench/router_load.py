@@ -13,8 +13,10 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
+from kvstack.bench.pacing import open_loop
 from kvstack.bench.stats import percentile
 from kvstack.common.procs import cpu_seconds, tree_cpu_seconds, tree_memory_mb
 
@@ -86,17 +88,7 @@ async def _drive(load: Load) -> list[tuple[float, float, bool, int]]:
 
             await asyncio.gather(*(worker() for _ in range(load.concurrency)))
         else:
-            tasks: set[asyncio.Task[None]] = set()
-            interval, i = 1.0 / load.rate, 0
-            while (due := t0 + i * interval) < stop_at:
-                delay = due - time.perf_counter()
-                if delay > 0:
-                    await asyncio.sleep(delay)
-                task = asyncio.create_task(one(session, i))
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
-                i += 1
-            await asyncio.gather(*tasks)
+            await open_loop(load.rate, t0, stop_at, partial(one, session))
     return samples
 
 

@@ -16,17 +16,18 @@ router's memory once climbed (router/README.md, "Memory over time").
 
 from __future__ import annotations
 
-import asyncio
 import multiprocessing as mp
 import os
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 import yaml
 
+from kvstack.bench.pacing import open_loop
 from kvstack.bench.progress import BenchProgress
 from kvstack.bench.report import print_table, write_json
 from kvstack.bench.soak_chats import ChatWorkload, chat_body
@@ -108,23 +109,18 @@ async def _drive(load: SoakLoad, out: Any) -> None:
             (start - t0, (time.perf_counter() - start) * 1000, not error, routed, body["stream"], error)
         )
 
+    flushed = t0
+
+    def flush_each_second() -> None:
+        nonlocal batch, flushed
+        if time.perf_counter() - flushed >= 1.0:
+            out.send(batch)
+            batch, flushed = [], time.perf_counter()
+
     connector = aiohttp.TCPConnector(limit=0)
     timeout = aiohttp.ClientTimeout(total=60)
-    tasks: set[asyncio.Task[None]] = set()
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
-        interval, i, flushed = 1.0 / load.rate, 0, t0
-        while (due := t0 + i * interval) < t0 + load.seconds:
-            delay = due - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            task = asyncio.create_task(one(session, i))
-            tasks.add(task)
-            task.add_done_callback(tasks.discard)
-            i += 1
-            if time.perf_counter() - flushed >= 1.0:
-                out.send(batch)
-                batch, flushed = [], time.perf_counter()
-        await asyncio.gather(*tasks)
+        await open_loop(load.rate, t0, t0 + load.seconds, partial(one, session), flush_each_second)
     out.send(batch)
     out.send(None)
 
