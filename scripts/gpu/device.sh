@@ -26,6 +26,9 @@ ENGINES=${ENGINES:-2}
 LMCACHE=${LMCACHE:-1}
 GPU_UTIL=${GPU_UTIL:-$( [ "$ENGINES" -gt 2 ] && echo 0.2 || echo 0.3 )}
 ENGINE_ARGS=${ENGINE_ARGS:-}
+# DEV_MODE=1 (default): the engines expose POST /reset_prefix_cache (VLLM_SERVER_DEV_MODE), which
+# `matrix` calls before every case; DEV_MODE=0 serves without vLLM's development routes
+DEV_MODE=${DEV_MODE:-1}
 mkdir -p "$LOGS" /tmp/bin "${OUT:-/tmp/out}"
 
 engine_yaml() {  # $1 index
@@ -39,6 +42,7 @@ max_model_len: 32768
 gpu_memory_utilization: $GPU_UTIL
 kv_events: {enabled: true, endpoint: "tcp://*:$((5557 + 2 * i))", replay_endpoint: "tcp://*:$((5558 + 2 * i))", topic: kv-events}
 python_hash_seed: "0"
+dev_mode: $( [ "${DEV_MODE:-1}" = 1 ] && echo true || echo false )
 extra_args: [--load-format, dummy${ENGINE_ARGS:+, $ENGINE_ARGS}]
 extra_env: {VLLM_USE_FLASHINFER_SAMPLER: "0", HF_HUB_OFFLINE: "1"}
 YAML

@@ -36,6 +36,7 @@ def engine_yaml(index: int, env: dict[str, str]) -> str:
             "ENGINE_ARGS": "--enforce-eager",
         },
         {"LMCACHE": "0", "GPU_UTIL": "0.2", "ENGINE_ARGS": '--max-num-seqs, "64"'},
+        {"LMCACHE": "1", "GPU_UTIL": "0.2", "REDIS_PORT": "6390", "LMCACHE_CPU_GB": "20", "DEV_MODE": "0"},
     ],
 )
 @pytest.mark.parametrize("index", [0, 3])
@@ -52,3 +53,5 @@ def test_engine_serve_accepts_every_config_device_sh_writes(
     assert done.returncode == 0, done.stderr
     assert f"--port {8100 + index}" in done.stdout or f"--port' '{8100 + index}" in done.stdout
     assert ("LMCacheConnectorV1" in done.stdout) == (env["LMCACHE"] == "1")
+    # the matrix resets the engines' prefix caches between cases: dev mode unless turned off
+    assert ("VLLM_SERVER_DEV_MODE" in done.stdout) == (env.get("DEV_MODE", "1") == "1")
