@@ -4,6 +4,13 @@
 # `kvstack engine serve`, then the proof (`kvstack bench gpu`, src/kvstack/bench/gpu.py) with the router in front.
 #   bash scripts/gpu/device.sh start            Redis + both engines (setsid: they outlive the call)
 #   bash scripts/gpu/device.sh proof ARGS...    the proof over the running engines, results in $OUT
+#   bash scripts/gpu/device.sh matrix ARGS...   issue #23's matrix in one call: plan + estimate first,
+#       refused when estimated over MATRIX_BUDGET_S (default 560 s of the call's 600); a fresh cache
+#       (reset + FLUSHALL) before every case; e.g. after `ENGINES=4 ... start`:
+#       matrix --engines-subset 2 --engines-subset 4 --workload multi_round_qa --load 0.3 --load 1.2
+#              --runs 2 --policy cache_aware --policy sglang_cache_aware --policy sglang_round_robin
+#              --duration-s 6 --label m1
+#       MATRIX_DRY_RUN=1 prints the plan and its estimate only (no engines needed)
 #   bash scripts/gpu/device.sh calib ARGS...    the same traces on two simulators sized like the engines
 #   bash scripts/gpu/device.sh logs             engine log tails into $OUT
 #   ENGINES=4 GPU_UTIL=0.15 bash scripts/gpu/device.sh start   four engines (~97K tokens of KV each)
@@ -96,6 +103,16 @@ proof() {
     --out "$OUT" "$@" 2>&1 | tee -a "$OUT/proof.log"
 }
 
+matrix() {  # the whole proof in one call: engines x workloads x loads x runs x routers (gpu_plan.py)
+  local base=(--engines-file $LOGS/engines.yaml --model kvstack-8b --redis-url "redis://127.0.0.1:$REDIS_PORT"
+    --trace "${TRACE:-m$(date +%s)}" --budget-s "${MATRIX_BUDGET_S:-560}" --out "$OUT")
+  if [ "${MATRIX_DRY_RUN:-0}" = 1 ]; then
+    python3 -m kvstack bench gpu "${base[@]}" --dry-run "$@"
+    return
+  fi
+  timeout "${PROOF_TIMEOUT:-590}" python3 -m kvstack bench gpu "${base[@]}" "$@" 2>&1 | tee -a "$OUT/matrix.log"
+}
+
 flow() {  # flow control under overload over the running engines (kvstack bench flow)
   timeout "${PROOF_TIMEOUT:-580}" python3 -m kvstack bench flow --engines-file $LOGS/engines.yaml --model kvstack-8b \
     --tokenizer engine --speed 1 --out "$OUT" "$@" 2>&1 | tee -a "$OUT/flow.log"
@@ -105,8 +122,8 @@ calib() {  # the same traces on two simulators sized like the real engines
   local blocks
   blocks=$(python3 -c "
 from kvstack.bench import promtext
-from kvstack.bench.gpu import _num_gpu_blocks
-print(_num_gpu_blocks(promtext.scrape('http://127.0.0.1:8100/metrics')) or 0)")
+from kvstack.bench.gpu_summary import num_gpu_blocks
+print(num_gpu_blocks(promtext.scrape('http://127.0.0.1:8100/metrics')) or 0)")
   echo "simulators with $blocks KV blocks each"
   PROOF_TIMEOUT=${PROOF_TIMEOUT:-420} timeout "${PROOF_TIMEOUT:-420}" python3 -m kvstack bench gpu --sims 2 \
     --sim-blocks "$blocks" --model kvstack-8b --label sim --out "$OUT" "$@" 2>&1 | tee -a "$OUT/calib.log"
