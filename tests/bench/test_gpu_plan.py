@@ -17,6 +17,9 @@ from kvstack.bench.gpu_plan import (
     estimate_s,
     plan,
     rotated,
+    salted,
+    sized_workload,
+    text_salt,
 )
 
 POLICIES = ("cache_aware", "sglang_cache_aware", "sglang_round_robin")
@@ -208,3 +211,31 @@ def test_a_bad_option_is_named() -> None:
     result = _bench_gpu("--dry-run", "--engines-subset", "3")
     assert result.exit_code == 2
     assert "--engines-subset: 3 is not between 1 and the 2 engines available" in result.output
+
+
+def test_on_a_shared_trace_each_router_has_its_own_prompt_prefix() -> None:
+    cases = plan(spec(policies=POLICIES, runs=2))
+    for run in (1, 2):
+        salts = {c.policy: c.text_salt for c in cases if c.run == run}
+        assert len(set(salts.values())) == len(POLICIES)  # LMCache's leftovers of one never hit another
+        assert salts == {p: text_salt(p) for p in POLICIES}
+    # own traces (a single case, --trace-as) keep today's prompts
+    assert {c.text_salt for c in plan(spec())} == {""}
+    assert {c.text_salt for c in plan(spec(runs=2, trace_as="cache_aware"))} == {""}
+
+
+def test_salted_keeps_the_trace_and_changes_only_the_first_words() -> None:
+    wl = sized_workload("multi_round_qa", 10, 0.5, 34_000, seed=3)
+    a, b = salted(wl, text_salt("cache_aware")), salted(wl, text_salt("sglang_cache_aware"))
+    assert salted(wl, "") is wl
+    for x, y, orig in zip(a.sessions, b.sessions, wl.sessions, strict=True):
+        assert (
+            (x.start, x.turns, x.think_time)
+            == (y.start, y.turns, y.think_time)
+            == (orig.start, orig.turns, orig.think_time)
+        )
+        assert x.system != y.system and x.system.endswith(orig.system) and y.system.endswith(orig.system)
+        assert len(x.system) == len(y.system)  # eight hex digits each
+    assert (
+        wl.sessions[0].system == sized_workload("multi_round_qa", 10, 0.5, 34_000, seed=3).sessions[0].system
+    )

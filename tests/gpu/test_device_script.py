@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from kvstack.bench.gpu_plan import text_salt
+
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts/gpu/device.sh"
 
@@ -86,7 +88,7 @@ def test_matrix_dry_run_prints_the_plan_and_its_estimate(tmp_path: Path) -> None
     lines = done.stdout.splitlines()
     assert lines[0].startswith("plan: 24 cases, estimated ")
     assert lines[1].startswith("  e2-multi_round_qa-l0.3-cache_aware-r1: seed ")
-    assert "(trace same/t/e2/load0.3/run1)" in lines[1]
+    assert f"(trace same/t/e2/load0.3/run1, prompts start {text_salt('cache_aware')})" in lines[1]
     assert lines[-1].startswith("  e4-multi_round_qa-l1.2-cache_aware-r2: seed ")  # rotated: last in run 2
 
 

@@ -27,7 +27,16 @@ import yaml
 
 from kvstack.bench import promtext, trace, workloads
 from kvstack.bench.driver import DriverConfig, run_workload, wait_for_engines
-from kvstack.bench.gpu_plan import WORKLOADS, Case, PlanError, PlanSpec, estimate_s, plan, sized_workload
+from kvstack.bench.gpu_plan import (
+    WORKLOADS,
+    Case,
+    PlanError,
+    PlanSpec,
+    estimate_s,
+    plan,
+    salted,
+    sized_workload,
+)
 from kvstack.bench.gpu_plot import plot, plot_matrix
 from kvstack.bench.gpu_procs import PEER_POLICIES, peer_router_proc, router_proc, sim_procs
 from kvstack.bench.gpu_reset import fresh_cache as fresh_cache_of
@@ -235,7 +244,8 @@ def gpu_proof(
     typer.echo(f"plan: {len(cases)} cases, estimated {estimate / 60:.1f} min ({estimate:.0f} s)")
     if dry_run:
         for c in cases:
-            typer.echo(f"  {c.tag}: seed {c.seed} (trace {c.trace_policy}/{c.salt or '-'})")
+            text = f", prompts start {c.text_salt}" if c.text_salt else ""
+            typer.echo(f"  {c.tag}: seed {c.seed} (trace {c.trace_policy}/{c.salt or '-'}{text})")
         return
     if budget_s and estimate > budget_s:
         raise typer.BadParameter(
@@ -252,7 +262,8 @@ def gpu_proof(
     urls = [e["url"] if isinstance(e, dict) else str(e) for e in entries]
     opts = CaseOptions(model, tokenizer, tokenizer_path, log_dir)
     traces = [
-        sized_workload(c.workload, duration_s, c.load, prefill_tokens_per_s, seed=c.seed) for c in cases
+        salted(sized_workload(c.workload, duration_s, c.load, prefill_tokens_per_s, seed=c.seed), c.text_salt)
+        for c in cases
     ]
     rows: list[dict[str, Any]] = []
     found: list[Verdict] = []

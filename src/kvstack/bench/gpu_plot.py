@@ -102,6 +102,7 @@ def plot_matrix(result: Path, png: Path) -> Path:
     """One PNG of a matrix run: per panel, a bar per policy and group (the mean over runs) with each
     run as a dot; the x labels carry the group's verdict."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -120,6 +121,10 @@ def plot_matrix(result: Path, png: Path) -> Path:
                 ax.plot([x] * len(r), r, "k.", markersize=5)
         if metric.startswith("ttft"):
             ax.set_yscale("log")  # a saturated round robin would flatten every other bar
+            plain = matplotlib.ticker.FuncFormatter(lambda y, _pos: f"{y:,.0f}")
+            ax.yaxis.set_major_formatter(plain)  # 80, not 8 x 10^1
+            ax.yaxis.set_minor_formatter(plain)
+            ax.tick_params(axis="y", which="minor", labelsize=7)
         ax.set_title(f"{title}: bar = mean over runs, dots = runs")
         ax.set_xticks(range(len(groups)), bars["names"], fontsize=7)
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.005, 1.0), borderaxespad=0.0)
