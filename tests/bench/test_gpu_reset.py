@@ -17,7 +17,16 @@ from tests.engine_sim_core.conftest import RedisServer
 
 from kvstack.bench import promtext
 from kvstack.bench.gpu_procs import sim_procs
-from kvstack.bench.gpu_reset import ResetError, flush_redis, fresh_cache, in_flight, reset_prefix_cache
+from kvstack.bench.gpu_reset import (
+    IN_FLIGHT,
+    KV_USAGE,
+    ResetError,
+    flush_redis,
+    fresh_cache,
+    idle,
+    in_flight,
+    reset_prefix_cache,
+)
 from kvstack.bench.gpu_summary import ENGINE_COUNTERS
 from kvstack.common.procs import running
 from kvstack.common.waits import wait_until
@@ -95,8 +104,9 @@ def test_reset_waits_for_the_engines_to_be_idle(tmp_path: Path) -> None:
             # the simulator refuses a reset while a request runs, as vLLM's scheduler does
             with pytest.raises(ResetError, match="500"):
                 reset_prefix_cache(url)
+            assert not idle(url)
             fresh_cache([url], None)  # waits for idle, then resets
-            assert in_flight(url) == 0
+            assert idle(url) and in_flight(url) == 0
         finally:
             worker.join(timeout=120)
 
@@ -131,3 +141,8 @@ def test_an_unreachable_redis_is_named() -> None:
     url = f"redis://127.0.0.1:{free_port()}"
     with pytest.raises(ResetError, match="FLUSHALL failed"):
         flush_redis(url)
+
+
+def test_the_idle_signals_exist_in_vllm_024s_metrics(reference_dir: Path) -> None:
+    names = {name for name, _ in promtext.parse((reference_dir / "vllm-0.24-metrics.txt").read_text())}
+    assert {*IN_FLIGHT, KV_USAGE} <= names

@@ -3,12 +3,15 @@ reset, the shared Redis flushed.
 
 vLLM 0.24 serves ``POST /reset_prefix_cache`` only with ``VLLM_SERVER_DEV_MODE=1`` (``kvstack
 engine serve``'s ``dev_mode: true``), and answers 200 without checking that the reset happened:
-the scheduler refuses it while any block is in use. So the engines must be idle first (no request
-running or waiting, from their metrics). ``reset_external=true`` asks the KV connector to reset
-too; LMCache 0.5.3's ``LMCacheConnectorV1`` does not implement that, so its CPU tier survives
-(the plan rotates the routers per run for that reason, ``gpu_plan``). The simulator answers the
-route like vLLM: it empties the GPU cache and leaves its LMCache tiers alone; it refuses (500)
-while requests run.
+the scheduler refuses it while any block is in use (it logs "Failed to reset prefix cache because
+some blocks (N) are not freed yet"). So the engines must be idle first: no request running or
+waiting, and no KV block held (``vllm:kv_cache_usage_perc`` counts the blocks requests hold, not
+the cached free ones; a connector still saving a finished request's blocks holds them).
+
+``reset_external=true`` asks the KV connector to reset too; LMCache 0.5.3's ``LMCacheConnectorV1``
+does not implement that, so its CPU tier survives (the plan gives every router its own prompt
+prefix for that reason, ``gpu_plan``). The simulator answers the route like vLLM: it empties the
+GPU cache and leaves its LMCache tiers alone; it refuses (500) while requests run.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from kvstack.bench import promtext
 from kvstack.common.waits import wait_until
 
 IN_FLIGHT = ("vllm:num_requests_running", "vllm:num_requests_waiting")
+KV_USAGE = "vllm:kv_cache_usage_perc"
 
 
 class ResetError(RuntimeError):
@@ -34,9 +38,16 @@ def in_flight(url: str) -> float:
     return sum(promtext.total(samples, name) for name in IN_FLIGHT)
 
 
+def idle(url: str) -> bool:
+    """No request running or waiting on the engine at ``url`` and no KV block held."""
+    samples = promtext.scrape(f"{url}/metrics")
+    busy = sum(promtext.total(samples, name) for name in IN_FLIGHT)
+    return busy == 0 and promtext.total(samples, KV_USAGE) == 0
+
+
 def wait_idle(urls: Sequence[str], timeout_s: float = 120.0) -> None:
-    """Until no engine has a request running or waiting (a cancelled stream may finish late)."""
-    wait_until(lambda: all(in_flight(u) == 0 for u in urls), f"engines idle: {', '.join(urls)}", timeout_s)
+    """Until every engine is idle (a cancelled stream may finish late, a connector save hold blocks)."""
+    wait_until(lambda: all(idle(u) for u in urls), f"engines idle: {', '.join(urls)}", timeout_s)
 
 
 def reset_prefix_cache(url: str) -> None:
