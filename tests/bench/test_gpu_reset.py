@@ -112,7 +112,14 @@ def test_reset_waits_for_the_engines_to_be_idle(tmp_path: Path) -> None:
 
 
 class _NoDevMode(http.server.BaseHTTPRequestHandler):
-    """An HTTP server without the development routes: vLLM's answer when dev mode is off."""
+    """An HTTP server without the development routes: vLLM's answer when dev mode is off (and an
+    idle engine's metrics, so the reset is what fails)."""
+
+    def do_GET(self) -> None:
+        body = b"vllm:num_requests_running 0.0\nvllm:num_requests_waiting 0.0\nvllm:kv_cache_usage_perc 0.0\n"
+        self.send_response(200 if self.path == "/metrics" else 404)
+        self.end_headers()
+        self.wfile.write(body)
 
     def do_POST(self) -> None:
         self.send_response(404)
@@ -123,18 +130,37 @@ class _NoDevMode(http.server.BaseHTTPRequestHandler):
         pass
 
 
-def test_an_engine_without_dev_mode_is_named_with_the_fix() -> None:
+@pytest.fixture
+def no_dev_mode() -> Iterator[str]:
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _NoDevMode)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        url = f"http://127.0.0.1:{server.server_address[1]}"
-        with pytest.raises(ResetError, match=r"dev_mode: true.*VLLM_SERVER_DEV_MODE=1") as err:
-            reset_prefix_cache(url)
-        assert url in str(err.value)
+        yield f"http://127.0.0.1:{server.server_address[1]}"
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_an_engine_without_dev_mode_is_named_with_the_fix(no_dev_mode: str) -> None:
+    with pytest.raises(ResetError, match=r"dev_mode: true.*VLLM_SERVER_DEV_MODE=1") as err:
+        reset_prefix_cache(no_dev_mode)
+    assert no_dev_mode in str(err.value)
+
+
+def test_a_matrix_stops_before_its_first_case_without_dev_mode(no_dev_mode: str, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from kvstack.cli import app
+
+    engines = tmp_path / "engines.yaml"
+    engines.write_text(f"- {{url: {no_dev_mode}, name: e0, models: [m]}}\n")
+    args = ["bench", "gpu", "--engines-file", str(engines), "--runs", "2", "--out", str(tmp_path / "out")]
+    result = CliRunner().invoke(app, [*args, "--policy", "round_robin", "--duration-s", "2"])
+    assert result.exit_code == 1
+    assert "cannot start multi_round_qa-round_robin-r1 on a fresh cache" in result.output
+    assert "does not serve POST /reset_prefix_cache" in result.output
+    assert not (tmp_path / "out" / "h200.json").exists()  # no case ran
 
 
 def test_an_unreachable_redis_is_named() -> None:

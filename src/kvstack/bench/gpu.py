@@ -39,6 +39,7 @@ from kvstack.bench.gpu_plan import (
 )
 from kvstack.bench.gpu_plot import plot, plot_matrix
 from kvstack.bench.gpu_procs import PEER_POLICIES, peer_router_proc, router_proc, sim_procs
+from kvstack.bench.gpu_reset import ResetError
 from kvstack.bench.gpu_reset import fresh_cache as fresh_cache_of
 from kvstack.bench.gpu_summary import (
     ENGINE_COUNTERS,
@@ -275,7 +276,11 @@ def gpu_proof(
     with running(procs, timeout=60), BenchProgress("bench gpu", total, "requests") as bar:
         for case, wl in zip(cases, traces, strict=True):
             if reset:
-                fresh_cache_of(urls, flush_url)
+                try:
+                    fresh_cache_of(urls, flush_url)
+                except ResetError as err:  # before any request of the case: the results so far stand
+                    typer.echo(f"cannot start {case.tag} on a fresh cache: {err}", err=True)
+                    raise typer.Exit(1) from None
             subset = entries[: case.engines]
             subset_file = log_dir / f"engines-{case.engines}.yaml"
             subset_file.write_text(yaml.safe_dump(subset))

@@ -47,7 +47,10 @@ def idle(url: str) -> bool:
 
 def wait_idle(urls: Sequence[str], timeout_s: float = 120.0) -> None:
     """Until every engine is idle (a cancelled stream may finish late, a connector save hold blocks)."""
-    wait_until(lambda: all(idle(u) for u in urls), f"engines idle: {', '.join(urls)}", timeout_s)
+    try:
+        wait_until(lambda: all(idle(u) for u in urls), f"engines idle: {', '.join(urls)}", timeout_s)
+    except AssertionError as err:  # wait_until's timeout: the engines serve someone else's traffic
+        raise ResetError(str(err)) from None
 
 
 def reset_prefix_cache(url: str) -> None:
