@@ -4,12 +4,12 @@
 # `kvstack engine serve`, then the proof (`kvstack bench gpu`, src/kvstack/bench/gpu.py) with the router in front.
 #   bash scripts/gpu/device.sh start            Redis + both engines (setsid: they outlive the call)
 #   bash scripts/gpu/device.sh proof ARGS...    the proof over the running engines, results in $OUT
-#   bash scripts/gpu/device.sh matrix ARGS...   issue #23's matrix in one call: plan + estimate first,
-#       refused when estimated over MATRIX_BUDGET_S (default 560 s of the call's 600); a fresh cache
-#       (reset + FLUSHALL) before every case; e.g. after `ENGINES=4 ... start`:
-#       matrix --engines-subset 2 --engines-subset 4 --workload multi_round_qa --load 0.3 --load 1.2
+#   bash scripts/gpu/device.sh matrix ARGS...   issue #23's matrix (or a slice of it) in one call: plan +
+#       estimate first, refused when estimated over MATRIX_BUDGET_S (default 560 s of the call's 600);
+#       a fresh cache (reset + FLUSHALL) before every case; e.g. after `ENGINES=4 ... start` (~510 s):
+#       matrix --engines-subset 2 --workload multi_round_qa --load 0.3 --load 0.9 --load 1.3
 #              --runs 2 --policy cache_aware --policy sglang_cache_aware --policy sglang_round_robin
-#              --duration-s 6 --label m1
+#              --duration-s 5 --label m-e2-mrqa
 #       MATRIX_DRY_RUN=1 prints the plan and its estimate only (no engines needed)
 #   bash scripts/gpu/device.sh calib ARGS...    the same traces on two simulators sized like the engines
 #   bash scripts/gpu/device.sh logs             engine log tails into $OUT
@@ -103,7 +103,7 @@ proof() {
     --out "$OUT" "$@" 2>&1 | tee -a "$OUT/proof.log"
 }
 
-matrix() {  # the whole proof in one call: engines x workloads x loads x runs x routers (gpu_plan.py)
+matrix() {  # engines x workloads x loads x runs x routers in one call (gpu_plan.py), within its budget
   local base=(--engines-file $LOGS/engines.yaml --model kvstack-8b --redis-url "redis://127.0.0.1:$REDIS_PORT"
     --trace "${TRACE:-m$(date +%s)}" --budget-s "${MATRIX_BUDGET_S:-560}" --out "$OUT")
   if [ "${MATRIX_DRY_RUN:-0}" = 1 ]; then
