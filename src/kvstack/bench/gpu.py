@@ -190,8 +190,10 @@ def gpu_proof(
         bool | None,
         typer.Option(
             "--same-trace/--own-trace",
-            help="Every policy of one (engines, workload, load, run) on one trace. Default: on for a "
-            "matrix (several loads, runs or engine subsets), off for a single case.",
+            help="Every policy of one (engines, workload, load, run) on one trace, its system prompts "
+            "prefixed with the policy's own salt (LMCache's CPU tier survives the reset: no router may "
+            "load another's prompts). Default: on for a matrix (several loads, runs or engine "
+            "subsets), off for a single case.",
         ),
     ] = None,
     fresh_cache: Annotated[
