@@ -182,6 +182,10 @@ class EngineConfig(BaseSettings):
     # vLLM's OTLP spans (--otlp-traces-endpoint), under the router's traceparent; None: none
     otlp_traces_endpoint: str | None = None
     otlp_traces_protocol: Literal["http/protobuf", "grpc"] = "http/protobuf"
+    # vLLM's development endpoints (VLLM_SERVER_DEV_MODE=1), among them POST /reset_prefix_cache,
+    # which `kvstack bench gpu` calls between cases. Unauthenticated and able to drop every cache:
+    # benchmarks only, never a served pod.
+    dev_mode: bool = False
 
     @field_validator("otlp_traces_endpoint", mode="before")
     @classmethod

@@ -54,6 +54,7 @@ MANAGED_ENV: frozenset[str] = frozenset(
         "LMCACHE_CONFIG_FILE",
         "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",  # otlp_traces_protocol
         "VLLM_ALLOW_RUNTIME_LORA_UPDATING",
+        "VLLM_SERVER_DEV_MODE",  # dev_mode
     }
 )
 

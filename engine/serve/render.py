@@ -12,6 +12,8 @@ from kvstack.engine.serve.config import ENV_PREFIX, EngineConfig, KVEventsSettin
 
 # The connector ships with vLLM and loads the installed lmcache package's implementation.
 KV_TRANSFER_CONFIG: dict[str, str] = {"kv_connector": "LMCacheConnectorV1", "kv_role": "kv_both"}
+# vLLM 0.24 mounts its development routes (/reset_prefix_cache, /sleep, ...) only with this set.
+DEV_MODE_ENV = "VLLM_SERVER_DEV_MODE"
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +64,8 @@ def render(config: EngineConfig) -> LaunchSpec:
     if config.lora is not None:
         # the operator loads and unloads the declared adapters through the runtime endpoints
         env[RUNTIME_UPDATING_ENV] = "True"
+    if config.dev_mode:
+        env[DEV_MODE_ENV] = "1"
     secret: set[str] = set()
     if config.api_key is not None:
         env["VLLM_API_KEY"] = config.api_key.get_secret_value()

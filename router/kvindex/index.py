@@ -11,7 +11,9 @@ dispatch (expire after a TTL unless an event confirms them), and, for engines th
 events, an approximate LRU of what was dispatched there. Non-GPU events (LMCache's CPU tier)
 count for their engine at the CPU weight and, with a shared remote store, for every engine at the
 shared weight. A tier's weight is what a token loaded from it saves against computing it
-(:func:`tier_weight`), from load costs measured on the engines (bench-results/lmcache/README.md).
+(``tier_weights``), from load costs measured on the engines (bench-results/lmcache/README.md).
+Each engine's containers are an ``EngineSlice`` (``engine_slice``); this module holds the rules
+that fill them from events and dispatches and read them for a request.
 """
 
 from __future__ import annotations
@@ -24,33 +26,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from kvstack.common.blocks import extend_keys
 from kvstack.common.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
+from kvstack.router.kvindex.engine_slice import CPU, GPU, EngineSlice, tier_of
 from kvstack.router.kvindex.keys import request_root
 from kvstack.router.kvindex.prefix import longest_prefix
-
-GPU, CPU = 0, 1  # the tiers an engine's own events land in
-
-
-def tier_weight(load_us_per_token: float, compute_us_per_token: float, failure: float = 0.0) -> float:
-    """What a prompt token an engine loads from a tier is worth, as a fraction of a GPU hit.
-
-    A GPU hit saves computing the token. A load saves it too, less the load's own time, and only
-    when the token comes back: a load that fails (``failure``: the share of tokens asked for that
-    do not) is paid and then computed anyway. So ``(1 - failure) - load / compute``, floored at 0: a
-    tier slower than computing is worth nothing (vLLM loads what LMCache announces, so the router
-    can only avoid counting on it).
-    """
-    if compute_us_per_token <= 0:
-        raise ValueError("compute_us_per_token must be positive")
-    return max(0.0, (1.0 - failure) - load_us_per_token / compute_us_per_token)
-
-
-# Measured on the H200 run of two vLLM 0.24 + LMCache 0.5.3 engines sharing one GPU (the engines'
-# "Retrieved N out of M required tokens ... cost" log lines, kvstack.engine.sim.fit.retrieve_fit):
-# LMCache's CPU tier loads 4.0 us/token; Redis 330 us per token asked for, and 43% of those never
-# came back. Computing a token took ~70 us on that shared GPU (17.7 us at full GPU / share 0.26).
-H200_COMPUTE_US_PER_TOKEN = 68.0
-H200_CPU_WEIGHT = tier_weight(4.0, H200_COMPUTE_US_PER_TOKEN)  # 0.94
-H200_SHARED_WEIGHT = tier_weight(330.0, H200_COMPUTE_US_PER_TOKEN, failure=0.43)  # 0.0
+from kvstack.router.kvindex.tier_weights import H200_CPU_WEIGHT, H200_SHARED_WEIGHT
 
 
 class IndexSettings(BaseModel):
@@ -107,56 +86,12 @@ class IndexCounters:
     evicted_at_cap: int = 0  # our entries dropped because an engine exceeded its block budget
 
 
-class _Engine:
-    """One engine's slice of the index."""
-
-    __slots__ = (
-        "approx",
-        "block_size",
-        "by_hash",
-        "cap",
-        "events",
-        "held",
-        "model",
-        "n_keys",
-        "orphans",
-        "sized_by_events",
-        "spec",
-    )
-
-    held: list[dict[int, int]]  # per tier: our key -> refcount
-    by_hash: list[OrderedDict[int, tuple[int, ...]]]  # per tier: engine hash -> our keys, oldest first
-    n_keys: list[int]
-    spec: OrderedDict[int, float]  # key -> expiry (monotonic seconds), oldest first
-    approx: OrderedDict[int, None]  # LRU; most recent at the end
-    orphans: OrderedDict[int, list[BlockStored]]  # parent engine hash -> children waiting for it
-
-    def __init__(self, model: str | None, block_size: int, cap: int, events: bool) -> None:
-        self.model = model
-        self.block_size = block_size
-        self.sized_by_events = False  # a GPU event fixed block_size; scrapes no longer override it
-        self.cap = cap
-        self.events = events
-        self.reset()
-
-    def reset(self, *, keep_cpu: bool = False) -> None:
-        cpu_held: dict[int, int] = self.held[CPU] if keep_cpu else {}
-        cpu_hash: OrderedDict[int, tuple[int, ...]] = self.by_hash[CPU] if keep_cpu else OrderedDict()
-        cpu_n = self.n_keys[CPU] if keep_cpu else 0
-        self.held = [{}, cpu_held]
-        self.by_hash = [OrderedDict(), cpu_hash]
-        self.n_keys = [0, cpu_n]
-        self.spec = OrderedDict()
-        self.approx = OrderedDict()
-        self.orphans = OrderedDict()
-
-
 class KVIndex:
     """Which engines hold which blocks. All methods are synchronous and run on the event loop."""
 
     def __init__(self, settings: IndexSettings | None = None) -> None:
         self.settings = settings or IndexSettings()
-        self._engines: dict[str, _Engine] = {}
+        self._engines: dict[str, EngineSlice] = {}
         self._shared: OrderedDict[int, None] = OrderedDict()
         self.counters = IndexCounters()
 
@@ -178,7 +113,7 @@ class KVIndex:
         eng = self._engines.get(engine_id)
         cap = int((num_gpu_blocks or self.settings.default_engine_blocks) * self.settings.capacity_slack)
         if eng is None:
-            eng = self._engines[engine_id] = _Engine(
+            eng = self._engines[engine_id] = EngineSlice(
                 model, block_size or self.settings.default_block_size, cap, events
             )
             return eng.block_size
@@ -230,12 +165,12 @@ class KVIndex:
                 eng.reset(keep_cpu=True)  # vLLM's reset_prefix_cache empties the GPU cache only
                 self.counters.clears += 1
 
-    def _stored(self, eng: _Engine, ev: BlockStored) -> list[BlockStored]:
+    def _stored(self, eng: EngineSlice, ev: BlockStored) -> list[BlockStored]:
         """Index one event; returns parked children it unblocked."""
         if (ev.kv_cache_spec_kind not in (None, "full_attention")) or (ev.group_idx or 0) != 0:
             self.counters.skipped_events += 1  # hybrid models: only the full-attention group prefixes
             return []
-        tier = _tier(ev.medium)
+        tier = tier_of(ev.medium)
         size = ev.block_size
         if size <= 0 or len(ev.token_ids) != size * len(ev.block_hashes):
             self.counters.skipped_events += 1
@@ -271,7 +206,7 @@ class KVIndex:
                 unblocked.extend(eng.orphans.pop(ehash, ()))
         return unblocked
 
-    def _hold(self, eng: _Engine, tier: int, ehash: int, keys: tuple[int, ...]) -> None:
+    def _hold(self, eng: EngineSlice, tier: int, ehash: int, keys: tuple[int, ...]) -> None:
         by_hash, held = eng.by_hash[tier], eng.held[tier]
         old = by_hash.pop(ehash, None)
         if old is not None:
@@ -295,7 +230,7 @@ class KVIndex:
             self._release(eng, tier, dropped)
             self.counters.evicted_at_cap += len(dropped)
 
-    def _release(self, eng: _Engine, tier: int, keys: tuple[int, ...]) -> None:
+    def _release(self, eng: EngineSlice, tier: int, keys: tuple[int, ...]) -> None:
         held = eng.held[tier]
         eng.n_keys[tier] -= len(keys)
         for k in keys:
@@ -305,7 +240,7 @@ class KVIndex:
             else:
                 held.pop(k, None)
 
-    def _park(self, eng: _Engine, ev: BlockStored) -> None:
+    def _park(self, eng: EngineSlice, ev: BlockStored) -> None:
         """Hold a child whose parent is unknown until the parent arrives (bounded)."""
         if self.settings.max_orphans_per_engine == 0:
             self.counters.orphans_dropped += 1
@@ -318,8 +253,8 @@ class KVIndex:
             parked -= len(dropped)
             self.counters.orphans_dropped += len(dropped)
 
-    def _removed(self, eng: _Engine, ev: BlockRemoved) -> None:
-        tier = _tier(ev.medium)
+    def _removed(self, eng: EngineSlice, ev: BlockRemoved) -> None:
+        tier = tier_of(ev.medium)
         by_hash = eng.by_hash[tier]
         for ehash in ev.block_hashes:
             keys = by_hash.pop(ehash, None)
@@ -398,7 +333,7 @@ class KVIndex:
 
         return in_cpu, longest_prefix(head, stored, in_cpu)
 
-    def _tiers(self, eng: _Engine, keys: Sequence[int], now: float) -> tuple[int, int, int]:
+    def _tiers(self, eng: EngineSlice, keys: Sequence[int], now: float) -> tuple[int, int, int]:
         """Blocks of ``keys`` matched on the GPU, locally (GPU or CPU), and reachable (or shared)."""
         if not keys:
             return 0, 0, 0
@@ -442,10 +377,6 @@ class KVIndex:
     def capacity_blocks(self) -> int:
         """The bound on entries: per-engine caps (GPU, CPU, approx, speculative) plus the shared LRU."""
         return self.settings.shared_capacity_blocks + sum(4 * eng.cap for eng in self._engines.values())
-
-
-def _tier(medium: str | None) -> int:
-    return GPU if medium is None or medium.upper() == "GPU" else CPU
 
 
 def _salt(ev: BlockStored) -> str | None:

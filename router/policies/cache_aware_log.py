@@ -16,7 +16,7 @@ from kvstack.router.policies.cache_aware_tiers import TierEstimate
 from kvstack.router.tier_cost import TierCosts
 
 if TYPE_CHECKING:
-    from kvstack.router.policies.cache_aware import CandidateView, Choice
+    from kvstack.router.policies.cache_aware_decide import CandidateView, Choice
 
 decision_log = logging.getLogger("kvstack.router.decision")
 

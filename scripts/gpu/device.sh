@@ -4,6 +4,13 @@
 # `kvstack engine serve`, then the proof (`kvstack bench gpu`, src/kvstack/bench/gpu.py) with the router in front.
 #   bash scripts/gpu/device.sh start            Redis + both engines (setsid: they outlive the call)
 #   bash scripts/gpu/device.sh proof ARGS...    the proof over the running engines, results in $OUT
+#   bash scripts/gpu/device.sh matrix ARGS...   issue #23's matrix (or a slice of it) in one call: plan +
+#       estimate first, refused when estimated over MATRIX_BUDGET_S (default 560 s of the call's 600);
+#       a fresh cache (reset + FLUSHALL) before every case; e.g. after `ENGINES=4 ... start` (~510 s):
+#       matrix --engines-subset 2 --workload multi_round_qa --load 0.3 --load 0.9 --load 1.3
+#              --runs 2 --policy cache_aware --policy sglang_cache_aware --policy sglang_round_robin
+#              --duration-s 5 --label m-e2-mrqa
+#       MATRIX_DRY_RUN=1 prints the plan and its estimate only (no engines needed)
 #   bash scripts/gpu/device.sh calib ARGS...    the same traces on two simulators sized like the engines
 #   bash scripts/gpu/device.sh logs             engine log tails into $OUT
 #   ENGINES=4 GPU_UTIL=0.15 bash scripts/gpu/device.sh start   four engines (~97K tokens of KV each)
@@ -26,6 +33,9 @@ ENGINES=${ENGINES:-2}
 LMCACHE=${LMCACHE:-1}
 GPU_UTIL=${GPU_UTIL:-$( [ "$ENGINES" -gt 2 ] && echo 0.2 || echo 0.3 )}
 ENGINE_ARGS=${ENGINE_ARGS:-}
+# DEV_MODE=1 (default): the engines expose POST /reset_prefix_cache (VLLM_SERVER_DEV_MODE), which
+# `matrix` calls before every case; DEV_MODE=0 serves without vLLM's development routes
+DEV_MODE=${DEV_MODE:-1}
 mkdir -p "$LOGS" /tmp/bin "${OUT:-/tmp/out}"
 
 engine_yaml() {  # $1 index
@@ -39,6 +49,7 @@ max_model_len: 32768
 gpu_memory_utilization: $GPU_UTIL
 kv_events: {enabled: true, endpoint: "tcp://*:$((5557 + 2 * i))", replay_endpoint: "tcp://*:$((5558 + 2 * i))", topic: kv-events}
 python_hash_seed: "0"
+dev_mode: $( [ "${DEV_MODE:-1}" = 1 ] && echo true || echo false )
 extra_args: [--load-format, dummy${ENGINE_ARGS:+, $ENGINE_ARGS}]
 extra_env: {VLLM_USE_FLASHINFER_SAMPLER: "0", HF_HUB_OFFLINE: "1"}
 YAML
@@ -92,6 +103,16 @@ proof() {
     --out "$OUT" "$@" 2>&1 | tee -a "$OUT/proof.log"
 }
 
+matrix() {  # engines x workloads x loads x runs x routers in one call (gpu_plan.py), within its budget
+  local base=(--engines-file $LOGS/engines.yaml --model kvstack-8b --redis-url "redis://127.0.0.1:$REDIS_PORT"
+    --trace "${TRACE:-m$(date +%s)}" --budget-s "${MATRIX_BUDGET_S:-560}" --out "$OUT")
+  if [ "${MATRIX_DRY_RUN:-0}" = 1 ]; then
+    python3 -m kvstack bench gpu "${base[@]}" --dry-run "$@"
+    return
+  fi
+  timeout "${PROOF_TIMEOUT:-590}" python3 -m kvstack bench gpu "${base[@]}" "$@" 2>&1 | tee -a "$OUT/matrix.log"
+}
+
 flow() {  # flow control under overload over the running engines (kvstack bench flow)
   timeout "${PROOF_TIMEOUT:-580}" python3 -m kvstack bench flow --engines-file $LOGS/engines.yaml --model kvstack-8b \
     --tokenizer engine --speed 1 --out "$OUT" "$@" 2>&1 | tee -a "$OUT/flow.log"
@@ -101,8 +122,8 @@ calib() {  # the same traces on two simulators sized like the real engines
   local blocks
   blocks=$(python3 -c "
 from kvstack.bench import promtext
-from kvstack.bench.gpu import _num_gpu_blocks
-print(_num_gpu_blocks(promtext.scrape('http://127.0.0.1:8100/metrics')) or 0)")
+from kvstack.bench.gpu_summary import num_gpu_blocks
+print(num_gpu_blocks(promtext.scrape('http://127.0.0.1:8100/metrics')) or 0)")
   echo "simulators with $blocks KV blocks each"
   PROOF_TIMEOUT=${PROOF_TIMEOUT:-420} timeout "${PROOF_TIMEOUT:-420}" python3 -m kvstack bench gpu --sims 2 \
     --sim-blocks "$blocks" --model kvstack-8b --label sim --out "$OUT" "$@" 2>&1 | tee -a "$OUT/calib.log"

@@ -10,8 +10,8 @@ from tests.conftest import free_port
 from tests.engine_sim_core.conftest import RedisServer
 
 from kvstack.bench import promtext
-from kvstack.bench.gpu import ENGINE_COUNTERS
 from kvstack.bench.gpu_procs import sim_procs
+from kvstack.bench.gpu_summary import ENGINE_COUNTERS
 from kvstack.common.procs import running
 from kvstack.common.waits import wait_until
 

@@ -91,6 +91,7 @@ def test_values_are_parsed_from_env_and_file_forms(values: dict[str, Any], field
         ({"extra_args": "['--x'"}, "extra_args"),
         ({"extra_env": {"PYTHONHASHSEED": "1"}}, "PYTHONHASHSEED"),
         ({"extra_env": {"LMCACHE_CONFIG_FILE": "/x.yaml"}}, "LMCACHE_CONFIG_FILE"),
+        ({"extra_env": {"VLLM_SERVER_DEV_MODE": "1"}}, "VLLM_SERVER_DEV_MODE"),
         ({"extra_env": {"1BAD": "x"}}, "1BAD"),
         ({"extra_env": "{not json"}, "extra_env"),
         ({"surprise": 1}, "surprise"),

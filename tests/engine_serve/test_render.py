@@ -228,3 +228,18 @@ def test_kv_load_failure_policy_goes_into_the_transfer_config(policy: str) -> No
         "kv_role": "kv_both",
         "kv_load_failure_policy": policy,
     }
+
+
+@pytest.mark.parametrize(
+    ("values", "expected"),
+    [
+        ({}, None),  # off by default: a served pod never exposes the reset routes
+        ({"dev_mode": False}, None),
+        ({"dev_mode": True}, "1"),
+        ({"dev_mode": True, "lmcache": {"enabled": False}}, "1"),
+    ],
+)
+def test_dev_mode_sets_vllm_server_dev_mode(values: dict[str, Any], expected: str | None) -> None:
+    out = spec(**values)
+    assert out.env.get("VLLM_SERVER_DEV_MODE") == expected
+    assert not any("DEV_MODE" in arg for arg in out.argv)

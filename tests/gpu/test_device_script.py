@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from kvstack.bench.gpu_plan import text_salt
+
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts/gpu/device.sh"
 
@@ -36,6 +38,7 @@ def engine_yaml(index: int, env: dict[str, str]) -> str:
             "ENGINE_ARGS": "--enforce-eager",
         },
         {"LMCACHE": "0", "GPU_UTIL": "0.2", "ENGINE_ARGS": '--max-num-seqs, "64"'},
+        {"LMCACHE": "1", "GPU_UTIL": "0.2", "REDIS_PORT": "6390", "LMCACHE_CPU_GB": "20", "DEV_MODE": "0"},
     ],
 )
 @pytest.mark.parametrize("index", [0, 3])
@@ -52,3 +55,44 @@ def test_engine_serve_accepts_every_config_device_sh_writes(
     assert done.returncode == 0, done.stderr
     assert f"--port {8100 + index}" in done.stdout or f"--port' '{8100 + index}" in done.stdout
     assert ("LMCacheConnectorV1" in done.stdout) == (env["LMCACHE"] == "1")
+    # the matrix resets the engines' prefix caches between cases: dev mode unless turned off
+    assert ("VLLM_SERVER_DEV_MODE" in done.stdout) == (env.get("DEV_MODE", "1") == "1")
+
+
+def run_matrix(tmp_path: Path, args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """The script's matrix function, run alone over an engines file of four engines."""
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    (logs / "engines.yaml").write_text(
+        "".join(
+            f'- {{url: "http://127.0.0.1:{8100 + i}", name: gpu{i}, models: [kvstack-8b]}}\n'
+            for i in range(4)
+        )
+    )
+    body = f'source <(sed -n "/^matrix()/,/^}}/p" {SCRIPT}); matrix "$@"'
+    path = f"{Path(sys.executable).parent}:{os.environ['PATH']}"  # python3 -m kvstack: this venv's
+    full = {**os.environ, "PATH": path, "LOGS": str(logs), "REDIS_PORT": "6390", "OUT": str(tmp_path), **env}
+    return subprocess.run(["bash", "-c", body, "matrix", *args], env=full, capture_output=True, text=True)
+
+
+ISSUE_MATRIX = [
+    *("--engines-subset", "2", "--engines-subset", "4", "--workload", "multi_round_qa"),
+    *("--load", "0.3", "--load", "1.2", "--runs", "2", "--policy", "cache_aware"),
+    *("--policy", "sglang_cache_aware", "--policy", "sglang_round_robin"),
+]
+
+
+def test_matrix_dry_run_prints_the_plan_and_its_estimate(tmp_path: Path) -> None:
+    done = run_matrix(tmp_path, [*ISSUE_MATRIX, "--duration-s", "4"], {"MATRIX_DRY_RUN": "1", "TRACE": "t"})
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("plan: 24 cases, estimated ")
+    assert lines[1].startswith("  e2-multi_round_qa-l0.3-cache_aware-r1: seed ")
+    assert f"(trace same/t/e2/load0.3/run1, prompts start {text_salt('cache_aware')})" in lines[1]
+    assert lines[-1].startswith("  e4-multi_round_qa-l1.2-cache_aware-r2: seed ")  # rotated: last in run 2
+
+
+def test_matrix_over_its_budget_is_refused_before_any_request(tmp_path: Path) -> None:
+    done = run_matrix(tmp_path, [*ISSUE_MATRIX, "--duration-s", "60"], {})
+    assert "over --budget-s 560" in done.stdout
+    assert "requests ..." not in done.stdout  # no case started

@@ -10,17 +10,16 @@ import pytest
 
 from kvstack.bench import promtext
 from kvstack.bench.driver import RequestResult
-from kvstack.bench.gpu import (
+from kvstack.bench.gpu_plan import case_seed, sized_workload
+from kvstack.bench.gpu_plot import plot_rows
+from kvstack.bench.gpu_summary import (
     ENGINE_COUNTERS,
     ROUTER_COUNTERS,
-    _num_gpu_blocks,
     agreement,
-    case_seed,
     deltas,
-    sized_workload,
+    num_gpu_blocks,
     summarize_case,
 )
-from kvstack.bench.gpu_plot import plot_rows
 
 
 @pytest.mark.parametrize("name", ["multi_round_qa", "shared_prefix"])
@@ -84,10 +83,10 @@ def test_deltas_sum_over_engines() -> None:
     assert deltas(before, after, names) == {"hits": 20.0}
 
 
-def test_reads_num_gpu_blocks_from_a_real_scrape(reference_dir: Path) -> None:
+def test_readsnum_gpu_blocks_from_a_real_scrape(reference_dir: Path) -> None:
     samples = promtext.parse((reference_dir / "vllm-0.24-metrics.txt").read_text())
-    assert _num_gpu_blocks(samples) == 34604
-    assert _num_gpu_blocks({}) is None
+    assert num_gpu_blocks(samples) == 34604
+    assert num_gpu_blocks({}) is None
     # every engine counter the proof reads exists in vLLM 0.24's exposition
     names = {name for name, _ in samples}
     assert set(ENGINE_COUNTERS.values()) <= names

@@ -1,0 +1,110 @@
+"""The cache-aware decision (pure): the engine with the lowest estimated time to first token, with guards.
+
+Per candidate: ``est_ttft = base + (queued uncached prefill + this request's uncached tokens) /
+prefill_rate + tier loads + decode interference``. The cost adds ``uncached_weight`` x the
+request's own uncached prefill time (the compute it costs the cluster). Guards:
+
+* bounded load: a holder above ``load_factor`` x the mean load is skipped unless its cache saving
+  outweighs its queueing and covers ``replicate_below`` of the prompt;
+* hot-prefix replication: every holder skipped, so warm the least-loaded other engine;
+* cold spreading: no hit anywhere, so the least recently cold-served of the near-best engines;
+* balance among near-equals: the least loaded of the engines within a slack of the best cost;
+* optional exploration (off by default; a seeded RNG) and a soft session bonus.
+
+Ties break by a hash of (request, engine), so replicas fed the same events and requests decide the
+same way, and never toward the first engine."""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, NamedTuple
+
+if TYPE_CHECKING:
+    from kvstack.router.policies.cache_aware import CacheAwareSettings
+
+
+class CandidateView(NamedTuple):
+    """What the decision needs to know about one engine for one request (a tuple: one is built per
+    engine per request, and a frozen dataclass costs several times more to build)."""
+
+    hit_tokens: float  # tier-weighted tokens of this request the engine can serve from cache
+    queued_tokens: float  # uncached prefill tokens already waiting there
+    running: float  # requests decoding there
+    load: float  # requests in flight there (the bounded-load measure)
+    load_s: float = 0.0  # LMCache loads slower than computing the same tokens (seconds)
+    last_cold: int = -1  # when it last took a no-hit request (a counter); -1: never
+    session: bool = False  # the request's session was last sent here
+    tiebreak: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Choice:
+    index: int
+    reason: str  # cache_hit | load | cold | replicate | explore
+    est_ttft_s: float
+
+
+def est_ttft(prompt_tokens: int, v: CandidateView, s: CacheAwareSettings) -> float:
+    """Estimated seconds to first token on the engine of ``v``."""
+    uncached = max(0.0, prompt_tokens - v.hit_tokens)
+    work = v.queued_tokens + uncached
+    steps = max(1, math.ceil(work / s.prefill_chunk_tokens))
+    decode_s = v.running * s.decode_step_s_per_running * steps
+    return s.base_ttft_s + work / s.prefill_tokens_per_s + v.load_s + decode_s
+
+
+def decide(
+    prompt_tokens: int, views: Sequence[CandidateView], s: CacheAwareSettings, rng: random.Random
+) -> Choice:
+    """Pick one of ``views`` (non-empty). Pure but for the draws it takes from ``rng``."""
+    ttft = [est_ttft(prompt_tokens, v, s) for v in views]
+    mean = sum(v.load for v in views) / len(views)
+    bound = max(s.load_factor * mean, mean + 1.0)
+    rate = s.prefill_tokens_per_s
+
+    def skipped(i: int) -> bool:
+        v = views[i]
+        if v.load <= bound:
+            return False
+        if v.hit_tokens < s.replicate_below * prompt_tokens:
+            return True  # mostly recomputed anyway: warming another engine costs little
+        queue_s = ttft[i] - s.base_ttft_s - v.load_s - max(0.0, prompt_tokens - v.hit_tokens) / rate
+        # The saving counts the recompute's cost to the cluster as ``cost`` does: weighing the
+        # user's wait alone sent a long document elsewhere to skip one prefill ahead of it.
+        saving_s = (1.0 + s.uncached_weight) * v.hit_tokens / rate
+        return saving_s <= queue_s  # its saving does not outweigh its queueing
+
+    everyone = range(len(views))
+    pool = [i for i in everyone if not skipped(i)] or list(everyone)
+
+    def best(ids: Sequence[int], key: Callable[[int], tuple[float, ...]]) -> int:
+        return min(ids, key=lambda i: (*key(i), views[i].tiebreak))
+
+    if s.explore_rate > 0 and len(pool) > 1 and rng.random() < s.explore_rate:
+        i = pool[rng.randrange(len(pool))]
+        return Choice(i, "explore", ttft[i])
+    holders = [i for i in everyone if views[i].hit_tokens > 0]
+    if holders and all(skipped(i) for i in holders):
+        others = [i for i in pool if views[i].hit_tokens <= 0]
+        if others:
+            i = best(others, lambda i: (views[i].load, ttft[i]))
+            return Choice(i, "replicate", ttft[i])
+    if not holders:
+        floor = min(ttft[i] for i in pool)
+        near = [i for i in pool if ttft[i] <= floor + s.cold_slack_s]
+        i = best(near, lambda i: (views[i].last_cold, ttft[i]))
+        return Choice(i, "cold", ttft[i])
+
+    def cost(i: int) -> float:
+        v = views[i]
+        own = s.uncached_weight * max(0.0, prompt_tokens - v.hit_tokens) / rate
+        return ttft[i] + own - (s.session_bonus_s if v.session else 0.0)
+
+    costs = {i: cost(i) for i in pool}
+    floor = min(costs.values())
+    near = [i for i in pool if costs[i] <= floor + s.balance_slack_s]
+    i = best(near, lambda i: (views[i].load, costs[i]))
+    return Choice(i, "cache_hit" if views[i].hit_tokens > 0 else "load", ttft[i])

@@ -1,0 +1,88 @@
+"""A fresh cache before each ``kvstack bench gpu`` case: the engines idle, their GPU prefix caches
+reset, the shared Redis flushed.
+
+vLLM 0.24 serves ``POST /reset_prefix_cache`` only with ``VLLM_SERVER_DEV_MODE=1`` (``kvstack
+engine serve``'s ``dev_mode: true``), and answers 200 without checking that the reset happened:
+the scheduler refuses it while any block is in use (it logs "Failed to reset prefix cache because
+some blocks (N) are not freed yet"). So the engines must be idle first: no request running or
+waiting, and no KV block held (``vllm:kv_cache_usage_perc`` counts the blocks requests hold, not
+the cached free ones; a connector still saving a finished request's blocks holds them).
+
+``reset_external=true`` asks the KV connector to reset too; LMCache 0.5.3's ``LMCacheConnectorV1``
+does not implement that, so its CPU tier survives (the plan gives every router its own prompt
+prefix for that reason, ``gpu_plan``). The simulator answers the route like vLLM: it empties the
+GPU cache and leaves its LMCache tiers alone; it refuses (500) while requests run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import httpx
+import redis
+
+from kvstack.bench import promtext
+from kvstack.common.waits import wait_until
+
+IN_FLIGHT = ("vllm:num_requests_running", "vllm:num_requests_waiting")
+KV_USAGE = "vllm:kv_cache_usage_perc"
+
+
+class ResetError(RuntimeError):
+    """An engine or the Redis could not be reset; the message says which and how to fix it."""
+
+
+def in_flight(url: str) -> float:
+    """Requests running or waiting on the engine at ``url``, from its metrics."""
+    samples = promtext.scrape(f"{url}/metrics")
+    return sum(promtext.total(samples, name) for name in IN_FLIGHT)
+
+
+def idle(url: str) -> bool:
+    """No request running or waiting on the engine at ``url`` and no KV block held."""
+    samples = promtext.scrape(f"{url}/metrics")
+    busy = sum(promtext.total(samples, name) for name in IN_FLIGHT)
+    return busy == 0 and promtext.total(samples, KV_USAGE) == 0
+
+
+def wait_idle(urls: Sequence[str], timeout_s: float = 120.0) -> None:
+    """Until every engine is idle (a cancelled stream may finish late, a connector save hold blocks)."""
+    try:
+        wait_until(lambda: all(idle(u) for u in urls), f"engines idle: {', '.join(urls)}", timeout_s)
+    except AssertionError as err:  # wait_until's timeout: the engines serve someone else's traffic
+        raise ResetError(str(err)) from None
+
+
+def reset_prefix_cache(url: str) -> None:
+    """Empty the GPU prefix cache of the engine at ``url`` (and ask its connector to reset too)."""
+    try:
+        r = httpx.post(f"{url}/reset_prefix_cache", params={"reset_external": "true"}, timeout=30.0)
+    except httpx.HTTPError as err:
+        raise ResetError(f"{url}: POST /reset_prefix_cache failed: {err}") from err
+    if r.status_code == 404:
+        raise ResetError(
+            f"{url} does not serve POST /reset_prefix_cache: start it with `dev_mode: true` "
+            "(VLLM_SERVER_DEV_MODE=1), or run with --keep-cache"
+        )
+    if r.status_code != 200:
+        raise ResetError(f"{url}: POST /reset_prefix_cache answered {r.status_code}: {r.text[:200]}")
+
+
+def flush_redis(url: str) -> None:
+    """FLUSHALL the Redis at ``url``: LMCache's shared tier starts empty."""
+    client = redis.Redis.from_url(url, socket_timeout=10.0)
+    try:
+        client.flushall()
+    except redis.RedisError as err:
+        raise ResetError(f"{url}: FLUSHALL failed: {err}") from err
+    finally:
+        client.close()
+
+
+def fresh_cache(urls: Sequence[str], redis_url: str | None) -> None:
+    """Every engine idle and its GPU prefix cache empty; then the shared Redis, if any, flushed."""
+    wait_idle(urls)
+    for url in urls:
+        reset_prefix_cache(url)
+    if redis_url is not None:
+        flush_redis(redis_url)
