@@ -18,7 +18,7 @@ every request; the rest comes from the tier costs being wrong. So:
   if several) gives a sample ``c[t] + (residual - baseline) / tokens[t]``, clipped to
   ``[0, max_cost]``, folded into ``c[t]`` as an EWMA;
 * a tier's weight, the fraction of a GPU hit one of its tokens is worth, is ``1 - c[t] * rate``
-  floored at 0 (:func:`weights`): the same rule as ``kvindex.index.tier_weight``, with the
+  floored at 0 (:func:`weights`): the same rule as ``kvindex.tier_weights.tier_weight``, with the
   measured cost in place of the fitted one.
 
 Every outcome of :func:`observe` is a typed reason, so the policy's metrics and tests can tell a
