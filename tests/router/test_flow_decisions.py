@@ -13,6 +13,7 @@ from kvstack.router.flow.admission import (
     Newcomer,
     QueueState,
     decide,
+    expiry,
     learn_correction,
     predict_ttft,
 )
@@ -338,6 +339,10 @@ def queue_state(
     )
 
 
+def held_state(count: int = 0, tokens: float = 0.0, max_count: int = 10, max_held: int = 4) -> QueueState:
+    return dataclasses.replace(queue_state(count, tokens=tokens, max_count=max_count), max_held=max_held)
+
+
 ROOM = Capacity(engines=2, room=True, prefill_tokens_per_s=2 * RATE, prefill_in_flight=0, base_ttft_s=0.01)
 FULL = Capacity(
     engines=2, room=False, prefill_tokens_per_s=2 * RATE, prefill_in_flight=68_000, base_ttft_s=0.01
@@ -377,14 +382,12 @@ def new(tenant: str = "t", priority: int = 0, cost: float = 3400, objective: flo
             "queued",
             (None, None),
         ),
-        (
-            new(objective=0.001),
-            queue_state(),
-            NONE,
-            "queue",
-            "queued",
-            (None, None),
-        ),  # no engine: no prediction
+        # no ready engine (scale from zero): held in the queue, whatever its objective (no prediction),
+        # bounded by the hold's bound, not the queue's
+        (new(objective=0.001), held_state(), NONE, "queue", "held", (None, None)),
+        (new(), held_state(3, tokens=300, max_count=0), NONE, "queue", "held", (None, None)),
+        (new(priority=5), held_state(4, tokens=400), NONE, "shed", "hold_full", (None, None)),
+        (new(), queue_state(), NONE, "shed", "hold_full", (None, None)),  # the hold's bound is 0
         (new(), queue_state(10, tokens=1000), FULL, "shed", "queue_full", (None, None)),
         (new(), queue_state(1, tokens=99_000), FULL, "shed", "queue_full", (None, None)),  # by tokens
         (
@@ -461,6 +464,19 @@ def test_admission(
     decision = decide(newcomer, queue, cap)
     assert (decision.outcome, decision.reason) == (outcome, reason)
     assert (decision.victim_priority, decision.victim_tenant) == victim
+
+
+@pytest.mark.parametrize(
+    ("held", "engines", "reason"),
+    [
+        (True, 0, "hold_timeout"),  # no engine came up: 503, come back in a while
+        (True, 2, "queue_timeout"),  # engines came, but stayed saturated: 429
+        (False, 2, "queue_timeout"),
+        (False, 0, "queue_timeout"),  # its engines went away while it waited: not a hold
+    ],
+)
+def test_expiry(held: bool, engines: int, reason: str) -> None:
+    assert expiry(held, engines) == reason
 
 
 def test_predictions_and_retry_after() -> None:
