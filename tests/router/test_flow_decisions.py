@@ -172,18 +172,37 @@ def test_learn_slots(
     ("current", "tokens", "ttft", "weight", "expected"),
     [
         (RATE, 17_000, 0.25, 0.5, 0.5 * RATE + 0.5 * 68_000),  # twice as fast as thought
-        (RATE, 17_000, 10.0, 1.0, RATE / 4),  # a stalled request: clipped to a quarter
-        (RATE, 17_000, 0.01, 1.0, 4 * RATE),  # a lucky one: clipped to four times
+        (RATE, 17_000, 0.01, 1.0, 4 * RATE),  # a lucky one: clipped to four times the default
         (RATE, 17_000, 0.001, 1.0, RATE),  # too short to say anything
         (RATE, 0, 0.5, 1.0, RATE),  # nothing to prefill (a full hit)
-        # a short uncached tail (under 0.25 s of work at 34K/s): its TTFT is the engine's step time
-        (RATE, 8_499, 2.0, 1.0, RATE),
-        (RATE, 8_500, 2.0, 1.0, RATE / 4),
+        (RATE, 1_023, 2.0, 1.0, RATE),  # a short uncached tail: its TTFT is the engine's step time
+        # a cold turn on a shared-GPU engine (~5K tokens/s): 2,340 tokens in 0.47 s is a sample,
+        # though it is only 0.07 s of work at the 34K default (the old rule took no such sample)
+        (RATE, 2_340, 0.468, 1.0, 5_000),
+        (RATE, 2_340, 0.468, 0.1, 0.9 * RATE + 500),  # one sample moves it a tenth of the way
+        (RATE, 2_340, 0.2, 1.0, RATE),  # quick, and quick at the rate so far: the step time counts
+        (8_000, 2_340, 0.2, 1.0, 11_700),  # 0.29 s of work at the rate so far: a sample
+        # one stalled request: the floor is a safety bound, and the EWMA keeps its weight
+        (RATE, 17_000, 1_000.0, 1.0, 250),
+        (RATE, 17_000, 1_000.0, 0.1, 0.9 * RATE + 25),
+        (300.0, 17_000, 1_000.0, 0.5, 275),
         (RATE, 17_000, 0.25, 0.0, RATE),  # learning off
     ],
 )
 def test_learn_rate(current: float, tokens: float, ttft: float, weight: float, expected: float) -> None:
     assert learn_rate(current, RATE, tokens, ttft, weight) == pytest.approx(expected)
+
+
+def test_learn_rate_follows_a_slow_engine_down_and_one_stall_does_not_swing_it() -> None:
+    rate = RATE
+    for _ in range(60):  # cold turns on an engine prefilling 5,000 tokens/s
+        rate = learn_rate(rate, RATE, 2_340, 2_340 / 5_000, 0.1)
+    assert rate == pytest.approx(5_000, rel=0.02)
+    stalled = learn_rate(rate, RATE, 2_340, 30.0, 0.1)  # one request stuck behind a full batch
+    assert stalled >= 0.9 * rate
+    for _ in range(60):
+        stalled = learn_rate(stalled, RATE, 2_340, 2_340 / 5_000, 0.1)
+    assert stalled == pytest.approx(5_000, rel=0.02)
 
 
 # ---------------------------------------------------------------- ordering
