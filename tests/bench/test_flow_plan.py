@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from kvstack.bench import flow_plan
@@ -122,3 +124,44 @@ def test_goals_met_and_not_met() -> None:
 
 def test_goals_not_run() -> None:
     assert {g.met for g in goals(Results())} == {None}
+
+
+def test_the_fairness_window_gives_b_several_users_at_the_same_ratio() -> None:
+    shape = Shape()
+    b_rate = 1.5 * 12 / 11  # the scenario's B at capacity 12 req/s
+    window = flow_plan.fairness_window_s(b_rate, 8.0, shape)
+    b, a = Stream("B", b_rate, window), Stream("A", 10 * b_rate, window)
+    sessions = build_trace([a, b], shape, seed=1)
+    b_users = sum(1 for stream, _ in sessions if stream.tenant == "B")
+    a_users = sum(1 for stream, _ in sessions if stream.tenant == "A")
+    assert b_users == flow_plan.FAIRNESS_B_USERS
+    assert a_users == pytest.approx(10 * b_users, abs=1)
+    assert flow_plan.fairness_window_s(100.0, 8.0, shape) == 8.0  # a fast B needs no longer window
+
+
+def decision(engines: int) -> str:
+    return json.dumps(
+        {"logger": flow_plan.DECISION_LOGGER, "engines": [{"engine": f"e{i}"} for i in range(engines)]}
+    )
+
+
+@pytest.mark.parametrize(
+    ("lines", "expected"),
+    [
+        ([], {"decisions": 0, "narrowed": 0}),
+        ([decision(4), decision(4)], {"decisions": 2, "narrowed": 0}),
+        ([decision(1), decision(4), decision(3)], {"decisions": 3, "narrowed": 2}),
+        # other loggers, a torn line and plain text are not decisions
+        (
+            [
+                json.dumps({"logger": "kvstack.router.flow.room", "msg": "kvstack.router.decision"}),
+                '{"logger": "kvstack.router.decision", "eng',
+                "INFO started",
+                decision(2),
+            ],
+            {"decisions": 1, "narrowed": 1},
+        ),
+    ],
+)
+def test_narrowed_decisions(lines: list[str], expected: dict[str, int]) -> None:
+    assert flow_plan.narrowed_decisions(lines, 4) == expected

@@ -11,8 +11,9 @@ in :mod:`kvstack.bench.flow` and :mod:`kvstack.bench.flow_driver`.
 
 from __future__ import annotations
 
+import json
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +21,10 @@ from kvstack.bench import stats, workloads
 
 OBJECTIVE_S = 1.0  # the issue's goodput threshold: TTFT <= 1 s (simulated time)
 RAMP = (0.5, 1.0, 1.5, 2.0)  # offered load, in multiples of the cluster's capacity
+# fairness: tenant B's users at least (its arrival window is stretched to hold them): with 3 users B's
+# refusals and p90 were one user's luck (bench-results/flow)
+FAIRNESS_B_USERS = 8
+DECISION_LOGGER = "kvstack.router.decision"  # the cache-aware policy's decision line (DEBUG)
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +70,30 @@ class Stream:
     rate: float
     duration_s: float
     klass: str | None = None  # the priority header; None: the tenant's default
+
+
+def fairness_window_s(b_rate: float, duration_s: float, shape: Shape) -> float:
+    """The fairness cases' arrival window: ``duration_s``, or longer so B (at ``b_rate`` requests/s)
+    has :data:`FAIRNESS_B_USERS` users."""
+    return max(duration_s, FAIRNESS_B_USERS * shape.rounds / b_rate)
+
+
+def narrowed_decisions(lines: Iterable[str], engines: int) -> dict[str, int]:
+    """Of the router's log ``lines``: the cache-aware policy's decisions, and how many of them flow
+    control narrowed (offered the policy fewer than the cluster's ``engines``)."""
+    decisions = narrowed = 0
+    for line in lines:
+        if DECISION_LOGGER not in line:
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if rec.get("logger") != DECISION_LOGGER:
+            continue
+        decisions += 1
+        narrowed += len(rec.get("engines") or ()) < engines
+    return {"decisions": decisions, "narrowed": narrowed}
 
 
 def build_trace(streams: Sequence[Stream], shape: Shape, seed: int) -> list[tuple[Stream, workloads.Session]]:
