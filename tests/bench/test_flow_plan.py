@@ -145,23 +145,39 @@ def decision(engines: int) -> str:
     )
 
 
+def narrowed(**saturated: str) -> str:
+    return json.dumps({"logger": "kvstack.router.flow.room", "msg": "flow narrowed", "saturated": saturated})
+
+
 @pytest.mark.parametrize(
     ("lines", "expected"),
     [
-        ([], {"decisions": 0, "narrowed": 0}),
-        ([decision(4), decision(4)], {"decisions": 2, "narrowed": 0}),
-        ([decision(1), decision(4), decision(3)], {"decisions": 3, "narrowed": 2}),
-        # other loggers, a torn line and plain text are not decisions
+        ([], (0, 0, {})),
+        ([decision(4), decision(4)], (2, 0, {})),
         (
             [
-                json.dumps({"logger": "kvstack.router.flow.room", "msg": "kvstack.router.decision"}),
+                narrowed(e1="overdue"),
+                decision(3),
+                decision(4),
+                narrowed(e0="overdue", e2="full"),
+                decision(2),
+            ],
+            (3, 2, {"overdue": 2, "full": 1}),
+        ),
+        # other lines, a torn line and plain text count for nothing
+        (
+            [
+                json.dumps(
+                    {"logger": "kvstack.router.flow.room", "msg": "flow placement: kvstack.router.decision"}
+                ),
                 '{"logger": "kvstack.router.decision", "eng',
                 "INFO started",
                 decision(2),
             ],
-            {"decisions": 1, "narrowed": 1},
+            (1, 1, {}),
         ),
     ],
 )
-def test_narrowed_decisions(lines: list[str], expected: dict[str, int]) -> None:
-    assert flow_plan.narrowed_decisions(lines, 4) == expected
+def test_narrowed_decisions(lines: list[str], expected: tuple[int, int, dict[str, int]]) -> None:
+    got = flow_plan.narrowed_decisions(lines, 4)
+    assert (got["decisions"], got["narrowed"], got["saturated_by_reason"]) == expected

@@ -25,6 +25,7 @@ RAMP = (0.5, 1.0, 1.5, 2.0)  # offered load, in multiples of the cluster's capac
 # refusals and p90 were one user's luck (bench-results/flow)
 FAIRNESS_B_USERS = 8
 DECISION_LOGGER = "kvstack.router.decision"  # the cache-aware policy's decision line (DEBUG)
+NARROWED_MSG = "flow narrowed"  # flow control's line per narrowed decision (DEBUG, router/flow/room.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,22 +79,26 @@ def fairness_window_s(b_rate: float, duration_s: float, shape: Shape) -> float:
     return max(duration_s, FAIRNESS_B_USERS * shape.rounds / b_rate)
 
 
-def narrowed_decisions(lines: Iterable[str], engines: int) -> dict[str, int]:
-    """Of the router's log ``lines``: the cache-aware policy's decisions, and how many of them flow
-    control narrowed (offered the policy fewer than the cluster's ``engines``)."""
+def narrowed_decisions(lines: Iterable[str], engines: int) -> dict[str, Any]:
+    """Of the router's log ``lines``: the cache-aware policy's decisions, how many of them flow
+    control narrowed (offered the policy fewer than the cluster's ``engines``), and why the engines
+    left out had no room (their saturation reasons, from flow control's ``flow narrowed`` lines)."""
     decisions = narrowed = 0
+    reasons: dict[str, int] = {}
     for line in lines:
-        if DECISION_LOGGER not in line:
+        if DECISION_LOGGER not in line and NARROWED_MSG not in line:
             continue
         try:
             rec = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if rec.get("logger") != DECISION_LOGGER:
-            continue
-        decisions += 1
-        narrowed += len(rec.get("engines") or ()) < engines
-    return {"decisions": decisions, "narrowed": narrowed}
+        if rec.get("logger") == DECISION_LOGGER:
+            decisions += 1
+            narrowed += len(rec.get("engines") or ()) < engines
+        elif rec.get("msg") == NARROWED_MSG:
+            for reason in (rec.get("saturated") or {}).values():
+                reasons[reason] = reasons.get(reason, 0) + 1
+    return {"decisions": decisions, "narrowed": narrowed, "saturated_by_reason": reasons}
 
 
 def build_trace(streams: Sequence[Stream], shape: Shape, seed: int) -> list[tuple[Stream, workloads.Session]]:
