@@ -37,7 +37,7 @@ from kvstack.router.flow.ledger import Prefill
 from kvstack.router.flow.ordering import Waiting
 from kvstack.router.flow.queue import FlowQueue, Shed, Ticket
 from kvstack.router.flow.room import Room
-from kvstack.router.flow.saturation import learn_rate
+from kvstack.router.flow.saturation import learn_rate, rate_sample
 from kvstack.router.hold import hold_full_error, hold_timeout_error
 from kvstack.router.metrics import RouterMetrics
 
@@ -343,13 +343,15 @@ class FlowControl:
         flow = self.room.ledger(engine)
         if flow.prefill.pop(grant.id, None) is not None:
             sat = self.config.saturation
-            flow.rate = learn_rate(
+            sample = rate_sample(
                 flow.rate,
                 sat.prefill_tokens_per_s,
                 grant.backlog_at_dispatch + grant.uncached,
                 now - grant.dispatched_at - BASE_TTFT_S,
-                sat.learn_weight,
             )
+            if sample is not None:
+                flow.samples.append(sample)
+                flow.rate = learn_rate(flow.rate, flow.samples, sat.learn_weight)
         self.pump(grant.model)
 
     def finished(self, grant: Grant, engine: EngineState) -> None:
