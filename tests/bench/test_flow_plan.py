@@ -181,3 +181,15 @@ def narrowed(**saturated: str) -> str:
 def test_narrowed_decisions(lines: list[str], expected: tuple[int, int, dict[str, int]]) -> None:
     got = flow_plan.narrowed_decisions(lines, 4)
     assert (got["decisions"], got["narrowed"], got["saturated_by_reason"]) == expected
+
+
+def test_first_touches_are_each_engine_s_earliest_request_and_the_p99_is_taken_without_them() -> None:
+    def served(sent: float, engine: str | None, ttft: float) -> Outcome:
+        return Outcome("A", "default", sent, 200, True, ttft, engine=engine)
+
+    rows = [served(0.0, "e0", 1.17), served(0.1, "e1", 1.18), served(0.2, "e0", 0.1), served(0.3, "e1", 0.9)]
+    rows += [Outcome("A", "default", 0.05, 429, False), served(0.4, "e0", 0.2)]
+    row = summarize(rows, 1.0)
+    assert row["first_touch_ttft_s"] == [1.17, 1.18]
+    assert row["ttft_p99_s"] > 1.1 and row["ttft_p99_after_first_touch_s"] < 0.9
+    assert "first_touch_ttft_s" not in summarize([served(0.0, None, 1.0)], 1.0)  # engines unknown

@@ -83,6 +83,7 @@ def router_config(setup: FlowSetup, policy: Policy) -> dict[str, Any]:
         "policy": policy.routing,
         "log_level": "debug" if setup.decision_log else "warning",
         "tokenizer": setup.tokenizer,
+        "expose_engine_header": True,  # each request's engine: its first touches (flow_plan)
     }
     if setup.tokenizer_path is not None:
         config["tokenizer_path"] = str(setup.tokenizer_path)

@@ -142,6 +142,7 @@ class Outcome:
     ok: bool  # streamed to its last token
     ttft_s: float | None = None
     retry_after_s: float | None = None  # the 429's Retry-After header
+    engine: str | None = None  # the engine that served it (the router's x-kvstack-engine header)
 
 
 def _pct(values: Sequence[float], q: float) -> float | None:
@@ -175,6 +176,25 @@ def summarize(
         "ttft_p50_s": _pct(ttfts, 50),
         "ttft_p90_s": _pct(ttfts, 90),
         "ttft_p99_s": _pct(ttfts, 99),
+        **first_touches(ok),
+    }
+
+
+def first_touches(completed: Sequence[Outcome]) -> dict[str, Any]:
+    """The TTFT of each engine's first request of the case (the earliest sent that it served:
+    every case has its own system prompt, so that request carries it to the engine cold: a floor
+    no admission can lower), and the TTFT p99 of the others. Empty when no engine is known."""
+    first: dict[str, Outcome] = {}
+    for o in sorted(completed, key=lambda o: o.sent_s):
+        if o.engine is not None and o.ttft_s is not None:
+            first.setdefault(o.engine, o)
+    if not first:
+        return {}
+    firsts = {id(o) for o in first.values()}
+    rest = [o.ttft_s for o in completed if id(o) not in firsts and o.ttft_s is not None]
+    return {
+        "first_touch_ttft_s": sorted(round(o.ttft_s or 0.0, 4) for o in first.values()),
+        "ttft_p99_after_first_touch_s": _pct(rest, 99),
     }
 
 
