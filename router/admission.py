@@ -20,7 +20,7 @@ from kvstack.router.context import RouterContext
 from kvstack.router.engines import EngineState
 from kvstack.router.exchange import RetryLater
 from kvstack.router.flow.config import PriorityClass
-from kvstack.router.flow.controller import Grant
+from kvstack.router.flow.grant import Grant
 from kvstack.router.hold import HoldFull, HoldTimeout, hold_full_error, hold_timeout_error
 
 HELD_RETRY_S = 0.5  # a held request's pause between tries of an engine that is not listening yet

@@ -23,7 +23,6 @@ import itertools
 import math
 from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 
 from prometheus_client import Gauge
 
@@ -33,6 +32,7 @@ from kvstack.router.exchange import RetryLater
 from kvstack.router.flow.admission import Capacity, Newcomer, decide, expiry, learn_correction
 from kvstack.router.flow.config import FlowControlConfig, PriorityClass
 from kvstack.router.flow.fairness import FairShare
+from kvstack.router.flow.grant import Grant
 from kvstack.router.flow.ledger import Prefill
 from kvstack.router.flow.ordering import Waiting
 from kvstack.router.flow.queue import FlowQueue, Shed, Ticket
@@ -52,36 +52,6 @@ _MESSAGES = {
     "queue for {model}",
     "queue_timeout": "timed out waiting for capacity for {model}",
 }
-
-
-@dataclass(eq=False, slots=True)
-class Grant:
-    """One request's passage through flow control; the proxy carries it on the call."""
-
-    id: int
-    model: str
-    class_name: str
-    priority: int
-    tenant: str
-    tenant_label: str
-    objective_s: float | None
-    cost: float
-    predicted_ttft_s: float | None = None
-    correction: float = 1.0  # the model's prediction correction it was predicted with
-    position: int = 0  # in the queue at admission; 0: an engine had room
-    queue_wait_s: float = 0.0
-    reserved: bool = False  # given its turn, not yet at an engine
-    engine: str | None = None  # the URL of the engine it was last sent to
-    dispatched_at: float = 0.0
-    backlog_at_dispatch: float = 0.0
-    uncached: float = 0.0
-
-    def headers(self) -> list[tuple[bytes, bytes]]:
-        return [
-            (b"x-kvstack-priority-class", self.class_name.encode()),
-            (b"x-kvstack-queue-position", str(self.position).encode()),
-            (b"x-kvstack-queue-wait-ms", str(round(self.queue_wait_s * 1000)).encode()),
-        ]
 
 
 class FlowControl:

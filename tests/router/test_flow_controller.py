@@ -14,7 +14,8 @@ import pytest
 from kvstack.router.engines import Endpoint, EngineRegistry, EngineState
 from kvstack.router.exchange import RetryLater
 from kvstack.router.flow.config import FlowControlConfig
-from kvstack.router.flow.controller import FlowControl, Grant
+from kvstack.router.flow.controller import FlowControl
+from kvstack.router.flow.grant import Grant
 from kvstack.router.metrics import RouterMetrics
 
 M = "m"
