@@ -1,9 +1,11 @@
 """Admission: which engines may take a request, flow control's queue, and the scale-from-zero hold.
 
-The proxy asks here before it routes: a request for a model at zero replicas waits (bounded, with a
-deadline) for an engine to appear, counted in ``kvstack_router_queued_requests``; then flow control
-(:mod:`kvstack.router.flow`) sends it on at once, queues it while every engine of the model is
-saturated, or refuses it with a 429. Refusals are counted by reason in
+The proxy asks here before it routes: flow control (:mod:`kvstack.router.flow`) sends a request on
+at once, queues it while every engine of the model is saturated, or refuses it with a 429. A
+request for a model at zero replicas (one the router holds: :mod:`kvstack.router.hold`) waits
+(bounded, with a deadline) for an engine to appear: in the model's flow queue, with its class and
+its tenant's share, when flow control covers it, else in the hold. Either way it is counted in
+``kvstack_router_queued_requests``. Refusals are counted by reason in
 ``kvstack_router_rejections_total``.
 """
 
@@ -18,11 +20,10 @@ from kvstack.router.context import RouterContext
 from kvstack.router.engines import EngineState
 from kvstack.router.exchange import RetryLater
 from kvstack.router.flow.config import PriorityClass
-from kvstack.router.flow.controller import Grant
-from kvstack.router.hold import HoldFull, HoldTimeout
+from kvstack.router.flow.grant import Grant
+from kvstack.router.hold import HoldFull, HoldTimeout, hold_full_error, hold_timeout_error
 
 HELD_RETRY_S = 0.5  # a held request's pause between tries of an engine that is not listening yet
-HOLD_RETRY_AFTER_S = 30.0  # a model still starting after hold_timeout_s: come back in a while
 
 
 def reject(ctx: RouterContext, reason: str, err: OpenAIError) -> OpenAIError:
@@ -66,12 +67,9 @@ class Admission:
             while not self.available(model):  # woken, but the engine may be gone again
                 await ctx.holds.wait(model, deadline - ctx.clock())
         except HoldFull:
-            raise reject(
-                ctx, "hold_full", RetryLater(429, f"too many requests waiting for {model} to start", 1.0)
-            ) from None
+            raise reject(ctx, "hold_full", hold_full_error(model)) from None
         except HoldTimeout:
-            message = f"no engine for {model} became available within {timeout:g} s; try again"
-            raise reject(ctx, "hold_timeout", RetryLater(503, message, HOLD_RETRY_AFTER_S)) from None
+            raise reject(ctx, "hold_timeout", hold_timeout_error(model, timeout)) from None
         finally:
             gauge.dec()
         return deadline
@@ -96,14 +94,20 @@ class Admission:
         ``route`` gets the engines with room at that moment (late binding: the policy decides then,
         with the index as it is then). Without flow control (``demand`` None: it is off, or the
         request names no model) that is at once. 404 or 503 (from :meth:`candidates`) when no
-        engine can serve; 429 with Retry-After when flow control refuses the request. While it
-        waits it is counted in ``kvstack_router_queued_requests``.
+        engine can serve; 429 with Retry-After when flow control refuses the request. A request for
+        a held model with no engine waits in the queue too (``demand.held_until``: the hold's
+        deadline). While it waits it is counted in ``kvstack_router_queued_requests``.
         """
         ctx = self.ctx
-        candidates = self.candidates(model)
         if model is None or demand is None:
-            await route(candidates)
+            await route(self.candidates(model))
             return
+        candidates = self.available(model)
+        if not candidates:
+            if not ctx.holds.holds(model):
+                raise no_engine(model, ctx.registry.all())
+            demand.held_until = ctx.clock() + ctx.settings.hold_timeout_s
+            ctx.holds.announce(model)  # the adapter loader loads a held adapter
         gauge = ctx.metrics.queued.labels(model)
         gauge.inc()
         try:
@@ -129,6 +133,7 @@ class Demand:
     grant: Grant | None = None
     prompt_tokens: float = 0.0
     hits: Callable[[EngineState], float] | None = None  # an engine's cached prefix of the prompt
+    held_until: float | None = None  # queued while its model had no engine: the hold's deadline
 
 
 def no_engine(model: str | None, engines: list[EngineState]) -> OpenAIError:

@@ -230,7 +230,7 @@ async def _running(ctx: RouterContext) -> AsyncIterator[None]:
                 ctx.registry,
                 LoraClient(api_key=key),
                 monitor.refresh_models,
-                fail=ctx.holds.fail,
+                fail=ctx.fail_held,
                 clock=ctx.clock,
                 max_wait_s=settings.hold_timeout_s,
             )

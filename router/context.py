@@ -57,10 +57,17 @@ class RouterContext:
             max_in_flight=settings.max_in_flight_per_engine,
             queue_timeout_s=settings.queue_timeout_s,
             tick_s=settings.monitor.scrape_interval,
+            hold_timeout_s=settings.hold_timeout_s,
+            max_held=settings.max_held_per_model,
         )
         self.registry.listeners.append(self.engines_changed)
         for model in {*self.settings.models, *self.holds.named}:
             self.metrics.queued.labels(model)  # at 0 from the start: the autoscaler reads it
+
+    def fail_held(self, model: str, error: Exception) -> int:
+        """End every request waiting for ``model`` with ``error`` (its adapter cannot be loaded):
+        those in the hold and those held in its flow queue."""
+        return self.holds.fail(model, error) + self.flow.fail(model, error)
 
     def engines_changed(self) -> None:
         """An engine may have come up or gone: release held requests, and queued ones where there is room."""

@@ -4,12 +4,33 @@ A model that may scale to zero (``hold_models``) has its requests held instead o
 it has no available engine; the operator reads the held count (``kvstack_router_queued_requests``)
 and starts a replica. The registry's change listener calls :meth:`Holds.wake` the moment an engine
 of the model becomes available, so a held request starts without polling delay.
+
+With flow control on, a held request waits in its model's flow queue instead
+(:meth:`kvstack.router.flow.controller.FlowControl.admit`, rule 0 of
+:mod:`kvstack.router.flow.admission`), which the same registry change pumps; this module then gives
+it the bound, the deadline, the errors and the listeners (the adapter loader), and :class:`Holds`
+keeps only the waiters of requests outside flow control (it is off, or a route it does not cover).
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Iterable
+
+from kvstack.router.exchange import RetryLater
+
+HOLD_RETRY_AFTER_S = 30.0  # a model still starting after hold_timeout_s: come back in a while
+
+
+def hold_full_error(model: str) -> RetryLater:
+    """429: the model already holds its bound of requests (``max_held_per_model``)."""
+    return RetryLater(429, f"too many requests waiting for {model} to start", 1.0)
+
+
+def hold_timeout_error(model: str, timeout_s: float) -> RetryLater:
+    """503: no engine of the model became available within the hold's time."""
+    message = f"no engine for {model} became available within {timeout_s:g} s; try again"
+    return RetryLater(503, message, HOLD_RETRY_AFTER_S)
 
 
 class HoldFull(Exception):
@@ -47,6 +68,11 @@ class Holds:
         self.seen.update(new)
         return new
 
+    def announce(self, model: str) -> None:
+        """A request starts waiting for ``model`` (here or in its flow queue): tell the listeners."""
+        for listener in self.on_wait:
+            listener(model)
+
     def held(self, model: str) -> int:
         return len(self._waiters.get(model, ()))
 
@@ -63,8 +89,7 @@ class Holds:
             raise HoldFull
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         waiters.add(fut)
-        for listener in self.on_wait:
-            listener(model)
+        self.announce(model)
         try:
             async with asyncio.timeout(max_wait):
                 await fut

@@ -161,6 +161,8 @@ class ProxyEndpoint:
 
         async def route(candidates: list[EngineState] | None) -> None:
             nonlocal held_until
+            if call.demand is not None and call.demand.held_until is not None:
+                held_until = call.demand.held_until
             if trace is not None:
                 trace.queued(time.perf_counter() - arrived)
             holds_left = self.ctx.settings.max_attempts  # bounds re-holds of a model that vanishes again
@@ -186,9 +188,11 @@ class ProxyEndpoint:
                     candidates = None  # look again: the engine may have been ejected meanwhile
 
         try:
-            held_until = None if model is None else await admission.hold(model)
             if model is not None and self.kind in _FLOW_KINDS and self.ctx.settings.flow_control.enabled:
+                # a held model's request waits in the flow queue (Admission.queued)
                 call.demand = await self._demand(call)
+            elif model is not None:
+                held_until = await admission.hold(model)
             await admission.queued(model, call.demand, route)
         finally:
             if trace is not None:  # refused or cancelled while it waited (else recorded already)

@@ -2,6 +2,11 @@
 
 In this order:
 
+0. no engine of the model is ready (it scales from zero, or its LoRA adapter is being loaded: the
+   scale-from-zero hold, :mod:`kvstack.router.hold`): ``held``: it waits in the queue like any
+   queued request (its class, its tenant's share, its position), bounded by the hold's own bound
+   ``max_held`` instead of the queue's (``hold_full``: 429); nothing is predicted (no engine to
+   predict from), so no objective refuses it: its user asked to wait for the start;
 1. ``room``: an engine of the model has room and nobody of its class or a higher one waits:
    dispatch now (below saturation flow control costs nothing);
 2. ``slo``: its class has a TTFT objective and its predicted TTFT misses it: 429. The prediction is
@@ -35,8 +40,21 @@ from typing import Literal
 from kvstack.router.flow.fairness import fair_work_ahead, over_share
 
 Outcome = Literal["dispatch", "queue", "shed"]
-Reason = Literal["room", "queued", "slo", "displace_lower", "over_share", "displace_over_share", "queue_full"]
-SHED_REASONS: tuple[Reason, ...] = ("slo", "over_share", "queue_full")
+Reason = Literal[
+    "held",
+    "hold_full",
+    "room",
+    "queued",
+    "slo",
+    "displace_lower",
+    "over_share",
+    "displace_over_share",
+    "queue_full",
+]
+SHED_REASONS: tuple[Reason, ...] = ("hold_full", "slo", "over_share", "queue_full")
+# why a queued request's wait ran out: no engine of its model came up (503, come back in a while), or
+# its engines stayed saturated (429)
+Expiry = Literal["hold_timeout", "queue_timeout"]
 MAX_RETRY_AFTER_S = 60.0
 
 
@@ -62,13 +80,14 @@ class QueueState:
     work: Mapping[str, float]  # per waiting tenant: its costs + request_tokens per request
     weights: Mapping[str, float]
     request_tokens: float = 256.0
+    max_held: int = 0  # requests that may wait while the model has no ready engine (rule 0)
 
 
 @dataclass(frozen=True, slots=True)
 class Capacity:
     """The model's engines together."""
 
-    engines: int
+    engines: int  # ready ones; 0: the model is held (rule 0)
     room: bool  # some engine has room now
     prefill_tokens_per_s: float  # summed over the engines
     prefill_in_flight: float  # uncached tokens sent to them and not yet prefilled
@@ -156,8 +175,18 @@ def fair_fraction(new: Newcomer, queue: QueueState) -> float:
     return min(1.0, ahead / total)
 
 
+def expiry(held: bool, engines: int) -> Expiry:
+    """Why a queued request's wait ran out: ``hold_timeout`` when it was held (admitted while its
+    model had no ready engine) and still no engine is ready, else ``queue_timeout``."""
+    return "hold_timeout" if held and engines == 0 else "queue_timeout"
+
+
 def decide(new: Newcomer, queue: QueueState, cap: Capacity) -> Decision:
     """The rules of the module docstring."""
+    if cap.engines <= 0:
+        if queue.count < queue.max_held:
+            return Decision("queue", "held", None)
+        return Decision("shed", "hold_full", None)
     if cap.room and queue.waiting_ahead == 0:
         return Decision("dispatch", "room", predict_ttft(new.cost, 0.0, cap))
     share = fair_fraction(new, queue)

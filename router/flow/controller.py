@@ -1,7 +1,8 @@
 """Flow control at run time: admission, the per-model queues, late binding and the engines' ledgers.
 
 Per request the proxy calls :meth:`FlowControl.admit` (it returns a :class:`Grant` when the request
-may go to an engine, after waiting in its model's queue if every engine was saturated), routes it
+may go to an engine, after waiting in its model's queue if every engine was saturated, or if the
+model had no ready engine and is held: scale from zero), routes it
 among :meth:`FlowControl.with_room` with the policy's decision of that moment, and reports the
 request's life there: :meth:`dispatched`, :meth:`first_token`, :meth:`finished`, :meth:`release`.
 
@@ -22,21 +23,22 @@ import itertools
 import math
 from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 
 from prometheus_client import Gauge
 
 from kvstack.common.errors import OpenAIError
 from kvstack.router.engines import EngineRegistry, EngineState
 from kvstack.router.exchange import RetryLater
-from kvstack.router.flow.admission import Capacity, Newcomer, decide, learn_correction
+from kvstack.router.flow.admission import Capacity, Newcomer, decide, expiry, learn_correction
 from kvstack.router.flow.config import FlowControlConfig, PriorityClass
 from kvstack.router.flow.fairness import FairShare
+from kvstack.router.flow.grant import Grant
 from kvstack.router.flow.ledger import Prefill
 from kvstack.router.flow.ordering import Waiting
 from kvstack.router.flow.queue import FlowQueue, Shed, Ticket
 from kvstack.router.flow.room import Room
-from kvstack.router.flow.saturation import learn_rate
+from kvstack.router.flow.saturation import learn_rate, rate_sample
+from kvstack.router.hold import hold_full_error, hold_timeout_error
 from kvstack.router.metrics import RouterMetrics
 
 TURNS_KEPT, MIN_TURNS = 64, 8  # the queue's turn rate: over its last 64 turns, from 8 on
@@ -52,36 +54,6 @@ _MESSAGES = {
 }
 
 
-@dataclass(eq=False, slots=True)
-class Grant:
-    """One request's passage through flow control; the proxy carries it on the call."""
-
-    id: int
-    model: str
-    class_name: str
-    priority: int
-    tenant: str
-    tenant_label: str
-    objective_s: float | None
-    cost: float
-    predicted_ttft_s: float | None = None
-    correction: float = 1.0  # the model's prediction correction it was predicted with
-    position: int = 0  # in the queue at admission; 0: an engine had room
-    queue_wait_s: float = 0.0
-    reserved: bool = False  # given its turn, not yet at an engine
-    engine: str | None = None  # the URL of the engine it was last sent to
-    dispatched_at: float = 0.0
-    backlog_at_dispatch: float = 0.0
-    uncached: float = 0.0
-
-    def headers(self) -> list[tuple[bytes, bytes]]:
-        return [
-            (b"x-kvstack-priority-class", self.class_name.encode()),
-            (b"x-kvstack-queue-position", str(self.position).encode()),
-            (b"x-kvstack-queue-wait-ms", str(round(self.queue_wait_s * 1000)).encode()),
-        ]
-
-
 class FlowControl:
     """Flow control of one router (:mod:`kvstack.router.flow` for the rules)."""
 
@@ -95,6 +67,8 @@ class FlowControl:
         max_in_flight: int | None,
         queue_timeout_s: float,
         tick_s: float,
+        hold_timeout_s: float = 600.0,
+        max_held: int = 0,
     ) -> None:
         self.config = config
         self.registry = registry
@@ -102,6 +76,8 @@ class FlowControl:
         self.clock = clock
         self.queue_timeout_s = queue_timeout_s
         self.tick_s = tick_s
+        self.hold_timeout_s = hold_timeout_s  # a held request's wait (scale from zero)
+        self.max_held = max_held  # requests queued per model while it has no ready engine
         self.room = Room(config, metrics, clock, max_in_flight)
         self.weights = {t.name: t.weight for t in config.tenants}
         self.tenant_class = {t.name: t.default_class for t in config.tenants if t.default_class}
@@ -167,7 +143,12 @@ class FlowControl:
     async def admit(
         self, model: str, tenant: str, cls: PriorityClass, cost: float, candidates: list[EngineState]
     ) -> Grant:
-        """Wait for the request's turn; raises :class:`RetryLater` (429) when it is refused."""
+        """Wait for the request's turn; raises :class:`RetryLater` (429) when it is refused.
+
+        With no ``candidates`` the model is held (the caller holds only a model that may scale from
+        zero): the request waits in the queue as any other, up to ``hold_timeout_s``, bounded by
+        ``max_held``, and :meth:`pump` gives it its turn once an engine is ready (503 with
+        Retry-After when none came up in time)."""
         self.pump(model)  # room a fresh scrape shows is the waiting requests' before a newcomer's
         now = self.clock()
         self.room.seen[cls.priority] = now
@@ -188,9 +169,15 @@ class FlowControl:
         )
         grant.correction = cap.correction
         decision = decide(
-            Newcomer(tenant, cls.priority, cost, cls.ttft_objective_s), queue.state_for(cls.priority), cap
+            Newcomer(tenant, cls.priority, cost, cls.ttft_objective_s),
+            queue.state_for(cls.priority, self.max_held),
+            cap,
         )
         grant.predicted_ttft_s = decision.predicted_ttft_s
+        held = decision.reason == "held"
+        if decision.reason == "hold_full":
+            self.metrics.reject("hold_full")
+            raise hold_full_error(model)
         if decision.outcome == "dispatch":
             self._reserve(grant)
             self.metrics.flow_queue_wait.labels(self.metrics.model_label(model), cls.name).observe(0.0)
@@ -206,16 +193,27 @@ class FlowControl:
         grant.position = queue.add(ticket)
         self._gauge(model, ticket).inc()
         self._start_ticker()
+        timeout = self.hold_timeout_s if held else self.queue_timeout_s
         try:
-            async with asyncio.timeout(self.queue_timeout_s):
+            async with asyncio.timeout(timeout):
                 await ticket.future
         except TimeoutError:
             self._dequeue(model, ticket)
+            if expiry(held, len(self.registry.candidates(model, self.clock()))) == "hold_timeout":
+                self.metrics.reject("hold_timeout")
+                raise hold_timeout_error(model, timeout) from None
             raise self._shed("queue_timeout", grant, 1.0) from None
         except Shed as shed:
             raise self._shed(shed.reason, grant, 1.0) from None
         except BaseException:
-            if not self._dequeue(model, ticket) and ticket.future.done() and not ticket.future.cancelled():
+            future = ticket.future
+            # not in the queue, its future done with no error (:meth:`fail` sets one): its turn came
+            if (
+                not self._dequeue(model, ticket)
+                and future.done()
+                and not future.cancelled()
+                and future.exception() is None
+            ):
                 grant.reserved = True  # its turn came (pump reserved it) as its client left: pass it on
                 self.release(grant)
             raise
@@ -225,6 +223,17 @@ class FlowControl:
             grant.queue_wait_s
         )
         return grant
+
+    def fail(self, model: str, error: Exception) -> int:
+        """End every request waiting for ``model`` with ``error`` (its adapter cannot be loaded);
+        returns how many."""
+        queue = self.queues.get(model)
+        failed = 0
+        for ticket in list(queue.tickets.values()) if queue is not None else []:
+            if self._dequeue(model, ticket) and not ticket.future.done():
+                ticket.future.set_exception(error)
+                failed += 1
+        return failed
 
     def _shed(self, reason: str, grant: Grant, retry_after_s: float) -> RetryLater:
         self.metrics.flow_shed.labels(reason, grant.class_name).inc()
@@ -304,13 +313,15 @@ class FlowControl:
         flow = self.room.ledger(engine)
         if flow.prefill.pop(grant.id, None) is not None:
             sat = self.config.saturation
-            flow.rate = learn_rate(
+            sample = rate_sample(
                 flow.rate,
                 sat.prefill_tokens_per_s,
                 grant.backlog_at_dispatch + grant.uncached,
                 now - grant.dispatched_at - BASE_TTFT_S,
-                sat.learn_weight,
             )
+            if sample is not None:
+                flow.samples.append(sample)
+                flow.rate = learn_rate(flow.rate, flow.samples, sat.learn_weight)
         self.pump(grant.model)
 
     def finished(self, grant: Grant, engine: EngineState) -> None:

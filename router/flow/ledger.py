@@ -3,10 +3,11 @@ its waiting queue since the last scrape, and its learnt batch capacity. No clock
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
 
 from kvstack.router.engines import EngineState
-from kvstack.router.flow.saturation import learn_slots
+from kvstack.router.flow.saturation import RUN_SAMPLES, learn_slots
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,6 +25,8 @@ class EngineFlow:
     """The router's ledger of one engine: prefill work sent and not yet done, its prefill rate."""
 
     rate: float
+    # its latest prefill-rate samples (saturation.learn_rate looks for a run of them far off the rate)
+    samples: deque[float] = field(default_factory=lambda: deque(maxlen=RUN_SAMPLES))
     prefill: dict[int, Prefill] = field(default_factory=dict)  # by grant id
     # requests of this router that ended there since its last scrape: each freed a slot that a
     # waiting request took, so its queue as scraped less these is its queue now (those sent since

@@ -49,8 +49,9 @@ class FlowQueue:
     def __len__(self) -> int:
         return len(self.tickets)
 
-    def state_for(self, priority: int) -> QueueState:
-        """What :func:`kvstack.router.flow.admission.decide` needs, for a newcomer of ``priority``."""
+    def state_for(self, priority: int, max_held: int = 0) -> QueueState:
+        """What :func:`kvstack.router.flow.admission.decide` needs, for a newcomer of ``priority``
+        (``max_held``: the bound while the model has no ready engine)."""
         ahead = [t.waiting for t in self.tickets.values() if t.waiting.priority >= priority]
         work: dict[str, float] = {}
         for t in self.tickets.values():
@@ -67,6 +68,7 @@ class FlowQueue:
             work=work,
             weights=self.fair.weights,
             request_tokens=self.fair.request_tokens,
+            max_held=max_held,
         )
 
     def add(self, ticket: Ticket) -> int:

@@ -128,6 +128,11 @@ class Room:
         limits = self.limits if priority is None else self.limits_for(priority, now)
         verdicts = dict(zip((e.url for e in candidates), self.verdicts(candidates, limits, now), strict=True))
         free = [e for e in candidates if not verdicts[e.url].saturated]
+        if free and len(free) < len(candidates) and log.isEnabledFor(logging.DEBUG):
+            # one line per narrowed decision, with why the others had no room (kvstack bench flow
+            # --decision-log counts them by reason)
+            saturated = {e.name: verdicts[e.url].reason for e in candidates if verdicts[e.url].saturated}
+            log.debug("flow narrowed", extra={"model": model, "saturated": saturated})
         if not free or hits is None or len(free) == len(candidates):
             return free or candidates
         hit_of = {e.url: hits(e) for e in candidates}

@@ -43,9 +43,10 @@ lower-class request goes there, even when idle, so a higher-class request finds 
 prefill ahead of it. The lower class keeps its engines (it always progresses), and with no higher
 class about nothing is reserved (work-conserving).
 
-The prefill rate is the engines' measured one: the configured default
-comes from the H200 reference run (tests/reference), and each engine's own is learnt from the TTFTs
-it delivers (:func:`learn_rate`), so a slower or faster engine gets its own threshold.
+The prefill rate is the engines' measured one: the configured default comes from the H200 reference
+run (tests/reference), and each engine's own is learnt from the TTFTs it delivers
+(:func:`rate_sample`, :func:`learn_rate`), so a slower or faster engine gets its own threshold (down
+to a few hundred tokens/s: engines sharing a GPU prefill several times slower than the default).
 """
 
 from __future__ import annotations
@@ -166,22 +167,53 @@ def learn_slots(
 
 
 MIN_SAMPLE_S = 0.005  # a TTFT shorter than this says nothing about the prefill rate
-# a sample of less prefill work than this (seconds at the default rate) says little about the rate:
-# its TTFT is mostly the engine's step time (a busy batch's decode step), so it would drag the
-# learnt rate down and with it every engine's backlog threshold
+# a sample of fewer tokens than this (a full hit, a short uncached tail) is timed by the engine's step
+# (a busy batch's decode step, tens of ms), not by its prefill: it would drag the rate down
+MIN_SAMPLE_TOKENS = 1_024
+# ... and one whose prefill took less than this, measured or expected at the rate learnt so far: the
+# step time is a large part of it
 MIN_SAMPLE_WORK_S = 0.25
+# the learnt rate's floor: a safety bound, not a prior. Four engines sharing an H200 prefill ~5K
+# tokens/s each (the calibrated simulators), a quarter of the 34K default: the learner must get there
+MIN_PREFILL_TOKENS_PER_S = 250.0
 
 
-def learn_rate(current: float, default: float, tokens: float, ttft_s: float, weight: float) -> float:
-    """The engine's prefill rate after one observed TTFT (an EWMA of ``weight``).
+# a run of this many samples, every one beyond FAR_OFF times the rate the same way: the rate is wrong
+# (a prior for another GPU), not the engine's mood: the rate jumps to their median
+RUN_SAMPLES = 3
+FAR_OFF = 2.0
+
+
+def rate_sample(current: float, default: float, tokens: float, ttft_s: float) -> float | None:
+    """The prefill rate one observed TTFT shows, or None when it shows nothing.
 
     ``tokens`` is what the engine had to prefill before this request's first token: the router's
-    backlog there when it was sent plus its own uncached tokens. A sample is clipped to a quarter
-    to four times ``default``, so one stalled or lucky request cannot swing the threshold, and too
-    small a sample (a full cache hit, a short uncached tail: less than :data:`MIN_SAMPLE_WORK_S` of
-    work at ``default``) leaves the rate as it is.
+    backlog there when it was sent plus its own uncached tokens. Only a sample with enough work
+    counts: at least :data:`MIN_SAMPLE_TOKENS`, and a TTFT or an expected prefill (at ``current``)
+    of at least :data:`MIN_SAMPLE_WORK_S`. It is clipped to between :data:`MIN_PREFILL_TOKENS_PER_S`
+    and four times ``default``: the rate may follow a slow engine all the way down (a floor of a
+    quarter of the default kept a shared-GPU engine's rate at 8,500 tokens/s against its ~5,000, so
+    its every cold turn looked overdue).
     """
-    if weight <= 0 or tokens < default * MIN_SAMPLE_WORK_S or ttft_s < MIN_SAMPLE_S:
+    if tokens < MIN_SAMPLE_TOKENS or ttft_s < MIN_SAMPLE_S:
+        return None
+    if max(ttft_s, tokens / current) < MIN_SAMPLE_WORK_S:
+        return None
+    return min(4 * default, max(MIN_PREFILL_TOKENS_PER_S, tokens / ttft_s))
+
+
+def learn_rate(current: float, samples: Sequence[float], weight: float) -> float:
+    """The engine's prefill rate after its newest sample (``samples``: its latest, newest last).
+
+    An EWMA of ``weight`` (a tenth by default: one stalled request moves it a tenth of the way),
+    except after a run of :data:`RUN_SAMPLES` samples all more than :data:`FAR_OFF` times off the
+    same way: then the rate is their median. A prior for another GPU (34K tokens/s against a shared
+    GPU's ~5K) would otherwise take ~25 cold turns per engine to unlearn, while every one of them
+    looked overdue; one or two outliers never make such a run. ``weight`` 0: never learn.
+    """
+    if weight <= 0 or not samples:
         return current
-    sample = min(4 * default, max(default / 4, tokens / ttft_s))
-    return (1 - weight) * current + weight * sample
+    run = list(samples)[-RUN_SAMPLES:]
+    if len(run) == RUN_SAMPLES and (max(run) < current / FAR_OFF or min(run) > current * FAR_OFF):
+        return max(MIN_PREFILL_TOKENS_PER_S, sorted(run)[RUN_SAMPLES // 2])
+    return max(MIN_PREFILL_TOKENS_PER_S, (1 - weight) * current + weight * samples[-1])

@@ -114,8 +114,14 @@ matrix() {  # engines x workloads x loads x runs x routers in one call (gpu_plan
 }
 
 flow() {  # flow control under overload over the running engines (kvstack bench flow)
+  # the router's tokenizer: the engines' /tokenize unless the caller passes its own --tokenizer
+  # (e.g. --tokenizer local --tokenizer-path /tmp/model: the router's own, as `bench gpu` does)
+  local tok=(--tokenizer engine) arg
+  for arg in "$@"; do
+    case $arg in --tokenizer | --tokenizer=*) tok=() ;; esac
+  done
   timeout "${PROOF_TIMEOUT:-580}" python3 -m kvstack bench flow --engines-file $LOGS/engines.yaml --model kvstack-8b \
-    --tokenizer engine --speed 1 --out "$OUT" "$@" 2>&1 | tee -a "$OUT/flow.log"
+    ${tok[@]+"${tok[@]}"} --speed 1 --out "$OUT" "$@" 2>&1 | tee -a "$OUT/flow.log"
 }
 
 calib() {  # the same traces on two simulators sized like the real engines

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from kvstack.bench import flow_plan
@@ -122,3 +124,72 @@ def test_goals_met_and_not_met() -> None:
 
 def test_goals_not_run() -> None:
     assert {g.met for g in goals(Results())} == {None}
+
+
+def test_the_fairness_window_gives_b_several_users_at_the_same_ratio() -> None:
+    shape = Shape()
+    b_rate = 1.5 * 12 / 11  # the scenario's B at capacity 12 req/s
+    window = flow_plan.fairness_window_s(b_rate, 8.0, shape)
+    b, a = Stream("B", b_rate, window), Stream("A", 10 * b_rate, window)
+    sessions = build_trace([a, b], shape, seed=1)
+    b_users = sum(1 for stream, _ in sessions if stream.tenant == "B")
+    a_users = sum(1 for stream, _ in sessions if stream.tenant == "A")
+    assert b_users == flow_plan.FAIRNESS_B_USERS
+    assert a_users == pytest.approx(10 * b_users, abs=1)
+    assert flow_plan.fairness_window_s(100.0, 8.0, shape) == 8.0  # a fast B needs no longer window
+
+
+def decision(engines: int) -> str:
+    return json.dumps(
+        {"logger": flow_plan.DECISION_LOGGER, "engines": [{"engine": f"e{i}"} for i in range(engines)]}
+    )
+
+
+def narrowed(**saturated: str) -> str:
+    return json.dumps({"logger": "kvstack.router.flow.room", "msg": "flow narrowed", "saturated": saturated})
+
+
+@pytest.mark.parametrize(
+    ("lines", "expected"),
+    [
+        ([], (0, 0, {})),
+        ([decision(4), decision(4)], (2, 0, {})),
+        (
+            [
+                narrowed(e1="overdue"),
+                decision(3),
+                decision(4),
+                narrowed(e0="overdue", e2="full"),
+                decision(2),
+            ],
+            (3, 2, {"overdue": 2, "full": 1}),
+        ),
+        # other lines, a torn line and plain text count for nothing
+        (
+            [
+                json.dumps(
+                    {"logger": "kvstack.router.flow.room", "msg": "flow placement: kvstack.router.decision"}
+                ),
+                '{"logger": "kvstack.router.decision", "eng',
+                "INFO started",
+                decision(2),
+            ],
+            (1, 1, {}),
+        ),
+    ],
+)
+def test_narrowed_decisions(lines: list[str], expected: tuple[int, int, dict[str, int]]) -> None:
+    got = flow_plan.narrowed_decisions(lines, 4)
+    assert (got["decisions"], got["narrowed"], got["saturated_by_reason"]) == expected
+
+
+def test_first_touches_are_each_engine_s_earliest_request_and_the_p99_is_taken_without_them() -> None:
+    def served(sent: float, engine: str | None, ttft: float) -> Outcome:
+        return Outcome("A", "default", sent, 200, True, ttft, engine=engine)
+
+    rows = [served(0.0, "e0", 1.17), served(0.1, "e1", 1.18), served(0.2, "e0", 0.1), served(0.3, "e1", 0.9)]
+    rows += [Outcome("A", "default", 0.05, 429, False), served(0.4, "e0", 0.2)]
+    row = summarize(rows, 1.0)
+    assert row["first_touch_ttft_s"] == [1.17, 1.18]
+    assert row["ttft_p99_s"] > 1.1 and row["ttft_p99_after_first_touch_s"] < 0.9
+    assert "first_touch_ttft_s" not in summarize([served(0.0, None, 1.0)], 1.0)  # engines unknown

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
-import pytest
+from pathlib import Path
 
+import pytest
+from typer.testing import CliRunner
+
+from kvstack.bench.cli import app
 from kvstack.bench.flow import FlowSetup, router_config
 from kvstack.bench.flow_plan import POLICIES
 from kvstack.router.config import RouterSettings
@@ -24,3 +28,27 @@ def test_every_policy_config_loads(policy: object) -> None:
         }
         assert (fc.saturation.prefill_tokens_per_s, fc.saturation.prefill_target_s) == (1050.0, 1.0)
         assert [t.name for t in fc.tenants] == ["A", "B"]
+
+
+def test_the_router_s_own_tokenizer_and_the_decision_log(tmp_path: Path) -> None:
+    setup = FlowSetup(
+        speed=1.0, sim_config=None, tokenizer="local", tokenizer_path=tmp_path, decision_log=True
+    )
+    settings = RouterSettings(**router_config(setup, POLICIES[-1]))
+    assert (settings.tokenizer, settings.tokenizer_path, settings.log_level) == ("local", tmp_path, "debug")
+    plain = RouterSettings(**router_config(FlowSetup(sim_config=None), POLICIES[-1]))
+    assert (plain.tokenizer, plain.tokenizer_path, plain.log_level) == ("builtin", None, "warning")
+
+
+@pytest.mark.parametrize(
+    ("args", "complaint"),
+    [
+        (["--tokenizer", "local"], "--tokenizer-path"),
+        (["--tokenizer", "local", "--tokenizer-path", "/nonexistent/kvstack"], "--tokenizer-path"),
+        (["--tokenizer", "hf"], "unknown tokenizer 'hf'"),
+    ],
+)
+def test_bad_tokenizer_options_are_refused_before_anything_starts(args: list[str], complaint: str) -> None:
+    result = CliRunner().invoke(app, ["flow", *args], env={"COLUMNS": "200"})
+    assert result.exit_code == 2
+    assert complaint in result.output

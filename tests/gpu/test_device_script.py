@@ -96,3 +96,36 @@ def test_matrix_over_its_budget_is_refused_before_any_request(tmp_path: Path) ->
     done = run_matrix(tmp_path, [*ISSUE_MATRIX, "--duration-s", "60"], {})
     assert "over --budget-s 560" in done.stdout
     assert "requests ..." not in done.stdout  # no case started
+
+
+def flow_argv(tmp_path: Path, *args: str) -> list[str]:
+    """The `kvstack bench flow` command line the script's flow function runs (``timeout`` echoes it)."""
+    body = (
+        f'source <(sed -n "/^flow()/,/^}}/p" {SCRIPT}); set -u; LOGS=/tmp/gpulogs; OUT={tmp_path}; '
+        'timeout() { shift; printf "%s\\n" "$@"; }; flow "$@"'
+    )
+    done = subprocess.run(
+        ["bash", "-c", body, "flow", *args], check=True, capture_output=True, text=True, env=os.environ
+    )
+    return done.stdout.splitlines()
+
+
+@pytest.mark.parametrize(
+    ("args", "tokenizer"),
+    [
+        ((), ["--tokenizer", "engine"]),  # the default: the engines' /tokenize
+        (("--policy", "cache_aware+flow"), ["--tokenizer", "engine"]),
+        (("--tokenizer", "local", "--tokenizer-path", "/tmp/model"), ["--tokenizer", "local"]),
+        (("--tokenizer=builtin",), ["--tokenizer=builtin"]),
+    ],
+)
+def test_flow_passes_the_caller_s_tokenizer_else_the_engines(
+    tmp_path: Path, args: tuple[str, ...], tokenizer: list[str]
+) -> None:
+    argv = flow_argv(tmp_path, *args)
+    assert argv[:4] == ["python3", "-m", "kvstack", "bench"]
+    assert sum(1 for a in argv if a.startswith("--tokenizer") and a != "--tokenizer-path") == 1
+    at = next(i for i, a in enumerate(argv) if a.startswith("--tokenizer") and a != "--tokenizer-path")
+    assert argv[at : at + len(tokenizer)] == tokenizer
+    assert argv[-len(args) :] == list(args) if args else argv[-2:] == ["--out", str(tmp_path)]
+    assert (tmp_path / "flow.log").exists()  # its output is kept beside the results

@@ -14,7 +14,8 @@ import pytest
 from kvstack.router.engines import Endpoint, EngineRegistry, EngineState
 from kvstack.router.exchange import RetryLater
 from kvstack.router.flow.config import FlowControlConfig
-from kvstack.router.flow.controller import FlowControl, Grant
+from kvstack.router.flow.controller import FlowControl
+from kvstack.router.flow.grant import Grant
 from kvstack.router.metrics import RouterMetrics
 
 M = "m"
@@ -198,6 +199,57 @@ async def test_an_engine_added_takes_the_waiting_requests_at_once() -> None:
     grant = await asyncio.wait_for(waiting, 2)
     assert [e.name for e in control.with_room(registry.candidates(M, time.monotonic()))] == ["e9"]
     assert grant.position == 1
+
+
+async def test_held_requests_wait_in_the_queue_by_class_until_an_engine_of_the_model_is_ready() -> None:
+    control, registry, metrics = make(
+        n_engines=0, max_in_flight=None, classes=[{"name": "default"}, {"name": "top", "priority": 9}]
+    )
+    control.max_held, control.hold_timeout_s = 3, 5.0
+    order: list[str] = []
+
+    async def held(name: str, klass: str = "default") -> Grant:
+        grant = await control.admit(M, name, cls(control, klass), 100, [])  # no engine: held
+        order.append(name)
+        return grant
+
+    waiters = [asyncio.create_task(held("first")), asyncio.create_task(held("second"))]
+    await settle()
+    waiters.append(asyncio.create_task(held("top", "top")))
+    await settle()
+    with pytest.raises(RetryLater) as full:  # the hold's bound, not the queue's (1024)
+        await control.admit(M, "t", cls(control, "top"), 100, [])
+    assert (full.value.status, full.value.message) == (429, f"too many requests waiting for {M} to start")
+    assert len(control.queues[M]) == 3 and not any(w.done() for w in waiters)
+    registry.sync([Endpoint("http://e0", "e0", frozenset({M}))])
+    control.pump_all()  # the registry change: an idle engine takes one at once, the higher class
+    await settle()
+    assert order == ["top"]
+    grant = waiters[2].result()
+    assert (grant.position, grant.class_name) == (1, "top")
+    engine = registry.all()[0]
+    for waiter in waiters[:2]:  # each one's turn comes as the one before it is sent on
+        await start(control, engine, grant)
+        await end(control, engine, grant)
+        grant = await asyncio.wait_for(waiter, 2)
+    assert order == ["top", "first", "second"]
+    assert [w.result().position for w in waiters[:2]] == [1, 2]
+    assert metrics.registry.get_sample_value("kvstack_router_rejections_total", {"reason": "hold_full"}) == 1
+
+
+async def test_a_held_request_times_out_with_the_hold_s_503_and_fails_with_its_adapter_s_error() -> None:
+    control, _, _ = make(n_engines=0)
+    control.max_held, control.hold_timeout_s = 5, 0.05
+    with pytest.raises(RetryLater) as late:
+        await control.admit(M, "t", cls(control), 100, [])
+    assert late.value.status == 503 and late.value.retry_after >= 1
+    control.hold_timeout_s = 5.0
+    waiter = asyncio.create_task(control.admit(M, "t", cls(control), 100, []))
+    await settle()
+    assert control.fail(M, RetryLater(502, "cannot load", 1.0)) == 1
+    with pytest.raises(RetryLater) as failed:
+        await waiter
+    assert failed.value.status == 502 and len(control.queues[M]) == 0 and control.reserved.get(M, 0) == 0
 
 
 def test_unknown_class_is_a_400_naming_the_header() -> None:

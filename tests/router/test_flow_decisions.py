@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections import deque
 
 import pytest
 
@@ -13,6 +14,7 @@ from kvstack.router.flow.admission import (
     Newcomer,
     QueueState,
     decide,
+    expiry,
     learn_correction,
     predict_ttft,
 )
@@ -24,6 +26,7 @@ from kvstack.router.flow.saturation import (
     class_share,
     learn_rate,
     learn_slots,
+    rate_sample,
     reserved_engines,
     saturation,
 )
@@ -168,21 +171,64 @@ def test_learn_slots(
 
 
 @pytest.mark.parametrize(
-    ("current", "tokens", "ttft", "weight", "expected"),
+    ("current", "tokens", "ttft", "expected"),
     [
-        (RATE, 17_000, 0.25, 0.5, 0.5 * RATE + 0.5 * 68_000),  # twice as fast as thought
-        (RATE, 17_000, 10.0, 1.0, RATE / 4),  # a stalled request: clipped to a quarter
-        (RATE, 17_000, 0.01, 1.0, 4 * RATE),  # a lucky one: clipped to four times
-        (RATE, 17_000, 0.001, 1.0, RATE),  # too short to say anything
-        (RATE, 0, 0.5, 1.0, RATE),  # nothing to prefill (a full hit)
-        # a short uncached tail (under 0.25 s of work at 34K/s): its TTFT is the engine's step time
-        (RATE, 8_499, 2.0, 1.0, RATE),
-        (RATE, 8_500, 2.0, 1.0, RATE / 4),
-        (RATE, 17_000, 0.25, 0.0, RATE),  # learning off
+        (RATE, 17_000, 0.25, 68_000),  # twice as fast as thought
+        (RATE, 17_000, 0.01, 4 * RATE),  # a lucky one: clipped to four times the default
+        (RATE, 17_000, 0.001, None),  # too short to say anything
+        (RATE, 0, 0.5, None),  # nothing to prefill (a full hit)
+        (RATE, 1_023, 2.0, None),  # a short uncached tail: its TTFT is the engine's step time
+        # a cold turn on a shared-GPU engine (~5K tokens/s): 2,340 tokens in 0.47 s is a sample,
+        # though it is only 0.07 s of work at the 34K default (the old rule took no such sample)
+        (RATE, 2_340, 0.468, 5_000),
+        (RATE, 2_340, 0.2, None),  # quick, and quick at the rate so far: the step time counts
+        (8_000, 2_340, 0.2, 11_700),  # 0.29 s of work at the rate so far: a sample
+        (RATE, 17_000, 1_000.0, 250),  # a stalled request: the floor is a safety bound only
     ],
 )
-def test_learn_rate(current: float, tokens: float, ttft: float, weight: float, expected: float) -> None:
-    assert learn_rate(current, RATE, tokens, ttft, weight) == pytest.approx(expected)
+def test_rate_sample(current: float, tokens: float, ttft: float, expected: float | None) -> None:
+    got = rate_sample(current, RATE, tokens, ttft)
+    assert got == (None if expected is None else pytest.approx(expected))
+
+
+@pytest.mark.parametrize(
+    ("current", "samples", "weight", "expected"),
+    [
+        (RATE, [], 0.1, RATE),
+        (RATE, [68_000], 0.5, 0.5 * RATE + 0.5 * 68_000),  # an EWMA of its weight
+        (RATE, [5_000], 0.1, 0.9 * RATE + 500),  # one slow sample moves it a tenth of the way
+        (RATE, [250], 0.1, 0.9 * RATE + 25),  # one stalled request: no more
+        (RATE, [RATE, 250, 250], 0.1, 0.9 * RATE + 25),  # two in a row: no more
+        # three in a row, each more than twice off the same way: the rate is wrong, take their median
+        (RATE, [5_200, 4_800, 5_000], 0.1, 5_000),
+        (5_000.0, [20_000, 34_000, 30_000], 0.1, 30_000),
+        (RATE, [5_000, 20_000, 5_000], 0.1, 0.9 * RATE + 500),  # not all far off: the EWMA
+        (RATE, [9_000, 5_000, 5_000, 5_000], 0.1, 5_000),  # only the latest three count
+        (300.0, [250, 250, 250], 0.5, 275),  # the floor holds whatever the samples
+        (RATE, [5_200, 4_800, 5_000], 0.0, RATE),  # learning off
+    ],
+)
+def test_learn_rate(current: float, samples: list[float], weight: float, expected: float) -> None:
+    assert learn_rate(current, samples, weight) == pytest.approx(expected)
+
+
+def test_the_rate_follows_a_slow_engine_down_and_one_stall_does_not_swing_it() -> None:
+    rate, samples = RATE, deque[float](maxlen=3)
+
+    def cold_turn(ttft: float) -> float:
+        sample = rate_sample(rate, RATE, 2_340, ttft)
+        assert sample is not None
+        samples.append(sample)
+        return learn_rate(rate, samples, 0.1)
+
+    for _ in range(3):  # cold turns on an engine prefilling 5,000 tokens/s
+        rate = cold_turn(2_340 / 5_000)
+    assert rate == pytest.approx(5_000)
+    rate = cold_turn(30.0)  # one request stuck behind a full batch
+    assert rate >= 0.9 * 5_000
+    for _ in range(40):
+        rate = cold_turn(2_340 / 5_000)
+    assert rate == pytest.approx(5_000, rel=0.01)
 
 
 # ---------------------------------------------------------------- ordering
@@ -338,6 +384,10 @@ def queue_state(
     )
 
 
+def held_state(count: int = 0, tokens: float = 0.0, max_count: int = 10, max_held: int = 4) -> QueueState:
+    return dataclasses.replace(queue_state(count, tokens=tokens, max_count=max_count), max_held=max_held)
+
+
 ROOM = Capacity(engines=2, room=True, prefill_tokens_per_s=2 * RATE, prefill_in_flight=0, base_ttft_s=0.01)
 FULL = Capacity(
     engines=2, room=False, prefill_tokens_per_s=2 * RATE, prefill_in_flight=68_000, base_ttft_s=0.01
@@ -377,14 +427,12 @@ def new(tenant: str = "t", priority: int = 0, cost: float = 3400, objective: flo
             "queued",
             (None, None),
         ),
-        (
-            new(objective=0.001),
-            queue_state(),
-            NONE,
-            "queue",
-            "queued",
-            (None, None),
-        ),  # no engine: no prediction
+        # no ready engine (scale from zero): held in the queue, whatever its objective (no prediction),
+        # bounded by the hold's bound, not the queue's
+        (new(objective=0.001), held_state(), NONE, "queue", "held", (None, None)),
+        (new(), held_state(3, tokens=300, max_count=0), NONE, "queue", "held", (None, None)),
+        (new(priority=5), held_state(4, tokens=400), NONE, "shed", "hold_full", (None, None)),
+        (new(), queue_state(), NONE, "shed", "hold_full", (None, None)),  # the hold's bound is 0
         (new(), queue_state(10, tokens=1000), FULL, "shed", "queue_full", (None, None)),
         (new(), queue_state(1, tokens=99_000), FULL, "shed", "queue_full", (None, None)),  # by tokens
         (
@@ -461,6 +509,19 @@ def test_admission(
     decision = decide(newcomer, queue, cap)
     assert (decision.outcome, decision.reason) == (outcome, reason)
     assert (decision.victim_priority, decision.victim_tenant) == victim
+
+
+@pytest.mark.parametrize(
+    ("held", "engines", "reason"),
+    [
+        (True, 0, "hold_timeout"),  # no engine came up: 503, come back in a while
+        (True, 2, "queue_timeout"),  # engines came, but stayed saturated: 429
+        (False, 2, "queue_timeout"),
+        (False, 0, "queue_timeout"),  # its engines went away while it waited: not a hold
+    ],
+)
+def test_expiry(held: bool, engines: int, reason: str) -> None:
+    assert expiry(held, engines) == reason
 
 
 def test_predictions_and_retry_after() -> None:

@@ -50,10 +50,15 @@ def engines_file(tmp_path: Path) -> Path:
     return path
 
 
-@pytest.fixture
-def hold_router(router: RouterFactory, engines_file: Path) -> Callable[..., RouterServer]:
+@pytest.fixture(params=[True, False], ids=["in-flow-queue", "flow-off"])
+def hold_router(
+    router: RouterFactory, engines_file: Path, request: pytest.FixtureRequest
+) -> Callable[..., RouterServer]:
+    """A router holding MODEL with no engine: held in the flow queue, or (flow control off) in the hold."""
+
     def make(**values: object) -> RouterServer:
         values.setdefault("hold_models", [MODEL])
+        values.setdefault("flow_control", {"enabled": request.param})
         return router(engines_file=engines_file, available=0, **values)
 
     return make

@@ -59,6 +59,9 @@ class FlowSetup:
     engines_file: Path | None = None
     model: str = MODEL
     tokenizer: str = "builtin"
+    tokenizer_path: Path | None = None  # the model's tokenizer files, for tokenizer "local"
+    # the router logs each cache-aware decision (DEBUG): each case counts those flow control narrowed
+    decision_log: bool = False
     log_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="kvstack-flow-")))
 
 
@@ -76,7 +79,14 @@ def router_config(setup: FlowSetup, policy: Policy) -> dict[str, Any]:
     With flow control, objectives and the saturation model are in wall time (the router's clock):
     a simulated second lasts ``1 / speed`` wall seconds.
     """
-    config: dict[str, Any] = {"policy": policy.routing, "log_level": "warning", "tokenizer": setup.tokenizer}
+    config: dict[str, Any] = {
+        "policy": policy.routing,
+        "log_level": "debug" if setup.decision_log else "warning",
+        "tokenizer": setup.tokenizer,
+        "expose_engine_header": True,  # each request's engine: its first touches (flow_plan)
+    }
+    if setup.tokenizer_path is not None:
+        config["tokenizer_path"] = str(setup.tokenizer_path)
     if not flow_available():
         return config
     if not policy.flow:
@@ -164,11 +174,12 @@ def _case(
 def _scenarios(setup: FlowSetup) -> dict[str, list[tuple[str, list[Stream]]]]:
     cap, d = setup.capacity_rps, setup.duration_s
     over = 1.5 * cap  # fairness and priority: together above capacity
+    fair = flow_plan.fairness_window_s(over / 11, d, setup.shape)  # B: several users
     return {
         "ramp": [(f"{load:g}x", [Stream("A", load * cap, d)]) for load in flow_plan.RAMP],
         "fairness": [
-            ("B alone", [Stream("B", over / 11, d)]),
-            ("A 10x + B", [Stream("A", over * 10 / 11, d), Stream("B", over / 11, d)]),
+            ("B alone", [Stream("B", over / 11, fair)]),
+            ("A 10x + B", [Stream("A", over * 10 / 11, fair), Stream("B", over / 11, fair)]),
         ],
         "priority": [
             ("interactive alone", [Stream("A", 0.3 * cap, d, "interactive")]),
@@ -204,6 +215,8 @@ def run(
             for scenario in scenarios:
                 for seed, (case, streams) in enumerate(plan[scenario]):
                     load0 = os.getloadavg()[0]
+                    window = max(s.duration_s for s in streams)
+                    log_at = procs[-1].log_path.stat().st_size if procs[-1].log_path.exists() else 0
                     before = [promtext.scrape(f"{u}/metrics") for u in engine_urls]
                     r_before = _router_scrape(url, policy)
                     outcomes, length = _case(
@@ -216,14 +229,17 @@ def run(
                         "case": case,
                         "policy": policy.name,
                         "offered_rps": round(sum(s.rate for s in streams), 3),
-                        **flow_plan.summarize(outcomes, setup.duration_s),
-                        "tenants": flow_plan.by_group(outcomes, "tenant", setup.duration_s),
-                        "classes": flow_plan.by_group(outcomes, "klass", setup.duration_s),
+                        "window_s": round(window, 2),
+                        **flow_plan.summarize(outcomes, window),
+                        "tenants": flow_plan.by_group(outcomes, "tenant", window),
+                        "classes": flow_plan.by_group(outcomes, "klass", window),
                         "run_s": round(length, 2),
                         **_engine_counters(before, after),
                         **_flow_counters(r_before, r_after),
                         "loadavg": [round(load0, 2), round(os.getloadavg()[0], 2)],
                     }
+                    if setup.decision_log and policy.routing not in PEER_POLICIES:
+                        row.update(_narrowed(procs[-1].log_path, log_at, len(engine_urls)))
                     if scenario == "ramp":
                         row["load"] = flow_plan.RAMP[seed]
                     getattr(results, scenario).append(row)
@@ -231,6 +247,7 @@ def run(
                         f"{policy.name:>16} {scenario:>8} {case:>26}: goodput {row['goodput_rps']:.2f}/s, "
                         f"429 {row['shed_rate']:.0%}, TTFT p50/p90/p99 {row['ttft_p50_s']}/"
                         f"{row['ttft_p90_s']}/{row['ttft_p99_s']} s, errors {row['errors']}, "
+                        f"narrowed {row.get('narrowed', '-')}/{row.get('decisions', '-')}, "
                         f"loadavg {row['loadavg']}"
                     )
     return results
@@ -250,6 +267,14 @@ def _engine_counters(
         "preemptions": d("vllm:num_preemptions_total"),
         "prompt_tokens": d("vllm:prompt_tokens_total"),
     }
+
+
+def _narrowed(log: Path, offset: int, engines: int) -> dict[str, int]:
+    """The decisions the router logged since ``offset`` of its log, and how many were narrowed."""
+    with log.open("rb") as f:
+        f.seek(offset)
+        text = f.read().decode(errors="replace")
+    return flow_plan.narrowed_decisions(text.splitlines(), engines)
 
 
 def _router_scrape(url: str, policy: Policy) -> promtext.Samples:
@@ -320,7 +345,16 @@ def flow_bench(
         Path | None, typer.Option(help="Running engines (static discovery YAML) instead of simulators.")
     ] = None,
     model: Annotated[str, typer.Option(help="Served model name.")] = MODEL,
-    tokenizer: Annotated[str, typer.Option(help="Router tokenizer: builtin or engine.")] = "builtin",
+    tokenizer: Annotated[
+        str, typer.Option(help="Router tokenizer: builtin, engine, or local (the model's files).")
+    ] = "builtin",
+    tokenizer_path: Annotated[
+        Path | None, typer.Option(help="The model's tokenizer files for --tokenizer local (a folder).")
+    ] = None,
+    decision_log: Annotated[
+        bool,
+        typer.Option(help="Router at DEBUG: count the decisions flow control narrowed, per case."),
+    ] = False,
     prefill_tokens_per_s: Annotated[
         float, typer.Option(help="An engine's cold prefill rate (tokens/s, simulated time) for the router.")
     ] = 2_100.0,
@@ -338,6 +372,14 @@ def flow_bench(
     for name in scenario or ():
         if name not in ("ramp", "fairness", "priority"):
             raise typer.BadParameter(f"unknown scenario {name!r}", param_hint="--scenario")
+    if tokenizer not in ("builtin", "engine", "local"):
+        raise typer.BadParameter(
+            f"unknown tokenizer {tokenizer!r}; one of builtin, engine, local", param_hint="--tokenizer"
+        )
+    if tokenizer == "local" and (tokenizer_path is None or not tokenizer_path.is_dir()):
+        raise typer.BadParameter(
+            "--tokenizer local needs the model's tokenizer files (a folder)", param_hint="--tokenizer-path"
+        )
     if engines_file is not None and speed != 1.0:
         raise typer.BadParameter("real engines run at speed 1", param_hint="--speed")
     setup = FlowSetup(
@@ -348,6 +390,8 @@ def flow_bench(
         engines_file=engines_file,
         model=model,
         tokenizer=tokenizer,
+        tokenizer_path=tokenizer_path,
+        decision_log=decision_log,
         prefill_tokens_per_s=prefill_tokens_per_s,
         prefill_target_s=prefill_target_s,
     )

@@ -63,9 +63,11 @@ async def _one(
     sent = (start - t0) * client.speed
     klass = stream.klass or "default"
     status, ttft, done, tokens, parts = 0, None, False, 0, []
+    engine: str | None = None
     try:
         async with http.post(f"{client.base_url}/v1/chat/completions", json=body, headers=headers) as resp:
             status = resp.status
+            engine = resp.headers.get("x-kvstack-engine")
             if status != 200:
                 await resp.read()
                 retry = _retry_after(resp.headers.get("retry-after"))
@@ -90,7 +92,7 @@ async def _one(
     except (TimeoutError, aiohttp.ClientError, ValueError):
         pass  # status stays what the response said (0 if none came): an error, not a refusal
     ok = done and tokens == max_tokens
-    return Outcome(stream.tenant, klass, sent, status, ok, ttft), "".join(parts)
+    return Outcome(stream.tenant, klass, sent, status, ok, ttft, engine=engine), "".join(parts)
 
 
 async def _user(

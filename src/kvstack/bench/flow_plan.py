@@ -11,8 +11,9 @@ in :mod:`kvstack.bench.flow` and :mod:`kvstack.bench.flow_driver`.
 
 from __future__ import annotations
 
+import json
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +21,11 @@ from kvstack.bench import stats, workloads
 
 OBJECTIVE_S = 1.0  # the issue's goodput threshold: TTFT <= 1 s (simulated time)
 RAMP = (0.5, 1.0, 1.5, 2.0)  # offered load, in multiples of the cluster's capacity
+# fairness: tenant B's users at least (its arrival window is stretched to hold them): with 3 users B's
+# refusals and p90 were one user's luck (bench-results/flow)
+FAIRNESS_B_USERS = 8
+DECISION_LOGGER = "kvstack.router.decision"  # the cache-aware policy's decision line (DEBUG)
+NARROWED_MSG = "flow narrowed"  # flow control's line per narrowed decision (DEBUG, router/flow/room.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +73,34 @@ class Stream:
     klass: str | None = None  # the priority header; None: the tenant's default
 
 
+def fairness_window_s(b_rate: float, duration_s: float, shape: Shape) -> float:
+    """The fairness cases' arrival window: ``duration_s``, or longer so B (at ``b_rate`` requests/s)
+    has :data:`FAIRNESS_B_USERS` users."""
+    return max(duration_s, FAIRNESS_B_USERS * shape.rounds / b_rate)
+
+
+def narrowed_decisions(lines: Iterable[str], engines: int) -> dict[str, Any]:
+    """Of the router's log ``lines``: the cache-aware policy's decisions, how many of them flow
+    control narrowed (offered the policy fewer than the cluster's ``engines``), and why the engines
+    left out had no room (their saturation reasons, from flow control's ``flow narrowed`` lines)."""
+    decisions = narrowed = 0
+    reasons: dict[str, int] = {}
+    for line in lines:
+        if DECISION_LOGGER not in line and NARROWED_MSG not in line:
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if rec.get("logger") == DECISION_LOGGER:
+            decisions += 1
+            narrowed += len(rec.get("engines") or ()) < engines
+        elif rec.get("msg") == NARROWED_MSG:
+            for reason in (rec.get("saturated") or {}).values():
+                reasons[reason] = reasons.get(reason, 0) + 1
+    return {"decisions": decisions, "narrowed": narrowed, "saturated_by_reason": reasons}
+
+
 def build_trace(streams: Sequence[Stream], shape: Shape, seed: int) -> list[tuple[Stream, workloads.Session]]:
     """Sessions of every stream, each user with the shared system prompt and a private context.
 
@@ -108,6 +142,7 @@ class Outcome:
     ok: bool  # streamed to its last token
     ttft_s: float | None = None
     retry_after_s: float | None = None  # the 429's Retry-After header
+    engine: str | None = None  # the engine that served it (the router's x-kvstack-engine header)
 
 
 def _pct(values: Sequence[float], q: float) -> float | None:
@@ -141,6 +176,25 @@ def summarize(
         "ttft_p50_s": _pct(ttfts, 50),
         "ttft_p90_s": _pct(ttfts, 90),
         "ttft_p99_s": _pct(ttfts, 99),
+        **first_touches(ok),
+    }
+
+
+def first_touches(completed: Sequence[Outcome]) -> dict[str, Any]:
+    """The TTFT of each engine's first request of the case (the earliest sent that it served:
+    every case has its own system prompt, so that request carries it to the engine cold: a floor
+    no admission can lower), and the TTFT p99 of the others. Empty when no engine is known."""
+    first: dict[str, Outcome] = {}
+    for o in sorted(completed, key=lambda o: o.sent_s):
+        if o.engine is not None and o.ttft_s is not None:
+            first.setdefault(o.engine, o)
+    if not first:
+        return {}
+    firsts = {id(o) for o in first.values()}
+    rest = [o.ttft_s for o in completed if id(o) not in firsts and o.ttft_s is not None]
+    return {
+        "first_touch_ttft_s": sorted(round(o.ttft_s or 0.0, 4) for o in first.values()),
+        "ttft_p99_after_first_touch_s": _pct(rest, 99),
     }
 
 

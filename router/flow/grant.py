@@ -1,0 +1,36 @@
+"""One request's passage through flow control: what it was admitted as, where it went, and the
+headers that tell its client (:class:`Grant`). Written by :mod:`.controller`, carried by the proxy."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(eq=False, slots=True)
+class Grant:
+    """One request's passage through flow control; the proxy carries it on the call."""
+
+    id: int
+    model: str
+    class_name: str
+    priority: int
+    tenant: str
+    tenant_label: str
+    objective_s: float | None
+    cost: float
+    predicted_ttft_s: float | None = None
+    correction: float = 1.0  # the model's prediction correction it was predicted with
+    position: int = 0  # in the queue at admission; 0: an engine had room
+    queue_wait_s: float = 0.0
+    reserved: bool = False  # given its turn, not yet at an engine
+    engine: str | None = None  # the URL of the engine it was last sent to
+    dispatched_at: float = 0.0
+    backlog_at_dispatch: float = 0.0
+    uncached: float = 0.0
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        return [
+            (b"x-kvstack-priority-class", self.class_name.encode()),
+            (b"x-kvstack-queue-position", str(self.position).encode()),
+            (b"x-kvstack-queue-wait-ms", str(round(self.queue_wait_s * 1000)).encode()),
+        ]
