@@ -16,7 +16,13 @@ In this order:
    (:func:`predict_ttft`). The queued part ahead is what the fair shares put before it
    (:func:`kvstack.router.flow.fairness.fair_work_ahead`): a tenant under its share is served
    before most of the backlog of a tenant over it, so the tenant over its share is the one refused;
-3. the queue is full (by count, or by prompt tokens when something waits already):
+3. ``wait_bound``: its predicted TTFT is longer than the queue lets a request wait
+   (``max_wait_s``, the router's ``queue_timeout_s``): 429 now, whatever its class's objective (with
+   none, this bound is the only promise): it would wait out the whole bound and get the same 429 then
+   (on two simulators at KV pressure, bench-results/lmcache section 8, 5 requests did, after 30 s);
+   an unmeasured turn rate predicts no wait for slots, so this refuses only what the queue's own
+   measurements say cannot be served in time;
+4. the queue is full (by count, or by prompt tokens when something waits already):
 
    a. ``displace_lower``: someone of a lower class waits: queue it, and the newest request of the
       lowest class gets the 429 instead (a flood of batch work never locks interactive work out);
@@ -24,7 +30,7 @@ In this order:
    c. ``displace_over_share``: another tenant holds more than its share: queue it, and that tenant's
       newest request of the newcomer's class (the lowest waiting) gets the 429;
    d. ``queue_full``: 429;
-4. ``queued``: it waits for an engine with room.
+5. ``queued``: it waits for an engine with room.
 
 A 429 carries ``Retry-After``: the time the cluster needs to prefill what is ahead (at least 1 s,
 at most :data:`MAX_RETRY_AFTER_S`).
@@ -46,12 +52,13 @@ Reason = Literal[
     "room",
     "queued",
     "slo",
+    "wait_bound",
     "displace_lower",
     "over_share",
     "displace_over_share",
     "queue_full",
 ]
-SHED_REASONS: tuple[Reason, ...] = ("hold_full", "slo", "over_share", "queue_full")
+SHED_REASONS: tuple[Reason, ...] = ("hold_full", "slo", "wait_bound", "over_share", "queue_full")
 # why a queued request's wait ran out: no engine of its model came up (503, come back in a while), or
 # its engines stayed saturated (429)
 Expiry = Literal["hold_timeout", "queue_timeout"]
@@ -81,6 +88,7 @@ class QueueState:
     weights: Mapping[str, float]
     request_tokens: float = 256.0
     max_held: int = 0  # requests that may wait while the model has no ready engine (rule 0)
+    max_wait_s: float | None = None  # the longest a queued request may wait (rule 3); None: unbounded
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,6 +203,8 @@ def decide(new: Newcomer, queue: QueueState, cap: Capacity) -> Decision:
     wait = retry_after(queue, cap)
     if new.objective_s is not None and predicted is not None and predicted > new.objective_s:
         return Decision("shed", "slo", predicted, wait)
+    if queue.max_wait_s is not None and predicted is not None and predicted > queue.max_wait_s:
+        return Decision("shed", "wait_bound", predicted, wait)
     full = queue.count + 1 > queue.max_count or (
         queue.count > 0 and queue.tokens + new.cost > queue.max_tokens
     )

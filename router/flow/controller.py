@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import logging
 import math
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -42,6 +43,7 @@ from kvstack.router.hold import hold_full_error, hold_timeout_error
 from kvstack.router.metrics import RouterMetrics
 
 TURNS_KEPT, MIN_TURNS = 64, 8  # the queue's turn rate: over its last 64 turns, from 8 on
+log = logging.getLogger(__name__)
 OTHER_TENANT = "other"  # the metric label of every tenant not configured
 BASE_TTFT_S = 0.011  # a full prefix hit on an H200 still takes ~11 ms (tests/reference)
 _MESSAGES = {
@@ -51,6 +53,8 @@ _MESSAGES = {
     "displaced": "this request made way for a higher class or a tenant under its share in the full "
     "queue for {model}",
     "queue_timeout": "timed out waiting for capacity for {model}",
+    "wait_bound": "the wait for capacity for {model} is predicted to exceed the queue's bound; "
+    "try again later",
 }
 
 
@@ -90,7 +94,7 @@ class FlowControl:
         self._ids = itertools.count(1)
         self._ticker: asyncio.Task[None] | None = None
         for cls in config.classes:
-            for reason in ("slo", "over_share", "queue_full", "displaced", "queue_timeout"):
+            for reason in ("slo", "wait_bound", "over_share", "queue_full", "displaced", "queue_timeout"):
                 metrics.flow_shed.labels(reason, cls.name)
 
     # ------------------------------------------------------------------ classification
@@ -170,10 +174,19 @@ class FlowControl:
         grant.correction = cap.correction
         decision = decide(
             Newcomer(tenant, cls.priority, cost, cls.ttft_objective_s),
-            queue.state_for(cls.priority, self.max_held),
+            queue.state_for(cls.priority, self.max_held, self.queue_timeout_s),
             cap,
         )
         grant.predicted_ttft_s = decision.predicted_ttft_s
+        if decision.outcome != "dispatch":  # what admission saw of a wait (kvstack bench gpu's router log)
+            log.debug(
+                "flow admission %s: predicted %s s, turns/s %s, correction %.2f, in flight %.0f tokens",
+                decision.reason,
+                decision.predicted_ttft_s,
+                cap.turns_per_s,
+                cap.correction,
+                cap.prefill_in_flight,
+            )
         held = decision.reason == "held"
         if decision.reason == "hold_full":
             self.metrics.reject("hold_full")
@@ -237,7 +250,8 @@ class FlowControl:
 
     def _shed(self, reason: str, grant: Grant, retry_after_s: float) -> RetryLater:
         self.metrics.flow_shed.labels(reason, grant.class_name).inc()
-        self.metrics.reject("displaced" if reason == "displaced" else reason)
+        # the rejections counter's reasons: a predicted wait past the queue's bound is its timeout, told early
+        self.metrics.reject("queue_timeout" if reason == "wait_bound" else reason)
         message = _MESSAGES[reason].format(cls=grant.class_name, model=grant.model)
         return RetryLater(429, message, retry_after_s)
 
@@ -397,6 +411,28 @@ class FlowControl:
         while any(len(q) for q in self.queues.values()):
             await asyncio.sleep(self.tick_s)
             self.pump_all()
+            if log.isEnabledFor(logging.DEBUG):
+                self._log_waiting()
+
+    def _log_waiting(self) -> None:
+        """Why requests still wait, once a tick: each engine's saturation and the queue's turn rate."""
+        now = self.clock()
+        for model, queue in self.queues.items():
+            head = queue.peek_next()
+            candidates = self.registry.candidates(model, now)
+            if head is None or not candidates:
+                continue
+            limits = self.room.limits_for(head.waiting.priority, now)
+            verdicts = self.room.verdicts(candidates, limits, now)
+            log.debug(
+                "flow waiting: %d queued, turns/s %s, engines %s",
+                len(queue),
+                self.turns_per_s(model, candidates),
+                {
+                    e.name: (v.reason, e.kv_cache_usage, e.in_flight)
+                    for e, v in zip(candidates, verdicts, strict=True)
+                },
+            )
 
     async def stop(self) -> None:
         if self._ticker is not None:

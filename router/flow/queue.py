@@ -49,9 +49,9 @@ class FlowQueue:
     def __len__(self) -> int:
         return len(self.tickets)
 
-    def state_for(self, priority: int, max_held: int = 0) -> QueueState:
+    def state_for(self, priority: int, max_held: int = 0, max_wait_s: float | None = None) -> QueueState:
         """What :func:`kvstack.router.flow.admission.decide` needs, for a newcomer of ``priority``
-        (``max_held``: the bound while the model has no ready engine)."""
+        (``max_held``: the bound while the model has no ready engine; ``max_wait_s``: on a wait)."""
         ahead = [t.waiting for t in self.tickets.values() if t.waiting.priority >= priority]
         work: dict[str, float] = {}
         for t in self.tickets.values():
@@ -69,6 +69,7 @@ class FlowQueue:
             weights=self.fair.weights,
             request_tokens=self.fair.request_tokens,
             max_held=max_held,
+            max_wait_s=max_wait_s,
         )
 
     def add(self, ticket: Ticket) -> int:

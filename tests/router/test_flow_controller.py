@@ -429,6 +429,35 @@ async def test_a_queued_requests_first_token_teaches_the_models_prediction_corre
     assert control.correction[M] > 1.0  # the next prediction is scaled up (by the EWMA's weight)
 
 
+@pytest.mark.parametrize(("bound_s", "refused"), [(1.0, True), (10.0, False)])
+async def test_a_request_predicted_to_outwait_the_queue_timeout_is_refused_at_once(
+    bound_s: float, refused: bool
+) -> None:
+    """No objective (the default class): the queue's own bound is the promise. 102,000 tokens in
+    flight at the default 34,000 tokens/s: ~3.1 s to a first token, past a 1 s bound, within 10 s."""
+    control, registry, metrics = make(timeout=bound_s)
+    engine = registry.all()[0]
+    busy = await control.admit(M, "t", cls(control), 102_000, registry.all())
+    await start(control, engine, busy)
+    waiter = asyncio.create_task(control.admit(M, "t", cls(control), 3400, registry.all()))
+    await settle()
+    shed = metrics.registry.get_sample_value(
+        "kvstack_router_flow_shed_total", {"reason": "wait_bound", "class": "default"}
+    )
+    if refused:  # at once, not after the bound ran out: 429 with a Retry-After from the backlog
+        assert waiter.done()
+        with pytest.raises(RetryLater) as err:
+            waiter.result()
+        assert (
+            err.value.status == 429 and err.value.retry_after == 3.0
+        )  # the backlog: 102,000 / 34,000 tokens/s
+        assert "predicted to exceed" in err.value.message and shed == 1.0 and queued(metrics) == 0
+    else:
+        assert not waiter.done() and shed == 0.0 and queued(metrics) == 1
+        await end(control, engine, busy)
+        assert (await waiter).position == 1
+
+
 @pytest.mark.parametrize(("held", "engines"), [(30_000, ["http://e0"]), (1_000, ["http://e1"])])
 async def test_a_request_goes_to_its_briefly_saturated_hit_engine_when_that_is_sooner(
     held: float, engines: list[str]

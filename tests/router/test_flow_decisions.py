@@ -384,6 +384,11 @@ def queue_state(
     )
 
 
+def bounded(max_wait_s: float, count: int = 0, tokens: float = 0.0) -> QueueState:
+    """A queue whose requests may wait at most ``max_wait_s`` (the router's ``queue_timeout_s``)."""
+    return dataclasses.replace(queue_state(count, tokens=tokens, max_count=100), max_wait_s=max_wait_s)
+
+
 def held_state(count: int = 0, tokens: float = 0.0, max_count: int = 10, max_held: int = 4) -> QueueState:
     return dataclasses.replace(queue_state(count, tokens=tokens, max_count=max_count), max_held=max_held)
 
@@ -485,6 +490,39 @@ def new(tenant: str = "t", priority: int = 0, cost: float = 3400, objective: flo
             dataclasses.replace(FULL, prefill_in_flight=0),
             "queue",
             "queued",
+            (None, None),
+        ),
+        # no objective, but the queue's own bound on a wait (queue_timeout_s): refused at once when the
+        # prediction is past it (FULL: 0.01 + 1.0 + 0.1 = 1.11 s), instead of a 429 once it ran out
+        (new(), bounded(1.0), FULL, "shed", "wait_bound", (None, None)),
+        (new(), bounded(1.2), FULL, "queue", "queued", (None, None)),
+        # ... only what the queue's turn rate says: 30 ahead at 1 turn/s is 31 s of turns
+        (
+            new(),
+            bounded(30.0, 30, tokens=3_000),
+            dataclasses.replace(FULL, prefill_in_flight=0, turns_per_s=1.0),
+            "shed",
+            "wait_bound",
+            (None, None),
+        ),
+        (
+            new(),
+            bounded(30.0, 30, tokens=3_000),
+            dataclasses.replace(FULL, prefill_in_flight=0, turns_per_s=2.0),
+            "queue",
+            "queued",
+            (None, None),
+        ),
+        # an objective tighter than the bound is the reason given
+        (new(objective=1.0), bounded(1.0), FULL, "shed", "slo", (None, None)),
+        # room, or no engine yet (a hold: no prediction): the bound refuses nothing
+        (new(), bounded(0.001), ROOM, "dispatch", "room", (None, None)),
+        (
+            new(),
+            dataclasses.replace(held_state(), max_wait_s=0.001),
+            NONE,
+            "queue",
+            "held",
             (None, None),
         ),
         # a lower class never makes a higher one make way
