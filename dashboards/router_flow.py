@@ -49,8 +49,8 @@ def flow_control_row() -> Row:
                 unit="reqps",
                 stack=True,
                 description="Requests flow control refused with 429 + Retry-After: slo (predicted to "
-                "miss the class's TTFT objective), over_share, displaced, queue_full "
-                "(kvstack_router_flow_shed_total).",
+                "miss the class's TTFT objective), wait_bound (predicted to wait past the queue's bound), "
+                "over_share, displaced, queue_full, queue_timeout (kvstack_router_flow_shed_total).",
             ),
             Panel(
                 "Goodput and objective misses/s by class",
