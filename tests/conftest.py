@@ -1,10 +1,12 @@
-"""Shared fixtures: where the reference data lives (``tests/reference``), and free local ports."""
+"""Shared fixtures: where the reference data lives (``tests/reference``), free local ports, a real Redis."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from tests.redis_server import RedisServer
 
 from kvstack.common.procs import free_port  # re-exported: test modules import it from here
 
@@ -29,3 +31,14 @@ def repo_root() -> Path:
 @pytest.fixture
 def unused_port() -> int:
     return free_port()
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A redis-server of this test's own on a free port (skips where none is installed)."""
+    server = RedisServer(free_port(), tmp_path)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.kill()

@@ -13,7 +13,7 @@ import httpx
 import pytest
 import redis
 from tests.conftest import free_port
-from tests.engine_sim_core.conftest import RedisServer
+from tests.redis_server import RedisServer
 
 from kvstack.bench import promtext
 from kvstack.bench.gpu_procs import sim_procs
@@ -53,16 +53,6 @@ def hits(url: str) -> tuple[float, float]:
         promtext.total(s, ENGINE_COUNTERS["prefix_hits"]),
         promtext.total(s, ENGINE_COUNTERS["external_hits"]),
     )
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(free_port(), tmp_path)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.kill()
 
 
 def test_fresh_cache_empties_gpu_and_redis_and_lmcache_cpu_survives(

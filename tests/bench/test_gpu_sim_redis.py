@@ -7,7 +7,7 @@ from pathlib import Path
 import httpx
 import redis
 from tests.conftest import free_port
-from tests.engine_sim_core.conftest import RedisServer
+from tests.redis_server import RedisServer
 
 from kvstack.bench import promtext
 from kvstack.bench.gpu_procs import sim_procs

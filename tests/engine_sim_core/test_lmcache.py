@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 import yaml
+from tests.redis_server import RedisServer
 
 from kvstack.common.blocks import block_keys, chain_root
 from kvstack.common.config import ConfigError, build
@@ -35,7 +36,7 @@ from kvstack.engine.sim.lmcache import (
 from kvstack.engine.sim.types import SimRequest
 from kvstack.router.kvindex.index import IndexSettings, KVIndex, PrefixMatch
 
-from .conftest import Recorder, RedisServer
+from .conftest import Recorder
 
 C, R, F = TIER_CPU, TIER_REMOTE, TIER_FAILED
 ROOT = Path(__file__).resolve().parents[2]

@@ -4,6 +4,7 @@ the latency model."""
 from __future__ import annotations
 
 import pytest
+from tests.redis_server import RedisServer
 
 from kvstack.common.config import build
 from kvstack.engine.sim.config import KV_BYTES_PER_TOKEN, SimConfig
@@ -11,7 +12,7 @@ from kvstack.engine.sim.core import SimEngine
 from kvstack.engine.sim.latency import retrieve_time, store_time
 from kvstack.engine.sim.types import SimRequest
 
-from .conftest import Recorder, RedisServer
+from .conftest import Recorder
 
 PROMPT = [300 + (i * 37) % 9000 for i in range(2048)]  # 8 LMCache chunks of 256
 CHUNK_BYTES = 256 * KV_BYTES_PER_TOKEN

@@ -3,34 +3,21 @@ values that follow a prefix stored by one simulator and retrieved by another thr
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 import redis
 from prometheus_client.parser import text_string_to_metric_families
-from tests.engine_sim_core.conftest import RedisServer
 from tests.engine_sim_server.conftest import MODEL, Sim, run_sim
 from tests.engine_sim_server.promtext import sample
+from tests.redis_server import RedisServer
 
 from kvstack.common.waits import wait_until
 from kvstack.engine.sim.config import KV_BYTES_PER_TOKEN
 
 PROMPT = [300 + (i * 37) % 9000 for i in range(1024)]  # 4 LMCache chunks of 256
 LABELS = {"model_name": "kvstack/sim-8b", "served_model_name": MODEL, "worker_id": "0", "role": "worker"}
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    from tests.conftest import free_port
-
-    server = RedisServer(free_port(), tmp_path)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.kill()
 
 
 def lmcache_samples(text: str) -> dict[str, dict[str, str]]:
