@@ -59,6 +59,17 @@ Reason = Literal[
     "queue_full",
 ]
 SHED_REASONS: tuple[Reason, ...] = ("hold_full", "slo", "wait_bound", "over_share", "queue_full")
+# what a client refused for each reason reads (``{cls}``: its class, ``{model}``: its model)
+SHED_MESSAGES = {
+    "slo": "the {cls} class's time-to-first-token objective cannot be met now; try again later",
+    "over_share": "the queue for {model} is full and this tenant holds more than its share of it",
+    "queue_full": "too many requests queued for {model}",
+    "displaced": "this request made way for a higher class or a tenant under its share in the full "
+    "queue for {model}",
+    "queue_timeout": "timed out waiting for capacity for {model}",
+    "wait_bound": "the wait for capacity for {model} is predicted to exceed the queue's bound; "
+    "try again later",
+}
 # why a queued request's wait ran out: no engine of its model came up (503, come back in a while), or
 # its engines stayed saturated (429)
 Expiry = Literal["hold_timeout", "queue_timeout"]

@@ -22,7 +22,6 @@ import contextlib
 import itertools
 import logging
 import math
-from collections import deque
 from collections.abc import Callable, Iterable
 
 from prometheus_client import Gauge
@@ -30,7 +29,14 @@ from prometheus_client import Gauge
 from kvstack.common.errors import OpenAIError
 from kvstack.router.engines import EngineRegistry, EngineState
 from kvstack.router.exchange import RetryLater
-from kvstack.router.flow.admission import Capacity, Newcomer, decide, expiry, learn_correction
+from kvstack.router.flow.admission import (
+    SHED_MESSAGES,
+    Capacity,
+    Newcomer,
+    decide,
+    expiry,
+    learn_correction,
+)
 from kvstack.router.flow.config import FlowControlConfig, PriorityClass
 from kvstack.router.flow.fairness import FairShare
 from kvstack.router.flow.grant import Grant
@@ -38,24 +44,13 @@ from kvstack.router.flow.ledger import Prefill
 from kvstack.router.flow.ordering import Waiting
 from kvstack.router.flow.queue import FlowQueue, Shed, Ticket
 from kvstack.router.flow.room import Room
-from kvstack.router.flow.saturation import learn_rate, rate_sample
+from kvstack.router.flow.turn_rate import TurnRate
 from kvstack.router.hold import hold_full_error, hold_timeout_error
 from kvstack.router.metrics import RouterMetrics
 
-TURNS_KEPT, MIN_TURNS = 64, 8  # the queue's turn rate: over its last 64 turns, from 8 on
 log = logging.getLogger(__name__)
 OTHER_TENANT = "other"  # the metric label of every tenant not configured
 BASE_TTFT_S = 0.011  # a full prefix hit on an H200 still takes ~11 ms (tests/reference)
-_MESSAGES = {
-    "slo": "the {cls} class's time-to-first-token objective cannot be met now; try again later",
-    "over_share": "the queue for {model} is full and this tenant holds more than its share of it",
-    "queue_full": "too many requests queued for {model}",
-    "displaced": "this request made way for a higher class or a tenant under its share in the full "
-    "queue for {model}",
-    "queue_timeout": "timed out waiting for capacity for {model}",
-    "wait_bound": "the wait for capacity for {model} is predicted to exceed the queue's bound; "
-    "try again later",
-}
 
 
 class FlowControl:
@@ -87,8 +82,7 @@ class FlowControl:
         self.tenant_class = {t.name: t.default_class for t in config.tenants if t.default_class}
         self.queues: dict[str, FlowQueue] = {}
         self.reserved: dict[str, int] = {}
-        # per model, the times of the last turns given from a non-empty queue (forgotten when it empties)
-        self.turns: dict[str, deque[float]] = {}
+        self.turns = TurnRate()  # how fast each model's queue gives turns (admission's wait)
         # per model, actual over predicted TTFT of queued requests (admission.learn_correction)
         self.correction: dict[str, float] = {}
         self._ids = itertools.count(1)
@@ -252,7 +246,7 @@ class FlowControl:
         self.metrics.flow_shed.labels(reason, grant.class_name).inc()
         # the rejections counter's reasons: a predicted wait past the queue's bound is its timeout, told early
         self.metrics.reject("queue_timeout" if reason == "wait_bound" else reason)
-        message = _MESSAGES[reason].format(cls=grant.class_name, model=grant.model)
+        message = SHED_MESSAGES[reason].format(cls=grant.class_name, model=grant.model)
         return RetryLater(429, message, retry_after_s)
 
     def _gauge(self, model: str, ticket: Ticket) -> Gauge:
@@ -324,18 +318,8 @@ class FlowControl:
         engine = self.registry.get(grant.engine or "")
         if engine is None:
             return
-        flow = self.room.ledger(engine)
-        if flow.prefill.pop(grant.id, None) is not None:
-            sat = self.config.saturation
-            sample = rate_sample(
-                flow.rate,
-                sat.prefill_tokens_per_s,
-                grant.backlog_at_dispatch + grant.uncached,
-                now - grant.dispatched_at - BASE_TTFT_S,
-            )
-            if sample is not None:
-                flow.samples.append(sample)
-                flow.rate = learn_rate(flow.rate, flow.samples, sat.learn_weight)
+        took_s = now - grant.dispatched_at - BASE_TTFT_S
+        self.room.prefill_done(engine, grant.id, grant.backlog_at_dispatch + grant.uncached, took_s)
         self.pump(grant.model)
 
     def finished(self, grant: Grant, engine: EngineState) -> None:
@@ -374,23 +358,15 @@ class FlowControl:
                 continue
             ticket.future.set_result(None)
             self.reserved[model] = self.reserved.get(model, 0) + 1  # the grant's, set by its waiter
-            self.turns.setdefault(model, deque(maxlen=TURNS_KEPT)).append(now)
+            self.turns.given(model, now)
         if not queue:
-            self.turns.pop(model, None)  # a later backlog is measured afresh
+            self.turns.emptied(model)  # a later backlog is measured afresh
 
     def turns_per_s(self, model: str, candidates: list[EngineState]) -> float | None:
-        """The rate the model's queue gives turns: the slower of what it has been giving (over its
-        last turns while not empty) and the requests in flight over their time at an engine."""
-        rates: list[float] = []
-        times = self.turns.get(model)
-        if times is not None and len(times) >= MIN_TURNS and times[-1] > times[0]:
-            rates.append((len(times) - 1) / (times[-1] - times[0]))
+        """The rate the model's queue gives turns (:class:`.turn_rate.TurnRate`)."""
         # requests running at the engines: as scraped (waiting ones free no slot), else our count
         running = sum(e.in_flight if e.num_running is None else e.num_running for e in candidates)
-        service = self.room.service_s.get(model)
-        if service and running:
-            rates.append(running / service)
-        return min(rates, default=None)
+        return self.turns.per_s(model, running, self.room.service_s.get(model))
 
     def pump_models(self, models: Iterable[str]) -> None:
         for model in models:

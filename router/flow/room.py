@@ -24,6 +24,8 @@ from kvstack.router.flow.saturation import (
     Limits,
     Verdict,
     class_share,
+    learn_rate,
+    rate_sample,
     reserved_engines,
     saturation,
 )
@@ -67,6 +69,18 @@ class Room:
         """Drop the ledgers of engines that left (pods come and go for months)."""
         for url in [u for u in self.engines if registry.get(u) is None]:
             del self.engines[url]
+
+    def prefill_done(self, engine: EngineState, grant_id: int, work_tokens: float, took_s: float) -> None:
+        """A prefill at ``engine`` ended after ``took_s`` for ``work_tokens`` (its own and the backlog
+        ahead of it at dispatch): the engine's prefill rate learns from it (``saturation.learn_rate``)."""
+        flow = self.ledger(engine)
+        if flow.prefill.pop(grant_id, None) is None:
+            return
+        sat = self.config.saturation
+        sample = rate_sample(flow.rate, sat.prefill_tokens_per_s, work_tokens, took_s)
+        if sample is not None:
+            flow.samples.append(sample)
+            flow.rate = learn_rate(flow.rate, flow.samples, sat.learn_weight)
 
     def served(self, model: str, took_s: float) -> None:
         """A request of ``model`` spent ``took_s`` at its engine."""
