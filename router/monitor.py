@@ -11,7 +11,7 @@ Scraped figures older than ``stale_after`` are set back to None, so policies nev
 Wiring, in the app's lifespan::
 
     registry = EngineRegistry()
-    client = httpx.AsyncClient(transport=AiohttpTransport())
+    client = httpx.AsyncClient(trust_env=False)
     discovery = StaticDiscovery(registry, urls=["http://127.0.0.1:8101"])
     monitor = EngineMonitor(registry, client, build(MonitorConfig, "monitor", probe_interval=2.0))
     await discovery.start()
