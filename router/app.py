@@ -222,6 +222,10 @@ async def _running(ctx: RouterContext) -> AsyncIterator[None]:
         monitor = EngineMonitor(ctx.registry, monitor_client, monitor_config)
         monitor.start()
         stops.append(monitor)
+        # serve only once the engines' first probe (health, then models) is in: one probe each, bounded
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(2 * monitor_config.probe_timeout + 0.5):
+                await monitor.settled()
         ctx.refresh_models = monitor.refresh_models  # an engine that lost a model (router/model_gone.py)
         if settings.adapters and settings.load_adapters:  # LoRA: load a held request's adapter
             key = settings.engine_api_key.get_secret_value() if settings.engine_api_key else None

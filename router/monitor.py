@@ -203,6 +203,8 @@ class EngineMonitor:
         self._models_at: dict[str, float] = {}
         self._models_of: dict[str, Endpoint] = {}  # the endpoint each model list was learnt for
         self._workers: dict[str, list[asyncio.Task[None]]] = {}
+        self._probed: set[str] = set()  # probed once at least (and, if it answered, its models asked)
+        self._a_probe_ended = asyncio.Event()
         self._loop = BackgroundTask("engine-monitor", self.run, logger=log)
         self._reconcile_every = min(0.2, self.config.probe_interval, self.config.scrape_interval)
 
@@ -215,6 +217,18 @@ class EngineMonitor:
     async def stop(self) -> None:
         """Stop every loop and wait for them to end."""
         await self._loop.stop()
+
+    async def settled(self) -> None:
+        """Wait until every engine registered now has had its first probe (bound it with a timeout).
+
+        A router that took requests before its first round would answer them 503 ("still learning
+        which models its engines serve") for the round trip of one probe: in a restart, clients
+        would see 503s from a router in front of healthy engines. Until the port is served,
+        connections are refused (or wait in the listen backlog) instead.
+        """
+        while any(st.url not in self._probed for st in self.registry.all()):
+            self._a_probe_ended.clear()
+            await self._a_probe_ended.wait()
 
     async def run(self) -> None:
         """Follow registry membership, one probe and one scrape loop per engine, until cancelled."""
@@ -243,6 +257,7 @@ class EngineMonitor:
             self._tracks.pop(url, None)
             self._models_at.pop(url, None)
             self._models_of.pop(url, None)
+            self._probed.discard(url)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -289,6 +304,8 @@ class EngineMonitor:
             self.registry.changed()
         if ok and self._models_due(state, now):
             await self.refresh_models(state)
+        self._probed.add(state.url)
+        self._a_probe_ended.set()
         return ok
 
     async def scrape_once(self, state: EngineState) -> bool:

@@ -326,3 +326,27 @@ def _join_while_stopped(pid: int, threads: list[threading.Thread]) -> None:
             t.join(110)
     finally:
         os.killpg(pid, signal.SIGCONT)
+
+
+@pytest.mark.slow
+def test_a_starting_router_answers_its_first_request_without_a_503(tmp_path: Path) -> None:
+    """A router serves its port only once its engines' first probe is in: a client that retries
+    connection errors while it starts (as in a restart) gets 200 from the first answer on, never
+    503 "still learning which models its engines serve"."""
+    with run_sims(tmp_path, 2) as engines:
+        port = free_port()
+        proc = router_process(tmp_path, port, [s.url for s in engines]).start()
+        try:
+            with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+                deadline = time.monotonic() + 30
+                while True:
+                    assert proc.alive and time.monotonic() < deadline, proc.tail()
+                    try:
+                        body = {"model": MODEL, "prompt": "hi", "max_tokens": 2}
+                        resp = client.post("/v1/completions", json=body)
+                    except httpx.TransportError:
+                        continue  # not listening yet: refused, as in any restart
+                    break
+            assert resp.status_code == 200, resp.text
+        finally:
+            proc.stop()
