@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from kvstack.common.waits import wait_until
+from kvstack.stack.plan import redis_argv, redis_url
 
 
 @dataclass
@@ -27,33 +28,14 @@ class RedisServer:
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}"
+        return redis_url(self.port)
 
     def start(self) -> None:
         exe = shutil.which("redis-server")
         if exe is None:
             pytest.skip("redis-server is not installed")
-        self.proc = subprocess.Popen(
-            [
-                exe,
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(self.workdir),
-                "--maxmemory",
-                "64mb",
-                "--maxmemory-policy",
-                "allkeys-lru",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        argv = redis_argv(self.port, self.workdir, maxmemory="64mb", binary=exe)
+        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             wait_until(self._pongs, "redis-server to answer PING", timeout=10, interval=0.02)
         except AssertionError:

@@ -78,6 +78,31 @@ class EndpointSpec(BaseModel):
         )
 
 
+def sim_engine_entry(
+    name: str,
+    *,
+    http: int,
+    kv_events: int,
+    kv_replay: int,
+    models: Sequence[str] = (),
+    host: str = "127.0.0.1",
+) -> dict[str, Any]:
+    """The engines-file entry of a simulator (or any engine) on ``host`` that publishes KV events.
+
+    Its URL on port ``http``, its name, its models (none: the router learns them from the engine's
+    ``/v1/models``) and both ``tcp://`` KV-event endpoints, publisher on ``kv_events`` and replay on
+    ``kv_replay``. Built through :class:`EndpointSpec`, so it is an entry this module's parser takes.
+    """
+    spec = EndpointSpec(
+        url=f"http://{host}:{http}",
+        name=name,
+        models=list(models),
+        kv_events_endpoint=f"tcp://{host}:{kv_events}",
+        kv_events_replay_endpoint=f"tcp://{host}:{kv_replay}",
+    )
+    return spec.model_dump(exclude_defaults=True)
+
+
 def parse_endpoints(data: Any, *, source: str) -> list[Endpoint]:
     """A list of URLs/objects (or ``{"engines": [...]}``) -> endpoints; ConfigError naming the entry."""
     if isinstance(data, dict) and set(data) == {"engines"}:
@@ -228,4 +253,11 @@ def _spec_of(ep: Endpoint) -> dict[str, Any]:
     }
 
 
-__all__ = ["EndpointSpec", "StaticDiscovery", "load_endpoints_file", "merge_endpoints", "parse_endpoints"]
+__all__ = [
+    "EndpointSpec",
+    "StaticDiscovery",
+    "load_endpoints_file",
+    "merge_endpoints",
+    "parse_endpoints",
+    "sim_engine_entry",
+]

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
@@ -25,6 +26,8 @@ from tests.conftest import free_port
 from kvstack.common.procs import ManagedProcess, running
 from kvstack.common.waits import wait_until
 from kvstack.observability.prometheus import PrometheusAPI, Target, prometheus_process
+from kvstack.router.discovery.static import sim_engine_entry
+from kvstack.stack.plan import redis_argv
 
 KVSTACK = str(Path(sys.executable).with_name("kvstack"))
 MODEL_A, MODEL_B = "sim-a", "sim-b"
@@ -162,35 +165,14 @@ def _wait_engines(router_url: str, count: int, timeout: float = 30.0) -> None:
 @contextmanager
 def live_stack(tmp: Path, repo_root: Path) -> Iterator[Stack]:
     redis_port = free_port()
-    redis_proc = ManagedProcess(
-        "redis",
-        [
-            "redis-server",
-            "--port",
-            str(redis_port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            # bounded and evicting, as the chart's Redis is (the Redis panels plot used vs max)
-            "--maxmemory",
-            "256mb",
-            "--maxmemory-policy",
-            "allkeys-lru",
-        ],
-        tmp,
-    )
+    # bounded and evicting, as the chart's Redis is (the Redis panels plot used vs max)
+    redis_proc = ManagedProcess("redis", redis_argv(redis_port, tmp), tmp)
     sims: list[tuple[str, str, ManagedProcess]] = []
-    engines: list[dict[str, str]] = []
+    engines: list[dict[str, Any]] = []
     for pod, model in (("sim-a-0", MODEL_A), ("sim-a-1", MODEL_A), ("sim-b-0", MODEL_B)):
         port, pub, replay = free_port(), free_port(), free_port()
         url = f"http://127.0.0.1:{port}"
-        events = {
-            "kv_events_endpoint": f"tcp://127.0.0.1:{pub}",
-            "kv_events_replay_endpoint": f"tcp://127.0.0.1:{replay}",
-        }
+        entry = sim_engine_entry(pod, http=port, kv_events=pub, kv_replay=replay)
         # sim-b also answers to sim-a: after the kill, sim-a requests routed to it are retried on the
         # two sim-a engines (a real retry), while sim-b's own model is left with no engine
         names = [
@@ -200,14 +182,14 @@ def live_stack(tmp: Path, repo_root: Path) -> Iterator[Stack]:
         ]
         argv = [KVSTACK, "engine", "sim", "--port", str(port), "--model", model, *names, "--lmcache",
                 "--lmcache-remote-url", f"redis://127.0.0.1:{redis_port}",
-                "--kv-events-endpoint", events["kv_events_endpoint"],
-                "--kv-events-replay-endpoint", events["kv_events_replay_endpoint"]]  # fmt: skip
+                "--kv-events-endpoint", entry["kv_events_endpoint"],
+                "--kv-events-replay-endpoint", entry["kv_events_replay_endpoint"]]  # fmt: skip
         if pod == "sim-a-0":
             argv.append("--enable-lora")  # exports vllm:lora_requests_info (the LoRA adapters panel)
         # one hash seed for every engine, as the chart sets: LMCache shares chunks between them
         env = {"PYTHONHASHSEED": "0"}
         sims.append((pod, url, ManagedProcess(pod, argv, tmp, env=env, ready_url=f"{url}/health")))
-        engines.append({"url": url, "name": pod, **events})
+        engines.append(entry)
     engines_file = tmp / "engines.yaml"
     engines_file.write_text(yaml.safe_dump(engines))
     router_port = free_port()

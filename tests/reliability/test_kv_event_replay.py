@@ -21,6 +21,7 @@ from tests.router.conftest import FAST_MONITOR, RouterFactory
 
 from kvstack.common.procs import ManagedProcess, running
 from kvstack.common.waits import wait_until
+from kvstack.router.discovery.static import sim_engine_entry
 
 from .conftest import KVSTACK
 
@@ -63,13 +64,7 @@ def test_a_late_router_replays_what_it_missed_and_matches_the_live_one(
         "--kv-events-replay-endpoint", f"tcp://127.0.0.1:{replay}",
     ]  # fmt: skip
     engines = tmp_path / "engines.yaml"
-    entry = {
-        "url": url,
-        "name": "engine-0",
-        "models": [MODEL],
-        "kv_events_endpoint": f"tcp://127.0.0.1:{pub}",
-        "kv_events_replay_endpoint": f"tcp://127.0.0.1:{replay}",
-    }
+    entry = sim_engine_entry("engine-0", http=port, kv_events=pub, kv_replay=replay, models=[MODEL])
     engines.write_text(yaml.safe_dump([entry]))
     settings = {"engines_file": engines, "policy": "cache_aware", "monitor": FAST_MONITOR}
 

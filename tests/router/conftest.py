@@ -25,6 +25,7 @@ from kvstack.common.waits import wait_until
 from kvstack.router.app import create_app
 from kvstack.router.config import RouterSettings, load_settings
 from kvstack.router.context import RouterContext
+from kvstack.router.discovery.static import sim_engine_entry
 from kvstack.router.prompts import PromptWork, prompt_work
 from kvstack.router.protocol import parse_request
 
@@ -81,7 +82,7 @@ def run_event_sims(
     """``count`` fast simulators publishing KV events, named engine-0.., and the
     engines file that names their endpoints; ``extra`` flags and ``env`` go to every simulator."""
     sims: list[Sim] = []
-    entries: list[dict[str, str]] = []
+    entries: list[dict[str, Any]] = []
     try:
         for i in range(count):
             port, pub, replay = free_port(), free_port(), free_port()
@@ -93,14 +94,7 @@ def run_event_sims(
             url = f"http://127.0.0.1:{port}"
             proc = ManagedProcess(f"sim-{i}", argv, tmp, env=env, ready_url=f"{url}/health")
             sims.append(Sim(url, proc.start()))
-            entries.append(
-                {
-                    "url": url,
-                    "name": f"engine-{i}",
-                    "kv_events_endpoint": f"tcp://127.0.0.1:{pub}",
-                    "kv_events_replay_endpoint": f"tcp://127.0.0.1:{replay}",
-                }
-            )
+            entries.append(sim_engine_entry(f"engine-{i}", http=port, kv_events=pub, kv_replay=replay))
         for sim in sims:
             sim.proc.wait_ready(30)
         engines_file = tmp / "engines.yaml"

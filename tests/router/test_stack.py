@@ -20,7 +20,15 @@ from tests.conftest import free_port
 from kvstack.bench import promtext
 from kvstack.common.config import ConfigError, build
 from kvstack.common.waits import wait_until
-from kvstack.stack.plan import EnginePorts, StackSettings, banner, engine_entries, plan_stack, preflight
+from kvstack.stack.plan import (
+    EnginePorts,
+    StackSettings,
+    banner,
+    engine_entries,
+    plan_stack,
+    preflight,
+    redis_argv,
+)
 from kvstack_testing.otlp import otlp_receiver
 
 PORTS = [EnginePorts(9101, 9102, 9103), EnginePorts(9201, 9202, 9203)]
@@ -53,6 +61,24 @@ def test_plan_for_simulators() -> None:
     entries = engine_entries(settings, PORTS)
     assert entries[1]["url"] == "http://127.0.0.1:9201"
     assert entries[1]["kv_events_endpoint"] == "tcp://127.0.0.1:9202"
+
+
+@pytest.mark.parametrize(("bound", "expected"), [({}, "256mb"), ({"maxmemory": "64mb"}, "64mb")])
+def test_a_throwaway_redis_is_bounded_evicting_and_keeps_nothing(
+    bound: dict[str, str], expected: str
+) -> None:
+    argv = redis_argv(9300, Path("/w"), binary="/bin/redis", **bound)
+    flags = dict(zip(argv[1::2], argv[2::2], strict=True))
+    assert argv[0] == "/bin/redis"
+    assert flags == {
+        "--port": "9300",
+        "--bind": "127.0.0.1",
+        "--save": "",
+        "--appendonly": "no",
+        "--dir": "/w",
+        "--maxmemory": expected,
+        "--maxmemory-policy": "allkeys-lru",
+    }
 
 
 def test_plan_without_lmcache_starts_no_redis() -> None:

@@ -13,7 +13,7 @@ from tests.router_discovery.conftest import until
 
 from kvstack.common.config import ConfigError
 from kvstack.router.discovery import StaticDiscovery, parse_endpoints
-from kvstack.router.discovery.static import merge_endpoints
+from kvstack.router.discovery.static import merge_endpoints, sim_engine_entry
 from kvstack.router.engines import Endpoint, EngineRegistry
 
 A, B, C = "http://10.0.0.1:8000", "http://10.0.0.2:8000", "http://10.0.0.3:8000"
@@ -71,6 +71,35 @@ def test_parse_endpoints(data: Any, expected: list[Endpoint]) -> None:
 def test_parse_endpoints_rejects_naming_the_entry(data: Any, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         parse_endpoints(data, source="engines.yaml")
+
+
+@pytest.mark.parametrize(
+    ("models", "expected"),
+    [
+        (
+            ["m"],
+            Endpoint(
+                "http://127.0.0.1:9101",
+                "sim0",
+                frozenset({"m"}),
+                "tcp://127.0.0.1:9102",
+                "tcp://127.0.0.1:9103",
+            ),
+        ),
+        (
+            [],
+            Endpoint(
+                "http://127.0.0.1:9101", "sim0", frozenset(), "tcp://127.0.0.1:9102", "tcp://127.0.0.1:9103"
+            ),
+        ),
+    ],
+)
+def test_a_simulators_entry_is_one_the_engines_file_parser_reads_back(
+    models: list[str], expected: Endpoint
+) -> None:
+    entry = sim_engine_entry("sim0", http=9101, kv_events=9102, kv_replay=9103, models=models)
+    assert parse_endpoints([entry], source="engines.yaml") == [expected]
+    assert ("models" in entry) == bool(models)  # none listed: the router learns them from /v1/models
 
 
 def test_merge_later_wins() -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from kvstack.common.procs import ManagedProcess, free_ports, kvstack_argv
+from kvstack.router.discovery.static import sim_engine_entry
 
 # Peer routers run as baselines: bench policy name -> the SGLang router's (`pip install sglang-router`)
 PEER_POLICIES = {"sglang_cache_aware": "cache_aware", "sglang_round_robin": "round_robin"}
@@ -42,13 +43,7 @@ def sim_procs(
             env["PYTHONHASHSEED"] = "0"
         procs.append(ManagedProcess(f"sim{i}", argv, log_dir, env=env, ready_url=f"{url}/health"))
         entries.append(
-            {
-                "url": url,
-                "name": f"sim{i}",
-                "models": [model],
-                "kv_events_endpoint": f"tcp://127.0.0.1:{pub}",
-                "kv_events_replay_endpoint": f"tcp://127.0.0.1:{replay}",
-            }
+            sim_engine_entry(f"sim{i}", http=http, kv_events=pub, kv_replay=replay, models=[model])
         )
     return procs, entries
 

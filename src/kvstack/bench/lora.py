@@ -38,6 +38,7 @@ from kvstack.bench import promtext, stats
 from kvstack.common import tokenizer
 from kvstack.common.procs import ManagedProcess, free_ports, kvstack_argv, running
 from kvstack.common.waits import wait_until
+from kvstack.router.discovery.static import sim_engine_entry
 
 MODEL = "kvstack/sim-8b"
 MODES = ("cache_aware", "round_robin", "name_only")
@@ -154,14 +155,8 @@ def _stack(setup: LoraSetup, mode: str) -> tuple[list[ManagedProcess], str, list
             "--kv-events-replay-endpoint", f"tcp://127.0.0.1:{replay}", *modules,
         )  # fmt: skip
         procs.append(ManagedProcess(f"sim{i}", argv, log_dir, ready_url=f"{url}/health"))
-        entries.append(
-            {
-                "url": url,
-                "name": f"sim{i}",  # no models: the router reads each engine's /v1/models (adapters)
-                "kv_events_endpoint": f"tcp://127.0.0.1:{pub}",
-                "kv_events_replay_endpoint": f"tcp://127.0.0.1:{replay}",
-            }
-        )
+        # no models: the router reads each engine's /v1/models (adapters)
+        entries.append(sim_engine_entry(f"sim{i}", http=http, kv_events=pub, kv_replay=replay))
     engines_file = log_dir / "engines.yaml"
     engines_file.write_text(yaml.safe_dump(entries))
     router_url = f"http://127.0.0.1:{ports[-1]}"

@@ -19,6 +19,7 @@ import yaml
 from kvstack.bench.router_load import MODEL
 from kvstack.bench.router_overhead_workers import label
 from kvstack.common.procs import ManagedProcess, free_port, kvstack_argv, running
+from kvstack.router.discovery.static import sim_engine_entry
 
 
 def sim_processes(
@@ -39,13 +40,7 @@ def sim_processes(
         ]  # fmt: skip
         procs.append(ManagedProcess(f"{tag}-{i}", argv, logs, ready_url=f"{url}/health"))
         entries.append(
-            {
-                "url": url,
-                "name": f"engine-{i}",
-                "models": [MODEL],
-                "kv_events_endpoint": f"tcp://127.0.0.1:{pub}",
-                "kv_events_replay_endpoint": f"tcp://127.0.0.1:{replay}",
-            }
+            sim_engine_entry(f"engine-{i}", http=port, kv_events=pub, kv_replay=replay, models=[MODEL])
         )
     return procs, entries
 

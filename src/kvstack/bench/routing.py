@@ -28,6 +28,7 @@ from kvstack.bench.routing_goals import SAMPLES
 from kvstack.bench.routing_plan import POLICIES as POLICIES
 from kvstack.common import tokenizer
 from kvstack.common.procs import ManagedProcess, cpu_seconds, free_ports, kvstack_argv, memory_mb, running
+from kvstack.router.discovery.static import sim_engine_entry
 
 MODEL = "kvstack/sim-8b"
 
@@ -91,13 +92,7 @@ def _stack(
             )
         )
         engines.append(
-            {
-                "url": url,
-                "name": f"sim{i}",
-                "models": [MODEL],
-                "kv_events_endpoint": f"tcp://127.0.0.1:{pub}",
-                "kv_events_replay_endpoint": f"tcp://127.0.0.1:{replay}",
-            }
+            sim_engine_entry(f"sim{i}", http=http, kv_events=pub, kv_replay=replay, models=[MODEL])
         )
     log_dir.mkdir(parents=True, exist_ok=True)
     engines_file = log_dir / "engines.yaml"

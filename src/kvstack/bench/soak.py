@@ -194,6 +194,7 @@ def _processes(
     engines: int, speed: float, gpu_blocks: int, logs: Path, tokenizer: str
 ) -> tuple[list[Any], Any, tuple[str, ...], str]:
     from kvstack.common.procs import ManagedProcess, free_port, kvstack_argv
+    from kvstack.router.discovery.static import sim_engine_entry
 
     procs: list[Any] = []
     entries: list[dict[str, Any]] = []
@@ -209,13 +210,7 @@ def _processes(
         url = f"http://127.0.0.1:{port}"
         procs.append(ManagedProcess(f"soak-sim-{i}", argv, logs, ready_url=f"{url}/health"))
         entries.append(
-            {
-                "url": url,
-                "name": f"engine-{i}",
-                "models": [MODEL],
-                "kv_events_endpoint": f"tcp://127.0.0.1:{pub}",
-                "kv_events_replay_endpoint": f"tcp://127.0.0.1:{replay}",
-            }
+            sim_engine_entry(f"engine-{i}", http=port, kv_events=pub, kv_replay=replay, models=[MODEL])
         )
     engines_file = logs / "engines.yaml"
     engines_file.parent.mkdir(parents=True, exist_ok=True)

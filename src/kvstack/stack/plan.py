@@ -11,12 +11,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from kvstack.common.otlp import sdk_missing, traces_url
 from kvstack.common.procs import kvstack_argv
+from kvstack.router.discovery.static import sim_engine_entry
 from kvstack.router.policies import policy_names
 
 SIM_MODEL = "kvstack/sim-8b"
@@ -102,9 +103,11 @@ def redis_url(port: int) -> str:
     return f"redis://127.0.0.1:{port}"
 
 
-def redis_spec(port: int, workdir: Path, binary: str = REDIS_BINARY) -> ProcessSpec:
-    """A throwaway redis-server on loopback: no persistence, bounded memory, LRU like the chart's."""
-    argv = [
+def redis_argv(
+    port: int, workdir: Path, *, maxmemory: str = "256mb", binary: str = REDIS_BINARY
+) -> list[str]:
+    """A throwaway redis-server on loopback: no persistence, ``maxmemory`` bound, LRU like the chart's."""
+    return [
         binary,
         "--port",
         str(port),
@@ -117,23 +120,27 @@ def redis_spec(port: int, workdir: Path, binary: str = REDIS_BINARY) -> ProcessS
         "--dir",
         str(workdir),
         "--maxmemory",
-        "256mb",
+        maxmemory,
         "--maxmemory-policy",
         "allkeys-lru",
     ]
-    return ProcessSpec("redis", argv, None, ready_redis_port=port)
 
 
-def engine_entries(settings: StackSettings, ports: list[EnginePorts]) -> list[dict[str, object]]:
+def redis_spec(port: int, workdir: Path, binary: str = REDIS_BINARY) -> ProcessSpec:
+    """LMCache's shared tier for ``kvstack up``: :func:`redis_argv`, ready once it answers PING."""
+    return ProcessSpec("redis", redis_argv(port, workdir, binary=binary), None, ready_redis_port=port)
+
+
+def engine_entries(settings: StackSettings, ports: list[EnginePorts]) -> list[dict[str, Any]]:
     """The router's engines file: URLs, names and KV-event endpoints of every engine."""
     return [
-        {
-            "url": f"http://127.0.0.1:{p.http}",
-            "name": f"engine-{i}",
-            "models": [settings.served_model],
-            "kv_events_endpoint": f"tcp://127.0.0.1:{p.kv_events}",
-            "kv_events_replay_endpoint": f"tcp://127.0.0.1:{p.kv_replay}",
-        }
+        sim_engine_entry(
+            f"engine-{i}",
+            http=p.http,
+            kv_events=p.kv_events,
+            kv_replay=p.kv_replay,
+            models=[settings.served_model],
+        )
         for i, p in enumerate(ports)
     ]
 
