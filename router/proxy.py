@@ -7,21 +7,19 @@ by frame, and their head goes to the client with the first generated token: unti
 can be retried on another engine (:mod:`kvstack.router.retry` decides), after it never. A client that goes
 away cancels the handler, which closes the upstream connection, so the engine aborts the request.
 An engine the monitor declares down ends the tries waiting on it at once. Every try's outcome feeds
-outlier detection (:mod:`kvstack.router.ejection`).
+outlier detection (:mod:`kvstack.router.outcome_recorder`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from kvstack.common.errors import OpenAIError
 from kvstack.router.admission import Admission, Demand, reject
 from kvstack.router.call import Attempt, Call, Headers, Send
 from kvstack.router.context import REQUEST_ID_KEY, RouterContext
-from kvstack.router.ejection import OutlierRules, judge_outcome
 from kvstack.router.engines import EngineState
 from kvstack.router.exchange import (
     ClientGone,
@@ -35,26 +33,17 @@ from kvstack.router.exchange import (
 )
 from kvstack.router.headers import content_type, header_value, scan_headers, upstream_headers
 from kvstack.router.model_gone import HoldAgain
+from kvstack.router.outcome_recorder import OutcomeRecorder
 from kvstack.router.policies.base import Decision, RequestFeatures
 from kvstack.router.prompt_source import PromptSource
 from kvstack.router.prompts import prompt_text
-from kvstack.router.protocol import (
-    MULTIPART,
-    Kind,
-    error_event,
-    parse_request,
-)
+from kvstack.router.protocol import MULTIPART, Kind, error_event, parse_request
 from kvstack.router.relay import Relay
 from kvstack.router.retry import AttemptFailure, next_step, untried
 from kvstack.router.sticky import prefer_owner, previous_owner
 
-if TYPE_CHECKING:
-    pass
-
 Scope = dict[str, Any]
 Receive = Any
-
-log = logging.getLogger(__name__)
 
 
 class ProxyEndpoint:
@@ -69,15 +58,7 @@ class ProxyEndpoint:
         settings = ctx.settings
         self.relay = Relay(ctx, path, sticky=self.sticky, expose_engine=settings.expose_engine_header)
         self._session_name = settings.session_header.encode("latin-1")
-        self.rules = OutlierRules(
-            consecutive_failures=settings.eject_after_failures,
-            failure_rate=settings.eject_failure_rate,
-            min_requests=settings.eject_min_requests,
-            interval_s=settings.eject_interval_s,
-            base_ejection_s=settings.eject_duration_s,
-            max_ejection_s=settings.eject_max_duration_s,
-            max_ejected_percent=settings.max_ejected_percent,
-        )
+        self.outcomes = OutcomeRecorder(ctx)
         self.admission = Admission(ctx)
         admission = self.admission
         self.prompts = PromptSource(ctx, lambda model: [e.url for e in admission.available(model or None)])
@@ -335,7 +316,7 @@ class ProxyEndpoint:
                 call.trace.upstream_ended(failure, ended)
             if grant is not None:
                 ctx.flow.finished(grant, engine)
-        self._record_outcome(engine, failure)
+        self.outcomes.record(engine, failure)
         return failure
 
     async def _give_up(self, call: Call, failure: AttemptFailure, engine: EngineState | None) -> None:
@@ -352,38 +333,6 @@ class ProxyEndpoint:
         raise OpenAIError(failure.status, failure.message)
 
     # ------------------------------------------------------------------ helpers
-
-    def _record_outcome(self, engine: EngineState, failure: AttemptFailure | None) -> None:
-        """Feed one try's outcome to outlier detection; eject the engine when it says so."""
-        ctx = self.ctx
-        now = ctx.clock()
-        others = 0
-        if failure is not None:
-            kind = f"status_{failure.status}" if failure.kind == "status" else failure.kind
-            ctx.metrics.upstream_errors.labels(engine.name, kind).inc()
-            others = sum(1 for e in ctx.registry.all() if e is not engine and e.ejected_until > now)
-        verdict = judge_outcome(
-            engine.outlier,
-            # the answer size, or a model it no longer serves (router/model_gone.py): not its health
-            failed=failure is not None and failure.kind not in ("too_large", "model_gone"),
-            now=now,
-            ejected_others=others,
-            engines=len(ctx.registry),
-            rules=self.rules,
-        )
-        engine.outlier = verdict.track
-        if verdict.ejected:
-            ctx.metrics.ejections.labels(engine.name).inc()
-            log.warning(
-                "engine ejected for %.1f s (%s)",
-                verdict.ejected_for,
-                verdict.reason,
-                extra={"engine": engine.name, "eject_s": verdict.ejected_for},
-            )
-        elif verdict.reason == "over_cap":
-            log.warning(
-                "engine not ejected: too many engines are ejected already", extra={"engine": engine.name}
-            )
 
     def _upstream_headers(self, call: Call) -> Headers:
         key = self.ctx.settings.engine_api_key
