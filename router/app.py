@@ -17,7 +17,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any, Protocol
 
-import httpx
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
@@ -33,6 +32,7 @@ from kvstack.router.config import RouterSettings
 from kvstack.router.context import REQUEST_ID_KEY, RouterContext
 from kvstack.router.discovery import KubernetesDiscovery, StaticDiscovery
 from kvstack.router.engines import Endpoint, EngineRegistry
+from kvstack.router.fetch import EngineFetch
 from kvstack.router.hold import Holds
 from kvstack.router.limits import BodyBudget, KeyLimiter
 from kvstack.router.metrics import CONTENT_TYPE, RouterMetrics
@@ -206,7 +206,7 @@ async def _running(ctx: RouterContext) -> AsyncIterator[None]:
         monitor_config = monitor_config.model_copy(update={"api_key": settings.engine_api_key})
     if settings.adapters and not monitor_config.learn_adapters:  # LoRA: adapters of named engines too
         monitor_config = monitor_config.model_copy(update={"learn_adapters": True})
-    monitor_client = httpx.AsyncClient(trust_env=False)
+    monitor_client = EngineFetch()  # its own pool: proxied streams never starve the probes
     stops: list[_Lifecycle] = []
     try:
         if settings.discovery == "kubernetes":

@@ -3,15 +3,16 @@
 Per engine, two loops run on the router's event loop: a probe loop (``GET /health``; N failures
 mark the engine unhealthy and end the requests in flight there, M successes bring it back; probes
 never end a passive ejection, see :mod:`kvstack.router.ejection`) and a scrape loop
-(``GET /metrics``, parsed by :mod:`kvstack.router.scrape`). Endpoints that list no models learn
-them from ``GET /v1/models`` after a successful probe, and again every ``models_interval`` (LoRA
-adapters come and go).
+(``GET /metrics``, parsed by :mod:`kvstack.router.scrape`, unchanged scrapes skipped). Endpoints
+that list no models learn them from ``GET /v1/models`` after a successful probe, and again every
+``models_interval`` (LoRA adapters come and go). Every GET goes through
+:class:`kvstack.router.fetch.EngineFetch` (aiohttp, on a pool of its own).
 Scraped figures older than ``stale_after`` are set back to None, so policies never act on them.
 
 Wiring, in the app's lifespan::
 
     registry = EngineRegistry()
-    client = httpx.AsyncClient(trust_env=False)
+    client = EngineFetch()
     discovery = StaticDiscovery(registry, urls=["http://127.0.0.1:8101"])
     monitor = EngineMonitor(registry, client, build(MonitorConfig, "monitor", probe_interval=2.0))
     await discovery.start()
@@ -21,6 +22,7 @@ Wiring, in the app's lifespan::
     finally:
         await monitor.stop()
         await discovery.stop()
+        await client.aclose()
 """
 
 from __future__ import annotations
@@ -32,16 +34,18 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
 from kvstack.common.tasks import BackgroundTask
 from kvstack.router.engines import Endpoint, EngineRegistry, EngineState
-from kvstack.router.scrape import EngineMetrics, parse_vllm_metrics
+from kvstack.router.fetch import EngineFetch, FetchError
+from kvstack.router.scrape import EngineMetrics, ScrapeParser
 
 log = logging.getLogger(__name__)
 
-_FETCH_ERRORS = (httpx.HTTPError, OSError, TimeoutError, ValueError)
+# no answer, a non-2xx one, or a body that is not what was asked (ValueError: a malformed scrape
+# or model list)
+_FETCH_ERRORS = (FetchError, ValueError)
 
 
 class MonitorConfig(BaseModel):
@@ -190,7 +194,7 @@ class EngineMonitor:
     def __init__(
         self,
         registry: EngineRegistry,
-        client: httpx.AsyncClient,
+        client: EngineFetch,
         config: MonitorConfig | None = None,
         *,
         clock: Callable[[], float] = time.monotonic,
@@ -202,6 +206,7 @@ class EngineMonitor:
         self._tracks: dict[str, ProbeTrack] = {}
         self._models_at: dict[str, float] = {}
         self._models_of: dict[str, Endpoint] = {}  # the endpoint each model list was learnt for
+        self._parsers: dict[str, ScrapeParser] = {}  # per engine: its last scrape, not parsed twice
         self._workers: dict[str, list[asyncio.Task[None]]] = {}
         self._probed: set[str] = set()  # probed once at least (and, if it answered, its models asked)
         self._a_probe_ended = asyncio.Event()
@@ -257,6 +262,7 @@ class EngineMonitor:
             self._tracks.pop(url, None)
             self._models_at.pop(url, None)
             self._models_of.pop(url, None)
+            self._parsers.pop(url, None)
             self._probed.discard(url)
         for task in tasks:
             task.cancel()
@@ -312,8 +318,8 @@ class EngineMonitor:
         """Scrape ``/metrics`` once; on failure, drop figures that have gone stale."""
         metrics: EngineMetrics | None = None
         try:
-            text = await self._get_text(state.url + "/metrics", self.config.scrape_timeout)
-            metrics = parse_vllm_metrics(text)
+            text = await self.client.get_text(state.url + "/metrics", within=self.config.scrape_timeout)
+            metrics = self._parsers.setdefault(state.url, ScrapeParser()).parse(text)
         except _FETCH_ERRORS as err:
             log.debug("scrape of %s failed: %s", state.url, err)
         now = self._clock()
@@ -334,12 +340,10 @@ class EngineMonitor:
             secret = key.get_secret_value() if isinstance(key, SecretStr) else str(key)
             headers["Authorization"] = f"Bearer {secret}"
         try:
-            async with asyncio.timeout(self.config.probe_timeout):
-                resp = await self.client.get(
-                    state.url + "/v1/models", headers=headers, timeout=self.config.probe_timeout
-                )
-                resp.raise_for_status()
-                models, adapters = model_cards(resp.json())
+            payload = await self.client.get_json(
+                state.url + "/v1/models", within=self.config.probe_timeout, headers=headers
+            )
+            models, adapters = model_cards(payload)
         except _FETCH_ERRORS as err:
             log.warning("cannot list the models of %s: %s", state.url, err)
             return False
@@ -365,16 +369,9 @@ class EngineMonitor:
         return not state.models or now - last >= self.config.models_interval
 
     async def _health_ok(self, url: str) -> bool:
+        """A probe succeeds on a 2xx answer, body and all, within ``probe_timeout``."""
         try:
-            async with asyncio.timeout(self.config.probe_timeout):
-                resp = await self.client.get(url + "/health", timeout=self.config.probe_timeout)
-                await resp.aread()
-        except _FETCH_ERRORS:
+            await self.client.get(url + "/health", within=self.config.probe_timeout)
+        except FetchError:
             return False
-        return resp.is_success
-
-    async def _get_text(self, url: str, limit: float) -> str:
-        async with asyncio.timeout(limit):
-            resp = await self.client.get(url, timeout=limit)
-            resp.raise_for_status()
-            return resp.text
+        return True

@@ -1,8 +1,11 @@
 """Parse the few vLLM 0.24 metrics the router routes on out of a Prometheus text scrape.
 
-A full vLLM scrape is ~600 lines, almost all histogram buckets; the router needs a handful of
-gauges. :func:`parse_vllm_metrics` looks only at lines that start with the names it wants, so it
+A full vLLM scrape is ~600 lines (50 KB), almost all histogram buckets; the router needs eight
+series. :func:`parse_vllm_metrics` finds the lines that start with the names it wants in one
+regular-expression pass (C speed: the other lines are never split or looked at in Python), so it
 never builds a full exposition model. Pure: text in, :class:`EngineMetrics` out.
+:class:`ScrapeParser` is the same for one engine's successive scrapes, skipping the work a scrape
+that has not changed would repeat: an idle engine's body, the static ``cache_config_info`` line.
 
 An engine pod may serve several models (``model_name`` label) or run several data-parallel engine
 cores (``engine`` label). The pod-level figures aggregate over all series: running and waiting
@@ -30,6 +33,11 @@ COUNTERS = (
 _GAUGES = (RUNNING, WAITING, KV_USAGE)
 _WANTED = (*_GAUGES, CACHE_CONFIG, *COUNTERS)
 _ESCAPE = re.compile(r"\\(.)")
+# A wanted sample line: at a line's start, the name, then its labels, its value or the line's end
+# (not vllm:num_requests_waiting_by_reason). The names' common prefix, "\nvllm:", is what the
+# regular-expression engine searches for, at C speed; everything else on other lines is skipped.
+_WANTED_LINE = re.compile(r"\n(?:" + "|".join(map(re.escape, _WANTED)) + r")(?=[{ \r\n]|\Z)[^\n]*")
+Sample = tuple[str, dict[str, str], float]
 
 
 def _unescape(match: re.Match[str]) -> str:
@@ -127,9 +135,50 @@ def parse_vllm_metrics(text: str) -> EngineMetrics:
     Only the wanted series' lines are looked at; a malformed one
     raises ValueError (the caller then treats the scrape as failed rather than trusting half of it).
     """
+    return _aggregate([split_sample(line) for line in wanted_lines(text)])
+
+
+def wanted_lines(text: str) -> list[str]:
+    """The sample lines of the wanted series, in the scrape's order (without their line ends)."""
+    # the leading newline makes a sample on the first line start a line like the others
+    return [match[1:].rstrip("\r") for match in _WANTED_LINE.findall("\n" + text)]
+
+
+class ScrapeParser:
+    """:func:`parse_vllm_metrics` for the successive scrapes of one engine, without repeating work.
+
+    A body equal to the last one gives the last result (a vLLM body only changes when the engine
+    did something); otherwise only the wanted lines that changed since the last scrape are split
+    (the ``cache_config_info`` line, the longest, never does). The result is shared between equal
+    scrapes: read it, do not change it. A malformed scrape raises ValueError and leaves the last
+    good one remembered.
+    """
+
+    __slots__ = ("_lines", "_metrics", "_samples", "_text")
+
+    def __init__(self) -> None:
+        self._text: str | None = None
+        self._lines: list[str] = []
+        self._samples: dict[str, Sample] = {}
+        self._metrics = EngineMetrics()
+
+    def parse(self, text: str) -> EngineMetrics:
+        if text == self._text:
+            return self._metrics
+        lines = wanted_lines(text)
+        if lines != self._lines or self._text is None:
+            known = self._samples
+            samples = [known[line] if line in known else split_sample(line) for line in lines]
+            self._metrics = _aggregate(samples)
+            self._samples = dict(zip(lines, samples, strict=True))
+            self._lines = lines
+        self._text = text
+        return self._metrics
+
+
+def _aggregate(samples: list[Sample]) -> EngineMetrics:
     out = EngineMetrics()
-    for line in _wanted_lines(text):
-        name, labels, value = split_sample(line)
+    for name, labels, value in samples:
         if math.isnan(value):
             continue
         if name in _GAUGES:
@@ -154,19 +203,3 @@ def parse_vllm_metrics(text: str) -> EngineMetrics:
             short = name.removeprefix("vllm:").removesuffix("_total")
             out.counters[short] = out.counters.get(short, 0.0) + value
     return out
-
-
-def _wanted_lines(text: str) -> list[str]:
-    """The sample lines of the wanted series, found by substring search (C speed) rather than by
-    splitting and testing every line of the ~600-line scrape."""
-    lines = []
-    for name in _WANTED:
-        pos = text.find(name)
-        while pos >= 0:
-            end = pos + len(name)
-            # a sample starts a line, and the name ends there (not num_requests_waiting_by_reason)
-            if (pos == 0 or text[pos - 1] == "\n") and text[end : end + 1] in ("{", " ", "", "\n", "\r"):
-                stop = text.find("\n", end)
-                lines.append(text[pos : len(text) if stop < 0 else stop].rstrip("\r"))
-            pos = text.find(name, end)
-    return lines

@@ -11,8 +11,14 @@ Which HTTP client runs where, and why (the one place this is written down):
   models then still took about 20% of its CPU (py-spy under ``kvstack bench router``), so this
   module calls aiohttp itself.
 - ``upstream_backend: httpx`` is plain httpx, kept selectable as the reference implementation.
-- The control paths (health probes, metric scrapes, the Kubernetes and Prometheus APIs) use plain
-  httpx: a few requests a second each, where its pool costs nothing that matters.
+- The engine monitor's GETs (``/health`` probes, ``/metrics`` scrapes, ``/v1/models``) go through
+  aiohttp too, in :mod:`kvstack.router.fetch`, on a session and pool of their own (proxied streams
+  must never make a probe wait for a connection). Through httpx they were a fixed cost of several
+  ms of CPU per second, most of the router's CPU at a few requests a second (issue #20).
+- httpx stays where a shared client needs it, off the per-request path: the Kubernetes API
+  (:mod:`kvstack.common.kube`, discovery), the engines' runtime LoRA endpoints
+  (:class:`kvstack.common.lora.LoraClient`, shared with the operator; a few calls a minute), and the
+  engine tokenizer's client when ``upstream_backend: httpx``.
 - The benchmarks' load generators (``kvstack.bench``) use aiohttp, so the load costs less CPU
   than the router it measures.
 

@@ -1,6 +1,6 @@
 """A small real HTTP engine (Starlette on uvicorn, in the test's event loop) whose answers a test
-can switch: /health status, /metrics text, /v1/models list; it can be stopped and restarted on
-the same port, like an engine that crashed and came back."""
+can switch: /health status, /metrics text, /v1/models list; /stall answers only when the engine
+stops; it can be stopped and restarted on the same port, like an engine that crashed and came back."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import asyncio
 import collections
 from collections.abc import AsyncIterator, Callable
 
-import httpx
 import pytest
 import uvicorn
 from starlette.applications import Starlette
@@ -18,6 +17,7 @@ from starlette.routing import Route
 from tests.conftest import free_port
 
 from kvstack.common.waits import wait_until_async
+from kvstack.router.fetch import EngineFetch
 
 
 def vllm_metrics(running: float = 0, waiting: float = 0, usage: float = 0.0, model: str = "m") -> str:
@@ -50,6 +50,7 @@ class SwitchableEngine:
         self.hits: collections.Counter[str] = collections.Counter()
         self._server: uvicorn.Server | None = None
         self._task: asyncio.Task[None] | None = None
+        self._release = asyncio.Event()
 
     def _app(self) -> Starlette:
         async def health(_: Request) -> Response:
@@ -67,13 +68,24 @@ class SwitchableEngine:
             data = [{"id": m, "object": "model", "root": m, "max_model_len": 4096} for m in self.models]
             return JSONResponse({"object": "list", "data": data})
 
-        routes = [Route("/health", health), Route("/metrics", metrics), Route("/v1/models", models)]
+        async def stall(_: Request) -> Response:
+            self.hits["stall"] += 1
+            await self._release.wait()
+            return Response()
+
+        routes = [
+            Route("/health", health),
+            Route("/metrics", metrics),
+            Route("/v1/models", models),
+            Route("/stall", stall),
+        ]
         return Starlette(routes=routes)
 
     async def start(self) -> None:
         config = uvicorn.Config(
             self._app(), host="127.0.0.1", port=self.port, log_level="warning", lifespan="off"
         )
+        self._release = asyncio.Event()
         self._server = uvicorn.Server(config)
         self._task = asyncio.create_task(self._server.serve())
         while not self._server.started:
@@ -83,6 +95,7 @@ class SwitchableEngine:
             await asyncio.sleep(0.01)
 
     async def stop(self) -> None:
+        self._release.set()
         if self._server is not None and self._task is not None:
             self._server.should_exit = True
             self._server.force_exit = True  # do not wait for keep-alive connections: a crash
@@ -101,6 +114,10 @@ async def engine() -> AsyncIterator[SwitchableEngine]:
 
 
 @pytest.fixture
-async def client() -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient() as c:
+async def client() -> AsyncIterator[EngineFetch]:
+    """The monitor's client, as the router's app builds it."""
+    c = EngineFetch()
+    try:
         yield c
+    finally:
+        await c.aclose()

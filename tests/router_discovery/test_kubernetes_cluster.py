@@ -8,13 +8,13 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-import httpx
 import pytest
 from tests.router_discovery.test_monitor_live import until
 
 from kvstack.common.kube import KubeClient, resource_path
 from kvstack.router.discovery import KubernetesConfig, KubernetesDiscovery
 from kvstack.router.engines import EngineRegistry
+from kvstack.router.fetch import EngineFetch
 from kvstack.router.monitor import EngineMonitor, MonitorConfig
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
@@ -149,16 +149,17 @@ async def test_monitor_learns_models_of_discovered_pods(
     with PodSimulators(cluster.credentials(), SELECTOR, namespace=namespace):
         for name in ("engine-0", "engine-1"):
             await kube.create_pod(namespace, engine_pod(name))
-        async with httpx.AsyncClient(trust_env=False) as http:
-            config = MonitorConfig(probe_interval=0.2, scrape_interval=0.2)
-            monitor = EngineMonitor(discovery.registry, http, config)
-            monitor.start()
-            try:
-                await until(
-                    lambda: len(discovery.registry.candidates("sim-disc", time.monotonic())) == 2,
-                    "both pods serve sim-disc",
-                    90,
-                )
-                assert all(st.block_size == 16 for st in discovery.registry.all())
-            finally:
-                await monitor.stop()
+        http = EngineFetch()
+        config = MonitorConfig(probe_interval=0.2, scrape_interval=0.2)
+        monitor = EngineMonitor(discovery.registry, http, config)
+        monitor.start()
+        try:
+            await until(
+                lambda: len(discovery.registry.candidates("sim-disc", time.monotonic())) == 2,
+                "both pods serve sim-disc",
+                90,
+            )
+            assert all(st.block_size == 16 for st in discovery.registry.all())
+        finally:
+            await monitor.stop()
+            await http.aclose()

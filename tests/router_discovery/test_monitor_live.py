@@ -6,12 +6,12 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 
-import httpx
 import pytest
 from tests.router_discovery.conftest import SwitchableEngine, until, vllm_metrics  # until: re-exported
 
 from kvstack.router.ejection import OutlierTrack
 from kvstack.router.engines import Endpoint, EngineRegistry, EngineState
+from kvstack.router.fetch import EngineFetch
 from kvstack.router.monitor import EngineMonitor, MonitorConfig
 
 FAST = MonitorConfig(
@@ -27,7 +27,7 @@ FAST = MonitorConfig(
 
 
 class Rig:
-    def __init__(self, client: httpx.AsyncClient, config: MonitorConfig) -> None:
+    def __init__(self, client: EngineFetch, config: MonitorConfig) -> None:
         self.registry = EngineRegistry()
         self.monitor = EngineMonitor(self.registry, client, config)
 
@@ -37,7 +37,7 @@ class Rig:
 
 
 @pytest.fixture
-async def rig(client: httpx.AsyncClient) -> AsyncIterator[Rig]:
+async def rig(client: EngineFetch) -> AsyncIterator[Rig]:
     r = Rig(client, FAST)
     r.monitor.start()
     try:
@@ -144,7 +144,7 @@ async def test_unreachable_engine_added_is_unhealthy_at_once(rig: Rig) -> None:
     assert rig.registry.candidates("m", time.monotonic()) == []
 
 
-async def test_api_key_is_sent_for_models(client: httpx.AsyncClient, engine: SwitchableEngine) -> None:
+async def test_api_key_is_sent_for_models(client: EngineFetch, engine: SwitchableEngine) -> None:
     engine.api_key = "sekret"
     registry = EngineRegistry()
     registry.sync([Endpoint(engine.url, "e1")])
@@ -163,7 +163,7 @@ async def test_api_key_is_sent_for_models(client: httpx.AsyncClient, engine: Swi
 
 
 async def test_bad_metrics_fail_the_scrape_and_keep_nothing_half_parsed(
-    client: httpx.AsyncClient, engine: SwitchableEngine
+    client: EngineFetch, engine: SwitchableEngine
 ) -> None:
     registry = EngineRegistry()
     registry.sync([Endpoint(engine.url, "e1")])
@@ -179,7 +179,7 @@ async def test_bad_metrics_fail_the_scrape_and_keep_nothing_half_parsed(
 
 
 async def test_models_relearnt_when_another_pod_takes_the_address(
-    client: httpx.AsyncClient, engine: SwitchableEngine
+    client: EngineFetch, engine: SwitchableEngine
 ) -> None:
     r = Rig(client, MonitorConfig(**{**FAST.model_dump(), "models_interval": 3600}))
     r.monitor.start()

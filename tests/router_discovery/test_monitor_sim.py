@@ -8,7 +8,6 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
-import httpx
 import openai
 import pytest
 from tests.conftest import free_port
@@ -16,6 +15,7 @@ from tests.router_discovery.test_monitor_live import until
 
 from kvstack.common.procs import ManagedProcess
 from kvstack.router.engines import Endpoint, EngineRegistry
+from kvstack.router.fetch import EngineFetch
 from kvstack.router.monitor import EngineMonitor, MonitorConfig
 
 CONFIG = MonitorConfig(
@@ -57,13 +57,14 @@ async def monitored(engine_proc: ManagedProcess) -> AsyncIterator[tuple[EngineRe
     url = engine_proc.ready_url.removesuffix("/health") if engine_proc.ready_url else ""
     registry = EngineRegistry()
     registry.sync([Endpoint(url, "sim")])
-    async with httpx.AsyncClient() as client:
-        monitor = EngineMonitor(registry, client, CONFIG)
-        monitor.start()
-        try:
-            yield registry, url
-        finally:
-            await monitor.stop()
+    client = EngineFetch()
+    monitor = EngineMonitor(registry, client, CONFIG)
+    monitor.start()
+    try:
+        yield registry, url
+    finally:
+        await monitor.stop()
+        await client.aclose()
 
 
 async def test_scrapes_follow_load(monitored: tuple[EngineRegistry, str]) -> None:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from kvstack.router.scrape import parse_labels, parse_vllm_metrics, split_sample
+from kvstack.router.scrape import ScrapeParser, parse_labels, parse_vllm_metrics, split_sample, wanted_lines
 
 
 def test_reference_scrape(reference_dir: Path) -> None:
@@ -122,3 +122,52 @@ def test_malformed_wanted_line_raises(line: str) -> None:
         split_sample(line)
     with pytest.raises(ValueError):
         parse_vllm_metrics(line)
+
+
+def test_wanted_lines_are_the_samples_of_the_read_families(reference_dir: Path) -> None:
+    lines = wanted_lines((reference_dir / "vllm-0.24-metrics.txt").read_text())
+    names = [line.split("{", 1)[0] for line in lines]
+    assert names == [
+        "vllm:num_requests_running",
+        "vllm:num_requests_waiting",
+        "vllm:kv_cache_usage_perc",
+        "vllm:prefix_cache_queries_total",
+        "vllm:prefix_cache_hits_total",
+        "vllm:external_prefix_cache_queries_total",
+        "vllm:external_prefix_cache_hits_total",
+        "vllm:cache_config_info",
+    ]
+
+
+RUNNING_0 = 'vllm:num_requests_running{engine="0",model_name="dummy-8b"} 0.0'
+
+
+def test_scrape_parser_agrees_with_the_parser_over_successive_scrapes(reference_dir: Path) -> None:
+    ref = (reference_dir / "vllm-0.24-metrics.txt").read_text()
+    assert RUNNING_0 in ref
+    busy = ref.replace(RUNNING_0, RUNNING_0.replace("0.0", "3.0"))
+    other = ref.replace("# HELP vllm:num_requests_running", "# HELP vllm:num_requests_running (changed)")
+    parser = ScrapeParser()
+    for text in (ref, ref, busy, other, MULTI, "", ref, "vllm:num_requests_running 7"):
+        assert parser.parse(text) == parse_vllm_metrics(text)
+
+
+def test_an_unchanged_scrape_is_not_parsed_again(reference_dir: Path) -> None:
+    ref = (reference_dir / "vllm-0.24-metrics.txt").read_text()
+    parser = ScrapeParser()
+    first = parser.parse(ref)
+    assert parser.parse(ref) is first  # the same body
+    other = ref.replace("# HELP vllm:num_requests_running", "# HELP vllm:num_requests_running (changed)")
+    assert parser.parse(other) is first  # another body, the same wanted lines
+    busy = parser.parse(ref.replace(RUNNING_0, RUNNING_0.replace("0.0", "3.0")))
+    assert busy is not first
+    assert (busy.num_running, first.num_running) == (3.0, 0.0)
+
+
+def test_a_malformed_scrape_raises_and_the_last_good_one_stays(reference_dir: Path) -> None:
+    ref = (reference_dir / "vllm-0.24-metrics.txt").read_text()
+    parser = ScrapeParser()
+    first = parser.parse(ref)
+    with pytest.raises(ValueError):
+        parser.parse(ref.replace(RUNNING_0, RUNNING_0.replace("0.0", "abc")))
+    assert parser.parse(ref) is first
