@@ -51,7 +51,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 from kvstack.router.flow.fairness import fair_work_ahead, over_share
@@ -169,8 +169,7 @@ def predict_ttft(cost: float, tokens_ahead: float, cap: Capacity, waiting_ahead:
 def predict_alone(cost: float, cap: Capacity) -> float | None:
     """Seconds to first token on an idle engine of the model (nothing ahead, a slot free): the floor
     its own prefill sets, which no admission decision can lower."""
-    idle = Capacity(cap.engines, True, cap.prefill_tokens_per_s, 0.0, cap.base_ttft_s, None, cap.correction)
-    return predict_ttft(cost, 0.0, idle)
+    return predict_ttft(cost, 0.0, replace(cap, room=True, prefill_in_flight=0.0, turns_per_s=None))
 
 
 MIN_CORRECTION, MAX_CORRECTION = 0.25, 4.0
