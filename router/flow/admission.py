@@ -9,13 +9,24 @@ In this order:
    predict from), so no objective refuses it: its user asked to wait for the start;
 1. ``room``: an engine of the model has room and nobody of its class or a higher one waits:
    dispatch now (below saturation flow control costs nothing);
-2. ``slo``: its class has a TTFT objective and its predicted TTFT misses it: 429. The prediction is
-   the wait for its turn (the prefill work ahead of it, sent and not prefilled plus waiting in its
-   class or above, at the cluster's prefill rate; or, when longer, the requests ahead and its own
-   turn at the rate the queue gives turns), plus its own prefill at one engine's rate, plus the base TTFT
+2. its class has a TTFT objective and its predicted TTFT misses it. The prediction is the wait for
+   its turn (the prefill work ahead of it, sent and not prefilled plus waiting in its class or
+   above, at the cluster's prefill rate; or, when longer, the requests ahead and its own turn at
+   the rate the queue gives turns), plus its own prefill at one engine's rate, plus the base TTFT
    (:func:`predict_ttft`). The queued part ahead is what the fair shares put before it
    (:func:`kvstack.router.flow.fairness.fair_work_ahead`): a tenant under its share is served
-   before most of the backlog of a tenant over it, so the tenant over its share is the one refused;
+   before most of the backlog of a tenant over it, so the tenant over its share is the one refused.
+   Why it misses decides:
+
+   a. ``slo``: on an idle engine it would meet the objective (:func:`predict_alone`): it misses
+      because of the wait: 429, its capacity goes to requests that can still be on time;
+   b. ``slo_prefill``: it would miss the objective on an idle engine too (its own prefill is longer:
+      a cold 3,000-word turn on a shared GPU), and others are waiting for the capacity it would take
+      (anyone queued, or a wait that alone misses the objective: the model is saturated): 429.
+      Refusing it is what keeps their first tokens on time;
+   c. ``queued_prefill``: it would miss on an idle engine too, and nobody waits and the wait alone
+      meets the objective (below saturation): refusing it helps no other request, so it is queued
+      (rules 3 and 4 still apply) and served late rather than refused;
 3. ``wait_bound``: its predicted TTFT is longer than the queue lets a request wait
    (``max_wait_s``, the router's ``queue_timeout_s``): 429 now, whatever its class's objective (with
    none, this bound is the only promise): it would wait out the whole bound and get the same 429 then
@@ -40,7 +51,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 from kvstack.router.flow.fairness import fair_work_ahead, over_share
@@ -51,17 +62,28 @@ Reason = Literal[
     "hold_full",
     "room",
     "queued",
+    "queued_prefill",
     "slo",
+    "slo_prefill",
     "wait_bound",
     "displace_lower",
     "over_share",
     "displace_over_share",
     "queue_full",
 ]
-SHED_REASONS: tuple[Reason, ...] = ("hold_full", "slo", "wait_bound", "over_share", "queue_full")
+SHED_REASONS: tuple[Reason, ...] = (
+    "hold_full",
+    "slo",
+    "slo_prefill",
+    "wait_bound",
+    "over_share",
+    "queue_full",
+)
 # what a client refused for each reason reads (``{cls}``: its class, ``{model}``: its model)
 SHED_MESSAGES = {
     "slo": "the {cls} class's time-to-first-token objective cannot be met now; try again later",
+    "slo_prefill": "this prompt's own prefill takes longer than the {cls} class's time-to-first-token "
+    "objective, and other requests are waiting for the capacity it would take; try again later",
     "over_share": "the queue for {model} is full and this tenant holds more than its share of it",
     "queue_full": "too many requests queued for {model}",
     "displaced": "this request made way for a higher class or a tenant under its share in the full "
@@ -144,6 +166,12 @@ def predict_ttft(cost: float, tokens_ahead: float, cap: Capacity, waiting_ahead:
     return cap.base_ttft_s + cap.correction * (max(by_tokens, by_turns) + cost / per_engine)
 
 
+def predict_alone(cost: float, cap: Capacity) -> float | None:
+    """Seconds to first token on an idle engine of the model (nothing ahead, a slot free): the floor
+    its own prefill sets, which no admission decision can lower."""
+    return predict_ttft(cost, 0.0, replace(cap, room=True, prefill_in_flight=0.0, turns_per_s=None))
+
+
 MIN_CORRECTION, MAX_CORRECTION = 0.25, 4.0
 
 
@@ -212,15 +240,23 @@ def decide(new: Newcomer, queue: QueueState, cap: Capacity) -> Decision:
     ahead = math.ceil(queue.waiting_ahead * share - 1e-9)
     predicted = predict_ttft(new.cost, queue.tokens_ahead * share, cap, ahead)
     wait = retry_after(queue, cap)
+    late_alone = False  # rule 2c: it misses its objective by its own prefill, and nobody else waits
     if new.objective_s is not None and predicted is not None and predicted > new.objective_s:
-        return Decision("shed", "slo", predicted, wait)
+        alone = predict_alone(new.cost, cap)
+        if alone is None or alone <= new.objective_s:
+            return Decision("shed", "slo", predicted, wait)
+        # a request with nothing to prefill, in its place: late too means the model is saturated
+        no_prefill = predict_ttft(0.0, queue.tokens_ahead * share, cap, ahead)
+        if queue.count > 0 or (no_prefill is not None and no_prefill > new.objective_s):
+            return Decision("shed", "slo_prefill", predicted, wait)
+        late_alone = True
     if queue.max_wait_s is not None and predicted is not None and predicted > queue.max_wait_s:
         return Decision("shed", "wait_bound", predicted, wait)
     full = queue.count + 1 > queue.max_count or (
         queue.count > 0 and queue.tokens + new.cost > queue.max_tokens
     )
     if not full:
-        return Decision("queue", "queued", predicted)
+        return Decision("queue", "queued_prefill" if late_alone else "queued", predicted)
     if queue.lowest_priority is not None and queue.lowest_priority < new.priority:
         return Decision("queue", "displace_lower", predicted, victim_priority=queue.lowest_priority)
     if over_share(new.tenant, new.cost, queue.work, queue.weights, queue.request_tokens):

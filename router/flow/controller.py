@@ -12,7 +12,8 @@ interval, when scraped queue lengths and KV usage are fresh. A turn counts as *r
 request reaches its engine, so one free slot is never handed to two requests. The decisions are the
 pure functions of :mod:`.saturation`, :mod:`.placement`, :mod:`.admission`, :mod:`.ordering` and
 :mod:`.fairness`. This module keeps the queues and a request's passage; the engines' side (their
-ledgers, which have room, where a request given its turn may go) is :mod:`.room`'s.
+ledgers, which have room, where a request given its turn may go) is :mod:`.room`'s; what admission
+predicts a first token from, and learns from each one, is :mod:`.forecast`'s.
 """
 
 from __future__ import annotations
@@ -29,28 +30,25 @@ from prometheus_client import Gauge
 from kvstack.common.errors import OpenAIError
 from kvstack.router.engines import EngineRegistry, EngineState
 from kvstack.router.exchange import RetryLater
-from kvstack.router.flow.admission import (
-    SHED_MESSAGES,
-    Capacity,
-    Newcomer,
-    decide,
-    expiry,
-    learn_correction,
-)
+from kvstack.router.flow.admission import SHED_MESSAGES, SHED_REASONS, Newcomer, decide, expiry
 from kvstack.router.flow.config import FlowControlConfig, PriorityClass
 from kvstack.router.flow.fairness import FairShare
+from kvstack.router.flow.forecast import BASE_TTFT_S, Forecast
 from kvstack.router.flow.grant import Grant
 from kvstack.router.flow.ledger import Prefill
 from kvstack.router.flow.ordering import Waiting
 from kvstack.router.flow.queue import FlowQueue, Shed, Ticket
 from kvstack.router.flow.room import Room
-from kvstack.router.flow.turn_rate import TurnRate
 from kvstack.router.hold import hold_full_error, hold_timeout_error
 from kvstack.router.metrics import RouterMetrics
 
 log = logging.getLogger(__name__)
+# the rejections counter's reason for a flow-control refusal, where it is not the refusal's own
+REJECTION_OF = {"wait_bound": "queue_timeout", "slo_prefill": "slo"}
 OTHER_TENANT = "other"  # the metric label of every tenant not configured
-BASE_TTFT_S = 0.011  # a full prefix hit on an H200 still takes ~11 ms (tests/reference)
+# flow_shed's reasons: admission's refusals (a full hold is counted as the hold's rejection), and a
+# queued request's end: it made way for another (displaced) or its wait ran out
+FLOW_SHED_REASONS = (*(r for r in SHED_REASONS if r != "hold_full"), "displaced", "queue_timeout")
 
 
 class FlowControl:
@@ -82,13 +80,11 @@ class FlowControl:
         self.tenant_class = {t.name: t.default_class for t in config.tenants if t.default_class}
         self.queues: dict[str, FlowQueue] = {}
         self.reserved: dict[str, int] = {}
-        self.turns = TurnRate()  # how fast each model's queue gives turns (admission's wait)
-        # per model, actual over predicted TTFT of queued requests (admission.learn_correction)
-        self.correction: dict[str, float] = {}
+        self.forecast = Forecast(self.room, metrics, config.saturation.learn_weight)
         self._ids = itertools.count(1)
         self._ticker: asyncio.Task[None] | None = None
         for cls in config.classes:
-            for reason in ("slo", "wait_bound", "over_share", "queue_full", "displaced", "queue_timeout"):
+            for reason in FLOW_SHED_REASONS:
                 metrics.flow_shed.labels(reason, cls.name)
 
     # ------------------------------------------------------------------ classification
@@ -155,16 +151,8 @@ class FlowControl:
             next(self._ids), model, cls.name, cls.priority, tenant, label, cls.ttft_objective_s, cost
         )
         queue = self.queue_for(model)
-        rates = [self.room.ledger(e).rate for e in candidates]
-        cap = Capacity(
-            engines=len(candidates),
-            room=self.room_for(model, candidates, now, cls.priority) > 0,
-            prefill_tokens_per_s=sum(rates),
-            prefill_in_flight=sum(self.room.ledger(e).backlog(now) for e in candidates),
-            base_ttft_s=BASE_TTFT_S,
-            turns_per_s=self.turns_per_s(model, candidates),
-            correction=self.correction.get(model, 1.0),
-        )
+        room = self.room_for(model, candidates, now, cls.priority) > 0
+        cap = self.forecast.capacity(model, candidates, now, room)
         grant.correction = cap.correction
         decision = decide(
             Newcomer(tenant, cls.priority, cost, cls.ttft_objective_s),
@@ -174,12 +162,17 @@ class FlowControl:
         grant.predicted_ttft_s = decision.predicted_ttft_s
         if decision.outcome != "dispatch":  # what admission saw of a wait (kvstack bench gpu's router log)
             log.debug(
-                "flow admission %s: predicted %s s, turns/s %s, correction %.2f, in flight %.0f tokens",
+                "flow admission %s: predicted %s s, turns/s %s, correction %.2f, in flight %.0f tokens, "
+                "cost %.0f tokens, rate %.0f tokens/s over %d engines, queued %d",
                 decision.reason,
                 decision.predicted_ttft_s,
                 cap.turns_per_s,
                 cap.correction,
                 cap.prefill_in_flight,
+                cost,
+                cap.prefill_tokens_per_s,
+                cap.engines,
+                len(queue),
             )
         held = decision.reason == "held"
         if decision.reason == "hold_full":
@@ -244,8 +237,9 @@ class FlowControl:
 
     def _shed(self, reason: str, grant: Grant, retry_after_s: float) -> RetryLater:
         self.metrics.flow_shed.labels(reason, grant.class_name).inc()
-        # the rejections counter's reasons: a predicted wait past the queue's bound is its timeout, told early
-        self.metrics.reject("queue_timeout" if reason == "wait_bound" else reason)
+        # the rejections counter's reasons: a predicted wait past the queue's bound is its timeout, told
+        # early; a miss by the request's own prefill is a missed objective (flow_shed tells them apart)
+        self.metrics.reject(REJECTION_OF.get(reason, reason))
         message = SHED_MESSAGES[reason].format(cls=grant.class_name, model=grant.model)
         return RetryLater(429, message, retry_after_s)
 
@@ -297,17 +291,7 @@ class FlowControl:
         now = self.clock()
         cls = grant.class_name
         model = self.metrics.model_label(grant.model)
-        if grant.predicted_ttft_s:
-            self.metrics.flow_ttft_ratio.labels(cls).observe(ttft_s / grant.predicted_ttft_s)
-            if grant.position > 0:  # it waited: the predictions that admit or shed are of such requests
-                raw = BASE_TTFT_S + (grant.predicted_ttft_s - BASE_TTFT_S) / grant.correction
-                self.correction[grant.model] = learn_correction(
-                    self.correction.get(grant.model, 1.0),
-                    ttft_s,
-                    raw,
-                    BASE_TTFT_S,
-                    self.config.saturation.learn_weight,
-                )
+        self.forecast.first_token(grant, ttft_s)
         if grant.objective_s is not None:
             counter = (
                 self.metrics.flow_goodput
@@ -358,15 +342,9 @@ class FlowControl:
                 continue
             ticket.future.set_result(None)
             self.reserved[model] = self.reserved.get(model, 0) + 1  # the grant's, set by its waiter
-            self.turns.given(model, now)
+            self.forecast.turns.given(model, now)
         if not queue:
-            self.turns.emptied(model)  # a later backlog is measured afresh
-
-    def turns_per_s(self, model: str, candidates: list[EngineState]) -> float | None:
-        """The rate the model's queue gives turns (:class:`.turn_rate.TurnRate`)."""
-        # requests running at the engines: as scraped (waiting ones free no slot), else our count
-        running = sum(e.in_flight if e.num_running is None else e.num_running for e in candidates)
-        return self.turns.per_s(model, running, self.room.service_s.get(model))
+            self.forecast.turns.emptied(model)  # a later backlog is measured afresh
 
     def pump_models(self, models: Iterable[str]) -> None:
         for model in models:
@@ -403,7 +381,7 @@ class FlowControl:
             log.debug(
                 "flow waiting: %d queued, turns/s %s, engines %s",
                 len(queue),
-                self.turns_per_s(model, candidates),
+                self.forecast.turns_per_s(model, candidates),
                 {
                     e.name: (v.reason, e.kv_cache_usage, e.in_flight)
                     for e, v in zip(candidates, verdicts, strict=True)

@@ -108,12 +108,16 @@ def test_goals_met_and_not_met() -> None:
             }
         ],
     )
-    met = {g.name: g.met for g in goals(r)}
+    found = goals(r)
+    met = {g.name: g.met for g in found}
+    details = {g.name: g.detail for g in found}
+    assert details["ramp: below capacity TTFT p90 within 5% of cache_aware"] == "1.034x, 429 0%"
     assert met == {
         "ramp: goodput at 2x >= 0.9x goodput at 1x (flow control)": True,  # 14 / 15
         "ramp: admitted TTFT p99 <= 1 s at 2x (flow control)": True,
         "ramp: without flow control goodput falls at 2x (the problem shown)": True,
         "ramp: below capacity TTFT p90 within 5% of cache_aware": True,  # 0.30 / 0.29 = 1.034
+        "ramp: at capacity (1x) TTFT p90 within 5% of cache_aware": True,  # 0.40 / 0.50
         "fairness: B's TTFT p90 within 1.25x of B alone": False,  # 1.5x
         "fairness: B refused no more than A": True,
         "priority: interactive TTFT p99 <= 1 s under a batch flood": True,

@@ -8,8 +8,8 @@ import pytest
 from typer.testing import CliRunner
 
 from kvstack.bench.cli import app
-from kvstack.bench.flow import FlowSetup, router_config
 from kvstack.bench.flow_plan import POLICIES
+from kvstack.bench.flow_stack import FlowSetup, router_config
 from kvstack.router.config import RouterSettings
 
 

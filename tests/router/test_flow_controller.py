@@ -13,7 +13,7 @@ import pytest
 
 from kvstack.router.engines import Endpoint, EngineRegistry, EngineState
 from kvstack.router.exchange import RetryLater
-from kvstack.router.flow.config import FlowControlConfig
+from kvstack.router.flow.config import FlowControlConfig, PriorityClass
 from kvstack.router.flow.controller import FlowControl
 from kvstack.router.flow.grant import Grant
 from kvstack.router.metrics import RouterMetrics
@@ -418,7 +418,7 @@ async def test_a_queued_requests_first_token_teaches_the_models_prediction_corre
     first = await control.admit(M, "t", cls(control), 3400, registry.all())
     await start(control, engine, first)
     control.first_token(first, 5.0)  # it did not wait: its prediction decided nothing
-    assert M not in control.correction
+    assert M not in control.forecast.correction
     waiter = asyncio.create_task(control.admit(M, "t", cls(control), 3400, registry.all()))
     await settle()
     await end(control, engine, first)
@@ -426,7 +426,7 @@ async def test_a_queued_requests_first_token_teaches_the_models_prediction_corre
     assert second.position == 1 and second.predicted_ttft_s is not None
     await start(control, engine, second)
     control.first_token(second, 4 * second.predicted_ttft_s)  # far later than predicted
-    assert control.correction[M] > 1.0  # the next prediction is scaled up (by the EWMA's weight)
+    assert control.forecast.correction[M] > 1.0  # the next prediction is scaled up (by the EWMA's weight)
 
 
 @pytest.mark.parametrize(("bound_s", "refused"), [(1.0, True), (10.0, False)])
@@ -456,6 +456,41 @@ async def test_a_request_predicted_to_outwait_the_queue_timeout_is_refused_at_on
         assert not waiter.done() and shed == 0.0 and queued(metrics) == 1
         await end(control, engine, busy)
         assert (await waiter).position == 1
+
+
+async def test_a_prompt_too_long_for_its_objective_waits_alone_and_is_refused_behind_others() -> None:
+    """A 2 s objective; the engine prefills 34,000 tokens/s and is busy with 34,000 tokens (a 1 s
+    wait). 102,000 tokens take 3 s even on an idle engine: with nobody waiting, refusing it helps no
+    one, so it waits and is served; a second such prompt behind it is refused (it would take the
+    capacity the first waits for), and so is a short one that misses by the wait alone."""
+    objective = PriorityClass(name="default", ttft_objective_s=2.0)
+    control, registry, metrics = make(classes=[objective])
+    engine = registry.all()[0]
+    busy = await control.admit(M, "t", cls(control), 34_000, registry.all())
+    await start(control, engine, busy)
+    long = asyncio.create_task(control.admit(M, "t", cls(control), 102_000, registry.all()))
+    await settle()
+    assert not long.done() and queued(metrics) == 1
+
+    def shed(reason: str) -> float | None:
+        labels = {"reason": reason, "class": "default"}
+        return metrics.registry.get_sample_value("kvstack_router_flow_shed_total", labels)
+
+    with pytest.raises(RetryLater) as second:
+        await control.admit(M, "t", cls(control), 102_000, registry.all())
+    assert second.value.status == 429 and "own prefill" in second.value.message
+    with pytest.raises(RetryLater) as short:
+        await control.admit(M, "t", cls(control), 3_400, registry.all())
+    assert short.value.status == 429 and "cannot be met now" in short.value.message
+    assert (shed("slo_prefill"), shed("slo")) == (1.0, 1.0)
+    rejected = metrics.registry.get_sample_value("kvstack_router_rejections_total", {"reason": "slo"})
+    assert rejected == 2.0  # both are missed objectives to the router's rejections counter
+    await end(control, engine, busy)
+    grant = await long
+    assert grant.position == 1 and grant.predicted_ttft_s is not None and grant.predicted_ttft_s > 2.0
+    await start(control, engine, grant)
+    await end(control, engine, grant)
+    assert queued(metrics) == 0
 
 
 @pytest.mark.parametrize(("held", "engines"), [(30_000, ["http://e0"]), (1_000, ["http://e1"])])

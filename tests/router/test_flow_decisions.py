@@ -16,6 +16,7 @@ from kvstack.router.flow.admission import (
     decide,
     expiry,
     learn_correction,
+    predict_alone,
     predict_ttft,
 )
 from kvstack.router.flow.fairness import FairShare, fair_work_ahead, over_share
@@ -525,6 +526,62 @@ def new(tenant: str = "t", priority: int = 0, cost: float = 3400, objective: flo
             "held",
             (None, None),
         ),
+        # its own prefill alone misses the objective (68,000 tokens at one engine's 34K tokens/s: 0.01 +
+        # 2.0 s on an idle engine) and nobody waits: refusing it helps no one below saturation, so it is
+        # queued and served late; FULL's 68,000 tokens in flight are a 1 s wait, but a request with
+        # nothing to prefill would still be on time against a 1.5 s objective
+        (
+            new(cost=68_000, objective=1.5),
+            queue_state(),
+            FULL,
+            "queue",
+            "queued_prefill",
+            (None, None),
+        ),
+        # ... the same request while others wait for the capacity it would take: refused
+        (
+            new(cost=68_000, objective=1.5),
+            queue_state(1, tokens=100),
+            FULL,
+            "shed",
+            "slo_prefill",
+            (None, None),
+        ),
+        # ... also when only a lower class waits: it would take the next engine before them
+        (
+            new(priority=1, cost=68_000, objective=1.5),
+            queue_state(1, tokens=100, ahead=0, waiting_ahead=0),
+            FULL,
+            "shed",
+            "slo_prefill",
+            (None, None),
+        ),
+        # ... and while the wait alone misses the objective (the model is saturated: 1 s objective,
+        # FULL's 1 s of prefill in flight)
+        (new(cost=68_000, objective=1.0), queue_state(), FULL, "shed", "slo_prefill", (None, None)),
+        # a request that would be on time on an idle engine and misses by the wait keeps the 429 'slo'
+        # (FULL: 0.01 + 1.0 + 0.1 s against 1.0 s), whether anyone waits or not
+        (new(objective=1.0), queue_state(1, tokens=100), FULL, "shed", "slo", (None, None)),
+        # with room and nobody waiting it is dispatched whatever its own prefill (rule 1)
+        (new(cost=68_000, objective=0.5), queue_state(), ROOM, "dispatch", "room", (None, None)),
+        # admitted late, it still meets the queue's bound on a wait (rule 3) ...
+        (
+            new(cost=68_000, objective=1.5),
+            dataclasses.replace(queue_state(), max_wait_s=1.2),
+            FULL,
+            "shed",
+            "wait_bound",
+            (None, None),
+        ),
+        # ... and the queue's size (rule 4: no queue at all here)
+        (
+            new(cost=68_000, objective=1.5),
+            queue_state(0, max_count=0),
+            FULL,
+            "shed",
+            "queue_full",
+            (None, None),
+        ),
         # a lower class never makes a higher one make way
         (
             new("c", priority=-1, cost=100),
@@ -597,6 +654,18 @@ def test_learn_correction(
     current: float, actual: float, predicted: float, weight: float, expected: float
 ) -> None:
     assert learn_correction(current, actual, predicted, 0.01, weight) == pytest.approx(expected)
+
+
+def test_the_floor_a_prompt_sets_alone() -> None:
+    # an idle engine: nothing in flight, no turn to wait for, the learnt correction on its prefill
+    slow = dataclasses.replace(FULL, turns_per_s=0.1, correction=2.0)
+    assert predict_alone(3400, slow) == pytest.approx(0.01 + 2.0 * 0.1)
+    assert predict_alone(3400, NONE) is None
+    # the correction decides which side of the objective the floor is: learnt 2x late, a prompt of
+    # 0.6 s alone misses a 1 s objective and is refused while the wait alone is past it
+    late = dataclasses.replace(FULL, correction=2.0)
+    assert decide(new(cost=20_400, objective=1.0), queue_state(), late).reason == "slo_prefill"
+    assert decide(new(cost=20_400, objective=1.0), queue_state(), FULL).reason == "slo"
 
 
 def test_the_correction_scales_the_wait_and_the_prefill_not_the_base() -> None:

@@ -10,19 +10,20 @@ multi-round QA from :func:`flow_plan.build_trace`. Three scenarios:
 3. **priority**: an ``interactive`` class beside a ``batch`` flood.
 
 The simulators run at ``--speed`` < 1 (a saturated cluster then takes few requests per wall
-second); every time is reported in simulated seconds. Writes ``flow.json`` and ``flow.png``.
+second); every time is reported in simulated seconds. Writes ``flow.json`` and ``flow.png``. The
+stack a policy runs on is :mod:`.flow_stack`'s, the plan and its arithmetic :mod:`.flow_plan`'s,
+the clients :mod:`.flow_driver`'s; this module runs the cases, reads the counters, plots, and is the
+command.
 """
 
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
 import os
-import tempfile
 import zlib
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -32,135 +33,10 @@ import yaml
 from kvstack.bench import flow_plan, promtext
 from kvstack.bench.driver import wait_for_engines
 from kvstack.bench.flow_driver import Client, run_trace
-from kvstack.bench.flow_plan import PEER, Policy, Results, Shape, Stream
+from kvstack.bench.flow_plan import PEER, Policy, Results, Stream
+from kvstack.bench.flow_stack import DEFAULT_SIM_CONFIG, MODEL, FlowSetup, flow_available, stack
 from kvstack.bench.gpu_procs import PEER_POLICIES
-from kvstack.bench.gpu_procs import peer_router_proc as peer_router
-from kvstack.common.procs import ManagedProcess, free_ports, kvstack_argv, running
-
-MODEL = "kvstack/sim-8b"
-DEFAULT_SIM_CONFIG = Path("bench-results/flow/sim-h200-x4.yaml")
-
-
-@dataclass(slots=True)
-class FlowSetup:
-    engines: int = 4
-    speed: float = 0.5
-    sim_config: Path | None = DEFAULT_SIM_CONFIG
-    capacity_rps: float = 16.0  # the cluster's capacity, simulated requests/s (1x of the ramp)
-    duration_s: float = 8.0  # arrival window of a case, simulated seconds
-    shape: Shape = field(default_factory=Shape)
-    # the router's saturation model, in simulated time: the engines' cold prefill rate
-    prefill_tokens_per_s: float = 2_100.0
-    # an engine takes more while the uncached prompt work the router sent it would prefill within
-    # this (simulated) time: half the 1 s objective, the rest for the queue and the first step
-    prefill_target_s: float = 0.5
-    # real engines instead of simulators (speed 1): their discovery file, served name, and where the
-    # router gets prompt tokens (their /tokenize: the model's own tokenizer)
-    engines_file: Path | None = None
-    model: str = MODEL
-    tokenizer: str = "builtin"
-    tokenizer_path: Path | None = None  # the model's tokenizer files, for tokenizer "local"
-    # the router logs each cache-aware decision (DEBUG): each case counts those flow control narrowed
-    decision_log: bool = False
-    log_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="kvstack-flow-")))
-
-
-def flow_available() -> bool:
-    """Whether this router has flow control (the ``flow_control`` config section)."""
-    try:
-        return importlib.util.find_spec("kvstack.router.flow.config") is not None
-    except ModuleNotFoundError:  # no kvstack.router.flow package at all
-        return False
-
-
-def router_config(setup: FlowSetup, policy: Policy) -> dict[str, Any]:
-    """The router's config file: the policy, and flow control on or off.
-
-    With flow control, objectives and the saturation model are in wall time (the router's clock):
-    a simulated second lasts ``1 / speed`` wall seconds.
-    """
-    config: dict[str, Any] = {
-        "policy": policy.routing,
-        "log_level": "debug" if setup.decision_log else "warning",
-        "tokenizer": setup.tokenizer,
-        "expose_engine_header": True,  # each request's engine: its first touches (flow_plan)
-    }
-    if setup.tokenizer_path is not None:
-        config["tokenizer_path"] = str(setup.tokenizer_path)
-    if not flow_available():
-        return config
-    if not policy.flow:
-        config["flow_control"] = {"enabled": False}
-        return config
-    objective = flow_plan.OBJECTIVE_S / setup.speed
-    config["flow_control"] = {
-        "enabled": True,
-        "default_class": "default",
-        "classes": [
-            {"name": "interactive", "priority": 10, "ttft_objective_s": objective},
-            {"name": "default", "priority": 5, "ttft_objective_s": objective},
-            {"name": "batch", "priority": 0},
-        ],
-        "tenants": [{"name": "A", "weight": 1.0}, {"name": "B", "weight": 1.0}],
-        "saturation": {
-            "prefill_tokens_per_s": setup.prefill_tokens_per_s * setup.speed,
-            "prefill_target_s": setup.prefill_target_s / setup.speed,
-        },
-    }
-    return config
-
-
-def _router(
-    setup: FlowSetup, policy: Policy, engines_file: Path, log_dir: Path
-) -> tuple[ManagedProcess, str]:
-    if policy.routing in PEER_POLICIES:
-        urls = [e["url"] for e in yaml.safe_load(engines_file.read_text())]
-        return peer_router(urls, policy.routing, log_dir)
-    (log_dir / "router.yaml").write_text(yaml.safe_dump(router_config(setup, policy)))
-    port = free_ports(1)[0]
-    url = f"http://127.0.0.1:{port}"
-    argv = [*kvstack_argv(), "router", "--config", str(log_dir / "router.yaml"), "--port", str(port)]
-    argv += ["--engines-file", str(engines_file)]
-    env = {"KVSTACK_ROUTER_ACCESS_LOG": "false"}
-    return ManagedProcess("router", argv, log_dir, env=env, ready_url=f"{url}/ready"), url
-
-
-def _stack(setup: FlowSetup, policy: Policy, case: str) -> tuple[list[ManagedProcess], str]:
-    log_dir = setup.log_dir / case
-    log_dir.mkdir(parents=True, exist_ok=True)
-    if setup.engines_file is not None:  # real engines, already running
-        router, url = _router(setup, policy, setup.engines_file, log_dir)
-        return [router], url
-    ports = free_ports(3 * setup.engines)
-    sims: list[ManagedProcess] = []
-    engines: list[dict[str, Any]] = []
-    for i in range(setup.engines):
-        http, pub, replay = ports[3 * i : 3 * i + 3]
-        url = f"http://127.0.0.1:{http}"
-        argv = [*kvstack_argv(), "engine", "sim", "--port", str(http), "--model", MODEL]
-        if setup.sim_config is not None:
-            argv += ["--config", str(setup.sim_config)]
-        argv += [
-            "--speed",
-            str(setup.speed),
-            "--kv-events-endpoint",
-            f"tcp://127.0.0.1:{pub}",
-            "--kv-events-replay-endpoint",
-            f"tcp://127.0.0.1:{replay}",
-        ]
-        sims.append(ManagedProcess(f"sim{i}", argv, log_dir, ready_url=f"{url}/health"))
-        engines.append(
-            {
-                "url": url,
-                "name": f"sim{i}",
-                "models": [MODEL],
-                "kv_events_endpoint": f"tcp://127.0.0.1:{pub}",
-                "kv_events_replay_endpoint": f"tcp://127.0.0.1:{replay}",
-            }
-        )
-    (log_dir / "engines.yaml").write_text(yaml.safe_dump(engines))
-    router, url = _router(setup, policy, log_dir / "engines.yaml", log_dir)
-    return [*sims, router], url
+from kvstack.common.procs import running
 
 
 def _case(
@@ -204,7 +80,7 @@ def run(
         if policy.flow and not flow_available():
             progress(f"{policy.name}: this router has no flow control; skipped")
             continue
-        procs, url = _stack(setup, policy, policy.name.replace("+", "-"))
+        procs, url = stack(setup, policy, policy.name.replace("+", "-"))
         if setup.engines_file is not None:
             engine_urls = [e["url"] for e in yaml.safe_load(setup.engines_file.read_text())]
         else:
