@@ -24,10 +24,9 @@ from kvstack.common.waits import wait_until
 from kvstack.observability.prometheus import prometheus_url
 from kvstack.operator.annotated import POLICY, STATUS
 from kvstack.operator.handlers import build_registry
-from kvstack.operator.runtime import Runtime
-from kvstack.operator.settings import OperatorSettings
 from kvstack_testing import Cluster, PodSimulators, SimulatorTargets, file_sd_prometheus
 
+from .chart_operator import chart_operator
 from .conftest import Api
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow, pytest.mark.timeout(600)]
@@ -90,30 +89,6 @@ class Load(threading.Thread):
                     self.done.wait(0.2)  # a simulator starting or stopping
 
 
-def service_account_kubeconfig(cluster: Cluster, namespace: str, account: str, out: Path) -> Path:
-    """A kubeconfig that authenticates as ``account`` (a TokenRequest token), nothing more."""
-    token = cluster.kubectl("create", "token", account, "-n", namespace, "--duration=3600s").stdout.strip()
-    doc = yaml.safe_load(cluster.kubeconfig.read_text())
-    context = next(c["context"] for c in doc["contexts"] if c["name"] == cluster.context)
-    entry = next(c for c in doc["clusters"] if c["name"] == context["cluster"])
-    ca = entry["cluster"].get("certificate-authority")
-    if ca and not Path(ca).is_absolute():
-        entry["cluster"]["certificate-authority"] = str(cluster.kubeconfig.parent / ca)
-    out.write_text(
-        yaml.safe_dump(
-            {
-                "apiVersion": "v1",
-                "kind": "Config",
-                "clusters": [entry],
-                "users": [{"name": account, "user": {"token": token}}],
-                "contexts": [{"name": account, "context": {"cluster": entry["name"], "user": account}}],
-                "current-context": account,
-            }
-        )
-    )
-    return out
-
-
 def annotations(api: Api) -> dict[str, str]:
     dep = api.deployment(ENGINE)
     assert dep is not None
@@ -145,29 +120,10 @@ def test_the_operator_scales_the_charts_engines_and_survives_a_bad_policy(
     assert annotations(api)["kvstack.dev/autoscaling"] == "true"
     assert POLICY in annotations(api)
 
-    kubeconfig = service_account_kubeconfig(cluster, namespace, "rel-kvstack-operator", tmp_path / "sa.yaml")
-    monkeypatch.setenv("KUBECONFIG", str(kubeconfig))  # kopf logs in from $KUBECONFIG
-    sims = PodSimulators(
-        cluster.credentials(),
-        "app.kubernetes.io/instance=rel,app.kubernetes.io/component=engine",
-        namespace=namespace,
-        log_dir=tmp_path / "sims",
-    )
     prom.start()
     try:
         prom.wait_ready(60)
-        url = prometheus_url(prom)
-        runtime = Runtime(
-            OperatorSettings(
-                namespace=namespace,
-                kubeconfig=kubeconfig,
-                context="rel-kvstack-operator",
-                metrics_port=0,
-                liveness_port=0,
-                tick_seconds=0.5,
-                prometheus_url=url,
-            )
-        )
+        runtime, sims = chart_operator(cluster, namespace, tmp_path, monkeypatch, prometheus_url(prom))
         args = ["run", "--standalone", "--namespace", namespace]
         with (
             sims,
