@@ -22,6 +22,7 @@ from tests.conftest import free_port
 
 from kvstack.common.procs import ManagedProcess
 from kvstack.common.waits import wait_until
+from kvstack.engine.sim.cli import kv_events_flags
 from kvstack.router.app import create_app
 from kvstack.router.config import RouterSettings, load_settings
 from kvstack.router.context import RouterContext
@@ -88,8 +89,7 @@ def run_event_sims(
             port, pub, replay = free_port(), free_port(), free_port()
             argv = [
                 KVSTACK, "engine", "sim", "--port", str(port), "--speed", "20", "--block-size",
-                str(block_size), "--kv-events-endpoint", f"tcp://127.0.0.1:{pub}",
-                "--kv-events-replay-endpoint", f"tcp://127.0.0.1:{replay}", *extra,
+                str(block_size), *kv_events_flags(pub, replay), *extra,
             ]  # fmt: skip
             url = f"http://127.0.0.1:{port}"
             proc = ManagedProcess(f"sim-{i}", argv, tmp, env=env, ready_url=f"{url}/health")
