@@ -60,13 +60,15 @@ class Sim:
 
 
 @contextmanager
-def run_sims(tmp: Path, count: int, *extra: str) -> Iterator[list[Sim]]:
+def run_sims(tmp: Path, count: int, *extra: str, env: dict[str, str] | None = None) -> Iterator[list[Sim]]:
+    """``count`` simulators started with ``extra`` flags and ``env``, ready; stopped on exit."""
     sims = []
     try:
         for _ in range(count):
             port = free_port()
             argv = [KVSTACK, "engine", "sim", "--port", str(port), *extra]
-            proc = ManagedProcess(f"sim-{port}", argv, tmp, ready_url=f"http://127.0.0.1:{port}/health")
+            ready = f"http://127.0.0.1:{port}/health"
+            proc = ManagedProcess(f"sim-{port}", argv, tmp, env=env, ready_url=ready)
             sims.append(Sim(f"http://127.0.0.1:{port}", proc.start()))
         for sim in sims:
             sim.proc.wait_ready(30)
