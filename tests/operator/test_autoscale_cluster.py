@@ -22,7 +22,6 @@ import httpx
 import openai
 import pytest
 import yaml
-from kopf.testing import KopfRunner
 from openai.types.chat import ChatCompletion
 
 from kvstack.common.kube import resource_path
@@ -35,9 +34,8 @@ from kvstack.observability.prometheus import (
     prometheus_process,
     prometheus_url,
 )
-from kvstack.operator.handlers import build_registry
 from kvstack.operator.runtime import Runtime
-from kvstack_testing import Cluster, PodSimulators, SimTarget, operator_settings
+from kvstack_testing import Cluster, PodSimulators, SimTarget, operator_runner, operator_settings
 from kvstack_testing.pod_sims import kvstack_executable
 
 from .conftest import Api, evaluations
@@ -181,8 +179,7 @@ def test_load_scales_engines_up_then_down_and_a_blind_operator_holds(
     settings = operator_settings(cluster, namespace, resync_seconds=30, prometheus_url=prometheus_url(prom))
     runtime = Runtime(settings)
     sims = PodSimulators(cluster.credentials(), "app.kubernetes.io/component=engine", namespace=namespace)
-    args = ["run", "--standalone", "--namespace", namespace]
-    with sims, KopfRunner(args, registry=build_registry(runtime), timeout=30) as runner:
+    with sims, operator_runner(runtime, namespace) as runner:
         api.create("demo", spec)
         sims.wait_for(1, timeout=90)
         wait_until(
@@ -346,8 +343,7 @@ def test_an_idle_model_scales_to_zero_and_a_held_request_wakes_it(
         url = prometheus_url(prom)
         prom_api = PrometheusAPI(url)
         runtime = Runtime(operator_settings(cluster, namespace, prometheus_url=url))
-        args = ["run", "--standalone", "--namespace", namespace]
-        with sims, KopfRunner(args, registry=build_registry(runtime), timeout=30) as runner:
+        with sims, operator_runner(runtime, namespace) as runner:
             api.create("demo", spec)
             sims.wait_for(1, timeout=90)
             router = operator_router(api, cluster, tmp_path / "router")

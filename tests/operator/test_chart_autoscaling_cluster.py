@@ -17,14 +17,12 @@ from typing import Any
 import httpx
 import pytest
 import yaml
-from kopf.testing import KopfRunner
 from tests.helm.test_cluster_install import release
 
 from kvstack.common.waits import wait_until
 from kvstack.observability.prometheus import prometheus_url
 from kvstack.operator.annotated import POLICY, STATUS
-from kvstack.operator.handlers import build_registry
-from kvstack_testing import Cluster, PodSimulators, SimulatorTargets, file_sd_prometheus
+from kvstack_testing import Cluster, PodSimulators, SimulatorTargets, file_sd_prometheus, operator_runner
 
 from .chart_operator import chart_operator
 from .conftest import Api
@@ -124,11 +122,10 @@ def test_the_operator_scales_the_charts_engines_and_survives_a_bad_policy(
     try:
         prom.wait_ready(60)
         runtime, sims = chart_operator(cluster, namespace, tmp_path, monkeypatch, prometheus_url(prom))
-        args = ["run", "--standalone", "--namespace", namespace]
         with (
             sims,
             SimulatorTargets(sims, targets),
-            KopfRunner(args, registry=build_registry(runtime), timeout=30) as runner,
+            operator_runner(runtime, namespace) as runner,
         ):
             sims.wait_for(1, timeout=90)
             # 1. Evaluations start: the state annotation appears, Prometheus answers.

@@ -13,14 +13,12 @@ from typing import Any
 
 import pytest
 import yaml
-from kopf.testing import KopfRunner
 from tests.helm.test_cluster_install import release
 
 from kvstack.common.procs import free_port
 from kvstack.common.waits import wait_until
-from kvstack.operator.handlers import build_registry
 from kvstack.operator.lora_annotated import LORA, LORA_STATUS
-from kvstack_testing import Cluster
+from kvstack_testing import Cluster, operator_runner
 
 from .chart_operator import chart_operator
 from .conftest import Api
@@ -77,8 +75,7 @@ def test_helm_install_then_upgrade_loads_the_declared_adapters(
     monkeypatch.setenv("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "True")  # the simulators inherit it
     unreachable = f"http://127.0.0.1:{free_port()}"  # no Prometheus: rates unknown, placements hold
     runtime, sims = chart_operator(cluster, namespace, tmp_path, monkeypatch, unreachable)
-    args = ["run", "--standalone", "--namespace", namespace]
-    with sims, KopfRunner(args, registry=build_registry(runtime), timeout=30) as runner:
+    with sims, operator_runner(runtime, namespace) as runner:
         sims.wait_for(2, timeout=90)
         # 1. Installed: the pinned adapter on both engines, reported on the Deployment.
         status = wait_until(
