@@ -13,7 +13,6 @@ time) and the namespace's deletion forever.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from typing import Any
@@ -21,27 +20,22 @@ from typing import Any
 from kvstack.common.config import ConfigError
 from kvstack.operator.annotated import STATUS, Memory, dump_memory, load_memory, parse, wants_autoscaling
 from kvstack.operator.controller import Target, replicas_of, scale_model
-from kvstack.operator.kube import KubeError
+from kvstack.operator.deployment_rounds import DeploymentRounds, Key
 from kvstack.operator.runtime import Runtime
 from kvstack.operator.status import model_entry
 
 log = logging.getLogger(__name__)
-Key = tuple[str, str]  # (namespace, name)
-RETRY_S = 15.0  # a Deployment that could not be evaluated (bad annotation, API error) is retried this often
 
 
-class AnnotatedScaler:
+class AnnotatedScaler(DeploymentRounds):
     """The annotated Deployments kopf has seen, and when each is next evaluated."""
 
+    round_name = "evaluating"
+
     def __init__(self, runtime: Runtime) -> None:
-        self._runtime = runtime
-        self._due: dict[Key, float] = {}
+        super().__init__(runtime)
         self._model_names: dict[Key, str] = {}
         self._reported: dict[Key, str] = {}  # the last bad-annotation message posted, per Deployment
-
-    @property
-    def tracked(self) -> list[Key]:
-        return sorted(self._due)
 
     def observe(self, event_type: str | None, body: Any) -> None:
         """A watch event of a Deployment: start or stop tracking it."""
@@ -61,40 +55,6 @@ class AnnotatedScaler:
         if model_name is not None:
             self._runtime.metrics.forget(key[0], model_name)
 
-    async def run(self) -> None:
-        """Evaluate what is due, every tick, until cancelled."""
-        tick = self._runtime.settings.tick_seconds
-        while True:
-            await asyncio.sleep(tick)
-            if self._runtime.kube is None or self._runtime.closing:
-                continue
-            now = time.time()
-            due = [key for key, at in self._due.items() if at <= now]
-            if due:
-                await asyncio.gather(*(self._guarded(key) for key in due))
-
-    async def _guarded(self, key: Key) -> None:
-        self._due[key] = time.time() + RETRY_S  # unless the evaluation sets its own interval
-        try:
-            await self.evaluate(key)
-        except Exception as err:
-            if self._runtime.closing:
-                # cleanup closed the clients under this evaluation (a transport error, or httpx's
-                # RuntimeError for a closed client): the operator is stopping, nothing to report.
-                return
-            if isinstance(err, KubeError):
-                log.warning("evaluating Deployment %s/%s failed, retrying: %s", *key, err)
-            else:  # one Deployment's bug must not stop the others' scaling
-                log.exception("evaluating Deployment %s/%s failed", *key)
-
-    async def _tell(self, dep: dict[str, Any], type_: str, reason: str, message: str) -> None:
-        """Post an Event; best effort: a refused Event never stops a scaling decision."""
-        assert self._runtime.kube is not None
-        try:
-            await self._runtime.kube.event(dep, type_, reason, message)
-        except KubeError as err:
-            log.warning("cannot post a %s Event: %s", reason, err)
-
     async def evaluate(self, key: Key) -> None:
         """One evaluation of one annotated Deployment: decide, scale, remember, tell."""
         kube = self._runtime.kube
@@ -111,7 +71,7 @@ class AnnotatedScaler:
             if self._reported.get(key) != message:
                 # Once per distinct problem: the Event says what to fix; replicas stay as they are.
                 log.error("not scaling %s/%s: %s", namespace, name, message)
-                await self._tell(dep, "Warning", "InvalidAutoscalingPolicy", message)
+                await self._tell(dep, True, "InvalidAutoscalingPolicy", message)
                 self._reported[key] = message
             return
         self._reported.pop(key, None)
@@ -143,7 +103,7 @@ class AnnotatedScaler:
         if not reachable and memory.prometheus_reachable is not False:
             log.warning("holding %s/%s at %d: %s", namespace, name, current, scaled.prometheus_error)
             await self._tell(
-                dep, "Warning", "PrometheusUnreachable", f"holding replicas: {scaled.prometheus_error}"
+                dep, True, "PrometheusUnreachable", f"holding replicas: {scaled.prometheus_error}"
             )
         elif reachable and memory.prometheus_reachable is False:
             log.info("Prometheus answers again for %s/%s", namespace, name)
@@ -151,7 +111,7 @@ class AnnotatedScaler:
         if d.changed:
             text = f"{current} -> {d.replicas} ({d.reason}): {d.message}"
             log.info("scaled %s/%s %s", namespace, name, text)
-            await self._tell(dep, "Normal", "ScaledUp" if d.direction == "up" else "ScaledDown", text)
+            await self._tell(dep, False, "ScaledUp" if d.direction == "up" else "ScaledDown", text)
         now = scaled.observation.now
         entry = model_entry(annotated.model_name, name, current, ready, d.replicas, d, memory.entry, now)
         remembered = Memory(d.history, scaled.idle_since, reachable, entry)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -52,27 +53,50 @@ def _memory(memo: kopf.Memo) -> StackMemory:
     return memory
 
 
-def _owner(name: str, namespace: str | None, uid: str) -> Owner:
-    assert name and namespace and uid  # a namespaced resource kopf delivered
-    return Owner(name=name, namespace=namespace, uid=uid)
+@dataclass(frozen=True, slots=True)
+class _Stack:
+    """One ``KVStack`` as kopf hands it to a resource handler: the object, where the handler writes,
+    and what this process remembers of it."""
+
+    body: kopf.Body
+    spec: kopf.Spec
+    owner: Owner
+    generation: int | None
+    status: kopf.Status
+    patch: kopf.Patch
+    memory: StackMemory
+    logger: stack.Logger
+
+    def write(self, change: StatusChange, now: float) -> None:
+        """Post the change's Events; patch its fields and every condition this process has set."""
+        for notice in change.notices:
+            message = notice.message[: stack.EVENT_MESSAGE_LIMIT]
+            (kopf.warn if notice.warning else kopf.info)(self.body, reason=notice.reason, message=message)
+        self.memory.conditions.update(change.conditions)
+        conditions = render(self.status.get("conditions") or [], self.memory.conditions, now)
+        self.patch.status["conditions"] = conditions
+        for key, value in change.fields.items():
+            self.patch.status[key] = value
 
 
-def _write(
+def _stack(
+    *,
     body: kopf.Body,
+    spec: kopf.Spec,
+    name: str,
+    namespace: str | None,
+    uid: str,
+    meta: kopf.Meta,
     status: kopf.Status,
     patch: kopf.Patch,
-    memory: StackMemory,
-    change: StatusChange,
-    now: float,
-) -> None:
-    """Post the change's Events; patch its fields and every condition this process has set."""
-    for notice in change.notices:
-        message = notice.message[: stack.EVENT_MESSAGE_LIMIT]
-        (kopf.warn if notice.warning else kopf.info)(body, reason=notice.reason, message=message)
-    memory.conditions.update(change.conditions)
-    patch.status["conditions"] = render(status.get("conditions") or [], memory.conditions, now)
-    for key, value in change.fields.items():
-        patch.status[key] = value
+    memo: kopf.Memo,
+    logger: stack.Logger,
+    **_: Any,
+) -> _Stack:
+    """The kopf arguments a resource handler was called with, unpacked once."""
+    assert name and namespace and uid  # a namespaced resource kopf delivered
+    owner = Owner(name=name, namespace=namespace, uid=uid)
+    return _Stack(body, spec, owner, meta.get("generation"), status, patch, _memory(memo), logger)
 
 
 async def _annotated_loops(scaler: AnnotatedScaler, lora: AnnotatedLora) -> None:
@@ -121,34 +145,20 @@ async def track(
     lora.observe(type, body)
 
 
-async def apply_spec(
-    shared: Runtime,
-    *,
-    body: kopf.Body,
-    spec: kopf.Spec,
-    name: str,
-    namespace: str | None,
-    uid: str,
-    meta: kopf.Meta,
-    status: kopf.Status,
-    patch: kopf.Patch,
-    memo: kopf.Memo,
-    logger: stack.Logger,
-    **_: Any,
-) -> None:
-    memory, now = _memory(memo), time.time()
+async def apply_spec(shared: Runtime, **kwargs: Any) -> None:
+    kv, now = _stack(**kwargs), time.time()
     assert shared.kube is not None  # startup opened it before any resource handler runs
     applied = await stack.apply(
         shared.kube,
-        _owner(name, namespace, uid),
-        spec,
-        meta.get("generation"),
-        memory,
+        kv.owner,
+        kv.spec,
+        kv.generation,
+        kv.memory,
         now=now,
         resync_seconds=shared.settings.resync_seconds,
-        logger=logger,
+        logger=kv.logger,
     )
-    _write(body, status, patch, memory, applied.change, now)
+    kv.write(applied.change, now)
     if applied.failed is not None:
         err = applied.failed
         raise kopf.TemporaryError(f"applying the stack's objects failed: {err}", delay=10) from err
@@ -158,28 +168,13 @@ async def forget(shared: Runtime, *, spec: kopf.Spec, namespace: str | None, **_
     stack.forget(shared.metrics, namespace or "", spec)
 
 
-async def tick(
-    shared: Runtime,
-    *,
-    body: kopf.Body,
-    spec: kopf.Spec,
-    name: str,
-    namespace: str | None,
-    uid: str,
-    meta: kopf.Meta,
-    status: kopf.Status,
-    patch: kopf.Patch,
-    memo: kopf.Memo,
-    logger: stack.Logger,
-    **_: Any,
-) -> None:
-    memory, now = _memory(memo), time.time()
-    owner = _owner(name, namespace, uid)
+async def tick(shared: Runtime, **kwargs: Any) -> None:
+    kv, now = _stack(**kwargs), time.time()
     change = await stack.tick(
-        shared, owner, spec, meta.get("generation"), status, memory, now=now, logger=logger
+        shared, kv.owner, kv.spec, kv.generation, kv.status, kv.memory, now=now, logger=kv.logger
     )
     if change is not None:
-        _write(body, status, patch, memory, change, now)
+        kv.write(change, now)
 
 
 def build_registry(runtime: Runtime) -> kopf.OperatorRegistry:

@@ -15,7 +15,6 @@ autoscaler uses; no timer, so no finalizer on objects Helm owns (see
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import time
@@ -27,15 +26,13 @@ from kvstack.common.config import ConfigError, build, comma_list
 from kvstack.common.lora import LoraSpec
 from kvstack.operator.annotated import SERVED_NAMES
 from kvstack.operator.crd import GROUP
-from kvstack.operator.kube import KubeError
+from kvstack.operator.deployment_rounds import DeploymentRounds, Key
 from kvstack.operator.lora_loader import engine_pods, run_round
 from kvstack.operator.runtime import Runtime
 
 log = logging.getLogger(__name__)
 LORA = f"{GROUP}/lora"
 LORA_STATUS = f"{GROUP}/lora-status"
-Key = tuple[str, str]  # (namespace, name)
-RETRY_S = 15.0
 
 
 class AnnotationLora(LoraSpec):
@@ -67,17 +64,17 @@ def served_name(dep: dict[str, Any]) -> str:
     return str(dep.get("metadata", {}).get("name", ""))
 
 
-class AnnotatedLora:
+class AnnotatedLora(DeploymentRounds):
     """The Deployments with a LoRA annotation, and when each is next handled."""
 
+    round_name = "LoRA round of"
+
     def __init__(self, runtime: Runtime) -> None:
-        self._runtime = runtime
-        self._due: dict[Key, float] = {}
+        super().__init__(runtime)
         self._reported: dict[Key, str] = {}
 
-    @property
-    def tracked(self) -> list[Key]:
-        return sorted(self._due)
+    def _can_run(self) -> bool:
+        return super()._can_run() and self._runtime.lora is not None
 
     def observe(self, event_type: str | None, body: Any) -> None:
         meta = body.get("metadata", {})
@@ -88,36 +85,6 @@ class AnnotatedLora:
         elif key not in self._due:
             log.info("placing LoRA adapters of Deployment %s/%s from its annotation", *key)
             self._due[key] = 0.0
-
-    async def run(self) -> None:
-        """Handle what is due, every tick, until cancelled."""
-        while True:
-            await asyncio.sleep(self._runtime.settings.tick_seconds)
-            if self._runtime.kube is None or self._runtime.lora is None or self._runtime.closing:
-                continue
-            now = time.time()
-            due = [key for key, at in self._due.items() if at <= now]
-            if due:
-                await asyncio.gather(*(self._guarded(key) for key in due))
-
-    async def _guarded(self, key: Key) -> None:
-        self._due[key] = time.time() + RETRY_S
-        try:
-            await self.evaluate(key)
-        except Exception as err:
-            if self._runtime.closing:
-                return
-            if isinstance(err, KubeError):
-                log.warning("LoRA round of Deployment %s/%s failed, retrying: %s", *key, err)
-            else:  # one Deployment's bug must not stop the others
-                log.exception("LoRA round of Deployment %s/%s failed", *key)
-
-    async def _tell(self, dep: dict[str, Any], warning: bool, reason: str, message: str) -> None:
-        assert self._runtime.kube is not None
-        try:
-            await self._runtime.kube.event(dep, "Warning" if warning else "Normal", reason, message)
-        except KubeError as err:
-            log.warning("cannot post a %s Event: %s", reason, err)
 
     async def evaluate(self, key: Key) -> None:
         """One round for one Deployment: place, load, unload, tell, remember."""

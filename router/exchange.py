@@ -1,8 +1,9 @@
 """The client's side of one proxied request: its body, its record, its error answer, its log line.
 
 Everything here is independent of engines and policies: :mod:`kvstack.router.proxy` reads the body
-with :func:`read_body`, fills an :class:`Exchange` as the request goes, answers failures with
-:func:`send_error`, and ends with :func:`account` (metrics and the access log line).
+with :func:`read_body`, fills an :class:`Exchange` as the request goes, ends a failed one with
+:func:`settle_failure` (which answers with :func:`send_error`), and ends every one with
+:func:`account` (metrics and the access log line).
 """
 
 from __future__ import annotations
@@ -132,6 +133,18 @@ async def send_error(send: Send, err: OpenAIError) -> None:
         body = msgspec.json.encode(error_body(err.status, err.message, param=err.param))
     await send({"type": "http.response.start", "status": err.status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
+
+
+async def settle_failure(send: Send, ex: Exchange, err: ClientGone | OpenAIError) -> None:
+    """Record how a request failed on ``ex``: a client gone before its body was read is a 499 with
+    no answer; an OpenAIError is its status, answered in the OpenAI shape unless the response has
+    already started (then the client sees the stream end)."""
+    if isinstance(err, ClientGone):
+        ex.disconnected, ex.status = True, 499
+        return
+    ex.status, ex.error = err.status, err.message
+    if not ex.started:
+        await send_error(send, err)
 
 
 async def watch_disconnect(receive: Receive, task: asyncio.Task[Any], ex: Exchange) -> None:

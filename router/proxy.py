@@ -28,7 +28,7 @@ from kvstack.router.exchange import (
     RetryLater,
     account,
     read_body,
-    send_error,
+    settle_failure,
     watch_disconnect,
 )
 from kvstack.router.headers import content_type, header_value, scan_headers, upstream_headers
@@ -102,12 +102,8 @@ class ProxyEndpoint:
             call = Call(ex, request, raw, send, scope["headers"], peer[0] if peer else None, session_key)
             call.trace = trace
             await self._guarded(call, receive)
-        except ClientGone:
-            ex.disconnected, ex.status = True, 499
-        except OpenAIError as err:
-            ex.status, ex.error = err.status, err.message
-            if not ex.started:
-                await send_error(send, err)
+        except (ClientGone, OpenAIError) as err:
+            await settle_failure(send, ex, err)
         finally:
             ctx.bodies.give(held)
             if admitted_key is not None:

@@ -15,7 +15,7 @@ from typing import Any
 from kvstack.common.errors import OpenAIError, is_openai_error, openai_error_bytes
 from kvstack.router.admission import reject
 from kvstack.router.context import REQUEST_ID_KEY, RouterContext
-from kvstack.router.exchange import ClientGone, Exchange, account, read_body, send_error
+from kvstack.router.exchange import ClientGone, Exchange, account, read_body, settle_failure
 from kvstack.router.headers import answer_headers, scan_headers, upstream_headers
 from kvstack.router.openapi import error_response
 from kvstack.router.sticky import unknown_response
@@ -75,12 +75,8 @@ class StoredResponseEndpoint:
                 body = await read_body(receive, _MAX_BODY, declared, ctx.bodies)
             ctx.bodies.give(len(body))  # relayed at once; not held for retries
             await self._forward(scope, send, ex, body)
-        except ClientGone:
-            ex.disconnected, ex.status = True, 499
-        except OpenAIError as err:
-            ex.status, ex.error = err.status, err.message
-            if not ex.started:
-                await send_error(send, err)
+        except (ClientGone, OpenAIError) as err:
+            await settle_failure(send, ex, err)
         finally:
             ex.finished = True
             account(ctx.metrics, ex, self.path, ctx.settings.access_log)

@@ -23,6 +23,7 @@ from kvstack.common import multipart
 from kvstack.common.errors import OpenAIError
 from kvstack.common.tokenizer import VOCAB_SIZE, encode
 from kvstack.engine.sim import protocol as p
+from kvstack.engine.sim.answer import Answer
 from kvstack.engine.sim.asgi import SSE_START, Receive, Scope, Send, read_body, send_bytes, send_json
 from kvstack.engine.sim.task_routes import Guard, outputs, request_id
 from kvstack.engine.sim.types import SimRequest
@@ -118,9 +119,8 @@ class AudioRoutes:
             return
 
         async def whole() -> None:
-            detok = p.Detokenizer()
-            pieces = [detok(out.new_token_ids) async for out in outputs(self.server, sim)]
-            text = "".join([*pieces, detok.flush()])
+            generation = Answer()
+            text = "".join([generation.take(out) async for out in outputs(self.server, sim)])
             guard.finishing()
             if response_format == "text":
                 await send_bytes(send, 200, text.encode(), [(b"content-type", b"text/plain; charset=utf-8")])
@@ -146,15 +146,12 @@ class AudioRoutes:
             return b"data: " + json.dumps(data, ensure_ascii=False).encode() + b"\n\n"
 
         await send(SSE_START)
-        detok = p.Detokenizer()
-        finish = "length"
+        answer = Answer()
         async for out in outputs(self.server, sim):
-            text = detok(out.new_token_ids) + (detok.flush() if out.finished else "")
-            if out.finished:
-                finish = out.finish_reason or "length"
+            text = answer.take(out)
             if text:
                 frame = chunk({"content": text}, None)
                 await send({"type": "http.response.body", "body": frame, "more_body": True})
         guard.finishing()
-        tail = chunk({}, finish) + p.DONE_FRAME
+        tail = chunk({}, answer.finish) + p.DONE_FRAME
         await send({"type": "http.response.body", "body": tail, "more_body": False})

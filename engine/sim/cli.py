@@ -39,6 +39,18 @@ class ServeSettings(BaseModel):
         return endpoint
 
 
+def kv_events_flags(publisher_port: int, replay_port: int, host: str = "127.0.0.1") -> list[str]:
+    """The flags of a simulator that publishes its KV events on ``tcp://host:publisher_port`` and
+    answers replay requests on ``tcp://host:replay_port`` (the endpoints its engines-file entry,
+    :func:`kvstack.router.discovery.static.sim_engine_entry`, gives the router)."""
+    return [
+        "--kv-events-endpoint",
+        f"tcp://{host}:{publisher_port}",
+        "--kv-events-replay-endpoint",
+        f"tcp://{host}:{replay_port}",
+    ]
+
+
 def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     """``override`` on top of ``base``, nested mappings merged key by key."""
     out = dict(base)

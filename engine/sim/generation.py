@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 from kvstack.common.errors import OpenAIError
 from kvstack.engine.sim import protocol as p
+from kvstack.engine.sim.answer import Answer
 from kvstack.engine.sim.asgi import SSE_START, Receive, Scope, Send, read_body, send_json
 from kvstack.engine.sim.types import RequestOutput, SimRequest
 
@@ -114,48 +115,43 @@ class GenerationRoutes:
         finally:
             watcher.cancel()
 
+    def _answer(self, job: _Job) -> Answer:
+        req = job.request
+        return Answer(req.stop_strings(), req.include_stop_str_in_output)
+
+    def _take(self, job: _Job, answer: Answer, out: RequestOutput) -> str:
+        """``answer.take(out)``; a stop string that matched ends the request in the core."""
+        text = answer.take(out)
+        if answer.stop_reason is not None:
+            self.server.engine.abort(job.sim.request_id, "stop")  # counted as stop, as vLLM does
+        return text
+
     async def _stream(
         self, send: Send, job: _Job, gen: AsyncIterator[RequestOutput], watcher: asyncio.Task[None]
     ) -> None:
-        req = job.request
         writer = p.ChunkWriter(
             chat=job.chat, request_id=job.sim.request_id, model=job.model, created=int(time.time())
         )
-        stops = req.stop_strings()
-        matcher = p.StopMatcher(stops, req.include_stop_str_in_output) if stops else None
-        detok = p.Detokenizer()
+        answer = self._answer(job)
         await send(SSE_START)
         if job.chat:
             await send({"type": "http.response.body", "body": writer.role_frame(), "more_body": True})
-        completion_tokens = cached = 0
-        finish, stop_reason = "abort", None
+        text = ""
         try:
             async for out in gen:
-                ids = out.new_token_ids
-                completion_tokens += len(ids)
-                cached = out.num_cached_tokens or cached
-                text = detok(ids)
-                if matcher is not None:
-                    text = matcher.feed(text)
-                    if matcher.stop_reason is not None:
-                        finish, stop_reason = "stop", matcher.stop_reason
-                        self.server.engine.abort(job.sim.request_id, "stop")  # counted as stop, as vLLM does
-                        break
-                if out.finished:
-                    finish = out.finish_reason or "length"
-                    tail = detok.flush()
-                    text += matcher.feed(tail) + matcher.flush() if matcher is not None else tail
-                    break
+                text = self._take(job, answer, out)
+                if answer.done:
+                    break  # the last text goes in the final frame
                 if text:
                     await send(
                         {"type": "http.response.body", "body": writer.text_frame(text), "more_body": True}
                     )
         finally:
             await _close(gen)  # closing early (a disconnect) aborts the request in the core
-        frames = [writer.final_frame(text, finish, stop_reason)]
-        opts = req.stream_options
+        frames = [writer.final_frame(text, answer.finish, answer.stop_reason)]
+        opts = job.request.stream_options
         if opts is not None and opts.include_usage:
-            usage = p.Usage(len(job.sim.prompt_token_ids), completion_tokens, cached)
+            usage = p.Usage(len(job.sim.prompt_token_ids), answer.generated, answer.cached)
             frames.append(writer.usage_frame(usage))
         frames.append(p.DONE_FRAME)
         watcher.cancel()  # the response is ending: its own completion is not a disconnect
@@ -164,44 +160,23 @@ class GenerationRoutes:
     async def _complete(
         self, send: Send, job: _Job, gen: AsyncIterator[RequestOutput], watcher: asyncio.Task[None]
     ) -> None:
-        req = job.request
-        stops = req.stop_strings()
-        matcher = p.StopMatcher(stops, req.include_stop_str_in_output) if stops else None
-        detok = p.Detokenizer()
+        answer = self._answer(job)
         pieces: list[str] = []
-        completion_tokens = cached = 0
-        finish, stop_reason = "abort", None
         try:
             async for out in gen:
-                ids = out.new_token_ids
-                completion_tokens += len(ids)
-                cached = out.num_cached_tokens or cached
-                text = detok(ids)
-                if out.finished:
-                    text += detok.flush()
-                if matcher is not None:
-                    text = matcher.feed(text)
-                    if matcher.stop_reason is not None:
-                        pieces.append(text)
-                        finish, stop_reason = "stop", matcher.stop_reason
-                        self.server.engine.abort(job.sim.request_id, "stop")  # counted as stop, as vLLM does
-                        break
-                    if out.finished:
-                        text += matcher.flush()
-                pieces.append(text)
-                if out.finished:
-                    finish = out.finish_reason or "length"
+                pieces.append(self._take(job, answer, out))
+                if answer.done:
                     break
         finally:
             await _close(gen)
-        usage = p.Usage(len(job.sim.prompt_token_ids), completion_tokens, cached)
+        usage = p.Usage(len(job.sim.prompt_token_ids), answer.generated, answer.cached)
         render = p.chat_body if job.chat else p.completion_body
         body = render(
             request_id=job.sim.request_id,
             model=job.model,
             text="".join(pieces),
-            finish_reason=finish,
-            stop_reason=stop_reason,
+            finish_reason=answer.finish,
+            stop_reason=answer.stop_reason,
             usage=usage,
         )
         watcher.cancel()

@@ -19,6 +19,7 @@ from kvstack.common.errors import OpenAIError
 from kvstack.common.prompt_messages import anthropic_messages, check_anthropic_messages
 from kvstack.common.tokenizer import apply_chat_template
 from kvstack.engine.sim import protocol as p
+from kvstack.engine.sim.answer import Answer
 from kvstack.engine.sim.asgi import SSE_START, Receive, Scope, Send, read_body, send_json
 from kvstack.engine.sim.task_routes import Guard, outputs, request_id
 from kvstack.engine.sim.types import SimRequest
@@ -73,24 +74,17 @@ class MessagesRoutes:
         await guard.run(lambda: answer(send, guard, sim, model))
 
     async def _whole(self, send: Send, guard: Guard, sim: SimRequest, model: str) -> None:
-        detok = p.Detokenizer()
-        pieces: list[str] = []
-        generated, finish = 0, "abort"
-        async for out in outputs(self.server, sim):
-            generated += len(out.new_token_ids)
-            pieces.append(detok(out.new_token_ids))
-            if out.finished:
-                pieces.append(detok.flush())
-                finish = out.finish_reason or "length"
+        answer = Answer()
+        pieces = [answer.take(out) async for out in outputs(self.server, sim)]
         body = {
             "id": sim.request_id,
             "type": "message",
             "role": "assistant",
             "content": [{"type": "text", "text": "".join(pieces)}],
             "model": model,
-            "stop_reason": _STOP[finish],
+            "stop_reason": _STOP[answer.finish],
             "stop_sequence": None,
-            "usage": {"input_tokens": len(sim.prompt_token_ids), "output_tokens": generated},
+            "usage": {"input_tokens": len(sim.prompt_token_ids), "output_tokens": answer.generated},
         }
         guard.finishing()
         await send_json(send, 200, body)
@@ -111,14 +105,9 @@ class MessagesRoutes:
             "content_block_start", index=0, content_block={"type": "text", "text": ""}
         )
         await send({"type": "http.response.body", "body": head, "more_body": True})
-        detok = p.Detokenizer()
-        generated, finish = 0, "abort"
+        answer = Answer()
         async for out in outputs(self.server, sim):
-            generated += len(out.new_token_ids)
-            text = detok(out.new_token_ids)
-            if out.finished:
-                text += detok.flush()
-                finish = out.finish_reason or "length"
+            text = answer.take(out)
             if text:
                 frame = _frame("content_block_delta", index=0, delta={"type": "text_delta", "text": text})
                 await send({"type": "http.response.body", "body": frame, "more_body": True})
@@ -126,8 +115,8 @@ class MessagesRoutes:
             _frame("content_block_stop", index=0)
             + _frame(
                 "message_delta",
-                delta={"stop_reason": _STOP[finish], "stop_sequence": None},
-                usage={"input_tokens": len(sim.prompt_token_ids), "output_tokens": generated},
+                delta={"stop_reason": _STOP[answer.finish], "stop_sequence": None},
+                usage={"input_tokens": len(sim.prompt_token_ids), "output_tokens": answer.generated},
             )
             + _frame("message_stop")
         )

@@ -28,6 +28,7 @@ from kvstack.common.errors import OpenAIError
 from kvstack.common.prompt_messages import check_responses_input, responses_messages
 from kvstack.common.tokenizer import apply_chat_template
 from kvstack.engine.sim import protocol as p
+from kvstack.engine.sim.answer import Answer
 from kvstack.engine.sim.asgi import SSE_START, Receive, Scope, Send, read_body, send_json
 from kvstack.engine.sim.task_routes import Guard, outputs, request_id
 from kvstack.engine.sim.types import SimRequest
@@ -155,6 +156,33 @@ def not_found(response_id: str) -> OpenAIError:
     return OpenAIError(404, f"Response with id '{response_id}' not found.")
 
 
+@dataclass(frozen=True, slots=True)
+class _Turn:
+    """One accepted ``create``: the request, its engine request, the model it names, the conversation
+    its prompt was made of, and when it was created (``created_at``)."""
+
+    req: ResponsesRequest
+    sim: SimRequest
+    model: str
+    conversation: list[tuple[str, str]]
+    created: int
+
+    def body(
+        self, status: str, output: list[dict[str, Any]], usage_: dict[str, Any] | None
+    ) -> dict[str, Any]:
+        """The response to this turn, as it stands."""
+        return response_body(
+            self.req,
+            rid=self.sim.request_id,
+            model=self.model,
+            created=self.created,
+            max_tokens=self.sim.max_tokens,
+            status=status,
+            output=output,
+            usage_=usage_,
+        )
+
+
 @dataclass(slots=True)
 class Stored:
     """A finished response kept for retrieval, and its conversation for a follow-up."""
@@ -217,84 +245,41 @@ class ResponsesRoutes:
         limit = self.server.config.max_model_len
         room = p.check_length(len(ids), None, limit, is_text=True)  # 400 when the prompt fills the context
         max_tokens = min(req.max_output_tokens or room, room)  # vLLM clamps max_output_tokens to the room
-        rid = request_id("resp_")
         sim = SimRequest(
-            request_id=rid,
+            request_id=request_id("resp_"),
             prompt_token_ids=ids,
             max_tokens=max_tokens,
             ignore_eos=req.ignore_eos,
             cache_salt=req.cache_salt,
             arrival_time=time.monotonic(),
         )
+        turn = _Turn(req, sim, model, conversation, created=int(time.time()))
         guard = Guard(receive)
-        answer = self._stream if req.stream else self._whole
-        await guard.run(lambda: answer(send, guard, req, sim, model, conversation))
+        respond = self._stream if req.stream else self._whole
+        await guard.run(lambda: respond(send, guard, turn))
 
-    async def _whole(
-        self,
-        send: Send,
-        guard: Guard,
-        req: ResponsesRequest,
-        sim: SimRequest,
-        model: str,
-        conversation: list[tuple[str, str]],
-    ) -> None:
-        detok = p.Detokenizer()
-        pieces: list[str] = []
-        generated = cached = 0
-        finish = "abort"
-        async for out in outputs(self.server, sim):
-            generated += len(out.new_token_ids)
-            cached = out.num_cached_tokens or cached
-            pieces.append(detok(out.new_token_ids))
-            if out.finished:
-                pieces.append(detok.flush())
-                finish = out.finish_reason or "length"
-        status = "incomplete" if finish == "length" else "completed"
-        body = response_body(
-            req,
-            rid=sim.request_id,
-            model=model,
-            created=int(time.time()),
-            max_tokens=sim.max_tokens,
-            status=status,
-            output=[message_item(request_id("msg_"), "".join(pieces))],
-            usage_=usage(len(sim.prompt_token_ids), generated, cached),
-        )
-        self._keep(req, body, [*conversation, ("assistant", "".join(pieces))])
+    def _finish(self, turn: _Turn, answer: Answer, text: str, item_id: str) -> dict[str, Any]:
+        """The finished response, the answer its one message item; kept when storing is on."""
+        status = "incomplete" if answer.finish == "length" else "completed"
+        counts = usage(len(turn.sim.prompt_token_ids), answer.generated, answer.cached)
+        body = turn.body(status, [message_item(item_id, text)], counts)
+        self._keep(turn.req, body, [*turn.conversation, ("assistant", text)])
+        return body
+
+    async def _whole(self, send: Send, guard: Guard, turn: _Turn) -> None:
+        answer = Answer()
+        pieces = [answer.take(out) async for out in outputs(self.server, turn.sim)]
+        body = self._finish(turn, answer, "".join(pieces), request_id("msg_"))
         guard.finishing()
         await send_json(send, 200, body)
 
-    async def _stream(
-        self,
-        send: Send,
-        guard: Guard,
-        req: ResponsesRequest,
-        sim: SimRequest,
-        model: str,
-        conversation: list[tuple[str, str]],
-    ) -> None:
-        events, created, item_id = _Events(), int(time.time()), request_id("msg_")
-
-        def response(
-            status: str, output: list[dict[str, Any]], usage_: dict[str, Any] | None
-        ) -> dict[str, Any]:
-            return response_body(
-                req,
-                rid=sim.request_id,
-                model=model,
-                created=created,
-                max_tokens=sim.max_tokens,
-                status=status,
-                output=output,
-                usage_=usage_,
-            )
-
+    async def _stream(self, send: Send, guard: Guard, turn: _Turn) -> None:
+        events, item_id = _Events(), request_id("msg_")
         where = {"item_id": item_id, "output_index": 0, "content_index": 0}
         await send(SSE_START)
         head = [
-            events.frame("response.created", response=response("in_progress", [], None)),
-            events.frame("response.in_progress", response=response("in_progress", [], None)),
+            events.frame("response.created", response=turn.body("in_progress", [], None)),
+            events.frame("response.in_progress", response=turn.body("in_progress", [], None)),
             events.frame("response.output_item.added", output_index=0, item=message_item(item_id, None)),
             events.frame(
                 "response.content_part.added",
@@ -303,26 +288,17 @@ class ResponsesRoutes:
             ),
         ]
         await send({"type": "http.response.body", "body": b"".join(head), "more_body": True})
-        detok = p.Detokenizer()
+        answer = Answer()
         pieces: list[str] = []
-        generated = cached = 0
-        finish = "abort"
-        async for out in outputs(self.server, sim):
-            generated += len(out.new_token_ids)
-            cached = out.num_cached_tokens or cached
-            text = detok(out.new_token_ids)
-            if out.finished:
-                text += detok.flush()
-                finish = out.finish_reason or "length"
+        async for out in outputs(self.server, turn.sim):
+            text = answer.take(out)
             if text:
                 pieces.append(text)
                 frame = events.frame("response.output_text.delta", **where, delta=text, logprobs=[])
                 await send({"type": "http.response.body", "body": frame, "more_body": True})
         text = "".join(pieces)
-        item = message_item(item_id, text)
-        status = "incomplete" if finish == "length" else "completed"
-        final = response(status, [item], usage(len(sim.prompt_token_ids), generated, cached))
-        self._keep(req, final, [*conversation, ("assistant", text)])
+        final = self._finish(turn, answer, text, item_id)
+        item = final["output"][0]
         tail = [
             events.frame("response.output_text.done", **where, text=text, logprobs=[]),
             events.frame(

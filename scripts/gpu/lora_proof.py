@@ -156,6 +156,7 @@ def main() -> int:
     os.environ["PATH"] = f"{vllm.parent}:{os.environ['PATH']}"
 
     from kvstack.common.lora import LoraClient
+    from kvstack.router.discovery.static import sim_engine_entry
 
     kvstack = [sys.executable, "-m", "kvstack"]
     procs: list[subprocess.Popen[bytes]] = []
@@ -192,12 +193,11 @@ def main() -> int:
                 await client.aclose()
 
         asyncio.run(load())
-        entries = "\n".join(
-            f'- {{url: "{url}", name: gpu{i}, kv_events_endpoint: "tcp://127.0.0.1:{5657 + 2 * i}", '
-            f'kv_events_replay_endpoint: "tcp://127.0.0.1:{5658 + 2 * i}"}}'
-            for i, url in enumerate(engines)
-        )
-        (logs / "engines.yaml").write_text(entries + "\n")
+        entries = [
+            sim_engine_entry(f"gpu{i}", http=8200 + i, kv_events=5657 + 2 * i, kv_replay=5658 + 2 * i)
+            for i in range(len(engines))
+        ]
+        (logs / "engines.yaml").write_text(json.dumps(entries) + "\n")  # JSON is YAML
         router = "http://127.0.0.1:8300"
         env = {
             **os.environ,

@@ -33,11 +33,9 @@ async def run(engine: SimEngine, rid: str, prompt: list[int]) -> None:
         pass
 
 
-async def test_a_prefix_stored_by_one_pod_is_retrieved_by_another_through_redis(
-    redis_server: RedisServer,
-) -> None:
+async def prompt_on_two_pods(cfg: SimConfig) -> tuple[Recorder, Recorder]:
+    """PROMPT on pod a, its stores flushed to Redis, then PROMPT on pod b; each pod's stats."""
     rec_a, rec_b = Recorder(), Recorder()
-    cfg = lm_config(redis_server.url)
     a, b = SimEngine(cfg, rec_a), SimEngine(cfg, rec_b)
     await a.start()
     await b.start()
@@ -49,6 +47,14 @@ async def test_a_prefix_stored_by_one_pod_is_retrieved_by_another_through_redis(
     finally:
         await a.stop()
         await b.stop()
+    return rec_a, rec_b
+
+
+async def test_a_prefix_stored_by_one_pod_is_retrieved_by_another_through_redis(
+    redis_server: RedisServer,
+) -> None:
+    cfg = lm_config(redis_server.url)
+    rec_a, rec_b = await prompt_on_two_pods(cfg)
     # The first pod found nothing, so it retrieved nothing and stored all 8 chunks.
     assert rec_a.lmcache_retrieves == []
     assert sum(tokens for tokens, _ in rec_a.lmcache_stores) == 2048
@@ -65,19 +71,7 @@ async def test_a_prefix_stored_by_one_pod_is_retrieved_by_another_through_redis(
 
 async def test_a_failed_remote_load_is_requested_but_not_hit(redis_server: RedisServer) -> None:
     """Redis lost the KV behind every key: the retrieve asks for the tokens and gets none back."""
-    rec_a, rec_b = Recorder(), Recorder()
-    cfg = lm_config(redis_server.url, remote_load_failure=1.0)
-    a, b = SimEngine(cfg, rec_a), SimEngine(cfg, rec_b)
-    await a.start()
-    await b.start()
-    try:
-        await run(a, "a", PROMPT)
-        assert a.lmcache is not None and a.lmcache.remote is not None
-        await a.lmcache.remote.flush()
-        await run(b, "b", PROMPT)
-    finally:
-        await a.stop()
-        await b.stop()
+    _, rec_b = await prompt_on_two_pods(lm_config(redis_server.url, remote_load_failure=1.0))
     assert [(asked, hit) for asked, hit, _ in rec_b.lmcache_retrieves] == [(2047, 0)]
 
 

@@ -1,12 +1,13 @@
-"""Real simulator processes for the server tests: ``kvstack engine sim`` on free loopback ports."""
+"""Real simulator processes for the server tests (``kvstack engine sim`` on free loopback ports), and
+the simulator's server run in the test's own process."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import AbstractContextManager, asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +16,9 @@ import pytest
 from tests.conftest import free_port
 
 from kvstack.common.waits import wait_until
+from kvstack.engine.sim.config import SimConfig
+from kvstack.engine.sim.core import SimEngine
+from kvstack.engine.sim.server import SimServer
 
 KVSTACK = Path(sys.executable).parent / "kvstack"
 MODEL = "sim-model"
@@ -34,6 +38,19 @@ class Sim:
 
     def metrics(self) -> str:
         return httpx.get(f"{self.url}/metrics", timeout=10).text
+
+
+@asynccontextmanager
+async def inprocess_sim(config: SimConfig) -> AsyncIterator[httpx.AsyncClient]:
+    """A simulator server over the real SimEngine in this process, and an HTTP client of it (through
+    ASGI, no socket); the server stops on exit."""
+    app = SimServer(config, SimEngine)
+    await app.start()
+    try:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://sim") as client:
+            yield client
+    finally:
+        await app.stop()
 
 
 @contextmanager

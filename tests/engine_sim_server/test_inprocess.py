@@ -6,24 +6,17 @@ from collections.abc import AsyncIterator
 
 import httpx
 import pytest
+from tests.engine_sim_server.conftest import inprocess_sim
 
 from kvstack.common.tokenizer import apply_chat_template
 from kvstack.engine.sim.config import SimConfig
-from kvstack.engine.sim.core import SimEngine
-from kvstack.engine.sim.server import SimServer
 
 
 @pytest.fixture
 async def http() -> AsyncIterator[httpx.AsyncClient]:
-    app = SimServer(
-        SimConfig(served_model_names=["a", "b"], max_model_len=512, num_gpu_blocks=200, speed=100), SimEngine
-    )
-    await app.start()
-    try:
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://sim") as client:
-            yield client
-    finally:
-        await app.stop()
+    config = SimConfig(served_model_names=["a", "b"], max_model_len=512, num_gpu_blocks=200, speed=100)
+    async with inprocess_sim(config) as client:
+        yield client
 
 
 @pytest.mark.parametrize(

@@ -19,6 +19,7 @@ from kvstack.common.kv_events import (
     decode_seq,
     encode_seq,
 )
+from kvstack.engine.sim.cli import kv_events_flags
 
 TOPIC = b"sim-kv"
 
@@ -35,8 +36,7 @@ def events_sim(ports: tuple[int, int]) -> Iterator[Sim]:
         "--speed", "50",
         "--max-model-len", "2048",
         "--num-gpu-blocks", "1000",
-        "--kv-events-endpoint", f"tcp://127.0.0.1:{pub}",
-        "--kv-events-replay-endpoint", f"tcp://127.0.0.1:{replay}",
+        *kv_events_flags(pub, replay),
         "--kv-events-topic", TOPIC.decode(),
     ) as s:  # fmt: skip
         yield s

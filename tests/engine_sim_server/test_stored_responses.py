@@ -8,29 +8,22 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-import httpx
 import openai
 import pytest
+from tests.engine_sim_server.conftest import inprocess_sim
 
 from kvstack.common.tokenizer import apply_chat_template
 from kvstack.engine.sim import responses
 from kvstack.engine.sim.config import SimConfig
-from kvstack.engine.sim.core import SimEngine
 from kvstack.engine.sim.responses import STORE_ENV, store_enabled
-from kvstack.engine.sim.server import SimServer
 
 
 @asynccontextmanager
 async def sdk(store: bool, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[openai.AsyncOpenAI]:
     monkeypatch.setenv(STORE_ENV, "1" if store else "0")
     config = SimConfig(served_model_names=["m"], max_model_len=1024, num_gpu_blocks=400, speed=100)
-    app = SimServer(config, SimEngine)
-    await app.start()
-    try:
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://sim") as http:
-            yield openai.AsyncOpenAI(base_url="http://sim/v1", api_key="x", http_client=http, max_retries=0)
-    finally:
-        await app.stop()
+    async with inprocess_sim(config) as http:
+        yield openai.AsyncOpenAI(base_url="http://sim/v1", api_key="x", http_client=http, max_retries=0)
 
 
 @pytest.mark.parametrize(

@@ -14,11 +14,10 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from tests.engine_sim_server.conftest import inprocess_sim
 
 from kvstack.common.tokenizer import apply_chat_template
 from kvstack.engine.sim.config import SimConfig, Task
-from kvstack.engine.sim.core import SimEngine
-from kvstack.engine.sim.server import SimServer
 from kvstack.engine.sim.task_routes import TASK_PATHS
 
 Client = Callable[..., AbstractAsyncContextManager[httpx.AsyncClient]]
@@ -27,13 +26,8 @@ Client = Callable[..., AbstractAsyncContextManager[httpx.AsyncClient]]
 @asynccontextmanager
 async def sim_client(*tasks: Task) -> AsyncIterator[httpx.AsyncClient]:
     config = SimConfig(served_model_names=["m"], max_model_len=1024, num_gpu_blocks=400, speed=100)
-    app = SimServer(config.model_copy(update={"tasks": list(tasks)}), SimEngine)
-    await app.start()
-    try:
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://sim") as client:
-            yield client
-    finally:
-        await app.stop()
+    async with inprocess_sim(config.model_copy(update={"tasks": list(tasks)})) as client:
+        yield client
 
 
 def wav_bytes(seconds: float, rate: int = 16_000) -> bytes:

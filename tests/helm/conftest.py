@@ -198,6 +198,28 @@ class HelmChart:
         return proc.stderr
 
 
+# `helm template` prints no notes: a probe template renders NOTES.txt into a ConfigMap instead.
+NOTES_PROBE = """apiVersion: v1
+kind: ConfigMap
+metadata:
+  name: notes-probe
+data:
+  notes: {{ tpl (.Files.Get "files/NOTES.txt") . | quote }}
+"""
+
+
+def render_notes(chart_copy: HelmChart, *set_values: str) -> str:
+    """NOTES.txt as ``helm install`` would print it with ``set_values``, through the probe template
+    (written into the chart: ``chart_copy`` must be a copy of it)."""
+    assert chart_copy.path != CHART, "render_notes writes into the chart: give it a copy"
+    probe = chart_copy.path / "templates" / "notes-probe.yaml"
+    if not probe.exists():
+        shutil.copy(chart_copy.path / "templates" / "NOTES.txt", chart_copy.path / "files" / "NOTES.txt")
+        probe.write_text(NOTES_PROBE)
+    rendered = chart_copy.template(set_values=list(set_values))
+    return str(rendered.one("ConfigMap", "notes-probe")["data"]["notes"])
+
+
 @pytest.fixture(scope="session")
 def helm_bin() -> Path:
     return HELM.ensure()

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 import yaml
-from tests.helm.conftest import CHART, HelmChart, Validate
+from tests.helm.conftest import CHART, HelmChart, Validate, render_notes
 
 from kvstack.operator import crd as crd_module
 
@@ -37,14 +37,6 @@ SAMPLE_CRD: dict[str, Any] = {
         ],
     },
 }
-# Renders NOTES.txt into a ConfigMap, since `helm template` prints no notes.
-NOTES_PROBE = """apiVersion: v1
-kind: ConfigMap
-metadata:
-  name: notes-probe
-data:
-  notes: {{ tpl (.Files.Get "files/NOTES.txt") . | quote }}
-"""
 
 
 @pytest.fixture
@@ -143,16 +135,8 @@ def test_operator_is_off_by_default(chart: HelmChart) -> None:
     assert on.one("Role", "-operator")["metadata"]["namespace"] == "kvstack"
 
 
-def _notes(chart_copy: HelmChart, *set_values: str) -> str:
-    shutil.copy(chart_copy.path / "templates" / "NOTES.txt", chart_copy.path / "files" / "NOTES.txt")
-    (chart_copy.path / "templates" / "notes-probe.yaml").write_text(NOTES_PROBE)
-    return str(
-        chart_copy.template(set_values=list(set_values)).one("ConfigMap", "notes-probe")["data"]["notes"]
-    )
-
-
 def test_notes_say_how_to_reach_the_router(chart_copy: HelmChart) -> None:
-    notes = _notes(chart_copy)
+    notes = render_notes(chart_copy)
     assert "kubectl -n kvstack port-forward svc/rel-kvstack-router 8000:80" in notes
     assert "http://rel-kvstack-router.kvstack.svc:80/v1" in notes
     assert 'OpenAI(base_url="http://127.0.0.1:8000/v1")' in notes
@@ -161,7 +145,7 @@ def test_notes_say_how_to_reach_the_router(chart_copy: HelmChart) -> None:
 
 
 def test_notes_show_where_the_api_key_is_and_warn_about_unscaled_engines(chart_copy: HelmChart) -> None:
-    notes = _notes(chart_copy, "auth.enabled=true", "engines.autoscaling.enabled=true")
+    notes = render_notes(chart_copy, "auth.enabled=true", "engines.autoscaling.enabled=true")
     assert "get secret rel-kvstack-secrets -o jsonpath='{.data.api-key}'" in notes
     assert "WARNING: engines.autoscaling.enabled is on but operator.enabled is off" in notes
 

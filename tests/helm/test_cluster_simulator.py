@@ -53,40 +53,54 @@ def as_pod(argv: list[str], target: SimTarget) -> list[str]:
     return [kvstack_executable(), "engine", "sim", *args]
 
 
+def engine_pod_simulators(
+    cluster: Cluster, namespace: str, release_name: str, engines: list[dict[str, Any]], workdir: Path
+) -> PodSimulators:
+    """A simulator for each of the release's engine pods, run from the pod's own command (see
+    :func:`as_pod`); logs under ``workdir/sims``."""
+    commands = pod_commands(engines)
+    return PodSimulators(
+        cluster.credentials(),
+        f"app.kubernetes.io/instance={release_name},app.kubernetes.io/component=engine",
+        namespace=namespace,
+        command=lambda target: as_pod(commands[target.name], target),
+        log_dir=workdir / "sims",
+    )
+
+
+def chart_router(
+    cluster: Cluster, namespace: str, release_name: str, workdir: Path
+) -> tuple[ManagedProcess, str]:
+    """The release's router as its pod runs it, from its ConfigMap, on its Service's address (reaching
+    the API server with the test cluster's kubeconfig); and its base URL."""
+    name = f"{release_name}-kvstack-router"
+    ip, port = service_endpoint(cluster, namespace, name)
+    (conf,) = [c for c in get(cluster, namespace, "configmaps") if c["metadata"]["name"] == name]
+    config: dict[str, Any] = yaml.safe_load(conf["data"]["router.yaml"])
+    config["host"] = ip
+    config["kubernetes"] |= {"kubeconfig": str(cluster.kubeconfig), "context": cluster.context}
+    config_file = workdir / "router.yaml"
+    config_file.write_text(yaml.safe_dump(config))
+    argv = [kvstack_executable(), "router", "--config", str(config_file)]
+    url = f"http://{ip}:{port}"
+    return ManagedProcess("router", argv, workdir, ready_url=f"{url}/ready"), url
+
+
 def test_simulator_mode_serves_the_openai_sdk(cluster: Cluster, namespace: str, tmp_path: Path) -> None:
     values = tmp_path / "values.yaml"
     values.write_text(yaml.safe_dump(VALUES))
     release(cluster, "install", namespace, "-f", str(values))
     engines = running_pods(cluster, namespace, "engine", 2)
     running_pods(cluster, namespace, "router", 1)
-    commands = pod_commands(engines)
-    for argv in commands.values():
-        assert "nvidia.com/gpu" not in yaml.safe_dump(engines)
+    assert "nvidia.com/gpu" not in yaml.safe_dump(engines)
+    for argv in pod_commands(engines).values():
         assert argv[:3] == ["kvstack", "engine", "sim"]
-    ip, port = service_endpoint(cluster, namespace, "rel-kvstack-router")
-
-    (conf,) = [
-        c for c in get(cluster, namespace, "configmaps") if c["metadata"]["name"] == "rel-kvstack-router"
-    ]
-    config: dict[str, Any] = yaml.safe_load(conf["data"]["router.yaml"])
-    config["host"] = ip
-    config["kubernetes"] |= {"kubeconfig": str(cluster.kubeconfig), "context": cluster.context}
-    config_file = tmp_path / "router.yaml"
-    config_file.write_text(yaml.safe_dump(config))
-
-    sims = PodSimulators(
-        cluster.credentials(),
-        "app.kubernetes.io/instance=rel,app.kubernetes.io/component=engine",
-        namespace=namespace,
-        command=lambda target: as_pod(commands[target.name], target),
-        log_dir=tmp_path / "sims",
-    )
-    argv = [kvstack_executable(), "router", "--config", str(config_file)]
-    router = ManagedProcess("router", argv, tmp_path, ready_url=f"http://{ip}:{port}/ready")
+    sims = engine_pod_simulators(cluster, namespace, "rel", engines, tmp_path)
+    router, url = chart_router(cluster, namespace, "rel", tmp_path)
     try:
         sims.start().wait_for(2)
         router.start().wait_ready(60)
-        client = openai.OpenAI(base_url=f"http://{ip}:{port}/v1", api_key="unused", max_retries=0)
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
         assert [m.id for m in client.models.list()] == ["llama"]
         reply = client.chat.completions.create(
             model="llama", messages=[{"role": "user", "content": "Say hello."}], max_tokens=16

@@ -9,16 +9,8 @@ from typing import Any
 
 import pytest
 import yaml
-from tests.helm.conftest import CHART, HelmChart, Validate
+from tests.helm.conftest import CHART, HelmChart, Validate, render_notes
 
-# `helm template` prints no notes: render NOTES.txt into a ConfigMap instead.
-NOTES_PROBE = """apiVersion: v1
-kind: ConfigMap
-metadata:
-  name: notes-probe
-data:
-  notes: {{ tpl (.Files.Get "files/NOTES.txt") . | quote }}
-"""
 RWO_WARNING = "WARNING: model llama-8b runs up to"
 
 
@@ -32,13 +24,7 @@ def _values(tmp_path: Path, values: dict[str, Any]) -> Path:
 def notes_chart(helm_bin: Path, tmp_path: Path) -> HelmChart:
     path = tmp_path / "kvstack"
     shutil.copytree(CHART, path)
-    shutil.copy(path / "templates" / "NOTES.txt", path / "files" / "NOTES.txt")
-    (path / "templates" / "notes-probe.yaml").write_text(NOTES_PROBE)
     return HelmChart(helm_bin, path)
-
-
-def _notes(chart: HelmChart, *set_values: str) -> str:
-    return str(chart.template(set_values=list(set_values)).one("ConfigMap", "notes-probe")["data"]["notes"])
 
 
 def test_router_extra_volumes_and_mounts(chart: HelmChart, tmp_path: Path, kubeconform: Validate) -> None:
@@ -131,7 +117,7 @@ CACHE_ON = "engines.defaults.modelCache.enabled=true"
 def test_notes_warn_about_a_read_write_once_cache_shared_by_replicas(
     notes_chart: HelmChart, set_values: tuple[str, ...], warned: bool
 ) -> None:
-    notes = _notes(notes_chart, *set_values)
+    notes = render_notes(notes_chart, *set_values)
     assert (RWO_WARNING in notes) is warned, notes
     if warned:
         assert "rel-kvstack-engine-llama-8b-models" in notes
@@ -139,8 +125,8 @@ def test_notes_warn_about_a_read_write_once_cache_shared_by_replicas(
 
 
 def test_notes_in_simulator_mode_point_to_the_walkthrough(notes_chart: HelmChart) -> None:
-    gpu = _notes(notes_chart)
-    sim = _notes(notes_chart, "engines.simulator.enabled=true")
+    gpu = render_notes(notes_chart)
+    sim = render_notes(notes_chart, "engines.simulator.enabled=true")
     assert "take minutes to download and load weights" in gpu and "helm/kvstack/README.md" not in gpu
     assert "run the CPU simulator" in sim and "helm/kvstack/README.md" in sim
     assert "download and load weights" not in sim

@@ -34,17 +34,15 @@ import pytest
 import yaml
 from tests.helm.conftest import CHART
 from tests.helm.test_cluster_install import get, helm, running_pods
-from tests.helm.test_cluster_serving import service_endpoint
-from tests.helm.test_cluster_simulator import as_pod, pod_commands
+from tests.helm.test_cluster_simulator import chart_router, engine_pod_simulators
 
-from kvstack.common.procs import ManagedProcess, free_port, running
+from kvstack.common.procs import free_port, running
 from kvstack.common.waits import wait_until
 from kvstack.dashboards.catalog import dashboards
 from kvstack.dashboards.promql import expand
 from kvstack.observability.prometheus import PodJob, PrometheusAPI, prometheus_process, prometheus_url
-from kvstack_testing import Cluster, PodSimulators
+from kvstack_testing import Cluster
 from kvstack_testing.kube_access import prometheus_access
-from kvstack_testing.pod_sims import kvstack_executable
 
 README = CHART / "README.md"
 ROOT = CHART.parents[1]
@@ -210,25 +208,8 @@ def _walk(cluster: Cluster, namespace: str, tmp_path: Path) -> None:
     assert all(c["metadata"]["annotations"]["grafana_folder"] == "kvstack" for c in maps)
 
     # The pods' processes: simulators from their rendered commands, the router from its ConfigMap.
-    commands = pod_commands(engines)
-    ip, port = service_endpoint(cluster, namespace, "demo-kvstack-router")
-    (conf,) = [
-        c for c in get(cluster, namespace, "configmaps") if c["metadata"]["name"] == "demo-kvstack-router"
-    ]
-    config: dict[str, Any] = yaml.safe_load(conf["data"]["router.yaml"])
-    config["host"] = ip
-    config["kubernetes"] |= {"kubeconfig": str(cluster.kubeconfig), "context": cluster.context}
-    config_file = tmp_path / "router.yaml"
-    config_file.write_text(yaml.safe_dump(config))
-    sims = PodSimulators(
-        cluster.credentials(),
-        f"app.kubernetes.io/instance={RELEASE},app.kubernetes.io/component=engine",
-        namespace=namespace,
-        command=lambda target: as_pod(commands[target.name], target),
-        log_dir=tmp_path / "sims",
-    )
-    router_argv = [kvstack_executable(), "router", "--config", str(config_file)]
-    router = ManagedProcess("router", router_argv, tmp_path, ready_url=f"http://{ip}:{port}/ready")
+    sims = engine_pod_simulators(cluster, namespace, RELEASE, engines, tmp_path)
+    router, url = chart_router(cluster, namespace, RELEASE, tmp_path)
     access = prometheus_access(cluster, tmp_path / "prometheus-credentials")
     prometheus = prometheus_process(
         tmp_path / "prometheus",
@@ -247,7 +228,7 @@ def _walk(cluster: Cluster, namespace: str, tmp_path: Path) -> None:
         sims.start().wait_for(2)
         router.start().wait_ready(60)
         with running([prometheus]):
-            _stream_and_watch(namespace, f"http://{ip}:{port}/v1", PrometheusAPI(prometheus_url(prometheus)))
+            _stream_and_watch(namespace, f"{url}/v1", PrometheusAPI(prometheus_url(prometheus)))
     finally:
         router.stop()
         sims.stop()

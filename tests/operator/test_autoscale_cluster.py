@@ -22,11 +22,10 @@ import httpx
 import openai
 import pytest
 import yaml
-from kopf.testing import KopfRunner
 from openai.types.chat import ChatCompletion
 
 from kvstack.common.kube import resource_path
-from kvstack.common.procs import ManagedProcess, free_port
+from kvstack.common.procs import ManagedProcess, free_port, running
 from kvstack.common.waits import wait_until
 from kvstack.observability.prometheus import (
     KubeAccess,
@@ -35,9 +34,8 @@ from kvstack.observability.prometheus import (
     prometheus_process,
     prometheus_url,
 )
-from kvstack.operator.handlers import build_registry
 from kvstack.operator.runtime import Runtime
-from kvstack_testing import Cluster, PodSimulators, SimTarget, operator_settings
+from kvstack_testing import Cluster, PodSimulators, SimTarget, operator_runner, operator_settings
 from kvstack_testing.pod_sims import kvstack_executable
 
 from .conftest import Api, evaluations
@@ -68,6 +66,15 @@ def prometheus(workdir: Path, cluster: Cluster, namespace: str, access: KubeAcce
         ],
         kube=access,
     )
+
+
+@pytest.fixture
+def prom(
+    cluster: Cluster, namespace: str, prom_access: KubeAccess, tmp_path: Path
+) -> Iterator[ManagedProcess]:
+    """:func:`prometheus`, started and ready; stopped after the test (if the test has not)."""
+    with running([prometheus(tmp_path / "prometheus", cluster, namespace, prom_access)], 60) as (started,):
+        yield started
 
 
 class Load:
@@ -146,9 +153,8 @@ def changes(samples: list[tuple[float, int]]) -> list[tuple[float, int, int]]:
 
 @pytest.mark.usefixtures("kubeconfig_env")
 def test_load_scales_engines_up_then_down_and_a_blind_operator_holds(
-    cluster: Cluster, namespace: str, api: Api, prom_access: KubeAccess, tmp_path: Path
+    cluster: Cluster, namespace: str, api: Api, prom: ManagedProcess, tmp_path: Path
 ) -> None:
-    prom = prometheus(tmp_path / "prometheus", cluster, namespace, prom_access)
     spec: dict[str, Any] = {
         "models": [
             {
@@ -173,74 +179,68 @@ def test_load_scales_engines_up_then_down_and_a_blind_operator_holds(
     settings = operator_settings(cluster, namespace, resync_seconds=30, prometheus_url=prometheus_url(prom))
     runtime = Runtime(settings)
     sims = PodSimulators(cluster.credentials(), "app.kubernetes.io/component=engine", namespace=namespace)
-    args = ["run", "--standalone", "--namespace", namespace]
-    prom.start()
-    try:
-        prom.wait_ready(60)
-        with sims, KopfRunner(args, registry=build_registry(runtime), timeout=30) as runner:
-            api.create("demo", spec)
-            sims.wait_for(1, timeout=90)
-            wait_until(
-                lambda: (api.condition("demo", "PrometheusReachable") or {}).get("status") == "True",
-                "the first successful query",
-            )
-            # Prometheus must see the pod before a load step can show.
-            wait_until(lambda: evaluations(runtime) >= 2, "two evaluations")
-            with recording(api, "demo-llama") as samples:
-                # 1. Load step: 8 requests in flight on a 1-seq engine = 7 waiting vs target 2.
-                with Load(sims, concurrent=8) as load:
-                    before = evaluations(runtime)
-                    wait_until(lambda: api.replicas("demo-llama") > 1, "a scale up", timeout=60)
-                    # Within two evaluation periods of Prometheus seeing the load (one more for the scrape).
-                    assert evaluations(runtime) - before <= 3
-                    # The status patch follows the /scale write of the same evaluation.
-                    status = wait_until(
-                        lambda: (
-                            api.get("demo")["status"]["models"][0].get("lastScale") is not None
-                            and api.get("demo")["status"]["models"][0]
-                        ),
-                        "lastScale in status",
-                    )
-                    assert status["lastScale"]["direction"] == "up"
-                    assert status["lastScale"]["reason"] in ("queue", "max_replicas")
-                    assert status["lastDecision"]["time"] >= status["lastScale"]["time"]
-                    # 2. Steady load: no reversal over two windows (one step down allowed: the
-                    # scale up overshoots by design, as the HPA's does).
-                    steady_from = time.monotonic()
-                    time.sleep(2 * DOWN_WINDOW)
-                load_stopped = load.stopped_at
-                # 3. Load gone: replicas fall to minReplicas, the first step only after the window.
-                wait_until(
-                    lambda: api.replicas("demo-llama") == 1,
-                    "back to minReplicas",
-                    timeout=120,
+    with sims, operator_runner(runtime, namespace) as runner:
+        api.create("demo", spec)
+        sims.wait_for(1, timeout=90)
+        wait_until(
+            lambda: (api.condition("demo", "PrometheusReachable") or {}).get("status") == "True",
+            "the first successful query",
+        )
+        # Prometheus must see the pod before a load step can show.
+        wait_until(lambda: evaluations(runtime) >= 2, "two evaluations")
+        with recording(api, "demo-llama") as samples:
+            # 1. Load step: 8 requests in flight on a 1-seq engine = 7 waiting vs target 2.
+            with Load(sims, concurrent=8) as load:
+                before = evaluations(runtime)
+                wait_until(lambda: api.replicas("demo-llama") > 1, "a scale up", timeout=60)
+                # Within two evaluation periods of Prometheus seeing the load (one more for the scrape).
+                assert evaluations(runtime) - before <= 3
+                # The status patch follows the /scale write of the same evaluation.
+                status = wait_until(
+                    lambda: (
+                        api.get("demo")["status"]["models"][0].get("lastScale") is not None
+                        and api.get("demo")["status"]["models"][0]
+                    ),
+                    "lastScale in status",
                 )
-            first_up = next(t for t, a, b in changes(samples) if b > a)
-            steady = [c for c in changes(samples) if max(steady_from, first_up) < c[0] < load_stopped]
-            assert all(b < a for _, a, b in steady), f"flapped under steady load: {steady}"
-            assert len(steady) <= 1, steady
-            first_down = next(t for t, a, b in changes(samples) if t >= load_stopped and b < a)
-            assert first_down - load_stopped >= DOWN_WINDOW - INTERVAL
-            assert all(a - b <= 1 for _, a, b in changes(samples) if b < a)  # one pod per period
-
-            # 4. Prometheus gone: replicas held, the condition says why.
-            prom.stop()
-            cond = wait_until(
-                lambda: (c := api.condition("demo", "PrometheusReachable")) and c["status"] == "False" and c,
-                "PrometheusReachable=False",
+                assert status["lastScale"]["direction"] == "up"
+                assert status["lastScale"]["reason"] in ("queue", "max_replicas")
+                assert status["lastDecision"]["time"] >= status["lastScale"]["time"]
+                # 2. Steady load: no reversal over two windows (one step down allowed: the
+                # scale up overshoots by design, as the HPA's does).
+                steady_from = time.monotonic()
+                time.sleep(2 * DOWN_WINDOW)
+            load_stopped = load.stopped_at
+            # 3. Load gone: replicas fall to minReplicas, the first step only after the window.
+            wait_until(
+                lambda: api.replicas("demo-llama") == 1,
+                "back to minReplicas",
+                timeout=120,
             )
-            assert cond["reason"] == "QueryFailed"
-            scaling = api.condition("demo", "ScalingActive")
-            assert scaling is not None and scaling["reason"] == "MetricsUnavailable"
-            held = evaluations(runtime)
-            wait_until(lambda: evaluations(runtime) >= held + 3, "three blind evaluations")
-            assert api.replicas("demo-llama") == 1
-            assert runtime.metrics.registry.get_sample_value("kvstack_operator_prometheus_up") == 0.0
-            reasons = {e["reason"] for e in api.events("demo")}
-            assert {"ScaledUp", "ScaledDown", "PrometheusUnreachable"} <= reasons, reasons
-        assert runner.exception is None, runner.output
-    finally:
+        first_up = next(t for t, a, b in changes(samples) if b > a)
+        steady = [c for c in changes(samples) if max(steady_from, first_up) < c[0] < load_stopped]
+        assert all(b < a for _, a, b in steady), f"flapped under steady load: {steady}"
+        assert len(steady) <= 1, steady
+        first_down = next(t for t, a, b in changes(samples) if t >= load_stopped and b < a)
+        assert first_down - load_stopped >= DOWN_WINDOW - INTERVAL
+        assert all(a - b <= 1 for _, a, b in changes(samples) if b < a)  # one pod per period
+
+        # 4. Prometheus gone: replicas held, the condition says why.
         prom.stop()
+        cond = wait_until(
+            lambda: (c := api.condition("demo", "PrometheusReachable")) and c["status"] == "False" and c,
+            "PrometheusReachable=False",
+        )
+        assert cond["reason"] == "QueryFailed"
+        scaling = api.condition("demo", "ScalingActive")
+        assert scaling is not None and scaling["reason"] == "MetricsUnavailable"
+        held = evaluations(runtime)
+        wait_until(lambda: evaluations(runtime) >= held + 3, "three blind evaluations")
+        assert api.replicas("demo-llama") == 1
+        assert runtime.metrics.registry.get_sample_value("kvstack_operator_prometheus_up") == 0.0
+        reasons = {e["reason"] for e in api.events("demo")}
+        assert {"ScaledUp", "ScaledDown", "PrometheusUnreachable"} <= reasons, reasons
+    assert runner.exception is None, runner.output
 
 
 def router_pod_ip(api: Api) -> str:
@@ -311,9 +311,8 @@ def queued_series(namespace: str) -> str:
 
 @pytest.mark.usefixtures("kubeconfig_env")
 def test_an_idle_model_scales_to_zero_and_a_held_request_wakes_it(
-    cluster: Cluster, namespace: str, api: Api, prom_access: KubeAccess, tmp_path: Path
+    cluster: Cluster, namespace: str, api: Api, prom: ManagedProcess, tmp_path: Path
 ) -> None:
-    prom = prometheus(tmp_path / "prometheus", cluster, namespace, prom_access)
     spec: dict[str, Any] = {
         "models": [
             {
@@ -339,15 +338,12 @@ def test_an_idle_model_scales_to_zero_and_a_held_request_wakes_it(
         ready_label=READY_LABEL,
         log_dir=tmp_path / "sims",
     )
-    prom.start()
     router: ManagedProcess | None = None
     try:
-        prom.wait_ready(60)
         url = prometheus_url(prom)
         prom_api = PrometheusAPI(url)
         runtime = Runtime(operator_settings(cluster, namespace, prometheus_url=url))
-        args = ["run", "--standalone", "--namespace", namespace]
-        with sims, KopfRunner(args, registry=build_registry(runtime), timeout=30) as runner:
+        with sims, operator_runner(runtime, namespace) as runner:
             api.create("demo", spec)
             sims.wait_for(1, timeout=90)
             router = operator_router(api, cluster, tmp_path / "router")
@@ -406,4 +402,3 @@ def test_an_idle_model_scales_to_zero_and_a_held_request_wakes_it(
     finally:
         if router is not None:
             router.stop()
-        prom.stop()

@@ -17,17 +17,14 @@ from typing import Any
 import httpx
 import pytest
 import yaml
-from kopf.testing import KopfRunner
 from tests.helm.test_cluster_install import release
 
 from kvstack.common.waits import wait_until
 from kvstack.observability.prometheus import prometheus_url
 from kvstack.operator.annotated import POLICY, STATUS
-from kvstack.operator.handlers import build_registry
-from kvstack.operator.runtime import Runtime
-from kvstack.operator.settings import OperatorSettings
-from kvstack_testing import Cluster, PodSimulators, SimulatorTargets, file_sd_prometheus
+from kvstack_testing import Cluster, PodSimulators, SimulatorTargets, file_sd_prometheus, operator_runner
 
+from .chart_operator import chart_operator
 from .conftest import Api
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow, pytest.mark.timeout(600)]
@@ -90,30 +87,6 @@ class Load(threading.Thread):
                     self.done.wait(0.2)  # a simulator starting or stopping
 
 
-def service_account_kubeconfig(cluster: Cluster, namespace: str, account: str, out: Path) -> Path:
-    """A kubeconfig that authenticates as ``account`` (a TokenRequest token), nothing more."""
-    token = cluster.kubectl("create", "token", account, "-n", namespace, "--duration=3600s").stdout.strip()
-    doc = yaml.safe_load(cluster.kubeconfig.read_text())
-    context = next(c["context"] for c in doc["contexts"] if c["name"] == cluster.context)
-    entry = next(c for c in doc["clusters"] if c["name"] == context["cluster"])
-    ca = entry["cluster"].get("certificate-authority")
-    if ca and not Path(ca).is_absolute():
-        entry["cluster"]["certificate-authority"] = str(cluster.kubeconfig.parent / ca)
-    out.write_text(
-        yaml.safe_dump(
-            {
-                "apiVersion": "v1",
-                "kind": "Config",
-                "clusters": [entry],
-                "users": [{"name": account, "user": {"token": token}}],
-                "contexts": [{"name": account, "context": {"cluster": entry["name"], "user": account}}],
-                "current-context": account,
-            }
-        )
-    )
-    return out
-
-
 def annotations(api: Api) -> dict[str, str]:
     dep = api.deployment(ENGINE)
     assert dep is not None
@@ -145,34 +118,14 @@ def test_the_operator_scales_the_charts_engines_and_survives_a_bad_policy(
     assert annotations(api)["kvstack.dev/autoscaling"] == "true"
     assert POLICY in annotations(api)
 
-    kubeconfig = service_account_kubeconfig(cluster, namespace, "rel-kvstack-operator", tmp_path / "sa.yaml")
-    monkeypatch.setenv("KUBECONFIG", str(kubeconfig))  # kopf logs in from $KUBECONFIG
-    sims = PodSimulators(
-        cluster.credentials(),
-        "app.kubernetes.io/instance=rel,app.kubernetes.io/component=engine",
-        namespace=namespace,
-        log_dir=tmp_path / "sims",
-    )
     prom.start()
     try:
         prom.wait_ready(60)
-        url = prometheus_url(prom)
-        runtime = Runtime(
-            OperatorSettings(
-                namespace=namespace,
-                kubeconfig=kubeconfig,
-                context="rel-kvstack-operator",
-                metrics_port=0,
-                liveness_port=0,
-                tick_seconds=0.5,
-                prometheus_url=url,
-            )
-        )
-        args = ["run", "--standalone", "--namespace", namespace]
+        runtime, sims = chart_operator(cluster, namespace, tmp_path, monkeypatch, prometheus_url(prom))
         with (
             sims,
             SimulatorTargets(sims, targets),
-            KopfRunner(args, registry=build_registry(runtime), timeout=30) as runner,
+            operator_runner(runtime, namespace) as runner,
         ):
             sims.wait_for(1, timeout=90)
             # 1. Evaluations start: the state annotation appears, Prometheus answers.

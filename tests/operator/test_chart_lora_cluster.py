@@ -13,19 +13,15 @@ from typing import Any
 
 import pytest
 import yaml
-from kopf.testing import KopfRunner
 from tests.helm.test_cluster_install import release
 
 from kvstack.common.procs import free_port
 from kvstack.common.waits import wait_until
-from kvstack.operator.handlers import build_registry
 from kvstack.operator.lora_annotated import LORA, LORA_STATUS
-from kvstack.operator.runtime import Runtime
-from kvstack.operator.settings import OperatorSettings
-from kvstack_testing import Cluster, PodSimulators
+from kvstack_testing import Cluster, operator_runner
 
+from .chart_operator import chart_operator
 from .conftest import Api
-from .test_chart_autoscaling_cluster import service_account_kubeconfig
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -76,28 +72,10 @@ def test_helm_install_then_upgrade_loads_the_declared_adapters(
         dep is not None and json.loads(dep["metadata"]["annotations"][LORA])["adapters"][0]["name"] == "sql"
     )
 
-    kubeconfig = service_account_kubeconfig(cluster, namespace, "rel-kvstack-operator", tmp_path / "sa.yaml")
-    monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
     monkeypatch.setenv("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "True")  # the simulators inherit it
-    sims = PodSimulators(
-        cluster.credentials(),
-        "app.kubernetes.io/instance=rel,app.kubernetes.io/component=engine",
-        namespace=namespace,
-        log_dir=tmp_path / "sims",
-    )
-    runtime = Runtime(
-        OperatorSettings(
-            namespace=namespace,
-            kubeconfig=kubeconfig,
-            context="rel-kvstack-operator",
-            metrics_port=0,
-            liveness_port=0,
-            tick_seconds=0.5,
-            prometheus_url=f"http://127.0.0.1:{free_port()}",  # unreachable: rates unknown, placements hold
-        )
-    )
-    args = ["run", "--standalone", "--namespace", namespace]
-    with sims, KopfRunner(args, registry=build_registry(runtime), timeout=30) as runner:
+    unreachable = f"http://127.0.0.1:{free_port()}"  # no Prometheus: rates unknown, placements hold
+    runtime, sims = chart_operator(cluster, namespace, tmp_path, monkeypatch, unreachable)
+    with sims, operator_runner(runtime, namespace) as runner:
         sims.wait_for(2, timeout=90)
         # 1. Installed: the pinned adapter on both engines, reported on the Deployment.
         status = wait_until(

@@ -16,7 +16,6 @@ from typing import Any
 
 import httpx
 import pytest
-from kopf.testing import KopfRunner
 
 from kvstack.common.procs import ManagedProcess, free_port, running
 from kvstack.common.waits import wait_until
@@ -24,9 +23,8 @@ from kvstack.dashboards.catalog import dashboards
 from kvstack.dashboards.promql import expand, metric_names
 from kvstack.dashboards.rules import ALERTS, RECORDS
 from kvstack.observability.prometheus import PrometheusAPI, Target, prometheus_process, prometheus_url
-from kvstack.operator.handlers import build_registry
 from kvstack.operator.runtime import Runtime
-from kvstack_testing import Cluster, PodSimulators, SimulatorTargets, operator_settings
+from kvstack_testing import Cluster, PodSimulators, SimulatorTargets, operator_runner, operator_settings
 
 from .conftest import Api, evaluations
 from .test_autoscale_cluster import MODEL
@@ -148,12 +146,11 @@ def test_autoscaler_queries_and_operator_rules_return_data(
     }
     monkeypatch.setenv("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "True")  # the simulators inherit it
     sims = PodSimulators(cluster.credentials(), "app.kubernetes.io/component=engine", namespace=namespace)
-    args = ["run", "--standalone", "--namespace", namespace]
     with (
         running([proc], timeout=60),
         sims,
         SimulatorTargets(sims, engines_file),
-        KopfRunner(args, registry=build_registry(runtime), timeout=30) as runner,
+        operator_runner(runtime, namespace) as runner,
     ):
         api.create("demo", spec)
         sims.wait_for(1, timeout=90)

@@ -15,15 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from kopf.testing import KopfRunner
 
 from kvstack.common.kube import resource_path
 from kvstack.common.lora import LoraClient, LoraError
 from kvstack.common.procs import free_port
 from kvstack.common.waits import wait_until
-from kvstack.operator.handlers import build_registry
 from kvstack.operator.runtime import Runtime
-from kvstack_testing import Cluster, PodSimulators, operator_settings
+from kvstack_testing import Cluster, PodSimulators, operator_runner, operator_settings
 
 from .conftest import Api
 
@@ -91,8 +89,7 @@ def test_adapters_are_loaded_unloaded_and_reloaded_after_a_restart(
     unreachable = f"http://127.0.0.1:{free_port()}"
     runtime = Runtime(operator_settings(cluster, namespace, prometheus_url=unreachable))
     sims = PodSimulators(cluster.credentials(), "app.kubernetes.io/component=engine", namespace=namespace)
-    args = ["run", "--standalone", "--namespace", namespace]
-    with sims, KopfRunner(args, registry=build_registry(runtime), timeout=30) as runner:
+    with sims, operator_runner(runtime, namespace) as runner:
         api.create("demo", spec)
         sims.wait_for(2, timeout=90)
 

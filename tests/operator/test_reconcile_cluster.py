@@ -7,13 +7,11 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from kopf.testing import KopfRunner
 
 from kvstack.common.kube import KubeError, resource_path
 from kvstack.common.waits import wait_until
-from kvstack.operator.handlers import build_registry
 from kvstack.operator.runtime import Runtime
-from kvstack_testing import Cluster, operator_settings
+from kvstack_testing import Cluster, operator_runner, operator_settings
 
 from .conftest import Api
 
@@ -29,8 +27,7 @@ SPEC: dict[str, Any] = {
 def operator(cluster: Cluster, namespace: str, **overrides: Any) -> Iterator[Runtime]:
     settings = operator_settings(cluster, namespace, **{"resync_seconds": 2.0, **overrides})
     runtime = Runtime(settings)
-    args = ["run", "--standalone", "--namespace", namespace]
-    with KopfRunner(args, registry=build_registry(runtime), timeout=30) as runner:
+    with operator_runner(runtime, namespace) as runner:
         yield runtime
     assert runner.exception is None, runner.output
     assert "Traceback" not in runner.output, runner.output

@@ -21,6 +21,7 @@ from tests.router.conftest import FAST_MONITOR, RouterFactory
 
 from kvstack.common.procs import ManagedProcess, running
 from kvstack.common.waits import wait_until
+from kvstack.engine.sim.cli import kv_events_flags
 from kvstack.router.discovery.static import sim_engine_entry
 
 from .conftest import KVSTACK
@@ -60,8 +61,7 @@ def test_a_late_router_replays_what_it_missed_and_matches_the_live_one(
     argv = [
         KVSTACK, "engine", "sim", "--port", str(port), "--served-model-name", MODEL, "--speed", "50",
         "--max-model-len", "4096", "--num-gpu-blocks", "2000",
-        "--kv-events-endpoint", f"tcp://127.0.0.1:{pub}",
-        "--kv-events-replay-endpoint", f"tcp://127.0.0.1:{replay}",
+        *kv_events_flags(pub, replay),
     ]  # fmt: skip
     engines = tmp_path / "engines.yaml"
     entry = sim_engine_entry("engine-0", http=port, kv_events=pub, kv_replay=replay, models=[MODEL])

@@ -13,15 +13,13 @@ from collections import Counter
 from collections.abc import Iterator
 
 import pytest
-from kopf.testing import KopfRunner
 from tests.operator.conftest import Api, api, crd_installed, kubeconfig_env
 from tests.operator.test_reconcile_cluster import SPEC
 
 from kvstack.common.kube import resource_path
 from kvstack.common.waits import wait_until
-from kvstack.operator.handlers import build_registry
 from kvstack.operator.runtime import Runtime
-from kvstack_testing import Cluster, operator_settings
+from kvstack_testing import Cluster, operator_runner, operator_settings
 
 __all__ = ["api", "crd_installed", "kubeconfig_env"]
 
@@ -38,8 +36,7 @@ def operator(cluster: Cluster, namespace: str) -> Iterator[None]:
     ReadError traceback: a known operator bug, see tests/reliability/README.md.)
     """
     settings = operator_settings(cluster, namespace, resync_seconds=2.0)
-    args = ["run", "--standalone", "--namespace", namespace]
-    with KopfRunner(args, registry=build_registry(Runtime(settings)), timeout=30) as runner:
+    with operator_runner(Runtime(settings), namespace) as runner:
         yield
     assert runner.exception is None, runner.output
     running = runner.output.split("Operator is stopping")[0]

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Self, TypeVar
 
 import httpx
 import msgspec
@@ -22,6 +22,7 @@ from tests.conftest import free_port
 
 from kvstack.common.procs import ManagedProcess
 from kvstack.common.waits import wait_until
+from kvstack.engine.sim.cli import kv_events_flags
 from kvstack.router.app import create_app
 from kvstack.router.config import RouterSettings, load_settings
 from kvstack.router.context import RouterContext
@@ -59,13 +60,15 @@ class Sim:
 
 
 @contextmanager
-def run_sims(tmp: Path, count: int, *extra: str) -> Iterator[list[Sim]]:
+def run_sims(tmp: Path, count: int, *extra: str, env: dict[str, str] | None = None) -> Iterator[list[Sim]]:
+    """``count`` simulators started with ``extra`` flags and ``env``, ready; stopped on exit."""
     sims = []
     try:
         for _ in range(count):
             port = free_port()
             argv = [KVSTACK, "engine", "sim", "--port", str(port), *extra]
-            proc = ManagedProcess(f"sim-{port}", argv, tmp, ready_url=f"http://127.0.0.1:{port}/health")
+            ready = f"http://127.0.0.1:{port}/health"
+            proc = ManagedProcess(f"sim-{port}", argv, tmp, env=env, ready_url=ready)
             sims.append(Sim(f"http://127.0.0.1:{port}", proc.start()))
         for sim in sims:
             sim.proc.wait_ready(30)
@@ -88,8 +91,7 @@ def run_event_sims(
             port, pub, replay = free_port(), free_port(), free_port()
             argv = [
                 KVSTACK, "engine", "sim", "--port", str(port), "--speed", "20", "--block-size",
-                str(block_size), "--kv-events-endpoint", f"tcp://127.0.0.1:{pub}",
-                "--kv-events-replay-endpoint", f"tcp://127.0.0.1:{replay}", *extra,
+                str(block_size), *kv_events_flags(pub, replay), *extra,
             ]  # fmt: skip
             url = f"http://127.0.0.1:{port}"
             proc = ManagedProcess(f"sim-{i}", argv, tmp, env=env, ready_url=f"{url}/health")
@@ -215,28 +217,57 @@ _COMPLETION = (
 )
 
 
-class BadEngine:
-    """A real HTTP/1.1 server that answers probes like an engine but misbehaves on POSTs.
+def reply(status: int, body: bytes, *extra: tuple[str, str], content_type: str = "application/json") -> bytes:
+    """One whole HTTP/1.1 response: ``status``, ``body``, and any ``extra`` headers."""
+    head = f"HTTP/1.1 {status} X\r\ncontent-type: {content_type}\r\ncontent-length: {len(body)}\r\n"
+    head += "".join(f"{k}: {v}\r\n" for k, v in extra)
+    return head.encode() + b"\r\n" + body
 
-    ``mode``: ``hang`` (never answers), ``stall`` (starts an SSE stream, then goes silent),
-    ``status:<code>`` (answers every POST with that status and an OpenAI error body),
-    ``flaky:<code>`` (every other POST, from the first: that status; the others a chat completion),
-    ``no_tokenize`` (``/tokenize`` answers 500; other POSTs a one-token chat completion).
-    """
 
-    def __init__(self, mode: str) -> None:
-        self.mode = mode
+def _request_head(head: bytes) -> tuple[str, str, dict[str, str]]:
+    """(method, path, headers) of a request head; header names in lowercase, a repeated header's
+    values joined by newlines."""
+    request_line, *lines = head.decode("latin-1").split("\r\n")
+    method, path, _ = request_line.split(" ", 2)
+    headers: dict[str, str] = {}
+    for line in lines:
+        if line:
+            name, _, value = line.partition(":")
+            key = name.strip().lower()
+            headers[key] = f"{headers[key]}\n{value.strip()}" if key in headers else value.strip()
+    return method, path, headers
+
+
+class RawEngine:
+    """A real HTTP/1.1 server, on a free port in a thread of its own, that answers probes like an
+    engine serving MODEL (``/v1/models`` lists it, ``/metrics`` is empty, any other GET is ``{}``;
+    ``probes`` counts ``/health``) and each POST as :meth:`post` writes it, after keeping its
+    headers in ``post_headers``. A context manager: serving inside the ``with`` block."""
+
+    def __init__(self) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.posts = 0
-        self.post_times: list[float] = []  # time.monotonic() of each POST's arrival
+        self.probes = 0
         self.post_headers: list[dict[str, str]] = []  # each POST's headers, names in lowercase
-        self.probes = 0  # GET /health answered
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._stop: asyncio.Event | None = None
         self._handlers: set[asyncio.Task[Any]] = set()
+
+    async def get(self, path: str) -> bytes:
+        """The answer to ``GET path``."""
+        if path == "/health":
+            self.probes += 1
+        if path == "/v1/models":
+            return reply(200, b'{"object":"list","data":[{"id":"%s","object":"model"}]}' % MODEL.encode())
+        return reply(200, b"" if path == "/metrics" else b"{}")
+
+    async def post(
+        self, method: str, path: str, headers: dict[str, str], body: bytes, writer: asyncio.StreamWriter
+    ) -> None:
+        """Answer one POST (or other non-GET request) on ``writer``."""
+        raise NotImplementedError
 
     def _run(self) -> None:
         self._loop.run_until_complete(self._serve())
@@ -258,56 +289,13 @@ class BadEngine:
         self._handlers.add(task)
         try:
             while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                request_line, *header_lines = head.decode().split("\r\n")
-                method, path, _ = request_line.split(" ", 2)
-                length = 0
-                for line in header_lines:
-                    if line.lower().startswith("content-length:"):
-                        length = int(line.split(":", 1)[1])
-                if length:
-                    await reader.readexactly(length)
+                method, path, headers = _request_head(await reader.readuntil(b"\r\n\r\n"))
+                body = await reader.readexactly(int(headers.get("content-length", "0")))
                 if method == "GET":
-                    body = b"{}"
-                    if path == "/health":
-                        self.probes += 1
-                    if path == "/v1/models":
-                        body = b'{"object":"list","data":[{"id":"%s","object":"model"}]}' % MODEL.encode()
-                    elif path == "/metrics":
-                        body = b""
-                    self._reply(writer, 200, body)
-                    await writer.drain()
-                    continue
-                self.posts += 1
-                self.post_times.append(time.monotonic())
-                pairs = (line.split(":", 1) for line in header_lines if ":" in line)
-                self.post_headers.append({k.strip().lower(): v.strip() for k, v in pairs})
-                if self.mode == "no_tokenize":
-                    if path == "/tokenize":
-                        self._reply(writer, 500, b'{"error":{"message":"no tokenizer","code":500}}')
-                    else:
-                        self._reply(writer, 200, _COMPLETION)
-                    await writer.drain()
-                    continue
-                if self.mode == "hang":
-                    await asyncio.Event().wait()
-                if self.mode == "stall":
-                    writer.write(
-                        b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
-                        b"transfer-encoding: chunked\r\n\r\n"
-                    )
-                    frame = b'data: {"choices":[{"index":0,"delta":{"content":"x"}}]}\n\n'
-                    writer.write(b"%x\r\n%s\r\n" % (len(frame), frame))
-                    await writer.drain()
-                    await asyncio.Event().wait()
-                status = int(self.mode.split(":", 1)[1])
-                if self.mode.startswith("flaky:") and self.posts % 2 == 0:
-                    self._reply(writer, 200, _COMPLETION)
-                    await writer.drain()
-                    continue
-                self._reply(
-                    writer, status, b'{"error":{"message":"engine failure","type":"X","code":%d}}' % status
-                )
+                    writer.write(await self.get(path))
+                else:
+                    self.post_headers.append(headers)
+                    await self.post(method, path, headers, body, writer)
                 await writer.drain()
         except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
             pass
@@ -315,14 +303,7 @@ class BadEngine:
             self._handlers.discard(task)
             writer.close()
 
-    @staticmethod
-    def _reply(writer: asyncio.StreamWriter, status: int, body: bytes) -> None:
-        writer.write(
-            b"HTTP/1.1 %d X\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s"
-            % (status, len(body), body)
-        )
-
-    def __enter__(self) -> BadEngine:
+    def __enter__(self) -> Self:
         self._thread.start()
         self._ready.wait(5)
         return self
@@ -331,3 +312,44 @@ class BadEngine:
         assert self._stop is not None
         self._loop.call_soon_threadsafe(self._stop.set)
         self._thread.join(5)
+
+
+class BadEngine(RawEngine):
+    """An engine that answers probes but misbehaves on POSTs.
+
+    ``mode``: ``hang`` (never answers), ``stall`` (starts an SSE stream, then goes silent),
+    ``status:<code>`` (answers every POST with that status and an OpenAI error body),
+    ``flaky:<code>`` (every other POST, from the first: that status; the others a chat completion),
+    ``no_tokenize`` (``/tokenize`` answers 500; other POSTs a one-token chat completion).
+    """
+
+    def __init__(self, mode: str) -> None:
+        super().__init__()
+        self.mode = mode
+        self.posts = 0
+        self.post_times: list[float] = []  # time.monotonic() of each POST's arrival
+
+    async def post(
+        self, method: str, path: str, headers: dict[str, str], body: bytes, writer: asyncio.StreamWriter
+    ) -> None:
+        self.posts += 1
+        self.post_times.append(time.monotonic())
+        if self.mode == "no_tokenize":
+            no_tokenizer = reply(500, b'{"error":{"message":"no tokenizer","code":500}}')
+            writer.write(no_tokenizer if path == "/tokenize" else reply(200, _COMPLETION))
+            return
+        if self.mode == "hang":
+            await asyncio.Event().wait()
+        if self.mode == "stall":
+            writer.write(
+                b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+            )
+            frame = b'data: {"choices":[{"index":0,"delta":{"content":"x"}}]}\n\n'
+            writer.write(b"%x\r\n%s\r\n" % (len(frame), frame))
+            await writer.drain()
+            await asyncio.Event().wait()
+        status = int(self.mode.split(":", 1)[1])
+        if self.mode.startswith("flaky:") and self.posts % 2 == 0:
+            writer.write(reply(200, _COMPLETION))
+            return
+        writer.write(reply(status, b'{"error":{"message":"engine failure","type":"X","code":%d}}' % status))

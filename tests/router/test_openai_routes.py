@@ -4,8 +4,6 @@ where it has the method (responses, audio), httpx for rerank and score."""
 
 from __future__ import annotations
 
-import io
-import wave
 from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -15,6 +13,7 @@ import httpx
 import msgspec
 import openai
 import pytest
+from tests.engine_sim_server.test_task_routes import wav_bytes
 
 from kvstack.common.waits import wait_until
 from kvstack.router.prompts import prompt_work
@@ -52,16 +51,6 @@ def engines(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engines]:
             )
         ]
         yield Engines(*started)
-
-
-def wav(seconds: float) -> bytes:
-    buf = io.BytesIO()
-    with wave.open(buf, "wb") as out:
-        out.setnchannels(1)
-        out.setsampwidth(2)
-        out.setframerate(16_000)
-        out.writeframes(b"\x00\x00" * int(seconds * 16_000))
-    return buf.getvalue()
 
 
 def answered(r: RouterServer, model: str, engine: Sim, status: str = "200") -> float:
@@ -155,12 +144,12 @@ def test_rerank_and_score_reach_the_reranker(engines: Engines, router: RouterFac
 def test_transcription_with_the_openai_sdk(engines: Engines, router: RouterFactory, backend: str) -> None:
     r = router(engines=engines.urls, upstream_backend=backend)  # the form's bytes, untouched by either
     client = openai.OpenAI(base_url=f"{r.url}/v1", api_key="x", max_retries=0)
-    text = client.audio.transcriptions.create(model="asr", file=("a.wav", wav(1.0), "audio/wav"))
+    text = client.audio.transcriptions.create(model="asr", file=("a.wav", wav_bytes(1.0), "audio/wav"))
     assert text.text
     translated = httpx.post(
         f"{r.url}/v1/audio/translations",
         data={"model": "asr"},
-        files={"file": ("a.wav", wav(1.0))},
+        files={"file": ("a.wav", wav_bytes(1.0))},
         timeout=10,
     )
     assert translated.status_code == 200 and translated.json()["text"] == text.text
@@ -172,7 +161,11 @@ def test_a_streamed_transcription_is_relayed_as_a_stream(engines: Engines, route
     r = router(engines=engines.urls)
     form = {"model": "asr", "stream": "true"}
     with httpx.stream(
-        "POST", f"{r.url}/v1/audio/transcriptions", data=form, files={"file": ("a.wav", wav(2.0))}, timeout=10
+        "POST",
+        f"{r.url}/v1/audio/transcriptions",
+        data=form,
+        files={"file": ("a.wav", wav_bytes(2.0))},
+        timeout=10,
     ) as resp:
         assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/event-stream")
         frames = [line for line in resp.iter_lines() if line.startswith("data: ")]
@@ -195,7 +188,7 @@ def test_a_route_the_models_engine_lacks_is_its_404(
     """The engine of that model does not mount the route (vLLM): its 404, in the OpenAI shape."""
     r = router(engines=engines.urls)
     if path.startswith("/v1/audio"):
-        resp = httpx.post(f"{r.url}{path}", data={"model": model}, files={"file": ("a.wav", wav(0.2))})
+        resp = httpx.post(f"{r.url}{path}", data={"model": model}, files={"file": ("a.wav", wav_bytes(0.2))})
     else:
         resp = httpx.post(
             f"{r.url}{path}", json={"model": model, "input": "x", **RERANK, "text_1": "a", "text_2": "b"}
@@ -223,7 +216,7 @@ def test_an_unknown_model_is_the_routers_404(engines: Engines, router: RouterFac
 
 def test_bodies_over_the_limit_are_413(engines: Engines, router: RouterFactory) -> None:
     r = router(engines=engines.urls, max_body_bytes=2048)
-    big = wav(1.0)  # 32 KB
+    big = wav_bytes(1.0)  # 32 KB
     resp = httpx.post(
         f"{r.url}/v1/audio/transcriptions", data={"model": "asr"}, files={"file": ("a.wav", big)}
     )
@@ -347,7 +340,7 @@ def test_every_policy_routes_every_route(engines: Engines, router: RouterFactory
     assert httpx.post(f"{r.url}/rerank", json={"model": "rank", **RERANK}).status_code == 200
     score = {"model": "rank", "text_1": "a", "text_2": "b"}
     assert httpx.post(f"{r.url}/score", json=score).status_code == 200
-    assert client.audio.transcriptions.create(model="asr", file=("a.wav", wav(0.5), "audio/wav")).text
+    assert client.audio.transcriptions.create(model="asr", file=("a.wav", wav_bytes(0.5), "audio/wav")).text
 
 
 def test_a_response_goes_where_its_conversation_is_cached(

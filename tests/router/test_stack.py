@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
@@ -171,17 +173,10 @@ def test_plan_with_a_tracing_endpoint_traces_the_router_and_every_engine(engine:
 
 def test_kvstack_up_with_a_tracing_endpoint_exports_router_and_engine_spans_of_one_trace() -> None:
     port = free_port()
-    kvstack = str(Path(sys.executable).with_name("kvstack"))
     with otlp_receiver() as receiver:
-        argv = [kvstack, "up", "--port", str(port), "--no-lmcache", "--tracing-endpoint", receiver.url]
-        proc = subprocess.Popen(
-            argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
-        )
-        try:
-            assert proc.stdout is not None
-            assert f"Tracing:     spans of the router and the engines to {receiver.url}" in _read_banner(
-                proc.stdout
-            )
+        flags = ["--port", str(port), "--no-lmcache", "--tracing-endpoint", receiver.url]
+        with _kvstack_up(*flags) as (proc, shown):
+            assert f"Tracing:     spans of the router and the engines to {receiver.url}" in shown
             client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
             client.chat.completions.create(
                 model="kvstack/sim-8b", messages=[{"role": "user", "content": "hi"}], max_tokens=4
@@ -196,10 +191,6 @@ def test_kvstack_up_with_a_tracing_endpoint_exports_router_and_engine_spans_of_o
             wait_until(services_of_one_trace, "router and engine spans of one trace", 30, 0.2)
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(30) == 0
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
 
 
 def test_plan_without_a_tracing_endpoint_traces_nothing() -> None:
@@ -223,6 +214,27 @@ def test_plan_without_a_tracing_endpoint_traces_nothing() -> None:
 def test_bad_options_are_named(values: dict[str, object], field: str) -> None:
     with pytest.raises(ConfigError, match=field):
         build(StackSettings, "kvstack up options", **values)
+
+
+@contextlib.contextmanager
+def _kvstack_up(*flags: str) -> Iterator[tuple[subprocess.Popen[str], str]]:
+    """``kvstack up`` with ``flags``, in a session of its own, and its banner; the whole session is
+    killed at the end if the test did not stop it."""
+    kvstack = str(Path(sys.executable).with_name("kvstack"))
+    proc = subprocess.Popen(
+        [kvstack, "up", *flags],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        assert proc.stdout is not None
+        yield proc, _read_banner(proc.stdout)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
 
 
 def _read_banner(stdout: IO[str]) -> str:
@@ -255,18 +267,8 @@ def test_cache_aware_is_the_default_policy() -> None:
 @pytest.mark.parametrize(("stop_signal", "policy"), [(signal.SIGTERM, None), (signal.SIGINT, "least_loaded")])
 def test_kvstack_up_serves_and_stops_cleanly(stop_signal: signal.Signals, policy: str | None) -> None:
     port = free_port()
-    kvstack = str(Path(sys.executable).with_name("kvstack"))
     flags = [] if policy is None else ["--policy", policy]
-    proc = subprocess.Popen(
-        [kvstack, "up", "--port", str(port), *flags],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        assert proc.stdout is not None
-        output = _read_banner(proc.stdout)
+    with _kvstack_up("--port", str(port), *flags) as (proc, output):
         assert "(logs in " in output and "kvstack is up" in output, output
         run_dir = Path(output.split("(logs in ", 1)[1].split(")\n", 1)[0])
         shown = output[output.index("kvstack is up") :]
@@ -290,26 +292,13 @@ def test_kvstack_up_serves_and_stops_cleanly(stop_signal: signal.Signals, policy
         assert proc.wait(30) == 0
         for url in [*engines, f"http://127.0.0.1:{port}"]:
             assert not _listening(url), f"{url} still running after kvstack up stopped"
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 def test_kvstack_up_with_prometheus_scrapes_router_and_engines() -> None:
     """`kvstack up --prometheus`: the user gets a Prometheus that already scrapes every component."""
     port, prom_port = free_port(), free_port()
-    kvstack = str(Path(sys.executable).with_name("kvstack"))
-    proc = subprocess.Popen(
-        [kvstack, "up", "--port", str(port), "--prometheus", "--prometheus-port", str(prom_port)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        assert proc.stdout is not None
-        shown = _read_banner(proc.stdout)
+    flags = ["--port", str(port), "--prometheus", "--prometheus-port", str(prom_port)]
+    with _kvstack_up(*flags) as (proc, shown):
         assert f"Prometheus:  http://127.0.0.1:{prom_port}" in shown, shown
 
         def jobs_up() -> list[str]:
@@ -325,10 +314,6 @@ def test_kvstack_up_with_prometheus_scrapes_router_and_engines() -> None:
         assert not _listening(f"http://127.0.0.1:{prom_port}"), (
             "Prometheus still running after kvstack up stopped"
         )
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 def _external_hits(engine_url: str) -> float:
@@ -338,17 +323,7 @@ def _external_hits(engine_url: str) -> float:
 def test_kvstack_up_shares_kv_between_simulators_through_its_redis() -> None:
     """A prefix one simulator computed is loaded from the stack's Redis by the other one."""
     port = free_port()
-    kvstack = str(Path(sys.executable).with_name("kvstack"))
-    proc = subprocess.Popen(
-        [kvstack, "up", "--port", str(port), "--engines", "2"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        assert proc.stdout is not None
-        shown = _read_banner(proc.stdout)
+    with _kvstack_up("--port", str(port), "--engines", "2") as (proc, shown):
         engines = shown.split("Engines:", 1)[1].splitlines()[0].split()
         url = shown.split("LMCache:     shared tier ", 1)[1].split()[0]
         assert len(engines) == 2 and url.startswith("redis://127.0.0.1:"), shown
@@ -368,7 +343,3 @@ def test_kvstack_up_shares_kv_between_simulators_through_its_redis() -> None:
         assert proc.wait(30) == 0
         with pytest.raises(redis.ConnectionError):
             store.ping()  # the stack's Redis stopped with it
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()

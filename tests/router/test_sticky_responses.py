@@ -10,32 +10,16 @@ from collections.abc import Iterator
 
 import openai
 import pytest
-from tests.conftest import free_port
 
-from kvstack.common.procs import ManagedProcess
-
-from .conftest import KVSTACK, MODEL, RouterFactory, RouterServer, Sim
+from .conftest import MODEL, RouterFactory, RouterServer, Sim, run_sims
 
 STORE_ON = {"VLLM_ENABLE_RESPONSES_API_STORE": "1"}
 
 
 @pytest.fixture(scope="module")
 def store_sims(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Sim]]:
-    tmp = tmp_path_factory.mktemp("store-sims")
-    sims: list[Sim] = []
-    try:
-        for i in range(2):
-            port = free_port()
-            argv = [KVSTACK, "engine", "sim", "--port", str(port), "--speed", "20"]
-            url = f"http://127.0.0.1:{port}"
-            proc = ManagedProcess(f"store-{i}", argv, tmp, env=STORE_ON, ready_url=f"{url}/health")
-            sims.append(Sim(url, proc.start()))
-        for sim in sims:
-            sim.proc.wait_ready(30)
+    with run_sims(tmp_path_factory.mktemp("store-sims"), 2, "--speed", "20", env=STORE_ON) as sims:
         yield sims
-    finally:
-        for sim in sims:
-            sim.proc.stop()
 
 
 def _router(router: RouterFactory, sims: list[Sim], **extra: object) -> RouterServer:

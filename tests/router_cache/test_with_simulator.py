@@ -15,6 +15,7 @@ from tests.conftest import free_port
 
 from kvstack.common import tokenizer
 from kvstack.common.procs import ManagedProcess
+from kvstack.engine.sim.cli import kv_events_flags
 from kvstack.router.engines import Endpoint, EngineRegistry
 from kvstack.router.kvindex.keys import request_root
 from kvstack.router.policies.base import RequestFeatures
@@ -32,8 +33,7 @@ def sim(tmp: Path, port: int, pub: int, replay: int) -> ManagedProcess:
     argv = [
         str(KVSTACK), "engine", "sim", "--port", str(port), "--served-model-name", MODEL,
         "--speed", "50", "--max-model-len", "4096", "--num-gpu-blocks", "2000", "--block-size", str(BS),
-        "--kv-events-endpoint", f"tcp://127.0.0.1:{pub}",
-        "--kv-events-replay-endpoint", f"tcp://127.0.0.1:{replay}",
+        *kv_events_flags(pub, replay),
     ]  # fmt: skip
     return ManagedProcess("sim", argv, tmp, ready_url=f"http://127.0.0.1:{port}/health")
 

@@ -11,12 +11,11 @@ from typing import Any
 
 import httpx
 import pytest
-from tests.conftest import free_port
-from tests.router.conftest import MODEL, RouterServer, router, router_factory, sims
+from tests.router.conftest import MODEL, RawEngine, RouterServer, reply, router, router_factory, sims
 
 from kvstack.router.server import listen_sockets, make_server
 
-__all__ = ["router", "sims"]
+__all__ = ["reply", "router", "sims"]
 
 OPENAI_ERROR_KEYS = {"message", "type", "param", "code"}
 
@@ -65,89 +64,32 @@ def parse_raw_response(raw: bytes) -> tuple[int, dict[str, str], bytes]:
 Answer = Callable[[str, str, dict[str, str], bytes], Any]
 
 
-class ScriptedEngine:
-    """A real HTTP/1.1 server that answers probes like an engine serving MODEL, and each POST with
-    what ``answer(method, path, headers, body)`` writes: raw bytes, or an async function of the
-    stream writer (for bodies sent in pieces). Every POST's headers are kept in ``seen``.
+class ScriptedEngine(RawEngine):
+    """An engine (:class:`~tests.router.conftest.RawEngine`) that answers each POST with what
+    ``answer(method, path, headers, body)`` writes: raw bytes, or an async function of the stream
+    writer (for bodies sent in pieces).
 
     ``models_hang``: ``/v1/models`` never answers (an engine the router cannot learn models from).
     """
 
     def __init__(self, answer: Answer, models_hang: bool = False) -> None:
+        super().__init__()
         self.answer = answer
         self.models_hang = models_hang
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.seen: list[dict[str, str]] = []
-        self._loop = asyncio.new_event_loop()
-        self._ready = threading.Event()
-        self._thread = threading.Thread(
-            target=self._loop.run_until_complete, args=(self._serve(),), daemon=True
-        )
-        self._stop: asyncio.Event | None = None
 
-    async def _serve(self) -> None:
-        self._stop = asyncio.Event()
-        server = await asyncio.start_server(self._handle, "127.0.0.1", self.port)
-        self._ready.set()
-        async with server:
-            await self._stop.wait()
-            server.close()
-            handlers = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-            for task in handlers:
-                task.cancel()
-            await asyncio.gather(*handlers, return_exceptions=True)
+    async def get(self, path: str) -> bytes:
+        if path == "/v1/models" and self.models_hang:
+            await asyncio.Event().wait()
+        return await super().get(path)
 
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                request_line, *lines = head.decode("latin-1").split("\r\n")
-                method, path, _ = request_line.split(" ", 2)
-                headers: dict[str, str] = {}
-                for line in lines:
-                    if line:
-                        name, _, value = line.partition(":")
-                        key = name.strip().lower()
-                        headers[key] = f"{headers[key]}\n{value.strip()}" if key in headers else value.strip()
-                body = await reader.readexactly(int(headers.get("content-length", "0")))
-                if method == "GET":
-                    if path == "/v1/models" and self.models_hang:
-                        await asyncio.Event().wait()
-                    text = b"{}"
-                    if path == "/v1/models":
-                        text = b'{"object":"list","data":[{"id":"%s","object":"model"}]}' % MODEL.encode()
-                    elif path == "/metrics":
-                        text = b""
-                    writer.write(reply(200, text))
-                else:
-                    self.seen.append(headers)
-                    out = self.answer(method, path, headers, body)
-                    if isinstance(out, bytes):
-                        writer.write(out)
-                    else:
-                        await out(writer)
-                await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
-            pass
-        finally:
-            writer.close()
-
-    def __enter__(self) -> ScriptedEngine:
-        self._thread.start()
-        self._ready.wait(5)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        assert self._stop is not None
-        self._loop.call_soon_threadsafe(self._stop.set)
-        self._thread.join(5)
-
-
-def reply(status: int, body: bytes, *extra: tuple[str, str], content_type: str = "application/json") -> bytes:
-    head = f"HTTP/1.1 {status} X\r\ncontent-type: {content_type}\r\ncontent-length: {len(body)}\r\n"
-    head += "".join(f"{k}: {v}\r\n" for k, v in extra)
-    return head.encode() + b"\r\n" + body
+    async def post(
+        self, method: str, path: str, headers: dict[str, str], body: bytes, writer: asyncio.StreamWriter
+    ) -> None:
+        out = self.answer(method, path, headers, body)
+        if isinstance(out, bytes):
+            writer.write(out)
+        else:
+            await out(writer)
 
 
 COMPLETION = (

@@ -12,10 +12,7 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-from tests.conftest import free_port
-from tests.router.conftest import FAST_MONITOR, MODEL, RouterServer, Sim
-
-from kvstack.router.config import load_settings
+from tests.router.conftest import MODEL, RouterServer, Sim, router_factory
 
 M = MODEL.encode()
 DEEP = 100_000
@@ -98,13 +95,8 @@ CASES = [
 
 @pytest.fixture(scope="module")
 def server(sims: list[Sim]) -> Iterator[RouterServer]:
-    settings = load_settings(port=free_port(), engines=[sims[0].url], monitor=FAST_MONITOR, access_log=False)
-    r = RouterServer(settings).start()
-    try:
-        r.wait_available(1)
-        yield r
-    finally:
-        r.stop()
+    with router_factory(RouterServer) as make:
+        yield make(engines=[sims[0].url])
 
 
 @pytest.mark.parametrize(("path", "content", "param"), CASES)

@@ -118,7 +118,7 @@ def test_hop_by_hop_cookies_and_forwarded_for(edge: EdgeFactory) -> None:
         assert (
             httpx.post(f"{r.url}/v1/completions", json=BODY, headers=headers, timeout=30).status_code == 200
         )
-        seen = engine.seen[-1]
+        seen = engine.post_headers[-1]
     assert "x-hop" not in seen and "cookie" not in seen
     assert seen["x-forwarded-for"] == "203.0.113.9, 127.0.0.1"
     assert seen["x-kept"] == "yes"
@@ -129,7 +129,7 @@ def test_two_authorization_headers_are_refused(edge: EdgeFactory) -> None:
         r = edge(engines=[engine.url], api_keys=["sk-a", "sk-b"])
         auth = [("authorization", "Bearer sk-a"), ("authorization", "Bearer sk-b")]
         error = assert_openai_error(httpx.post(f"{r.url}/v1/completions", json=BODY, headers=auth), 400)
-        assert "Authorization" in error["message"] and not engine.seen
+        assert "Authorization" in error["message"] and not engine.post_headers
 
 
 def test_a_trailing_slash_is_not_redirected_from_the_host_header(edge: EdgeFactory) -> None:

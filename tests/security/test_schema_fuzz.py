@@ -14,11 +14,9 @@ from typing import Any
 
 import httpx
 import pytest
-from tests.conftest import free_port
-from tests.router.conftest import FAST_MONITOR, MODEL, RouterServer, run_sims
+from tests.router.conftest import MODEL, RouterServer, router_factory, run_sims
 
 from kvstack.router.app import PROXIED
-from kvstack.router.config import load_settings
 
 # request fields the test bounds: one model, short generations, token ids the simulator knows
 _NARROW: dict[str, dict[str, Any]] = {
@@ -34,14 +32,8 @@ _TOKEN = {"type": "integer", "minimum": 0, "maximum": 1000}
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RouterServer]:
     # short generations: a fuzzed request may ask for up to max-model-len tokens
     flags = ("--speed", "100", "--max-model-len", "512")
-    with run_sims(tmp_path_factory.mktemp("fuzz"), 1, *flags) as (sim,):
-        settings = load_settings(port=free_port(), engines=[sim.url], monitor=FAST_MONITOR, access_log=False)
-        r = RouterServer(settings).start()
-        try:
-            r.wait_available(1)
-            yield r
-        finally:
-            r.stop()
+    with run_sims(tmp_path_factory.mktemp("fuzz"), 1, *flags) as (sim,), router_factory(RouterServer) as make:
+        yield make(engines=[sim.url])
 
 
 def fetched_schema(r: RouterServer) -> dict[str, Any]:

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from kvstack.common.procs import ManagedProcess, free_ports, kvstack_argv
+from kvstack.engine.sim.cli import kv_events_flags
 from kvstack.router.discovery.static import sim_engine_entry
 
 # Peer routers run as baselines: bench policy name -> the SGLang router's (`pip install sglang-router`)
@@ -29,8 +30,7 @@ def sim_procs(
         http, pub, replay = ports[3 * i : 3 * i + 3]
         url = f"http://127.0.0.1:{http}"
         argv = [*kvstack_argv(), "engine", "sim", "--port", str(http), "--model", model, "--speed", "1.0"]
-        argv += ["--kv-events-endpoint", f"tcp://127.0.0.1:{pub}"]
-        argv += ["--kv-events-replay-endpoint", f"tcp://127.0.0.1:{replay}"]
+        argv += kv_events_flags(pub, replay)
         if blocks:
             argv += ["--num-gpu-blocks", str(blocks)]
         if config is not None:

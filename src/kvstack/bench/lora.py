@@ -38,6 +38,7 @@ from kvstack.bench import promtext, stats
 from kvstack.common import tokenizer
 from kvstack.common.procs import ManagedProcess, free_ports, kvstack_argv, running
 from kvstack.common.waits import wait_until
+from kvstack.engine.sim.cli import kv_events_flags
 from kvstack.router.discovery.static import sim_engine_entry
 
 MODEL = "kvstack/sim-8b"
@@ -151,8 +152,7 @@ def _stack(setup: LoraSetup, mode: str) -> tuple[list[ManagedProcess], str, list
             "--num-gpu-blocks", str(setup.num_gpu_blocks), "--block-size", str(setup.block_size),
             "--max-model-len", "8192", "--enable-lora", "--max-loras", str(setup.max_loras),
             "--max-cpu-loras", str(setup.adapters),
-            "--kv-events-endpoint", f"tcp://127.0.0.1:{pub}",
-            "--kv-events-replay-endpoint", f"tcp://127.0.0.1:{replay}", *modules,
+            *kv_events_flags(pub, replay), *modules,
         )  # fmt: skip
         procs.append(ManagedProcess(f"sim{i}", argv, log_dir, ready_url=f"{url}/health"))
         # no models: the router reads each engine's /v1/models (adapters)

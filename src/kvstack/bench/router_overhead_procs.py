@@ -19,6 +19,7 @@ import yaml
 from kvstack.bench.router_load import MODEL
 from kvstack.bench.router_overhead_workers import label
 from kvstack.common.procs import ManagedProcess, free_port, kvstack_argv, running
+from kvstack.engine.sim.cli import kv_events_flags
 from kvstack.router.discovery.static import sim_engine_entry
 
 
@@ -35,8 +36,7 @@ def sim_processes(
             *kvstack_argv(), "engine", "sim", "--port", str(port), "--served-model-name", MODEL,
             "--speed", str(speed), "--max-num-seqs", "1024", "--max-num-batched-tokens", "16384",
             "--max-model-len", "4096",
-            "--kv-events-endpoint", f"tcp://127.0.0.1:{pub}",
-            "--kv-events-replay-endpoint", f"tcp://127.0.0.1:{replay}",
+            *kv_events_flags(pub, replay),
         ]  # fmt: skip
         procs.append(ManagedProcess(f"{tag}-{i}", argv, logs, ready_url=f"{url}/health"))
         entries.append(

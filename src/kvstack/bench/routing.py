@@ -28,6 +28,7 @@ from kvstack.bench.routing_goals import SAMPLES
 from kvstack.bench.routing_plan import POLICIES as POLICIES
 from kvstack.common import tokenizer
 from kvstack.common.procs import ManagedProcess, cpu_seconds, free_ports, kvstack_argv, memory_mb, running
+from kvstack.engine.sim.cli import kv_events_flags
 from kvstack.router.discovery.static import sim_engine_entry
 
 MODEL = "kvstack/sim-8b"
@@ -82,10 +83,7 @@ def _stack(
                     str(setup.block_size),
                     "--speed",
                     str(setup.speed),
-                    "--kv-events-endpoint",
-                    f"tcp://127.0.0.1:{pub}",
-                    "--kv-events-replay-endpoint",
-                    f"tcp://127.0.0.1:{replay}",
+                    *kv_events_flags(pub, replay),
                 ],
                 log_dir,
                 ready_url=f"{url}/health",

@@ -34,6 +34,7 @@ from kvstack.bench.soak_chats import ChatWorkload, chat_body
 from kvstack.bench.soak_plot import plot
 from kvstack.bench.stats import percentile
 from kvstack.common.procs import memory_mb
+from kvstack.engine.sim.cli import kv_events_flags
 
 MODEL = "sim"
 RSS_GROWTH_LIMIT = 0.10
@@ -204,8 +205,7 @@ def _processes(
             *kvstack_argv(), "engine", "sim", "--port", str(port), "--served-model-name", MODEL,
             "--speed", str(speed), "--max-num-seqs", "1024", "--max-model-len", "8192",
             "--num-gpu-blocks", str(gpu_blocks),
-            "--kv-events-endpoint", f"tcp://127.0.0.1:{pub}",
-            "--kv-events-replay-endpoint", f"tcp://127.0.0.1:{replay}",
+            *kv_events_flags(pub, replay),
         ]  # fmt: skip
         url = f"http://127.0.0.1:{port}"
         procs.append(ManagedProcess(f"soak-sim-{i}", argv, logs, ready_url=f"{url}/health"))

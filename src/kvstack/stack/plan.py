@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from kvstack.common.otlp import sdk_missing, traces_url
 from kvstack.common.procs import kvstack_argv
+from kvstack.engine.sim.cli import kv_events_flags
 from kvstack.router.discovery.static import sim_engine_entry
 from kvstack.router.policies import policy_names
 
@@ -157,10 +158,7 @@ def _engine(settings: StackSettings, i: int, p: EnginePorts, redis_port: int | N
             str(p.http),
             "--model",
             settings.served_model,
-            "--kv-events-endpoint",
-            f"tcp://127.0.0.1:{p.kv_events}",
-            "--kv-events-replay-endpoint",
-            f"tcp://127.0.0.1:{p.kv_replay}",
+            *kv_events_flags(p.kv_events, p.kv_replay),
         )
         if settings.speed is not None:
             argv += ["--speed", str(settings.speed)]

@@ -6,7 +6,7 @@
 
 from kvstack_testing.cluster import Cluster, ClusterConfig, reap_stale_clusters
 from kvstack_testing.file_sd import SimulatorTargets, file_sd_prometheus
-from kvstack_testing.operator_settings import operator_settings
+from kvstack_testing.operator_settings import operator_runner, operator_settings
 from kvstack_testing.pod_sims import PodSimulators
 from kvstack_testing.pod_targets import SimTarget
 from kvstack_testing.tools import Toolchain, build_tools, ensure_cluster_tools
@@ -21,6 +21,7 @@ __all__ = [
     "build_tools",
     "ensure_cluster_tools",
     "file_sd_prometheus",
+    "operator_runner",
     "operator_settings",
     "reap_stale_clusters",
 ]
