@@ -33,6 +33,11 @@ def o(status: int, ttft: float | None = None, ok: bool | None = None, **kw: obje
         ok=status == 200 if ok is None else ok,
         ttft_s=ttft,
         retry_after_s=kw.get("retry_after"),  # type: ignore[arg-type]
+        attempts=int(kw.get("attempts", 1)),  # type: ignore[call-overload]
+        refusals=int(kw.get("refusals", 0)),  # type: ignore[call-overload]
+        user_ttft_s=kw.get("user_ttft"),  # type: ignore[arg-type]
+        cold=bool(kw.get("cold", False)),
+        user=kw.get("user"),  # type: ignore[arg-type]
     )
 
 
@@ -56,6 +61,43 @@ SUMMARY_CASES = [
         [o(200, 0.1), o(200, 0.3), o(429)],
         1.0,
         {"ttft_p50_s": 0.2, "ttft_p99_s": 0.298},
+    ),
+    (
+        "one attempt each: first-attempt TTFT is the only TTFT",
+        [o(200, 0.5), o(200, 1.5)],
+        1.0,
+        {"attempts_per_request": 1.0, "refusals": 0, "ttft_first_attempt_p50_s": 1.0, "ttft_p50_s": 1.0},
+    ),
+    (
+        "goodput by the first attempt's TTFT; shed only what the retries did not get served",
+        [
+            # refused once, served 0.6 s after its first send with a 0.3 s TTFT of its own: good
+            o(200, 0.3, attempts=2, refusals=1, user_ttft=0.9),
+            # admitted quickly on its third attempt, but its user waited 1.6 s: not good
+            o(200, 0.2, attempts=3, refusals=2, user_ttft=1.6),
+            # refused three times: a final refusal, and a cold one (its user had nothing served)
+            o(429, attempts=3, refusals=3, cold=True, retry_after=1.0),
+            o(200, 0.4),
+        ],
+        2.0,
+        {
+            "goodput_rps": 1.0,  # 0.9 and 0.4 of 0.9, 1.6, 0.4
+            "shed": 1,
+            "shed_rate": 0.25,
+            "cold_shed": 1,
+            "attempts": 9,
+            "attempts_per_request": 2.25,
+            "refusals": 6,
+            "served_after_retry": 2,
+            "ttft_p50_s": 0.3,  # of 0.3, 0.2, 0.4: last attempts
+            "ttft_first_attempt_p50_s": 0.9,  # of 0.9, 1.6, 0.4
+        },
+    ),
+    (
+        "users never served",
+        [o(429, user="u1"), o(429, user="u1"), o(200, 0.1, user="u2"), o(429, user="u2"), o(429)],
+        1.0,
+        {"users": 2, "users_never_served": 1},
     ),
 ]
 

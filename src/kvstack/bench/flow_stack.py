@@ -35,6 +35,8 @@ class FlowSetup:
     capacity_rps: float = 16.0  # the cluster's capacity, simulated requests/s (1x of the ramp)
     duration_s: float = 8.0  # arrival window of a case, simulated seconds
     shape: Shape = field(default_factory=Shape)
+    # the client's retries of a refused request (the openai SDK's default: 2); 0: none
+    client_retries: int = 2
     # the router's saturation model, in simulated time: the engines' cold prefill rate
     prefill_tokens_per_s: float = 2_100.0
     # an engine takes more while the uncached prompt work the router sent it would prefill within
