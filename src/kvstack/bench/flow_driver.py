@@ -117,21 +117,18 @@ async def _request(
 ) -> tuple[Outcome, str]:
     """``turn`` with its retries: the last attempt's outcome, with the attempts, the refusals and
     the TTFT from the first attempt recorded on it."""
-    first_sent: float | None = None
-    refused = 0
-    for retries_done in range(client.retries + 1):
-        outcome, answer = await _attempt(http, client, turn, t0)
-        first_sent = outcome.sent_s if first_sent is None else first_sent
-        refused += outcome.status == 429
-        if retries_done == client.retries or not flow_retry.retryable(outcome.status):
-            break
+    outcome, answer = await _attempt(http, client, turn, t0)
+    first_sent, refused, retries_done = outcome.sent_s, int(outcome.status == 429), 0
+    while retries_done < client.retries and flow_retry.retryable(outcome.status):
         # the header is in the router's (wall) seconds; the wait rule in the user's (simulated)
         header = outcome.retry_after_s
         wait = flow_retry.retry_wait_s(
             None if header is None else header * client.speed, retries_done, rng.random()
         )
         await asyncio.sleep(wait / client.speed)
-    assert first_sent is not None  # the loop ran at least once
+        outcome, answer = await _attempt(http, client, turn, t0)
+        refused += outcome.status == 429
+        retries_done += 1
     user_ttft = None if outcome.ttft_s is None else outcome.sent_s - first_sent + outcome.ttft_s
     recorded = replace(
         outcome,
