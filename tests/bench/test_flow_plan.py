@@ -28,7 +28,7 @@ def o(status: int, ttft: float | None = None, ok: bool | None = None, **kw: obje
     return Outcome(
         tenant=str(kw.get("tenant", "A")),
         klass=str(kw.get("klass", "default")),
-        sent_s=0.0,
+        sent_s=float(kw.get("sent", 0.0)),  # type: ignore[arg-type]
         status=status,
         ok=status == 200 if ok is None else ok,
         ttft_s=ttft,
@@ -36,6 +36,7 @@ def o(status: int, ttft: float | None = None, ok: bool | None = None, **kw: obje
         attempts=int(kw.get("attempts", 1)),  # type: ignore[call-overload]
         refusals=int(kw.get("refusals", 0)),  # type: ignore[call-overload]
         user_ttft_s=kw.get("user_ttft"),  # type: ignore[arg-type]
+        first_sent_s=kw.get("first_sent"),  # type: ignore[arg-type]
         cold=bool(kw.get("cold", False)),
         user=kw.get("user"),  # type: ignore[arg-type]
     )
@@ -72,11 +73,11 @@ SUMMARY_CASES = [
         "goodput by the first attempt's TTFT; shed only what the retries did not get served",
         [
             # refused once, served 0.6 s after its first send with a 0.3 s TTFT of its own: good
-            o(200, 0.3, attempts=2, refusals=1, user_ttft=0.9),
+            o(200, 0.3, attempts=2, refusals=1, user_ttft=0.9, first_sent=1.0, sent=1.6),
             # admitted quickly on its third attempt, but its user waited 1.6 s: not good
-            o(200, 0.2, attempts=3, refusals=2, user_ttft=1.6),
+            o(200, 0.2, attempts=3, refusals=2, user_ttft=1.6, first_sent=1.0, sent=2.4),
             # refused three times: a final refusal, and a cold one (its user had nothing served)
-            o(429, attempts=3, refusals=3, cold=True, retry_after=1.0),
+            o(429, attempts=3, refusals=3, cold=True, retry_after=1.0, first_sent=0.0, sent=1.0),
             o(200, 0.4),
         ],
         2.0,
@@ -84,6 +85,8 @@ SUMMARY_CASES = [
             "goodput_rps": 1.0,  # 0.9 and 0.4 of 0.9, 1.6, 0.4
             "goodput_last_attempt_rps": 1.5,  # 0.3, 0.2 and 0.4: had the retry waits cost nothing
             "cold_refusals": 3,
+            "retry_wait_p50_s": 1.0,  # of 0.6, 1.4 and 1.0
+            "retry_wait_max_s": 1.4,
             "shed": 1,
             "shed_rate": 0.25,
             "cold_shed": 1,

@@ -185,6 +185,7 @@ def summarize(
     good_last = [t for t in ttfts if t <= objective_s]
     attempts = sum(o.attempts for o in outcomes)
     cold_shed = [o for o in shed if o.cold]
+    waits = [o.sent_s - o.first_sent_s for o in outcomes if o.attempts > 1 and o.first_sent_s is not None]
     return {
         "requests": n,
         "completed": len(ok),
@@ -194,6 +195,9 @@ def summarize(
         "attempts_per_request": round(attempts / n, 4) if n else 0.0,
         "refusals": sum(o.refusals for o in outcomes),  # 429 answers, retried or final
         "served_after_retry": sum(1 for o in ok if o.attempts > 1),
+        # first send to last send of the retried requests: the Retry-After waits (and refused tries)
+        "retry_wait_p50_s": _pct(waits, 50),
+        "retry_wait_max_s": round(max(waits), 4) if waits else None,
         "cold_shed": len(cold_shed),  # finally refused while its user's document was on no engine
         "cold_refusals": sum(o.refusals for o in outcomes if o.cold),  # 429 answers to such turns
         "users": len({o.user for o in outcomes if o.user is not None}),
