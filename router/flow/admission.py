@@ -47,7 +47,8 @@ A 429 carries ``Retry-After``: the time the cluster needs to prefill what is ahe
 newcomer (the work in flight, and the queued work of its class or above that the fair shares serve
 before it; at least 1 s, at most :data:`MAX_RETRY_AFTER_S`). Lower classes' queued work is not
 ahead: an interactive request refused behind a batch flood is told when it would be served, not
-when the flood drains (the flow benchmark measured 2.5-4 s too long retry waits that way).
+when the flood drains (in the flow benchmark's priority scenario, retries waited 2.5-4 s with the
+whole queue counted, 1 s with what is ahead).
 """
 
 from __future__ import annotations
