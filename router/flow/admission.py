@@ -43,8 +43,12 @@ In this order:
    d. ``queue_full``: 429;
 5. ``queued``: it waits for an engine with room.
 
-A 429 carries ``Retry-After``: the time the cluster needs to prefill what is ahead (at least 1 s,
-at most :data:`MAX_RETRY_AFTER_S`).
+A 429 carries ``Retry-After``: the time the cluster needs to prefill what is ahead of the
+newcomer (the work in flight, and the queued work of its class or above that the fair shares serve
+before it; at least 1 s, at most :data:`MAX_RETRY_AFTER_S`). Lower classes' queued work is not
+ahead: an interactive request refused behind a batch flood is told when it would be served, not
+when the flood drains (in the flow benchmark's priority scenario, retries waited 2.5-4 s with the
+whole queue counted, 1 s with what is ahead).
 """
 
 from __future__ import annotations
@@ -190,10 +194,12 @@ def learn_correction(
     return (1 - weight) * current + weight * sample
 
 
-def retry_after(queue: QueueState, cap: Capacity) -> float:
+def retry_after(ahead_tokens: float, cap: Capacity) -> float:
+    """Seconds until the work in flight and ``ahead_tokens`` of queued work are prefilled, in whole
+    seconds (an HTTP Retry-After), at least 1 and at most :data:`MAX_RETRY_AFTER_S`."""
     if cap.prefill_tokens_per_s <= 0:
         return 1.0
-    drain = (cap.prefill_in_flight + queue.tokens) / cap.prefill_tokens_per_s
+    drain = (cap.prefill_in_flight + ahead_tokens) / cap.prefill_tokens_per_s
     return min(MAX_RETRY_AFTER_S, max(1.0, float(math.ceil(drain))))
 
 
@@ -239,7 +245,7 @@ def decide(new: Newcomer, queue: QueueState, cap: Capacity) -> Decision:
     share = fair_fraction(new, queue)
     ahead = math.ceil(queue.waiting_ahead * share - 1e-9)
     predicted = predict_ttft(new.cost, queue.tokens_ahead * share, cap, ahead)
-    wait = retry_after(queue, cap)
+    wait = retry_after(queue.tokens_ahead * share, cap)
     late_alone = False  # rule 2c: it misses its objective by its own prefill, and nobody else waits
     if new.objective_s is not None and predicted is not None and predicted > new.objective_s:
         alone = predict_alone(new.cost, cap)

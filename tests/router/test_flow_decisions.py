@@ -640,6 +640,24 @@ def test_predictions_and_retry_after() -> None:
 
 
 @pytest.mark.parametrize(
+    ("queue", "retry_after"),
+    [
+        # everything queued is of its class or above: (68K in flight + 136K) / 68K tokens/s
+        (queue_state(10, tokens=136_000, max_tokens=10**6), 3.0),
+        # a batch flood queued below it: only the 34K of its class or above is ahead
+        (queue_state(10, tokens=136_000, max_tokens=10**6, ahead=34_000, lowest=0), 2.0),
+        # nothing of its class or above waits: the work in flight alone
+        (queue_state(10, tokens=1_000_000, max_tokens=10**7, ahead=0, waiting_ahead=0, lowest=0), 1.0),
+    ],
+)
+def test_retry_after_counts_the_work_ahead_of_the_refused_request(
+    queue: QueueState, retry_after: float
+) -> None:
+    decision = decide(new(priority=10, objective=0.5), queue, FULL)
+    assert decision.outcome == "shed" and decision.retry_after_s == retry_after
+
+
+@pytest.mark.parametrize(
     ("current", "actual", "predicted", "weight", "expected"),
     [
         (1.0, 2.01, 1.01, 0.5, 1.5),  # twice as late as predicted (above the base): halfway to 2

@@ -21,6 +21,7 @@ from kvstack.bench.flow_plan import Policy, Shape
 from kvstack.bench.gpu_procs import PEER_POLICIES
 from kvstack.bench.gpu_procs import peer_router_proc as peer_router
 from kvstack.common.procs import ManagedProcess, free_ports, kvstack_argv
+from kvstack.router.discovery.static import sim_engine_entry
 
 MODEL = "kvstack/sim-8b"
 DEFAULT_SIM_CONFIG = Path("bench-results/flow/sim-h200-x4.yaml")
@@ -34,6 +35,8 @@ class FlowSetup:
     capacity_rps: float = 16.0  # the cluster's capacity, simulated requests/s (1x of the ramp)
     duration_s: float = 8.0  # arrival window of a case, simulated seconds
     shape: Shape = field(default_factory=Shape)
+    # the client's retries of a refused request (the openai SDK's default: 2); 0: none
+    client_retries: int = 2
     # the router's saturation model, in simulated time: the engines' cold prefill rate
     prefill_tokens_per_s: float = 2_100.0
     # an engine takes more while the uncached prompt work the router sent it would prefill within
@@ -137,13 +140,7 @@ def stack(setup: FlowSetup, policy: Policy, case: str) -> tuple[list[ManagedProc
         ]
         sims.append(ManagedProcess(f"sim{i}", argv, log_dir, ready_url=f"{url}/health"))
         engines.append(
-            {
-                "url": url,
-                "name": f"sim{i}",
-                "models": [MODEL],
-                "kv_events_endpoint": f"tcp://127.0.0.1:{pub}",
-                "kv_events_replay_endpoint": f"tcp://127.0.0.1:{replay}",
-            }
+            sim_engine_entry(f"sim{i}", http=http, kv_events=pub, kv_replay=replay, models=[MODEL])
         )
     (log_dir / "engines.yaml").write_text(yaml.safe_dump(engines))
     router, url = _router(setup, policy, log_dir / "engines.yaml", log_dir)
