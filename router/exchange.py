@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -119,10 +120,13 @@ def _budget_spent() -> RetryLater:
 
 async def send_error(send: Send, err: OpenAIError) -> None:
     """Answer with ``err`` in the OpenAI error shape; a 429 or 503 always says when to come back
-    (``Retry-After``: its own wait, else 1 s)."""
+    (``Retry-After``: its own wait rounded up to whole seconds, else 1 s). A computed wait goes out
+    exactly as ``retry-after-ms`` too, which the openai SDKs read before ``Retry-After``: under a
+    TTFT objective of a second, whole seconds would spend the objective on the rounding."""
     headers = list(JSON_HEADERS)
     if isinstance(err, RetryLater):
-        headers.append((b"retry-after", str(max(1, round(err.retry_after))).encode()))
+        headers.append((b"retry-after", str(max(1, math.ceil(err.retry_after))).encode()))
+        headers.append((b"retry-after-ms", str(max(1, round(err.retry_after * 1000))).encode()))
     elif isinstance(err, EngineAnswer):
         headers.extend(err.headers)  # the engine's own Retry-After among them, when it sent one
     if err.status in (429, 503) and not any(name == b"retry-after" for name, _ in headers):

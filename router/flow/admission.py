@@ -45,9 +45,10 @@ In this order:
 
 A 429 carries ``Retry-After``: the time the cluster needs to prefill what is ahead of the
 newcomer (the work in flight, and the queued work of its class or above that the fair shares serve
-before it; at least 1 s, at most :data:`MAX_RETRY_AFTER_S`). Lower classes' queued work is not
-ahead: an interactive request refused behind a batch flood is told when it would be served, not
-when the flood drains (in the flow benchmark's priority scenario, retries waited 2.5-4 s with the
+before it; at least :data:`MIN_RETRY_AFTER_S`, at most :data:`MAX_RETRY_AFTER_S`; exact in
+``retry-after-ms``, rounded up in ``Retry-After``). Lower classes' queued work is not ahead: an
+interactive request refused behind a batch flood is told when it would be served, not when the
+flood drains (in the flow benchmark's priority scenario, retries waited 2.5-4 s with the
 whole queue counted, 1 s with what is ahead).
 """
 
@@ -100,6 +101,10 @@ SHED_MESSAGES = {
 # its engines stayed saturated (429)
 Expiry = Literal["hold_timeout", "queue_timeout"]
 MAX_RETRY_AFTER_S = 60.0
+# Under a TTFT objective of about a second, a wait rounded up to whole seconds is the objective
+# spent: the answer carries the exact wait as ``retry-after-ms`` too (the openai SDK reads it
+# first), and this floor keeps a refused client from coming back at once.
+MIN_RETRY_AFTER_S = 0.25
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,12 +200,12 @@ def learn_correction(
 
 
 def retry_after(ahead_tokens: float, cap: Capacity) -> float:
-    """Seconds until the work in flight and ``ahead_tokens`` of queued work are prefilled, in whole
-    seconds (an HTTP Retry-After), at least 1 and at most :data:`MAX_RETRY_AFTER_S`."""
+    """Seconds until the work in flight and ``ahead_tokens`` of queued work are prefilled, at least
+    :data:`MIN_RETRY_AFTER_S` and at most :data:`MAX_RETRY_AFTER_S` (1 s with no measured rate)."""
     if cap.prefill_tokens_per_s <= 0:
         return 1.0
     drain = (cap.prefill_in_flight + ahead_tokens) / cap.prefill_tokens_per_s
-    return min(MAX_RETRY_AFTER_S, max(1.0, float(math.ceil(drain))))
+    return min(MAX_RETRY_AFTER_S, max(MIN_RETRY_AFTER_S, drain))
 
 
 def most_over_share(queue: QueueState, new: Newcomer) -> str | None:

@@ -36,6 +36,22 @@ def test_retry_after_header(header: str | None, expected: float | None) -> None:
 
 
 @pytest.mark.parametrize(
+    ("header", "header_ms", "expected"),
+    [
+        ("1", "250", 0.25),  # the exact wait first, as the SDK reads it
+        ("2", None, 2.0),
+        ("2", "soon", 2.0),  # not a number: the whole seconds then
+        (None, "1500", 1.5),
+        (None, "nan", None),
+    ],
+)
+def test_retry_after_ms_comes_first(
+    header: str | None, header_ms: str | None, expected: float | None
+) -> None:
+    assert retry_after_s(header, header_ms) == expected
+
+
+@pytest.mark.parametrize(
     ("retry_after", "retries_done", "jitter", "expected"),
     [
         # the answer's Retry-After, when it is one to honour, whatever the retry and the draw

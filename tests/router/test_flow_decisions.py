@@ -636,7 +636,7 @@ def test_predictions_and_retry_after() -> None:
     assert huge.retry_after_s == 60.0  # capped
     idle = Capacity(engines=2, room=False, prefill_tokens_per_s=2 * RATE, prefill_in_flight=0)
     quick = decide(new(), queue_state(10, tokens=10), idle)
-    assert quick.retry_after_s == 1.0
+    assert quick.retry_after_s == 0.25  # the floor: a refused client does not come back at once
 
 
 @pytest.mark.parametrize(
@@ -644,8 +644,9 @@ def test_predictions_and_retry_after() -> None:
     [
         # everything queued is of its class or above: (68K in flight + 136K) / 68K tokens/s
         (queue_state(10, tokens=136_000, max_tokens=10**6), 3.0),
-        # a batch flood queued below it: only the 34K of its class or above is ahead
-        (queue_state(10, tokens=136_000, max_tokens=10**6, ahead=34_000, lowest=0), 2.0),
+        # a batch flood queued below it: only the 34K of its class or above is ahead (exact, not
+        # rounded up to whole seconds: the answer carries it as retry-after-ms)
+        (queue_state(10, tokens=136_000, max_tokens=10**6, ahead=34_000, lowest=0), 1.5),
         # nothing of its class or above waits: the work in flight alone
         (queue_state(10, tokens=1_000_000, max_tokens=10**7, ahead=0, waiting_ahead=0, lowest=0), 1.0),
     ],

@@ -106,6 +106,9 @@ def test_a_higher_class_queued_later_is_dispatched_before_batch_work_queued_earl
     # it would take: refused, not queued
     shed = urgent.join()
     assert shed.status_code == 429 and int(shed.headers["retry-after"]) >= 1
+    # the exact wait beside the whole seconds: at least the floor, and what the seconds round up
+    wait_ms = int(shed.headers["retry-after-ms"])
+    assert 250 <= wait_ms <= 1000 * int(shed.headers["retry-after"])
     assert shed.json()["error"]["type"] == "RateLimitError" and "objective" in shed.json()["error"]["message"]
 
     responses = [c.join() for c in [*first, *batch, interactive]]

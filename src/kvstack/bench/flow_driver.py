@@ -87,7 +87,8 @@ async def _attempt(
             engine = resp.headers.get("x-kvstack-engine")
             if status != 200:
                 await resp.read()
-                retry = flow_retry.retry_after_s(resp.headers.get("retry-after"))
+                got = resp.headers
+                retry = flow_retry.retry_after_s(got.get("retry-after"), got.get("retry-after-ms"))
                 return Outcome(stream.tenant, klass, sent, status, False, None, retry), ""
             async for raw in resp.content:
                 line = raw.strip()

@@ -31,16 +31,20 @@ def retryable(status: int) -> bool:
     return status in RETRYABLE or 500 <= status <= 599
 
 
-def retry_after_s(header: str | None) -> float | None:
-    """A ``Retry-After`` header's delay in seconds; None when absent or not a number of seconds
+def retry_after_s(header: str | None, header_ms: str | None = None) -> float | None:
+    """The answer's delay in seconds, read as the SDK reads it: ``retry-after-ms`` (``header_ms``,
+    milliseconds) first, then ``Retry-After`` (``header``, seconds); None when neither is a number
     (an HTTP date is not one the router sends)."""
-    if header is None:
-        return None
-    try:
-        value = float(header.strip())
-    except ValueError:
-        return None
-    return value if math.isfinite(value) else None
+    for value, divisor in ((header_ms, 1000.0), (header, 1.0)):
+        if value is None:
+            continue
+        try:
+            delay = float(value.strip()) / divisor
+        except ValueError:
+            continue
+        if math.isfinite(delay):
+            return delay
+    return None
 
 
 def retry_wait_s(retry_after: float | None, retries_done: int, jitter: float) -> float:
