@@ -169,10 +169,17 @@ def predict_ttft(cost: float, tokens_ahead: float, cap: Capacity, waiting_ahead:
     if cap.engines <= 0 or cap.prefill_tokens_per_s <= 0:
         return None
     per_engine = cap.prefill_tokens_per_s / cap.engines
+    return cap.base_ttft_s + cap.correction * (
+        _wait_for_turn(tokens_ahead, cap, waiting_ahead) + cost / per_engine
+    )
+
+
+def _wait_for_turn(tokens_ahead: float, cap: Capacity, waiting_ahead: int) -> float:
+    """Uncorrected seconds until a request queued now gets an engine (``prefill_tokens_per_s`` > 0)."""
     by_tokens = (cap.prefill_in_flight + tokens_ahead) / cap.prefill_tokens_per_s
     # its own turn too: with every engine busy, even the head of the queue waits for a slot to free
     by_turns = (waiting_ahead + 1) / cap.turns_per_s if cap.turns_per_s and not cap.room else 0.0
-    return cap.base_ttft_s + cap.correction * (max(by_tokens, by_turns) + cost / per_engine)
+    return max(by_tokens, by_turns)
 
 
 def predict_alone(cost: float, cap: Capacity) -> float | None:
@@ -199,13 +206,15 @@ def learn_correction(
     return (1 - weight) * current + weight * sample
 
 
-def retry_after(ahead_tokens: float, cap: Capacity) -> float:
-    """Seconds until the work in flight and ``ahead_tokens`` of queued work are prefilled, at least
+def retry_after(ahead_tokens: float, cap: Capacity, waiting_ahead: int = 0) -> float:
+    """Seconds until the work ahead (in flight, and ``ahead_tokens`` of queued work) lets it in, as
+    :func:`predict_ttft` predicts that wait (the learnt correction included: a retry told to come
+    back before the wait it was refused for has passed is refused again), at least
     :data:`MIN_RETRY_AFTER_S` and at most :data:`MAX_RETRY_AFTER_S` (1 s with no measured rate)."""
     if cap.prefill_tokens_per_s <= 0:
         return 1.0
-    drain = (cap.prefill_in_flight + ahead_tokens) / cap.prefill_tokens_per_s
-    return min(MAX_RETRY_AFTER_S, max(MIN_RETRY_AFTER_S, drain))
+    wait = cap.correction * _wait_for_turn(ahead_tokens, cap, waiting_ahead)
+    return min(MAX_RETRY_AFTER_S, max(MIN_RETRY_AFTER_S, wait))
 
 
 def most_over_share(queue: QueueState, new: Newcomer) -> str | None:
@@ -250,7 +259,7 @@ def decide(new: Newcomer, queue: QueueState, cap: Capacity) -> Decision:
     share = fair_fraction(new, queue)
     ahead = math.ceil(queue.waiting_ahead * share - 1e-9)
     predicted = predict_ttft(new.cost, queue.tokens_ahead * share, cap, ahead)
-    wait = retry_after(queue.tokens_ahead * share, cap)
+    wait = retry_after(queue.tokens_ahead * share, cap, ahead)
     late_alone = False  # rule 2c: it misses its objective by its own prefill, and nobody else waits
     if new.objective_s is not None and predicted is not None and predicted > new.objective_s:
         alone = predict_alone(new.cost, cap)

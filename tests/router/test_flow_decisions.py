@@ -18,6 +18,7 @@ from kvstack.router.flow.admission import (
     learn_correction,
     predict_alone,
     predict_ttft,
+    retry_after,
 )
 from kvstack.router.flow.fairness import FairShare, fair_work_ahead, over_share
 from kvstack.router.flow.ordering import Waiting, next_waiting, order_key
@@ -656,6 +657,25 @@ def test_retry_after_counts_the_work_ahead_of_the_refused_request(
 ) -> None:
     decision = decide(new(priority=10, objective=0.5), queue, FULL)
     assert decision.outcome == "shed" and decision.retry_after_s == retry_after
+
+
+@pytest.mark.parametrize(
+    ("cap", "waiting_ahead", "expected"),
+    [
+        (FULL, 0, 1.0),  # 68K in flight at 68K tokens/s
+        (dataclasses.replace(FULL, correction=2.0), 0, 2.0),  # waits run twice the model: so does this
+        (dataclasses.replace(FULL, correction=0.1), 0, 0.25),  # never under the floor
+        # engines full of long decodes: 29 ahead and its own turn at 10 turns/s outlast the prefill
+        (dataclasses.replace(FULL, turns_per_s=10.0), 29, 3.0),
+        (dataclasses.replace(FULL, turns_per_s=10.0, room=True), 29, 1.0),  # a slot is free: prefill only
+        (dataclasses.replace(FULL, prefill_in_flight=10**9), 0, 60.0),  # capped
+        (dataclasses.replace(FULL, prefill_tokens_per_s=0.0), 0, 1.0),  # no rate measured
+    ],
+)
+def test_retry_after_is_the_predicted_wait(cap: Capacity, waiting_ahead: int, expected: float) -> None:
+    """A refused request is told to come back when the wait it was refused for has passed, as
+    predict_ttft models that wait; told less, its retry meets the same wait and is refused again."""
+    assert retry_after(0.0, cap, waiting_ahead) == pytest.approx(expected)
 
 
 @pytest.mark.parametrize(
