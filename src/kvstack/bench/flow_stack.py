@@ -21,6 +21,7 @@ from kvstack.bench.flow_plan import Policy, Shape
 from kvstack.bench.gpu_procs import PEER_POLICIES
 from kvstack.bench.gpu_procs import peer_router_proc as peer_router
 from kvstack.common.procs import ManagedProcess, free_ports, kvstack_argv
+from kvstack.engine.sim.cli import kv_events_flags
 from kvstack.router.discovery.static import sim_engine_entry
 
 MODEL = "kvstack/sim-8b"
@@ -130,14 +131,7 @@ def stack(setup: FlowSetup, policy: Policy, case: str) -> tuple[list[ManagedProc
         argv = [*kvstack_argv(), "engine", "sim", "--port", str(http), "--model", MODEL]
         if setup.sim_config is not None:
             argv += ["--config", str(setup.sim_config)]
-        argv += [
-            "--speed",
-            str(setup.speed),
-            "--kv-events-endpoint",
-            f"tcp://127.0.0.1:{pub}",
-            "--kv-events-replay-endpoint",
-            f"tcp://127.0.0.1:{replay}",
-        ]
+        argv += ["--speed", str(setup.speed), *kv_events_flags(pub, replay)]
         sims.append(ManagedProcess(f"sim{i}", argv, log_dir, ready_url=f"{url}/health"))
         engines.append(
             sim_engine_entry(f"sim{i}", http=http, kv_events=pub, kv_replay=replay, models=[MODEL])
