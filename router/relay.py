@@ -154,7 +154,8 @@ class Relay:
 
 
 def _flow_headers(call: Call) -> Headers:
-    """``x-kvstack-priority-class``, ``-queue-position`` (at admission) and ``-queue-wait-ms``."""
+    """``x-kvstack-priority-class``, ``-queue-position`` (at admission), ``-queue-wait-ms``,
+    ``-admission`` and ``-predicted-ttft-ms``."""
     if call.demand is None or call.demand.grant is None:
         return []
     return call.demand.grant.headers()

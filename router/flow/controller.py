@@ -159,7 +159,7 @@ class FlowControl:
             queue.state_for(cls.priority, self.max_held, self.queue_timeout_s),
             cap,
         )
-        grant.predicted_ttft_s = decision.predicted_ttft_s
+        grant.predicted_ttft_s, grant.admission = decision.predicted_ttft_s, decision.reason
         if decision.outcome != "dispatch":  # what admission saw of a wait (kvstack bench gpu's router log)
             log.debug(
                 "flow admission %s: predicted %s s, turns/s %s, correction %.2f, in flight %.0f tokens, "

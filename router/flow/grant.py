@@ -19,6 +19,7 @@ class Grant:
     objective_s: float | None
     cost: float
     predicted_ttft_s: float | None = None
+    admission: str = ""  # the admission decision's reason (admission.Reason): room, queued, held, ...
     correction: float = 1.0  # the model's prediction correction it was predicted with
     position: int = 0  # in the queue at admission; 0: an engine had room
     queue_wait_s: float = 0.0
@@ -29,8 +30,14 @@ class Grant:
     uncached: float = 0.0
 
     def headers(self) -> list[tuple[bytes, bytes]]:
-        return [
+        shown = [
             (b"x-kvstack-priority-class", self.class_name.encode()),
             (b"x-kvstack-queue-position", str(self.position).encode()),
             (b"x-kvstack-queue-wait-ms", str(round(self.queue_wait_s * 1000)).encode()),
+            (b"x-kvstack-admission", self.admission.encode()),
         ]
+        # what it was admitted on, beside what it got: a late first token with a small prediction
+        # is the prediction's error, with a large one the admission rule's
+        if self.predicted_ttft_s is not None:
+            shown.append((b"x-kvstack-predicted-ttft-ms", str(round(self.predicted_ttft_s * 1000)).encode()))
+        return shown

@@ -39,6 +39,8 @@ def o(status: int, ttft: float | None = None, ok: bool | None = None, **kw: obje
         first_sent_s=kw.get("first_sent"),  # type: ignore[arg-type]
         cold=bool(kw.get("cold", False)),
         user=kw.get("user"),  # type: ignore[arg-type]
+        admission=kw.get("admission"),  # type: ignore[arg-type]
+        predicted_ttft_s=kw.get("predicted"),  # type: ignore[arg-type]
     )
 
 
@@ -96,6 +98,25 @@ SUMMARY_CASES = [
             "served_after_retry": 2,
             "ttft_p50_s": 0.3,  # of 0.3, 0.2, 0.4: last attempts
             "ttft_first_attempt_p50_s": 0.9,  # of 0.9, 1.6, 0.4
+        },
+    ),
+    (
+        "late admitted requests by how flow control let them in",
+        [
+            o(200, 1.4, admission="room", predicted=1.2, cold=True),
+            o(200, 1.2, admission="queued", predicted=0.8),
+            o(200, 1.6, admission="queued", predicted=0.9),
+            o(200, 0.9, admission="queued", predicted=0.9),  # on time: not counted
+            o(200, 2.0),  # no flow control
+            o(429, admission=None),
+        ],
+        1.0,
+        {
+            "late_admitted": {
+                "-": {"count": 1, "predicted_p50_s": None, "ttft_p50_s": 2.0, "cold": 0},
+                "queued": {"count": 2, "predicted_p50_s": 0.85, "ttft_p50_s": 1.4, "cold": 0},
+                "room": {"count": 1, "predicted_p50_s": 1.2, "ttft_p50_s": 1.4, "cold": 1},
+            }
         },
     ),
     (

@@ -120,6 +120,10 @@ def test_a_higher_class_queued_later_is_dispatched_before_batch_work_queued_earl
     assert got.headers["x-kvstack-queue-position"] == "1"  # ahead of the three batch requests
     assert int(got.headers["x-kvstack-queue-wait-ms"]) > 0
     assert responses[0].headers["x-kvstack-queue-position"] == "0"  # an engine had room
+    # what each was admitted as and on: the first at once, the interactive one queued with a prediction
+    assert responses[0].headers["x-kvstack-admission"] == "room"
+    assert got.headers["x-kvstack-admission"] == "queued"
+    assert int(got.headers["x-kvstack-predicted-ttft-ms"]) > 0
     assert r.metric("kvstack_router_flow_shed_total", reason="slo_prefill", **{"class": "urgent"}) == 1
     assert (
         r.metric("kvstack_router_flow_queue_wait_seconds_count", model_name=MODEL, **{"class": "batch"}) == 5

@@ -81,10 +81,15 @@ async def _attempt(
     klass = stream.klass or "default"
     status, ttft, done, tokens, parts = 0, None, False, 0, []
     engine: str | None = None
+    admission: str | None = None
+    predicted: float | None = None
     try:
         async with http.post(f"{client.base_url}/v1/chat/completions", json=body, headers=headers) as resp:
             status = resp.status
             engine = resp.headers.get("x-kvstack-engine")
+            admission = resp.headers.get("x-kvstack-admission")
+            if (ms := resp.headers.get("x-kvstack-predicted-ttft-ms")) is not None:
+                predicted = int(ms) / 1000 * client.speed  # the router's wall seconds, simulated
             if status != 200:
                 await resp.read()
                 got = resp.headers
@@ -110,7 +115,18 @@ async def _attempt(
     except (TimeoutError, aiohttp.ClientError, ValueError):
         pass  # status stays what the response said (0 if none came): an error, not a refusal
     ok = done and tokens == turn.max_tokens
-    return Outcome(stream.tenant, klass, sent, status, ok, ttft, engine=engine), "".join(parts)
+    outcome = Outcome(
+        stream.tenant,
+        klass,
+        sent,
+        status,
+        ok,
+        ttft,
+        engine=engine,
+        admission=admission,
+        predicted_ttft_s=predicted,
+    )
+    return outcome, "".join(parts)
 
 
 async def _request(

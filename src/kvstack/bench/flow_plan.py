@@ -143,6 +143,8 @@ class Outcome:
     ttft_s: float | None = None
     retry_after_s: float | None = None  # the 429's Retry-After header
     engine: str | None = None  # the engine that served it (the router's x-kvstack-engine header)
+    admission: str | None = None  # how flow control admitted it (x-kvstack-admission): room, queued, ...
+    predicted_ttft_s: float | None = None  # the TTFT it was admitted on (x-kvstack-predicted-ttft-ms)
     # With client retries (flow_driver), the fields above are the LAST attempt's (sent_s, status,
     # ttft_s: from that attempt's send), and these the request's as its user saw it:
     attempts: int = 1
@@ -216,6 +218,26 @@ def summarize(
         "ttft_first_attempt_p90_s": _pct(user_ttfts, 90),
         "ttft_first_attempt_p99_s": _pct(user_ttfts, 99),
         **first_touches(ok),
+        "late_admitted": late_admitted(ok, objective_s),
+    }
+
+
+def late_admitted(completed: Sequence[Outcome], objective_s: float) -> dict[str, dict[str, Any]]:
+    """The completed requests whose TTFT (from the admitted attempt) missed the objective, by how
+    flow control admitted them (``-`` without flow control): how many, and the median predicted
+    and actual TTFT, so a late tail shows whether a rule let it in or the prediction was wrong."""
+    late: dict[str, list[Outcome]] = {}
+    for o in completed:
+        if o.ttft_s is not None and o.ttft_s > objective_s:
+            late.setdefault(o.admission or "-", []).append(o)
+    return {
+        how: {
+            "count": len(group),
+            "predicted_p50_s": _pct([t for o in group if (t := o.predicted_ttft_s) is not None], 50),
+            "ttft_p50_s": _pct([o.ttft_s for o in group if o.ttft_s is not None], 50),
+            "cold": sum(1 for o in group if o.cold),
+        }
+        for how, group in sorted(late.items())
     }
 
 
