@@ -8,11 +8,7 @@ In this order:
    ``max_held`` instead of the queue's (``hold_full``: 429); nothing is predicted (no engine to
    predict from), so no objective refuses it: its user asked to wait for the start;
 1. ``room``: an engine of the model has room and nobody of its class or a higher one waits:
-   dispatch now (below saturation flow control costs nothing), unless rule 2a or 2b refuses it
-   (with nothing queued ahead, its wait is the prefill in flight). A free slot is not a free
-   engine: at 1.5x and 2x capacity in the flow benchmark every request admitted late had been
-   dispatched with room, predicted late (median 1.07-1.09 s against the 1 s objective) and late
-   as predicted (1.04-1.17 s; bench-results/flow, flow15);
+   dispatch now (below saturation flow control costs nothing);
 2. its class has a TTFT objective and its predicted TTFT misses it. The prediction is the wait for
    its turn (the prefill work ahead of it, sent and not prefilled plus waiting in its class or
    above, at the cluster's prefill rate; or, when longer, the requests ahead and its own turn at
@@ -258,9 +254,9 @@ def decide(new: Newcomer, queue: QueueState, cap: Capacity) -> Decision:
         if queue.count < queue.max_held:
             return Decision("queue", "held", None)
         return Decision("shed", "hold_full", None)
-    room = cap.room and queue.waiting_ahead == 0
-    # with room nothing queued is ahead of it; else what the fair shares serve before it
-    share = 0.0 if room else fair_fraction(new, queue)
+    if cap.room and queue.waiting_ahead == 0:
+        return Decision("dispatch", "room", predict_ttft(new.cost, 0.0, cap))
+    share = fair_fraction(new, queue)
     ahead = math.ceil(queue.waiting_ahead * share - 1e-9)
     predicted = predict_ttft(new.cost, queue.tokens_ahead * share, cap, ahead)
     wait = retry_after(queue.tokens_ahead * share, cap, ahead)
@@ -274,8 +270,6 @@ def decide(new: Newcomer, queue: QueueState, cap: Capacity) -> Decision:
         if queue.count > 0 or (no_prefill is not None and no_prefill > new.objective_s):
             return Decision("shed", "slo_prefill", predicted, wait)
         late_alone = True
-    if room:
-        return Decision("dispatch", "room", predicted)
     if queue.max_wait_s is not None and predicted is not None and predicted > queue.max_wait_s:
         return Decision("shed", "wait_bound", predicted, wait)
     full = queue.count + 1 > queue.max_count or (
