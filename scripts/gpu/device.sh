@@ -101,6 +101,7 @@ SH
 proof() {
   timeout "${PROOF_TIMEOUT:-420}" python3 -m kvstack bench gpu --engines-file $LOGS/engines.yaml --model kvstack-8b \
     --out "$OUT" "$@" 2>&1 | tee -a "$OUT/proof.log"
+  bundle_traces
 }
 
 matrix() {  # engines x workloads x loads x runs x routers in one call (gpu_plan.py), within its budget
@@ -110,7 +111,22 @@ matrix() {  # engines x workloads x loads x runs x routers in one call (gpu_plan
     python3 -m kvstack bench gpu "${base[@]}" --dry-run "$@"
     return
   fi
-  timeout "${PROOF_TIMEOUT:-590}" python3 -m kvstack bench gpu "${base[@]}" "$@" 2>&1 | tee -a "$OUT/matrix.log"
+  # the router tokenizes with the model's own files unless the caller passes --tokenizer: with the
+  # engines' /tokenize each request paid 15-25 ms of routing on the H200 (bench-results/gpu/r13)
+  local tok=(--tokenizer local --tokenizer-path /tmp/model) arg
+  for arg in "$@"; do
+    case $arg in --tokenizer | --tokenizer=*) tok=() ;; esac
+  done
+  timeout "${PROOF_TIMEOUT:-590}" python3 -m kvstack bench gpu "${base[@]}" ${tok[@]+"${tok[@]}"} "$@" 2>&1 \
+    | tee -a "$OUT/matrix.log"
+  bundle_traces
+}
+
+bundle_traces() {  # a run call returns at most 8 files from $OUT: the per-case traces go back as one
+  # archive, so the results JSON, PNG and log come back beside it (r13 lost them to 18 traces)
+  local traces=("$OUT"/*.trace.jsonl)
+  [ -e "${traces[0]}" ] || return 0
+  tar -C "$OUT" -czf "$OUT/traces-$(date +%s).tgz" "${traces[@]##*/}" && rm -f "${traces[@]}"
 }
 
 flow() {  # flow control under overload over the running engines (kvstack bench flow)

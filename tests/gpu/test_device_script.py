@@ -129,3 +129,25 @@ def test_flow_passes_the_caller_s_tokenizer_else_the_engines(
     assert argv[at : at + len(tokenizer)] == tokenizer
     assert argv[-len(args) :] == list(args) if args else argv[-2:] == ["--out", str(tmp_path)]
     assert (tmp_path / "flow.log").exists()  # its output is kept beside the results
+
+
+def test_the_traces_go_back_as_one_archive_beside_the_results(tmp_path: Path) -> None:
+    """A run call returns at most 8 files from $OUT: 18 per-case traces once crowded out the
+    matrix's JSON, PNG and log. The script's bundle_traces leaves those and one archive."""
+    names = [f"m-e2-l{load}-{p}-r{r}.trace.jsonl" for load in (0.3, 0.9, 1.3) for p in "abc" for r in (1, 2)]
+    for name in names:
+        (tmp_path / name).write_text(name)
+    for kept in ("m-e2.json", "m-e2.png", "matrix.log"):
+        (tmp_path / kept).write_text(kept)
+    body = f'source <(sed -n "/^bundle_traces()/,/^}}/p" {SCRIPT}); bundle_traces'
+    subprocess.run(["bash", "-c", body], env={**os.environ, "OUT": str(tmp_path)}, check=True)
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert [n for n in left if not n.startswith("traces-")] == ["m-e2.json", "m-e2.png", "matrix.log"]
+    (archive,) = [n for n in left if n.startswith("traces-")]
+    listed = subprocess.run(
+        ["tar", "tzf", str(tmp_path / archive)], check=True, capture_output=True, text=True
+    )
+    assert sorted(listed.stdout.split()) == sorted(names)
+    # nothing to bundle: nothing written
+    subprocess.run(["bash", "-c", body], env={**os.environ, "OUT": str(tmp_path)}, check=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == left
