@@ -113,13 +113,19 @@ matrix() {  # engines x workloads x loads x runs x routers in one call (gpu_plan
   fi
   # the router tokenizes with the model's own files unless the caller passes --tokenizer: with the
   # engines' /tokenize each request paid 15-25 ms of routing on the H200 (bench-results/gpu/r13)
-  local tok=(--tokenizer local --tokenizer-path /tmp/model) arg
-  for arg in "$@"; do
-    case $arg in --tokenizer | --tokenizer=*) tok=() ;; esac
-  done
+  local tok=(--tokenizer local --tokenizer-path /tmp/model)
+  names_tokenizer "$@" && tok=()
   timeout "${PROOF_TIMEOUT:-590}" python3 -m kvstack bench gpu "${base[@]}" ${tok[@]+"${tok[@]}"} "$@" 2>&1 \
     | tee -a "$OUT/matrix.log"
   bundle_traces
+}
+
+names_tokenizer() {  # whether the arguments choose the router's tokenizer (--tokenizer X, --tokenizer=X)
+  local arg
+  for arg in "$@"; do
+    case $arg in --tokenizer | --tokenizer=*) return 0 ;; esac
+  done
+  return 1
 }
 
 bundle_traces() {  # a run call returns at most 8 files from $OUT: the per-case traces go back as one
@@ -132,10 +138,8 @@ bundle_traces() {  # a run call returns at most 8 files from $OUT: the per-case 
 flow() {  # flow control under overload over the running engines (kvstack bench flow)
   # the router's tokenizer: the engines' /tokenize unless the caller passes its own --tokenizer
   # (e.g. --tokenizer local --tokenizer-path /tmp/model: the router's own, as `bench gpu` does)
-  local tok=(--tokenizer engine) arg
-  for arg in "$@"; do
-    case $arg in --tokenizer | --tokenizer=*) tok=() ;; esac
-  done
+  local tok=(--tokenizer engine)
+  names_tokenizer "$@" && tok=()
   timeout "${PROOF_TIMEOUT:-580}" python3 -m kvstack bench flow --engines-file $LOGS/engines.yaml --model kvstack-8b \
     ${tok[@]+"${tok[@]}"} --speed 1 --out "$OUT" "$@" 2>&1 | tee -a "$OUT/flow.log"
 }

@@ -17,6 +17,11 @@ ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts/gpu/device.sh"
 
 
+def functions(*names: str) -> str:
+    """A command printing the script's functions ``names`` (the script itself installs a wheel first)."""
+    return "sed -n " + " ".join(f'-e "/^{n}()/,/^}}/p"' for n in names) + f" {SCRIPT}"
+
+
 def engine_yaml(index: int, env: dict[str, str]) -> str:
     """The script's own engine_yaml function, run alone (the script itself installs a wheel first)."""
     body = f'source <(sed -n "/^engine_yaml()/,/^}}/p" {SCRIPT}); engine_yaml {index}'
@@ -69,7 +74,7 @@ def run_matrix(tmp_path: Path, args: list[str], env: dict[str, str]) -> subproce
             for i in range(4)
         )
     )
-    body = f'source <(sed -n "/^matrix()/,/^}}/p" {SCRIPT}); matrix "$@"'
+    body = f'source <({functions("matrix", "names_tokenizer", "bundle_traces")}); matrix "$@"'
     path = f"{Path(sys.executable).parent}:{os.environ['PATH']}"  # python3 -m kvstack: this venv's
     full = {**os.environ, "PATH": path, "LOGS": str(logs), "REDIS_PORT": "6390", "OUT": str(tmp_path), **env}
     return subprocess.run(["bash", "-c", body, "matrix", *args], env=full, capture_output=True, text=True)
@@ -101,7 +106,7 @@ def test_matrix_over_its_budget_is_refused_before_any_request(tmp_path: Path) ->
 def flow_argv(tmp_path: Path, *args: str) -> list[str]:
     """The `kvstack bench flow` command line the script's flow function runs (``timeout`` echoes it)."""
     body = (
-        f'source <(sed -n "/^flow()/,/^}}/p" {SCRIPT}); set -u; LOGS=/tmp/gpulogs; OUT={tmp_path}; '
+        f"source <({functions('flow', 'names_tokenizer')}); set -u; LOGS=/tmp/gpulogs; OUT={tmp_path}; "
         'timeout() { shift; printf "%s\\n" "$@"; }; flow "$@"'
     )
     done = subprocess.run(
@@ -151,3 +156,30 @@ def test_the_traces_go_back_as_one_archive_beside_the_results(tmp_path: Path) ->
     # nothing to bundle: nothing written
     subprocess.run(["bash", "-c", body], env={**os.environ, "OUT": str(tmp_path)}, check=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == left
+
+
+@pytest.mark.parametrize(
+    ("args", "tokenizer"),
+    [
+        # the default: the model's own files, no /tokenize round trip per request (r13: 15-25 ms)
+        ((), ["--tokenizer", "local", "--tokenizer-path", "/tmp/model"]),
+        (("--tokenizer", "engine"), ["--tokenizer", "engine"]),
+        (("--tokenizer=builtin",), ["--tokenizer=builtin"]),
+    ],
+)
+def test_the_matrix_tokenizes_in_the_router_unless_told_otherwise(
+    tmp_path: Path, args: tuple[str, ...], tokenizer: list[str]
+) -> None:
+    body = (
+        f"source <({functions('matrix', 'names_tokenizer', 'bundle_traces')}); set -u; LOGS=/tmp/gpulogs; "
+        f'OUT={tmp_path}; REDIS_PORT=6390; timeout() {{ shift; printf "%s\\n" "$@"; }}; matrix "$@"'
+    )
+    done = subprocess.run(
+        ["bash", "-c", body, "matrix", *args], check=True, capture_output=True, text=True, env=os.environ
+    )
+    argv = done.stdout.splitlines()
+    assert argv[:5] == ["python3", "-m", "kvstack", "bench", "gpu"]
+    chosen = [i for i, a in enumerate(argv) if a.startswith("--tokenizer") and a != "--tokenizer-path"]
+    assert len(chosen) == 1
+    assert argv[chosen[0] : chosen[0] + len(tokenizer)] == tokenizer
+    assert (tmp_path / "matrix.log").exists()
