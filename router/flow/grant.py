@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from kvstack.router.flow.admission import Reason
+
 
 @dataclass(eq=False, slots=True)
 class Grant:
@@ -19,7 +21,7 @@ class Grant:
     objective_s: float | None
     cost: float
     predicted_ttft_s: float | None = None
-    admission: str = ""  # the admission decision's reason (admission.Reason): room, queued, held, ...
+    admission: Reason | None = None  # the admission decision's reason: room, queued, held, ...
     correction: float = 1.0  # the model's prediction correction it was predicted with
     position: int = 0  # in the queue at admission; 0: an engine had room
     queue_wait_s: float = 0.0
@@ -34,10 +36,11 @@ class Grant:
             (b"x-kvstack-priority-class", self.class_name.encode()),
             (b"x-kvstack-queue-position", str(self.position).encode()),
             (b"x-kvstack-queue-wait-ms", str(round(self.queue_wait_s * 1000)).encode()),
-            (b"x-kvstack-admission", self.admission.encode()),
         ]
-        # what it was admitted on, beside what it got: a late first token with a small prediction
-        # is the prediction's error, with a large one the admission rule's
+        # how and on what it was admitted, beside what it got: a late first token with a small
+        # prediction is the prediction's error, with a large one the admission rule's
+        if self.admission is not None:
+            shown.append((b"x-kvstack-admission", self.admission.encode()))
         if self.predicted_ttft_s is not None:
             shown.append((b"x-kvstack-predicted-ttft-ms", str(round(self.predicted_ttft_s * 1000)).encode()))
         return shown
