@@ -24,7 +24,7 @@ def functions(*names: str) -> str:
 
 def engine_yaml(index: int, env: dict[str, str]) -> str:
     """The script's own engine_yaml function, run alone (the script itself installs a wheel first)."""
-    body = f'source <(sed -n "/^engine_yaml()/,/^}}/p" {SCRIPT}); engine_yaml {index}'
+    body = f"source <({functions('engine_yaml')}); engine_yaml {index}"
     return subprocess.run(
         ["bash", "-c", body], env={**os.environ, **env}, check=True, capture_output=True, text=True
     ).stdout
@@ -103,16 +103,22 @@ def test_matrix_over_its_budget_is_refused_before_any_request(tmp_path: Path) ->
     assert "requests ..." not in done.stdout  # no case started
 
 
-def flow_argv(tmp_path: Path, *args: str) -> list[str]:
-    """The `kvstack bench flow` command line the script's flow function runs (``timeout`` echoes it)."""
+def printed_argv(tmp_path: Path, names: tuple[str, ...], *args: str) -> list[str]:
+    """The command line the script's function ``names[0]`` (with the functions it calls, the rest of
+    ``names``) runs under ``timeout``, which echoes it instead."""
     body = (
-        f"source <({functions('flow', 'names_tokenizer')}); set -u; LOGS=/tmp/gpulogs; OUT={tmp_path}; "
-        'timeout() { shift; printf "%s\\n" "$@"; }; flow "$@"'
+        f"source <({functions(*names)}); set -u; LOGS=/tmp/gpulogs; OUT={tmp_path}; REDIS_PORT=6390; "
+        f'timeout() {{ shift; printf "%s\\n" "$@"; }}; {names[0]} "$@"'
     )
     done = subprocess.run(
-        ["bash", "-c", body, "flow", *args], check=True, capture_output=True, text=True, env=os.environ
+        ["bash", "-c", body, names[0], *args], check=True, capture_output=True, text=True, env=os.environ
     )
     return done.stdout.splitlines()
+
+
+def flow_argv(tmp_path: Path, *args: str) -> list[str]:
+    """The `kvstack bench flow` command line the script's flow function runs."""
+    return printed_argv(tmp_path, ("flow", "names_tokenizer"), *args)
 
 
 @pytest.mark.parametrize(
@@ -144,7 +150,7 @@ def test_the_traces_go_back_as_one_archive_beside_the_results(tmp_path: Path) ->
         (tmp_path / name).write_text(name)
     for kept in ("m-e2.json", "m-e2.png", "matrix.log"):
         (tmp_path / kept).write_text(kept)
-    body = f'source <(sed -n "/^bundle_traces()/,/^}}/p" {SCRIPT}); bundle_traces'
+    body = f"source <({functions('bundle_traces')}); bundle_traces"
     subprocess.run(["bash", "-c", body], env={**os.environ, "OUT": str(tmp_path)}, check=True)
     left = sorted(p.name for p in tmp_path.iterdir())
     assert [n for n in left if not n.startswith("traces-")] == ["m-e2.json", "m-e2.png", "matrix.log"]
@@ -170,14 +176,7 @@ def test_the_traces_go_back_as_one_archive_beside_the_results(tmp_path: Path) ->
 def test_the_matrix_tokenizes_in_the_router_unless_told_otherwise(
     tmp_path: Path, args: tuple[str, ...], tokenizer: list[str]
 ) -> None:
-    body = (
-        f"source <({functions('matrix', 'names_tokenizer', 'bundle_traces')}); set -u; LOGS=/tmp/gpulogs; "
-        f'OUT={tmp_path}; REDIS_PORT=6390; timeout() {{ shift; printf "%s\\n" "$@"; }}; matrix "$@"'
-    )
-    done = subprocess.run(
-        ["bash", "-c", body, "matrix", *args], check=True, capture_output=True, text=True, env=os.environ
-    )
-    argv = done.stdout.splitlines()
+    argv = printed_argv(tmp_path, ("matrix", "names_tokenizer", "bundle_traces"), *args)
     assert argv[:5] == ["python3", "-m", "kvstack", "bench", "gpu"]
     chosen = [i for i, a in enumerate(argv) if a.startswith("--tokenizer") and a != "--tokenizer-path"]
     assert len(chosen) == 1
