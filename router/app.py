@@ -226,6 +226,7 @@ async def _running(ctx: RouterContext) -> AsyncIterator[None]:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(2 * monitor_config.probe_timeout + 0.5):
                 await monitor.settled()
+        ctx.warm_tokenizers()  # before the port is served: no first request loads a tokenizer
         ctx.refresh_models = monitor.refresh_models  # an engine that lost a model (router/model_gone.py)
         if settings.adapters and settings.load_adapters:  # LoRA: load a held request's adapter
             key = settings.engine_api_key.get_secret_value() if settings.engine_api_key else None

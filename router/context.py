@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -13,6 +14,7 @@ from kvstack.router.engines import EngineRegistry, EngineState
 from kvstack.router.flow.controller import FlowControl
 from kvstack.router.hold import Holds
 from kvstack.router.limits import BodyBudget, KeyLimiter
+from kvstack.router.local_tokenizer import LocalTokenizerError, LocalTokenizers
 from kvstack.router.metrics import RouterMetrics
 from kvstack.router.offload import TokenizerPool
 from kvstack.router.policies.base import Policy
@@ -22,6 +24,8 @@ from kvstack.router.upstream import Upstream
 
 if TYPE_CHECKING:
     from kvstack.router.tracing import RouterTracing
+
+log = logging.getLogger(__name__)
 
 REQUEST_ID_KEY = "kvstack.request_id"  # where the request-id middleware leaves the id in the ASGI scope
 
@@ -42,6 +46,8 @@ class RouterContext:
     bodies: BodyBudget = field(default_factory=lambda: BodyBudget(None))  # request bodies held in memory
     tracing: RouterTracing | None = None  # OTLP spans, when settings.tracing.enabled (app lifespan)
     flow: FlowControl = field(init=False)  # flow control: the per-model queues and engine ledgers
+    # tokenizer: local: the models' own tokenizers, one set for every route
+    local_tokenizers: LocalTokenizers | None = field(init=False)
     # stored /v1/responses: which engine holds each (router/sticky.py)
     owners: ResponseOwners = field(default_factory=lambda: ResponseOwners(StickyResponsesConfig()))
     # re-reads one engine's /v1/models (the monitor's, set in the app lifespan; router/model_gone.py)
@@ -60,6 +66,12 @@ class RouterContext:
             hold_timeout_s=settings.hold_timeout_s,
             max_held=settings.max_held_per_model,
         )
+        path = settings.tokenizer_path
+        self.local_tokenizers = (
+            LocalTokenizers(path, self.token_cache, self.token_cache.messages)
+            if settings.tokenizer == "local" and path is not None
+            else None
+        )
         self.registry.listeners.append(self.engines_changed)
         for model in {*self.settings.models, *self.holds.named}:
             self.metrics.queued.labels(model)  # at 0 from the start: the autoscaler reads it
@@ -68,6 +80,19 @@ class RouterContext:
         """End every request waiting for ``model`` with ``error`` (its adapter cannot be loaded):
         those in the hold and those held in its flow queue."""
         return self.holds.fail(model, error) + self.flow.fail(model, error)
+
+    def warm_tokenizers(self) -> None:
+        """Load the local tokenizers of the models the engines serve now (``tokenizer: local``), so
+        that no first request waits for one; a model whose files fail is left to the request path,
+        which falls back to an engine's ``/tokenize``."""
+        local = self.local_tokenizers
+        if local is None:
+            return
+        for model in sorted({*self.registry.models(self.clock()), *self.settings.models}):
+            try:
+                local.warm(model)
+            except LocalTokenizerError as err:
+                log.warning("local tokenizer for %s not loaded at startup: %s", model, err)
 
     def engines_changed(self) -> None:
         """An engine may have come up or gone: release held requests, and queued ones where there is room."""

@@ -23,7 +23,10 @@ its pieces end to end. When the tokenizer's settings guarantee that
 (:func:`~kvstack.router.tokenizer_pieces.piece_refusal`), the rendered chat is cut at those tokens
 (:func:`~kvstack.router.tokenizer_pieces.chat_pieces`) and each piece's ids are kept in a
 :class:`~kvstack.common.token_cache.TokenCache`: a new turn encodes only its new message. The first
-chats of each model are also encoded whole and compared; a difference turns the pieces off.
+chats of each model are also encoded whole and compared (:meth:`LocalTokenizers.check`); a
+difference turns the pieces off. The router does that comparison after the request is sent: it
+doubled the routing time of a new user's first turn (~20 ms of an H200 run's TTFT), and a
+difference costs at most the placement of the few requests checked meanwhile.
 
 Files are found under one root (:func:`find_model_dir`): a model folder itself, ``<root>/<model>``,
 or the HF Hub cache layout (``models--org--name/snapshots/<rev>``, also under ``hub/``), the one
@@ -135,6 +138,10 @@ class ModelTokenizer:
         source = chat_template_of(config, model_dir)
         self._render = compile_template(source) if source is not None else None
 
+    @property
+    def has_template(self) -> bool:
+        return self._render is not None
+
     def render_chat(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True) -> str:
         """The chat as the template writes it (transformers' ``apply_chat_template(tokenize=False)``)."""
         if self._render is None:
@@ -199,6 +206,11 @@ class LocalTokenizers:
         self.runs = 0  # prompts tokenized (cache misses)
         self.piece_runs = 0  # chat pieces encoded (piece cache misses)
 
+    @property
+    def loaded(self) -> frozenset[str]:
+        """The models whose tokenizers are loaded."""
+        return frozenset(self._models)
+
     def for_model(self, model: str) -> ModelTokenizer:
         found = self._models.get(model)
         if found is None:
@@ -217,9 +229,18 @@ class LocalTokenizers:
         self.runs += 1
         return self.cache.put(engine_key(model, work), tokens)
 
+    def warm(self, model: str) -> None:
+        """Load ``model``'s tokenizer and run its template and encoder once, so the first request
+        does not pay for it (~170 ms for a 32K-token vocabulary). Raises :class:`LocalTokenizerError`."""
+        tokenizer = self.for_model(model)
+        if tokenizer.has_template:
+            tokenizer.chat([{"role": "user", "content": "warm"}])
+        tokenizer.text("warm")
+
     def plan(self, model: str, work: PromptWork) -> ChatPlan | None:
         """A chat's pieces and the ids the cache holds for them; None for a text prompt, or when
-        the model's tokenizer cannot be cut into pieces."""
+        the model's tokenizer cannot be cut into pieces. A plan marked ``verify`` takes one of the
+        model's checks: its caller passes the whole text's ids to :meth:`check`."""
         tokenizer = self.for_model(model)
         if work.messages is None or tokenizer.piece_pattern is None:
             return None
@@ -227,42 +248,39 @@ class LocalTokenizers:
         pieces = chat_pieces(text, tokenizer.piece_pattern)
         keys = [digest(_PIECE, (model, p)) for p in pieces]
         found = [self.pieces.find(k) for k in keys]
-        return ChatPlan(text, pieces, keys, found, verify=self._verify[model] > 0)
+        verify = self._verify[model] > 0
+        if verify:
+            self._verify[model] -= 1
+        return ChatPlan(text, pieces, keys, found, verify=verify)
 
-    def encode(
-        self, model: str, plan: ChatPlan, *, release_gil: bool = False
-    ) -> tuple[list[Tokens], Tokens | None]:
-        """Ids of the plan's missing pieces, and of its whole text when it is verified; touches no
-        cache (safe in a thread)."""
-        tokenizer = self._models[model]
-        made = tokenizer.encode_all(plan.missing(), release_gil=release_gil)
-        whole = (
-            tokenizer.encode(plan.text, add_special_tokens=False, release_gil=release_gil)
-            if plan.verify
-            else None
-        )
-        return made, whole
+    def encode(self, model: str, plan: ChatPlan, *, release_gil: bool = False) -> list[Tokens]:
+        """Ids of the plan's missing pieces; touches no cache (safe in a thread)."""
+        return self._models[model].encode_all(plan.missing(), release_gil=release_gil)
 
-    def finish(
-        self, model: str, work: PromptWork, plan: ChatPlan, made: tuple[list[Tokens], Tokens | None]
-    ) -> Tokens:
-        """The chat's ids: its pieces' joined (the new ones cached), or the whole text's when the
-        pieces' differ, which stops cutting this model's chats."""
-        new, whole = made
-        fresh = iter(new)
+    def finish(self, model: str, work: PromptWork, plan: ChatPlan, made: list[Tokens]) -> Tokens:
+        """The chat's ids: its pieces' joined (the new ones cached)."""
+        fresh = iter(made)
         out = array("I")
         for key, found in zip(plan.keys, plan.found, strict=True):
             if found is None:
                 self.piece_runs += 1
                 found = self.pieces.put(key, next(fresh))
             out += found
-        if whole is not None:
-            self._verify[model] -= 1
-            if out != whole:
-                log.warning("%s: the chat's pieces encode differently from the whole; no more pieces", model)
-                self._models[model].piece_pattern = None
-                out = whole
         return self.remember(model, work, out)
+
+    def whole(self, model: str, plan: ChatPlan, *, release_gil: bool = False) -> Tokens:
+        """Ids of the plan's text encoded whole, for :meth:`check` (safe in a thread)."""
+        return self._models[model].encode(plan.text, add_special_tokens=False, release_gil=release_gil)
+
+    def check(self, model: str, work: PromptWork, joined: Tokens, whole: Tokens) -> Tokens:
+        """Compare a chat's pieces' ids (:meth:`finish`) with its whole text's; when they differ,
+        stop cutting this model's chats and keep the whole text's ids for ``work``. Returns the ids
+        to trust."""
+        if joined == whole:
+            return joined
+        log.warning("%s: the chat's pieces encode differently from the whole; no more pieces", model)
+        self._models[model].piece_pattern = None
+        return self.cache.replace(engine_key(model, work), whole)
 
     def tokens(self, model: str, work: PromptWork) -> Tokens:
         """``work``'s tokens as ``model``'s engines prefill them, cached."""
@@ -272,4 +290,5 @@ class LocalTokenizers:
         plan = self.plan(model, work)
         if plan is None:
             return self.remember(model, work, self.for_model(model).tokens(work))
-        return self.finish(model, work, plan, self.encode(model, plan))
+        joined = self.finish(model, work, plan, self.encode(model, plan))
+        return self.check(model, work, joined, self.whole(model, plan)) if plan.verify else joined

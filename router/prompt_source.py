@@ -28,6 +28,7 @@ from kvstack.router.prompts import (
     work_tokens,
 )
 from kvstack.router.protocol import ParsedRequest
+from kvstack.router.tokenizer_pieces import ChatPlan
 from kvstack.router.tokenizers import EngineTokenizer, TokenizeError
 
 log = logging.getLogger(__name__)
@@ -51,12 +52,8 @@ class PromptSource:
         self._engines = engines  # URLs that may answer /tokenize for a model
         self.engine_tokenizer: EngineTokenizer | None = None  # made on first use
         self.builtin_runs = 0  # prompts the built-in tokenizer answered (the rest: an engine)
-        path = ctx.settings.tokenizer_path
-        self.local = (
-            LocalTokenizers(path, ctx.token_cache, ctx.token_cache.messages)
-            if ctx.settings.tokenizer == "local" and path is not None
-            else None
-        )
+        self.local = ctx.local_tokenizers
+        self._checks: set[asyncio.Task[None]] = set()  # chats being encoded whole to check their pieces
 
     async def tokens(self, request: ParsedRequest, policy: str) -> tuple[Sequence[int] | None, int | None]:
         """``(tokens, prompt_len)``: the prompt's tokens, or its known start and estimated length.
@@ -111,8 +108,23 @@ class PromptSource:
             return local.remember(model, work, tokenizer.tokens(work))
         if limit and plan.chars_to_encode() >= limit:
             pieces = await asyncio.to_thread(local.encode, model, plan, release_gil=True)
-            return local.finish(model, work, plan, pieces)
-        return local.finish(model, work, plan, local.encode(model, plan))
+        else:
+            pieces = local.encode(model, plan)
+        joined = local.finish(model, work, plan, pieces)
+        if plan.verify:  # after the send, in a thread: the check must not delay the routing
+            after_send(self._check, local, model, work, plan, joined)
+        return joined
+
+    def _check(
+        self, local: LocalTokenizers, model: str, work: PromptWork, plan: ChatPlan, joined: Tokens
+    ) -> None:
+        async def check() -> None:
+            whole = await asyncio.to_thread(local.whole, model, plan, release_gil=True)
+            local.check(model, work, joined, whole)
+
+        task = asyncio.get_running_loop().create_task(check(), name=f"check pieces of {model}")
+        self._checks.add(task)
+        task.add_done_callback(self._checks.discard)
 
     async def _builtin(self, work: PromptWork) -> Tokens | KnownPrefix:
         """The built-in tokenizer's tokens, or a new chat turn's known prefix."""

@@ -76,7 +76,7 @@ def chat_pieces(text: str, pattern: re.Pattern[str] | None) -> list[str]:
 class ChatPlan:
     """A rendered chat, its pieces, their cache keys and the ids the cache held (None: to encode).
 
-    ``verify``: also encode the text whole, to compare with the pieces' ids joined."""
+    ``verify``: the text is also to be encoded whole, to compare with the pieces' ids joined."""
 
     text: str
     pieces: list[str]
@@ -88,4 +88,4 @@ class ChatPlan:
         return [p for p, f in zip(self.pieces, self.found, strict=True) if f is None]
 
     def chars_to_encode(self) -> int:
-        return sum(map(len, self.missing())) + (len(self.text) if self.verify else 0)
+        return sum(map(len, self.missing()))

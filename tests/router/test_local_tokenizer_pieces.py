@@ -6,6 +6,7 @@ first chats falls back to the whole text when the pieces differ."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -193,3 +194,34 @@ def test_a_growing_chat_through_the_router_encodes_only_its_new_pieces(
     # turn 0: the BOS, the system message's 3 pieces, the question's 3, the generation prompt's 2;
     # then per turn the last answer's and the new question's content pieces (the rest are known)
     assert local.piece_runs == 9 + 2 * (len(prompts) - 1)
+
+
+def test_the_router_loads_the_tokenizers_of_its_engines_models_before_it_serves(
+    sims: list[Sim], router: RouterFactory, tmp_path: Path
+) -> None:
+    write_model(tmp_path / MODEL)
+    r = router(engines=[sims[0].url], policy="cache_aware", tokenizer="local", tokenizer_path=tmp_path)
+    local = r.ctx.local_tokenizers
+    assert local is not None and local.loaded == {MODEL}  # no request has been sent yet
+    assert local.runs == 0
+
+
+def test_the_router_checks_the_first_chats_after_sending_them_and_then_trusts_the_whole_text(
+    sims: list[Sim], router: RouterFactory, tmp_path: Path
+) -> None:
+    stripping_model(tmp_path / MODEL)
+    r = router(engines=[sims[0].url], policy="cache_aware", tokenizer="local", tokenizer_path=tmp_path)
+    local = r.ctx.local_tokenizers
+    assert local is not None
+    tok = local.for_model(MODEL)
+    tok.piece_pattern = added_token_pattern(SPECIALS)  # as if its settings had passed
+    chat = conversation(2)[1]
+    body = {"model": MODEL, "messages": chat, "max_tokens": 2}
+    resp = httpx.post(f"{r.url}/v1/chat/completions", json=body)
+    assert resp.status_code == 200, resp.text
+    whole = list(ModelTokenizer(tmp_path / MODEL).chat(chat))
+    deadline = time.monotonic() + 10
+    while tok.piece_pattern is not None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert tok.piece_pattern is None  # the check found the pieces differ, after the request
+    assert list(local.cached(MODEL, chat_work(chat)) or []) == whole

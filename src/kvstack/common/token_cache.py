@@ -127,6 +127,15 @@ class TokenCache:
         self._fresh = (key, found)
         return found
 
+    def replace(self, key: int, tokens: Sequence[int]) -> Tokens:
+        """Keep ``tokens`` for ``key`` instead of what it held (found wrong after it was kept)."""
+        old = self._entries.pop(key, None)
+        if old is not None:
+            self.bytes -= _cost(old)
+        if self._fresh is not None and self._fresh[0] == key:
+            self._fresh = None
+        return self._remember(key, as_tokens(tokens))
+
     def _remember(self, key: int, made: Tokens) -> Tokens:
         cost = _cost(made)
         if cost > self.max_bytes // 4:
