@@ -13,7 +13,7 @@
 #       MATRIX_DRY_RUN=1 prints the plan and its estimate only (no engines needed)
 #   bash scripts/gpu/device.sh calib ARGS...    the same traces on two simulators sized like the engines
 #   bash scripts/gpu/device.sh logs             engine log tails into $OUT
-#   ENGINES=4 GPU_UTIL=0.15 bash scripts/gpu/device.sh start   four engines (~97K tokens of KV each)
+#   ENGINES=4 GPU_UTIL=0.2 bash scripts/gpu/device.sh start    four engines (~97K tokens of KV each on an H200)
 #   bash scripts/gpu/device.sh flow ARGS...     kvstack bench flow over the running engines, results in $OUT
 #   kvstack itself travels as a wheel: build it here with `pip wheel --no-deps -w .whl .` and carry
 #   .whl; every call installs it afresh into /tmp/kvsite (the package maps folders, so no PYTHONPATH
