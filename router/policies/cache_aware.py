@@ -59,6 +59,11 @@ class CacheAwareSettings(BaseModel):
     # between waiting for the holder and recomputing elsewhere, and scatters.
     uncached_weight: float = Field(0.5, ge=0.0)
     load_factor: float = Field(1.25, ge=1.0)
+    # ... and at least this many requests above the mean before an engine counts as over the load
+    # bound. At 1 a light load tripped it: an H200 run (2026-12-05, four engines) sent a new user
+    # away from the engine holding its system prompt because that engine had 2 requests decoding
+    # and the others none, and the cold engine took 1.05 s to its first token against 0.25 s.
+    load_slack: float = Field(3.0, ge=0.0)
     # A holder above the load bound whose hit is under this fraction of the prompt is skipped even
     # when the hit would outweigh its queue: the request recomputes most of its prompt anyway, so
     # a shared prefix (a product's system prompt) spreads to other engines instead of pulling every

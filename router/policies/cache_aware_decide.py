@@ -4,8 +4,9 @@ Per candidate: ``est_ttft = base + (queued uncached prefill + this request's unc
 prefill_rate + tier loads + decode interference``. The cost adds ``uncached_weight`` x the
 request's own uncached prefill time (the compute it costs the cluster). Guards:
 
-* bounded load: a holder above ``load_factor`` x the mean load is skipped unless its cache saving
-  outweighs its queueing and covers ``replicate_below`` of the prompt;
+* bounded load: a holder above ``load_factor`` x the mean load (and ``load_slack`` requests above
+  it) is skipped unless its cache saving outweighs its queueing and covers ``replicate_below`` of
+  the prompt;
 * hot-prefix replication: every holder skipped, so warm the least-loaded other engine;
 * cold spreading: no hit anywhere, so the least recently cold-served of the near-best engines;
 * balance among near-equals: the least loaded of the engines within a slack of the best cost;
@@ -62,7 +63,7 @@ def decide(
     """Pick one of ``views`` (non-empty). Pure but for the draws it takes from ``rng``."""
     ttft = [est_ttft(prompt_tokens, v, s) for v in views]
     mean = sum(v.load for v in views) / len(views)
-    bound = max(s.load_factor * mean, mean + 1.0)
+    bound = max(s.load_factor * mean, mean + s.load_slack)
     rate = s.prefill_tokens_per_s
 
     def skipped(i: int) -> bool:

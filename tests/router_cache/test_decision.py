@@ -94,6 +94,21 @@ def test_est_ttft(prompt: int, view: CandidateView, lo: float, hi: float) -> Non
             "replicate",
             id="hot-prefix-replicates",
         ),
+        # a light load is no imbalance: a holder with two requests decoding, the others idle, keeps
+        # the new session of its system prompt (load_slack; at 1 it was sent to a cold engine)
+        pytest.param(
+            [v(hit=2048, load=2, running=2), v(), v(), v()],
+            0,
+            "cache_hit",
+            id="light-load-keeps-the-holder",
+        ),
+        # ... and four above the mean is an imbalance again
+        pytest.param(
+            [v(hit=2048, load=5, running=5), v(), v(), v()],
+            1,
+            "replicate",
+            id="a-holder-far-above-a-light-mean-spreads",
+        ),
         # one holder still under the bound: no replication
         pytest.param(
             [v(hit=512, load=9, queued=9000), v(hit=512, load=2), v(load=1)],
