@@ -20,7 +20,7 @@ from kvstack.common.token_cache import TokenCache
 from kvstack.router.local_tokenizer import VERIFY_CHATS, LocalTokenizers, ModelTokenizer
 from kvstack.router.tokenizer_pieces import added_token_pattern, chat_pieces, piece_refusal
 
-from .conftest import MODEL, RouterFactory, Sim, chat_work
+from .conftest import MODEL, RouterFactory, RouterServer, Sim, chat_work
 from .test_local_tokenizer import CORPUS, EOS, SPECIALS, reference_ids, write_model
 
 
@@ -196,13 +196,19 @@ def test_a_growing_chat_through_the_router_encodes_only_its_new_pieces(
     assert local.piece_runs == 9 + 2 * (len(prompts) - 1)
 
 
+def local_router(router: RouterFactory, sim: Sim, models: Path) -> tuple[RouterServer, LocalTokenizers]:
+    """A cache-aware router in front of ``sim`` tokenizing with the model files under ``models``."""
+    r = router(engines=[sim.url], policy="cache_aware", tokenizer="local", tokenizer_path=models)
+    assert r.ctx.local_tokenizers is not None
+    return r, r.ctx.local_tokenizers
+
+
 def test_the_router_loads_the_tokenizers_of_its_engines_models_before_it_serves(
     sims: list[Sim], router: RouterFactory, tmp_path: Path
 ) -> None:
     write_model(tmp_path / MODEL)
-    r = router(engines=[sims[0].url], policy="cache_aware", tokenizer="local", tokenizer_path=tmp_path)
-    local = r.ctx.local_tokenizers
-    assert local is not None and local.loaded == {MODEL}  # no request has been sent yet
+    _, local = local_router(router, sims[0], tmp_path)
+    assert local.loaded == {MODEL}  # no request has been sent yet
     assert local.runs == 0
 
 
@@ -210,9 +216,7 @@ def test_the_router_checks_the_first_chats_after_sending_them_and_then_trusts_th
     sims: list[Sim], router: RouterFactory, tmp_path: Path
 ) -> None:
     stripping_model(tmp_path / MODEL)
-    r = router(engines=[sims[0].url], policy="cache_aware", tokenizer="local", tokenizer_path=tmp_path)
-    local = r.ctx.local_tokenizers
-    assert local is not None
+    r, local = local_router(router, sims[0], tmp_path)
     tok = local.for_model(MODEL)
     tok.piece_pattern = added_token_pattern(SPECIALS)  # as if its settings had passed
     chat = conversation(2)[1]
