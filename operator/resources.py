@@ -220,6 +220,10 @@ def router_settings(owner: Owner, spec: KVStackSpec) -> Obj:
         config["hold_models"] = [n for m in spec.models if m.min_replicas == 0 for n in m.served_names]
     if adapters := router_adapters(spec):
         config["adapters"] = adapters
+    if spec.cache.mode != "none" and any(m.lmcache.enabled and m.lmcache.share_remote for m in spec.models):
+        # LMCache writes what an engine prefills through to the shared store: the router prices a
+        # session sent to another engine as the load from there (router/kvindex/index.py)
+        config["cache_aware"] = {"index": {"shared_store_from_gpu": True}}
     return {**config, **spec.router.extra_config}
 
 

@@ -22,6 +22,7 @@ from kvstack.router.exchange import RetryLater
 from kvstack.router.flow.config import PriorityClass
 from kvstack.router.flow.grant import Grant
 from kvstack.router.hold import HoldFull, HoldTimeout, hold_full_error, hold_timeout_error
+from kvstack.router.policies.base import ExpectedHit
 
 HELD_RETRY_S = 0.5  # a held request's pause between tries of an engine that is not listening yet
 
@@ -132,7 +133,7 @@ class Demand:
     cost: float  # prompt tokens less the best engine's expected cached prefix (before routing)
     grant: Grant | None = None
     prompt_tokens: float = 0.0
-    hits: Callable[[EngineState], float] | None = None  # an engine's cached prefix of the prompt
+    hits: Callable[[EngineState], ExpectedHit] | None = None  # an engine's cached prefix of the prompt
     held_until: float | None = None  # queued while its model had no engine: the hold's deadline
 
 

@@ -195,13 +195,13 @@ class ProxyEndpoint:
             features = await self._prepare(call)
             policy, clock = self.ctx.policy, self.ctx.clock
             prompt = float(_prompt_len(features) or cost)
-            hit = policy.expected_hit_tokens(features, candidates, clock())
+            hit = policy.expected_hit(features, candidates, clock()).tokens
             return Demand(
                 tenant,
                 cls,
                 max(0.0, prompt - hit),
                 prompt_tokens=prompt,
-                hits=lambda e: policy.expected_hit_tokens(features, [e], clock()),
+                hits=lambda e: policy.expected_hit(features, [e], clock()),
             )
         return Demand(tenant, cls, cost)
 

@@ -41,6 +41,7 @@ from kvstack.router.flow.queue import FlowQueue, Shed, Ticket
 from kvstack.router.flow.room import Room
 from kvstack.router.hold import hold_full_error, hold_timeout_error
 from kvstack.router.metrics import RouterMetrics
+from kvstack.router.policies.base import ExpectedHit
 
 log = logging.getLogger(__name__)
 # the rejections counter's reason for a flow-control refusal, where it is not the refusal's own
@@ -109,7 +110,7 @@ class FlowControl:
         self,
         candidates: list[EngineState],
         grant: Grant | None = None,
-        hits: Callable[[EngineState], float] | None = None,
+        hits: Callable[[EngineState], ExpectedHit] | None = None,
         prompt_tokens: float = 0.0,
     ) -> list[EngineState]:
         """The candidates the policy may choose among for ``grant`` now (:meth:`Room.with_room`)."""

@@ -49,18 +49,23 @@ class Option:
     backlog_tokens: float
     tokens_per_s: float
     slot_wait_s: float = 0.0
+    # its LMCache loads' time beyond computing the tokens loaded: a session's prefix another engine
+    # computed comes from the shared store there (Redis: ~5x computing it), which LMCache loads
+    # synchronously, holding up that engine's other requests too
+    load_s: float = 0.0
 
     def uncached(self, prompt_tokens: float) -> float:
         return max(0.0, prompt_tokens - self.hit_tokens)
 
     def ttft_s(self, prompt_tokens: float) -> float:
         """Expected time to the first token there: a slot, its backlog, then what it does not hold."""
-        return self.slot_wait_s + (self.backlog_tokens + self.uncached(prompt_tokens)) / self.tokens_per_s
+        work_s = (self.backlog_tokens + self.uncached(prompt_tokens)) / self.tokens_per_s
+        return self.slot_wait_s + work_s + self.load_s
 
     def cost_s(self, prompt_tokens: float) -> float:
         """What sending the request there costs: its first token there, and the delay its prefill
         adds to the next request at that engine."""
-        return self.ttft_s(prompt_tokens) + self.uncached(prompt_tokens) / self.tokens_per_s
+        return self.ttft_s(prompt_tokens) + self.uncached(prompt_tokens) / self.tokens_per_s + self.load_s
 
 
 def slot_wait_s(service_s: float, in_flight: int, waiting: float) -> float:

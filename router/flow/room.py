@@ -30,6 +30,7 @@ from kvstack.router.flow.saturation import (
     saturation,
 )
 from kvstack.router.metrics import RouterMetrics
+from kvstack.router.policies.base import ExpectedHit
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +132,7 @@ class Room:
         candidates: list[EngineState],
         model: str,
         priority: int | None,
-        hits: Callable[[EngineState], float] | None,
+        hits: Callable[[EngineState], ExpectedHit] | None,
         prompt_tokens: float,
     ) -> list[EngineState]:
         """The candidates that can take one more request (of ``priority``: None for the top class)
@@ -150,15 +151,15 @@ class Room:
         if not free or hits is None or len(free) == len(candidates):
             return free or candidates
         hit_of = {e.url: hits(e) for e in candidates}
-        best = max(candidates, key=lambda e: hit_of[e.url])
-        alt = max(free, key=lambda e: hit_of[e.url])
+        best = max(candidates, key=lambda e: hit_of[e.url].tokens)
+        alt = max(free, key=lambda e: hit_of[e.url].tokens)
         if best in free:
             return free
         slot_wait = self._slot_wait(best, verdicts[best.url].reason, model)
-        hit = Option(
-            hit_of[best.url], self.ledger(best).backlog(now), self.ledger(best).rate, slot_wait or 0.0
-        )
-        other = Option(hit_of[alt.url], self.ledger(alt).backlog(now), self.ledger(alt).rate)
+        at_hit, at_alt = hit_of[best.url], hit_of[alt.url]
+        best_flow, alt_flow = self.ledger(best), self.ledger(alt)
+        hit = Option(at_hit.tokens, best_flow.backlog(now), best_flow.rate, slot_wait or 0.0, at_hit.load_s)
+        other = Option(at_alt.tokens, alt_flow.backlog(now), alt_flow.rate, load_s=at_alt.load_s)
         waitable = slot_wait is not None and limits.share == 1.0
         # the cold prefill's delay to the next request counts on the last engine with room, while the
         # hit engine is queueing by its own signals (overdue streams, requests waiting in it): there

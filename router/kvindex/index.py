@@ -46,6 +46,13 @@ class IndexSettings(BaseModel):
     # LMCache writes its CPU chunks through to the shared remote store (Redis), so every engine
     # can load them; turn off when engines run LMCache without a remote store.
     shared_store: bool = True
+    # LMCache also writes every chunk its engine prefills through to that store, and engines that
+    # send no KV events for their LMCache tiers (vLLM 0.24 + LMCache 0.5.3 sent none on the H200,
+    # 2026-12-05) leave the index blind to it: on, what any engine's GPU stores counts as in the
+    # shared store too, so a session sent to another engine is priced as the Redis load LMCache
+    # will make there (~5x computing the tokens), not as a recompute. The chart and the operator
+    # turn it on when the engines run LMCache with a shared store.
+    shared_store_from_gpu: bool = False
     capacity_slack: float = Field(1.25, ge=1.0)
     default_engine_blocks: int = Field(50_000, gt=0)  # until vllm:cache_config_info says
     shared_capacity_blocks: int = Field(200_000, gt=0)
@@ -218,7 +225,7 @@ class KVIndex:
         if tier == GPU:
             for k in keys:
                 eng.spec.pop(k, None)  # confirmed
-        elif self.settings.shared_store:
+        if self.settings.shared_store and (tier != GPU or self.settings.shared_store_from_gpu):
             shared = self._shared
             for k in keys:
                 shared[k] = None

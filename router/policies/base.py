@@ -15,9 +15,16 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 from kvstack.router.engines import EngineState
+
+
+class ExpectedHit(NamedTuple):
+    """An engine's expected cache hit for one request."""
+
+    tokens: float  # prompt tokens it saves computing (tier-weighted)
+    load_s: float = 0.0  # seconds its LMCache loads take beyond computing the tokens loaded (Redis)
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,12 +68,12 @@ class Policy(ABC):
     def choose(self, request: RequestFeatures, candidates: Sequence[EngineState], now: float) -> Decision:
         """Pick one of ``candidates``. Must be fast (microseconds) and must not block."""
 
-    def expected_hit_tokens(
+    def expected_hit(
         self, request: RequestFeatures, candidates: Sequence[EngineState], now: float
-    ) -> float:
-        """The prompt tokens the best of ``candidates`` is expected to hold in its cache (no side
+    ) -> ExpectedHit:
+        """What the best of ``candidates`` is expected to hold of the prompt in its cache (no side
         effects): flow control's estimate of a request's prefill cost before it is routed."""
-        return 0.0
+        return ExpectedHit(0.0)
 
     # ---- per-request hooks
 

@@ -32,7 +32,7 @@ from kvstack.router.kvindex.index import IndexSettings, KVIndex
 from kvstack.router.kvindex.keys import KeyCache, request_root
 from kvstack.router.kvindex.ledger import PrefillLedger
 from kvstack.router.kvindex.subscriber import KVEventSubscriber, SubscriberSettings
-from kvstack.router.policies.base import Decision, Policy, RequestFeatures
+from kvstack.router.policies.base import Decision, ExpectedHit, Policy, RequestFeatures
 from kvstack.router.policies.cache_aware_decide import CandidateView, decide, est_ttft
 from kvstack.router.policies.cache_aware_log import decision_log, log_decision
 from kvstack.router.policies.cache_aware_tiers import TierModel
@@ -230,14 +230,14 @@ class CacheAwarePolicy(Policy):
         st_.reasons[choice.reason] += 1
         return Decision(engine=chosen, reason=choice.reason, predicted_hit_tokens=hit)
 
-    def expected_hit_tokens(
+    def expected_hit(
         self, request: RequestFeatures, candidates: Sequence[EngineState], now: float
-    ) -> float:
-        """The best candidate's hit (as :meth:`choose` weighs it: residency and learnt tier costs),
-        without deciding."""
+    ) -> ExpectedHit:
+        """The best candidate's hit (as :meth:`choose` weighs it: residency and learnt tier costs)
+        and its tier loads' excess time, without deciding."""
         tokens = request.prompt_token_ids or ()
         if not tokens or not candidates:
-            return 0.0
+            return ExpectedHit(0.0)
         base, lora = kv_scope(request.model, candidates)
         root = request_root(base, lora, request.cache_salt)
         keys_of = []
@@ -252,7 +252,8 @@ class CacheAwarePolicy(Policy):
         queued = [self._queued(st, now) for st in candidates]
         weights = self.tiers.weights()
         estimates = self.tiers.estimates(candidates, keys_of, queued, len(tokens), now, weights)
-        return max(e.hit_tokens for e in estimates)
+        best = max(estimates, key=lambda e: e.hit_tokens)
+        return ExpectedHit(best.hit_tokens, best.load_s)
 
     def _queued(self, st: EngineState, now: float) -> float:
         """Uncached prefill tokens queued on ``st``: local accounting reconciled with its scrape."""

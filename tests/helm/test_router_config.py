@@ -174,3 +174,23 @@ def test_local_tokenizer_mounts_the_model_files_it_reads(
     cm["data"]["router.yaml"] = config.replace("/tokenizers/huggingface/hub", str(here))
     settings = load_router(rendered, tmp_path, monkeypatch)
     assert (settings.tokenizer, settings.tokenizer_path) == ("local", here)
+
+
+@pytest.mark.parametrize(
+    ("set_values", "from_gpu"),
+    [
+        ((), True),  # LMCache on, sharing the chart's Redis: what one engine prefills, others load
+        (("lmcache.remote.mode=none",), False),  # no shared store
+        (("engines.defaults.lmcache.shareRemote=false",), False),  # a store the engines do not use
+        (("engines.defaults.lmcache.enabled=false",), False),  # plain vLLM
+    ],
+)
+def test_the_router_knows_when_the_engines_write_through_to_a_shared_store(
+    set_values: tuple[str, ...],
+    from_gpu: bool,
+    chart: HelmChart,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    settings = load_router(chart.template(set_values=set_values), tmp_path, monkeypatch)
+    assert settings.cache_aware.index.shared_store_from_gpu is from_gpu

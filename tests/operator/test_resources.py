@@ -172,6 +172,23 @@ def test_router_config_is_valid_and_selects_the_engine_pods() -> None:
 
 
 @pytest.mark.parametrize(
+    ("cache", "lmcache", "from_gpu"),
+    [
+        ({}, {}, True),  # the internal Redis, LMCache sharing it: the default
+        ({"mode": "none"}, {}, False),
+        ({}, {"shareRemote": False}, False),
+        ({}, {"enabled": False}, False),
+    ],
+)
+def test_the_router_knows_when_the_engines_write_through_to_a_shared_store(
+    cache: dict[str, Any], lmcache: dict[str, Any], from_gpu: bool
+) -> None:
+    spec = {"models": [{**SPEC["models"][0], "lmcache": lmcache}], "cache": cache}
+    settings = RouterSettings(**router_settings(OWNER, parse_spec(spec)))
+    assert settings.cache_aware.index.shared_store_from_gpu is from_gpu
+
+
+@pytest.mark.parametrize(
     ("existing", "pruned"),
     [
         ([], []),

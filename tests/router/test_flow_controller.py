@@ -17,6 +17,7 @@ from kvstack.router.flow.config import FlowControlConfig, PriorityClass
 from kvstack.router.flow.controller import FlowControl
 from kvstack.router.flow.grant import Grant
 from kvstack.router.metrics import RouterMetrics
+from kvstack.router.policies.base import ExpectedHit
 
 M = "m"
 
@@ -493,9 +494,17 @@ async def test_a_prompt_too_long_for_its_objective_waits_alone_and_is_refused_be
     assert queued(metrics) == 0
 
 
-@pytest.mark.parametrize(("held", "engines"), [(30_000, ["http://e0"]), (1_000, ["http://e1"])])
+@pytest.mark.parametrize(
+    ("held", "load_s", "engines"),
+    [
+        (30_000, 0.0, ["http://e0"]),
+        (1_000, 0.0, ["http://e1"]),
+        # e1 would load what e0 holds from the shared store, 0.3 s beyond computing it: 1.18 s there
+        (1_000, 0.3, ["http://e0"]),
+    ],
+)
 async def test_a_request_goes_to_its_briefly_saturated_hit_engine_when_that_is_sooner(
-    held: float, engines: list[str]
+    held: float, load_s: float, engines: list[str]
 ) -> None:
     control, registry, metrics = make(n_engines=2, max_in_flight=None)
     e0, e1 = registry.all()
@@ -504,7 +513,12 @@ async def test_a_request_goes_to_its_briefly_saturated_hit_engine_when_that_is_s
     assert control.with_room(registry.all()) == [e1]
     grant = await control.admit(M, "t", cls(control), 0, registry.all())
     # e0 holds ``held`` of a 30,000-token prompt: 0.26 s behind its backlog against 0.88 s cold on e1
-    chosen = control.with_room(registry.all(), grant, lambda e: held if e is e0 else 0.0, 30_000)
+    chosen = control.with_room(
+        registry.all(),
+        grant,
+        lambda e: ExpectedHit(held, 0.0) if e is e0 else ExpectedHit(0.0, load_s),
+        30_000,
+    )
     assert [e.url for e in chosen] == engines
     waits = metrics.registry.get_sample_value("kvstack_router_flow_hit_waits_total", {"model_name": M})
     assert (waits or 0.0) == (1.0 if engines == ["http://e0"] else 0.0)
@@ -530,7 +544,9 @@ async def test_a_request_waits_for_a_slot_at_its_full_hit_engine_when_that_is_so
     if service_s is not None:
         control.room.service_s[M] = service_s
     grant = await control.admit(M, "t", cls(control), 0, registry.all())
-    chosen = control.with_room(registry.all(), grant, lambda e: 29_000 if e is e0 else 0.0, 30_000)
+    chosen = control.with_room(
+        registry.all(), grant, lambda e: ExpectedHit(29_000 if e is e0 else 0.0), 30_000
+    )
     assert [e.url for e in chosen] == engines
 
 
@@ -556,7 +572,9 @@ async def test_requests_waiting_in_an_engine_with_kv_to_spare_wait_for_its_backl
     e0.num_waiting, e0.kv_cache_usage, e0.last_scrape = waiting, kv_usage, 1.0
     assert control.with_room(registry.all()) == [e1]
     grant = await control.admit(M, "t", cls(control), 0, registry.all())
-    chosen = control.with_room(registry.all(), grant, lambda e: 29_000 if e is e0 else 0.0, 30_000)
+    chosen = control.with_room(
+        registry.all(), grant, lambda e: ExpectedHit(29_000 if e is e0 else 0.0), 30_000
+    )
     assert [e.url for e in chosen] == engines
 
 
@@ -588,7 +606,9 @@ async def test_a_warm_turn_waits_at_its_overdue_hit_engine_when_going_cold_costs
     now[0] = 5.0  # its first token is past due: the engine is queueing (``overdue``)
     assert control.with_room(registry.all()) == registry.all()[1:]
     grant = await control.admit(M, "t", cls(control), 116, registry.all())
-    chosen = control.with_room(registry.all(), grant, lambda e: 3216.0 if e is e0 else 992.0, 3332.0)
+    chosen = control.with_room(
+        registry.all(), grant, lambda e: ExpectedHit(3216.0 if e is e0 else 992.0), 3332.0
+    )
     assert [e.url for e in chosen] == engines
 
 
@@ -604,5 +624,7 @@ async def test_behind_a_backlog_the_router_accounts_the_first_token_decides_even
     e0.in_flight += 1
     control.dispatched(busy, e0, 9000, streamed=True)
     grant = await control.admit(M, "t", cls(control), 1000, registry.all())
-    chosen = control.with_room(registry.all(), grant, lambda e: 29_000.0 if e is e0 else 22_000.0, 30_000.0)
+    chosen = control.with_room(
+        registry.all(), grant, lambda e: ExpectedHit(29_000.0 if e is e0 else 22_000.0), 30_000.0
+    )
     assert chosen == [e1]

@@ -32,6 +32,13 @@ PROMPT = 3000.0
         # a faster engine with room prefills the cold prompt sooner (1.0 s against 1.1 s)
         (Option(2900, 1000, RATE), Option(0, 0, 3 * RATE), True, False),
         (Option(0, 0, RATE), Option(0, 0, RATE), True, False),  # nobody holds anything
+        # a session's second turn (H200, 2026-12-05): behind 3,500 tokens (3.6 s) its own engine
+        # loses to a cold 3.0 s, but with a shared store the other engine loads the 2,900 tokens
+        # from Redis instead (1.2 s beyond computing them): 4.2 s there, so it waits
+        (Option(2900, 3500, RATE), Option(0, 0, RATE), True, False),
+        (Option(2900, 3500, RATE), Option(0, 0, RATE, load_s=1.2), True, True),
+        # ... and a load at its own engine counts too: 3.6 + 1.0 s against 3.0 s
+        (Option(2900, 2500, RATE, load_s=1.0), Option(0, 0, RATE), True, False),
     ],
 )
 def test_prefer_hit_engine(hit: Option, free: Option, waitable: bool, prefer: bool) -> None:

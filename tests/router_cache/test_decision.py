@@ -43,6 +43,14 @@ def test_est_ttft(prompt: int, view: CandidateView, lo: float, hi: float) -> Non
         pytest.param([v(hit=4096), v(hit=N)], 1, "cache_hit", id="longer-hit-wins"),
         pytest.param([v(hit=N, queued=200_000), v()], 1, "load", id="queued-prefill-outweighs-hit"),
         pytest.param([v(hit=N, queued=4000), v()], 0, "cache_hit", id="small-queue-keeps-hit"),
+        # 14,000 tokens queued at the holder (0.41 s) against recomputing 8,192 elsewhere (0.24 s,
+        # plus half that for the cluster's compute): the session moves ...
+        pytest.param([v(hit=N, queued=14_000), v()], 1, "load", id="a-long-queue-moves-a-session"),
+        # ... unless the other engine would load it from the shared store (LMCache + Redis), 0.5 s
+        # beyond computing it (index.shared_store_from_gpu prices it)
+        pytest.param(
+            [v(hit=N, queued=14_000), v(load_s=0.5)], 0, "cache_hit", id="a-redis-load-keeps-the-session"
+        ),
         # bounded load: mean 4, bound 5; a holder at 10 with a short hit is skipped
         pytest.param(
             [v(hit=256, load=10, running=10, queued=2000), v(load=1), v(load=1)],

@@ -174,6 +174,25 @@ def test_without_a_shared_store_cpu_blocks_stay_local() -> None:
     assert idx.match("b", keys_of(TOKENS), 0) == PrefixMatch(BS, 0, 8, 8)
 
 
+@pytest.mark.parametrize(
+    ("settings", "reachable_on_a"),
+    [
+        (IndexSettings(), 0),  # the engines' LMCache tiers send no events: a knows nothing of b's
+        (IndexSettings(shared_store_from_gpu=True), 8),  # b's GPU stores went through to Redis
+        (IndexSettings(shared_store_from_gpu=True, shared_store=False), 0),  # no store to go through
+    ],
+)
+def test_gpu_blocks_count_as_in_the_shared_store_when_lmcache_writes_through(
+    settings: IndexSettings, reachable_on_a: int
+) -> None:
+    idx = index_with("a", "b", settings=settings)
+    idx.apply("b", [stored(TOKENS, ehashes(8))])
+    assert idx.match("a", keys_of(TOKENS), 0) == PrefixMatch(BS, 0, 0, reachable_on_a)
+    assert idx.match("b", keys_of(TOKENS), 0) == PrefixMatch(BS, 8, 8, 8)
+    idx.apply("b", [BlockRemoved(block_hashes=ehashes(8))])  # evicted from b's GPU, still in Redis
+    assert idx.match("a", keys_of(TOKENS), 0).reachable_blocks == reachable_on_a
+
+
 def test_lmcache_chunks_cover_many_blocks() -> None:
     chunk = 4 * BS  # LMCache chunks are 256 tokens; here 4 blocks, the same 1:many shape
     idx = index_with("a")

@@ -153,14 +153,14 @@ def test_two_replicas_fed_the_same_events_decide_the_same() -> None:
     assert _replay_run(8, stream, prompts) != a  # the seed matters (exploration)
 
 
-def test_expected_hit_tokens_is_the_best_candidates_hit_and_decides_nothing() -> None:
+def test_expected_hit_is_the_best_candidates_hit_and_decides_nothing() -> None:
     """Flow control's cost estimate before routing: the prompt less the best engine's cached prefix."""
     p, cands = policy(explore_rate=0.0), engines(4)
     prompt = chat(SYSTEM, "What is a KV cache?")
     r = req(prompt + chat("", "again")[1:])
-    assert p.expected_hit_tokens(r, cands, 0.0) == 0.0  # nothing cached anywhere
+    assert p.expected_hit(r, cands, 0.0).tokens == 0.0  # nothing cached anywhere
     p.index.apply("http://e2", [stored(prompt)])
     p.index.apply("http://e1", [stored(prompt[: 2 * BS])])
-    assert p.expected_hit_tokens(r, cands, 0.0) == len(prompt) // BS * BS
-    assert p.expected_hit_tokens(r, [cands[1]], 0.0) == 2 * BS  # only among the candidates given
+    assert p.expected_hit(r, cands, 0.0).tokens == len(prompt) // BS * BS
+    assert p.expected_hit(r, [cands[1]], 0.0).tokens == 2 * BS  # only among the candidates given
     assert p.stats.decisions == 0 and not p._pending  # no decision was made or remembered

@@ -9,11 +9,12 @@ import pytest
 
 from kvstack.common.kv_events import BlockRemoved, BlockStored
 from kvstack.router.engines import EngineState
-from kvstack.router.policies.cache_aware import CacheAwarePolicy
+from kvstack.router.kvindex.index import IndexSettings, KVIndex
+from kvstack.router.policies.cache_aware import CacheAwarePolicy, CacheAwareSettings
 from kvstack.router.policies.cache_aware_tiers import FreeOrder
 from kvstack.router.tier_cost import TierLearning
 
-from .test_policy import BS, SYSTEM, chat, engines, policy, req, route
+from .test_policy import BS, MODEL, SYSTEM, chat, engines, policy, req, route
 
 PROMPT = chat(SYSTEM * 4, "Summarize the document above.")  # ~1,200 tokens
 
@@ -154,7 +155,7 @@ def test_the_decision_log_shows_residency_and_the_learnt_costs(caplog: pytest.Lo
 
 
 @pytest.mark.parametrize(("holder_usage", "expected"), [(0.5, 1.0), (0.99, 0.0)])
-def test_expected_hit_tokens_weighs_as_choose_does(holder_usage: float, expected: float) -> None:
+def test_expected_hit_weighs_as_choose_does(holder_usage: float, expected: float) -> None:
     """Flow control's admission cost and placement read this: the hit that will still be there."""
     p = policy(explore_rate=0.0, residency=True)
     cands = engines(4)
@@ -162,7 +163,7 @@ def test_expected_hit_tokens_weighs_as_choose_does(holder_usage: float, expected
     p.index.apply("http://e0", [stored(PROMPT, "GPU", 1)])
     full = len(PROMPT) // BS * BS
     # at usage 0.5, 80,000 free tokens against 2,048 queued: ~97% of the prefix stays
-    assert p.expected_hit_tokens(req(PROMPT), cands, 2.0) == pytest.approx(expected * full, rel=0.03)
+    assert p.expected_hit(req(PROMPT), cands, 2.0).tokens == pytest.approx(expected * full, rel=0.03)
     assert p.stats.decisions == 0
 
 
@@ -206,3 +207,24 @@ def test_a_session_freed_just_now_keeps_its_hit(ours: bool, resident: float) -> 
     d = p.choose(req(PROMPT + chat("", "again")[1:]), cands, 2.0)
     assert d.engine.url == "http://e0"  # equal queues everywhere: even a tenth of a hit wins
     assert d.predicted_hit_tokens == pytest.approx(resident * (len(PROMPT) // BS * BS), abs=BS)
+
+
+@pytest.mark.parametrize("from_gpu", [False, True])
+def test_another_engine_is_priced_a_redis_load_for_what_the_holder_prefilled(from_gpu: bool) -> None:
+    """LMCache writes what an engine prefills through to Redis; engines that send no events for it
+    leave the index blind unless ``shared_store_from_gpu`` says so. Then every other engine's hit
+    on that prefix is a load from Redis: worth no compute (weight 0) and slower than computing."""
+    index = KVIndex(IndexSettings(shared_store_from_gpu=from_gpu))
+    cands = engines(4)
+    for st in cands:
+        index.ensure_engine(st.url, model=MODEL, block_size=BS)
+    p = CacheAwarePolicy(index, CacheAwareSettings(explore_rate=0.0), clock=lambda: 0.0)
+    p.index.apply("http://e0", [stored(PROMPT, "GPU", 1)])
+    r = req(PROMPT + chat("", "again")[1:])
+    held = len(PROMPT) // BS * BS
+    assert p.expected_hit(r, [cands[0]], 0.0) == (held, 0.0)
+    elsewhere = p.expected_hit(r, [cands[1]], 0.0)
+    assert elsewhere.tokens == 0.0
+    prior = TierLearning().shared_prior  # Redis's cost per token, in units of computing one
+    expected = held * (prior - 1) / CacheAwareSettings().prefill_tokens_per_s if from_gpu else 0.0
+    assert elsewhere.load_s == pytest.approx(expected)

@@ -77,6 +77,7 @@ def run_case(
             opts.log_dir,
             trace_path is not None,
             opts.tokenizer_path,
+            opts.shared_store,
         )
     with running([router], timeout=60):
         if not peer:
@@ -263,7 +264,7 @@ def gpu_proof(
     if sims:
         procs, entries = sim_procs(sims, model, sim_blocks or None, log_dir, sim_config, sim_redis)
     urls = [e["url"] if isinstance(e, dict) else str(e) for e in entries]
-    opts = CaseOptions(model, tokenizer, tokenizer_path, log_dir)
+    opts = CaseOptions(model, tokenizer, tokenizer_path, log_dir, shared_store=flush_url is not None)
     traces = [
         salted(sized_workload(c.workload, duration_s, c.load, prefill_tokens_per_s, seed=c.seed), c.text_salt)
         for c in cases
@@ -314,6 +315,7 @@ class CaseOptions:
     tokenizer: str
     tokenizer_path: Path | None
     log_dir: Path
+    shared_store: bool = False  # the engines share a Redis through LMCache (--redis-url / --sim-redis)
 
 
 def _engine_entries(engines_file: Path | None, sims: int) -> list[Any]:

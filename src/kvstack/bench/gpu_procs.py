@@ -48,6 +48,9 @@ def sim_procs(
     return procs, entries
 
 
+SHARED_STORE_FROM_GPU_ENV = "KVSTACK_ROUTER_CACHE_AWARE__INDEX__SHARED_STORE_FROM_GPU"
+
+
 def router_proc(
     engines_file: Path,
     policy: str,
@@ -55,7 +58,10 @@ def router_proc(
     log_dir: Path,
     traced: bool = False,
     tokenizer_path: Path | None = None,
+    shared_store: bool = False,
 ) -> tuple[ManagedProcess, str]:
+    """kvstack's router with ``policy`` over the engines of ``engines_file``; ``shared_store``: the
+    engines run LMCache with one shared Redis, so what one prefills the others load from there."""
     port = free_ports(1)[0]
     argv = [*kvstack_argv(), "router", "--port", str(port), "--engines-file", str(engines_file)]
     # traced: the access line (route reason, time to dispatch) and the policy's decision line
@@ -69,6 +75,8 @@ def router_proc(
         env["KVSTACK_ROUTER_TOKENIZER"] = tokenizer
     if tokenizer_path is not None:
         env["KVSTACK_ROUTER_TOKENIZER_PATH"] = str(tokenizer_path)
+    if shared_store:
+        env[SHARED_STORE_FROM_GPU_ENV] = "true"
     url = f"http://127.0.0.1:{port}"
     return ManagedProcess(f"router-{policy}", argv, log_dir, env=env, ready_url=f"{url}/ready"), url
 
