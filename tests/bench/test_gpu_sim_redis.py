@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import httpx
+import pytest
 import redis
 from tests.conftest import free_port
 from tests.redis_server import RedisServer
@@ -50,3 +51,12 @@ def test_the_simulators_share_lmcache_chunks_through_redis(tmp_path: Path) -> No
         assert promtext.delta(before, after, ENGINE_COUNTERS["external_hits"]) > 0
     finally:
         server.kill()
+
+
+@pytest.mark.parametrize("tier_events", [True, False])
+def test_the_simulators_send_lmcache_tier_events_or_only_gpu_ones_as_the_real_engines(
+    tmp_path: Path, tier_events: bool
+) -> None:
+    procs, _ = sim_procs(2, MODEL, None, tmp_path, None, "redis://127.0.0.1:1", tier_events=tier_events)
+    flag = "--lmcache-kv-events" if tier_events else "--no-lmcache-kv-events"
+    assert all(flag in p.argv and "--lmcache" in p.argv for p in procs)

@@ -209,6 +209,21 @@ def gpu_proof(
         str | None,
         typer.Option(help="LMCache's shared Redis, flushed before every case (default: --sim-redis)."),
     ] = None,
+    sim_tier_events: Annotated[
+        bool,
+        typer.Option(
+            help="With --sim-redis: the simulators send KV events of their LMCache CPU tier (off: GPU "
+            "events only, as real vLLM 0.24 + LMCache 0.5.3 engines sent on the H200)."
+        ),
+    ] = True,
+    price_redis_loads: Annotated[
+        bool,
+        typer.Option(
+            help="With a shared Redis: the router counts what engines' GPUs store as in it, so a "
+            "session sent to another engine is priced as LMCache's load from there "
+            "(cache_aware.index.shared_store_from_gpu)."
+        ),
+    ] = True,
     baseline: Annotated[
         str, typer.Option(help="The policy kvstack's cache_aware is judged against.")
     ] = "sglang_cache_aware",
@@ -262,9 +277,12 @@ def gpu_proof(
     out.mkdir(parents=True, exist_ok=True)
     procs: list[ManagedProcess] = []
     if sims:
-        procs, entries = sim_procs(sims, model, sim_blocks or None, log_dir, sim_config, sim_redis)
+        procs, entries = sim_procs(
+            sims, model, sim_blocks or None, log_dir, sim_config, sim_redis, tier_events=sim_tier_events
+        )
     urls = [e["url"] if isinstance(e, dict) else str(e) for e in entries]
-    opts = CaseOptions(model, tokenizer, tokenizer_path, log_dir, shared_store=flush_url is not None)
+    shared_store = price_redis_loads and flush_url is not None
+    opts = CaseOptions(model, tokenizer, tokenizer_path, log_dir, shared_store=shared_store)
     traces = [
         salted(sized_workload(c.workload, duration_s, c.load, prefill_tokens_per_s, seed=c.seed), c.text_salt)
         for c in cases

@@ -23,7 +23,11 @@ def sim_procs(
     log_dir: Path,
     config: Path | None = None,
     redis_url: str | None = None,
+    tier_events: bool = True,
 ) -> tuple[list[ManagedProcess], list[dict[str, Any]]]:
+    """``n`` simulators; with ``redis_url`` they run the LMCache connector sharing that Redis, and
+    send KV events of their LMCache CPU tier unless ``tier_events`` is off (as vLLM 0.24 with
+    LMCache 0.5.3 did on the H200: GPU events only)."""
     ports = free_ports(3 * n)
     procs, entries = [], []
     for i in range(n):
@@ -39,7 +43,8 @@ def sim_procs(
         if redis_url is not None:
             # the deployment's connector: LMCache tiers, KV events of the CPU tier, Redis shared by
             # engines with one hash seed (PYTHONHASHSEED=0, as the GPU run's engines)
-            argv += ["--lmcache", "--lmcache-remote-url", redis_url, "--lmcache-kv-events"]
+            argv += ["--lmcache", "--lmcache-remote-url", redis_url]
+            argv += ["--lmcache-kv-events" if tier_events else "--no-lmcache-kv-events"]
             env["PYTHONHASHSEED"] = "0"
         procs.append(ManagedProcess(f"sim{i}", argv, log_dir, env=env, ready_url=f"{url}/health"))
         entries.append(
