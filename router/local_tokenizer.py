@@ -35,6 +35,7 @@ the chart's model volume holds. Nothing is downloaded.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from array import array
@@ -234,7 +235,8 @@ class LocalTokenizers:
         does not pay for it (~170 ms for a 32K-token vocabulary). Raises :class:`LocalTokenizerError`."""
         tokenizer = self.for_model(model)
         if tokenizer.has_template:
-            tokenizer.chat([{"role": "user", "content": "warm"}])
+            with contextlib.suppress(LocalTokenizerError):  # a template may refuse a lone user turn
+                tokenizer.chat([{"role": "user", "content": "warm"}])
         tokenizer.text("warm")
 
     def plan(self, model: str, work: PromptWork) -> ChatPlan | None:
