@@ -13,6 +13,7 @@ import pytest
 from kvstack.bench.driver import RequestResult
 from kvstack.bench.trace import (
     chosen_tier,
+    moved_turns,
     read_jsonl,
     router_lines,
     summarize,
@@ -165,3 +166,31 @@ def test_a_request_the_router_never_logged_is_untraced() -> None:
     row = trace_row(result("z", 0.0, 0.2, 0), None)
     assert row["engine"] == "e0" and row["chosen_gpu_tokens"] is None
     assert summarize([row])["by_chosen_tier"]["untraced"]["requests"] == 1
+
+
+def turn(session: str, at: float, engine: str | None, ok: bool = True) -> dict[str, Any]:
+    return {"session": session, "arrival_s": at, "engine": engine, "ok": ok, "ttft_s": at / 10}
+
+
+@pytest.mark.parametrize(
+    ("rows", "moved"),
+    [
+        ([], []),
+        ([turn("u", 0, "e0"), turn("u", 1, "e0"), turn("v", 2, "e1")], []),  # each stays
+        ([turn("u", 0, "e0"), turn("u", 1, "e1"), turn("u", 2, "e1")], [1.0]),  # moved once
+        ([turn("u", 1, "e1"), turn("u", 0, "e0")], [1.0]),  # in arrival order, whatever the row order
+        ([turn("u", 0, "e0"), turn("u", 1, "e1", ok=False), turn("u", 2, "e0")], []),  # a failed turn
+        ([turn("u", 0, "e0"), turn("u", 1, None), turn("u", 2, "e0")], []),  # no engine known
+        ([turn("u", 0, "e0"), turn("v", 1, "e1"), turn("u", 2, "e1"), turn("v", 3, "e0")], [2.0, 3.0]),
+    ],
+)
+def test_moved_turns_are_the_ones_sent_away_from_their_sessions_last_engine(
+    rows: list[dict[str, Any]], moved: list[float]
+) -> None:
+    assert [r["arrival_s"] for r in moved_turns(rows)] == moved
+
+
+def test_the_summary_counts_moved_turns_and_their_ttft() -> None:
+    rows = [turn("u", 0, "e0"), turn("u", 1, "e1"), turn("v", 2, "e1"), turn("v", 3, "e0")]
+    s = summarize(rows)
+    assert (s["moved_turns"], s["moved_ttft_p50_s"]) == (2, pytest.approx(0.2))

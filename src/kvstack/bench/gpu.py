@@ -316,6 +316,7 @@ def gpu_proof(
                 f"router cpu {row['router_cpu_ms_per_request']:.2f} ms/req, "
                 f"predicted {row['router']['predicted_hit_tokens']:.0f}, "
                 f"index {row['index_blocks_before']:.0f}->{row['index_blocks_after']:.0f}"
+                + (f", sessions moved {row['trace']['moved_turns']}" if "trace" in row else "")
             )
             found = verdicts(rows, baseline=baseline)
             (out / f"{label}.json").write_text(json.dumps(_document(label, rows, meta, found), indent=2))

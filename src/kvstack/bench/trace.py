@@ -130,6 +130,24 @@ def _p90(xs: Sequence[float]) -> float | None:
     return ordered[min(len(ordered) - 1, int(0.9 * len(ordered)))]
 
 
+def moved_turns(rows: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """The successful turns sent to another engine than their session's previous successful turn.
+
+    Such a turn finds its session's prefix only where the previous turns ran: with LMCache and a
+    shared Redis the new engine loads it from there, slower than computing it (on the H200 such
+    turns took 2-3 s to their first token; bench-results/lmcache/README.md, section 11)."""
+    last: dict[str, Any] = {}
+    moved = []
+    for r in sorted(rows, key=lambda row: row["arrival_s"]):
+        session, engine = r.get("session"), r.get("engine")
+        if not r.get("ok") or session is None or engine is None:
+            continue
+        if session in last and last[session] != engine:
+            moved.append(r)
+        last[session] = engine
+    return moved
+
+
 def summarize(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """Lost GPU hits and where the TTFT went, over the traced, successful requests."""
     done = [r for r in rows if r.get("ok") and r.get("ttft_s") is not None]
@@ -148,6 +166,7 @@ def summarize(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
             "ttft_p90_s": _p90(ttft),
             "engine_cached_share": _share(group, "engine_cached_tokens"),
         }
+    moved = [r["ttft_s"] for r in moved_turns(done)]
     routes = [r["route_s"] for r in done if r.get("route_s") is not None]
     engine_part = [r["ttft_s"] - r["route_s"] for r in done if r.get("route_s") is not None]
     return {
@@ -167,6 +186,8 @@ def summarize(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         "route_p50_s": _median(routes),
         "route_p90_s": _p90(routes),
         "engine_ttft_p50_s": _median(engine_part),
+        "moved_turns": len(moved),
+        "moved_ttft_p50_s": _median(moved),
         "by_chosen_tier": by_tier,
     }
 
