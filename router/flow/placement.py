@@ -64,7 +64,7 @@ class Option:
 
     def cost_s(self, prompt_tokens: float) -> float:
         """What sending the request there costs: its first token there, and the delay its prefill
-        adds to the next request at that engine."""
+        and its LMCache loads (synchronous, in the engine's step) add to the next request there."""
         return self.ttft_s(prompt_tokens) + self.uncached(prompt_tokens) / self.tokens_per_s + self.load_s
 
 
