@@ -12,10 +12,13 @@ from pathlib import Path
 import httpx
 import pytest
 import redis
+import yaml
 from tests.conftest import free_port
 from tests.redis_server import RedisServer
 
 from kvstack.bench import promtext
+from kvstack.bench.flow import before_case
+from kvstack.bench.flow_stack import FlowSetup
 from kvstack.bench.gpu_procs import sim_procs
 from kvstack.bench.gpu_reset import (
     IN_FLIGHT,
@@ -162,3 +165,30 @@ def test_an_unreachable_redis_is_named() -> None:
 def test_the_idle_signals_exist_in_vllm_024s_metrics(reference_dir: Path) -> None:
     names = {name for name, _ in promtext.parse((reference_dir / "vllm-0.24-metrics.txt").read_text())}
     assert {*IN_FLIGHT, KV_USAGE} <= names
+
+
+def test_bench_flow_on_real_engines_starts_every_case_with_a_cold_gpu_cache(tmp_path: Path) -> None:
+    """``bench flow`` replays the same traces for every policy: over running engines each case
+    resets them first; over its own simulators (no engines file) it leaves them alone."""
+    procs, entries = sim_procs(1, MODEL, None, tmp_path)
+    url = entries[0]["url"]
+    engines_file = tmp_path / "engines.yaml"
+    engines_file.write_text(yaml.safe_dump(entries))
+    with running(procs, timeout=60):
+        ask(url)
+        ask(url)
+        warm, _ = hits(url)
+        assert warm > 0
+
+        before_case(FlowSetup(log_dir=tmp_path), [url])  # simulators of its own: nothing to do
+        ask(url)
+        kept, _ = hits(url)
+        assert kept > warm
+
+        before_case(FlowSetup(engines_file=engines_file, speed=1.0, log_dir=tmp_path), [url])
+        ask(url)
+        assert hits(url)[0] == kept  # emptied: the same prompt found nothing on the GPU
+
+        before_case(FlowSetup(engines_file=engines_file, fresh_cache=False, log_dir=tmp_path), [url])
+        ask(url)
+        assert hits(url)[0] > kept  # --keep-cache: the last ask's blocks still there

@@ -36,6 +36,7 @@ from kvstack.bench.flow_driver import Client, run_trace
 from kvstack.bench.flow_plan import PEER, Policy, Results, Stream
 from kvstack.bench.flow_stack import DEFAULT_SIM_CONFIG, MODEL, FlowSetup, flow_available, stack
 from kvstack.bench.gpu_procs import PEER_POLICIES
+from kvstack.bench.gpu_reset import fresh_cache
 from kvstack.common.procs import running
 
 
@@ -45,6 +46,14 @@ def _case(
     trace = flow_plan.build_trace(streams, setup.shape, seed)
     client = Client(url, setup.model, setup.speed, retries=setup.client_retries)
     return asyncio.run(run_trace(client, trace))
+
+
+def before_case(setup: FlowSetup, engine_urls: Sequence[str]) -> None:
+    """Real engines start each case as the first: idle, GPU prefix caches empty, Redis flushed.
+
+    Simulators need nothing: each policy starts its own."""
+    if setup.engines_file is not None and setup.fresh_cache:
+        fresh_cache(engine_urls, setup.redis_url)
 
 
 def _scenarios(setup: FlowSetup) -> dict[str, list[tuple[str, list[Stream]]]]:
@@ -90,6 +99,7 @@ def run(
                 wait_for_engines(url, len(engine_urls))
             for scenario in scenarios:
                 for seed, (case, streams) in enumerate(plan[scenario]):
+                    before_case(setup, engine_urls)
                     load0 = os.getloadavg()[0]
                     window = max(s.duration_s for s in streams)
                     log_at = procs[-1].log_path.stat().st_size if procs[-1].log_path.exists() else 0
@@ -262,6 +272,17 @@ def flow_bench(
             "max_retries, default 2); 0: a refused turn is given up.",
         ),
     ] = 2,
+    fresh: Annotated[
+        bool,
+        typer.Option(
+            "--fresh-cache/--keep-cache",
+            help="With --engines-file: before every case, wait for idle engines and reset their GPU "
+            "prefix caches (vLLM dev mode), and flush --redis-url.",
+        ),
+    ] = True,
+    redis_url: Annotated[
+        str | None, typer.Option(help="With --engines-file: the engines' shared LMCache Redis, flushed per case.")
+    ] = None,
 ) -> None:
     """Flow control under overload: goodput, 429s and admitted TTFT per policy (simulators)."""
     known = {p.name: p for p in (*flow_plan.POLICIES, PEER)}
@@ -296,6 +317,8 @@ def flow_bench(
         prefill_tokens_per_s=prefill_tokens_per_s,
         prefill_target_s=prefill_target_s,
         client_retries=client_retries,
+        fresh_cache=fresh,
+        redis_url=redis_url,
     )
     chosen = [known[n] for n in policy] if policy else list(flow_plan.POLICIES)
     results = run(setup, chosen, scenario or ["ramp", "fairness", "priority"])

@@ -49,6 +49,11 @@ class FlowSetup:
     model: str = MODEL
     tokenizer: str = "builtin"
     tokenizer_path: Path | None = None  # the model's tokenizer files, for tokenizer "local"
+    # real engines keep their prefix caches from case to case, and every policy replays the same
+    # traces: each case starts with idle engines, their GPU prefix caches reset (vLLM's dev mode) and
+    # the shared Redis flushed when given, so no policy inherits another's warm cache
+    fresh_cache: bool = True
+    redis_url: str | None = None
     # the router logs each cache-aware decision (DEBUG): each case counts those flow control narrowed
     decision_log: bool = False
     log_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="kvstack-flow-")))
