@@ -32,7 +32,10 @@ from kvstack.router.kvindex.index import KVIndex
 
 log = logging.getLogger(__name__)
 _CLOSE_TIMEOUT_S = 5.0
-_DRAIN_ROUND = 64  # live batches applied before the feed yields to requests
+# batches applied before the feed yields to requests, live or replayed: a buffered ZMQ receive
+# completes without yielding, and a replay of vLLM's whole buffer (10,000 steps) held a router's
+# loop for seconds on the H200 (its /ready timed out)
+_DRAIN_ROUND = 64
 
 
 class SubscriberSettings(BaseModel):
@@ -304,6 +307,7 @@ class KVEventSubscriber:
         dealer.setsockopt(zmq.LINGER, 0)
         dealer.connect(replay_ep)
         first: int | None = None
+        replayed = 0
         try:
             # A DEALER's send waits for a connected peer: bound it too, or an engine whose replay
             # socket is gone would stall this feed (and its live events) forever. asyncio.timeout,
@@ -332,6 +336,9 @@ class KVEventSubscriber:
                     if seq > start:  # the engine's buffer no longer reaches back to `start`
                         self.counters.lost_batches += seq - start
                 self._apply(feed, seq, frames[2])
+                replayed += 1
+                if replayed % _DRAIN_ROUND == 0:
+                    await asyncio.sleep(0)
         except TimeoutError:
             self.counters.replay_failures += 1
             feed.cooldown_until = time.monotonic() + self.settings.replay_cooldown_s

@@ -204,3 +204,32 @@ async def test_a_replay_endpoint_nobody_serves_times_out_and_live_events_go_on(
     while held(subscriber.index, prompt(9)) == 0:  # live events flow once the replay gave up
         await src.publish([probe])
         await asyncio.sleep(0.02)
+
+
+async def test_a_long_replay_lets_the_event_loop_serve_meanwhile(
+    subscriber: KVEventSubscriber, event_source: MakeSource, until: Until
+) -> None:
+    """A router started beside a busy engine replays its whole buffer (vLLM keeps 10,000 steps).
+    Buffered ZMQ messages are received without yielding, so applying them in one go held the loop:
+    on the H200 a router's ``/ready`` timed out. The replay yields every so many batches."""
+    src = await event_source()
+    batches = 1_000
+    for i in range(batches):
+        await src.publish([store(prompt(i, 1))[0]], deliver=False)  # history only the replay has
+    turns = 0  # event-loop turns another task got while the replay was part-way through
+
+    async def other_work() -> None:
+        nonlocal turns
+        while True:
+            await asyncio.sleep(0)
+            if 0 < subscriber.counters.batches_applied < batches:
+                turns += 1
+
+    task = asyncio.get_running_loop().create_task(other_work())
+    try:
+        subscriber.add_engine(engine(src))
+        await until(lambda: subscriber.counters.batches_applied == batches)
+    finally:
+        task.cancel()
+    assert subscriber.counters.replays == 1 and subscriber.counters.lost_batches == 0
+    assert turns >= batches // 64 - 1, turns

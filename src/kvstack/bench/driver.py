@@ -191,6 +191,10 @@ def wait_for_engines(router_url: str, engines: int, timeout: float = 30.0) -> No
     """
 
     def all_routable() -> bool:
-        return bool(httpx.get(f"{router_url}/ready", timeout=2.0).json().get("available_engines") == engines)
+        try:
+            ready = httpx.get(f"{router_url}/ready", timeout=2.0).json()
+        except httpx.HTTPError:  # a router still busy starting: asked again until the deadline
+            return False
+        return bool(ready.get("available_engines") == engines)
 
     wait_until(all_routable, f"the router to route to all {engines} engines", timeout, interval=0.05)
