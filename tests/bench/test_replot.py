@@ -24,6 +24,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
         ({"benchmark": "router_overhead", "verdicts": []}, "router_overhead"),
         ({"setup": {}, "rows": [], "goals": []}, "routing"),
         ({"label": "h200-sp", "meta": {}, "cases": []}, "gpu"),
+        ({"meta": {}, "ramp": [], "fairness": [], "priority": [], "goals": []}, "flow"),
     ],
 )
 def test_kind_of_a_results_file(payload: dict[str, Any], kind: str) -> None:
@@ -44,6 +45,9 @@ def test_a_file_no_figure_comes_from_is_refused(payload: dict[str, Any]) -> None
         ["router/router_overhead.json"],
         ["router/sglang-baseline/router_overhead.json"],  # no soak in that run: the RSS panel says so
         ["gpu/h200-r2-sp.json", "gpu/h200-r2-mrqa.json"],
+        ["flow/flow15-ramp-long.json"],
+        # one policy per device call on the H200: both in one figure
+        ["gpu/r15/h200-flow-kvstack.json", "gpu/r15/h200-flow-sglang.json"],
     ],
 )
 def test_committed_results_draw_again(files: list[str], tmp_path: Path) -> None:

@@ -187,10 +187,11 @@ def _flow_counters(before: promtext.Samples, after: promtext.Samples) -> dict[st
     }
 
 
-def plot(results: Results, path: Path) -> None:
+def plot(results: Results, path: Path, *, simulated: bool = True) -> None:
     """Against offered load, one line per policy: goodput; the completed requests' TTFT as their
     users saw it (from the first attempt) p90 and p99, and the admitted p90 (from the last attempt);
-    the share of requests finally refused, and retries per request."""
+    the share of requests finally refused, and retries per request. ``simulated``: the times are
+    the simulators' (else real engines': wall time)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -217,7 +218,7 @@ def plot(results: Results, path: Path) -> None:
     left.set_xlabel("offered load (x capacity)")
     left.set_ylabel("goodput: requests/s with TTFT <= 1 s\n(from the first attempt)")
     mid.set_xlabel("offered load (x capacity)")
-    mid.set_ylabel("TTFT from the first attempt (s, simulated)")
+    mid.set_ylabel(f"TTFT from the first attempt (s{', simulated' if simulated else ''})")
     mid.set_ylim(bottom=0)
     mid.axhline(flow_plan.OBJECTIVE_S, color="grey", linewidth=0.8)
     right.set_xlabel("offered load (x capacity)")
@@ -331,7 +332,7 @@ def flow_bench(
     body = {"meta": meta, **asdict(results), "goals": [asdict(g) for g in goals]}
     (folder / f"{label}.json").write_text(json.dumps(body, indent=1))
     if results.ramp:
-        plot(results, folder / f"{label}.png")
+        plot(results, folder / f"{label}.png", simulated=engines_file is None)
     for g in goals:
         mark = "met" if g.met else "not met" if g.met is not None else "not run"
         typer.echo(f"{mark:>8}: {g.name} ({g.detail})")

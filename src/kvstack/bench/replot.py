@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-ResultKind = Literal["routing", "soak", "router_overhead", "gpu"]
+ResultKind = Literal["routing", "soak", "router_overhead", "gpu", "flow"]
 
 
 class ReplotError(ValueError):
@@ -27,8 +27,10 @@ def kind_of(payload: Mapping[str, Any]) -> ResultKind:
         return "routing"
     if "cases" in payload and "label" in payload:
         return "gpu"
+    if "ramp" in payload and "goals" in payload:
+        return "flow"
     raise ReplotError(
-        f"not a routing, soak, router-overhead or GPU results file (keys: {', '.join(sorted(payload))})"
+        f"not a routing, soak, router-overhead, GPU or flow results file (keys: {', '.join(sorted(payload))})"
     )
 
 
@@ -48,11 +50,14 @@ def default_png(kind: ResultKind, first: Path) -> Path:
         return first.parent / "routing.png"
     if kind == "gpu":
         return first.parent / "gpu.png"
+    if kind == "flow":
+        return first.parent / "flow.png"
     return first.with_suffix(".png")
 
 
 def replot(files: Sequence[Path], png: Path | None = None) -> Path:
-    """Draw the figure of ``files`` (one file; several only for GPU runs, which share one figure)."""
+    """Draw the figure of ``files`` (one file; several for GPU and flow runs, which share one figure:
+    on real engines each call of the device runs one policy)."""
     if not files:
         raise ReplotError("no results file given")
     payloads = [_load(f) for f in files]
@@ -60,8 +65,8 @@ def replot(files: Sequence[Path], png: Path | None = None) -> Path:
     if len(kinds) > 1:
         raise ReplotError(f"files of different benchmarks: {', '.join(sorted(kinds))}")
     kind = kinds.pop()
-    if kind != "gpu" and len(files) > 1:
-        raise ReplotError(f"one {kind} results file at a time (only GPU runs share a figure)")
+    if kind not in ("gpu", "flow") and len(files) > 1:
+        raise ReplotError(f"one {kind} results file at a time (only GPU and flow runs share a figure)")
     target = png or default_png(kind, files[0])
     payload = payloads[0]
     if kind == "routing":
@@ -75,6 +80,13 @@ def replot(files: Sequence[Path], png: Path | None = None) -> Path:
         from kvstack.bench.soak_plot import replot as soak_replot
 
         soak_replot(files[0], target)
+    elif kind == "flow":
+        from kvstack.bench.flow import plot as flow_plot
+        from kvstack.bench.flow_plan import Results
+
+        ramp = [row for p in payloads for row in p["ramp"]]
+        real = all(p.get("meta", {}).get("engines_file") for p in payloads)
+        flow_plot(Results(ramp=ramp), target, simulated=not real)
     elif kind == "router_overhead":
         from kvstack.bench.router_overhead_plot import replot as overhead_replot
 

@@ -288,7 +288,9 @@ def router_overhead(
         "scaling": scaled,
     }
     write_json(out_dir / "router_overhead.json", payload)
-    plot_overhead(out_dir / "router_overhead.png", direct, rows, verdicts, GOALS)
+    plot_overhead(
+        out_dir / "router_overhead.png", direct, rows, verdicts, GOALS, cores=payload["usable_cpus"]
+    )
     print_tables(direct, rows, verdicts, cfg, policy, engines, speed)
     if len(counts) > 1:
         scols = ["backend", "workers", "rps_nonstream", "speedup_nonstream", "rps_stream", "speedup_stream"]

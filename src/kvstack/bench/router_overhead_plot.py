@@ -24,7 +24,14 @@ def replot(json_path: Path, png: Path | None = None) -> Path:
     """The PNG of a committed ``router_overhead.json`` again (beside it unless ``png`` is given)."""
     payload = json.loads(json_path.read_text())
     target = png or json_path.with_suffix(".png")
-    plot_overhead(target, payload["direct"], payload["backends"], payload["verdicts"], payload["goals"])
+    plot_overhead(
+        target,
+        payload["direct"],
+        payload["backends"],
+        payload["verdicts"],
+        payload["goals"],
+        cores=payload.get("usable_cpus") or payload.get("cpu_count"),
+    )
     return target
 
 
@@ -34,8 +41,10 @@ def plot_overhead(
     rows: list[dict[str, Any]],
     verdicts: list[dict[str, Any]],
     goals: dict[str, float],
+    cores: int | None = None,
 ) -> None:
-    """Added latency per backend, closed-loop throughput, and RSS over the soak, against ``goals``."""
+    """Added latency per backend, closed-loop throughput, and RSS over the soak, against ``goals``;
+    ``cores``: the host's usable CPUs (the title says how many the run shared)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -104,5 +113,6 @@ def plot_overhead(
         ax3.legend(fontsize=7, loc="upper left")  # RSS starts low: the corner above it stays empty
     else:
         ax3.text(0.5, 0.5, "no soak in this run", ha="center", va="center", transform=ax3.transAxes)
-    fig.suptitle("One router process in front of simulators (2 shared cores)", fontsize=10)
+    host = f"{cores} cores" if cores else "the cores"
+    fig.suptitle(f"The router in front of simulators ({host} shared with them and the load)", fontsize=10)
     save_figure(fig, path)
