@@ -282,7 +282,8 @@ def flow_bench(
         ),
     ] = True,
     redis_url: Annotated[
-        str | None, typer.Option(help="With --engines-file: the engines' shared LMCache Redis, flushed per case.")
+        str | None,
+        typer.Option(help="With --engines-file: the engines' shared LMCache Redis, flushed per case."),
     ] = None,
 ) -> None:
     """Flow control under overload: goodput, 429s and admitted TTFT per policy (simulators)."""

@@ -289,7 +289,7 @@ def router_overhead(
     }
     write_json(out_dir / "router_overhead.json", payload)
     plot_overhead(
-        out_dir / "router_overhead.png", direct, rows, verdicts, GOALS, cores=payload["usable_cpus"]
+        out_dir / "router_overhead.png", direct, rows, verdicts, GOALS, cores=len(os.sched_getaffinity(0))
     )
     print_tables(direct, rows, verdicts, cfg, policy, engines, speed)
     if len(counts) > 1:
