@@ -11,13 +11,15 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import httpx
 import pytest
 
-from kvstack.bench import flow_plan
+from kvstack.bench import flow, flow_plan
 from kvstack.bench.driver import wait_for_engines
 from kvstack.bench.flow_driver import Client, run_trace
 from kvstack.bench.flow_plan import Policy, Stream
-from kvstack.bench.flow_stack import FlowSetup, stack
+from kvstack.bench.flow_stack import FlowSetup, ready_stack, stack
+from kvstack.bench.sglang_router import sglang_workers_healthy
 from kvstack.bench.workloads import Session, Turn
 from kvstack.common.procs import running
 
@@ -67,3 +69,21 @@ def test_refused_requests_are_retried_after_the_retry_after(
     assert (row["shed"], row["cold_shed"], row["users"], row["users_never_served"]) == (1, 1, 3, 1)
     assert (row["attempts"], row["refusals"], row["served_after_retry"]) == (5, 3, 1)
     assert row["shed_with_retry_after"] == 1
+
+
+@pytest.mark.slow
+def test_the_sglang_baseline_routes_to_every_simulator_before_a_case_starts(tmp_path: Path) -> None:
+    """The peer's stack: the simulators ready first, then the SGLang router, whose ``/health``
+    answers before it has registered its workers; the first case starts once all are registered
+    (one sent earlier was never routed). Then the ramp runs end to end through it."""
+    shape = flow_plan.Shape(rounds=2, system_tokens=40, user_tokens=60, question_tokens=10, answer_tokens=2)
+    setup = FlowSetup(
+        engines=2, speed=20.0, sim_config=None, capacity_rps=2.0, duration_s=1.0, shape=shape, log_dir=tmp_path
+    )
+    with ready_stack(setup, flow_plan.PEER) as (_procs, url, engines):
+        assert len(engines) == 2
+        assert sglang_workers_healthy(httpx.get(f"{url}/workers", timeout=5).json(), 2)
+    results = flow.run(setup, [flow_plan.PEER], ["ramp"], progress=lambda _line: None)
+    assert [r["case"] for r in results.ramp] == ["0.5x", "1x", "1.5x", "2x"]
+    for row in results.ramp:
+        assert row["completed"] > 0 and row["errors"] == 0 and row["lost"] == 0, row

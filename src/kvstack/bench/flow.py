@@ -28,16 +28,13 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-import yaml
 
 from kvstack.bench import flow_plan, promtext
-from kvstack.bench.driver import wait_for_engines
 from kvstack.bench.flow_driver import Client, run_trace
 from kvstack.bench.flow_plan import PEER, Policy, Results, Stream
-from kvstack.bench.flow_stack import DEFAULT_SIM_CONFIG, MODEL, FlowSetup, flow_available, stack
+from kvstack.bench.flow_stack import DEFAULT_SIM_CONFIG, MODEL, FlowSetup, flow_available, ready_stack
 from kvstack.bench.gpu_procs import PEER_POLICIES
 from kvstack.bench.gpu_reset import fresh_cache
-from kvstack.common.procs import running
 
 
 def _case(
@@ -89,14 +86,7 @@ def run(
         if policy.flow and not flow_available():
             progress(f"{policy.name}: this router has no flow control; skipped")
             continue
-        procs, url = stack(setup, policy, policy.name.replace("+", "-"))
-        if setup.engines_file is not None:
-            engine_urls = [e["url"] for e in yaml.safe_load(setup.engines_file.read_text())]
-        else:
-            engine_urls = [p.ready_url.removesuffix("/health") for p in procs[:-1] if p.ready_url]
-        with running(procs, timeout=90):
-            if policy.routing not in PEER_POLICIES:
-                wait_for_engines(url, len(engine_urls))
+        with ready_stack(setup, policy) as (procs, url, engine_urls):
             for scenario in scenarios:
                 for seed, (case, streams) in enumerate(plan[scenario]):
                     before_case(setup, engine_urls)

@@ -3,13 +3,15 @@ real ones) and a router configured for the policy, its flow control on or off.
 
 :class:`FlowSetup` is a run's setup; :func:`router_config` the router's config file for a policy (flow
 control's objectives and saturation model in the router's wall time); :func:`stack` the processes
-of one policy, started by the caller (:func:`kvstack.common.procs.running`).
+of one policy; :func:`ready_stack` starts them and waits until the router routes to every engine.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,10 +19,12 @@ from typing import Any
 import yaml
 
 from kvstack.bench import flow_plan
+from kvstack.bench.driver import wait_for_engines
 from kvstack.bench.flow_plan import Policy, Shape
 from kvstack.bench.gpu_procs import PEER_POLICIES
 from kvstack.bench.gpu_procs import peer_router_proc as peer_router
-from kvstack.common.procs import ManagedProcess, free_ports, kvstack_argv
+from kvstack.bench.sglang_router import wait_sglang_workers
+from kvstack.common.procs import ManagedProcess, free_ports, kvstack_argv, running
 from kvstack.engine.sim.cli import kv_events_flags
 from kvstack.router.discovery.static import sim_engine_entry
 
@@ -144,3 +148,25 @@ def stack(setup: FlowSetup, policy: Policy, case: str) -> tuple[list[ManagedProc
     (log_dir / "engines.yaml").write_text(yaml.safe_dump(engines))
     router, url = _router(setup, policy, log_dir / "engines.yaml", log_dir)
     return [*sims, router], url
+
+
+@contextlib.contextmanager
+def ready_stack(setup: FlowSetup, policy: Policy) -> Iterator[tuple[list[ManagedProcess], str, list[str]]]:
+    """The policy's stack (:func:`stack`) up and routing to every engine: its processes, the
+    router's URL and the engines' URLs.
+
+    The engines start first and are ready before the router starts: an SGLang router started beside
+    simulators still binding their ports had routed nothing four minutes later. Its ``/health``
+    answers before its workers are registered, so the wait is on ``GET /workers``; kvstack's router
+    is waited on until it routes to every engine."""
+    procs, url = stack(setup, policy, policy.name.replace("+", "-"))
+    if setup.engines_file is not None:
+        engine_urls = [e["url"] for e in yaml.safe_load(setup.engines_file.read_text())]
+    else:
+        engine_urls = [p.ready_url.removesuffix("/health") for p in procs[:-1] if p.ready_url]
+    with running(procs[:-1], timeout=90), running(procs[-1:], timeout=90):
+        if policy.routing in PEER_POLICIES:
+            wait_sglang_workers(procs[-1], len(engine_urls))
+        else:
+            wait_for_engines(url, len(engine_urls))
+        yield procs, url, engine_urls
