@@ -78,8 +78,9 @@ def test_the_sglang_baseline_routes_to_every_simulator_before_a_case_starts(tmp_
     (one sent earlier was never routed). Then the ramp runs end to end through it."""
     shape = flow_plan.Shape(rounds=2, system_tokens=40, user_tokens=60, question_tokens=10, answer_tokens=2)
     setup = FlowSetup(
-        engines=2, speed=20.0, sim_config=None, capacity_rps=2.0, duration_s=1.0, shape=shape, log_dir=tmp_path
-    )
+        engines=2, speed=20.0, sim_config=None, capacity_rps=2.0, duration_s=1.0, shape=shape,
+        log_dir=tmp_path,
+    )  # fmt: skip
     with ready_stack(setup, flow_plan.PEER) as (_procs, url, engines):
         assert len(engines) == 2
         assert sglang_workers_healthy(httpx.get(f"{url}/workers", timeout=5).json(), 2)
