@@ -125,7 +125,8 @@ def run(
                         f"TTFT p50/p90/p99 first attempt {row['ttft_first_attempt_p50_s']}/"
                         f"{row['ttft_first_attempt_p90_s']}/{row['ttft_first_attempt_p99_s']} s, "
                         f"last {row['ttft_p50_s']}/{row['ttft_p90_s']}/{row['ttft_p99_s']} s, "
-                        f"cold 429 {row['cold_shed']}/{row['users']} users, errors {row['errors']}, "
+                        f"cold turns refused {row['cold_shed']} ({row['users']} users), "
+                        f"errors {row['errors']}, "
                         f"narrowed {row.get('narrowed', '-')}/{row.get('decisions', '-')}, "
                         f"loadavg {row['loadavg']}"
                     )
