@@ -34,7 +34,8 @@ from kvstack.bench.flow_driver import Client, run_trace
 from kvstack.bench.flow_plan import PEER, Policy, Results, Stream
 from kvstack.bench.flow_stack import DEFAULT_SIM_CONFIG, MODEL, FlowSetup, flow_available, ready_stack
 from kvstack.bench.gpu_procs import PEER_POLICIES
-from kvstack.bench.gpu_reset import fresh_cache
+from kvstack.bench.gpu_reset import FreshCacheOption
+from kvstack.bench.gpu_reset import fresh_cache as reset_engines
 
 
 def _case(
@@ -50,7 +51,7 @@ def before_case(setup: FlowSetup, engine_urls: Sequence[str]) -> None:
 
     Simulators need nothing: each policy starts its own."""
     if setup.engines_file is not None and setup.fresh_cache:
-        fresh_cache(engine_urls, setup.redis_url)
+        reset_engines(engine_urls, setup.redis_url)
 
 
 def _scenarios(setup: FlowSetup) -> dict[str, list[tuple[str, list[Stream]]]]:
@@ -264,14 +265,7 @@ def flow_bench(
             "max_retries, default 2); 0: a refused turn is given up.",
         ),
     ] = 2,
-    fresh: Annotated[
-        bool,
-        typer.Option(
-            "--fresh-cache/--keep-cache",
-            help="With --engines-file: before every case, wait for idle engines and reset their GPU "
-            "prefix caches (vLLM dev mode), and flush --redis-url.",
-        ),
-    ] = True,
+    fresh_cache: FreshCacheOption = None,
     redis_url: Annotated[
         str | None,
         typer.Option(help="With --engines-file: the engines' shared LMCache Redis, flushed per case."),
@@ -310,7 +304,7 @@ def flow_bench(
         prefill_tokens_per_s=prefill_tokens_per_s,
         prefill_target_s=prefill_target_s,
         client_retries=client_retries,
-        fresh_cache=fresh,
+        fresh_cache=fresh_cache is not False,  # only real engines are reset (before_case)
         redis_url=redis_url,
     )
     chosen = [known[n] for n in policy] if policy else list(flow_plan.POLICIES)

@@ -39,7 +39,7 @@ from kvstack.bench.gpu_plan import (
 )
 from kvstack.bench.gpu_plot import plot, plot_matrix
 from kvstack.bench.gpu_procs import PEER_POLICIES, peer_router_proc, router_proc, sim_procs
-from kvstack.bench.gpu_reset import ResetError
+from kvstack.bench.gpu_reset import FreshCacheOption, ResetError
 from kvstack.bench.gpu_reset import fresh_cache as fresh_cache_of
 from kvstack.bench.gpu_summary import (
     ENGINE_COUNTERS,
@@ -197,14 +197,7 @@ def gpu_proof(
             "subsets), off for a single case.",
         ),
     ] = None,
-    fresh_cache: Annotated[
-        bool | None,
-        typer.Option(
-            "--fresh-cache/--keep-cache",
-            help="Before every case: wait for idle engines, POST /reset_prefix_cache to each (vLLM: "
-            "dev_mode / VLLM_SERVER_DEV_MODE=1) and FLUSHALL --redis-url. Default: on for a matrix.",
-        ),
-    ] = None,
+    fresh_cache: FreshCacheOption = None,
     redis_url: Annotated[
         str | None,
         typer.Option(help="LMCache's shared Redis, flushed before every case (default: --sim-redis)."),

@@ -17,12 +17,25 @@ GPU cache and leaves its LMCache tiers alone; it refuses (500) while requests ru
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Annotated
 
 import httpx
 import redis
+import typer
 
 from kvstack.bench import promtext
 from kvstack.common.waits import wait_until
+
+# `bench gpu` and `bench flow` over running engines: the same switch, the same meaning
+FreshCacheOption = Annotated[
+    bool | None,
+    typer.Option(
+        "--fresh-cache/--keep-cache",
+        help="Before every case: wait for idle engines, POST /reset_prefix_cache to each (vLLM: "
+        "dev_mode / VLLM_SERVER_DEV_MODE=1) and FLUSHALL --redis-url. Default: on for a `bench gpu` "
+        "matrix and for `bench flow` over running engines.",
+    ),
+]
 
 IN_FLIGHT = ("vllm:num_requests_running", "vllm:num_requests_waiting")
 KV_USAGE = "vllm:kv_cache_usage_perc"
