@@ -276,21 +276,20 @@ def router_overhead(
                 row["stream_long"] = result
     verdicts = [verdict(direct["open"], r) for r in rows]
     scaled = scaling(verdicts, backends, counts)
+    usable_cpus = len(os.sched_getaffinity(0))
     payload = {
         "benchmark": "router_overhead",
         "goals": GOALS,
         "params": {**cfg, "policy": policy, "engines": engines, "speed": speed, "workers": counts},
         "cpu_count": os.cpu_count(),
-        "usable_cpus": len(os.sched_getaffinity(0)),
+        "usable_cpus": usable_cpus,
         "direct": direct,
         "backends": rows,
         "verdicts": verdicts,
         "scaling": scaled,
     }
     write_json(out_dir / "router_overhead.json", payload)
-    plot_overhead(
-        out_dir / "router_overhead.png", direct, rows, verdicts, GOALS, cores=len(os.sched_getaffinity(0))
-    )
+    plot_overhead(out_dir / "router_overhead.png", direct, rows, verdicts, GOALS, cores=usable_cpus)
     print_tables(direct, rows, verdicts, cfg, policy, engines, speed)
     if len(counts) > 1:
         scols = ["backend", "workers", "rps_nonstream", "speedup_nonstream", "rps_stream", "speedup_stream"]
