@@ -7,6 +7,11 @@ engines, or random among all when nothing matches. The request is then inserted 
 engine. Like the original it ignores load, tokens and chat templates. Unlike it, node growth is
 capped (``max_nodes``; the original trie is unbounded, production-stack #687): past the cap,
 known prefixes still gain engines but new chunks are not stored.
+
+With a ``seed``, each request's draw comes from a generator seeded by the seed and the request's
+text, over the candidates in name order (names, unlike URLs, stay put across runs): a benchmark
+run repeats its placement whatever order concurrent requests reach the router in (one shared
+generator would hand the draws out in arrival order, which a busy machine reshuffles).
 """
 
 from __future__ import annotations
@@ -93,17 +98,24 @@ class PrefixTriePolicy(Policy):
         self.rng = rng or random.Random(s.seed)
         self.trie = HashTrie(s.chunk_chars, s.max_nodes)
 
+    def _rng_for(self, text: str) -> random.Random:
+        seed = self.settings.seed
+        if seed is None:
+            return self.rng
+        return random.Random(xxhash.xxh64_intdigest(text.encode(), seed=seed))
+
     def choose(self, request: RequestFeatures, candidates: Sequence[EngineState], now: float) -> Decision:
         text = request.prompt_text or ""
-        by_url = {c.url: c for c in candidates}
-        matched, holders = self.trie.longest_match(text, set(by_url))
+        ordered = sorted(candidates, key=lambda c: (c.name, c.url))
+        rng = self._rng_for(text)
+        matched, holders = self.trie.longest_match(text, {c.url for c in candidates})
         if not holders:
-            engine, reason = self.rng.choice(list(candidates)), "no_match"
+            engine, reason = rng.choice(ordered), "no_match"
         elif matched < self.settings.min_match_chars:
-            low = min(c.load for c in candidates)
-            engine, reason = self.rng.choice([c for c in candidates if c.load == low]), "below_min_match"
+            low = min(c.load for c in ordered)
+            engine, reason = rng.choice([c for c in ordered if c.load == low]), "below_min_match"
         else:
-            engine, reason = by_url[self.rng.choice(sorted(holders))], "prefix"
+            engine, reason = rng.choice([c for c in ordered if c.url in holders]), "prefix"
         # inserted when chosen, as the original does; never removed (it has no eviction either)
         self.trie.insert(text, engine.url)
         hit = int(matched / self.settings.chars_per_token) if engine.url in holders else 0

@@ -13,10 +13,10 @@ from kvstack.router.policies.prefix_trie import HashTrie, PrefixTriePolicy, Pref
 DOC = "".join(f"Paragraph {i} of the shared document says something. " for i in range(20))  # ~1000 chars
 
 
-def engines(n: int, loads: list[int] | None = None) -> list[EngineState]:
+def engines(n: int, loads: list[int] | None = None, port: int = 80) -> list[EngineState]:
     out = []
     for i in range(n):
-        ep = Endpoint(url=f"http://e{i}", name=f"e{i}", models=frozenset({"m"}))
+        ep = Endpoint(url=f"http://e{i}:{port + i}", name=f"e{i}", models=frozenset({"m"}))
         out.append(EngineState(endpoint=ep, models=ep.models, own_in_flight=(loads or [0] * n)[i]))
     return out
 
@@ -67,9 +67,9 @@ def test_it_ignores_load_like_the_original() -> None:
 def test_short_matches_fall_back_to_the_least_loaded() -> None:
     p = PrefixTriePolicy(PrefixTrieSettings(min_match_chars=512), rng=random.Random(2))
     cands = engines(3, loads=[5, 0, 5])
-    p.trie.insert(DOC[:256], "http://e0")
+    p.trie.insert(DOC[:256], cands[0].url)
     d = p.choose(req(DOC[:256]), cands, 0.0)
-    assert (d.engine.url, d.reason) == ("http://e1", "below_min_match")
+    assert (d.engine.name, d.reason) == ("e1", "below_min_match")
 
 
 def test_node_count_is_capped() -> None:
@@ -78,3 +78,20 @@ def test_node_count_is_capped() -> None:
         trie.insert(f"{i} " + DOC, "a")
     assert trie.nodes == 50
     assert trie.longest_match(f"{0} " + DOC, {"a"})[0] > 0
+
+
+def test_a_seed_places_texts_alike_whatever_order_they_arrive_in() -> None:
+    """Concurrent requests reach the router in an order a busy machine reshuffles, and each run's
+    engines listen on new ports; a seeded run must still repeat its placement (by engine name), and
+    another seed must draw apart."""
+    texts = [f"group {g} " + DOC for g in range(32)]
+
+    def placement(seed: int, order: list[str], cands: list[EngineState]) -> dict[str, str]:
+        p = PrefixTriePolicy(PrefixTrieSettings(seed=seed))
+        return {t: p.choose(req(t), cands, 0.0).engine.name for t in order}
+
+    base = placement(7, texts, engines(4))
+    assert placement(7, texts[::-1], engines(4, port=9000)[::-1]) == base
+    assert placement(7, random.Random(1).sample(texts, len(texts)), engines(4)) == base
+    assert placement(8, texts, engines(4)) != base
+    assert len(set(base.values())) == 4  # still spread at random
