@@ -5,12 +5,18 @@ cost almost nothing to prefill) and releases them at the first token, at the end
 deadline by which the prefill must have happened, so a lost callback cannot leak load. Scraped
 ``num_requests_waiting`` corrects what local counts cannot see: other router replicas and
 traffic that bypasses the router.
+
+A scrape is up to one interval old. Requests of ours it may have counted as waiting, dispatched
+before it and started since, no longer wait: each is taken off its ``num_waiting``. Without that,
+a scrape that caught a request in the wait queue charged its engine a phantom prompt
+(``tokens_per_waiting``) until the next scrape, long after the request ended, and a router sending
+one request at a time sent a chat away from the engine holding its prefix.
 """
 
 from __future__ import annotations
 
 import heapq
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 
 
@@ -28,6 +34,9 @@ def reconcile(
     if num_waiting <= 0:
         return fresh + min(older, float(chunk_tokens))
     return fresh + max(older, num_waiting * tokens_per_waiting)
+
+
+_STARTED_KEPT = 1024  # per engine: more starts than this within one scrape interval is not a lull
 
 
 @dataclass(slots=True)
@@ -48,6 +57,8 @@ class PrefillLedger:
         self._by_url: dict[str, OrderedDict[str, _Entry]] = {}  # dispatch order
         self._totals: dict[str, float] = {}
         self._deadlines: list[tuple[float, str]] = []
+        # per engine, (dispatched at, started at) of requests whose prefill began lately, oldest first
+        self._started: dict[str, deque[tuple[float, float]]] = {}
 
     def add(self, request_id: str, url: str, tokens: float, now: float, deadline: float) -> None:
         self.done(request_id)
@@ -57,11 +68,14 @@ class PrefillLedger:
         self._totals[url] = self._totals.get(url, 0.0) + tokens
         heapq.heappush(self._deadlines, (deadline, request_id))
 
-    def done(self, request_id: str) -> None:
-        """The request's prefill is over (first token, finish, abort); idempotent."""
+    def done(self, request_id: str, now: float | None = None) -> None:
+        """The request's prefill is over (first token, finish, abort); idempotent. ``now``: when
+        the engine was seen to start it, so a scrape taken before stops counting it as waiting."""
         entry = self._entries.pop(request_id, None)
         if entry is None:
             return
+        if now is not None:
+            self._started.setdefault(entry.url, deque(maxlen=_STARTED_KEPT)).append((entry.at, now))
         self._by_url[entry.url].pop(request_id, None)
         left = self._totals[entry.url] - entry.tokens
         self._totals[entry.url] = left if left > 1e-6 else 0.0
@@ -94,10 +108,19 @@ class PrefillLedger:
         return reconcile(
             fresh,
             total - fresh,
-            num_waiting,
+            max(0.0, num_waiting - self._started_since(url, scraped_at)),
             chunk_tokens=self.chunk_tokens,
             tokens_per_waiting=self.tokens_per_waiting,
         )
+
+    def _started_since(self, url: str, scraped_at: float) -> int:
+        """Our requests dispatched before the scrape at ``scraped_at`` and started after it."""
+        started = self._started.get(url)
+        if not started:
+            return 0
+        while started and started[0][1] <= scraped_at:  # scrapes only move forward: forget these
+            started.popleft()
+        return sum(1 for at, _ in started if at <= scraped_at)
 
     def __len__(self) -> int:
         return len(self._entries)

@@ -283,7 +283,7 @@ class CacheAwarePolicy(Policy):
 
     def on_first_token(self, request: RequestFeatures, decision: Decision) -> None:
         """The prefill is over: release its queued tokens, and learn the tier costs from its TTFT."""
-        self.ledger.done(request.request_id)
+        self.ledger.done(request.request_id, self.clock())
         p = self._started.pop(request.request_id, None)
         if p is not None and p.url == decision.engine.url:
             self.tiers.observe(p.tiers, p.est_ttft_s, self.clock() - p.dispatched_at, p.queued)
@@ -292,7 +292,7 @@ class CacheAwarePolicy(Policy):
         self._pending.pop(request.request_id, None)
         self._started.pop(request.request_id, None)  # not streamed: no TTFT to learn from
         self.tiers.order.finished(request.request_id)
-        self.ledger.done(request.request_id)
+        self.ledger.done(request.request_id, self.clock())
 
     def _remember_session(self, key: str, url: str) -> None:
         sessions, s = self._sessions, self.settings

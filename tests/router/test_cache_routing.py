@@ -3,6 +3,7 @@ the policy's counters on /metrics and the optional engine header, against simula
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from collections.abc import Iterator
@@ -15,6 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from kvstack.common import tokenizer
 from kvstack.common.waits import wait_until
+from kvstack.router.policies.cache_aware_log import decision_log
 
 from .conftest import MODEL, RouterFactory, Sim, chat_work, run_event_sims
 
@@ -43,9 +45,10 @@ def event_sims(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[list[
 
 
 def test_cache_aware_routes_a_growing_chat_to_its_cache_and_exports_its_counters(
-    event_sims: tuple[list[Sim], Path], router: RouterFactory
+    event_sims: tuple[list[Sim], Path], router: RouterFactory, caplog: pytest.LogCaptureFixture
 ) -> None:
     sims, engines_file = event_sims
+    caplog.set_level(logging.DEBUG, logger=decision_log.name)  # why each engine won, for a failure
     # every prompt tokenized whole before routing (no known-prefix routing): exact counts below
     r = router(
         engines_file=engines_file,
@@ -69,7 +72,9 @@ def test_cache_aware_routes_a_growing_chat_to_its_cache_and_exports_its_counters
     time.sleep(2.5)  # past the speculative TTL: from here on only the engine's events speak
     grown = [*first, {"role": "assistant", "content": "blocks"}, {"role": "user", "content": "Which?"}]
     for messages in (grown, grown, grown):  # the same conversation resent: tokenized once
-        assert chat(messages).headers["x-kvstack-engine"] == home
+        sent_to = chat(messages).headers["x-kvstack-engine"]
+        decisions = [r.__dict__ for r in caplog.records if r.name == decision_log.name]
+        assert sent_to == home, {k: decisions[-1][k] for k in ("chosen", "route_reason", "engines")}
     m = scrape(r.url)
     policy = {"policy": "cache_aware"}
     assert sample(m, "kvstack_router_routing_decisions_total", reason="cache_hit", **policy) >= 3

@@ -224,6 +224,27 @@ def test_ledger_counts_dispatches_newer_than_the_scrape_in_full() -> None:
     assert led.queued("a", 4.0, scraped_at=2.0, num_waiting=0) == 3000 + 100
 
 
+@pytest.mark.parametrize(
+    ("started_at", "num_waiting", "expected"),
+    [
+        (None, 1, 1024.0),  # still waiting for all we know: one prompt's worth
+        (3.0, 1, 0.0),  # ours, dispatched before the scrape, started after: it waits no more
+        (1.5, 1, 1024.0),  # started before the scrape: the waiting one is someone else's
+        (3.0, 2, 1024.0),  # one of the two still waits
+    ],
+)
+def test_a_scraped_wait_stops_counting_our_requests_that_started_since(
+    started_at: float | None, num_waiting: int, expected: float
+) -> None:
+    led = PrefillLedger(chunk_tokens=100, tokens_per_waiting=1024)
+    led.add("r", "a", 50, now=1.0, deadline=60.0)
+    if started_at is not None:
+        led.done("r", started_at)
+    else:
+        led.done("r")  # released without a start time (an expiry): the scrape still speaks
+    assert led.queued("a", 4.0, scraped_at=2.0, num_waiting=num_waiting) == expected
+
+
 def test_exploration_is_off_by_default() -> None:
     # the index is exact: a random pick learns nothing and costs a cold prefill
     views = [v(hit=N), v(), v()]
