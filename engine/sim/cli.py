@@ -6,37 +6,10 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from kvstack.common.cli_errors import exits_on_config_error
 from kvstack.common.config import build, read_config_file
-from kvstack.common.otlp import sdk_missing, traces_url
-
-
-class ServeSettings(BaseModel):
-    """The pod's HTTP and KV-event settings (the ``server:`` section of a config file)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=0, le=65535)
-    api_key: str | None = None
-    kv_events_endpoint: str | None = Field(None, pattern=r"^(tcp|ipc|inproc)://")
-    kv_events_replay_endpoint: str | None = Field(None, pattern=r"^(tcp|ipc|inproc)://")
-    kv_events_topic: str = "kv-events"
-    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
-    log_level: str = Field("warning", pattern=r"^(critical|error|warning|info|debug|trace)$")
-    # vLLM's flag: an llm_request span per generation request, under the request's traceparent
-    otlp_traces_endpoint: str | None = None
-
-    @field_validator("otlp_traces_endpoint")
-    @classmethod
-    def _otlp_url(cls, endpoint: str | None) -> str | None:
-        if endpoint is not None:
-            traces_url(endpoint)  # raises ValueError naming what is wrong
-            if (missing := sdk_missing()) is not None:
-                raise ValueError(missing)
-        return endpoint
+from kvstack.engine.sim.cli_settings import ServeSettings, split_settings
 
 
 def kv_events_flags(publisher_port: int, replay_port: int, host: str = "127.0.0.1") -> list[str]:
@@ -49,35 +22,6 @@ def kv_events_flags(publisher_port: int, replay_port: int, host: str = "127.0.0.
         "--kv-events-replay-endpoint",
         f"tcp://{host}:{replay_port}",
     ]
-
-
-def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
-    """``override`` on top of ``base``, nested mappings merged key by key."""
-    out = dict(base)
-    for key, value in override.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
-def split_settings(
-    file_values: dict[str, Any], engine_flags: dict[str, Any], server_flags: dict[str, Any]
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(SimConfig values, ServeSettings values): flags that were given win over the file."""
-    file_values = dict(file_values)
-    server_file = file_values.pop("server", None) or {}
-    if not isinstance(server_file, dict):
-        server_file = {"<server>": server_file}  # build() then names the bad section
-    given = {k: v for k, v in engine_flags.items() if v is not None}
-    for section in ("lmcache", "lora"):
-        values = {k: v for k, v in given.pop(section, {}).items() if v is not None}
-        if values:
-            given[section] = values
-    engine = merge(file_values, given)
-    server = merge(server_file, {k: v for k, v in server_flags.items() if v is not None})
-    return engine, server
 
 
 _SERVER = "Server"
@@ -182,6 +126,14 @@ def sim(
         typer.Option(
             help="Fraction of one GPU this engine gets: steps last step_time / share (default 1; "
             "0.26 fits two busy engines sharing the H200 run's GPU).",
+            rich_help_panel=_ENGINE,
+        ),
+    ] = None,
+    gpu_peers_dir: Annotated[
+        Path | None,
+        typer.Option(
+            help="A folder the engines of one simulated GPU share: the share then follows how many are "
+            "busy (shared_gpu.share_by_busy, from --config).",
             rich_help_panel=_ENGINE,
         ),
     ] = None,
@@ -304,6 +256,7 @@ def sim(
             "speed": speed,
             "mean_output_tokens": mean_output_tokens,
             "gpu_share": gpu_share,
+            "shared_gpu": {"peers_dir": gpu_peers_dir},
             "token_cost_scale": token_cost_scale,
             "lmcache": {
                 "enabled": lmcache,

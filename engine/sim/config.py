@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import secrets
+from pathlib import Path
 from typing import Annotated, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -194,6 +195,30 @@ class LMCacheConfig(BaseModel):
         return value
 
 
+class SharedGpu(BaseModel):
+    """Engines time-slicing one simulated GPU (:mod:`kvstack.engine.sim.gpu_peers`): each step's
+    share follows how many of them are busy, instead of the fixed ``gpu_share``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    peers_dir: Path | None = Field(
+        None,
+        description="A folder every engine on the simulated GPU shares: each keeps a marker there while "
+        "it steps (--gpu-peers-dir). None: gpu_share, fixed.",
+    )
+    share_by_busy: list[Annotated[float, Field(gt=0, le=1)]] = Field(
+        default_factory=list,
+        description="The share of a step with 1, 2, ... engines busy (this one included); past the "
+        "list, its last entry. Used with peers_dir.",
+    )
+
+    @model_validator(mode="after")
+    def _table_with_folder(self) -> Self:
+        if self.peers_dir is not None and not self.share_by_busy:
+            raise ValueError("shared_gpu.peers_dir needs shared_gpu.share_by_busy (the share per busy count)")
+        return self
+
+
 class SimConfig(BaseModel):
     """One simulated vLLM 0.24 V1 pod."""
 
@@ -235,6 +260,9 @@ class SimConfig(BaseModel):
         description="Fraction of one GPU's step throughput this engine gets: every step lasts "
         "step_time / gpu_share. 1: a whole GPU (the reference calibration); engines time-slicing one GPU "
         "get less (0.26 fits two busy engines on the H200 run, see latency.py).",
+    )
+    shared_gpu: SharedGpu = Field(
+        default_factory=SharedGpu, description="The share when engines time-slice one GPU."
     )
     token_cost_scale: float = Field(
         1.0,

@@ -23,6 +23,7 @@ from kvstack.common.errors import OpenAIError
 from kvstack.common.tasks import BackgroundTask
 from kvstack.engine.sim.config import SimConfig
 from kvstack.engine.sim.generator import output_length, output_seed
+from kvstack.engine.sim.gpu_peers import GpuPeers, share_for
 from kvstack.engine.sim.kv_cache import KVCache, engine_chain_root
 from kvstack.engine.sim.latency import engine_frontend_delay, engine_step_time, retrieve_time, store_time
 from kvstack.engine.sim.lmcache import LMCacheConnector, chunk_hashes
@@ -82,6 +83,9 @@ class SimEngine:
         self._late = 0.0005
         self.num_steps = 0
         self.num_deferred = 0  # waiting requests the last step skipped for max_loras
+        gpu = config.shared_gpu
+        self.gpu_peers = GpuPeers(gpu.peers_dir) if gpu.peers_dir is not None else None
+        self._share: float | None = None  # this step's GPU share when it varies (shared_gpu)
 
     # -- EngineCore surface ------------------------------------------------------------------
     async def start(self) -> None:
@@ -102,6 +106,8 @@ class SimEngine:
         for req in list(self._reqs.values()):
             self.abort(req.request_id)
             self.release(req)
+        if self.gpu_peers is not None:
+            self.gpu_peers.close()
         if self.lmcache is not None:
             await self.lmcache.stop()
 
@@ -231,6 +237,7 @@ class SimEngine:
         last_yield = time.monotonic()
         while True:
             if not sched.has_work:
+                self._set_busy(False)
                 self._wake.clear()
                 await self._wake.wait()
                 last_yield = time.monotonic()
@@ -242,6 +249,7 @@ class SimEngine:
                 start = max(start, sched.waiting[0].ready_at)
             plan = sched.schedule(start)
             if not plan.scheduled:
+                self._set_busy(False)
                 self._report_preemptions(plan)
                 # Nothing fits (no free blocks) or nothing is ready: wait for a change.
                 self._wake.clear()
@@ -251,8 +259,9 @@ class SimEngine:
                         await self._wake.wait()
                 last_yield = time.monotonic()
                 continue
+            self._set_busy(True)
             self._on_scheduled(plan, start)
-            clock = start + engine_step_time(config, plan.work) / speed
+            clock = start + engine_step_time(config, plan.work, self._share) / speed
             before = time.monotonic()
             delay = clock - before - self._late
             if delay >= _MIN_SLEEP_S:
@@ -264,6 +273,15 @@ class SimEngine:
                 await asyncio.sleep(0)
                 last_yield = time.monotonic()
             self._complete(plan, clock)
+
+    def _set_busy(self, busy: bool) -> None:
+        """Mark this engine busy or idle on its simulated GPU; when busy, read this step's share."""
+        peers = self.gpu_peers
+        if peers is None:
+            return
+        peers.set_busy(busy)
+        if busy:
+            self._share = share_for(peers.count(), self.config.shared_gpu.share_by_busy)
 
     def _on_scheduled(self, plan: StepPlan, start: float) -> None:
         self.num_steps += 1
@@ -298,11 +316,12 @@ class SimEngine:
         for adm in plan.admitted:
             ext = adm.external
             if ext.asked_tokens:
-                seconds = retrieve_time(config, ext.cpu_tokens, ext.remote_load_tokens) / config.speed
+                loaded = retrieve_time(config, ext.cpu_tokens, ext.remote_load_tokens, self._share)
+                seconds = loaded / config.speed
                 stats.on_lmcache_retrieve(ext.asked_tokens, ext.tokens, seconds)
         for run in plan.stores:
             tokens = (run.end - run.first) * lm.cfg.chunk_size
-            stats.on_lmcache_store(tokens, store_time(config, tokens) / config.speed)
+            stats.on_lmcache_store(tokens, store_time(config, tokens, self._share) / config.speed)
         if plan.stores or plan.admitted:
             stats.on_lmcache_usage(lm.local_cpu_bytes)
 

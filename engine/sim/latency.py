@@ -34,7 +34,9 @@ three things, each 1 / 0 by default so the reference fit is untouched:
   0.5 of ideal time-slicing. The rest is context switching and the LMCache connector's per-step
   hooks, which the run cannot separate. 0.26 was set before the check run, which then gave ITL p50
   22.4 / 23.1 ms. A fixed factor overstates steps when the neighbour idles (at load 0.12 the GPU
-  measured ITL p50 15 ms, a share of about 0.4).
+  measured ITL p50 15 ms, a share of about 0.4). ``shared_gpu`` lifts that: engines of one
+  simulated GPU count the busy ones among them and take each step's share from a table by that
+  count (:mod:`kvstack.engine.sim.gpu_peers`); ``share`` is then passed per step.
 - LMCache's synchronous offload (``lmcache.store_us_per_request`` + ``store_us_per_token`` x the
   prompt tokens a request computed), charged to the step that finishes the prefill and not divided
   by the share: the logged ``offload_time`` was measured on the shared GPU. Theil-Sen over the 1,384
@@ -160,15 +162,16 @@ def load_time(cpu_us_per_token: float, remote_us_per_token: float, w: StepWork) 
     return 1e-6 * (cpu_us_per_token * w.cpu_load_tokens + remote_us_per_token * w.remote_load_tokens)
 
 
-def engine_step_time(cfg: SimConfig, w: StepWork) -> float:
-    """Simulated seconds of one step of an engine configured by ``cfg`` (see the module docstring)."""
+def engine_step_time(cfg: SimConfig, w: StepWork, share: float | None = None) -> float:
+    """Simulated seconds of one step of an engine configured by ``cfg`` (see the module docstring);
+    ``share``: the GPU share of this step when it varies (``shared_gpu``), else ``cfg.gpu_share``."""
     w = scale_work(w, cfg.token_cost_scale)
     t = step_time(cfg.latency, w)
     if t == 0.0:
         return 0.0
     lm = cfg.lmcache
     return (
-        t / cfg.gpu_share
+        t / (cfg.gpu_share if share is None else share)
         + offload_time(lm.store_us_per_request, lm.store_us_per_token, w)
         + load_time(lm.cpu_load_us_per_token, lm.remote_load_us_per_token, w)
     )
@@ -180,25 +183,27 @@ def engine_frontend_delay(cfg: SimConfig, prompt_tokens: int) -> float:
     return frontend_delay(cfg.latency, round(prompt_tokens * cfg.token_cost_scale))
 
 
-def retrieve_time(cfg: SimConfig, cpu_tokens: int, remote_load_tokens: int) -> float:
+def retrieve_time(
+    cfg: SimConfig, cpu_tokens: int, remote_load_tokens: int, share: float | None = None
+) -> float:
     """Simulated seconds of LMCache's load of one request (``lmcache:time_to_retrieve``): the load
     terms :func:`engine_step_time` charges for these tokens, alone in their step."""
     w = scale_work(
         StepWork(cpu_load_tokens=cpu_tokens, remote_load_tokens=remote_load_tokens), cfg.token_cost_scale
     )
     lm = cfg.lmcache
-    return _load_terms(cfg.latency, w) / cfg.gpu_share + load_time(
+    return _load_terms(cfg.latency, w) / (cfg.gpu_share if share is None else share) + load_time(
         lm.cpu_load_us_per_token, lm.remote_load_us_per_token, w
     )
 
 
-def store_time(cfg: SimConfig, stored_tokens: int) -> float:
+def store_time(cfg: SimConfig, stored_tokens: int, share: float | None = None) -> float:
     """Simulated seconds of LMCache's store of one run of freshly computed chunks
     (``lmcache:time_to_store``): the store terms :func:`engine_step_time` charges, with the run taken
     as one synchronous offload of its tokens."""
     w = StepWork(store_tokens=stored_tokens, offloads=1, offload_tokens=stored_tokens)
     w = scale_work(w, cfg.token_cost_scale)
     lm = cfg.lmcache
-    return _store_terms(cfg.latency, w) / cfg.gpu_share + offload_time(
+    return _store_terms(cfg.latency, w) / (cfg.gpu_share if share is None else share) + offload_time(
         lm.store_us_per_request, lm.store_us_per_token, w
     )

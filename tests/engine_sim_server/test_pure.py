@@ -10,7 +10,7 @@ import pytest
 from kvstack.common.errors import OpenAIError
 from kvstack.common.tokenizer import VOCAB_SIZE, encode
 from kvstack.engine.sim import protocol as p
-from kvstack.engine.sim.cli import split_settings
+from kvstack.engine.sim.cli_settings import split_settings
 from kvstack.engine.sim.events import replay_slice
 from kvstack.engine.sim.metric_shapes import buckets_1_2_5
 

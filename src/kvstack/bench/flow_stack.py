@@ -26,6 +26,7 @@ from kvstack.bench.gpu_procs import peer_router_proc as peer_router
 from kvstack.bench.sglang_router import wait_sglang_workers
 from kvstack.common.procs import ManagedProcess, free_ports, kvstack_argv, running
 from kvstack.engine.sim.cli import kv_events_flags
+from kvstack.engine.sim.gpu_peers import peers_flags
 from kvstack.router.discovery.static import sim_engine_entry
 
 MODEL = "kvstack/sim-8b"
@@ -139,7 +140,7 @@ def stack(setup: FlowSetup, policy: Policy, case: str) -> tuple[list[ManagedProc
         url = f"http://127.0.0.1:{http}"
         argv = [*kvstack_argv(), "engine", "sim", "--port", str(http), "--model", MODEL]
         if setup.sim_config is not None:
-            argv += ["--config", str(setup.sim_config)]
+            argv += ["--config", str(setup.sim_config), *peers_flags(setup.sim_config, log_dir / "gpu")]
         argv += ["--speed", str(setup.speed), *kv_events_flags(pub, replay)]
         sims.append(ManagedProcess(f"sim{i}", argv, log_dir, ready_url=f"{url}/health"))
         engines.append(

@@ -10,6 +10,7 @@ from typing import Any
 
 from kvstack.common.procs import ManagedProcess, free_ports, kvstack_argv
 from kvstack.engine.sim.cli import kv_events_flags
+from kvstack.engine.sim.gpu_peers import peers_flags
 from kvstack.router.discovery.static import sim_engine_entry
 
 # Peer routers run as baselines: bench policy name -> the SGLang router's (`pip install sglang-router`)
@@ -38,7 +39,7 @@ def sim_procs(
         if blocks:
             argv += ["--num-gpu-blocks", str(blocks)]
         if config is not None:
-            argv += ["--config", str(config)]
+            argv += ["--config", str(config), *peers_flags(config, log_dir / "gpu")]
         env: dict[str, str] = {}
         if redis_url is not None:
             # the deployment's connector: LMCache tiers, KV events of the CPU tier, Redis shared by
