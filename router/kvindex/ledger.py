@@ -36,7 +36,10 @@ def reconcile(
     return fresh + max(older, num_waiting * tokens_per_waiting)
 
 
-_STARTED_KEPT = 1024  # per engine: more starts than this within one scrape interval is not a lull
+# Starts kept per engine, newest: a scrape is a second old at most, and an engine starting more of
+# our requests than this in that time has them start too fast for one phantom prompt to matter.
+# Past it the oldest are forgotten and the scrape counts them as it used to (the queue overstated).
+_STARTED_KEPT = 64
 
 
 @dataclass(slots=True)
