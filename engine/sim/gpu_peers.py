@@ -8,7 +8,8 @@ steps to run, and each step's share comes from the number of markers (:func:`sha
 
 A marker is created when an engine starts stepping and removed when it goes idle, so the folder
 is touched twice per busy spell and listed once per step. An engine that dies busy leaves its
-marker behind; a restarted one clears its own (the name holds its pid and a random part).
+marker behind, and its peers count it until the folder goes: the benchmarks give each run a new
+folder (the name holds the pid and a random part, so engines never share a marker).
 """
 
 from __future__ import annotations
