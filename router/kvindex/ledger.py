@@ -36,9 +36,9 @@ def reconcile(
     return fresh + max(older, num_waiting * tokens_per_waiting)
 
 
-# Starts kept per engine, newest: a scrape is a second old at most, and an engine starting more of
-# our requests than this in that time has them start too fast for one phantom prompt to matter.
-# Past it the oldest are forgotten and the scrape counts them as it used to (the queue overstated).
+# Starts kept per engine, newest: a scrape is one interval old (a second by default), and an
+# engine starting more of our requests than this in that time starts them too fast for one phantom
+# prompt to matter. Past it the oldest are forgotten and the scrape counts them as it used to.
 _STARTED_KEPT = 64
 
 
