@@ -74,7 +74,9 @@ class Workers:
 
     def log_lines(self) -> list[dict[str, Any]]:
         lines = []
-        for line in self.proc.log_path.read_text(errors="replace").splitlines():
+        # the workers are still writing: what follows the last newline may be half a line (a read can
+        # see a write that spans a page boundary in part), so only whole lines are parsed
+        for line in self.proc.log_path.read_text(errors="replace").split("\n")[:-1]:
             if line.startswith("{"):
                 lines.append(json.loads(line))
         return lines
