@@ -26,6 +26,9 @@ class Endpoint:
     models: frozenset[str] = frozenset()  # empty: learn them from the engine's /v1/models
     kv_events_endpoint: str | None = None  # e.g. "tcp://127.0.0.1:5557"; None: engine publishes none
     kv_events_replay_endpoint: str | None = None
+    # engines naming the same device share one accelerator's time (several engines on one GPU,
+    # GPU time-slicing): each runs slower while the others are busy. None: the engine's own.
+    device: str | None = None
 
 
 @dataclass(slots=True)

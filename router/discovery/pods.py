@@ -32,6 +32,8 @@ ANNOTATION_PORT = "kvstack.dev/port"
 ANNOTATION_KV_EVENTS_PORT = "kvstack.dev/kv-events-port"
 ANNOTATION_KV_REPLAY_PORT = "kvstack.dev/kv-replay-port"
 ANNOTATION_MODELS = "kvstack.dev/served-model-names"
+# pods naming one device share its time (engines on one time-sliced GPU): see Endpoint.device
+ANNOTATION_DEVICE = "kvstack.dev/device"
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,6 +160,7 @@ def pod_endpoint(pod: PodInfo, names: PortNames) -> Endpoint | None:
         models=models,
         kv_events_endpoint=f"tcp://{host}:{events}" if events else None,
         kv_events_replay_endpoint=f"tcp://{host}:{replay}" if replay else None,
+        device=notes.get(ANNOTATION_DEVICE) or None,
     )
 
 

@@ -8,6 +8,7 @@ The file holds a list (or ``{"engines": [...]}``) whose entries are URLs or obje
       models: [llama-3-8b]
       kv_events_endpoint: tcp://10.0.0.6:5557
       kv_events_replay_endpoint: tcp://10.0.0.6:5558
+      device: node-6/gpu-0   # optional: engines naming one device share its time
 
 It is re-read when its mtime, size or inode changes (polled every ``reload_interval``; a
 Kubernetes ConfigMap mount swaps a symlink, which changes the inode) and on SIGHUP. An invalid
@@ -51,6 +52,7 @@ class EndpointSpec(BaseModel):
     models: list[str] = Field(default_factory=list)
     kv_events_endpoint: str | None = None
     kv_events_replay_endpoint: str | None = None
+    device: str | None = Field(None, min_length=1)
 
     @field_validator("url")
     @classmethod
@@ -75,6 +77,7 @@ class EndpointSpec(BaseModel):
             models=frozenset(self.models),
             kv_events_endpoint=self.kv_events_endpoint,
             kv_events_replay_endpoint=self.kv_events_replay_endpoint,
+            device=self.device,
         )
 
 
@@ -86,12 +89,14 @@ def sim_engine_entry(
     kv_replay: int,
     models: Sequence[str] = (),
     host: str = "127.0.0.1",
+    device: str | None = None,
 ) -> dict[str, Any]:
     """The engines-file entry of a simulator (or any engine) on ``host`` that publishes KV events.
 
     Its URL on port ``http``, its name, its models (none: the router learns them from the engine's
     ``/v1/models``) and both ``tcp://`` KV-event endpoints, publisher on ``kv_events`` and replay on
-    ``kv_replay``. Built through :class:`EndpointSpec`, so it is an entry this module's parser takes.
+    ``kv_replay``; ``device`` when it shares an accelerator with others. Built through
+    :class:`EndpointSpec`, so it is an entry this module's parser takes.
     """
     spec = EndpointSpec(
         url=f"http://{host}:{http}",
@@ -99,6 +104,7 @@ def sim_engine_entry(
         models=list(models),
         kv_events_endpoint=f"tcp://{host}:{kv_events}",
         kv_events_replay_endpoint=f"tcp://{host}:{kv_replay}",
+        device=device,
     )
     return spec.model_dump(exclude_defaults=True)
 

@@ -184,6 +184,16 @@ def test_event_for_a_nameless_pod_raises() -> None:
             id="annotations",
         ),
         pytest.param(pod(ip="fd00::5"), Endpoint("http://[fd00::5]:8000", "engine-0"), id="ipv6"),
+        pytest.param(
+            pod(annotations={"kvstack.dev/device": "node-1/gpu-0"}),
+            Endpoint("http://10.0.0.5:8000", "engine-0", device="node-1/gpu-0"),
+            id="a-shared-device",
+        ),
+        pytest.param(
+            pod(annotations={"kvstack.dev/device": ""}),
+            Endpoint("http://10.0.0.5:8000", "engine-0"),
+            id="an-empty-device-is-its-own",
+        ),
     ],
 )
 def test_endpoint_of_a_ready_pod(obj: dict[str, Any], expected: Endpoint) -> None:

@@ -35,6 +35,7 @@ A, B, C = "http://10.0.0.1:8000", "http://10.0.0.2:8000", "http://10.0.0.3:8000"
                     "models": ["x", "y"],
                     "kv_events_endpoint": "tcp://10.0.0.1:5557",
                     "kv_events_replay_endpoint": "tcp://10.0.0.1:5558",
+                    "device": "node-1/gpu-0",
                 }
             ],
             [
@@ -44,6 +45,7 @@ A, B, C = "http://10.0.0.1:8000", "http://10.0.0.2:8000", "http://10.0.0.3:8000"
                     frozenset({"x", "y"}),
                     "tcp://10.0.0.1:5557",
                     "tcp://10.0.0.1:5558",
+                    device="node-1/gpu-0",
                 )
             ],
         ),
@@ -65,6 +67,7 @@ def test_parse_endpoints(data: Any, expected: list[Endpoint]) -> None:
         ([{"url": A, "modles": ["x"]}], r"engines\.0\.modles"),
         ([{"url": A, "kv_events_endpoint": "10.0.0.1:5557"}], r"engines\.0\.kv_events_endpoint"),
         ([{"name": "no-url"}], r"engines\.0\.url"),
+        ([{"url": A, "device": ""}], r"engines\.0\.device"),
         ([A, A + "/"], r"engines\.1\.url: .* listed twice"),
     ],
 )
@@ -100,6 +103,8 @@ def test_a_simulators_entry_is_one_the_engines_file_parser_reads_back(
     entry = sim_engine_entry("sim0", http=9101, kv_events=9102, kv_replay=9103, models=models)
     assert parse_endpoints([entry], source="engines.yaml") == [expected]
     assert ("models" in entry) == bool(models)  # none listed: the router learns them from /v1/models
+    shared = sim_engine_entry("sim0", http=9101, kv_events=9102, kv_replay=9103, models=models, device="g")
+    assert parse_endpoints([shared], source="engines.yaml")[0].device == "g"
 
 
 def test_merge_later_wins() -> None:
