@@ -58,12 +58,20 @@ class GpuPeers:
         self.set_busy(False)
 
 
+# the device simulators launched together on one simulated GPU name in the router's engines file
+SHARED_DEVICE = "sim-gpu-0"
+
+
+def shares_gpu(config_file: Path | None) -> bool:
+    """Whether simulators of this ``--config`` file share one simulated GPU when launched together:
+    it has a ``shared_gpu.share_by_busy`` table."""
+    if config_file is None:
+        return False
+    shared = read_config_file(config_file).get("shared_gpu")
+    return isinstance(shared, dict) and bool(shared.get("share_by_busy"))
+
+
 def peers_flags(config_file: Path | None, folder: Path) -> list[str]:
     """The ``kvstack engine sim`` flags that put simulators launched together on one simulated GPU,
-    sharing ``folder``, when their ``--config`` file has a ``shared_gpu.share_by_busy`` table."""
-    if config_file is None:
-        return []
-    shared = read_config_file(config_file).get("shared_gpu")
-    if not isinstance(shared, dict) or not shared.get("share_by_busy"):
-        return []
-    return ["--gpu-peers-dir", str(folder)]
+    sharing ``folder``, when their ``--config`` file says they share one (:func:`shares_gpu`)."""
+    return ["--gpu-peers-dir", str(folder)] if shares_gpu(config_file) else []

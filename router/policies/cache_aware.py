@@ -12,6 +12,7 @@ the session) and releases it at the first token or the end.
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 import random
 import sys
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import xxhash
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from kvstack.common.tasks import BackgroundTask
 from kvstack.router.adapters import kv_scope
@@ -91,7 +92,20 @@ class CacheAwareSettings(BaseModel):
     # lost GPU hits (75.5% -> 69%) and TTFT p90 (10.5 -> 14.1 s); placing the prefix by what was
     # freed after it gained p90 (8.7 s) but still lost hits (72.7%) (bench-results/lmcache/README.md)
     residency: bool = False
+    # Engines sharing a device (Endpoint.device): an engine's speed relative to alone on it with 2,
+    # 3, ... engines busy there. Empty: the device's time is shared equally (1/2, 1/3, ...). Four
+    # vLLM 0.24 engines on one H200, eager, measured 0.65 with two (bench-results/flow).
+    shared_device_speed: tuple[float, ...] = ()
     tier_learning: TierLearning = TierLearning()
+
+    @field_validator("shared_device_speed")
+    @classmethod
+    def _speeds(cls, speeds: tuple[float, ...]) -> tuple[float, ...]:
+        if any(not 0.0 < x <= 1.0 for x in speeds):
+            raise ValueError("each speed is a fraction of the engine's speed alone, in (0, 1]")
+        if any(b > a for a, b in itertools.pairwise(speeds)):
+            raise ValueError("an engine cannot run faster with more engines busy on its device")
+        return speeds
 
 
 # a session entry besides its key string: the ordered dict's slot and link (CPython 3.11, measured
@@ -125,6 +139,16 @@ class _Pending:
     dispatched_at: float = 0.0
 
 
+def busy_on_device(candidates: Sequence[EngineState], engines: Sequence[EngineState]) -> list[int]:
+    """Per candidate, how many other engines of ``engines`` (every engine known: busy ones that are
+    not candidates share the device too) are busy (a request in flight, running or waiting) on the
+    device it shares; 0 for an engine with a device of its own."""
+    if not any(st.endpoint.device for st in candidates):
+        return [0] * len(candidates)
+    busy = Counter(st.endpoint.device for st in engines if st.endpoint.device and st.load > 0)
+    return [max(0, busy[d] - (st.load > 0)) if (d := st.endpoint.device) else 0 for st in candidates]
+
+
 class CacheAwarePolicy(Policy):
     """The ``cache_aware`` routing policy over a :class:`KVIndex`."""
 
@@ -156,6 +180,9 @@ class CacheAwarePolicy(Policy):
         self._tick = 0
         self.tiers = TierModel(index, s.tier_learning, s.prefill_tokens_per_s, residency=s.residency)
         self._started: OrderedDict[str, _Pending] = OrderedDict()  # dispatched, no first token yet
+        # every engine, for the busy ones on a shared device that are not candidates (flow control
+        # narrows the candidates to engines with room; another model's engine shares the GPU too)
+        self.registry: EngineRegistry | None = None
 
     def choose(self, request: RequestFeatures, candidates: Sequence[EngineState], now: float) -> Decision:
         tokens = request.prompt_token_ids or ()
@@ -185,7 +212,9 @@ class CacheAwarePolicy(Policy):
             keys_of.append(keys)
             queued.append(self._queued(st, now))
         estimates = self.tiers.estimates(candidates, keys_of, queued, n_tokens, now, self.tiers.weights())
-        for st, est, q in zip(candidates, estimates, queued, strict=True):
+        engines = candidates if self.registry is None else self.registry.all()
+        device_busy = busy_on_device(candidates, engines)
+        for st, est, q, busy in zip(candidates, estimates, queued, device_busy, strict=True):
             url = st.url
             views.append(
                 CandidateView(
@@ -197,6 +226,7 @@ class CacheAwarePolicy(Policy):
                     last_cold=self._cold.get(url, -1),
                     session=url == session_url,
                     tiebreak=xxhash.xxh3_64_intdigest(url.encode(), seed=tie_seed),
+                    device_busy=busy,
                 )
             )
         choice = decide(n_tokens, views, self.settings, self.rng)
@@ -328,7 +358,7 @@ class CacheAwareRouting(CacheAwarePolicy):
     def __init__(self, registry: EngineRegistry, config: CacheAwareConfig, rng: random.Random | None) -> None:
         keys = KeyCache(max_bytes=config.key_cache_bytes)
         super().__init__(KVIndex(config.index), config.decision, rng=rng, key_cache=keys)
-        self.registry = registry
+        self.registry: EngineRegistry = registry
         self.subscriber = KVEventSubscriber(self.index, config.events)
         self._follow = BackgroundTask(
             "kv-index", functools.partial(follow_registry, self.registry, self.subscriber), logger=log

@@ -1,7 +1,11 @@
 """The cache-aware decision (pure): the engine with the lowest estimated time to first token, with guards.
 
-Per candidate: ``est_ttft = base + (queued uncached prefill + this request's uncached tokens) /
-prefill_rate + tier loads + decode interference``. The cost adds ``uncached_weight`` x the
+Per candidate: ``est_ttft = base + ((queued uncached prefill + this request's uncached tokens) /
+prefill_rate + decode interference) x device slowdown + tier loads``. The slowdown is 1 for an
+engine with a device of its own; engines sharing one (several on a GPU) split its time, so one runs
+slower while others on its device are busy (:func:`device_slowdown`). Sending a request to an idle
+engine there slows its busy neighbours and is itself slowed; a busy engine batches it at no such
+cost. The cost adds ``uncached_weight`` x the
 request's own uncached prefill time (the compute it costs the cluster). Guards:
 
 * bounded load: a holder above ``load_factor`` x the mean load (and ``load_slack`` requests above
@@ -39,6 +43,7 @@ class CandidateView(NamedTuple):
     last_cold: int = -1  # when it last took a no-hit request (a counter); -1: never
     session: bool = False  # the request's session was last sent here
     tiebreak: int = 0
+    device_busy: int = 0  # other engines busy on the device it shares (0: a device of its own)
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,13 +53,29 @@ class Choice:
     est_ttft_s: float
 
 
+def device_slowdown(busy_others: int, speeds: Sequence[float]) -> float:
+    """How many times slower than alone an engine computes with ``busy_others`` other engines busy
+    on its device. ``speeds``: its measured speed relative to alone with 2, 3, ... engines busy;
+    past the last entry (and with none) the device's time is shared equally among the busy ones."""
+    if busy_others <= 0:
+        return 1.0
+    busy = busy_others + 1
+    if busy - 2 < len(speeds):
+        return 1.0 / speeds[busy - 2]
+    if speeds:  # the last measured speed, shared further: k engines get (last's k) / k of it each
+        last_busy = len(speeds) + 1
+        return busy / (speeds[-1] * last_busy)
+    return float(busy)
+
+
 def est_ttft(prompt_tokens: int, v: CandidateView, s: CacheAwareSettings) -> float:
     """Estimated seconds to first token on the engine of ``v``."""
     uncached = max(0.0, prompt_tokens - v.hit_tokens)
     work = v.queued_tokens + uncached
     steps = max(1, math.ceil(work / s.prefill_chunk_tokens))
     decode_s = v.running * s.decode_step_s_per_running * steps
-    return s.base_ttft_s + work / s.prefill_tokens_per_s + v.load_s + decode_s
+    slow = device_slowdown(v.device_busy, s.shared_device_speed) if v.device_busy else 1.0
+    return s.base_ttft_s + (work / s.prefill_tokens_per_s + decode_s) * slow + v.load_s
 
 
 def decide(
@@ -72,10 +93,11 @@ def decide(
             return False
         if v.hit_tokens < s.replicate_below * prompt_tokens:
             return True  # mostly recomputed anyway: warming another engine costs little
-        queue_s = ttft[i] - s.base_ttft_s - v.load_s - max(0.0, prompt_tokens - v.hit_tokens) / rate
+        slow = device_slowdown(v.device_busy, s.shared_device_speed)
+        queue_s = ttft[i] - s.base_ttft_s - v.load_s - slow * max(0.0, prompt_tokens - v.hit_tokens) / rate
         # The saving counts the recompute's cost to the cluster as ``cost`` does: weighing the
         # user's wait alone sent a long document elsewhere to skip one prefill ahead of it.
-        saving_s = (1.0 + s.uncached_weight) * v.hit_tokens / rate
+        saving_s = (1.0 + s.uncached_weight) * slow * v.hit_tokens / rate
         return saving_s <= queue_s  # its saving does not outweigh its queueing
 
     everyone = range(len(views))

@@ -43,6 +43,7 @@ def log_decision(
             "queued_tokens": round(v.queued_tokens, 1),
             "running": v.running,
             "load": v.load,
+            "device_busy": v.device_busy,
             "est_ttft_s": round(t, 6),
         }
         for st, v, e, t in zip(candidates, views, estimates, est_ttft_s, strict=True)

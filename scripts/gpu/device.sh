@@ -79,9 +79,9 @@ SH
   LD_LIBRARY_PATH=/tmp/redisroot/usr/lib/x86_64-linux-gnu /tmp/redisroot/usr/bin/redis-server \
     --port $REDIS_PORT --bind 127.0.0.1 --save '' --appendonly no --maxmemory 16gb \
     --maxmemory-policy allkeys-lru --daemonize yes --logfile $LOGS/redis.log
-  : > $LOGS/engines.yaml
+  : > $LOGS/engines.yaml  # every engine here runs on the one GPU: device gpu-0 tells the router
   for i in $(seq 0 $((ENGINES - 1))); do
-    echo "- {url: \"http://127.0.0.1:$((8100 + i))\", name: gpu$i, models: [kvstack-8b], kv_events_endpoint: \"tcp://127.0.0.1:$((5557 + 2 * i))\", kv_events_replay_endpoint: \"tcp://127.0.0.1:$((5558 + 2 * i))\"}" >> $LOGS/engines.yaml
+    echo "- {url: \"http://127.0.0.1:$((8100 + i))\", name: gpu$i, models: [kvstack-8b], kv_events_endpoint: \"tcp://127.0.0.1:$((5557 + 2 * i))\", kv_events_replay_endpoint: \"tcp://127.0.0.1:$((5558 + 2 * i))\", device: gpu-0}" >> $LOGS/engines.yaml
   done
   for i in $(seq 0 $((ENGINES - 1))); do
     engine_yaml $i > $LOGS/engine$i.yaml

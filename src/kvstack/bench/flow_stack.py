@@ -26,7 +26,7 @@ from kvstack.bench.gpu_procs import peer_router_proc as peer_router
 from kvstack.bench.sglang_router import wait_sglang_workers
 from kvstack.common.procs import ManagedProcess, free_ports, kvstack_argv, running
 from kvstack.engine.sim.cli import kv_events_flags
-from kvstack.engine.sim.gpu_peers import peers_flags
+from kvstack.engine.sim.gpu_peers import SHARED_DEVICE, peers_flags, shares_gpu
 from kvstack.router.discovery.static import sim_engine_entry
 
 MODEL = "kvstack/sim-8b"
@@ -135,6 +135,7 @@ def stack(setup: FlowSetup, policy: Policy, case: str) -> tuple[list[ManagedProc
     ports = free_ports(3 * setup.engines)
     sims: list[ManagedProcess] = []
     engines: list[dict[str, Any]] = []
+    device = SHARED_DEVICE if shares_gpu(setup.sim_config) else None  # the router is told, as on a GPU
     for i in range(setup.engines):
         http, pub, replay = ports[3 * i : 3 * i + 3]
         url = f"http://127.0.0.1:{http}"
@@ -144,7 +145,9 @@ def stack(setup: FlowSetup, policy: Policy, case: str) -> tuple[list[ManagedProc
         argv += ["--speed", str(setup.speed), *kv_events_flags(pub, replay)]
         sims.append(ManagedProcess(f"sim{i}", argv, log_dir, ready_url=f"{url}/health"))
         engines.append(
-            sim_engine_entry(f"sim{i}", http=http, kv_events=pub, kv_replay=replay, models=[MODEL])
+            sim_engine_entry(
+                f"sim{i}", http=http, kv_events=pub, kv_replay=replay, models=[MODEL], device=device
+            )
         )
     (log_dir / "engines.yaml").write_text(yaml.safe_dump(engines))
     router, url = _router(setup, policy, log_dir / "engines.yaml", log_dir)

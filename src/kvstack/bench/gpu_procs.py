@@ -10,7 +10,7 @@ from typing import Any
 
 from kvstack.common.procs import ManagedProcess, free_ports, kvstack_argv
 from kvstack.engine.sim.cli import kv_events_flags
-from kvstack.engine.sim.gpu_peers import peers_flags
+from kvstack.engine.sim.gpu_peers import SHARED_DEVICE, peers_flags, shares_gpu
 from kvstack.router.discovery.static import sim_engine_entry
 
 # Peer routers run as baselines: bench policy name -> the SGLang router's (`pip install sglang-router`)
@@ -31,6 +31,7 @@ def sim_procs(
     LMCache 0.5.3 did on the H200: GPU events only)."""
     ports = free_ports(3 * n)
     procs, entries = [], []
+    device = SHARED_DEVICE if shares_gpu(config) else None  # the router is told, as on a GPU
     for i in range(n):
         http, pub, replay = ports[3 * i : 3 * i + 3]
         url = f"http://127.0.0.1:{http}"
@@ -49,7 +50,9 @@ def sim_procs(
             env["PYTHONHASHSEED"] = "0"
         procs.append(ManagedProcess(f"sim{i}", argv, log_dir, env=env, ready_url=f"{url}/health"))
         entries.append(
-            sim_engine_entry(f"sim{i}", http=http, kv_events=pub, kv_replay=replay, models=[model])
+            sim_engine_entry(
+                f"sim{i}", http=http, kv_events=pub, kv_replay=replay, models=[model], device=device
+            )
         )
     return procs, entries
 
