@@ -139,14 +139,26 @@ class _Pending:
     dispatched_at: float = 0.0
 
 
-def busy_on_device(candidates: Sequence[EngineState], engines: Sequence[EngineState]) -> list[int]:
-    """Per candidate, how many other engines of ``engines`` (every engine known: busy ones that are
-    not candidates share the device too) are busy (a request in flight, running or waiting) on the
-    device it shares; 0 for an engine with a device of its own."""
+def device_neighbours(
+    candidates: Sequence[EngineState],
+    engines: Sequence[EngineState],
+    queued: Callable[[EngineState], float],
+) -> list[tuple[int, float]]:
+    """Per candidate, the other engines of ``engines`` (every engine known: busy ones that are not
+    candidates share the device too) busy (a request in flight, running or waiting) on the device
+    it shares: how many, and the uncached prefill ``queued`` on them. (0, 0) for an engine with a
+    device of its own."""
     if not any(st.endpoint.device for st in candidates):
-        return [0] * len(candidates)
-    busy = Counter(st.endpoint.device for st in engines if st.endpoint.device and st.load > 0)
-    return [max(0, busy[d] - (st.load > 0)) if (d := st.endpoint.device) else 0 for st in candidates]
+        return [(0, 0.0)] * len(candidates)
+    busy: dict[str, list[EngineState]] = {}
+    for st in engines:
+        if st.endpoint.device and st.load > 0:
+            busy.setdefault(st.endpoint.device, []).append(st)
+    out = []
+    for st in candidates:
+        others = [e for e in busy.get(st.endpoint.device or "", ()) if e is not st]
+        out.append((len(others), sum(queued(e) for e in others)))
+    return out
 
 
 class CacheAwarePolicy(Policy):
@@ -213,8 +225,8 @@ class CacheAwarePolicy(Policy):
             queued.append(self._queued(st, now))
         estimates = self.tiers.estimates(candidates, keys_of, queued, n_tokens, now, self.tiers.weights())
         engines = candidates if self.registry is None else self.registry.all()
-        device_busy = busy_on_device(candidates, engines)
-        for st, est, q, busy in zip(candidates, estimates, queued, device_busy, strict=True):
+        neighbours = device_neighbours(candidates, engines, lambda st: self._queued(st, now))
+        for st, est, q, (busy, busy_queued) in zip(candidates, estimates, queued, neighbours, strict=True):
             url = st.url
             views.append(
                 CandidateView(
@@ -227,6 +239,7 @@ class CacheAwarePolicy(Policy):
                     session=url == session_url,
                     tiebreak=xxhash.xxh3_64_intdigest(url.encode(), seed=tie_seed),
                     device_busy=busy,
+                    device_queued=busy_queued,
                 )
             )
         choice = decide(n_tokens, views, self.settings, self.rng)

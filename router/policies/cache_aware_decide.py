@@ -5,7 +5,8 @@ prefill_rate + decode interference) x device slowdown + tier loads``. The slowdo
 engine with a device of its own; engines sharing one (several on a GPU) split its time, so one runs
 slower while others on its device are busy (:func:`device_slowdown`). Sending a request to an idle
 engine there slows its busy neighbours and is itself slowed; a busy engine batches it at no such
-cost. The cost adds ``uncached_weight`` x the
+cost: the cost adds the time waking an idle engine adds to the prefill queued on its busy
+neighbours. The cost also adds ``uncached_weight`` x the
 request's own uncached prefill time (the compute it costs the cluster). Guards:
 
 * bounded load: a holder above ``load_factor`` x the mean load (and ``load_slack`` requests above
@@ -44,6 +45,7 @@ class CandidateView(NamedTuple):
     session: bool = False  # the request's session was last sent here
     tiebreak: int = 0
     device_busy: int = 0  # other engines busy on the device it shares (0: a device of its own)
+    device_queued: float = 0.0  # uncached prefill tokens queued on those busy neighbours
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +78,16 @@ def est_ttft(prompt_tokens: int, v: CandidateView, s: CacheAwareSettings) -> flo
     decode_s = v.running * s.decode_step_s_per_running * steps
     slow = device_slowdown(v.device_busy, s.shared_device_speed) if v.device_busy else 1.0
     return s.base_ttft_s + (work / s.prefill_tokens_per_s + decode_s) * slow + v.load_s
+
+
+def woken_s(v: CandidateView, s: CacheAwareSettings) -> float:
+    """The time an idle engine on a shared device, woken by a request, adds to the prefill queued on
+    its busy neighbours: each then shares the device with one more busy engine."""
+    if v.load > 0 or v.device_busy <= 0 or v.device_queued <= 0:
+        return 0.0
+    speeds = s.shared_device_speed
+    extra = device_slowdown(v.device_busy, speeds) - device_slowdown(v.device_busy - 1, speeds)
+    return v.device_queued * extra / s.prefill_tokens_per_s
 
 
 def decide(
@@ -124,7 +136,7 @@ def decide(
     def cost(i: int) -> float:
         v = views[i]
         own = s.uncached_weight * max(0.0, prompt_tokens - v.hit_tokens) / rate
-        return ttft[i] + own - (s.session_bonus_s if v.session else 0.0)
+        return ttft[i] + own + woken_s(v, s) - (s.session_bonus_s if v.session else 0.0)
 
     costs = {i: cost(i) for i in pool}
     floor = min(costs.values())

@@ -11,8 +11,14 @@ from tests.router_cache.test_policy import BS, MODEL, SYSTEM, chat, req, stored
 
 from kvstack.router.engines import Endpoint, EngineState
 from kvstack.router.kvindex.index import KVIndex
-from kvstack.router.policies.cache_aware import CacheAwarePolicy, CacheAwareSettings, busy_on_device
-from kvstack.router.policies.cache_aware_decide import CandidateView, decide, device_slowdown, est_ttft
+from kvstack.router.policies.cache_aware import CacheAwarePolicy, CacheAwareSettings, device_neighbours
+from kvstack.router.policies.cache_aware_decide import (
+    CandidateView,
+    decide,
+    device_slowdown,
+    est_ttft,
+    woken_s,
+)
 
 S = CacheAwareSettings(explore_rate=0.0)
 H200 = (0.65, 0.43, 0.325)  # four vLLM engines on one H200: speed with 2, 3, 4 busy, relative to alone
@@ -35,9 +41,16 @@ def test_device_slowdown(busy_others: int, speeds: tuple[float, ...], expected: 
     assert device_slowdown(busy_others, speeds) == pytest.approx(expected)
 
 
-def v(load: float = 0, device_busy: int = 0, queued: float = 0, hit: float = SYSTEM_HIT) -> CandidateView:
+def v(
+    load: float = 0, device_busy: int = 0, queued: float = 0, hit: float = SYSTEM_HIT, neighbours: float = 0
+) -> CandidateView:
     return CandidateView(
-        hit_tokens=hit, queued_tokens=queued, running=load, load=load, device_busy=device_busy
+        hit_tokens=hit,
+        queued_tokens=queued,
+        running=load,
+        load=load,
+        device_busy=device_busy,
+        device_queued=neighbours,
     )
 
 
@@ -51,8 +64,18 @@ def v(load: float = 0, device_busy: int = 0, queued: float = 0, hit: float = SYS
         pytest.param([v(load=1), v(device_busy=1), v(device_busy=1)], 0, id="a-shared-device-packs"),
         # ... until the busy engine's queue costs more than the slowdown: 20,000 tokens ahead
         pytest.param(
-            [v(load=2, queued=20_000), v(device_busy=1), v(device_busy=1)], 1, id="a-long-queue-spreads"
+            [v(load=2, queued=20_000, neighbours=0), v(device_busy=1), v(device_busy=1)],
+            1,
+            id="a-long-queue-spreads",
         ),
+        # 5,000 queued there cost 0.15 s, less than the idle engine's slower prefill (0.06 s more)
+        # and the 0.15 s that waking it adds to those 5,000 tokens, now prefilled at half speed
+        pytest.param(
+            [v(load=2, queued=5_000), v(device_busy=1, neighbours=5_000), v(device_busy=1, neighbours=5_000)],
+            0,
+            id="waking-an-engine-slows-its-neighbours-queue",
+        ),
+        pytest.param([v(load=2, queued=5_000), v(), v()], 1, id="own-devices-a-queue-spreads"),
         # every engine busy: the slowdown is the same everywhere, the least loaded wins again
         pytest.param(
             [v(load=3, device_busy=2), v(load=1, device_busy=2), v(load=2, device_busy=2)],
@@ -69,6 +92,19 @@ def v(load: float = 0, device_busy: int = 0, queued: float = 0, hit: float = SYS
 )
 def test_decide_on_a_shared_device(views: list[CandidateView], expected: int) -> None:
     assert decide(PROMPT, views, S, random.Random(0)).index == expected
+
+
+@pytest.mark.parametrize(
+    ("view", "expected_s"),
+    [
+        (v(device_busy=1, neighbours=34_000), 1.0),  # their second of prefill now takes two
+        (v(device_busy=2, neighbours=34_000), 1.0),  # two busy: from 1/2 to 1/3 of the device each
+        (v(load=1, device_busy=1, neighbours=34_000), 0.0),  # already busy: nothing changes
+        (v(device_busy=0, neighbours=0), 0.0),
+    ],
+)
+def test_woken_s(view: CandidateView, expected_s: float) -> None:
+    assert woken_s(view, S) == pytest.approx(expected_s)
 
 
 def test_est_ttft_slows_the_prefill_not_the_base() -> None:
@@ -95,19 +131,22 @@ def engine(i: int, device: str | None, in_flight: int = 0) -> EngineState:
 @pytest.mark.parametrize(
     ("devices", "loads", "candidates", "expected"),
     [
-        pytest.param([None, None], [1, 0], 2, [0, 0], id="own-devices"),
-        pytest.param(["g", "g", "g"], [1, 0, 2], 3, [1, 2, 1], id="one-device"),
-        pytest.param(["g", "g", "h", "h"], [1, 0, 0, 1], 4, [0, 1, 1, 0], id="two-devices"),
+        pytest.param([None, None], [1, 0], 2, [(0, 0), (0, 0)], id="own-devices"),
+        pytest.param(["g", "g", "g"], [1, 0, 2], 3, [(1, 300), (2, 400), (1, 100)], id="one-device"),
+        pytest.param(
+            ["g", "g", "h", "h"], [1, 0, 0, 1], 4, [(0, 0), (1, 100), (1, 400), (0, 0)], id="two-devices"
+        ),
         # the third engine is not a candidate (flow control left it out: no room) but is busy there
-        pytest.param(["g", "g", "g"], [0, 0, 3], 2, [1, 1], id="a-busy-engine-not-a-candidate"),
-        pytest.param(["g", None], [0, 1], 2, [0, 0], id="a-device-of-its-own-beside"),
+        pytest.param(["g", "g", "g"], [0, 0, 3], 2, [(1, 300), (1, 300)], id="a-busy-engine-not-a-candidate"),
+        pytest.param(["g", None], [0, 1], 2, [(0, 0), (0, 0)], id="a-device-of-its-own-beside"),
     ],
 )
-def test_busy_on_device(
-    devices: list[str | None], loads: list[int], candidates: int, expected: list[int]
+def test_device_neighbours(
+    devices: list[str | None], loads: list[int], candidates: int, expected: list[tuple[int, float]]
 ) -> None:
     engines = [engine(i, d, n) for i, (d, n) in enumerate(zip(devices, loads, strict=True))]
-    assert busy_on_device(engines[:candidates], engines) == expected
+    queued = {st.url: 100.0 * (i + 1) for i, st in enumerate(engines)}  # engine i: 100 (i + 1) tokens
+    assert device_neighbours(engines[:candidates], engines, lambda st: queued[st.url]) == expected
 
 
 @pytest.mark.parametrize(("device", "packed"), [("gpu-0", True), (None, False)])
