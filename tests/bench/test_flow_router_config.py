@@ -5,11 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 from typer.testing import CliRunner
 
 from kvstack.bench.cli import app
+from kvstack.bench.flow import scenarios_of
 from kvstack.bench.flow_plan import POLICIES
-from kvstack.bench.flow_stack import FlowSetup, router_config
+from kvstack.bench.flow_stack import FlowSetup, router_config, stack
 from kvstack.router.config import RouterSettings
 
 
@@ -52,3 +54,34 @@ def test_bad_tokenizer_options_are_refused_before_anything_starts(args: list[str
     result = CliRunner().invoke(app, ["flow", *args], env={"COLUMNS": "200"})
     assert result.exit_code == 2
     assert complaint in result.output
+
+
+SHARED = Path(__file__).parents[2] / "bench-results/flow/sim-h200-x4-shared.yaml"
+OWN_SHARE = Path(__file__).parents[2] / "bench-results/flow/sim-h200-x4.yaml"
+
+
+@pytest.mark.parametrize(
+    ("sim_config", "shared_device", "device"),
+    [(SHARED, True, "sim-gpu-0"), (SHARED, False, None), (OWN_SHARE, True, None)],
+)
+def test_simulators_on_one_gpu_name_their_device_for_the_router(
+    tmp_path: Path, sim_config: Path, shared_device: bool, device: str | None
+) -> None:
+    setup = FlowSetup(sim_config=sim_config, shared_device=shared_device, log_dir=tmp_path)
+    procs, _ = stack(setup, POLICIES[1], "case")  # built, not started
+    entries = yaml.safe_load((tmp_path / "case" / "engines.yaml").read_text())
+    assert [e.get("device") for e in entries] == [device] * setup.engines
+    peers = ["--gpu-peers-dir" in p.argv for p in procs[:-1]]
+    assert peers == [sim_config == SHARED] * setup.engines  # the simulators share it either way
+
+
+def test_the_ramp_runs_the_loads_asked_for() -> None:
+    setup = FlowSetup(sim_config=None, capacity_rps=8.0, ramp=(0.5, 2.0))
+    ramp = scenarios_of(setup)["ramp"]
+    assert [(case, [s.rate for s in streams]) for case, streams in ramp] == [("0.5x", [4.0]), ("2x", [16.0])]
+
+
+def test_a_load_must_be_positive() -> None:
+    result = CliRunner().invoke(app, ["flow", "--load", "0"], env={"COLUMNS": "200"})
+    assert result.exit_code == 2
+    assert "positive multiple" in result.output

@@ -54,12 +54,13 @@ def before_case(setup: FlowSetup, engine_urls: Sequence[str]) -> None:
         reset_engines(engine_urls, setup.redis_url)
 
 
-def _scenarios(setup: FlowSetup) -> dict[str, list[tuple[str, list[Stream]]]]:
+def scenarios_of(setup: FlowSetup) -> dict[str, list[tuple[str, list[Stream]]]]:
+    """Each scenario's cases: (name, the tenants' streams), for ``setup``'s capacity and window."""
     cap, d = setup.capacity_rps, setup.duration_s
     over = 1.5 * cap  # fairness and priority: together above capacity
     fair = flow_plan.fairness_window_s(over / 11, d, setup.shape)  # B: several users
     return {
-        "ramp": [(f"{load:g}x", [Stream("A", load * cap, d)]) for load in flow_plan.RAMP],
+        "ramp": [(f"{load:g}x", [Stream("A", load * cap, d)]) for load in setup.ramp],
         "fairness": [
             ("B alone", [Stream("B", over / 11, fair)]),
             ("A 10x + B", [Stream("A", over * 10 / 11, fair), Stream("B", over / 11, fair)]),
@@ -82,7 +83,7 @@ def run(
 ) -> Results:
     """Every scenario's cases through one stack per policy (cases in turn, each its own trace)."""
     results = Results()
-    plan = _scenarios(setup)
+    plan = scenarios_of(setup)
     for policy in policies:
         if policy.flow and not flow_available():
             progress(f"{policy.name}: this router has no flow control; skipped")
@@ -118,7 +119,7 @@ def run(
                     if setup.decision_log and policy.routing not in PEER_POLICIES:
                         row.update(_narrowed(procs[-1].log_path, log_at, len(engine_urls)))
                     if scenario == "ramp":
-                        row["load"] = flow_plan.RAMP[seed]
+                        row["load"] = setup.ramp[seed]
                     getattr(results, scenario).append(row)
                     progress(
                         f"{policy.name:>16} {scenario:>8} {case:>26}: goodput {row['goodput_rps']:.2f}/s, "
@@ -270,6 +271,17 @@ def flow_bench(
         str | None,
         typer.Option(help="With --engines-file: the engines' shared LMCache Redis, flushed per case."),
     ] = None,
+    load: Annotated[
+        list[float] | None,
+        typer.Option(help="The ramp's loads, multiples of --capacity-rps (default 0.5 1 1.5 2)."),
+    ] = None,
+    shared_device: Annotated[
+        bool,
+        typer.Option(
+            help="Simulators sharing one GPU (a shared_gpu table in --sim-config) name one device "
+            "for the router, as real engines on one GPU do; off: the router is not told."
+        ),
+    ] = True,
 ) -> None:
     """Flow control under overload: goodput, 429s and admitted TTFT per policy (simulators)."""
     known = {p.name: p for p in (*flow_plan.POLICIES, PEER)}
@@ -291,6 +303,8 @@ def flow_bench(
         )
     if engines_file is not None and speed != 1.0:
         raise typer.BadParameter("real engines run at speed 1", param_hint="--speed")
+    if any(x <= 0 for x in load or ()):
+        raise typer.BadParameter("a load is a positive multiple of the capacity", param_hint="--load")
     setup = FlowSetup(
         speed=speed,
         capacity_rps=capacity_rps,
@@ -306,6 +320,8 @@ def flow_bench(
         client_retries=client_retries,
         fresh_cache=fresh_cache is not False,  # only real engines are reset (before_case)
         redis_url=redis_url,
+        ramp=tuple(load) if load else flow_plan.RAMP,
+        shared_device=shared_device,
     )
     chosen = [known[n] for n in policy] if policy else list(flow_plan.POLICIES)
     results = run(setup, chosen, scenario or ["ramp", "fairness", "priority"])

@@ -39,6 +39,7 @@ class FlowSetup:
     speed: float = 0.5
     sim_config: Path | None = DEFAULT_SIM_CONFIG
     capacity_rps: float = 16.0  # the cluster's capacity, simulated requests/s (1x of the ramp)
+    ramp: tuple[float, ...] = flow_plan.RAMP  # the ramp's loads, multiples of the capacity
     duration_s: float = 8.0  # arrival window of a case, simulated seconds
     shape: Shape = field(default_factory=Shape)
     # the client's retries of a refused request (the openai SDK's default: 2); 0: none
@@ -61,6 +62,9 @@ class FlowSetup:
     redis_url: str | None = None
     # the router logs each cache-aware decision (DEBUG): each case counts those flow control narrowed
     decision_log: bool = False
+    # simulators sharing one GPU (a ``shared_gpu`` table in the sim config) name one device in the
+    # router's engines file, as device.sh's engines do on the H200; off: the router is not told
+    shared_device: bool = True
     log_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="kvstack-flow-")))
 
 
@@ -135,7 +139,7 @@ def stack(setup: FlowSetup, policy: Policy, case: str) -> tuple[list[ManagedProc
     ports = free_ports(3 * setup.engines)
     sims: list[ManagedProcess] = []
     engines: list[dict[str, Any]] = []
-    device = SHARED_DEVICE if shares_gpu(setup.sim_config) else None  # the router is told, as on a GPU
+    device = SHARED_DEVICE if setup.shared_device and shares_gpu(setup.sim_config) else None
     for i in range(setup.engines):
         http, pub, replay = ports[3 * i : 3 * i + 3]
         url = f"http://127.0.0.1:{http}"
