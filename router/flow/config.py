@@ -87,9 +87,6 @@ class FlowControlConfig(BaseModel):
     models: list[ModelFlow] = Field(default_factory=lambda: [ModelFlow()])
     tenants: list[TenantConfig] = Field(default_factory=list)
     saturation: SaturationConfig = Field(default_factory=SaturationConfig)
-    # a burst of refusals is told to come back one after another (router/flow/retry_spread.py);
-    # off: each is told its own wait, and a burst returns as a burst
-    spread_retries: bool = True
 
     @field_validator("tenant_header", "priority_header")
     @classmethod

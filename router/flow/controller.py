@@ -30,14 +30,7 @@ from prometheus_client import Gauge
 from kvstack.common.errors import OpenAIError
 from kvstack.router.engines import EngineRegistry, EngineState
 from kvstack.router.exchange import RetryLater
-from kvstack.router.flow.admission import (
-    MAX_RETRY_AFTER_S,
-    SHED_MESSAGES,
-    SHED_REASONS,
-    Newcomer,
-    decide,
-    expiry,
-)
+from kvstack.router.flow.admission import SHED_MESSAGES, SHED_REASONS, Newcomer, decide, expiry
 from kvstack.router.flow.config import FlowControlConfig, PriorityClass
 from kvstack.router.flow.fairness import FairShare
 from kvstack.router.flow.forecast import BASE_TTFT_S, Forecast
@@ -45,7 +38,6 @@ from kvstack.router.flow.grant import Grant
 from kvstack.router.flow.ledger import Prefill
 from kvstack.router.flow.ordering import Waiting
 from kvstack.router.flow.queue import FlowQueue, Shed, Ticket
-from kvstack.router.flow.retry_spread import ReturnSchedule
 from kvstack.router.flow.room import Room
 from kvstack.router.hold import hold_full_error, hold_timeout_error
 from kvstack.router.metrics import RouterMetrics
@@ -88,7 +80,6 @@ class FlowControl:
         self.weights = {t.name: t.weight for t in config.tenants}
         self.tenant_class = {t.name: t.default_class for t in config.tenants if t.default_class}
         self.queues: dict[str, FlowQueue] = {}
-        self.returns = ReturnSchedule(MAX_RETRY_AFTER_S)  # when refused requests were told to retry
         self.reserved: dict[str, int] = {}
         self.forecast = Forecast(self.room, metrics, config.saturation.learn_weight)
         self._ids = itertools.count(1)
@@ -192,12 +183,8 @@ class FlowControl:
             self._reserve(grant)
             self.metrics.flow_queue_wait.labels(self.metrics.model_label(model), cls.name).observe(0.0)
             return grant
-        if decision.outcome == "shed":  # told to come back after the retries already told, not with them
-            wait = decision.retry_after_s
-            if self.config.spread_retries:
-                cost_s = cost / cap.prefill_tokens_per_s if cap.prefill_tokens_per_s > 0 else 0.0
-                wait = self.returns.tell(model, now, wait, cost_s)
-            raise self._shed(decision.reason, grant, wait)
+        if decision.outcome == "shed":
+            raise self._shed(decision.reason, grant, decision.retry_after_s)
         if decision.victim_priority is not None:
             victim = queue.victim(decision.victim_priority, decision.victim_tenant)
             if victim is not None and self._dequeue(model, victim) and not victim.future.done():
