@@ -71,6 +71,12 @@ def shares_gpu(config_file: Path | None) -> bool:
     return isinstance(shared, dict) and bool(shared.get("share_by_busy"))
 
 
+def shared_device(config_file: Path | None) -> str | None:
+    """The device simulators of this ``--config`` file name for the router: :data:`SHARED_DEVICE`
+    when they share one simulated GPU (:func:`shares_gpu`), else None (a GPU each)."""
+    return SHARED_DEVICE if shares_gpu(config_file) else None
+
+
 def peers_flags(config_file: Path | None, folder: Path) -> list[str]:
     """The ``kvstack engine sim`` flags that put simulators launched together on one simulated GPU,
     sharing ``folder``, when their ``--config`` file says they share one (:func:`shares_gpu`)."""

@@ -37,6 +37,7 @@ from kvstack.router.policies.base import Decision, ExpectedHit, Policy, RequestF
 from kvstack.router.policies.cache_aware_decide import CandidateView, decide, est_ttft
 from kvstack.router.policies.cache_aware_log import decision_log, log_decision
 from kvstack.router.policies.cache_aware_tiers import TierModel
+from kvstack.router.policies.shared_device import device_neighbours
 from kvstack.router.residency import TierTokens
 from kvstack.router.tier_cost import TierLearning
 
@@ -139,28 +140,6 @@ class _Pending:
     dispatched_at: float = 0.0
 
 
-def device_neighbours(
-    candidates: Sequence[EngineState],
-    engines: Sequence[EngineState],
-    queued: Callable[[EngineState], float],
-) -> list[tuple[int, float]]:
-    """Per candidate, the other engines of ``engines`` (every engine known: busy ones that are not
-    candidates share the device too) busy (a request in flight, running or waiting) on the device
-    it shares: how many, and the uncached prefill ``queued`` on them. (0, 0) for an engine with a
-    device of its own."""
-    if not any(st.endpoint.device for st in candidates):
-        return [(0, 0.0)] * len(candidates)
-    busy: dict[str, list[EngineState]] = {}
-    for st in engines:
-        if st.endpoint.device and st.load > 0:
-            busy.setdefault(st.endpoint.device, []).append(st)
-    out = []
-    for st in candidates:
-        others = [e for e in busy.get(st.endpoint.device or "", ()) if e is not st]
-        out.append((len(others), sum(queued(e) for e in others)))
-    return out
-
-
 class CacheAwarePolicy(Policy):
     """The ``cache_aware`` routing policy over a :class:`KVIndex`."""
 
@@ -225,7 +204,12 @@ class CacheAwarePolicy(Policy):
             queued.append(self._queued(st, now))
         estimates = self.tiers.estimates(candidates, keys_of, queued, n_tokens, now, self.tiers.weights())
         engines = candidates if self.registry is None else self.registry.all()
-        neighbours = device_neighbours(candidates, engines, lambda st: self._queued(st, now))
+        known = {st.url: q for st, q in zip(candidates, queued, strict=True)}  # computed above
+
+        def queued_on(st: EngineState) -> float:
+            return known[st.url] if st.url in known else self._queued(st, now)
+
+        neighbours = device_neighbours(candidates, engines, queued_on)
         for st, est, q, (busy, busy_queued) in zip(candidates, estimates, queued, neighbours, strict=True):
             url = st.url
             views.append(

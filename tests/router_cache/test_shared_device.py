@@ -11,7 +11,7 @@ from tests.router_cache.test_policy import BS, MODEL, SYSTEM, chat, req, stored
 
 from kvstack.router.engines import Endpoint, EngineState
 from kvstack.router.kvindex.index import KVIndex
-from kvstack.router.policies.cache_aware import CacheAwarePolicy, CacheAwareSettings, device_neighbours
+from kvstack.router.policies.cache_aware import CacheAwarePolicy, CacheAwareSettings
 from kvstack.router.policies.cache_aware_decide import (
     CandidateView,
     decide,
@@ -19,6 +19,7 @@ from kvstack.router.policies.cache_aware_decide import (
     est_ttft,
     woken_s,
 )
+from kvstack.router.policies.shared_device import device_neighbours
 
 S = CacheAwareSettings(explore_rate=0.0)
 H200 = (0.65, 0.43, 0.325)  # four vLLM engines on one H200: speed with 2, 3, 4 busy, relative to alone

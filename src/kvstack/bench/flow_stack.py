@@ -26,7 +26,7 @@ from kvstack.bench.gpu_procs import peer_router_proc as peer_router
 from kvstack.bench.sglang_router import wait_sglang_workers
 from kvstack.common.procs import ManagedProcess, free_ports, kvstack_argv, running
 from kvstack.engine.sim.cli import kv_events_flags
-from kvstack.engine.sim.gpu_peers import SHARED_DEVICE, peers_flags, shares_gpu
+from kvstack.engine.sim.gpu_peers import peers_flags, shared_device
 from kvstack.router.discovery.static import sim_engine_entry
 
 MODEL = "kvstack/sim-8b"
@@ -139,7 +139,7 @@ def stack(setup: FlowSetup, policy: Policy, case: str) -> tuple[list[ManagedProc
     ports = free_ports(3 * setup.engines)
     sims: list[ManagedProcess] = []
     engines: list[dict[str, Any]] = []
-    device = SHARED_DEVICE if setup.shared_device and shares_gpu(setup.sim_config) else None
+    device = shared_device(setup.sim_config) if setup.shared_device else None
     for i in range(setup.engines):
         http, pub, replay = ports[3 * i : 3 * i + 3]
         url = f"http://127.0.0.1:{http}"

@@ -10,7 +10,7 @@ from typing import Any
 
 from kvstack.common.procs import ManagedProcess, free_ports, kvstack_argv
 from kvstack.engine.sim.cli import kv_events_flags
-from kvstack.engine.sim.gpu_peers import SHARED_DEVICE, peers_flags, shares_gpu
+from kvstack.engine.sim.gpu_peers import peers_flags, shared_device
 from kvstack.router.discovery.static import sim_engine_entry
 
 # Peer routers run as baselines: bench policy name -> the SGLang router's (`pip install sglang-router`)
@@ -31,7 +31,7 @@ def sim_procs(
     LMCache 0.5.3 did on the H200: GPU events only)."""
     ports = free_ports(3 * n)
     procs, entries = [], []
-    device = SHARED_DEVICE if shares_gpu(config) else None  # the router is told, as on a GPU
+    device = shared_device(config)  # the router is told, as real engines on one GPU tell it
     for i in range(n):
         http, pub, replay = ports[3 * i : 3 * i + 3]
         url = f"http://127.0.0.1:{http}"

@@ -1,0 +1,42 @@
+"""Engines sharing a device, as the cache-aware decision sees them: per candidate, its busy
+neighbours on the device and the prefill queued on them (``CandidateView.device_busy`` and
+``device_queued``; the decision's use of them is ``cache_aware_decide.device_slowdown`` and
+``woken_s``)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Sequence
+
+from kvstack.router.engines import EngineState
+
+
+def device_neighbours(
+    candidates: Sequence[EngineState],
+    engines: Sequence[EngineState],
+    queued: Callable[[EngineState], float],
+) -> list[tuple[int, float]]:
+    """Per candidate, the other engines of ``engines`` (every engine known: busy ones that are not
+    candidates share the device too) busy (a request in flight, running or waiting) on the device
+    it shares: how many, and the uncached prefill ``queued`` on them. (0, 0) for an engine with a
+    device of its own. ``queued`` is asked once per busy engine."""
+    if not any(st.endpoint.device for st in candidates):
+        return [(0, 0.0)] * len(candidates)
+    count: Counter[str] = Counter()
+    total: dict[str, float] = {}
+    own: dict[str, float] = {}  # a busy engine's queued tokens, to take off its device's total
+    for st in engines:
+        if (device := st.endpoint.device) and st.load > 0:
+            own[st.url] = q = queued(st)
+            count[device] += 1
+            total[device] = total.get(device, 0.0) + q
+    out = []
+    for st in candidates:
+        device = st.endpoint.device
+        if not device:
+            out.append((0, 0.0))
+        else:
+            mine = own.get(st.url)
+            others = count[device] - (mine is not None)
+            out.append((others, total.get(device, 0.0) - (mine or 0.0) if others else 0.0))
+    return out
