@@ -283,7 +283,7 @@ class FlowControl:
         flow = self.room.ledger(engine)
         grant.engine, grant.dispatched_at, grant.uncached = engine.url, now, uncached
         grant.backlog_at_dispatch = flow.backlog(now)
-        expected = (grant.backlog_at_dispatch + uncached) / flow.rate
+        expected = (grant.backlog_at_dispatch + uncached) / self.room.rate(engine)
         due = now + expected + self.room.limits.prefill_target_s
         flow.prefill[grant.id] = Prefill(uncached, due, streamed, grant.priority)
 

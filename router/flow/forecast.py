@@ -44,7 +44,7 @@ class Forecast:
         return Capacity(
             engines=len(candidates),
             room=room,
-            prefill_tokens_per_s=sum(self.room.ledger(e).rate for e in candidates),
+            prefill_tokens_per_s=sum(self.room.rate(e) for e in candidates),
             prefill_in_flight=sum(self.room.ledger(e).backlog(now) for e in candidates),
             base_ttft_s=BASE_TTFT_S,
             turns_per_s=self.turns_per_s(model, candidates),

@@ -25,6 +25,8 @@ class EngineFlow:
     """The router's ledger of one engine: prefill work sent and not yet done, its prefill rate."""
 
     rate: float
+    device: str | None = None  # the device it shares with other engines (Endpoint.device)
+    measured: bool = False  # ``rate`` was learnt from its own prefills (else the configured default)
     # its latest prefill-rate samples (saturation.learn_rate looks for a run of them far off the rate)
     samples: deque[float] = field(default_factory=lambda: deque(maxlen=RUN_SAMPLES))
     prefill: dict[int, Prefill] = field(default_factory=dict)  # by grant id

@@ -37,7 +37,7 @@ from kvstack.router.policies.base import Decision, ExpectedHit, Policy, RequestF
 from kvstack.router.policies.cache_aware_decide import CandidateView, decide, est_ttft
 from kvstack.router.policies.cache_aware_log import decision_log, log_decision
 from kvstack.router.policies.cache_aware_tiers import TierModel
-from kvstack.router.policies.shared_device import device_neighbours
+from kvstack.router.policies.shared_device import device_loads, device_neighbours
 from kvstack.router.residency import TierTokens
 from kvstack.router.tier_cost import TierLearning
 
@@ -94,9 +94,12 @@ class CacheAwareSettings(BaseModel):
     # freed after it gained p90 (8.7 s) but still lost hits (72.7%) (bench-results/lmcache/README.md)
     residency: bool = False
     # Engines sharing a device (Endpoint.device): an engine's speed relative to alone on it with 2,
-    # 3, ... engines busy there. Empty: the device's time is shared equally (1/2, 1/3, ...). Four
-    # vLLM 0.24 engines on one H200, eager, measured 0.65 with two (bench-results/flow).
-    shared_device_speed: tuple[float, ...] = ()
+    # 3, ... engines busy there; past the table the last entry's device time is shared equally, and
+    # an empty table shares the device's time equally (1/2, 1/3, ...). The default is the one
+    # measurement: vLLM 0.24 engines time-slicing one H200, eager, ran at 0.65 of alone with two
+    # busy (bench-results/flow). Equal sharing would price waking a second engine as never
+    # worth it, so a shared device would take one engine's throughput however long its queue.
+    shared_device_speed: tuple[float, ...] = (0.65,)
     tier_learning: TierLearning = TierLearning()
 
     @field_validator("shared_device_speed")
@@ -210,7 +213,10 @@ class CacheAwarePolicy(Policy):
             return known[st.url] if st.url in known else self._queued(st, now)
 
         neighbours = device_neighbours(candidates, engines, queued_on)
-        for st, est, q, (busy, busy_queued) in zip(candidates, estimates, queued, neighbours, strict=True):
+        bound_loads = device_loads(candidates)
+        for st, est, q, (busy, busy_queued), bound_load in zip(
+            candidates, estimates, queued, neighbours, bound_loads, strict=True
+        ):
             url = st.url
             views.append(
                 CandidateView(
@@ -224,6 +230,7 @@ class CacheAwarePolicy(Policy):
                     tiebreak=xxhash.xxh3_64_intdigest(url.encode(), seed=tie_seed),
                     device_busy=busy,
                     device_queued=busy_queued,
+                    bound_load=bound_load,
                 )
             )
         choice = decide(n_tokens, views, self.settings, self.rng)

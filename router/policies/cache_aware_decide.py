@@ -11,7 +11,9 @@ request's own uncached prefill time (the compute it costs the cluster). Guards:
 
 * bounded load: a holder above ``load_factor`` x the mean load (and ``load_slack`` requests above
   it) is skipped unless its cache saving outweighs its queueing and covers ``replicate_below`` of
-  the prompt;
+  the prompt. Engines sharing a device are bounded together: each is measured by its device's
+  load (``CandidateView.bound_load``), since an idle engine beside a busy one adds no compute, only
+  the slowdown the estimate already prices;
 * hot-prefix replication: every holder skipped, so warm the least-loaded other engine;
 * cold spreading: no hit anywhere, so the least recently cold-served of the near-best engines;
 * balance among near-equals: the least loaded of the engines within a slack of the best cost;
@@ -46,6 +48,8 @@ class CandidateView(NamedTuple):
     tiebreak: int = 0
     device_busy: int = 0  # other engines busy on the device it shares (0: a device of its own)
     device_queued: float = 0.0  # uncached prefill tokens queued on those busy neighbours
+    # the bounded-load guard's measure: ``load``, or the candidates' load on the device it shares
+    bound_load: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,13 +99,14 @@ def decide(
 ) -> Choice:
     """Pick one of ``views`` (non-empty). Pure but for the draws it takes from ``rng``."""
     ttft = [est_ttft(prompt_tokens, v, s) for v in views]
-    mean = sum(v.load for v in views) / len(views)
+    loads = [v.load if v.bound_load is None else v.bound_load for v in views]
+    mean = sum(loads) / len(views)
     bound = max(s.load_factor * mean, mean + s.load_slack)
     rate = s.prefill_tokens_per_s
 
     def skipped(i: int) -> bool:
         v = views[i]
-        if v.load <= bound:
+        if loads[i] <= bound:
             return False
         if v.hit_tokens < s.replicate_below * prompt_tokens:
             return True  # mostly recomputed anyway: warming another engine costs little

@@ -1,7 +1,7 @@
 """Engines sharing a device, as the cache-aware decision sees them: per candidate, its busy
 neighbours on the device and the prefill queued on them (``CandidateView.device_busy`` and
 ``device_queued``; the decision's use of them is ``cache_aware_decide.device_slowdown`` and
-``woken_s``)."""
+``woken_s``), and the load its bounded-load guard compares (``device_loads``)."""
 
 from __future__ import annotations
 
@@ -40,3 +40,14 @@ def device_neighbours(
             others = count[device] - (mine is not None)
             out.append((others, total.get(device, 0.0) - (mine or 0.0) if others else 0.0))
     return out
+
+
+def device_loads(candidates: Sequence[EngineState]) -> list[float | None]:
+    """Per candidate, the load of the candidates on the device it shares (None: a device of its
+    own). The bounded-load guard compares these: moving a request from a busy engine to an idle
+    one on the same device adds no compute, so the guard balances devices, not their engines."""
+    total: dict[str, float] = {}
+    for st in candidates:
+        if device := st.endpoint.device:
+            total[device] = total.get(device, 0.0) + st.load
+    return [total[d] if (d := st.endpoint.device) else None for st in candidates]

@@ -19,9 +19,10 @@ from kvstack.router.policies.cache_aware_decide import (
     est_ttft,
     woken_s,
 )
-from kvstack.router.policies.shared_device import device_neighbours
+from kvstack.router.policies.shared_device import device_loads, device_neighbours
 
-S = CacheAwareSettings(explore_rate=0.0)
+# the device's time shared equally: the tables below price the slowdown as 2x with two busy
+S = CacheAwareSettings(explore_rate=0.0, shared_device_speed=())
 H200 = (0.65, 0.43, 0.325)  # four vLLM engines on one H200: speed with 2, 3, 4 busy, relative to alone
 PROMPT, SYSTEM_HIT = 3000, 1000  # a user's first turn: the product's system prompt cached everywhere
 
@@ -43,7 +44,12 @@ def test_device_slowdown(busy_others: int, speeds: tuple[float, ...], expected: 
 
 
 def v(
-    load: float = 0, device_busy: int = 0, queued: float = 0, hit: float = SYSTEM_HIT, neighbours: float = 0
+    load: float = 0,
+    device_busy: int = 0,
+    queued: float = 0,
+    hit: float = SYSTEM_HIT,
+    neighbours: float = 0,
+    device_load: float | None = None,
 ) -> CandidateView:
     return CandidateView(
         hit_tokens=hit,
@@ -52,6 +58,7 @@ def v(
         load=load,
         device_busy=device_busy,
         device_queued=neighbours,
+        bound_load=device_load,
     )
 
 
@@ -93,6 +100,52 @@ def v(
 )
 def test_decide_on_a_shared_device(views: list[CandidateView], expected: int) -> None:
     assert decide(PROMPT, views, S, random.Random(0)).index == expected
+
+
+@pytest.mark.parametrize(
+    ("views", "expected"),
+    [
+        # a GPU each: 6 requests on the one holding only the system prompt is past the load bound
+        # (mean 1.5 + 3): the new user goes to an idle engine
+        pytest.param([v(load=6, queued=1_000), v(), v(), v()], 1, id="own-devices-bounded"),
+        # one GPU for all: bounded by the device's load, every engine is at the mean; the idle ones
+        # would prefill slower and slow the busy one, so the user joins it
+        pytest.param(
+            [v(load=6, queued=1_000, device_load=6)]
+            + [v(device_busy=1, neighbours=1_000, device_load=6)] * 3,
+            0,
+            id="one-device-bounded-as-one",
+        ),
+        # two GPUs of two engines: the busy device is past the bound (6 > 3 + 3); the other's engines win
+        pytest.param(
+            [v(load=7, queued=1_000, device_load=7), v(device_busy=1, neighbours=1_000, device_load=7)]
+            + [v(device_load=0)] * 2,
+            2,
+            id="two-devices-the-busy-one-bounded",
+        ),
+    ],
+)
+def test_the_load_bound_weighs_devices_not_engines(views: list[CandidateView], expected: int) -> None:
+    s = CacheAwareSettings(explore_rate=0.0, shared_device_speed=H200)
+    assert decide(PROMPT, views, s, random.Random(0)).index == expected
+
+
+@pytest.mark.parametrize(
+    ("devices", "loads", "expected"),
+    [
+        pytest.param([None, None], [1, 0], [None, None], id="own-devices"),
+        pytest.param(["g", "g", "h", None], [1, 2, 4, 3], [3, 3, 4, None], id="mixed"),
+    ],
+)
+def test_device_loads(devices: list[str | None], loads: list[int], expected: list[float | None]) -> None:
+    engines = [engine(i, d, n) for i, (d, n) in enumerate(zip(devices, loads, strict=True))]
+    assert device_loads(engines) == expected
+
+
+def test_the_default_speed_is_the_h200_measurement() -> None:
+    """Measured, not equal sharing: with 1/2, waking a second engine would never pay."""
+    assert CacheAwareSettings().shared_device_speed == (0.65,)
+    assert device_slowdown(1, CacheAwareSettings().shared_device_speed) == pytest.approx(1 / 0.65)
 
 
 @pytest.mark.parametrize(
@@ -154,9 +207,10 @@ def test_device_neighbours(
 def test_the_policy_packs_new_users_on_the_busy_engine_of_a_shared_device(
     device: str | None, packed: bool
 ) -> None:
-    """Four engines hold the system prompt; one is serving a request. On one GPU the next new user
-    joins it there; with a GPU each it goes to an idle engine."""
-    cands = [engine(i, device, in_flight=1 if i == 2 else 0) for i in range(4)]
+    """Four engines hold the system prompt; one is serving six requests, past the bound of one
+    engine among four (mean 1.5 + 3). On one GPU the next new user joins it there, bounded by the
+    device's load; with a GPU each it goes to an idle engine."""
+    cands = [engine(i, device, in_flight=6 if i == 2 else 0) for i in range(4)]
     index = KVIndex()
     system = chat(SYSTEM, "")
     for st in cands:
