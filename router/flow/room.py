@@ -74,9 +74,9 @@ class Room:
     def rate(self, engine: EngineState) -> float:
         """The engine's prefill rate: its own once learnt; before that, the mean learnt rate of the
         engines sharing its device (they prefill at the device's pace), else the configured default.
-        Priced at the default, an idle engine beside a busy one on an H200 looked 3.5x faster than it
-        was, and flow control sent cold the first turns the busy engine held a prefix of (simulators,
-        bench-results/lmcache section 13)."""
+        Priced at the default, an idle engine beside a busy one looked 3.5x faster than it was, and
+        flow control sent cold the first turns the busy one held a prefix of (simulators of four
+        engines on one H200, bench-results/lmcache section 13)."""
         flow = self.ledger(engine)
         if flow.measured or not flow.device:
             return flow.rate
