@@ -162,6 +162,12 @@ def load_time(cpu_us_per_token: float, remote_us_per_token: float, w: StepWork) 
     return 1e-6 * (cpu_us_per_token * w.cpu_load_tokens + remote_us_per_token * w.remote_load_tokens)
 
 
+def gpu_share(cfg: SimConfig, share: float | None) -> float:
+    """The GPU share of a step: ``share`` when it varies with the busy engines (``shared_gpu``),
+    else the configured fixed ``cfg.gpu_share``."""
+    return cfg.gpu_share if share is None else share
+
+
 def engine_step_time(cfg: SimConfig, w: StepWork, share: float | None = None) -> float:
     """Simulated seconds of one step of an engine configured by ``cfg`` (see the module docstring);
     ``share``: the GPU share of this step when it varies (``shared_gpu``), else ``cfg.gpu_share``."""
@@ -171,7 +177,7 @@ def engine_step_time(cfg: SimConfig, w: StepWork, share: float | None = None) ->
         return 0.0
     lm = cfg.lmcache
     return (
-        t / (cfg.gpu_share if share is None else share)
+        t / gpu_share(cfg, share)
         + offload_time(lm.store_us_per_request, lm.store_us_per_token, w)
         + load_time(lm.cpu_load_us_per_token, lm.remote_load_us_per_token, w)
     )
@@ -192,7 +198,7 @@ def retrieve_time(
         StepWork(cpu_load_tokens=cpu_tokens, remote_load_tokens=remote_load_tokens), cfg.token_cost_scale
     )
     lm = cfg.lmcache
-    return _load_terms(cfg.latency, w) / (cfg.gpu_share if share is None else share) + load_time(
+    return _load_terms(cfg.latency, w) / gpu_share(cfg, share) + load_time(
         lm.cpu_load_us_per_token, lm.remote_load_us_per_token, w
     )
 
@@ -204,6 +210,6 @@ def store_time(cfg: SimConfig, stored_tokens: int, share: float | None = None) -
     w = StepWork(store_tokens=stored_tokens, offloads=1, offload_tokens=stored_tokens)
     w = scale_work(w, cfg.token_cost_scale)
     lm = cfg.lmcache
-    return _store_terms(cfg.latency, w) / (cfg.gpu_share if share is None else share) + offload_time(
+    return _store_terms(cfg.latency, w) / gpu_share(cfg, share) + offload_time(
         lm.store_us_per_request, lm.store_us_per_token, w
     )
