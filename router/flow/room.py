@@ -67,8 +67,8 @@ class Room:
     def ledger(self, engine: EngineState) -> EngineFlow:
         flow = self.engines.get(engine.url)
         if flow is None:
-            rate = self.config.saturation.prefill_tokens_per_s
-            flow = self.engines[engine.url] = EngineFlow(rate, device=engine.endpoint.device)
+            flow = self.engines[engine.url] = EngineFlow(self.config.saturation.prefill_tokens_per_s)
+        flow.device = engine.endpoint.device  # the engines file or pod may name another since
         return flow
 
     def rate(self, engine: EngineState) -> float:
@@ -95,10 +95,11 @@ class Room:
         if flow.prefill.pop(grant_id, None) is None:
             return
         sat = self.config.saturation
-        sample = rate_sample(self.rate(engine), sat.prefill_tokens_per_s, work_tokens, took_s)
+        rate = self.rate(engine)
+        sample = rate_sample(rate, sat.prefill_tokens_per_s, work_tokens, took_s)
         if sample is not None:
             if not flow.measured:  # its own learning starts from its device's rate
-                flow.rate, flow.measured = self.rate(engine), True
+                flow.rate, flow.measured = rate, True
             flow.samples.append(sample)
             flow.rate = learn_rate(flow.rate, flow.samples, sat.learn_weight)
 
