@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gzip
+import json
 from pathlib import Path
 
 import pytest
@@ -85,3 +87,41 @@ def test_a_load_must_be_positive() -> None:
     result = CliRunner().invoke(app, ["flow", "--load", "0"], env={"COLUMNS": "200"})
     assert result.exit_code == 2
     assert "positive multiple" in result.output
+
+
+def test_a_run_writes_every_request_s_outcome_beside_its_summary(tmp_path: Path) -> None:
+    """``bench flow`` over real simulators: the trace file holds one line per request of the summary,
+    each with what the router said of it (engine, admission, predicted TTFT) and its TTFT."""
+    result = CliRunner().invoke(
+        app,
+        [
+            "flow",
+            "--policy",
+            "cache_aware+flow",
+            "--scenario",
+            "ramp",
+            "--load",
+            "0.5",
+            "--capacity-rps",
+            "4",
+            "--duration-s",
+            "2",
+            "--speed",
+            "1",
+            "--label",
+            "t",
+            "--out",
+            str(tmp_path),
+        ],
+        env={"COLUMNS": "200"},
+    )
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "flow/t.json").read_text())
+    [row] = summary["ramp"]
+    with gzip.open(tmp_path / "flow/t.trace.jsonl.gz", "rt") as f:
+        lines = [json.loads(line) for line in f]
+    assert len(lines) == row["requests"] > 0
+    assert {(r["scenario"], r["case"], r["policy"]) for r in lines} == {("ramp", "0.5x", "cache_aware+flow")}
+    served = [r for r in lines if r["ok"]]
+    assert len(served) == row["completed"]
+    assert all(r["engine"] and r["admission"] and r["ttft_s"] > 0 for r in served)

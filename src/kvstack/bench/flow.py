@@ -19,6 +19,7 @@ command.
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 import os
 import zlib
@@ -80,8 +81,10 @@ def run(
     policies: Sequence[Policy],
     scenarios: Sequence[str],
     progress: Callable[[str], None] = print,
+    trace: Callable[[dict[str, Any]], None] | None = None,
 ) -> Results:
-    """Every scenario's cases through one stack per policy (cases in turn, each its own trace)."""
+    """Every scenario's cases through one stack per policy (cases in turn, each its own trace);
+    ``trace`` is given each request's outcome (with its scenario, case and policy)."""
     results = Results()
     plan = scenarios_of(setup)
     for policy in policies:
@@ -121,6 +124,8 @@ def run(
                     if scenario == "ramp":
                         row["load"] = setup.ramp[seed]
                     getattr(results, scenario).append(row)
+                    for o in outcomes if trace is not None else ():
+                        trace({"scenario": scenario, "case": case, "policy": policy.name, **asdict(o)})
                     progress(
                         f"{policy.name:>16} {scenario:>8} {case:>26}: goodput {row['goodput_rps']:.2f}/s, "
                         f"429 final {row['shed_rate']:.0%}, attempts/req {row['attempts_per_request']}, "
@@ -237,7 +242,9 @@ def flow_bench(
     ] = 16.0,
     duration_s: Annotated[float, typer.Option(min=1, help="Arrival window per case, simulated s.")] = 8.0,
     sim_config: Annotated[Path | None, typer.Option(help="Simulator config (YAML).")] = DEFAULT_SIM_CONFIG,
-    label: Annotated[str, typer.Option(help="Result names: LABEL.json, LABEL.png.")] = "flow",
+    label: Annotated[
+        str, typer.Option(help="Result names: LABEL.json, LABEL.png, LABEL.trace.jsonl.gz.")
+    ] = "flow",
     engines_file: Annotated[
         Path | None, typer.Option(help="Running engines (static discovery YAML) instead of simulators.")
     ] = None,
@@ -324,9 +331,17 @@ def flow_bench(
         shared_device=shared_device,
     )
     chosen = [known[n] for n in policy] if policy else list(flow_plan.POLICIES)
-    results = run(setup, chosen, scenario or ["ramp", "fairness", "priority"])
     folder = out / "flow"
     folder.mkdir(parents=True, exist_ok=True)
+    # every request's outcome (engine, admission, predicted and actual TTFT): which admitted
+    # requests came late, and on what prediction
+    with gzip.open(folder / f"{label}.trace.jsonl.gz", "wt") as trace_file:
+        results = run(
+            setup,
+            chosen,
+            scenario or ["ramp", "fairness", "priority"],
+            trace=lambda rec: trace_file.write(json.dumps(rec) + "\n"),
+        )
     goals = flow_plan.goals(results)
     meta = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(setup).items() if k != "log_dir"}
     meta["loadavg_end"] = list(os.getloadavg())
@@ -338,4 +353,4 @@ def flow_bench(
     for g in goals:
         mark = "met" if g.met else "not met" if g.met is not None else "not run"
         typer.echo(f"{mark:>8}: {g.name} ({g.detail})")
-    typer.echo(f"results: {folder / f'{label}.json'}")
+    typer.echo(f"results: {folder / f'{label}.json'}, requests: {folder / f'{label}.trace.jsonl.gz'}")
