@@ -81,7 +81,7 @@ def run(
     policies: Sequence[Policy],
     scenarios: Sequence[str],
     progress: Callable[[str], None] = print,
-    trace: Callable[[dict[str, Any]], None] | None = None,
+    trace: Callable[[dict[str, Any]], object] | None = None,
 ) -> Results:
     """Every scenario's cases through one stack per policy (cases in turn, each its own trace);
     ``trace`` is given each request's outcome (with its scenario, case and policy)."""
@@ -124,8 +124,9 @@ def run(
                     if scenario == "ramp":
                         row["load"] = setup.ramp[seed]
                     getattr(results, scenario).append(row)
-                    for o in outcomes if trace is not None else ():
-                        trace({"scenario": scenario, "case": case, "policy": policy.name, **asdict(o)})
+                    if trace is not None:
+                        for o in outcomes:
+                            trace({"scenario": scenario, "case": case, "policy": policy.name, **asdict(o)})
                     progress(
                         f"{policy.name:>16} {scenario:>8} {case:>26}: goodput {row['goodput_rps']:.2f}/s, "
                         f"429 final {row['shed_rate']:.0%}, attempts/req {row['attempts_per_request']}, "
