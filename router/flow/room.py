@@ -58,6 +58,9 @@ class Room:
         sat = config.saturation
         self.limits = Limits(sat.prefill_target_s, sat.max_kv_usage, sat.max_waiting, max_in_flight)
         self.engines: dict[str, EngineFlow] = {}
+        # per shared device, its engines' learnt rates (the measured ones): an unmeasured engine's
+        # rate is their mean, found without a scan of every ledger on each saturation check
+        self.device_rates: dict[str, dict[str, float]] = {}
         # per model, a request's time at its engine (an EWMA): with the requests in flight there, the
         # rate slots free up (Little's law), known before the queue has given any turn
         self.service_s: dict[str, float] = {}
@@ -68,8 +71,22 @@ class Room:
         flow = self.engines.get(engine.url)
         if flow is None:
             flow = self.engines[engine.url] = EngineFlow(self.config.saturation.prefill_tokens_per_s)
-        flow.device = engine.endpoint.device  # the engines file or pod may name another since
+        device = engine.endpoint.device  # the engines file or pod may name another since
+        if device != flow.device:
+            self._forget_rate(engine.url, flow.device)
+            flow.device = device
+            if flow.measured and device:
+                self.device_rates.setdefault(device, {})[engine.url] = flow.rate
         return flow
+
+    def _forget_rate(self, url: str, device: str | None) -> None:
+        """``url``'s learnt rate no longer counts in ``device``'s mean (it left, or moved)."""
+        rates = self.device_rates.get(device or "")
+        if rates is None or device is None:
+            return
+        rates.pop(url, None)
+        if not rates:
+            del self.device_rates[device]
 
     def rate(self, engine: EngineState) -> float:
         """The engine's prefill rate: its own once learnt; before that, the mean learnt rate of the
@@ -80,13 +97,13 @@ class Room:
         flow = self.ledger(engine)
         if flow.measured or not flow.device:
             return flow.rate
-        known = [f.rate for f in self.engines.values() if f.measured and f.device == flow.device]
-        return sum(known) / len(known) if known else flow.rate
+        known = self.device_rates.get(flow.device)
+        return sum(known.values()) / len(known) if known else flow.rate
 
     def forget_gone(self, registry: EngineRegistry) -> None:
         """Drop the ledgers of engines that left (pods come and go for months)."""
         for url in [u for u in self.engines if registry.get(u) is None]:
-            del self.engines[url]
+            self._forget_rate(url, self.engines.pop(url).device)
 
     def prefill_done(self, engine: EngineState, grant_id: int, work_tokens: float, took_s: float) -> None:
         """A prefill at ``engine`` ended after ``took_s`` for ``work_tokens`` (its own and the backlog
@@ -102,6 +119,8 @@ class Room:
                 flow.rate, flow.measured = rate, True
             flow.samples.append(sample)
             flow.rate = learn_rate(flow.rate, flow.samples, sat.learn_weight)
+            if flow.device:
+                self.device_rates.setdefault(flow.device, {})[engine.url] = flow.rate
 
     def served(self, model: str, took_s: float) -> None:
         """A request of ``model`` spent ``took_s`` at its engine."""

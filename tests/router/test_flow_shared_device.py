@@ -4,6 +4,7 @@ takes requests while another engine on its device has room (the cache-aware esti
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import pytest
@@ -97,3 +98,19 @@ async def test_an_engine_behind_its_backlog_keeps_taking_requests_while_its_devi
     e0.in_flight += 1
     control.dispatched(busy, e0, 9_000, streamed=True)
     assert [e.name for e in control.with_room([e0, e1])] == expected
+
+
+def test_a_device_s_mean_rate_follows_its_engines_leaving_and_moving() -> None:
+    """The mean an unmeasured engine takes is kept where rates are learnt (no scan of every ledger
+    per saturation check): an engine that left, or moved to another device, no longer counts."""
+    control, (e0, e1, e2) = make(["g", "g", "g"], [0.0])
+    learn(control, e0, 9_000.0)
+    learn(control, e1, 3_000.0)
+    assert control.room.rate(e2) == pytest.approx(6_000.0, rel=0.01)
+    control.registry.sync([e1.endpoint, e2.endpoint])  # e0 left
+    control.room.forget_gone(control.registry)
+    assert control.room.rate(e2) == pytest.approx(3_000.0, rel=0.01)
+    e1.endpoint = dataclasses.replace(e1.endpoint, device="h")  # e1 now on another GPU
+    control.room.ledger(e1)
+    assert control.room.rate(e2) == pytest.approx(34_000.0)  # nothing measured on g any more
+    assert control.room.device_rates == {"h": {"http://e1": pytest.approx(3_000.0, rel=0.01)}}
