@@ -81,8 +81,7 @@ class Room:
 
     def _forget_rate(self, url: str, device: str | None) -> None:
         """``url``'s learnt rate no longer counts in ``device``'s mean (it left, or moved)."""
-        rates = self.device_rates.get(device or "")
-        if rates is None or device is None:
+        if device is None or (rates := self.device_rates.get(device)) is None:
             return
         rates.pop(url, None)
         if not rates:
