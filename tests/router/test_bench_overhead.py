@@ -93,6 +93,32 @@ def test_load_process_measures_a_real_simulator(tmp_path: Path) -> None:
     assert wrong["requests"] == 0 and wrong["errors"] > 0  # failures are counted, never hidden
 
 
+@pytest.mark.parametrize(
+    ("load", "clients", "rates"),
+    [
+        (Load(("u",), 1, 0, concurrency=32), [32], [0.0]),
+        (Load(("u",), 1, 0, concurrency=32, procs=3), [11, 11, 10], [0.0] * 3),
+        (Load(("u",), 1, 0, concurrency=2, procs=4), [1, 1], [0.0] * 2),  # no process without a client
+        (Load(("u",), 1, 0, rate=200.0, procs=4), [0] * 4, [50.0] * 4),
+        (Load(("u",), 1, 0, rate=200.0), [0], [200.0]),
+    ],
+)
+def test_a_phase_is_shared_by_its_load_processes(load: Load, clients: list[int], rates: list[float]) -> None:
+    shares = load.shares()
+    assert [s.concurrency for s in shares] == clients and [s.rate for s in shares] == rates
+    assert {s.procs for s in shares} == {len(shares)}  # each interleaves its request numbers with the others'
+
+
+def test_several_load_processes_measure_a_real_simulator_together(tmp_path: Path) -> None:
+    with run_sims(tmp_path, 1, "--served-model-name", "sim", "--speed", "100") as (sim,):
+        closed = run_load(Load((sim.url,), seconds=1.0, warmup=0.2, concurrency=4, procs=2), None)
+        opened = run_load(Load((sim.url,), seconds=1.0, warmup=0.2, rate=40, procs=2), None)
+    assert closed["load_procs"] == 2 and closed["errors"] == 0
+    assert all(n > 0 for n in closed["requests_per_proc"])  # both processes sent requests
+    assert sum(closed["requests_per_proc"]) == closed["requests"]
+    assert opened["load_procs"] == 2 and 30 <= opened["requests"] <= 50  # 20 req/s from each
+
+
 def test_cpu_per_request_is_the_routers_cpu_over_its_rate() -> None:
     row = summarize([(2.0 + i / 100, 0.001, True, 0) for i in range(500)], LOAD, 0.5, 0.1, 3.0, [])
     assert row["rps"] == 50.0
@@ -146,9 +172,16 @@ def test_planned_seconds_cover_every_phase() -> None:
 
 
 def test_the_long_stream_phase_streams_its_tokens_open_loop() -> None:
-    cfg = {"seconds": 5.0, "warmup": 1.0, "long_stream_rate": 50.0, "long_stream_tokens": 100}
+    cfg = {
+        "seconds": 5.0,
+        "warmup": 1.0,
+        "long_stream_rate": 50.0,
+        "long_stream_tokens": 100,
+        "load_procs": 2,
+    }
     load = long_stream_load(("http://r",), cfg)
     assert (load.rate, load.concurrency, load.stream, load.max_tokens) == (50.0, 0, True, 100)
+    assert [share.rate for share in load.shares()] == [25.0, 25.0]
     assert body(3, load)["max_tokens"] == 100
 
 

@@ -76,19 +76,19 @@ def measure_router(
 ) -> dict[str, Any]:
     """Every phase through ``router`` (a kvstack router or a baseline), as row ``label``; ``ready``
     waits for what the router's ready URL does not cover."""
-    seconds, warmup = cfg["seconds"], cfg["warmup"]
+    seconds, warmup, procs = cfg["seconds"], cfg["warmup"], cfg["load_procs"]
     out: dict[str, Any] = {"backend": label}
     with serving(router, profile, ready):
         url, pid = (router_url(router),), router.pid
-        out["open"] = run_load(Load(url, seconds, warmup, rate=cfg["rate"]), pid, tick=tick)
+        out["open"] = run_load(Load(url, seconds, warmup, rate=cfg["rate"], procs=procs), pid, tick=tick)
         for stream, key, tokens in ((False, "closed_nonstream", 16), (True, "closed_stream", 32)):
             out[key] = [
                 {"concurrency": c, **run_load(Load(url, seconds, warmup, concurrency=c, stream=stream,
-                                                   max_tokens=tokens), pid, tick=tick)}
+                                                   max_tokens=tokens, procs=procs), pid, tick=tick)}
                 for c in cfg["concurrency"]
             ]  # fmt: skip
         if cfg["soak_seconds"] > 0:
-            soak = Load(url, cfg["soak_seconds"], warmup, rate=cfg["rate"], unique=True)
+            soak = Load(url, cfg["soak_seconds"], warmup, rate=cfg["rate"], unique=True, procs=procs)
             out["soak"] = run_load(soak, pid, rss_every=max(1.0, cfg["soak_seconds"] / 60), tick=tick)
     return out
 
@@ -102,6 +102,7 @@ def long_stream_load(urls: tuple[str, ...], cfg: dict[str, Any]) -> Load:
         rate=cfg["long_stream_rate"],
         stream=True,
         max_tokens=cfg["long_stream_tokens"],
+        procs=cfg["load_procs"],
     )
 
 
@@ -191,6 +192,14 @@ def router_overhead(
         list[int] | None,
         typer.Option(help="Router worker processes; repeat to measure the scaling (default 1)."),
     ] = None,
+    load_procs: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Load-generator processes per phase, sharing its clients or rate (one tops out near "
+            "4,000 requests/s: several router workers need more).",
+        ),
+    ] = 1,
     sglang: Annotated[
         list[str] | None,
         typer.Option(
@@ -227,6 +236,7 @@ def router_overhead(
         "long_stream_tokens": long_stream_tokens,
         "long_stream_rate": long_stream_rate,
         "long_stream_speed": long_stream_speed,
+        "load_procs": load_procs,
     }
     logs = out_dir / "logs"
     sims, entries = sim_processes(engines, speed, logs)
@@ -241,10 +251,16 @@ def router_overhead(
             urls = tuple(e["url"] for e in entries)
             top = max(levels)
             direct = {
-                "open": run_load(Load(urls, seconds, warmup, rate=rate), None, tick=tick),
-                "closed_nonstream": run_load(Load(urls, seconds, warmup, concurrency=top), None, tick=tick),
+                "open": run_load(Load(urls, seconds, warmup, rate=rate, procs=load_procs), None, tick=tick),
+                "closed_nonstream": run_load(
+                    Load(urls, seconds, warmup, concurrency=top, procs=load_procs), None, tick=tick
+                ),
                 "closed_stream": run_load(
-                    Load(urls, seconds, warmup, concurrency=top, stream=True, max_tokens=32), None, tick=tick
+                    Load(
+                        urls, seconds, warmup, concurrency=top, stream=True, max_tokens=32, procs=load_procs
+                    ),
+                    None,
+                    tick=tick,
                 ),
             }
             rows = [
