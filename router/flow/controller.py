@@ -39,6 +39,7 @@ from kvstack.router.flow.ledger import Prefill
 from kvstack.router.flow.ordering import Waiting
 from kvstack.router.flow.queue import FlowQueue, Shed, Ticket
 from kvstack.router.flow.room import Room
+from kvstack.router.flow.saturation import waits_for_slot
 from kvstack.router.hold import hold_full_error, hold_timeout_error
 from kvstack.router.metrics import RouterMetrics
 from kvstack.router.policies.base import ExpectedHit
@@ -283,6 +284,9 @@ class FlowControl:
         flow = self.room.ledger(engine)
         grant.engine, grant.dispatched_at, grant.uncached = engine.url, now, uncached
         grant.backlog_at_dispatch = flow.backlog(now)
+        grant.waited_for_slot = waits_for_slot(
+            engine.in_flight, flow.slots, flow.waiting(engine), engine.kv_cache_usage
+        )
         expected = (grant.backlog_at_dispatch + uncached) / self.room.rate(engine)
         due = now + expected + self.room.limits.prefill_target_s
         flow.prefill[grant.id] = Prefill(uncached, due, streamed, grant.priority)
@@ -304,7 +308,8 @@ class FlowControl:
         if engine is None:
             return
         took_s = now - grant.dispatched_at - BASE_TTFT_S
-        self.room.prefill_done(engine, grant.id, grant.backlog_at_dispatch + grant.uncached, took_s)
+        work = grant.backlog_at_dispatch + grant.uncached
+        self.room.prefill_done(engine, grant.id, work, took_s, learn=not grant.waited_for_slot)
         self.pump(grant.model)
 
     def finished(self, grant: Grant, engine: EngineState) -> None:

@@ -30,6 +30,8 @@ class Grant:
     dispatched_at: float = 0.0
     backlog_at_dispatch: float = 0.0
     uncached: float = 0.0
+    # it waited at its engine for a batch slot (saturation.waits_for_slot): its TTFT is no prefill rate
+    waited_for_slot: bool = False
 
     def headers(self) -> list[tuple[bytes, bytes]]:
         shown = [

@@ -104,11 +104,14 @@ class Room:
         for url in [u for u in self.engines if registry.get(u) is None]:
             self._forget_rate(url, self.engines.pop(url).device)
 
-    def prefill_done(self, engine: EngineState, grant_id: int, work_tokens: float, took_s: float) -> None:
+    def prefill_done(
+        self, engine: EngineState, grant_id: int, work_tokens: float, took_s: float, learn: bool = True
+    ) -> None:
         """A prefill at ``engine`` ended after ``took_s`` for ``work_tokens`` (its own and the backlog
-        ahead of it at dispatch): the engine's prefill rate learns from it (``saturation.learn_rate``)."""
+        ahead of it at dispatch): the engine's prefill rate learns from it (``saturation.learn_rate``)
+        unless not to ``learn`` (it waited there for a batch slot first)."""
         flow = self.ledger(engine)
-        if flow.prefill.pop(grant_id, None) is None:
+        if flow.prefill.pop(grant_id, None) is None or not learn:
             return
         sat = self.config.saturation
         rate = self.rate(engine)

@@ -440,3 +440,27 @@ async def test_a_prompt_too_long_for_its_objective_waits_alone_and_is_refused_be
     await start(control, engine, grant)
     await end(control, engine, grant)
     assert queued(metrics) == 0
+
+
+async def test_a_first_token_after_a_wait_for_a_batch_slot_teaches_no_prefill_rate() -> None:
+    """An engine whose batch holds one request: the second request sent there waits for the first to
+    end, so its first token (10 s for 4,000 tokens) times that wait, not the engine's prefill, and
+    the rate stays; the first one's (1 s) moves it by the learning weight."""
+    now = [100.0]
+    control, registry, _ = make(n_engines=2, clock=lambda: now[0], max_in_flight=None)
+    engine = registry.all()[0]
+    prior = control.room.rate(engine)
+    first = await control.admit(M, "t", cls(control), 4_000, registry.all())
+    second = await control.admit(M, "t", cls(control), 4_000, registry.all())
+    # its batch learnt to hold one (as a scrape with requests waiting teaches); both are sent
+    # there, as placement sends a warm turn to its full hit engine when waiting there is sooner
+    control.room.ledger(engine).slots = 1.0
+    await start(control, engine, first)
+    await start(control, engine, second)
+    assert (first.waited_for_slot, second.waited_for_slot) == (False, True)
+    now[0] = 110.0
+    control.first_token(second, 10.0)
+    assert control.room.rate(engine) == prior
+    first.dispatched_at = 109.0  # its first token 1 s after it was sent: ~4,000 tokens/s
+    control.first_token(first, 1.0)
+    assert control.room.rate(engine) == pytest.approx(0.9 * prior + 0.1 * 4_000, rel=0.01)

@@ -16,6 +16,7 @@ from kvstack.router.flow.saturation import (
     rate_sample,
     reserved_engines,
     saturation,
+    waits_for_slot,
 )
 
 RATE = 34_000.0
@@ -195,3 +196,21 @@ def test_the_rate_follows_a_slow_engine_down_and_one_stall_does_not_swing_it() -
     for _ in range(40):
         rate = cold_turn(2_340 / 5_000)
     assert rate == pytest.approx(5_000, rel=0.01)
+
+
+@pytest.mark.parametrize(
+    ("in_flight", "slots", "waiting", "kv", "waits"),
+    [
+        (4, 4.0, 0, 0.5, False),  # it took the last slot
+        (5, 4.0, 0, 0.5, True),  # one more than the batch holds
+        (5, None, None, None, False),  # nothing learnt or scraped: a free slot assumed
+        (2, 8.0, 3, 0.95, True),  # others wait there for KV: so does it
+        (2, 8.0, 3, None, True),  # ... KV usage not scraped: as if full
+        (2, 8.0, 3, 0.5, False),  # KV to spare: they wait a step for its token budget (prefill)
+        (2, 8.0, 0, 0.99, False),  # KV full but nobody waits: it is running
+    ],
+)
+def test_waits_for_slot(
+    in_flight: int, slots: float | None, waiting: float | None, kv: float | None, waits: bool
+) -> None:
+    assert waits_for_slot(in_flight, slots, waiting, kv) is waits
