@@ -19,11 +19,11 @@ from kvstack.router.flow.config import FlowControlConfig
 from kvstack.router.flow.ledger import EngineFlow
 from kvstack.router.flow.placement import Option, prefer_hit_engine, slot_wait_s
 from kvstack.router.flow.saturation import (
-    KV_BOUND,
     EngineLoad,
     Limits,
     Verdict,
     class_share,
+    kv_to_spare,
     learn_rate,
     rate_sample,
     reserved_engines,
@@ -233,9 +233,8 @@ class Room:
         """The wait for a batch slot at a saturated ``engine`` (:func:`slot_wait_s`): 0 when only a
         prefill backlog saturates it; None when it cannot be waited out there (KV full, the hard
         cap, kept clear) or not estimated yet (no request of the model has finished)."""
-        kv = engine.kv_cache_usage
         if reason == "prefill_backlog" or (
-            reason in ("waiting", "overdue") and kv is not None and kv < KV_BOUND
+            reason in ("waiting", "overdue") and kv_to_spare(engine.kv_cache_usage)
         ):
             # with KV to spare, requests waiting there wait for a step's token budget, not a slot:
             # its prefill backlog is the wait (vLLM's chunked prefill), already weighed
@@ -248,17 +247,15 @@ class Room:
 
 def device_paced(engine: EngineState, verdicts: dict[str, Verdict], roomy: set[str]) -> bool:
     """Whether ``engine``, saturated, still takes requests: its saturation is its compute's
-    (:data:`DEVICE_PACED`), its KV is known to have room (under :data:`KV_BOUND`: an overdue stream
+    (:data:`DEVICE_PACED`), its KV is known to have room (:func:`kv_to_spare`: an overdue stream
     at an engine with its KV nearly full is waiting for KV, the engine's own), and an engine on its
     device has room. Engines time-slicing one GPU are one compute: narrowed to the idle one, a first
     turn the busy one held a prefix of went cold there, at a fraction of the GPU, and slowed the
     busy one (simulators of four engines on an H200 at load 0.9: 10 and 35 requests on two engines,
     TTFT p90 383 ms against 327 ms unnarrowed)."""
-    usage = engine.kv_cache_usage
     return (
         verdicts[engine.url].reason in DEVICE_PACED
         and engine.endpoint.device is not None
         and engine.endpoint.device in roomy
-        and usage is not None
-        and usage < KV_BOUND
+        and kv_to_spare(engine.kv_cache_usage)
     )

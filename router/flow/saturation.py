@@ -145,6 +145,12 @@ def saturation(load: EngineLoad, limits: Limits) -> Verdict:
 KV_BOUND = 0.9  # KV usage from which requests waiting in an engine are waiting for KV
 
 
+def kv_to_spare(kv_usage: float | None) -> bool:
+    """Whether an engine's KV is known to have room (scraped and under :data:`KV_BOUND`): requests
+    waiting there wait a step for its token budget (chunked prefill), not for KV or a slot."""
+    return kv_usage is not None and kv_usage < KV_BOUND
+
+
 def learn_slots(
     slots: float | None, running: float | None, waiting: float | None, kv_usage: float | None = None
 ) -> float | None:
@@ -157,7 +163,7 @@ def learn_slots(
     holds such an engine while our streams there are late)."""
     if running is None or waiting is None:
         return slots
-    if waiting > 0 and kv_usage is not None and kv_usage < KV_BOUND:
+    if waiting > 0 and kv_to_spare(kv_usage):
         return slots
     if waiting > 0:
         return max(1.0, running)
@@ -178,7 +184,7 @@ def waits_for_slot(
     (bench-results/lmcache section 15)."""
     if slots is not None and in_flight > slots:
         return True
-    return bool(waiting) and (kv_usage is None or kv_usage >= KV_BOUND)
+    return bool(waiting) and not kv_to_spare(kv_usage)
 
 
 MIN_SAMPLE_S = 0.005  # a TTFT shorter than this says nothing about the prefill rate
