@@ -105,6 +105,14 @@ def sim(
             rich_help_panel=_ENGINE,
         ),
     ] = None,
+    long_prefill_token_threshold: Annotated[
+        int | None,
+        typer.Option(
+            help="Most tokens one request computes in a step, so long prefills share steps "
+            "(default 0 = off).",
+            rich_help_panel=_ENGINE,
+        ),
+    ] = None,
     enable_prefix_caching: Annotated[
         bool | None, typer.Option(help="Reuse KV of identical blocks (default on).", rich_help_panel=_ENGINE)
     ] = None,
@@ -252,6 +260,7 @@ def sim(
             "num_gpu_blocks": num_gpu_blocks,
             "max_num_seqs": max_num_seqs,
             "max_num_batched_tokens": max_num_batched_tokens,
+            "long_prefill_token_threshold": long_prefill_token_threshold,
             "enable_prefix_caching": enable_prefix_caching,
             "speed": speed,
             "mean_output_tokens": mean_output_tokens,

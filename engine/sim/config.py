@@ -246,6 +246,15 @@ class SimConfig(BaseModel):
     max_num_batched_tokens: int = Field(
         8192, gt=0, description="Token budget of one step; longer prompts are prefilled in chunks."
     )
+    # Not scaled by token_cost_scale here, like max_num_batched_tokens: both are step budgets in
+    # simulated tokens, so a config for a scaled tokenizer divides both by it (sim-h200-*.yaml).
+    long_prefill_token_threshold: int = Field(
+        0,
+        ge=0,
+        description="Most tokens one request computes in a step (--long-prefill-token-threshold): a long "
+        "prefill advances this much per step, leaving the rest of the budget to others. 0: off, as vLLM; "
+        "at or above max_num_batched_tokens it has no effect (vLLM accepts it).",
+    )
     enable_prefix_caching: bool = Field(True, description="Reuse KV of identical full blocks.")
     speed: PositiveFloat = Field(1.0, description="Simulated seconds per wall-clock second; 1.0 = real time.")
     mean_output_tokens: PositiveFloat | None = Field(
@@ -269,8 +278,8 @@ class SimConfig(BaseModel):
         gt=0,
         description="Model tokens per simulated token in the cost model: prompt and context work is "
         "charged this many times over (the H200 run's BPE tokenizer made 2.05-2.16x the built-in "
-        "tokenizer's tokens). Capacity and budgets stay in simulated tokens: divide num_gpu_blocks and "
-        "max_num_batched_tokens by it to keep the real ones.",
+        "tokenizer's tokens). Capacity and budgets stay in simulated tokens: divide num_gpu_blocks, "
+        "max_num_batched_tokens and long_prefill_token_threshold by it to keep the real ones.",
     )
     lmcache: LMCacheConfig = Field(default_factory=LMCacheConfig, description="LMCache connector.")
     lora: LoRAConfig = Field(default_factory=LoRAConfig, description="LoRA adapters (--enable-lora ...).")

@@ -72,6 +72,7 @@ class SimEngine:
             self.kv,
             max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens,
+            long_prefill_token_threshold=config.long_prefill_token_threshold,
             lmcache_chunk_size=lm.chunk_size if lm.enabled else None,
             lora_slots=self.lora_slots,
         )

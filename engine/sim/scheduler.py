@@ -2,11 +2,14 @@
 
 One :meth:`Scheduler.schedule` call plans a step: running requests first (a decode is one token,
 an unfinished chunked prefill continues), then waiting requests in FIFO order, within
-``max_num_seqs`` and ``max_num_batched_tokens``. A request's prefix-cache hit is looked up when it
-is scheduled from the waiting queue; like vLLM, the hit stops short of the last prompt token, so
-at least that token (in practice its whole block) is computed. When blocks run out the most
-recently added running request is preempted: its blocks are freed and it goes back to the front
-of the waiting queue, to be recomputed later. :meth:`Scheduler.update` then applies the step.
+``max_num_seqs`` and ``max_num_batched_tokens``. With ``long_prefill_token_threshold`` T > 0
+(vLLM's ``--long-prefill-token-threshold``) a running or admitted request computes at most T tokens
+a step, cut before the budget, so a long prefill leaves room for others in its steps. A request's
+prefix-cache hit is looked up when it is scheduled from the waiting queue; like vLLM, the hit stops
+short of the last prompt token, so at least that token (in practice its whole block) is computed.
+When blocks run out the most recently added running request is preempted: its blocks are freed and
+it goes back to the front of the waiting queue, to be recomputed later. :meth:`Scheduler.update`
+then applies the step.
 
 LoRA (``max_loras`` set): a step holds at most ``max_loras`` distinct adapters. A waiting request
 whose adapter would be one too many is skipped (it keeps its place; later ones may go first), as
@@ -101,6 +104,7 @@ class Scheduler:
         *,
         max_num_seqs: int,
         max_num_batched_tokens: int,
+        long_prefill_token_threshold: int = 0,
         lmcache_chunk_size: int | None = None,
         lora_slots: AdapterSlots | None = None,
     ) -> None:
@@ -108,6 +112,7 @@ class Scheduler:
         self.lora_slots = lora_slots
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.long_prefill_token_threshold = long_prefill_token_threshold  # 0: off
         self.lmcache_chunk_size = lmcache_chunk_size
         self.running: list[SimSeq] = []
         self.waiting: deque[SimSeq] = deque()
@@ -129,7 +134,7 @@ class Scheduler:
         i = 0
         while i < len(running) and budget > 0:
             seq = running[i]
-            n = min(len(seq.tokens) - seq.num_computed, budget)
+            n = self._num_new_tokens(len(seq.tokens) - seq.num_computed, budget)
             if not self._grow(seq, n):
                 # Out of blocks: preempt from the back until this request fits (or is the victim).
                 while True:
@@ -174,6 +179,14 @@ class Scheduler:
             budget -= plan.scheduled[-1][1]
         plan.deferred = len(skipped)
         waiting.extendleft(reversed(skipped))
+
+    def _num_new_tokens(self, remaining: int, budget: int) -> int:
+        """What a request computes this step: its ``remaining`` tokens, cut to the long-prefill
+        threshold when that is on, then to the step's ``budget`` (vLLM V1, in both loops)."""
+        threshold = self.long_prefill_token_threshold
+        if 0 < threshold < remaining:
+            remaining = threshold
+        return min(remaining, budget)
 
     def _grow(self, seq: SimSeq, n: int) -> bool:
         """Allocate blocks so ``seq`` can compute ``n`` more tokens; commit the full ones."""
@@ -223,7 +236,7 @@ class Scheduler:
         if self.lmcache_chunk_size and seq.lm_tiers:
             ext = plan_external(local, seq.lm_tiers, self.lmcache_chunk_size, num_tokens)
         computed = local + ext.tokens
-        n = min(num_tokens - computed, budget)
+        n = self._num_new_tokens(num_tokens - computed, budget)
         need = -(-(computed + n) // bs) - len(hit)
         if not kv.can_allocate(hit, need):
             return None

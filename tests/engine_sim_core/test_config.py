@@ -6,6 +6,7 @@ import pytest
 
 from kvstack.common.config import ConfigError, build
 from kvstack.engine.sim.config import DEFAULT_NUM_GPU_BLOCKS, SimConfig, python_hash_seed
+from kvstack.engine.sim.core import SimEngine
 
 
 @pytest.mark.parametrize(
@@ -56,6 +57,8 @@ def test_defaults() -> None:
         ({"lmcache": {"remote_url": "http://x"}}, "lmcache.remote_url"),
         ({"lmcache": {"chunk_size": 100}}, "chunk_size must be a multiple of block_size"),
         ({"max_num_batched_tokens": 8, "max_num_seqs": 16}, "max_num_batched_tokens"),
+        ({"long_prefill_token_threshold": -1}, "long_prefill_token_threshold"),
+        ({"long_prefill_token_threshold": "lots"}, "long_prefill_token_threshold"),
         ({"latency": {"per_token_s": -1}}, "latency.per_token_s"),
         ({"unknown": 1}, "unknown"),
     ],
@@ -63,3 +66,20 @@ def test_defaults() -> None:
 def test_bad_fields_are_named(values: dict[str, object], field: str) -> None:
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
         build(SimConfig, "test config", **values)
+
+
+@pytest.mark.parametrize(
+    ("values", "threshold"),
+    [
+        ({}, 0),  # off by default, as vLLM
+        ({"long_prefill_token_threshold": 512}, 512),
+        # above max_num_batched_tokens: vLLM accepts it (it then has no effect), so does the simulator
+        ({"long_prefill_token_threshold": 9000, "max_num_batched_tokens": 8192}, 9000),
+    ],
+)
+def test_long_prefill_token_threshold_reaches_the_scheduler(
+    values: dict[str, object], threshold: int
+) -> None:
+    cfg = build(SimConfig, "test config", **values)
+    assert cfg.long_prefill_token_threshold == threshold
+    assert SimEngine(cfg).scheduler.long_prefill_token_threshold == threshold

@@ -31,8 +31,13 @@ def seq(
     )
 
 
-def make(num_blocks: int = 64, seqs: int = 8, budget: int = 64) -> Scheduler:
-    return Scheduler(KVCache(num_blocks, BS), max_num_seqs=seqs, max_num_batched_tokens=budget)
+def make(num_blocks: int = 64, seqs: int = 8, budget: int = 64, threshold: int = 0) -> Scheduler:
+    return Scheduler(
+        KVCache(num_blocks, BS),
+        max_num_seqs=seqs,
+        max_num_batched_tokens=budget,
+        long_prefill_token_threshold=threshold,
+    )
 
 
 def step(s: Scheduler, now: float = 0.0) -> tuple[StepPlan, list[SimSeq]]:
@@ -91,6 +96,86 @@ def test_running_decodes_come_before_new_prefills() -> None:
     plan, _ = step(s)
     assert plan.scheduled[0][0].request_id == "a"
     assert scheduled(plan) == {"a": 1, "b": 7}
+
+
+# -- long_prefill_token_threshold (vLLM's --long-prefill-token-threshold) ---------------------------
+
+
+@pytest.mark.parametrize(
+    ("budget", "threshold", "prompts", "expected"),
+    [
+        (32, 0, [40, 4], {"r0": 32}),  # off: the long prompt takes the whole budget, the short waits
+        (32, 8, [40, 4], {"r0": 8, "r1": 4}),  # capped on admission: the short one joins the step
+        (32, 8, [40, 40, 4], {"r0": 8, "r1": 8, "r2": 4}),  # every long prompt is capped
+        (32, 8, [9, 8, 7], {"r0": 8, "r1": 8, "r2": 7}),  # only what exceeds the threshold is cut
+        (12, 8, [40, 40], {"r0": 8, "r1": 4}),  # min(threshold, what is left of the budget)
+        (6, 8, [40], {"r0": 6}),  # a budget below the threshold still wins
+        (32, 100, [40, 4], {"r0": 32}),  # above the budget: no effect (vLLM accepts it)
+    ],
+)
+def test_long_prefill_threshold_caps_admitted_prompts(
+    budget: int, threshold: int, prompts: list[int], expected: dict[str, int]
+) -> None:
+    s = make(budget=budget, threshold=threshold)
+    for i, n in enumerate(prompts):
+        s.add(seq(f"r{i}", n))
+    plan = s.schedule(0.0)
+    assert scheduled(plan) == expected
+    assert plan.num_tokens == plan.work.prefill_tokens == sum(expected.values())
+
+
+@pytest.mark.parametrize(
+    ("threshold", "steps"),
+    [
+        # off: the running prefill takes the whole budget; the short prompt waits for all of it
+        (0, [{"long": 16}, {"long": 16}, {"long": 8, "short": 4}, {"long": 1, "short": 1}]),
+        # T=6: the running prefill advances 6 a step; the short prompt is scheduled in the same step
+        (6, [{"long": 6}, {"long": 6, "short": 4}, {"long": 6, "short": 1}, {"long": 6, "short": 1}]),
+        # T=12: the running prefill's cap comes before the budget (12, then 12 + 4 = 16)
+        (12, [{"long": 12}, {"long": 12, "short": 4}, {"long": 12, "short": 1}, {"long": 4, "short": 1}]),
+    ],
+)
+def test_long_prefill_threshold_caps_a_running_prefill(threshold: int, steps: list[dict[str, int]]) -> None:
+    s = make(budget=16, threshold=threshold)
+    s.add(seq("long", 40, out=2))
+    got = [scheduled(step(s)[0])]
+    s.add(seq("short", 4, out=4))  # arrives behind the long prefill, which is now running
+    got += [scheduled(step(s)[0]) for _ in range(3)]
+    assert got == steps
+
+
+def test_long_prefill_threshold_chunks_until_the_prompt_is_done_then_decodes() -> None:
+    s = make(budget=64, threshold=6)
+    s.add(seq("long", 25, out=2))
+    sizes, sampled = [], []
+    while s.has_work:
+        plan, out = step(s)
+        sizes.append(scheduled(plan)["long"])
+        sampled.append(out != [])
+    assert sizes == [6, 6, 6, 6, 1, 1]  # 25 = 4 x 6 + 1, then the one decode
+    assert sampled == [False, False, False, False, True, True]
+
+
+def test_long_prefill_threshold_leaves_decodes_at_one_token() -> None:
+    s = make(budget=64, threshold=2)
+    s.add(seq("a", 4, out=5))
+    assert [scheduled(step(s)[0]) for _ in range(2)] == [{"a": 2}, {"a": 2}]  # the prompt, 2 a step
+    s.add(seq("b", 6))
+    plan, _ = step(s)
+    assert scheduled(plan) == {"a": 1, "b": 2}  # a's decode is one token; b's prefill is capped
+    assert (plan.work.decodes, plan.work.prefill_tokens) == (1, 2)
+
+
+def test_long_prefill_threshold_counts_the_tokens_after_a_prefix_hit() -> None:
+    s = make(budget=64, threshold=4)
+    prompt = list(range(300, 318))  # 4 full blocks and 2 tokens
+    s.add(seq("first", prompt, out=1))
+    assert [scheduled(step(s)[0])["first"] for _ in range(5)] == [4, 4, 4, 4, 2]
+    s.add(seq("second", [*prompt[:12], 7, 7, 7, 7, 7, 7], out=1))
+    plan, _ = step(s)
+    assert plan.admitted[0].local_hit == 12
+    assert scheduled(plan) == {"second": 4}  # 6 new tokens after the 12-token hit, cut to 4
+    assert scheduled(step(s)[0]) == {"second": 2}
 
 
 def test_ready_at_holds_a_request_back() -> None:

@@ -17,6 +17,7 @@ from tests.engine_sim_server.conftest import KVSTACK, run_sim
         (["--block-size", "0"], "block_size"),
         (["--speed", "-1"], "speed"),
         (["--gpu-share", "2"], "gpu_share"),
+        (["--long-prefill-token-threshold", "-1"], "long_prefill_token_threshold"),
         (["--gpu-peers-dir", "/tmp/gpu"], "shared_gpu"),  # without a share_by_busy table from --config
         (["--lmcache-store-us-per-token", "-1"], "lmcache.store_us_per_token"),
         (["--lmcache-remote-url", "http://nope"], "lmcache.remote_url"),
