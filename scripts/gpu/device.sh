@@ -15,6 +15,7 @@
 #   bash scripts/gpu/device.sh logs             engine log tails into $OUT
 #   ENGINES=4 GPU_UTIL=0.2 bash scripts/gpu/device.sh start    four engines (~97K tokens of KV each on an H200)
 #   bash scripts/gpu/device.sh flow ARGS...     kvstack bench flow over the running engines, results in $OUT
+#   SHARED_DEVICE=0 before proof, matrix or flow: the router is not told the engines share the GPU
 #   kvstack itself travels as a wheel: build it here with `pip wheel --no-deps -w .whl .` and carry
 #   .whl; every call installs it afresh into /tmp/kvsite (the package maps folders, so no PYTHONPATH
 #   to the checkout would import it).
@@ -98,14 +99,25 @@ SH
   nvidia-smi --query-gpu=memory.used,memory.total --format=csv
 }
 
+engines_file() {  # the engines file the router is given. SHARED_DEVICE=0: a copy without `device:`,
+  # each engine its own compute to the router (the A/B of bench-results/lmcache section 16: on an
+  # H100 past saturation, the device pricing put nearly every request on one engine of the GPU)
+  if [ "${SHARED_DEVICE:-1}" = 0 ]; then
+    sed 's/, device: [^,}]*//' "$LOGS/engines.yaml" > "$LOGS/engines-own-device.yaml"
+    echo "$LOGS/engines-own-device.yaml"
+  else
+    echo "$LOGS/engines.yaml"
+  fi
+}
+
 proof() {
-  timeout "${PROOF_TIMEOUT:-420}" python3 -m kvstack bench gpu --engines-file $LOGS/engines.yaml --model kvstack-8b \
+  timeout "${PROOF_TIMEOUT:-420}" python3 -m kvstack bench gpu --engines-file "$(engines_file)" --model kvstack-8b \
     --out "$OUT" "$@" 2>&1 | tee -a "$OUT/proof.log"
   bundle_traces
 }
 
 matrix() {  # engines x workloads x loads x runs x routers in one call (gpu_plan.py), within its budget
-  local base=(--engines-file $LOGS/engines.yaml --model kvstack-8b --redis-url "redis://127.0.0.1:$REDIS_PORT"
+  local base=(--engines-file "$(engines_file)" --model kvstack-8b --redis-url "redis://127.0.0.1:$REDIS_PORT"
     --trace "${TRACE:-m$(date +%s)}" --budget-s "${MATRIX_BUDGET_S:-560}" --out "$OUT")
   if [ "${MATRIX_DRY_RUN:-0}" = 1 ]; then
     python3 -m kvstack bench gpu "${base[@]}" --dry-run "$@"
@@ -140,7 +152,7 @@ flow() {  # flow control under overload over the running engines (kvstack bench 
   # (e.g. --tokenizer local --tokenizer-path /tmp/model: the router's own, as `bench gpu` does)
   local tok=(--tokenizer engine)
   names_tokenizer "$@" && tok=()
-  timeout "${PROOF_TIMEOUT:-580}" python3 -m kvstack bench flow --engines-file $LOGS/engines.yaml --model kvstack-8b \
+  timeout "${PROOF_TIMEOUT:-580}" python3 -m kvstack bench flow --engines-file "$(engines_file)" --model kvstack-8b \
     ${tok[@]+"${tok[@]}"} --speed 1 --out "$OUT" "$@" 2>&1 | tee -a "$OUT/flow.log"
 }
 

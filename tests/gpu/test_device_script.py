@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from kvstack.bench.gpu_plan import text_salt
 
@@ -74,7 +75,7 @@ def run_matrix(tmp_path: Path, args: list[str], env: dict[str, str]) -> subproce
             for i in range(4)
         )
     )
-    body = f'source <({functions("matrix", "names_tokenizer", "bundle_traces")}); matrix "$@"'
+    body = f'source <({functions("matrix", "names_tokenizer", "bundle_traces", "engines_file")}); matrix "$@"'
     path = f"{Path(sys.executable).parent}:{os.environ['PATH']}"  # python3 -m kvstack: this venv's
     full = {**os.environ, "PATH": path, "LOGS": str(logs), "REDIS_PORT": "6390", "OUT": str(tmp_path), **env}
     return subprocess.run(["bash", "-c", body, "matrix", *args], env=full, capture_output=True, text=True)
@@ -118,7 +119,7 @@ def printed_argv(tmp_path: Path, names: tuple[str, ...], *args: str) -> list[str
 
 def flow_argv(tmp_path: Path, *args: str) -> list[str]:
     """The `kvstack bench flow` command line the script's flow function runs."""
-    return printed_argv(tmp_path, ("flow", "names_tokenizer"), *args)
+    return printed_argv(tmp_path, ("flow", "names_tokenizer", "engines_file"), *args)
 
 
 @pytest.mark.parametrize(
@@ -182,3 +183,24 @@ def test_the_matrix_tokenizes_in_the_router_unless_told_otherwise(
     assert len(chosen) == 1
     assert argv[chosen[0] : chosen[0] + len(tokenizer)] == tokenizer
     assert (tmp_path / "matrix.log").exists()
+
+
+@pytest.mark.parametrize(("shared", "device"), [(None, True), ("1", True), ("0", False)])
+def test_shared_device_0_gives_the_router_the_engines_without_their_device(
+    tmp_path: Path, shared: str | None, device: bool
+) -> None:
+    """The A/B of bench-results/lmcache section 16 over one start of the engines: the same engines,
+    told or not told that they share the GPU."""
+    line = '- {url: "http://127.0.0.1:810%d", name: gpu%d, kv_events_endpoint: "tcp://x", device: gpu-0}\n'
+    (tmp_path / "engines.yaml").write_text(line % (0, 0) + line % (1, 1))
+    env = {**os.environ, "LOGS": str(tmp_path)}
+    env.pop("SHARED_DEVICE", None)
+    if shared is not None:
+        env["SHARED_DEVICE"] = shared
+    body = f"source <({functions('engines_file')}); engines_file"
+    done = subprocess.run(["bash", "-c", body], env=env, check=True, capture_output=True, text=True)
+    path = done.stdout.strip()
+    entries = yaml.safe_load(Path(path).read_text())
+    assert [e["name"] for e in entries] == ["gpu0", "gpu1"]
+    assert all(e["kv_events_endpoint"] == "tcp://x" for e in entries)
+    assert all(("device" in e) == device for e in entries)
