@@ -209,6 +209,13 @@ def gpu_proof(
             "events only, as real vLLM 0.24 + LMCache 0.5.3 engines sent on the H200)."
         ),
     ] = True,
+    shared_device: Annotated[
+        bool,
+        typer.Option(
+            help="With --sims: simulators sharing one GPU (a shared_gpu table in --sim-config) name "
+            "one device for the router, as real engines on one GPU do; off: the router is not told."
+        ),
+    ] = True,
     price_redis_loads: Annotated[
         bool,
         typer.Option(
@@ -271,7 +278,14 @@ def gpu_proof(
     procs: list[ManagedProcess] = []
     if sims:
         procs, entries = sim_procs(
-            sims, model, sim_blocks or None, log_dir, sim_config, sim_redis, tier_events=sim_tier_events
+            sims,
+            model,
+            sim_blocks or None,
+            log_dir,
+            sim_config,
+            sim_redis,
+            tier_events=sim_tier_events,
+            tell_device=shared_device,
         )
     urls = [e["url"] if isinstance(e, dict) else str(e) for e in entries]
     shared_store = price_redis_loads and flush_url is not None
@@ -286,6 +300,7 @@ def gpu_proof(
     meta.update(plan=dataclasses.asdict(spec), fresh_cache=reset, estimate_s=estimate)
     if sims:
         meta["sim_redis"] = sim_redis is not None
+        meta["shared_device"] = shared_device
     total = sum(wl.num_requests for wl in traces)
     with running(procs, timeout=60), BenchProgress("bench gpu", total, "requests") as bar:
         for case, wl in zip(cases, traces, strict=True):

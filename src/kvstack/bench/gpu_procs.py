@@ -25,13 +25,16 @@ def sim_procs(
     config: Path | None = None,
     redis_url: str | None = None,
     tier_events: bool = True,
+    tell_device: bool = True,
 ) -> tuple[list[ManagedProcess], list[dict[str, Any]]]:
     """``n`` simulators; with ``redis_url`` they run the LMCache connector sharing that Redis, and
     send KV events of their LMCache CPU tier unless ``tier_events`` is off (as vLLM 0.24 with
-    LMCache 0.5.3 did on the H200: GPU events only)."""
+    LMCache 0.5.3 did on the H200: GPU events only). Simulators sharing one GPU name their device
+    for the router unless not to ``tell_device`` (an A/B of the router's shared-device pricing)."""
     ports = free_ports(3 * n)
     procs, entries = [], []
-    device = shared_device(config)  # the router is told, as real engines on one GPU tell it
+    # the router is told, as real engines on one GPU tell it
+    device = shared_device(config) if tell_device else None
     for i in range(n):
         http, pub, replay = ports[3 * i : 3 * i + 3]
         url = f"http://127.0.0.1:{http}"
