@@ -211,7 +211,6 @@ class EngineMonitor:
         self._probed: set[str] = set()  # probed once at least (and, if it answered, its models asked)
         self._a_probe_ended = asyncio.Event()
         self._loop = BackgroundTask("engine-monitor", self.run, logger=log)
-        self._reconcile_every = min(0.2, self.config.probe_interval, self.config.scrape_interval)
 
     # lifecycle
 
@@ -243,7 +242,7 @@ class EngineMonitor:
                 if generation != self.registry.generation:
                     generation = self.registry.generation
                     await self._reconcile()
-                await asyncio.sleep(self._reconcile_every)
+                await self.registry.next_generation(generation)
         finally:
             await self._cancel(list(self._workers))
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-
 from kvstack.router.engines import Endpoint, EngineRegistry
 from kvstack.router.kvindex.subscriber import KVEventSubscriber
 
@@ -20,14 +18,12 @@ def sync_once(registry: EngineRegistry, subscriber: KVEventSubscriber, seen: dic
             seen[url] = st.endpoint
 
 
-async def follow_registry(
-    registry: EngineRegistry, subscriber: KVEventSubscriber, *, interval_s: float = 0.2
-) -> None:
-    """Run until cancelled; the registry bumps ``generation`` on every membership change."""
+async def follow_registry(registry: EngineRegistry, subscriber: KVEventSubscriber) -> None:
+    """Run until cancelled; the registry bumps ``generation`` on every membership or endpoint change."""
     seen: dict[str, Endpoint] = {}
     generation = -1
     while True:
         if generation != registry.generation:
             generation = registry.generation
             sync_once(registry, subscriber, seen)
-        await asyncio.sleep(interval_s)
+        await registry.next_generation(generation)
