@@ -79,3 +79,25 @@ async def test_the_kv_event_subscriber_follows_an_engine_whose_event_endpoint_mo
         follower.cancel()
         await asyncio.gather(follower, return_exceptions=True)
         await subscriber.close()
+
+
+def test_a_registry_followed_under_one_loop_can_be_followed_under_the_next() -> None:
+    """A follower cancelled by its loop's shutdown leaves no wait behind that a later loop trips on
+    (the router's tests start and stop routers, each on its own loop, over one registry)."""
+    registry = EngineRegistry()
+
+    async def follow_then_stop() -> None:
+        task = asyncio.create_task(registry.next_generation(registry.generation))
+        await asyncio.sleep(0)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+    asyncio.run(follow_then_stop())
+
+    async def follow_a_change() -> int:
+        task = asyncio.create_task(registry.next_generation(registry.generation))
+        await asyncio.sleep(0)
+        registry.sync([ep(A)])
+        return await asyncio.wait_for(task, 5.0)
+
+    assert asyncio.run(follow_a_change()) == 1
