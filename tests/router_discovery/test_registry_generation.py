@@ -17,8 +17,10 @@ from kvstack.router.kvindex.subscriber import KVEventSubscriber
 A, B = "http://127.0.0.1:8101", "http://127.0.0.1:8102"
 
 
-def ep(url: str, events: str | None = None, models: frozenset[str] = frozenset()) -> Endpoint:
-    return Endpoint(url=url, name=url, models=models, kv_events_endpoint=events)
+def ep(
+    url: str, events: str | None = None, models: frozenset[str] = frozenset(), device: str | None = None
+) -> Endpoint:
+    return Endpoint(url=url, name=url, models=models, kv_events_endpoint=events, device=device)
 
 
 @pytest.mark.parametrize(
@@ -73,6 +75,18 @@ async def test_the_kv_event_subscriber_follows_an_engine_whose_event_endpoint_mo
         registry.sync([ep(A, f"tcp://127.0.0.1:{free_port()}")])
         await until(lambda: subscriber._feeds[A] is not first, "A followed again")
         assert subscriber._feeds[A].task is not None
+        # a new device on the same pod and feed: the generation moves, the feed (and its blocks) stays
+        moved = registry.generation
+        second = subscriber._feeds[A]
+        registry.sync([ep(A, second.state.endpoint.kv_events_endpoint, device="gpu-1")])
+        assert registry.generation == moved + 1
+        for _ in range(5):  # the follower's turn to look
+            await asyncio.sleep(0)
+        assert subscriber._feeds[A] is second
+        # another pod behind the URL (IP reuse), publishing at the same address: a fresh feed
+        events = second.state.endpoint.kv_events_endpoint
+        registry.sync([Endpoint(url=A, name="pod-b", kv_events_endpoint=events, device="gpu-1")])
+        await until(lambda: subscriber._feeds[A] is not second, "the new pod followed")
         registry.sync([])
         await until(lambda: subscriber.engines() == [], "A dropped")
     finally:
