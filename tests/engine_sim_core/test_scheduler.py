@@ -49,6 +49,13 @@ def scheduled(plan: StepPlan) -> dict[str, int]:
     return {q.request_id: n for q, n in plan.scheduled}
 
 
+def first_step(s: Scheduler, prompts: list[int]) -> StepPlan:
+    """The plan of ``s``'s first step after prompts of these lengths (requests r0, r1, ...) arrive."""
+    for i, n in enumerate(prompts):
+        s.add(seq(f"r{i}", n))
+    return s.schedule(0.0)
+
+
 @pytest.mark.parametrize(
     ("max_seqs", "budget", "prompts", "expected"),
     [
@@ -63,9 +70,7 @@ def test_first_step_respects_limits(
     max_seqs: int, budget: int, prompts: list[int], expected: dict[str, int]
 ) -> None:
     s = make(seqs=max_seqs, budget=budget)
-    for i, n in enumerate(prompts):
-        s.add(seq(f"r{i}", n))
-    plan = s.schedule(0.0)
+    plan = first_step(s, prompts)
     assert scheduled(plan) == expected
     assert plan.work.prefill_tokens == sum(expected.values())
     assert len(s.running) == len(expected)
@@ -116,10 +121,7 @@ def test_running_decodes_come_before_new_prefills() -> None:
 def test_long_prefill_threshold_caps_admitted_prompts(
     budget: int, threshold: int, prompts: list[int], expected: dict[str, int]
 ) -> None:
-    s = make(budget=budget, threshold=threshold)
-    for i, n in enumerate(prompts):
-        s.add(seq(f"r{i}", n))
-    plan = s.schedule(0.0)
+    plan = first_step(make(budget=budget, threshold=threshold), prompts)
     assert scheduled(plan) == expected
     assert plan.num_tokens == plan.work.prefill_tokens == sum(expected.values())
 
