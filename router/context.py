@@ -66,6 +66,8 @@ class RouterContext:
             hold_timeout_s=settings.hold_timeout_s,
             max_held=settings.max_held_per_model,
         )
+        if settings.flow_control.enabled:  # one prefill-rate learner: flow control's, per engine
+            self.policy.use_prefill_rates(self.flow.room.rate)
         path = settings.tokenizer_path
         self.local_tokenizers = (
             LocalTokenizers(path, self.token_cache, self.token_cache.messages)

@@ -13,7 +13,7 @@ one unconditionally and a policy overrides only what it uses:
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import ClassVar, NamedTuple
 
@@ -74,6 +74,10 @@ class Policy(ABC):
         """What the best of ``candidates`` is expected to hold of the prompt in its cache (no side
         effects): flow control's estimate of a request's prefill cost before it is routed."""
         return ExpectedHit(0.0)
+
+    def use_prefill_rates(self, rate: Callable[[EngineState], float]) -> None:  # noqa: B027
+        """Where the policy prices prefill, use ``rate(engine)``: an engine's prefill tokens/s as
+        the router learns it (flow control's, :meth:`kvstack.router.flow.room.Room.rate`)."""
 
     # ---- per-request hooks
 

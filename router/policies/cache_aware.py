@@ -34,7 +34,7 @@ from kvstack.router.kvindex.keys import KeyCache, request_root
 from kvstack.router.kvindex.ledger import PrefillLedger
 from kvstack.router.kvindex.subscriber import KVEventSubscriber, SubscriberSettings
 from kvstack.router.policies.base import Decision, ExpectedHit, Policy, RequestFeatures
-from kvstack.router.policies.cache_aware_decide import CandidateView, decide, est_ttft
+from kvstack.router.policies.cache_aware_decide import CandidateView, decide, est_ttft, rate_of
 from kvstack.router.policies.cache_aware_log import decision_log, log_decision
 from kvstack.router.policies.cache_aware_tiers import TierModel
 from kvstack.router.policies.shared_device import device_loads, device_neighbours
@@ -140,6 +140,7 @@ class _Pending:
     cold: bool
     tiers: TierTokens  # where the chosen engine was expected to serve the hit from
     est_ttft_s: float
+    rate: float  # the prefill tokens/s its estimate used
     dispatched_at: float = 0.0
 
 
@@ -177,6 +178,13 @@ class CacheAwarePolicy(Policy):
         # every engine, for the busy ones on a shared device that are not candidates (flow control
         # narrows the candidates to engines with room; another model's engine shares the GPU too)
         self.registry: EngineRegistry | None = None
+        self.rates: Callable[[EngineState], float] | None = None  # see use_prefill_rates
+
+    def use_prefill_rates(self, rate: Callable[[EngineState], float]) -> None:
+        """Price each engine's queue at ``rate(engine)`` (flow control's learnt prefill rate)
+        instead of the fixed ``prefill_tokens_per_s`` prior; the prefill ledger holds a request's
+        tokens for as long as that rate says its prefill takes."""
+        self.rates = rate
 
     def choose(self, request: RequestFeatures, candidates: Sequence[EngineState], now: float) -> Decision:
         tokens = request.prompt_token_ids or ()
@@ -214,6 +222,7 @@ class CacheAwarePolicy(Policy):
 
         neighbours = device_neighbours(candidates, engines, queued_on)
         bound_loads = device_loads(candidates)
+        rates = self.rates
         for st, est, q, (busy, busy_queued), bound_load in zip(
             candidates, estimates, queued, neighbours, bound_loads, strict=True
         ):
@@ -231,6 +240,7 @@ class CacheAwarePolicy(Policy):
                     device_busy=busy,
                     device_queued=busy_queued,
                     bound_load=bound_load,
+                    prefill_rate=0.0 if rates is None else rates(st),
                 )
             )
         choice = decide(n_tokens, views, self.settings, self.rng)
@@ -250,6 +260,7 @@ class CacheAwarePolicy(Policy):
                 choice.reason == "cold",
                 estimates[choice.index].tiers,
                 choice.est_ttft_s,
+                rate_of(v, self.settings),
             ),
         )
         hit = int(v.hit_tokens)
@@ -300,7 +311,7 @@ class CacheAwarePolicy(Policy):
             return
         now, s = self.clock(), self.settings
         self.index.record_dispatch(p.url, p.keys, now)
-        hold = s.prefill_deadline_factor * (p.queued + p.uncached) / s.prefill_tokens_per_s
+        hold = s.prefill_deadline_factor * (p.queued + p.uncached) / p.rate
         self.ledger.add(request.request_id, p.url, p.uncached, now, now + hold + s.prefill_deadline_floor_s)
         if p.cold:
             self._tick += 1

@@ -1,7 +1,9 @@
 """The cache-aware decision (pure): the engine with the lowest estimated time to first token, with guards.
 
 Per candidate: ``est_ttft = base + ((queued uncached prefill + this request's uncached tokens) /
-prefill_rate + decode interference) x device slowdown + tier loads``. The slowdown is 1 for an
+prefill_rate + decode interference) x device slowdown + tier loads``. ``prefill_rate`` is the
+engine's rate as flow control learns it from observed TTFTs (:func:`rate_of`), else the configured
+prior. The slowdown is 1 for an
 engine with a device of its own; engines sharing one (several on a GPU) split its time, so one runs
 slower while others on its device are busy (:func:`device_slowdown`). Sending a request to an idle
 engine there slows its busy neighbours and is itself slowed; a busy engine batches it at no such
@@ -50,6 +52,7 @@ class CandidateView(NamedTuple):
     device_queued: float = 0.0  # uncached prefill tokens queued on those busy neighbours
     # the bounded-load guard's measure: ``load``, or the candidates' load on the device it shares
     bound_load: float | None = None
+    prefill_rate: float = 0.0  # its learnt prefill tokens/s; 0: not known, use the settings' prior
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +77,15 @@ def device_slowdown(busy_others: int, speeds: Sequence[float]) -> float:
     return float(busy)
 
 
+def rate_of(v: CandidateView, s: CacheAwareSettings) -> float:
+    """The prefill tokens/s that prices ``v``'s queue: its learnt rate, else the configured prior.
+
+    A fixed prior of another GPU (34K tokens/s: an H200 alone) priced two LMCache engines sharing
+    an H100 (~5-10K each) 6-40x too fast: a queue looked nearly free, so one engine holding the
+    shared system prompt took every request (bench-results/lmcache section 17)."""
+    return v.prefill_rate if v.prefill_rate > 0 else s.prefill_tokens_per_s
+
+
 def est_ttft(prompt_tokens: int, v: CandidateView, s: CacheAwareSettings) -> float:
     """Estimated seconds to first token on the engine of ``v``."""
     uncached = max(0.0, prompt_tokens - v.hit_tokens)
@@ -81,7 +93,7 @@ def est_ttft(prompt_tokens: int, v: CandidateView, s: CacheAwareSettings) -> flo
     steps = max(1, math.ceil(work / s.prefill_chunk_tokens))
     decode_s = v.running * s.decode_step_s_per_running * steps
     slow = device_slowdown(v.device_busy, s.shared_device_speed) if v.device_busy else 1.0
-    return s.base_ttft_s + (work / s.prefill_tokens_per_s + decode_s) * slow + v.load_s
+    return s.base_ttft_s + (work / rate_of(v, s) + decode_s) * slow + v.load_s
 
 
 def woken_s(v: CandidateView, s: CacheAwareSettings) -> float:
@@ -91,7 +103,7 @@ def woken_s(v: CandidateView, s: CacheAwareSettings) -> float:
         return 0.0
     speeds = s.shared_device_speed
     extra = device_slowdown(v.device_busy, speeds) - device_slowdown(v.device_busy - 1, speeds)
-    return v.device_queued * extra / s.prefill_tokens_per_s
+    return v.device_queued * extra / rate_of(v, s)
 
 
 def decide(
@@ -102,7 +114,6 @@ def decide(
     loads = [v.load if v.bound_load is None else v.bound_load for v in views]
     mean = sum(loads) / len(views)
     bound = max(s.load_factor * mean, mean + s.load_slack)
-    rate = s.prefill_tokens_per_s
 
     def skipped(i: int) -> bool:
         v = views[i]
@@ -111,6 +122,7 @@ def decide(
         if v.hit_tokens < s.replicate_below * prompt_tokens:
             return True  # mostly recomputed anyway: warming another engine costs little
         slow = device_slowdown(v.device_busy, s.shared_device_speed)
+        rate = rate_of(v, s)
         queue_s = ttft[i] - s.base_ttft_s - v.load_s - slow * max(0.0, prompt_tokens - v.hit_tokens) / rate
         # The saving counts the recompute's cost to the cluster as ``cost`` does: weighing the
         # user's wait alone sent a long document elsewhere to skip one prefill ahead of it.
@@ -140,7 +152,7 @@ def decide(
 
     def cost(i: int) -> float:
         v = views[i]
-        own = s.uncached_weight * max(0.0, prompt_tokens - v.hit_tokens) / rate
+        own = s.uncached_weight * max(0.0, prompt_tokens - v.hit_tokens) / rate_of(v, s)
         return ttft[i] + own + woken_s(v, s) - (s.session_bonus_s if v.session else 0.0)
 
     costs = {i: cost(i) for i in pool}
