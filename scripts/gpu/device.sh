@@ -152,8 +152,11 @@ flow() {  # flow control under overload over the running engines (kvstack bench 
   # (e.g. --tokenizer local --tokenizer-path /tmp/model: the router's own, as `bench gpu` does)
   local tok=(--tokenizer engine)
   names_tokenizer "$@" && tok=()
+  # Redis flushed before every case, as matrix does: without it LMCache's shared tier kept the last
+  # run's chunks, and a later policy on the same traces found them (bench-results/flow, session 22)
   timeout "${PROOF_TIMEOUT:-580}" python3 -m kvstack bench flow --engines-file "$(engines_file)" --model kvstack-8b \
-    ${tok[@]+"${tok[@]}"} --speed 1 --out "$OUT" "$@" 2>&1 | tee -a "$OUT/flow.log"
+    --redis-url "redis://127.0.0.1:$REDIS_PORT" ${tok[@]+"${tok[@]}"} --speed 1 --out "$OUT" "$@" 2>&1 \
+    | tee -a "$OUT/flow.log"
 }
 
 calib() {  # the same traces on two simulators sized like the real engines

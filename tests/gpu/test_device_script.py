@@ -141,6 +141,8 @@ def test_flow_passes_the_caller_s_tokenizer_else_the_engines(
     assert argv[at : at + len(tokenizer)] == tokenizer
     assert argv[-len(args) :] == list(args) if args else argv[-2:] == ["--out", str(tmp_path)]
     assert (tmp_path / "flow.log").exists()  # its output is kept beside the results
+    # LMCache's shared tier is flushed before every case (as the matrix does)
+    assert argv[argv.index("--redis-url") + 1] == "redis://127.0.0.1:6390"
 
 
 def test_the_traces_go_back_as_one_archive_beside_the_results(tmp_path: Path) -> None:
