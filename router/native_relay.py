@@ -70,6 +70,12 @@ def available() -> bool:
     return _native is not None
 
 
+def clear_pool() -> None:
+    """Closes the native pool's idle engine connections (tests count descriptors)."""
+    if _native is not None:
+        _native.clear_pool()
+
+
 @dataclass(frozen=True, slots=True)
 class Forwarded:
     """How a forward ended: the body bytes written to the client (chunk framing not counted), and
@@ -160,20 +166,37 @@ class NativeResponse(UpstreamResponse):
 
     async def forward(self, fd: int, *, chunked: bool) -> Forwarded:
         """Hands the rest of the body to the native thread, which writes it to the client socket
-        ``fd`` (non-blocking, owned by the server: never closed here), framed as HTTP/1.1 chunks when
-        ``chunked`` (never the last, empty one: the server writes that). Body bytes already polled
-        but not yet returned by :meth:`chunks` go first. Returns when the thread is done."""
-        unsent: list[bytes] = []
-        for event in self._feed.pending:
-            if event[0] == "data":
-                unsent.append(cast(bytes, event[1]))
+        ``fd`` framed as HTTP/1.1 chunks when ``chunked`` (never the last, empty one: the server
+        writes that after). Body bytes already polled but not yet returned by :meth:`chunks` go first.
+        Returns when the thread is done with the socket.
+
+        The caller's transport must have nothing buffered for ``fd`` (the thread's writes would pass
+        it) and must not write to it until this returns. The thread writes through its own duplicate
+        of the descriptor, so the server closing ``fd`` meanwhile is safe (the write then fails:
+        ``client_gone``). A cancelled forward stops the thread and waits for it before it re-raises.
+        """
+        unsent = [cast(bytes, e[1]) for e in self._feed.pending if e[0] == "data"]
         self._feed.pending.clear()  # an end or error in there comes back as the forward's outcome
         self._feed.ex.forward(fd, chunked, unsent)
+        interrupted: BaseException | None = None
         while True:
-            event = await self._feed.next()
+            try:
+                event = await self._feed.next()
+            except asyncio.CancelledError as err:
+                # never leave the thread writing to a socket its owner believes released
+                interrupted = interrupted or err
+                self._feed.ex.cancel()
+                continue
             if event[0] == "forwarded":
-                self._done = True
-                return Forwarded(cast(int, event[1]), cast(Outcome, event[2]))
+                break
+        self._done = True
+        if interrupted is not None:
+            raise interrupted
+        return Forwarded(cast(int, event[1]), cast(Outcome, event[2]))
+
+    def cancel(self) -> None:
+        """Aborts the exchange (a pending :meth:`forward` returns ``cancelled``); :meth:`aclose` still."""
+        self._feed.ex.cancel()
 
     async def aclose(self) -> None:
         self._feed.close()

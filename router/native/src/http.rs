@@ -25,9 +25,7 @@ pub fn head_end(buf: &[u8]) -> Option<usize> {
 }
 
 fn has_token(value: &[u8], token: &str) -> bool {
-    value
-        .split(|&b| b == b',')
-        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
+    value.split(|&b| b == b',').any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
 }
 
 /// Parses a complete head (through its blank line). `bodiless`: the request was HEAD.
@@ -78,7 +76,11 @@ pub fn parse_head(raw: &[u8], bodiless: bool) -> Result<Head, String> {
     } else if chunked {
         Framing::Chunked
     } else if let Some(n) = length {
-        if n == 0 { Framing::Empty } else { Framing::Length(n) }
+        if n == 0 {
+            Framing::Empty
+        } else {
+            Framing::Length(n)
+        }
     } else {
         Framing::UntilClose
     };
@@ -176,7 +178,11 @@ impl Decoder {
                     .filter(|h| !h.is_empty() && h.len() <= 15)
                     .and_then(|h| u64::from_str_radix(h, 16).ok())
                     .ok_or_else(|| format!("bad chunk size {:?}", String::from_utf8_lossy(line)))?;
-                if size == 0 { State::Trailers } else { State::ChunkData(size) }
+                if size == 0 {
+                    State::Trailers
+                } else {
+                    State::ChunkData(size)
+                }
             }
             State::ChunkDataEnd if line.is_empty() => State::ChunkSize,
             State::ChunkDataEnd => return Err("a chunk does not end with CRLF".into()),

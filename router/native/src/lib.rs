@@ -97,7 +97,17 @@ impl Exchange {
         if fd < 0 {
             return Err(PyValueError::new_err("bad file descriptor"));
         }
-        self.shared.request_forward(Target { fd, chunked }, unsent).map_err(PyRuntimeError::new_err)
+        // The thread writes through its own descriptor of the socket, closed when it is done: the
+        // server may close `fd` meanwhile (a client gone), and its number be reused elsewhere.
+        // SAFETY: F_DUPFD_CLOEXEC only reads fd; an invalid one fails with EBADF.
+        let own = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
+        if own < 0 {
+            return Err(PyOSError::new_err(std::io::Error::last_os_error().to_string()));
+        }
+        self.shared.request_forward(Target { fd: own, chunked }, unsent).map_err(|e| {
+            sys::close(own);
+            PyRuntimeError::new_err(e)
+        })
     }
 
     /// Aborts the exchange; idempotent. The connection is not pooled.

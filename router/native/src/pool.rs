@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 
 type Key = (String, u16);
 
-static POOL: Mutex<Option<HashMap<Key, Vec<(TcpStream, Instant)>>>> = Mutex::new(None);
+type Idle = HashMap<Key, Vec<(TcpStream, Instant)>>;
+
+static POOL: Mutex<Option<Idle>> = Mutex::new(None);
 
 /// Idle connections kept per engine at most: beyond that a finished one is closed.
 const MAX_IDLE_PER_KEY: usize = 1024;
@@ -18,12 +20,7 @@ fn looks_alive(stream: &TcpStream) -> bool {
     let mut byte = 0u8;
     // SAFETY: a one-byte peek into a valid buffer on a socket this pool owns.
     let n = unsafe {
-        libc::recv(
-            stream.as_raw_fd(),
-            (&mut byte as *mut u8).cast(),
-            1,
-            libc::MSG_PEEK | libc::MSG_DONTWAIT,
-        )
+        libc::recv(stream.as_raw_fd(), (&mut byte as *mut u8).cast(), 1, libc::MSG_PEEK | libc::MSG_DONTWAIT)
     };
     n < 0 && std::io::Error::last_os_error().kind() == std::io::ErrorKind::WouldBlock
 }

@@ -106,7 +106,8 @@ impl<'a> Fwd<'a> {
                     deadline = sys::deadline(self.idle);
                 }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => {
-                    let mut fds = [sys::pollfd(target.fd, libc::POLLOUT), sys::pollfd(self.sh.ctl, libc::POLLIN)];
+                    let mut fds =
+                        [sys::pollfd(target.fd, libc::POLLOUT), sys::pollfd(self.sh.ctl, libc::POLLIN)];
                     match sys::poll(&mut fds, sys::millis_until(deadline)) {
                         Ok(0) => return Err(Outcome::ClientStalled),
                         Ok(_) => {}
@@ -133,6 +134,7 @@ impl<'a> Fwd<'a> {
         loop {
             let mut st = self.sh.lock();
             if self.target.is_some() {
+                close_client(&mut st); // before the event: Python may act on the socket at once
                 let event = Event::Forwarded { nbytes: self.nbytes, outcome: outcome.name() };
                 self.sh.push(&mut st, event);
                 break;
@@ -160,6 +162,16 @@ impl<'a> Fwd<'a> {
             let _ = sys::poll(&mut fds, -1);
             sys::drain(self.sh.ctl);
         }
-        self.sh.lock().exited = true;
+        let mut st = self.sh.lock();
+        st.exited = true;
+        close_client(&mut st);
+    }
+}
+
+/// Closes this thread's duplicate of the client socket (forward() dups it: the server may close its
+/// own descriptor meanwhile, and a number reused by another connection must never be written to).
+fn close_client(st: &mut crate::shared::State) {
+    if let Some(target) = st.forward.take() {
+        sys::close(target.fd);
     }
 }

@@ -7,7 +7,11 @@ use std::time::{Duration, Instant};
 pub fn eventfd() -> io::Result<RawFd> {
     // SAFETY: plain system call with constant flags.
     let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
-    if fd < 0 { Err(io::Error::last_os_error()) } else { Ok(fd) }
+    if fd < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(fd)
+    }
 }
 
 pub fn signal(fd: RawFd) {

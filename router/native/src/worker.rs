@@ -54,7 +54,11 @@ fn exchange(sh: &Shared, cfg: &Config, fwd: &mut Fwd) -> Outcome {
     if reusable && keep_alive && !cancelled {
         pool::put(&cfg.host, cfg.port, stream, cfg.pool_idle);
     }
-    outcome
+    match outcome {
+        // cancel() shuts the socket down before it signals: the read that failed is its doing
+        Outcome::Error(..) if cancelled => Outcome::Cancelled,
+        outcome => outcome,
+    }
 }
 
 /// Forgets the engine socket for cancel(), before it is closed or pooled.
@@ -185,7 +189,14 @@ fn request_and_head(sh: &Shared, cfg: &Config, fd: RawFd) -> Result<(Head, Vec<u
 }
 
 /// Reads the body to its end; the outcome, and whether the connection may serve another request.
-fn body(sh: &Shared, cfg: &Config, fwd: &mut Fwd, stream: &TcpStream, mut dec: Decoder, leftover: &[u8]) -> (Outcome, bool) {
+fn body(
+    sh: &Shared,
+    cfg: &Config,
+    fwd: &mut Fwd,
+    stream: &TcpStream,
+    mut dec: Decoder,
+    leftover: &[u8],
+) -> (Outcome, bool) {
     let fd = stream.as_raw_fd();
     let mut total: u64 = 0;
     let mut out = Vec::with_capacity(READ_BUF);
