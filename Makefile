@@ -55,8 +55,9 @@ fmt: venv
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
+# KVSTACK_REQUIRE_NATIVE: here the compiled relay must have been built (tests/router_native).
 unit: venv sysdeps
-	$(BIN)/pytest $(PYTEST_ARGS)
+	KVSTACK_REQUIRE_NATIVE=1 $(BIN)/pytest $(PYTEST_ARGS)
 
 test: lint unit
 
