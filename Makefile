@@ -5,9 +5,14 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 # The stamp changes whenever a pyproject.toml or the set of Python files does: dependency edits
-# reinstall, and so does a new module (the strict editable install links files one by one).
+# reinstall, and so does a new module (the strict editable install links files one by one). The
+# compiled relay's sources (router/native) count by content: an edit there rebuilds the extension.
 STAMP := $(VENV)/.installed-$(shell { cat pyproject.toml tests/support/pyproject.toml; \
-  git ls-files -co --exclude-standard -- '*.py' 2>/dev/null; } | sha1sum | cut -c1-12)
+  git ls-files -co --exclude-standard -- '*.py' 2>/dev/null; \
+  cat router/native/Cargo.toml router/native/Cargo.lock router/native/src/*.rs 2>/dev/null; } \
+  | sha1sum | cut -c1-12)
+# cargo's build folder lives outside the checkout, shared by rebuilds (incremental) and worktrees.
+export CARGO_TARGET_DIR ?= $(HOME)/.cache/kvstack/cargo-target
 PYTEST_ARGS ?=
 
 .PHONY: help run test lint fmt unit bench venv sysdeps clean
@@ -50,8 +55,9 @@ fmt: venv
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
+# KVSTACK_REQUIRE_NATIVE: here the compiled relay must have been built (tests/router_native).
 unit: venv sysdeps
-	$(BIN)/pytest $(PYTEST_ARGS)
+	KVSTACK_REQUIRE_NATIVE=1 $(BIN)/pytest $(PYTEST_ARGS)
 
 test: lint unit
 

@@ -1,0 +1,177 @@
+//! The body's way out: queued for Python as "data" events until forward(), then written by this
+//! thread to the client socket, and the exchange's last word ("end", "error" or "forwarded").
+
+use std::io::ErrorKind;
+use std::os::fd::RawFd;
+use std::time::Duration;
+
+use crate::shared::{Event, Shared, Target};
+use crate::sys;
+
+pub enum Outcome {
+    End,
+    Error(&'static str, String),
+    Cancelled,
+    ClientGone,
+    ClientStalled,
+}
+
+impl Outcome {
+    fn name(&self) -> &'static str {
+        match self {
+            Outcome::End => "end",
+            Outcome::Error(kind, _) => kind,
+            Outcome::Cancelled => "cancelled",
+            Outcome::ClientGone => "client_gone",
+            Outcome::ClientStalled => "client_stalled",
+        }
+    }
+}
+
+pub struct Fwd<'a> {
+    sh: &'a Shared,
+    target: Option<Target>,
+    nbytes: u64,
+    idle: Duration,
+    frame: Vec<u8>,
+}
+
+impl<'a> Fwd<'a> {
+    pub fn new(sh: &'a Shared, idle: Duration) -> Self {
+        Fwd { sh, target: None, nbytes: 0, idle, frame: Vec::new() }
+    }
+
+    /// The client socket while forwarding, else -1 (which poll(2) skips).
+    pub fn client_fd(&self) -> RawFd {
+        self.target.map_or(-1, |t| t.fd)
+    }
+
+    /// After a ctl signal: stop when cancelled; start writing when Python asked to forward.
+    pub fn check(&mut self) -> Result<(), Outcome> {
+        let backlog = {
+            let mut st = self.sh.lock();
+            if st.cancelled {
+                return Err(Outcome::Cancelled);
+            }
+            match (self.target, st.forward) {
+                (None, Some(target)) => {
+                    self.target = Some(target);
+                    std::mem::take(&mut st.backlog)
+                }
+                _ => return Ok(()),
+            }
+        };
+        backlog.iter().try_for_each(|bytes| self.write(bytes))
+    }
+
+    /// Hands decoded body bytes on: to Python, or to the client once forwarding.
+    pub fn deliver(&mut self, bytes: &[u8]) -> Result<(), Outcome> {
+        if bytes.is_empty() {
+            return Ok(());
+        }
+        if self.target.is_none() {
+            let mut st = self.sh.lock();
+            if st.forward.is_none() {
+                self.sh.push(&mut st, Event::Data(bytes.to_vec()));
+                return Ok(());
+            }
+            drop(st);
+            self.check()?;
+        }
+        self.write(bytes)
+    }
+
+    /// Writes one piece of body to the client, framed as a chunk when asked, waiting while its
+    /// socket is full, for at most the idle timeout without progress.
+    fn write(&mut self, bytes: &[u8]) -> Result<(), Outcome> {
+        let Some(target) = self.target else { return Ok(()) };
+        if bytes.is_empty() {
+            return Ok(()); // an empty chunk would end the client's body
+        }
+        let buf: &[u8] = if target.chunked {
+            self.frame.clear();
+            self.frame.extend_from_slice(format!("{:x}\r\n", bytes.len()).as_bytes());
+            self.frame.extend_from_slice(bytes);
+            self.frame.extend_from_slice(b"\r\n");
+            &self.frame
+        } else {
+            bytes
+        };
+        let mut sent = 0;
+        let mut deadline = sys::deadline(self.idle);
+        while sent < buf.len() {
+            match sys::send(target.fd, &buf[sent..]) {
+                Ok(n) => {
+                    sent += n;
+                    deadline = sys::deadline(self.idle);
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                    let mut fds =
+                        [sys::pollfd(target.fd, libc::POLLOUT), sys::pollfd(self.sh.ctl, libc::POLLIN)];
+                    match sys::poll(&mut fds, sys::millis_until(deadline)) {
+                        Ok(0) => return Err(Outcome::ClientStalled),
+                        Ok(_) => {}
+                        Err(_) => return Err(Outcome::ClientGone),
+                    }
+                    if fds[1].revents != 0 {
+                        sys::drain(self.sh.ctl);
+                        if self.sh.lock().cancelled {
+                            return Err(Outcome::Cancelled);
+                        }
+                    }
+                }
+                Err(_) => return Err(Outcome::ClientGone),
+            }
+        }
+        self.nbytes += bytes.len() as u64;
+        Ok(())
+    }
+
+    /// The exchange's last word. Without forward() the thread then waits for forward() or cancel():
+    /// Python may still hold body bytes it polled, and forward them after the engine's end.
+    pub fn finish(mut self, mut outcome: Outcome) {
+        let mut reported = false;
+        loop {
+            let mut st = self.sh.lock();
+            if self.target.is_some() {
+                close_client(&mut st); // before the event: Python may act on the socket at once
+                let event = Event::Forwarded { nbytes: self.nbytes, outcome: outcome.name() };
+                self.sh.push(&mut st, event);
+                break;
+            }
+            if st.cancelled || matches!(outcome, Outcome::Cancelled) {
+                break;
+            }
+            if st.forward.is_some() {
+                drop(st);
+                if let Err(late) = self.check() {
+                    outcome = late;
+                }
+                continue;
+            }
+            if !reported {
+                reported = true;
+                let event = match &outcome {
+                    Outcome::Error(kind, message) => Event::Error { kind, message: message.clone() },
+                    _ => Event::End,
+                };
+                self.sh.push(&mut st, event);
+            }
+            drop(st);
+            let mut fds = [sys::pollfd(self.sh.ctl, libc::POLLIN)];
+            let _ = sys::poll(&mut fds, -1);
+            sys::drain(self.sh.ctl);
+        }
+        let mut st = self.sh.lock();
+        st.exited = true;
+        close_client(&mut st);
+    }
+}
+
+/// Closes this thread's duplicate of the client socket (forward() dups it: the server may close its
+/// own descriptor meanwhile, and a number reused by another connection must never be written to).
+fn close_client(st: &mut crate::shared::State) {
+    if let Some(target) = st.forward.take() {
+        sys::close(target.fd);
+    }
+}
