@@ -228,3 +228,27 @@ async def test_no_head_within_the_first_byte_timeout_is_a_timeout_and_the_reques
 async def test_only_plain_http_urls_are_taken() -> None:
     with pytest.raises(ValueError, match="http://"):
         await post("https://127.0.0.1:1/v1/completions")
+
+
+async def test_a_body_python_does_not_poll_pushes_back_on_the_engine() -> None:
+    total, sent = 32 << 20, [0]
+
+    async def flood(conn: Conn) -> None:
+        await conn.request()
+        await conn.send(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % total)
+        piece = bytes(range(256)) * 256
+        while sent[0] < total:
+            await conn.send(piece)
+            sent[0] += len(piece)
+
+    async with engine(flood) as eng:
+        resp = await post(eng.url, max_bytes=total)
+        # nothing polled: the thread stops reading past its queue limit, the socket buffers fill,
+        # and the engine's writes wait (the count stops moving well short of the whole body)
+        last, still = -1, 0
+        while still < 20:
+            await asyncio.sleep(0.02)
+            last, still = sent[0], still + 1 if sent[0] == last else 0
+        assert last < total
+        assert await resp.read() == bytes(range(256)) * (total // 256)
+        await resp.aclose()

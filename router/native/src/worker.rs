@@ -220,6 +220,8 @@ fn body(
             if extra > 0 {
                 return (Outcome::End, false); // bytes past the body: never reuse such a connection
             }
+            // only time spent waiting for the engine is idle, not time spent relaying (a slow client)
+            deadline = sys::deadline(cfg.idle_timeout);
         }
         if dec.done() {
             return (Outcome::End, true);
@@ -255,10 +257,7 @@ fn body(
         match sys::recv(fd, &mut buf) {
             Ok(0) if dec.ends_at_close() => return (Outcome::End, false),
             Ok(0) => return (err("read", "the engine closed the connection mid-body"), false),
-            Ok(n) => {
-                deadline = sys::deadline(cfg.idle_timeout);
-                input = &buf[..n];
-            }
+            Ok(n) => input = &buf[..n],
             Err(e) if e.kind() == ErrorKind::WouldBlock => {}
             Err(e) => return (err("read", e.to_string()), false),
         }
