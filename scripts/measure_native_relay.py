@@ -1,5 +1,5 @@
-"""Router CPU per streamed SSE event: aiohttp readany + transport write (today's relay, minus the ASGI
-and uvicorn layers) against the compiled relay's forward, over loopback.
+"""Router CPU per streamed SSE event: aiohttp readany + ASGI send through uvicorn (the router's path),
+aiohttp readany + a plain transport write, and the compiled relay's forward, over loopback.
 
     .venv/bin/python scripts/measure_native_relay.py [--streams 8] [--events 2000]
 
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import resource
 import socket
 import subprocess
@@ -20,12 +21,16 @@ import time
 from typing import Any
 
 import aiohttp
+import uvicorn
 import uvloop
 
 from kvstack.router.native_relay import available, open_native
 from kvstack.router.upstream import Timeouts
 
 EVENT = b'data: {"id":"cmpl-1","choices":[{"index":0,"delta":{"content":" token"}}]}\n\n'
+# uvicorn: aiohttp readany + ASGI send + uvicorn (the router's relay, less its own framing);
+# aiohttp: readany + a plain transport write; native: the first event through Python, then forward
+MODES = ["uvicorn", "aiohttp", "native"]
 SSE_HEAD = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
 
 
@@ -56,10 +61,14 @@ async def helper(engine_port: int, router_port: int, streams: int, events: int, 
 
     async def client() -> int:
         reader, writer = await asyncio.open_connection("127.0.0.1", router_port)
-        writer.write(b"GET / HTTP/1.1\r\n\r\n")
-        got = 0
-        while data := await reader.read(1 << 16):
+        writer.write(b"GET / HTTP/1.1\r\nhost: router\r\n\r\n")
+        got, tail = 0, b""
+        while not tail.endswith(b"\r\n0\r\n\r\n"):  # the body's last chunk (uvicorn keeps the connection)
+            data = await reader.read(1 << 16)
+            if not data:
+                break
             got += len(data)
+            tail = (tail + data)[-16:]
         writer.close()
         return got
 
@@ -117,9 +126,47 @@ async def router(mode: str, engine_port: int, router_port: int, streams: int) ->
             state["cpu1"], state["wall1"] = cpu(), time.monotonic()
             done.set()
 
-    server = await asyncio.start_server(serve, "127.0.0.1", router_port)
-    async with server:
+    async def asgi(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        # the router's own path, less its routing: aiohttp readany, then ASGI send, uvicorn's write
+        if state["cpu0"] is None:
+            state["cpu0"], state["wall0"] = cpu(), time.monotonic()
+        resp = await session.post(url, data=body, headers={"content-type": "application/json"})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"text/event-stream")],
+            }
+        )
+        while chunk := await resp.content.readany():
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        resp.release()
+        state["left"] -= 1
+        if not state["left"]:
+            state["cpu1"], state["wall1"] = cpu(), time.monotonic()
+            done.set()
+
+    if mode == "uvicorn":
+        config = uvicorn.Config(
+            asgi,
+            host="127.0.0.1",
+            port=router_port,
+            loop="none",
+            http="httptools",
+            lifespan="off",
+            log_level="warning",
+            access_log=False,
+        )
+        server_task = asyncio.ensure_future(uvicorn.Server(config).serve())
         await done.wait()
+        server_task.cancel()
+        with contextlib.suppress(BaseException):
+            await server_task
+    else:
+        server = await asyncio.start_server(serve, "127.0.0.1", router_port)
+        async with server:
+            await done.wait()
     await session.close()
     (u0, s0), (u1, s1) = state["cpu0"], state["cpu1"]
     return u1 - u0, s1 - s0, state["wall1"] - state["wall0"]
@@ -130,13 +177,13 @@ def main() -> None:
     parser.add_argument("--streams", type=int, default=8)
     parser.add_argument("--events", type=int, default=2000)
     parser.add_argument("--gap", type=float, default=0.001, help="seconds between two events of a stream")
-    parser.add_argument("--mode", choices=["aiohttp", "native"], action="append", help="default: both")
+    parser.add_argument("--mode", choices=MODES, action="append", help="default: all")
     parser.add_argument("--helper", nargs=2, type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.helper:
         uvloop.run(helper(*args.helper, args.streams, args.events, args.gap))
         return
-    modes = args.mode or (["aiohttp", "native"] if available() else ["aiohttp"])
+    modes = args.mode or [m for m in MODES if m != "native" or available()]
     for mode in modes:
         engine_port, router_port = free_port(), free_port()
         proc = subprocess.Popen(
