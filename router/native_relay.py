@@ -87,7 +87,11 @@ class Forwarded:
 
 
 class _Feed:
-    """The exchange's events, awaited through its wake fd: one waiter at a time."""
+    """The exchange's events, awaited through its wake fd: one waiter at a time.
+
+    The fd is watched only while someone waits: it stays readable until the next poll(), so a reader
+    left registered while the consumer is busy elsewhere (writing to a slow client) would run its
+    callback on every turn of the loop."""
 
     __slots__ = ("_fd", "_loop", "_waiter", "closed", "ex", "pending")
 
@@ -98,7 +102,6 @@ class _Feed:
         self._waiter: asyncio.Future[None] | None = None
         self.pending: deque[Event] = deque()
         self.closed = False
-        self._loop.add_reader(self._fd, self._wake)
 
     def _wake(self) -> None:
         waiter = self._waiter
@@ -113,17 +116,20 @@ class _Feed:
                 break
             if self._waiter is not None:
                 raise RuntimeError("the exchange is already being awaited")
+            if self.closed:
+                raise RuntimeError("the exchange is closed")
             self._waiter = self._loop.create_future()
+            self._loop.add_reader(self._fd, self._wake)
             try:
                 await self._waiter
             finally:
                 self._waiter = None
+                self._loop.remove_reader(self._fd)
         return self.pending.popleft()
 
     def close(self) -> None:
         if not self.closed:
             self.closed = True
-            self._loop.remove_reader(self._fd)
             self.ex.cancel()  # ends the thread; a connection still in use is dropped, not pooled
 
 

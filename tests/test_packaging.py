@@ -95,6 +95,9 @@ def test_the_wheel_holds_the_product_and_no_test_harness(wheel: Path) -> None:
     ):
         assert module in names, module
     assert "kvstack/operator/__init__.py" not in names  # kvstack.operator stays a namespace portion
+    if os.environ.get("KVSTACK_REQUIRE_NATIVE") == "1":  # make unit: the compiled relay must ship
+        assert "kvstack/router/_relay.abi3.so" in names and "kvstack/router/_relay.pyi" in names
+        assert "-cp311-abi3-" in wheel.name  # one build for the GPU machines' CPython 3.12 too
     assert not [n for n in names if "testing" in n.split("/")[0:2] or n.startswith("kvstack_testing")]
     assert not [n for n in names if n.startswith(("tests/", "router/", "operator/"))]
     metadata = next(n for n in names if n.endswith(".dist-info/METADATA"))

@@ -228,3 +228,60 @@ async def test_no_head_within_the_first_byte_timeout_is_a_timeout_and_the_reques
 async def test_only_plain_http_urls_are_taken() -> None:
     with pytest.raises(ValueError, match="http://"):
         await post("https://127.0.0.1:1/v1/completions")
+
+
+async def test_a_body_python_does_not_poll_pushes_back_on_the_engine() -> None:
+    total, sent = 32 << 20, [0]
+
+    async def flood(conn: Conn) -> None:
+        await conn.request()
+        await conn.send(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % total)
+        piece = bytes(range(256)) * 256
+        while sent[0] < total:
+            await conn.send(piece)
+            sent[0] += len(piece)
+
+    async with engine(flood) as eng:
+        resp = await post(eng.url, max_bytes=total)
+        # nothing polled: the thread stops reading past its queue limit, the socket buffers fill,
+        # and the engine's writes wait (the count stops moving well short of the whole body)
+        last, still = -1, 0
+        while still < 20:
+            await asyncio.sleep(0.02)
+            last, still = sent[0], still + 1 if sent[0] == last else 0
+        assert last < total
+        assert await resp.read() == bytes(range(256)) * (total // 256)
+        await resp.aclose()
+
+
+async def test_interim_responses_split_heads_chunk_extensions_and_trailers_are_parsed() -> None:
+    async def fussy(conn: Conn) -> None:
+        while await conn.request() is not None:
+            await conn.send(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\ncontent-ty")
+            await asyncio.sleep(0.01)  # the head arrives in pieces
+            await conn.send(b"pe: text/event-stream\r\ntransfer-encoding: gzip, chunked\r\n\r")
+            await asyncio.sleep(0.01)
+            await conn.send(b"\n5;ext=1\r\nhello\r\n")
+            await asyncio.sleep(0.01)
+            await conn.send(b"6\r\n world\r\n0\r\nx-trailer: 1\r\n\r\n")
+
+    async with engine(fussy) as eng:
+        resp = await post(eng.url)
+        assert resp.status == 200 and resp.content_type == "text/event-stream"
+        assert await resp.read() == b"hello world"
+        await resp.aclose()
+        assert await read(eng.url) == (200, b"hello world")  # the trailers were consumed: reusable
+        assert len(eng.conns) == 1
+
+
+async def test_a_head_over_64_kib_is_too_large() -> None:
+    async def huge_head(conn: Conn) -> None:
+        await conn.request()
+        await conn.send(b"HTTP/1.1 200 OK\r\n" + b"x-pad: " + b"p" * 70000 + b"\r\n\r\n")
+        await conn.wait_hang_up()
+
+    async with engine(huge_head) as eng:
+        with pytest.raises(UpstreamError) as caught:
+            await post(eng.url)
+        assert caught.value.kind == "too_large"
+        await asyncio.wait_for(eng.conns[0].hung_up.wait(), 10)

@@ -5,7 +5,7 @@ use std::io::ErrorKind;
 use std::os::fd::RawFd;
 use std::time::Duration;
 
-use crate::shared::{Event, Shared, Target};
+use crate::shared::{Event, Shared, Target, QUEUE_LIMIT};
 use crate::sys;
 
 pub enum Outcome {
@@ -73,12 +73,34 @@ impl<'a> Fwd<'a> {
             let mut st = self.sh.lock();
             if st.forward.is_none() {
                 self.sh.push(&mut st, Event::Data(bytes.to_vec()));
-                return Ok(());
+                drop(st);
+                return self.wait_for_room();
             }
             drop(st);
             self.check()?;
         }
         self.write(bytes)
+    }
+
+    /// While Python holds more than QUEUE_LIMIT unpolled bytes, waits (not reading the engine) until
+    /// it polls, forwards or cancels. Time spent here is not the engine's idle time.
+    fn wait_for_room(&mut self) -> Result<(), Outcome> {
+        loop {
+            {
+                let mut st = self.sh.lock();
+                if st.cancelled {
+                    return Err(Outcome::Cancelled);
+                }
+                if st.queued <= QUEUE_LIMIT || st.forward.is_some() {
+                    break;
+                }
+                st.waiting_room = true;
+            }
+            let mut fds = [sys::pollfd(self.sh.ctl, libc::POLLIN)];
+            let _ = sys::poll(&mut fds, -1);
+            sys::drain(self.sh.ctl);
+        }
+        self.check() // a forward() that ended the wait starts here
     }
 
     /// Writes one piece of body to the client, framed as a chunk when asked, waiting while its

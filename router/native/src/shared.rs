@@ -31,10 +31,17 @@ pub struct State {
     pub forward: Option<Target>,
     pub backlog: Vec<Vec<u8>>,
     pub cancelled: bool,
+    /// Body bytes queued for Python and not yet polled; past QUEUE_LIMIT the thread stops reading
+    /// the engine (TCP pushes back on it) until Python polls, as aiohttp's flow control would.
+    pub queued: usize,
+    /// The thread waits for Python to poll: poll() must signal `ctl`.
+    pub waiting_room: bool,
     pub exited: bool,
     /// The engine socket while the thread uses it, so cancel() can shut it down; -1 when none.
     pub upstream: RawFd,
 }
+
+pub const QUEUE_LIMIT: usize = 1 << 20;
 
 pub struct Shared {
     state: Mutex<State>,
@@ -57,6 +64,9 @@ impl Shared {
 
     /// Queues an event for Python, waking its loop once per batch.
     pub fn push(&self, st: &mut State, event: Event) {
+        if let Event::Data(bytes) = &event {
+            st.queued += bytes.len();
+        }
         st.events.push_back(event);
         if !st.signalled {
             st.signalled = true;
@@ -69,6 +79,10 @@ impl Shared {
         let mut st = self.lock();
         st.signalled = false;
         sys::drain(self.wake);
+        st.queued = 0;
+        if std::mem::take(&mut st.waiting_room) {
+            sys::signal(self.ctl);
+        }
         st.events.drain(..).collect()
     }
 
@@ -94,6 +108,7 @@ impl Shared {
             }
         }
         st.events = rest;
+        st.queued = 0;
         st.forward = Some(target);
         drop(guard);
         sys::signal(self.ctl);

@@ -153,6 +153,7 @@ fn request_and_head(sh: &Shared, cfg: &Config, fd: RawFd) -> Result<(Head, Vec<u
     }
     let bodiless = cfg.request.starts_with(b"HEAD ");
     let mut buf: Vec<u8> = Vec::with_capacity(4096);
+    let mut scan = 0;
     let mut chunk = vec![0u8; 16 * 1024];
     loop {
         // no time limit here: the caller bounds the wait for the head (first byte timeout) and cancels
@@ -167,21 +168,22 @@ fn request_and_head(sh: &Shared, cfg: &Config, fd: RawFd) -> Result<(Head, Vec<u
             Err(e) if buf.is_empty() => return Err(Failure::Io(e)),
             Err(e) => return Err(Failure::Outcome(err("read", e.to_string()))),
         };
-        let scan_from = buf.len().saturating_sub(3);
         buf.extend_from_slice(&chunk[..n]);
-        while let Some(end) = http::head_end(&buf[scan_from.min(buf.len())..]).map(|e| e + scan_from) {
+        // scan only the new bytes (and the 3 before them) for the blank line
+        while let Some(end) = http::head_end(&buf[scan..]).map(|e| e + scan) {
+            if end > http::MAX_HEAD {
+                break; // too large, found complete in one read: reported below
+            }
             let head = http::parse_head(&buf[..end], bodiless)
                 .map_err(|e| Failure::Outcome(err("read", format!("a bad response head: {e}"))))?;
             let rest = buf.split_off(end);
-            if (100..200).contains(&head.status) && head.status != 101 {
-                buf = rest; // an interim response (100 Continue): the real one follows
-                if http::head_end(&buf).is_none() {
-                    break;
-                }
-                continue;
+            if !(100..200).contains(&head.status) || head.status == 101 {
+                return Ok((head, rest));
             }
-            return Ok((head, rest));
+            buf = rest; // an interim response (100 Continue): the real one follows
+            scan = 0;
         }
+        scan = buf.len().saturating_sub(3);
         if buf.len() > http::MAX_HEAD {
             return Err(Failure::Outcome(err("too_large", "the engine's response head is over 64 KiB")));
         }
@@ -220,6 +222,8 @@ fn body(
             if extra > 0 {
                 return (Outcome::End, false); // bytes past the body: never reuse such a connection
             }
+            // only time spent waiting for the engine is idle, not time spent relaying (a slow client)
+            deadline = sys::deadline(cfg.idle_timeout);
         }
         if dec.done() {
             return (Outcome::End, true);
@@ -255,10 +259,7 @@ fn body(
         match sys::recv(fd, &mut buf) {
             Ok(0) if dec.ends_at_close() => return (Outcome::End, false),
             Ok(0) => return (err("read", "the engine closed the connection mid-body"), false),
-            Ok(n) => {
-                deadline = sys::deadline(cfg.idle_timeout);
-                input = &buf[..n];
-            }
+            Ok(n) => input = &buf[..n],
             Err(e) if e.kind() == ErrorKind::WouldBlock => {}
             Err(e) => return (err("read", e.to_string()), false),
         }
