@@ -34,6 +34,9 @@ class Call:
     tried: list[str] = field(default_factory=list)  # engine URLs, in the order tried
     trace: RequestTrace | None = None  # its spans, when tracing is on (router/tracing.py)
     demand: Demand | None = None  # its passage through flow control (None: flow control is off)
+    # the client connection's transport, under the router's own server (None elsewhere, e.g. tests
+    # calling the ASGI app in process): the compiled relay writes to its socket
+    transport: asyncio.Transport | None = None
 
 
 @dataclass(slots=True, eq=False)

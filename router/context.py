@@ -28,6 +28,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 REQUEST_ID_KEY = "kvstack.request_id"  # where the request-id middleware leaves the id in the ASGI scope
+# where the router's own server (router/server.py) leaves the connection's transport in the scope:
+# the compiled relay writes a stream's events to its socket (router/relay.py)
+TRANSPORT_KEY = "kvstack.transport"
 
 
 @dataclass

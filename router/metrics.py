@@ -247,6 +247,13 @@ class RouterMetrics:
             ["model_name"],
             registry=r,
         )
+        self.native_streams = Counter(
+            "kvstack_router_native_relay_streams",
+            "Streams whose events after the first token went engine to client on the compiled "
+            "relay's thread, by how the forward ended (end, read, timeout, client_gone, ...).",
+            ["outcome"],
+            registry=r,
+        )
         self.rejections = Counter(
             "kvstack_router_rejections",
             "Requests refused by the router itself, by reason.",

@@ -249,14 +249,16 @@ async def open_native(
     timeouts: Timeouts,
     max_bytes: int,
     pool_idle_s: float = 4.0,
+    max_event: int = 0,
 ) -> NativeResponse:
     """Sends the request (arguments as :meth:`Upstream.send`) and returns once the head is in,
-    waiting at most ``timeouts.first_byte`` for it."""
+    waiting at most ``timeouts.first_byte`` for it. ``max_event`` > 0 bounds each SSE event of the
+    body (``too_large``), as the Python relay's ``SSEFramer`` does; ``max_bytes`` the whole body."""
     if _native is None:
         raise RuntimeError("the native relay is not built (router/native)")
     host, port, request = build_request(method, url, headers, body)
     idle, connect = timeouts.idle, timeouts.connect
-    ex: Exchange = _native.Exchange(host, port, request, connect, idle, max_bytes, pool_idle_s)
+    ex: Exchange = _native.Exchange(host, port, request, connect, idle, max_bytes, pool_idle_s, max_event)
     feed = _Feed(ex)
     try:
         async with asyncio.timeout(timeouts.first_byte):

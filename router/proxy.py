@@ -19,7 +19,7 @@ from typing import Any
 from kvstack.common.errors import OpenAIError
 from kvstack.router.admission import Admission, Demand, reject
 from kvstack.router.call import Attempt, Call, Headers, Send
-from kvstack.router.context import REQUEST_ID_KEY, RouterContext
+from kvstack.router.context import REQUEST_ID_KEY, TRANSPORT_KEY, RouterContext
 from kvstack.router.engines import EngineState
 from kvstack.router.exchange import (
     ClientGone,
@@ -101,6 +101,7 @@ class ProxyEndpoint:
             peer = scope.get("client")
             call = Call(ex, request, raw, send, scope["headers"], peer[0] if peer else None, session_key)
             call.trace = trace
+            call.transport = scope.get(TRANSPORT_KEY)
             await self._guarded(call, receive)
         except (ClientGone, OpenAIError) as err:
             await settle_failure(send, ex, err)

@@ -2,13 +2,19 @@
 
 A stream's frames before the first generated token (a chat's role chunk) are held back with its head,
 so a try that produced nothing can still be retried on another engine; once the head is sent the
-call is the client's. Answers of ``/v1/responses`` teach the router which engine stored each response
+call is the client's. From then on, where the compiled relay is built (router/native) and the router
+serves the connection itself, the rest of the stream goes from the engine to the client socket on a
+native thread (:meth:`Relay._forward`): Python relayed ~95 us of CPU per event, most of a streamed
+request's cost (bench-results/router, "Where a GPU-shaped request's CPU goes").
+
+Answers of ``/v1/responses`` teach the router which engine stored each response
 (:mod:`kvstack.router.sticky`); an engine's 404 for a model it no longer serves becomes a
 ``model_gone`` failure (:mod:`kvstack.router.model_gone`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 from kvstack.common.errors import is_openai_error, openai_error_bytes
@@ -17,12 +23,14 @@ from kvstack.router.context import RouterContext
 from kvstack.router.engines import EngineState
 from kvstack.router.headers import answer_headers
 from kvstack.router.model_gone import forget_model, is_model_gone
+from kvstack.router.native_relay import NativeResponse, available, open_native
 from kvstack.router.protocol import SSEFramer, has_content
 from kvstack.router.retry import AttemptFailure
 from kvstack.router.sticky import id_from_body, id_from_frames
 from kvstack.router.upstream import UpstreamError, UpstreamResponse
 
 _SSE = "text/event-stream"
+_UNBOUNDED = 2**62  # bytes
 _SSE_HEADERS = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
     (b"cache-control", b"no-cache"),
@@ -38,6 +46,7 @@ class Relay:
         self.path = path
         self.sticky = sticky
         self.expose_engine = expose_engine
+        self.native = ctx.settings.native_relay and available()
 
     async def exchange(self, call: Call, attempt: Attempt) -> AttemptFailure | None:
         """Send the call to the attempt's engine and relay its answer."""
@@ -51,7 +60,7 @@ class Relay:
             else call.trace.upstream_headers(call.upstream_headers)
         )
         try:
-            resp = await ctx.upstream.send("POST", engine.url + self.path, headers, call.raw)
+            resp = await self._send(call, engine, headers)
         except UpstreamError as err:
             if err.kind == "connect":
                 return AttemptFailure("connect", 502, str(err))  # never the engine's address
@@ -62,6 +71,31 @@ class Relay:
             return await self._relay_whole(call, attempt, resp)
         finally:
             await resp.aclose()
+
+    async def _send(self, call: Call, engine: EngineState, headers: Headers) -> UpstreamResponse:
+        """The engine's response: through the native relay for a stream it can forward, else the
+        shared client (upstream.py)."""
+        upstream, url = self.ctx.upstream, engine.url + self.path
+        assert upstream is not None
+        if (
+            call.transport is None
+            or not call.request.stream
+            or not self.native
+            or not url.startswith("http://")
+        ):
+            return await upstream.send("POST", url, headers, call.raw)
+        resp = await open_native(
+            "POST",
+            url,
+            headers,
+            call.raw,
+            timeouts=upstream.timeouts,
+            max_bytes=_UNBOUNDED,  # a stream has no total bound; its events have, as in SSEFramer
+            pool_idle_s=self.ctx.settings.keepalive_expiry_s,
+            max_event=self.ctx.settings.max_response_bytes,
+        )
+        resp.max_bytes = upstream.max_response_bytes  # what read() holds of a whole answer
+        return resp
 
     async def _relay_whole(
         self, call: Call, attempt: Attempt, resp: UpstreamResponse
@@ -129,6 +163,10 @@ class Relay:
                     frames = b"".join([*held, frames])
                     held.clear()
                 await send({"type": "http.response.body", "body": frames, "more_body": True})
+                if isinstance(resp, NativeResponse) and ex.started:
+                    fd = await self._handover(call, framer)
+                    if fd is not None:
+                        return await self._forward(call, attempt, resp, fd)
         except UpstreamError as err:
             return broken(err, f"the engine stream broke off: {err}", sent=ex.started)
         if not ex.started:  # a stream without generated text
@@ -138,6 +176,47 @@ class Relay:
         )
         attempt.answered = True
         return None
+
+    async def _handover(self, call: Call, framer: SSEFramer) -> int | None:
+        """The client socket's descriptor once the stream can go to the native thread; None: not now
+        (the transport still holds unsent bytes, which the thread's writes would overtake: the next
+        event tries again)."""
+        transport = call.transport
+        sock = None if transport is None else transport.get_extra_info("socket")
+        if transport is None or sock is None or transport.get_write_buffer_size() > 0:
+            return None
+        held = framer.flush()  # a partial event: its rest follows from the thread
+        if held:
+            await call.send({"type": "http.response.body", "body": held, "more_body": True})
+            if transport.get_write_buffer_size() > 0:
+                return None  # the framer is empty now: Python goes on cleanly
+        fd: int = sock.fileno()
+        return fd
+
+    async def _forward(
+        self, call: Call, attempt: Attempt, resp: NativeResponse, fd: int
+    ) -> AttemptFailure | None:
+        """The rest of the stream, engine to client, on the native thread; then the stream's end."""
+        done = await resp.forward(fd, chunked=True)
+        self.ctx.metrics.native_streams.labels(done.outcome).inc()
+        if done.outcome == "end":
+            await call.send({"type": "http.response.body", "body": b"", "more_body": False})
+            attempt.answered = True
+            return None
+        if done.outcome in ("client_gone", "client_stalled"):
+            # as the disconnect watcher would (router/exchange.py): the call ends as the client's 499
+            call.ex.disconnected = True
+            task = asyncio.current_task()
+            assert task is not None
+            task.cancel()
+            await asyncio.sleep(0)
+        if done.outcome == "too_large":  # the words of SSEFramer's refusal
+            limit = self.ctx.settings.max_response_bytes
+            message = f"an event of the engine's stream is larger than {limit} bytes"
+            return broken(UpstreamError("too_large", message), message, sent=True)
+        err = UpstreamError("timeout", "the engine stream stalled") if done.outcome == "timeout" else None
+        err = err or UpstreamError("read", "the engine stream broke off")
+        return broken(err, f"{err} ({done.outcome})", sent=True)
 
     async def start_stream(self, call: Call, engine: EngineState) -> None:
         """Send the stream's head: from here on the call is the client's and cannot be retried."""

@@ -36,6 +36,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from kvstack.common.errors import error_body
 from kvstack.router.config import RouterSettings
+from kvstack.router.context import TRANSPORT_KEY
 
 Refusal = Literal["connection_limit", "header_too_large", "header_timeout", "bad_request"]
 LINGER_S = 2.0  # a refused connection's wait for the client to read the answer and close
@@ -183,6 +184,11 @@ class GuardedProtocol(HttpToolsProtocol):
             self.parser.feed_data(piece)  # may end the head (on_headers_complete) mid-piece
 
     # ------------------------------------------------------------------ parser callbacks
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        # the compiled relay writes a stream's events to this connection's socket (router/relay.py)
+        self.scope[TRANSPORT_KEY] = self.transport  # type: ignore[literal-required]
 
     def on_headers_complete(self) -> None:
         # the count is checked once the head is parsed: the byte limit already bounds the work

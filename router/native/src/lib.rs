@@ -32,6 +32,7 @@ struct Exchange {
 impl Exchange {
     #[new]
     #[allow(clippy::too_many_arguments)]
+    #[pyo3(signature = (host, port, request, connect_timeout_s, idle_timeout_s, max_bytes, pool_idle_s, max_event=0))]
     fn new(
         host: String,
         port: u16,
@@ -40,6 +41,7 @@ impl Exchange {
         idle_timeout_s: f64,
         max_bytes: u64,
         pool_idle_s: f64,
+        max_event: u64,
     ) -> PyResult<Self> {
         let cfg = worker::Config {
             host,
@@ -48,6 +50,7 @@ impl Exchange {
             connect_timeout: seconds("connect_timeout_s", connect_timeout_s)?,
             idle_timeout: seconds("idle_timeout_s", idle_timeout_s)?,
             max_bytes,
+            max_event,
             pool_idle: seconds("pool_idle_s", pool_idle_s)?,
         };
         if cfg.connect_timeout.is_zero() || cfg.idle_timeout.is_zero() {

@@ -20,7 +20,44 @@ pub struct Config {
     pub connect_timeout: Duration,
     pub idle_timeout: Duration,
     pub max_bytes: u64,
+    /// The longest SSE event (bytes up to its blank line) the body may hold; 0: no bound. The
+    /// router's Python relay bounds events, not streams (SSEFramer), and so does this.
+    pub max_event: u64,
     pub pool_idle: Duration,
+}
+
+/// Passes on whole SSE events only (up to a blank line, ``\n\n``) and holds a partial one, at most
+/// ``max`` bytes, until its end arrives, as the Python relay's SSEFramer does: an error event that
+/// follows a break-off then starts on a line of its own, never glued to half an event.
+struct Framer {
+    held: Vec<u8>,
+    max: u64,
+}
+
+impl Framer {
+    /// Appends to ``out`` the events ``data`` completes; Err when the held part passes ``max``.
+    fn feed(&mut self, data: &[u8], out: &mut Vec<u8>) -> Result<(), ()> {
+        let joined = self.held.last() == Some(&b'\n') && data.first() == Some(&b'\n');
+        let cut = data.windows(2).rposition(|w| w == b"\n\n").map(|i| i + 2);
+        match cut.or(if joined { Some(1) } else { None }) {
+            Some(at) => {
+                out.append(&mut self.held);
+                out.extend_from_slice(&data[..at]);
+                self.held.extend_from_slice(&data[at..]);
+            }
+            None => self.held.extend_from_slice(data),
+        }
+        if self.held.len() as u64 > self.max { Err(()) } else { Ok(()) }
+    }
+}
+
+/// A clean end: what is held of an unfinished event goes too, as SSEFramer.flush does.
+fn flush(framer: &mut Option<Framer>, fwd: &mut Fwd) -> Outcome {
+    let rest = framer.as_mut().map(|f| std::mem::take(&mut f.held)).unwrap_or_default();
+    match fwd.deliver(&rest) {
+        Ok(()) => Outcome::End,
+        Err(outcome) => outcome,
+    }
 }
 
 const READ_BUF: usize = 64 * 1024;
@@ -201,6 +238,8 @@ fn body(
 ) -> (Outcome, bool) {
     let fd = stream.as_raw_fd();
     let mut total: u64 = 0;
+    let mut framer = (cfg.max_event > 0).then(|| Framer { held: Vec::new(), max: cfg.max_event });
+    let mut framed = Vec::with_capacity(READ_BUF);
     let mut out = Vec::with_capacity(READ_BUF);
     let mut buf = vec![0u8; READ_BUF];
     let mut input: &[u8] = leftover;
@@ -216,17 +255,28 @@ fn body(
             if total > cfg.max_bytes {
                 return (err("too_large", format!("the response is over {} bytes", cfg.max_bytes)), false);
             }
-            if let Err(outcome) = fwd.deliver(&out) {
+            let ready = match framer.as_mut() {
+                None => &out,
+                Some(f) => {
+                    framed.clear();
+                    if f.feed(&out, &mut framed).is_err() {
+                        let message = format!("an event of the engine's stream is larger than {} bytes", f.max);
+                        return (err("too_large", message), false);
+                    }
+                    &framed
+                }
+            };
+            if let Err(outcome) = fwd.deliver(ready) {
                 return (outcome, false);
             }
             if extra > 0 {
-                return (Outcome::End, false); // bytes past the body: never reuse such a connection
+                return (flush(&mut framer, fwd), false); // bytes past the body: never reuse such a connection
             }
             // only time spent waiting for the engine is idle, not time spent relaying (a slow client)
             deadline = sys::deadline(cfg.idle_timeout);
         }
         if dec.done() {
-            return (Outcome::End, true);
+            return (flush(&mut framer, fwd), true);
         }
         let client = fwd.client_fd();
         let mut fds = [
@@ -257,7 +307,7 @@ fn body(
             continue;
         }
         match sys::recv(fd, &mut buf) {
-            Ok(0) if dec.ends_at_close() => return (Outcome::End, false),
+            Ok(0) if dec.ends_at_close() => return (flush(&mut framer, fwd), false),
             Ok(0) => return (err("read", "the engine closed the connection mid-body"), false),
             Ok(n) => input = &buf[..n],
             Err(e) if e.kind() == ErrorKind::WouldBlock => {}

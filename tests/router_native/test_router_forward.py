@@ -1,0 +1,215 @@
+"""The router's streams on the compiled relay, end to end: the router behind its own server
+(router/server.py, as ``kvstack router`` runs it), real simulators and the real ``openai`` client.
+
+The same requests through a router with ``native_relay: false`` (every event in Python, the
+reference) must give the client the same stream; a client that leaves mid-stream must end the
+engine's request; an engine that breaks off after the first token must end the stream with an
+error event, as the Python relay does."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterator
+
+import httpx
+import openai
+import pytest
+from tests.router.conftest import MODEL, RawEngine, Sim, run_sims
+from tests.security.conftest import EdgeFactory, EdgeRouter, edge
+
+from kvstack.common.waits import wait_until
+from kvstack.router.native_relay import available
+
+__all__ = ["edge"]
+
+pytestmark = pytest.mark.skipif(not available(), reason="the compiled relay is not built (router/native)")
+
+PROMPT = [{"role": "user", "content": "Tell me about the relay that forwards these tokens."}]
+
+
+@pytest.fixture(scope="module")
+def sims(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Sim]]:
+    with run_sims(tmp_path_factory.mktemp("sims"), 1) as running:
+        yield running
+
+
+def forwarded(r: EdgeRouter, outcome: str) -> float:
+    """How many streams ended on the native relay with ``outcome``."""
+    value: float = r.ctx.metrics.native_streams.labels(outcome)._value.get()
+    return value
+
+
+def stream_events(url: str, max_tokens: int) -> list[dict[str, object]]:
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
+    events = client.chat.completions.create(
+        model=MODEL,
+        messages=PROMPT,  # type: ignore[arg-type]
+        max_tokens=max_tokens,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    return [e.model_dump() for e in events]
+
+
+def text(events: list[dict[str, object]]) -> str:
+    out = []
+    for e in events:
+        for choice in e["choices"]:  # type: ignore[attr-defined]
+            out.append(choice["delta"].get("content") or "")
+    return "".join(out)
+
+
+@pytest.mark.parametrize("max_tokens", [1, 2, 64])
+def test_a_simulators_stream_on_the_native_relay_is_whole(
+    sims: list[Sim], edge: EdgeFactory, max_tokens: int
+) -> None:
+    """The simulator's streams (their event count varies run to run) arrive whole through both
+    relays: the role first, every token, the finish, the usage, ``[DONE]``."""
+    for flag in (True, False):
+        r = edge(engines=[sims[0].url], native_relay=flag)
+        before = forwarded(r, "end")
+        events = stream_events(r.url, max_tokens)
+        assert events[0]["choices"][0]["delta"]["role"] == "assistant"  # type: ignore[index]
+        assert [e["choices"][0]["finish_reason"] for e in events if e["choices"]][-1] == "length"  # type: ignore[index]
+        assert events[-1]["usage"]["completion_tokens"] == max_tokens  # type: ignore[index]
+        assert len({e["id"] for e in events}) == 1 and text(events) != ""
+        # after the first token the rest went on the native thread, to its end (Python: never). A
+        # one- or two-token answer may end before the transport has sent its head: then Python ends it
+        if max_tokens > 2 or not flag:
+            assert forwarded(r, "end") == before + (1 if flag else 0)
+
+
+class ScriptedStream(RawEngine):
+    """Streams fixed bytes: a role chunk, then events of every size (one split across two writes
+    and chunks, one of 200 KB), then ``[DONE]``; :attr:`sent` is the body as the engine sent it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        parts = [{"role": "assistant", "content": ""}] + [{"content": "x" * n} for n in (1, 7, 300, 4096)]
+        parts += [{"content": f" t{i}"} for i in range(40)] + [{"content": "y" * 200_000}]
+        self.events = [
+            b"data: "
+            + json.dumps(
+                {
+                    "id": "c1",
+                    "object": "chat.completion.chunk",
+                    "created": 0,
+                    "model": MODEL,
+                    "choices": [{"index": 0, "delta": d, "finish_reason": None}],
+                }
+            ).encode()
+            + b"\n\n"
+            for d in parts
+        ] + [b"data: [DONE]\n\n"]
+        self.sent = b"".join(self.events)
+
+    async def post(
+        self, method: str, path: str, headers: dict[str, str], body: bytes, writer: asyncio.StreamWriter
+    ) -> None:
+        writer.write(
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+        )
+        for i, event in enumerate(self.events):
+            pieces = [event[:9], event[9:]] if i == 7 else [event]  # one event split across chunks
+            for piece in pieces:
+                writer.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+                await writer.drain()
+                await asyncio.sleep(0.002)
+        writer.write(b"0\r\n\r\n")
+
+
+def test_the_native_relay_delivers_the_engines_bytes_exactly(edge: EdgeFactory) -> None:
+    with ScriptedStream() as engine:
+        for flag in (True, False):
+            r = edge(engines=[engine.url], native_relay=flag)
+            body = {"model": MODEL, "messages": PROMPT, "max_tokens": 64, "stream": True}
+            resp = httpx.post(f"{r.url}/v1/chat/completions", json=body, timeout=30)
+            assert resp.status_code == 200
+            assert resp.content == engine.sent
+            assert forwarded(r, "end") == (1 if flag else 0)
+
+
+def test_a_client_leaving_mid_stream_ends_the_engines_request(
+    tmp_path_factory: pytest.TempPathFactory, edge: EdgeFactory
+) -> None:
+    with run_sims(tmp_path_factory.mktemp("slow"), 1, "--speed", "0.05") as slow:
+        r = edge(engines=[slow[0].url], native_relay=True)
+        body = {"model": MODEL, "messages": PROMPT, "max_tokens": 400, "stream": True}
+        with (
+            httpx.Client(timeout=30) as client,
+            client.stream("POST", f"{r.url}/v1/chat/completions", json=body) as resp,
+        ):
+            assert resp.status_code == 200
+            lines = resp.iter_lines()
+            seen = 0
+            for line in lines:
+                if line.startswith("data: ") and '"content"' in line:
+                    seen += 1
+                if seen >= 3:
+                    break  # the native thread is forwarding by now
+        # the connection is closed: the router notices (its watcher or the thread's write) and the
+        # engine's request is aborted, so the engine has nothing running
+        wait_until(
+            lambda: r.ctx.metrics.disconnects.labels(MODEL)._value.get() == 1, "the disconnect", 20, 0.05
+        )
+        engine = r.ctx.registry.all()[0]
+        wait_until(lambda: engine.in_flight == 0, "the engine's request to end", 20, 0.05)
+
+        def engine_idle() -> bool:
+            metrics = httpx.get(f"{slow[0].url}/metrics").text
+            running = [line for line in metrics.splitlines() if line.startswith("vllm:num_requests_running")]
+            return bool(running) and all(float(line.rsplit(" ", 1)[1]) == 0 for line in running)
+
+        wait_until(engine_idle, "the engine to stop generating", 20, 0.1)
+
+
+class BreaksOffEngine(RawEngine):
+    """Streams a role chunk and two tokens, then closes the connection mid-stream; with
+    ``half_event``, after writing the first half of a third event."""
+
+    def __init__(self, half_event: bool) -> None:
+        super().__init__()
+        self.half_event = half_event
+
+    async def post(
+        self, method: str, path: str, headers: dict[str, str], body: bytes, writer: asyncio.StreamWriter
+    ) -> None:
+        writer.write(
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+        )
+        for delta in ({"role": "assistant", "content": ""}, {"content": "one"}, {"content": " two"}):
+            event = {
+                "id": "c1",
+                "object": "chat.completion.chunk",
+                "created": 0,
+                "model": MODEL,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": None}],
+            }
+            data = b"data: " + json.dumps(event).encode() + b"\n\n"
+            writer.write(b"%x\r\n%s\r\n" % (len(data), data))
+            await writer.drain()
+            await asyncio.sleep(0.05)
+        if self.half_event:
+            half = b'data: {"id": "c1", "choices": [{"index": 0, "delta": {"con'
+            writer.write(b"%x\r\n%s\r\n" % (len(half), half))
+            await writer.drain()
+            await asyncio.sleep(0.05)
+        writer.transport.abort()  # no terminating chunk: the response broke off
+
+
+@pytest.mark.parametrize("half_event", [False, True])
+def test_an_engine_breaking_off_after_the_first_token_ends_the_stream_with_an_error_event(
+    edge: EdgeFactory, half_event: bool
+) -> None:
+    """The error event starts on its own line: half an event is never passed on (SSEFramer's rule)."""
+    with BreaksOffEngine(half_event) as engine:
+        r = edge(engines=[engine.url], native_relay=True)
+        body = {"model": MODEL, "messages": PROMPT, "max_tokens": 8, "stream": True}
+        resp = httpx.post(f"{r.url}/v1/chat/completions", json=body, timeout=30)
+        assert resp.status_code == 200
+        events = [line[6:] for line in resp.text.splitlines() if line.startswith("data: ")]
+        contents = [json.loads(e)["choices"][0]["delta"].get("content") for e in events[:-1]]
+        assert contents == ["", "one", " two"]
+        assert json.loads(events[-1])["error"]["code"] == 502  # the Python relay's answer too
+        assert forwarded(r, "read") == 1
