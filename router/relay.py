@@ -4,8 +4,8 @@ A stream's frames before the first generated token (a chat's role chunk) are hel
 so a try that produced nothing can still be retried on another engine; once the head is sent the
 call is the client's. From then on, where the compiled relay is built (router/native) and the router
 serves the connection itself, the rest of the stream goes from the engine to the client socket on a
-native thread (:meth:`Relay._forward`): Python relayed ~95 us of CPU per event, most of a streamed
-request's cost (bench-results/router, "Where a GPU-shaped request's CPU goes").
+native thread (:meth:`Relay._forward`): the relay was most of a streamed request's CPU, and the
+thread takes ~30 us of it off each event (bench-results/router, "The compiled relay").
 
 Answers of ``/v1/responses`` teach the router which engine stored each response
 (:mod:`kvstack.router.sticky`); an engine's 404 for a model it no longer serves becomes a
