@@ -70,7 +70,7 @@ class RouterContext:
             max_held=settings.max_held_per_model,
         )
         if settings.flow_control.enabled:  # one prefill-rate learner: flow control's, per engine
-            self.policy.use_prefill_rates(self.flow.room.rate)
+            self.policy.use_prefill_rates(self.flow.room.pricing_rate, self.flow.room.device_speeds)
         path = settings.tokenizer_path
         self.local_tokenizers = (
             LocalTokenizers(path, self.token_cache, self.token_cache.messages)

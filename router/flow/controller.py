@@ -32,6 +32,7 @@ from kvstack.router.engines import EngineRegistry, EngineState
 from kvstack.router.exchange import RetryLater
 from kvstack.router.flow.admission import SHED_MESSAGES, SHED_REASONS, Newcomer, decide, expiry
 from kvstack.router.flow.config import FlowControlConfig, PriorityClass
+from kvstack.router.flow.device_speed import busy_on_device
 from kvstack.router.flow.fairness import FairShare
 from kvstack.router.flow.forecast import BASE_TTFT_S, Forecast
 from kvstack.router.flow.grant import Grant
@@ -287,6 +288,7 @@ class FlowControl:
         grant.waited_for_slot = waits_for_slot(
             engine.in_flight, flow.slots, flow.waiting(engine), engine.kv_cache_usage
         )
+        grant.device_busy = busy_on_device(engine, self.registry.all())
         expected = (grant.backlog_at_dispatch + uncached) / self.room.rate(engine)
         due = now + expected + self.room.limits.prefill_target_s
         flow.prefill[grant.id] = Prefill(uncached, due, streamed, grant.priority)
@@ -309,7 +311,8 @@ class FlowControl:
             return
         took_s = now - grant.dispatched_at - BASE_TTFT_S
         work = grant.backlog_at_dispatch + grant.uncached
-        self.room.prefill_done(engine, grant.id, work, took_s, learn=not grant.waited_for_slot)
+        learn = not grant.waited_for_slot
+        self.room.prefill_done(engine, grant.id, work, took_s, learn=learn, busy=grant.device_busy)
         self.pump(grant.model)
 
     def finished(self, grant: Grant, engine: EngineState) -> None:

@@ -32,6 +32,7 @@ class Grant:
     uncached: float = 0.0
     # it waited at its engine for a batch slot (saturation.waits_for_slot): its TTFT is no prefill rate
     waited_for_slot: bool = False
+    device_busy: int = 1  # engines busy on its engine's device at dispatch, itself included
 
     def headers(self) -> list[tuple[bytes, bytes]]:
         shown = [

@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 from kvstack.router.engines import EngineRegistry, EngineState
 from kvstack.router.flow.config import FlowControlConfig
+from kvstack.router.flow.device_speed import Bucket, alone_rate, observe, speeds
 from kvstack.router.flow.ledger import EngineFlow
 from kvstack.router.flow.placement import Option, prefer_hit_engine, slot_wait_s
 from kvstack.router.flow.saturation import (
@@ -61,6 +62,9 @@ class Room:
         # per shared device, its engines' learnt rates (the measured ones): an unmeasured engine's
         # rate is their mean, found without a scan of every ledger on each saturation check
         self.device_rates: dict[str, dict[str, float]] = {}
+        # per shared device, its prefill-rate samples by the number of its engines busy
+        # (flow/device_speed.py): how much a busy neighbour slows an engine there, learnt
+        self.device_buckets: dict[str, dict[int, Bucket]] = {}
         # per model, a request's time at its engine (an EWMA): with the requests in flight there, the
         # rate slots free up (Little's law), known before the queue has given any turn
         self.service_s: dict[str, float] = {}
@@ -103,13 +107,36 @@ class Room:
         """Drop the ledgers of engines that left (pods come and go for months)."""
         for url in [u for u in self.engines if registry.get(u) is None]:
             self._forget_rate(url, self.engines.pop(url).device)
+        live = {flow.device for flow in self.engines.values()}
+        for device in [d for d in self.device_buckets if d not in live]:
+            del self.device_buckets[device]
+
+    def pricing_rate(self, engine: EngineState) -> float:
+        """The rate the cache-aware cost model prices ``engine``'s prefill at, before its device's
+        slowdown (:meth:`device_speeds`): on a shared device whose engines were measured alone, that
+        alone rate (the engine's own mixes samples taken alone and beside busy neighbours, and
+        would be slowed twice); else :meth:`rate`."""
+        device = engine.endpoint.device
+        alone = alone_rate(self.device_buckets.get(device, {})) if device else None
+        return self.rate(engine) if alone is None else alone
+
+    def device_speeds(self, device: str, prior: tuple[float, ...]) -> tuple[float, ...]:
+        """``device``'s engines' speed relative to alone with 2, 3, ... busy: learnt, else ``prior``."""
+        return speeds(self.device_buckets.get(device, {}), prior)
 
     def prefill_done(
-        self, engine: EngineState, grant_id: int, work_tokens: float, took_s: float, learn: bool = True
+        self,
+        engine: EngineState,
+        grant_id: int,
+        work_tokens: float,
+        took_s: float,
+        learn: bool = True,
+        busy: int = 1,
     ) -> None:
         """A prefill at ``engine`` ended after ``took_s`` for ``work_tokens`` (its own and the backlog
         ahead of it at dispatch): the engine's prefill rate learns from it (``saturation.learn_rate``)
-        unless not to ``learn`` (it waited there for a batch slot first)."""
+        unless not to ``learn`` (it waited there for a batch slot first), and so does its device's
+        speed with ``busy`` of its engines busy at dispatch (:mod:`.device_speed`)."""
         flow = self.ledger(engine)
         if flow.prefill.pop(grant_id, None) is None or not learn:
             return
@@ -123,6 +150,9 @@ class Room:
             flow.rate = learn_rate(flow.rate, flow.samples, sat.learn_weight)
             if flow.device:
                 self.device_rates.setdefault(flow.device, {})[engine.url] = flow.rate
+                if sat.learn_weight > 0:
+                    known = self.device_buckets.get(flow.device, {})
+                    self.device_buckets[flow.device] = observe(known, busy, sample)
 
     def served(self, model: str, took_s: float) -> None:
         """A request of ``model`` spent ``took_s`` at its engine."""

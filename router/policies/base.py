@@ -54,6 +54,10 @@ class Decision:
     predicted_hit_tokens: int = 0
 
 
+# a shared device's engines' speed relative to alone with 2, 3, ... busy, given the configured prior
+DeviceSpeeds = Callable[[str, tuple[float, ...]], tuple[float, ...]]
+
+
 class Policy(ABC):
     """A routing policy. ``candidates`` is non-empty: available engines serving the model.
 
@@ -75,9 +79,10 @@ class Policy(ABC):
         effects): flow control's estimate of a request's prefill cost before it is routed."""
         return ExpectedHit(0.0)
 
-    def use_prefill_rates(self, rate: Callable[[EngineState], float]) -> None:  # noqa: B027
+    def use_prefill_rates(self, rate: Callable[[EngineState], float], speeds: DeviceSpeeds) -> None:  # noqa: B027
         """Where the policy prices prefill, use ``rate(engine)``: an engine's prefill tokens/s as
-        the router learns it (flow control's, :meth:`kvstack.router.flow.room.Room.rate`)."""
+        the router learns it, and ``speeds(device, prior)``: how a shared device slows its engines
+        as more are busy (flow control's: :class:`kvstack.router.flow.room.Room`)."""
 
     # ---- per-request hooks
 

@@ -33,7 +33,13 @@ from kvstack.router.kvindex.index import IndexSettings, KVIndex
 from kvstack.router.kvindex.keys import KeyCache, request_root
 from kvstack.router.kvindex.ledger import PrefillLedger
 from kvstack.router.kvindex.subscriber import KVEventSubscriber, SubscriberSettings
-from kvstack.router.policies.base import Decision, ExpectedHit, Policy, RequestFeatures
+from kvstack.router.policies.base import (
+    Decision,
+    DeviceSpeeds,
+    ExpectedHit,
+    Policy,
+    RequestFeatures,
+)
 from kvstack.router.policies.cache_aware_decide import CandidateView, decide, est_ttft, rate_of
 from kvstack.router.policies.cache_aware_log import decision_log, log_decision
 from kvstack.router.policies.cache_aware_tiers import TierModel
@@ -179,12 +185,14 @@ class CacheAwarePolicy(Policy):
         # narrows the candidates to engines with room; another model's engine shares the GPU too)
         self.registry: EngineRegistry | None = None
         self.rates: Callable[[EngineState], float] | None = None  # see use_prefill_rates
+        self.speeds: DeviceSpeeds | None = None
 
-    def use_prefill_rates(self, rate: Callable[[EngineState], float]) -> None:
+    def use_prefill_rates(self, rate: Callable[[EngineState], float], speeds: DeviceSpeeds) -> None:
         """Price each engine's queue at ``rate(engine)`` (flow control's learnt prefill rate)
-        instead of the fixed ``prefill_tokens_per_s`` prior; the prefill ledger holds a request's
-        tokens for as long as that rate says its prefill takes."""
-        self.rates = rate
+        instead of the fixed ``prefill_tokens_per_s`` prior, and a shared device's slowdown at
+        ``speeds(device, prior)`` instead of ``shared_device_speed``; the prefill ledger holds a
+        request's tokens for as long as that rate says its prefill takes."""
+        self.rates, self.speeds = rate, speeds
 
     def choose(self, request: RequestFeatures, candidates: Sequence[EngineState], now: float) -> Decision:
         tokens = request.prompt_token_ids or ()
@@ -222,7 +230,8 @@ class CacheAwarePolicy(Policy):
 
         neighbours = device_neighbours(candidates, engines, queued_on)
         bound_loads = device_loads(candidates)
-        rates = self.rates
+        rates, learnt = self.rates, self.speeds
+        prior = self.settings.shared_device_speed
         for st, est, q, (busy, busy_queued), bound_load in zip(
             candidates, estimates, queued, neighbours, bound_loads, strict=True
         ):
@@ -241,6 +250,7 @@ class CacheAwarePolicy(Policy):
                     device_queued=busy_queued,
                     bound_load=bound_load,
                     prefill_rate=0.0 if rates is None else rates(st),
+                    speeds=None if learnt is None or not busy else learnt(st.endpoint.device or "", prior),
                 )
             )
         choice = decide(n_tokens, views, self.settings, self.rng)

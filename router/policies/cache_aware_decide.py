@@ -53,6 +53,8 @@ class CandidateView(NamedTuple):
     # the bounded-load guard's measure: ``load``, or the candidates' load on the device it shares
     bound_load: float | None = None
     prefill_rate: float = 0.0  # its learnt prefill tokens/s; 0: not known, use the settings' prior
+    # its device's learnt speeds with 2, 3, ... busy (``shared_device_speed``'s shape); None: the prior
+    speeds: tuple[float, ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,13 +88,19 @@ def rate_of(v: CandidateView, s: CacheAwareSettings) -> float:
     return v.prefill_rate if v.prefill_rate > 0 else s.prefill_tokens_per_s
 
 
+def speeds_of(v: CandidateView, s: CacheAwareSettings) -> tuple[float, ...]:
+    """How ``v``'s device slows its engines as more are busy: learnt (flow/device_speed.py), else
+    the configured ``shared_device_speed``."""
+    return s.shared_device_speed if v.speeds is None else v.speeds
+
+
 def est_ttft(prompt_tokens: int, v: CandidateView, s: CacheAwareSettings) -> float:
     """Estimated seconds to first token on the engine of ``v``."""
     uncached = max(0.0, prompt_tokens - v.hit_tokens)
     work = v.queued_tokens + uncached
     steps = max(1, math.ceil(work / s.prefill_chunk_tokens))
     decode_s = v.running * s.decode_step_s_per_running * steps
-    slow = device_slowdown(v.device_busy, s.shared_device_speed) if v.device_busy else 1.0
+    slow = device_slowdown(v.device_busy, speeds_of(v, s)) if v.device_busy else 1.0
     return s.base_ttft_s + (work / rate_of(v, s) + decode_s) * slow + v.load_s
 
 
@@ -101,7 +109,7 @@ def woken_s(v: CandidateView, s: CacheAwareSettings) -> float:
     its busy neighbours: each then shares the device with one more busy engine."""
     if v.load > 0 or v.device_busy <= 0 or v.device_queued <= 0:
         return 0.0
-    speeds = s.shared_device_speed
+    speeds = speeds_of(v, s)
     extra = device_slowdown(v.device_busy, speeds) - device_slowdown(v.device_busy - 1, speeds)
     return v.device_queued * extra / rate_of(v, s)
 
@@ -121,7 +129,7 @@ def decide(
             return False
         if v.hit_tokens < s.replicate_below * prompt_tokens:
             return True  # mostly recomputed anyway: warming another engine costs little
-        slow = device_slowdown(v.device_busy, s.shared_device_speed)
+        slow = device_slowdown(v.device_busy, speeds_of(v, s))
         rate = rate_of(v, s)
         queue_s = ttft[i] - s.base_ttft_s - v.load_s - slow * max(0.0, prompt_tokens - v.hit_tokens) / rate
         # The saving counts the recompute's cost to the cluster as ``cost`` does: weighing the

@@ -89,7 +89,7 @@ def test_the_ledger_holds_a_prefill_as_long_as_the_learnt_rate_says() -> None:
     now = [100.0]
     policy = CacheAwarePolicy(KVIndex(), S, clock=lambda: now[0])
     engine = _engine("http://e0")
-    policy.use_prefill_rates(lambda st: 2_000.0)
+    policy.use_prefill_rates(lambda st: 2_000.0, lambda device, prior: prior)
     request = RequestFeatures(request_id="r1", model="m", prompt_token_ids=tuple(range(8_000)))
     decision = policy.choose(request, [engine], now[0])
     policy.on_dispatch(request, Decision(engine=engine, reason=decision.reason))
@@ -112,6 +112,7 @@ def test_the_router_wires_flow_controls_rates_into_the_policy(enabled: bool) -> 
     if enabled:
         engine = _engine("http://e0")
         assert ctx.policy.rates is not None
-        assert ctx.policy.rates(engine) == ctx.flow.room.rate(engine)
+        assert ctx.policy.rates(engine) == ctx.flow.room.pricing_rate(engine) == ctx.flow.room.rate(engine)
+        assert ctx.policy.speeds is not None
     else:
         assert ctx.policy.rates is None
