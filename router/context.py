@@ -70,7 +70,11 @@ class RouterContext:
             max_held=settings.max_held_per_model,
         )
         if settings.flow_control.enabled:  # one prefill-rate learner: flow control's, per engine
-            self.policy.use_prefill_rates(self.flow.room.pricing_rate, self.flow.room.device_speeds)
+            room = self.flow.room
+            if settings.cache_aware.decision.learn_device_speed:
+                self.policy.use_prefill_rates(room.pricing_rate, room.device_speeds)
+            else:
+                self.policy.use_prefill_rates(room.rate)
         path = settings.tokenizer_path
         self.local_tokenizers = (
             LocalTokenizers(path, self.token_cache, self.token_cache.messages)

@@ -79,10 +79,12 @@ class Policy(ABC):
         effects): flow control's estimate of a request's prefill cost before it is routed."""
         return ExpectedHit(0.0)
 
-    def use_prefill_rates(self, rate: Callable[[EngineState], float], speeds: DeviceSpeeds) -> None:  # noqa: B027
+    def use_prefill_rates(  # noqa: B027
+        self, rate: Callable[[EngineState], float], speeds: DeviceSpeeds | None = None
+    ) -> None:
         """Where the policy prices prefill, use ``rate(engine)``: an engine's prefill tokens/s as
-        the router learns it, and ``speeds(device, prior)``: how a shared device slows its engines
-        as more are busy (flow control's: :class:`kvstack.router.flow.room.Room`)."""
+        the router learns it, and ``speeds(device, prior)`` (when given): how a shared device slows
+        its engines as more are busy (flow control's: :class:`kvstack.router.flow.room.Room`)."""
 
     # ---- per-request hooks
 

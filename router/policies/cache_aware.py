@@ -106,6 +106,13 @@ class CacheAwareSettings(BaseModel):
     # busy (bench-results/flow). Equal sharing would price waking a second engine as never
     # worth it, so a shared device would take one engine's throughput however long its queue.
     shared_device_speed: tuple[float, ...] = (0.65,)
+    # Price shared devices with the slowdown flow control learns from the engines
+    # (router/flow/device_speed.py), and a device's engines at its rate alone, instead of
+    # ``shared_device_speed``. Off by default: the H100's traces say the prior (0.65) is far off
+    # there (~0.95) and replaying its decisions with the learnt values spreads them, but it has not
+    # run on a GPU, and on the shared-GPU simulators TTFT p50 / p90 were 10-20 % worse over four
+    # runs (bench-results/lmcache section 17)
+    learn_device_speed: bool = False
     tier_learning: TierLearning = TierLearning()
 
     @field_validator("shared_device_speed")
@@ -187,7 +194,9 @@ class CacheAwarePolicy(Policy):
         self.rates: Callable[[EngineState], float] | None = None  # see use_prefill_rates
         self.speeds: DeviceSpeeds | None = None
 
-    def use_prefill_rates(self, rate: Callable[[EngineState], float], speeds: DeviceSpeeds) -> None:
+    def use_prefill_rates(
+        self, rate: Callable[[EngineState], float], speeds: DeviceSpeeds | None = None
+    ) -> None:
         """Price each engine's queue at ``rate(engine)`` (flow control's learnt prefill rate)
         instead of the fixed ``prefill_tokens_per_s`` prior, and a shared device's slowdown at
         ``speeds(device, prior)`` instead of ``shared_device_speed``; the prefill ledger holds a
