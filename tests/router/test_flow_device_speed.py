@@ -1,9 +1,9 @@
 """A shared device's slowdown, learnt: per number of engines busy there, rate samples against the
-engine alone (router/flow/device_speed.py), and the cost model pricing with it."""
+engine alone (router/flow/device_speed.py). The cost model's use of it is tested in
+tests/router_cache/test_learnt_rate.py."""
 
 from __future__ import annotations
 
-import random
 import time
 
 import pytest
@@ -15,8 +15,6 @@ from kvstack.router.flow.device_speed import MIN_SAMPLES, Bucket, busy_on_device
 from kvstack.router.flow.grant import Grant
 from kvstack.router.flow.ledger import Prefill
 from kvstack.router.metrics import RouterMetrics
-from kvstack.router.policies.cache_aware import CacheAwareSettings
-from kvstack.router.policies.cache_aware_decide import CandidateView, decide
 
 M = "m"
 PRIOR = (0.65,)
@@ -132,18 +130,3 @@ def test_a_dispatch_records_how_many_engines_were_busy_on_the_device() -> None:
     )
     control.dispatched(grant, e0, uncached=1_000.0, streamed=True)
     assert grant.device_busy == 2
-
-
-def test_learnt_speeds_move_the_decision_off_the_busy_holder() -> None:
-    """The H100 case of bench-results/lmcache section 17 at the learnt rate and speed: the engine
-    holding the shared prompt has ~22K tokens queued; its neighbour on the GPU is idle."""
-    s = CacheAwareSettings(explore_rate=0.0)
-
-    def views(speeds: tuple[float, ...] | None) -> list[CandidateView]:
-        idle = CandidateView(0.0, 0.0, 0.0, 0.0, load_s=0.276, device_busy=1, device_queued=21_910.0,
-                             bound_load=9.0, prefill_rate=20_000.0, speeds=speeds)  # fmt: skip
-        holder = CandidateView(2_192.0, 21_910.0, 5.0, 9.0, bound_load=9.0, prefill_rate=20_000.0)
-        return [idle, holder]
-
-    assert decide(6_740, views(None), s, random.Random(0)).index == 1  # at the 0.65 prior: piles on
-    assert decide(6_740, views((0.95,)), s, random.Random(0)).index == 0  # as measured: spreads

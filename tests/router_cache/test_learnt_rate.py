@@ -37,11 +37,12 @@ def test_queue_priced_at_the_learnt_rate(rate: float) -> None:
     assert est_ttft(1024, view, S) == pytest.approx(S.base_ttft_s + queued / rate)
 
 
-def _holder_and_idle_neighbour(rate: float) -> list[CandidateView]:
+def _holder_and_idle_neighbour(rate: float, speeds: tuple[float, ...] | None = None) -> list[CandidateView]:
     """A decision from the H100 run with two LMCache engines on one GPU (bench-results/lmcache
     section 17, `pl1-dev` run 1 at 4.5 s): the engine holding the shared system prompt (2,192
     tokens) has ~22K tokens of prefill queued and five requests decoding; its neighbour is idle and
-    would load the prefix from LMCache's Redis tier, learnt to cost 0.28 s more than computing it."""
+    would load the prefix from LMCache's Redis tier, learnt to cost 0.28 s more than computing it.
+    ``speeds``: the device's learnt slowdown (None: the configured prior)."""
     idle = CandidateView(
         hit_tokens=0.0,
         queued_tokens=0.0,
@@ -52,6 +53,7 @@ def _holder_and_idle_neighbour(rate: float) -> list[CandidateView]:
         bound_load=9.0,
         load_s=0.276,
         prefill_rate=rate,
+        speeds=speeds,
     )
     holder = CandidateView(
         hit_tokens=2_192.0,
@@ -77,6 +79,13 @@ def _holder_and_idle_neighbour(rate: float) -> list[CandidateView]:
 def test_learnt_rate_moves_a_request_off_a_long_queue(rate: float, expected: int, reason: str) -> None:
     choice = decide(6_740, _holder_and_idle_neighbour(rate), S, random.Random(0))
     assert (choice.index, choice.reason) == (expected, reason)
+
+
+def test_learnt_speeds_move_the_decision_off_the_busy_holder() -> None:
+    """The same decision at the rate and speed these engines showed (flow/device_speed.py): priced
+    with the 0.65 prior the holder takes it; with the learnt 0.95 the idle neighbour does."""
+    assert decide(6_740, _holder_and_idle_neighbour(20_000.0), S, random.Random(0)).index == 1
+    assert decide(6_740, _holder_and_idle_neighbour(20_000.0, (0.95,)), S, random.Random(0)).index == 0
 
 
 def _engine(url: str) -> EngineState:
