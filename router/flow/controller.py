@@ -32,7 +32,6 @@ from kvstack.router.engines import EngineRegistry, EngineState
 from kvstack.router.exchange import RetryLater
 from kvstack.router.flow.admission import SHED_MESSAGES, SHED_REASONS, Newcomer, decide, expiry
 from kvstack.router.flow.config import FlowControlConfig, PriorityClass
-from kvstack.router.flow.device_speed import busy_on_device
 from kvstack.router.flow.fairness import FairShare
 from kvstack.router.flow.forecast import BASE_TTFT_S, Forecast
 from kvstack.router.flow.grant import Grant
@@ -44,6 +43,7 @@ from kvstack.router.flow.saturation import waits_for_slot
 from kvstack.router.hold import hold_full_error, hold_timeout_error
 from kvstack.router.metrics import RouterMetrics
 from kvstack.router.policies.base import ExpectedHit
+from kvstack.router.policies.shared_device import busy_on_device
 
 log = logging.getLogger(__name__)
 # the rejections counter's reason for a flow-control refusal, where it is not the refusal's own

@@ -8,7 +8,8 @@ slowdown (``cache_aware_decide.device_slowdown``): at 0.65 it priced the idle en
 one as slow and slowing, and put every request on the busy one. So it is learnt here, per device:
 
 * every prefill-rate sample flow control takes (``saturation.rate_sample``) goes into the device's
-  bucket for the number of its engines busy when the request was sent (itself included), an EWMA
+  bucket for the number of its engines busy when the request was sent (itself included, counted as
+  the decision counts them: ``policies.shared_device.busy_on_device``), an EWMA
   of weight :data:`WEIGHT`;
 * the speed with k busy is bucket k's rate over bucket 1's (the engine alone), once both hold
   :data:`MIN_SAMPLES`; clipped to [:data:`MIN_SPEED`, 1] and never above the speed with fewer busy;
@@ -20,12 +21,8 @@ Pure: no clock, no I/O; :class:`kvstack.router.flow.room.Room` holds each device
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from kvstack.router.engines import EngineState
 
 MIN_SAMPLES = 8  # per bucket: one stalled request never sets a device's speed
 WEIGHT = 0.1
@@ -76,12 +73,3 @@ def speeds(buckets: Mapping[int, Bucket], prior: tuple[float, ...]) -> tuple[flo
             speed = out[-1] * (k - 1) / k
         out.append(min(speed, out[-1]) if out else speed)
     return tuple(out)
-
-
-def busy_on_device(engine: EngineState, engines: Iterable[EngineState]) -> int:
-    """How many engines are busy on ``engine``'s device, ``engine`` included (1: a device of its own
-    or none named); a neighbour with any request in flight counts."""
-    device = engine.endpoint.device
-    if not device:
-        return 1
-    return 1 + sum(1 for e in engines if e is not engine and e.endpoint.device == device and e.in_flight > 0)

@@ -6,9 +6,25 @@ neighbours on the device and the prefill queued on them (``CandidateView.device_
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from kvstack.router.engines import EngineState
+
+
+def busy(st: EngineState) -> bool:
+    """An engine busy on its device: a request in flight, running or waiting. The one measure of it
+    for pricing a device's slowdown (here) and for learning it (``busy_on_device``)."""
+    return st.load > 0
+
+
+def busy_on_device(engine: EngineState, engines: Iterable[EngineState]) -> int:
+    """How many engines are busy on ``engine``'s device, ``engine`` included (1: a device of its own
+    or none named): the count flow control files a prefill-rate sample under
+    (router/flow/device_speed.py), the decision's ``device_busy`` + 1."""
+    device = engine.endpoint.device
+    if not device:
+        return 1
+    return 1 + sum(1 for e in engines if e is not engine and e.endpoint.device == device and busy(e))
 
 
 def device_neighbours(
@@ -26,7 +42,7 @@ def device_neighbours(
     total: dict[str, float] = {}
     own: dict[str, float] = {}  # a busy engine's queued tokens, to take off its device's total
     for st in engines:
-        if (device := st.endpoint.device) and st.load > 0:
+        if (device := st.endpoint.device) and busy(st):
             own[st.url] = q = queued(st)
             count[device] += 1
             total[device] = total.get(device, 0.0) + q

@@ -11,10 +11,11 @@ import pytest
 from kvstack.router.engines import Endpoint, EngineRegistry, EngineState
 from kvstack.router.flow.config import FlowControlConfig
 from kvstack.router.flow.controller import FlowControl
-from kvstack.router.flow.device_speed import MIN_SAMPLES, Bucket, busy_on_device, observe, speeds
+from kvstack.router.flow.device_speed import MIN_SAMPLES, Bucket, observe, speeds
 from kvstack.router.flow.grant import Grant
 from kvstack.router.flow.ledger import Prefill
 from kvstack.router.metrics import RouterMetrics
+from kvstack.router.policies.shared_device import busy_on_device
 
 M = "m"
 PRIOR = (0.65,)
@@ -86,6 +87,14 @@ def test_busy_on_device(devices: list[str | None], in_flight: list[int], expecte
     for e, n in zip(engines, in_flight, strict=True):
         e.in_flight = n
     assert busy_on_device(engines[0], engines) == expected
+
+
+def test_a_neighbour_busy_by_its_own_count_is_busy_as_the_decision_counts_it() -> None:
+    """Requests another router sent there show in the engine's scrape, not in ``in_flight``: the
+    learner counts them as the cost model's ``device_busy`` does (one measure, shared_device.busy)."""
+    _, engines = make(["g", "g"])
+    engines[1].num_waiting = 2
+    assert busy_on_device(engines[0], engines) == 2
 
 
 def prefill(control: FlowControl, engine: EngineState, rate: float, busy: int, count: int = N) -> None:
