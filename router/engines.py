@@ -52,6 +52,8 @@ class EngineState:
     block_size: int | None = None
     num_gpu_blocks: int | None = None
     last_scrape: float = 0.0  # monotonic time of the last successful scrape
+    # how long its requests waited in its queue of late (router/queue_wait.py); 0: none or unknown
+    queue_wait_s: float = 0.0
     extra: dict[str, float] = field(default_factory=dict)
     # called when the router declares the engine down: each ends one request in flight there
     on_down: set[Callable[[], None]] = field(default_factory=set)

@@ -39,6 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from kvstack.common.tasks import BackgroundTask
 from kvstack.router.engines import Endpoint, EngineRegistry, EngineState
 from kvstack.router.fetch import EngineFetch, FetchError
+from kvstack.router.queue_wait import queue_wait_s
 from kvstack.router.scrape import EngineMetrics, ScrapeParser
 
 log = logging.getLogger(__name__)
@@ -141,6 +142,7 @@ def apply_metrics(state: EngineState, metrics: EngineMetrics, now: float) -> Non
     if metrics.num_gpu_blocks is not None:
         state.num_gpu_blocks = metrics.num_gpu_blocks
     extra: dict[str, float] = dict(metrics.counters)
+    state.queue_wait_s = queue_wait_s(state.extra, extra, metrics.num_waiting, state.queue_wait_s)
     if len(metrics.by_model) > 1:
         for model, m in metrics.by_model.items():
             extra[f"num_running:{model}"] = m.num_running
@@ -155,6 +157,7 @@ def clear_metrics(state: EngineState) -> None:
     state.num_running = None
     state.num_waiting = None
     state.kv_cache_usage = None
+    state.queue_wait_s = 0.0
     state.extra = {}
 
 

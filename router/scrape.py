@@ -1,6 +1,6 @@
 """Parse the few vLLM 0.24 metrics the router routes on out of a Prometheus text scrape.
 
-A full vLLM scrape is ~600 lines (50 KB), almost all histogram buckets; the router needs eight
+A full vLLM scrape is ~600 lines (50 KB), almost all histogram buckets; the router needs ten
 series. :func:`parse_vllm_metrics` finds the lines that start with the names it wants in one
 regular-expression pass (C speed: the other lines are never split or looked at in Python), so it
 never builds a full exposition model. Pure: text in, :class:`EngineMetrics` out.
@@ -29,6 +29,9 @@ COUNTERS = (
     "vllm:prefix_cache_hits_total",
     "vllm:external_prefix_cache_queries_total",
     "vllm:external_prefix_cache_hits_total",
+    # the engine's own queue wait (router/queue_wait.py): a histogram's sum and count, never buckets
+    "vllm:request_queue_time_seconds_sum",
+    "vllm:request_queue_time_seconds_count",
 )
 _GAUGES = (RUNNING, WAITING, KV_USAGE)
 _WANTED = (*_GAUGES, CACHE_CONFIG, *COUNTERS)

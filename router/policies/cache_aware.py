@@ -43,7 +43,7 @@ from kvstack.router.policies.base import (
 from kvstack.router.policies.cache_aware_decide import CandidateView, decide, est_ttft, rate_of
 from kvstack.router.policies.cache_aware_log import decision_log, log_decision
 from kvstack.router.policies.cache_aware_tiers import TierModel
-from kvstack.router.policies.shared_device import device_loads, device_neighbours
+from kvstack.router.policies.shared_device import device_loads, device_neighbours, sharing
 from kvstack.router.residency import TierTokens
 from kvstack.router.tier_cost import TierLearning
 
@@ -238,9 +238,9 @@ class CacheAwarePolicy(Policy):
             return known[st.url] if st.url in known else self._queued(st, now)
 
         neighbours = device_neighbours(candidates, engines, queued_on)
-        bound_loads = device_loads(candidates)
         rates, learnt = self.rates, self.speeds
         prior = self.settings.shared_device_speed
+        bound_loads = device_loads(candidates, lambda d: sharing(learnt(d, prior) if learnt else prior))
         for st, est, q, (busy, busy_queued), bound_load in zip(
             candidates, estimates, queued, neighbours, bound_loads, strict=True
         ):
@@ -260,6 +260,7 @@ class CacheAwarePolicy(Policy):
                     bound_load=bound_load,
                     prefill_rate=0.0 if rates is None else rates(st),
                     speeds=None if learnt is None or not busy else learnt(st.endpoint.device or "", prior),
+                    queue_wait_s=st.queue_wait_s if st.load > 0 else 0.0,  # an idle engine: no queue
                 )
             )
         choice = decide(n_tokens, views, self.settings, self.rng)

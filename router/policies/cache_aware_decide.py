@@ -1,7 +1,9 @@
 """The cache-aware decision (pure): the engine with the lowest estimated time to first token, with guards.
 
 Per candidate: ``est_ttft = base + ((queued uncached prefill + this request's uncached tokens) /
-prefill_rate + decode interference) x device slowdown + tier loads``. ``prefill_rate`` is the
+prefill_rate + decode interference) x device slowdown + tier loads``, where the queue ahead takes
+at least as long as the engine says its requests wait of late (``queue_wait_s``: for KV blocks or
+a batch slot, which the queued prefill does not show). ``prefill_rate`` is the
 engine's rate as flow control learns it from observed TTFTs (:func:`rate_of`), else the configured
 prior. The slowdown is 1 for an
 engine with a device of its own; engines sharing one (several on a GPU) split its time, so one runs
@@ -55,6 +57,8 @@ class CandidateView(NamedTuple):
     prefill_rate: float = 0.0  # its learnt prefill tokens/s; 0: not known, use the settings' prior
     # its device's learnt speeds with 2, 3, ... busy (``shared_device_speed``'s shape); None: the prior
     speeds: tuple[float, ...] | None = None
+    # how long its requests waited in its own queue of late, as it reports (router/queue_wait.py)
+    queue_wait_s: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,7 +105,11 @@ def est_ttft(prompt_tokens: int, v: CandidateView, s: CacheAwareSettings) -> flo
     steps = max(1, math.ceil(work / s.prefill_chunk_tokens))
     decode_s = v.running * s.decode_step_s_per_running * steps
     slow = device_slowdown(v.device_busy, speeds_of(v, s)) if v.device_busy else 1.0
-    return s.base_ttft_s + (work / rate_of(v, s) + decode_s) * slow + v.load_s
+    rate = rate_of(v, s)
+    modelled = (work / rate + decode_s) * slow
+    if v.queue_wait_s > 0:  # what the engine says its requests wait is a floor for the queue
+        modelled = max(modelled, v.queue_wait_s + uncached / rate * slow)
+    return s.base_ttft_s + modelled + v.load_s
 
 
 def woken_s(v: CandidateView, s: CacheAwareSettings) -> float:

@@ -44,6 +44,8 @@ def log_decision(
             "running": v.running,
             "load": v.load,
             "device_busy": v.device_busy,
+            "queue_wait_s": round(v.queue_wait_s, 4),
+            "prefill_rate": round(v.prefill_rate),
             "est_ttft_s": round(t, 6),
         }
         for st, v, e, t in zip(candidates, views, estimates, est_ttft_s, strict=True)

@@ -58,12 +58,38 @@ def device_neighbours(
     return out
 
 
-def device_loads(candidates: Sequence[EngineState]) -> list[float | None]:
-    """Per candidate, the load of the candidates on the device it shares (None: a device of its
-    own). The bounded-load guard compares these: moving a request from a busy engine to an idle
-    one on the same device adds no compute, so the guard balances devices, not their engines."""
+def sharing(speeds: Sequence[float]) -> float:
+    """How much of a busy neighbour's load an engine on its device bears, from the device's speed
+    with two engines busy (``speeds[0]``, relative to alone): 1 when they split the device equally
+    (0.5 each: one compute), 0 when neither slows the other (1.0: as good as a device each), and
+    between in proportion to the time the second engine costs the first (0.65, the H200 prior:
+    0.54). None measured: equal splitting."""
+    if not speeds:
+        return 1.0
+    return min(1.0, max(0.0, 1.0 / speeds[0] - 1.0))
+
+
+def device_loads(
+    candidates: Sequence[EngineState], share: Callable[[str], float] = lambda device: 1.0
+) -> list[float | None]:
+    """Per candidate, its load plus ``share(device)`` of the other candidates' load on the device
+    it shares (None: a device of its own). The bounded-load guard compares these: moving a request
+    from a busy engine to an idle one on a device that is one compute adds no compute, so there the
+    guard balances devices; where the engines barely slow each other (two LMCache engines on an
+    H100 kept 0.9-1.0 of their speed alone, bench-results/lmcache section 18), each engine's own
+    batch, KV and LMCache stores are the bottleneck, and it balances engines."""
     total: dict[str, float] = {}
     for st in candidates:
         if device := st.endpoint.device:
             total[device] = total.get(device, 0.0) + st.load
-    return [total[d] if (d := st.endpoint.device) else None for st in candidates]
+    out: list[float | None] = []
+    shares: dict[str, float] = {}
+    for st in candidates:
+        device = st.endpoint.device
+        if not device:
+            out.append(None)
+            continue
+        if device not in shares:
+            shares[device] = share(device)
+        out.append(st.load + shares[device] * (total[device] - st.load))
+    return out
