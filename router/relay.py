@@ -196,13 +196,20 @@ class Relay:
     async def _forward(
         self, call: Call, attempt: Attempt, resp: NativeResponse, fd: int
     ) -> AttemptFailure | None:
-        """The rest of the stream, engine to client, on the native thread; then the stream's end."""
+        """The rest of the stream, engine to client, on the native thread; then the stream's end.
+
+        The thread holds back the stream's ``[DONE]`` (:attr:`Forwarded.tail`): it goes out here with
+        the terminating chunk, in one write. Written before it, a client that closes as soon as it
+        reads ``[DONE]`` (the openai SDK's iterator stops there) could close before the end, and the
+        disconnect watcher would count a whole answer as the client's 499."""
         done = await resp.forward(fd, chunked=True)
         self.ctx.metrics.native_streams.labels(done.outcome).inc()
         if done.outcome == "end":
-            await call.send({"type": "http.response.body", "body": b"", "more_body": False})
+            await call.send({"type": "http.response.body", "body": done.tail, "more_body": False})
             attempt.answered = True
             return None
+        if done.tail:  # the engine failed after its [DONE]: it goes first, as the Python relay sends it
+            await call.send({"type": "http.response.body", "body": done.tail, "more_body": True})
         if done.outcome in ("client_gone", "client_stalled"):
             # as the disconnect watcher would (router/exchange.py): the call ends as the client's 499
             call.ex.disconnected = True
