@@ -131,15 +131,17 @@ class LateEnd(RawEngine):
 STREAMS = 40  # enough that the old race (the thread wrote [DONE] before Python's end) shows
 
 
-@pytest.mark.parametrize("engine", ["simulator", "late_end"])
+@pytest.mark.parametrize("engine", ["simulator", "late_end", "late_end_at_once"])
 def test_streams_the_client_closes_on_done_are_whole_answers(
     sims: list[Sim], edge: EdgeFactory, engine: str
 ) -> None:
     """The openai SDK's iterator stops at ``[DONE]`` and closes the connection at once. The thread
-    holds ``[DONE]`` back and Python writes it with the stream's end, so the client can never close
-    before the answer is complete: every stream is counted a 200, never the client's 499."""
+    (or Python, before it hands over) holds ``[DONE]`` back and Python writes it with the stream's
+    end, so the client can never close before the answer is complete: every stream is counted a 200,
+    never the client's 499."""
     with contextlib.ExitStack() as stack:
-        url = sims[0].url if engine == "simulator" else stack.enter_context(LateEnd(at_once=False)).url
+        at_once = engine == "late_end_at_once"
+        url = sims[0].url if engine == "simulator" else stack.enter_context(LateEnd(at_once)).url
         r = edge(engines=[url], native_relay=True)
         client = openai.OpenAI(base_url=f"{r.url}/v1", api_key="none", max_retries=0)
         route = "/v1/chat/completions"
@@ -157,7 +159,7 @@ def test_streams_the_client_closes_on_done_are_whole_answers(
 
         wait_until(lambda: count("200") + count("499") == STREAMS, "every stream to be counted", 20, 0.01)
         assert (count("200"), count("499")) == (STREAMS, 0)
-        assert forwarded(r, "end") == STREAMS
+        assert forwarded(r, "end") == (0 if at_once else STREAMS)
 
 
 class ScriptedStream(RawEngine):
@@ -295,12 +297,12 @@ def test_an_engine_breaking_off_after_the_first_token_ends_the_stream_with_an_er
         assert forwarded(r, "read") == 1
 
 
-@pytest.mark.parametrize("at_once", [False])
+@pytest.mark.parametrize("at_once", [False, True])
 def test_an_engine_breaking_off_after_its_done_event_gives_the_python_relays_events(
     edge: EdgeFactory, at_once: bool
 ) -> None:
-    """A ``[DONE]`` held back by the thread still goes out before the error event, where the Python
-    relay sends it."""
+    """A ``[DONE]`` held back (by the thread, or by Python before it hands over) still goes out
+    before the error event, where the Python relay sends it."""
     with LateEnd(at_once, breaks=True) as engine:
         seen = []
         for flag in (True, False):

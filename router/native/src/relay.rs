@@ -35,7 +35,7 @@ impl Outcome {
 }
 
 /// The event that ends an OpenAI stream as engines write it: `data:`, an optional space, `[DONE]`
-/// and a blank line, with LF or CRLF line ends.
+/// and a blank line, with LF or CRLF line ends (router/protocol.py's `split_done` knows the same).
 const DONE_EVENTS: [&[u8]; 4] =
     [b"data: [DONE]\n\n", b"data: [DONE]\r\n\r\n", b"data:[DONE]\n\n", b"data:[DONE]\r\n\r\n"];
 
