@@ -105,12 +105,11 @@ class RouterSettings(BaseSettings):
 
     # upstream client, one shared pool: "aiohttp", or plain "httpx" as the reference (router/upstream.py)
     upstream_backend: Literal["aiohttp", "httpx"] = "aiohttp"
-    # true: a streamed answer, once its first token is sent, goes from the engine to the client
-    # through the compiled relay (router/native) where it is built: no Python per event. Off by
-    # default until the stream's end is written with its last event: a client that closes on
-    # [DONE] can still beat the router's final chunk, and is then counted as a 499 (the day-one
-    # walkthrough's three streams). false: every event through Python (upstream.py, the reference)
-    native_relay: bool = False
+    # a streamed answer, once its first token is sent, goes from the engine to the client through
+    # the compiled relay (router/native) where it is built: no Python per event. The stream's
+    # [DONE] is held back and written with its end, so a client that closes on [DONE] cannot close
+    # before the answer is whole (router/README.md). false: every event through Python (upstream.py)
+    native_relay: bool = True
     max_connections: int = Field(2048, ge=1)
     # below vLLM's uvicorn keep-alive (5 s) so the pool never reuses a socket the engine closed
     keepalive_expiry_s: PositiveSeconds = 4.0

@@ -80,10 +80,16 @@ def clear_pool() -> None:
 class Forwarded:
     """How a forward ended: the body bytes written to the client (chunk framing not counted), and
     why it stopped (``end``: the whole body; ``read``, ``timeout``, ``too_large``: the engine's side;
-    ``client_gone``, ``client_stalled``: the client's; ``cancelled``: :meth:`NativeResponse.aclose`)."""
+    ``client_gone``, ``client_stalled``: the client's; ``cancelled``: :meth:`NativeResponse.aclose`).
+
+    ``tail``: with ``max_event`` (SSE framing), the ``[DONE]`` event that ended the body, held back
+    by the thread and not written (nor counted): the caller writes it, at ``end`` with the stream's
+    end in one write, so a client that closes on ``[DONE]`` never closes before the end is written.
+    After the engine's failures it is reported too; after the client's or a cancel it is dropped."""
 
     nbytes: int
     outcome: Outcome
+    tail: bytes = b""
 
 
 class _Feed:
@@ -173,8 +179,8 @@ class NativeResponse(UpstreamResponse):
     async def forward(self, fd: int, *, chunked: bool) -> Forwarded:
         """Hands the rest of the body to the native thread, which writes it to the client socket
         ``fd`` framed as HTTP/1.1 chunks when ``chunked`` (never the last, empty one: the server
-        writes that after). Body bytes already polled but not yet returned by :meth:`chunks` go first.
-        Returns when the thread is done with the socket.
+        writes that after, with :attr:`Forwarded.tail`). Body bytes already polled but not yet
+        returned by :meth:`chunks` go first. Returns when the thread is done with the socket.
 
         The caller's transport must have nothing buffered for ``fd`` (the thread's writes would pass
         it) and must not write to it until this returns. The thread writes through its own duplicate
@@ -198,7 +204,7 @@ class NativeResponse(UpstreamResponse):
         self._done = True
         if interrupted is not None:
             raise interrupted
-        return Forwarded(cast(int, event[1]), cast(Outcome, event[2]))
+        return Forwarded(cast(int, event[1]), cast(Outcome, event[2]), cast(bytes, event[3]))
 
     def cancel(self) -> None:
         """Aborts the exchange (a pending :meth:`forward` returns ``cancelled``); :meth:`aclose` still."""
@@ -253,7 +259,8 @@ async def open_native(
 ) -> NativeResponse:
     """Sends the request (arguments as :meth:`Upstream.send`) and returns once the head is in,
     waiting at most ``timeouts.first_byte`` for it. ``max_event`` > 0 bounds each SSE event of the
-    body (``too_large``), as the Python relay's ``SSEFramer`` does; ``max_bytes`` the whole body."""
+    body (``too_large``), as the Python relay's ``SSEFramer`` does, and has a forward hold back the
+    body's ``[DONE]`` event (:attr:`Forwarded.tail`); ``max_bytes`` bounds the whole body."""
     if _native is None:
         raise RuntimeError("the native relay is not built (router/native)")
     host, port, request = build_request(method, url, headers, body)

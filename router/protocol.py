@@ -330,6 +330,21 @@ class SSEFramer:
         return data
 
 
+# The event that ends an OpenAI stream as engines write it (LF or CRLF line ends, the space after
+# "data:" optional); the compiled relay holds back the same four (router/native/src/relay.rs).
+_DONE_EVENTS = (b"data: [DONE]\n\n", b"data: [DONE]\r\n\r\n", b"data:[DONE]\n\n", b"data:[DONE]\r\n\r\n")
+
+
+def split_done(frames: bytes) -> tuple[bytes, bytes]:
+    """``frames`` without the ``[DONE]`` event that ends them (one that starts a line), and that
+    event: ``(frames, b"")`` when there is none."""
+    for event in _DONE_EVENTS:
+        at = len(frames) - len(event)
+        if frames.endswith(event) and (at == 0 or frames[at - 1] == 0x0A):
+            return frames[:at], frames[at:]
+    return frames, b""
+
+
 def error_event(status: int, message: str) -> bytes:
     """An SSE error frame as vLLM sends mid-stream (the openai SDK raises ``APIError`` on it)."""
     return b"data: " + msgspec.json.encode(error_body(status, message)) + b"\n\n"

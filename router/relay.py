@@ -24,7 +24,7 @@ from kvstack.router.engines import EngineState
 from kvstack.router.headers import answer_headers
 from kvstack.router.model_gone import forget_model, is_model_gone
 from kvstack.router.native_relay import NativeResponse, available, open_native
-from kvstack.router.protocol import SSEFramer, has_content
+from kvstack.router.protocol import SSEFramer, has_content, split_done
 from kvstack.router.retry import AttemptFailure
 from kvstack.router.sticky import id_from_body, id_from_frames
 from kvstack.router.upstream import UpstreamError, UpstreamResponse
@@ -142,6 +142,10 @@ class Relay:
         framer = SSEFramer(self.ctx.settings.max_response_bytes)
         held: list[bytes] = []
         learning = self.sticky  # the stream's first event names its response (router/sticky.py)
+        native = resp if isinstance(resp, NativeResponse) else None
+        # native: a [DONE] that ended the frames, kept for the stream's end as the thread keeps it
+        # (_forward says why); the Python relay, the reference, passes it on as it comes
+        done = b""
         try:
             async for chunk in resp.chunks():
                 frames = framer.feed(chunk)
@@ -162,18 +166,22 @@ class Relay:
                     await self.start_stream(call, decision.engine)
                     frames = b"".join([*held, frames])
                     held.clear()
-                await send({"type": "http.response.body", "body": frames, "more_body": True})
-                if isinstance(resp, NativeResponse) and ex.started:
+                if native is not None:
+                    frames, done = split_done(done + frames if done else frames)
+                if frames:
+                    await send({"type": "http.response.body", "body": frames, "more_body": True})
+                if native is not None and ex.started and not done:
                     fd = await self._handover(call, framer)
                     if fd is not None:
-                        return await self._forward(call, attempt, resp, fd)
+                        return await self._forward(call, attempt, native, fd)
         except UpstreamError as err:
+            if done:  # the engine failed after its [DONE]: it goes first, as the Python relay sends it
+                await send({"type": "http.response.body", "body": done, "more_body": True})
             return broken(err, f"the engine stream broke off: {err}", sent=ex.started)
         if not ex.started:  # a stream without generated text
             await self.start_stream(call, decision.engine)
-        await send(
-            {"type": "http.response.body", "body": b"".join([*held, framer.flush()]), "more_body": False}
-        )
+        body = b"".join([*held, done, framer.flush()])
+        await send({"type": "http.response.body", "body": body, "more_body": False})
         attempt.answered = True
         return None
 
@@ -196,13 +204,20 @@ class Relay:
     async def _forward(
         self, call: Call, attempt: Attempt, resp: NativeResponse, fd: int
     ) -> AttemptFailure | None:
-        """The rest of the stream, engine to client, on the native thread; then the stream's end."""
+        """The rest of the stream, engine to client, on the native thread; then the stream's end.
+
+        The thread holds back the stream's ``[DONE]`` (:attr:`Forwarded.tail`): it goes out here with
+        the terminating chunk, in one write. Written before it, a client that closes as soon as it
+        reads ``[DONE]`` (the openai SDK's iterator stops there) could close before the end, and the
+        disconnect watcher would count a whole answer as the client's 499."""
         done = await resp.forward(fd, chunked=True)
         self.ctx.metrics.native_streams.labels(done.outcome).inc()
         if done.outcome == "end":
-            await call.send({"type": "http.response.body", "body": b"", "more_body": False})
+            await call.send({"type": "http.response.body", "body": done.tail, "more_body": False})
             attempt.answered = True
             return None
+        if done.tail:  # the engine failed after its [DONE]: it goes first, as the Python relay sends it
+            await call.send({"type": "http.response.body", "body": done.tail, "more_body": True})
         if done.outcome in ("client_gone", "client_stalled"):
             # as the disconnect watcher would (router/exchange.py): the call ends as the client's 499
             call.ex.disconnected = True

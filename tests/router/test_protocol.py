@@ -14,6 +14,7 @@ from kvstack.router.protocol import (
     error_event,
     has_content,
     parse_request,
+    split_done,
 )
 
 
@@ -165,3 +166,20 @@ def test_error_event_is_an_openai_error_frame() -> None:
     assert frame.startswith(b"data: ") and frame.endswith(b"\n\n")
     body = msgspec.json.decode(frame[6:])
     assert body["error"]["code"] == 502 and body["error"]["message"] == "boom"
+
+
+@pytest.mark.parametrize(
+    ("frames", "kept", "done"),
+    [
+        (b"data: a\n\ndata: [DONE]\n\n", b"data: a\n\n", b"data: [DONE]\n\n"),
+        (b"data: a\r\n\r\ndata: [DONE]\r\n\r\n", b"data: a\r\n\r\n", b"data: [DONE]\r\n\r\n"),
+        (b"data:[DONE]\n\n", b"", b"data:[DONE]\n\n"),
+        (b"data: [DONE]\n\ndata: a\n\n", b"data: [DONE]\n\ndata: a\n\n", b""),  # not the last
+        (b"xdata: [DONE]\n\n", b"xdata: [DONE]\n\n", b""),  # not a line of its own
+        (b"data: a\n\n", b"data: a\n\n", b""),
+    ],
+)
+def test_split_done_takes_only_a_done_event_that_ends_the_frames(
+    frames: bytes, kept: bytes, done: bytes
+) -> None:
+    assert split_done(frames) == (kept, done)

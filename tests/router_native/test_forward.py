@@ -60,9 +60,11 @@ def dechunk(data: bytes) -> list[bytes]:
     return chunks
 
 
-async def post(url: str, idle: float = 10.0) -> NativeResponse:
+async def post(url: str, idle: float = 10.0, max_event: int = 0) -> NativeResponse:
     timeouts = Timeouts(connect=5.0, first_byte=10.0, idle=idle)
-    return await open_native("POST", url, [], b"{}", timeouts=timeouts, max_bytes=64 << 20)
+    return await open_native(
+        "POST", url, [], b"{}", timeouts=timeouts, max_bytes=64 << 20, max_event=max_event
+    )
 
 
 async def forward_and_receive(resp: NativeResponse, *, chunked: bool) -> tuple[Forwarded, bytes]:
@@ -275,3 +277,83 @@ async def test_no_descriptor_or_thread_outlives_its_exchanges() -> None:
     # an exchange closes its descriptors when it is dropped: collect what other tests left in cycles
     assert await settled(lambda: gc.collect() >= 0 and relay_threads() == 0)
     assert await settled(lambda: gc.collect() >= 0 and open_fds() == before), open_fds() ^ before
+
+
+# With SSE framing (max_event, as the router runs it) the thread holds back the [DONE] that ends a
+# body and reports it as the forward's tail, for the server to write with the stream's end.
+DONE = b"data: [DONE]\n\n"
+
+
+async def forward_framed(pieces: list[bytes], end: bytes = b"0\r\n\r\n") -> tuple[Forwarded, bytes]:
+    """An engine's body written as ``pieces`` (a chunk each, most likely a read each), then ``end``,
+    forwarded from its start with SSE framing: how it ended, and the body the client received."""
+
+    async def script(conn: Conn) -> None:
+        await conn.request()
+        await conn.send(SSE_HEAD)
+        for piece in pieces:
+            await conn.chunk(piece)
+            await asyncio.sleep(0.002)
+        await conn.send(end)
+
+    async with engine(script) as eng:
+        resp = await post(eng.url, max_event=1 << 20)
+        done, received = await forward_and_receive(resp, chunked=True)
+        await resp.aclose()
+    return done, b"".join(dechunk(received))
+
+
+@pytest.mark.parametrize("eol", [b"\n", b"\r\n"])
+async def test_the_done_event_that_ends_a_body_is_not_written_but_handed_back(eol: bytes) -> None:
+    frames = [b'data: {"n": %d}%s%s' % (i, eol, eol) for i in range(5)]
+    done_event = b"data: [DONE]" + eol + eol
+    done, received = await forward_framed([*frames, done_event])
+    assert received == b"".join(frames)
+    assert done == Forwarded(len(received), "end", done_event)
+
+
+async def test_a_done_event_split_across_the_engines_chunks_is_held_whole() -> None:
+    done, received = await forward_framed([FRAMES[0], FRAMES[1] + b"data: [DO", b"NE]\n", b"\n"])
+    assert received == FRAMES[0] + FRAMES[1]
+    assert done == Forwarded(len(received), "end", DONE)
+
+
+async def test_body_after_a_done_event_follows_it_in_order() -> None:
+    late = b'data: {"late": true}\n\n'
+    done, received = await forward_framed([FRAMES[0], DONE, late, FRAMES[1] + DONE + late, DONE])
+    # a held [DONE] goes out before what follows it; only the one that ends the body is held
+    assert received == FRAMES[0] + DONE + late + FRAMES[1] + DONE + late
+    assert done == Forwarded(len(received), "end", DONE)
+
+
+async def test_a_body_without_a_done_event_is_written_whole_with_no_tail() -> None:
+    mention = b'data: {"content": "data: [DONE]\\n\\n"}\n\n'  # [DONE] inside an event's data
+    done, received = await forward_framed([*FRAMES[:20], mention])
+    assert received == b"".join(FRAMES[:20]) + mention
+    assert done == Forwarded(len(received), "end", b"")
+
+
+async def test_after_a_done_event_the_engines_failure_still_hands_it_back() -> None:
+    """Written before the error event the server sends next, as the Python relay sends [DONE]."""
+    done, received = await forward_framed([FRAMES[0], DONE], end=b"100\r\ncut")
+    assert received == FRAMES[0]  # half an event is never passed on
+    assert done == Forwarded(len(received), "read", DONE)
+
+
+async def test_a_cancelled_forward_drops_a_held_done_event() -> None:
+    async def stalls_after_done(conn: Conn) -> None:
+        await conn.request()
+        await conn.send(SSE_HEAD)
+        await conn.chunk(FRAMES[0] + DONE)  # one read: held by the time FRAMES[0] is received
+        await conn.wait_hang_up()
+
+    async with engine(stalls_after_done) as eng:
+        resp = await post(eng.url, max_event=1 << 20)
+        with client_connection() as (served, client):
+            forwarding = asyncio.ensure_future(resp.forward(served.fileno(), chunked=True))
+            first = await asyncio.get_running_loop().sock_recv(client, 1 << 16)
+            resp.cancel()
+            done = await forwarding
+        await resp.aclose()
+    assert dechunk(first) == [FRAMES[0]]
+    assert done == Forwarded(len(FRAMES[0]), "cancelled", b"")

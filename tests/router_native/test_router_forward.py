@@ -9,7 +9,7 @@ error event, as the Python relay does."""
 from __future__ import annotations
 
 import asyncio
-import functools
+import contextlib
 import json
 from collections.abc import Iterator
 
@@ -78,34 +78,97 @@ def test_a_simulators_stream_on_the_native_relay_is_whole(
         # after the first token the rest went on the native thread, to its end (Python: never). A
         # one- or two-token answer may end before the transport has sent its head: then Python ends it
         if max_tokens > 2 or not flag:
-            # the client stops at [DONE], which the thread writes before it reports its end
-            expected = before + (1 if flag else 0)
-            counted = functools.partial(lambda r, n: forwarded(r, "end") == n, r, expected)
-            wait_until(counted, "the forward's end to be counted", 10, 0.01)
+            # counted before Python writes the [DONE] the thread held back, at which the client stops
+            assert forwarded(r, "end") == before + (1 if flag else 0)
+
+
+def chat_event(delta: dict[str, str], finish: str | None = None) -> bytes:
+    """One SSE event of a streamed chat answer, as an engine writes it."""
+    chunk = {
+        "id": "c1",
+        "object": "chat.completion.chunk",
+        "created": 0,
+        "model": MODEL,
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+    }
+    return b"data: " + json.dumps(chunk).encode() + b"\n\n"
+
+
+class LateEnd(RawEngine):
+    """A short answer whose ``[DONE]`` comes a moment before the body's end, as from an engine that
+    works on after its last event (the simulators under ``kvstack up`` store KV in Redis then). Its
+    events come a read each (the thread forwards all after the first token) or, ``at_once``, all in
+    one write (Python holds them all: the stream never goes to the thread). ``breaks``: then the
+    connection breaks off instead of the body's end."""
+
+    def __init__(self, at_once: bool, breaks: bool = False) -> None:
+        super().__init__()
+        self.breaks = breaks
+        deltas = [{"role": "assistant", "content": ""}] + [{"content": f" t{i}"} for i in range(4)]
+        events = [chat_event(d) for d in deltas] + [chat_event({}, "length"), b"data: [DONE]\n\n"]
+        self.writes = [b"".join(events)] if at_once else events
+
+    async def post(
+        self, method: str, path: str, headers: dict[str, str], body: bytes, writer: asyncio.StreamWriter
+    ) -> None:
+        writer.write(
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+        )
+        for data in self.writes:
+            writer.write(b"%x\r\n%s\r\n" % (len(data), data))
+            await writer.drain()
+            await asyncio.sleep(0.002)
+        await asyncio.sleep(0.02)
+        if self.breaks:
+            writer.transport.abort()
+        else:
+            writer.write(b"0\r\n\r\n")
+
+
+STREAMS = 40  # enough that the old race (the thread wrote [DONE] before Python's end) shows
+
+
+@pytest.mark.parametrize("engine", ["simulator", "late_end", "late_end_at_once"])
+def test_streams_the_client_closes_on_done_are_whole_answers(
+    sims: list[Sim], edge: EdgeFactory, engine: str
+) -> None:
+    """The openai SDK's iterator stops at ``[DONE]`` and closes the connection at once. The thread
+    (or Python, before it hands over) holds ``[DONE]`` back and Python writes it with the stream's
+    end, so the client can never close before the answer is complete: every stream is counted a 200,
+    never the client's 499."""
+    with contextlib.ExitStack() as stack:
+        at_once = engine == "late_end_at_once"
+        url = sims[0].url if engine == "simulator" else stack.enter_context(LateEnd(at_once)).url
+        r = edge(engines=[url], native_relay=True)
+        client = openai.OpenAI(base_url=f"{r.url}/v1", api_key="none", max_retries=0)
+        route = "/v1/chat/completions"
+        for _ in range(STREAMS):
+            events = client.chat.completions.create(
+                model=MODEL,
+                messages=PROMPT,  # type: ignore[arg-type]
+                max_tokens=16,
+                stream=True,
+            )
+            assert text([e.model_dump() for e in events]) != ""  # read to [DONE], then closed
+
+        def count(status: str) -> float:
+            return r.metric("kvstack_router_route_requests_total", route=route, status=status)
+
+        wait_until(lambda: count("200") + count("499") == STREAMS, "every stream to be counted", 20, 0.01)
+        assert (count("200"), count("499")) == (STREAMS, 0)
+        assert forwarded(r, "end") == (0 if at_once else STREAMS)
 
 
 class ScriptedStream(RawEngine):
     """Streams fixed bytes: a role chunk, then events of every size (one split across two writes
-    and chunks, one of 200 KB), then ``[DONE]``; :attr:`sent` is the body as the engine sent it."""
+    and chunks, one of 200 KB), then ``ending``, a chunk each; :attr:`sent` is the body as the engine
+    sent it."""
 
-    def __init__(self) -> None:
+    def __init__(self, ending: list[bytes]) -> None:
         super().__init__()
         parts = [{"role": "assistant", "content": ""}] + [{"content": "x" * n} for n in (1, 7, 300, 4096)]
         parts += [{"content": f" t{i}"} for i in range(40)] + [{"content": "y" * 200_000}]
-        self.events = [
-            b"data: "
-            + json.dumps(
-                {
-                    "id": "c1",
-                    "object": "chat.completion.chunk",
-                    "created": 0,
-                    "model": MODEL,
-                    "choices": [{"index": 0, "delta": d, "finish_reason": None}],
-                }
-            ).encode()
-            + b"\n\n"
-            for d in parts
-        ] + [b"data: [DONE]\n\n"]
+        self.events = [chat_event(d) for d in parts] + ending
         self.sent = b"".join(self.events)
 
     async def post(
@@ -123,8 +186,20 @@ class ScriptedStream(RawEngine):
         writer.write(b"0\r\n\r\n")
 
 
-def test_the_native_relay_delivers_the_engines_bytes_exactly(edge: EdgeFactory) -> None:
-    with ScriptedStream() as engine:
+ENDINGS = {
+    "done": [b"data: [DONE]\n\n"],
+    "done_crlf": [b"data: [DONE]\r\n\r\n"],
+    "done_split": [b"data: [DO", b"NE]\n\n"],
+    "after_done": [b"data: [DONE]\n\n", b'data: {"late": true}\n\n'],
+    "no_done": [],
+}
+
+
+@pytest.mark.parametrize("ending", ENDINGS)
+def test_the_native_relay_delivers_the_engines_bytes_exactly(edge: EdgeFactory, ending: str) -> None:
+    """The same bytes as the Python relay, whether ``[DONE]`` ends the stream (held back by the
+    thread, written by Python with the end) or not."""
+    with ScriptedStream(ENDINGS[ending]) as engine:
         for flag in (True, False):
             r = edge(engines=[engine.url], native_relay=flag)
             body = {"model": MODEL, "messages": PROMPT, "max_tokens": 64, "stream": True}
@@ -217,3 +292,23 @@ def test_an_engine_breaking_off_after_the_first_token_ends_the_stream_with_an_er
         assert contents == ["", "one", " two"]
         assert json.loads(events[-1])["error"]["code"] == 502  # the Python relay's answer too
         assert forwarded(r, "read") == 1
+
+
+@pytest.mark.parametrize("at_once", [False, True])
+def test_an_engine_breaking_off_after_its_done_event_gives_the_python_relays_events(
+    edge: EdgeFactory, at_once: bool
+) -> None:
+    """A ``[DONE]`` held back (by the thread, or by Python before it hands over) still goes out
+    before the error event, where the Python relay sends it."""
+    with LateEnd(at_once, breaks=True) as engine:
+        seen = []
+        for flag in (True, False):
+            r = edge(engines=[engine.url], native_relay=flag)
+            body = {"model": MODEL, "messages": PROMPT, "max_tokens": 8, "stream": True}
+            resp = httpx.post(f"{r.url}/v1/chat/completions", json=body, timeout=30)
+            assert resp.status_code == 200
+            events = [line for line in resp.text.splitlines() if line.startswith("data: ")]
+            assert events[-2] == "data: [DONE]" and json.loads(events[-1][6:])["error"]["code"] == 502
+            seen.append(events[:-1])  # the error's words differ: the native relay names the outcome
+            assert forwarded(r, "read") == (1 if flag and not at_once else 0)
+        assert seen[0] == seen[1]

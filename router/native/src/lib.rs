@@ -86,7 +86,9 @@ impl Exchange {
                 Event::Data(bytes) => ("data", PyBytes::new(py, &bytes)).into_pyobject(py)?,
                 Event::End => PyTuple::new(py, ["end"])?,
                 Event::Error { kind, message } => ("error", kind, message).into_pyobject(py)?,
-                Event::Forwarded { nbytes, outcome } => ("forwarded", nbytes, outcome).into_pyobject(py)?,
+                Event::Forwarded { nbytes, outcome, tail } => {
+                    ("forwarded", nbytes, outcome, PyBytes::new(py, &tail)).into_pyobject(py)?
+                }
             };
             list.append(item)?;
         }

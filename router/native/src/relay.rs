@@ -1,6 +1,12 @@
 //! The body's way out: queued for Python as "data" events until forward(), then written by this
 //! thread to the client socket, and the exchange's last word ("end", "error" or "forwarded").
+//!
+//! While forwarding an SSE body, the `[DONE]` event that ends it is held back, not written: a client
+//! that closes as soon as it reads `[DONE]` (the openai SDK's stream iterator stops there) could
+//! otherwise close before the server writes the stream's end, and a whole answer would be counted
+//! as the client's 499. Python writes it with the end, in one write (`Event::Forwarded`'s tail).
 
+use std::borrow::Cow;
 use std::io::ErrorKind;
 use std::os::fd::RawFd;
 use std::time::Duration;
@@ -28,17 +34,36 @@ impl Outcome {
     }
 }
 
+/// The event that ends an OpenAI stream as engines write it: `data:`, an optional space, `[DONE]`
+/// and a blank line, with LF or CRLF line ends (router/protocol.py's `split_done` knows the same).
+const DONE_EVENTS: [&[u8]; 4] =
+    [b"data: [DONE]\n\n", b"data: [DONE]\r\n\r\n", b"data:[DONE]\n\n", b"data:[DONE]\r\n\r\n"];
+
+/// Where a `[DONE]` event that ends `buf` starts, when it starts a line.
+fn done_event_at(buf: &[u8]) -> Option<usize> {
+    DONE_EVENTS.iter().find_map(|event| {
+        let at = buf.len().checked_sub(event.len())?;
+        (buf.ends_with(event) && (at == 0 || buf[at - 1] == b'\n')).then_some(at)
+    })
+}
+
 pub struct Fwd<'a> {
     sh: &'a Shared,
     target: Option<Target>,
     nbytes: u64,
     idle: Duration,
     frame: Vec<u8>,
+    /// Hold back a `[DONE]` event: only where the body comes in whole SSE events (the worker's
+    /// framing, max_event > 0), so one is always whole at the end of a write, never split over two.
+    hold_done: bool,
+    /// The `[DONE]` event that ended the bytes written so far, not written yet: more body writes it
+    /// first (nothing reordered, nothing lost); the body's end hands it to Python (see finish).
+    done: Vec<u8>,
 }
 
 impl<'a> Fwd<'a> {
-    pub fn new(sh: &'a Shared, idle: Duration) -> Self {
-        Fwd { sh, target: None, nbytes: 0, idle, frame: Vec::new() }
+    pub fn new(sh: &'a Shared, idle: Duration, hold_done: bool) -> Self {
+        Fwd { sh, target: None, nbytes: 0, idle, frame: Vec::new(), hold_done, done: Vec::new() }
     }
 
     /// The client socket while forwarding, else -1 (which poll(2) skips).
@@ -103,9 +128,26 @@ impl<'a> Fwd<'a> {
         self.check() // a forward() that ended the wait starts here
     }
 
+    /// Writes body bytes to the client, but for a `[DONE]` event that ends them, which is held.
+    fn write(&mut self, bytes: &[u8]) -> Result<(), Outcome> {
+        if !self.hold_done || self.target.is_none() {
+            return self.write_chunk(bytes);
+        }
+        let held = std::mem::take(&mut self.done);
+        let joined: Cow<[u8]> = if held.is_empty() {
+            Cow::Borrowed(bytes)
+        } else {
+            Cow::Owned([held.as_slice(), bytes].concat()) // rare: body after a [DONE]
+        };
+        let at = done_event_at(&joined).unwrap_or(joined.len());
+        self.write_chunk(&joined[..at])?;
+        self.done = joined[at..].to_vec();
+        Ok(())
+    }
+
     /// Writes one piece of body to the client, framed as a chunk when asked, waiting while its
     /// socket is full, for at most the idle timeout without progress.
-    fn write(&mut self, bytes: &[u8]) -> Result<(), Outcome> {
+    fn write_chunk(&mut self, bytes: &[u8]) -> Result<(), Outcome> {
         let Some(target) = self.target else { return Ok(()) };
         if bytes.is_empty() {
             return Ok(()); // an empty chunk would end the client's body
@@ -149,18 +191,32 @@ impl<'a> Fwd<'a> {
         Ok(())
     }
 
+    /// The held `[DONE]` event for Python to write. At the body's end Python writes it and the
+    /// stream's end in one write. After the engine failed (read, timeout, too_large) Python writes
+    /// it before its error event: the client gets what the Python relay, which passes `[DONE]` on as
+    /// it comes, would have sent. A client gone or stalled has nothing more written to it, and a
+    /// cancel means the socket is no longer this forward's: then it is dropped.
+    fn tail(&mut self, outcome: &Outcome) -> Vec<u8> {
+        match outcome {
+            Outcome::End | Outcome::Error(..) => std::mem::take(&mut self.done),
+            Outcome::Cancelled | Outcome::ClientGone | Outcome::ClientStalled => Vec::new(),
+        }
+    }
+
     /// The exchange's last word. Without forward() the thread then waits for forward() or cancel():
     /// Python may still hold body bytes it polled, and forward them after the engine's end.
     pub fn finish(mut self, mut outcome: Outcome) {
         let mut reported = false;
         loop {
-            let mut st = self.sh.lock();
             if self.target.is_some() {
+                let tail = self.tail(&outcome);
+                let mut st = self.sh.lock();
                 close_client(&mut st); // before the event: Python may act on the socket at once
-                let event = Event::Forwarded { nbytes: self.nbytes, outcome: outcome.name() };
+                let event = Event::Forwarded { nbytes: self.nbytes, outcome: outcome.name(), tail };
                 self.sh.push(&mut st, event);
                 break;
             }
+            let mut st = self.sh.lock();
             if st.cancelled || matches!(outcome, Outcome::Cancelled) {
                 break;
             }

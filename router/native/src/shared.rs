@@ -13,7 +13,8 @@ pub enum Event {
     Data(Vec<u8>),
     End,
     Error { kind: &'static str, message: String },
-    Forwarded { nbytes: u64, outcome: &'static str },
+    /// `tail`: a held `[DONE]` event, not written (relay.rs says when it is reported).
+    Forwarded { nbytes: u64, outcome: &'static str, tail: Vec<u8> },
 }
 
 #[derive(Clone, Copy)]

@@ -21,7 +21,8 @@ pub struct Config {
     pub idle_timeout: Duration,
     pub max_bytes: u64,
     /// The longest SSE event (bytes up to its blank line) the body may hold; 0: no bound. The
-    /// router's Python relay bounds events, not streams (SSEFramer), and so does this.
+    /// router's Python relay bounds events, not streams (SSEFramer), and so does this. > 0 also
+    /// holds back the body's `[DONE]` event while forwarding (relay.rs); 0 relays bytes untouched.
     pub max_event: u64,
     pub pool_idle: Duration,
 }
@@ -67,7 +68,7 @@ fn err(kind: &'static str, message: impl Into<String>) -> Outcome {
 }
 
 pub fn run(sh: Arc<Shared>, cfg: Config) {
-    let mut fwd = Fwd::new(&sh, cfg.idle_timeout);
+    let mut fwd = Fwd::new(&sh, cfg.idle_timeout, cfg.max_event > 0);
     let outcome = exchange(&sh, &cfg, &mut fwd);
     fwd.finish(outcome);
 }
