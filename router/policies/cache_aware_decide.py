@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:
-    from kvstack.router.policies.cache_aware import CacheAwareSettings
+    from kvstack.router.policies.cache_aware_settings import CacheAwareSettings
 
 
 class CandidateView(NamedTuple):

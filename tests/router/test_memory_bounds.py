@@ -27,7 +27,8 @@ from kvstack.router.kvindex.index import KVIndex
 from kvstack.router.kvindex.keys import KeyCache
 from kvstack.router.metrics import OTHER_MODEL, RouterMetrics
 from kvstack.router.policies.base import RequestFeatures
-from kvstack.router.policies.cache_aware import CacheAwareConfig, CacheAwarePolicy, CacheAwareSettings
+from kvstack.router.policies.cache_aware import CacheAwareConfig, CacheAwarePolicy
+from kvstack.router.policies.cache_aware_settings import CacheAwareSettings
 from kvstack.router.prompts import PromptCache, PromptWork, chat_tokens, digest, digest_of_digests
 
 WORKLOAD = ChatWorkload(users=40)

@@ -9,8 +9,8 @@ import pytest
 from kvstack.router.kvindex.index import IndexSettings, PrefixMatch
 from kvstack.router.kvindex.ledger import PrefillLedger, reconcile
 from kvstack.router.kvindex.tier_weights import H200_CPU_WEIGHT, H200_SHARED_WEIGHT, tier_weight
-from kvstack.router.policies.cache_aware import CacheAwareSettings
 from kvstack.router.policies.cache_aware_decide import CandidateView, decide, est_ttft
+from kvstack.router.policies.cache_aware_settings import CacheAwareSettings
 
 S = CacheAwareSettings(explore_rate=0.0)
 N = 8192  # prompt tokens

@@ -11,8 +11,8 @@ import pytest
 
 from kvstack.router.engines import Endpoint, EngineState
 from kvstack.router.monitor import apply_metrics, clear_metrics
-from kvstack.router.policies.cache_aware import CacheAwareSettings
 from kvstack.router.policies.cache_aware_decide import CandidateView, decide, est_ttft
+from kvstack.router.policies.cache_aware_settings import CacheAwareSettings
 from kvstack.router.policies.shared_device import device_loads, sharing
 from kvstack.router.queue_wait import QUEUE_COUNT, QUEUE_SUM, queue_wait_s
 from kvstack.router.scrape import parse_vllm_metrics

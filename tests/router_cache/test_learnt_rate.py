@@ -11,8 +11,9 @@ from kvstack.router.config import RouterSettings
 from kvstack.router.engines import Endpoint, EngineState
 from kvstack.router.kvindex.index import KVIndex
 from kvstack.router.policies.base import Decision, RequestFeatures
-from kvstack.router.policies.cache_aware import CacheAwarePolicy, CacheAwareSettings
+from kvstack.router.policies.cache_aware import CacheAwarePolicy
 from kvstack.router.policies.cache_aware_decide import CandidateView, decide, est_ttft, rate_of
+from kvstack.router.policies.cache_aware_settings import CacheAwareSettings
 
 S = CacheAwareSettings(explore_rate=0.0)
 

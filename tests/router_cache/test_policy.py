@@ -10,7 +10,8 @@ from kvstack.common.tokenizer import apply_chat_template
 from kvstack.router.engines import Endpoint, EngineState
 from kvstack.router.kvindex.index import KVIndex
 from kvstack.router.policies.base import RequestFeatures
-from kvstack.router.policies.cache_aware import CacheAwarePolicy, CacheAwareSettings
+from kvstack.router.policies.cache_aware import CacheAwarePolicy
+from kvstack.router.policies.cache_aware_settings import CacheAwareSettings
 
 MODEL, BS = "m", 16
 _h = itertools.count(1)

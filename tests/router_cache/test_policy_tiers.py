@@ -10,7 +10,8 @@ import pytest
 from kvstack.common.kv_events import BlockRemoved, BlockStored
 from kvstack.router.engines import EngineState
 from kvstack.router.kvindex.index import IndexSettings, KVIndex
-from kvstack.router.policies.cache_aware import CacheAwarePolicy, CacheAwareSettings
+from kvstack.router.policies.cache_aware import CacheAwarePolicy
+from kvstack.router.policies.cache_aware_settings import CacheAwareSettings
 from kvstack.router.policies.cache_aware_tiers import FreeOrder
 from kvstack.router.tier_cost import TierLearning
 

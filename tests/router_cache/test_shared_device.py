@@ -11,7 +11,7 @@ from tests.router_cache.test_policy import BS, MODEL, SYSTEM, chat, req, stored
 
 from kvstack.router.engines import Endpoint, EngineState
 from kvstack.router.kvindex.index import KVIndex
-from kvstack.router.policies.cache_aware import CacheAwarePolicy, CacheAwareSettings
+from kvstack.router.policies.cache_aware import CacheAwarePolicy
 from kvstack.router.policies.cache_aware_decide import (
     CandidateView,
     decide,
@@ -19,6 +19,7 @@ from kvstack.router.policies.cache_aware_decide import (
     est_ttft,
     woken_s,
 )
+from kvstack.router.policies.cache_aware_settings import CacheAwareSettings
 from kvstack.router.policies.shared_device import device_loads, device_neighbours
 
 # the device's time shared equally: the tables below price the slowdown as 2x with two busy

@@ -135,6 +135,8 @@ def test_wanted_lines_are_the_samples_of_the_read_families(reference_dir: Path) 
         "vllm:prefix_cache_hits_total",
         "vllm:external_prefix_cache_queries_total",
         "vllm:external_prefix_cache_hits_total",
+        "vllm:request_queue_time_seconds_count",  # the histogram's count and sum, not its buckets
+        "vllm:request_queue_time_seconds_sum",
         "vllm:cache_config_info",
     ]
 

@@ -22,7 +22,8 @@ from kvstack.router.engines import Endpoint, EngineState
 from kvstack.router.kvindex.index import KVIndex
 from kvstack.router.kvindex.keys import request_root
 from kvstack.router.policies.base import RequestFeatures
-from kvstack.router.policies.cache_aware import CacheAwarePolicy, CacheAwareSettings
+from kvstack.router.policies.cache_aware import CacheAwarePolicy
+from kvstack.router.policies.cache_aware_settings import CacheAwareSettings
 
 MODEL = "kvstack/sim-8b"
 
