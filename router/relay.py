@@ -143,8 +143,8 @@ class Relay:
         held: list[bytes] = []
         learning = self.sticky  # the stream's first event names its response (router/sticky.py)
         native = resp if isinstance(resp, NativeResponse) else None
-        # native: a [DONE] that ended the frames, kept for the stream's end as the thread keeps it
-        # (_forward says why); the Python relay, the reference, passes it on as it comes
+        # a [DONE] that ended the frames, kept for the stream's end as the thread keeps it (_forward
+        # says why): the engine may end its body a read later, and the client closes on [DONE]
         done = b""
         try:
             async for chunk in resp.chunks():
@@ -166,8 +166,7 @@ class Relay:
                     await self.start_stream(call, decision.engine)
                     frames = b"".join([*held, frames])
                     held.clear()
-                if native is not None:
-                    frames, done = split_done(done + frames if done else frames)
+                frames, done = split_done(done + frames if done else frames)
                 if frames:
                     await send({"type": "http.response.body", "body": frames, "more_body": True})
                 if native is not None and ex.started and not done:
@@ -175,7 +174,7 @@ class Relay:
                     if fd is not None:
                         return await self._forward(call, attempt, native, fd)
         except UpstreamError as err:
-            if done:  # the engine failed after its [DONE]: it goes first, as the Python relay sends it
+            if done:  # the engine failed after its [DONE]: it goes first, where the engine sent it
                 await send({"type": "http.response.body", "body": done, "more_body": True})
             return broken(err, f"the engine stream broke off: {err}", sent=ex.started)
         if not ex.started:  # a stream without generated text
@@ -216,7 +215,7 @@ class Relay:
             await call.send({"type": "http.response.body", "body": done.tail, "more_body": False})
             attempt.answered = True
             return None
-        if done.tail:  # the engine failed after its [DONE]: it goes first, as the Python relay sends it
+        if done.tail:  # the engine failed after its [DONE]: it goes first, where the engine sent it
             await call.send({"type": "http.response.body", "body": done.tail, "more_body": True})
         if done.outcome in ("client_gone", "client_stalled"):
             # as the disconnect watcher would (router/exchange.py): the call ends as the client's 499

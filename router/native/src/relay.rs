@@ -193,8 +193,8 @@ impl<'a> Fwd<'a> {
 
     /// The held `[DONE]` event for Python to write. At the body's end Python writes it and the
     /// stream's end in one write. After the engine failed (read, timeout, too_large) Python writes
-    /// it before its error event: the client gets what the Python relay, which passes `[DONE]` on as
-    /// it comes, would have sent. A client gone or stalled has nothing more written to it, and a
+    /// it before its error event: the client gets what the Python relay would have sent (it holds
+    /// `[DONE]` the same way). A client gone or stalled has nothing more written to it, and a
     /// cancel means the socket is no longer this forward's: then it is dropped.
     fn tail(&mut self, outcome: &Outcome) -> Vec<u8> {
         match outcome {
