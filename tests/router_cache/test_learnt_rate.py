@@ -122,20 +122,21 @@ def test_the_router_wires_flow_controls_rates_into_the_policy(enabled: bool) -> 
     if enabled:
         engine = _engine("http://e0")
         assert ctx.policy.rates is not None
-        assert ctx.policy.rates(engine) == ctx.flow.room.rate(engine)
-        assert ctx.policy.speeds is None  # learnt device speeds: only when asked for
+        # learnt device speeds (on by default): a device's engines priced at its rate alone
+        assert ctx.policy.rates(engine) == ctx.flow.room.pricing_rate(engine)
+        assert ctx.policy.speeds is not None
+        assert ctx.policy.speeds("gpu-0", (0.65,)) == ctx.flow.room.device_speeds("gpu-0", (0.65,))
     else:
         assert ctx.policy.rates is None
 
 
-def test_learnt_device_speeds_are_wired_when_asked_for() -> None:
-    decision = {"learn_device_speed": True}
+def test_the_configured_device_speeds_when_told_not_to_learn_them() -> None:
+    decision = {"learn_device_speed": False}
     settings = RouterSettings(
         engines=["http://127.0.0.1:9"], policy="cache_aware", cache_aware={"decision": decision}
     )
     ctx = build_context(settings)
     assert isinstance(ctx.policy, CacheAwarePolicy)
     engine = _engine("http://e0")
-    assert ctx.policy.speeds is not None and ctx.policy.rates is not None
-    assert ctx.policy.rates(engine) == ctx.flow.room.pricing_rate(engine)
-    assert ctx.policy.speeds("gpu-0", (0.65,)) == ctx.flow.room.device_speeds("gpu-0", (0.65,)) == (0.65,)
+    assert ctx.policy.speeds is None and ctx.policy.rates is not None
+    assert ctx.policy.rates(engine) == ctx.flow.room.rate(engine)
