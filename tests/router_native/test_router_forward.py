@@ -259,14 +259,7 @@ class BreaksOffEngine(RawEngine):
             b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
         )
         for delta in ({"role": "assistant", "content": ""}, {"content": "one"}, {"content": " two"}):
-            event = {
-                "id": "c1",
-                "object": "chat.completion.chunk",
-                "created": 0,
-                "model": MODEL,
-                "choices": [{"index": 0, "delta": delta, "finish_reason": None}],
-            }
-            data = b"data: " + json.dumps(event).encode() + b"\n\n"
+            data = chat_event(delta)
             writer.write(b"%x\r\n%s\r\n" % (len(data), data))
             await writer.drain()
             await asyncio.sleep(0.05)
