@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -29,7 +30,7 @@ CONFIG = MonitorConfig(
 )
 
 
-def sim(log_dir: Path, port: int, model: str = "sim-8b") -> ManagedProcess:
+def sim(log_dir: Path, port: int, model: str = "sim-8b", *extra: str) -> ManagedProcess:
     argv = [
         str(Path(sys.executable).with_name("kvstack")),
         "engine",
@@ -38,6 +39,7 @@ def sim(log_dir: Path, port: int, model: str = "sim-8b") -> ManagedProcess:
         str(port),
         "--model",
         model,
+        *extra,
     ]
     return ManagedProcess(f"sim-{port}", argv, log_dir, ready_url=f"http://127.0.0.1:{port}/health")
 
@@ -54,6 +56,12 @@ def engine_proc(tmp_path: Path) -> Iterator[ManagedProcess]:
 
 @pytest.fixture
 async def monitored(engine_proc: ManagedProcess) -> AsyncIterator[tuple[EngineRegistry, str]]:
+    async with monitoring(engine_proc) as running:
+        yield running
+
+
+@contextlib.asynccontextmanager
+async def monitoring(engine_proc: ManagedProcess) -> AsyncIterator[tuple[EngineRegistry, str]]:
     url = engine_proc.ready_url.removesuffix("/health") if engine_proc.ready_url else ""
     registry = EngineRegistry()
     registry.sync([Endpoint(url, "sim")])
@@ -117,3 +125,35 @@ async def test_killed_engine_is_marked_unhealthy_and_readmitted_after_restart(
         assert registry.candidates("sim-8b", time.monotonic()) == [st]
     finally:
         again.stop()
+
+
+async def test_the_engines_queue_wait_is_read_from_its_scrapes(tmp_path: Path) -> None:
+    """One batch slot: a second request waits in the simulator's queue while the first runs; once
+    the engine schedules it, its wait (vllm:request_queue_time_seconds) is the engine's queue wait,
+    and it is 0 again once nothing waits and nothing new was scheduled."""
+    proc = sim(tmp_path, free_port(), "sim-8b", "--max-num-seqs", "1")
+    proc.start().wait_ready(60)
+    try:
+        async with monitoring(proc) as (registry, url):
+            (st,) = registry.all()
+            await until(lambda: st.num_running == 0, "an idle scrape", 30)
+            assert st.queue_wait_s == 0.0
+            sdk = openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+            try:
+                first = await sdk.completions.create(
+                    model="sim-8b", prompt="hold the slot", max_tokens=20000, stream=True,
+                    extra_body={"ignore_eos": True},
+                )  # fmt: skip
+                await first.__anext__()
+                second = asyncio.create_task(
+                    sdk.completions.create(model="sim-8b", prompt="wait for it", max_tokens=4)
+                )
+                await until(lambda: st.num_waiting == 1, "the second request waiting", 30)
+                await first.close()  # the slot frees: the engine schedules the second
+                await second
+                await until(lambda: st.queue_wait_s > 0.0, "the second request's wait scraped", 30)
+                await until(lambda: st.queue_wait_s == 0.0, "no wait once nothing waits", 30)
+            finally:
+                await sdk.close()
+    finally:
+        proc.stop()
