@@ -164,7 +164,14 @@ class CacheAwarePolicy(Policy):
         neighbours = device_neighbours(candidates, engines, queued_on)
         rates, learnt = self.rates, self.speeds
         prior = self.settings.shared_device_speed
-        bound_loads = device_loads(candidates, lambda d: sharing(learnt(d, prior) if learnt else prior))
+        speeds_at: dict[str, tuple[float, ...]] = {}  # each device's speeds, found once a request
+
+        def device_speeds(device: str) -> tuple[float, ...]:
+            if device not in speeds_at:
+                speeds_at[device] = prior if learnt is None else learnt(device, prior)
+            return speeds_at[device]
+
+        bound_loads = device_loads(candidates, lambda device: sharing(device_speeds(device)))
         for st, est, q, (busy, busy_queued), bound_load in zip(
             candidates, estimates, queued, neighbours, bound_loads, strict=True
         ):
@@ -183,7 +190,7 @@ class CacheAwarePolicy(Policy):
                     device_queued=busy_queued,
                     bound_load=bound_load,
                     prefill_rate=0.0 if rates is None else rates(st),
-                    speeds=None if learnt is None or not busy else learnt(st.endpoint.device or "", prior),
+                    speeds=None if learnt is None or not busy else device_speeds(st.endpoint.device or ""),
                     queue_wait_s=st.queue_wait_s if st.load > 0 else 0.0,  # an idle engine: no queue
                 )
             )

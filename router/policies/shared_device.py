@@ -73,23 +73,16 @@ def device_loads(
     candidates: Sequence[EngineState], share: Callable[[str], float] = lambda device: 1.0
 ) -> list[float | None]:
     """Per candidate, its load plus ``share(device)`` of the other candidates' load on the device
-    it shares (None: a device of its own). The bounded-load guard compares these: moving a request
-    from a busy engine to an idle one on a device that is one compute adds no compute, so there the
-    guard balances devices; where the engines barely slow each other (two LMCache engines on an
-    H100 kept 0.9-1.0 of their speed alone, bench-results/lmcache section 18), each engine's own
-    batch, KV and LMCache stores are the bottleneck, and it balances engines."""
+    it shares (None: a device of its own; ``share`` is asked per candidate: the caller memoizes).
+    The bounded-load guard compares these: moving a request from a busy engine to an idle one on a
+    device that is one compute adds no compute, so there the guard balances devices; where the
+    engines barely slow each other (two LMCache engines on an H100 kept 0.9-1.0 of their speed
+    alone, bench-results/lmcache section 18), each engine's own batch, KV and LMCache stores are
+    the bottleneck, and it balances engines."""
     total: dict[str, float] = {}
     for st in candidates:
         if device := st.endpoint.device:
             total[device] = total.get(device, 0.0) + st.load
-    out: list[float | None] = []
-    shares: dict[str, float] = {}
-    for st in candidates:
-        device = st.endpoint.device
-        if not device:
-            out.append(None)
-            continue
-        if device not in shares:
-            shares[device] = share(device)
-        out.append(st.load + shares[device] * (total[device] - st.load))
-    return out
+    return [
+        st.load + share(d) * (total[d] - st.load) if (d := st.endpoint.device) else None for st in candidates
+    ]
