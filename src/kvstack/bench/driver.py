@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import aiohttp
 import httpx
 
+from kvstack.bench import promtext
 from kvstack.bench.workloads import Session, Workload
 from kvstack.common.waits import wait_until
 
@@ -198,3 +199,25 @@ def wait_for_engines(router_url: str, engines: int, timeout: float = 30.0) -> No
         return bool(ready.get("available_engines") == engines)
 
     wait_until(all_routable, f"the router to route to all {engines} engines", timeout, interval=0.05)
+
+
+APPLIED = "kvstack_router_kv_event_batches_applied_total"
+
+
+def wait_for_events_settled(router_url: str, timeout: float = 120.0, quiet_polls: int = 3) -> float:
+    """Wait until the router has applied its engines' KV-event history; returns the batches applied.
+
+    A fresh router replays each engine's whole event buffer (vLLM keeps 10,000 steps): on engines
+    with a long history that took seconds of the router's CPU, which a case started meanwhile would
+    count as per-request cost and route over a half-built index. Between cases the engines are idle,
+    so the replay is done once the applied-batch counter stops moving for ``quiet_polls`` polls.
+    """
+    seen: list[float] = []
+
+    def settled() -> bool:
+        seen.append(promtext.total(promtext.scrape(f"{router_url}/metrics"), APPLIED))
+        recent = seen[-quiet_polls:]
+        return len(recent) == quiet_polls and len(set(recent)) == 1
+
+    wait_until(settled, "the router's KV-event replay to settle", timeout, interval=0.3)
+    return seen[-1]

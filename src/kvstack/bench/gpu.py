@@ -26,7 +26,7 @@ import typer
 import yaml
 
 from kvstack.bench import promtext, trace, workloads
-from kvstack.bench.driver import DriverConfig, run_workload, wait_for_engines
+from kvstack.bench.driver import DriverConfig, run_workload, wait_for_engines, wait_for_events_settled
 from kvstack.bench.gpu_plan import (
     WORKLOADS,
     Case,
@@ -83,6 +83,8 @@ def run_case(
         if not peer:
             wait_for_engines(router_url, len(urls))
         time.sleep(2.0)  # the KV-event subscriptions (or the peer's health checks) connect
+        replayed = 0.0 if peer else wait_for_events_settled(router_url)
+        startup_cpu_s = tree_cpu_seconds(router.pid)  # start, tokenizer, the engines' event history
         e0 = [promtext.scrape(f"{u}/metrics") for u in urls]
         r0 = {} if peer else promtext.scrape(f"{router_url}/metrics")
         cpu0 = tree_cpu_seconds(router.pid)
@@ -119,6 +121,8 @@ def run_case(
         # the router's own CPU (its process tree) over the run, and per request it answered
         "router_cpu_s": router_cpu_s,
         "router_cpu_ms_per_request": 1000 * router_cpu_s / max(1, len(results)),
+        "router_startup_cpu_s": startup_cpu_s,
+        "router_replayed_batches": replayed,
         **row,
     }
 
@@ -321,7 +325,8 @@ def gpu_proof(
                 f"  ttft p50 {row['ttft_p50'] * 1000:.1f} ms p90 {row['ttft_p90'] * 1000:.1f} ms, "
                 f"itl p50 {row['itl_p50'] * 1000:.2f} ms, errors {row['errors']}, "
                 f"prefix hits {row['engine']['prefix_hits']:.0f}, "
-                f"router cpu {row['router_cpu_ms_per_request']:.2f} ms/req, "
+                f"router cpu {row['router_cpu_ms_per_request']:.2f} ms/req "
+                f"(start {row['router_startup_cpu_s']:.2f} s, replay {row['router_replayed_batches']:.0f}), "
                 f"predicted {row['router']['predicted_hit_tokens']:.0f}, "
                 f"index {row['index_blocks_before']:.0f}->{row['index_blocks_after']:.0f}"
                 + (f", sessions moved {row['trace']['moved_turns']}" if "trace" in row else "")
