@@ -97,9 +97,39 @@ def test_table_prints_each_goal_per_run_and_the_verdict() -> None:
     lines = table(verdicts([row(K, 1, 0.1, 0.7, 0.9), row(S, 1, 0.2, 0.6, 0.85)]))
     assert lines[0].startswith("goals: cache_aware vs sglang_cache_aware")
     assert lines[1].split()[:3] == ["engines", "workload", "load"]
+    assert "GPU+LMCache hit %" in lines[1]
     cells = lines[2]
     assert "100/200 ok" in cells and "700/600 NO" in cells and "90.0/85.0 ok" in cells
+    assert "-/- NO" in cells  # rows without the LMCache-inclusive rate
     assert cells.endswith("not met")
+
+
+@pytest.mark.parametrize(
+    ("ours", "theirs", "better"),
+    [
+        # section 19's pairs: the GPU rate under the peer's by one compulsory system-prompt miss,
+        # the rate with LMCache's hits at or over it
+        ((0.840, 0.8418), (0.842, 0.8418), True),
+        ((0.840, 0.8410), (0.842, 0.8418), False),
+        ((0.840, None), (0.842, 0.8418), False),
+    ],
+)
+def test_the_lmcache_inclusive_rate_is_compared_but_not_a_goal(
+    ours: tuple[float, float | None], theirs: tuple[float, float], better: bool
+) -> None:
+    (v,) = verdicts(
+        [
+            row(K, 1, 0.1, 0.5, ours[0], cached_rate=ours[1]),
+            row(S, 1, 0.2, 0.6, theirs[0], cached_rate=theirs[1]),
+        ]
+    )
+    assert v.outcome == "not_met"  # the GPU hit rate alone decides
+    assert {g.name for g in v.goals if not g.met} == {"prefix_hit_rate"}
+    (info,) = v.info
+    assert (info.name, info.met) == ("cached_rate", better)
+    assert v.as_json()["info"]["cached_rate"]["better"] is better
+    mine = "-" if ours[1] is None else f"{ours[1] * 100:.1f}"
+    assert f"{mine}/{theirs[1] * 100:.1f} {'ok' if better else 'NO'}" in table([v])[2]
 
 
 def test_matrix_bars_group_runs_and_carry_the_verdict() -> None:

@@ -101,13 +101,15 @@ def _result(ttft: float | None, itl: list[float], ok: bool = True, tokens: int =
 def test_summarize_case() -> None:
     results = [_result(0.1, [0.01, 0.01]), _result(0.3, [0.02]), _result(None, [], ok=False)]
     engines = dict.fromkeys(ENGINE_COUNTERS, 0.0) | {"prefix_hits": 90.0, "prefix_queries": 180.0}
+    engines |= {"external_hits": 18.0, "external_queries": 90.0}  # LMCache served 18 of the 90 missed
     router = dict.fromkeys(ROUTER_COUNTERS, 0.0) | {"predicted_hit_tokens": 95.0}
     row = summarize_case(results, 2.0, engines, router, (0.0, 42.0))
     assert row["errors"] == 1 and row["first_error"] == "boom"
     assert row["ttft_p50"] == pytest.approx(0.2)
     assert row["itl_p50"] == pytest.approx(0.01)
     assert row["requests_per_s"] == 1.0 and row["output_tok_s"] == 10.0
-    assert row["prefix_hit_rate"] == 0.5 and row["external_hit_rate"] is None
+    assert row["prefix_hit_rate"] == 0.5 and row["external_hit_rate"] == 0.2
+    assert row["cached_rate"] == pytest.approx(0.6)  # (90 + 18) / 180
     assert row["index_blocks_after"] == 42.0
     assert row["prediction_vs_prefix_hits"]["within_tolerance"] is True
 

@@ -82,6 +82,8 @@ def summarize_case(
         "engine": dict(engines),
         "prefix_hit_rate": ratio(counted, engines["prefix_queries"]),
         "external_hit_rate": ratio(engines["external_hits"], engines["external_queries"]),
+        # the prompt served from any cache: the GPU's hits and LMCache's (gpu_verdict.INFO)
+        "cached_rate": ratio(counted + engines["external_hits"], engines["prefix_queries"]),
         "router": dict(router),
         "index_blocks_before": index_blocks[0],
         "index_blocks_after": index_blocks[1],

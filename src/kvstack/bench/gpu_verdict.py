@@ -12,6 +12,12 @@ holds in every paired run:
 
 A row's outcome: ``met`` (all four), ``not_met`` (any not), ``no_baseline`` (the baseline has no
 run paired with kvstack's), ``no_kvstack`` (kvstack did not run in it).
+
+Compared and shown beside the goals, not counted in the outcome: ``cached_rate``, the prompt
+tokens served from any cache (the GPU's prefix hits and LMCache's, from CPU or Redis). A router
+that uses a second engine pays a compulsory GPU miss on the prompt every session shares, which
+LMCache serves from Redis; one that leaves the engine idle does not (bench-results/lmcache
+section 19): this column tells that apart from hits lost to placement.
 """
 
 from __future__ import annotations
@@ -23,8 +29,14 @@ from typing import Any, Literal
 Outcome = Literal["met", "not_met", "no_baseline", "no_kvstack"]
 LOWER_IS_BETTER = ("ttft_p50", "ttft_p90")
 HIGHER_IS_BETTER = ("prefix_hit_rate",)
-# the table's goal columns: metric, display scale (ms, %), decimals
-COLUMNS = (("ttft_p50", 1000.0, 0), ("ttft_p90", 1000.0, 0), ("prefix_hit_rate", 100.0, 1))
+INFO = ("cached_rate",)  # higher is better; reported, not a goal
+# the table's compared columns: metric, title, display scale (ms, %), decimals
+COLUMNS = (
+    ("ttft_p50", "TTFT p50 (ms)", 1000.0, 0),
+    ("ttft_p90", "TTFT p90 (ms)", 1000.0, 0),
+    ("prefix_hit_rate", "GPU hit %", 100.0, 1),
+    ("cached_rate", "GPU+LMCache hit %", 100.0, 1),
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +55,7 @@ class Verdict:
     outcome: Outcome
     runs: tuple[int, ...] = ()  # the paired runs
     goals: tuple[Goal, ...] = field(default_factory=tuple)
+    info: tuple[Goal, ...] = field(default_factory=tuple)  # compared like goals, not in the outcome
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -54,6 +67,10 @@ class Verdict:
             "goals": {
                 g.name: {"met": g.met, "kvstack": list(g.ours), "baseline": list(g.theirs)}
                 for g in self.goals
+            },
+            "info": {
+                g.name: {"better": g.met, "kvstack": list(g.ours), "baseline": list(g.theirs)}
+                for g in self.info
             },
         }
 
@@ -90,8 +107,11 @@ def _verdict(
     goals.append(
         Goal("failed", all(f == 0 for f in failed), failed, tuple(float(peer[r]["errors"]) for r in runs))
     )
+    info = tuple(
+        _compare(name, [mine[r] for r in runs], [peer[r] for r in runs], lower=False) for name in INFO
+    )
     outcome: Outcome = "met" if all(g.met for g in goals) else "not_met"
-    return Verdict(*key, outcome=outcome, runs=runs, goals=tuple(goals))
+    return Verdict(*key, outcome=outcome, runs=runs, goals=tuple(goals), info=info)
 
 
 def _compare(
@@ -114,16 +134,12 @@ def table(
     found: Sequence[Verdict], ours: str = "cache_aware", baseline: str = "sglang_cache_aware"
 ) -> list[str]:
     """The verdicts as aligned text lines, kvstack's value / the baseline's per paired run."""
-    head = ["engines", "workload", "load", "TTFT p50 (ms)", "TTFT p90 (ms)", "GPU hit %", "failed", "verdict"]
+    head = ["engines", "workload", "load", *(title for _, title, _, _ in COLUMNS), "failed", "verdict"]
     body = []
     for v in found:
         cells = [str(v.engines), v.workload, f"{v.load:g}"]
-        by_name = {g.name: g for g in v.goals}
-        for name, scale, digits in (
-            ("ttft_p50", 1000.0, 0),
-            ("ttft_p90", 1000.0, 0),
-            ("prefix_hit_rate", 100.0, 1),
-        ):
+        by_name = {g.name: g for g in (*v.goals, *v.info)}
+        for name, _, scale, digits in COLUMNS:
             goal = by_name.get(name)
             cells.append(_pairs(goal, scale, digits) if goal else "-")
         failed = by_name.get("failed")
