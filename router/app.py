@@ -45,6 +45,7 @@ from kvstack.router.policy_metrics import PolicyCollector
 from kvstack.router.prompts import PromptCache
 from kvstack.router.protocol import Kind
 from kvstack.router.proxy import ProxyEndpoint
+from kvstack.router.readiness import readiness
 from kvstack.router.response_routes import STORED_ROUTES, StoredResponseEndpoint, stored_operations
 from kvstack.router.sticky import ResponseOwners
 from kvstack.router.upstream import Timeouts, Upstream
@@ -345,12 +346,23 @@ def create_app(settings: RouterSettings, registry: EngineRegistry | None = None)
     async def health() -> dict[str, str]:
         return {"status": "ok"}
 
+    started, was_ready = ctx.clock(), [False]
+
     @app.get("/ready", responses=READY_RESPONSES)
     async def ready() -> JSONResponse:
         now = ctx.clock()
-        available = sum(1 for e in ctx.registry.all() if e.available(now))
-        body = {"ready": available > 0, "available_engines": available, "engines": len(ctx.registry)}
-        if available:
+        up = {e.url for e in ctx.registry.all() if e.available(now)}
+        syncing = len(up.intersection(ctx.policy.syncing()))
+        found = readiness(len(up), syncing, now - started, settings.ready_sync_timeout_s, was_ready[0])
+        was_ready[0] = was_ready[0] or found.ready
+        body = {
+            "ready": found.ready,
+            "reason": found.reason,
+            "available_engines": len(up),
+            "syncing_engines": syncing,
+            "engines": len(ctx.registry),
+        }
+        if found.ready:
             return JSONResponse(body)
         return JSONResponse(body, status_code=503, headers={"retry-after": "1"})
 

@@ -119,6 +119,9 @@ class RouterSettings(BaseSettings):
     # between two chunks of a response body; covers queueing before the first token of a stream
     idle_timeout_s: PositiveSeconds = 300.0
     max_attempts: int = Field(3, ge=1, le=10)
+    # /ready waits, at most this long after start, for the available engines' KV-event history to be
+    # replayed into the index (router/readiness.py); 0: ready as soon as an engine is available
+    ready_sync_timeout_s: float = Field(30.0, ge=0.0)
 
     # the cyclic GC's young-generation pass runs once this many tracked objects survived (Python's
     # default: 700, a stall every dozen requests on a busy router; higher: more garbage held, up to

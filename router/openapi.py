@@ -200,19 +200,25 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
 
 _READY: dict[str, Any] = {
     "type": "object",
-    "required": ["ready", "available_engines", "engines"],
+    "required": ["ready", "reason", "available_engines", "syncing_engines", "engines"],
     "properties": {
         "ready": {"type": "boolean"},
+        "reason": {"type": "string", "enum": ["ready", "no_engine", "syncing", "sync_timed_out"]},
         "available_engines": {"type": "integer", "minimum": 0},
+        # available engines whose KV-event history the router is still replaying (router/readiness.py)
+        "syncing_engines": {"type": "integer", "minimum": 0},
         "engines": {"type": "integer", "minimum": 0},
     },
 }
 READY_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {
-        "description": "At least one engine is available",
+        "description": "An engine is available and the engines' KV-event history is in the index",
         "content": {"application/json": {"schema": _READY}},
     },
-    503: {"description": "No engine is available", "content": {"application/json": {"schema": _READY}}},
+    503: {
+        "description": "No engine is available, or their history is being replayed",
+        "content": {"application/json": {"schema": _READY}},
+    },
 }
 
 METRICS_RESPONSES: dict[int | str, dict[str, Any]] = {

@@ -91,6 +91,7 @@ class _Feed:
     dup_floor: int = 0  # live batches in [dup_floor, next_seq) are replay duplicates
     cooldown_until: float = 0.0
     resync: bool = False  # reconnected: rebuild from the full history at the next chance
+    synced: bool = False  # the first replay (the engine's history) is applied, or failed
     monitor_ready: bool = False  # the monitor socket signalled: read it at the next drain
 
 
@@ -118,6 +119,11 @@ class KVEventSubscriber:
 
     def engines(self) -> list[str]:
         return list(self._feeds)
+
+    def syncing(self) -> list[str]:
+        """Engines whose event history is not yet in the index: their first replay is under way, or
+        the feed still waits to learn their model (router/readiness.py)."""
+        return [url for url, feed in self._feeds.items() if feed.task is not None and not feed.synced]
 
     def add_engine(self, state: EngineState) -> None:
         """Start following ``state`` (call on the event loop when discovery adds an engine)."""
@@ -185,6 +191,7 @@ class KVEventSubscriber:
             # deduplicated by sequence number.
             feed.monitor_ready = True  # a connect may already be queued
             await self._replay(feed, 0)
+            feed.synced = True
             while True:
                 if await self._drain(feed, sub, mon):
                     await asyncio.sleep(0)  # a full round: let requests run before the next

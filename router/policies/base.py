@@ -104,3 +104,8 @@ class Policy(ABC):
 
     async def stop(self) -> None:  # noqa: B027
         """Stop what :meth:`start` started (called once at shutdown)."""
+
+    def syncing(self) -> list[str]:
+        """URLs of engines whose state the policy is still catching up on (their KV-event history);
+        the router is not ready while an available one is (router/readiness.py)."""
+        return []

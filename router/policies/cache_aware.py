@@ -337,6 +337,9 @@ class CacheAwareRouting(CacheAwarePolicy):
         await self._follow.stop()
         await self.subscriber.close()
 
+    def syncing(self) -> list[str]:
+        return self.subscriber.syncing()
+
 
 def make_policy(
     *, registry: EngineRegistry | None = None, settings: Any = None, rng: random.Random | None = None

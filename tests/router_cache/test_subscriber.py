@@ -233,3 +233,30 @@ async def test_a_long_replay_lets_the_event_loop_serve_meanwhile(
         task.cancel()
     assert subscriber.counters.replays == 1 and subscriber.counters.lost_batches == 0
     assert turns >= batches // 64 - 1, turns
+
+
+async def test_an_engine_is_syncing_until_its_history_is_applied_or_its_replay_gave_up(
+    subscriber: KVEventSubscriber, event_source: MakeSource, until: Until
+) -> None:
+    """What ``/ready`` waits for (router/readiness.py): an engine's first replay."""
+    src = await event_source()
+    for i in range(200):
+        await src.publish([store(prompt(i, 1))[0]], deliver=False)  # history only the replay has
+    subscriber.add_engine(engine(src))
+    dead = EngineState(
+        endpoint=Endpoint(
+            url="http://dead",
+            name="dead-replay",
+            models=frozenset({MODEL}),
+            kv_events_endpoint=src.endpoint,
+            kv_events_replay_endpoint="tcp://127.0.0.1:1",  # nothing listens: the replay times out
+        ),
+        models=frozenset({MODEL}),
+    )
+    subscriber.add_engine(dead)
+    subscriber.add_engine(engine(None, "http://quiet"))  # publishes no events: nothing to wait for
+    assert sorted(subscriber.syncing()) == ["http://a", "http://dead"]
+    await until(lambda: "http://a" not in subscriber.syncing())
+    assert subscriber.counters.batches_applied >= 200  # its whole history was in before it left
+    await until(lambda: not subscriber.syncing())
+    assert subscriber.counters.replay_failures == 1

@@ -196,7 +196,8 @@ def wait_for_engines(router_url: str, engines: int, timeout: float = 30.0) -> No
             ready = httpx.get(f"{router_url}/ready", timeout=2.0).json()
         except httpx.HTTPError:  # a router still busy starting: asked again until the deadline
             return False
-        return bool(ready.get("available_engines") == engines)
+        # and ready: the engines' KV-event history replayed into the index (router/readiness.py)
+        return bool(ready.get("available_engines") == engines and ready.get("ready"))
 
     wait_until(all_routable, f"the router to route to all {engines} engines", timeout, interval=0.05)
 
