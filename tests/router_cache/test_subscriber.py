@@ -48,6 +48,18 @@ def engine(src: Source | None, url: str = "http://a", *, replay: bool = True) ->
     return EngineState(endpoint=ep, models=ep.models, block_size=BS)
 
 
+def dead_replay(src: Source, url: str) -> EngineState:
+    """An engine publishing on ``src`` whose replay socket nobody serves: its replays time out."""
+    ep = Endpoint(
+        url=url,
+        name="dead-replay",
+        models=frozenset({MODEL}),
+        kv_events_endpoint=src.endpoint,
+        kv_events_replay_endpoint="tcp://127.0.0.1:1",  # nothing listens: the DEALER never connects
+    )
+    return EngineState(endpoint=ep, models=ep.models)
+
+
 def held(index: KVIndex, tokens: Sequence[int], url: str = "http://a") -> int:
     return index.match(url, keys(tokens), 0.0).gpu_blocks
 
@@ -188,17 +200,7 @@ async def test_a_replay_endpoint_nobody_serves_times_out_and_live_events_go_on(
 ) -> None:
     """An engine whose replay socket is gone costs one bounded wait, not a stalled feed."""
     src = await event_source()
-    dead = EngineState(
-        endpoint=Endpoint(
-            url="http://a",
-            name="dead-replay",
-            models=frozenset({MODEL}),
-            kv_events_endpoint=src.endpoint,
-            kv_events_replay_endpoint="tcp://127.0.0.1:1",  # nothing listens: the DEALER never connects
-        ),
-        models=frozenset({MODEL}),
-    )
-    subscriber.add_engine(dead)
+    subscriber.add_engine(dead_replay(src, "http://a"))
     await until(lambda: subscriber.counters.replay_failures >= 1)
     probe, _ = store(prompt(9))
     while held(subscriber.index, prompt(9)) == 0:  # live events flow once the replay gave up
@@ -243,17 +245,7 @@ async def test_an_engine_is_syncing_until_its_history_is_applied_or_its_replay_g
     for i in range(200):
         await src.publish([store(prompt(i, 1))[0]], deliver=False)  # history only the replay has
     subscriber.add_engine(engine(src))
-    dead = EngineState(
-        endpoint=Endpoint(
-            url="http://dead",
-            name="dead-replay",
-            models=frozenset({MODEL}),
-            kv_events_endpoint=src.endpoint,
-            kv_events_replay_endpoint="tcp://127.0.0.1:1",  # nothing listens: the replay times out
-        ),
-        models=frozenset({MODEL}),
-    )
-    subscriber.add_engine(dead)
+    subscriber.add_engine(dead_replay(src, "http://dead"))
     subscriber.add_engine(engine(None, "http://quiet"))  # publishes no events: nothing to wait for
     assert sorted(subscriber.syncing()) == ["http://a", "http://dead"]
     await until(lambda: "http://a" not in subscriber.syncing())
