@@ -115,9 +115,16 @@ def test_metrics_endpoint_exposes_router_series_only(sims: list[Sim], router: Ro
 def test_ready_and_health(sims: list[Sim], router: RouterFactory) -> None:
     idle = router(engines=[], available=0)
     assert httpx.get(f"{idle.url}/health").status_code == 200
-    assert httpx.get(f"{idle.url}/ready").status_code == 503
+    resp = httpx.get(f"{idle.url}/ready")
+    assert resp.status_code == 503 and resp.json()["reason"] == "no_engine"
     r = router(engines=[s.url for s in sims])
-    assert httpx.get(f"{r.url}/ready").json() == {"ready": True, "available_engines": 2, "engines": 2}
+    assert httpx.get(f"{r.url}/ready").json() == {
+        "ready": True,
+        "reason": "ready",
+        "available_engines": 2,
+        "syncing_engines": 0,  # these publish no KV events: nothing to replay
+        "engines": 2,
+    }
 
 
 def test_client_disconnect_aborts_the_engine_request(
