@@ -23,6 +23,11 @@ _SUBSCRIBER: tuple[tuple[str, str, str], ...] = (
     ("gaps", "kvstack_router_kv_event_gaps", "Live KV-event batches that arrived past a missing sequence."),
     ("replays", "kvstack_router_kv_event_replays", "Replays asked of an engine's KV-event buffer."),
     ("replay_failures", "kvstack_router_kv_event_replay_failures", "Replays that failed or timed out."),
+    (
+        "replay_resumes",
+        "kvstack_router_kv_event_replay_resumes",
+        "Replays asked again where the engine's stream went quiet (its tail dropped).",
+    ),
     ("lost_batches", "kvstack_router_kv_event_batches_lost", "Batches neither live nor replay delivered."),
     (
         "malformed",

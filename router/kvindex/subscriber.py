@@ -44,6 +44,7 @@ class SubscriberSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     replay_timeout_s: float = Field(2.0, gt=0.0)  # per message of a replay
+    replay_stall_s: float = Field(0.5, gt=0.0)  # quiet this long mid-replay: its tail was dropped
     replay_cooldown_s: float = Field(5.0, ge=0.0)  # after a failed replay, live events only
     model_poll_s: float = Field(0.2, gt=0.0)  # until discovery learns the engine's model
     rcvhwm: int = Field(100_000, gt=0)  # vLLM's publisher hwm: hold live batches while replaying
@@ -57,6 +58,7 @@ class SubscriberCounters:
     gaps: int = 0  # a live batch arrived past the next expected sequence number
     replays: int = 0
     replay_failures: int = 0
+    replay_resumes: int = 0  # a replay asked again where the engine's stream went quiet
     lost_batches: int = 0  # batches neither live nor replay could deliver
     malformed: int = 0
     resets: int = 0  # sequence went backwards: the engine restarted
@@ -81,6 +83,18 @@ def _receive(sock: zmq.Socket[bytes]) -> list[bytes] | None:
         return sock.recv_multipart(zmq.NOBLOCK)
     except zmq.Again:
         return None
+
+
+class _Dropped(Exception):
+    """A replay's stream skipped batches: the engine's socket dropped them."""
+
+
+@dataclass(slots=True)
+class _Progress:
+    """One replay's progress over its asks."""
+
+    first: int | None = None  # the first sequence number applied
+    applied: int = 0
 
 
 @dataclass(slots=True)
@@ -305,32 +319,59 @@ class KVEventSubscriber:
 
         ``rebuild``: when the engine's buffer holds its whole history (it starts at 0), drop the
         engine's entries and rebuild them from it (after a reconnect, to a possibly new process).
+
+        The engine sends its whole buffer at once through a ROUTER socket, which drops what does not
+        fit its pipe to us (vLLM keeps 10,000 batches, the pipe holds 1,000 by default): a replay
+        that goes quiet part-way lost its tail and its end marker, one that skips sequence numbers
+        lost a stretch. It is asked again from the first batch it lacks, for as long as each ask
+        brings more.
         """
         replay_ep = feed.state.endpoint.kv_events_replay_endpoint
         if replay_ep is None or time.monotonic() < feed.cooldown_until:
             return
         self.counters.replays += 1
+        progress = _Progress()
+        ask = start
+        while True:
+            before = progress.applied
+            try:
+                await self._replay_from(feed, replay_ep, ask, rebuild, progress)
+                break  # the end marker came
+            except (TimeoutError, _Dropped):
+                if progress.applied == before or feed.next_seq is None:
+                    self.counters.replay_failures += 1
+                    feed.cooldown_until = time.monotonic() + self.settings.replay_cooldown_s
+                    log.warning("KV-event replay from %s timed out", replay_ep)
+                    break
+                self.counters.replay_resumes += 1
+                ask = feed.next_seq
+        feed.dup_floor = start if progress.first is None else min(progress.first, start)
+
+    async def _replay_from(
+        self, feed: _Feed, endpoint: str, ask: int, rebuild: bool, progress: _Progress
+    ) -> None:
+        """One ask, from ``ask`` on, until the end marker; TimeoutError when nothing comes or the
+        stream goes quiet part-way, :class:`_Dropped` when it skips batches."""
         dealer = self._ctx.socket(zmq.DEALER)
         dealer.setsockopt(zmq.LINGER, 0)
-        dealer.connect(replay_ep)
-        first: int | None = None
-        replayed = 0
+        dealer.setsockopt(zmq.RCVHWM, self.settings.rcvhwm)  # our side of the pipe drops nothing
+        dealer.connect(endpoint)
+        timeout, started = self.settings.replay_timeout_s, False
         try:
             # A DEALER's send waits for a connected peer: bound it too, or an engine whose replay
             # socket is gone would stall this feed (and its live events) forever. asyncio.timeout,
             # not wait_for: Python 3.11's wait_for can swallow a cancellation that arrives as the
             # receive completes, and the feed then outlives close() (a test hung on exactly that).
-            timeout = self.settings.replay_timeout_s
             async with asyncio.timeout(timeout):
-                await dealer.send_multipart([b"", encode_seq(start)])
+                await dealer.send_multipart([b"", encode_seq(ask)])
             while True:
-                async with asyncio.timeout(timeout):
+                async with asyncio.timeout(self.settings.replay_stall_s if started else timeout):
                     frames = await dealer.recv_multipart()
                 if len(frames) == 3 and frames[1] == REPLAY_END:
-                    break
+                    return
                 if (seq := self._seq(frames)) is None:
                     continue
-                if first is None and rebuild and seq == 0:
+                if progress.first is None and rebuild and seq == 0:
                     feed.resync = False
                     if feed.next_seq is not None:
                         self.counters.resets += 1
@@ -338,18 +379,17 @@ class KVEventSubscriber:
                         feed.next_seq = None
                 if feed.next_seq is not None and seq < feed.next_seq:
                     continue
-                if first is None:
-                    first = seq
-                    if seq > start:  # the engine's buffer no longer reaches back to `start`
-                        self.counters.lost_batches += seq - start
+                if not started:
+                    started = True
+                    if seq > ask:  # the engine's buffer no longer reaches back to `ask`
+                        self.counters.lost_batches += seq - ask
+                elif feed.next_seq is not None and seq > feed.next_seq:
+                    raise _Dropped  # a hole: the pipe was full for a while; ask again from it
+                if progress.first is None:
+                    progress.first = seq
                 self._apply(feed, seq, frames[2])
-                replayed += 1
-                if replayed % _DRAIN_ROUND == 0:
+                progress.applied += 1
+                if progress.applied % _DRAIN_ROUND == 0:
                     await asyncio.sleep(0)
-        except TimeoutError:
-            self.counters.replay_failures += 1
-            feed.cooldown_until = time.monotonic() + self.settings.replay_cooldown_s
-            log.warning("KV-event replay from %s timed out", replay_ep)
         finally:
             dealer.close(linger=0)
-        feed.dup_floor = start if first is None else min(first, start)

@@ -24,6 +24,8 @@ class EventSource:
         self.replay_endpoint = "tcp://127.0.0.1:*"
         self.seq = 0
         self.buffer: list[tuple[int, bytes]] = []
+        self.replay_limit: int | None = None  # batches sent per replay ask, the rest dropped
+        self.replay_hole: range | None = None  # sequence numbers the next replay ask drops
         self._pub: zmq.asyncio.Socket | None = None
         self._router: zmq.asyncio.Socket | None = None
         self._server: asyncio.Task[None] | None = None
@@ -72,10 +74,15 @@ class EventSource:
         while True:
             ident, _, start = await router.recv_multipart()
             first = decode_seq(start)
-            for seq, payload in self.buffer:
-                if seq >= first:
-                    await router.send_multipart([ident, b"", encode_seq(seq), payload])
-            await router.send_multipart([ident, b"", REPLAY_END, b""])
+            wanted = [(seq, payload) for seq, payload in self.buffer if seq >= first]
+            hole, self.replay_hole = self.replay_hole, None  # the next ask only
+            if hole is not None:  # a stretch "dropped" mid-stream, the rest delivered
+                wanted = [(seq, payload) for seq, payload in wanted if seq not in hole]
+            limit = len(wanted) if self.replay_limit is None else self.replay_limit
+            for seq, payload in wanted[:limit]:
+                await router.send_multipart([ident, b"", encode_seq(seq), payload])
+            if limit >= len(wanted):  # else the tail and the end marker are "dropped", as a full
+                await router.send_multipart([ident, b"", REPLAY_END, b""])  # ROUTER pipe drops them
 
 
 async def _bind(sock: zmq.asyncio.Socket, endpoint: str) -> None:

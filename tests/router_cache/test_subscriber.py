@@ -252,3 +252,40 @@ async def test_an_engine_is_syncing_until_its_history_is_applied_or_its_replay_g
     assert subscriber.counters.batches_applied >= 200  # its whole history was in before it left
     await until(lambda: not subscriber.syncing())
     assert subscriber.counters.replay_failures == 1
+
+
+async def test_a_replay_whose_tail_was_dropped_is_asked_again_from_where_it_stopped(
+    subscriber: KVEventSubscriber, event_source: MakeSource, until: Until
+) -> None:
+    """vLLM sends its whole buffer at once through a ROUTER socket, which drops what does not fit
+    the pipe: on the simulators a 5,000-batch replay lost its tail and end marker, timed out, and
+    left the index without hundreds of batches, uncounted. Each ask here delivers 100 batches."""
+    src = await event_source()
+    src.replay_limit = 100
+    for i in range(350):
+        await src.publish([store(prompt(i, 1))[0]], deliver=False)  # history only the replay has
+    subscriber.add_engine(engine(src))
+    await until(lambda: not subscriber.syncing())
+    counters = subscriber.counters
+    assert counters.batches_applied == 350 and subscriber.indexed_blocks == 350
+    assert (counters.replays, counters.replay_resumes, counters.replay_failures) == (1, 3, 0)
+    assert counters.lost_batches == 0
+    after, _ = store(prompt(999))
+    await src.publish([after])  # live events follow in sequence
+    await until(lambda: held(subscriber.index, prompt(999)) == 4)
+    assert counters.gaps == 0
+
+
+async def test_a_replay_that_skips_batches_is_asked_again_from_the_hole(
+    subscriber: KVEventSubscriber, event_source: MakeSource, until: Until
+) -> None:
+    """A full pipe drops a stretch, then delivers again: applying on past the hole lost it silently."""
+    src = await event_source()
+    src.replay_hole = range(120, 180)
+    for i in range(300):
+        await src.publish([store(prompt(i, 1))[0]], deliver=False)
+    subscriber.add_engine(engine(src))
+    await until(lambda: not subscriber.syncing())
+    counters = subscriber.counters
+    assert counters.batches_applied == 300 and subscriber.indexed_blocks == 300
+    assert (counters.replay_resumes, counters.replay_failures, counters.lost_batches) == (1, 0, 0)

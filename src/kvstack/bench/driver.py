@@ -193,13 +193,16 @@ def wait_for_engines(router_url: str, engines: int, timeout: float = 30.0) -> No
 
     def all_routable() -> bool:
         try:
-            ready = httpx.get(f"{router_url}/ready", timeout=2.0).json()
+            ready = client.get(f"{router_url}/ready").json()
         except httpx.HTTPError:  # a router still busy starting: asked again until the deadline
             return False
         # and ready: the engines' KV-event history replayed into the index (router/readiness.py)
         return bool(ready.get("available_engines") == engines and ready.get("ready"))
 
-    wait_until(all_routable, f"the router to route to all {engines} engines", timeout, interval=0.05)
+    # one client for the polls: httpx.get builds a client (and its TLS context) per call, ~50 ms of
+    # CPU each, which on a small machine competes with the router being waited for
+    with httpx.Client(timeout=2.0) as client:
+        wait_until(all_routable, f"the router to route to all {engines} engines", timeout, interval=0.05)
 
 
 APPLIED = "kvstack_router_kv_event_batches_applied_total"
