@@ -346,15 +346,16 @@ def create_app(settings: RouterSettings, registry: EngineRegistry | None = None)
     async def health() -> dict[str, str]:
         return {"status": "ok"}
 
-    started, was_ready = ctx.clock(), [False]
+    started, was_ready = ctx.clock(), False
 
     @app.get("/ready", responses=READY_RESPONSES)
     async def ready() -> JSONResponse:
+        nonlocal was_ready
         now = ctx.clock()
         up = {e.url for e in ctx.registry.all() if e.available(now)}
         syncing = len(up.intersection(ctx.policy.syncing()))
-        found = readiness(len(up), syncing, now - started, settings.ready_sync_timeout_s, was_ready[0])
-        was_ready[0] = was_ready[0] or found.ready
+        found = readiness(len(up), syncing, now - started, settings.ready_sync_timeout_s, was_ready)
+        was_ready = was_ready or found.ready
         body = {
             "ready": found.ready,
             "reason": found.reason,

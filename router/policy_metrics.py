@@ -26,7 +26,7 @@ _SUBSCRIBER: tuple[tuple[str, str, str], ...] = (
     (
         "replay_resumes",
         "kvstack_router_kv_event_replay_resumes",
-        "Replays asked again where the engine's stream went quiet (its tail dropped).",
+        "Replays asked again where the engine's stream went quiet or skipped batches (dropped).",
     ),
     ("lost_batches", "kvstack_router_kv_event_batches_lost", "Batches neither live nor replay delivered."),
     (

@@ -58,7 +58,7 @@ class SubscriberCounters:
     gaps: int = 0  # a live batch arrived past the next expected sequence number
     replays: int = 0
     replay_failures: int = 0
-    replay_resumes: int = 0  # a replay asked again where the engine's stream went quiet
+    replay_resumes: int = 0  # a replay asked again where the engine's stream went quiet or skipped
     lost_batches: int = 0  # batches neither live nor replay could deliver
     malformed: int = 0
     resets: int = 0  # sequence went backwards: the engine restarted
@@ -341,7 +341,7 @@ class KVEventSubscriber:
                 if progress.applied == before or feed.next_seq is None:
                     self.counters.replay_failures += 1
                     feed.cooldown_until = time.monotonic() + self.settings.replay_cooldown_s
-                    log.warning("KV-event replay from %s timed out", replay_ep)
+                    log.warning("KV-event replay from %s failed: it timed out or skipped batches", replay_ep)
                     break
                 self.counters.replay_resumes += 1
                 ask = feed.next_seq

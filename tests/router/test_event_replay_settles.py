@@ -1,7 +1,7 @@
 """The bench's wait for a fresh router's KV-event feed to settle (``wait_for_events_settled``),
 against simulators: it returns once the engines' history (replayed) and everything they publish
 meanwhile is in the router's index, so a case's CPU and first placements start from the whole
-index (bench-results/router: a replay of a long history had been counted as per-request CPU)."""
+index (bench-results/lmcache section 19: a long history's replay had counted as per-request CPU)."""
 
 from __future__ import annotations
 
