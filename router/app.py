@@ -349,12 +349,14 @@ def create_app(settings: RouterSettings, registry: EngineRegistry | None = None)
     started, was_ready = ctx.clock(), False
 
     @app.get("/ready", responses=READY_RESPONSES)
-    async def ready() -> JSONResponse:
+    async def ready(require_engine: bool = True) -> JSONResponse:
         nonlocal was_ready
         now = ctx.clock()
         up = {e.url for e in ctx.registry.all() if e.available(now)}
         syncing = len(up.intersection(ctx.policy.syncing()))
-        found = readiness(len(up), syncing, now - started, settings.ready_sync_timeout_s, was_ready)
+        found = readiness(
+            len(up), syncing, now - started, settings.ready_sync_timeout_s, was_ready, require_engine
+        )
         was_ready = was_ready or found.ready
         body = {
             "ready": found.ready,

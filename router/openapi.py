@@ -212,7 +212,10 @@ _READY: dict[str, Any] = {
 }
 READY_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {
-        "description": "An engine is available and the engines' KV-event history is in the index",
+        "description": (
+            "An engine is available (or `require_engine=false` and none is) and the available engines'"
+            " KV-event history is in the index"
+        ),
         "content": {"application/json": {"schema": _READY}},
     },
     503: {

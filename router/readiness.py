@@ -7,7 +7,9 @@ meanwhile is placed on a half-built index and shares the event loop with the rep
 (bench-results/lmcache section 19). Behind a Service, a router rolled out while the old one still
 serves then gets traffic only once it can route it well.
 
-1. No engine is available: not ready (``no_engine``), as before any replay mattered.
+1. No engine is available: not ready (``no_engine``), as before any replay mattered; unless the
+   caller asked with ``need_engine`` off (the chart's startup probe: a router in front of a model
+   scaled to zero must come up and hold its requests, and with no engine nothing is replaying).
 2. Ready once already: ready. An engine added or restarted later replays too, but every replica of
    the router sees it at once; pulling them all out of the Service for it would stop the traffic
    the replay is meant to serve better.
@@ -30,11 +32,16 @@ class Readiness(NamedTuple):
 
 
 def readiness(
-    available: int, syncing: int, since_start_s: float, sync_timeout_s: float, was_ready: bool
+    available: int,
+    syncing: int,
+    since_start_s: float,
+    sync_timeout_s: float,
+    was_ready: bool,
+    need_engine: bool = True,
 ) -> Readiness:
     """Whether ``/ready`` answers 200: ``available`` engines, ``syncing`` of them still replaying."""
     if available <= 0:
-        return Readiness(False, "no_engine")
+        return Readiness(not need_engine, "no_engine")
     if was_ready or syncing <= 0 or sync_timeout_s <= 0:
         return Readiness(True, "ready")
     if since_start_s < sync_timeout_s:

@@ -21,6 +21,7 @@ from tests.helm.conftest import (
 )
 
 from kvstack.operator import annotated
+from kvstack.router.config import RouterSettings
 
 VALUES = values_files()
 IDS = [p.stem for p in VALUES]
@@ -145,6 +146,27 @@ def test_engine_probes_allow_a_ten_minute_model_load(values: Path, rendered: dic
         assert budget >= 600
         for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
             assert engine[kind]["httpGet"] == {"path": "/health", "port": "http"}
+
+
+@pytest.mark.parametrize("values", VALUES, ids=IDS)
+def test_a_router_starts_once_its_index_has_the_engines_history(
+    values: Path, rendered: dict[str, Rendered]
+) -> None:
+    """The startup probe asks ``/ready`` without needing an engine (router/readiness.py), and
+    outlasts the router's own bound on the replay wait, so a slow replay never restarts the pod."""
+    routers = [
+        d
+        for d in rendered[values.stem].of_kind("Deployment")
+        if d["metadata"]["labels"].get("app.kubernetes.io/component") == "router"
+    ]
+    assert routers or load_values(values).get("router", {}).get("enabled") is False
+    for deployment in routers:
+        router = deployment["spec"]["template"]["spec"]["containers"][0]
+        startup = router["startupProbe"]
+        assert startup["httpGet"] == {"path": "/ready?require_engine=false", "port": "http"}
+        budget = startup["periodSeconds"] * startup["failureThreshold"]
+        assert budget >= 2 * RouterSettings().ready_sync_timeout_s
+        assert router["readinessProbe"]["httpGet"]["path"] == "/health"  # a model at zero still served
 
 
 @pytest.mark.parametrize("values", VALUES, ids=IDS)

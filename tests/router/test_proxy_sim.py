@@ -117,6 +117,11 @@ def test_ready_and_health(sims: list[Sim], router: RouterFactory) -> None:
     assert httpx.get(f"{idle.url}/health").status_code == 200
     resp = httpx.get(f"{idle.url}/ready")
     assert resp.status_code == 503 and resp.json()["reason"] == "no_engine"
+    # the chart's startup probe: up with no engine (a model scaled to zero), nothing to replay
+    resp = httpx.get(f"{idle.url}/ready", params={"require_engine": "false"})
+    assert resp.status_code == 200 and resp.json()["reason"] == "no_engine"
+    resp = httpx.get(f"{idle.url}/ready", params={"require_engine": "perhaps"})
+    assert resp.status_code == 400 and resp.json()["error"]["param"] == "require_engine", resp.text
     r = router(engines=[s.url for s in sims])
     assert httpx.get(f"{r.url}/ready").json() == {
         "ready": True,

@@ -16,22 +16,30 @@ from .conftest import RouterFactory, run_event_sims
 
 
 @pytest.mark.parametrize(
-    ("available", "syncing", "since", "timeout", "was_ready", "expected"),
+    ("available", "syncing", "since", "timeout", "was_ready", "need_engine", "expected"),
     [
-        (0, 0, 0.0, 30.0, False, Readiness(False, "no_engine")),
-        (0, 0, 99.0, 30.0, True, Readiness(False, "no_engine")),  # ready once, but nothing to route to
-        (2, 0, 0.0, 30.0, False, Readiness(True, "ready")),
-        (2, 1, 0.5, 30.0, False, Readiness(False, "syncing")),
-        (2, 2, 29.9, 30.0, False, Readiness(False, "syncing")),
-        (2, 1, 30.0, 30.0, False, Readiness(True, "sync_timed_out")),  # a hung replay keeps no one out
-        (2, 1, 0.5, 0.0, False, Readiness(True, "ready")),  # the wait turned off
-        (2, 1, 0.5, 30.0, True, Readiness(True, "ready")),  # a later replay does not take it back
+        (0, 0, 0.0, 30.0, False, True, Readiness(False, "no_engine")),
+        (0, 0, 99.0, 30.0, True, True, Readiness(False, "no_engine")),  # ready once, nothing to route to
+        (0, 0, 0.0, 30.0, False, False, Readiness(True, "no_engine")),  # the startup probe: hold requests
+        (2, 0, 0.0, 30.0, False, True, Readiness(True, "ready")),
+        (2, 1, 0.5, 30.0, False, True, Readiness(False, "syncing")),
+        (2, 1, 0.5, 30.0, False, False, Readiness(False, "syncing")),  # an engine up: its history first
+        (2, 2, 29.9, 30.0, False, True, Readiness(False, "syncing")),
+        (2, 1, 30.0, 30.0, False, True, Readiness(True, "sync_timed_out")),  # a hung replay keeps no one out
+        (2, 1, 0.5, 0.0, False, True, Readiness(True, "ready")),  # the wait turned off
+        (2, 1, 0.5, 30.0, True, True, Readiness(True, "ready")),  # a later replay does not take it back
     ],
 )
 def test_readiness(
-    available: int, syncing: int, since: float, timeout: float, was_ready: bool, expected: Readiness
+    available: int,
+    syncing: int,
+    since: float,
+    timeout: float,
+    was_ready: bool,
+    need_engine: bool,
+    expected: Readiness,
 ) -> None:
-    assert readiness(available, syncing, since, timeout, was_ready) == expected
+    assert readiness(available, syncing, since, timeout, was_ready, need_engine) == expected
 
 
 def _silent_replay(engines_file: Path) -> None:
