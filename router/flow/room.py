@@ -24,6 +24,7 @@ from kvstack.router.flow.saturation import (
     Limits,
     Verdict,
     class_share,
+    device_busy,
     kv_to_spare,
     learn_rate,
     rate_sample,
@@ -39,7 +40,8 @@ SERVICE_WEIGHT = 0.1  # of each request in the EWMA of the time at an engine
 SLOT_WAITS = ("full", "waiting", "overdue")  # saturations a request can wait out at the engine
 # saturations of an engine's compute: on a device shared with an engine that has room, the device
 # has time for one more, and the cache-aware estimate (which prices the slowdown of waking another
-# engine there) chooses between them; batch slots and KV stay each engine's own
+# engine there) chooses between them; batch slots and KV stay each engine's own. An idle engine
+# does not count as that room while its device is behind (saturation.device_busy)
 DEVICE_PACED = ("overdue", "prefill_backlog")
 
 
@@ -191,7 +193,11 @@ class Room:
             held = [top is not None and self.ledger(e).holds_below(top, now) for e in candidates]
             clear = reserved_engines(held, limits.share)
             loads = [dataclasses.replace(load, reserved=r) for load, r in zip(loads, clear, strict=True)]
-        return [saturation(load, limits) for load in loads]
+        return device_busy(
+            [saturation(load, limits) for load in loads],
+            [e.endpoint.device for e in candidates],
+            [kv_to_spare(e.kv_cache_usage) for e in candidates],
+        )
 
     def unsaturated(self, candidates: list[EngineState], now: float, priority: int) -> int:
         """How many of ``candidates`` can take one more request of ``priority``."""
@@ -279,10 +285,10 @@ def device_paced(engine: EngineState, verdicts: dict[str, Verdict], roomy: set[s
     """Whether ``engine``, saturated, still takes requests: its saturation is its compute's
     (:data:`DEVICE_PACED`), its KV is known to have room (:func:`kv_to_spare`: an overdue stream
     at an engine with its KV nearly full is waiting for KV, the engine's own), and an engine on its
-    device has room. Engines time-slicing one GPU are one compute: narrowed to the idle one, a first
-    turn the busy one held a prefix of went cold there, at a fraction of the GPU, and slowed the
-    busy one (simulators of four engines on an H200 at load 0.9: 10 and 35 requests on two engines,
-    TTFT p90 383 ms against 327 ms unnarrowed)."""
+    device has room. Engines time-slicing one GPU are one compute: narrowed to the idle one, a
+    first turn the busy one held a prefix of went cold there, at a fraction of the GPU, and slowed
+    the busy one (simulators of four engines on an H200 at load 0.9: 10 and 35 requests on two
+    engines, TTFT p90 383 ms against 327 ms unnarrowed)."""
     return (
         verdicts[engine.url].reason in DEVICE_PACED
         and engine.endpoint.device is not None

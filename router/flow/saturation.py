@@ -26,6 +26,17 @@ when the first of these holds, checked in this order:
 
 Otherwise it has ``room``.
 
+**Engines that time-slice one GPU** (their engines-file or pod ``device``): a stream past due at one
+of them (``overdue``, with its KV to spare, so it waits for compute, not for KV) says the GPU itself
+is behind. An idle engine there is then ``device_busy`` (:func:`device_busy`): rule 1's idle engine
+keeps the queue draining on a GPU of its own, but on a shared one the busy engines drain it, and a
+request sent to the idle one only takes a slice of the same compute. Without this, an idle engine
+the cache-aware estimate never chose (waking it slows the busy ones) kept the model "with room",
+and flow control admitted everything: four LMCache engines on one H200 at twice their capacity,
+0 % refused and TTFT p50 5.9 s, the fourth engine idle throughout (bench-results/flow, "Four
+LMCache engines on an H200"). Engines there with work and room keep it: holding them too cut the
+simulators' goodput at 2x (bench-results/flow, same section).
+
 **Headroom for higher classes**: a request of a class below the highest class seen lately may fill
 only ``share`` of an engine's learnt batch capacity (rule 3) and of its prefill target (rule 7)
 (:func:`class_share`), so a request of the higher class finds room when it arrives instead of
@@ -57,7 +68,16 @@ from dataclasses import dataclass
 from typing import Literal
 
 Reason = Literal[
-    "reserved", "idle", "room", "in_flight_cap", "full", "overdue", "waiting", "kv_usage", "prefill_backlog"
+    "reserved",
+    "idle",
+    "room",
+    "in_flight_cap",
+    "full",
+    "overdue",
+    "waiting",
+    "kv_usage",
+    "prefill_backlog",
+    "device_busy",
 ]
 REASONS: tuple[Reason, ...] = (
     "reserved",
@@ -69,6 +89,7 @@ REASONS: tuple[Reason, ...] = (
     "waiting",
     "kv_usage",
     "prefill_backlog",
+    "device_busy",
 )
 
 
@@ -140,6 +161,27 @@ def saturation(load: EngineLoad, limits: Limits) -> Verdict:
     if load.prefill_tokens >= load.prefill_tokens_per_s * limits.prefill_target_s * limits.share:
         return Verdict(True, "prefill_backlog")
     return Verdict(False, "room")
+
+
+def device_busy(
+    verdicts: Sequence[Verdict], devices: Sequence[str | None], kv_spare: Sequence[bool]
+) -> list[Verdict]:
+    """``verdicts`` with every idle engine on a GPU that is behind made ``device_busy``.
+
+    ``devices[i]``: the device engine ``i`` shares (None: one of its own); ``kv_spare[i]``: its KV
+    is known to have room (:func:`kv_to_spare`). A device is behind when one of its engines is
+    ``overdue`` with KV to spare (the module docstring)."""
+    behind = {
+        device
+        for verdict, device, spare in zip(verdicts, devices, kv_spare, strict=True)
+        if device is not None and spare and verdict.reason == "overdue"
+    }
+    if not behind:
+        return list(verdicts)
+    return [
+        Verdict(True, "device_busy") if device in behind and verdict.reason == "idle" else verdict
+        for verdict, device in zip(verdicts, devices, strict=True)
+    ]
 
 
 KV_BOUND = 0.9  # KV usage from which requests waiting in an engine are waiting for KV

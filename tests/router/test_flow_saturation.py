@@ -10,7 +10,9 @@ import pytest
 from kvstack.router.flow.saturation import (
     EngineLoad,
     Limits,
+    Verdict,
     class_share,
+    device_busy,
     learn_rate,
     learn_slots,
     rate_sample,
@@ -65,6 +67,30 @@ LIMITS = Limits(prefill_target_s=0.25, max_kv_usage=0.95, max_waiting=0, max_in_
 def test_saturation(load: EngineLoad, limits: Limits, saturated: bool, reason: str) -> None:
     verdict = saturation(load, limits)
     assert (verdict.saturated, verdict.reason) == (saturated, reason)
+
+
+ROOM, IDLE, LATE = Verdict(False, "room"), Verdict(False, "idle"), Verdict(True, "overdue")
+BUSY, BACKLOG = Verdict(True, "device_busy"), Verdict(True, "prefill_backlog")
+
+
+@pytest.mark.parametrize(
+    ("verdicts", "devices", "kv_spare", "expected"),
+    [
+        # the H200 case: three engines of one GPU late, the fourth idle and never chosen
+        ([LATE, LATE, LATE, IDLE], ["g"] * 4, [True] * 4, [LATE, LATE, LATE, BUSY]),
+        ([LATE, ROOM, IDLE], ["g"] * 3, [True] * 3, [LATE, ROOM, BUSY]),  # one with work keeps its room
+        ([LATE, IDLE], ["g", "h"], [True, True], [LATE, IDLE]),  # another GPU has its own compute
+        ([LATE, IDLE], [None, None], [True, True], [LATE, IDLE]),  # a GPU each
+        ([LATE, IDLE], ["g", "g"], [False, True], [LATE, IDLE]),  # late for KV, its own
+        ([BACKLOG, IDLE], ["g", "g"], [True, True], [BACKLOG, IDLE]),  # a forecast, not a late stream
+        ([LATE, BACKLOG, IDLE], ["g", "g", "h"], [True] * 3, [LATE, BACKLOG, IDLE]),
+        ([], [], [], []),
+    ],
+)
+def test_device_busy(
+    verdicts: list[Verdict], devices: list[str | None], kv_spare: list[bool], expected: list[Verdict]
+) -> None:
+    assert device_busy(verdicts, devices, kv_spare) == expected
 
 
 @pytest.mark.parametrize(

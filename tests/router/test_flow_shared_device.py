@@ -4,6 +4,7 @@ takes requests while another engine on its device has room (the cache-aware esti
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import time
 
@@ -98,6 +99,37 @@ async def test_an_engine_behind_its_backlog_keeps_taking_requests_while_its_devi
     e0.in_flight += 1
     control.dispatched(busy, e0, 9_000, streamed=True)
     assert [e.name for e in control.with_room([e0, e1])] == expected
+
+
+async def test_a_stream_late_on_a_shared_gpu_leaves_no_engine_of_it_with_room() -> None:
+    """Four engines of one H200 past capacity: three late, the fourth idle (the cache-aware estimate
+    never woke it). Its idle room admitted every request, 0 % refused at twice the capacity
+    (bench-results/flow, "Four LMCache engines on an H200"); now the next request queues until an
+    engine with work there has room again."""
+    clock = [0.0]
+    control, engines = make(["g", "g", "g", "g"], clock)
+    cls = control.config.class_named("default")
+    assert cls is not None
+    for engine in engines:
+        engine.kv_cache_usage = 0.3
+    grants = []
+    for engine in engines[:3]:
+        grant = await control.admit(M, "t", cls, 2_000, engines)
+        engine.in_flight += 1
+        control.dispatched(grant, engine, 2_000, streamed=True)
+        grants.append(grant)
+    assert control.room_for(M, engines, clock[0], cls.priority) == 4  # on time: every engine has room
+    clock[0] = 5.0  # their first tokens are past due: the GPU is behind
+    verdicts = control.room.verdicts(engines, control.room.limits, clock[0])
+    assert [v.reason for v in verdicts] == ["overdue", "overdue", "overdue", "device_busy"]
+    assert control.room_for(M, engines, clock[0], cls.priority) == 0
+    waiter = asyncio.get_running_loop().create_task(control.admit(M, "t", cls, 2_000, engines))
+    await asyncio.sleep(0.01)
+    assert not waiter.done() and len(control.queue_for(M)) == 1
+    control.first_token(grants[0], 4.0)  # e0 on time again, with room: the turn is the waiter's
+    control.pump(M)
+    grant = await asyncio.wait_for(waiter, 1)
+    assert grant.queue_wait_s is not None and grant.queue_wait_s >= 0
 
 
 def test_a_device_s_mean_rate_follows_its_engines_leaving_and_moving() -> None:
