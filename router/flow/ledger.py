@@ -67,3 +67,8 @@ class EngineFlow:
         if not streams:
             return None
         return any(p.due <= now for p in streams)
+
+    def behind(self, now: float, within_s: float) -> bool:
+        """Whether a stream sent here is past due without its first token by at most ``within_s``:
+        the engine is behind now. One late by longer is stuck there, not slowed by its GPU."""
+        return any(p.streamed and now - within_s < p.due <= now for p in self.prefill.values())

@@ -43,6 +43,10 @@ SLOT_WAITS = ("full", "waiting", "overdue")  # saturations a request can wait ou
 # engine there) chooses between them; batch slots and KV stay each engine's own. An idle engine
 # does not count as that room while its device is behind (saturation.device_busy)
 DEVICE_PACED = ("overdue", "prefill_backlog")
+# a stream this long past due is stuck on its engine (a hung engine whose /health still answers),
+# not slowed by its GPU: it keeps no idle neighbour from taking requests (saturation.device_busy).
+# Streams under overload on four LMCache engines of an H200 came 5-28 s after arrival
+STUCK_STREAM_S = 60.0
 
 
 class Room:
@@ -196,7 +200,10 @@ class Room:
         return device_busy(
             [saturation(load, limits) for load in loads],
             [e.endpoint.device for e in candidates],
-            [kv_to_spare(e.kv_cache_usage) for e in candidates],
+            [
+                kv_to_spare(e.kv_cache_usage) and self.ledger(e).behind(now, STUCK_STREAM_S)
+                for e in candidates
+            ],
         )
 
     def unsaturated(self, candidates: list[EngineState], now: float, priority: int) -> int:

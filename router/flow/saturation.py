@@ -27,8 +27,8 @@ when the first of these holds, checked in this order:
 Otherwise it has ``room``.
 
 **Engines that time-slice one GPU** (their engines-file or pod ``device``): a stream past due at one
-of them (``overdue``, with its KV to spare, so it waits for compute, not for KV) says the GPU itself
-is behind. An idle engine there is then ``device_busy`` (:func:`device_busy`): rule 1's idle engine
+of them (``overdue``, with its KV to spare, so it waits for compute, not for KV, and late by less
+than a stream stuck on a hung engine would be) says the GPU itself is behind. An idle engine there is then ``device_busy`` (:func:`device_busy`): rule 1's idle engine
 keeps the queue draining on a GPU of its own, but on a shared one the busy engines drain it, and a
 request sent to the idle one only takes a slice of the same compute. Without this, an idle engine
 the cache-aware estimate never chose (waking it slows the busy ones) kept the model "with room",
@@ -164,17 +164,18 @@ def saturation(load: EngineLoad, limits: Limits) -> Verdict:
 
 
 def device_busy(
-    verdicts: Sequence[Verdict], devices: Sequence[str | None], kv_spare: Sequence[bool]
+    verdicts: Sequence[Verdict], devices: Sequence[str | None], late: Sequence[bool]
 ) -> list[Verdict]:
     """``verdicts`` with every idle engine on a GPU that is behind made ``device_busy``.
 
-    ``devices[i]``: the device engine ``i`` shares (None: one of its own); ``kv_spare[i]``: its KV
-    is known to have room (:func:`kv_to_spare`). A device is behind when one of its engines is
-    ``overdue`` with KV to spare (the module docstring)."""
+    ``devices[i]``: the device engine ``i`` shares (None: one of its own); ``late[i]``: a stream
+    there is past due, lately (one late for longer is stuck on its engine, and must not keep the
+    engine's neighbours idle), with its KV to spare (:func:`kv_to_spare`). A device is behind when
+    one of its engines is ``overdue`` and late (the module docstring)."""
     behind = {
         device
-        for verdict, device, spare in zip(verdicts, devices, kv_spare, strict=True)
-        if device is not None and spare and verdict.reason == "overdue"
+        for verdict, device, is_late in zip(verdicts, devices, late, strict=True)
+        if device is not None and is_late and verdict.reason == "overdue"
     }
     if not behind:
         return list(verdicts)

@@ -74,23 +74,23 @@ BUSY, BACKLOG = Verdict(True, "device_busy"), Verdict(True, "prefill_backlog")
 
 
 @pytest.mark.parametrize(
-    ("verdicts", "devices", "kv_spare", "expected"),
+    ("verdicts", "devices", "late", "expected"),
     [
         # the H200 case: three engines of one GPU late, the fourth idle and never chosen
         ([LATE, LATE, LATE, IDLE], ["g"] * 4, [True] * 4, [LATE, LATE, LATE, BUSY]),
         ([LATE, ROOM, IDLE], ["g"] * 3, [True] * 3, [LATE, ROOM, BUSY]),  # one with work keeps its room
         ([LATE, IDLE], ["g", "h"], [True, True], [LATE, IDLE]),  # another GPU has its own compute
         ([LATE, IDLE], [None, None], [True, True], [LATE, IDLE]),  # a GPU each
-        ([LATE, IDLE], ["g", "g"], [False, True], [LATE, IDLE]),  # late for KV, its own
+        ([LATE, IDLE], ["g", "g"], [False, True], [LATE, IDLE]),  # late for KV, or stuck: its own
         ([BACKLOG, IDLE], ["g", "g"], [True, True], [BACKLOG, IDLE]),  # a forecast, not a late stream
         ([LATE, BACKLOG, IDLE], ["g", "g", "h"], [True] * 3, [LATE, BACKLOG, IDLE]),
         ([], [], [], []),
     ],
 )
 def test_device_busy(
-    verdicts: list[Verdict], devices: list[str | None], kv_spare: list[bool], expected: list[Verdict]
+    verdicts: list[Verdict], devices: list[str | None], late: list[bool], expected: list[Verdict]
 ) -> None:
-    assert device_busy(verdicts, devices, kv_spare) == expected
+    assert device_busy(verdicts, devices, late) == expected
 
 
 @pytest.mark.parametrize(

@@ -14,7 +14,7 @@ from kvstack.router.engines import Endpoint, EngineRegistry, EngineState
 from kvstack.router.flow.config import FlowControlConfig
 from kvstack.router.flow.controller import FlowControl
 from kvstack.router.flow.ledger import Prefill
-from kvstack.router.flow.room import device_paced
+from kvstack.router.flow.room import STUCK_STREAM_S, device_paced
 from kvstack.router.flow.saturation import Reason, Verdict
 from kvstack.router.metrics import RouterMetrics
 
@@ -130,6 +130,24 @@ async def test_a_stream_late_on_a_shared_gpu_leaves_no_engine_of_it_with_room() 
     control.pump(M)
     grant = await asyncio.wait_for(waiter, 1)
     assert grant.queue_wait_s is not None and grant.queue_wait_s >= 0
+
+
+@pytest.mark.parametrize(("late_by", "idle_one"), [(5.0, "device_busy"), (STUCK_STREAM_S + 1, "idle")])
+async def test_a_stream_stuck_on_its_engine_keeps_no_neighbour_idle(late_by: float, idle_one: str) -> None:
+    """A stream a minute past due is stuck on its engine (hung, /health still answering), not
+    slowed by the GPU: its neighbour takes requests again."""
+    clock = [0.0]
+    control, (e0, e1) = make(["g", "g"], clock)
+    cls = control.config.class_named("default")
+    assert cls is not None
+    e0.kv_cache_usage = e1.kv_cache_usage = 0.3
+    grant = await control.admit(M, "t", cls, 2_000, [e0, e1])
+    e0.in_flight += 1
+    control.dispatched(grant, e0, 2_000, streamed=True)
+    due = control.room.ledger(e0).prefill[grant.id].due
+    clock[0] = due + late_by
+    verdicts = control.room.verdicts([e0, e1], control.room.limits, clock[0])
+    assert [v.reason for v in verdicts] == ["overdue", idle_one]
 
 
 def test_a_device_s_mean_rate_follows_its_engines_leaving_and_moving() -> None:
