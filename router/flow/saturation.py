@@ -28,14 +28,15 @@ Otherwise it has ``room``.
 
 **Engines that time-slice one GPU** (their engines-file or pod ``device``): a stream past due at one
 of them (``overdue``, with its KV to spare, so it waits for compute, not for KV, and late by less
-than a stream stuck on a hung engine would be) says the GPU itself is behind. An idle engine there is then ``device_busy`` (:func:`device_busy`): rule 1's idle engine
-keeps the queue draining on a GPU of its own, but on a shared one the busy engines drain it, and a
-request sent to the idle one only takes a slice of the same compute. Without this, an idle engine
-the cache-aware estimate never chose (waking it slows the busy ones) kept the model "with room",
-and flow control admitted everything: four LMCache engines on one H200 at twice their capacity,
-0 % refused and TTFT p50 5.9 s, the fourth engine idle throughout (bench-results/flow, "Four
-LMCache engines on an H200"). Engines there with work and room keep it: holding them too cut the
-simulators' goodput at 2x (bench-results/flow, same section).
+than a stream stuck on a hung engine would be) says the GPU itself is behind. An idle engine there
+is then ``device_busy`` (:func:`device_busy`): rule 1's idle engine keeps the queue draining on a
+GPU of its own, but on a shared one the busy engines drain it, and a request sent to the idle one
+only takes a slice of the same compute. Without this, an idle engine the cache-aware estimate never
+chose (waking it slows the busy ones) kept the model "with room", and flow control admitted
+everything: four LMCache engines on one H200 at twice their capacity, 0 % refused and TTFT p50 5.9
+s, the fourth engine idle throughout (bench-results/flow, "Four LMCache engines on an H200").
+Engines there with work and room keep it: holding them too cut the simulators' goodput at 2x
+(bench-results/flow, same section).
 
 **Headroom for higher classes**: a request of a class below the highest class seen lately may fill
 only ``share`` of an engine's learnt batch capacity (rule 3) and of its prefill target (rule 7)
@@ -65,7 +66,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 Reason = Literal[
     "reserved",
@@ -79,18 +80,7 @@ Reason = Literal[
     "prefill_backlog",
     "device_busy",
 ]
-REASONS: tuple[Reason, ...] = (
-    "reserved",
-    "idle",
-    "room",
-    "in_flight_cap",
-    "full",
-    "overdue",
-    "waiting",
-    "kv_usage",
-    "prefill_backlog",
-    "device_busy",
-)
+REASONS: tuple[Reason, ...] = get_args(Reason)
 
 
 @dataclass(frozen=True, slots=True)
