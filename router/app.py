@@ -357,7 +357,8 @@ def create_app(settings: RouterSettings, registry: EngineRegistry | None = None)
         found = readiness(
             len(up), syncing, now - started, settings.ready_sync_timeout_s, was_ready, require_engine
         )
-        was_ready = was_ready or found.ready
+        # latched by a router that had an engine to be ready for, not by a startup probe's no_engine
+        was_ready = was_ready or (found.ready and found.reason != "no_engine")
         body = {
             "ready": found.ready,
             "reason": found.reason,
