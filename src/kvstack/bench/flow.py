@@ -30,7 +30,7 @@ from typing import Annotated, Any
 
 import typer
 
-from kvstack.bench import flow_plan, promtext
+from kvstack.bench import flow_gpu_goals, flow_plan, promtext
 from kvstack.bench.flow_driver import Client, run_trace
 from kvstack.bench.flow_plan import PEER, Policy, Results, Stream
 from kvstack.bench.flow_stack import DEFAULT_SIM_CONFIG, MODEL, FlowSetup, flow_available, ready_stack
@@ -343,7 +343,8 @@ def flow_bench(
             scenario or ["ramp", "fairness", "priority"],
             trace=lambda rec: trace_file.write(json.dumps(rec) + "\n"),
         )
-    goals = flow_plan.goals(results)
+    # a run on real engines with the SGLang router beside is judged by the GPU item too
+    goals = flow_plan.goals(results) + flow_gpu_goals.goals(results)
     meta = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(setup).items() if k != "log_dir"}
     meta["loadavg_end"] = list(os.getloadavg())
     meta["cpu_count"] = os.cpu_count()
