@@ -200,8 +200,11 @@ class Room:
         return device_busy(
             [saturation(load, limits) for load in loads],
             [e.endpoint.device for e in candidates],
+            # only a shared device's engines are asked: the scan of their streams is per request
             [
-                kv_to_spare(e.kv_cache_usage) and self.ledger(e).behind(now, STUCK_STREAM_S)
+                e.endpoint.device is not None
+                and kv_to_spare(e.kv_cache_usage)
+                and self.ledger(e).behind(now, STUCK_STREAM_S)
                 for e in candidates
             ],
         )
