@@ -44,12 +44,17 @@ def test_the_router_s_own_tokenizer_and_the_decision_log(tmp_path: Path) -> None
     assert (plain.tokenizer, plain.tokenizer_path, plain.log_level) == ("builtin", None, "warning")
 
 
+REAL = ["--engines-file", "engines.yaml"]  # real engines: a local tokenizer is theirs
+
+
 @pytest.mark.parametrize(
     ("args", "complaint"),
     [
-        (["--tokenizer", "local"], "--tokenizer-path"),
-        (["--tokenizer", "local", "--tokenizer-path", "/nonexistent/kvstack"], "--tokenizer-path"),
+        ([*REAL, "--tokenizer", "local"], "--tokenizer-path"),
+        ([*REAL, "--tokenizer", "local", "--tokenizer-path", "/nonexistent/kvstack"], "--tokenizer-path"),
         (["--tokenizer", "hf"], "unknown tokenizer 'hf'"),
+        # simulators tokenize with the built-in tokenizer: a local one's ids never match their events
+        (["--tokenizer", "local", "--tokenizer-path", "."], "built-in tokenizer"),
     ],
 )
 def test_bad_tokenizer_options_are_refused_before_anything_starts(args: list[str], complaint: str) -> None:

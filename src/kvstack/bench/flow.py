@@ -37,6 +37,7 @@ from kvstack.bench.flow_stack import DEFAULT_SIM_CONFIG, MODEL, FlowSetup, flow_
 from kvstack.bench.gpu_procs import PEER_POLICIES
 from kvstack.bench.gpu_reset import FreshCacheOption
 from kvstack.bench.gpu_reset import fresh_cache as reset_engines
+from kvstack.bench.tokenizer_choice import TokenizerChoiceError, check_tokenizer
 
 
 def _case(
@@ -301,14 +302,10 @@ def flow_bench(
     for name in scenario or ():
         if name not in ("ramp", "fairness", "priority"):
             raise typer.BadParameter(f"unknown scenario {name!r}", param_hint="--scenario")
-    if tokenizer not in ("builtin", "engine", "local"):
-        raise typer.BadParameter(
-            f"unknown tokenizer {tokenizer!r}; one of builtin, engine, local", param_hint="--tokenizer"
-        )
-    if tokenizer == "local" and (tokenizer_path is None or not tokenizer_path.is_dir()):
-        raise typer.BadParameter(
-            "--tokenizer local needs the model's tokenizer files (a folder)", param_hint="--tokenizer-path"
-        )
+    try:
+        check_tokenizer(tokenizer, tokenizer_path, simulated=engines_file is None)
+    except TokenizerChoiceError as err:
+        raise typer.BadParameter(str(err), param_hint=err.option) from None
     if engines_file is not None and speed != 1.0:
         raise typer.BadParameter("real engines run at speed 1", param_hint="--speed")
     if any(x <= 0 for x in load or ()):
