@@ -357,8 +357,7 @@ def create_app(settings: RouterSettings, registry: EngineRegistry | None = None)
         found = readiness(
             len(up), syncing, now - started, settings.ready_sync_timeout_s, was_ready, require_engine
         )
-        # latched by a router that had an engine to be ready for, not by a startup probe's no_engine
-        was_ready = was_ready or (found.ready and found.reason != "no_engine")
+        was_ready = was_ready or found.latches
         body = {
             "ready": found.ready,
             "reason": found.reason,

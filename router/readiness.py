@@ -30,6 +30,13 @@ class Readiness(NamedTuple):
     ready: bool
     reason: Reason
 
+    @property
+    def latches(self) -> bool:
+        """Whether this answer makes the router ready for good (rule 2): a ready answer with an
+        engine to be ready for. A startup probe's ``no_engine`` 200 does not: an engine added later
+        must still have its history replayed before the router counts as ready."""
+        return self.ready and self.reason != "no_engine"
+
 
 def readiness(
     available: int,

@@ -42,6 +42,20 @@ def test_readiness(
     assert readiness(available, syncing, since, timeout, was_ready, need_engine) == expected
 
 
+@pytest.mark.parametrize(
+    ("answer", "latches"),
+    [
+        (Readiness(True, "ready"), True),
+        (Readiness(True, "sync_timed_out"), True),
+        (Readiness(True, "no_engine"), False),  # the startup probe's 200: no engine's history yet
+        (Readiness(False, "syncing"), False),
+        (Readiness(False, "no_engine"), False),
+    ],
+)
+def test_only_a_ready_answer_with_an_engine_latches(answer: Readiness, latches: bool) -> None:
+    assert answer.latches is latches
+
+
 def _silent_replay(engines_file: Path) -> None:
     """Point the engine's replay at a port nothing serves: its replay waits its timeout, then fails."""
     (entry,) = yaml.safe_load(engines_file.read_text())
