@@ -103,11 +103,11 @@ class PromptSource:
         plan = local.plan(model, work)
         if plan is None:
             if limit and work.chars >= limit:
-                made = await asyncio.to_thread(tokenizer.tokens, work, release_gil=True)
+                made = await asyncio.to_thread(tokenizer.tokens, work)
                 return local.remember(model, work, made)
             return local.remember(model, work, tokenizer.tokens(work))
         if limit and plan.chars_to_encode() >= limit:
-            pieces = await asyncio.to_thread(local.encode, model, plan, release_gil=True)
+            pieces = await asyncio.to_thread(local.encode, model, plan)
         else:
             pieces = local.encode(model, plan)
         joined = local.finish(model, work, plan, pieces)
@@ -119,7 +119,7 @@ class PromptSource:
         self, local: LocalTokenizers, model: str, work: PromptWork, plan: ChatPlan, joined: Tokens
     ) -> None:
         async def check() -> None:
-            whole = await asyncio.to_thread(local.whole, model, plan, release_gil=True)
+            whole = await asyncio.to_thread(local.whole, model, plan)
             local.check(model, work, joined, whole)
 
         task = asyncio.get_running_loop().create_task(check(), name=f"check pieces of {model}")

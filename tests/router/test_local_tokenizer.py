@@ -126,7 +126,6 @@ def test_chat_ids_equal_transformers_apply_chat_template(model_dir: Path, chat: 
 def test_text_ids_equal_transformers_encode(model_dir: Path, text: str) -> None:
     ours = ModelTokenizer(model_dir)
     assert list(ours.text(text)) == reference_ids(model_dir, text=text)
-    assert ours.text(text, release_gil=True) == ours.text(text)  # the threaded path's encoder
 
 
 def test_long_prompts_are_encoded_off_the_event_loop_with_the_same_ids(
