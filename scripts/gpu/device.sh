@@ -16,6 +16,9 @@
 #   ENGINES=4 GPU_UTIL=0.2 bash scripts/gpu/device.sh start    four engines (~97K tokens of KV each on an H200)
 #   bash scripts/gpu/device.sh flow ARGS...     kvstack bench flow over the running engines, results in $OUT
 #   SHARED_DEVICE=0 before proof, matrix or flow: the router is not told the engines share the GPU
+#   bash scripts/gpu/device.sh restart          stop the engines and Redis, then start again: LMCache's CPU
+#       buffer survives vLLM's prefix-cache reset and fills across a session (bench-results/flow, session 26)
+#   bash scripts/gpu/device.sh lmcache_full     each engine's count of LMCache's "buffer full" warnings
 #   kvstack itself travels as a wheel: build it here with `pip wheel --no-deps -w .whl .` and carry
 #   .whl; every call installs it afresh into /tmp/kvsite (the package maps folders, so no PYTHONPATH
 #   to the checkout would import it).
@@ -99,6 +102,26 @@ SH
   nvidia-smi --query-gpu=memory.used,memory.total --format=csv
 }
 
+stop() {  # the engines and Redis of `start`; the brackets keep pkill off this call's own shell line
+  pkill -f "[e]ngine serve"; pkill -f "[v]llm"; pkill -f "[r]edis-server"
+  for _ in $(seq 90); do pgrep -f "[e]ngine serve|[v]llm serve" > /dev/null || return 0; sleep 1; done
+  echo "engines still running after 90 s"; return 1
+}
+
+restart() {  # fresh engines (and an empty LMCache CPU buffer), as `start` with the same settings
+  stop && start
+}
+
+lmcache_full() {  # $1: engine logs folder. Per engine, how often LMCache found its CPU buffer full:
+  # a full buffer stalls the engine's stores, and its TTFTs with them (bench-results/flow, session 26)
+  local f n
+  for f in "${1:-$LOGS}"/engine[0-9].log; do
+    [ -e "$f" ] || continue
+    n=$(grep -c "Failed to allocate memory block" "$f")
+    echo "$(basename "$f" .log): $n LMCache allocation failures$( [ "$n" -gt 0 ] && echo " (its CPU buffer is full: restart for clean figures)")"
+  done
+}
+
 engines_file() {  # the engines file the router is given. SHARED_DEVICE=0: a copy without `device:`,
   # each engine its own compute to the router (the A/B of bench-results/lmcache section 16: on an
   # H100 past saturation, the device pricing put nearly every request on one engine of the GPU)
@@ -129,6 +152,7 @@ matrix() {  # engines x workloads x loads x runs x routers in one call (gpu_plan
   names_tokenizer "$@" && tok=()
   timeout "${PROOF_TIMEOUT:-590}" python3 -m kvstack bench gpu "${base[@]}" ${tok[@]+"${tok[@]}"} "$@" 2>&1 \
     | tee -a "$OUT/matrix.log"
+  lmcache_full | tee -a "$OUT/matrix.log"
   bundle_traces
 }
 
@@ -157,6 +181,7 @@ flow() {  # flow control under overload over the running engines (kvstack bench 
   timeout "${PROOF_TIMEOUT:-580}" python3 -m kvstack bench flow --engines-file "$(engines_file)" --model kvstack-8b \
     --redis-url "redis://127.0.0.1:$REDIS_PORT" ${tok[@]+"${tok[@]}"} --speed 1 --out "$OUT" "$@" 2>&1 \
     | tee -a "$OUT/flow.log"
+  lmcache_full | tee -a "$OUT/flow.log"
 }
 
 calib() {  # the same traces on two simulators sized like the real engines

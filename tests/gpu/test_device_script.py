@@ -206,3 +206,19 @@ def test_shared_device_0_gives_the_router_the_engines_without_their_device(
     assert [e["name"] for e in entries] == ["gpu0", "gpu1"]
     assert all(e["kv_events_endpoint"] == "tcp://x" for e in entries)
     assert all(("device" in e) == device for e in entries)
+
+
+def test_lmcache_full_counts_each_engine_s_buffer_full_warnings(tmp_path: Path) -> None:
+    """The check `flow` and `matrix` print after a run: engines whose LMCache CPU buffer is full stall
+    their stores, and the figures of the run with them (bench-results/flow, session 26)."""
+    full = "LMCache WARNING: Failed to allocate memory block of size 33554432 because no memory is available"
+    full += "\n"
+    (tmp_path / "engine0.log").write_text("INFO ready\n" + full * 3)
+    (tmp_path / "engine1.log").write_text("INFO ready\nINFO Stored 256 out of total 256 tokens\n")
+    (tmp_path / "engine.yaml").write_text("not a log\n")
+    body = f"source <({functions('lmcache_full')}); lmcache_full {tmp_path}"
+    out = subprocess.run(["bash", "-c", body], check=True, capture_output=True, text=True).stdout
+    assert out.splitlines() == [
+        "engine0: 3 LMCache allocation failures (its CPU buffer is full: restart for clean figures)",
+        "engine1: 0 LMCache allocation failures",
+    ]
