@@ -108,7 +108,7 @@ stop() {  # the engines and Redis of `start`; the brackets keep pkill off this c
   echo "engines still running after 90 s"; return 1
 }
 
-restart() {  # fresh engines (and an empty LMCache CPU buffer), as `start` with the same settings
+restart() {  # fresh engines (and an empty LMCache CPU buffer): pass the environment `start` had
   stop && start
 }
 
