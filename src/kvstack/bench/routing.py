@@ -10,10 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
-import sys
 import tempfile
-import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +24,15 @@ from kvstack.bench.progress import BenchProgress, print_now
 from kvstack.bench.routing_goals import SAMPLES
 from kvstack.bench.routing_plan import POLICIES as POLICIES
 from kvstack.common import tokenizer
-from kvstack.common.procs import ManagedProcess, cpu_seconds, free_ports, kvstack_argv, memory_mb, running
+from kvstack.common.procs import (
+    ManagedProcess,
+    cpu_seconds,
+    exit_on_sigterm,
+    free_ports,
+    kvstack_argv,
+    memory_mb,
+    running,
+)
 from kvstack.engine.sim.cli import kv_events_flags
 from kvstack.router.discovery.static import sim_engine_entry
 
@@ -256,13 +261,6 @@ def _reasons(before: promtext.Samples, after: promtext.Samples) -> dict[str, flo
     return out
 
 
-def _exit_on_sigterm() -> None:
-    """SIGTERM ends the run like Ctrl-C: ``running()`` then stops the case's engines and router,
-    which live in their own sessions and would otherwise outlive a killed benchmark."""
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, lambda _sig, _frame: sys.exit(143))
-
-
 def run(
     setup: RoutingSetup,
     names: Sequence[str],
@@ -279,7 +277,7 @@ def run(
     Progress counts requests over the whole run (``show_bar``: see :class:`BenchProgress`); the
     run's lines go to ``progress`` (default: printed, above the bar when there is one).
     """
-    _exit_on_sigterm()
+    exit_on_sigterm()  # running() then stops the case's engines and router
     traces = [
         workloads.build(
             name,

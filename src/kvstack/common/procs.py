@@ -2,6 +2,13 @@
 
 Each child runs in its own process group so that stopping it also stops anything it spawned, and
 its output goes to a log file (reading a pipe nobody drains would eventually block the child).
+
+A command that should stop its children when sent SIGTERM calls :func:`exit_on_sigterm`: SIGTERM
+then raises ``SystemExit`` as Ctrl-C raises ``KeyboardInterrupt``, and :func:`running` stops what
+it started. Not while a child is being started: a signal handled between the fork and the moment
+its ``Popen`` is recorded would leave that child running with nobody to stop it (its own session
+outlives the command), so SIGTERM is held until the child is recorded (a routing benchmark stopped
+as its router was forked left the router behind, session 26's CI).
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -35,6 +43,45 @@ def free_ports(count: int) -> list[int]:
 def free_port() -> int:
     """One free loopback port (see :func:`free_ports`)."""
     return free_ports(1)[0]
+
+
+class _SigtermHold:
+    """Whether a child is being started (``depth``) and the exit a SIGTERM asked for meanwhile."""
+
+    depth = 0
+    pending: int | None = None
+
+
+@contextlib.contextmanager
+def _sigterm_held() -> Iterator[None]:
+    """Run the block whole even if SIGTERM comes (with :func:`exit_on_sigterm`); exit after it.
+    Only the main thread's blocks: the handler runs there, and its exit must end the process there."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    _SigtermHold.depth += 1
+    try:
+        yield
+    finally:
+        _SigtermHold.depth -= 1
+    if _SigtermHold.depth == 0 and _SigtermHold.pending is not None:
+        code, _SigtermHold.pending = _SigtermHold.pending, None
+        raise SystemExit(code)
+
+
+def _on_sigterm(_signum: int, _frame: object) -> None:
+    if _SigtermHold.depth:
+        _SigtermHold.pending = 143
+        return
+    raise SystemExit(143)
+
+
+def exit_on_sigterm() -> None:
+    """From now on SIGTERM ends this process like Ctrl-C (``SystemExit(143)``), so that
+    :func:`running` stops the children it started, which live in their own sessions and would
+    outlive it; held while a child is being started. Only the main thread can set a handler."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_sigterm)
 
 
 class ProcessError(RuntimeError):
@@ -61,7 +108,7 @@ class ManagedProcess:
 
     def start(self) -> ManagedProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with self.log_path.open("wb") as log:
+        with self.log_path.open("wb") as log, _sigterm_held():
             self.proc = subprocess.Popen(
                 self.argv,
                 stdout=log,
@@ -126,7 +173,8 @@ def running(procs: Sequence[ManagedProcess], timeout: float = 30.0) -> Iterator[
     started: list[ManagedProcess] = []
     try:
         for p in procs:
-            started.append(p.start())
+            started.append(p)  # before it starts: stop() of one never started is a no-op
+            p.start()
         for p in started:
             p.wait_ready(timeout)
         yield started
