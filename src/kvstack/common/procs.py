@@ -64,9 +64,10 @@ def _sigterm_held() -> Iterator[None]:
         yield
     finally:
         _SigtermHold.depth -= 1
-    if _SigtermHold.depth == 0 and _SigtermHold.pending is not None:
-        code, _SigtermHold.pending = _SigtermHold.pending, None
-        raise SystemExit(code)
+        if _SigtermHold.depth == 0 and _SigtermHold.pending is not None:
+            # the exit asked for, even over an error of the block's own (a start that failed)
+            code, _SigtermHold.pending = _SigtermHold.pending, None
+            raise SystemExit(code)
 
 
 def _on_sigterm(_signum: int, _frame: object) -> None:
