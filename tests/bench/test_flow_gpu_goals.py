@@ -8,8 +8,11 @@ from typing import Any
 
 import pytest
 
-from kvstack.bench.flow_gpu_goals import FLOW, PEER, goals
+from kvstack.bench import flow_plan
+from kvstack.bench.flow_gpu_goals import goals
 from kvstack.bench.flow_plan import Results
+
+FLOW, PEER = flow_plan.FLOW.name, flow_plan.PEER.name
 
 H200 = Path(__file__).parents[2] / "bench-results" / "flow" / "h200-s25"
 

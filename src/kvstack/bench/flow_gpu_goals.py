@@ -19,9 +19,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from kvstack.bench.flow_plan import Goal, Results
+from kvstack.bench.flow_plan import FLOW, PEER, Goal, Results, ratio
 
-FLOW, PEER = "cache_aware+flow", "sglang_cache_aware"
 PEER_P50_S = 5.0  # SGLang's TTFT p50 that marks the overload of item 4
 GOODPUT_SHARE = 0.8  # of the best goodput below saturation, kept at the top load
 P99_S = 1.5  # admitted TTFT p99 at the top load
@@ -38,7 +37,7 @@ def _p90(row: Mapping[str, Any]) -> float | None:
 
 def goals(results: Results) -> list[Goal]:
     """Item 4's goals (module docstring); empty for a run without the SGLang router."""
-    flow, peer = _rows(results.ramp, FLOW), _rows(results.ramp, PEER)
+    flow, peer = _rows(results.ramp, FLOW.name), _rows(results.ramp, PEER.name)
     if not peer:
         return []
     if not flow:
@@ -56,7 +55,7 @@ def goals(results: Results) -> list[Goal]:
     )
     below = [r["goodput_rps"] for load, r in flow.items() if load < 1.0 and r.get("goodput_rps") is not None]
     good = at_top.get("goodput_rps")
-    share = None if not below or good is None or max(below) <= 0 else round(good / max(below), 3)
+    share = ratio(good, max(below)) if below else None
     out.append(
         Goal(
             f"GPU: goodput at {top:g}x >= {GOODPUT_SHARE:g}x its best below saturation",
@@ -93,5 +92,5 @@ def goals(results: Results) -> list[Goal]:
         if ours is None or theirs is None or theirs <= 0:
             out.append(Goal(name, None, "not run"))
         else:
-            out.append(Goal(name, ours <= theirs, f"{ours} against {theirs} s ({round(ours / theirs, 3)}x)"))
+            out.append(Goal(name, ours <= theirs, f"{ours} against {theirs} s ({ratio(ours, theirs)}x)"))
     return out

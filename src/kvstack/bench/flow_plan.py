@@ -37,10 +37,12 @@ class Policy:
     flow: bool  # flow control on (its config section) or off
 
 
+# cache_aware with flow control: the policy every goal of the issue judges
+FLOW = Policy("cache_aware+flow", "cache_aware", flow=True)
 POLICIES = (
     Policy("round_robin", "round_robin", flow=False),
     Policy("cache_aware", "cache_aware", flow=False),
-    Policy("cache_aware+flow", "cache_aware", flow=True),
+    FLOW,
 )
 # The SGLang router's cache_aware policy (`pip install sglang-router`), on real engines.
 PEER = Policy("sglang_cache_aware", "sglang_cache_aware", flow=False)
@@ -296,17 +298,18 @@ def _row(rows: Sequence[Mapping[str, Any]], **match: Any) -> Mapping[str, Any] |
     return next((r for r in rows if all(r.get(k) == v for k, v in match.items())), None)
 
 
-def _ratio(a: float | None, b: float | None) -> float | None:
+def ratio(a: float | None, b: float | None) -> float | None:
+    """``a / b`` to three places; None without both or with ``b`` 0."""
     return None if a is None or b is None or b == 0 else round(a / b, 3)
 
 
 def goals(results: Results) -> list[Goal]:
     """The issue's goals for the simulated benchmarks, from a run's rows."""
     out: list[Goal] = []
-    flow = "cache_aware+flow"
+    flow = FLOW.name
     at1, at2 = _row(results.ramp, policy=flow, load=1.0), _row(results.ramp, policy=flow, load=2.0)
     if at1 and at2:
-        r = _ratio(at2["goodput_rps"], at1["goodput_rps"])
+        r = ratio(at2["goodput_rps"], at1["goodput_rps"])
         out.append(
             Goal(
                 "ramp: goodput at 2x >= 0.9x goodput at 1x (flow control)",
@@ -329,7 +332,7 @@ def goals(results: Results) -> list[Goal]:
         _row(results.ramp, policy="cache_aware", load=2.0),
     )
     if nf1 and nf2:
-        r = _ratio(nf2["goodput_rps"], nf1["goodput_rps"])
+        r = ratio(nf2["goodput_rps"], nf1["goodput_rps"])
         out.append(
             Goal(
                 "ramp: without flow control goodput falls at 2x (the problem shown)",
@@ -348,10 +351,10 @@ def goals(results: Results) -> list[Goal]:
         )
         if with_flow and without:
             first = "ttft_first_attempt_p90_s"
-            r = _ratio(
+            r = ratio(
                 with_flow.get(first, with_flow["ttft_p90_s"]), without.get(first, without["ttft_p90_s"])
             )
-            last = _ratio(with_flow["ttft_p90_s"], without["ttft_p90_s"])
+            last = ratio(with_flow["ttft_p90_s"], without["ttft_p90_s"])
             shed = f"{r}x ({last}x last attempt), 429 {with_flow.get('shed_rate', 0.0):.0%}"
             name = f"ramp: {where} TTFT p90 within 5% of cache_aware"
             out.append(Goal(name, r is not None and r <= 1.05, shed))
@@ -359,7 +362,7 @@ def goals(results: Results) -> list[Goal]:
     together = _row(results.fairness, case="A 10x + B", policy=flow)
     if alone and together and "B" in together["tenants"]:
         b, a = together["tenants"]["B"], together["tenants"].get("A", {})
-        r = _ratio(b["ttft_p90_s"], alone["tenants"]["B"]["ttft_p90_s"])
+        r = ratio(b["ttft_p90_s"], alone["tenants"]["B"]["ttft_p90_s"])
         out.append(
             Goal("fairness: B's TTFT p90 within 1.25x of B alone", r is not None and r <= 1.25, f"{r}x")
         )
