@@ -23,6 +23,8 @@ from kvstack.router.policies.prefix_trie import PrefixTrieSettings
 from kvstack.router.sticky import StickyResponsesConfig
 
 PositiveSeconds = Annotated[float, Field(gt=0)]
+# where prompt tokens come from (RouterSettings.tokenizer)
+TokenizerKind = Literal["builtin", "engine", "local"]
 
 
 # ---- tracing (router/tracing.py, docs/tracing.md)
@@ -84,7 +86,7 @@ class RouterSettings(BaseSettings):
     # where prompt tokens come from: kvstack's tokenizer (simulators), the engine's /tokenize, or
     # local: the model's own tokenizer.json and chat template read from tokenizer_path (real vLLM's
     # ids without a round trip; router/local_tokenizer.py), the engine's /tokenize as the fallback
-    tokenizer: Literal["builtin", "engine", "local"] = "builtin"
+    tokenizer: TokenizerKind = "builtin"
     # tokenizer: local: a model folder, folders per model name, or an HF Hub cache (models--org--name)
     tokenizer_path: Path | None = None
     session_header: str = "x-session-id"

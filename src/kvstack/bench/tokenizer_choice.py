@@ -15,8 +15,11 @@ holding them and its TTFT p90 was 3.7-6.8 s against SGLang's 0.5-0.85 s). ``buil
 from __future__ import annotations
 
 from pathlib import Path
+from typing import get_args
 
-TOKENIZERS = ("builtin", "engine", "local")
+from kvstack.router.config import TokenizerKind
+
+TOKENIZERS: tuple[str, ...] = get_args(TokenizerKind)  # the router's own choices
 
 
 class TokenizerChoiceError(ValueError):
