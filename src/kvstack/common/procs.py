@@ -45,11 +45,14 @@ def free_port() -> int:
     return free_ports(1)[0]
 
 
+SIGTERM_EXIT = 143  # 128 + SIGTERM, as a shell reports a process it ended
+
+
 class _SigtermHold:
-    """Whether a child is being started (``depth``) and the exit a SIGTERM asked for meanwhile."""
+    """Whether a child is being started (``depth``) and a SIGTERM came meanwhile (``pending``)."""
 
     depth = 0
-    pending: int | None = None
+    pending = False
 
 
 @contextlib.contextmanager
@@ -64,17 +67,17 @@ def _sigterm_held() -> Iterator[None]:
         yield
     finally:
         _SigtermHold.depth -= 1
-        if _SigtermHold.depth == 0 and _SigtermHold.pending is not None:
+        if _SigtermHold.depth == 0 and _SigtermHold.pending:
             # the exit asked for, even over an error of the block's own (a start that failed)
-            code, _SigtermHold.pending = _SigtermHold.pending, None
-            raise SystemExit(code)
+            _SigtermHold.pending = False
+            raise SystemExit(SIGTERM_EXIT)
 
 
 def _on_sigterm(_signum: int, _frame: object) -> None:
     if _SigtermHold.depth:
-        _SigtermHold.pending = 143
+        _SigtermHold.pending = True
         return
-    raise SystemExit(143)
+    raise SystemExit(SIGTERM_EXIT)
 
 
 def exit_on_sigterm() -> None:
