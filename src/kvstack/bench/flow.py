@@ -37,7 +37,7 @@ from kvstack.bench.flow_stack import DEFAULT_SIM_CONFIG, MODEL, FlowSetup, flow_
 from kvstack.bench.gpu_procs import PEER_POLICIES
 from kvstack.bench.gpu_reset import FreshCacheOption
 from kvstack.bench.gpu_reset import fresh_cache as reset_engines
-from kvstack.bench.tokenizer_choice import TokenizerChoiceError, check_tokenizer
+from kvstack.bench.tokenizer_choice import check_tokenizer
 
 
 def _case(
@@ -302,10 +302,7 @@ def flow_bench(
     for name in scenario or ():
         if name not in ("ramp", "fairness", "priority"):
             raise typer.BadParameter(f"unknown scenario {name!r}", param_hint="--scenario")
-    try:
-        check_tokenizer(tokenizer, tokenizer_path, simulated=engines_file is None)
-    except TokenizerChoiceError as err:
-        raise typer.BadParameter(str(err), param_hint=err.option) from None
+    check_tokenizer(tokenizer, tokenizer_path, simulated=engines_file is None)
     if engines_file is not None and speed != 1.0:
         raise typer.BadParameter("real engines run at speed 1", param_hint="--speed")
     if any(x <= 0 for x in load or ()):

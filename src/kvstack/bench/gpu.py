@@ -51,7 +51,7 @@ from kvstack.bench.gpu_summary import (
 )
 from kvstack.bench.gpu_verdict import Verdict, table, verdicts
 from kvstack.bench.progress import BenchProgress
-from kvstack.bench.tokenizer_choice import TokenizerChoiceError, check_tokenizer
+from kvstack.bench.tokenizer_choice import check_tokenizer
 from kvstack.common.procs import ManagedProcess, running, tree_cpu_seconds
 
 
@@ -248,10 +248,7 @@ def gpu_proof(
     ] = True,
 ) -> None:
     """The router over real engines (or simulators): TTFT, ITL, hits, and the KV index's predictions."""
-    try:
-        check_tokenizer(tokenizer, tokenizer_path, simulated=bool(sims))
-    except TokenizerChoiceError as err:
-        raise typer.BadParameter(str(err), param_hint=err.option) from None
+    check_tokenizer(tokenizer, tokenizer_path, simulated=bool(sims))
     entries = _engine_entries(engines_file, sims)
     spec = PlanSpec(
         engines_available=len(entries),

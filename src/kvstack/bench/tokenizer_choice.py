@@ -17,16 +17,19 @@ from __future__ import annotations
 from pathlib import Path
 from typing import get_args
 
+import typer
+
 from kvstack.router.config import TokenizerKind
 
 TOKENIZERS: tuple[str, ...] = get_args(TokenizerKind)  # the router's own choices
 
 
-class TokenizerChoiceError(ValueError):
-    """A tokenizer choice the benchmark cannot run; ``option`` names the flag to change."""
+class TokenizerChoiceError(typer.BadParameter):
+    """A tokenizer choice the benchmark cannot run; ``option`` names the flag to change. A bad
+    command-line parameter, so the benchmarks' commands let it through to typer's usage error."""
 
     def __init__(self, message: str, option: str) -> None:
-        super().__init__(message)
+        super().__init__(message, param_hint=option)
         self.option = option
 
 
