@@ -18,7 +18,7 @@
 #   SHARED_DEVICE=0 before proof, matrix or flow: the router is not told the engines share the GPU
 #   bash scripts/gpu/device.sh restart          stop the engines and Redis, then start again: LMCache's CPU
 #       buffer survives vLLM's prefix-cache reset and fills across a session (bench-results/flow, session 26)
-#   bash scripts/gpu/device.sh lmcache_full     each engine's count of LMCache's "buffer full" warnings
+#   bash scripts/gpu/device.sh lmcache_full     each engine's LMCache CPU-buffer pressure: evictions, failed stores
 #   kvstack itself travels as a wheel: build it here with `pip wheel --no-deps -w .whl .` and carry
 #   .whl; every call installs it afresh into /tmp/kvsite (the package maps folders, so no PYTHONPATH
 #   to the checkout would import it).
@@ -112,13 +112,20 @@ restart() {  # fresh engines (and an empty LMCache CPU buffer): pass the environ
   stop && start
 }
 
-lmcache_full() {  # $1: engine logs folder. Per engine, how often LMCache found its CPU buffer full:
-  # a full buffer stalls the engine's stores, and its TTFTs with them (bench-results/flow, session 26)
-  local f n
+lmcache_full() {  # $1: engine logs folder. Per engine, LMCache's CPU-buffer pressure, from its log.
+  # "Failed to allocate memory block" is logged by every allocation that finds the buffer full,
+  # including each retry after one chunk is evicted (LMCache 0.5.3, local_cpu_backend.py): with a full
+  # buffer it is normal and the store goes on. A store is lost only when nothing can be evicted
+  # (chunks pinned by lookups or held by queued Redis puts): "choosing to store only" (the rest of
+  # the prompt's KV is dropped) or, where the caller waits, "No eviction candidates found" (0.1 s
+  # sleeps). Those two are what make a run's figures suspect (bench-results/flow, session 27).
+  local f full dropped waits
   for f in "${1:-$LOGS}"/engine[0-9].log; do
     [ -e "$f" ] || continue
-    n=$(grep -c "Failed to allocate memory block" "$f")
-    echo "$(basename "$f" .log): $n LMCache allocation failures$( [ "$n" -gt 0 ] && echo " (its CPU buffer is full: restart for clean figures)")"
+    full=$(grep -c "Failed to allocate memory block" "$f")
+    dropped=$(grep -c "choosing to store only" "$f")
+    waits=$(grep -c "No eviction candidates found" "$f")
+    echo "$(basename "$f" .log): CPU buffer full at $full allocations (evicting), $dropped stores cut short, $waits waits for an evictable chunk$( [ $((dropped + waits)) -gt 0 ] && echo " (stores are failing: restart for clean figures)")"
   done
 }
 
