@@ -213,18 +213,20 @@ def test_lmcache_full_tells_evictions_from_failed_stores(tmp_path: Path) -> None
     every allocation that finds its CPU buffer full, evicting after it (the store goes on); only
     "choosing to store only" (KV dropped) and "No eviction candidates found" (waits) are stores
     failing, and only they ask for a restart."""
-    full = "LMCache WARNING: Failed to allocate memory block of size 33554432 because no memory is available\n"
-    cut = "LMCache WARNING: Local cpu memory under pressure so choosing to store only  3 total chunks of KV cache.\n"
-    wait = "LMCache WARNING: No eviction candidates found in local cpu backend. Local cpu memory is under pressure.\n"
-    (tmp_path / "engine0.log").write_text("INFO ready\n" + full * 3 + "INFO Stored 256 out of total 256 tokens\n")
+    full = "LMCache WARNING: Failed to allocate memory block of size 33554432 because no memory\n"
+    cut = "LMCache WARNING: Local cpu memory under pressure so choosing to store only  3 total chunks\n"
+    wait = "LMCache WARNING: No eviction candidates found in local cpu backend.\n"
+    stored = "INFO Stored 256 out of total 256 tokens\n"
+    (tmp_path / "engine0.log").write_text("INFO ready\n" + full * 3 + stored)
     (tmp_path / "engine1.log").write_text("INFO ready\n" + full + cut * 2 + wait)
-    (tmp_path / "engine2.log").write_text("INFO ready\nINFO Stored 256 out of total 256 tokens\n")
+    (tmp_path / "engine2.log").write_text("INFO ready\n" + stored)
     (tmp_path / "engine.yaml").write_text("not a log\n")
     body = f"source <({functions('lmcache_full')}); lmcache_full {tmp_path}"
     out = subprocess.run(["bash", "-c", body], check=True, capture_output=True, text=True).stdout
+    counts = "CPU buffer full at {} allocations (evicting), {} stores cut short, {} waits for an evictable"
+    counts += " chunk"
     assert out.splitlines() == [
-        "engine0: CPU buffer full at 3 allocations (evicting), 0 stores cut short, 0 waits for an evictable chunk",
-        "engine1: CPU buffer full at 1 allocations (evicting), 2 stores cut short, 1 waits for an evictable chunk"
-        " (stores are failing: restart for clean figures)",
-        "engine2: CPU buffer full at 0 allocations (evicting), 0 stores cut short, 0 waits for an evictable chunk",
+        "engine0: " + counts.format(3, 0, 0),
+        "engine1: " + counts.format(1, 2, 1) + " (stores are failing: restart for clean figures)",
+        "engine2: " + counts.format(0, 0, 0),
     ]
