@@ -21,6 +21,8 @@ STORED_TOKENS = "lmcache:num_stored_tokens_total"
 TIME_TO_RETRIEVE = "lmcache:time_to_retrieve"
 TIME_TO_STORE = "lmcache:time_to_store"
 LOCAL_CPU_BYTES = "lmcache:local_cache_usage"
+EVICTED_CHUNKS = "lmcache:local_cpu_evict_keys_count_total"
+FAILED_EVICTIONS = "lmcache:local_cpu_evict_failed_count_total"
 
 
 def _lmcache_latency() -> Panel:
@@ -75,6 +77,19 @@ def lmcache_row() -> Row:
                 unit="bytes",
                 description="Bytes of KV held in each pod's CPU tier (lmcache:local_cache_usage); it stops "
                 "at lmcache.maxLocalCpuSizeGb, which the pod's memory request must cover.",
+            ),
+            Panel(
+                "LMCache CPU tier evictions/s",
+                [
+                    Query(sum_rate(EVICTED_CHUNKS, "pod", LMCACHE_SEL), "evicted {{pod}}"),
+                    Query(sum_rate(FAILED_EVICTIONS, "pod", LMCACHE_SEL), "failed {{pod}}"),
+                ],
+                unit="short",
+                description="Chunks LMCache evicted from a full CPU tier to store new ones "
+                "(lmcache:local_cpu_evict_keys_count_total; normal once the tier is full), and "
+                "evictions that found nothing evictable (lmcache:local_cpu_evict_failed_count_total): "
+                "every chunk pinned or held by a queued Redis write, so stores are cut short "
+                "(alert KvstackLMCacheEvictionFailing).",
             ),
         ],
     )

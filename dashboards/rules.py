@@ -251,6 +251,18 @@ ALERTS: list[Alert] = [
         (f"redis_up{{{REDIS}}}",),
     ),
     Alert(
+        "KvstackLMCacheEvictionFailing",
+        "sum by (namespace, pod) (rate(lmcache:local_cpu_evict_failed_count_total[5m])) > 0",
+        "10m",
+        "warning",
+        "LMCache in {{ $labels.pod }} cannot make room in its CPU tier",
+        "For 10 minutes LMCache in {{ $labels.namespace }}/{{ $labels.pod }} has found its CPU tier "
+        "full with nothing it may evict (chunks pinned by lookups or held by Redis writes still "
+        "queued): stores are cut short, so prefixes this pod computes are no longer offloaded or "
+        "shared. A full tier alone is normal (LMCache evicts the least recently used chunk).",
+        ("sum by (namespace, pod) (rate(lmcache:local_cpu_evict_failed_count_total[5m]))",),
+    ),
+    Alert(
         "KvstackAutoscalerStalled",
         f"time() - {op.LAST_EVAL} > 300",
         "5m",

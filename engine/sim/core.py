@@ -324,7 +324,7 @@ class SimEngine:
             tokens = (run.end - run.first) * lm.cfg.chunk_size
             stats.on_lmcache_store(tokens, store_time(config, tokens, self._share) / config.speed)
         if plan.stores or plan.admitted:
-            stats.on_lmcache_usage(lm.local_cpu_bytes)
+            stats.on_lmcache_usage(lm.local_cpu_bytes, lm.cpu.evictions)
 
     def _report_preemptions(self, plan: StepPlan) -> None:
         if self._stats is not None:

@@ -10,7 +10,12 @@ buckets and label names (``tests/reference/exporter-metric-names.txt``):
   ``time_to_retrieve`` (the latency model's load time of the request);
 - stores: ``num_store_requests``, ``num_stored_tokens`` (full chunks offloaded) and
   ``time_to_store`` (the latency model's store time of the run);
-- ``local_cache_usage``: bytes of KV the CPU tier holds.
+- ``local_cache_usage``: bytes of KV the CPU tier holds;
+- evictions: ``local_cpu_evict_count`` (allocations that found the CPU tier full and evicted; LMCache
+  allocates a chunk at a time, so one a chunk), ``local_cpu_evict_keys_count`` (chunks evicted) and
+  ``local_cpu_evict_failed_count``, which stays 0: LMCache fails an eviction when every chunk is
+  pinned by a lookup or held by a queued Redis put, and the model pins nothing (the alert on it,
+  ``KvstackLMCacheEvictionFailing``, is tested with promtool series).
 
 Labels: ``model_name`` is the model (``--model``, the path on a real engine), ``served_model_name``
 the name vLLM labels its own series with, ``worker_id`` "0" (one worker: the simulator has no
@@ -79,6 +84,12 @@ class LMCacheMetrics:
         )
         self.local_cache_usage = usage.labels(**labels)
         self.local_cache_usage.set(0.0)
+        self.evict_count = counter("local_cpu_evict_count", "Total number of evict in local cpu backend")
+        self.evict_keys = counter(
+            "local_cpu_evict_keys_count", "Total number of evict keys in local cpu backend"
+        )
+        counter("local_cpu_evict_failed_count", "Total number of failed eviction in local cpu backend")
+        self._evicted = 0  # the CPU tier's evictions already counted
 
     def on_retrieve(self, requested_tokens: int, hit_tokens: int, seconds: float) -> None:
         self.retrieve_requests.inc()
@@ -91,5 +102,11 @@ class LMCacheMetrics:
         self.stored_tokens.inc(stored_tokens)
         self.time_to_store.observe(seconds)
 
-    def on_usage(self, local_cpu_bytes: int) -> None:
+    def on_usage(self, local_cpu_bytes: int, evicted_chunks: int) -> None:
+        """The CPU tier now: bytes held, and its evictions since it started (a running total)."""
         self.local_cache_usage.set(float(local_cpu_bytes))
+        new = evicted_chunks - self._evicted
+        if new > 0:
+            self.evict_count.inc(new)
+            self.evict_keys.inc(new)
+            self._evicted = evicted_chunks

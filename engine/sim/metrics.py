@@ -283,9 +283,9 @@ class SimMetrics:
         if self._lmcache is not None:
             self._lmcache.on_store(stored_tokens, seconds)
 
-    def on_lmcache_usage(self, local_cpu_bytes: int) -> None:
+    def on_lmcache_usage(self, local_cpu_bytes: int, evicted_chunks: int) -> None:
         if self._lmcache is not None:
-            self._lmcache.on_usage(local_cpu_bytes)
+            self._lmcache.on_usage(local_cpu_bytes, evicted_chunks)
 
     def on_request_finished(self, stats: FinishedRequestStats) -> None:
         self.success[stats.finish_reason].inc()

@@ -90,8 +90,9 @@ class StatsListener(Protocol):
     def on_lmcache_store(self, stored_tokens: int, seconds: float) -> None:
         """LMCache offloaded a run of freshly computed full chunks."""
 
-    def on_lmcache_usage(self, local_cpu_bytes: int) -> None:
-        """Bytes of KV in LMCache's CPU tier after a step that touched it."""
+    def on_lmcache_usage(self, local_cpu_bytes: int, evicted_chunks: int) -> None:
+        """Bytes of KV in LMCache's CPU tier after a step that touched it, and the chunks it has
+        evicted since it started (a running total)."""
 
     def on_request_finished(self, stats: FinishedRequestStats) -> None: ...
 

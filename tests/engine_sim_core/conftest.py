@@ -23,6 +23,7 @@ class Recorder:
     lmcache_retrieves: list[tuple[int, int, float]] = field(default_factory=list)
     lmcache_stores: list[tuple[int, float]] = field(default_factory=list)
     lmcache_cpu_bytes: list[int] = field(default_factory=list)
+    lmcache_evicted_chunks: list[int] = field(default_factory=list)
     finished: list[FinishedRequestStats] = field(default_factory=list)
     finished_event: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -50,8 +51,9 @@ class Recorder:
     def on_lmcache_store(self, stored_tokens: int, seconds: float) -> None:
         self.lmcache_stores.append((stored_tokens, seconds))
 
-    def on_lmcache_usage(self, local_cpu_bytes: int) -> None:
+    def on_lmcache_usage(self, local_cpu_bytes: int, evicted_chunks: int) -> None:
         self.lmcache_cpu_bytes.append(local_cpu_bytes)
+        self.lmcache_evicted_chunks.append(evicted_chunks)
 
     def on_request_finished(self, stats: FinishedRequestStats) -> None:
         self.finished.append(stats)

@@ -78,3 +78,26 @@ def test_retrieve_and_store_counters_follow_a_prefix_shared_through_redis(
     assert value(text_b, "lmcache:time_to_retrieve_sum") > 0
     assert value(text_b, "lmcache:num_stored_tokens_total") == 0
     assert value(text_b, "lmcache:local_cache_usage") == 1024 * KV_BYTES_PER_TOKEN
+    # Both CPU tiers hold the prompt with room to spare: nothing evicted.
+    assert value(text_a, "lmcache:local_cpu_evict_keys_count_total") == 0
+    assert value(text_b, "lmcache:local_cpu_evict_keys_count_total") == 0
+
+
+def test_eviction_counters_follow_a_cpu_tier_too_small_for_the_prompt(tmp_path: Path) -> None:
+    """A CPU tier of two chunks stores the prompt's four and evicts the first two: LMCache counts
+    one eviction per chunk allocation that found the tier full, and the model never fails one (it
+    pins nothing), so the failure counter the alert reads is there at 0."""
+    chunk_bytes = 256 * KV_BYTES_PER_TOKEN
+    config = tmp_path / "sim.yaml"
+    config.write_text(f"lmcache:\n  local_cpu_gb: {2.5 * chunk_bytes / 1e9}\n")
+    with run_sim("--speed", "50", "--lmcache", "--config", str(config)) as sim:
+        text = sim.metrics()
+        assert sample(text, "lmcache:local_cpu_evict_failed_count_total", **LABELS) == 0
+        assert sample(text, "lmcache:local_cpu_evict_count_total", **LABELS) == 0
+        complete(sim)
+        text = sim.metrics()
+    assert sample(text, "lmcache:num_stored_tokens_total", **LABELS) == 1024
+    assert sample(text, "lmcache:local_cache_usage", **LABELS) == 2 * chunk_bytes
+    assert sample(text, "lmcache:local_cpu_evict_count_total", **LABELS) == 2
+    assert sample(text, "lmcache:local_cpu_evict_keys_count_total", **LABELS) == 2
+    assert sample(text, "lmcache:local_cpu_evict_failed_count_total", **LABELS) == 0
