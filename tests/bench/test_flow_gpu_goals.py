@@ -90,3 +90,18 @@ def test_the_h200_run_of_session_25() -> None:
         for r in json.loads((H200 / name).read_text())["ramp"]
     ]
     assert list(verdicts(ramp).values()) == [True, True, False, True, False]
+
+
+def test_the_goodput_detail_gives_the_admitted_attempt_beside_the_verdict() -> None:
+    """Session 26's H100 ramp at 16/s: 2.70/s on time from the first attempt, 5.85/s from the
+    admitted one; the verdict stays on the first (0.675x), the detail says both."""
+    rows = [
+        *MET[:2],
+        row(FLOW, 2.0, goodput_rps=2.7, goodput_last_attempt_rps=5.85, shed=169, shed_with_retry_after=169),
+        MET[3],
+    ]
+    goodput = goals(Results(ramp=rows))[1]
+    assert goodput.met is False
+    assert goodput.detail == "0.675x (2.7 against 4.0/s); from the admitted attempt 1.462x (5.85/s)"
+    without = goals(Results(ramp=[*MET[:2], row(FLOW, 2.0, goodput_rps=2.7), MET[3]]))[1]
+    assert without.detail == "0.675x (2.7 against 4.0/s)"

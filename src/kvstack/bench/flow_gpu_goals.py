@@ -5,7 +5,11 @@ Item 4 of the issue, judged from one ``kvstack bench flow --engines-file ...`` r
 
 1. the top load is the overload the item names: SGLang's TTFT p50 there is over 5 s;
 2. flow control's goodput there (TTFT <= 1 s, from the user's first attempt) is at least 0.8x its
-   best goodput below saturation (loads under 1x);
+   best goodput below saturation (loads under 1x). The strict reading: a refused request served on
+   a retry counts as late for its user (its wait after the 429 included). The detail also gives the
+   goodput counted from the admitted attempt (``goodput_last_attempt_rps``, the cluster's on-time
+   work), which the verdict does not use: with retrying clients the two part far (on an H100 in
+   session 26, 2.70 against 5.85/s);
 3. its admitted TTFT p99 there is at most 1.5 s;
 4. every refusal is a 429 with Retry-After: no errors, no lost request, each refusal carried it;
 5. below saturation its TTFT p90 (first attempt) is no worse than SGLang's (1.0x), at each load.
@@ -56,11 +60,15 @@ def goals(results: Results) -> list[Goal]:
     below = [r["goodput_rps"] for load, r in flow.items() if load < 1.0 and r.get("goodput_rps") is not None]
     good = at_top.get("goodput_rps")
     share = ratio(good, max(below)) if below else None
+    detail = "no load below 1x" if share is None else f"{share}x ({good} against {max(below)}/s)"
+    admitted = at_top.get("goodput_last_attempt_rps")
+    if share is not None and admitted is not None:
+        detail += f"; from the admitted attempt {ratio(admitted, max(below))}x ({admitted}/s)"
     out.append(
         Goal(
             f"GPU: goodput at {top:g}x >= {GOODPUT_SHARE:g}x its best below saturation",
             None if share is None else share >= GOODPUT_SHARE,
-            "no load below 1x" if share is None else f"{share}x ({good} against {max(below)}/s)",
+            detail,
         )
     )
     p99 = at_top.get("ttft_p99_s")
