@@ -118,20 +118,17 @@ def routing(
         raise typer.BadParameter("must be in (0, 0.6]", param_hint="--fill-under")
     if fill_pressured is not None and not 0.7 <= fill_pressured <= 1.0:
         raise typer.BadParameter("must be in [0.7, 1.0]", param_hint="--fill-pressured")
-    try:
-        plan = routing_plan.plan(
-            quick,
-            workloads=workload,
-            regimes=regime,
-            policies=policy,
-            repeat=repeat,
-            engines=engines,
-            num_gpu_blocks=num_gpu_blocks,
-            speed=speed,
-            scale=scale,
-        )
-    except routing_plan.PlanError as err:
-        raise typer.BadParameter(str(err), param_hint=err.option) from err
+    plan = routing_plan.plan(  # a bad option raises typer's usage error (bench.option_error)
+        quick,
+        workloads=workload,
+        regimes=regime,
+        policies=policy,
+        repeat=repeat,
+        engines=engines,
+        num_gpu_blocks=num_gpu_blocks,
+        speed=speed,
+        scale=scale,
+    )
     fills = {"under": fill_under, "pressured": fill_pressured}
     setup = bench.RoutingSetup(
         engines=plan.engines,

@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
+from kvstack.bench.option_error import OptionError
 from kvstack.bench.workloads import WORKLOADS, Regime
 
 POLICIES = ("round_robin", "least_loaded", "session", "prefix_trie", "cache_aware")
@@ -62,12 +63,8 @@ QUICK: Mapping[str, Any] = {
 }
 
 
-class PlanError(ValueError):
+class PlanError(OptionError):
     """An option the plan cannot use; ``option`` names it as the command line spells it."""
-
-    def __init__(self, option: str, message: str) -> None:
-        super().__init__(message)
-        self.option = option
 
 
 def _known(option: str, names: Sequence[str], known: Sequence[str], what: str) -> tuple[str, ...]:

@@ -17,20 +17,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import get_args
 
-import typer
-
+from kvstack.bench.option_error import OptionError
 from kvstack.router.config import TokenizerKind
 
 TOKENIZERS: tuple[str, ...] = get_args(TokenizerKind)  # the router's own choices
 
 
-class TokenizerChoiceError(typer.BadParameter):
-    """A tokenizer choice the benchmark cannot run; ``option`` names the flag to change. A bad
-    command-line parameter, so the benchmarks' commands let it through to typer's usage error."""
-
-    def __init__(self, message: str, option: str) -> None:
-        super().__init__(message, param_hint=option)
-        self.option = option
+class TokenizerChoiceError(OptionError):
+    """A tokenizer choice the benchmark cannot run; ``option`` names the flag to change."""
 
 
 def check_tokenizer(tokenizer: str, tokenizer_path: Path | None, *, simulated: bool) -> None:
@@ -38,17 +32,17 @@ def check_tokenizer(tokenizer: str, tokenizer_path: Path | None, *, simulated: b
     a known name, a folder for ``local``, and not ``local`` in front of simulators."""
     if tokenizer not in TOKENIZERS:
         raise TokenizerChoiceError(
-            f"unknown tokenizer {tokenizer!r}; one of {', '.join(TOKENIZERS)}", "--tokenizer"
+            "--tokenizer", f"unknown tokenizer {tokenizer!r}; one of {', '.join(TOKENIZERS)}"
         )
     if tokenizer != "local":
         return
     if simulated:
         raise TokenizerChoiceError(
+            "--tokenizer",
             "the simulators tokenize with the built-in tokenizer, so a local tokenizer's ids never "
             "match their KV events (the index would see no session); use --tokenizer builtin or engine",
-            "--tokenizer",
         )
     if tokenizer_path is None or not tokenizer_path.is_dir():
         raise TokenizerChoiceError(
-            "--tokenizer local needs the model's tokenizer files (a folder)", "--tokenizer-path"
+            "--tokenizer-path", "--tokenizer local needs the model's tokenizer files (a folder)"
         )
