@@ -47,6 +47,7 @@ def engine_config(owner: Owner, spec: KVStackSpec, model: Model) -> EngineConfig
         "chunk_size": lm.chunk_size,
         "local_cpu": lm.local_cpu,
         "max_local_cpu_size": lm.max_local_cpu_size_gb,
+        "pin_timeout_sec": lm.pin_timeout_sec,
     }
     remote = _remote_url(owner, spec)
     if lm.enabled and lm.share_remote and remote:

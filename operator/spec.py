@@ -47,6 +47,7 @@ class LMCache(_Spec):
     chunk_size: int = Field(256, gt=0, description="tokens per chunk; a multiple of blockSize")
     local_cpu: bool = True
     max_local_cpu_size_gb: float = Field(5.0, gt=0)
+    pin_timeout_sec: int = Field(300, gt=0, description="seconds before LMCache unpins an unloaded chunk")
     share_remote: bool = Field(True, description="use the stack's shared cache (spec.cache)")
 
 

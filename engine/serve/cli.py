@@ -14,7 +14,7 @@ import typer
 from kvstack.common.cli_errors import config_errors_exit
 from kvstack.engine.serve.config import load_config
 from kvstack.engine.serve.display import to_json, to_shell
-from kvstack.engine.serve.render import LaunchSpec, child_env, render
+from kvstack.engine.serve.render import LaunchSpec, child_env, overridden_env, render
 from kvstack.engine.serve.versions import LMCACHE_VERSION, VLLM_VERSION
 
 # Shell conventions: 127 = command not found, 126 = found but cannot be executed.
@@ -52,6 +52,13 @@ def serve(
 def exec_engine(spec: LaunchSpec) -> NoReturn:
     """Replace this process with vLLM, so it receives the pod's signals directly as PID 1."""
     env = child_env(os.environ, spec)
+    for name in overridden_env(os.environ, spec):
+        typer.echo(
+            # names only: VLLM_API_KEY is one of them
+            f"warning: the pod's {name} is replaced by the value rendered from the engine config; "
+            "set it there (engine/README.md names the field)",
+            err=True,
+        )
     program = spec.argv[0]
     path = shutil.which(program, path=env.get("PATH", os.defpath))
     if path is None:

@@ -90,6 +90,10 @@ class LMCacheSettings(BaseModel):
     remote_url: str | None = None
     remote_serde: Literal["naive", "cachegen", "kivi"] = "naive"
     save_decode_cache: bool = False
+    # LMCache unpins a chunk a lookup pinned for a request that never loaded it after this long (its
+    # monitor checks every 30 s); while pinned, a chunk cannot be evicted, so a full CPU tier of
+    # such chunks fails stores (alert KvstackLMCacheEvictionFailing). LMCache's own default.
+    pin_timeout_sec: int = Field(300, gt=0, description="seconds")
     # vLLM's default ("fail") fails a request whose KV load from LMCache fails (a full CPU buffer,
     # a dead Redis); "recompute" prefills it instead: a shared cache must never fail requests.
     kv_load_failure_policy: Literal["recompute", "fail"] = "recompute"

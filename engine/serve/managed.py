@@ -50,6 +50,7 @@ MANAGED_ENV: frozenset[str] = frozenset(
         "LMCACHE_REMOTE_URL",
         "LMCACHE_REMOTE_SERDE",
         "LMCACHE_SAVE_DECODE_CACHE",
+        "LMCACHE_PIN_TIMEOUT_SEC",
         # would override every LMCACHE_* variable above with a file we did not render
         "LMCACHE_CONFIG_FILE",
         "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",  # otlp_traces_protocol

@@ -95,6 +95,7 @@ def lmcache_env(lmcache: LMCacheSettings) -> dict[str, str]:
         "LMCACHE_MAX_LOCAL_CPU_SIZE": _number(lmcache.max_local_cpu_size),
         "LMCACHE_REMOTE_SERDE": lmcache.remote_serde,
         "LMCACHE_SAVE_DECODE_CACHE": _bool(lmcache.save_decode_cache),
+        "LMCACHE_PIN_TIMEOUT_SEC": str(lmcache.pin_timeout_sec),
     }
     if lmcache.local_disk is not None:
         env["LMCACHE_LOCAL_DISK"] = lmcache.local_disk
@@ -109,6 +110,12 @@ def child_env(base: Mapping[str, str], spec: LaunchSpec) -> dict[str, str]:
     # KVSTACK_ENGINE_* are consumed here; dropping them keeps e.g. the API key's source out of vLLM.
     kept = {k: v for k, v in base.items() if not k.upper().startswith(ENV_PREFIX)}
     return {**kept, **spec.env}
+
+
+def overridden_env(base: Mapping[str, str], spec: LaunchSpec) -> list[str]:
+    """Names the pod sets to a value ``spec.env`` replaces, sorted: a user's setting that would
+    otherwise vanish without a word (LMCache reads our ``LMCACHE_*``, not the pod's)."""
+    return sorted(k for k, v in spec.env.items() if k in base and base[k] != v)
 
 
 def _json(value: Mapping[str, Any]) -> str:

@@ -140,6 +140,7 @@ def test_serve_execs_vllm_with_the_rendered_argv_and_env(kvstack_bin: Path, tmp_
             "KVSTACK_ENGINE_API_KEY": "sk-live",
             "KVSTACK_ENGINE_EXTRA_ENV": '{"HF_HOME": "/models"}',
             "PYTHONHASHSEED": "123",
+            "LMCACHE_PIN_TIMEOUT_SEC": "300",  # what the config renders: no warning
         },
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -163,6 +164,8 @@ def test_serve_execs_vllm_with_the_rendered_argv_and_env(kvstack_bin: Path, tmp_
     )
     assert env["VLLM_API_KEY"] == "sk-live"
     assert env["PYTHONHASHSEED"] == "0"
+    assert "warning: the pod's PYTHONHASHSEED is replaced" in stderr
+    assert "LMCACHE_PIN_TIMEOUT_SEC" not in stderr
     assert env["HF_HOME"] == "/models"
     assert env["LMCACHE_TRACK_USAGE"] == "false"
     assert not any(k.startswith("KVSTACK_ENGINE_") for k in env)

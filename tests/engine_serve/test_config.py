@@ -76,6 +76,7 @@ def test_values_are_parsed_from_env_and_file_forms(values: dict[str, Any], field
         ({"block_size": 32, "lmcache": {"chunk_size": 48}}, "lmcache.chunk_size"),
         ({"lmcache": {"chunk_size": 0}}, "lmcache.chunk_size"),
         ({"lmcache": {"max_local_cpu_size": 0}}, "lmcache.max_local_cpu_size"),
+        ({"lmcache": {"pin_timeout_sec": 0}}, "lmcache.pin_timeout_sec"),
         ({"lmcache": {"local_disk": "/cache"}}, "max_local_disk_size"),
         ({"lmcache": {"remote_url": "http://redis:6379"}}, "remote_url"),
         ({"lmcache": {"remote_url": "redis://"}}, "remote_url"),

@@ -9,7 +9,7 @@ import pytest
 
 from kvstack.common.config import build
 from kvstack.engine.serve.config import EngineConfig
-from kvstack.engine.serve.render import LaunchSpec, child_env, render
+from kvstack.engine.serve.render import LaunchSpec, child_env, overridden_env, render
 
 KV_TRANSFER = '{"kv_connector":"LMCacheConnectorV1","kv_role":"kv_both","kv_load_failure_policy":"recompute"}'
 
@@ -48,6 +48,7 @@ def test_default_environment() -> None:
         "LMCACHE_CHUNK_SIZE": "256",
         "LMCACHE_LOCAL_CPU": "true",
         "LMCACHE_MAX_LOCAL_CPU_SIZE": "5.0",
+        "LMCACHE_PIN_TIMEOUT_SEC": "300",
         "LMCACHE_REMOTE_SERDE": "naive",
         "LMCACHE_SAVE_DECODE_CACHE": "false",
         "LMCACHE_TRACK_USAGE": "false",
@@ -148,6 +149,7 @@ def test_kv_events_config(events: dict[str, Any], expected: dict[str, Any]) -> N
         ),
         ({"remote_serde": "cachegen"}, {"LMCACHE_REMOTE_SERDE": "cachegen"}),
         ({"save_decode_cache": True}, {"LMCACHE_SAVE_DECODE_CACHE": "true"}),
+        ({"pin_timeout_sec": 60}, {"LMCACHE_PIN_TIMEOUT_SEC": "60"}),
     ],
 )
 def test_lmcache_environment(lmcache: dict[str, Any], expected: dict[str, str | None]) -> None:
@@ -210,9 +212,11 @@ def test_child_env_drops_our_settings_and_overrides_the_pod() -> None:
         "PATH": "/usr/bin",
         "PYTHONHASHSEED": "99",
         "KVSTACK_ENGINE_API_KEY": "k",
+        "VLLM_API_KEY": "k",
         "kvstack_engine_port": "1",
     }
     env = child_env(base, out)
+    assert overridden_env(base, out) == ["PYTHONHASHSEED"]  # the API key is the same: no word of it
     assert env["PATH"] == "/usr/bin"
     assert env["PYTHONHASHSEED"] == "0"
     assert env["VLLM_API_KEY"] == "k"

@@ -539,7 +539,9 @@ def test_engine_extra_settings_reach_the_engine_config(rendered: dict[str, Rende
     assert qwen["tensor_parallel_size"] == 2
     assert qwen["gpu_memory_utilization"] == 0.92
     assert qwen["lmcache"]["max_local_cpu_size"] == 40
+    assert qwen["lmcache"]["pin_timeout_sec"] == 60
     assert qwen["lmcache"]["chunk_size"] == 256  # untouched defaults survive the per-model merge
+    assert llama["lmcache"]["pin_timeout_sec"] == 300
     tiny = yaml.safe_load(r.one("ConfigMap", "-engine-tiny")["data"]["engine.yaml"])
     assert tiny["lmcache"]["enabled"] is False  # a model can turn a default off
 

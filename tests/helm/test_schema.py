@@ -39,6 +39,11 @@ CASES: list[tuple[str, dict[str, Any], tuple[str, ...]]] = [
     ("model without model id", {"engines": {"models": [{"name": "m"}]}}, ("missing property 'model'",)),
     ("block size", model(blockSize=17), ("/engines/models/0/blockSize",)),
     (
+        "pin timeout",
+        model(lmcache={"pinTimeoutSec": 0}),
+        ("/engines/models/0/lmcache/pinTimeoutSec", "minimum"),
+    ),
+    (
         "gpu memory fraction",
         model(gpuMemoryUtilization=1.5),
         ("/engines/models/0/gpuMemoryUtilization", "maximum"),

@@ -73,6 +73,8 @@ def test_spec_defaults_and_rejections() -> None:
         parse_spec({"models": []})
     with pytest.raises(ConfigError, match=r"autoscaling\.metric"):
         parse_spec({**SPEC, "autoscaling": {"metric": "cpu"}})
+    with pytest.raises(ConfigError, match=r"lmcache\.pinTimeoutSec"):
+        parse_spec({"models": [{**SPEC["models"][0], "lmcache": {"pinTimeoutSec": 0}}]})
 
 
 def test_every_object_is_owned_and_labelled() -> None:
@@ -132,6 +134,14 @@ def test_engine_configmap_loads_with_the_real_engine_loader(tmp_path: Path) -> N
     assert loaded.tensor_parallel_size == 2
     assert loaded.kv_events.enabled
     assert loaded.lmcache.remote_url == "redis://demo-redis.serving.svc:6379"
+
+
+def test_lmcache_pin_timeout_reaches_the_engine_environment() -> None:
+    spec = parse_spec({"models": [{**SPEC["models"][0], "lmcache": {"pinTimeoutSec": 45}}]})
+    config = engine_config(OWNER, spec, spec.models[0])
+    assert config.lmcache.pin_timeout_sec == 45
+    default = parse_spec(SPEC)
+    assert engine_config(OWNER, default, default.models[0]).lmcache.pin_timeout_sec == 300
 
 
 def test_config_change_rolls_the_pods() -> None:

@@ -199,7 +199,8 @@ Call with (list $ $settings).
   "local_cpu" $lm.localCpu
   "max_local_cpu_size" $lm.maxLocalCpuSizeGb
   "remote_serde" $lm.remoteSerde
-  "save_decode_cache" $lm.saveDecodeCache }}
+  "save_decode_cache" $lm.saveDecodeCache
+  "pin_timeout_sec" (int $lm.pinTimeoutSec) }}
 {{- $remote := include "kvstack.lmcache.remote" $ctx | fromYaml }}
 {{- if and $lm.enabled $lm.shareRemote $remote.url }}
 {{- $_ := set $lmcache "remote_url" $remote.url }}
