@@ -166,6 +166,16 @@ class SimEngine:
         self._flush_events()
         return ok
 
+    def clear_lmcache_cpu(self) -> int | None:
+        lm = self.lmcache
+        if lm is None:
+            return None
+        cleared = lm.clear_cpu()
+        self._flush_events()
+        if self._stats is not None:
+            self._stats.on_lmcache_usage(lm.local_cpu_bytes, lm.cpu.evictions)
+        return cleared
+
     @property
     def num_running(self) -> int:
         return len(self.scheduler.running)

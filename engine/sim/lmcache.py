@@ -193,6 +193,13 @@ class CpuTier:
         self.evictions += len(evicted)
         return evicted
 
+    def clear(self) -> list[int]:
+        """Drop every chunk (LMCache's ``DELETE /cache/clear``); returns them, oldest first. Not
+        counted as evictions: LMCache's evict counters count only what allocation pushed out."""
+        cleared = list(self._lru)
+        self._lru.clear()
+        return cleared
+
 
 class RemoteStore:
     """The shared tier in Redis: one marker key per chunk, written asynchronously."""
@@ -356,6 +363,13 @@ class LMCacheConnector:
         self._removed(evicted)
         if self.remote is not None:
             self.remote.put(hashes)
+
+    def clear_cpu(self) -> int:
+        """Empty the CPU tier as LMCache's internal API ``DELETE /cache/clear?locations=
+        LocalCPUBackend`` does; returns the tokens cleared (its ``num_removed``). Redis is untouched."""
+        cleared = self.cpu.clear()
+        self._removed(cleared)
+        return len(cleared) * self.cfg.chunk_size
 
     @property
     def local_cpu_bytes(self) -> int:

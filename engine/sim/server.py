@@ -13,6 +13,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from urllib.parse import parse_qs
 
 from kvstack.common.errors import OpenAIError, error_body
 from kvstack.common.tokenizer import decode, encode, token_str
@@ -71,6 +72,8 @@ class SimServer:
             ("GET", "/version"): self._version,
             ("GET", "/metrics"): self._metrics,
             ("POST", "/reset_prefix_cache"): self._reset_prefix_cache,
+            # LMCache's internal API (its own port on a real engine: internal_api_server_port_start + 1)
+            ("DELETE", "/cache/clear"): self._clear_lmcache,
         }
         # LoRA (engine/sim/lora_api.py): adapters answer as models; the runtime routes need the env switch
         self.lora = LoRAService(config.lora, self.names[0], self.engine)
@@ -183,6 +186,17 @@ class SimServer:
         if not self.engine.reset_prefix_cache():
             raise OpenAIError(500, "Failed to reset prefix cache: requests are still running.")
         await send_bytes(send, 200, b"", [])
+
+    async def _clear_lmcache(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await read_body(receive)
+        locations = parse_qs(scope.get("query_string", b"").decode()).get("locations")
+        cleared = 0
+        if locations is None or "LocalCPUBackend" in locations:
+            found = self.engine.clear_lmcache_cpu()
+            if found is None:
+                raise OpenAIError(404, "LMCache is off on this engine: it has no cache to clear.")
+            cleared = found
+        await send_json(send, 200, {"status": "success", "num_removed": cleared})
 
     async def _tokenize(self, scope: Scope, receive: Receive, send: Send) -> None:
         req = p.parse(p.TokenizeRequest, await read_body(receive))

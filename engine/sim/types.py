@@ -130,6 +130,11 @@ class EngineCore(Protocol):
         request, as vLLM 0.24 does; emits AllBlocksCleared."""
         ...
 
+    def clear_lmcache_cpu(self) -> int | None:
+        """Empty LMCache's CPU tier (its internal API's ``DELETE /cache/clear``); the tokens
+        cleared, or None when the engine runs without LMCache."""
+        ...
+
     @property
     def num_running(self) -> int: ...
 

@@ -17,7 +17,8 @@
 #   bash scripts/gpu/device.sh flow ARGS...     kvstack bench flow over the running engines, results in $OUT
 #   SHARED_DEVICE=0 before proof, matrix or flow: the router is not told the engines share the GPU
 #   bash scripts/gpu/device.sh restart          stop the engines and Redis, then start again: LMCache's CPU
-#       buffer survives vLLM's prefix-cache reset and fills across a session (bench-results/flow, session 26)
+#       buffer survives vLLM's prefix-cache reset (matrix and flow empty it per case through LMCache's
+#       internal API since session 28; CLEAR_LMCACHE=0 keeps it, as before)
 #   bash scripts/gpu/device.sh lmcache_full     each engine's LMCache CPU-buffer pressure: evictions, failed stores
 #   kvstack itself travels as a wheel: build it here with `pip wheel --no-deps -w .whl .` and carry
 #   .whl; every call installs it afresh into /tmp/kvsite (the package maps folders, so no PYTHONPATH
@@ -37,6 +38,8 @@ ENGINES=${ENGINES:-2}
 LMCACHE=${LMCACHE:-1}
 GPU_UTIL=${GPU_UTIL:-$( [ "$ENGINES" -gt 2 ] && echo 0.2 || echo 0.3 )}
 ENGINE_ARGS=${ENGINE_ARGS:-}
+# LMCache's internal API of engine i listens from LMCACHE_API_PORT + 10 i (its worker at + 1)
+LMCACHE_API_PORT=${LMCACHE_API_PORT:-7000}
 # DEV_MODE=1 (default): the engines expose POST /reset_prefix_cache (VLLM_SERVER_DEV_MODE), which
 # `matrix` calls before every case; DEV_MODE=0 serves without vLLM's development routes
 DEV_MODE=${DEV_MODE:-1}
@@ -55,12 +58,15 @@ kv_events: {enabled: true, endpoint: "tcp://*:$((5557 + 2 * i))", replay_endpoin
 python_hash_seed: "0"
 dev_mode: $( [ "${DEV_MODE:-1}" = 1 ] && echo true || echo false )
 extra_args: [--load-format, dummy${ENGINE_ARGS:+, $ENGINE_ARGS}]
-extra_env: {VLLM_USE_FLASHINFER_SAMPLER: "0", HF_HUB_OFFLINE: "1"}
 YAML
   # `engine serve` turns LMCache on unless told otherwise
   if [ "$LMCACHE" = 1 ]; then
+    # LMCache's internal API, so `matrix` and `flow` can empty its CPU tier before every case
+    # (lmcache_api_args): on the worker's port, LMCACHE_INTERNAL_API_SERVER_PORT_START + 1
+    echo "extra_env: {VLLM_USE_FLASHINFER_SAMPLER: \"0\", HF_HUB_OFFLINE: \"1\", LMCACHE_INTERNAL_API_SERVER_ENABLED: \"true\", LMCACHE_INTERNAL_API_SERVER_HOST: 127.0.0.1, LMCACHE_INTERNAL_API_SERVER_PORT_START: \"$((${LMCACHE_API_PORT:-7000} + 10 * i))\"}"
     echo "lmcache: {remote_url: \"redis://127.0.0.1:$REDIS_PORT\", max_local_cpu_size: $LMCACHE_CPU_GB}"
   else
+    echo 'extra_env: {VLLM_USE_FLASHINFER_SAMPLER: "0", HF_HUB_OFFLINE: "1"}'
     echo "lmcache: {enabled: false}"
   fi
 }
@@ -157,10 +163,27 @@ matrix() {  # engines x workloads x loads x runs x routers in one call (gpu_plan
   # engines' /tokenize each request paid 15-25 ms of routing on the H200 (bench-results/gpu/r13)
   local tok=(--tokenizer local --tokenizer-path /tmp/model)
   names_tokenizer "$@" && tok=()
-  timeout "${PROOF_TIMEOUT:-590}" python3 -m kvstack bench gpu "${base[@]}" ${tok[@]+"${tok[@]}"} "$@" 2>&1 \
-    | tee -a "$OUT/matrix.log"
+  local clear
+  mapfile -t clear < <(lmcache_api_args)
+  timeout "${PROOF_TIMEOUT:-590}" python3 -m kvstack bench gpu "${base[@]}" ${tok[@]+"${tok[@]}"} \
+    ${clear[@]+"${clear[@]}"} "$@" 2>&1 | tee -a "$OUT/matrix.log"
   lmcache_full | tee -a "$OUT/matrix.log"
   bundle_traces
+}
+
+lmcache_api_args() {  # --lmcache-api per engine of `start` with LMCache (engine_yaml's ports), unless
+  # CLEAR_LMCACHE=0: every case then starts with empty CPU tiers, not those earlier cases filled
+  # An API that does not answer is left out with a word on stderr (the case runs, its tier kept).
+  [ "${LMCACHE:-1}" = 1 ] && [ "${CLEAR_LMCACHE:-1}" = 1 ] || return 0
+  local i port
+  for i in $(seq 0 $((${ENGINES:-2} - 1))); do
+    port=$((${LMCACHE_API_PORT:-7000} + 1 + 10 * i))
+    if python3 -c "import socket; socket.create_connection(('127.0.0.1', $port), timeout=2).close()" 2>/dev/null; then
+      printf -- '--lmcache-api\nhttp://127.0.0.1:%s\n' "$port"
+    else
+      echo "LMCache internal API of engine $i (port $port) does not answer: its CPU tier is not cleared" >&2
+    fi
+  done
 }
 
 names_tokenizer() {  # whether the arguments choose the router's tokenizer (--tokenizer X, --tokenizer=X)
@@ -185,9 +208,11 @@ flow() {  # flow control under overload over the running engines (kvstack bench 
   names_tokenizer "$@" && tok=()
   # Redis flushed before every case, as matrix does: without it LMCache's shared tier kept the last
   # run's chunks, and a later policy on the same traces found them (bench-results/flow, session 22)
+  local clear
+  mapfile -t clear < <(lmcache_api_args)
   timeout "${PROOF_TIMEOUT:-580}" python3 -m kvstack bench flow --engines-file "$(engines_file)" --model kvstack-8b \
-    --redis-url "redis://127.0.0.1:$REDIS_PORT" ${tok[@]+"${tok[@]}"} --speed 1 --out "$OUT" "$@" 2>&1 \
-    | tee -a "$OUT/flow.log"
+    --redis-url "redis://127.0.0.1:$REDIS_PORT" ${tok[@]+"${tok[@]}"} ${clear[@]+"${clear[@]}"} --speed 1 \
+    --out "$OUT" "$@" 2>&1 | tee -a "$OUT/flow.log"
   lmcache_full | tee -a "$OUT/flow.log"
 }
 

@@ -24,6 +24,7 @@ from kvstack.bench.gpu_reset import (
     IN_FLIGHT,
     KV_USAGE,
     ResetError,
+    clear_lmcache_cpu,
     flush_redis,
     fresh_cache,
     idle,
@@ -84,6 +85,30 @@ def test_fresh_cache_empties_gpu_and_redis_and_lmcache_cpu_survives(
             assert ext2 > 0
     finally:
         client.close()
+
+
+def test_fresh_cache_through_the_lmcache_api_empties_the_cpu_tier_too(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    procs, entries = sim_procs(1, MODEL, None, tmp_path, None, redis_server.url)
+    url = entries[0]["url"]
+    with running(procs, timeout=60):
+        ask(url)  # the prompt now in the GPU cache, the CPU tier and Redis
+        gpu0, ext0 = hits(url)
+        fresh_cache([url], redis_server.url, lmcache_apis=[url])
+        ask(url)
+        gpu1, ext1 = hits(url)
+        # nowhere to be found: no GPU hit, and LMCache (CPU tier, Redis) found nothing, where
+        # without --lmcache-api its CPU tier serves it (the test above)
+        assert (gpu1, ext1) == (gpu0, ext0)
+
+
+def test_lmcache_api_errors_name_the_fix(tmp_path: Path) -> None:
+    with pytest.raises(ResetError, match="LMCACHE_INTERNAL_API_SERVER_ENABLED"):
+        clear_lmcache_cpu(f"http://127.0.0.1:{free_port()}")
+    procs, entries = sim_procs(1, MODEL, None, tmp_path)  # no LMCache: the route answers 404
+    with running(procs, timeout=60), pytest.raises(ResetError, match="404"):
+        clear_lmcache_cpu(entries[0]["url"])
 
 
 def test_reset_waits_for_the_engines_to_be_idle(tmp_path: Path) -> None:

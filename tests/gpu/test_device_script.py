@@ -5,6 +5,7 @@ so every variant it can write is validated here with --dry-run."""
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -63,6 +64,9 @@ def test_engine_serve_accepts_every_config_device_sh_writes(
     assert ("LMCacheConnectorV1" in done.stdout) == (env["LMCACHE"] == "1")
     # the matrix resets the engines' prefix caches between cases: dev mode unless turned off
     assert ("VLLM_SERVER_DEV_MODE" in done.stdout) == (env.get("DEV_MODE", "1") == "1")
+    # and empties LMCache's CPU tiers through its internal API, each engine on its own ports
+    api = f"LMCACHE_INTERNAL_API_SERVER_PORT_START={7000 + 10 * index}"
+    assert (api in done.stdout.replace("'", "")) == (env["LMCACHE"] == "1")
 
 
 def run_matrix(tmp_path: Path, args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
@@ -143,6 +147,30 @@ def test_flow_passes_the_caller_s_tokenizer_else_the_engines(
     assert (tmp_path / "flow.log").exists()  # its output is kept beside the results
     # LMCache's shared tier is flushed before every case (as the matrix does)
     assert argv[argv.index("--redis-url") + 1] == "redis://127.0.0.1:6390"
+
+
+def test_flow_and_matrix_clear_the_lmcache_apis_that_answer(tmp_path: Path) -> None:
+    """Engine 0's internal API answers (a listening socket at its worker port), engine 1's does not:
+    only engine 0's is passed, and the script says why engine 1's is not."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        port = listener.getsockname()[1]
+        env = {**os.environ, "LMCACHE_API_PORT": str(port - 1), "ENGINES": "2", "LMCACHE": "1"}
+        body = f"source <({functions('lmcache_api_args')}); lmcache_api_args"
+        done = subprocess.run(["bash", "-c", body], env=env, capture_output=True, text=True, check=True)
+        assert done.stdout.splitlines() == ["--lmcache-api", f"http://127.0.0.1:{port}"]
+        assert f"engine 1 (port {port + 10}) does not answer" in done.stderr
+        off = subprocess.run(
+            ["bash", "-c", body], env={**env, "CLEAR_LMCACHE": "0"}, capture_output=True, text=True
+        )
+        assert off.stdout == ""
+        names = ("flow", "names_tokenizer", "engines_file", "lmcache_api_args")
+        body = (
+            f"source <({functions(*names)}); set -u; LOGS=/tmp/gpulogs; OUT={tmp_path}; REDIS_PORT=6390; "
+            'timeout() { shift; printf "%s\\n" "$@"; }; flow'
+        )
+        argv = subprocess.run(["bash", "-c", body], env=env, capture_output=True, text=True, check=True)
+        lines = argv.stdout.splitlines()
+        assert lines[lines.index("--lmcache-api") + 1] == f"http://127.0.0.1:{port}"
 
 
 def test_the_traces_go_back_as_one_archive_beside_the_results(tmp_path: Path) -> None:

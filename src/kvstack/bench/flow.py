@@ -35,7 +35,7 @@ from kvstack.bench.flow_driver import Client, run_trace
 from kvstack.bench.flow_plan import PEER, Policy, Results, Stream
 from kvstack.bench.flow_stack import DEFAULT_SIM_CONFIG, MODEL, FlowSetup, flow_available, ready_stack
 from kvstack.bench.gpu_procs import PEER_POLICIES
-from kvstack.bench.gpu_reset import FreshCacheOption
+from kvstack.bench.gpu_reset import FreshCacheOption, LMCacheApiOption
 from kvstack.bench.gpu_reset import fresh_cache as reset_engines
 from kvstack.bench.tokenizer_choice import check_tokenizer
 
@@ -53,7 +53,7 @@ def before_case(setup: FlowSetup, engine_urls: Sequence[str]) -> None:
 
     Simulators need nothing: each policy starts its own."""
     if setup.engines_file is not None and setup.fresh_cache:
-        reset_engines(engine_urls, setup.redis_url)
+        reset_engines(engine_urls, setup.redis_url, setup.lmcache_apis)
 
 
 def scenarios_of(setup: FlowSetup) -> dict[str, list[tuple[str, list[Stream]]]]:
@@ -280,6 +280,7 @@ def flow_bench(
         str | None,
         typer.Option(help="With --engines-file: the engines' shared LMCache Redis, flushed per case."),
     ] = None,
+    lmcache_api: LMCacheApiOption = None,
     load: Annotated[
         list[float] | None,
         typer.Option(help="The ramp's loads, multiples of --capacity-rps (default 0.5 1 1.5 2)."),
@@ -303,6 +304,11 @@ def flow_bench(
         if name not in ("ramp", "fairness", "priority"):
             raise typer.BadParameter(f"unknown scenario {name!r}", param_hint="--scenario")
     check_tokenizer(tokenizer, tokenizer_path, simulated=engines_file is None)
+    if lmcache_api and (engines_file is None or fresh_cache is False):
+        raise typer.BadParameter(
+            "clears real engines' caches per case: needs --engines-file and --fresh-cache",
+            param_hint="--lmcache-api",
+        )
     if engines_file is not None and speed != 1.0:
         raise typer.BadParameter("real engines run at speed 1", param_hint="--speed")
     if any(x <= 0 for x in load or ()):
@@ -322,6 +328,7 @@ def flow_bench(
         client_retries=client_retries,
         fresh_cache=fresh_cache is not False,  # only real engines are reset (before_case)
         redis_url=redis_url,
+        lmcache_apis=tuple(lmcache_api or ()),
         ramp=tuple(load) if load else flow_plan.RAMP,
         shared_device=shared_device,
     )

@@ -60,6 +60,8 @@ class FlowSetup:
     # the shared Redis flushed when given, so no policy inherits another's warm cache
     fresh_cache: bool = True
     redis_url: str | None = None
+    # and the engines' LMCache CPU tiers emptied through LMCache's internal API (gpu_reset)
+    lmcache_apis: tuple[str, ...] = ()
     # the router logs each cache-aware decision (DEBUG): each case counts those flow control narrowed
     decision_log: bool = False
     # simulators sharing one GPU (a ``shared_gpu`` table in the sim config) name one device in the

@@ -12,6 +12,14 @@ the cached free ones; a connector still saving a finished request's blocks holds
 does not implement that, so its CPU tier survives (the plan gives every router its own prompt
 prefix for that reason, ``gpu_plan``). The simulator answers the route like vLLM: it empties the
 GPU cache and leaves its LMCache tiers alone; it refuses (500) while requests run.
+
+LMCache's own internal API empties the CPU tier: ``DELETE /cache/clear?locations=LocalCPUBackend``
+on the engine worker's port (``LMCACHE_INTERNAL_API_SERVER_ENABLED=true``, port
+``LMCACHE_INTERNAL_API_SERVER_PORT_START`` + 1; the scheduler's, at + 0, has no cache to clear).
+With ``--lmcache-api`` a case starts with that tier empty as well, so nothing a case finds there
+comes from an earlier one, and a tier filled by earlier cases (full: every store evicts first)
+does not slow a later one. The simulator serves the same route on its own port. It skips chunks
+pinned by a lookup in flight, which an idle engine has none of.
 """
 
 from __future__ import annotations
@@ -34,6 +42,16 @@ FreshCacheOption = Annotated[
         help="Before every case: wait for idle engines, POST /reset_prefix_cache to each (vLLM: "
         "dev_mode / VLLM_SERVER_DEV_MODE=1) and FLUSHALL --redis-url. Default: on for a `bench gpu` "
         "matrix and for `bench flow` over running engines.",
+    ),
+]
+
+LMCacheApiOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--lmcache-api",
+        help="With --fresh-cache: an engine's LMCache internal API (http://HOST:PORT, the worker's "
+        "port), emptied of its CPU tier before every case (DELETE /cache/clear); repeat for each "
+        "engine. A simulator serves it on its own URL.",
     ),
 ]
 
@@ -81,6 +99,24 @@ def reset_prefix_cache(url: str) -> None:
         raise ResetError(f"{url}: POST /reset_prefix_cache answered {r.status_code}: {r.text[:200]}")
 
 
+def clear_lmcache_cpu(api_url: str) -> int:
+    """Empty the LMCache CPU tier behind the internal API at ``api_url``; the tokens it removed."""
+    try:
+        r = httpx.delete(f"{api_url}/cache/clear", params={"locations": "LocalCPUBackend"}, timeout=60.0)
+    except httpx.HTTPError as err:
+        raise ResetError(
+            f"{api_url}: DELETE /cache/clear failed ({err}): start the engine with "
+            "LMCACHE_INTERNAL_API_SERVER_ENABLED=true and pass the worker's port "
+            "(LMCACHE_INTERNAL_API_SERVER_PORT_START + 1), or leave out --lmcache-api"
+        ) from err
+    if r.status_code != 200:
+        raise ResetError(f"{api_url}: DELETE /cache/clear answered {r.status_code}: {r.text[:200]}")
+    try:
+        return int(r.json()["num_removed"])
+    except (ValueError, KeyError, TypeError) as err:
+        raise ResetError(f"{api_url}: DELETE /cache/clear answered {r.text[:200]!r}") from err
+
+
 def flush_redis(url: str) -> None:
     """FLUSHALL the Redis at ``url``: LMCache's shared tier starts empty."""
     client = redis.Redis.from_url(url, socket_timeout=10.0)
@@ -92,10 +128,13 @@ def flush_redis(url: str) -> None:
         client.close()
 
 
-def fresh_cache(urls: Sequence[str], redis_url: str | None) -> None:
-    """Every engine idle and its GPU prefix cache empty; then the shared Redis, if any, flushed."""
+def fresh_cache(urls: Sequence[str], redis_url: str | None, lmcache_apis: Sequence[str] = ()) -> None:
+    """Every engine idle and its GPU prefix cache empty, the LMCache CPU tiers behind
+    ``lmcache_apis`` empty; then the shared Redis, if any, flushed."""
     wait_idle(urls)
     for url in urls:
         reset_prefix_cache(url)
+    for api in lmcache_apis:
+        clear_lmcache_cpu(api)
     if redis_url is not None:
         flush_redis(redis_url)
