@@ -106,7 +106,7 @@ SH
     wait_health http://127.0.0.1:$((8100 + i)) 240 $LOGS/engine$i.log || return 1
   done
   # says here, not at the first case, which engines' LMCache CPU tier `matrix` and `flow` can empty
-  [ "$LMCACHE" = 1 ] && echo "LMCache internal API answers on $(lmcache_api_args | grep -c '^http') of $ENGINES engines"
+  if [ "$LMCACHE" = 1 ]; then echo "LMCache internal API answers on $(lmcache_api_args | grep -c "^http") of $ENGINES engines"; fi
   nvidia-smi --query-gpu=memory.used,memory.total --format=csv
 }
 
