@@ -88,6 +88,19 @@ def test_the_ramp_runs_the_loads_asked_for() -> None:
     assert [(case, [s.rate for s in streams]) for case, streams in ramp] == [("0.5x", [4.0]), ("2x", [16.0])]
 
 
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--lmcache-api", "http://127.0.0.1:7001"],  # its own simulators: nothing to clear per case
+        [*REAL, "--keep-cache", "--lmcache-api", "http://127.0.0.1:7001"],
+    ],
+)
+def test_the_lmcache_api_needs_real_engines_reset_per_case(args: list[str]) -> None:
+    result = CliRunner().invoke(app, ["flow", *args], env={"COLUMNS": "200"})
+    assert result.exit_code == 2
+    assert "--lmcache-api" in result.output and "--fresh-cache" in result.output
+
+
 def test_a_load_must_be_positive() -> None:
     result = CliRunner().invoke(app, ["flow", "--load", "0"], env={"COLUMNS": "200"})
     assert result.exit_code == 2

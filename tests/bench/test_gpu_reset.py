@@ -181,6 +181,21 @@ def test_a_matrix_stops_before_its_first_case_without_dev_mode(no_dev_mode: str,
     assert not (tmp_path / "out" / "h200.json").exists()  # no case ran
 
 
+def test_a_matrix_refuses_the_lmcache_api_without_a_fresh_cache(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from kvstack.cli import app
+
+    engines = tmp_path / "engines.yaml"
+    engines.write_text(f"- {{url: http://127.0.0.1:{free_port()}, name: e0, models: [m]}}\n")
+    args = ["bench", "gpu", "--engines-file", str(engines), "--keep-cache", "--out", str(tmp_path / "out")]
+    result = CliRunner().invoke(
+        app, [*args, "--lmcache-api", "http://127.0.0.1:7001"], env={"COLUMNS": "200"}
+    )
+    assert result.exit_code == 2
+    assert "--lmcache-api" in result.output and "needs --fresh-cache" in result.output
+
+
 def test_an_unreachable_redis_is_named() -> None:
     url = f"redis://127.0.0.1:{free_port()}"
     with pytest.raises(ResetError, match="FLUSHALL failed"):
