@@ -6,6 +6,7 @@ import enum
 import os
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 from typing import Annotated, NoReturn
 
@@ -14,7 +15,7 @@ import typer
 from kvstack.common.cli_errors import config_errors_exit
 from kvstack.engine.serve.config import load_config
 from kvstack.engine.serve.display import to_json, to_shell
-from kvstack.engine.serve.render import LaunchSpec, child_env, overridden_env, render
+from kvstack.engine.serve.render import LaunchSpec, child_env, needs_metrics_dir, overridden_env, render
 from kvstack.engine.serve.versions import LMCACHE_VERSION, VLLM_VERSION
 
 # Shell conventions: 127 = command not found, 126 = found but cannot be executed.
@@ -52,6 +53,8 @@ def serve(
 def exec_engine(spec: LaunchSpec) -> NoReturn:
     """Replace this process with vLLM, so it receives the pod's signals directly as PID 1."""
     env = child_env(os.environ, spec)
+    if needs_metrics_dir(os.environ, spec):
+        env["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="vllm-metrics-")
     for name in overridden_env(os.environ, spec):
         typer.echo(
             # names only: VLLM_API_KEY is one of them

@@ -94,6 +94,11 @@ class LMCacheSettings(BaseModel):
     # monitor checks every 30 s); while pinned, a chunk cannot be evicted, so a full CPU tier of
     # such chunks fails stores (alert KvstackLMCacheEvictionFailing). LMCache's own default.
     pin_timeout_sec: int = Field(300, gt=0, description="seconds")
+    # LMCache registers its metrics in vLLM's engine-core process; a single vLLM API server serves
+    # only its own process's registry, so they never reach /metrics (seen on an H100: no lmcache:*
+    # series). With this on, vLLM starts with an empty PROMETHEUS_MULTIPROC_DIR of its own, so its
+    # /metrics collects every process's series, as vLLM does itself for several API servers.
+    serve_metrics: bool = True
     # vLLM's default ("fail") fails a request whose KV load from LMCache fails (a full CPU buffer,
     # a dead Redis); "recompute" prefills it instead: a shared cache must never fail requests.
     kv_load_failure_policy: Literal["recompute", "fail"] = "recompute"

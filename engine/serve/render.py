@@ -24,6 +24,9 @@ class LaunchSpec:
     env: dict[str, str]
     # names in ``env`` whose values are secrets: never printed, never put in argv
     secret_env: frozenset[str] = field(default_factory=frozenset)
+    # exec gives vLLM a new empty PROMETHEUS_MULTIPROC_DIR (lmcache.serve_metrics), unless the pod
+    # sets one: a directory is made at start, so it is no part of this pure description
+    metrics_dir: bool = False
 
 
 def render(config: EngineConfig) -> LaunchSpec:
@@ -71,7 +74,10 @@ def render(config: EngineConfig) -> LaunchSpec:
         env["VLLM_API_KEY"] = config.api_key.get_secret_value()
         secret.add("VLLM_API_KEY")
     env.update(config.extra_env)
-    return LaunchSpec(argv=argv, env=dict(sorted(env.items())), secret_env=frozenset(secret))
+    metrics_dir = config.lmcache.enabled and config.lmcache.serve_metrics
+    return LaunchSpec(
+        argv=argv, env=dict(sorted(env.items())), secret_env=frozenset(secret), metrics_dir=metrics_dir
+    )
 
 
 def kv_events_config(events: KVEventsSettings) -> dict[str, Any]:
@@ -110,6 +116,11 @@ def child_env(base: Mapping[str, str], spec: LaunchSpec) -> dict[str, str]:
     # KVSTACK_ENGINE_* are consumed here; dropping them keeps e.g. the API key's source out of vLLM.
     kept = {k: v for k, v in base.items() if not k.upper().startswith(ENV_PREFIX)}
     return {**kept, **spec.env}
+
+
+def needs_metrics_dir(base: Mapping[str, str], spec: LaunchSpec) -> bool:
+    """Whether exec must make vLLM's PROMETHEUS_MULTIPROC_DIR: asked for, and the pod has none."""
+    return spec.metrics_dir and "PROMETHEUS_MULTIPROC_DIR" not in base
 
 
 def overridden_env(base: Mapping[str, str], spec: LaunchSpec) -> list[str]:

@@ -141,6 +141,7 @@ def test_serve_execs_vllm_with_the_rendered_argv_and_env(kvstack_bin: Path, tmp_
             "KVSTACK_ENGINE_EXTRA_ENV": '{"HF_HOME": "/models"}',
             "PYTHONHASHSEED": "123",
             "LMCACHE_PIN_TIMEOUT_SEC": "300",  # what the config renders: no warning
+            "TMPDIR": str(tmp_path),
         },
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -169,3 +170,6 @@ def test_serve_execs_vllm_with_the_rendered_argv_and_env(kvstack_bin: Path, tmp_
     assert env["HF_HOME"] == "/models"
     assert env["LMCACHE_TRACK_USAGE"] == "false"
     assert not any(k.startswith("KVSTACK_ENGINE_") for k in env)
+    # LMCache on: vLLM's /metrics collects every process's series from a folder made for this start
+    metrics = Path(env["PROMETHEUS_MULTIPROC_DIR"])
+    assert metrics.parent == tmp_path and metrics.is_dir() and not any(metrics.iterdir())

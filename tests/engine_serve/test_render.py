@@ -9,7 +9,7 @@ import pytest
 
 from kvstack.common.config import build
 from kvstack.engine.serve.config import EngineConfig
-from kvstack.engine.serve.render import LaunchSpec, child_env, overridden_env, render
+from kvstack.engine.serve.render import LaunchSpec, child_env, needs_metrics_dir, overridden_env, render
 
 KV_TRANSFER = '{"kv_connector":"LMCacheConnectorV1","kv_role":"kv_both","kv_load_failure_policy":"recompute"}'
 
@@ -221,6 +221,21 @@ def test_child_env_drops_our_settings_and_overrides_the_pod() -> None:
     assert env["PYTHONHASHSEED"] == "0"
     assert env["VLLM_API_KEY"] == "k"
     assert not any(k.upper().startswith("KVSTACK_ENGINE_") for k in env)
+
+
+@pytest.mark.parametrize(
+    ("lmcache", "pod", "needed"),
+    [
+        ({}, {}, True),  # LMCache on (the default): its engine-core series need the shared folder
+        ({"serve_metrics": False}, {}, False),
+        ({"enabled": False}, {}, False),  # vLLM's own series are all in its API server process
+        ({}, {"PROMETHEUS_MULTIPROC_DIR": "/metrics"}, False),  # the pod's own folder is kept
+    ],
+)
+def test_a_metrics_folder_is_made_only_for_lmcache_series_the_pod_does_not_collect(
+    lmcache: dict[str, Any], pod: dict[str, str], needed: bool
+) -> None:
+    assert needs_metrics_dir(pod, spec(lmcache=lmcache)) is needed
 
 
 @pytest.mark.parametrize("policy", ["recompute", "fail"])
