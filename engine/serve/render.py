@@ -119,8 +119,10 @@ def child_env(base: Mapping[str, str], spec: LaunchSpec) -> dict[str, str]:
 
 
 def needs_metrics_dir(base: Mapping[str, str], spec: LaunchSpec) -> bool:
-    """Whether exec must make vLLM's PROMETHEUS_MULTIPROC_DIR: asked for, and the pod has none."""
-    return spec.metrics_dir and "PROMETHEUS_MULTIPROC_DIR" not in base
+    """Whether exec must make vLLM's PROMETHEUS_MULTIPROC_DIR: asked for, and neither the pod nor
+    the config's ``extra_env`` names one."""
+    name = "PROMETHEUS_MULTIPROC_DIR"
+    return spec.metrics_dir and name not in base and name not in spec.env
 
 
 def overridden_env(base: Mapping[str, str], spec: LaunchSpec) -> list[str]:

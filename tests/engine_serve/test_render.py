@@ -238,6 +238,12 @@ def test_a_metrics_folder_is_made_only_for_lmcache_series_the_pod_does_not_colle
     assert needs_metrics_dir(pod, spec(lmcache=lmcache)) is needed
 
 
+def test_a_metrics_folder_named_in_extra_env_is_kept() -> None:
+    named = spec(extra_env={"PROMETHEUS_MULTIPROC_DIR": "/var/metrics"})
+    assert not needs_metrics_dir({}, named)
+    assert child_env({}, named)["PROMETHEUS_MULTIPROC_DIR"] == "/var/metrics"
+
+
 @pytest.mark.parametrize("policy", ["recompute", "fail"])
 def test_kv_load_failure_policy_goes_into_the_transfer_config(policy: str) -> None:
     argv = spec(lmcache={"kv_load_failure_policy": policy}).argv
