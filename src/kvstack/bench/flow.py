@@ -35,7 +35,7 @@ from kvstack.bench.flow_driver import Client, run_trace
 from kvstack.bench.flow_plan import PEER, Policy, Results, Stream
 from kvstack.bench.flow_stack import DEFAULT_SIM_CONFIG, MODEL, FlowSetup, flow_available, ready_stack
 from kvstack.bench.gpu_procs import PEER_POLICIES
-from kvstack.bench.gpu_reset import FreshCacheOption, LMCacheApiOption
+from kvstack.bench.gpu_reset import FreshCacheOption, LMCacheApiOption, check_lmcache_api
 from kvstack.bench.gpu_reset import fresh_cache as reset_engines
 from kvstack.bench.tokenizer_choice import check_tokenizer
 
@@ -304,11 +304,8 @@ def flow_bench(
         if name not in ("ramp", "fairness", "priority"):
             raise typer.BadParameter(f"unknown scenario {name!r}", param_hint="--scenario")
     check_tokenizer(tokenizer, tokenizer_path, simulated=engines_file is None)
-    if lmcache_api and (engines_file is None or fresh_cache is False):
-        raise typer.BadParameter(
-            "clears real engines' caches per case: needs --engines-file and --fresh-cache",
-            param_hint="--lmcache-api",
-        )
+    # before_case resets only real engines, and those unless --keep-cache
+    check_lmcache_api(lmcache_api, cases_reset=engines_file is not None and fresh_cache is not False)
     if engines_file is not None and speed != 1.0:
         raise typer.BadParameter("real engines run at speed 1", param_hint="--speed")
     if any(x <= 0 for x in load or ()):

@@ -39,7 +39,7 @@ from kvstack.bench.gpu_plan import (
 )
 from kvstack.bench.gpu_plot import plot, plot_matrix
 from kvstack.bench.gpu_procs import PEER_POLICIES, peer_router_proc, router_proc, sim_procs
-from kvstack.bench.gpu_reset import FreshCacheOption, LMCacheApiOption, ResetError
+from kvstack.bench.gpu_reset import FreshCacheOption, LMCacheApiOption, ResetError, check_lmcache_api
 from kvstack.bench.gpu_reset import fresh_cache as fresh_cache_of
 from kvstack.bench.gpu_summary import (
     ENGINE_COUNTERS,
@@ -279,8 +279,7 @@ def gpu_proof(
             "--duration-s, or drop loads, runs, policies or engine subsets"
         )
     reset = spec.is_matrix if fresh_cache is None else fresh_cache
-    if lmcache_api and not reset:
-        raise typer.BadParameter("clears a case's cache: needs --fresh-cache", param_hint="--lmcache-api")
+    check_lmcache_api(lmcache_api, cases_reset=reset)
     flush_url = redis_url or sim_redis
     log_dir = Path(tempfile.mkdtemp(prefix="kvstack-gpu-"))
     out.mkdir(parents=True, exist_ok=True)
@@ -307,7 +306,7 @@ def gpu_proof(
     found: list[Verdict] = []
     meta = _meta(sim_config if sims else None)
     meta.update(plan=dataclasses.asdict(spec), fresh_cache=reset, estimate_s=estimate)
-    meta["lmcache_cpu_cleared"] = bool(reset and lmcache_api)
+    meta["lmcache_cpu_cleared"] = bool(lmcache_api)  # only with reset cases (check_lmcache_api)
     if sims:
         meta["sim_redis"] = sim_redis is not None
         meta["shared_device"] = shared_device

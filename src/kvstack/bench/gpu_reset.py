@@ -32,6 +32,7 @@ import redis
 import typer
 
 from kvstack.bench import promtext
+from kvstack.bench.option_error import OptionError
 from kvstack.common.waits import wait_until
 
 # `bench gpu` and `bench flow` over running engines: the same switch, the same meaning
@@ -54,6 +55,19 @@ LMCacheApiOption = Annotated[
         "engine. A simulator serves it on its own URL.",
     ),
 ]
+
+
+def check_lmcache_api(lmcache_apis: Sequence[str] | None, *, cases_reset: bool) -> None:
+    """``bench gpu``'s and ``bench flow``'s one rule for ``--lmcache-api``: it empties the tiers as
+    part of a case's fresh cache, so it needs cases that are reset (``--fresh-cache``; ``bench
+    flow`` resets only engines of ``--engines-file``). Raises typer's usage error naming it."""
+    if lmcache_apis and not cases_reset:
+        raise OptionError(
+            "--lmcache-api",
+            "empties LMCache's CPU tiers as part of each case's fresh cache: needs --fresh-cache "
+            "(bench flow: over --engines-file)",
+        )
+
 
 IN_FLIGHT = ("vllm:num_requests_running", "vllm:num_requests_waiting")
 KV_USAGE = "vllm:kv_cache_usage_perc"
