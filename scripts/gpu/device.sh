@@ -59,16 +59,18 @@ python_hash_seed: "0"
 dev_mode: $( [ "${DEV_MODE:-1}" = 1 ] && echo true || echo false )
 extra_args: [--load-format, dummy${ENGINE_ARGS:+, $ENGINE_ARGS}]
 YAML
+  local env='VLLM_USE_FLASHINFER_SAMPLER: "0", HF_HUB_OFFLINE: "1"'
   # `engine serve` turns LMCache on unless told otherwise
   if [ "$LMCACHE" = 1 ]; then
     # LMCache's internal API, so `matrix` and `flow` can empty its CPU tier before every case
     # (lmcache_api_args): on the worker's port, LMCACHE_INTERNAL_API_SERVER_PORT_START + 1
-    echo "extra_env: {VLLM_USE_FLASHINFER_SAMPLER: \"0\", HF_HUB_OFFLINE: \"1\", LMCACHE_INTERNAL_API_SERVER_ENABLED: \"true\", LMCACHE_INTERNAL_API_SERVER_HOST: 127.0.0.1, LMCACHE_INTERNAL_API_SERVER_PORT_START: \"$((${LMCACHE_API_PORT:-7000} + 10 * i))\"}"
+    env+=", LMCACHE_INTERNAL_API_SERVER_ENABLED: \"true\", LMCACHE_INTERNAL_API_SERVER_HOST: 127.0.0.1"
+    env+=", LMCACHE_INTERNAL_API_SERVER_PORT_START: \"$((${LMCACHE_API_PORT:-7000} + 10 * i))\""
     echo "lmcache: {remote_url: \"redis://127.0.0.1:$REDIS_PORT\", max_local_cpu_size: $LMCACHE_CPU_GB}"
   else
-    echo 'extra_env: {VLLM_USE_FLASHINFER_SAMPLER: "0", HF_HUB_OFFLINE: "1"}'
     echo "lmcache: {enabled: false}"
   fi
+  echo "extra_env: {$env}"
 }
 
 wait_health() {  # $1 url, $2 seconds, $3 log
