@@ -218,7 +218,11 @@ class Relay:
         if done.tail:  # the engine failed after its [DONE]: it goes first, where the engine sent it
             await call.send({"type": "http.response.body", "body": done.tail, "more_body": True})
         if done.outcome in ("client_gone", "client_stalled"):
-            # as the disconnect watcher would (router/exchange.py): the call ends as the client's 499
+            # as the disconnect watcher would (router/exchange.py): the call ends as the client's 499.
+            # The thread saw it first: the server learns it here (else it would take the 499 for an
+            # app that ended a response unfinished, and log an error for each).
+            if call.transport is not None:
+                call.transport.abort()
             call.ex.disconnected = True
             task = asyncio.current_task()
             assert task is not None

@@ -242,6 +242,27 @@ async def test_a_cancelled_forward_task_waits_for_the_thread_then_raises() -> No
         await asyncio.wait_for(eng.conns[0].hung_up.wait(), 10)
 
 
+async def test_a_forward_cancelled_before_the_thread_takes_it_still_ends() -> None:
+    """The client hanging up as the first token goes out: the disconnect watcher's cancel can reach
+    the thread together with the forward it was asked for, before it took the socket. The thread's
+    last word must still be "forwarded" (here "cancelled"), or the request waits for it forever: it
+    did, and a client that hung up right after its first chunk was neither counted nor let go.
+    forward() and cancel() go to the exchange back to back, as fast as Python can (what the thread
+    finds then depends on when it wakes, so it is tried many times)."""
+    async with engine(streaming_until_hang_up()) as eng:
+        for _ in range(50):
+            resp = await post(eng.url)
+            with client_connection() as (served, _client):
+                feed = resp._feed  # the exchange itself: the two calls must not be a loop turn apart
+                feed.ex.forward(served.fileno(), True, [])
+                feed.ex.cancel()
+                while (event := await asyncio.wait_for(feed.next(), 10))[0] != "forwarded":
+                    pass  # data or the head polled before the forward: not this test's business
+                assert event[2] == "cancelled"
+            await resp.aclose()
+        assert await settled(lambda: relay_threads() == 0)
+
+
 async def test_no_descriptor_or_thread_outlives_its_exchanges() -> None:
     clear_pool()
     assert await settled(lambda: gc.collect() >= 0 and relay_threads() == 0)

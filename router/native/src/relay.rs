@@ -218,6 +218,14 @@ impl<'a> Fwd<'a> {
             }
             let mut st = self.sh.lock();
             if st.cancelled || matches!(outcome, Outcome::Cancelled) {
+                if st.forward.is_some() {
+                    // forward() came with the cancel, before this thread took the socket: Python
+                    // awaits the forward's last word all the same (without it, forever)
+                    close_client(&mut st);
+                    let event =
+                        Event::Forwarded { nbytes: 0, outcome: Outcome::Cancelled.name(), tail: Vec::new() };
+                    self.sh.push(&mut st, event);
+                }
                 break;
             }
             if st.forward.is_some() {
