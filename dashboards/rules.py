@@ -154,8 +154,9 @@ ALERTS: list[Alert] = [
         "1m",
         "critical",
         "Router {{ $labels.pod }} has no available engine",
-        "Every engine the router knows is unhealthy or ejected, so it answers 503: check the engines "
-        "and the router's upstream errors.",
+        "Every engine the router knows is unhealthy (requests get 503) or ejected (requests go to the "
+        "ejected ones as a last resort, and mostly fail): check the engines and the router's upstream "
+        "errors.",
         ("sum by (namespace, pod) (kvstack_router_engine_available)",),
     ),
     Alert(

@@ -12,7 +12,7 @@ its tenant's share, when flow control covers it, else in the hold. Either way it
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
 
 from kvstack.common.errors import OpenAIError
@@ -39,11 +39,12 @@ class Admission:
     def __init__(self, ctx: RouterContext) -> None:
         self.ctx = ctx
 
-    def available(self, model: str | None) -> list[EngineState]:
+    def available(self, model: str | None, tried: Collection[str] = ()) -> list[EngineState]:
+        """The engines a request for ``model`` may go to now (:func:`routable`), ``tried`` left out."""
         registry, now = self.ctx.registry, self.ctx.clock()
         if model is None:  # /tokenize without a model: any available engine
-            return [e for e in registry.all() if e.available(now)]
-        return registry.candidates(model, now)
+            return [e for e in registry.all() if e.available(now) and e.url not in tried]
+        return registry.candidates(model, now, tried)
 
     def candidates(self, model: str | None) -> list[EngineState]:
         """Available engines for ``model``, else the error :func:`no_engine` decides."""
@@ -144,7 +145,7 @@ def no_engine(model: str | None, engines: list[EngineState]) -> OpenAIError:
       all, e.g. an empty engines file, nothing serves it: 404 too, as before).
     - 503 + Retry-After while it may change soon: some engine's models not learnt yet (a router
       just started asks each engine's ``/v1/models``), or every engine serving the model is down
-      or ejected.
+      (an ejected one still serves: :func:`~kvstack.router.engines.routable`).
     """
     if model is not None and not any(model in e.models for e in engines):
         if all(e.models for e in engines):

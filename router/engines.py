@@ -8,7 +8,7 @@ snapshots and never do I/O. Everything here runs on the router's event loop, so 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -132,6 +132,23 @@ class EngineState:
             end()
 
 
+def routable(
+    engines: Iterable[EngineState], model: str, now: float, tried: Collection[str] = ()
+) -> list[EngineState]:
+    """The engines of ``model`` a request may go to, the URLs in ``tried`` left out.
+
+    1. the available ones: healthy, not ejected, serving ``model``;
+    2. none left: the healthy ones serving it that are only ejected (Envoy's panic routing). An
+       ejection ranks engines; on its own it never leaves a model with no engine: the engine
+       ejected a minute ago may be back (a restarted pod), while the one left has just died and
+       its probes have not caught up. Without this, a request that found that one dead was a 502
+       with a working engine beside it, and every request a 503 once the probes marked it down;
+    3. an unhealthy engine (its probes fail) is never taken.
+    """
+    serving = [e for e in engines if model in e.models and e.healthy and e.url not in tried]
+    return [e for e in serving if now >= e.outlier.ejected_until] or serving
+
+
 class EngineRegistry:
     """The set of known engines, keyed by URL."""
 
@@ -203,9 +220,10 @@ class EngineRegistry:
     def all(self) -> list[EngineState]:
         return list(self._engines.values())
 
-    def candidates(self, model: str, now: float) -> list[EngineState]:
-        """Available engines that serve ``model``."""
-        return [st for st in self._engines.values() if model in st.models and st.available(now)]
+    def candidates(self, model: str, now: float, tried: Collection[str] = ()) -> list[EngineState]:
+        """The engines a request for ``model`` may go to, those at ``tried`` URLs left out
+        (:func:`routable`)."""
+        return routable(self._engines.values(), model, now, tried)
 
     def models(self, now: float) -> set[str]:
         """The union of models over available engines."""

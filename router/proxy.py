@@ -39,7 +39,7 @@ from kvstack.router.prompt_source import PromptSource
 from kvstack.router.prompts import prompt_text
 from kvstack.router.protocol import MULTIPART, Kind, error_event, parse_request
 from kvstack.router.relay import Relay
-from kvstack.router.retry import AttemptFailure, next_step, untried
+from kvstack.router.retry import AttemptFailure, next_step
 from kvstack.router.sticky import prefer_owner, previous_owner
 
 Scope = dict[str, Any]
@@ -229,7 +229,7 @@ class ProxyEndpoint:
             failure = await self._attempt(call, decision)
             if failure is None:
                 return
-            candidates = untried(self.admission.available(call.request.model), call.tried)
+            candidates = self.admission.available(call.request.model, call.tried)
             model = call.request.model
             verdict = next_step(
                 failure,

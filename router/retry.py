@@ -13,8 +13,9 @@ The proxy describes each failed try as an :class:`AttemptFailure` and asks :func
    :mod:`kvstack.router.model_gone`) and no try is left here (tries spent or no engine untried),
    but the router holds the model: wait for an engine to serve it again (``hold``);
 5. the request had its ``max_attempts`` tries: stop (``attempts``);
-6. no available engine of the model is left untried: stop (``no_engine``);
-7. otherwise try again (``retry``) on one of :func:`untried`, chosen by the routing policy.
+6. no engine of the model it may go to is left untried: stop (``no_engine``);
+7. otherwise try again (``retry``) on one of those (:func:`kvstack.router.engines.routable`, the
+   tried ones left out), chosen by the routing policy.
 
 Retried, while nothing was sent: connection failures, answers 500/502/503/504, a response that broke
 off, an engine the router declared down while the request waited on it (``engine_lost``), and an
@@ -23,11 +24,8 @@ engine that no longer serves the model (``model_gone``, its 404).
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Literal
-
-from kvstack.router.engines import EngineState
 
 FailureKind = Literal["connect", "timeout", "read", "too_large", "status", "engine_lost", "model_gone"]
 RetryReason = Literal["retry", "sent", "timeout", "too_large", "status", "hold", "attempts", "no_engine"]
@@ -76,8 +74,3 @@ def next_step(
     if untried <= 0:
         return RetryVerdict(False, "no_engine")
     return RetryVerdict(True, "retry")
-
-
-def untried(candidates: Sequence[EngineState], tried: Collection[str]) -> list[EngineState]:
-    """The candidates (available engines of the model) whose URL is not among ``tried``."""
-    return [e for e in candidates if e.url not in tried]

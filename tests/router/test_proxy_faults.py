@@ -51,11 +51,46 @@ def test_engine_500_is_passed_through_when_no_other_engine_and_ejects(
             assert resp.status_code == 500
             assert resp.json()["error"]["message"] == "engine failure"
         assert r.metric("kvstack_router_engine_ejections_total", engine=bad.url) == 1
+        state = r.ctx.registry.get(bad.url)
+        assert state is not None and not state.available(r.ctx.clock())
         probes = bad.probes
         wait_until(lambda: bad.probes >= probes + 3, "good probes during the ejection", timeout=30)
+        assert not state.available(r.ctx.clock())  # still ejected
+        # the model's last engine, only ejected: it still gets the request (Envoy's panic routing),
+        # and its own answer goes through rather than a 503 from the router
         resp = httpx.post(f"{r.url}/v1/chat/completions", json=CHAT)
-        assert resp.status_code == 503  # ejected: no engine left for the model
-        assert bad.posts == 2
+        assert resp.status_code == 500
+        assert bad.posts == 3
+        assert r.metric("kvstack_router_engine_ejections_total", engine=bad.url) == 1
+
+
+def test_an_ejected_engine_that_is_back_serves_when_the_one_left_dies(
+    router: RouterFactory, tmp_path: Path, backend: str
+) -> None:
+    """One engine ejected (it failed; now it is back, as a restarted pod is), the other dies before
+    its probes notice: each request that finds the dead one is retried on the ejected one and
+    answered, where it used to be a 502 with a working engine beside it."""
+    with BadEngine("status:500") as back, run_sims(tmp_path, 1) as (doomed,):
+        slow_monitor = {"probe_interval": 60.0, "scrape_interval": 60.0}
+        r = router(
+            engines=[back.url, doomed.url],
+            policy="round_robin",
+            eject_after_failures=1,
+            eject_duration_s=60,
+            monitor=slow_monitor,
+            upstream_backend=backend,
+        )
+        for _ in range(2):  # back's 500 is retried on doomed, and ejects back
+            assert httpx.post(f"{r.url}/v1/chat/completions", json=CHAT).status_code == 200
+        assert r.metric("kvstack_router_engine_ejections_total", engine=back.url) == 1
+        back.mode = "no_tokenize"  # answers chat completions again
+        posts = back.posts
+        doomed.proc.stop()
+        for _ in range(4):
+            assert httpx.post(f"{r.url}/v1/chat/completions", json=CHAT).status_code == 200
+        assert back.posts == posts + 4
+        # doomed is not ejected (half of two engines are already), so each request tries it first
+        assert r.metric("kvstack_router_retries_total", model_name=MODEL, reason="connect") == 4
 
 
 def test_engine_503_is_retried_on_another_engine(

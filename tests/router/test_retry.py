@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from kvstack.router.engines import Endpoint, EngineState
-from kvstack.router.retry import AttemptFailure, FailureKind, next_step, untried
+from kvstack.router.retry import AttemptFailure, FailureKind, next_step
 
 
 def failure(kind: FailureKind, status: int = 502, *, sent: bool = False) -> AttemptFailure:
@@ -42,12 +41,6 @@ def test_next_step(fail: AttemptFailure, attempts: int, untried_left: int, retry
 )
 def test_failure_label(fail: AttemptFailure, label: str) -> None:
     assert fail.label == label
-
-
-def test_untried_keeps_the_order_of_the_candidates() -> None:
-    engines = [EngineState(endpoint=Endpoint(url=f"http://e{i}", name=f"e{i}")) for i in range(4)]
-    assert [e.name for e in untried(engines, ["http://e2", "http://e0"])] == ["e1", "e3"]
-    assert untried(engines, [e.url for e in engines]) == []
 
 
 @pytest.mark.parametrize(
