@@ -220,7 +220,7 @@ async def _running(ctx: RouterContext) -> AsyncIterator[None]:
             )
             await static.start()
             stops.append(static)
-        monitor = EngineMonitor(ctx.registry, monitor_client, monitor_config)
+        monitor = EngineMonitor(ctx.registry, monitor_client, monitor_config, clock=ctx.clock)
         monitor.start()
         stops.append(monitor)
         # serve only once the engines' first probe (health, then models) is in: one probe each, bounded

@@ -42,6 +42,9 @@ class EngineState:
     # health: failed probes mark it unhealthy (the monitor), failed requests eject it (the proxy)
     healthy: bool = True
     outlier: OutlierTrack = field(default_factory=OutlierTrack)
+    # monotonic time it last answered one of our requests (a whole answer, or a stream's first
+    # token); 0: never. A probe that times out meanwhile finds it busy, not down (router/monitor.py)
+    last_answer: float = 0.0
     # kept by the router itself: requests this process dispatched there and not yet finished (the
     # proxy counts them through ``in_flight``, which adds the other workers' from the shared table)
     own_in_flight: int = 0

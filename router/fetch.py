@@ -36,11 +36,13 @@ MAX_BODY_BYTES = 16 * 1024 * 1024  # a vLLM scrape is ~50 KB; a model list a few
 
 
 class FetchError(Exception):
-    """A GET that gave no usable answer. ``status``: the engine's non-2xx status, if it answered."""
+    """A GET that gave no usable answer. ``status``: the engine's non-2xx status, if it answered;
+    ``timed_out``: none came within the GET's time."""
 
-    def __init__(self, message: str, *, status: int | None = None) -> None:
+    def __init__(self, message: str, *, status: int | None = None, timed_out: bool = False) -> None:
         super().__init__(message)
         self.status = status
+        self.timed_out = timed_out  # connected (or trying to), but no whole answer in time
 
 
 class EngineFetch:
@@ -66,7 +68,7 @@ class EngineFetch:
                 async with self._session.get(url, headers=headers, allow_redirects=False) as resp:
                     body = await self._read(resp)
         except TimeoutError:
-            raise FetchError(f"GET {url}: no answer within {within:g} s") from None
+            raise FetchError(f"GET {url}: no answer within {within:g} s", timed_out=True) from None
         except (aiohttp.ClientError, OSError) as err:
             raise FetchError(f"GET {url}: {str(err) or type(err).__name__}") from err
         if not 200 <= resp.status < 300:

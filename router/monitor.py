@@ -1,8 +1,9 @@
 """Active health probes, metric scrapes and model discovery for every engine in the registry.
 
 Per engine, two loops run on the router's event loop: a probe loop (``GET /health``; N failures
-mark the engine unhealthy and end the requests in flight there, M successes bring it back; probes
-never end a passive ejection, see :mod:`kvstack.router.ejection`) and a scrape loop
+mark the engine unhealthy and end the requests in flight there, M successes bring it back; a probe
+that times out while the engine is answering our requests is ``busy``, not a failure; probes never
+end a passive ejection, see :mod:`kvstack.router.ejection`) and a scrape loop
 (``GET /metrics``, parsed by :mod:`kvstack.router.scrape`, unchanged scrapes skipped). Endpoints
 that list no models learn them from ``GET /v1/models`` after a successful probe, and again every
 ``models_interval`` (LoRA adapters come and go). Every GET goes through
@@ -32,7 +33,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
@@ -99,21 +100,46 @@ class ProbeVerdict:
     healthy: bool
 
 
+# ok: a 2xx answer in time; failed: no connection, a non-2xx answer, or no answer in time from an
+# engine that is not answering requests either; busy: no answer in time from one that is
+ProbeResult = Literal["ok", "failed", "busy"]
+
+
+def probe_result(
+    *, answered: bool, timed_out: bool, last_answer: float, now: float, window: float
+) -> ProbeResult:
+    """What one probe says: ``busy`` when it timed out and the engine answered one of our requests
+    within ``window`` seconds (a probe interval and its timeout: since about the last probe)."""
+    if answered:
+        return "ok"
+    if timed_out and last_answer > 0 and now - last_answer <= window:
+        return "busy"
+    return "failed"
+
+
 def judge_probe(
     track: ProbeTrack,
     *,
-    ok: bool,
+    result: ProbeResult,
     healthy: bool,
     unhealthy_threshold: int,
     healthy_threshold: int,
 ) -> ProbeVerdict:
     """Fold one probe result into an engine's health.
 
-    The first probe of an engine decides its health outright (nothing to smooth yet); later a
-    healthy engine turns unhealthy after ``unhealthy_threshold`` failures in a row and back after
-    ``healthy_threshold`` successes.
+    1. The first probe of an engine decides its health outright (nothing to smooth yet);
+    2. later a healthy engine turns unhealthy after ``unhealthy_threshold`` failures in a row and
+       back after ``healthy_threshold`` successes;
+    3. a ``busy`` probe changes nothing, streaks included: an engine whose API server is too loaded
+       to answer ``/health`` in time while it answers our requests is working, and marking it
+       unhealthy would end every request it is serving and pile them onto the other engines (the
+       cascade a load balancer's health check can start). A frozen engine answers nothing: its
+       timeouts are failures once its last answer is older than the window.
     """
     ok_streak, fail_streak = track.ok_streak, track.fail_streak
+    if result == "busy":
+        return ProbeVerdict(ProbeTrack(ok_streak, fail_streak, track.probes + 1), healthy)
+    ok = result == "ok"
     if ok:
         ok_streak, fail_streak = ok_streak + 1, 0
     else:
@@ -290,11 +316,17 @@ class EngineMonitor:
     async def probe_once(self, state: EngineState) -> bool:
         """Probe ``/health`` once and update health and (when due) the model list."""
         cfg = self.config
-        ok = await self._health_ok(state.url)
+        ok, timed_out = await self._health_ok(state.url)
         now = self._clock()
+        window = cfg.probe_interval + cfg.probe_timeout
+        result = probe_result(
+            answered=ok, timed_out=timed_out, last_answer=state.last_answer, now=now, window=window
+        )
+        if result == "busy":
+            log.info("engine %s: /health not answered in time while it answers requests: busy", state.name)
         verdict = judge_probe(
             self._tracks.get(state.url, ProbeTrack()),
-            ok=ok,
+            result=result,
             healthy=state.healthy,
             unhealthy_threshold=cfg.unhealthy_threshold,
             healthy_threshold=cfg.healthy_threshold,
@@ -370,10 +402,10 @@ class EngineMonitor:
             return now - last >= self.config.models_interval
         return not state.models or now - last >= self.config.models_interval
 
-    async def _health_ok(self, url: str) -> bool:
-        """A probe succeeds on a 2xx answer, body and all, within ``probe_timeout``."""
+    async def _health_ok(self, url: str) -> tuple[bool, bool]:
+        """(ok, timed out): a probe succeeds on a 2xx answer, body and all, within ``probe_timeout``."""
         try:
             await self.client.get(url + "/health", within=self.config.probe_timeout)
-        except FetchError:
-            return False
-        return True
+        except FetchError as err:
+            return False, err.timed_out
+        return True, False

@@ -49,7 +49,9 @@ class OutcomeRecorder:
         ctx = self.ctx
         now = ctx.clock()
         others = 0
-        if failure is not None:
+        if failure is None:
+            engine.last_answer = now  # the monitor's sign that a slow /health is a busy engine
+        else:
             kind = f"status_{failure.status}" if failure.kind == "status" else failure.kind
             ctx.metrics.upstream_errors.labels(engine.name, kind).inc()
             others = sum(1 for e in ctx.registry.all() if e is not engine and e.ejected_until > now)

@@ -160,6 +160,7 @@ class Relay:
                         held.append(frames)
                         continue
                     ex.ttft = time.perf_counter() - ex.start
+                    decision.engine.last_answer = self.ctx.clock()  # answering (router/monitor.py)
                     self.ctx.policy.on_first_token(features, decision)  # the prefill is over
                     if call.demand is not None and call.demand.grant is not None:
                         self.ctx.flow.first_token(call.demand.grant, ex.ttft)

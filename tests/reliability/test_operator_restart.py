@@ -32,8 +32,8 @@ KINDS = ("Deployment", "Service", "ConfigMap")
 def operator(cluster: Cluster, namespace: str) -> Iterator[None]:
     """The operator under KopfRunner, as in tests/operator; tracebacks count until it is told to stop.
 
-    (At a stop, the cleanup closes the shared API client under a running timer, which then logs a
-    ReadError traceback: a known operator bug, see tests/reliability/README.md.)
+    (At a stop, the cleanup closes the shared API client under a running timer, which once logged a
+    ReadError traceback there: tests/reliability/README.md, "An operator stop under a request".)
     """
     settings = operator_settings(cluster, namespace, resync_seconds=2.0)
     with operator_runner(Runtime(settings), namespace) as runner:

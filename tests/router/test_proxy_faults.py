@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from pathlib import Path
@@ -12,7 +13,8 @@ import pytest
 
 from kvstack.common.waits import wait_until
 
-from .conftest import MODEL, BadEngine, RouterFactory, Sim, run_sims
+from .conftest import _COMPLETION as COMPLETION
+from .conftest import MODEL, BadEngine, RawEngine, RouterFactory, Sim, reply, run_sims
 
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
 
@@ -247,3 +249,48 @@ def test_admission_queue_full_is_429(slow_sims: list[Sim], router: RouterFactory
         t.join()
     assert results == [200, 200]
     assert r.metric("kvstack_router_rejections_total", reason="queue_full") == 1
+
+
+class SlowHealthEngine(RawEngine):
+    """Answers every POST with a chat completion at once; once ``slow`` is set, answers ``/health``
+    only after ``HEALTH_DELAY_S``: an engine whose API server is too loaded for its probes."""
+
+    HEALTH_DELAY_S = 2.0
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.slow = False
+
+    async def get(self, path: str) -> bytes:
+        if path == "/health" and self.slow:
+            await asyncio.sleep(self.HEALTH_DELAY_S)
+        return await super().get(path)
+
+    async def post(
+        self, method: str, path: str, headers: dict[str, str], body: bytes, writer: asyncio.StreamWriter
+    ) -> None:
+        writer.write(reply(200, COMPLETION))
+
+
+def test_an_engine_too_busy_for_its_probes_but_answering_stays_healthy(router: RouterFactory) -> None:
+    """/health times out while the engine answers every request: the probes find it busy, not
+    down, so it keeps its requests (marking it down would end those in flight and send the rest to
+    other engines, the cascade a health check can start). Once it answers nothing any more, the same
+    timeouts mark it unhealthy, as for a frozen engine."""
+    monitor = {"probe_interval": 0.2, "probe_timeout": 0.1, "unhealthy_threshold": 2}
+    with SlowHealthEngine() as engine:
+        r = router(engines=[engine.url], monitor=monitor)
+        state = r.ctx.registry.get(engine.url)
+        assert state is not None and state.healthy
+        engine.slow = True
+        probes = engine.probes
+        with httpx.Client(timeout=10) as client:
+            while engine.probes < probes + 8:  # each probe times out, about four probe intervals' worth
+                resp = client.post(f"{r.url}/v1/chat/completions", json=CHAT)
+                assert resp.status_code == 200, resp.text
+                assert state.healthy
+                time.sleep(0.05)
+        # no request answered within a probe interval and its timeout: the timeouts are failures
+        wait_until(
+            lambda: not state.healthy, "the idle engine with a silent /health marked unhealthy", 10, 0.05
+        )

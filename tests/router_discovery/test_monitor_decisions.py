@@ -10,22 +10,27 @@ from kvstack.common.config import ConfigError, build
 from kvstack.router.engines import Endpoint, EngineState
 from kvstack.router.monitor import (
     MonitorConfig,
+    ProbeResult,
     ProbeTrack,
     apply_metrics,
     clear_metrics,
     judge_probe,
     model_ids,
+    probe_result,
     scrape_is_fresh,
 )
 from kvstack.router.scrape import EngineMetrics, ModelMetrics
 
+RESULTS: dict[str, ProbeResult] = {"+": "ok", "-": "failed", "~": "busy"}
+
 
 def run(results: str, *, healthy: bool = True, n: int = 3, m: int = 2) -> str:
-    """Feed probe results ('+' ok, '-' failed) and return the health after each: 'H' or 'U'."""
+    """Feed probe results ('+' ok, '-' failed, '~' busy) and return the health after each: 'H' or 'U'."""
     track = ProbeTrack()
     out = []
     for r in results:
-        v = judge_probe(track, ok=r == "+", healthy=healthy, unhealthy_threshold=n, healthy_threshold=m)
+        result = RESULTS[r]
+        v = judge_probe(track, result=result, healthy=healthy, unhealthy_threshold=n, healthy_threshold=m)
         track, healthy = v.track, v.healthy
         out.append("H" if healthy else "U")
     return "".join(out)
@@ -44,10 +49,32 @@ def run(results: str, *, healthy: bool = True, n: int = 3, m: int = 2) -> str:
         pytest.param("+---+-++", {}, "HHHUUUUH", id="successes-must-be-consecutive"),
         pytest.param("+-", {"n": 1}, "HU", id="n-is-1"),
         pytest.param("-+", {"m": 1}, "UH", id="m-is-1"),
+        pytest.param("+~~~~~", {}, "HHHHHH", id="busy-never-marks-unhealthy"),
+        pytest.param("+--~-", {}, "HHHHU", id="busy-keeps-the-failure-streak"),
+        pytest.param("+-~-~+---", {}, "HHHHHHHHU", id="busy-between-failures-still-consecutive"),
+        pytest.param("-~~~", {}, "UUUU", id="busy-never-brings-it-back"),
+        pytest.param("-+~+", {}, "UUUH", id="busy-keeps-the-success-streak"),
+        pytest.param("~-", {"n": 1}, "HU", id="a-busy-first-probe-decides-nothing"),
     ],
 )
 def test_judge_probe(results: str, kwargs: dict[str, Any], expected: str) -> None:
     assert run(results, **kwargs) == expected
+
+
+@pytest.mark.parametrize(
+    ("answered", "timed_out", "last_answer", "now", "expected"),
+    [
+        (True, False, 0.0, 100.0, "ok"),
+        (True, False, 99.0, 100.0, "ok"),
+        (False, False, 99.0, 100.0, "failed"),  # refused or a 5xx: no answer can excuse that
+        (False, True, 0.0, 100.0, "failed"),  # never answered us
+        (False, True, 97.0, 100.0, "busy"),  # answered within the window (3 s)
+        (False, True, 96.99, 100.0, "failed"),  # its last answer is older: frozen, not busy
+    ],
+)
+def test_probe_result(answered: bool, timed_out: bool, last_answer: float, now: float, expected: str) -> None:
+    got = probe_result(answered=answered, timed_out=timed_out, last_answer=last_answer, now=now, window=3.0)
+    assert got == expected
 
 
 def engine() -> EngineState:
