@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
+import socket
 from collections.abc import Iterator
 
 import httpx
@@ -306,3 +308,60 @@ def test_an_engine_breaking_off_after_its_done_event_gives_the_python_relays_eve
             seen.append(events[:-1])  # the error's words differ: the native relay names the outcome
             assert forwarded(r, "read") == (1 if flag and not at_once else 0)
         assert seen[0] == seen[1]
+
+
+class FloodEngine(RawEngine):
+    """Streams a chat answer of 16 KB events as fast as it can, until the connection breaks."""
+
+    async def post(
+        self, method: str, path: str, headers: dict[str, str], body: bytes, writer: asyncio.StreamWriter
+    ) -> None:
+        writer.write(
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+        )
+        data = chat_event({"role": "assistant", "content": "x" * 16_000})
+        while True:
+            writer.write(b"%x\r\n%s\r\n" % (len(data), data))
+            await writer.drain()
+
+
+class ServerErrors(logging.Handler):
+    """The server's (uvicorn's) error records: its logger does not propagate to caplog's."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def test_a_client_that_stops_reading_is_let_go_as_the_clients_499(edge: EdgeFactory) -> None:
+    """A client that reads the stream's head and then nothing: the relay's thread gives up on it
+    after the idle timeout (``client_stalled``), and the server is told to close the connection. The
+    request is the client's 499, counted as a disconnect, and the server logs no error (it used to
+    see an app that left its response unfinished, and logged one per such client)."""
+    errors = ServerErrors()
+    server_log = logging.getLogger("uvicorn.error")
+    server_log.addHandler(errors)
+    try:
+        with FloodEngine() as engine:
+            r = edge(engines=[engine.url], native_relay=True, idle_timeout_s=0.5)
+            body = json.dumps({"model": MODEL, "messages": PROMPT, "stream": True}).encode()
+            client = socket.socket()
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: a small window
+            client.connect(("127.0.0.1", int(r.url.rsplit(":", 1)[1])))
+            with client:
+                client.sendall(
+                    b"POST /v1/chat/completions HTTP/1.1\r\nHost: r\r\ncontent-type: application/json\r\n"
+                    b"content-length: %d\r\n\r\n%s" % (len(body), body)
+                )
+                assert client.recv(1024).startswith(b"HTTP/1.1 200")  # then it reads no more
+                wait_until(lambda: forwarded(r, "client_stalled") == 1, "the thread to give up", 30, 0.05)
+                disconnects = r.ctx.metrics.disconnects.labels(MODEL)
+                wait_until(
+                    lambda: disconnects._value.get() == 1, "the request to end as the client's", 10, 0.05
+                )
+        assert errors.messages == []
+    finally:
+        server_log.removeHandler(errors)
