@@ -187,19 +187,15 @@ class Relay:
 
     async def _handover(self, call: Call, framer: SSEFramer) -> int | None:
         """The client socket's descriptor once the stream can go to the native thread; None: not now
-        (the transport still holds unsent bytes, which the thread's writes would overtake: the next
-        event tries again)."""
+        (:func:`writable_fd`)."""
         transport = call.transport
-        sock = None if transport is None else transport.get_extra_info("socket")
-        if transport is None or sock is None or transport.get_write_buffer_size() > 0:
+        if writable_fd(transport) is None:
             return None
         held = framer.flush()  # a partial event: its rest follows from the thread
         if held:
             await call.send({"type": "http.response.body", "body": held, "more_body": True})
-            if transport.get_write_buffer_size() > 0:
-                return None  # the framer is empty now: Python goes on cleanly
-        fd: int = sock.fileno()
-        return fd
+            # the framer is empty now: if the socket cannot be handed over, Python goes on cleanly
+        return writable_fd(transport)
 
     async def _forward(
         self, call: Call, attempt: Attempt, resp: NativeResponse, fd: int
@@ -257,6 +253,22 @@ def _flow_headers(call: Call) -> Headers:
     if call.demand is None or call.demand.grant is None:
         return []
     return call.demand.grant.headers()
+
+
+def writable_fd(transport: asyncio.Transport | None) -> int | None:
+    """The client socket's descriptor, if the native thread may write to it now; None when:
+
+    - the transport still holds unsent bytes, which the thread's writes would overtake (the next
+      event tries again);
+    - the connection is closing or closed: the client is gone and the disconnect watcher is about to
+      end the call. (Its socket then has no descriptor: ``fileno()`` is -1, which the thread's
+      ``dup`` refused with a ValueError that escaped as a 500.)
+    """
+    if transport is None or transport.is_closing() or transport.get_write_buffer_size() > 0:
+        return None
+    sock = transport.get_extra_info("socket")
+    fd: int = -1 if sock is None else sock.fileno()
+    return fd if fd >= 0 else None
 
 
 def broken(err: UpstreamError, message: str, *, sent: bool) -> AttemptFailure:
