@@ -294,3 +294,19 @@ def test_an_engine_too_busy_for_its_probes_but_answering_stays_healthy(router: R
         wait_until(
             lambda: not state.healthy, "the idle engine with a silent /health marked unhealthy", 10, 0.05
         )
+
+
+def test_a_held_model_whose_only_engine_is_ejected_is_served_not_held(router: RouterFactory) -> None:
+    """Scale from zero holds a request while its model has no engine. An engine that is only
+    ejected is still one (``engines.routable``): once it answers again, the next request is served
+    at once, where it used to wait in the hold until the ejection ended."""
+    with BadEngine("status:500") as back:
+        r = router(engines=[back.url], hold_models=[MODEL], eject_after_failures=1, eject_duration_s=60)
+        assert httpx.post(f"{r.url}/v1/chat/completions", json=CHAT).status_code == 500
+        state = r.ctx.registry.get(back.url)
+        assert state is not None and not state.available(r.ctx.clock())  # ejected for a minute
+        back.mode = "no_tokenize"  # answers chat completions again
+        resp = httpx.post(f"{r.url}/v1/chat/completions", json=CHAT, timeout=10)
+        assert resp.status_code == 200
+        assert r.metric("kvstack_router_queued_requests", model_name=MODEL) == 0
+        assert back.posts == 2
