@@ -149,7 +149,7 @@ def routable(
     3. an unhealthy engine (its probes fail) is never taken.
     """
     serving = [e for e in engines if model in e.models and e.healthy and e.url not in tried]
-    return [e for e in serving if now >= e.outlier.ejected_until] or serving
+    return [e for e in serving if e.available(now)] or serving
 
 
 class EngineRegistry:
