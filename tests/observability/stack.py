@@ -23,6 +23,7 @@ import redis
 import yaml
 from tests.conftest import free_port
 
+from kvstack.bench.promtext import scrape, total
 from kvstack.common.procs import ManagedProcess, running
 from kvstack.common.waits import wait_until
 from kvstack.observability.prometheus import PrometheusAPI, Target, prometheus_process
@@ -162,9 +163,7 @@ def disconnects_counted(router_url: str, count: int = 2) -> None:
     seen = [disconnect_mid_stream(router_url) for _ in range(count)]
 
     def counted() -> float:
-        text = httpx.get(f"{router_url}/metrics", timeout=10).text
-        name = "kvstack_router_client_disconnects_total{"
-        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
+        return total(scrape(f"{router_url}/metrics", 10), "kvstack_router_client_disconnects_total")
 
     what = f"the router to count {count} disconnects (the streams: {seen})"
     wait_until(lambda: counted() >= count, what, 20, 0.1)
