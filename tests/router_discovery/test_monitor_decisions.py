@@ -8,17 +8,8 @@ import pytest
 
 from kvstack.common.config import ConfigError, build
 from kvstack.router.engines import Endpoint, EngineState
-from kvstack.router.monitor import (
-    MonitorConfig,
-    ProbeResult,
-    ProbeTrack,
-    apply_metrics,
-    clear_metrics,
-    judge_probe,
-    model_ids,
-    probe_result,
-    scrape_is_fresh,
-)
+from kvstack.router.monitor import MonitorConfig, apply_metrics, clear_metrics, model_ids, scrape_is_fresh
+from kvstack.router.probe_rules import ProbeResult, ProbeTrack, judge_probe, probe_result
 from kvstack.router.scrape import EngineMetrics, ModelMetrics
 
 RESULTS: dict[str, ProbeResult] = {"+": "ok", "-": "failed", "~": "busy"}
