@@ -241,6 +241,7 @@ async def _running(ctx: RouterContext) -> AsyncIterator[None]:
                 max_wait_s=settings.hold_timeout_s,
             )
             ctx.holds.on_wait.append(loader.on_hold)
+            ctx.registry.loadable = frozenset(a.name for a in settings.adapters)
             stops.append(loader)
         if (
             ctx.policy.needs_tokens

@@ -136,7 +136,11 @@ class EngineState:
 
 
 def routable(
-    engines: Iterable[EngineState], model: str, now: float, tried: Collection[str] = ()
+    engines: Iterable[EngineState],
+    model: str,
+    now: float,
+    tried: Collection[str] = (),
+    loadable: Collection[str] = (),
 ) -> list[EngineState]:
     """The engines of ``model`` a request may go to, the URLs in ``tried`` left out.
 
@@ -146,10 +150,20 @@ def routable(
        ejected a minute ago may be back (a restarted pod), while the one left has just died and
        its probes have not caught up. Without this, a request that found that one dead was a 502
        with a working engine beside it, and every request a 503 once the probes marked it down;
+       except for a LoRA adapter the router can load (``loadable``: declared, with a loader) while
+       an available engine of its base model does not hold it yet: nothing, so the request is held
+       and the adapter loaded there (:mod:`kvstack.router.adapters`), rather than sent to the
+       engine whose failures ejected it;
     3. an unhealthy engine (its probes fail) is never taken.
     """
     serving = [e for e in engines if model in e.models and e.healthy and e.url not in tried]
-    return [e for e in serving if e.available(now)] or serving
+    available = [e for e in serving if e.available(now)]
+    if available or model not in loadable:
+        return available or serving
+    bases = {e.adapters[model] for e in serving if model in e.adapters}
+    if any(e.available(now) and not bases.isdisjoint(e.models) for e in engines if e.url not in tried):
+        return []
+    return serving
 
 
 class EngineRegistry:
@@ -166,6 +180,9 @@ class EngineRegistry:
         # called (on the event loop) when an engine may have become available or unavailable:
         # held requests and admission-queue waiters are woken by this, not by polling
         self.listeners: list[Callable[[], None]] = []
+        # LoRA adapters the router loads on demand (declared, with the loader on): an adapter whose
+        # holders are all ejected is loaded on another engine, not routed to them (:func:`routable`)
+        self.loadable: frozenset[str] = frozenset()
 
     def changed(self) -> None:
         """Tell the listeners that membership, health or served models changed."""
@@ -225,8 +242,8 @@ class EngineRegistry:
 
     def candidates(self, model: str, now: float, tried: Collection[str] = ()) -> list[EngineState]:
         """The engines a request for ``model`` may go to, those at ``tried`` URLs left out
-        (:func:`routable`)."""
-        return routable(self._engines.values(), model, now, tried)
+        (:func:`routable`, with :attr:`loadable`)."""
+        return routable(self._engines.values(), model, now, tried, self.loadable)
 
     def models(self, now: float) -> set[str]:
         """The union of models over available engines."""

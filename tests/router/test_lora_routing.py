@@ -20,6 +20,7 @@ from kvstack.common.blocks import block_keys
 from kvstack.common.lora import LoraClient
 from kvstack.common.procs import ManagedProcess
 from kvstack.common.waits import wait_until
+from kvstack.router.ejection import OutlierTrack
 from kvstack.router.kvindex.keys import request_root
 from kvstack.router.policies.cache_aware import CacheAwarePolicy
 
@@ -160,6 +161,24 @@ def test_a_declared_adapter_nobody_holds_is_loaded_while_its_request_waits(
     assert {_complete(client, "on-demand", f"again {i}") for i in range(3)} == {engine}
     listed = {m.id for m in client.models.list()}
     assert "on-demand" in listed
+
+
+def test_a_declared_adapter_whose_only_engine_is_ejected_is_loaded_on_another(
+    lora_sims: tuple[list[Sim], Path], router: RouterFactory
+) -> None:
+    """Panic routing (router/engines.py ``routable``) sends a model's requests to its ejected
+    engines when no other serves it; a declared adapter can be loaded on an available engine of its
+    base model instead, so its request waits for that, not for the engine whose failures ejected it."""
+    sims, engines_file = lora_sims
+    _lora("load", sims[1], "ejected-home")
+    declared = [{"name": "ejected-home", "model": MODEL, "source": "org/ejected-home"}]
+    r = _make_router(router, engines_file, adapters=declared, hold_timeout_s=30)
+    wait_until(lambda: _served_by(r, "ejected-home") == {"engine-1"}, "the adapter learnt", 10, 0.05)
+    home = next(e for e in r.ctx.registry.all() if e.name == "engine-1")
+    # the state the passive ejection leaves after engine-1's 5xx answers (router/ejection.py)
+    home.outlier = OutlierTrack(ejections=1, ejected_until=r.ctx.clock() + 300)
+    assert _complete(_client(r), "ejected-home", "served where it can be loaded") == "engine-0"
+    assert _served_by(r, "ejected-home") == {"engine-0", "engine-1"}
 
 
 def test_an_unloaded_adapter_stops_being_routed_and_a_declared_one_is_loaded_again(

@@ -10,12 +10,17 @@ from kvstack.router.engines import Endpoint, EngineRegistry, EngineState, routab
 NOW = 100.0
 
 
-def engine(name: str, *, ejected: bool = False, healthy: bool = True, models: str = "m") -> EngineState:
-    """``ejected``: until after NOW; an ejection that ended is ``ejected_until`` at NOW."""
+def engine(
+    name: str, *, ejected: bool = False, healthy: bool = True, models: str = "m", lora: str = ""
+) -> EngineState:
+    """``ejected``: until after NOW; an ejection that ended is ``ejected_until`` at NOW. ``lora``:
+    adapters of base model ``m`` it holds (comma-separated)."""
     until = NOW + 30 if ejected else NOW
+    adapters = {a: "m" for a in lora.split(",") if a}
     return EngineState(
         endpoint=Endpoint(url=f"http://{name}", name=name),
-        models=frozenset(models.split(",")),
+        models=frozenset(models.split(",")) | adapters.keys(),
+        adapters=adapters,
         healthy=healthy,
         outlier=OutlierTrack(ejections=1, ejected_until=until),
     )
@@ -47,6 +52,30 @@ def engine(name: str, *, ejected: bool = False, healthy: bool = True, models: st
 )
 def test_routable(engines: list[EngineState], tried: list[str], expected: list[str]) -> None:
     assert [e.name for e in routable(engines, "m", NOW, tried)] == expected
+
+
+@pytest.mark.parametrize(
+    ("engines", "loadable", "tried", "expected"),
+    [
+        # an adapter the router can load, its only holder ejected, another engine of its base model
+        # available: nothing (the request is held and the adapter loaded there)
+        ([engine("a", ejected=True, lora="lo"), engine("b")], ["lo"], [], []),
+        # ... not loadable (undeclared, or no loader): its holder, ejected, as any model
+        ([engine("a", ejected=True, lora="lo"), engine("b")], [], [], ["a"]),
+        # ... no available engine of its base model to load it on: its holder
+        ([engine("a", ejected=True, lora="lo"), engine("b", ejected=True)], ["lo"], [], ["a"]),
+        ([engine("a", ejected=True, lora="lo"), engine("b", healthy=False)], ["lo"], [], ["a"]),
+        ([engine("a", ejected=True, lora="lo"), engine("b", models="other")], ["lo"], [], ["a"]),
+        ([engine("a", ejected=True, lora="lo"), engine("b")], ["lo"], ["http://b"], ["a"]),
+        # an available holder is taken as always
+        ([engine("a", lora="lo"), engine("b")], ["lo"], [], ["a"]),
+        ([engine("a", ejected=True, lora="lo"), engine("b", lora="lo")], ["lo"], [], ["b"]),
+    ],
+)
+def test_a_loadable_adapter_is_not_panic_routed(
+    engines: list[EngineState], loadable: list[str], tried: list[str], expected: list[str]
+) -> None:
+    assert [e.name for e in routable(engines, "lo", NOW, tried, loadable)] == expected
 
 
 def test_the_registry_answers_with_the_same_rule() -> None:
