@@ -11,7 +11,9 @@ that no engine holds is held like a model at zero replicas (:mod:`kvstack.router
 tells :class:`AdapterLoader`, which loads the adapter on the least-loaded available engine of its
 base model (:func:`pick_engine`) through :class:`kvstack.common.lora.LoraClient`, then re-reads
 that engine's ``/v1/models``; the registry's change wakes the held requests. An adapter nobody
-declared and no engine holds is a 404, as an unknown model.
+declared and no engine holds is a 404, as an unknown model. A declared adapter whose holders are
+all ejected is loaded on another engine the same way (:func:`kvstack.router.engines.routable`); if
+none loads it, the loader gives it back to its ejected holders rather than fail the request.
 """
 
 from __future__ import annotations
@@ -163,6 +165,13 @@ class AdapterLoader:
             if self.registry.candidates(adapter.name, now):
                 return  # another engine (or the operator) has it now
             engine = pick_engine(adapter.model, adapter.name, engines, now, refused)
+            if engine is None and refused and any(adapter.name in e.models and e.healthy for e in engines):
+                # its holders are only ejected and no other engine loads it: back to routing it to
+                # them (engines.routable's last resort), not a 502 while a holder may answer
+                log.warning("adapter %s loads nowhere else: its ejected engines serve it", adapter.name)
+                self.registry.loadable = self.registry.loadable - {adapter.name}
+                self.registry.changed()
+                return
             if engine is None and refused:
                 error = self.outcomes[adapter.name].error
                 message = (

@@ -248,3 +248,50 @@ def test_a_declared_adapter_no_engine_can_load_fails_its_held_request_with_the_r
     finally:
         for sim in sims:
             sim.proc.stop()
+
+
+def test_a_declared_adapter_that_loads_nowhere_else_is_served_by_its_ejected_engine(
+    router: RouterFactory, tmp_path: Path
+) -> None:
+    """The other side of the test above: when the engine of the base model refuses to load the
+    adapter (its source is missing there), the request goes to the ejected holder, not a 502."""
+    strict, lax = tmp_path / "strict.yaml", tmp_path / "lax.yaml"
+    lora = {"enabled": True, "runtime_updating": True}
+    strict.write_text(yaml.safe_dump({"lora": {**lora, "check_paths": True}}))
+    lax.write_text(yaml.safe_dump({"lora": {**lora, "check_paths": False}}))
+    sims: list[Sim] = []
+    try:
+        for name, config in (("strict", strict), ("lax", lax)):
+            port = free_port()
+            argv = [KVSTACK, "engine", "sim", "--port", str(port), "--config", str(config)]
+            url = f"http://127.0.0.1:{port}"
+            sims.append(Sim(url, ManagedProcess(name, argv, tmp_path, ready_url=f"{url}/health").start()))
+        for sim in sims:
+            sim.proc.wait_ready(30)
+        source = str(tmp_path / "only-on-the-lax-node")  # absent: the strict engine refuses it
+
+        async def load_on_lax() -> None:
+            client = LoraClient(timeout=10)
+            try:
+                await client.ensure_loaded(sims[1].url, "node-local", source)
+            finally:
+                await client.aclose()
+
+        asyncio.run(load_on_lax())
+        declared = [{"name": "node-local", "model": MODEL, "source": source}]
+        r = router(
+            engines=[s.url for s in sims], adapters=declared, hold_timeout_s=30, expose_engine_header=True
+        )
+        wait_until(lambda: bool(_holders(r, "node-local")), "the adapter learnt", 10, 0.05)
+        (holder,) = _holders(r, "node-local")
+        holder.outlier = OutlierTrack(ejections=1, ejected_until=r.ctx.clock() + 300)
+        raw = _client(r).completions.with_raw_response.create(model="node-local", prompt="hi", max_tokens=1)
+        assert raw.http_response.status_code == 200
+        assert raw.headers["x-kvstack-engine"] == holder.name
+    finally:
+        for sim in sims:
+            sim.proc.stop()
+
+
+def _holders(r: RouterServer, adapter: str) -> list[Any]:
+    return [e for e in r.ctx.registry.all() if adapter in e.models]
