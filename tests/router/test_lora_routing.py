@@ -5,7 +5,8 @@ engine holds is loaded while its request waits, and an unloaded adapter stops be
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -51,18 +52,44 @@ def _complete(client: openai.OpenAI, model: str, prompt: str) -> str:
     return raw.headers["x-kvstack-engine"]
 
 
-def _lora(action: str, sim: Sim, name: str) -> None:
+def _lora(action: str, sim: Sim, name: str, source: str | None = None) -> None:
+    """Load (from ``source``, else ``org/NAME``) or unload adapter ``name`` on ``sim`` directly."""
+
     async def call() -> None:
         client = LoraClient(timeout=10)
         try:
             if action == "load":
-                await client.ensure_loaded(sim.url, name, f"org/{name}")
+                await client.ensure_loaded(sim.url, name, source or f"org/{name}")
             else:
                 await client.ensure_unloaded(sim.url, name)
         finally:
             await client.aclose()
 
     asyncio.run(call())
+
+
+@contextmanager
+def _lora_sims(tmp_path: Path, check_paths: Sequence[bool]) -> Iterator[list[Sim]]:
+    """Simulators with runtime LoRA loading, one per entry of ``check_paths``: an engine that checks
+    adapter paths refuses a missing folder with vLLM's 404, one that does not loads any path."""
+    sims: list[Sim] = []
+    try:
+        for i, check in enumerate(check_paths):
+            config = tmp_path / f"sim-{i}.yaml"
+            lora = {"enabled": True, "check_paths": check, "runtime_updating": True}
+            config.write_text(yaml.safe_dump({"lora": lora}))
+            port = free_port()
+            argv = [KVSTACK, "engine", "sim", "--port", str(port), "--config", str(config)]
+            url = f"http://127.0.0.1:{port}"
+            sims.append(
+                Sim(url, ManagedProcess(f"lora-{i}", argv, tmp_path, ready_url=f"{url}/health").start())
+            )
+        for sim in sims:
+            sim.proc.wait_ready(30)
+        yield sims
+    finally:
+        for sim in sims:
+            sim.proc.stop()
 
 
 def _served_by(r: RouterServer, adapter: str) -> set[str]:
@@ -223,21 +250,7 @@ def test_adapters_of_engines_whose_models_discovery_names_are_learnt(
 def test_a_declared_adapter_no_engine_can_load_fails_its_held_request_with_the_reason(
     router: RouterFactory, tmp_path: Path
 ) -> None:
-    config = tmp_path / "sim.yaml"  # engines that read adapter paths: a missing folder is vLLM's 404
-    config.write_text(
-        yaml.safe_dump({"lora": {"enabled": True, "check_paths": True, "runtime_updating": True}})
-    )
-    sims: list[Sim] = []
-    try:
-        for i in range(2):
-            port = free_port()
-            argv = [KVSTACK, "engine", "sim", "--port", str(port), "--config", str(config)]
-            url = f"http://127.0.0.1:{port}"
-            sims.append(
-                Sim(url, ManagedProcess(f"strict-{i}", argv, tmp_path, ready_url=f"{url}/health").start())
-            )
-        for sim in sims:
-            sim.proc.wait_ready(30)
+    with _lora_sims(tmp_path, [True, True]) as sims:  # both refuse the missing folder
         declared = [{"name": "missing", "model": MODEL, "source": "/no/such/adapter"}]
         r = router(engines=[s.url for s in sims], adapters=declared, hold_timeout_s=60)
         with pytest.raises(openai.APIStatusError) as err:
@@ -245,9 +258,6 @@ def test_a_declared_adapter_no_engine_can_load_fails_its_held_request_with_the_r
         assert err.value.status_code == 502
         assert "No adapter found for /no/such/adapter" in err.value.message
         assert r.metric("kvstack_router_queued_requests", model_name="missing") == 0
-    finally:
-        for sim in sims:
-            sim.proc.stop()
 
 
 def test_a_declared_adapter_that_loads_nowhere_else_is_served_by_its_ejected_engine(
@@ -255,43 +265,17 @@ def test_a_declared_adapter_that_loads_nowhere_else_is_served_by_its_ejected_eng
 ) -> None:
     """The other side of the test above: when the engine of the base model refuses to load the
     adapter (its source is missing there), the request goes to the ejected holder, not a 502."""
-    strict, lax = tmp_path / "strict.yaml", tmp_path / "lax.yaml"
-    lora = {"enabled": True, "runtime_updating": True}
-    strict.write_text(yaml.safe_dump({"lora": {**lora, "check_paths": True}}))
-    lax.write_text(yaml.safe_dump({"lora": {**lora, "check_paths": False}}))
-    sims: list[Sim] = []
-    try:
-        for name, config in (("strict", strict), ("lax", lax)):
-            port = free_port()
-            argv = [KVSTACK, "engine", "sim", "--port", str(port), "--config", str(config)]
-            url = f"http://127.0.0.1:{port}"
-            sims.append(Sim(url, ManagedProcess(name, argv, tmp_path, ready_url=f"{url}/health").start()))
-        for sim in sims:
-            sim.proc.wait_ready(30)
-        source = str(tmp_path / "only-on-the-lax-node")  # absent: the strict engine refuses it
-
-        async def load_on_lax() -> None:
-            client = LoraClient(timeout=10)
-            try:
-                await client.ensure_loaded(sims[1].url, "node-local", source)
-            finally:
-                await client.aclose()
-
-        asyncio.run(load_on_lax())
+    with _lora_sims(tmp_path, [True, False]) as sims:  # the second loads a path it does not have
+        source = str(tmp_path / "only-on-the-lax-node")  # absent: the first engine refuses it
+        _lora("load", sims[1], "node-local", source)
         declared = [{"name": "node-local", "model": MODEL, "source": source}]
         r = router(
             engines=[s.url for s in sims], adapters=declared, hold_timeout_s=30, expose_engine_header=True
         )
-        wait_until(lambda: bool(_holders(r, "node-local")), "the adapter learnt", 10, 0.05)
-        (holder,) = _holders(r, "node-local")
+        wait_until(lambda: bool(_served_by(r, "node-local")), "the adapter learnt", 10, 0.05)
+        (name,) = _served_by(r, "node-local")
+        holder = next(e for e in r.ctx.registry.all() if e.name == name)
         holder.outlier = OutlierTrack(ejections=1, ejected_until=r.ctx.clock() + 300)
         raw = _client(r).completions.with_raw_response.create(model="node-local", prompt="hi", max_tokens=1)
         assert raw.http_response.status_code == 200
-        assert raw.headers["x-kvstack-engine"] == holder.name
-    finally:
-        for sim in sims:
-            sim.proc.stop()
-
-
-def _holders(r: RouterServer, adapter: str) -> list[Any]:
-    return [e for e in r.ctx.registry.all() if adapter in e.models]
+        assert raw.headers["x-kvstack-engine"] == name
