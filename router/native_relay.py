@@ -76,6 +76,12 @@ def clear_pool() -> None:
         _native.clear_pool()
 
 
+def forwarding_thread() -> bool:
+    """Starts the one thread that writes every forwarded body (else started by the first forward, with
+    its two descriptors, for the process's lifetime: tests count descriptors); whether it runs."""
+    return _native is not None and bool(_native.forwarding_thread())
+
+
 @dataclass(frozen=True, slots=True)
 class Forwarded:
     """How a forward ended: the body bytes written to the client (chunk framing not counted), and

@@ -1,7 +1,7 @@
 """Router CPU per streamed SSE event: aiohttp readany + ASGI send through uvicorn (the router's path),
 aiohttp readany + a plain transport write, and the compiled relay's forward, over loopback.
 
-    .venv/bin/python scripts/measure_native_relay.py [--streams 8] [--events 2000]
+    .venv/bin/python scripts/measure_native_relay.py [--streams 8] [--events 2000] [--lockstep]
 
 A helper process plays the engines (one write per event, paced like decoding tokens) and the
 clients; this process is the router, and only its CPU (all its threads: getrusage) is counted, from
@@ -40,7 +40,18 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-async def helper(engine_port: int, router_port: int, streams: int, events: int, gap: float) -> None:
+async def helper(
+    engine_port: int, router_port: int, streams: int, events: int, gap: float, lockstep: bool
+) -> None:
+    # lockstep: every stream gets its next token at one tick, as a vLLM decode step feeds its batch
+    step = {"tick": asyncio.Event()}
+
+    async def ticker() -> None:
+        while True:
+            await asyncio.sleep(gap)
+            step["tick"].set()
+            step["tick"] = asyncio.Event()
+
     async def engine(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         while True:
             try:
@@ -55,7 +66,7 @@ async def helper(engine_port: int, router_port: int, streams: int, events: int, 
             for _ in range(events):
                 writer.write(b"%x\r\n%s\r\n" % (len(EVENT), EVENT))  # one write per token, as vLLM does
                 await writer.drain()
-                await asyncio.sleep(gap)
+                await (step["tick"].wait() if lockstep else asyncio.sleep(gap))
             writer.write(b"0\r\n\r\n")
         writer.close()
 
@@ -73,11 +84,14 @@ async def helper(engine_port: int, router_port: int, streams: int, events: int, 
         return got
 
     server = await asyncio.start_server(engine, "127.0.0.1", engine_port)
+    ticking = asyncio.create_task(ticker()) if lockstep else None
     async with server:
         print("ready", flush=True)
         await asyncio.sleep(0.5)
         sizes = await asyncio.gather(*(client() for _ in range(streams)))
         print("received", sum(sizes), flush=True)
+    if ticking is not None:
+        ticking.cancel()
 
 
 async def router(mode: str, engine_port: int, router_port: int, streams: int) -> tuple[float, float, float]:
@@ -177,11 +191,14 @@ def main() -> None:
     parser.add_argument("--streams", type=int, default=8)
     parser.add_argument("--events", type=int, default=2000)
     parser.add_argument("--gap", type=float, default=0.001, help="seconds between two events of a stream")
+    parser.add_argument(
+        "--lockstep", action="store_true", help="every stream's next event at one tick (a decode step)"
+    )
     parser.add_argument("--mode", choices=MODES, action="append", help="default: all")
     parser.add_argument("--helper", nargs=2, type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.helper:
-        uvloop.run(helper(*args.helper, args.streams, args.events, args.gap))
+        uvloop.run(helper(*args.helper, args.streams, args.events, args.gap, args.lockstep))
         return
     modes = args.mode or [m for m in MODES if m != "native" or available()]
     for mode in modes:
@@ -196,6 +213,7 @@ def main() -> None:
                 str(args.events),
                 "--gap",
                 str(args.gap),
+                *(["--lockstep"] if args.lockstep else []),
                 "--helper",
                 str(engine_port),
                 str(router_port),

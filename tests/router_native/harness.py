@@ -101,12 +101,14 @@ def open_fds() -> set[Path]:
     return set(Path("/proc/self/fd").iterdir())
 
 
+def threads_named(name: str) -> int:
+    """Threads of this process with ``name`` (what the relay names its native threads)."""
+    return sum(1 for task in Path("/proc/self/task").iterdir() if (task / "comm").read_text().strip() == name)
+
+
 def relay_threads() -> int:
-    return sum(
-        1
-        for task in Path("/proc/self/task").iterdir()
-        if (task / "comm").read_text().strip() == "kvstack-relay"
-    )
+    """Exchange threads alive: each lives until its body ends or forwarding takes it over."""
+    return threads_named("kvstack-relay")
 
 
 async def settled(check: Callable[[], bool], tries: int = 500) -> bool:

@@ -1,8 +1,11 @@
 //! kvstack.router._relay: one native OS thread per engine exchange. Python builds the request and
-//! reads the head through events; once the stream is under way it hands the client socket to the
-//! thread (forward), which relays the rest of the body with no Python per event. The thread never
-//! touches Python objects: it talks to Python only through a queue and an eventfd (see shared.rs).
+//! reads the head through events; once the stream is under way it hands the client socket over
+//! (forward), and the rest of the body is relayed with no Python per event: by the one forwarding
+//! thread of the process (forward.rs), or by the exchange's own thread where that cannot start. The
+//! threads never touch Python objects: they talk to Python only through a queue and an eventfd (see
+//! shared.rs).
 
+mod forward;
 mod http;
 mod pool;
 mod relay;
@@ -133,9 +136,17 @@ fn clear_pool() {
     pool::clear();
 }
 
+/// Starts the thread that forwards every body after forward() (on first use otherwise); whether it
+/// runs. It lives as long as the process, with its two descriptors (tests count descriptors).
+#[pyfunction]
+fn forwarding_thread() -> bool {
+    forward::available()
+}
+
 #[pymodule]
 fn _relay(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Exchange>()?;
     m.add_function(wrap_pyfunction!(clear_pool, m)?)?;
+    m.add_function(wrap_pyfunction!(forwarding_thread, m)?)?;
     Ok(())
 }

@@ -23,7 +23,7 @@ pub enum Outcome {
 }
 
 impl Outcome {
-    fn name(&self) -> &'static str {
+    pub fn name(&self) -> &'static str {
         match self {
             Outcome::End => "end",
             Outcome::Error(kind, _) => kind,
@@ -45,6 +45,46 @@ fn done_event_at(buf: &[u8]) -> Option<usize> {
         let at = buf.len().checked_sub(event.len())?;
         (buf.ends_with(event) && (at == 0 || buf[at - 1] == b'\n')).then_some(at)
     })
+}
+
+/// What of `bytes` to write now: a `[DONE]` event that ends them is held back in `done`, and one
+/// held before goes first (body after a `[DONE]` is rare, and nothing is reordered or lost).
+pub fn release<'b>(done: &mut Vec<u8>, bytes: &'b [u8]) -> Cow<'b, [u8]> {
+    let held = std::mem::take(done);
+    let joined: Cow<[u8]> =
+        if held.is_empty() { Cow::Borrowed(bytes) } else { Cow::Owned([held.as_slice(), bytes].concat()) };
+    let at = done_event_at(&joined).unwrap_or(joined.len());
+    *done = joined[at..].to_vec();
+    match joined {
+        Cow::Borrowed(all) => Cow::Borrowed(&all[..at]),
+        Cow::Owned(mut all) => {
+            all.truncate(at);
+            Cow::Owned(all)
+        }
+    }
+}
+
+/// Appends `bytes` to `out` as the client gets them: one HTTP chunk when `chunked`. Nothing for no
+/// bytes: an empty chunk would end the client's body.
+pub fn frame_into(out: &mut Vec<u8>, chunked: bool, bytes: &[u8]) {
+    if bytes.is_empty() {
+        return;
+    }
+    if chunked {
+        out.extend_from_slice(format!("{:x}\r\n", bytes.len()).as_bytes());
+        out.extend_from_slice(bytes);
+        out.extend_from_slice(b"\r\n");
+    } else {
+        out.extend_from_slice(bytes);
+    }
+}
+
+/// A forwarding exchange's writing state, handed from its thread to the forwarding thread.
+pub struct Handover {
+    pub target: Target,
+    pub nbytes: u64,
+    pub hold_done: bool,
+    pub done: Vec<u8>,
 }
 
 pub struct Fwd<'a> {
@@ -133,34 +173,17 @@ impl<'a> Fwd<'a> {
         if !self.hold_done || self.target.is_none() {
             return self.write_chunk(bytes);
         }
-        let held = std::mem::take(&mut self.done);
-        let joined: Cow<[u8]> = if held.is_empty() {
-            Cow::Borrowed(bytes)
-        } else {
-            Cow::Owned([held.as_slice(), bytes].concat()) // rare: body after a [DONE]
-        };
-        let at = done_event_at(&joined).unwrap_or(joined.len());
-        self.write_chunk(&joined[..at])?;
-        self.done = joined[at..].to_vec();
-        Ok(())
+        let now = release(&mut self.done, bytes);
+        self.write_chunk(&now)
     }
 
     /// Writes one piece of body to the client, framed as a chunk when asked, waiting while its
     /// socket is full, for at most the idle timeout without progress.
     fn write_chunk(&mut self, bytes: &[u8]) -> Result<(), Outcome> {
         let Some(target) = self.target else { return Ok(()) };
-        if bytes.is_empty() {
-            return Ok(()); // an empty chunk would end the client's body
-        }
-        let buf: &[u8] = if target.chunked {
-            self.frame.clear();
-            self.frame.extend_from_slice(format!("{:x}\r\n", bytes.len()).as_bytes());
-            self.frame.extend_from_slice(bytes);
-            self.frame.extend_from_slice(b"\r\n");
-            &self.frame
-        } else {
-            bytes
-        };
+        self.frame.clear();
+        frame_into(&mut self.frame, target.chunked, bytes);
+        let buf = &self.frame;
         let mut sent = 0;
         let mut deadline = sys::deadline(self.idle);
         while sent < buf.len() {
@@ -189,6 +212,18 @@ impl<'a> Fwd<'a> {
         }
         self.nbytes += bytes.len() as u64;
         Ok(())
+    }
+
+    /// Whether the thread writes to the client now (forward() was taken up).
+    pub fn forwarding(&self) -> bool {
+        self.target.is_some()
+    }
+
+    /// What the forwarding thread goes on with: the client, the body bytes written so far, and the
+    /// held `[DONE]`. Only while forwarding; this `Fwd` is spent (its exchange no longer finishes here).
+    pub fn hand_over(self) -> Option<Handover> {
+        let target = self.target?;
+        Some(Handover { target, nbytes: self.nbytes, hold_done: self.hold_done, done: self.done })
     }
 
     /// The held `[DONE]` event for Python to write. At the body's end Python writes it and the
@@ -256,7 +291,7 @@ impl<'a> Fwd<'a> {
 
 /// Closes this thread's duplicate of the client socket (forward() dups it: the server may close its
 /// own descriptor meanwhile, and a number reused by another connection must never be written to).
-fn close_client(st: &mut crate::shared::State) {
+pub fn close_client(st: &mut crate::shared::State) {
     if let Some(target) = st.forward.take() {
         sys::close(target.fd);
     }

@@ -7,6 +7,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::forward;
 use crate::http::{self, Decoder, Head};
 use crate::pool;
 use crate::relay::{Fwd, Outcome};
@@ -30,14 +31,14 @@ pub struct Config {
 /// Passes on whole SSE events only (up to a blank line, ``\n\n``) and holds a partial one, at most
 /// ``max`` bytes, until its end arrives, as the Python relay's SSEFramer does: an error event that
 /// follows a break-off then starts on a line of its own, never glued to half an event.
-struct Framer {
+pub struct Framer {
     held: Vec<u8>,
-    max: u64,
+    pub max: u64,
 }
 
 impl Framer {
     /// Appends to ``out`` the events ``data`` completes; Err when the held part passes ``max``.
-    fn feed(&mut self, data: &[u8], out: &mut Vec<u8>) -> Result<(), ()> {
+    pub fn feed(&mut self, data: &[u8], out: &mut Vec<u8>) -> Result<(), ()> {
         let joined = self.held.last() == Some(&b'\n') && data.first() == Some(&b'\n');
         let cut = data.windows(2).rposition(|w| w == b"\n\n").map(|i| i + 2);
         match cut.or(if joined { Some(1) } else { None }) {
@@ -52,10 +53,14 @@ impl Framer {
     }
 }
 
-/// A clean end: what is held of an unfinished event goes too, as SSEFramer.flush does.
+/// What is held of an unfinished event, given up at a clean end (as SSEFramer.flush does).
+pub fn rest(framer: &mut Option<Framer>) -> Vec<u8> {
+    framer.as_mut().map(|f| std::mem::take(&mut f.held)).unwrap_or_default()
+}
+
+/// A clean end: what is held of an unfinished event goes too.
 fn flush(framer: &mut Option<Framer>, fwd: &mut Fwd) -> Outcome {
-    let rest = framer.as_mut().map(|f| std::mem::take(&mut f.held)).unwrap_or_default();
-    match fwd.deliver(&rest) {
+    match fwd.deliver(&rest(framer)) {
         Ok(()) => Outcome::End,
         Err(outcome) => outcome,
     }
@@ -67,23 +72,49 @@ fn err(kind: &'static str, message: impl Into<String>) -> Outcome {
     Outcome::Error(kind, message.into())
 }
 
-pub fn run(sh: Arc<Shared>, cfg: Config) {
-    let mut fwd = Fwd::new(&sh, cfg.idle_timeout, cfg.max_event > 0);
-    let outcome = exchange(&sh, &cfg, &mut fwd);
-    fwd.finish(outcome);
+/// A forwarding exchange's body as the forwarding thread goes on with it (forward.rs).
+pub struct Rest {
+    pub stream: TcpStream,
+    pub dec: Decoder,
+    pub framer: Option<Framer>,
+    pub total: u64,
+    pub keep_alive: bool,
 }
 
-fn exchange(sh: &Shared, cfg: &Config, fwd: &mut Fwd) -> Outcome {
+enum Step {
+    Ended(Outcome),
+    Forwarding(Rest),
+}
+
+pub fn run(sh: Arc<Shared>, cfg: Config) {
+    let mut fwd = Fwd::new(&sh, cfg.idle_timeout, cfg.max_event > 0);
+    match exchange(&sh, &cfg, &mut fwd) {
+        Step::Ended(outcome) => fwd.finish(outcome),
+        Step::Forwarding(rest) => {
+            // always Some: body() hands the body over only while forwarding
+            if let Some(hand) = fwd.hand_over() {
+                forward::start(Arc::clone(&sh), &cfg, rest, hand);
+            }
+        }
+    }
+}
+
+fn exchange(sh: &Shared, cfg: &Config, fwd: &mut Fwd) -> Step {
     let (stream, head, leftover) = match open(sh, cfg) {
         Ok(opened) => opened,
-        Err(outcome) => return outcome,
+        Err(outcome) => return Step::Ended(outcome),
     };
     let (keep_alive, framing) = (head.keep_alive, head.framing);
     {
         let mut st = sh.lock();
         sh.push(&mut st, Event::Head { status: head.status, headers: head.headers });
     }
-    let (outcome, reusable) = body(sh, cfg, fwd, &stream, Decoder::new(framing), &leftover);
+    let (outcome, reusable) = match body(sh, cfg, fwd, &stream, Decoder::new(framing), &leftover) {
+        Body::Ended(outcome, reusable) => (outcome, reusable),
+        Body::Forwarding(dec, framer, total) => {
+            return Step::Forwarding(Rest { stream, dec, framer, total, keep_alive })
+        }
+    };
     let cancelled = {
         let mut st = sh.lock();
         st.upstream = -1;
@@ -92,11 +123,11 @@ fn exchange(sh: &Shared, cfg: &Config, fwd: &mut Fwd) -> Outcome {
     if reusable && keep_alive && !cancelled {
         pool::put(&cfg.host, cfg.port, stream, cfg.pool_idle);
     }
-    match outcome {
+    Step::Ended(match outcome {
         // cancel() shuts the socket down before it signals: the read that failed is its doing
         Outcome::Error(..) if cancelled => Outcome::Cancelled,
         outcome => outcome,
-    }
+    })
 }
 
 /// Forgets the engine socket for cancel(), before it is closed or pooled.
@@ -228,7 +259,14 @@ fn request_and_head(sh: &Shared, cfg: &Config, fd: RawFd) -> Result<(Head, Vec<u
     }
 }
 
-/// Reads the body to its end; the outcome, and whether the connection may serve another request.
+enum Body {
+    /// The outcome, and whether the connection may serve another request.
+    Ended(Outcome, bool),
+    /// Forwarding began: the forwarding thread reads on from here.
+    Forwarding(Decoder, Option<Framer>, u64),
+}
+
+/// Reads the body to its end, or until forwarding begins and the forwarding thread can take it.
 fn body(
     sh: &Shared,
     cfg: &Config,
@@ -236,7 +274,7 @@ fn body(
     stream: &TcpStream,
     mut dec: Decoder,
     leftover: &[u8],
-) -> (Outcome, bool) {
+) -> Body {
     let fd = stream.as_raw_fd();
     let mut total: u64 = 0;
     let mut framer = (cfg.max_event > 0).then(|| Framer { held: Vec::new(), max: cfg.max_event });
@@ -250,34 +288,41 @@ fn body(
             out.clear();
             let extra = match dec.feed(input, &mut out) {
                 Ok(extra) => extra,
-                Err(e) => return (err("read", format!("a bad chunked body: {e}")), false),
+                Err(e) => return Body::Ended(err("read", format!("a bad chunked body: {e}")), false),
             };
             total += out.len() as u64;
             if total > cfg.max_bytes {
-                return (err("too_large", format!("the response is over {} bytes", cfg.max_bytes)), false);
+                return Body::Ended(
+                    err("too_large", format!("the response is over {} bytes", cfg.max_bytes)),
+                    false,
+                );
             }
             let ready = match framer.as_mut() {
                 None => &out,
                 Some(f) => {
                     framed.clear();
                     if f.feed(&out, &mut framed).is_err() {
-                        let message = format!("an event of the engine's stream is larger than {} bytes", f.max);
-                        return (err("too_large", message), false);
+                        let message =
+                            format!("an event of the engine's stream is larger than {} bytes", f.max);
+                        return Body::Ended(err("too_large", message), false);
                     }
                     &framed
                 }
             };
             if let Err(outcome) = fwd.deliver(ready) {
-                return (outcome, false);
+                return Body::Ended(outcome, false);
             }
             if extra > 0 {
-                return (flush(&mut framer, fwd), false); // bytes past the body: never reuse such a connection
+                return Body::Ended(flush(&mut framer, fwd), false); // bytes past the body: never reuse such a connection
             }
             // only time spent waiting for the engine is idle, not time spent relaying (a slow client)
             deadline = sys::deadline(cfg.idle_timeout);
         }
         if dec.done() {
-            return (flush(&mut framer, fwd), true);
+            return Body::Ended(flush(&mut framer, fwd), true);
+        }
+        if fwd.forwarding() && forward::available() {
+            return Body::Forwarding(dec, framer, total);
         }
         let client = fwd.client_fd();
         let mut fds = [
@@ -289,30 +334,30 @@ fn body(
         match sys::poll(&mut fds, sys::millis_until(deadline)) {
             Ok(0) => {
                 let idle = cfg.idle_timeout.as_secs_f64();
-                return (err("timeout", format!("no data from the engine for {idle} s")), false);
+                return Body::Ended(err("timeout", format!("no data from the engine for {idle} s")), false);
             }
             Ok(_) => {}
-            Err(e) => return (err("read", e.to_string()), false),
+            Err(e) => return Body::Ended(err("read", e.to_string()), false),
         }
         if fds[1].revents != 0 {
             sys::drain(sh.ctl);
             if let Err(outcome) = fwd.check() {
-                return (outcome, false);
+                return Body::Ended(outcome, false);
             }
         }
         if client >= 0 && fds[2].revents != 0 {
-            return (Outcome::ClientGone, false);
+            return Body::Ended(Outcome::ClientGone, false);
         }
         input = &[];
         if fds[0].revents == 0 {
             continue;
         }
         match sys::recv(fd, &mut buf) {
-            Ok(0) if dec.ends_at_close() => return (flush(&mut framer, fwd), false),
-            Ok(0) => return (err("read", "the engine closed the connection mid-body"), false),
+            Ok(0) if dec.ends_at_close() => return Body::Ended(flush(&mut framer, fwd), false),
+            Ok(0) => return Body::Ended(err("read", "the engine closed the connection mid-body"), false),
             Ok(n) => input = &buf[..n],
             Err(e) if e.kind() == ErrorKind::WouldBlock => {}
-            Err(e) => return (err("read", e.to_string()), false),
+            Err(e) => return Body::Ended(err("read", e.to_string()), false),
         }
     }
 }
