@@ -6,9 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import socket
+import subprocess
+import sys
+from pathlib import Path
 
-from kvstack.router.native_relay import Forwarded
+from kvstack.router.native_relay import Forwarded, forwarding_thread
 
 from .harness import SSE_HEAD, Conn, engine, needs_native, relay_threads, settled, threads_named
 from .test_forward import FRAMES, client_connection, dechunk, post, receive_all
@@ -85,3 +89,34 @@ async def test_a_client_that_stops_reading_holds_up_no_other_stream() -> None:
             assert not flooding.done()  # still waiting on its own client, alone
             await stalled.aclose()  # cancels it
             assert (await flooding).outcome == "cancelled"
+
+
+def test_without_the_forwarding_thread_each_exchange_forwards_its_own_body() -> None:
+    """``KVSTACK_RELAY_FORWARDING_THREAD=0`` (and a process where the thread cannot start) keeps the
+    body on the exchange's own thread: every forward test passes that way too, in a process of its own
+    (the switch is read once per process)."""
+    assert forwarding_thread()
+    env = {**os.environ, "KVSTACK_RELAY_FORWARDING_THREAD": "0"}
+    check = "from kvstack.router.native_relay import forwarding_thread; assert not forwarding_thread()"
+    subprocess.run([sys.executable, "-c", check], env=env, check=True, timeout=60)
+    here = Path(__file__).parent
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:randomly",
+            "-p",
+            "no:cacheprovider",
+            str(here / "test_forward.py"),
+        ],
+        env=env,
+        cwd=here.parent.parent,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
+    assert " passed" in run.stdout and "skipped" not in run.stdout.splitlines()[-1], run.stdout[-500:]

@@ -77,7 +77,14 @@ fn inbox() -> Option<&'static Arc<Inbox>> {
     INBOX.get_or_init(spawn).as_ref()
 }
 
+/// `KVSTACK_RELAY_FORWARDING_THREAD=0` keeps each body on its exchange's own thread (the tests of
+/// that path, and comparisons of the two).
+const SWITCH: &str = "KVSTACK_RELAY_FORWARDING_THREAD";
+
 fn spawn() -> Option<Arc<Inbox>> {
+    if std::env::var_os(SWITCH).is_some_and(|v| v == "0") {
+        return None;
+    }
     // SAFETY: plain system call with a constant flag.
     let epfd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
     if epfd < 0 {
