@@ -7,7 +7,7 @@ import asyncio
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,13 +60,20 @@ class Sim:
 
 
 @contextmanager
-def run_sims(tmp: Path, count: int, *extra: str, env: dict[str, str] | None = None) -> Iterator[list[Sim]]:
-    """``count`` simulators started with ``extra`` flags and ``env``, ready; stopped on exit."""
+def run_sims(
+    tmp: Path,
+    count: int,
+    *extra: str,
+    env: dict[str, str] | None = None,
+    each: Callable[[int], Sequence[str]] = lambda i: (),
+) -> Iterator[list[Sim]]:
+    """``count`` simulators started with ``extra`` flags, simulator ``i``'s own flags ``each(i)`` and
+    ``env``, ready; stopped on exit."""
     sims = []
     try:
-        for _ in range(count):
+        for i in range(count):
             port = free_port()
-            argv = [KVSTACK, "engine", "sim", "--port", str(port), *extra]
+            argv = [KVSTACK, "engine", "sim", "--port", str(port), *extra, *each(i)]
             ready = f"http://127.0.0.1:{port}/health"
             proc = ManagedProcess(f"sim-{port}", argv, tmp, env=env, ready_url=ready)
             sims.append(Sim(f"http://127.0.0.1:{port}", proc.start()))

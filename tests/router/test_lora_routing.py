@@ -14,18 +14,16 @@ import httpx
 import openai
 import pytest
 import yaml
-from tests.conftest import free_port
 
 from kvstack.common import tokenizer
 from kvstack.common.blocks import block_keys
 from kvstack.common.lora import LoraClient
-from kvstack.common.procs import ManagedProcess
 from kvstack.common.waits import wait_until
 from kvstack.router.ejection import OutlierTrack
 from kvstack.router.kvindex.keys import request_root
 from kvstack.router.policies.cache_aware import CacheAwarePolicy
 
-from .conftest import FAST_MONITOR, KVSTACK, MODEL, RouterFactory, RouterServer, Sim, run_event_sims
+from .conftest import FAST_MONITOR, MODEL, RouterFactory, RouterServer, Sim, run_event_sims, run_sims
 
 BS = 16
 DOC = "Adapters share the base model's weights but never its cached keys and values. " * 12
@@ -72,24 +70,14 @@ def _lora(action: str, sim: Sim, name: str, source: str | None = None) -> None:
 def _lora_sims(tmp_path: Path, check_paths: Sequence[bool]) -> Iterator[list[Sim]]:
     """Simulators with runtime LoRA loading, one per entry of ``check_paths``: an engine that checks
     adapter paths refuses a missing folder with vLLM's 404, one that does not loads any path."""
-    sims: list[Sim] = []
-    try:
-        for i, check in enumerate(check_paths):
-            config = tmp_path / f"sim-{i}.yaml"
-            lora = {"enabled": True, "check_paths": check, "runtime_updating": True}
-            config.write_text(yaml.safe_dump({"lora": lora}))
-            port = free_port()
-            argv = [KVSTACK, "engine", "sim", "--port", str(port), "--config", str(config)]
-            url = f"http://127.0.0.1:{port}"
-            sims.append(
-                Sim(url, ManagedProcess(f"lora-{i}", argv, tmp_path, ready_url=f"{url}/health").start())
-            )
-        for sim in sims:
-            sim.proc.wait_ready(30)
+    configs = []
+    for i, check in enumerate(check_paths):
+        config = tmp_path / f"sim-{i}.yaml"
+        lora = {"enabled": True, "check_paths": check, "runtime_updating": True}
+        config.write_text(yaml.safe_dump({"lora": lora}))
+        configs.append(config)
+    with run_sims(tmp_path, len(configs), each=lambda i: ["--config", str(configs[i])]) as sims:
         yield sims
-    finally:
-        for sim in sims:
-            sim.proc.stop()
 
 
 def _served_by(r: RouterServer, adapter: str) -> set[str]:
