@@ -50,6 +50,8 @@ lint: venv
 	$(BIN)/kvstack dashboards generate --check
 	$(BIN)/python -m kvstack.operator.crd --check
 	$(BIN)/python -m kvstack.values_reference --check
+	if command -v cargo > /dev/null; then \
+		cd router/native && cargo fmt --check && cargo clippy -q --release -- -D warnings; fi
 
 fmt: venv
 	$(BIN)/ruff format .

@@ -11,19 +11,16 @@
 use std::borrow::Cow;
 use std::collections::{HashMap, VecDeque};
 use std::io::ErrorKind;
-use std::net::TcpStream;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use crate::http::Decoder;
-use crate::pool;
-use crate::relay::{close_client, frame_into, release, Handover, Outcome};
-use crate::shared::{Event, Shared};
+use crate::body::{read_buffer, BodyReader, Got};
+use crate::relay::{forwarded, frame_into, release, Handover, Outcome};
+use crate::shared::Shared;
 use crate::sys;
-use crate::worker::{rest, Config, Framer, Rest};
+use crate::worker::{Config, Rest, Upstream};
 
-const READ_BUF: usize = 64 * 1024;
 /// epoll tokens: the inbox's eventfd, else a stream's id shifted left by two, or'ed with which fd
 const WAKE: u64 = u64::MAX;
 const UPSTREAM: u64 = 0;
@@ -36,25 +33,23 @@ struct Piece {
     body: u64,
 }
 
-/// One forwarded exchange.
-struct Live {
-    sh: Arc<Shared>,
-    upstream: TcpStream,
-    dec: Decoder,
-    framer: Option<Framer>,
+/// What waits to go to the client, and the client's side of the exchange.
+struct Outbox {
     hand: Handover,
-    total: u64,
-    keep_alive: bool,
-    host: String,
-    port: u16,
-    pool_idle: Duration,
-    idle: Duration,
-    max_bytes: u64,
     pieces: VecDeque<Piece>,
     /// bytes of the front piece already sent
     at: usize,
+    idle: Duration,
     /// the engine's idle time runs out here, or the client's while pieces wait
     deadline: Instant,
+}
+
+/// One forwarded exchange.
+struct Live {
+    sh: Arc<Shared>,
+    upstream: Upstream,
+    reader: BodyReader,
+    out: Outbox,
     /// the body ended (or failed) with this outcome, and the connection may serve again; the pieces
     /// still go out first
     end: Option<(Outcome, bool)>,
@@ -116,22 +111,18 @@ pub fn available() -> bool {
 /// Hands a forwarding exchange to the forwarding thread (after `available()` said it runs).
 pub fn start(sh: Arc<Shared>, cfg: &Config, rest: Rest, hand: Handover) {
     let Some(inbox) = inbox() else { return };
-    let live = Live {
-        sh,
-        upstream: rest.stream,
-        dec: rest.dec,
-        framer: rest.framer,
+    let out = Outbox {
         hand,
-        total: rest.total,
-        keep_alive: rest.keep_alive,
-        host: cfg.host.clone(),
-        port: cfg.port,
-        pool_idle: cfg.pool_idle,
-        idle: cfg.idle_timeout,
-        max_bytes: cfg.max_bytes,
         pieces: VecDeque::new(),
         at: 0,
+        idle: cfg.idle_timeout,
         deadline: sys::deadline(cfg.idle_timeout),
+    };
+    let live = Live {
+        sh,
+        upstream: rest.upstream,
+        reader: rest.reader,
+        out,
         end: None,
         reading: false,
         writing: false,
@@ -150,21 +141,11 @@ struct Forwarder {
     lives: HashMap<u64, Live>,
     next_id: u64,
     buf: Vec<u8>,
-    out: Vec<u8>,
-    framed: Vec<u8>,
 }
 
 impl Forwarder {
     fn new(epfd: RawFd, inbox: Arc<Inbox>) -> Self {
-        Forwarder {
-            epfd,
-            inbox,
-            lives: HashMap::new(),
-            next_id: 0,
-            buf: vec![0u8; READ_BUF],
-            out: Vec::with_capacity(READ_BUF),
-            framed: Vec::with_capacity(READ_BUF),
-        }
+        Forwarder { epfd, inbox, lives: HashMap::new(), next_id: 0, buf: read_buffer() }
     }
 
     fn ctl(&self, op: libc::c_int, fd: RawFd, events: u32, token: u64) {
@@ -177,7 +158,7 @@ impl Forwarder {
         self.ctl(libc::EPOLL_CTL_ADD, self.inbox.wake, libc::EPOLLIN as u32, WAKE);
         let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 256];
         loop {
-            let timeout = self.lives.values().map(|l| l.deadline).min().map_or(-1, sys::millis_until);
+            let timeout = self.lives.values().map(|l| l.out.deadline).min().map_or(-1, sys::millis_until);
             // SAFETY: events is a valid buffer of its length for the call's duration.
             let n = unsafe { libc::epoll_wait(self.epfd, events.as_mut_ptr(), events.len() as i32, timeout) };
             for ev in events.iter().take(n.max(0) as usize) {
@@ -191,13 +172,13 @@ impl Forwarder {
             }
             let now = Instant::now();
             let expired: Vec<u64> =
-                self.lives.iter().filter(|(_, l)| l.deadline <= now).map(|(&id, _)| id).collect();
+                self.lives.iter().filter(|(_, l)| l.out.deadline <= now).map(|(&id, _)| id).collect();
             for id in expired {
                 let Some(live) = self.lives.get(&id) else { continue };
-                let outcome = if !live.pieces.is_empty() {
+                let outcome = if !live.out.pieces.is_empty() {
                     Outcome::ClientStalled
                 } else {
-                    err("timeout", format!("no data from the engine for {} s", live.idle.as_secs_f64()))
+                    err("timeout", format!("no data from the engine for {} s", live.out.idle.as_secs_f64()))
                 };
                 self.finish(id, outcome, false);
             }
@@ -210,7 +191,7 @@ impl Forwarder {
             let id = self.next_id;
             self.next_id += 1;
             self.ctl(libc::EPOLL_CTL_ADD, live.sh.ctl, libc::EPOLLIN as u32, id << 2 | CTL);
-            self.ctl(libc::EPOLL_CTL_ADD, live.hand.target.fd, libc::EPOLLRDHUP as u32, id << 2 | CLIENT);
+            self.ctl(libc::EPOLL_CTL_ADD, live.out.hand.target.fd, libc::EPOLLRDHUP as u32, id << 2 | CLIENT);
             let cancelled = live.sh.lock().cancelled; // a cancel the exchange's thread drained
             self.lives.insert(id, live);
             if cancelled {
@@ -242,56 +223,34 @@ impl Forwarder {
     /// One read of the engine's socket, decoded, framed and queued for the client.
     fn read(&mut self, id: u64) {
         let Some(live) = self.lives.get_mut(&id) else { return };
-        let n = match sys::recv(live.upstream.as_raw_fd(), &mut self.buf) {
-            Ok(0) if live.dec.ends_at_close() => return end_clean(live, false),
-            Ok(0) => return live.fail(err("read", "the engine closed the connection mid-body")),
-            Ok(n) => n,
-            Err(e) if e.kind() == ErrorKind::WouldBlock => return,
-            Err(e) => return live.fail(err("read", e.to_string())),
-        };
-        self.out.clear();
-        let extra = match live.dec.feed(&self.buf[..n], &mut self.out) {
-            Ok(extra) => extra,
-            Err(e) => return live.fail(err("read", format!("a bad chunked body: {e}"))),
-        };
-        live.total += self.out.len() as u64;
-        if live.total > live.max_bytes {
-            return live.fail(err("too_large", format!("the response is over {} bytes", live.max_bytes)));
-        }
-        let ready = match live.framer.as_mut() {
-            None => &self.out,
-            Some(f) => {
-                self.framed.clear();
-                if f.feed(&self.out, &mut self.framed).is_err() {
-                    let message = format!("an event of the engine's stream is larger than {} bytes", f.max);
-                    return live.fail(err("too_large", message));
-                }
-                &self.framed
+        match live.reader.read(live.upstream.stream.as_raw_fd(), &mut self.buf) {
+            Err(outcome) => live.end = Some((outcome, false)), // what was queued still goes first
+            Ok(Got::Nothing) => {}
+            Ok(Got::More(bytes)) => {
+                live.out.queue(bytes);
+                live.out.deadline = sys::deadline(live.out.idle); // only time spent waiting for the engine is idle
             }
-        };
-        live.queue(ready);
-        live.deadline = sys::deadline(live.idle); // only time spent waiting for the engine is idle
-        if extra > 0 {
-            end_clean(live, false); // bytes past the body: never reuse the connection
-        } else if live.dec.done() {
-            end_clean(live, true);
+            Ok(Got::End(bytes, reusable)) => {
+                live.out.queue(bytes);
+                live.end = Some((Outcome::End, reusable));
+            }
         }
     }
 
     /// Sends what waits, then watches what the stream waits for next, or finishes it.
     fn settle(&mut self, id: u64) {
         let Some(live) = self.lives.get_mut(&id) else { return };
-        if let Err(outcome) = live.send() {
+        if let Err(outcome) = live.out.send() {
             return self.finish(id, outcome, false);
         }
-        if live.pieces.is_empty() {
+        if live.out.pieces.is_empty() {
             if let Some((outcome, reusable)) = live.end.take() {
                 return self.finish(id, outcome, reusable);
             }
         }
-        let (read, write) = (live.pieces.is_empty(), !live.pieces.is_empty());
+        let (read, write) = (live.out.pieces.is_empty(), !live.out.pieces.is_empty());
         let (upstream, client, was) =
-            (live.upstream.as_raw_fd(), live.hand.target.fd, (live.reading, live.writing));
+            (live.upstream.stream.as_raw_fd(), live.out.hand.target.fd, (live.reading, live.writing));
         live.reading = read;
         live.writing = write;
         if read != was.0 {
@@ -310,49 +269,16 @@ impl Forwarder {
         let Some(mut live) = self.lives.remove(&id) else { return };
         // out of the epoll set first: the pool and the server keep descriptors of the same sockets
         if live.reading {
-            self.ctl(libc::EPOLL_CTL_DEL, live.upstream.as_raw_fd(), 0, 0);
+            self.ctl(libc::EPOLL_CTL_DEL, live.upstream.stream.as_raw_fd(), 0, 0);
         }
         self.ctl(libc::EPOLL_CTL_DEL, live.sh.ctl, 0, 0);
-        self.ctl(libc::EPOLL_CTL_DEL, live.hand.target.fd, 0, 0);
-        let cancelled = {
-            let mut st = live.sh.lock();
-            st.upstream = -1;
-            st.cancelled // cancel() may have shut the socket down already: never pool it
-        };
-        let outcome = match outcome {
-            Outcome::Error(..) if cancelled => Outcome::Cancelled,
-            outcome => outcome,
-        };
-        if reusable && live.keep_alive && !cancelled {
-            pool::put(&live.host, live.port, live.upstream, live.pool_idle);
-        } else {
-            drop(live.upstream);
-        }
-        let tail = match outcome {
-            Outcome::End | Outcome::Error(..) => std::mem::take(&mut live.hand.done),
-            Outcome::Cancelled | Outcome::ClientGone | Outcome::ClientStalled => Vec::new(),
-        };
-        let mut st = live.sh.lock();
-        close_client(&mut st); // before the event: Python may act on the socket at once
-        let event = Event::Forwarded { nbytes: live.hand.nbytes, outcome: outcome.name(), tail };
-        live.sh.push(&mut st, event);
-        st.exited = true;
+        self.ctl(libc::EPOLL_CTL_DEL, live.out.hand.target.fd, 0, 0);
+        let outcome = live.upstream.release(&live.sh, outcome, reusable);
+        forwarded(&live.sh, live.out.hand.nbytes, &outcome, &mut live.out.hand.done);
     }
 }
 
-/// A clean end of the body: what the framer holds of an unfinished event goes out too.
-fn end_clean(live: &mut Live, reusable: bool) {
-    let held = rest(&mut live.framer);
-    live.queue(&held);
-    live.end = Some((Outcome::End, reusable));
-}
-
-impl Live {
-    /// The engine failed: what was queued before still goes to the client, then this outcome.
-    fn fail(&mut self, outcome: Outcome) {
-        self.end = Some((outcome, false));
-    }
-
+impl Outbox {
     fn queue(&mut self, bytes: &[u8]) {
         let now =
             if self.hand.hold_done { release(&mut self.hand.done, bytes) } else { Cow::Borrowed(bytes) };

@@ -5,6 +5,7 @@
 //! threads never touch Python objects: they talk to Python only through a queue and an eventfd (see
 //! shared.rs).
 
+mod body;
 mod forward;
 mod http;
 mod pool;

@@ -226,29 +226,13 @@ impl<'a> Fwd<'a> {
         Some(Handover { target, nbytes: self.nbytes, hold_done: self.hold_done, done: self.done })
     }
 
-    /// The held `[DONE]` event for Python to write. At the body's end Python writes it and the
-    /// stream's end in one write. After the engine failed (read, timeout, too_large) Python writes
-    /// it before its error event: the client gets what the Python relay would have sent (it holds
-    /// `[DONE]` the same way). A client gone or stalled has nothing more written to it, and a
-    /// cancel means the socket is no longer this forward's: then it is dropped.
-    fn tail(&mut self, outcome: &Outcome) -> Vec<u8> {
-        match outcome {
-            Outcome::End | Outcome::Error(..) => std::mem::take(&mut self.done),
-            Outcome::Cancelled | Outcome::ClientGone | Outcome::ClientStalled => Vec::new(),
-        }
-    }
-
     /// The exchange's last word. Without forward() the thread then waits for forward() or cancel():
     /// Python may still hold body bytes it polled, and forward them after the engine's end.
     pub fn finish(mut self, mut outcome: Outcome) {
         let mut reported = false;
         loop {
             if self.target.is_some() {
-                let tail = self.tail(&outcome);
-                let mut st = self.sh.lock();
-                close_client(&mut st); // before the event: Python may act on the socket at once
-                let event = Event::Forwarded { nbytes: self.nbytes, outcome: outcome.name(), tail };
-                self.sh.push(&mut st, event);
+                forwarded(self.sh, self.nbytes, &outcome, &mut self.done);
                 break;
             }
             let mut st = self.sh.lock();
@@ -287,6 +271,23 @@ impl<'a> Fwd<'a> {
         st.exited = true;
         close_client(&mut st);
     }
+}
+
+/// A forward's last word: the client's descriptor closed, then `forwarded` with the body bytes
+/// written and the held `[DONE]` event for Python to write. At the body's end Python writes it and
+/// the stream's end in one write. After the engine failed (read, timeout, too_large) Python writes it
+/// before its error event: the client gets what the Python relay would have sent (it holds `[DONE]`
+/// the same way). A client gone or stalled has nothing more written to it, and a cancel means the
+/// socket is no longer this forward's: then it is dropped.
+pub fn forwarded(sh: &Shared, nbytes: u64, outcome: &Outcome, done: &mut Vec<u8>) {
+    let tail = match outcome {
+        Outcome::End | Outcome::Error(..) => std::mem::take(done),
+        Outcome::Cancelled | Outcome::ClientGone | Outcome::ClientStalled => Vec::new(),
+    };
+    let mut st = sh.lock();
+    close_client(&mut st); // before the event: Python may act on the socket at once
+    sh.push(&mut st, Event::Forwarded { nbytes, outcome: outcome.name(), tail });
+    st.exited = true;
 }
 
 /// Closes this thread's duplicate of the client socket (forward() dups it: the server may close its

@@ -9,12 +9,22 @@ use std::sync::{Mutex, MutexGuard};
 use crate::sys;
 
 pub enum Event {
-    Head { status: u16, headers: Vec<(Vec<u8>, Vec<u8>)> },
+    Head {
+        status: u16,
+        headers: Vec<(Vec<u8>, Vec<u8>)>,
+    },
     Data(Vec<u8>),
     End,
-    Error { kind: &'static str, message: String },
+    Error {
+        kind: &'static str,
+        message: String,
+    },
     /// `tail`: a held `[DONE]` event, not written (relay.rs says when it is reported).
-    Forwarded { nbytes: u64, outcome: &'static str, tail: Vec<u8> },
+    Forwarded {
+        nbytes: u64,
+        outcome: &'static str,
+        tail: Vec<u8>,
+    },
 }
 
 #[derive(Clone, Copy)]

@@ -7,6 +7,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::body::{read_buffer, BodyReader, Got};
 use crate::forward;
 use crate::http::{self, Decoder, Head};
 use crate::pool;
@@ -28,57 +29,43 @@ pub struct Config {
     pub pool_idle: Duration,
 }
 
-/// Passes on whole SSE events only (up to a blank line, ``\n\n``) and holds a partial one, at most
-/// ``max`` bytes, until its end arrives, as the Python relay's SSEFramer does: an error event that
-/// follows a break-off then starts on a line of its own, never glued to half an event.
-pub struct Framer {
-    held: Vec<u8>,
-    pub max: u64,
-}
-
-impl Framer {
-    /// Appends to ``out`` the events ``data`` completes; Err when the held part passes ``max``.
-    pub fn feed(&mut self, data: &[u8], out: &mut Vec<u8>) -> Result<(), ()> {
-        let joined = self.held.last() == Some(&b'\n') && data.first() == Some(&b'\n');
-        let cut = data.windows(2).rposition(|w| w == b"\n\n").map(|i| i + 2);
-        match cut.or(if joined { Some(1) } else { None }) {
-            Some(at) => {
-                out.append(&mut self.held);
-                out.extend_from_slice(&data[..at]);
-                self.held.extend_from_slice(&data[at..]);
-            }
-            None => self.held.extend_from_slice(data),
-        }
-        if self.held.len() as u64 > self.max { Err(()) } else { Ok(()) }
-    }
-}
-
-/// What is held of an unfinished event, given up at a clean end (as SSEFramer.flush does).
-pub fn rest(framer: &mut Option<Framer>) -> Vec<u8> {
-    framer.as_mut().map(|f| std::mem::take(&mut f.held)).unwrap_or_default()
-}
-
-/// A clean end: what is held of an unfinished event goes too.
-fn flush(framer: &mut Option<Framer>, fwd: &mut Fwd) -> Outcome {
-    match fwd.deliver(&rest(framer)) {
-        Ok(()) => Outcome::End,
-        Err(outcome) => outcome,
-    }
-}
-
-const READ_BUF: usize = 64 * 1024;
-
 fn err(kind: &'static str, message: impl Into<String>) -> Outcome {
     Outcome::Error(kind, message.into())
 }
 
+/// The engine's connection, kept to the body's end.
+pub struct Upstream {
+    pub stream: TcpStream,
+    pub keep_alive: bool,
+    host: String,
+    port: u16,
+    pool_idle: Duration,
+}
+
+impl Upstream {
+    /// After the body: pooled when it ended cleanly (`reusable`) on a keep-alive connection, else
+    /// closed. The outcome comes back, but a failed read after cancel() is the cancel's doing.
+    pub fn release(self, sh: &Shared, outcome: Outcome, reusable: bool) -> Outcome {
+        let cancelled = {
+            let mut st = sh.lock();
+            st.upstream = -1;
+            st.cancelled // cancel() may have shut the socket down already: never pool it
+        };
+        if reusable && self.keep_alive && !cancelled {
+            pool::put(&self.host, self.port, self.stream, self.pool_idle);
+        }
+        match outcome {
+            // cancel() shuts the socket down before it signals: the read that failed is its doing
+            Outcome::Error(..) if cancelled => Outcome::Cancelled,
+            outcome => outcome,
+        }
+    }
+}
+
 /// A forwarding exchange's body as the forwarding thread goes on with it (forward.rs).
 pub struct Rest {
-    pub stream: TcpStream,
-    pub dec: Decoder,
-    pub framer: Option<Framer>,
-    pub total: u64,
-    pub keep_alive: bool,
+    pub upstream: Upstream,
+    pub reader: BodyReader,
 }
 
 enum Step {
@@ -104,30 +91,22 @@ fn exchange(sh: &Shared, cfg: &Config, fwd: &mut Fwd) -> Step {
         Ok(opened) => opened,
         Err(outcome) => return Step::Ended(outcome),
     };
-    let (keep_alive, framing) = (head.keep_alive, head.framing);
+    let upstream = Upstream {
+        stream,
+        keep_alive: head.keep_alive,
+        host: cfg.host.clone(),
+        port: cfg.port,
+        pool_idle: cfg.pool_idle,
+    };
+    let reader = BodyReader::new(Decoder::new(head.framing), cfg.max_bytes, cfg.max_event);
     {
         let mut st = sh.lock();
         sh.push(&mut st, Event::Head { status: head.status, headers: head.headers });
     }
-    let (outcome, reusable) = match body(sh, cfg, fwd, &stream, Decoder::new(framing), &leftover) {
-        Body::Ended(outcome, reusable) => (outcome, reusable),
-        Body::Forwarding(dec, framer, total) => {
-            return Step::Forwarding(Rest { stream, dec, framer, total, keep_alive })
-        }
-    };
-    let cancelled = {
-        let mut st = sh.lock();
-        st.upstream = -1;
-        st.cancelled // cancel() may have shut the socket down already: never pool it
-    };
-    if reusable && keep_alive && !cancelled {
-        pool::put(&cfg.host, cfg.port, stream, cfg.pool_idle);
+    match body(sh, cfg, fwd, upstream.stream.as_raw_fd(), reader, &leftover) {
+        Body::Ended(outcome, reusable) => Step::Ended(upstream.release(sh, outcome, reusable)),
+        Body::Forwarding(reader) => Step::Forwarding(Rest { upstream, reader }),
     }
-    Step::Ended(match outcome {
-        // cancel() shuts the socket down before it signals: the read that failed is its doing
-        Outcome::Error(..) if cancelled => Outcome::Cancelled,
-        outcome => outcome,
-    })
 }
 
 /// Forgets the engine socket for cancel(), before it is closed or pooled.
@@ -263,7 +242,7 @@ enum Body {
     /// The outcome, and whether the connection may serve another request.
     Ended(Outcome, bool),
     /// Forwarding began: the forwarding thread reads on from here.
-    Forwarding(Decoder, Option<Framer>, u64),
+    Forwarding(BodyReader),
 }
 
 /// Reads the body to its end, or until forwarding begins and the forwarding thread can take it.
@@ -271,93 +250,72 @@ fn body(
     sh: &Shared,
     cfg: &Config,
     fwd: &mut Fwd,
-    stream: &TcpStream,
-    mut dec: Decoder,
+    fd: RawFd,
+    mut reader: BodyReader,
     leftover: &[u8],
 ) -> Body {
-    let fd = stream.as_raw_fd();
-    let mut total: u64 = 0;
-    let mut framer = (cfg.max_event > 0).then(|| Framer { held: Vec::new(), max: cfg.max_event });
-    let mut framed = Vec::with_capacity(READ_BUF);
-    let mut out = Vec::with_capacity(READ_BUF);
-    let mut buf = vec![0u8; READ_BUF];
-    let mut input: &[u8] = leftover;
     let mut deadline = sys::deadline(cfg.idle_timeout);
+    let mut buf = read_buffer();
+    let mut first = Some(leftover);
     loop {
-        if !input.is_empty() {
-            out.clear();
-            let extra = match dec.feed(input, &mut out) {
-                Ok(extra) => extra,
-                Err(e) => return Body::Ended(err("read", format!("a bad chunked body: {e}")), false),
-            };
-            total += out.len() as u64;
-            if total > cfg.max_bytes {
-                return Body::Ended(
-                    err("too_large", format!("the response is over {} bytes", cfg.max_bytes)),
-                    false,
-                );
+        let got = match first.take() {
+            Some(bytes) if !bytes.is_empty() => reader.feed(bytes),
+            Some(_) if reader.done() => Ok(Got::End(&[], true)), // a body of no bytes
+            Some(_) => Ok(Got::Nothing),
+            None => match wait_for_engine(sh, fwd, fd, deadline, cfg.idle_timeout) {
+                Ok(true) => reader.read(fd, &mut buf),
+                Ok(false) => Ok(Got::Nothing),
+                Err(outcome) => Err(outcome),
+            },
+        };
+        match got {
+            Err(outcome) => return Body::Ended(outcome, false),
+            Ok(Got::End(bytes, reusable)) => {
+                // the engine's connection serves again even when the client is gone
+                return Body::Ended(fwd.deliver(bytes).err().unwrap_or(Outcome::End), reusable);
             }
-            let ready = match framer.as_mut() {
-                None => &out,
-                Some(f) => {
-                    framed.clear();
-                    if f.feed(&out, &mut framed).is_err() {
-                        let message =
-                            format!("an event of the engine's stream is larger than {} bytes", f.max);
-                        return Body::Ended(err("too_large", message), false);
-                    }
-                    &framed
+            Ok(Got::More(bytes)) => {
+                if let Err(outcome) = fwd.deliver(bytes) {
+                    return Body::Ended(outcome, false);
                 }
-            };
-            if let Err(outcome) = fwd.deliver(ready) {
-                return Body::Ended(outcome, false);
+                // only time spent waiting for the engine is idle, not time spent relaying (a slow client)
+                deadline = sys::deadline(cfg.idle_timeout);
             }
-            if extra > 0 {
-                return Body::Ended(flush(&mut framer, fwd), false); // bytes past the body: never reuse such a connection
-            }
-            // only time spent waiting for the engine is idle, not time spent relaying (a slow client)
-            deadline = sys::deadline(cfg.idle_timeout);
-        }
-        if dec.done() {
-            return Body::Ended(flush(&mut framer, fwd), true);
+            Ok(Got::Nothing) => {}
         }
         if fwd.forwarding() && forward::available() {
-            return Body::Forwarding(dec, framer, total);
-        }
-        let client = fwd.client_fd();
-        let mut fds = [
-            sys::pollfd(fd, libc::POLLIN),
-            sys::pollfd(sh.ctl, libc::POLLIN),
-            // while forwarding, a client that hangs up ends the exchange without waiting for the engine
-            sys::pollfd(client, libc::POLLRDHUP),
-        ];
-        match sys::poll(&mut fds, sys::millis_until(deadline)) {
-            Ok(0) => {
-                let idle = cfg.idle_timeout.as_secs_f64();
-                return Body::Ended(err("timeout", format!("no data from the engine for {idle} s")), false);
-            }
-            Ok(_) => {}
-            Err(e) => return Body::Ended(err("read", e.to_string()), false),
-        }
-        if fds[1].revents != 0 {
-            sys::drain(sh.ctl);
-            if let Err(outcome) = fwd.check() {
-                return Body::Ended(outcome, false);
-            }
-        }
-        if client >= 0 && fds[2].revents != 0 {
-            return Body::Ended(Outcome::ClientGone, false);
-        }
-        input = &[];
-        if fds[0].revents == 0 {
-            continue;
-        }
-        match sys::recv(fd, &mut buf) {
-            Ok(0) if dec.ends_at_close() => return Body::Ended(flush(&mut framer, fwd), false),
-            Ok(0) => return Body::Ended(err("read", "the engine closed the connection mid-body"), false),
-            Ok(n) => input = &buf[..n],
-            Err(e) if e.kind() == ErrorKind::WouldBlock => {}
-            Err(e) => return Body::Ended(err("read", e.to_string()), false),
+            return Body::Forwarding(reader);
         }
     }
+}
+
+/// Waits for the engine's bytes until `deadline`: Ok(false) for a wake-up with none (a ctl signal
+/// that was no cancel); Err for a cancel, a client that hung up while forwarding, or the timeout.
+fn wait_for_engine(
+    sh: &Shared,
+    fwd: &mut Fwd,
+    fd: RawFd,
+    deadline: std::time::Instant,
+    idle: Duration,
+) -> Result<bool, Outcome> {
+    let client = fwd.client_fd();
+    let mut fds = [
+        sys::pollfd(fd, libc::POLLIN),
+        sys::pollfd(sh.ctl, libc::POLLIN),
+        // while forwarding, a client that hangs up ends the exchange without waiting for the engine
+        sys::pollfd(client, libc::POLLRDHUP),
+    ];
+    match sys::poll(&mut fds, sys::millis_until(deadline)) {
+        Ok(0) => return Err(err("timeout", format!("no data from the engine for {} s", idle.as_secs_f64()))),
+        Ok(_) => {}
+        Err(e) => return Err(err("read", e.to_string())),
+    }
+    if fds[1].revents != 0 {
+        sys::drain(sh.ctl);
+        fwd.check()?;
+    }
+    if client >= 0 && fds[2].revents != 0 {
+        return Err(Outcome::ClientGone);
+    }
+    Ok(fds[0].revents != 0)
 }
