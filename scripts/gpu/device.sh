@@ -20,6 +20,9 @@
 #       buffer survives vLLM's prefix-cache reset (matrix and flow empty it per case through LMCache's
 #       internal API since session 28; CLEAR_LMCACHE=0 keeps it, as before)
 #   bash scripts/gpu/device.sh lmcache_full     each engine's LMCache CPU-buffer pressure: evictions, failed stores
+#   SPY_S=N before proof, matrix or flow: py-spy (its wheel carried in .whl) samples the call's first
+#       kvstack router for N s from SPY_DELAY_S (default 8) after it starts, Python threads only, idle
+#       left out: raw stacks in $OUT/router-spy.txt (the relay's Rust threads are not sampled)
 #   kvstack itself travels as a wheel: build it here with `pip wheel --no-deps -w .whl .` and carry
 #   .whl; every call installs it afresh into /tmp/kvsite (the package maps folders, so no PYTHONPATH
 #   to the checkout would import it).
@@ -151,9 +154,28 @@ engines_file() {  # the engines file the router is given. SHARED_DEVICE=0: a cop
 }
 
 proof() {
+  spy_router
   timeout "${PROOF_TIMEOUT:-420}" python3 -m kvstack bench gpu --engines-file "$(engines_file)" --model kvstack-8b \
     --out "$OUT" "$@" 2>&1 | tee -a "$OUT/proof.log"
   bundle_traces
+}
+
+spy_router() {  # SPY_S set: the background sampler the usage above describes
+  [ -n "${SPY_S:-}" ] || return 0
+  python3 -m pip install -q --no-index --no-deps --target /tmp/pyspy .whl/py_spy*.whl || return 0
+  (
+    local pid=""
+    for _ in $(seq 1200); do
+      # the bracket keeps the pattern from matching this call's own command line
+      pid=$(pgrep -f "kvstack route[r] --port" | head -1)
+      [ -n "$pid" ] && break
+      sleep 0.5
+    done
+    [ -n "$pid" ] || exit 0
+    sleep "${SPY_DELAY_S:-8}"
+    /tmp/pyspy/bin/py-spy record -p "$pid" -d "$SPY_S" -r 250 -f raw --nonblocking \
+      -o "$OUT/router-spy.txt" > "$OUT/router-spy.log" 2>&1
+  ) &
 }
 
 matrix() {  # engines x workloads x loads x runs x routers in one call (gpu_plan.py), within its budget
@@ -169,6 +191,7 @@ matrix() {  # engines x workloads x loads x runs x routers in one call (gpu_plan
   names_tokenizer "$@" && tok=()
   local clear
   mapfile -t clear < <(lmcache_api_args)
+  spy_router
   timeout "${PROOF_TIMEOUT:-590}" python3 -m kvstack bench gpu "${base[@]}" ${tok[@]+"${tok[@]}"} \
     ${clear[@]+"${clear[@]}"} "$@" 2>&1 | tee -a "$OUT/matrix.log"
   lmcache_full | tee -a "$OUT/matrix.log"
@@ -214,6 +237,7 @@ flow() {  # flow control under overload over the running engines (kvstack bench 
   # run's chunks, and a later policy on the same traces found them (bench-results/flow, session 22)
   local clear
   mapfile -t clear < <(lmcache_api_args)
+  spy_router
   timeout "${PROOF_TIMEOUT:-580}" python3 -m kvstack bench flow --engines-file "$(engines_file)" --model kvstack-8b \
     --redis-url "redis://127.0.0.1:$REDIS_PORT" ${tok[@]+"${tok[@]}"} ${clear[@]+"${clear[@]}"} --speed 1 \
     --out "$OUT" "$@" 2>&1 | tee -a "$OUT/flow.log"
