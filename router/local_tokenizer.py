@@ -38,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 from array import array
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -62,6 +63,12 @@ SPECIAL_TOKEN_KEYS = (
     "cls_token",
     "mask_token",
 )
+# HF tokenizers runs ``encode_batch`` on a rayon pool of one thread per core, even for a batch of one
+# text: the router's encodes then wake a pool thread and the rest spin for work. On a 16-core GPU host
+# that was ~1 ms of CPU a request, 9 % of the router's (bench-results/router, "The tokenizer's thread
+# pool"). The router encodes one prompt at a time, so the pool buys nothing. Set before any encode;
+# an operator's own setting stands.
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 VERIFY_CHATS = 4  # chats per model encoded both ways before the pieces are trusted alone
 _PIECE = b"kvstack.local-piece"
 

@@ -22,7 +22,7 @@ TICK_S = 1.0 / os.sysconf("SC_CLK_TCK")
 
 
 def router_pid() -> int | None:
-    found = subprocess.run(["pgrep", "-f", "kvstack router "], capture_output=True, text=True)
+    found = subprocess.run(["pgrep", "-f", "kvstack route[r] "], capture_output=True, text=True)
     pids = found.stdout.split()
     return int(pids[0]) if pids else None
 

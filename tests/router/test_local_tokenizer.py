@@ -5,6 +5,9 @@ cache-aware policy without a ``/tokenize`` round trip (the engine's as the fallb
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -140,6 +143,32 @@ def test_long_prompts_are_encoded_off_the_event_loop_with_the_same_ids(
     post_chat(r.url, chat)
     expected = len(ModelTokenizer(tmp_path / MODEL).chat(chat))
     assert r.metric("kvstack_router_prompt_tokens_total", policy="cache_aware") == expected
+
+
+_THREADS_AFTER_ENCODING = """
+import os, sys
+from pathlib import Path
+from kvstack.router.local_tokenizer import ModelTokenizer
+tok = ModelTokenizer(Path(sys.argv[1]))
+before = len(os.listdir("/proc/self/task"))
+tok.encode_all(["one text", "and another"] * 4)
+print(len(os.listdir("/proc/self/task")) - before)
+"""
+
+
+@pytest.mark.parametrize(("setting", "pool"), [(None, False), ("true", True)])
+def test_encoding_starts_no_thread_pool_unless_the_operator_asks(
+    model_dir: Path, setting: str | None, pool: bool
+) -> None:
+    """HF tokenizers' rayon pool (a thread per core, spinning for work) cost ~1 ms of CPU a request
+    on a 16-core host; the router encodes one prompt at a time and keeps it off, but an operator's
+    TOKENIZERS_PARALLELISM stands."""
+    env = {k: v for k, v in os.environ.items() if k != "TOKENIZERS_PARALLELISM"}
+    if setting is not None:
+        env["TOKENIZERS_PARALLELISM"] = setting
+    run = [sys.executable, "-c", _THREADS_AFTER_ENCODING, str(model_dir)]
+    new_threads = int(subprocess.run(run, env=env, check=True, capture_output=True, text=True).stdout)
+    assert (new_threads > 0) is pool
 
 
 def test_template_errors_are_local_tokenizer_errors(model_dir: Path) -> None:
