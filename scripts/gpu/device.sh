@@ -14,6 +14,7 @@
 #   bash scripts/gpu/device.sh calib ARGS...    the same traces on two simulators sized like the engines
 #   bash scripts/gpu/device.sh logs             engine log tails into $OUT
 #   ENGINES=4 GPU_UTIL=0.2 bash scripts/gpu/device.sh start    four engines (~97K tokens of KV each on an H200)
+#   ENGINES=auto bash scripts/gpu/device.sh start              four on an H200, two at 0.45 on an H100
 #   bash scripts/gpu/device.sh flow ARGS...     kvstack bench flow over the running engines, results in $OUT
 #   SHARED_DEVICE=0 before proof, matrix or flow: the router is not told the engines share the GPU
 #   bash scripts/gpu/device.sh restart          stop the engines and Redis, then start again: LMCache's CPU
@@ -38,6 +39,16 @@ LMCACHE_CPU_GB=${LMCACHE_CPU_GB:-20}
 # without the connector; ENGINE_ARGS: extra vLLM flags as a YAML list body, e.g. '--enforce-eager' (not flags
 # kvstack renders from config fields, such as LoRA's: `engine serve` refuses those; tests/gpu checks each variant)
 ENGINES=${ENGINES:-2}
+# ENGINES=auto: the card decides, four engines at 0.2 of one over 100 GB (an H200: ~97K tokens of KV
+# each), else two at 0.45 (an H100: ~160K each); a lease asked for either card gets whichever starts
+size_to_card() {
+  if [ "$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)" -gt 100000 ]; then
+    ENGINES=4 GPU_UTIL=${GPU_UTIL:-0.2}
+  else
+    ENGINES=2 GPU_UTIL=${GPU_UTIL:-0.45}
+  fi
+}
+[ "$ENGINES" = auto ] && size_to_card
 LMCACHE=${LMCACHE:-1}
 GPU_UTIL=${GPU_UTIL:-$( [ "$ENGINES" -gt 2 ] && echo 0.2 || echo 0.3 )}
 ENGINE_ARGS=${ENGINE_ARGS:-}

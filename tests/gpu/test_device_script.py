@@ -258,3 +258,17 @@ def test_lmcache_full_tells_evictions_from_failed_stores(tmp_path: Path) -> None
         "engine1: " + counts.format(1, 2, 1) + " (stores are failing: restart for clean figures)",
         "engine2: " + counts.format(0, 0, 0),
     ]
+
+
+@pytest.mark.parametrize(("memory_mib", "engines", "util"), [("143771", "4", "0.2"), ("81559", "2", "0.45")])
+def test_engines_auto_sizes_the_engines_to_the_card(
+    tmp_path: Path, memory_mib: str, engines: str, util: str
+) -> None:
+    """A lease asked for either card gets whichever starts: four engines on an H200, two on an H100."""
+    fake = tmp_path / "nvidia-smi"
+    fake.write_text(f"#!/bin/sh\necho {memory_mib}\n")
+    fake.chmod(0o755)
+    body = f'source <({functions("size_to_card")}); unset GPU_UTIL; size_to_card; echo "$ENGINES $GPU_UTIL"'
+    env = {**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}"}
+    done = subprocess.run(["bash", "-c", body], env=env, check=True, capture_output=True, text=True)
+    assert done.stdout.split() == [engines, util]
