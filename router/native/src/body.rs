@@ -7,14 +7,10 @@ use std::io::ErrorKind;
 use std::os::fd::RawFd;
 
 use crate::http::Decoder;
-use crate::relay::Outcome;
+use crate::relay::{err, Outcome};
 use crate::sys;
 
 const READ_BUF: usize = 64 * 1024;
-
-fn err(kind: &'static str, message: impl Into<String>) -> Outcome {
-    Outcome::Error(kind, message.into())
-}
 
 /// Passes on whole SSE events only (up to a blank line, ``\n\n``) and holds a partial one, at most
 /// ``max`` bytes, until its end arrives, as the Python relay's SSEFramer does: an error event that

@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use crate::body::{read_buffer, BodyReader, Got};
-use crate::relay::{forwarded, frame_into, release, Handover, Outcome};
+use crate::relay::{err, forwarded, frame_into, release, Handover, Outcome};
 use crate::shared::Shared;
 use crate::sys;
 use crate::worker::{Config, Rest, Upstream};
@@ -129,10 +129,6 @@ pub fn start(sh: Arc<Shared>, cfg: &Config, rest: Rest, hand: Handover) {
     };
     inbox.new.lock().unwrap_or_else(|e| e.into_inner()).push(live);
     sys::signal(inbox.wake);
-}
-
-fn err(kind: &'static str, message: impl Into<String>) -> Outcome {
-    Outcome::Error(kind, message.into())
 }
 
 struct Forwarder {

@@ -22,6 +22,11 @@ pub enum Outcome {
     ClientStalled,
 }
 
+/// A failure of the engine side (`read`, `timeout`, `too_large`, `connect`), with what the client is told.
+pub fn err(kind: &'static str, message: impl Into<String>) -> Outcome {
+    Outcome::Error(kind, message.into())
+}
+
 impl Outcome {
     pub fn name(&self) -> &'static str {
         match self {

@@ -11,7 +11,7 @@ use crate::body::{read_buffer, BodyReader, Got};
 use crate::forward;
 use crate::http::{self, Decoder, Head};
 use crate::pool;
-use crate::relay::{Fwd, Outcome};
+use crate::relay::{err, Fwd, Outcome};
 use crate::shared::{Event, Shared};
 use crate::sys;
 
@@ -27,10 +27,6 @@ pub struct Config {
     /// holds back the body's `[DONE]` event while forwarding (relay.rs); 0 relays bytes untouched.
     pub max_event: u64,
     pub pool_idle: Duration,
-}
-
-fn err(kind: &'static str, message: impl Into<String>) -> Outcome {
-    Outcome::Error(kind, message.into())
 }
 
 /// The engine's connection, kept to the body's end.
