@@ -51,20 +51,31 @@ pub enum Got<'a> {
     Nothing,
 }
 
+/// A thread's buffers for its readers: the read, the decoded bytes and the framed ones. One set per
+/// thread, shared by every stream it reads (the forwarding thread holds a thousand streams; a set
+/// each would be 64 KB or more a stream, kept for the stream's life).
+pub struct Buffers {
+    read: Vec<u8>,
+    decoded: Vec<u8>,
+    framed: Vec<u8>,
+}
+
+impl Buffers {
+    pub fn new() -> Self {
+        Buffers {
+            read: vec![0u8; READ_BUF],
+            decoded: Vec::with_capacity(READ_BUF),
+            framed: Vec::with_capacity(READ_BUF),
+        }
+    }
+}
+
+/// One stream's reading state: the decoder, the framer (and its partial event), the bytes so far.
 pub struct BodyReader {
     dec: Decoder,
     framer: Option<Framer>,
     total: u64,
     max_bytes: u64,
-    // grown to what one read gives: a forwarded stream's events are small, and a reader lives as
-    // long as its stream (a thousand streams must not hold a read buffer each)
-    decoded: Vec<u8>,
-    framed: Vec<u8>,
-}
-
-/// A buffer for `BodyReader::read`: one per thread, shared by the streams it reads.
-pub fn read_buffer() -> Vec<u8> {
-    vec![0u8; READ_BUF]
 }
 
 impl BodyReader {
@@ -75,8 +86,6 @@ impl BodyReader {
             framer: (max_event > 0).then(|| Framer { held: Vec::new(), max: max_event }),
             total: 0,
             max_bytes,
-            decoded: Vec::new(),
-            framed: Vec::new(),
         }
     }
 
@@ -85,44 +94,49 @@ impl BodyReader {
         self.dec.done()
     }
 
-    /// One read of the engine's socket into `buf`, as `feed` gives it.
-    pub fn read(&mut self, fd: RawFd, buf: &mut [u8]) -> Result<Got<'_>, Outcome> {
-        let n = match sys::recv(fd, buf) {
+    /// One read of the engine's socket, as `feed` gives it.
+    pub fn read<'b>(&mut self, fd: RawFd, bufs: &'b mut Buffers) -> Result<Got<'b>, Outcome> {
+        let n = match sys::recv(fd, &mut bufs.read) {
             Ok(0) if self.dec.ends_at_close() => {
-                self.framed.clear();
-                self.take_held();
-                return Ok(Got::End(&self.framed, false));
+                bufs.framed.clear();
+                self.take_held(&mut bufs.framed);
+                return Ok(Got::End(&bufs.framed, false));
             }
             Ok(0) => return Err(err("read", "the engine closed the connection mid-body")),
             Ok(n) => n,
             Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(Got::Nothing),
             Err(e) => return Err(err("read", e.to_string())),
         };
-        self.feed(&buf[..n])
+        let Buffers { read, decoded, framed } = bufs;
+        let ended = self.decode(&read[..n], decoded, framed)?;
+        Ok(self.got(ended, framed))
     }
 
     /// Bytes of the body read with the head.
-    pub fn feed(&mut self, input: &[u8]) -> Result<Got<'_>, Outcome> {
-        let ended = self.decode(input)?;
-        Ok(self.got(ended))
+    pub fn feed<'b>(&mut self, input: &[u8], bufs: &'b mut Buffers) -> Result<Got<'b>, Outcome> {
+        let ended = self.decode(input, &mut bufs.decoded, &mut bufs.framed)?;
+        Ok(self.got(ended, &mut bufs.framed))
     }
 
-    /// Decodes, bounds and frames `input` into `self.framed`; whether the body ended, and how.
-    fn decode(&mut self, input: &[u8]) -> Result<Option<bool>, Outcome> {
-        self.decoded.clear();
-        let extra = self
-            .dec
-            .feed(input, &mut self.decoded)
-            .map_err(|e| err("read", format!("a bad chunked body: {e}")))?;
-        self.total += self.decoded.len() as u64;
+    /// Decodes, bounds and frames `input` into `framed`; whether the body ended, and how.
+    fn decode(
+        &mut self,
+        input: &[u8],
+        decoded: &mut Vec<u8>,
+        framed: &mut Vec<u8>,
+    ) -> Result<Option<bool>, Outcome> {
+        decoded.clear();
+        let extra =
+            self.dec.feed(input, decoded).map_err(|e| err("read", format!("a bad chunked body: {e}")))?;
+        self.total += decoded.len() as u64;
         if self.total > self.max_bytes {
             return Err(err("too_large", format!("the response is over {} bytes", self.max_bytes)));
         }
-        self.framed.clear();
+        framed.clear();
         match self.framer.as_mut() {
-            None => std::mem::swap(&mut self.framed, &mut self.decoded),
+            None => std::mem::swap(framed, decoded),
             Some(f) => {
-                if f.feed(&self.decoded, &mut self.framed).is_err() {
+                if f.feed(decoded, framed).is_err() {
                     let message = format!("an event of the engine's stream is larger than {} bytes", f.max);
                     return Err(err("too_large", message));
                 }
@@ -137,20 +151,20 @@ impl BodyReader {
         })
     }
 
-    fn got(&mut self, ended: Option<bool>) -> Got<'_> {
+    fn got<'b>(&mut self, ended: Option<bool>, framed: &'b mut Vec<u8>) -> Got<'b> {
         match ended {
-            None => Got::More(&self.framed),
+            None => Got::More(framed),
             Some(reusable) => {
-                self.take_held();
-                Got::End(&self.framed, reusable)
+                self.take_held(framed);
+                Got::End(framed, reusable)
             }
         }
     }
 
     /// At a clean end, what the framer holds of an unfinished event goes too (as SSEFramer.flush).
-    fn take_held(&mut self) {
+    fn take_held(&mut self, framed: &mut Vec<u8>) {
         if let Some(f) = self.framer.as_mut() {
-            self.framed.append(&mut f.held);
+            framed.append(&mut f.held);
         }
     }
 }

@@ -15,7 +15,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use crate::body::{read_buffer, BodyReader, Got};
+use crate::body::{BodyReader, Buffers, Got};
 use crate::relay::{err, forwarded, frame_into, release, Handover, Outcome};
 use crate::shared::Shared;
 use crate::sys;
@@ -136,12 +136,12 @@ struct Forwarder {
     inbox: Arc<Inbox>,
     lives: HashMap<u64, Live>,
     next_id: u64,
-    buf: Vec<u8>,
+    bufs: Buffers,
 }
 
 impl Forwarder {
     fn new(epfd: RawFd, inbox: Arc<Inbox>) -> Self {
-        Forwarder { epfd, inbox, lives: HashMap::new(), next_id: 0, buf: read_buffer() }
+        Forwarder { epfd, inbox, lives: HashMap::new(), next_id: 0, bufs: Buffers::new() }
     }
 
     fn ctl(&self, op: libc::c_int, fd: RawFd, events: u32, token: u64) {
@@ -219,7 +219,7 @@ impl Forwarder {
     /// One read of the engine's socket, decoded, framed and queued for the client.
     fn read(&mut self, id: u64) {
         let Some(live) = self.lives.get_mut(&id) else { return };
-        match live.reader.read(live.upstream.stream.as_raw_fd(), &mut self.buf) {
+        match live.reader.read(live.upstream.stream.as_raw_fd(), &mut self.bufs) {
             Err(outcome) => live.end = Some((outcome, false)), // what was queued still goes first
             Ok(Got::Nothing) => {}
             Ok(Got::More(bytes)) => {

@@ -7,7 +7,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::body::{read_buffer, BodyReader, Got};
+use crate::body::{BodyReader, Buffers, Got};
 use crate::forward;
 use crate::http::{self, Decoder, Head};
 use crate::pool;
@@ -251,15 +251,15 @@ fn body(
     leftover: &[u8],
 ) -> Body {
     let mut deadline = sys::deadline(cfg.idle_timeout);
-    let mut buf = read_buffer();
+    let mut bufs = Buffers::new();
     let mut first = Some(leftover);
     loop {
         let got = match first.take() {
-            Some(bytes) if !bytes.is_empty() => reader.feed(bytes),
+            Some(bytes) if !bytes.is_empty() => reader.feed(bytes, &mut bufs),
             Some(_) if reader.done() => Ok(Got::End(&[], true)), // a body of no bytes
             Some(_) => Ok(Got::Nothing),
             None => match wait_for_engine(sh, fwd, fd, deadline, cfg.idle_timeout) {
-                Ok(true) => reader.read(fd, &mut buf),
+                Ok(true) => reader.read(fd, &mut bufs),
                 Ok(false) => Ok(Got::Nothing),
                 Err(outcome) => Err(outcome),
             },
