@@ -22,7 +22,6 @@ import asyncio
 import contextlib
 import itertools
 import logging
-import math
 from collections.abc import Callable, Iterable
 
 from prometheus_client import Gauge
@@ -36,7 +35,7 @@ from kvstack.router.flow.fairness import FairShare
 from kvstack.router.flow.forecast import BASE_TTFT_S, Forecast
 from kvstack.router.flow.grant import Grant
 from kvstack.router.flow.ledger import Prefill
-from kvstack.router.flow.ordering import Waiting
+from kvstack.router.flow.ordering import Waiting, start_deadline
 from kvstack.router.flow.queue import FlowQueue, Shed, Ticket
 from kvstack.router.flow.room import Room
 from kvstack.router.flow.saturation import waits_for_slot
@@ -191,7 +190,9 @@ class FlowControl:
             victim = queue.victim(decision.victim_priority, decision.victim_tenant)
             if victim is not None and self._dequeue(model, victim) and not victim.future.done():
                 victim.future.set_exception(Shed("displaced"))
-        waiting = Waiting(grant.id, now, cls.priority, tenant, cost, now + (cls.ttft_objective_s or math.inf))
+        per_engine = cap.prefill_tokens_per_s / cap.engines if cap.engines > 0 else 0.0
+        deadline = start_deadline(now, cls.ttft_objective_s, cost, per_engine)
+        waiting = Waiting(grant.id, now, cls.priority, tenant, cost, deadline)
         ticket = Ticket(waiting, cls.name, label)
         grant.position = queue.add(ticket)
         self._gauge(model, ticket).inc()

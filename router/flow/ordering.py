@@ -6,8 +6,11 @@
 3. Inside that tenant's requests of that class, the model's ordering policy:
 
    - ``fcfs``: arrival order;
-   - ``edf``: earliest deadline (arrival + the class's TTFT objective; none: never due, so after
-     every request with a deadline, in arrival order);
+   - ``edf``: earliest start deadline (:func:`start_deadline`): the time by which a request must
+     reach an engine to meet its class's TTFT objective, its arrival plus the objective less its
+     own prefill. Inside one class every request has the same objective, so the arrival plus the
+     objective alone would order exactly as ``fcfs``; a long uncached prompt needs to start sooner,
+     and does. No objective: never due, so after every request with a deadline, in arrival order;
    - ``cheapest``: fewest uncached prompt tokens, with aging: each second waited counts as
      ``aging_tokens_per_s`` tokens fewer, so a long prompt is passed by at most what arrives
      cheaper in the time its own extra cost would take, and never starves. The aged cost
@@ -36,6 +39,18 @@ class Waiting:
     tenant: str
     cost: float  # its prompt tokens not expected in any cache
     deadline: float = math.inf
+
+
+def start_deadline(
+    arrival: float, objective_s: float | None, cost: float, tokens_per_s_per_engine: float
+) -> float:
+    """When a request must reach an engine to meet ``objective_s``: its arrival plus the objective,
+    less its own prefill (``cost`` uncached tokens at one engine's rate; none while no rate is
+    known). ``inf`` without an objective. Fixed at arrival, so a key never changes while it waits."""
+    if objective_s is None:
+        return math.inf
+    own = cost / tokens_per_s_per_engine if tokens_per_s_per_engine > 0 else 0.0
+    return arrival + objective_s - own
 
 
 def order_key(w: Waiting, ordering: Ordering, aging_tokens_per_s: float) -> tuple[float, float, int]:

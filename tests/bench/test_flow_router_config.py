@@ -44,6 +44,19 @@ def test_the_router_s_own_tokenizer_and_the_decision_log(tmp_path: Path) -> None
     assert (plain.tokenizer, plain.tokenizer_path, plain.log_level) == ("builtin", None, "warning")
 
 
+@pytest.mark.parametrize("ordering", ["fcfs", "edf", "cheapest"])
+def test_the_queue_order_reaches_the_router(ordering: str) -> None:
+    setup = FlowSetup(sim_config=None, ordering=ordering)
+    settings = RouterSettings(**router_config(setup, POLICIES[-1]))
+    assert [(m.model, m.ordering) for m in settings.flow_control.models] == [("*", ordering)]
+
+
+def test_an_unknown_queue_order_is_refused_before_anything_starts() -> None:
+    result = CliRunner().invoke(app, ["flow", "--ordering", "lifo"], env={"COLUMNS": "200"})
+    assert result.exit_code == 2
+    assert "unknown ordering 'lifo'" in result.output
+
+
 REAL = ["--engines-file", "engines.yaml"]  # real engines: a local tokenizer is theirs
 
 

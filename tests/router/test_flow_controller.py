@@ -464,3 +464,33 @@ async def test_a_first_token_after_a_wait_for_a_batch_slot_teaches_no_prefill_ra
     first.dispatched_at = 109.0  # its first token 1 s after it was sent: ~4,000 tokens/s
     control.first_token(first, 1.0)
     assert control.room.rate(engine) == pytest.approx(0.9 * prior + 0.1 * 4_000, rel=0.01)
+
+
+@pytest.mark.parametrize(("ordering", "first_served"), [("fcfs", "short"), ("edf", "long")])
+async def test_edf_serves_first_the_request_that_must_start_first(ordering: str, first_served: str) -> None:
+    """One class, one objective: EDF by arrival + objective would be FCFS. A prompt with a second of
+    its own prefill must reach the engine a second sooner, and under ``edf`` it does."""
+    classes = [PriorityClass(name="default", ttft_objective_s=10.0)]
+    control, registry, _ = make(models=[{"ordering": ordering}], classes=classes)
+    engine = registry.all()[0]
+    busy = await control.admit(M, "t", cls(control), 100, registry.all())
+    await start(control, engine, busy)
+    served: list[str] = []
+
+    async def wait(name: str, cost: float) -> Grant:
+        grant = await control.admit(M, "t", cls(control), cost, registry.all())
+        served.append(name)
+        return grant
+
+    short = asyncio.create_task(wait("short", 100))
+    await settle()
+    long = asyncio.create_task(wait("long", 34_000))  # ~1 s of prefill at the default rate
+    await settle()
+    assert len(control.queues[M]) == 2
+    await end(control, engine, busy)
+    winner = await (short if first_served == "short" else long)
+    assert served == [first_served]
+    await start(control, engine, winner)
+    await end(control, engine, winner)
+    await asyncio.gather(short, long)
+    assert served[1] != first_served

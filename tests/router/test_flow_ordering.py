@@ -8,7 +8,7 @@ import math
 import pytest
 
 from kvstack.router.flow.fairness import FairShare, fair_work_ahead, over_share
-from kvstack.router.flow.ordering import Waiting, next_waiting, order_key
+from kvstack.router.flow.ordering import Waiting, next_waiting, order_key, start_deadline
 
 RATE = 34_000.0  # an H200 prefills ~34K tokens/s cold (the router's default)
 
@@ -50,6 +50,32 @@ def first_tenant(tenants: set[str]) -> str:
 def test_next_waiting(ordering: str, items: list[Waiting], expected: int) -> None:
     chosen = next_waiting(items, ordering, RATE, first_tenant)  # type: ignore[arg-type]
     assert chosen is not None and chosen.seq == expected
+
+
+@pytest.mark.parametrize(
+    ("arrival", "objective", "cost", "rate", "expected"),
+    [
+        (10.0, 1.0, 0.0, 8_500.0, 11.0),  # nothing to prefill: the objective's own deadline
+        (10.0, 1.0, 4_250.0, 8_500.0, 10.5),  # half a second of its own prefill: start by 10.5
+        (10.0, 1.0, 17_000.0, 8_500.0, 9.0),  # longer than the objective: overdue on arrival
+        (10.0, 1.0, 4_250.0, 0.0, 11.0),  # no rate known: the objective's deadline
+        (10.0, None, 4_250.0, 8_500.0, math.inf),  # no objective: never due
+    ],
+)
+def test_start_deadline(
+    arrival: float, objective: float | None, cost: float, rate: float, expected: float
+) -> None:
+    assert start_deadline(arrival, objective, cost, rate) == expected
+
+
+def test_edf_starts_a_long_prompt_before_an_earlier_short_one_of_its_class() -> None:
+    """Inside one class every deadline is arrival + the same objective: ordered by that alone, EDF
+    would be FCFS. The start deadline puts a prompt that needs 0.5 s of prefill before a short one
+    that came 0.2 s earlier."""
+    short = w(1, 0.0, cost=100, deadline=start_deadline(0.0, 1.0, 100, 8_500.0))
+    long = w(2, 0.2, cost=4_250, deadline=start_deadline(0.2, 1.0, 4_250, 8_500.0))
+    assert next_waiting([short, long], "edf", RATE, first_tenant) is long
+    assert next_waiting([short, long], "fcfs", RATE, first_tenant) is short
 
 
 def test_nobody_waiting_and_tenants_picked_only_among_the_top_class() -> None:

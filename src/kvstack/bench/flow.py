@@ -26,7 +26,7 @@ import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, get_args
 
 import typer
 
@@ -38,6 +38,7 @@ from kvstack.bench.gpu_procs import PEER_POLICIES
 from kvstack.bench.gpu_reset import FreshCacheOption, LMCacheApiOption, check_lmcache_api
 from kvstack.bench.gpu_reset import fresh_cache as reset_engines
 from kvstack.bench.tokenizer_choice import check_tokenizer
+from kvstack.router.flow.config import Ordering
 
 
 def _case(
@@ -292,6 +293,10 @@ def flow_bench(
             "for the router, as real engines on one GPU do; off: the router is not told."
         ),
     ] = True,
+    ordering: Annotated[
+        str,
+        typer.Option(help="Flow control's queue order: fcfs, edf (earliest deadline) or cheapest (aged)."),
+    ] = "fcfs",
 ) -> None:
     """Flow control under overload: goodput, 429s and admitted TTFT per policy (simulators)."""
     known = {p.name: p for p in (*flow_plan.POLICIES, PEER)}
@@ -308,6 +313,10 @@ def flow_bench(
     check_lmcache_api(lmcache_api, cases_reset=engines_file is not None and fresh_cache is not False)
     if engines_file is not None and speed != 1.0:
         raise typer.BadParameter("real engines run at speed 1", param_hint="--speed")
+    if ordering not in get_args(Ordering):
+        raise typer.BadParameter(
+            f"unknown ordering {ordering!r}; known: {', '.join(get_args(Ordering))}", param_hint="--ordering"
+        )
     if any(x <= 0 for x in load or ()):
         raise typer.BadParameter("a load is a positive multiple of the capacity", param_hint="--load")
     setup = FlowSetup(
@@ -328,6 +337,7 @@ def flow_bench(
         lmcache_apis=tuple(lmcache_api or ()),
         ramp=tuple(load) if load else flow_plan.RAMP,
         shared_device=shared_device,
+        ordering=ordering,
     )
     chosen = [known[n] for n in policy] if policy else list(flow_plan.POLICIES)
     folder = out / "flow"

@@ -67,6 +67,8 @@ class FlowSetup:
     # simulators sharing one GPU (a ``shared_gpu`` table in the sim config) name one device in the
     # router's engines file, as device.sh's engines do on the H200; off: the router is not told
     shared_device: bool = True
+    # the model's queue order under flow control (router/flow/ordering.py): fcfs, edf or cheapest
+    ordering: str = "fcfs"
     log_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="kvstack-flow-")))
 
 
@@ -107,6 +109,7 @@ def router_config(setup: FlowSetup, policy: Policy) -> dict[str, Any]:
             {"name": "batch", "priority": 0},
         ],
         "tenants": [{"name": "A", "weight": 1.0}, {"name": "B", "weight": 1.0}],
+        "models": [{"model": "*", "ordering": setup.ordering}],
         "saturation": {
             "prefill_tokens_per_s": setup.prefill_tokens_per_s * setup.speed,
             "prefill_target_s": setup.prefill_target_s / setup.speed,
