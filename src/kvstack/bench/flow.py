@@ -295,7 +295,7 @@ def flow_bench(
     ] = True,
     ordering: Annotated[
         str,
-        typer.Option(help="Flow control's queue order: fcfs, edf (earliest deadline) or cheapest (aged)."),
+        typer.Option(help="Flow control's queue order: fcfs, edf (the earliest start deadline), cheapest."),
     ] = "fcfs",
 ) -> None:
     """Flow control under overload: goodput, 429s and admitted TTFT per policy (simulators)."""
