@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use crate::body::{BodyReader, Buffers, Got};
-use crate::relay::{err, forwarded, frame_into, release, Handover, Outcome};
+use crate::relay::{engine_silent, forwarded, frame_into, release, Handover, Outcome};
 use crate::shared::Shared;
 use crate::sys;
 use crate::worker::{Config, Rest, Upstream};
@@ -174,7 +174,7 @@ impl Forwarder {
                 let outcome = if !live.out.pieces.is_empty() {
                     Outcome::ClientStalled
                 } else {
-                    err("timeout", format!("no data from the engine for {} s", live.out.idle.as_secs_f64()))
+                    engine_silent(live.out.idle)
                 };
                 self.finish(id, outcome, false);
             }

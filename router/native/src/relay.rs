@@ -27,6 +27,11 @@ pub fn err(kind: &'static str, message: impl Into<String>) -> Outcome {
     Outcome::Error(kind, message.into())
 }
 
+/// The engine sent nothing for the idle timeout (either thread's wait for it).
+pub fn engine_silent(idle: Duration) -> Outcome {
+    err("timeout", format!("no data from the engine for {} s", idle.as_secs_f64()))
+}
+
 impl Outcome {
     pub fn name(&self) -> &'static str {
         match self {

@@ -11,7 +11,7 @@ use crate::body::{BodyReader, Buffers, Got};
 use crate::forward;
 use crate::http::{self, Decoder, Head};
 use crate::pool;
-use crate::relay::{err, Fwd, Outcome};
+use crate::relay::{engine_silent, err, Fwd, Outcome};
 use crate::shared::{Event, Shared};
 use crate::sys;
 
@@ -302,7 +302,7 @@ fn wait_for_engine(
         sys::pollfd(client, libc::POLLRDHUP),
     ];
     match sys::poll(&mut fds, sys::millis_until(deadline)) {
-        Ok(0) => return Err(err("timeout", format!("no data from the engine for {} s", idle.as_secs_f64()))),
+        Ok(0) => return Err(engine_silent(idle)),
         Ok(_) => {}
         Err(e) => return Err(err("read", e.to_string())),
     }
