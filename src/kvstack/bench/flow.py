@@ -26,7 +26,7 @@ import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Annotated, Any, get_args
+from typing import Annotated, Any, cast, get_args
 
 import typer
 
@@ -337,7 +337,7 @@ def flow_bench(
         lmcache_apis=tuple(lmcache_api or ()),
         ramp=tuple(load) if load else flow_plan.RAMP,
         shared_device=shared_device,
-        ordering=ordering,
+        ordering=cast(Ordering, ordering),  # checked against the Literal above
     )
     chosen = [known[n] for n in policy] if policy else list(flow_plan.POLICIES)
     folder = out / "flow"

@@ -28,6 +28,7 @@ from kvstack.common.procs import ManagedProcess, free_ports, kvstack_argv, runni
 from kvstack.engine.sim.cli import kv_events_flags
 from kvstack.engine.sim.gpu_peers import peers_flags, shared_device
 from kvstack.router.discovery.static import sim_engine_entry
+from kvstack.router.flow.config import Ordering
 
 MODEL = "kvstack/sim-8b"
 DEFAULT_SIM_CONFIG = Path("bench-results/flow/sim-h200-x4.yaml")
@@ -68,7 +69,7 @@ class FlowSetup:
     # router's engines file, as device.sh's engines do on the H200; off: the router is not told
     shared_device: bool = True
     # the model's queue order under flow control (router/flow/ordering.py): fcfs, edf or cheapest
-    ordering: str = "fcfs"
+    ordering: Ordering = "fcfs"
     log_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="kvstack-flow-")))
 
 
