@@ -49,7 +49,9 @@ def flow_control_row() -> Row:
                 unit="reqps",
                 stack=True,
                 description="Requests flow control refused with 429 + Retry-After: slo (predicted to "
-                "miss the class's TTFT objective by the wait), slo_prefill (its own prefill misses the "
+                "miss the class's TTFT objective by the wait), slo_room (the same for a warm request "
+                "with an engine free, while the model was overloaded lately), slo_prefill (its own "
+                "prefill misses the "
                 "objective even on an idle engine, refused only while others wait or the model is "
                 "saturated), wait_bound (predicted to wait past the queue's bound), over_share, "
                 "displaced, queue_full, queue_timeout (kvstack_router_flow_shed_total).",

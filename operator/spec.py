@@ -166,6 +166,12 @@ class FlowSaturation(_Spec):
     headroom_window_seconds: float = Field(
         10.0, ge=0, description="how long after a higher class's last request its headroom is kept"
     )
+    overload_memory_seconds: float = Field(
+        2.0,
+        ge=0,
+        description="how long a model counts as overloaded after a request was queued or refused: "
+        "meanwhile room refuses a warm request predicted late behind the prefill sent; 0: off",
+    )
 
 
 class FlowControl(_Spec):
@@ -239,6 +245,7 @@ class FlowControl(_Spec):
                 "learn_weight": sat.learn_weight,
                 "lower_class_share": sat.lower_class_share,
                 "headroom_window_s": sat.headroom_window_seconds,
+                "overload_memory_s": sat.overload_memory_seconds,
             },
         }
 

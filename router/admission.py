@@ -113,7 +113,9 @@ class Admission:
         gauge = ctx.metrics.queued.labels(model)
         gauge.inc()
         try:
-            demand.grant = await ctx.flow.admit(model, demand.tenant, demand.cls, demand.cost, candidates)
+            demand.grant = await ctx.flow.admit(
+                model, demand.tenant, demand.cls, demand.cost, candidates, demand.prompt_tokens
+            )
         finally:
             gauge.dec()
         try:

@@ -46,7 +46,7 @@ from kvstack.router.policies.shared_device import busy_on_device
 
 log = logging.getLogger(__name__)
 # the rejections counter's reason for a flow-control refusal, where it is not the refusal's own
-REJECTION_OF = {"wait_bound": "queue_timeout", "slo_prefill": "slo"}
+REJECTION_OF = {"wait_bound": "queue_timeout", "slo_prefill": "slo", "slo_room": "slo"}
 OTHER_TENANT = "other"  # the metric label of every tenant not configured
 # flow_shed's reasons: admission's refusals (a full hold is counted as the hold's rejection), and a
 # queued request's end: it made way for another (displaced) or its wait ran out
@@ -82,7 +82,9 @@ class FlowControl:
         self.tenant_class = {t.name: t.default_class for t in config.tenants if t.default_class}
         self.queues: dict[str, FlowQueue] = {}
         self.reserved: dict[str, int] = {}
-        self.forecast = Forecast(self.room, metrics, config.saturation.learn_weight)
+        self.forecast = Forecast(
+            self.room, metrics, config.saturation.learn_weight, config.saturation.overload_memory_s
+        )
         self._ids = itertools.count(1)
         self._ticker: asyncio.Task[None] | None = None
         for cls in config.classes:
@@ -137,7 +139,13 @@ class FlowControl:
         return queue
 
     async def admit(
-        self, model: str, tenant: str, cls: PriorityClass, cost: float, candidates: list[EngineState]
+        self,
+        model: str,
+        tenant: str,
+        cls: PriorityClass,
+        cost: float,
+        candidates: list[EngineState],
+        prompt_tokens: float | None = None,
     ) -> Grant:
         """Wait for the request's turn; raises :class:`RetryLater` (429) when it is refused.
 
@@ -157,11 +165,12 @@ class FlowControl:
         cap = self.forecast.capacity(model, candidates, now, room)
         grant.correction = cap.correction
         decision = decide(
-            Newcomer(tenant, cls.priority, cost, cls.ttft_objective_s),
+            Newcomer(tenant, cls.priority, cost, cls.ttft_objective_s, prompt_tokens),
             queue.state_for(cls.priority, self.max_held, self.queue_timeout_s),
             cap,
         )
         grant.predicted_ttft_s, grant.admission = decision.predicted_ttft_s, decision.reason
+        self.forecast.saw(model, decision, now)
         if decision.outcome != "dispatch":  # what admission saw of a wait (kvstack bench gpu's router log)
             log.debug(
                 "flow admission %s: predicted %s s, turns/s %s, correction %.2f, in flight %.0f tokens, "
@@ -292,7 +301,7 @@ class FlowControl:
         grant.device_busy = busy_on_device(engine, self.registry.all())
         expected = (grant.backlog_at_dispatch + uncached) / self.room.rate(engine)
         due = now + expected + self.room.limits.prefill_target_s
-        flow.prefill[grant.id] = Prefill(uncached, due, streamed, grant.priority)
+        flow.prefill[grant.id] = Prefill(uncached, due, streamed, grant.priority, grant.tenant)
 
     def first_token(self, grant: Grant, ttft_s: float) -> None:
         """The first token came back (``ttft_s`` from arrival at the router): the prefill is over."""

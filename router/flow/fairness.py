@@ -10,7 +10,8 @@ idle tenant banks no credit for its idle time, and its share is used by the othe
 conserving). A tenant that stops waiting is forgotten, so the state is bounded by the tenants
 waiting, whatever the tenant names clients send.
 
-:func:`over_share` says whether a tenant holds more of a queue than its weight entitles it to;
+:func:`over_share` says whether a tenant holds more of a queue than its weight entitles it to,
+:func:`below_share` whether it holds less of some work (the prefill in flight);
 :func:`fair_work_ahead` how much of a queue goes before a newcomer under these shares.
 """
 
@@ -61,6 +62,17 @@ def over_share(
     total = sum(work.values())
     weight_sum = sum(weights.get(t, 1.0) for t in work)
     return work[tenant] > total * weights.get(tenant, 1.0) / weight_sum + 1e-9
+
+
+def below_share(tenant: str, work: Mapping[str, float], weights: Mapping[str, float]) -> bool:
+    """Whether ``tenant`` holds less than its weighted share of ``work`` (per tenant; the shares
+    are among the tenants holding some, ``tenant`` included). Nothing held by anyone: True."""
+    total = sum(work.values())
+    if total <= 0:
+        return True
+    holders = {t for t, w in work.items() if w > 0} | {tenant}
+    weight_sum = sum(weights.get(t, 1.0) for t in holders)
+    return work.get(tenant, 0.0) < total * weights.get(tenant, 1.0) / weight_sum - 1e-9
 
 
 def fair_work_ahead(

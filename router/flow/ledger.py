@@ -18,6 +18,7 @@ class Prefill:
     due: float  # when its first token should have come (expected prefill + the target), at the latest
     streamed: bool  # a stream's first token is seen; a whole answer's is not, so it counts until ``due``
     priority: int = 0  # its class's: a lower class's outstanding prefill keeps engines from a higher one
+    tenant: str = ""  # whose: a tenant under its share of the prefill in flight is not refused with room
 
 
 @dataclass(slots=True)
@@ -54,6 +55,12 @@ class EngineFlow:
         for k in done:
             del self.prefill[k]
         return sum(p.tokens for p in self.prefill.values())
+
+    def backlog_by_tenant(self, now: float, into: dict[str, float]) -> None:
+        """Add each tenant's uncached tokens sent and not yet prefilled to ``into``."""
+        self.backlog(now)
+        for p in self.prefill.values():
+            into[p.tenant] = into.get(p.tenant, 0.0) + p.tokens
 
     def holds_below(self, priority: int, now: float) -> bool:
         """Whether prefill of a class below ``priority`` is outstanding here (a whole answer's: until due)."""

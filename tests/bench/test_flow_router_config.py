@@ -51,6 +51,18 @@ def test_the_queue_order_reaches_the_router(ordering: str) -> None:
     assert [(m.model, m.ordering) for m in settings.flow_control.models] == [("*", ordering)]
 
 
+@pytest.mark.parametrize(
+    ("memory_s", "speed", "expected"), [(None, 0.5, 2.0), (0.0, 0.5, 0.0), (1.5, 0.5, 3.0)]
+)
+def test_the_overload_memory_reaches_the_router_in_wall_time(
+    memory_s: float | None, speed: float, expected: float
+) -> None:
+    """None keeps the router's default (2 s); a simulated second lasts ``1 / speed`` wall seconds."""
+    setup = FlowSetup(sim_config=None, overload_memory_s=memory_s, speed=speed)
+    settings = RouterSettings(**router_config(setup, POLICIES[-1]))
+    assert settings.flow_control.saturation.overload_memory_s == expected
+
+
 def test_an_unknown_queue_order_is_refused_before_anything_starts() -> None:
     result = CliRunner().invoke(app, ["flow", "--ordering", "lifo"], env={"COLUMNS": "200"})
     assert result.exit_code == 2

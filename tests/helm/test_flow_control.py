@@ -27,7 +27,7 @@ router:
       - {name: search, weight: 3, defaultClass: interactive}
       - {name: etl}
     saturation: {prefillTokensPerSecond: 20000, maxKvUsage: 0.9, maxWaiting: 2, lowerClassShare: 0.25,
-                 headroomWindowSeconds: 30}
+                 headroomWindowSeconds: 30, overloadMemorySeconds: 0.5}
 """
 
 
@@ -71,7 +71,7 @@ def test_a_full_section_reaches_the_router(
         2,
         0.1,
     )
-    assert (sat.lower_class_share, sat.headroom_window_s) == (0.25, 30)
+    assert (sat.lower_class_share, sat.headroom_window_s, sat.overload_memory_s) == (0.25, 30, 0.5)
 
 
 @pytest.mark.parametrize(
@@ -117,6 +117,7 @@ def test_off_reaches_the_router(chart: HelmChart, tmp_path: Path, monkeypatch: p
         (["router.flowControl.saturation.lowerClassShare=0"], "values don't meet the specifications"),
         (["router.flowControl.saturation.lowerClassShare=1.5"], "values don't meet the specifications"),
         (["router.flowControl.saturation.headroomWindowSeconds=-1"], "values don't meet the specifications"),
+        (["router.flowControl.saturation.overloadMemorySeconds=-1"], "values don't meet the specifications"),
         (["router.flowControl.classes[0].ttftObjectiveSeconds=0"], "values don't meet the specifications"),
         (["router.flowControl.tenantHeader=x team"], "values don't meet the specifications"),
         (["router.flowControl.clases=x"], "values don't meet the specifications"),

@@ -82,6 +82,12 @@ def test_the_headroom_for_higher_classes_is_rendered(
     assert (sat.lower_class_share, sat.headroom_window_s) == (share, window)
 
 
+@pytest.mark.parametrize(("saturation", "memory"), [({}, 2.0), ({"overloadMemorySeconds": 0}, 0.0)])
+def test_the_overload_memory_is_rendered(saturation: dict[str, float], memory: float) -> None:
+    config = router_settings(OWNER, parse_spec(spec({"saturation": saturation})))
+    assert RouterSettings(**config).flow_control.saturation.overload_memory_s == memory
+
+
 def test_the_crd_bounds_the_headroom() -> None:
     schema = crd.crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
     router = schema["properties"]["spec"]["properties"]["router"]["properties"]
@@ -89,6 +95,7 @@ def test_the_crd_bounds_the_headroom() -> None:
     share = sat["lowerClassShare"]  # OpenAPI v3: a boolean exclusiveMinimum beside the minimum
     assert (share["minimum"], share["exclusiveMinimum"], share["maximum"]) == (0, True, 1)
     assert sat["headroomWindowSeconds"]["minimum"] == 0
+    assert sat["overloadMemorySeconds"]["minimum"] == 0
 
 
 def test_disabled_renders_disabled() -> None:
@@ -114,6 +121,10 @@ def test_disabled_renders_disabled() -> None:
         (
             {"saturation": {"headroomWindowSeconds": -1}},
             r"router\.flowControl\.saturation\.headroomWindowSeconds",
+        ),
+        (
+            {"saturation": {"overloadMemorySeconds": -1}},
+            r"router\.flowControl\.saturation\.overloadMemorySeconds",
         ),
         ({"classes": [{"name": "a b"}], "defaultClass": "a b"}, r"router\.flowControl\.classes\.0\.name"),
         ({"clases": []}, r"router\.flowControl\.clases"),

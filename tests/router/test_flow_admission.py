@@ -62,11 +62,18 @@ FULL = Capacity(
     engines=2, room=False, prefill_tokens_per_s=2 * RATE, prefill_in_flight=68_000, base_ttft_s=0.01
 )
 ROOM_BUSY = dataclasses.replace(ROOM, prefill_in_flight=68_000)
+OVERLOADED_BUSY = dataclasses.replace(ROOM_BUSY, overloaded=True, prefill_by_tenant={"t": 68_000})
 NONE = Capacity(engines=0, room=False, prefill_tokens_per_s=0, prefill_in_flight=0)
 
 
-def new(tenant: str = "t", priority: int = 0, cost: float = 3400, objective: float | None = None) -> Newcomer:
-    return Newcomer(tenant, priority, cost, objective)
+def new(
+    tenant: str = "t",
+    priority: int = 0,
+    cost: float = 3400,
+    objective: float | None = None,
+    prompt: float | None = None,
+) -> Newcomer:
+    return Newcomer(tenant, priority, cost, objective, prompt)
 
 
 @pytest.mark.parametrize(
@@ -232,6 +239,53 @@ def new(tenant: str = "t", priority: int = 0, cost: float = 3400, objective: flo
         # is spread over engines, and the one with room may have none. Holding such requests to the
         # pooled prediction refused 40 % of the flow ramp at 0.5x capacity (bench-results/flow, flow15)
         (new(objective=1.0), queue_state(), ROOM_BUSY, "dispatch", "room", (None, None)),
+        # ... until the model is overloaded (a request of it queued or refused lately): then room lasts
+        # until the next arrival, and a warm request (3,400 of 34,000 prompt tokens to prefill) on
+        # time alone but late behind the prefill sent is refused as rule 2a refuses it from the queue
+        # (0.01 + 1.0 + 0.1 s against 1.0 s)
+        (new(objective=1.0, prompt=34_000), queue_state(), OVERLOADED_BUSY, "shed", "slo_room", (None, None)),
+        (new(objective=1.0, prompt=6_800), queue_state(), OVERLOADED_BUSY, "shed", "slo_room", (None, None)),
+        # ... not when its tenant holds less than its share of that prefill (the wait is others' work)
+        (
+            new("b", objective=1.0, prompt=34_000),
+            queue_state(),
+            OVERLOADED_BUSY,
+            "dispatch",
+            "room",
+            (None, None),
+        ),
+        (
+            new("b", objective=1.0, prompt=34_000),
+            queue_state(),
+            dataclasses.replace(OVERLOADED_BUSY, prefill_by_tenant={"t": 34_000, "b": 34_000}),
+            "shed",
+            "slo_room",
+            (None, None),
+        ),
+        # ... not a cold one (more than half its prompt to prefill, or its prompt unknown): its
+        # prediction adds its prefill to the work in flight, and the engine overlaps them
+        (new(objective=1.0, prompt=6_000), queue_state(), OVERLOADED_BUSY, "dispatch", "room", (None, None)),
+        (new(objective=1.0), queue_state(), OVERLOADED_BUSY, "dispatch", "room", (None, None)),
+        # ... nor one that is late by its own prefill (refusing those was tried and reverted)
+        (
+            new(cost=68_000, objective=0.5, prompt=10**6),
+            queue_state(),
+            OVERLOADED_BUSY,
+            "dispatch",
+            "room",
+            (None, None),
+        ),
+        # ... nor one whose class has no objective, nor one on time behind what is in flight
+        (new(prompt=34_000), queue_state(), OVERLOADED_BUSY, "dispatch", "room", (None, None)),
+        (new(objective=1.2, prompt=34_000), queue_state(), OVERLOADED_BUSY, "dispatch", "room", (None, None)),
+        (
+            new(objective=1.0, prompt=34_000),
+            queue_state(),
+            dataclasses.replace(ROOM, overloaded=True),
+            "dispatch",
+            "room",
+            (None, None),
+        ),
         # admitted late, it still meets the queue's bound on a wait (rule 3) ...
         (
             new(cost=68_000, objective=1.5),
@@ -300,6 +354,8 @@ def test_predictions_and_retry_after() -> None:
     assert decide(new(objective=2.0), queue_state(30, tokens=34_000, max_count=100), FULL).reason == "queued"
     shed: Decision = decide(new(), queue_state(10, tokens=136_000, max_tokens=10**6), FULL)
     assert shed.reason == "queue_full" and shed.retry_after_s == 3.0  # (68K + 136K) / 68K tokens/s
+    # refused with room: told to come back when the prefill in flight is done (68K at 68K tokens/s)
+    assert decide(new(objective=1.0, prompt=34_000), queue_state(), OVERLOADED_BUSY).retry_after_s == 1.0
     huge = decide(new(), queue_state(10, tokens=10**8, max_tokens=10**9), FULL)
     assert huge.retry_after_s == 60.0  # capped
     idle = Capacity(engines=2, room=False, prefill_tokens_per_s=2 * RATE, prefill_in_flight=0)

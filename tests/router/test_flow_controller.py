@@ -494,3 +494,59 @@ async def test_edf_serves_first_the_request_that_must_start_first(ordering: str,
     await end(control, engine, winner)
     await asyncio.gather(short, long)
     assert served[1] != first_served
+
+
+@pytest.mark.parametrize(("memory_s", "admission"), [(2.0, "slo_room"), (0.0, "room")])
+async def test_while_overloaded_room_refuses_a_request_predicted_late_behind_the_prefill_sent(
+    memory_s: float, admission: str
+) -> None:
+    """A 1 s objective, two engines at 34,000 tokens/s each. One holds 68,000 tokens of prefill (a 1 s
+    wait at the pair's rate); a short request on the other fills the last room, so the next one is
+    refused: the model is overloaded. When the short one ends, its engine has room again, and a warm
+    request (3,400 of its 34,000 prompt tokens to prefill: 0.1 s alone, ~1.1 s behind the prefill
+    sent) is refused with room too (``slo_room``), within ``overload_memory_s``; with the memory off
+    it is dispatched. A cold one of the same cost (its whole prompt to prefill) is dispatched either
+    way, and so is another tenant's warm one (t's work is what it would wait for)."""
+    now = [100.0]
+    objective = PriorityClass(name="default", ttft_objective_s=1.0)
+    control, registry, metrics = make(
+        n_engines=2,
+        clock=lambda: now[0],
+        classes=[objective],
+        saturation={"overload_memory_s": memory_s},
+    )
+    e0, e1 = registry.all()
+    busy = await control.admit(M, "t", cls(control), 68_000, registry.all())
+    await start(control, e0, busy)
+    filler = await control.admit(M, "t", cls(control), 100, registry.all())
+    assert filler.admission == "room"
+    await start(control, e1, filler)
+    with pytest.raises(RetryLater) as refused:  # no room anywhere, late by the wait: rule 2a
+        await control.admit(M, "t", cls(control), 3_400, registry.all())
+    assert refused.value.status == 429
+    await end(control, e1, filler)
+    now[0] = 101.0  # within the memory; the prefill sent to e0 is not due yet (68,000 tokens: 2 s)
+    cold = await control.admit(M, "t", cls(control), 3_400, registry.all(), prompt_tokens=3_400)
+    assert cold.admission == "room"
+    control.release(cold)
+    if admission == "room":
+        grant = await control.admit(M, "t", cls(control), 3_400, registry.all(), prompt_tokens=34_000)
+        assert grant.admission == "room" and grant.predicted_ttft_s is not None
+        assert grant.predicted_ttft_s > 1.0  # predicted late, dispatched all the same
+        control.release(grant)
+    else:
+        with pytest.raises(RetryLater) as late:
+            await control.admit(M, "t", cls(control), 3_400, registry.all(), prompt_tokens=34_000)
+        assert late.value.status == 429 and "cannot be met now" in late.value.message
+        assert late.value.retry_after == pytest.approx(1.0)  # when the 68,000 tokens sent are done
+        # another tenant's warm request is dispatched: the prefill it would wait for is all t's
+        other = await control.admit(M, "u", cls(control), 3_400, registry.all(), prompt_tokens=34_000)
+        assert other.admission == "room"
+        control.release(other)
+        # the overload ends 2 s after the last request queued or refused without room (at 100 s): a
+        # refusal with room does not extend it, or the retries it asks for would keep it going
+        assert control.forecast.capacity(M, registry.all(), 101.9, True).overloaded
+        assert not control.forecast.capacity(M, registry.all(), 102.1, True).overloaded
+    labels = {"reason": "slo_room", "class": "default"}
+    shed = metrics.registry.get_sample_value("kvstack_router_flow_shed_total", labels)
+    assert shed == (1.0 if admission == "slo_room" else 0.0)

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from kvstack.router.flow.fairness import FairShare, fair_work_ahead, over_share
+from kvstack.router.flow.fairness import FairShare, below_share, fair_work_ahead, over_share
 from kvstack.router.flow.ordering import Waiting, next_waiting, order_key, start_deadline
 
 RATE = 34_000.0  # an H200 prefills ~34K tokens/s cold (the router's default)
@@ -181,3 +181,19 @@ def test_an_idle_tenant_banks_no_credit_and_its_state_is_forgotten() -> None:
 )
 def test_over_share(tenant: str, queued: dict[str, float], weights: dict[str, float], over: bool) -> None:
     assert over_share(tenant, 100, queued, weights, 0) is over
+
+
+@pytest.mark.parametrize(
+    ("tenant", "work", "weights", "below"),
+    [
+        ("a", {}, {}, True),  # nothing held by anyone
+        ("a", {"a": 100.0}, {}, False),  # the only holder holds all of it: its whole share
+        ("b", {"a": 100.0}, {}, True),  # b holds none of it: under its half
+        ("a", {"a": 50.0, "b": 50.0}, {}, False),  # exactly its share is not under it
+        ("a", {"a": 40.0, "b": 60.0}, {}, True),
+        ("a", {"a": 40.0, "b": 60.0}, {"a": 0.5}, False),  # a third is its share at weight 0.5
+        ("a", {"a": 40.0, "b": 0.0}, {}, False),  # a tenant holding nothing has no share
+    ],
+)
+def test_below_share(tenant: str, work: dict[str, float], weights: dict[str, float], below: bool) -> None:
+    assert below_share(tenant, work, weights) is below

@@ -297,6 +297,15 @@ def flow_bench(
         str,
         typer.Option(help="Flow control's queue order: fcfs, edf (the earliest start deadline), cheapest."),
     ] = "fcfs",
+    overload_memory_s: Annotated[
+        float | None,
+        typer.Option(
+            min=0,
+            help="Flow control: how long (simulated s) the model counts as overloaded after a request "
+            "was queued or refused (room then refuses requests predicted late); 0: off. Default: the "
+            "router's.",
+        ),
+    ] = None,
 ) -> None:
     """Flow control under overload: goodput, 429s and admitted TTFT per policy (simulators)."""
     known = {p.name: p for p in (*flow_plan.POLICIES, PEER)}
@@ -338,6 +347,7 @@ def flow_bench(
         ramp=tuple(load) if load else flow_plan.RAMP,
         shared_device=shared_device,
         ordering=cast(Ordering, ordering),  # checked against the Literal above
+        overload_memory_s=overload_memory_s,
     )
     chosen = [known[n] for n in policy] if policy else list(flow_plan.POLICIES)
     folder = out / "flow"

@@ -70,6 +70,9 @@ class FlowSetup:
     shared_device: bool = True
     # the model's queue order under flow control (router/flow/ordering.py): fcfs, edf or cheapest
     ordering: Ordering = "fcfs"
+    # how long (simulated s) the model counts as overloaded after a queued or refused request (admission
+    # rule 1's exception, router/flow/admission.py); None: the router's default
+    overload_memory_s: float | None = None
     log_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="kvstack-flow-")))
 
 
@@ -116,6 +119,8 @@ def router_config(setup: FlowSetup, policy: Policy) -> dict[str, Any]:
             "prefill_target_s": setup.prefill_target_s / setup.speed,
         },
     }
+    if setup.overload_memory_s is not None:
+        config["flow_control"]["saturation"]["overload_memory_s"] = setup.overload_memory_s / setup.speed
     return config
 
 
