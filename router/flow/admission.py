@@ -13,8 +13,8 @@ In this order:
    :attr:`Capacity.overloaded`), a *warm* request (at most :data:`WARM_SHARE` of its prompt left to
    prefill) that would meet its class's objective on an idle engine but is predicted to miss it
    behind the prefill already sent (as rule 2a judges a queued one) is refused, unless its tenant
-   holds less than its weighted share of that prefill (the wait is others' work: refusing it gave
-   the flooding tenant's share to it, and the fairness case refused B more than A). Above capacity room
+   holds less than its weighted share of that prefill (the wait is other tenants' work; without this
+   the fairness benchmark refused tenant B more than the flooding A). Above capacity room
    lasts until the next arrival, and on two LMCache engines on an H100 at 2x, 15 of the 17 warm
    turns dispatched with room while predicted late were late, while 38 of the 57 cold first turns
    predicted late were on time (the prediction adds their prefill to the work in flight, and the

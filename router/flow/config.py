@@ -72,10 +72,10 @@ class SaturationConfig(BaseModel):
     headroom_window_s: float = Field(10.0, ge=0)
     # learn each engine's prefill rate from the TTFTs it delivers (an EWMA with this weight); 0: off
     learn_weight: float = Field(0.1, ge=0, le=1)
-    # a model is overloaded for this long after a request of it was queued or refused: meanwhile a
-    # warm request (most of its prompt cached) an engine has room for is refused when it is predicted
-    # to miss its class's objective behind the prefill already sent (admission rule 1's exception,
-    # ``slo_room``); 0: never
+    # a model is overloaded for this long after a request of it was queued or refused (not by the rule
+    # below, whose retries would keep it going): meanwhile a warm request (most of its prompt cached)
+    # an engine has room for is refused when it is predicted to miss its class's objective behind the
+    # prefill already sent (admission rule 1's exception, ``slo_room``); 0: never
     overload_memory_s: float = Field(2.0, ge=0)
 
 

@@ -302,7 +302,7 @@ def flow_bench(
         typer.Option(
             min=0,
             help="Flow control: how long (simulated s) the model counts as overloaded after a request "
-            "was queued or refused (room then refuses requests predicted late); 0: off. Default: the "
+            "was queued or refused (room then refuses warm requests predicted late); 0: off. Default: the "
             "router's.",
         ),
     ] = None,
