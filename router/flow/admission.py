@@ -174,6 +174,11 @@ class Capacity:
     # ``prefill_in_flight`` by tenant, while ``overloaded`` (else empty): whose work the wait is
     prefill_by_tenant: Mapping[str, float] = field(default_factory=dict)
 
+    @property
+    def per_engine_tokens_per_s(self) -> float:
+        """One engine's prefill rate (the mean of the model's); 0 with no engine."""
+        return self.prefill_tokens_per_s / self.engines if self.engines > 0 else 0.0
+
 
 @dataclass(frozen=True, slots=True)
 class Decision:
@@ -193,9 +198,8 @@ def predict_ttft(cost: float, tokens_ahead: float, cap: Capacity, waiting_ahead:
     """
     if cap.engines <= 0 or cap.prefill_tokens_per_s <= 0:
         return None
-    per_engine = cap.prefill_tokens_per_s / cap.engines
     return cap.base_ttft_s + cap.correction * (
-        _wait_for_turn(tokens_ahead, cap, waiting_ahead) + cost / per_engine
+        _wait_for_turn(tokens_ahead, cap, waiting_ahead) + cost / cap.per_engine_tokens_per_s
     )
 
 

@@ -199,8 +199,7 @@ class FlowControl:
             victim = queue.victim(decision.victim_priority, decision.victim_tenant)
             if victim is not None and self._dequeue(model, victim) and not victim.future.done():
                 victim.future.set_exception(Shed("displaced"))
-        per_engine = cap.prefill_tokens_per_s / cap.engines if cap.engines > 0 else 0.0
-        deadline = start_deadline(now, cls.ttft_objective_s, cost, per_engine)
+        deadline = start_deadline(now, cls.ttft_objective_s, cost, cap.per_engine_tokens_per_s)
         waiting = Waiting(grant.id, now, cls.priority, tenant, cost, deadline)
         ticket = Ticket(waiting, cls.name, label)
         grant.position = queue.add(ticket)
