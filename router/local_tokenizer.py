@@ -22,9 +22,11 @@ normalizer, pre-tokenizer and model on each piece on its own, so the ids of a ch
 its pieces end to end. When the tokenizer's settings guarantee that
 (:func:`~kvstack.router.tokenizer_pieces.piece_refusal`), the rendered chat is cut at those tokens
 (:func:`~kvstack.router.tokenizer_pieces.chat_pieces`) and each piece's ids are kept in a
-:class:`~kvstack.common.token_cache.TokenCache`: a new turn encodes only its new message. The first
-chats of each model are also encoded whole and compared (:meth:`LocalTokenizers.check`); a
-difference turns the pieces off. The router does that comparison after the request is sent: it
+:class:`~kvstack.common.token_cache.TokenCache`: a new turn encodes only its new message, and a new
+user's long system message only what follows the start it shares with others
+(:mod:`~kvstack.router.tokenizer_starts`). The first chats of each model, then its first chats cut
+after a shared start, are also encoded whole and compared (:meth:`LocalTokenizers.check`); a
+difference turns the pieces (or the cuts) off. The router does that comparison after the request is sent: it
 doubled the routing time of a new user's first turn (~20 ms of an H200 run's TTFT), and a
 difference costs at most the placement of the few requests checked meanwhile.
 
@@ -51,6 +53,7 @@ from kvstack.common.token_cache import TokenCache, Tokens, digest
 from kvstack.router.chat_template import chat_template_of, compile_template, template_messages
 from kvstack.router.prompts import PromptWork, engine_key
 from kvstack.router.tokenizer_pieces import ChatPlan, added_token_pattern, chat_pieces, piece_refusal
+from kvstack.router.tokenizer_starts import SharedStarts, start_refusal
 
 TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILE = "tokenizer_config.json"
@@ -70,6 +73,7 @@ SPECIAL_TOKEN_KEYS = (
 # an operator's own setting stands.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 VERIFY_CHATS = 4  # chats per model encoded both ways before the pieces are trusted alone
+VERIFY_CUTS = 4  # the same for the first chats with a piece cut after a shared start
 _PIECE = b"kvstack.local-piece"
 
 log = logging.getLogger(__name__)
@@ -140,6 +144,9 @@ class ModelTokenizer:
             if self.piece_refusal is None
             else None
         )
+        # the starts long pieces share (a system prompt before each user's own text), learnt
+        self.start_refusal = self.piece_refusal or start_refusal(spec)
+        self.starts = SharedStarts() if self.start_refusal is None else None
         self.special_tokens = {
             k: t for k in SPECIAL_TOKEN_KEYS if (t := _token_text(config.get(k))) is not None
         }
@@ -210,6 +217,7 @@ class LocalTokenizers:
         self.pieces = pieces if pieces is not None else cache
         self._models: dict[str, ModelTokenizer] = {}
         self._verify: dict[str, int] = {}  # chats per model still to encode whole as well
+        self._verify_cuts: dict[str, int] = {}  # chats cut after a shared start, the same
         self.runs = 0  # prompts tokenized (cache misses)
         self.piece_runs = 0  # chat pieces encoded (piece cache misses)
 
@@ -223,6 +231,7 @@ class LocalTokenizers:
         if found is None:
             found = self._models[model] = ModelTokenizer(find_model_dir(self.root, model))
             self._verify[model] = VERIFY_CHATS
+            self._verify_cuts[model] = VERIFY_CUTS
             if found.piece_refusal is not None:
                 log.info("%s: chats are encoded whole (%s)", model, found.piece_refusal)
         return found
@@ -247,19 +256,37 @@ class LocalTokenizers:
 
     def plan(self, model: str, work: PromptWork) -> ChatPlan | None:
         """A chat's pieces and the ids the cache holds for them; None for a text prompt, or when
-        the model's tokenizer cannot be cut into pieces. A plan marked ``verify`` takes one of the
-        model's checks: its caller passes the whole text's ids to :meth:`check`."""
+        the model's tokenizer cannot be cut into pieces. A piece the cache lacks is cut after a
+        start it shares with other pieces, when there is one. A plan marked ``verify`` takes one of
+        the model's checks: its caller passes the whole text's ids to :meth:`check`."""
         tokenizer = self.for_model(model)
         if work.messages is None or tokenizer.piece_pattern is None:
             return None
         text = tokenizer.render_chat(work.messages)
-        pieces = chat_pieces(text, tokenizer.piece_pattern)
-        keys = [digest(_PIECE, (model, p)) for p in pieces]
-        found = [self.pieces.find(k) for k in keys]
-        verify = self._verify[model] > 0
-        if verify:
-            self._verify[model] -= 1
-        return ChatPlan(text, pieces, keys, found, verify=verify)
+        plan = ChatPlan(text, [], [], [], verify=False)
+        for piece in chat_pieces(text, tokenizer.piece_pattern):
+            key = digest(_PIECE, (model, piece))
+            found = self.pieces.find(key)
+            parts = None if found is not None or tokenizer.starts is None else tokenizer.starts.split(piece)
+            if parts is None:
+                plan.add(piece, key, found)
+                continue
+            start, rest = parts
+            start_key = digest(_PIECE, (model, start))
+            plan.add(start, start_key, self.pieces.find(start_key))
+            plan.add(rest, key, None, start=len(plan.pieces) - 1)
+        plan.verify = self._take_check(self._verify, model) or (
+            plan.cut and self._take_check(self._verify_cuts, model)
+        )
+        return plan
+
+    @staticmethod
+    def _take_check(left: dict[str, int], model: str) -> bool:
+        """Whether one of ``model``'s checks in ``left`` remains, taking it."""
+        if left[model] <= 0:
+            return False
+        left[model] -= 1
+        return True
 
     def encode(self, model: str, plan: ChatPlan) -> list[Tokens]:
         """Ids of the plan's missing pieces; touches no cache (safe in a thread)."""
@@ -269,10 +296,15 @@ class LocalTokenizers:
         """The chat's ids: its pieces' joined (the new ones cached)."""
         fresh = iter(made)
         out = array("I")
-        for key, found in zip(plan.keys, plan.found, strict=True):
+        ids: list[Tokens] = []
+        for i, (key, found) in enumerate(zip(plan.keys, plan.found, strict=True)):
             if found is None:
                 self.piece_runs += 1
-                found = self.pieces.put(key, next(fresh))
+                found = next(fresh)
+                start = plan.rests.get(i)
+                # a rest is cached as its whole piece: the next turn finds the piece uncut
+                self.pieces.put(key, found if start is None else ids[start] + found)
+            ids.append(found)
             out += found
         return self.remember(model, work, out)
 
@@ -280,14 +312,19 @@ class LocalTokenizers:
         """Ids of the plan's text encoded whole, for :meth:`check` (safe in a thread)."""
         return self._models[model].encode(plan.text, add_special_tokens=False)
 
-    def check(self, model: str, work: PromptWork, joined: Tokens, whole: Tokens) -> Tokens:
+    def check(self, model: str, work: PromptWork, plan: ChatPlan, joined: Tokens, whole: Tokens) -> Tokens:
         """Compare a chat's pieces' ids (:meth:`finish`) with its whole text's; when they differ,
-        stop cutting this model's chats and keep the whole text's ids for ``work``. Returns the ids
-        to trust."""
+        stop cutting this model's pieces after shared starts (the plan cut one), else stop cutting
+        its chats at all, and keep the whole text's ids for ``work``. Returns the ids to trust."""
         if joined == whole:
             return joined
-        log.warning("%s: the chat's pieces encode differently from the whole; no more pieces", model)
-        self._models[model].piece_pattern = None
+        tokenizer = self._models[model]
+        if plan.cut:
+            log.warning("%s: a piece cut after a shared start encodes differently; no more cuts", model)
+            tokenizer.starts = None
+        else:
+            log.warning("%s: the chat's pieces encode differently from the whole; no more pieces", model)
+            tokenizer.piece_pattern = None
         return self.cache.replace(engine_key(model, work), whole)
 
     def tokens(self, model: str, work: PromptWork) -> Tokens:
@@ -299,4 +336,4 @@ class LocalTokenizers:
         if plan is None:
             return self.remember(model, work, self.for_model(model).tokens(work))
         joined = self.finish(model, work, plan, self.encode(model, plan))
-        return self.check(model, work, joined, self.whole(model, plan)) if plan.verify else joined
+        return self.check(model, work, plan, joined, self.whole(model, plan)) if plan.verify else joined

@@ -120,7 +120,7 @@ class PromptSource:
     ) -> None:
         async def check() -> None:
             whole = await asyncio.to_thread(local.whole, model, plan)
-            local.check(model, work, joined, whole)
+            local.check(model, work, plan, joined, whole)
 
         task = asyncio.get_running_loop().create_task(check(), name=f"check pieces of {model}")
         self._checks.add(task)

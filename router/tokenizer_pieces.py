@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import pairwise
 from typing import Any
 
@@ -37,6 +37,11 @@ def _nodes(node: Any, children: str) -> list[Mapping[str, Any]]:
     return found
 
 
+def pre_tokenizer_nodes(spec: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    """A tokenizer.json's pre-tokenizer and those its ``Sequence`` holds."""
+    return _nodes(spec.get("pre_tokenizer"), "pretokenizers")
+
+
 def piece_refusal(spec: Mapping[str, Any]) -> str | None:
     """Why ``tokenizer.json``'s ids of a text might differ from its pieces' ids end to end (cut
     before each added token), or None when its settings make them equal by construction."""
@@ -49,7 +54,7 @@ def piece_refusal(spec: Mapping[str, Any]) -> str | None:
     odd = {str(n.get("type")) for n in normalizers} - PIECEWISE_NORMALIZERS
     if odd:
         return f"normalizer {sorted(odd)}"
-    pre_tokenizers = _nodes(spec.get("pre_tokenizer"), "pretokenizers")
+    pre_tokenizers = pre_tokenizer_nodes(spec)
     odd = {str(n.get("type")) for n in pre_tokenizers} - PIECEWISE_PRE_TOKENIZERS
     if odd:
         return f"pre-tokenizer {sorted(odd)}"
@@ -76,13 +81,30 @@ def chat_pieces(text: str, pattern: re.Pattern[str] | None) -> list[str]:
 class ChatPlan:
     """A rendered chat, its pieces, their cache keys and the ids the cache held (None: to encode).
 
-    ``verify``: the text is also to be encoded whole, to compare with the pieces' ids joined."""
+    ``verify``: the text is also to be encoded whole, to compare with the pieces' ids joined.
+    A piece cut in two after a start it shares with others (:mod:`.tokenizer_starts`) is its start
+    (cached under its own key) and its rest, whose key is the whole piece's: ``rests`` maps the
+    rest's index to its start's, so that the whole piece's ids are cached, not the rest's alone."""
 
     text: str
     pieces: list[str]
     keys: list[int]
     found: list[Tokens | None]
     verify: bool
+    rests: dict[int, int] = field(default_factory=dict)
+
+    @property
+    def cut(self) -> bool:
+        """Whether a piece was cut after a shared start."""
+        return bool(self.rests)
+
+    def add(self, piece: str, key: int, found: Tokens | None, start: int | None = None) -> None:
+        """Add a piece; ``start``: the index of the start it is the rest of (its key the whole's)."""
+        if start is not None:
+            self.rests[len(self.pieces)] = start
+        self.pieces.append(piece)
+        self.keys.append(key)
+        self.found.append(found)
 
     def missing(self) -> list[str]:
         return [p for p, f in zip(self.pieces, self.found, strict=True) if f is None]

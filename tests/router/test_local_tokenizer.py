@@ -60,11 +60,12 @@ CHATS: list[list[dict[str, Any]]] = [
 PROMPTS = ["The quick brown fox", "  spaces\tand\nlines 12345 ", "émoji 🚀 bytes", ""]
 
 
-def write_model(folder: Path) -> Path:
-    """A Llama-3-shaped tokenizer, trained deterministically (as scripts/gpu/make_model.py does)."""
+def write_model(folder: Path, pre_tokenizer: pre_tokenizers.PreTokenizer | None = None) -> Path:
+    """A Llama-3-shaped tokenizer, trained deterministically (as scripts/gpu/make_model.py does);
+    by default its pre-tokenizer is GPT-2's regex ``ByteLevel``."""
     folder.mkdir(parents=True, exist_ok=True)
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = pre_tokenizer or pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=600, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
