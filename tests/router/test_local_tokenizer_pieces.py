@@ -16,9 +16,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-from kvstack.common.token_cache import TokenCache
+from kvstack.common.token_cache import TokenCache, Tokens
 from kvstack.router.local_tokenizer import VERIFY_CHATS, LocalTokenizers, ModelTokenizer
-from kvstack.router.tokenizer_pieces import added_token_pattern, chat_pieces, piece_refusal
+from kvstack.router.tokenizer_pieces import ChatPlan, added_token_pattern, chat_pieces, piece_refusal
 
 from .conftest import MODEL, RouterFactory, RouterServer, Sim, chat_work
 from .test_local_tokenizer import CORPUS, EOS, SPECIALS, reference_ids, write_model
@@ -163,16 +163,21 @@ def test_the_check_of_the_first_chats_turns_pieces_off_when_they_differ(tmp_path
     assert tok.piece_pattern is None
 
 
-def test_the_check_ends_after_the_first_chats(model_dir: Path) -> None:
-    local = LocalTokenizers(model_dir, TokenCache())
-    plans = []
-    for chat in conversation(VERIFY_CHATS + 2):
+def planned(local: LocalTokenizers, chats: list[list[dict[str, Any]]]) -> list[tuple[ChatPlan, Tokens]]:
+    """Each chat planned, encoded and joined in turn, as the router does (no check run): the plans
+    and the ids."""
+    out = []
+    for chat in chats:
         work = chat_work(chat)
         plan = local.plan("m", work)
         assert plan is not None
-        plans.append(plan.verify)
-        local.finish("m", work, plan, local.encode("m", plan))
-    assert plans == [True] * VERIFY_CHATS + [False, False]
+        out.append((plan, local.finish("m", work, plan, local.encode("m", plan))))
+    return out
+
+
+def test_the_check_ends_after_the_first_chats(model_dir: Path) -> None:
+    plans = planned(LocalTokenizers(model_dir, TokenCache()), conversation(VERIFY_CHATS + 2))
+    assert [plan.verify for plan, _ in plans] == [True] * VERIFY_CHATS + [False, False]
 
 
 def test_a_growing_chat_through_the_router_encodes_only_its_new_pieces(

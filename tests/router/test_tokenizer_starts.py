@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from tokenizers import Regex, pre_tokenizers
 
 from kvstack.common.token_cache import TokenCache
-from kvstack.router.local_tokenizer import VERIFY_CHATS, LocalTokenizers, ModelTokenizer
+from kvstack.router.local_tokenizer import VERIFY_CHATS, VERIFY_CUTS, LocalTokenizers, ModelTokenizer
 from kvstack.router.tokenizer_starts import (
     CHUNK_CHARS,
     KEPT_STARTS,
@@ -30,6 +30,7 @@ from kvstack.router.tokenizer_starts import (
 
 from .conftest import chat_work
 from .test_local_tokenizer import write_model
+from .test_local_tokenizer_pieces import planned
 
 # Llama 3's split pattern, as its tokenizer.json holds it (before a ByteLevel without its regex)
 LLAMA3_SPLIT = (
@@ -224,33 +225,24 @@ def first_turns(users: int) -> list[list[dict[str, Any]]]:
 
 
 def test_first_turns_encode_their_own_part_and_equal_the_whole_chat(model_dir: Path) -> None:
+    chats = first_turns(VERIFY_CHATS + 4)
     local = LocalTokenizers(model_dir, TokenCache())
+    plans = planned(local, chats)
     whole = ModelTokenizer(model_dir)
-    encoded = []
-    for chat in first_turns(VERIFY_CHATS + 4):
-        work = chat_work(chat)
-        plan = local.plan("m", work)
-        assert plan is not None
-        encoded.append(plan.chars_to_encode())
-        assert list(local.finish("m", work, plan, local.encode("m", plan))) == list(whole.chat(chat))
+    assert [list(ids) for _, ids in plans] == [list(whole.chat(chat)) for chat in chats]
     # the second user's turn learnt the start (the piece from the header's end through the shared
     # text); from the third its ids come from the cache
-    start = len("<|end_header_id|>\n\n" + first_turns(1)[0][0]["content"]) - len(words("d0", 400))
+    encoded = [plan.chars_to_encode() for plan, _ in plans]
+    start = len("<|end_header_id|>\n\n" + chats[0][0]["content"]) - len(words("d0", 400))
     assert encoded[2:] == [encoded[1] - start] * (len(encoded) - 2)
+    assert [plan.cut for plan, _ in plans] == [False] + [True] * (len(chats) - 1)
     assert len(local.for_model("m").starts or ()) == 1
 
 
 def test_the_router_checks_the_first_cuts_after_the_chat_checks(model_dir: Path) -> None:
-    local = LocalTokenizers(model_dir, TokenCache())
-    verified = []
-    for chat in first_turns(VERIFY_CHATS + 8):
-        work = chat_work(chat)
-        plan = local.plan("m", work)
-        assert plan is not None
-        verified.append((plan.cut, plan.verify))
-        local.finish("m", work, plan, local.encode("m", plan))
+    plans = planned(LocalTokenizers(model_dir, TokenCache()), first_turns(VERIFY_CHATS + 8))
     # the first chats are all checked; then the first VERIFY_CUTS cut ones; then none
-    assert [v for _, v in verified] == [True] * (VERIFY_CHATS + 4) + [False] * 4
+    assert [plan.verify for plan, _ in plans] == [True] * (VERIFY_CHATS + VERIFY_CUTS) + [False] * 4
 
 
 def merging_across_words(folder: Path) -> Path:
