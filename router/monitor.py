@@ -4,7 +4,8 @@ Per engine, two loops run on the router's event loop: a probe loop (``GET /healt
 mark the engine unhealthy and end the requests in flight there, M successes bring it back; a probe
 that times out while the engine is answering our requests is ``busy``, not a failure; probes never
 end a passive ejection, see :mod:`kvstack.router.ejection`) and a scrape loop
-(``GET /metrics``, parsed by :mod:`kvstack.router.scrape`, unchanged scrapes skipped). Endpoints
+(``GET /metrics/`` asking for the samples the router reads, or the whole ``/metrics`` where that
+does not work; parsed by :mod:`kvstack.router.scrape`, unchanged scrapes skipped). Endpoints
 that list no models learn them from ``GET /v1/models`` after a successful probe, and again every
 ``models_interval`` (LoRA adapters come and go). Every GET goes through
 :class:`kvstack.router.fetch.EngineFetch` (aiohttp, on a pool of its own).
@@ -173,6 +174,11 @@ class EngineMonitor:
         self._a_probe_ended = asyncio.Event()
         self._loop = BackgroundTask("engine-monitor", self.run, logger=log)
 
+    @property
+    def scraped_whole(self) -> frozenset[str]:
+        """The engines scraped at their whole ``/metrics`` (their filtered scrape did not work)."""
+        return frozenset(url for url, parser in self._parsers.items() if not parser.filtered)
+
     # lifecycle
 
     def start(self) -> None:
@@ -281,12 +287,19 @@ class EngineMonitor:
         return ok
 
     async def scrape_once(self, state: EngineState) -> bool:
-        """Scrape ``/metrics`` once; on failure, drop figures that have gone stale."""
+        """Scrape the engine's metrics once; on failure, drop figures that have gone stale."""
         metrics: EngineMetrics | None = None
+        parser = self._parsers.setdefault(state.url, ScrapeParser())
         try:
-            text = await self.client.get_text(state.url + "/metrics", within=self.config.scrape_timeout)
-            metrics = self._parsers.setdefault(state.url, ScrapeParser()).parse(text)
-        except _FETCH_ERRORS as err:
+            metrics = await self._scrape(state, parser)
+            if parser.filtered and metrics.num_running is None:  # an answer without the samples asked
+                metrics = await self._unfiltered(state, parser, "answered without the samples asked")
+        except FetchError as err:
+            if parser.filtered and err.status is not None:  # no filtering route: a 404, a redirect
+                metrics = await self._unfiltered(state, parser, str(err))
+            else:
+                log.debug("scrape of %s failed: %s", state.url, err)
+        except ValueError as err:
             log.debug("scrape of %s failed: %s", state.url, err)
         now = self._clock()
         if metrics is not None:
@@ -296,6 +309,20 @@ class EngineMonitor:
             log.info("metrics of %s are stale; ignoring them until the next good scrape", state.name)
             clear_metrics(state)
         return False
+
+    async def _scrape(self, state: EngineState, parser: ScrapeParser) -> EngineMetrics:
+        text = await self.client.get_text(state.url + parser.path, within=self.config.scrape_timeout)
+        return parser.parse(text)
+
+    async def _unfiltered(self, state: EngineState, parser: ScrapeParser, why: str) -> EngineMetrics | None:
+        """Scrape ``state`` whole from now on (its filtered scrape did not work: ``why``)."""
+        log.info("%s: scraping its whole /metrics (the filtered scrape %s)", state.name, why)
+        parser.filtered = False
+        try:
+            return await self._scrape(state, parser)
+        except _FETCH_ERRORS as err:
+            log.debug("scrape of %s failed: %s", state.url, err)
+            return None
 
     async def refresh_models(self, state: EngineState) -> bool:
         """Learn the served models from ``/v1/models``; keep the previous list on failure."""

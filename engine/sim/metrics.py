@@ -236,8 +236,9 @@ class SimMetrics:
         self._waiting_by_reason.labels(**base, reason="deferred").set_function(deferred)
         self._usage.labels(**base).set_function(lambda: float(engine.kv_cache_usage))
 
-    def render(self) -> bytes:
-        return generate_latest(self.registry)
+    def render(self, names: list[str] | None = None) -> bytes:
+        """The exposition text; with ``names``, only those samples (prometheus_client's ``name[]``)."""
+        return generate_latest(self.registry if names is None else self.registry.restricted_registry(names))
 
     # --- StatsListener ---------------------------------------------------------------------------
 

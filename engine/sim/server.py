@@ -71,6 +71,8 @@ class SimServer:
             ("GET", "/health"): self._health,
             ("GET", "/version"): self._version,
             ("GET", "/metrics"): self._metrics,
+            # vLLM mounts prometheus_client's own app under /metrics too: /metrics/ honours name[]
+            ("GET", "/metrics/"): self._metrics_by_name,
             ("POST", "/reset_prefix_cache"): self._reset_prefix_cache,
             # LMCache's internal API (its own port on a real engine: internal_api_server_port_start + 1)
             ("DELETE", "/cache/clear"): self._clear_lmcache,
@@ -180,6 +182,10 @@ class SimServer:
 
     async def _metrics(self, scope: Scope, receive: Receive, send: Send) -> None:
         await send_bytes(send, 200, self.metrics.render(), [(b"content-type", CONTENT_TYPE.encode())])
+
+    async def _metrics_by_name(self, scope: Scope, receive: Receive, send: Send) -> None:
+        names = parse_qs(scope.get("query_string", b"").decode()).get("name[]")
+        await send_bytes(send, 200, self.metrics.render(names), [(b"content-type", CONTENT_TYPE.encode())])
 
     async def _reset_prefix_cache(self, scope: Scope, receive: Receive, send: Send) -> None:
         await read_body(receive)

@@ -119,3 +119,20 @@ def test_stop_string_counts_as_stop(sim: Sim, stream: bool) -> None:
         r: sample(sim.metrics(), "vllm:request_success_total", finished_reason=r) for r in ("stop", "abort")
     }
     assert after == {"stop": before["stop"] + 1, "abort": before["abort"]}
+
+
+def test_the_mounted_metrics_app_answers_only_the_samples_asked_as_vllms_does(sim: Sim) -> None:
+    # vLLM 0.24: the instrumentator's /metrics ignores the query; prometheus_client's app mounted
+    # under it answers /metrics/ with the name[] samples alone (what the router's scrape asks for)
+    asked = [
+        "vllm:num_requests_running",
+        "vllm:prefix_cache_hits_total",
+        "vllm:request_queue_time_seconds_sum",
+    ]
+    query = [("name[]", name) for name in asked]
+    filtered = httpx.get(f"{sim.url}/metrics/", params=query)
+    assert filtered.status_code == 200
+    got = {s.name for f in text_string_to_metric_families(filtered.text) for s in f.samples}
+    assert got == set(asked)
+    whole = httpx.get(f"{sim.url}/metrics", params=query).text
+    assert len(families(whole)) > 30 and len(whole) > 10 * len(filtered.text)

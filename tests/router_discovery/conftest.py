@@ -45,6 +45,7 @@ class SwitchableEngine:
         self.url = f"http://127.0.0.1:{port}"
         self.health_status = 200
         self.metrics_text = vllm_metrics()
+        self.filtered_text: str | None = None  # what /metrics/ answers (vLLM: the samples asked); None: 404
         self.models = ["m"]
         self.api_key: str | None = None
         self.hits: collections.Counter[str] = collections.Counter()
@@ -61,6 +62,12 @@ class SwitchableEngine:
             self.hits["metrics"] += 1
             return PlainTextResponse(self.metrics_text)
 
+        async def filtered_metrics(_: Request) -> Response:
+            self.hits["filtered_metrics"] += 1
+            if self.filtered_text is None:
+                return PlainTextResponse("Not Found", status_code=404)
+            return PlainTextResponse(self.filtered_text)
+
         async def models(request: Request) -> Response:
             self.hits["models"] += 1
             if self.api_key and request.headers.get("authorization") != f"Bearer {self.api_key}":
@@ -76,6 +83,7 @@ class SwitchableEngine:
         routes = [
             Route("/health", health),
             Route("/metrics", metrics),
+            Route("/metrics/", filtered_metrics),
             Route("/v1/models", models),
             Route("/stall", stall),
         ]

@@ -191,3 +191,38 @@ async def test_models_relearnt_when_another_pod_takes_the_address(
         await until(lambda: st.models == {"n"}, "models of pod-b, long before models_interval")
     finally:
         await r.monitor.stop()
+
+
+@pytest.mark.parametrize(
+    ("filtered_text", "why"),
+    [(None, "a 404"), ("# nothing asked for is here\n", "an answer without the samples asked")],
+)
+async def test_an_engine_whose_filtered_scrape_fails_is_scraped_whole_from_then_on(
+    client: EngineFetch, engine: SwitchableEngine, filtered_text: str | None, why: str
+) -> None:
+    registry = EngineRegistry()
+    registry.sync([Endpoint(engine.url, "e1")])
+    (st,) = registry.all()
+    monitor = EngineMonitor(registry, client, FAST)
+    engine.filtered_text = filtered_text
+    engine.metrics_text = vllm_metrics(running=3)
+    assert await monitor.scrape_once(st), why
+    assert st.num_running == 3  # from the whole scrape, the same round
+    assert await monitor.scrape_once(st)
+    assert (engine.hits["filtered_metrics"], engine.hits["metrics"]) == (1, 2)  # asked once only
+    assert monitor.scraped_whole == {engine.url}
+
+
+async def test_an_engine_that_filters_its_scrape_is_not_scraped_whole(
+    client: EngineFetch, engine: SwitchableEngine
+) -> None:
+    registry = EngineRegistry()
+    registry.sync([Endpoint(engine.url, "e1")])
+    (st,) = registry.all()
+    monitor = EngineMonitor(registry, client, FAST)
+    engine.filtered_text = vllm_metrics(running=4)
+    for _ in range(2):
+        assert await monitor.scrape_once(st)
+    assert st.num_running == 4
+    assert (engine.hits["filtered_metrics"], engine.hits["metrics"]) == (2, 0)
+    assert monitor.scraped_whole == set()
