@@ -123,6 +123,8 @@ SH
   done
   # says here, not at the first case, which engines' LMCache CPU tier `matrix` and `flow` can empty
   if [ "$LMCACHE" = 1 ]; then echo "LMCache internal API answers on $(lmcache_api_args | grep -c "^http") of $ENGINES engines"; fi
+  # the router scrapes /metrics/ by sample name (router/scrape.py): one sample line here, not ~600
+  echo "scrape by name: $(curl -s 'http://127.0.0.1:8100/metrics/?name%5B%5D=vllm%3Anum_requests_running' | grep -c '^vllm:') sample line(s); whole: $(curl -s http://127.0.0.1:8100/metrics | grep -c '^vllm:')"
   nvidia-smi --query-gpu=memory.used,memory.total --format=csv
 }
 
