@@ -218,6 +218,7 @@ class LocalTokenizers:
         self._models: dict[str, ModelTokenizer] = {}
         self._verify: dict[str, int] = {}  # chats per model still to encode whole as well
         self._verify_cuts: dict[str, int] = {}  # chats cut after a shared start, the same
+        self._cuts_passed: dict[str, int] = {}  # checks of cut chats that found the ids equal
         self.runs = 0  # prompts tokenized (cache misses)
         self.piece_runs = 0  # chat pieces encoded (piece cache misses)
 
@@ -232,6 +233,7 @@ class LocalTokenizers:
             found = self._models[model] = ModelTokenizer(find_model_dir(self.root, model))
             self._verify[model] = VERIFY_CHATS
             self._verify_cuts[model] = VERIFY_CUTS
+            self._cuts_passed[model] = 0
             if found.piece_refusal is not None:
                 log.info("%s: chats are encoded whole (%s)", model, found.piece_refusal)
         return found
@@ -272,9 +274,15 @@ class LocalTokenizers:
                 plan.add(piece, key, found)
                 continue
             start, rest = parts
+            plan.cut = True
             start_key = digest(_PIECE, (model, start))
             plan.add(start, start_key, self.pieces.find(start_key))
-            plan.add(rest, key, None, start=len(plan.pieces) - 1)
+            rest_key = digest(_PIECE, (model, rest))
+            rest_found = self.pieces.find(rest_key)
+            if rest_found is None and self._cuts_passed[model] >= VERIFY_CUTS:
+                plan.add(rest, key, None, start=len(plan.pieces) - 1)  # trusted: cached as the whole piece
+            else:  # until then under its own key, so a wrong cut never stands for the whole piece
+                plan.add(rest, rest_key, rest_found)
         plan.verify = self._take_check(self._verify, model) or (
             plan.cut and self._take_check(self._verify_cuts, model)
         )
@@ -315,8 +323,12 @@ class LocalTokenizers:
     def check(self, model: str, work: PromptWork, plan: ChatPlan, joined: Tokens, whole: Tokens) -> Tokens:
         """Compare a chat's pieces' ids (:meth:`finish`) with its whole text's; when they differ,
         stop cutting this model's pieces after shared starts (the plan cut one), else stop cutting
-        its chats at all, and keep the whole text's ids for ``work``. Returns the ids to trust."""
+        its chats at all, and keep the whole text's ids for ``work``. Returns the ids to trust.
+        Until :data:`VERIFY_CUTS` cut chats have passed, a cut piece's ids are not cached as the
+        whole piece's."""
         if joined == whole:
+            if plan.cut:
+                self._cuts_passed[model] += 1
             return joined
         tokenizer = self._models[model]
         if plan.cut:

@@ -82,21 +82,18 @@ class ChatPlan:
     """A rendered chat, its pieces, their cache keys and the ids the cache held (None: to encode).
 
     ``verify``: the text is also to be encoded whole, to compare with the pieces' ids joined.
-    A piece cut in two after a start it shares with others (:mod:`.tokenizer_starts`) is its start
-    (cached under its own key) and its rest, whose key is the whole piece's: ``rests`` maps the
-    rest's index to its start's, so that the whole piece's ids are cached, not the rest's alone."""
+    A piece cut in two after a start it shares with others (:mod:`.tokenizer_starts`, ``cut``) is its
+    start (cached under its own key) and its rest; once the model's cuts are trusted the rest's key
+    is the whole piece's, and ``rests`` maps the rest's index to its start's, so that the whole
+    piece's ids are cached, not the rest's alone."""
 
     text: str
     pieces: list[str]
     keys: list[int]
     found: list[Tokens | None]
     verify: bool
+    cut: bool = False  # a piece was cut after a shared start
     rests: dict[int, int] = field(default_factory=dict)
-
-    @property
-    def cut(self) -> bool:
-        """Whether a piece was cut after a shared start."""
-        return bool(self.rests)
 
     def add(self, piece: str, key: int, found: Tokens | None, start: int | None = None) -> None:
         """Add a piece; ``start``: the index of the start it is the rest of (its key the whole's)."""

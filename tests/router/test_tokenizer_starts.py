@@ -245,6 +245,32 @@ def test_the_router_checks_the_first_cuts_after_the_chat_checks(model_dir: Path)
     assert [plan.verify for plan, _ in plans] == [True] * (VERIFY_CHATS + VERIFY_CUTS) + [False] * 4
 
 
+def test_a_cut_piece_stands_for_the_whole_piece_only_after_the_checks_passed(model_dir: Path) -> None:
+    local = LocalTokenizers(model_dir, TokenCache())
+    whole = ModelTokenizer(model_dir)
+    users = first_turns(VERIFY_CUTS + 3)
+
+    def second_turn(user: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [*user, {"role": "assistant", "content": "an answer"}, {"role": "user", "content": "more?"}]
+
+    def cut_again(user: list[dict[str, Any]]) -> bool:
+        """Whether the user's next turn cuts the system message again (its whole piece not cached)."""
+        plan = local.plan("m", chat_work(second_turn(user)))
+        return plan is not None and plan.cut
+
+    checked = planned(local, users[:2])  # learnt on the second; nothing checked yet
+    assert cut_again(users[1])
+    for chat, (plan, ids) in zip(users[2:], planned(local, users[2:]), strict=True):
+        checked.append((plan, ids))
+        local.check("m", chat_work(chat), plan, ids, whole.chat(chat))
+    for chat, (plan, ids) in zip(users[:2], checked[:2], strict=True):
+        local.check("m", chat_work(chat), plan, ids, whole.chat(chat))
+    # every cut passed: a new user's system message is cached whole, its next turn is not cut
+    (new_user,) = first_turns(len(users) + 1)[-1:]
+    planned(local, [new_user])
+    assert not cut_again(new_user)
+
+
 def merging_across_words(folder: Path) -> Path:
     """The test model cut into lines only, its first merges joining a letter to the space after it:
     a cut before a space-led word then changes the ids."""
