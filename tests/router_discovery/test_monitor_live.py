@@ -162,13 +162,18 @@ async def test_api_key_is_sent_for_models(client: EngineFetch, engine: Switchabl
     assert st.models == {"m2"}
 
 
-async def test_bad_metrics_fail_the_scrape_and_keep_nothing_half_parsed(
-    client: EngineFetch, engine: SwitchableEngine
-) -> None:
+def monitor_of(client: EngineFetch, engine: SwitchableEngine) -> tuple[EngineMonitor, EngineState]:
+    """A monitor of ``engine`` alone (not started: the test drives its scrapes) and its state."""
     registry = EngineRegistry()
     registry.sync([Endpoint(engine.url, "e1")])
     (st,) = registry.all()
-    monitor = EngineMonitor(registry, client, FAST)
+    return EngineMonitor(registry, client, FAST), st
+
+
+async def test_bad_metrics_fail_the_scrape_and_keep_nothing_half_parsed(
+    client: EngineFetch, engine: SwitchableEngine
+) -> None:
+    monitor, st = monitor_of(client, engine)
     engine.metrics_text = vllm_metrics(running=2)
     assert await monitor.scrape_once(st)
     engine.metrics_text = (
@@ -200,10 +205,7 @@ async def test_models_relearnt_when_another_pod_takes_the_address(
 async def test_an_engine_whose_filtered_scrape_fails_is_scraped_whole_from_then_on(
     client: EngineFetch, engine: SwitchableEngine, filtered_text: str | None, why: str
 ) -> None:
-    registry = EngineRegistry()
-    registry.sync([Endpoint(engine.url, "e1")])
-    (st,) = registry.all()
-    monitor = EngineMonitor(registry, client, FAST)
+    monitor, st = monitor_of(client, engine)
     engine.filtered_text = filtered_text
     engine.metrics_text = vllm_metrics(running=3)
     assert await monitor.scrape_once(st), why
@@ -216,10 +218,7 @@ async def test_an_engine_whose_filtered_scrape_fails_is_scraped_whole_from_then_
 async def test_an_engine_that_filters_its_scrape_is_not_scraped_whole(
     client: EngineFetch, engine: SwitchableEngine
 ) -> None:
-    registry = EngineRegistry()
-    registry.sync([Endpoint(engine.url, "e1")])
-    (st,) = registry.all()
-    monitor = EngineMonitor(registry, client, FAST)
+    monitor, st = monitor_of(client, engine)
     engine.filtered_text = vllm_metrics(running=4)
     for _ in range(2):
         assert await monitor.scrape_once(st)
