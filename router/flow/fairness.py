@@ -17,7 +17,7 @@ waiting, whatever the tenant names clients send.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 
 class FairShare:
@@ -59,9 +59,7 @@ def over_share(
     per request); the shares are among the tenants waiting, newcomer included."""
     work = dict(queued)
     work[tenant] = work.get(tenant, 0.0) + cost + request_tokens
-    total = sum(work.values())
-    weight_sum = sum(weights.get(t, 1.0) for t in work)
-    return work[tenant] > total * weights.get(tenant, 1.0) / weight_sum + 1e-9
+    return work[tenant] > _share(tenant, sum(work.values()), work, weights) + 1e-9
 
 
 def below_share(tenant: str, work: Mapping[str, float], weights: Mapping[str, float]) -> bool:
@@ -71,8 +69,12 @@ def below_share(tenant: str, work: Mapping[str, float], weights: Mapping[str, fl
     if total <= 0:
         return True
     holders = {t for t, w in work.items() if w > 0} | {tenant}
-    weight_sum = sum(weights.get(t, 1.0) for t in holders)
-    return work.get(tenant, 0.0) < total * weights.get(tenant, 1.0) / weight_sum - 1e-9
+    return work.get(tenant, 0.0) < _share(tenant, total, holders, weights) - 1e-9
+
+
+def _share(tenant: str, total: float, among: Iterable[str], weights: Mapping[str, float]) -> float:
+    """``tenant``'s weighted share of ``total`` among the tenants ``among`` (``tenant`` one of them)."""
+    return total * weights.get(tenant, 1.0) / sum(weights.get(t, 1.0) for t in among)
 
 
 def fair_work_ahead(
