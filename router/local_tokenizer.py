@@ -43,6 +43,7 @@ import logging
 import os
 from array import array
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -145,8 +146,8 @@ class ModelTokenizer:
             else None
         )
         # the starts long pieces share (a system prompt before each user's own text), learnt
-        self.start_refusal = self.piece_refusal or start_refusal(spec)
-        self.starts = SharedStarts() if self.start_refusal is None else None
+        cuts_refused = self.piece_refusal or start_refusal(spec)
+        self.starts = SharedStarts() if cuts_refused is None else None
         self.special_tokens = {
             k: t for k in SPECIAL_TOKEN_KEYS if (t := _token_text(config.get(k))) is not None
         }
@@ -202,6 +203,26 @@ class ModelTokenizer:
         return self.text(work.text or "")
 
 
+@dataclass(slots=True)
+class _Checks:
+    """One model's checks of pieces against the whole text: those left to hand out, first to any
+    chat, then to chats cut after a shared start; and how many cut chats have passed one."""
+
+    chats: int = VERIFY_CHATS
+    cuts: int = VERIFY_CUTS
+    cuts_passed: int = 0
+
+    def take(self, cut: bool) -> bool:
+        """Whether a chat (``cut``: cut after a shared start) is to be checked, taking that check."""
+        if self.chats > 0:
+            self.chats -= 1
+            return True
+        if cut and self.cuts > 0:
+            self.cuts -= 1
+            return True
+        return False
+
+
 class LocalTokenizers:
     """The models' tokenizers under one root, loaded on first use; answers kept in ``cache``
     under :func:`~kvstack.router.prompts.engine_key` (the same ids an engine's ``/tokenize`` gives),
@@ -216,9 +237,7 @@ class LocalTokenizers:
         self.cache = cache
         self.pieces = pieces if pieces is not None else cache
         self._models: dict[str, ModelTokenizer] = {}
-        self._verify: dict[str, int] = {}  # chats per model still to encode whole as well
-        self._verify_cuts: dict[str, int] = {}  # chats cut after a shared start, the same
-        self._cuts_passed: dict[str, int] = {}  # checks of cut chats that found the ids equal
+        self._checks: dict[str, _Checks] = {}  # per model: its chats still to encode whole as well
         self.runs = 0  # prompts tokenized (cache misses)
         self.piece_runs = 0  # chat pieces encoded (piece cache misses)
 
@@ -231,9 +250,7 @@ class LocalTokenizers:
         found = self._models.get(model)
         if found is None:
             found = self._models[model] = ModelTokenizer(find_model_dir(self.root, model))
-            self._verify[model] = VERIFY_CHATS
-            self._verify_cuts[model] = VERIFY_CUTS
-            self._cuts_passed[model] = 0
+            self._checks[model] = _Checks()
             if found.piece_refusal is not None:
                 log.info("%s: chats are encoded whole (%s)", model, found.piece_refusal)
         return found
@@ -279,22 +296,12 @@ class LocalTokenizers:
             plan.add(start, start_key, self.pieces.find(start_key))
             rest_key = digest(_PIECE, (model, rest))
             rest_found = self.pieces.find(rest_key)
-            if rest_found is None and self._cuts_passed[model] >= VERIFY_CUTS:
+            if rest_found is None and self._checks[model].cuts_passed >= VERIFY_CUTS:
                 plan.add(rest, key, None, start=len(plan.pieces) - 1)  # trusted: cached as the whole piece
             else:  # until then under its own key, so a wrong cut never stands for the whole piece
                 plan.add(rest, rest_key, rest_found)
-        plan.verify = self._take_check(self._verify, model) or (
-            plan.cut and self._take_check(self._verify_cuts, model)
-        )
+        plan.verify = self._checks[model].take(plan.cut)
         return plan
-
-    @staticmethod
-    def _take_check(left: dict[str, int], model: str) -> bool:
-        """Whether one of ``model``'s checks in ``left`` remains, taking it."""
-        if left[model] <= 0:
-            return False
-        left[model] -= 1
-        return True
 
     def encode(self, model: str, plan: ChatPlan) -> list[Tokens]:
         """Ids of the plan's missing pieces; touches no cache (safe in a thread)."""
@@ -328,7 +335,7 @@ class LocalTokenizers:
         whole piece's."""
         if joined == whole:
             if plan.cut:
-                self._cuts_passed[model] += 1
+                self._checks[model].cuts_passed += 1
             return joined
         tokenizer = self._models[model]
         if plan.cut:
