@@ -94,11 +94,13 @@ def main() -> None:
             sel = [r for r in rows if keep(r[0])]
             cpu = [r[1] * 1e3 for r in sel]
             chars = statistics.fmean(r[2] for r in sel)
-            summary[f"{name}_{label}"] = {
-                "n": len(sel), "cpu_ms_mean": statistics.fmean(cpu), "cpu_ms_p50": statistics.median(cpu),
-                "chars_encoded_mean": chars,
-            }  # fmt: skip
             mean, p50 = statistics.fmean(cpu), statistics.median(cpu)
+            summary[f"{name}_{label}"] = {
+                "n": len(sel),
+                "cpu_ms_mean": mean,
+                "cpu_ms_p50": p50,
+                "chars_encoded_mean": chars,
+            }
             print(f"{name:7} {label:6} {len(sel):5} {mean:12.3f} {p50:7.3f} {chars:14.0f}")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
